@@ -1,0 +1,707 @@
+//! A node's store: the block store, its volumes and the journal that makes their
+//! changes atomic and durable. See docs/format.md for the crash argument.
+//!
+//! Write path (per request of whole blocks): hash each block; store new content in a
+//! free slot; append one map record (LBA -> id, with the slot of new blocks) to the
+//! journal buffer; update the slice pages in memory. FLUSH: sync blocks.dat, append a
+//! commit record, write and fdatasync the journal. Checkpoint: journal the images of
+//! every changed page, then write them in place, sync, and start a new journal
+//! generation.
+
+use crate::blocks::{BlockStats, BlockStore, PENDING_FREE_MAX};
+use crate::disk::{self, DiskFile};
+use crate::error::{ReadError, StoreError, WriteError};
+use crate::journal::{self, Journal, Record, KIND_COMMIT, KIND_IMAGES_DONE, KIND_MAP, KIND_PAGE_IMAGE};
+use crate::volume::{FileKind, PageImage, Volume, VolumeMeta};
+use lazarus_types::{BlockId, Lba, BLOCK_SIZE, BLOCK_SIZE_U64, FANOUT_U64, ID_LEN};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Journal record kind for a range set to one id (trim, write-zeroes).
+pub const KIND_FILL: u8 = 5;
+/// Largest range one fill record covers (64 slice pages), bounding the page images a
+/// single record can make dirty.
+pub const FILL_CHUNK_BLOCKS: u64 = 64 * FANOUT_U64;
+/// Journal bytes one page image takes (record header + kind, uid, offset + page).
+const IMAGE_RECORD_BYTES: u64 = (journal::RECORD_HEADER_LEN + 17 + BLOCK_SIZE) as u64;
+/// Journal bytes kept free for commit records.
+const JOURNAL_SLACK_BYTES: u64 = 64 << 10;
+/// How many times a read retries a block whose content did not verify, in case the
+/// LBA was rewritten (and the slot reused) between the lookup and the read.
+const READ_RETRY_MAX: usize = 3;
+
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub journal_bytes: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions { journal_bytes: 64 << 20 }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RecoveryReport {
+    pub replayed_records: usize,
+    pub applied_images: usize,
+    pub discarded_tail_records: usize,
+    pub damaged_pages: Vec<(String, u64)>,
+    pub missing_blocks: usize,
+    pub failed_volumes: Vec<String>,
+}
+
+#[derive(Debug)]
+pub struct Store {
+    dir: PathBuf,
+    blocks: BlockStore,
+    journal: Mutex<Journal>,
+    journal_file: Arc<DiskFile>,
+    sync_lock: Mutex<()>,
+    /// Writers hold it shared; a checkpoint holds it exclusively.
+    cp_lock: RwLock<()>,
+    volumes: RwLock<HashMap<String, Arc<Volume>>>,
+    reserved_bytes: AtomicU64,
+    dirty_pages: AtomicU64,
+    /// Set when the journal could not be written: nothing more is acknowledged.
+    failed: AtomicBool,
+    pub recovery: RecoveryReport,
+}
+
+struct Admission<'a> {
+    _cp: RwLockReadGuard<'a, ()>,
+    store: &'a Store,
+    bytes: u64,
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        self.store.reserved_bytes.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+fn encode_map(uid: u64, lba: Lba, ids: &[BlockId], slots: &[u64]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(20 + ids.len() * 24);
+    b.extend_from_slice(&uid.to_le_bytes());
+    b.extend_from_slice(&lba.0.to_le_bytes());
+    b.extend_from_slice(&(ids.len() as u32).to_le_bytes());
+    for (id, slot) in ids.iter().zip(slots) {
+        b.extend_from_slice(&id.0);
+        b.extend_from_slice(&slot.to_le_bytes());
+    }
+    b
+}
+
+struct MapRecord {
+    uid: u64,
+    lba: Lba,
+    entries: Vec<(BlockId, u64)>,
+}
+
+fn decode_map(p: &[u8]) -> Option<MapRecord> {
+    let uid = u64::from_le_bytes(p.get(0..8)?.try_into().ok()?);
+    let lba = Lba(u64::from_le_bytes(p.get(8..16)?.try_into().ok()?));
+    let n = u32::from_le_bytes(p.get(16..20)?.try_into().ok()?) as usize;
+    let body = p.get(20..)?;
+    if body.len() != n * 24 {
+        return None;
+    }
+    let entries = body
+        .chunks_exact(24)
+        .map(|c| (BlockId(c[0..16].try_into().expect("16")), u64::from_le_bytes(c[16..24].try_into().expect("8"))))
+        .collect();
+    Some(MapRecord { uid, lba, entries })
+}
+
+fn encode_fill(uid: u64, lba: Lba, count: u64, id: BlockId, slot: u64) -> Vec<u8> {
+    let mut b = Vec::with_capacity(48);
+    b.extend_from_slice(&uid.to_le_bytes());
+    b.extend_from_slice(&lba.0.to_le_bytes());
+    b.extend_from_slice(&count.to_le_bytes());
+    b.extend_from_slice(&id.0);
+    b.extend_from_slice(&slot.to_le_bytes());
+    b
+}
+
+fn decode_fill(p: &[u8]) -> Option<(u64, Lba, u64, BlockId, u64)> {
+    if p.len() != 48 {
+        return None;
+    }
+    Some((
+        u64::from_le_bytes(p[0..8].try_into().ok()?),
+        Lba(u64::from_le_bytes(p[8..16].try_into().ok()?)),
+        u64::from_le_bytes(p[16..24].try_into().ok()?),
+        BlockId(p[24..40].try_into().ok()?),
+        u64::from_le_bytes(p[40..48].try_into().ok()?),
+    ))
+}
+
+fn encode_image(img: &PageImage, uid: u64) -> Vec<u8> {
+    let mut b = Vec::with_capacity(17 + BLOCK_SIZE);
+    b.push(img.kind as u8);
+    b.extend_from_slice(&uid.to_le_bytes());
+    b.extend_from_slice(&img.offset.to_le_bytes());
+    b.extend_from_slice(&img.data);
+    b
+}
+
+const NO_SLOT: u64 = u64::MAX;
+
+impl Store {
+    /// Opens the store under `dir`, creating it if empty, and recovers: applies a
+    /// finished checkpoint's page images, verifies every volume, replays the journal,
+    /// recounts references and checkpoints.
+    pub fn open(dir: &Path, opts: StoreOptions) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir.join("volumes")).map_err(|e| StoreError::io(dir, e))?;
+        let mut report = RecoveryReport {
+            replayed_records: 0,
+            applied_images: 0,
+            discarded_tail_records: 0,
+            damaged_pages: Vec::new(),
+            missing_blocks: 0,
+            failed_volumes: Vec::new(),
+        };
+        let mut volumes: HashMap<String, Arc<Volume>> = HashMap::new();
+        let vdir = dir.join("volumes");
+        let mut entries: Vec<_> = std::fs::read_dir(&vdir)
+            .map_err(|e| StoreError::io(&vdir, e))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .collect();
+        entries.sort();
+        for path in entries {
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+            if name.starts_with(".deleted-") {
+                // A deletion interrupted by a crash: it was already durable (renamed).
+                let _ = std::fs::remove_dir_all(&path);
+                continue;
+            }
+            if !path.is_dir() {
+                continue;
+            }
+            match Volume::open(&path) {
+                Ok(v) => {
+                    volumes.insert(v.meta.name.clone(), Arc::new(v));
+                }
+                Err(e) => {
+                    tracing::error!(volume = %name, error = %e, "volume cannot be opened; it will not be served");
+                    report.failed_volumes.push(name);
+                }
+            }
+        }
+        let by_uid: HashMap<u64, Arc<Volume>> = volumes.values().map(|v| (v.meta.uid, v.clone())).collect();
+
+        let jpath = dir.join("journal.log");
+        let (mut jr, replay) = Journal::open(&jpath, opts.journal_bytes)?;
+        let mut records = replay.records;
+        let images_done = records.iter().any(|r| r.kind == KIND_IMAGES_DONE);
+        let blocks_dir = dir.to_path_buf();
+        if images_done {
+            // A checkpoint got as far as journaling all its images: finish it.
+            let idx_path = blocks_dir.join("blocks.idx");
+            let idx = DiskFile::open(&idx_path, true).map_err(|e| StoreError::io(&idx_path, e))?;
+            for r in records.iter().filter(|r| r.kind == KIND_PAGE_IMAGE) {
+                apply_image_record(r, &by_uid, &idx)?;
+                report.applied_images += 1;
+            }
+            idx.sync_data().map_err(|e| StoreError::io(&idx_path, e))?;
+            for v in by_uid.values() {
+                v.sync()?;
+            }
+            jr.reset()?;
+            records.clear();
+        }
+        let blocks = BlockStore::open(&blocks_dir)?;
+        for v in volumes.values() {
+            match v.load() {
+                Ok(damaged) => {
+                    for p in damaged {
+                        tracing::error!(volume = %v.meta.name, page = p, "slice page failed verification; its LBAs are unrecoverable until repaired");
+                        report.damaged_pages.push((v.meta.name.clone(), p));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(volume = %v.meta.name, error = %e, "volume cannot be loaded; it will not be served");
+                    report.failed_volumes.push(v.meta.name.clone());
+                }
+            }
+        }
+        volumes.retain(|name, _| !report.failed_volumes.contains(name));
+
+        let (replayed, cut) = replay_records(&records, &by_uid, &volumes, &blocks);
+        report.replayed_records = replayed;
+        if let Some((lsn, offset)) = cut {
+            report.discarded_tail_records = records.len() - replayed;
+            tracing::warn!(lsn, discarded = report.discarded_tail_records, "journal tail after the last commit named blocks that never reached disk; cut there");
+            jr.truncate_to(lsn, offset);
+        }
+        for v in volumes.values() {
+            for id in v.all_ids() {
+                blocks.add_ref(id);
+            }
+        }
+        report.missing_blocks = blocks.finish_recovery();
+        if report.missing_blocks > 0 {
+            tracing::error!(count = report.missing_blocks, "slice pages reference blocks the store does not have; reads of them fail");
+        }
+        let journal_file = jr.file_arc();
+        let store = Store {
+            dir: dir.to_path_buf(),
+            blocks,
+            journal: Mutex::new(jr),
+            journal_file,
+            sync_lock: Mutex::new(()),
+            cp_lock: RwLock::new(()),
+            volumes: RwLock::new(volumes),
+            reserved_bytes: AtomicU64::new(0),
+            dirty_pages: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
+            recovery: report,
+        };
+        for v in store.volumes.read().values() {
+            let st = v.state.lock();
+            let dirty: Vec<u64> = st.dirty.iter().copied().collect();
+            drop(st);
+            for p in dirty {
+                if let Err(e) = v.ensure_allocated(p, p) {
+                    tracing::warn!(volume = %v.meta.name, page = p, error = %e, "cannot reserve space for a replayed page");
+                }
+            }
+        }
+        store.checkpoint()?;
+        Ok(store)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn volume(&self, name: &str) -> Option<Arc<Volume>> {
+        self.volumes.read().get(name).cloned()
+    }
+
+    pub fn volumes(&self) -> Vec<Arc<Volume>> {
+        let mut v: Vec<_> = self.volumes.read().values().cloned().collect();
+        v.sort_by(|a, b| a.meta.name.cmp(&b.meta.name));
+        v
+    }
+
+    pub fn block_stats(&self) -> BlockStats {
+        self.blocks.stats()
+    }
+
+    pub fn journal_used_bytes(&self) -> u64 {
+        self.journal.lock().used_bytes()
+    }
+
+    pub fn create_volume(&self, name: &str, size_bytes: u64) -> Result<Arc<Volume>, StoreError> {
+        lazarus_types::check_volume_name(name).map_err(StoreError::Invalid)?;
+        lazarus_types::check_volume_size(size_bytes).map_err(StoreError::Invalid)?;
+        let _cp = self.cp_lock.read();
+        let mut vols = self.volumes.write();
+        if vols.contains_key(name) {
+            return Err(StoreError::VolumeExists(name.to_string()));
+        }
+        let uid = new_uid(name);
+        let dir = self.dir.join("volumes").join(name);
+        if dir.exists() {
+            // Left over from a failed volume: refuse rather than overwrite its data.
+            return Err(StoreError::Invalid(format!("{} exists but is not a loadable volume", dir.display())));
+        }
+        let meta = VolumeMeta { name: name.to_string(), uid, size_bytes };
+        let v = match Volume::create(&dir, meta) {
+            Ok(v) => Arc::new(v),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        disk::sync_dir(&self.dir.join("volumes")).map_err(|e| StoreError::io(&self.dir, e))?;
+        vols.insert(name.to_string(), v.clone());
+        tracing::info!(volume = name, size_bytes, uid, "volume created");
+        Ok(v)
+    }
+
+    pub fn delete_volume(&self, name: &str) -> Result<(), StoreError> {
+        let _cp = self.cp_lock.write();
+        let v = self.volumes.write().remove(name).ok_or_else(|| StoreError::NoSuchVolume(name.to_string()))?;
+        let vdir = self.dir.join("volumes");
+        let grave = vdir.join(format!(".deleted-{}", v.meta.uid));
+        std::fs::rename(&v.dir, &grave).map_err(|e| StoreError::io(&v.dir, e))?;
+        disk::sync_dir(&vdir).map_err(|e| StoreError::io(&vdir, e))?;
+        // The rename is durable: nothing durable references these blocks any more
+        // (journal records of this volume are skipped at replay).
+        for id in v.all_ids() {
+            self.blocks.release(id, 0);
+        }
+        self.blocks.release_durable(1);
+        let _ = std::fs::remove_dir_all(&grave);
+        tracing::info!(volume = name, "volume deleted");
+        Ok(())
+    }
+
+    fn check_failed(&self) -> Result<(), StoreError> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(StoreError::Invalid("the journal could not be written; this node no longer accepts writes".into()));
+        }
+        Ok(())
+    }
+
+    /// Journal bytes that the page images of the next checkpoint may take.
+    fn image_bytes_bound(&self) -> u64 {
+        let levels = self.volumes.read().values().map(|v| v.state.lock().levels.len()).max().unwrap_or(1) as u64;
+        let nvol = self.volumes.read().len() as u64;
+        let pages = self.dirty_pages.load(Ordering::Acquire) * (levels + 1)
+            + self.blocks.dirty_idx_page_count() as u64
+            + nvol;
+        pages * IMAGE_RECORD_BYTES
+    }
+
+    /// Waits until the journal has room for `record_bytes` plus the images of
+    /// `pages` more dirty pages, checkpointing when it has not.
+    fn admit(&self, record_bytes: u64, pages: u64, new_blocks: u64) -> Result<Admission<'_>, StoreError> {
+        let bytes = record_bytes + (pages * 4 + new_blocks.div_ceil(FANOUT_U64) + 2) * IMAGE_RECORD_BYTES;
+        loop {
+            self.check_failed()?;
+            let cp = self.cp_lock.read();
+            let (used, cap) = {
+                let j = self.journal.lock();
+                (j.used_bytes(), j.capacity())
+            };
+            let limit = cap - journal::RECORDS_START - JOURNAL_SLACK_BYTES;
+            let reserved = self.reserved_bytes.fetch_add(bytes, Ordering::AcqRel) + bytes;
+            if used + reserved + self.image_bytes_bound() <= limit {
+                return Ok(Admission { _cp: cp, store: self, bytes });
+            }
+            self.reserved_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            drop(cp);
+            assert!(bytes < limit / 2, "a single request must fit the journal: {bytes} of {limit}");
+            self.checkpoint()?;
+        }
+    }
+
+    /// Whether the journal is past half full (the node checkpoints in the background).
+    pub fn wants_checkpoint(&self) -> bool {
+        let (used, cap) = {
+            let j = self.journal.lock();
+            (j.used_bytes(), j.capacity())
+        };
+        used + self.image_bytes_bound() > cap / 2
+    }
+
+    /// Writes whole blocks at `lba`. `data.len()` is a multiple of 4 KiB; the caller
+    /// has checked the range and serializes writes to the same LBAs.
+    pub fn write_blocks(&self, vol: &Volume, lba: Lba, data: &[u8]) -> Result<(), WriteError> {
+        assert_eq!(data.len() % BLOCK_SIZE, 0);
+        let n = (data.len() / BLOCK_SIZE) as u64;
+        if n == 0 {
+            return Ok(());
+        }
+        assert!(lba.0 + n <= vol.meta.block_count(), "write past the end reached the store");
+        let ids: Vec<BlockId> = data.chunks_exact(BLOCK_SIZE).map(BlockId::of).collect();
+        let first_page = lba.page().0;
+        let last_page = Lba(lba.0 + n - 1).page().0;
+        let record_bytes = (journal::RECORD_HEADER_LEN + 20 + ids.len() * 24) as u64;
+        let _adm = self.admit(record_bytes, last_page - first_page + 1, n)?;
+        vol.ensure_allocated(first_page, last_page)?;
+        let mut slots = Vec::with_capacity(ids.len());
+        for (i, id) in ids.iter().enumerate() {
+            if id.is_zero() {
+                slots.push(NO_SLOT);
+                continue;
+            }
+            match self.blocks.put(*id, &data[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE]) {
+                Ok(s) => slots.push(s.unwrap_or(NO_SLOT)),
+                Err(e) => {
+                    // Undo the references taken so far; none of it was journaled.
+                    for done in &ids[..i] {
+                        self.blocks.release(*done, 0);
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        self.apply(vol, lba, encode_map(vol.meta.uid, lba, &ids, &slots), KIND_MAP, &mut ids.iter().copied())
+    }
+
+    /// Journals a mapping change and applies it in memory.
+    fn apply(&self, vol: &Volume, lba: Lba, payload: Vec<u8>, kind: u8, ids: &mut dyn Iterator<Item = BlockId>) -> Result<(), WriteError> {
+        let lsn = match self.journal.lock().append(kind, &payload) {
+            Ok(l) => l,
+            Err(e) => {
+                self.failed.store(true, Ordering::Release);
+                tracing::error!(error = %e, "journal write failed; refusing further writes");
+                return Err(e.into());
+            }
+        };
+        let (old, newly_dirty) = vol.set_ids(lba, ids);
+        self.dirty_pages.fetch_add(newly_dirty as u64, Ordering::AcqRel);
+        for id in old {
+            self.blocks.release(id, lsn);
+        }
+        if self.blocks.pending_free_count() > PENDING_FREE_MAX {
+            // Overwrites without FLUSH: make them durable so the replaced blocks'
+            // slots can be reused, or the store would grow with every overwrite.
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Sets `count` blocks from `lba` to zeroes. With `provision`, they are mapped to
+    /// a stored zero block rather than left unmapped (NBD_CMD_FLAG_NO_HOLE).
+    pub fn write_zeroes(&self, vol: &Volume, lba: Lba, count: u64, provision: bool) -> Result<(), WriteError> {
+        assert!(lba.0 + count <= vol.meta.block_count(), "zeroing past the end reached the store");
+        let zero = vec![0u8; BLOCK_SIZE];
+        let zid = if provision { BlockId::hash_of(&zero) } else { BlockId::ZERO };
+        let mut done = 0;
+        while done < count {
+            let l = Lba(lba.0 + done);
+            let n = FILL_CHUNK_BLOCKS.min(count - done);
+            let pages = Lba(l.0 + n - 1).page().0 - l.page().0 + 1;
+            let _adm = self.admit((journal::RECORD_HEADER_LEN + 48) as u64, pages, 1)?;
+            let mut slot = NO_SLOT;
+            if provision {
+                vol.ensure_allocated(l.page().0, Lba(l.0 + n - 1).page().0)?;
+                slot = self.blocks.put(zid, &zero)?.unwrap_or(NO_SLOT);
+                self.blocks.retain(zid, n - 1);
+            }
+            self.apply(vol, l, encode_fill(vol.meta.uid, l, n, zid, slot), KIND_FILL, &mut std::iter::repeat_n(zid, n as usize))?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Reads whole blocks. Every block is verified against its id; a block that does
+    /// not verify, or an LBA in a damaged page, is an error, never data.
+    pub fn read_blocks(&self, vol: &Volume, lba: Lba, buf: &mut [u8]) -> Result<(), ReadError> {
+        assert_eq!(buf.len() % BLOCK_SIZE, 0);
+        let n = buf.len() / BLOCK_SIZE;
+        let mut ids = Vec::with_capacity(n);
+        vol.read_ids(lba, &mut ids, n).map_err(ReadError::Unrecoverable)?;
+        for (i, chunk) in buf.chunks_exact_mut(BLOCK_SIZE).enumerate() {
+            let l = Lba(lba.0 + i as u64);
+            let mut id = ids[i];
+            let mut tries = 0;
+            loop {
+                if id.is_zero() {
+                    chunk.fill(0);
+                    break;
+                }
+                if self.blocks.read(id, chunk)? {
+                    break;
+                }
+                // The LBA may have been rewritten (and its old slot reused) since the
+                // lookup: look again before calling it corruption.
+                let now = vol.id_at(l).ok_or(ReadError::Unrecoverable(l))?;
+                tries += 1;
+                if now == id && tries >= 2 || tries > READ_RETRY_MAX {
+                    tracing::error!(volume = %vol.meta.name, lba = l.0, id = %id.to_hex(), "block failed verification");
+                    return Err(ReadError::CorruptBlock { lba: l, id: id.to_hex() });
+                }
+                id = now;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes every write completed before the call durable (group commit: concurrent
+    /// callers share one sync).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.check_failed()?;
+        let target = self.journal.lock().next_lsn();
+        let _s = self.sync_lock.lock();
+        self.flush_locked(target)
+    }
+
+    fn flush_locked(&self, target: u64) -> Result<(), StoreError> {
+        if self.journal.lock().durable_lsn() >= target {
+            return Ok(());
+        }
+        let (bytes, offset, end) = self.journal.lock().take_for_sync();
+        let r = self.blocks.sync_data().and_then(|_| journal::write_synced(&self.journal_file, &bytes, offset));
+        if let Err(e) = r {
+            // The journal now may have a hole: acknowledging anything more would be a lie.
+            self.failed.store(true, Ordering::Release);
+            tracing::error!(error = %e, "flush failed; refusing further writes");
+            return Err(e);
+        }
+        self.journal.lock().mark_durable(end);
+        self.blocks.release_durable(end);
+        Ok(())
+    }
+
+    /// Writes every changed page in place through the journal and starts a new
+    /// journal generation.
+    pub fn checkpoint(&self) -> Result<(), StoreError> {
+        let _cp = self.cp_lock.write();
+        let _s = self.sync_lock.lock();
+        self.check_failed()?;
+        let target = self.journal.lock().next_lsn();
+        self.flush_locked(target)?;
+        self.blocks.release_durable(u64::MAX);
+        let vols = self.volumes();
+        let mut images: Vec<(u64, PageImage)> = Vec::new();
+        for v in &vols {
+            for img in v.take_images()? {
+                images.push((v.meta.uid, img));
+            }
+        }
+        for (offset, data) in self.blocks.take_dirty_idx_images() {
+            images.push((0, PageImage { kind: FileKind::BlockIndex, offset, data }));
+        }
+        if images.is_empty() && self.journal.lock().used_bytes() == 0 {
+            return Ok(());
+        }
+        {
+            let mut j = self.journal.lock();
+            for (uid, img) in &images {
+                j.append(KIND_PAGE_IMAGE, &encode_image(img, *uid))?;
+            }
+            j.append(KIND_IMAGES_DONE, &[])?;
+            let (bytes, offset, end) = j.take_for_sync();
+            drop(j);
+            journal::write_synced(&self.journal_file, &bytes, offset)?;
+            self.journal.lock().mark_durable(end);
+        }
+        let by_uid: HashMap<u64, &Arc<Volume>> = vols.iter().map(|v| (v.meta.uid, v)).collect();
+        for (uid, img) in &images {
+            let file = match img.kind {
+                FileKind::BlockIndex => self.blocks.idx_file(),
+                k => by_uid[uid].file(k),
+            };
+            write_image(file, img)?;
+        }
+        self.blocks.idx_file().sync_data().map_err(|e| StoreError::io(self.blocks.idx_file().path(), e))?;
+        for v in &vols {
+            v.sync()?;
+        }
+        self.journal.lock().reset()?;
+        self.dirty_pages.store(0, Ordering::Release);
+        Ok(())
+    }
+
+    /// File locations of an LBA's slice page, checksum page and block (for `inspect`
+    /// and fault injection).
+    pub fn locate(&self, vol: &Volume, lba: Lba) -> Locations {
+        let (slice_file, slice_offset) = vol.locate_page(lba);
+        let (checksum_file, checksum_offset) = vol.locate_checksum_page(lba);
+        let id = vol.id_at(lba);
+        let block_offset = id.filter(|i| !i.is_zero()).and_then(|i| self.blocks.locate(i));
+        Locations {
+            slice_file,
+            slice_offset,
+            checksum_file,
+            checksum_offset,
+            block_id: id.map(|i| i.to_hex()),
+            block_file: self.dir.join("blocks.dat"),
+            block_offset,
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Locations {
+    pub slice_file: PathBuf,
+    pub slice_offset: u64,
+    pub checksum_file: PathBuf,
+    pub checksum_offset: u64,
+    pub block_id: Option<String>,
+    pub block_file: PathBuf,
+    pub block_offset: Option<u64>,
+}
+
+fn write_image(file: &DiskFile, img: &PageImage) -> Result<(), StoreError> {
+    let r = if img.kind == FileKind::Slice && lazarus_types::is_zero(&img.data) {
+        file.punch_hole(img.offset, BLOCK_SIZE_U64)
+    } else {
+        file.write_at(&img.data, img.offset)
+    };
+    r.map_err(|e| StoreError::io(file.path(), e))
+}
+
+fn apply_image_record(r: &Record, by_uid: &HashMap<u64, Arc<Volume>>, idx: &DiskFile) -> Result<(), StoreError> {
+    let p = &r.payload;
+    let bad = || StoreError::Corrupted { what: "journal page image", path: PathBuf::from("journal.log"), detail: format!("record {}", r.lsn) };
+    if p.len() != 17 + BLOCK_SIZE {
+        return Err(bad());
+    }
+    let kind = FileKind::from_u8(p[0]).ok_or_else(bad)?;
+    let uid = u64::from_le_bytes(p[1..9].try_into().expect("8"));
+    let offset = u64::from_le_bytes(p[9..17].try_into().expect("8"));
+    let img = PageImage { kind, offset, data: p[17..].to_vec() };
+    match kind {
+        FileKind::BlockIndex => write_image(idx, &img),
+        k => match by_uid.get(&uid) {
+            Some(v) => write_image(v.file(k), &img),
+            None => Ok(()), // the volume was deleted after this checkpoint
+        },
+    }
+}
+
+/// Applies map and fill records. Records after the last commit are applied only while
+/// every block they newly store verifies on disk; the first that does not ends the
+/// replay (returned as `(lsn, file offset)` to cut the journal at).
+fn replay_records(
+    records: &[Record],
+    by_uid: &HashMap<u64, Arc<Volume>>,
+    loaded: &HashMap<String, Arc<Volume>>,
+    blocks: &BlockStore,
+) -> (usize, Option<(u64, u64)>) {
+    let last_commit = records.iter().rposition(|r| r.kind == KIND_COMMIT);
+    let mut offset = journal::RECORDS_START;
+    for (i, r) in records.iter().enumerate() {
+        let committed = last_commit.is_some_and(|c| i < c);
+        let vol = |uid: u64| by_uid.get(&uid).filter(|v| loaded.contains_key(&v.meta.name));
+        match r.kind {
+            KIND_MAP => {
+                let Some(m) = decode_map(&r.payload) else { return (i, Some((r.lsn, offset))) };
+                if !committed && m.entries.iter().any(|(id, s)| *s != NO_SLOT && !blocks.slot_holds(*s, *id)) {
+                    return (i, Some((r.lsn, offset)));
+                }
+                for (id, s) in &m.entries {
+                    if *s != NO_SLOT {
+                        blocks.assign(*s, *id);
+                    }
+                }
+                if let Some(v) = vol(m.uid) {
+                    if m.lba.0 + m.entries.len() as u64 <= v.meta.block_count() {
+                        v.set_ids(m.lba, &mut m.entries.iter().map(|e| e.0));
+                    }
+                }
+            }
+            KIND_FILL => {
+                let Some((uid, lba, count, id, slot)) = decode_fill(&r.payload) else { return (i, Some((r.lsn, offset))) };
+                if !committed && slot != NO_SLOT && !blocks.slot_holds(slot, id) {
+                    return (i, Some((r.lsn, offset)));
+                }
+                if slot != NO_SLOT {
+                    blocks.assign(slot, id);
+                }
+                if let Some(v) = vol(uid) {
+                    if lba.0 + count <= v.meta.block_count() {
+                        v.set_ids(lba, &mut std::iter::repeat_n(id, count as usize));
+                    }
+                }
+            }
+            _ => {}
+        }
+        offset += (journal::RECORD_HEADER_LEN + r.payload.len()) as u64;
+    }
+    (records.len(), None)
+}
+
+fn new_uid(name: &str) -> u64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let mut h = blake3::Hasher::new();
+    h.update(name.as_bytes());
+    h.update(&now.as_nanos().to_le_bytes());
+    h.update(&std::process::id().to_le_bytes());
+    let out = h.finalize();
+    let uid = u64::from_le_bytes(out.as_bytes()[..8].try_into().expect("8 bytes"));
+    uid.max(1)
+}
+
+const _: () = assert!(ID_LEN == 16);

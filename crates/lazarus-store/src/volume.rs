@@ -1,0 +1,784 @@
+//! One volume's slice file, checksum file and their in-memory state.
+//!
+//! slice.dat: page 0 is the volume header (immutable after creation); slice page `p`
+//! lives at `(p + 1) * 4096` and holds 256 BlockIds. Unwritten pages are holes.
+//!
+//! checksum.dat: pages 0 and 1 are header slots A/B (the one with the higher sequence
+//! and a valid CRC wins; each checkpoint writes the other one); then the stored levels
+//! of the Merkle tree, level 1 first. Level 1 has one checksum per slice page, level
+//! k+1 one checksum per 4 KiB page of level k; the top level is one entry, the root,
+//! kept in the header. See docs/format.md.
+
+use crate::disk::{self, DiskFile};
+use crate::error::StoreError;
+use lazarus_types::{
+    page_count_for, BlockId, Checksum, Lba, PageIndex, BLOCK_SIZE, BLOCK_SIZE_U64, FANOUT, FANOUT_U64, ID_LEN,
+};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+pub const SLICE_MAGIC: &[u8; 8] = b"LZSLICE1";
+pub const CKSUM_MAGIC: &[u8; 8] = b"LZCKSUM1";
+pub const FORMAT_VERSION: u32 = 1;
+
+pub type Page = Box<[BlockId; FANOUT]>;
+/// One bit per slot of a page: set = the slot's mapping is unknown (damaged).
+pub type SlotBits = [u64; FANOUT / 64];
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeMeta {
+    pub name: String,
+    pub uid: u64,
+    pub size_bytes: u64,
+}
+
+impl VolumeMeta {
+    pub fn page_count(&self) -> u64 {
+        page_count_for(self.size_bytes)
+    }
+    pub fn block_count(&self) -> u64 {
+        self.size_bytes / BLOCK_SIZE_U64
+    }
+}
+
+pub fn encode_slice_header(m: &VolumeMeta) -> Vec<u8> {
+    let mut b = vec![0u8; BLOCK_SIZE];
+    b[0..8].copy_from_slice(SLICE_MAGIC);
+    b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    b[12..20].copy_from_slice(&m.uid.to_le_bytes());
+    b[20..28].copy_from_slice(&m.size_bytes.to_le_bytes());
+    let name = m.name.as_bytes();
+    assert!(name.len() <= 255, "volume names are at most 64 bytes");
+    b[28..30].copy_from_slice(&(name.len() as u16).to_le_bytes());
+    b[30..30 + name.len()].copy_from_slice(name);
+    let crc = crc32c::crc32c(&b[..BLOCK_SIZE - 4]);
+    b[BLOCK_SIZE - 4..].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+pub fn decode_slice_header(b: &[u8]) -> Result<VolumeMeta, String> {
+    if b.len() != BLOCK_SIZE {
+        return Err(format!("header is {} bytes, expected {BLOCK_SIZE}", b.len()));
+    }
+    if &b[0..8] != SLICE_MAGIC {
+        return Err(format!("bad magic {:?}", &b[0..8]));
+    }
+    let crc = u32::from_le_bytes(b[BLOCK_SIZE - 4..].try_into().expect("4 bytes"));
+    let actual = crc32c::crc32c(&b[..BLOCK_SIZE - 4]);
+    if crc != actual {
+        return Err(format!("header checksum {crc:#x} != computed {actual:#x}"));
+    }
+    let version = u32::from_le_bytes(b[8..12].try_into().expect("4 bytes"));
+    if version != FORMAT_VERSION {
+        return Err(format!("unsupported format version {version}"));
+    }
+    let uid = u64::from_le_bytes(b[12..20].try_into().expect("8 bytes"));
+    let size_bytes = u64::from_le_bytes(b[20..28].try_into().expect("8 bytes"));
+    let name_len = u16::from_le_bytes(b[28..30].try_into().expect("2 bytes")) as usize;
+    if name_len > 255 {
+        return Err(format!("name length {name_len} too large"));
+    }
+    let name = std::str::from_utf8(&b[30..30 + name_len]).map_err(|_| "name is not UTF-8".to_string())?.to_string();
+    lazarus_types::check_volume_size(size_bytes)?;
+    Ok(VolumeMeta { name, uid, size_bytes })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CksumHeader {
+    pub uid: u64,
+    pub seq: u64,
+    pub root: Checksum,
+}
+
+pub fn encode_cksum_header(h: &CksumHeader) -> Vec<u8> {
+    let mut b = vec![0u8; BLOCK_SIZE];
+    b[0..8].copy_from_slice(CKSUM_MAGIC);
+    b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    b[12..20].copy_from_slice(&h.uid.to_le_bytes());
+    b[20..28].copy_from_slice(&h.seq.to_le_bytes());
+    b[28..44].copy_from_slice(&h.root.0);
+    let crc = crc32c::crc32c(&b[..44]);
+    b[44..48].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+pub fn decode_cksum_header(b: &[u8]) -> Option<CksumHeader> {
+    if b.len() != BLOCK_SIZE || &b[0..8] != CKSUM_MAGIC {
+        return None;
+    }
+    let crc = u32::from_le_bytes(b[44..48].try_into().ok()?);
+    if crc32c::crc32c(&b[..44]) != crc {
+        return None;
+    }
+    Some(CksumHeader {
+        uid: u64::from_le_bytes(b[12..20].try_into().ok()?),
+        seq: u64::from_le_bytes(b[20..28].try_into().ok()?),
+        root: Checksum(b[28..44].try_into().ok()?),
+    })
+}
+
+/// Number of entries at each level: `[P, ceil(P/256), ..., 1]`.
+pub fn level_lens(page_count: u64) -> Vec<u64> {
+    let mut v = vec![page_count.max(1)];
+    while *v.last().expect("non-empty") > 1 {
+        let n = v.last().expect("non-empty").div_ceil(FANOUT_U64);
+        v.push(n);
+    }
+    v
+}
+
+/// File offset of page `j` of level index `k` (0 = level 1) in checksum.dat.
+pub fn cksum_page_offset(lens: &[u64], k: usize, j: u64) -> u64 {
+    let mut page = 2u64; // two header slots
+    for len in &lens[..k] {
+        page += len.div_ceil(FANOUT_U64);
+    }
+    (page + j) * BLOCK_SIZE_U64
+}
+
+pub fn cksum_file_len(lens: &[u64]) -> u64 {
+    cksum_page_offset(lens, lens.len() - 1, 0)
+}
+
+pub fn slice_page_offset(p: u64) -> u64 {
+    (p + 1) * BLOCK_SIZE_U64
+}
+
+pub fn encode_page(ids: &[BlockId]) -> Vec<u8> {
+    let mut b = vec![0u8; BLOCK_SIZE];
+    for (i, id) in ids.iter().enumerate() {
+        b[i * ID_LEN..(i + 1) * ID_LEN].copy_from_slice(&id.0);
+    }
+    b
+}
+
+pub fn decode_page(b: &[u8]) -> Page {
+    let mut p: Page = Box::new([BlockId::ZERO; FANOUT]);
+    for (i, c) in b.chunks_exact(ID_LEN).enumerate() {
+        p[i] = BlockId(c.try_into().expect("16 bytes"));
+    }
+    p
+}
+
+fn encode_cksums(entries: &[Checksum]) -> Vec<u8> {
+    let mut b = vec![0u8; BLOCK_SIZE];
+    for (i, c) in entries.iter().enumerate() {
+        b[i * ID_LEN..(i + 1) * ID_LEN].copy_from_slice(&c.0);
+    }
+    b
+}
+
+fn decode_cksums(b: &[u8], n: usize) -> Vec<Checksum> {
+    b.chunks_exact(ID_LEN).take(n).map(|c| Checksum(c.try_into().expect("16 bytes"))).collect()
+}
+
+/// Which file a checkpoint page image goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    Slice = 0,
+    Checksum = 1,
+    BlockIndex = 2,
+}
+
+impl FileKind {
+    pub fn from_u8(v: u8) -> Option<FileKind> {
+        match v {
+            0 => Some(FileKind::Slice),
+            1 => Some(FileKind::Checksum),
+            2 => Some(FileKind::BlockIndex),
+            _ => None,
+        }
+    }
+}
+
+/// A page a checkpoint will write in place: (file, offset, 4 KiB). An all-zero slice
+/// page image is applied as a hole punch, which keeps trimmed ranges thin.
+pub struct PageImage {
+    pub kind: FileKind,
+    pub offset: u64,
+    pub data: Vec<u8>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct DamageFile {
+    /// page index -> hex of the 256-bit unknown-slot bitmap
+    pages: BTreeMap<u64, String>,
+}
+
+#[derive(Debug)]
+pub(crate) struct VolState {
+    pub pages: HashMap<u64, Page>,
+    /// Slice pages with disk space reserved (fallocate) for their in-place write.
+    pub allocated: HashSet<u64>,
+    /// Slice pages to write at the next checkpoint.
+    pub dirty: BTreeSet<u64>,
+    /// Slice pages whose level-1 checksum must be recomputed.
+    pub stale: BTreeSet<u64>,
+    /// Recorded checksum tree: `levels[0]` is level 1.
+    pub levels: Vec<Vec<Checksum>>,
+    /// Checksum pages (level index, page) to write at the next checkpoint.
+    pub dirty_ck: BTreeSet<(usize, u64)>,
+    /// Damaged pages: which slots' mappings are unknown.
+    pub damaged: BTreeMap<u64, SlotBits>,
+    pub damage_dirty: bool,
+    pub header_seq: u64,
+}
+
+#[derive(Debug)]
+pub struct Volume {
+    pub meta: VolumeMeta,
+    pub dir: PathBuf,
+    pub(crate) slice: DiskFile,
+    pub(crate) cksum: DiskFile,
+    pub(crate) state: Mutex<VolState>,
+}
+
+fn bit(bits: &SlotBits, i: usize) -> bool {
+    bits[i / 64] & (1 << (i % 64)) != 0
+}
+
+fn clear_bit(bits: &mut SlotBits, i: usize) {
+    bits[i / 64] &= !(1 << (i % 64));
+}
+
+impl Volume {
+    /// Creates the files of a new, empty volume under `dir` (which must not exist).
+    pub fn create(dir: &Path, meta: VolumeMeta) -> Result<Volume, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
+        let sp = dir.join("slice.dat");
+        let cp = dir.join("checksum.dat");
+        let slice = DiskFile::open(&sp, true).map_err(|e| StoreError::io(&sp, e))?;
+        let cksum = DiskFile::open(&cp, true).map_err(|e| StoreError::io(&cp, e))?;
+        let lens = level_lens(meta.page_count());
+        // The checksum file is small (1/65536 of the volume) and fully reserved now, so
+        // a checkpoint can never run out of space writing it.
+        cksum.allocate(0, cksum_file_len(&lens)).map_err(|e| StoreError::io(&cp, e))?;
+        slice.allocate(0, BLOCK_SIZE_U64).map_err(|e| StoreError::io(&sp, e))?;
+        slice.write_at(&encode_slice_header(&meta), 0).map_err(|e| StoreError::io(&sp, e))?;
+        let h = CksumHeader { uid: meta.uid, seq: 1, root: Checksum::ZERO };
+        cksum.write_at(&encode_cksum_header(&h), BLOCK_SIZE_U64).map_err(|e| StoreError::io(&cp, e))?;
+        slice.sync_data().map_err(|e| StoreError::io(&sp, e))?;
+        cksum.sync_data().map_err(|e| StoreError::io(&cp, e))?;
+        disk::sync_dir(dir).map_err(|e| StoreError::io(dir, e))?;
+        let levels = lens.iter().map(|n| vec![Checksum::ZERO; *n as usize]).collect();
+        Ok(Volume {
+            meta,
+            dir: dir.to_path_buf(),
+            slice,
+            cksum,
+            state: Mutex::new(VolState {
+                pages: HashMap::new(),
+                allocated: HashSet::new(),
+                dirty: BTreeSet::new(),
+                stale: BTreeSet::new(),
+                levels,
+                dirty_ck: BTreeSet::new(),
+                damaged: BTreeMap::new(),
+                damage_dirty: false,
+                header_seq: 1,
+            }),
+        })
+    }
+
+    /// Opens a volume's files and reads its header; the pages are loaded by `load`.
+    pub fn open(dir: &Path) -> Result<Volume, StoreError> {
+        let sp = dir.join("slice.dat");
+        let cp = dir.join("checksum.dat");
+        let slice = DiskFile::open(&sp, false).map_err(|e| StoreError::io(&sp, e))?;
+        let cksum = DiskFile::open(&cp, false).map_err(|e| StoreError::io(&cp, e))?;
+        let mut hb = vec![0u8; BLOCK_SIZE];
+        slice.read_at(&mut hb, 0).map_err(|e| StoreError::io(&sp, e))?;
+        let meta = decode_slice_header(&hb).map_err(|detail| StoreError::Corrupted {
+            what: "slice file header",
+            path: sp.clone(),
+            detail,
+        })?;
+        let lens = level_lens(meta.page_count());
+        Ok(Volume {
+            meta,
+            dir: dir.to_path_buf(),
+            slice,
+            cksum,
+            state: Mutex::new(VolState {
+                pages: HashMap::new(),
+                allocated: HashSet::new(),
+                dirty: BTreeSet::new(),
+                stale: BTreeSet::new(),
+                levels: lens.iter().map(|n| vec![Checksum::ZERO; *n as usize]).collect(),
+                dirty_ck: BTreeSet::new(),
+                damaged: BTreeMap::new(),
+                damage_dirty: false,
+                header_seq: 0,
+            }),
+        })
+    }
+
+    /// Reads every slice and checksum page and verifies them top-down against the
+    /// root. Pages that cannot be proven become damaged (their slots unknown).
+    /// Returns the damaged page indexes found.
+    pub fn load(&self) -> Result<Vec<u64>, StoreError> {
+        let cp = self.cksum.path().to_path_buf();
+        let sp = self.slice.path().to_path_buf();
+        let page_count = self.meta.page_count();
+        let lens = level_lens(page_count);
+        let top = lens.len() - 1;
+        // Header slot with the highest valid sequence.
+        let mut best: Option<CksumHeader> = None;
+        for slot in 0..2u64 {
+            let mut b = vec![0u8; BLOCK_SIZE];
+            self.cksum.read_at(&mut b, slot * BLOCK_SIZE_U64).map_err(|e| StoreError::io(&cp, e))?;
+            if let Some(h) = decode_cksum_header(&b) {
+                if h.uid == self.meta.uid && best.is_none_or(|x| h.seq > x.seq) {
+                    best = Some(h);
+                }
+            }
+        }
+        let header = best.ok_or_else(|| StoreError::Corrupted {
+            what: "checksum file header",
+            path: cp.clone(),
+            detail: "neither header slot is valid for this volume".into(),
+        })?;
+
+        // Slice pages, and their actual level-1 checksums.
+        let mut pages: HashMap<u64, Page> = HashMap::new();
+        let mut actual: Vec<Vec<Checksum>> = vec![vec![Checksum::ZERO; page_count as usize]];
+        const CHUNK_PAGES: u64 = 256;
+        let mut buf = vec![0u8; (CHUNK_PAGES as usize) * BLOCK_SIZE];
+        let mut p0 = 0u64;
+        while p0 < page_count {
+            let n = CHUNK_PAGES.min(page_count - p0);
+            let b = &mut buf[..(n as usize) * BLOCK_SIZE];
+            self.slice.read_at(b, slice_page_offset(p0)).map_err(|e| StoreError::io(&sp, e))?;
+            for i in 0..n {
+                let pb = &b[(i as usize) * BLOCK_SIZE..(i as usize + 1) * BLOCK_SIZE];
+                let c = Checksum::of_page(pb);
+                actual[0][(p0 + i) as usize] = c;
+                if c != Checksum::ZERO {
+                    pages.insert(p0 + i, decode_page(pb));
+                }
+            }
+            p0 += n;
+        }
+        for k in 0..top {
+            let up: Vec<Checksum> =
+                actual[k].chunks(FANOUT).map(|g| Checksum::of_page(&encode_cksums(g))).collect();
+            actual.push(up);
+        }
+
+        // Stored checksum pages, verified from the root down. `trusted[k][i]` is the
+        // recorded checksum at level k, or None where nothing proves it.
+        let mut trusted: Vec<Vec<Option<Checksum>>> = lens.iter().map(|n| vec![None; *n as usize]).collect();
+        trusted[top][0] = Some(header.root);
+        let mut rebuilt: BTreeSet<(usize, u64)> = BTreeSet::new();
+        for k in (0..top).rev() {
+            let n_pages = lens[k].div_ceil(FANOUT_U64);
+            for j in 0..n_pages {
+                let lo = (j * FANOUT_U64) as usize;
+                let hi = (lo + FANOUT).min(lens[k] as usize);
+                let Some(expected) = trusted[k + 1][j as usize] else { continue };
+                let mut b = vec![0u8; BLOCK_SIZE];
+                self.cksum.read_at(&mut b, cksum_page_offset(&lens, k, j)).map_err(|e| StoreError::io(&cp, e))?;
+                if Checksum::of_page(&b) == expected {
+                    for (i, c) in decode_cksums(&b, hi - lo).into_iter().enumerate() {
+                        trusted[k][lo + i] = Some(c);
+                    }
+                } else if Checksum::of_page(&encode_cksums(&actual[k][lo..hi])) == expected {
+                    // The checksum page is damaged but everything below it still hashes
+                    // up to what the level above recorded: rebuild it from below.
+                    for i in lo..hi {
+                        trusted[k][i] = Some(actual[k][i]);
+                    }
+                    rebuilt.insert((k, j));
+                    tracing::warn!(volume = %self.meta.name, level = k + 1, page = j, "checksum page damaged; rebuilt from the pages below it");
+                }
+            }
+        }
+
+        let mut damaged = self.read_damage_file()?;
+        let mut found = Vec::new();
+        for p in 0..page_count {
+            let ok = trusted[0][p as usize] == Some(actual[0][p as usize]);
+            if !ok {
+                found.push(p);
+                damaged.insert(p, [u64::MAX; FANOUT / 64]);
+                pages.remove(&p);
+            }
+        }
+        let levels: Vec<Vec<Checksum>> = trusted
+            .iter()
+            .zip(actual.iter())
+            .map(|(t, a)| t.iter().zip(a.iter()).map(|(t, a)| t.unwrap_or(*a)).collect())
+            .collect();
+        let mut st = self.state.lock();
+        st.allocated = pages.keys().copied().collect();
+        st.pages = pages;
+        st.levels = levels;
+        st.dirty_ck = rebuilt;
+        st.damage_dirty = !found.is_empty();
+        st.damaged = damaged;
+        st.header_seq = header.seq;
+        Ok(found)
+    }
+
+    fn damage_path(&self) -> PathBuf {
+        self.dir.join("damage.json")
+    }
+
+    fn read_damage_file(&self) -> Result<BTreeMap<u64, SlotBits>, StoreError> {
+        let p = self.damage_path();
+        let text = match std::fs::read(&p) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+            Err(e) => return Err(StoreError::io(&p, e)),
+        };
+        let df: DamageFile = serde_json::from_slice(&text).map_err(|e| StoreError::Corrupted {
+            what: "damage list",
+            path: p.clone(),
+            detail: e.to_string(),
+        })?;
+        let mut out = BTreeMap::new();
+        for (page, hexbits) in df.pages {
+            let mut bits = [0u64; FANOUT / 64];
+            if hexbits.len() != 64 {
+                return Err(StoreError::Corrupted { what: "damage list", path: p, detail: "bad bitmap".into() });
+            }
+            for (i, w) in bits.iter_mut().enumerate() {
+                *w = u64::from_str_radix(&hexbits[i * 16..(i + 1) * 16], 16).map_err(|e| StoreError::Corrupted {
+                    what: "damage list",
+                    path: p.clone(),
+                    detail: e.to_string(),
+                })?;
+            }
+            out.insert(page, bits);
+        }
+        Ok(out)
+    }
+
+    /// Persists the damage list if it changed. Called before the pages it describes
+    /// are written, so a page whose unknown slots were zeroed is never mistaken for a
+    /// whole one after a crash.
+    pub(crate) fn persist_damage(&self, st: &mut VolState) -> Result<(), StoreError> {
+        if !st.damage_dirty {
+            return Ok(());
+        }
+        let df = DamageFile {
+            pages: st.damaged.iter().map(|(p, b)| (*p, b.iter().map(|w| format!("{w:016x}")).collect())).collect(),
+        };
+        let json = serde_json::to_vec_pretty(&df).expect("damage list serializes");
+        disk::write_file_atomic(&self.damage_path(), &json).map_err(|e| StoreError::io(self.damage_path(), e))?;
+        st.damage_dirty = false;
+        Ok(())
+    }
+
+    /// The ids of `count` blocks from `lba`; an unknown slot is an error.
+    pub fn read_ids(&self, lba: Lba, out: &mut Vec<BlockId>, count: usize) -> Result<(), Lba> {
+        out.clear();
+        let st = self.state.lock();
+        for i in 0..count as u64 {
+            let l = Lba(lba.0 + i);
+            let p = l.page().0;
+            if let Some(bits) = st.damaged.get(&p) {
+                if bit(bits, l.slot()) {
+                    return Err(l);
+                }
+            }
+            out.push(st.pages.get(&p).map_or(BlockId::ZERO, |pg| pg[l.slot()]));
+        }
+        Ok(())
+    }
+
+    pub fn id_at(&self, lba: Lba) -> Option<BlockId> {
+        let st = self.state.lock();
+        let p = lba.page().0;
+        if st.damaged.get(&p).is_some_and(|b| bit(b, lba.slot())) {
+            return None;
+        }
+        Some(st.pages.get(&p).map_or(BlockId::ZERO, |pg| pg[lba.slot()]))
+    }
+
+    /// Reserves disk space for the in-place write of every slice page in
+    /// `[first, last]` that will be mapped, so checkpoints never hit ENOSPC.
+    pub(crate) fn ensure_allocated(&self, first: u64, last: u64) -> Result<(), StoreError> {
+        let missing: Vec<u64> = {
+            let st = self.state.lock();
+            (first..=last).filter(|p| !st.allocated.contains(p)).collect()
+        };
+        for p in &missing {
+            self.slice
+                .allocate(slice_page_offset(*p), BLOCK_SIZE_U64)
+                .map_err(|e| StoreError::io(self.slice.path(), e))?;
+        }
+        if !missing.is_empty() {
+            self.state.lock().allocated.extend(missing);
+        }
+        Ok(())
+    }
+
+    /// Sets the mapping of consecutive LBAs, returning the ids they had (`ZERO` for
+    /// unknown slots of a damaged page, which are now known again) and how many slice
+    /// pages went from clean to dirty.
+    pub(crate) fn set_ids(&self, lba: Lba, ids: &mut dyn Iterator<Item = BlockId>) -> (Vec<BlockId>, usize) {
+        let mut st = self.state.lock();
+        let st = &mut *st;
+        let mut old = Vec::new();
+        let mut newly_dirty = 0;
+        let mut l = lba.0;
+        for id in ids {
+            let lb = Lba(l);
+            let p = lb.page().0;
+            let s = lb.slot();
+            if let Some(bits) = st.damaged.get_mut(&p) {
+                if bit(bits, s) {
+                    clear_bit(bits, s);
+                    st.damage_dirty = true;
+                    if bits.iter().all(|w| *w == 0) {
+                        st.damaged.remove(&p);
+                        tracing::info!(volume = %self.meta.name, page = p, "damaged page fully rewritten; whole again");
+                    }
+                }
+            }
+            let prev = match st.pages.get_mut(&p) {
+                Some(pg) => std::mem::replace(&mut pg[s], id),
+                None if id.is_zero() => BlockId::ZERO,
+                None => {
+                    let mut pg: Page = Box::new([BlockId::ZERO; FANOUT]);
+                    pg[s] = id;
+                    st.pages.insert(p, pg);
+                    BlockId::ZERO
+                }
+            };
+            old.push(prev);
+            if st.dirty.insert(p) {
+                newly_dirty += 1;
+            }
+            st.stale.insert(p);
+            l += 1;
+        }
+        (old, newly_dirty)
+    }
+
+    /// Recomputes checksums of written pages up to the root.
+    pub(crate) fn refresh_tree(st: &mut VolState) {
+        if st.stale.is_empty() {
+            return;
+        }
+        let stale = std::mem::take(&mut st.stale);
+        let mut groups: BTreeSet<u64> = BTreeSet::new();
+        for p in stale {
+            let c = match st.pages.get(&p) {
+                Some(pg) => Checksum::of_page(&encode_page(&pg[..])),
+                None => Checksum::ZERO,
+            };
+            st.levels[0][p as usize] = c;
+            groups.insert(p / FANOUT_U64);
+        }
+        let top = st.levels.len() - 1;
+        for k in 0..top {
+            let mut next = BTreeSet::new();
+            for j in groups {
+                st.dirty_ck.insert((k, j));
+                let lo = (j * FANOUT_U64) as usize;
+                let hi = (lo + FANOUT).min(st.levels[k].len());
+                let c = Checksum::of_page(&encode_cksums(&st.levels[k][lo..hi]));
+                st.levels[k + 1][j as usize] = c;
+                next.insert(j / FANOUT_U64);
+            }
+            groups = next;
+        }
+    }
+
+    /// The current root (recomputing what writes made stale).
+    pub fn root(&self) -> Checksum {
+        let mut st = self.state.lock();
+        Volume::refresh_tree(&mut st);
+        st.levels.last().expect("at least one level")[0]
+    }
+
+    /// Produces the page images of everything changed since the last checkpoint and
+    /// marks it clean. Pages that became all-zero are dropped from memory.
+    pub(crate) fn take_images(&self) -> Result<Vec<PageImage>, StoreError> {
+        let mut st = self.state.lock();
+        self.persist_damage(&mut st)?;
+        Volume::refresh_tree(&mut st);
+        let mut images = Vec::new();
+        let dirty = std::mem::take(&mut st.dirty);
+        if dirty.is_empty() && st.dirty_ck.is_empty() {
+            return Ok(images);
+        }
+        for p in dirty {
+            let data = match st.pages.get(&p) {
+                Some(pg) if pg.iter().any(|id| !id.is_zero()) => encode_page(&pg[..]),
+                _ => {
+                    st.pages.remove(&p);
+                    st.allocated.remove(&p);
+                    vec![0u8; BLOCK_SIZE]
+                }
+            };
+            images.push(PageImage { kind: FileKind::Slice, offset: slice_page_offset(p), data });
+        }
+        let lens: Vec<u64> = st.levels.iter().map(|l| l.len() as u64).collect();
+        for (k, j) in std::mem::take(&mut st.dirty_ck) {
+            let lo = (j * FANOUT_U64) as usize;
+            let hi = (lo + FANOUT).min(st.levels[k].len());
+            images.push(PageImage {
+                kind: FileKind::Checksum,
+                offset: cksum_page_offset(&lens, k, j),
+                data: encode_cksums(&st.levels[k][lo..hi]),
+            });
+        }
+        st.header_seq += 1;
+        let h = CksumHeader { uid: self.meta.uid, seq: st.header_seq, root: st.levels[lens.len() - 1][0] };
+        images.push(PageImage { kind: FileKind::Checksum, offset: (h.seq % 2) * BLOCK_SIZE_U64, data: encode_cksum_header(&h) });
+        Ok(images)
+    }
+
+    pub fn file(&self, kind: FileKind) -> &DiskFile {
+        match kind {
+            FileKind::Slice => &self.slice,
+            FileKind::Checksum => &self.cksum,
+            FileKind::BlockIndex => unreachable!("block index images belong to the block store"),
+        }
+    }
+
+    pub fn sync(&self) -> Result<(), StoreError> {
+        self.slice.sync_data().map_err(|e| StoreError::io(self.slice.path(), e))?;
+        self.cksum.sync_data().map_err(|e| StoreError::io(self.cksum.path(), e))
+    }
+
+    /// Every mapped id, for reference counting at recovery and for deletion.
+    pub fn all_ids(&self) -> Vec<BlockId> {
+        let st = self.state.lock();
+        st.pages.values().flat_map(|p| p.iter().copied().filter(|id| !id.is_zero())).collect()
+    }
+
+    /// Damaged LBA ranges `(first_lba, count)`, merged.
+    pub fn damaged_ranges(&self) -> Vec<(u64, u64)> {
+        let st = self.state.lock();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (p, bits) in &st.damaged {
+            for s in 0..FANOUT {
+                if bit(bits, s) {
+                    let l = PageIndex(*p).first_lba().0 + s as u64;
+                    match out.last_mut() {
+                        Some((a, n)) if *a + *n == l => *n += 1,
+                        _ => out.push((l, 1)),
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// (mapped blocks, mapped pages) for status.
+    pub fn usage(&self) -> (u64, u64) {
+        let st = self.state.lock();
+        let blocks = st.pages.values().map(|p| p.iter().filter(|id| !id.is_zero()).count() as u64).sum();
+        (blocks, st.pages.len() as u64)
+    }
+
+    /// Where LBA `lba`'s slice entry lives on disk: (slice file, offset of its page).
+    pub fn locate_page(&self, lba: Lba) -> (PathBuf, u64) {
+        (self.slice.path().to_path_buf(), slice_page_offset(lba.page().0))
+    }
+
+    /// Where the level-1 checksum page covering `lba` lives.
+    pub fn locate_checksum_page(&self, lba: Lba) -> (PathBuf, u64) {
+        let lens = level_lens(self.meta.page_count());
+        (self.cksum.path().to_path_buf(), cksum_page_offset(&lens, 0, lba.page().0 / FANOUT_U64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn geometry() {
+        assert_eq!(level_lens(1), vec![1]);
+        assert_eq!(level_lens(256), vec![256, 1]);
+        assert_eq!(level_lens(1024), vec![1024, 4, 1]);
+        assert_eq!(level_lens(65536), vec![65536, 256, 1]);
+        let l = level_lens(1024);
+        assert_eq!(cksum_page_offset(&l, 0, 0), 2 * 4096);
+        assert_eq!(cksum_page_offset(&l, 1, 0), 6 * 4096);
+        assert_eq!(cksum_file_len(&l), 7 * 4096);
+    }
+
+    #[test]
+    fn headers_roundtrip_and_reject_damage() {
+        let m = VolumeMeta { name: "vol0".into(), uid: 42, size_bytes: 1 << 30 };
+        let b = encode_slice_header(&m);
+        assert_eq!(decode_slice_header(&b).unwrap(), m);
+        let mut bad = b.clone();
+        bad[13] ^= 1;
+        assert!(decode_slice_header(&bad).is_err());
+        assert!(decode_slice_header(&b[..100]).is_err());
+        let h = CksumHeader { uid: 42, seq: 9, root: Checksum([7; 16]) };
+        let hb = encode_cksum_header(&h);
+        assert_eq!(decode_cksum_header(&hb), Some(h));
+        let mut bad = hb.clone();
+        bad[30] ^= 1;
+        assert_eq!(decode_cksum_header(&bad), None);
+    }
+
+    fn apply(v: &Volume, images: Vec<PageImage>) {
+        for img in images {
+            v.file(img.kind).write_at(&img.data, img.offset).unwrap();
+        }
+    }
+
+    fn id(n: u8) -> BlockId {
+        BlockId([n; 16])
+    }
+
+    #[test]
+    fn checkpoint_then_load_verifies_and_detects_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = VolumeMeta { name: "v".into(), uid: 7, size_bytes: 600 * 4096 * 256 / 256 * 2 };
+        let v = Volume::create(dir.path(), m.clone()).unwrap();
+        v.set_ids(Lba(3), &mut [id(1), id(2)].into_iter());
+        v.set_ids(Lba(600), &mut [id(3)].into_iter());
+        let root = v.root();
+        apply(&v, v.take_images().unwrap());
+        let v2 = Volume::open(dir.path()).unwrap();
+        assert_eq!(v2.load().unwrap(), Vec::<u64>::new());
+        assert_eq!(v2.root(), root);
+        assert_eq!(v2.id_at(Lba(4)), Some(id(2)));
+        assert_eq!(v2.id_at(Lba(600)), Some(id(3)));
+        assert_eq!(v2.id_at(Lba(5)), Some(BlockId::ZERO));
+
+        // Damage the checksum page only: rebuilt from the slice pages, nothing lost.
+        let (cp, off) = v2.locate_checksum_page(Lba(3));
+        let f = DiskFile::open(&cp, false).unwrap();
+        f.write_at(&[0x55; 8], off + 8).unwrap();
+        let v3 = Volume::open(dir.path()).unwrap();
+        assert!(v3.load().unwrap().is_empty());
+        assert_eq!(v3.id_at(Lba(3)), Some(id(1)));
+        apply(&v3, v3.take_images().unwrap()); // the rebuilt checksum page is written back
+
+        // Damage a slice page: its LBAs become unknown, others stay readable.
+        let (sp, off) = v3.locate_page(Lba(3));
+        DiskFile::open(&sp, false).unwrap().write_at(&[0x99; 4], off + 40).unwrap();
+        let v4 = Volume::open(dir.path()).unwrap();
+        assert_eq!(v4.load().unwrap(), vec![0]);
+        assert_eq!(v4.id_at(Lba(3)), None);
+        assert_eq!(v4.id_at(Lba(600)), Some(id(3)));
+        let mut out = Vec::new();
+        assert_eq!(v4.read_ids(Lba(2), &mut out, 3), Err(Lba(2)));
+        assert_eq!(v4.damaged_ranges(), vec![(0, 256)]);
+
+        // A partial rewrite leaves the other slots unknown, across a checkpoint and reload.
+        v4.set_ids(Lba(0), &mut [id(9)].into_iter());
+        apply(&v4, v4.take_images().unwrap());
+        let v5 = Volume::open(dir.path()).unwrap();
+        v5.load().unwrap();
+        assert_eq!(v5.id_at(Lba(0)), Some(id(9)));
+        assert_eq!(v5.id_at(Lba(1)), None);
+        assert_eq!(v5.damaged_ranges(), vec![(1, 255)]);
+        // Rewriting the whole page makes it whole.
+        v5.set_ids(Lba(0), &mut (0..256).map(|_| id(4)));
+        assert!(v5.damaged_ranges().is_empty());
+    }
+}
