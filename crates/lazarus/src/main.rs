@@ -1,1 +1,204 @@
-fn main(){}
+//! `lazarus`: the one binary. `up` and `node` run servers; every other command is a
+//! client of a node's admin API.
+
+mod admin;
+mod client;
+mod config;
+mod engine;
+mod nbd_server;
+mod node;
+mod up;
+
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "lazarus", version, about = "Lazarus: a replicated block-storage cluster serving volumes over NBD")]
+struct Cli {
+    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
+    #[arg(long, global = true)]
+    log_level: Option<String>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start a local cluster under one supervisor and serve the default volume.
+    Up {
+        /// Data directory (one subdirectory per node).
+        #[arg(long, default_value = "./lazarus-data")]
+        data: PathBuf,
+        /// First NBD port; node i listens on BASE+i, its admin API on BASE+10+i.
+        #[arg(long, default_value_t = 10809)]
+        port_base: u16,
+        /// Size of the default volume vol0 when it is created.
+        #[arg(long, default_value = "1GiB", value_parser = parse_size_arg)]
+        volume_size: u64,
+    },
+    /// Run one node from its configuration file.
+    Node {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Create, list and delete volumes.
+    Volume {
+        #[command(subcommand)]
+        op: VolumeOp,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Show the node's volumes, block store and recovery state.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(clap::Args)]
+struct Target {
+    /// Data directory of a cluster started with `lazarus up`.
+    #[arg(long, global = true, default_value = "./lazarus-data")]
+    data: PathBuf,
+    /// Admin API URL (overrides --data), e.g. http://127.0.0.1:10819
+    #[arg(long, global = true)]
+    api: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum VolumeOp {
+    Create {
+        name: String,
+        #[arg(long, value_parser = parse_size_arg)]
+        size: u64,
+    },
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    Delete {
+        name: String,
+    },
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    let n = lazarus_types::parse_size(s)?;
+    lazarus_types::check_volume_size(n)?;
+    Ok(n)
+}
+
+fn init_logging(level: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.is_empty() => EnvFilter::new(v),
+        _ => EnvFilter::new(level.unwrap_or("info")),
+    };
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).init();
+}
+
+fn human(bytes: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", U[i]) }
+}
+
+fn print_volumes(vols: &Value) {
+    println!("{:<16} {:>10} {:>14} {:>14}  ROOT", "VOLUME", "SIZE", "MAPPED", "UNRECOVERABLE");
+    for v in vols.as_array().into_iter().flatten() {
+        println!(
+            "{:<16} {:>10} {:>14} {:>14}  {}",
+            v["name"].as_str().unwrap_or("?"),
+            human(v["size_bytes"].as_u64().unwrap_or(0)),
+            human(v["mapped_blocks"].as_u64().unwrap_or(0) * 4096),
+            v["unrecoverable_lbas"].as_u64().unwrap_or(0),
+            &v["root"].as_str().unwrap_or("")[..12.min(v["root"].as_str().unwrap_or("").len())],
+        );
+    }
+}
+
+fn client_command(cmd: Cmd) -> anyhow::Result<()> {
+    match cmd {
+        Cmd::Volume { op, target } => {
+            let api = client::Api::discover(target.api.as_deref(), &target.data)?;
+            match op {
+                VolumeOp::Create { name, size } => {
+                    lazarus_types::check_volume_name(&name).map_err(anyhow::Error::msg)?;
+                    let v = client::ok(api.post("/api/v1/volumes", &json!({ "name": name, "size": size }))?)?;
+                    println!("created volume {} ({})", v["name"].as_str().unwrap_or(&name), human(size));
+                }
+                VolumeOp::List { json } => {
+                    let v = client::ok(api.get("/api/v1/volumes")?)?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&v)?);
+                    } else {
+                        print_volumes(&v);
+                    }
+                }
+                VolumeOp::Delete { name } => {
+                    client::ok(api.delete(&format!("/api/v1/volumes/{name}"))?)?;
+                    println!("deleted volume {name}");
+                }
+            }
+        }
+        Cmd::Status { json, target } => {
+            let api = client::Api::discover(target.api.as_deref(), &target.data)?;
+            let v = client::ok(api.get("/api/v1/status")?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("node {} (pid {})", v["node"].as_str().unwrap_or("?"), v["pid"]);
+                print_volumes(&v["volumes"]);
+                let b = &v["blocks"];
+                println!("blocks stored: {}  slots: {}  free: {}  missing: {}", b["blocks"], b["slots"], b["free_slots"], b["missing"]);
+            }
+        }
+        Cmd::Up { .. } | Cmd::Node { .. } => unreachable!("server commands are not client commands"),
+    }
+    Ok(())
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+                let _ = e.print();
+                std::process::exit(if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand { 2 } else { 0 });
+            }
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("error: invalid arguments");
+            eprintln!("{first} (see `lazarus --help`)");
+            std::process::exit(2);
+        }
+    };
+    init_logging(cli.log_level.as_deref());
+    let result = match cli.command {
+        Cmd::Up { data, port_base, volume_size } => runtime().block_on(up::run(up::UpArgs {
+            data,
+            port_base,
+            volume_size,
+            nodes: 1,
+            log_level: cli.log_level.clone(),
+        })),
+        Cmd::Node { config } => config::NodeConfig::load(&config).and_then(|cfg| runtime().block_on(node::run(cfg))),
+        other => client_command(other),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("cannot start the tokio runtime")
+}

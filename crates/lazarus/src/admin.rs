@@ -1,0 +1,164 @@
+//! Admin HTTP API (`/api/v1/...`): JSON in and out, errors as `{"error": "..."}` with
+//! a fitting status code. Blocking store calls run on the blocking pool.
+
+use crate::engine::Engine;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use lazarus_store::{StoreError, Volume};
+use lazarus_types::{Lba, BLOCK_SIZE_U64};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::sync::Arc;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub node_id: String,
+    pub engine: Arc<Engine>,
+}
+
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        let code = match &e {
+            StoreError::NoSuchVolume(_) => StatusCode::NOT_FOUND,
+            StoreError::VolumeExists(_) => StatusCode::CONFLICT,
+            StoreError::Invalid(_) => StatusCode::BAD_REQUEST,
+            StoreError::NoSpace => StatusCode::INSUFFICIENT_STORAGE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(code, e.to_string())
+    }
+}
+
+fn join_err(e: tokio::task::JoinError) -> ApiError {
+    ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("task failed: {e}"))
+}
+
+#[derive(Serialize)]
+pub struct DamagedRange {
+    pub first_lba: u64,
+    pub count: u64,
+}
+
+#[derive(Serialize)]
+pub struct VolumeView {
+    pub name: String,
+    pub size_bytes: u64,
+    pub uid: String,
+    pub mapped_blocks: u64,
+    pub mapped_pages: u64,
+    pub root: String,
+    pub unrecoverable: Vec<DamagedRange>,
+    pub unrecoverable_lbas: u64,
+}
+
+pub fn volume_view(v: &Volume) -> VolumeView {
+    let (mapped_blocks, mapped_pages) = v.usage();
+    let ranges = v.damaged_ranges();
+    VolumeView {
+        name: v.meta.name.clone(),
+        size_bytes: v.meta.size_bytes,
+        uid: format!("{:016x}", v.meta.uid),
+        mapped_blocks,
+        mapped_pages,
+        root: v.root().to_hex(),
+        unrecoverable_lbas: ranges.iter().map(|r| r.1).sum(),
+        unrecoverable: ranges.into_iter().map(|(first_lba, count)| DamagedRange { first_lba, count }).collect(),
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/api/v1/health", get(health))
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/volumes", get(list_volumes).post(create_volume))
+        .route("/api/v1/volumes/{name}", get(get_volume).delete(delete_volume))
+        .route("/api/v1/volumes/{name}/locate", get(locate))
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+        .with_state(state)
+}
+
+async fn health(State(s): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({ "ok": true, "node": s.node_id }))
+}
+
+async fn status(State(s): State<AppState>) -> Json<serde_json::Value> {
+    let store = s.engine.store.clone();
+    let vols: Vec<VolumeView> = store.volumes().iter().map(|v| volume_view(v)).collect();
+    Json(json!({
+        "node": s.node_id,
+        "pid": std::process::id(),
+        "volumes": vols,
+        "blocks": store.block_stats(),
+        "journal_used_bytes": store.journal_used_bytes(),
+        "recovery": store.recovery,
+    }))
+}
+
+async fn list_volumes(State(s): State<AppState>) -> Json<Vec<VolumeView>> {
+    Json(s.engine.store.volumes().iter().map(|v| volume_view(v)).collect())
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum SizeArg {
+    Bytes(u64),
+    Text(String),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVolume {
+    pub name: String,
+    pub size: SizeArg,
+}
+
+async fn create_volume(State(s): State<AppState>, body: Result<Json<CreateVolume>, axum::extract::rejection::JsonRejection>) -> Result<(StatusCode, Json<VolumeView>), ApiError> {
+    let Json(req) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("bad request body: {}", e.body_text())))?;
+    let size = match req.size {
+        SizeArg::Bytes(n) => n,
+        SizeArg::Text(t) => lazarus_types::parse_size(&t).map_err(|m| ApiError(StatusCode::BAD_REQUEST, m))?,
+    };
+    let store = s.engine.store.clone();
+    let v = tokio::task::spawn_blocking(move || store.create_volume(&req.name, size)).await.map_err(join_err)??;
+    Ok((StatusCode::CREATED, Json(volume_view(&v))))
+}
+
+fn find(s: &AppState, name: &str) -> Result<Arc<Volume>, ApiError> {
+    s.engine.store.volume(name).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("volume {name:?} does not exist")))
+}
+
+async fn get_volume(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<VolumeView>, ApiError> {
+    let v = find(&s, &name)?;
+    Ok(Json(volume_view(&v)))
+}
+
+async fn delete_volume(State(s): State<AppState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    let store = s.engine.store.clone();
+    tokio::task::spawn_blocking(move || store.delete_volume(&name)).await.map_err(join_err)??;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct LocateQuery {
+    lba: u64,
+}
+
+async fn locate(State(s): State<AppState>, Path(name): Path<String>, q: Result<Query<LocateQuery>, axum::extract::rejection::QueryRejection>) -> Result<Json<lazarus_store::Locations>, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let v = find(&s, &name)?;
+    if q.lba >= v.meta.size_bytes / BLOCK_SIZE_U64 {
+        return Err(ApiError(StatusCode::BAD_REQUEST, format!("lba {} is past the end of volume {name:?}", q.lba)));
+    }
+    Ok(Json(s.engine.store.locate(&v, Lba(q.lba))))
+}

@@ -1,0 +1,69 @@
+//! The admin API client used by every CLI command other than `up` and `node`.
+
+use anyhow::Context;
+use serde_json::Value;
+use std::path::Path;
+use std::time::Duration;
+
+pub struct Api {
+    base: String,
+    agent: ureq::Agent,
+}
+
+impl Api {
+    pub fn new(base: &str) -> Api {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(60)))
+            .build()
+            .into();
+        Api { base: base.trim_end_matches('/').to_string(), agent }
+    }
+
+    /// Finds the API of a cluster started by `lazarus up --data DIR`.
+    pub fn discover(api: Option<&str>, data: &Path) -> anyhow::Result<Api> {
+        if let Some(a) = api {
+            return Ok(Api::new(a));
+        }
+        let p = data.join("cluster.json");
+        let text = std::fs::read_to_string(&p).with_context(|| {
+            format!("no running cluster found under {} (start one with `lazarus up`, or pass --api URL)", data.display())
+        })?;
+        let v: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", p.display()))?;
+        let admin = v["nodes"][0]["admin"].as_str().with_context(|| format!("{} lists no nodes", p.display()))?;
+        Ok(Api::new(&format!("http://{admin}")))
+    }
+
+    fn handle(&self, what: &str, r: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> anyhow::Result<(u16, Value)> {
+        let mut resp = r.map_err(|e| anyhow::anyhow!("cannot reach the admin API at {} ({what}): {e}", self.base))?;
+        let code = resp.status().as_u16();
+        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        let v = if text.trim().is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        Ok((code, v))
+    }
+
+    pub fn get(&self, path: &str) -> anyhow::Result<(u16, Value)> {
+        let r = self.agent.get(&format!("{}{path}", self.base)).call();
+        self.handle(path, r)
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
+        let r = self.agent.post(&format!("{}{path}", self.base)).send_json(body);
+        self.handle(path, r)
+    }
+
+    pub fn delete(&self, path: &str) -> anyhow::Result<(u16, Value)> {
+        let r = self.agent.delete(&format!("{}{path}", self.base)).call();
+        self.handle(path, r)
+    }
+}
+
+/// Turns a non-2xx answer into an error carrying the API's message.
+pub fn ok(r: (u16, Value)) -> anyhow::Result<Value> {
+    let (code, v) = r;
+    if (200..300).contains(&code) {
+        return Ok(v);
+    }
+    let msg = v["error"].as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+    anyhow::bail!("{msg} (HTTP {code})")
+}

@@ -1,0 +1,65 @@
+//! Node configuration (`lazarus node --config FILE`, TOML).
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Node id, e.g. "n1".
+    pub id: String,
+    /// The node's device: its data directory.
+    pub data_dir: PathBuf,
+    /// NBD listen address; port 0 picks a free port (written to endpoints.json).
+    pub nbd_listen: SocketAddr,
+    /// Admin HTTP listen address.
+    pub admin_listen: SocketAddr,
+    /// Journal size in bytes (default 64 MiB, minimum 8 MiB).
+    #[serde(default = "default_journal_bytes")]
+    pub journal_bytes: u64,
+    /// Seconds between background checkpoints when anything changed.
+    #[serde(default = "default_checkpoint_secs")]
+    pub checkpoint_interval_secs: u64,
+}
+
+fn default_journal_bytes() -> u64 {
+    64 << 20
+}
+
+fn default_checkpoint_secs() -> u64 {
+    30
+}
+
+impl NodeConfig {
+    pub fn load(path: &Path) -> anyhow::Result<NodeConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+        let mut cfg: NodeConfig =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid config {}: {}", path.display(), e.message()))?;
+        if cfg.data_dir.is_relative() {
+            let base = path.parent().unwrap_or(Path::new("."));
+            cfg.data_dir = base.join(&cfg.data_dir);
+        }
+        if cfg.id.is_empty() || !cfg.id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            anyhow::bail!("invalid config {}: id {:?} must be letters, digits, '-' or '_'", path.display(), cfg.id);
+        }
+        if cfg.journal_bytes < lazarus_store::journal::CAPACITY_MIN_BYTES {
+            anyhow::bail!(
+                "invalid config {}: journal_bytes must be at least {}",
+                path.display(),
+                lazarus_store::journal::CAPACITY_MIN_BYTES
+            );
+        }
+        Ok(cfg)
+    }
+}
+
+/// Where a running node can be reached; written to `DATA_DIR/endpoints.json` once its
+/// listeners are bound.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Endpoints {
+    pub id: String,
+    pub pid: u32,
+    pub nbd: SocketAddr,
+    pub admin: SocketAddr,
+}

@@ -1,0 +1,244 @@
+//! The NBD server: moves bytes between sockets and the sans-I/O codec in
+//! `lazarus-nbd`, and requests to the engine. One task reads requests, one writes
+//! replies; each request runs in its own task, so replies may leave out of order.
+
+use crate::engine::{Engine, IoError};
+use lazarus_nbd::consts::*;
+use lazarus_nbd::{
+    parse_client_flags, server_greeting, simple_reply, structured_error, structured_read_header, Command, ExportCatalog,
+    ExportInfo, Handshake, OptionHeader, OptionOutcome, Request, OPTION_DATA_MAX_BYTES, OPTION_HEADER_LEN,
+    PAYLOAD_MAX_BYTES, REQUEST_HEADER_LEN,
+};
+use lazarus_store::{Store, Volume};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+
+/// Requests one connection may have in flight; the reader stops reading beyond this.
+const INFLIGHT_PER_CONNECTION_MAX: usize = 128;
+/// Connections served at once; further ones wait in the accept queue.
+const CONNECTIONS_MAX: usize = 1024;
+/// Option data up to this size is read and discarded when over the option limit, so
+/// the client gets NBD_REP_ERR_TOO_BIG instead of a dropped connection.
+const OPTION_DISCARD_MAX_BYTES: u32 = 1 << 20;
+/// Options one handshake may send before the server gives up on it.
+const OPTIONS_PER_HANDSHAKE_MAX: usize = 1024;
+/// A handshake that does not finish in this time is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+struct Catalog {
+    store: Arc<Store>,
+}
+
+fn export_of(v: &Volume) -> ExportInfo {
+    ExportInfo {
+        name: v.meta.name.clone(),
+        size_bytes: v.meta.size_bytes,
+        description: format!("Lazarus volume {}", v.meta.name),
+        read_only: false,
+        // A FLUSH syncs the node's whole journal, so it covers writes completed on
+        // every connection.
+        multi_conn: true,
+    }
+}
+
+impl ExportCatalog for Catalog {
+    fn lookup(&self, name: &str) -> Option<ExportInfo> {
+        self.store.volume(name).map(|v| export_of(&v))
+    }
+    fn list(&self) -> Vec<ExportInfo> {
+        self.store.volumes().iter().map(|v| export_of(v)).collect()
+    }
+    fn default_export(&self) -> Option<String> {
+        self.store.volumes().first().map(|v| v.meta.name.clone())
+    }
+}
+
+pub async fn serve(listener: TcpListener, engine: Arc<Engine>) {
+    let limit = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    loop {
+        let permit = limit.clone().acquire_owned().await.expect("semaphore is never closed");
+        let (sock, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match handle(sock, engine).await {
+                Ok(()) => tracing::debug!(%peer, "connection closed"),
+                Err(e) => tracing::info!(%peer, error = %e, "connection ended"),
+            }
+        });
+    }
+}
+
+async fn handle(mut sock: TcpStream, engine: Arc<Engine>) -> anyhow::Result<()> {
+    sock.set_nodelay(true)?;
+    let catalog = Catalog { store: engine.store.clone() };
+    let negotiated = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut sock, &catalog))
+        .await
+        .map_err(|_| anyhow::anyhow!("handshake timed out"))??;
+    let Some((export, structured)) = negotiated else { return Ok(()) };
+    let vol = engine.store.volume(&export.name).ok_or_else(|| anyhow::anyhow!("export {} vanished", export.name))?;
+    transmission(sock, engine, vol, structured).await
+}
+
+async fn handshake(sock: &mut TcpStream, catalog: &Catalog) -> anyhow::Result<Option<(ExportInfo, bool)>> {
+    sock.write_all(&server_greeting()).await?;
+    let mut cf = [0u8; 4];
+    sock.read_exact(&mut cf).await?;
+    let no_zeroes = parse_client_flags(cf)?;
+    let mut hs = Handshake::new(no_zeroes);
+    for _ in 0..OPTIONS_PER_HANDSHAKE_MAX {
+        let mut hb = [0u8; OPTION_HEADER_LEN];
+        sock.read_exact(&mut hb).await?;
+        let h = OptionHeader::parse(&hb)?;
+        if h.length > OPTION_DATA_MAX_BYTES {
+            if h.length > OPTION_DISCARD_MAX_BYTES {
+                anyhow::bail!("option {} with {} bytes of data: closing", h.option, h.length);
+            }
+            let mut sink = vec![0u8; h.length as usize];
+            sock.read_exact(&mut sink).await?;
+            sock.write_all(&lazarus_nbd::option_reply(h.option, REP_ERR_TOO_BIG, b"option data too large")).await?;
+            continue;
+        }
+        let mut data = vec![0u8; h.length as usize];
+        sock.read_exact(&mut data).await?;
+        match hs.handle(h.option, &data, catalog) {
+            OptionOutcome::Continue { reply } => sock.write_all(&reply).await?,
+            OptionOutcome::Abort { reply } => {
+                let _ = sock.write_all(&reply).await;
+                return Ok(None);
+            }
+            OptionOutcome::Close { reason } => {
+                tracing::info!(%reason, "closing during handshake");
+                return Ok(None);
+            }
+            OptionOutcome::Transmission { reply, export, structured } => {
+                sock.write_all(&reply).await?;
+                return Ok(Some((export, structured)));
+            }
+        }
+    }
+    anyhow::bail!("too many options in one handshake")
+}
+
+async fn writer_task(wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>) {
+    let mut w = BufWriter::with_capacity(256 << 10, wr);
+    while let Some(buf) = rx.recv().await {
+        if w.write_all(&buf).await.is_err() {
+            return;
+        }
+        // Batch replies that are already queued; flush when the queue runs dry.
+        while let Ok(more) = rx.try_recv() {
+            if w.write_all(&more).await.is_err() {
+                return;
+            }
+        }
+        if w.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+fn error_reply(structured: bool, cookie: u64, e: &IoError) -> Vec<u8> {
+    if structured {
+        structured_error(cookie, e.errno, &e.message)
+    } else {
+        simple_reply(cookie, e.errno).to_vec()
+    }
+}
+
+async fn transmission(sock: TcpStream, engine: Arc<Engine>, vol: Arc<Volume>, structured: bool) -> anyhow::Result<()> {
+    let (mut rd, wr) = sock.into_split();
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(INFLIGHT_PER_CONNECTION_MAX * 2);
+    let writer = tokio::spawn(writer_task(wr, rx));
+    let inflight = Arc::new(Semaphore::new(INFLIGHT_PER_CONNECTION_MAX));
+    let size = vol.meta.size_bytes;
+    let result: anyhow::Result<()> = async {
+        loop {
+            let mut hb = [0u8; REQUEST_HEADER_LEN];
+            match rd.read_exact(&mut hb).await {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    anyhow::bail!("client closed the connection without NBD_CMD_DISC")
+                }
+                Err(e) => return Err(e.into()),
+            }
+            let req = Request::parse(&hb)?;
+            if req.payload_len() > PAYLOAD_MAX_BYTES {
+                // The payload cannot be skipped safely at this size: hard disconnect,
+                // as the protocol allows.
+                anyhow::bail!("write of {} bytes exceeds the {} byte limit", req.length, PAYLOAD_MAX_BYTES);
+            }
+            let mut payload = Vec::new();
+            if req.payload_len() > 0 {
+                payload = vec![0u8; req.payload_len() as usize];
+                rd.read_exact(&mut payload).await?;
+            }
+            if req.command == Command::Disconnect {
+                // Let in-flight requests finish and their replies go out.
+                let _all = inflight.acquire_many(INFLIGHT_PER_CONNECTION_MAX as u32).await?;
+                return Ok(());
+            }
+            let permit = inflight.clone().acquire_owned().await?;
+            let engine = engine.clone();
+            let vol = vol.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let reply = execute(&engine, &vol, req, payload, size, structured).await;
+                let _ = tx.send(reply).await;
+                drop(permit);
+            });
+        }
+    }
+    .await;
+    drop(tx);
+    let _ = writer.await;
+    result
+}
+
+async fn execute(engine: &Engine, vol: &Volume, req: Request, payload: Vec<u8>, size: u64, structured: bool) -> Vec<u8> {
+    if let Err(errno) = req.validate(size, false) {
+        let e = IoError { errno, message: format!("invalid request {:?} at {} length {}", req.command, req.offset, req.length) };
+        tracing::debug!(cookie = req.cookie, error = %e.message, "rejecting request");
+        return error_reply(structured, req.cookie, &e);
+    }
+    let r = match req.command {
+        Command::Read => {
+            let hdr = if structured { 28 } else { 16 };
+            let mut buf = vec![0u8; hdr + req.length as usize];
+            match engine.read_into(vol, req.offset, &mut buf[hdr..]) {
+                Ok(()) => {
+                    if structured {
+                        buf[..28].copy_from_slice(&structured_read_header(req.cookie, req.offset, req.length));
+                    } else {
+                        buf[..16].copy_from_slice(&simple_reply(req.cookie, 0));
+                    }
+                    return buf;
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Command::Write => engine.write(vol, req.offset, &payload, req.fua()).await,
+        Command::Flush => engine.flush().await,
+        Command::Trim => engine.zero(vol, req.offset, req.length as u64, true, false, req.fua()).await,
+        Command::WriteZeroes => engine.zero(vol, req.offset, req.length as u64, false, req.no_hole(), req.fua()).await,
+        Command::Disconnect | Command::Unknown(_) => unreachable!("handled before execute"),
+    };
+    match r {
+        Ok(()) => simple_reply(req.cookie, 0).to_vec(),
+        Err(e) => {
+            tracing::warn!(volume = %vol.meta.name, command = ?req.command, offset = req.offset, length = req.length, error = %e.message, "request failed");
+            error_reply(structured, req.cookie, &e)
+        }
+    }
+}
