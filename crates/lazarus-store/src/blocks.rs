@@ -67,7 +67,7 @@ impl BlockStore {
         let ip = dir.join("blocks.idx");
         let data = DiskFile::open(&dp, true).map_err(|e| StoreError::io(&dp, e))?;
         let idx = DiskFile::open(&ip, true).map_err(|e| StoreError::io(&ip, e))?;
-        let slot_count = data.len().map_err(|e| StoreError::io(&dp, e))? / BLOCK_SIZE_U64;
+        let slot_count = data.size_bytes().map_err(|e| StoreError::io(&dp, e))? / BLOCK_SIZE_U64;
         let mut raw = vec![0u8; (slot_count as usize) * ID_LEN];
         idx.read_at(&mut raw, 0).map_err(|e| StoreError::io(&ip, e))?;
         let mut ix = Index { slots: vec![BlockId::ZERO; slot_count as usize], ..Default::default() };
@@ -149,7 +149,7 @@ impl BlockStore {
         if self.data.read_at(&mut buf, slot * BLOCK_SIZE_U64).is_err() {
             return false;
         }
-        (slot * BLOCK_SIZE_U64) < self.data.len().unwrap_or(0) && BlockId::hash_of(&buf) == id
+        (slot * BLOCK_SIZE_U64) < self.data.size_bytes().unwrap_or(0) && BlockId::hash_of(&buf) == id
     }
 
     /// Takes a reference on `id`, storing `data` if the store does not have it.

@@ -24,7 +24,7 @@ impl DiskFile {
         &self.path
     }
 
-    pub fn len(&self) -> io::Result<u64> {
+    pub fn size_bytes(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.len())
     }
 
@@ -65,7 +65,7 @@ impl DiskFile {
         if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
             // A file system without fallocate: fall back to extending the file; space
             // is then only checked when written.
-            if self.len()? < offset + len {
+            if self.size_bytes()? < offset + len {
                 self.file.set_len(offset + len)?;
             }
             return Ok(());

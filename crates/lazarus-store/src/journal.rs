@@ -52,6 +52,10 @@ fn encode_header(h: Header) -> Vec<u8> {
     b
 }
 
+pub fn decode_header_generation(b: &[u8]) -> Option<u64> {
+    decode_header(b).map(|h| h.generation)
+}
+
 fn decode_header(b: &[u8]) -> Option<Header> {
     if &b[0..8] != HEADER_MAGIC {
         return None;
@@ -128,7 +132,7 @@ impl Journal {
     pub fn open(path: &Path, capacity: u64) -> Result<(Journal, Replay), StoreError> {
         let exists = path.exists();
         let file = DiskFile::open(path, true).map_err(|e| StoreError::io(path, e))?;
-        if !exists || file.len().map_err(|e| StoreError::io(path, e))? == 0 {
+        if !exists || file.size_bytes().map_err(|e| StoreError::io(path, e))? == 0 {
             let capacity = capacity.max(CAPACITY_MIN_BYTES);
             file.allocate(0, capacity).map_err(|e| StoreError::io(path, e))?;
             let h = Header { generation: 1, capacity };

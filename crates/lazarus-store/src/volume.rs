@@ -524,8 +524,7 @@ impl Volume {
         let st = &mut *st;
         let mut old = Vec::new();
         let mut newly_dirty = 0;
-        let mut l = lba.0;
-        for id in ids {
+        for (l, id) in (lba.0..).zip(ids) {
             let lb = Lba(l);
             let p = lb.page().0;
             let s = lb.slot();
@@ -554,7 +553,6 @@ impl Volume {
                 newly_dirty += 1;
             }
             st.stale.insert(p);
-            l += 1;
         }
         (old, newly_dirty)
     }

@@ -169,7 +169,7 @@ pub fn check_volume_size(size_bytes: u64) -> Result<(), String> {
     if size_bytes == 0 {
         return Err("volume size must be greater than zero".into());
     }
-    if size_bytes % BLOCK_SIZE_U64 != 0 {
+    if !size_bytes.is_multiple_of(BLOCK_SIZE_U64) {
         return Err(format!("volume size {size_bytes} is not a multiple of 4096 bytes"));
     }
     if size_bytes > VOLUME_SIZE_MAX_BYTES {
