@@ -187,7 +187,10 @@ impl OptionHeader {
     pub fn parse(b: &[u8; OPTION_HEADER_LEN]) -> Result<OptionHeader, ProtocolError> {
         let magic = u64::from_be_bytes(b[0..8].try_into().expect("8 bytes"));
         if magic != IHAVEOPT {
-            return Err(ProtocolError::BadMagic { expected: IHAVEOPT, found: magic });
+            return Err(ProtocolError::BadMagic {
+                expected: IHAVEOPT,
+                found: magic,
+            });
         }
         let option = u32::from_be_bytes(b[8..12].try_into().expect("4 bytes"));
         let length = u32::from_be_bytes(b[12..16].try_into().expect("4 bytes"));
@@ -218,7 +221,11 @@ pub enum OptionOutcome {
     /// Send `reply`, then close the connection (NBD_OPT_ABORT).
     Abort { reply: Vec<u8> },
     /// Send `reply`, then enter transmission on `export`.
-    Transmission { reply: Vec<u8>, export: ExportInfo, structured: bool },
+    Transmission {
+        reply: Vec<u8>,
+        export: ExportInfo,
+        structured: bool,
+    },
     /// Close without replying (the protocol's answer to a bad NBD_OPT_EXPORT_NAME).
     Close { reason: String },
 }
@@ -237,17 +244,31 @@ pub const BLOCK_SIZE_PREFERRED: u32 = 4096;
 
 impl Handshake {
     pub fn new(no_zeroes: bool) -> Handshake {
-        Handshake { no_zeroes, structured: false }
+        Handshake {
+            no_zeroes,
+            structured: false,
+        }
     }
 
     /// Handles one option with its data (at most `OPTION_DATA_MAX_BYTES`).
-    pub fn handle(&mut self, option: u32, data: &[u8], catalog: &dyn ExportCatalog) -> OptionOutcome {
+    pub fn handle(
+        &mut self,
+        option: u32,
+        data: &[u8],
+        catalog: &dyn ExportCatalog,
+    ) -> OptionOutcome {
         match option {
             OPT_EXPORT_NAME => self.export_name(data, catalog),
-            OPT_ABORT => OptionOutcome::Abort { reply: option_reply(option, REP_ACK, &[]) },
+            OPT_ABORT => OptionOutcome::Abort {
+                reply: option_reply(option, REP_ACK, &[]),
+            },
             OPT_LIST => {
                 if !data.is_empty() {
-                    return cont(option_error(option, REP_ERR_INVALID, "NBD_OPT_LIST takes no data"));
+                    return cont(option_error(
+                        option,
+                        REP_ERR_INVALID,
+                        "NBD_OPT_LIST takes no data",
+                    ));
                 }
                 let mut reply = Vec::new();
                 for e in catalog.list() {
@@ -263,16 +284,28 @@ impl Handshake {
             OPT_INFO | OPT_GO => self.info_or_go(option, data, catalog),
             OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
-                    return cont(option_error(option, REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data"));
+                    return cont(option_error(
+                        option,
+                        REP_ERR_INVALID,
+                        "NBD_OPT_STRUCTURED_REPLY takes no data",
+                    ));
                 }
                 self.structured = true;
                 cont(option_reply(option, REP_ACK, &[]))
             }
-            OPT_STARTTLS => cont(option_error(option, REP_ERR_POLICY, "TLS is not offered by this server")),
+            OPT_STARTTLS => cont(option_error(
+                option,
+                REP_ERR_POLICY,
+                "TLS is not offered by this server",
+            )),
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT | OPT_EXTENDED_HEADERS => {
                 cont(option_error(option, REP_ERR_UNSUP, "option not supported"))
             }
-            _ => cont(option_error(option, REP_ERR_UNSUP, &format!("unknown option {option}"))),
+            _ => cont(option_error(
+                option,
+                REP_ERR_UNSUP,
+                &format!("unknown option {option}"),
+            )),
         }
     }
 
@@ -285,10 +318,14 @@ impl Handshake {
 
     fn export_name(&mut self, data: &[u8], catalog: &dyn ExportCatalog) -> OptionOutcome {
         let Ok(name) = std::str::from_utf8(data) else {
-            return OptionOutcome::Close { reason: "export name is not UTF-8".into() };
+            return OptionOutcome::Close {
+                reason: "export name is not UTF-8".into(),
+            };
         };
         let Some(export) = self.resolve(name, catalog) else {
-            return OptionOutcome::Close { reason: format!("unknown export {name:?}") };
+            return OptionOutcome::Close {
+                reason: format!("unknown export {name:?}"),
+            };
         };
         let mut reply = Vec::with_capacity(134);
         reply.extend_from_slice(&export.size_bytes.to_be_bytes());
@@ -298,15 +335,32 @@ impl Handshake {
         }
         // NBD_OPT_EXPORT_NAME predates structured replies being usable with it only
         // if negotiated earlier, which is allowed; keep what was negotiated.
-        OptionOutcome::Transmission { reply, export, structured: self.structured }
+        OptionOutcome::Transmission {
+            reply,
+            export,
+            structured: self.structured,
+        }
     }
 
-    fn info_or_go(&mut self, option: u32, data: &[u8], catalog: &dyn ExportCatalog) -> OptionOutcome {
+    fn info_or_go(
+        &mut self,
+        option: u32,
+        data: &[u8],
+        catalog: &dyn ExportCatalog,
+    ) -> OptionOutcome {
         let Some((name, requests)) = parse_info_request(data) else {
-            return cont(option_error(option, REP_ERR_INVALID, "malformed NBD_OPT_INFO/GO data"));
+            return cont(option_error(
+                option,
+                REP_ERR_INVALID,
+                "malformed NBD_OPT_INFO/GO data",
+            ));
         };
         let Some(export) = self.resolve(&name, catalog) else {
-            return cont(option_error(option, REP_ERR_UNKNOWN, &format!("unknown export {name:?}")));
+            return cont(option_error(
+                option,
+                REP_ERR_UNKNOWN,
+                &format!("unknown export {name:?}"),
+            ));
         };
         let mut reply = Vec::new();
         let mut info = Vec::with_capacity(12);
@@ -339,7 +393,11 @@ impl Handshake {
         }
         reply.extend(option_reply(option, REP_ACK, &[]));
         if option == OPT_GO {
-            OptionOutcome::Transmission { reply, export, structured: self.structured }
+            OptionOutcome::Transmission {
+                reply,
+                export,
+                structured: self.structured,
+            }
         } else {
             cont(reply)
         }
@@ -356,14 +414,19 @@ pub fn parse_info_request(data: &[u8]) -> Option<(String, Vec<u16>)> {
     if name_len > EXPORT_NAME_MAX_BYTES {
         return None;
     }
-    let name = std::str::from_utf8(data.get(4..4 + name_len)?).ok()?.to_string();
+    let name = std::str::from_utf8(data.get(4..4 + name_len)?)
+        .ok()?
+        .to_string();
     let rest = &data[4 + name_len..];
     let count = u16::from_be_bytes(rest.get(0..2)?.try_into().ok()?) as usize;
     let list = rest.get(2..)?;
     if list.len() != count * 2 {
         return None;
     }
-    let reqs = list.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect();
+    let reqs = list
+        .chunks_exact(2)
+        .map(|c| u16::from_be_bytes([c[0], c[1]]))
+        .collect();
     Some((name, reqs))
 }
 
@@ -394,7 +457,10 @@ impl Request {
     pub fn parse(b: &[u8; REQUEST_HEADER_LEN]) -> Result<Request, ProtocolError> {
         let magic = u32::from_be_bytes(b[0..4].try_into().expect("4 bytes"));
         if magic != REQUEST_MAGIC {
-            return Err(ProtocolError::BadMagic { expected: REQUEST_MAGIC as u64, found: magic as u64 });
+            return Err(ProtocolError::BadMagic {
+                expected: REQUEST_MAGIC as u64,
+                found: magic as u64,
+            });
         }
         let flags = u16::from_be_bytes([b[4], b[5]]);
         let ty = u16::from_be_bytes([b[6], b[7]]);
@@ -410,7 +476,13 @@ impl Request {
             CMD_WRITE_ZEROES => Command::WriteZeroes,
             other => Command::Unknown(other),
         };
-        Ok(Request { flags, command, cookie, offset, length })
+        Ok(Request {
+            flags,
+            command,
+            cookie,
+            offset,
+            length,
+        })
     }
 
     /// Bytes of payload that follow this header on the wire.
@@ -457,7 +529,11 @@ impl Request {
                     return Err(EPERM);
                 }
                 if !in_range {
-                    return Err(if self.command == Command::Trim { EINVAL } else { ENOSPC });
+                    return Err(if self.command == Command::Trim {
+                        EINVAL
+                    } else {
+                        ENOSPC
+                    });
                 }
             }
             Command::Flush => {
@@ -472,7 +548,13 @@ impl Request {
 }
 
 /// Encodes a request header (used by tests and by the node's own clients).
-pub fn encode_request(flags: u16, command: u16, cookie: u64, offset: u64, length: u32) -> [u8; REQUEST_HEADER_LEN] {
+pub fn encode_request(
+    flags: u16,
+    command: u16,
+    cookie: u64,
+    offset: u64,
+    length: u32,
+) -> [u8; REQUEST_HEADER_LEN] {
     let mut b = [0u8; REQUEST_HEADER_LEN];
     b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
     b[4..6].copy_from_slice(&flags.to_be_bytes());
@@ -506,7 +588,12 @@ fn chunk_header(flags: u16, ty: u16, cookie: u64, length: u32) -> [u8; 20] {
 /// the 8-byte offset; `data_len` bytes of data follow.
 pub fn structured_read_header(cookie: u64, offset: u64, data_len: u32) -> [u8; 28] {
     let mut b = [0u8; 28];
-    b[0..20].copy_from_slice(&chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, cookie, data_len + 8));
+    b[0..20].copy_from_slice(&chunk_header(
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_OFFSET_DATA,
+        cookie,
+        data_len + 8,
+    ));
     b[20..28].copy_from_slice(&offset.to_be_bytes());
     b
 }
@@ -515,7 +602,12 @@ pub fn structured_read_header(cookie: u64, offset: u64, data_len: u32) -> [u8; 2
 pub fn structured_error(cookie: u64, error: u32, message: &str) -> Vec<u8> {
     let msg = &message.as_bytes()[..message.len().min(4096)];
     let mut v = Vec::with_capacity(26 + msg.len());
-    v.extend_from_slice(&chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, 6 + msg.len() as u32));
+    v.extend_from_slice(&chunk_header(
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_ERROR,
+        cookie,
+        6 + msg.len() as u32,
+    ));
     v.extend_from_slice(&error.to_be_bytes());
     v.extend_from_slice(&(msg.len() as u16).to_be_bytes());
     v.extend_from_slice(msg);
@@ -568,7 +660,10 @@ mod tests {
     fn replies(mut b: &[u8]) -> Vec<(u32, u32, Vec<u8>)> {
         let mut out = Vec::new();
         while !b.is_empty() {
-            assert_eq!(u64::from_be_bytes(b[0..8].try_into().unwrap()), OPT_REPLY_MAGIC);
+            assert_eq!(
+                u64::from_be_bytes(b[0..8].try_into().unwrap()),
+                OPT_REPLY_MAGIC
+            );
             let opt = u32::from_be_bytes(b[8..12].try_into().unwrap());
             let ty = u32::from_be_bytes(b[12..16].try_into().unwrap());
             let len = u32::from_be_bytes(b[16..20].try_into().unwrap()) as usize;
@@ -585,8 +680,14 @@ mod tests {
         assert_eq!(&g[8..16], b"IHAVEOPT");
         assert_eq!(parse_client_flags([0, 0, 0, 3]), Ok(true));
         assert_eq!(parse_client_flags([0, 0, 0, 1]), Ok(false));
-        assert!(matches!(parse_client_flags([0, 0, 0, 0]), Err(ProtocolError::NotFixedNewstyle(0))));
-        assert!(matches!(parse_client_flags([0, 0, 0, 5]), Err(ProtocolError::UnknownClientFlags(5))));
+        assert!(matches!(
+            parse_client_flags([0, 0, 0, 0]),
+            Err(ProtocolError::NotFixedNewstyle(0))
+        ));
+        assert!(matches!(
+            parse_client_flags([0, 0, 0, 5]),
+            Err(ProtocolError::UnknownClientFlags(5))
+        ));
     }
 
     #[test]
@@ -595,25 +696,57 @@ mod tests {
         h[0..8].copy_from_slice(&IHAVEOPT.to_be_bytes());
         h[8..12].copy_from_slice(&OPT_GO.to_be_bytes());
         h[12..16].copy_from_slice(&7u32.to_be_bytes());
-        assert_eq!(OptionHeader::parse(&h), Ok(OptionHeader { option: OPT_GO, length: 7 }));
+        assert_eq!(
+            OptionHeader::parse(&h),
+            Ok(OptionHeader {
+                option: OPT_GO,
+                length: 7
+            })
+        );
         h[0] = 0;
-        assert!(matches!(OptionHeader::parse(&h), Err(ProtocolError::BadMagic { .. })));
+        assert!(matches!(
+            OptionHeader::parse(&h),
+            Err(ProtocolError::BadMagic { .. })
+        ));
     }
 
     #[test]
     fn go_known_export_enters_transmission() {
         let mut hs = Handshake::new(true);
         let out = hs.handle(OPT_STRUCTURED_REPLY, &[], &cat());
-        let OptionOutcome::Continue { reply } = out else { panic!() };
-        assert_eq!(replies(&reply), vec![(OPT_STRUCTURED_REPLY, REP_ACK, vec![])]);
-        let out = hs.handle(OPT_GO, &info_data("vol0", &[INFO_NAME, INFO_DESCRIPTION, 99]), &cat());
-        let OptionOutcome::Transmission { reply, export, structured } = out else { panic!("{out:?}") };
+        let OptionOutcome::Continue { reply } = out else {
+            panic!()
+        };
+        assert_eq!(
+            replies(&reply),
+            vec![(OPT_STRUCTURED_REPLY, REP_ACK, vec![])]
+        );
+        let out = hs.handle(
+            OPT_GO,
+            &info_data("vol0", &[INFO_NAME, INFO_DESCRIPTION, 99]),
+            &cat(),
+        );
+        let OptionOutcome::Transmission {
+            reply,
+            export,
+            structured,
+        } = out
+        else {
+            panic!("{out:?}")
+        };
         assert!(structured);
         assert_eq!(export.name, "vol0");
         let r = replies(&reply);
         assert_eq!(r.last().unwrap().1, REP_ACK);
-        let infos: Vec<u16> = r.iter().filter(|x| x.1 == REP_INFO).map(|x| u16::from_be_bytes([x.2[0], x.2[1]])).collect();
-        assert_eq!(infos, vec![INFO_EXPORT, INFO_BLOCK_SIZE, INFO_NAME, INFO_DESCRIPTION]);
+        let infos: Vec<u16> = r
+            .iter()
+            .filter(|x| x.1 == REP_INFO)
+            .map(|x| u16::from_be_bytes([x.2[0], x.2[1]]))
+            .collect();
+        assert_eq!(
+            infos,
+            vec![INFO_EXPORT, INFO_BLOCK_SIZE, INFO_NAME, INFO_DESCRIPTION]
+        );
         let exp = &r[0].2;
         assert_eq!(u64::from_be_bytes(exp[2..10].try_into().unwrap()), 1 << 30);
         let flags = u16::from_be_bytes([exp[10], exp[11]]);
@@ -631,61 +764,101 @@ mod tests {
     fn info_does_not_enter_transmission_and_empty_name_is_default() {
         let mut hs = Handshake::new(true);
         let out = hs.handle(OPT_INFO, &info_data("", &[]), &cat());
-        let OptionOutcome::Continue { reply } = out else { panic!() };
+        let OptionOutcome::Continue { reply } = out else {
+            panic!()
+        };
         assert_eq!(replies(&reply).last().unwrap().1, REP_ACK);
     }
 
     #[test]
     fn unknown_export_and_malformed_info() {
         let mut hs = Handshake::new(true);
-        let OptionOutcome::Continue { reply } = hs.handle(OPT_GO, &info_data("nope", &[]), &cat()) else { panic!() };
+        let OptionOutcome::Continue { reply } = hs.handle(OPT_GO, &info_data("nope", &[]), &cat())
+        else {
+            panic!()
+        };
         assert_eq!(replies(&reply)[0].1, REP_ERR_UNKNOWN);
-        let OptionOutcome::Continue { reply } = hs.handle(OPT_GO, &[0, 0, 0, 9, b'a'], &cat()) else { panic!() };
+        let OptionOutcome::Continue { reply } = hs.handle(OPT_GO, &[0, 0, 0, 9, b'a'], &cat())
+        else {
+            panic!()
+        };
         assert_eq!(replies(&reply)[0].1, REP_ERR_INVALID);
         // Count says 2 requests but only one is present.
         let mut d = info_data("vol0", &[INFO_NAME]);
         let n = d.len();
         d[n - 3] = 2;
-        let OptionOutcome::Continue { reply } = hs.handle(OPT_INFO, &d, &cat()) else { panic!() };
+        let OptionOutcome::Continue { reply } = hs.handle(OPT_INFO, &d, &cat()) else {
+            panic!()
+        };
         assert_eq!(replies(&reply)[0].1, REP_ERR_INVALID);
     }
 
     #[test]
     fn list_abort_unknown_and_unsupported() {
         let mut hs = Handshake::new(false);
-        let OptionOutcome::Continue { reply } = hs.handle(OPT_LIST, &[], &cat()) else { panic!() };
+        let OptionOutcome::Continue { reply } = hs.handle(OPT_LIST, &[], &cat()) else {
+            panic!()
+        };
         let r = replies(&reply);
         assert_eq!(r[0].1, REP_SERVER);
         assert_eq!(&r[0].2[4..8], b"vol0");
         assert_eq!(r[1].1, REP_ACK);
-        let OptionOutcome::Continue { reply } = hs.handle(OPT_LIST, &[1], &cat()) else { panic!() };
+        let OptionOutcome::Continue { reply } = hs.handle(OPT_LIST, &[1], &cat()) else {
+            panic!()
+        };
         assert_eq!(replies(&reply)[0].1, REP_ERR_INVALID);
-        let OptionOutcome::Continue { reply } = hs.handle(OPT_STRUCTURED_REPLY, &[1], &cat()) else { panic!() };
+        let OptionOutcome::Continue { reply } = hs.handle(OPT_STRUCTURED_REPLY, &[1], &cat())
+        else {
+            panic!()
+        };
         assert_eq!(replies(&reply)[0].1, REP_ERR_INVALID);
         assert!(!hs.structured);
-        for opt in [OPT_SET_META_CONTEXT, OPT_LIST_META_CONTEXT, OPT_EXTENDED_HEADERS, 999] {
-            let OptionOutcome::Continue { reply } = hs.handle(opt, &[], &cat()) else { panic!() };
+        for opt in [
+            OPT_SET_META_CONTEXT,
+            OPT_LIST_META_CONTEXT,
+            OPT_EXTENDED_HEADERS,
+            999,
+        ] {
+            let OptionOutcome::Continue { reply } = hs.handle(opt, &[], &cat()) else {
+                panic!()
+            };
             assert_eq!(replies(&reply)[0].1, REP_ERR_UNSUP);
         }
-        let OptionOutcome::Continue { reply } = hs.handle(OPT_STARTTLS, &[], &cat()) else { panic!() };
+        let OptionOutcome::Continue { reply } = hs.handle(OPT_STARTTLS, &[], &cat()) else {
+            panic!()
+        };
         assert_eq!(replies(&reply)[0].1, REP_ERR_POLICY);
-        let OptionOutcome::Abort { reply } = hs.handle(OPT_ABORT, &[], &cat()) else { panic!() };
+        let OptionOutcome::Abort { reply } = hs.handle(OPT_ABORT, &[], &cat()) else {
+            panic!()
+        };
         assert_eq!(replies(&reply)[0].1, REP_ACK);
     }
 
     #[test]
     fn export_name_with_and_without_zeroes() {
         let mut hs = Handshake::new(false);
-        let OptionOutcome::Transmission { reply, .. } = hs.handle(OPT_EXPORT_NAME, b"vol0", &cat()) else { panic!() };
+        let OptionOutcome::Transmission { reply, .. } = hs.handle(OPT_EXPORT_NAME, b"vol0", &cat())
+        else {
+            panic!()
+        };
         assert_eq!(reply.len(), 8 + 2 + 124);
         let mut hs = Handshake::new(true);
-        let OptionOutcome::Transmission { reply, structured, .. } = hs.handle(OPT_EXPORT_NAME, b"", &cat()) else {
+        let OptionOutcome::Transmission {
+            reply, structured, ..
+        } = hs.handle(OPT_EXPORT_NAME, b"", &cat())
+        else {
             panic!()
         };
         assert_eq!(reply.len(), 10);
         assert!(!structured);
-        assert!(matches!(hs.handle(OPT_EXPORT_NAME, b"x", &cat()), OptionOutcome::Close { .. }));
-        assert!(matches!(hs.handle(OPT_EXPORT_NAME, &[0xff], &cat()), OptionOutcome::Close { .. }));
+        assert!(matches!(
+            hs.handle(OPT_EXPORT_NAME, b"x", &cat()),
+            OptionOutcome::Close { .. }
+        ));
+        assert!(matches!(
+            hs.handle(OPT_EXPORT_NAME, &[0xff], &cat()),
+            OptionOutcome::Close { .. }
+        ));
     }
 
     #[test]
@@ -699,8 +872,15 @@ mod tests {
         assert_eq!(r.validate(size, true), Err(EPERM));
         let mut bad = encode_request(0, CMD_READ, 1, 0, 1);
         bad[0] = 0;
-        assert!(matches!(Request::parse(&bad), Err(ProtocolError::BadMagic { .. })));
-        let check = |flags, cmd, off, len| Request::parse(&encode_request(flags, cmd, 1, off, len)).unwrap().validate(size, false);
+        assert!(matches!(
+            Request::parse(&bad),
+            Err(ProtocolError::BadMagic { .. })
+        ));
+        let check = |flags, cmd, off, len| {
+            Request::parse(&encode_request(flags, cmd, 1, off, len))
+                .unwrap()
+                .validate(size, false)
+        };
         assert_eq!(check(0, CMD_READ, size - 512, 512), Ok(()));
         assert_eq!(check(0, CMD_READ, size - 512, 513), Err(EINVAL));
         assert_eq!(check(0, CMD_READ, u64::MAX, 2), Err(EINVAL));
@@ -720,7 +900,10 @@ mod tests {
     #[test]
     fn reply_encodings() {
         let s = simple_reply(0x1122, EIO);
-        assert_eq!(u32::from_be_bytes(s[0..4].try_into().unwrap()), SIMPLE_REPLY_MAGIC);
+        assert_eq!(
+            u32::from_be_bytes(s[0..4].try_into().unwrap()),
+            SIMPLE_REPLY_MAGIC
+        );
         assert_eq!(u32::from_be_bytes(s[4..8].try_into().unwrap()), EIO);
         let h = structured_read_header(9, 4096, 512);
         assert_eq!(u16::from_be_bytes([h[4], h[5]]), REPLY_FLAG_DONE);

@@ -69,8 +69,12 @@ impl BlockStore {
         let idx = DiskFile::open(&ip, true).map_err(|e| StoreError::io(&ip, e))?;
         let slot_count = data.size_bytes().map_err(|e| StoreError::io(&dp, e))? / BLOCK_SIZE_U64;
         let mut raw = vec![0u8; (slot_count as usize) * ID_LEN];
-        idx.read_at(&mut raw, 0).map_err(|e| StoreError::io(&ip, e))?;
-        let mut ix = Index { slots: vec![BlockId::ZERO; slot_count as usize], ..Default::default() };
+        idx.read_at(&mut raw, 0)
+            .map_err(|e| StoreError::io(&ip, e))?;
+        let mut ix = Index {
+            slots: vec![BlockId::ZERO; slot_count as usize],
+            ..Default::default()
+        };
         for (slot, chunk) in raw.chunks_exact(ID_LEN).enumerate() {
             let id = BlockId(chunk.try_into().expect("16 bytes"));
             if id.is_zero() {
@@ -79,9 +83,16 @@ impl BlockStore {
             ix.slots[slot] = id;
             // A duplicate id (same content in two slots) keeps the first slot; the
             // other is freed by finish_recovery.
-            ix.map.entry(id).or_insert(Entry { slot: slot as u64, refs: 0 });
+            ix.map.entry(id).or_insert(Entry {
+                slot: slot as u64,
+                refs: 0,
+            });
         }
-        Ok(BlockStore { data, idx, inner: Mutex::new(ix) })
+        Ok(BlockStore {
+            data,
+            idx,
+            inner: Mutex::new(ix),
+        })
     }
 
     /// Replays a journal slot assignment: `id` was stored in `slot`.
@@ -126,7 +137,8 @@ impl BlockStore {
         ix.free.clear();
         for slot in (0..ix.slots.len()).rev() {
             let id = ix.slots[slot];
-            let keep = !id.is_zero() && matches!(ix.map.get(&id), Some(e) if e.slot == slot as u64 && e.refs > 0);
+            let keep = !id.is_zero()
+                && matches!(ix.map.get(&id), Some(e) if e.slot == slot as u64 && e.refs > 0);
             if !keep {
                 if !id.is_zero() {
                     if matches!(ix.map.get(&id), Some(e) if e.slot == slot as u64) {
@@ -149,7 +161,8 @@ impl BlockStore {
         if self.data.read_at(&mut buf, slot * BLOCK_SIZE_U64).is_err() {
             return false;
         }
-        (slot * BLOCK_SIZE_U64) < self.data.size_bytes().unwrap_or(0) && BlockId::hash_of(&buf) == id
+        (slot * BLOCK_SIZE_U64) < self.data.size_bytes().unwrap_or(0)
+            && BlockId::hash_of(&buf) == id
     }
 
     /// Takes a reference on `id`, storing `data` if the store does not have it.
@@ -185,8 +198,14 @@ impl BlockStore {
             return;
         }
         let mut ix = self.inner.lock();
-        let e = ix.map.get_mut(&id).expect("retain of a block the caller holds");
-        e.refs = e.refs.checked_add(n as u32).expect("reference count overflow");
+        let e = ix
+            .map
+            .get_mut(&id)
+            .expect("retain of a block the caller holds");
+        e.refs = e
+            .refs
+            .checked_add(n as u32)
+            .expect("reference count overflow");
     }
 
     fn grow(&self, ix: &mut Index) -> Result<u64, StoreError> {
@@ -209,7 +228,9 @@ impl BlockStore {
         // blocks.idx must be able to take the ids of the new slots at the next
         // checkpoint without running out of space.
         let idx_end = (start + count).div_ceil(FANOUT as u64) * BLOCK_SIZE_U64;
-        self.idx.allocate(0, idx_end).map_err(|e| StoreError::io(self.idx.path(), e))
+        self.idx
+            .allocate(0, idx_end)
+            .map_err(|e| StoreError::io(self.idx.path(), e))
     }
 
     /// Drops a reference taken by `put` or counted at recovery. The slot is not
@@ -261,17 +282,25 @@ impl BlockStore {
             Some(e) => e.slot,
             None => return Ok(false),
         };
-        self.data.read_at(buf, slot * BLOCK_SIZE_U64).map_err(|e| StoreError::io(self.data.path(), e))?;
+        self.data
+            .read_at(buf, slot * BLOCK_SIZE_U64)
+            .map_err(|e| StoreError::io(self.data.path(), e))?;
         Ok(BlockId::hash_of(buf) == id)
     }
 
     /// Where `id` is stored (file offset in blocks.dat), for tools and fault injection.
     pub fn locate(&self, id: BlockId) -> Option<u64> {
-        self.inner.lock().map.get(&id).map(|e| e.slot * BLOCK_SIZE_U64)
+        self.inner
+            .lock()
+            .map
+            .get(&id)
+            .map(|e| e.slot * BLOCK_SIZE_U64)
     }
 
     pub fn sync_data(&self) -> Result<(), StoreError> {
-        self.data.sync_data().map_err(|e| StoreError::io(self.data.path(), e))
+        self.data
+            .sync_data()
+            .map_err(|e| StoreError::io(self.data.path(), e))
     }
 
     /// Images of the blocks.idx pages changed since the last checkpoint.
@@ -330,7 +359,11 @@ mod tests {
         let id = BlockId::of(&a);
         let slot = bs.put(id, &a).unwrap();
         assert!(slot.is_some());
-        assert_eq!(bs.put(id, &a).unwrap(), None, "second put of the same content dedupes");
+        assert_eq!(
+            bs.put(id, &a).unwrap(),
+            None,
+            "second put of the same content dedupes"
+        );
         let mut buf = vec![0u8; BLOCK_SIZE];
         assert!(bs.read(id, &mut buf).unwrap());
         assert_eq!(buf, a);
@@ -351,7 +384,10 @@ mod tests {
         bs.release(ida, 5);
         let b = block(2);
         let sb = bs.put(BlockId::of(&b), &b).unwrap().unwrap();
-        assert_ne!(sa, sb, "a slot whose unmapping is not durable must not be reused");
+        assert_ne!(
+            sa, sb,
+            "a slot whose unmapping is not durable must not be reused"
+        );
         bs.release_durable(5);
         assert_eq!(bs.stats().pending_free, 1);
         bs.release_durable(6);

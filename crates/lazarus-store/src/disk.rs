@@ -16,8 +16,16 @@ pub struct DiskFile {
 
 impl DiskFile {
     pub fn open(path: &Path, create: bool) -> io::Result<DiskFile> {
-        let file = OpenOptions::new().read(true).write(true).create(create).truncate(false).open(path)?;
-        Ok(DiskFile { file, path: path.to_path_buf() })
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(create)
+            .truncate(false)
+            .open(path)?;
+        Ok(DiskFile {
+            file,
+            path: path.to_path_buf(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -57,7 +65,14 @@ impl DiskFile {
     /// Reserves space so that later writes to `[offset, offset+len)` cannot fail with
     /// ENOSPC. Extends the file if needed.
     pub fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
-        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, offset as libc::off_t, len as libc::off_t) };
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                0,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
         if r == 0 {
             return Ok(());
         }
@@ -76,7 +91,14 @@ impl DiskFile {
     /// Returns `[offset, offset+len)` to the file system; reads there give zeroes.
     pub fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t) };
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
         if r == 0 {
             return Ok(());
         }
@@ -98,7 +120,11 @@ pub fn write_file_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = path.with_extension("tmp");
     {
-        let f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
         f.write_all_at(data, 0)?;
         f.sync_all()?;
     }
@@ -107,5 +133,8 @@ pub fn write_file_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
 }
 
 pub fn is_enospc(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG)
+    )
 }

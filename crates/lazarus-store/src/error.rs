@@ -12,7 +12,11 @@ pub enum StoreError {
     #[error("I/O error on {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
     #[error("corrupted {what} in {path}: {detail}")]
-    Corrupted { what: &'static str, path: PathBuf, detail: String },
+    Corrupted {
+        what: &'static str,
+        path: PathBuf,
+        detail: String,
+    },
     #[error("volume {0:?} already exists")]
     VolumeExists(String),
     #[error("volume {0:?} does not exist")]

@@ -103,7 +103,14 @@ pub fn decode_record(b: &[u8], generation: u64, expected_lsn: u64) -> Option<(Re
     if gen != generation || lsn != expected_lsn {
         return None;
     }
-    Some((Record { lsn, kind: b[24], payload: b[RECORD_HEADER_LEN..len].to_vec() }, len))
+    Some((
+        Record {
+            lsn,
+            kind: b[24],
+            payload: b[RECORD_HEADER_LEN..len].to_vec(),
+        },
+        len,
+    ))
 }
 
 /// The in-memory side of the journal. Callers serialize access (the store keeps it
@@ -134,17 +141,29 @@ impl Journal {
         let file = DiskFile::open(path, true).map_err(|e| StoreError::io(path, e))?;
         if !exists || file.size_bytes().map_err(|e| StoreError::io(path, e))? == 0 {
             let capacity = capacity.max(CAPACITY_MIN_BYTES);
-            file.allocate(0, capacity).map_err(|e| StoreError::io(path, e))?;
-            let h = Header { generation: 1, capacity };
-            file.write_at(&encode_header(h), (h.generation % 2) * HEADER_SLOT_BYTES).map_err(|e| StoreError::io(path, e))?;
+            file.allocate(0, capacity)
+                .map_err(|e| StoreError::io(path, e))?;
+            let h = Header {
+                generation: 1,
+                capacity,
+            };
+            file.write_at(&encode_header(h), (h.generation % 2) * HEADER_SLOT_BYTES)
+                .map_err(|e| StoreError::io(path, e))?;
             file.sync_data().map_err(|e| StoreError::io(path, e))?;
             let j = Journal::with(file, h);
-            return Ok((j, Replay { records: Vec::new() }));
+            return Ok((
+                j,
+                Replay {
+                    records: Vec::new(),
+                },
+            ));
         }
         let mut a = vec![0u8; HEADER_SLOT_BYTES as usize];
         let mut b = vec![0u8; HEADER_SLOT_BYTES as usize];
-        file.read_at(&mut a, 0).map_err(|e| StoreError::io(path, e))?;
-        file.read_at(&mut b, HEADER_SLOT_BYTES).map_err(|e| StoreError::io(path, e))?;
+        file.read_at(&mut a, 0)
+            .map_err(|e| StoreError::io(path, e))?;
+        file.read_at(&mut b, HEADER_SLOT_BYTES)
+            .map_err(|e| StoreError::io(path, e))?;
         let h = match (decode_header(&a), decode_header(&b)) {
             (Some(x), Some(y)) => {
                 if x.generation >= y.generation {
@@ -164,7 +183,8 @@ impl Journal {
         };
         let mut h = h;
         let mut data = vec![0u8; (h.capacity - RECORDS_START) as usize];
-        file.read_at(&mut data, RECORDS_START).map_err(|e| StoreError::io(path, e))?;
+        file.read_at(&mut data, RECORDS_START)
+            .map_err(|e| StoreError::io(path, e))?;
         // The newer header slot may have been damaged after its generation began: its
         // records are still there and say so. (A crash during the reset itself leaves
         // no records of the new generation, so this cannot misfire.)
@@ -237,7 +257,9 @@ impl Journal {
         if self.pending.is_empty() {
             return Ok(());
         }
-        self.file.write_at(&self.pending, self.pending_offset).map_err(|e| StoreError::io(self.file.path(), e))?;
+        self.file
+            .write_at(&self.pending, self.pending_offset)
+            .map_err(|e| StoreError::io(self.file.path(), e))?;
         self.pending_offset += self.pending.len() as u64;
         self.pending.clear();
         Ok(())
@@ -251,7 +273,10 @@ impl Journal {
     pub fn take_for_sync(&mut self) -> (Vec<u8>, u64, u64) {
         let lsn = self.next_lsn;
         let rec = encode_record(self.generation, lsn, KIND_COMMIT, &[]);
-        assert!(self.used_bytes() + rec.len() as u64 + RECORDS_START <= self.capacity, "journal overflow on commit");
+        assert!(
+            self.used_bytes() + rec.len() as u64 + RECORDS_START <= self.capacity,
+            "journal overflow on commit"
+        );
         self.pending.extend_from_slice(&rec);
         self.next_lsn += 1;
         let bytes = std::mem::take(&mut self.pending);
@@ -284,14 +309,22 @@ impl Journal {
     /// Ends a generation: every record so far has been applied to its home location
     /// and synced. Writes the new header into the slot the current one is not in.
     pub fn reset(&mut self) -> Result<(), StoreError> {
-        assert!(self.pending.is_empty(), "reset with unwritten journal records");
+        assert!(
+            self.pending.is_empty(),
+            "reset with unwritten journal records"
+        );
         let generation = self.generation + 1;
         let slot = generation % 2;
-        let h = Header { generation, capacity: self.capacity };
+        let h = Header {
+            generation,
+            capacity: self.capacity,
+        };
         self.file
             .write_at(&encode_header(h), slot * HEADER_SLOT_BYTES)
             .map_err(|e| StoreError::io(self.file.path(), e))?;
-        self.file.sync_data().map_err(|e| StoreError::io(self.file.path(), e))?;
+        self.file
+            .sync_data()
+            .map_err(|e| StoreError::io(self.file.path(), e))?;
         self.generation = generation;
         self.pending_offset = RECORDS_START;
         self.next_lsn = 1;
@@ -302,7 +335,8 @@ impl Journal {
 
 /// Writes bytes taken by `take_for_sync` and makes them durable.
 pub fn write_synced(file: &DiskFile, bytes: &[u8], offset: u64) -> Result<(), StoreError> {
-    file.write_at(bytes, offset).map_err(|e| StoreError::io(file.path(), e))?;
+    file.write_at(bytes, offset)
+        .map_err(|e| StoreError::io(file.path(), e))?;
     file.sync_data().map_err(|e| StoreError::io(file.path(), e))
 }
 
@@ -328,10 +362,18 @@ mod tests {
             write_synced(j.file(), &bytes[..bytes.len() - 30], off).unwrap();
         }
         let (j, r) = Journal::open(&p, CAPACITY_MIN_BYTES).unwrap();
-        let kinds: Vec<_> = r.records.iter().map(|r| (r.kind, r.payload.clone())).collect();
+        let kinds: Vec<_> = r
+            .records
+            .iter()
+            .map(|r| (r.kind, r.payload.clone()))
+            .collect();
         assert_eq!(
             kinds,
-            vec![(KIND_MAP, b"one".to_vec()), (KIND_MAP, b"two".to_vec()), (KIND_COMMIT, vec![])]
+            vec![
+                (KIND_MAP, b"one".to_vec()),
+                (KIND_MAP, b"two".to_vec()),
+                (KIND_COMMIT, vec![])
+            ]
         );
         assert_eq!(j.next_lsn(), 4);
     }
@@ -348,7 +390,10 @@ mod tests {
             j.reset().unwrap();
         }
         let (mut j, r) = Journal::open(&p, CAPACITY_MIN_BYTES).unwrap();
-        assert!(r.records.is_empty(), "records of a finished generation must not replay");
+        assert!(
+            r.records.is_empty(),
+            "records of a finished generation must not replay"
+        );
         j.append(KIND_MAP, b"new").unwrap();
         let (bytes, off, _) = j.take_for_sync();
         write_synced(j.file(), &bytes, off).unwrap();
@@ -360,7 +405,10 @@ mod tests {
         assert_eq!(r.records[0].payload, b"new");
         // Both headers destroyed: a clear error, not a panic.
         f.write_at(&[0xff; 16], HEADER_SLOT_BYTES).unwrap();
-        assert!(matches!(Journal::open(&p, CAPACITY_MIN_BYTES), Err(StoreError::Corrupted { .. })));
+        assert!(matches!(
+            Journal::open(&p, CAPACITY_MIN_BYTES),
+            Err(StoreError::Corrupted { .. })
+        ));
     }
 
     #[test]

@@ -11,7 +11,9 @@
 use crate::blocks::{BlockStats, BlockStore, PENDING_FREE_MAX};
 use crate::disk::{self, DiskFile};
 use crate::error::{ReadError, StoreError, WriteError};
-use crate::journal::{self, Journal, Record, KIND_COMMIT, KIND_IMAGES_DONE, KIND_MAP, KIND_PAGE_IMAGE};
+use crate::journal::{
+    self, Journal, Record, KIND_COMMIT, KIND_IMAGES_DONE, KIND_MAP, KIND_PAGE_IMAGE,
+};
 use crate::volume::{FileKind, PageImage, Volume, VolumeMeta};
 use lazarus_types::{BlockId, Lba, BLOCK_SIZE, BLOCK_SIZE_U64, FANOUT_U64, ID_LEN};
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
@@ -40,7 +42,9 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { journal_bytes: 64 << 20 }
+        StoreOptions {
+            journal_bytes: 64 << 20,
+        }
     }
 }
 
@@ -79,7 +83,9 @@ struct Admission<'a> {
 
 impl Drop for Admission<'_> {
     fn drop(&mut self) {
-        self.store.reserved_bytes.fetch_sub(self.bytes, Ordering::AcqRel);
+        self.store
+            .reserved_bytes
+            .fetch_sub(self.bytes, Ordering::AcqRel);
     }
 }
 
@@ -111,7 +117,12 @@ fn decode_map(p: &[u8]) -> Option<MapRecord> {
     }
     let entries = body
         .chunks_exact(24)
-        .map(|c| (BlockId(c[0..16].try_into().expect("16")), u64::from_le_bytes(c[16..24].try_into().expect("8"))))
+        .map(|c| {
+            (
+                BlockId(c[0..16].try_into().expect("16")),
+                u64::from_le_bytes(c[16..24].try_into().expect("8")),
+            )
+        })
         .collect();
     Some(MapRecord { uid, lba, entries })
 }
@@ -173,7 +184,11 @@ impl Store {
             .collect();
         entries.sort();
         for path in entries {
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_string();
             if name.starts_with(".deleted-") {
                 // A deletion interrupted by a crash: it was already durable (renamed).
                 let _ = std::fs::remove_dir_all(&path);
@@ -192,7 +207,8 @@ impl Store {
                 }
             }
         }
-        let by_uid: HashMap<u64, Arc<Volume>> = volumes.values().map(|v| (v.meta.uid, v.clone())).collect();
+        let by_uid: HashMap<u64, Arc<Volume>> =
+            volumes.values().map(|v| (v.meta.uid, v.clone())).collect();
 
         let jpath = dir.join("journal.log");
         let (mut jr, replay) = Journal::open(&jpath, opts.journal_bytes)?;
@@ -245,7 +261,10 @@ impl Store {
         }
         report.missing_blocks = blocks.finish_recovery();
         if report.missing_blocks > 0 {
-            tracing::error!(count = report.missing_blocks, "slice pages reference blocks the store does not have; reads of them fail");
+            tracing::error!(
+                count = report.missing_blocks,
+                "slice pages reference blocks the store does not have; reads of them fail"
+            );
         }
         let journal_file = jr.file_arc();
         let store = Store {
@@ -309,9 +328,16 @@ impl Store {
         let dir = self.dir.join("volumes").join(name);
         if dir.exists() {
             // Left over from a failed volume: refuse rather than overwrite its data.
-            return Err(StoreError::Invalid(format!("{} exists but is not a loadable volume", dir.display())));
+            return Err(StoreError::Invalid(format!(
+                "{} exists but is not a loadable volume",
+                dir.display()
+            )));
         }
-        let meta = VolumeMeta { name: name.to_string(), uid, size_bytes };
+        let meta = VolumeMeta {
+            name: name.to_string(),
+            uid,
+            size_bytes,
+        };
         let v = match Volume::create(&dir, meta) {
             Ok(v) => Arc::new(v),
             Err(e) => {
@@ -327,7 +353,11 @@ impl Store {
 
     pub fn delete_volume(&self, name: &str) -> Result<(), StoreError> {
         let _cp = self.cp_lock.write();
-        let v = self.volumes.write().remove(name).ok_or_else(|| StoreError::NoSuchVolume(name.to_string()))?;
+        let v = self
+            .volumes
+            .write()
+            .remove(name)
+            .ok_or_else(|| StoreError::NoSuchVolume(name.to_string()))?;
         let vdir = self.dir.join("volumes");
         let grave = vdir.join(format!(".deleted-{}", v.meta.uid));
         std::fs::rename(&v.dir, &grave).map_err(|e| StoreError::io(&v.dir, e))?;
@@ -345,14 +375,22 @@ impl Store {
 
     fn check_failed(&self) -> Result<(), StoreError> {
         if self.failed.load(Ordering::Acquire) {
-            return Err(StoreError::Invalid("the journal could not be written; this node no longer accepts writes".into()));
+            return Err(StoreError::Invalid(
+                "the journal could not be written; this node no longer accepts writes".into(),
+            ));
         }
         Ok(())
     }
 
     /// Journal bytes that the page images of the next checkpoint may take.
     fn image_bytes_bound(&self) -> u64 {
-        let levels = self.volumes.read().values().map(|v| v.state.lock().levels.len()).max().unwrap_or(1) as u64;
+        let levels = self
+            .volumes
+            .read()
+            .values()
+            .map(|v| v.state.lock().levels.len())
+            .max()
+            .unwrap_or(1) as u64;
         let nvol = self.volumes.read().len() as u64;
         let pages = self.dirty_pages.load(Ordering::Acquire) * (levels + 1)
             + self.blocks.dirty_idx_page_count() as u64
@@ -362,8 +400,14 @@ impl Store {
 
     /// Waits until the journal has room for `record_bytes` plus the images of
     /// `pages` more dirty pages, checkpointing when it has not.
-    fn admit(&self, record_bytes: u64, pages: u64, new_blocks: u64) -> Result<Admission<'_>, StoreError> {
-        let bytes = record_bytes + (pages * 4 + new_blocks.div_ceil(FANOUT_U64) + 2) * IMAGE_RECORD_BYTES;
+    fn admit(
+        &self,
+        record_bytes: u64,
+        pages: u64,
+        new_blocks: u64,
+    ) -> Result<Admission<'_>, StoreError> {
+        let bytes =
+            record_bytes + (pages * 4 + new_blocks.div_ceil(FANOUT_U64) + 2) * IMAGE_RECORD_BYTES;
         loop {
             self.check_failed()?;
             let cp = self.cp_lock.read();
@@ -374,11 +418,18 @@ impl Store {
             let limit = cap - journal::RECORDS_START - JOURNAL_SLACK_BYTES;
             let reserved = self.reserved_bytes.fetch_add(bytes, Ordering::AcqRel) + bytes;
             if used + reserved + self.image_bytes_bound() <= limit {
-                return Ok(Admission { _cp: cp, store: self, bytes });
+                return Ok(Admission {
+                    _cp: cp,
+                    store: self,
+                    bytes,
+                });
             }
             self.reserved_bytes.fetch_sub(bytes, Ordering::AcqRel);
             drop(cp);
-            assert!(bytes < limit / 2, "a single request must fit the journal: {bytes} of {limit}");
+            assert!(
+                bytes < limit / 2,
+                "a single request must fit the journal: {bytes} of {limit}"
+            );
             self.checkpoint()?;
         }
     }
@@ -400,7 +451,10 @@ impl Store {
         if n == 0 {
             return Ok(());
         }
-        assert!(lba.0 + n <= vol.meta.block_count(), "write past the end reached the store");
+        assert!(
+            lba.0 + n <= vol.meta.block_count(),
+            "write past the end reached the store"
+        );
         let ids: Vec<BlockId> = data.chunks_exact(BLOCK_SIZE).map(BlockId::of).collect();
         let first_page = lba.page().0;
         let last_page = Lba(lba.0 + n - 1).page().0;
@@ -413,7 +467,10 @@ impl Store {
                 slots.push(NO_SLOT);
                 continue;
             }
-            match self.blocks.put(*id, &data[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE]) {
+            match self
+                .blocks
+                .put(*id, &data[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE])
+            {
                 Ok(s) => slots.push(s.unwrap_or(NO_SLOT)),
                 Err(e) => {
                     // Undo the references taken so far; none of it was journaled.
@@ -424,11 +481,24 @@ impl Store {
                 }
             }
         }
-        self.apply(vol, lba, encode_map(vol.meta.uid, lba, &ids, &slots), KIND_MAP, &mut ids.iter().copied())
+        self.apply(
+            vol,
+            lba,
+            encode_map(vol.meta.uid, lba, &ids, &slots),
+            KIND_MAP,
+            &mut ids.iter().copied(),
+        )
     }
 
     /// Journals a mapping change and applies it in memory.
-    fn apply(&self, vol: &Volume, lba: Lba, payload: Vec<u8>, kind: u8, ids: &mut dyn Iterator<Item = BlockId>) -> Result<(), WriteError> {
+    fn apply(
+        &self,
+        vol: &Volume,
+        lba: Lba,
+        payload: Vec<u8>,
+        kind: u8,
+        ids: &mut dyn Iterator<Item = BlockId>,
+    ) -> Result<(), WriteError> {
         let lsn = match self.journal.lock().append(kind, &payload) {
             Ok(l) => l,
             Err(e) => {
@@ -438,7 +508,8 @@ impl Store {
             }
         };
         let (old, newly_dirty) = vol.set_ids(lba, ids);
-        self.dirty_pages.fetch_add(newly_dirty as u64, Ordering::AcqRel);
+        self.dirty_pages
+            .fetch_add(newly_dirty as u64, Ordering::AcqRel);
         for id in old {
             self.blocks.release(id, lsn);
         }
@@ -452,10 +523,23 @@ impl Store {
 
     /// Sets `count` blocks from `lba` to zeroes. With `provision`, they are mapped to
     /// a stored zero block rather than left unmapped (NBD_CMD_FLAG_NO_HOLE).
-    pub fn write_zeroes(&self, vol: &Volume, lba: Lba, count: u64, provision: bool) -> Result<(), WriteError> {
-        assert!(lba.0 + count <= vol.meta.block_count(), "zeroing past the end reached the store");
+    pub fn write_zeroes(
+        &self,
+        vol: &Volume,
+        lba: Lba,
+        count: u64,
+        provision: bool,
+    ) -> Result<(), WriteError> {
+        assert!(
+            lba.0 + count <= vol.meta.block_count(),
+            "zeroing past the end reached the store"
+        );
         let zero = vec![0u8; BLOCK_SIZE];
-        let zid = if provision { BlockId::hash_of(&zero) } else { BlockId::ZERO };
+        let zid = if provision {
+            BlockId::hash_of(&zero)
+        } else {
+            BlockId::ZERO
+        };
         let mut done = 0;
         while done < count {
             let l = Lba(lba.0 + done);
@@ -468,7 +552,13 @@ impl Store {
                 slot = self.blocks.put(zid, &zero)?.unwrap_or(NO_SLOT);
                 self.blocks.retain(zid, n - 1);
             }
-            self.apply(vol, l, encode_fill(vol.meta.uid, l, n, zid, slot), KIND_FILL, &mut std::iter::repeat_n(zid, n as usize))?;
+            self.apply(
+                vol,
+                l,
+                encode_fill(vol.meta.uid, l, n, zid, slot),
+                KIND_FILL,
+                &mut std::iter::repeat_n(zid, n as usize),
+            )?;
             done += n;
         }
         Ok(())
@@ -480,7 +570,8 @@ impl Store {
         assert_eq!(buf.len() % BLOCK_SIZE, 0);
         let n = buf.len() / BLOCK_SIZE;
         let mut ids = Vec::with_capacity(n);
-        vol.read_ids(lba, &mut ids, n).map_err(ReadError::Unrecoverable)?;
+        vol.read_ids(lba, &mut ids, n)
+            .map_err(ReadError::Unrecoverable)?;
         for (i, chunk) in buf.chunks_exact_mut(BLOCK_SIZE).enumerate() {
             let l = Lba(lba.0 + i as u64);
             let mut id = ids[i];
@@ -499,7 +590,10 @@ impl Store {
                 tries += 1;
                 if now == id && tries >= 2 || tries > READ_RETRY_MAX {
                     tracing::error!(volume = %vol.meta.name, lba = l.0, id = %id.to_hex(), "block failed verification");
-                    return Err(ReadError::CorruptBlock { lba: l, id: id.to_hex() });
+                    return Err(ReadError::CorruptBlock {
+                        lba: l,
+                        id: id.to_hex(),
+                    });
                 }
                 id = now;
             }
@@ -521,7 +615,10 @@ impl Store {
             return Ok(());
         }
         let (bytes, offset, end) = self.journal.lock().take_for_sync();
-        let r = self.blocks.sync_data().and_then(|_| journal::write_synced(&self.journal_file, &bytes, offset));
+        let r = self
+            .blocks
+            .sync_data()
+            .and_then(|_| journal::write_synced(&self.journal_file, &bytes, offset));
         if let Err(e) = r {
             // The journal now may have a hole: acknowledging anything more would be a lie.
             self.failed.store(true, Ordering::Release);
@@ -550,7 +647,14 @@ impl Store {
             }
         }
         for (offset, data) in self.blocks.take_dirty_idx_images() {
-            images.push((0, PageImage { kind: FileKind::BlockIndex, offset, data }));
+            images.push((
+                0,
+                PageImage {
+                    kind: FileKind::BlockIndex,
+                    offset,
+                    data,
+                },
+            ));
         }
         if images.is_empty() && self.journal.lock().used_bytes() == 0 {
             return Ok(());
@@ -574,7 +678,10 @@ impl Store {
             };
             write_image(file, img)?;
         }
-        self.blocks.idx_file().sync_data().map_err(|e| StoreError::io(self.blocks.idx_file().path(), e))?;
+        self.blocks
+            .idx_file()
+            .sync_data()
+            .map_err(|e| StoreError::io(self.blocks.idx_file().path(), e))?;
         for v in &vols {
             v.sync()?;
         }
@@ -589,7 +696,9 @@ impl Store {
         let (slice_file, slice_offset) = vol.locate_page(lba);
         let (checksum_file, checksum_offset) = vol.locate_checksum_page(lba);
         let id = vol.id_at(lba);
-        let block_offset = id.filter(|i| !i.is_zero()).and_then(|i| self.blocks.locate(i));
+        let block_offset = id
+            .filter(|i| !i.is_zero())
+            .and_then(|i| self.blocks.locate(i));
         Locations {
             slice_file,
             slice_offset,
@@ -622,16 +731,28 @@ fn write_image(file: &DiskFile, img: &PageImage) -> Result<(), StoreError> {
     r.map_err(|e| StoreError::io(file.path(), e))
 }
 
-fn apply_image_record(r: &Record, by_uid: &HashMap<u64, Arc<Volume>>, idx: &DiskFile) -> Result<(), StoreError> {
+fn apply_image_record(
+    r: &Record,
+    by_uid: &HashMap<u64, Arc<Volume>>,
+    idx: &DiskFile,
+) -> Result<(), StoreError> {
     let p = &r.payload;
-    let bad = || StoreError::Corrupted { what: "journal page image", path: PathBuf::from("journal.log"), detail: format!("record {}", r.lsn) };
+    let bad = || StoreError::Corrupted {
+        what: "journal page image",
+        path: PathBuf::from("journal.log"),
+        detail: format!("record {}", r.lsn),
+    };
     if p.len() != 17 + BLOCK_SIZE {
         return Err(bad());
     }
     let kind = FileKind::from_u8(p[0]).ok_or_else(bad)?;
     let uid = u64::from_le_bytes(p[1..9].try_into().expect("8"));
     let offset = u64::from_le_bytes(p[9..17].try_into().expect("8"));
-    let img = PageImage { kind, offset, data: p[17..].to_vec() };
+    let img = PageImage {
+        kind,
+        offset,
+        data: p[17..].to_vec(),
+    };
     match kind {
         FileKind::BlockIndex => write_image(idx, &img),
         k => match by_uid.get(&uid) {
@@ -654,11 +775,21 @@ fn replay_records(
     let mut offset = journal::RECORDS_START;
     for (i, r) in records.iter().enumerate() {
         let committed = last_commit.is_some_and(|c| i < c);
-        let vol = |uid: u64| by_uid.get(&uid).filter(|v| loaded.contains_key(&v.meta.name));
+        let vol = |uid: u64| {
+            by_uid
+                .get(&uid)
+                .filter(|v| loaded.contains_key(&v.meta.name))
+        };
         match r.kind {
             KIND_MAP => {
-                let Some(m) = decode_map(&r.payload) else { return (i, Some((r.lsn, offset))) };
-                if !committed && m.entries.iter().any(|(id, s)| *s != NO_SLOT && !blocks.slot_holds(*s, *id)) {
+                let Some(m) = decode_map(&r.payload) else {
+                    return (i, Some((r.lsn, offset)));
+                };
+                if !committed
+                    && m.entries
+                        .iter()
+                        .any(|(id, s)| *s != NO_SLOT && !blocks.slot_holds(*s, *id))
+                {
                     return (i, Some((r.lsn, offset)));
                 }
                 for (id, s) in &m.entries {
@@ -673,7 +804,9 @@ fn replay_records(
                 }
             }
             KIND_FILL => {
-                let Some((uid, lba, count, id, slot)) = decode_fill(&r.payload) else { return (i, Some((r.lsn, offset))) };
+                let Some((uid, lba, count, id, slot)) = decode_fill(&r.payload) else {
+                    return (i, Some((r.lsn, offset)));
+                };
                 if !committed && slot != NO_SLOT && !blocks.slot_holds(slot, id) {
                     return (i, Some((r.lsn, offset)));
                 }
@@ -694,7 +827,9 @@ fn replay_records(
 }
 
 fn new_uid(name: &str) -> u64 {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     let mut h = blake3::Hasher::new();
     h.update(name.as_bytes());
     h.update(&now.as_nanos().to_le_bytes());

@@ -12,7 +12,8 @@
 use crate::disk::{self, DiskFile};
 use crate::error::StoreError;
 use lazarus_types::{
-    page_count_for, BlockId, Checksum, Lba, PageIndex, BLOCK_SIZE, BLOCK_SIZE_U64, FANOUT, FANOUT_U64, ID_LEN,
+    page_count_for, BlockId, Checksum, Lba, PageIndex, BLOCK_SIZE, BLOCK_SIZE_U64, FANOUT,
+    FANOUT_U64, ID_LEN,
 };
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -60,7 +61,10 @@ pub fn encode_slice_header(m: &VolumeMeta) -> Vec<u8> {
 
 pub fn decode_slice_header(b: &[u8]) -> Result<VolumeMeta, String> {
     if b.len() != BLOCK_SIZE {
-        return Err(format!("header is {} bytes, expected {BLOCK_SIZE}", b.len()));
+        return Err(format!(
+            "header is {} bytes, expected {BLOCK_SIZE}",
+            b.len()
+        ));
     }
     if &b[0..8] != SLICE_MAGIC {
         return Err(format!("bad magic {:?}", &b[0..8]));
@@ -80,9 +84,15 @@ pub fn decode_slice_header(b: &[u8]) -> Result<VolumeMeta, String> {
     if name_len > 255 {
         return Err(format!("name length {name_len} too large"));
     }
-    let name = std::str::from_utf8(&b[30..30 + name_len]).map_err(|_| "name is not UTF-8".to_string())?.to_string();
+    let name = std::str::from_utf8(&b[30..30 + name_len])
+        .map_err(|_| "name is not UTF-8".to_string())?
+        .to_string();
     lazarus_types::check_volume_size(size_bytes)?;
-    Ok(VolumeMeta { name, uid, size_bytes })
+    Ok(VolumeMeta {
+        name,
+        uid,
+        size_bytes,
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,7 +181,10 @@ fn encode_cksums(entries: &[Checksum]) -> Vec<u8> {
 }
 
 fn decode_cksums(b: &[u8], n: usize) -> Vec<Checksum> {
-    b.chunks_exact(ID_LEN).take(n).map(|c| Checksum(c.try_into().expect("16 bytes"))).collect()
+    b.chunks_exact(ID_LEN)
+        .take(n)
+        .map(|c| Checksum(c.try_into().expect("16 bytes")))
+        .collect()
 }
 
 /// Which file a checkpoint page image goes to.
@@ -254,15 +267,30 @@ impl Volume {
         let lens = level_lens(meta.page_count());
         // The checksum file is small (1/65536 of the volume) and fully reserved now, so
         // a checkpoint can never run out of space writing it.
-        cksum.allocate(0, cksum_file_len(&lens)).map_err(|e| StoreError::io(&cp, e))?;
-        slice.allocate(0, BLOCK_SIZE_U64).map_err(|e| StoreError::io(&sp, e))?;
-        slice.write_at(&encode_slice_header(&meta), 0).map_err(|e| StoreError::io(&sp, e))?;
-        let h = CksumHeader { uid: meta.uid, seq: 1, root: Checksum::ZERO };
-        cksum.write_at(&encode_cksum_header(&h), BLOCK_SIZE_U64).map_err(|e| StoreError::io(&cp, e))?;
+        cksum
+            .allocate(0, cksum_file_len(&lens))
+            .map_err(|e| StoreError::io(&cp, e))?;
+        slice
+            .allocate(0, BLOCK_SIZE_U64)
+            .map_err(|e| StoreError::io(&sp, e))?;
+        slice
+            .write_at(&encode_slice_header(&meta), 0)
+            .map_err(|e| StoreError::io(&sp, e))?;
+        let h = CksumHeader {
+            uid: meta.uid,
+            seq: 1,
+            root: Checksum::ZERO,
+        };
+        cksum
+            .write_at(&encode_cksum_header(&h), BLOCK_SIZE_U64)
+            .map_err(|e| StoreError::io(&cp, e))?;
         slice.sync_data().map_err(|e| StoreError::io(&sp, e))?;
         cksum.sync_data().map_err(|e| StoreError::io(&cp, e))?;
         disk::sync_dir(dir).map_err(|e| StoreError::io(dir, e))?;
-        let levels = lens.iter().map(|n| vec![Checksum::ZERO; *n as usize]).collect();
+        let levels = lens
+            .iter()
+            .map(|n| vec![Checksum::ZERO; *n as usize])
+            .collect();
         Ok(Volume {
             meta,
             dir: dir.to_path_buf(),
@@ -289,7 +317,9 @@ impl Volume {
         let slice = DiskFile::open(&sp, false).map_err(|e| StoreError::io(&sp, e))?;
         let cksum = DiskFile::open(&cp, false).map_err(|e| StoreError::io(&cp, e))?;
         let mut hb = vec![0u8; BLOCK_SIZE];
-        slice.read_at(&mut hb, 0).map_err(|e| StoreError::io(&sp, e))?;
+        slice
+            .read_at(&mut hb, 0)
+            .map_err(|e| StoreError::io(&sp, e))?;
         let meta = decode_slice_header(&hb).map_err(|detail| StoreError::Corrupted {
             what: "slice file header",
             path: sp.clone(),
@@ -306,7 +336,10 @@ impl Volume {
                 allocated: HashSet::new(),
                 dirty: BTreeSet::new(),
                 stale: BTreeSet::new(),
-                levels: lens.iter().map(|n| vec![Checksum::ZERO; *n as usize]).collect(),
+                levels: lens
+                    .iter()
+                    .map(|n| vec![Checksum::ZERO; *n as usize])
+                    .collect(),
                 dirty_ck: BTreeSet::new(),
                 damaged: BTreeMap::new(),
                 damage_dirty: false,
@@ -328,7 +361,9 @@ impl Volume {
         let mut best: Option<CksumHeader> = None;
         for slot in 0..2u64 {
             let mut b = vec![0u8; BLOCK_SIZE];
-            self.cksum.read_at(&mut b, slot * BLOCK_SIZE_U64).map_err(|e| StoreError::io(&cp, e))?;
+            self.cksum
+                .read_at(&mut b, slot * BLOCK_SIZE_U64)
+                .map_err(|e| StoreError::io(&cp, e))?;
             if let Some(h) = decode_cksum_header(&b) {
                 if h.uid == self.meta.uid && best.is_none_or(|x| h.seq > x.seq) {
                     best = Some(h);
@@ -350,7 +385,9 @@ impl Volume {
         while p0 < page_count {
             let n = CHUNK_PAGES.min(page_count - p0);
             let b = &mut buf[..(n as usize) * BLOCK_SIZE];
-            self.slice.read_at(b, slice_page_offset(p0)).map_err(|e| StoreError::io(&sp, e))?;
+            self.slice
+                .read_at(b, slice_page_offset(p0))
+                .map_err(|e| StoreError::io(&sp, e))?;
             for i in 0..n {
                 let pb = &b[(i as usize) * BLOCK_SIZE..(i as usize + 1) * BLOCK_SIZE];
                 let c = Checksum::of_page(pb);
@@ -362,14 +399,17 @@ impl Volume {
             p0 += n;
         }
         for k in 0..top {
-            let up: Vec<Checksum> =
-                actual[k].chunks(FANOUT).map(|g| Checksum::of_page(&encode_cksums(g))).collect();
+            let up: Vec<Checksum> = actual[k]
+                .chunks(FANOUT)
+                .map(|g| Checksum::of_page(&encode_cksums(g)))
+                .collect();
             actual.push(up);
         }
 
         // Stored checksum pages, verified from the root down. `trusted[k][i]` is the
         // recorded checksum at level k, or None where nothing proves it.
-        let mut trusted: Vec<Vec<Option<Checksum>>> = lens.iter().map(|n| vec![None; *n as usize]).collect();
+        let mut trusted: Vec<Vec<Option<Checksum>>> =
+            lens.iter().map(|n| vec![None; *n as usize]).collect();
         trusted[top][0] = Some(header.root);
         let mut rebuilt: BTreeSet<(usize, u64)> = BTreeSet::new();
         for k in (0..top).rev() {
@@ -377,9 +417,13 @@ impl Volume {
             for j in 0..n_pages {
                 let lo = (j * FANOUT_U64) as usize;
                 let hi = (lo + FANOUT).min(lens[k] as usize);
-                let Some(expected) = trusted[k + 1][j as usize] else { continue };
+                let Some(expected) = trusted[k + 1][j as usize] else {
+                    continue;
+                };
                 let mut b = vec![0u8; BLOCK_SIZE];
-                self.cksum.read_at(&mut b, cksum_page_offset(&lens, k, j)).map_err(|e| StoreError::io(&cp, e))?;
+                self.cksum
+                    .read_at(&mut b, cksum_page_offset(&lens, k, j))
+                    .map_err(|e| StoreError::io(&cp, e))?;
                 if Checksum::of_page(&b) == expected {
                     for (i, c) in decode_cksums(&b, hi - lo).into_iter().enumerate() {
                         trusted[k][lo + i] = Some(c);
@@ -409,7 +453,12 @@ impl Volume {
         let levels: Vec<Vec<Checksum>> = trusted
             .iter()
             .zip(actual.iter())
-            .map(|(t, a)| t.iter().zip(a.iter()).map(|(t, a)| t.unwrap_or(*a)).collect())
+            .map(|(t, a)| {
+                t.iter()
+                    .zip(a.iter())
+                    .map(|(t, a)| t.unwrap_or(*a))
+                    .collect()
+            })
             .collect();
         let mut st = self.state.lock();
         st.allocated = pages.keys().copied().collect();
@@ -442,13 +491,19 @@ impl Volume {
         for (page, hexbits) in df.pages {
             let mut bits = [0u64; FANOUT / 64];
             if hexbits.len() != 64 {
-                return Err(StoreError::Corrupted { what: "damage list", path: p, detail: "bad bitmap".into() });
+                return Err(StoreError::Corrupted {
+                    what: "damage list",
+                    path: p,
+                    detail: "bad bitmap".into(),
+                });
             }
             for (i, w) in bits.iter_mut().enumerate() {
-                *w = u64::from_str_radix(&hexbits[i * 16..(i + 1) * 16], 16).map_err(|e| StoreError::Corrupted {
-                    what: "damage list",
-                    path: p.clone(),
-                    detail: e.to_string(),
+                *w = u64::from_str_radix(&hexbits[i * 16..(i + 1) * 16], 16).map_err(|e| {
+                    StoreError::Corrupted {
+                        what: "damage list",
+                        path: p.clone(),
+                        detail: e.to_string(),
+                    }
                 })?;
             }
             out.insert(page, bits);
@@ -464,10 +519,15 @@ impl Volume {
             return Ok(());
         }
         let df = DamageFile {
-            pages: st.damaged.iter().map(|(p, b)| (*p, b.iter().map(|w| format!("{w:016x}")).collect())).collect(),
+            pages: st
+                .damaged
+                .iter()
+                .map(|(p, b)| (*p, b.iter().map(|w| format!("{w:016x}")).collect()))
+                .collect(),
         };
         let json = serde_json::to_vec_pretty(&df).expect("damage list serializes");
-        disk::write_file_atomic(&self.damage_path(), &json).map_err(|e| StoreError::io(self.damage_path(), e))?;
+        disk::write_file_atomic(&self.damage_path(), &json)
+            .map_err(|e| StoreError::io(self.damage_path(), e))?;
         st.damage_dirty = false;
         Ok(())
     }
@@ -503,7 +563,9 @@ impl Volume {
     pub(crate) fn ensure_allocated(&self, first: u64, last: u64) -> Result<(), StoreError> {
         let missing: Vec<u64> = {
             let st = self.state.lock();
-            (first..=last).filter(|p| !st.allocated.contains(p)).collect()
+            (first..=last)
+                .filter(|p| !st.allocated.contains(p))
+                .collect()
         };
         for p in &missing {
             self.slice
@@ -519,7 +581,11 @@ impl Volume {
     /// Sets the mapping of consecutive LBAs, returning the ids they had (`ZERO` for
     /// unknown slots of a damaged page, which are now known again) and how many slice
     /// pages went from clean to dirty.
-    pub(crate) fn set_ids(&self, lba: Lba, ids: &mut dyn Iterator<Item = BlockId>) -> (Vec<BlockId>, usize) {
+    pub(crate) fn set_ids(
+        &self,
+        lba: Lba,
+        ids: &mut dyn Iterator<Item = BlockId>,
+    ) -> (Vec<BlockId>, usize) {
         let mut st = self.state.lock();
         let st = &mut *st;
         let mut old = Vec::new();
@@ -614,7 +680,11 @@ impl Volume {
                     vec![0u8; BLOCK_SIZE]
                 }
             };
-            images.push(PageImage { kind: FileKind::Slice, offset: slice_page_offset(p), data });
+            images.push(PageImage {
+                kind: FileKind::Slice,
+                offset: slice_page_offset(p),
+                data,
+            });
         }
         let lens: Vec<u64> = st.levels.iter().map(|l| l.len() as u64).collect();
         for (k, j) in std::mem::take(&mut st.dirty_ck) {
@@ -627,8 +697,16 @@ impl Volume {
             });
         }
         st.header_seq += 1;
-        let h = CksumHeader { uid: self.meta.uid, seq: st.header_seq, root: st.levels[lens.len() - 1][0] };
-        images.push(PageImage { kind: FileKind::Checksum, offset: (h.seq % 2) * BLOCK_SIZE_U64, data: encode_cksum_header(&h) });
+        let h = CksumHeader {
+            uid: self.meta.uid,
+            seq: st.header_seq,
+            root: st.levels[lens.len() - 1][0],
+        };
+        images.push(PageImage {
+            kind: FileKind::Checksum,
+            offset: (h.seq % 2) * BLOCK_SIZE_U64,
+            data: encode_cksum_header(&h),
+        });
         Ok(images)
     }
 
@@ -641,14 +719,21 @@ impl Volume {
     }
 
     pub fn sync(&self) -> Result<(), StoreError> {
-        self.slice.sync_data().map_err(|e| StoreError::io(self.slice.path(), e))?;
-        self.cksum.sync_data().map_err(|e| StoreError::io(self.cksum.path(), e))
+        self.slice
+            .sync_data()
+            .map_err(|e| StoreError::io(self.slice.path(), e))?;
+        self.cksum
+            .sync_data()
+            .map_err(|e| StoreError::io(self.cksum.path(), e))
     }
 
     /// Every mapped id, for reference counting at recovery and for deletion.
     pub fn all_ids(&self) -> Vec<BlockId> {
         let st = self.state.lock();
-        st.pages.values().flat_map(|p| p.iter().copied().filter(|id| !id.is_zero())).collect()
+        st.pages
+            .values()
+            .flat_map(|p| p.iter().copied().filter(|id| !id.is_zero()))
+            .collect()
     }
 
     /// Damaged LBA ranges `(first_lba, count)`, merged.
@@ -672,19 +757,29 @@ impl Volume {
     /// (mapped blocks, mapped pages) for status.
     pub fn usage(&self) -> (u64, u64) {
         let st = self.state.lock();
-        let blocks = st.pages.values().map(|p| p.iter().filter(|id| !id.is_zero()).count() as u64).sum();
+        let blocks = st
+            .pages
+            .values()
+            .map(|p| p.iter().filter(|id| !id.is_zero()).count() as u64)
+            .sum();
         (blocks, st.pages.len() as u64)
     }
 
     /// Where LBA `lba`'s slice entry lives on disk: (slice file, offset of its page).
     pub fn locate_page(&self, lba: Lba) -> (PathBuf, u64) {
-        (self.slice.path().to_path_buf(), slice_page_offset(lba.page().0))
+        (
+            self.slice.path().to_path_buf(),
+            slice_page_offset(lba.page().0),
+        )
     }
 
     /// Where the level-1 checksum page covering `lba` lives.
     pub fn locate_checksum_page(&self, lba: Lba) -> (PathBuf, u64) {
         let lens = level_lens(self.meta.page_count());
-        (self.cksum.path().to_path_buf(), cksum_page_offset(&lens, 0, lba.page().0 / FANOUT_U64))
+        (
+            self.cksum.path().to_path_buf(),
+            cksum_page_offset(&lens, 0, lba.page().0 / FANOUT_U64),
+        )
     }
 }
 
@@ -706,14 +801,22 @@ mod tests {
 
     #[test]
     fn headers_roundtrip_and_reject_damage() {
-        let m = VolumeMeta { name: "vol0".into(), uid: 42, size_bytes: 1 << 30 };
+        let m = VolumeMeta {
+            name: "vol0".into(),
+            uid: 42,
+            size_bytes: 1 << 30,
+        };
         let b = encode_slice_header(&m);
         assert_eq!(decode_slice_header(&b).unwrap(), m);
         let mut bad = b.clone();
         bad[13] ^= 1;
         assert!(decode_slice_header(&bad).is_err());
         assert!(decode_slice_header(&b[..100]).is_err());
-        let h = CksumHeader { uid: 42, seq: 9, root: Checksum([7; 16]) };
+        let h = CksumHeader {
+            uid: 42,
+            seq: 9,
+            root: Checksum([7; 16]),
+        };
         let hb = encode_cksum_header(&h);
         assert_eq!(decode_cksum_header(&hb), Some(h));
         let mut bad = hb.clone();
@@ -734,7 +837,11 @@ mod tests {
     #[test]
     fn checkpoint_then_load_verifies_and_detects_damage() {
         let dir = tempfile::tempdir().unwrap();
-        let m = VolumeMeta { name: "v".into(), uid: 7, size_bytes: 600 * 4096 * 256 / 256 * 2 };
+        let m = VolumeMeta {
+            name: "v".into(),
+            uid: 7,
+            size_bytes: 600 * 4096 * 256 / 256 * 2,
+        };
         let v = Volume::create(dir.path(), m.clone()).unwrap();
         v.set_ids(Lba(3), &mut [id(1), id(2)].into_iter());
         v.set_ids(Lba(600), &mut [id(3)].into_iter());
@@ -758,7 +865,10 @@ mod tests {
 
         // Damage a slice page: its LBAs become unknown, others stay readable.
         let (sp, off) = v3.locate_page(Lba(3));
-        DiskFile::open(&sp, false).unwrap().write_at(&[0x99; 4], off + 40).unwrap();
+        DiskFile::open(&sp, false)
+            .unwrap()
+            .write_at(&[0x99; 4], off + 40)
+            .unwrap();
         let v4 = Volume::open(dir.path()).unwrap();
         assert_eq!(v4.load().unwrap(), vec![0]);
         assert_eq!(v4.id_at(Lba(3)), None);

@@ -13,7 +13,7 @@ fn block(seed: u64) -> Vec<u8> {
     let mut b = vec![0u8; BLOCK_SIZE];
     // A few distinct contents repeat, so deduplication is exercised too.
     let fill = (seed % 7) as u8;
-    if seed % 5 != 0 {
+    if !seed.is_multiple_of(5) {
         rng.fill(&mut b[..64]);
     }
     b[64..].fill(fill);
@@ -22,11 +22,16 @@ fn block(seed: u64) -> Vec<u8> {
 
 #[test]
 fn random_ops_survive_crashes() {
-    let seed = std::env::var("LAZARUS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_u64);
+    let seed = std::env::var("LAZARUS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed_u64);
     println!("seed {seed}");
     let mut rng = fastrand::Rng::with_seed(seed);
     let dir = tempfile::tempdir().unwrap();
-    let opts = StoreOptions { journal_bytes: 8 << 20 };
+    let opts = StoreOptions {
+        journal_bytes: 8 << 20,
+    };
     let blocks = 4096u64; // 16 MiB volume, 16 slice pages
     let mut durable: HashMap<u64, Option<u64>> = HashMap::new(); // lba -> seed (None = zero)
     let mut latest: HashMap<u64, Option<u64>> = HashMap::new();
@@ -37,13 +42,18 @@ fn random_ops_survive_crashes() {
     }
     for round in 0..12 {
         let s = Store::open(dir.path(), opts.clone()).unwrap();
-        assert!(s.recovery.damaged_pages.is_empty(), "round {round}: crash looked like corruption: {:?}", s.recovery);
+        assert!(
+            s.recovery.damaged_pages.is_empty(),
+            "round {round}: crash looked like corruption: {:?}",
+            s.recovery
+        );
         assert_eq!(s.recovery.missing_blocks, 0, "round {round}");
         let v = s.volume("v").unwrap();
         // Verify.
         let mut buf = vec![0u8; BLOCK_SIZE];
         for lba in 0..blocks {
-            s.read_blocks(&v, Lba(lba), &mut buf).unwrap_or_else(|e| panic!("round {round} lba {lba}: {e}"));
+            s.read_blocks(&v, Lba(lba), &mut buf)
+                .unwrap_or_else(|e| panic!("round {round} lba {lba}: {e}"));
             let want_durable = durable.get(&lba).copied().flatten();
             let ok_durable = match want_durable {
                 Some(sd) => buf == block(sd),
@@ -53,11 +63,23 @@ fn random_ops_survive_crashes() {
                 assert!(ok_durable, "round {round}: flushed LBA {lba} lost");
             }
             // Whatever is there now is what later rounds build on.
-            let now = if buf.iter().all(|b| *b == 0) { None } else if ok_durable { want_durable } else { latest.get(&lba).copied().flatten() };
+            let now = if buf.iter().all(|b| *b == 0) {
+                None
+            } else if ok_durable {
+                want_durable
+            } else {
+                latest.get(&lba).copied().flatten()
+            };
             if !ok_durable {
                 let l = latest.get(&lba).copied().flatten();
-                let ok_latest = match l { Some(sd) => buf == block(sd), None => buf.iter().all(|b| *b == 0) };
-                assert!(ok_latest, "round {round}: LBA {lba} holds neither the flushed nor the last write");
+                let ok_latest = match l {
+                    Some(sd) => buf == block(sd),
+                    None => buf.iter().all(|b| *b == 0),
+                };
+                assert!(
+                    ok_latest,
+                    "round {round}: LBA {lba} holds neither the flushed nor the last write"
+                );
             }
             durable.insert(lba, now);
             latest.insert(lba, now);
@@ -102,7 +124,11 @@ fn random_ops_survive_crashes() {
         }
         let st = s.block_stats();
         // Distinct contents are at most 200 + the provisioned zero block.
-        assert!(st.blocks <= 201, "round {round}: block count {} suggests a reference leak", st.blocks);
+        assert!(
+            st.blocks <= 201,
+            "round {round}: block count {} suggests a reference leak",
+            st.blocks
+        );
         // Crash: drop without flushing.
     }
 }
@@ -112,7 +138,13 @@ fn overwrites_do_not_grow_the_store() {
     // Ten overwrites of the same 32 MiB with no client FLUSH: the store holds the live
     // set plus at most PENDING_FREE_MAX slots awaiting a durable unmap, not 10x.
     let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(dir.path(), StoreOptions { journal_bytes: 8 << 20 }).unwrap();
+    let s = Store::open(
+        dir.path(),
+        StoreOptions {
+            journal_bytes: 8 << 20,
+        },
+    )
+    .unwrap();
     let live: u64 = 32 << 20;
     let v = s.create_volume("v", live).unwrap();
     let mut rng = fastrand::Rng::with_seed(1);
@@ -125,9 +157,14 @@ fn overwrites_do_not_grow_the_store() {
     }
     s.flush().unwrap();
     assert_eq!(s.block_stats().blocks, live / 4096);
-    let len = std::fs::metadata(dir.path().join("blocks.dat")).unwrap().len();
+    let len = std::fs::metadata(dir.path().join("blocks.dat"))
+        .unwrap()
+        .len();
     let bound = live + (lazarus_store::blocks::PENDING_FREE_MAX as u64 + 256) * 4096;
-    assert!(len <= bound, "blocks.dat is {len} bytes after 10 overwrites of {live}; bound {bound}");
+    assert!(
+        len <= bound,
+        "blocks.dat is {len} bytes after 10 overwrites of {live}; bound {bound}"
+    );
 }
 
 #[test]
@@ -139,9 +176,13 @@ fn corrupt_block_is_an_error_not_data() {
     s.write_blocks(&v, Lba(5), &data).unwrap();
     s.flush().unwrap();
     let loc = s.locate(&v, Lba(5));
-    let f = std::fs::OpenOptions::new().write(true).open(&loc.block_file).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&loc.block_file)
+        .unwrap();
     use std::os::unix::fs::FileExt;
-    f.write_all_at(&[0xEE; 3], loc.block_offset.unwrap() + 10).unwrap();
+    f.write_all_at(&[0xEE; 3], loc.block_offset.unwrap() + 10)
+        .unwrap();
     let mut buf = vec![0u8; BLOCK_SIZE];
     assert!(s.read_blocks(&v, Lba(5), &mut buf).is_err());
     s.read_blocks(&v, Lba(6), &mut buf).unwrap();

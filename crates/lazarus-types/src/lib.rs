@@ -133,7 +133,10 @@ pub fn is_zero(data: &[u8]) -> bool {
     // Word-at-a-time: this runs on every written block.
     let chunks = data.chunks_exact(8);
     let tail = chunks.remainder();
-    chunks.into_iter().all(|c| u64::from_ne_bytes(c.try_into().expect("8-byte chunk")) == 0) && tail.iter().all(|b| *b == 0)
+    chunks
+        .into_iter()
+        .all(|c| u64::from_ne_bytes(c.try_into().expect("8-byte chunk")) == 0)
+        && tail.iter().all(|b| *b == 0)
 }
 
 pub fn hex(bytes: &[u8]) -> String {
@@ -150,18 +153,27 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     if num.is_empty() {
-        return Err(format!("invalid size {text:?}: expected a number such as 1GiB"));
+        return Err(format!(
+            "invalid size {text:?}: expected a number such as 1GiB"
+        ));
     }
-    let n: u64 = num.parse().map_err(|_| format!("invalid size {text:?}: number too large"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {text:?}: number too large"))?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kib" | "kb" => 1 << 10,
         "m" | "mib" | "mb" => 1 << 20,
         "g" | "gib" | "gb" => 1 << 30,
         "t" | "tib" | "tb" => 1 << 40,
-        other => return Err(format!("invalid size {text:?}: unknown unit {other:?} (use KiB, MiB, GiB, TiB)")),
+        other => {
+            return Err(format!(
+                "invalid size {text:?}: unknown unit {other:?} (use KiB, MiB, GiB, TiB)"
+            ))
+        }
     };
-    n.checked_mul(mult).ok_or_else(|| format!("invalid size {text:?}: too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("invalid size {text:?}: too large"))
 }
 
 /// Checks a volume size: a positive multiple of 4 KiB, at most `VOLUME_SIZE_MAX_BYTES`.
@@ -170,17 +182,23 @@ pub fn check_volume_size(size_bytes: u64) -> Result<(), String> {
         return Err("volume size must be greater than zero".into());
     }
     if !size_bytes.is_multiple_of(BLOCK_SIZE_U64) {
-        return Err(format!("volume size {size_bytes} is not a multiple of 4096 bytes"));
+        return Err(format!(
+            "volume size {size_bytes} is not a multiple of 4096 bytes"
+        ));
     }
     if size_bytes > VOLUME_SIZE_MAX_BYTES {
-        return Err(format!("volume size {size_bytes} exceeds the maximum of {VOLUME_SIZE_MAX_BYTES} bytes"));
+        return Err(format!(
+            "volume size {size_bytes} exceeds the maximum of {VOLUME_SIZE_MAX_BYTES} bytes"
+        ));
     }
     Ok(())
 }
 
 /// Checks a volume name: 1-64 characters of `[A-Za-z0-9._-]`, not starting with a dot.
 pub fn check_volume_name(name: &str) -> Result<(), String> {
-    let ok_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
     if name.is_empty() || name.len() > 64 || !ok_chars || name.starts_with('.') {
         return Err(format!(
             "invalid volume name {name:?}: use 1-64 characters of letters, digits, '.', '_' or '-', not starting with '.'"

@@ -41,7 +41,10 @@ impl From<StoreError> for ApiError {
 }
 
 fn join_err(e: tokio::task::JoinError) -> ApiError {
-    ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("task failed: {e}"))
+    ApiError(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("task failed: {e}"),
+    )
 }
 
 #[derive(Serialize)]
@@ -73,7 +76,10 @@ pub fn volume_view(v: &Volume) -> VolumeView {
         mapped_pages,
         root: v.root().to_hex(),
         unrecoverable_lbas: ranges.iter().map(|r| r.1).sum(),
-        unrecoverable: ranges.into_iter().map(|(first_lba, count)| DamagedRange { first_lba, count }).collect(),
+        unrecoverable: ranges
+            .into_iter()
+            .map(|(first_lba, count)| DamagedRange { first_lba, count })
+            .collect(),
     }
 }
 
@@ -82,7 +88,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/health", get(health))
         .route("/api/v1/status", get(status))
         .route("/api/v1/volumes", get(list_volumes).post(create_volume))
-        .route("/api/v1/volumes/{name}", get(get_volume).delete(delete_volume))
+        .route(
+            "/api/v1/volumes/{name}",
+            get(get_volume).delete(delete_volume),
+        )
         .route("/api/v1/volumes/{name}/locate", get(locate))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .with_state(state)
@@ -106,7 +115,14 @@ async fn status(State(s): State<AppState>) -> Json<serde_json::Value> {
 }
 
 async fn list_volumes(State(s): State<AppState>) -> Json<Vec<VolumeView>> {
-    Json(s.engine.store.volumes().iter().map(|v| volume_view(v)).collect())
+    Json(
+        s.engine
+            .store
+            .volumes()
+            .iter()
+            .map(|v| volume_view(v))
+            .collect(),
+    )
 }
 
 #[derive(Deserialize)]
@@ -123,29 +139,54 @@ pub struct CreateVolume {
     pub size: SizeArg,
 }
 
-async fn create_volume(State(s): State<AppState>, body: Result<Json<CreateVolume>, axum::extract::rejection::JsonRejection>) -> Result<(StatusCode, Json<VolumeView>), ApiError> {
-    let Json(req) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("bad request body: {}", e.body_text())))?;
+async fn create_volume(
+    State(s): State<AppState>,
+    body: Result<Json<CreateVolume>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<VolumeView>), ApiError> {
+    let Json(req) = body.map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("bad request body: {}", e.body_text()),
+        )
+    })?;
     let size = match req.size {
         SizeArg::Bytes(n) => n,
-        SizeArg::Text(t) => lazarus_types::parse_size(&t).map_err(|m| ApiError(StatusCode::BAD_REQUEST, m))?,
+        SizeArg::Text(t) => {
+            lazarus_types::parse_size(&t).map_err(|m| ApiError(StatusCode::BAD_REQUEST, m))?
+        }
     };
     let store = s.engine.store.clone();
-    let v = tokio::task::spawn_blocking(move || store.create_volume(&req.name, size)).await.map_err(join_err)??;
+    let v = tokio::task::spawn_blocking(move || store.create_volume(&req.name, size))
+        .await
+        .map_err(join_err)??;
     Ok((StatusCode::CREATED, Json(volume_view(&v))))
 }
 
 fn find(s: &AppState, name: &str) -> Result<Arc<Volume>, ApiError> {
-    s.engine.store.volume(name).ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("volume {name:?} does not exist")))
+    s.engine.store.volume(name).ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("volume {name:?} does not exist"),
+        )
+    })
 }
 
-async fn get_volume(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<VolumeView>, ApiError> {
+async fn get_volume(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<VolumeView>, ApiError> {
     let v = find(&s, &name)?;
     Ok(Json(volume_view(&v)))
 }
 
-async fn delete_volume(State(s): State<AppState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+async fn delete_volume(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
     let store = s.engine.store.clone();
-    tokio::task::spawn_blocking(move || store.delete_volume(&name)).await.map_err(join_err)??;
+    tokio::task::spawn_blocking(move || store.delete_volume(&name))
+        .await
+        .map_err(join_err)??;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -154,11 +195,18 @@ struct LocateQuery {
     lba: u64,
 }
 
-async fn locate(State(s): State<AppState>, Path(name): Path<String>, q: Result<Query<LocateQuery>, axum::extract::rejection::QueryRejection>) -> Result<Json<lazarus_store::Locations>, ApiError> {
+async fn locate(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    q: Result<Query<LocateQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<lazarus_store::Locations>, ApiError> {
     let Query(q) = q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     let v = find(&s, &name)?;
     if q.lba >= v.meta.size_bytes / BLOCK_SIZE_U64 {
-        return Err(ApiError(StatusCode::BAD_REQUEST, format!("lba {} is past the end of volume {name:?}", q.lba)));
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("lba {} is past the end of volume {name:?}", q.lba),
+        ));
     }
     Ok(Json(s.engine.store.locate(&v, Lba(q.lba))))
 }

@@ -17,7 +17,10 @@ impl Api {
             .timeout_global(Some(Duration::from_secs(60)))
             .build()
             .into();
-        Api { base: base.trim_end_matches('/').to_string(), agent }
+        Api {
+            base: base.trim_end_matches('/').to_string(),
+            agent,
+        }
     }
 
     /// Finds the API of a cluster started by `lazarus up --data DIR`.
@@ -29,16 +32,29 @@ impl Api {
         let text = std::fs::read_to_string(&p).with_context(|| {
             format!("no running cluster found under {} (start one with `lazarus up`, or pass --api URL)", data.display())
         })?;
-        let v: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", p.display()))?;
-        let admin = v["nodes"][0]["admin"].as_str().with_context(|| format!("{} lists no nodes", p.display()))?;
+        let v: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", p.display()))?;
+        let admin = v["nodes"][0]["admin"]
+            .as_str()
+            .with_context(|| format!("{} lists no nodes", p.display()))?;
         Ok(Api::new(&format!("http://{admin}")))
     }
 
-    fn handle(&self, what: &str, r: Result<ureq::http::Response<ureq::Body>, ureq::Error>) -> anyhow::Result<(u16, Value)> {
-        let mut resp = r.map_err(|e| anyhow::anyhow!("cannot reach the admin API at {} ({what}): {e}", self.base))?;
+    fn handle(
+        &self,
+        what: &str,
+        r: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let mut resp = r.map_err(|e| {
+            anyhow::anyhow!("cannot reach the admin API at {} ({what}): {e}", self.base)
+        })?;
         let code = resp.status().as_u16();
         let text = resp.body_mut().read_to_string().unwrap_or_default();
-        let v = if text.trim().is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) };
+        let v = if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
         Ok((code, v))
     }
 
@@ -48,7 +64,10 @@ impl Api {
     }
 
     pub fn post(&self, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
-        let r = self.agent.post(&format!("{}{path}", self.base)).send_json(body);
+        let r = self
+            .agent
+            .post(&format!("{}{path}", self.base))
+            .send_json(body);
         self.handle(path, r)
     }
 
@@ -64,6 +83,9 @@ pub fn ok(r: (u16, Value)) -> anyhow::Result<Value> {
     if (200..300).contains(&code) {
         return Ok(v);
     }
-    let msg = v["error"].as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+    let msg = v["error"]
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| v.to_string());
     anyhow::bail!("{msg} (HTTP {code})")
 }

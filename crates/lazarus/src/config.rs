@@ -33,15 +33,25 @@ fn default_checkpoint_secs() -> u64 {
 
 impl NodeConfig {
     pub fn load(path: &Path) -> anyhow::Result<NodeConfig> {
-        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
-        let mut cfg: NodeConfig =
-            toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid config {}: {}", path.display(), e.message()))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+        let mut cfg: NodeConfig = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("invalid config {}: {}", path.display(), e.message()))?;
         if cfg.data_dir.is_relative() {
             let base = path.parent().unwrap_or(Path::new("."));
             cfg.data_dir = base.join(&cfg.data_dir);
         }
-        if cfg.id.is_empty() || !cfg.id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-            anyhow::bail!("invalid config {}: id {:?} must be letters, digits, '-' or '_'", path.display(), cfg.id);
+        if cfg.id.is_empty()
+            || !cfg
+                .id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            anyhow::bail!(
+                "invalid config {}: id {:?} must be letters, digits, '-' or '_'",
+                path.display(),
+                cfg.id
+            );
         }
         if cfg.journal_bytes < lazarus_store::journal::CAPACITY_MIN_BYTES {
             anyhow::bail!(

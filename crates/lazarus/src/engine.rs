@@ -20,7 +20,10 @@ pub struct IoError {
 
 impl IoError {
     fn new(errno: u32, message: impl Into<String>) -> IoError {
-        IoError { errno, message: message.into() }
+        IoError {
+            errno,
+            message: message.into(),
+        }
     }
 }
 
@@ -56,14 +59,19 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(store: Arc<Store>) -> Engine {
-        Engine { store, stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect() }
+        Engine {
+            store,
+            stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+        }
     }
 
     async fn lock_blocks(&self, first: u64, last: u64) -> Vec<MutexGuard<'_, ()>> {
         let mut idx: Vec<usize> = if last - first + 1 >= LOCK_STRIPES as u64 {
             (0..LOCK_STRIPES).collect()
         } else {
-            (first..=last).map(|b| (b % LOCK_STRIPES as u64) as usize).collect()
+            (first..=last)
+                .map(|b| (b % LOCK_STRIPES as u64) as usize)
+                .collect()
         };
         idx.sort_unstable();
         idx.dedup();
@@ -83,7 +91,7 @@ impl Engine {
         let first = offset / BLOCK_SIZE_U64;
         let last = (offset + len - 1) / BLOCK_SIZE_U64;
         let head = (offset % BLOCK_SIZE_U64) as usize;
-        if head == 0 && len % BLOCK_SIZE_U64 == 0 {
+        if head == 0 && len.is_multiple_of(BLOCK_SIZE_U64) {
             return Ok(self.store.read_blocks(vol, Lba(first), out)?);
         }
         let mut tmp = vec![0u8; ((last - first + 1) as usize) * BLOCK_SIZE];
@@ -92,22 +100,29 @@ impl Engine {
         Ok(())
     }
 
-    pub async fn write(&self, vol: &Volume, offset: u64, data: &[u8], fua: bool) -> Result<(), IoError> {
+    pub async fn write(
+        &self,
+        vol: &Volume,
+        offset: u64,
+        data: &[u8],
+        fua: bool,
+    ) -> Result<(), IoError> {
         let len = data.len() as u64;
         if len > 0 {
             let first = offset / BLOCK_SIZE_U64;
             let last = (offset + len - 1) / BLOCK_SIZE_U64;
             let _g = self.lock_blocks(first, last).await;
             let head = (offset % BLOCK_SIZE_U64) as usize;
-            if head == 0 && len % BLOCK_SIZE_U64 == 0 {
+            if head == 0 && len.is_multiple_of(BLOCK_SIZE_U64) {
                 self.store.write_blocks(vol, Lba(first), data)?;
             } else {
                 // Read-modify-write of the partial blocks at either end only.
                 let nblocks = (last - first + 1) as usize;
                 let mut buf = vec![0u8; nblocks * BLOCK_SIZE];
-                let tail_partial = (offset + len) % BLOCK_SIZE_U64 != 0;
+                let tail_partial = !(offset + len).is_multiple_of(BLOCK_SIZE_U64);
                 if head != 0 || (nblocks == 1 && tail_partial) {
-                    self.store.read_blocks(vol, Lba(first), &mut buf[..BLOCK_SIZE])?;
+                    self.store
+                        .read_blocks(vol, Lba(first), &mut buf[..BLOCK_SIZE])?;
                 }
                 if tail_partial && (nblocks > 1) {
                     let s = (nblocks - 1) * BLOCK_SIZE;
@@ -127,7 +142,15 @@ impl Engine {
     /// `provision`, mapped to a stored zero block); partial blocks at the ends are
     /// zeroed by read-modify-write for WRITE_ZEROES and left alone for TRIM (which
     /// promises nothing about contents).
-    pub async fn zero(&self, vol: &Volume, offset: u64, len: u64, trim: bool, provision: bool, fua: bool) -> Result<(), IoError> {
+    pub async fn zero(
+        &self,
+        vol: &Volume,
+        offset: u64,
+        len: u64,
+        trim: bool,
+        provision: bool,
+        fua: bool,
+    ) -> Result<(), IoError> {
         if len > 0 {
             let end = offset + len;
             let first_full = offset.div_ceil(BLOCK_SIZE_U64);
@@ -135,16 +158,28 @@ impl Engine {
             if !trim {
                 let head_end = (first_full * BLOCK_SIZE_U64).min(end);
                 if head_end > offset {
-                    self.write(vol, offset, &vec![0u8; (head_end - offset) as usize], false).await?;
+                    self.write(vol, offset, &vec![0u8; (head_end - offset) as usize], false)
+                        .await?;
                 }
                 let tail_start = (end_full * BLOCK_SIZE_U64).max(head_end);
                 if end > tail_start {
-                    self.write(vol, tail_start, &vec![0u8; (end - tail_start) as usize], false).await?;
+                    self.write(
+                        vol,
+                        tail_start,
+                        &vec![0u8; (end - tail_start) as usize],
+                        false,
+                    )
+                    .await?;
                 }
             }
             if end_full > first_full {
                 let _g = self.lock_blocks(first_full, end_full - 1).await;
-                self.store.write_zeroes(vol, Lba(first_full), end_full - first_full, provision && !trim)?;
+                self.store.write_zeroes(
+                    vol,
+                    Lba(first_full),
+                    end_full - first_full,
+                    provision && !trim,
+                )?;
             }
         }
         if fua {

@@ -14,7 +14,11 @@ use serde_json::{json, Value};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "lazarus", version, about = "Lazarus: a replicated block-storage cluster serving volumes over NBD")]
+#[command(
+    name = "lazarus",
+    version,
+    about = "Lazarus: a replicated block-storage cluster serving volumes over NBD"
+)]
 struct Cli {
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, global = true)]
@@ -97,7 +101,11 @@ fn init_logging(level: Option<&str>) {
         _ => EnvFilter::new(level.unwrap_or("info")),
     };
     use std::io::IsTerminal;
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn human(bytes: u64) -> String {
@@ -108,11 +116,18 @@ fn human(bytes: u64) -> String {
         v /= 1024.0;
         i += 1;
     }
-    if i == 0 { format!("{bytes} B") } else { format!("{v:.1} {}", U[i]) }
+    if i == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
 }
 
 fn print_volumes(vols: &Value) {
-    println!("{:<16} {:>10} {:>14} {:>14}  ROOT", "VOLUME", "SIZE", "MAPPED", "UNRECOVERABLE");
+    println!(
+        "{:<16} {:>10} {:>14} {:>14}  ROOT",
+        "VOLUME", "SIZE", "MAPPED", "UNRECOVERABLE"
+    );
     for v in vols.as_array().into_iter().flatten() {
         println!(
             "{:<16} {:>10} {:>14} {:>14}  {}",
@@ -132,8 +147,14 @@ fn client_command(cmd: Cmd) -> anyhow::Result<()> {
             match op {
                 VolumeOp::Create { name, size } => {
                     lazarus_types::check_volume_name(&name).map_err(anyhow::Error::msg)?;
-                    let v = client::ok(api.post("/api/v1/volumes", &json!({ "name": name, "size": size }))?)?;
-                    println!("created volume {} ({})", v["name"].as_str().unwrap_or(&name), human(size));
+                    let v = client::ok(
+                        api.post("/api/v1/volumes", &json!({ "name": name, "size": size }))?,
+                    )?;
+                    println!(
+                        "created volume {} ({})",
+                        v["name"].as_str().unwrap_or(&name),
+                        human(size)
+                    );
                 }
                 VolumeOp::List { json } => {
                     let v = client::ok(api.get("/api/v1/volumes")?)?;
@@ -155,13 +176,22 @@ fn client_command(cmd: Cmd) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!("node {} (pid {})", v["node"].as_str().unwrap_or("?"), v["pid"]);
+                println!(
+                    "node {} (pid {})",
+                    v["node"].as_str().unwrap_or("?"),
+                    v["pid"]
+                );
                 print_volumes(&v["volumes"]);
                 let b = &v["blocks"];
-                println!("blocks stored: {}  slots: {}  free: {}  missing: {}", b["blocks"], b["slots"], b["free_slots"], b["missing"]);
+                println!(
+                    "blocks stored: {}  slots: {}  free: {}  missing: {}",
+                    b["blocks"], b["slots"], b["free_slots"], b["missing"]
+                );
             }
         }
-        Cmd::Up { .. } | Cmd::Node { .. } => unreachable!("server commands are not client commands"),
+        Cmd::Up { .. } | Cmd::Node { .. } => {
+            unreachable!("server commands are not client commands")
+        }
     }
     Ok(())
 }
@@ -171,9 +201,20 @@ fn main() {
         Ok(c) => c,
         Err(e) => {
             use clap::error::ErrorKind;
-            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) {
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
                 let _ = e.print();
-                std::process::exit(if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand { 2 } else { 0 });
+                std::process::exit(
+                    if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                        2
+                    } else {
+                        0
+                    },
+                );
             }
             let text = e.render().to_string();
             let first = text.lines().next().unwrap_or("error: invalid arguments");
@@ -183,14 +224,20 @@ fn main() {
     };
     init_logging(cli.log_level.as_deref());
     let result = match cli.command {
-        Cmd::Up { data, port_base, volume_size } => runtime().block_on(up::run(up::UpArgs {
+        Cmd::Up {
+            data,
+            port_base,
+            volume_size,
+        } => runtime().block_on(up::run(up::UpArgs {
             data,
             port_base,
             volume_size,
             nodes: 1,
             log_level: cli.log_level.clone(),
         })),
-        Cmd::Node { config } => config::NodeConfig::load(&config).and_then(|cfg| runtime().block_on(node::run(cfg))),
+        Cmd::Node { config } => {
+            config::NodeConfig::load(&config).and_then(|cfg| runtime().block_on(node::run(cfg)))
+        }
         other => client_command(other),
     };
     if let Err(e) = result {
@@ -200,5 +247,8 @@ fn main() {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("cannot start the tokio runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("cannot start the tokio runtime")
 }

@@ -5,9 +5,9 @@
 use crate::engine::{Engine, IoError};
 use lazarus_nbd::consts::*;
 use lazarus_nbd::{
-    parse_client_flags, server_greeting, simple_reply, structured_error, structured_read_header, Command, ExportCatalog,
-    ExportInfo, Handshake, OptionHeader, OptionOutcome, Request, OPTION_DATA_MAX_BYTES, OPTION_HEADER_LEN,
-    PAYLOAD_MAX_BYTES, REQUEST_HEADER_LEN,
+    parse_client_flags, server_greeting, simple_reply, structured_error, structured_read_header,
+    Command, ExportCatalog, ExportInfo, Handshake, OptionHeader, OptionOutcome, Request,
+    OPTION_DATA_MAX_BYTES, OPTION_HEADER_LEN, PAYLOAD_MAX_BYTES, REQUEST_HEADER_LEN,
 };
 use lazarus_store::{Store, Volume};
 use std::sync::Arc;
@@ -60,7 +60,11 @@ impl ExportCatalog for Catalog {
 pub async fn serve(listener: TcpListener, engine: Arc<Engine>) {
     let limit = Arc::new(Semaphore::new(CONNECTIONS_MAX));
     loop {
-        let permit = limit.clone().acquire_owned().await.expect("semaphore is never closed");
+        let permit = limit
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("semaphore is never closed");
         let (sock, peer) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
@@ -82,16 +86,26 @@ pub async fn serve(listener: TcpListener, engine: Arc<Engine>) {
 
 async fn handle(mut sock: TcpStream, engine: Arc<Engine>) -> anyhow::Result<()> {
     sock.set_nodelay(true)?;
-    let catalog = Catalog { store: engine.store.clone() };
+    let catalog = Catalog {
+        store: engine.store.clone(),
+    };
     let negotiated = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut sock, &catalog))
         .await
         .map_err(|_| anyhow::anyhow!("handshake timed out"))??;
-    let Some((export, structured)) = negotiated else { return Ok(()) };
-    let vol = engine.store.volume(&export.name).ok_or_else(|| anyhow::anyhow!("export {} vanished", export.name))?;
+    let Some((export, structured)) = negotiated else {
+        return Ok(());
+    };
+    let vol = engine
+        .store
+        .volume(&export.name)
+        .ok_or_else(|| anyhow::anyhow!("export {} vanished", export.name))?;
     transmission(sock, engine, vol, structured).await
 }
 
-async fn handshake(sock: &mut TcpStream, catalog: &Catalog) -> anyhow::Result<Option<(ExportInfo, bool)>> {
+async fn handshake(
+    sock: &mut TcpStream,
+    catalog: &Catalog,
+) -> anyhow::Result<Option<(ExportInfo, bool)>> {
     sock.write_all(&server_greeting()).await?;
     let mut cf = [0u8; 4];
     sock.read_exact(&mut cf).await?;
@@ -103,11 +117,20 @@ async fn handshake(sock: &mut TcpStream, catalog: &Catalog) -> anyhow::Result<Op
         let h = OptionHeader::parse(&hb)?;
         if h.length > OPTION_DATA_MAX_BYTES {
             if h.length > OPTION_DISCARD_MAX_BYTES {
-                anyhow::bail!("option {} with {} bytes of data: closing", h.option, h.length);
+                anyhow::bail!(
+                    "option {} with {} bytes of data: closing",
+                    h.option,
+                    h.length
+                );
             }
             let mut sink = vec![0u8; h.length as usize];
             sock.read_exact(&mut sink).await?;
-            sock.write_all(&lazarus_nbd::option_reply(h.option, REP_ERR_TOO_BIG, b"option data too large")).await?;
+            sock.write_all(&lazarus_nbd::option_reply(
+                h.option,
+                REP_ERR_TOO_BIG,
+                b"option data too large",
+            ))
+            .await?;
             continue;
         }
         let mut data = vec![0u8; h.length as usize];
@@ -122,7 +145,11 @@ async fn handshake(sock: &mut TcpStream, catalog: &Catalog) -> anyhow::Result<Op
                 tracing::info!(%reason, "closing during handshake");
                 return Ok(None);
             }
-            OptionOutcome::Transmission { reply, export, structured } => {
+            OptionOutcome::Transmission {
+                reply,
+                export,
+                structured,
+            } => {
                 sock.write_all(&reply).await?;
                 return Ok(Some((export, structured)));
             }
@@ -157,7 +184,12 @@ fn error_reply(structured: bool, cookie: u64, e: &IoError) -> Vec<u8> {
     }
 }
 
-async fn transmission(sock: TcpStream, engine: Arc<Engine>, vol: Arc<Volume>, structured: bool) -> anyhow::Result<()> {
+async fn transmission(
+    sock: TcpStream,
+    engine: Arc<Engine>,
+    vol: Arc<Volume>,
+    structured: bool,
+) -> anyhow::Result<()> {
     let (mut rd, wr) = sock.into_split();
     let (tx, rx) = mpsc::channel::<Vec<u8>>(INFLIGHT_PER_CONNECTION_MAX * 2);
     let writer = tokio::spawn(writer_task(wr, rx));
@@ -177,7 +209,11 @@ async fn transmission(sock: TcpStream, engine: Arc<Engine>, vol: Arc<Volume>, st
             if req.payload_len() > PAYLOAD_MAX_BYTES {
                 // The payload cannot be skipped safely at this size: hard disconnect,
                 // as the protocol allows.
-                anyhow::bail!("write of {} bytes exceeds the {} byte limit", req.length, PAYLOAD_MAX_BYTES);
+                anyhow::bail!(
+                    "write of {} bytes exceeds the {} byte limit",
+                    req.length,
+                    PAYLOAD_MAX_BYTES
+                );
             }
             let mut payload = Vec::new();
             if req.payload_len() > 0 {
@@ -186,7 +222,9 @@ async fn transmission(sock: TcpStream, engine: Arc<Engine>, vol: Arc<Volume>, st
             }
             if req.command == Command::Disconnect {
                 // Let in-flight requests finish and their replies go out.
-                let _all = inflight.acquire_many(INFLIGHT_PER_CONNECTION_MAX as u32).await?;
+                let _all = inflight
+                    .acquire_many(INFLIGHT_PER_CONNECTION_MAX as u32)
+                    .await?;
                 return Ok(());
             }
             let permit = inflight.clone().acquire_owned().await?;
@@ -206,9 +244,22 @@ async fn transmission(sock: TcpStream, engine: Arc<Engine>, vol: Arc<Volume>, st
     result
 }
 
-async fn execute(engine: &Engine, vol: &Volume, req: Request, payload: Vec<u8>, size: u64, structured: bool) -> Vec<u8> {
+async fn execute(
+    engine: &Engine,
+    vol: &Volume,
+    req: Request,
+    payload: Vec<u8>,
+    size: u64,
+    structured: bool,
+) -> Vec<u8> {
     if let Err(errno) = req.validate(size, false) {
-        let e = IoError { errno, message: format!("invalid request {:?} at {} length {}", req.command, req.offset, req.length) };
+        let e = IoError {
+            errno,
+            message: format!(
+                "invalid request {:?} at {} length {}",
+                req.command, req.offset, req.length
+            ),
+        };
         tracing::debug!(cookie = req.cookie, error = %e.message, "rejecting request");
         return error_reply(structured, req.cookie, &e);
     }
@@ -219,7 +270,9 @@ async fn execute(engine: &Engine, vol: &Volume, req: Request, payload: Vec<u8>, 
             match engine.read_into(vol, req.offset, &mut buf[hdr..]) {
                 Ok(()) => {
                     if structured {
-                        buf[..28].copy_from_slice(&structured_read_header(req.cookie, req.offset, req.length));
+                        buf[..28].copy_from_slice(&structured_read_header(
+                            req.cookie, req.offset, req.length,
+                        ));
                     } else {
                         buf[..16].copy_from_slice(&simple_reply(req.cookie, 0));
                     }
@@ -230,8 +283,23 @@ async fn execute(engine: &Engine, vol: &Volume, req: Request, payload: Vec<u8>, 
         }
         Command::Write => engine.write(vol, req.offset, &payload, req.fua()).await,
         Command::Flush => engine.flush().await,
-        Command::Trim => engine.zero(vol, req.offset, req.length as u64, true, false, req.fua()).await,
-        Command::WriteZeroes => engine.zero(vol, req.offset, req.length as u64, false, req.no_hole(), req.fua()).await,
+        Command::Trim => {
+            engine
+                .zero(vol, req.offset, req.length as u64, true, false, req.fua())
+                .await
+        }
+        Command::WriteZeroes => {
+            engine
+                .zero(
+                    vol,
+                    req.offset,
+                    req.length as u64,
+                    false,
+                    req.no_hole(),
+                    req.fua(),
+                )
+                .await
+        }
         Command::Disconnect | Command::Unknown(_) => unreachable!("handled before execute"),
     };
     match r {

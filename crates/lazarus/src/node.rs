@@ -19,12 +19,20 @@ pub struct DirLock {
 }
 
 pub fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<DirLock> {
-    std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("cannot create data dir {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| anyhow::anyhow!("cannot create data dir {}: {e}", dir.display()))?;
     let path = dir.join("LOCK");
-    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)?;
     let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if r != 0 {
-        anyhow::bail!("data dir {} is in use by another lazarus process", dir.display());
+        anyhow::bail!(
+            "data dir {} is in use by another lazarus process",
+            dir.display()
+        );
     }
     Ok(DirLock { _file: file })
 }
@@ -33,7 +41,9 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let _lock = lock_data_dir(&cfg.data_dir)?;
     let t0 = Instant::now();
     let dir = cfg.data_dir.clone();
-    let opts = StoreOptions { journal_bytes: cfg.journal_bytes };
+    let opts = StoreOptions {
+        journal_bytes: cfg.journal_bytes,
+    };
     let store = tokio::task::spawn_blocking(move || Store::open(&dir, opts)).await??;
     let store = Arc::new(store);
     tracing::info!(node = %cfg.id, elapsed_ms = t0.elapsed().as_millis() as u64, recovery = ?store.recovery, "store opened");
@@ -42,28 +52,47 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let nbd = TcpListener::bind(cfg.nbd_listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen for NBD on {}: {e}", cfg.nbd_listen))?;
-    let adm = TcpListener::bind(cfg.admin_listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen for the admin API on {}: {e}", cfg.admin_listen))?;
-    let ep = Endpoints { id: cfg.id.clone(), pid: std::process::id(), nbd: nbd.local_addr()?, admin: adm.local_addr()? };
-    lazarus_store::disk::write_file_atomic(&cfg.data_dir.join("endpoints.json"), &serde_json::to_vec_pretty(&ep)?)?;
+    let adm = TcpListener::bind(cfg.admin_listen).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen for the admin API on {}: {e}",
+            cfg.admin_listen
+        )
+    })?;
+    let ep = Endpoints {
+        id: cfg.id.clone(),
+        pid: std::process::id(),
+        nbd: nbd.local_addr()?,
+        admin: adm.local_addr()?,
+    };
+    lazarus_store::disk::write_file_atomic(
+        &cfg.data_dir.join("endpoints.json"),
+        &serde_json::to_vec_pretty(&ep)?,
+    )?;
     tracing::info!(node = %cfg.id, nbd = %ep.nbd, admin = %ep.admin, "node serving");
 
-    let app = admin::router(admin::AppState { node_id: cfg.id.clone(), engine: engine.clone() });
+    let app = admin::router(admin::AppState {
+        node_id: cfg.id.clone(),
+        engine: engine.clone(),
+    });
     tokio::spawn(async move {
         if let Err(e) = axum::serve(adm, app).await {
             tracing::error!(error = %e, "admin API stopped");
         }
     });
     tokio::spawn(nbd_server::serve(nbd, engine.clone()));
-    tokio::spawn(checkpointer(store.clone(), Duration::from_secs(cfg.checkpoint_interval_secs.max(1))));
+    tokio::spawn(checkpointer(
+        store.clone(),
+        Duration::from_secs(cfg.checkpoint_interval_secs.max(1)),
+    ));
 
     shutdown_signal().await;
     tracing::info!(node = %cfg.id, "shutting down: flushing and checkpointing");
     let s = store.clone();
     match tokio::task::spawn_blocking(move || s.checkpoint()).await? {
         Ok(()) => tracing::info!(node = %cfg.id, "clean shutdown"),
-        Err(e) => tracing::error!(node = %cfg.id, error = %e, "final checkpoint failed; the journal will be replayed at start"),
+        Err(e) => {
+            tracing::error!(node = %cfg.id, error = %e, "final checkpoint failed; the journal will be replayed at start")
+        }
     }
     let _ = std::fs::remove_file(cfg.data_dir.join("endpoints.json"));
     Ok(())
@@ -73,7 +102,8 @@ async fn checkpointer(store: Arc<Store>, interval: Duration) {
     let mut last = Instant::now();
     loop {
         tokio::time::sleep(CHECKPOINT_POLL).await;
-        let due = store.wants_checkpoint() || (last.elapsed() >= interval && store.journal_used_bytes() > 0);
+        let due = store.wants_checkpoint()
+            || (last.elapsed() >= interval && store.journal_used_bytes() > 0);
         if !due {
             continue;
         }

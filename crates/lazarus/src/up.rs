@@ -52,13 +52,22 @@ async fn start_node(args: &UpArgs, i: usize) -> anyhow::Result<Running> {
         checkpoint_interval_secs: 30,
     };
     let cfg_path = dir.join("node.toml");
-    std::fs::write(&cfg_path, toml::to_string(&cfg)?).with_context(|| format!("cannot write {}", cfg_path.display()))?;
+    std::fs::write(&cfg_path, toml::to_string(&cfg)?)
+        .with_context(|| format!("cannot write {}", cfg_path.display()))?;
     let _ = std::fs::remove_file(dir.join("endpoints.json"));
     let log = dir.join("node.log");
-    let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+    let logf = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)?;
     let exe = std::env::current_exe().context("cannot find the lazarus executable")?;
     let mut cmd = Command::new(exe);
-    cmd.arg("node").arg("--config").arg(&cfg_path).stdout(logf.try_clone()?).stderr(logf).kill_on_drop(true);
+    cmd.arg("node")
+        .arg("--config")
+        .arg(&cfg_path)
+        .stdout(logf.try_clone()?)
+        .stderr(logf)
+        .kill_on_drop(true);
     if let Some(l) = &args.log_level {
         cmd.arg("--log-level").arg(l);
     }
@@ -67,7 +76,11 @@ async fn start_node(args: &UpArgs, i: usize) -> anyhow::Result<Running> {
     let t0 = Instant::now();
     loop {
         if let Some(status) = child.try_wait()? {
-            anyhow::bail!("node {id} exited during start-up ({status}); last lines of {}:\n{}", log.display(), log_tail(&log));
+            anyhow::bail!(
+                "node {id} exited during start-up ({status}); last lines of {}:\n{}",
+                log.display(),
+                log_tail(&log)
+            );
         }
         if let Ok(text) = std::fs::read(dir.join("endpoints.json")) {
             if let Ok(ep) = serde_json::from_slice::<Endpoints>(&text) {
@@ -77,7 +90,10 @@ async fn start_node(args: &UpArgs, i: usize) -> anyhow::Result<Running> {
             }
         }
         if t0.elapsed() > NODE_START_TIMEOUT {
-            anyhow::bail!("node {id} did not start within {NODE_START_TIMEOUT:?}; see {}", log.display());
+            anyhow::bail!(
+                "node {id} did not start within {NODE_START_TIMEOUT:?}; see {}",
+                log.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -102,13 +118,20 @@ async fn stop_all(nodes: &mut [Running]) {
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     if args.port_base < 1024 || args.port_base > 65000 {
-        anyhow::bail!("--port-base must be between 1024 and 65000 (got {})", args.port_base);
+        anyhow::bail!(
+            "--port-base must be between 1024 and 65000 (got {})",
+            args.port_base
+        );
     }
-    std::fs::create_dir_all(&args.data).with_context(|| format!("cannot create {}", args.data.display()))?;
+    std::fs::create_dir_all(&args.data)
+        .with_context(|| format!("cannot create {}", args.data.display()))?;
     let data = std::fs::canonicalize(&args.data)?;
     let args = UpArgs { data, ..args };
     let _lock = crate::node::lock_data_dir(&args.data).map_err(|_| {
-        anyhow::anyhow!("a `lazarus up` is already running on {}", args.data.display())
+        anyhow::anyhow!(
+            "a `lazarus up` is already running on {}",
+            args.data.display()
+        )
     })?;
     let mut nodes = Vec::new();
     for i in 0..args.nodes {
@@ -124,11 +147,20 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let volume_ready = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
         let (code, v) = api.get(&format!("/api/v1/volumes/{DEFAULT_VOLUME}"))?;
         if code == 404 {
-            client::ok(api.post("/api/v1/volumes", &json!({ "name": DEFAULT_VOLUME, "size": args.volume_size }))?)?;
-            return Ok(format!("created volume {DEFAULT_VOLUME} ({} bytes)", args.volume_size));
+            client::ok(api.post(
+                "/api/v1/volumes",
+                &json!({ "name": DEFAULT_VOLUME, "size": args.volume_size }),
+            )?)?;
+            return Ok(format!(
+                "created volume {DEFAULT_VOLUME} ({} bytes)",
+                args.volume_size
+            ));
         }
         let v = client::ok((code, v))?;
-        Ok(format!("resumed volume {DEFAULT_VOLUME} ({} bytes)", v["size_bytes"]))
+        Ok(format!(
+            "resumed volume {DEFAULT_VOLUME} ({} bytes)",
+            v["size_bytes"]
+        ))
     })
     .await?;
     let msg = match volume_ready {
@@ -142,14 +174,26 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         "nodes": nodes.iter().map(|n| json!({"id": n.id, "nbd": n.ep.nbd, "admin": n.ep.admin, "pid": n.ep.pid})).collect::<Vec<_>>(),
         "supervisor_pid": std::process::id(),
     });
-    lazarus_store::disk::write_file_atomic(&args.data.join("cluster.json"), &serde_json::to_vec_pretty(&cluster)?)?;
-    println!("Lazarus is up: {} node(s), data in {}", nodes.len(), args.data.display());
+    lazarus_store::disk::write_file_atomic(
+        &args.data.join("cluster.json"),
+        &serde_json::to_vec_pretty(&cluster)?,
+    )?;
+    println!(
+        "Lazarus is up: {} node(s), data in {}",
+        nodes.len(),
+        args.data.display()
+    );
     println!("{msg}");
     for n in &nodes {
         println!("nbd://{}/{DEFAULT_VOLUME}", n.ep.nbd);
     }
     for n in &nodes {
-        println!("node {} admin API: http://{}/api/v1/status   log: {}", n.id, n.ep.admin, n.log.display());
+        println!(
+            "node {} admin API: http://{}/api/v1/status   log: {}",
+            n.id,
+            n.ep.admin,
+            n.log.display()
+        );
     }
     println!("Press Ctrl-C to stop.");
 
@@ -171,7 +215,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     stop_all(&mut nodes).await;
     let _ = std::fs::remove_file(args.data.join("cluster.json"));
     if let Some((id, status, log)) = exited {
-        anyhow::bail!("node {id} exited unexpectedly ({status}); last lines of {}:\n{}", log.display(), log_tail(&log));
+        anyhow::bail!(
+            "node {id} exited unexpectedly ({status}); last lines of {}:\n{}",
+            log.display(),
+            log_tail(&log)
+        );
     }
     Ok(())
 }

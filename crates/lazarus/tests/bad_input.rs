@@ -39,7 +39,11 @@ fn opt_reply(s: &mut TcpStream) -> (u32, u32, Vec<u8>) {
     let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
     let mut d = vec![0u8; len];
     s.read_exact(&mut d).unwrap();
-    (u32::from_be_bytes(h[8..12].try_into().unwrap()), u32::from_be_bytes(h[12..16].try_into().unwrap()), d)
+    (
+        u32::from_be_bytes(h[8..12].try_into().unwrap()),
+        u32::from_be_bytes(h[12..16].try_into().unwrap()),
+        d,
+    )
 }
 
 /// Handshake to transmission on `vol` with NBD_OPT_GO, simple replies.
@@ -59,7 +63,15 @@ fn open(node: &Node, vol: &str) -> TcpStream {
     }
 }
 
-fn request(s: &mut TcpStream, flags: u16, ty: u16, cookie: u64, offset: u64, len: u32, payload: &[u8]) {
+fn request(
+    s: &mut TcpStream,
+    flags: u16,
+    ty: u16,
+    cookie: u64,
+    offset: u64,
+    len: u32,
+    payload: &[u8],
+) {
     let mut b = REQ_MAGIC.to_be_bytes().to_vec();
     b.extend_from_slice(&flags.to_be_bytes());
     b.extend_from_slice(&ty.to_be_bytes());
@@ -75,7 +87,10 @@ fn simple(s: &mut TcpStream) -> (u32, u64) {
     let mut h = [0u8; 16];
     s.read_exact(&mut h).unwrap();
     assert_eq!(u32::from_be_bytes(h[0..4].try_into().unwrap()), 0x6744_6698);
-    (u32::from_be_bytes(h[4..8].try_into().unwrap()), u64::from_be_bytes(h[8..16].try_into().unwrap()))
+    (
+        u32::from_be_bytes(h[4..8].try_into().unwrap()),
+        u64::from_be_bytes(h[8..16].try_into().unwrap()),
+    )
 }
 
 fn closed(s: &mut TcpStream) -> bool {
@@ -213,7 +228,13 @@ fn transmission_errors() {
     for i in 0..64u64 {
         request(&mut s5, 0, 1, 100 + i, i * 4096, 4096, &[i as u8 + 1; 4096]);
     }
-    let mut seen: Vec<u64> = (0..64).map(|_| { let (e, c) = simple(&mut s5); assert_eq!(e, 0); c }).collect();
+    let mut seen: Vec<u64> = (0..64)
+        .map(|_| {
+            let (e, c) = simple(&mut s5);
+            assert_eq!(e, 0);
+            c
+        })
+        .collect();
     seen.sort();
     assert_eq!(seen, (100..164).collect::<Vec<_>>());
     request(&mut s5, 0, 2, 0, 0, 0, &[]);
@@ -226,7 +247,10 @@ fn transmission_errors() {
     assert_eq!(simple(&mut s), (0, 1));
     let mut d = vec![0u8; 4096];
     s.read_exact(&mut d).unwrap();
-    assert!(d.iter().all(|b| *b == 1), "block 0 holds the DISC test's write, not the cut-off one");
+    assert!(
+        d.iter().all(|b| *b == 1),
+        "block 0 holds the DISC test's write, not the cut-off one"
+    );
     assert!(node.log().contains("connection ended"));
 }
 

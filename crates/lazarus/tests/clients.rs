@@ -14,13 +14,47 @@ fn qemu_img_convert_and_compare_64m() {
     let img = tmp.path().join("r.img");
     random_file(&img, 64 << 20, 1);
     let target = node.qemu_json("vol0", 64 << 20);
-    run("qemu-img", &["convert", "-n", "-f", "raw", "-O", "raw", img.to_str().unwrap(), &target]);
-    run("qemu-img", &["compare", "-f", "raw", "-F", "raw", img.to_str().unwrap(), &target]);
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            img.to_str().unwrap(),
+            &target,
+        ],
+    );
+    run(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            img.to_str().unwrap(),
+            &target,
+        ],
+    );
     // A differing byte must be caught by the same comparison (the check can fail).
     let mut data = std::fs::read(&img).unwrap();
     data[12345] ^= 1;
     std::fs::write(&img, &data).unwrap();
-    let o = run_out("qemu-img", &["compare", "-f", "raw", "-F", "raw", img.to_str().unwrap(), &target]);
+    let o = run_out(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            img.to_str().unwrap(),
+            &target,
+        ],
+    );
     assert_eq!(o.status.code(), Some(1), "compare must see the difference");
 }
 
@@ -33,11 +67,11 @@ fn qemu_io_patterns_including_unaligned_512() {
     let uri = node.uri("vol0");
     let ops = [
         "write -P 0x11 0 1M",
-        "write -P 0x22 512 512",         // inside one block
-        "write -P 0x33 3584 1024",       // straddles two blocks
-        "write -P 0x44 1048064 8192",    // unaligned, spans 3 blocks
+        "write -P 0x22 512 512",      // inside one block
+        "write -P 0x33 3584 1024",    // straddles two blocks
+        "write -P 0x44 1048064 8192", // unaligned, spans 3 blocks
         "write -P 0x55 2M 4k",
-        "write -z 2M 1536",              // zero a partial range
+        "write -z 2M 1536", // zero a partial range
         "flush",
     ];
     let mut args = vec!["-f", "raw"];
@@ -72,8 +106,14 @@ fn qemu_io_patterns_including_unaligned_512() {
     node.restart();
     verify(&node.uri("vol0"));
     // The verification itself can fail.
-    let o = run_out("qemu-io", &["-f", "raw", "-c", "read -P 0x99 0 512", &node.uri("vol0")]);
-    assert!(!o.status.success() && String::from_utf8_lossy(&o.stdout).contains("Pattern verification failed"));
+    let o = run_out(
+        "qemu-io",
+        &["-f", "raw", "-c", "read -P 0x99 0 512", &node.uri("vol0")],
+    );
+    assert!(
+        !o.status.success()
+            && String::from_utf8_lossy(&o.stdout).contains("Pattern verification failed")
+    );
 }
 
 #[test]
@@ -102,7 +142,10 @@ fn overlapping_unaligned_writes_in_flight_together() {
     args.push(node.uri("vol0"));
     let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
     let out = run("qemu-io", &a);
-    assert!(!out.contains("Pattern verification failed"), "a concurrent read-modify-write lost a neighbour's sector:\n{out}");
+    assert!(
+        !out.contains("Pattern verification failed"),
+        "a concurrent read-modify-write lost a neighbour's sector:\n{out}"
+    );
 }
 
 #[test]
@@ -117,9 +160,15 @@ fn nbdcopy_in_and_out_and_nbdinfo_list() {
     let data = random_file(&img, 32 << 20, 2);
     run("nbdcopy", &[img.to_str().unwrap(), &node.uri("vol0")]);
     let out = export_bytes(&node, "vol0", tmp.path());
-    assert!(out == data, "nbdcopy out differs from what nbdcopy wrote in");
+    assert!(
+        out == data,
+        "nbdcopy out differs from what nbdcopy wrote in"
+    );
     let list = run("nbdinfo", &["--list", &format!("nbd://{}", node.nbd)]);
-    assert!(list.contains("export=\"vol0\"") && list.contains("export=\"other\""), "{list}");
+    assert!(
+        list.contains("export=\"vol0\"") && list.contains("export=\"other\""),
+        "{list}"
+    );
     assert!(list.contains("export-size: 33554432"), "{list}");
     let json = run("nbdinfo", &["--json", &node.uri("other")]);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
@@ -160,6 +209,9 @@ fn fio_randwrite_verify_several_jobs() {
     for j in jobs {
         assert_eq!(j["error"], 0, "fio job failed: {j}");
         assert!(j["write"]["io_bytes"].as_u64().unwrap() >= 32 << 20);
-        assert!(j["read"]["io_bytes"].as_u64().unwrap() >= 32 << 20, "verify phase must read everything back");
+        assert!(
+            j["read"]["io_bytes"].as_u64().unwrap() >= 32 << 20,
+            "verify phase must read everything back"
+        );
     }
 }

@@ -12,7 +12,11 @@ use std::path::Path;
 use std::time::Duration;
 
 fn flip(path: &str, offset: u64, len: usize) {
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
     let mut b = vec![0u8; len];
     f.read_exact_at(&mut b, offset).unwrap();
     for x in b.iter_mut() {
@@ -35,15 +39,39 @@ fn corrupted_block_and_slice_page_read_as_eio() {
     let blk = node.api_get("/api/v1/volumes/vol0/locate?lba=10");
     let pg = node.api_get("/api/v1/volumes/vol0/locate?lba=700");
     node.stop();
-    flip(blk["block_file"].as_str().unwrap(), blk["block_offset"].as_u64().unwrap() + 100, 8);
-    flip(pg["slice_file"].as_str().unwrap(), pg["slice_offset"].as_u64().unwrap() + 64, 4);
+    flip(
+        blk["block_file"].as_str().unwrap(),
+        blk["block_offset"].as_u64().unwrap() + 100,
+        8,
+    );
+    flip(
+        pg["slice_file"].as_str().unwrap(),
+        pg["slice_offset"].as_u64().unwrap() + 64,
+        4,
+    );
     node.spawn();
     let uri = node.uri("vol0");
-    let read = |off: u64, len: u64| run_out("qemu-io", &["-f", "raw", "-c", &format!("read {off} {len}"), &uri]);
-    for (what, off) in [("damaged block", 10 * 4096), ("damaged slice page", 700 * 4096), ("same page, other LBA", 767 * 4096)] {
+    let read = |off: u64, len: u64| {
+        run_out(
+            "qemu-io",
+            &["-f", "raw", "-c", &format!("read {off} {len}"), &uri],
+        )
+    };
+    for (what, off) in [
+        ("damaged block", 10 * 4096),
+        ("damaged slice page", 700 * 4096),
+        ("same page, other LBA", 767 * 4096),
+    ] {
         let o = read(off, 4096);
-        let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-        assert!(text.contains("Input/output error"), "{what} at {off} was served: {text}");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            text.contains("Input/output error"),
+            "{what} at {off} was served: {text}"
+        );
     }
     // Undamaged neighbours read back the right bytes.
     let data = std::fs::read(&img).unwrap();
@@ -54,9 +82,24 @@ fn corrupted_block_and_slice_page_read_as_eio() {
             node.nbd.port()
         );
         let dump = tmp.path().join("dump.bin");
-        run("qemu-img", &["convert", "-f", "raw", "-O", "raw", &src, dump.to_str().unwrap()]);
+        run(
+            "qemu-img",
+            &[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "raw",
+                &src,
+                dump.to_str().unwrap(),
+            ],
+        );
         let got = std::fs::read(&dump).unwrap();
-        assert!(got == data[off as usize..off as usize + 4096], "LBA {} changed", off / 4096);
+        assert!(
+            got == data[off as usize..off as usize + 4096],
+            "LBA {} changed",
+            off / 4096
+        );
     }
     // Status reports the unrecoverable range of the damaged page.
     let v = node.api_get("/api/v1/volumes/vol0");
@@ -65,25 +108,58 @@ fn corrupted_block_and_slice_page_read_as_eio() {
     let st = node.cli(&["status", "--json"]);
     assert!(st.status.success());
     // Rewriting the whole damaged page makes it whole again; rewriting part leaves the rest unrecoverable.
-    run("qemu-io", &["-f", "raw", "-c", "write -P 0x42 2M 4k", "-c", "flush", &uri]);
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x42 2M 4k",
+            "-c",
+            "flush",
+            &uri,
+        ],
+    );
     let o = read(512 * 4096, 4096);
     assert!(o.status.success());
     let o = read(513 * 4096, 4096);
-    assert!(!o.status.success(), "a partly rewritten page must keep its other LBAs unrecoverable");
+    assert!(
+        !o.status.success(),
+        "a partly rewritten page must keep its other LBAs unrecoverable"
+    );
     node.restart();
     let uri = node.uri("vol0");
     let o = run_out("qemu-io", &["-f", "raw", "-c", "read 2101248 4096", &uri]);
     assert!(!o.status.success(), "damage must persist across restart");
-    run("qemu-io", &["-f", "raw", "-c", "write -P 0x43 2M 1M", "-c", "flush", &uri]);
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x43 2M 1M",
+            "-c",
+            "flush",
+            &uri,
+        ],
+    );
     run("qemu-io", &["-f", "raw", "-c", "read -P 0x43 2M 1M", &uri]);
-    assert_eq!(node.api_get("/api/v1/volumes/vol0")["unrecoverable_lbas"], 0);
+    assert_eq!(
+        node.api_get("/api/v1/volumes/vol0")["unrecoverable_lbas"],
+        0
+    );
 }
 
 /// Writes `len` random bytes (distinct per call, so nothing dedupes) at `off`.
 fn write_random(node: &Node, dir: &Path, off: u64, len: usize, seed: u64, flush: bool) -> Vec<u8> {
     let f = dir.join(format!("w{seed}.bin"));
     let data = random_file(&f, len, seed);
-    let mut args = vec!["-f".to_string(), "raw".into(), "-c".into(), format!("write -s {} {off} {len}", f.display())];
+    let mut args = vec![
+        "-f".to_string(),
+        "raw".into(),
+        "-c".into(),
+        format!("write -s {} {off} {len}", f.display()),
+    ];
     if flush {
         args.push("-c".into());
         args.push("flush".into());
@@ -103,7 +179,13 @@ fn kill9_at_random_instants_loses_nothing_flushed() {
     let mut rng = fastrand::Rng::with_seed(seed);
     let tmp = tempfile::tempdir().unwrap();
     // A small journal forces checkpoints during the run, so kills land inside them too.
-    let mut node = Node::start(&tmp.path().join("n"), NodeOpts { journal_bytes: 8 << 20, checkpoint_interval_secs: 1 });
+    let mut node = Node::start(
+        &tmp.path().join("n"),
+        NodeOpts {
+            journal_bytes: 8 << 20,
+            checkpoint_interval_secs: 1,
+        },
+    );
     const VOL: u64 = 96 << 20;
     node.create_volume("vol0", "96MiB");
     let mut flushed: Vec<(u64, Vec<u8>)> = Vec::new();
@@ -120,7 +202,11 @@ fn kill9_at_random_instants_loses_nothing_flushed() {
         let mut args: Vec<String> = vec!["-f".into(), "raw".into()];
         for i in 0..64u64 {
             args.push("-c".into());
-            args.push(format!("aio_write -P {} {} 64k", i % 250 + 1, (VOL / 2) + rng.u64(0..(VOL / 2 - (64 << 10)))));
+            args.push(format!(
+                "aio_write -P {} {} 64k",
+                i % 250 + 1,
+                (VOL / 2) + rng.u64(0..(VOL / 2 - (64 << 10)))
+            ));
         }
         args.push(node.uri("vol0"));
         let mut stream = std::process::Command::new("qemu-io")
@@ -135,7 +221,13 @@ fn kill9_at_random_instants_loses_nothing_flushed() {
         let _ = stream.wait();
         node.spawn();
         let st = node.api_get("/api/v1/status");
-        assert!(st["recovery"]["damaged_pages"].as_array().unwrap().is_empty(), "round {round}: a crash looked like corruption: {st}");
+        assert!(
+            st["recovery"]["damaged_pages"]
+                .as_array()
+                .unwrap()
+                .is_empty(),
+            "round {round}: a crash looked like corruption: {st}"
+        );
         assert_eq!(st["recovery"]["missing_blocks"], 0, "round {round}: {st}");
         assert_eq!(st["volumes"][0]["unrecoverable_lbas"], 0, "round {round}");
         if round % 5 == 4 || round == 19 {
@@ -144,7 +236,11 @@ fn kill9_at_random_instants_loses_nothing_flushed() {
             let all = export_bytes(&node, "vol0", tmp.path());
             for (i, (off, data)) in flushed.iter().enumerate() {
                 let got = &all[*off as usize..*off as usize + data.len()];
-                assert!(got == &data[..], "round {round}: flushed write #{i} at {off} (+{}) lost (seed {seed})", data.len());
+                assert!(
+                    got == &data[..],
+                    "round {round}: flushed write #{i} at {off} (+{}) lost (seed {seed})",
+                    data.len()
+                );
             }
         }
     }
@@ -157,40 +253,92 @@ fn full_disk_answers_enospc_and_keeps_data() {
     let mnt = tmp.path().join("small");
     std::fs::create_dir_all(&mnt).unwrap();
     // A 40 MiB tmpfs as the node's device (we are root in CI and here).
-    let st = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=40m", "tmpfs", mnt.to_str().unwrap()]).status().unwrap();
+    let st = std::process::Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=40m",
+            "tmpfs",
+            mnt.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
     assert!(st.success(), "mounting a tmpfs needs root");
     struct Unmount(std::path::PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
         }
     }
     let _u = Unmount(mnt.clone());
-    let mut node = Node::start(&mnt.join("n"), NodeOpts { journal_bytes: 8 << 20, checkpoint_interval_secs: 30 });
+    let mut node = Node::start(
+        &mnt.join("n"),
+        NodeOpts {
+            journal_bytes: 8 << 20,
+            checkpoint_interval_secs: 30,
+        },
+    );
     node.create_volume("vol0", "128MiB");
     let mut written: Vec<(u64, Vec<u8>)> = Vec::new();
     let mut enospc = false;
     for i in 0..64u64 {
         let f = tmp.path().join(format!("w{i}.bin"));
         let data = random_file(&f, 1 << 20, 1000 + i);
-        let o = run_out("qemu-io", &["-f", "raw", "-c", &format!("write -s {} {} 1M", f.display(), i << 20), "-c", "flush", &node.uri("vol0")]);
-        let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        let o = run_out(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                &format!("write -s {} {} 1M", f.display(), i << 20),
+                "-c",
+                "flush",
+                &node.uri("vol0"),
+            ],
+        );
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
         if text.contains("No space left on device") {
             enospc = true;
             break;
         }
-        assert!(o.status.success(), "write {i} failed with something other than ENOSPC: {text}");
+        assert!(
+            o.status.success(),
+            "write {i} failed with something other than ENOSPC: {text}"
+        );
         written.push((i << 20, data));
     }
-    assert!(enospc, "40 MiB of disk never filled up with 64 MiB of writes");
+    assert!(
+        enospc,
+        "40 MiB of disk never filled up with 64 MiB of writes"
+    );
     assert!(written.len() >= 8, "only {} MiB fit", written.len());
     // Reads still work while full.
-    run("qemu-io", &["-f", "raw", "-c", "read 0 1M", &node.uri("vol0")]);
+    run(
+        "qemu-io",
+        &["-f", "raw", "-c", "read 0 1M", &node.uri("vol0")],
+    );
     node.restart();
     let all = export_bytes(&node, "vol0", tmp.path());
     for (off, data) in &written {
-        assert!(&all[*off as usize..*off as usize + data.len()] == &data[..], "data at {off} damaged by the full disk");
+        assert!(
+            all[*off as usize..*off as usize + data.len()] == data[..],
+            "data at {off} damaged by the full disk"
+        );
     }
     let st = node.api_get("/api/v1/status");
-    assert!(st["recovery"]["damaged_pages"].as_array().unwrap().is_empty(), "{st}");
+    assert!(
+        st["recovery"]["damaged_pages"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "{st}"
+    );
 }

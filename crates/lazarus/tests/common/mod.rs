@@ -13,8 +13,16 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_lazarus");
 /// Fails loudly when a client tool is missing: a test that silently skips proves
 /// nothing. `scripts/test.sh` installs them.
 pub fn require(tool: &str) {
-    let ok = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map(|o| o.status.success()).unwrap_or(false);
-    assert!(ok, "{tool} is not installed; run scripts/test.sh, which installs the test clients");
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "{tool} is not installed; run scripts/test.sh, which installs the test clients"
+    );
 }
 
 pub struct Node {
@@ -32,7 +40,10 @@ pub struct NodeOpts {
 
 impl Default for NodeOpts {
     fn default() -> Self {
-        NodeOpts { journal_bytes: 16 << 20, checkpoint_interval_secs: 30 }
+        NodeOpts {
+            journal_bytes: 16 << 20,
+            checkpoint_interval_secs: 30,
+        }
     }
 }
 
@@ -50,14 +61,24 @@ impl Node {
             ),
         )
         .unwrap();
-        let mut n = Node { dir: dir.to_path_buf(), config, child: None, nbd: "0.0.0.0:0".parse().unwrap(), admin: "0.0.0.0:0".parse().unwrap() };
+        let mut n = Node {
+            dir: dir.to_path_buf(),
+            config,
+            child: None,
+            nbd: "0.0.0.0:0".parse().unwrap(),
+            admin: "0.0.0.0:0".parse().unwrap(),
+        };
         n.spawn();
         n
     }
 
     pub fn spawn(&mut self) {
         let _ = std::fs::remove_file(self.dir.join("endpoints.json"));
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("node.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("node.log"))
+            .unwrap();
         let child = Command::new(BIN)
             .args(["node", "--config"])
             .arg(&self.config)
@@ -81,7 +102,11 @@ impl Node {
                     }
                 }
             }
-            assert!(t0.elapsed() < Duration::from_secs(60), "node did not start; log:\n{}", self.log());
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "node did not start; log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -149,7 +174,11 @@ impl Node {
 
     pub fn create_volume(&self, name: &str, size: &str) {
         let o = self.cli(&["volume", "create", name, "--size", size]);
-        assert!(o.status.success(), "volume create failed: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "volume create failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
 
     pub fn api_get(&self, path: &str) -> Value {
@@ -164,14 +193,21 @@ impl Drop for Node {
 }
 
 pub fn http_get(url: &str) -> Value {
-    let o = Command::new("curl").args(["-sf", url]).output().expect("curl");
+    let o = Command::new("curl")
+        .args(["-sf", url])
+        .output()
+        .expect("curl");
     assert!(o.status.success(), "GET {url} failed");
     serde_json::from_slice(&o.stdout).expect("JSON answer")
 }
 
 /// Runs a command, asserting success; returns stdout.
 pub fn run(cmd: &str, args: &[&str]) -> String {
-    let o = Command::new(cmd).args(args).stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    let o = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
     assert!(
         o.status.success(),
         "{cmd} {args:?} failed ({}):\nstdout: {}\nstderr: {}",
@@ -183,7 +219,11 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
 }
 
 pub fn run_out(cmd: &str, args: &[&str]) -> Output {
-    Command::new(cmd).args(args).stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("{cmd}: {e}"))
+    Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"))
 }
 
 pub fn random_file(path: &Path, len: usize, seed: u64) -> Vec<u8> {
@@ -204,7 +244,10 @@ pub fn export_bytes(node: &Node, vol: &str, tmp: &Path) -> Vec<u8> {
 }
 
 pub fn seed() -> u64 {
-    let s = std::env::var("LAZARUS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| fastrand::u64(..));
+    let s = std::env::var("LAZARUS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
     eprintln!("LAZARUS_SEED={s}");
     s
 }
