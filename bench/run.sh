@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Benchmark: fio (ioengine=nbd) against qemu-nbd and nbdkit serving a raw file, and
+# against a Lazarus volume, in one run on the same disk. Writes BENCHMARKS.md.
+#
+# Usage: bench/run.sh [--reps N] [--runtime SECONDS] [--dir DIR] [--out FILE]
+# Workloads: 4 KiB randread and randwrite at iodepth 32, 1 MiB sequential read and
+# write at iodepth 8; each server gets the same prefilled 1 GiB working set.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPS=3
+RUNTIME=10
+DIR=""
+OUT=BENCHMARKS.md
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --reps) REPS="$2"; shift 2 ;;
+    --runtime) RUNTIME="$2"; shift 2 ;;
+    --dir) DIR="$2"; shift 2 ;;
+    --out) OUT="$2"; shift 2 ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+  esac
+done
+for t in fio qemu-nbd nbdkit nbdcopy; do
+  command -v "$t" >/dev/null || { echo "$t missing: run scripts/test.sh once (it installs the clients) or apt-get install fio qemu-utils nbdkit libnbd-bin" >&2; exit 1; }
+done
+cargo build --release --quiet
+BIN="$PWD/target/release/lazarus"
+WORK="${DIR:-$(mktemp -d /var/tmp/lazarus-bench.XXXXXX)}"
+mkdir -p "$WORK"
+SIZE=$((1024 * 1024 * 1024))
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+head -c $SIZE /dev/urandom > "$WORK/seed.img"
+cp --sparse=never "$WORK/seed.img" "$WORK/qemu.img"
+cp --sparse=never "$WORK/seed.img" "$WORK/nbdkit.img"
+
+qemu-nbd -f raw -x vol0 -p 30801 -b 127.0.0.1 --persistent --shared=8 --cache=writeback --aio=threads "$WORK/qemu.img" &
+PIDS+=($!)
+nbdkit -f -p 30802 -i 127.0.0.1 --exportname vol0 file "$WORK/nbdkit.img" &
+PIDS+=($!)
+mkdir -p "$WORK/lz"
+cat > "$WORK/lz/node.toml" <<TOML
+id = "bench"
+data_dir = "$WORK/lz"
+nbd_listen = "127.0.0.1:30803"
+admin_listen = "127.0.0.1:30813"
+TOML
+"$BIN" node --config "$WORK/lz/node.toml" 2> "$WORK/lz/node.log" &
+PIDS+=($!)
+for i in $(seq 100); do
+  curl -sf http://127.0.0.1:30813/api/v1/health >/dev/null 2>&1 && nbdinfo nbd://127.0.0.1:30801/vol0 >/dev/null 2>&1 && nbdinfo nbd://127.0.0.1:30802/vol0 >/dev/null 2>&1 && break
+  sleep 0.2
+done
+curl -sf -X POST -H 'content-type: application/json' -d '{"name":"vol0","size":"1GiB"}' http://127.0.0.1:30813/api/v1/volumes >/dev/null
+# Same random content as the raw files, so reads hit real stored data everywhere.
+nbdcopy "$WORK/seed.img" nbd://127.0.0.1:30803/vol0
+rm -f "$WORK/seed.img"
+
+RESULTS="$WORK/results.jsonl"
+: > "$RESULTS"
+run_fio() { # server port workload rw bs iodepth rep
+  local name=$1 port=$2 wl=$3 rw=$4 bs=$5 qd=$6 rep=$7
+  fio --name="$wl" --ioengine=nbd --uri="nbd://127.0.0.1:$port/vol0" --rw="$rw" --bs="$bs" \
+      --iodepth="$qd" --size=1g --time_based --runtime="$RUNTIME" --ramp_time=2 \
+      --randrepeat=0 --norandommap --output-format=json > "$WORK/fio.json"
+  python3 - "$WORK/fio.json" "$name" "$wl" "$rep" >> "$RESULTS" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+j = d["jobs"][0]
+side = "read" if j["read"]["io_bytes"] > 0 else "write"
+s = j[side]
+pct = s["clat_ns"].get("percentile", {})
+print(json.dumps({"server": sys.argv[2], "workload": sys.argv[3], "rep": int(sys.argv[4]),
+                  "iops": s["iops"], "bw_bytes": s["bw_bytes"],
+                  "p99_us": pct.get("99.000000", 0) / 1000.0}))
+PY
+}
+for rep in $(seq "$REPS"); do
+  for srv in "qemu-nbd 30801" "nbdkit 30802" "lazarus 30803"; do
+    set -- $srv
+    run_fio "$1" "$2" randread-4k randread 4k 32 "$rep"
+    run_fio "$1" "$2" randwrite-4k randwrite 4k 32 "$rep"
+    run_fio "$1" "$2" seqread-1m read 1m 8 "$rep"
+    run_fio "$1" "$2" seqwrite-1m write 1m 8 "$rep"
+  done
+done
+python3 bench/report.py "$RESULTS" "$OUT" "bench/run.sh --reps $REPS --runtime $RUNTIME"
+echo "wrote $OUT (raw results: $RESULTS)"
