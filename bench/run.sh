@@ -67,7 +67,8 @@ run_fio() { # server port workload rw bs iodepth rep
       --randrepeat=0 --norandommap --output-format=json > "$WORK/fio.json"
   python3 - "$WORK/fio.json" "$name" "$wl" "$rep" >> "$RESULTS" <<'PY'
 import json, sys
-d = json.load(open(sys.argv[1]))
+text = open(sys.argv[1]).read()
+d = json.loads(text[text.index("{"):])
 j = d["jobs"][0]
 side = "read" if j["read"]["io_bytes"] > 0 else "write"
 s = j[side]

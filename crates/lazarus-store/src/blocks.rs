@@ -21,9 +21,42 @@ use std::path::Path;
 /// Slots added to blocks.dat at a time (1 MiB), so growth costs one fallocate per
 /// 256 new blocks.
 pub const GROW_SLOTS: u64 = 256;
-/// Pending frees past which the store makes a durability point by itself, so that
-/// overwriting without FLUSH cannot grow the store without bound.
-pub const PENDING_FREE_MAX: usize = 4 * 1024;
+/// Marks "no new slot" in `put_many` results and journal records.
+pub const NO_SLOT: u64 = u64::MAX;
+/// Pending frees past which the node makes a durability point in the background, so
+/// that overwriting without FLUSH cannot grow the store without bound: 32 MiB, or an
+/// eighth of the stored blocks when that is more (each durability point waits for the
+/// disk, so a larger store syncs less often per byte written).
+pub const PENDING_FREE_SOFT_MIN: usize = 8 * 1024;
+pub const PENDING_FREE_SOFT_FRACTION: usize = 8;
+/// Pending frees past which a writer makes the durability point itself before going
+/// on (backpressure when the background flush cannot keep up): 4x the soft limit.
+pub const PENDING_FREE_HARD_FACTOR: usize = 4;
+
+/// Hashes a BlockId by its first 8 bytes: ids are already uniformly random (BLAKE3),
+/// so SipHash on them only costs time.
+#[derive(Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(b);
+        }
+    }
+}
+
+pub type IdBuildHasher = std::hash::BuildHasherDefault<IdHasher>;
+
+fn limits(stored_blocks: usize) -> (usize, usize) {
+    let soft = PENDING_FREE_SOFT_MIN.max(stored_blocks / PENDING_FREE_SOFT_FRACTION);
+    (soft, soft * PENDING_FREE_HARD_FACTOR)
+}
 
 #[derive(Debug, Clone, Copy)]
 struct Entry {
@@ -33,14 +66,14 @@ struct Entry {
 
 #[derive(Debug, Default)]
 struct Index {
-    map: HashMap<BlockId, Entry>,
+    map: HashMap<BlockId, Entry, IdBuildHasher>,
     /// slot -> id; `BlockId::ZERO` marks a free slot.
     slots: Vec<BlockId>,
     free: Vec<u64>,
     pending_free: Vec<(BlockId, u64)>,
     dirty_idx_pages: BTreeSet<u64>,
     /// Ids referenced by a slice page but absent from the store (found at start-up).
-    missing: HashSet<BlockId>,
+    missing: HashSet<BlockId, IdBuildHasher>,
 }
 
 #[derive(Debug)]
@@ -192,6 +225,130 @@ impl BlockStore {
         Ok(Some(slot))
     }
 
+    /// `put` for the blocks of one request: one index lock, and new blocks that land in
+    /// consecutive slots go to disk in one write. Returns, per block, the slot it was
+    /// newly written to or `NO_SLOT` (already stored, or the zero id, which is skipped).
+    pub fn put_many(&self, ids: &[BlockId], data: &[u8]) -> Result<Vec<u64>, StoreError> {
+        debug_assert_eq!(data.len(), ids.len() * BLOCK_SIZE);
+        let mut out = vec![NO_SLOT; ids.len()];
+        let mut ix = self.inner.lock();
+        let mut fresh: Vec<(u64, usize)> = Vec::new();
+        let mut deduped: Vec<BlockId> = Vec::new();
+        let mut failed = None;
+        for (i, id) in ids.iter().enumerate() {
+            if id.is_zero() {
+                continue;
+            }
+            if let Some(e) = ix.map.get_mut(id) {
+                e.refs += 1;
+                deduped.push(*id);
+                continue;
+            }
+            let slot = match ix.free.pop() {
+                Some(s) => s,
+                None => match self.grow(&mut ix) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                },
+            };
+            ix.map.insert(*id, Entry { slot, refs: 1 });
+            ix.slots[slot as usize] = *id;
+            fresh.push((slot, i));
+            out[i] = slot;
+        }
+        if failed.is_none() {
+            // Written under the index lock: a concurrent put of the same id must not
+            // map to a slot whose content is not there yet.
+            let mut runs = fresh.clone();
+            runs.sort_unstable();
+            let mut k = 0;
+            while k < runs.len() {
+                let mut end = k + 1;
+                while end < runs.len()
+                    && runs[end].0 == runs[end - 1].0 + 1
+                    && runs[end].1 == runs[end - 1].1 + 1
+                {
+                    end += 1;
+                }
+                let (slot0, i0) = runs[k];
+                let bytes = &data[i0 * BLOCK_SIZE..(i0 + end - k) * BLOCK_SIZE];
+                if let Err(e) = self.data.write_at(bytes, slot0 * BLOCK_SIZE_U64) {
+                    failed = Some(StoreError::io(self.data.path(), e));
+                    break;
+                }
+                k = end;
+            }
+        }
+        if let Some(e) = failed {
+            // Nothing of this request was journaled: undo it all.
+            for (slot, i) in fresh {
+                ix.map.remove(&ids[i]);
+                ix.slots[slot as usize] = BlockId::ZERO;
+                ix.free.push(slot);
+            }
+            for id in deduped {
+                if let Some(en) = ix.map.get_mut(&id) {
+                    en.refs -= 1;
+                }
+            }
+            return Err(e);
+        }
+        for (slot, i) in fresh {
+            ix.missing.remove(&ids[i]);
+            ix.dirty_idx_pages.insert(slot / FANOUT as u64);
+        }
+        Ok(out)
+    }
+
+    /// Reads the blocks `ids` into consecutive 4 KiB chunks of `buf`, one read per run
+    /// of consecutive slots, and verifies each. Returns per block whether it verified
+    /// (the zero id reads as zeroes and always verifies).
+    pub fn read_many(&self, ids: &[BlockId], buf: &mut [u8]) -> Result<Vec<bool>, StoreError> {
+        debug_assert_eq!(buf.len(), ids.len() * BLOCK_SIZE);
+        let slots: Vec<Option<u64>> = {
+            let ix = self.inner.lock();
+            ids.iter()
+                .map(|id| {
+                    if id.is_zero() {
+                        None
+                    } else {
+                        ix.map.get(id).map(|e| e.slot)
+                    }
+                })
+                .collect()
+        };
+        let mut ok = vec![false; ids.len()];
+        let mut i = 0;
+        while i < ids.len() {
+            let Some(s0) = slots[i] else {
+                if ids[i].is_zero() {
+                    buf[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE].fill(0);
+                    ok[i] = true;
+                }
+                i += 1;
+                continue;
+            };
+            let mut end = i + 1;
+            while end < ids.len() && slots[end] == Some(s0 + (end - i) as u64) {
+                end += 1;
+            }
+            self.data
+                .read_at(
+                    &mut buf[i * BLOCK_SIZE..end * BLOCK_SIZE],
+                    s0 * BLOCK_SIZE_U64,
+                )
+                .map_err(|e| StoreError::io(self.data.path(), e))?;
+            for j in i..end {
+                ok[j] = BlockId::hash_of(&buf[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE]) == ids[j];
+            }
+            i = end;
+        }
+        Ok(ok)
+    }
+
     /// Takes `n` more references on a block already held by the caller.
     pub fn retain(&self, id: BlockId, n: u64) {
         if n == 0 {
@@ -255,6 +412,7 @@ impl BlockStore {
         let mut ix = self.inner.lock();
         let ix = &mut *ix;
         let pending = std::mem::take(&mut ix.pending_free);
+        let mut freed = Vec::new();
         for (id, lsn) in pending {
             if lsn >= durable_lsn {
                 ix.pending_free.push((id, lsn));
@@ -264,15 +422,31 @@ impl BlockStore {
                 if e.refs == 0 {
                     ix.map.remove(&id);
                     ix.slots[e.slot as usize] = BlockId::ZERO;
-                    ix.free.push(e.slot);
+                    freed.push(e.slot);
                     ix.dirty_idx_pages.insert(e.slot / FANOUT as u64);
                 }
             }
         }
+        // The free list pops from its end: push in descending order so that new
+        // blocks get ascending, mostly consecutive slots (one write, one read per run).
+        freed.sort_unstable_by(|a, b| b.cmp(a));
+        ix.free.extend(freed);
     }
 
     pub fn pending_free_count(&self) -> usize {
         self.inner.lock().pending_free.len()
+    }
+
+    /// (soft, hard) pending-free limits for the current store size.
+    pub fn pending_free_limits(&self) -> (usize, usize) {
+        limits(self.inner.lock().map.len())
+    }
+
+    /// Whether the pending frees are over the (soft, hard) limits.
+    pub fn pending_free_pressure(&self) -> (bool, bool) {
+        let ix = self.inner.lock();
+        let (soft, hard) = limits(ix.map.len());
+        (ix.pending_free.len() > soft, ix.pending_free.len() > hard)
     }
 
     /// Reads and verifies the block `id`. `Ok(false)`: the store has no such block or

@@ -8,7 +8,7 @@
 //! every changed page, then write them in place, sync, and start a new journal
 //! generation.
 
-use crate::blocks::{BlockStats, BlockStore, PENDING_FREE_MAX};
+use crate::blocks::{BlockStats, BlockStore, NO_SLOT};
 use crate::disk::{self, DiskFile};
 use crate::error::{ReadError, StoreError, WriteError};
 use crate::journal::{
@@ -70,6 +70,11 @@ pub struct Store {
     volumes: RwLock<HashMap<String, Arc<Volume>>>,
     reserved_bytes: AtomicU64,
     dirty_pages: AtomicU64,
+    /// Largest number of tree levels of any volume, and the number of volumes: kept
+    /// here so admission does not lock every volume on every write.
+    max_levels: AtomicU64,
+    volume_count: AtomicU64,
+    checkpointing: AtomicBool,
     /// Set when the journal could not be written: nothing more is acknowledged.
     failed: AtomicBool,
     pub recovery: RecoveryReport,
@@ -158,8 +163,6 @@ fn encode_image(img: &PageImage, uid: u64) -> Vec<u8> {
     b.extend_from_slice(&img.data);
     b
 }
-
-const NO_SLOT: u64 = u64::MAX;
 
 impl Store {
     /// Opens the store under `dir`, creating it if empty, and recovers: applies a
@@ -277,9 +280,13 @@ impl Store {
             volumes: RwLock::new(volumes),
             reserved_bytes: AtomicU64::new(0),
             dirty_pages: AtomicU64::new(0),
+            max_levels: AtomicU64::new(1),
+            volume_count: AtomicU64::new(0),
+            checkpointing: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             recovery: report,
         };
+        store.update_volume_stats();
         for v in store.volumes.read().values() {
             let st = v.state.lock();
             let dirty: Vec<u64> = st.dirty.iter().copied().collect();
@@ -292,6 +299,29 @@ impl Store {
         }
         store.checkpoint()?;
         Ok(store)
+    }
+
+    fn update_volume_stats(&self) {
+        let vols = self.volumes.read();
+        let levels = vols
+            .values()
+            .map(|v| v.state.lock().levels.len())
+            .max()
+            .unwrap_or(1);
+        self.max_levels.store(levels as u64, Ordering::Release);
+        self.volume_count
+            .store(vols.len() as u64, Ordering::Release);
+    }
+
+    /// True while a checkpoint holds writes off: a writer may block for its duration.
+    pub fn is_checkpointing(&self) -> bool {
+        self.checkpointing.load(Ordering::Acquire)
+    }
+
+    /// True when enough overwritten blocks await a durable unmap that the node should
+    /// make a durability point (in the background) to reuse their space.
+    pub fn wants_flush(&self) -> bool {
+        self.blocks.pending_free_pressure().0
     }
 
     pub fn dir(&self) -> &Path {
@@ -310,6 +340,11 @@ impl Store {
 
     pub fn block_stats(&self) -> BlockStats {
         self.blocks.stats()
+    }
+
+    /// The pending-free limits (soft, hard) in force, in blocks.
+    pub fn block_stats_limits(&self) -> (usize, usize) {
+        self.blocks.pending_free_limits()
     }
 
     pub fn journal_used_bytes(&self) -> u64 {
@@ -347,6 +382,8 @@ impl Store {
         };
         disk::sync_dir(&self.dir.join("volumes")).map_err(|e| StoreError::io(&self.dir, e))?;
         vols.insert(name.to_string(), v.clone());
+        drop(vols);
+        self.update_volume_stats();
         tracing::info!(volume = name, size_bytes, uid, "volume created");
         Ok(v)
     }
@@ -369,6 +406,7 @@ impl Store {
         }
         self.blocks.release_durable(1);
         let _ = std::fs::remove_dir_all(&grave);
+        self.update_volume_stats();
         tracing::info!(volume = name, "volume deleted");
         Ok(())
     }
@@ -461,26 +499,7 @@ impl Store {
         let record_bytes = (journal::RECORD_HEADER_LEN + 20 + ids.len() * 24) as u64;
         let _adm = self.admit(record_bytes, last_page - first_page + 1, n)?;
         vol.ensure_allocated(first_page, last_page)?;
-        let mut slots = Vec::with_capacity(ids.len());
-        for (i, id) in ids.iter().enumerate() {
-            if id.is_zero() {
-                slots.push(NO_SLOT);
-                continue;
-            }
-            match self
-                .blocks
-                .put(*id, &data[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE])
-            {
-                Ok(s) => slots.push(s.unwrap_or(NO_SLOT)),
-                Err(e) => {
-                    // Undo the references taken so far; none of it was journaled.
-                    for done in &ids[..i] {
-                        self.blocks.release(*done, 0);
-                    }
-                    return Err(e.into());
-                }
-            }
-        }
+        let slots = self.blocks.put_many(&ids, data)?;
         self.apply(
             vol,
             lba,
@@ -513,9 +532,9 @@ impl Store {
         for id in old {
             self.blocks.release(id, lsn);
         }
-        if self.blocks.pending_free_count() > PENDING_FREE_MAX {
-            // Overwrites without FLUSH: make them durable so the replaced blocks'
-            // slots can be reused, or the store would grow with every overwrite.
+        if self.blocks.pending_free_pressure().1 {
+            // Overwrites without FLUSH faster than the background flush releases them:
+            // make them durable here, or the store would grow with every overwrite.
             self.flush()?;
         }
         Ok(())
@@ -572,7 +591,11 @@ impl Store {
         let mut ids = Vec::with_capacity(n);
         vol.read_ids(lba, &mut ids, n)
             .map_err(ReadError::Unrecoverable)?;
+        let ok = self.blocks.read_many(&ids, buf)?;
         for (i, chunk) in buf.chunks_exact_mut(BLOCK_SIZE).enumerate() {
+            if ok[i] {
+                continue;
+            }
             let l = Lba(lba.0 + i as u64);
             let mut id = ids[i];
             let mut tries = 0;
@@ -633,6 +656,13 @@ impl Store {
     /// Writes every changed page in place through the journal and starts a new
     /// journal generation.
     pub fn checkpoint(&self) -> Result<(), StoreError> {
+        self.checkpointing.store(true, Ordering::Release);
+        let r = self.checkpoint_inner();
+        self.checkpointing.store(false, Ordering::Release);
+        r
+    }
+
+    fn checkpoint_inner(&self) -> Result<(), StoreError> {
         let _cp = self.cp_lock.write();
         let _s = self.sync_lock.lock();
         self.check_failed()?;

@@ -5,6 +5,7 @@
 use lazarus_nbd::consts::{EINVAL, EIO, ENOSPC};
 use lazarus_store::{ReadError, Store, StoreError, Volume, WriteError};
 use lazarus_types::{Lba, BLOCK_SIZE, BLOCK_SIZE_U64};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::sync::{Mutex, MutexGuard};
 
@@ -55,6 +56,7 @@ impl From<StoreError> for IoError {
 pub struct Engine {
     pub store: Arc<Store>,
     stripes: Vec<Mutex<()>>,
+    background_flush: Arc<AtomicBool>,
 }
 
 impl Engine {
@@ -62,6 +64,32 @@ impl Engine {
         Engine {
             store,
             stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            background_flush: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Runs a store call that may block (a checkpoint holding writes off, or the
+    /// store's own backpressure flush) without stalling a runtime worker.
+    fn blocking<T>(&self, f: impl FnOnce() -> T) -> T {
+        if self.store.is_checkpointing() || self.store.wants_flush() {
+            tokio::task::block_in_place(f)
+        } else {
+            f()
+        }
+    }
+
+    /// Overwrites leave replaced blocks pending until a durability point; start one in
+    /// the background (at most one at a time) when enough have piled up.
+    fn after_write(&self) {
+        if self.store.wants_flush() && !self.background_flush.swap(true, Ordering::AcqRel) {
+            let store = self.store.clone();
+            let flag = self.background_flush.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = store.flush() {
+                    tracing::error!(error = %e, "background flush failed");
+                }
+                flag.store(false, Ordering::Release);
+            });
         }
     }
 
@@ -114,7 +142,7 @@ impl Engine {
             let _g = self.lock_blocks(first, last).await;
             let head = (offset % BLOCK_SIZE_U64) as usize;
             if head == 0 && len.is_multiple_of(BLOCK_SIZE_U64) {
-                self.store.write_blocks(vol, Lba(first), data)?;
+                self.blocking(|| self.store.write_blocks(vol, Lba(first), data))?;
             } else {
                 // Read-modify-write of the partial blocks at either end only.
                 let nblocks = (last - first + 1) as usize;
@@ -129,8 +157,9 @@ impl Engine {
                     self.store.read_blocks(vol, Lba(last), &mut buf[s..])?;
                 }
                 buf[head..head + len as usize].copy_from_slice(data);
-                self.store.write_blocks(vol, Lba(first), &buf)?;
+                self.blocking(|| self.store.write_blocks(vol, Lba(first), &buf))?;
             }
+            self.after_write();
         }
         if fua {
             self.flush().await?;
@@ -174,12 +203,15 @@ impl Engine {
             }
             if end_full > first_full {
                 let _g = self.lock_blocks(first_full, end_full - 1).await;
-                self.store.write_zeroes(
-                    vol,
-                    Lba(first_full),
-                    end_full - first_full,
-                    provision && !trim,
-                )?;
+                self.blocking(|| {
+                    self.store.write_zeroes(
+                        vol,
+                        Lba(first_full),
+                        end_full - first_full,
+                        provision && !trim,
+                    )
+                })?;
+                self.after_write();
             }
         }
         if fua {

@@ -12,11 +12,18 @@ use lazarus_nbd::{
 use lazarus_store::{Store, Volume};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 
+/// Bytes of requests read from the socket at a time.
+const READ_BUFFER_BYTES: usize = 256 << 10;
+/// Replies batched by the reader before they go to the writer regardless.
+const REPLY_BATCH_MAX_BYTES: usize = 1 << 20;
+/// Reads and writes up to this size run in the reader task; larger ones get their own
+/// task so that several can use the cores at once.
+const INLINE_LENGTH_MAX_BYTES: u32 = 64 << 10;
 /// Requests one connection may have in flight; the reader stops reading beyond this.
 const INFLIGHT_PER_CONNECTION_MAX: usize = 128;
 /// Connections served at once; further ones wait in the accept queue.
@@ -190,13 +197,20 @@ async fn transmission(
     vol: Arc<Volume>,
     structured: bool,
 ) -> anyhow::Result<()> {
-    let (mut rd, wr) = sock.into_split();
+    let (rd, wr) = sock.into_split();
+    let mut rd = BufReader::with_capacity(READ_BUFFER_BYTES, rd);
     let (tx, rx) = mpsc::channel::<Vec<u8>>(INFLIGHT_PER_CONNECTION_MAX * 2);
     let writer = tokio::spawn(writer_task(wr, rx));
     let inflight = Arc::new(Semaphore::new(INFLIGHT_PER_CONNECTION_MAX));
     let size = vol.meta.size_bytes;
+    let mut batch: Vec<u8> = Vec::new();
     let result: anyhow::Result<()> = async {
         loop {
+            // Hand the batched replies to the writer once no further request is
+            // already buffered: one wake-up per burst, not per request.
+            if rd.buffer().is_empty() && !batch.is_empty() {
+                tx.send(std::mem::take(&mut batch)).await?;
+            }
             let mut hb = [0u8; REQUEST_HEADER_LEN];
             match rd.read_exact(&mut hb).await {
                 Ok(_) => {}
@@ -221,18 +235,29 @@ async fn transmission(
                 rd.read_exact(&mut payload).await?;
             }
             if req.command == Command::Disconnect {
+                if !batch.is_empty() {
+                    tx.send(std::mem::take(&mut batch)).await?;
+                }
                 // Let in-flight requests finish and their replies go out.
                 let _all = inflight
                     .acquire_many(INFLIGHT_PER_CONNECTION_MAX as u32)
                     .await?;
                 return Ok(());
             }
+            if runs_inline(&req) {
+                execute(&engine, &vol, req, &payload, size, structured, &mut batch).await;
+                if batch.len() >= REPLY_BATCH_MAX_BYTES {
+                    tx.send(std::mem::take(&mut batch)).await?;
+                }
+                continue;
+            }
             let permit = inflight.clone().acquire_owned().await?;
             let engine = engine.clone();
             let vol = vol.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
-                let reply = execute(&engine, &vol, req, payload, size, structured).await;
+                let mut reply = Vec::new();
+                execute(&engine, &vol, req, &payload, size, structured, &mut reply).await;
                 let _ = tx.send(reply).await;
                 drop(permit);
             });
@@ -244,14 +269,29 @@ async fn transmission(
     result
 }
 
+/// Reads and plain writes run in the connection's reader task: they are short and
+/// CPU-bound, and running them there saves a task and a cross-thread wake-up each.
+/// Anything that syncs (FLUSH, FUA) or may touch many pages (TRIM, WRITE_ZEROES) runs
+/// in its own task so later requests overlap with it.
+fn runs_inline(req: &Request) -> bool {
+    let short = req.length <= INLINE_LENGTH_MAX_BYTES;
+    matches!(
+        req.command,
+        Command::Read | Command::Write | Command::Unknown(_)
+    ) && short
+        && !req.fua()
+}
+
+/// Executes one request and appends its reply to `out`.
 async fn execute(
     engine: &Engine,
     vol: &Volume,
     req: Request,
-    payload: Vec<u8>,
+    payload: &[u8],
     size: u64,
     structured: bool,
-) -> Vec<u8> {
+    out: &mut Vec<u8>,
+) {
     if let Err(errno) = req.validate(size, false) {
         let e = IoError {
             errno,
@@ -261,27 +301,32 @@ async fn execute(
             ),
         };
         tracing::debug!(cookie = req.cookie, error = %e.message, "rejecting request");
-        return error_reply(structured, req.cookie, &e);
+        out.extend_from_slice(&error_reply(structured, req.cookie, &e));
+        return;
     }
     let r = match req.command {
         Command::Read => {
             let hdr = if structured { 28 } else { 16 };
-            let mut buf = vec![0u8; hdr + req.length as usize];
-            match engine.read_into(vol, req.offset, &mut buf[hdr..]) {
+            let start = out.len();
+            out.resize(start + hdr + req.length as usize, 0);
+            match engine.read_into(vol, req.offset, &mut out[start + hdr..]) {
                 Ok(()) => {
                     if structured {
-                        buf[..28].copy_from_slice(&structured_read_header(
+                        out[start..start + 28].copy_from_slice(&structured_read_header(
                             req.cookie, req.offset, req.length,
                         ));
                     } else {
-                        buf[..16].copy_from_slice(&simple_reply(req.cookie, 0));
+                        out[start..start + 16].copy_from_slice(&simple_reply(req.cookie, 0));
                     }
-                    return buf;
+                    return;
                 }
-                Err(e) => Err(e),
+                Err(e) => {
+                    out.truncate(start);
+                    Err(e)
+                }
             }
         }
-        Command::Write => engine.write(vol, req.offset, &payload, req.fua()).await,
+        Command::Write => engine.write(vol, req.offset, payload, req.fua()).await,
         Command::Flush => engine.flush().await,
         Command::Trim => {
             engine
@@ -303,10 +348,10 @@ async fn execute(
         Command::Disconnect | Command::Unknown(_) => unreachable!("handled before execute"),
     };
     match r {
-        Ok(()) => simple_reply(req.cookie, 0).to_vec(),
+        Ok(()) => out.extend_from_slice(&simple_reply(req.cookie, 0)),
         Err(e) => {
             tracing::warn!(volume = %vol.meta.name, command = ?req.command, offset = req.offset, length = req.length, error = %e.message, "request failed");
-            error_reply(structured, req.cookie, &e)
+            out.extend_from_slice(&error_reply(structured, req.cookie, &e));
         }
     }
 }

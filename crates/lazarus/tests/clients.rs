@@ -204,11 +204,19 @@ fn fio_randwrite_verify_several_jobs() {
     .unwrap();
     // fio writes verify-state files into its working directory: keep them in tmp.
     let o = std::process::Command::new("fio")
-        .args([job.to_str().unwrap(), "--output-format=json", "--verify_state_save=0"])
+        .args([
+            job.to_str().unwrap(),
+            "--output-format=json",
+            "--verify_state_save=0",
+        ])
         .current_dir(tmp.path())
         .output()
         .unwrap();
-    assert!(o.status.success(), "fio failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "fio failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     let v: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
     let jobs = v["jobs"].as_array().unwrap();
