@@ -22,6 +22,7 @@ impl DiskFile {
             .create(create)
             .truncate(false)
             .open(path)?;
+        powerloss::on_open(path);
         Ok(DiskFile {
             file,
             path: path.to_path_buf(),
@@ -55,11 +56,15 @@ impl DiskFile {
     }
 
     pub fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        self.file.write_all_at(buf, offset)
+        self.file.write_all_at(buf, offset)?;
+        powerloss::on_write(&self.path, offset, buf);
+        Ok(())
     }
 
     pub fn sync_data(&self) -> io::Result<()> {
-        self.file.sync_data()
+        self.file.sync_data()?;
+        powerloss::on_sync(&self.path);
+        Ok(())
     }
 
     /// Reserves space so that later writes to `[offset, offset+len)` cannot fail with
@@ -74,10 +79,12 @@ impl DiskFile {
             )
         };
         if r == 0 {
+            powerloss::on_extend(&self.path, offset + len);
             return Ok(());
         }
         let err = io::Error::last_os_error();
         if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
+            powerloss::on_extend(&self.path, offset + len);
             // A file system without fallocate: fall back to extending the file; space
             // is then only checked when written.
             if self.size_bytes()? < offset + len {
@@ -100,6 +107,7 @@ impl DiskFile {
             )
         };
         if r == 0 {
+            powerloss::on_write(&self.path, offset, &vec![0u8; len as usize]);
             return Ok(());
         }
         let err = io::Error::last_os_error();
@@ -137,4 +145,170 @@ pub fn is_enospc(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG)
     )
+}
+
+/// Power-loss simulation for crash tests (STYLE.md point 8: a durable image kept apart
+/// from the live one). When enabled, every write through a `DiskFile` is recorded; a
+/// file's `sync_data` makes its recorded writes durable. `crash` then rewrites every
+/// tracked file to what a disk could hold after losing power: the durable image plus
+/// any subset of the unsynced writes, each whole, torn at a 512-byte sector boundary,
+/// or lost. Off unless a test calls `enable`; one test per process (it is global).
+pub mod powerloss {
+    use std::collections::HashMap;
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    enum Op {
+        Write { offset: u64, data: Vec<u8> },
+        Extend(u64),
+    }
+
+    struct Tracked {
+        durable: Vec<u8>,
+        pending: Vec<Op>,
+    }
+
+    static STATE: Mutex<Option<HashMap<PathBuf, Tracked>>> = Mutex::new(None);
+    /// I/O operations left before the power goes off (u64::MAX: not scheduled).
+    static COUNTDOWN: Mutex<u64> = Mutex::new(u64::MAX);
+
+    /// Cuts the power after `ops` more recorded operations: everything after that is
+    /// lost, wherever it happens (in a flush, in a checkpoint's in-place writes...).
+    pub fn power_off_after(ops: u64) {
+        *COUNTDOWN.lock().expect("powerloss lock") = ops;
+    }
+
+    /// Whether the power is still on (everything so far really happened).
+    pub fn is_on() -> bool {
+        *COUNTDOWN.lock().expect("powerloss lock") != 0
+    }
+
+    /// False once the power is off: the operation is not recorded at all.
+    fn powered() -> bool {
+        let mut c = COUNTDOWN.lock().expect("powerloss lock");
+        match *c {
+            0 => false,
+            u64::MAX => true,
+            n => {
+                *c = n - 1;
+                true
+            }
+        }
+    }
+    const SECTOR: usize = 512;
+
+    pub fn enable() {
+        *STATE.lock().expect("powerloss lock") = Some(HashMap::new());
+    }
+
+    pub fn disable() {
+        *STATE.lock().expect("powerloss lock") = None;
+    }
+
+    pub(super) fn on_open(path: &Path) {
+        if let Some(m) = STATE.lock().expect("powerloss lock").as_mut() {
+            m.entry(path.to_path_buf()).or_insert_with(|| Tracked {
+                durable: std::fs::read(path).unwrap_or_default(),
+                pending: Vec::new(),
+            });
+        }
+    }
+
+    pub(super) fn on_write(path: &Path, offset: u64, data: &[u8]) {
+        if !powered() {
+            return;
+        }
+        if let Some(t) = STATE
+            .lock()
+            .expect("powerloss lock")
+            .as_mut()
+            .and_then(|m| m.get_mut(path))
+        {
+            t.pending.push(Op::Write {
+                offset,
+                data: data.to_vec(),
+            });
+        }
+    }
+
+    pub(super) fn on_extend(path: &Path, len: u64) {
+        if !powered() {
+            return;
+        }
+        if let Some(t) = STATE
+            .lock()
+            .expect("powerloss lock")
+            .as_mut()
+            .and_then(|m| m.get_mut(path))
+        {
+            t.pending.push(Op::Extend(len));
+        }
+    }
+
+    pub(super) fn on_sync(path: &Path) {
+        if !powered() {
+            return;
+        }
+        if let Some(t) = STATE
+            .lock()
+            .expect("powerloss lock")
+            .as_mut()
+            .and_then(|m| m.get_mut(path))
+        {
+            for op in std::mem::take(&mut t.pending) {
+                apply(&mut t.durable, &op, usize::MAX);
+            }
+        }
+    }
+
+    fn apply(img: &mut Vec<u8>, op: &Op, sectors: usize) {
+        match op {
+            Op::Write { offset, data } => {
+                let n = data.len().min(sectors.saturating_mul(SECTOR));
+                let end = *offset as usize + n;
+                if img.len() < end {
+                    img.resize(end, 0);
+                }
+                img[*offset as usize..end].copy_from_slice(&data[..n]);
+            }
+            Op::Extend(len) => {
+                if img.len() < *len as usize {
+                    img.resize(*len as usize, 0);
+                }
+            }
+        }
+    }
+
+    /// Simulates a power loss: every tracked file becomes its durable image plus a
+    /// random selection of its unsynced writes (`rng(n)` returns 0..n). Returns how
+    /// many unsynced writes were dropped or torn.
+    pub fn crash(rng: &mut dyn FnMut(u64) -> u64) -> usize {
+        *COUNTDOWN.lock().expect("powerloss lock") = u64::MAX;
+        let mut guard = STATE.lock().expect("powerloss lock");
+        let Some(m) = guard.as_mut() else { return 0 };
+        let mut lost = 0;
+        for (path, t) in m.iter_mut() {
+            let mut img = t.durable.clone();
+            for op in std::mem::take(&mut t.pending) {
+                match rng(4) {
+                    0 => lost += 1, // never reached the disk
+                    1 => {
+                        // torn: only the first k sectors made it
+                        lost += 1;
+                        let sectors = match &op {
+                            Op::Write { data, .. } => data.len().div_ceil(SECTOR),
+                            Op::Extend(_) => 1,
+                        };
+                        apply(&mut img, &op, rng(sectors as u64) as usize);
+                    }
+                    _ => apply(&mut img, &op, usize::MAX),
+                }
+            }
+            if path.exists() {
+                std::fs::write(path, &img).expect("write crash image");
+            }
+            t.durable = img;
+        }
+        lost
+    }
 }

@@ -137,27 +137,28 @@ impl Journal {
     /// Opens (or creates and preallocates) the journal and reads the current
     /// generation's records.
     pub fn open(path: &Path, capacity: u64) -> Result<(Journal, Replay), StoreError> {
-        let exists = path.exists();
-        let file = DiskFile::open(path, true).map_err(|e| StoreError::io(path, e))?;
-        if !exists || file.size_bytes().map_err(|e| StoreError::io(path, e))? == 0 {
+        if !path.exists() {
+            // Created complete under a temporary name and renamed into place, so a
+            // crash during creation never leaves a journal without a valid header.
             let capacity = capacity.max(CAPACITY_MIN_BYTES);
-            file.allocate(0, capacity)
-                .map_err(|e| StoreError::io(path, e))?;
+            let tmp = path.with_extension("new");
+            let _ = std::fs::remove_file(&tmp);
+            let f = DiskFile::open(&tmp, true).map_err(|e| StoreError::io(&tmp, e))?;
+            f.allocate(0, capacity)
+                .map_err(|e| StoreError::io(&tmp, e))?;
             let h = Header {
                 generation: 1,
                 capacity,
             };
-            file.write_at(&encode_header(h), (h.generation % 2) * HEADER_SLOT_BYTES)
+            f.write_at(&encode_header(h), (h.generation % 2) * HEADER_SLOT_BYTES)
+                .map_err(|e| StoreError::io(&tmp, e))?;
+            f.sync_data().map_err(|e| StoreError::io(&tmp, e))?;
+            drop(f);
+            std::fs::rename(&tmp, path).map_err(|e| StoreError::io(path, e))?;
+            crate::disk::sync_dir(path.parent().unwrap_or(Path::new(".")))
                 .map_err(|e| StoreError::io(path, e))?;
-            file.sync_data().map_err(|e| StoreError::io(path, e))?;
-            let j = Journal::with(file, h);
-            return Ok((
-                j,
-                Replay {
-                    records: Vec::new(),
-                },
-            ));
         }
+        let file = DiskFile::open(path, false).map_err(|e| StoreError::io(path, e))?;
         let mut a = vec![0u8; HEADER_SLOT_BYTES as usize];
         let mut b = vec![0u8; HEADER_SLOT_BYTES as usize];
         file.read_at(&mut a, 0)
@@ -182,6 +183,17 @@ impl Journal {
             }
         };
         let mut h = h;
+        if h.capacity < CAPACITY_MIN_BYTES || h.capacity > (1 << 40) {
+            return Err(StoreError::Corrupted {
+                what: "journal header",
+                path: path.into(),
+                detail: format!("capacity {} out of range", h.capacity),
+            });
+        }
+        // Re-reserve the whole journal: an extension lost in a crash would otherwise
+        // let an append meet ENOSPC. (A no-op when the space is already reserved.)
+        file.allocate(0, h.capacity)
+            .map_err(|e| StoreError::io(path, e))?;
         let mut data = vec![0u8; (h.capacity - RECORDS_START) as usize];
         file.read_at(&mut data, RECORDS_START)
             .map_err(|e| StoreError::io(path, e))?;

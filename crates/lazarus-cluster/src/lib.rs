@@ -1,0 +1,9 @@
+//! Cluster metadata: the state Raft replicates (nodes, volumes, placement, primaries,
+//! epochs, replica states). This step has the pure state machine; the openraft log
+//! store, state machine adapter and network come next.
+
+pub mod meta;
+
+pub use meta::{
+    ClusterMeta, MetaCommand, MetaResponse, NodeId, NodeInfo, ReplicaState, VolumeInfo,
+};

@@ -1,0 +1,373 @@
+//! The cluster metadata: what Raft replicates. A pure state machine — `apply` is a
+//! function of the state and one command — so every rule here is tested without a
+//! network. A replica state change is a command: it takes effect on a node only once
+//! committed and applied (DESIGN.md, "a change of state is committed before it takes
+//! effect").
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+pub type NodeId = u64;
+
+/// Replication factor limits.
+pub const REPLICATION_FACTOR_MAX: usize = 5;
+pub const REPLICATION_FACTOR_DEFAULT: usize = 3;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaState {
+    /// Up to date: receives every update synchronously; counts as a failure domain.
+    Live,
+    /// Missed updates: receives nothing until it resyncs.
+    Dead,
+    /// Catching up by Merkle diff while taking new writes; not yet a failure domain.
+    Resyncing,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub name: String,
+    pub rpc: String,
+    pub nbd: String,
+    pub admin: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeInfo {
+    pub name: String,
+    pub uid: u64,
+    pub size_bytes: u64,
+    /// Hosting nodes, primary included.
+    pub replicas: Vec<NodeId>,
+    pub primary: NodeId,
+    /// Bumped at every change of primary; updates from an older epoch are refused.
+    pub epoch: u64,
+    pub states: BTreeMap<NodeId, ReplicaState>,
+}
+
+impl VolumeInfo {
+    pub fn state_of(&self, node: NodeId) -> Option<ReplicaState> {
+        self.states.get(&node).copied()
+    }
+
+    /// Replicas (not the primary) that receive updates: live and resyncing ones.
+    pub fn update_targets(&self) -> Vec<NodeId> {
+        self.replicas
+            .iter()
+            .copied()
+            .filter(|n| {
+                *n != self.primary
+                    && matches!(
+                        self.state_of(*n),
+                        Some(ReplicaState::Live | ReplicaState::Resyncing)
+                    )
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterMeta {
+    pub nodes: BTreeMap<NodeId, NodeInfo>,
+    pub volumes: BTreeMap<String, VolumeInfo>,
+    /// Next volume uid to hand out (uids are never reused).
+    pub next_uid: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaCommand {
+    /// Registers (or updates the addresses of) a node.
+    SetNode {
+        id: NodeId,
+        info: NodeInfo,
+    },
+    /// Creates a volume on `replicas` (the first is the primary unless `primary` says).
+    CreateVolume {
+        name: String,
+        size_bytes: u64,
+        replicas: Vec<NodeId>,
+        primary: Option<NodeId>,
+    },
+    DeleteVolume {
+        name: String,
+    },
+    /// Changes one replica's state. `epoch` must be the volume's current epoch, so a
+    /// decision taken on an old view of the volume is refused.
+    SetReplicaState {
+        volume: String,
+        node: NodeId,
+        state: ReplicaState,
+        epoch: u64,
+    },
+    /// Makes `node` the primary with epoch `epoch + 1`; the old primary becomes dead.
+    /// `node` must be live (a dead replica is never promoted while a live one exists:
+    /// callers only ever pass live nodes, and this check makes it impossible).
+    Promote {
+        volume: String,
+        node: NodeId,
+        epoch: u64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaResponse {
+    Ok,
+    Volume(VolumeInfo),
+    Rejected(String),
+}
+
+impl ClusterMeta {
+    /// Applies one committed command. Invalid commands change nothing and answer
+    /// `Rejected`: every node applies the same log, so every node rejects the same way.
+    pub fn apply(&mut self, cmd: &MetaCommand) -> MetaResponse {
+        match self.try_apply(cmd) {
+            Ok(r) => r,
+            Err(msg) => MetaResponse::Rejected(msg),
+        }
+    }
+
+    fn volume_mut(&mut self, name: &str) -> Result<&mut VolumeInfo, String> {
+        self.volumes
+            .get_mut(name)
+            .ok_or_else(|| format!("volume {name:?} does not exist"))
+    }
+
+    fn try_apply(&mut self, cmd: &MetaCommand) -> Result<MetaResponse, String> {
+        match cmd {
+            MetaCommand::SetNode { id, info } => {
+                self.nodes.insert(*id, info.clone());
+                Ok(MetaResponse::Ok)
+            }
+            MetaCommand::CreateVolume {
+                name,
+                size_bytes,
+                replicas,
+                primary,
+            } => {
+                lazarus_types::check_volume_name(name)?;
+                lazarus_types::check_volume_size(*size_bytes)?;
+                if self.volumes.contains_key(name) {
+                    return Err(format!("volume {name:?} already exists"));
+                }
+                if replicas.is_empty() || replicas.len() > REPLICATION_FACTOR_MAX {
+                    return Err(format!(
+                        "replication factor must be 1 to {REPLICATION_FACTOR_MAX}"
+                    ));
+                }
+                let mut seen = replicas.clone();
+                seen.sort_unstable();
+                seen.dedup();
+                if seen.len() != replicas.len() {
+                    return Err("a node can hold only one copy of a volume".into());
+                }
+                if let Some(n) = replicas.iter().find(|n| !self.nodes.contains_key(n)) {
+                    return Err(format!("node {n} is not a cluster member"));
+                }
+                let primary = primary.unwrap_or(replicas[0]);
+                if !replicas.contains(&primary) {
+                    return Err(format!("primary {primary} is not one of the replicas"));
+                }
+                self.next_uid += 1;
+                let v = VolumeInfo {
+                    name: name.clone(),
+                    uid: self.next_uid,
+                    size_bytes: *size_bytes,
+                    replicas: replicas.clone(),
+                    primary,
+                    epoch: 1,
+                    states: replicas.iter().map(|n| (*n, ReplicaState::Live)).collect(),
+                };
+                self.volumes.insert(name.clone(), v.clone());
+                Ok(MetaResponse::Volume(v))
+            }
+            MetaCommand::DeleteVolume { name } => {
+                self.volumes
+                    .remove(name)
+                    .ok_or_else(|| format!("volume {name:?} does not exist"))?;
+                Ok(MetaResponse::Ok)
+            }
+            MetaCommand::SetReplicaState {
+                volume,
+                node,
+                state,
+                epoch,
+            } => {
+                let v = self.volume_mut(volume)?;
+                if *epoch != v.epoch {
+                    return Err(format!(
+                        "stale epoch {epoch} (volume {volume:?} is at {})",
+                        v.epoch
+                    ));
+                }
+                if !v.replicas.contains(node) {
+                    return Err(format!("node {node} holds no copy of {volume:?}"));
+                }
+                if *node == v.primary && *state != ReplicaState::Live {
+                    return Err(
+                        "the primary's state changes only by promoting another replica".into(),
+                    );
+                }
+                v.states.insert(*node, *state);
+                Ok(MetaResponse::Volume(v.clone()))
+            }
+            MetaCommand::Promote {
+                volume,
+                node,
+                epoch,
+            } => {
+                let v = self.volume_mut(volume)?;
+                if *epoch != v.epoch {
+                    return Err(format!(
+                        "stale epoch {epoch} (volume {volume:?} is at {})",
+                        v.epoch
+                    ));
+                }
+                if v.state_of(*node) != Some(ReplicaState::Live) {
+                    return Err(format!("node {node} is not a live replica of {volume:?}"));
+                }
+                if *node == v.primary {
+                    return Err(format!("node {node} is already the primary"));
+                }
+                let old = v.primary;
+                v.states.insert(old, ReplicaState::Dead);
+                v.primary = *node;
+                v.epoch += 1;
+                Ok(MetaResponse::Volume(v.clone()))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta3() -> ClusterMeta {
+        let mut m = ClusterMeta::default();
+        for id in 1..=3 {
+            let info = NodeInfo {
+                name: format!("n{id}"),
+                rpc: String::new(),
+                nbd: String::new(),
+                admin: String::new(),
+            };
+            assert_eq!(
+                m.apply(&MetaCommand::SetNode { id, info }),
+                MetaResponse::Ok
+            );
+        }
+        m
+    }
+
+    fn create(m: &mut ClusterMeta) -> VolumeInfo {
+        let r = m.apply(&MetaCommand::CreateVolume {
+            name: "vol0".into(),
+            size_bytes: 1 << 30,
+            replicas: vec![1, 2, 3],
+            primary: None,
+        });
+        let MetaResponse::Volume(v) = r else {
+            panic!("{r:?}")
+        };
+        v
+    }
+
+    #[test]
+    fn create_validates() {
+        let mut m = meta3();
+        let v = create(&mut m);
+        assert_eq!(v.primary, 1);
+        assert_eq!(v.epoch, 1);
+        assert_eq!(v.update_targets(), vec![2, 3]);
+        let bad = |m: &mut ClusterMeta, replicas: Vec<u64>, size: u64, name: &str| {
+            matches!(
+                m.apply(&MetaCommand::CreateVolume {
+                    name: name.into(),
+                    size_bytes: size,
+                    replicas,
+                    primary: None
+                }),
+                MetaResponse::Rejected(_)
+            )
+        };
+        assert!(
+            bad(&mut m, vec![1, 2, 3], 1 << 30, "vol0"),
+            "duplicate name"
+        );
+        assert!(bad(&mut m, vec![1, 1], 1 << 30, "v"), "same node twice");
+        assert!(bad(&mut m, vec![1, 9], 1 << 30, "v"), "unknown node");
+        assert!(bad(&mut m, vec![], 1 << 30, "v"), "no replicas");
+        assert!(bad(&mut m, vec![1], 4095, "v"), "bad size");
+        assert!(!bad(&mut m, vec![2], 1 << 20, "single"), "RF 1 is allowed");
+    }
+
+    #[test]
+    fn dead_replica_gets_no_updates_and_is_never_promoted() {
+        let mut m = meta3();
+        create(&mut m);
+        let r = m.apply(&MetaCommand::SetReplicaState {
+            volume: "vol0".into(),
+            node: 3,
+            state: ReplicaState::Dead,
+            epoch: 1,
+        });
+        assert!(matches!(r, MetaResponse::Volume(_)));
+        assert_eq!(m.volumes["vol0"].update_targets(), vec![2]);
+        let r = m.apply(&MetaCommand::Promote {
+            volume: "vol0".into(),
+            node: 3,
+            epoch: 1,
+        });
+        assert!(
+            matches!(r, MetaResponse::Rejected(_)),
+            "a dead replica must not be promoted"
+        );
+        let r = m.apply(&MetaCommand::Promote {
+            volume: "vol0".into(),
+            node: 2,
+            epoch: 1,
+        });
+        let MetaResponse::Volume(v) = r else { panic!() };
+        assert_eq!((v.primary, v.epoch), (2, 2));
+        assert_eq!(
+            v.state_of(1),
+            Some(ReplicaState::Dead),
+            "the deposed primary is dead"
+        );
+        // Decisions taken on the old epoch are refused.
+        let r = m.apply(&MetaCommand::SetReplicaState {
+            volume: "vol0".into(),
+            node: 3,
+            state: ReplicaState::Resyncing,
+            epoch: 1,
+        });
+        assert!(matches!(r, MetaResponse::Rejected(_)));
+        let r = m.apply(&MetaCommand::SetReplicaState {
+            volume: "vol0".into(),
+            node: 2,
+            state: ReplicaState::Dead,
+            epoch: 2,
+        });
+        assert!(
+            matches!(r, MetaResponse::Rejected(_)),
+            "the primary cannot be marked dead directly"
+        );
+        let r = m.apply(&MetaCommand::SetReplicaState {
+            volume: "vol0".into(),
+            node: 3,
+            state: ReplicaState::Resyncing,
+            epoch: 2,
+        });
+        assert!(matches!(r, MetaResponse::Volume(_)));
+        assert_eq!(m.volumes["vol0"].update_targets(), vec![3]);
+    }
+
+    #[test]
+    fn state_roundtrips_through_json() {
+        let mut m = meta3();
+        create(&mut m);
+        let text = serde_json::to_string(&m).unwrap();
+        let back: ClusterMeta = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, m);
+    }
+}
