@@ -7,3 +7,4 @@ pub mod meta;
 pub use meta::{
     ClusterMeta, MetaCommand, MetaResponse, NodeId, NodeInfo, ReplicaState, VolumeInfo,
 };
+pub mod raft_store;
