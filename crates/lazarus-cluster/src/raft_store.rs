@@ -7,6 +7,10 @@
 //! The state machine is small (a few KB per volume), so a snapshot is the whole state
 //! as JSON.
 
+// openraft's trait signatures fix the error type (`StorageError`, 224 bytes); boxing it
+// in our helpers would only add conversions at every call.
+#![allow(clippy::result_large_err)]
+
 use crate::meta::{ClusterMeta, MetaCommand, MetaResponse};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
