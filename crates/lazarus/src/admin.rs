@@ -17,6 +17,7 @@ use std::sync::Arc;
 pub struct AppState {
     pub node_id: String,
     pub engine: Arc<Engine>,
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 pub struct ApiError(StatusCode, String);
@@ -87,6 +88,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/api/v1/health", get(health))
         .route("/api/v1/status", get(status))
+        .route("/api/v1/cluster", get(cluster_status))
         .route("/api/v1/volumes", get(list_volumes).post(create_volume))
         .route(
             "/api/v1/volumes/{name}",
@@ -112,6 +114,16 @@ async fn status(State(s): State<AppState>) -> Json<serde_json::Value> {
         "journal_used_bytes": store.journal_used_bytes(),
         "recovery": store.recovery,
     }))
+}
+
+async fn cluster_status(State(s): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    match &s.cluster {
+        Some(c) => Ok(Json(c.status())),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "this node runs alone (no rpc_listen in its config)".into(),
+        )),
+    }
 }
 
 async fn list_volumes(State(s): State<AppState>) -> Json<Vec<VolumeView>> {

@@ -21,6 +21,21 @@ pub struct NodeConfig {
     /// Seconds between background checkpoints when anything changed.
     #[serde(default = "default_checkpoint_secs")]
     pub checkpoint_interval_secs: u64,
+    /// Node-to-node RPC listen address (Raft and, later, replication). Without it the
+    /// node runs alone, with no cluster metadata.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpc_listen: Option<SocketAddr>,
+    /// The other members of the cluster.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<PeerConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub id: String,
+    /// The peer's RPC address.
+    pub rpc: String,
 }
 
 fn default_journal_bytes() -> u64 {

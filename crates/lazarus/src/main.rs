@@ -3,10 +3,12 @@
 
 mod admin;
 mod client;
+mod cluster;
 mod config;
 mod engine;
 mod nbd_server;
 mod node;
+mod rpc;
 mod up;
 
 use clap::{Parser, Subcommand};

@@ -70,9 +70,23 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     )?;
     tracing::info!(node = %cfg.id, nbd = %ep.nbd, admin = %ep.admin, "node serving");
 
+    let cluster = match cfg.rpc_listen {
+        Some(_) => {
+            let c = crate::cluster::Cluster::start(&cfg).await?;
+            c.register(lazarus_cluster::NodeInfo {
+                name: cfg.id.clone(),
+                rpc: cfg.rpc_listen.map(|a| a.to_string()).unwrap_or_default(),
+                nbd: ep.nbd.to_string(),
+                admin: ep.admin.to_string(),
+            });
+            Some(c)
+        }
+        None => None,
+    };
     let app = admin::router(admin::AppState {
         node_id: cfg.id.clone(),
         engine: engine.clone(),
+        cluster,
     });
     tokio::spawn(async move {
         if let Err(e) = axum::serve(adm, app).await {

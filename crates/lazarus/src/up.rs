@@ -50,6 +50,8 @@ async fn start_node(args: &UpArgs, i: usize) -> anyhow::Result<Running> {
         admin_listen: format!("127.0.0.1:{admin_port}").parse()?,
         journal_bytes: 64 << 20,
         checkpoint_interval_secs: 30,
+        rpc_listen: None,
+        peers: Vec::new(),
     };
     let cfg_path = dir.join("node.toml");
     std::fs::write(&cfg_path, toml::to_string(&cfg)?)

@@ -47,14 +47,28 @@ impl Default for NodeOpts {
     }
 }
 
+/// A free TCP port on 127.0.0.1 (bound and released; fine for tests on loopback).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 impl Node {
     pub fn start(dir: &Path, opts: NodeOpts) -> Node {
+        Node::start_with(dir, "t1", "", opts)
+    }
+
+    /// Starts a node named `id` with extra TOML appended to its config.
+    pub fn start_with(dir: &Path, id: &str, extra: &str, opts: NodeOpts) -> Node {
         std::fs::create_dir_all(dir).unwrap();
         let config = dir.join("node.toml");
         std::fs::write(
             &config,
             format!(
-                "id = \"t1\"\ndata_dir = \"{}\"\nnbd_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\njournal_bytes = {}\ncheckpoint_interval_secs = {}\n",
+                "id = \"{id}\"\ndata_dir = \"{}\"\nnbd_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\njournal_bytes = {}\ncheckpoint_interval_secs = {}\n{extra}",
                 dir.display(),
                 opts.journal_bytes,
                 opts.checkpoint_interval_secs

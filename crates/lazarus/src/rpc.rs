@@ -1,0 +1,182 @@
+//! Node-to-node RPC: length-prefixed frames over TCP, many calls in flight per
+//! connection, a deadline on every call, reconnect on the next call after a failure.
+//!
+//! Frame: u32 length of the rest, u64 call id, u8 kind (requests) or status (replies:
+//! 0 ok, 1 error), then a JSON body. JSON keeps the Raft messages readable in a packet
+//! capture; the block data path will add a raw payload after the body.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, Mutex};
+
+/// Largest frame accepted from a peer (Raft snapshots of the metadata are far smaller).
+pub const FRAME_MAX_BYTES: u32 = 64 << 20;
+/// Time allowed to establish a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub const KIND_APPEND: u8 = 1;
+pub const KIND_VOTE: u8 = 2;
+pub const KIND_SNAPSHOT: u8 = 3;
+pub const KIND_CLIENT_WRITE: u8 = 4;
+
+pub type Reply = Result<Vec<u8>, String>;
+pub type Handler =
+    Arc<dyn Fn(u8, Vec<u8>) -> Pin<Box<dyn Future<Output = Reply> + Send>> + Send + Sync>;
+
+async fn read_frame(rd: &mut (impl AsyncReadExt + Unpin)) -> std::io::Result<(u64, u8, Vec<u8>)> {
+    let len = rd.read_u32().await?;
+    if !(9..=FRAME_MAX_BYTES).contains(&len) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("bad RPC frame length {len}"),
+        ));
+    }
+    let id = rd.read_u64().await?;
+    let kind = rd.read_u8().await?;
+    let mut body = vec![0u8; len as usize - 9];
+    rd.read_exact(&mut body).await?;
+    Ok((id, kind, body))
+}
+
+fn frame(id: u64, kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(13 + body.len());
+    f.extend_from_slice(&((9 + body.len()) as u32).to_be_bytes());
+    f.extend_from_slice(&id.to_be_bytes());
+    f.push(kind);
+    f.extend_from_slice(body);
+    f
+}
+
+/// Serves RPCs: each request runs in its own task; replies go back on the same
+/// connection in completion order.
+pub async fn serve(listener: TcpListener, handler: Handler) {
+    loop {
+        let Ok((sock, peer)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let _ = sock.set_nodelay(true);
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let (mut rd, wr) = sock.into_split();
+            let wr = Arc::new(Mutex::new(wr));
+            loop {
+                let (id, kind, body) = match read_frame(&mut rd).await {
+                    Ok(f) => f,
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "RPC connection closed");
+                        return;
+                    }
+                };
+                let handler = handler.clone();
+                let wr = wr.clone();
+                tokio::spawn(async move {
+                    let (status, out) = match handler(kind, body).await {
+                        Ok(b) => (0u8, b),
+                        Err(m) => (1u8, m.into_bytes()),
+                    };
+                    let _ = wr.lock().await.write_all(&frame(id, status, &out)).await;
+                });
+            }
+        });
+    }
+}
+
+type Pending = Arc<std::sync::Mutex<HashMap<u64, oneshot::Sender<Reply>>>>;
+
+struct Conn {
+    wr: Mutex<OwnedWriteHalf>,
+    pending: Pending,
+    alive: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A client for one peer address.
+pub struct RpcClient {
+    addr: String,
+    conn: Mutex<Option<Arc<Conn>>>,
+    next_id: AtomicU64,
+}
+
+impl RpcClient {
+    pub fn new(addr: &str) -> RpcClient {
+        RpcClient {
+            addr: addr.to_string(),
+            conn: Mutex::new(None),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    async fn connection(&self) -> Result<Arc<Conn>, String> {
+        let mut guard = self.conn.lock().await;
+        if let Some(c) = guard.as_ref() {
+            if c.alive.load(Ordering::Acquire) {
+                return Ok(c.clone());
+            }
+        }
+        let sock = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr))
+            .await
+            .map_err(|_| format!("connect to {} timed out", self.addr))?
+            .map_err(|e| format!("connect to {}: {e}", self.addr))?;
+        let _ = sock.set_nodelay(true);
+        let (mut rd, wr) = sock.into_split();
+        let pending: Pending = Arc::default();
+        let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let conn = Arc::new(Conn {
+            wr: Mutex::new(wr),
+            pending: pending.clone(),
+            alive: alive.clone(),
+        });
+        tokio::spawn(async move {
+            loop {
+                match read_frame(&mut rd).await {
+                    Ok((id, status, body)) => {
+                        let tx = pending.lock().expect("pending lock").remove(&id);
+                        if let Some(tx) = tx {
+                            let r = if status == 0 {
+                                Ok(body)
+                            } else {
+                                Err(String::from_utf8_lossy(&body).into_owned())
+                            };
+                            let _ = tx.send(r);
+                        }
+                    }
+                    Err(_) => {
+                        alive.store(false, Ordering::Release);
+                        // Fail every call still waiting on this connection.
+                        pending.lock().expect("pending lock").clear();
+                        return;
+                    }
+                }
+            }
+        });
+        *guard = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// One call with a deadline. Errors are transport errors or the handler's error.
+    pub async fn call(&self, kind: u8, body: &[u8], deadline: Duration) -> Reply {
+        let fut = async {
+            let conn = self.connection().await?;
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = oneshot::channel();
+            conn.pending.lock().expect("pending lock").insert(id, tx);
+            if let Err(e) = conn.wr.lock().await.write_all(&frame(id, kind, body)).await {
+                conn.alive.store(false, Ordering::Release);
+                conn.pending.lock().expect("pending lock").remove(&id);
+                return Err(format!("send to {}: {e}", self.addr));
+            }
+            rx.await
+                .map_err(|_| format!("connection to {} lost", self.addr))?
+        };
+        tokio::time::timeout(deadline, fut)
+            .await
+            .map_err(|_| format!("call to {} timed out after {deadline:?}", self.addr))?
+    }
+}

@@ -1,0 +1,140 @@
+//! Guards the Cluster issue's metadata layer (openraft, every node a voter): three real
+//! node processes elect a leader, register in the replicated metadata, replace a
+//! leader killed with SIGKILL, take a revived node back, and keep the metadata across
+//! SIGKILL of all three.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+struct Trio {
+    nodes: Vec<Node>,
+}
+
+impl Trio {
+    fn start(root: &std::path::Path) -> Trio {
+        let rpc: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let nodes = (0..3)
+            .map(|i| {
+                let mut extra = format!("rpc_listen = \"127.0.0.1:{}\"\n", rpc[i]);
+                for (j, port) in rpc.iter().enumerate().filter(|(j, _)| *j != i) {
+                    extra.push_str(&format!(
+                        "[[peers]]\nid = \"n{}\"\nrpc = \"127.0.0.1:{port}\"\n",
+                        j + 1
+                    ));
+                }
+                Node::start_with(
+                    &root.join(format!("n{}", i + 1)),
+                    &format!("n{}", i + 1),
+                    &extra,
+                    NodeOpts::default(),
+                )
+            })
+            .collect();
+        Trio { nodes }
+    }
+
+    fn cluster(&self, i: usize) -> Option<Value> {
+        self.nodes[i].child.as_ref()?;
+        let o = std::process::Command::new("curl")
+            .args([
+                "-sf",
+                &format!("{}/api/v1/cluster", self.nodes[i].api_url()),
+            ])
+            .output()
+            .ok()?;
+        serde_json::from_slice(&o.stdout).ok()
+    }
+
+    /// Waits until every running node reports the same leader and `registered` nodes
+    /// in the metadata; returns the leader's id.
+    fn agreed_leader(&self, registered: usize, within: Duration) -> u64 {
+        self.agreed_leader_other_than(None, registered, within)
+    }
+
+    fn agreed_leader_other_than(
+        &self,
+        old: Option<u64>,
+        registered: usize,
+        within: Duration,
+    ) -> u64 {
+        let t0 = Instant::now();
+        loop {
+            let views: Vec<Value> = (0..3).filter_map(|i| self.cluster(i)).collect();
+            let running = self.nodes.iter().filter(|n| n.child.is_some()).count();
+            if views.len() == running {
+                let leaders: Vec<Option<u64>> =
+                    views.iter().map(|v| v["leader"].as_u64()).collect();
+                let regs: Vec<usize> = views
+                    .iter()
+                    .map(|v| v["metadata"]["nodes"].as_object().map_or(0, |m| m.len()))
+                    .collect();
+                if let Some(Some(l)) = leaders.first() {
+                    if Some(*l) != old
+                        && leaders.iter().all(|x| *x == Some(*l))
+                        && regs.iter().all(|r| *r >= registered)
+                    {
+                        return *l;
+                    }
+                }
+            }
+            assert!(
+                t0.elapsed() < within,
+                "no agreed leader within {within:?}: {views:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+#[test]
+fn leader_election_failover_rejoin_and_durable_metadata() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut t = Trio::start(tmp.path());
+    let leader = t.agreed_leader(3, Duration::from_secs(30));
+    let v = t.cluster(0).unwrap();
+    assert_eq!(
+        v["members"].as_array().unwrap().len(),
+        3,
+        "every node is a voter: {v}"
+    );
+    let nodes = v["metadata"]["nodes"].as_object().unwrap();
+    assert_eq!(nodes["2"]["name"], "n2");
+    assert!(nodes["3"]["nbd"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.1:"));
+
+    // The leader dies: the survivors elect another within the failover budget.
+    let idx = (leader - 1) as usize;
+    let t0 = Instant::now();
+    t.nodes[idx].kill9();
+    let new_leader = t.agreed_leader_other_than(Some(leader), 3, Duration::from_secs(10));
+    let took = t0.elapsed();
+    assert_ne!(new_leader, leader);
+    eprintln!("new leader {new_leader} elected {took:?} after SIGKILL of leader {leader}");
+    assert!(
+        took < Duration::from_secs(5),
+        "leader replaced after {took:?}"
+    );
+
+    // The killed node comes back and follows the new leader.
+    t.nodes[idx].spawn();
+    assert_eq!(t.agreed_leader(3, Duration::from_secs(20)), new_leader);
+
+    // All three killed at once: the metadata (log, vote, applied state) survives.
+    for n in t.nodes.iter_mut() {
+        n.kill9();
+    }
+    for n in t.nodes.iter_mut() {
+        n.spawn();
+    }
+    t.agreed_leader(3, Duration::from_secs(30));
+    let v = t.cluster(1).unwrap();
+    assert_eq!(v["metadata"]["nodes"].as_object().unwrap().len(), 3, "{v}");
+    assert!(
+        v["term"].as_u64().unwrap() >= 2,
+        "a new term after the restarts: {v}"
+    );
+}
