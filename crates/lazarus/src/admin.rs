@@ -149,6 +149,9 @@ pub enum SizeArg {
 pub struct CreateVolume {
     pub name: String,
     pub size: SizeArg,
+    /// Copies to keep (cluster mode; default 3, at most the number of nodes).
+    #[serde(default)]
+    pub replication_factor: Option<usize>,
 }
 
 async fn create_volume(
@@ -167,11 +170,68 @@ async fn create_volume(
             lazarus_types::parse_size(&t).map_err(|m| ApiError(StatusCode::BAD_REQUEST, m))?
         }
     };
+    if let Some(c) = s.cluster.clone() {
+        return create_in_cluster(&s, &c, req.name, size, req.replication_factor).await;
+    }
     let store = s.engine.store.clone();
     let v = tokio::task::spawn_blocking(move || store.create_volume(&req.name, size))
         .await
         .map_err(join_err)??;
     Ok((StatusCode::CREATED, Json(volume_view(&v))))
+}
+
+/// Creates a volume through the cluster metadata: this node is its primary, the other
+/// copies go to the next nodes by id. Returns once the local copy exists.
+async fn create_in_cluster(
+    s: &AppState,
+    c: &Arc<crate::cluster::Cluster>,
+    name: String,
+    size: u64,
+    rf: Option<usize>,
+) -> Result<(StatusCode, Json<VolumeView>), ApiError> {
+    lazarus_types::check_volume_name(&name).map_err(|m| ApiError(StatusCode::BAD_REQUEST, m))?;
+    let meta = c.store.meta();
+    let mut others: Vec<u64> = meta.nodes.keys().copied().filter(|n| *n != c.id).collect();
+    others.sort_unstable();
+    let rf = rf.unwrap_or(lazarus_cluster::meta::REPLICATION_FACTOR_DEFAULT);
+    if rf == 0 || rf > 1 + others.len() {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "replication factor {rf} needs {rf} registered nodes; the cluster has {}",
+                1 + others.len()
+            ),
+        ));
+    }
+    let mut replicas = vec![c.id];
+    replicas.extend(others.into_iter().take(rf - 1));
+    let cmd = lazarus_cluster::MetaCommand::CreateVolume {
+        name: name.clone(),
+        size_bytes: size,
+        replicas,
+        primary: Some(c.id),
+    };
+    match c
+        .propose(cmd)
+        .await
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
+    {
+        lazarus_cluster::MetaResponse::Volume(_) => {}
+        lazarus_cluster::MetaResponse::Rejected(m) if m.contains("already exists") => {
+            return Err(ApiError(StatusCode::CONFLICT, m))
+        }
+        other => return Err(ApiError(StatusCode::BAD_REQUEST, format!("{other:?}"))),
+    }
+    for _ in 0..100 {
+        if let Some(v) = s.engine.store.volume(&name) {
+            return Ok((StatusCode::CREATED, Json(volume_view(&v))));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Err(ApiError(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("volume {name:?} committed but its local copy did not appear"),
+    ))
 }
 
 fn find(s: &AppState, name: &str) -> Result<Arc<Volume>, ApiError> {

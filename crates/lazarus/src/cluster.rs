@@ -3,9 +3,14 @@
 //! any node, read the applied metadata, report Raft status).
 
 use crate::config::NodeConfig;
-use crate::rpc::{self, RpcClient, KIND_APPEND, KIND_CLIENT_WRITE, KIND_SNAPSHOT, KIND_VOTE};
+use crate::rpc::{
+    self, RpcClient, KIND_APPEND, KIND_CLIENT_WRITE, KIND_FLUSH, KIND_REPLICATE, KIND_SNAPSHOT,
+    KIND_VOTE,
+};
 use lazarus_cluster::raft_store::{NodeId, Raft, Store, TypeConfig};
+use lazarus_cluster::ReplicaState;
 use lazarus_cluster::{MetaCommand, MetaResponse, NodeInfo};
+use lazarus_store::Store as BlockStore;
 use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -136,13 +141,39 @@ pub struct Cluster {
     pub raft: Raft,
     pub store: Store,
     network: Network,
+    /// The node's block store, which replicated updates are applied to.
+    blocks: Arc<BlockStore>,
+}
+
+/// Deadline for one replicated update to a replica.
+const REPLICATE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a node checks the metadata for copies it must create or delete.
+const RECONCILE_INTERVAL: Duration = Duration::from_millis(200);
+
+/// A replicated update, as sent from a primary to a replica.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub enum Update {
+    /// Whole blocks at `lba`; the data travels as the raw payload.
+    Write {
+        volume: String,
+        epoch: u64,
+        lba: u64,
+    },
+    Zero {
+        volume: String,
+        epoch: u64,
+        lba: u64,
+        count: u64,
+        provision: bool,
+    },
+    Flush,
 }
 
 impl Cluster {
     /// Starts Raft on this node. The member with the smallest id initializes the
     /// cluster the first time (membership = every configured node); the others wait
     /// to be contacted.
-    pub async fn start(cfg: &NodeConfig) -> anyhow::Result<Arc<Cluster>> {
+    pub async fn start(cfg: &NodeConfig, blocks: Arc<BlockStore>) -> anyhow::Result<Arc<Cluster>> {
         let id = raft_id(&cfg.id).map_err(anyhow::Error::msg)?;
         let rpc_listen = cfg
             .rpc_listen
@@ -191,6 +222,7 @@ impl Cluster {
             raft,
             store,
             network,
+            blocks,
         });
         let listener = tokio::net::TcpListener::bind(rpc_listen)
             .await
@@ -225,6 +257,12 @@ impl Cluster {
             KIND_APPEND => ser(&self.raft.append_entries(de(&body)?).await),
             KIND_VOTE => ser(&self.raft.vote(de(&body)?).await),
             KIND_SNAPSHOT => ser(&self.raft.install_snapshot(de(&body)?).await),
+            KIND_REPLICATE | KIND_FLUSH => {
+                let (json, raw) = rpc::unpack(&body)?;
+                let u: Update = de(json)?;
+                self.apply_update(u, raw).await?;
+                Ok(Vec::new())
+            }
             KIND_CLIENT_WRITE => {
                 let cmd: MetaCommand = de(&body)?;
                 let r = self
@@ -247,12 +285,14 @@ impl Cluster {
         loop {
             let leader = self.raft.metrics().borrow().current_leader;
             let attempt: Result<MetaResponse, String> = match leader {
-                Some(l) if l == self.id => self
-                    .raft
-                    .client_write(cmd.clone())
-                    .await
-                    .map(|w| w.data)
-                    .map_err(|e| e.to_string()),
+                Some(l) if l == self.id => {
+                    // Without a majority a proposal never commits: bound the wait.
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    match tokio::time::timeout(left, self.raft.client_write(cmd.clone())).await {
+                        Ok(r) => r.map(|w| w.data).map_err(|e| e.to_string()),
+                        Err(_) => Err("not committed in time (no majority reachable?)".to_string()),
+                    }
+                }
                 Some(l) => {
                     let addr = self
                         .raft
@@ -312,6 +352,205 @@ impl Cluster {
                     }
                     Err(e) => tracing::warn!(error = %e, "registration not committed yet"),
                 }
+            }
+        });
+    }
+
+    /// Applies an update from a primary. Refused when this node's committed view says
+    /// the sender is not entitled to it: an older epoch (a deposed primary), or this
+    /// copy is dead (it gets nothing until it resyncs).
+    async fn apply_update(&self, u: Update, raw: &[u8]) -> Result<(), String> {
+        let (volume, epoch) = match &u {
+            Update::Write { volume, epoch, .. } | Update::Zero { volume, epoch, .. } => {
+                (volume.clone(), *epoch)
+            }
+            Update::Flush => {
+                let b = self.blocks.clone();
+                return tokio::task::spawn_blocking(move || b.flush())
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string());
+            }
+        };
+        let meta = self.store.meta();
+        let v = meta
+            .volumes
+            .get(&volume)
+            .ok_or_else(|| format!("volume {volume:?} unknown here"))?;
+        if epoch < v.epoch {
+            return Err(format!(
+                "update for {volume:?} from epoch {epoch} refused: this node is at epoch {}",
+                v.epoch
+            ));
+        }
+        if v.state_of(self.id) == Some(ReplicaState::Dead) {
+            return Err(format!(
+                "this copy of {volume:?} is dead; it takes updates only after a resync"
+            ));
+        }
+        let local = self
+            .blocks
+            .volume(&volume)
+            .ok_or_else(|| format!("no local copy of {volume:?} yet"))?;
+        let b = self.blocks.clone();
+        let raw = raw.to_vec();
+        tokio::task::spawn_blocking(move || match u {
+            Update::Write { lba, .. } => {
+                if raw.is_empty() || !raw.len().is_multiple_of(lazarus_types::BLOCK_SIZE) {
+                    return Err("write payload is not whole blocks".to_string());
+                }
+                if lba + (raw.len() / lazarus_types::BLOCK_SIZE) as u64 > local.meta.block_count() {
+                    return Err("write past the end of the volume".to_string());
+                }
+                b.write_blocks(&local, lazarus_types::Lba(lba), &raw)
+                    .map_err(|e| e.to_string())
+            }
+            Update::Zero {
+                lba,
+                count,
+                provision,
+                ..
+            } => {
+                if lba + count > local.meta.block_count() {
+                    return Err("zero past the end of the volume".to_string());
+                }
+                b.write_zeroes(&local, lazarus_types::Lba(lba), count, provision)
+                    .map_err(|e| e.to_string())
+            }
+            Update::Flush => unreachable!("handled above"),
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    /// Sends an update to every replica that takes updates and waits for all. A
+    /// replica that fails is marked dead in committed metadata before this returns,
+    /// so an acknowledged write is on every copy the metadata calls live.
+    pub async fn replicate(&self, volume: &str, u: Update, raw: &[u8]) -> Result<(), String> {
+        let meta = self.store.meta();
+        let Some(v) = meta.volumes.get(volume) else {
+            return Ok(());
+        };
+        if v.primary != self.id {
+            return Err(format!(
+                "this node is not the primary of {volume:?} (node {} is)",
+                v.primary
+            ));
+        }
+        // Stamp the epoch this primary holds the volume under.
+        let u = match u {
+            Update::Write { volume, lba, .. } => Update::Write {
+                volume,
+                epoch: v.epoch,
+                lba,
+            },
+            Update::Zero {
+                volume,
+                lba,
+                count,
+                provision,
+                ..
+            } => Update::Zero {
+                volume,
+                epoch: v.epoch,
+                lba,
+                count,
+                provision,
+            },
+            Update::Flush => Update::Flush,
+        };
+        let json = serde_json::to_vec(&u).map_err(|e| e.to_string())?;
+        let body = rpc::pack(&json, raw);
+        let kind = if matches!(u, Update::Flush) {
+            KIND_FLUSH
+        } else {
+            KIND_REPLICATE
+        };
+        let body = Arc::new(body);
+        let mut calls = tokio::task::JoinSet::new();
+        for n in v.update_targets() {
+            let addr = meta
+                .nodes
+                .get(&n)
+                .map(|i| i.rpc.clone())
+                .unwrap_or_default();
+            let client = self.network.client(&addr);
+            let body = body.clone();
+            calls.spawn(async move { (n, client.call(kind, &body, REPLICATE_TIMEOUT).await) });
+        }
+        let mut results = Vec::new();
+        while let Some(r) = calls.join_next().await {
+            results.push(r.map_err(|e| format!("replication task failed: {e}"))?);
+        }
+        for (node, r) in results {
+            if let Err(e) = r {
+                tracing::warn!(volume, replica = node, error = %e, "replica failed an update; marking it dead");
+                let cmd = MetaCommand::SetReplicaState {
+                    volume: volume.to_string(),
+                    node,
+                    state: ReplicaState::Dead,
+                    epoch: v.epoch,
+                };
+                match self.propose(cmd).await {
+                    Ok(MetaResponse::Volume(_)) => {
+                        tracing::info!(volume, replica = node, "replica marked dead")
+                    }
+                    Ok(other) => {
+                        return Err(format!("could not mark replica {node} dead: {other:?}"))
+                    }
+                    Err(e) => return Err(format!("could not mark replica {node} dead: {e}")),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `Ok(true)` if this node is the primary of a cluster volume (updates must be
+    /// replicated), `Ok(false)` for a volume the cluster metadata does not know (a
+    /// node-local volume), `Err` naming the primary when this node is not it.
+    pub fn role(&self, volume: &str) -> Result<bool, String> {
+        let meta = self.store.meta();
+        match meta.volumes.get(volume) {
+            None => Ok(false),
+            Some(v) if v.primary == self.id => Ok(true),
+            Some(v) => {
+                let at = meta
+                    .nodes
+                    .get(&v.primary)
+                    .map(|n| n.nbd.clone())
+                    .unwrap_or_default();
+                Err(format!(
+                    "node {} is the primary of {volume:?}: connect to nbd://{at}/{volume}",
+                    v.primary
+                ))
+            }
+        }
+    }
+
+    /// Creates the local copy of every volume the metadata places on this node.
+    pub fn reconcile(self: &Arc<Self>) {
+        let c = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let meta = c.store.meta();
+                for v in meta.volumes.values() {
+                    if v.replicas.contains(&c.id) && c.blocks.volume(&v.name).is_none() {
+                        let b = c.blocks.clone();
+                        let (name, size) = (v.name.clone(), v.size_bytes);
+                        match tokio::task::spawn_blocking(move || b.create_volume(&name, size))
+                            .await
+                        {
+                            Ok(Ok(_)) => {
+                                tracing::info!(volume = %v.name, "local copy created from cluster metadata")
+                            }
+                            Ok(Err(e)) => {
+                                tracing::error!(volume = %v.name, error = %e, "cannot create local copy")
+                            }
+                            Err(e) => tracing::error!(error = %e, "reconcile task failed"),
+                        }
+                    }
+                }
+                tokio::time::sleep(RECONCILE_INTERVAL).await;
             }
         });
     }

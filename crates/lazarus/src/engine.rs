@@ -55,6 +55,8 @@ impl From<StoreError> for IoError {
 
 pub struct Engine {
     pub store: Arc<Store>,
+    /// Set once the node has joined its cluster; absent for a node running alone.
+    pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
     stripes: Vec<Mutex<()>>,
     background_flush: Arc<AtomicBool>,
 }
@@ -63,6 +65,7 @@ impl Engine {
     pub fn new(store: Arc<Store>) -> Engine {
         Engine {
             store,
+            cluster: std::sync::OnceLock::new(),
             stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             background_flush: Arc::new(AtomicBool::new(false)),
         }
@@ -110,12 +113,37 @@ impl Engine {
         guards
     }
 
+    /// Whether updates to `vol` must be replicated; an error when this node is not the
+    /// volume's primary (only the primary serves a cluster volume).
+    fn replicated(&self, vol: &Volume) -> Result<bool, IoError> {
+        match self.cluster.get() {
+            Some(c) => c.role(&vol.meta.name).map_err(|m| IoError::new(EIO, m)),
+            None => Ok(false),
+        }
+    }
+
+    async fn replicate(
+        &self,
+        vol: &Volume,
+        u: crate::cluster::Update,
+        raw: &[u8],
+    ) -> Result<(), IoError> {
+        let c = self
+            .cluster
+            .get()
+            .expect("replicated volumes exist only in a cluster");
+        c.replicate(&vol.meta.name, u, raw)
+            .await
+            .map_err(|m| IoError::new(EIO, format!("replication failed: {m}")))
+    }
+
     /// Reads `len` bytes at `offset` into `out` (whose length is `len`).
     pub fn read_into(&self, vol: &Volume, offset: u64, out: &mut [u8]) -> Result<(), IoError> {
         let len = out.len() as u64;
         if len == 0 {
             return Ok(());
         }
+        self.replicated(vol)?;
         let first = offset / BLOCK_SIZE_U64;
         let last = (offset + len - 1) / BLOCK_SIZE_U64;
         let head = (offset % BLOCK_SIZE_U64) as usize;
@@ -136,13 +164,24 @@ impl Engine {
         fua: bool,
     ) -> Result<(), IoError> {
         let len = data.len() as u64;
+        let replicated = self.replicated(vol)?;
         if len > 0 {
             let first = offset / BLOCK_SIZE_U64;
             let last = (offset + len - 1) / BLOCK_SIZE_U64;
             let _g = self.lock_blocks(first, last).await;
             let head = (offset % BLOCK_SIZE_U64) as usize;
+            let write = |u| crate::cluster::Update::Write {
+                volume: vol.meta.name.clone(),
+                epoch: 0,
+                lba: u,
+            };
             if head == 0 && len.is_multiple_of(BLOCK_SIZE_U64) {
                 self.blocking(|| self.store.write_blocks(vol, Lba(first), data))?;
+                if replicated {
+                    // Still under the stripe locks: replicas see updates to a block
+                    // in the order the primary applied them.
+                    self.replicate(vol, write(first), data).await?;
+                }
             } else {
                 // Read-modify-write of the partial blocks at either end only.
                 let nblocks = (last - first + 1) as usize;
@@ -158,11 +197,14 @@ impl Engine {
                 }
                 buf[head..head + len as usize].copy_from_slice(data);
                 self.blocking(|| self.store.write_blocks(vol, Lba(first), &buf))?;
+                if replicated {
+                    self.replicate(vol, write(first), &buf).await?;
+                }
             }
             self.after_write();
         }
         if fua {
-            self.flush().await?;
+            self.flush(vol).await?;
         }
         Ok(())
     }
@@ -180,6 +222,7 @@ impl Engine {
         provision: bool,
         fua: bool,
     ) -> Result<(), IoError> {
+        let replicated = self.replicated(vol)?;
         if len > 0 {
             let end = offset + len;
             let first_full = offset.div_ceil(BLOCK_SIZE_U64);
@@ -211,16 +254,40 @@ impl Engine {
                         provision && !trim,
                     )
                 })?;
+                if replicated {
+                    let u = crate::cluster::Update::Zero {
+                        volume: vol.meta.name.clone(),
+                        epoch: 0,
+                        lba: first_full,
+                        count: end_full - first_full,
+                        provision: provision && !trim,
+                    };
+                    self.replicate(vol, u, &[]).await?;
+                }
                 self.after_write();
             }
         }
         if fua {
-            self.flush().await?;
+            self.flush(vol).await?;
         }
         Ok(())
     }
 
-    pub async fn flush(&self) -> Result<(), IoError> {
+    /// FLUSH: durable on this node and, for a cluster volume, on every copy that takes
+    /// updates.
+    pub async fn flush(&self, vol: &Volume) -> Result<(), IoError> {
+        if self.replicated(vol)? {
+            let (local, remote) = tokio::join!(
+                self.flush_local(),
+                self.replicate(vol, crate::cluster::Update::Flush, &[])
+            );
+            local?;
+            return remote;
+        }
+        self.flush_local().await
+    }
+
+    async fn flush_local(&self) -> Result<(), IoError> {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.flush())
             .await

@@ -327,7 +327,7 @@ async fn execute(
             }
         }
         Command::Write => engine.write(vol, req.offset, payload, req.fua()).await,
-        Command::Flush => engine.flush().await,
+        Command::Flush => engine.flush(vol).await,
         Command::Trim => {
             engine
                 .zero(vol, req.offset, req.length as u64, true, false, req.fua())

@@ -72,7 +72,9 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
 
     let cluster = match cfg.rpc_listen {
         Some(_) => {
-            let c = crate::cluster::Cluster::start(&cfg).await?;
+            let c = crate::cluster::Cluster::start(&cfg, store.clone()).await?;
+            c.reconcile();
+            let _ = engine.cluster.set(c.clone());
             c.register(lazarus_cluster::NodeInfo {
                 name: cfg.id.clone(),
                 rpc: cfg.rpc_listen.map(|a| a.to_string()).unwrap_or_default(),

@@ -180,3 +180,26 @@ impl RpcClient {
             .map_err(|_| format!("call to {} timed out after {deadline:?}", self.addr))?
     }
 }
+
+pub const KIND_REPLICATE: u8 = 5;
+pub const KIND_FLUSH: u8 = 6;
+
+/// Packs a JSON header and a raw payload (block data) into one RPC body.
+pub fn pack(json: &[u8], raw: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(4 + json.len() + raw.len());
+    b.extend_from_slice(&(json.len() as u32).to_be_bytes());
+    b.extend_from_slice(json);
+    b.extend_from_slice(raw);
+    b
+}
+
+pub fn unpack(body: &[u8]) -> Result<(&[u8], &[u8]), String> {
+    let n = u32::from_be_bytes(
+        body.get(0..4)
+            .ok_or("short body")?
+            .try_into()
+            .map_err(|_| "short body")?,
+    ) as usize;
+    let json = body.get(4..4 + n).ok_or("body shorter than its header")?;
+    Ok((json, &body[4 + n..]))
+}

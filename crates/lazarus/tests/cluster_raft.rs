@@ -138,3 +138,114 @@ fn leader_election_failover_rejoin_and_durable_metadata() {
         "a new term after the restarts: {v}"
     );
 }
+
+fn root(n: &Node, vol: &str) -> String {
+    n.api_get(&format!("/api/v1/volumes/{vol}"))["root"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Guards the write path (DESIGN.md steps 1-4, 6): a write acknowledged by the primary
+/// is on every live copy (equal checksum roots); a replica that cannot take an update
+/// is marked dead in committed metadata *before* the write is acknowledged — with no
+/// Raft majority left to commit that, the write fails instead of being acknowledged.
+#[test]
+fn synchronous_replication_and_dead_replica_before_ack() {
+    require("nbdcopy");
+    require("qemu-io");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut t = Trio::start(tmp.path());
+    t.agreed_leader(3, Duration::from_secs(30));
+    let o = t.nodes[0].cli(&["volume", "create", "rv", "--size", "64MiB"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Every hosting node materializes its copy from the metadata.
+    for n in &t.nodes {
+        let t0 = Instant::now();
+        while n
+            .api_get("/api/v1/volumes")
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["name"] != "rv")
+        {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "copy of rv not created"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let img = tmp.path().join("in.img");
+    let data = random_file(&img, 16 << 20, 42);
+    run("nbdcopy", &[img.to_str().unwrap(), &t.nodes[0].uri("rv")]);
+    let out = export_bytes(&t.nodes[0], "rv", tmp.path());
+    assert!(out[..data.len()] == data[..]);
+    let roots: Vec<String> = t.nodes.iter().map(|n| root(n, "rv")).collect();
+    assert_ne!(roots[0], "0".repeat(32));
+    assert!(
+        roots.iter().all(|r| *r == roots[0]),
+        "checksum roots differ across copies: {roots:?}"
+    );
+    // A non-primary refuses rather than serve a copy that may be stale.
+    let o = run_out(
+        "qemu-io",
+        &["-f", "raw", "-c", "read 0 4k", &t.nodes[1].uri("rv")],
+    );
+    assert!(!o.status.success());
+
+    // Replica n3 dies: the next write is acknowledged only once n3 is committed dead.
+    t.nodes[2].kill9();
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5a 0 64k",
+            "-c",
+            "flush",
+            &t.nodes[0].uri("rv"),
+        ],
+    );
+    let meta = t.cluster(0).unwrap()["metadata"]["volumes"]["rv"].clone();
+    assert_eq!(meta["states"]["3"], "dead", "{meta}");
+    assert_eq!(meta["states"]["2"], "live", "{meta}");
+    assert_eq!(
+        root(&t.nodes[0], "rv"),
+        root(&t.nodes[1], "rv"),
+        "live copies must stay identical"
+    );
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x5a 0 64k",
+            &t.nodes[0].uri("rv"),
+        ],
+    );
+
+    // Replica n2 dies too: no majority can commit n2's death, so the write must fail.
+    t.nodes[1].kill9();
+    let o = run_out(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x77 0 4k",
+            &t.nodes[0].uri("rv"),
+        ],
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        !o.status.success() && text.contains("Input/output error"),
+        "a write was acknowledged without its replica state committed: {text}"
+    );
+}
