@@ -239,6 +239,26 @@ pub(crate) struct VolState {
     pub header_seq: u64,
 }
 
+impl VolState {
+    /// No pages in memory, an all-zero tree of the given level lengths.
+    fn empty(lens: &[u64], header_seq: u64) -> VolState {
+        VolState {
+            pages: HashMap::new(),
+            allocated: HashSet::new(),
+            dirty: BTreeSet::new(),
+            stale: BTreeSet::new(),
+            levels: lens
+                .iter()
+                .map(|n| vec![Checksum::ZERO; *n as usize])
+                .collect(),
+            dirty_ck: BTreeSet::new(),
+            damaged: BTreeMap::new(),
+            damage_dirty: false,
+            header_seq,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Volume {
     pub meta: VolumeMeta,
@@ -287,26 +307,12 @@ impl Volume {
         slice.sync_data().map_err(|e| StoreError::io(&sp, e))?;
         cksum.sync_data().map_err(|e| StoreError::io(&cp, e))?;
         disk::sync_dir(dir).map_err(|e| StoreError::io(dir, e))?;
-        let levels = lens
-            .iter()
-            .map(|n| vec![Checksum::ZERO; *n as usize])
-            .collect();
         Ok(Volume {
             meta,
             dir: dir.to_path_buf(),
             slice,
             cksum,
-            state: Mutex::new(VolState {
-                pages: HashMap::new(),
-                allocated: HashSet::new(),
-                dirty: BTreeSet::new(),
-                stale: BTreeSet::new(),
-                levels,
-                dirty_ck: BTreeSet::new(),
-                damaged: BTreeMap::new(),
-                damage_dirty: false,
-                header_seq: 1,
-            }),
+            state: Mutex::new(VolState::empty(&lens, 1)),
         })
     }
 
@@ -331,20 +337,7 @@ impl Volume {
             dir: dir.to_path_buf(),
             slice,
             cksum,
-            state: Mutex::new(VolState {
-                pages: HashMap::new(),
-                allocated: HashSet::new(),
-                dirty: BTreeSet::new(),
-                stale: BTreeSet::new(),
-                levels: lens
-                    .iter()
-                    .map(|n| vec![Checksum::ZERO; *n as usize])
-                    .collect(),
-                dirty_ck: BTreeSet::new(),
-                damaged: BTreeMap::new(),
-                damage_dirty: false,
-                header_seq: 0,
-            }),
+            state: Mutex::new(VolState::empty(&lens, 0)),
         })
     }
 
