@@ -4,8 +4,8 @@
 
 use crate::config::NodeConfig;
 use crate::rpc::{
-    self, RpcClient, KIND_APPEND, KIND_CLIENT_WRITE, KIND_FLUSH, KIND_REPLICATE, KIND_SNAPSHOT,
-    KIND_VOTE,
+    self, RpcClient, KIND_APPEND, KIND_CLIENT_WRITE, KIND_FLUSH, KIND_PING, KIND_REPLICATE,
+    KIND_SNAPSHOT, KIND_VOTE,
 };
 use lazarus_cluster::raft_store::{NodeId, Raft, Store, TypeConfig};
 use lazarus_cluster::ReplicaState;
@@ -24,11 +24,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// Raft timing: heartbeats every 200 ms, elections after 0.7-1.4 s of silence, so a dead
+/// Raft timing: heartbeats every 150 ms, elections after 0.5-1 s of silence, so a dead
 /// leader is replaced well within the 5 s failover budget.
-const HEARTBEAT_MS: u64 = 200;
-const ELECTION_TIMEOUT_MIN_MS: u64 = 700;
-const ELECTION_TIMEOUT_MAX_MS: u64 = 1400;
+const HEARTBEAT_MS: u64 = 150;
+const ELECTION_TIMEOUT_MIN_MS: u64 = 500;
+const ELECTION_TIMEOUT_MAX_MS: u64 = 1000;
 /// How long a metadata proposal keeps retrying (no leader yet, leader changing).
 const PROPOSE_TIMEOUT: Duration = Duration::from_secs(15);
 const PROPOSE_RPC_TIMEOUT: Duration = Duration::from_secs(5);
@@ -147,6 +147,11 @@ pub struct Cluster {
 
 /// Deadline for one replicated update to a replica.
 const REPLICATE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the leader checks that every volume's primary answers.
+const FAILOVER_CHECK_INTERVAL: Duration = Duration::from_millis(200);
+const PING_TIMEOUT: Duration = Duration::from_millis(300);
+/// A primary silent this long is replaced (with Raft election, within the 5 s budget).
+const PRIMARY_SILENCE_MAX: Duration = Duration::from_millis(600);
 /// How often a node checks the metadata for copies it must create or delete.
 const RECONCILE_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -257,6 +262,7 @@ impl Cluster {
             KIND_APPEND => ser(&self.raft.append_entries(de(&body)?).await),
             KIND_VOTE => ser(&self.raft.vote(de(&body)?).await),
             KIND_SNAPSHOT => ser(&self.raft.install_snapshot(de(&body)?).await),
+            KIND_PING => Ok(Vec::new()),
             KIND_REPLICATE | KIND_FLUSH => {
                 let (json, raw) = rpc::unpack(&body)?;
                 let u: Update = de(json)?;
@@ -525,6 +531,79 @@ impl Cluster {
                 ))
             }
         }
+    }
+
+    async fn answers(&self, meta: &lazarus_cluster::ClusterMeta, node: NodeId) -> bool {
+        if node == self.id {
+            return true;
+        }
+        let Some(info) = meta.nodes.get(&node) else {
+            return false;
+        };
+        self.network
+            .client(&info.rpc)
+            .call(KIND_PING, &[], PING_TIMEOUT)
+            .await
+            .is_ok()
+    }
+
+    /// On the Raft leader: replaces the primary of any volume whose primary has not
+    /// answered for `PRIMARY_SILENCE_MAX`, promoting a live replica that answers. Only
+    /// live replicas are candidates, so a dead one is never promoted while a live one
+    /// exists (the state machine refuses it too).
+    pub fn watch_primaries(self: &Arc<Self>) {
+        let c = self.clone();
+        tokio::spawn(async move {
+            let mut silent_since: HashMap<String, tokio::time::Instant> = HashMap::new();
+            loop {
+                tokio::time::sleep(FAILOVER_CHECK_INTERVAL).await;
+                if c.raft.metrics().borrow().current_leader != Some(c.id) {
+                    silent_since.clear();
+                    continue;
+                }
+                let meta = c.store.meta();
+                for v in meta.volumes.values() {
+                    if c.answers(&meta, v.primary).await {
+                        silent_since.remove(&v.name);
+                        continue;
+                    }
+                    let since = *silent_since
+                        .entry(v.name.clone())
+                        .or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() < PRIMARY_SILENCE_MAX {
+                        continue;
+                    }
+                    let mut candidate = None;
+                    for n in v.replicas.iter().copied().filter(|n| *n != v.primary) {
+                        if v.state_of(n) == Some(ReplicaState::Live) && c.answers(&meta, n).await {
+                            candidate = Some(n);
+                            break;
+                        }
+                    }
+                    let Some(n) = candidate else {
+                        tracing::error!(volume = %v.name, primary = v.primary, "primary unreachable and no live replica to promote");
+                        continue;
+                    };
+                    let cmd = MetaCommand::Promote {
+                        volume: v.name.clone(),
+                        node: n,
+                        epoch: v.epoch,
+                    };
+                    match c.propose(cmd).await {
+                        Ok(MetaResponse::Volume(nv)) => {
+                            tracing::warn!(volume = %v.name, old = v.primary, new = n, epoch = nv.epoch, "primary failed over");
+                            silent_since.remove(&v.name);
+                        }
+                        Ok(other) => {
+                            tracing::warn!(volume = %v.name, response = ?other, "promotion refused")
+                        }
+                        Err(e) => {
+                            tracing::warn!(volume = %v.name, error = %e, "promotion not committed")
+                        }
+                    }
+                }
+            }
+        });
     }
 
     /// Creates the local copy of every volume the metadata places on this node.

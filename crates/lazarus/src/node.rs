@@ -74,6 +74,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         Some(_) => {
             let c = crate::cluster::Cluster::start(&cfg, store.clone()).await?;
             c.reconcile();
+            c.watch_primaries();
             let _ = engine.cluster.set(c.clone());
             c.register(lazarus_cluster::NodeInfo {
                 name: cfg.id.clone(),

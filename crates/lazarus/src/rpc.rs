@@ -183,6 +183,7 @@ impl RpcClient {
 
 pub const KIND_REPLICATE: u8 = 5;
 pub const KIND_FLUSH: u8 = 6;
+pub const KIND_PING: u8 = 7;
 
 /// Packs a JSON header and a raw payload (block data) into one RPC body.
 pub fn pack(json: &[u8], raw: &[u8]) -> Vec<u8> {

@@ -249,3 +249,71 @@ fn synchronous_replication_and_dead_replica_before_ack() {
         "a write was acknowledged without its replica state committed: {text}"
     );
 }
+
+/// Guards failover (Cluster issue, item 5): the primary killed with SIGKILL is replaced
+/// by a live replica within 5 s, the epoch is bumped, and a client reconnecting to the
+/// new primary reads every write flushed before the kill.
+#[test]
+fn primary_killed_failover_within_5s_keeps_flushed_writes() {
+    require("nbdcopy");
+    require("qemu-io");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut t = Trio::start(tmp.path());
+    t.agreed_leader(3, Duration::from_secs(30));
+    let o = t.nodes[0].cli(&["volume", "create", "fv", "--size", "32MiB"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let img = tmp.path().join("in.img");
+    let data = random_file(&img, 8 << 20, 7);
+    // nbdcopy flushes before it exits.
+    let t_copy = Instant::now();
+    loop {
+        let o = run_out("nbdcopy", &[img.to_str().unwrap(), &t.nodes[0].uri("fv")]);
+        if o.status.success() {
+            break;
+        }
+        // The replicas' copies may still be materializing right after the create.
+        assert!(
+            t_copy.elapsed() < Duration::from_secs(10),
+            "nbdcopy failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let t0 = Instant::now();
+    t.nodes[0].kill9();
+    let (primary, epoch) = loop {
+        if let Some(v) = t.cluster(1) {
+            let fv = &v["metadata"]["volumes"]["fv"];
+            if fv["primary"].as_u64().is_some_and(|p| p != 1) {
+                break (
+                    fv["primary"].as_u64().unwrap(),
+                    fv["epoch"].as_u64().unwrap(),
+                );
+            }
+        }
+        assert!(t0.elapsed() < Duration::from_secs(15), "no failover");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let took = t0.elapsed();
+    eprintln!("primary failed over to node {primary} (epoch {epoch}) {took:?} after SIGKILL");
+    assert!(took < Duration::from_secs(5), "failover took {took:?}");
+    assert_eq!(epoch, 2);
+    let out = export_bytes(&t.nodes[(primary - 1) as usize], "fv", tmp.path());
+    assert!(
+        out[..data.len()] == data[..],
+        "the new primary lost flushed data"
+    );
+    // The new primary takes writes (replicated to the remaining live copy).
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x33 0 4k",
+            "-c",
+            "read -P 0x33 0 4k",
+            &t.nodes[(primary - 1) as usize].uri("fv"),
+        ],
+    );
+}
