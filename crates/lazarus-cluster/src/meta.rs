@@ -126,6 +126,19 @@ impl ClusterMeta {
         }
     }
 
+    /// The volume, if `epoch` is its current epoch: decisions taken on an older view
+    /// of the volume (before a promotion) are refused.
+    fn volume_at_epoch(&mut self, name: &str, epoch: u64) -> Result<&mut VolumeInfo, String> {
+        let v = self.volume_mut(name)?;
+        if epoch != v.epoch {
+            return Err(format!(
+                "stale epoch {epoch} (volume {name:?} is at {})",
+                v.epoch
+            ));
+        }
+        Ok(v)
+    }
+
     fn volume_mut(&mut self, name: &str) -> Result<&mut VolumeInfo, String> {
         self.volumes
             .get_mut(name)
@@ -192,13 +205,7 @@ impl ClusterMeta {
                 state,
                 epoch,
             } => {
-                let v = self.volume_mut(volume)?;
-                if *epoch != v.epoch {
-                    return Err(format!(
-                        "stale epoch {epoch} (volume {volume:?} is at {})",
-                        v.epoch
-                    ));
-                }
+                let v = self.volume_at_epoch(volume, *epoch)?;
                 if !v.replicas.contains(node) {
                     return Err(format!("node {node} holds no copy of {volume:?}"));
                 }
@@ -215,13 +222,7 @@ impl ClusterMeta {
                 node,
                 epoch,
             } => {
-                let v = self.volume_mut(volume)?;
-                if *epoch != v.epoch {
-                    return Err(format!(
-                        "stale epoch {epoch} (volume {volume:?} is at {})",
-                        v.epoch
-                    ));
-                }
+                let v = self.volume_at_epoch(volume, *epoch)?;
                 if v.state_of(*node) != Some(ReplicaState::Live) {
                     return Err(format!("node {node} is not a live replica of {volume:?}"));
                 }

@@ -214,7 +214,8 @@ pub mod powerloss {
         }
     }
 
-    pub(super) fn on_write(path: &Path, offset: u64, data: &[u8]) {
+    /// Runs `f` on the tracked file at `path`, if the simulator is on and the power is.
+    fn with_tracked(path: &Path, f: impl FnOnce(&mut Tracked)) {
         if !powered() {
             return;
         }
@@ -224,41 +225,29 @@ pub mod powerloss {
             .as_mut()
             .and_then(|m| m.get_mut(path))
         {
+            f(t);
+        }
+    }
+
+    pub(super) fn on_write(path: &Path, offset: u64, data: &[u8]) {
+        with_tracked(path, |t| {
             t.pending.push(Op::Write {
                 offset,
                 data: data.to_vec(),
-            });
-        }
+            })
+        });
     }
 
     pub(super) fn on_extend(path: &Path, len: u64) {
-        if !powered() {
-            return;
-        }
-        if let Some(t) = STATE
-            .lock()
-            .expect("powerloss lock")
-            .as_mut()
-            .and_then(|m| m.get_mut(path))
-        {
-            t.pending.push(Op::Extend(len));
-        }
+        with_tracked(path, |t| t.pending.push(Op::Extend(len)));
     }
 
     pub(super) fn on_sync(path: &Path) {
-        if !powered() {
-            return;
-        }
-        if let Some(t) = STATE
-            .lock()
-            .expect("powerloss lock")
-            .as_mut()
-            .and_then(|m| m.get_mut(path))
-        {
+        with_tracked(path, |t| {
             for op in std::mem::take(&mut t.pending) {
                 apply(&mut t.durable, &op, usize::MAX);
             }
-        }
+        });
     }
 
     fn apply(img: &mut Vec<u8>, op: &Op, sectors: usize) {
