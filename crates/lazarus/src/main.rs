@@ -142,6 +142,40 @@ fn print_volumes(vols: &Value) {
     }
 }
 
+fn print_cluster(c: &Value) {
+    let leader = c["leader"]
+        .as_u64()
+        .map_or("none".to_string(), |l| format!("n{l}"));
+    println!(
+        "cluster: leader {leader}, term {}, this node n{} ({})",
+        c["term"],
+        c["id"],
+        c["state"].as_str().unwrap_or("?")
+    );
+    let meta = &c["metadata"];
+    for (id, n) in meta["nodes"].as_object().into_iter().flatten() {
+        println!(
+            "  n{id:<3} nbd {:<22} admin {}",
+            n["nbd"].as_str().unwrap_or("?"),
+            n["admin"].as_str().unwrap_or("?")
+        );
+    }
+    for (name, vol) in meta["volumes"].as_object().into_iter().flatten() {
+        let states: Vec<String> = vol["states"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(n, st)| format!("n{n}:{}", st.as_str().unwrap_or("?")))
+            .collect();
+        println!(
+            "  volume {name:<12} primary n{} epoch {}  copies {}",
+            vol["primary"],
+            vol["epoch"],
+            states.join(" ")
+        );
+    }
+}
+
 fn client_command(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
         Cmd::Volume { op, target } => {
@@ -174,10 +208,18 @@ fn client_command(cmd: Cmd) -> anyhow::Result<()> {
         }
         Cmd::Status { json, target } => {
             let api = client::Api::discover(target.api.as_deref(), &target.data)?;
-            let v = client::ok(api.get("/api/v1/status")?)?;
+            let mut v = client::ok(api.get("/api/v1/status")?)?;
+            // A node that is a Raft member also reports the cluster (404 when alone).
+            let (code, cluster) = api.get("/api/v1/cluster")?;
+            if code == 200 {
+                v["cluster"] = cluster;
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
+                if code == 200 {
+                    print_cluster(&v["cluster"]);
+                }
                 println!(
                     "node {} (pid {})",
                     v["node"].as_str().unwrap_or("?"),

@@ -210,6 +210,19 @@ fn synchronous_replication_and_dead_replica_before_ack() {
     );
     let meta = t.cluster(0).unwrap()["metadata"]["volumes"]["rv"].clone();
     assert_eq!(meta["states"]["3"], "dead", "{meta}");
+    // `lazarus status` shows it, as a table and in --json.
+    let o = t.nodes[0].cli(&["status"]);
+    let table = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success() && table.contains("n3:dead") && table.contains("primary n1"),
+        "{table}"
+    );
+    let o = t.nodes[0].cli(&["status", "--json"]);
+    let j: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        j["cluster"]["metadata"]["volumes"]["rv"]["states"]["3"],
+        "dead"
+    );
     assert_eq!(meta["states"]["2"], "live", "{meta}");
     assert_eq!(
         root(&t.nodes[0], "rv"),
