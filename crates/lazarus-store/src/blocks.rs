@@ -202,27 +202,8 @@ impl BlockStore {
     /// Returns the slot when the block was newly written.
     pub fn put(&self, id: BlockId, data: &[u8]) -> Result<Option<u64>, StoreError> {
         debug_assert!(!id.is_zero());
-        debug_assert_eq!(data.len(), BLOCK_SIZE);
-        let mut ix = self.inner.lock();
-        if let Some(e) = ix.map.get_mut(&id) {
-            e.refs += 1;
-            return Ok(None);
-        }
-        let slot = match ix.free.pop() {
-            Some(s) => s,
-            None => self.grow(&mut ix)?,
-        };
-        // Written under the index lock: a concurrent put of the same id must not map
-        // to a slot whose content is not there yet.
-        if let Err(e) = self.data.write_at(data, slot * BLOCK_SIZE_U64) {
-            ix.free.push(slot);
-            return Err(StoreError::io(self.data.path(), e));
-        }
-        ix.map.insert(id, Entry { slot, refs: 1 });
-        ix.slots[slot as usize] = id;
-        ix.missing.remove(&id);
-        ix.dirty_idx_pages.insert(slot / FANOUT as u64);
-        Ok(Some(slot))
+        let slot = self.put_many(&[id], data)?[0];
+        Ok((slot != NO_SLOT).then_some(slot))
     }
 
     /// `put` for the blocks of one request: one index lock, and new blocks that land in
@@ -431,10 +412,6 @@ impl BlockStore {
         // blocks get ascending, mostly consecutive slots (one write, one read per run).
         freed.sort_unstable_by(|a, b| b.cmp(a));
         ix.free.extend(freed);
-    }
-
-    pub fn pending_free_count(&self) -> usize {
-        self.inner.lock().pending_free.len()
     }
 
     /// (soft, hard) pending-free limits for the current store size.
