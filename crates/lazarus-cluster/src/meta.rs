@@ -30,6 +30,10 @@ pub struct NodeInfo {
     pub rpc: String,
     pub nbd: String,
     pub admin: String,
+    /// Random per process start: a node that sees its own incarnation in its applied
+    /// metadata knows it has caught up with everything committed before it started.
+    #[serde(default)]
+    pub incarnation: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -251,6 +255,7 @@ mod tests {
                 rpc: String::new(),
                 nbd: String::new(),
                 admin: String::new(),
+                incarnation: 0,
             };
             assert_eq!(
                 m.apply(&MetaCommand::SetNode { id, info }),

@@ -60,6 +60,9 @@ pub struct Store {
     db: Arc<Database>,
     /// The applied state, readable by the node without going through Raft.
     pub state: Arc<Mutex<Applied>>,
+    /// The metadata as last durably applied, shared without copying on every read
+    /// (the I/O path looks at it for every request).
+    current: Arc<Mutex<Arc<ClusterMeta>>>,
 }
 
 impl Store {
@@ -75,11 +78,13 @@ impl Store {
         let s = Store {
             db: Arc::new(db),
             state: Arc::new(Mutex::new(Applied::default())),
+            current: Arc::default(),
         };
         if let Some(a) = s
             .get_json::<Applied>("applied")
             .map_err(|e| e.to_string())?
         {
+            s.publish(&a.meta);
             *s.state.lock().expect("state lock") = a;
         }
         Ok(s)
@@ -105,8 +110,12 @@ impl Store {
     }
 
     /// The current metadata (as applied on this node).
-    pub fn meta(&self) -> ClusterMeta {
-        self.state.lock().expect("state lock").meta.clone()
+    pub fn meta(&self) -> Arc<ClusterMeta> {
+        self.current.lock().expect("current lock").clone()
+    }
+
+    fn publish(&self, meta: &ClusterMeta) {
+        *self.current.lock().expect("current lock") = Arc::new(meta.clone());
     }
 }
 
@@ -274,6 +283,7 @@ impl RaftStateMachine<TypeConfig> for Store {
         // Persisted before returning: a state change takes effect on this node only
         // once it is both committed and durably applied.
         self.put_json("applied", &snapshot)?;
+        self.publish(&snapshot.meta);
         Ok(responses)
     }
 
@@ -294,6 +304,7 @@ impl RaftStateMachine<TypeConfig> for Store {
         let a: Applied = serde_json::from_slice(&data).map_err(rerr)?;
         self.put_json("applied", &a)?;
         self.put_json("snapshot", &(meta.clone(), data))?;
+        self.publish(&a.meta);
         *self.state.lock().expect("state lock") = a;
         Ok(())
     }

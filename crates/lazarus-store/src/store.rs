@@ -77,6 +77,9 @@ pub struct Store {
     checkpointing: AtomicBool,
     /// Set when the journal could not be written: nothing more is acknowledged.
     failed: AtomicBool,
+    /// Set at shutdown: no new write is admitted, so the final checkpoint holds every
+    /// write the node ever applied.
+    sealed: AtomicBool,
     pub recovery: RecoveryReport,
 }
 
@@ -284,6 +287,7 @@ impl Store {
             volume_count: AtomicU64::new(0),
             checkpointing: AtomicBool::new(false),
             failed: AtomicBool::new(false),
+            sealed: AtomicBool::new(false),
             recovery: report,
         };
         store.update_volume_stats();
@@ -311,6 +315,12 @@ impl Store {
         self.max_levels.store(levels as u64, Ordering::Release);
         self.volume_count
             .store(vols.len() as u64, Ordering::Release);
+    }
+
+    /// Refuses every write from now on (shutdown). Writes already admitted complete,
+    /// and a checkpoint taken after this call includes them.
+    pub fn seal(&self) {
+        self.sealed.store(true, Ordering::Release);
     }
 
     /// True while a checkpoint holds writes off: a writer may block for its duration.
@@ -449,6 +459,10 @@ impl Store {
         loop {
             self.check_failed()?;
             let cp = self.cp_lock.read();
+            // Checked under the lock: a checkpoint after `seal` waits for this write.
+            if self.sealed.load(Ordering::Acquire) {
+                return Err(StoreError::Invalid("this node is shutting down".into()));
+            }
             let (used, cap) = {
                 let j = self.journal.lock();
                 (j.used_bytes(), j.capacity())
@@ -507,6 +521,73 @@ impl Store {
             KIND_MAP,
             &mut ids.iter().copied(),
         )
+    }
+
+    /// Maps `ids.len()` LBAs from `lba` to the given block ids (resync and repair copy
+    /// mappings, not data). Every non-zero id must be stored here already or be
+    /// supplied, verified, in `supplied`; otherwise nothing changes and the first
+    /// missing id is returned as `Ok(Some(id))`.
+    pub fn write_ids(
+        &self,
+        vol: &Volume,
+        lba: Lba,
+        ids: &[BlockId],
+        supplied: &HashMap<BlockId, Vec<u8>>,
+    ) -> Result<Option<BlockId>, WriteError> {
+        let n = ids.len() as u64;
+        if n == 0 {
+            return Ok(None);
+        }
+        assert!(
+            lba.0 + n <= vol.meta.block_count(),
+            "mapping past the end reached the store"
+        );
+        // The content of every block, so that a block freed meanwhile is stored
+        // again rather than mapped to a reused slot: put_many dedups by id.
+        let mut data = vec![0u8; ids.len() * BLOCK_SIZE];
+        for (i, id) in ids.iter().enumerate() {
+            let chunk = &mut data[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
+            if id.is_zero() {
+                continue;
+            }
+            match supplied.get(id) {
+                Some(b) if BlockId::hash_of(b) == *id => chunk.copy_from_slice(b),
+                _ => {
+                    if !self.blocks.read(*id, chunk)? {
+                        return Ok(Some(*id));
+                    }
+                }
+            }
+        }
+        let first_page = lba.page().0;
+        let last_page = Lba(lba.0 + n - 1).page().0;
+        let record_bytes = (journal::RECORD_HEADER_LEN + 20 + ids.len() * 24) as u64;
+        let _adm = self.admit(record_bytes, last_page - first_page + 1, n)?;
+        vol.ensure_allocated(first_page, last_page)?;
+        let slots = self.blocks.put_many(ids, &data)?;
+        self.apply(
+            vol,
+            lba,
+            encode_map(vol.meta.uid, lba, ids, &slots),
+            KIND_MAP,
+            &mut ids.iter().copied(),
+        )?;
+        Ok(None)
+    }
+
+    /// Whether the block `id` is stored here (not verified; reading verifies).
+    pub fn has_block(&self, id: BlockId) -> bool {
+        id.is_zero() || self.blocks.locate(id).is_some()
+    }
+
+    /// Reads and verifies the block `id` wherever it is mapped; `Ok(false)` if this
+    /// node does not have it intact.
+    pub fn read_block(&self, id: BlockId, buf: &mut [u8]) -> Result<bool, StoreError> {
+        if id.is_zero() {
+            buf.fill(0);
+            return Ok(true);
+        }
+        self.blocks.read(id, buf)
     }
 
     /// Journals a mapping change and applies it in memory.

@@ -729,6 +729,42 @@ impl Volume {
             .collect()
     }
 
+    /// Lengths of the checksum tree's levels (level 1 first; the last is the root).
+    pub fn level_lens(&self) -> Vec<u64> {
+        level_lens(self.meta.page_count())
+    }
+
+    /// The recorded checksums of checksum page `j` of level `k` (0 = level 1): the
+    /// entries `[j*256, (j+1)*256)` of that level, fewer at its end. Writes since the
+    /// last call are folded in first. `None` when `k`/`j` are outside the tree.
+    pub fn checksum_group(&self, k: usize, j: u64) -> Option<Vec<Checksum>> {
+        let mut st = self.state.lock();
+        Volume::refresh_tree(&mut st);
+        let level = st.levels.get(k)?;
+        let lo = (j * FANOUT_U64) as usize;
+        if lo >= level.len() {
+            return None;
+        }
+        let hi = (lo + FANOUT).min(level.len());
+        Some(level[lo..hi].to_vec())
+    }
+
+    /// The 256 ids of slice page `p`; `None` if the page is damaged (some mappings
+    /// unknown) or past the end.
+    pub fn page_ids(&self, p: u64) -> Option<Vec<BlockId>> {
+        if p >= self.meta.page_count() {
+            return None;
+        }
+        let st = self.state.lock();
+        if st.damaged.contains_key(&p) {
+            return None;
+        }
+        Some(match st.pages.get(&p) {
+            Some(pg) => pg.to_vec(),
+            None => vec![BlockId::ZERO; FANOUT],
+        })
+    }
+
     /// Damaged LBA ranges `(first_lba, count)`, merged.
     pub fn damaged_ranges(&self) -> Vec<(u64, u64)> {
         let st = self.state.lock();

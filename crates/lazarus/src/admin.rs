@@ -95,6 +95,9 @@ pub fn router(state: AppState) -> Router {
             get(get_volume).delete(delete_volume),
         )
         .route("/api/v1/volumes/{name}/locate", get(locate))
+        .route("/api/v1/faults", get(list_faults))
+        .route("/api/v1/faults/drop", axum::routing::post(fault_drop))
+        .route("/api/v1/faults/heal", axum::routing::post(fault_heal))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .with_state(state)
 }
@@ -281,4 +284,74 @@ async fn locate(
         ));
     }
     Ok(Json(s.engine.store.locate(&v, Lba(q.lba))))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultTarget {
+    /// A node name ("n2"); for heal, absent means every node.
+    #[serde(default)]
+    pub to: Option<String>,
+}
+
+fn cluster_of(s: &AppState) -> Result<Arc<crate::cluster::Cluster>, ApiError> {
+    s.cluster.clone().ok_or_else(|| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            "this node runs alone: there is no replication to fault".into(),
+        )
+    })
+}
+
+fn node_arg(c: &crate::cluster::Cluster, to: Option<&str>) -> Result<Option<u64>, ApiError> {
+    let Some(name) = to else { return Ok(None) };
+    let id = crate::cluster::raft_id(name).map_err(|m| ApiError(StatusCode::BAD_REQUEST, m))?;
+    if !c.store.meta().nodes.contains_key(&id) {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no node {name:?} in the cluster"),
+        ));
+    }
+    if id == c.id {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "a node does not replicate to itself".into(),
+        ));
+    }
+    Ok(Some(id))
+}
+
+async fn list_faults(State(s): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let c = cluster_of(&s)?;
+    let drops: Vec<String> = c.drops.lock().iter().map(|n| format!("n{n}")).collect();
+    Ok(Json(json!({ "node": s.node_id, "drop_to": drops })))
+}
+
+async fn fault_drop(
+    State(s): State<AppState>,
+    body: Result<Json<FaultTarget>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(t) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let c = cluster_of(&s)?;
+    let id = node_arg(&c, t.to.as_deref())?
+        .ok_or_else(|| ApiError(StatusCode::BAD_REQUEST, "\"to\" is required".into()))?;
+    c.drops.lock().insert(id);
+    tracing::warn!(from = %s.node_id, to = id, "fault injected: replication traffic to this node now fails");
+    list_faults(State(s)).await
+}
+
+async fn fault_heal(
+    State(s): State<AppState>,
+    body: Result<Json<FaultTarget>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(t) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let c = cluster_of(&s)?;
+    match node_arg(&c, t.to.as_deref())? {
+        Some(id) => {
+            c.drops.lock().remove(&id);
+        }
+        None => c.drops.lock().clear(),
+    }
+    tracing::warn!(node = %s.node_id, to = ?t.to, "fault healed");
+    list_faults(State(s)).await
 }

@@ -12,9 +12,13 @@ pub struct Api {
 
 impl Api {
     pub fn new(base: &str) -> Api {
+        Api::with_timeout(base, Duration::from_secs(60))
+    }
+
+    pub fn with_timeout(base: &str, timeout: Duration) -> Api {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(60)))
+            .timeout_global(Some(timeout))
             .build()
             .into();
         Api {
@@ -34,10 +38,25 @@ impl Api {
         })?;
         let v: Value = serde_json::from_str(&text)
             .with_context(|| format!("{} is not valid JSON", p.display()))?;
-        let admin = v["nodes"][0]["admin"]
-            .as_str()
-            .with_context(|| format!("{} lists no nodes", p.display()))?;
-        Ok(Api::new(&format!("http://{admin}")))
+        let admins: Vec<&str> = v["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n["admin"].as_str())
+            .collect();
+        anyhow::ensure!(!admins.is_empty(), "{} lists no nodes", p.display());
+        // The first node that answers: any node serves the whole cluster's view.
+        for admin in &admins {
+            let probe = Api::with_timeout(&format!("http://{admin}"), Duration::from_secs(2));
+            if let Ok((200, _)) = probe.get("/api/v1/health") {
+                return Ok(Api::new(&format!("http://{admin}")));
+            }
+        }
+        anyhow::bail!(
+            "no node of the cluster under {} answers (tried {})",
+            data.display(),
+            admins.join(", ")
+        )
     }
 
     fn handle(

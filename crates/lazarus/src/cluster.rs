@@ -4,8 +4,8 @@
 
 use crate::config::NodeConfig;
 use crate::rpc::{
-    self, RpcClient, KIND_APPEND, KIND_CLIENT_WRITE, KIND_FLUSH, KIND_PING, KIND_REPLICATE,
-    KIND_SNAPSHOT, KIND_VOTE,
+    self, RpcClient, KIND_APPEND, KIND_BLOCKS, KIND_CLIENT_WRITE, KIND_FLUSH, KIND_FORWARD,
+    KIND_PAGE, KIND_PING, KIND_REPLICATE, KIND_RESYNC_BEGIN, KIND_SNAPSHOT, KIND_TREE, KIND_VOTE,
 };
 use lazarus_cluster::raft_store::{NodeId, Raft, Store, TypeConfig};
 use lazarus_cluster::ReplicaState;
@@ -20,9 +20,10 @@ use openraft::raft::{
 use openraft::BasicNode;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 /// Raft timing: heartbeats every 150 ms, elections after 0.5-1 s of silence, so a dead
 /// leader is replaced well within the 5 s failover budget.
@@ -57,7 +58,7 @@ pub struct Network {
 }
 
 impl Network {
-    fn client(&self, addr: &str) -> Arc<RpcClient> {
+    pub(crate) fn client(&self, addr: &str) -> Arc<RpcClient> {
         self.clients
             .lock()
             .expect("clients lock")
@@ -140,10 +141,37 @@ pub struct Cluster {
     pub id: NodeId,
     pub raft: Raft,
     pub store: Store,
-    network: Network,
+    pub(crate) network: Network,
     /// The node's block store, which replicated updates are applied to.
-    blocks: Arc<BlockStore>,
+    pub(crate) blocks: Arc<BlockStore>,
+    /// Nodes this one sends no replication traffic to (`lazarus fault drop`); resync
+    /// reads they ask of this node fail too.
+    pub drops: parking_lot::Mutex<BTreeSet<NodeId>>,
+    /// Per volume this node is primary of: (epoch, until when) it may serve it, granted
+    /// by the Raft leader after confirming its leadership with a quorum.
+    leases: parking_lot::Mutex<HashMap<String, (u64, Instant)>>,
+    /// Set once the start-up self-check is done: updates are refused before, so a
+    /// node that crashed is never counted as having copies it may have lost.
+    ready: AtomicBool,
+    incarnation: u64,
+    pub(crate) resync: crate::resync::ResyncState,
+    /// The node's engine, for requests forwarded by other nodes.
+    pub(crate) engine: OnceLock<Weak<crate::engine::Engine>>,
 }
+
+/// What this node is for a volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// Not a cluster volume (a node-local one).
+    Local,
+    Primary { epoch: u64 },
+    /// Another node is primary; requests go there.
+    Replica { primary: NodeId, addr: String },
+}
+
+/// How long a lease granted by the leader lasts. Shorter than `PRIMARY_SILENCE_MAX`,
+/// so a primary that stopped answering has stopped serving before it is replaced.
+const LEASE: Duration = Duration::from_millis(400);
 
 /// Deadline for one replicated update to a replica.
 const REPLICATE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -154,6 +182,12 @@ const PING_TIMEOUT: Duration = Duration::from_millis(300);
 const PRIMARY_SILENCE_MAX: Duration = Duration::from_millis(600);
 /// How often a node checks the metadata for copies it must create or delete.
 const RECONCILE_INTERVAL: Duration = Duration::from_millis(200);
+
+/// The leader's grant of leases: (volume, epoch) pairs the receiving node is primary of.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct LeaseGrant {
+    pub volumes: Vec<(String, u64)>,
+}
 
 /// A replicated update, as sent from a primary to a replica.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -228,6 +262,15 @@ impl Cluster {
             store,
             network,
             blocks,
+            drops: Default::default(),
+            leases: Default::default(),
+            ready: AtomicBool::new(false),
+            incarnation: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+                ^ (std::process::id() as u64) << 32,
+            resync: Default::default(),
+            engine: OnceLock::new(),
         });
         let listener = tokio::net::TcpListener::bind(rpc_listen)
             .await
@@ -262,7 +305,17 @@ impl Cluster {
             KIND_APPEND => ser(&self.raft.append_entries(de(&body)?).await),
             KIND_VOTE => ser(&self.raft.vote(de(&body)?).await),
             KIND_SNAPSHOT => ser(&self.raft.install_snapshot(de(&body)?).await),
-            KIND_PING => Ok(Vec::new()),
+            KIND_PING => {
+                if !body.is_empty() {
+                    let g: LeaseGrant = de(&body)?;
+                    self.take_grant(g, Instant::now());
+                }
+                Ok(Vec::new())
+            }
+            KIND_RESYNC_BEGIN | KIND_TREE | KIND_PAGE | KIND_BLOCKS => {
+                self.serve_resync(kind, &body).await
+            }
+            KIND_FORWARD => self.serve_forward(&body).await,
             KIND_REPLICATE | KIND_FLUSH => {
                 let (json, raw) = rpc::unpack(&body)?;
                 let u: Update = de(json)?;
@@ -340,8 +393,14 @@ impl Cluster {
     }
 
     /// Registers this node's addresses in the metadata (retried in the background
-    /// until a leader commits it).
-    pub fn register(self: &Arc<Self>, info: NodeInfo) {
+    /// until a leader commits it), then, once this node has applied everything
+    /// committed before it started, runs the start-up self-check: after a crash (not
+    /// `clean`), copies it held as a replica may have lost unflushed updates, so it
+    /// reports them dead (they resync); a volume it was primary of is handed to a live
+    /// replica that answers, which has every acknowledged write. Updates are refused
+    /// until this is done.
+    pub fn start_up(self: &Arc<Self>, mut info: NodeInfo, clean: bool) {
+        info.incarnation = self.incarnation;
         let c = self.clone();
         tokio::spawn(async move {
             loop {
@@ -352,14 +411,72 @@ impl Cluster {
                     })
                     .await
                 {
-                    Ok(_) => {
-                        tracing::info!(node = c.id, "registered in the cluster metadata");
-                        return;
-                    }
+                    Ok(_) => break,
                     Err(e) => tracing::warn!(error = %e, "registration not committed yet"),
                 }
             }
+            while c.store.meta().nodes.get(&c.id).map(|n| n.incarnation) != Some(c.incarnation) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            tracing::info!(node = c.id, clean, "registered in the cluster metadata");
+            if !clean {
+                c.after_crash().await;
+            }
+            c.ready.store(true, Ordering::Release);
         });
+    }
+
+    async fn after_crash(&self) {
+        let meta = self.store.meta();
+        for v in meta.volumes.values() {
+            if !v.replicas.contains(&self.id) {
+                continue;
+            }
+            if v.primary == self.id {
+                for n in v.replicas.iter().copied().filter(|n| *n != self.id) {
+                    if v.state_of(n) != Some(ReplicaState::Live) || !self.answers(&meta, n).await {
+                        continue;
+                    }
+                    let cmd = MetaCommand::Promote {
+                        volume: v.name.clone(),
+                        node: n,
+                        epoch: v.epoch,
+                    };
+                    if let Ok(MetaResponse::Volume(nv)) = self.propose(cmd).await {
+                        tracing::warn!(volume = %v.name, new = n, epoch = nv.epoch, "restarted after a crash: handed the primary role to a live replica");
+                        break;
+                    }
+                }
+            } else if v.state_of(self.id) != Some(ReplicaState::Dead) {
+                let cmd = MetaCommand::SetReplicaState {
+                    volume: v.name.clone(),
+                    node: self.id,
+                    state: ReplicaState::Dead,
+                    epoch: v.epoch,
+                };
+                match self.propose(cmd).await {
+                    Ok(MetaResponse::Volume(_)) => tracing::warn!(volume = %v.name, "restarted after a crash: this copy may have lost unflushed updates; marked dead until it resyncs"),
+                    other => tracing::warn!(volume = %v.name, result = ?other, "could not mark this copy dead after a crash"),
+                }
+            }
+        }
+    }
+
+    /// Records a lease grant from the leader.
+    fn take_grant(&self, g: LeaseGrant, received: Instant) {
+        let mut leases = self.leases.lock();
+        for (volume, epoch) in g.volumes {
+            leases.insert(volume, (epoch, received + LEASE));
+        }
+    }
+
+    /// Whether this node may serve `volume` as its primary at `epoch` right now.
+    pub fn lease_valid(&self, volume: &str, epoch: u64) -> bool {
+        matches!(self.leases.lock().get(volume), Some((e, until)) if *e == epoch && Instant::now() < *until)
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
     }
 
     /// Applies an update from a primary. Refused when this node's committed view says
@@ -378,6 +495,9 @@ impl Cluster {
                     .map_err(|e| e.to_string());
             }
         };
+        if !self.is_ready() {
+            return Err("this node is starting up and takes no updates yet".into());
+        }
         let meta = self.store.meta();
         let v = meta
             .volumes
@@ -400,14 +520,17 @@ impl Cluster {
             .ok_or_else(|| format!("no local copy of {volume:?} yet"))?;
         let b = self.blocks.clone();
         let raw = raw.to_vec();
+        let resync = self.resync.clone();
         tokio::task::spawn_blocking(move || match u {
             Update::Write { lba, .. } => {
                 if raw.is_empty() || !raw.len().is_multiple_of(lazarus_types::BLOCK_SIZE) {
                     return Err("write payload is not whole blocks".to_string());
                 }
-                if lba + (raw.len() / lazarus_types::BLOCK_SIZE) as u64 > local.meta.block_count() {
+                let n = (raw.len() / lazarus_types::BLOCK_SIZE) as u64;
+                if lba + n > local.meta.block_count() {
                     return Err("write past the end of the volume".to_string());
                 }
+                resync.touch(&local.meta.name, lba, n);
                 b.write_blocks(&local, lazarus_types::Lba(lba), &raw)
                     .map_err(|e| e.to_string())
             }
@@ -420,6 +543,7 @@ impl Cluster {
                 if lba + count > local.meta.block_count() {
                     return Err("zero past the end of the volume".to_string());
                 }
+                resync.touch(&local.meta.name, lba, count);
                 b.write_zeroes(&local, lazarus_types::Lba(lba), count, provision)
                     .map_err(|e| e.to_string())
             }
@@ -474,7 +598,19 @@ impl Cluster {
         };
         let body = Arc::new(body);
         let mut calls = tokio::task::JoinSet::new();
+        let drops = self.drops.lock().clone();
         for n in v.update_targets() {
+            if drops.contains(&n) {
+                calls.spawn(async move {
+                    (
+                        n,
+                        Err(format!(
+                            "replication to n{n} dropped by fault injection (lazarus fault drop)"
+                        )),
+                    )
+                });
+                continue;
+            }
             let addr = meta
                 .nodes
                 .get(&n)
@@ -511,29 +647,24 @@ impl Cluster {
         Ok(())
     }
 
-    /// `Ok(true)` if this node is the primary of a cluster volume (updates must be
-    /// replicated), `Ok(false)` for a volume the cluster metadata does not know (a
-    /// node-local volume), `Err` naming the primary when this node is not it.
-    pub fn role(&self, volume: &str) -> Result<bool, String> {
+    /// What this node is for `volume` in its applied metadata.
+    pub fn role(&self, volume: &str) -> Role {
         let meta = self.store.meta();
         match meta.volumes.get(volume) {
-            None => Ok(false),
-            Some(v) if v.primary == self.id => Ok(true),
-            Some(v) => {
-                let at = meta
+            None => Role::Local,
+            Some(v) if v.primary == self.id => Role::Primary { epoch: v.epoch },
+            Some(v) => Role::Replica {
+                primary: v.primary,
+                addr: meta
                     .nodes
                     .get(&v.primary)
-                    .map(|n| n.nbd.clone())
-                    .unwrap_or_default();
-                Err(format!(
-                    "node {} is the primary of {volume:?}: connect to nbd://{at}/{volume}",
-                    v.primary
-                ))
-            }
+                    .map(|n| n.rpc.clone())
+                    .unwrap_or_default(),
+            },
         }
     }
 
-    async fn answers(&self, meta: &lazarus_cluster::ClusterMeta, node: NodeId) -> bool {
+    pub(crate) async fn answers(&self, meta: &lazarus_cluster::ClusterMeta, node: NodeId) -> bool {
         if node == self.id {
             return true;
         }
@@ -547,10 +678,12 @@ impl Cluster {
             .is_ok()
     }
 
-    /// On the Raft leader: replaces the primary of any volume whose primary has not
-    /// answered for `PRIMARY_SILENCE_MAX`, promoting a live replica that answers. Only
-    /// live replicas are candidates, so a dead one is never promoted while a live one
-    /// exists (the state machine refuses it too).
+    /// On the Raft leader, every `FAILOVER_CHECK_INTERVAL`: confirms its leadership
+    /// with a quorum, then grants each volume's primary a lease (the primary serves
+    /// only while it holds one), and replaces the primary of any volume whose primary
+    /// has not answered for `PRIMARY_SILENCE_MAX`, promoting a live replica that
+    /// answers. Only live replicas are candidates, so a dead one is never promoted
+    /// while a live one exists (the state machine refuses it too).
     pub fn watch_primaries(self: &Arc<Self>) {
         let c = self.clone();
         tokio::spawn(async move {
@@ -561,9 +694,44 @@ impl Cluster {
                     silent_since.clear();
                     continue;
                 }
+                let sent = Instant::now();
+                match tokio::time::timeout(PING_TIMEOUT, c.raft.ensure_linearizable()).await {
+                    Ok(Ok(_)) => {}
+                    _ => continue,
+                }
                 let meta = c.store.meta();
+                let mut grants: BTreeMap<NodeId, Vec<(String, u64)>> = BTreeMap::new();
                 for v in meta.volumes.values() {
-                    if c.answers(&meta, v.primary).await {
+                    grants
+                        .entry(v.primary)
+                        .or_default()
+                        .push((v.name.clone(), v.epoch));
+                }
+                let mut answered: BTreeSet<NodeId> = BTreeSet::new();
+                let mut pings = tokio::task::JoinSet::new();
+                for (node, volumes) in grants {
+                    let g = LeaseGrant { volumes };
+                    if node == c.id {
+                        c.take_grant(g, sent);
+                        answered.insert(node);
+                        continue;
+                    }
+                    let Some(info) = meta.nodes.get(&node) else {
+                        continue;
+                    };
+                    let client = c.network.client(&info.rpc);
+                    let body = serde_json::to_vec(&g).unwrap_or_default();
+                    pings.spawn(async move {
+                        (node, client.call(KIND_PING, &body, PING_TIMEOUT).await.is_ok())
+                    });
+                }
+                while let Some(Ok((node, ok))) = pings.join_next().await {
+                    if ok {
+                        answered.insert(node);
+                    }
+                }
+                for v in meta.volumes.values() {
+                    if answered.contains(&v.primary) {
                         silent_since.remove(&v.name);
                         continue;
                     }
@@ -643,7 +811,10 @@ impl Cluster {
             "term": m.current_term,
             "last_applied": m.last_applied.map(|l| l.index),
             "members": m.membership_config.membership().voter_ids().collect::<Vec<_>>(),
-            "metadata": self.store.meta(),
+            "metadata": &*self.store.meta(),
+            "ready": self.is_ready(),
+            "drops": self.drops.lock().iter().map(|n| format!("n{n}")).collect::<Vec<_>>(),
+            "resync": self.resync.progress(),
         })
     }
 }

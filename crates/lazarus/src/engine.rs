@@ -8,6 +8,7 @@ use lazarus_types::{Lba, BLOCK_SIZE, BLOCK_SIZE_U64};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::sync::{Mutex, MutexGuard};
+use crate::cluster::Role;
 
 /// Lock stripes: a write locks the stripes of the blocks it touches, in ascending
 /// order (no deadlock). 4096 stripes keep false sharing rare at any queue depth.
@@ -20,7 +21,7 @@ pub struct IoError {
 }
 
 impl IoError {
-    fn new(errno: u32, message: impl Into<String>) -> IoError {
+    pub fn new(errno: u32, message: impl Into<String>) -> IoError {
         IoError {
             errno,
             message: message.into(),
@@ -52,6 +53,18 @@ impl From<StoreError> for IoError {
         }
     }
 }
+
+/// Where a request for a volume is executed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    Local,
+    /// At the primary, whose RPC address this is.
+    Forward(String),
+}
+
+/// How long a primary waits for its lease (at start-up, or while the leader changes)
+/// before answering a request with an error.
+const LEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 pub struct Engine {
     pub store: Arc<Store>,
@@ -113,12 +126,56 @@ impl Engine {
         guards
     }
 
-    /// Whether updates to `vol` must be replicated; an error when this node is not the
-    /// volume's primary (only the primary serves a cluster volume).
+    /// Whether updates to `vol` must be replicated; an error when this node may not
+    /// execute requests for it (another node is primary, or this primary holds no
+    /// lease: it may have been replaced).
     fn replicated(&self, vol: &Volume) -> Result<bool, IoError> {
-        match self.cluster.get() {
-            Some(c) => c.role(&vol.meta.name).map_err(|m| IoError::new(EIO, m)),
-            None => Ok(false),
+        let Some(c) = self.cluster.get() else {
+            return Ok(false);
+        };
+        match c.role(&vol.meta.name) {
+            Role::Local => Ok(false),
+            Role::Primary { epoch } if c.lease_valid(&vol.meta.name, epoch) => Ok(true),
+            Role::Primary { .. } => Err(IoError::new(
+                EIO,
+                format!(
+                    "this node's lease on {:?} has lapsed (it may have been replaced as primary)",
+                    vol.meta.name
+                ),
+            )),
+            Role::Replica { primary, .. } => Err(IoError::new(
+                EIO,
+                format!("node n{primary} is the primary of {:?}", vol.meta.name),
+            )),
+        }
+    }
+
+    /// True when requests for `vol` run here now, without waiting or forwarding.
+    pub fn serves_locally(&self, vol: &Volume) -> bool {
+        self.replicated(vol).is_ok()
+    }
+
+    /// Where requests for the volume go: here (a primary waits up to `LEASE_WAIT` for
+    /// its lease) or to the primary.
+    pub async fn route_name(&self, volume: &str) -> Result<Route, IoError> {
+        let Some(c) = self.cluster.get() else {
+            return Ok(Route::Local);
+        };
+        let deadline = std::time::Instant::now() + LEASE_WAIT;
+        loop {
+            match c.role(volume) {
+                Role::Local => return Ok(Route::Local),
+                Role::Primary { epoch } if c.lease_valid(volume, epoch) => return Ok(Route::Local),
+                Role::Primary { .. } => {}
+                Role::Replica { addr, .. } => return Ok(Route::Forward(addr)),
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(IoError::new(
+                    EIO,
+                    format!("this node is the primary of {volume:?} but holds no lease from the cluster leader (no quorum?)"),
+                ));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
 

@@ -6,8 +6,11 @@ mod client;
 mod cluster;
 mod config;
 mod engine;
+mod fault;
+mod forward;
 mod nbd_server;
 mod node;
+mod resync;
 mod rpc;
 mod up;
 
@@ -42,6 +45,17 @@ enum Cmd {
         /// Size of the default volume vol0 when it is created.
         #[arg(long, default_value = "1GiB", value_parser = parse_size_arg)]
         volume_size: u64,
+        /// Number of node processes (1 runs a single node without cluster metadata).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=9))]
+        nodes: u16,
+    },
+    /// Inject faults into a running cluster (found through --data).
+    Fault {
+        #[command(subcommand)]
+        op: FaultOp,
+        /// Data directory of a cluster started with `lazarus up`.
+        #[arg(long, global = true, default_value = "./lazarus-data")]
+        data: PathBuf,
     },
     /// Run one node from its configuration file.
     Node {
@@ -87,6 +101,35 @@ enum VolumeOp {
     },
     Delete {
         name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum FaultOp {
+    /// SIGKILL a node's process; the supervisor leaves it down until `revive`.
+    Kill {
+        #[arg(long)]
+        node: String,
+    },
+    /// Start a node held down by `kill` again, on its data.
+    Revive {
+        #[arg(long)]
+        node: String,
+    },
+    /// Make replication traffic (slice and block updates) from one node to another
+    /// fail; cluster metadata traffic is untouched.
+    Drop {
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+    },
+    /// Undo `drop` (all of them without arguments).
+    Heal {
+        #[arg(long)]
+        from: Option<String>,
+        #[arg(long)]
+        to: Option<String>,
     },
 }
 
@@ -233,6 +276,12 @@ fn client_command(cmd: Cmd) -> anyhow::Result<()> {
                 );
             }
         }
+        Cmd::Fault { op, data } => match op {
+            FaultOp::Kill { node } => fault::kill(&data, &node)?,
+            FaultOp::Revive { node } => fault::revive(&data, &node)?,
+            FaultOp::Drop { from, to } => fault::drop(&data, &from, &to)?,
+            FaultOp::Heal { from, to } => fault::heal(&data, from.as_deref(), to.as_deref())?,
+        },
         Cmd::Up { .. } | Cmd::Node { .. } => {
             unreachable!("server commands are not client commands")
         }
@@ -272,11 +321,12 @@ fn main() {
             data,
             port_base,
             volume_size,
+            nodes,
         } => runtime().block_on(up::run(up::UpArgs {
             data,
             port_base,
             volume_size,
-            nodes: 1,
+            nodes: nodes as usize,
             log_level: cli.log_level.clone(),
         })),
         Cmd::Node { config } => {

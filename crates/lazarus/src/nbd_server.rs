@@ -2,7 +2,8 @@
 //! `lazarus-nbd`, and requests to the engine. One task reads requests, one writes
 //! replies; each request runs in its own task, so replies may leave out of order.
 
-use crate::engine::{Engine, IoError};
+use crate::engine::{Engine, IoError, Route};
+use crate::forward::{ForwardReq, Op};
 use lazarus_nbd::consts::*;
 use lazarus_nbd::{
     parse_client_flags, server_greeting, simple_reply, structured_error, structured_read_header,
@@ -244,7 +245,7 @@ async fn transmission(
                     .await?;
                 return Ok(());
             }
-            if runs_inline(&req) {
+            if runs_inline(&req) && engine.serves_locally(&vol) {
                 execute(&engine, &vol, req, &payload, size, structured, &mut batch).await;
                 if batch.len() >= REPLY_BATCH_MAX_BYTES {
                     tx.send(std::mem::take(&mut batch)).await?;
@@ -304,6 +305,19 @@ async fn execute(
         out.extend_from_slice(&error_reply(structured, req.cookie, &e));
         return;
     }
+    if !engine.serves_locally(vol) {
+        match engine.route_name(&vol.meta.name).await {
+            Ok(Route::Local) => {}
+            Ok(Route::Forward(_)) => {
+                forwarded(engine, vol, req, payload, structured, out).await;
+                return;
+            }
+            Err(e) => {
+                out.extend_from_slice(&error_reply(structured, req.cookie, &e));
+                return;
+            }
+        }
+    }
     let r = match req.command {
         Command::Read => {
             let hdr = if structured { 28 } else { 16 };
@@ -351,6 +365,53 @@ async fn execute(
         Ok(()) => out.extend_from_slice(&simple_reply(req.cookie, 0)),
         Err(e) => {
             tracing::warn!(volume = %vol.meta.name, command = ?req.command, offset = req.offset, length = req.length, error = %e.message, "request failed");
+            out.extend_from_slice(&error_reply(structured, req.cookie, &e));
+        }
+    }
+}
+
+/// Executes a request at the volume's primary (this node is not it).
+async fn forwarded(
+    engine: &Engine,
+    vol: &Volume,
+    req: Request,
+    payload: &[u8],
+    structured: bool,
+    out: &mut Vec<u8>,
+) {
+    let op = match req.command {
+        Command::Read => Op::Read,
+        Command::Write => Op::Write,
+        Command::Flush => Op::Flush,
+        Command::Trim => Op::Trim,
+        Command::WriteZeroes => Op::Zero,
+        Command::Disconnect | Command::Unknown(_) => unreachable!("handled before execute"),
+    };
+    let f = ForwardReq {
+        volume: vol.meta.name.clone(),
+        op,
+        offset: req.offset,
+        length: req.length as u64,
+        fua: req.fua(),
+        no_hole: req.no_hole(),
+    };
+    match engine.forward(&f, payload).await {
+        Ok(data) if op == Op::Read => {
+            if data.len() as u64 != f.length {
+                let e = IoError::new(lazarus_nbd::consts::EIO, "short forwarded read");
+                out.extend_from_slice(&error_reply(structured, req.cookie, &e));
+                return;
+            }
+            if structured {
+                out.extend_from_slice(&structured_read_header(req.cookie, req.offset, req.length));
+            } else {
+                out.extend_from_slice(&simple_reply(req.cookie, 0));
+            }
+            out.extend_from_slice(&data);
+        }
+        Ok(_) => out.extend_from_slice(&simple_reply(req.cookie, 0)),
+        Err(e) => {
+            tracing::warn!(volume = %vol.meta.name, command = ?req.command, offset = req.offset, length = req.length, error = %e.message, "forwarded request failed");
             out.extend_from_slice(&error_reply(structured, req.cookie, &e));
         }
     }

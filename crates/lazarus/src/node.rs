@@ -9,6 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 
+/// Written after the final checkpoint of a clean shutdown, removed at start.
+const CLEAN_MARKER: &str = "CLEAN";
+
 /// How often the background worker looks at the journal fill level.
 const CHECKPOINT_POLL: Duration = Duration::from_millis(500);
 
@@ -39,6 +42,13 @@ pub fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<DirLock> {
 
 pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let _lock = lock_data_dir(&cfg.data_dir)?;
+    // Present only after a clean shutdown (final checkpoint done): nothing was lost.
+    let clean_marker = cfg.data_dir.join(CLEAN_MARKER);
+    let clean = clean_marker.exists();
+    if clean {
+        std::fs::remove_file(&clean_marker)?;
+        lazarus_store::disk::sync_dir(&cfg.data_dir)?;
+    }
     let t0 = Instant::now();
     let dir = cfg.data_dir.clone();
     let opts = StoreOptions {
@@ -73,15 +83,21 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let cluster = match cfg.rpc_listen {
         Some(_) => {
             let c = crate::cluster::Cluster::start(&cfg, store.clone()).await?;
+            let _ = c.engine.set(Arc::downgrade(&engine));
+            let _ = engine.cluster.set(c.clone());
             c.reconcile();
             c.watch_primaries();
-            let _ = engine.cluster.set(c.clone());
-            c.register(lazarus_cluster::NodeInfo {
-                name: cfg.id.clone(),
-                rpc: cfg.rpc_listen.map(|a| a.to_string()).unwrap_or_default(),
-                nbd: ep.nbd.to_string(),
-                admin: ep.admin.to_string(),
-            });
+            c.resync_loop();
+            c.start_up(
+                lazarus_cluster::NodeInfo {
+                    name: cfg.id.clone(),
+                    rpc: cfg.rpc_listen.map(|a| a.to_string()).unwrap_or_default(),
+                    nbd: ep.nbd.to_string(),
+                    admin: ep.admin.to_string(),
+                    incarnation: 0,
+                },
+                clean,
+            );
             Some(c)
         }
         None => None,
@@ -104,9 +120,13 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
 
     shutdown_signal().await;
     tracing::info!(node = %cfg.id, "shutting down: flushing and checkpointing");
+    store.seal();
     let s = store.clone();
     match tokio::task::spawn_blocking(move || s.checkpoint()).await? {
-        Ok(()) => tracing::info!(node = %cfg.id, "clean shutdown"),
+        Ok(()) => {
+            lazarus_store::disk::write_file_atomic(&clean_marker, b"clean shutdown\n")?;
+            tracing::info!(node = %cfg.id, "clean shutdown")
+        }
         Err(e) => {
             tracing::error!(node = %cfg.id, error = %e, "final checkpoint failed; the journal will be replayed at start")
         }

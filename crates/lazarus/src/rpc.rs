@@ -184,6 +184,13 @@ impl RpcClient {
 pub const KIND_REPLICATE: u8 = 5;
 pub const KIND_FLUSH: u8 = 6;
 pub const KIND_PING: u8 = 7;
+/// Resync (replica asks the primary): start, checksum-tree pages, slice pages, blocks.
+pub const KIND_RESYNC_BEGIN: u8 = 8;
+pub const KIND_TREE: u8 = 9;
+pub const KIND_PAGE: u8 = 10;
+pub const KIND_BLOCKS: u8 = 11;
+/// A client request received by a node that is not the volume's primary.
+pub const KIND_FORWARD: u8 = 12;
 
 /// Packs a JSON header and a raw payload (block data) into one RPC body.
 pub fn pack(json: &[u8], raw: &[u8]) -> Vec<u8> {

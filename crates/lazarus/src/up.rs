@@ -1,9 +1,16 @@
 //! `lazarus up`: the embedded default. Starts the node processes of a local cluster
-//! under one supervisor, creates the default volume, prints where to connect, and
-//! stops everything cleanly on Ctrl-C.
+//! (three by default, each a Raft voter holding a copy of every volume) under one
+//! supervisor, creates the default volume with n1 as its primary, prints where to
+//! connect, restarts a node that crashed, leaves alone a node stopped with
+//! `lazarus fault kill` until `lazarus fault revive`, and stops everything cleanly on
+//! Ctrl-C.
+//!
+//! The supervisor and the fault commands talk through files in the data directory:
+//! `cluster.json` (written by the supervisor: nodes, addresses, pids, up/down) and
+//! `nX/KILLED` (present while node X is held down by `fault kill`).
 
 use crate::client::{self, Api};
-use crate::config::{Endpoints, NodeConfig};
+use crate::config::{Endpoints, NodeConfig, PeerConfig};
 use anyhow::Context;
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -14,7 +21,15 @@ use tokio::process::{Child, Command};
 const NODE_START_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long stopping waits for a node's final checkpoint before SIGKILL.
 const NODE_STOP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the cluster may take to elect a leader and register every node.
+const CLUSTER_FORM_TIMEOUT: Duration = Duration::from_secs(60);
+/// A node that crashes more often than this within `CRASH_WINDOW` is left down.
+const CRASH_RESTARTS_MAX: usize = 5;
+const CRASH_WINDOW: Duration = Duration::from_secs(60);
+const SUPERVISE_INTERVAL: Duration = Duration::from_millis(200);
 pub const DEFAULT_VOLUME: &str = "vol0";
+/// Marker file: the node is held down by `lazarus fault kill`.
+pub const KILLED_MARKER: &str = "KILLED";
 
 pub struct UpArgs {
     pub data: PathBuf,
@@ -24,11 +39,19 @@ pub struct UpArgs {
     pub log_level: Option<String>,
 }
 
-struct Running {
+/// Port layout of node `i` (0-based).
+pub fn ports(base: u16, i: usize) -> (u16, u16, u16) {
+    let i = i as u16;
+    (base + i, base + 10 + i, base + 20 + i)
+}
+
+struct Slot {
     id: String,
-    child: Child,
+    child: Option<Child>,
     log: PathBuf,
-    ep: Endpoints,
+    ep: Option<Endpoints>,
+    crashes: Vec<Instant>,
+    gave_up: bool,
 }
 
 fn log_tail(path: &Path) -> String {
@@ -37,22 +60,42 @@ fn log_tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
-async fn start_node(args: &UpArgs, i: usize) -> anyhow::Result<Running> {
+fn node_config(args: &UpArgs, i: usize) -> anyhow::Result<NodeConfig> {
     let id = format!("n{}", i + 1);
-    let dir = args.data.join(&id);
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let nbd_port = args.port_base + i as u16;
-    let admin_port = args.port_base + 10 + i as u16;
-    let cfg = NodeConfig {
+    let (nbd, admin, rpc) = ports(args.port_base, i);
+    let clustered = args.nodes > 1;
+    Ok(NodeConfig {
         id: id.clone(),
-        data_dir: dir.clone(),
-        nbd_listen: format!("127.0.0.1:{nbd_port}").parse()?,
-        admin_listen: format!("127.0.0.1:{admin_port}").parse()?,
+        data_dir: args.data.join(&id),
+        nbd_listen: format!("127.0.0.1:{nbd}").parse()?,
+        admin_listen: format!("127.0.0.1:{admin}").parse()?,
         journal_bytes: 64 << 20,
         checkpoint_interval_secs: 30,
-        rpc_listen: None,
-        peers: Vec::new(),
-    };
+        rpc_listen: if clustered {
+            Some(format!("127.0.0.1:{rpc}").parse()?)
+        } else {
+            None
+        },
+        peers: if clustered {
+            (0..args.nodes)
+                .filter(|j| *j != i)
+                .map(|j| PeerConfig {
+                    id: format!("n{}", j + 1),
+                    rpc: format!("127.0.0.1:{}", ports(args.port_base, j).2),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        },
+    })
+}
+
+/// Starts node `i` and waits until it has bound its listeners.
+async fn start_node(args: &UpArgs, i: usize) -> anyhow::Result<(Child, Endpoints)> {
+    let cfg = node_config(args, i)?;
+    let dir = cfg.data_dir.clone();
+    let id = cfg.id.clone();
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let cfg_path = dir.join("node.toml");
     std::fs::write(&cfg_path, toml::to_string(&cfg)?)
         .with_context(|| format!("cannot write {}", cfg_path.display()))?;
@@ -87,7 +130,7 @@ async fn start_node(args: &UpArgs, i: usize) -> anyhow::Result<Running> {
         if let Ok(text) = std::fs::read(dir.join("endpoints.json")) {
             if let Ok(ep) = serde_json::from_slice::<Endpoints>(&text) {
                 if ep.pid == pid {
-                    return Ok(Running { id, child, log, ep });
+                    return Ok((child, ep));
                 }
             }
         }
@@ -101,21 +144,85 @@ async fn start_node(args: &UpArgs, i: usize) -> anyhow::Result<Running> {
     }
 }
 
-async fn stop_all(nodes: &mut [Running]) {
-    for n in nodes.iter() {
-        if let Some(pid) = n.child.id() {
+async fn stop_all(slots: &mut [Slot]) {
+    for s in slots.iter() {
+        if let Some(pid) = s.child.as_ref().and_then(|c| c.id()) {
             unsafe { libc::kill(pid as i32, libc::SIGTERM) };
         }
     }
-    for n in nodes.iter_mut() {
-        match tokio::time::timeout(NODE_STOP_TIMEOUT, n.child.wait()).await {
-            Ok(Ok(s)) => eprintln!("node {} stopped ({s})", n.id),
+    for s in slots.iter_mut() {
+        let Some(child) = s.child.as_mut() else {
+            continue;
+        };
+        match tokio::time::timeout(NODE_STOP_TIMEOUT, child.wait()).await {
+            Ok(Ok(st)) => eprintln!("node {} stopped ({st})", s.id),
             _ => {
-                eprintln!("node {} did not stop in time; killing it", n.id);
-                let _ = n.child.kill().await;
+                eprintln!("node {} did not stop in time; killing it", s.id);
+                let _ = child.kill().await;
             }
         }
+        s.child = None;
     }
+}
+
+fn write_cluster_json(args: &UpArgs, slots: &[Slot]) -> anyhow::Result<()> {
+    let cluster = json!({
+        "nodes": slots.iter().enumerate().map(|(i, s)| {
+            let (nbd, admin, rpc) = ports(args.port_base, i);
+            json!({
+                "id": s.id,
+                "nbd": format!("127.0.0.1:{nbd}"),
+                "admin": format!("127.0.0.1:{admin}"),
+                "rpc": if args.nodes > 1 { json!(format!("127.0.0.1:{rpc}")) } else { json!(null) },
+                "pid": s.ep.as_ref().filter(|_| s.child.is_some()).map(|e| e.pid),
+                "up": s.child.is_some(),
+                "held_down": args.data.join(&s.id).join(KILLED_MARKER).exists(),
+            })
+        }).collect::<Vec<_>>(),
+        "supervisor_pid": std::process::id(),
+    });
+    lazarus_store::disk::write_file_atomic(
+        &args.data.join("cluster.json"),
+        &serde_json::to_vec_pretty(&cluster)?,
+    )?;
+    Ok(())
+}
+
+/// Waits until the Raft cluster has a leader and every node is registered.
+fn wait_cluster_formed(api: &Api, nodes: usize) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    loop {
+        if let Ok((200, v)) = api.get("/api/v1/cluster") {
+            let registered = v["metadata"]["nodes"].as_object().map_or(0, |m| m.len());
+            if v["leader"].is_u64() && registered >= nodes {
+                return Ok(());
+            }
+        }
+        if t0.elapsed() > CLUSTER_FORM_TIMEOUT {
+            anyhow::bail!("the cluster did not elect a leader and register {nodes} nodes within {CLUSTER_FORM_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+async fn ensure_default_volume(args: &UpArgs, api: Api) -> anyhow::Result<String> {
+    let size = args.volume_size;
+    tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
+        let (code, v) = api.get(&format!("/api/v1/volumes/{DEFAULT_VOLUME}"))?;
+        if code == 404 {
+            client::ok(api.post(
+                "/api/v1/volumes",
+                &json!({ "name": DEFAULT_VOLUME, "size": size }),
+            )?)?;
+            return Ok(format!("created volume {DEFAULT_VOLUME} ({size} bytes)"));
+        }
+        let v = client::ok((code, v))?;
+        Ok(format!(
+            "resumed volume {DEFAULT_VOLUME} ({} bytes)",
+            v["size_bytes"]
+        ))
+    })
+    .await?
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
@@ -124,6 +231,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             "--port-base must be between 1024 and 65000 (got {})",
             args.port_base
         );
+    }
+    if args.nodes == 0 || args.nodes > 9 {
+        anyhow::bail!("--nodes must be between 1 and 9 (got {})", args.nodes);
     }
     std::fs::create_dir_all(&args.data)
         .with_context(|| format!("cannot create {}", args.data.display()))?;
@@ -135,93 +245,150 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             args.data.display()
         )
     })?;
-    let mut nodes = Vec::new();
+    let mut slots: Vec<Slot> = (0..args.nodes)
+        .map(|i| {
+            let id = format!("n{}", i + 1);
+            // A fresh `up` starts every node: a hold from an earlier run is over.
+            let _ = std::fs::remove_file(args.data.join(&id).join(KILLED_MARKER));
+            Slot {
+                log: args.data.join(&id).join("node.log"),
+                id,
+                child: None,
+                ep: None,
+                crashes: Vec::new(),
+                gave_up: false,
+            }
+        })
+        .collect();
+    // Start every node before waiting on any: a Raft member alone cannot elect.
     for i in 0..args.nodes {
         match start_node(&args, i).await {
-            Ok(n) => nodes.push(n),
+            Ok((child, ep)) => {
+                slots[i].child = Some(child);
+                slots[i].ep = Some(ep);
+            }
             Err(e) => {
-                stop_all(&mut nodes).await;
+                stop_all(&mut slots).await;
                 return Err(e);
             }
         }
     }
-    let api = Api::new(&format!("http://{}", nodes[0].ep.admin));
-    let volume_ready = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
-        let (code, v) = api.get(&format!("/api/v1/volumes/{DEFAULT_VOLUME}"))?;
-        if code == 404 {
-            client::ok(api.post(
-                "/api/v1/volumes",
-                &json!({ "name": DEFAULT_VOLUME, "size": args.volume_size }),
-            )?)?;
-            return Ok(format!(
-                "created volume {DEFAULT_VOLUME} ({} bytes)",
-                args.volume_size
-            ));
+    let admin0 = format!("http://127.0.0.1:{}", ports(args.port_base, 0).1);
+    let ready = async {
+        if args.nodes > 1 {
+            let (api, n) = (Api::new(&admin0), args.nodes);
+            tokio::task::spawn_blocking(move || wait_cluster_formed(&api, n)).await??;
         }
-        let v = client::ok((code, v))?;
-        Ok(format!(
-            "resumed volume {DEFAULT_VOLUME} ({} bytes)",
-            v["size_bytes"]
-        ))
-    })
-    .await?;
-    let msg = match volume_ready {
+        ensure_default_volume(&args, Api::new(&admin0)).await
+    };
+    let msg = match ready.await {
         Ok(m) => m,
         Err(e) => {
-            stop_all(&mut nodes).await;
+            stop_all(&mut slots).await;
             return Err(e);
         }
     };
-    let cluster = json!({
-        "nodes": nodes.iter().map(|n| json!({"id": n.id, "nbd": n.ep.nbd, "admin": n.ep.admin, "pid": n.ep.pid})).collect::<Vec<_>>(),
-        "supervisor_pid": std::process::id(),
-    });
-    lazarus_store::disk::write_file_atomic(
-        &args.data.join("cluster.json"),
-        &serde_json::to_vec_pretty(&cluster)?,
-    )?;
+    write_cluster_json(&args, &slots)?;
     println!(
         "Lazarus is up: {} node(s), data in {}",
-        nodes.len(),
+        slots.len(),
         args.data.display()
     );
     println!("{msg}");
-    for n in &nodes {
-        println!("nbd://{}/{DEFAULT_VOLUME}", n.ep.nbd);
-    }
-    for n in &nodes {
+    for i in 0..slots.len() {
         println!(
-            "node {} admin API: http://{}/api/v1/status   log: {}",
-            n.id,
-            n.ep.admin,
-            n.log.display()
+            "nbd://127.0.0.1:{}/{DEFAULT_VOLUME}",
+            ports(args.port_base, i).0
         );
     }
+    for (i, s) in slots.iter().enumerate() {
+        println!(
+            "node {} admin: http://127.0.0.1:{}/api/v1/status   log: {}",
+            s.id,
+            ports(args.port_base, i).1,
+            s.log.display()
+        );
+    }
+    println!("Status: lazarus status --data {}", args.data.display());
     println!("Press Ctrl-C to stop.");
 
-    let mut exited = None;
-    tokio::select! {
-        _ = crate::node::shutdown_signal() => {}
-        r = async {
-            loop {
-                for n in nodes.iter_mut() {
-                    if let Ok(Some(s)) = n.child.try_wait() {
-                        return (n.id.clone(), s, n.log.clone());
+    let result = tokio::select! {
+        _ = crate::node::shutdown_signal() => Ok(()),
+        r = supervise(&args, &mut slots) => r,
+    };
+    eprintln!("stopping...");
+    stop_all(&mut slots).await;
+    let _ = std::fs::remove_file(args.data.join("cluster.json"));
+    result
+}
+
+/// Keeps the nodes running: restarts a node that exited on its own, leaves a node
+/// held down by `fault kill` alone and starts it again once the hold is lifted.
+#[allow(clippy::needless_range_loop)] // slot i is node i: start_node needs the index
+async fn supervise(args: &UpArgs, slots: &mut [Slot]) -> anyhow::Result<()> {
+    loop {
+        tokio::time::sleep(SUPERVISE_INTERVAL).await;
+        let mut changed = false;
+        for i in 0..slots.len() {
+            let held = args.data.join(&slots[i].id).join(KILLED_MARKER).exists();
+            let s = &mut slots[i];
+            if let Some(child) = s.child.as_mut() {
+                let Ok(Some(status)) = child.try_wait() else {
+                    continue;
+                };
+                s.child = None;
+                changed = true;
+                if held {
+                    eprintln!("node {} is down (fault kill)", s.id);
+                    continue;
+                }
+                eprintln!(
+                    "node {} exited unexpectedly ({status}); last lines of {}:\n{}",
+                    s.id,
+                    s.log.display(),
+                    log_tail(&s.log)
+                );
+                s.crashes.retain(|t| t.elapsed() < CRASH_WINDOW);
+                s.crashes.push(Instant::now());
+                if s.crashes.len() > CRASH_RESTARTS_MAX {
+                    eprintln!(
+                        "node {} crashed {} times within {CRASH_WINDOW:?}; leaving it down (`lazarus fault revive --node {}` starts it again)",
+                        s.id,
+                        s.crashes.len(),
+                        s.id
+                    );
+                    s.gave_up = true;
+                }
+                continue;
+            }
+            if held || s.gave_up && !revive_requested(args, &s.id) {
+                continue;
+            }
+            let _ = std::fs::remove_file(args.data.join(&s.id).join("REVIVE"));
+            s.gave_up = false;
+            eprintln!("starting node {}", s.id);
+            match start_node(args, i).await {
+                Ok((child, ep)) => {
+                    eprintln!("node {} is up (pid {})", slots[i].id, ep.pid);
+                    slots[i].child = Some(child);
+                    slots[i].ep = Some(ep);
+                }
+                Err(e) => {
+                    eprintln!("node {} did not start: {e:#}", slots[i].id);
+                    slots[i].crashes.push(Instant::now());
+                    if slots[i].crashes.len() > CRASH_RESTARTS_MAX {
+                        slots[i].gave_up = true;
                     }
                 }
-                tokio::time::sleep(Duration::from_millis(200)).await;
             }
-        } => { exited = Some(r); }
+            changed = true;
+        }
+        if changed {
+            write_cluster_json(args, slots)?;
+        }
     }
-    eprintln!("stopping...");
-    stop_all(&mut nodes).await;
-    let _ = std::fs::remove_file(args.data.join("cluster.json"));
-    if let Some((id, status, log)) = exited {
-        anyhow::bail!(
-            "node {id} exited unexpectedly ({status}); last lines of {}:\n{}",
-            log.display(),
-            log_tail(&log)
-        );
-    }
-    Ok(())
+}
+
+fn revive_requested(args: &UpArgs, id: &str) -> bool {
+    args.data.join(id).join("REVIVE").exists()
 }

@@ -1,0 +1,177 @@
+//! Client requests that reach a node which is not the volume's primary are forwarded
+//! to the primary over the node-to-node RPC and answered from there: every node's NBD
+//! endpoint serves every volume.
+
+use crate::cluster::Cluster;
+use crate::engine::{Engine, IoError, Route};
+use crate::rpc::{self, KIND_FORWARD};
+use lazarus_nbd::consts::{EINVAL, EIO};
+use serde::{Deserialize, Serialize};
+use std::sync::Weak;
+use std::time::{Duration, Instant};
+
+/// How long a forwarded request keeps trying (the primary failing over meanwhile).
+const FORWARD_DEADLINE: Duration = Duration::from_secs(10);
+const FORWARD_RPC_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Op {
+    Read,
+    Write,
+    Flush,
+    Trim,
+    Zero,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ForwardReq {
+    pub volume: String,
+    pub op: Op,
+    pub offset: u64,
+    pub length: u64,
+    #[serde(default)]
+    pub fua: bool,
+    #[serde(default)]
+    pub no_hole: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ForwardReply {
+    errno: u32,
+    message: String,
+    /// The receiver is not the primary either (its metadata says so): route again.
+    #[serde(default)]
+    not_primary: bool,
+}
+
+impl Engine {
+    /// Executes a request on this node, which must be the volume's primary.
+    pub async fn execute_local(&self, req: &ForwardReq, payload: &[u8]) -> Result<Vec<u8>, IoError> {
+        let vol = self.store.volume(&req.volume).ok_or_else(|| {
+            IoError::new(EINVAL, format!("volume {:?} does not exist here", req.volume))
+        })?;
+        let end = req.offset.checked_add(req.length);
+        if end.is_none_or(|e| e > vol.meta.size_bytes) {
+            return Err(IoError::new(EINVAL, "request past the end of the volume"));
+        }
+        match req.op {
+            Op::Read => {
+                let mut out = vec![0u8; req.length as usize];
+                self.read_into(&vol, req.offset, &mut out)?;
+                Ok(out)
+            }
+            Op::Write => {
+                if payload.len() as u64 != req.length {
+                    return Err(IoError::new(EINVAL, "write payload length mismatch"));
+                }
+                self.write(&vol, req.offset, payload, req.fua).await?;
+                Ok(Vec::new())
+            }
+            Op::Flush => self.flush(&vol).await.map(|_| Vec::new()),
+            Op::Trim => self
+                .zero(&vol, req.offset, req.length, true, false, req.fua)
+                .await
+                .map(|_| Vec::new()),
+            Op::Zero => self
+                .zero(&vol, req.offset, req.length, false, req.no_hole, req.fua)
+                .await
+                .map(|_| Vec::new()),
+        }
+    }
+
+    /// Sends a request to the volume's primary, routing again (and retrying) while
+    /// the primary changes, up to `FORWARD_DEADLINE`.
+    pub async fn forward(&self, req: &ForwardReq, payload: &[u8]) -> Result<Vec<u8>, IoError> {
+        let c = self
+            .cluster
+            .get()
+            .ok_or_else(|| IoError::new(EIO, "not in a cluster"))?
+            .clone();
+        let json = serde_json::to_vec(req).map_err(|e| IoError::new(EIO, e.to_string()))?;
+        let body = rpc::pack(&json, payload);
+        let t0 = Instant::now();
+        let mut last = String::new();
+        while t0.elapsed() < FORWARD_DEADLINE {
+            let addr = match self.route_name(&req.volume).await? {
+                Route::Local => return self.execute_local(req, payload).await,
+                Route::Forward(addr) => addr,
+            };
+            match c
+                .network
+                .client(&addr)
+                .call(KIND_FORWARD, &body, FORWARD_RPC_TIMEOUT)
+                .await
+            {
+                Ok(reply) => {
+                    let (json, data) =
+                        rpc::unpack(&reply).map_err(|e| IoError::new(EIO, e))?;
+                    let r: ForwardReply = serde_json::from_slice(json)
+                        .map_err(|e| IoError::new(EIO, format!("bad forward reply: {e}")))?;
+                    if r.errno == 0 {
+                        return Ok(data.to_vec());
+                    }
+                    if !r.not_primary {
+                        return Err(IoError::new(r.errno, r.message));
+                    }
+                    last = r.message;
+                }
+                Err(e) => last = e,
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(IoError::new(
+            EIO,
+            format!("could not reach the primary of {:?}: {last}", req.volume),
+        ))
+    }
+}
+
+impl Cluster {
+    pub(crate) async fn serve_forward(&self, body: &[u8]) -> Result<Vec<u8>, String> {
+        let engine = self
+            .engine
+            .get()
+            .and_then(Weak::upgrade)
+            .ok_or("this node is not serving yet")?;
+        let (json, raw) = rpc::unpack(body)?;
+        let req: ForwardReq =
+            serde_json::from_slice(json).map_err(|e| format!("bad request: {e}"))?;
+        let reply = |r: ForwardReply, data: &[u8]| -> Result<Vec<u8>, String> {
+            let json = serde_json::to_vec(&r).map_err(|e| e.to_string())?;
+            Ok(rpc::pack(&json, data))
+        };
+        // Never forward a forwarded request: the sender routes again instead.
+        match engine.route_name(&req.volume).await {
+            Ok(Route::Local) => {}
+            Ok(Route::Forward(_)) | Err(_) => {
+                return reply(
+                    ForwardReply {
+                        errno: EIO,
+                        message: format!("n{} is not the primary of {:?}", self.id, req.volume),
+                        not_primary: true,
+                    },
+                    &[],
+                )
+            }
+        }
+        match engine.execute_local(&req, raw).await {
+            Ok(data) => reply(
+                ForwardReply {
+                    errno: 0,
+                    message: String::new(),
+                    not_primary: false,
+                },
+                &data,
+            ),
+            Err(e) => reply(
+                ForwardReply {
+                    errno: e.errno,
+                    message: e.message,
+                    not_primary: false,
+                },
+                &[],
+            ),
+        }
+    }
+}

@@ -1,0 +1,596 @@
+//! Resync: a replica that missed updates (`dead`) catches up with its primary.
+//!
+//! The replica marks itself `resyncing` (committed), so the primary sends it every new
+//! update from then on, and tells the primary it starts (the primary answers once it
+//! has applied that state: no update it makes afterwards skips the replica). It then
+//! walks its checksum tree against the primary's from the root, fetching a checksum
+//! page only under an entry that differs, so the bytes moved follow what changed, not
+//! the volume's size. For every slice page whose checksum differs it fetches the
+//! primary's page (256 block ids), fetches by id the blocks it does not store (any
+//! copy of a content-addressed block will do; each is verified against its id), and
+//! maps the differing slots. Updates keep arriving meanwhile: a page is installed only
+//! if no update touched it since its fetch began (else it is fetched again), which
+//! keeps a stale page image from overwriting a newer update. The replica turns `live`
+//! once a pass finds its tree equal to the primary's, or every differing page of a
+//! pass installed cleanly (under a steady stream of writes the roots are never equal
+//! at one instant; the updates in flight arrive anyway).
+
+use crate::cluster::Cluster;
+use crate::rpc::{self, RpcClient, KIND_BLOCKS, KIND_PAGE, KIND_RESYNC_BEGIN, KIND_TREE};
+use lazarus_cluster::raft_store::NodeId;
+use lazarus_cluster::{MetaCommand, MetaResponse, ReplicaState, VolumeInfo};
+use lazarus_store::Volume;
+use lazarus_types::{BlockId, Checksum, Lba, BLOCK_SIZE, FANOUT, FANOUT_U64, ID_LEN};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How often a node looks for copies of its own that need a resync.
+const RESYNC_POLL: Duration = Duration::from_millis(300);
+/// Wait after a failed attempt before the next.
+const RESYNC_BACKOFF: Duration = Duration::from_secs(1);
+const RESYNC_RPC_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the primary waits to see the replica's `resyncing` state applied.
+const BEGIN_WAIT: Duration = Duration::from_secs(10);
+const PASSES_MAX: u32 = 30;
+const PAGE_ATTEMPTS_MAX: u32 = 5;
+/// Blocks per fetch (1 MiB of data).
+const BLOCKS_PER_FETCH: usize = 256;
+/// A zero covering more pages than this marks the whole volume touched.
+const TOUCH_PAGES_MAX: u64 = 4096;
+
+/// One resync request, replica to primary.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SyncReq {
+    pub from: NodeId,
+    pub volume: String,
+    pub epoch: u64,
+    /// Tree level (0 = level 1, the page checksums) for TREE; page index for PAGE.
+    #[serde(default)]
+    pub level: usize,
+    #[serde(default)]
+    pub index: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Progress {
+    pub state: String,
+    pub primary: NodeId,
+    pub epoch: u64,
+    pub pass: u32,
+    pub pages_differing: u64,
+    pub pages_copied: u64,
+    /// Checksum-tree and slice-page bytes moved (requests and replies).
+    pub tree_bytes: u64,
+    pub page_bytes: u64,
+    /// Block data fetched by id.
+    pub block_bytes: u64,
+    pub blocks_fetched: u64,
+    pub elapsed_ms: u64,
+    pub error: Option<String>,
+}
+
+#[derive(Default)]
+struct Touch {
+    counter: u64,
+    vols: HashMap<String, VolTouch>,
+}
+
+#[derive(Default)]
+struct VolTouch {
+    all: u64,
+    pages: HashMap<u64, u64>,
+}
+
+#[derive(Default)]
+struct Inner {
+    touch: parking_lot::Mutex<Touch>,
+    progress: parking_lot::Mutex<BTreeMap<String, Progress>>,
+}
+
+/// Per-node resync bookkeeping, shared by the update path and the resync task.
+#[derive(Clone, Default)]
+pub struct ResyncState(Arc<Inner>);
+
+impl ResyncState {
+    /// Records that an update touched `count` blocks from `lba` of `volume` (only
+    /// while that volume resyncs). Called before the update is applied.
+    pub fn touch(&self, volume: &str, lba: u64, count: u64) {
+        let mut t = self.0.touch.lock();
+        if count == 0 || !t.vols.contains_key(volume) {
+            return;
+        }
+        t.counter += 1;
+        let c = t.counter;
+        let vt = t.vols.get_mut(volume).expect("checked above");
+        let (first, last) = (lba / FANOUT_U64, (lba + count - 1) / FANOUT_U64);
+        if last - first >= TOUCH_PAGES_MAX {
+            vt.all = c;
+        } else {
+            for p in first..=last {
+                vt.pages.insert(p, c);
+            }
+        }
+    }
+
+    fn seq(&self, volume: &str, page: u64) -> u64 {
+        let t = self.0.touch.lock();
+        t.vols.get(volume).map_or(0, |vt| {
+            vt.all.max(vt.pages.get(&page).copied().unwrap_or(0))
+        })
+    }
+
+    /// Runs `f` under the touch lock if page `page` was not touched since `seen`.
+    fn install_if_untouched<T>(
+        &self,
+        volume: &str,
+        page: u64,
+        seen: u64,
+        f: impl FnOnce() -> T,
+    ) -> Option<T> {
+        let t = self.0.touch.lock();
+        let now = t.vols.get(volume).map_or(0, |vt| {
+            vt.all.max(vt.pages.get(&page).copied().unwrap_or(0))
+        });
+        (now == seen).then(f)
+    }
+
+    fn track(&self, volume: &str) -> Tracking {
+        self.0
+            .touch
+            .lock()
+            .vols
+            .insert(volume.to_string(), VolTouch::default());
+        Tracking {
+            state: self.clone(),
+            volume: volume.to_string(),
+        }
+    }
+
+    fn update(&self, volume: &str, f: impl FnOnce(&mut Progress)) {
+        f(self
+            .0
+            .progress
+            .lock()
+            .entry(volume.to_string())
+            .or_default())
+    }
+
+    pub fn progress(&self) -> BTreeMap<String, Progress> {
+        self.0.progress.lock().clone()
+    }
+}
+
+/// Touch tracking of one volume, for the life of its resync.
+struct Tracking {
+    state: ResyncState,
+    volume: String,
+}
+
+impl Drop for Tracking {
+    fn drop(&mut self) {
+        self.state.0.touch.lock().vols.remove(&self.volume);
+    }
+}
+
+/// The primary as a resync source.
+struct Source {
+    client: Arc<RpcClient>,
+    req: SyncReq,
+    state: ResyncState,
+}
+
+impl Source {
+    async fn call(&self, kind: u8, level: usize, index: u64, raw: &[u8]) -> Result<Vec<u8>, String> {
+        let req = SyncReq {
+            level,
+            index,
+            ..self.req.clone()
+        };
+        let json = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
+        let body = rpc::pack(&json, raw);
+        let reply = self.client.call(kind, &body, RESYNC_RPC_TIMEOUT).await?;
+        let moved = (body.len() + reply.len()) as u64;
+        self.state.update(&self.req.volume, |p| match kind {
+            KIND_TREE | KIND_RESYNC_BEGIN => p.tree_bytes += moved,
+            KIND_PAGE => p.page_bytes += moved,
+            _ => p.block_bytes += moved,
+        });
+        Ok(reply)
+    }
+
+    async fn tree(&self, level: usize, group: u64) -> Result<Vec<Checksum>, String> {
+        let raw = self.call(KIND_TREE, level, group, &[]).await?;
+        if raw.is_empty() || raw.len() % ID_LEN != 0 || raw.len() > FANOUT * ID_LEN {
+            return Err(format!("bad checksum group of {} bytes", raw.len()));
+        }
+        Ok(raw
+            .chunks_exact(ID_LEN)
+            .map(|c| Checksum(c.try_into().expect("16 bytes")))
+            .collect())
+    }
+
+    async fn page(&self, p: u64) -> Result<Vec<BlockId>, String> {
+        let raw = self.call(KIND_PAGE, 0, p, &[]).await?;
+        if raw.len() != FANOUT * ID_LEN {
+            return Err(format!("bad slice page of {} bytes", raw.len()));
+        }
+        Ok(raw
+            .chunks_exact(ID_LEN)
+            .map(|c| BlockId(c.try_into().expect("16 bytes")))
+            .collect())
+    }
+
+    /// Fetches blocks by id; those the source no longer has are left out. Every block
+    /// returned was verified against its id.
+    async fn blocks(&self, ids: &[BlockId]) -> Result<HashMap<BlockId, Vec<u8>>, String> {
+        let mut out = HashMap::new();
+        for chunk in ids.chunks(BLOCKS_PER_FETCH) {
+            let raw: Vec<u8> = chunk.iter().flat_map(|id| id.0).collect();
+            let reply = self.call(KIND_BLOCKS, 0, 0, &raw).await?;
+            let (json, data) = rpc::unpack(&reply)?;
+            let present: Vec<bool> =
+                serde_json::from_slice(json).map_err(|e| format!("bad block reply: {e}"))?;
+            if present.len() != chunk.len()
+                || data.len() != present.iter().filter(|p| **p).count() * BLOCK_SIZE
+            {
+                return Err("block reply does not match its request".into());
+            }
+            let mut blocks = data.chunks_exact(BLOCK_SIZE);
+            for (id, here) in chunk.iter().zip(present) {
+                if !here {
+                    continue;
+                }
+                let b = blocks.next().expect("length checked");
+                if BlockId::hash_of(b) != *id {
+                    return Err(format!("block {} from the primary does not match its id", id.to_hex()));
+                }
+                out.insert(*id, b.to_vec());
+            }
+            self.state.update(&self.req.volume, |p| p.blocks_fetched += out.len() as u64);
+        }
+        Ok(out)
+    }
+}
+
+fn checksum_bytes(c: &[Checksum]) -> Vec<u8> {
+    c.iter().flat_map(|c| c.0).collect()
+}
+
+impl Cluster {
+    /// Serves a resync request from a replica (this node is the primary).
+    pub(crate) async fn serve_resync(&self, kind: u8, body: &[u8]) -> Result<Vec<u8>, String> {
+        let (json, raw) = rpc::unpack(body)?;
+        let req: SyncReq = serde_json::from_slice(json).map_err(|e| format!("bad request: {e}"))?;
+        if self.drops.lock().contains(&req.from) {
+            return Err(format!(
+                "replication to n{} dropped by fault injection (lazarus fault drop)",
+                req.from
+            ));
+        }
+        let primary_at = |meta: &lazarus_cluster::ClusterMeta| -> Result<VolumeInfo, String> {
+            let v = meta
+                .volumes
+                .get(&req.volume)
+                .ok_or_else(|| format!("volume {:?} unknown here", req.volume))?;
+            if v.primary != self.id || v.epoch != req.epoch {
+                return Err(format!(
+                    "this node is not the primary of {:?} at epoch {}",
+                    req.volume, req.epoch
+                ));
+            }
+            Ok(v.clone())
+        };
+        primary_at(&self.store.meta())?;
+        let local = self
+            .blocks
+            .volume(&req.volume)
+            .ok_or_else(|| format!("no local copy of {:?}", req.volume))?;
+        match kind {
+            KIND_RESYNC_BEGIN => {
+                let t0 = Instant::now();
+                loop {
+                    let v = primary_at(&self.store.meta())?;
+                    if v.state_of(req.from) == Some(ReplicaState::Resyncing) {
+                        return Ok(Vec::new());
+                    }
+                    if t0.elapsed() > BEGIN_WAIT {
+                        return Err(format!(
+                            "n{} is not resyncing {:?} in this node's metadata",
+                            req.from, req.volume
+                        ));
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            KIND_TREE => local
+                .checksum_group(req.level, req.index)
+                .map(|g| checksum_bytes(&g))
+                .ok_or_else(|| format!("no checksum page {}/{}", req.level, req.index)),
+            KIND_PAGE => local
+                .page_ids(req.index)
+                .map(|ids| ids.iter().flat_map(|id| id.0).collect())
+                .ok_or_else(|| format!("slice page {} is damaged or out of range", req.index)),
+            KIND_BLOCKS => {
+                if raw.len() % ID_LEN != 0 || raw.len() / ID_LEN > BLOCKS_PER_FETCH {
+                    return Err("bad block list".into());
+                }
+                let ids: Vec<BlockId> = raw
+                    .chunks_exact(ID_LEN)
+                    .map(|c| BlockId(c.try_into().expect("16 bytes")))
+                    .collect();
+                let store = self.blocks.clone();
+                tokio::task::spawn_blocking(move || {
+                    let mut present = Vec::with_capacity(ids.len());
+                    let mut data = Vec::new();
+                    let mut buf = vec![0u8; BLOCK_SIZE];
+                    for id in ids {
+                        let ok = store.read_block(id, &mut buf).map_err(|e| e.to_string())?;
+                        present.push(ok);
+                        if ok {
+                            data.extend_from_slice(&buf);
+                        }
+                    }
+                    let json = serde_json::to_vec(&present).map_err(|e| e.to_string())?;
+                    Ok(rpc::pack(&json, &data))
+                })
+                .await
+                .map_err(|e| e.to_string())?
+            }
+            other => Err(format!("unknown resync request {other}")),
+        }
+    }
+
+    /// Looks for copies of this node's that are dead or resyncing and resyncs them,
+    /// one at a time.
+    pub fn resync_loop(self: &Arc<Self>) {
+        let c = self.clone();
+        tokio::spawn(async move {
+            let mut backoff: HashMap<String, Instant> = HashMap::new();
+            let mut last_error: HashMap<String, String> = HashMap::new();
+            loop {
+                tokio::time::sleep(RESYNC_POLL).await;
+                if !c.is_ready() {
+                    continue;
+                }
+                let meta = c.store.meta();
+                for v in meta.volumes.values() {
+                    if v.primary == c.id
+                        || !matches!(
+                            v.state_of(c.id),
+                            Some(ReplicaState::Dead | ReplicaState::Resyncing)
+                        )
+                        || backoff.get(&v.name).is_some_and(|t| Instant::now() < *t)
+                    {
+                        continue;
+                    }
+                    let t0 = Instant::now();
+                    match c.resync_volume(v).await {
+                        Ok(()) => {
+                            last_error.remove(&v.name);
+                            let p = c.resync.progress().remove(&v.name).unwrap_or_default();
+                            tracing::info!(volume = %v.name, primary = v.primary, pages = p.pages_copied, blocks = p.blocks_fetched, tree_bytes = p.tree_bytes, page_bytes = p.page_bytes, block_bytes = p.block_bytes, elapsed_ms = t0.elapsed().as_millis() as u64, "resync done; copy is live");
+                        }
+                        Err(e) => {
+                            if last_error.get(&v.name) != Some(&e) {
+                                tracing::warn!(volume = %v.name, primary = v.primary, error = %e, "resync failed; will retry");
+                                last_error.insert(v.name.clone(), e.clone());
+                            }
+                            c.resync.update(&v.name, |p| {
+                                p.state = "failed".into();
+                                p.error = Some(e);
+                            });
+                            backoff.insert(v.name.clone(), Instant::now() + RESYNC_BACKOFF);
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    async fn resync_volume(&self, v: &VolumeInfo) -> Result<(), String> {
+        let local = self
+            .blocks
+            .volume(&v.name)
+            .ok_or("no local copy yet")?;
+        let meta = self.store.meta();
+        let addr = meta
+            .nodes
+            .get(&v.primary)
+            .map(|n| n.rpc.clone())
+            .ok_or("the primary has no address")?;
+        self.resync.update(&v.name, |p| {
+            *p = Progress {
+                state: "starting".into(),
+                primary: v.primary,
+                epoch: v.epoch,
+                ..Default::default()
+            }
+        });
+        let src = Source {
+            client: self.network.client(&addr),
+            req: SyncReq {
+                from: self.id,
+                volume: v.name.clone(),
+                epoch: v.epoch,
+                level: 0,
+                index: 0,
+            },
+            state: self.resync.clone(),
+        };
+        let top = local.level_lens().len() - 1;
+        // Reachable, and not cut off by a fault, before changing any state.
+        src.tree(top, 0).await?;
+        let _tracking = self.resync.track(&v.name);
+        if v.state_of(self.id) == Some(ReplicaState::Dead) {
+            let cmd = MetaCommand::SetReplicaState {
+                volume: v.name.clone(),
+                node: self.id,
+                state: ReplicaState::Resyncing,
+                epoch: v.epoch,
+            };
+            match self.propose(cmd).await.map_err(|e| e.to_string())? {
+                MetaResponse::Volume(_) => {
+                    tracing::info!(volume = %v.name, primary = v.primary, "copy is resyncing")
+                }
+                other => return Err(format!("cannot start resyncing: {other:?}")),
+            }
+        }
+        src.call(KIND_RESYNC_BEGIN, 0, 0, &[]).await?;
+        let t0 = Instant::now();
+        let mut converged = false;
+        let mut previous_clean = false;
+        for pass in 1..=PASSES_MAX {
+            let still = self.store.meta().volumes.get(&v.name).is_some_and(|now| {
+                now.epoch == v.epoch
+                    && now.primary == v.primary
+                    && now.state_of(self.id) == Some(ReplicaState::Resyncing)
+            });
+            if !still {
+                return Err("the volume's primary or this copy's state changed".into());
+            }
+            self.resync.update(&v.name, |p| {
+                p.state = "walking".into();
+                p.pass = pass;
+            });
+            let pages = self.diff(&local, &src, top).await?;
+            self.resync.update(&v.name, |p| {
+                p.pages_differing = pages.len() as u64;
+                p.state = "copying".into();
+                p.elapsed_ms = t0.elapsed().as_millis() as u64;
+            });
+            if pages.is_empty() {
+                converged = true;
+                break;
+            }
+            if previous_clean && pass > 2 {
+                // Every page that differed last pass was installed consistently; what
+                // differs now is updates in flight, which reach this copy anyway.
+                converged = true;
+                break;
+            }
+            let mut clean = true;
+            for p in pages {
+                clean &= self.copy_page(&local, &src, p).await?;
+                self.resync.update(&v.name, |pr| pr.pages_copied += 1);
+            }
+            previous_clean = clean;
+        }
+        if !converged {
+            return Err(format!("did not converge in {PASSES_MAX} passes"));
+        }
+        let store = self.blocks.clone();
+        tokio::task::spawn_blocking(move || store.flush())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let cmd = MetaCommand::SetReplicaState {
+            volume: v.name.clone(),
+            node: self.id,
+            state: ReplicaState::Live,
+            epoch: v.epoch,
+        };
+        match self.propose(cmd).await.map_err(|e| e.to_string())? {
+            MetaResponse::Volume(_) => {}
+            other => return Err(format!("cannot turn live: {other:?}")),
+        }
+        self.resync.update(&v.name, |p| {
+            p.state = "done".into();
+            p.error = None;
+            p.elapsed_ms = t0.elapsed().as_millis() as u64;
+        });
+        Ok(())
+    }
+
+    /// Slice pages whose checksum differs from the primary's, found by descending from
+    /// the root only into differing entries.
+    async fn diff(&self, local: &Volume, src: &Source, top: usize) -> Result<Vec<u64>, String> {
+        let mut groups: Vec<u64> = vec![0];
+        let mut k = top;
+        loop {
+            let mut differing = Vec::new();
+            for j in groups {
+                let theirs = src.tree(k, j).await?;
+                let mine = local
+                    .checksum_group(k, j)
+                    .ok_or_else(|| format!("checksum page {k}/{j} out of range here"))?;
+                if mine.len() != theirs.len() {
+                    return Err("the primary's checksum tree has another shape".into());
+                }
+                for (i, (a, b)) in mine.iter().zip(&theirs).enumerate() {
+                    if a != b {
+                        differing.push(j * FANOUT_U64 + i as u64);
+                    }
+                }
+            }
+            if k == 0 || differing.is_empty() {
+                return Ok(differing);
+            }
+            groups = differing;
+            k -= 1;
+        }
+    }
+
+    /// Copies slice page `p` from the primary. `Ok(false)` when updates kept touching
+    /// it (the next pass looks again).
+    async fn copy_page(&self, local: &Arc<Volume>, src: &Source, p: u64) -> Result<bool, String> {
+        let name = local.meta.name.clone();
+        for _ in 0..PAGE_ATTEMPTS_MAX {
+            let seen = self.resync.seq(&name, p);
+            let theirs = src.page(p).await?;
+            let mine = local.page_ids(p);
+            let differs = |s: usize| mine.as_ref().is_none_or(|m| m[s] != theirs[s]);
+            let mut runs: Vec<(usize, usize)> = Vec::new();
+            for s in 0..FANOUT {
+                if !differs(s) {
+                    continue;
+                }
+                match runs.last_mut() {
+                    Some((a, n)) if *a + *n == s => *n += 1,
+                    _ => runs.push((s, 1)),
+                }
+            }
+            if runs.is_empty() {
+                return Ok(true);
+            }
+            let mut need: Vec<BlockId> = Vec::new();
+            let mut seen_ids = HashSet::new();
+            for (a, n) in &runs {
+                for id in &theirs[*a..*a + *n] {
+                    if !id.is_zero() && !self.blocks.has_block(*id) && seen_ids.insert(*id) {
+                        need.push(*id);
+                    }
+                }
+            }
+            let supplied = src.blocks(&need).await?;
+            if supplied.len() < need.len() {
+                // Overwritten on the primary since the page was read: read it again.
+                continue;
+            }
+            let (store, vol, resync, name2) =
+                (self.blocks.clone(), local.clone(), self.resync.clone(), name.clone());
+            let installed = tokio::task::spawn_blocking(move || {
+                resync.install_if_untouched(&name2, p, seen, || -> Result<bool, String> {
+                    for (a, n) in runs {
+                        let lba = Lba(p * FANOUT_U64 + a as u64);
+                        match store.write_ids(&vol, lba, &theirs[a..a + n], &supplied) {
+                            Ok(None) => {}
+                            Ok(Some(_)) => return Ok(false),
+                            Err(e) => return Err(e.to_string()),
+                        }
+                    }
+                    Ok(true)
+                })
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            match installed {
+                Some(Ok(true)) => return Ok(true),
+                Some(Err(e)) => return Err(e),
+                Some(Ok(false)) | None => continue,
+            }
+        }
+        Ok(false)
+    }
+}
