@@ -5,7 +5,7 @@
 use crate::config::NodeConfig;
 use crate::rpc::{
     self, RpcClient, KIND_APPEND, KIND_BLOCKS, KIND_CLIENT_WRITE, KIND_FLUSH, KIND_FORWARD,
-    KIND_PAGE, KIND_PING, KIND_REPLICATE, KIND_RESYNC_BEGIN, KIND_SNAPSHOT, KIND_TREE, KIND_VOTE,
+    KIND_LEASE, KIND_PAGE, KIND_PING, KIND_REPLICATE, KIND_RESYNC_BEGIN, KIND_SNAPSHOT, KIND_TREE, KIND_VOTE,
 };
 use lazarus_cluster::raft_store::{NodeId, Raft, Store, TypeConfig};
 use lazarus_cluster::ReplicaState;
@@ -55,6 +55,10 @@ pub fn raft_id(name: &str) -> Result<NodeId, String> {
 #[derive(Clone, Default)]
 pub struct Network {
     clients: Arc<Mutex<HashMap<String, Arc<RpcClient>>>>,
+    /// Peer RPC addresses from this node's configuration: they win over the addresses
+    /// recorded in the Raft membership, so a cluster restarted on other ports (or
+    /// hosts) still finds itself.
+    configured: Arc<HashMap<NodeId, String>>,
 }
 
 impl Network {
@@ -101,9 +105,14 @@ impl Peer {
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Peer;
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Peer {
+        let addr = self
+            .configured
+            .get(&target)
+            .cloned()
+            .unwrap_or_else(|| node.addr.clone());
         Peer {
             target,
-            client: self.client(&node.addr),
+            client: self.client(&addr),
         }
     }
 }
@@ -150,6 +159,8 @@ pub struct Cluster {
     /// Per volume this node is primary of: (epoch, until when) it may serve it, granted
     /// by the Raft leader after confirming its leadership with a quorum.
     leases: parking_lot::Mutex<HashMap<String, (u64, Instant)>>,
+    /// On the leader: per volume, (epoch, when) its primary last asked for a lease.
+    pub(crate) lease_requests: parking_lot::Mutex<HashMap<String, (u64, Instant)>>,
     /// Set once the start-up self-check is done: updates are refused before, so a
     /// node that crashed is never counted as having copies it may have lost.
     ready: AtomicBool,
@@ -169,25 +180,20 @@ pub enum Role {
     Replica { primary: NodeId, addr: String },
 }
 
-/// How long a lease granted by the leader lasts. Shorter than `PRIMARY_SILENCE_MAX`,
-/// so a primary that stopped answering has stopped serving before it is replaced.
-const LEASE: Duration = Duration::from_millis(400);
+/// How long a lease lasts, counted from when the primary asked for it. Shorter than
+/// `PRIMARY_SILENCE_MAX`, which the leader counts from when it received the request,
+/// so a primary that stopped asking has stopped serving before it is replaced.
+pub(crate) const LEASE: Duration = Duration::from_millis(400);
 
 /// Deadline for one replicated update to a replica.
 const REPLICATE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the leader checks that every volume's primary answers.
 const FAILOVER_CHECK_INTERVAL: Duration = Duration::from_millis(200);
-const PING_TIMEOUT: Duration = Duration::from_millis(300);
-/// A primary silent this long is replaced (with Raft election, within the 5 s budget).
+pub(crate) const PING_TIMEOUT: Duration = Duration::from_millis(300);
+/// A primary that has not asked for its lease this long is replaced (with Raft election, within the 5 s budget).
 const PRIMARY_SILENCE_MAX: Duration = Duration::from_millis(600);
 /// How often a node checks the metadata for copies it must create or delete.
 const RECONCILE_INTERVAL: Duration = Duration::from_millis(200);
-
-/// The leader's grant of leases: (volume, epoch) pairs the receiving node is primary of.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct LeaseGrant {
-    pub volumes: Vec<(String, u64)>,
-}
 
 /// A replicated update, as sent from a primary to a replica.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -247,7 +253,15 @@ impl Cluster {
             ..Default::default()
         }
         .validate()?;
-        let network = Network::default();
+        let network = Network {
+            configured: Arc::new(
+                members
+                    .iter()
+                    .map(|(id, n)| (*id, n.addr.clone()))
+                    .collect(),
+            ),
+            ..Default::default()
+        };
         let raft = Raft::new(
             id,
             Arc::new(config),
@@ -264,6 +278,7 @@ impl Cluster {
             blocks,
             drops: Default::default(),
             leases: Default::default(),
+            lease_requests: Default::default(),
             ready: AtomicBool::new(false),
             incarnation: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -305,13 +320,8 @@ impl Cluster {
             KIND_APPEND => ser(&self.raft.append_entries(de(&body)?).await),
             KIND_VOTE => ser(&self.raft.vote(de(&body)?).await),
             KIND_SNAPSHOT => ser(&self.raft.install_snapshot(de(&body)?).await),
-            KIND_PING => {
-                if !body.is_empty() {
-                    let g: LeaseGrant = de(&body)?;
-                    self.take_grant(g, Instant::now());
-                }
-                Ok(Vec::new())
-            }
+            KIND_PING => Ok(Vec::new()),
+            KIND_LEASE => ser(&self.serve_lease(de(&body)?).await),
             KIND_RESYNC_BEGIN | KIND_TREE | KIND_PAGE | KIND_BLOCKS => {
                 self.serve_resync(kind, &body).await
             }
@@ -353,14 +363,7 @@ impl Cluster {
                     }
                 }
                 Some(l) => {
-                    let addr = self
-                        .raft
-                        .metrics()
-                        .borrow()
-                        .membership_config
-                        .membership()
-                        .get_node(&l)
-                        .map(|n| n.addr.clone());
+                    let addr = self.rpc_addr(l);
                     match addr {
                         Some(addr) => {
                             let body = serde_json::to_vec(&cmd)?;
@@ -399,7 +402,12 @@ impl Cluster {
     /// reports them dead (they resync); a volume it was primary of is handed to a live
     /// replica that answers, which has every acknowledged write. Updates are refused
     /// until this is done.
-    pub fn start_up(self: &Arc<Self>, mut info: NodeInfo, clean: bool) {
+    pub fn start_up(
+        self: &Arc<Self>,
+        mut info: NodeInfo,
+        clean: bool,
+        local: std::collections::HashSet<String>,
+    ) {
         info.incarnation = self.incarnation;
         let c = self.clone();
         tokio::spawn(async move {
@@ -419,17 +427,15 @@ impl Cluster {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             tracing::info!(node = c.id, clean, "registered in the cluster metadata");
-            if !clean {
-                c.after_crash().await;
-            }
+            c.self_check(clean, &local).await;
             c.ready.store(true, Ordering::Release);
         });
     }
 
-    async fn after_crash(&self) {
+    async fn self_check(&self, clean: bool, local: &std::collections::HashSet<String>) {
         let meta = self.store.meta();
         for v in meta.volumes.values() {
-            if !v.replicas.contains(&self.id) {
+            if !v.replicas.contains(&self.id) || clean && local.contains(&v.name) {
                 continue;
             }
             if v.primary == self.id {
@@ -443,7 +449,7 @@ impl Cluster {
                         epoch: v.epoch,
                     };
                     if let Ok(MetaResponse::Volume(nv)) = self.propose(cmd).await {
-                        tracing::warn!(volume = %v.name, new = n, epoch = nv.epoch, "restarted after a crash: handed the primary role to a live replica");
+                        tracing::warn!(volume = %v.name, new = n, epoch = nv.epoch, "copy may have lost updates (crash, or missing at start): handed the primary role to a live replica");
                         break;
                     }
                 }
@@ -455,24 +461,57 @@ impl Cluster {
                     epoch: v.epoch,
                 };
                 match self.propose(cmd).await {
-                    Ok(MetaResponse::Volume(_)) => tracing::warn!(volume = %v.name, "restarted after a crash: this copy may have lost unflushed updates; marked dead until it resyncs"),
-                    other => tracing::warn!(volume = %v.name, result = ?other, "could not mark this copy dead after a crash"),
+                    Ok(MetaResponse::Volume(_)) => tracing::warn!(volume = %v.name, "copy may have lost updates (crash, or missing at start): marked dead until it resyncs"),
+                    other => tracing::warn!(volume = %v.name, result = ?other, "could not mark this copy dead"),
                 }
             }
         }
     }
 
-    /// Records a lease grant from the leader.
-    fn take_grant(&self, g: LeaseGrant, received: Instant) {
+    /// Records leases on `(volume, epoch)` pairs, valid until `asked + LEASE` where
+    /// `asked` is when this node sent the request that the grant answers.
+    pub(crate) fn grant(&self, volumes: &[(String, u64)], asked: Instant) {
         let mut leases = self.leases.lock();
-        for (volume, epoch) in g.volumes {
-            leases.insert(volume, (epoch, received + LEASE));
+        for (volume, epoch) in volumes {
+            leases.insert(volume.clone(), (*epoch, asked + LEASE));
         }
     }
 
     /// Whether this node may serve `volume` as its primary at `epoch` right now.
     pub fn lease_valid(&self, volume: &str, epoch: u64) -> bool {
         matches!(self.leases.lock().get(volume), Some((e, until)) if *e == epoch && Instant::now() < *until)
+    }
+
+    /// Where node `id` takes RPCs: this node's configuration first, then the address
+    /// it registered in the metadata, then the Raft membership's.
+    pub(crate) fn rpc_addr(&self, id: NodeId) -> Option<String> {
+        if let Some(a) = self.network.configured.get(&id) {
+            return Some(a.clone());
+        }
+        if let Some(n) = self.store.meta().nodes.get(&id) {
+            return Some(n.rpc.clone());
+        }
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.addr.clone())
+    }
+
+    /// Volumes this node may serve as primary right now.
+    pub fn held_leases(&self) -> Vec<String> {
+        let now = Instant::now();
+        let mut v: Vec<String> = self
+            .leases
+            .lock()
+            .iter()
+            .filter(|(_, (_, until))| now < *until)
+            .map(|(name, _)| name.clone())
+            .collect();
+        v.sort();
+        v
     }
 
     pub fn is_ready(&self) -> bool {
@@ -567,6 +606,13 @@ impl Cluster {
                 v.primary
             ));
         }
+        // Only under a lease: a primary paused past its lease may have been replaced,
+        // and its updates must not reach a replica that has not yet learned that.
+        if !self.lease_valid(volume, v.epoch) {
+            return Err(format!(
+                "this node's lease on {volume:?} has lapsed (it may have been replaced as primary)"
+            ));
+        }
         // Stamp the epoch this primary holds the volume under.
         let u = match u {
             Update::Write { volume, lba, .. } => Update::Write {
@@ -611,11 +657,7 @@ impl Cluster {
                 });
                 continue;
             }
-            let addr = meta
-                .nodes
-                .get(&n)
-                .map(|i| i.rpc.clone())
-                .unwrap_or_default();
+            let addr = self.rpc_addr(n).unwrap_or_default();
             let client = self.network.client(&addr);
             let body = body.clone();
             calls.spawn(async move { (n, client.call(kind, &body, REPLICATE_TIMEOUT).await) });
@@ -655,11 +697,7 @@ impl Cluster {
             Some(v) if v.primary == self.id => Role::Primary { epoch: v.epoch },
             Some(v) => Role::Replica {
                 primary: v.primary,
-                addr: meta
-                    .nodes
-                    .get(&v.primary)
-                    .map(|n| n.rpc.clone())
-                    .unwrap_or_default(),
+                addr: self.rpc_addr(v.primary).unwrap_or_default(),
             },
         }
     }
@@ -668,77 +706,48 @@ impl Cluster {
         if node == self.id {
             return true;
         }
-        let Some(info) = meta.nodes.get(&node) else {
+        if !meta.nodes.contains_key(&node) {
+            return false;
+        }
+        let Some(addr) = self.rpc_addr(node) else {
             return false;
         };
         self.network
-            .client(&info.rpc)
+            .client(&addr)
             .call(KIND_PING, &[], PING_TIMEOUT)
             .await
             .is_ok()
     }
 
-    /// On the Raft leader, every `FAILOVER_CHECK_INTERVAL`: confirms its leadership
-    /// with a quorum, then grants each volume's primary a lease (the primary serves
-    /// only while it holds one), and replaces the primary of any volume whose primary
-    /// has not answered for `PRIMARY_SILENCE_MAX`, promoting a live replica that
-    /// answers. Only live replicas are candidates, so a dead one is never promoted
-    /// while a live one exists (the state machine refuses it too).
+    /// On the Raft leader: replaces the primary of any volume whose primary has not
+    /// asked for its lease for `PRIMARY_SILENCE_MAX` (see `lease.rs`), promoting a
+    /// live replica that answers. Only live replicas are candidates, so a dead one is
+    /// never promoted while a live one exists (the state machine refuses it too).
     pub fn watch_primaries(self: &Arc<Self>) {
         let c = self.clone();
         tokio::spawn(async move {
-            let mut silent_since: HashMap<String, tokio::time::Instant> = HashMap::new();
             loop {
                 tokio::time::sleep(FAILOVER_CHECK_INTERVAL).await;
                 if c.raft.metrics().borrow().current_leader != Some(c.id) {
-                    silent_since.clear();
+                    c.lease_requests.lock().clear();
                     continue;
                 }
-                let sent = Instant::now();
-                match tokio::time::timeout(PING_TIMEOUT, c.raft.ensure_linearizable()).await {
-                    Ok(Ok(_)) => {}
-                    _ => continue,
-                }
                 let meta = c.store.meta();
-                let mut grants: BTreeMap<NodeId, Vec<(String, u64)>> = BTreeMap::new();
                 for v in meta.volumes.values() {
-                    grants
-                        .entry(v.primary)
-                        .or_default()
-                        .push((v.name.clone(), v.epoch));
-                }
-                let mut answered: BTreeSet<NodeId> = BTreeSet::new();
-                let mut pings = tokio::task::JoinSet::new();
-                for (node, volumes) in grants {
-                    let g = LeaseGrant { volumes };
-                    if node == c.id {
-                        c.take_grant(g, sent);
-                        answered.insert(node);
+                    if v.primary == c.id {
                         continue;
                     }
-                    let Some(info) = meta.nodes.get(&node) else {
-                        continue;
+                    let silent = {
+                        let mut seen = c.lease_requests.lock();
+                        let e = seen
+                            .entry(v.name.clone())
+                            .or_insert((v.epoch, Instant::now()));
+                        if e.0 != v.epoch {
+                            *e = (v.epoch, Instant::now());
+                        }
+                        e.1.elapsed()
                     };
-                    let client = c.network.client(&info.rpc);
-                    let body = serde_json::to_vec(&g).unwrap_or_default();
-                    pings.spawn(async move {
-                        (node, client.call(KIND_PING, &body, PING_TIMEOUT).await.is_ok())
-                    });
-                }
-                while let Some(Ok((node, ok))) = pings.join_next().await {
-                    if ok {
-                        answered.insert(node);
-                    }
-                }
-                for v in meta.volumes.values() {
-                    if answered.contains(&v.primary) {
-                        silent_since.remove(&v.name);
-                        continue;
-                    }
-                    let since = *silent_since
-                        .entry(v.name.clone())
-                        .or_insert_with(tokio::time::Instant::now);
-                    if since.elapsed() < PRIMARY_SILENCE_MAX {
+                    if silent < PRIMARY_SILENCE_MAX {
                         continue;
                     }
                     let mut candidate = None;
@@ -749,7 +758,7 @@ impl Cluster {
                         }
                     }
                     let Some(n) = candidate else {
-                        tracing::error!(volume = %v.name, primary = v.primary, "primary unreachable and no live replica to promote");
+                        tracing::error!(volume = %v.name, primary = v.primary, "primary silent and no live replica to promote");
                         continue;
                     };
                     let cmd = MetaCommand::Promote {
@@ -759,8 +768,7 @@ impl Cluster {
                     };
                     match c.propose(cmd).await {
                         Ok(MetaResponse::Volume(nv)) => {
-                            tracing::warn!(volume = %v.name, old = v.primary, new = n, epoch = nv.epoch, "primary failed over");
-                            silent_since.remove(&v.name);
+                            tracing::warn!(volume = %v.name, old = v.primary, new = n, epoch = nv.epoch, silent_ms = silent.as_millis() as u64, "primary failed over");
                         }
                         Ok(other) => {
                             tracing::warn!(volume = %v.name, response = ?other, "promotion refused")
@@ -813,6 +821,7 @@ impl Cluster {
             "members": m.membership_config.membership().voter_ids().collect::<Vec<_>>(),
             "metadata": &*self.store.meta(),
             "ready": self.is_ready(),
+            "leases": self.held_leases(),
             "drops": self.drops.lock().iter().map(|n| format!("n{n}")).collect::<Vec<_>>(),
             "resync": self.resync.progress(),
         })

@@ -150,6 +150,14 @@ impl Engine {
         }
     }
 
+    /// The epoch under which this node is the volume's primary, if it is.
+    pub fn primary_epoch(&self, vol: &Volume) -> Option<u64> {
+        match self.cluster.get()?.role(&vol.meta.name) {
+            Role::Primary { epoch } => Some(epoch),
+            _ => None,
+        }
+    }
+
     /// True when requests for `vol` run here now, without waiting or forwarding.
     pub fn serves_locally(&self, vol: &Volume) -> bool {
         self.replicated(vol).is_ok()
@@ -200,16 +208,22 @@ impl Engine {
         if len == 0 {
             return Ok(());
         }
-        self.replicated(vol)?;
+        let replicated = self.replicated(vol)?;
         let first = offset / BLOCK_SIZE_U64;
         let last = (offset + len - 1) / BLOCK_SIZE_U64;
         let head = (offset % BLOCK_SIZE_U64) as usize;
         if head == 0 && len.is_multiple_of(BLOCK_SIZE_U64) {
-            return Ok(self.store.read_blocks(vol, Lba(first), out)?);
+            self.store.read_blocks(vol, Lba(first), out)?;
+        } else {
+            let mut tmp = vec![0u8; ((last - first + 1) as usize) * BLOCK_SIZE];
+            self.store.read_blocks(vol, Lba(first), &mut tmp)?;
+            out.copy_from_slice(&tmp[head..head + len as usize]);
         }
-        let mut tmp = vec![0u8; ((last - first + 1) as usize) * BLOCK_SIZE];
-        self.store.read_blocks(vol, Lba(first), &mut tmp)?;
-        out.copy_from_slice(&tmp[head..head + len as usize]);
+        if replicated {
+            // The lease must still hold once the data is read: if this process was
+            // paused in between, another primary may have taken writes meanwhile.
+            self.replicated(vol)?;
+        }
         Ok(())
     }
 

@@ -8,6 +8,7 @@ mod config;
 mod engine;
 mod fault;
 mod forward;
+mod lease;
 mod nbd_server;
 mod node;
 mod resync;

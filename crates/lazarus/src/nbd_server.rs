@@ -204,6 +204,10 @@ async fn transmission(
     let writer = tokio::spawn(writer_task(wr, rx));
     let inflight = Arc::new(Semaphore::new(INFLIGHT_PER_CONNECTION_MAX));
     let size = vol.meta.size_bytes;
+    // A connection opened to the primary is bound to its epoch: if the node stops
+    // being the primary (failover, a pause), requests on it fail and the client
+    // reconnects, so nothing a deposed primary held is acknowledged or served.
+    let bound = engine.primary_epoch(&vol);
     let mut batch: Vec<u8> = Vec::new();
     let result: anyhow::Result<()> = async {
         loop {
@@ -246,7 +250,7 @@ async fn transmission(
                 return Ok(());
             }
             if runs_inline(&req) && engine.serves_locally(&vol) {
-                execute(&engine, &vol, req, &payload, size, structured, &mut batch).await;
+                execute(&engine, &vol, bound, req, &payload, size, structured, &mut batch).await;
                 if batch.len() >= REPLY_BATCH_MAX_BYTES {
                     tx.send(std::mem::take(&mut batch)).await?;
                 }
@@ -258,7 +262,7 @@ async fn transmission(
             let tx = tx.clone();
             tokio::spawn(async move {
                 let mut reply = Vec::new();
-                execute(&engine, &vol, req, &payload, size, structured, &mut reply).await;
+                execute(&engine, &vol, bound, req, &payload, size, structured, &mut reply).await;
                 let _ = tx.send(reply).await;
                 drop(permit);
             });
@@ -284,9 +288,11 @@ fn runs_inline(req: &Request) -> bool {
 }
 
 /// Executes one request and appends its reply to `out`.
+#[allow(clippy::too_many_arguments)]
 async fn execute(
     engine: &Engine,
     vol: &Volume,
+    bound: Option<u64>,
     req: Request,
     payload: &[u8],
     size: u64,
@@ -308,15 +314,28 @@ async fn execute(
     if !engine.serves_locally(vol) {
         match engine.route_name(&vol.meta.name).await {
             Ok(Route::Local) => {}
-            Ok(Route::Forward(_)) => {
+            Ok(Route::Forward(_)) if bound.is_none() => {
                 forwarded(engine, vol, req, payload, structured, out).await;
                 return;
             }
+            Ok(Route::Forward(_)) => {}
             Err(e) => {
                 out.extend_from_slice(&error_reply(structured, req.cookie, &e));
                 return;
             }
         }
+    }
+    if bound.is_some() && engine.primary_epoch(vol) != bound {
+        let e = IoError::new(
+            lazarus_nbd::consts::EIO,
+            format!(
+                "the primary of {:?} changed since this connection was opened; reconnect",
+                vol.meta.name
+            ),
+        );
+        tracing::info!(volume = %vol.meta.name, command = ?req.command, "request on a connection to a deposed primary refused");
+        out.extend_from_slice(&error_reply(structured, req.cookie, &e));
+        return;
     }
     let r = match req.command {
         Command::Read => {

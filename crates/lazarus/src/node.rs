@@ -82,11 +82,18 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
 
     let cluster = match cfg.rpc_listen {
         Some(_) => {
+            // Copies present before reconcile creates missing ones: a copy the
+            // metadata places here but that is not on disk is empty, not live.
+            let local: std::collections::HashSet<String> =
+                store.volumes().iter().map(|v| v.meta.name.clone()).collect();
+            // A store with no volume has nothing to lose: as good as a clean stop.
+            let clean = clean || local.is_empty();
             let c = crate::cluster::Cluster::start(&cfg, store.clone()).await?;
             let _ = c.engine.set(Arc::downgrade(&engine));
             let _ = engine.cluster.set(c.clone());
             c.reconcile();
             c.watch_primaries();
+            c.lease_loop();
             c.resync_loop();
             c.start_up(
                 lazarus_cluster::NodeInfo {
@@ -97,6 +104,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
                     incarnation: 0,
                 },
                 clean,
+                local,
             );
             Some(c)
         }
@@ -124,8 +132,12 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let s = store.clone();
     match tokio::task::spawn_blocking(move || s.checkpoint()).await? {
         Ok(()) => {
-            lazarus_store::disk::write_file_atomic(&clean_marker, b"clean shutdown\n")?;
-            tracing::info!(node = %cfg.id, "clean shutdown")
+            // Without the marker (a full disk) the next start treats this stop as a
+            // crash: its copies resync, which is safe, only slower.
+            match lazarus_store::disk::write_file_atomic(&clean_marker, b"clean shutdown\n") {
+                Ok(()) => tracing::info!(node = %cfg.id, "clean shutdown"),
+                Err(e) => tracing::warn!(node = %cfg.id, error = %e, "clean shutdown, but cannot record it; the next start will resync this node's copies"),
+            }
         }
         Err(e) => {
             tracing::error!(node = %cfg.id, error = %e, "final checkpoint failed; the journal will be replayed at start")

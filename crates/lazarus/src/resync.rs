@@ -394,12 +394,7 @@ impl Cluster {
             .blocks
             .volume(&v.name)
             .ok_or("no local copy yet")?;
-        let meta = self.store.meta();
-        let addr = meta
-            .nodes
-            .get(&v.primary)
-            .map(|n| n.rpc.clone())
-            .ok_or("the primary has no address")?;
+        let addr = self.rpc_addr(v.primary).ok_or("the primary has no address")?;
         self.resync.update(&v.name, |p| {
             *p = Progress {
                 state: "starting".into(),

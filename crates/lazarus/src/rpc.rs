@@ -191,6 +191,8 @@ pub const KIND_PAGE: u8 = 10;
 pub const KIND_BLOCKS: u8 = 11;
 /// A client request received by a node that is not the volume's primary.
 pub const KIND_FORWARD: u8 = 12;
+/// A primary asks the Raft leader for its leases.
+pub const KIND_LEASE: u8 = 13;
 
 /// Packs a JSON header and a raw payload (block data) into one RPC body.
 pub fn pack(json: &[u8], raw: &[u8]) -> Vec<u8> {

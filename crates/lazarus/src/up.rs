@@ -23,6 +23,8 @@ const NODE_START_TIMEOUT: Duration = Duration::from_secs(120);
 const NODE_STOP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the cluster may take to elect a leader and register every node.
 const CLUSTER_FORM_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long `up` waits for every copy to be live before it reports ready anyway.
+const COPIES_LIVE_TIMEOUT: Duration = Duration::from_secs(60);
 /// A node that crashes more often than this within `CRASH_WINDOW` is left down.
 const CRASH_RESTARTS_MAX: usize = 5;
 const CRASH_WINDOW: Duration = Duration::from_secs(60);
@@ -205,6 +207,53 @@ fn wait_cluster_formed(api: &Api, nodes: usize) -> anyhow::Result<()> {
     }
 }
 
+/// Waits until the cluster serves: every node has finished its start-up check and
+/// holds its copy of the default volume, every copy of every volume is live (copies
+/// that missed updates while stopped resync first), and each volume's primary holds
+/// its lease.
+fn wait_copies_live(apis: &[Api]) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    loop {
+        let mut pending = Vec::new();
+        let mut views = Vec::new();
+        for (i, api) in apis.iter().enumerate() {
+            if !matches!(api.get(&format!("/api/v1/volumes/{DEFAULT_VOLUME}")), Ok((200, _))) {
+                pending.push(format!("{DEFAULT_VOLUME} not yet on n{}", i + 1));
+            }
+            match api.get("/api/v1/cluster") {
+                Ok((200, v)) if v["ready"] == true => views.push(v),
+                _ => pending.push(format!("n{} not ready", i + 1)),
+            }
+        }
+        if let Some(v) = views.first() {
+            for (name, vol) in v["metadata"]["volumes"].as_object().into_iter().flatten() {
+                for (n, st) in vol["states"].as_object().into_iter().flatten() {
+                    if st != "live" {
+                        pending.push(format!("{name} on n{n} is {}", st.as_str().unwrap_or("?")));
+                    }
+                }
+                let primary = vol["primary"].as_u64().unwrap_or(0);
+                let leased = views.iter().any(|w| {
+                    w["id"].as_u64() == Some(primary)
+                        && w["leases"]
+                            .as_array()
+                            .is_some_and(|l| l.iter().any(|x| x == name.as_str()))
+                });
+                if !leased {
+                    pending.push(format!("{name}: primary n{primary} holds no lease yet"));
+                }
+            }
+        }
+        if pending.is_empty() {
+            return Ok(());
+        }
+        if t0.elapsed() > COPIES_LIVE_TIMEOUT {
+            anyhow::bail!("the cluster is not fully ready: {}", pending.join(", "));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 async fn ensure_default_volume(args: &UpArgs, api: Api) -> anyhow::Result<String> {
     let size = args.volume_size;
     tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
@@ -289,6 +338,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         }
     };
     write_cluster_json(&args, &slots)?;
+    if args.nodes > 1 {
+        let apis: Vec<Api> = (0..args.nodes)
+            .map(|i| Api::new(&format!("http://127.0.0.1:{}", ports(args.port_base, i).1)))
+            .collect();
+        let healthy = tokio::task::spawn_blocking(move || wait_copies_live(&apis)).await?;
+        if let Err(e) = healthy {
+            eprintln!("warning: {e:#}");
+        }
+    }
     println!(
         "Lazarus is up: {} node(s), data in {}",
         slots.len(),

@@ -265,3 +265,197 @@ pub fn seed() -> u64 {
     eprintln!("LAZARUS_SEED={s}");
     s
 }
+
+/// A local cluster started the way a user starts one: `lazarus up` (three node
+/// processes under one supervisor), driven with the `lazarus` CLI.
+pub struct Up {
+    pub data: PathBuf,
+    pub base: u16,
+    child: Option<Child>,
+}
+
+fn ports_free(base: u16) -> bool {
+    (0..3).all(|i| {
+        [base + i, base + 10 + i, base + 20 + i]
+            .iter()
+            .all(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+    })
+}
+
+impl Up {
+    pub fn start(data: &Path, volume_size: &str) -> Up {
+        let base = loop {
+            let b = fastrand::u16(20000..60000);
+            if ports_free(b) {
+                break b;
+            }
+        };
+        let log = std::fs::File::create(data.with_extension("up.log")).unwrap();
+        let mut child = Command::new(BIN)
+            .args(["up", "--data"])
+            .arg(data)
+            .args(["--port-base", &base.to_string(), "--volume-size", volume_size])
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("start lazarus up");
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let t0 = Instant::now();
+        let mut printed = String::new();
+        loop {
+            let mut line = String::new();
+            use std::io::BufRead;
+            let n = out.read_line(&mut line).unwrap();
+            printed.push_str(&line);
+            if line.contains("Press Ctrl-C") {
+                break;
+            }
+            assert!(
+                n > 0 && t0.elapsed() < Duration::from_secs(120),
+                "lazarus up did not come up; it printed:\n{printed}\nlog:\n{}",
+                std::fs::read_to_string(data.with_extension("up.log")).unwrap_or_default()
+            );
+        }
+        // The URIs come first, n1's first.
+        assert!(
+            printed.find(&format!("nbd://127.0.0.1:{base}/vol0"))
+                < printed.find(&format!("nbd://127.0.0.1:{}/vol0", base + 1)),
+            "{printed}"
+        );
+        // Keep draining stdout so the supervisor never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut out, &mut std::io::sink());
+        });
+        Up {
+            data: data.to_path_buf(),
+            base,
+            child: Some(child),
+        }
+    }
+
+    /// NBD URI of `vol` on node `n` (1-based).
+    pub fn uri(&self, n: u16, vol: &str) -> String {
+        format!("nbd://127.0.0.1:{}/{vol}", self.base + n - 1)
+    }
+
+    pub fn admin(&self, n: u16) -> String {
+        format!("http://127.0.0.1:{}", self.base + 10 + n - 1)
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let mut full: Vec<&str> = args.to_vec();
+        let d = self.data.to_str().unwrap().to_string();
+        full.push("--data");
+        full.push(&d);
+        Command::new(BIN).args(&full).output().unwrap()
+    }
+
+    /// Runs a CLI command that must succeed; returns its stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let o = self.cli(args);
+        assert!(
+            o.status.success(),
+            "lazarus {args:?} failed: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// `GET` on node n's admin API; `None` when it does not answer.
+    pub fn get(&self, n: u16, path: &str) -> Option<Value> {
+        let o = Command::new("curl")
+            .args(["-sf", "-m", "5", &format!("{}{path}", self.admin(n))])
+            .output()
+            .ok()?;
+        serde_json::from_slice(&o.stdout).ok()
+    }
+
+    /// The volume's entry in node n's applied metadata.
+    pub fn volume_meta(&self, n: u16, vol: &str) -> Option<Value> {
+        let v = self.get(n, "/api/v1/cluster")?;
+        let m = v["metadata"]["volumes"][vol].clone();
+        (!m.is_null()).then_some(m)
+    }
+
+    /// Waits until `pred` holds for the volume's metadata as node n sees it.
+    pub fn wait_meta(&self, n: u16, vol: &str, within: Duration, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let t0 = Instant::now();
+        loop {
+            if let Some(m) = self.volume_meta(n, vol) {
+                if pred(&m) {
+                    return m;
+                }
+            }
+            assert!(
+                t0.elapsed() < within,
+                "{what}: not within {within:?}; metadata at n{n}: {:?}",
+                self.volume_meta(n, vol)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until every copy of `vol` is live.
+    pub fn wait_all_live(&self, n: u16, vol: &str, within: Duration) -> Value {
+        self.wait_meta(n, vol, within, "every copy live", |m| {
+            m["states"]
+                .as_object()
+                .is_some_and(|s| s.values().all(|v| v == "live"))
+        })
+    }
+
+    /// The checksum root of node n's copy of `vol`.
+    pub fn root(&self, n: u16, vol: &str) -> String {
+        self.get(n, &format!("/api/v1/volumes/{vol}")).unwrap()["root"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    pub fn node_pid(&self, n: u16) -> u32 {
+        let t = std::fs::read(self.data.join(format!("n{n}")).join("endpoints.json")).unwrap();
+        let v: Value = serde_json::from_slice(&t).unwrap();
+        v["pid"].as_u64().unwrap() as u32
+    }
+
+    pub fn node_log(&self, n: u16) -> String {
+        std::fs::read_to_string(self.data.join(format!("n{n}")).join("node.log")).unwrap_or_default()
+    }
+
+    /// Ctrl-C: every node stops cleanly.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
+            let t0 = Instant::now();
+            loop {
+                if let Some(s) = c.try_wait().unwrap() {
+                    assert!(s.success(), "lazarus up exited with {s}");
+                    return;
+                }
+                if t0.elapsed() > Duration::from_secs(60) {
+                    let _ = c.kill();
+                    panic!("lazarus up did not stop within 60 s");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(30) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -1,0 +1,336 @@
+//! Guards the Cluster issue end to end, the way a user runs it: `lazarus up` (three node
+//! processes under a supervisor), real NBD clients (nbdcopy, qemu-io, libnbd through
+//! python), and faults injected with `lazarus fault` into the real processes.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const PY: &str = "/usr/bin/python3";
+
+fn py(script: &str) -> String {
+    format!("{}/tests/py/{script}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn qemu_io(uri: &str, cmds: &[&str]) -> std::process::Output {
+    let mut args = vec!["-f", "raw"];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(uri);
+    run_out("qemu-io", &args)
+}
+
+fn qemu_io_ok(uri: &str, cmds: &[&str]) {
+    let o = qemu_io(uri, cmds);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        o.status.success() && !text.contains("error") && !text.contains("failed"),
+        "qemu-io {cmds:?} on {uri}: {text}"
+    );
+}
+
+fn leader(up: &Up) -> u16 {
+    for n in 1..=3 {
+        if let Some(v) = up.get(n, "/api/v1/cluster") {
+            if let Some(l) = v["leader"].as_u64() {
+                return l as u16;
+            }
+        }
+    }
+    panic!("no node knows a leader");
+}
+
+fn resync_progress(up: &Up, n: u16, vol: &str) -> Value {
+    up.get(n, "/api/v1/cluster").unwrap()["resync"][vol].clone()
+}
+
+fn setup() -> (tempfile::TempDir, std::path::PathBuf) {
+    require("nbdcopy");
+    require("qemu-io");
+    require("nbdsh");
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("cluster");
+    (tmp, data)
+}
+
+/// Replication (write through n1, read through n2 and n3, equal checksum roots), a
+/// replica cut off with `fault drop` is committed dead before the write is
+/// acknowledged, and after `fault heal` it resyncs by Merkle diff and turns live with
+/// identical data.
+#[test]
+fn replication_dead_replica_and_resync() {
+    let (tmp, data) = setup();
+    let up = Up::start(&data, "256MiB");
+    let status = up.cli_ok(&["status"]);
+    assert!(
+        status.contains("primary n1") && status.contains("n3:live"),
+        "{status}"
+    );
+    let img = tmp.path().join("in.img");
+    let bytes = random_file(&img, 8 << 20, seed());
+    run("nbdcopy", &[img.to_str().unwrap(), &up.uri(1, "vol0")]);
+    for n in [2, 3] {
+        let out = tmp.path().join(format!("out{n}.img"));
+        run("nbdcopy", &[&up.uri(n, "vol0"), out.to_str().unwrap()]);
+        let got = std::fs::read(&out).unwrap();
+        assert!(got[..bytes.len()] == bytes[..], "read through n{n} differs");
+    }
+    let roots: Vec<String> = (1..=3).map(|n| up.root(n, "vol0")).collect();
+    assert_ne!(roots[0], "0".repeat(32));
+    assert!(roots.iter().all(|r| *r == roots[0]), "{roots:?}");
+
+    // n1 -> n3 replication fails: the write is acknowledged only once n3 is dead in
+    // committed metadata, so the leader's state shows it the moment qemu-io returns.
+    up.cli_ok(&["fault", "drop", "--from", "n1", "--to", "n3"]);
+    qemu_io_ok(&up.uri(1, "vol0"), &["write -P 0x5a 0 1M", "flush"]);
+    let l = leader(&up);
+    let m = up.volume_meta(l, "vol0").unwrap();
+    assert_eq!(m["states"]["3"], "dead", "{m}");
+    assert_eq!(m["states"]["2"], "live", "{m}");
+    let table = up.cli_ok(&["status"]);
+    assert!(table.contains("n3:dead"), "{table}");
+    assert_eq!(up.root(1, "vol0"), up.root(2, "vol0"));
+    assert_ne!(up.root(1, "vol0"), up.root(3, "vol0"));
+    // While the fault lasts the dead copy cannot resync: it stays dead.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(up.volume_meta(l, "vol0").unwrap()["states"]["3"], "dead");
+
+    up.cli_ok(&["fault", "heal"]);
+    up.wait_all_live(1, "vol0", Duration::from_secs(20));
+    let roots: Vec<String> = (1..=3).map(|n| up.root(n, "vol0")).collect();
+    assert!(roots.iter().all(|r| *r == roots[0]), "{roots:?}");
+    qemu_io_ok(&up.uri(3, "vol0"), &["read -P 0x5a 0 1M"]);
+    let p = resync_progress(&up, 3, "vol0");
+    assert_eq!(p["state"], "done", "{p}");
+    // 1 MiB changed in one slice page; its 256 blocks have one content, hence one id:
+    // one block fetched.
+    assert_eq!(p["pages_copied"], 1, "{p}");
+    assert_eq!(p["blocks_fetched"], 1, "{p}");
+    assert!(p["tree_bytes"].as_u64().unwrap() < 64 << 10, "{p}");
+    let j: Value = serde_json::from_str(&up.cli_ok(&["status", "--json"])).unwrap();
+    assert!(j["cluster"]["metadata"]["volumes"]["vol0"]["states"]
+        .as_object()
+        .unwrap()
+        .values()
+        .all(|s| s == "live"));
+}
+
+/// Failover with real clients: a writer flushes chunk after chunk through the primary;
+/// the primary is killed with SIGKILL mid-stream; a live replica is promoted within
+/// 5 s; every flushed chunk reads back through a survivor; the killed node, revived,
+/// resyncs and its copy ends identical.
+#[test]
+fn primary_killed_mid_stream_then_revived() {
+    let (_tmp, data) = setup();
+    let up = Up::start(&data, "512MiB");
+    let mut w = Command::new(PY)
+        .args([&py("writer.py"), &up.uri(1, "vol0"), "4000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(w.stdout.take().unwrap()).lines();
+    let mut last_acked: Option<u64> = None;
+    let mut killed_at = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(i) = line.strip_prefix("acked ") {
+            last_acked = Some(i.parse().unwrap());
+        } else {
+            eprintln!("writer: {line}");
+            break;
+        }
+        if last_acked == Some(60) && killed_at.is_none() {
+            up.cli_ok(&["fault", "kill", "--node", "n1"]);
+            killed_at = Some(Instant::now());
+        }
+    }
+    let _ = w.wait();
+    let t0 = killed_at.expect("the writer stopped before the kill");
+    let last = last_acked.unwrap();
+    assert!(last >= 60);
+    let m = up.wait_meta(2, "vol0", Duration::from_secs(15), "failover", |m| {
+        m["primary"].as_u64().is_some_and(|p| p != 1)
+    });
+    let took = t0.elapsed();
+    eprintln!("failover to n{} {took:?} after SIGKILL", m["primary"]);
+    assert!(took < Duration::from_secs(5), "failover took {took:?}");
+    assert_eq!(m["epoch"], 2);
+    assert_eq!(m["states"]["1"], "dead");
+    // Every acknowledged flush survives, through either survivor (n3 may forward).
+    for n in [2, 3] {
+        let o = run_out(PY, &[&py("verify.py"), &up.uri(n, "vol0"), &last.to_string()]);
+        assert!(
+            o.status.success(),
+            "through n{n}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    // The cluster takes writes while n1 is down, through a non-primary too.
+    qemu_io_ok(&up.uri(3, "vol0"), &["write -P 0x44 100M 2M", "flush"]);
+    let status = up.cli_ok(&["status"]);
+    assert!(status.contains("n1:dead"), "{status}");
+
+    up.cli_ok(&["fault", "revive", "--node", "n1"]);
+    up.wait_all_live(2, "vol0", Duration::from_secs(30));
+    let roots: Vec<String> = (1..=3).map(|n| up.root(n, "vol0")).collect();
+    assert!(roots.iter().all(|r| *r == roots[0]), "{roots:?}");
+    qemu_io_ok(&up.uri(1, "vol0"), &["read -P 0x44 100M 2M"]);
+    let o = run_out(PY, &[&py("verify.py"), &up.uri(1, "vol0"), &last.to_string()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+}
+
+fn read_64k(uri: &str) -> Option<Vec<u8>> {
+    let out = std::env::temp_dir().join(format!("lz-read-{}", fastrand::u64(..)));
+    let o = run_out(
+        "qemu-img",
+        &[
+            "dd",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            "bs=65536",
+            "count=1",
+            &format!("if={uri}"),
+            &format!("of={}", out.display()),
+        ],
+    );
+    let r = o.status.success().then(|| std::fs::read(&out).unwrap());
+    let _ = std::fs::remove_file(&out);
+    r
+}
+
+/// A primary paused with SIGSTOP while a client writes through it is replaced; after
+/// SIGCONT none of its pending writes is acknowledged and it serves nothing stale.
+#[test]
+fn deposed_primary_acknowledges_nothing_and_serves_nothing_stale() {
+    let (_tmp, data) = setup();
+    let up = Up::start(&data, "64MiB");
+    qemu_io_ok(&up.uri(1, "vol0"), &["write -P 0x11 0 64k", "flush"]);
+    let mut p = Command::new(PY)
+        .args([&py("pending_write.py"), &up.uri(1, "vol0")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(p.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "connected");
+    let pid = up.node_pid(1) as i32;
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    // The write goes out while n1 is paused.
+    writeln!(p.stdin.as_mut().unwrap()).unwrap();
+    let m = up.wait_meta(2, "vol0", Duration::from_secs(15), "failover", |m| {
+        m["primary"].as_u64().is_some_and(|p| p != 1)
+    });
+    let new = m["primary"].as_u64().unwrap() as u16;
+    // The new primary takes a write of its own at the same place.
+    let t0 = Instant::now();
+    loop {
+        let o = qemu_io(&up.uri(new, "vol0"), &["write -P 0x33 0 64k", "flush"]);
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        if o.status.success() && !text.contains("error") {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "new primary: {text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let _ = p.wait();
+    assert!(
+        line.starts_with("ERR"),
+        "the deposed primary acknowledged a write: {line}"
+    );
+    // Whatever n1 answers now is current or an error, never the old data.
+    let t0 = Instant::now();
+    let mut served = 0;
+    while t0.elapsed() < Duration::from_secs(3) {
+        if let Some(b) = read_64k(&up.uri(1, "vol0")) {
+            assert!(
+                b.iter().all(|x| *x == 0x33),
+                "n1 served stale data (first byte {:#x})",
+                b[0]
+            );
+            served += 1;
+        }
+    }
+    assert!(served > 0, "n1 never answered a read after SIGCONT");
+    up.wait_all_live(2, "vol0", Duration::from_secs(30));
+    for n in 1..=3 {
+        assert_eq!(
+            read_64k(&up.uri(n, "vol0")).unwrap(),
+            vec![0x33u8; 64 << 10],
+            "through n{n}"
+        );
+    }
+    let roots: Vec<String> = (1..=3).map(|n| up.root(n, "vol0")).collect();
+    assert!(roots.iter().all(|r| *r == roots[0]), "{roots:?}");
+}
+
+/// Resync cost: on a volume with 4 GiB mapped (every one of its 4,096 slice pages),
+/// 10 slice pages change while a replica is cut off; its resync moves under 1 MiB
+/// besides the 10 changed blocks.
+#[test]
+fn resync_moves_bytes_proportional_to_the_change() {
+    let (_tmp, data) = setup();
+    let up = Up::start(&data, "4GiB");
+    let o = run_out(PY, &[&py("fill.py"), &up.uri(1, "vol0")]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    qemu_io_ok(&up.uri(1, "vol0"), &["write -P 0x61 0 4M", "flush"]);
+    let v = up.get(1, "/api/v1/volumes/vol0").unwrap();
+    assert_eq!(v["mapped_pages"], 4096, "{v}");
+    up.wait_all_live(1, "vol0", Duration::from_secs(10));
+
+    up.cli_ok(&["fault", "drop", "--from", "n1", "--to", "n3"]);
+    let mut cmds: Vec<String> = (0..10)
+        .map(|i: u64| format!("write -P {} {} 4k", 0x70 + i, i * (400 << 20) + 8192))
+        .collect();
+    cmds.push("flush".into());
+    let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    qemu_io_ok(&up.uri(1, "vol0"), &refs);
+    up.wait_meta(1, "vol0", Duration::from_secs(5), "n3 dead", |m| {
+        m["states"]["3"] == "dead"
+    });
+    up.cli_ok(&["fault", "heal"]);
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    let p = resync_progress(&up, 3, "vol0");
+    eprintln!("resync of 10 changed pages on a 4 GiB volume: {p}");
+    let meta_bytes = p["tree_bytes"].as_u64().unwrap() + p["page_bytes"].as_u64().unwrap();
+    assert!(meta_bytes < 1 << 20, "resync moved {meta_bytes} bytes of metadata: {p}");
+    assert_eq!(p["blocks_fetched"], 10, "{p}");
+    assert!(
+        p["block_bytes"].as_u64().unwrap() < 10 * 4096 + 4096,
+        "{p}"
+    );
+    assert!(p["pages_copied"].as_u64().unwrap() >= 10, "{p}");
+    let roots: Vec<String> = (1..=3).map(|n| up.root(n, "vol0")).collect();
+    assert!(roots.iter().all(|r| *r == roots[0]), "{roots:?}");
+}
+
+/// `lazarus up` on the same data directory resumes the same cluster: same volume,
+/// same data, n1 still the primary, every copy live.
+#[test]
+fn up_resumes_the_same_cluster() {
+    let (_tmp, data) = setup();
+    let mut up = Up::start(&data, "64MiB");
+    qemu_io_ok(&up.uri(2, "vol0"), &["write -P 0x7e 1M 1M", "flush"]);
+    up.stop();
+    let up = Up::start(&data, "64MiB");
+    let m = up.wait_all_live(1, "vol0", Duration::from_secs(20));
+    assert_eq!(m["primary"], 1, "{m}");
+    qemu_io_ok(&up.uri(3, "vol0"), &["read -P 0x7e 1M 1M"]);
+}
