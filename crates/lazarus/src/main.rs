@@ -13,6 +13,7 @@ mod nbd_server;
 mod node;
 mod resync;
 mod rpc;
+mod status;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -186,40 +187,6 @@ fn print_volumes(vols: &Value) {
     }
 }
 
-fn print_cluster(c: &Value) {
-    let leader = c["leader"]
-        .as_u64()
-        .map_or("none".to_string(), |l| format!("n{l}"));
-    println!(
-        "cluster: leader {leader}, term {}, this node n{} ({})",
-        c["term"],
-        c["id"],
-        c["state"].as_str().unwrap_or("?")
-    );
-    let meta = &c["metadata"];
-    for (id, n) in meta["nodes"].as_object().into_iter().flatten() {
-        println!(
-            "  n{id:<3} nbd {:<22} admin {}",
-            n["nbd"].as_str().unwrap_or("?"),
-            n["admin"].as_str().unwrap_or("?")
-        );
-    }
-    for (name, vol) in meta["volumes"].as_object().into_iter().flatten() {
-        let states: Vec<String> = vol["states"]
-            .as_object()
-            .into_iter()
-            .flatten()
-            .map(|(n, st)| format!("n{n}:{}", st.as_str().unwrap_or("?")))
-            .collect();
-        println!(
-            "  volume {name:<12} primary n{} epoch {}  copies {}",
-            vol["primary"],
-            vol["epoch"],
-            states.join(" ")
-        );
-    }
-}
-
 fn client_command(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
         Cmd::Volume { op, target } => {
@@ -257,12 +224,13 @@ fn client_command(cmd: Cmd) -> anyhow::Result<()> {
             let (code, cluster) = api.get("/api/v1/cluster")?;
             if code == 200 {
                 v["cluster"] = cluster;
+                v["cluster"]["nodes"] = status::survey(&v["cluster"]);
             }
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 if code == 200 {
-                    print_cluster(&v["cluster"]);
+                    status::print_cluster(&v["cluster"]);
                 }
                 println!(
                     "node {} (pid {})",
@@ -333,7 +301,11 @@ fn main() {
         Cmd::Node { config } => {
             config::NodeConfig::load(&config).and_then(|cfg| runtime().block_on(node::run(cfg)))
         }
-        other => client_command(other),
+        other => {
+            // A client piped into `head` ends quietly when the pipe closes.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+            client_command(other)
+        }
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

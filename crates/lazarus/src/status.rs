@@ -1,0 +1,129 @@
+//! `lazarus status`: the cluster as a person wants to see it. The answering node gives
+//! the metadata; every node is then asked for its own view (up or down, ready, the
+//! resyncs it runs), so the table shows what each node is doing, not one node's guess.
+
+use crate::client::Api;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+const NODE_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Each member's own view, by node id: `up`, `ready`, `leader` (whom it follows),
+/// `resync` (its resyncs in progress or done).
+pub fn survey(cluster: &Value) -> Value {
+    let mut out = serde_json::Map::new();
+    let nodes = cluster["metadata"]["nodes"].as_object().cloned().unwrap_or_default();
+    let probes: Vec<(String, std::thread::JoinHandle<Option<Value>>)> = nodes
+        .iter()
+        .map(|(id, n)| {
+            let admin = n["admin"].as_str().unwrap_or_default().to_string();
+            let h = std::thread::spawn(move || {
+                let api = Api::with_timeout(&format!("http://{admin}"), NODE_PROBE_TIMEOUT);
+                match api.get("/api/v1/cluster") {
+                    Ok((200, v)) => Some(v),
+                    _ => None,
+                }
+            });
+            (id.clone(), h)
+        })
+        .collect();
+    for (id, h) in probes {
+        let view = h.join().ok().flatten();
+        let info = &nodes[&id];
+        out.insert(
+            id.clone(),
+            match view {
+                Some(v) => json!({
+                    "name": info["name"],
+                    "up": true,
+                    "ready": v["ready"],
+                    "state": v["state"],
+                    "leader": v["leader"],
+                    "leases": v["leases"],
+                    "drops": v["drops"],
+                    "resync": v["resync"],
+                    "nbd": info["nbd"],
+                    "admin": info["admin"],
+                }),
+                None => json!({
+                    "name": info["name"],
+                    "up": false,
+                    "nbd": info["nbd"],
+                    "admin": info["admin"],
+                }),
+            },
+        );
+    }
+    Value::Object(out)
+}
+
+fn copy_state(c: &Value, vol: &str, node: &str, state: &str) -> String {
+    let mut s = format!("n{node}:{state}");
+    if state == "resyncing" {
+        let p = &c["nodes"][node]["resync"][vol];
+        if p.is_object() {
+            s.push_str(&format!(
+                "(pass {}, {}/{} pages)",
+                p["pass"],
+                p["pages_copied"],
+                p["pages_differing"]
+            ));
+        }
+    }
+    s
+}
+
+pub fn print_cluster(c: &Value) {
+    let leader = c["leader"]
+        .as_u64()
+        .map_or("none".to_string(), |l| format!("n{l}"));
+    println!(
+        "cluster: leader {leader}, term {} (as seen by n{})",
+        c["term"], c["id"]
+    );
+    println!(
+        "  {:<5} {:<6} {:<10} {:<22} {:<22} FAULTS",
+        "NODE", "STATE", "ROLE", "NBD", "ADMIN"
+    );
+    for (id, n) in c["nodes"].as_object().into_iter().flatten() {
+        let up = n["up"] == true;
+        let role = if !up {
+            "-".to_string()
+        } else if c["leader"].as_u64().map(|l| l.to_string()).as_deref() == Some(id.as_str()) {
+            "leader".to_string()
+        } else if n["ready"] == false {
+            "starting".to_string()
+        } else {
+            "follower".to_string()
+        };
+        let faults: Vec<String> = n["drops"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|d| d.as_str().map(|d| format!("drop->{d}")))
+            .collect();
+        println!(
+            "  n{:<4} {:<6} {:<10} {:<22} {:<22} {}",
+            id,
+            if up { "up" } else { "DOWN" },
+            role,
+            n["nbd"].as_str().unwrap_or("?"),
+            n["admin"].as_str().unwrap_or("?"),
+            faults.join(" ")
+        );
+    }
+    for (name, vol) in c["metadata"]["volumes"].as_object().into_iter().flatten() {
+        let states: Vec<String> = vol["states"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(n, st)| copy_state(c, name, n, st.as_str().unwrap_or("?")))
+            .collect();
+        println!(
+            "  volume {name:<12} primary n{} epoch {}  copies {}",
+            vol["primary"],
+            vol["epoch"],
+            states.join(" ")
+        );
+    }
+}
