@@ -76,6 +76,9 @@ pub struct ClusterMeta {
     pub volumes: BTreeMap<String, VolumeInfo>,
     /// Next volume uid to hand out (uids are never reused).
     pub next_uid: u64,
+    /// Uids of deleted volumes: a node still holding a copy of one deletes it.
+    #[serde(default)]
+    pub deleted: std::collections::BTreeSet<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -198,9 +201,11 @@ impl ClusterMeta {
                 Ok(MetaResponse::Volume(v))
             }
             MetaCommand::DeleteVolume { name } => {
-                self.volumes
+                let v = self
+                    .volumes
                     .remove(name)
                     .ok_or_else(|| format!("volume {name:?} does not exist"))?;
+                self.deleted.insert(v.uid);
                 Ok(MetaResponse::Ok)
             }
             MetaCommand::SetReplicaState {

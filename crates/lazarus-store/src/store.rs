@@ -362,6 +362,18 @@ impl Store {
     }
 
     pub fn create_volume(&self, name: &str, size_bytes: u64) -> Result<Arc<Volume>, StoreError> {
+        self.create_volume_with_uid(name, size_bytes, new_uid(name))
+    }
+
+    /// Creates a volume with a given uid (a cluster volume's copies carry the uid the
+    /// cluster metadata gave it, so a node can tell its copy of a deleted volume from a
+    /// new volume of the same name). Uids must never be reused.
+    pub fn create_volume_with_uid(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        uid: u64,
+    ) -> Result<Arc<Volume>, StoreError> {
         lazarus_types::check_volume_name(name).map_err(StoreError::Invalid)?;
         lazarus_types::check_volume_size(size_bytes).map_err(StoreError::Invalid)?;
         let _cp = self.cp_lock.read();
@@ -369,7 +381,9 @@ impl Store {
         if vols.contains_key(name) {
             return Err(StoreError::VolumeExists(name.to_string()));
         }
-        let uid = new_uid(name);
+        if vols.values().any(|v| v.meta.uid == uid) {
+            return Err(StoreError::Invalid(format!("volume uid {uid} is in use")));
+        }
         let dir = self.dir.join("volumes").join(name);
         if dir.exists() {
             // Left over from a failed volume: refuse rather than overwrite its data.

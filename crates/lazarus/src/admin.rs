@@ -258,6 +258,31 @@ async fn delete_volume(
     State(s): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
+    if let Some(c) = s.cluster.clone() {
+        // Through the metadata: every node removes its copy (reconcile).
+        let cmd = lazarus_cluster::MetaCommand::DeleteVolume { name: name.clone() };
+        match c
+            .propose(cmd)
+            .await
+            .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
+        {
+            lazarus_cluster::MetaResponse::Ok => {}
+            lazarus_cluster::MetaResponse::Rejected(m) if m.contains("does not exist") => {
+                return Err(ApiError(StatusCode::NOT_FOUND, m))
+            }
+            other => return Err(ApiError(StatusCode::BAD_REQUEST, format!("{other:?}"))),
+        }
+        for _ in 0..100 {
+            if s.engine.store.volume(&name).is_none() {
+                return Ok(StatusCode::NO_CONTENT);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        return Err(ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("volume {name:?} deleted from the metadata but the local copy remains"),
+        ));
+    }
     let store = s.engine.store.clone();
     tokio::task::spawn_blocking(move || store.delete_volume(&name))
         .await

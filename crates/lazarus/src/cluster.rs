@@ -556,7 +556,8 @@ impl Cluster {
         let local = self
             .blocks
             .volume(&volume)
-            .ok_or_else(|| format!("no local copy of {volume:?} yet"))?;
+            .filter(|l| l.meta.uid == v.uid)
+            .ok_or_else(|| format!("no local copy of {volume:?} (uid {}) yet", v.uid))?;
         let b = self.blocks.clone();
         let raw = raw.to_vec();
         let resync = self.resync.clone();
@@ -782,21 +783,42 @@ impl Cluster {
         });
     }
 
-    /// Creates the local copy of every volume the metadata places on this node.
+    /// Makes the local copies match the metadata: deletes copies of deleted volumes
+    /// (their uids are tombstoned; a copy the metadata merely does not know yet is
+    /// left alone) and creates the copy of every volume placed on this node, with the
+    /// volume's cluster uid.
     pub fn reconcile(self: &Arc<Self>) {
         let c = self.clone();
         tokio::spawn(async move {
             loop {
                 let meta = c.store.meta();
+                for local in c.blocks.volumes() {
+                    if !meta.deleted.contains(&local.meta.uid) {
+                        continue;
+                    }
+                    let b = c.blocks.clone();
+                    let name = local.meta.name.clone();
+                    match tokio::task::spawn_blocking(move || b.delete_volume(&name)).await {
+                        Ok(Ok(())) => {
+                            tracing::info!(volume = %local.meta.name, uid = local.meta.uid, "local copy of a deleted volume removed")
+                        }
+                        Ok(Err(e)) => {
+                            tracing::error!(volume = %local.meta.name, error = %e, "cannot remove the copy of a deleted volume")
+                        }
+                        Err(e) => tracing::error!(error = %e, "reconcile task failed"),
+                    }
+                }
                 for v in meta.volumes.values() {
                     if v.replicas.contains(&c.id) && c.blocks.volume(&v.name).is_none() {
                         let b = c.blocks.clone();
-                        let (name, size) = (v.name.clone(), v.size_bytes);
-                        match tokio::task::spawn_blocking(move || b.create_volume(&name, size))
-                            .await
+                        let (name, size, uid) = (v.name.clone(), v.size_bytes, v.uid);
+                        match tokio::task::spawn_blocking(move || {
+                            b.create_volume_with_uid(&name, size, uid)
+                        })
+                        .await
                         {
                             Ok(Ok(_)) => {
-                                tracing::info!(volume = %v.name, "local copy created from cluster metadata")
+                                tracing::info!(volume = %v.name, uid, "local copy created from cluster metadata")
                             }
                             Ok(Err(e)) => {
                                 tracing::error!(volume = %v.name, error = %e, "cannot create local copy")

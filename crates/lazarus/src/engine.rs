@@ -151,8 +151,8 @@ impl Engine {
     }
 
     /// The epoch under which this node is the volume's primary, if it is.
-    pub fn primary_epoch(&self, vol: &Volume) -> Option<u64> {
-        match self.cluster.get()?.role(&vol.meta.name) {
+    pub fn primary_epoch(&self, volume: &str) -> Option<u64> {
+        match self.cluster.get()?.role(volume) {
             Role::Primary { epoch } => Some(epoch),
             _ => None,
         }

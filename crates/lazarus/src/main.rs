@@ -96,6 +96,9 @@ enum VolumeOp {
         name: String,
         #[arg(long, value_parser = parse_size_arg)]
         size: u64,
+        /// Copies to keep in a cluster (default 3; 1 keeps a single copy).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=5))]
+        replicas: Option<u16>,
     },
     List {
         #[arg(long)]
@@ -192,11 +195,17 @@ fn client_command(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Volume { op, target } => {
             let api = client::Api::discover(target.api.as_deref(), &target.data)?;
             match op {
-                VolumeOp::Create { name, size } => {
+                VolumeOp::Create {
+                    name,
+                    size,
+                    replicas,
+                } => {
                     lazarus_types::check_volume_name(&name).map_err(anyhow::Error::msg)?;
-                    let v = client::ok(
-                        api.post("/api/v1/volumes", &json!({ "name": name, "size": size }))?,
-                    )?;
+                    let mut body = json!({ "name": name, "size": size });
+                    if let Some(r) = replicas {
+                        body["replication_factor"] = json!(r);
+                    }
+                    let v = client::ok(api.post("/api/v1/volumes", &body)?)?;
                     println!(
                         "created volume {} ({})",
                         v["name"].as_str().unwrap_or(&name),

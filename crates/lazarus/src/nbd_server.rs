@@ -39,6 +39,15 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 struct Catalog {
     store: Arc<Store>,
+    cluster: Option<Arc<crate::cluster::Cluster>>,
+}
+
+/// The volume a connection serves: its copy on this node if there is one; a node
+/// without a copy forwards every request to the primary.
+pub struct Export {
+    name: String,
+    size: u64,
+    local: Option<Arc<Volume>>,
 }
 
 fn export_of(v: &Volume) -> ExportInfo {
@@ -53,15 +62,40 @@ fn export_of(v: &Volume) -> ExportInfo {
     }
 }
 
+impl Catalog {
+    /// Every volume this node serves: with a cluster, every volume in the metadata
+    /// (hosted here or not); alone, its own.
+    fn all(&self) -> Vec<ExportInfo> {
+        let Some(c) = &self.cluster else {
+            return self.store.volumes().iter().map(|v| export_of(v)).collect();
+        };
+        c.store
+            .meta()
+            .volumes
+            .values()
+            .map(|v| ExportInfo {
+                name: v.name.clone(),
+                size_bytes: v.size_bytes,
+                description: format!("Lazarus volume {}", v.name),
+                read_only: false,
+                multi_conn: true,
+            })
+            .collect()
+    }
+}
+
 impl ExportCatalog for Catalog {
     fn lookup(&self, name: &str) -> Option<ExportInfo> {
-        self.store.volume(name).map(|v| export_of(&v))
+        match &self.cluster {
+            None => self.store.volume(name).map(|v| export_of(&v)),
+            Some(_) => self.all().into_iter().find(|e| e.name == name),
+        }
     }
     fn list(&self) -> Vec<ExportInfo> {
-        self.store.volumes().iter().map(|v| export_of(v)).collect()
+        self.all()
     }
     fn default_export(&self) -> Option<String> {
-        self.store.volumes().first().map(|v| v.meta.name.clone())
+        self.all().first().map(|e| e.name.clone())
     }
 }
 
@@ -96,6 +130,7 @@ async fn handle(mut sock: TcpStream, engine: Arc<Engine>) -> anyhow::Result<()> 
     sock.set_nodelay(true)?;
     let catalog = Catalog {
         store: engine.store.clone(),
+        cluster: engine.cluster.get().cloned(),
     };
     let negotiated = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut sock, &catalog))
         .await
@@ -103,11 +138,23 @@ async fn handle(mut sock: TcpStream, engine: Arc<Engine>) -> anyhow::Result<()> 
     let Some((export, structured)) = negotiated else {
         return Ok(());
     };
-    let vol = engine
+    let uid = engine
+        .cluster
+        .get()
+        .and_then(|c| c.store.meta().volumes.get(&export.name).map(|v| v.uid));
+    let local = engine
         .store
         .volume(&export.name)
-        .ok_or_else(|| anyhow::anyhow!("export {} vanished", export.name))?;
-    transmission(sock, engine, vol, structured).await
+        .filter(|v| uid.is_none_or(|u| u == v.meta.uid));
+    if local.is_none() && engine.cluster.get().is_none() {
+        anyhow::bail!("export {} vanished", export.name);
+    }
+    let ex = Arc::new(Export {
+        name: export.name.clone(),
+        size: export.size_bytes,
+        local,
+    });
+    transmission(sock, engine, ex, structured).await
 }
 
 async fn handshake(
@@ -195,7 +242,7 @@ fn error_reply(structured: bool, cookie: u64, e: &IoError) -> Vec<u8> {
 async fn transmission(
     sock: TcpStream,
     engine: Arc<Engine>,
-    vol: Arc<Volume>,
+    ex: Arc<Export>,
     structured: bool,
 ) -> anyhow::Result<()> {
     let (rd, wr) = sock.into_split();
@@ -203,11 +250,11 @@ async fn transmission(
     let (tx, rx) = mpsc::channel::<Vec<u8>>(INFLIGHT_PER_CONNECTION_MAX * 2);
     let writer = tokio::spawn(writer_task(wr, rx));
     let inflight = Arc::new(Semaphore::new(INFLIGHT_PER_CONNECTION_MAX));
-    let size = vol.meta.size_bytes;
+    let size = ex.size;
     // A connection opened to the primary is bound to its epoch: if the node stops
     // being the primary (failover, a pause), requests on it fail and the client
     // reconnects, so nothing a deposed primary held is acknowledged or served.
-    let bound = engine.primary_epoch(&vol);
+    let bound = engine.primary_epoch(&ex.name).filter(|_| ex.local.is_some());
     let mut batch: Vec<u8> = Vec::new();
     let result: anyhow::Result<()> = async {
         loop {
@@ -249,8 +296,8 @@ async fn transmission(
                     .await?;
                 return Ok(());
             }
-            if runs_inline(&req) && engine.serves_locally(&vol) {
-                execute(&engine, &vol, bound, req, &payload, size, structured, &mut batch).await;
+            if runs_inline(&req) && ex.local.as_ref().is_some_and(|v| engine.serves_locally(v)) {
+                execute(&engine, &ex, bound, req, &payload, size, structured, &mut batch).await;
                 if batch.len() >= REPLY_BATCH_MAX_BYTES {
                     tx.send(std::mem::take(&mut batch)).await?;
                 }
@@ -258,11 +305,11 @@ async fn transmission(
             }
             let permit = inflight.clone().acquire_owned().await?;
             let engine = engine.clone();
-            let vol = vol.clone();
+            let ex = ex.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
                 let mut reply = Vec::new();
-                execute(&engine, &vol, bound, req, &payload, size, structured, &mut reply).await;
+                execute(&engine, &ex, bound, req, &payload, size, structured, &mut reply).await;
                 let _ = tx.send(reply).await;
                 drop(permit);
             });
@@ -291,7 +338,7 @@ fn runs_inline(req: &Request) -> bool {
 #[allow(clippy::too_many_arguments)]
 async fn execute(
     engine: &Engine,
-    vol: &Volume,
+    ex: &Export,
     bound: Option<u64>,
     req: Request,
     payload: &[u8],
@@ -311,21 +358,34 @@ async fn execute(
         out.extend_from_slice(&error_reply(structured, req.cookie, &e));
         return;
     }
-    if !engine.serves_locally(vol) {
-        match engine.route_name(&vol.meta.name).await {
-            Ok(Route::Local) => {}
+    let local = ex.local.as_deref().filter(|v| engine.serves_locally(v));
+    let vol = match local {
+        Some(v) => v,
+        None => match engine.route_name(&ex.name).await {
             Ok(Route::Forward(_)) if bound.is_none() => {
-                forwarded(engine, vol, req, payload, structured, out).await;
+                forwarded(engine, &ex.name, req, payload, structured, out).await;
                 return;
             }
-            Ok(Route::Forward(_)) => {}
+            Ok(Route::Local) if ex.local.is_some() => ex.local.as_deref().expect("checked"),
+            Ok(_) => {
+                let e = IoError::new(
+                    lazarus_nbd::consts::EIO,
+                    format!(
+                        "the primary of {:?} changed since this connection was opened; reconnect",
+                        ex.name
+                    ),
+                );
+                tracing::info!(volume = %ex.name, command = ?req.command, "request on a connection to a deposed primary refused");
+                out.extend_from_slice(&error_reply(structured, req.cookie, &e));
+                return;
+            }
             Err(e) => {
                 out.extend_from_slice(&error_reply(structured, req.cookie, &e));
                 return;
             }
-        }
-    }
-    if bound.is_some() && engine.primary_epoch(vol) != bound {
+        },
+    };
+    if bound.is_some() && engine.primary_epoch(&ex.name) != bound {
         let e = IoError::new(
             lazarus_nbd::consts::EIO,
             format!(
@@ -392,7 +452,7 @@ async fn execute(
 /// Executes a request at the volume's primary (this node is not it).
 async fn forwarded(
     engine: &Engine,
-    vol: &Volume,
+    volume: &str,
     req: Request,
     payload: &[u8],
     structured: bool,
@@ -407,7 +467,7 @@ async fn forwarded(
         Command::Disconnect | Command::Unknown(_) => unreachable!("handled before execute"),
     };
     let f = ForwardReq {
-        volume: vol.meta.name.clone(),
+        volume: volume.to_string(),
         op,
         offset: req.offset,
         length: req.length as u64,
@@ -430,7 +490,7 @@ async fn forwarded(
         }
         Ok(_) => out.extend_from_slice(&simple_reply(req.cookie, 0)),
         Err(e) => {
-            tracing::warn!(volume = %vol.meta.name, command = ?req.command, offset = req.offset, length = req.length, error = %e.message, "forwarded request failed");
+            tracing::warn!(volume, command = ?req.command, offset = req.offset, length = req.length, error = %e.message, "forwarded request failed");
             out.extend_from_slice(&error_reply(structured, req.cookie, &e));
         }
     }

@@ -282,10 +282,11 @@ impl Cluster {
             }
             Ok(v.clone())
         };
-        primary_at(&self.store.meta())?;
+        let uid = primary_at(&self.store.meta())?.uid;
         let local = self
             .blocks
             .volume(&req.volume)
+            .filter(|l| l.meta.uid == uid)
             .ok_or_else(|| format!("no local copy of {:?}", req.volume))?;
         match kind {
             KIND_RESYNC_BEGIN => {
@@ -393,6 +394,7 @@ impl Cluster {
         let local = self
             .blocks
             .volume(&v.name)
+            .filter(|l| l.meta.uid == v.uid)
             .ok_or("no local copy yet")?;
         let addr = self.rpc_addr(v.primary).ok_or("the primary has no address")?;
         self.resync.update(&v.name, |p| {

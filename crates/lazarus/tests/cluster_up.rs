@@ -334,3 +334,41 @@ fn up_resumes_the_same_cluster() {
     assert_eq!(m["primary"], 1, "{m}");
     qemu_io_ok(&up.uri(3, "vol0"), &["read -P 0x7e 1M 1M"]);
 }
+
+/// Volumes with other replication factors: an RF1 volume lives on one node only and is
+/// still served by every node's endpoint (forwarded); deleting a volume removes every
+/// copy, and a volume created again under the same name starts empty.
+#[test]
+fn replication_factor_one_and_delete_everywhere() {
+    let (_tmp, data) = setup();
+    let up = Up::start(&data, "64MiB");
+    up.cli_ok(&["volume", "create", "solo", "--size", "32MiB", "--replicas", "1"]);
+    let m = up.wait_meta(1, "solo", Duration::from_secs(5), "solo created", |_| true);
+    assert_eq!(m["replicas"].as_array().unwrap().len(), 1, "{m}");
+    qemu_io_ok(&up.uri(1, "solo"), &["write -P 0x21 0 1M", "flush"]);
+    // n2 and n3 hold no copy, yet serve it.
+    for n in [2, 3] {
+        assert!(up.get(n, "/api/v1/volumes/solo").is_none(), "n{n} holds a copy");
+        qemu_io_ok(&up.uri(n, "solo"), &["read -P 0x21 0 1M"]);
+    }
+    let listed = run("nbdinfo", &["--list", &format!("nbd://127.0.0.1:{}", up.base + 2)]);
+    assert!(listed.contains("solo") && listed.contains("vol0"), "{listed}");
+
+    qemu_io_ok(&up.uri(2, "vol0"), &["write -P 0x31 0 1M", "flush"]);
+    up.cli_ok(&["volume", "delete", "vol0"]);
+    let t0 = Instant::now();
+    while (1..=3).any(|n| up.get(n, "/api/v1/volumes/vol0").is_some()) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "a copy of vol0 survived its deletion");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    up.cli_ok(&["volume", "create", "vol0", "--size", "64MiB"]);
+    up.wait_all_live(1, "vol0", Duration::from_secs(10));
+    for n in 1..=3 {
+        let t0 = Instant::now();
+        while up.get(n, "/api/v1/volumes/vol0").is_none() {
+            assert!(t0.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        qemu_io_ok(&up.uri(n, "vol0"), &["read -P 0 0 1M"]);
+    }
+}
