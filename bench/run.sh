@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Benchmark: fio (ioengine=nbd) against qemu-nbd and nbdkit serving a raw file, and
-# against a Lazarus volume, in one run on the same disk. Writes BENCHMARKS.md.
+# against Lazarus, in one run on the same disk: a single node (no cluster), and a
+# three-node `lazarus up` cluster on this machine with a volume at replication factor 3
+# (vol0) and one at replication factor 1 (solo), both through n1. Writes BENCHMARKS.md.
 #
 # Usage: bench/run.sh [--reps N] [--runtime SECONDS] [--dir DIR] [--out FILE]
 # Workloads: 4 KiB randread and randwrite at iodepth 32, 1 MiB sequential read and
@@ -54,15 +56,23 @@ for i in $(seq 100); do
   sleep 0.2
 done
 curl -sf -X POST -H 'content-type: application/json' -d '{"name":"vol0","size":"1GiB"}' http://127.0.0.1:30813/api/v1/volumes >/dev/null
+# The cluster: three node processes on this machine (NBD 30900-30902).
+"$BIN" up --data "$WORK/cluster" --port-base 30900 --volume-size 1GiB > "$WORK/up.log" 2>&1 &
+PIDS+=($!)
+for i in $(seq 300); do grep -q "Press Ctrl-C" "$WORK/up.log" && break; sleep 0.2; done
+grep -q "Press Ctrl-C" "$WORK/up.log" || { echo "lazarus up did not start:" >&2; cat "$WORK/up.log" >&2; exit 1; }
+"$BIN" volume create solo --size 1GiB --replicas 1 --data "$WORK/cluster" >/dev/null
 # Same random content as the raw files, so reads hit real stored data everywhere.
 nbdcopy "$WORK/seed.img" nbd://127.0.0.1:30803/vol0
+nbdcopy "$WORK/seed.img" nbd://127.0.0.1:30900/vol0
+nbdcopy "$WORK/seed.img" nbd://127.0.0.1:30900/solo
 rm -f "$WORK/seed.img"
 
 RESULTS="$WORK/results.jsonl"
 : > "$RESULTS"
-run_fio() { # server port workload rw bs iodepth rep
-  local name=$1 port=$2 wl=$3 rw=$4 bs=$5 qd=$6 rep=$7
-  fio --name="$wl" --ioengine=nbd --uri="nbd://127.0.0.1:$port/vol0" --rw="$rw" --bs="$bs" \
+run_fio() { # server uri workload rw bs iodepth rep
+  local name=$1 uri=$2 wl=$3 rw=$4 bs=$5 qd=$6 rep=$7
+  fio --name="$wl" --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" \
       --iodepth="$qd" --size=1g --time_based --runtime="$RUNTIME" --ramp_time=2 \
       --randrepeat=0 --norandommap --output-format=json > "$WORK/fio.json"
   python3 - "$WORK/fio.json" "$name" "$wl" "$rep" >> "$RESULTS" <<'PY'
@@ -79,7 +89,9 @@ print(json.dumps({"server": sys.argv[2], "workload": sys.argv[3], "rep": int(sys
 PY
 }
 for rep in $(seq "$REPS"); do
-  for srv in "qemu-nbd 30801" "nbdkit 30802" "lazarus 30803"; do
+  for srv in "qemu-nbd nbd://127.0.0.1:30801/vol0" "nbdkit nbd://127.0.0.1:30802/vol0" \
+             "lazarus nbd://127.0.0.1:30803/vol0" "lazarus-rf1 nbd://127.0.0.1:30900/solo" \
+             "lazarus-rf3 nbd://127.0.0.1:30900/vol0"; do
     set -- $srv
     run_fio "$1" "$2" randread-4k randread 4k 32 "$rep"
     run_fio "$1" "$2" randwrite-4k randwrite 4k 32 "$rep"

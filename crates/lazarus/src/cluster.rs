@@ -561,7 +561,7 @@ impl Cluster {
         let b = self.blocks.clone();
         let raw = raw.to_vec();
         let resync = self.resync.clone();
-        tokio::task::spawn_blocking(move || match u {
+        let apply = move || match u {
             Update::Write { lba, .. } => {
                 if raw.is_empty() || !raw.len().is_multiple_of(lazarus_types::BLOCK_SIZE) {
                     return Err("write payload is not whole blocks".to_string());
@@ -588,9 +588,14 @@ impl Cluster {
                     .map_err(|e| e.to_string())
             }
             Update::Flush => unreachable!("handled above"),
-        })
-        .await
-        .map_err(|e| e.to_string())?
+        };
+        // Like the primary's engine: inline, unless the store may block (a checkpoint
+        // holding writes off, or its backpressure flush).
+        if self.blocks.is_checkpointing() || self.blocks.wants_flush() {
+            tokio::task::block_in_place(apply)
+        } else {
+            apply()
+        }
     }
 
     /// Sends an update to every replica that takes updates and waits for all. A
@@ -643,30 +648,25 @@ impl Cluster {
         } else {
             KIND_REPLICATE
         };
-        let body = Arc::new(body);
-        let mut calls = tokio::task::JoinSet::new();
         let drops = self.drops.lock().clone();
-        for n in v.update_targets() {
-            if drops.contains(&n) {
-                calls.spawn(async move {
-                    (
+        // Sent to every target at once, awaited together (no task per call).
+        let calls = v.update_targets().into_iter().map(|n| {
+            let dropped = drops.contains(&n);
+            let client = self.network.client(&self.rpc_addr(n).unwrap_or_default());
+            let body = &body;
+            async move {
+                if dropped {
+                    return (
                         n,
                         Err(format!(
                             "replication to n{n} dropped by fault injection (lazarus fault drop)"
                         )),
-                    )
-                });
-                continue;
+                    );
+                }
+                (n, client.call(kind, body, REPLICATE_TIMEOUT).await)
             }
-            let addr = self.rpc_addr(n).unwrap_or_default();
-            let client = self.network.client(&addr);
-            let body = body.clone();
-            calls.spawn(async move { (n, client.call(kind, &body, REPLICATE_TIMEOUT).await) });
-        }
-        let mut results = Vec::new();
-        while let Some(r) = calls.join_next().await {
-            results.push(r.map_err(|e| format!("replication task failed: {e}"))?);
-        }
+        });
+        let results = futures::future::join_all(calls).await;
         for (node, r) in results {
             if let Err(e) = r {
                 tracing::warn!(volume, replica = node, error = %e, "replica failed an update; marking it dead");
@@ -688,6 +688,15 @@ impl Cluster {
             }
         }
         Ok(())
+    }
+
+    /// Whether this node is the volume's primary and some replica takes its updates.
+    pub fn has_update_targets(&self, volume: &str) -> bool {
+        self.store
+            .meta()
+            .volumes
+            .get(volume)
+            .is_some_and(|v| v.primary == self.id && !v.update_targets().is_empty())
     }
 
     /// What this node is for `volume` in its applied metadata.

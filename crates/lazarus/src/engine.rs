@@ -158,6 +158,12 @@ impl Engine {
         }
     }
 
+    /// True when writes to the volume go to other copies too (this node is its primary
+    /// and some replica takes updates).
+    pub fn replicates(&self, volume: &str) -> bool {
+        self.cluster.get().is_some_and(|c| c.has_update_targets(volume))
+    }
+
     /// True when requests for `vol` run here now, without waiting or forwarding.
     pub fn serves_locally(&self, vol: &Volume) -> bool {
         self.replicated(vol).is_ok()

@@ -296,7 +296,12 @@ async fn transmission(
                     .await?;
                 return Ok(());
             }
-            if runs_inline(&req) && ex.local.as_ref().is_some_and(|v| engine.serves_locally(v)) {
+            // Inline only what completes locally: a write that waits for replicas
+            // would hold up every request behind it on this connection.
+            if runs_inline(&req)
+                && ex.local.as_ref().is_some_and(|v| engine.serves_locally(v))
+                && (req.command == Command::Read || !engine.replicates(&ex.name))
+            {
                 execute(&engine, &ex, bound, req, &payload, size, structured, &mut batch).await;
                 if batch.len() >= REPLY_BATCH_MAX_BYTES {
                     tx.send(std::mem::take(&mut batch)).await?;

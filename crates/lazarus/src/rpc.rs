@@ -11,13 +11,15 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, Mutex};
+use tokio::sync::{mpsc, oneshot, Mutex};
 
 /// Largest frame accepted from a peer (Raft snapshots of the metadata are far smaller).
 pub const FRAME_MAX_BYTES: u32 = 64 << 20;
+/// Socket buffer sizes of an RPC connection.
+const IO_BUFFER_BYTES: usize = 256 << 10;
 /// Time allowed to establish a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -55,7 +57,7 @@ fn frame(id: u64, kind: u8, body: &[u8]) -> Vec<u8> {
 }
 
 /// Serves RPCs: each request runs in its own task; replies go back on the same
-/// connection in completion order.
+/// connection in completion order, coalesced by one writer task.
 pub async fn serve(listener: TcpListener, handler: Handler) {
     loop {
         let Ok((sock, peer)) = listener.accept().await else {
@@ -65,8 +67,10 @@ pub async fn serve(listener: TcpListener, handler: Handler) {
         let _ = sock.set_nodelay(true);
         let handler = handler.clone();
         tokio::spawn(async move {
-            let (mut rd, wr) = sock.into_split();
-            let wr = Arc::new(Mutex::new(wr));
+            let (rd, wr) = sock.into_split();
+            let mut rd = BufReader::with_capacity(IO_BUFFER_BYTES, rd);
+            let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
+            tokio::spawn(writer(wr, rx));
             loop {
                 let (id, kind, body) = match read_frame(&mut rd).await {
                     Ok(f) => f,
@@ -76,23 +80,41 @@ pub async fn serve(listener: TcpListener, handler: Handler) {
                     }
                 };
                 let handler = handler.clone();
-                let wr = wr.clone();
+                let tx = tx.clone();
                 tokio::spawn(async move {
                     let (status, out) = match handler(kind, body).await {
                         Ok(b) => (0u8, b),
                         Err(m) => (1u8, m.into_bytes()),
                     };
-                    let _ = wr.lock().await.write_all(&frame(id, status, &out)).await;
+                    let _ = tx.send(frame(id, status, &out));
                 });
             }
         });
     }
 }
 
+/// Writes queued frames, many per system call when they pile up.
+async fn writer(wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
+    let mut w = BufWriter::with_capacity(IO_BUFFER_BYTES, wr);
+    while let Some(f) = rx.recv().await {
+        if w.write_all(&f).await.is_err() {
+            return;
+        }
+        while let Ok(more) = rx.try_recv() {
+            if w.write_all(&more).await.is_err() {
+                return;
+            }
+        }
+        if w.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
 type Pending = Arc<std::sync::Mutex<HashMap<u64, oneshot::Sender<Reply>>>>;
 
 struct Conn {
-    wr: Mutex<OwnedWriteHalf>,
+    tx: mpsc::UnboundedSender<Vec<u8>>,
     pending: Pending,
     alive: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -100,6 +122,8 @@ struct Conn {
 /// A client for one peer address.
 pub struct RpcClient {
     addr: String,
+    /// The live connection, read without waiting on the connect lock.
+    current: parking_lot::Mutex<Option<Arc<Conn>>>,
     conn: Mutex<Option<Arc<Conn>>>,
     next_id: AtomicU64,
 }
@@ -108,12 +132,18 @@ impl RpcClient {
     pub fn new(addr: &str) -> RpcClient {
         RpcClient {
             addr: addr.to_string(),
+            current: parking_lot::Mutex::new(None),
             conn: Mutex::new(None),
             next_id: AtomicU64::new(1),
         }
     }
 
     async fn connection(&self) -> Result<Arc<Conn>, String> {
+        if let Some(c) = self.current.lock().as_ref() {
+            if c.alive.load(Ordering::Acquire) {
+                return Ok(c.clone());
+            }
+        }
         let mut guard = self.conn.lock().await;
         if let Some(c) = guard.as_ref() {
             if c.alive.load(Ordering::Acquire) {
@@ -125,11 +155,14 @@ impl RpcClient {
             .map_err(|_| format!("connect to {} timed out", self.addr))?
             .map_err(|e| format!("connect to {}: {e}", self.addr))?;
         let _ = sock.set_nodelay(true);
-        let (mut rd, wr) = sock.into_split();
+        let (rd, wr) = sock.into_split();
+        let mut rd = BufReader::with_capacity(IO_BUFFER_BYTES, rd);
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(writer(wr, rx));
         let pending: Pending = Arc::default();
         let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let conn = Arc::new(Conn {
-            wr: Mutex::new(wr),
+            tx,
             pending: pending.clone(),
             alive: alive.clone(),
         });
@@ -157,6 +190,7 @@ impl RpcClient {
             }
         });
         *guard = Some(conn.clone());
+        *self.current.lock() = Some(conn.clone());
         Ok(conn)
     }
 
@@ -167,10 +201,10 @@ impl RpcClient {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = oneshot::channel();
             conn.pending.lock().expect("pending lock").insert(id, tx);
-            if let Err(e) = conn.wr.lock().await.write_all(&frame(id, kind, body)).await {
+            if conn.tx.send(frame(id, kind, body)).is_err() {
                 conn.alive.store(false, Ordering::Release);
                 conn.pending.lock().expect("pending lock").remove(&id);
-                return Err(format!("send to {}: {e}", self.addr));
+                return Err(format!("send to {}: connection closed", self.addr));
             }
             rx.await
                 .map_err(|_| format!("connection to {} lost", self.addr))?

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Where the CPU goes on a replicated write: runs fio randwrite 4k QD32 for RUNTIME
+# seconds against vol0 of a fresh three-node `lazarus up` cluster (RF3) and against a
+# fresh RF1 volume, and prints each process's CPU time (user+system, from /proc) per
+# completed write.  Usage: bench/cpu_per_write.sh [RUNTIME]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNTIME=${1:-8}
+cargo build --release --quiet
+BIN="$PWD/target/release/lazarus"
+WORK=$(mktemp -d /var/tmp/lazarus-cpu.XXXXXX)
+"$BIN" up --data "$WORK/c" --port-base 31900 --volume-size 1GiB > "$WORK/up.log" 2>&1 &
+UP=$!
+trap 'kill -INT $UP 2>/dev/null; wait $UP 2>/dev/null; rm -rf "$WORK"' EXIT
+for i in $(seq 300); do grep -q "Press Ctrl-C" "$WORK/up.log" && break; sleep 0.2; done
+"$BIN" volume create solo --size 1GiB --replicas 1 --data "$WORK/c" >/dev/null
+ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+pids() { for n in n1 n2 n3; do python3 -c "import json;print(json.load(open('$WORK/c/$n/endpoints.json'))['pid'])"; done; }
+HZ=$(getconf CLK_TCK)
+for vol in vol0 solo; do
+  nbdcopy /dev/zero "nbd://127.0.0.1:31900/$vol" --length 256M 2>/dev/null || true
+  P=($(pids))
+  B=(); for p in "${P[@]}"; do B+=($(ticks "$p")); done
+  fio --name=w --ioengine=nbd --uri="nbd://127.0.0.1:31900/$vol" --rw=randwrite --bs=4k --iodepth=32 \
+      --size=256m --time_based --runtime="$RUNTIME" --randrepeat=0 --norandommap \
+      --output-format=json > "$WORK/fio.json"
+  IOS=$(python3 -c "import json,sys;t=open('$WORK/fio.json').read();d=json.loads(t[t.index('{'):]);print(d['jobs'][0]['write']['total_ios'])")
+  FIOCPU=$(python3 -c "import json;t=open('$WORK/fio.json').read();d=json.loads(t[t.index('{'):]);j=d['jobs'][0];print((j['usr_cpu']+j['sys_cpu'])/100*$RUNTIME)")
+  line="$vol: $IOS writes in ${RUNTIME}s ($((IOS / RUNTIME))/s); CPU µs per write:"
+  for i in 0 1 2; do
+    A=$(ticks "${P[$i]}")
+    line="$line n$((i+1)) $(python3 -c "print(round(($A-${B[$i]})/$HZ/$IOS*1e6,1))")"
+  done
+  line="$line fio $(python3 -c "print(round($FIOCPU/$IOS*1e6,1))")"
+  echo "$line"
+done
