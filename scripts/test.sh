@@ -17,6 +17,7 @@ command -v nbdkit   >/dev/null || pkgs+=(nbdkit)
 command -v qemu-io  >/dev/null || pkgs+=(qemu-utils)
 command -v qemu-nbd >/dev/null || pkgs+=(qemu-utils)
 command -v curl     >/dev/null || pkgs+=(curl)
+command -v ip       >/dev/null || pkgs+=(iproute2)
 { command -v nbdsh >/dev/null && /usr/bin/python3 -c 'import nbd' 2>/dev/null; } || pkgs+=(python3-libnbd)
 if [ ${#pkgs[@]} -gt 0 ]; then
   echo "== installing test clients: ${pkgs[*]}"
