@@ -13,6 +13,7 @@ mod nbd_server;
 mod node;
 mod resync;
 mod rpc;
+mod rpc_bench;
 mod status;
 mod up;
 
@@ -50,6 +51,14 @@ enum Cmd {
         /// Number of node processes (1 runs a single node without cluster metadata).
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=9))]
         nodes: u16,
+    },
+    /// Measure the node-to-node RPC against HTTP/1.1 carrying 4 KiB blocks.
+    #[command(hide = true)]
+    BenchRpc {
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value_t = 32)]
+        inflight: usize,
     },
     /// Inject faults into a running cluster (found through --data).
     Fault {
@@ -260,7 +269,7 @@ fn client_command(cmd: Cmd) -> anyhow::Result<()> {
             FaultOp::Drop { from, to } => fault::drop(&data, &from, &to)?,
             FaultOp::Heal { from, to } => fault::heal(&data, from.as_deref(), to.as_deref())?,
         },
-        Cmd::Up { .. } | Cmd::Node { .. } => {
+        Cmd::Up { .. } | Cmd::Node { .. } | Cmd::BenchRpc { .. } => {
             unreachable!("server commands are not client commands")
         }
     }
@@ -307,6 +316,9 @@ fn main() {
             nodes: nodes as usize,
             log_level: cli.log_level.clone(),
         })),
+        Cmd::BenchRpc { seconds, inflight } => {
+            runtime().block_on(rpc_bench::run(seconds, inflight))
+        }
         Cmd::Node { config } => {
             config::NodeConfig::load(&config).and_then(|cfg| runtime().block_on(node::run(cfg)))
         }
