@@ -589,6 +589,40 @@ impl Store {
         Ok(None)
     }
 
+    /// Fills the still-unknown slots of damaged page `p` from `ids` (a copy of the
+    /// whole page proven current by the caller), storing or taking references on the
+    /// blocks as `write_ids` does. Slots written meanwhile keep their new mapping; the
+    /// caller holds the page's write locks. Returns the slots filled, or the first id
+    /// neither stored here nor supplied.
+    pub fn repair_slots(
+        &self,
+        vol: &Volume,
+        p: u64,
+        ids: &[BlockId],
+        supplied: &HashMap<BlockId, Vec<u8>>,
+    ) -> Result<Result<usize, BlockId>, WriteError> {
+        assert_eq!(ids.len(), lazarus_types::FANOUT);
+        let Some(unknown) = vol.unknown_slots(p) else {
+            return Ok(Ok(0));
+        };
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for s in unknown {
+            match runs.last_mut() {
+                Some((a, n)) if *a + *n == s => *n += 1,
+                _ => runs.push((s, 1)),
+            }
+        }
+        let mut filled = 0;
+        for (a, n) in runs {
+            let lba = Lba(p * FANOUT_U64 + a as u64);
+            if let Some(missing) = self.write_ids(vol, lba, &ids[a..a + n], supplied)? {
+                return Ok(Err(missing));
+            }
+            filled += n;
+        }
+        Ok(Ok(filled))
+    }
+
     /// Whether the block `id` is stored here (not verified; reading verifies).
     pub fn has_block(&self, id: BlockId) -> bool {
         id.is_zero() || self.blocks.locate(id).is_some()

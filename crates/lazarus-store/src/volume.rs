@@ -235,6 +235,9 @@ pub(crate) struct VolState {
     pub dirty_ck: BTreeSet<(usize, u64)>,
     /// Damaged pages: which slots' mappings are unknown.
     pub damaged: BTreeMap<u64, SlotBits>,
+    /// Damaged pages written to since their damage was found: their recorded
+    /// checksum no longer describes a page any other copy could hold.
+    pub rewritten: BTreeSet<u64>,
     pub damage_dirty: bool,
     pub header_seq: u64,
 }
@@ -253,6 +256,7 @@ impl VolState {
                 .collect(),
             dirty_ck: BTreeSet::new(),
             damaged: BTreeMap::new(),
+            rewritten: BTreeSet::new(),
             damage_dirty: false,
             header_seq,
         }
@@ -593,8 +597,13 @@ impl Volume {
                     st.damage_dirty = true;
                     if bits.iter().all(|w| *w == 0) {
                         st.damaged.remove(&p);
-                        tracing::info!(volume = %self.meta.name, page = p, "damaged page fully rewritten; whole again");
+                        st.rewritten.remove(&p);
+                        tracing::info!(volume = %self.meta.name, page = p, "damaged page whole again");
+                    } else {
+                        st.rewritten.insert(p);
                     }
+                } else {
+                    st.rewritten.insert(p);
                 }
             }
             let prev = match st.pages.get_mut(&p) {
@@ -763,6 +772,74 @@ impl Volume {
             Some(pg) => pg.to_vec(),
             None => vec![BlockId::ZERO; FANOUT],
         })
+    }
+
+    /// The damaged pages and, for each, which slots are unknown.
+    pub fn damaged_pages(&self) -> Vec<(u64, SlotBits)> {
+        self.state
+            .lock()
+            .damaged
+            .iter()
+            .map(|(p, b)| (*p, *b))
+            .collect()
+    }
+
+    /// Slots of page `p` whose mapping is unknown (`None`: the page is not damaged).
+    pub fn unknown_slots(&self, p: u64) -> Option<Vec<usize>> {
+        let st = self.state.lock();
+        let bits = st.damaged.get(&p)?;
+        Some((0..FANOUT).filter(|s| bit(bits, *s)).collect())
+    }
+
+    /// What a current copy of damaged page `p` hashes to: its recorded level-1
+    /// checksum, as long as nothing was written to the page since the damage was found
+    /// (after that, no other copy can be proven current by it).
+    pub fn recorded_checksum(&self, p: u64) -> Option<Checksum> {
+        let st = self.state.lock();
+        if !st.damaged.contains_key(&p) || st.rewritten.contains(&p) {
+            return None;
+        }
+        st.levels[0].get(p as usize).copied()
+    }
+
+    /// The known ids of page `p` (unknown slots read as zero).
+    pub fn page_ids_partial(&self, p: u64) -> Vec<BlockId> {
+        let st = self.state.lock();
+        match st.pages.get(&p) {
+            Some(pg) => pg.to_vec(),
+            None => vec![BlockId::ZERO; FANOUT],
+        }
+    }
+
+    /// Drops the in-memory copy of slice page `p` and reads it again from disk, as a
+    /// node does after a device error (fault injection). A page that no longer hashes
+    /// to its recorded checksum, or cannot be read, becomes damaged: every slot
+    /// unknown. The caller has checkpointed first, so the disk held the current page.
+    /// Returns whether the page is damaged now.
+    pub fn reload_page(&self, p: u64) -> Result<bool, StoreError> {
+        if p >= self.meta.page_count() {
+            return Err(StoreError::Invalid(format!("page {p} is past the end")));
+        }
+        let mut b = vec![0u8; BLOCK_SIZE];
+        let read = self.slice.read_at(&mut b, slice_page_offset(p));
+        let mut st = self.state.lock();
+        Volume::refresh_tree(&mut st);
+        let recorded = st.levels[0][p as usize];
+        let good = read.is_ok() && Checksum::of_page(&b) == recorded;
+        if good {
+            if recorded == Checksum::ZERO {
+                st.pages.remove(&p);
+            } else {
+                st.pages.insert(p, decode_page(&b));
+            }
+            return Ok(false);
+        }
+        tracing::error!(volume = %self.meta.name, page = p, io_error = read.is_err(), "slice page damaged on disk");
+        st.pages.remove(&p);
+        st.damaged.insert(p, [u64::MAX; FANOUT / 64]);
+        st.rewritten.remove(&p);
+        st.damage_dirty = true;
+        Ok(true)
     }
 
     /// Damaged LBA ranges `(first_lba, count)`, merged.

@@ -98,6 +98,12 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/faults", get(list_faults))
         .route("/api/v1/faults/drop", axum::routing::post(fault_drop))
         .route("/api/v1/faults/heal", axum::routing::post(fault_heal))
+        .route("/api/v1/faults/corrupt", axum::routing::post(fault_corrupt))
+        .route(
+            "/api/v1/volumes/{name}/repair",
+            axum::routing::post(repair_volume),
+        )
+        .route("/api/v1/repairs", get(repairs))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .with_state(state)
 }
@@ -116,6 +122,7 @@ async fn status(State(s): State<AppState>) -> Json<serde_json::Value> {
         "blocks": store.block_stats(),
         "journal_used_bytes": store.journal_used_bytes(),
         "recovery": store.recovery,
+        "repair": s.engine.repair.report(),
     }))
 }
 
@@ -379,4 +386,101 @@ async fn fault_heal(
     }
     tracing::warn!(node = %s.node_id, to = ?t.to, "fault healed");
     list_faults(State(s)).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorruptReq {
+    pub volume: String,
+    pub lba: u64,
+    /// "slice" (the slice page holding the LBA).
+    #[serde(default = "default_target")]
+    pub target: String,
+}
+
+fn default_target() -> String {
+    "slice".into()
+}
+
+/// Damages on disk the slice page holding an LBA (the journal is checkpointed first, so
+/// the disk held the current page), then drops the node's cached copy: the node sees
+/// what a device error would leave.
+async fn fault_corrupt(
+    State(s): State<AppState>,
+    body: Result<Json<CorruptReq>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(req) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let v = find(&s, &req.volume)?;
+    if req.lba >= v.meta.size_bytes / BLOCK_SIZE_U64 {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("lba {} is past the end of volume {:?}", req.lba, req.volume),
+        ));
+    }
+    if req.target != "slice" {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("target {:?} is not supported yet (slice)", req.target),
+        ));
+    }
+    let store = s.engine.store.clone();
+    let r = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, ApiError> {
+        store.checkpoint()?;
+        let (path, offset) = v.locate_page(Lba(req.lba));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        use std::os::unix::fs::FileExt;
+        let mut b = vec![0u8; 4096];
+        f.read_exact_at(&mut b, offset)
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        for x in b.iter_mut().step_by(97) {
+            *x ^= 0x5a;
+        }
+        f.write_all_at(&b, offset)
+            .and_then(|_| f.sync_data())
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let page = req.lba / lazarus_types::FANOUT_U64;
+        let damaged = v.reload_page(page)?;
+        tracing::warn!(volume = %req.volume, page, damaged, "fault injected: slice page corrupted on disk");
+        Ok(json!({ "volume": req.volume, "page": page, "file": path, "offset": offset, "damaged": damaged }))
+    })
+    .await
+    .map_err(join_err)??;
+    Ok(Json(r))
+}
+
+/// Repairs every known-damaged page of the volume now (this node must be its primary).
+async fn repair_volume(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let v = find(&s, &name)?;
+    if s.engine.primary_epoch(&name).is_none() {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("this node is not the primary of {name:?}; ask the primary"),
+        ));
+    }
+    let results = s.engine.repair_volume(&v).await;
+    let pages: Vec<serde_json::Value> = results
+        .iter()
+        .map(|(p, o)| {
+            let source = match o {
+                crate::repair::Outcome::AlreadyWhole => "whole".to_string(),
+                crate::repair::Outcome::Repaired(src) => src.clone(),
+                crate::repair::Outcome::Unrecoverable => "unrecoverable".to_string(),
+            };
+            json!({ "page": p, "first_lba": p * lazarus_types::FANOUT_U64, "source": source })
+        })
+        .collect();
+    Ok(Json(
+        json!({ "volume": name, "pages": pages, "unrecoverable": volume_view(&v).unrecoverable }),
+    ))
+}
+
+async fn repairs(State(s): State<AppState>) -> Json<serde_json::Value> {
+    Json(s.engine.repair.report())
 }

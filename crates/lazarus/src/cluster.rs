@@ -5,7 +5,8 @@
 use crate::config::NodeConfig;
 use crate::rpc::{
     self, RpcClient, KIND_APPEND, KIND_BLOCKS, KIND_CLIENT_WRITE, KIND_FLUSH, KIND_FORWARD,
-    KIND_LEASE, KIND_PAGE, KIND_PING, KIND_REPLICATE, KIND_RESYNC_BEGIN, KIND_SNAPSHOT, KIND_TREE, KIND_VOTE,
+    KIND_LEASE, KIND_PAGE, KIND_PING, KIND_REPLICATE, KIND_RESYNC_BEGIN, KIND_SNAPSHOT, KIND_TREE,
+    KIND_VOTE,
 };
 use lazarus_cluster::raft_store::{NodeId, Raft, Store, TypeConfig};
 use lazarus_cluster::ReplicaState;
@@ -175,9 +176,14 @@ pub struct Cluster {
 pub enum Role {
     /// Not a cluster volume (a node-local one).
     Local,
-    Primary { epoch: u64 },
+    Primary {
+        epoch: u64,
+    },
     /// Another node is primary; requests go there.
-    Replica { primary: NodeId, addr: String },
+    Replica {
+        primary: NodeId,
+        addr: String,
+    },
 }
 
 /// How long a lease lasts, counted from when the primary asked for it. Shorter than
@@ -461,8 +467,12 @@ impl Cluster {
                     epoch: v.epoch,
                 };
                 match self.propose(cmd).await {
-                    Ok(MetaResponse::Volume(_)) => tracing::warn!(volume = %v.name, "copy may have lost updates (crash, or missing at start): marked dead until it resyncs"),
-                    other => tracing::warn!(volume = %v.name, result = ?other, "could not mark this copy dead"),
+                    Ok(MetaResponse::Volume(_)) => {
+                        tracing::warn!(volume = %v.name, "copy may have lost updates (crash, or missing at start): marked dead until it resyncs")
+                    }
+                    other => {
+                        tracing::warn!(volume = %v.name, result = ?other, "could not mark this copy dead")
+                    }
                 }
             }
         }

@@ -2,13 +2,13 @@
 //! writes that do not cover whole 4 KiB blocks, serialized per block so overlapping
 //! requests in flight together each land whole (as if applied in some order).
 
+use crate::cluster::Role;
 use lazarus_nbd::consts::{EINVAL, EIO, ENOSPC};
 use lazarus_store::{ReadError, Store, StoreError, Volume, WriteError};
 use lazarus_types::{Lba, BLOCK_SIZE, BLOCK_SIZE_U64};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio::sync::{Mutex, MutexGuard};
-use crate::cluster::Role;
 
 /// Lock stripes: a write locks the stripes of the blocks it touches, in ascending
 /// order (no deadlock). 4096 stripes keep false sharing rare at any queue depth.
@@ -18,6 +18,9 @@ const LOCK_STRIPES: usize = 4096;
 pub struct IoError {
     pub errno: u32,
     pub message: String,
+    /// The damaged slice page that made this read fail, if that is why: a primary
+    /// repairs it and reads again.
+    pub damaged_page: Option<u64>,
 }
 
 impl IoError {
@@ -25,13 +28,21 @@ impl IoError {
         IoError {
             errno,
             message: message.into(),
+            damaged_page: None,
         }
     }
 }
 
 impl From<ReadError> for IoError {
     fn from(e: ReadError) -> IoError {
-        IoError::new(EIO, e.to_string())
+        let page = match &e {
+            ReadError::Unrecoverable(lba) => Some(lba.page().0),
+            _ => None,
+        };
+        IoError {
+            damaged_page: page,
+            ..IoError::new(EIO, e.to_string())
+        }
     }
 }
 
@@ -72,6 +83,7 @@ pub struct Engine {
     pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
     stripes: Vec<Mutex<()>>,
     background_flush: Arc<AtomicBool>,
+    pub(crate) repair: crate::repair::RepairState,
 }
 
 impl Engine {
@@ -80,6 +92,7 @@ impl Engine {
             store,
             cluster: std::sync::OnceLock::new(),
             stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            repair: Default::default(),
             background_flush: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -109,7 +122,7 @@ impl Engine {
         }
     }
 
-    async fn lock_blocks(&self, first: u64, last: u64) -> Vec<MutexGuard<'_, ()>> {
+    pub(crate) async fn lock_blocks(&self, first: u64, last: u64) -> Vec<MutexGuard<'_, ()>> {
         let mut idx: Vec<usize> = if last - first + 1 >= LOCK_STRIPES as u64 {
             (0..LOCK_STRIPES).collect()
         } else {
@@ -161,7 +174,9 @@ impl Engine {
     /// True when writes to the volume go to other copies too (this node is its primary
     /// and some replica takes updates).
     pub fn replicates(&self, volume: &str) -> bool {
-        self.cluster.get().is_some_and(|c| c.has_update_targets(volume))
+        self.cluster
+            .get()
+            .is_some_and(|c| c.has_update_targets(volume))
     }
 
     /// True when requests for `vol` run here now, without waiting or forwarding.

@@ -89,10 +89,15 @@ pub fn kill(data: &Path, node: &str) -> anyhow::Result<()> {
     let files = ClusterFiles::load(data)?;
     files.node(node)?;
     let dir = files.data.join(node);
-    std::fs::write(dir.join(KILLED_MARKER), b"held down by `lazarus fault kill`\n")
-        .with_context(|| format!("cannot write {}", dir.join(KILLED_MARKER).display()))?;
+    std::fs::write(
+        dir.join(KILLED_MARKER),
+        b"held down by `lazarus fault kill`\n",
+    )
+    .with_context(|| format!("cannot write {}", dir.join(KILLED_MARKER).display()))?;
     let Some(pid) = pid_of(&files, node).filter(|p| running(*p)) else {
-        println!("node {node} is not running; it stays down until `lazarus fault revive --node {node}`");
+        println!(
+            "node {node} is not running; it stays down until `lazarus fault revive --node {node}`"
+        );
         return Ok(());
     };
     unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -147,8 +152,14 @@ pub fn drop(data: &Path, from: &str, to: &str) -> anyhow::Result<()> {
     if from == to {
         anyhow::bail!("--from and --to name the same node");
     }
-    client::ok(files.api(from)?.post("/api/v1/faults/drop", &json!({ "to": to }))?)?;
-    println!("replication traffic from {from} to {to} now fails (cluster metadata traffic is untouched)");
+    client::ok(
+        files
+            .api(from)?
+            .post("/api/v1/faults/drop", &json!({ "to": to }))?,
+    )?;
+    println!(
+        "replication traffic from {from} to {to} now fails (cluster metadata traffic is untouched)"
+    );
     Ok(())
 }
 
@@ -183,5 +194,27 @@ pub fn heal(data: &Path, from: Option<&str>, to: Option<&str>) -> anyhow::Result
     if !unreachable.is_empty() {
         println!("(not running, nothing to heal: {})", unreachable.join(", "));
     }
+    Ok(())
+}
+
+pub fn corrupt(
+    data: &Path,
+    node: &str,
+    volume: &str,
+    lba: u64,
+    target: &str,
+) -> anyhow::Result<()> {
+    let files = ClusterFiles::load(data)?;
+    let r = client::ok(files.api(node)?.post(
+        "/api/v1/faults/corrupt",
+        &json!({ "volume": volume, "lba": lba, "target": target }),
+    )?)?;
+    println!(
+        "{node}: {target} page {} of {volume} corrupted on disk ({} at offset {}); the node now sees it {}",
+        r["page"],
+        r["file"].as_str().unwrap_or("?"),
+        r["offset"],
+        if r["damaged"] == true { "damaged" } else { "intact (unchanged bytes?)" }
+    );
     Ok(())
 }

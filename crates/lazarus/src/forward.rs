@@ -47,9 +47,16 @@ struct ForwardReply {
 
 impl Engine {
     /// Executes a request on this node, which must be the volume's primary.
-    pub async fn execute_local(&self, req: &ForwardReq, payload: &[u8]) -> Result<Vec<u8>, IoError> {
+    pub async fn execute_local(
+        &self,
+        req: &ForwardReq,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, IoError> {
         let vol = self.store.volume(&req.volume).ok_or_else(|| {
-            IoError::new(EINVAL, format!("volume {:?} does not exist here", req.volume))
+            IoError::new(
+                EINVAL,
+                format!("volume {:?} does not exist here", req.volume),
+            )
         })?;
         let end = req.offset.checked_add(req.length);
         if end.is_none_or(|e| e > vol.meta.size_bytes) {
@@ -104,8 +111,7 @@ impl Engine {
                 .await
             {
                 Ok(reply) => {
-                    let (json, data) =
-                        rpc::unpack(&reply).map_err(|e| IoError::new(EIO, e))?;
+                    let (json, data) = rpc::unpack(&reply).map_err(|e| IoError::new(EIO, e))?;
                     let r: ForwardReply = serde_json::from_slice(json)
                         .map_err(|e| IoError::new(EIO, format!("bad forward reply: {e}")))?;
                     if r.errno == 0 {

@@ -11,6 +11,7 @@ mod forward;
 mod lease;
 mod nbd_server;
 mod node;
+mod repair;
 mod resync;
 mod rpc;
 mod rpc_bench;
@@ -51,6 +52,13 @@ enum Cmd {
         /// Number of node processes (1 runs a single node without cluster metadata).
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=9))]
         nodes: u16,
+    },
+    /// Repair every known-damaged page of a volume now, from live or dead replicas.
+    Repair {
+        #[arg(long)]
+        volume: String,
+        #[command(flatten)]
+        target: Target,
     },
     /// Measure the node-to-node RPC against HTTP/1.1 carrying 4 KiB blocks.
     #[command(hide = true)]
@@ -137,6 +145,17 @@ enum FaultOp {
         from: String,
         #[arg(long)]
         to: String,
+    },
+    /// Damage on disk the page holding an LBA on one node and drop its cached copy.
+    Corrupt {
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        volume: String,
+        #[arg(long)]
+        lba: u64,
+        #[arg(long, default_value = "slice", value_parser = ["slice"])]
+        target: String,
     },
     /// Undo `drop` (all of them without arguments).
     Heal {
@@ -263,11 +282,61 @@ fn client_command(cmd: Cmd) -> anyhow::Result<()> {
                 );
             }
         }
+        Cmd::Repair { volume, target } => {
+            let api = client::Api::discover(target.api.as_deref(), &target.data)?;
+            // The primary repairs: find it in the metadata.
+            let (code, c) = api.get("/api/v1/cluster")?;
+            let api = if code == 200 {
+                let p = c["metadata"]["volumes"][&volume]["primary"]
+                    .as_u64()
+                    .ok_or_else(|| anyhow::anyhow!("no volume {volume:?} in the cluster"))?;
+                let admin = c["metadata"]["nodes"][p.to_string()]["admin"]
+                    .as_str()
+                    .ok_or_else(|| anyhow::anyhow!("primary n{p} has no admin address"))?
+                    .to_string();
+                client::Api::new(&format!("http://{admin}"))
+            } else {
+                api
+            };
+            let r = client::ok(api.post(&format!("/api/v1/volumes/{volume}/repair"), &json!({}))?)?;
+            let pages = r["pages"].as_array().cloned().unwrap_or_default();
+            if pages.is_empty() {
+                println!("{volume}: no damaged page");
+            }
+            for (i, p) in pages.iter().enumerate() {
+                println!(
+                    "[{}/{}] page {} (LBA {}..{}): {}",
+                    i + 1,
+                    pages.len(),
+                    p["page"],
+                    p["first_lba"],
+                    p["first_lba"].as_u64().unwrap_or(0) + 255,
+                    p["source"].as_str().unwrap_or("?")
+                );
+            }
+            let un = r["unrecoverable"].as_array().cloned().unwrap_or_default();
+            if !un.is_empty() {
+                let ranges: Vec<String> = un
+                    .iter()
+                    .map(|x| format!("{}+{}", x["first_lba"], x["count"]))
+                    .collect();
+                println!(
+                    "unrecoverable LBA ranges (answer EIO): {}",
+                    ranges.join(", ")
+                );
+            }
+        }
         Cmd::Fault { op, data } => match op {
             FaultOp::Kill { node } => fault::kill(&data, &node)?,
             FaultOp::Revive { node } => fault::revive(&data, &node)?,
             FaultOp::Drop { from, to } => fault::drop(&data, &from, &to)?,
             FaultOp::Heal { from, to } => fault::heal(&data, from.as_deref(), to.as_deref())?,
+            FaultOp::Corrupt {
+                node,
+                volume,
+                lba,
+                target,
+            } => fault::corrupt(&data, &node, &volume, lba, &target)?,
         },
         Cmd::Up { .. } | Cmd::Node { .. } | Cmd::BenchRpc { .. } => {
             unreachable!("server commands are not client commands")

@@ -254,7 +254,9 @@ async fn transmission(
     // A connection opened to the primary is bound to its epoch: if the node stops
     // being the primary (failover, a pause), requests on it fail and the client
     // reconnects, so nothing a deposed primary held is acknowledged or served.
-    let bound = engine.primary_epoch(&ex.name).filter(|_| ex.local.is_some());
+    let bound = engine
+        .primary_epoch(&ex.name)
+        .filter(|_| ex.local.is_some());
     let mut batch: Vec<u8> = Vec::new();
     let result: anyhow::Result<()> = async {
         loop {
@@ -302,7 +304,10 @@ async fn transmission(
                 && ex.local.as_ref().is_some_and(|v| engine.serves_locally(v))
                 && (req.command == Command::Read || !engine.replicates(&ex.name))
             {
-                execute(&engine, &ex, bound, req, &payload, size, structured, &mut batch).await;
+                execute(
+                    &engine, &ex, bound, req, &payload, size, structured, &mut batch,
+                )
+                .await;
                 if batch.len() >= REPLY_BATCH_MAX_BYTES {
                     tx.send(std::mem::take(&mut batch)).await?;
                 }
@@ -314,7 +319,10 @@ async fn transmission(
             let tx = tx.clone();
             tokio::spawn(async move {
                 let mut reply = Vec::new();
-                execute(&engine, &ex, bound, req, &payload, size, structured, &mut reply).await;
+                execute(
+                    &engine, &ex, bound, req, &payload, size, structured, &mut reply,
+                )
+                .await;
                 let _ = tx.send(reply).await;
                 drop(permit);
             });
@@ -352,13 +360,13 @@ async fn execute(
     out: &mut Vec<u8>,
 ) {
     if let Err(errno) = req.validate(size, false) {
-        let e = IoError {
+        let e = IoError::new(
             errno,
-            message: format!(
+            format!(
                 "invalid request {:?} at {} length {}",
                 req.command, req.offset, req.length
             ),
-        };
+        );
         tracing::debug!(cookie = req.cookie, error = %e.message, "rejecting request");
         out.extend_from_slice(&error_reply(structured, req.cookie, &e));
         return;
@@ -407,7 +415,19 @@ async fn execute(
             let hdr = if structured { 28 } else { 16 };
             let start = out.len();
             out.resize(start + hdr + req.length as usize, 0);
-            match engine.read_into(vol, req.offset, &mut out[start + hdr..]) {
+            let mut r = engine.read_into(vol, req.offset, &mut out[start + hdr..]);
+            if let Err(IoError {
+                damaged_page: Some(p),
+                ..
+            }) = &r
+            {
+                // A damaged slice page: repaired before the read is answered (bounded),
+                // then read again; still damaged answers EIO, never stale data.
+                if engine.repair_before_read(vol, *p).await {
+                    r = engine.read_into(vol, req.offset, &mut out[start + hdr..]);
+                }
+            }
+            match r {
                 Ok(()) => {
                     if structured {
                         out[start..start + 28].copy_from_slice(&structured_read_header(

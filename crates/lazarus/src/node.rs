@@ -84,8 +84,11 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         Some(_) => {
             // Copies present before reconcile creates missing ones: a copy the
             // metadata places here but that is not on disk is empty, not live.
-            let local: std::collections::HashSet<String> =
-                store.volumes().iter().map(|v| v.meta.name.clone()).collect();
+            let local: std::collections::HashSet<String> = store
+                .volumes()
+                .iter()
+                .map(|v| v.meta.name.clone())
+                .collect();
             // A store with no volume has nothing to lose: as good as a clean stop.
             let clean = clean || local.is_empty();
             let c = crate::cluster::Cluster::start(&cfg, store.clone()).await?;
@@ -136,7 +139,9 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             // crash: its copies resync, which is safe, only slower.
             match lazarus_store::disk::write_file_atomic(&clean_marker, b"clean shutdown\n") {
                 Ok(()) => tracing::info!(node = %cfg.id, "clean shutdown"),
-                Err(e) => tracing::warn!(node = %cfg.id, error = %e, "clean shutdown, but cannot record it; the next start will resync this node's copies"),
+                Err(e) => {
+                    tracing::warn!(node = %cfg.id, error = %e, "clean shutdown, but cannot record it; the next start will resync this node's copies")
+                }
             }
         }
         Err(e) => {

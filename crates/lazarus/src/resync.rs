@@ -51,6 +51,10 @@ pub struct SyncReq {
     pub level: usize,
     #[serde(default)]
     pub index: u64,
+    /// A primary repairing a damaged page reads from any copy, dead ones included
+    /// (`fault drop` cuts updates, not these reads).
+    #[serde(default)]
+    pub repair: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -175,14 +179,20 @@ impl Drop for Tracking {
 }
 
 /// The primary as a resync source.
-struct Source {
-    client: Arc<RpcClient>,
-    req: SyncReq,
-    state: ResyncState,
+pub(crate) struct Source {
+    pub(crate) client: Arc<RpcClient>,
+    pub(crate) req: SyncReq,
+    pub(crate) state: ResyncState,
 }
 
 impl Source {
-    async fn call(&self, kind: u8, level: usize, index: u64, raw: &[u8]) -> Result<Vec<u8>, String> {
+    pub(crate) async fn call(
+        &self,
+        kind: u8,
+        level: usize,
+        index: u64,
+        raw: &[u8],
+    ) -> Result<Vec<u8>, String> {
         let req = SyncReq {
             level,
             index,
@@ -200,7 +210,7 @@ impl Source {
         Ok(reply)
     }
 
-    async fn tree(&self, level: usize, group: u64) -> Result<Vec<Checksum>, String> {
+    pub(crate) async fn tree(&self, level: usize, group: u64) -> Result<Vec<Checksum>, String> {
         let raw = self.call(KIND_TREE, level, group, &[]).await?;
         if raw.is_empty() || raw.len() % ID_LEN != 0 || raw.len() > FANOUT * ID_LEN {
             return Err(format!("bad checksum group of {} bytes", raw.len()));
@@ -211,7 +221,7 @@ impl Source {
             .collect())
     }
 
-    async fn page(&self, p: u64) -> Result<Vec<BlockId>, String> {
+    pub(crate) async fn page(&self, p: u64) -> Result<Vec<BlockId>, String> {
         let raw = self.call(KIND_PAGE, 0, p, &[]).await?;
         if raw.len() != FANOUT * ID_LEN {
             return Err(format!("bad slice page of {} bytes", raw.len()));
@@ -224,7 +234,10 @@ impl Source {
 
     /// Fetches blocks by id; those the source no longer has are left out. Every block
     /// returned was verified against its id.
-    async fn blocks(&self, ids: &[BlockId]) -> Result<HashMap<BlockId, Vec<u8>>, String> {
+    pub(crate) async fn blocks(
+        &self,
+        ids: &[BlockId],
+    ) -> Result<HashMap<BlockId, Vec<u8>>, String> {
         let mut out = HashMap::new();
         for chunk in ids.chunks(BLOCKS_PER_FETCH) {
             let raw: Vec<u8> = chunk.iter().flat_map(|id| id.0).collect();
@@ -244,11 +257,15 @@ impl Source {
                 }
                 let b = blocks.next().expect("length checked");
                 if BlockId::hash_of(b) != *id {
-                    return Err(format!("block {} from the primary does not match its id", id.to_hex()));
+                    return Err(format!(
+                        "block {} from the primary does not match its id",
+                        id.to_hex()
+                    ));
                 }
                 out.insert(*id, b.to_vec());
             }
-            self.state.update(&self.req.volume, |p| p.blocks_fetched += out.len() as u64);
+            self.state
+                .update(&self.req.volume, |p| p.blocks_fetched += out.len() as u64);
         }
         Ok(out)
     }
@@ -263,6 +280,9 @@ impl Cluster {
     pub(crate) async fn serve_resync(&self, kind: u8, body: &[u8]) -> Result<Vec<u8>, String> {
         let (json, raw) = rpc::unpack(body)?;
         let req: SyncReq = serde_json::from_slice(json).map_err(|e| format!("bad request: {e}"))?;
+        if req.repair {
+            return self.serve_repair_read(kind, &req, raw).await;
+        }
         if self.drops.lock().contains(&req.from) {
             return Err(format!(
                 "replication to n{} dropped by fault injection (lazarus fault drop)",
@@ -313,34 +333,38 @@ impl Cluster {
                 .page_ids(req.index)
                 .map(|ids| ids.iter().flat_map(|id| id.0).collect())
                 .ok_or_else(|| format!("slice page {} is damaged or out of range", req.index)),
-            KIND_BLOCKS => {
-                if raw.len() % ID_LEN != 0 || raw.len() / ID_LEN > BLOCKS_PER_FETCH {
-                    return Err("bad block list".into());
-                }
-                let ids: Vec<BlockId> = raw
-                    .chunks_exact(ID_LEN)
-                    .map(|c| BlockId(c.try_into().expect("16 bytes")))
-                    .collect();
-                let store = self.blocks.clone();
-                tokio::task::spawn_blocking(move || {
-                    let mut present = Vec::with_capacity(ids.len());
-                    let mut data = Vec::new();
-                    let mut buf = vec![0u8; BLOCK_SIZE];
-                    for id in ids {
-                        let ok = store.read_block(id, &mut buf).map_err(|e| e.to_string())?;
-                        present.push(ok);
-                        if ok {
-                            data.extend_from_slice(&buf);
-                        }
-                    }
-                    let json = serde_json::to_vec(&present).map_err(|e| e.to_string())?;
-                    Ok(rpc::pack(&json, &data))
-                })
-                .await
-                .map_err(|e| e.to_string())?
-            }
+            KIND_BLOCKS => self.serve_blocks(raw).await,
             other => Err(format!("unknown resync request {other}")),
         }
+    }
+
+    /// Reads blocks by id for another node: per id whether it is here intact, and the
+    /// data of those that are.
+    pub(crate) async fn serve_blocks(&self, raw: &[u8]) -> Result<Vec<u8>, String> {
+        if !raw.len().is_multiple_of(ID_LEN) || raw.len() / ID_LEN > BLOCKS_PER_FETCH {
+            return Err("bad block list".into());
+        }
+        let ids: Vec<BlockId> = raw
+            .chunks_exact(ID_LEN)
+            .map(|c| BlockId(c.try_into().expect("16 bytes")))
+            .collect();
+        let store = self.blocks.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut present = Vec::with_capacity(ids.len());
+            let mut data = Vec::new();
+            let mut buf = vec![0u8; BLOCK_SIZE];
+            for id in ids {
+                let ok = store.read_block(id, &mut buf).map_err(|e| e.to_string())?;
+                present.push(ok);
+                if ok {
+                    data.extend_from_slice(&buf);
+                }
+            }
+            let json = serde_json::to_vec(&present).map_err(|e| e.to_string())?;
+            Ok(rpc::pack(&json, &data))
+        })
+        .await
+        .map_err(|e| e.to_string())?
     }
 
     /// Looks for copies of this node's that are dead or resyncing and resyncs them,
@@ -396,7 +420,9 @@ impl Cluster {
             .volume(&v.name)
             .filter(|l| l.meta.uid == v.uid)
             .ok_or("no local copy yet")?;
-        let addr = self.rpc_addr(v.primary).ok_or("the primary has no address")?;
+        let addr = self
+            .rpc_addr(v.primary)
+            .ok_or("the primary has no address")?;
         self.resync.update(&v.name, |p| {
             *p = Progress {
                 state: "starting".into(),
@@ -413,6 +439,7 @@ impl Cluster {
                 epoch: v.epoch,
                 level: 0,
                 index: 0,
+                repair: false,
             },
             state: self.resync.clone(),
         };
@@ -565,8 +592,12 @@ impl Cluster {
                 // Overwritten on the primary since the page was read: read it again.
                 continue;
             }
-            let (store, vol, resync, name2) =
-                (self.blocks.clone(), local.clone(), self.resync.clone(), name.clone());
+            let (store, vol, resync, name2) = (
+                self.blocks.clone(),
+                local.clone(),
+                self.resync.clone(),
+                name.clone(),
+            );
             let installed = tokio::task::spawn_blocking(move || {
                 resync.install_if_untouched(&name2, p, seen, || -> Result<bool, String> {
                     for (a, n) in runs {

@@ -33,7 +33,11 @@ pub async fn run(seconds: u64, inflight: usize) -> anyhow::Result<()> {
         tasks.push(tokio::spawn(async move {
             let body = rpc::pack(b"{}", &[7u8; BLOCK]);
             while t0.elapsed() < dur {
-                if client.call(rpc::KIND_REPLICATE, &body, Duration::from_secs(5)).await.is_ok() {
+                if client
+                    .call(rpc::KIND_REPLICATE, &body, Duration::from_secs(5))
+                    .await
+                    .is_ok()
+                {
                     done.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -80,7 +84,15 @@ pub async fn run(seconds: u64, inflight: usize) -> anyhow::Result<()> {
     let http = done.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64();
     let mib = |ops: f64| ops * BLOCK as f64 / (1 << 20) as f64;
     println!("4 KiB blocks, {inflight} in flight, {seconds} s each, loopback:");
-    println!("  lazarus RPC framing : {:>9.0} blocks/s ({:.0} MiB/s)", ours, mib(ours));
-    println!("  HTTP/1.1 (axum+ureq): {:>9.0} blocks/s ({:.0} MiB/s)", http, mib(http));
+    println!(
+        "  lazarus RPC framing : {:>9.0} blocks/s ({:.0} MiB/s)",
+        ours,
+        mib(ours)
+    );
+    println!(
+        "  HTTP/1.1 (axum+ureq): {:>9.0} blocks/s ({:.0} MiB/s)",
+        http,
+        mib(http)
+    );
     Ok(())
 }

@@ -12,7 +12,10 @@ const NODE_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// `resync` (its resyncs in progress or done).
 pub fn survey(cluster: &Value) -> Value {
     let mut out = serde_json::Map::new();
-    let nodes = cluster["metadata"]["nodes"].as_object().cloned().unwrap_or_default();
+    let nodes = cluster["metadata"]["nodes"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
     let probes: Vec<(String, std::thread::JoinHandle<Option<Value>>)> = nodes
         .iter()
         .map(|(id, n)| {
@@ -64,9 +67,7 @@ fn copy_state(c: &Value, vol: &str, node: &str, state: &str) -> String {
         if p.is_object() {
             s.push_str(&format!(
                 "(pass {}, {}/{} pages)",
-                p["pass"],
-                p["pages_copied"],
-                p["pages_differing"]
+                p["pass"], p["pages_copied"], p["pages_differing"]
             ));
         }
     }

@@ -217,7 +217,10 @@ fn wait_copies_live(apis: &[Api]) -> anyhow::Result<()> {
         let mut pending = Vec::new();
         let mut views = Vec::new();
         for (i, api) in apis.iter().enumerate() {
-            if !matches!(api.get(&format!("/api/v1/volumes/{DEFAULT_VOLUME}")), Ok((200, _))) {
+            if !matches!(
+                api.get(&format!("/api/v1/volumes/{DEFAULT_VOLUME}")),
+                Ok((200, _))
+            ) {
                 pending.push(format!("{DEFAULT_VOLUME} not yet on n{}", i + 1));
             }
             match api.get("/api/v1/cluster") {

@@ -168,7 +168,10 @@ fn primary_killed_mid_stream_then_revived() {
     assert_eq!(m["states"]["1"], "dead");
     // Every acknowledged flush survives, through either survivor (n3 may forward).
     for n in [2, 3] {
-        let o = run_out(PY, &[&py("verify.py"), &up.uri(n, "vol0"), &last.to_string()]);
+        let o = run_out(
+            PY,
+            &[&py("verify.py"), &up.uri(n, "vol0"), &last.to_string()],
+        );
         assert!(
             o.status.success(),
             "through n{n}: {}{}",
@@ -186,7 +189,10 @@ fn primary_killed_mid_stream_then_revived() {
     let roots: Vec<String> = (1..=3).map(|n| up.root(n, "vol0")).collect();
     assert!(roots.iter().all(|r| *r == roots[0]), "{roots:?}");
     qemu_io_ok(&up.uri(1, "vol0"), &["read -P 0x44 100M 2M"]);
-    let o = run_out(PY, &[&py("verify.py"), &up.uri(1, "vol0"), &last.to_string()]);
+    let o = run_out(
+        PY,
+        &[&py("verify.py"), &up.uri(1, "vol0"), &last.to_string()],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
 }
 
@@ -244,7 +250,10 @@ fn deposed_primary_acknowledges_nothing_and_serves_nothing_stale() {
         if o.status.success() && !text.contains("error") {
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(10), "new primary: {text}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "new primary: {text}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     unsafe { libc::kill(pid, libc::SIGCONT) };
@@ -310,12 +319,12 @@ fn resync_moves_bytes_proportional_to_the_change() {
     let p = resync_progress(&up, 3, "vol0");
     eprintln!("resync of 10 changed pages on a 4 GiB volume: {p}");
     let meta_bytes = p["tree_bytes"].as_u64().unwrap() + p["page_bytes"].as_u64().unwrap();
-    assert!(meta_bytes < 1 << 20, "resync moved {meta_bytes} bytes of metadata: {p}");
-    assert_eq!(p["blocks_fetched"], 10, "{p}");
     assert!(
-        p["block_bytes"].as_u64().unwrap() < 10 * 4096 + 4096,
-        "{p}"
+        meta_bytes < 1 << 20,
+        "resync moved {meta_bytes} bytes of metadata: {p}"
     );
+    assert_eq!(p["blocks_fetched"], 10, "{p}");
+    assert!(p["block_bytes"].as_u64().unwrap() < 10 * 4096 + 4096, "{p}");
     assert!(p["pages_copied"].as_u64().unwrap() >= 10, "{p}");
     let roots: Vec<String> = (1..=3).map(|n| up.root(n, "vol0")).collect();
     assert!(roots.iter().all(|r| *r == roots[0]), "{roots:?}");
@@ -342,23 +351,43 @@ fn up_resumes_the_same_cluster() {
 fn replication_factor_one_and_delete_everywhere() {
     let (_tmp, data) = setup();
     let up = Up::start(&data, "64MiB");
-    up.cli_ok(&["volume", "create", "solo", "--size", "32MiB", "--replicas", "1"]);
+    up.cli_ok(&[
+        "volume",
+        "create",
+        "solo",
+        "--size",
+        "32MiB",
+        "--replicas",
+        "1",
+    ]);
     let m = up.wait_meta(1, "solo", Duration::from_secs(5), "solo created", |_| true);
     assert_eq!(m["replicas"].as_array().unwrap().len(), 1, "{m}");
     qemu_io_ok(&up.uri(1, "solo"), &["write -P 0x21 0 1M", "flush"]);
     // n2 and n3 hold no copy, yet serve it.
     for n in [2, 3] {
-        assert!(up.get(n, "/api/v1/volumes/solo").is_none(), "n{n} holds a copy");
+        assert!(
+            up.get(n, "/api/v1/volumes/solo").is_none(),
+            "n{n} holds a copy"
+        );
         qemu_io_ok(&up.uri(n, "solo"), &["read -P 0x21 0 1M"]);
     }
-    let listed = run("nbdinfo", &["--list", &format!("nbd://127.0.0.1:{}", up.base + 2)]);
-    assert!(listed.contains("solo") && listed.contains("vol0"), "{listed}");
+    let listed = run(
+        "nbdinfo",
+        &["--list", &format!("nbd://127.0.0.1:{}", up.base + 2)],
+    );
+    assert!(
+        listed.contains("solo") && listed.contains("vol0"),
+        "{listed}"
+    );
 
     qemu_io_ok(&up.uri(2, "vol0"), &["write -P 0x31 0 1M", "flush"]);
     up.cli_ok(&["volume", "delete", "vol0"]);
     let t0 = Instant::now();
     while (1..=3).any(|n| up.get(n, "/api/v1/volumes/vol0").is_some()) {
-        assert!(t0.elapsed() < Duration::from_secs(10), "a copy of vol0 survived its deletion");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "a copy of vol0 survived its deletion"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     up.cli_ok(&["volume", "create", "vol0", "--size", "64MiB"]);

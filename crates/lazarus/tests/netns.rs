@@ -86,9 +86,13 @@ impl Drop for Namespaces {
             let _ = c.wait();
         }
         for i in 1..=3 {
-            let _ = Command::new("ip").args(["netns", "del", &self.ns(i)]).status();
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.ns(i)])
+                .status();
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.hub()]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.hub()])
+            .status();
     }
 }
 
@@ -139,7 +143,15 @@ fn three_nodes_in_three_network_namespaces() {
         let o = n.exec(
             1,
             BIN,
-            &["volume", "create", "wide", "--size", "64MiB", "--api", &api(1)],
+            &[
+                "volume",
+                "create",
+                "wide",
+                "--size",
+                "64MiB",
+                "--api",
+                &api(1),
+            ],
         );
         if o.status.success() {
             break;

@@ -294,7 +294,12 @@ impl Up {
         let mut child = Command::new(BIN)
             .args(["up", "--data"])
             .arg(data)
-            .args(["--port-base", &base.to_string(), "--volume-size", volume_size])
+            .args([
+                "--port-base",
+                &base.to_string(),
+                "--volume-size",
+                volume_size,
+            ])
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -379,7 +384,14 @@ impl Up {
     }
 
     /// Waits until `pred` holds for the volume's metadata as node n sees it.
-    pub fn wait_meta(&self, n: u16, vol: &str, within: Duration, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    pub fn wait_meta(
+        &self,
+        n: u16,
+        vol: &str,
+        within: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         let t0 = Instant::now();
         loop {
             if let Some(m) = self.volume_meta(n, vol) {
@@ -420,7 +432,8 @@ impl Up {
     }
 
     pub fn node_log(&self, n: u16) -> String {
-        std::fs::read_to_string(self.data.join(format!("n{n}")).join("node.log")).unwrap_or_default()
+        std::fs::read_to_string(self.data.join(format!("n{n}")).join("node.log"))
+            .unwrap_or_default()
     }
 
     /// Ctrl-C: every node stops cleanly.

@@ -1,0 +1,391 @@
+//! Repair of a primary's damaged slice pages (DESIGN.md, "Repair order"; the patent on
+//! slice-file recovery from dead replicas, FIG. 4-7).
+//!
+//! For a damaged page the primary tries, in order:
+//! 1. each live replica: its page, accepted if it hashes to the page's recorded
+//!    checksum (or, if the page was partly rewritten since, if it agrees with every
+//!    slot the primary still knows);
+//! 2. each dead (or resyncing) replica: walking down from the root along the path to
+//!    the page, comparing the replica's checksum at each level with the primary's
+//!    recorded one; an equal entry proves the whole subtree, the page included, current
+//!    on that replica. The page is then fetched and accepted only if it hashes to the
+//!    recorded checksum. Different pages may come from different replicas (the union).
+//! 3. otherwise the page stays unrecoverable: its unknown LBAs answer EIO, are listed
+//!    in status, counted and logged. (The recovery server's log comes with the
+//!    Last-failure-domain issue.)
+//!
+//! Blocks a repaired page maps but this node lacks are fetched by id from the source,
+//! then from any other node, each verified against its id. Filling the page's unknown
+//! slots happens under the page's write locks, so a client write meanwhile wins.
+
+use crate::cluster::Cluster;
+use crate::engine::Engine;
+use crate::resync::{ResyncState, Source, SyncReq};
+use crate::rpc::{KIND_BLOCKS, KIND_PAGE, KIND_TREE};
+use lazarus_cluster::raft_store::NodeId;
+use lazarus_cluster::ReplicaState;
+use lazarus_store::Volume;
+use lazarus_types::{BlockId, Checksum, FANOUT_U64};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A read waits this long for the repair of its page, then answers EIO.
+const REPAIR_DEADLINE: Duration = Duration::from_secs(10);
+/// An unrecoverable page is not tried again by reads for this long.
+const RETRY_AFTER: Duration = Duration::from_secs(30);
+const EVENTS_KEPT: usize = 200;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RepairEvent {
+    pub volume: String,
+    pub page: u64,
+    pub first_lba: u64,
+    /// "live n2", "dead n3", or "unrecoverable".
+    pub source: String,
+    pub unix_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RepairCounters {
+    pub from_live: u64,
+    pub from_dead: u64,
+    pub unrecoverable: u64,
+    pub rejected_copies: u64,
+}
+
+#[derive(Default)]
+struct Inner {
+    lock: tokio::sync::Mutex<()>,
+    counters: parking_lot::Mutex<BTreeMap<String, RepairCounters>>,
+    events: parking_lot::Mutex<VecDeque<RepairEvent>>,
+    failed_at: parking_lot::Mutex<HashMap<(String, u64), Instant>>,
+    bytes: ResyncState,
+}
+
+#[derive(Clone, Default)]
+pub struct RepairState(Arc<Inner>);
+
+impl RepairState {
+    pub fn report(&self) -> serde_json::Value {
+        serde_json::json!({
+            "counters": *self.0.counters.lock(),
+            "events": self.0.events.lock().iter().cloned().collect::<Vec<_>>(),
+            "bytes": self.0.bytes.progress(),
+        })
+    }
+
+    fn record(&self, volume: &str, page: u64, source: &str) {
+        let mut c = self.0.counters.lock();
+        let e = c.entry(volume.to_string()).or_default();
+        match source.split(' ').next() {
+            Some("live") => e.from_live += 1,
+            Some("dead") => e.from_dead += 1,
+            _ => e.unrecoverable += 1,
+        }
+        drop(c);
+        let mut ev = self.0.events.lock();
+        if ev.len() == EVENTS_KEPT {
+            ev.pop_front();
+        }
+        ev.push_back(RepairEvent {
+            volume: volume.to_string(),
+            page,
+            first_lba: page * FANOUT_U64,
+            source: source.to_string(),
+            unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        });
+    }
+
+    fn rejected(&self, volume: &str) {
+        self.0
+            .counters
+            .lock()
+            .entry(volume.to_string())
+            .or_default()
+            .rejected_copies += 1;
+    }
+}
+
+/// Outcome of repairing one page.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum Outcome {
+    AlreadyWhole,
+    Repaired(String),
+    Unrecoverable,
+}
+
+impl Engine {
+    /// For a read that hit damaged page `p`: repairs it if this node is the volume's
+    /// primary in a cluster, within `REPAIR_DEADLINE`. True if the page is whole now.
+    pub async fn repair_before_read(&self, vol: &Volume, p: u64) -> bool {
+        if self.cluster.get().is_none() {
+            return false;
+        }
+        let key = (vol.meta.name.clone(), p);
+        if self
+            .repair
+            .0
+            .failed_at
+            .lock()
+            .get(&key)
+            .is_some_and(|t| t.elapsed() < RETRY_AFTER)
+        {
+            return false;
+        }
+        match tokio::time::timeout(REPAIR_DEADLINE, self.repair_page(vol, p)).await {
+            Ok(Outcome::AlreadyWhole | Outcome::Repaired(_)) => true,
+            Ok(Outcome::Unrecoverable) => false,
+            Err(_) => {
+                tracing::warn!(volume = %vol.meta.name, page = p, "repair did not finish before the read's deadline");
+                false
+            }
+        }
+    }
+
+    /// Repairs damaged page `p` of `vol` (this node must be its primary).
+    pub async fn repair_page(&self, vol: &Volume, p: u64) -> Outcome {
+        let Some(c) = self.cluster.get().cloned() else {
+            return Outcome::Unrecoverable;
+        };
+        let _one_at_a_time = self.repair.0.lock.lock().await;
+        if vol.unknown_slots(p).is_none() {
+            return Outcome::AlreadyWhole;
+        }
+        let name = vol.meta.name.clone();
+        let meta = c.store.meta();
+        let Some(v) = meta.volumes.get(&name).cloned() else {
+            return Outcome::Unrecoverable;
+        };
+        let expected = vol.recorded_checksum(p);
+        let others: Vec<NodeId> = v.replicas.iter().copied().filter(|n| *n != c.id).collect();
+        // 1. Live replicas.
+        for n in others.iter().copied() {
+            if v.state_of(n) != Some(ReplicaState::Live) {
+                continue;
+            }
+            let src = self.repair_source(&c, n, &name, v.epoch);
+            let Ok(ids) = src.page(p).await else { continue };
+            if !self.acceptable(vol, p, &ids, expected) {
+                tracing::warn!(volume = %name, page = p, replica = n, "live replica's page does not match what the primary recorded; rejected");
+                self.repair.rejected(&name);
+                continue;
+            }
+            if self.install(&c, vol, p, &ids, n, &others).await {
+                return self.done(&name, p, format!("live n{n}"));
+            }
+        }
+        // 2. Dead replicas, proven current by the checksum tree.
+        if let Some(expected) = expected {
+            for n in others.iter().copied() {
+                if !matches!(
+                    v.state_of(n),
+                    Some(ReplicaState::Dead | ReplicaState::Resyncing)
+                ) {
+                    continue;
+                }
+                let src = self.repair_source(&c, n, &name, v.epoch);
+                match self.proves_current(vol, &src, p).await {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(e) => {
+                        tracing::debug!(volume = %name, page = p, replica = n, error = %e, "dead replica unreachable for repair");
+                        continue;
+                    }
+                }
+                let Ok(ids) = src.page(p).await else { continue };
+                if page_checksum(&ids) != expected {
+                    // Its tree says current but the page itself is damaged: next source.
+                    tracing::warn!(volume = %name, page = p, replica = n, "dead replica's page does not hash to its checksum; rejected");
+                    self.repair.rejected(&name);
+                    continue;
+                }
+                if self.install(&c, vol, p, &ids, n, &others).await {
+                    return self.done(&name, p, format!("dead n{n}"));
+                }
+            }
+        }
+        tracing::error!(volume = %name, page = p, first_lba = p * FANOUT_U64, "damaged slice page is unrecoverable: no live or dead copy proves current; its LBAs answer EIO");
+        self.repair
+            .0
+            .failed_at
+            .lock()
+            .insert((name.clone(), p), Instant::now());
+        self.repair.record(&name, p, "unrecoverable");
+        Outcome::Unrecoverable
+    }
+
+    fn done(&self, volume: &str, p: u64, source: String) -> Outcome {
+        tracing::info!(volume, page = p, source = %source, "damaged slice page repaired");
+        self.repair
+            .0
+            .failed_at
+            .lock()
+            .remove(&(volume.to_string(), p));
+        self.repair.record(volume, p, &source);
+        Outcome::Repaired(source)
+    }
+
+    fn repair_source(&self, c: &Cluster, n: NodeId, volume: &str, epoch: u64) -> Source {
+        Source {
+            client: c.network.client(&c.rpc_addr(n).unwrap_or_default()),
+            req: SyncReq {
+                from: c.id,
+                volume: volume.to_string(),
+                epoch,
+                level: 0,
+                index: 0,
+                repair: true,
+            },
+            state: self.repair.0.bytes.clone(),
+        }
+    }
+
+    /// Whether `ids` may fill damaged page `p`: it hashes to the recorded checksum, or
+    /// (the page was written since the damage) it agrees with every known slot.
+    fn acceptable(
+        &self,
+        vol: &Volume,
+        p: u64,
+        ids: &[BlockId],
+        expected: Option<Checksum>,
+    ) -> bool {
+        if let Some(e) = expected {
+            return page_checksum(ids) == e;
+        }
+        let unknown: HashSet<usize> = vol
+            .unknown_slots(p)
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        let known = vol.page_ids_partial(p);
+        (0..ids.len()).all(|s| unknown.contains(&s) || known[s] == ids[s])
+    }
+
+    /// Walks from the root down the path to page `p`, comparing the replica's checksum
+    /// with this node's recorded one at each level: equal at any level proves the page
+    /// current there.
+    async fn proves_current(&self, vol: &Volume, src: &Source, p: u64) -> Result<bool, String> {
+        let top = vol.level_lens().len() - 1;
+        for k in (0..=top).rev() {
+            let idx = p / FANOUT_U64.pow(k as u32);
+            let group = idx / FANOUT_U64;
+            let slot = (idx % FANOUT_U64) as usize;
+            let theirs = src.tree(k, group).await?;
+            let mine = vol
+                .checksum_group(k, group)
+                .ok_or("checksum group out of range")?;
+            match (theirs.get(slot), mine.get(slot)) {
+                (Some(a), Some(b)) if a == b => return Ok(true),
+                (Some(_), Some(_)) => {}
+                _ => return Err("checksum trees of another shape".into()),
+            }
+        }
+        Ok(false)
+    }
+
+    /// Fetches what the page needs and fills its unknown slots under its write locks.
+    async fn install(
+        &self,
+        c: &Cluster,
+        vol: &Volume,
+        p: u64,
+        ids: &[BlockId],
+        from: NodeId,
+        others: &[NodeId],
+    ) -> bool {
+        let unknown = vol.unknown_slots(p).unwrap_or_default();
+        let mut need: Vec<BlockId> = Vec::new();
+        let mut seen = HashSet::new();
+        for s in unknown {
+            let id = ids[s];
+            if !id.is_zero() && !self.store.has_block(id) && seen.insert(id) {
+                need.push(id);
+            }
+        }
+        let mut supplied: HashMap<BlockId, Vec<u8>> = HashMap::new();
+        let order = std::iter::once(from).chain(others.iter().copied().filter(|n| *n != from));
+        for n in order {
+            let missing: Vec<BlockId> = need
+                .iter()
+                .copied()
+                .filter(|id| !supplied.contains_key(id))
+                .collect();
+            if missing.is_empty() {
+                break;
+            }
+            let src = self.repair_source(c, n, &vol.meta.name, 0);
+            if let Ok(got) = src.blocks(&missing).await {
+                supplied.extend(got);
+            }
+        }
+        if need.iter().any(|id| !supplied.contains_key(id)) {
+            tracing::warn!(volume = %vol.meta.name, page = p, "blocks of the repaired page are on no reachable node");
+            return false;
+        }
+        let first = p * FANOUT_U64;
+        let _g = self.lock_blocks(first, first + FANOUT_U64 - 1).await;
+        let store = self.store.clone();
+        let r = tokio::task::block_in_place(|| store.repair_slots(vol, p, ids, &supplied));
+        match r {
+            Ok(Ok(_)) => true,
+            Ok(Err(id)) => {
+                tracing::warn!(volume = %vol.meta.name, page = p, id = %id.to_hex(), "a block vanished while repairing");
+                false
+            }
+            Err(e) => {
+                tracing::error!(volume = %vol.meta.name, page = p, error = %e, "repair could not write");
+                false
+            }
+        }
+    }
+
+    /// Repairs every damaged page of `vol` now; returns (page, outcome) pairs.
+    pub async fn repair_volume(&self, vol: &Volume) -> Vec<(u64, Outcome)> {
+        let mut out = Vec::new();
+        for (p, _) in vol.damaged_pages() {
+            out.push((p, self.repair_page(vol, p).await));
+        }
+        out
+    }
+}
+
+fn page_checksum(ids: &[BlockId]) -> Checksum {
+    Checksum::of_page(&lazarus_store::volume::encode_page(ids))
+}
+
+impl Cluster {
+    /// Serves a repair read from a primary: checksum groups, pages and blocks of this
+    /// node's copy, whatever its state (dead copies serve repairs).
+    pub(crate) async fn serve_repair_read(
+        &self,
+        kind: u8,
+        req: &SyncReq,
+        raw: &[u8],
+    ) -> Result<Vec<u8>, String> {
+        if kind == KIND_BLOCKS {
+            return self.serve_blocks(raw).await;
+        }
+        let meta = self.store.meta();
+        let uid = meta.volumes.get(&req.volume).map(|v| v.uid);
+        let local = self
+            .blocks
+            .volume(&req.volume)
+            .filter(|l| uid.is_none_or(|u| u == l.meta.uid))
+            .ok_or_else(|| format!("no copy of {:?} here", req.volume))?;
+        match kind {
+            KIND_TREE => local
+                .checksum_group(req.level, req.index)
+                .map(|g| g.iter().flat_map(|c| c.0).collect())
+                .ok_or_else(|| format!("no checksum page {}/{}", req.level, req.index)),
+            KIND_PAGE => local
+                .page_ids(req.index)
+                .map(|ids| ids.iter().flat_map(|id| id.0).collect())
+                .ok_or_else(|| format!("slice page {} is damaged here too", req.index)),
+            other => Err(format!("unknown repair request {other}")),
+        }
+    }
+}

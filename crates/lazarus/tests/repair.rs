@@ -1,0 +1,197 @@
+//! Guards the Repair issue: a primary's damaged slice pages are rebuilt from live or
+//! dead replicas wherever the Merkle checksums prove a copy current, and otherwise
+//! answer EIO — never wrong data. Real `lazarus up` clusters, real clients (qemu-io),
+//! damage injected on disk with `lazarus fault corrupt`.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+fn qemu_io(uri: &str, cmds: &[&str]) -> (bool, String) {
+    let mut args = vec!["-f", "raw"];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(uri);
+    let o = run_out("qemu-io", &args);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let ok = o.status.success() && !text.contains("error") && !text.contains("failed");
+    (ok, text)
+}
+
+fn must(uri: &str, cmds: &[&str]) {
+    let (ok, text) = qemu_io(uri, cmds);
+    assert!(ok, "qemu-io {cmds:?}: {text}");
+}
+
+fn events(up: &Up) -> Vec<Value> {
+    up.get(1, "/api/v1/repairs").unwrap()["events"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn source_of(up: &Up, page: u64) -> String {
+    events(up)
+        .iter()
+        .rev()
+        .find(|e| e["page"] == page)
+        .and_then(|e| e["source"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn corrupt(up: &Up, node: &str, lba: u64) {
+    let out = up.cli_ok(&[
+        "fault",
+        "corrupt",
+        "--node",
+        node,
+        "--volume",
+        "vol0",
+        "--lba",
+        &lba.to_string(),
+    ]);
+    assert!(out.contains("damaged"), "{out}");
+}
+
+/// The patent's FIG. 7 story: pages written while both replicas were live, after one
+/// died, and after both died; each damaged on the primary; reads repair the first from
+/// either dead replica, the second only from the replica that died later, and answer
+/// the third with EIO (until it is rewritten whole).
+#[test]
+fn fig7_three_phases_then_damage() {
+    require("qemu-io");
+    let tmp = tempfile::tempdir().unwrap();
+    let up = Up::start(&tmp.path().join("c"), "64MiB");
+    let u = up.uri(1, "vol0");
+    // Phase 1: both replicas live. Page 0.
+    must(&u, &["write -P 0x11 0 1M", "flush"]);
+    // Phase 2: n3 dead (replication to it cut). Page 1.
+    up.cli_ok(&["fault", "drop", "--from", "n1", "--to", "n3"]);
+    must(&u, &["write -P 0x22 1M 1M", "flush"]);
+    // Phase 3: n2 dead too. Page 2.
+    up.cli_ok(&["fault", "drop", "--from", "n1", "--to", "n2"]);
+    must(&u, &["write -P 0x33 2M 1M", "flush"]);
+    let m = up.volume_meta(1, "vol0").unwrap();
+    assert_eq!(m["states"]["2"], "dead", "{m}");
+    assert_eq!(m["states"]["3"], "dead", "{m}");
+
+    for lba in [0, 256, 512] {
+        corrupt(&up, "n1", lba);
+    }
+    // Reads repair before answering.
+    must(&u, &["read -P 0x11 0 1M"]);
+    let s0 = source_of(&up, 0);
+    assert!(s0 == "dead n2" || s0 == "dead n3", "page 0 from {s0:?}");
+    must(&u, &["read -P 0x22 1M 1M"]);
+    assert_eq!(source_of(&up, 1), "dead n2", "page 1 is current only on n2");
+    // Page 2 exists nowhere else: EIO, never stale or zero data.
+    let (ok, text) = qemu_io(&u, &["read 2M 1M"]);
+    assert!(!ok && text.contains("Input/output error"), "{text}");
+    let (ok, _) = qemu_io(&u, &["read 2M 4k"]);
+    assert!(!ok);
+    assert_eq!(source_of(&up, 2), "unrecoverable");
+    // Listed in status, as a range, in --json.
+    let j: Value =
+        serde_json::from_str(&up.cli_ok(&["status", "--json", "--api", &up.admin(1)])).unwrap();
+    let vol = j["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "vol0")
+        .unwrap()
+        .clone();
+    assert_eq!(vol["unrecoverable_lbas"], 256, "{vol}");
+    assert_eq!(vol["unrecoverable"][0]["first_lba"], 512, "{vol}");
+    // `lazarus repair` reports it too.
+    let out = up.cli_ok(&["repair", "--volume", "vol0"]);
+    assert!(
+        out.contains("unrecoverable") && out.contains("512+256"),
+        "{out}"
+    );
+    // A page partly rewritten stays unrecoverable in its other LBAs...
+    must(&u, &["write -P 0x44 2M 4k", "flush"]);
+    must(&u, &["read -P 0x44 2M 4k"]);
+    let (ok, _) = qemu_io(&u, &["read 2100k 4k"]);
+    assert!(!ok, "an unknown LBA of a partly rewritten page was served");
+    // ...and a full rewrite makes it whole.
+    must(&u, &["write -P 0x55 2M 1M", "flush", "read -P 0x55 2M 1M"]);
+    // The repaired pages survive a restart of the primary's checkpointed state.
+    must(&u, &["read -P 0x11 0 1M", "read -P 0x22 1M 1M"]);
+}
+
+/// Union over dead replicas, and a copy that cannot serve its page is skipped: pages
+/// 0 and 1 are current on both dead replicas, but n3's copy of page 0 and n2's copy of
+/// page 1 are damaged too; page 0 comes from n2, page 1 from n3. Client I/O to other
+/// pages runs meanwhile, unaffected.
+#[test]
+fn union_of_dead_replicas_and_damaged_sources_skipped() {
+    require("qemu-io");
+    let tmp = tempfile::tempdir().unwrap();
+    let up = Up::start(&tmp.path().join("c"), "64MiB");
+    let u = up.uri(1, "vol0");
+    must(&u, &["write -P 0x61 0 1M", "write -P 0x62 1M 1M", "flush"]);
+    up.cli_ok(&["fault", "drop", "--from", "n1", "--to", "n2"]);
+    up.cli_ok(&["fault", "drop", "--from", "n1", "--to", "n3"]);
+    must(&u, &["write -P 0x70 8M 1M", "flush"]);
+    let m = up.volume_meta(1, "vol0").unwrap();
+    assert_eq!(m["states"]["2"], "dead", "{m}");
+    assert_eq!(m["states"]["3"], "dead", "{m}");
+    corrupt(&up, "n3", 0);
+    corrupt(&up, "n2", 256);
+    corrupt(&up, "n1", 0);
+    corrupt(&up, "n1", 256);
+    // Concurrent client I/O on other pages while the repairs run.
+    let uri = u.clone();
+    let busy = std::thread::spawn(move || {
+        let t0 = Instant::now();
+        let mut rounds = 0;
+        while t0.elapsed() < Duration::from_secs(2) {
+            let (ok, text) = qemu_io(
+                &uri,
+                &[
+                    "write -P 0x7a 16M 256k",
+                    "read -P 0x7a 16M 256k",
+                    "read -P 0x70 8M 1M",
+                ],
+            );
+            assert!(ok, "I/O to healthy pages failed during repair: {text}");
+            rounds += 1;
+        }
+        rounds
+    });
+    let out = up.cli_ok(&["repair", "--volume", "vol0"]);
+    assert!(busy.join().unwrap() > 0);
+    assert!(out.contains("dead n2") && out.contains("dead n3"), "{out}");
+    assert_eq!(source_of(&up, 0), "dead n2");
+    assert_eq!(source_of(&up, 1), "dead n3");
+    must(&u, &["read -P 0x61 0 1M", "read -P 0x62 1M 1M"]);
+    let r = up.get(1, "/api/v1/repairs").unwrap();
+    assert_eq!(r["counters"]["vol0"]["from_dead"], 2, "{r}");
+}
+
+/// A live replica is the first source, and a repair of a page a client wrote to after
+/// the damage only fills the LBAs still unknown.
+#[test]
+fn repair_from_live_replica_keeps_newer_writes() {
+    require("qemu-io");
+    let tmp = tempfile::tempdir().unwrap();
+    let up = Up::start(&tmp.path().join("c"), "64MiB");
+    let u = up.uri(1, "vol0");
+    must(&u, &["write -P 0x15 4M 1M", "flush"]);
+    corrupt(&up, "n1", 4 * 256);
+    must(&u, &["read -P 0x15 4M 1M"]);
+    assert!(source_of(&up, 4).starts_with("live "), "{:?}", events(&up));
+    corrupt(&up, "n1", 4 * 256);
+    // Written after the damage: the primary knows these LBAs again.
+    must(&u, &["write -P 0x16 4M 8k", "flush"]);
+    must(&u, &["read -P 0x16 4M 8k", "read -P 0x15 4104k 1016k"]);
+    let roots: Vec<String> = (1..=3).map(|n| up.root(n, "vol0")).collect();
+    assert!(roots.iter().all(|r| *r == roots[0]), "{roots:?}");
+}
