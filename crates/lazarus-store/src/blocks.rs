@@ -439,6 +439,50 @@ impl BlockStore {
         Ok(BlockId::hash_of(buf) == id)
     }
 
+    /// Writes `data` (already verified against `id`) into the slot of `id`, under the
+    /// index lock so the slot cannot change hands meanwhile.
+    pub fn rewrite(&self, id: BlockId, data: &[u8]) -> Result<bool, StoreError> {
+        let ix = self.inner.lock();
+        let Some(e) = ix.map.get(&id) else {
+            return Ok(false);
+        };
+        self.data
+            .write_at(data, e.slot * BLOCK_SIZE_U64)
+            .map_err(|e| StoreError::io(self.data.path(), e))?;
+        tracing::info!(id = %id.to_hex(), slot = e.slot, "corrupt block restored from another copy");
+        Ok(true)
+    }
+
+    /// Reads every stored block and returns up to `max` ids whose content no longer
+    /// hashes to them (or cannot be read).
+    pub fn verify_all(&self, max: usize) -> Result<Vec<BlockId>, StoreError> {
+        let entries: Vec<(BlockId, u64)> = {
+            let ix = self.inner.lock();
+            ix.map.iter().map(|(id, e)| (*id, e.slot)).collect()
+        };
+        let mut bad = Vec::new();
+        let mut buf = vec![0u8; BLOCK_SIZE];
+        for (id, slot) in entries {
+            let ok = self.data.read_at(&mut buf, slot * BLOCK_SIZE_U64).is_ok()
+                && BlockId::hash_of(&buf) == id;
+            // The slot may have been freed and reused meanwhile: check it still holds id.
+            if !ok
+                && self
+                    .inner
+                    .lock()
+                    .map
+                    .get(&id)
+                    .is_some_and(|e| e.slot == slot)
+            {
+                bad.push(id);
+                if bad.len() >= max {
+                    break;
+                }
+            }
+        }
+        Ok(bad)
+    }
+
     /// Where `id` is stored (file offset in blocks.dat), for tools and fault injection.
     pub fn locate(&self, id: BlockId) -> Option<u64> {
         self.inner

@@ -45,7 +45,11 @@ pub enum ReadError {
     #[error("LBA {0:?} is in a damaged slice page and could not be recovered")]
     Unrecoverable(Lba),
     #[error("block for LBA {lba:?} is corrupt or missing (id {id})")]
-    CorruptBlock { lba: Lba, id: String },
+    CorruptBlock {
+        lba: Lba,
+        id: String,
+        block: lazarus_types::BlockId,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }

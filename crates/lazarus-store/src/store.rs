@@ -623,6 +623,34 @@ impl Store {
         Ok(Ok(filled))
     }
 
+    /// Puts back the content of a stored block that failed verification (`data` was
+    /// fetched from another node and hashes to `id`). False if this node no longer
+    /// stores `id`.
+    pub fn restore_block(&self, id: BlockId, data: &[u8]) -> Result<bool, StoreError> {
+        if BlockId::hash_of(data) != id {
+            return Err(StoreError::Invalid(
+                "restored block does not hash to its id".into(),
+            ));
+        }
+        self.blocks.rewrite(id, data)
+    }
+
+    /// Verifies every stored block (the scrubber); returns the ids that fail.
+    pub fn verify_blocks(&self, max: usize) -> Result<Vec<BlockId>, StoreError> {
+        self.blocks.verify_all(max)
+    }
+
+    /// Where the block mapped at `lba` is stored (offset in blocks.dat).
+    pub fn block_offset(&self, vol: &Volume, lba: Lba) -> Option<u64> {
+        vol.id_at(lba)
+            .filter(|i| !i.is_zero())
+            .and_then(|i| self.blocks.locate(i))
+    }
+
+    pub fn blocks_path(&self) -> PathBuf {
+        self.dir.join("blocks.dat")
+    }
+
     /// Whether the block `id` is stored here (not verified; reading verifies).
     pub fn has_block(&self, id: BlockId) -> bool {
         id.is_zero() || self.blocks.locate(id).is_some()
@@ -745,6 +773,7 @@ impl Store {
                     return Err(ReadError::CorruptBlock {
                         lba: l,
                         id: id.to_hex(),
+                        block: id,
                     });
                 }
                 id = now;

@@ -842,6 +842,75 @@ impl Volume {
         Ok(true)
     }
 
+    /// Scrubs slice page `p` on disk: a page whose on-disk image no longer hashes to
+    /// its recorded checksum while this node still holds it (in memory, verified) is
+    /// queued to be written again from memory at the next checkpoint. Pages changed
+    /// since the last checkpoint, and pages already known damaged, are skipped.
+    /// Returns whether the disk copy was bad.
+    pub fn scrub_slice_page(&self, p: u64) -> Result<bool, StoreError> {
+        let mut b = vec![0u8; BLOCK_SIZE];
+        let read = self.slice.read_at(&mut b, slice_page_offset(p));
+        let mut st = self.state.lock();
+        Volume::refresh_tree(&mut st);
+        if st.dirty.contains(&p) || st.damaged.contains_key(&p) {
+            return Ok(false);
+        }
+        let recorded = st.levels[0][p as usize];
+        if read.is_ok() && Checksum::of_page(&b) == recorded {
+            return Ok(false);
+        }
+        let mem = match st.pages.get(&p) {
+            Some(pg) => Checksum::of_page(&encode_page(&pg[..])),
+            None => Checksum::ZERO,
+        };
+        if mem != recorded {
+            // Memory does not match the tree either: treat as damaged (repair decides).
+            st.pages.remove(&p);
+            st.damaged.insert(p, [u64::MAX; FANOUT / 64]);
+            st.damage_dirty = true;
+            tracing::error!(volume = %self.meta.name, page = p, "slice page damaged on disk and in memory");
+            return Ok(true);
+        }
+        st.dirty.insert(p);
+        if st.pages.contains_key(&p) {
+            st.allocated.insert(p);
+        }
+        tracing::warn!(volume = %self.meta.name, page = p, "slice page damaged on disk; rewritten from the verified copy in memory at the next checkpoint");
+        Ok(true)
+    }
+
+    /// Checks checksum-file page `j` of level `k` (0 = level 1) on disk against the
+    /// level above; a damaged one is rebuilt from the level below (held in memory) at
+    /// the next checkpoint. Returns whether it was damaged.
+    pub fn scrub_checksum_page(&self, k: usize, j: u64) -> Result<bool, StoreError> {
+        let lens = level_lens(self.meta.page_count());
+        if k + 1 >= lens.len() || j >= lens[k].div_ceil(FANOUT_U64) {
+            return Ok(false);
+        }
+        let mut b = vec![0u8; BLOCK_SIZE];
+        let read = self.cksum.read_at(&mut b, cksum_page_offset(&lens, k, j));
+        let mut st = self.state.lock();
+        Volume::refresh_tree(&mut st);
+        if st.dirty_ck.contains(&(k, j)) {
+            return Ok(false);
+        }
+        if read.is_ok() && Checksum::of_page(&b) == st.levels[k + 1][j as usize] {
+            return Ok(false);
+        }
+        st.dirty_ck.insert((k, j));
+        tracing::warn!(volume = %self.meta.name, level = k + 1, page = j, "checksum page damaged on disk; rebuilt from the level below at the next checkpoint");
+        Ok(true)
+    }
+
+    /// Number of checksum-file pages per level below the root (level 1 first).
+    pub fn checksum_pages_per_level(&self) -> Vec<u64> {
+        let lens = level_lens(self.meta.page_count());
+        lens[..lens.len() - 1]
+            .iter()
+            .map(|n| n.div_ceil(FANOUT_U64))
+            .collect()
+    }
+
     /// Damaged LBA ranges `(first_lba, count)`, merged.
     pub fn damaged_ranges(&self) -> Vec<(u64, u64)> {
         let st = self.state.lock();

@@ -104,6 +104,7 @@ pub fn router(state: AppState) -> Router {
             axum::routing::post(repair_volume),
         )
         .route("/api/v1/repairs", get(repairs))
+        .route("/api/v1/scrub", axum::routing::post(scrub))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .with_state(state)
 }
@@ -417,16 +418,29 @@ async fn fault_corrupt(
             format!("lba {} is past the end of volume {:?}", req.lba, req.volume),
         ));
     }
-    if req.target != "slice" {
+    if !["slice", "checksum", "block"].contains(&req.target.as_str()) {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
-            format!("target {:?} is not supported yet (slice)", req.target),
+            format!("target {:?}: use slice, checksum or block", req.target),
         ));
     }
     let store = s.engine.store.clone();
     let r = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, ApiError> {
         store.checkpoint()?;
-        let (path, offset) = v.locate_page(Lba(req.lba));
+        let page = req.lba / lazarus_types::FANOUT_U64;
+        let (path, offset) = match req.target.as_str() {
+            "slice" => v.locate_page(Lba(req.lba)),
+            "checksum" => v.locate_checksum_page(Lba(req.lba)),
+            _ => (
+                store.blocks_path(),
+                store.block_offset(&v, Lba(req.lba)).ok_or_else(|| {
+                    ApiError(
+                        StatusCode::BAD_REQUEST,
+                        format!("lba {} maps no stored block", req.lba),
+                    )
+                })?,
+            ),
+        };
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -442,10 +456,14 @@ async fn fault_corrupt(
         f.write_all_at(&b, offset)
             .and_then(|_| f.sync_data())
             .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-        let page = req.lba / lazarus_types::FANOUT_U64;
-        let damaged = v.reload_page(page)?;
-        tracing::warn!(volume = %req.volume, page, damaged, "fault injected: slice page corrupted on disk");
-        Ok(json!({ "volume": req.volume, "page": page, "file": path, "offset": offset, "damaged": damaged }))
+        // Drop what the node holds of it: the next access sees the device's bytes.
+        let damaged = match req.target.as_str() {
+            "slice" => v.reload_page(page)?,
+            "checksum" => v.scrub_checksum_page(0, page / lazarus_types::FANOUT_U64)?,
+            _ => true, // blocks are read from disk on every access
+        };
+        tracing::warn!(volume = %req.volume, target = %req.target, page, damaged, "fault injected: corrupted on disk");
+        Ok(json!({ "volume": req.volume, "target": req.target, "page": page, "file": path, "offset": offset, "damaged": damaged }))
     })
     .await
     .map_err(join_err)??;
@@ -483,4 +501,24 @@ async fn repair_volume(
 
 async fn repairs(State(s): State<AppState>) -> Json<serde_json::Value> {
     Json(s.engine.repair.report())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ScrubReq {
+    #[serde(default)]
+    pub volume: Option<String>,
+}
+
+async fn scrub(
+    State(s): State<AppState>,
+    body: Result<Json<ScrubReq>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(req) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    if let Some(v) = &req.volume {
+        find(&s, v)?;
+    }
+    let mut r = s.engine.scrub(req.volume.as_deref()).await;
+    r["node"] = json!(s.node_id);
+    Ok(Json(r))
 }

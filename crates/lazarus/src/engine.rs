@@ -21,6 +21,8 @@ pub struct IoError {
     /// The damaged slice page that made this read fail, if that is why: a primary
     /// repairs it and reads again.
     pub damaged_page: Option<u64>,
+    /// The stored block that failed verification, if that is why.
+    pub damaged_block: Option<lazarus_types::BlockId>,
 }
 
 impl IoError {
@@ -29,6 +31,7 @@ impl IoError {
             errno,
             message: message.into(),
             damaged_page: None,
+            damaged_block: None,
         }
     }
 }
@@ -39,8 +42,13 @@ impl From<ReadError> for IoError {
             ReadError::Unrecoverable(lba) => Some(lba.page().0),
             _ => None,
         };
+        let block = match &e {
+            ReadError::CorruptBlock { block, .. } => Some(*block),
+            _ => None,
+        };
         IoError {
             damaged_page: page,
+            damaged_block: block,
             ..IoError::new(EIO, e.to_string())
         }
     }

@@ -53,6 +53,14 @@ enum Cmd {
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=9))]
         nodes: u16,
     },
+    /// Scrub every node's disk now: slice pages, checksum pages, blocks; repairs what
+    /// it finds.
+    Scrub {
+        #[arg(long)]
+        volume: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Repair every known-damaged page of a volume now, from live or dead replicas.
     Repair {
         #[arg(long)]
@@ -154,7 +162,7 @@ enum FaultOp {
         volume: String,
         #[arg(long)]
         lba: u64,
-        #[arg(long, default_value = "slice", value_parser = ["slice"])]
+        #[arg(long, default_value = "slice", value_parser = ["slice", "checksum", "block"])]
         target: String,
     },
     /// Undo `drop` (all of them without arguments).
@@ -280,6 +288,51 @@ fn client_command(cmd: Cmd) -> anyhow::Result<()> {
                     "blocks stored: {}  slots: {}  free: {}  missing: {}",
                     b["blocks"], b["slots"], b["free_slots"], b["missing"]
                 );
+            }
+        }
+        Cmd::Scrub { volume, target } => {
+            let api = client::Api::discover(target.api.as_deref(), &target.data)?;
+            let (code, c) = api.get("/api/v1/cluster")?;
+            let admins: Vec<String> = if code == 200 {
+                c["metadata"]["nodes"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|(_, n)| n["admin"].as_str().map(|a| format!("http://{a}")))
+                    .collect()
+            } else {
+                vec![String::new()]
+            };
+            for a in admins {
+                let api = if a.is_empty() {
+                    client::Api::discover(target.api.as_deref(), &target.data)?
+                } else {
+                    client::Api::new(&a)
+                };
+                match api.post("/api/v1/scrub", &json!({ "volume": volume })) {
+                    Ok(r) => {
+                        let r = client::ok(r)?;
+                        println!(
+                            "node {}: blocks bad {} (restored {}), {} ms",
+                            r["node"].as_str().unwrap_or("?"),
+                            r["blocks_bad"],
+                            r["blocks_restored"],
+                            r["elapsed_ms"]
+                        );
+                        for v in r["volumes"].as_array().into_iter().flatten() {
+                            println!(
+                                "  {}: slice pages {} checked, {} bad; checksum pages {} checked, {} rebuilt; repairs {}",
+                                v["volume"].as_str().unwrap_or("?"),
+                                v["slice_pages_checked"],
+                                v["slice_pages_bad"],
+                                v["checksum_pages_checked"],
+                                v["checksum_pages_rebuilt"],
+                                v["repairs"]
+                            );
+                        }
+                    }
+                    Err(e) => println!("{a}: not reachable ({e})"),
+                }
             }
         }
         Cmd::Repair { volume, target } => {

@@ -416,16 +416,24 @@ async fn execute(
             let start = out.len();
             out.resize(start + hdr + req.length as usize, 0);
             let mut r = engine.read_into(vol, req.offset, &mut out[start + hdr..]);
-            if let Err(IoError {
-                damaged_page: Some(p),
-                ..
-            }) = &r
-            {
-                // A damaged slice page: repaired before the read is answered (bounded),
-                // then read again; still damaged answers EIO, never stale data.
-                if engine.repair_before_read(vol, *p).await {
-                    r = engine.read_into(vol, req.offset, &mut out[start + hdr..]);
+            // A damaged slice page or block is repaired before the read is answered
+            // (bounded), then read again; still damaged answers EIO, never wrong data.
+            for _ in 0..4 {
+                let fixed = match &r {
+                    Err(IoError {
+                        damaged_page: Some(p),
+                        ..
+                    }) => engine.repair_before_read(vol, *p).await,
+                    Err(IoError {
+                        damaged_block: Some(id),
+                        ..
+                    }) => engine.repair_block(&vol.meta.name, *id).await,
+                    _ => break,
+                };
+                if !fixed {
+                    break;
                 }
+                r = engine.read_into(vol, req.offset, &mut out[start + hdr..]);
             }
             match r {
                 Ok(()) => {

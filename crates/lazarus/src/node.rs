@@ -97,6 +97,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             c.reconcile();
             c.watch_primaries();
             c.lease_loop();
+            engine.background_repair();
             c.resync_loop();
             c.start_up(
                 lazarus_cluster::NodeInfo {

@@ -40,8 +40,9 @@ const EVENTS_KEPT: usize = 200;
 #[derive(Debug, Clone, Serialize)]
 pub struct RepairEvent {
     pub volume: String,
-    pub page: u64,
-    pub first_lba: u64,
+    /// The slice page repaired (absent for a block).
+    pub page: Option<u64>,
+    pub first_lba: Option<u64>,
     /// "live n2", "dead n3", or "unrecoverable".
     pub source: String,
     pub unix_ms: u64,
@@ -53,6 +54,7 @@ pub struct RepairCounters {
     pub from_dead: u64,
     pub unrecoverable: u64,
     pub rejected_copies: u64,
+    pub blocks_restored: u64,
 }
 
 #[derive(Default)]
@@ -76,12 +78,13 @@ impl RepairState {
         })
     }
 
-    fn record(&self, volume: &str, page: u64, source: &str) {
+    fn record(&self, volume: &str, page: Option<u64>, source: &str) {
         let mut c = self.0.counters.lock();
         let e = c.entry(volume.to_string()).or_default();
         match source.split(' ').next() {
             Some("live") => e.from_live += 1,
             Some("dead") => e.from_dead += 1,
+            Some("block") => e.blocks_restored += 1,
             _ => e.unrecoverable += 1,
         }
         drop(c);
@@ -92,7 +95,7 @@ impl RepairState {
         ev.push_back(RepairEvent {
             volume: volume.to_string(),
             page,
-            first_lba: page * FANOUT_U64,
+            first_lba: page.map(|p| p * FANOUT_U64),
             source: source.to_string(),
             unix_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -214,7 +217,7 @@ impl Engine {
             .failed_at
             .lock()
             .insert((name.clone(), p), Instant::now());
-        self.repair.record(&name, p, "unrecoverable");
+        self.repair.record(&name, Some(p), "unrecoverable");
         Outcome::Unrecoverable
     }
 
@@ -225,7 +228,7 @@ impl Engine {
             .failed_at
             .lock()
             .remove(&(volume.to_string(), p));
-        self.repair.record(volume, p, &source);
+        self.repair.record(volume, Some(p), &source);
         Outcome::Repaired(source)
     }
 
@@ -343,6 +346,46 @@ impl Engine {
         }
     }
 
+    /// Restores a stored block that failed verification, fetched by id from any other
+    /// node (live or dead copy) and accepted only if it hashes to the id.
+    pub async fn repair_block(&self, volume: &str, id: BlockId) -> bool {
+        let Some(c) = self.cluster.get().cloned() else {
+            return false;
+        };
+        let meta = c.store.meta();
+        let mut nodes: Vec<NodeId> = meta
+            .volumes
+            .get(volume)
+            .map(|v| v.replicas.clone())
+            .unwrap_or_default();
+        nodes.extend(meta.nodes.keys().copied());
+        let mut seen = HashSet::new();
+        for n in nodes {
+            if n == c.id || !seen.insert(n) {
+                continue;
+            }
+            let src = self.repair_source(&c, n, volume, 0);
+            let Ok(got) = src.blocks(&[id]).await else {
+                continue;
+            };
+            let Some(data) = got.get(&id) else { continue };
+            let store = self.store.clone();
+            let data = data.clone();
+            match tokio::task::spawn_blocking(move || store.restore_block(id, &data)).await {
+                Ok(Ok(true)) => {
+                    self.repair
+                        .record(volume, None, &format!("block {} from n{n}", id.to_hex()));
+                    tracing::info!(volume, id = %id.to_hex(), source = n, "corrupt block repaired");
+                    return true;
+                }
+                Ok(Ok(false)) => return true, // no longer stored here: the read retries
+                _ => continue,
+            }
+        }
+        tracing::error!(volume, id = %id.to_hex(), "corrupt block found on no other node");
+        false
+    }
+
     /// Repairs every damaged page of `vol` now; returns (page, outcome) pairs.
     pub async fn repair_volume(&self, vol: &Volume) -> Vec<(u64, Outcome)> {
         let mut out = Vec::new();
@@ -387,5 +430,147 @@ impl Cluster {
                 .ok_or_else(|| format!("slice page {} is damaged here too", req.index)),
             other => Err(format!("unknown repair request {other}")),
         }
+    }
+}
+
+/// How often the background repairer looks for known-damaged pages to repair.
+const BACKGROUND_REPAIR_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the background scrubber walks every page and block of this node.
+const SCRUB_INTERVAL: Duration = Duration::from_secs(600);
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ScrubReport {
+    pub volume: String,
+    pub slice_pages_checked: u64,
+    /// On-disk slice pages that no longer hashed to their checksum (rewritten from the
+    /// verified copy in memory, or marked damaged when there was none).
+    pub slice_pages_bad: u64,
+    pub checksum_pages_checked: u64,
+    pub checksum_pages_rebuilt: u64,
+    /// Damaged pages and what became of them ("live n2", "dead n3", "unrecoverable").
+    pub repairs: Vec<(u64, String)>,
+}
+
+impl Engine {
+    /// Scrubs this node's copies (all, or one volume): every slice page and checksum
+    /// page on disk, every stored block (corrupt ones re-fetched by id from another
+    /// node), then repairs the damaged pages of volumes this node is primary of.
+    pub async fn scrub(&self, only: Option<&str>) -> serde_json::Value {
+        let t0 = Instant::now();
+        let mut reports = Vec::new();
+        for vol in self.store.volumes() {
+            if only.is_some_and(|n| n != vol.meta.name) {
+                continue;
+            }
+            let mut r = ScrubReport {
+                volume: vol.meta.name.clone(),
+                ..Default::default()
+            };
+            let v = vol.clone();
+            let (slice, ck) = tokio::task::spawn_blocking(move || {
+                let mut s = (0u64, 0u64);
+                for p in 0..v.meta.page_count() {
+                    s.0 += 1;
+                    if v.scrub_slice_page(p).unwrap_or(false) {
+                        s.1 += 1;
+                    }
+                }
+                let mut c = (0u64, 0u64);
+                for (k, n) in v.checksum_pages_per_level().into_iter().enumerate() {
+                    for j in 0..n {
+                        c.0 += 1;
+                        if v.scrub_checksum_page(k, j).unwrap_or(false) {
+                            c.1 += 1;
+                        }
+                    }
+                }
+                (s, c)
+            })
+            .await
+            .unwrap_or_default();
+            (r.slice_pages_checked, r.slice_pages_bad) = slice;
+            (r.checksum_pages_checked, r.checksum_pages_rebuilt) = ck;
+            if self.primary_epoch(&vol.meta.name).is_some() {
+                for (p, o) in self.repair_volume(&vol).await {
+                    let s = match o {
+                        Outcome::AlreadyWhole => "whole".to_string(),
+                        Outcome::Repaired(s) => s,
+                        Outcome::Unrecoverable => "unrecoverable".to_string(),
+                    };
+                    r.repairs.push((p, s));
+                }
+            }
+            reports.push(r);
+        }
+        let store = self.store.clone();
+        let bad = tokio::task::spawn_blocking(move || store.verify_blocks(10_000))
+            .await
+            .ok()
+            .and_then(|r| r.ok())
+            .unwrap_or_default();
+        let mut restored = 0;
+        let any_volume = self
+            .store
+            .volumes()
+            .first()
+            .map(|v| v.meta.name.clone())
+            .unwrap_or_default();
+        for id in &bad {
+            if self.repair_block(&any_volume, *id).await {
+                restored += 1;
+            }
+        }
+        if !bad.is_empty()
+            || reports
+                .iter()
+                .any(|r| r.slice_pages_bad + r.checksum_pages_rebuilt > 0)
+        {
+            tracing::warn!(
+                blocks_bad = bad.len(),
+                blocks_restored = restored,
+                "scrub found damage"
+            );
+        }
+        serde_json::json!({
+            "volumes": reports,
+            "blocks_bad": bad.len(),
+            "blocks_restored": restored,
+            "elapsed_ms": t0.elapsed().as_millis() as u64,
+        })
+    }
+
+    /// Background: repairs known-damaged pages of the volumes this node is primary of
+    /// (nobody has to read them first), and scrubs everything every `SCRUB_INTERVAL`.
+    pub fn background_repair(self: &Arc<Self>) {
+        let e = self.clone();
+        tokio::spawn(async move {
+            let mut last_scrub = Instant::now();
+            loop {
+                tokio::time::sleep(BACKGROUND_REPAIR_INTERVAL).await;
+                if last_scrub.elapsed() >= SCRUB_INTERVAL {
+                    last_scrub = Instant::now();
+                    e.scrub(None).await;
+                    continue;
+                }
+                for vol in e.store.volumes() {
+                    if e.primary_epoch(&vol.meta.name).is_none() {
+                        continue;
+                    }
+                    for (p, _) in vol.damaged_pages() {
+                        let key = (vol.meta.name.clone(), p);
+                        let recent = e
+                            .repair
+                            .0
+                            .failed_at
+                            .lock()
+                            .get(&key)
+                            .is_some_and(|t| t.elapsed() < RETRY_AFTER);
+                        if !recent {
+                            e.repair_page(&vol, p).await;
+                        }
+                    }
+                }
+            }
+        });
     }
 }
