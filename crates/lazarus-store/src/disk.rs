@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 pub struct DiskFile {
     file: File,
     path: PathBuf,
+    /// Injected device errors (`lazarus fault eio`): reads overlapping these byte
+    /// ranges fail with EIO until cleared.
+    read_errors: std::sync::Mutex<Vec<(u64, u64)>>,
 }
 
 impl DiskFile {
@@ -26,6 +29,7 @@ impl DiskFile {
         Ok(DiskFile {
             file,
             path: path.to_path_buf(),
+            read_errors: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -40,6 +44,13 @@ impl DiskFile {
     /// Reads exactly `buf.len()` bytes; bytes past the end of the file read as zero
     /// (a sparse or not-yet-extended region is all zeroes by definition).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        {
+            let faults = self.read_errors.lock().expect("fault list");
+            let end = offset + buf.len() as u64;
+            if faults.iter().any(|(a, n)| *a < end && offset < a + n) {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+        }
         let mut done = 0;
         while done < buf.len() {
             match self.file.read_at(&mut buf[done..], offset + done as u64) {
@@ -53,6 +64,19 @@ impl DiskFile {
             }
         }
         Ok(())
+    }
+
+    /// Makes reads of `[offset, offset + len)` fail with EIO (fault injection).
+    pub fn inject_read_error(&self, offset: u64, len: u64) {
+        self.read_errors
+            .lock()
+            .expect("fault list")
+            .push((offset, len));
+    }
+
+    /// Clears every injected read error; returns how many there were.
+    pub fn clear_read_errors(&self) -> usize {
+        std::mem::take(&mut *self.read_errors.lock().expect("fault list")).len()
     }
 
     pub fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {

@@ -902,6 +902,19 @@ impl Volume {
         Ok(true)
     }
 
+    /// Makes reads of slice page `p`'s on-disk location fail with EIO (fault
+    /// injection) and drops the cached copy: the page is damaged from now on.
+    pub fn inject_page_read_error(&self, p: u64) -> Result<bool, StoreError> {
+        self.slice
+            .inject_read_error(slice_page_offset(p), BLOCK_SIZE_U64);
+        self.reload_page(p)
+    }
+
+    /// Clears injected read errors on this volume's files.
+    pub fn clear_read_errors(&self) -> usize {
+        self.slice.clear_read_errors() + self.cksum.clear_read_errors()
+    }
+
     /// Number of checksum-file pages per level below the root (level 1 first).
     pub fn checksum_pages_per_level(&self) -> Vec<u64> {
         let lens = level_lens(self.meta.page_count());

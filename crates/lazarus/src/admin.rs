@@ -99,6 +99,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/faults/drop", axum::routing::post(fault_drop))
         .route("/api/v1/faults/heal", axum::routing::post(fault_heal))
         .route("/api/v1/faults/corrupt", axum::routing::post(fault_corrupt))
+        .route("/api/v1/faults/eio", axum::routing::post(fault_eio))
         .route(
             "/api/v1/volumes/{name}/repair",
             axum::routing::post(repair_volume),
@@ -383,7 +384,13 @@ async fn fault_heal(
         Some(id) => {
             c.drops.lock().remove(&id);
         }
-        None => c.drops.lock().clear(),
+        None => {
+            c.drops.lock().clear();
+            // Healing everything also ends injected device errors on this node.
+            for v in s.engine.store.volumes() {
+                v.clear_read_errors();
+            }
+        }
     }
     tracing::warn!(node = %s.node_id, to = ?t.to, "fault healed");
     list_faults(State(s)).await
@@ -520,5 +527,39 @@ async fn scrub(
     }
     let mut r = s.engine.scrub(req.volume.as_deref()).await;
     r["node"] = json!(s.node_id);
+    Ok(Json(r))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EioReq {
+    pub volume: String,
+    pub lba: u64,
+}
+
+/// Makes reads of the on-disk slice page holding an LBA fail with EIO until healed
+/// (`lazarus fault heal`), and drops the node's cached copy of it.
+async fn fault_eio(
+    State(s): State<AppState>,
+    body: Result<Json<EioReq>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(req) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let v = find(&s, &req.volume)?;
+    if req.lba >= v.meta.size_bytes / BLOCK_SIZE_U64 {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("lba {} is past the end of volume {:?}", req.lba, req.volume),
+        ));
+    }
+    let store = s.engine.store.clone();
+    let r = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, ApiError> {
+        store.checkpoint()?;
+        let page = req.lba / lazarus_types::FANOUT_U64;
+        let damaged = v.inject_page_read_error(page)?;
+        tracing::warn!(volume = %req.volume, page, "fault injected: reads of the slice page's location fail with EIO");
+        Ok(json!({ "volume": req.volume, "page": page, "damaged": damaged }))
+    })
+    .await
+    .map_err(join_err)??;
     Ok(Json(r))
 }

@@ -218,3 +218,17 @@ pub fn corrupt(
     );
     Ok(())
 }
+
+pub fn eio(data: &Path, node: &str, volume: &str, lba: u64) -> anyhow::Result<()> {
+    let files = ClusterFiles::load(data)?;
+    let r = client::ok(files.api(node)?.post(
+        "/api/v1/faults/eio",
+        &json!({ "volume": volume, "lba": lba }),
+    )?)?;
+    println!(
+        "{node}: reads of slice page {} of {volume} now fail with EIO (until `lazarus fault heal`); the node sees it {}",
+        r["page"],
+        if r["damaged"] == true { "damaged" } else { "intact" }
+    );
+    Ok(())
+}

@@ -165,7 +165,16 @@ enum FaultOp {
         #[arg(long, default_value = "slice", value_parser = ["slice", "checksum", "block"])]
         target: String,
     },
-    /// Undo `drop` (all of them without arguments).
+    /// Make reads of the on-disk slice page holding an LBA fail with EIO on one node.
+    Eio {
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        volume: String,
+        #[arg(long)]
+        lba: u64,
+    },
+    /// Undo `drop` (all of them without arguments; that also ends `eio` faults).
     Heal {
         #[arg(long)]
         from: Option<String>,
@@ -390,6 +399,7 @@ fn client_command(cmd: Cmd) -> anyhow::Result<()> {
                 lba,
                 target,
             } => fault::corrupt(&data, &node, &volume, lba, &target)?,
+            FaultOp::Eio { node, volume, lba } => fault::eio(&data, &node, &volume, lba)?,
         },
         Cmd::Up { .. } | Cmd::Node { .. } | Cmd::BenchRpc { .. } => {
             unreachable!("server commands are not client commands")

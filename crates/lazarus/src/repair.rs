@@ -199,7 +199,13 @@ impl Engine {
                         continue;
                     }
                 }
-                let Ok(ids) = src.page(p).await else { continue };
+                let Ok(ids) = src.page(p).await else {
+                    // Its checksum says current, but it cannot produce the page (damaged
+                    // there too): rejected, next source.
+                    tracing::warn!(volume = %name, page = p, replica = n, "dead replica proves the page current but cannot serve it; next source");
+                    self.repair.rejected(&name);
+                    continue;
+                };
                 if page_checksum(&ids) != expected {
                     // Its tree says current but the page itself is damaged: next source.
                     tracing::warn!(volume = %name, page = p, replica = n, "dead replica's page does not hash to its checksum; rejected");

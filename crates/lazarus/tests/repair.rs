@@ -174,6 +174,11 @@ fn union_of_dead_replicas_and_damaged_sources_skipped() {
     must(&u, &["read -P 0x61 0 1M", "read -P 0x62 1M 1M"]);
     let r = up.get(1, "/api/v1/repairs").unwrap();
     assert_eq!(r["counters"]["vol0"]["from_dead"], 2, "{r}");
+    // n2 proved page 1 current by its checksum but could not produce it: rejected.
+    assert!(
+        r["counters"]["vol0"]["rejected_copies"].as_u64().unwrap() >= 1,
+        "{r}"
+    );
 }
 
 /// A live replica is the first source, and a repair of a page a client wrote to after
@@ -268,4 +273,34 @@ fn blocks_checksum_pages_and_the_scrubber() {
     let back = tmp.path().join("back2.img");
     run("nbdcopy", &[&up.uri(1, "vol0"), back.to_str().unwrap()]);
     assert!(std::fs::read(&back).unwrap()[..bytes.len()] == bytes[..]);
+}
+
+/// A device error on the primary's slice page (`fault eio`): the page is repaired from a
+/// replica, reads are answered, and the node keeps working until the fault is healed.
+#[test]
+fn device_read_error_on_a_slice_page() {
+    require("qemu-io");
+    let tmp = tempfile::tempdir().unwrap();
+    let up = Up::start(&tmp.path().join("c"), "64MiB");
+    let u = up.uri(1, "vol0");
+    must(&u, &["write -P 0x42 3M 1M", "flush"]);
+    let out = up.cli_ok(&[
+        "fault", "eio", "--node", "n1", "--volume", "vol0", "--lba", "768",
+    ]);
+    assert!(out.contains("damaged"), "{out}");
+    must(&u, &["read -P 0x42 3M 1M"]);
+    assert!(source_of(&up, 3).starts_with("live "), "{:?}", events(&up));
+    // Writes and flushes (checkpoints write the page in place) keep working.
+    must(
+        &u,
+        &[
+            "write -P 0x43 3M 4k",
+            "flush",
+            "read -P 0x43 3M 4k",
+            "read -P 0x42 3076k 1020k",
+        ],
+    );
+    up.cli_ok(&["fault", "heal"]);
+    let roots: Vec<String> = (1..=3).map(|n| up.root(n, "vol0")).collect();
+    assert!(roots.iter().all(|r| *r == roots[0]), "{roots:?}");
 }
