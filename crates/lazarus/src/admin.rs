@@ -478,10 +478,18 @@ async fn fault_corrupt(
 }
 
 /// Repairs every known-damaged page of the volume now (this node must be its primary).
+#[derive(Deserialize)]
+struct RepairQuery {
+    /// Repair only this page (the CLI goes page by page to show progress).
+    page: Option<u64>,
+}
+
 async fn repair_volume(
     State(s): State<AppState>,
     Path(name): Path<String>,
+    q: Result<Query<RepairQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     let v = find(&s, &name)?;
     if s.engine.primary_epoch(&name).is_none() {
         return Err(ApiError(
@@ -489,7 +497,16 @@ async fn repair_volume(
             format!("this node is not the primary of {name:?}; ask the primary"),
         ));
     }
-    let results = s.engine.repair_volume(&v).await;
+    let results = match q.page {
+        Some(p) if p >= v.meta.page_count() => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("page {p} is past the end of {name:?}"),
+            ))
+        }
+        Some(p) => vec![(p, s.engine.repair_page(&v, p).await)],
+        None => s.engine.repair_volume(&v).await,
+    };
     let pages: Vec<serde_json::Value> = results
         .iter()
         .map(|(p, o)| {

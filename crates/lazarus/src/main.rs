@@ -360,23 +360,45 @@ fn client_command(cmd: Cmd) -> anyhow::Result<()> {
             } else {
                 api
             };
-            let r = client::ok(api.post(&format!("/api/v1/volumes/{volume}/repair"), &json!({}))?)?;
-            let pages = r["pages"].as_array().cloned().unwrap_or_default();
+            // The damaged pages, then one page at a time, with a progress bar.
+            let v = client::ok(api.get(&format!("/api/v1/volumes/{volume}"))?)?;
+            let mut pages: Vec<u64> = Vec::new();
+            for r in v["unrecoverable"].as_array().into_iter().flatten() {
+                let first = r["first_lba"].as_u64().unwrap_or(0);
+                let count = r["count"].as_u64().unwrap_or(0);
+                for p in first / 256..=(first + count.max(1) - 1) / 256 {
+                    if pages.last() != Some(&p) {
+                        pages.push(p);
+                    }
+                }
+            }
             if pages.is_empty() {
                 println!("{volume}: no damaged page");
             }
+            let t0 = std::time::Instant::now();
+            let mut tally: std::collections::BTreeMap<String, u64> = Default::default();
             for (i, p) in pages.iter().enumerate() {
+                let r = client::ok(api.post(
+                    &format!("/api/v1/volumes/{volume}/repair?page={p}"),
+                    &json!({}),
+                )?)?;
+                let source = r["pages"][0]["source"].as_str().unwrap_or("?").to_string();
+                let kind = source.split(' ').next().unwrap_or("?").to_string();
+                *tally.entry(kind).or_default() += 1;
+                status::progress_line(i + 1, pages.len(), t0.elapsed());
+                println!("page {p} (LBA {}..{}): {source}", p * 256, p * 256 + 255);
+            }
+            if !pages.is_empty() {
+                let summary: Vec<String> = tally.iter().map(|(k, n)| format!("{n} {k}")).collect();
                 println!(
-                    "[{}/{}] page {} (LBA {}..{}): {}",
-                    i + 1,
+                    "{} page(s) in {:.2} s: {}",
                     pages.len(),
-                    p["page"],
-                    p["first_lba"],
-                    p["first_lba"].as_u64().unwrap_or(0) + 255,
-                    p["source"].as_str().unwrap_or("?")
+                    t0.elapsed().as_secs_f64(),
+                    summary.join(", ")
                 );
             }
-            let un = r["unrecoverable"].as_array().cloned().unwrap_or_default();
+            let v = client::ok(api.get(&format!("/api/v1/volumes/{volume}"))?)?;
+            let un = v["unrecoverable"].as_array().cloned().unwrap_or_default();
             if !un.is_empty() {
                 let ranges: Vec<String> = un
                     .iter()

@@ -128,3 +128,26 @@ pub fn print_cluster(c: &Value) {
         );
     }
 }
+
+/// A progress bar with rate and ETA on stderr, when stderr is a terminal.
+pub fn progress_line(done: usize, total: usize, elapsed: Duration) {
+    use std::io::{IsTerminal, Write};
+    let mut err = std::io::stderr();
+    if !err.is_terminal() || total == 0 {
+        return;
+    }
+    let width = 30;
+    let filled = width * done / total;
+    let rate = done as f64 / elapsed.as_secs_f64().max(1e-3);
+    let eta = (total - done) as f64 / rate.max(1e-9);
+    let _ = write!(
+        err,
+        "\r[{}{}] {done}/{total} pages  {rate:.1}/s  ETA {eta:.0}s ",
+        "=".repeat(filled),
+        " ".repeat(width - filled)
+    );
+    if done == total {
+        let _ = writeln!(err);
+    }
+    let _ = err.flush();
+}
