@@ -497,6 +497,7 @@ async fn repair_volume(
             format!("this node is not the primary of {name:?}; ask the primary"),
         ));
     }
+    let t0 = std::time::Instant::now();
     let results = match q.page {
         Some(p) if p >= v.meta.page_count() => {
             return Err(ApiError(
@@ -518,9 +519,18 @@ async fn repair_volume(
             json!({ "page": p, "first_lba": p * lazarus_types::FANOUT_U64, "source": source })
         })
         .collect();
-    Ok(Json(
-        json!({ "volume": name, "pages": pages, "unrecoverable": volume_view(&v).unrecoverable }),
-    ))
+    let elapsed_us = t0.elapsed().as_micros() as u64;
+    let unrecoverable: Vec<DamagedRange> = v
+        .damaged_ranges()
+        .into_iter()
+        .map(|(first_lba, count)| DamagedRange { first_lba, count })
+        .collect();
+    Ok(Json(json!({
+        "volume": name,
+        "elapsed_us": elapsed_us,
+        "pages": pages,
+        "unrecoverable": unrecoverable,
+    })))
 }
 
 async fn repairs(State(s): State<AppState>) -> Json<serde_json::Value> {
