@@ -65,7 +65,7 @@ impl Engine {
         match req.op {
             Op::Read => {
                 let mut out = vec![0u8; req.length as usize];
-                self.read_into(&vol, req.offset, &mut out)?;
+                self.read_repairing(&vol, req.offset, &mut out).await?;
                 Ok(out)
             }
             Op::Write => {

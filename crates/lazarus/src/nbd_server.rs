@@ -415,26 +415,9 @@ async fn execute(
             let hdr = if structured { 28 } else { 16 };
             let start = out.len();
             out.resize(start + hdr + req.length as usize, 0);
-            let mut r = engine.read_into(vol, req.offset, &mut out[start + hdr..]);
-            // A damaged slice page or block is repaired before the read is answered
-            // (bounded), then read again; still damaged answers EIO, never wrong data.
-            for _ in 0..4 {
-                let fixed = match &r {
-                    Err(IoError {
-                        damaged_page: Some(p),
-                        ..
-                    }) => engine.repair_before_read(vol, *p).await,
-                    Err(IoError {
-                        damaged_block: Some(id),
-                        ..
-                    }) => engine.repair_block(&vol.meta.name, *id).await,
-                    _ => break,
-                };
-                if !fixed {
-                    break;
-                }
-                r = engine.read_into(vol, req.offset, &mut out[start + hdr..]);
-            }
+            let r = engine
+                .read_repairing(vol, req.offset, &mut out[start + hdr..])
+                .await;
             match r {
                 Ok(()) => {
                     if structured {

@@ -122,6 +122,36 @@ pub enum Outcome {
 }
 
 impl Engine {
+    /// A read that repairs what it finds damaged (a slice page, a block) before it is
+    /// answered (bounded), then reads again; still damaged answers EIO, never wrong
+    /// data. Reads of other pages never wait for it.
+    pub async fn read_repairing(
+        &self,
+        vol: &Volume,
+        offset: u64,
+        out: &mut [u8],
+    ) -> Result<(), crate::engine::IoError> {
+        let mut r = self.read_into(vol, offset, out);
+        for _ in 0..4 {
+            let fixed = match &r {
+                Err(crate::engine::IoError {
+                    damaged_page: Some(p),
+                    ..
+                }) => self.repair_before_read(vol, *p).await,
+                Err(crate::engine::IoError {
+                    damaged_block: Some(id),
+                    ..
+                }) => self.repair_block(&vol.meta.name, *id).await,
+                _ => break,
+            };
+            if !fixed {
+                break;
+            }
+            r = self.read_into(vol, offset, out);
+        }
+        r
+    }
+
     /// For a read that hit damaged page `p`: repairs it if this node is the volume's
     /// primary in a cluster, within `REPAIR_DEADLINE`. True if the page is whole now.
     pub async fn repair_before_read(&self, vol: &Volume, p: u64) -> bool {

@@ -89,7 +89,8 @@ fn fig7_three_phases_then_damage() {
     must(&u, &["read -P 0x11 0 1M"]);
     let s0 = source_of(&up, 0);
     assert!(s0 == "dead n2" || s0 == "dead n3", "page 0 from {s0:?}");
-    must(&u, &["read -P 0x22 1M 1M"]);
+    // Through n3, forwarded to the primary, which repairs before answering.
+    must(&up.uri(3, "vol0"), &["read -P 0x22 1M 1M"]);
     assert_eq!(source_of(&up, 1), "dead n2", "page 1 is current only on n2");
     // Page 2 exists nowhere else: EIO, never stale or zero data.
     let (ok, text) = qemu_io(&u, &["read 2M 1M"]);
