@@ -473,6 +473,10 @@ impl Cluster {
 const BACKGROUND_REPAIR_INTERVAL: Duration = Duration::from_secs(5);
 /// How often the background scrubber walks every page and block of this node.
 const SCRUB_INTERVAL: Duration = Duration::from_secs(600);
+/// Background scrub pace: a pause after every batch of pages (about 25 MiB/s of slice
+/// pages at most), so it never competes with client I/O for long.
+const SCRUB_BATCH_PAGES: u64 = 64;
+const SCRUB_PACE: Duration = Duration::from_millis(10);
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ScrubReport {
@@ -492,6 +496,16 @@ impl Engine {
     /// page on disk, every stored block (corrupt ones re-fetched by id from another
     /// node), then repairs the damaged pages of volumes this node is primary of.
     pub async fn scrub(&self, only: Option<&str>) -> serde_json::Value {
+        self.scrub_paced(only, None).await
+    }
+
+    /// `scrub`, pausing `pace` after every `SCRUB_BATCH_PAGES` pages (the background
+    /// scrubber's rate limit; `lazarus scrub` runs at full speed).
+    pub async fn scrub_paced(
+        &self,
+        only: Option<&str>,
+        pace: Option<Duration>,
+    ) -> serde_json::Value {
         let t0 = Instant::now();
         let mut reports = Vec::new();
         for vol in self.store.volumes() {
@@ -509,6 +523,10 @@ impl Engine {
                     s.0 += 1;
                     if v.scrub_slice_page(p).unwrap_or(false) {
                         s.1 += 1;
+                    }
+                    if let Some(d) = pace.filter(|_| p % SCRUB_BATCH_PAGES == SCRUB_BATCH_PAGES - 1)
+                    {
+                        std::thread::sleep(d);
                     }
                 }
                 let mut c = (0u64, 0u64);
@@ -585,7 +603,7 @@ impl Engine {
                 tokio::time::sleep(BACKGROUND_REPAIR_INTERVAL).await;
                 if last_scrub.elapsed() >= SCRUB_INTERVAL {
                     last_scrub = Instant::now();
-                    e.scrub(None).await;
+                    e.scrub_paced(None, Some(SCRUB_PACE)).await;
                     continue;
                 }
                 for vol in e.store.volumes() {
