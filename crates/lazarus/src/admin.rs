@@ -13,8 +13,74 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::sync::Arc;
 
+/// Who may call mutating endpoints: anyone when the API listens on loopback; else only
+/// requests carrying the configured token (compared in constant time).
+#[derive(Clone)]
+pub struct MutationGuard {
+    open: bool,
+    token: Option<Arc<String>>,
+}
+
+impl MutationGuard {
+    pub fn new(listen: std::net::SocketAddr, token: Option<String>) -> MutationGuard {
+        MutationGuard {
+            open: listen.ip().is_loopback(),
+            token: token.filter(|t| !t.is_empty()).map(Arc::new),
+        }
+    }
+
+    fn check(&self, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+        if self.open && self.token.is_none() {
+            return Ok(());
+        }
+        let Some(token) = &self.token else {
+            return Err(ApiError(
+                StatusCode::FORBIDDEN,
+                "this admin API listens beyond loopback and has no admin_token configured: mutating requests are refused".into(),
+            ));
+        };
+        let given = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if constant_time_eq(given.as_bytes(), token.as_bytes()) {
+            Ok(())
+        } else {
+            Err(ApiError(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong token (Authorization: Bearer TOKEN; the CLI sends $LAZARUS_TOKEN)".into(),
+            ))
+        }
+    }
+}
+
+/// Equality whose time does not depend on where the inputs differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u8 | ((a.len() ^ b.len()) >> 8) as u8;
+    for (i, y) in b.iter().enumerate() {
+        diff |= a.get(i).copied().unwrap_or(0) ^ y;
+    }
+    diff == 0
+}
+
+async fn guard_mutations(
+    State(s): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let m = req.method();
+    if m != axum::http::Method::GET && m != axum::http::Method::HEAD {
+        if let Err(e) = s.guard.check(req.headers()) {
+            return e.into_response();
+        }
+    }
+    next.run(req).await
+}
+
 #[derive(Clone)]
 pub struct AppState {
+    pub guard: MutationGuard,
     pub node_id: String,
     pub engine: Arc<Engine>,
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
@@ -86,6 +152,7 @@ pub fn volume_view(v: &Volume) -> VolumeView {
 
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route("/metrics", get(metrics))
         .route("/api/v1/health", get(health))
         .route("/api/v1/status", get(status))
         .route("/api/v1/cluster", get(cluster_status))
@@ -106,7 +173,12 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/v1/repairs", get(repairs))
         .route("/api/v1/scrub", axum::routing::post(scrub))
+        .route("/api/v1/openapi.json", get(openapi))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            guard_mutations,
+        ))
         .with_state(state)
 }
 
@@ -589,4 +661,84 @@ async fn fault_eio(
     .await
     .map_err(join_err)??;
     Ok(Json(r))
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        crate::metrics::render(&s.engine),
+    )
+        .into_response()
+}
+
+/// The API's OpenAPI 3 description.
+async fn openapi() -> Json<serde_json::Value> {
+    fn op(summary: &str) -> serde_json::Value {
+        json!({ "summary": summary, "responses": {
+            "200": { "description": "OK (JSON)" },
+            "4XX": { "description": "Bad request, unknown volume or node, missing token: {\"error\": message}" },
+            "5XX": { "description": "Server or cluster error: {\"error\": message}" } } })
+    }
+    let vol =
+        json!([{ "name": "name", "in": "path", "required": true, "schema": { "type": "string" } }]);
+    let mut p = serde_json::Map::new();
+    p.insert(
+        "/metrics".into(),
+        json!({ "get": op("Prometheus metrics (text exposition)") }),
+    );
+    p.insert(
+        "/api/v1/health".into(),
+        json!({ "get": op("Liveness: {ok, node}") }),
+    );
+    p.insert(
+        "/api/v1/status".into(),
+        json!({ "get": op("This node: volumes, block store, recovery report, repairs") }),
+    );
+    p.insert("/api/v1/cluster".into(), json!({ "get": op("Raft state, cluster metadata (nodes, volumes, placement, primaries, epochs, copy states), leases, faults, resync progress") }));
+    p.insert("/api/v1/volumes".into(), json!({
+        "get": op("Volumes held by this node"),
+        "post": { "summary": "Create a volume: {name, size (bytes or \"10GiB\"), replication_factor?}",
+                  "requestBody": { "required": true, "content": { "application/json": { "schema": {
+                      "type": "object", "required": ["name", "size"],
+                      "properties": { "name": { "type": "string" }, "size": { "oneOf": [{ "type": "integer" }, { "type": "string" }] },
+                                      "replication_factor": { "type": "integer", "minimum": 1, "maximum": 5 } } } } } },
+                  "responses": { "201": { "description": "Created" }, "400": { "description": "Bad name or size" }, "409": { "description": "Exists" } } } }));
+    p.insert("/api/v1/volumes/{name}".into(), json!({ "parameters": vol, "get": op("One volume: size, mapping, root, unrecoverable ranges"), "delete": op("Delete the volume (every copy, through the metadata)") }));
+    p.insert("/api/v1/volumes/{name}/locate".into(), json!({ "parameters": vol, "get": op("Where an LBA's slice entry, checksum page and block are on disk (?lba=)") }));
+    p.insert("/api/v1/volumes/{name}/repair".into(), json!({ "parameters": vol, "post": op("Repair the volume's damaged pages now, or one (?page=); primary only") }));
+    p.insert("/api/v1/repairs".into(), json!({ "get": op("Repairs: counters per volume, recent events with their sources, bytes moved") }));
+    p.insert(
+        "/api/v1/scrub".into(),
+        json!({ "post": op("Scrub this node's pages and blocks now ({volume?})") }),
+    );
+    p.insert(
+        "/api/v1/faults".into(),
+        json!({ "get": op("Faults injected on this node") }),
+    );
+    p.insert(
+        "/api/v1/faults/drop".into(),
+        json!({ "post": op("Fail replication traffic from this node to {to}") }),
+    );
+    p.insert(
+        "/api/v1/faults/heal".into(),
+        json!({ "post": op("Heal {to?}: drops, and (without to) injected device errors") }),
+    );
+    p.insert("/api/v1/faults/corrupt".into(), json!({ "post": op("Corrupt on disk {volume, lba, target: slice|checksum|block} and drop the cached copy") }));
+    p.insert(
+        "/api/v1/faults/eio".into(),
+        json!({ "post": op("Make reads of the slice page holding {volume, lba} fail with EIO") }),
+    );
+    p.insert(
+        "/api/v1/openapi.json".into(),
+        json!({ "get": op("This document") }),
+    );
+    Json(json!({
+        "openapi": "3.0.3",
+        "info": { "title": "Lazarus admin API", "version": env!("CARGO_PKG_VERSION"),
+                  "description": "Mutating requests (POST, DELETE) need `Authorization: Bearer TOKEN` when the API listens beyond loopback." },
+        "paths": p,
+    }))
 }

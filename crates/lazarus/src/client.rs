@@ -83,17 +83,29 @@ impl Api {
     }
 
     pub fn post(&self, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
-        let r = self
-            .agent
-            .post(&format!("{}{path}", self.base))
-            .send_json(body);
+        let mut req = self.agent.post(&format!("{}{path}", self.base));
+        if let Some(t) = token() {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        let r = req.send_json(body);
         self.handle(path, r)
     }
 
     pub fn delete(&self, path: &str) -> anyhow::Result<(u16, Value)> {
-        let r = self.agent.delete(&format!("{}{path}", self.base)).call();
+        let mut req = self.agent.delete(&format!("{}{path}", self.base));
+        if let Some(t) = token() {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        let r = req.call();
         self.handle(path, r)
     }
+}
+
+/// The admin token for mutating requests, from `$LAZARUS_TOKEN`.
+fn token() -> Option<String> {
+    std::env::var("LAZARUS_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
 }
 
 /// Turns a non-2xx answer into an error carrying the API's message.

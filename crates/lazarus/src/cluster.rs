@@ -676,7 +676,11 @@ impl Cluster {
                 (n, client.call(kind, body, REPLICATE_TIMEOUT).await)
             }
         });
+        let t0 = Instant::now();
         let results = futures::future::join_all(calls).await;
+        crate::metrics::METRICS
+            .replication_rtt
+            .observe(t0.elapsed().as_secs_f64());
         for (node, r) in results {
             if let Err(e) = r {
                 tracing::warn!(volume, replica = node, error = %e, "replica failed an update; marking it dead");

@@ -28,6 +28,11 @@ pub struct NodeConfig {
     /// The other members of the cluster.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<PeerConfig>,
+    /// Token required (as `Authorization: Bearer TOKEN`) by the admin API's mutating
+    /// endpoints when `admin_listen` is not a loopback address. Without one, such a
+    /// node refuses every mutating request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -9,6 +9,7 @@ mod engine;
 mod fault;
 mod forward;
 mod lease;
+mod metrics;
 mod nbd_server;
 mod node;
 mod repair;

@@ -347,9 +347,53 @@ fn runs_inline(req: &Request) -> bool {
         && !req.fua()
 }
 
-/// Executes one request and appends its reply to `out`.
+/// Executes one request, appends its reply to `out`, and records its metrics.
 #[allow(clippy::too_many_arguments)]
 async fn execute(
+    engine: &Engine,
+    ex: &Export,
+    bound: Option<u64>,
+    req: Request,
+    payload: &[u8],
+    size: u64,
+    structured: bool,
+    out: &mut Vec<u8>,
+) {
+    let t0 = std::time::Instant::now();
+    let start = out.len();
+    let (command, length) = (req.command, req.length as u64);
+    execute_inner(engine, ex, bound, req, payload, size, structured, out).await;
+    use crate::metrics::Op;
+    let op = match command {
+        Command::Read => Op::Read,
+        Command::Write => Op::Write,
+        Command::Flush => Op::Flush,
+        Command::Trim => Op::Trim,
+        Command::WriteZeroes => Op::WriteZeroes,
+        Command::Disconnect | Command::Unknown(_) => return,
+    };
+    let ok = reply_ok(&out[start..]);
+    let bytes = match op {
+        Op::Read | Op::Write if ok => length,
+        _ => 0,
+    };
+    crate::metrics::record_request(&ex.name, op, bytes, t0.elapsed(), ok);
+}
+
+/// Whether the reply starting at `r` reports success (simple or structured).
+fn reply_ok(r: &[u8]) -> bool {
+    if r.len() < 8 {
+        return false;
+    }
+    match u32::from_be_bytes(r[0..4].try_into().expect("4 bytes")) {
+        0x6744_6698 => r[4..8] == [0, 0, 0, 0],
+        0x668e_33ef => u16::from_be_bytes([r[6], r[7]]) & 0x8000 == 0,
+        _ => false,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn execute_inner(
     engine: &Engine,
     ex: &Export,
     bound: Option<u64>,

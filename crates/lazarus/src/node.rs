@@ -114,7 +114,9 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let guard = admin::MutationGuard::new(cfg.admin_listen, cfg.admin_token.clone());
     let app = admin::router(admin::AppState {
+        guard,
         node_id: cfg.id.clone(),
         engine: engine.clone(),
         cluster,

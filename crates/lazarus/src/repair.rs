@@ -79,6 +79,13 @@ impl RepairState {
     }
 
     fn record(&self, volume: &str, page: Option<u64>, source: &str) {
+        crate::metrics::METRICS
+            .repairs
+            .get_or_create(&crate::metrics::SourceLabels {
+                volume: volume.to_string(),
+                source: source.split(' ').next().unwrap_or("?").to_string(),
+            })
+            .inc();
         let mut c = self.0.counters.lock();
         let e = c.entry(volume.to_string()).or_default();
         match source.split(' ').next() {

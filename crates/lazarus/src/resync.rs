@@ -202,6 +202,13 @@ impl Source {
         let body = rpc::pack(&json, raw);
         let reply = self.client.call(kind, &body, RESYNC_RPC_TIMEOUT).await?;
         let moved = (body.len() + reply.len()) as u64;
+        let m = &*crate::metrics::METRICS;
+        let l = crate::metrics::vol(&self.req.volume);
+        if self.req.repair {
+            m.repair_bytes.get_or_create(&l).inc_by(moved);
+        } else {
+            m.resync_bytes.get_or_create(&l).inc_by(moved);
+        }
         self.state.update(&self.req.volume, |p| match kind {
             KIND_TREE | KIND_RESYNC_BEGIN => p.tree_bytes += moved,
             KIND_PAGE => p.page_bytes += moved,
@@ -497,6 +504,10 @@ impl Cluster {
             let mut clean = true;
             for p in pages {
                 clean &= self.copy_page(&local, &src, p).await?;
+                crate::metrics::METRICS
+                    .resync_pages
+                    .get_or_create(&crate::metrics::vol(&v.name))
+                    .inc();
                 self.resync.update(&v.name, |pr| pr.pages_copied += 1);
             }
             previous_clean = clean;

@@ -89,6 +89,7 @@ fn node_config(args: &UpArgs, i: usize) -> anyhow::Result<NodeConfig> {
         } else {
             Vec::new()
         },
+        admin_token: None,
     })
 }
 

@@ -10,6 +10,10 @@ use common::*;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The admin API listens on the namespace's address, not loopback: mutating requests
+/// need this token.
+const TOKEN: &str = "netns-test-token-7f3a";
+
 struct Namespaces {
     prefix: String,
     children: Vec<Child>,
@@ -71,9 +75,14 @@ impl Namespaces {
     }
 
     fn exec(&self, i: usize, cmd: &str, args: &[&str]) -> std::process::Output {
+        self.exec_env(i, cmd, args, TOKEN)
+    }
+
+    fn exec_env(&self, i: usize, cmd: &str, args: &[&str], token: &str) -> std::process::Output {
         Command::new("ip")
             .args(["netns", "exec", &self.ns(i), cmd])
             .args(args)
+            .env("LAZARUS_TOKEN", token)
             .output()
             .unwrap()
     }
@@ -111,7 +120,7 @@ fn three_nodes_in_three_network_namespaces() {
         let dir = tmp.path().join(format!("n{i}"));
         std::fs::create_dir_all(&dir).unwrap();
         let mut cfg = format!(
-            "id = \"n{i}\"\ndata_dir = \"{}\"\nnbd_listen = \"{}:10809\"\nadmin_listen = \"{}:10819\"\nrpc_listen = \"{}:10829\"\njournal_bytes = 16777216\n",
+            "id = \"n{i}\"\ndata_dir = \"{}\"\nnbd_listen = \"{}:10809\"\nadmin_listen = \"{}:10819\"\nrpc_listen = \"{}:10829\"\njournal_bytes = 16777216\nadmin_token = \"{TOKEN}\"\n",
             dir.display(),
             addr(i),
             addr(i),
@@ -137,6 +146,34 @@ fn three_nodes_in_three_network_namespaces() {
         n.children.push(child);
     }
     let api = |i: usize| format!("http://{}:10819", addr(i));
+    // Off loopback, a mutating request without the right token is refused and changes
+    // nothing (tried until the node answers at all).
+    let t0 = Instant::now();
+    loop {
+        let o = n.exec_env(
+            1,
+            BIN,
+            &[
+                "volume",
+                "create",
+                "nope",
+                "--size",
+                "64MiB",
+                "--api",
+                &api(1),
+            ],
+            "wrong-token",
+        );
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        if err.contains("HTTP 401") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30) && !o.status.success(),
+            "a wrong token was not refused: {err}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
     // The cluster forms across the namespaces; create a volume through n1's API.
     let t0 = Instant::now();
     loop {
@@ -202,4 +239,10 @@ fn three_nodes_in_three_network_namespaces() {
         })
         .collect();
     assert!(roots.iter().all(|r| *r == roots[0]), "{roots:?}");
+    let o = n.exec(
+        1,
+        "curl",
+        &["-s", &format!("{}/api/v1/volumes/nope", api(1))],
+    );
+    assert!(String::from_utf8_lossy(&o.stdout).contains("does not exist"));
 }

@@ -1,0 +1,218 @@
+//! Prometheus metrics at `/metrics` (prometheus-client; names and labels in Prometheus
+//! conventions). Request metrics are recorded where requests complete; state (damaged
+//! pages, unrecoverable LBAs, leases) is sampled at scrape time.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Op {
+    Read,
+    Write,
+    Flush,
+    Trim,
+    WriteZeroes,
+}
+
+impl Op {
+    fn label(self) -> &'static str {
+        match self {
+            Op::Read => "read",
+            Op::Write => "write",
+            Op::Flush => "flush",
+            Op::Trim => "trim",
+            Op::WriteZeroes => "write_zeroes",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    pub volume: String,
+    pub op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VolumeLabels {
+    pub volume: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub volume: String,
+    /// live, dead, block, unrecoverable
+    pub source: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<OpLabels, Counter>,
+    pub request_errors: Family<OpLabels, Counter>,
+    pub bytes: Family<OpLabels, Counter>,
+    pub latency: Family<OpLabels, Histogram>,
+    pub replication_rtt: Histogram,
+    pub resync_bytes: Family<VolumeLabels, Counter>,
+    pub resync_pages: Family<VolumeLabels, Counter>,
+    pub repair_bytes: Family<VolumeLabels, Counter>,
+    pub repairs: Family<SourceLabels, Counter>,
+    pub damaged_pages: Family<VolumeLabels, Gauge>,
+    pub unrecoverable_lbas: Family<VolumeLabels, Gauge>,
+    pub volume_size: Family<VolumeLabels, Gauge>,
+    pub primary_leases: Gauge,
+}
+
+fn latency_histogram() -> Histogram {
+    // 10 µs .. ~5 s
+    Histogram::new(exponential_buckets(1e-5, 2.5, 15))
+}
+
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let mut registry = Registry::with_prefix("lazarus");
+    let requests = Family::<OpLabels, Counter>::default();
+    registry.register("requests", "NBD requests completed", requests.clone());
+    let request_errors = Family::<OpLabels, Counter>::default();
+    registry.register(
+        "request_errors",
+        "NBD requests answered with an error",
+        request_errors.clone(),
+    );
+    let bytes = Family::<OpLabels, Counter>::default();
+    registry.register(
+        "request_bytes",
+        "Bytes read or written by NBD requests",
+        bytes.clone(),
+    );
+    let latency = Family::<OpLabels, Histogram>::new_with_constructor(latency_histogram);
+    registry.register(
+        "request_duration_seconds",
+        "NBD request latency, from receipt to reply",
+        latency.clone(),
+    );
+    let replication_rtt = latency_histogram();
+    registry.register(
+        "replication_round_trip_seconds",
+        "Time for a primary's update to be acknowledged by every replica",
+        replication_rtt.clone(),
+    );
+    let resync_bytes = Family::<VolumeLabels, Counter>::default();
+    registry.register(
+        "resync_bytes",
+        "Bytes fetched by resyncs (tree, pages, blocks)",
+        resync_bytes.clone(),
+    );
+    let resync_pages = Family::<VolumeLabels, Counter>::default();
+    registry.register(
+        "resync_pages",
+        "Slice pages copied by resyncs",
+        resync_pages.clone(),
+    );
+    let repair_bytes = Family::<VolumeLabels, Counter>::default();
+    registry.register(
+        "repair_bytes",
+        "Bytes fetched by repairs",
+        repair_bytes.clone(),
+    );
+    let repairs = Family::<SourceLabels, Counter>::default();
+    registry.register(
+        "repairs",
+        "Damaged pages and blocks handled, by where the good copy came from",
+        repairs.clone(),
+    );
+    let damaged_pages = Family::<VolumeLabels, Gauge>::default();
+    registry.register(
+        "damaged_pages",
+        "Slice pages with unknown mappings now",
+        damaged_pages.clone(),
+    );
+    let unrecoverable_lbas = Family::<VolumeLabels, Gauge>::default();
+    registry.register(
+        "unrecoverable_lbas",
+        "LBAs that answer EIO now (damaged, not repaired)",
+        unrecoverable_lbas.clone(),
+    );
+    let volume_size = Family::<VolumeLabels, Gauge>::default();
+    registry.register(
+        "volume_size_bytes",
+        "Size of each volume held here",
+        volume_size.clone(),
+    );
+    let primary_leases = Gauge::default();
+    registry.register(
+        "primary_leases",
+        "Volumes this node serves as primary under a lease",
+        primary_leases.clone(),
+    );
+    let jeopardy_volumes: Gauge = Gauge::default();
+    registry.register(
+        "jeopardy_volumes",
+        "Volumes down to their last failure domain (recovery server issue: always 0 for now)",
+        jeopardy_volumes.clone(),
+    );
+    Metrics {
+        registry,
+        requests,
+        request_errors,
+        bytes,
+        latency,
+        replication_rtt,
+        resync_bytes,
+        resync_pages,
+        repair_bytes,
+        repairs,
+        damaged_pages,
+        unrecoverable_lbas,
+        volume_size,
+        primary_leases,
+    }
+});
+
+pub fn record_request(volume: &str, op: Op, bytes: u64, took: Duration, ok: bool) {
+    let l = OpLabels {
+        volume: volume.to_string(),
+        op: op.label(),
+    };
+    let m = &*METRICS;
+    m.requests.get_or_create(&l).inc();
+    if !ok {
+        m.request_errors.get_or_create(&l).inc();
+    }
+    if bytes > 0 {
+        m.bytes.get_or_create(&l).inc_by(bytes);
+    }
+    m.latency.get_or_create(&l).observe(took.as_secs_f64());
+}
+
+pub fn vol(volume: &str) -> VolumeLabels {
+    VolumeLabels {
+        volume: volume.to_string(),
+    }
+}
+
+/// The exposition text, after sampling the node's current state.
+pub fn render(engine: &crate::engine::Engine) -> String {
+    let m = &*METRICS;
+    for v in engine.store.volumes() {
+        let l = vol(&v.meta.name);
+        m.damaged_pages
+            .get_or_create(&l)
+            .set(v.damaged_pages().len() as i64);
+        m.unrecoverable_lbas
+            .get_or_create(&l)
+            .set(v.damaged_ranges().iter().map(|r| r.1).sum::<u64>() as i64);
+        m.volume_size
+            .get_or_create(&l)
+            .set(v.meta.size_bytes as i64);
+    }
+    if let Some(c) = engine.cluster.get() {
+        m.primary_leases.set(c.held_leases().len() as i64);
+    }
+    let mut out = String::new();
+    let _ = prometheus_client::encoding::text::encode(&mut out, &m.registry);
+    out
+}

@@ -1,0 +1,228 @@
+//! Guards the admin API's contract (Operability issue): every route answers JSON,
+//! bad requests get a clear JSON error with a fitting status and change nothing, the
+//! OpenAPI description lists the routes, and `/metrics` parses as Prometheus text with
+//! values that move when I/O happens.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::process::Command;
+
+fn http(method: &str, url: &str, body: Option<&str>) -> (u16, String) {
+    let mut args = vec!["-s", "-o", "-", "-w", "\n%{http_code}", "-X", method];
+    if let Some(b) = body {
+        args.extend(["-H", "content-type: application/json", "-d", b]);
+    }
+    args.push(url);
+    let o = Command::new("curl").args(&args).output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.trim().parse().unwrap(), body.to_string())
+}
+
+fn error_of(body: &str) -> String {
+    let v: Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body}"));
+    v["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error field: {body}"))
+        .to_string()
+}
+
+#[test]
+fn contract_bad_requests_and_openapi() {
+    require("curl");
+    let tmp = tempfile::tempdir().unwrap();
+    let node = Node::start(tmp.path(), NodeOpts::default());
+    let base = node.api_url();
+    let (code, body) = http(
+        "POST",
+        &format!("{base}/api/v1/volumes"),
+        Some(r#"{"name":"v1","size":"64MiB"}"#),
+    );
+    assert_eq!(code, 201, "{body}");
+    let cases: Vec<(&str, String, Option<&str>, u16, &str)> = vec![
+        (
+            "GET",
+            format!("{base}/api/v1/volumes/none"),
+            None,
+            404,
+            "does not exist",
+        ),
+        (
+            "DELETE",
+            format!("{base}/api/v1/volumes/none"),
+            None,
+            404,
+            "none",
+        ),
+        (
+            "POST",
+            format!("{base}/api/v1/volumes"),
+            Some(r#"{"name":"v2","size":"12 parsecs"}"#),
+            400,
+            "",
+        ),
+        (
+            "POST",
+            format!("{base}/api/v1/volumes"),
+            Some(r#"{"name":"v2","size":0}"#),
+            400,
+            "",
+        ),
+        (
+            "POST",
+            format!("{base}/api/v1/volumes"),
+            Some(r#"{"name":"../x","size":"1GiB"}"#),
+            400,
+            "",
+        ),
+        (
+            "POST",
+            format!("{base}/api/v1/volumes"),
+            Some(r#"{"nom":"v2"}"#),
+            400,
+            "bad request body",
+        ),
+        (
+            "POST",
+            format!("{base}/api/v1/volumes"),
+            Some("not json"),
+            400,
+            "bad request body",
+        ),
+        (
+            "POST",
+            format!("{base}/api/v1/volumes"),
+            Some(r#"{"name":"v1","size":"64MiB"}"#),
+            409,
+            "exists",
+        ),
+        (
+            "GET",
+            format!("{base}/api/v1/volumes/v1/locate?lba=999999999"),
+            None,
+            400,
+            "past the end",
+        ),
+        (
+            "GET",
+            format!("{base}/api/v1/volumes/v1/locate?lba=x"),
+            None,
+            400,
+            "",
+        ),
+        (
+            "GET",
+            format!("{base}/api/v1/nothing"),
+            None,
+            404,
+            "no such endpoint",
+        ),
+        (
+            "POST",
+            format!("{base}/api/v1/faults/drop"),
+            Some(r#"{"to":"n2"}"#),
+            400,
+            "alone",
+        ),
+        (
+            "POST",
+            format!("{base}/api/v1/faults/corrupt"),
+            Some(r#"{"volume":"none","lba":0}"#),
+            404,
+            "does not exist",
+        ),
+        (
+            "POST",
+            format!("{base}/api/v1/faults/corrupt"),
+            Some(r#"{"volume":"v1","lba":0,"target":"disk"}"#),
+            400,
+            "target",
+        ),
+        (
+            "POST",
+            format!("{base}/api/v1/scrub"),
+            Some(r#"{"volume":"none"}"#),
+            404,
+            "does not exist",
+        ),
+    ];
+    for (method, url, body, want, text) in &cases {
+        let (code, resp) = http(method, url, *body);
+        assert_eq!(code, *want, "{method} {url} {body:?}: {resp}");
+        let e = error_of(&resp);
+        assert!(
+            e.contains(text),
+            "{method} {url}: error {e:?} lacks {text:?}"
+        );
+    }
+    // Nothing changed: still exactly v1.
+    let (_, list) = http("GET", &format!("{base}/api/v1/volumes"), None);
+    let names: Vec<String> = serde_json::from_str::<Value>(&list)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, vec!["v1"]);
+
+    let (code, doc) = http("GET", &format!("{base}/api/v1/openapi.json"), None);
+    assert_eq!(code, 200);
+    let doc: Value = serde_json::from_str(&doc).unwrap();
+    assert_eq!(doc["openapi"], "3.0.3");
+    for path in [
+        "/api/v1/volumes",
+        "/api/v1/volumes/{name}",
+        "/api/v1/cluster",
+        "/metrics",
+        "/api/v1/faults/corrupt",
+        "/api/v1/repairs",
+    ] {
+        assert!(doc["paths"][path].is_object(), "openapi lacks {path}");
+    }
+}
+
+#[test]
+fn metrics_parse_and_move_with_io() {
+    require("qemu-io");
+    let tmp = tempfile::tempdir().unwrap();
+    let node = Node::start(tmp.path(), NodeOpts::default());
+    node.create_volume("m", "64MiB");
+    let scrape = |name: &str| -> f64 {
+        // Parsed with the Prometheus project's own text parser.
+        let script = format!(
+            "import sys, urllib.request\nfrom prometheus_client.parser import text_string_to_metric_families as p\n\
+             t = urllib.request.urlopen('{}/metrics').read().decode()\ntotal = 0.0\n\
+             for f in p(t):\n    for s in f.samples:\n        if s.name == '{name}' and s.labels.get('volume') == 'm' and s.labels.get('op', 'write') == 'write':\n            total += s.value\nprint(total)",
+            node.api_url()
+        );
+        let o = Command::new("/usr/bin/python3")
+            .args(["-c", &script])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).trim().parse().unwrap()
+    };
+    let before = scrape("lazarus_requests_total");
+    let bytes_before = scrape("lazarus_request_bytes_total");
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 1 0 1M",
+            "-c",
+            "write -P 2 4M 64k",
+            &node.uri("m"),
+        ],
+    );
+    assert_eq!(scrape("lazarus_requests_total") - before, 2.0);
+    assert_eq!(
+        scrape("lazarus_request_bytes_total") - bytes_before,
+        (1 << 20) as f64 + 65536.0
+    );
+    assert!(scrape("lazarus_request_duration_seconds_count") >= 2.0);
+    assert_eq!(scrape("lazarus_volume_size_bytes"), (64u64 << 20) as f64);
+}
