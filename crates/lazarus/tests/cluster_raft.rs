@@ -35,6 +35,19 @@ impl Trio {
         Trio { nodes }
     }
 
+    /// Waits until every running node has finished its start-up check (it takes
+    /// replicated updates only from then on).
+    fn wait_ready(&self, within: Duration) {
+        let t0 = Instant::now();
+        while !(0..3)
+            .filter(|i| self.nodes[*i].child.is_some())
+            .all(|i| self.cluster(i).is_some_and(|v| v["ready"] == true))
+        {
+            assert!(t0.elapsed() < within, "nodes not ready within {within:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn cluster(&self, i: usize) -> Option<Value> {
         self.nodes[i].child.as_ref()?;
         let o = std::process::Command::new("curl")
@@ -157,6 +170,7 @@ fn synchronous_replication_and_dead_replica_before_ack() {
     let tmp = tempfile::tempdir().unwrap();
     let mut t = Trio::start(tmp.path());
     t.agreed_leader(3, Duration::from_secs(30));
+    t.wait_ready(Duration::from_secs(30));
     let o = t.nodes[0].cli(&["volume", "create", "rv", "--size", "64MiB"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // Every hosting node materializes its copy from the metadata.
@@ -270,6 +284,7 @@ fn primary_killed_failover_within_5s_keeps_flushed_writes() {
     let tmp = tempfile::tempdir().unwrap();
     let mut t = Trio::start(tmp.path());
     t.agreed_leader(3, Duration::from_secs(30));
+    t.wait_ready(Duration::from_secs(30));
     let o = t.nodes[0].cli(&["volume", "create", "fv", "--size", "32MiB"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let img = tmp.path().join("in.img");

@@ -196,6 +196,23 @@ fn primary_killed_mid_stream_then_revived() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
 }
 
+/// Whether every thread of `pid` is in the stopped state.
+fn all_threads_stopped(pid: i32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.filter_map(|t| t.ok()).all(|t| {
+        std::fs::read_to_string(t.path().join("stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit(')')
+                    .next()
+                    .map(|r| r.trim_start().starts_with('T'))
+            })
+            .unwrap_or(false)
+    })
+}
+
 fn read_64k(uri: &str) -> Option<Vec<u8>> {
     let out = std::env::temp_dir().join(format!("lz-read-{}", fastrand::u64(..)));
     let o = run_out(
@@ -236,6 +253,12 @@ fn deposed_primary_acknowledges_nothing_and_serves_nothing_stale() {
     assert_eq!(line.trim(), "connected");
     let pid = up.node_pid(1) as i32;
     unsafe { libc::kill(pid, libc::SIGSTOP) };
+    // Every thread of n1 has stopped before the write goes out.
+    let t0 = Instant::now();
+    while !all_threads_stopped(pid) {
+        assert!(t0.elapsed() < Duration::from_secs(5), "n1 did not stop");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     // The write goes out while n1 is paused.
     writeln!(p.stdin.as_mut().unwrap()).unwrap();
     let m = up.wait_meta(2, "vol0", Duration::from_secs(15), "failover", |m| {
