@@ -942,6 +942,39 @@ impl Volume {
         out
     }
 
+    /// Runs `(first_lba, count)` of mapped LBAs (a block is stored for them, zero or
+    /// not); everything else reads as zeroes. Unknown slots of damaged pages count as
+    /// mapped (reading them answers EIO, never zeroes).
+    pub fn mapped_extents(&self) -> Vec<(u64, u64)> {
+        let st = self.state.lock();
+        let mut pages: Vec<u64> = st
+            .pages
+            .keys()
+            .copied()
+            .chain(st.damaged.keys().copied())
+            .collect();
+        pages.sort_unstable();
+        pages.dedup();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for p in pages {
+            let pg = st.pages.get(&p);
+            let bits = st.damaged.get(&p);
+            for s in 0..FANOUT {
+                let mapped =
+                    pg.is_some_and(|pg| !pg[s].is_zero()) || bits.is_some_and(|b| bit(b, s));
+                if !mapped {
+                    continue;
+                }
+                let l = p * FANOUT_U64 + s as u64;
+                match out.last_mut() {
+                    Some((a, n)) if *a + *n == l => *n += 1,
+                    _ => out.push((l, 1)),
+                }
+            }
+        }
+        out
+    }
+
     /// (mapped blocks, mapped pages) for status.
     pub fn usage(&self) -> (u64, u64) {
         let st = self.state.lock();

@@ -172,6 +172,23 @@ pub fn router(state: AppState) -> Router {
             axum::routing::post(repair_volume),
         )
         .route("/api/v1/repairs", get(repairs))
+        .route("/api/v1/volumes/{name}/map", get(volume_map))
+        .route(
+            "/api/v1/volumes/{name}/data",
+            get(read_data)
+                .put(write_data)
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    DATA_MAX_BYTES as usize + 4096,
+                )),
+        )
+        .route(
+            "/api/v1/volumes/{name}/zero",
+            axum::routing::post(zero_data),
+        )
+        .route(
+            "/api/v1/volumes/{name}/flush",
+            axum::routing::post(flush_data),
+        )
         .route("/api/v1/scrub", axum::routing::post(scrub))
         .route("/api/v1/openapi.json", get(openapi))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
@@ -741,4 +758,144 @@ async fn openapi() -> Json<serde_json::Value> {
                   "description": "Mutating requests (POST, DELETE) need `Authorization: Bearer TOKEN` when the API listens beyond loopback." },
         "paths": p,
     }))
+}
+
+/// Largest data transfer of one `data` request (import/export go in pieces).
+const DATA_MAX_BYTES: u64 = 32 << 20;
+
+#[derive(Deserialize)]
+struct RangeQuery {
+    offset: u64,
+    #[serde(default)]
+    length: Option<u64>,
+}
+
+fn io_error(e: crate::engine::IoError) -> ApiError {
+    let code = match e.errno {
+        lazarus_nbd::consts::EINVAL => StatusCode::BAD_REQUEST,
+        lazarus_nbd::consts::ENOSPC => StatusCode::INSUFFICIENT_STORAGE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError(code, e.message)
+}
+
+/// Runs an I/O request wherever the volume's primary is (here, or forwarded).
+async fn do_io(
+    s: &AppState,
+    name: &str,
+    op: crate::forward::Op,
+    offset: u64,
+    length: u64,
+    payload: &[u8],
+) -> Result<Vec<u8>, ApiError> {
+    let size = match s.engine.store.volume(name) {
+        Some(v) => v.meta.size_bytes,
+        None => s
+            .cluster
+            .as_ref()
+            .and_then(|c| c.store.meta().volumes.get(name).map(|v| v.size_bytes))
+            .ok_or_else(|| {
+                ApiError(
+                    StatusCode::NOT_FOUND,
+                    format!("volume {name:?} does not exist"),
+                )
+            })?,
+    };
+    if offset.checked_add(length).is_none_or(|e| e > size) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("range {offset}+{length} is past the end of {name:?} ({size} bytes)"),
+        ));
+    }
+    if length > DATA_MAX_BYTES && matches!(op, crate::forward::Op::Read | crate::forward::Op::Write)
+    {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("at most {DATA_MAX_BYTES} bytes per request"),
+        ));
+    }
+    let req = crate::forward::ForwardReq {
+        volume: name.to_string(),
+        op,
+        offset,
+        length,
+        fua: false,
+        no_hole: false,
+    };
+    match s.engine.route_name(name).await.map_err(io_error)? {
+        crate::engine::Route::Local => s.engine.execute_local(&req, payload).await,
+        crate::engine::Route::Forward(_) => s.engine.forward(&req, payload).await,
+    }
+    .map_err(io_error)
+}
+
+/// Mapped extents `[first_lba, count]` (4 KiB blocks): everything else reads as zeroes.
+async fn volume_map(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let v = find(&s, &name)?;
+    let ext = tokio::task::spawn_blocking(move || v.mapped_extents())
+        .await
+        .map_err(join_err)?;
+    Ok(Json(
+        json!({ "volume": name, "block_size": BLOCK_SIZE_U64, "extents": ext }),
+    ))
+}
+
+async fn read_data(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    q: Result<Query<RangeQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let length = q
+        .length
+        .ok_or_else(|| ApiError(StatusCode::BAD_REQUEST, "length is required".into()))?;
+    let data = do_io(&s, &name, crate::forward::Op::Read, q.offset, length, &[]).await?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+        data,
+    )
+        .into_response())
+}
+
+async fn write_data(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    q: Result<Query<RangeQuery>, axum::extract::rejection::QueryRejection>,
+    body: axum::body::Bytes,
+) -> Result<StatusCode, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    do_io(
+        &s,
+        &name,
+        crate::forward::Op::Write,
+        q.offset,
+        body.len() as u64,
+        &body,
+    )
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn zero_data(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    q: Result<Query<RangeQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<StatusCode, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let length = q
+        .length
+        .ok_or_else(|| ApiError(StatusCode::BAD_REQUEST, "length is required".into()))?;
+    do_io(&s, &name, crate::forward::Op::Zero, q.offset, length, &[]).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn flush_data(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    do_io(&s, &name, crate::forward::Op::Flush, 0, 0, &[]).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -101,6 +101,41 @@ impl Api {
     }
 }
 
+impl Api {
+    /// PUT raw bytes.
+    pub fn put_bytes(&self, path: &str, data: &[u8]) -> anyhow::Result<(u16, Value)> {
+        let mut req = self.agent.put(&format!("{}{path}", self.base));
+        if let Some(t) = token() {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        let r = req.send(data);
+        self.handle(path, r)
+    }
+
+    /// GET raw bytes (an error answer is returned as its JSON message).
+    pub fn get_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
+        let mut resp = self
+            .agent
+            .get(&format!("{}{path}", self.base))
+            .call()
+            .map_err(|e| anyhow::anyhow!("cannot reach the admin API at {}: {e}", self.base))?;
+        let code = resp.status().as_u16();
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(64 << 20)
+            .read_to_vec()?;
+        if code != 200 {
+            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            anyhow::bail!(
+                "{} (HTTP {code})",
+                v["error"].as_str().unwrap_or("request failed")
+            );
+        }
+        Ok(body)
+    }
+}
+
 /// The admin token for mutating requests, from `$LAZARUS_TOKEN`.
 fn token() -> Option<String> {
     std::env::var("LAZARUS_TOKEN")

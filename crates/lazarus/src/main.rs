@@ -17,6 +17,7 @@ mod resync;
 mod rpc;
 mod rpc_bench;
 mod status;
+mod transfer;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -132,6 +133,17 @@ enum VolumeOp {
     },
     Delete {
         name: String,
+    },
+    /// Copy a raw image file into a volume (holes and zeroes stay unmapped).
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        volume: String,
+    },
+    /// Copy a volume into a raw image file (unmapped ranges stay holes).
+    Export {
+        name: String,
+        file: PathBuf,
     },
 }
 
@@ -266,6 +278,8 @@ fn client_command(cmd: Cmd) -> anyhow::Result<()> {
                         print_volumes(&v);
                     }
                 }
+                VolumeOp::Import { file, volume } => transfer::import(&api, &file, &volume)?,
+                VolumeOp::Export { name, file } => transfer::export(&api, &name, &file)?,
                 VolumeOp::Delete { name } => {
                     client::ok(api.delete(&format!("/api/v1/volumes/{name}"))?)?;
                     println!("deleted volume {name}");

@@ -131,20 +131,31 @@ pub fn print_cluster(c: &Value) {
 
 /// A progress bar with rate and ETA on stderr, when stderr is a terminal.
 pub fn progress_line(done: usize, total: usize, elapsed: Duration) {
+    progress(done as u64, total as u64, "pages", elapsed)
+}
+
+/// `progress_line` for any unit (bytes are shown in MiB).
+pub fn progress(done: u64, total: u64, unit: &str, elapsed: Duration) {
     use std::io::{IsTerminal, Write};
     let mut err = std::io::stderr();
     if !err.is_terminal() || total == 0 {
         return;
     }
-    let width = 30;
-    let filled = width * done / total;
+    let width = 30u64;
+    let filled = (width * done / total) as usize;
     let rate = done as f64 / elapsed.as_secs_f64().max(1e-3);
-    let eta = (total - done) as f64 / rate.max(1e-9);
+    let eta = total.saturating_sub(done) as f64 / rate.max(1e-9);
+    let (d, t, r, u) = if unit == "bytes" {
+        let m = (1u64 << 20) as f64;
+        (done as f64 / m, total as f64 / m, rate / m, "MiB")
+    } else {
+        (done as f64, total as f64, rate, unit)
+    };
     let _ = write!(
         err,
-        "\r[{}{}] {done}/{total} pages  {rate:.1}/s  ETA {eta:.0}s ",
+        "\r[{}{}] {d:.0}/{t:.0} {u}  {r:.1} {u}/s  ETA {eta:.0}s ",
         "=".repeat(filled),
-        " ".repeat(width - filled)
+        " ".repeat(width as usize - filled)
     );
     if done == total {
         let _ = writeln!(err);

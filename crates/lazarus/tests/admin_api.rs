@@ -226,3 +226,84 @@ fn metrics_parse_and_move_with_io() {
     assert!(scrape("lazarus_request_duration_seconds_count") >= 2.0);
     assert_eq!(scrape("lazarus_volume_size_bytes"), (64u64 << 20) as f64);
 }
+
+/// `lazarus volume import` / `export` round trip of a sparse raw image, compared with
+/// `qemu-img compare`; holes stay holes in the export; bytes the volume held before the
+/// import are gone (zeroes where the image has holes).
+#[test]
+fn import_export_round_trip_of_a_sparse_image() {
+    require("qemu-img");
+    require("qemu-io");
+    let tmp = tempfile::tempdir().unwrap();
+    let node = Node::start(&tmp.path().join("n"), NodeOpts::default());
+    node.create_volume("img", "64MiB");
+    run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0xee 0 64M", &node.uri("img")],
+    );
+    let src = tmp.path().join("src.img");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(&src).unwrap();
+        f.set_len(48 << 20).unwrap(); // shorter than the volume: the rest must read as zero
+        let mut rng = fastrand::Rng::with_seed(seed());
+        let mut chunk = vec![0u8; 3 << 20];
+        rng.fill(&mut chunk);
+        f.write_all_at(&chunk[..1 << 20], 0).unwrap();
+        f.write_all_at(&chunk, 20 << 20).unwrap();
+        f.write_all_at(&vec![0u8; 1 << 20], 40 << 20).unwrap(); // written zeroes, not a hole
+        f.write_all_at(&chunk[..5000], (47 << 20) + 123).unwrap(); // unaligned
+    }
+    let out = node.cli(&["volume", "import", src.to_str().unwrap(), "--volume", "img"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The volume equals the image followed by zeroes.
+    let padded = tmp.path().join("padded.img");
+    std::fs::copy(&src, &padded).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&padded)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let o = run_out(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            padded.to_str().unwrap(),
+            &node.uri("img"),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let back = tmp.path().join("back.img");
+    let out = node.cli(&["volume", "export", "img", back.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let o = run_out(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            padded.to_str().unwrap(),
+            back.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    // Sparse: about the 4 MiB of data is allocated, not 64 MiB.
+    use std::os::unix::fs::MetadataExt;
+    let allocated = std::fs::metadata(&back).unwrap().blocks() * 512;
+    assert!(allocated < 8 << 20, "export allocated {allocated} bytes");
+}
