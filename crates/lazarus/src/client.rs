@@ -136,6 +136,22 @@ impl Api {
     }
 }
 
+/// The admin API of `volume`'s primary (which holds a copy and executes its I/O
+/// locally); `api` itself for a node running alone.
+pub fn primary_api(api: Api, volume: &str) -> anyhow::Result<Api> {
+    let (code, c) = api.get("/api/v1/cluster")?;
+    if code != 200 {
+        return Ok(api);
+    }
+    let p = c["metadata"]["volumes"][volume]["primary"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("no volume {volume:?} in the cluster"))?;
+    let admin = c["metadata"]["nodes"][p.to_string()]["admin"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("primary n{p} has no admin address"))?;
+    Ok(Api::new(&format!("http://{admin}")))
+}
+
 /// The admin token for mutating requests, from `$LAZARUS_TOKEN`.
 fn token() -> Option<String> {
     std::env::var("LAZARUS_TOKEN")

@@ -278,8 +278,12 @@ fn client_command(cmd: Cmd) -> anyhow::Result<()> {
                         print_volumes(&v);
                     }
                 }
-                VolumeOp::Import { file, volume } => transfer::import(&api, &file, &volume)?,
-                VolumeOp::Export { name, file } => transfer::export(&api, &name, &file)?,
+                VolumeOp::Import { file, volume } => {
+                    transfer::import(&client::primary_api(api, &volume)?, &file, &volume)?
+                }
+                VolumeOp::Export { name, file } => {
+                    transfer::export(&client::primary_api(api, &name)?, &name, &file)?
+                }
                 VolumeOp::Delete { name } => {
                     client::ok(api.delete(&format!("/api/v1/volumes/{name}"))?)?;
                     println!("deleted volume {name}");
@@ -361,20 +365,8 @@ fn client_command(cmd: Cmd) -> anyhow::Result<()> {
         }
         Cmd::Repair { volume, target } => {
             let api = client::Api::discover(target.api.as_deref(), &target.data)?;
-            // The primary repairs: find it in the metadata.
-            let (code, c) = api.get("/api/v1/cluster")?;
-            let api = if code == 200 {
-                let p = c["metadata"]["volumes"][&volume]["primary"]
-                    .as_u64()
-                    .ok_or_else(|| anyhow::anyhow!("no volume {volume:?} in the cluster"))?;
-                let admin = c["metadata"]["nodes"][p.to_string()]["admin"]
-                    .as_str()
-                    .ok_or_else(|| anyhow::anyhow!("primary n{p} has no admin address"))?
-                    .to_string();
-                client::Api::new(&format!("http://{admin}"))
-            } else {
-                api
-            };
+            // The primary repairs.
+            let api = client::primary_api(api, &volume)?;
             // The damaged pages, then one page at a time, with a progress bar.
             let v = client::ok(api.get(&format!("/api/v1/volumes/{volume}"))?)?;
             let mut pages: Vec<u64> = Vec::new();

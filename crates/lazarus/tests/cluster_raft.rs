@@ -304,6 +304,20 @@ fn primary_killed_failover_within_5s_keeps_flushed_writes() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // Every copy live (one that missed an update while its copy was being created
+    // resyncs first): only a live replica may be promoted.
+    let t_live = Instant::now();
+    while !t.cluster(0).is_some_and(|v| {
+        v["metadata"]["volumes"]["fv"]["states"]
+            .as_object()
+            .is_some_and(|s| s.values().all(|x| x == "live"))
+    }) {
+        assert!(
+            t_live.elapsed() < Duration::from_secs(20),
+            "copies not live"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let t0 = Instant::now();
     t.nodes[0].kill9();
     let (primary, epoch) = loop {
