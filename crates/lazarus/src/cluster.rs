@@ -563,11 +563,26 @@ impl Cluster {
                 "this copy of {volume:?} is dead; it takes updates only after a resync"
             ));
         }
-        let local = self
-            .blocks
-            .volume(&volume)
-            .filter(|l| l.meta.uid == v.uid)
-            .ok_or_else(|| format!("no local copy of {volume:?} (uid {}) yet", v.uid))?;
+        let local = match self.blocks.volume(&volume).filter(|l| l.meta.uid == v.uid) {
+            Some(l) => l,
+            // A new volume whose first update beats `reconcile` here: create the (empty,
+            // hence current) copy now rather than fail the update and become dead. A
+            // copy missing for any other reason was reported dead at start-up and never
+            // gets this far.
+            None if v.replicas.contains(&self.id) && self.blocks.volume(&volume).is_none() => {
+                let (b, name, size, uid) =
+                    (self.blocks.clone(), volume.clone(), v.size_bytes, v.uid);
+                match tokio::task::block_in_place(|| b.create_volume_with_uid(&name, size, uid)) {
+                    Ok(l) => l,
+                    Err(_) => self
+                        .blocks
+                        .volume(&volume)
+                        .filter(|l| l.meta.uid == v.uid)
+                        .ok_or_else(|| format!("cannot create the local copy of {volume:?}"))?,
+                }
+            }
+            None => return Err(format!("no local copy of {volume:?} (uid {}) yet", v.uid)),
+        };
         let b = self.blocks.clone();
         let raw = raw.to_vec();
         let resync = self.resync.clone();
