@@ -60,8 +60,24 @@ pub fn survey(cluster: &Value) -> Value {
     Value::Object(out)
 }
 
+/// Colours a word for a terminal: green for healthy, yellow for in-progress, red for
+/// down or dead. Plain text when stdout is not a terminal (scripts, tests).
+fn paint(word: &str) -> String {
+    use std::io::IsTerminal;
+    if !std::io::stdout().is_terminal() {
+        return word.to_string();
+    }
+    let code = match word {
+        "live" | "up" | "leader" => "32",
+        "resyncing" | "starting" => "33",
+        "dead" | "DOWN" => "31;1",
+        _ => return word.to_string(),
+    };
+    format!("\x1b[{code}m{word}\x1b[0m")
+}
+
 fn copy_state(c: &Value, vol: &str, node: &str, state: &str) -> String {
-    let mut s = format!("n{node}:{state}");
+    let mut s = format!("n{node}:{}", paint(state));
     if state == "resyncing" {
         let p = &c["nodes"][node]["resync"][vol];
         if p.is_object() {
@@ -103,11 +119,13 @@ pub fn print_cluster(c: &Value) {
             .flatten()
             .filter_map(|d| d.as_str().map(|d| format!("drop->{d}")))
             .collect();
+        let pad =
+            |w: &str, n: usize| format!("{}{}", paint(w), " ".repeat(n.saturating_sub(w.len())));
         println!(
-            "  n{:<4} {:<6} {:<10} {:<22} {:<22} {}",
+            "  n{:<4} {} {} {:<22} {:<22} {}",
             id,
-            if up { "up" } else { "DOWN" },
-            role,
+            pad(if up { "up" } else { "DOWN" }, 6),
+            pad(&role, 10),
             n["nbd"].as_str().unwrap_or("?"),
             n["admin"].as_str().unwrap_or("?"),
             faults.join(" ")
