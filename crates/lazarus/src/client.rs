@@ -83,20 +83,12 @@ impl Api {
     }
 
     pub fn post(&self, path: &str, body: &Value) -> anyhow::Result<(u16, Value)> {
-        let mut req = self.agent.post(&format!("{}{path}", self.base));
-        if let Some(t) = token() {
-            req = req.header("Authorization", &format!("Bearer {t}"));
-        }
-        let r = req.send_json(body);
+        let r = authorized(self.agent.post(&format!("{}{path}", self.base))).send_json(body);
         self.handle(path, r)
     }
 
     pub fn delete(&self, path: &str) -> anyhow::Result<(u16, Value)> {
-        let mut req = self.agent.delete(&format!("{}{path}", self.base));
-        if let Some(t) = token() {
-            req = req.header("Authorization", &format!("Bearer {t}"));
-        }
-        let r = req.call();
+        let r = authorized(self.agent.delete(&format!("{}{path}", self.base))).call();
         self.handle(path, r)
     }
 }
@@ -104,11 +96,7 @@ impl Api {
 impl Api {
     /// PUT raw bytes.
     pub fn put_bytes(&self, path: &str, data: &[u8]) -> anyhow::Result<(u16, Value)> {
-        let mut req = self.agent.put(&format!("{}{path}", self.base));
-        if let Some(t) = token() {
-            req = req.header("Authorization", &format!("Bearer {t}"));
-        }
-        let r = req.send(data);
+        let r = authorized(self.agent.put(&format!("{}{path}", self.base))).send(data);
         self.handle(path, r)
     }
 
@@ -150,6 +138,14 @@ pub fn primary_api(api: Api, volume: &str) -> anyhow::Result<Api> {
         .as_str()
         .ok_or_else(|| anyhow::anyhow!("primary n{p} has no admin address"))?;
     Ok(Api::new(&format!("http://{admin}")))
+}
+
+/// Adds `Authorization: Bearer $LAZARUS_TOKEN` when the variable is set.
+fn authorized<B>(req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+    match token() {
+        Some(t) => req.header("Authorization", &format!("Bearer {t}")),
+        None => req,
+    }
 }
 
 /// The admin token for mutating requests, from `$LAZARUS_TOKEN`.

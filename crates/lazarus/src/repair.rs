@@ -463,14 +463,7 @@ impl Cluster {
             .filter(|l| uid.is_none_or(|u| u == l.meta.uid))
             .ok_or_else(|| format!("no copy of {:?} here", req.volume))?;
         match kind {
-            KIND_TREE => local
-                .checksum_group(req.level, req.index)
-                .map(|g| g.iter().flat_map(|c| c.0).collect())
-                .ok_or_else(|| format!("no checksum page {}/{}", req.level, req.index)),
-            KIND_PAGE => local
-                .page_ids(req.index)
-                .map(|ids| ids.iter().flat_map(|id| id.0).collect())
-                .ok_or_else(|| format!("slice page {} is damaged here too", req.index)),
+            KIND_TREE | KIND_PAGE => crate::resync::serve_tree_or_page(&local, kind, req),
             other => Err(format!("unknown repair request {other}")),
         }
     }

@@ -81,6 +81,15 @@ struct Touch {
     vols: HashMap<String, VolTouch>,
 }
 
+impl Touch {
+    /// The last update counter that touched `page` of `volume` (0: none tracked).
+    fn seq(&self, volume: &str, page: u64) -> u64 {
+        self.vols.get(volume).map_or(0, |vt| {
+            vt.all.max(vt.pages.get(&page).copied().unwrap_or(0))
+        })
+    }
+}
+
 #[derive(Default)]
 struct VolTouch {
     all: u64,
@@ -119,10 +128,7 @@ impl ResyncState {
     }
 
     fn seq(&self, volume: &str, page: u64) -> u64 {
-        let t = self.0.touch.lock();
-        t.vols.get(volume).map_or(0, |vt| {
-            vt.all.max(vt.pages.get(&page).copied().unwrap_or(0))
-        })
+        self.0.touch.lock().seq(volume, page)
     }
 
     /// Runs `f` under the touch lock if page `page` was not touched since `seen`.
@@ -134,10 +140,7 @@ impl ResyncState {
         f: impl FnOnce() -> T,
     ) -> Option<T> {
         let t = self.0.touch.lock();
-        let now = t.vols.get(volume).map_or(0, |vt| {
-            vt.all.max(vt.pages.get(&page).copied().unwrap_or(0))
-        });
-        (now == seen).then(f)
+        (t.seq(volume, page) == seen).then(f)
     }
 
     fn track(&self, volume: &str) -> Tracking {
@@ -278,8 +281,23 @@ impl Source {
     }
 }
 
-fn checksum_bytes(c: &[Checksum]) -> Vec<u8> {
-    c.iter().flat_map(|c| c.0).collect()
+/// A checksum group (TREE) or a slice page's ids (PAGE) of `local`, as raw bytes: what
+/// resync and repair reads return.
+pub(crate) fn serve_tree_or_page(
+    local: &Volume,
+    kind: u8,
+    req: &SyncReq,
+) -> Result<Vec<u8>, String> {
+    if kind == KIND_TREE {
+        return local
+            .checksum_group(req.level, req.index)
+            .map(|g| g.iter().flat_map(|c| c.0).collect())
+            .ok_or_else(|| format!("no checksum page {}/{}", req.level, req.index));
+    }
+    local
+        .page_ids(req.index)
+        .map(|ids| ids.iter().flat_map(|id| id.0).collect())
+        .ok_or_else(|| format!("slice page {} is damaged here or out of range", req.index))
 }
 
 impl Cluster {
@@ -332,14 +350,7 @@ impl Cluster {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }
-            KIND_TREE => local
-                .checksum_group(req.level, req.index)
-                .map(|g| checksum_bytes(&g))
-                .ok_or_else(|| format!("no checksum page {}/{}", req.level, req.index)),
-            KIND_PAGE => local
-                .page_ids(req.index)
-                .map(|ids| ids.iter().flat_map(|id| id.0).collect())
-                .ok_or_else(|| format!("slice page {} is damaged or out of range", req.index)),
+            KIND_TREE | KIND_PAGE => serve_tree_or_page(&local, kind, &req),
             KIND_BLOCKS => self.serve_blocks(raw).await,
             other => Err(format!("unknown resync request {other}")),
         }
