@@ -47,11 +47,31 @@ pub struct VolumeInfo {
     /// Bumped at every change of primary; updates from an older epoch are refused.
     pub epoch: u64,
     pub states: BTreeMap<NodeId, ReplicaState>,
+    /// Jeopardy protection on: the primary writes every change through the recovery
+    /// server first (DESIGN.md, "Last failure domain").
+    #[serde(default)]
+    pub recovery_flag: bool,
+    /// Bumped at each entry into jeopardy and at each promotion fenced at the recovery
+    /// server; a rejoining node compares it with its own.
+    #[serde(default)]
+    pub failure_count_id: u64,
+    /// An administrator asked for jeopardy protection (`lazarus volume protect`).
+    #[serde(default)]
+    pub protected: bool,
 }
 
 impl VolumeInfo {
     pub fn state_of(&self, node: NodeId) -> Option<ReplicaState> {
         self.states.get(&node).copied()
+    }
+
+    /// Copies in state `live`, the primary included.
+    pub fn live(&self) -> Vec<NodeId> {
+        self.replicas
+            .iter()
+            .copied()
+            .filter(|n| self.state_of(*n) == Some(ReplicaState::Live))
+            .collect()
     }
 
     /// Replicas (not the primary) that receive updates: live and resyncing ones.
@@ -79,7 +99,14 @@ pub struct ClusterMeta {
     /// Uids of deleted volumes: a node still holding a copy of one deletes it.
     #[serde(default)]
     pub deleted: std::collections::BTreeSet<u64>,
+    /// Per node, when (unix ms, as proposed) a copy of it was marked dead: its failure
+    /// history, which can keep it from counting as a failure domain.
+    #[serde(default)]
+    pub failures: BTreeMap<NodeId, Vec<u64>>,
 }
+
+/// Failure history entries kept per node.
+pub const FAILURE_HISTORY_MAX: usize = 64;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MetaCommand {
@@ -105,6 +132,10 @@ pub enum MetaCommand {
         node: NodeId,
         state: ReplicaState,
         epoch: u64,
+        /// When the proposer saw the failure (unix ms); recorded in the node's failure
+        /// history when `state` is dead. 0: not a failure (a restart, say).
+        #[serde(default)]
+        at_ms: u64,
     },
     /// Makes `node` the primary with epoch `epoch + 1`; the old primary becomes dead.
     /// `node` must be live (a dead replica is never promoted while a live one exists:
@@ -113,6 +144,33 @@ pub enum MetaCommand {
         volume: String,
         node: NodeId,
         epoch: u64,
+        /// The failure count ID the recovery server granted for this promotion (its
+        /// compare-and-set fences the old primary); none without a recovery server.
+        #[serde(default)]
+        fcid: Option<u64>,
+    },
+    /// Turns jeopardy protection on or off at failure count ID `fcid`.
+    SetRecovery {
+        volume: String,
+        on: bool,
+        fcid: u64,
+    },
+    /// An administrator's protection request (`volume protect` / `unprotect`).
+    SetProtected {
+        volume: String,
+        protected: bool,
+    },
+    /// Adopts the recovery server's newer state for a volume (decided there while the
+    /// metadata had no majority): `primary` holds it at `epoch`; copies not in `live`
+    /// missed writes and are dead.
+    AdoptRecovery {
+        volume: String,
+        uid: u64,
+        fcid: u64,
+        primary: NodeId,
+        epoch: u64,
+        jeopardy: bool,
+        live: Vec<NodeId>,
     },
 }
 
@@ -196,6 +254,9 @@ impl ClusterMeta {
                     primary,
                     epoch: 1,
                     states: replicas.iter().map(|n| (*n, ReplicaState::Live)).collect(),
+                    recovery_flag: false,
+                    failure_count_id: 0,
+                    protected: false,
                 };
                 self.volumes.insert(name.clone(), v.clone());
                 Ok(MetaResponse::Volume(v))
@@ -213,6 +274,7 @@ impl ClusterMeta {
                 node,
                 state,
                 epoch,
+                at_ms,
             } => {
                 let v = self.volume_at_epoch(volume, *epoch)?;
                 if !v.replicas.contains(node) {
@@ -223,15 +285,32 @@ impl ClusterMeta {
                         "the primary's state changes only by promoting another replica".into(),
                     );
                 }
-                v.states.insert(*node, *state);
-                Ok(MetaResponse::Volume(v.clone()))
+                let was = v.states.insert(*node, *state);
+                let v = v.clone();
+                if *state == ReplicaState::Dead && was != Some(ReplicaState::Dead) && *at_ms > 0 {
+                    let h = self.failures.entry(*node).or_default();
+                    h.push(*at_ms);
+                    if h.len() > FAILURE_HISTORY_MAX {
+                        h.remove(0);
+                    }
+                }
+                Ok(MetaResponse::Volume(v))
             }
             MetaCommand::Promote {
                 volume,
                 node,
                 epoch,
+                fcid,
             } => {
                 let v = self.volume_at_epoch(volume, *epoch)?;
+                if let Some(f) = fcid {
+                    if *f < v.failure_count_id {
+                        return Err(format!(
+                            "failure count ID {f} is older than the volume's {}",
+                            v.failure_count_id
+                        ));
+                    }
+                }
                 if v.state_of(*node) != Some(ReplicaState::Live) {
                     return Err(format!("node {node} is not a live replica of {volume:?}"));
                 }
@@ -242,6 +321,64 @@ impl ClusterMeta {
                 v.states.insert(old, ReplicaState::Dead);
                 v.primary = *node;
                 v.epoch += 1;
+                if let Some(f) = fcid {
+                    v.failure_count_id = *f;
+                }
+                Ok(MetaResponse::Volume(v.clone()))
+            }
+            MetaCommand::SetRecovery { volume, on, fcid } => {
+                let v = self.volume_mut(volume)?;
+                if *fcid < v.failure_count_id {
+                    return Err(format!(
+                        "failure count ID {fcid} is older than the volume's {}",
+                        v.failure_count_id
+                    ));
+                }
+                v.recovery_flag = *on;
+                v.failure_count_id = *fcid;
+                Ok(MetaResponse::Volume(v.clone()))
+            }
+            MetaCommand::SetProtected { volume, protected } => {
+                let v = self.volume_mut(volume)?;
+                v.protected = *protected;
+                Ok(MetaResponse::Volume(v.clone()))
+            }
+            MetaCommand::AdoptRecovery {
+                volume,
+                uid,
+                fcid,
+                primary,
+                epoch,
+                jeopardy,
+                live,
+            } => {
+                let v = self.volume_mut(volume)?;
+                if v.uid != *uid {
+                    return Err(format!("volume {volume:?} is uid {}, not {uid}", v.uid));
+                }
+                if *fcid <= v.failure_count_id {
+                    return Err(format!(
+                        "failure count ID {fcid} is not newer than the volume's {}",
+                        v.failure_count_id
+                    ));
+                }
+                if !v.replicas.contains(primary) {
+                    return Err(format!("node {primary} holds no copy of {volume:?}"));
+                }
+                v.failure_count_id = *fcid;
+                v.recovery_flag = *jeopardy;
+                v.epoch = (*epoch).max(v.epoch);
+                v.primary = *primary;
+                for n in v.replicas.clone() {
+                    let s = if n == *primary
+                        || live.contains(&n) && v.state_of(n) == Some(ReplicaState::Live)
+                    {
+                        ReplicaState::Live
+                    } else {
+                        ReplicaState::Dead
+                    };
+                    v.states.insert(n, s);
+                }
                 Ok(MetaResponse::Volume(v.clone()))
             }
         }
@@ -321,6 +458,7 @@ mod tests {
             node: 3,
             state: ReplicaState::Dead,
             epoch: 1,
+            at_ms: 0,
         });
         assert!(matches!(r, MetaResponse::Volume(_)));
         assert_eq!(m.volumes["vol0"].update_targets(), vec![2]);
@@ -328,6 +466,7 @@ mod tests {
             volume: "vol0".into(),
             node: 3,
             epoch: 1,
+            fcid: None,
         });
         assert!(
             matches!(r, MetaResponse::Rejected(_)),
@@ -337,6 +476,7 @@ mod tests {
             volume: "vol0".into(),
             node: 2,
             epoch: 1,
+            fcid: None,
         });
         let MetaResponse::Volume(v) = r else { panic!() };
         assert_eq!((v.primary, v.epoch), (2, 2));
@@ -351,6 +491,7 @@ mod tests {
             node: 3,
             state: ReplicaState::Resyncing,
             epoch: 1,
+            at_ms: 0,
         });
         assert!(matches!(r, MetaResponse::Rejected(_)));
         let r = m.apply(&MetaCommand::SetReplicaState {
@@ -358,6 +499,7 @@ mod tests {
             node: 2,
             state: ReplicaState::Dead,
             epoch: 2,
+            at_ms: 0,
         });
         assert!(
             matches!(r, MetaResponse::Rejected(_)),
@@ -368,6 +510,7 @@ mod tests {
             node: 3,
             state: ReplicaState::Resyncing,
             epoch: 2,
+            at_ms: 0,
         });
         assert!(matches!(r, MetaResponse::Volume(_)));
         assert_eq!(m.volumes["vol0"].update_targets(), vec![3]);

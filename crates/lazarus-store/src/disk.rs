@@ -8,6 +8,25 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
+/// A failed device (`lazarus fault device fail`): while set, every read, write, sync
+/// and allocation of this process's store files fails with EIO.
+static DEVICE_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn set_device_failed(failed: bool) {
+    DEVICE_FAILED.store(failed, std::sync::atomic::Ordering::SeqCst);
+}
+
+pub fn device_failed() -> bool {
+    DEVICE_FAILED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn device_check() -> io::Result<()> {
+    if device_failed() {
+        return Err(io::Error::from_raw_os_error(libc::EIO));
+    }
+    Ok(())
+}
+
 #[derive(Debug)]
 pub struct DiskFile {
     file: File,
@@ -44,6 +63,7 @@ impl DiskFile {
     /// Reads exactly `buf.len()` bytes; bytes past the end of the file read as zero
     /// (a sparse or not-yet-extended region is all zeroes by definition).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        device_check()?;
         {
             let faults = self.read_errors.lock().expect("fault list");
             let end = offset + buf.len() as u64;
@@ -80,12 +100,14 @@ impl DiskFile {
     }
 
     pub fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        device_check()?;
         self.file.write_all_at(buf, offset)?;
         powerloss::on_write(&self.path, offset, buf);
         Ok(())
     }
 
     pub fn sync_data(&self) -> io::Result<()> {
+        device_check()?;
         self.file.sync_data()?;
         powerloss::on_sync(&self.path);
         Ok(())
@@ -94,6 +116,7 @@ impl DiskFile {
     /// Reserves space so that later writes to `[offset, offset+len)` cannot fail with
     /// ENOSPC. Extends the file if needed.
     pub fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        device_check()?;
         let r = unsafe {
             libc::fallocate(
                 self.file.as_raw_fd(),
@@ -121,6 +144,7 @@ impl DiskFile {
 
     /// Returns `[offset, offset+len)` to the file system; reads there give zeroes.
     pub fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        device_check()?;
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         let r = unsafe {
             libc::fallocate(

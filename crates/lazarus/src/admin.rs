@@ -167,6 +167,14 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/faults/heal", axum::routing::post(fault_heal))
         .route("/api/v1/faults/corrupt", axum::routing::post(fault_corrupt))
         .route("/api/v1/faults/eio", axum::routing::post(fault_eio))
+        .route("/api/v1/faults/device", axum::routing::post(fault_device))
+        .route("/api/v1/faults/isolate", axum::routing::post(fault_isolate))
+        .route(
+            "/api/v1/volumes/{name}/protect",
+            axum::routing::post(protect_volume),
+        )
+        .route("/api/v1/events", get(events))
+        .route("/api/v1/jeopardy", get(jeopardy))
         .route(
             "/api/v1/volumes/{name}/repair",
             axum::routing::post(repair_volume),
@@ -206,6 +214,24 @@ async fn health(State(s): State<AppState>) -> Json<serde_json::Value> {
 async fn status(State(s): State<AppState>) -> Json<serde_json::Value> {
     let store = s.engine.store.clone();
     let vols: Vec<VolumeView> = store.volumes().iter().map(|v| volume_view(v)).collect();
+    let mut vols = serde_json::to_value(&vols).unwrap_or_default();
+    // Per volume, its jeopardy state as this node sees it.
+    if let Some(c) = &s.cluster {
+        let j = c.jeopardy_status();
+        for v in vols.as_array_mut().into_iter().flatten() {
+            let name = v["name"].as_str().unwrap_or_default().to_string();
+            let st = &j["volumes"][&name];
+            for key in [
+                "jeopardy",
+                "failure_count_id",
+                "recovery_lag",
+                "recovery_log_bytes",
+                "protected",
+            ] {
+                v[key] = st[key].clone();
+            }
+        }
+    }
     Json(json!({
         "node": s.node_id,
         "pid": std::process::id(),
@@ -447,7 +473,138 @@ fn node_arg(c: &crate::cluster::Cluster, to: Option<&str>) -> Result<Option<u64>
 async fn list_faults(State(s): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     let c = cluster_of(&s)?;
     let drops: Vec<String> = c.drops.lock().iter().map(|n| format!("n{n}")).collect();
-    Ok(Json(json!({ "node": s.node_id, "drop_to": drops })))
+    Ok(Json(json!({
+        "node": s.node_id,
+        "drop_to": drops,
+        "isolated": c.network.isolated.load(std::sync::atomic::Ordering::Relaxed),
+        "device_failed": lazarus_store::disk::device_failed(),
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeviceReq {
+    failed: bool,
+}
+
+async fn fault_device(
+    State(s): State<AppState>,
+    body: Result<Json<DeviceReq>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(r) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    lazarus_store::disk::set_device_failed(r.failed);
+    tracing::warn!(node = %s.node_id, failed = r.failed, "fault injected: device {}", if r.failed { "failed" } else { "healed" });
+    crate::events::record(
+        "fault",
+        "",
+        format!(
+            "{}: device {}",
+            s.node_id,
+            if r.failed { "failed" } else { "healed" }
+        ),
+    );
+    list_faults(State(s)).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IsolateReq {
+    isolated: bool,
+}
+
+async fn fault_isolate(
+    State(s): State<AppState>,
+    body: Result<Json<IsolateReq>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(r) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let c = cluster_of(&s)?;
+    c.network
+        .isolated
+        .store(r.isolated, std::sync::atomic::Ordering::SeqCst);
+    tracing::warn!(node = %s.node_id, isolated = r.isolated, "fault injected: node isolation");
+    crate::events::record(
+        "fault",
+        "",
+        format!(
+            "{}: {}",
+            s.node_id,
+            if r.isolated {
+                "isolated from the other nodes"
+            } else {
+                "isolation healed"
+            }
+        ),
+    );
+    list_faults(State(s)).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProtectReq {
+    protected: bool,
+}
+
+async fn protect_volume(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    body: Result<Json<ProtectReq>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(r) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let c = cluster_of(&s)?;
+    if !c.store.meta().volumes.contains_key(&name) {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("volume {name:?} does not exist"),
+        ));
+    }
+    if r.protected && c.recovery.is_none() {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            "no recovery server is configured on this cluster: a volume cannot be protected".into(),
+        ));
+    }
+    let cmd = lazarus_cluster::MetaCommand::SetProtected {
+        volume: name.clone(),
+        protected: r.protected,
+    };
+    match c
+        .propose(cmd)
+        .await
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
+    {
+        lazarus_cluster::MetaResponse::Volume(v) => {
+            crate::events::record(
+                "protect",
+                &name,
+                if r.protected {
+                    "protection requested"
+                } else {
+                    "protection withdrawn"
+                },
+            );
+            Ok(Json(serde_json::to_value(&v).unwrap_or_default()))
+        }
+        lazarus_cluster::MetaResponse::Rejected(m) => Err(ApiError(StatusCode::BAD_REQUEST, m)),
+        other => Err(ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("{other:?}"),
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    #[serde(default)]
+    after: u64,
+}
+
+async fn events(Query(q): Query<EventsQuery>) -> Json<serde_json::Value> {
+    Json(json!({ "events": crate::events::since(q.after) }))
+}
+
+async fn jeopardy(State(s): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let c = cluster_of(&s)?;
+    Ok(Json(c.jeopardy_status()))
 }
 
 async fn fault_drop(
@@ -475,6 +632,10 @@ async fn fault_heal(
         }
         None => {
             c.drops.lock().clear();
+            c.network
+                .isolated
+                .store(false, std::sync::atomic::Ordering::SeqCst);
+            lazarus_store::disk::set_device_failed(false);
             // Healing everything also ends injected device errors on this node.
             for v in s.engine.store.volumes() {
                 v.clear_read_errors();

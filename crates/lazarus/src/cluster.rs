@@ -60,6 +60,9 @@ pub struct Network {
     /// recorded in the Raft membership, so a cluster restarted on other ports (or
     /// hosts) still finds itself.
     configured: Arc<HashMap<NodeId, String>>,
+    /// `lazarus fault isolate`: every call to another node fails, and every call
+    /// from one is refused (the recovery server is not cut).
+    pub(crate) isolated: Arc<AtomicBool>,
 }
 
 impl Network {
@@ -68,7 +71,7 @@ impl Network {
             .lock()
             .expect("clients lock")
             .entry(addr.to_string())
-            .or_insert_with(|| Arc::new(RpcClient::new(addr)))
+            .or_insert_with(|| Arc::new(RpcClient::with_block(addr, self.isolated.clone())))
             .clone()
     }
 }
@@ -169,6 +172,8 @@ pub struct Cluster {
     pub(crate) resync: crate::resync::ResyncState,
     /// The node's engine, for requests forwarded by other nodes.
     pub(crate) engine: OnceLock<Weak<crate::engine::Engine>>,
+    /// The recovery server (jeopardy protection, coordination point), if configured.
+    pub recovery: Option<Arc<crate::jeopardy::Recovery>>,
 }
 
 /// What this node is for a volume.
@@ -197,7 +202,7 @@ const REPLICATE_TIMEOUT: Duration = Duration::from_secs(5);
 const FAILOVER_CHECK_INTERVAL: Duration = Duration::from_millis(200);
 pub(crate) const PING_TIMEOUT: Duration = Duration::from_millis(300);
 /// A primary that has not asked for its lease this long is replaced (with Raft election, within the 5 s budget).
-const PRIMARY_SILENCE_MAX: Duration = Duration::from_millis(600);
+pub(crate) const PRIMARY_SILENCE_MAX: Duration = Duration::from_millis(600);
 /// How often a node checks the metadata for copies it must create or delete.
 const RECONCILE_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -292,6 +297,7 @@ impl Cluster {
                 ^ (std::process::id() as u64) << 32,
             resync: Default::default(),
             engine: OnceLock::new(),
+            recovery: crate::jeopardy::Recovery::new(cfg),
         });
         let listener = tokio::net::TcpListener::bind(rpc_listen)
             .await
@@ -322,10 +328,14 @@ impl Cluster {
         fn ser<T: Serialize>(v: &T) -> Result<Vec<u8>, String> {
             serde_json::to_vec(v).map_err(|e| e.to_string())
         }
+        if self.network.isolated.load(Ordering::Relaxed) {
+            return Err("this node is isolated (lazarus fault isolate)".into());
+        }
         match kind {
             KIND_APPEND => ser(&self.raft.append_entries(de(&body)?).await),
             KIND_VOTE => ser(&self.raft.vote(de(&body)?).await),
             KIND_SNAPSHOT => ser(&self.raft.install_snapshot(de(&body)?).await),
+            KIND_PING if lazarus_store::disk::device_failed() => Ok(b"device-failed".to_vec()),
             KIND_PING => Ok(Vec::new()),
             KIND_LEASE => ser(&self.serve_lease(de(&body)?).await),
             KIND_RESYNC_BEGIN | KIND_TREE | KIND_PAGE | KIND_BLOCKS => {
@@ -449,10 +459,14 @@ impl Cluster {
                     if v.state_of(n) != Some(ReplicaState::Live) || !self.answers(&meta, n).await {
                         continue;
                     }
+                    let Ok(fcid) = self.fence_promotion(v, n).await else {
+                        continue;
+                    };
                     let cmd = MetaCommand::Promote {
                         volume: v.name.clone(),
                         node: n,
                         epoch: v.epoch,
+                        fcid,
                     };
                     if let Ok(MetaResponse::Volume(nv)) = self.propose(cmd).await {
                         tracing::warn!(volume = %v.name, new = n, epoch = nv.epoch, "copy may have lost updates (crash, or missing at start): handed the primary role to a live replica");
@@ -465,6 +479,7 @@ impl Cluster {
                     node: self.id,
                     state: ReplicaState::Dead,
                     epoch: v.epoch,
+                    at_ms: 0,
                 };
                 match self.propose(cmd).await {
                     Ok(MetaResponse::Volume(_)) => {
@@ -487,8 +502,13 @@ impl Cluster {
         }
     }
 
-    /// Whether this node may serve `volume` as its primary at `epoch` right now.
+    /// Whether this node may serve `volume` as its primary at `epoch` right now: a
+    /// lease from the Raft leader, or a hold from the recovery server.
     pub fn lease_valid(&self, volume: &str, epoch: u64) -> bool {
+        self.raft_lease_valid(volume, epoch) || self.hold_valid(volume, epoch)
+    }
+
+    pub(crate) fn raft_lease_valid(&self, volume: &str, epoch: u64) -> bool {
         matches!(self.leases.lock().get(volume), Some((e, until)) if *e == epoch && Instant::now() < *until)
     }
 
@@ -625,10 +645,19 @@ impl Cluster {
 
     /// Sends an update to every replica that takes updates and waits for all. A
     /// replica that fails is marked dead in committed metadata before this returns,
-    /// so an acknowledged write is on every copy the metadata calls live.
-    pub async fn replicate(&self, volume: &str, u: Update, raw: &[u8]) -> Result<(), String> {
-        let meta = self.store.meta();
-        let Some(v) = meta.volumes.get(volume) else {
+    /// so an acknowledged write is on every copy the metadata calls live. `on_rs`: the
+    /// update is already durable on the recovery server. A write that reaches no live
+    /// replica (the volume just fell to its last failure domain) enters jeopardy and
+    /// goes to the recovery server before this returns: an acknowledged write is always
+    /// on two failure domains.
+    pub async fn replicate(
+        &self,
+        volume: &str,
+        u: Update,
+        raw: &[u8],
+        on_rs: bool,
+    ) -> Result<(), String> {
+        let Some(v) = self.effective(volume) else {
             return Ok(());
         };
         if v.primary != self.id {
@@ -673,6 +702,10 @@ impl Cluster {
         } else {
             KIND_REPLICATE
         };
+        let flush_mark = match (&u, &self.recovery) {
+            (Update::Flush, Some(r)) => Some(r.flush_mark(volume)),
+            _ => None,
+        };
         let drops = self.drops.lock().clone();
         // Sent to every target at once, awaited together (no task per call).
         let calls = v.update_targets().into_iter().map(|n| {
@@ -696,24 +729,102 @@ impl Cluster {
         crate::metrics::METRICS
             .replication_rtt
             .observe(t0.elapsed().as_secs_f64());
+        let mut acked_live = 0;
+        let mut no_majority = false;
+        let failures = results.iter().filter(|r| r.1.is_err()).count();
         for (node, r) in results {
-            if let Err(e) = r {
-                tracing::warn!(volume, replica = node, error = %e, "replica failed an update; marking it dead");
-                let cmd = MetaCommand::SetReplicaState {
-                    volume: volume.to_string(),
-                    node,
-                    state: ReplicaState::Dead,
-                    epoch: v.epoch,
-                };
-                match self.propose(cmd).await {
-                    Ok(MetaResponse::Volume(_)) => {
-                        tracing::info!(volume, replica = node, "replica marked dead")
+            match r {
+                Ok(_) => acked_live += (v.state_of(node) == Some(ReplicaState::Live)) as usize,
+                Err(e) => {
+                    tracing::warn!(volume, replica = node, error = %e, "replica failed an update; marking it dead");
+                    let cmd = MetaCommand::SetReplicaState {
+                        volume: volume.to_string(),
+                        node,
+                        state: ReplicaState::Dead,
+                        epoch: v.epoch,
+                        at_ms: std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(1, |d| d.as_millis() as u64),
+                    };
+                    // Without a majority the mark never commits: a volume with a
+                    // recovery server goes on through it as its last failure domain.
+                    let wait = if self.recovery.is_some() {
+                        Duration::from_secs(2)
+                    } else {
+                        PROPOSE_TIMEOUT
+                    };
+                    match tokio::time::timeout(wait, self.propose(cmd)).await {
+                        Ok(Ok(MetaResponse::Volume(_))) => {
+                            tracing::info!(volume, replica = node, "replica marked dead");
+                            crate::events::record(
+                                "state",
+                                volume,
+                                format!("n{node} marked dead (failed an update: {e})"),
+                            );
+                        }
+                        Ok(Ok(other))
+                            if v.failure_count_id
+                                > self
+                                    .store
+                                    .meta()
+                                    .volumes
+                                    .get(volume)
+                                    .map_or(0, |m| m.failure_count_id) =>
+                        {
+                            // Held at the recovery server: the metadata is behind and
+                            // refuses; no other copy takes updates anyway.
+                            tracing::debug!(volume, replica = node, response = ?other, "dead mark refused while held at the recovery server");
+                        }
+                        Ok(Ok(other)) => {
+                            return Err(format!("could not mark replica {node} dead: {other:?}"))
+                        }
+                        Ok(Err(e)) if self.recovery.is_some() => {
+                            tracing::warn!(volume, replica = node, error = %e, "dead mark not committed");
+                            no_majority = true;
+                        }
+                        Err(_) if self.recovery.is_some() => no_majority = true,
+                        Ok(Err(e)) => {
+                            return Err(format!("could not mark replica {node} dead: {e}"))
+                        }
+                        Err(_) => {
+                            return Err(format!("could not mark replica {node} dead: no majority"))
+                        }
                     }
-                    Ok(other) => {
-                        return Err(format!("could not mark replica {node} dead: {other:?}"))
-                    }
-                    Err(e) => return Err(format!("could not mark replica {node} dead: {e}")),
                 }
+            }
+        }
+        let Some(rec) = self.recovery.clone() else {
+            return Ok(());
+        };
+        if v.replicas.len() < 2 {
+            return Ok(());
+        }
+        if let Some(mark) = flush_mark {
+            if failures == 0 {
+                rec.flushed(volume, mark);
+            }
+            if no_majority {
+                self.enter_jeopardy(volume, v.live()).await?;
+            }
+            return Ok(());
+        }
+        if on_rs {
+            return Ok(());
+        }
+        let in_jeopardy = self.effective(volume).is_some_and(|e| e.recovery_flag);
+        let noted = if acked_live == 0 || no_majority {
+            crate::jeopardy::Noted::LogIt
+        } else {
+            rec.note_replicated(volume, in_jeopardy, &u, raw)
+        };
+        match noted {
+            crate::jeopardy::Noted::Kept => {}
+            crate::jeopardy::Noted::FlushDue => {
+                Box::pin(self.replicate(volume, Update::Flush, &[], false)).await?;
+            }
+            crate::jeopardy::Noted::LogIt => {
+                let jv = self.enter_jeopardy(volume, v.live()).await?;
+                self.log_update(&jv, &u, raw).await?;
             }
         }
         Ok(())
@@ -721,17 +832,15 @@ impl Cluster {
 
     /// Whether this node is the volume's primary and some replica takes its updates.
     pub fn has_update_targets(&self, volume: &str) -> bool {
-        self.store
-            .meta()
-            .volumes
-            .get(volume)
-            .is_some_and(|v| v.primary == self.id && !v.update_targets().is_empty())
+        self.effective(volume).is_some_and(|v| {
+            v.primary == self.id
+                && (!v.update_targets().is_empty() || crate::jeopardy::writes_through(&v))
+        })
     }
 
     /// What this node is for `volume` in its applied metadata.
     pub fn role(&self, volume: &str) -> Role {
-        let meta = self.store.meta();
-        match meta.volumes.get(volume) {
+        match self.effective(volume) {
             None => Role::Local,
             Some(v) if v.primary == self.id => Role::Primary { epoch: v.epoch },
             Some(v) => Role::Replica {
@@ -786,12 +895,21 @@ impl Cluster {
                         }
                         e.1.elapsed()
                     };
-                    if silent < PRIMARY_SILENCE_MAX {
+                    // A primary whose device failed is replaced too (it answers, and
+                    // may even hold its lease, but can serve nothing).
+                    let device_failed = silent < PRIMARY_SILENCE_MAX
+                        && c.recovery.is_some()
+                        && c.answers(&meta, v.primary).await
+                        && !c.device_ok(&meta, v.primary).await;
+                    if silent < PRIMARY_SILENCE_MAX && !device_failed {
                         continue;
                     }
                     let mut candidate = None;
                     for n in v.replicas.iter().copied().filter(|n| *n != v.primary) {
-                        if v.state_of(n) == Some(ReplicaState::Live) && c.answers(&meta, n).await {
+                        if v.state_of(n) == Some(ReplicaState::Live)
+                            && c.answers(&meta, n).await
+                            && c.device_ok(&meta, n).await
+                        {
                             candidate = Some(n);
                             break;
                         }
@@ -800,14 +918,29 @@ impl Cluster {
                         tracing::error!(volume = %v.name, primary = v.primary, "primary silent and no live replica to promote");
                         continue;
                     };
+                    // Fenced at the recovery server: exactly one of this majority and
+                    // a primary that claims the volume there without one wins.
+                    let fcid = match c.fence_promotion(v, n).await {
+                        Ok(f) => f,
+                        Err(e) => {
+                            tracing::warn!(volume = %v.name, candidate = n, error = %e, "promotion not fenced; waiting rather than risk two primaries");
+                            continue;
+                        }
+                    };
                     let cmd = MetaCommand::Promote {
                         volume: v.name.clone(),
                         node: n,
                         epoch: v.epoch,
+                        fcid,
                     };
                     match c.propose(cmd).await {
                         Ok(MetaResponse::Volume(nv)) => {
                             tracing::warn!(volume = %v.name, old = v.primary, new = n, epoch = nv.epoch, silent_ms = silent.as_millis() as u64, "primary failed over");
+                            crate::events::record(
+                                "failover",
+                                &v.name,
+                                format!("n{} -> n{n} (epoch {})", v.primary, nv.epoch),
+                            );
                         }
                         Ok(other) => {
                             tracing::warn!(volume = %v.name, response = ?other, "promotion refused")
@@ -884,6 +1017,9 @@ impl Cluster {
             "leases": self.held_leases(),
             "drops": self.drops.lock().iter().map(|n| format!("n{n}")).collect::<Vec<_>>(),
             "resync": self.resync.progress(),
+            "isolated": self.network.isolated.load(Ordering::Relaxed),
+            "device_failed": lazarus_store::disk::device_failed(),
+            "jeopardy": self.jeopardy_status(),
         })
     }
 }

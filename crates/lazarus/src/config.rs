@@ -33,6 +33,43 @@ pub struct NodeConfig {
     /// node refuses every mutating request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_token: Option<String>,
+    /// The recovery server's address (`lazarus recovery-server --listen`). Without one,
+    /// volumes cannot be protected in jeopardy and failover is fenced by Raft alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_server: Option<String>,
+    /// What a primary in jeopardy does while the recovery server does not answer:
+    /// `suspend` (writes wait up to `jeopardy_suspend_secs`, then fail with EIO) or
+    /// `accept` (writes go on with one copy; loudly logged, shown as recovery lag).
+    #[serde(default)]
+    pub jeopardy_policy: JeopardyPolicy,
+    #[serde(default = "default_suspend_secs")]
+    pub jeopardy_suspend_secs: u64,
+    /// A replica marked dead more than this many times within
+    /// `failure_window_minutes` is not counted on as a failure domain.
+    #[serde(default = "default_failures_max")]
+    pub failures_max: usize,
+    #[serde(default = "default_failure_window")]
+    pub failure_window_minutes: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JeopardyPolicy {
+    #[default]
+    Suspend,
+    Accept,
+}
+
+fn default_suspend_secs() -> u64 {
+    30
+}
+
+fn default_failures_max() -> usize {
+    3
+}
+
+fn default_failure_window() -> u64 {
+    10
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

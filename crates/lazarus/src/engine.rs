@@ -221,14 +221,52 @@ impl Engine {
         vol: &Volume,
         u: crate::cluster::Update,
         raw: &[u8],
+        on_rs: bool,
     ) -> Result<(), IoError> {
         let c = self
             .cluster
             .get()
             .expect("replicated volumes exist only in a cluster");
-        c.replicate(&vol.meta.name, u, raw)
+        c.replicate(&vol.meta.name, u, raw, on_rs)
             .await
             .map_err(|m| IoError::new(EIO, format!("replication failed: {m}")))
+    }
+
+    /// In jeopardy: makes the update durable on the recovery server before it is
+    /// written locally. Returns whether it is there.
+    async fn log_first(
+        &self,
+        vol: &Volume,
+        u: &crate::cluster::Update,
+        raw: &[u8],
+    ) -> Result<bool, IoError> {
+        let c = self
+            .cluster
+            .get()
+            .expect("replicated volumes exist only in a cluster");
+        let Some(v) = c.effective(&vol.meta.name) else {
+            return Ok(false);
+        };
+        if !crate::jeopardy::writes_through(&v) || c.recovery.is_none() {
+            return Ok(false);
+        }
+        let err = |m: String| IoError::new(EIO, format!("jeopardy: {m}"));
+        let v = if v.recovery_flag {
+            c.ensure_drained(&v).await.map_err(err)?;
+            v
+        } else {
+            c.enter_jeopardy(&vol.meta.name, v.live())
+                .await
+                .map_err(err)?
+        };
+        let stored = c.log_update(&v, u, raw).await.map_err(err)?;
+        if stored {
+            crate::metrics::METRICS
+                .recovery_appends
+                .get_or_create(&crate::metrics::vol(&vol.meta.name))
+                .inc();
+        }
+        Ok(stored)
     }
 
     /// Reads `len` bytes at `offset` into `out` (whose length is `len`).
@@ -276,11 +314,12 @@ impl Engine {
                 lba: u,
             };
             if head == 0 && len.is_multiple_of(BLOCK_SIZE_U64) {
+                let on_rs = replicated && self.log_first(vol, &write(first), data).await?;
                 self.blocking(|| self.store.write_blocks(vol, Lba(first), data))?;
                 if replicated {
                     // Still under the stripe locks: replicas see updates to a block
                     // in the order the primary applied them.
-                    self.replicate(vol, write(first), data).await?;
+                    self.replicate(vol, write(first), data, on_rs).await?;
                 }
             } else {
                 // Read-modify-write of the partial blocks at either end only.
@@ -296,9 +335,10 @@ impl Engine {
                     self.store.read_blocks(vol, Lba(last), &mut buf[s..])?;
                 }
                 buf[head..head + len as usize].copy_from_slice(data);
+                let on_rs = replicated && self.log_first(vol, &write(first), &buf).await?;
                 self.blocking(|| self.store.write_blocks(vol, Lba(first), &buf))?;
                 if replicated {
-                    self.replicate(vol, write(first), &buf).await?;
+                    self.replicate(vol, write(first), &buf, on_rs).await?;
                 }
             }
             self.after_write();
@@ -346,6 +386,14 @@ impl Engine {
             }
             if end_full > first_full {
                 let _g = self.lock_blocks(first_full, end_full - 1).await;
+                let u = crate::cluster::Update::Zero {
+                    volume: vol.meta.name.clone(),
+                    epoch: 0,
+                    lba: first_full,
+                    count: end_full - first_full,
+                    provision: provision && !trim,
+                };
+                let on_rs = replicated && self.log_first(vol, &u, &[]).await?;
                 self.blocking(|| {
                     self.store.write_zeroes(
                         vol,
@@ -355,14 +403,7 @@ impl Engine {
                     )
                 })?;
                 if replicated {
-                    let u = crate::cluster::Update::Zero {
-                        volume: vol.meta.name.clone(),
-                        epoch: 0,
-                        lba: first_full,
-                        count: end_full - first_full,
-                        provision: provision && !trim,
-                    };
-                    self.replicate(vol, u, &[]).await?;
+                    self.replicate(vol, u, &[], on_rs).await?;
                 }
                 self.after_write();
             }
@@ -379,7 +420,7 @@ impl Engine {
         if self.replicated(vol)? {
             let (local, remote) = tokio::join!(
                 self.flush_local(),
-                self.replicate(vol, crate::cluster::Update::Flush, &[])
+                self.replicate(vol, crate::cluster::Update::Flush, &[], false)
             );
             local?;
             return remote;

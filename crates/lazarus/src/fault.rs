@@ -62,6 +62,7 @@ impl ClusterFiles {
             .as_array()
             .into_iter()
             .flatten()
+            .filter(|n| n["admin"].is_string())
             .filter_map(|n| n["id"].as_str().map(str::to_string))
             .collect()
     }
@@ -230,5 +231,31 @@ pub fn eio(data: &Path, node: &str, volume: &str, lba: u64) -> anyhow::Result<()
         r["page"],
         if r["damaged"] == true { "damaged" } else { "intact" }
     );
+    Ok(())
+}
+
+pub fn device(data: &Path, node: &str, fail: bool) -> anyhow::Result<()> {
+    let files = ClusterFiles::load(data)?;
+    client::ok(
+        files
+            .api(node)?
+            .post("/api/v1/faults/device", &json!({ "failed": fail }))?,
+    )?;
+    if fail {
+        println!("{node}: device failed: every I/O of its block store now fails with EIO (until `lazarus fault device --node {node} heal`)");
+    } else {
+        println!("{node}: device healed");
+    }
+    Ok(())
+}
+
+pub fn isolate(data: &Path, node: &str) -> anyhow::Result<()> {
+    let files = ClusterFiles::load(data)?;
+    client::ok(
+        files
+            .api(node)?
+            .post("/api/v1/faults/isolate", &json!({ "isolated": true }))?,
+    )?;
+    println!("{node}: isolated from every other node (Raft and replication cut both ways; the recovery server and clients still reach it) until `lazarus fault heal`");
     Ok(())
 }

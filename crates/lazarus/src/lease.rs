@@ -47,10 +47,13 @@ impl Cluster {
         let mut granted = Vec::new();
         let mut seen = self.lease_requests.lock();
         for (name, epoch) in req.volumes {
+            // Not while the recovery server knows a newer holder than the metadata
+            // does: that state is adopted first.
+            let rs_ahead = |v: &lazarus_cluster::VolumeInfo| self.rs_overrides(v);
             if meta
                 .volumes
                 .get(&name)
-                .is_some_and(|v| v.primary == req.node && v.epoch == epoch)
+                .is_some_and(|v| v.primary == req.node && v.epoch == epoch && !rs_ahead(v))
             {
                 seen.insert(name.clone(), (epoch, now));
                 granted.push((name, epoch));

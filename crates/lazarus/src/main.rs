@@ -6,12 +6,16 @@ mod client;
 mod cluster;
 mod config;
 mod engine;
+mod events;
 mod fault;
 mod forward;
+mod jeopardy;
 mod lease;
 mod metrics;
 mod nbd_server;
 mod node;
+mod recovery_log;
+mod recovery_server;
 mod repair;
 mod resync;
 mod rpc;
@@ -54,6 +58,10 @@ enum Cmd {
         /// Number of node processes (1 runs a single node without cluster metadata).
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=9))]
         nodes: u16,
+        /// What a primary in jeopardy does while the recovery server does not answer:
+        /// suspend (writes wait up to 30 s, then fail) or accept (go on with one copy).
+        #[arg(long, default_value = "suspend", value_parser = ["suspend", "accept"])]
+        jeopardy_policy: String,
     },
     /// Scrub every node's disk now: slice pages, checksum pages, blocks; repairs what
     /// it finds.
@@ -90,6 +98,14 @@ enum Cmd {
     Node {
         #[arg(long)]
         config: PathBuf,
+    },
+    /// Run the recovery server: configuration copies and changed-block logs of volumes
+    /// in jeopardy, and the coordination point when the metadata has no majority.
+    RecoveryServer {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        listen: std::net::SocketAddr,
     },
     /// Create, list and delete volumes.
     Volume {
@@ -132,6 +148,15 @@ enum VolumeOp {
         json: bool,
     },
     Delete {
+        name: String,
+    },
+    /// Turn jeopardy protection on: every write goes to the recovery server first.
+    Protect {
+        name: String,
+    },
+    /// Withdraw the protection request (protection stays while the volume has fewer
+    /// than two failure domains).
+    Unprotect {
         name: String,
     },
     /// Copy a raw image file into a volume (holes and zeroes stay unmapped).
@@ -187,7 +212,21 @@ enum FaultOp {
         #[arg(long)]
         lba: u64,
     },
-    /// Undo `drop` (all of them without arguments; that also ends `eio` faults).
+    /// Fail (or heal) a node's device: every I/O of its block store errors.
+    Device {
+        #[arg(long)]
+        node: String,
+        #[arg(value_parser = ["fail", "heal"])]
+        action: String,
+    },
+    /// Cut all traffic between a node and the other nodes, cluster metadata included
+    /// (not to the recovery server, nor to its clients); `heal` ends it.
+    Isolate {
+        #[arg(long)]
+        node: String,
+    },
+    /// Undo `drop` and `isolate` (all of them without arguments; that also ends `eio`
+    /// faults and failed devices).
     Heal {
         #[arg(long)]
         from: Option<String>,
@@ -288,6 +327,8 @@ fn client_command(cmd: Cmd) -> anyhow::Result<()> {
                     client::ok(api.delete(&format!("/api/v1/volumes/{name}"))?)?;
                     println!("deleted volume {name}");
                 }
+                VolumeOp::Protect { name } => protect(&api, &name, true)?,
+                VolumeOp::Unprotect { name } => protect(&api, &name, false)?,
             }
         }
         Cmd::Status { json, target } => {
@@ -432,8 +473,10 @@ fn client_command(cmd: Cmd) -> anyhow::Result<()> {
                 target,
             } => fault::corrupt(&data, &node, &volume, lba, &target)?,
             FaultOp::Eio { node, volume, lba } => fault::eio(&data, &node, &volume, lba)?,
+            FaultOp::Device { node, action } => fault::device(&data, &node, action == "fail")?,
+            FaultOp::Isolate { node } => fault::isolate(&data, &node)?,
         },
-        Cmd::Up { .. } | Cmd::Node { .. } | Cmd::BenchRpc { .. } => {
+        Cmd::Up { .. } | Cmd::Node { .. } | Cmd::BenchRpc { .. } | Cmd::RecoveryServer { .. } => {
             unreachable!("server commands are not client commands")
         }
     }
@@ -473,18 +516,27 @@ fn main() {
             port_base,
             volume_size,
             nodes,
+            jeopardy_policy,
         } => runtime().block_on(up::run(up::UpArgs {
             data,
             port_base,
             volume_size,
             nodes: nodes as usize,
             log_level: cli.log_level.clone(),
+            jeopardy_policy: if jeopardy_policy == "accept" {
+                config::JeopardyPolicy::Accept
+            } else {
+                config::JeopardyPolicy::Suspend
+            },
         })),
         Cmd::BenchRpc { seconds, inflight } => {
             runtime().block_on(rpc_bench::run(seconds, inflight))
         }
         Cmd::Node { config } => {
             config::NodeConfig::load(&config).and_then(|cfg| runtime().block_on(node::run(cfg)))
+        }
+        Cmd::RecoveryServer { data, listen } => {
+            runtime().block_on(recovery_server::run(&data, listen))
         }
         other => {
             // A client piped into `head` ends quietly when the pipe closes.
@@ -496,6 +548,19 @@ fn main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn protect(api: &client::Api, name: &str, on: bool) -> anyhow::Result<()> {
+    let v = client::ok(api.post(
+        &format!("/api/v1/volumes/{name}/protect"),
+        &json!({ "protected": on }),
+    )?)?;
+    println!(
+        "{name}: protection {} (failure count ID {}; jeopardy is decided by the leader within a second: see `lazarus status`)",
+        if on { "requested" } else { "request withdrawn" },
+        v["failure_count_id"]
+    );
+    Ok(())
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -65,6 +65,11 @@ pub struct Metrics {
     pub unrecoverable_lbas: Family<VolumeLabels, Gauge>,
     pub volume_size: Family<VolumeLabels, Gauge>,
     pub primary_leases: Gauge,
+    pub jeopardy_volumes: Gauge,
+    pub recovery_log_bytes: Family<VolumeLabels, Gauge>,
+    pub recovery_appends: Family<VolumeLabels, Counter>,
+    pub recovery_unlogged_writes: Counter,
+    pub recovery_restore_bytes: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -151,8 +156,32 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let jeopardy_volumes: Gauge = Gauge::default();
     registry.register(
         "jeopardy_volumes",
-        "Volumes down to their last failure domain (recovery server issue: always 0 for now)",
+        "Volumes in jeopardy (writes go through the recovery server), as this node sees them",
         jeopardy_volumes.clone(),
+    );
+    let recovery_log_bytes = Family::<VolumeLabels, Gauge>::default();
+    registry.register(
+        "recovery_log_bytes",
+        "Size of each volume's changed-block log on the recovery server",
+        recovery_log_bytes.clone(),
+    );
+    let recovery_appends = Family::<VolumeLabels, Counter>::default();
+    registry.register(
+        "recovery_appends",
+        "Changes made durable on the recovery server by this node",
+        recovery_appends.clone(),
+    );
+    let recovery_unlogged_writes = Counter::default();
+    registry.register(
+        "recovery_unlogged_writes",
+        "Blocks acknowledged in jeopardy without the recovery server (policy accept)",
+        recovery_unlogged_writes.clone(),
+    );
+    let recovery_restore_bytes = Counter::default();
+    registry.register(
+        "recovery_restore_bytes",
+        "Bytes read from the recovery server's logs by restores",
+        recovery_restore_bytes.clone(),
     );
     Metrics {
         registry,
@@ -169,6 +198,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         unrecoverable_lbas,
         volume_size,
         primary_leases,
+        jeopardy_volumes,
+        recovery_log_bytes,
+        recovery_appends,
+        recovery_unlogged_writes,
+        recovery_restore_bytes,
     }
 });
 
@@ -211,6 +245,18 @@ pub fn render(engine: &crate::engine::Engine) -> String {
     }
     if let Some(c) = engine.cluster.get() {
         m.primary_leases.set(c.held_leases().len() as i64);
+        let meta = c.store.meta();
+        let mut jeopardy = 0;
+        for v in meta.volumes.values() {
+            let e = c.effective(&v.name).unwrap_or_else(|| v.clone());
+            jeopardy += e.recovery_flag as i64;
+            if let Some(s) = c.recovery.as_ref().and_then(|r| r.state(&v.name)) {
+                m.recovery_log_bytes
+                    .get_or_create(&vol(&v.name))
+                    .set(s.log_bytes as i64);
+            }
+        }
+        m.jeopardy_volumes.set(jeopardy);
     }
     let mut out = String::new();
     let _ = prometheus_client::encoding::text::encode(&mut out, &m.registry);

@@ -97,6 +97,8 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             c.reconcile();
             c.watch_primaries();
             c.lease_loop();
+            c.hold_loop();
+            c.jeopardy_loop();
             engine.background_repair();
             c.resync_loop();
             c.start_up(

@@ -71,6 +71,9 @@ pub struct Progress {
     /// Block data fetched by id.
     pub block_bytes: u64,
     pub blocks_fetched: u64,
+    /// Changed-block records (and bytes) applied from the recovery server first.
+    pub restore_records: u64,
+    pub restore_bytes: u64,
     pub elapsed_ms: u64,
     pub error: Option<String>,
 }
@@ -325,6 +328,12 @@ impl Cluster {
                     req.volume, req.epoch
                 ));
             }
+            if self.rs_overrides(v) {
+                return Err(format!(
+                    "the recovery server knows a newer holder of {:?}: not a resync source until the cluster adopts it",
+                    req.volume
+                ));
+            }
             Ok(v.clone())
         };
         let uid = primary_at(&self.store.meta())?.uid;
@@ -399,6 +408,13 @@ impl Cluster {
                 }
                 let meta = c.store.meta();
                 for v in meta.volumes.values() {
+                    // Not while this node holds the volume at the recovery server, nor
+                    // while the recovery server knows a newer holder than the
+                    // metadata (the leader adopts it first).
+                    let holds = c.effective(&v.name).is_some_and(|e| e.primary == c.id);
+                    if holds || c.rs_overrides(v) {
+                        continue;
+                    }
                     if v.primary == c.id
                         || !matches!(
                             v.state_of(c.id),
@@ -442,10 +458,15 @@ impl Cluster {
             .rpc_addr(v.primary)
             .ok_or("the primary has no address")?;
         self.resync.update(&v.name, |p| {
+            // What an earlier, failed attempt restored from the recovery server
+            // stays counted.
+            let retry = p.state != "done";
             *p = Progress {
                 state: "starting".into(),
                 primary: v.primary,
                 epoch: v.epoch,
+                restore_records: if retry { p.restore_records } else { 0 },
+                restore_bytes: if retry { p.restore_bytes } else { 0 },
                 ..Default::default()
             }
         });
@@ -466,15 +487,54 @@ impl Cluster {
         src.tree(top, 0).await?;
         let _tracking = self.resync.track(&v.name);
         if v.state_of(self.id) == Some(ReplicaState::Dead) {
+            // In jeopardy, the writes this copy missed are on the recovery server:
+            // apply them from there first (while dead, no update races them), so the
+            // Merkle diff against the overloaded last copy moves only what remains.
+            let logged = self
+                .recovery
+                .as_ref()
+                .and_then(|r| r.state(&v.name))
+                .filter(|s| {
+                    s.coord.uid == v.uid
+                        && s.coord.jeopardy
+                        && s.log_bytes > 0
+                        && s.damaged.is_empty()
+                });
+            if v.recovery_flag && logged.is_some() {
+                self.resync.update(&v.name, |p| {
+                    p.state = "restoring from the recovery server".into()
+                });
+                let (records, bytes) = self.restore_from_log(&v.name, v.uid, &local).await?;
+                tracing::info!(volume = %v.name, records, bytes, fcid = v.failure_count_id, "rejoin: changed blocks restored from the recovery server");
+                crate::events::record("restore", &v.name, format!("n{}: {records} changed-block records ({bytes} bytes) restored from the recovery server", self.id));
+                self.resync.update(&v.name, |p| {
+                    p.restore_records = records;
+                    p.restore_bytes = bytes;
+                });
+            }
             let cmd = MetaCommand::SetReplicaState {
                 volume: v.name.clone(),
                 node: self.id,
                 state: ReplicaState::Resyncing,
                 epoch: v.epoch,
+                at_ms: 0,
             };
             match self.propose(cmd).await.map_err(|e| e.to_string())? {
                 MetaResponse::Volume(_) => {
-                    tracing::info!(volume = %v.name, primary = v.primary, "copy is resyncing")
+                    tracing::info!(volume = %v.name, primary = v.primary, "copy is resyncing");
+                    // Committed; wait until applied here too.
+                    let t0 = Instant::now();
+                    while self
+                        .store
+                        .meta()
+                        .volumes
+                        .get(&v.name)
+                        .and_then(|x| x.state_of(self.id))
+                        != Some(ReplicaState::Resyncing)
+                        && t0.elapsed() < BEGIN_WAIT
+                    {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
                 }
                 other => return Err(format!("cannot start resyncing: {other:?}")),
             }
@@ -536,6 +596,7 @@ impl Cluster {
             node: self.id,
             state: ReplicaState::Live,
             epoch: v.epoch,
+            at_ms: 0,
         };
         match self.propose(cmd).await.map_err(|e| e.to_string())? {
             MetaResponse::Volume(_) => {}

@@ -126,6 +126,8 @@ pub struct RpcClient {
     current: parking_lot::Mutex<Option<Arc<Conn>>>,
     conn: Mutex<Option<Arc<Conn>>>,
     next_id: AtomicU64,
+    /// While set, every call fails at once (`lazarus fault isolate`).
+    blocked: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl RpcClient {
@@ -135,6 +137,15 @@ impl RpcClient {
             current: parking_lot::Mutex::new(None),
             conn: Mutex::new(None),
             next_id: AtomicU64::new(1),
+            blocked: None,
+        }
+    }
+
+    /// A client whose calls fail while `blocked` is set.
+    pub fn with_block(addr: &str, blocked: Arc<std::sync::atomic::AtomicBool>) -> RpcClient {
+        RpcClient {
+            blocked: Some(blocked),
+            ..RpcClient::new(addr)
         }
     }
 
@@ -196,6 +207,16 @@ impl RpcClient {
 
     /// One call with a deadline. Errors are transport errors or the handler's error.
     pub async fn call(&self, kind: u8, body: &[u8], deadline: Duration) -> Reply {
+        if self
+            .blocked
+            .as_ref()
+            .is_some_and(|b| b.load(Ordering::Relaxed))
+        {
+            return Err(format!(
+                "call to {} cut: this node is isolated (lazarus fault isolate)",
+                self.addr
+            ));
+        }
         let fut = async {
             let conn = self.connection().await?;
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);

@@ -44,6 +44,8 @@ pub fn survey(cluster: &Value) -> Value {
                     "leader": v["leader"],
                     "leases": v["leases"],
                     "drops": v["drops"],
+                    "isolated": v["isolated"],
+                    "device_failed": v["device_failed"],
                     "resync": v["resync"],
                     "nbd": info["nbd"],
                     "admin": info["admin"],
@@ -70,7 +72,7 @@ fn paint(word: &str) -> String {
     let code = match word {
         "live" | "up" | "leader" => "32",
         "resyncing" | "starting" => "33",
-        "dead" | "DOWN" => "31;1",
+        "dead" | "DOWN" | "JEOPARDY" => "31;1",
         _ => return word.to_string(),
     };
     format!("\x1b[{code}m{word}\x1b[0m")
@@ -118,6 +120,8 @@ pub fn print_cluster(c: &Value) {
             .into_iter()
             .flatten()
             .filter_map(|d| d.as_str().map(|d| format!("drop->{d}")))
+            .chain((n["isolated"] == true).then(|| "isolated".to_string()))
+            .chain((n["device_failed"] == true).then(|| "device-failed".to_string()))
             .collect();
         let pad =
             |w: &str, n: usize| format!("{}{}", paint(w), " ".repeat(n.saturating_sub(w.len())));
@@ -143,6 +147,42 @@ pub fn print_cluster(c: &Value) {
             vol["primary"],
             vol["epoch"],
             states.join(" ")
+        );
+        let j = &c["jeopardy"]["volumes"][name.as_str()];
+        if j["jeopardy"] == true {
+            println!(
+                "    {} failure count ID {}, recovery log {} bytes, recovery lag {}{}",
+                paint("JEOPARDY"),
+                j["failure_count_id"],
+                j["recovery_log_bytes"],
+                j["recovery_lag"],
+                if vol["protected"] == true {
+                    ", protected by an administrator"
+                } else {
+                    ""
+                }
+            );
+        } else {
+            println!(
+                "    protected by {} failure domains; failure count ID {}",
+                vol["states"]
+                    .as_object()
+                    .map_or(0, |m| m.values().filter(|s| *s == "live").count()),
+                j["failure_count_id"]
+            );
+        }
+    }
+    let rs = &c["jeopardy"]["recovery_server"];
+    if rs.is_object() {
+        println!(
+            "  recovery server {} {} (policy {})",
+            rs["address"].as_str().unwrap_or("?"),
+            paint(if rs["reachable"] == true {
+                "up"
+            } else {
+                "DOWN"
+            }),
+            rs["policy"].as_str().unwrap_or("?")
         );
     }
 }

@@ -39,12 +39,20 @@ pub struct UpArgs {
     pub volume_size: u64,
     pub nodes: usize,
     pub log_level: Option<String>,
+    pub jeopardy_policy: crate::config::JeopardyPolicy,
 }
 
 /// Port layout of node `i` (0-based).
 pub fn ports(base: u16, i: usize) -> (u16, u16, u16) {
     let i = i as u16;
     (base + i, base + 10 + i, base + 20 + i)
+}
+
+/// The recovery server's id (its slot and data subdirectory) and port.
+pub const RECOVERY_ID: &str = "rs";
+
+pub fn recovery_port(base: u16) -> u16 {
+    base + 30
 }
 
 struct Slot {
@@ -90,11 +98,75 @@ fn node_config(args: &UpArgs, i: usize) -> anyhow::Result<NodeConfig> {
             Vec::new()
         },
         admin_token: None,
+        recovery_server: clustered.then(|| format!("127.0.0.1:{}", recovery_port(args.port_base))),
+        jeopardy_policy: args.jeopardy_policy,
+        jeopardy_suspend_secs: 30,
+        failures_max: 3,
+        failure_window_minutes: 10,
     })
 }
 
-/// Starts node `i` and waits until it has bound its listeners.
+/// Starts the recovery server (slot `args.nodes`) and waits until it listens.
+async fn start_recovery_server(args: &UpArgs) -> anyhow::Result<(Child, Endpoints)> {
+    let dir = args.data.join(RECOVERY_ID);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let _ = std::fs::remove_file(dir.join("endpoints.json"));
+    let log = dir.join("recovery.log");
+    let logf = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)?;
+    let exe = std::env::current_exe().context("cannot find the lazarus executable")?;
+    let addr = format!("127.0.0.1:{}", recovery_port(args.port_base));
+    let mut cmd = Command::new(exe);
+    cmd.arg("recovery-server")
+        .arg("--data")
+        .arg(&dir)
+        .arg("--listen")
+        .arg(&addr)
+        .stdout(logf.try_clone()?)
+        .stderr(logf)
+        .kill_on_drop(true);
+    if let Some(l) = &args.log_level {
+        cmd.arg("--log-level").arg(l);
+    }
+    let mut child = cmd.spawn().context("cannot start the recovery server")?;
+    let pid = child.id().unwrap_or(0);
+    let t0 = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!(
+                "the recovery server exited during start-up ({status}); last lines of {}:\n{}",
+                log.display(),
+                log_tail(&log)
+            );
+        }
+        if std::net::TcpStream::connect(&addr).is_ok() {
+            let ep = Endpoints {
+                id: RECOVERY_ID.into(),
+                pid,
+                nbd: addr.parse()?,
+                admin: addr.parse()?,
+            };
+            lazarus_store::disk::write_file_atomic(
+                &dir.join("endpoints.json"),
+                &serde_json::to_vec(&ep)?,
+            )?;
+            return Ok((child, ep));
+        }
+        if t0.elapsed() > NODE_START_TIMEOUT {
+            anyhow::bail!("the recovery server did not start; see {}", log.display());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Starts node `i` (or, for `i == nodes`, the recovery server) and waits until it has
+/// bound its listeners.
 async fn start_node(args: &UpArgs, i: usize) -> anyhow::Result<(Child, Endpoints)> {
+    if i == args.nodes {
+        return start_recovery_server(args).await;
+    }
     let cfg = node_config(args, i)?;
     let dir = cfg.data_dir.clone();
     let id = cfg.id.clone();
@@ -172,6 +244,16 @@ fn write_cluster_json(args: &UpArgs, slots: &[Slot]) -> anyhow::Result<()> {
     let cluster = json!({
         "nodes": slots.iter().enumerate().map(|(i, s)| {
             let (nbd, admin, rpc) = ports(args.port_base, i);
+            if s.id == RECOVERY_ID {
+                return json!({
+                    "id": s.id,
+                    "role": "recovery-server",
+                    "rpc": format!("127.0.0.1:{}", recovery_port(args.port_base)),
+                    "pid": s.ep.as_ref().filter(|_| s.child.is_some()).map(|e| e.pid),
+                    "up": s.child.is_some(),
+                    "held_down": args.data.join(&s.id).join(KILLED_MARKER).exists(),
+                });
+            }
             json!({
                 "id": s.id,
                 "nbd": format!("127.0.0.1:{nbd}"),
@@ -298,13 +380,22 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             args.data.display()
         )
     })?;
-    let mut slots: Vec<Slot> = (0..args.nodes)
+    let with_rs = args.nodes > 1;
+    let mut slots: Vec<Slot> = (0..args.nodes + with_rs as usize)
         .map(|i| {
-            let id = format!("n{}", i + 1);
+            let id = if i == args.nodes {
+                RECOVERY_ID.to_string()
+            } else {
+                format!("n{}", i + 1)
+            };
             // A fresh `up` starts every node: a hold from an earlier run is over.
             let _ = std::fs::remove_file(args.data.join(&id).join(KILLED_MARKER));
             Slot {
-                log: args.data.join(&id).join("node.log"),
+                log: args.data.join(&id).join(if i == args.nodes {
+                    "recovery.log"
+                } else {
+                    "node.log"
+                }),
                 id,
                 child: None,
                 ep: None,
@@ -313,8 +404,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             }
         })
         .collect();
-    // Start every node before waiting on any: a Raft member alone cannot elect.
-    for i in 0..args.nodes {
+    // The recovery server first (the nodes ask it at once), then every node before
+    // waiting on any: a Raft member alone cannot elect.
+    for i in (0..slots.len())
+        .rev()
+        .take(with_rs as usize)
+        .chain(0..args.nodes)
+    {
         match start_node(&args, i).await {
             Ok((child, ep)) => {
                 slots[i].child = Some(child);
@@ -353,17 +449,25 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     println!(
         "Lazarus is up: {} node(s), data in {}",
-        slots.len(),
+        args.nodes,
         args.data.display()
     );
     println!("{msg}");
-    for i in 0..slots.len() {
+    for i in 0..args.nodes {
         println!(
             "nbd://127.0.0.1:{}/{DEFAULT_VOLUME}",
             ports(args.port_base, i).0
         );
     }
     for (i, s) in slots.iter().enumerate() {
+        if s.id == RECOVERY_ID {
+            println!(
+                "recovery server: 127.0.0.1:{}   log: {}",
+                recovery_port(args.port_base),
+                s.log.display()
+            );
+            continue;
+        }
         println!(
             "node {} admin: http://127.0.0.1:{}/api/v1/status   log: {}",
             s.id,

@@ -276,7 +276,7 @@ pub struct Up {
 
 fn ports_free(base: u16) -> bool {
     (0..3).all(|i| {
-        [base + i, base + 10 + i, base + 20 + i]
+        [base + i, base + 10 + i, base + 20 + i, base + 30]
             .iter()
             .all(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
     })
@@ -284,6 +284,11 @@ fn ports_free(base: u16) -> bool {
 
 impl Up {
     pub fn start(data: &Path, volume_size: &str) -> Up {
+        Up::start_with(data, volume_size, &[])
+    }
+
+    /// `start` with more `lazarus up` arguments.
+    pub fn start_with(data: &Path, volume_size: &str, extra: &[&str]) -> Up {
         let base = loop {
             // Below Linux's ephemeral range (32768-60999): a port found free here is
             // not handed to some test's outgoing connection before `up` binds it.
@@ -302,6 +307,7 @@ impl Up {
                 "--volume-size",
                 volume_size,
             ])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -429,6 +435,13 @@ impl Up {
 
     pub fn node_pid(&self, n: u16) -> u32 {
         let t = std::fs::read(self.data.join(format!("n{n}")).join("endpoints.json")).unwrap();
+        let v: Value = serde_json::from_slice(&t).unwrap();
+        v["pid"].as_u64().unwrap() as u32
+    }
+
+    /// PID of the recovery server.
+    pub fn rs_pid(&self) -> u32 {
+        let t = std::fs::read(self.data.join("rs").join("endpoints.json")).unwrap();
         let v: Value = serde_json::from_slice(&t).unwrap();
         v["pid"].as_u64().unwrap() as u32
     }

@@ -1,0 +1,1207 @@
+//! Last failure domain protection (DESIGN.md, "Last failure domain").
+//!
+//! The rule every write obeys: a write is acknowledged only once it is on two failure
+//! domains, i.e. on a live replica as well as the primary, or on the recovery server.
+//! While a volume is in jeopardy (its recovery flag is on, or it is down to one live
+//! copy) the primary makes each write durable on the recovery server *before* writing
+//! it locally; a write that finds every live replica gone on the way (the write during
+//! which the volume fell to its last failure domain) enters jeopardy and goes to the
+//! recovery server before it is acknowledged.
+//!
+//! The recovery server is also the coordination point when Raft has lost its majority:
+//! it changes a volume's failure count ID (and who holds the volume) only by
+//! compare-and-set. A primary without a majority claims the volume there and serves on
+//! under a *hold* (a lease from the recovery server, renewed every 100 ms); the
+//! majority fences its own promotions through the same compare-and-set; a base copy
+//! (current when the log began) takes over when the holder has died, from its stale
+//! copy plus the log. The Raft leader adopts whatever the recovery server decided while
+//! it had no majority.
+
+use crate::cluster::{Cluster, Update};
+use crate::config::{JeopardyPolicy, NodeConfig};
+use crate::recovery_log::RecordKind;
+use crate::recovery_server::{
+    AppendReply, AppendReq, ClaimReply, ClaimReq, ClearReq, ReadReply, ReadReq, RenewReq,
+    VolumeState, HOLDER_SILENCE_MAX, HOLD_LEASE, KIND_RS_APPEND, KIND_RS_CLAIM, KIND_RS_CLEAR,
+    KIND_RS_READ, KIND_RS_RENEW, KIND_RS_STATE,
+};
+use crate::rpc::{self, RpcClient};
+use lazarus_cluster::raft_store::NodeId;
+use lazarus_cluster::{MetaCommand, MetaResponse, ReplicaState, VolumeInfo};
+use lazarus_types::BLOCK_SIZE;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const RS_TIMEOUT: Duration = Duration::from_secs(5);
+const RENEW_INTERVAL: Duration = Duration::from_millis(100);
+const WATCH_INTERVAL: Duration = Duration::from_millis(300);
+/// How long a primary's Raft lease must have been gone before it claims the volume at
+/// the recovery server (a leader election takes less; a lost majority, forever).
+const NO_MAJORITY_GRACE: Duration = Duration::from_millis(1500);
+/// How long the recovery server must be ahead of the metadata before the leader adopts
+/// its state (a claim made with a majority is committed through Raft within this).
+const ADOPT_AFTER: Duration = Duration::from_secs(2);
+/// How long a proposal made on the write path may wait for Raft.
+const PROPOSE_ON_WRITE_PATH: Duration = Duration::from_secs(2);
+const READ_CHUNK: usize = 8 << 20;
+/// Unflushed replicated writes kept per volume before the primary forces a flush.
+const UNFLUSHED_MAX_BYTES: usize = 128 << 20;
+
+/// Per volume, the primary's record of replicated writes since the last flush that
+/// every live replica completed. A replica's copy is durable only up to its last
+/// flush: when the volume enters jeopardy these go to the recovery server first, so a
+/// base copy (durable as of that flush) plus the log is the whole volume.
+#[derive(Default)]
+pub struct Unflushed {
+    next_seq: u64,
+    entries: std::collections::VecDeque<(u64, Update, Vec<u8>)>,
+    bytes: usize,
+    /// Drained into the recovery server: writes from now on go there themselves.
+    drained: bool,
+}
+
+/// A lease on a volume granted by the recovery server.
+#[derive(Debug, Clone)]
+pub struct Hold {
+    pub fcid: u64,
+    pub epoch: u64,
+    pub until: Instant,
+    /// Restoring from the log: claimed, not serving yet.
+    pub restoring: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RestoreProgress {
+    pub state: String,
+    pub records: u64,
+    pub bytes: u64,
+    pub elapsed_ms: u64,
+    pub error: Option<String>,
+}
+
+pub struct Recovery {
+    pub addr: String,
+    client: RpcClient,
+    pub policy: JeopardyPolicy,
+    suspend: Duration,
+    failures_max: usize,
+    failure_window: Duration,
+    holds: parking_lot::Mutex<HashMap<String, Hold>>,
+    /// The recovery server's state as last polled, and when.
+    polled: parking_lot::Mutex<(Option<Instant>, HashMap<String, VolumeState>)>,
+    /// Per volume: writes acknowledged without the recovery server (`accept` policy).
+    /// Per volume: blocks acknowledged without the recovery server (policy `accept`),
+    /// re-logged from the local copy once it answers again.
+    lag: parking_lot::Mutex<HashMap<String, std::collections::BTreeSet<u64>>>,
+    /// Serializes claims (rare), so concurrent writes falling into jeopardy claim once.
+    claiming: tokio::sync::Mutex<()>,
+    /// Per volume: since when the recovery server has been ahead of the metadata.
+    ahead: parking_lot::Mutex<HashMap<String, Instant>>,
+    pub restores: parking_lot::Mutex<BTreeMap<String, RestoreProgress>>,
+    unflushed: parking_lot::Mutex<HashMap<String, Unflushed>>,
+}
+
+impl Recovery {
+    pub fn new(cfg: &NodeConfig) -> Option<Arc<Recovery>> {
+        let addr = cfg.recovery_server.clone()?;
+        Some(Arc::new(Recovery {
+            client: RpcClient::new(&addr),
+            addr,
+            policy: cfg.jeopardy_policy,
+            suspend: Duration::from_secs(cfg.jeopardy_suspend_secs),
+            failures_max: cfg.failures_max,
+            failure_window: Duration::from_secs(cfg.failure_window_minutes * 60),
+            holds: Default::default(),
+            polled: Default::default(),
+            lag: Default::default(),
+            claiming: Default::default(),
+            ahead: Default::default(),
+            restores: Default::default(),
+            unflushed: Default::default(),
+        }))
+    }
+
+    async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        kind: u8,
+        body: &[u8],
+    ) -> Result<T, String> {
+        let b = self.client.call(kind, body, RS_TIMEOUT).await?;
+        serde_json::from_slice(&b).map_err(|e| format!("bad recovery-server reply: {e}"))
+    }
+
+    pub async fn claim(&self, req: &ClaimReq) -> Result<ClaimReply, String> {
+        let body = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+        self.call(KIND_RS_CLAIM, &body).await
+    }
+
+    /// The recovery server's state for `volume`, asked now (and cached).
+    pub async fn fresh_state(&self, volume: &str) -> Option<VolumeState> {
+        let s = self
+            .call::<HashMap<String, VolumeState>>(KIND_RS_STATE, b"{}")
+            .await
+            .ok()?;
+        let v = s.get(volume).cloned();
+        *self.polled.lock() = (Some(Instant::now()), s);
+        v
+    }
+
+    pub fn state(&self, volume: &str) -> Option<VolumeState> {
+        self.polled.lock().1.get(volume).cloned()
+    }
+
+    pub fn reachable(&self) -> bool {
+        self.polled
+            .lock()
+            .0
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(2))
+    }
+
+    pub fn hold(&self, volume: &str) -> Option<Hold> {
+        self.holds.lock().get(volume).cloned()
+    }
+
+    pub fn lag(&self, volume: &str) -> u64 {
+        self.lag.lock().get(volume).map_or(0, |s| s.len() as u64)
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Whether writes to `v` must be on the recovery server before they are written
+/// locally: its flag is on, or it is down to one live copy (of two or more).
+pub fn writes_through(v: &VolumeInfo) -> bool {
+    v.recovery_flag || (v.replicas.len() >= 2 && v.live().len() <= 1)
+}
+
+/// What `note_replicated` decided.
+pub enum Noted {
+    /// Kept until the next flush.
+    Kept,
+    /// Kept, and the volume has more unflushed writes than it may: flush now.
+    FlushDue,
+    /// The volume is in jeopardy: the write must go to the recovery server itself.
+    LogIt,
+}
+
+impl Recovery {
+    /// On the primary, after a write reached its live replicas.
+    pub fn note_replicated(
+        &self,
+        volume: &str,
+        in_jeopardy: bool,
+        u: &Update,
+        raw: &[u8],
+    ) -> Noted {
+        let mut m = self.unflushed.lock();
+        let j = m.entry(volume.to_string()).or_default();
+        if j.drained {
+            if in_jeopardy {
+                return Noted::LogIt;
+            }
+            j.drained = false;
+        }
+        j.next_seq += 1;
+        j.bytes += raw.len() + 64;
+        j.entries.push_back((j.next_seq, u.clone(), raw.to_vec()));
+        if j.bytes > UNFLUSHED_MAX_BYTES {
+            Noted::FlushDue
+        } else {
+            Noted::Kept
+        }
+    }
+
+    /// The sequence a flush sent now covers.
+    pub fn flush_mark(&self, volume: &str) -> u64 {
+        self.unflushed.lock().get(volume).map_or(0, |j| j.next_seq)
+    }
+
+    /// A flush that every live replica completed: what it covers is durable there.
+    pub fn flushed(&self, volume: &str, mark: u64) {
+        if let Some(j) = self.unflushed.lock().get_mut(volume) {
+            while j.entries.front().is_some_and(|e| e.0 <= mark) {
+                let (_, _, raw) = j.entries.pop_front().expect("front");
+                j.bytes -= raw.len() + 64;
+            }
+        }
+    }
+
+    /// Takes every unflushed write, once: from now on writes are logged themselves.
+    fn drain(&self, volume: &str) -> Option<Vec<(Update, Vec<u8>)>> {
+        let mut m = self.unflushed.lock();
+        let j = m.entry(volume.to_string()).or_default();
+        if j.drained {
+            return None;
+        }
+        j.drained = true;
+        j.bytes = 0;
+        Some(j.entries.drain(..).map(|(_, u, raw)| (u, raw)).collect())
+    }
+}
+
+impl Cluster {
+    /// In jeopardy, on the primary: puts the writes its replicas may not have made
+    /// durable yet on the recovery server, before any later write (callers hold the
+    /// claiming lock).
+    async fn drain_unflushed(&self, v: &VolumeInfo) -> Result<(), String> {
+        let r = self.recovery.as_ref().ok_or("no recovery server")?;
+        let Some(pending) = r.drain(&v.name) else {
+            return Ok(());
+        };
+        let n = pending.len();
+        for (u, raw) in pending {
+            if let Err(e) = self.log_update(v, &u, &raw).await {
+                // Not all on the recovery server: try again with the next write.
+                let mut m = r.unflushed.lock();
+                if let Some(j) = m.get_mut(&v.name) {
+                    j.drained = false;
+                }
+                return Err(e);
+            }
+        }
+        if n > 0 {
+            tracing::info!(volume = %v.name, writes = n, "jeopardy: writes not yet flushed on the replicas put on the recovery server");
+        }
+        Ok(())
+    }
+
+    /// Makes sure the primary's unflushed writes are on the recovery server once the
+    /// volume is in jeopardy (entered here, or by the leader).
+    pub async fn ensure_drained(&self, v: &VolumeInfo) -> Result<(), String> {
+        let Some(r) = self.recovery.as_ref() else {
+            return Ok(());
+        };
+        if r.unflushed.lock().get(&v.name).is_some_and(|j| j.drained) {
+            return Ok(());
+        }
+        let _g = r.claiming.lock().await;
+        self.drain_unflushed(v).await
+    }
+
+    /// The volume as this node must act on it: the committed metadata, unless the
+    /// recovery server granted this node a newer hold (the metadata had no majority to
+    /// record it): then this node is its primary, in jeopardy, and no other copy takes
+    /// updates.
+    pub fn effective(&self, volume: &str) -> Option<VolumeInfo> {
+        let meta = self.store.meta();
+        let mut v = meta.volumes.get(volume)?.clone();
+        if let Some(h) = self.recovery.as_ref().and_then(|r| r.hold(volume)) {
+            if h.fcid > v.failure_count_id {
+                v.primary = self.id;
+                v.epoch = h.epoch;
+                v.recovery_flag = true;
+                v.failure_count_id = h.fcid;
+                for n in v.replicas.clone() {
+                    let s = if n == self.id {
+                        ReplicaState::Live
+                    } else {
+                        ReplicaState::Dead
+                    };
+                    v.states.insert(n, s);
+                }
+            }
+        }
+        Some(v)
+    }
+
+    /// Whether the recovery server (as last polled) knows a newer holder of the volume
+    /// than its metadata's primary: until the leader adopts that, nobody acts on the
+    /// metadata's view of the volume (no lease, no resync).
+    pub fn rs_overrides(&self, v: &VolumeInfo) -> bool {
+        self.recovery
+            .as_ref()
+            .and_then(|r| r.state(&v.name))
+            .is_some_and(|s| {
+                s.coord.uid == v.uid
+                    && s.coord.fcid > v.failure_count_id
+                    && s.coord.holder.is_some_and(|h| h != v.primary)
+            })
+    }
+
+    /// A primary that lost its majority asks the recovery server to let it go on as
+    /// the volume's last failure domain: compare-and-set of the failure count ID.
+    async fn claim_last_domain(&self, v: &VolumeInfo) -> Result<u64, String> {
+        let r = self.recovery.as_ref().ok_or("no recovery server")?;
+        let _g = r.claiming.lock().await;
+        let held = r.hold(&v.name);
+        let expect = held
+            .as_ref()
+            .map_or(v.failure_count_id, |h| h.fcid.max(v.failure_count_id));
+        let epoch = held.as_ref().map_or(v.epoch, |h| h.epoch);
+        let sent = Instant::now();
+        let req = ClaimReq {
+            volume: v.name.clone(),
+            uid: v.uid,
+            expect_fcid: expect,
+            holder: self.id,
+            epoch,
+            jeopardy: true,
+            config: serde_json::to_value(&*self.store.meta()).ok(),
+            base: v.live(),
+        };
+        let reply = r.claim(&req).await?;
+        let c = reply.coord;
+        // Granted, or already ours (a hold this node lost track of).
+        let ours = c.holder == Some(self.id) && c.jeopardy && c.epoch == epoch && c.fcid == expect;
+        if !reply.granted && !ours {
+            return Err(reply.reason);
+        }
+        r.holds.lock().insert(
+            v.name.clone(),
+            Hold {
+                fcid: c.fcid,
+                epoch,
+                until: sent + HOLD_LEASE,
+                restoring: false,
+            },
+        );
+        let jv = self.effective(&v.name).ok_or("volume unknown")?;
+        self.drain_unflushed(&jv).await?;
+        crate::events::record("jeopardy", &v.name, format!("n{} holds the volume at the recovery server without a majority (failure count ID {})", self.id, c.fcid));
+        Ok(c.fcid)
+    }
+
+    /// Whether the recovery server's hold lets this node serve `volume` at `epoch`.
+    pub fn hold_valid(&self, volume: &str, epoch: u64) -> bool {
+        self.recovery.as_ref().is_some_and(|r| {
+            r.hold(volume)
+                .is_some_and(|h| !h.restoring && h.epoch == epoch && Instant::now() < h.until)
+        })
+    }
+
+    /// Puts one update on the recovery server (durable when this returns `Ok(true)`).
+    /// `Ok(false)`: protection was cleared meanwhile, or (policy `accept`) the recovery
+    /// server does not answer and the write goes on without it.
+    pub async fn log_update(&self, v: &VolumeInfo, u: &Update, raw: &[u8]) -> Result<bool, String> {
+        let Some(r) = self.recovery.as_ref() else {
+            return Ok(false);
+        };
+        let (kind, lba, count) = match u {
+            Update::Write { lba, .. } => (RecordKind::Write, *lba, (raw.len() / BLOCK_SIZE) as u64),
+            Update::Zero {
+                lba,
+                count,
+                provision,
+                ..
+            } => (
+                if *provision {
+                    RecordKind::ZeroProvision
+                } else {
+                    RecordKind::Zero
+                },
+                *lba,
+                *count,
+            ),
+            Update::Flush => return Ok(true),
+        };
+        // A record holds at most DATA_MAX bytes, and a count fits in u32.
+        let per = (crate::recovery_log::DATA_MAX / BLOCK_SIZE) as u64;
+        let mut stored = true;
+        let mut done = 0u64;
+        while done < count {
+            let n = (count - done).min(if kind == RecordKind::Write {
+                per
+            } else {
+                u32::MAX as u64
+            });
+            let req = AppendReq {
+                volume: v.name.clone(),
+                uid: v.uid,
+                fcid: v.failure_count_id,
+                holder: self.id,
+                epoch: v.epoch,
+                kind,
+                lba: lba + done,
+                count: n as u32,
+            };
+            let json = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
+            let data = if kind == RecordKind::Write {
+                &raw[(done as usize) * BLOCK_SIZE..((done + n) as usize) * BLOCK_SIZE]
+            } else {
+                &[][..]
+            };
+            let body = rpc::pack(&json, data);
+            let deadline = Instant::now() + r.suspend;
+            let reply: AppendReply = loop {
+                match r.call::<AppendReply>(KIND_RS_APPEND, &body).await {
+                    Ok(a) => break a,
+                    Err(e) if e.contains("fenced") => {
+                        r.holds.lock().remove(&v.name);
+                        return Err(format!("the recovery server refused the write: {e}"));
+                    }
+                    Err(e) => match r.policy {
+                        JeopardyPolicy::Accept => {
+                            r.lag
+                                .lock()
+                                .entry(v.name.clone())
+                                .or_default()
+                                .extend(lba + done..lba + done + n);
+                            crate::metrics::METRICS.recovery_unlogged_writes.inc();
+                            tracing::error!(volume = %v.name, lba = lba + done, blocks = n, error = %e, "IN JEOPARDY WITHOUT THE RECOVERY SERVER: write acknowledged on one copy only (policy accept)");
+                            stored = false;
+                            break AppendReply {
+                                stored: false,
+                                seq: 0,
+                            };
+                        }
+                        JeopardyPolicy::Suspend if Instant::now() < deadline => {
+                            tracing::warn!(volume = %v.name, error = %e, "recovery server unreachable in jeopardy; write suspended (policy suspend)");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        JeopardyPolicy::Suspend => {
+                            return Err(format!(
+                                "the recovery server did not answer for {:?} while {:?} is in jeopardy (policy suspend): {e}",
+                                r.suspend, v.name
+                            ));
+                        }
+                    },
+                }
+            };
+            stored &= reply.stored;
+            done += n;
+        }
+        Ok(stored)
+    }
+
+    /// Makes sure `volume` is in jeopardy with this node as its holder; returns the
+    /// volume as it must be written from now on. `base`: copies current when the log
+    /// begins.
+    pub async fn enter_jeopardy(
+        &self,
+        volume: &str,
+        base: Vec<NodeId>,
+    ) -> Result<VolumeInfo, String> {
+        let r = self.recovery.as_ref().ok_or(
+            "no recovery server is configured: the volume's last copy cannot be protected",
+        )?;
+        let _g = r.claiming.lock().await;
+        let v = self.effective(volume).ok_or("volume unknown")?;
+        if v.recovery_flag {
+            self.drain_unflushed(&v).await?;
+            return Ok(v);
+        }
+        let sent = Instant::now();
+        let req = ClaimReq {
+            volume: v.name.clone(),
+            uid: v.uid,
+            expect_fcid: v.failure_count_id,
+            holder: self.id,
+            epoch: v.epoch,
+            jeopardy: true,
+            config: serde_json::to_value(&*self.store.meta()).ok(),
+            base,
+        };
+        let reply = r.claim(&req).await?;
+        let c = reply.coord;
+        let ours = c.jeopardy && c.holder == Some(self.id) && c.epoch == v.epoch;
+        if !reply.granted && !ours {
+            return Err(format!(
+                "the recovery server refused jeopardy for {volume:?}: {}",
+                reply.reason
+            ));
+        }
+        r.holds.lock().insert(
+            volume.to_string(),
+            Hold {
+                fcid: c.fcid,
+                epoch: c.epoch,
+                until: sent + HOLD_LEASE,
+                restoring: false,
+            },
+        );
+        let jv = self.effective(volume).ok_or("volume unknown")?;
+        self.drain_unflushed(&jv).await?;
+        crate::events::record(
+            "jeopardy",
+            volume,
+            format!("entered jeopardy, failure count ID {}", c.fcid),
+        );
+        tracing::warn!(volume, fcid = c.fcid, base = ?c.base, "volume in jeopardy: every write goes to the recovery server first");
+        let cmd = MetaCommand::SetRecovery {
+            volume: volume.to_string(),
+            on: true,
+            fcid: c.fcid,
+        };
+        match tokio::time::timeout(PROPOSE_ON_WRITE_PATH, self.propose(cmd)).await {
+            Ok(Ok(MetaResponse::Volume(_))) => {}
+            other => {
+                tracing::warn!(volume, result = ?other.map(|r| r.map_err(|e| e.to_string())), "jeopardy not committed through Raft; holding the volume at the recovery server")
+            }
+        }
+        self.effective(volume)
+            .ok_or_else(|| "volume unknown".into())
+    }
+
+    /// Keeps this node's holds alive, and takes holds for volumes the metadata says
+    /// it holds in jeopardy.
+    pub fn hold_loop(self: &Arc<Self>) {
+        let Some(r) = self.recovery.clone() else {
+            return;
+        };
+        let c = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(RENEW_INTERVAL).await;
+                let meta = c.store.meta();
+                let mut want: HashMap<String, (u64, u64, bool)> = HashMap::new();
+                for (name, h) in r.holds.lock().iter() {
+                    want.insert(name.clone(), (h.fcid, h.epoch, h.restoring));
+                }
+                for v in meta.volumes.values() {
+                    if v.primary == c.id && v.recovery_flag {
+                        let e = want.entry(v.name.clone()).or_insert((
+                            v.failure_count_id,
+                            v.epoch,
+                            false,
+                        ));
+                        if v.failure_count_id > e.0 {
+                            *e = (v.failure_count_id, v.epoch, false);
+                        }
+                    }
+                }
+                for (name, (fcid, epoch, restoring)) in want {
+                    // The metadata caught up and no longer needs the hold.
+                    if let Some(v) = meta.volumes.get(&name) {
+                        if v.failure_count_id >= fcid
+                            && !(v.primary == c.id && v.recovery_flag)
+                            && !restoring
+                        {
+                            r.holds.lock().remove(&name);
+                            continue;
+                        }
+                    }
+                    let sent = Instant::now();
+                    let body = serde_json::to_vec(&RenewReq {
+                        volume: name.clone(),
+                        fcid,
+                        holder: c.id,
+                    })
+                    .unwrap_or_default();
+                    match r.client.call(KIND_RS_RENEW, &body, HOLD_LEASE).await {
+                        Ok(_) => {
+                            let mut holds = r.holds.lock();
+                            let h = holds.entry(name.clone()).or_insert(Hold {
+                                fcid,
+                                epoch,
+                                until: sent,
+                                restoring,
+                            });
+                            if h.fcid == fcid {
+                                h.until = sent + HOLD_LEASE;
+                            }
+                        }
+                        Err(e) if e.contains("fenced") => {
+                            if r.holds.lock().remove(&name).is_some() {
+                                tracing::error!(volume = %name, error = %e, "hold lost at the recovery server: another node holds the volume; this node stops serving it");
+                            }
+                        }
+                        Err(e) => tracing::debug!(volume = %name, error = %e, "hold not renewed"),
+                    }
+                }
+            }
+        });
+    }
+
+    /// Policy `accept`: once the recovery server answers again, puts the current data
+    /// of every block acknowledged without it there (under the blocks' write locks,
+    /// so no newer write to them is logged before it).
+    async fn catch_up(&self, volume: &str) -> Result<(), String> {
+        let Some(r) = self.recovery.as_ref() else {
+            return Ok(());
+        };
+        let Some(engine) = self.engine.get().and_then(|e| e.upgrade()) else {
+            return Ok(());
+        };
+        loop {
+            let batch: Vec<u64> = match r.lag.lock().get(volume) {
+                Some(s) if !s.is_empty() => s.iter().take(256).copied().collect(),
+                _ => return Ok(()),
+            };
+            let Some(v) = self.effective(volume).filter(|v| v.primary == self.id && v.recovery_flag) else {
+                return Ok(());
+            };
+            let Some(local) = self.blocks.volume(volume).filter(|l| l.meta.uid == v.uid) else {
+                return Ok(());
+            };
+            for lba in batch {
+                let _g = engine.lock_blocks(lba, lba).await;
+                let mut buf = vec![0u8; BLOCK_SIZE];
+                self.blocks
+                    .read_blocks(&local, lazarus_types::Lba(lba), &mut buf)
+                    .map_err(|e| e.to_string())?;
+                let u = Update::Write {
+                    volume: volume.to_string(),
+                    epoch: v.epoch,
+                    lba,
+                };
+                // Taken out first: a failure under `accept` puts it back.
+                if let Some(s) = r.lag.lock().get_mut(volume) {
+                    s.remove(&lba);
+                }
+                if !self.log_update(&v, &u, &buf).await? {
+                    return Ok(());
+                }
+            }
+            tracing::info!(volume, left = r.lag(volume), "recovery server caught up with writes acknowledged without it");
+        }
+    }
+
+    /// Whether `node`'s device is healthy (its ping says so).
+    pub(crate) async fn device_ok(
+        &self,
+        meta: &lazarus_cluster::ClusterMeta,
+        node: NodeId,
+    ) -> bool {
+        if node == self.id {
+            return !lazarus_store::disk::device_failed();
+        }
+        if !meta.nodes.contains_key(&node) {
+            return false;
+        }
+        let Some(addr) = self.rpc_addr(node) else {
+            return false;
+        };
+        matches!(self.network.client(&addr).call(crate::rpc::KIND_PING, &[], crate::cluster::PING_TIMEOUT).await, Ok(b) if b != b"device-failed")
+    }
+
+    fn flaky(&self, meta: &lazarus_cluster::ClusterMeta, node: NodeId) -> bool {
+        let Some(r) = self.recovery.as_ref() else {
+            return false;
+        };
+        let since = unix_ms().saturating_sub(r.failure_window.as_millis() as u64);
+        meta.failures
+            .get(&node)
+            .is_some_and(|h| h.iter().filter(|t| **t >= since).count() > r.failures_max)
+    }
+
+    /// The volume's failure domains: hosting nodes that answer, with a healthy
+    /// device, a live copy, and a failure history that lets them be counted on.
+    pub async fn failure_domains(
+        &self,
+        meta: &lazarus_cluster::ClusterMeta,
+        v: &VolumeInfo,
+    ) -> Vec<NodeId> {
+        let mut out = Vec::new();
+        for n in v.live() {
+            if self.device_ok(meta, n).await && !self.flaky(meta, n) {
+                out.push(n);
+            }
+        }
+        out
+    }
+
+    /// Polls the recovery server; on the Raft leader, decides jeopardy entry and exit
+    /// and adopts what the recovery server decided without a majority; on every node,
+    /// claims a volume it is primary of once its majority is gone, and takes over a
+    /// volume whose holder in jeopardy has died when its copy is a base of the log.
+    pub fn jeopardy_loop(self: &Arc<Self>) {
+        let Some(r) = self.recovery.clone() else {
+            return;
+        };
+        let r2 = r.clone();
+        tokio::spawn(async move {
+            loop {
+                match r2
+                    .call::<HashMap<String, VolumeState>>(KIND_RS_STATE, b"{}")
+                    .await
+                {
+                    Ok(s) => *r2.polled.lock() = (Some(Instant::now()), s),
+                    Err(e) => tracing::debug!(error = %e, "recovery server not reachable"),
+                }
+                tokio::time::sleep(WATCH_INTERVAL).await;
+            }
+        });
+        let c = self.clone();
+        tokio::spawn(async move {
+            let mut lease_lost: HashMap<String, Instant> = HashMap::new();
+            loop {
+                tokio::time::sleep(WATCH_INTERVAL).await;
+                if !r.reachable() {
+                    continue;
+                }
+                let meta = c.store.meta();
+                let leader = c.raft.metrics().borrow().current_leader == Some(c.id);
+                for v in meta.volumes.values() {
+                    if v.replicas.len() < 2 || !v.replicas.contains(&c.id) && !leader {
+                        continue;
+                    }
+                    let rs = r.state(&v.name).filter(|s| s.coord.uid == v.uid);
+                    if leader {
+                        if let Err(e) = c.decide(v, rs.as_ref()).await {
+                            tracing::warn!(volume = %v.name, error = %e, "jeopardy decision not carried out");
+                        }
+                    }
+                    // A primary whose lease is gone for good (no majority) claims.
+                    if v.primary == c.id && v.replicas.contains(&c.id) {
+                        let raft_ok = c.raft_lease_valid(&v.name, v.epoch);
+                        let held =
+                            c.hold_valid(&v.name, c.effective(&v.name).map_or(0, |e| e.epoch));
+                        if raft_ok || held {
+                            lease_lost.remove(&v.name);
+                        } else {
+                            let since = *lease_lost
+                                .entry(v.name.clone())
+                                .or_insert_with(Instant::now);
+                            if since.elapsed() >= NO_MAJORITY_GRACE
+                                && c.is_ready()
+                                && !c.rs_overrides(v)
+                            {
+                                match c.claim_last_domain(v).await {
+                                    Ok(_) => {
+                                        tracing::warn!(volume = %v.name, "no majority: this node holds the volume at the recovery server as its last failure domain")
+                                    }
+                                    Err(e) => {
+                                        tracing::warn!(volume = %v.name, error = %e, "no majority, and the recovery server did not let this node go on; not serving")
+                                    }
+                                }
+                                lease_lost.remove(&v.name);
+                            }
+                        }
+                    }
+                    if let Some(rs) = rs {
+                        c.maybe_take_over(v, &rs).await;
+                    }
+                    if r.lag(&v.name) > 0 {
+                        if let Err(e) = c.catch_up(&v.name).await {
+                            tracing::warn!(volume = %v.name, error = %e, "recovery server catch-up failed");
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    async fn propose_bounded(&self, cmd: MetaCommand) -> Result<MetaResponse, String> {
+        match tokio::time::timeout(PROPOSE_ON_WRITE_PATH, self.propose(cmd)).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err("not committed in time (no majority?)".into()),
+        }
+    }
+
+    /// Leader duties for one volume.
+    async fn decide(&self, v: &VolumeInfo, rs: Option<&VolumeState>) -> Result<(), String> {
+        let r = self.recovery.as_ref().ok_or("no recovery server")?;
+        // 1. Adopt what the recovery server decided while the metadata could not.
+        if let Some(s) = rs.filter(|s| s.coord.fcid > v.failure_count_id) {
+            let since = *r
+                .ahead
+                .lock()
+                .entry(v.name.clone())
+                .or_insert_with(Instant::now);
+            let holder = s.coord.holder.unwrap_or(v.primary);
+            // No lease is granted while the recovery server is ahead (lease.rs), so
+            // once ADOPT_AFTER has passed no primary of the old state still serves.
+            if since.elapsed() >= ADOPT_AFTER {
+                let live = if s.coord.jeopardy {
+                    vec![holder]
+                } else {
+                    v.live()
+                        .into_iter()
+                        .filter(|n| *n != v.primary || holder == v.primary)
+                        .collect()
+                };
+                let cmd = MetaCommand::AdoptRecovery {
+                    volume: v.name.clone(),
+                    uid: v.uid,
+                    fcid: s.coord.fcid,
+                    primary: holder,
+                    epoch: s.coord.epoch,
+                    jeopardy: s.coord.jeopardy,
+                    live,
+                };
+                let res = self.propose_bounded(cmd).await?;
+                tracing::warn!(volume = %v.name, fcid = s.coord.fcid, holder, result = ?res, "adopted the recovery server's newer state for the volume");
+                crate::events::record("adopt", &v.name, format!("adopted the recovery server's state: n{holder} primary, failure count ID {}", s.coord.fcid));
+                r.ahead.lock().remove(&v.name);
+            }
+            return Ok(());
+        }
+        r.ahead.lock().remove(&v.name);
+        let meta = self.store.meta();
+        let domains = self.failure_domains(&meta, v).await;
+        let flaky: Vec<NodeId> = v
+            .live()
+            .into_iter()
+            .filter(|n| self.flaky(&meta, *n))
+            .collect();
+        // 2. Enter.
+        if !v.recovery_flag && (domains.len() <= 1 || v.protected) {
+            let why = if v.protected {
+                "an administrator protected it".to_string()
+            } else if !flaky.is_empty() {
+                format!("failure history: {flaky:?} cannot be counted on")
+            } else {
+                format!("{} failure domain(s) left: {domains:?}", domains.len())
+            };
+            let sent = Instant::now();
+            let req = ClaimReq {
+                volume: v.name.clone(),
+                uid: v.uid,
+                expect_fcid: v.failure_count_id,
+                holder: v.primary,
+                epoch: v.epoch,
+                jeopardy: true,
+                config: serde_json::to_value(&*meta).ok(),
+                base: v.live(),
+            };
+            let reply = r.claim(&req).await?;
+            if !reply.granted {
+                return Err(format!("claim refused: {}", reply.reason));
+            }
+            if v.primary == self.id {
+                r.holds.lock().insert(
+                    v.name.clone(),
+                    Hold {
+                        fcid: reply.coord.fcid,
+                        epoch: v.epoch,
+                        until: sent + HOLD_LEASE,
+                        restoring: false,
+                    },
+                );
+            }
+            let cmd = MetaCommand::SetRecovery {
+                volume: v.name.clone(),
+                on: true,
+                fcid: reply.coord.fcid,
+            };
+            self.propose_bounded(cmd).await?;
+            tracing::warn!(volume = %v.name, fcid = reply.coord.fcid, %why, "volume in jeopardy: its primary writes through the recovery server");
+            crate::events::record(
+                "jeopardy",
+                &v.name,
+                format!(
+                    "entered jeopardy ({why}), failure count ID {}",
+                    reply.coord.fcid
+                ),
+            );
+            return Ok(());
+        }
+        // 3. Exit.
+        if v.recovery_flag && domains.len() >= 2 && !v.protected {
+            let cmd = MetaCommand::SetRecovery {
+                volume: v.name.clone(),
+                on: false,
+                fcid: v.failure_count_id,
+            };
+            self.propose_bounded(cmd).await?;
+            tracing::info!(volume = %v.name, domains = ?domains, "volume out of jeopardy: {} failure domains", domains.len());
+            crate::events::record(
+                "jeopardy",
+                &v.name,
+                format!("left jeopardy: failure domains {domains:?}"),
+            );
+        }
+        // 4. Delete the recovery server's copy once the flag is off.
+        if !v.recovery_flag {
+            if let Some(s) = rs.filter(|s| s.coord.jeopardy && s.coord.fcid == v.failure_count_id) {
+                let body = serde_json::to_vec(&ClearReq {
+                    volume: v.name.clone(),
+                    uid: v.uid,
+                    fcid: s.coord.fcid,
+                })
+                .map_err(|e| e.to_string())?;
+                r.client.call(KIND_RS_CLEAR, &body, RS_TIMEOUT).await?;
+                tracing::info!(volume = %v.name, bytes = s.log_bytes, "recovery server's configuration copy and changed blocks deleted");
+                crate::events::record(
+                    "jeopardy",
+                    &v.name,
+                    format!("recovery server copy deleted ({} log bytes)", s.log_bytes),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// On a base copy of a volume whose holder in jeopardy has gone silent at the
+    /// recovery server and does not answer: claim it, restore from the stale copy plus
+    /// the log, then serve.
+    async fn maybe_take_over(&self, v: &VolumeInfo, rs: &VolumeState) {
+        let Some(r) = self.recovery.as_ref() else {
+            return;
+        };
+        let c = &rs.coord;
+        if !c.jeopardy
+            || c.holder == Some(self.id)
+            || !c.base.contains(&self.id)
+            || rs
+                .holder_silent_ms
+                .is_none_or(|ms| ms < HOLDER_SILENCE_MAX.as_millis() as u64)
+            || r.hold(&v.name).is_some()
+            || !v.replicas.contains(&self.id)
+        {
+            return;
+        }
+        // A live copy under a working majority is promoted by the leader instead.
+        if v.state_of(self.id) == Some(ReplicaState::Live)
+            && v.primary != self.id
+            && self.raft.metrics().borrow().current_leader.is_some()
+            && v.failure_count_id >= c.fcid
+        {
+            return;
+        }
+        let meta = self.store.meta();
+        if let Some(h) = c.holder {
+            if self.answers(&meta, h).await {
+                return;
+            }
+        }
+        if !rs.damaged.is_empty() {
+            tracing::error!(volume = %v.name, damaged = ?rs.damaged, "the recovery log is damaged: this copy cannot be brought current from it; not taking over");
+            return;
+        }
+        let Some(local) = self.blocks.volume(&v.name).filter(|l| l.meta.uid == v.uid) else {
+            return;
+        };
+        let epoch = c.epoch.max(v.epoch) + 1;
+        let sent = Instant::now();
+        let req = ClaimReq {
+            volume: v.name.clone(),
+            uid: v.uid,
+            expect_fcid: c.fcid,
+            holder: self.id,
+            epoch,
+            jeopardy: true,
+            config: serde_json::to_value(&*meta).ok(),
+            base: c.base.clone(),
+        };
+        let reply = match r.claim(&req).await {
+            Ok(rep) if rep.granted => rep,
+            Ok(rep) => {
+                tracing::info!(volume = %v.name, reason = %rep.reason, "take-over refused");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(volume = %v.name, error = %e, "take-over claim failed");
+                return;
+            }
+        };
+        let fcid = reply.coord.fcid;
+        r.holds.lock().insert(
+            v.name.clone(),
+            Hold {
+                fcid,
+                epoch,
+                until: sent + HOLD_LEASE,
+                restoring: true,
+            },
+        );
+        tracing::warn!(volume = %v.name, old = ?c.holder, fcid, epoch, "the last failure domain is gone: restoring this copy from the recovery server's log to serve the volume");
+        crate::events::record(
+            "takeover",
+            &v.name,
+            format!(
+                "n{} restores from the recovery log and takes over (failure count ID {fcid})",
+                self.id
+            ),
+        );
+        match self.restore_from_log(&v.name, v.uid, &local).await {
+            Ok((records, bytes)) => {
+                if let Some(h) = r.holds.lock().get_mut(&v.name) {
+                    h.restoring = false;
+                }
+                tracing::warn!(volume = %v.name, records, bytes, "restored from the recovery log; serving the volume in jeopardy");
+                let cmd = MetaCommand::AdoptRecovery {
+                    volume: v.name.clone(),
+                    uid: v.uid,
+                    fcid,
+                    primary: self.id,
+                    epoch,
+                    jeopardy: true,
+                    live: vec![self.id],
+                };
+                match tokio::time::timeout(PROPOSE_ON_WRITE_PATH, self.propose(cmd)).await {
+                    Ok(Ok(_)) => {}
+                    _ => {
+                        tracing::warn!(volume = %v.name, "take-over not committed through Raft (no majority); serving under the recovery server's hold")
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(volume = %v.name, error = %e, "restore from the recovery log failed; not serving");
+                r.holds.lock().remove(&v.name);
+            }
+        }
+    }
+
+    /// Applies the recovery server's changed-block log for `volume` to the local copy,
+    /// in sequence order, then makes it durable. Returns (records, bytes).
+    pub(crate) async fn restore_from_log(
+        &self,
+        volume: &str,
+        uid: u64,
+        local: &Arc<lazarus_store::Volume>,
+    ) -> Result<(u64, u64), String> {
+        let r = self.recovery.as_ref().ok_or("no recovery server")?;
+        let t0 = Instant::now();
+        let set = |f: &dyn Fn(&mut RestoreProgress)| {
+            let mut m = r.restores.lock();
+            let p = m.entry(volume.to_string()).or_default();
+            f(p);
+            p.elapsed_ms = t0.elapsed().as_millis() as u64;
+        };
+        set(&|p| {
+            *p = RestoreProgress {
+                state: "restoring".into(),
+                ..Default::default()
+            }
+        });
+        let mut offset = 0u64;
+        let (mut records, mut bytes) = (0u64, 0u64);
+        loop {
+            let body = serde_json::to_vec(&ReadReq {
+                volume: volume.to_string(),
+                uid,
+                offset,
+                max_bytes: READ_CHUNK,
+            })
+            .map_err(|e| e.to_string())?;
+            let reply = match r.client.call(KIND_RS_READ, &body, RS_TIMEOUT * 2).await {
+                Ok(b) => b,
+                Err(e) => {
+                    set(&|p| {
+                        p.state = "failed".into();
+                        p.error = Some(e.clone());
+                    });
+                    return Err(e);
+                }
+            };
+            bytes += reply.len() as u64;
+            let (json, raw) = rpc::unpack(&reply)?;
+            let rr: ReadReply = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+            if !rr.damaged.is_empty() {
+                return Err(format!("the recovery log is damaged at {:?}", rr.damaged));
+            }
+            let mut at = 0usize;
+            let b = self.blocks.clone();
+            let local = local.clone();
+            let recs = rr.records.clone();
+            let raw = raw.to_vec();
+            let n = recs.len() as u64;
+            tokio::task::spawn_blocking(move || -> Result<(), String> {
+                for w in &recs {
+                    let end = at + w.data_len as usize;
+                    let lba = lazarus_types::Lba(w.lba);
+                    if w.lba + w.count as u64 > local.meta.block_count() {
+                        return Err(format!(
+                            "log record past the end of the volume (lba {})",
+                            w.lba
+                        ));
+                    }
+                    match w.kind {
+                        RecordKind::Write => b
+                            .write_blocks(&local, lba, &raw[at..end])
+                            .map_err(|e| e.to_string())?,
+                        RecordKind::Zero => b
+                            .write_zeroes(&local, lba, w.count as u64, false)
+                            .map_err(|e| e.to_string())?,
+                        RecordKind::ZeroProvision => b
+                            .write_zeroes(&local, lba, w.count as u64, true)
+                            .map_err(|e| e.to_string())?,
+                    }
+                    at = end;
+                }
+                Ok(())
+            })
+            .await
+            .map_err(|e| e.to_string())??;
+            records += n;
+            set(&|p| {
+                p.records = records;
+                p.bytes = bytes;
+            });
+            crate::metrics::METRICS
+                .recovery_restore_bytes
+                .inc_by(reply.len() as u64);
+            if rr.done || rr.next == offset {
+                break;
+            }
+            offset = rr.next;
+        }
+        let store = self.blocks.clone();
+        tokio::task::spawn_blocking(move || store.flush())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        set(&|p| p.state = "done".into());
+        Ok((records, bytes))
+    }
+
+    /// Fences a promotion at the recovery server: compare-and-set of the failure count
+    /// ID with the new primary as holder. `Ok(None)` without a recovery server.
+    pub(crate) async fn fence_promotion(
+        &self,
+        v: &VolumeInfo,
+        node: NodeId,
+    ) -> Result<Option<u64>, String> {
+        let Some(r) = self.recovery.as_ref() else {
+            return Ok(None);
+        };
+        let req = ClaimReq {
+            volume: v.name.clone(),
+            uid: v.uid,
+            expect_fcid: v.failure_count_id,
+            holder: node,
+            epoch: v.epoch + 1,
+            jeopardy: false,
+            config: None,
+            base: Vec::new(),
+        };
+        let reply = r.claim(&req).await?;
+        if !reply.granted {
+            return Err(format!(
+                "the recovery server refused the promotion: {}",
+                reply.reason
+            ));
+        }
+        Ok(Some(reply.coord.fcid))
+    }
+
+    /// Per volume, for status: jeopardy state, failure count ID, recovery server lag
+    /// and log size.
+    pub fn jeopardy_status(&self) -> serde_json::Value {
+        let meta = self.store.meta();
+        let r = self.recovery.as_ref();
+        let vols: serde_json::Map<String, serde_json::Value> = meta
+            .volumes
+            .values()
+            .map(|v0| {
+                let v = self.effective(&v0.name).unwrap_or_else(|| v0.clone());
+                let rs = r.and_then(|r| r.state(&v.name)).filter(|s| s.coord.uid == v.uid);
+                (
+                    v.name.clone(),
+                    serde_json::json!({
+                        "jeopardy": v.recovery_flag,
+                        "failure_count_id": v.failure_count_id,
+                        "protected": v.protected,
+                        "recovery_lag": r.map_or(0, |r| r.lag(&v.name)),
+                        "recovery_log_bytes": rs.as_ref().map_or(0, |s| s.log_bytes),
+                        "recovery_server": rs.as_ref().map(|s| serde_json::json!({
+                            "failure_count_id": s.coord.fcid,
+                            "holder": s.coord.holder,
+                            "jeopardy": s.coord.jeopardy,
+                            "base": s.coord.base,
+                            "log_records": s.log_records,
+                            "damaged": s.damaged,
+                        })),
+                        "held_at_recovery_server": r.and_then(|r| r.hold(&v.name)).map(|h| h.fcid > v0.failure_count_id).unwrap_or(false),
+                        "restore": r.and_then(|r| r.restores.lock().get(&v.name).cloned()),
+                    }),
+                )
+            })
+            .collect();
+        serde_json::json!({
+            "recovery_server": r.map(|r| serde_json::json!({
+                "address": r.addr,
+                "reachable": r.reachable(),
+                "policy": r.policy,
+            })),
+            "volumes": vols,
+        })
+    }
+}

@@ -1,0 +1,463 @@
+//! The recovery server's durable state: one coordination file for all volumes (failure
+//! count IDs, holders, configuration copies) and one changed-block log per volume.
+//!
+//! Coordination file `coord.json`: a 64-hex-digit BLAKE3 of the JSON body, a newline,
+//! the body. Replaced atomically (temporary file, fsync, rename, fsync of the
+//! directory), so a crash leaves the old or the new version, never a mix; a file whose
+//! hash does not match is refused with an error rather than read.
+//!
+//! Changed-block log `logs/<volume>.<uid>.log`: a sequence of records, each
+//!
+//! ```text
+//! magic u32 "LZRL" | kind u8 | 3 zero bytes | seq u64 | lba u64 | count u32 |
+//! data_len u32 | fcid u64 | epoch u64 | data[data_len] | blake3(header+data)[..16]
+//! ```
+//!
+//! (little-endian; a 48-byte header). A record is acknowledged only after `fdatasync`
+//! (group commit: one sync covers every record written before it). On open, a record
+//! that is short or fails its checksum *at the end* of the file is a torn tail: cut
+//! (truncated) and logged, never replayed. A bad record followed by valid ones is
+//! damage in the middle, not a torn write: the file is kept, the log is marked
+//! `damaged` (its damaged byte ranges are skipped when read and reported), and a
+//! restore that needs the lost records refuses rather than serve wrong data.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+pub const MAGIC: u32 = u32::from_le_bytes(*b"LZRL");
+pub const HEADER_BYTES: usize = 48;
+pub const TRAILER_BYTES: usize = 16;
+/// Largest payload of one record (a 32 MiB NBD write is split by the primary).
+pub const DATA_MAX: usize = 32 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordKind {
+    Write = 1,
+    Zero = 2,
+    /// Zeroes mapped to a stored zero block (`NBD_CMD_FLAG_NO_HOLE`).
+    ZeroProvision = 3,
+}
+
+impl RecordKind {
+    fn from_u8(b: u8) -> Option<RecordKind> {
+        match b {
+            1 => Some(RecordKind::Write),
+            2 => Some(RecordKind::Zero),
+            3 => Some(RecordKind::ZeroProvision),
+            _ => None,
+        }
+    }
+}
+
+/// One logged change: `count` blocks at `lba`; `data` holds them for a write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub kind: RecordKind,
+    pub seq: u64,
+    pub lba: u64,
+    pub count: u32,
+    pub fcid: u64,
+    pub epoch: u64,
+    pub data: Vec<u8>,
+}
+
+impl Record {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(HEADER_BYTES + self.data.len() + TRAILER_BYTES);
+        b.extend_from_slice(&MAGIC.to_le_bytes());
+        b.push(self.kind as u8);
+        b.extend_from_slice(&[0; 3]);
+        b.extend_from_slice(&self.seq.to_le_bytes());
+        b.extend_from_slice(&self.lba.to_le_bytes());
+        b.extend_from_slice(&self.count.to_le_bytes());
+        b.extend_from_slice(&(self.data.len() as u32).to_le_bytes());
+        b.extend_from_slice(&self.fcid.to_le_bytes());
+        b.extend_from_slice(&self.epoch.to_le_bytes());
+        b.extend_from_slice(&self.data);
+        let sum = blake3::hash(&b);
+        b.extend_from_slice(&sum.as_bytes()[..TRAILER_BYTES]);
+        b
+    }
+
+    /// Decodes the record at the start of `buf`: `Ok(Some((record, length)))`, `Ok(None)`
+    /// when `buf` is shorter than the record claims, `Err` when it is not a valid record.
+    pub fn decode(buf: &[u8]) -> Result<Option<(Record, usize)>, String> {
+        if buf.len() < HEADER_BYTES {
+            return Ok(None);
+        }
+        let u32_at = |o: usize| u32::from_le_bytes(buf[o..o + 4].try_into().expect("4 bytes"));
+        let u64_at = |o: usize| u64::from_le_bytes(buf[o..o + 8].try_into().expect("8 bytes"));
+        if u32_at(0) != MAGIC {
+            return Err("bad magic".into());
+        }
+        let kind = RecordKind::from_u8(buf[4]).ok_or("bad record kind")?;
+        let data_len = u32_at(28) as usize;
+        let count = u32_at(24);
+        if data_len > DATA_MAX
+            || (kind == RecordKind::Write && data_len != count as usize * lazarus_types::BLOCK_SIZE)
+            || (kind != RecordKind::Write && data_len != 0)
+        {
+            return Err("bad record length".into());
+        }
+        let total = HEADER_BYTES + data_len + TRAILER_BYTES;
+        if buf.len() < total {
+            return Ok(None);
+        }
+        let sum = blake3::hash(&buf[..HEADER_BYTES + data_len]);
+        if sum.as_bytes()[..TRAILER_BYTES] != buf[HEADER_BYTES + data_len..total] {
+            return Err("checksum mismatch".into());
+        }
+        Ok(Some((
+            Record {
+                kind,
+                seq: u64_at(8),
+                lba: u64_at(16),
+                count,
+                fcid: u64_at(32),
+                epoch: u64_at(40),
+                data: buf[HEADER_BYTES..HEADER_BYTES + data_len].to_vec(),
+            },
+            total,
+        )))
+    }
+}
+
+/// What opening a log found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LogScan {
+    pub records: u64,
+    pub bytes: u64,
+    pub last_seq: u64,
+    /// Bytes cut from the end (a torn tail).
+    pub torn_bytes: u64,
+    /// Byte ranges in the middle that hold no valid record (damage).
+    pub damaged: Vec<(u64, u64)>,
+}
+
+/// One volume's changed-block log.
+pub struct ChangeLog {
+    file: File,
+    path: PathBuf,
+    pub scan: LogScan,
+    /// Bytes written (the next record's offset).
+    end: u64,
+    /// Bytes known durable.
+    synced: u64,
+    next_seq: u64,
+}
+
+/// Reads the whole file and classifies it into valid records, damaged middle ranges
+/// and a torn tail.
+fn scan(data: &[u8]) -> (LogScan, u64) {
+    let mut s = LogScan::default();
+    let mut off = 0usize;
+    let mut bad_start: Option<usize> = None;
+    let mut valid_end = 0usize;
+    while off < data.len() {
+        match Record::decode(&data[off..]) {
+            Ok(Some((r, n))) => {
+                if let Some(b) = bad_start.take() {
+                    s.damaged.push((b as u64, (off - b) as u64));
+                }
+                s.records += 1;
+                s.last_seq = s.last_seq.max(r.seq);
+                off += n;
+                valid_end = off;
+            }
+            Ok(None) | Err(_) => {
+                // Look for the next valid record, a byte at a time: only a valid one
+                // after this point makes this damage rather than a torn tail.
+                bad_start.get_or_insert(off);
+                off += 1;
+            }
+        }
+    }
+    s.bytes = valid_end as u64;
+    s.torn_bytes = (data.len() - valid_end) as u64;
+    (s, valid_end as u64)
+}
+
+impl ChangeLog {
+    pub fn open(path: &Path) -> io::Result<ChangeLog> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        let data = std::fs::read(path)?;
+        let (scan, valid_end) = scan(&data);
+        if scan.torn_bytes > 0 {
+            tracing::warn!(log = %path.display(), bytes = scan.torn_bytes, "recovery log: torn tail cut");
+            file.set_len(valid_end)?;
+            file.sync_all()?;
+        }
+        if !scan.damaged.is_empty() {
+            tracing::error!(log = %path.display(), ranges = ?scan.damaged, "recovery log: damaged records in the middle (kept, skipped, reported)");
+        }
+        Ok(ChangeLog {
+            file,
+            path: path.to_path_buf(),
+            end: valid_end,
+            synced: valid_end,
+            next_seq: scan.last_seq + 1,
+            scan,
+        })
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.end
+    }
+
+    pub fn last_seq(&self) -> u64 {
+        self.next_seq - 1
+    }
+
+    /// Writes a record (not yet durable); returns its sequence and the offset it ends
+    /// at, to pass to `sync_to`.
+    pub fn append(
+        &mut self,
+        kind: RecordKind,
+        lba: u64,
+        count: u32,
+        fcid: u64,
+        epoch: u64,
+        data: &[u8],
+    ) -> io::Result<(u64, u64)> {
+        let r = Record {
+            kind,
+            seq: self.next_seq,
+            lba,
+            count,
+            fcid,
+            epoch,
+            data: data.to_vec(),
+        };
+        let bytes = r.encode();
+        if let Err(e) = self.file.write_all_at(&bytes, self.end) {
+            // Whatever part landed is a torn tail: cut it so the next record starts
+            // on a record boundary.
+            let _ = self.file.set_len(self.end);
+            return Err(e);
+        }
+        self.end += bytes.len() as u64;
+        self.next_seq += 1;
+        self.scan.records += 1;
+        self.scan.bytes = self.end;
+        self.scan.last_seq = r.seq;
+        Ok((r.seq, self.end))
+    }
+
+    /// A handle to sync with outside the append lock (group commit).
+    pub fn sync_handle(&self) -> io::Result<File> {
+        self.file.try_clone()
+    }
+
+    pub fn synced(&self) -> u64 {
+        self.synced
+    }
+
+    pub fn mark_synced(&mut self, upto: u64) {
+        self.synced = self.synced.max(upto);
+    }
+
+    /// Reads valid records starting at byte `offset` (a record boundary from an earlier
+    /// read, or 0) up to about `max_bytes`; returns them and the offset to continue from.
+    /// Damaged ranges are skipped.
+    pub fn read_from(&self, offset: u64, max_bytes: usize) -> io::Result<(Vec<Record>, u64)> {
+        let mut out = Vec::new();
+        let mut off = offset;
+        let mut taken = 0usize;
+        while off < self.synced && taken < max_bytes {
+            if let Some((a, n)) = self
+                .scan
+                .damaged
+                .iter()
+                .find(|(a, n)| off >= *a && off < a + n)
+            {
+                off = a + n;
+                continue;
+            }
+            let mut head = [0u8; HEADER_BYTES];
+            self.file.read_exact_at(&mut head, off)?;
+            let data_len = u32::from_le_bytes(head[28..32].try_into().expect("4 bytes")) as usize;
+            let total = HEADER_BYTES + data_len.min(DATA_MAX) + TRAILER_BYTES;
+            let mut buf = vec![0u8; total];
+            self.file.read_exact_at(&mut buf, off)?;
+            match Record::decode(&buf) {
+                Ok(Some((r, n))) => {
+                    taken += n;
+                    off += n as u64;
+                    out.push(r);
+                }
+                _ => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "{}: record at byte {off} no longer valid",
+                            self.path.display()
+                        ),
+                    ))
+                }
+            }
+        }
+        Ok((out, off))
+    }
+}
+
+/// Per-volume coordination state (the recovery server's part of DESIGN.md's
+/// "coordination point").
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct VolumeCoord {
+    pub uid: u64,
+    /// The volume's failure count ID: changed only by compare-and-set.
+    pub fcid: u64,
+    /// Who may hold (serve) the volume at `fcid`.
+    pub holder: Option<u64>,
+    /// The primary epoch the holder serves under.
+    pub epoch: u64,
+    /// Jeopardy protection on: the holder writes every change here first.
+    pub jeopardy: bool,
+    /// The latest cluster configuration sent by the cluster (its metadata, as JSON).
+    #[serde(default)]
+    pub config: Option<serde_json::Value>,
+    /// Copies that were current when the log began: their stale copy plus the log is
+    /// the volume.
+    #[serde(default)]
+    pub base: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Coord {
+    pub volumes: BTreeMap<String, VolumeCoord>,
+}
+
+pub fn load_coord(dir: &Path) -> Result<Coord, String> {
+    let path = dir.join("coord.json");
+    let text = match std::fs::read(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Coord::default()),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let nl = text
+        .iter()
+        .position(|b| *b == b'\n')
+        .ok_or_else(|| format!("{}: no checksum line", path.display()))?;
+    let (sum, body) = (&text[..nl], &text[nl + 1..]);
+    if blake3::hash(body).to_hex().as_bytes() != sum {
+        return Err(format!(
+            "{}: checksum mismatch (the file is damaged; refusing to guess the failure count IDs)",
+            path.display()
+        ));
+    }
+    serde_json::from_slice(body).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+pub fn save_coord(dir: &Path, coord: &Coord) -> io::Result<()> {
+    let body = serde_json::to_vec_pretty(coord).map_err(io::Error::other)?;
+    let tmp = dir.join("coord.json.tmp");
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(blake3::hash(&body).to_hex().as_bytes())?;
+        f.write_all(b"\n")?;
+        f.write_all(&body)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, dir.join("coord.json"))?;
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_rec(log: &mut ChangeLog, lba: u64, fill: u8) -> u64 {
+        let data = vec![fill; 4096];
+        let (_, end) = log.append(RecordKind::Write, lba, 1, 1, 1, &data).unwrap();
+        log.sync_handle().unwrap().sync_data().unwrap();
+        log.mark_synced(end);
+        end
+    }
+
+    #[test]
+    fn records_round_trip_and_torn_tail_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("v.log");
+        let mut log = ChangeLog::open(&p).unwrap();
+        write_rec(&mut log, 7, 1);
+        let end = write_rec(&mut log, 9, 2);
+        log.append(RecordKind::Zero, 100, 5, 1, 1, &[]).unwrap();
+        drop(log);
+        // Tear the last record: any cut inside it is a torn tail.
+        let full = std::fs::metadata(&p).unwrap().len();
+        for cut in [end + 1, end + 20, full - 1] {
+            let f = OpenOptions::new().write(true).open(&p).unwrap();
+            f.set_len(cut).unwrap();
+            drop(f);
+            let log = ChangeLog::open(&p).unwrap();
+            assert_eq!(log.scan.records, 2);
+            assert_eq!(log.scan.torn_bytes, cut - end);
+            assert!(log.scan.damaged.is_empty());
+            assert_eq!(std::fs::metadata(&p).unwrap().len(), end);
+            let (recs, next) = log.read_from(0, usize::MAX).unwrap();
+            assert_eq!(next, end);
+            assert_eq!(recs.len(), 2);
+            assert_eq!((recs[0].lba, recs[0].data[0]), (7, 1));
+            assert_eq!((recs[1].lba, recs[1].data[0], recs[1].seq), (9, 2, 2));
+            // Appending after the cut continues the sequence.
+            let mut log = log;
+            let e2 = write_rec(&mut log, 11, 3);
+            let f = OpenOptions::new().write(true).open(&p).unwrap();
+            f.set_len(e2 - 4096 - 10).unwrap();
+        }
+    }
+
+    #[test]
+    fn damage_in_the_middle_is_kept_and_reported_not_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("v.log");
+        let mut log = ChangeLog::open(&p).unwrap();
+        let e1 = write_rec(&mut log, 1, 1);
+        write_rec(&mut log, 2, 2);
+        write_rec(&mut log, 3, 3);
+        drop(log);
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&[0xff], e1 + 100).unwrap();
+        drop(f);
+        let len = std::fs::metadata(&p).unwrap().len();
+        let log = ChangeLog::open(&p).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), len, "nothing cut");
+        assert_eq!(log.scan.records, 2);
+        assert_eq!(log.scan.damaged.len(), 1);
+        let (recs, _) = log.read_from(0, usize::MAX).unwrap();
+        assert_eq!(recs.iter().map(|r| r.lba).collect::<Vec<_>>(), vec![1, 3]);
+    }
+
+    #[test]
+    fn coord_file_is_checksummed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Coord::default();
+        c.volumes.insert(
+            "v".into(),
+            VolumeCoord {
+                uid: 3,
+                fcid: 4,
+                holder: Some(1),
+                ..Default::default()
+            },
+        );
+        save_coord(dir.path(), &c).unwrap();
+        assert_eq!(load_coord(dir.path()).unwrap().volumes["v"].fcid, 4);
+        let p = dir.path().join("coord.json");
+        let mut t = std::fs::read(&p).unwrap();
+        let n = t.len();
+        t[n - 5] ^= 1;
+        std::fs::write(&p, t).unwrap();
+        assert!(load_coord(dir.path()).unwrap_err().contains("checksum"));
+    }
+}

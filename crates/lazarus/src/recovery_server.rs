@@ -1,0 +1,516 @@
+//! `lazarus recovery-server`: configuration copies and changed-block logs of volumes in
+//! jeopardy, and the coordination point (compare-and-set on each volume's failure
+//! count ID) for when the cluster metadata has lost its majority. Not a Raft member.
+//! Speaks the node-to-node RPC framing (`rpc.rs`) with its own request kinds.
+
+use crate::recovery_log::{self, ChangeLog, Coord, RecordKind, VolumeCoord};
+use crate::rpc::{self, KIND_PING};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub const KIND_RS_CLAIM: u8 = 40;
+pub const KIND_RS_APPEND: u8 = 41;
+pub const KIND_RS_RENEW: u8 = 42;
+pub const KIND_RS_STATE: u8 = 43;
+pub const KIND_RS_READ: u8 = 44;
+pub const KIND_RS_CLEAR: u8 = 45;
+pub const KIND_RS_CONFIG: u8 = 46;
+
+/// A holder in jeopardy that has not renewed for this long (recovery server's clock,
+/// from receipt) may be replaced. Longer than `HOLD_LEASE`, which the holder counts
+/// from when it *sent* its renewal, so it has stopped serving first.
+pub const HOLDER_SILENCE_MAX: Duration = Duration::from_millis(1000);
+/// How long a holder may serve on one renewal, counted from its send time.
+pub const HOLD_LEASE: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClaimReq {
+    pub volume: String,
+    pub uid: u64,
+    /// Compare: the failure count ID the claimant believes current.
+    pub expect_fcid: u64,
+    /// Set: the node that holds the volume from now on, at `epoch`.
+    pub holder: u64,
+    pub epoch: u64,
+    /// Turn jeopardy protection on (it stays on until `clear`).
+    pub jeopardy: bool,
+    pub config: Option<serde_json::Value>,
+    /// Copies current at the start of the log (used when jeopardy starts here).
+    #[serde(default)]
+    pub base: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClaimReply {
+    pub granted: bool,
+    pub reason: String,
+    /// The state after the call (the winner's, when refused).
+    pub coord: VolumeCoord,
+    pub log_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppendReq {
+    pub volume: String,
+    pub uid: u64,
+    pub fcid: u64,
+    pub holder: u64,
+    pub epoch: u64,
+    pub kind: RecordKind,
+    pub lba: u64,
+    pub count: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppendReply {
+    /// False when jeopardy protection was cleared at this fcid: not needed any more.
+    pub stored: bool,
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RenewReq {
+    pub volume: String,
+    pub fcid: u64,
+    pub holder: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClearReq {
+    pub volume: String,
+    pub uid: u64,
+    pub fcid: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ConfigReq {
+    pub volume: String,
+    pub uid: u64,
+    pub fcid: u64,
+    pub config: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReadReq {
+    pub volume: String,
+    pub uid: u64,
+    pub offset: u64,
+    pub max_bytes: usize,
+}
+
+/// A record header as sent on the wire; the data follows in the raw payload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WireRecord {
+    pub kind: RecordKind,
+    pub seq: u64,
+    pub lba: u64,
+    pub count: u32,
+    pub fcid: u64,
+    pub epoch: u64,
+    pub data_len: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReadReply {
+    pub records: Vec<WireRecord>,
+    pub next: u64,
+    /// True once `next` is the end of the log (as synced when read).
+    pub done: bool,
+    /// Damaged ranges of the log: records there are lost.
+    pub damaged: Vec<(u64, u64)>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct VolumeState {
+    pub coord: VolumeCoord,
+    pub log_bytes: u64,
+    pub log_records: u64,
+    pub last_seq: u64,
+    pub damaged: Vec<(u64, u64)>,
+    /// Milliseconds since the holder last renewed (absent: never, since start).
+    pub holder_silent_ms: Option<u64>,
+}
+
+struct VolLog {
+    log: parking_lot::Mutex<ChangeLog>,
+    /// Serializes syncs; a sync covers every record written before it started.
+    sync: tokio::sync::Mutex<()>,
+}
+
+pub struct RecoveryServer {
+    dir: PathBuf,
+    coord: parking_lot::Mutex<Coord>,
+    /// Serializes coordination-file updates (compare, set, save) with each other.
+    coord_write: tokio::sync::Mutex<()>,
+    logs: parking_lot::Mutex<HashMap<String, Arc<VolLog>>>,
+    renewed: parking_lot::Mutex<HashMap<String, Instant>>,
+}
+
+fn log_path(dir: &Path, volume: &str, uid: u64) -> PathBuf {
+    dir.join("logs").join(format!("{volume}.{uid}.log"))
+}
+
+impl RecoveryServer {
+    pub fn open(dir: &Path) -> anyhow::Result<Arc<RecoveryServer>> {
+        std::fs::create_dir_all(dir.join("logs"))
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+        let coord = recovery_log::load_coord(dir).map_err(anyhow::Error::msg)?;
+        let rs = RecoveryServer {
+            dir: dir.to_path_buf(),
+            coord: parking_lot::Mutex::new(coord.clone()),
+            coord_write: Default::default(),
+            logs: Default::default(),
+            renewed: Default::default(),
+        };
+        // Open (and check, cutting torn tails) the log of every volume in jeopardy now,
+        // not on first use: damage is reported at start.
+        for (name, c) in &coord.volumes {
+            if c.jeopardy {
+                let l = rs.log(name, c.uid)?;
+                let s = l.log.lock().scan.clone();
+                tracing::info!(volume = %name, fcid = c.fcid, holder = ?c.holder, records = s.records, bytes = s.bytes, torn_bytes = s.torn_bytes, damaged = s.damaged.len(), "recovery log opened");
+            }
+        }
+        Ok(Arc::new(rs))
+    }
+
+    fn log(&self, volume: &str, uid: u64) -> std::io::Result<Arc<VolLog>> {
+        let mut logs = self.logs.lock();
+        if let Some(l) = logs.get(volume) {
+            return Ok(l.clone());
+        }
+        let l = Arc::new(VolLog {
+            log: parking_lot::Mutex::new(ChangeLog::open(&log_path(&self.dir, volume, uid))?),
+            sync: Default::default(),
+        });
+        logs.insert(volume.to_string(), l.clone());
+        Ok(l)
+    }
+
+    fn state_of(&self, volume: &str) -> VolumeState {
+        let coord = self
+            .coord
+            .lock()
+            .volumes
+            .get(volume)
+            .cloned()
+            .unwrap_or_default();
+        let mut s = VolumeState {
+            holder_silent_ms: self
+                .renewed
+                .lock()
+                .get(volume)
+                .map(|t| t.elapsed().as_millis() as u64),
+            ..Default::default()
+        };
+        if let Some(l) = self.logs.lock().get(volume) {
+            let l = l.log.lock();
+            s.log_bytes = l.bytes();
+            s.log_records = l.scan.records;
+            s.last_seq = l.last_seq();
+            s.damaged = l.scan.damaged.clone();
+        }
+        s.coord = coord;
+        s
+    }
+
+    async fn save(&self, coord: Coord) -> Result<(), String> {
+        let dir = self.dir.clone();
+        let c = coord.clone();
+        tokio::task::spawn_blocking(move || recovery_log::save_coord(&dir, &c))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot save the coordination state: {e}"))?;
+        *self.coord.lock() = coord;
+        Ok(())
+    }
+
+    async fn claim(&self, req: ClaimReq) -> Result<ClaimReply, String> {
+        let _w = self.coord_write.lock().await;
+        let mut coord = self.coord.lock().clone();
+        let cur = coord
+            .volumes
+            .get(&req.volume)
+            .cloned()
+            .filter(|c| c.uid >= req.uid)
+            .unwrap_or(VolumeCoord {
+                uid: req.uid,
+                ..Default::default()
+            });
+        let refuse = |reason: String| {
+            tracing::info!(volume = %req.volume, holder = req.holder, expect = req.expect_fcid, %reason, "claim refused");
+            let mut st = self.state_of(&req.volume);
+            st.coord = cur.clone();
+            Ok(ClaimReply {
+                granted: false,
+                reason,
+                coord: cur.clone(),
+                log_bytes: st.log_bytes,
+            })
+        };
+        if cur.uid != req.uid {
+            return refuse(format!("volume uid {} is newer than {}", cur.uid, req.uid));
+        }
+        if cur.fcid != req.expect_fcid {
+            return refuse(format!(
+                "failure count ID is {}, not {}",
+                cur.fcid, req.expect_fcid
+            ));
+        }
+        if cur.jeopardy && cur.holder.is_some_and(|h| h != req.holder) {
+            let silent = self.renewed.lock().get(&req.volume).map(|t| t.elapsed());
+            if silent.is_none_or(|s| s < HOLDER_SILENCE_MAX) {
+                return refuse(format!(
+                    "held in jeopardy by n{} (renewed {} ms ago)",
+                    cur.holder.unwrap_or(0),
+                    silent.map_or(0, |s| s.as_millis())
+                ));
+            }
+            if !cur.base.contains(&req.holder) {
+                return refuse(format!(
+                    "n{} was not current when the log began (base {:?}): its copy plus the log is not the volume",
+                    req.holder, cur.base
+                ));
+            }
+        }
+        let entering = req.jeopardy && !cur.jeopardy;
+        let next = VolumeCoord {
+            uid: req.uid,
+            fcid: req.expect_fcid + 1,
+            holder: Some(req.holder),
+            epoch: req.epoch.max(cur.epoch),
+            jeopardy: cur.jeopardy || req.jeopardy,
+            config: req.config.clone().or(cur.config.clone()),
+            base: if entering {
+                req.base.clone()
+            } else {
+                cur.base.clone()
+            },
+        };
+        if entering {
+            // A fresh log: anything left from an earlier jeopardy is gone.
+            self.logs.lock().remove(&req.volume);
+            let p = log_path(&self.dir, &req.volume, req.uid);
+            let _ = std::fs::remove_file(&p);
+        }
+        coord.volumes.insert(req.volume.clone(), next.clone());
+        self.save(coord).await?;
+        if next.jeopardy {
+            self.log(&req.volume, req.uid).map_err(|e| e.to_string())?;
+        }
+        self.renewed
+            .lock()
+            .insert(req.volume.clone(), Instant::now());
+        tracing::info!(volume = %req.volume, fcid = next.fcid, holder = req.holder, epoch = next.epoch, jeopardy = next.jeopardy, base = ?next.base, "claim granted");
+        Ok(ClaimReply {
+            granted: true,
+            reason: String::new(),
+            log_bytes: self.state_of(&req.volume).log_bytes,
+            coord: next,
+        })
+    }
+
+    fn check_holder(&self, volume: &str, fcid: u64, holder: u64) -> Result<VolumeCoord, String> {
+        let coord = self.coord.lock();
+        let c = coord
+            .volumes
+            .get(volume)
+            .ok_or_else(|| format!("volume {volume:?} unknown to the recovery server"))?;
+        if c.fcid != fcid || c.holder != Some(holder) {
+            return Err(format!(
+                "fenced: {volume:?} is at failure count ID {} held by n{} (caller: {fcid}, n{holder})",
+                c.fcid,
+                c.holder.unwrap_or(0)
+            ));
+        }
+        Ok(c.clone())
+    }
+
+    async fn append(&self, req: AppendReq, data: &[u8]) -> Result<AppendReply, String> {
+        let c = self.check_holder(&req.volume, req.fcid, req.holder)?;
+        if c.uid != req.uid {
+            return Err("fenced: volume uid differs".into());
+        }
+        if !c.jeopardy {
+            return Ok(AppendReply {
+                stored: false,
+                seq: 0,
+            });
+        }
+        let l = self.log(&req.volume, req.uid).map_err(|e| e.to_string())?;
+        let (seq, end) = {
+            let mut log = l.log.lock();
+            log.append(req.kind, req.lba, req.count, req.fcid, req.epoch, data)
+                .map_err(|e| format!("recovery log write failed: {e}"))?
+        };
+        self.renewed
+            .lock()
+            .insert(req.volume.clone(), Instant::now());
+        // Group commit: whoever syncs covers every record written before the sync.
+        let _s = l.sync.lock().await;
+        if l.log.lock().synced() >= end {
+            return Ok(AppendReply { stored: true, seq });
+        }
+        let (file, upto) = {
+            let log = l.log.lock();
+            (log.sync_handle().map_err(|e| e.to_string())?, log.bytes())
+        };
+        tokio::task::spawn_blocking(move || file.sync_data())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("recovery log sync failed: {e}"))?;
+        l.log.lock().mark_synced(upto);
+        Ok(AppendReply { stored: true, seq })
+    }
+
+    fn read(&self, req: ReadReq) -> Result<Vec<u8>, String> {
+        let c = self
+            .coord
+            .lock()
+            .volumes
+            .get(&req.volume)
+            .cloned()
+            .ok_or("volume unknown to the recovery server")?;
+        if c.uid != req.uid || !c.jeopardy {
+            return Err(format!("no log for {:?} (uid {})", req.volume, req.uid));
+        }
+        let l = self.log(&req.volume, req.uid).map_err(|e| e.to_string())?;
+        let log = l.log.lock();
+        let (recs, next) = log
+            .read_from(req.offset, req.max_bytes.clamp(1 << 20, 16 << 20))
+            .map_err(|e| e.to_string())?;
+        let mut raw = Vec::new();
+        let records = recs
+            .into_iter()
+            .map(|r| {
+                raw.extend_from_slice(&r.data);
+                WireRecord {
+                    kind: r.kind,
+                    seq: r.seq,
+                    lba: r.lba,
+                    count: r.count,
+                    fcid: r.fcid,
+                    epoch: r.epoch,
+                    data_len: r.data.len() as u32,
+                }
+            })
+            .collect();
+        let reply = ReadReply {
+            records,
+            next,
+            done: next >= log.synced(),
+            damaged: log.scan.damaged.clone(),
+        };
+        let json = serde_json::to_vec(&reply).map_err(|e| e.to_string())?;
+        Ok(rpc::pack(&json, &raw))
+    }
+
+    async fn clear(&self, req: ClearReq) -> Result<(), String> {
+        let _w = self.coord_write.lock().await;
+        let mut coord = self.coord.lock().clone();
+        let Some(c) = coord.volumes.get_mut(&req.volume) else {
+            return Ok(());
+        };
+        if c.uid != req.uid || c.fcid != req.fcid {
+            return Err(format!(
+                "fenced: {:?} is at failure count ID {} (caller: {})",
+                req.volume, c.fcid, req.fcid
+            ));
+        }
+        c.jeopardy = false;
+        c.config = None;
+        c.base.clear();
+        self.save(coord).await?;
+        // The failure count ID and holder stay (a few bytes): a stale claim must
+        // still lose the compare-and-set.
+        let dropped = self.logs.lock().remove(&req.volume);
+        let p = log_path(&self.dir, &req.volume, req.uid);
+        let bytes = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+        if dropped.is_some() || p.exists() {
+            std::fs::remove_file(&p).map_err(|e| format!("cannot delete {}: {e}", p.display()))?;
+        }
+        tracing::info!(volume = %req.volume, fcid = req.fcid, bytes, "jeopardy cleared: configuration copy and changed blocks deleted");
+        Ok(())
+    }
+
+    async fn set_config(&self, req: ConfigReq) -> Result<(), String> {
+        let _w = self.coord_write.lock().await;
+        let mut coord = self.coord.lock().clone();
+        let Some(c) = coord.volumes.get_mut(&req.volume) else {
+            return Err("volume unknown to the recovery server".into());
+        };
+        if c.uid != req.uid || c.fcid != req.fcid {
+            return Err("fenced: stale failure count ID".into());
+        }
+        c.config = Some(req.config);
+        self.save(coord).await
+    }
+
+    async fn handle(&self, kind: u8, body: Vec<u8>) -> Result<Vec<u8>, String> {
+        fn de<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, String> {
+            serde_json::from_slice(b).map_err(|e| format!("bad request: {e}"))
+        }
+        fn ser<T: Serialize>(v: &T) -> Result<Vec<u8>, String> {
+            serde_json::to_vec(v).map_err(|e| e.to_string())
+        }
+        match kind {
+            KIND_PING => Ok(Vec::new()),
+            KIND_RS_CLAIM => ser(&self.claim(de(&body)?).await?),
+            KIND_RS_APPEND => {
+                let (json, raw) = rpc::unpack(&body)?;
+                let req: AppendReq = de(json)?;
+                ser(&self.append(req, raw).await?)
+            }
+            KIND_RS_RENEW => {
+                let req: RenewReq = de(&body)?;
+                self.check_holder(&req.volume, req.fcid, req.holder)?;
+                self.renewed.lock().insert(req.volume, Instant::now());
+                Ok(Vec::new())
+            }
+            KIND_RS_STATE => {
+                let names: Vec<String> = self.coord.lock().volumes.keys().cloned().collect();
+                let all: HashMap<String, VolumeState> = names
+                    .into_iter()
+                    .map(|n| (n.clone(), self.state_of(&n)))
+                    .collect();
+                ser(&all)
+            }
+            KIND_RS_READ => self.read(de(&body)?),
+            KIND_RS_CLEAR => {
+                self.clear(de(&body)?).await?;
+                Ok(Vec::new())
+            }
+            KIND_RS_CONFIG => {
+                self.set_config(de(&body)?).await?;
+                Ok(Vec::new())
+            }
+            other => Err(format!("unknown recovery-server request kind {other}")),
+        }
+    }
+}
+
+/// Runs the recovery server until killed.
+pub async fn run(dir: &Path, listen: SocketAddr) -> anyhow::Result<()> {
+    let rs = RecoveryServer::open(dir)?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    let addr = listener.local_addr()?;
+    std::fs::write(dir.join("endpoint"), addr.to_string())?;
+    tracing::info!(%addr, data = %dir.display(), "recovery server listening");
+    println!("recovery server listening on {addr}");
+    let h = rs.clone();
+    rpc::serve(
+        listener,
+        Arc::new(move |kind, body| {
+            let h = h.clone();
+            Box::pin(async move { h.handle(kind, body).await })
+        }),
+    )
+    .await;
+    Ok(())
+}

@@ -1,0 +1,440 @@
+//! Guards the Last-failure-domain issue end to end: `lazarus up` (three nodes and a
+//! recovery server), real NBD clients, faults injected into the real processes.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const PY: &str = "/usr/bin/python3";
+const CHUNK: usize = 64 << 10;
+
+fn setup() -> (tempfile::TempDir, std::path::PathBuf) {
+    require("nbdcopy");
+    require("qemu-io");
+    require("nbdsh");
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("cluster");
+    if std::env::var("LAZARUS_KEEP").is_ok() {
+        eprintln!("keeping {}", tmp.path().display());
+        let keep = tmp.path().to_path_buf();
+        std::mem::forget(tmp);
+        return (tempfile::TempDir::new_in(keep).unwrap(), data);
+    }
+    (tmp, data)
+}
+
+fn qemu_io(uri: &str, cmds: &[&str]) -> (bool, String) {
+    let mut args = vec!["-f", "raw"];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(uri);
+    let o = run_out("qemu-io", &args);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let ok = o.status.success()
+        && !text.contains("error")
+        && !text.contains("failed")
+        && !text.contains("Pattern verification");
+    (ok, text)
+}
+
+fn qemu_io_ok(uri: &str, cmds: &[&str]) {
+    let (ok, text) = qemu_io(uri, cmds);
+    assert!(ok, "qemu-io {cmds:?} on {uri}: {text}");
+}
+
+/// The volume's jeopardy view at node n.
+fn jstate(up: &Up, n: u16, vol: &str) -> Value {
+    up.get(n, "/api/v1/jeopardy")
+        .map(|v| v["volumes"][vol].clone())
+        .unwrap_or(Value::Null)
+}
+
+fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < within, "{what}: not within {within:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn log_files(up: &Up) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(up.data.join("rs").join("logs"))
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+/// (lba, count, first data byte) of every record in the recovery server's log files,
+/// parsed from the documented on-disk format (docs/format.md).
+fn log_records(up: &Up) -> Vec<(u64, u32, u8)> {
+    let mut out = Vec::new();
+    for p in log_files(up) {
+        let b = std::fs::read(&p).unwrap();
+        let mut off = 0;
+        while off + 64 <= b.len() {
+            assert_eq!(
+                &b[off..off + 4],
+                b"LZRL",
+                "record magic at {off} in {}",
+                p.display()
+            );
+            let lba = u64::from_le_bytes(b[off + 16..off + 24].try_into().unwrap());
+            let count = u32::from_le_bytes(b[off + 24..off + 28].try_into().unwrap());
+            let len = u32::from_le_bytes(b[off + 28..off + 32].try_into().unwrap()) as usize;
+            let first = if len > 0 { b[off + 48] } else { 0 };
+            out.push((lba, count, first));
+            off += 48 + len + 16;
+        }
+    }
+    out
+}
+
+/// A python/libnbd writer (tests/py/jwriter.py) running in the background.
+struct Writer {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    stop: std::path::PathBuf,
+    tag: u64,
+    base: usize,
+    slots: usize,
+}
+
+impl Writer {
+    fn start(
+        uri: &str,
+        tag: u64,
+        base: usize,
+        slots: usize,
+        count: usize,
+        dir: &std::path::Path,
+    ) -> Writer {
+        let stop = dir.join(format!("stop-{tag}"));
+        let mut child = Command::new(PY)
+            .arg(format!(
+                "{}/tests/py/jwriter.py",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .args([
+                uri,
+                &tag.to_string(),
+                &base.to_string(),
+                &slots.to_string(),
+                &count.to_string(),
+                "4",
+                stop.to_str().unwrap(),
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = child.stdout.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let l2 = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                l2.lock().unwrap().push(line);
+            }
+        });
+        Writer {
+            child,
+            lines,
+            stop,
+            tag,
+            base,
+            slots,
+        }
+    }
+
+    fn acked(&self) -> usize {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with("acked"))
+            .count()
+    }
+
+    fn error(&self) -> Option<String> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| l.starts_with("error"))
+            .cloned()
+    }
+
+    fn wait_acked(&self, n: usize, within: Duration, what: &str) {
+        let t0 = Instant::now();
+        while self.acked() < n {
+            assert!(
+                t0.elapsed() < within,
+                "{what}: {} of {n} writes acknowledged within {within:?} (error: {:?})",
+                self.acked(),
+                self.error()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the writer; returns how many writes it had acknowledged.
+    fn finish(&mut self) -> usize {
+        std::fs::write(&self.stop, b"").unwrap();
+        let _ = self.child.wait();
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(self.error(), None, "writer failed");
+        self.acked()
+    }
+
+    /// Applies the first `acked` writes to `image` (the volume from byte 0).
+    fn apply(&self, acked: usize, image: &mut [u8]) {
+        for i in 0..acked {
+            let off = self.base + (i % self.slots) * CHUNK;
+            let fill = ((self.tag as usize * 31 + i) % 251 + 1) as u8;
+            image[off..off + CHUNK].fill(fill);
+        }
+    }
+}
+
+fn read_region(uri: &str, len: usize, tmp: &std::path::Path) -> Option<Vec<u8>> {
+    let out = tmp.join("region.img");
+    let _ = std::fs::remove_file(&out);
+    let o = Command::new("nbdcopy")
+        .args([uri, out.to_str().unwrap()])
+        .output()
+        .ok()?;
+    if !o.status.success() {
+        return None;
+    }
+    let b = std::fs::read(&out).ok()?;
+    Some(b[..len].to_vec())
+}
+
+fn assert_same(got: &[u8], want: &[u8], what: &str) {
+    if got != want {
+        let first = got.iter().zip(want).position(|(a, b)| a != b).unwrap();
+        panic!(
+            "{what}: first difference at byte {first} (chunk {}): got {:#x}, want {:#x}",
+            first / CHUNK,
+            got[first],
+            want[first]
+        );
+    }
+}
+
+/// Jeopardy entered by an administrator (`volume protect`) and left (`unprotect`:
+/// the recovery server's copy deleted); entered by `fault drop` to both replicas on
+/// the write that found no live replica; a write in jeopardy is on the recovery server
+/// before it is written locally (with the recovery server stopped, the write waits and
+/// the primary still serves the old data); rejoin restores from the recovery server,
+/// resyncs, turns live, clears the flag and empties the recovery server.
+#[test]
+fn jeopardy_by_protect_and_drop_write_through_and_rejoin() {
+    let (tmp, data) = setup();
+    let up = Up::start(&data, "64MiB");
+    let uri1 = up.uri(1, "vol0");
+
+    // Administrator protection.
+    up.cli_ok(&["volume", "protect", "vol0"]);
+    wait_for("jeopardy after protect", Duration::from_secs(10), || {
+        jstate(&up, 1, "vol0")["jeopardy"] == true
+    });
+    let fcid1 = jstate(&up, 1, "vol0")["failure_count_id"].as_u64().unwrap();
+    assert!(fcid1 >= 1);
+    qemu_io_ok(&uri1, &["write -P 0x10 0 64k"]);
+    assert!(
+        log_records(&up).iter().any(|r| r.0 == 0 && r.2 == 0x10),
+        "write in jeopardy not on the recovery server: {:?}",
+        log_records(&up)
+    );
+    up.cli_ok(&["volume", "unprotect", "vol0"]);
+    wait_for(
+        "jeopardy cleared, recovery server copy deleted",
+        Duration::from_secs(10),
+        || jstate(&up, 1, "vol0")["jeopardy"] == false && log_files(&up).is_empty(),
+    );
+
+    // Both replicas cut off: the write that finds no live replica enters jeopardy.
+    up.cli_ok(&["fault", "drop", "--from", "n1", "--to", "n2"]);
+    up.cli_ok(&["fault", "drop", "--from", "n1", "--to", "n3"]);
+    qemu_io_ok(&uri1, &["write -P 0x21 64k 64k"]);
+    let j = jstate(&up, 1, "vol0");
+    assert_eq!(j["jeopardy"], true, "{j}");
+    assert!(j["failure_count_id"].as_u64().unwrap() > fcid1, "{j}");
+    assert!(
+        log_records(&up).iter().any(|r| r.0 == 16 && r.2 == 0x21),
+        "the write that fell into jeopardy is not on the recovery server: {:?}",
+        log_records(&up)
+    );
+    // `lazarus status --json` reports it per volume.
+    let st: Value = serde_json::from_str(&up.cli_ok(&["status", "--json"])).unwrap();
+    let v = st["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "vol0")
+        .unwrap()
+        .clone();
+    assert_eq!(v["jeopardy"], true, "{v}");
+    for k in ["failure_count_id", "recovery_lag", "recovery_log_bytes"] {
+        assert!(v[k].is_u64(), "status --json lacks {k}: {v}");
+    }
+    assert!(up.cli_ok(&["status"]).contains("JEOPARDY"));
+
+    // Order: recovery server first. Stopped, it holds the write; the primary's copy
+    // does not have it meanwhile.
+    let rs = up.rs_pid() as i32;
+    unsafe { libc::kill(rs, libc::SIGSTOP) };
+    let mut pending = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x33 128k 64k", &uri1])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let still_pending = pending.try_wait().unwrap().is_none();
+    let (old_data, text) = qemu_io(&uri1, &["read -P 0 128k 64k"]);
+    unsafe { libc::kill(rs, libc::SIGCONT) };
+    assert!(
+        still_pending,
+        "a write in jeopardy was acknowledged while the recovery server was stopped"
+    );
+    assert!(
+        old_data,
+        "the primary wrote locally before the recovery server had the write: {text}"
+    );
+    assert!(pending.wait().unwrap().success());
+    qemu_io_ok(&uri1, &["read -P 0x33 128k 64k"]);
+    assert!(log_records(&up).iter().any(|r| r.0 == 32 && r.2 == 0x33));
+
+    // Rejoin.
+    up.cli_ok(&["fault", "heal"]);
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    wait_for(
+        "jeopardy cleared after rejoin",
+        Duration::from_secs(15),
+        || jstate(&up, 1, "vol0")["jeopardy"] == false && log_files(&up).is_empty(),
+    );
+    let rsc: Value = {
+        let t = std::fs::read_to_string(up.data.join("rs").join("coord.json")).unwrap();
+        serde_json::from_str(t.split_once('\n').unwrap().1).unwrap()
+    };
+    assert_eq!(rsc["volumes"]["vol0"]["jeopardy"], false, "{rsc}");
+    assert!(rsc["volumes"]["vol0"]["config"].is_null(), "{rsc}");
+    for n in [2, 3] {
+        let p = up.get(n, "/api/v1/cluster").unwrap()["resync"]["vol0"].clone();
+        assert!(
+            p["restore_records"].as_u64().unwrap_or(0) >= 2,
+            "n{n} did not restore from the recovery server: {p}"
+        );
+    }
+    let r1 = up.root(1, "vol0");
+    assert_eq!(up.root(2, "vol0"), r1);
+    assert_eq!(up.root(3, "vol0"), r1);
+    for n in 1..=3 {
+        qemu_io_ok(
+            &up.uri(n, "vol0"),
+            &[
+                "read -P 0x10 0 64k",
+                "read -P 0x21 64k 64k",
+                "read -P 0x33 128k 64k",
+            ],
+        );
+    }
+    drop(tmp);
+}
+
+/// Two nodes killed: the survivor, without a Raft majority, holds the volume at the
+/// recovery server and keeps acknowledging writes through it. Then the last failure
+/// domain dies too; a revived replica (current when the log began) restores from its
+/// stale copy plus the log and serves every acknowledged write. The others come back,
+/// the cluster adopts the recovery server's decision, resyncs, leaves jeopardy, and
+/// the whole volume equals what the clients wrote.
+#[test]
+fn survivor_then_last_failure_domain_dies_and_revived_replica_serves() {
+    let (tmp, data) = setup();
+    let up = Up::start(&data, "64MiB");
+    let mut w1 = Writer::start(&up.uri(1, "vol0"), 1, 0, 64, 1_000_000, tmp.path());
+    w1.wait_acked(20, Duration::from_secs(30), "writes before the faults");
+    up.cli_ok(&["fault", "kill", "--node", "n2"]);
+    let a = w1.acked();
+    w1.wait_acked(a + 20, Duration::from_secs(30), "writes after n2 died");
+    up.cli_ok(&["fault", "kill", "--node", "n3"]);
+    let a = w1.acked();
+    w1.wait_acked(
+        a + 40,
+        Duration::from_secs(40),
+        "the survivor acknowledging writes without a majority",
+    );
+    assert_eq!(jstate(&up, 1, "vol0")["jeopardy"], true);
+    let n1_acked = w1.finish();
+    assert!(!log_records(&up).is_empty());
+
+    // The last failure domain dies; n3 (live until the log began) comes back alone.
+    up.cli_ok(&["fault", "kill", "--node", "n1"]);
+    up.cli_ok(&["fault", "revive", "--node", "n3"]);
+    let region = 5 << 20;
+    let mut want = vec![0u8; region];
+    w1.apply(n1_acked, &mut want);
+    let t0 = Instant::now();
+    let got = loop {
+        if let Some(b) = read_region(&up.uri(3, "vol0"), region, tmp.path()) {
+            break b;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(40),
+            "n3 never served the volume:\n{}",
+            up.node_log(3)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_same(
+        &got,
+        &want,
+        "the volume served by n3 after the last failure domain died",
+    );
+    let mut w2 = Writer::start(&up.uri(3, "vol0"), 2, 4 << 20, 16, 40, tmp.path());
+    w2.wait_acked(40, Duration::from_secs(60), "writes through n3 in jeopardy");
+    let n3_acked = w2.finish();
+    w2.apply(n3_acked, &mut want);
+
+    // Everyone back.
+    up.cli_ok(&["fault", "revive", "--node", "n1"]);
+    up.cli_ok(&["fault", "revive", "--node", "n2"]);
+    let m = up.wait_meta(
+        3,
+        "vol0",
+        Duration::from_secs(60),
+        "adopted, all live",
+        |m| {
+            m["primary"] == 3
+                && m["states"]
+                    .as_object()
+                    .is_some_and(|s| s.values().all(|v| v == "live"))
+        },
+    );
+    assert!(m["failure_count_id"].as_u64().unwrap() >= 2, "{m}");
+    wait_for(
+        "jeopardy cleared, recovery server emptied",
+        Duration::from_secs(20),
+        || jstate(&up, 3, "vol0")["jeopardy"] == false && log_files(&up).is_empty(),
+    );
+    let r = up.root(3, "vol0");
+    assert_eq!(up.root(1, "vol0"), r);
+    assert_eq!(up.root(2, "vol0"), r);
+    for n in 1..=3 {
+        let got = read_region(&up.uri(n, "vol0"), region, tmp.path()).unwrap();
+        assert_same(
+            &got,
+            &want,
+            &format!("the volume read through n{n} at the end"),
+        );
+    }
+}
