@@ -623,7 +623,10 @@ impl Cluster {
                 Some(s) if !s.is_empty() => s.iter().take(256).copied().collect(),
                 _ => return Ok(()),
             };
-            let Some(v) = self.effective(volume).filter(|v| v.primary == self.id && v.recovery_flag) else {
+            let Some(v) = self
+                .effective(volume)
+                .filter(|v| v.primary == self.id && v.recovery_flag)
+            else {
                 return Ok(());
             };
             let Some(local) = self.blocks.volume(volume).filter(|l| l.meta.uid == v.uid) else {
@@ -648,7 +651,11 @@ impl Cluster {
                     return Ok(());
                 }
             }
-            tracing::info!(volume, left = r.lag(volume), "recovery server caught up with writes acknowledged without it");
+            tracing::info!(
+                volume,
+                left = r.lag(volume),
+                "recovery server caught up with writes acknowledged without it"
+            );
         }
     }
 

@@ -490,16 +490,13 @@ impl Cluster {
             // In jeopardy, the writes this copy missed are on the recovery server:
             // apply them from there first (while dead, no update races them), so the
             // Merkle diff against the overloaded last copy moves only what remains.
-            let logged = self
-                .recovery
-                .as_ref()
-                .and_then(|r| r.state(&v.name))
-                .filter(|s| {
-                    s.coord.uid == v.uid
-                        && s.coord.jeopardy
-                        && s.log_bytes > 0
-                        && s.damaged.is_empty()
-                });
+            let logged = match (&self.recovery, v.recovery_flag) {
+                (Some(r), true) => r.fresh_state(&v.name).await,
+                _ => None,
+            }
+            .filter(|s| {
+                s.coord.uid == v.uid && s.coord.jeopardy && s.log_bytes > 0 && s.damaged.is_empty()
+            });
             if v.recovery_flag && logged.is_some() {
                 self.resync.update(&v.name, |p| {
                     p.state = "restoring from the recovery server".into()
