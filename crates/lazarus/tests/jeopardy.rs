@@ -117,6 +117,18 @@ impl Writer {
         count: usize,
         dir: &std::path::Path,
     ) -> Writer {
+        Writer::start_opt(uri, tag, base, slots, count, dir, false)
+    }
+
+    fn start_opt(
+        uri: &str,
+        tag: u64,
+        base: usize,
+        slots: usize,
+        count: usize,
+        dir: &std::path::Path,
+        retry: bool,
+    ) -> Writer {
         let stop = dir.join(format!("stop-{tag}"));
         let mut child = Command::new(PY)
             .arg(format!(
@@ -131,6 +143,7 @@ impl Writer {
                 &count.to_string(),
                 "4",
                 stop.to_str().unwrap(),
+                if retry { "1" } else { "0" },
             ])
             .stdout(Stdio::piped())
             .spawn()
@@ -191,6 +204,54 @@ impl Writer {
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(self.error(), None, "writer failed");
         self.acked()
+    }
+
+    fn numbers(&self, prefix: &str) -> Vec<usize> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| l.strip_prefix(prefix).and_then(|n| n.trim().parse().ok()))
+            .collect()
+    }
+
+    /// Stops a writer that retries after errors; returns (acked, tried) write numbers.
+    fn finish_retrying(&mut self) -> (Vec<usize>, Vec<usize>) {
+        std::fs::write(&self.stop, b"").unwrap();
+        let _ = self.child.wait();
+        std::thread::sleep(Duration::from_millis(100));
+        (self.numbers("acked "), self.numbers("try "))
+    }
+
+    /// Checks every slot of this writer's region in `image`: it holds the last
+    /// acknowledged write to it, or a later write that was tried (its fate unknown to
+    /// the client), never older or foreign data.
+    fn check(&self, image: &[u8], acked: &[usize], tried: &[usize], what: &str) {
+        let fill = |i: usize| ((self.tag as usize * 31 + i) % 251 + 1) as u8;
+        for slot in 0..self.slots {
+            let off = self.base + slot * CHUNK;
+            let got = &image[off..off + CHUNK];
+            let last = acked
+                .iter()
+                .copied()
+                .filter(|i| i % self.slots == slot)
+                .max();
+            let mut allowed: Vec<u8> = tried
+                .iter()
+                .copied()
+                .filter(|i| i % self.slots == slot && last.is_none_or(|l| *i >= l))
+                .map(fill)
+                .collect();
+            if last.is_none() {
+                allowed.push(0);
+            }
+            assert!(
+                got.iter().all(|b| *b == got[0]) && allowed.contains(&got[0]),
+                "{what}: slot {slot} of writer {} holds {:#x} (last acknowledged write {last:?}, allowed {allowed:x?})",
+                self.tag,
+                got[0]
+            );
+        }
     }
 
     /// Applies the first `acked` writes to `image` (the volume from byte 0).
@@ -437,4 +498,236 @@ fn survivor_then_last_failure_domain_dies_and_revived_replica_serves() {
             &format!("the volume read through n{n} at the end"),
         );
     }
+}
+
+/// The recovery server killed (SIGKILL) in the middle of a stream of writes in
+/// jeopardy, policy `suspend`: writes wait (none acknowledged without it), go on once
+/// it is back, and every acknowledged write is in its log; then everything is
+/// identical once protection ends.
+#[test]
+fn recovery_server_killed_mid_stream_policy_suspend() {
+    let (tmp, data) = setup();
+    let up = Up::start(&data, "64MiB");
+    up.cli_ok(&["volume", "protect", "vol0"]);
+    wait_for("jeopardy after protect", Duration::from_secs(10), || {
+        jstate(&up, 1, "vol0")["jeopardy"] == true
+    });
+    let mut w = Writer::start(&up.uri(1, "vol0"), 1, 0, 32, 1_000_000, tmp.path());
+    w.wait_acked(30, Duration::from_secs(30), "writes in jeopardy");
+    up.cli_ok(&["fault", "kill", "--node", "rs"]);
+    let a0 = w.acked();
+    std::thread::sleep(Duration::from_secs(2));
+    let a1 = w.acked();
+    assert!(
+        a1 <= a0 + 1,
+        "{} writes acknowledged while the recovery server was down (policy suspend)",
+        a1 - a0
+    );
+    up.cli_ok(&["fault", "revive", "--node", "rs"]);
+    w.wait_acked(
+        a1 + 30,
+        Duration::from_secs(30),
+        "writes after the recovery server came back",
+    );
+    let n = w.finish();
+    // Every acknowledged write is in the log (its slot's last record holds its data or
+    // a later write's).
+    let recs = log_records(&up);
+    for i in n.saturating_sub(32)..n {
+        let lba = (i % 32 * CHUNK / 4096) as u64;
+        let fill = ((31 + i) % 251 + 1) as u8;
+        assert!(
+            recs.iter().any(|r| r.0 == lba && r.2 == fill),
+            "acknowledged write {i} is not in the recovery server's log"
+        );
+    }
+    up.cli_ok(&["volume", "unprotect", "vol0"]);
+    wait_for("protection ended", Duration::from_secs(10), || {
+        jstate(&up, 1, "vol0")["jeopardy"] == false && log_files(&up).is_empty()
+    });
+    let mut want = vec![0u8; 2 << 20];
+    w.apply(n, &mut want);
+    for node in 1..=3 {
+        let got = read_region(&up.uri(node, "vol0"), 2 << 20, tmp.path()).unwrap();
+        assert_same(&got, &want, &format!("read through n{node}"));
+    }
+    let r = up.root(1, "vol0");
+    assert_eq!(up.root(2, "vol0"), r);
+    assert_eq!(up.root(3, "vol0"), r);
+}
+
+/// The same under policy `accept`: writes go on with the recovery server down, shown
+/// as recovery lag; once it is back the primary re-logs what it missed (lag 0) and the
+/// log again covers every acknowledged write.
+#[test]
+fn recovery_server_killed_mid_stream_policy_accept() {
+    let (tmp, data) = setup();
+    let up = Up::start_with(&data, "64MiB", &["--jeopardy-policy", "accept"]);
+    up.cli_ok(&["volume", "protect", "vol0"]);
+    wait_for("jeopardy after protect", Duration::from_secs(10), || {
+        jstate(&up, 1, "vol0")["jeopardy"] == true
+    });
+    let mut w = Writer::start(&up.uri(1, "vol0"), 1, 0, 32, 1_000_000, tmp.path());
+    w.wait_acked(30, Duration::from_secs(30), "writes in jeopardy");
+    up.cli_ok(&["fault", "kill", "--node", "rs"]);
+    let a0 = w.acked();
+    w.wait_acked(
+        a0 + 30,
+        Duration::from_secs(30),
+        "writes with the recovery server down (policy accept)",
+    );
+    let lag = jstate(&up, 1, "vol0")["recovery_lag"].as_u64().unwrap();
+    assert!(
+        lag > 0,
+        "no recovery lag shown while writes go on without the recovery server"
+    );
+    wait_for(
+        "status shows the recovery server down",
+        Duration::from_secs(10),
+        || {
+            let st = up.cli_ok(&["status"]);
+            st.contains("recovery lag") && st.contains("DOWN")
+        },
+    );
+    up.cli_ok(&["fault", "revive", "--node", "rs"]);
+    let n_before = w.acked();
+    w.wait_acked(
+        n_before + 20,
+        Duration::from_secs(30),
+        "writes after the recovery server came back",
+    );
+    let n = w.finish();
+    wait_for("recovery lag back to 0", Duration::from_secs(20), || {
+        jstate(&up, 1, "vol0")["recovery_lag"] == 0
+    });
+    // The log (replayed in order) now ends with every slot's last acknowledged data.
+    let recs = log_records(&up);
+    for slot in 0..32u64 {
+        let last = (0..n).filter(|i| *i as u64 % 32 == slot).max().unwrap();
+        let fill = ((31 + last) % 251 + 1) as u8;
+        let in_log = recs
+            .iter()
+            .rev()
+            .find(|r| r.0 <= slot * 16 && slot * 16 < r.0 + r.1 as u64)
+            .map(|r| r.2);
+        assert_eq!(
+            in_log,
+            Some(fill),
+            "slot {slot}: the log's last record is not the last acknowledged write {last}"
+        );
+    }
+}
+
+/// `fault device fail` on both replicas takes them out of the count: the leader puts
+/// the volume in jeopardy without any write failing; healing brings it back.
+#[test]
+fn failed_devices_put_the_volume_in_jeopardy() {
+    let (_tmp, data) = setup();
+    let up = Up::start(&data, "64MiB");
+    qemu_io_ok(&up.uri(1, "vol0"), &["write -P 0x41 0 64k"]);
+    up.cli_ok(&["fault", "device", "--node", "n2", "fail"]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        jstate(&up, 1, "vol0")["jeopardy"],
+        false,
+        "one failed device of three is not jeopardy"
+    );
+    up.cli_ok(&["fault", "device", "--node", "n3", "fail"]);
+    wait_for(
+        "jeopardy after two device failures",
+        Duration::from_secs(10),
+        || jstate(&up, 1, "vol0")["jeopardy"] == true,
+    );
+    // Writes go on, through the recovery server; the failed replicas go dead.
+    qemu_io_ok(&up.uri(1, "vol0"), &["write -P 0x42 64k 64k"]);
+    assert!(log_records(&up).iter().any(|r| r.0 == 16 && r.2 == 0x42));
+    up.cli_ok(&["fault", "heal"]);
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    wait_for(
+        "jeopardy cleared after the devices healed",
+        Duration::from_secs(15),
+        || jstate(&up, 1, "vol0")["jeopardy"] == false && log_files(&up).is_empty(),
+    );
+    for n in 1..=3 {
+        qemu_io_ok(
+            &up.uri(n, "vol0"),
+            &["read -P 0x41 0 64k", "read -P 0x42 64k 64k"],
+        );
+    }
+    let r = up.root(1, "vol0");
+    assert_eq!(up.root(2, "vol0"), r);
+    assert_eq!(up.root(3, "vol0"), r);
+}
+
+/// No split brain: the primary is isolated from the other nodes (not from the
+/// recovery server) while one client writes through it and another through a node of
+/// the majority. Exactly one side goes on; afterwards every block holds its writer's
+/// last acknowledged write (or a later attempted one), nothing older.
+#[test]
+fn isolated_primary_no_split_brain() {
+    let (tmp, data) = setup();
+    let up = Up::start(&data, "64MiB");
+    let mut a = Writer::start_opt(&up.uri(1, "vol0"), 1, 0, 32, 1_000_000, tmp.path(), true);
+    let mut b = Writer::start_opt(
+        &up.uri(2, "vol0"),
+        2,
+        2 << 20,
+        32,
+        1_000_000,
+        tmp.path(),
+        true,
+    );
+    a.wait_acked(20, Duration::from_secs(30), "writer A before the isolation");
+    b.wait_acked(20, Duration::from_secs(30), "writer B before the isolation");
+    up.cli_ok(&["fault", "isolate", "--node", "n1"]);
+    let (a0, b0) = (a.acked(), b.acked());
+    std::thread::sleep(Duration::from_secs(6));
+    let (a1, b1) = (a.acked(), b.acked());
+    // Exactly one side goes on acknowledging writes.
+    let a_on = a1 > a0 + 5;
+    let b_on = b1 > b0 + 5;
+    assert!(
+        a_on != b_on,
+        "both or neither side acknowledged writes while isolated: A {a0}->{a1}, B {b0}->{b1}"
+    );
+    eprintln!(
+        "isolated for 6 s: {} side went on (A {a0}->{a1}, B {b0}->{b1})",
+        if a_on {
+            "the isolated primary's"
+        } else {
+            "the majority's"
+        }
+    );
+    up.cli_ok(&["fault", "heal"]);
+    up.wait_meta(
+        2,
+        "vol0",
+        Duration::from_secs(60),
+        "all live after heal",
+        |m| {
+            m["states"]
+                .as_object()
+                .is_some_and(|s| s.values().all(|v| v == "live"))
+        },
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let (a_acked, a_tried) = a.finish_retrying();
+    let (b_acked, b_tried) = b.finish_retrying();
+    let image = read_region(&up.uri(3, "vol0"), 4 << 20, tmp.path()).unwrap();
+    a.check(
+        &image,
+        &a_acked,
+        &a_tried,
+        "writer A (through the isolated primary)",
+    );
+    b.check(
+        &image,
+        &b_acked,
+        &b_tried,
+        "writer B (through the majority)",
+    );
+    let r = up.root(1, "vol0");
+    wait_for("copies identical", Duration::from_secs(30), || {
+        up.root(2, "vol0") == r && up.root(3, "vol0") == r
+    });
 }
