@@ -910,6 +910,26 @@ async fn openapi() -> Json<serde_json::Value> {
         json!({ "post": op("Make reads of the slice page holding {volume, lba} fail with EIO") }),
     );
     p.insert(
+        "/api/v1/faults/device".into(),
+        json!({ "post": op("{failed: bool}: fail (or heal) this node's device: every block-store I/O errors") }),
+    );
+    p.insert(
+        "/api/v1/faults/isolate".into(),
+        json!({ "post": op("{isolated: bool}: cut all traffic between this node and the other nodes (not the recovery server)") }),
+    );
+    p.insert(
+        "/api/v1/volumes/{name}/protect".into(),
+        json!({ "post": op("{protected: bool}: an administrator's jeopardy protection request") }),
+    );
+    p.insert(
+        "/api/v1/jeopardy".into(),
+        json!({ "get": op("Per volume: jeopardy, failure count ID, recovery lag, recovery log size, the recovery server's view") }),
+    );
+    p.insert(
+        "/api/v1/events".into(),
+        json!({ "get": op("The event timeline (?after=SEQ): faults, state changes, failovers, jeopardy, restores") }),
+    );
+    p.insert(
         "/api/v1/openapi.json".into(),
         json!({ "get": op("This document") }),
     );

@@ -823,8 +823,12 @@ impl Cluster {
                 Box::pin(self.replicate(volume, Update::Flush, &[], false)).await?;
             }
             crate::jeopardy::Noted::LogIt => {
-                let jv = self.enter_jeopardy(volume, v.live()).await?;
-                self.log_update(&jv, &u, raw).await?;
+                let jv = self
+                    .enter_jeopardy_patiently(volume, v.live(), &u, raw)
+                    .await?;
+                if let Some(jv) = jv {
+                    self.log_update(&jv, &u, raw).await?;
+                }
             }
         }
         Ok(())

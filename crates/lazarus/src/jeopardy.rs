@@ -538,6 +538,49 @@ impl Cluster {
             .ok_or_else(|| "volume unknown".into())
     }
 
+    /// `enter_jeopardy` on the write path, under the policy: while the recovery server
+    /// does not answer, `suspend` retries until its deadline, `accept` goes on without
+    /// it (`Ok(None)`, the write counted as lag). A refusal fails at once.
+    pub async fn enter_jeopardy_patiently(
+        &self,
+        volume: &str,
+        base: Vec<NodeId>,
+        u: &Update,
+        raw: &[u8],
+    ) -> Result<Option<VolumeInfo>, String> {
+        let r = self
+            .recovery
+            .as_ref()
+            .ok_or("no recovery server is configured")?;
+        let deadline = Instant::now() + r.suspend;
+        loop {
+            match self.enter_jeopardy(volume, base.clone()).await {
+                Ok(v) => return Ok(Some(v)),
+                Err(e) if e.contains("refused") || e.contains("fenced") => return Err(e),
+                Err(e) if r.policy == JeopardyPolicy::Accept => {
+                    let (lba, n) = match u {
+                        Update::Write { lba, .. } => (*lba, (raw.len() / BLOCK_SIZE) as u64),
+                        Update::Zero { lba, count, .. } => (*lba, *count),
+                        Update::Flush => return Ok(None),
+                    };
+                    r.lag
+                        .lock()
+                        .entry(volume.to_string())
+                        .or_default()
+                        .extend(lba..lba + n);
+                    crate::metrics::METRICS.recovery_unlogged_writes.inc_by(n);
+                    tracing::error!(volume, lba, blocks = n, error = %e, "LAST COPY WITHOUT THE RECOVERY SERVER: write acknowledged on one copy only (policy accept)");
+                    return Ok(None);
+                }
+                Err(e) if Instant::now() < deadline => {
+                    tracing::warn!(volume, error = %e, "last copy, recovery server unreachable: write suspended (policy suspend)");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Keeps this node's holds alive, and takes holds for volumes the metadata says
     /// it holds in jeopardy.
     pub fn hold_loop(self: &Arc<Self>) {
@@ -656,6 +699,54 @@ impl Cluster {
                 left = r.lag(volume),
                 "recovery server caught up with writes acknowledged without it"
             );
+        }
+    }
+
+    /// The recovery server's logged changes touching LBAs `[first, end)`, in order:
+    /// (kind, lba, count, data). `None` when it holds no usable log for the volume.
+    pub(crate) async fn logged_changes(
+        &self,
+        volume: &str,
+        uid: u64,
+        first: u64,
+        end: u64,
+    ) -> Option<Vec<(RecordKind, u64, u64, Vec<u8>)>> {
+        let r = self.recovery.as_ref()?;
+        let st = r.fresh_state(volume).await?;
+        if st.coord.uid != uid || !st.coord.jeopardy || !st.damaged.is_empty() {
+            return None;
+        }
+        let mut out = Vec::new();
+        let mut offset = 0u64;
+        loop {
+            let body = serde_json::to_vec(&ReadReq {
+                volume: volume.to_string(),
+                uid,
+                offset,
+                max_bytes: READ_CHUNK,
+                lbas: Some((first, end)),
+            })
+            .ok()?;
+            let reply = r
+                .client
+                .call(KIND_RS_READ, &body, RS_TIMEOUT * 2)
+                .await
+                .ok()?;
+            crate::metrics::METRICS
+                .recovery_restore_bytes
+                .inc_by(reply.len() as u64);
+            let (json, raw) = rpc::unpack(&reply).ok()?;
+            let rr: ReadReply = serde_json::from_slice(json).ok()?;
+            let mut at = 0usize;
+            for w in rr.records {
+                let end_at = at + w.data_len as usize;
+                out.push((w.kind, w.lba, w.count as u64, raw.get(at..end_at)?.to_vec()));
+                at = end_at;
+            }
+            if rr.done || rr.next == offset {
+                return Some(out);
+            }
+            offset = rr.next;
         }
     }
 
@@ -1066,6 +1157,7 @@ impl Cluster {
                 uid,
                 offset,
                 max_bytes: READ_CHUNK,
+                lbas: None,
             })
             .map_err(|e| e.to_string())?;
             let reply = match r.client.call(KIND_RS_READ, &body, RS_TIMEOUT * 2).await {

@@ -62,6 +62,10 @@ enum Cmd {
         /// suspend (writes wait up to 30 s, then fail) or accept (go on with one copy).
         #[arg(long, default_value = "suspend", value_parser = ["suspend", "accept"])]
         jeopardy_policy: String,
+        /// Run without a recovery server: no jeopardy protection; failover is fenced by
+        /// Raft alone.
+        #[arg(long)]
+        no_recovery_server: bool,
     },
     /// Scrub every node's disk now: slice pages, checksum pages, blocks; repairs what
     /// it finds.
@@ -517,7 +521,9 @@ fn main() {
             volume_size,
             nodes,
             jeopardy_policy,
+            no_recovery_server,
         } => runtime().block_on(up::run(up::UpArgs {
+            recovery_server: !no_recovery_server,
             data,
             port_base,
             volume_size,

@@ -100,6 +100,9 @@ pub struct ReadReq {
     pub uid: u64,
     pub offset: u64,
     pub max_bytes: usize,
+    /// Only records touching LBAs `[first, end)` (repair of one page).
+    #[serde(default)]
+    pub lbas: Option<(u64, u64)>,
 }
 
 /// A record header as sent on the wire; the data follows in the raw payload.
@@ -386,6 +389,10 @@ impl RecoveryServer {
         let mut raw = Vec::new();
         let records = recs
             .into_iter()
+            .filter(|r| {
+                req.lbas
+                    .is_none_or(|(a, b)| r.lba < b && a < r.lba + r.count as u64)
+            })
             .map(|r| {
                 raw.extend_from_slice(&r.data);
                 WireRecord {

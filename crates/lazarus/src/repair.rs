@@ -25,7 +25,7 @@ use crate::rpc::{KIND_BLOCKS, KIND_PAGE, KIND_TREE};
 use lazarus_cluster::raft_store::NodeId;
 use lazarus_cluster::ReplicaState;
 use lazarus_store::Volume;
-use lazarus_types::{BlockId, Checksum, FANOUT_U64};
+use lazarus_types::{BlockId, Checksum, BLOCK_SIZE, FANOUT_U64};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -254,6 +254,61 @@ impl Engine {
                 }
             }
         }
+        // 3. A dead replica's stale page plus the recovery server's logged writes to
+        //    the page's LBAs, accepted only if the result hashes to the recorded
+        //    checksum.
+        if let Some(expected) = expected {
+            let first = p * FANOUT_U64;
+            if let Some(changes) = c
+                .logged_changes(&name, v.uid, first, first + FANOUT_U64)
+                .await
+            {
+                for n in others.iter().copied() {
+                    if v.state_of(n) == Some(ReplicaState::Live) {
+                        continue;
+                    }
+                    let src = self.repair_source(&c, n, &name, v.epoch);
+                    let Ok(mut ids) = src.page(p).await else {
+                        continue;
+                    };
+                    let mut supplied: HashMap<BlockId, Vec<u8>> = HashMap::new();
+                    for (kind, lba, count, data) in &changes {
+                        for k in 0..*count {
+                            let l = lba + k;
+                            if l < first || l >= first + FANOUT_U64 {
+                                continue;
+                            }
+                            let slot = (l - first) as usize;
+                            ids[slot] = match kind {
+                                crate::recovery_log::RecordKind::Write => {
+                                    let b = &data
+                                        [(k as usize) * BLOCK_SIZE..(k as usize + 1) * BLOCK_SIZE];
+                                    let id = BlockId::of(b);
+                                    if !id.is_zero() {
+                                        supplied.insert(id, b.to_vec());
+                                    }
+                                    id
+                                }
+                                crate::recovery_log::RecordKind::Zero => BlockId::ZERO,
+                                crate::recovery_log::RecordKind::ZeroProvision => {
+                                    BlockId::hash_of(&[0u8; BLOCK_SIZE])
+                                }
+                            };
+                        }
+                    }
+                    if page_checksum(&ids) != expected {
+                        tracing::info!(volume = %name, page = p, replica = n, records = changes.len(), "dead replica's page plus the recovery log does not hash to the recorded checksum");
+                        continue;
+                    }
+                    if self
+                        .install_with(&c, vol, p, &ids, n, &others, supplied)
+                        .await
+                    {
+                        return self.done(&name, p, format!("recovery server + dead n{n}"));
+                    }
+                }
+            }
+        }
         tracing::error!(volume = %name, page = p, first_lba = p * FANOUT_U64, "damaged slice page is unrecoverable: no live or dead copy proves current; its LBAs answer EIO");
         self.repair
             .0
@@ -343,6 +398,23 @@ impl Engine {
         from: NodeId,
         others: &[NodeId],
     ) -> bool {
+        self.install_with(c, vol, p, ids, from, others, HashMap::new())
+            .await
+    }
+
+    /// `install`, with some blocks already at hand (from the recovery server's log).
+    #[allow(clippy::too_many_arguments)]
+    async fn install_with(
+        &self,
+        c: &Cluster,
+        vol: &Volume,
+        p: u64,
+        ids: &[BlockId],
+        from: NodeId,
+        others: &[NodeId],
+        mut supplied: HashMap<BlockId, Vec<u8>>,
+    ) -> bool {
+        supplied.retain(|id, data| BlockId::of(data) == *id);
         let unknown = vol.unknown_slots(p).unwrap_or_default();
         let mut need: Vec<BlockId> = Vec::new();
         let mut seen = HashSet::new();
@@ -352,7 +424,6 @@ impl Engine {
                 need.push(id);
             }
         }
-        let mut supplied: HashMap<BlockId, Vec<u8>> = HashMap::new();
         let order = std::iter::once(from).chain(others.iter().copied().filter(|n| *n != from));
         for n in order {
             let missing: Vec<BlockId> = need

@@ -40,6 +40,8 @@ pub struct UpArgs {
     pub nodes: usize,
     pub log_level: Option<String>,
     pub jeopardy_policy: crate::config::JeopardyPolicy,
+    /// Start a recovery server beside the nodes (clusters only).
+    pub recovery_server: bool,
 }
 
 /// Port layout of node `i` (0-based).
@@ -98,7 +100,8 @@ fn node_config(args: &UpArgs, i: usize) -> anyhow::Result<NodeConfig> {
             Vec::new()
         },
         admin_token: None,
-        recovery_server: clustered.then(|| format!("127.0.0.1:{}", recovery_port(args.port_base))),
+        recovery_server: (clustered && args.recovery_server)
+            .then(|| format!("127.0.0.1:{}", recovery_port(args.port_base))),
         jeopardy_policy: args.jeopardy_policy,
         jeopardy_suspend_secs: 30,
         failures_max: 3,
@@ -380,7 +383,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             args.data.display()
         )
     })?;
-    let with_rs = args.nodes > 1;
+    let with_rs = args.nodes > 1 && args.recovery_server;
     let mut slots: Vec<Slot> = (0..args.nodes + with_rs as usize)
         .map(|i| {
             let id = if i == args.nodes {

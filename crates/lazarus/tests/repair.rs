@@ -60,15 +60,15 @@ fn corrupt(up: &Up, node: &str, lba: u64) {
     assert!(out.contains("damaged"), "{out}");
 }
 
-/// The patent's FIG. 7 story: pages written while both replicas were live, after one
-/// died, and after both died; each damaged on the primary; reads repair the first from
-/// either dead replica, the second only from the replica that died later, and answer
-/// the third with EIO (until it is rewritten whole).
+/// The patent's FIG. 7 story, without a recovery server: pages written while both
+/// replicas were live, after one died, and after both died; each damaged on the
+/// primary; reads repair the first from either dead replica, the second only from the
+/// replica that died later, and answer the third with EIO (until it is rewritten whole).
 #[test]
 fn fig7_three_phases_then_damage() {
     require("qemu-io");
     let tmp = tempfile::tempdir().unwrap();
-    let up = Up::start(&tmp.path().join("c"), "64MiB");
+    let up = Up::start_with(&tmp.path().join("c"), "64MiB", &["--no-recovery-server"]);
     let u = up.uri(1, "vol0");
     // Phase 1: both replicas live. Page 0.
     must(&u, &["write -P 0x11 0 1M", "flush"]);
@@ -125,6 +125,52 @@ fn fig7_three_phases_then_damage() {
     must(&u, &["write -P 0x55 2M 1M", "flush", "read -P 0x55 2M 1M"]);
     // The repaired pages survive a restart of the primary's checkpointed state.
     must(&u, &["read -P 0x11 0 1M", "read -P 0x22 1M 1M"]);
+}
+
+/// FIG. 7 with the recovery server (`lazarus up`'s default): once both replicas are
+/// dead the volume is in jeopardy and phase-3 writes are logged; the phase-3 page is
+/// rebuilt from the replica that died last (its stale page) plus the log's writes to
+/// the page's LBAs, accepted because it hashes to the recorded checksum. No page is
+/// unrecoverable.
+#[test]
+fn fig7_with_the_recovery_server_nothing_unrecoverable() {
+    require("qemu-io");
+    let tmp = tempfile::tempdir().unwrap();
+    let up = Up::start(&tmp.path().join("c"), "64MiB");
+    let u = up.uri(1, "vol0");
+    must(&u, &["write -P 0x11 0 1M", "flush"]);
+    up.cli_ok(&["fault", "drop", "--from", "n1", "--to", "n3"]);
+    // Page 2: half written in phase 2 (on n2, before it died), the rest in phase 3.
+    must(
+        &u,
+        &["write -P 0x22 1M 1M", "write -P 0x66 2M 512k", "flush"],
+    );
+    up.cli_ok(&["fault", "drop", "--from", "n1", "--to", "n2"]);
+    must(
+        &u,
+        &["write -P 0x33 2560k 512k", "write -P 0x34 2M 64k", "flush"],
+    );
+    let j = up.get(1, "/api/v1/jeopardy").unwrap();
+    assert_eq!(j["volumes"]["vol0"]["jeopardy"], true, "{j}");
+    for lba in [0, 256, 512] {
+        corrupt(&up, "n1", lba);
+    }
+    must(&u, &["read -P 0x11 0 1M"]);
+    must(&up.uri(3, "vol0"), &["read -P 0x22 1M 1M"]);
+    assert_eq!(source_of(&up, 1), "dead n2");
+    must(
+        &u,
+        &[
+            "read -P 0x34 2M 64k",
+            "read -P 0x66 2112k 448k",
+            "read -P 0x33 2560k 512k",
+        ],
+    );
+    assert_eq!(source_of(&up, 2), "recovery server + dead n2");
+    let out = up.cli_ok(&["repair", "--volume", "vol0"]);
+    assert!(out.contains("no damaged page"), "{out}");
+    let v = up.get(1, "/api/v1/volumes/vol0").unwrap();
+    assert_eq!(v["unrecoverable_lbas"], 0, "{v}");
 }
 
 /// Union over dead replicas, and a copy that cannot serve its page is skipped: pages
