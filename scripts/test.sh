@@ -18,6 +18,7 @@ command -v qemu-io  >/dev/null || pkgs+=(qemu-utils)
 command -v qemu-nbd >/dev/null || pkgs+=(qemu-utils)
 command -v curl     >/dev/null || pkgs+=(curl)
 command -v ip       >/dev/null || pkgs+=(iproute2)
+command -v chromium >/dev/null || pkgs+=(chromium)
 { command -v nbdsh >/dev/null && /usr/bin/python3 -c 'import nbd' 2>/dev/null; } || pkgs+=(python3-libnbd)
 /usr/bin/python3 -c 'import prometheus_client' 2>/dev/null || pkgs+=(python3-prometheus-client)
 if [ ${#pkgs[@]} -gt 0 ]; then

@@ -152,7 +152,9 @@ pub fn volume_view(v: &Volume) -> VolumeView {
 
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route("/", get(dashboard_page))
         .route("/metrics", get(metrics))
+        .route("/api/v1/dashboard", get(dashboard_data))
         .route("/api/v1/health", get(health))
         .route("/api/v1/status", get(status))
         .route("/api/v1/cluster", get(cluster_status))
@@ -197,7 +199,7 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/volumes/{name}/flush",
             axum::routing::post(flush_data),
         )
-        .route("/api/v1/scrub", axum::routing::post(scrub))
+        .route("/api/v1/scrub", get(scrub_status).post(scrub))
         .route("/api/v1/openapi.json", get(openapi))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such endpoint".into()) })
         .layer(axum::middleware::from_fn_with_state(
@@ -205,6 +207,14 @@ pub fn router(state: AppState) -> Router {
             guard_mutations,
         ))
         .with_state(state)
+}
+
+async fn dashboard_page() -> axum::response::Html<&'static str> {
+    axum::response::Html(crate::dashboard::INDEX_HTML)
+}
+
+async fn dashboard_data(State(s): State<AppState>) -> Json<serde_json::Value> {
+    Json(crate::dashboard::overview(&s.engine, &s.node_id).await)
 }
 
 async fn health(State(s): State<AppState>) -> Json<serde_json::Value> {
@@ -794,6 +804,12 @@ pub struct ScrubReq {
     pub volume: Option<String>,
 }
 
+async fn scrub_status(State(s): State<AppState>) -> Json<serde_json::Value> {
+    let mut v = json!(s.engine.repair.scrub_progress());
+    v["node"] = json!(s.node_id);
+    Json(v)
+}
+
 async fn scrub(
     State(s): State<AppState>,
     body: Result<Json<ScrubReq>, axum::extract::rejection::JsonRejection>,
@@ -868,6 +884,11 @@ async fn openapi() -> Json<serde_json::Value> {
         json!({ "get": op("Prometheus metrics (text exposition)") }),
     );
     p.insert(
+        "/".into(),
+        json!({ "get": op("The web dashboard (HTML; polls /api/v1/dashboard)") }),
+    );
+    p.insert("/api/v1/dashboard".into(), json!({ "get": op("The cluster as this node sees it, with every node's own summary (request totals, resync, repairs, faults, recent events); a node that does not answer is up: false") }));
+    p.insert(
         "/api/v1/health".into(),
         json!({ "get": op("Liveness: {ok, node}") }),
     );
@@ -890,7 +911,8 @@ async fn openapi() -> Json<serde_json::Value> {
     p.insert("/api/v1/repairs".into(), json!({ "get": op("Repairs: counters per volume, recent events with their sources, bytes moved") }));
     p.insert(
         "/api/v1/scrub".into(),
-        json!({ "post": op("Scrub this node's pages and blocks now ({volume?})") }),
+        json!({ "get": op("The running or last scrub on this node: phase, pages checked of total, elapsed"),
+                "post": op("Scrub this node's pages and blocks now ({volume?}); answers when done") }),
     );
     p.insert(
         "/api/v1/faults".into(),

@@ -27,6 +27,10 @@ impl Api {
         }
     }
 
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     /// Finds the API of a cluster started by `lazarus up --data DIR`.
     pub fn discover(api: Option<&str>, data: &Path) -> anyhow::Result<Api> {
         if let Some(a) = api {

@@ -5,8 +5,8 @@
 use crate::config::NodeConfig;
 use crate::rpc::{
     self, RpcClient, KIND_APPEND, KIND_BLOCKS, KIND_CLIENT_WRITE, KIND_FLUSH, KIND_FORWARD,
-    KIND_LEASE, KIND_PAGE, KIND_PING, KIND_REPLICATE, KIND_RESYNC_BEGIN, KIND_SNAPSHOT, KIND_TREE,
-    KIND_VOTE,
+    KIND_LEASE, KIND_PAGE, KIND_PING, KIND_REPLICATE, KIND_RESYNC_BEGIN, KIND_SNAPSHOT,
+    KIND_STATS, KIND_TREE, KIND_VOTE,
 };
 use lazarus_cluster::raft_store::{NodeId, Raft, Store, TypeConfig};
 use lazarus_cluster::ReplicaState;
@@ -338,6 +338,10 @@ impl Cluster {
             KIND_PING if lazarus_store::disk::device_failed() => Ok(b"device-failed".to_vec()),
             KIND_PING => Ok(Vec::new()),
             KIND_LEASE => ser(&self.serve_lease(de(&body)?).await),
+            KIND_STATS => match self.engine.get().and_then(|w| w.upgrade()) {
+                Some(e) => ser(&crate::dashboard::local_stats(&e)),
+                None => Err("starting".into()),
+            },
             KIND_RESYNC_BEGIN | KIND_TREE | KIND_PAGE | KIND_BLOCKS => {
                 self.serve_resync(kind, &body).await
             }
@@ -854,6 +858,23 @@ impl Cluster {
         }
     }
 
+    /// Whether `lazarus fault isolate` cut this node off.
+    pub fn is_isolated(&self) -> bool {
+        self.network.isolated.load(Ordering::Relaxed)
+    }
+
+    /// Another node's own summary for the dashboard.
+    pub async fn peer_stats(&self, node: NodeId, timeout: Duration) -> Result<serde_json::Value, String> {
+        let addr = self.rpc_addr(node).ok_or("no address known")?;
+        let body = self
+            .network
+            .client(&addr)
+            .call(KIND_STATS, &[], timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        serde_json::from_slice(&body).map_err(|e| format!("bad summary: {e}"))
+    }
+
     pub(crate) async fn answers(&self, meta: &lazarus_cluster::ClusterMeta, node: NodeId) -> bool {
         if node == self.id {
             return true;
@@ -869,6 +890,37 @@ impl Cluster {
             .call(KIND_PING, &[], PING_TIMEOUT)
             .await
             .is_ok()
+    }
+
+    /// Every node: pings its peers once a second and puts each change of whether a peer
+    /// answers on the event timeline ("n3 stopped answering", "n3 answers again").
+    pub fn watch_peers(self: &Arc<Self>) {
+        let c = self.clone();
+        tokio::spawn(async move {
+            let mut answering: HashMap<NodeId, bool> = HashMap::new();
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if c.is_isolated() {
+                    continue;
+                }
+                let meta = c.store.meta();
+                for &n in meta.nodes.keys().filter(|&&n| n != c.id) {
+                    let ok = c.answers(&meta, n).await;
+                    match answering.insert(n, ok) {
+                        Some(was) if was != ok => crate::events::record(
+                            "node",
+                            "",
+                            if ok {
+                                format!("n{n} answers again (seen from n{})", c.id)
+                            } else {
+                                format!("n{n} stopped answering (seen from n{})", c.id)
+                            },
+                        ),
+                        _ => {}
+                    }
+                }
+            }
+        });
     }
 
     /// On the Raft leader: replaces the primary of any volume whose primary has not

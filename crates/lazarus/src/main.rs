@@ -5,6 +5,7 @@ mod admin;
 mod client;
 mod cluster;
 mod config;
+mod dashboard;
 mod engine;
 mod events;
 mod fault;
@@ -72,6 +73,18 @@ enum Cmd {
     Scrub {
         #[arg(long)]
         volume: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Watch a volume's copies catch up: resync runs by itself once a dead copy can
+    /// reach its primary; this shows its progress (pages, rate, ETA) until every copy
+    /// is live.
+    Resync {
+        #[arg(long)]
+        volume: String,
+        /// Give up after this many seconds (exit 1).
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
         #[command(flatten)]
         target: Target,
     },
@@ -382,7 +395,34 @@ fn client_command(cmd: Cmd) -> anyhow::Result<()> {
                 } else {
                     client::Api::new(&a)
                 };
-                match api.post("/api/v1/scrub", &json!({ "volume": volume })) {
+                // The scrub runs in the request; its progress is polled beside it.
+                let base = if a.is_empty() { api.base().to_string() } else { a.clone() };
+                let body = json!({ "volume": volume });
+                let worker = std::thread::spawn(move || {
+                    client::Api::with_timeout(&base, std::time::Duration::from_secs(3600))
+                        .post("/api/v1/scrub", &body)
+                });
+                let t0 = std::time::Instant::now();
+                while !worker.is_finished() {
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    if let Ok((200, p)) = api.get("/api/v1/scrub") {
+                        if p["running"] == true {
+                            let done = p["pages_done"].as_u64().unwrap_or(0);
+                            let total = p["pages_total"].as_u64().unwrap_or(0);
+                            status::progress(done.min(total.saturating_sub(1)), total, "pages", t0.elapsed());
+                        }
+                    }
+                }
+                let result = worker.join().map_err(|_| anyhow::anyhow!("scrub request panicked"))?;
+                if let Ok((200, r)) = &result {
+                    let n = r["volumes"].as_array().map_or(0, |v| {
+                        v.iter()
+                            .map(|x| x["slice_pages_checked"].as_u64().unwrap_or(0) + x["checksum_pages_checked"].as_u64().unwrap_or(0))
+                            .sum::<u64>()
+                    });
+                    status::progress(n, n, "pages", t0.elapsed());
+                }
+                match result {
                     Ok(r) => {
                         let r = client::ok(r)?;
                         println!(
@@ -407,6 +447,14 @@ fn client_command(cmd: Cmd) -> anyhow::Result<()> {
                     Err(e) => println!("{a}: not reachable ({e})"),
                 }
             }
+        }
+        Cmd::Resync {
+            volume,
+            timeout,
+            target,
+        } => {
+            let api = client::Api::discover(target.api.as_deref(), &target.data)?;
+            watch_resync(&api, &volume, std::time::Duration::from_secs(timeout))?;
         }
         Cmd::Repair { volume, target } => {
             let api = client::Api::discover(target.api.as_deref(), &target.data)?;
@@ -574,4 +622,76 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("cannot start the tokio runtime")
+}
+
+/// `lazarus resync`: polls the metadata and each catching-up copy's own progress until
+/// every copy of the volume is live.
+fn watch_resync(api: &client::Api, volume: &str, timeout: std::time::Duration) -> anyhow::Result<()> {
+    let t0 = std::time::Instant::now();
+    let mut shown = String::new();
+    loop {
+        let c = client::ok(api.get("/api/v1/cluster")?)?;
+        let v = &c["metadata"]["volumes"][volume];
+        if v.is_null() {
+            anyhow::bail!("no volume {volume:?} in the cluster metadata");
+        }
+        let states = v["states"].as_object().cloned().unwrap_or_default();
+        let behind: Vec<String> = states
+            .iter()
+            .filter(|(_, s)| s.as_str() != Some("live"))
+            .map(|(n, _)| n.clone())
+            .collect();
+        if behind.is_empty() {
+            if !shown.is_empty() {
+                status::progress(1, 1, "pages", t0.elapsed());
+            }
+            println!(
+                "{volume}: every copy live ({} of them) after {:.1} s",
+                states.len(),
+                t0.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        let (mut done, mut total, mut line) = (0u64, 0u64, Vec::new());
+        for n in &behind {
+            let admin = c["metadata"]["nodes"][n]["admin"].as_str().unwrap_or("");
+            let state = states[n].as_str().unwrap_or("?");
+            let p = client::Api::with_timeout(&format!("http://{admin}"), std::time::Duration::from_secs(2))
+                .get("/api/v1/cluster")
+                .ok()
+                .filter(|(code, _)| *code == 200)
+                .map(|(_, b)| b["resync"][volume].clone())
+                .unwrap_or(serde_json::Value::Null);
+            if p.is_null() {
+                line.push(format!("n{n} {state} (not answering or not started)"));
+                continue;
+            }
+            let copied = p["pages_copied"].as_u64().unwrap_or(0);
+            let differing = p["pages_differing"].as_u64().unwrap_or(0);
+            done += copied.min(differing);
+            total += differing;
+            line.push(format!(
+                "n{n} {state}: {} pass {}, {copied}/{differing} pages{}",
+                p["state"].as_str().unwrap_or("?"),
+                p["pass"],
+                p["error"].as_str().map(|e| format!(", error: {e}")).unwrap_or_default()
+            ));
+        }
+        let now = line.join("; ");
+        if now != shown {
+            use std::io::IsTerminal;
+            if std::io::stderr().is_terminal() {
+                eprintln!();
+            }
+            println!("{now}");
+            shown = now;
+        }
+        if total > 0 {
+            status::progress(done.min(total.saturating_sub(1)), total, "pages", t0.elapsed());
+        }
+        if t0.elapsed() > timeout {
+            anyhow::bail!("{volume}: copies still not live after {timeout:?}: {shown}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
 }

@@ -58,6 +58,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let store = Arc::new(store);
     tracing::info!(node = %cfg.id, elapsed_ms = t0.elapsed().as_millis() as u64, recovery = ?store.recovery, "store opened");
     let engine = Arc::new(Engine::new(store.clone()));
+    crate::dashboard::start_sampler(engine.clone());
 
     let nbd = TcpListener::bind(cfg.nbd_listen)
         .await
@@ -96,6 +97,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             let _ = engine.cluster.set(c.clone());
             c.reconcile();
             c.watch_primaries();
+            c.watch_peers();
             c.lease_loop();
             c.hold_loop();
             c.jeopardy_loop();

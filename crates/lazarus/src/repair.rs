@@ -52,6 +52,8 @@ pub struct RepairEvent {
 pub struct RepairCounters {
     pub from_live: u64,
     pub from_dead: u64,
+    /// Rebuilt from a dead replica's stale page plus the recovery server's log.
+    pub from_recovery: u64,
     pub unrecoverable: u64,
     pub rejected_copies: u64,
     pub blocks_restored: u64,
@@ -64,6 +66,27 @@ struct Inner {
     events: parking_lot::Mutex<VecDeque<RepairEvent>>,
     failed_at: parking_lot::Mutex<HashMap<(String, u64), Instant>>,
     bytes: ResyncState,
+    scrub: parking_lot::Mutex<ScrubProgress>,
+    /// Pages checked by the running scrub (read without the lock, page by page).
+    scrub_done: std::sync::atomic::AtomicU64,
+}
+
+/// The running (or last) scrub on this node, for `GET /api/v1/scrub`, the CLI's
+/// progress bar and the dashboard.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ScrubProgress {
+    pub running: bool,
+    /// Started by `lazarus scrub` (false: the paced background scrubber).
+    pub requested: bool,
+    /// "pages", "blocks", "repair" while running; "done" after.
+    pub phase: String,
+    pub volume: String,
+    /// Slice and checksum pages checked, of `pages_total`.
+    pub pages_done: u64,
+    pub pages_total: u64,
+    pub started_unix_ms: u64,
+    pub elapsed_ms: u64,
+    pub runs: u64,
 }
 
 #[derive(Clone, Default)]
@@ -76,6 +99,24 @@ impl RepairState {
             "events": self.0.events.lock().iter().cloned().collect::<Vec<_>>(),
             "bytes": self.0.bytes.progress(),
         })
+    }
+
+    pub fn scrub_progress(&self) -> ScrubProgress {
+        let mut p = self.0.scrub.lock().clone();
+        if p.running {
+            p.pages_done = self.0.scrub_done.load(std::sync::atomic::Ordering::Relaxed);
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            p.elapsed_ms = now.saturating_sub(p.started_unix_ms);
+        }
+        p
+    }
+
+    fn scrub_phase(&self, phase: &str, volume: &str) {
+        let mut p = self.0.scrub.lock();
+        p.phase = phase.to_string();
+        p.volume = volume.to_string();
     }
 
     fn record(&self, volume: &str, page: Option<u64>, source: &str) {
@@ -91,6 +132,7 @@ impl RepairState {
         match source.split(' ').next() {
             Some("live") => e.from_live += 1,
             Some("dead") => e.from_dead += 1,
+            Some("recovery") => e.from_recovery += 1,
             Some("block") => e.blocks_restored += 1,
             _ => e.unrecoverable += 1,
         }
@@ -579,18 +621,52 @@ impl Engine {
     ) -> serde_json::Value {
         let t0 = Instant::now();
         let mut reports = Vec::new();
-        for vol in self.store.volumes() {
-            if only.is_some_and(|n| n != vol.meta.name) {
-                continue;
-            }
+        let vols: Vec<_> = self
+            .store
+            .volumes()
+            .into_iter()
+            .filter(|v| only.is_none_or(|n| n == v.meta.name))
+            .collect();
+        {
+            let total = vols
+                .iter()
+                .map(|v| v.meta.page_count() + v.checksum_pages_per_level().iter().sum::<u64>())
+                .sum();
+            let mut p = self.repair.0.scrub.lock();
+            *p = ScrubProgress {
+                running: true,
+                requested: pace.is_none(),
+                phase: "pages".into(),
+                pages_total: total,
+                started_unix_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+                runs: p.runs + 1,
+                ..Default::default()
+            };
+            self.repair
+                .0
+                .scrub_done
+                .store(0, std::sync::atomic::Ordering::Relaxed);
+        }
+        for vol in vols {
+            self.repair.scrub_phase("pages", &vol.meta.name);
             let mut r = ScrubReport {
                 volume: vol.meta.name.clone(),
                 ..Default::default()
             };
             let v = vol.clone();
+            let state = self.repair.clone();
             let (slice, ck) = tokio::task::spawn_blocking(move || {
+                let tick = || {
+                    state
+                        .0
+                        .scrub_done
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                };
                 let mut s = (0u64, 0u64);
                 for p in 0..v.meta.page_count() {
+                    tick();
                     s.0 += 1;
                     if v.scrub_slice_page(p).unwrap_or(false) {
                         s.1 += 1;
@@ -603,6 +679,7 @@ impl Engine {
                 let mut c = (0u64, 0u64);
                 for (k, n) in v.checksum_pages_per_level().into_iter().enumerate() {
                     for j in 0..n {
+                        tick();
                         c.0 += 1;
                         if v.scrub_checksum_page(k, j).unwrap_or(false) {
                             c.1 += 1;
@@ -616,6 +693,7 @@ impl Engine {
             (r.slice_pages_checked, r.slice_pages_bad) = slice;
             (r.checksum_pages_checked, r.checksum_pages_rebuilt) = ck;
             if self.primary_epoch(&vol.meta.name).is_some() {
+                self.repair.scrub_phase("repair", &vol.meta.name);
                 for (p, o) in self.repair_volume(&vol).await {
                     let s = match o {
                         Outcome::AlreadyWhole => "whole".to_string(),
@@ -627,6 +705,7 @@ impl Engine {
             }
             reports.push(r);
         }
+        self.repair.scrub_phase("blocks", "");
         let store = self.store.clone();
         let bad = tokio::task::spawn_blocking(move || store.verify_blocks(10_000))
             .await
@@ -655,6 +734,18 @@ impl Engine {
                 blocks_restored = restored,
                 "scrub found damage"
             );
+        }
+        {
+            let mut p = self.repair.0.scrub.lock();
+            p.running = false;
+            p.phase = "done".into();
+            p.volume.clear();
+            p.pages_done = self
+                .repair
+                .0
+                .scrub_done
+                .load(std::sync::atomic::Ordering::Relaxed);
+            p.elapsed_ms = t0.elapsed().as_millis() as u64;
         }
         serde_json::json!({
             "volumes": reports,

@@ -248,6 +248,8 @@ pub const KIND_BLOCKS: u8 = 11;
 pub const KIND_FORWARD: u8 = 12;
 /// A primary asks the Raft leader for its leases.
 pub const KIND_LEASE: u8 = 13;
+/// A node's own summary for the dashboard (`dashboard::local_stats`).
+pub const KIND_STATS: u8 = 14;
 
 /// Packs a JSON header and a raw payload (block data) into one RPC body.
 pub fn pack(json: &[u8], raw: &[u8]) -> Vec<u8> {

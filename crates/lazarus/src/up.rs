@@ -478,6 +478,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             s.log.display()
         );
     }
+    println!(
+        "Dashboard: http://127.0.0.1:{}/   (any node's admin address serves it)",
+        ports(args.port_base, 0).1
+    );
     println!("Status: lazarus status --data {}", args.data.display());
     println!("Press Ctrl-C to stop.");
 

@@ -105,6 +105,9 @@ fn replication_dead_replica_and_resync() {
     assert_eq!(up.volume_meta(l, "vol0").unwrap()["states"]["3"], "dead");
 
     up.cli_ok(&["fault", "heal"]);
+    // `lazarus resync` watches the copy catch up and returns once every copy is live.
+    let out = up.cli_ok(&["resync", "--volume", "vol0", "--timeout", "30"]);
+    assert!(out.contains("vol0: every copy live (3 of them)"), "{out}");
     up.wait_all_live(1, "vol0", Duration::from_secs(20));
     let roots: Vec<String> = (1..=3).map(|n| up.root(n, "vol0")).collect();
     assert!(roots.iter().all(|r| *r == roots[0]), "{roots:?}");

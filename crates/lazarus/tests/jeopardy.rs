@@ -389,13 +389,19 @@ fn jeopardy_by_protect_and_drop_write_through_and_rejoin() {
     };
     assert_eq!(rsc["volumes"]["vol0"]["jeopardy"], false, "{rsc}");
     assert!(rsc["volumes"]["vol0"]["config"].is_null(), "{rsc}");
-    for n in [2, 3] {
-        let p = up.get(n, "/api/v1/cluster").unwrap()["resync"]["vol0"].clone();
-        assert!(
-            p["restore_records"].as_u64().unwrap_or(0) >= 2,
-            "n{n} did not restore from the recovery server: {p}"
-        );
-    }
+    // The first copy back restores from the recovery server; once it is live the
+    // volume has two failure domains again, the flag is cleared and the log deleted,
+    // so a copy that rejoins after that catches up by Merkle diff alone.
+    let restored: Vec<Value> = [2, 3]
+        .iter()
+        .map(|&n| up.get(n, "/api/v1/cluster").unwrap()["resync"]["vol0"].clone())
+        .collect();
+    assert!(
+        restored
+            .iter()
+            .any(|p| p["restore_records"].as_u64().unwrap_or(0) >= 2),
+        "no rejoining copy restored from the recovery server: {restored:?}"
+    );
     let r1 = up.root(1, "vol0");
     assert_eq!(up.root(2, "vol0"), r1);
     assert_eq!(up.root(3, "vol0"), r1);

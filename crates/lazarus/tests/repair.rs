@@ -171,6 +171,10 @@ fn fig7_with_the_recovery_server_nothing_unrecoverable() {
     assert!(out.contains("no damaged page"), "{out}");
     let v = up.get(1, "/api/v1/volumes/vol0").unwrap();
     assert_eq!(v["unrecoverable_lbas"], 0, "{v}");
+    let r = up.get(1, "/api/v1/repairs").unwrap();
+    let c = &r["counters"]["vol0"];
+    assert_eq!(c["from_recovery"], 1, "{r}");
+    assert_eq!(c["unrecoverable"], 0, "{r}");
 }
 
 /// Union over dead replicas, and a copy that cannot serve its page is skipped: pages
@@ -284,6 +288,16 @@ fn blocks_checksum_pages_and_the_scrubber() {
     assert!(out.contains("node n2: blocks bad 1 (restored 1)"), "{out}");
     let out = up.cli_ok(&["scrub"]);
     assert!(!out.contains("blocks bad 1"), "{out}");
+    // Each node's last scrub, as `lazarus scrub` polls it for its progress bar.
+    for n in 1..=3 {
+        let p = up.get(n, "/api/v1/scrub").unwrap();
+        assert_eq!(p["running"], false, "{p}");
+        assert_eq!(p["phase"], "done", "{p}");
+        assert!(p["runs"].as_u64().unwrap() >= 2, "{p}");
+        // 64 MiB: 64 slice pages and 1 stored checksum page (the root is in the header).
+        assert_eq!(p["pages_total"], p["pages_done"], "{p}");
+        assert!(p["pages_total"].as_u64().unwrap() >= 64, "{p}");
+    }
 
     // A damaged slice page on the primary that nobody reads: the background repairer
     // fixes it from a live replica within seconds.

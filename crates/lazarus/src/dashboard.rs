@@ -1,0 +1,191 @@
+//! The web dashboard: a single page served at `/` (HTML, CSS and script embedded in the
+//! binary, no outside assets) that polls `/api/v1/dashboard` once a second.
+//!
+//! `/api/v1/dashboard` is the cluster as the serving node sees it: its metadata (nodes,
+//! volumes, each copy's state, primaries, jeopardy) and every node's own summary —
+//! request totals, resync and repair progress, faults, recent events — fetched from the
+//! peers by RPC (`KIND_STATS`) with a short deadline. A peer that does not answer is
+//! shown down; the page works out rates (IOPS, bandwidth, mean latency) from the
+//! difference between two polls.
+
+use crate::engine::Engine;
+use crate::metrics::Op;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+pub const INDEX_HTML: &str = include_str!("dashboard.html");
+
+/// How long the dashboard waits for a peer's summary before showing it down.
+pub const PEER_STATS_TIMEOUT: Duration = Duration::from_millis(700);
+/// Events per node carried in a summary.
+const EVENTS_PER_NODE: usize = 60;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Seconds of per-second I/O history each node keeps for the charts.
+const HISTORY_SECS: usize = 120;
+
+/// Per second (unix second, reads, writes, read ns, write ns): what this node served in
+/// that second, so a page opened now shows the last two minutes at once.
+static HISTORY: std::sync::LazyLock<parking_lot::Mutex<std::collections::VecDeque<[u64; 5]>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// This node's totals over all volumes: reads, writes (zeroes and trims count as
+/// writes), and their summed nanoseconds.
+fn io_totals(engine: &Engine) -> [u64; 4] {
+    let mut t = [0u64; 4];
+    for v in engine.store.volumes() {
+        for op in Op::ALL {
+            let (count, _, _, ns) = crate::metrics::totals(&v.meta.name, op);
+            match op {
+                Op::Read => {
+                    t[0] += count;
+                    t[2] += ns;
+                }
+                Op::Flush => {}
+                _ => {
+                    t[1] += count;
+                    t[3] += ns;
+                }
+            }
+        }
+    }
+    t
+}
+
+/// Samples this node's I/O totals once a second into `HISTORY`.
+pub fn start_sampler(engine: std::sync::Arc<Engine>) {
+    tokio::spawn(async move {
+        let mut last = io_totals(&engine);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let now = io_totals(&engine);
+            let d: Vec<u64> = (0..4).map(|i| now[i].saturating_sub(last[i])).collect();
+            last = now;
+            let mut h = HISTORY.lock();
+            h.push_back([now_ms() / 1000, d[0], d[1], d[2], d[3]]);
+            while h.len() > HISTORY_SECS {
+                h.pop_front();
+            }
+        }
+    });
+}
+
+/// This node's own summary (what `KIND_STATS` answers).
+pub fn local_stats(engine: &Engine) -> Value {
+    let mut volumes = serde_json::Map::new();
+    for v in engine.store.volumes() {
+        let name = v.meta.name.clone();
+        let mut ops = serde_json::Map::new();
+        for op in Op::ALL {
+            let (count, errors, bytes, ns) = crate::metrics::totals(&name, op);
+            ops.insert(
+                op.label().to_string(),
+                json!({"count": count, "errors": errors, "bytes": bytes, "ns": ns}),
+            );
+        }
+        let (mapped_blocks, mapped_pages) = v.usage();
+        volumes.insert(
+            name,
+            json!({
+                "size_bytes": v.meta.size_bytes,
+                "mapped_blocks": mapped_blocks,
+                "mapped_pages": mapped_pages,
+                "damaged_pages": v.damaged_pages().len(),
+                "unrecoverable_lbas": v.damaged_ranges().iter().map(|r| r.1).sum::<u64>(),
+                "root": v.root().to_hex(),
+                "ops": ops,
+            }),
+        );
+    }
+    let mut events = crate::events::since(0);
+    let skip = events.len().saturating_sub(EVENTS_PER_NODE);
+    events.drain(..skip);
+    let repairs = engine.repair.report();
+    let mut out = json!({
+        "at_ms": now_ms(),
+        "volumes": volumes,
+        "events": events,
+        "repairs": repairs["counters"],
+        "repair_bytes": repairs["bytes"],
+        "scrub": engine.repair.scrub_progress(),
+        "io_totals": io_totals(engine),
+        "history": HISTORY.lock().iter().collect::<Vec<_>>(),
+        "device_failed": lazarus_store::disk::device_failed(),
+    });
+    if let Some(c) = engine.cluster.get() {
+        let m = c.raft.metrics().borrow().clone();
+        out["id"] = json!(c.id);
+        out["raft_state"] = json!(format!("{:?}", m.state));
+        out["leader"] = json!(m.current_leader);
+        out["term"] = json!(m.current_term);
+        out["leases"] = json!(c.held_leases());
+        out["resync"] = json!(c.resync.progress());
+        out["isolated"] = json!(c.is_isolated());
+        out["drops"] = json!(c.drops.lock().iter().map(|n| format!("n{n}")).collect::<Vec<_>>());
+    }
+    out
+}
+
+/// The whole picture for the page.
+pub async fn overview(engine: &Engine, node_name: &str) -> Value {
+    let me = local_stats(engine);
+    let Some(c) = engine.cluster.get().cloned() else {
+        return json!({
+            "node": node_name,
+            "at_ms": now_ms(),
+            "cluster": Value::Null,
+            "nodes": [{"id": 0, "name": node_name, "up": true, "stats": me}],
+        });
+    };
+    let meta = c.store.meta();
+    let peers = meta.nodes.iter().map(|(&id, info)| {
+        let c = c.clone();
+        let me = &me;
+        async move {
+            let stats = if id == c.id {
+                Ok(me.clone())
+            } else {
+                c.peer_stats(id, PEER_STATS_TIMEOUT).await
+            };
+            let (up, stats, error) = match stats {
+                Ok(s) => (true, s, Value::Null),
+                Err(e) => (false, Value::Null, json!(e)),
+            };
+            json!({
+                "id": id,
+                "name": info.name,
+                "nbd": info.nbd,
+                "admin": info.admin,
+                "up": up,
+                "error": error,
+                "stats": stats,
+            })
+        }
+    });
+    let nodes = futures::future::join_all(peers).await;
+    let volumes: serde_json::Map<String, Value> = meta
+        .volumes
+        .values()
+        .map(|v0| {
+            let v = c.effective(&v0.name).unwrap_or_else(|| v0.clone());
+            (v.name.clone(), serde_json::to_value(&v).unwrap_or_default())
+        })
+        .collect();
+    let m = c.raft.metrics().borrow().clone();
+    json!({
+        "node": node_name,
+        "node_id": c.id,
+        "at_ms": now_ms(),
+        "leader": m.current_leader,
+        "term": m.current_term,
+        "volumes": volumes,
+        "jeopardy": c.jeopardy_status(),
+        "nodes": nodes,
+    })
+}
