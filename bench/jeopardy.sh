@@ -23,18 +23,18 @@ command -v fio >/dev/null || { echo "fio is required" >&2; exit 2; }
 cargo build --release --quiet
 BIN="$PWD/target/release/lazarus"
 WORK="$(mktemp -d /var/tmp/lazarus-jeopardy.XXXXXX)"
-"$BIN" up --data "$WORK/c" --port-base 33100 --volume-size 1GiB > "$WORK/up.log" 2>&1 &
+"$BIN" up --data "$WORK/c" --port-base 23100 --volume-size 1GiB > "$WORK/up.log" 2>&1 &
 UP=$!
 trap 'kill -INT $UP 2>/dev/null; wait $UP 2>/dev/null || true; rm -rf "$WORK"' EXIT
 for i in $(seq 600); do grep -q "Press Ctrl-C" "$WORK/up.log" && break; sleep 0.2; done
-U=nbd://127.0.0.1:33100/vol0
+U=nbd://127.0.0.1:23100/vol0
 L() { "$BIN" "$@" --data "$WORK/c"; }
-api() { curl -s "http://127.0.0.1:$((33110 + $1 - 1))$2"; }
+api() { curl -s "http://127.0.0.1:$((23110 + $1 - 1))$2"; }
 jeopardy() { api 1 /api/v1/jeopardy | python3 -c "import json,sys; print(json.load(sys.stdin)['volumes']['vol0']['jeopardy'])"; }
 fio_iops() { # name runtime
   fio --name="$1" --ioengine=nbd --uri="$U" --rw=randwrite --bs=4k --iodepth=32 \
       --size=1g --time_based --runtime="$2" --output-format=json 2>/dev/null |
-    python3 -c "import json,sys; j=json.load(sys.stdin)['jobs'][0]['write']; print(f\"{j['iops']:.0f} IOPS, p99 {j['clat_ns']['percentile']['99.000000']/1000:.0f} us\")"
+    python3 -c "import json,sys; t=sys.stdin.read(); j=json.loads(t[t.index('{'):])['jobs'][0]['write']; print(f\"{j['iops']:.0f} IOPS, p99 {j['clat_ns']['percentile']['99.000000']/1000:.0f} us\")"
 }
 echo "== RF3 randwrite-4k QD32, ${RUNTIME}s each, same cluster"
 echo "normal mode:   $(fio_iops normal "$RUNTIME")"
@@ -50,15 +50,22 @@ L fault kill --node n3 >/dev/null
 echo "in jeopardy: $(fio_iops alone "$JSECS")"
 LOG=$(api 1 /api/v1/jeopardy | python3 -c "import json,sys; print(json.load(sys.stdin)['volumes']['vol0']['recovery_log_bytes'])")
 echo "recovery log: $LOG bytes"
+FCID=$(api 1 /api/v1/jeopardy | python3 -c "import json,sys; print(json.load(sys.stdin)['volumes']['vol0']['failure_count_id'])")
 t0=$(date +%s.%N)
 L fault revive --node n2 >/dev/null
 L fault revive --node n3 >/dev/null
-for i in $(seq 1200); do
-  s=$(api 1 /api/v1/cluster | python3 -c "
+# Done when every node (not just n1, whose metadata stood still without a majority)
+# sees every copy live and the flag cleared, and the recovery server's log is gone.
+for i in $(seq 3000); do
+  ok=1
+  for n in 1 2 3; do
+    s=$(api $n /api/v1/cluster | python3 -c "
 import json,sys
 c=json.load(sys.stdin); v=c['metadata']['volumes']['vol0']
-print('ok' if all(x=='live' for x in v['states'].values()) and not v['recovery_flag'] else 'wait')" 2>/dev/null || echo wait)
-  [ "$s" = ok ] && break
+print('ok' if all(x=='live' for x in v['states'].values()) and not v['recovery_flag'] and v['failure_count_id'] >= $FCID else 'wait')" 2>/dev/null || echo wait)
+    [ "$s" = ok ] || ok=0
+  done
+  [ $ok = 1 ] && [ -z "$(ls "$WORK/c/rs/logs" 2>/dev/null)" ] && break
   sleep 0.1
 done
 t1=$(date +%s.%N)

@@ -125,6 +125,12 @@ pub enum MetaCommand {
     DeleteVolume {
         name: String,
     },
+    /// Grows a volume (never shrinks it: that would discard data). Each node grows its
+    /// copy when it applies this.
+    ResizeVolume {
+        name: String,
+        size_bytes: u64,
+    },
     /// Changes one replica's state. `epoch` must be the volume's current epoch, so a
     /// decision taken on an old view of the volume is refused.
     SetReplicaState {
@@ -268,6 +274,21 @@ impl ClusterMeta {
                     .ok_or_else(|| format!("volume {name:?} does not exist"))?;
                 self.deleted.insert(v.uid);
                 Ok(MetaResponse::Ok)
+            }
+            MetaCommand::ResizeVolume { name, size_bytes } => {
+                lazarus_types::check_volume_size(*size_bytes)?;
+                let v = self
+                    .volumes
+                    .get_mut(name)
+                    .ok_or_else(|| format!("volume {name:?} does not exist"))?;
+                if *size_bytes < v.size_bytes {
+                    return Err(format!(
+                        "volume {name:?} is {} bytes: shrinking it to {size_bytes} would discard data; only growing is supported",
+                        v.size_bytes
+                    ));
+                }
+                v.size_bytes = *size_bytes;
+                Ok(MetaResponse::Volume(v.clone()))
             }
             MetaCommand::SetReplicaState {
                 volume,
@@ -447,6 +468,26 @@ mod tests {
         assert!(bad(&mut m, vec![], 1 << 30, "v"), "no replicas");
         assert!(bad(&mut m, vec![1], 4095, "v"), "bad size");
         assert!(!bad(&mut m, vec![2], 1 << 20, "single"), "RF 1 is allowed");
+    }
+
+    #[test]
+    fn resize_grows_only() {
+        let mut m = meta3();
+        let v = create(&mut m);
+        let resize = |m: &mut ClusterMeta, size_bytes: u64| {
+            m.apply(&MetaCommand::ResizeVolume {
+                name: v.name.clone(),
+                size_bytes,
+            })
+        };
+        assert!(matches!(resize(&mut m, v.size_bytes * 2), MetaResponse::Volume(ref x) if x.size_bytes == v.size_bytes * 2));
+        assert!(matches!(resize(&mut m, v.size_bytes), MetaResponse::Rejected(_)), "shrink");
+        assert!(matches!(resize(&mut m, v.size_bytes * 2 + 1), MetaResponse::Rejected(_)), "unaligned");
+        assert!(matches!(
+            m.apply(&MetaCommand::ResizeVolume { name: "nope".into(), size_bytes: 1 << 30 }),
+            MetaResponse::Rejected(_)
+        ));
+        assert_eq!(m.volumes[&v.name].size_bytes, v.size_bytes * 2);
     }
 
     #[test]

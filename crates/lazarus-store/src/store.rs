@@ -518,7 +518,7 @@ impl Store {
             return Ok(());
         }
         assert!(
-            lba.0 + n <= vol.meta.block_count(),
+            lba.0 + n <= vol.block_count(),
             "write past the end reached the store"
         );
         let ids: Vec<BlockId> = data.chunks_exact(BLOCK_SIZE).map(BlockId::of).collect();
@@ -553,7 +553,7 @@ impl Store {
             return Ok(None);
         }
         assert!(
-            lba.0 + n <= vol.meta.block_count(),
+            lba.0 + n <= vol.block_count(),
             "mapping past the end reached the store"
         );
         // The content of every block, so that a block freed meanwhile is stored
@@ -707,7 +707,7 @@ impl Store {
         provision: bool,
     ) -> Result<(), WriteError> {
         assert!(
-            lba.0 + count <= vol.meta.block_count(),
+            lba.0 + count <= vol.block_count(),
             "zeroing past the end reached the store"
         );
         let zero = vec![0u8; BLOCK_SIZE];
@@ -822,6 +822,40 @@ impl Store {
 
     fn checkpoint_inner(&self) -> Result<(), StoreError> {
         let _cp = self.cp_lock.write();
+        self.checkpoint_held()
+    }
+
+    /// Grows a volume to `size_bytes` (shrinking is refused: it would discard data).
+    /// Writers are held off meanwhile; everything is checkpointed first, so the grow
+    /// rewrites files that hold the whole state (see `Volume::grow`).
+    pub fn resize_volume(&self, name: &str, size_bytes: u64) -> Result<Arc<Volume>, StoreError> {
+        lazarus_types::check_volume_size(size_bytes).map_err(StoreError::Invalid)?;
+        let v = self
+            .volume(name)
+            .ok_or_else(|| StoreError::NoSuchVolume(name.to_string()))?;
+        if size_bytes < v.size_bytes() {
+            return Err(StoreError::Invalid(format!(
+                "volume {name:?} is {} bytes: shrinking it to {size_bytes} would discard data; only growing is supported",
+                v.size_bytes()
+            )));
+        }
+        if size_bytes == v.size_bytes() {
+            return Ok(v);
+        }
+        self.checkpointing.store(true, Ordering::Release);
+        let r = (|| {
+            let _cp = self.cp_lock.write();
+            self.checkpoint_held()?;
+            v.grow(size_bytes)
+        })();
+        self.checkpointing.store(false, Ordering::Release);
+        r?;
+        self.update_volume_stats();
+        Ok(v)
+    }
+
+    /// A checkpoint; the caller holds `cp_lock` for writing.
+    fn checkpoint_held(&self) -> Result<(), StoreError> {
         let _s = self.sync_lock.lock();
         self.check_failed()?;
         let target = self.journal.lock().next_lsn();
@@ -986,7 +1020,7 @@ fn replay_records(
                     }
                 }
                 if let Some(v) = vol(m.uid) {
-                    if m.lba.0 + m.entries.len() as u64 <= v.meta.block_count() {
+                    if m.lba.0 + m.entries.len() as u64 <= v.block_count() {
                         v.set_ids(m.lba, &mut m.entries.iter().map(|e| e.0));
                     }
                 }
@@ -1002,7 +1036,7 @@ fn replay_records(
                     blocks.assign(slot, id);
                 }
                 if let Some(v) = vol(uid) {
-                    if lba.0 + count <= v.meta.block_count() {
+                    if lba.0 + count <= v.block_count() {
                         v.set_ids(lba, &mut std::iter::repeat_n(id, count as usize));
                     }
                 }

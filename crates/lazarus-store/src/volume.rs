@@ -95,6 +95,98 @@ pub fn decode_slice_header(b: &[u8]) -> Result<VolumeMeta, String> {
     })
 }
 
+/// A committed grow not yet applied: `grow.pending` in the volume's directory.
+const GROW_PENDING: &str = "grow.pending";
+/// Its temporary name while being written (`disk::write_file_atomic`).
+const GROW_TMP: &str = "grow.tmp";
+const GROW_MAGIC: &[u8; 8] = b"LZGROW01";
+
+/// How far `grow_until` goes (tests stop it where a crash could).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GrowStep {
+    BeforeCommit,
+    Committed,
+    Done,
+}
+
+/// The new slice header and the complete new checksum file of a grow.
+struct GrowIntent {
+    meta: VolumeMeta,
+    cksum: Vec<u8>,
+}
+
+impl GrowIntent {
+    /// magic, slice header (4096 bytes), u64 checksum-file length, the file, CRC32C of
+    /// everything before it.
+    fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(8 + BLOCK_SIZE + 8 + self.cksum.len() + 4);
+        b.extend_from_slice(GROW_MAGIC);
+        b.extend_from_slice(&encode_slice_header(&self.meta));
+        b.extend_from_slice(&(self.cksum.len() as u64).to_le_bytes());
+        b.extend_from_slice(&self.cksum);
+        let crc = crc32c::crc32c(&b);
+        b.extend_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Result<GrowIntent, String> {
+        let min = 8 + BLOCK_SIZE + 8 + 4;
+        if b.len() < min || &b[..8] != GROW_MAGIC {
+            return Err("not a grow intent".into());
+        }
+        let (body, crc) = b.split_at(b.len() - 4);
+        if crc32c::crc32c(body) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
+            return Err("grow intent checksum mismatch".into());
+        }
+        let meta = decode_slice_header(&body[8..8 + BLOCK_SIZE])?;
+        let len = u64::from_le_bytes(body[8 + BLOCK_SIZE..16 + BLOCK_SIZE].try_into().expect("8 bytes"));
+        let cksum = body[16 + BLOCK_SIZE..].to_vec();
+        if cksum.len() as u64 != len || len != cksum_file_len(&level_lens(meta.page_count())) {
+            return Err("grow intent has a checksum file of the wrong length".into());
+        }
+        Ok(GrowIntent { meta, cksum })
+    }
+}
+
+/// Applies a committed grow: the new checksum file over the old in place, then the
+/// slice header with the new size, then the intent is removed. Idempotent: a crash
+/// anywhere in here leaves the intent, and `open` applies it again.
+fn apply_grow(dir: &Path, slice: &DiskFile, cksum: &DiskFile, g: &GrowIntent) -> Result<(), StoreError> {
+    let cp = cksum.path().to_path_buf();
+    cksum
+        .allocate(0, g.cksum.len() as u64)
+        .map_err(|e| StoreError::io(&cp, e))?;
+    cksum.write_at(&g.cksum, 0).map_err(|e| StoreError::io(&cp, e))?;
+    cksum.sync_data().map_err(|e| StoreError::io(&cp, e))?;
+    let sp = slice.path().to_path_buf();
+    slice
+        .write_at(&encode_slice_header(&g.meta), 0)
+        .map_err(|e| StoreError::io(&sp, e))?;
+    slice.sync_data().map_err(|e| StoreError::io(&sp, e))?;
+    let pending = dir.join(GROW_PENDING);
+    std::fs::remove_file(&pending).map_err(|e| StoreError::io(&pending, e))?;
+    disk::sync_dir(dir).map_err(|e| StoreError::io(dir, e))
+}
+
+/// At open, before the slice header is read: finishes a committed grow, forgets one
+/// that never committed.
+fn finish_grow(dir: &Path, slice: &DiskFile, cksum: &DiskFile) -> Result<(), StoreError> {
+    let _ = std::fs::remove_file(dir.join(GROW_TMP));
+    let pending = dir.join(GROW_PENDING);
+    let b = match std::fs::read(&pending) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(StoreError::io(&pending, e)),
+    };
+    let g = GrowIntent::decode(&b).map_err(|detail| StoreError::Corrupted {
+        what: "grow intent",
+        path: pending.clone(),
+        detail,
+    })?;
+    tracing::warn!(volume = %g.meta.name, new_size = g.meta.size_bytes, "finishing a grow interrupted by a crash");
+    apply_grow(dir, slice, cksum, &g)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CksumHeader {
     pub uid: u64,
@@ -263,9 +355,18 @@ impl VolState {
     }
 }
 
+/// What never changes about a volume (its size can grow: `Volume::size_bytes`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeIdent {
+    pub name: String,
+    pub uid: u64,
+}
+
 #[derive(Debug)]
 pub struct Volume {
-    pub meta: VolumeMeta,
+    pub meta: VolumeIdent,
+    /// Current size; changes only by `grow`, under the store's checkpoint lock.
+    size: std::sync::atomic::AtomicU64,
     pub dir: PathBuf,
     pub(crate) slice: DiskFile,
     pub(crate) cksum: DiskFile,
@@ -281,6 +382,18 @@ fn clear_bit(bits: &mut SlotBits, i: usize) {
 }
 
 impl Volume {
+    pub fn size_bytes(&self) -> u64 {
+        self.size.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn page_count(&self) -> u64 {
+        page_count_for(self.size_bytes())
+    }
+
+    pub fn block_count(&self) -> u64 {
+        self.size_bytes() / BLOCK_SIZE_U64
+    }
+
     /// Creates the files of a new, empty volume under `dir` (which must not exist).
     pub fn create(dir: &Path, meta: VolumeMeta) -> Result<Volume, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
@@ -312,7 +425,11 @@ impl Volume {
         cksum.sync_data().map_err(|e| StoreError::io(&cp, e))?;
         disk::sync_dir(dir).map_err(|e| StoreError::io(dir, e))?;
         Ok(Volume {
-            meta,
+            size: meta.size_bytes.into(),
+            meta: VolumeIdent {
+                name: meta.name,
+                uid: meta.uid,
+            },
             dir: dir.to_path_buf(),
             slice,
             cksum,
@@ -326,6 +443,7 @@ impl Volume {
         let cp = dir.join("checksum.dat");
         let slice = DiskFile::open(&sp, false).map_err(|e| StoreError::io(&sp, e))?;
         let cksum = DiskFile::open(&cp, false).map_err(|e| StoreError::io(&cp, e))?;
+        finish_grow(dir, &slice, &cksum)?;
         let mut hb = vec![0u8; BLOCK_SIZE];
         slice
             .read_at(&mut hb, 0)
@@ -337,7 +455,11 @@ impl Volume {
         })?;
         let lens = level_lens(meta.page_count());
         Ok(Volume {
-            meta,
+            size: meta.size_bytes.into(),
+            meta: VolumeIdent {
+                name: meta.name,
+                uid: meta.uid,
+            },
             dir: dir.to_path_buf(),
             slice,
             cksum,
@@ -351,7 +473,7 @@ impl Volume {
     pub fn load(&self) -> Result<Vec<u64>, StoreError> {
         let cp = self.cksum.path().to_path_buf();
         let sp = self.slice.path().to_path_buf();
-        let page_count = self.meta.page_count();
+        let page_count = self.page_count();
         let lens = level_lens(page_count);
         let top = lens.len() - 1;
         // Header slot with the highest valid sequence.
@@ -729,6 +851,106 @@ impl Volume {
             .map_err(|e| StoreError::io(self.cksum.path(), e))
     }
 
+    /// Grows the volume to `new_size` bytes; the new LBAs read as zeroes. The caller
+    /// (`Store::resize_volume`) holds the store's checkpoint lock with everything
+    /// checkpointed, so the files on disk hold the volume's whole state.
+    ///
+    /// The checksum file's layout depends on the size (each level's pages follow the
+    /// level below), so it is rewritten whole, together with the slice header's size,
+    /// through an intent file: `grow.pending` (the new size and the complete new
+    /// checksum file, CRC-protected) is made durable by rename first — the commit
+    /// point — then applied in place; `open` applies a pending one again after a
+    /// crash. Every recorded checksum is kept (damage stays detectable): the new
+    /// level-1 entries are ZERO, which leaves the checksum of every existing checksum
+    /// page unchanged, and only the levels above the old root are new.
+    pub(crate) fn grow(&self, new_size: u64) -> Result<(), StoreError> {
+        self.grow_until(new_size, GrowStep::Done)
+    }
+
+    fn grow_until(&self, new_size: u64, stop: GrowStep) -> Result<(), StoreError> {
+        let old_size = self.size_bytes();
+        if new_size < old_size {
+            return Err(StoreError::Invalid(format!(
+                "volume {:?} is {old_size} bytes: shrinking it would discard data",
+                self.meta.name
+            )));
+        }
+        lazarus_types::check_volume_size(new_size).map_err(StoreError::Invalid)?;
+        if new_size == old_size {
+            return Ok(());
+        }
+        let mut st = self.state.lock();
+        Volume::refresh_tree(&mut st);
+        if !st.dirty.is_empty() || !st.dirty_ck.is_empty() {
+            return Err(StoreError::Invalid(
+                "volume has changes not yet checkpointed; grow must follow a checkpoint".into(),
+            ));
+        }
+        let lens = level_lens(page_count_for(new_size));
+        let mut levels: Vec<Vec<Checksum>> =
+            lens.iter().map(|n| vec![Checksum::ZERO; *n as usize]).collect();
+        for (k, l) in st.levels.iter().enumerate() {
+            levels[k][..l.len()].copy_from_slice(l);
+        }
+        for k in st.levels.len() - 1..lens.len() - 1 {
+            for j in 0..lens[k + 1] {
+                let lo = (j * FANOUT_U64) as usize;
+                let hi = (lo + FANOUT).min(levels[k].len());
+                levels[k + 1][j as usize] = Checksum::of_page(&encode_cksums(&levels[k][lo..hi]));
+            }
+        }
+        let header = CksumHeader {
+            uid: self.meta.uid,
+            seq: st.header_seq + 1,
+            root: levels[lens.len() - 1][0],
+        };
+        let mut content = vec![0u8; cksum_file_len(&lens) as usize];
+        let hb = encode_cksum_header(&header);
+        content[..BLOCK_SIZE].copy_from_slice(&hb);
+        content[BLOCK_SIZE..2 * BLOCK_SIZE].copy_from_slice(&hb);
+        for k in 0..lens.len() - 1 {
+            for j in 0..lens[k].div_ceil(FANOUT_U64) {
+                let lo = (j * FANOUT_U64) as usize;
+                let hi = (lo + FANOUT).min(levels[k].len());
+                let off = cksum_page_offset(&lens, k, j) as usize;
+                content[off..off + BLOCK_SIZE].copy_from_slice(&encode_cksums(&levels[k][lo..hi]));
+            }
+        }
+        let intent = GrowIntent {
+            meta: VolumeMeta {
+                name: self.meta.name.clone(),
+                uid: self.meta.uid,
+                size_bytes: new_size,
+            },
+            cksum: content,
+        };
+        // Space for the larger checksum file before the commit: a full disk fails the
+        // grow here, with nothing changed.
+        self.cksum
+            .allocate(0, intent.cksum.len() as u64)
+            .map_err(|e| StoreError::io(self.cksum.path(), e))?;
+        let pending = self.dir.join(GROW_PENDING);
+        if stop == GrowStep::BeforeCommit {
+            // What a crash while writing the intent leaves: its temporary file.
+            std::fs::write(self.dir.join(GROW_TMP), intent.encode())
+                .map_err(|e| StoreError::io(&pending, e))?;
+            return Ok(());
+        }
+        disk::write_file_atomic(&pending, &intent.encode())
+            .map_err(|e| StoreError::io(&pending, e))?;
+        if stop == GrowStep::Committed {
+            return Ok(());
+        }
+        apply_grow(&self.dir, &self.slice, &self.cksum, &intent)?;
+        st.levels = levels;
+        st.header_seq = header.seq;
+        self.size
+            .store(new_size, std::sync::atomic::Ordering::Release);
+        drop(st);
+        tracing::info!(volume = %self.meta.name, old_size, new_size, "volume grown");
+        Ok(())
+    }
+
     /// Every mapped id, for reference counting at recovery and for deletion.
     pub fn all_ids(&self) -> Vec<BlockId> {
         let st = self.state.lock();
@@ -740,7 +962,7 @@ impl Volume {
 
     /// Lengths of the checksum tree's levels (level 1 first; the last is the root).
     pub fn level_lens(&self) -> Vec<u64> {
-        level_lens(self.meta.page_count())
+        level_lens(self.page_count())
     }
 
     /// The recorded checksums of checksum page `j` of level `k` (0 = level 1): the
@@ -761,7 +983,7 @@ impl Volume {
     /// The 256 ids of slice page `p`; `None` if the page is damaged (some mappings
     /// unknown) or past the end.
     pub fn page_ids(&self, p: u64) -> Option<Vec<BlockId>> {
-        if p >= self.meta.page_count() {
+        if p >= self.page_count() {
             return None;
         }
         let st = self.state.lock();
@@ -817,7 +1039,7 @@ impl Volume {
     /// unknown. The caller has checkpointed first, so the disk held the current page.
     /// Returns whether the page is damaged now.
     pub fn reload_page(&self, p: u64) -> Result<bool, StoreError> {
-        if p >= self.meta.page_count() {
+        if p >= self.page_count() {
             return Err(StoreError::Invalid(format!("page {p} is past the end")));
         }
         let mut b = vec![0u8; BLOCK_SIZE];
@@ -883,7 +1105,7 @@ impl Volume {
     /// level above; a damaged one is rebuilt from the level below (held in memory) at
     /// the next checkpoint. Returns whether it was damaged.
     pub fn scrub_checksum_page(&self, k: usize, j: u64) -> Result<bool, StoreError> {
-        let lens = level_lens(self.meta.page_count());
+        let lens = level_lens(self.page_count());
         if k + 1 >= lens.len() || j >= lens[k].div_ceil(FANOUT_U64) {
             return Ok(false);
         }
@@ -917,7 +1139,7 @@ impl Volume {
 
     /// Number of checksum-file pages per level below the root (level 1 first).
     pub fn checksum_pages_per_level(&self) -> Vec<u64> {
-        let lens = level_lens(self.meta.page_count());
+        let lens = level_lens(self.page_count());
         lens[..lens.len() - 1]
             .iter()
             .map(|n| n.div_ceil(FANOUT_U64))
@@ -996,7 +1218,7 @@ impl Volume {
 
     /// Where the level-1 checksum page covering `lba` lives.
     pub fn locate_checksum_page(&self, lba: Lba) -> (PathBuf, u64) {
-        let lens = level_lens(self.meta.page_count());
+        let lens = level_lens(self.page_count());
         (
             self.cksum.path().to_path_buf(),
             cksum_page_offset(&lens, 0, lba.page().0 / FANOUT_U64),
@@ -1053,6 +1275,77 @@ mod tests {
 
     fn id(n: u8) -> BlockId {
         BlockId([n; 16])
+    }
+
+    /// Grow keeps every mapping and every recorded checksum (a page damaged before the
+    /// grow is still found damaged after it), adds levels when the tree gets taller,
+    /// and a crash at each step leaves the old volume or the new one, never a mix.
+    #[test]
+    fn grow_keeps_data_and_damage_and_survives_a_crash_at_each_step() {
+        // 4 MiB (4 pages, levels [4, 1]) to 300 MiB (300 pages, levels [300, 2, 1]).
+        let small = 4u64 << 20;
+        let big = 300u64 << 20;
+        for stop in [GrowStep::BeforeCommit, GrowStep::Committed, GrowStep::Done] {
+            let dir = tempfile::tempdir().unwrap();
+            let m = VolumeMeta {
+                name: "g".into(),
+                uid: 11,
+                size_bytes: small,
+            };
+            let v = Volume::create(dir.path(), m).unwrap();
+            v.set_ids(Lba(3), &mut [id(1), id(2)].into_iter());
+            v.set_ids(Lba(256), &mut [id(3)].into_iter());
+            apply(&v, v.take_images().unwrap());
+            v.sync().unwrap();
+            // Slice page 1 damaged on disk (found at the next load).
+            let (sp, off) = v.locate_page(Lba(256));
+            DiskFile::open(&sp, false).unwrap().write_at(&[0x77; 4], off + 16).unwrap();
+            v.grow_until(big, stop).unwrap();
+            drop(v);
+            let v2 = Volume::open(dir.path()).unwrap();
+            let damaged = v2.load().unwrap();
+            let want = if stop == GrowStep::BeforeCommit { small } else { big };
+            assert_eq!(v2.size_bytes(), want, "{stop:?}");
+            assert_eq!(v2.level_lens(), level_lens(page_count_for(want)), "{stop:?}");
+            assert_eq!(damaged, vec![1], "damage found before the grow is kept ({stop:?})");
+            assert_eq!(v2.id_at(Lba(3)), Some(id(1)));
+            assert_eq!(v2.id_at(Lba(4)), Some(id(2)));
+            assert_eq!(v2.id_at(Lba(256)), None);
+            assert!(!dir.path().join(GROW_PENDING).exists());
+            assert!(!dir.path().join(GROW_TMP).exists());
+            if want == big {
+                // The new space reads as zeroes and takes writes that survive a reload.
+                assert_eq!(v2.id_at(Lba(300 * 256 - 1)), Some(BlockId::ZERO));
+                v2.set_ids(Lba(299 * 256), &mut [id(5)].into_iter());
+                let root = v2.root();
+                apply(&v2, v2.take_images().unwrap());
+                let v3 = Volume::open(dir.path()).unwrap();
+                assert_eq!(v3.load().unwrap(), vec![1]);
+                assert_eq!(v3.root(), root);
+                assert_eq!(v3.id_at(Lba(299 * 256)), Some(id(5)));
+            }
+        }
+        // Shrinking is refused, and a damaged intent is an error, not silently dropped.
+        let dir = tempfile::tempdir().unwrap();
+        let v = Volume::create(
+            dir.path(),
+            VolumeMeta {
+                name: "s".into(),
+                uid: 12,
+                size_bytes: big,
+            },
+        )
+        .unwrap();
+        assert!(matches!(v.grow(small), Err(StoreError::Invalid(_))));
+        v.grow_until(big * 2, GrowStep::Committed).unwrap();
+        let p = dir.path().join(GROW_PENDING);
+        let mut b = std::fs::read(&p).unwrap();
+        b[100] ^= 1;
+        std::fs::write(&p, b).unwrap();
+        assert!(matches!(
+            Volume::open(dir.path()),
+            Err(StoreError::Corrupted { what: "grow intent", .. })
+        ));
     }
 
     #[test]

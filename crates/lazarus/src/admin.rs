@@ -137,7 +137,7 @@ pub fn volume_view(v: &Volume) -> VolumeView {
     let ranges = v.damaged_ranges();
     VolumeView {
         name: v.meta.name.clone(),
-        size_bytes: v.meta.size_bytes,
+        size_bytes: v.size_bytes(),
         uid: format!("{:016x}", v.meta.uid),
         mapped_blocks,
         mapped_pages,
@@ -164,6 +164,10 @@ pub fn router(state: AppState) -> Router {
             get(get_volume).delete(delete_volume),
         )
         .route("/api/v1/volumes/{name}/locate", get(locate))
+        .route(
+            "/api/v1/volumes/{name}/resize",
+            axum::routing::post(resize_volume),
+        )
         .route("/api/v1/faults", get(list_faults))
         .route("/api/v1/faults/drop", axum::routing::post(fault_drop))
         .route("/api/v1/faults/heal", axum::routing::post(fault_heal))
@@ -425,6 +429,88 @@ async fn delete_volume(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeReq {
+    pub size: SizeArg,
+}
+
+/// Grows a volume: through the metadata in a cluster (every node grows its copy;
+/// this node's before the answer), else the local store. Connected NBD clients keep
+/// the size they negotiated; a new connection sees the new one.
+async fn resize_volume(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    body: Result<Json<ResizeReq>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<VolumeView>, ApiError> {
+    let Json(req) = body.map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("bad request body: {}", e.body_text()),
+        )
+    })?;
+    let size = match req.size {
+        SizeArg::Bytes(n) => n,
+        SizeArg::Text(t) => {
+            lazarus_types::parse_size(&t).map_err(|m| ApiError(StatusCode::BAD_REQUEST, m))?
+        }
+    };
+    lazarus_types::check_volume_size(size).map_err(|m| ApiError(StatusCode::BAD_REQUEST, m))?;
+    if let Some(c) = s.cluster.clone() {
+        let cmd = lazarus_cluster::MetaCommand::ResizeVolume {
+            name: name.clone(),
+            size_bytes: size,
+        };
+        match c
+            .propose(cmd)
+            .await
+            .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
+        {
+            lazarus_cluster::MetaResponse::Volume(_) => {}
+            lazarus_cluster::MetaResponse::Rejected(m) if m.contains("does not exist") => {
+                return Err(ApiError(StatusCode::NOT_FOUND, m))
+            }
+            lazarus_cluster::MetaResponse::Rejected(m) => {
+                return Err(ApiError(StatusCode::BAD_REQUEST, m))
+            }
+            other => return Err(ApiError(StatusCode::BAD_REQUEST, format!("{other:?}"))),
+        }
+        // This node's copy now (reconcile would within a moment), so the answer means
+        // the node asked serves the new size.
+        if let Some(local) = s.engine.store.volume(&name) {
+            if local.size_bytes() < size {
+                c.grow_local(&name, size).await;
+            }
+            if local.size_bytes() < size {
+                return Err(ApiError(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("{name:?} resized in the metadata, but this node's copy could not grow (see its log)"),
+                ));
+            }
+            return Ok(Json(volume_view(&local)));
+        }
+        let mut v = VolumeView {
+            name: name.clone(),
+            size_bytes: size,
+            uid: String::new(),
+            mapped_blocks: 0,
+            mapped_pages: 0,
+            root: String::new(),
+            unrecoverable: Vec::new(),
+            unrecoverable_lbas: 0,
+        };
+        if let Some(m) = c.store.meta().volumes.get(&name) {
+            v.uid = format!("{:016x}", m.uid);
+        }
+        return Ok(Json(v));
+    }
+    let store = s.engine.store.clone();
+    let v = tokio::task::spawn_blocking(move || store.resize_volume(&name, size))
+        .await
+        .map_err(join_err)??;
+    Ok(Json(volume_view(&v)))
+}
+
+#[derive(Deserialize)]
 struct LocateQuery {
     lba: u64,
 }
@@ -436,7 +522,7 @@ async fn locate(
 ) -> Result<Json<lazarus_store::Locations>, ApiError> {
     let Query(q) = q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     let v = find(&s, &name)?;
-    if q.lba >= v.meta.size_bytes / BLOCK_SIZE_U64 {
+    if q.lba >= v.size_bytes() / BLOCK_SIZE_U64 {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
             format!("lba {} is past the end of volume {name:?}", q.lba),
@@ -679,7 +765,7 @@ async fn fault_corrupt(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Json(req) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     let v = find(&s, &req.volume)?;
-    if req.lba >= v.meta.size_bytes / BLOCK_SIZE_U64 {
+    if req.lba >= v.size_bytes() / BLOCK_SIZE_U64 {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
             format!("lba {} is past the end of volume {:?}", req.lba, req.volume),
@@ -759,7 +845,7 @@ async fn repair_volume(
     }
     let t0 = std::time::Instant::now();
     let results = match q.page {
-        Some(p) if p >= v.meta.page_count() => {
+        Some(p) if p >= v.page_count() => {
             return Err(ApiError(
                 StatusCode::BAD_REQUEST,
                 format!("page {p} is past the end of {name:?}"),
@@ -838,7 +924,7 @@ async fn fault_eio(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Json(req) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     let v = find(&s, &req.volume)?;
-    if req.lba >= v.meta.size_bytes / BLOCK_SIZE_U64 {
+    if req.lba >= v.size_bytes() / BLOCK_SIZE_U64 {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
             format!("lba {} is past the end of volume {:?}", req.lba, req.volume),
@@ -906,6 +992,7 @@ async fn openapi() -> Json<serde_json::Value> {
                                       "replication_factor": { "type": "integer", "minimum": 1, "maximum": 5 } } } } } },
                   "responses": { "201": { "description": "Created" }, "400": { "description": "Bad name or size" }, "409": { "description": "Exists" } } } }));
     p.insert("/api/v1/volumes/{name}".into(), json!({ "parameters": vol, "get": op("One volume: size, mapping, root, unrecoverable ranges"), "delete": op("Delete the volume (every copy, through the metadata)") }));
+    p.insert("/api/v1/volumes/{name}/resize".into(), json!({ "parameters": vol, "post": op("Grow the volume: {size: bytes or \"20GiB\"}; shrinking is refused (400); new NBD connections see the new size") }));
     p.insert("/api/v1/volumes/{name}/locate".into(), json!({ "parameters": vol, "get": op("Where an LBA's slice entry, checksum page and block are on disk (?lba=)") }));
     p.insert("/api/v1/volumes/{name}/repair".into(), json!({ "parameters": vol, "post": op("Repair the volume's damaged pages now, or one (?page=); primary only") }));
     p.insert("/api/v1/repairs".into(), json!({ "get": op("Repairs: counters per volume, recent events with their sources, bytes moved") }));
@@ -992,7 +1079,7 @@ async fn do_io(
     payload: &[u8],
 ) -> Result<Vec<u8>, ApiError> {
     let size = match s.engine.store.volume(name) {
-        Some(v) => v.meta.size_bytes,
+        Some(v) => v.size_bytes(),
         None => s
             .cluster
             .as_ref()

@@ -200,6 +200,9 @@ pub(crate) const LEASE: Duration = Duration::from_millis(400);
 const REPLICATE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the leader checks that every volume's primary answers.
 const FAILOVER_CHECK_INTERVAL: Duration = Duration::from_millis(200);
+/// How long an update to a copy that still sees itself dead waits for this node's
+/// metadata to catch up with the primary's (see `apply_update`).
+const DEAD_CATCH_UP: Duration = Duration::from_millis(1000);
 pub(crate) const PING_TIMEOUT: Duration = Duration::from_millis(300);
 /// A primary that has not asked for its lease this long is replaced (with Raft election, within the 5 s budget).
 pub(crate) const PRIMARY_SILENCE_MAX: Duration = Duration::from_millis(600);
@@ -571,7 +574,21 @@ impl Cluster {
         if !self.is_ready() {
             return Err("this node is starting up and takes no updates yet".into());
         }
-        let meta = self.store.meta();
+        let mut meta = self.store.meta();
+        // A primary sends updates to this copy only once its own metadata has it
+        // resyncing or live; this node applies that commit a moment after the leader
+        // does. So a copy that still sees itself dead gives its state machine a moment
+        // to catch up before it refuses (and is marked dead again).
+        let t0 = Instant::now();
+        while meta
+            .volumes
+            .get(&volume)
+            .is_some_and(|v| epoch >= v.epoch && v.state_of(self.id) == Some(ReplicaState::Dead))
+            && t0.elapsed() < DEAD_CATCH_UP
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            meta = self.store.meta();
+        }
         let v = meta
             .volumes
             .get(&volume)
@@ -607,6 +624,13 @@ impl Cluster {
             }
             None => return Err(format!("no local copy of {volume:?} (uid {}) yet", v.uid)),
         };
+        // The volume was grown and this update (to the new space, perhaps) beat
+        // `reconcile` here: grow the copy now rather than fail and become dead.
+        if local.size_bytes() < v.size_bytes {
+            let (b, name, size) = (self.blocks.clone(), volume.clone(), v.size_bytes);
+            tokio::task::block_in_place(|| b.resize_volume(&name, size))
+                .map_err(|e| format!("cannot grow the local copy of {volume:?}: {e}"))?;
+        }
         let b = self.blocks.clone();
         let raw = raw.to_vec();
         let resync = self.resync.clone();
@@ -616,7 +640,7 @@ impl Cluster {
                     return Err("write payload is not whole blocks".to_string());
                 }
                 let n = (raw.len() / lazarus_types::BLOCK_SIZE) as u64;
-                if lba + n > local.meta.block_count() {
+                if lba + n > local.block_count() {
                     return Err("write past the end of the volume".to_string());
                 }
                 resync.touch(&local.meta.name, lba, n);
@@ -629,7 +653,7 @@ impl Cluster {
                 provision,
                 ..
             } => {
-                if lba + count > local.meta.block_count() {
+                if lba + count > local.block_count() {
                     return Err("zero past the end of the volume".to_string());
                 }
                 resync.touch(&local.meta.name, lba, count);
@@ -1014,6 +1038,20 @@ impl Cluster {
     /// (their uids are tombstoned; a copy the metadata merely does not know yet is
     /// left alone) and creates the copy of every volume placed on this node, with the
     /// volume's cluster uid.
+    /// Grows this node's copy of a volume to the size the metadata gives it.
+    pub async fn grow_local(&self, volume: &str, size: u64) {
+        let (b, name) = (self.blocks.clone(), volume.to_string());
+        match tokio::task::spawn_blocking(move || b.resize_volume(&name, size)).await {
+            Ok(Ok(_)) => {
+                crate::events::record("resize", volume, format!("n{}: copy grown to {size} bytes", self.id));
+            }
+            Ok(Err(e)) => {
+                tracing::error!(volume, size, error = %e, "cannot grow the local copy")
+            }
+            Err(e) => tracing::error!(error = %e, "grow task failed"),
+        }
+    }
+
     pub fn reconcile(self: &Arc<Self>) {
         let c = self.clone();
         tokio::spawn(async move {
@@ -1036,6 +1074,13 @@ impl Cluster {
                     }
                 }
                 for v in meta.volumes.values() {
+                    if let Some(local) = c
+                        .blocks
+                        .volume(&v.name)
+                        .filter(|l| l.meta.uid == v.uid && l.size_bytes() < v.size_bytes)
+                    {
+                        c.grow_local(&local.meta.name, v.size_bytes).await;
+                    }
                     if v.replicas.contains(&c.id) && c.blocks.volume(&v.name).is_none() {
                         let b = c.blocks.clone();
                         let (name, size, uid) = (v.name.clone(), v.size_bytes, v.uid);

@@ -93,7 +93,7 @@ pub fn local_stats(engine: &Engine) -> Value {
         volumes.insert(
             name,
             json!({
-                "size_bytes": v.meta.size_bytes,
+                "size_bytes": v.size_bytes(),
                 "mapped_blocks": mapped_blocks,
                 "mapped_pages": mapped_pages,
                 "damaged_pages": v.damaged_pages().len(),

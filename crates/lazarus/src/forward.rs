@@ -59,7 +59,7 @@ impl Engine {
             )
         })?;
         let end = req.offset.checked_add(req.length);
-        if end.is_none_or(|e| e > vol.meta.size_bytes) {
+        if end.is_none_or(|e| e > vol.size_bytes()) {
             return Err(IoError::new(EINVAL, "request past the end of the volume"));
         }
         match req.op {

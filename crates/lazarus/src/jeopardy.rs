@@ -1186,7 +1186,7 @@ impl Cluster {
                 for w in &recs {
                     let end = at + w.data_len as usize;
                     let lba = lazarus_types::Lba(w.lba);
-                    if w.lba + w.count as u64 > local.meta.block_count() {
+                    if w.lba + w.count as u64 > local.block_count() {
                         return Err(format!(
                             "log record past the end of the volume (lba {})",
                             w.lba

@@ -167,6 +167,13 @@ enum VolumeOp {
     Delete {
         name: String,
     },
+    /// Grow a volume (e.g. --size 20GiB); shrinking is refused. Connected clients keep
+    /// the old size until they reconnect.
+    Resize {
+        name: String,
+        #[arg(long, value_parser = parse_size_arg)]
+        size: u64,
+    },
     /// Turn jeopardy protection on: every write goes to the recovery server first.
     Protect {
         name: String,
@@ -343,6 +350,15 @@ fn client_command(cmd: Cmd) -> anyhow::Result<()> {
                 VolumeOp::Delete { name } => {
                     client::ok(api.delete(&format!("/api/v1/volumes/{name}"))?)?;
                     println!("deleted volume {name}");
+                }
+                VolumeOp::Resize { name, size } => {
+                    // The primary grows first, so it serves the new size at once.
+                    let api = client::primary_api(api, &name)?;
+                    let v = client::ok(api.post(
+                        &format!("/api/v1/volumes/{name}/resize"),
+                        &json!({ "size": size }),
+                    )?)?;
+                    println!("volume {name} is now {} bytes", v["size_bytes"]);
                 }
                 VolumeOp::Protect { name } => protect(&api, &name, true)?,
                 VolumeOp::Unprotect { name } => protect(&api, &name, false)?,

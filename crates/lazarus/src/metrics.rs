@@ -265,7 +265,7 @@ pub fn render(engine: &crate::engine::Engine) -> String {
             .set(v.damaged_ranges().iter().map(|r| r.1).sum::<u64>() as i64);
         m.volume_size
             .get_or_create(&l)
-            .set(v.meta.size_bytes as i64);
+            .set(v.size_bytes() as i64);
     }
     if let Some(c) = engine.cluster.get() {
         m.primary_leases.set(c.held_leases().len() as i64);

@@ -53,7 +53,7 @@ pub struct Export {
 fn export_of(v: &Volume) -> ExportInfo {
     ExportInfo {
         name: v.meta.name.clone(),
-        size_bytes: v.meta.size_bytes,
+        size_bytes: v.size_bytes(),
         description: format!("Lazarus volume {}", v.meta.name),
         read_only: false,
         // A FLUSH syncs the node's whole journal, so it covers writes completed on
@@ -75,7 +75,13 @@ impl Catalog {
             .values()
             .map(|v| ExportInfo {
                 name: v.name.clone(),
-                size_bytes: v.size_bytes,
+                // A volume just grown: its new size once this node's copy has grown
+                // too (a moment after the metadata change), so no request is accepted
+                // that the copy cannot take yet.
+                size_bytes: match self.store.volume(&v.name).filter(|l| l.meta.uid == v.uid) {
+                    Some(l) => v.size_bytes.min(l.size_bytes()),
+                    None => v.size_bytes,
+                },
                 description: format!("Lazarus volume {}", v.name),
                 read_only: false,
                 multi_conn: true,

@@ -630,7 +630,7 @@ impl Engine {
         {
             let total = vols
                 .iter()
-                .map(|v| v.meta.page_count() + v.checksum_pages_per_level().iter().sum::<u64>())
+                .map(|v| v.page_count() + v.checksum_pages_per_level().iter().sum::<u64>())
                 .sum();
             let mut p = self.repair.0.scrub.lock();
             *p = ScrubProgress {
@@ -665,7 +665,7 @@ impl Engine {
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
                 };
                 let mut s = (0u64, 0u64);
-                for p in 0..v.meta.page_count() {
+                for p in 0..v.page_count() {
                     tick();
                     s.0 += 1;
                     if v.scrub_slice_page(p).unwrap_or(false) {

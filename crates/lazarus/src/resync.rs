@@ -32,7 +32,8 @@ const RESYNC_POLL: Duration = Duration::from_millis(300);
 const RESYNC_BACKOFF: Duration = Duration::from_secs(1);
 const RESYNC_RPC_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the primary waits to see the replica's `resyncing` state applied.
-const BEGIN_WAIT: Duration = Duration::from_secs(10);
+/// Shorter than the RPC deadline, so a replica gets the reason, not a timeout.
+const BEGIN_WAIT: Duration = Duration::from_secs(5);
 const PASSES_MAX: u32 = 30;
 const PAGE_ATTEMPTS_MAX: u32 = 5;
 /// Blocks per fetch (1 MiB of data).
@@ -454,6 +455,13 @@ impl Cluster {
             .volume(&v.name)
             .filter(|l| l.meta.uid == v.uid)
             .ok_or("no local copy yet")?;
+        if local.size_bytes() < v.size_bytes {
+            // Grown while this copy was away: the trees compare only at equal sizes.
+            self.grow_local(&v.name, v.size_bytes).await;
+            if local.size_bytes() < v.size_bytes {
+                return Err("the local copy could not be grown to the volume's size".into());
+            }
+        }
         let addr = self
             .rpc_addr(v.primary)
             .ok_or("the primary has no address")?;

@@ -31,8 +31,9 @@ fn error_of(body: &str) -> String {
 #[test]
 fn contract_bad_requests_and_openapi() {
     require("curl");
+    require("qemu-io");
     let tmp = tempfile::tempdir().unwrap();
-    let node = Node::start(tmp.path(), NodeOpts::default());
+    let mut node = Node::start(tmp.path(), NodeOpts::default());
     let base = node.api_url();
     let (code, body) = http(
         "POST",
@@ -146,6 +147,34 @@ fn contract_bad_requests_and_openapi() {
             404,
             "does not exist",
         ),
+        (
+            "POST",
+            format!("{base}/api/v1/volumes/none/resize"),
+            Some(r#"{"size":"128MiB"}"#),
+            404,
+            "none",
+        ),
+        (
+            "POST",
+            format!("{base}/api/v1/volumes/v1/resize"),
+            Some(r#"{"size":"32MiB"}"#),
+            400,
+            "shrinking",
+        ),
+        (
+            "POST",
+            format!("{base}/api/v1/volumes/v1/resize"),
+            Some(r#"{"size":"12 parsecs"}"#),
+            400,
+            "",
+        ),
+        (
+            "POST",
+            format!("{base}/api/v1/volumes/v1/resize"),
+            Some(r#"{"size":"64MiB","x":1}"#),
+            400,
+            "bad request body",
+        ),
     ];
     for (method, url, body, want, text) in &cases {
         let (code, resp) = http(method, url, *body);
@@ -166,6 +195,34 @@ fn contract_bad_requests_and_openapi() {
         .map(|v| v["name"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(names, vec!["v1"]);
+    let (_, v1) = http("GET", &format!("{base}/api/v1/volumes/v1"), None);
+    assert_eq!(
+        serde_json::from_str::<Value>(&v1).unwrap()["size_bytes"],
+        64 << 20,
+        "a refused resize changed the size: {v1}"
+    );
+    // A single node grows its volume too; the new space reads as zeroes, takes writes,
+    // and the size survives a restart.
+    let (code, body) = http(
+        "POST",
+        &format!("{base}/api/v1/volumes/v1/resize"),
+        Some(r#"{"size":"100MiB"}"#),
+    );
+    assert_eq!(code, 200, "{body}");
+    let uri = node.uri("v1");
+    let o = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read -P 0 64M 1M", "-c", "write -P 0x3c 99M 1M", "-c", "flush", &uri])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    node.restart();
+    assert_eq!(node.api_get("/api/v1/volumes/v1")["size_bytes"], 100 << 20);
+    let o = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read -P 0x3c 99M 1M", &node.uri("v1")])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let base = node.api_url();
 
     let (code, doc) = http("GET", &format!("{base}/api/v1/openapi.json"), None);
     assert_eq!(code, 200);
@@ -178,6 +235,9 @@ fn contract_bad_requests_and_openapi() {
         "/metrics",
         "/api/v1/faults/corrupt",
         "/api/v1/repairs",
+        "/api/v1/volumes/{name}/resize",
+        "/api/v1/dashboard",
+        "/api/v1/scrub",
     ] {
         assert!(doc["paths"][path].is_object(), "openapi lacks {path}");
     }

@@ -427,3 +427,66 @@ fn replication_factor_one_and_delete_everywhere() {
         qemu_io_ok(&up.uri(n, "vol0"), &["read -P 0 0 1M"]);
     }
 }
+
+/// `nbdinfo --size` of a fresh connection.
+fn nbd_size(uri: &str) -> Option<u64> {
+    let o = Command::new("nbdinfo").args(["--size", uri]).output().ok()?;
+    String::from_utf8_lossy(&o.stdout).trim().parse().ok()
+}
+
+/// `lazarus volume resize` grows every copy through the metadata: new connections to
+/// any node see the new size, the new space reads as zeroes and takes writes that
+/// reach every copy (equal roots, and a replica promoted by a SIGKILL of the primary
+/// serves them), a copy that was down during the resize grows when it comes back, and
+/// shrinking is refused with nothing changed.
+#[test]
+fn volume_resize_grows_every_copy() {
+    require("nbdinfo");
+    let (_tmp, data) = setup();
+    let up = Up::start(&data, "64MiB");
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    qemu_io_ok(&up.uri(1, "vol0"), &["write -P 0x11 0 1M", "flush"]);
+    up.cli_ok(&["fault", "kill", "--node", "n3"]);
+
+    let out = up.cli_ok(&["volume", "resize", "vol0", "--size", "100MiB"]);
+    assert!(out.contains("104857600"), "{out}");
+    let o = up.cli(&["volume", "resize", "vol0", "--size", "32MiB"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("shrinking"), "{err}");
+    let m = up.volume_meta(1, "vol0").unwrap();
+    assert_eq!(m["size_bytes"], 100 << 20, "{m}");
+
+    for n in [1, 2] {
+        let t0 = Instant::now();
+        while nbd_size(&up.uri(n, "vol0")) != Some(100 << 20) {
+            assert!(t0.elapsed() < Duration::from_secs(10), "n{n} never served the new size");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    // The new space: zeroes, then a write through a non-primary.
+    qemu_io_ok(
+        &up.uri(2, "vol0"),
+        &["read -P 0 64M 36M", "write -P 0x22 96M 2M", "flush"],
+    );
+    // n3 missed the resize and the write: it grows and resyncs when it returns.
+    up.cli_ok(&["fault", "revive", "--node", "n3"]);
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    let roots: Vec<String> = (1..=3).map(|n| up.root(n, "vol0")).collect();
+    assert!(roots.iter().all(|r| *r == roots[0]), "{roots:?}");
+    for n in 1..=3 {
+        let v = up.get(n, "/api/v1/volumes/vol0").unwrap();
+        assert_eq!(v["size_bytes"], 100 << 20, "n{n}: {v}");
+    }
+    // The primary dies: a replica serves the grown volume with everything written.
+    up.cli_ok(&["fault", "kill", "--node", "n1"]);
+    let m = up.wait_meta(2, "vol0", Duration::from_secs(15), "failover", |m| {
+        m["primary"].as_u64().is_some_and(|p| p != 1)
+    });
+    let p = m["primary"].as_u64().unwrap() as u16;
+    assert_eq!(nbd_size(&up.uri(p, "vol0")), Some(100 << 20));
+    qemu_io_ok(
+        &up.uri(p, "vol0"),
+        &["read -P 0x11 0 1M", "read -P 0x22 96M 2M", "read -P 0 104853504 4k"],
+    );
+}
