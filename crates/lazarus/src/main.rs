@@ -606,7 +606,13 @@ fn main() {
             config::NodeConfig::load(&config).and_then(|cfg| runtime().block_on(node::run(cfg)))
         }
         Cmd::RecoveryServer { data, listen } => {
-            runtime().block_on(recovery_server::run(&data, listen))
+            runtime().block_on(async move {
+                tokio::select! {
+                    r = recovery_server::run(&data, listen) => r,
+                    // Every record is durable before it is acknowledged: stopping is safe.
+                    _ = node::supervisor_gone() => Ok(()),
+                }
+            })
         }
         other => {
             // A client piped into `head` ends quietly when the pipe closes.

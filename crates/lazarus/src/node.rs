@@ -184,5 +184,32 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+        _ = supervisor_gone() => {}
+    }
+}
+
+/// The environment variable through which `lazarus up` tells its children its pid.
+pub const SUPERVISOR_PID_ENV: &str = "LAZARUS_SUPERVISOR_PID";
+
+/// Resolves once the `lazarus up` supervisor that started this process is gone (killed
+/// with -9, say: it had no chance to stop its children), so an orphaned node stops
+/// cleanly instead of holding the ports and data a new `lazarus up` needs. Never
+/// resolves for a process not started by `up`.
+pub async fn supervisor_gone() {
+    let Some(pid) = std::env::var(SUPERVISOR_PID_ENV)
+        .ok()
+        .and_then(|p| p.parse::<i32>().ok())
+    else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        if unsafe { libc::getppid() } != pid {
+            tracing::warn!(
+                supervisor = pid,
+                "the lazarus up supervisor is gone; stopping cleanly"
+            );
+            return;
+        }
     }
 }

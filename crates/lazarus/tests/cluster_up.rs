@@ -370,6 +370,42 @@ fn up_resumes_the_same_cluster() {
     qemu_io_ok(&up.uri(3, "vol0"), &["read -P 0x7e 1M 1M"]);
 }
 
+/// `lazarus up` itself killed with -9: its nodes and recovery server notice their
+/// supervisor is gone and stop cleanly (instead of holding the ports and data
+/// directories), so `lazarus up` on the same data and ports starts again, with every
+/// flushed write.
+#[test]
+fn up_killed_with_sigkill_restarts_on_the_same_ports() {
+    let (_tmp, data) = setup();
+    let mut up = Up::start(&data, "64MiB");
+    let base = up.base;
+    qemu_io_ok(&up.uri(1, "vol0"), &["write -P 0x6d 2M 1M", "flush"]);
+    let pids: Vec<u32> = (1..=3).map(|n| up.node_pid(n)).chain([up.rs_pid()]).collect();
+    up.kill9_supervisor();
+    let t0 = Instant::now();
+    // Running: /proc has it and it is not a zombie (whoever reaps orphans here).
+    let running = |p: &u32| {
+        std::fs::read_to_string(format!("/proc/{p}/stat"))
+            .is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| !r.trim_start().starts_with('Z')))
+    };
+    while pids.iter().any(running) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "orphaned processes still running: {pids:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for n in 1..=3 {
+        assert!(
+            up.node_log(n).contains("supervisor is gone; stopping cleanly"),
+            "n{n} did not stop by itself"
+        );
+    }
+    let up = Up::start_on(&data, "64MiB", base);
+    up.wait_all_live(1, "vol0", Duration::from_secs(20));
+    qemu_io_ok(&up.uri(2, "vol0"), &["read -P 0x6d 2M 1M"]);
+}
+
 /// Volumes with other replication factors: an RF1 volume lives on one node only and is
 /// still served by every node's endpoint (forwarded); deleting a volume removes every
 /// copy, and a volume created again under the same name starts empty.

@@ -289,14 +289,23 @@ impl Up {
 
     /// `start` with more `lazarus up` arguments.
     pub fn start_with(data: &Path, volume_size: &str, extra: &[&str]) -> Up {
-        let base = loop {
+        Up::start_full(data, volume_size, extra, None)
+    }
+
+    /// `start` on the given port base (a restart on the ports of a stopped cluster).
+    pub fn start_on(data: &Path, volume_size: &str, base: u16) -> Up {
+        Up::start_full(data, volume_size, &[], Some(base))
+    }
+
+    fn start_full(data: &Path, volume_size: &str, extra: &[&str], base: Option<u16>) -> Up {
+        let base = base.unwrap_or_else(|| loop {
             // Below Linux's ephemeral range (32768-60999): a port found free here is
             // not handed to some test's outgoing connection before `up` binds it.
             let b = fastrand::u16(12000..32700);
             if ports_free(b) {
                 break b;
             }
-        };
+        });
         let log = std::fs::File::create(data.with_extension("up.log")).unwrap();
         let mut child = Command::new(BIN)
             .args(["up", "--data"])
@@ -343,6 +352,14 @@ impl Up {
             data: data.to_path_buf(),
             base,
             child: Some(child),
+        }
+    }
+
+    /// SIGKILL of the `lazarus up` supervisor itself: it cannot stop its children.
+    pub fn kill9_supervisor(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 
