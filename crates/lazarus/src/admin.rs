@@ -474,6 +474,26 @@ async fn resize_volume(
             }
             other => return Err(ApiError(StatusCode::BAD_REQUEST, format!("{other:?}"))),
         }
+        // Every other copy that answers grows within a moment (reconcile); wait for
+        // them, so that once this returns every node offers the new size. A copy that
+        // does not answer grows when it comes back, before it resyncs.
+        let hosts: Vec<u64> = c
+            .store
+            .meta()
+            .volumes
+            .get(&name)
+            .map(|v| v.replicas.iter().copied().filter(|n| *n != c.id).collect())
+            .unwrap_or_default();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        for n in hosts {
+            while tokio::time::Instant::now() < deadline {
+                match c.peer_stats(n, crate::dashboard::PEER_STATS_TIMEOUT).await {
+                    Ok(st) if st["volumes"][&name]["size_bytes"].as_u64() >= Some(size) => break,
+                    Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+                    Err(_) => break,
+                }
+            }
+        }
         // This node's copy now (reconcile would within a moment), so the answer means
         // the node asked serves the new size.
         if let Some(local) = s.engine.store.volume(&name) {

@@ -685,7 +685,7 @@ fn watch_resync(api: &client::Api, volume: &str, timeout: std::time::Duration) -
                 .map(|(_, b)| b["resync"][volume].clone())
                 .unwrap_or(serde_json::Value::Null);
             if p.is_null() {
-                line.push(format!("n{n} {state} (not answering or not started)"));
+                line.push(format!("n{n} {state} (not answering, or its resync has not started)"));
                 continue;
             }
             let copied = p["pages_copied"].as_u64().unwrap_or(0);
