@@ -5,7 +5,7 @@
 //! effect").
 
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 pub type NodeId = u64;
 
@@ -58,9 +58,36 @@ pub struct VolumeInfo {
     /// An administrator asked for jeopardy protection (`lazarus volume protect`).
     #[serde(default)]
     pub protected: bool,
+    /// Copies that may lack acknowledged writes: marked dead for failing an update,
+    /// deposed primaries, copies a write was acknowledged without (`MarkStale`, which
+    /// the primary commits before the first such write). A dead copy *not* in here
+    /// went dead by reporting its own crash and has every flushed write, so it may be
+    /// promoted when no live copy is left. Cleared when the copy turns live.
+    #[serde(default)]
+    pub stale: BTreeSet<NodeId>,
+    /// `stale` has been kept since the volume was created (false for metadata written
+    /// before it existed: no dead copy of such a volume is ever promoted).
+    #[serde(default)]
+    pub stale_tracked: bool,
 }
 
 impl VolumeInfo {
+    /// Whether dead copy `n` may be promoted: no replica is live, the volume is not in
+    /// jeopardy, and `n` went dead only by reporting its own crash with nothing
+    /// acknowledged without it since (so it has every flushed write).
+    pub fn promotable_dead(&self, n: NodeId) -> bool {
+        let any_live = self
+            .replicas
+            .iter()
+            .any(|r| *r != self.primary && self.state_of(*r) == Some(ReplicaState::Live));
+        n != self.primary
+            && self.stale_tracked
+            && !self.recovery_flag
+            && !any_live
+            && self.state_of(n) == Some(ReplicaState::Dead)
+            && !self.stale.contains(&n)
+    }
+
     pub fn state_of(&self, node: NodeId) -> Option<ReplicaState> {
         self.states.get(&node).copied()
     }
@@ -143,9 +170,18 @@ pub enum MetaCommand {
         #[serde(default)]
         at_ms: u64,
     },
+    /// Records that writes are about to be acknowledged without `node`'s copy (the
+    /// primary commits it before the first such write).
+    MarkStale {
+        volume: String,
+        node: NodeId,
+        epoch: u64,
+    },
     /// Makes `node` the primary with epoch `epoch + 1`; the old primary becomes dead.
     /// `node` must be live (a dead replica is never promoted while a live one exists:
-    /// callers only ever pass live nodes, and this check makes it impossible).
+    /// callers only ever pass live nodes, and this check makes it impossible) — or, when
+    /// no replica is live and the volume is not in jeopardy, a dead copy that is not
+    /// stale (it went dead by reporting its own crash: it has every flushed write).
     Promote {
         volume: String,
         node: NodeId,
@@ -263,6 +299,8 @@ impl ClusterMeta {
                     recovery_flag: false,
                     failure_count_id: 0,
                     protected: false,
+                    stale: BTreeSet::new(),
+                    stale_tracked: true,
                 };
                 self.volumes.insert(name.clone(), v.clone());
                 Ok(MetaResponse::Volume(v))
@@ -307,6 +345,16 @@ impl ClusterMeta {
                     );
                 }
                 let was = v.states.insert(*node, *state);
+                match state {
+                    // Failed an update that is not acknowledged yet: it lacks it.
+                    ReplicaState::Dead if *at_ms > 0 => {
+                        v.stale.insert(*node);
+                    }
+                    ReplicaState::Live => {
+                        v.stale.remove(node);
+                    }
+                    _ => {}
+                }
                 let v = v.clone();
                 if *state == ReplicaState::Dead && was != Some(ReplicaState::Dead) && *at_ms > 0 {
                     let h = self.failures.entry(*node).or_default();
@@ -332,19 +380,36 @@ impl ClusterMeta {
                         ));
                     }
                 }
-                if v.state_of(*node) != Some(ReplicaState::Live) {
-                    return Err(format!("node {node} is not a live replica of {volume:?}"));
-                }
                 if *node == v.primary {
                     return Err(format!("node {node} is already the primary"));
                 }
+                if v.state_of(*node) != Some(ReplicaState::Live) && !v.promotable_dead(*node) {
+                    return Err(format!(
+                        "node {node} is not a live replica of {volume:?} (nor a dead one that has every flushed write while no replica is live)"
+                    ));
+                }
                 let old = v.primary;
                 v.states.insert(old, ReplicaState::Dead);
+                v.stale.insert(old);
+                v.states.insert(*node, ReplicaState::Live);
+                v.stale.remove(node);
                 v.primary = *node;
                 v.epoch += 1;
                 if let Some(f) = fcid {
                     v.failure_count_id = *f;
                 }
+                Ok(MetaResponse::Volume(v.clone()))
+            }
+            MetaCommand::MarkStale {
+                volume,
+                node,
+                epoch,
+            } => {
+                let v = self.volume_at_epoch(volume, *epoch)?;
+                if !v.replicas.contains(node) || *node == v.primary {
+                    return Err(format!("node {node} holds no replica of {volume:?}"));
+                }
+                v.stale.insert(*node);
                 Ok(MetaResponse::Volume(v.clone()))
             }
             MetaCommand::SetRecovery { volume, on, fcid } => {
@@ -357,6 +422,15 @@ impl ClusterMeta {
                 }
                 v.recovery_flag = *on;
                 v.failure_count_id = *fcid;
+                // In jeopardy writes are acknowledged without the copies that are not
+                // live (and none is promoted meanwhile): they are stale either way.
+                let not_live: Vec<NodeId> = v
+                    .replicas
+                    .iter()
+                    .copied()
+                    .filter(|n| *n != v.primary && v.state_of(*n) != Some(ReplicaState::Live))
+                    .collect();
+                v.stale.extend(not_live);
                 Ok(MetaResponse::Volume(v.clone()))
             }
             MetaCommand::SetProtected { volume, protected } => {
@@ -398,6 +472,11 @@ impl ClusterMeta {
                     } else {
                         ReplicaState::Dead
                     };
+                    if s == ReplicaState::Dead {
+                        v.stale.insert(n);
+                    } else {
+                        v.stale.remove(&n);
+                    }
                     v.states.insert(n, s);
                 }
                 Ok(MetaResponse::Volume(v.clone()))
@@ -468,6 +547,54 @@ mod tests {
         assert!(bad(&mut m, vec![], 1 << 30, "v"), "no replicas");
         assert!(bad(&mut m, vec![1], 4095, "v"), "bad size");
         assert!(!bad(&mut m, vec![2], 1 << 20, "single"), "RF 1 is allowed");
+    }
+
+    /// Who may be promoted when no replica is live: a copy that reported its own crash
+    /// (it has every flushed write), never one that failed an update, was marked stale
+    /// before a write was acknowledged without it, or is a deposed primary.
+    #[test]
+    fn crash_reported_copy_promoted_only_when_nothing_live_and_never_a_stale_one() {
+        let mut m = meta3();
+        let v = create(&mut m);
+        let dead = |m: &mut ClusterMeta, node, at_ms| {
+            m.apply(&MetaCommand::SetReplicaState {
+                volume: v.name.clone(),
+                node,
+                state: ReplicaState::Dead,
+                epoch: 1,
+                at_ms,
+            })
+        };
+        let promote = |m: &mut ClusterMeta, node, epoch| {
+            m.apply(&MetaCommand::Promote {
+                volume: v.name.clone(),
+                node,
+                epoch,
+                fcid: None,
+            })
+        };
+        // n3 failed an update (stale); n2 reported its crash (not stale) while n3 was
+        // still live: not promotable while a live replica exists.
+        dead(&mut m, 2, 0);
+        assert!(matches!(promote(&mut m, 2, 1), MetaResponse::Rejected(_)), "n3 is live");
+        dead(&mut m, 3, 1234);
+        assert!(matches!(promote(&mut m, 3, 1), MetaResponse::Rejected(_)), "n3 is stale");
+        let r = promote(&mut m, 2, 1);
+        let MetaResponse::Volume(nv) = r else { panic!("{r:?}") };
+        assert_eq!((nv.primary, nv.epoch), (2, 2));
+        assert_eq!(nv.state_of(2), Some(ReplicaState::Live));
+        assert!(nv.stale.contains(&1) && nv.stale.contains(&3) && !nv.stale.contains(&2));
+        // A crash-reported copy a write was acknowledged without is stale too.
+        let mut m = meta3();
+        let v = create(&mut m);
+        dead(&mut m, 2, 0);
+        dead(&mut m, 3, 0);
+        assert!(matches!(
+            m.apply(&MetaCommand::MarkStale { volume: v.name.clone(), node: 2, epoch: 1 }),
+            MetaResponse::Volume(_)
+        ));
+        assert!(matches!(promote(&mut m, 2, 1), MetaResponse::Rejected(_)));
+        assert!(matches!(promote(&mut m, 3, 1), MetaResponse::Volume(_)));
     }
 
     #[test]

@@ -200,6 +200,21 @@ pub(crate) const LEASE: Duration = Duration::from_millis(400);
 const REPLICATE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the leader checks that every volume's primary answers.
 const FAILOVER_CHECK_INTERVAL: Duration = Duration::from_millis(200);
+/// Dead copies of a volume not yet marked stale (see `VolumeInfo::stale`); in
+/// jeopardy none count (no dead copy is promoted then, and leaving jeopardy marks them).
+fn unmarked_dead(v: &lazarus_cluster::VolumeInfo) -> Vec<NodeId> {
+    if v.recovery_flag || !v.stale_tracked {
+        return Vec::new();
+    }
+    v.replicas
+        .iter()
+        .copied()
+        .filter(|n| {
+            *n != v.primary && v.state_of(*n) == Some(ReplicaState::Dead) && !v.stale.contains(n)
+        })
+        .collect()
+}
+
 /// How long an update to a copy that still sees itself dead waits for this node's
 /// metadata to catch up with the primary's (see `apply_update`).
 const DEAD_CATCH_UP: Duration = Duration::from_millis(1000);
@@ -481,12 +496,21 @@ impl Cluster {
                     }
                 }
             } else if v.state_of(self.id) != Some(ReplicaState::Dead) {
+                // A crash keeps every flushed write (at_ms 0: not stale, promotable if
+                // nothing live is left); a copy missing here has nothing (stale).
+                let at_ms = if local.contains(&v.name) {
+                    0
+                } else {
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(1, |d| d.as_millis() as u64)
+                };
                 let cmd = MetaCommand::SetReplicaState {
                     volume: v.name.clone(),
                     node: self.id,
                     state: ReplicaState::Dead,
                     epoch: v.epoch,
-                    at_ms: 0,
+                    at_ms,
                 };
                 match self.propose(cmd).await {
                     Ok(MetaResponse::Volume(_)) => {
@@ -701,6 +725,36 @@ impl Cluster {
                 "this node's lease on {volume:?} has lapsed (it may have been replaced as primary)"
             ));
         }
+        // A copy that went dead by reporting its crash has every flushed write until
+        // one is acknowledged without it: record that first (it is then never promoted
+        // in place of a current copy).
+        // Without a majority to record it, a volume with a recovery server goes on
+        // through it (in jeopardy no dead copy is promoted, and the cluster marks them
+        // stale when it adopts the recovery server's state).
+        let mut stale_unrecorded = false;
+        for node in unmarked_dead(&v) {
+            let cmd = MetaCommand::MarkStale {
+                volume: volume.to_string(),
+                node,
+                epoch: v.epoch,
+            };
+            let wait = if self.recovery.is_some() {
+                Duration::from_secs(2)
+            } else {
+                PROPOSE_TIMEOUT
+            };
+            match tokio::time::timeout(wait, self.propose(cmd)).await {
+                Ok(Ok(MetaResponse::Volume(_))) => {
+                    tracing::info!(volume, replica = node, "copy marked stale: writes go on without it");
+                }
+                Ok(Err(_)) | Err(_) if self.recovery.is_some() => stale_unrecorded = true,
+                other => {
+                    return Err(format!(
+                        "could not record that n{node}'s copy misses writes from now on: {other:?}"
+                    ))
+                }
+            }
+        }
         // Stamp the epoch this primary holds the volume under.
         let u = match u {
             Update::Write { volume, lba, .. } => Update::Write {
@@ -758,7 +812,7 @@ impl Cluster {
             .replication_rtt
             .observe(t0.elapsed().as_secs_f64());
         let mut acked_live = 0;
-        let mut no_majority = false;
+        let mut no_majority = stale_unrecorded;
         let failures = results.iter().filter(|r| r.1.is_err()).count();
         for (node, r) in results {
             match r {
@@ -866,7 +920,9 @@ impl Cluster {
     pub fn has_update_targets(&self, volume: &str) -> bool {
         self.effective(volume).is_some_and(|v| {
             v.primary == self.id
-                && (!v.update_targets().is_empty() || crate::jeopardy::writes_through(&v))
+                && (!v.update_targets().is_empty()
+                    || crate::jeopardy::writes_through(&v)
+                    || !unmarked_dead(&v).is_empty())
         })
     }
 
@@ -992,6 +1048,20 @@ impl Cluster {
                         {
                             candidate = Some(n);
                             break;
+                        }
+                    }
+                    // No live replica: a copy that went dead only by reporting its own
+                    // crash has every flushed write (the state machine checks it too).
+                    if candidate.is_none() {
+                        for n in v.replicas.iter().copied().filter(|n| *n != v.primary) {
+                            if v.promotable_dead(n)
+                                && c.answers(&meta, n).await
+                                && c.device_ok(&meta, n).await
+                            {
+                                tracing::warn!(volume = %v.name, primary = v.primary, candidate = n, "no live replica; promoting a crash-reported copy, which has every flushed write");
+                                candidate = Some(n);
+                                break;
+                            }
                         }
                     }
                     let Some(n) = candidate else {

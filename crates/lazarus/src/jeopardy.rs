@@ -928,7 +928,15 @@ impl Cluster {
             .into_iter()
             .filter(|n| self.flaky(&meta, *n))
             .collect();
-        // 2. Enter.
+        // 2. Enter — unless the primary itself is gone: nothing writes then, and the
+        // failover comes first (watch_primaries); the new primary's domains decide.
+        if !v.recovery_flag
+            && (domains.len() <= 1 || v.protected)
+            && v.primary != self.id
+            && !self.answers(&meta, v.primary).await
+        {
+            return Ok(());
+        }
         if !v.recovery_flag && (domains.len() <= 1 || v.protected) {
             let why = if v.protected {
                 "an administrator protected it".to_string()

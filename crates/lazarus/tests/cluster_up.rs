@@ -524,3 +524,43 @@ fn volume_resize_grows_every_copy() {
         &["read -P 0x11 0 1M", "read -P 0x22 96M 2M", "read -P 0 104853504 4k"],
     );
 }
+
+/// Every node crashes and the primary's stays down: the two that return form a
+/// majority and promote a copy that went dead only by reporting its own crash (it has
+/// every flushed write) — never one that failed an update and so missed writes. n3 is
+/// killed first and misses a flushed write; then n1 (primary) and n2 die together; n3
+/// and n2 come back: n2 must be promoted and serve everything flushed.
+#[test]
+fn every_copy_crashed_the_current_one_is_promoted_never_a_stale_one() {
+    let (_tmp, data) = setup();
+    let up = Up::start(&data, "64MiB");
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    qemu_io_ok(&up.uri(1, "vol0"), &["write -P 0x31 0 1M", "flush"]);
+    up.cli_ok(&["fault", "kill", "--node", "n3"]);
+    // n3 fails this update: marked dead (stale) before the write is acknowledged.
+    qemu_io_ok(&up.uri(1, "vol0"), &["write -P 0x32 1M 1M", "flush"]);
+    let m = up.volume_meta(1, "vol0").unwrap();
+    assert_eq!(m["states"]["3"], "dead", "{m}");
+    assert!(m["stale"].as_array().unwrap().contains(&3.into()), "{m}");
+    up.cli_ok(&["fault", "kill", "--node", "n1"]);
+    up.cli_ok(&["fault", "kill", "--node", "n2"]);
+    up.cli_ok(&["fault", "revive", "--node", "n3"]);
+    up.cli_ok(&["fault", "revive", "--node", "n2"]);
+    let m = up.wait_meta(2, "vol0", Duration::from_secs(30), "a primary again", |m| {
+        m["primary"] != 1 && m["states"][m["primary"].to_string()] == "live"
+    });
+    assert_eq!(m["primary"], 2, "the stale copy (n3) must never be promoted: {m}");
+    qemu_io_ok(
+        &up.uri(3, "vol0"),
+        &["read -P 0x31 0 1M", "read -P 0x32 1M 1M", "write -P 0x33 2M 1M", "flush"],
+    );
+    // n3 resyncs from n2; n1 comes back and resyncs too; all equal.
+    up.cli_ok(&["fault", "revive", "--node", "n1"]);
+    up.wait_all_live(2, "vol0", Duration::from_secs(30));
+    let roots: Vec<String> = (1..=3).map(|n| up.root(n, "vol0")).collect();
+    assert!(roots.iter().all(|r| *r == roots[0]), "{roots:?}");
+    qemu_io_ok(
+        &up.uri(1, "vol0"),
+        &["read -P 0x31 0 1M", "read -P 0x32 1M 1M", "read -P 0x33 2M 1M"],
+    );
+}

@@ -272,6 +272,27 @@ pub struct Up {
     pub data: PathBuf,
     pub base: u16,
     child: Option<Child>,
+    /// The port slot's lock, held for the life of the cluster (see `claim_ports`).
+    _slot: Option<std::fs::File>,
+}
+
+/// A port base for a `lazarus up` cluster, unique among every test process running:
+/// bases are 40 apart (a cluster uses base..base+30), and each is claimed by an
+/// exclusive lock on a file, held while the cluster lives; only then are its ports
+/// checked free. Below Linux's ephemeral range (32768-60999), so no test's outgoing
+/// connection takes one meanwhile.
+fn claim_ports() -> (u16, std::fs::File) {
+    use std::os::fd::AsRawFd;
+    loop {
+        let base = 12000 + 40 * fastrand::u16(0..515);
+        let f = std::fs::File::create(std::env::temp_dir().join(format!("lazarus-test-ports-{base}.lock")))
+            .expect("create a port-slot lock file");
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0
+            && ports_free(base)
+        {
+            return (base, f);
+        }
+    }
 }
 
 fn ports_free(base: u16) -> bool {
@@ -298,14 +319,13 @@ impl Up {
     }
 
     fn start_full(data: &Path, volume_size: &str, extra: &[&str], base: Option<u16>) -> Up {
-        let base = base.unwrap_or_else(|| loop {
-            // Below Linux's ephemeral range (32768-60999): a port found free here is
-            // not handed to some test's outgoing connection before `up` binds it.
-            let b = fastrand::u16(12000..32700);
-            if ports_free(b) {
-                break b;
+        let (base, slot) = match base {
+            Some(b) => (b, None),
+            None => {
+                let (b, f) = claim_ports();
+                (b, Some(f))
             }
-        });
+        };
         let log = std::fs::File::create(data.with_extension("up.log")).unwrap();
         let mut child = Command::new(BIN)
             .args(["up", "--data"])
@@ -352,6 +372,7 @@ impl Up {
             data: data.to_path_buf(),
             base,
             child: Some(child),
+            _slot: slot,
         }
     }
 
