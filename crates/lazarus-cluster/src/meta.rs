@@ -576,11 +576,19 @@ mod tests {
         // n3 failed an update (stale); n2 reported its crash (not stale) while n3 was
         // still live: not promotable while a live replica exists.
         dead(&mut m, 2, 0);
-        assert!(matches!(promote(&mut m, 2, 1), MetaResponse::Rejected(_)), "n3 is live");
+        assert!(
+            matches!(promote(&mut m, 2, 1), MetaResponse::Rejected(_)),
+            "n3 is live"
+        );
         dead(&mut m, 3, 1234);
-        assert!(matches!(promote(&mut m, 3, 1), MetaResponse::Rejected(_)), "n3 is stale");
+        assert!(
+            matches!(promote(&mut m, 3, 1), MetaResponse::Rejected(_)),
+            "n3 is stale"
+        );
         let r = promote(&mut m, 2, 1);
-        let MetaResponse::Volume(nv) = r else { panic!("{r:?}") };
+        let MetaResponse::Volume(nv) = r else {
+            panic!("{r:?}")
+        };
         assert_eq!((nv.primary, nv.epoch), (2, 2));
         assert_eq!(nv.state_of(2), Some(ReplicaState::Live));
         assert!(nv.stale.contains(&1) && nv.stale.contains(&3) && !nv.stale.contains(&2));
@@ -590,7 +598,11 @@ mod tests {
         dead(&mut m, 2, 0);
         dead(&mut m, 3, 0);
         assert!(matches!(
-            m.apply(&MetaCommand::MarkStale { volume: v.name.clone(), node: 2, epoch: 1 }),
+            m.apply(&MetaCommand::MarkStale {
+                volume: v.name.clone(),
+                node: 2,
+                epoch: 1
+            }),
             MetaResponse::Volume(_)
         ));
         assert!(matches!(promote(&mut m, 2, 1), MetaResponse::Rejected(_)));
@@ -607,11 +619,25 @@ mod tests {
                 size_bytes,
             })
         };
-        assert!(matches!(resize(&mut m, v.size_bytes * 2), MetaResponse::Volume(ref x) if x.size_bytes == v.size_bytes * 2));
-        assert!(matches!(resize(&mut m, v.size_bytes), MetaResponse::Rejected(_)), "shrink");
-        assert!(matches!(resize(&mut m, v.size_bytes * 2 + 1), MetaResponse::Rejected(_)), "unaligned");
+        assert!(
+            matches!(resize(&mut m, v.size_bytes * 2), MetaResponse::Volume(ref x) if x.size_bytes == v.size_bytes * 2)
+        );
+        assert!(
+            matches!(resize(&mut m, v.size_bytes), MetaResponse::Rejected(_)),
+            "shrink"
+        );
+        assert!(
+            matches!(
+                resize(&mut m, v.size_bytes * 2 + 1),
+                MetaResponse::Rejected(_)
+            ),
+            "unaligned"
+        );
         assert!(matches!(
-            m.apply(&MetaCommand::ResizeVolume { name: "nope".into(), size_bytes: 1 << 30 }),
+            m.apply(&MetaCommand::ResizeVolume {
+                name: "nope".into(),
+                size_bytes: 1 << 30
+            }),
             MetaResponse::Rejected(_)
         ));
         assert_eq!(m.volumes[&v.name].size_bytes, v.size_bytes * 2);

@@ -139,7 +139,11 @@ impl GrowIntent {
             return Err("grow intent checksum mismatch".into());
         }
         let meta = decode_slice_header(&body[8..8 + BLOCK_SIZE])?;
-        let len = u64::from_le_bytes(body[8 + BLOCK_SIZE..16 + BLOCK_SIZE].try_into().expect("8 bytes"));
+        let len = u64::from_le_bytes(
+            body[8 + BLOCK_SIZE..16 + BLOCK_SIZE]
+                .try_into()
+                .expect("8 bytes"),
+        );
         let cksum = body[16 + BLOCK_SIZE..].to_vec();
         if cksum.len() as u64 != len || len != cksum_file_len(&level_lens(meta.page_count())) {
             return Err("grow intent has a checksum file of the wrong length".into());
@@ -151,12 +155,19 @@ impl GrowIntent {
 /// Applies a committed grow: the new checksum file over the old in place, then the
 /// slice header with the new size, then the intent is removed. Idempotent: a crash
 /// anywhere in here leaves the intent, and `open` applies it again.
-fn apply_grow(dir: &Path, slice: &DiskFile, cksum: &DiskFile, g: &GrowIntent) -> Result<(), StoreError> {
+fn apply_grow(
+    dir: &Path,
+    slice: &DiskFile,
+    cksum: &DiskFile,
+    g: &GrowIntent,
+) -> Result<(), StoreError> {
     let cp = cksum.path().to_path_buf();
     cksum
         .allocate(0, g.cksum.len() as u64)
         .map_err(|e| StoreError::io(&cp, e))?;
-    cksum.write_at(&g.cksum, 0).map_err(|e| StoreError::io(&cp, e))?;
+    cksum
+        .write_at(&g.cksum, 0)
+        .map_err(|e| StoreError::io(&cp, e))?;
     cksum.sync_data().map_err(|e| StoreError::io(&cp, e))?;
     let sp = slice.path().to_path_buf();
     slice
@@ -887,8 +898,10 @@ impl Volume {
             ));
         }
         let lens = level_lens(page_count_for(new_size));
-        let mut levels: Vec<Vec<Checksum>> =
-            lens.iter().map(|n| vec![Checksum::ZERO; *n as usize]).collect();
+        let mut levels: Vec<Vec<Checksum>> = lens
+            .iter()
+            .map(|n| vec![Checksum::ZERO; *n as usize])
+            .collect();
         for (k, l) in st.levels.iter().enumerate() {
             levels[k][..l.len()].copy_from_slice(l);
         }
@@ -1299,15 +1312,30 @@ mod tests {
             v.sync().unwrap();
             // Slice page 1 damaged on disk (found at the next load).
             let (sp, off) = v.locate_page(Lba(256));
-            DiskFile::open(&sp, false).unwrap().write_at(&[0x77; 4], off + 16).unwrap();
+            DiskFile::open(&sp, false)
+                .unwrap()
+                .write_at(&[0x77; 4], off + 16)
+                .unwrap();
             v.grow_until(big, stop).unwrap();
             drop(v);
             let v2 = Volume::open(dir.path()).unwrap();
             let damaged = v2.load().unwrap();
-            let want = if stop == GrowStep::BeforeCommit { small } else { big };
+            let want = if stop == GrowStep::BeforeCommit {
+                small
+            } else {
+                big
+            };
             assert_eq!(v2.size_bytes(), want, "{stop:?}");
-            assert_eq!(v2.level_lens(), level_lens(page_count_for(want)), "{stop:?}");
-            assert_eq!(damaged, vec![1], "damage found before the grow is kept ({stop:?})");
+            assert_eq!(
+                v2.level_lens(),
+                level_lens(page_count_for(want)),
+                "{stop:?}"
+            );
+            assert_eq!(
+                damaged,
+                vec![1],
+                "damage found before the grow is kept ({stop:?})"
+            );
             assert_eq!(v2.id_at(Lba(3)), Some(id(1)));
             assert_eq!(v2.id_at(Lba(4)), Some(id(2)));
             assert_eq!(v2.id_at(Lba(256)), None);
@@ -1344,7 +1372,10 @@ mod tests {
         std::fs::write(&p, b).unwrap();
         assert!(matches!(
             Volume::open(dir.path()),
-            Err(StoreError::Corrupted { what: "grow intent", .. })
+            Err(StoreError::Corrupted {
+                what: "grow intent",
+                ..
+            })
         ));
     }
 

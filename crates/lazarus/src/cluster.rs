@@ -5,8 +5,8 @@
 use crate::config::NodeConfig;
 use crate::rpc::{
     self, RpcClient, KIND_APPEND, KIND_BLOCKS, KIND_CLIENT_WRITE, KIND_FLUSH, KIND_FORWARD,
-    KIND_LEASE, KIND_PAGE, KIND_PING, KIND_REPLICATE, KIND_RESYNC_BEGIN, KIND_SNAPSHOT,
-    KIND_STATS, KIND_TREE, KIND_VOTE,
+    KIND_LEASE, KIND_PAGE, KIND_PING, KIND_REPLICATE, KIND_RESYNC_BEGIN, KIND_SNAPSHOT, KIND_STATS,
+    KIND_TREE, KIND_VOTE,
 };
 use lazarus_cluster::raft_store::{NodeId, Raft, Store, TypeConfig};
 use lazarus_cluster::ReplicaState;
@@ -738,14 +738,13 @@ impl Cluster {
                 node,
                 epoch: v.epoch,
             };
-            let wait = if self.recovery.is_some() {
-                Duration::from_secs(2)
-            } else {
-                PROPOSE_TIMEOUT
-            };
-            match tokio::time::timeout(wait, self.propose(cmd)).await {
+            match tokio::time::timeout(self.write_path_propose_wait(), self.propose(cmd)).await {
                 Ok(Ok(MetaResponse::Volume(_))) => {
-                    tracing::info!(volume, replica = node, "copy marked stale: writes go on without it");
+                    tracing::info!(
+                        volume,
+                        replica = node,
+                        "copy marked stale: writes go on without it"
+                    );
                 }
                 Ok(Err(_)) | Err(_) if self.recovery.is_some() => stale_unrecorded = true,
                 other => {
@@ -830,12 +829,9 @@ impl Cluster {
                     };
                     // Without a majority the mark never commits: a volume with a
                     // recovery server goes on through it as its last failure domain.
-                    let wait = if self.recovery.is_some() {
-                        Duration::from_secs(2)
-                    } else {
-                        PROPOSE_TIMEOUT
-                    };
-                    match tokio::time::timeout(wait, self.propose(cmd)).await {
+                    match tokio::time::timeout(self.write_path_propose_wait(), self.propose(cmd))
+                        .await
+                    {
                         Ok(Ok(MetaResponse::Volume(_))) => {
                             tracing::info!(volume, replica = node, "replica marked dead");
                             crate::events::record(
@@ -916,6 +912,17 @@ impl Cluster {
         Ok(())
     }
 
+    /// How long a write waits for a metadata change it needs before it is
+    /// acknowledged: briefly with a recovery server (without a majority the volume goes
+    /// on through it), else as long as any proposal.
+    fn write_path_propose_wait(&self) -> Duration {
+        if self.recovery.is_some() {
+            Duration::from_secs(2)
+        } else {
+            PROPOSE_TIMEOUT
+        }
+    }
+
     /// Whether this node is the volume's primary and some replica takes its updates.
     pub fn has_update_targets(&self, volume: &str) -> bool {
         self.effective(volume).is_some_and(|v| {
@@ -944,7 +951,11 @@ impl Cluster {
     }
 
     /// Another node's own summary for the dashboard.
-    pub async fn peer_stats(&self, node: NodeId, timeout: Duration) -> Result<serde_json::Value, String> {
+    pub async fn peer_stats(
+        &self,
+        node: NodeId,
+        timeout: Duration,
+    ) -> Result<serde_json::Value, String> {
         let addr = self.rpc_addr(node).ok_or("no address known")?;
         let body = self
             .network
@@ -1113,7 +1124,11 @@ impl Cluster {
         let (b, name) = (self.blocks.clone(), volume.to_string());
         match tokio::task::spawn_blocking(move || b.resize_volume(&name, size)).await {
             Ok(Ok(_)) => {
-                crate::events::record("resize", volume, format!("n{}: copy grown to {size} bytes", self.id));
+                crate::events::record(
+                    "resize",
+                    volume,
+                    format!("n{}: copy grown to {size} bytes", self.id),
+                );
             }
             Ok(Err(e)) => {
                 tracing::error!(volume, size, error = %e, "cannot grow the local copy")

@@ -127,7 +127,12 @@ pub fn local_stats(engine: &Engine) -> Value {
         out["leases"] = json!(c.held_leases());
         out["resync"] = json!(c.resync.progress());
         out["isolated"] = json!(c.is_isolated());
-        out["drops"] = json!(c.drops.lock().iter().map(|n| format!("n{n}")).collect::<Vec<_>>());
+        out["drops"] = json!(c
+            .drops
+            .lock()
+            .iter()
+            .map(|n| format!("n{n}"))
+            .collect::<Vec<_>>());
     }
     out
 }

@@ -412,7 +412,11 @@ fn client_command(cmd: Cmd) -> anyhow::Result<()> {
                     client::Api::new(&a)
                 };
                 // The scrub runs in the request; its progress is polled beside it.
-                let base = if a.is_empty() { api.base().to_string() } else { a.clone() };
+                let base = if a.is_empty() {
+                    api.base().to_string()
+                } else {
+                    a.clone()
+                };
                 let body = json!({ "volume": volume });
                 let worker = std::thread::spawn(move || {
                     client::Api::with_timeout(&base, std::time::Duration::from_secs(3600))
@@ -425,15 +429,25 @@ fn client_command(cmd: Cmd) -> anyhow::Result<()> {
                         if p["running"] == true {
                             let done = p["pages_done"].as_u64().unwrap_or(0);
                             let total = p["pages_total"].as_u64().unwrap_or(0);
-                            status::progress(done.min(total.saturating_sub(1)), total, "pages", t0.elapsed());
+                            status::progress(
+                                done.min(total.saturating_sub(1)),
+                                total,
+                                "pages",
+                                t0.elapsed(),
+                            );
                         }
                     }
                 }
-                let result = worker.join().map_err(|_| anyhow::anyhow!("scrub request panicked"))?;
+                let result = worker
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("scrub request panicked"))?;
                 if let Ok((200, r)) = &result {
                     let n = r["volumes"].as_array().map_or(0, |v| {
                         v.iter()
-                            .map(|x| x["slice_pages_checked"].as_u64().unwrap_or(0) + x["checksum_pages_checked"].as_u64().unwrap_or(0))
+                            .map(|x| {
+                                x["slice_pages_checked"].as_u64().unwrap_or(0)
+                                    + x["checksum_pages_checked"].as_u64().unwrap_or(0)
+                            })
                             .sum::<u64>()
                     });
                     status::progress(n, n, "pages", t0.elapsed());
@@ -648,7 +662,11 @@ fn runtime() -> tokio::runtime::Runtime {
 
 /// `lazarus resync`: polls the metadata and each catching-up copy's own progress until
 /// every copy of the volume is live.
-fn watch_resync(api: &client::Api, volume: &str, timeout: std::time::Duration) -> anyhow::Result<()> {
+fn watch_resync(
+    api: &client::Api,
+    volume: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
     let t0 = std::time::Instant::now();
     let mut shown = String::new();
     loop {
@@ -678,14 +696,19 @@ fn watch_resync(api: &client::Api, volume: &str, timeout: std::time::Duration) -
         for n in &behind {
             let admin = c["metadata"]["nodes"][n]["admin"].as_str().unwrap_or("");
             let state = states[n].as_str().unwrap_or("?");
-            let p = client::Api::with_timeout(&format!("http://{admin}"), std::time::Duration::from_secs(2))
-                .get("/api/v1/cluster")
-                .ok()
-                .filter(|(code, _)| *code == 200)
-                .map(|(_, b)| b["resync"][volume].clone())
-                .unwrap_or(serde_json::Value::Null);
+            let p = client::Api::with_timeout(
+                &format!("http://{admin}"),
+                std::time::Duration::from_secs(2),
+            )
+            .get("/api/v1/cluster")
+            .ok()
+            .filter(|(code, _)| *code == 200)
+            .map(|(_, b)| b["resync"][volume].clone())
+            .unwrap_or(serde_json::Value::Null);
             if p.is_null() {
-                line.push(format!("n{n} {state} (not answering, or its resync has not started)"));
+                line.push(format!(
+                    "n{n} {state} (not answering, or its resync has not started)"
+                ));
                 continue;
             }
             let copied = p["pages_copied"].as_u64().unwrap_or(0);
@@ -696,7 +719,10 @@ fn watch_resync(api: &client::Api, volume: &str, timeout: std::time::Duration) -
                 "n{n} {state}: {} pass {}, {copied}/{differing} pages{}",
                 p["state"].as_str().unwrap_or("?"),
                 p["pass"],
-                p["error"].as_str().map(|e| format!(", error: {e}")).unwrap_or_default()
+                p["error"]
+                    .as_str()
+                    .map(|e| format!(", error: {e}"))
+                    .unwrap_or_default()
             ));
         }
         let now = line.join("; ");
@@ -709,7 +735,12 @@ fn watch_resync(api: &client::Api, volume: &str, timeout: std::time::Duration) -
             shown = now;
         }
         if total > 0 {
-            status::progress(done.min(total.saturating_sub(1)), total, "pages", t0.elapsed());
+            status::progress(
+                done.min(total.saturating_sub(1)),
+                total,
+                "pages",
+                t0.elapsed(),
+            );
         }
         if t0.elapsed() > timeout {
             anyhow::bail!("{volume}: copies still not live after {timeout:?}: {shown}");

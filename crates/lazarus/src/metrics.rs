@@ -226,7 +226,9 @@ pub fn record_request(volume: &str, op: Op, bytes: u64, took: Duration, ok: bool
         m.bytes.get_or_create(&l).inc_by(bytes);
     }
     m.latency.get_or_create(&l).observe(took.as_secs_f64());
-    m.latency_ns.get_or_create(&l).inc_by(took.as_nanos() as u64);
+    m.latency_ns
+        .get_or_create(&l)
+        .inc_by(took.as_nanos() as u64);
 }
 
 /// This node's request totals for one volume and op: (requests, errors, bytes,
@@ -263,9 +265,7 @@ pub fn render(engine: &crate::engine::Engine) -> String {
         m.unrecoverable_lbas
             .get_or_create(&l)
             .set(v.damaged_ranges().iter().map(|r| r.1).sum::<u64>() as i64);
-        m.volume_size
-            .get_or_create(&l)
-            .set(v.size_bytes() as i64);
+        m.volume_size.get_or_create(&l).set(v.size_bytes() as i64);
     }
     if let Some(c) = engine.cluster.get() {
         m.primary_leases.set(c.held_leases().len() as i64);

@@ -129,7 +129,10 @@ async fn start_recovery_server(args: &UpArgs) -> anyhow::Result<(Child, Endpoint
         .arg(&addr)
         .stdout(logf.try_clone()?)
         .stderr(logf)
-        .env(crate::node::SUPERVISOR_PID_ENV, std::process::id().to_string())
+        .env(
+            crate::node::SUPERVISOR_PID_ENV,
+            std::process::id().to_string(),
+        )
         .kill_on_drop(true);
     if let Some(l) = &args.log_level {
         cmd.arg("--log-level").arg(l);
@@ -191,7 +194,10 @@ async fn start_node(args: &UpArgs, i: usize) -> anyhow::Result<(Child, Endpoints
         .arg(&cfg_path)
         .stdout(logf.try_clone()?)
         .stderr(logf)
-        .env(crate::node::SUPERVISOR_PID_ENV, std::process::id().to_string())
+        .env(
+            crate::node::SUPERVISOR_PID_ENV,
+            std::process::id().to_string(),
+        )
         .kill_on_drop(true);
     if let Some(l) = &args.log_level {
         cmd.arg("--log-level").arg(l);

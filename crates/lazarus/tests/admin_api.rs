@@ -211,7 +211,17 @@ fn contract_bad_requests_and_openapi() {
     assert_eq!(code, 200, "{body}");
     let uri = node.uri("v1");
     let o = Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "read -P 0 64M 1M", "-c", "write -P 0x3c 99M 1M", "-c", "flush", &uri])
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0 64M 1M",
+            "-c",
+            "write -P 0x3c 99M 1M",
+            "-c",
+            "flush",
+            &uri,
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

@@ -380,13 +380,19 @@ fn up_killed_with_sigkill_restarts_on_the_same_ports() {
     let mut up = Up::start(&data, "64MiB");
     let base = up.base;
     qemu_io_ok(&up.uri(1, "vol0"), &["write -P 0x6d 2M 1M", "flush"]);
-    let pids: Vec<u32> = (1..=3).map(|n| up.node_pid(n)).chain([up.rs_pid()]).collect();
+    let pids: Vec<u32> = (1..=3)
+        .map(|n| up.node_pid(n))
+        .chain([up.rs_pid()])
+        .collect();
     up.kill9_supervisor();
     let t0 = Instant::now();
     // Running: /proc has it and it is not a zombie (whoever reaps orphans here).
     let running = |p: &u32| {
-        std::fs::read_to_string(format!("/proc/{p}/stat"))
-            .is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| !r.trim_start().starts_with('Z')))
+        std::fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| !r.trim_start().starts_with('Z'))
+        })
     };
     while pids.iter().any(running) {
         assert!(
@@ -397,7 +403,8 @@ fn up_killed_with_sigkill_restarts_on_the_same_ports() {
     }
     for n in 1..=3 {
         assert!(
-            up.node_log(n).contains("supervisor is gone; stopping cleanly"),
+            up.node_log(n)
+                .contains("supervisor is gone; stopping cleanly"),
             "n{n} did not stop by itself"
         );
     }
@@ -466,7 +473,10 @@ fn replication_factor_one_and_delete_everywhere() {
 
 /// `nbdinfo --size` of a fresh connection.
 fn nbd_size(uri: &str) -> Option<u64> {
-    let o = Command::new("nbdinfo").args(["--size", uri]).output().ok()?;
+    let o = Command::new("nbdinfo")
+        .args(["--size", uri])
+        .output()
+        .ok()?;
     String::from_utf8_lossy(&o.stdout).trim().parse().ok()
 }
 
@@ -521,7 +531,11 @@ fn volume_resize_grows_every_copy() {
     assert_eq!(nbd_size(&up.uri(p, "vol0")), Some(100 << 20));
     qemu_io_ok(
         &up.uri(p, "vol0"),
-        &["read -P 0x11 0 1M", "read -P 0x22 96M 2M", "read -P 0 104853504 4k"],
+        &[
+            "read -P 0x11 0 1M",
+            "read -P 0x22 96M 2M",
+            "read -P 0 104853504 4k",
+        ],
     );
 }
 
@@ -549,10 +563,18 @@ fn every_copy_crashed_the_current_one_is_promoted_never_a_stale_one() {
     let m = up.wait_meta(2, "vol0", Duration::from_secs(30), "a primary again", |m| {
         m["primary"] != 1 && m["states"][m["primary"].to_string()] == "live"
     });
-    assert_eq!(m["primary"], 2, "the stale copy (n3) must never be promoted: {m}");
+    assert_eq!(
+        m["primary"], 2,
+        "the stale copy (n3) must never be promoted: {m}"
+    );
     qemu_io_ok(
         &up.uri(3, "vol0"),
-        &["read -P 0x31 0 1M", "read -P 0x32 1M 1M", "write -P 0x33 2M 1M", "flush"],
+        &[
+            "read -P 0x31 0 1M",
+            "read -P 0x32 1M 1M",
+            "write -P 0x33 2M 1M",
+            "flush",
+        ],
     );
     // n3 resyncs from n2; n1 comes back and resyncs too; all equal.
     up.cli_ok(&["fault", "revive", "--node", "n1"]);
@@ -561,6 +583,10 @@ fn every_copy_crashed_the_current_one_is_promoted_never_a_stale_one() {
     assert!(roots.iter().all(|r| *r == roots[0]), "{roots:?}");
     qemu_io_ok(
         &up.uri(1, "vol0"),
-        &["read -P 0x31 0 1M", "read -P 0x32 1M 1M", "read -P 0x33 2M 1M"],
+        &[
+            "read -P 0x31 0 1M",
+            "read -P 0x32 1M 1M",
+            "read -P 0x33 2M 1M",
+        ],
     );
 }

@@ -86,10 +86,7 @@ fn tag<'a>(dom: &'a str, id: &str) -> &'a str {
 
 fn attr<'a>(tag: &'a str, name: &str) -> &'a str {
     let k = format!("{name}=\"");
-    let at = tag
-        .find(&k)
-        .unwrap_or_else(|| panic!("no {name} in {tag}"))
-        + k.len();
+    let at = tag.find(&k).unwrap_or_else(|| panic!("no {name} in {tag}")) + k.len();
     &tag[at..at + tag[at..].find('"').unwrap()]
 }
 
@@ -105,18 +102,32 @@ fn dashboard_shows_the_cluster_and_a_killed_node_in_red() {
 
     // Some client I/O for the charts and counters.
     let o = Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "write -P 0x5a 0 4M", "-c", "read -P 0x5a 0 4M"])
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5a 0 4M",
+            "-c",
+            "read -P 0x5a 0 4M",
+        ])
         .arg(up.uri(1, "vol0"))
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
     let page = dom(&profile, &url);
-    assert!(page.contains("data-loaded=\"1\""), "the script never rendered:\n{page}");
+    assert!(
+        page.contains("data-loaded=\"1\""),
+        "the script never rendered:\n{page}"
+    );
     for n in ["n1", "n2", "n3"] {
         let t = tag(&page, &format!("node-{n}"));
         assert_eq!(attr(t, "data-state"), "up", "{t}");
-        assert_eq!(attr(t, "data-border"), "rgb(47, 191, 113)", "{n} not green: {t}");
+        assert_eq!(
+            attr(t, "data-border"),
+            "rgb(47, 191, 113)",
+            "{n} not green: {t}"
+        );
         let c = tag(&page, &format!("copy-vol0-{n}"));
         assert!(c.contains("s-live"), "{c}");
     }
@@ -158,7 +169,11 @@ fn dashboard_shows_the_cluster_and_a_killed_node_in_red() {
         std::thread::sleep(Duration::from_millis(300));
     };
     let t = tag(&page, "node-n3");
-    assert_eq!(attr(t, "data-border"), "rgb(229, 72, 77)", "n3 not red: {t}");
+    assert_eq!(
+        attr(t, "data-border"),
+        "rgb(229, 72, 77)",
+        "n3 not red: {t}"
+    );
     assert!(t.contains("down"), "{t}");
     for n in ["n1", "n2"] {
         assert_eq!(attr(tag(&page, &format!("node-{n}")), "data-state"), "up");

@@ -285,8 +285,10 @@ fn claim_ports() -> (u16, std::fs::File) {
     use std::os::fd::AsRawFd;
     loop {
         let base = 12000 + 40 * fastrand::u16(0..515);
-        let f = std::fs::File::create(std::env::temp_dir().join(format!("lazarus-test-ports-{base}.lock")))
-            .expect("create a port-slot lock file");
+        let f = std::fs::File::create(
+            std::env::temp_dir().join(format!("lazarus-test-ports-{base}.lock")),
+        )
+        .expect("create a port-slot lock file");
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0
             && ports_free(base)
         {
