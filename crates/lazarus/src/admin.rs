@@ -285,6 +285,30 @@ pub enum SizeArg {
     Text(String),
 }
 
+impl SizeArg {
+    /// The size in bytes: a number, or text such as "10GiB".
+    fn bytes(self) -> Result<u64, ApiError> {
+        match self {
+            SizeArg::Bytes(n) => Ok(n),
+            SizeArg::Text(t) => {
+                lazarus_types::parse_size(&t).map_err(|m| ApiError(StatusCode::BAD_REQUEST, m))
+            }
+        }
+    }
+}
+
+/// A JSON request body, or a 400 that says what is wrong with it.
+fn request_body<T>(
+    body: Result<Json<T>, axum::extract::rejection::JsonRejection>,
+) -> Result<T, ApiError> {
+    body.map(|Json(t)| t).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("bad request body: {}", e.body_text()),
+        )
+    })
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateVolume {
@@ -299,18 +323,8 @@ async fn create_volume(
     State(s): State<AppState>,
     body: Result<Json<CreateVolume>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<VolumeView>), ApiError> {
-    let Json(req) = body.map_err(|e| {
-        ApiError(
-            StatusCode::BAD_REQUEST,
-            format!("bad request body: {}", e.body_text()),
-        )
-    })?;
-    let size = match req.size {
-        SizeArg::Bytes(n) => n,
-        SizeArg::Text(t) => {
-            lazarus_types::parse_size(&t).map_err(|m| ApiError(StatusCode::BAD_REQUEST, m))?
-        }
-    };
+    let req = request_body(body)?;
+    let size = req.size.bytes()?;
     if let Some(c) = s.cluster.clone() {
         return create_in_cluster(&s, &c, req.name, size, req.replication_factor).await;
     }
@@ -442,18 +456,8 @@ async fn resize_volume(
     Path(name): Path<String>,
     body: Result<Json<ResizeReq>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<VolumeView>, ApiError> {
-    let Json(req) = body.map_err(|e| {
-        ApiError(
-            StatusCode::BAD_REQUEST,
-            format!("bad request body: {}", e.body_text()),
-        )
-    })?;
-    let size = match req.size {
-        SizeArg::Bytes(n) => n,
-        SizeArg::Text(t) => {
-            lazarus_types::parse_size(&t).map_err(|m| ApiError(StatusCode::BAD_REQUEST, m))?
-        }
-    };
+    let req = request_body(body)?;
+    let size = req.size.bytes()?;
     lazarus_types::check_volume_size(size).map_err(|m| ApiError(StatusCode::BAD_REQUEST, m))?;
     if let Some(c) = s.cluster.clone() {
         let cmd = lazarus_cluster::MetaCommand::ResizeVolume {

@@ -41,20 +41,25 @@ fn io_totals(engine: &Engine) -> [u64; 4] {
     for v in engine.store.volumes() {
         for op in Op::ALL {
             let (count, _, _, ns) = crate::metrics::totals(&v.meta.name, op);
-            match op {
-                Op::Read => {
-                    t[0] += count;
-                    t[2] += ns;
-                }
-                Op::Flush => {}
-                _ => {
-                    t[1] += count;
-                    t[3] += ns;
-                }
-            }
+            add_to_totals(&mut t, op, count, ns);
         }
     }
     t
+}
+
+/// Adds one op's count and nanoseconds to `io_totals`-shaped totals.
+fn add_to_totals(t: &mut [u64; 4], op: Op, count: u64, ns: u64) {
+    match op {
+        Op::Read => {
+            t[0] += count;
+            t[2] += ns;
+        }
+        Op::Flush => {}
+        _ => {
+            t[1] += count;
+            t[3] += ns;
+        }
+    }
 }
 
 /// Samples this node's I/O totals once a second into `HISTORY`.
@@ -79,11 +84,13 @@ pub fn start_sampler(engine: std::sync::Arc<Engine>) {
 /// This node's own summary (what `KIND_STATS` answers).
 pub fn local_stats(engine: &Engine) -> Value {
     let mut volumes = serde_json::Map::new();
+    let mut totals = [0u64; 4];
     for v in engine.store.volumes() {
         let name = v.meta.name.clone();
         let mut ops = serde_json::Map::new();
         for op in Op::ALL {
             let (count, errors, bytes, ns) = crate::metrics::totals(&name, op);
+            add_to_totals(&mut totals, op, count, ns);
             ops.insert(
                 op.label().to_string(),
                 json!({"count": count, "errors": errors, "bytes": bytes, "ns": ns}),
@@ -114,7 +121,7 @@ pub fn local_stats(engine: &Engine) -> Value {
         "repairs": repairs["counters"],
         "repair_bytes": repairs["bytes"],
         "scrub": engine.repair.scrub_progress(),
-        "io_totals": io_totals(engine),
+        "io_totals": totals,
         "history": HISTORY.lock().iter().collect::<Vec<_>>(),
         "device_failed": lazarus_store::disk::device_failed(),
     });
