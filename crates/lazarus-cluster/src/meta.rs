@@ -213,6 +213,19 @@ pub enum MetaCommand {
         epoch: u64,
         jeopardy: bool,
         live: Vec<NodeId>,
+        /// `primary` took over from a silent holder by replaying the recovery log onto
+        /// a copy that was current when the log began. Only then may a copy other than
+        /// the current primary be adopted: a dead or stale copy is never made primary
+        /// on the recovery server's word alone.
+        #[serde(default)]
+        restored: bool,
+    },
+    /// Records a failure count ID the leader moved the recovery server to (fencing a
+    /// stray claim back to the current primary); changes nothing else.
+    Refence {
+        volume: String,
+        fcid: u64,
+        epoch: u64,
     },
 }
 
@@ -220,7 +233,32 @@ pub enum MetaCommand {
 pub enum MetaResponse {
     Ok,
     Volume(VolumeInfo),
+    /// The command is invalid in the current state (the reason says why).
     Rejected(String),
+    /// The command names a volume that does not exist.
+    NotFound(String),
+    /// `CreateVolume` of a name that exists.
+    Exists(String),
+}
+
+/// Why `try_apply` refused a command; callers act on the kind, never on the text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum MetaError {
+    Rejected(String),
+    NotFound(String),
+    Exists(String),
+}
+
+impl From<String> for MetaError {
+    fn from(m: String) -> MetaError {
+        MetaError::Rejected(m)
+    }
+}
+
+impl From<&str> for MetaError {
+    fn from(m: &str) -> MetaError {
+        MetaError::Rejected(m.to_string())
+    }
 }
 
 impl ClusterMeta {
@@ -229,30 +267,29 @@ impl ClusterMeta {
     pub fn apply(&mut self, cmd: &MetaCommand) -> MetaResponse {
         match self.try_apply(cmd) {
             Ok(r) => r,
-            Err(msg) => MetaResponse::Rejected(msg),
+            Err(MetaError::Rejected(m)) => MetaResponse::Rejected(m),
+            Err(MetaError::NotFound(m)) => MetaResponse::NotFound(m),
+            Err(MetaError::Exists(m)) => MetaResponse::Exists(m),
         }
     }
 
     /// The volume, if `epoch` is its current epoch: decisions taken on an older view
     /// of the volume (before a promotion) are refused.
-    fn volume_at_epoch(&mut self, name: &str, epoch: u64) -> Result<&mut VolumeInfo, String> {
+    fn volume_at_epoch(&mut self, name: &str, epoch: u64) -> Result<&mut VolumeInfo, MetaError> {
         let v = self.volume_mut(name)?;
         if epoch != v.epoch {
-            return Err(format!(
-                "stale epoch {epoch} (volume {name:?} is at {})",
-                v.epoch
-            ));
+            return Err(format!("stale epoch {epoch} (volume {name:?} is at {})", v.epoch).into());
         }
         Ok(v)
     }
 
-    fn volume_mut(&mut self, name: &str) -> Result<&mut VolumeInfo, String> {
+    fn volume_mut(&mut self, name: &str) -> Result<&mut VolumeInfo, MetaError> {
         self.volumes
             .get_mut(name)
-            .ok_or_else(|| format!("volume {name:?} does not exist"))
+            .ok_or_else(|| MetaError::NotFound(format!("volume {name:?} does not exist")))
     }
 
-    fn try_apply(&mut self, cmd: &MetaCommand) -> Result<MetaResponse, String> {
+    fn try_apply(&mut self, cmd: &MetaCommand) -> Result<MetaResponse, MetaError> {
         match cmd {
             MetaCommand::SetNode { id, info } => {
                 self.nodes.insert(*id, info.clone());
@@ -267,12 +304,13 @@ impl ClusterMeta {
                 lazarus_types::check_volume_name(name)?;
                 lazarus_types::check_volume_size(*size_bytes)?;
                 if self.volumes.contains_key(name) {
-                    return Err(format!("volume {name:?} already exists"));
+                    return Err(MetaError::Exists(format!("volume {name:?} already exists")));
                 }
                 if replicas.is_empty() || replicas.len() > REPLICATION_FACTOR_MAX {
                     return Err(format!(
                         "replication factor must be 1 to {REPLICATION_FACTOR_MAX}"
-                    ));
+                    )
+                    .into());
                 }
                 let mut seen = replicas.clone();
                 seen.sort_unstable();
@@ -281,11 +319,11 @@ impl ClusterMeta {
                     return Err("a node can hold only one copy of a volume".into());
                 }
                 if let Some(n) = replicas.iter().find(|n| !self.nodes.contains_key(n)) {
-                    return Err(format!("node {n} is not a cluster member"));
+                    return Err(format!("node {n} is not a cluster member").into());
                 }
                 let primary = primary.unwrap_or(replicas[0]);
                 if !replicas.contains(&primary) {
-                    return Err(format!("primary {primary} is not one of the replicas"));
+                    return Err(format!("primary {primary} is not one of the replicas").into());
                 }
                 self.next_uid += 1;
                 let v = VolumeInfo {
@@ -306,24 +344,22 @@ impl ClusterMeta {
                 Ok(MetaResponse::Volume(v))
             }
             MetaCommand::DeleteVolume { name } => {
-                let v = self
-                    .volumes
-                    .remove(name)
-                    .ok_or_else(|| format!("volume {name:?} does not exist"))?;
+                let v = self.volumes.remove(name).ok_or_else(|| {
+                    MetaError::NotFound(format!("volume {name:?} does not exist"))
+                })?;
                 self.deleted.insert(v.uid);
                 Ok(MetaResponse::Ok)
             }
             MetaCommand::ResizeVolume { name, size_bytes } => {
                 lazarus_types::check_volume_size(*size_bytes)?;
-                let v = self
-                    .volumes
-                    .get_mut(name)
-                    .ok_or_else(|| format!("volume {name:?} does not exist"))?;
+                let v = self.volumes.get_mut(name).ok_or_else(|| {
+                    MetaError::NotFound(format!("volume {name:?} does not exist"))
+                })?;
                 if *size_bytes < v.size_bytes {
                     return Err(format!(
                         "volume {name:?} is {} bytes: shrinking it to {size_bytes} would discard data; only growing is supported",
                         v.size_bytes
-                    ));
+                    ).into());
                 }
                 v.size_bytes = *size_bytes;
                 Ok(MetaResponse::Volume(v.clone()))
@@ -337,7 +373,7 @@ impl ClusterMeta {
             } => {
                 let v = self.volume_at_epoch(volume, *epoch)?;
                 if !v.replicas.contains(node) {
-                    return Err(format!("node {node} holds no copy of {volume:?}"));
+                    return Err(format!("node {node} holds no copy of {volume:?}").into());
                 }
                 if *node == v.primary && *state != ReplicaState::Live {
                     return Err(
@@ -377,16 +413,17 @@ impl ClusterMeta {
                         return Err(format!(
                             "failure count ID {f} is older than the volume's {}",
                             v.failure_count_id
-                        ));
+                        )
+                        .into());
                     }
                 }
                 if *node == v.primary {
-                    return Err(format!("node {node} is already the primary"));
+                    return Err(format!("node {node} is already the primary").into());
                 }
                 if v.state_of(*node) != Some(ReplicaState::Live) && !v.promotable_dead(*node) {
                     return Err(format!(
                         "node {node} is not a live replica of {volume:?} (nor a dead one that has every flushed write while no replica is live)"
-                    ));
+                    ).into());
                 }
                 let old = v.primary;
                 v.states.insert(old, ReplicaState::Dead);
@@ -407,7 +444,7 @@ impl ClusterMeta {
             } => {
                 let v = self.volume_at_epoch(volume, *epoch)?;
                 if !v.replicas.contains(node) || *node == v.primary {
-                    return Err(format!("node {node} holds no replica of {volume:?}"));
+                    return Err(format!("node {node} holds no replica of {volume:?}").into());
                 }
                 v.stale.insert(*node);
                 Ok(MetaResponse::Volume(v.clone()))
@@ -418,7 +455,8 @@ impl ClusterMeta {
                     return Err(format!(
                         "failure count ID {fcid} is older than the volume's {}",
                         v.failure_count_id
-                    ));
+                    )
+                    .into());
                 }
                 v.recovery_flag = *on;
                 v.failure_count_id = *fcid;
@@ -446,19 +484,26 @@ impl ClusterMeta {
                 epoch,
                 jeopardy,
                 live,
+                restored,
             } => {
                 let v = self.volume_mut(volume)?;
+                if *primary != v.primary && !(*jeopardy && *restored) {
+                    return Err(format!(
+                        "n{primary} is not the primary of {volume:?} and did not restore from the recovery log: not adopted"
+                    ).into());
+                }
                 if v.uid != *uid {
-                    return Err(format!("volume {volume:?} is uid {}, not {uid}", v.uid));
+                    return Err(format!("volume {volume:?} is uid {}, not {uid}", v.uid).into());
                 }
                 if *fcid <= v.failure_count_id {
                     return Err(format!(
                         "failure count ID {fcid} is not newer than the volume's {}",
                         v.failure_count_id
-                    ));
+                    )
+                    .into());
                 }
                 if !v.replicas.contains(primary) {
-                    return Err(format!("node {primary} holds no copy of {volume:?}"));
+                    return Err(format!("node {primary} holds no copy of {volume:?}").into());
                 }
                 v.failure_count_id = *fcid;
                 v.recovery_flag = *jeopardy;
@@ -479,6 +524,22 @@ impl ClusterMeta {
                     }
                     v.states.insert(n, s);
                 }
+                Ok(MetaResponse::Volume(v.clone()))
+            }
+            MetaCommand::Refence {
+                volume,
+                fcid,
+                epoch,
+            } => {
+                let v = self.volume_at_epoch(volume, *epoch)?;
+                if *fcid <= v.failure_count_id {
+                    return Err(format!(
+                        "failure count ID {fcid} is not newer than the volume's {}",
+                        v.failure_count_id
+                    )
+                    .into());
+                }
+                v.failure_count_id = *fcid;
                 Ok(MetaResponse::Volume(v.clone()))
             }
         }
@@ -535,11 +596,19 @@ mod tests {
                     replicas,
                     primary: None
                 }),
-                MetaResponse::Rejected(_)
+                MetaResponse::Rejected(_) | MetaResponse::Exists(_)
             )
         };
         assert!(
-            bad(&mut m, vec![1, 2, 3], 1 << 30, "vol0"),
+            matches!(
+                m.apply(&MetaCommand::CreateVolume {
+                    name: "vol0".into(),
+                    size_bytes: 1 << 30,
+                    replicas: vec![1, 2, 3],
+                    primary: None
+                }),
+                MetaResponse::Exists(_)
+            ),
             "duplicate name"
         );
         assert!(bad(&mut m, vec![1, 1], 1 << 30, "v"), "same node twice");
@@ -609,6 +678,102 @@ mod tests {
         assert!(matches!(promote(&mut m, 3, 1), MetaResponse::Volume(_)));
     }
 
+    /// Section 0 of the correctness issue: a stale, dead copy is never made primary by
+    /// adoption; only the current primary, or a copy that restored from the log.
+    #[test]
+    fn adoption_never_makes_a_dead_or_stale_copy_primary() {
+        let mut m = meta3();
+        let v = create(&mut m);
+        // n1 failed an update: dead and stale.
+        m.apply(&MetaCommand::SetReplicaState {
+            volume: v.name.clone(),
+            node: 1,
+            state: ReplicaState::Dead,
+            epoch: 1,
+            at_ms: 0,
+        });
+        let r = m.apply(&MetaCommand::Promote {
+            volume: v.name.clone(),
+            node: 3,
+            epoch: 1,
+            fcid: Some(3),
+        });
+        assert!(matches!(r, MetaResponse::Volume(_)), "{r:?}");
+        let adopt = |m: &mut ClusterMeta, primary, jeopardy, restored| {
+            m.apply(&MetaCommand::AdoptRecovery {
+                volume: v.name.clone(),
+                uid: v.uid,
+                fcid: 4,
+                primary,
+                epoch: 4,
+                jeopardy,
+                live: vec![primary],
+                restored,
+            })
+        };
+        for (jeopardy, restored) in [(false, false), (true, false), (false, true)] {
+            assert!(
+                matches!(
+                    adopt(&mut m, 1, jeopardy, restored),
+                    MetaResponse::Rejected(_)
+                ),
+                "jeopardy {jeopardy} restored {restored}"
+            );
+        }
+        assert_eq!(m.volumes["vol0"].primary, 3);
+        // Fenced back instead: the failure count ID moves, nothing else.
+        let r = m.apply(&MetaCommand::Refence {
+            volume: v.name.clone(),
+            fcid: 5,
+            epoch: 2,
+        });
+        let MetaResponse::Volume(nv) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!((nv.primary, nv.epoch, nv.failure_count_id), (3, 2, 5));
+        assert!(matches!(
+            m.apply(&MetaCommand::Refence {
+                volume: v.name.clone(),
+                fcid: 5,
+                epoch: 2
+            }),
+            MetaResponse::Rejected(_)
+        ));
+        // A late Promote fenced at the older ID is refused.
+        assert!(matches!(
+            m.apply(&MetaCommand::Promote {
+                volume: v.name.clone(),
+                node: 2,
+                epoch: 2,
+                fcid: Some(4)
+            }),
+            MetaResponse::Rejected(_)
+        ));
+        // The current primary claiming without a majority, or a restored take-over, is.
+        let r = m.apply(&MetaCommand::AdoptRecovery {
+            volume: v.name.clone(),
+            uid: v.uid,
+            fcid: 6,
+            primary: 3,
+            epoch: 2,
+            jeopardy: true,
+            live: vec![3],
+            restored: false,
+        });
+        assert!(matches!(r, MetaResponse::Volume(ref x) if x.primary == 3 && x.recovery_flag));
+        let r = m.apply(&MetaCommand::AdoptRecovery {
+            volume: v.name.clone(),
+            uid: v.uid,
+            fcid: 7,
+            primary: 2,
+            epoch: 3,
+            jeopardy: true,
+            live: vec![2],
+            restored: true,
+        });
+        assert!(matches!(r, MetaResponse::Volume(ref x) if x.primary == 2 && x.epoch == 3));
+    }
+
     #[test]
     fn resize_grows_only() {
         let mut m = meta3();
@@ -638,7 +803,7 @@ mod tests {
                 name: "nope".into(),
                 size_bytes: 1 << 30
             }),
-            MetaResponse::Rejected(_)
+            MetaResponse::NotFound(_)
         ));
         assert_eq!(m.volumes[&v.name].size_bytes, v.size_bytes * 2);
     }

@@ -170,6 +170,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/v1/faults", get(list_faults))
         .route("/api/v1/faults/drop", axum::routing::post(fault_drop))
+        .route("/api/v1/faults/stall", axum::routing::post(fault_stall))
         .route("/api/v1/faults/heal", axum::routing::post(fault_heal))
         .route("/api/v1/faults/corrupt", axum::routing::post(fault_corrupt))
         .route("/api/v1/faults/eio", axum::routing::post(fault_eio))
@@ -372,9 +373,7 @@ async fn create_in_cluster(
         .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
     {
         lazarus_cluster::MetaResponse::Volume(_) => {}
-        lazarus_cluster::MetaResponse::Rejected(m) if m.contains("already exists") => {
-            return Err(ApiError(StatusCode::CONFLICT, m))
-        }
+        lazarus_cluster::MetaResponse::Exists(m) => return Err(ApiError(StatusCode::CONFLICT, m)),
         other => return Err(ApiError(StatusCode::BAD_REQUEST, format!("{other:?}"))),
     }
     for _ in 0..100 {
@@ -419,7 +418,7 @@ async fn delete_volume(
             .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
         {
             lazarus_cluster::MetaResponse::Ok => {}
-            lazarus_cluster::MetaResponse::Rejected(m) if m.contains("does not exist") => {
+            lazarus_cluster::MetaResponse::NotFound(m) => {
                 return Err(ApiError(StatusCode::NOT_FOUND, m))
             }
             other => return Err(ApiError(StatusCode::BAD_REQUEST, format!("{other:?}"))),
@@ -470,7 +469,7 @@ async fn resize_volume(
             .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
         {
             lazarus_cluster::MetaResponse::Volume(_) => {}
-            lazarus_cluster::MetaResponse::Rejected(m) if m.contains("does not exist") => {
+            lazarus_cluster::MetaResponse::NotFound(m) => {
                 return Err(ApiError(StatusCode::NOT_FOUND, m))
             }
             lazarus_cluster::MetaResponse::Rejected(m) => {
@@ -596,6 +595,7 @@ async fn list_faults(State(s): State<AppState>) -> Result<Json<serde_json::Value
     Ok(Json(json!({
         "node": s.node_id,
         "drop_to": drops,
+        "stall_to": c.stalls.lock().iter().map(|n| format!("n{n}")).collect::<Vec<_>>(),
         "isolated": c.network.isolated.load(std::sync::atomic::Ordering::Relaxed),
         "device_failed": lazarus_store::disk::device_failed(),
     })))
@@ -705,6 +705,7 @@ async fn protect_volume(
             Ok(Json(serde_json::to_value(&v).unwrap_or_default()))
         }
         lazarus_cluster::MetaResponse::Rejected(m) => Err(ApiError(StatusCode::BAD_REQUEST, m)),
+        lazarus_cluster::MetaResponse::NotFound(m) => Err(ApiError(StatusCode::NOT_FOUND, m)),
         other => Err(ApiError(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("{other:?}"),
@@ -740,6 +741,24 @@ async fn fault_drop(
     list_faults(State(s)).await
 }
 
+async fn fault_stall(
+    State(s): State<AppState>,
+    body: Result<Json<FaultTarget>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(t) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let c = cluster_of(&s)?;
+    let id = node_arg(&c, t.to.as_deref())?
+        .ok_or_else(|| ApiError(StatusCode::BAD_REQUEST, "\"to\" is required".into()))?;
+    c.stalls.lock().insert(id);
+    tracing::warn!(from = %s.node_id, to = id, "fault injected: replication updates to this node are held");
+    crate::events::record(
+        "fault",
+        "",
+        format!("{}: replication to n{id} stalled", s.node_id),
+    );
+    list_faults(State(s)).await
+}
+
 async fn fault_heal(
     State(s): State<AppState>,
     body: Result<Json<FaultTarget>, axum::extract::rejection::JsonRejection>,
@@ -749,9 +768,11 @@ async fn fault_heal(
     match node_arg(&c, t.to.as_deref())? {
         Some(id) => {
             c.drops.lock().remove(&id);
+            c.stalls.lock().remove(&id);
         }
         None => {
             c.drops.lock().clear();
+            c.stalls.lock().clear();
             c.network
                 .isolated
                 .store(false, std::sync::atomic::Ordering::SeqCst);
@@ -1032,6 +1053,10 @@ async fn openapi() -> Json<serde_json::Value> {
     p.insert(
         "/api/v1/faults/drop".into(),
         json!({ "post": op("Fail replication traffic from this node to {to}") }),
+    );
+    p.insert(
+        "/api/v1/faults/stall".into(),
+        json!({ "post": op("Hold replication updates from this node to {to} (never sent while the fault lasts): a write applied on the other replicas waits, as when a primary dies mid fan-out") }),
     );
     p.insert(
         "/api/v1/faults/heal".into(),

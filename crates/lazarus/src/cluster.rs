@@ -5,8 +5,8 @@
 use crate::config::NodeConfig;
 use crate::rpc::{
     self, RpcClient, KIND_APPEND, KIND_BLOCKS, KIND_CLIENT_WRITE, KIND_FLUSH, KIND_FORWARD,
-    KIND_LEASE, KIND_PAGE, KIND_PING, KIND_REPLICATE, KIND_RESYNC_BEGIN, KIND_SNAPSHOT, KIND_STATS,
-    KIND_TREE, KIND_VOTE,
+    KIND_LEASE, KIND_PAGE, KIND_PING, KIND_REPLICATE, KIND_RESYNC_BEGIN, KIND_ROOT, KIND_SNAPSHOT,
+    KIND_STATS, KIND_TREE, KIND_VOTE,
 };
 use lazarus_cluster::raft_store::{NodeId, Raft, Store, TypeConfig};
 use lazarus_cluster::ReplicaState;
@@ -99,7 +99,7 @@ impl Peer {
             .client
             .call(kind, &body, ttl)
             .await
-            .map_err(unreachable)?;
+            .map_err(|e| unreachable(e.to_string()))?;
         let r: Result<Resp, E> =
             serde_json::from_slice(&bytes).map_err(|e| unreachable(format!("bad reply: {e}")))?;
         r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
@@ -160,6 +160,9 @@ pub struct Cluster {
     /// Nodes this one sends no replication traffic to (`lazarus fault drop`); resync
     /// reads they ask of this node fail too.
     pub drops: parking_lot::Mutex<BTreeSet<NodeId>>,
+    /// Nodes this one holds replication updates to (`lazarus fault stall`): never sent
+    /// while the fault lasts.
+    pub stalls: parking_lot::Mutex<BTreeSet<NodeId>>,
     /// Per volume this node is primary of: (epoch, until when) it may serve it, granted
     /// by the Raft leader after confirming its leadership with a quorum.
     leases: parking_lot::Mutex<HashMap<String, (u64, Instant)>>,
@@ -174,6 +177,17 @@ pub struct Cluster {
     pub(crate) engine: OnceLock<Weak<crate::engine::Engine>>,
     /// The recovery server (jeopardy protection, coordination point), if configured.
     pub recovery: Option<Arc<crate::jeopardy::Recovery>>,
+    /// Per volume this node is primary of: the epoch at which it compared the live
+    /// copies with its own (`reconcile.rs`); it serves only at that epoch.
+    pub(crate) reconciled: parking_lot::Mutex<HashMap<String, u64>>,
+    pub(crate) reconciling: parking_lot::Mutex<std::collections::HashSet<String>>,
+}
+
+/// Milliseconds since the Unix epoch (for failure histories).
+pub(crate) fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_millis() as u64)
 }
 
 /// What this node is for a volume.
@@ -306,6 +320,7 @@ impl Cluster {
             network,
             blocks,
             drops: Default::default(),
+            stalls: Default::default(),
             leases: Default::default(),
             lease_requests: Default::default(),
             ready: AtomicBool::new(false),
@@ -316,6 +331,8 @@ impl Cluster {
             resync: Default::default(),
             engine: OnceLock::new(),
             recovery: crate::jeopardy::Recovery::new(cfg),
+            reconciled: Default::default(),
+            reconciling: Default::default(),
         });
         let listener = tokio::net::TcpListener::bind(rpc_listen)
             .await
@@ -325,7 +342,7 @@ impl Cluster {
             listener,
             Arc::new(move |kind, body| {
                 let c = c.clone();
-                Box::pin(async move { c.handle(kind, body).await })
+                Box::pin(async move { c.handle(kind, body).await.map_err(rpc::Remote::from) })
             }),
         ));
         if !cluster.raft.is_initialized().await? && members.keys().next() == Some(&id) {
@@ -353,8 +370,13 @@ impl Cluster {
             KIND_APPEND => ser(&self.raft.append_entries(de(&body)?).await),
             KIND_VOTE => ser(&self.raft.vote(de(&body)?).await),
             KIND_SNAPSHOT => ser(&self.raft.install_snapshot(de(&body)?).await),
+            // A node that has not finished its start-up check (its metadata may be
+            // behind the leader's) does not answer as a member: it is no promotion
+            // candidate and no failure domain until then.
+            KIND_PING if !self.is_ready() => Err("this node is starting up".into()),
             KIND_PING if lazarus_store::disk::device_failed() => Ok(b"device-failed".to_vec()),
             KIND_PING => Ok(Vec::new()),
+            KIND_ROOT => self.serve_root(de(&body)?).await,
             KIND_LEASE => ser(&self.serve_lease(de(&body)?).await),
             KIND_STATS => match self.engine.get().and_then(|w| w.upgrade()) {
                 Some(e) => ser(&crate::dashboard::local_stats(&e)),
@@ -414,7 +436,7 @@ impl Cluster {
                                 Ok(bytes) => {
                                     serde_json::from_slice::<Result<MetaResponse, String>>(&bytes)?
                                 }
-                                Err(e) => Err(e),
+                                Err(e) => Err(e.to_string()),
                             }
                         }
                         None => Err(format!("leader {l} has no address")),
@@ -535,8 +557,11 @@ impl Cluster {
 
     /// Whether this node may serve `volume` as its primary at `epoch` right now: a
     /// lease from the Raft leader, or a hold from the recovery server.
+    /// At an epoch the metadata gave it, only once its live copies are reconciled
+    /// with it (`reconcile.rs`).
     pub fn lease_valid(&self, volume: &str, epoch: u64) -> bool {
-        self.raft_lease_valid(volume, epoch) || self.hold_valid(volume, epoch)
+        (self.raft_lease_valid(volume, epoch) || self.hold_valid(volume, epoch))
+            && (self.reconciled(volume, epoch) || self.held_beyond_metadata(volume))
     }
 
     pub(crate) fn raft_lease_valid(&self, volume: &str, epoch: u64) -> bool {
@@ -583,6 +608,11 @@ impl Cluster {
     /// the sender is not entitled to it: an older epoch (a deposed primary), or this
     /// copy is dead (it gets nothing until it resyncs).
     async fn apply_update(&self, u: Update, raw: &[u8]) -> Result<(), String> {
+        // Before its start-up check a node may hold copies that lost unflushed writes
+        // in a crash: it takes no update, and acknowledges no flush.
+        if !self.is_ready() {
+            return Err("this node is starting up and takes no updates yet".into());
+        }
         let (volume, epoch) = match &u {
             Update::Write { volume, epoch, .. } | Update::Zero { volume, epoch, .. } => {
                 (volume.clone(), *epoch)
@@ -793,7 +823,11 @@ impl Cluster {
             let dropped = drops.contains(&n);
             let client = self.network.client(&self.rpc_addr(n).unwrap_or_default());
             let body = &body;
+            let stalls = &self.stalls;
             async move {
+                while stalls.lock().contains(&n) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
                 if dropped {
                     return (
                         n,
@@ -802,7 +836,13 @@ impl Cluster {
                         )),
                     );
                 }
-                (n, client.call(kind, body, REPLICATE_TIMEOUT).await)
+                (
+                    n,
+                    client
+                        .call(kind, body, REPLICATE_TIMEOUT)
+                        .await
+                        .map_err(String::from),
+                )
             }
         });
         let t0 = Instant::now();
@@ -877,12 +917,28 @@ impl Cluster {
         if v.replicas.len() < 2 {
             return Ok(());
         }
+        // In jeopardy, a live replica missed this update and the metadata could not
+        // record it (no majority): before it is acknowledged, this primary claims the
+        // volume at the recovery server (failure count ID k -> k+1). The majority's
+        // promotions are fenced at the old ID from then on, so no replica lacking it is
+        // promoted without the log, and the cluster marks them dead when it adopts.
+        if no_majority && v.recovery_flag && !self.held_beyond_metadata(volume) {
+            self.claim_last_domain(&v).await?;
+        }
         if let Some(mark) = flush_mark {
             if failures == 0 {
                 rec.flushed(volume, mark);
             }
-            if no_majority {
-                self.enter_jeopardy(volume, v.live()).await?;
+            // A flush that cost the volume its last live replica: the writes that
+            // replica had not made durable are on this copy alone, so they go to the
+            // recovery server before the flush is acknowledged.
+            let last_copy = failures > 0
+                && self
+                    .effective(volume)
+                    .is_some_and(|e| crate::jeopardy::writes_through(&e));
+            if no_majority || last_copy {
+                self.enter_jeopardy_patiently(volume, v.live(), &Update::Flush, &[])
+                    .await?;
             }
             return Ok(());
         }
@@ -1028,6 +1084,7 @@ impl Cluster {
                     continue;
                 }
                 let meta = c.store.meta();
+                let mut leadership_confirmed = false;
                 for v in meta.volumes.values() {
                     if v.primary == c.id {
                         continue;
@@ -1079,6 +1136,17 @@ impl Cluster {
                         tracing::error!(volume = %v.name, primary = v.primary, "primary silent and no live replica to promote");
                         continue;
                     };
+                    // Only a leader that a quorum still follows decides a promotion: a
+                    // leader cut off from the others (it believes it leads until an
+                    // election tells it otherwise) sees every primary silent and only
+                    // itself answering, on metadata that may be long stale.
+                    if !leadership_confirmed {
+                        if c.is_isolated() || !c.confirm_leadership().await {
+                            tracing::info!(volume = %v.name, "primary silent, but this node's leadership is not confirmed by a quorum: no promotion");
+                            break;
+                        }
+                        leadership_confirmed = true;
+                    }
                     // Fenced at the recovery server: exactly one of this majority and
                     // a primary that claims the volume there without one wins.
                     let fcid = match c.fence_promotion(v, n).await {
@@ -1189,6 +1257,15 @@ impl Cluster {
         });
     }
 
+    /// Whether a quorum still follows this node as leader (and its metadata is
+    /// current with everything committed before).
+    pub(crate) async fn confirm_leadership(&self) -> bool {
+        matches!(
+            tokio::time::timeout(PING_TIMEOUT * 3, self.raft.ensure_linearizable()).await,
+            Ok(Ok(_))
+        )
+    }
+
     pub fn status(&self) -> serde_json::Value {
         let m = self.raft.metrics().borrow().clone();
         serde_json::json!({
@@ -1200,6 +1277,9 @@ impl Cluster {
             "members": m.membership_config.membership().voter_ids().collect::<Vec<_>>(),
             "metadata": &*self.store.meta(),
             "ready": self.is_ready(),
+            // Until its start-up check is done this node's view of the metadata may be
+            // behind the leader's: shown, not passed off as current.
+            "view": if self.is_ready() { "current" } else { "catching up" },
             "leases": self.held_leases(),
             "drops": self.drops.lock().iter().map(|n| format!("n{n}")).collect::<Vec<_>>(),
             "resync": self.resync.progress(),

@@ -255,9 +255,16 @@ impl Engine {
             c.ensure_drained(&v).await.map_err(err)?;
             v
         } else {
-            c.enter_jeopardy(&vol.meta.name, v.live())
+            // Under the policy: `accept` goes on without an unreachable recovery
+            // server (the write is counted as lag), `suspend` waits for it.
+            match c
+                .enter_jeopardy_patiently(&vol.meta.name, v.live(), u, raw)
                 .await
                 .map_err(err)?
+            {
+                Some(v) => v,
+                None => return Ok(false),
+            }
         };
         let stored = c.log_update(&v, u, raw).await.map_err(err)?;
         if stored {

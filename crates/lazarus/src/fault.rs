@@ -164,6 +164,23 @@ pub fn drop(data: &Path, from: &str, to: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub fn stall(data: &Path, from: &str, to: &str) -> anyhow::Result<()> {
+    let files = ClusterFiles::load(data)?;
+    files.node(to)?;
+    if from == to {
+        anyhow::bail!("--from and --to name the same node");
+    }
+    client::ok(
+        files
+            .api(from)?
+            .post("/api/v1/faults/stall", &json!({ "to": to }))?,
+    )?;
+    println!(
+        "replication updates from {from} to {to} are now held (`lazarus fault heal` releases them)"
+    );
+    Ok(())
+}
+
 pub fn heal(data: &Path, from: Option<&str>, to: Option<&str>) -> anyhow::Result<()> {
     let files = ClusterFiles::load(data)?;
     if let Some(t) = to {

@@ -122,7 +122,7 @@ impl Engine {
                     }
                     last = r.message;
                 }
-                Err(e) => last = e,
+                Err(e) => last = e.to_string(),
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -25,7 +25,7 @@ use crate::recovery_server::{
     VolumeState, HOLDER_SILENCE_MAX, HOLD_LEASE, KIND_RS_APPEND, KIND_RS_CLAIM, KIND_RS_CLEAR,
     KIND_RS_READ, KIND_RS_RENEW, KIND_RS_STATE,
 };
-use crate::rpc::{self, RpcClient};
+use crate::rpc::{self, Refusal, RpcClient, RpcError};
 use lazarus_cluster::raft_store::NodeId;
 use lazarus_cluster::{MetaCommand, MetaResponse, ReplicaState, VolumeInfo};
 use lazarus_types::BLOCK_SIZE;
@@ -127,13 +127,14 @@ impl Recovery {
         &self,
         kind: u8,
         body: &[u8],
-    ) -> Result<T, String> {
+    ) -> Result<T, RpcError> {
         let b = self.client.call(kind, body, RS_TIMEOUT).await?;
-        serde_json::from_slice(&b).map_err(|e| format!("bad recovery-server reply: {e}"))
+        serde_json::from_slice(&b)
+            .map_err(|e| RpcError::BadReply(format!("bad recovery-server reply: {e}")))
     }
 
-    pub async fn claim(&self, req: &ClaimReq) -> Result<ClaimReply, String> {
-        let body = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+    pub async fn claim(&self, req: &ClaimReq) -> Result<ClaimReply, RpcError> {
+        let body = serde_json::to_vec(req).map_err(|e| RpcError::BadReply(e.to_string()))?;
         self.call(KIND_RS_CLAIM, &body).await
     }
 
@@ -172,6 +173,77 @@ fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Why a volume could not be put in jeopardy; the write path acts on the kind.
+#[derive(Debug, thiserror::Error)]
+pub enum JeopardyError {
+    /// The recovery server did not answer: the jeopardy policy decides what a write
+    /// does (`suspend` waits, `accept` goes on without it).
+    #[error("the recovery server does not answer: {0}")]
+    Unreachable(RpcError),
+    /// It answered no: the claim lost its compare-and-set, or this node's hold on the
+    /// volume is fenced. The write fails at once, whatever the policy.
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<RpcError> for JeopardyError {
+    fn from(e: RpcError) -> JeopardyError {
+        if e.is_unreachable() {
+            JeopardyError::Unreachable(e)
+        } else if matches!(e.code(), Some(Refusal::Fenced | Refusal::Refused)) {
+            JeopardyError::Refused(e.to_string())
+        } else {
+            JeopardyError::Failed(e.to_string())
+        }
+    }
+}
+
+impl From<String> for JeopardyError {
+    fn from(m: String) -> JeopardyError {
+        JeopardyError::Failed(m)
+    }
+}
+
+impl From<&str> for JeopardyError {
+    fn from(m: &str) -> JeopardyError {
+        JeopardyError::Failed(m.to_string())
+    }
+}
+
+impl From<JeopardyError> for String {
+    fn from(e: JeopardyError) -> String {
+        e.to_string()
+    }
+}
+
+/// What the leader does with a recovery-server state newer than its metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Adoption {
+    /// The holder becomes (stays) primary; `restored`: it took over by replaying the
+    /// log onto a copy that was current when the log began.
+    Adopt { restored: bool },
+    /// The holder is no current copy: fence the recovery server back to the metadata.
+    Refence,
+}
+
+/// Decides adoption. Only a holder that is already the metadata's primary (it claimed
+/// without a majority), or a base copy that took over and replays the log, is ever
+/// adopted; a promotion fenced at the recovery server but never committed through Raft
+/// (`jeopardy` off, or a live replica fenced in jeopardy) is not: its holder may be
+/// dead or stale in the metadata, and making it primary would lose acknowledged writes.
+pub fn adoption(v: &VolumeInfo, c: &crate::recovery_log::VolumeCoord) -> Adoption {
+    let holder = c.holder.unwrap_or(v.primary);
+    if c.jeopardy && holder == v.primary {
+        Adoption::Adopt { restored: false }
+    } else if c.jeopardy && c.takeover && c.base.contains(&holder) {
+        Adoption::Adopt { restored: true }
+    } else {
+        Adoption::Refence
+    }
 }
 
 /// Whether writes to `v` must be on the recovery server before they are written
@@ -326,16 +398,23 @@ impl Cluster {
 
     /// A primary that lost its majority asks the recovery server to let it go on as
     /// the volume's last failure domain: compare-and-set of the failure count ID.
-    async fn claim_last_domain(&self, v: &VolumeInfo) -> Result<u64, String> {
+    pub(crate) async fn claim_last_domain(&self, v: &VolumeInfo) -> Result<u64, String> {
         let r = self.recovery.as_ref().ok_or("no recovery server")?;
         let _g = r.claiming.lock().await;
         let held = r.hold(&v.name);
+        // Claimed meanwhile (by a concurrent write): once is enough.
+        if let Some(h) = held.as_ref().filter(|h| {
+            !h.restoring && Instant::now() < h.until && self.held_beyond_metadata(&v.name)
+        }) {
+            return Ok(h.fcid);
+        }
         let expect = held
             .as_ref()
             .map_or(v.failure_count_id, |h| h.fcid.max(v.failure_count_id));
         let epoch = held.as_ref().map_or(v.epoch, |h| h.epoch);
         let sent = Instant::now();
         let req = ClaimReq {
+            takeover: false,
             volume: v.name.clone(),
             uid: v.uid,
             expect_fcid: expect,
@@ -365,6 +444,33 @@ impl Cluster {
         self.drain_unflushed(&jv).await?;
         crate::events::record("jeopardy", &v.name, format!("n{} holds the volume at the recovery server without a majority (failure count ID {})", self.id, c.fcid));
         Ok(c.fcid)
+    }
+
+    /// Whether this node holds `volume` at the recovery server beyond what the
+    /// metadata records (claimed without a majority): its effective view then has no
+    /// other live copy to reconcile.
+    pub fn held_beyond_metadata(&self, volume: &str) -> bool {
+        let Some(h) = self.recovery.as_ref().and_then(|r| r.hold(volume)) else {
+            return false;
+        };
+        self.store
+            .meta()
+            .volumes
+            .get(volume)
+            .is_some_and(|v| h.fcid > v.failure_count_id)
+    }
+
+    /// Whether this node serves some volume under a hold from the recovery server (the
+    /// coordination point when no majority is reachable): such a node serves it even
+    /// before it could catch up with a leader, since there is none to catch up with.
+    pub fn serves_on_hold(&self) -> bool {
+        self.recovery.as_ref().is_some_and(|r| {
+            let now = Instant::now();
+            r.holds
+                .lock()
+                .values()
+                .any(|h| !h.restoring && now < h.until)
+        })
     }
 
     /// Whether the recovery server's hold lets this node serve `volume` at `epoch`.
@@ -431,7 +537,7 @@ impl Cluster {
             let reply: AppendReply = loop {
                 match r.call::<AppendReply>(KIND_RS_APPEND, &body).await {
                     Ok(a) => break a,
-                    Err(e) if e.contains("fenced") => {
+                    Err(e) if e.is_fenced() => {
                         r.holds.lock().remove(&v.name);
                         return Err(format!("the recovery server refused the write: {e}"));
                     }
@@ -476,7 +582,7 @@ impl Cluster {
         &self,
         volume: &str,
         base: Vec<NodeId>,
-    ) -> Result<VolumeInfo, String> {
+    ) -> Result<VolumeInfo, JeopardyError> {
         let r = self.recovery.as_ref().ok_or(
             "no recovery server is configured: the volume's last copy cannot be protected",
         )?;
@@ -488,6 +594,7 @@ impl Cluster {
         }
         let sent = Instant::now();
         let req = ClaimReq {
+            takeover: false,
             volume: v.name.clone(),
             uid: v.uid,
             expect_fcid: v.failure_count_id,
@@ -501,10 +608,10 @@ impl Cluster {
         let c = reply.coord;
         let ours = c.jeopardy && c.holder == Some(self.id) && c.epoch == v.epoch;
         if !reply.granted && !ours {
-            return Err(format!(
+            return Err(JeopardyError::Refused(format!(
                 "the recovery server refused jeopardy for {volume:?}: {}",
                 reply.reason
-            ));
+            )));
         }
         r.holds.lock().insert(
             volume.to_string(),
@@ -556,7 +663,7 @@ impl Cluster {
         loop {
             match self.enter_jeopardy(volume, base.clone()).await {
                 Ok(v) => return Ok(Some(v)),
-                Err(e) if e.contains("refused") || e.contains("fenced") => return Err(e),
+                Err(JeopardyError::Refused(e)) => return Err(e),
                 Err(e) if r.policy == JeopardyPolicy::Accept => {
                     let (lba, n) = match u {
                         Update::Write { lba, .. } => (*lba, (raw.len() / BLOCK_SIZE) as u64),
@@ -576,7 +683,7 @@ impl Cluster {
                     tracing::warn!(volume, error = %e, "last copy, recovery server unreachable: write suspended (policy suspend)");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.to_string()),
             }
         }
     }
@@ -639,7 +746,7 @@ impl Cluster {
                                 h.until = sent + HOLD_LEASE;
                             }
                         }
-                        Err(e) if e.contains("fenced") => {
+                        Err(e) if e.is_fenced() => {
                             if r.holds.lock().remove(&name).is_some() {
                                 tracing::error!(volume = %name, error = %e, "hold lost at the recovery server: another node holds the volume; this node stops serving it");
                             }
@@ -882,6 +989,49 @@ impl Cluster {
         }
     }
 
+    /// The recovery server is ahead of the metadata with a holder the metadata must
+    /// not adopt (a promotion fenced there whose `Promote` never committed: a leader
+    /// that lost its quorum, a candidate the metadata refused): the compare-and-set
+    /// is moved on once more, back to the metadata's own primary, and the metadata
+    /// records the new failure count ID. A late `Promote` carrying the old one is then
+    /// refused, and the recovery server no longer holds leases back.
+    async fn refence(&self, v: &VolumeInfo, s: &VolumeState) -> Result<(), String> {
+        let r = self.recovery.as_ref().ok_or("no recovery server")?;
+        let req = ClaimReq {
+            takeover: false,
+            volume: v.name.clone(),
+            uid: v.uid,
+            expect_fcid: s.coord.fcid,
+            holder: v.primary,
+            epoch: v.epoch,
+            jeopardy: false,
+            config: None,
+            base: Vec::new(),
+        };
+        let reply = r.claim(&req).await?;
+        if !reply.granted {
+            return Err(format!("re-fence refused: {}", reply.reason));
+        }
+        let cmd = MetaCommand::Refence {
+            volume: v.name.clone(),
+            fcid: reply.coord.fcid,
+            epoch: v.epoch,
+        };
+        let res = self.propose_bounded(cmd).await?;
+        tracing::warn!(volume = %v.name, stray_holder = ?s.coord.holder, fcid = reply.coord.fcid, primary = v.primary, result = ?res, "the recovery server named a holder the metadata does not know as current; fenced back to the metadata's primary");
+        crate::events::record(
+            "adopt",
+            &v.name,
+            format!(
+                "not adopted: n{} at the recovery server (failure count ID {}) is not a current copy; fenced back to n{}",
+                s.coord.holder.unwrap_or(0),
+                s.coord.fcid,
+                v.primary
+            ),
+        );
+        Ok(())
+    }
+
     /// Leader duties for one volume.
     async fn decide(&self, v: &VolumeInfo, rs: Option<&VolumeState>) -> Result<(), String> {
         let r = self.recovery.as_ref().ok_or("no recovery server")?;
@@ -896,26 +1046,26 @@ impl Cluster {
             // No lease is granted while the recovery server is ahead (lease.rs), so
             // once ADOPT_AFTER has passed no primary of the old state still serves.
             if since.elapsed() >= ADOPT_AFTER {
-                let live = if s.coord.jeopardy {
-                    vec![holder]
-                } else {
-                    v.live()
-                        .into_iter()
-                        .filter(|n| *n != v.primary || holder == v.primary)
-                        .collect()
-                };
-                let cmd = MetaCommand::AdoptRecovery {
-                    volume: v.name.clone(),
-                    uid: v.uid,
-                    fcid: s.coord.fcid,
-                    primary: holder,
-                    epoch: s.coord.epoch,
-                    jeopardy: s.coord.jeopardy,
-                    live,
-                };
-                let res = self.propose_bounded(cmd).await?;
-                tracing::warn!(volume = %v.name, fcid = s.coord.fcid, holder, result = ?res, "adopted the recovery server's newer state for the volume");
-                crate::events::record("adopt", &v.name, format!("adopted the recovery server's state: n{holder} primary, failure count ID {}", s.coord.fcid));
+                match adoption(v, &s.coord) {
+                    Adoption::Adopt { restored } => {
+                        let cmd = MetaCommand::AdoptRecovery {
+                            volume: v.name.clone(),
+                            uid: v.uid,
+                            fcid: s.coord.fcid,
+                            primary: holder,
+                            epoch: s.coord.epoch,
+                            jeopardy: s.coord.jeopardy,
+                            live: vec![holder],
+                            restored,
+                        };
+                        let res = self.propose_bounded(cmd).await?;
+                        tracing::warn!(volume = %v.name, fcid = s.coord.fcid, holder, result = ?res, "adopted the recovery server's newer state for the volume");
+                        crate::events::record("adopt", &v.name, format!("adopted the recovery server's state: n{holder} primary, failure count ID {}", s.coord.fcid));
+                    }
+                    Adoption::Refence => {
+                        self.refence(v, s).await?;
+                    }
+                }
                 r.ahead.lock().remove(&v.name);
             }
             return Ok(());
@@ -947,6 +1097,7 @@ impl Cluster {
             };
             let sent = Instant::now();
             let req = ClaimReq {
+                takeover: false,
                 volume: v.name.clone(),
                 uid: v.uid,
                 expect_fcid: v.failure_count_id,
@@ -1067,6 +1218,7 @@ impl Cluster {
         let epoch = c.epoch.max(v.epoch) + 1;
         let sent = Instant::now();
         let req = ClaimReq {
+            takeover: true,
             volume: v.name.clone(),
             uid: v.uid,
             expect_fcid: c.fcid,
@@ -1120,6 +1272,7 @@ impl Cluster {
                     epoch,
                     jeopardy: true,
                     live: vec![self.id],
+                    restored: true,
                 };
                 match tokio::time::timeout(PROPOSE_ON_WRITE_PATH, self.propose(cmd)).await {
                     Ok(Ok(_)) => {}
@@ -1171,6 +1324,7 @@ impl Cluster {
             let reply = match r.client.call(KIND_RS_READ, &body, RS_TIMEOUT * 2).await {
                 Ok(b) => b,
                 Err(e) => {
+                    let e = e.to_string();
                     set(&|p| {
                         p.state = "failed".into();
                         p.error = Some(e.clone());
@@ -1250,6 +1404,7 @@ impl Cluster {
             return Ok(None);
         };
         let req = ClaimReq {
+            takeover: false,
             volume: v.name.clone(),
             uid: v.uid,
             expect_fcid: v.failure_count_id,
@@ -1310,5 +1465,71 @@ impl Cluster {
             })),
             "volumes": vols,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::recovery_log::VolumeCoord;
+
+    fn volume(primary: NodeId) -> VolumeInfo {
+        VolumeInfo {
+            name: "vol0".into(),
+            uid: 1,
+            size_bytes: 1 << 30,
+            replicas: vec![1, 2, 3],
+            primary,
+            epoch: 2,
+            states: [1, 2, 3]
+                .into_iter()
+                .map(|n| (n, ReplicaState::Live))
+                .collect(),
+            recovery_flag: false,
+            failure_count_id: 3,
+            protected: false,
+            stale: Default::default(),
+            stale_tracked: true,
+        }
+    }
+
+    /// Only the metadata's own primary (claimed without a majority) or a base copy that
+    /// took over from the log is adopted; any other holder is fenced back.
+    #[test]
+    fn adoption_rules() {
+        let v = volume(3);
+        let coord = |holder, jeopardy, takeover, base: Vec<NodeId>| VolumeCoord {
+            uid: 1,
+            fcid: 4,
+            holder: Some(holder),
+            epoch: 3,
+            jeopardy,
+            config: None,
+            base,
+            takeover,
+        };
+        // A fenced promotion that never committed (section 0's stray claim).
+        assert_eq!(
+            adoption(&v, &coord(1, false, false, vec![])),
+            Adoption::Refence
+        );
+        // A live replica fenced in jeopardy but never promoted: not restored from the log.
+        assert_eq!(
+            adoption(&v, &coord(2, true, false, vec![1, 2, 3])),
+            Adoption::Refence
+        );
+        // A take-over by a copy that was not current when the log began.
+        assert_eq!(
+            adoption(&v, &coord(1, true, true, vec![2, 3])),
+            Adoption::Refence
+        );
+        assert_eq!(
+            adoption(&v, &coord(3, true, false, vec![3])),
+            Adoption::Adopt { restored: false }
+        );
+        assert_eq!(
+            adoption(&v, &coord(2, true, true, vec![2, 3])),
+            Adoption::Adopt { restored: true }
+        );
     }
 }

@@ -68,6 +68,11 @@ impl Cluster {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(LEASE_RENEW_INTERVAL).await;
+                // A node still starting up may act on an old view: no lease yet.
+                if !c.is_ready() {
+                    continue;
+                }
+                c.reconcile_primaries();
                 let meta = c.store.meta();
                 let mine: Vec<(String, u64)> = meta
                     .volumes
@@ -101,7 +106,7 @@ impl Cluster {
                     {
                         Ok(b) => serde_json::from_slice::<Result<LeaseReply, String>>(&b)
                             .unwrap_or_else(|e| Err(format!("bad lease reply: {e}"))),
-                        Err(e) => Err(e),
+                        Err(e) => Err(e.to_string()),
                     }
                 };
                 match reply {

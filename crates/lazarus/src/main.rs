@@ -15,6 +15,7 @@ mod lease;
 mod metrics;
 mod nbd_server;
 mod node;
+mod reconcile;
 mod recovery_log;
 mod recovery_server;
 mod repair;
@@ -216,6 +217,15 @@ enum FaultOp {
         #[arg(long)]
         to: String,
     },
+    /// Hold replication updates from one node to another (never sent while the fault
+    /// lasts): a write is applied on the other replicas and then waits, as when a
+    /// primary dies in the middle of its fan-out. `heal` releases them.
+    Stall {
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+    },
     /// Damage on disk the page holding an LBA on one node and drop its cached copy.
     Corrupt {
         #[arg(long)]
@@ -249,7 +259,7 @@ enum FaultOp {
         #[arg(long)]
         node: String,
     },
-    /// Undo `drop` and `isolate` (all of them without arguments; that also ends `eio`
+    /// Undo `drop`, `stall` and `isolate` (all of them without arguments; that also ends `eio`
     /// faults and failed devices).
     Heal {
         #[arg(long)]
@@ -547,6 +557,7 @@ fn client_command(cmd: Cmd) -> anyhow::Result<()> {
             FaultOp::Kill { node } => fault::kill(&data, &node)?,
             FaultOp::Revive { node } => fault::revive(&data, &node)?,
             FaultOp::Drop { from, to } => fault::drop(&data, &from, &to)?,
+            FaultOp::Stall { from, to } => fault::stall(&data, &from, &to)?,
             FaultOp::Heal { from, to } => fault::heal(&data, from.as_deref(), to.as_deref())?,
             FaultOp::Corrupt {
                 node,

@@ -132,8 +132,26 @@ pub async fn serve(listener: TcpListener, engine: Arc<Engine>) {
     }
 }
 
+/// How long a connection waits, before its handshake, for a node that is still
+/// starting up (its metadata may be behind the cluster's) before it is closed.
+const STARTUP_WAIT: Duration = Duration::from_secs(30);
+
 async fn handle(mut sock: TcpStream, engine: Arc<Engine>) -> anyhow::Result<()> {
     sock.set_nodelay(true)?;
+    // A node that has not finished its start-up check would act on an old view (itself
+    // primary at an old epoch, say): the client waits for the greeting instead, and
+    // never sees an I/O error for it — unless the node holds a volume at the recovery
+    // server (it took over as the last failure domain, with no majority to catch up
+    // with).
+    if let Some(c) = engine.cluster.get() {
+        let t0 = std::time::Instant::now();
+        while !c.is_ready() && !c.serves_on_hold() {
+            if t0.elapsed() >= STARTUP_WAIT {
+                anyhow::bail!("this node is still starting up (its metadata is catching up with the cluster); connection closed");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     let catalog = Catalog {
         store: engine.store.clone(),
         cluster: engine.cluster.get().cloned(),

@@ -149,6 +149,11 @@ pub struct ChangeLog {
     /// Bytes known durable.
     synced: u64,
     next_seq: u64,
+    /// A sync failed: what was written since the last good sync may be gone from the
+    /// page cache while a later sync succeeds, so nothing more is acknowledged from
+    /// this log until the server restarts and rescans the file (as the block store
+    /// latches its own fsync errors).
+    failed: Option<String>,
 }
 
 /// Reads the whole file and classifies it into valid records, damaged middle ranges
@@ -207,7 +212,21 @@ impl ChangeLog {
             synced: valid_end,
             next_seq: scan.last_seq + 1,
             scan,
+            failed: None,
         })
+    }
+
+    /// Records a failed sync: from now on every append and sync is refused.
+    pub fn latch_failure(&mut self, error: &str) {
+        if self.failed.is_none() {
+            tracing::error!(log = %self.path.display(), error, "recovery log sync failed: refusing every append until restart");
+            self.failed = Some(error.to_string());
+        }
+    }
+
+    /// The latched sync failure, if any.
+    pub fn failed(&self) -> Option<&str> {
+        self.failed.as_deref()
     }
 
     pub fn bytes(&self) -> u64 {
@@ -229,6 +248,11 @@ impl ChangeLog {
         epoch: u64,
         data: &[u8],
     ) -> io::Result<(u64, u64)> {
+        if let Some(e) = &self.failed {
+            return Err(io::Error::other(format!(
+                "an earlier sync of this log failed ({e}); appends are refused until the recovery server restarts"
+            )));
+        }
         let r = Record {
             kind,
             seq: self.next_seq,
@@ -330,6 +354,12 @@ pub struct VolumeCoord {
     /// the volume.
     #[serde(default)]
     pub base: Vec<u64>,
+    /// The holder won by taking over from a silent holder: it restores its copy from
+    /// the log before it serves, so the cluster may adopt it as primary even if its
+    /// copy was dead (any other new holder is adopted only if it is the metadata's
+    /// primary already).
+    #[serde(default)]
+    pub takeover: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -4,7 +4,7 @@
 //! Speaks the node-to-node RPC framing (`rpc.rs`) with its own request kinds.
 
 use crate::recovery_log::{self, ChangeLog, Coord, RecordKind, VolumeCoord};
-use crate::rpc::{self, KIND_PING};
+use crate::rpc::{self, Refusal, Remote, KIND_PING};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -42,6 +42,9 @@ pub struct ClaimReq {
     /// Copies current at the start of the log (used when jeopardy starts here).
     #[serde(default)]
     pub base: Vec<u64>,
+    /// A base copy taking over from a silent holder (it restores from the log first).
+    #[serde(default)]
+    pub takeover: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -153,6 +156,18 @@ pub struct RecoveryServer {
     renewed: parking_lot::Mutex<HashMap<String, Instant>>,
 }
 
+/// Tests make the next log sync fail (the way a device reports a lost write-back).
+#[cfg(test)]
+static FAIL_NEXT_SYNC: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn sync_data(file: &std::fs::File) -> std::io::Result<()> {
+    #[cfg(test)]
+    if FAIL_NEXT_SYNC.swap(false, std::sync::atomic::Ordering::SeqCst) {
+        return Err(std::io::Error::from_raw_os_error(libc::EIO));
+    }
+    file.sync_data()
+}
+
 fn log_path(dir: &Path, volume: &str, uid: u64) -> PathBuf {
     dir.join("logs").join(format!("{volume}.{uid}.log"))
 }
@@ -170,8 +185,15 @@ impl RecoveryServer {
             renewed: Default::default(),
         };
         // Open (and check, cutting torn tails) the log of every volume in jeopardy now,
-        // not on first use: damage is reported at start.
+        // not on first use: damage is reported at start. A holder's renewals from
+        // before the restart are forgotten: count its silence from now, so a holder
+        // that died meanwhile can still be replaced once HOLDER_SILENCE_MAX has passed
+        // (any hold it had ran out HOLD_LEASE after a renewal sent before the restart).
+        let now = Instant::now();
         for (name, c) in &coord.volumes {
+            if c.holder.is_some() {
+                rs.renewed.lock().insert(name.clone(), now);
+            }
             if c.jeopardy {
                 let l = rs.log(name, c.uid)?;
                 let s = l.log.lock().scan.clone();
@@ -293,6 +315,7 @@ impl RecoveryServer {
             } else {
                 cur.base.clone()
             },
+            takeover: req.takeover && cur.jeopardy,
         };
         if entering {
             // A fresh log: anything left from an earlier jeopardy is gone.
@@ -317,26 +340,31 @@ impl RecoveryServer {
         })
     }
 
-    fn check_holder(&self, volume: &str, fcid: u64, holder: u64) -> Result<VolumeCoord, String> {
+    fn check_holder(&self, volume: &str, fcid: u64, holder: u64) -> Result<VolumeCoord, Remote> {
         let coord = self.coord.lock();
-        let c = coord
-            .volumes
-            .get(volume)
-            .ok_or_else(|| format!("volume {volume:?} unknown to the recovery server"))?;
+        let c = coord.volumes.get(volume).ok_or_else(|| {
+            Remote::new(
+                Refusal::NotFound,
+                format!("volume {volume:?} unknown to the recovery server"),
+            )
+        })?;
         if c.fcid != fcid || c.holder != Some(holder) {
-            return Err(format!(
-                "fenced: {volume:?} is at failure count ID {} held by n{} (caller: {fcid}, n{holder})",
-                c.fcid,
-                c.holder.unwrap_or(0)
+            return Err(Remote::new(
+                Refusal::Fenced,
+                format!(
+                    "fenced: {volume:?} is at failure count ID {} held by n{} (caller: {fcid}, n{holder})",
+                    c.fcid,
+                    c.holder.unwrap_or(0)
+                ),
             ));
         }
         Ok(c.clone())
     }
 
-    async fn append(&self, req: AppendReq, data: &[u8]) -> Result<AppendReply, String> {
+    async fn append(&self, req: AppendReq, data: &[u8]) -> Result<AppendReply, Remote> {
         let c = self.check_holder(&req.volume, req.fcid, req.holder)?;
         if c.uid != req.uid {
-            return Err("fenced: volume uid differs".into());
+            return Err(Remote::new(Refusal::Fenced, "fenced: volume uid differs"));
         }
         if !c.jeopardy {
             return Ok(AppendReply {
@@ -355,31 +383,47 @@ impl RecoveryServer {
             .insert(req.volume.clone(), Instant::now());
         // Group commit: whoever syncs covers every record written before the sync.
         let _s = l.sync.lock().await;
-        if l.log.lock().synced() >= end {
-            return Ok(AppendReply { stored: true, seq });
+        {
+            let log = l.log.lock();
+            if let Some(e) = log.failed() {
+                // A sync that covered this record failed: it is not durable.
+                return Err(format!("recovery log sync failed: {e}").into());
+            }
+            if log.synced() >= end {
+                return Ok(AppendReply { stored: true, seq });
+            }
         }
         let (file, upto) = {
             let log = l.log.lock();
             (log.sync_handle().map_err(|e| e.to_string())?, log.bytes())
         };
-        tokio::task::spawn_blocking(move || file.sync_data())
+        let synced = tokio::task::spawn_blocking(move || sync_data(&file))
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("recovery log sync failed: {e}"))?;
+            .map_err(|e| e.to_string())?;
+        if let Err(e) = synced {
+            let msg = e.to_string();
+            l.log.lock().latch_failure(&msg);
+            return Err(format!("recovery log sync failed: {msg}").into());
+        }
         l.log.lock().mark_synced(upto);
         Ok(AppendReply { stored: true, seq })
     }
 
-    fn read(&self, req: ReadReq) -> Result<Vec<u8>, String> {
+    fn read(&self, req: ReadReq) -> Result<Vec<u8>, Remote> {
         let c = self
             .coord
             .lock()
             .volumes
             .get(&req.volume)
             .cloned()
-            .ok_or("volume unknown to the recovery server")?;
+            .ok_or_else(|| {
+                Remote::new(Refusal::NotFound, "volume unknown to the recovery server")
+            })?;
         if c.uid != req.uid || !c.jeopardy {
-            return Err(format!("no log for {:?} (uid {})", req.volume, req.uid));
+            return Err(Remote::new(
+                Refusal::NotFound,
+                format!("no log for {:?} (uid {})", req.volume, req.uid),
+            ));
         }
         let l = self.log(&req.volume, req.uid).map_err(|e| e.to_string())?;
         let log = l.log.lock();
@@ -416,16 +460,19 @@ impl RecoveryServer {
         Ok(rpc::pack(&json, &raw))
     }
 
-    async fn clear(&self, req: ClearReq) -> Result<(), String> {
+    async fn clear(&self, req: ClearReq) -> Result<(), Remote> {
         let _w = self.coord_write.lock().await;
         let mut coord = self.coord.lock().clone();
         let Some(c) = coord.volumes.get_mut(&req.volume) else {
             return Ok(());
         };
         if c.uid != req.uid || c.fcid != req.fcid {
-            return Err(format!(
-                "fenced: {:?} is at failure count ID {} (caller: {})",
-                req.volume, c.fcid, req.fcid
+            return Err(Remote::new(
+                Refusal::Fenced,
+                format!(
+                    "fenced: {:?} is at failure count ID {} (caller: {})",
+                    req.volume, c.fcid, req.fcid
+                ),
             ));
         }
         c.jeopardy = false;
@@ -444,25 +491,31 @@ impl RecoveryServer {
         Ok(())
     }
 
-    async fn set_config(&self, req: ConfigReq) -> Result<(), String> {
+    async fn set_config(&self, req: ConfigReq) -> Result<(), Remote> {
         let _w = self.coord_write.lock().await;
         let mut coord = self.coord.lock().clone();
         let Some(c) = coord.volumes.get_mut(&req.volume) else {
-            return Err("volume unknown to the recovery server".into());
+            return Err(Remote::new(
+                Refusal::NotFound,
+                "volume unknown to the recovery server",
+            ));
         };
         if c.uid != req.uid || c.fcid != req.fcid {
-            return Err("fenced: stale failure count ID".into());
+            return Err(Remote::new(
+                Refusal::Fenced,
+                "fenced: stale failure count ID",
+            ));
         }
         c.config = Some(req.config);
-        self.save(coord).await
+        Ok(self.save(coord).await?)
     }
 
-    async fn handle(&self, kind: u8, body: Vec<u8>) -> Result<Vec<u8>, String> {
+    async fn handle(&self, kind: u8, body: Vec<u8>) -> Result<Vec<u8>, Remote> {
         fn de<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, String> {
             serde_json::from_slice(b).map_err(|e| format!("bad request: {e}"))
         }
-        fn ser<T: Serialize>(v: &T) -> Result<Vec<u8>, String> {
-            serde_json::to_vec(v).map_err(|e| e.to_string())
+        fn ser<T: Serialize>(v: &T) -> Result<Vec<u8>, Remote> {
+            serde_json::to_vec(v).map_err(|e| Remote::from(e.to_string()))
         }
         match kind {
             KIND_PING => Ok(Vec::new()),
@@ -495,7 +548,7 @@ impl RecoveryServer {
                 self.set_config(de(&body)?).await?;
                 Ok(Vec::new())
             }
-            other => Err(format!("unknown recovery-server request kind {other}")),
+            other => Err(format!("unknown recovery-server request kind {other}").into()),
         }
     }
 }
@@ -520,4 +573,84 @@ pub async fn run(dir: &Path, listen: SocketAddr) -> anyhow::Result<()> {
     )
     .await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claim_req(holder: u64, expect_fcid: u64, base: Vec<u64>) -> ClaimReq {
+        ClaimReq {
+            volume: "vol0".into(),
+            uid: 1,
+            expect_fcid,
+            holder,
+            epoch: 1,
+            jeopardy: true,
+            config: None,
+            base,
+            takeover: false,
+        }
+    }
+
+    fn append_req(fcid: u64, holder: u64, lba: u64) -> AppendReq {
+        AppendReq {
+            volume: "vol0".into(),
+            uid: 1,
+            fcid,
+            holder,
+            epoch: 1,
+            kind: RecordKind::Write,
+            lba,
+            count: 1,
+        }
+    }
+
+    /// After a failed sync no append is acknowledged again (a later sync could succeed
+    /// without the earlier records having reached the disk), until a restart rescans.
+    #[tokio::test]
+    async fn a_failed_sync_is_latched() {
+        let dir = tempfile::tempdir().unwrap();
+        let rs = RecoveryServer::open(dir.path()).unwrap();
+        let c = rs.claim(claim_req(1, 0, vec![1, 2])).await.unwrap();
+        assert!(c.granted);
+        let block = vec![7u8; 4096];
+        assert!(rs.append(append_req(1, 1, 0), &block).await.unwrap().stored);
+        FAIL_NEXT_SYNC.store(true, std::sync::atomic::Ordering::SeqCst);
+        let e = rs.append(append_req(1, 1, 1), &block).await.unwrap_err();
+        assert!(e.message.contains("sync failed"), "{e:?}");
+        // The next sync would succeed: still refused.
+        let e = rs.append(append_req(1, 1, 2), &block).await.unwrap_err();
+        assert!(
+            e.message.contains("earlier sync of this log failed"),
+            "{e:?}"
+        );
+        drop(rs);
+        // A restart rescans the file and takes appends again.
+        let rs = RecoveryServer::open(dir.path()).unwrap();
+        assert!(rs.append(append_req(1, 1, 3), &block).await.unwrap().stored);
+    }
+
+    /// A restarted recovery server counts a holder's silence from its own start, so a
+    /// holder that died while it was down can still be replaced by a base copy.
+    #[tokio::test]
+    async fn silent_holder_replaceable_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let rs = RecoveryServer::open(dir.path()).unwrap();
+        assert!(rs.claim(claim_req(1, 0, vec![1, 2])).await.unwrap().granted);
+        drop(rs);
+        let rs = RecoveryServer::open(dir.path()).unwrap();
+        assert!(rs.state_of("vol0").holder_silent_ms.is_some());
+        // At once: the holder may still be serving on a renewal sent before the restart.
+        let r = rs.claim(claim_req(2, 1, vec![])).await.unwrap();
+        assert!(!r.granted, "{}", r.reason);
+        tokio::time::sleep(HOLDER_SILENCE_MAX + Duration::from_millis(50)).await;
+        let r = rs.claim(claim_req(2, 1, vec![])).await.unwrap();
+        assert!(r.granted, "{}", r.reason);
+        assert_eq!(r.coord.holder, Some(2));
+        // A copy that was not current when the log began may never take over.
+        tokio::time::sleep(HOLDER_SILENCE_MAX + Duration::from_millis(50)).await;
+        let r = rs.claim(claim_req(3, 2, vec![])).await.unwrap();
+        assert!(!r.granted);
+    }
 }

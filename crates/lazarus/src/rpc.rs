@@ -2,7 +2,8 @@
 //! connection, a deadline on every call, reconnect on the next call after a failure.
 //!
 //! Frame: u32 length of the rest, u64 call id, u8 kind (requests) or status (replies:
-//! 0 ok, 1 error), then a JSON body. JSON keeps the Raft messages readable in a packet
+//! 0 ok, else a `Refusal` code with its message as the body), then a JSON body.
+//! Callers decide on the typed `RpcError`, never on an error's text. JSON keeps the Raft messages readable in a packet
 //! capture; the block data path will add a raw payload after the body.
 
 use std::collections::HashMap;
@@ -28,9 +29,120 @@ pub const KIND_VOTE: u8 = 2;
 pub const KIND_SNAPSHOT: u8 = 3;
 pub const KIND_CLIENT_WRITE: u8 = 4;
 
-pub type Reply = Result<Vec<u8>, String>;
+/// Why a handler refused a request: the reply's status byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Anything not below.
+    Failed = 1,
+    /// The caller's claim on the volume is gone (an older failure count ID, holder or
+    /// epoch than the receiver's): it must stop acting on it.
+    Fenced = 2,
+    /// A compare-and-set or a permission said no.
+    Refused = 3,
+    /// The named volume or object is unknown to the receiver.
+    NotFound = 4,
+    /// The receiver is starting up and serves nothing yet.
+    Starting = 5,
+}
+
+impl Refusal {
+    fn from_status(b: u8) -> Refusal {
+        match b {
+            2 => Refusal::Fenced,
+            3 => Refusal::Refused,
+            4 => Refusal::NotFound,
+            5 => Refusal::Starting,
+            _ => Refusal::Failed,
+        }
+    }
+}
+
+/// A handler's error: its kind travels as the status byte, its text as the body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Remote {
+    pub code: Refusal,
+    pub message: String,
+}
+
+impl Remote {
+    pub fn new(code: Refusal, message: impl Into<String>) -> Remote {
+        Remote {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<String> for Remote {
+    fn from(message: String) -> Remote {
+        Remote::new(Refusal::Failed, message)
+    }
+}
+
+impl From<&str> for Remote {
+    fn from(message: &str) -> Remote {
+        Remote::new(Refusal::Failed, message)
+    }
+}
+
+impl From<Remote> for String {
+    fn from(r: Remote) -> String {
+        r.message
+    }
+}
+
+/// Why a call failed, as the caller acts on it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RpcError {
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("call to {addr} timed out after {after:?}")]
+    Timeout { addr: String, after: Duration },
+    #[error("connection to {addr} lost")]
+    Lost { addr: String },
+    #[error("call to {addr} cut: this node is isolated (lazarus fault isolate)")]
+    Isolated { addr: String },
+    /// The peer answered with an error.
+    #[error("{message}")]
+    Remote { code: Refusal, message: String },
+    #[error("bad reply: {0}")]
+    BadReply(String),
+}
+
+impl RpcError {
+    /// The peer was not reached or did not answer: it may be down, or cut off.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            RpcError::Connect { .. }
+                | RpcError::Timeout { .. }
+                | RpcError::Lost { .. }
+                | RpcError::Isolated { .. }
+        )
+    }
+
+    pub fn code(&self) -> Option<Refusal> {
+        match self {
+            RpcError::Remote { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    pub fn is_fenced(&self) -> bool {
+        self.code() == Some(Refusal::Fenced)
+    }
+}
+
+impl From<RpcError> for String {
+    fn from(e: RpcError) -> String {
+        e.to_string()
+    }
+}
+
+pub type Reply = Result<Vec<u8>, RpcError>;
+pub type HandlerReply = Result<Vec<u8>, Remote>;
 pub type Handler =
-    Arc<dyn Fn(u8, Vec<u8>) -> Pin<Box<dyn Future<Output = Reply> + Send>> + Send + Sync>;
+    Arc<dyn Fn(u8, Vec<u8>) -> Pin<Box<dyn Future<Output = HandlerReply> + Send>> + Send + Sync>;
 
 async fn read_frame(rd: &mut (impl AsyncReadExt + Unpin)) -> std::io::Result<(u64, u8, Vec<u8>)> {
     let len = rd.read_u32().await?;
@@ -84,7 +196,7 @@ pub async fn serve(listener: TcpListener, handler: Handler) {
                 tokio::spawn(async move {
                     let (status, out) = match handler(kind, body).await {
                         Ok(b) => (0u8, b),
-                        Err(m) => (1u8, m.into_bytes()),
+                        Err(r) => (r.code as u8, r.message.into_bytes()),
                     };
                     let _ = tx.send(frame(id, status, &out));
                 });
@@ -149,7 +261,7 @@ impl RpcClient {
         }
     }
 
-    async fn connection(&self) -> Result<Arc<Conn>, String> {
+    async fn connection(&self) -> Result<Arc<Conn>, RpcError> {
         if let Some(c) = self.current.lock().as_ref() {
             if c.alive.load(Ordering::Acquire) {
                 return Ok(c.clone());
@@ -163,8 +275,14 @@ impl RpcClient {
         }
         let sock = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr))
             .await
-            .map_err(|_| format!("connect to {} timed out", self.addr))?
-            .map_err(|e| format!("connect to {}: {e}", self.addr))?;
+            .map_err(|_| RpcError::Connect {
+                addr: self.addr.clone(),
+                reason: format!("timed out after {CONNECT_TIMEOUT:?}"),
+            })?
+            .map_err(|e| RpcError::Connect {
+                addr: self.addr.clone(),
+                reason: e.to_string(),
+            })?;
         let _ = sock.set_nodelay(true);
         let (rd, wr) = sock.into_split();
         let mut rd = BufReader::with_capacity(IO_BUFFER_BYTES, rd);
@@ -186,7 +304,10 @@ impl RpcClient {
                             let r = if status == 0 {
                                 Ok(body)
                             } else {
-                                Err(String::from_utf8_lossy(&body).into_owned())
+                                Err(RpcError::Remote {
+                                    code: Refusal::from_status(status),
+                                    message: String::from_utf8_lossy(&body).into_owned(),
+                                })
                             };
                             let _ = tx.send(r);
                         }
@@ -212,10 +333,9 @@ impl RpcClient {
             .as_ref()
             .is_some_and(|b| b.load(Ordering::Relaxed))
         {
-            return Err(format!(
-                "call to {} cut: this node is isolated (lazarus fault isolate)",
-                self.addr
-            ));
+            return Err(RpcError::Isolated {
+                addr: self.addr.clone(),
+            });
         }
         let fut = async {
             let conn = self.connection().await?;
@@ -225,14 +345,20 @@ impl RpcClient {
             if conn.tx.send(frame(id, kind, body)).is_err() {
                 conn.alive.store(false, Ordering::Release);
                 conn.pending.lock().expect("pending lock").remove(&id);
-                return Err(format!("send to {}: connection closed", self.addr));
+                return Err(RpcError::Lost {
+                    addr: self.addr.clone(),
+                });
             }
-            rx.await
-                .map_err(|_| format!("connection to {} lost", self.addr))?
+            rx.await.map_err(|_| RpcError::Lost {
+                addr: self.addr.clone(),
+            })?
         };
         tokio::time::timeout(deadline, fut)
             .await
-            .map_err(|_| format!("call to {} timed out after {deadline:?}", self.addr))?
+            .map_err(|_| RpcError::Timeout {
+                addr: self.addr.clone(),
+                after: deadline,
+            })?
     }
 }
 
@@ -250,6 +376,8 @@ pub const KIND_FORWARD: u8 = 12;
 pub const KIND_LEASE: u8 = 13;
 /// A node's own summary for the dashboard (`dashboard::local_stats`).
 pub const KIND_STATS: u8 = 14;
+/// A new primary asks a live replica for its checksum root (`reconcile.rs`).
+pub const KIND_ROOT: u8 = 15;
 
 /// Packs a JSON header and a raw payload (block data) into one RPC body.
 pub fn pack(json: &[u8], raw: &[u8]) -> Vec<u8> {

@@ -40,6 +40,7 @@ pub fn survey(cluster: &Value) -> Value {
                     "name": info["name"],
                     "up": true,
                     "ready": v["ready"],
+                    "view": v["view"],
                     "state": v["state"],
                     "leader": v["leader"],
                     "leases": v["leases"],
@@ -71,7 +72,7 @@ fn paint(word: &str) -> String {
     }
     let code = match word {
         "live" | "up" | "leader" => "32",
-        "resyncing" | "starting" => "33",
+        "resyncing" | "catching-up" => "33",
         "dead" | "DOWN" | "JEOPARDY" => "31;1",
         _ => return word.to_string(),
     };
@@ -100,6 +101,12 @@ pub fn print_cluster(c: &Value) {
         "cluster: leader {leader}, term {} (as seen by n{})",
         c["term"], c["id"]
     );
+    if c["view"] == "catching up" {
+        println!(
+            "  n{} is catching up: this view may be behind the leader's (it takes no lease and serves nothing until it is current)",
+            c["id"]
+        );
+    }
     println!(
         "  {:<5} {:<6} {:<10} {:<22} {:<22} FAULTS",
         "NODE", "STATE", "ROLE", "NBD", "ADMIN"
@@ -111,7 +118,7 @@ pub fn print_cluster(c: &Value) {
         } else if c["leader"].as_u64().map(|l| l.to_string()).as_deref() == Some(id.as_str()) {
             "leader".to_string()
         } else if n["ready"] == false {
-            "starting".to_string()
+            "catching-up".to_string()
         } else {
             "follower".to_string()
         };

@@ -590,3 +590,194 @@ fn every_copy_crashed_the_current_one_is_promoted_never_a_stale_one() {
         ],
     );
 }
+
+/// Waits until every thread of `pid` is stopped (after SIGSTOP).
+fn wait_stopped(pid: i32) {
+    let t0 = Instant::now();
+    while !all_threads_stopped(pid) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "pid {pid} did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Correctness issue, section 2: the primary dies in the middle of its fan-out — the
+/// write reached n3 but never n2 (`fault stall` holds it), and n1 is killed before it
+/// acknowledged anything. Whichever replica is promoted, the live copies are
+/// reconciled before it serves: the one that differs goes dead and resyncs, the roots
+/// end equal, every node reads the same, and the next failover changes no read.
+#[test]
+fn primary_dies_mid_fan_out_live_copies_reconciled() {
+    let (_tmp, data) = setup();
+    let up = Up::start(&data, "64MiB");
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    qemu_io_ok(&up.uri(1, "vol0"), &["write -P 0x11 0 64k", "flush"]);
+    let before = up.root(3, "vol0");
+    assert_eq!(up.root(2, "vol0"), before);
+    up.cli_ok(&["fault", "stall", "--from", "n1", "--to", "n2"]);
+    let mut w = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x22 0 64k"])
+        .arg(up.uri(1, "vol0"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // n3 applied the write; n2 never got it.
+    let t0 = Instant::now();
+    while up.root(3, "vol0") == before {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the write never reached n3"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(up.root(2, "vol0"), before, "n2 got the stalled write");
+    up.cli_ok(&["fault", "kill", "--node", "n1"]);
+    let _ = w.kill();
+    let _ = w.wait();
+    let m = up.wait_meta(2, "vol0", Duration::from_secs(15), "failover", |m| {
+        m["primary"].as_u64().is_some_and(|p| p != 1)
+    });
+    let p = m["primary"].as_u64().unwrap() as u16;
+    let other = if p == 2 { 3 } else { 2 };
+    // Reconciled: both copies live again with equal roots.
+    let t0 = Instant::now();
+    loop {
+        let m = up.volume_meta(p, "vol0").unwrap();
+        let live = |n: u16| m["states"][n.to_string()] == "live";
+        if live(p) && live(other) && up.root(p, "vol0") == up.root(other, "vol0") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "live copies differ after the failover: n{p} {} vs n{other} {} ({m})",
+            up.root(p, "vol0"),
+            up.root(other, "vol0")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        up.node_log(p)
+            .contains("live copy marked dead by the new primary's check"),
+        "the new primary n{p} never found the differing copy"
+    );
+    let a = read_64k(&up.uri(p, "vol0")).unwrap();
+    let b = read_64k(&up.uri(other, "vol0")).unwrap();
+    assert_eq!(a, b, "n{p} and n{other} serve different data");
+    assert!(
+        a.iter().all(|x| *x == a[0]) && (a[0] == 0x11 || a[0] == 0x22),
+        "first byte {:#x}",
+        a[0]
+    );
+    // The next failover changes no read.
+    up.cli_ok(&["fault", "revive", "--node", "n1"]);
+    up.wait_all_live(other, "vol0", Duration::from_secs(60));
+    up.cli_ok(&["fault", "kill", "--node", &format!("n{p}")]);
+    up.wait_meta(
+        other,
+        "vol0",
+        Duration::from_secs(15),
+        "second failover",
+        |m| m["primary"].as_u64().is_some_and(|x| x != p as u64),
+    );
+    for n in [1, other] {
+        let t0 = Instant::now();
+        let got = loop {
+            if let Some(b) = read_64k(&up.uri(n, "vol0")) {
+                break b;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(15),
+                "no read through n{n}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert_eq!(got, a, "the read through n{n} changed at the next failover");
+    }
+}
+
+/// Correctness issue, section 1: a primary killed, replaced, and revived while the
+/// rest of the cluster is paused (so it cannot catch up) acts on nothing: it says
+/// its view is catching up, takes no lease, and a client connecting to it waits
+/// instead of getting an I/O error; once the others run again it serves the current
+/// data through the new primary.
+#[test]
+fn returning_node_waits_until_it_caught_up() {
+    let (_tmp, data) = setup();
+    let up = Up::start(&data, "64MiB");
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    qemu_io_ok(&up.uri(1, "vol0"), &["write -P 0x41 0 64k", "flush"]);
+    up.cli_ok(&["fault", "kill", "--node", "n1"]);
+    let m = up.wait_meta(2, "vol0", Duration::from_secs(15), "failover", |m| {
+        m["primary"].as_u64().is_some_and(|p| p != 1)
+    });
+    let p = m["primary"].as_u64().unwrap() as u16;
+    let t0 = Instant::now();
+    loop {
+        let o = qemu_io(&up.uri(p, "vol0"), &["write -P 0x42 0 64k", "flush"]);
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        if o.status.success() && !text.contains("error") {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "n{p}: {text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (p2, p3) = (up.node_pid(2) as i32, up.node_pid(3) as i32);
+    for pid in [p2, p3] {
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        wait_stopped(pid);
+    }
+    up.cli_ok(&["fault", "revive", "--node", "n1"]);
+    // n1 answers its admin API, with its old view marked as such.
+    let t0 = Instant::now();
+    let view = loop {
+        if let Some(v) = up.get(1, "/api/v1/cluster") {
+            break v;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "n1 does not answer");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(view["view"], "catching up", "{view}");
+    assert_eq!(view["ready"], false);
+    let status = up.cli_ok(&["status", "--api", &up.admin(1)]);
+    assert!(status.contains("catching up"), "{status}");
+    // A client of n1 waits (no I/O error) for as long as n1 cannot catch up.
+    let reader = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read -P 0x42 0 64k"])
+        .arg(up.uri(1, "vol0"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(5));
+    let v = up.get(1, "/api/v1/cluster").unwrap();
+    assert_eq!(
+        v["view"], "catching up",
+        "n1 caught up with the others paused?"
+    );
+    assert!(
+        v["leases"].as_array().is_some_and(|l| l.is_empty()),
+        "n1 holds a lease on its old view: {}",
+        v["leases"]
+    );
+    for pid in [p2, p3] {
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+    }
+    let o = reader.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        o.status.success() && !text.contains("error") && !text.contains("fail"),
+        "the read through the returning node: {text}"
+    );
+    let v = up.get(1, "/api/v1/cluster").unwrap();
+    assert_eq!(v["view"], "current");
+    assert_ne!(v["metadata"]["volumes"]["vol0"]["primary"], 1, "{v}");
+    up.wait_all_live(2, "vol0", Duration::from_secs(60));
+    qemu_io_ok(&up.uri(1, "vol0"), &["read -P 0x42 0 64k"]);
+}

@@ -737,3 +737,373 @@ fn isolated_primary_no_split_brain() {
         up.root(2, "vol0") == r && up.root(3, "vol0") == r
     });
 }
+
+fn leader(up: &Up) -> u16 {
+    let t0 = Instant::now();
+    loop {
+        for n in 1..=3 {
+            if let Some(l) = up
+                .get(n, "/api/v1/cluster")
+                .and_then(|v| v["leader"].as_u64())
+            {
+                return l as u16;
+            }
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "no leader");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One request to the recovery server over its RPC framing, as any process on the
+/// network can send it: (status, body).
+fn rs_call(up: &Up, kind: u8, body: &Value) -> (u8, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", up.base + 30)).unwrap();
+    let b = serde_json::to_vec(body).unwrap();
+    let mut f = Vec::new();
+    f.extend_from_slice(&((9 + b.len()) as u32).to_be_bytes());
+    f.extend_from_slice(&7u64.to_be_bytes());
+    f.push(kind);
+    f.extend_from_slice(&b);
+    s.write_all(&f).unwrap();
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).unwrap();
+    let mut rest = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut rest).unwrap();
+    (rest[8], rest[9..].to_vec())
+}
+
+/// Correctness issue, section 0: the recovery server's compare-and-set never makes a
+/// dead, stale copy primary. A claim for a copy the metadata knows is dead (as a leader
+/// cut off from the others made one, fencing a promotion its quorum never committed)
+/// is granted at the recovery server, but the cluster does not adopt it: it fences the
+/// recovery server back to the current primary, which goes on serving every write.
+#[test]
+fn stray_claim_for_a_stale_copy_is_not_adopted() {
+    let (tmp, data) = setup();
+    let up = Up::start(&data, "64MiB");
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    // n3 misses a write: dead and stale.
+    up.cli_ok(&["fault", "drop", "--from", "n1", "--to", "n3"]);
+    qemu_io_ok(&up.uri(1, "vol0"), &["write -P 0x51 0 64k", "flush"]);
+    let m = up.volume_meta(1, "vol0").unwrap();
+    assert_eq!(m["states"]["3"], "dead", "{m}");
+    let fcid = m["failure_count_id"].as_u64().unwrap();
+    let (status, reply) = rs_call(
+        &up,
+        40,
+        &serde_json::json!({
+            "volume": "vol0", "uid": m["uid"], "expect_fcid": fcid, "holder": 3,
+            "epoch": m["epoch"].as_u64().unwrap() + 1, "jeopardy": false,
+            "config": null, "base": [],
+        }),
+    );
+    let reply: Value = serde_json::from_slice(&reply).unwrap();
+    assert!(
+        status == 0 && reply["granted"] == true,
+        "the stray claim was not even granted: {reply}"
+    );
+    let mut w = Writer::start_opt(
+        &up.uri(1, "vol0"),
+        5,
+        1 << 20,
+        16,
+        1_000_000,
+        tmp.path(),
+        true,
+    );
+    // The leader fences it back: the metadata's failure count ID moves past the
+    // stray one, and n1 stays primary throughout.
+    let t0 = Instant::now();
+    loop {
+        let m = up.volume_meta(2, "vol0").unwrap();
+        assert_eq!(m["primary"], 1, "a stray claim changed the primary: {m}");
+        assert_eq!(m["states"]["3"], "dead", "{m}");
+        if m["failure_count_id"].as_u64().unwrap() > fcid + 1 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "the stray claim was never fenced back: {m}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let a0 = w.acked();
+    w.wait_acked(
+        a0 + 10,
+        Duration::from_secs(20),
+        "writes after the re-fence",
+    );
+    up.cli_ok(&["fault", "heal"]);
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    let (acked, tried) = w.finish_retrying();
+    let m = up.volume_meta(3, "vol0").unwrap();
+    assert_eq!(m["primary"], 1, "{m}");
+    for n in 1..=3 {
+        let image = read_region(&up.uri(n, "vol0"), 2 << 20, tmp.path()).unwrap();
+        assert!(image[..CHUNK].iter().all(|b| *b == 0x51), "through n{n}");
+        w.check(&image, &acked, &tried, &format!("through n{n}"));
+    }
+}
+
+/// Correctness issue, section 0 (the leader's side): a Raft leader that is not the
+/// volume's primary, cut off from the other nodes but not from the recovery server,
+/// sees the primary fall silent and only itself answering — it must not promote
+/// itself. The primary goes on under the majority, and every acknowledged write reads
+/// back through every node after the heal.
+#[test]
+fn isolated_leader_never_promotes_itself() {
+    let (tmp, data) = setup();
+    let up = Up::start(&data, "64MiB");
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    let l = leader(&up);
+    let p = if l == 1 { 2 } else { 1 };
+    // A volume whose primary is p (the node whose API creates it), not the leader.
+    let o = Command::new("curl")
+        .args([
+            "-sf",
+            "-m",
+            "30",
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/json",
+        ])
+        .args(["-d", r#"{"name":"iso","size":"64MiB"}"#])
+        .arg(format!("{}/api/v1/volumes", up.admin(p)))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let m = up.wait_all_live(p, "iso", Duration::from_secs(30));
+    assert_eq!(m["primary"], p);
+    let mut w = Writer::start_opt(&up.uri(p, "iso"), 6, 0, 32, 1_000_000, tmp.path(), true);
+    w.wait_acked(10, Duration::from_secs(30), "writes before the isolation");
+    up.cli_ok(&["fault", "isolate", "--node", &format!("n{l}")]);
+    let a0 = w.acked();
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(8) {
+        let j = jstate(&up, p, "iso");
+        assert_ne!(
+            j["recovery_server"]["holder"], l,
+            "the isolated leader n{l} claimed the volume at the recovery server: {j}"
+        );
+        if let Some(m) = up.volume_meta(p, "iso") {
+            assert_eq!(m["primary"], p, "{m}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    w.wait_acked(
+        a0 + 10,
+        Duration::from_secs(20),
+        "writes under the majority",
+    );
+    up.cli_ok(&["fault", "heal"]);
+    up.wait_all_live(p, "iso", Duration::from_secs(60));
+    let (acked, tried) = w.finish_retrying();
+    for n in 1..=3 {
+        let image = read_region(&up.uri(n, "iso"), 2 << 20, tmp.path()).unwrap();
+        w.check(&image, &acked, &tried, &format!("iso through n{n}"));
+    }
+    let r = up.root(p, "iso");
+    wait_for("copies identical", Duration::from_secs(30), || {
+        (1..=3).all(|n| up.root(n, "iso") == r)
+    });
+}
+
+/// Correctness issue, section 3: a volume in jeopardy with live replicas (protected by
+/// an administrator) whose primary is cut off from the other nodes but not from the
+/// recovery server. The writes it acknowledges meanwhile are never lost: after the heal
+/// every copy holds them, and when the primary dies afterwards its successor serves them.
+#[test]
+fn jeopardy_isolated_primary_writes_survive_heal_and_its_death() {
+    let (tmp, data) = setup();
+    let up = Up::start(&data, "64MiB");
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    up.cli_ok(&["volume", "protect", "vol0"]);
+    wait_for("jeopardy after protect", Duration::from_secs(10), || {
+        jstate(&up, 1, "vol0")["jeopardy"] == true
+    });
+    let mut w = Writer::start_opt(&up.uri(1, "vol0"), 7, 0, 32, 1_000_000, tmp.path(), true);
+    w.wait_acked(10, Duration::from_secs(30), "writes before the isolation");
+    up.cli_ok(&["fault", "isolate", "--node", "n1"]);
+    let a0 = w.acked();
+    w.wait_acked(
+        a0 + 20,
+        Duration::from_secs(30),
+        "writes acknowledged while isolated",
+    );
+    up.cli_ok(&["fault", "heal"]);
+    // Every copy holds every acknowledged write once the copies are live again.
+    up.wait_all_live(2, "vol0", Duration::from_secs(90));
+    let (acked, tried) = w.finish_retrying();
+    let r = up.root(1, "vol0");
+    wait_for(
+        "copies identical after the heal",
+        Duration::from_secs(30),
+        || up.root(2, "vol0") == r && up.root(3, "vol0") == r,
+    );
+    for n in 1..=3 {
+        let image = read_region(&up.uri(n, "vol0"), 2 << 20, tmp.path()).unwrap();
+        w.check(
+            &image,
+            &acked,
+            &tried,
+            &format!("after the heal, through n{n}"),
+        );
+    }
+    // The primary dies: its successor serves every acknowledged write.
+    up.cli_ok(&["fault", "kill", "--node", "n1"]);
+    up.wait_meta(2, "vol0", Duration::from_secs(20), "failover", |m| {
+        m["primary"].as_u64().is_some_and(|p| p != 1)
+    });
+    let t0 = Instant::now();
+    let image = loop {
+        if let Some(i) = read_region(&up.uri(2, "vol0"), 2 << 20, tmp.path()) {
+            break i;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no read after failover"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    w.check(&image, &acked, &tried, "after the primary died");
+}
+
+/// Correctness issue, section 3, the other order: the protected volume's primary is
+/// isolated, acknowledges writes, and dies before any heal. The cluster must not
+/// promote a live replica that lacks those writes: a copy current when the log began
+/// replays the recovery server's log and serves them.
+#[test]
+fn jeopardy_isolated_primary_dies_and_the_log_is_replayed() {
+    let (tmp, data) = setup();
+    let up = Up::start(&data, "64MiB");
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    up.cli_ok(&["volume", "protect", "vol0"]);
+    wait_for("jeopardy after protect", Duration::from_secs(10), || {
+        jstate(&up, 1, "vol0")["jeopardy"] == true
+    });
+    let mut w = Writer::start_opt(&up.uri(1, "vol0"), 8, 0, 32, 1_000_000, tmp.path(), true);
+    w.wait_acked(10, Duration::from_secs(30), "writes before the isolation");
+    up.cli_ok(&["fault", "isolate", "--node", "n1"]);
+    let a0 = w.acked();
+    w.wait_acked(
+        a0 + 20,
+        Duration::from_secs(30),
+        "writes acknowledged while isolated",
+    );
+    up.cli_ok(&["fault", "kill", "--node", "n1"]);
+    let (acked, tried) = w.finish_retrying();
+    up.cli_ok(&["fault", "heal"]);
+    let m = up.wait_meta(2, "vol0", Duration::from_secs(60), "a new primary", |m| {
+        m["primary"].as_u64().is_some_and(|p| p != 1)
+    });
+    let p = m["primary"].as_u64().unwrap() as u16;
+    let t0 = Instant::now();
+    let image = loop {
+        if let Some(i) = read_region(&up.uri(p, "vol0"), 2 << 20, tmp.path()) {
+            break i;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no read after the take-over"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    w.check(
+        &image,
+        &acked,
+        &tried,
+        &format!("through the new primary n{p}"),
+    );
+    let other = if p == 2 { 3 } else { 2 };
+    up.wait_meta(
+        p,
+        "vol0",
+        Duration::from_secs(60),
+        "the other copy live",
+        |m| m["states"][other.to_string()] == "live",
+    );
+    let image = read_region(&up.uri(other, "vol0"), 2 << 20, tmp.path()).unwrap();
+    w.check(&image, &acked, &tried, &format!("through n{other}"));
+}
+
+/// Correctness issue, section 6: the volume falls to its last copy (both replicas cut
+/// off by `fault drop`, so the metadata still has its majority) while the recovery
+/// server is already down. Policy `accept`: the write is acknowledged at once, counted
+/// as lag, and put on the recovery server once it is back. (Before, the connect error's
+/// text "Connection refused" read as the recovery server refusing a claim.)
+#[test]
+fn last_copy_with_the_recovery_server_down_policy_accept() {
+    let (_tmp, data) = setup();
+    let up = Up::start_with(&data, "64MiB", &["--jeopardy-policy", "accept"]);
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    up.cli_ok(&["fault", "kill", "--node", "rs"]);
+    up.cli_ok(&["fault", "drop", "--from", "n1", "--to", "n2"]);
+    up.cli_ok(&["fault", "drop", "--from", "n1", "--to", "n3"]);
+    let t0 = Instant::now();
+    qemu_io_ok(&up.uri(1, "vol0"), &["write -P 0x61 0 64k", "flush"]);
+    assert!(
+        t0.elapsed() < Duration::from_secs(15),
+        "the write took {:?} under accept",
+        t0.elapsed()
+    );
+    let j = jstate(&up, 1, "vol0");
+    assert!(j["recovery_lag"].as_u64().unwrap() > 0, "{j}");
+    up.cli_ok(&["fault", "revive", "--node", "rs"]);
+    wait_for(
+        "the lag put on the recovery server",
+        Duration::from_secs(30),
+        || {
+            let j = jstate(&up, 1, "vol0");
+            j["jeopardy"] == true && j["recovery_lag"] == 0
+        },
+    );
+    assert!(
+        log_records(&up).iter().any(|r| r.0 == 0 && r.2 == 0x61),
+        "the write acknowledged without the recovery server is not in its log: {:?}",
+        log_records(&up)
+    );
+    qemu_io_ok(&up.uri(1, "vol0"), &["read -P 0x61 0 64k"]);
+}
+
+/// Section 6, policy `suspend`: the write waits while the recovery server is down (it
+/// is not acknowledged, nor failed at once), and completes once it is back, logged.
+#[test]
+fn last_copy_with_the_recovery_server_down_policy_suspend() {
+    let (_tmp, data) = setup();
+    let up = Up::start(&data, "64MiB");
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    up.cli_ok(&["fault", "kill", "--node", "rs"]);
+    up.cli_ok(&["fault", "drop", "--from", "n1", "--to", "n2"]);
+    up.cli_ok(&["fault", "drop", "--from", "n1", "--to", "n3"]);
+    let mut w = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x62 0 64k", "-c", "flush"])
+        .arg(up.uri(1, "vol0"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        w.try_wait().unwrap().is_none(),
+        "the write did not wait for the recovery server under suspend"
+    );
+    up.cli_ok(&["fault", "revive", "--node", "rs"]);
+    let o = w.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        o.status.success() && !text.contains("error") && !text.contains("failed"),
+        "{text}"
+    );
+    assert!(
+        log_records(&up).iter().any(|r| r.0 == 0 && r.2 == 0x62),
+        "{:?}",
+        log_records(&up)
+    );
+    assert_eq!(jstate(&up, 1, "vol0")["jeopardy"], true);
+}

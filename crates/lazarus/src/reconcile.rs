@@ -1,0 +1,238 @@
+//! A new primary reconciles the live copies before it serves (DESIGN.md, "A promotion
+//! never leaves live copies that differ").
+//!
+//! The old primary sends each write to every replica at once. If it dies after one
+//! replica applied a write and before another did, the replicas differ, and neither
+//! write was acknowledged. Whichever is promoted, the other would stay `live` with
+//! different contents: reads would change at the next failover and the roots would
+//! never agree again. So a primary serves a volume at an epoch only after it compared
+//! its checksum root with every live replica's at that epoch (each replica answers
+//! only once it has applied the epoch, and from then on it refuses the old primary's
+//! updates); a replica whose root differs, or that cannot be asked, is committed `dead`
+//! first and then resyncs from the new primary by Merkle diff. The same check runs when
+//! a node restarts as primary: its replicas may hold writes its own crash lost.
+
+use crate::cluster::Cluster;
+use crate::rpc::KIND_ROOT;
+use lazarus_cluster::raft_store::NodeId;
+use lazarus_cluster::{MetaCommand, MetaResponse, ReplicaState, VolumeInfo};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long a replica that does not answer is retried before it is marked dead.
+const UNREACHABLE_PATIENCE: Duration = Duration::from_secs(2);
+/// How long a replica waits for its metadata to reach the asked epoch.
+const EPOCH_CATCH_UP: Duration = Duration::from_millis(1000);
+const ROOT_TIMEOUT: Duration = Duration::from_millis(1500);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RootReq {
+    pub volume: String,
+    pub uid: u64,
+    /// The asking primary's epoch: answered only once this node applied it.
+    pub epoch: u64,
+}
+
+/// What the primary does about one live replica, given what asking it gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Same root: the copies are equal.
+    Equal,
+    /// Not asked successfully yet: ask again.
+    Retry,
+    /// Commit it dead (it resyncs from the primary).
+    MarkDead(&'static str),
+}
+
+/// The decision for one replica: `answer` is its root (or why not), `own` the primary's
+/// root, `waited` how long this replica has failed to answer.
+pub fn verdict(own: &[u8; 16], answer: &Result<[u8; 16], String>, waited: Duration) -> Verdict {
+    match answer {
+        Ok(r) if r == own => Verdict::Equal,
+        Ok(_) => Verdict::MarkDead("its checksum root differs from the new primary's"),
+        Err(_) if waited < UNREACHABLE_PATIENCE => Verdict::Retry,
+        Err(_) => Verdict::MarkDead("it did not answer the new primary's root check"),
+    }
+}
+
+impl Cluster {
+    /// On a replica: its checksum root for `req.volume`, once its metadata is at
+    /// `req.epoch` (so it already refuses the previous primary's updates).
+    pub(crate) async fn serve_root(&self, req: RootReq) -> Result<Vec<u8>, String> {
+        if !self.is_ready() {
+            return Err("this node is starting up".into());
+        }
+        let t0 = Instant::now();
+        loop {
+            let meta = self.store.meta();
+            let v = meta
+                .volumes
+                .get(&req.volume)
+                .ok_or_else(|| format!("volume {:?} unknown here", req.volume))?;
+            if v.uid != req.uid {
+                return Err(format!("volume {:?} is another uid here", req.volume));
+            }
+            if v.epoch > req.epoch {
+                return Err(format!(
+                    "epoch {} is older than this node's {}",
+                    req.epoch, v.epoch
+                ));
+            }
+            if v.epoch == req.epoch {
+                if v.state_of(self.id) != Some(ReplicaState::Live) {
+                    return Err("this copy is not live".into());
+                }
+                break;
+            }
+            if t0.elapsed() > EPOCH_CATCH_UP {
+                return Err(format!(
+                    "this node's metadata is at epoch {}, not {} yet",
+                    v.epoch, req.epoch
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let local = self
+            .blocks
+            .volume(&req.volume)
+            .filter(|l| l.meta.uid == req.uid)
+            .ok_or_else(|| format!("no local copy of {:?}", req.volume))?;
+        Ok(local.root().0.to_vec())
+    }
+
+    async fn ask_root(&self, v: &VolumeInfo, node: NodeId) -> Result<[u8; 16], String> {
+        let addr = self.rpc_addr(node).ok_or("no address")?;
+        let body = serde_json::to_vec(&RootReq {
+            volume: v.name.clone(),
+            uid: v.uid,
+            epoch: v.epoch,
+        })
+        .map_err(|e| e.to_string())?;
+        let b = self
+            .network
+            .client(&addr)
+            .call(KIND_ROOT, &body, ROOT_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string())?;
+        b.as_slice()
+            .try_into()
+            .map_err(|_| format!("bad root of {} bytes", b.len()))
+    }
+
+    /// Whether this node compared the live copies of `volume` at `epoch` with its own.
+    pub fn reconciled(&self, volume: &str, epoch: u64) -> bool {
+        self.reconciled.lock().get(volume) == Some(&epoch)
+    }
+
+    /// Starts reconciling every volume this node is primary of and has not reconciled
+    /// at its current epoch (called from the lease loop).
+    pub(crate) fn reconcile_primaries(self: &Arc<Self>) {
+        let meta = self.store.meta();
+        for v in meta.volumes.values() {
+            if v.primary != self.id || self.reconciled(&v.name, v.epoch) {
+                continue;
+            }
+            if !self.reconciling.lock().insert(v.name.clone()) {
+                continue;
+            }
+            let c = self.clone();
+            let name = v.name.clone();
+            tokio::spawn(async move {
+                let r = c.reconcile_volume(&name).await;
+                c.reconciling.lock().remove(&name);
+                match r {
+                    Ok(Some(epoch)) => {
+                        c.reconciled.lock().insert(name, epoch);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(volume = %name, error = %e, "live copies not reconciled yet; not serving")
+                    }
+                }
+            });
+        }
+    }
+
+    /// Compares every live replica's root with this primary's; commits each that
+    /// differs (or does not answer) dead. `Ok(Some(epoch))` once done at `epoch`.
+    async fn reconcile_volume(&self, name: &str) -> Result<Option<u64>, String> {
+        let t0 = Instant::now();
+        loop {
+            let Some(v) = self.store.meta().volumes.get(name).cloned() else {
+                return Ok(None);
+            };
+            if v.primary != self.id {
+                return Ok(None);
+            }
+            let Some(local) = self.blocks.volume(name).filter(|l| l.meta.uid == v.uid) else {
+                return Err("no local copy".into());
+            };
+            let own = local.root().0;
+            let live: Vec<NodeId> = v.live().into_iter().filter(|n| *n != self.id).collect();
+            let mut pending = false;
+            for n in live {
+                let answer = self.ask_root(&v, n).await;
+                match verdict(&own, &answer, t0.elapsed()) {
+                    Verdict::Equal => {}
+                    Verdict::Retry => pending = true,
+                    Verdict::MarkDead(why) => {
+                        let cmd = MetaCommand::SetReplicaState {
+                            volume: name.to_string(),
+                            node: n,
+                            state: ReplicaState::Dead,
+                            epoch: v.epoch,
+                            at_ms: crate::cluster::unix_ms(),
+                        };
+                        match self.propose(cmd).await {
+                            Ok(MetaResponse::Volume(_)) => {
+                                tracing::warn!(volume = name, replica = n, why, answer = ?answer.as_ref().map(|_| "root"), "live copy marked dead by the new primary's check; it resyncs");
+                                crate::events::record(
+                                    "state",
+                                    name,
+                                    format!("n{n} marked dead: {why} (epoch {})", v.epoch),
+                                );
+                            }
+                            other => {
+                                return Err(format!("could not mark n{n} dead: {other:?}"));
+                            }
+                        }
+                        // The metadata changed: look again.
+                        pending = true;
+                    }
+                }
+            }
+            if !pending {
+                if self.store.meta().volumes.get(name).map(|m| m.epoch) == Some(v.epoch) {
+                    tracing::info!(
+                        volume = name,
+                        epoch = v.epoch,
+                        "live copies reconciled with this primary"
+                    );
+                    return Ok(Some(v.epoch));
+                }
+                continue;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts() {
+        let a = [1u8; 16];
+        let b = [2u8; 16];
+        let short = Duration::from_millis(10);
+        assert_eq!(verdict(&a, &Ok(a), short), Verdict::Equal);
+        assert!(matches!(verdict(&a, &Ok(b), short), Verdict::MarkDead(_)));
+        assert_eq!(verdict(&a, &Err("down".into()), short), Verdict::Retry);
+        assert!(matches!(
+            verdict(&a, &Err("down".into()), UNREACHABLE_PATIENCE),
+            Verdict::MarkDead(_)
+        ));
+    }
+}
