@@ -928,8 +928,8 @@ fn jeopardy_isolated_primary_writes_survive_heal_and_its_death() {
     up.cli_ok(&["fault", "isolate", "--node", "n1"]);
     let a0 = w.acked();
     w.wait_acked(
-        a0 + 20,
-        Duration::from_secs(30),
+        a0 + 8,
+        Duration::from_secs(60),
         "writes acknowledged while isolated",
     );
     up.cli_ok(&["fault", "heal"]);
@@ -988,8 +988,8 @@ fn jeopardy_isolated_primary_dies_and_the_log_is_replayed() {
     up.cli_ok(&["fault", "isolate", "--node", "n1"]);
     let a0 = w.acked();
     w.wait_acked(
-        a0 + 20,
-        Duration::from_secs(30),
+        a0 + 8,
+        Duration::from_secs(60),
         "writes acknowledged while isolated",
     );
     up.cli_ok(&["fault", "kill", "--node", "n1"]);
