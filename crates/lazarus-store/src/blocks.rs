@@ -360,6 +360,8 @@ impl BlockStore {
     }
 
     fn reserve(&self, start: u64, count: u64) -> Result<(), StoreError> {
+        crate::disk::check_headroom(self.data.path(), count * BLOCK_SIZE_U64)
+            .map_err(|e| StoreError::io(self.data.path(), e))?;
         self.data
             .allocate(start * BLOCK_SIZE_U64, count * BLOCK_SIZE_U64)
             .map_err(|e| StoreError::io(self.data.path(), e))?;

@@ -188,6 +188,35 @@ pub fn write_file_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     sync_dir(dir)
 }
 
+/// Free space kept on a node's file system for what must not fail for lack of space:
+/// the cluster metadata (Raft log and state machine), journal resets, coordination and
+/// status files. Growth driven by client data (new block slots, newly mapped slice
+/// pages) is refused with ENOSPC once less than this would be left: 5% of the file
+/// system, at least 1 MiB and at most 64 MiB. A full disk then fails writes, and the
+/// node's metadata goes on working.
+pub fn headroom_bytes(total: u64) -> u64 {
+    (total / 20).clamp(1 << 20, 64 << 20)
+}
+
+/// ENOSPC when growing a file under `path` by `bytes` would leave less than the
+/// headroom free on its file system.
+pub fn check_headroom(path: &Path, bytes: u64) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = path.parent().unwrap_or(path);
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let frsize = st.f_frsize as u64;
+    let avail = st.f_bavail as u64 * frsize;
+    let total = st.f_blocks as u64 * frsize;
+    if avail < bytes.saturating_add(headroom_bytes(total)) {
+        return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+    }
+    Ok(())
+}
+
 pub fn is_enospc(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),

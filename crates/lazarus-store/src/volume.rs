@@ -697,6 +697,10 @@ impl Volume {
                 .filter(|p| !st.allocated.contains(p))
                 .collect()
         };
+        if !missing.is_empty() {
+            crate::disk::check_headroom(self.slice.path(), missing.len() as u64 * BLOCK_SIZE_U64)
+                .map_err(|e| StoreError::io(self.slice.path(), e))?;
+        }
         for p in &missing {
             self.slice
                 .allocate(slice_page_offset(*p), BLOCK_SIZE_U64)

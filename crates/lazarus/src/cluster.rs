@@ -1257,6 +1257,31 @@ impl Cluster {
         });
     }
 
+    /// Exits the process when the Raft core has stopped (a storage error in its log or
+    /// state machine, say a full disk): a node without working metadata must not go on
+    /// looking like a healthy member, holding roles it can no longer keep. `lazarus up`
+    /// (or the service manager) restarts it, and it rejoins from its durable state.
+    pub fn watch_raft(self: &Arc<Self>) {
+        let mut rx = self.raft.metrics();
+        tokio::spawn(async move {
+            loop {
+                if let Err(fatal) = &rx.borrow().running_state {
+                    tracing::error!(error = %fatal, "the cluster metadata (Raft) stopped: this node exits to be restarted");
+                    eprintln!(
+                        "lazarus: the cluster metadata stopped ({fatal}); exiting to be restarted"
+                    );
+                    std::process::exit(70);
+                }
+                if rx.changed().await.is_err() {
+                    tracing::error!(
+                        "the cluster metadata (Raft) is gone: this node exits to be restarted"
+                    );
+                    std::process::exit(70);
+                }
+            }
+        });
+    }
+
     /// Whether a quorum still follows this node as leader (and its metadata is
     /// current with everything committed before).
     pub(crate) async fn confirm_leadership(&self) -> bool {

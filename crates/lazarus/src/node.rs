@@ -96,6 +96,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             let _ = c.engine.set(Arc::downgrade(&engine));
             let _ = engine.cluster.set(c.clone());
             c.reconcile();
+            c.watch_raft();
             c.watch_primaries();
             c.watch_peers();
             c.lease_loop();

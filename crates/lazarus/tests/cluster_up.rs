@@ -781,3 +781,104 @@ fn returning_node_waits_until_it_caught_up() {
     up.wait_all_live(2, "vol0", Duration::from_secs(60));
     qemu_io_ok(&up.uri(1, "vol0"), &["read -P 0x42 0 64k"]);
 }
+
+/// Correctness issue, section 9: `lazarus up` with its data on a small file system,
+/// filled by a client until writes fail with ENOSPC. Nothing else breaks: every node
+/// still reads the volume, the metadata still commits (a volume is created), every node
+/// is ready under one leader. Once the file system grows, writes succeed again and the
+/// cluster heals by itself: every copy live, equal roots, the data as written.
+#[test]
+fn full_disk_fails_writes_and_nothing_else() {
+    let (tmp, _) = setup();
+    let mnt = tmp.path().join("small");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=300m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mounting a tmpfs needs root");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _u = Unmount(mnt.clone());
+    let data = mnt.join("cluster");
+    let up = Up::start(&data, "256MiB");
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    let src = tmp.path().join("src.img");
+    let want = random_file(&src, 96 << 20, seed());
+    let o = run_out("nbdcopy", &[src.to_str().unwrap(), &up.uri(1, "vol0")]);
+    let text = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        !o.status.success() && text.contains("No space left on device"),
+        "the copy should have filled the file system: {text}"
+    );
+    // Reads go on through every node.
+    for n in 1..=3 {
+        let o = qemu_io(&up.uri(n, "vol0"), &["read 0 16M"]);
+        let t = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(
+            o.status.success() && !t.contains("error") && !t.contains("failed"),
+            "read through n{n} on a full disk: {t}"
+        );
+    }
+    // The metadata still commits, and every node is ready under one leader.
+    up.cli_ok(&["volume", "create", "probe", "--size", "1MiB"]);
+    let t0 = Instant::now();
+    loop {
+        let views: Vec<Value> = (1..=3)
+            .filter_map(|n| up.get(n, "/api/v1/cluster"))
+            .collect();
+        if views.len() == 3
+            && views.iter().all(|v| v["ready"] == true)
+            && views
+                .iter()
+                .all(|v| v["leader"] == views[0]["leader"] && v["leader"].is_u64())
+        {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the cluster did not settle on a full disk: {views:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Space returns: the cluster heals by itself.
+    let st = Command::new("mount")
+        .args(["-o", "remount,size=900m"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let t0 = Instant::now();
+    loop {
+        let o = run_out("nbdcopy", &[src.to_str().unwrap(), &up.uri(1, "vol0")]);
+        if o.status.success() {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "writes still fail after the file system grew: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    qemu_io_ok(&up.uri(1, "vol0"), &["flush"]);
+    up.wait_all_live(1, "vol0", Duration::from_secs(90));
+    let r = up.root(1, "vol0");
+    let t0 = Instant::now();
+    while up.root(2, "vol0") != r || up.root(3, "vol0") != r {
+        assert!(t0.elapsed() < Duration::from_secs(30), "copies differ");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for n in 1..=3 {
+        let out = tmp.path().join(format!("out{n}.img"));
+        run("nbdcopy", &[&up.uri(n, "vol0"), out.to_str().unwrap()]);
+        let got = std::fs::read(&out).unwrap();
+        assert!(got[..want.len()] == want[..], "data through n{n} differs");
+        let _ = std::fs::remove_file(&out);
+    }
+}
