@@ -832,6 +832,7 @@ impl Cluster {
                 offset,
                 max_bytes: READ_CHUNK,
                 lbas: Some((first, end)),
+                latest: false,
             })
             .ok()?;
             let reply = r
@@ -1319,6 +1320,7 @@ impl Cluster {
                 offset,
                 max_bytes: READ_CHUNK,
                 lbas: None,
+                latest: true,
             })
             .map_err(|e| e.to_string())?;
             let reply = match r.client.call(KIND_RS_READ, &body, RS_TIMEOUT * 2).await {

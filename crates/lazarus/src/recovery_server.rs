@@ -106,6 +106,10 @@ pub struct ReadReq {
     /// Only records touching LBAs `[first, end)` (repair of one page).
     #[serde(default)]
     pub lbas: Option<(u64, u64)>,
+    /// Leave out records every block of which a later record rewrites (a restore that
+    /// reads to the end then writes each block once).
+    #[serde(default)]
+    pub latest: bool,
 }
 
 /// A record header as sent on the wire; the data follows in the raw payload.
@@ -128,6 +132,9 @@ pub struct ReadReply {
     pub done: bool,
     /// Damaged ranges of the log: records there are lost.
     pub damaged: Vec<(u64, u64)>,
+    /// Superseded records left out (`latest`).
+    #[serde(default)]
+    pub skipped: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -143,6 +150,10 @@ pub struct VolumeState {
 
 struct VolLog {
     log: parking_lot::Mutex<ChangeLog>,
+    /// Offsets of superseded records as of the last restore that started (any such
+    /// snapshot stays right for a reader that reads to the end: the records that
+    /// supersede lie after those they supersede).
+    superseded: parking_lot::Mutex<Option<Arc<std::collections::HashSet<u64>>>>,
     /// Serializes syncs; a sync covers every record written before it started.
     sync: tokio::sync::Mutex<()>,
 }
@@ -210,6 +221,7 @@ impl RecoveryServer {
         }
         let l = Arc::new(VolLog {
             log: parking_lot::Mutex::new(ChangeLog::open(&log_path(&self.dir, volume, uid))?),
+            superseded: Default::default(),
             sync: Default::default(),
         });
         logs.insert(volume.to_string(), l.clone());
@@ -426,9 +438,23 @@ impl RecoveryServer {
             ));
         }
         let l = self.log(&req.volume, req.uid).map_err(|e| e.to_string())?;
+        let skip = if req.latest && req.lbas.is_none() {
+            let mut cached = l.superseded.lock();
+            if req.offset == 0 || cached.is_none() {
+                let entries = l.log.lock().entries().to_vec();
+                *cached = Some(Arc::new(recovery_log::superseded(&entries)));
+            }
+            cached.clone()
+        } else {
+            None
+        };
         let log = l.log.lock();
-        let (recs, next) = log
-            .read_from(req.offset, req.max_bytes.clamp(1 << 20, 16 << 20))
+        let (recs, next, skipped) = log
+            .read_skipping(
+                req.offset,
+                req.max_bytes.clamp(1 << 20, 16 << 20),
+                skip.as_deref(),
+            )
             .map_err(|e| e.to_string())?;
         let mut raw = Vec::new();
         let records = recs
@@ -455,6 +481,7 @@ impl RecoveryServer {
             next,
             done: next >= log.synced(),
             damaged: log.scan.damaged.clone(),
+            skipped,
         };
         let json = serde_json::to_vec(&reply).map_err(|e| e.to_string())?;
         Ok(rpc::pack(&json, &raw))

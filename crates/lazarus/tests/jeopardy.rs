@@ -1107,3 +1107,37 @@ fn last_copy_with_the_recovery_server_down_policy_suspend() {
     );
     assert_eq!(jstate(&up, 1, "vol0")["jeopardy"], true);
 }
+
+/// Correctness issue, section 5: a rejoining copy replays only the latest version of
+/// each block from the recovery server's log — a block overwritten 20 times while the
+/// copy was away arrives once — and ends identical.
+#[test]
+fn rejoin_replays_each_block_once() {
+    let (_tmp, data) = setup();
+    let up = Up::start(&data, "64MiB");
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    up.cli_ok(&["volume", "protect", "vol0"]);
+    wait_for("jeopardy after protect", Duration::from_secs(10), || {
+        jstate(&up, 1, "vol0")["jeopardy"] == true
+    });
+    up.cli_ok(&["fault", "kill", "--node", "n3"]);
+    let mut cmds: Vec<String> = (1..=20).map(|i| format!("write -P {i} 0 64k")).collect();
+    cmds.push("write -P 0x77 1M 64k".into());
+    cmds.push("flush".into());
+    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    qemu_io_ok(&up.uri(1, "vol0"), &cmds);
+    assert!(log_records(&up).len() >= 21, "{:?}", log_records(&up));
+    up.cli_ok(&["fault", "revive", "--node", "n3"]);
+    up.wait_all_live(1, "vol0", Duration::from_secs(60));
+    let p = up.get(3, "/api/v1/cluster").unwrap()["resync"]["vol0"].clone();
+    let records = p["restore_records"].as_u64().unwrap();
+    assert!(
+        (1..=3).contains(&records),
+        "the rejoining copy replayed {records} records for 2 blocks: {p}"
+    );
+    assert_eq!(up.root(3, "vol0"), up.root(1, "vol0"));
+    qemu_io_ok(
+        &up.uri(3, "vol0"),
+        &["read -P 20 0 64k", "read -P 0x77 1M 64k"],
+    );
+}
