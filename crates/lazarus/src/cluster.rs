@@ -181,6 +181,12 @@ pub struct Cluster {
     /// copies with its own (`reconcile.rs`); it serves only at that epoch.
     pub(crate) reconciled: parking_lot::Mutex<HashMap<String, u64>>,
     pub(crate) reconciling: parking_lot::Mutex<std::collections::HashSet<String>>,
+    /// When (send time) each peer last answered this node's ping (`survivor.rs`).
+    pub(crate) contact: parking_lot::Mutex<HashMap<NodeId, Instant>>,
+    /// When each peer's ping last arrived here.
+    pub(crate) heard: parking_lot::Mutex<HashMap<NodeId, Instant>>,
+    /// When (send time) the recovery server last acknowledged this node's heartbeat.
+    pub(crate) rs_contact: parking_lot::Mutex<Option<Instant>>,
 }
 
 /// Milliseconds since the Unix epoch (for failure histories).
@@ -333,6 +339,9 @@ impl Cluster {
             recovery: crate::jeopardy::Recovery::new(cfg),
             reconciled: Default::default(),
             reconciling: Default::default(),
+            contact: Default::default(),
+            heard: Default::default(),
+            rs_contact: Default::default(),
         });
         let listener = tokio::net::TcpListener::bind(rpc_listen)
             .await
@@ -373,9 +382,16 @@ impl Cluster {
             // A node that has not finished its start-up check (its metadata may be
             // behind the leader's) does not answer as a member: it is no promotion
             // candidate and no failure domain until then.
-            KIND_PING if !self.is_ready() => Err("this node is starting up".into()),
-            KIND_PING if lazarus_store::disk::device_failed() => Ok(b"device-failed".to_vec()),
-            KIND_PING => Ok(Vec::new()),
+            KIND_PING => {
+                self.heard_from(&body);
+                if !self.is_ready() {
+                    Err("this node is starting up".into())
+                } else if lazarus_store::disk::device_failed() {
+                    Ok(b"device-failed".to_vec())
+                } else {
+                    Ok(Vec::new())
+                }
+            }
             KIND_ROOT => self.serve_root(de(&body)?).await,
             KIND_LEASE => ser(&self.serve_lease(de(&body)?).await),
             KIND_STATS => match self.engine.get().and_then(|w| w.upgrade()) {
@@ -560,7 +576,8 @@ impl Cluster {
     /// At an epoch the metadata gave it, only once its live copies are reconciled
     /// with it (`reconcile.rs`).
     pub fn lease_valid(&self, volume: &str, epoch: u64) -> bool {
-        (self.raft_lease_valid(volume, epoch) || self.hold_valid(volume, epoch))
+        (self.raft_lease_valid(volume, epoch) && self.contact_valid(volume)
+            || self.hold_valid(volume, epoch))
             && (self.reconciled(volume, epoch) || self.held_beyond_metadata(volume))
     }
 
@@ -858,6 +875,9 @@ impl Cluster {
                 Ok(_) => acked_live += (v.state_of(node) == Some(ReplicaState::Live)) as usize,
                 Err(e) => {
                     tracing::warn!(volume, replica = node, error = %e, "replica failed an update; marking it dead");
+                    // Out at the recovery server first: it must never claim the volume
+                    // as its survivor once a write is acknowledged without it.
+                    self.record_out(&v, node).await?;
                     let cmd = MetaCommand::SetReplicaState {
                         volume: volume.to_string(),
                         node,
@@ -1034,7 +1054,7 @@ impl Cluster {
         };
         self.network
             .client(&addr)
-            .call(KIND_PING, &[], PING_TIMEOUT)
+            .call(KIND_PING, &self.ping_body(), PING_TIMEOUT)
             .await
             .is_ok()
     }

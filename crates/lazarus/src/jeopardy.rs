@@ -83,12 +83,12 @@ pub struct RestoreProgress {
 
 pub struct Recovery {
     pub addr: String,
-    client: RpcClient,
+    pub(crate) client: RpcClient,
     pub policy: JeopardyPolicy,
-    suspend: Duration,
+    pub(crate) suspend: Duration,
     failures_max: usize,
     failure_window: Duration,
-    holds: parking_lot::Mutex<HashMap<String, Hold>>,
+    pub(crate) holds: parking_lot::Mutex<HashMap<String, Hold>>,
     /// The recovery server's state as last polled, and when.
     polled: parking_lot::Mutex<(Option<Instant>, HashMap<String, VolumeState>)>,
     /// Per volume: writes acknowledged without the recovery server (`accept` policy).
@@ -415,6 +415,7 @@ impl Cluster {
         let sent = Instant::now();
         let req = ClaimReq {
             takeover: false,
+            survivor_of: None,
             volume: v.name.clone(),
             uid: v.uid,
             expect_fcid: expect,
@@ -595,6 +596,7 @@ impl Cluster {
         let sent = Instant::now();
         let req = ClaimReq {
             takeover: false,
+            survivor_of: None,
             volume: v.name.clone(),
             uid: v.uid,
             expect_fcid: v.failure_count_id,
@@ -873,7 +875,7 @@ impl Cluster {
         let Some(addr) = self.rpc_addr(node) else {
             return false;
         };
-        matches!(self.network.client(&addr).call(crate::rpc::KIND_PING, &[], crate::cluster::PING_TIMEOUT).await, Ok(b) if b != b"device-failed")
+        matches!(self.network.client(&addr).call(crate::rpc::KIND_PING, &self.ping_body(), crate::cluster::PING_TIMEOUT).await, Ok(b) if b != b"device-failed")
     }
 
     fn flaky(&self, meta: &lazarus_cluster::ClusterMeta, node: NodeId) -> bool {
@@ -970,8 +972,11 @@ impl Cluster {
                             }
                         }
                     }
-                    if let Some(rs) = rs {
-                        c.maybe_take_over(v, &rs).await;
+                    if let Some(rs) = rs.as_ref() {
+                        c.maybe_take_over(v, rs).await;
+                    }
+                    if v.replicas.contains(&c.id) && v.primary != c.id {
+                        c.maybe_survive(v, rs.as_ref()).await;
                     }
                     if r.lag(&v.name) > 0 {
                         if let Err(e) = c.catch_up(&v.name).await {
@@ -1000,6 +1005,7 @@ impl Cluster {
         let r = self.recovery.as_ref().ok_or("no recovery server")?;
         let req = ClaimReq {
             takeover: false,
+            survivor_of: None,
             volume: v.name.clone(),
             uid: v.uid,
             expect_fcid: s.coord.fcid,
@@ -1099,6 +1105,7 @@ impl Cluster {
             let sent = Instant::now();
             let req = ClaimReq {
                 takeover: false,
+                survivor_of: None,
                 volume: v.name.clone(),
                 uid: v.uid,
                 expect_fcid: v.failure_count_id,
@@ -1220,6 +1227,7 @@ impl Cluster {
         let sent = Instant::now();
         let req = ClaimReq {
             takeover: true,
+            survivor_of: None,
             volume: v.name.clone(),
             uid: v.uid,
             expect_fcid: c.fcid,
@@ -1407,6 +1415,7 @@ impl Cluster {
         };
         let req = ClaimReq {
             takeover: false,
+            survivor_of: None,
             volume: v.name.clone(),
             uid: v.uid,
             expect_fcid: v.failure_count_id,
@@ -1509,6 +1518,7 @@ mod tests {
             config: None,
             base,
             takeover,
+            out: Default::default(),
         };
         // A fenced promotion that never committed (section 0's stray claim).
         assert_eq!(

@@ -23,6 +23,7 @@ mod resync;
 mod rpc;
 mod rpc_bench;
 mod status;
+mod survivor;
 mod transfer;
 mod up;
 

@@ -97,6 +97,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             let _ = engine.cluster.set(c.clone());
             c.reconcile();
             c.watch_raft();
+            c.contact_loop();
             c.watch_primaries();
             c.watch_peers();
             c.lease_loop();

@@ -177,6 +177,7 @@ impl Cluster {
                     Verdict::Equal => {}
                     Verdict::Retry => pending = true,
                     Verdict::MarkDead(why) => {
+                        self.record_out(&v, n).await?;
                         let cmd = MetaCommand::SetReplicaState {
                             volume: name.to_string(),
                             node: n,

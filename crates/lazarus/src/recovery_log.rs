@@ -493,6 +493,10 @@ pub struct VolumeCoord {
     /// primary already).
     #[serde(default)]
     pub takeover: bool,
+    /// Copies the primary acknowledged writes without (recorded before the first such
+    /// write): they may never claim the volume as its surviving replica.
+    #[serde(default)]
+    pub out: std::collections::BTreeSet<u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

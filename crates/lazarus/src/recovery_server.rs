@@ -19,6 +19,19 @@ pub const KIND_RS_STATE: u8 = 43;
 pub const KIND_RS_READ: u8 = 44;
 pub const KIND_RS_CLEAR: u8 = 45;
 pub const KIND_RS_CONFIG: u8 = 46;
+/// A node says it is alive (its id); the recovery server grants a surviving replica's
+/// claim only when none of the volume's other nodes has said so for a while.
+pub const KIND_RS_HEARTBEAT: u8 = 47;
+/// A primary records that a copy is out (about to acknowledge writes without it), or
+/// back in (live again).
+pub const KIND_RS_MEMBER: u8 = 48;
+
+/// How long the recovery server must have heard nothing from every other node of a
+/// volume before a surviving replica may claim it. Longer than `CONTACT_WINDOW`, within
+/// which a primary must have heard from each live replica or from the recovery server
+/// (counted from its request's send time) to go on serving.
+pub const SURVIVOR_SILENCE: Duration = Duration::from_millis(1500);
+pub const CONTACT_WINDOW: Duration = Duration::from_millis(600);
 
 /// A holder in jeopardy that has not renewed for this long (recovery server's clock,
 /// from receipt) may be replaced. Longer than `HOLD_LEASE`, which the holder counts
@@ -45,6 +58,26 @@ pub struct ClaimReq {
     /// A base copy taking over from a silent holder (it restores from the log first).
     #[serde(default)]
     pub takeover: bool,
+    /// A live replica claiming the volume as its survivor (its primary and the other
+    /// copies silent): these nodes must all have been silent here too.
+    #[serde(default)]
+    pub survivor_of: Option<Vec<u64>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeartbeatReq {
+    pub node: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemberReq {
+    pub volume: String,
+    pub uid: u64,
+    /// The caller's failure count ID: refused (fenced) when the volume moved on.
+    pub fcid: u64,
+    pub node: u64,
+    /// True: the copy is out (writes go on without it); false: it is live again.
+    pub out: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -165,6 +198,9 @@ pub struct RecoveryServer {
     coord_write: tokio::sync::Mutex<()>,
     logs: parking_lot::Mutex<HashMap<String, Arc<VolLog>>>,
     renewed: parking_lot::Mutex<HashMap<String, Instant>>,
+    /// When each node last said it is alive.
+    heard: parking_lot::Mutex<HashMap<u64, Instant>>,
+    started: Instant,
 }
 
 /// Tests make the next log sync fail (the way a device reports a lost write-back).
@@ -194,6 +230,8 @@ impl RecoveryServer {
             coord_write: Default::default(),
             logs: Default::default(),
             renewed: Default::default(),
+            heard: Default::default(),
+            started: Instant::now(),
         };
         // Open (and check, cutting torn tails) the log of every volume in jeopardy now,
         // not on first use: damage is reported at start. A holder's renewals from
@@ -314,6 +352,11 @@ impl RecoveryServer {
                 ));
             }
         }
+        if let Some(others) = &req.survivor_of {
+            if let Some(reason) = self.survivor_refusal(&cur, req.holder, others) {
+                return refuse(reason);
+            }
+        }
         let entering = req.jeopardy && !cur.jeopardy;
         let next = VolumeCoord {
             uid: req.uid,
@@ -327,7 +370,10 @@ impl RecoveryServer {
             } else {
                 cur.base.clone()
             },
-            takeover: req.takeover && cur.jeopardy,
+            takeover: req.takeover && (cur.jeopardy || req.survivor_of.is_some()),
+            // Kept across jeopardy and its end: a copy out stays out until it is live
+            // again (`MEMBER` in).
+            out: cur.out.clone(),
         };
         if entering {
             // A fresh log: anything left from an earlier jeopardy is gone.
@@ -350,6 +396,68 @@ impl RecoveryServer {
             log_bytes: self.state_of(&req.volume).log_bytes,
             coord: next,
         })
+    }
+
+    /// Why a surviving replica may not claim the volume, if it may not: it was recorded
+    /// out (writes were acknowledged without it), or one of the volume's other nodes was
+    /// heard from within `SURVIVOR_SILENCE` (it may still serve, or hold a lease), or this
+    /// server has not been up that long (it would not know).
+    fn survivor_refusal(&self, cur: &VolumeCoord, holder: u64, others: &[u64]) -> Option<String> {
+        if cur.jeopardy {
+            return Some("the volume is in jeopardy: only a base copy takes over".into());
+        }
+        if cur.out.contains(&holder) {
+            return Some(format!(
+                "n{holder} is out: writes were acknowledged without its copy"
+            ));
+        }
+        if self.started.elapsed() < SURVIVOR_SILENCE {
+            return Some("the recovery server started too recently to vouch for silence".into());
+        }
+        let heard = self.heard.lock();
+        for n in others.iter().filter(|n| **n != holder) {
+            if let Some(t) = heard.get(n).filter(|t| t.elapsed() < SURVIVOR_SILENCE) {
+                return Some(format!(
+                    "n{n} was heard from {} ms ago: it may still serve",
+                    t.elapsed().as_millis()
+                ));
+            }
+        }
+        None
+    }
+
+    /// Records a copy out (before the primary acknowledges a write without it) or back
+    /// in, at the caller's failure count ID.
+    async fn member(&self, req: MemberReq) -> Result<(), Remote> {
+        let _w = self.coord_write.lock().await;
+        let mut coord = self.coord.lock().clone();
+        let c = coord
+            .volumes
+            .entry(req.volume.clone())
+            .or_insert_with(|| VolumeCoord {
+                uid: req.uid,
+                fcid: req.fcid,
+                ..Default::default()
+            });
+        if c.uid != req.uid || c.fcid != req.fcid {
+            return Err(Remote::new(
+                Refusal::Fenced,
+                format!(
+                    "fenced: {:?} is at failure count ID {} (uid {}), caller at {} (uid {})",
+                    req.volume, c.fcid, c.uid, req.fcid, req.uid
+                ),
+            ));
+        }
+        let changed = if req.out {
+            c.out.insert(req.node)
+        } else {
+            c.out.remove(&req.node)
+        };
+        if changed {
+            self.save(coord).await?;
+            tracing::info!(volume = %req.volume, node = req.node, out = req.out, "copy recorded {}", if req.out { "out" } else { "in" });
+        }
+        Ok(())
     }
 
     fn check_holder(&self, volume: &str, fcid: u64, holder: u64) -> Result<VolumeCoord, Remote> {
@@ -575,6 +683,15 @@ impl RecoveryServer {
                 self.set_config(de(&body)?).await?;
                 Ok(Vec::new())
             }
+            KIND_RS_HEARTBEAT => {
+                let req: HeartbeatReq = de(&body)?;
+                self.heard.lock().insert(req.node, Instant::now());
+                Ok(Vec::new())
+            }
+            KIND_RS_MEMBER => {
+                self.member(de(&body)?).await?;
+                Ok(Vec::new())
+            }
             other => Err(format!("unknown recovery-server request kind {other}").into()),
         }
     }
@@ -617,6 +734,7 @@ mod tests {
             config: None,
             base,
             takeover: false,
+            survivor_of: None,
         }
     }
 

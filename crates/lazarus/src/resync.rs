@@ -604,7 +604,7 @@ impl Cluster {
             at_ms: 0,
         };
         match self.propose(cmd).await.map_err(|e| e.to_string())? {
-            MetaResponse::Volume(_) => {}
+            MetaResponse::Volume(nv) => self.record_in(&nv).await,
             other => return Err(format!("cannot turn live: {other:?}")),
         }
         self.resync.update(&v.name, |p| {

@@ -1141,3 +1141,133 @@ fn rejoin_replays_each_block_once() {
         &["read -P 20 0 64k", "read -P 0x77 1M 64k"],
     );
 }
+
+/// Correctness issue, section 4: the primary and one replica killed together; the
+/// remaining replica — live, with every acknowledged write — serves within seconds as
+/// the volume's survivor (every write on the recovery server first): it reads back
+/// every acknowledged write and acknowledges new ones. When the two return, the
+/// cluster adopts it as primary and every copy ends identical.
+#[test]
+fn primary_and_replica_die_the_surviving_replica_serves() {
+    let (tmp, data) = setup();
+    let up = Up::start(&data, "64MiB");
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    // Through n3's port: forwarded to n1 now, served by n3 itself later.
+    let mut w = Writer::start_opt(&up.uri(3, "vol0"), 9, 0, 32, 1_000_000, tmp.path(), true);
+    w.wait_acked(20, Duration::from_secs(30), "writes before the failures");
+    let (p1, p2) = (up.node_pid(1) as i32, up.node_pid(2) as i32);
+    std::fs::write(up.data.join("n1").join("KILLED"), b"").ok();
+    std::fs::write(up.data.join("n2").join("KILLED"), b"").ok();
+    unsafe {
+        libc::kill(p1, libc::SIGKILL);
+        libc::kill(p2, libc::SIGKILL);
+    }
+    let t0 = Instant::now();
+    let a0 = w.acked();
+    // A write or two in flight may be answered by n1 just before it died: count three.
+    w.wait_acked(
+        a0 + 3,
+        Duration::from_secs(30),
+        "the survivor acknowledging writes",
+    );
+    let took = t0.elapsed();
+    eprintln!("primary and a replica killed: the survivor acknowledged 3 writes {took:?} later");
+    w.wait_acked(
+        a0 + 20,
+        Duration::from_secs(30),
+        "writes through the survivor",
+    );
+    let j = jstate(&up, 3, "vol0");
+    assert_eq!(j["recovery_server"]["holder"], 3, "{j}");
+    let (acked, tried) = w.finish_retrying();
+    let image = read_region(&up.uri(3, "vol0"), 2 << 20, tmp.path()).unwrap();
+    w.check(&image, &acked, &tried, "through the survivor n3");
+    up.cli_ok(&["fault", "revive", "--node", "n1"]);
+    up.cli_ok(&["fault", "revive", "--node", "n2"]);
+    up.wait_meta(
+        3,
+        "vol0",
+        Duration::from_secs(90),
+        "adopted, all live",
+        |m| {
+            m["primary"] == 3
+                && m["states"]
+                    .as_object()
+                    .is_some_and(|s| s.values().all(|v| v == "live"))
+        },
+    );
+    let r = up.root(3, "vol0");
+    wait_for("copies identical", Duration::from_secs(30), || {
+        up.root(1, "vol0") == r && up.root(2, "vol0") == r
+    });
+    for n in 1..=3 {
+        let image = read_region(&up.uri(n, "vol0"), 2 << 20, tmp.path()).unwrap();
+        w.check(&image, &acked, &tried, &format!("through n{n} at the end"));
+    }
+}
+
+/// Section 4, the other side: a replica cut off from the other nodes (not from the
+/// recovery server) never serves on its own — the primary goes on with the majority
+/// and the recovery server hears from it — and once the primary acknowledged writes
+/// without it, it never claims the volume even after both others die.
+#[test]
+fn cut_off_replica_never_serves_and_a_stale_one_never_survives() {
+    let (tmp, data) = setup();
+    let up = Up::start(&data, "64MiB");
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    let mut w = Writer::start_opt(&up.uri(1, "vol0"), 10, 0, 32, 1_000_000, tmp.path(), true);
+    w.wait_acked(10, Duration::from_secs(30), "writes before the isolation");
+    up.cli_ok(&["fault", "isolate", "--node", "n3"]);
+    let a0 = w.acked();
+    w.wait_acked(a0 + 10, Duration::from_secs(30), "writes without n3");
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(4) {
+        let j = jstate(&up, 3, "vol0");
+        assert_ne!(
+            j["recovery_server"]["holder"], 3,
+            "the cut-off replica claimed: {j}"
+        );
+        assert_ne!(j["held_at_recovery_server"], true, "{j}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (acked, tried) = w.finish_retrying();
+    let m = up.volume_meta(1, "vol0").unwrap();
+    assert_eq!(m["states"]["3"], "dead", "{m}");
+    // n1 and n2 die; n3, stale and still cut off from them, must not serve.
+    for n in [1u16, 2] {
+        std::fs::write(up.data.join(format!("n{n}")).join("KILLED"), b"").ok();
+        unsafe { libc::kill(up.node_pid(n) as i32, libc::SIGKILL) };
+    }
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(6) {
+        let j = jstate(&up, 3, "vol0");
+        assert_ne!(
+            j["recovery_server"]["holder"], 3,
+            "the stale replica claimed: {j}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        !up.node_log(3).contains("serves the volume as its survivor"),
+        "n3 served as a survivor"
+    );
+    // Everyone back: n1 has every acknowledged write; n3 resyncs.
+    up.cli_ok(&["fault", "heal"]);
+    up.cli_ok(&["fault", "revive", "--node", "n1"]);
+    up.cli_ok(&["fault", "revive", "--node", "n2"]);
+    up.wait_all_live(1, "vol0", Duration::from_secs(90));
+    // Both copies that had the last writes were killed: what they had not flushed may
+    // be gone (NBD's contract); every write acknowledged before an acknowledged flush
+    // (jwriter flushes after writes 0, 4, 8, ...) must be there.
+    let flushed = acked.iter().copied().filter(|i| i % 4 == 0).max().unwrap();
+    let durable: Vec<usize> = acked.iter().copied().filter(|i| *i <= flushed).collect();
+    for n in 1..=3 {
+        let image = read_region(&up.uri(n, "vol0"), 2 << 20, tmp.path()).unwrap();
+        w.check(
+            &image,
+            &durable,
+            &tried,
+            &format!("through n{n} at the end"),
+        );
+    }
+}

@@ -1,0 +1,382 @@
+//! Whichever two of three nodes fail, the survivor serves (DESIGN.md, "Whichever two
+//! of three fail"; docs/jeopardy.md, "A surviving replica").
+//!
+//! A replica cannot tell "the primary is dead" from "I am cut off while the primary
+//! serves under the majority's lease", so the recovery server decides, as a witness
+//! that sees both sides:
+//!
+//! - every node tells the recovery server it is alive every 100 ms (`HEARTBEAT`);
+//! - a primary serves a volume only while, within `CONTACT_WINDOW` (counted from its
+//!   request's send time), it heard from every live replica of it (a ping carrying its
+//!   id, which the replica records) or from the recovery server;
+//! - before it acknowledges a write without a copy that was live (the dead mark), the
+//!   primary records that copy *out* at the recovery server, at its failure count ID;
+//! - a live replica that has heard from none of the volume's other nodes for
+//!   `SURVIVOR_SILENCE`, and cannot reach them now, claims the volume there: granted
+//!   only if it is not out, none of the others was heard from there within
+//!   `SURVIVOR_SILENCE` either, and the failure count ID is the one it knows (no
+//!   promotion happened). It then serves in jeopardy, every write on the recovery
+//!   server first, and the cluster adopts it when a majority is back.
+//!
+//! `SURVIVOR_SILENCE` (1.5 s) > `CONTACT_WINDOW` (0.6 s): a primary's last contact with
+//! the replica or the recovery server was sent before it was received, so the primary
+//! stopped serving before the survivor may start. The argument and its model are in
+//! docs/jeopardy.md and docs/model.md.
+
+use crate::cluster::{Cluster, PING_TIMEOUT};
+use crate::config::JeopardyPolicy;
+use crate::jeopardy::Hold;
+use crate::recovery_server::{
+    ClaimReq, HeartbeatReq, MemberReq, VolumeState, CONTACT_WINDOW, HOLD_LEASE, KIND_RS_HEARTBEAT,
+    KIND_RS_MEMBER, SURVIVOR_SILENCE,
+};
+use crate::rpc::KIND_PING;
+use lazarus_cluster::raft_store::NodeId;
+use lazarus_cluster::{ReplicaState, VolumeInfo};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const CONTACT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Whether a primary may serve on its contacts: every live replica heard from within
+/// `CONTACT_WINDOW`, or the recovery server. `last` gives a contact's send time.
+pub fn contact_ok(
+    live_replicas: &[NodeId],
+    last: impl Fn(NodeId) -> Option<Instant>,
+    rs_last: Option<Instant>,
+    now: Instant,
+) -> bool {
+    let fresh =
+        |t: Option<Instant>| t.is_some_and(|t| now.saturating_duration_since(t) < CONTACT_WINDOW);
+    live_replicas.iter().all(|n| fresh(last(*n))) || fresh(rs_last)
+}
+
+/// Whether replica `me` may claim `v` as its survivor, on its own knowledge: a live,
+/// non-primary copy outside jeopardy that has heard from none of the other hosting
+/// nodes for `SURVIVOR_SILENCE`.
+pub fn may_claim_survivor(
+    v: &VolumeInfo,
+    me: NodeId,
+    heard: impl Fn(NodeId) -> Option<Instant>,
+    now: Instant,
+) -> bool {
+    v.replicas.len() >= 2
+        && v.replicas.contains(&me)
+        && v.primary != me
+        && !v.recovery_flag
+        && v.state_of(me) == Some(ReplicaState::Live)
+        && v.replicas
+            .iter()
+            .filter(|n| **n != me)
+            .all(|n| heard(*n).is_none_or(|t| now.saturating_duration_since(t) >= SURVIVOR_SILENCE))
+}
+
+impl Cluster {
+    /// A ping's body: the sender's id, so the receiver knows whom it heard from.
+    pub(crate) fn ping_body(&self) -> [u8; 8] {
+        self.id.to_be_bytes()
+    }
+
+    /// Records an incoming ping's sender.
+    pub(crate) fn heard_from(&self, body: &[u8]) {
+        if let Ok(b) = <[u8; 8]>::try_from(body) {
+            self.heard
+                .lock()
+                .insert(u64::from_be_bytes(b), Instant::now());
+        }
+    }
+
+    /// See `contact_ok`: for a volume this node is primary of (always true without a
+    /// recovery server: then no replica ever claims a volume on its own).
+    pub fn contact_valid(&self, volume: &str) -> bool {
+        if self.recovery.is_none() {
+            return true;
+        }
+        let meta = self.store.meta();
+        let Some(v) = meta.volumes.get(volume) else {
+            return true;
+        };
+        let live: Vec<NodeId> = v.live().into_iter().filter(|n| *n != self.id).collect();
+        let contact = self.contact.lock();
+        contact_ok(
+            &live,
+            |n| contact.get(&n).copied(),
+            *self.rs_contact.lock(),
+            Instant::now(),
+        )
+    }
+
+    /// Every 100 ms: tells the recovery server this node is alive, and (for the volumes
+    /// it is primary of) pings their live replicas, recording each answer's send time.
+    pub fn contact_loop(self: &Arc<Self>) {
+        let Some(r) = self.recovery.clone() else {
+            return;
+        };
+        let c = self.clone();
+        tokio::spawn(async move {
+            let body = serde_json::to_vec(&HeartbeatReq { node: c.id }).unwrap_or_default();
+            loop {
+                tokio::time::sleep(CONTACT_INTERVAL).await;
+                if !c.is_ready() && !c.serves_on_hold() {
+                    continue;
+                }
+                let sent = Instant::now();
+                let rs = r.client.call(KIND_RS_HEARTBEAT, &body, PING_TIMEOUT);
+                let meta = c.store.meta();
+                let mut targets: Vec<NodeId> = meta
+                    .volumes
+                    .values()
+                    .filter(|v| v.primary == c.id)
+                    .flat_map(|v| v.live())
+                    .filter(|n| *n != c.id)
+                    .collect();
+                targets.sort_unstable();
+                targets.dedup();
+                let ping = c.ping_body();
+                let pings = targets.iter().map(|n| {
+                    let addr = c.rpc_addr(*n).unwrap_or_default();
+                    let client = c.network.client(&addr);
+                    async move { (*n, client.call(KIND_PING, &ping, PING_TIMEOUT).await) }
+                });
+                let (rs, pings) = tokio::join!(rs, futures::future::join_all(pings));
+                if rs.is_ok() {
+                    *c.rs_contact.lock() = Some(sent);
+                }
+                let mut contact = c.contact.lock();
+                for (n, res) in pings {
+                    if res.is_ok() {
+                        contact.insert(n, sent);
+                    }
+                }
+            }
+        });
+    }
+
+    /// Before the primary acknowledges writes without `node`'s copy: records it out at
+    /// the recovery server, so it never claims the volume as its survivor. Unreachable
+    /// recovery server: `suspend` retries until its deadline, `accept` goes on (logged);
+    /// fenced (the volume moved on: a survivor or a promotion claimed it): an error —
+    /// this primary must not acknowledge the write.
+    pub(crate) async fn record_out(&self, v: &VolumeInfo, node: NodeId) -> Result<(), String> {
+        let Some(r) = self.recovery.as_ref() else {
+            return Ok(());
+        };
+        if v.replicas.len() < 2 || self.held_beyond_metadata(&v.name) {
+            return Ok(());
+        }
+        let body = serde_json::to_vec(&MemberReq {
+            volume: v.name.clone(),
+            uid: v.uid,
+            fcid: v.failure_count_id,
+            node,
+            out: true,
+        })
+        .map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + r.suspend;
+        loop {
+            match r.client.call(KIND_RS_MEMBER, &body, PING_TIMEOUT * 3).await {
+                Ok(_) => return Ok(()),
+                Err(e) if e.is_fenced() => {
+                    return Err(format!(
+                        "the recovery server refused to record n{node} out: {e}"
+                    ))
+                }
+                Err(e) if r.policy == JeopardyPolicy::Accept => {
+                    tracing::error!(volume = %v.name, node, error = %e, "copy not recorded out at the recovery server (policy accept): it could claim the volume as its survivor");
+                    return Ok(());
+                }
+                Err(e) if Instant::now() < deadline => {
+                    tracing::warn!(volume = %v.name, node, error = %e, "recording a copy out: recovery server unreachable (policy suspend)");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "could not record n{node} out at the recovery server within {:?}: {e}",
+                        r.suspend
+                    ))
+                }
+            }
+        }
+    }
+
+    /// A copy turned live: it may be a survivor again (best effort; a stale `out` only
+    /// keeps it from claiming).
+    pub(crate) async fn record_in(&self, v: &VolumeInfo) {
+        let Some(r) = self.recovery.as_ref() else {
+            return;
+        };
+        let Ok(body) = serde_json::to_vec(&MemberReq {
+            volume: v.name.clone(),
+            uid: v.uid,
+            fcid: v.failure_count_id,
+            node: self.id,
+            out: false,
+        }) else {
+            return;
+        };
+        if let Err(e) = r.client.call(KIND_RS_MEMBER, &body, PING_TIMEOUT * 3).await {
+            tracing::info!(volume = %v.name, error = %e, "copy not recorded back in at the recovery server");
+        }
+    }
+
+    /// On a live replica whose primary and fellow replicas have all gone silent:
+    /// claims the volume at the recovery server as its survivor and serves it in
+    /// jeopardy.
+    pub(crate) async fn maybe_survive(&self, v: &VolumeInfo, rs: Option<&VolumeState>) {
+        let Some(r) = self.recovery.as_ref() else {
+            return;
+        };
+        if !self.is_ready() || r.hold(&v.name).is_some() {
+            return;
+        }
+        if rs.is_some_and(|s| s.coord.jeopardy || s.coord.out.contains(&self.id)) {
+            return;
+        }
+        let now = Instant::now();
+        {
+            let heard = self.heard.lock();
+            if !may_claim_survivor(v, self.id, |n| heard.get(&n).copied(), now) {
+                return;
+            }
+        }
+        let meta = self.store.meta();
+        let others: Vec<NodeId> = v
+            .replicas
+            .iter()
+            .copied()
+            .filter(|n| *n != self.id)
+            .collect();
+        for n in &others {
+            if self.answers(&meta, *n).await {
+                return;
+            }
+        }
+        let epoch = rs.map_or(v.epoch, |s| s.coord.epoch.max(v.epoch)) + 1;
+        let sent = Instant::now();
+        let req = ClaimReq {
+            takeover: true,
+            survivor_of: Some(others.clone()),
+            volume: v.name.clone(),
+            uid: v.uid,
+            expect_fcid: v.failure_count_id,
+            holder: self.id,
+            epoch,
+            jeopardy: true,
+            config: serde_json::to_value(&*meta).ok(),
+            base: vec![self.id],
+        };
+        let reply = match r.claim(&req).await {
+            Ok(rep) if rep.granted => rep,
+            Ok(rep) => {
+                tracing::debug!(volume = %v.name, reason = %rep.reason, "survivor claim refused");
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(volume = %v.name, error = %e, "survivor claim failed");
+                return;
+            }
+        };
+        let fcid = reply.coord.fcid;
+        r.holds.lock().insert(
+            v.name.clone(),
+            Hold {
+                fcid,
+                epoch,
+                until: sent + HOLD_LEASE,
+                restoring: true,
+            },
+        );
+        // What this copy applied is the volume; make it durable before serving (the
+        // log starts from it).
+        let store = self.blocks.clone();
+        match tokio::task::spawn_blocking(move || store.flush()).await {
+            Ok(Ok(())) => {
+                if let Some(h) = r.holds.lock().get_mut(&v.name) {
+                    h.restoring = false;
+                }
+                tracing::warn!(volume = %v.name, fcid, epoch, silent = ?others, "the primary and every other copy are silent: this replica serves the volume as its survivor, every write on the recovery server first");
+                crate::events::record(
+                    "survivor",
+                    &v.name,
+                    format!(
+                        "n{} serves as the surviving replica (failure count ID {fcid}); n{:?} silent",
+                        self.id, others
+                    ),
+                );
+            }
+            other => {
+                tracing::error!(volume = %v.name, result = ?other.map(|r| r.map_err(|e| e.to_string())), "survivor claim granted but this copy cannot be made durable; not serving");
+                r.holds.lock().remove(&v.name);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contact_rules() {
+        let now = Instant::now() + Duration::from_secs(10);
+        let fresh = Some(now - Duration::from_millis(100));
+        let stale = Some(now - CONTACT_WINDOW);
+        assert!(contact_ok(&[2, 3], |_| fresh, None, now));
+        assert!(!contact_ok(
+            &[2, 3],
+            |n| if n == 2 { fresh } else { stale },
+            None,
+            now
+        ));
+        assert!(contact_ok(&[2, 3], |_| None, fresh, now));
+        assert!(!contact_ok(&[2, 3], |_| None, stale, now));
+        assert!(
+            contact_ok(&[], |_| None, None, now),
+            "no live replica to lose"
+        );
+    }
+
+    #[test]
+    fn survivor_rules() {
+        let mut v = VolumeInfo {
+            name: "vol0".into(),
+            uid: 1,
+            size_bytes: 1 << 30,
+            replicas: vec![1, 2, 3],
+            primary: 1,
+            epoch: 1,
+            states: [1, 2, 3]
+                .into_iter()
+                .map(|n| (n, ReplicaState::Live))
+                .collect(),
+            recovery_flag: false,
+            failure_count_id: 0,
+            protected: false,
+            stale: Default::default(),
+            stale_tracked: true,
+        };
+        let now = Instant::now() + Duration::from_secs(10);
+        let long_ago = Some(now - SURVIVOR_SILENCE);
+        let recent = Some(now - Duration::from_millis(200));
+        assert!(may_claim_survivor(&v, 3, |_| long_ago, now));
+        assert!(may_claim_survivor(&v, 3, |_| None, now));
+        assert!(!may_claim_survivor(
+            &v,
+            3,
+            |n| if n == 2 { recent } else { long_ago },
+            now
+        ));
+        assert!(
+            !may_claim_survivor(&v, 1, |_| None, now),
+            "the primary claims otherwise"
+        );
+        v.states.insert(3, ReplicaState::Dead);
+        assert!(!may_claim_survivor(&v, 3, |_| None, now), "a dead copy");
+        v.states.insert(3, ReplicaState::Live);
+        v.recovery_flag = true;
+        assert!(
+            !may_claim_survivor(&v, 3, |_| None, now),
+            "jeopardy: base copies take over"
+        );
+    }
+}
