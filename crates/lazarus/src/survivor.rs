@@ -115,6 +115,8 @@ impl Cluster {
         let c = self.clone();
         tokio::spawn(async move {
             let body = serde_json::to_vec(&HeartbeatReq { node: c.id }).unwrap_or_default();
+            // Per peer: since when its pings have failed.
+            let mut failing: std::collections::HashMap<NodeId, Instant> = Default::default();
             loop {
                 tokio::time::sleep(CONTACT_INTERVAL).await;
                 if !c.is_ready() && !c.serves_on_hold() {
@@ -142,14 +144,71 @@ impl Cluster {
                 if rs.is_ok() {
                     *c.rs_contact.lock() = Some(sent);
                 }
-                let mut contact = c.contact.lock();
-                for (n, res) in pings {
-                    if res.is_ok() {
-                        contact.insert(n, sent);
+                {
+                    let mut contact = c.contact.lock();
+                    for (n, res) in &pings {
+                        if res.is_ok() {
+                            contact.insert(*n, sent);
+                            failing.remove(n);
+                        } else {
+                            failing.entry(*n).or_insert(sent);
+                        }
+                    }
+                }
+                // Policy `accept` with the recovery server out of reach: a live replica
+                // that stopped answering is marked dead at once, so the primary serves
+                // on with the copies it hears from (under `suspend` it waits for the
+                // recovery server or the replica, rather than risk a survivor serving
+                // without its writes).
+                let rs_fresh = c
+                    .rs_contact
+                    .lock()
+                    .is_some_and(|t| t.elapsed() < CONTACT_WINDOW);
+                if r.policy == JeopardyPolicy::Accept && !rs_fresh && c.is_ready() {
+                    for (n, since) in &failing {
+                        if since.elapsed() < CONTACT_WINDOW {
+                            continue;
+                        }
+                        for v in meta.volumes.values().filter(|v| {
+                            v.primary == c.id && v.state_of(*n) == Some(ReplicaState::Live)
+                        }) {
+                            c.mark_unreachable_dead(v, *n).await;
+                        }
                     }
                 }
             }
         });
+    }
+
+    /// Commits a live replica that stopped answering dead (recorded out first, under
+    /// the policy), as a failed update would.
+    async fn mark_unreachable_dead(&self, v: &VolumeInfo, node: NodeId) {
+        if let Err(e) = self.record_out(v, node).await {
+            tracing::warn!(volume = %v.name, node, error = %e, "unreachable replica not marked dead");
+            return;
+        }
+        let cmd = lazarus_cluster::MetaCommand::SetReplicaState {
+            volume: v.name.clone(),
+            node,
+            state: ReplicaState::Dead,
+            epoch: v.epoch,
+            at_ms: crate::cluster::unix_ms(),
+        };
+        match tokio::time::timeout(Duration::from_secs(2), self.propose(cmd)).await {
+            Ok(Ok(lazarus_cluster::MetaResponse::Volume(_))) => {
+                tracing::warn!(volume = %v.name, replica = node, "replica stopped answering with the recovery server out of reach: marked dead (policy accept)");
+                crate::events::record(
+                    "state",
+                    &v.name,
+                    format!(
+                        "n{node} marked dead (stopped answering; recovery server out of reach)"
+                    ),
+                );
+            }
+            other => {
+                tracing::info!(volume = %v.name, replica = node, result = ?other.map(|r| r.map_err(|e| e.to_string())), "unreachable replica not marked dead")
+            }
+        }
     }
 
     /// Before the primary acknowledges writes without `node`'s copy: records it out at

@@ -1271,3 +1271,59 @@ fn cut_off_replica_never_serves_and_a_stale_one_never_survives() {
         );
     }
 }
+
+/// The price of survivor claims, per policy: with the recovery server down, a replica
+/// that dies leaves the primary unable to prove that no survivor serves without it.
+/// `accept`: the primary marks the silent replica dead and goes on with the other one.
+/// `suspend`: writes wait until the recovery server is back, then go on; none is lost.
+#[test]
+fn replica_lost_while_the_recovery_server_is_down_follows_the_policy() {
+    let (tmp, data) = setup();
+    let up = Up::start_with(&data, "64MiB", &["--jeopardy-policy", "accept"]);
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    let mut w = Writer::start_opt(&up.uri(1, "vol0"), 11, 0, 32, 1_000_000, tmp.path(), true);
+    w.wait_acked(10, Duration::from_secs(30), "writes before the faults");
+    up.cli_ok(&["fault", "kill", "--node", "rs"]);
+    up.cli_ok(&["fault", "kill", "--node", "n3"]);
+    let a0 = w.acked();
+    w.wait_acked(a0 + 20, Duration::from_secs(20), "writes under accept");
+    let m = up.volume_meta(1, "vol0").unwrap();
+    assert_eq!(m["states"]["3"], "dead", "{m}");
+    let (acked, tried) = w.finish_retrying();
+    let image = read_region(&up.uri(2, "vol0"), 2 << 20, tmp.path()).unwrap();
+    w.check(&image, &acked, &tried, "through n2 under accept");
+    drop(up);
+
+    let data = tmp.path().join("suspend");
+    let up = Up::start(&data, "64MiB");
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    let mut w = Writer::start_opt(&up.uri(1, "vol0"), 12, 0, 32, 1_000_000, tmp.path(), true);
+    w.wait_acked(10, Duration::from_secs(30), "writes before the faults");
+    up.cli_ok(&["fault", "kill", "--node", "rs"]);
+    up.cli_ok(&["fault", "kill", "--node", "n3"]);
+    std::thread::sleep(Duration::from_secs(2));
+    let a0 = w.acked();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        w.acked() <= a0 + 1,
+        "writes acknowledged under suspend with the recovery server and a replica down"
+    );
+    up.cli_ok(&["fault", "revive", "--node", "rs"]);
+    w.wait_acked(
+        a0 + 20,
+        Duration::from_secs(40),
+        "writes once the recovery server is back",
+    );
+    let (acked, tried) = w.finish_retrying();
+    up.cli_ok(&["fault", "revive", "--node", "n3"]);
+    up.wait_all_live(1, "vol0", Duration::from_secs(60));
+    for n in 1..=3 {
+        let image = read_region(&up.uri(n, "vol0"), 2 << 20, tmp.path()).unwrap();
+        w.check(
+            &image,
+            &acked,
+            &tried,
+            &format!("through n{n} under suspend"),
+        );
+    }
+}
