@@ -187,6 +187,13 @@ pub struct Cluster {
     pub(crate) heard: parking_lot::Mutex<HashMap<NodeId, Instant>>,
     /// When (send time) the recovery server last acknowledged this node's heartbeat.
     pub(crate) rs_contact: parking_lot::Mutex<Option<Instant>>,
+    /// Per volume, the recovery server's (failure count ID, holder) as its last
+    /// heartbeat reply gave them.
+    pub(crate) rs_coord: parking_lot::Mutex<HashMap<String, (u64, Option<NodeId>)>>,
+    /// When the contact loop first ran (survivor.rs).
+    pub(crate) contact_since: parking_lot::Mutex<Option<Instant>>,
+    /// When this process started.
+    pub(crate) started: Instant,
 }
 
 /// Milliseconds since the Unix epoch (for failure histories).
@@ -342,6 +349,9 @@ impl Cluster {
             contact: Default::default(),
             heard: Default::default(),
             rs_contact: Default::default(),
+            rs_coord: Default::default(),
+            contact_since: Default::default(),
+            started: Instant::now(),
         });
         let listener = tokio::net::TcpListener::bind(rpc_listen)
             .await
@@ -388,6 +398,10 @@ impl Cluster {
                     Err("this node is starting up".into())
                 } else if lazarus_store::disk::device_failed() {
                     Ok(b"device-failed".to_vec())
+                } else if self.holds_beyond_metadata_any() {
+                    // It answers, but a primary must not count it as a live replica
+                    // it is in contact with: it serves a volume on its own.
+                    Ok(crate::survivor::PING_HELD.to_vec())
                 } else {
                     Ok(Vec::new())
                 }
@@ -629,6 +643,13 @@ impl Cluster {
         // in a crash: it takes no update, and acknowledges no flush.
         if !self.is_ready() {
             return Err("this node is starting up and takes no updates yet".into());
+        }
+        if let Update::Write { volume, .. } | Update::Zero { volume, .. } = &u {
+            if self.held_beyond_metadata(volume) {
+                return Err(format!(
+                    "fenced: this node holds {volume:?} at the recovery server; it takes no updates from another primary"
+                ));
+            }
         }
         let (volume, epoch) = match &u {
             Update::Write { volume, epoch, .. } | Update::Zero { volume, epoch, .. } => {

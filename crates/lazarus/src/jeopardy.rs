@@ -461,6 +461,16 @@ impl Cluster {
             .is_some_and(|v| h.fcid > v.failure_count_id)
     }
 
+    /// Whether this node holds some volume at the recovery server beyond what the
+    /// metadata records.
+    pub fn holds_beyond_metadata_any(&self) -> bool {
+        let Some(r) = self.recovery.as_ref() else {
+            return false;
+        };
+        let names: Vec<String> = r.holds.lock().keys().cloned().collect();
+        names.iter().any(|n| self.held_beyond_metadata(n))
+    }
+
     /// Whether this node serves some volume under a hold from the recovery server (the
     /// coordination point when no majority is reachable): such a node serves it even
     /// before it could catch up with a leader, since there is none to catch up with.

@@ -77,7 +77,7 @@ impl Cluster {
                 let mine: Vec<(String, u64)> = meta
                     .volumes
                     .values()
-                    .filter(|v| v.primary == c.id)
+                    .filter(|v| v.primary == c.id && !c.gives_up_lease(&v.name))
                     .map(|v| (v.name.clone(), v.epoch))
                     .collect();
                 if mine.is_empty() {

@@ -431,14 +431,19 @@ impl RecoveryServer {
     async fn member(&self, req: MemberReq) -> Result<(), Remote> {
         let _w = self.coord_write.lock().await;
         let mut coord = self.coord.lock().clone();
+        let fresh = VolumeCoord {
+            uid: req.uid,
+            fcid: req.fcid,
+            ..Default::default()
+        };
         let c = coord
             .volumes
             .entry(req.volume.clone())
-            .or_insert_with(|| VolumeCoord {
-                uid: req.uid,
-                fcid: req.fcid,
-                ..Default::default()
-            });
+            .or_insert_with(|| fresh.clone());
+        // A volume deleted and created again under the same name: its old entry goes.
+        if c.uid < req.uid {
+            *c = fresh;
+        }
         if c.uid != req.uid || c.fcid != req.fcid {
             return Err(Remote::new(
                 Refusal::Fenced,
@@ -549,7 +554,17 @@ impl RecoveryServer {
         let skip = if req.latest && req.lbas.is_none() {
             let mut cached = l.superseded.lock();
             if req.offset == 0 || cached.is_none() {
-                let entries = l.log.lock().entries().to_vec();
+                // Only records already durable may supersede: a reader stops at the
+                // synced end, and must not skip a record whose successor is not there.
+                let entries: Vec<recovery_log::Entry> = {
+                    let log = l.log.lock();
+                    let synced = log.synced();
+                    log.entries()
+                        .iter()
+                        .copied()
+                        .filter(|e| e.offset + e.len <= synced)
+                        .collect()
+                };
                 *cached = Some(Arc::new(recovery_log::superseded(&entries)));
             }
             cached.clone()
@@ -686,7 +701,16 @@ impl RecoveryServer {
             KIND_RS_HEARTBEAT => {
                 let req: HeartbeatReq = de(&body)?;
                 self.heard.lock().insert(req.node, Instant::now());
-                Ok(Vec::new())
+                // Each volume's failure count ID and holder: a primary learns here that
+                // someone claimed its volume, and stops serving it.
+                let coord: HashMap<String, (u64, Option<u64>)> = self
+                    .coord
+                    .lock()
+                    .volumes
+                    .iter()
+                    .map(|(n, c)| (n.clone(), (c.fcid, c.holder)))
+                    .collect();
+                ser(&coord)
             }
             KIND_RS_MEMBER => {
                 self.member(de(&body)?).await?;

@@ -37,6 +37,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const CONTACT_INTERVAL: Duration = Duration::from_millis(100);
+/// A ping's answer from a node that serves a volume on its own (held at the recovery
+/// server beyond the metadata): not a contact a primary may count.
+pub const PING_HELD: &[u8] = b"held";
 
 /// Whether a primary may serve on its contacts: every live replica heard from within
 /// `CONTACT_WINDOW`, or the recovery server. `last` gives a contact's send time.
@@ -96,6 +99,16 @@ impl Cluster {
         let Some(v) = meta.volumes.get(volume) else {
             return true;
         };
+        // The recovery server says another node claimed the volume after this node's
+        // view of it: stop serving it, whatever the replicas answer.
+        if self
+            .rs_coord
+            .lock()
+            .get(volume)
+            .is_some_and(|(fcid, holder)| *fcid > v.failure_count_id && *holder != Some(self.id))
+        {
+            return false;
+        }
         let live: Vec<NodeId> = v.live().into_iter().filter(|n| *n != self.id).collect();
         let contact = self.contact.lock();
         contact_ok(
@@ -104,6 +117,18 @@ impl Cluster {
             *self.rs_contact.lock(),
             Instant::now(),
         )
+    }
+
+    /// A primary that has heard from neither every live replica nor the recovery server
+    /// for a while stops asking for its lease, so the leader promotes a replica that
+    /// may be in contact (the primary cannot serve anyway).
+    pub fn gives_up_lease(&self, volume: &str) -> bool {
+        self.recovery.is_some()
+            && self
+                .contact_since
+                .lock()
+                .is_some_and(|t| t.elapsed() > CONTACT_WINDOW * 2)
+            && !self.contact_valid(volume)
     }
 
     /// Every 100 ms: tells the recovery server this node is alive, and (for the volumes
@@ -123,6 +148,7 @@ impl Cluster {
                     continue;
                 }
                 let sent = Instant::now();
+                c.contact_since.lock().get_or_insert(sent);
                 let rs = r.client.call(KIND_RS_HEARTBEAT, &body, PING_TIMEOUT);
                 let meta = c.store.meta();
                 let mut targets: Vec<NodeId> = meta
@@ -141,13 +167,16 @@ impl Cluster {
                     async move { (*n, client.call(KIND_PING, &ping, PING_TIMEOUT).await) }
                 });
                 let (rs, pings) = tokio::join!(rs, futures::future::join_all(pings));
-                if rs.is_ok() {
+                if let Ok(reply) = rs {
+                    if let Ok(coord) = serde_json::from_slice(&reply) {
+                        *c.rs_coord.lock() = coord;
+                    }
                     *c.rs_contact.lock() = Some(sent);
                 }
                 {
                     let mut contact = c.contact.lock();
                     for (n, res) in &pings {
-                        if res.is_ok() {
+                        if res.as_ref().is_ok_and(|b| b != PING_HELD) {
                             contact.insert(*n, sent);
                             failing.remove(n);
                         } else {
@@ -240,7 +269,7 @@ impl Cluster {
                         "the recovery server refused to record n{node} out: {e}"
                     ))
                 }
-                Err(e) if r.policy == JeopardyPolicy::Accept => {
+                Err(e) if e.is_unreachable() && r.policy == JeopardyPolicy::Accept => {
                     tracing::error!(volume = %v.name, node, error = %e, "copy not recorded out at the recovery server (policy accept): it could claim the volume as its survivor");
                     return Ok(());
                 }
@@ -292,11 +321,18 @@ impl Cluster {
             return;
         }
         let now = Instant::now();
-        {
+        // Never heard from a node since this process started: count from the start.
+        let silent_enough = |now: Instant| {
             let heard = self.heard.lock();
-            if !may_claim_survivor(v, self.id, |n| heard.get(&n).copied(), now) {
-                return;
-            }
+            may_claim_survivor(
+                v,
+                self.id,
+                |n| heard.get(&n).copied().or(Some(self.started)),
+                now,
+            )
+        };
+        if !silent_enough(now) {
+            return;
         }
         let meta = self.store.meta();
         let others: Vec<NodeId> = v
@@ -346,9 +382,18 @@ impl Cluster {
             },
         );
         // What this copy applied is the volume; make it durable before serving (the
-        // log starts from it).
+        // log starts from it). Then wait out a contact window and look again: a ping
+        // that reached this node after its check above may have let the primary serve
+        // on for that long.
         let store = self.blocks.clone();
-        match tokio::task::spawn_blocking(move || store.flush()).await {
+        let flushed = tokio::task::spawn_blocking(move || store.flush()).await;
+        tokio::time::sleep(CONTACT_WINDOW).await;
+        if !silent_enough(Instant::now()) {
+            tracing::warn!(volume = %v.name, "survivor claim granted, but another node was heard from since: not serving; the cluster sorts it out");
+            r.holds.lock().remove(&v.name);
+            return;
+        }
+        match flushed {
             Ok(Ok(())) => {
                 if let Some(h) = r.holds.lock().get_mut(&v.name) {
                     h.restoring = false;
