@@ -69,6 +69,13 @@ pub struct VolumeInfo {
     /// before it existed: no dead copy of such a volume is ever promoted).
     #[serde(default)]
     pub stale_tracked: bool,
+    /// Per copy, the Raft log index at which it last turned live: orders its "back in"
+    /// at the recovery server after any earlier "out" (survivor claims).
+    #[serde(default)]
+    pub live_at: BTreeMap<NodeId, u64>,
+    /// The Raft log index of the last change to this volume.
+    #[serde(default)]
+    pub changed_at: u64,
 }
 
 impl VolumeInfo {
@@ -265,6 +272,31 @@ impl ClusterMeta {
     /// Applies one committed command. Invalid commands change nothing and answer
     /// `Rejected`: every node applies the same log, so every node rejects the same way.
     pub fn apply(&mut self, cmd: &MetaCommand) -> MetaResponse {
+        self.apply_at(cmd, 0)
+    }
+
+    /// `apply` of the command at Raft log index `index`, which the volume records
+    /// (`changed_at`, and `live_at` for a copy that turns live).
+    pub fn apply_at(&mut self, cmd: &MetaCommand, index: u64) -> MetaResponse {
+        let r = self.apply_inner(cmd);
+        if let MetaResponse::Volume(v) = &r {
+            if let Some(m) = self.volumes.get_mut(&v.name) {
+                m.changed_at = index;
+                if let MetaCommand::SetReplicaState {
+                    node,
+                    state: ReplicaState::Live,
+                    ..
+                } = cmd
+                {
+                    m.live_at.insert(*node, index);
+                }
+                return MetaResponse::Volume(m.clone());
+            }
+        }
+        r
+    }
+
+    fn apply_inner(&mut self, cmd: &MetaCommand) -> MetaResponse {
         match self.try_apply(cmd) {
             Ok(r) => r,
             Err(MetaError::Rejected(m)) => MetaResponse::Rejected(m),
@@ -339,6 +371,8 @@ impl ClusterMeta {
                     protected: false,
                     stale: BTreeSet::new(),
                     stale_tracked: true,
+                    live_at: BTreeMap::new(),
+                    changed_at: 0,
                 };
                 self.volumes.insert(name.clone(), v.clone());
                 Ok(MetaResponse::Volume(v))

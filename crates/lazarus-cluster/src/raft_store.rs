@@ -268,7 +268,7 @@ impl RaftStateMachine<TypeConfig> for Store {
                 match e.payload {
                     EntryPayload::Blank => responses.push(MetaResponse::Ok),
                     EntryPayload::Normal(cmd) => {
-                        let r = a.meta.apply(&cmd);
+                        let r = a.meta.apply_at(&cmd, e.log_id.index);
                         tracing::info!(command = ?cmd, response = ?r, "metadata change applied");
                         responses.push(r);
                     }

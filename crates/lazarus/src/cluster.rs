@@ -189,7 +189,7 @@ pub struct Cluster {
     pub(crate) rs_contact: parking_lot::Mutex<Option<Instant>>,
     /// Per volume, the recovery server's (failure count ID, holder) as its last
     /// heartbeat reply gave them.
-    pub(crate) rs_coord: parking_lot::Mutex<HashMap<String, (u64, Option<NodeId>)>>,
+    pub(crate) rs_coord: parking_lot::Mutex<HashMap<String, crate::survivor::RsCoord>>,
     /// When the contact loop first ran (survivor.rs).
     pub(crate) contact_since: parking_lot::Mutex<Option<Instant>>,
     /// When this process started.
@@ -913,7 +913,10 @@ impl Cluster {
                     match tokio::time::timeout(self.write_path_propose_wait(), self.propose(cmd))
                         .await
                     {
-                        Ok(Ok(MetaResponse::Volume(_))) => {
+                        Ok(Ok(MetaResponse::Volume(nv))) => {
+                            // Out again at the dead mark's own index, before the write
+                            // is acknowledged: no earlier "in" of this copy undoes it.
+                            self.record_out_at(&v, node, nv.changed_at).await?;
                             tracing::info!(volume, replica = node, "replica marked dead");
                             crate::events::record(
                                 "state",

@@ -227,9 +227,28 @@ impl Engine {
             .cluster
             .get()
             .expect("replicated volumes exist only in a cluster");
+        let epoch = match c.role(&vol.meta.name) {
+            Role::Primary { epoch } => Some(epoch),
+            _ => None,
+        };
         c.replicate(&vol.meta.name, u, raw, on_rs)
             .await
-            .map_err(|m| IoError::new(EIO, format!("replication failed: {m}")))
+            .map_err(|m| IoError::new(EIO, format!("replication failed: {m}")))?;
+        // As for reads: the lease must still hold once every copy has the update. A
+        // primary paused in the middle of it may have been replaced meanwhile, and its
+        // successor need not have this write: the client gets an error, not an ack.
+        if let Some(e) = epoch {
+            if !c.lease_valid(&vol.meta.name, e) {
+                return Err(IoError::new(
+                    EIO,
+                    format!(
+                        "this node's lease on {:?} lapsed during the write (it may have been replaced as primary)",
+                        vol.meta.name
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// In jeopardy: makes the update durable on the recovery server before it is

@@ -408,10 +408,12 @@ impl Cluster {
         }) {
             return Ok(h.fcid);
         }
-        let expect = held
-            .as_ref()
-            .map_or(v.failure_count_id, |h| h.fcid.max(v.failure_count_id));
-        let epoch = held.as_ref().map_or(v.epoch, |h| h.epoch);
+        // The failure count ID and the epoch from the same source: the hold, if it is
+        // newer than the metadata, else the metadata.
+        let (expect, epoch) = match held.as_ref() {
+            Some(h) if h.fcid >= v.failure_count_id => (h.fcid, h.epoch),
+            _ => (v.failure_count_id, v.epoch),
+        };
         let sent = Instant::now();
         let req = ClaimReq {
             takeover: false,
@@ -599,6 +601,14 @@ impl Cluster {
         )?;
         let _g = r.claiming.lock().await;
         let v = self.effective(volume).ok_or("volume unknown")?;
+        // A primary deposed meanwhile claims nothing (it would hold the volume next to
+        // the new primary).
+        if v.primary != self.id {
+            return Err(JeopardyError::Refused(format!(
+                "n{} is no longer the primary of {volume:?}",
+                self.id
+            )));
+        }
         if v.recovery_flag {
             self.drain_unflushed(&v).await?;
             return Ok(v);
@@ -1157,8 +1167,25 @@ impl Cluster {
             );
             return Ok(());
         }
-        // 3. Exit.
+        // 3. Exit: the recovery server stops being the coordination point first (no
+        // take-over can start against a primary that, once the flag is off, serves
+        // on its Raft lease without a hold), then the flag goes off.
         if v.recovery_flag && domains.len() >= 2 && !v.protected {
+            if let Some(s) = rs.filter(|s| s.coord.jeopardy && s.coord.fcid == v.failure_count_id) {
+                let body = serde_json::to_vec(&ClearReq {
+                    volume: v.name.clone(),
+                    uid: v.uid,
+                    fcid: s.coord.fcid,
+                })
+                .map_err(|e| e.to_string())?;
+                r.client.call(KIND_RS_CLEAR, &body, RS_TIMEOUT).await?;
+                tracing::info!(volume = %v.name, bytes = s.log_bytes, "recovery server's configuration copy and changed blocks deleted");
+                crate::events::record(
+                    "jeopardy",
+                    &v.name,
+                    format!("recovery server copy deleted ({} log bytes)", s.log_bytes),
+                );
+            }
             let cmd = MetaCommand::SetRecovery {
                 volume: v.name.clone(),
                 on: false,
@@ -1277,7 +1304,13 @@ impl Cluster {
                 self.id
             ),
         );
-        match self.restore_from_log(&v.name, v.uid, &local).await {
+        // From now on this node's pings say it holds the volume, so the old holder
+        // stops counting it as a contact; wait out the window in which the old holder
+        // may still serve on an earlier contact before this copy serves (the restore
+        // usually takes longer anyway).
+        let waited = tokio::time::sleep(crate::recovery_server::CONTACT_WINDOW);
+        let (restored, ()) = tokio::join!(self.restore_from_log(&v.name, v.uid, &local), waited);
+        match restored {
             Ok((records, bytes)) => {
                 if let Some(h) = r.holds.lock().get_mut(&v.name) {
                     h.restoring = false;
@@ -1511,6 +1544,8 @@ mod tests {
             protected: false,
             stale: Default::default(),
             stale_tracked: true,
+            live_at: Default::default(),
+            changed_at: 0,
         }
     }
 
@@ -1529,6 +1564,7 @@ mod tests {
             base,
             takeover,
             out: Default::default(),
+            member_index: Default::default(),
         };
         // A fenced promotion that never committed (section 0's stray claim).
         assert_eq!(

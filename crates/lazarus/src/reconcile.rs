@@ -189,7 +189,8 @@ impl Cluster {
                             at_ms: crate::cluster::unix_ms(),
                         };
                         match self.propose(cmd).await {
-                            Ok(MetaResponse::Volume(_)) => {
+                            Ok(MetaResponse::Volume(nv)) => {
+                                self.record_out_at(&v, n, nv.changed_at).await?;
                                 tracing::warn!(volume = name, replica = n, why, answer = ?answer.as_ref().map(|_| "root"), "live copy marked dead by the new primary's check; it resyncs");
                                 crate::events::record(
                                     "state",

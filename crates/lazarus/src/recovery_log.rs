@@ -497,6 +497,11 @@ pub struct VolumeCoord {
     /// write): they may never claim the volume as its surviving replica.
     #[serde(default)]
     pub out: std::collections::BTreeSet<u64>,
+    /// Per copy, the Raft log index of the last out/in recorded: an "in" older than the
+    /// last "out" (a copy that turned live, then failed an update before its "in"
+    /// arrived) is ignored.
+    #[serde(default)]
+    pub member_index: BTreeMap<u64, u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

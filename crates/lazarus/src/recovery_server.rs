@@ -78,6 +78,12 @@ pub struct MemberReq {
     pub node: u64,
     /// True: the copy is out (writes go on without it); false: it is live again.
     pub out: bool,
+    /// Raft log index: for "out", at or after the dead mark's (sent before the mark
+    /// with the primary's applied index and again after it with the mark's own); for
+    /// "in", when the copy turned live. An "in" not newer than the last "out" is
+    /// ignored.
+    #[serde(default)]
+    pub index: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -336,21 +342,37 @@ impl RecoveryServer {
                 cur.fcid, req.expect_fcid
             ));
         }
-        if cur.jeopardy && cur.holder.is_some_and(|h| h != req.holder) {
+        if cur.holder.is_some_and(|h| h != req.holder) {
+            // In jeopardy or not: a holder that renewed (or was granted) within
+            // HOLDER_SILENCE_MAX may still serve under its hold.
             let silent = self.renewed.lock().get(&req.volume).map(|t| t.elapsed());
             if silent.is_none_or(|s| s < HOLDER_SILENCE_MAX) {
                 return refuse(format!(
-                    "held in jeopardy by n{} (renewed {} ms ago)",
+                    "held by n{} (renewed {} ms ago)",
                     cur.holder.unwrap_or(0),
                     silent.map_or(0, |s| s.as_millis())
                 ));
             }
-            if !cur.base.contains(&req.holder) {
-                return refuse(format!(
-                    "n{} was not current when the log began (base {:?}): its copy plus the log is not the volume",
-                    req.holder, cur.base
-                ));
-            }
+        }
+        if cur.jeopardy
+            && cur.holder.is_some_and(|h| h != req.holder)
+            && !cur.base.contains(&req.holder)
+        {
+            return refuse(format!(
+                "n{} was not current when the log began (base {:?}): its copy plus the log is not the volume",
+                req.holder, cur.base
+            ));
+        }
+        // A copy out never becomes the holder — except a base copy taking over in
+        // jeopardy: it replays the log, which has every write acknowledged since the
+        // log began (a primary that did not know of the jeopardy could not record a
+        // copy out at the new failure count ID, so it acknowledged nothing without it).
+        let takes_over_from_log = cur.jeopardy && req.takeover && cur.base.contains(&req.holder);
+        if cur.holder != Some(req.holder) && cur.out.contains(&req.holder) && !takes_over_from_log {
+            return refuse(format!(
+                "n{} is out: writes were acknowledged without its copy",
+                req.holder
+            ));
         }
         if let Some(others) = &req.survivor_of {
             if let Some(reason) = self.survivor_refusal(&cur, req.holder, others) {
@@ -374,6 +396,7 @@ impl RecoveryServer {
             // Kept across jeopardy and its end: a copy out stays out until it is live
             // again (`MEMBER` in).
             out: cur.out.clone(),
+            member_index: cur.member_index.clone(),
         };
         if entering {
             // A fresh log: anything left from an earlier jeopardy is gone.
@@ -453,10 +476,16 @@ impl RecoveryServer {
                 ),
             ));
         }
+        let last = c.member_index.get(&req.node).copied().unwrap_or(0);
         let changed = if req.out {
-            c.out.insert(req.node)
-        } else {
+            c.member_index.insert(req.node, last.max(req.index));
+            c.out.insert(req.node) || req.index > last
+        } else if req.index > last {
+            c.member_index.insert(req.node, req.index);
             c.out.remove(&req.node)
+        } else {
+            tracing::info!(volume = %req.volume, node = req.node, index = req.index, out_at = last, "stale 'in' ignored: the copy was recorded out after it turned live");
+            false
         };
         if changed {
             self.save(coord).await?;
@@ -703,12 +732,17 @@ impl RecoveryServer {
                 self.heard.lock().insert(req.node, Instant::now());
                 // Each volume's failure count ID and holder: a primary learns here that
                 // someone claimed its volume, and stops serving it.
-                let coord: HashMap<String, (u64, Option<u64>)> = self
+                let coord: HashMap<String, (u64, Option<u64>, Vec<u64>)> = self
                     .coord
                     .lock()
                     .volumes
                     .iter()
-                    .map(|(n, c)| (n.clone(), (c.fcid, c.holder)))
+                    .map(|(n, c)| {
+                        (
+                            n.clone(),
+                            (c.fcid, c.holder, c.out.iter().copied().collect()),
+                        )
+                    })
                     .collect();
                 ser(&coord)
             }

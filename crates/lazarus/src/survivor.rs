@@ -41,6 +41,9 @@ const CONTACT_INTERVAL: Duration = Duration::from_millis(100);
 /// server beyond the metadata): not a contact a primary may count.
 pub const PING_HELD: &[u8] = b"held";
 
+/// A volume's (failure count ID, holder, copies out) as a heartbeat reply gives them.
+pub type RsCoord = (u64, Option<NodeId>, Vec<NodeId>);
+
 /// Whether a primary may serve on its contacts: every live replica heard from within
 /// `CONTACT_WINDOW`, or the recovery server. `last` gives a contact's send time.
 pub fn contact_ok(
@@ -105,7 +108,7 @@ impl Cluster {
             .rs_coord
             .lock()
             .get(volume)
-            .is_some_and(|(fcid, holder)| *fcid > v.failure_count_id && *holder != Some(self.id))
+            .is_some_and(|(fcid, holder, _)| *fcid > v.failure_count_id && *holder != Some(self.id))
         {
             return false;
         }
@@ -168,7 +171,18 @@ impl Cluster {
                 });
                 let (rs, pings) = tokio::join!(rs, futures::future::join_all(pings));
                 if let Ok(reply) = rs {
-                    if let Ok(coord) = serde_json::from_slice(&reply) {
+                    if let Ok(coord) =
+                        serde_json::from_slice::<std::collections::HashMap<String, RsCoord>>(&reply)
+                    {
+                        // This node's copies that are live again but still out there
+                        // (its "in" was lost): say so again (ordered by index).
+                        for v in meta.volumes.values() {
+                            if v.state_of(c.id) == Some(ReplicaState::Live)
+                                && coord.get(&v.name).is_some_and(|x| x.2.contains(&c.id))
+                            {
+                                c.record_in(v).await;
+                            }
+                        }
                         *c.rs_coord.lock() = coord;
                     }
                     *c.rs_contact.lock() = Some(sent);
@@ -224,7 +238,8 @@ impl Cluster {
             at_ms: crate::cluster::unix_ms(),
         };
         match tokio::time::timeout(Duration::from_secs(2), self.propose(cmd)).await {
-            Ok(Ok(lazarus_cluster::MetaResponse::Volume(_))) => {
+            Ok(Ok(lazarus_cluster::MetaResponse::Volume(nv))) => {
+                let _ = self.record_out_at(v, node, nv.changed_at).await;
                 tracing::warn!(volume = %v.name, replica = node, "replica stopped answering with the recovery server out of reach: marked dead (policy accept)");
                 crate::events::record(
                     "state",
@@ -246,6 +261,22 @@ impl Cluster {
     /// fenced (the volume moved on: a survivor or a promotion claimed it): an error —
     /// this primary must not acknowledge the write.
     pub(crate) async fn record_out(&self, v: &VolumeInfo, node: NodeId) -> Result<(), String> {
+        let applied = self
+            .raft
+            .metrics()
+            .borrow()
+            .last_applied
+            .map_or(0, |l| l.index);
+        self.record_out_at(v, node, applied.max(v.changed_at)).await
+    }
+
+    /// `record_out` with the Raft log index it is ordered by.
+    pub(crate) async fn record_out_at(
+        &self,
+        v: &VolumeInfo,
+        node: NodeId,
+        index: u64,
+    ) -> Result<(), String> {
         let Some(r) = self.recovery.as_ref() else {
             return Ok(());
         };
@@ -258,6 +289,7 @@ impl Cluster {
             fcid: v.failure_count_id,
             node,
             out: true,
+            index,
         })
         .map_err(|e| e.to_string())?;
         let deadline = Instant::now() + r.suspend;
@@ -299,6 +331,7 @@ impl Cluster {
             fcid: v.failure_count_id,
             node: self.id,
             out: false,
+            index: v.live_at.get(&self.id).copied().unwrap_or(0),
         }) else {
             return;
         };
@@ -458,6 +491,8 @@ mod tests {
             protected: false,
             stale: Default::default(),
             stale_tracked: true,
+            live_at: Default::default(),
+            changed_at: 0,
         };
         let now = Instant::now() + Duration::from_secs(10);
         let long_ago = Some(now - SURVIVOR_SILENCE);

@@ -774,10 +774,12 @@ fn rs_call(up: &Up, kind: u8, body: &Value) -> (u8, Vec<u8>) {
 }
 
 /// Correctness issue, section 0: the recovery server's compare-and-set never makes a
-/// dead, stale copy primary. A claim for a copy the metadata knows is dead (as a leader
-/// cut off from the others made one, fencing a promotion its quorum never committed)
-/// is granted at the recovery server, but the cluster does not adopt it: it fences the
-/// recovery server back to the current primary, which goes on serving every write.
+/// dead, stale copy primary. A claim for a copy that missed a write is refused there
+/// (the primary recorded it out before acknowledging the write). A claim for another
+/// copy the metadata never promoted (as a leader cut off from the others made one,
+/// fencing a promotion its quorum never committed) is granted there, but the cluster
+/// does not adopt it: it fences the recovery server back to the current primary,
+/// which goes on serving every write.
 #[test]
 fn stray_claim_for_a_stale_copy_is_not_adopted() {
     let (tmp, data) = setup();
@@ -789,18 +791,27 @@ fn stray_claim_for_a_stale_copy_is_not_adopted() {
     let m = up.volume_meta(1, "vol0").unwrap();
     assert_eq!(m["states"]["3"], "dead", "{m}");
     let fcid = m["failure_count_id"].as_u64().unwrap();
-    let (status, reply) = rs_call(
-        &up,
-        40,
-        &serde_json::json!({
-            "volume": "vol0", "uid": m["uid"], "expect_fcid": fcid, "holder": 3,
-            "epoch": m["epoch"].as_u64().unwrap() + 1, "jeopardy": false,
-            "config": null, "base": [],
-        }),
-    );
-    let reply: Value = serde_json::from_slice(&reply).unwrap();
+    let claim = |holder: u64| {
+        let (status, reply) = rs_call(
+            &up,
+            40,
+            &serde_json::json!({
+                "volume": "vol0", "uid": m["uid"], "expect_fcid": fcid, "holder": holder,
+                "epoch": m["epoch"].as_u64().unwrap() + 1, "jeopardy": false,
+                "config": null, "base": [],
+            }),
+        );
+        assert_eq!(status, 0);
+        serde_json::from_slice::<Value>(&reply).unwrap()
+    };
+    let reply = claim(3);
     assert!(
-        status == 0 && reply["granted"] == true,
+        reply["granted"] == false && reply["reason"].as_str().unwrap().contains("out"),
+        "a claim for the copy that missed a write: {reply}"
+    );
+    let reply = claim(2);
+    assert!(
+        reply["granted"] == true,
         "the stray claim was not even granted: {reply}"
     );
     let mut w = Writer::start_opt(
