@@ -1338,3 +1338,53 @@ fn replica_lost_while_the_recovery_server_is_down_follows_the_policy() {
         );
     }
 }
+
+/// Correctness issue, section 5: a FLUSH that costs the volume its last live replica
+/// (n3 already dead, n2 fails the flush) is acknowledged only once the writes n2 had
+/// not made durable are on the recovery server — the primary is their only copy now.
+#[test]
+fn flush_that_costs_the_last_replica_drains_to_the_recovery_server() {
+    let (_tmp, data) = setup();
+    let up = Up::start(&data, "64MiB");
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    up.cli_ok(&["fault", "kill", "--node", "n3"]);
+    qemu_io_ok(&up.uri(1, "vol0"), &["write -P 0x70 1M 64k", "flush"]);
+    let m = up.volume_meta(1, "vol0").unwrap();
+    assert_eq!(m["states"]["3"], "dead", "{m}");
+    // Replicated to n2, not flushed anywhere (libnbd: qemu would flush on close); then
+    // n2 fails the flush.
+    let mut p = Command::new(PY)
+        .args([
+            "-c",
+            "import nbd, sys\n\
+             h = nbd.NBD(); h.connect_uri(sys.argv[1])\n\
+             h.pwrite(bytes([0x71]) * 65536, 0)\n\
+             print('written', flush=True); sys.stdin.readline()\n\
+             h.flush(); print('flushed', flush=True)",
+            &up.uri(1, "vol0"),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(p.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "written");
+    assert!(log_records(&up).is_empty(), "{:?}", log_records(&up));
+    up.cli_ok(&["fault", "drop", "--from", "n1", "--to", "n2"]);
+    {
+        use std::io::Write;
+        writeln!(p.stdin.as_mut().unwrap()).unwrap();
+    }
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "flushed");
+    let _ = p.wait();
+    assert!(
+        log_records(&up).iter().any(|r| r.0 == 0 && r.2 == 0x71),
+        "the flush was acknowledged with the unflushed write on one copy only: {:?}",
+        log_records(&up)
+    );
+    assert_eq!(jstate(&up, 1, "vol0")["jeopardy"], true);
+}
