@@ -24,13 +24,19 @@ export CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-1}
 nice -n 19 cargo build --release -p lazarus-model --bin lazarus-model
 bin=target/release/lazarus-model
 status=0
-for config in normal protected rs; do
+for config in normal protected rs survivor survivor-crash; do
     if [ "$quick" = 1 ]; then
         nice -n 19 "$bin" --config "$config" --depth "$depth" || status=1
     else
         nice -n 19 "$bin" --config "$config" --depth "$depth" --per-property || status=1
     fi
-    heal_depth=$(( depth > 13 ? 13 : depth ))
+    # Property 4 keeps every state in memory: cap its depth (about a minute each).
+    case "$config" in
+        survivor) cap=12 ;;
+        survivor-crash) cap=11 ;;
+        *) cap=13 ;;
+    esac
+    heal_depth=$(( depth > cap ? cap : depth ))
     nice -n 19 "$bin" --config "$config" --depth "$heal_depth" --heal 16 || status=1
 done
 echo
@@ -48,6 +54,8 @@ flags=(
     "claim_after_deposed small 16"
     "leader_enters_for_primary normal 13"
     "claim_with_stale_hold_epoch small-protected 16"
+    "survivor_without_out survivor-crash 13"
+    "survivor_without_contact_rule survivor 13"
 )
 for entry in "${flags[@]}"; do
     read -r flag config d <<<"$entry"

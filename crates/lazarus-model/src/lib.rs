@@ -9,6 +9,12 @@
 //!
 //! The protocol modelled is the fixed one; each `Bugs` flag brings back one old bug,
 //! or one behaviour of the code that this model found unsafe (docs/model.md).
+//!
+//! With `Config::survivor`, the surviving-replica protocol too (`survivor.rs`):
+//! heartbeats and pings, the contact rule for serving on a Raft lease, OUT/IN records at
+//! the RS, a silent replica's claim, and the `CONTACT_WINDOW` waits; its timing
+//! (`SURVIVOR_SILENCE` > `CONTACT_WINDOW`, a message is sent before it is received) is
+//! encoded as enabling conditions, as for leases.
 
 use stateright::{Model, Property};
 use std::fmt;
@@ -89,11 +95,19 @@ pub struct Bugs {
     /// a later epoch claims back its first epoch and acknowledges a write it sent there
     /// (as a deposed primary) whose data a resync has since replaced.
     pub claim_with_stale_hold_epoch: bool,
+    /// Survivor protocol without the OUT record: a primary acknowledges writes
+    /// without a failed replica without recording it out at the RS, so that stale
+    /// replica, cut off with its old view, may claim the volume as its survivor.
+    pub survivor_without_out: bool,
+    /// Survivor protocol without the contact rule: a primary serves on its Raft lease
+    /// without fresh contact with every live replica or the RS, so it serves on in the
+    /// majority while a replica cut off with the RS claims the volume as its survivor.
+    pub survivor_without_contact_rule: bool,
 }
 
 impl Bugs {
     /// The flags by name, as the command line and the docs spell them.
-    pub const NAMES: [&'static str; 12] = [
+    pub const NAMES: [&'static str; 14] = [
         "unchecked_fence",
         "no_reconcile",
         "jeopardy_isolated_ack",
@@ -106,6 +120,8 @@ impl Bugs {
         "claim_after_deposed",
         "leader_enters_for_primary",
         "claim_with_stale_hold_epoch",
+        "survivor_without_out",
+        "survivor_without_contact_rule",
     ];
 
     /// Turns on the flag called `name`; false if there is none.
@@ -123,6 +139,8 @@ impl Bugs {
             "claim_after_deposed" => &mut self.claim_after_deposed,
             "leader_enters_for_primary" => &mut self.leader_enters_for_primary,
             "claim_with_stale_hold_epoch" => &mut self.claim_with_stale_hold_epoch,
+            "survivor_without_out" => &mut self.survivor_without_out,
+            "survivor_without_contact_rule" => &mut self.survivor_without_contact_rule,
             _ => return false,
         };
         *f = true;
@@ -152,6 +170,11 @@ pub struct Config {
     pub protected: bool,
     /// Epochs and failure count IDs above this are outside the explored space.
     pub max_counter: u8,
+    /// The surviving-replica protocol (`survivor.rs`): heartbeats and pings, the
+    /// contact rule for serving on a Raft lease, OUT/IN records at the RS, survivor
+    /// claims. Off, those actions are left out and the contact rule is not checked
+    /// (the state space of the other configurations stays as it was).
+    pub survivor: bool,
     pub bugs: Bugs,
 }
 
@@ -166,6 +189,7 @@ impl Default for Config {
             pauses: 1,
             protected: false,
             max_counter: 5,
+            survivor: false,
             bugs: Bugs::default(),
         }
     }
@@ -296,6 +320,19 @@ pub struct Node {
     pub hold: Option<Hold>,
     /// The epoch at which this node, as primary, reconciled the live copies.
     pub reconciled: u8,
+    /// Survivor protocol. As primary (in its view), it heard from every live replica
+    /// of its view within `CONTACT_WINDOW` (a ping answered, not "held").
+    pub contact_peers: bool,
+    /// Its heartbeat to the RS was answered within `CONTACT_WINDOW` (the reply did not
+    /// show another holder at a newer fcid than its view's).
+    pub contact_rs: bool,
+    /// It received no ping from any other node for `SURVIVOR_SILENCE`.
+    pub quiet: bool,
+    /// A take-over or survivor claim granted, waiting `CONTACT_WINDOW` before it
+    /// serves (`Hold::restoring`).
+    pub restoring: bool,
+    /// That claim is a survivor's (it looks again before serving).
+    pub surviving: bool,
 }
 
 /// The recovery server's state for the volume (`VolumeCoord` + the log).
@@ -366,6 +403,21 @@ pub struct State {
     pub took_over: bool,
     /// A jeopardy claim made without the metadata was adopted.
     pub adopted: bool,
+    /// Survivor protocol: copies recorded OUT at the RS.
+    pub out: Set,
+    /// Copies that turned live whose IN has not reached the RS yet (dropped by a
+    /// later OUT: the RS ignores an IN not newer than the last OUT).
+    pub in_pending: Set,
+    /// Nodes the RS has not heard a heartbeat from for `SURVIVOR_SILENCE`.
+    pub rs_quiet: Set,
+    /// Ghost: the survivor serving (claimed and waited), and whether it acknowledged a write.
+    pub survivor: Option<u8>,
+    pub survivor_acked: bool,
+    /// The configuration runs the survivor protocol (constant).
+    pub survivor_on: bool,
+    /// Ghost, for the `CONTACT_WINDOW` wait after a take-over or survivor claim: nodes
+    /// whose contact dates from before that claim (not refreshed since).
+    pub pre_claim: Set,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -389,6 +441,14 @@ pub enum Action {
     ResyncEnd(u8),
     ClaimLastDomain(u8),
     TakeOver(u8),
+    // Survivor protocol.
+    Contact(u8),
+    LoseContactPeers(u8),
+    LoseContactRs(u8),
+    Quiet(u8),
+    RsQuiet(u8),
+    SurviveClaim(u8),
+    Restored(u8),
     // The Raft leader (any node of a majority partition).
     Fence(u8),
     Commit,
@@ -497,7 +557,19 @@ impl State {
             && (raft_counts
                 && node.lease == Some(e.epoch)
                 && (node.ready || bugs.acts_before_caught_up)
-                || node.hold.is_some_and(|h| h.valid && h.epoch == e.epoch))
+                && self.contact_ok(n, bugs)
+                || node.hold.is_some_and(|h| h.valid && h.epoch == e.epoch) && !node.restoring)
+    }
+
+    /// Survivor protocol (`Cluster::contact_valid`): a Raft lease counts only with
+    /// fresh contact with every live replica or with the RS. Checked only in
+    /// configurations with the survivor protocol (`survivor` set in `State`).
+    fn contact_ok(&self, n: usize, bugs: &Bugs) -> bool {
+        let node = &self.nodes[n];
+        !self.survivor_on
+            || bugs.survivor_without_contact_rule
+            || node.contact_peers
+            || node.contact_rs
     }
 
     /// Node `n` may acknowledge writes and answer reads for the volume now: primary
@@ -526,6 +598,7 @@ impl State {
     fn rs_claim(
         &mut self,
         fence_ignores_hold: bool,
+        takeover: bool,
         expect: u8,
         holder: usize,
         epoch: u8,
@@ -544,6 +617,12 @@ impl State {
             if cur.jeopardy && !has(cur.base, holder) {
                 return Err(());
             }
+        }
+        // Survivor protocol: a copy OUT is never made the holder, except a base copy
+        // taking over in jeopardy (it replays the log).
+        let takes_over_from_log = cur.jeopardy && takeover && has(cur.base, holder);
+        if cur.holder != Some(holder as u8) && has(self.out, holder) && !takes_over_from_log {
+            return Err(());
         }
         let entering = jeopardy && !cur.jeopardy;
         self.rs = Rs {
@@ -644,6 +723,11 @@ impl Lazarus {
             lease_in_jeopardy: false,
             hold: if i == 0 { hold } else { None },
             reconciled: if i == 0 { 1 } else { 0 },
+            contact_peers: i == 0,
+            contact_rs: true,
+            quiet: false,
+            restoring: false,
+            surviving: false,
         };
         State {
             meta,
@@ -664,6 +748,13 @@ impl Lazarus {
             acked_after_failover: false,
             took_over: false,
             adopted: false,
+            out: 0,
+            in_pending: 0,
+            rs_quiet: 0,
+            survivor: None,
+            survivor_acked: false,
+            survivor_on: self.cfg.survivor,
+            pre_claim: 0,
         }
     }
 
@@ -677,10 +768,40 @@ impl Lazarus {
             return;
         }
         s.acked |= bit(w.id as usize);
+        if s.survivor == Some(w.from) {
+            s.survivor_acked = true;
+        }
         if w.epoch > 1 || s.meta.epoch > 1 {
             s.acked_after_failover = true;
         }
         s.write = None;
+    }
+
+    /// Survivor protocol, `record_out`: node `n` records `copies` OUT at the RS at its
+    /// view's fcid before acknowledging writes without them. False when it may not go
+    /// on: fenced (the RS is at another fcid) or the RS out of reach (policy
+    /// `suspend`, past its deadline). Nothing to do held beyond the metadata, without
+    /// the protocol, or with `survivor_without_out`.
+    fn record_out(&self, s: &mut State, n: usize, copies: Set) -> bool {
+        let v = s.nodes[n].view;
+        if !self.cfg.survivor || self.bugs().survivor_without_out || s.effective(n).fcid > v.fcid {
+            return true;
+        }
+        if !s.reaches_rs(n) || s.rs.fcid != v.fcid {
+            return false;
+        }
+        s.out |= copies;
+        s.in_pending &= !copies;
+        true
+    }
+
+    /// `record_in`: a copy that turned live tells the RS (ordered by index: an IN
+    /// older than the last OUT was dropped from `in_pending` by that OUT).
+    fn record_in(s: &mut State, n: usize) {
+        if has(s.in_pending, n) && s.reaches_rs(n) && s.rs.fcid == s.nodes[n].view.fcid {
+            s.out &= !bit(n);
+            s.in_pending &= !bit(n);
+        }
     }
 
     // ---------------------------------------------------------------- write path
@@ -789,6 +910,12 @@ impl Lazarus {
         }
         let mut s = s.clone();
         let e = s.effective(n);
+        // Survivor protocol: out at the RS before the write can be acknowledged
+        // without them (`record_out` in `replicate`).
+        if w.failed != 0 && !self.record_out(&mut s, n, w.failed) {
+            s.write = None;
+            return Some(s);
+        }
         if w.failed != 0 {
             if s.in_majority(n) {
                 for t in members(w.failed) {
@@ -846,6 +973,7 @@ impl Lazarus {
             // bug3's fix: win the volume at the RS before acknowledging.
             match s.rs_claim(
                 self.bugs().fence_ignores_hold_outside_jeopardy,
+                false,
                 e.fcid,
                 n,
                 e.epoch,
@@ -871,6 +999,7 @@ impl Lazarus {
         } else {
             match s.rs_claim(
                 self.bugs().fence_ignores_hold_outside_jeopardy,
+                false,
                 e.fcid,
                 n,
                 e.epoch,
@@ -937,6 +1066,8 @@ impl Lazarus {
             && s.meta.primary as usize == n
             && node.view.epoch == s.meta.epoch
             && !rs_ahead
+            // `gives_up_lease`: no contact, no lease asked for.
+            && s.contact_ok(n, self.bugs())
     }
 
     /// `lease_loop` + `serve_lease`: granted by a leader that confirmed its
@@ -990,6 +1121,7 @@ impl Lazarus {
                     let fcid = s
                         .rs_claim(
                             self.bugs().fence_ignores_hold_outside_jeopardy,
+                            false,
                             v.fcid,
                             n,
                             v.epoch,
@@ -1064,6 +1196,9 @@ impl Lazarus {
             if !s.in_majority(n) || s.meta.epoch != e.epoch || s.meta.primary as usize != n {
                 return None;
             }
+            if !self.record_out(&mut s, n, dead) {
+                return None;
+            }
             for r in members(dead) {
                 s.meta.mark_dead(r);
             }
@@ -1112,6 +1247,10 @@ impl Lazarus {
         s.meta.st[d] = Copy::Live;
         s.meta.stale &= !bit(d);
         s.learn(d);
+        if has(s.out, d) {
+            s.in_pending |= bit(d);
+            Self::record_in(&mut s, d);
+        }
         Some(s)
     }
 
@@ -1140,6 +1279,7 @@ impl Lazarus {
         let mut s = s.clone();
         let fcid = match s.rs_claim(
             self.bugs().fence_ignores_hold_outside_jeopardy,
+            false,
             expect,
             n,
             epoch,
@@ -1206,6 +1346,7 @@ impl Lazarus {
         let fcid = s
             .rs_claim(
                 self.bugs().fence_ignores_hold_outside_jeopardy,
+                true,
                 c.fcid,
                 y,
                 epoch,
@@ -1219,9 +1360,222 @@ impl Lazarus {
             epoch,
             valid: true,
         });
+        // Fixed: it serves only after `CONTACT_WINDOW` (`Restored`), so that a primary
+        // serving on a contact from before the claim has stopped. Only with the
+        // survivor protocol: without its contact rule the wait changes nothing but
+        // the depth of every trace through a take-over.
+        if self.cfg.survivor {
+            s.nodes[y].restoring = true;
+            s.pre_claim = !bit(y) & 0b111;
+        }
         s.took_over = true;
         s.note_new_primary(y);
         Some(s)
+    }
+
+    // --------------------------------------------------------- surviving replica
+
+    /// Node `n` pings the live replicas of its view if it is the primary there, and
+    /// may heartbeat the RS: what a round of `contact_loop` would give it now.
+    /// (peers contact, RS contact, RS reply shows another holder at a newer fcid.)
+    fn contact_now(&self, s: &State, n: usize) -> (bool, bool, bool) {
+        let node = &s.nodes[n];
+        let v = node.view;
+        let active = node.up && (node.ready || node.hold.is_some_and(|h| h.valid));
+        if !active {
+            return (false, false, false);
+        }
+        let blocks =
+            s.reaches_rs(n) && s.rs.fcid > v.fcid && s.rs.holder.is_some_and(|h| h as usize != n);
+        let rs = s.reaches_rs(n) && !blocks;
+        // A replica answers a ping "held" while it holds the volume beyond the
+        // metadata: not a contact.
+        let peers = v.primary as usize == n
+            && !blocks
+            && members(v.live() & !bit(n))
+                .all(|r| s.connected(n, r) && s.effective(r).primary as usize != r);
+        (peers, rs, blocks)
+    }
+
+    /// Node `n` pings replica `r` now (it is primary in its view with `r` live there).
+    fn pings(&self, s: &State, n: usize, r: usize) -> bool {
+        let node = &s.nodes[n];
+        n != r
+            && node.up
+            && (node.ready || node.hold.is_some_and(|h| h.valid))
+            && node.view.primary as usize == n
+            && node.view.st[r] == Copy::Live
+            && s.connected(n, r)
+    }
+
+    /// `contact_loop`, one round: heartbeat to the RS (which notes it; its reply gives
+    /// the RS's holders, and a copy live again but still out sends IN), pings to the
+    /// live replicas of the volume if primary (each records the sender).
+    fn contact(&self, s: &State, n: usize) -> Option<State> {
+        if !self.cfg.survivor {
+            return None;
+        }
+        let (peers, rs, blocks) = self.contact_now(s, n);
+        let node = s.nodes[n];
+        if !node.up || !(node.ready || node.hold.is_some_and(|h| h.valid)) {
+            return None;
+        }
+        let mut t = s.clone();
+        if s.reaches_rs(n) {
+            t.rs_quiet &= !bit(n);
+            Self::record_in(&mut t, n);
+        }
+        for r in 0..N {
+            if self.pings(s, n, r) {
+                t.nodes[r].quiet = false;
+            }
+        }
+        let m = &mut t.nodes[n];
+        if blocks {
+            m.contact_peers = false;
+            m.contact_rs = false;
+        } else {
+            m.contact_peers |= peers;
+            m.contact_rs |= rs;
+            if peers || rs {
+                t.pre_claim &= !bit(n);
+            }
+        }
+        (t != *s).then_some(t)
+    }
+
+    /// A contact runs out `CONTACT_WINDOW` after its send, only once it could not be
+    /// renewed now (or by a pause).
+    fn lose_contact(&self, s: &State, n: usize, rs: bool) -> Option<State> {
+        if !self.cfg.survivor {
+            return None;
+        }
+        let (peers_now, rs_now, _) = self.contact_now(s, n);
+        let mut t = s.clone();
+        let m = &mut t.nodes[n];
+        if rs {
+            if !m.contact_rs || rs_now {
+                return None;
+            }
+            m.contact_rs = false;
+        } else {
+            if !m.contact_peers || peers_now {
+                return None;
+            }
+            m.contact_peers = false;
+        }
+        Some(t)
+    }
+
+    /// Replica `y` has received no ping for `SURVIVOR_SILENCE`: nobody pings it now,
+    /// and (timing: 1.5 s > 0.6 s, a ping is sent before it is received) every
+    /// primary's contact that counted a ping to `y` has run out.
+    fn quiet(&self, s: &State, y: usize) -> Option<State> {
+        if !self.cfg.survivor || !s.nodes[y].up || s.nodes[y].quiet {
+            return None;
+        }
+        for p in (0..N).filter(|p| *p != y) {
+            let pn = &s.nodes[p];
+            if self.pings(s, p, y)
+                || pn.contact_peers && pn.view.primary as usize == p && pn.view.st[y] == Copy::Live
+            {
+                return None;
+            }
+        }
+        let mut t = s.clone();
+        t.nodes[y].quiet = true;
+        Some(t)
+    }
+
+    /// The RS has heard no heartbeat from `n` for `SURVIVOR_SILENCE`: `n` cannot send
+    /// one now, and (timing) its last answered heartbeat's contact has run out.
+    fn rs_quiet(&self, s: &State, n: usize) -> Option<State> {
+        let node = &s.nodes[n];
+        if !self.cfg.survivor
+            || has(s.rs_quiet, n)
+            || node.contact_rs
+            || node.up && !has(s.rs_cut, n) && (node.ready || node.hold.is_some_and(|h| h.valid))
+        {
+            return None;
+        }
+        let mut t = s.clone();
+        t.rs_quiet |= bit(n);
+        Some(t)
+    }
+
+    /// `maybe_survive`: a live replica outside jeopardy that heard from nobody for
+    /// `SURVIVOR_SILENCE` and reaches nobody now claims the volume at the RS
+    /// (`survivor_refusal`: not out, every other node silent there, RS not in jeopardy).
+    fn survive_claim(&self, s: &State, y: usize) -> Option<State> {
+        let node = s.nodes[y];
+        let v = node.view;
+        if !self.cfg.survivor
+            || !node.up
+            || !node.ready
+            || node.hold.is_some()
+            || !node.quiet
+            || v.primary as usize == y
+            || v.st[y] != Copy::Live
+            || v.flag
+            || !s.reaches_rs(y)
+            || s.rs.jeopardy
+            || has(s.out, y)
+            || (0..N).any(|r| r != y && (s.connected(y, r) || !has(s.rs_quiet, r)))
+        {
+            return None;
+        }
+        let epoch = s.rs.epoch.max(v.epoch) + 1;
+        let mut t = s.clone();
+        let fcid = t
+            .rs_claim(
+                self.bugs().fence_ignores_hold_outside_jeopardy,
+                false,
+                v.fcid,
+                y,
+                epoch,
+                true,
+                bit(y),
+            )
+            .ok()?;
+        t.nodes[y].hold = Some(Hold {
+            fcid,
+            epoch,
+            valid: true,
+        });
+        t.nodes[y].restoring = true;
+        t.nodes[y].surviving = true;
+        t.pre_claim = !bit(y) & 0b111;
+        Some(t)
+    }
+
+    /// A take-over or survivor claim waited `CONTACT_WINDOW`: every other node's
+    /// contact not refreshed since the claim has run out (refreshed ones: the RS's
+    /// reply shows the new holder, and the claimant answers pings "held"). A survivor
+    /// then looks again: still nobody heard from, it serves; otherwise it drops the
+    /// hold. A take-over serves (`maybe_take_over`).
+    fn restored(&self, s: &State, y: usize) -> Option<State> {
+        let node = s.nodes[y];
+        if !node.up || !node.restoring {
+            return None;
+        }
+        let mut t = s.clone();
+        for p in members(s.pre_claim) {
+            t.nodes[p].contact_peers = false;
+            t.nodes[p].contact_rs = false;
+        }
+        t.pre_claim = 0;
+        t.nodes[y].restoring = false;
+        if !node.surviving {
+            return Some(t);
+        }
+        t.nodes[y].surviving = false;
+        if !node.quiet {
+            t.nodes[y].hold = None;
+            return Some(t);
+        }
+        t.survivor = Some(y as u8);
+        t.note_new_primary(y);
+        Some(t)
     }
 
     // ------------------------------------------------------------------- leader
@@ -1254,6 +1608,7 @@ impl Lazarus {
         let fcid = s
             .rs_claim(
                 self.bugs().fence_ignores_hold_outside_jeopardy,
+                false,
                 m.fcid,
                 c,
                 m.epoch + 1,
@@ -1283,6 +1638,7 @@ impl Lazarus {
         let mut s = s.clone();
         s.rs_claim(
             self.bugs().fence_ignores_hold_outside_jeopardy,
+            false,
             v.fcid,
             l,
             v.epoch + 1,
@@ -1357,6 +1713,7 @@ impl Lazarus {
         let fcid = s
             .rs_claim(
                 self.bugs().fence_ignores_hold_outside_jeopardy,
+                false,
                 m.fcid,
                 m.primary as usize,
                 m.epoch,
@@ -1440,6 +1797,7 @@ impl Lazarus {
             let fcid = s
                 .rs_claim(
                     self.bugs().fence_ignores_hold_outside_jeopardy,
+                    false,
                     rs.fcid,
                     p,
                     rs.epoch.max(m.epoch),
@@ -1491,6 +1849,13 @@ impl Lazarus {
                 node.lease = None;
                 node.hold = None;
                 node.reconciled = 0;
+                if self.cfg.survivor {
+                    node.contact_peers = false;
+                    node.contact_rs = false;
+                    node.quiet = false;
+                    node.restoring = false;
+                    node.surviving = false;
+                }
                 if s.write.is_some_and(|w| w.from as usize == n) {
                     s.write = None;
                 }
@@ -1529,6 +1894,10 @@ impl Lazarus {
                 }
                 s.pauses += 1;
                 node.lease = None;
+                if self.cfg.survivor {
+                    node.contact_peers = false;
+                    node.contact_rs = false;
+                }
                 if let Some(h) = &mut node.hold {
                     h.valid = false;
                 }
@@ -1578,6 +1947,13 @@ impl Model for Lazarus {
                 Action::ResyncEnd(i),
                 Action::ClaimLastDomain(i),
                 Action::TakeOver(i),
+                Action::Contact(i),
+                Action::LoseContactPeers(i),
+                Action::LoseContactRs(i),
+                Action::Quiet(i),
+                Action::RsQuiet(i),
+                Action::SurviveClaim(i),
+                Action::Restored(i),
                 Action::Fence(i),
                 Action::IsolatedLeaderFence(i),
             ]);
@@ -1638,6 +2014,13 @@ impl Model for Lazarus {
             Action::ResyncEnd(n) => self.resync_end(s, n as usize),
             Action::ClaimLastDomain(n) => self.claim_last_domain(s, n as usize),
             Action::TakeOver(n) => self.take_over(s, n as usize),
+            Action::Contact(n) => self.contact(s, n as usize),
+            Action::LoseContactPeers(n) => self.lose_contact(s, n as usize, false),
+            Action::LoseContactRs(n) => self.lose_contact(s, n as usize, true),
+            Action::Quiet(n) => self.quiet(s, n as usize),
+            Action::RsQuiet(n) => self.rs_quiet(s, n as usize),
+            Action::SurviveClaim(n) => self.survive_claim(s, n as usize),
+            Action::Restored(n) => self.restored(s, n as usize),
             Action::Fence(c) => self.fence(s, c as usize),
             Action::IsolatedLeaderFence(l) => self.isolated_leader_fence(s, l as usize),
             Action::Commit => self.commit(s),
@@ -1700,6 +2083,11 @@ impl Model for Lazarus {
                 s.healed() && s.meta.epoch > 1 && count(s.servers(m.bugs())) == 1
             }),
         ];
+        if self.cfg.survivor {
+            all.push(Property::<Self>::sometimes(S_SURVIVOR_ACKS, |_, s| {
+                s.survivor_acked
+            }));
+        }
         if let Some(o) = &self.only {
             all.retain(|p| p.name.starts_with(o.as_str()));
         }
@@ -1719,6 +2107,8 @@ pub const S_TAKE_OVER: &str = "sometimes: a base copy takes over from the RS log
 pub const S_ADOPTED: &str = "sometimes: the metadata adopts the RS's state";
 pub const S_HEALED_ONE_SERVER: &str =
     "sometimes: after a failover, faults healed, exactly one primary serves";
+
+pub const S_SURVIVOR_ACKS: &str = "sometimes: a surviving replica serves and acknowledges a write";
 
 /// The safety properties (`always`).
 pub const SAFETY: [&str; 4] = [
@@ -1792,6 +2182,34 @@ pub fn configs() -> Vec<(&'static str, Config)> {
                 rs_cuts: 1,
                 drops: 0,
                 protected: false,
+                ..Config::default()
+            },
+        ),
+        (
+            "survivor",
+            Config {
+                writes: 1,
+                crashes: 0,
+                isolations: 1,
+                rs_cuts: 2,
+                drops: 0,
+                pauses: 0,
+                protected: false,
+                survivor: true,
+                ..Config::default()
+            },
+        ),
+        (
+            "survivor-crash",
+            Config {
+                writes: 1,
+                crashes: 2,
+                isolations: 0,
+                rs_cuts: 0,
+                drops: 1,
+                pauses: 0,
+                protected: false,
+                survivor: true,
                 ..Config::default()
             },
         ),
@@ -1884,6 +2302,13 @@ pub fn summary(m: &Lazarus, s: &State) -> String {
         },
         writes(rs.log)
     ));
+    if m.cfg.survivor {
+        parts.push(format!(
+            "out {} rs-silent {}",
+            nodes(s.out),
+            nodes(s.rs_quiet)
+        ));
+    }
     let ns: Vec<String> = (0..N)
         .map(|i| {
             let n = &s.nodes[i];
@@ -1911,6 +2336,21 @@ pub fn summary(m: &Lazarus, s: &State) -> String {
                     h.epoch,
                     if h.valid { "" } else { " (expired)" }
                 ));
+            }
+            if m.cfg.survivor {
+                if !n.contact_peers && !n.contact_rs {
+                    t.push_str(" no-contact");
+                } else if !n.contact_rs {
+                    t.push_str(" contact(peers)");
+                } else if !n.contact_peers && n.view.primary as usize == i {
+                    t.push_str(" contact(RS)");
+                }
+                if n.quiet {
+                    t.push_str(" quiet");
+                }
+                if n.restoring {
+                    t.push_str(" restoring");
+                }
             }
             if s.serving(i, &m.cfg.bugs) {
                 t.push_str(" SERVING");

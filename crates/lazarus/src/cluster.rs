@@ -194,6 +194,23 @@ pub struct Cluster {
     pub(crate) contact_since: parking_lot::Mutex<Option<Instant>>,
     /// When this process started.
     pub(crate) started: Instant,
+    /// Per volume: replicated updates hold it shared from their epoch check to their
+    /// apply; a root check holds it exclusively, so it never reads a root that an
+    /// update admitted under the previous epoch has yet to change.
+    pub(crate) apply_guards: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
+    /// On the leader: volumes whose primary it is replacing (from the silence it saw
+    /// to the `Promote` commit): it grants their old primary no lease meanwhile.
+    pub(crate) promoting: parking_lot::Mutex<std::collections::HashSet<String>>,
+}
+
+impl Cluster {
+    pub(crate) fn apply_guard(&self, volume: &str) -> Arc<tokio::sync::RwLock<()>> {
+        self.apply_guards
+            .lock()
+            .entry(volume.to_string())
+            .or_default()
+            .clone()
+    }
 }
 
 /// Milliseconds since the Unix epoch (for failure histories).
@@ -352,6 +369,8 @@ impl Cluster {
             rs_coord: Default::default(),
             contact_since: Default::default(),
             started: Instant::now(),
+            apply_guards: Default::default(),
+            promoting: Default::default(),
         });
         let listener = tokio::net::TcpListener::bind(rpc_listen)
             .await
@@ -666,6 +685,8 @@ impl Cluster {
         if !self.is_ready() {
             return Err("this node is starting up and takes no updates yet".into());
         }
+        let guard = self.apply_guard(&volume);
+        let _admitted = guard.read().await;
         let mut meta = self.store.meta();
         // A primary sends updates to this copy only once its own metadata has it
         // resyncing or live; this node applies that commit a moment after the leader
@@ -1191,11 +1212,16 @@ impl Cluster {
                         }
                         leadership_confirmed = true;
                     }
+                    // No lease for the old primary from here to the commit: had it
+                    // asked again just after its silence was seen, a lease granted now
+                    // would outlast the promotion.
+                    c.promoting.lock().insert(v.name.clone());
                     // Fenced at the recovery server: exactly one of this majority and
                     // a primary that claims the volume there without one wins.
                     let fcid = match c.fence_promotion(v, n).await {
                         Ok(f) => f,
                         Err(e) => {
+                            c.promoting.lock().remove(&v.name);
                             tracing::warn!(volume = %v.name, candidate = n, error = %e, "promotion not fenced; waiting rather than risk two primaries");
                             continue;
                         }
@@ -1206,7 +1232,9 @@ impl Cluster {
                         epoch: v.epoch,
                         fcid,
                     };
-                    match c.propose(cmd).await {
+                    let result = c.propose(cmd).await;
+                    c.promoting.lock().remove(&v.name);
+                    match result {
                         Ok(MetaResponse::Volume(nv)) => {
                             tracing::warn!(volume = %v.name, old = v.primary, new = n, epoch = nv.epoch, silent_ms = silent.as_millis() as u64, "primary failed over");
                             crate::events::record(

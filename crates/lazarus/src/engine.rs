@@ -270,8 +270,9 @@ impl Engine {
             return Ok(false);
         }
         let err = |m: String| IoError::new(EIO, format!("jeopardy: {m}"));
+        let jerr = |e: crate::jeopardy::JeopardyError| err(e.to_string());
         let v = if v.recovery_flag {
-            c.ensure_drained(&v).await.map_err(err)?;
+            c.ensure_drained(&v).await.map_err(jerr)?;
             v
         } else {
             // Under the policy: `accept` goes on without an unreachable recovery
@@ -285,7 +286,7 @@ impl Engine {
                 None => return Ok(false),
             }
         };
-        let stored = c.log_update(&v, u, raw).await.map_err(err)?;
+        let stored = c.log_update(&v, u, raw).await.map_err(jerr)?;
         if stored {
             crate::metrics::METRICS
                 .recovery_appends

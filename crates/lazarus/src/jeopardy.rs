@@ -305,7 +305,7 @@ impl Recovery {
     }
 
     /// Takes every unflushed write, once: from now on writes are logged themselves.
-    fn drain(&self, volume: &str) -> Option<Vec<(Update, Vec<u8>)>> {
+    fn drain(&self, volume: &str) -> Option<Vec<(u64, Update, Vec<u8>)>> {
         let mut m = self.unflushed.lock();
         let j = m.entry(volume.to_string()).or_default();
         if j.drained {
@@ -313,7 +313,19 @@ impl Recovery {
         }
         j.drained = true;
         j.bytes = 0;
-        Some(j.entries.drain(..).map(|(_, u, raw)| (u, raw)).collect())
+        Some(j.entries.drain(..).collect())
+    }
+
+    /// Puts back writes a drain could not log, in front (they are older than any kept
+    /// since), for the next drain.
+    fn undrain(&self, volume: &str, rest: Vec<(u64, Update, Vec<u8>)>) {
+        let mut m = self.unflushed.lock();
+        let j = m.entry(volume.to_string()).or_default();
+        j.drained = false;
+        for e in rest.into_iter().rev() {
+            j.bytes += e.2.len() + 64;
+            j.entries.push_front(e);
+        }
     }
 }
 
@@ -321,19 +333,19 @@ impl Cluster {
     /// In jeopardy, on the primary: puts the writes its replicas may not have made
     /// durable yet on the recovery server, before any later write (callers hold the
     /// claiming lock).
-    async fn drain_unflushed(&self, v: &VolumeInfo) -> Result<(), String> {
+    async fn drain_unflushed(&self, v: &VolumeInfo) -> Result<(), JeopardyError> {
         let r = self.recovery.as_ref().ok_or("no recovery server")?;
         let Some(pending) = r.drain(&v.name) else {
             return Ok(());
         };
         let n = pending.len();
-        for (u, raw) in pending {
+        let mut pending = std::collections::VecDeque::from(pending);
+        while let Some((seq, u, raw)) = pending.pop_front() {
             if let Err(e) = self.log_update(v, &u, &raw).await {
-                // Not all on the recovery server: try again with the next write.
-                let mut m = r.unflushed.lock();
-                if let Some(j) = m.get_mut(&v.name) {
-                    j.drained = false;
-                }
+                // Not all on the recovery server: this one and the rest go back, for
+                // the next write to try again.
+                pending.push_front((seq, u, raw));
+                r.undrain(&v.name, pending.into());
                 return Err(e);
             }
         }
@@ -345,7 +357,7 @@ impl Cluster {
 
     /// Makes sure the primary's unflushed writes are on the recovery server once the
     /// volume is in jeopardy (entered here, or by the leader).
-    pub async fn ensure_drained(&self, v: &VolumeInfo) -> Result<(), String> {
+    pub async fn ensure_drained(&self, v: &VolumeInfo) -> Result<(), JeopardyError> {
         let Some(r) = self.recovery.as_ref() else {
             return Ok(());
         };
@@ -497,7 +509,12 @@ impl Cluster {
     /// Puts one update on the recovery server (durable when this returns `Ok(true)`).
     /// `Ok(false)`: protection was cleared meanwhile, or (policy `accept`) the recovery
     /// server does not answer and the write goes on without it.
-    pub async fn log_update(&self, v: &VolumeInfo, u: &Update, raw: &[u8]) -> Result<bool, String> {
+    pub async fn log_update(
+        &self,
+        v: &VolumeInfo,
+        u: &Update,
+        raw: &[u8],
+    ) -> Result<bool, JeopardyError> {
         let Some(r) = self.recovery.as_ref() else {
             return Ok(false);
         };
@@ -552,7 +569,9 @@ impl Cluster {
                     Ok(a) => break a,
                     Err(e) if e.is_fenced() => {
                         r.holds.lock().remove(&v.name);
-                        return Err(format!("the recovery server refused the write: {e}"));
+                        return Err(JeopardyError::Refused(format!(
+                            "the recovery server refused the write: {e}"
+                        )));
                     }
                     Err(e) => match r.policy {
                         JeopardyPolicy::Accept => {
@@ -574,10 +593,10 @@ impl Cluster {
                             tokio::time::sleep(Duration::from_millis(100)).await;
                         }
                         JeopardyPolicy::Suspend => {
-                            return Err(format!(
+                            return Err(JeopardyError::Failed(format!(
                                 "the recovery server did not answer for {:?} while {:?} is in jeopardy (policy suspend): {e}",
                                 r.suspend, v.name
-                            ));
+                            )));
                         }
                     },
                 }

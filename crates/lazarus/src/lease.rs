@@ -54,6 +54,7 @@ impl Cluster {
                 .volumes
                 .get(&name)
                 .is_some_and(|v| v.primary == req.node && v.epoch == epoch && !rs_ahead(v))
+                && !self.promoting.lock().contains(&name)
             {
                 seen.insert(name.clone(), (epoch, now));
                 granted.push((name, epoch));

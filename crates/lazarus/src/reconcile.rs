@@ -101,6 +101,9 @@ impl Cluster {
             .volume(&req.volume)
             .filter(|l| l.meta.uid == req.uid)
             .ok_or_else(|| format!("no local copy of {:?}", req.volume))?;
+        // Updates admitted under the old epoch finish first.
+        let guard = self.apply_guard(&req.volume);
+        let _all = guard.write().await;
         Ok(local.root().0.to_vec())
     }
 
@@ -171,7 +174,13 @@ impl Cluster {
             let Some(local) = self.blocks.volume(name).filter(|l| l.meta.uid == v.uid) else {
                 return Err("no local copy".into());
             };
-            let own = local.root().0;
+            let own = {
+                // As a replica this node may still be applying an update of the
+                // previous primary's: let it finish first.
+                let guard = self.apply_guard(name);
+                let _all = guard.write().await;
+                local.root().0
+            };
             let live: Vec<NodeId> = v.live().into_iter().filter(|n| *n != self.id).collect();
             let mut pending = false;
             for n in live {

@@ -1,7 +1,9 @@
 //! Runs the model checker from the command line (scripts/model.sh).
 //!
-//! `lazarus-model [--depth D] [--config NAME] [--bug FLAG]... [--threads T]`
-//! Configurations: `normal`, `protected`, `rs` (see `lazarus_model::configs`).
+//! `lazarus-model [--depth D] [--config NAME] [--bug FLAG]... [--threads T] [--survivor]`
+//! Configurations: `normal`, `protected`, `rs`, `small`, `small-protected`, `survivor`,
+//! `survivor-crash` (see `lazarus_model::configs`); `--survivor` adds the
+//! surviving-replica protocol to any of them.
 
 use lazarus_model::{check, check_healing, check_only, configs, Bugs, Run, SAFETY};
 use std::process::ExitCode;
@@ -16,6 +18,7 @@ fn main() -> ExitCode {
     let mut per_property = false;
     let mut first = false;
     let mut heal: Option<usize> = None;
+    let mut survivor = false;
     while let Some(a) = args.next() {
         let mut val = || args.next().unwrap_or_default();
         match a.as_str() {
@@ -25,6 +28,7 @@ fn main() -> ExitCode {
             "--timeout" => timeout = val().parse::<u64>().ok(),
             "--per-property" => per_property = true,
             "--first" => first = true,
+            "--survivor" => survivor = true,
             "--heal" => heal = val().parse().ok(),
             "--bug" => match val().as_str() {
                 "unchecked_fence" | "bug0" => bugs.unchecked_fence = true,
@@ -54,6 +58,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         };
         cfg.bugs = bugs;
+        cfg.survivor |= survivor;
         let run = Run {
             depth,
             first,
