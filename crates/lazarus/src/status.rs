@@ -156,6 +156,18 @@ pub fn print_cluster(c: &Value) {
             states.join(" ")
         );
         let j = &c["jeopardy"]["volumes"][name.as_str()];
+        // The recovery server may know a newer holder than this metadata (claimed
+        // without a majority: a surviving replica, a take-over): say who serves.
+        let rs_holder = &j["recovery_server"]["holder"];
+        let rs_fcid = j["recovery_server"]["failure_count_id"]
+            .as_u64()
+            .unwrap_or(0);
+        let meta_fcid = vol["failure_count_id"].as_u64().unwrap_or(0);
+        if rs_holder.is_u64() && rs_fcid > meta_fcid && *rs_holder != vol["primary"] {
+            println!(
+                "    served by n{rs_holder} under a hold from the recovery server (failure count ID {rs_fcid}); the metadata above is from before, and adopts it once a majority is back"
+            );
+        }
         if j["jeopardy"] == true {
             println!(
                 "    {} failure count ID {}, recovery log {} bytes, recovery lag {}{}",
