@@ -1191,19 +1191,7 @@ impl Cluster {
         // on its Raft lease without a hold), then the flag goes off.
         if v.recovery_flag && domains.len() >= 2 && !v.protected {
             if let Some(s) = rs.filter(|s| s.coord.jeopardy && s.coord.fcid == v.failure_count_id) {
-                let body = serde_json::to_vec(&ClearReq {
-                    volume: v.name.clone(),
-                    uid: v.uid,
-                    fcid: s.coord.fcid,
-                })
-                .map_err(|e| e.to_string())?;
-                r.client.call(KIND_RS_CLEAR, &body, RS_TIMEOUT).await?;
-                tracing::info!(volume = %v.name, bytes = s.log_bytes, "recovery server's configuration copy and changed blocks deleted");
-                crate::events::record(
-                    "jeopardy",
-                    &v.name,
-                    format!("recovery server copy deleted ({} log bytes)", s.log_bytes),
-                );
+                self.clear_at_rs(v, s).await?;
             }
             let cmd = MetaCommand::SetRecovery {
                 volume: v.name.clone(),
@@ -1221,19 +1209,7 @@ impl Cluster {
         // 4. Delete the recovery server's copy once the flag is off.
         if !v.recovery_flag {
             if let Some(s) = rs.filter(|s| s.coord.jeopardy && s.coord.fcid == v.failure_count_id) {
-                let body = serde_json::to_vec(&ClearReq {
-                    volume: v.name.clone(),
-                    uid: v.uid,
-                    fcid: s.coord.fcid,
-                })
-                .map_err(|e| e.to_string())?;
-                r.client.call(KIND_RS_CLEAR, &body, RS_TIMEOUT).await?;
-                tracing::info!(volume = %v.name, bytes = s.log_bytes, "recovery server's configuration copy and changed blocks deleted");
-                crate::events::record(
-                    "jeopardy",
-                    &v.name,
-                    format!("recovery server copy deleted ({} log bytes)", s.log_bytes),
-                );
+                self.clear_at_rs(v, s).await?;
             }
         }
         Ok(())
@@ -1293,27 +1269,9 @@ impl Cluster {
             config: serde_json::to_value(&*meta).ok(),
             base: c.base.clone(),
         };
-        let reply = match r.claim(&req).await {
-            Ok(rep) if rep.granted => rep,
-            Ok(rep) => {
-                tracing::info!(volume = %v.name, reason = %rep.reason, "take-over refused");
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(volume = %v.name, error = %e, "take-over claim failed");
-                return;
-            }
+        let Some(fcid) = self.claim_and_hold(&req, sent, "take-over").await else {
+            return;
         };
-        let fcid = reply.coord.fcid;
-        r.holds.lock().insert(
-            v.name.clone(),
-            Hold {
-                fcid,
-                epoch,
-                until: sent + HOLD_LEASE,
-                restoring: true,
-            },
-        );
         tracing::warn!(volume = %v.name, old = ?c.holder, fcid, epoch, "the last failure domain is gone: restoring this copy from the recovery server's log to serve the volume");
         crate::events::record(
             "takeover",
@@ -1357,6 +1315,60 @@ impl Cluster {
                 r.holds.lock().remove(&v.name);
             }
         }
+    }
+
+    /// Claims a volume at the recovery server for this node (a take-over or a
+    /// survivor: `what`), and on a grant records its hold, not serving yet
+    /// (`restoring`). Returns the failure count ID granted.
+    pub(crate) async fn claim_and_hold(
+        &self,
+        req: &ClaimReq,
+        sent: Instant,
+        what: &str,
+    ) -> Option<u64> {
+        let r = self.recovery.as_ref()?;
+        let reply = match r.claim(req).await {
+            Ok(rep) if rep.granted => rep,
+            Ok(rep) => {
+                tracing::info!(volume = %req.volume, reason = %rep.reason, "{what} refused");
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(volume = %req.volume, error = %e, "{what} claim failed");
+                return None;
+            }
+        };
+        let fcid = reply.coord.fcid;
+        r.holds.lock().insert(
+            req.volume.clone(),
+            Hold {
+                fcid,
+                epoch: req.epoch,
+                until: sent + HOLD_LEASE,
+                restoring: true,
+            },
+        );
+        Some(fcid)
+    }
+
+    /// Deletes a volume's configuration copy and log at the recovery server (jeopardy
+    /// is over), at the failure count ID it is at.
+    async fn clear_at_rs(&self, v: &VolumeInfo, s: &VolumeState) -> Result<(), String> {
+        let r = self.recovery.as_ref().ok_or("no recovery server")?;
+        let body = serde_json::to_vec(&ClearReq {
+            volume: v.name.clone(),
+            uid: v.uid,
+            fcid: s.coord.fcid,
+        })
+        .map_err(|e| e.to_string())?;
+        r.client.call(KIND_RS_CLEAR, &body, RS_TIMEOUT).await?;
+        tracing::info!(volume = %v.name, bytes = s.log_bytes, "recovery server's configuration copy and changed blocks deleted");
+        crate::events::record(
+            "jeopardy",
+            &v.name,
+            format!("recovery server copy deleted ({} log bytes)", s.log_bytes),
+        );
+        Ok(())
     }
 
     /// Applies the recovery server's changed-block log for `volume` to the local copy,

@@ -25,9 +25,8 @@
 
 use crate::cluster::{Cluster, PING_TIMEOUT};
 use crate::config::JeopardyPolicy;
-use crate::jeopardy::Hold;
 use crate::recovery_server::{
-    ClaimReq, HeartbeatReq, MemberReq, VolumeState, CONTACT_WINDOW, HOLD_LEASE, KIND_RS_HEARTBEAT,
+    ClaimReq, HeartbeatReq, MemberReq, VolumeState, CONTACT_WINDOW, KIND_RS_HEARTBEAT,
     KIND_RS_MEMBER, SURVIVOR_SILENCE,
 };
 use crate::rpc::KIND_PING;
@@ -393,27 +392,9 @@ impl Cluster {
             config: serde_json::to_value(&*meta).ok(),
             base: vec![self.id],
         };
-        let reply = match r.claim(&req).await {
-            Ok(rep) if rep.granted => rep,
-            Ok(rep) => {
-                tracing::debug!(volume = %v.name, reason = %rep.reason, "survivor claim refused");
-                return;
-            }
-            Err(e) => {
-                tracing::debug!(volume = %v.name, error = %e, "survivor claim failed");
-                return;
-            }
+        let Some(fcid) = self.claim_and_hold(&req, sent, "survivor").await else {
+            return;
         };
-        let fcid = reply.coord.fcid;
-        r.holds.lock().insert(
-            v.name.clone(),
-            Hold {
-                fcid,
-                epoch,
-                until: sent + HOLD_LEASE,
-                restoring: true,
-            },
-        );
         // What this copy applied is the volume; make it durable before serving (the
         // log starts from it). Then wait out a contact window and look again: a ping
         // that reached this node after its check above may have let the primary serve
