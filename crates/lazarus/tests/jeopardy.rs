@@ -108,6 +108,15 @@ struct Writer {
     slots: usize,
 }
 
+/// A test that fails midway must not leave its writer reconnecting forever.
+impl Drop for Writer {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.stop, b"");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Writer {
     fn start(
         uri: &str,
