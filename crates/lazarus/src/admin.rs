@@ -728,14 +728,23 @@ async fn jeopardy(State(s): State<AppState>) -> Result<Json<serde_json::Value>, 
     Ok(Json(c.jeopardy_status()))
 }
 
+/// The cluster and the node named by a link fault's required `to`.
+fn link_target(
+    s: &AppState,
+    body: Result<Json<FaultTarget>, axum::extract::rejection::JsonRejection>,
+) -> Result<(Arc<crate::cluster::Cluster>, u64), ApiError> {
+    let Json(t) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let c = cluster_of(s)?;
+    let id = node_arg(&c, t.to.as_deref())?
+        .ok_or_else(|| ApiError(StatusCode::BAD_REQUEST, "\"to\" is required".into()))?;
+    Ok((c, id))
+}
+
 async fn fault_drop(
     State(s): State<AppState>,
     body: Result<Json<FaultTarget>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let Json(t) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
-    let c = cluster_of(&s)?;
-    let id = node_arg(&c, t.to.as_deref())?
-        .ok_or_else(|| ApiError(StatusCode::BAD_REQUEST, "\"to\" is required".into()))?;
+    let (c, id) = link_target(&s, body)?;
     c.drops.lock().insert(id);
     tracing::warn!(from = %s.node_id, to = id, "fault injected: replication traffic to this node now fails");
     list_faults(State(s)).await
@@ -745,10 +754,7 @@ async fn fault_stall(
     State(s): State<AppState>,
     body: Result<Json<FaultTarget>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let Json(t) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
-    let c = cluster_of(&s)?;
-    let id = node_arg(&c, t.to.as_deref())?
-        .ok_or_else(|| ApiError(StatusCode::BAD_REQUEST, "\"to\" is required".into()))?;
+    let (c, id) = link_target(&s, body)?;
     c.stalls.lock().insert(id);
     tracing::warn!(from = %s.node_id, to = id, "fault injected: replication updates to this node are held");
     crate::events::record(

@@ -147,7 +147,9 @@ pub fn revive(data: &Path, node: &str) -> anyhow::Result<()> {
     }
 }
 
-pub fn drop(data: &Path, from: &str, to: &str) -> anyhow::Result<()> {
+/// Injects a fault on the replication link `from` -> `to` (`endpoint` under
+/// `/api/v1/faults/`).
+fn link_fault(data: &Path, from: &str, to: &str, endpoint: &str) -> anyhow::Result<()> {
     let files = ClusterFiles::load(data)?;
     files.node(to)?;
     if from == to {
@@ -156,8 +158,13 @@ pub fn drop(data: &Path, from: &str, to: &str) -> anyhow::Result<()> {
     client::ok(
         files
             .api(from)?
-            .post("/api/v1/faults/drop", &json!({ "to": to }))?,
+            .post(&format!("/api/v1/faults/{endpoint}"), &json!({ "to": to }))?,
     )?;
+    Ok(())
+}
+
+pub fn drop(data: &Path, from: &str, to: &str) -> anyhow::Result<()> {
+    link_fault(data, from, to, "drop")?;
     println!(
         "replication traffic from {from} to {to} now fails (cluster metadata traffic is untouched)"
     );
@@ -165,16 +172,7 @@ pub fn drop(data: &Path, from: &str, to: &str) -> anyhow::Result<()> {
 }
 
 pub fn stall(data: &Path, from: &str, to: &str) -> anyhow::Result<()> {
-    let files = ClusterFiles::load(data)?;
-    files.node(to)?;
-    if from == to {
-        anyhow::bail!("--from and --to name the same node");
-    }
-    client::ok(
-        files
-            .api(from)?
-            .post("/api/v1/faults/stall", &json!({ "to": to }))?,
-    )?;
+    link_fault(data, from, to, "stall")?;
     println!(
         "replication updates from {from} to {to} are now held (`lazarus fault heal` releases them)"
     );

@@ -32,6 +32,8 @@ pub const KIND_RS_MEMBER: u8 = 48;
 /// (counted from its request's send time) to go on serving.
 pub const SURVIVOR_SILENCE: Duration = Duration::from_millis(1500);
 pub const CONTACT_WINDOW: Duration = Duration::from_millis(600);
+/// Nodes whose last heartbeat the recovery server remembers.
+const HEARD_MAX: usize = 4096;
 
 /// A holder in jeopardy that has not renewed for this long (recovery server's clock,
 /// from receipt) may be replaced. Longer than `HOLD_LEASE`, which the holder counts
@@ -438,6 +440,9 @@ impl RecoveryServer {
             return Some("the recovery server started too recently to vouch for silence".into());
         }
         let heard = self.heard.lock();
+        if heard.len() >= HEARD_MAX {
+            return Some("too many nodes heard from to vouch for anyone's silence".into());
+        }
         for n in others.iter().filter(|n| **n != holder) {
             if let Some(t) = heard.get(n).filter(|t| t.elapsed() < SURVIVOR_SILENCE) {
                 return Some(format!(
@@ -729,7 +734,16 @@ impl RecoveryServer {
             }
             KIND_RS_HEARTBEAT => {
                 let req: HeartbeatReq = de(&body)?;
-                self.heard.lock().insert(req.node, Instant::now());
+                {
+                    // Bounded: ids come from the wire (the recovery server does not
+                    // know the members). Full, it records no new id and vouches for
+                    // no silence (`survivor_refusal`): forgetting a node would make
+                    // it look silent.
+                    let mut heard = self.heard.lock();
+                    if heard.len() < HEARD_MAX || heard.contains_key(&req.node) {
+                        heard.insert(req.node, Instant::now());
+                    }
+                }
                 // Each volume's failure count ID and holder: a primary learns here that
                 // someone claimed its volume, and stops serving it.
                 let coord: HashMap<String, (u64, Option<u64>, Vec<u64>)> = self

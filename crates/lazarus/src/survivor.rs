@@ -84,10 +84,13 @@ impl Cluster {
 
     /// Records an incoming ping's sender.
     pub(crate) fn heard_from(&self, body: &[u8]) {
+        // Only members are recorded: a ping from anyone else (any id in 8 bytes)
+        // must not grow the map.
         if let Ok(b) = <[u8; 8]>::try_from(body) {
-            self.heard
-                .lock()
-                .insert(u64::from_be_bytes(b), Instant::now());
+            let from = u64::from_be_bytes(b);
+            if self.store.meta().nodes.contains_key(&from) {
+                self.heard.lock().insert(from, Instant::now());
+            }
         }
     }
 
