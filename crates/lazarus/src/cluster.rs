@@ -3,14 +3,14 @@
 //! any node, read the applied metadata, report Raft status).
 
 use crate::config::NodeConfig;
-use crate::rpc::{
-    self, RpcClient, KIND_APPEND, KIND_BLOCKS, KIND_CLIENT_WRITE, KIND_FLUSH, KIND_FORWARD,
-    KIND_LEASE, KIND_PAGE, KIND_PING, KIND_REPLICATE, KIND_RESYNC_BEGIN, KIND_ROOT, KIND_SNAPSHOT,
-    KIND_STATS, KIND_TREE, KIND_VOTE,
-};
 use lazarus_cluster::raft_store::{NodeId, Raft, Store, TypeConfig};
 use lazarus_cluster::ReplicaState;
 use lazarus_cluster::{MetaCommand, MetaResponse, NodeInfo};
+use lazarus_rpc::{
+    self as rpc, RpcClient, KIND_APPEND, KIND_BLOCKS, KIND_CLIENT_WRITE, KIND_FLUSH, KIND_FORWARD,
+    KIND_LEASE, KIND_PAGE, KIND_PING, KIND_REPLICATE, KIND_RESYNC_BEGIN, KIND_ROOT, KIND_SNAPSHOT,
+    KIND_STATS, KIND_TREE, KIND_VOTE,
+};
 use lazarus_store::Store as BlockStore;
 use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};

@@ -4,8 +4,8 @@
 
 use crate::cluster::Cluster;
 use crate::engine::{Engine, IoError, Route};
-use crate::rpc::{self, KIND_FORWARD};
 use lazarus_nbd::consts::{EINVAL, EIO};
+use lazarus_rpc::{self as rpc, KIND_FORWARD};
 use serde::{Deserialize, Serialize};
 use std::sync::Weak;
 use std::time::{Duration, Instant};

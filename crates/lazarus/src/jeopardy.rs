@@ -19,15 +19,15 @@
 
 use crate::cluster::{Cluster, Update};
 use crate::config::{JeopardyPolicy, NodeConfig};
-use crate::recovery_log::RecordKind;
-use crate::recovery_server::{
+use lazarus_cluster::raft_store::NodeId;
+use lazarus_cluster::{MetaCommand, MetaResponse, ReplicaState, VolumeInfo};
+use lazarus_recovery::log::RecordKind;
+use lazarus_recovery::server::{
     AppendReply, AppendReq, ClaimReply, ClaimReq, ClearReq, ReadReply, ReadReq, RenewReq,
     VolumeState, HOLDER_SILENCE_MAX, HOLD_LEASE, KIND_RS_APPEND, KIND_RS_CLAIM, KIND_RS_CLEAR,
     KIND_RS_READ, KIND_RS_RENEW, KIND_RS_STATE,
 };
-use crate::rpc::{self, Refusal, RpcClient, RpcError};
-use lazarus_cluster::raft_store::NodeId;
-use lazarus_cluster::{MetaCommand, MetaResponse, ReplicaState, VolumeInfo};
+use lazarus_rpc::{self as rpc, Refusal, RpcClient, RpcError};
 use lazarus_types::BLOCK_SIZE;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -235,7 +235,7 @@ pub enum Adoption {
 /// adopted; a promotion fenced at the recovery server but never committed through Raft
 /// (`jeopardy` off, or a live replica fenced in jeopardy) is not: its holder may be
 /// dead or stale in the metadata, and making it primary would lose acknowledged writes.
-pub fn adoption(v: &VolumeInfo, c: &crate::recovery_log::VolumeCoord) -> Adoption {
+pub fn adoption(v: &VolumeInfo, c: &lazarus_recovery::log::VolumeCoord) -> Adoption {
     let holder = c.holder.unwrap_or(v.primary);
     if c.jeopardy && holder == v.primary {
         Adoption::Adopt { restored: false }
@@ -537,7 +537,7 @@ impl Cluster {
             Update::Flush => return Ok(true),
         };
         // A record holds at most DATA_MAX bytes, and a count fits in u32.
-        let per = (crate::recovery_log::DATA_MAX / BLOCK_SIZE) as u64;
+        let per = (lazarus_recovery::log::DATA_MAX / BLOCK_SIZE) as u64;
         let mut stored = true;
         let mut done = 0u64;
         while done < count {
@@ -914,7 +914,7 @@ impl Cluster {
         let Some(addr) = self.rpc_addr(node) else {
             return false;
         };
-        matches!(self.network.client(&addr).call(crate::rpc::KIND_PING, &self.ping_body(), crate::cluster::PING_TIMEOUT).await, Ok(b) if b != b"device-failed")
+        matches!(self.network.client(&addr).call(lazarus_rpc::KIND_PING, &self.ping_body(), crate::cluster::PING_TIMEOUT).await, Ok(b) if b != b"device-failed")
     }
 
     fn flaky(&self, meta: &lazarus_cluster::ClusterMeta, node: NodeId) -> bool {
@@ -1285,7 +1285,7 @@ impl Cluster {
         // stops counting it as a contact; wait out the window in which the old holder
         // may still serve on an earlier contact before this copy serves (the restore
         // usually takes longer anyway).
-        let waited = tokio::time::sleep(crate::recovery_server::CONTACT_WINDOW);
+        let waited = tokio::time::sleep(lazarus_recovery::server::CONTACT_WINDOW);
         let (restored, ()) = tokio::join!(self.restore_from_log(&v.name, v.uid, &local), waited);
         match restored {
             Ok((records, bytes)) => {
@@ -1556,7 +1556,7 @@ impl Cluster {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::recovery_log::VolumeCoord;
+    use lazarus_recovery::log::VolumeCoord;
 
     fn volume(primary: NodeId) -> VolumeInfo {
         VolumeInfo {

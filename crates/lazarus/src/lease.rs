@@ -13,8 +13,8 @@
 //! same way, counting from before its quorum check.
 
 use crate::cluster::{Cluster, PING_TIMEOUT};
-use crate::rpc::KIND_LEASE;
 use lazarus_cluster::raft_store::NodeId;
+use lazarus_rpc::KIND_LEASE;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -16,11 +16,8 @@ mod metrics;
 mod nbd_server;
 mod node;
 mod reconcile;
-mod recovery_log;
-mod recovery_server;
 mod repair;
 mod resync;
-mod rpc;
 mod rpc_bench;
 mod status;
 mod survivor;
@@ -634,7 +631,7 @@ fn main() {
         Cmd::RecoveryServer { data, listen } => {
             runtime().block_on(async move {
                 tokio::select! {
-                    r = recovery_server::run(&data, listen) => r,
+                    r = lazarus_recovery::server::run(&data, listen) => r,
                     // Every record is durable before it is acknowledged: stopping is safe.
                     _ = node::supervisor_gone() => Ok(()),
                 }

@@ -13,9 +13,9 @@
 //! a node restarts as primary: its replicas may hold writes its own crash lost.
 
 use crate::cluster::Cluster;
-use crate::rpc::KIND_ROOT;
 use lazarus_cluster::raft_store::NodeId;
 use lazarus_cluster::{MetaCommand, MetaResponse, ReplicaState, VolumeInfo};
+use lazarus_rpc::KIND_ROOT;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

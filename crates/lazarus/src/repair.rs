@@ -21,9 +21,9 @@
 use crate::cluster::Cluster;
 use crate::engine::Engine;
 use crate::resync::{ResyncState, Source, SyncReq};
-use crate::rpc::{KIND_BLOCKS, KIND_PAGE, KIND_TREE};
 use lazarus_cluster::raft_store::NodeId;
 use lazarus_cluster::ReplicaState;
+use lazarus_rpc::{KIND_BLOCKS, KIND_PAGE, KIND_TREE};
 use lazarus_store::Volume;
 use lazarus_types::{BlockId, Checksum, BLOCK_SIZE, FANOUT_U64};
 use serde::Serialize;
@@ -322,7 +322,7 @@ impl Engine {
                             }
                             let slot = (l - first) as usize;
                             ids[slot] = match kind {
-                                crate::recovery_log::RecordKind::Write => {
+                                lazarus_recovery::log::RecordKind::Write => {
                                     let b = &data
                                         [(k as usize) * BLOCK_SIZE..(k as usize + 1) * BLOCK_SIZE];
                                     let id = BlockId::of(b);
@@ -331,8 +331,8 @@ impl Engine {
                                     }
                                     id
                                 }
-                                crate::recovery_log::RecordKind::Zero => BlockId::ZERO,
-                                crate::recovery_log::RecordKind::ZeroProvision => {
+                                lazarus_recovery::log::RecordKind::Zero => BlockId::ZERO,
+                                lazarus_recovery::log::RecordKind::ZeroProvision => {
                                     BlockId::hash_of(&[0u8; BLOCK_SIZE])
                                 }
                             };

@@ -16,9 +16,9 @@
 //! at one instant; the updates in flight arrive anyway).
 
 use crate::cluster::Cluster;
-use crate::rpc::{self, RpcClient, KIND_BLOCKS, KIND_PAGE, KIND_RESYNC_BEGIN, KIND_TREE};
 use lazarus_cluster::raft_store::NodeId;
 use lazarus_cluster::{MetaCommand, MetaResponse, ReplicaState, VolumeInfo};
+use lazarus_rpc::{self as rpc, RpcClient, KIND_BLOCKS, KIND_PAGE, KIND_RESYNC_BEGIN, KIND_TREE};
 use lazarus_store::Volume;
 use lazarus_types::{BlockId, Checksum, Lba, BLOCK_SIZE, FANOUT, FANOUT_U64, ID_LEN};
 use serde::{Deserialize, Serialize};

@@ -3,7 +3,7 @@
 //! loopback, in one process: the comparison the Cluster issue asks for when choosing
 //! the replication transport.
 
-use crate::rpc::{self, RpcClient};
+use lazarus_rpc::{self as rpc, RpcClient};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -25,13 +25,13 @@
 
 use crate::cluster::{Cluster, PING_TIMEOUT};
 use crate::config::JeopardyPolicy;
-use crate::recovery_server::{
+use lazarus_cluster::raft_store::NodeId;
+use lazarus_cluster::{ReplicaState, VolumeInfo};
+use lazarus_recovery::server::{
     ClaimReq, HeartbeatReq, MemberReq, VolumeState, CONTACT_WINDOW, KIND_RS_HEARTBEAT,
     KIND_RS_MEMBER, SURVIVOR_SILENCE,
 };
-use crate::rpc::KIND_PING;
-use lazarus_cluster::raft_store::NodeId;
-use lazarus_cluster::{ReplicaState, VolumeInfo};
+use lazarus_rpc::KIND_PING;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

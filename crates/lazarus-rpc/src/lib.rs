@@ -1,4 +1,4 @@
-//! Node-to-node RPC: length-prefixed frames over TCP, many calls in flight per
+//! Node-to-node RPC (and the recovery server's): length-prefixed frames over TCP, many calls in flight per
 //! connection, a deadline on every call, reconnect on the next call after a failure.
 //!
 //! Frame: u32 length of the rest, u64 call id, u8 kind (requests) or status (replies:
@@ -24,10 +24,50 @@ const IO_BUFFER_BYTES: usize = 256 << 10;
 /// Time allowed to establish a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-pub const KIND_APPEND: u8 = 1;
-pub const KIND_VOTE: u8 = 2;
-pub const KIND_SNAPSHOT: u8 = 3;
-pub const KIND_CLIENT_WRITE: u8 = 4;
+/// Every request kind of the RPC framing, declared once: the node's (Raft, replication,
+/// resync, forwarding, leases, dashboard, reconciliation) and the recovery server's.
+pub mod kind {
+    /// Raft: append entries, vote, install snapshot; a metadata command sent to the leader.
+    pub const KIND_APPEND: u8 = 1;
+    pub const KIND_VOTE: u8 = 2;
+    pub const KIND_SNAPSHOT: u8 = 3;
+    pub const KIND_CLIENT_WRITE: u8 = 4;
+    /// Replication from a volume's primary to its replicas.
+    pub const KIND_REPLICATE: u8 = 5;
+    pub const KIND_FLUSH: u8 = 6;
+    pub const KIND_PING: u8 = 7;
+    /// Resync (replica asks the primary): start, checksum-tree pages, slice pages, blocks.
+    pub const KIND_RESYNC_BEGIN: u8 = 8;
+    pub const KIND_TREE: u8 = 9;
+    pub const KIND_PAGE: u8 = 10;
+    pub const KIND_BLOCKS: u8 = 11;
+    /// A client request received by a node that is not the volume's primary.
+    pub const KIND_FORWARD: u8 = 12;
+    /// A primary asks the Raft leader for its leases.
+    pub const KIND_LEASE: u8 = 13;
+    /// A node's own summary for the dashboard (`dashboard::local_stats`).
+    pub const KIND_STATS: u8 = 14;
+    /// A new primary asks a live replica for its checksum root (`reconcile.rs`).
+    pub const KIND_ROOT: u8 = 15;
+
+    /// The recovery server: a claim (compare-and-set on the failure count ID and
+    /// holder), a log append, a hold renewal, a volume's state, a log read, a clear, a
+    /// configuration copy.
+    pub const KIND_RS_CLAIM: u8 = 40;
+    pub const KIND_RS_APPEND: u8 = 41;
+    pub const KIND_RS_RENEW: u8 = 42;
+    pub const KIND_RS_STATE: u8 = 43;
+    pub const KIND_RS_READ: u8 = 44;
+    pub const KIND_RS_CLEAR: u8 = 45;
+    pub const KIND_RS_CONFIG: u8 = 46;
+    /// A node says it is alive (its id); the recovery server grants a surviving replica's
+    /// claim only when none of the volume's other nodes has said so for a while.
+    pub const KIND_RS_HEARTBEAT: u8 = 47;
+    /// A primary records that a copy is out (about to acknowledge writes without it), or
+    /// back in (live again).
+    pub const KIND_RS_MEMBER: u8 = 48;
+}
+pub use kind::*;
 
 /// Why a handler refused a request: the reply's status byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -361,23 +401,6 @@ impl RpcClient {
             })?
     }
 }
-
-pub const KIND_REPLICATE: u8 = 5;
-pub const KIND_FLUSH: u8 = 6;
-pub const KIND_PING: u8 = 7;
-/// Resync (replica asks the primary): start, checksum-tree pages, slice pages, blocks.
-pub const KIND_RESYNC_BEGIN: u8 = 8;
-pub const KIND_TREE: u8 = 9;
-pub const KIND_PAGE: u8 = 10;
-pub const KIND_BLOCKS: u8 = 11;
-/// A client request received by a node that is not the volume's primary.
-pub const KIND_FORWARD: u8 = 12;
-/// A primary asks the Raft leader for its leases.
-pub const KIND_LEASE: u8 = 13;
-/// A node's own summary for the dashboard (`dashboard::local_stats`).
-pub const KIND_STATS: u8 = 14;
-/// A new primary asks a live replica for its checksum root (`reconcile.rs`).
-pub const KIND_ROOT: u8 = 15;
 
 /// Packs a JSON header and a raw payload (block data) into one RPC body.
 pub fn pack(json: &[u8], raw: &[u8]) -> Vec<u8> {

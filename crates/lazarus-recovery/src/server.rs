@@ -1,10 +1,10 @@
 //! `lazarus recovery-server`: configuration copies and changed-block logs of volumes in
 //! jeopardy, and the coordination point (compare-and-set on each volume's failure
 //! count ID) for when the cluster metadata has lost its majority. Not a Raft member.
-//! Speaks the node-to-node RPC framing (`rpc.rs`) with its own request kinds.
+//! Speaks the node-to-node RPC framing (`lazarus-rpc`) with its own request kinds.
 
-use crate::recovery_log::{self, ChangeLog, Coord, RecordKind, VolumeCoord};
-use crate::rpc::{self, Refusal, Remote, KIND_PING};
+use crate::log::{self as recovery_log, ChangeLog, Coord, RecordKind, VolumeCoord};
+use lazarus_rpc::{self as rpc, Refusal, Remote, KIND_PING};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,19 +12,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub const KIND_RS_CLAIM: u8 = 40;
-pub const KIND_RS_APPEND: u8 = 41;
-pub const KIND_RS_RENEW: u8 = 42;
-pub const KIND_RS_STATE: u8 = 43;
-pub const KIND_RS_READ: u8 = 44;
-pub const KIND_RS_CLEAR: u8 = 45;
-pub const KIND_RS_CONFIG: u8 = 46;
-/// A node says it is alive (its id); the recovery server grants a surviving replica's
-/// claim only when none of the volume's other nodes has said so for a while.
-pub const KIND_RS_HEARTBEAT: u8 = 47;
-/// A primary records that a copy is out (about to acknowledge writes without it), or
-/// back in (live again).
-pub const KIND_RS_MEMBER: u8 = 48;
+pub use lazarus_rpc::kind::{
+    KIND_RS_APPEND, KIND_RS_CLAIM, KIND_RS_CLEAR, KIND_RS_CONFIG, KIND_RS_HEARTBEAT,
+    KIND_RS_MEMBER, KIND_RS_READ, KIND_RS_RENEW, KIND_RS_STATE,
+};
 
 /// How long the recovery server must have heard nothing from every other node of a
 /// volume before a surviving replica may claim it. Longer than `CONTACT_WINDOW`, within

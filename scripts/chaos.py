@@ -1,0 +1,582 @@
+#!/usr/bin/python3
+"""Chaos campaign against a real `lazarus up` cluster.
+
+Starts `lazarus up` (three node processes and the recovery server under one
+supervisor), keeps a libnbd writer busy on tracked 4 KiB blocks of vol0 (writes of
+1 to 16 blocks, a flush every few writes, reads checked as it goes), and then, round
+after round, injects one or several faults chosen from a seeded random generator:
+
+  kill -9 of one node or of two (the primary among them), SIGSTOP and SIGCONT,
+  `fault drop`, `stall`, `isolate`, `corrupt` (slice, checksum or block page),
+  `eio`, `device fail`, the recovery server killed, a full disk (when the data
+  directory can be put on a small tmpfs of its own).
+
+After each round every fault is healed; the round passes when every node's
+metadata shows every copy of vol0 live under one primary, every copy has the same
+checksum root, and every tracked block read through every node's NBD port holds
+the last version acknowledged before a successful flush or a version written after
+it: never an older one, never zeroes where something was flushed, never anything
+that was not written. A read error after the heal fails the round unless the
+block is in the volume's listed unrecoverable ranges.
+
+Every block's content names the block and the version and is a hash stream of
+both, so a misplaced or torn block is caught, not just a stale one.
+
+The same seed gives the same fault schedule (the timings of a real cluster are not
+replayable; the schedule is). Each round is one JSON line on stdout and in
+DATA.jsonl; the exit status is 1 on any violation.
+
+Usage: scripts/chaos.py [--rounds N] [--seed S] [--data DIR] [--bin PATH]
+                        [--port-base P] [--tmpfs] [--keep]
+"""
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import nbd
+
+BLOCK = 4096
+EXTENT = 16  # blocks per tracked extent
+MAGIC = b"LZCHAOS1"
+VOLUME = "vol0"
+
+
+def content(run, blk, ver):
+    head = MAGIC + struct.pack("<QQ", blk, ver)
+    body = hashlib.shake_128(b"%d:%d:%d" % (run, blk, ver)).digest(BLOCK - len(head))
+    return head + body
+
+
+def decode(run, blk, data):
+    """The version a block holds: 0 for zeroes, None for anything not written."""
+    if data == bytes(BLOCK):
+        return 0
+    if not data.startswith(MAGIC):
+        return None
+    b, v = struct.unpack("<QQ", data[8:24])
+    if b != blk or data != content(run, blk, v):
+        return None
+    return v
+
+
+class Timeout(Exception):
+    pass
+
+
+def wait_cmd(h, cookie, deadline):
+    while True:
+        if h.aio_command_completed(cookie):  # raises nbd.Error on a failed command
+            return
+        if time.monotonic() > deadline:
+            raise Timeout("command timed out")
+        h.poll(100)
+
+
+def connect(uri, within):
+    h = nbd.NBD()
+    h.aio_connect_uri(uri)
+    deadline = time.monotonic() + within
+    while h.aio_is_connecting():
+        if time.monotonic() > deadline:
+            del h  # libnbd closes a handle when the last reference goes
+            raise Timeout("handshake timed out")
+        h.poll(100)
+    if not h.aio_is_ready():
+        del h
+        raise nbd.Error("connection failed", 0)
+    return h
+
+
+class Tracker:
+    """What the client knows of each tracked block."""
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+        self.tried = {b: 0 for b in blocks}  # highest version sent (acked or not)
+        self.durable = {b: 0 for b in blocks}  # acked before a successful flush
+        self.acked = {}  # acked since the last flush was sent: blk -> ver
+        self.lock = threading.Lock()
+
+    def check(self, blk, ver):
+        """None when `ver` is a version the block may hold, else why not."""
+        if ver is None:
+            return "holds data never written to it"
+        if ver < self.durable[blk]:
+            return f"holds version {ver}, older than flushed version {self.durable[blk]}"
+        if ver > self.tried[blk]:
+            return f"holds version {ver}, never written (highest sent {self.tried[blk]})"
+        return None
+
+
+class Writer(threading.Thread):
+    def __init__(self, run, uris, tracker, rng, stats):
+        super().__init__(daemon=True)
+        self.run_id = run
+        self.uris = uris
+        self.t = tracker
+        self.rng = rng
+        self.stats = stats
+        self.h = None
+        self.node = 0
+        self.stop = threading.Event()
+        self.paused = threading.Event()
+        self.idle = threading.Event()
+        self.violations = []
+        self.extents = sorted({b - b % EXTENT for b in tracker.blocks})
+
+    def log_violation(self, what):
+        self.violations.append(what)
+        print(f"VIOLATION (during faults): {what}", file=sys.stderr, flush=True)
+
+    def drop_handle(self):
+        self.h = None  # libnbd closes the handle and its socket
+        self.node = (self.node + 1) % len(self.uris)
+
+    def run(self):
+        since_flush = 0
+        flush_every = self.rng.randint(1, 8)
+        while not self.stop.is_set():
+            if self.paused.is_set():
+                self.idle.set()
+                time.sleep(0.05)
+                continue
+            self.idle.clear()
+            try:
+                if self.h is None:
+                    self.h = connect(self.uris[self.node], 10)
+                dl = time.monotonic() + 45
+                r = self.rng.random()
+                if r < 0.15:
+                    # Read a tracked extent back and check it.
+                    ext = self.rng.choice(self.extents)
+                    buf = nbd.Buffer(EXTENT * BLOCK)
+                    wait_cmd(self.h, self.h.aio_pread(buf, ext * BLOCK), dl)
+                    data = buf.to_bytearray()
+                    self.stats["reads"] += 1
+                    with self.t.lock:
+                        for i in range(EXTENT):
+                            blk = ext + i
+                            if blk not in self.t.tried:
+                                continue
+                            why = self.t.check(blk, decode(self.run_id, blk, bytes(data[i * BLOCK:(i + 1) * BLOCK])))
+                            if why:
+                                self.log_violation(f"read via {self.uris[self.node]}: block {blk} {why}")
+                    continue
+                ext = self.rng.choice(self.extents)
+                first = self.rng.randrange(EXTENT)
+                n = self.rng.randint(1, EXTENT - first)
+                blks = [ext + first + i for i in range(n)]
+                with self.t.lock:
+                    vers = [self.t.tried[b] + 1 for b in blks]
+                    for b, v in zip(blks, vers):
+                        self.t.tried[b] = v
+                payload = b"".join(content(self.run_id, b, v) for b, v in zip(blks, vers))
+                wait_cmd(self.h, self.h.aio_pwrite(payload, blks[0] * BLOCK), dl)
+                self.stats["writes_acked"] += 1
+                with self.t.lock:
+                    for b, v in zip(blks, vers):
+                        self.t.acked[b] = v
+                since_flush += 1
+                if since_flush >= flush_every:
+                    with self.t.lock:
+                        covered = dict(self.t.acked)
+                    wait_cmd(self.h, self.h.aio_flush(), time.monotonic() + 45)
+                    self.stats["flushes_acked"] += 1
+                    with self.t.lock:
+                        for b, v in covered.items():
+                            if v > self.t.durable[b]:
+                                self.t.durable[b] = v
+                            if self.t.acked.get(b) == v:
+                                del self.t.acked[b]
+                    since_flush = 0
+                    flush_every = self.rng.randint(1, 8)
+            except (nbd.Error, Timeout) as e:
+                self.stats["client_errors"] += 1
+                self.stats["last_error"] = str(e)[:200]
+                self.drop_handle()
+                time.sleep(0.2)
+        self.drop_handle()
+        self.idle.set()
+
+    def pause(self):
+        self.paused.set()
+        self.idle.wait(120)
+
+    def resume(self):
+        self.idle.clear()
+        self.paused.clear()
+
+
+class Cluster:
+    def __init__(self, args):
+        self.args = args
+        self.data = os.path.abspath(args.data)
+        self.base = args.port_base
+        self.proc = None
+        self.tmpfs = False
+
+    def cli(self, *a, check=True):
+        r = subprocess.run([self.args.bin, *a, "--data", self.data], capture_output=True, text=True, timeout=60)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"lazarus {' '.join(a)} failed: {r.stdout}{r.stderr}")
+        return r
+
+    def uri(self, n):
+        return f"nbd://127.0.0.1:{self.base + n - 1}/{VOLUME}"
+
+    def get(self, n, path):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.base + 10 + n - 1}{path}", timeout=5) as r:
+                return json.load(r)
+        except Exception:
+            return None
+
+    def start(self):
+        if os.path.exists(self.data):
+            if os.path.ismount(self.data):
+                subprocess.run(["umount", self.data], check=False)
+            shutil.rmtree(self.data)
+        os.makedirs(self.data)
+        if self.args.tmpfs:
+            r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.args.tmpfs_mib}m", "tmpfs", self.data],
+                               capture_output=True)
+            self.tmpfs = r.returncode == 0
+            if not self.tmpfs:
+                print("chaos: no tmpfs (not root?); the full-disk fault is left out", file=sys.stderr)
+        log = open(self.data + ".up.log", "w")
+        self.proc = subprocess.Popen(
+            [self.args.bin, "up", "--data", self.data, "--port-base", str(self.base),
+             "--volume-size", f"{self.args.volume_mib}MiB"],
+            stdout=subprocess.PIPE, stderr=log, text=True)
+        t0 = time.monotonic()
+        for line in self.proc.stdout:
+            if "Press Ctrl-C" in line:
+                break
+            if time.monotonic() - t0 > 120:
+                raise RuntimeError("lazarus up did not come up")
+        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
+
+    def stop(self):
+        if self.proc:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.tmpfs:
+            subprocess.run(["umount", "-l", self.data], check=False)
+
+    def pid(self, node):
+        try:
+            with open(os.path.join(self.data, node, "endpoints.json")) as f:
+                return json.load(f)["pid"]
+        except Exception:
+            return None
+
+    def meta(self, n):
+        c = self.get(n, "/api/v1/cluster")
+        if not c:
+            return None
+        return c.get("metadata", {}).get("volumes", {}).get(VOLUME)
+
+    def primary(self):
+        for n in (1, 2, 3):
+            m = self.meta(n)
+            if m and m.get("primary"):
+                return f"n{m['primary']}"
+        return "n1"
+
+    def healed(self):
+        """None when every node agrees every copy is live and every root is equal; else why not."""
+        views = [self.get(n, "/api/v1/cluster") for n in (1, 2, 3)]
+        if any(v is None for v in views):
+            return "a node's admin API does not answer"
+        for n, v in zip((1, 2, 3), views):
+            if not v.get("ready"):
+                return f"n{n} is not ready ({v.get('view')})"
+        metas = [v.get("metadata", {}).get("volumes", {}).get(VOLUME) for v in views]
+        if any(m is None for m in metas):
+            return "a node has no metadata for the volume"
+        for n, m in zip((1, 2, 3), metas):
+            if not all(s == "live" for s in m.get("states", {}).values()):
+                return f"n{n} sees copies {m.get('states')}"
+        if len({(m.get("primary"), m.get("epoch")) for m in metas}) != 1:
+            return "nodes disagree on the primary: " + str([(m.get("primary"), m.get("epoch")) for m in metas])
+        roots = [(self.get(n, f"/api/v1/volumes/{VOLUME}") or {}).get("root") for n in (1, 2, 3)]
+        if None in roots or len(set(roots)) != 1:
+            return f"roots differ: {roots}"
+        return None
+
+    def unrecoverable(self):
+        lbas = set()
+        for n in (1, 2, 3):
+            v = self.get(n, f"/api/v1/volumes/{VOLUME}") or {}
+            for r in v.get("unrecoverable", []):
+                lbas.update(range(r["first_lba"], r["first_lba"] + r["count"]))
+        return lbas
+
+
+class Faults:
+    """Injects and heals faults through the CLI and signals."""
+
+    KINDS = ["kill1", "kill2", "sigstop", "drop", "stall", "isolate", "corrupt", "eio", "device", "rs_kill",
+             "rs_sigstop", "full_disk"]
+
+    def __init__(self, cl, rng, blocks):
+        self.cl = cl
+        self.rng = rng
+        self.blocks = blocks
+        self.killed = []
+        self.stopped = []
+        self.ballast = None
+
+    def inject(self, kind):
+        cl, rng = self.cl, self.rng
+        nodes = ["n1", "n2", "n3"]
+        prim = cl.primary()
+        if kind == "kill1":
+            n = rng.choice(nodes + [prim])  # the primary twice as likely
+            if n not in self.killed and len(self.killed) < 2:
+                cl.cli("fault", "kill", "--node", n)
+                self.killed.append(n)
+            return f"kill -9 {n}"
+        if kind == "kill2":
+            other = rng.choice([n for n in nodes if n != prim])
+            done = []
+            for n in (prim, other):
+                if n not in self.killed and len(self.killed) < 2:
+                    cl.cli("fault", "kill", "--node", n)
+                    self.killed.append(n)
+                    done.append(n)
+                    time.sleep(rng.choice([0, 0, 0.3, 1.5]))
+            return f"kill -9 {' '.join(done)}"
+        if kind == "sigstop":
+            n = rng.choice(nodes + [prim])
+            pid = cl.pid(n)
+            if pid and n not in self.killed:
+                os.kill(pid, signal.SIGSTOP)
+                self.stopped.append(pid)
+            return f"SIGSTOP {n}"
+        if kind in ("drop", "stall"):
+            a = rng.choice([prim, prim, rng.choice(nodes)])
+            b = rng.choice([n for n in nodes if n != a])
+            cl.cli("fault", kind, "--from", a, "--to", b, check=False)
+            return f"{kind} {a}->{b}"
+        if kind == "isolate":
+            n = rng.choice(nodes + [prim])
+            cl.cli("fault", "isolate", "--node", n, check=False)
+            return f"isolate {n}"
+        if kind in ("corrupt", "eio"):
+            n = rng.choice(nodes)
+            lba = rng.choice(self.blocks)
+            if kind == "corrupt":
+                target = rng.choice(["slice", "checksum", "block"])
+                cl.cli("fault", "corrupt", "--node", n, "--volume", VOLUME, "--lba", str(lba), "--target", target,
+                       check=False)
+                return f"corrupt {target} lba {lba} on {n}"
+            cl.cli("fault", "eio", "--node", n, "--volume", VOLUME, "--lba", str(lba), check=False)
+            return f"eio lba {lba} on {n}"
+        if kind == "device":
+            n = rng.choice(nodes)
+            cl.cli("fault", "device", "--node", n, "fail", check=False)
+            return f"device fail {n}"
+        if kind == "rs_kill":
+            if "rs" not in self.killed:
+                cl.cli("fault", "kill", "--node", "rs")
+                self.killed.append("rs")
+            return "kill -9 rs"
+        if kind == "rs_sigstop":
+            pid = cl.pid("rs")
+            if pid and "rs" not in self.killed:
+                os.kill(pid, signal.SIGSTOP)
+                self.stopped.append(pid)
+            return "SIGSTOP rs"
+        if kind == "full_disk":
+            if not cl.tmpfs or self.ballast:
+                return "full disk (skipped)"
+            self.ballast = os.path.join(cl.data, "ballast")
+            st = os.statvfs(cl.data)
+            free = st.f_bavail * st.f_frsize
+            with open(self.ballast, "wb") as f:
+                try:
+                    f.write(bytes(max(free - 64 * 1024, 0)))
+                except OSError:
+                    pass
+            return "full disk"
+        raise ValueError(kind)
+
+    def heal(self):
+        cl = self.cl
+        for pid in self.stopped:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        self.stopped = []
+        if self.ballast:
+            os.unlink(self.ballast)
+            self.ballast = None
+        cl.cli("fault", "heal", check=False)
+        for n in ("n1", "n2", "n3"):
+            cl.cli("fault", "device", "--node", n, "heal", check=False)
+        order = list(self.killed)
+        self.rng.shuffle(order)
+        for n in order:
+            cl.cli("fault", "revive", "--node", n)
+            time.sleep(self.rng.choice([0, 0.5, 2]))
+        self.killed = []
+
+
+def verify(cl, tracker, run):
+    """Reads every tracked block through every node; returns (violations, read errors)."""
+    violations, errors = [], []
+    unrec = None
+    exts = sorted({b - b % EXTENT for b in tracker.blocks})
+    for n in (1, 2, 3):
+        try:
+            h = connect(cl.uri(n), 40)
+        except (nbd.Error, Timeout) as e:
+            errors.append(f"n{n}: cannot connect: {e}")
+            continue
+        for ext in exts:
+            buf = nbd.Buffer(EXTENT * BLOCK)
+            try:
+                wait_cmd(h, h.aio_pread(buf, ext * BLOCK), time.monotonic() + 30)
+                data = bytes(buf.to_bytearray())
+                chunks = [(ext + i, data[i * BLOCK:(i + 1) * BLOCK]) for i in range(EXTENT)]
+            except (nbd.Error, Timeout):
+                # Block by block, to name the ones that fail.
+                chunks = []
+                for i in range(EXTENT):
+                    b1 = nbd.Buffer(BLOCK)
+                    try:
+                        wait_cmd(h, h.aio_pread(b1, (ext + i) * BLOCK), time.monotonic() + 30)
+                        chunks.append((ext + i, bytes(b1.to_bytearray())))
+                    except (nbd.Error, Timeout) as e:
+                        if unrec is None:
+                            unrec = cl.unrecoverable()
+                        if ext + i in unrec:
+                            continue
+                        errors.append(f"n{n}: read of block {ext + i} failed: {e}")
+            for blk, d in chunks:
+                if blk not in tracker.tried:
+                    continue
+                why = tracker.check(blk, decode(run, blk, d))
+                if why:
+                    violations.append(f"n{n}: block {blk} {why}")
+        del h
+    return violations, errors, sorted(unrec or [])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    here = os.path.dirname(os.path.abspath(__file__))
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=int(time.time()))
+    ap.add_argument("--data", default="/tmp/lazarus-chaos")
+    ap.add_argument("--bin", default=os.path.join(here, "..", "target", "release", "lazarus"))
+    ap.add_argument("--port-base", type=int, default=21000)
+    ap.add_argument("--volume-mib", type=int, default=64)
+    ap.add_argument("--extents", type=int, default=24, help="tracked extents of 16 blocks")
+    ap.add_argument("--tmpfs", action="store_true", help="put the data directory on a tmpfs of its own (root)")
+    ap.add_argument("--tmpfs-mib", type=int, default=900)
+    ap.add_argument("--heal-within", type=float, default=120)
+    ap.add_argument("--kinds", default=",".join(Faults.KINDS), help="fault kinds to draw from")
+    ap.add_argument("--keep", action="store_true", help="leave the cluster's data directory behind")
+    ap.add_argument("--stop-on-failure", action="store_true", help="stop at the first failed round")
+    args = ap.parse_args()
+    if not os.path.exists(args.bin):
+        sys.exit(f"chaos: no lazarus binary at {args.bin} (cargo build --release, or --bin)")
+
+    rng = random.Random(args.seed)
+    run = args.seed
+    nblocks = args.volume_mib * 1024 * 1024 // BLOCK
+    starts = rng.sample(range(0, nblocks, EXTENT), args.extents)
+    blocks = sorted(s + i for s in starts for i in range(EXTENT))
+    tracker = Tracker(blocks)
+    stats = {"writes_acked": 0, "flushes_acked": 0, "reads": 0, "client_errors": 0, "last_error": ""}
+    kinds = args.kinds.split(",")
+
+    cl = Cluster(args)
+    cl.start()
+    jl = open(cl.data + ".jsonl", "a")
+    w = Writer(run, [cl.uri(n) for n in (1, 2, 3)], tracker, random.Random(rng.random()), stats)
+    w.start()
+    faults = Faults(cl, rng, blocks)
+    totals = {"rounds": 0, "failed": 0, "violations": 0, "read_errors": 0, "faults": {}}
+    t_start = time.monotonic()
+    try:
+        time.sleep(2)
+        for rnd in range(1, args.rounds + 1):
+            t0 = time.monotonic()
+            k = rng.choice([1, 1, 1, 2, 2, 3])
+            chosen = [rng.choice(kinds) for _ in range(k)]
+            done = []
+            w.resume()
+            for kind in chosen:
+                done.append(faults.inject(kind))
+                totals["faults"][kind] = totals["faults"].get(kind, 0) + 1
+                time.sleep(rng.uniform(0.2, 3.0))
+            time.sleep(rng.uniform(1.0, 5.0))
+            faults.heal()
+            healed_in = None
+            t_heal = time.monotonic()
+            why = "not checked"
+            while time.monotonic() - t_heal < args.heal_within:
+                why = cl.healed()
+                if why is None:
+                    healed_in = time.monotonic() - t_heal
+                    break
+                time.sleep(0.5)
+            # Give the writer a few seconds on the healed cluster, then read everything.
+            time.sleep(1)
+            w.pause()
+            viol, errs, unrec = verify(cl, tracker, run)
+            if healed_in is None:
+                # Checked again after the reads: a slow heal is a failure, a stuck one more so.
+                why = cl.healed() or why
+            viol = w.violations + viol
+            w.violations = []
+            ok = healed_in is not None and not viol and not errs
+            totals["rounds"] += 1
+            totals["failed"] += 0 if ok else 1
+            totals["violations"] += len(viol)
+            totals["read_errors"] += len(errs)
+            rec = {"round": rnd, "seed": args.seed, "faults": done, "ok": ok,
+                   "healed_s": None if healed_in is None else round(healed_in, 1),
+                   "not_healed": None if healed_in is not None else why,
+                   "violations": viol[:10], "n_violations": len(viol),
+                   "read_errors": errs[:10], "n_read_errors": len(errs), "unrecoverable": unrec[:10],
+                   "round_s": round(time.monotonic() - t0, 1), **{k: v for k, v in stats.items()}}
+            print(json.dumps(rec), flush=True)
+            jl.write(json.dumps(rec) + "\n")
+            jl.flush()
+            if not ok and args.stop_on_failure:
+                break
+    finally:
+        w.stop.set()
+        w.resume()
+        w.join(60)
+        faults.heal()
+        cl.stop()
+        if not args.keep:
+            shutil.rmtree(cl.data, ignore_errors=True)
+    totals["seconds"] = round(time.monotonic() - t_start)
+    totals.update({k: v for k, v in stats.items() if k != "last_error"})
+    print(json.dumps({"summary": totals}), flush=True)
+    sys.exit(1 if totals["failed"] else 0)
+
+
+if __name__ == "__main__":
+    main()
