@@ -10,10 +10,13 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked --quiet
 fi
 mkdir -p fuzz/corpus
-for t in nbd_request nbd_handshake disk_decoders journal_replay; do
+for t in nbd_request nbd_handshake disk_decoders journal_replay rpc_frames rs_requests rs_files; do
   echo "== fuzz $t for ${secs}s"
   mkdir -p "fuzz/corpus/$t"
-  cargo fuzz run --sanitizer none "$t" "fuzz/corpus/$t" -- -max_total_time="$secs" -rss_limit_mb=4096 2>&1 | tail -n 3
+  # fuzz/corpus (not in git) gathers what a run finds; fuzz/seeds (in git) holds
+  # hand-made valid inputs that random bytes would not find (JSON requests, logs).
+  seeds=(); [ -d "fuzz/seeds/$t" ] && seeds=("fuzz/seeds/$t")
+  cargo fuzz run --sanitizer none "$t" "fuzz/corpus/$t" "${seeds[@]}" -- -max_total_time="$secs" -rss_limit_mb=4096 2>&1 | tail -n 3
   # cargo fuzz exits non-zero when a target crashed; pipefail carries it.
 done
 echo "fuzz: all targets ran without a crash"

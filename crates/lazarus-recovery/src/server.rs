@@ -33,6 +33,24 @@ pub const HOLDER_SILENCE_MAX: Duration = Duration::from_millis(1000);
 /// How long a holder may serve on one renewal, counted from its send time.
 pub const HOLD_LEASE: Duration = Duration::from_millis(500);
 
+/// A request that names a volume. The name becomes part of a log file's name, so it is
+/// checked (`check_volume_name`: letters, digits, `-`, `_`, `.`, no `..`) before the
+/// request does anything.
+trait NamesVolume {
+    fn volume(&self) -> &str;
+}
+
+macro_rules! names_volume {
+    ($($t:ty),*) => {$(
+        impl NamesVolume for $t {
+            fn volume(&self) -> &str {
+                &self.volume
+            }
+        }
+    )*};
+}
+names_volume!(ClaimReq, MemberReq, AppendReq, RenewReq, ClearReq, ConfigReq, ReadReq);
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClaimReq {
     pub volume: String,
@@ -252,6 +270,8 @@ impl RecoveryServer {
     }
 
     fn log(&self, volume: &str, uid: u64) -> std::io::Result<Arc<VolLog>> {
+        // The one place a name becomes a path: never outside `logs/`.
+        lazarus_types::check_volume_name(volume).map_err(std::io::Error::other)?;
         let mut logs = self.logs.lock();
         if let Some(l) = logs.get(volume) {
             return Ok(l.clone());
@@ -685,9 +705,15 @@ impl RecoveryServer {
         Ok(self.save(coord).await?)
     }
 
-    async fn handle(&self, kind: u8, body: Vec<u8>) -> Result<Vec<u8>, Remote> {
-        fn de<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, String> {
-            serde_json::from_slice(b).map_err(|e| format!("bad request: {e}"))
+    /// One request from the wire: every body is decoded and every volume name checked
+    /// before anything is done; a bad one is refused with its reason.
+    pub async fn handle(&self, kind: u8, body: Vec<u8>) -> Result<Vec<u8>, Remote> {
+        fn de<T: serde::de::DeserializeOwned + NamesVolume>(b: &[u8]) -> Result<T, Remote> {
+            let req: T = serde_json::from_slice(b)
+                .map_err(|e| Remote::new(Refusal::Refused, format!("bad request: {e}")))?;
+            lazarus_types::check_volume_name(req.volume())
+                .map_err(|e| Remote::new(Refusal::Refused, format!("bad request: {e}")))?;
+            Ok(req)
         }
         fn ser<T: Serialize>(v: &T) -> Result<Vec<u8>, Remote> {
             serde_json::to_vec(v).map_err(|e| Remote::from(e.to_string()))
@@ -724,7 +750,8 @@ impl RecoveryServer {
                 Ok(Vec::new())
             }
             KIND_RS_HEARTBEAT => {
-                let req: HeartbeatReq = de(&body)?;
+                let req: HeartbeatReq = serde_json::from_slice(&body)
+                    .map_err(|e| Remote::new(Refusal::Refused, format!("bad request: {e}")))?;
                 {
                     // Bounded: ids come from the wire (the recovery server does not
                     // know the members). Full, it records no new id and vouches for
@@ -812,6 +839,43 @@ mod tests {
             lba,
             count: 1,
         }
+    }
+
+    /// A volume name from the wire never leaves the log folder: a name with a path in
+    /// it is refused before any file or coordination entry is made.
+    #[tokio::test]
+    async fn a_path_in_a_volume_name_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let rs = RecoveryServer::open(&dir.path().join("rs")).unwrap();
+        for name in ["../escape", "a/b", "..", "", ".hidden", "/abs"] {
+            let mut c = claim_req(1, 0, vec![1, 2, 3]);
+            c.volume = name.into();
+            let e = rs
+                .handle(KIND_RS_CLAIM, serde_json::to_vec(&c).unwrap())
+                .await
+                .unwrap_err();
+            assert_eq!(e.code, Refusal::Refused, "{name:?}: {e:?}");
+            let mut a = append_req(1, 1, 0);
+            a.volume = name.into();
+            let body = rpc::pack(&serde_json::to_vec(&a).unwrap(), &[7u8; 4096]);
+            let e = rs.handle(KIND_RS_APPEND, body).await.unwrap_err();
+            assert_eq!(e.code, Refusal::Refused, "{name:?}: {e:?}");
+        }
+        assert!(rs.coord.lock().volumes.is_empty());
+        let mut files: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        files.sort();
+        assert_eq!(files, vec![std::ffi::OsString::from("rs")]);
+        assert_eq!(std::fs::read_dir(dir.path().join("rs/logs")).unwrap().count(), 0);
+        // A well-formed claim still works.
+        let ok = rs
+            .handle(KIND_RS_CLAIM, serde_json::to_vec(&claim_req(1, 0, vec![1, 2, 3])).unwrap())
+            .await
+            .unwrap();
+        let r: ClaimReply = serde_json::from_slice(&ok).unwrap();
+        assert!(r.granted, "{r:?}");
     }
 
     /// After a failed sync no append is acknowledged again (a later sync could succeed

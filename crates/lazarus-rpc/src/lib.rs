@@ -184,7 +184,12 @@ pub type HandlerReply = Result<Vec<u8>, Remote>;
 pub type Handler =
     Arc<dyn Fn(u8, Vec<u8>) -> Pin<Box<dyn Future<Output = HandlerReply> + Send>> + Send + Sync>;
 
-async fn read_frame(rd: &mut (impl AsyncReadExt + Unpin)) -> std::io::Result<(u64, u8, Vec<u8>)> {
+/// Reads one frame: (call id, kind or status, body). A length outside 9..=FRAME_MAX_BYTES
+/// is an error; the body grows as its bytes arrive, so a peer that announces a large
+/// frame and sends little costs little memory.
+pub async fn read_frame(
+    rd: &mut (impl AsyncReadExt + Unpin),
+) -> std::io::Result<(u64, u8, Vec<u8>)> {
     let len = rd.read_u32().await?;
     if !(9..=FRAME_MAX_BYTES).contains(&len) {
         return Err(std::io::Error::new(
@@ -194,8 +199,12 @@ async fn read_frame(rd: &mut (impl AsyncReadExt + Unpin)) -> std::io::Result<(u6
     }
     let id = rd.read_u64().await?;
     let kind = rd.read_u8().await?;
-    let mut body = vec![0u8; len as usize - 9];
-    rd.read_exact(&mut body).await?;
+    let want = len as u64 - 9;
+    let mut body = Vec::with_capacity(want.min(IO_BUFFER_BYTES as u64) as usize);
+    (&mut *rd).take(want).read_to_end(&mut body).await?;
+    if body.len() as u64 != want {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
     Ok((id, kind, body))
 }
 
