@@ -868,10 +868,18 @@ mod tests {
             .collect();
         files.sort();
         assert_eq!(files, vec![std::ffi::OsString::from("rs")]);
-        assert_eq!(std::fs::read_dir(dir.path().join("rs/logs")).unwrap().count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("rs/logs"))
+                .unwrap()
+                .count(),
+            0
+        );
         // A well-formed claim still works.
         let ok = rs
-            .handle(KIND_RS_CLAIM, serde_json::to_vec(&claim_req(1, 0, vec![1, 2, 3])).unwrap())
+            .handle(
+                KIND_RS_CLAIM,
+                serde_json::to_vec(&claim_req(1, 0, vec![1, 2, 3])).unwrap(),
+            )
             .await
             .unwrap();
         let r: ClaimReply = serde_json::from_slice(&ok).unwrap();

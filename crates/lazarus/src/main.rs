@@ -283,8 +283,27 @@ fn init_logging(level: Option<&str>) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
+        .with_writer(|| LogWriter)
+        .log_internal_errors(false)
         .init();
+}
+
+/// Standard error for log lines, where a failed write (the log's disk full, a closed
+/// pipe) loses the line and nothing else. tracing-subscriber reports a failed write with
+/// `eprintln!`, which panics when standard error fails too: on a full disk every log
+/// line panicked the task that logged it, the Raft core among them.
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
 }
 
 fn human(bytes: u64) -> String {

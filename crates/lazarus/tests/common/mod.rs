@@ -87,12 +87,17 @@ impl Node {
     }
 
     pub fn spawn(&mut self) {
-        let _ = std::fs::remove_file(self.dir.join("endpoints.json"));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.join("node.log"))
             .unwrap();
+        self.spawn_logging_to(log);
+    }
+
+    /// `spawn` with the node's standard output and error going to `log`.
+    pub fn spawn_logging_to(&mut self, log: std::fs::File) {
+        let _ = std::fs::remove_file(self.dir.join("endpoints.json"));
         let child = Command::new(BIN)
             .args(["node", "--config"])
             .arg(&self.config)
