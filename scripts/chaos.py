@@ -282,7 +282,7 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self.tmpfs:
+        if self.tmpfs and not self.args.keep:
             subprocess.run(["umount", "-l", self.data], check=False)
 
     def pid(self, node):

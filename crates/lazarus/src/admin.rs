@@ -614,7 +614,7 @@ async fn fault_device(
     let Json(r) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     lazarus_store::disk::set_device_failed(r.failed);
     tracing::warn!(node = %s.node_id, failed = r.failed, "fault injected: device {}", if r.failed { "failed" } else { "healed" });
-    crate::events::record(
+    lazarus_observe::events::record(
         "fault",
         "",
         format!(
@@ -642,7 +642,7 @@ async fn fault_isolate(
         .isolated
         .store(r.isolated, std::sync::atomic::Ordering::SeqCst);
     tracing::warn!(node = %s.node_id, isolated = r.isolated, "fault injected: node isolation");
-    crate::events::record(
+    lazarus_observe::events::record(
         "fault",
         "",
         format!(
@@ -693,7 +693,7 @@ async fn protect_volume(
         .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
     {
         lazarus_cluster::MetaResponse::Volume(v) => {
-            crate::events::record(
+            lazarus_observe::events::record(
                 "protect",
                 &name,
                 if r.protected {
@@ -720,7 +720,7 @@ struct EventsQuery {
 }
 
 async fn events(Query(q): Query<EventsQuery>) -> Json<serde_json::Value> {
-    Json(json!({ "events": crate::events::since(q.after) }))
+    Json(json!({ "events": lazarus_observe::events::since(q.after) }))
 }
 
 async fn jeopardy(State(s): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
@@ -757,7 +757,7 @@ async fn fault_stall(
     let (c, id) = link_target(&s, body)?;
     c.stalls.lock().insert(id);
     tracing::warn!(from = %s.node_id, to = id, "fault injected: replication updates to this node are held");
-    crate::events::record(
+    lazarus_observe::events::record(
         "fault",
         "",
         format!("{}: replication to n{id} stalled", s.node_id),
@@ -1000,7 +1000,7 @@ async fn metrics(State(s): State<AppState>) -> Response {
             axum::http::header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        crate::metrics::render(&s.engine),
+        render_metrics(&s.engine),
     )
         .into_response()
 }
@@ -1243,4 +1243,38 @@ async fn flush_data(
 ) -> Result<StatusCode, ApiError> {
     do_io(&s, &name, crate::forward::Op::Flush, 0, 0, &[]).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Samples the node's state into the gauges (damaged pages, unrecoverable LBAs, leases,
+/// jeopardy), then encodes every metric.
+/// The exposition text, after sampling the node's current state.
+fn render_metrics(engine: &crate::engine::Engine) -> String {
+    use lazarus_observe::metrics::{vol, METRICS};
+    let m = &*METRICS;
+    for v in engine.store.volumes() {
+        let l = vol(&v.meta.name);
+        m.damaged_pages
+            .get_or_create(&l)
+            .set(v.damaged_pages().len() as i64);
+        m.unrecoverable_lbas
+            .get_or_create(&l)
+            .set(v.damaged_ranges().iter().map(|r| r.1).sum::<u64>() as i64);
+        m.volume_size.get_or_create(&l).set(v.size_bytes() as i64);
+    }
+    if let Some(c) = engine.cluster.get() {
+        m.primary_leases.set(c.held_leases().len() as i64);
+        let meta = c.store.meta();
+        let mut jeopardy = 0;
+        for v in meta.volumes.values() {
+            let e = c.effective(&v.name).unwrap_or_else(|| v.clone());
+            jeopardy += e.recovery_flag as i64;
+            if let Some(s) = c.recovery.as_ref().and_then(|r| r.state(&v.name)) {
+                m.recovery_log_bytes
+                    .get_or_create(&vol(&v.name))
+                    .set(s.log_bytes as i64);
+            }
+        }
+        m.jeopardy_volumes.set(jeopardy);
+    }
+    lazarus_observe::metrics::encode()
 }

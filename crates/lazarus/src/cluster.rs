@@ -906,7 +906,7 @@ impl Cluster {
         });
         let t0 = Instant::now();
         let results = futures::future::join_all(calls).await;
-        crate::metrics::METRICS
+        lazarus_observe::metrics::METRICS
             .replication_rtt
             .observe(t0.elapsed().as_secs_f64());
         let mut acked_live = 0;
@@ -939,7 +939,7 @@ impl Cluster {
                             // is acknowledged: no earlier "in" of this copy undoes it.
                             self.record_out_at(&v, node, nv.changed_at).await?;
                             tracing::info!(volume, replica = node, "replica marked dead");
-                            crate::events::record(
+                            lazarus_observe::events::record(
                                 "state",
                                 volume,
                                 format!("n{node} marked dead (failed an update: {e})"),
@@ -1119,7 +1119,7 @@ impl Cluster {
                 for &n in meta.nodes.keys().filter(|&&n| n != c.id) {
                     let ok = c.answers(&meta, n).await;
                     match answering.insert(n, ok) {
-                        Some(was) if was != ok => crate::events::record(
+                        Some(was) if was != ok => lazarus_observe::events::record(
                             "node",
                             "",
                             if ok {
@@ -1237,7 +1237,7 @@ impl Cluster {
                     match result {
                         Ok(MetaResponse::Volume(nv)) => {
                             tracing::warn!(volume = %v.name, old = v.primary, new = n, epoch = nv.epoch, silent_ms = silent.as_millis() as u64, "primary failed over");
-                            crate::events::record(
+                            lazarus_observe::events::record(
                                 "failover",
                                 &v.name,
                                 format!("n{} -> n{n} (epoch {})", v.primary, nv.epoch),
@@ -1264,7 +1264,7 @@ impl Cluster {
         let (b, name) = (self.blocks.clone(), volume.to_string());
         match tokio::task::spawn_blocking(move || b.resize_volume(&name, size)).await {
             Ok(Ok(_)) => {
-                crate::events::record(
+                lazarus_observe::events::record(
                     "resize",
                     volume,
                     format!("n{}: copy grown to {size} bytes", self.id),

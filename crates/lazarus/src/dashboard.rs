@@ -9,7 +9,7 @@
 //! difference between two polls.
 
 use crate::engine::Engine;
-use crate::metrics::Op;
+use lazarus_observe::metrics::Op;
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -40,7 +40,7 @@ fn io_totals(engine: &Engine) -> [u64; 4] {
     let mut t = [0u64; 4];
     for v in engine.store.volumes() {
         for op in Op::ALL {
-            let (count, _, _, ns) = crate::metrics::totals(&v.meta.name, op);
+            let (count, _, _, ns) = lazarus_observe::metrics::totals(&v.meta.name, op);
             add_to_totals(&mut t, op, count, ns);
         }
     }
@@ -89,7 +89,7 @@ pub fn local_stats(engine: &Engine) -> Value {
         let name = v.meta.name.clone();
         let mut ops = serde_json::Map::new();
         for op in Op::ALL {
-            let (count, errors, bytes, ns) = crate::metrics::totals(&name, op);
+            let (count, errors, bytes, ns) = lazarus_observe::metrics::totals(&name, op);
             add_to_totals(&mut totals, op, count, ns);
             ops.insert(
                 op.label().to_string(),
@@ -110,7 +110,7 @@ pub fn local_stats(engine: &Engine) -> Value {
             }),
         );
     }
-    let mut events = crate::events::since(0);
+    let mut events = lazarus_observe::events::since(0);
     let skip = events.len().saturating_sub(EVENTS_PER_NODE);
     events.drain(..skip);
     let repairs = engine.repair.report();

@@ -288,9 +288,9 @@ impl Engine {
         };
         let stored = c.log_update(&v, u, raw).await.map_err(jerr)?;
         if stored {
-            crate::metrics::METRICS
+            lazarus_observe::metrics::METRICS
                 .recovery_appends
-                .get_or_create(&crate::metrics::vol(&vol.meta.name))
+                .get_or_create(&lazarus_observe::metrics::vol(&vol.meta.name))
                 .inc();
         }
         Ok(stored)

@@ -457,7 +457,7 @@ impl Cluster {
         );
         let jv = self.effective(&v.name).ok_or("volume unknown")?;
         self.drain_unflushed(&jv).await?;
-        crate::events::record("jeopardy", &v.name, format!("n{} holds the volume at the recovery server without a majority (failure count ID {})", self.id, c.fcid));
+        lazarus_observe::events::record("jeopardy", &v.name, format!("n{} holds the volume at the recovery server without a majority (failure count ID {})", self.id, c.fcid));
         Ok(c.fcid)
     }
 
@@ -580,7 +580,9 @@ impl Cluster {
                                 .entry(v.name.clone())
                                 .or_default()
                                 .extend(lba + done..lba + done + n);
-                            crate::metrics::METRICS.recovery_unlogged_writes.inc();
+                            lazarus_observe::metrics::METRICS
+                                .recovery_unlogged_writes
+                                .inc();
                             tracing::error!(volume = %v.name, lba = lba + done, blocks = n, error = %e, "IN JEOPARDY WITHOUT THE RECOVERY SERVER: write acknowledged on one copy only (policy accept)");
                             stored = false;
                             break AppendReply {
@@ -665,7 +667,7 @@ impl Cluster {
         );
         let jv = self.effective(volume).ok_or("volume unknown")?;
         self.drain_unflushed(&jv).await?;
-        crate::events::record(
+        lazarus_observe::events::record(
             "jeopardy",
             volume,
             format!("entered jeopardy, failure count ID {}", c.fcid),
@@ -716,7 +718,9 @@ impl Cluster {
                         .entry(volume.to_string())
                         .or_default()
                         .extend(lba..lba + n);
-                    crate::metrics::METRICS.recovery_unlogged_writes.inc_by(n);
+                    lazarus_observe::metrics::METRICS
+                        .recovery_unlogged_writes
+                        .inc_by(n);
                     tracing::error!(volume, lba, blocks = n, error = %e, "LAST COPY WITHOUT THE RECOVERY SERVER: write acknowledged on one copy only (policy accept)");
                     return Ok(None);
                 }
@@ -881,7 +885,7 @@ impl Cluster {
                 .call(KIND_RS_READ, &body, RS_TIMEOUT * 2)
                 .await
                 .ok()?;
-            crate::metrics::METRICS
+            lazarus_observe::metrics::METRICS
                 .recovery_restore_bytes
                 .inc_by(reply.len() as u64);
             let (json, raw) = rpc::unpack(&reply).ok()?;
@@ -1065,7 +1069,7 @@ impl Cluster {
         };
         let res = self.propose_bounded(cmd).await?;
         tracing::warn!(volume = %v.name, stray_holder = ?s.coord.holder, fcid = reply.coord.fcid, primary = v.primary, result = ?res, "the recovery server named a holder the metadata does not know as current; fenced back to the metadata's primary");
-        crate::events::record(
+        lazarus_observe::events::record(
             "adopt",
             &v.name,
             format!(
@@ -1106,7 +1110,7 @@ impl Cluster {
                         };
                         let res = self.propose_bounded(cmd).await?;
                         tracing::warn!(volume = %v.name, fcid = s.coord.fcid, holder, result = ?res, "adopted the recovery server's newer state for the volume");
-                        crate::events::record("adopt", &v.name, format!("adopted the recovery server's state: n{holder} primary, failure count ID {}", s.coord.fcid));
+                        lazarus_observe::events::record("adopt", &v.name, format!("adopted the recovery server's state: n{holder} primary, failure count ID {}", s.coord.fcid));
                     }
                     Adoption::Refence => {
                         self.refence(v, s).await?;
@@ -1176,7 +1180,7 @@ impl Cluster {
             };
             self.propose_bounded(cmd).await?;
             tracing::warn!(volume = %v.name, fcid = reply.coord.fcid, %why, "volume in jeopardy: its primary writes through the recovery server");
-            crate::events::record(
+            lazarus_observe::events::record(
                 "jeopardy",
                 &v.name,
                 format!(
@@ -1200,7 +1204,7 @@ impl Cluster {
             };
             self.propose_bounded(cmd).await?;
             tracing::info!(volume = %v.name, domains = ?domains, "volume out of jeopardy: {} failure domains", domains.len());
-            crate::events::record(
+            lazarus_observe::events::record(
                 "jeopardy",
                 &v.name,
                 format!("left jeopardy: failure domains {domains:?}"),
@@ -1273,7 +1277,7 @@ impl Cluster {
             return;
         };
         tracing::warn!(volume = %v.name, old = ?c.holder, fcid, epoch, "the last failure domain is gone: restoring this copy from the recovery server's log to serve the volume");
-        crate::events::record(
+        lazarus_observe::events::record(
             "takeover",
             &v.name,
             format!(
@@ -1363,7 +1367,7 @@ impl Cluster {
         .map_err(|e| e.to_string())?;
         r.client.call(KIND_RS_CLEAR, &body, RS_TIMEOUT).await?;
         tracing::info!(volume = %v.name, bytes = s.log_bytes, "recovery server's configuration copy and changed blocks deleted");
-        crate::events::record(
+        lazarus_observe::events::record(
             "jeopardy",
             &v.name,
             format!("recovery server copy deleted ({} log bytes)", s.log_bytes),
@@ -1460,7 +1464,7 @@ impl Cluster {
                 p.records = records;
                 p.bytes = bytes;
             });
-            crate::metrics::METRICS
+            lazarus_observe::metrics::METRICS
                 .recovery_restore_bytes
                 .inc_by(reply.len() as u64);
             if rr.done || rr.next == offset {

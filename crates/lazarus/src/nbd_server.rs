@@ -387,7 +387,7 @@ async fn execute(
     let start = out.len();
     let (command, length) = (req.command, req.length as u64);
     execute_inner(engine, ex, bound, req, payload, size, structured, out).await;
-    use crate::metrics::Op;
+    use lazarus_observe::metrics::Op;
     let op = match command {
         Command::Read => Op::Read,
         Command::Write => Op::Write,
@@ -401,7 +401,7 @@ async fn execute(
         Op::Read | Op::Write if ok => length,
         _ => 0,
     };
-    crate::metrics::record_request(&ex.name, op, bytes, t0.elapsed(), ok);
+    lazarus_observe::metrics::record_request(&ex.name, op, bytes, t0.elapsed(), ok);
 }
 
 /// Whether the reply starting at `r` reports success (simple or structured).

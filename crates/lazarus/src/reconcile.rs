@@ -201,7 +201,7 @@ impl Cluster {
                             Ok(MetaResponse::Volume(nv)) => {
                                 self.record_out_at(&v, n, nv.changed_at).await?;
                                 tracing::warn!(volume = name, replica = n, why, answer = ?answer.as_ref().map(|_| "root"), "live copy marked dead by the new primary's check; it resyncs");
-                                crate::events::record(
+                                lazarus_observe::events::record(
                                     "state",
                                     name,
                                     format!("n{n} marked dead: {why} (epoch {})", v.epoch),

@@ -120,9 +120,9 @@ impl RepairState {
     }
 
     fn record(&self, volume: &str, page: Option<u64>, source: &str) {
-        crate::metrics::METRICS
+        lazarus_observe::metrics::METRICS
             .repairs
-            .get_or_create(&crate::metrics::SourceLabels {
+            .get_or_create(&lazarus_observe::metrics::SourceLabels {
                 volume: volume.to_string(),
                 source: source.split(' ').next().unwrap_or("?").to_string(),
             })

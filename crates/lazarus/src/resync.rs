@@ -209,8 +209,8 @@ impl Source {
         let body = rpc::pack(&json, raw);
         let reply = self.client.call(kind, &body, RESYNC_RPC_TIMEOUT).await?;
         let moved = (body.len() + reply.len()) as u64;
-        let m = &*crate::metrics::METRICS;
-        let l = crate::metrics::vol(&self.req.volume);
+        let m = &*lazarus_observe::metrics::METRICS;
+        let l = lazarus_observe::metrics::vol(&self.req.volume);
         if self.req.repair {
             m.repair_bytes.get_or_create(&l).inc_by(moved);
         } else {
@@ -511,7 +511,7 @@ impl Cluster {
                 });
                 let (records, bytes) = self.restore_from_log(&v.name, v.uid, &local).await?;
                 tracing::info!(volume = %v.name, records, bytes, fcid = v.failure_count_id, "rejoin: changed blocks restored from the recovery server");
-                crate::events::record("restore", &v.name, format!("n{}: {records} changed-block records ({bytes} bytes) restored from the recovery server", self.id));
+                lazarus_observe::events::record("restore", &v.name, format!("n{}: {records} changed-block records ({bytes} bytes) restored from the recovery server", self.id));
                 self.resync.update(&v.name, |p| {
                     p.restore_records = records;
                     p.restore_bytes = bytes;
@@ -580,9 +580,9 @@ impl Cluster {
             let mut clean = true;
             for p in pages {
                 clean &= self.copy_page(&local, &src, p).await?;
-                crate::metrics::METRICS
+                lazarus_observe::metrics::METRICS
                     .resync_pages
-                    .get_or_create(&crate::metrics::vol(&v.name))
+                    .get_or_create(&lazarus_observe::metrics::vol(&v.name))
                     .inc();
                 self.resync.update(&v.name, |pr| pr.pages_copied += 1);
             }

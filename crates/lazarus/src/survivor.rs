@@ -243,7 +243,7 @@ impl Cluster {
             Ok(Ok(lazarus_cluster::MetaResponse::Volume(nv))) => {
                 let _ = self.record_out_at(v, node, nv.changed_at).await;
                 tracing::warn!(volume = %v.name, replica = node, "replica stopped answering with the recovery server out of reach: marked dead (policy accept)");
-                crate::events::record(
+                lazarus_observe::events::record(
                     "state",
                     &v.name,
                     format!(
@@ -416,7 +416,7 @@ impl Cluster {
                     h.restoring = false;
                 }
                 tracing::warn!(volume = %v.name, fcid, epoch, silent = ?others, "the primary and every other copy are silent: this replica serves the volume as its survivor, every write on the recovery server first");
-                crate::events::record(
+                lazarus_observe::events::record(
                     "survivor",
                     &v.name,
                     format!(

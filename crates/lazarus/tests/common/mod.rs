@@ -286,7 +286,7 @@ pub struct Up {
 /// exclusive lock on a file, held while the cluster lives; only then are its ports
 /// checked free. Below Linux's ephemeral range (32768-60999), so no test's outgoing
 /// connection takes one meanwhile.
-fn claim_ports() -> (u16, std::fs::File) {
+pub fn claim_ports() -> (u16, std::fs::File) {
     use std::os::fd::AsRawFd;
     loop {
         let base = 12000 + 40 * fastrand::u16(0..515);

@@ -254,35 +254,9 @@ pub fn vol(volume: &str) -> VolumeLabels {
     }
 }
 
-/// The exposition text, after sampling the node's current state.
-pub fn render(engine: &crate::engine::Engine) -> String {
-    let m = &*METRICS;
-    for v in engine.store.volumes() {
-        let l = vol(&v.meta.name);
-        m.damaged_pages
-            .get_or_create(&l)
-            .set(v.damaged_pages().len() as i64);
-        m.unrecoverable_lbas
-            .get_or_create(&l)
-            .set(v.damaged_ranges().iter().map(|r| r.1).sum::<u64>() as i64);
-        m.volume_size.get_or_create(&l).set(v.size_bytes() as i64);
-    }
-    if let Some(c) = engine.cluster.get() {
-        m.primary_leases.set(c.held_leases().len() as i64);
-        let meta = c.store.meta();
-        let mut jeopardy = 0;
-        for v in meta.volumes.values() {
-            let e = c.effective(&v.name).unwrap_or_else(|| v.clone());
-            jeopardy += e.recovery_flag as i64;
-            if let Some(s) = c.recovery.as_ref().and_then(|r| r.state(&v.name)) {
-                m.recovery_log_bytes
-                    .get_or_create(&vol(&v.name))
-                    .set(s.log_bytes as i64);
-            }
-        }
-        m.jeopardy_volumes.set(jeopardy);
-    }
+/// The exposition text of every metric, as sampled last (`set` the gauges first).
+pub fn encode() -> String {
     let mut out = String::new();
-    let _ = prometheus_client::encoding::text::encode(&mut out, &m.registry);
+    let _ = prometheus_client::encoding::text::encode(&mut out, &METRICS.registry);
     out
 }
