@@ -435,6 +435,12 @@ impl Store {
         Ok(())
     }
 
+    /// Whether a journal write or a flush failed: the store refuses writes from then on
+    /// (what reached the disk is unknown), until it is opened again and replays.
+    pub fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
     fn check_failed(&self) -> Result<(), StoreError> {
         if self.failed.load(Ordering::Acquire) {
             return Err(StoreError::Invalid(

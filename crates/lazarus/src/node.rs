@@ -5,6 +5,7 @@ use crate::engine::Engine;
 use crate::{admin, nbd_server};
 use lazarus_store::{Store, StoreOptions};
 use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
@@ -136,6 +137,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     tokio::spawn(checkpointer(
         store.clone(),
         Duration::from_secs(cfg.checkpoint_interval_secs.max(1)),
+        cfg.data_dir.clone(),
     ));
 
     shutdown_signal().await;
@@ -161,10 +163,14 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn checkpointer(store: Arc<Store>, interval: Duration) {
+async fn checkpointer(store: Arc<Store>, interval: Duration, data_dir: PathBuf) {
     let mut last = Instant::now();
     loop {
         tokio::time::sleep(CHECKPOINT_POLL).await;
+        if store.has_failed() {
+            restart_when_usable(&data_dir);
+            continue;
+        }
         let due = store.wants_checkpoint()
             || (last.elapsed() >= interval && store.journal_used_bytes() > 0);
         if !due {
@@ -177,6 +183,25 @@ async fn checkpointer(store: Arc<Store>, interval: Duration) {
             Err(e) => tracing::error!(error = %e, "checkpoint task panicked"),
         }
     }
+}
+
+/// A store that failed a journal write or a flush (a full disk, a failed device) takes
+/// no writes until it is opened again: its copies go dead and could never resync. Once
+/// the device takes writes again (no injected device failure, room above the headroom),
+/// the node exits for its supervisor to restart it; the restart replays the journal to
+/// a consistent state and the copies resync. While the disk stays full, the node stays
+/// up and serves reads.
+fn restart_when_usable(data_dir: &Path) {
+    if lazarus_store::disk::device_failed() {
+        return;
+    }
+    if lazarus_store::disk::check_headroom(&data_dir.join("journal.log"), 1 << 20).is_err() {
+        return;
+    }
+    tracing::error!(
+        "the block store stopped taking writes after an I/O error and the device is usable again: this node exits to be restarted and recover from its journal"
+    );
+    crate::cluster::exit_now(75);
 }
 
 pub async fn shutdown_signal() {
