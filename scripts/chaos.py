@@ -104,7 +104,6 @@ class Tracker:
         self.blocks = blocks
         self.tried = {b: 0 for b in blocks}  # highest version sent (acked or not)
         self.durable = {b: 0 for b in blocks}  # acked before a successful flush
-        self.acked = {}  # acked since the last flush was sent: blk -> ver
         self.lock = threading.Lock()
 
     def check(self, blk, ver):
@@ -119,7 +118,10 @@ class Tracker:
 
 
 class Writer(threading.Thread):
-    def __init__(self, run, uris, tracker, rng, stats):
+    """One libnbd client on its own extents, through one node and, after an error, the
+    next. A flush covers the writes this client had acknowledged before sending it."""
+
+    def __init__(self, run, uris, tracker, rng, stats, extents):
         super().__init__(daemon=True)
         self.run_id = run
         self.uris = uris
@@ -132,7 +134,8 @@ class Writer(threading.Thread):
         self.paused = threading.Event()
         self.idle = threading.Event()
         self.violations = []
-        self.extents = sorted({b - b % EXTENT for b in tracker.blocks})
+        self.extents = extents
+        self.acked = {}  # acknowledged since the last flush was sent: blk -> ver
 
     def log_violation(self, what):
         self.violations.append(what)
@@ -140,6 +143,10 @@ class Writer(threading.Thread):
 
     def drop_handle(self):
         self.h = None  # libnbd closes the handle and its socket
+        # A flush covers the writes acknowledged on its own connection: those acknowledged
+        # on a connection that failed may have died with the server that held them
+        # unflushed (kill -9 of every node), and no later flush can vouch for them.
+        self.acked.clear()
         self.node = (self.node + 1) % len(self.uris)
 
     def run(self):
@@ -183,21 +190,19 @@ class Writer(threading.Thread):
                 payload = b"".join(content(self.run_id, b, v) for b, v in zip(blks, vers))
                 wait_cmd(self.h, self.h.aio_pwrite(payload, blks[0] * BLOCK), dl)
                 self.stats["writes_acked"] += 1
-                with self.t.lock:
-                    for b, v in zip(blks, vers):
-                        self.t.acked[b] = v
+                for b, v in zip(blks, vers):
+                    self.acked[b] = v
                 since_flush += 1
                 if since_flush >= flush_every:
-                    with self.t.lock:
-                        covered = dict(self.t.acked)
+                    covered = dict(self.acked)
                     wait_cmd(self.h, self.h.aio_flush(), time.monotonic() + 45)
                     self.stats["flushes_acked"] += 1
                     with self.t.lock:
                         for b, v in covered.items():
                             if v > self.t.durable[b]:
                                 self.t.durable[b] = v
-                            if self.t.acked.get(b) == v:
-                                del self.t.acked[b]
+                            if self.acked.get(b) == v:
+                                del self.acked[b]
                     since_flush = 0
                     flush_every = self.rng.randint(1, 8)
             except (nbd.Error, Timeout) as e:
@@ -339,7 +344,7 @@ class Faults:
     """Injects and heals faults through the CLI and signals."""
 
     KINDS = ["kill1", "kill2", "sigstop", "drop", "stall", "isolate", "corrupt", "eio", "device", "rs_kill",
-             "rs_sigstop", "full_disk"]
+             "rs_sigstop", "full_disk", "protect", "kill_all"]
 
     def __init__(self, cl, rng, blocks):
         self.cl = cl
@@ -348,6 +353,7 @@ class Faults:
         self.killed = []
         self.stopped = []  # (name, pid)
         self.ballast = None
+        self.protected = False
 
     def inject(self, kind):
         cl, rng = self.cl, self.rng
@@ -359,9 +365,10 @@ class Faults:
         prim = cl.primary()
         if prim in held:
             prim = nodes[0]
+        live = [n for n in self.killed if n != "rs"]
         if kind == "kill1":
             n = rng.choice(nodes + [prim])  # the primary twice as likely
-            if n not in self.killed and len(self.killed) < 2:
+            if n not in self.killed and len(live) < 2:
                 cl.cli("fault", "kill", "--node", n)
                 self.killed.append(n)
             return f"kill -9 {n}"
@@ -369,7 +376,8 @@ class Faults:
             other = rng.choice([n for n in nodes if n != prim])
             done = []
             for n in (prim, other):
-                if n not in self.killed and len(self.killed) < 2:
+                live = [k for k in self.killed if k != "rs"]
+                if n not in self.killed and len(live) < 2:
                     cl.cli("fault", "kill", "--node", n)
                     self.killed.append(n)
                     done.append(n)
@@ -416,6 +424,24 @@ class Faults:
                 os.kill(pid, signal.SIGSTOP)
                 self.stopped.append(("rs", pid))
             return "SIGSTOP rs"
+        if kind == "protect":
+            # Jeopardy protection with every copy live: each write goes to the
+            # recovery server first.
+            if cl.cli("volume", "protect", VOLUME, check=False):
+                self.protected = True
+            return f"volume protect {VOLUME}"
+        if kind == "kill_all":
+            # Every node at once (and sometimes the recovery server): nothing but the
+            # disks survives; every flushed write must still be there after the restart.
+            victims = [n for n in ("n1", "n2", "n3") if n not in self.killed]
+            if rng.random() < 0.3 and "rs" not in self.killed and "rs" not in held:
+                victims.append("rs")
+            for n in victims:
+                if n in held:
+                    continue
+                cl.cli("fault", "kill", "--node", n)
+                self.killed.append(n)
+            return f"kill -9 {' '.join(victims)}"
         if kind == "full_disk":
             if not cl.tmpfs or self.ballast:
                 return "full disk (skipped)"
@@ -442,6 +468,9 @@ class Faults:
             os.unlink(self.ballast)
             self.ballast = None
         cl.cli("fault", "heal", check=False)
+        if self.protected:
+            cl.cli("volume", "unprotect", VOLUME, check=False)
+            self.protected = False
         for n in ("n1", "n2", "n3"):
             cl.cli("fault", "device", "--node", n, "heal", check=False)
         order = list(self.killed)
@@ -525,8 +554,13 @@ def main():
     cl = Cluster(args)
     cl.start()
     jl = open(cl.data + ".jsonl", "a")
-    w = Writer(run, [cl.uri(n) for n in (1, 2, 3)], tracker, random.Random(rng.random()), stats)
-    w.start()
+    # Two clients on disjoint extents, one entering through n1, the other through n2
+    # (forwarded to the primary when n2 is not).
+    uris = [cl.uri(n) for n in (1, 2, 3)]
+    writers = [Writer(run, uris[i:] + uris[:i], tracker, random.Random(rng.random()), stats, sorted(starts)[i::2])
+               for i in (0, 1)]
+    for w in writers:
+        w.start()
     faults = Faults(cl, rng, blocks)
     totals = {"rounds": 0, "failed": 0, "violations": 0, "read_errors": 0, "faults": {}}
     t_start = time.monotonic()
@@ -537,7 +571,8 @@ def main():
             k = rng.choice([1, 1, 1, 2, 2, 3])
             chosen = [rng.choice(kinds) for _ in range(k)]
             done = []
-            w.resume()
+            for w in writers:
+                w.resume()
             for kind in chosen:
                 done.append(faults.inject(kind))
                 totals["faults"][kind] = totals["faults"].get(kind, 0) + 1
@@ -555,13 +590,15 @@ def main():
                 time.sleep(0.5)
             # Give the writer a few seconds on the healed cluster, then read everything.
             time.sleep(1)
-            w.pause()
+            for w in writers:
+                w.pause()
             viol, errs, unrec = verify(cl, tracker, run)
             if healed_in is None:
                 # Checked again after the reads: a slow heal is a failure, a stuck one more so.
                 why = cl.healed() or why
-            viol = w.violations + viol
-            w.violations = []
+            viol = [v for w in writers for v in w.violations] + viol
+            for w in writers:
+                w.violations = []
             ok = healed_in is not None and not viol and not errs
             totals["rounds"] += 1
             totals["failed"] += 0 if ok else 1
@@ -579,9 +616,11 @@ def main():
             if not ok and args.stop_on_failure:
                 break
     finally:
-        w.stop.set()
-        w.resume()
-        w.join(60)
+        for w in writers:
+            w.stop.set()
+            w.resume()
+        for w in writers:
+            w.join(60)
         faults.heal()
         cl.stop()
         if not args.keep:
