@@ -753,7 +753,10 @@ impl Cluster {
                     return Err("write payload is not whole blocks".to_string());
                 }
                 let n = (raw.len() / lazarus_types::BLOCK_SIZE) as u64;
-                if lba + n > local.block_count() {
+                if lba
+                    .checked_add(n)
+                    .is_none_or(|end| end > local.block_count())
+                {
                     return Err("write past the end of the volume".to_string());
                 }
                 resync.touch(&local.meta.name, lba, n);
@@ -766,7 +769,10 @@ impl Cluster {
                 provision,
                 ..
             } => {
-                if lba + count > local.block_count() {
+                if lba
+                    .checked_add(count)
+                    .is_none_or(|end| end > local.block_count())
+                {
                     return Err("zero past the end of the volume".to_string());
                 }
                 resync.touch(&local.meta.name, lba, count);

@@ -62,6 +62,16 @@ impl Engine {
         if end.is_none_or(|e| e > vol.size_bytes()) {
             return Err(IoError::new(EINVAL, "request past the end of the volume"));
         }
+        // The NBD front end never sends more; a peer asking for more would make this
+        // node allocate the whole length at once.
+        if matches!(req.op, Op::Read | Op::Write)
+            && req.length > lazarus_nbd::PAYLOAD_MAX_BYTES as u64
+        {
+            return Err(IoError::new(
+                EINVAL,
+                "request larger than the largest NBD payload",
+            ));
+        }
         match req.op {
             Op::Read => {
                 let mut out = vec![0u8; req.length as usize];

@@ -882,3 +882,119 @@ fn full_disk_fails_writes_and_nothing_else() {
         let _ = std::fs::remove_file(&out);
     }
 }
+
+/// Frames a peer could send on a node's RPC port or the recovery server's:
+/// (length, call id, kind, body).
+fn rpc_frame(kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&(9 + body.len() as u32).to_be_bytes());
+    f.extend_from_slice(&7u64.to_be_bytes());
+    f.push(kind);
+    f.extend_from_slice(body);
+    f
+}
+
+fn rpc_packed(json: &str, raw: &[u8]) -> Vec<u8> {
+    let mut b = (json.len() as u32).to_be_bytes().to_vec();
+    b.extend_from_slice(json.as_bytes());
+    b.extend_from_slice(raw);
+    b
+}
+
+/// Malformed and out-of-range traffic on every node's RPC port and on the recovery
+/// server's: bad lengths, truncated frames, frames announcing 64 MiB and carrying
+/// nothing, every request kind with garbage, empty and extreme bodies (LBAs and
+/// lengths at u64::MAX, a forwarded read of 1 TiB, names with paths). Every process
+/// stays up (same pids), every copy stays live with equal roots, and the data reads back.
+#[test]
+fn rpc_ports_survive_malformed_and_out_of_range_requests() {
+    use std::io::Write;
+    let (_tmp, data) = setup();
+    let up = Up::start(&data, "64MiB");
+    qemu_io_ok(&up.uri(1, "vol0"), &["write -P 0x5a 0 1M", "flush"]);
+    let pids: Vec<u32> = (1..=3).map(|n| up.node_pid(n)).collect();
+    let rs_pid = up.rs_pid();
+    let mut rng = fastrand::Rng::with_seed(seed());
+    let extreme = [
+        r#"{"Write":{"volume":"vol0","epoch":18446744073709551615,"lba":18446744073709551615}}"#.to_string(),
+        r#"{"Zero":{"volume":"vol0","epoch":18446744073709551615,"lba":18446744073709551615,"count":18446744073709551615,"provision":false}}"#.to_string(),
+        r#"{"volume":"vol0","op":"Read","offset":0,"length":1099511627776}"#.to_string(),
+        r#"{"volume":"vol0","op":"Read","offset":18446744073709551615,"length":18446744073709551615}"#.to_string(),
+        r#"{"volume":"../../etc","uid":1,"offset":0,"max_bytes":18446744073709551615}"#.to_string(),
+        r#"{"volume":"vol0","index":18446744073709551615}"#.to_string(),
+        r#"{"volume":"vol0","uid":1,"expect_fcid":0,"holder":99,"epoch":1,"jeopardy":false,"config":null,"base":[],"survivor_of":[1,2,3]}"#.to_string(),
+        "{}".to_string(),
+        "[]".to_string(),
+        "null".to_string(),
+    ];
+    let mut kinds: Vec<u8> = (1..=15).collect();
+    kinds.extend(40..=48);
+    kinds.push(200);
+    let ports: Vec<u16> = (0..3)
+        .map(|i| up.base + 20 + i)
+        .chain([up.base + 30])
+        .collect();
+    let mut sent = 0;
+    for &port in &ports {
+        // Framing errors, each on a connection of its own.
+        for bad in [
+            vec![0, 0, 0, 0],
+            vec![0, 0, 0, 5, 1, 2, 3, 4, 5],
+            vec![0xff, 0xff, 0xff, 0xff],
+            (64u32 << 20).to_be_bytes().to_vec(),
+            vec![0, 0, 1],
+        ] {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                let _ = s.write_all(&bad);
+            }
+        }
+        // Every kind with every body, pipelined on one connection; replies are not
+        // awaited (a closed connection is an answer too), then read with a timeout.
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        for &k in &kinds {
+            let mut bodies: Vec<Vec<u8>> = vec![
+                Vec::new(),
+                (0..rng.usize(1..300)).map(|_| rng.u8(..)).collect(),
+            ];
+            for e in &extreme {
+                bodies.push(e.as_bytes().to_vec());
+                bodies.push(rpc_packed(e, &[0x11; 4096]));
+            }
+            for b in bodies {
+                if s.write_all(&rpc_frame(k, &b)).is_err() {
+                    s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                }
+                sent += 1;
+            }
+        }
+        let mut sink = [0u8; 65536];
+        while let Ok(n) = std::io::Read::read(&mut s, &mut sink) {
+            if n == 0 {
+                break;
+            }
+        }
+    }
+    eprintln!("sent {sent} frames");
+    std::thread::sleep(Duration::from_secs(2));
+    for n in 1..=3u16 {
+        assert_eq!(
+            up.node_pid(n),
+            pids[n as usize - 1],
+            "n{n} restarted:\n{}",
+            up.node_log(n)
+        );
+    }
+    assert_eq!(up.rs_pid(), rs_pid, "the recovery server restarted");
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    for n in 1..=3 {
+        qemu_io_ok(
+            &up.uri(n, "vol0"),
+            &["read -P 0x5a 0 1M", "read -P 0 1M 1M"],
+        );
+    }
+    let r = up.root(1, "vol0");
+    assert_eq!(up.root(2, "vol0"), r);
+    assert_eq!(up.root(3, "vol0"), r);
+}
