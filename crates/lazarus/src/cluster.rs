@@ -415,7 +415,7 @@ impl Cluster {
                 self.heard_from(&body);
                 if !self.is_ready() {
                     Err("this node is starting up".into())
-                } else if lazarus_store::disk::device_failed() {
+                } else if !self.device_usable() {
                     Ok(b"device-failed".to_vec())
                 } else if self.holds_beyond_metadata_any() {
                     // It answers, but a primary must not count it as a live replica
@@ -1157,7 +1157,11 @@ impl Cluster {
                 let meta = c.store.meta();
                 let mut leadership_confirmed = false;
                 for v in meta.volumes.values() {
-                    if v.primary == c.id {
+                    // The leader's own volumes: replaced only when its own device
+                    // failed or its store latched a failed write (it would refuse
+                    // every write for as long as it stayed primary).
+                    let own_failed = v.primary == c.id && !c.device_usable();
+                    if v.primary == c.id && !own_failed {
                         continue;
                     }
                     let silent = {
@@ -1172,10 +1176,11 @@ impl Cluster {
                     };
                     // A primary whose device failed is replaced too (it answers, and
                     // may even hold its lease, but can serve nothing).
-                    let device_failed = silent < PRIMARY_SILENCE_MAX
-                        && c.recovery.is_some()
-                        && c.answers(&meta, v.primary).await
-                        && !c.device_ok(&meta, v.primary).await;
+                    let device_failed = own_failed
+                        || silent < PRIMARY_SILENCE_MAX
+                            && c.recovery.is_some()
+                            && c.answers(&meta, v.primary).await
+                            && !c.device_ok(&meta, v.primary).await;
                     if silent < PRIMARY_SILENCE_MAX && !device_failed {
                         continue;
                     }
@@ -1222,6 +1227,11 @@ impl Cluster {
                     // asked again just after its silence was seen, a lease granted now
                     // would outlast the promotion.
                     c.promoting.lock().insert(v.name.clone());
+                    if own_failed {
+                        // This node is the old primary: it stops serving the volume
+                        // now, before the new primary can take a write it would miss.
+                        c.leases.lock().remove(&v.name);
+                    }
                     // Fenced at the recovery server: exactly one of this majority and
                     // a primary that claims the volume there without one wins.
                     let fcid = match c.fence_promotion(v, n).await {

@@ -903,6 +903,12 @@ impl Cluster {
         }
     }
 
+    /// Whether this node's device takes writes: no injected device failure, and the
+    /// block store has not latched a failed journal write or flush.
+    pub(crate) fn device_usable(&self) -> bool {
+        !lazarus_store::disk::device_failed() && !self.blocks.has_failed()
+    }
+
     /// Whether `node`'s device is healthy (its ping says so).
     pub(crate) async fn device_ok(
         &self,
@@ -910,7 +916,7 @@ impl Cluster {
         node: NodeId,
     ) -> bool {
         if node == self.id {
-            return !lazarus_store::disk::device_failed();
+            return self.device_usable();
         }
         if !meta.nodes.contains_key(&node) {
             return false;
