@@ -17,6 +17,16 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio::process::{Child, Command};
 
+/// The supervisor's messages to its standard error. Unlike `eprintln!`, a failed write
+/// (standard error redirected to a full disk, a closed pipe) loses the message and
+/// does not panic: the supervisor keeps every node running whatever happens to its log.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
 /// How long a node may take to recover its store and bind its ports.
 const NODE_START_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long stopping waits for a node's final checkpoint before SIGKILL.
@@ -241,9 +251,9 @@ async fn stop_all(slots: &mut [Slot]) {
             continue;
         };
         match tokio::time::timeout(NODE_STOP_TIMEOUT, child.wait()).await {
-            Ok(Ok(st)) => eprintln!("node {} stopped ({st})", s.id),
+            Ok(Ok(st)) => say!("node {} stopped ({st})", s.id),
             _ => {
-                eprintln!("node {} did not stop in time; killing it", s.id);
+                say!("node {} did not stop in time; killing it", s.id);
                 let _ = child.kill().await;
             }
         }
@@ -455,7 +465,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             .collect();
         let healthy = tokio::task::spawn_blocking(move || wait_copies_live(&apis)).await?;
         if let Err(e) = healthy {
-            eprintln!("warning: {e:#}");
+            say!("warning: {e:#}");
         }
     }
     println!(
@@ -497,7 +507,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         _ = crate::node::shutdown_signal() => Ok(()),
         r = supervise(&args, &mut slots) => r,
     };
-    eprintln!("stopping...");
+    say!("stopping...");
     stop_all(&mut slots).await;
     let _ = std::fs::remove_file(args.data.join("cluster.json"));
     result
@@ -507,6 +517,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 /// held down by `fault kill` alone and starts it again once the hold is lifted.
 #[allow(clippy::needless_range_loop)] // slot i is node i: start_node needs the index
 async fn supervise(args: &UpArgs, slots: &mut [Slot]) -> anyhow::Result<()> {
+    let mut pending_json = false;
     loop {
         tokio::time::sleep(SUPERVISE_INTERVAL).await;
         let mut changed = false;
@@ -520,10 +531,10 @@ async fn supervise(args: &UpArgs, slots: &mut [Slot]) -> anyhow::Result<()> {
                 s.child = None;
                 changed = true;
                 if held {
-                    eprintln!("node {} is down (fault kill)", s.id);
+                    say!("node {} is down (fault kill)", s.id);
                     continue;
                 }
-                eprintln!(
+                say!(
                     "node {} exited unexpectedly ({status}); last lines of {}:\n{}",
                     s.id,
                     s.log.display(),
@@ -532,7 +543,7 @@ async fn supervise(args: &UpArgs, slots: &mut [Slot]) -> anyhow::Result<()> {
                 s.crashes.retain(|t| t.elapsed() < CRASH_WINDOW);
                 s.crashes.push(Instant::now());
                 if s.crashes.len() > CRASH_RESTARTS_MAX {
-                    eprintln!(
+                    say!(
                         "node {} crashed {} times within {CRASH_WINDOW:?}; leaving it down (`lazarus fault revive --node {}` starts it again)",
                         s.id,
                         s.crashes.len(),
@@ -547,15 +558,15 @@ async fn supervise(args: &UpArgs, slots: &mut [Slot]) -> anyhow::Result<()> {
             }
             let _ = std::fs::remove_file(args.data.join(&s.id).join("REVIVE"));
             s.gave_up = false;
-            eprintln!("starting node {}", s.id);
+            say!("starting node {}", s.id);
             match start_node(args, i).await {
                 Ok((child, ep)) => {
-                    eprintln!("node {} is up (pid {})", slots[i].id, ep.pid);
+                    say!("node {} is up (pid {})", slots[i].id, ep.pid);
                     slots[i].child = Some(child);
                     slots[i].ep = Some(ep);
                 }
                 Err(e) => {
-                    eprintln!("node {} did not start: {e:#}", slots[i].id);
+                    say!("node {} did not start: {e:#}", slots[i].id);
                     slots[i].crashes.push(Instant::now());
                     if slots[i].crashes.len() > CRASH_RESTARTS_MAX {
                         slots[i].gave_up = true;
@@ -564,8 +575,18 @@ async fn supervise(args: &UpArgs, slots: &mut [Slot]) -> anyhow::Result<()> {
             }
             changed = true;
         }
-        if changed {
-            write_cluster_json(args, slots)?;
+        // A full disk must not stop the supervisor (and with it every node): the file
+        // is written again at the next change, or retried here until it is.
+        if changed || pending_json {
+            pending_json = match write_cluster_json(args, slots) {
+                Ok(()) => false,
+                Err(e) => {
+                    if !pending_json {
+                        say!("warning: cannot update cluster.json (retrying): {e:#}");
+                    }
+                    true
+                }
+            };
         }
     }
 }
