@@ -8,8 +8,9 @@ after round, injects one or several faults chosen from a seeded random generator
 
   kill -9 of one node or of two (the primary among them), SIGSTOP and SIGCONT,
   `fault drop`, `stall`, `isolate`, `corrupt` (slice, checksum or block page),
-  `eio`, `device fail`, the recovery server killed, a full disk (when the data
-  directory can be put on a small tmpfs of its own).
+  `eio`, `device fail`, the recovery server killed or stopped, a node cut from the
+  recovery server, jeopardy protection with every copy live, kill -9 of every node,
+  a full disk (when the data directory can be put on a small tmpfs of its own).
 
 After each round every fault is healed; the round passes when every node's
 metadata shows every copy of vol0 live under one primary, every copy has the same
@@ -347,7 +348,7 @@ class Faults:
     """Injects and heals faults through the CLI and signals."""
 
     KINDS = ["kill1", "kill2", "sigstop", "drop", "stall", "isolate", "corrupt", "eio", "device", "rs_kill",
-             "rs_sigstop", "full_disk", "protect", "kill_all"]
+             "rs_sigstop", "full_disk", "protect", "kill_all", "rs_cut"]
 
     def __init__(self, cl, rng, blocks):
         self.cl = cl
@@ -357,6 +358,15 @@ class Faults:
         self.stopped = []  # (name, pid)
         self.ballast = None
         self.protected = False
+
+    def kill(self, n):
+        """kill -9 through the CLI; False when it could not (on a full disk the CLI
+        cannot write the marker that keeps the supervisor from restarting the node)."""
+        r = self.cl.cli("fault", "kill", "--node", n, check=False)
+        if r is not None and r.returncode == 0:
+            self.killed.append(n)
+            return True
+        return False
 
     def inject(self, kind):
         cl, rng = self.cl, self.rng
@@ -371,18 +381,15 @@ class Faults:
         live = [n for n in self.killed if n != "rs"]
         if kind == "kill1":
             n = rng.choice(nodes + [prim])  # the primary twice as likely
-            if n not in self.killed and len(live) < 2:
-                cl.cli("fault", "kill", "--node", n)
-                self.killed.append(n)
+            if n not in self.killed and len(live) < 2 and not self.kill(n):
+                return f"kill -9 {n} (refused)"
             return f"kill -9 {n}"
         if kind == "kill2":
             other = rng.choice([n for n in nodes if n != prim])
             done = []
             for n in (prim, other):
                 live = [k for k in self.killed if k != "rs"]
-                if n not in self.killed and len(live) < 2:
-                    cl.cli("fault", "kill", "--node", n)
-                    self.killed.append(n)
+                if n not in self.killed and len(live) < 2 and self.kill(n):
                     done.append(n)
                     time.sleep(rng.choice([0, 0, 0.3, 1.5]))
             return f"kill -9 {' '.join(done)}"
@@ -417,9 +424,8 @@ class Faults:
             cl.cli("fault", "device", "--node", n, "fail", check=False)
             return f"device fail {n}"
         if kind == "rs_kill":
-            if "rs" not in self.killed:
-                cl.cli("fault", "kill", "--node", "rs")
-                self.killed.append("rs")
+            if "rs" not in self.killed and not self.kill("rs"):
+                return "kill -9 rs (refused)"
             return "kill -9 rs"
         if kind == "rs_sigstop":
             pid = cl.pid("rs")
@@ -427,6 +433,10 @@ class Faults:
                 os.kill(pid, signal.SIGSTOP)
                 self.stopped.append(("rs", pid))
             return "SIGSTOP rs"
+        if kind == "rs_cut":
+            n = rng.choice(nodes + [prim])
+            cl.cli("fault", "isolate", "--node", n, "--recovery-server", check=False)
+            return f"cut {n} from rs"
         if kind == "protect":
             # Jeopardy protection with every copy live: each write goes to the
             # recovery server first.
@@ -439,12 +449,8 @@ class Faults:
             victims = [n for n in ("n1", "n2", "n3") if n not in self.killed]
             if rng.random() < 0.3 and "rs" not in self.killed and "rs" not in held:
                 victims.append("rs")
-            for n in victims:
-                if n in held:
-                    continue
-                cl.cli("fault", "kill", "--node", n)
-                self.killed.append(n)
-            return f"kill -9 {' '.join(victims)}"
+            done = [n for n in victims if n not in held and self.kill(n)]
+            return f"kill -9 {' '.join(done)}"
         if kind == "full_disk":
             if not cl.tmpfs or self.ballast:
                 return "full disk (skipped)"

@@ -597,6 +597,7 @@ async fn list_faults(State(s): State<AppState>) -> Result<Json<serde_json::Value
         "drop_to": drops,
         "stall_to": c.stalls.lock().iter().map(|n| format!("n{n}")).collect::<Vec<_>>(),
         "isolated": c.network.isolated.load(std::sync::atomic::Ordering::Relaxed),
+        "cut_from_recovery_server": c.recovery.as_ref().is_some_and(|r| r.cut.load(std::sync::atomic::Ordering::Relaxed)),
         "device_failed": lazarus_store::disk::device_failed(),
     })))
 }
@@ -630,6 +631,9 @@ async fn fault_device(
 #[serde(deny_unknown_fields)]
 struct IsolateReq {
     isolated: bool,
+    /// Cut the link to the recovery server instead of the links to the other nodes.
+    #[serde(default)]
+    recovery_server: bool,
 }
 
 async fn fault_isolate(
@@ -638,6 +642,31 @@ async fn fault_isolate(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Json(r) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     let c = cluster_of(&s)?;
+    if r.recovery_server {
+        let rec = c.recovery.as_ref().ok_or_else(|| {
+            ApiError(
+                StatusCode::CONFLICT,
+                "this cluster runs without a recovery server".into(),
+            )
+        })?;
+        rec.cut
+            .store(r.isolated, std::sync::atomic::Ordering::SeqCst);
+        tracing::warn!(node = %s.node_id, cut = r.isolated, "fault injected: link to the recovery server");
+        lazarus_observe::events::record(
+            "fault",
+            "",
+            format!(
+                "{}: {}",
+                s.node_id,
+                if r.isolated {
+                    "cut from the recovery server"
+                } else {
+                    "link to the recovery server healed"
+                }
+            ),
+        );
+        return list_faults(State(s)).await;
+    }
     c.network
         .isolated
         .store(r.isolated, std::sync::atomic::Ordering::SeqCst);
@@ -782,6 +811,9 @@ async fn fault_heal(
             c.network
                 .isolated
                 .store(false, std::sync::atomic::Ordering::SeqCst);
+            if let Some(r) = &c.recovery {
+                r.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+            }
             lazarus_store::disk::set_device_failed(false);
             // Healing everything also ends injected device errors on this node.
             for v in s.engine.store.volumes() {
@@ -1079,7 +1111,7 @@ async fn openapi() -> Json<serde_json::Value> {
     );
     p.insert(
         "/api/v1/faults/isolate".into(),
-        json!({ "post": op("{isolated: bool}: cut all traffic between this node and the other nodes (not the recovery server)") }),
+        json!({ "post": op("{isolated: bool, recovery_server?: bool}: cut all traffic between this node and the other nodes (not the recovery server); with recovery_server: true, cut only its link to the recovery server") }),
     );
     p.insert(
         "/api/v1/volumes/{name}/protect".into(),

@@ -264,13 +264,16 @@ pub fn device(data: &Path, node: &str, fail: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn isolate(data: &Path, node: &str) -> anyhow::Result<()> {
+pub fn isolate(data: &Path, node: &str, recovery_server: bool) -> anyhow::Result<()> {
     let files = ClusterFiles::load(data)?;
-    client::ok(
-        files
-            .api(node)?
-            .post("/api/v1/faults/isolate", &json!({ "isolated": true }))?,
-    )?;
+    client::ok(files.api(node)?.post(
+        "/api/v1/faults/isolate",
+        &json!({ "isolated": true, "recovery_server": recovery_server }),
+    )?)?;
+    if recovery_server {
+        println!("{node}: cut from the recovery server (its calls there fail; the other nodes still reach it) until `lazarus fault heal`");
+        return Ok(());
+    }
     println!("{node}: isolated from every other node (Raft and replication cut both ways; the recovery server and clients still reach it) until `lazarus fault heal`");
     Ok(())
 }

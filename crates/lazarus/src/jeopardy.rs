@@ -89,6 +89,9 @@ pub struct Recovery {
     failures_max: usize,
     failure_window: Duration,
     pub(crate) holds: parking_lot::Mutex<HashMap<String, Hold>>,
+    /// Fault injection (`lazarus fault isolate --recovery-server`): every call to the
+    /// recovery server fails while set, as if the link were cut.
+    pub cut: Arc<std::sync::atomic::AtomicBool>,
     /// The recovery server's state as last polled, and when.
     polled: parking_lot::Mutex<(Option<Instant>, HashMap<String, VolumeState>)>,
     /// Per volume: writes acknowledged without the recovery server (`accept` policy).
@@ -106,8 +109,10 @@ pub struct Recovery {
 impl Recovery {
     pub fn new(cfg: &NodeConfig) -> Option<Arc<Recovery>> {
         let addr = cfg.recovery_server.clone()?;
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
         Some(Arc::new(Recovery {
-            client: RpcClient::new(&addr),
+            client: RpcClient::with_block(&addr, cut.clone()),
+            cut,
             addr,
             policy: cfg.jeopardy_policy,
             suspend: Duration::from_secs(cfg.jeopardy_suspend_secs),

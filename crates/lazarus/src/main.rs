@@ -250,10 +250,15 @@ enum FaultOp {
         action: String,
     },
     /// Cut all traffic between a node and the other nodes, cluster metadata included
-    /// (not to the recovery server, nor to its clients); `heal` ends it.
+    /// (not to the recovery server, nor to its clients); with --recovery-server, cut only
+    /// its link to the recovery server. `heal` ends it.
     Isolate {
         #[arg(long)]
         node: String,
+        /// Cut the node's link to the recovery server instead (its calls there fail;
+        /// the other nodes still reach it)
+        #[arg(long)]
+        recovery_server: bool,
     },
     /// Undo `drop`, `stall` and `isolate` (all of them without arguments; that also ends `eio`
     /// faults and failed devices).
@@ -582,7 +587,10 @@ fn client_command(cmd: Cmd) -> anyhow::Result<()> {
             } => fault::corrupt(&data, &node, &volume, lba, &target)?,
             FaultOp::Eio { node, volume, lba } => fault::eio(&data, &node, &volume, lba)?,
             FaultOp::Device { node, action } => fault::device(&data, &node, action == "fail")?,
-            FaultOp::Isolate { node } => fault::isolate(&data, &node)?,
+            FaultOp::Isolate {
+                node,
+                recovery_server,
+            } => fault::isolate(&data, &node, recovery_server)?,
         },
         Cmd::Up { .. } | Cmd::Node { .. } | Cmd::BenchRpc { .. } | Cmd::RecoveryServer { .. } => {
             unreachable!("server commands are not client commands")
