@@ -129,7 +129,7 @@ async fn start_recovery_server(args: &UpArgs) -> anyhow::Result<(Child, Endpoint
         .create(true)
         .append(true)
         .open(&log)?;
-    let exe = std::env::current_exe().context("cannot find the lazarus executable")?;
+    let exe = node_exe()?;
     let addr = format!("127.0.0.1:{}", recovery_port(args.port_base));
     let mut cmd = Command::new(exe);
     cmd.arg("recovery-server")
@@ -197,7 +197,7 @@ async fn start_node(args: &UpArgs, i: usize) -> anyhow::Result<(Child, Endpoints
         .create(true)
         .append(true)
         .open(&log)?;
-    let exe = std::env::current_exe().context("cannot find the lazarus executable")?;
+    let exe = node_exe()?;
     let mut cmd = Command::new(exe);
     cmd.arg("node")
         .arg("--config")
@@ -593,4 +593,24 @@ async fn supervise(args: &UpArgs, slots: &mut [Slot]) -> anyhow::Result<()> {
 
 fn revive_requested(args: &UpArgs, id: &str) -> bool {
     args.data.join(id).join("REVIVE").exists()
+}
+
+/// The executable a node or the recovery server is started from: the path `lazarus up`
+/// was started from, or, when that file has been replaced or removed since (a rebuild or
+/// an upgrade under a running cluster: `current_exe` then names a deleted file), the
+/// running binary itself through `/proc/self/exe`, so a restart never fails for it.
+fn node_exe() -> anyhow::Result<std::path::PathBuf> {
+    static STARTED_FROM: std::sync::OnceLock<Option<std::path::PathBuf>> =
+        std::sync::OnceLock::new();
+    let first = STARTED_FROM.get_or_init(|| std::env::current_exe().ok());
+    if let Some(p) = first {
+        if p.is_file() {
+            return Ok(p.clone());
+        }
+    }
+    let own = std::path::PathBuf::from("/proc/self/exe");
+    if own.exists() {
+        return Ok(own);
+    }
+    anyhow::bail!("cannot find the lazarus executable")
 }

@@ -1045,3 +1045,20 @@ fn a_latched_store_recovers_once_its_device_is_healed() {
         assert_eq!(up.root(n, "vol0"), r, "n{n}'s root");
     }
 }
+
+/// The binary `lazarus up` runs from is replaced or removed under the running cluster (a
+/// rebuild, an upgrade): a node killed afterwards still starts again. (Found when a
+/// rebuild under a chaos soak left every revived node failing with "No such file".)
+#[test]
+fn nodes_restart_after_the_binary_is_replaced() {
+    let (tmp, data) = setup();
+    let bin = tmp.path().join("lazarus-copy");
+    std::fs::copy(BIN, &bin).unwrap();
+    let up = Up::start_from(&bin, &data, "64MiB");
+    qemu_io_ok(&up.uri(1, "vol0"), &["write -P 0x31 0 64k", "flush"]);
+    std::fs::remove_file(&bin).unwrap();
+    up.cli_ok(&["fault", "kill", "--node", "n2"]);
+    up.cli_ok(&["fault", "revive", "--node", "n2"]);
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    qemu_io_ok(&up.uri(2, "vol0"), &["read -P 0x31 0 64k"]);
+}

@@ -325,7 +325,22 @@ impl Up {
         Up::start_full(data, volume_size, &[], Some(base))
     }
 
+    /// `start` with `lazarus up` run from another copy of the binary.
+    pub fn start_from(bin: &Path, data: &Path, volume_size: &str) -> Up {
+        Up::start_bin(bin, data, volume_size, &[], None)
+    }
+
     fn start_full(data: &Path, volume_size: &str, extra: &[&str], base: Option<u16>) -> Up {
+        Up::start_bin(Path::new(BIN), data, volume_size, extra, base)
+    }
+
+    fn start_bin(
+        bin: &Path,
+        data: &Path,
+        volume_size: &str,
+        extra: &[&str],
+        base: Option<u16>,
+    ) -> Up {
         let (base, slot) = match base {
             Some(b) => (b, None),
             None => {
@@ -334,7 +349,7 @@ impl Up {
             }
         };
         let log = std::fs::File::create(data.with_extension("up.log")).unwrap();
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(bin)
             .args(["up", "--data"])
             .arg(data)
             .args([
