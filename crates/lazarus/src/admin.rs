@@ -642,48 +642,30 @@ async fn fault_isolate(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Json(r) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     let c = cluster_of(&s)?;
-    if r.recovery_server {
+    let (flag, what) = if r.recovery_server {
         let rec = c.recovery.as_ref().ok_or_else(|| {
             ApiError(
                 StatusCode::CONFLICT,
                 "this cluster runs without a recovery server".into(),
             )
         })?;
-        rec.cut
-            .store(r.isolated, std::sync::atomic::Ordering::SeqCst);
-        tracing::warn!(node = %s.node_id, cut = r.isolated, "fault injected: link to the recovery server");
-        lazarus_observe::events::record(
-            "fault",
-            "",
-            format!(
-                "{}: {}",
-                s.node_id,
-                if r.isolated {
-                    "cut from the recovery server"
-                } else {
-                    "link to the recovery server healed"
-                }
-            ),
-        );
-        return list_faults(State(s)).await;
-    }
-    c.network
-        .isolated
-        .store(r.isolated, std::sync::atomic::Ordering::SeqCst);
-    tracing::warn!(node = %s.node_id, isolated = r.isolated, "fault injected: node isolation");
-    lazarus_observe::events::record(
-        "fault",
-        "",
-        format!(
-            "{}: {}",
-            s.node_id,
-            if r.isolated {
-                "isolated from the other nodes"
-            } else {
-                "isolation healed"
-            }
-        ),
-    );
+        let what = if r.isolated {
+            "cut from the recovery server"
+        } else {
+            "link to the recovery server healed"
+        };
+        (&rec.cut, what)
+    } else {
+        let what = if r.isolated {
+            "isolated from the other nodes"
+        } else {
+            "isolation healed"
+        };
+        (&c.network.isolated, what)
+    };
+    flag.store(r.isolated, std::sync::atomic::Ordering::SeqCst);
+    tracing::warn!(node = %s.node_id, "fault injected: {what}");
+    lazarus_observe::events::record("fault", "", format!("{}: {what}", s.node_id));
     list_faults(State(s)).await
 }
 
