@@ -314,8 +314,10 @@ class Cluster:
                 return f"n{m['primary']}"
         return "n1"
 
-    def healed(self):
-        """None when every node agrees every copy is live and every root is equal; else why not."""
+    def healed(self, roots=True):
+        """None when every node agrees every copy is live (and, with `roots`, every copy's
+        checksum root is equal: only meaningful with the clients paused, as every write
+        moves the roots); else why not."""
         views = [self.get(n, "/api/v1/cluster") for n in (1, 2, 3)]
         if any(v is None for v in views):
             return "a node's admin API does not answer"
@@ -330,6 +332,8 @@ class Cluster:
                 return f"n{n} sees copies {m.get('states')}"
         if len({(m.get("primary"), m.get("epoch")) for m in metas}) != 1:
             return "nodes disagree on the primary: " + str([(m.get("primary"), m.get("epoch")) for m in metas])
+        if not roots:
+            return None
         roots = [(self.get(n, f"/api/v1/volumes/{VOLUME}") or {}).get("root") for n in (1, 2, 3)]
         if None in roots or len(set(roots)) != 1:
             return f"roots differ: {roots}"
@@ -593,14 +597,22 @@ def main():
             healed_in = None
             t_heal = time.monotonic()
             why = "not checked"
+            # Every copy live under one primary, the clients still writing; then the
+            # clients pause (after a second more on the healed cluster) and the roots
+            # must agree: nothing is in flight any more.
+            paused = False
             while time.monotonic() - t_heal < args.heal_within:
-                why = cl.healed()
+                why = cl.healed(roots=paused)
+                if why is None and not paused:
+                    time.sleep(1)
+                    for w in writers:
+                        w.pause()
+                    paused = True
+                    continue
                 if why is None:
                     healed_in = time.monotonic() - t_heal
                     break
                 time.sleep(0.5)
-            # Give the writer a few seconds on the healed cluster, then read everything.
-            time.sleep(1)
             for w in writers:
                 w.pause()
             viol, errs, unrec = verify(cl, tracker, run)
