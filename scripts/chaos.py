@@ -454,7 +454,7 @@ class Faults:
             if rng.random() < 0.3 and "rs" not in self.killed and "rs" not in held:
                 victims.append("rs")
             done = [n for n in victims if n not in held and self.kill(n)]
-            return f"kill -9 {' '.join(done)}"
+            return f"kill -9 {' '.join(done)}" if done else "kill -9 (none left to kill)"
         if kind == "full_disk":
             if not cl.tmpfs or self.ballast:
                 return "full disk (skipped)"

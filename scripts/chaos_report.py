@@ -34,6 +34,8 @@ def kind_of(fault):
             return kind
     if f.startswith("kill -9"):
         n = len(f.split()) - 2
+        if n == 0:
+            return "kill (none left)"
         return {1: "kill1", 2: "kill2"}.get(n, "kill_all")
     return f
 
