@@ -600,6 +600,12 @@ impl Cluster {
     pub(crate) fn grant(&self, volumes: &[(String, u64)], asked: Instant) {
         let mut leases = self.leases.lock();
         for (volume, epoch) in volumes {
+            // This node leads and is promoting another copy of the volume (its own
+            // device failed): a renewal answered just before must not put back the
+            // lease the promotion dropped.
+            if self.promoting.lock().contains(volume) {
+                continue;
+            }
             leases.insert(volume.clone(), (*epoch, asked + LEASE));
         }
     }
@@ -1231,6 +1237,11 @@ impl Cluster {
                         // This node is the old primary: it stops serving the volume
                         // now, before the new primary can take a write it would miss.
                         c.leases.lock().remove(&v.name);
+                    } else if device_failed {
+                        // The old primary answers (its device failed, its store may
+                        // still read): the last lease granted to it, before `promoting`
+                        // was set, runs out before a new primary can exist.
+                        tokio::time::sleep(LEASE).await;
                     }
                     // Fenced at the recovery server: exactly one of this majority and
                     // a primary that claims the volume there without one wins.
