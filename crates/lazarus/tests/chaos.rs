@@ -32,7 +32,7 @@ fn chaos_rounds_lose_nothing_and_heal() {
             &base.to_string(),
             "--tmpfs",
             "--tmpfs-mib",
-            "700",
+            "1500",
         ])
         .arg("--data")
         .arg(&data)
