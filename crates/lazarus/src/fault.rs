@@ -90,11 +90,16 @@ pub fn kill(data: &Path, node: &str) -> anyhow::Result<()> {
     let files = ClusterFiles::load(data)?;
     files.node(node)?;
     let dir = files.data.join(node);
-    std::fs::write(
-        dir.join(KILLED_MARKER),
-        b"held down by `lazarus fault kill`\n",
-    )
-    .with_context(|| format!("cannot write {}", dir.join(KILLED_MARKER).display()))?;
+    let marker = dir.join(KILLED_MARKER);
+    if let Err(e) = std::fs::write(&marker, b"held down by `lazarus fault kill`\n") {
+        // On a full disk the file is created and its content refused: an empty marker
+        // left behind would hold the node down the next time it exits by itself.
+        let _ = std::fs::remove_file(&marker);
+        return Err(anyhow::Error::new(e).context(format!(
+            "cannot write {}; node {node} not killed",
+            marker.display()
+        )));
+    }
     let Some(pid) = pid_of(&files, node).filter(|p| running(*p)) else {
         println!(
             "node {node} is not running; it stays down until `lazarus fault revive --node {node}`"
