@@ -406,7 +406,10 @@ class Faults:
             return f"SIGSTOP {n}"
         if kind in ("drop", "stall"):
             a = rng.choice([prim, prim, rng.choice(nodes)])
-            b = rng.choice([n for n in nodes if n != a])
+            others = [n for n in nodes if n != a]
+            if not others:
+                return f"{kind} (skipped: no other node running)"
+            b = rng.choice(others)
             cl.cli("fault", kind, "--from", a, "--to", b, check=False)
             return f"{kind} {a}->{b}"
         if kind == "isolate":
