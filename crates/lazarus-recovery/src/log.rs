@@ -20,6 +20,17 @@
 //! damage in the middle, not a torn write: the file is kept, the log is marked
 //! `damaged` (its damaged byte ranges are skipped when read and reported), and a
 //! restore that needs the lost records refuses rather than serve wrong data.
+//!
+//! Compaction: a log grows with every write for as long as the volume is in jeopardy,
+//! though a restore needs only the latest record of each block. Once a log has doubled
+//! since it was last compacted (and is past `COMPACT_MIN_BYTES`), its records that later
+//! ones wholly rewrite are left out of a new file: the kept records are copied, in
+//! order and byte for byte, to `<log>.compact`, which is fsynced and renamed over the
+//! log (then the directory is fsynced). A crash leaves the old log or the new one; a
+//! leftover `.compact` file is removed at open. Replaying the compacted log in order
+//! gives the same volume as replaying the old one. Offsets change: readers carry the
+//! log's `generation` and start again when it changed. A damaged log is never
+//! compacted (its damage is evidence a restore must see).
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -151,6 +162,10 @@ pub struct ChangeLog {
     next_seq: u64,
     /// Every valid record's place (see `Entry`).
     entries: Vec<Entry>,
+    /// Random, new at every open and compaction: offsets are valid within one.
+    generation: u64,
+    /// The size after the last compaction (or at open).
+    compacted_bytes: u64,
     /// A sync failed: what was written since the last good sync may be gone from the
     /// page cache while a later sync succeeds, so nothing more is acknowledged from
     /// this log until the server restarts and rescans the file (as the block store
@@ -295,8 +310,65 @@ pub fn superseded(entries: &[Entry]) -> std::collections::HashSet<u64> {
     out
 }
 
+/// Logs smaller than this are never compacted.
+pub const COMPACT_MIN_BYTES: u64 = 64 << 20;
+
+/// What a compaction did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Compaction {
+    pub records_before: u64,
+    pub records_after: u64,
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+}
+
+fn compact_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".compact");
+    PathBuf::from(p)
+}
+
+/// Copies the records at `entries` (skipping the offsets in `drop`) from `from` to
+/// the end of `to` at `*at`; returns the new index entries.
+fn copy_records(
+    from: &File,
+    to: &File,
+    entries: &[Entry],
+    drop: &std::collections::HashSet<u64>,
+    at: &mut u64,
+) -> io::Result<Vec<Entry>> {
+    let mut out = Vec::new();
+    let mut buf = Vec::new();
+    for e in entries.iter().filter(|e| !drop.contains(&e.offset)) {
+        buf.resize(e.len as usize, 0);
+        from.read_exact_at(&mut buf, e.offset)?;
+        to.write_all_at(&buf, *at)?;
+        out.push(Entry { offset: *at, ..*e });
+        *at += e.len;
+    }
+    Ok(out)
+}
+
+/// The first step of a compaction, run without the log's lock: the kept records of
+/// the synced part, copied to the new file.
+pub struct CompactDraft {
+    generation: u64,
+    /// How many entries of the log the draft covers.
+    covered: usize,
+    file: File,
+    path: PathBuf,
+    entries: Vec<Entry>,
+    end: u64,
+}
+
 impl ChangeLog {
     pub fn open(path: &Path) -> io::Result<ChangeLog> {
+        // A compaction that a crash interrupted before its rename.
+        let leftover = compact_path(path);
+        if leftover.exists() {
+            tracing::warn!(file = %leftover.display(), "recovery log: unfinished compaction removed");
+            std::fs::remove_file(&leftover)?;
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -320,8 +392,109 @@ impl ChangeLog {
             next_seq: scan.last_seq + 1,
             scan,
             entries,
+            generation: fastrand::u64(..),
+            compacted_bytes: valid_end,
             failed: None,
         })
+    }
+
+    /// Offsets into this log are valid while this stays the same.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Whether the log has grown enough since its last compaction to compact it.
+    pub fn wants_compaction(&self, min_bytes: u64) -> bool {
+        self.end >= min_bytes
+            && self.end >= 2 * self.compacted_bytes.max(1)
+            && self.failed.is_none()
+            && self.scan.damaged.is_empty()
+    }
+
+    /// Starts a compaction: a snapshot of the synced records to copy without the lock
+    /// (`CompactDraft::copy`), then `finish_compaction` under it.
+    pub fn start_compaction(&self) -> io::Result<Option<(File, Vec<Entry>, CompactDraft)>> {
+        if self.failed.is_some() || !self.scan.damaged.is_empty() {
+            return Ok(None);
+        }
+        let entries: Vec<Entry> = self
+            .entries
+            .iter()
+            .copied()
+            .take_while(|e| e.offset + e.len <= self.synced)
+            .collect();
+        let tmp = compact_path(&self.path);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        let draft = CompactDraft {
+            generation: self.generation,
+            covered: entries.len(),
+            file,
+            path: tmp,
+            entries: Vec::new(),
+            end: 0,
+        };
+        Ok(Some((self.file.try_clone()?, entries, draft)))
+    }
+
+    /// Ends a compaction whose draft copied the kept records of the snapshot: copies
+    /// the records appended since, syncs the new file and puts it in place of the log.
+    /// The caller holds the log's sync lock too (no sync in flight), so every record
+    /// is synced here first. `Ok(None)`: the log changed under the draft (another
+    /// compaction, a failure): nothing done.
+    pub fn finish_compaction(&mut self, mut d: CompactDraft) -> io::Result<Option<Compaction>> {
+        if d.generation != self.generation || self.failed.is_some() || !self.scan.damaged.is_empty()
+        {
+            let _ = std::fs::remove_file(&d.path);
+            return Ok(None);
+        }
+        let done = (|| -> io::Result<()> {
+            if self.synced < self.end {
+                self.file.sync_data()?;
+                self.synced = self.end;
+            }
+            let newer = self.entries[d.covered..].to_vec();
+            let more = copy_records(&self.file, &d.file, &newer, &Default::default(), &mut d.end)?;
+            d.entries.extend(more);
+            d.file.sync_all()?;
+            std::fs::rename(&d.path, &self.path)?;
+            if let Some(dir) = self.path.parent() {
+                File::open(dir)?.sync_all()?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = done {
+            let _ = std::fs::remove_file(&d.path);
+            return Err(e);
+        }
+        let report = Compaction {
+            records_before: self.entries.len() as u64,
+            records_after: d.entries.len() as u64,
+            bytes_before: self.end,
+            bytes_after: d.end,
+        };
+        self.file = d.file;
+        self.entries = d.entries;
+        self.end = d.end;
+        self.synced = d.end;
+        self.compacted_bytes = d.end;
+        self.generation = fastrand::u64(..);
+        self.scan.records = self.entries.len() as u64;
+        self.scan.bytes = d.end;
+        Ok(Some(report))
+    }
+
+    /// Compacts at once (both steps under the caller's exclusive access).
+    pub fn compact(&mut self) -> io::Result<Option<Compaction>> {
+        let Some((from, entries, mut d)) = self.start_compaction()? else {
+            return Ok(None);
+        };
+        d.copy(&from, &entries)?;
+        self.finish_compaction(d)
     }
 
     /// Records a failed sync: from now on every append and sync is refused.
@@ -464,6 +637,16 @@ impl ChangeLog {
             }
         }
         Ok((out, off, skipped))
+    }
+}
+
+impl CompactDraft {
+    /// Copies the snapshot's records but those later ones of the snapshot wholly
+    /// rewrite (no lock needed: synced records never change).
+    pub fn copy(&mut self, from: &File, entries: &[Entry]) -> io::Result<()> {
+        let drop = superseded(entries);
+        self.entries = copy_records(from, &self.file, entries, &drop, &mut self.end)?;
+        Ok(())
     }
 }
 
@@ -632,6 +815,91 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Replays every record in order: block -> (fill byte, seq of the write).
+    fn replay(log: &ChangeLog) -> BTreeMap<u64, u8> {
+        let mut vol = BTreeMap::new();
+        let (recs, next, _) = log.read_skipping(0, usize::MAX, None).unwrap();
+        assert_eq!(next, log.synced());
+        for r in recs {
+            for b in 0..r.count as u64 {
+                match r.kind {
+                    RecordKind::Write => vol.insert(r.lba + b, r.data[b as usize * 4096]),
+                    _ => vol.insert(r.lba + b, 0),
+                };
+            }
+        }
+        vol
+    }
+
+    #[test]
+    fn compaction_keeps_the_latest_of_every_block_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("v.log");
+        let mut rng = fastrand::Rng::with_seed(11);
+        let mut log = ChangeLog::open(&p).unwrap();
+        for i in 0..600u32 {
+            let lba = rng.u64(0..40);
+            if i % 17 == 0 {
+                let (_, end) = log
+                    .append(RecordKind::Zero, lba, rng.u32(1..6), 1, 1, &[])
+                    .unwrap();
+                log.sync_handle().unwrap().sync_data().unwrap();
+                log.mark_synced(end);
+            } else {
+                write_rec(&mut log, lba, (i % 251) as u8 + 1);
+            }
+        }
+        let before = replay(&log);
+        let (gen, seq, size) = (log.generation(), log.last_seq(), log.bytes());
+        assert!(log.wants_compaction(1));
+        // Records appended between the draft and its finish are kept too.
+        let (from, entries, mut d) = log.start_compaction().unwrap().unwrap();
+        d.copy(&from, &entries).unwrap();
+        write_rec(&mut log, 3, 0xEE);
+        let (_, _) = log
+            .append(RecordKind::Write, 4, 1, 1, 1, &[0xEF; 4096])
+            .unwrap();
+        let c = log.finish_compaction(d).unwrap().unwrap();
+        let mut want = before.clone();
+        want.insert(3, 0xEE);
+        want.insert(4, 0xEF);
+        assert_eq!(replay(&log), want);
+        assert!(c.bytes_after < size / 4, "{c:?}");
+        assert_eq!(c.records_before, 602);
+        assert!(c.records_after <= 42, "{c:?}");
+        assert_ne!(log.generation(), gen);
+        assert!(!log.wants_compaction(1));
+        // Appends go on after it, and a reopened log reads the same.
+        write_rec(&mut log, 5, 0x55);
+        want.insert(5, 0x55);
+        assert_eq!(log.last_seq(), seq + 3);
+        drop(log);
+        std::fs::write(compact_path(&p), b"half a compaction").unwrap();
+        let log = ChangeLog::open(&p).unwrap();
+        assert!(!compact_path(&p).exists());
+        assert_eq!(log.scan.torn_bytes, 0);
+        assert!(log.scan.damaged.is_empty());
+        assert_eq!(replay(&log), want);
+        assert_eq!(log.last_seq(), seq + 3);
+    }
+
+    #[test]
+    fn a_damaged_log_is_not_compacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("v.log");
+        let mut log = ChangeLog::open(&p).unwrap();
+        let first = write_rec(&mut log, 1, 1);
+        write_rec(&mut log, 1, 2);
+        write_rec(&mut log, 1, 3);
+        drop(log);
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.write_all_at(&[0xFF; 8], first + 60).unwrap();
+        let mut log = ChangeLog::open(&p).unwrap();
+        assert!(!log.scan.damaged.is_empty());
+        assert!(!log.wants_compaction(1));
+        assert_eq!(log.compact().unwrap(), None);
     }
 
     #[test]

@@ -160,6 +160,10 @@ pub struct ReadReq {
     /// reads to the end then writes each block once).
     #[serde(default)]
     pub latest: bool,
+    /// The log generation of the reply that gave `offset` (compaction changes it, and
+    /// every offset with it): refused with `Refusal::Restart` when it changed.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 /// A record header as sent on the wire; the data follows in the raw payload.
@@ -185,6 +189,9 @@ pub struct ReadReply {
     /// Superseded records left out (`latest`).
     #[serde(default)]
     pub skipped: u64,
+    /// The log generation `next` belongs to: send it back with `next`.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -203,9 +210,12 @@ struct VolLog {
     /// Offsets of superseded records as of the last restore that started (any such
     /// snapshot stays right for a reader that reads to the end: the records that
     /// supersede lie after those they supersede).
-    superseded: parking_lot::Mutex<Option<Arc<std::collections::HashSet<u64>>>>,
+    /// Computed for one log generation (offsets change with it).
+    superseded: parking_lot::Mutex<Option<(u64, Arc<std::collections::HashSet<u64>>)>>,
     /// Serializes syncs; a sync covers every record written before it started.
     sync: tokio::sync::Mutex<()>,
+    /// A compaction is running.
+    compacting: std::sync::atomic::AtomicBool,
 }
 
 pub struct RecoveryServer {
@@ -218,6 +228,9 @@ pub struct RecoveryServer {
     /// When each node last said it is alive.
     heard: parking_lot::Mutex<HashMap<u64, Instant>>,
     started: Instant,
+    /// Logs are compacted once past this size (and doubled since the last time).
+    /// (`LAZARUS_RS_COMPACT_MIN_BYTES` in the environment, else 64 MiB.)
+    pub compact_min_bytes: std::sync::atomic::AtomicU64,
 }
 
 /// Tests make the next log sync fail (the way a device reports a lost write-back).
@@ -230,6 +243,35 @@ fn sync_data(file: &std::fs::File) -> std::io::Result<()> {
         return Err(std::io::Error::from_raw_os_error(libc::EIO));
     }
     file.sync_data()
+}
+
+/// Compacts a volume's log (`log.rs`, "Compaction"): the kept records are copied
+/// without the log's lock; appends wait only while the records written meanwhile are
+/// copied and the new file is synced and put in place.
+async fn compact_log(l: &Arc<VolLog>) -> std::io::Result<()> {
+    let Some((from, entries, mut draft)) = l.log.lock().start_compaction()? else {
+        return Ok(());
+    };
+    let draft = tokio::task::spawn_blocking(move || draft.copy(&from, &entries).map(|_| draft))
+        .await
+        .map_err(std::io::Error::other)??;
+    // No sync in flight while the file changes under the offsets.
+    let _s = l.sync.lock().await;
+    let l2 = l.clone();
+    let done = tokio::task::spawn_blocking(move || l2.log.lock().finish_compaction(draft))
+        .await
+        .map_err(std::io::Error::other)??;
+    if let Some(c) = done {
+        *l.superseded.lock() = None;
+        tracing::info!(
+            records_before = c.records_before,
+            records_after = c.records_after,
+            bytes_before = c.bytes_before,
+            bytes_after = c.bytes_after,
+            "recovery log compacted"
+        );
+    }
+    Ok(())
 }
 
 fn log_path(dir: &Path, volume: &str, uid: u64) -> PathBuf {
@@ -249,6 +291,11 @@ impl RecoveryServer {
             renewed: Default::default(),
             heard: Default::default(),
             started: Instant::now(),
+            compact_min_bytes: std::env::var("LAZARUS_RS_COMPACT_MIN_BYTES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(recovery_log::COMPACT_MIN_BYTES)
+                .into(),
         };
         // Open (and check, cutting torn tails) the log of every volume in jeopardy now,
         // not on first use: damage is reported at start. A holder's renewals from
@@ -280,6 +327,7 @@ impl RecoveryServer {
             log: parking_lot::Mutex::new(ChangeLog::open(&log_path(&self.dir, volume, uid))?),
             superseded: Default::default(),
             sync: Default::default(),
+            compacting: Default::default(),
         });
         logs.insert(volume.to_string(), l.clone());
         Ok(l)
@@ -575,7 +623,25 @@ impl RecoveryServer {
             l.log.lock().latch_failure(&msg);
             return Err(format!("recovery log sync failed: {msg}").into());
         }
-        l.log.lock().mark_synced(upto);
+        let compact = {
+            let mut log = l.log.lock();
+            log.mark_synced(upto);
+            log.wants_compaction(
+                self.compact_min_bytes
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            )
+        };
+        if compact && !l.compacting.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            let l = l.clone();
+            let volume = req.volume.clone();
+            tokio::spawn(async move {
+                if let Err(e) = compact_log(&l).await {
+                    tracing::error!(volume, error = %e, "recovery log compaction failed (the log is unchanged)");
+                }
+                l.compacting
+                    .store(false, std::sync::atomic::Ordering::Release);
+            });
+        }
         Ok(AppendReply { stored: true, seq })
     }
 
@@ -598,25 +664,32 @@ impl RecoveryServer {
         let l = self.log(&req.volume, req.uid).map_err(|e| e.to_string())?;
         let skip = if req.latest && req.lbas.is_none() {
             let mut cached = l.superseded.lock();
-            if req.offset == 0 || cached.is_none() {
+            let log = l.log.lock();
+            let gen = log.generation();
+            let fresh = cached.as_ref().is_some_and(|(g, _)| *g == gen);
+            if req.offset == 0 || !fresh {
                 // Only records already durable may supersede: a reader stops at the
                 // synced end, and must not skip a record whose successor is not there.
-                let entries: Vec<recovery_log::Entry> = {
-                    let log = l.log.lock();
-                    let synced = log.synced();
-                    log.entries()
-                        .iter()
-                        .copied()
-                        .filter(|e| e.offset + e.len <= synced)
-                        .collect()
-                };
-                *cached = Some(Arc::new(recovery_log::superseded(&entries)));
+                let synced = log.synced();
+                let entries: Vec<recovery_log::Entry> = log
+                    .entries()
+                    .iter()
+                    .copied()
+                    .filter(|e| e.offset + e.len <= synced)
+                    .collect();
+                *cached = Some((gen, Arc::new(recovery_log::superseded(&entries))));
             }
-            cached.clone()
+            cached.as_ref().map(|(_, s)| s.clone())
         } else {
             None
         };
         let log = l.log.lock();
+        if req.offset != 0 && req.generation != log.generation() {
+            return Err(Remote::new(
+                Refusal::Restart,
+                "the recovery log was compacted since the last read: read it again from the start",
+            ));
+        }
         let (recs, next, skipped) = log
             .read_skipping(
                 req.offset,
@@ -650,6 +723,7 @@ impl RecoveryServer {
             done: next >= log.synced(),
             damaged: log.scan.damaged.clone(),
             skipped,
+            generation: log.generation(),
         };
         let json = serde_json::to_vec(&reply).map_err(|e| e.to_string())?;
         Ok(rpc::pack(&json, &raw))
@@ -812,6 +886,7 @@ pub async fn run(dir: &Path, listen: SocketAddr) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     fn claim_req(holder: u64, expect_fcid: u64, base: Vec<u64>) -> ClaimReq {
         ClaimReq {
@@ -909,6 +984,97 @@ mod tests {
         // A restart rescans the file and takes appends again.
         let rs = RecoveryServer::open(dir.path()).unwrap();
         assert!(rs.append(append_req(1, 1, 3), &block).await.unwrap().stored);
+    }
+
+    fn read_req(offset: u64, generation: u64) -> Vec<u8> {
+        serde_json::to_vec(&ReadReq {
+            volume: "vol0".into(),
+            uid: 1,
+            offset,
+            max_bytes: 1 << 20,
+            lbas: None,
+            latest: true,
+            generation,
+        })
+        .unwrap()
+    }
+
+    /// Reads the whole log as a restore does; `Err` on a refusal.
+    async fn restore(rs: &RecoveryServer) -> Result<BTreeMap<u64, u8>, Remote> {
+        let (mut offset, mut generation) = (0, 0);
+        let mut vol = BTreeMap::new();
+        loop {
+            let b = rs
+                .handle(KIND_RS_READ, read_req(offset, generation))
+                .await?;
+            let (json, raw) = rpc::unpack(&b).unwrap();
+            let rr: ReadReply = serde_json::from_slice(json).unwrap();
+            let mut at = 0;
+            for w in rr.records {
+                vol.insert(w.lba, raw[at]);
+                at += w.data_len as usize;
+            }
+            if rr.done {
+                return Ok(vol);
+            }
+            (offset, generation) = (rr.next, rr.generation);
+        }
+    }
+
+    /// A log in jeopardy is compacted once it doubled past the threshold: it shrinks to
+    /// about one record a block, a restore reads the latest of every block, and a
+    /// reader whose log was compacted under it is told to start again (never handed
+    /// records at offsets of the old file).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_growing_log_is_compacted_and_readers_start_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let rs = RecoveryServer::open(dir.path()).unwrap();
+        rs.compact_min_bytes
+            .store(256 << 10, std::sync::atomic::Ordering::Relaxed);
+        assert!(rs.claim(claim_req(1, 0, vec![1, 2])).await.unwrap().granted);
+        let mut want = BTreeMap::new();
+        // A reader part-way through the log.
+        for i in 0..40u64 {
+            let b = vec![(i % 200) as u8 + 1; 4096];
+            rs.append(append_req(1, 1, i % 8), &b).await.unwrap();
+            want.insert(i % 8, b[0]);
+        }
+        let first = rs.handle(KIND_RS_READ, read_req(0, 0)).await.unwrap();
+        let (json, _) = rpc::unpack(&first).unwrap();
+        let rr: ReadReply = serde_json::from_slice(json).unwrap();
+        let (next, gen) = (rr.next, rr.generation);
+        assert!(rr.done);
+        for i in 0..400u64 {
+            let b = vec![(i % 200) as u8 + 1; 4096];
+            rs.append(append_req(1, 1, i % 8), &b).await.unwrap();
+            want.insert(i % 8, b[0]);
+        }
+        // The compaction runs in the background.
+        let l = rs.log("vol0", 1).unwrap();
+        let t0 = Instant::now();
+        while l.log.lock().bytes() > 256 << 10
+            || l.compacting.load(std::sync::atomic::Ordering::Acquire)
+        {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "never compacted: {} bytes",
+                l.log.lock().bytes()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let e = rs
+            .handle(KIND_RS_READ, read_req(next, gen))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, Refusal::Restart, "{e:?}");
+        assert_eq!(restore(&rs).await.unwrap(), want);
+        // It survives a restart.
+        drop(l);
+        drop(rs);
+        let rs = RecoveryServer::open(dir.path()).unwrap();
+        assert_eq!(restore(&rs).await.unwrap(), want);
+        let l = rs.log("vol0", 1).unwrap();
+        assert!(l.log.lock().scan.records < 100, "{:?}", l.log.lock().scan);
     }
 
     /// A restarted recovery server counts a holder's silence from its own start, so a

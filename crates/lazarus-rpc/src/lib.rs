@@ -83,6 +83,9 @@ pub enum Refusal {
     NotFound = 4,
     /// The receiver is starting up and serves nothing yet.
     Starting = 5,
+    /// What the caller was reading in pieces changed under it (a compacted log):
+    /// read it again from the start.
+    Restart = 6,
 }
 
 impl Refusal {
@@ -92,6 +95,7 @@ impl Refusal {
             3 => Refusal::Refused,
             4 => Refusal::NotFound,
             5 => Refusal::Starting,
+            6 => Refusal::Restart,
             _ => Refusal::Failed,
         }
     }

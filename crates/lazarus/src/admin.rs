@@ -1183,7 +1183,7 @@ async fn do_io(
     };
     match s.engine.route_name(name).await.map_err(io_error)? {
         crate::engine::Route::Local => s.engine.execute_local(&req, payload).await,
-        crate::engine::Route::Forward(_) => s.engine.forward(&req, payload).await,
+        crate::engine::Route::Forward(_) => s.engine.forward(&req, payload).await.map(|r| r.0),
     }
     .map_err(io_error)
 }

@@ -504,6 +504,11 @@ impl Cluster {
         }
     }
 
+    /// Random per process start.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
     /// Registers this node's addresses in the metadata (retried in the background
     /// until a leader commits it), then, once this node has applied everything
     /// committed before it started, runs the start-up self-check: after a crash (not

@@ -36,6 +36,17 @@ pub struct ForwardReq {
     pub no_hole: bool,
 }
 
+/// The process that executed a request: a node and its incarnation (random per
+/// process start). A FLUSH makes durable what the process executing it holds, so it
+/// vouches only for writes acknowledged by that same process: a primary that crashed
+/// and came back (at the same epoch) has lost the writes it had acknowledged but not
+/// yet made durable, and a forwarding node must not let a later FLUSH hide that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub struct Executor {
+    pub node: u64,
+    pub incarnation: u64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct ForwardReply {
     errno: u32,
@@ -43,6 +54,10 @@ struct ForwardReply {
     /// The receiver is not the primary either (its metadata says so): route again.
     #[serde(default)]
     not_primary: bool,
+    /// Who executed it (absent from a node of an older version: never equal to a
+    /// real process, so a FLUSH through it vouches for nothing it did not execute).
+    #[serde(default)]
+    executor: Executor,
 }
 
 impl Engine {
@@ -97,9 +112,25 @@ impl Engine {
         }
     }
 
+    /// This process, as the executor of the requests it runs.
+    pub fn executor(&self) -> Executor {
+        self.cluster
+            .get()
+            .map(|c| Executor {
+                node: c.id,
+                incarnation: c.incarnation(),
+            })
+            .unwrap_or_default()
+    }
+
     /// Sends a request to the volume's primary, routing again (and retrying) while
-    /// the primary changes, up to `FORWARD_DEADLINE`.
-    pub async fn forward(&self, req: &ForwardReq, payload: &[u8]) -> Result<Vec<u8>, IoError> {
+    /// the primary changes, up to `FORWARD_DEADLINE`; returns the reply and which
+    /// process executed it.
+    pub async fn forward(
+        &self,
+        req: &ForwardReq,
+        payload: &[u8],
+    ) -> Result<(Vec<u8>, Executor), IoError> {
         let c = self
             .cluster
             .get()
@@ -111,7 +142,10 @@ impl Engine {
         let mut last = String::new();
         while t0.elapsed() < FORWARD_DEADLINE {
             let addr = match self.route_name(&req.volume).await? {
-                Route::Local => return self.execute_local(req, payload).await,
+                Route::Local => {
+                    let data = self.execute_local(req, payload).await?;
+                    return Ok((data, self.executor()));
+                }
                 Route::Forward(addr) => addr,
             };
             match c
@@ -125,7 +159,7 @@ impl Engine {
                     let r: ForwardReply = serde_json::from_slice(json)
                         .map_err(|e| IoError::new(EIO, format!("bad forward reply: {e}")))?;
                     if r.errno == 0 {
-                        return Ok(data.to_vec());
+                        return Ok((data.to_vec(), r.executor));
                     }
                     if !r.not_primary {
                         return Err(IoError::new(r.errno, r.message));
@@ -153,6 +187,7 @@ impl Cluster {
         let (json, raw) = rpc::unpack(body)?;
         let req: ForwardReq =
             serde_json::from_slice(json).map_err(|e| format!("bad request: {e}"))?;
+        let executor = engine.executor();
         let reply = |r: ForwardReply, data: &[u8]| -> Result<Vec<u8>, String> {
             let json = serde_json::to_vec(&r).map_err(|e| e.to_string())?;
             Ok(rpc::pack(&json, data))
@@ -166,6 +201,7 @@ impl Cluster {
                         errno: EIO,
                         message: format!("n{} is not the primary of {:?}", self.id, req.volume),
                         not_primary: true,
+                        executor,
                     },
                     &[],
                 )
@@ -177,6 +213,7 @@ impl Cluster {
                     errno: 0,
                     message: String::new(),
                     not_primary: false,
+                    executor,
                 },
                 &data,
             ),
@@ -185,6 +222,7 @@ impl Cluster {
                     errno: e.errno,
                     message: e.message,
                     not_primary: false,
+                    executor,
                 },
                 &[],
             ),

@@ -46,6 +46,9 @@ const ADOPT_AFTER: Duration = Duration::from_secs(2);
 /// How long a proposal made on the write path may wait for Raft.
 const PROPOSE_ON_WRITE_PATH: Duration = Duration::from_secs(2);
 const READ_CHUNK: usize = 8 << 20;
+/// How often a read of the recovery log starts again because the log was compacted
+/// under it (each compaction halves the log at least, so a few are plenty).
+const READ_RESTARTS: u32 = 8;
 /// Unflushed replicated writes kept per volume before the primary forces a flush.
 const UNFLUSHED_MAX_BYTES: usize = 128 << 20;
 
@@ -875,6 +878,8 @@ impl Cluster {
         }
         let mut out = Vec::new();
         let mut offset = 0u64;
+        let mut generation = 0u64;
+        let mut restarts = 0;
         loop {
             let body = serde_json::to_vec(&ReadReq {
                 volume: volume.to_string(),
@@ -883,18 +888,26 @@ impl Cluster {
                 max_bytes: READ_CHUNK,
                 lbas: Some((first, end)),
                 latest: false,
+                generation,
             })
             .ok()?;
-            let reply = r
-                .client
-                .call(KIND_RS_READ, &body, RS_TIMEOUT * 2)
-                .await
-                .ok()?;
+            let reply = match r.client.call(KIND_RS_READ, &body, RS_TIMEOUT * 2).await {
+                Ok(b) => b,
+                // Compacted meanwhile: its latest records say the same; read again.
+                Err(e) if e.code() == Some(Refusal::Restart) && restarts < READ_RESTARTS => {
+                    restarts += 1;
+                    out.clear();
+                    offset = 0;
+                    continue;
+                }
+                Err(_) => return None,
+            };
             lazarus_observe::metrics::METRICS
                 .recovery_restore_bytes
                 .inc_by(reply.len() as u64);
             let (json, raw) = rpc::unpack(&reply).ok()?;
             let rr: ReadReply = serde_json::from_slice(json).ok()?;
+            generation = rr.generation;
             let mut at = 0usize;
             for w in rr.records {
                 let end_at = at + w.data_len as usize;
@@ -1410,6 +1423,8 @@ impl Cluster {
         });
         let mut offset = 0u64;
         let (mut records, mut bytes) = (0u64, 0u64);
+        let mut generation = 0u64;
+        let mut restarts = 0;
         loop {
             let body = serde_json::to_vec(&ReadReq {
                 volume: volume.to_string(),
@@ -1418,10 +1433,19 @@ impl Cluster {
                 max_bytes: READ_CHUNK,
                 lbas: None,
                 latest: true,
+                generation,
             })
             .map_err(|e| e.to_string())?;
             let reply = match r.client.call(KIND_RS_READ, &body, RS_TIMEOUT * 2).await {
                 Ok(b) => b,
+                // The log was compacted under this restore: replaying the compacted
+                // log from its start over what was applied gives the same result.
+                Err(e) if e.code() == Some(Refusal::Restart) && restarts < READ_RESTARTS => {
+                    restarts += 1;
+                    tracing::info!(volume, restarts, "recovery log compacted during the restore: reading it again from the start");
+                    offset = 0;
+                    continue;
+                }
                 Err(e) => {
                     let e = e.to_string();
                     set(&|p| {
@@ -1434,6 +1458,7 @@ impl Cluster {
             bytes += reply.len() as u64;
             let (json, raw) = rpc::unpack(&reply)?;
             let rr: ReadReply = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+            generation = rr.generation;
             if !rr.damaged.is_empty() {
                 return Err(format!("the recovery log is damaged at {:?}", rr.damaged));
             }

@@ -3,7 +3,7 @@
 //! replies; each request runs in its own task, so replies may leave out of order.
 
 use crate::engine::{Engine, IoError, Route};
-use crate::forward::{ForwardReq, Op};
+use crate::forward::{Executor, ForwardReq, Op};
 use lazarus_nbd::consts::*;
 use lazarus_nbd::{
     parse_client_flags, server_greeting, simple_reply, structured_error, structured_read_header,
@@ -263,6 +263,46 @@ fn error_reply(structured: bool, cookie: u64, e: &IoError) -> Vec<u8> {
     }
 }
 
+/// The processes that acknowledged this connection's writes since its last FLUSH
+/// was received. A FLUSH vouches for those writes only when the process that
+/// executes it acknowledged every one of them: through a forwarding node, the
+/// primary can crash and come back (or be replaced) between a write and the FLUSH,
+/// and the unflushed writes it held are gone. The client then gets EIO from the
+/// FLUSH, as from a disk that lost its write cache, never a success that covers a
+/// lost write.
+#[derive(Default)]
+struct Unflushed(parking_lot::Mutex<Vec<Executor>>);
+
+impl Unflushed {
+    fn acked_by(&self, e: Executor) {
+        let mut v = self.0.lock();
+        if !v.contains(&e) {
+            v.push(e);
+        }
+    }
+
+    /// Taken when a FLUSH starts: the writes it covers.
+    fn take(&self) -> Vec<Executor> {
+        std::mem::take(&mut *self.0.lock())
+    }
+}
+
+/// A FLUSH executed by `by` succeeded: whether it covers the writes acknowledged by
+/// `covered`.
+fn vouch(covered: &[Executor], by: Executor) -> Result<(), IoError> {
+    match covered.iter().find(|e| **e != by) {
+        None => Ok(()),
+        Some(e) => Err(IoError::new(
+            lazarus_nbd::consts::EIO,
+            format!(
+                "writes acknowledged on this connection by n{} (process {:x}) before this flush may be lost: \
+                 the flush ran on n{} (process {:x}); the primary restarted or changed in between",
+                e.node, e.incarnation, by.node, by.incarnation
+            ),
+        )),
+    }
+}
+
 async fn transmission(
     sock: TcpStream,
     engine: Arc<Engine>,
@@ -274,6 +314,7 @@ async fn transmission(
     let (tx, rx) = mpsc::channel::<Vec<u8>>(INFLIGHT_PER_CONNECTION_MAX * 2);
     let writer = tokio::spawn(writer_task(wr, rx));
     let inflight = Arc::new(Semaphore::new(INFLIGHT_PER_CONNECTION_MAX));
+    let unflushed = Arc::new(Unflushed::default());
     let size = ex.size;
     // A connection opened to the primary is bound to its epoch: if the node stops
     // being the primary (failover, a pause), requests on it fail and the client
@@ -329,7 +370,7 @@ async fn transmission(
                 && (req.command == Command::Read || !engine.replicates(&ex.name))
             {
                 execute(
-                    &engine, &ex, bound, req, &payload, size, structured, &mut batch,
+                    &engine, &ex, bound, &unflushed, req, &payload, size, structured, &mut batch,
                 )
                 .await;
                 if batch.len() >= REPLY_BATCH_MAX_BYTES {
@@ -341,10 +382,11 @@ async fn transmission(
             let engine = engine.clone();
             let ex = ex.clone();
             let tx = tx.clone();
+            let unflushed = unflushed.clone();
             tokio::spawn(async move {
                 let mut reply = Vec::new();
                 execute(
-                    &engine, &ex, bound, req, &payload, size, structured, &mut reply,
+                    &engine, &ex, bound, &unflushed, req, &payload, size, structured, &mut reply,
                 )
                 .await;
                 let _ = tx.send(reply).await;
@@ -377,6 +419,7 @@ async fn execute(
     engine: &Engine,
     ex: &Export,
     bound: Option<u64>,
+    unflushed: &Unflushed,
     req: Request,
     payload: &[u8],
     size: u64,
@@ -386,7 +429,10 @@ async fn execute(
     let t0 = std::time::Instant::now();
     let start = out.len();
     let (command, length) = (req.command, req.length as u64);
-    execute_inner(engine, ex, bound, req, payload, size, structured, out).await;
+    execute_inner(
+        engine, ex, bound, unflushed, req, payload, size, structured, out,
+    )
+    .await;
     use lazarus_observe::metrics::Op;
     let op = match command {
         Command::Read => Op::Read,
@@ -421,6 +467,7 @@ async fn execute_inner(
     engine: &Engine,
     ex: &Export,
     bound: Option<u64>,
+    unflushed: &Unflushed,
     req: Request,
     payload: &[u8],
     size: u64,
@@ -444,7 +491,7 @@ async fn execute_inner(
         Some(v) => v,
         None => match engine.route_name(&ex.name).await {
             Ok(Route::Forward(_)) if bound.is_none() => {
-                forwarded(engine, &ex.name, req, payload, structured, out).await;
+                forwarded(engine, &ex.name, unflushed, req, payload, structured, out).await;
                 return;
             }
             Ok(Route::Local) if ex.local.is_some() => ex.local.as_deref().expect("checked"),
@@ -504,7 +551,13 @@ async fn execute_inner(
             }
         }
         Command::Write => engine.write(vol, req.offset, payload, req.fua()).await,
-        Command::Flush => engine.flush(vol).await,
+        Command::Flush => {
+            let covered = unflushed.take();
+            match engine.flush(vol).await {
+                Ok(()) => vouch(&covered, engine.executor()),
+                Err(e) => Err(e),
+            }
+        }
         Command::Trim => {
             engine
                 .zero(vol, req.offset, req.length as u64, true, false, req.fua())
@@ -525,7 +578,12 @@ async fn execute_inner(
         Command::Disconnect | Command::Unknown(_) => unreachable!("handled before execute"),
     };
     match r {
-        Ok(()) => out.extend_from_slice(&simple_reply(req.cookie, 0)),
+        Ok(()) => {
+            if modifies(&req) {
+                unflushed.acked_by(engine.executor());
+            }
+            out.extend_from_slice(&simple_reply(req.cookie, 0))
+        }
         Err(e) => {
             tracing::warn!(volume = %vol.meta.name, command = ?req.command, offset = req.offset, length = req.length, error = %e.message, "request failed");
             out.extend_from_slice(&error_reply(structured, req.cookie, &e));
@@ -533,10 +591,19 @@ async fn execute_inner(
     }
 }
 
+/// A write the client may later FLUSH: FUA ones are durable when acknowledged.
+fn modifies(req: &Request) -> bool {
+    matches!(
+        req.command,
+        Command::Write | Command::Trim | Command::WriteZeroes
+    ) && !req.fua()
+}
+
 /// Executes a request at the volume's primary (this node is not it).
 async fn forwarded(
     engine: &Engine,
     volume: &str,
+    unflushed: &Unflushed,
     req: Request,
     payload: &[u8],
     structured: bool,
@@ -558,7 +625,20 @@ async fn forwarded(
         fua: req.fua(),
         no_hole: req.no_hole(),
     };
-    match engine.forward(&f, payload).await {
+    let covered = if op == Op::Flush {
+        unflushed.take()
+    } else {
+        Vec::new()
+    };
+    let r = engine.forward(&f, payload).await.and_then(|(data, by)| {
+        if op == Op::Flush {
+            vouch(&covered, by)?;
+        } else if modifies(&req) {
+            unflushed.acked_by(by);
+        }
+        Ok(data)
+    });
+    match r {
         Ok(data) if op == Op::Read => {
             if data.len() as u64 != f.length {
                 let e = IoError::new(lazarus_nbd::consts::EIO, "short forwarded read");

@@ -327,11 +327,17 @@ impl Up {
 
     /// `start` with `lazarus up` run from another copy of the binary.
     pub fn start_from(bin: &Path, data: &Path, volume_size: &str) -> Up {
-        Up::start_bin(bin, data, volume_size, &[], None)
+        Up::start_bin(bin, data, volume_size, &[], None, &[])
     }
 
     fn start_full(data: &Path, volume_size: &str, extra: &[&str], base: Option<u16>) -> Up {
-        Up::start_bin(Path::new(BIN), data, volume_size, extra, base)
+        Up::start_bin(Path::new(BIN), data, volume_size, extra, base, &[])
+    }
+
+    /// `start` with more variables in the environment of `lazarus up` (and so of its
+    /// nodes and recovery server).
+    pub fn start_env(data: &Path, volume_size: &str, env: &[(&str, &str)]) -> Up {
+        Up::start_bin(Path::new(BIN), data, volume_size, &[], None, env)
     }
 
     fn start_bin(
@@ -340,6 +346,7 @@ impl Up {
         volume_size: &str,
         extra: &[&str],
         base: Option<u16>,
+        env: &[(&str, &str)],
     ) -> Up {
         let (base, slot) = match base {
             Some(b) => (b, None),
@@ -359,6 +366,7 @@ impl Up {
                 volume_size,
             ])
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
