@@ -556,6 +556,9 @@ def main():
     ap.add_argument("--kinds", default=",".join(Faults.KINDS), help="fault kinds to draw from")
     ap.add_argument("--keep", action="store_true", help="leave the cluster's data directory behind")
     ap.add_argument("--stop-on-failure", action="store_true", help="stop at the first failed round")
+    ap.add_argument("--pace", type=float, default=1.0,
+                    help="scales the pauses between a round's faults and before its heal (0.5: rounds "
+                         "about twice as short; the same seed draws the same schedule)")
     args = ap.parse_args()
     if not os.path.exists(args.bin):
         sys.exit(f"chaos: no lazarus binary at {args.bin} (cargo build --release, or --bin)")
@@ -594,8 +597,8 @@ def main():
             for kind in chosen:
                 done.append(faults.inject(kind))
                 totals["faults"][kind] = totals["faults"].get(kind, 0) + 1
-                time.sleep(rng.uniform(0.2, 3.0))
-            time.sleep(rng.uniform(1.0, 5.0))
+                time.sleep(rng.uniform(0.2, 3.0) * args.pace)
+            time.sleep(rng.uniform(1.0, 5.0) * args.pace)
             faults.heal()
             healed_in = None
             t_heal = time.monotonic()

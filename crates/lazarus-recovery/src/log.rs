@@ -164,8 +164,14 @@ pub struct ChangeLog {
     entries: Vec<Entry>,
     /// Random, new at every open and compaction: offsets are valid within one.
     generation: u64,
-    /// The size after the last compaction (or at open).
+    /// The size after the last compaction (or at open, or a failed attempt).
     compacted_bytes: u64,
+    /// Compactions since open (offsets from before the first stay valid without a
+    /// generation: readers of an older version send none).
+    compactions: u64,
+    /// The log was deleted (the volume left jeopardy): a compaction must not put a
+    /// file back.
+    retired: bool,
     /// A sync failed: what was written since the last good sync may be gone from the
     /// page cache while a later sync succeeds, so nothing more is acknowledged from
     /// this log until the server restarts and rescans the file (as the block store
@@ -355,10 +361,21 @@ pub struct CompactDraft {
     generation: u64,
     /// How many entries of the log the draft covers.
     covered: usize,
-    file: File,
+    /// Taken by the log once renamed into place.
+    file: Option<File>,
     path: PathBuf,
     entries: Vec<Entry>,
     end: u64,
+    /// Renamed into place: nothing to remove on drop.
+    installed: bool,
+}
+
+impl Drop for CompactDraft {
+    fn drop(&mut self) {
+        if !self.installed {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 impl ChangeLog {
@@ -392,8 +409,10 @@ impl ChangeLog {
             next_seq: scan.last_seq + 1,
             scan,
             entries,
-            generation: fastrand::u64(..),
+            generation: fastrand::u64(1..),
             compacted_bytes: valid_end,
+            compactions: 0,
+            retired: false,
             failed: None,
         })
     }
@@ -401,6 +420,22 @@ impl ChangeLog {
     /// Offsets into this log are valid while this stays the same.
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// Whether an offset handed out with `generation` is still one of this log's
+    /// record boundaries (0: a reader of an older version, which sends none).
+    pub fn offsets_valid(&self, generation: u64) -> bool {
+        generation == self.generation || generation == 0 && self.compactions == 0
+    }
+
+    /// The log is being deleted: no compaction may put a file back.
+    pub fn retire(&mut self) {
+        self.retired = true;
+    }
+
+    /// A compaction failed: the next waits until the log doubled again.
+    pub fn compaction_failed(&mut self) {
+        self.compacted_bytes = self.end;
     }
 
     /// Whether the log has grown enough since its last compaction to compact it.
@@ -414,7 +449,7 @@ impl ChangeLog {
     /// Starts a compaction: a snapshot of the synced records to copy without the lock
     /// (`CompactDraft::copy`), then `finish_compaction` under it.
     pub fn start_compaction(&self) -> io::Result<Option<(File, Vec<Entry>, CompactDraft)>> {
-        if self.failed.is_some() || !self.scan.damaged.is_empty() {
+        if self.failed.is_some() || !self.scan.damaged.is_empty() || self.retired {
             return Ok(None);
         }
         let entries: Vec<Entry> = self
@@ -433,10 +468,11 @@ impl ChangeLog {
         let draft = CompactDraft {
             generation: self.generation,
             covered: entries.len(),
-            file,
+            file: Some(file),
             path: tmp,
             entries: Vec::new(),
             end: 0,
+            installed: false,
         };
         Ok(Some((self.file.try_clone()?, entries, draft)))
     }
@@ -447,44 +483,59 @@ impl ChangeLog {
     /// is synced here first. `Ok(None)`: the log changed under the draft (another
     /// compaction, a failure): nothing done.
     pub fn finish_compaction(&mut self, mut d: CompactDraft) -> io::Result<Option<Compaction>> {
-        if d.generation != self.generation || self.failed.is_some() || !self.scan.damaged.is_empty()
+        if d.generation != self.generation
+            || self.failed.is_some()
+            || !self.scan.damaged.is_empty()
+            || self.retired
         {
-            let _ = std::fs::remove_file(&d.path);
             return Ok(None);
         }
-        let done = (|| -> io::Result<()> {
-            if self.synced < self.end {
-                self.file.sync_data()?;
-                self.synced = self.end;
+        if self.synced < self.end {
+            // Records written and not yet synced (their writers wait for the sync
+            // lock, which the caller holds): synced here, and a failure latched as
+            // any failed sync of the log is.
+            if let Err(e) = self.file.sync_data() {
+                self.latch_failure(&e.to_string());
+                return Err(e);
             }
-            let newer = self.entries[d.covered..].to_vec();
-            let more = copy_records(&self.file, &d.file, &newer, &Default::default(), &mut d.end)?;
-            d.entries.extend(more);
-            d.file.sync_all()?;
-            std::fs::rename(&d.path, &self.path)?;
-            if let Some(dir) = self.path.parent() {
-                File::open(dir)?.sync_all()?;
-            }
-            Ok(())
-        })();
-        if let Err(e) = done {
-            let _ = std::fs::remove_file(&d.path);
-            return Err(e);
+            self.synced = self.end;
         }
+        let newer = self.entries[d.covered..].to_vec();
+        let Some(new) = d.file.take() else {
+            return Ok(None);
+        };
+        let more = copy_records(&self.file, &new, &newer, &Default::default(), &mut d.end)?;
+        d.entries.extend(more);
+        new.sync_all()?;
+        std::fs::rename(&d.path, &self.path)?;
+        // From here the new file is the log, whatever happens next.
+        d.installed = true;
         let report = Compaction {
             records_before: self.entries.len() as u64,
             records_after: d.entries.len() as u64,
             bytes_before: self.end,
             bytes_after: d.end,
         };
-        self.file = d.file;
-        self.entries = d.entries;
+        self.file = new;
+        self.entries = std::mem::take(&mut d.entries);
         self.end = d.end;
         self.synced = d.end;
         self.compacted_bytes = d.end;
-        self.generation = fastrand::u64(..);
+        self.compactions += 1;
+        self.generation = fastrand::u64(1..);
         self.scan.records = self.entries.len() as u64;
         self.scan.bytes = d.end;
+        // The rename is durable only with the directory: until then a crash may bring
+        // back the old log, which holds every record too; but a failed directory sync
+        // may have lost more, so nothing more is acknowledged from this log.
+        let dir_synced = match self.path.parent() {
+            Some(dir) => File::open(dir).and_then(|f| f.sync_all()),
+            None => Ok(()),
+        };
+        if let Err(e) = dir_synced {
+            self.latch_failure(&format!("directory sync after compaction: {e}"));
+            return Err(e);
+        }
         Ok(Some(report))
     }
 
@@ -645,8 +696,13 @@ impl CompactDraft {
     /// rewrite (no lock needed: synced records never change).
     pub fn copy(&mut self, from: &File, entries: &[Entry]) -> io::Result<()> {
         let drop = superseded(entries);
-        self.entries = copy_records(from, &self.file, entries, &drop, &mut self.end)?;
-        Ok(())
+        let file = self
+            .file
+            .as_ref()
+            .expect("a draft has its file until installed");
+        self.entries = copy_records(from, file, entries, &drop, &mut self.end)?;
+        // The bulk of the sync happens here, without the log's lock.
+        file.sync_data()
     }
 }
 
@@ -883,6 +939,26 @@ mod tests {
         assert!(log.scan.damaged.is_empty());
         assert_eq!(replay(&log), want);
         assert_eq!(log.last_seq(), seq + 3);
+    }
+
+    /// A log deleted while a compaction of it runs gets no file back; a draft that is
+    /// dropped leaves no file behind.
+    #[test]
+    fn a_retired_log_is_not_put_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("v.log");
+        let mut log = ChangeLog::open(&p).unwrap();
+        for i in 0..10 {
+            write_rec(&mut log, 1, i);
+        }
+        let (from, entries, mut d) = log.start_compaction().unwrap().unwrap();
+        d.copy(&from, &entries).unwrap();
+        assert!(compact_path(&p).exists());
+        log.retire();
+        std::fs::remove_file(&p).unwrap();
+        assert_eq!(log.finish_compaction(d).unwrap(), None);
+        assert!(!p.exists() && !compact_path(&p).exists());
+        assert!(log.start_compaction().unwrap().is_none());
     }
 
     #[test]

@@ -302,6 +302,16 @@ impl RecoveryServer {
         // before the restart are forgotten: count its silence from now, so a holder
         // that died meanwhile can still be replaced once HOLDER_SILENCE_MAX has passed
         // (any hold it had ran out HOLD_LEASE after a renewal sent before the restart).
+        // Compactions a crash interrupted, of logs deleted since (those of open logs
+        // are removed when the log opens).
+        if let Ok(dir) = std::fs::read_dir(dir.join("logs")) {
+            for e in dir.flatten() {
+                if e.path().extension().is_some_and(|x| x == "compact") {
+                    tracing::warn!(file = %e.path().display(), "unfinished log compaction removed");
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         let now = Instant::now();
         for (name, c) in &coord.volumes {
             if c.holder.is_some() {
@@ -331,6 +341,16 @@ impl RecoveryServer {
         });
         logs.insert(volume.to_string(), l.clone());
         Ok(l)
+    }
+
+    /// Forgets a volume's open log before its file is deleted: a compaction of it
+    /// still running finds it retired and puts no file back.
+    fn drop_log(&self, volume: &str) -> bool {
+        let l = self.logs.lock().remove(volume);
+        if let Some(l) = &l {
+            l.log.lock().retire();
+        }
+        l.is_some()
     }
 
     fn state_of(&self, volume: &str) -> VolumeState {
@@ -461,7 +481,7 @@ impl RecoveryServer {
         };
         if entering {
             // A fresh log: anything left from an earlier jeopardy is gone.
-            self.logs.lock().remove(&req.volume);
+            self.drop_log(&req.volume);
             let p = log_path(&self.dir, &req.volume, req.uid);
             let _ = std::fs::remove_file(&p);
         }
@@ -636,7 +656,9 @@ impl RecoveryServer {
             let volume = req.volume.clone();
             tokio::spawn(async move {
                 if let Err(e) = compact_log(&l).await {
-                    tracing::error!(volume, error = %e, "recovery log compaction failed (the log is unchanged)");
+                    // Tried again once the log doubled again (a full disk, say).
+                    l.log.lock().compaction_failed();
+                    tracing::error!(volume, error = %e, "recovery log compaction failed");
                 }
                 l.compacting
                     .store(false, std::sync::atomic::Ordering::Release);
@@ -662,9 +684,17 @@ impl RecoveryServer {
             ));
         }
         let l = self.log(&req.volume, req.uid).map_err(|e| e.to_string())?;
+        // One hold of the log's lock from the generation check to the read: a
+        // compaction cannot change the offsets in between.
+        let mut cached = l.superseded.lock();
+        let log = l.log.lock();
+        if req.offset != 0 && !log.offsets_valid(req.generation) {
+            return Err(Remote::new(
+                Refusal::Restart,
+                "the recovery log was compacted since the last read: read it again from the start",
+            ));
+        }
         let skip = if req.latest && req.lbas.is_none() {
-            let mut cached = l.superseded.lock();
-            let log = l.log.lock();
             let gen = log.generation();
             let fresh = cached.as_ref().is_some_and(|(g, _)| *g == gen);
             if req.offset == 0 || !fresh {
@@ -683,13 +713,7 @@ impl RecoveryServer {
         } else {
             None
         };
-        let log = l.log.lock();
-        if req.offset != 0 && req.generation != log.generation() {
-            return Err(Remote::new(
-                Refusal::Restart,
-                "the recovery log was compacted since the last read: read it again from the start",
-            ));
-        }
+        drop(cached);
         let (recs, next, skipped) = log
             .read_skipping(
                 req.offset,
@@ -750,10 +774,10 @@ impl RecoveryServer {
         self.save(coord).await?;
         // The failure count ID and holder stay (a few bytes): a stale claim must
         // still lose the compare-and-set.
-        let dropped = self.logs.lock().remove(&req.volume);
+        let dropped = self.drop_log(&req.volume);
         let p = log_path(&self.dir, &req.volume, req.uid);
         let bytes = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
-        if dropped.is_some() || p.exists() {
+        if dropped || p.exists() {
             std::fs::remove_file(&p).map_err(|e| format!("cannot delete {}: {e}", p.display()))?;
         }
         tracing::info!(volume = %req.volume, fcid = req.fcid, bytes, "jeopardy cleared: configuration copy and changed blocks deleted");

@@ -1173,12 +1173,17 @@ async fn do_io(
             format!("at most {DATA_MAX_BYTES} bytes per request"),
         ));
     }
+    // The API has no connection to tie a later flush to the process that acknowledged
+    // a write (see nbd_server.rs, `Unflushed`): its writes are durable when answered.
     let req = crate::forward::ForwardReq {
         volume: name.to_string(),
         op,
         offset,
         length,
-        fua: false,
+        fua: matches!(
+            op,
+            crate::forward::Op::Write | crate::forward::Op::Zero | crate::forward::Op::Trim
+        ),
         no_hole: false,
     };
     match s.engine.route_name(name).await.map_err(io_error)? {

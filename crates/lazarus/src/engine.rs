@@ -92,6 +92,8 @@ pub struct Engine {
     stripes: Vec<Mutex<()>>,
     background_flush: Arc<AtomicBool>,
     pub(crate) repair: crate::repair::RepairState,
+    /// Per export: the processes whose acknowledged writes no FLUSH covered yet.
+    acks: parking_lot::Mutex<std::collections::HashMap<String, Arc<crate::nbd_server::Acks>>>,
 }
 
 impl Engine {
@@ -102,7 +104,17 @@ impl Engine {
             stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             repair: Default::default(),
             background_flush: Arc::new(AtomicBool::new(false)),
+            acks: Default::default(),
         }
+    }
+
+    /// The export's record of unflushed acknowledgements (`nbd_server::Acks`).
+    pub(crate) fn acks_for(&self, volume: &str) -> Arc<crate::nbd_server::Acks> {
+        self.acks
+            .lock()
+            .entry(volume.to_string())
+            .or_default()
+            .clone()
     }
 
     /// Runs a store call that may block (a checkpoint holding writes off, or the

@@ -54,8 +54,9 @@ struct ForwardReply {
     /// The receiver is not the primary either (its metadata says so): route again.
     #[serde(default)]
     not_primary: bool,
-    /// Who executed it (absent from a node of an older version: never equal to a
-    /// real process, so a FLUSH through it vouches for nothing it did not execute).
+    /// Who executed it. A node of an older version sends none: every such reply
+    /// names the same unknown process, so during a rolling upgrade a primary of the
+    /// old version that restarts is not told apart (no worse than that version).
     #[serde(default)]
     executor: Executor,
 }

@@ -1444,6 +1444,7 @@ impl Cluster {
                     restarts += 1;
                     tracing::info!(volume, restarts, "recovery log compacted during the restore: reading it again from the start");
                     offset = 0;
+                    (records, bytes) = (0, 0);
                     continue;
                 }
                 Err(e) => {

@@ -11,6 +11,7 @@ use lazarus_nbd::{
     OPTION_DATA_MAX_BYTES, OPTION_HEADER_LEN, PAYLOAD_MAX_BYTES, REQUEST_HEADER_LEN,
 };
 use lazarus_store::{Store, Volume};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
@@ -263,44 +264,103 @@ fn error_reply(structured: bool, cookie: u64, e: &IoError) -> Vec<u8> {
     }
 }
 
-/// The processes that acknowledged this connection's writes since its last FLUSH
-/// was received. A FLUSH vouches for those writes only when the process that
-/// executes it acknowledged every one of them: through a forwarding node, the
-/// primary can crash and come back (or be replaced) between a write and the FLUSH,
-/// and the unflushed writes it held are gone. The client then gets EIO from the
-/// FLUSH, as from a disk that lost its write cache, never a success that covers a
-/// lost write.
+/// Per export on this node: which processes acknowledged writes that no FLUSH has
+/// covered yet, shared by every connection to the export (a FLUSH covers the writes
+/// completed on every connection: the export is advertised multi-conn).
+///
+/// A FLUSH vouches for those writes only when the process that executes it
+/// acknowledged every one of them. Through a forwarding node the primary can crash
+/// and come back (or be replaced) between a write and the FLUSH, and the unflushed
+/// writes it held are gone. That FLUSH answers EIO, as a disk that lost its write
+/// cache, and so does every later FLUSH on every connection that was open then (the
+/// client reconnects, as it would to a server that crashed); never a success that
+/// covers a lost write. A FLUSH that fails for any other reason changes nothing here.
 #[derive(Default)]
-struct Unflushed(parking_lot::Mutex<Vec<Executor>>);
+pub struct Acks(parking_lot::Mutex<AckState>);
 
-impl Unflushed {
-    fn acked_by(&self, e: Executor) {
-        let mut v = self.0.lock();
-        if !v.contains(&e) {
-            v.push(e);
-        }
+#[derive(Default)]
+struct AckState {
+    /// Logical time: a tick at every acknowledged write and every FLUSH start.
+    clock: u64,
+    /// Per executor, the times of its earliest and latest writes not yet covered.
+    pending: HashMap<Executor, (u64, u64)>,
+    /// Connections opened at a generation before this one may have lost writes.
+    lost_gen: u64,
+    gen: u64,
+}
+
+impl Acks {
+    /// A connection opens: its generation.
+    fn open(&self) -> u64 {
+        self.0.lock().gen
     }
 
-    /// Taken when a FLUSH starts: the writes it covers.
-    fn take(&self) -> Vec<Executor> {
-        std::mem::take(&mut *self.0.lock())
+    fn acked(&self, e: Executor) {
+        let mut s = self.0.lock();
+        s.clock += 1;
+        let now = s.clock;
+        s.pending
+            .entry(e)
+            .and_modify(|p| p.1 = now)
+            .or_insert((now, now));
+    }
+
+    /// A FLUSH was received: the time that says which writes it covers.
+    fn flush_start(&self) -> u64 {
+        let mut s = self.0.lock();
+        s.clock += 1;
+        s.clock
+    }
+
+    /// A FLUSH that started at `t` on a connection opened at generation `opened`
+    /// succeeded on `by`: whether it vouches for every write it covers.
+    fn flush_done(&self, opened: u64, t: u64, by: Executor) -> Result<(), IoError> {
+        let mut s = self.0.lock();
+        if opened < s.lost_gen {
+            return Err(IoError::new(
+                lazarus_nbd::consts::EIO,
+                "writes acknowledged before an earlier flush on this export were lost \
+                 (the primary restarted or changed); reconnect",
+            ));
+        }
+        let lost: Vec<Executor> = s
+            .pending
+            .iter()
+            .filter(|(x, (first, _))| **x != by && *first <= t)
+            .map(|(x, _)| *x)
+            .collect();
+        if let Some(x) = lost.first().copied() {
+            for x in &lost {
+                s.pending.remove(x);
+            }
+            s.gen += 1;
+            s.lost_gen = s.gen;
+            return Err(IoError::new(
+                lazarus_nbd::consts::EIO,
+                format!(
+                    "writes acknowledged by n{} (process {:x}) before this flush may be lost: \
+                     the flush ran on n{} (process {:x}); the primary restarted or changed in between",
+                    x.node, x.incarnation, by.node, by.incarnation
+                ),
+            ));
+        }
+        if let Some(p) = s.pending.get_mut(&by) {
+            if p.1 <= t {
+                s.pending.remove(&by);
+            } else {
+                // Some of its writes came after the FLUSH started (which, not known
+                // exactly: conservatively, all from then on).
+                p.0 = t + 1;
+            }
+        }
+        Ok(())
     }
 }
 
-/// A FLUSH executed by `by` succeeded: whether it covers the writes acknowledged by
-/// `covered`.
-fn vouch(covered: &[Executor], by: Executor) -> Result<(), IoError> {
-    match covered.iter().find(|e| **e != by) {
-        None => Ok(()),
-        Some(e) => Err(IoError::new(
-            lazarus_nbd::consts::EIO,
-            format!(
-                "writes acknowledged on this connection by n{} (process {:x}) before this flush may be lost: \
-                 the flush ran on n{} (process {:x}); the primary restarted or changed in between",
-                e.node, e.incarnation, by.node, by.incarnation
-            ),
-        )),
-    }
+/// One connection's view of its export's `Acks`.
+struct ConnAcks {
+    acks: Arc<Acks>,
+    opened: u64,
 }
 
 async fn transmission(
@@ -314,7 +374,11 @@ async fn transmission(
     let (tx, rx) = mpsc::channel::<Vec<u8>>(INFLIGHT_PER_CONNECTION_MAX * 2);
     let writer = tokio::spawn(writer_task(wr, rx));
     let inflight = Arc::new(Semaphore::new(INFLIGHT_PER_CONNECTION_MAX));
-    let unflushed = Arc::new(Unflushed::default());
+    let acks = engine.acks_for(&ex.name);
+    let unflushed = Arc::new(ConnAcks {
+        opened: acks.open(),
+        acks,
+    });
     let size = ex.size;
     // A connection opened to the primary is bound to its epoch: if the node stops
     // being the primary (failover, a pause), requests on it fail and the client
@@ -419,7 +483,7 @@ async fn execute(
     engine: &Engine,
     ex: &Export,
     bound: Option<u64>,
-    unflushed: &Unflushed,
+    unflushed: &ConnAcks,
     req: Request,
     payload: &[u8],
     size: u64,
@@ -467,7 +531,7 @@ async fn execute_inner(
     engine: &Engine,
     ex: &Export,
     bound: Option<u64>,
-    unflushed: &Unflushed,
+    unflushed: &ConnAcks,
     req: Request,
     payload: &[u8],
     size: u64,
@@ -552,9 +616,11 @@ async fn execute_inner(
         }
         Command::Write => engine.write(vol, req.offset, payload, req.fua()).await,
         Command::Flush => {
-            let covered = unflushed.take();
+            let t = unflushed.acks.flush_start();
             match engine.flush(vol).await {
-                Ok(()) => vouch(&covered, engine.executor()),
+                Ok(()) => unflushed
+                    .acks
+                    .flush_done(unflushed.opened, t, engine.executor()),
                 Err(e) => Err(e),
             }
         }
@@ -580,7 +646,7 @@ async fn execute_inner(
     match r {
         Ok(()) => {
             if modifies(&req) {
-                unflushed.acked_by(engine.executor());
+                unflushed.acks.acked(engine.executor());
             }
             out.extend_from_slice(&simple_reply(req.cookie, 0))
         }
@@ -603,7 +669,7 @@ fn modifies(req: &Request) -> bool {
 async fn forwarded(
     engine: &Engine,
     volume: &str,
-    unflushed: &Unflushed,
+    unflushed: &ConnAcks,
     req: Request,
     payload: &[u8],
     structured: bool,
@@ -625,16 +691,12 @@ async fn forwarded(
         fua: req.fua(),
         no_hole: req.no_hole(),
     };
-    let covered = if op == Op::Flush {
-        unflushed.take()
-    } else {
-        Vec::new()
-    };
+    let t = (op == Op::Flush).then(|| unflushed.acks.flush_start());
     let r = engine.forward(&f, payload).await.and_then(|(data, by)| {
-        if op == Op::Flush {
-            vouch(&covered, by)?;
+        if let Some(t) = t {
+            unflushed.acks.flush_done(unflushed.opened, t, by)?;
         } else if modifies(&req) {
-            unflushed.acked_by(by);
+            unflushed.acks.acked(by);
         }
         Ok(data)
     });
@@ -657,5 +719,65 @@ async fn forwarded(
             tracing::warn!(volume, command = ?req.command, offset = req.offset, length = req.length, error = %e.message, "forwarded request failed");
             out.extend_from_slice(&error_reply(structured, req.cookie, &e));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex(node: u64, incarnation: u64) -> Executor {
+        Executor { node, incarnation }
+    }
+
+    /// A FLUSH covers the writes of every connection to the export (multi-conn), fails
+    /// on every connection that was open when writes were found lost, and a FLUSH that
+    /// failed for another reason forgets nothing.
+    #[test]
+    fn a_flush_vouches_only_for_its_own_executor() {
+        let (p1, p2) = (ex(1, 10), ex(1, 11));
+        // The same process: fine, and nothing pending after.
+        let a = Acks::default();
+        let c = a.open();
+        a.acked(p1);
+        let t = a.flush_start();
+        assert!(a.flush_done(c, t, p1).is_ok());
+        assert!(a.0.lock().pending.is_empty());
+        // A write on connection A, the FLUSH on connection B, run by the restarted
+        // process; a FLUSH that failed in between (the primary down) changes nothing.
+        let a = Acks::default();
+        let (ca, cb) = (a.open(), a.open());
+        a.acked(p1);
+        let _failed = a.flush_start();
+        let t1 = a.flush_start();
+        let t2 = a.flush_start();
+        assert!(a.flush_done(cb, t1, p2).is_err());
+        // A FLUSH in flight at the same time, on any old connection, fails too.
+        assert!(a.flush_done(ca, t2, p2).is_err());
+        let t3 = a.flush_start();
+        assert!(a.flush_done(cb, t3, p2).is_err(), "poisoned until reconnect");
+        // A new connection starts clean.
+        let cn = a.open();
+        a.acked(p2);
+        let t4 = a.flush_start();
+        assert!(a.flush_done(cn, t4, p2).is_ok());
+        // A write acknowledged after the FLUSH started is not covered by it.
+        let a = Acks::default();
+        let c = a.open();
+        let t = a.flush_start();
+        a.acked(p1);
+        assert!(a.flush_done(c, t, p1).is_ok());
+        let t = a.flush_start();
+        assert!(a.flush_done(c, t, p2).is_err());
+        // Writes after a FLUSH started only by the same process: covered later.
+        let a = Acks::default();
+        let c = a.open();
+        a.acked(p1);
+        let t = a.flush_start();
+        a.acked(p1);
+        assert!(a.flush_done(c, t, p1).is_ok());
+        let t = a.flush_start();
+        assert!(a.flush_done(c, t, p1).is_ok());
+        assert!(a.0.lock().pending.is_empty());
     }
 }
