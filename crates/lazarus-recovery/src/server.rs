@@ -10,7 +10,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 pub use lazarus_rpc::kind::{
     KIND_RS_APPEND, KIND_RS_CLAIM, KIND_RS_CLEAR, KIND_RS_CONFIG, KIND_RS_HEARTBEAT,

@@ -13,8 +13,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::tcp::OwnedWriteHalf;
-use tokio::net::{TcpListener, TcpStream};
+
+pub mod net;
+use net::WriteHalf;
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 /// Largest frame accepted from a peer (Raft snapshots of the metadata are far smaller).
@@ -223,13 +224,13 @@ fn frame(id: u64, kind: u8, body: &[u8]) -> Vec<u8> {
 
 /// Serves RPCs: each request runs in its own task; replies go back on the same
 /// connection in completion order, coalesced by one writer task.
-pub async fn serve(listener: TcpListener, handler: Handler) {
+pub async fn serve(listener: impl Into<net::Listener>, handler: Handler) {
+    let listener = listener.into();
     loop {
         let Ok((sock, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let _ = sock.set_nodelay(true);
         let handler = handler.clone();
         tokio::spawn(async move {
             let (rd, wr) = sock.into_split();
@@ -259,7 +260,7 @@ pub async fn serve(listener: TcpListener, handler: Handler) {
 }
 
 /// Writes queued frames, many per system call when they pile up.
-async fn writer(wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
+async fn writer(wr: WriteHalf, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
     let mut w = BufWriter::with_capacity(IO_BUFFER_BYTES, wr);
     while let Some(f) = rx.recv().await {
         if w.write_all(&f).await.is_err() {
@@ -326,7 +327,7 @@ impl RpcClient {
                 return Ok(c.clone());
             }
         }
-        let sock = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr))
+        let sock = tokio::time::timeout(CONNECT_TIMEOUT, net::connect(&self.addr))
             .await
             .map_err(|_| RpcError::Connect {
                 addr: self.addr.clone(),
@@ -336,7 +337,6 @@ impl RpcClient {
                 addr: self.addr.clone(),
                 reason: e.to_string(),
             })?;
-        let _ = sock.set_nodelay(true);
         let (rd, wr) = sock.into_split();
         let mut rd = BufReader::with_capacity(IO_BUFFER_BYTES, rd);
         let (tx, rx) = mpsc::unbounded_channel();

@@ -908,7 +908,7 @@ async fn repair_volume(
             format!("this node is not the primary of {name:?}; ask the primary"),
         ));
     }
-    let t0 = std::time::Instant::now();
+    let t0 = tokio::time::Instant::now();
     let results = match q.page {
         Some(p) if p >= v.page_count() => {
             return Err(ApiError(

@@ -24,7 +24,8 @@ use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// Raft timing: heartbeats every 150 ms, elections after 0.5-1 s of silence, so a dead
 /// leader is replaced well within the 5 s failover budget.

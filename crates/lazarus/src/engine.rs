@@ -210,7 +210,7 @@ impl Engine {
         let Some(c) = self.cluster.get() else {
             return Ok(Route::Local);
         };
-        let deadline = std::time::Instant::now() + LEASE_WAIT;
+        let deadline = tokio::time::Instant::now() + LEASE_WAIT;
         loop {
             match c.role(volume) {
                 Role::Local => return Ok(Route::Local),
@@ -218,7 +218,7 @@ impl Engine {
                 Role::Primary { .. } => {}
                 Role::Replica { addr, .. } => return Ok(Route::Forward(addr)),
             }
-            if std::time::Instant::now() >= deadline {
+            if tokio::time::Instant::now() >= deadline {
                 return Err(IoError::new(
                     EIO,
                     format!("this node is the primary of {volume:?} but holds no lease from the cluster leader (no quorum?)"),

@@ -8,7 +8,8 @@ use lazarus_nbd::consts::{EINVAL, EIO};
 use lazarus_rpc::{self as rpc, KIND_FORWARD};
 use serde::{Deserialize, Serialize};
 use std::sync::Weak;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// How long a forwarded request keeps trying (the primary failing over meanwhile).
 const FORWARD_DEADLINE: Duration = Duration::from_secs(10);

@@ -32,7 +32,8 @@ use lazarus_types::BLOCK_SIZE;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 const RS_TIMEOUT: Duration = Duration::from_secs(5);
 const RENEW_INTERVAL: Duration = Duration::from_millis(100);

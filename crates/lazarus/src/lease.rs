@@ -17,7 +17,8 @@ use lazarus_cluster::raft_store::NodeId;
 use lazarus_rpc::KIND_LEASE;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 const LEASE_RENEW_INTERVAL: Duration = Duration::from_millis(100);
 

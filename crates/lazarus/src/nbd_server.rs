@@ -145,7 +145,7 @@ async fn handle(mut sock: TcpStream, engine: Arc<Engine>) -> anyhow::Result<()> 
     // server (it took over as the last failure domain, with no majority to catch up
     // with).
     if let Some(c) = engine.cluster.get() {
-        let t0 = std::time::Instant::now();
+        let t0 = tokio::time::Instant::now();
         while !c.is_ready() && !c.serves_on_hold() {
             if t0.elapsed() >= STARTUP_WAIT {
                 anyhow::bail!("this node is still starting up (its metadata is catching up with the cluster); connection closed");
@@ -490,7 +490,7 @@ async fn execute(
     structured: bool,
     out: &mut Vec<u8>,
 ) {
-    let t0 = std::time::Instant::now();
+    let t0 = tokio::time::Instant::now();
     let start = out.len();
     let (command, length) = (req.command, req.length as u64);
     execute_inner(
@@ -755,7 +755,10 @@ mod tests {
         // A FLUSH in flight at the same time, on any old connection, fails too.
         assert!(a.flush_done(ca, t2, p2).is_err());
         let t3 = a.flush_start();
-        assert!(a.flush_done(cb, t3, p2).is_err(), "poisoned until reconnect");
+        assert!(
+            a.flush_done(cb, t3, p2).is_err(),
+            "poisoned until reconnect"
+        );
         // A new connection starts clean.
         let cn = a.open();
         a.acked(p2);

@@ -7,8 +7,9 @@ use lazarus_store::{Store, StoreOptions};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 
 /// Written after the final checkpoint of a clean shutdown, removed at start.
 const CLEAN_MARKER: &str = "CLEAN";

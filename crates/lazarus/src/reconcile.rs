@@ -18,7 +18,8 @@ use lazarus_cluster::{MetaCommand, MetaResponse, ReplicaState, VolumeInfo};
 use lazarus_rpc::KIND_ROOT;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// How long a replica that does not answer is retried before it is marked dead.
 const UNREACHABLE_PATIENCE: Duration = Duration::from_secs(2);

@@ -29,7 +29,8 @@ use lazarus_types::{BlockId, Checksum, BLOCK_SIZE, FANOUT_U64};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// A read waits this long for the repair of its page, then answers EIO.
 const REPAIR_DEADLINE: Duration = Duration::from_secs(10);

@@ -24,7 +24,8 @@ use lazarus_types::{BlockId, Checksum, Lba, BLOCK_SIZE, FANOUT, FANOUT_U64, ID_L
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// How often a node looks for copies of its own that need a resync.
 const RESYNC_POLL: Duration = Duration::from_millis(300);

@@ -33,7 +33,8 @@ use lazarus_recovery::server::{
 };
 use lazarus_rpc::KIND_PING;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 const CONTACT_INTERVAL: Duration = Duration::from_millis(100);
 /// A ping's answer from a node that serves a volume on its own (held at the recovery
