@@ -253,13 +253,13 @@ async fn compact_log(l: &Arc<VolLog>) -> std::io::Result<()> {
     let Some((from, entries, mut draft)) = l.log.lock().start_compaction()? else {
         return Ok(());
     };
-    let draft = tokio::task::spawn_blocking(move || draft.copy(&from, &entries).map(|_| draft))
+    let draft = lazarus_rpc::rt::blocking(move || draft.copy(&from, &entries).map(|_| draft))
         .await
         .map_err(std::io::Error::other)??;
     // No sync in flight while the file changes under the offsets.
     let _s = l.sync.lock().await;
     let l2 = l.clone();
-    let done = tokio::task::spawn_blocking(move || l2.log.lock().finish_compaction(draft))
+    let done = lazarus_rpc::rt::blocking(move || l2.log.lock().finish_compaction(draft))
         .await
         .map_err(std::io::Error::other)??;
     if let Some(c) = done {
@@ -384,7 +384,7 @@ impl RecoveryServer {
     async fn save(&self, coord: Coord) -> Result<(), String> {
         let dir = self.dir.clone();
         let c = coord.clone();
-        tokio::task::spawn_blocking(move || recovery_log::save_coord(&dir, &c))
+        lazarus_rpc::rt::blocking(move || recovery_log::save_coord(&dir, &c))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("cannot save the coordination state: {e}"))?;
@@ -636,7 +636,7 @@ impl RecoveryServer {
             let log = l.log.lock();
             (log.sync_handle().map_err(|e| e.to_string())?, log.bytes())
         };
-        let synced = tokio::task::spawn_blocking(move || sync_data(&file))
+        let synced = lazarus_rpc::rt::blocking(move || sync_data(&file))
             .await
             .map_err(|e| e.to_string())?;
         if let Err(e) = synced {
@@ -889,7 +889,7 @@ impl RecoveryServer {
 /// Runs the recovery server until killed.
 pub async fn run(dir: &Path, listen: SocketAddr) -> anyhow::Result<()> {
     let rs = RecoveryServer::open(dir)?;
-    let listener = tokio::net::TcpListener::bind(listen)
+    let listener = lazarus_rpc::net::Listener::bind(&listen.to_string())
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     let addr = listener.local_addr()?;

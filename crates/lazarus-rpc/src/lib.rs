@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 
 pub mod net;
+pub mod rt;
 use net::WriteHalf;
 use tokio::sync::{mpsc, oneshot, Mutex};
 

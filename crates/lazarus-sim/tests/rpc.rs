@@ -83,7 +83,10 @@ fn run(seed: u64) -> Vec<String> {
         // it heals; a dropped segment would leave a gap that real TCP never shows):
         // the call fails with a typed transport error, never a reply.
         turmoil::hold("client", "server");
-        let e = c.call(ECHO, b"p", Duration::from_secs(1)).await.unwrap_err();
+        let e = c
+            .call(ECHO, b"p", Duration::from_secs(1))
+            .await
+            .unwrap_err();
         assert!(matches!(e, RpcError::Timeout { .. }), "{e:?}");
         log(format!("partitioned: {e}"));
         turmoil::release("client", "server");

@@ -330,7 +330,7 @@ async fn create_volume(
         return create_in_cluster(&s, &c, req.name, size, req.replication_factor).await;
     }
     let store = s.engine.store.clone();
-    let v = tokio::task::spawn_blocking(move || store.create_volume(&req.name, size))
+    let v = lazarus_rpc::rt::blocking(move || store.create_volume(&req.name, size))
         .await
         .map_err(join_err)??;
     Ok((StatusCode::CREATED, Json(volume_view(&v))))
@@ -435,7 +435,7 @@ async fn delete_volume(
         ));
     }
     let store = s.engine.store.clone();
-    tokio::task::spawn_blocking(move || store.delete_volume(&name))
+    lazarus_rpc::rt::blocking(move || store.delete_volume(&name))
         .await
         .map_err(join_err)??;
     Ok(StatusCode::NO_CONTENT)
@@ -527,7 +527,7 @@ async fn resize_volume(
         return Ok(Json(v));
     }
     let store = s.engine.store.clone();
-    let v = tokio::task::spawn_blocking(move || store.resize_volume(&name, size))
+    let v = lazarus_rpc::rt::blocking(move || store.resize_volume(&name, size))
         .await
         .map_err(join_err)??;
     Ok(Json(volume_view(&v)))
@@ -843,7 +843,7 @@ async fn fault_corrupt(
         ));
     }
     let store = s.engine.store.clone();
-    let r = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, ApiError> {
+    let r = lazarus_rpc::rt::blocking(move || -> Result<serde_json::Value, ApiError> {
         store.checkpoint()?;
         let page = req.lba / lazarus_types::FANOUT_U64;
         let (path, offset) = match req.target.as_str() {
@@ -996,7 +996,7 @@ async fn fault_eio(
         ));
     }
     let store = s.engine.store.clone();
-    let r = tokio::task::spawn_blocking(move || -> Result<serde_json::Value, ApiError> {
+    let r = lazarus_rpc::rt::blocking(move || -> Result<serde_json::Value, ApiError> {
         store.checkpoint()?;
         let page = req.lba / lazarus_types::FANOUT_U64;
         let damaged = v.inject_page_read_error(page)?;
@@ -1199,7 +1199,7 @@ async fn volume_map(
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let v = find(&s, &name)?;
-    let ext = tokio::task::spawn_blocking(move || v.mapped_extents())
+    let ext = lazarus_rpc::rt::blocking(move || v.mapped_extents())
         .await
         .map_err(join_err)?;
     Ok(Json(

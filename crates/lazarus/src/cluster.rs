@@ -373,7 +373,7 @@ impl Cluster {
             apply_guards: Default::default(),
             promoting: Default::default(),
         });
-        let listener = tokio::net::TcpListener::bind(rpc_listen)
+        let listener = lazarus_rpc::net::Listener::bind(&rpc_listen.to_string())
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen for RPC on {rpc_listen}: {e}"))?;
         let c = cluster.clone();
@@ -688,7 +688,7 @@ impl Cluster {
             }
             Update::Flush => {
                 let b = self.blocks.clone();
-                return tokio::task::spawn_blocking(move || b.flush())
+                return lazarus_rpc::rt::blocking(move || b.flush())
                     .await
                     .map_err(|e| e.to_string())?
                     .map_err(|e| e.to_string());
@@ -738,7 +738,8 @@ impl Cluster {
             None if v.replicas.contains(&self.id) && self.blocks.volume(&volume).is_none() => {
                 let (b, name, size, uid) =
                     (self.blocks.clone(), volume.clone(), v.size_bytes, v.uid);
-                match tokio::task::block_in_place(|| b.create_volume_with_uid(&name, size, uid)) {
+                match lazarus_rpc::rt::block_in_place(|| b.create_volume_with_uid(&name, size, uid))
+                {
                     Ok(l) => l,
                     Err(_) => self
                         .blocks
@@ -753,7 +754,7 @@ impl Cluster {
         // `reconcile` here: grow the copy now rather than fail and become dead.
         if local.size_bytes() < v.size_bytes {
             let (b, name, size) = (self.blocks.clone(), volume.clone(), v.size_bytes);
-            tokio::task::block_in_place(|| b.resize_volume(&name, size))
+            lazarus_rpc::rt::block_in_place(|| b.resize_volume(&name, size))
                 .map_err(|e| format!("cannot grow the local copy of {volume:?}: {e}"))?;
         }
         let b = self.blocks.clone();
@@ -796,7 +797,7 @@ impl Cluster {
         // Like the primary's engine: inline, unless the store may block (a checkpoint
         // holding writes off, or its backpressure flush).
         if self.blocks.is_checkpointing() || self.blocks.wants_flush() {
-            tokio::task::block_in_place(apply)
+            lazarus_rpc::rt::block_in_place(apply)
         } else {
             apply()
         }
@@ -1295,7 +1296,7 @@ impl Cluster {
     /// Grows this node's copy of a volume to the size the metadata gives it.
     pub async fn grow_local(&self, volume: &str, size: u64) {
         let (b, name) = (self.blocks.clone(), volume.to_string());
-        match tokio::task::spawn_blocking(move || b.resize_volume(&name, size)).await {
+        match lazarus_rpc::rt::blocking(move || b.resize_volume(&name, size)).await {
             Ok(Ok(_)) => {
                 lazarus_observe::events::record(
                     "resize",
@@ -1321,7 +1322,7 @@ impl Cluster {
                     }
                     let b = c.blocks.clone();
                     let name = local.meta.name.clone();
-                    match tokio::task::spawn_blocking(move || b.delete_volume(&name)).await {
+                    match lazarus_rpc::rt::blocking(move || b.delete_volume(&name)).await {
                         Ok(Ok(())) => {
                             tracing::info!(volume = %local.meta.name, uid = local.meta.uid, "local copy of a deleted volume removed")
                         }
@@ -1342,7 +1343,7 @@ impl Cluster {
                     if v.replicas.contains(&c.id) && c.blocks.volume(&v.name).is_none() {
                         let b = c.blocks.clone();
                         let (name, size, uid) = (v.name.clone(), v.size_bytes, v.uid);
-                        match tokio::task::spawn_blocking(move || {
+                        match lazarus_rpc::rt::blocking(move || {
                             b.create_volume_with_uid(&name, size, uid)
                         })
                         .await

@@ -121,7 +121,7 @@ impl Engine {
     /// store's own backpressure flush) without stalling a runtime worker.
     fn blocking<T>(&self, f: impl FnOnce() -> T) -> T {
         if self.store.is_checkpointing() || self.store.wants_flush() {
-            tokio::task::block_in_place(f)
+            lazarus_rpc::rt::block_in_place(f)
         } else {
             f()
         }
@@ -133,7 +133,7 @@ impl Engine {
         if self.store.wants_flush() && !self.background_flush.swap(true, Ordering::AcqRel) {
             let store = self.store.clone();
             let flag = self.background_flush.clone();
-            tokio::task::spawn_blocking(move || {
+            lazarus_rpc::rt::detach_blocking(move || {
                 if let Err(e) = store.flush() {
                     tracing::error!(error = %e, "background flush failed");
                 }
@@ -469,7 +469,7 @@ impl Engine {
 
     async fn flush_local(&self) -> Result<(), IoError> {
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.flush())
+        lazarus_rpc::rt::blocking(move || store.flush())
             .await
             .map_err(|e| IoError::new(EIO, format!("flush task failed: {e}")))??;
         Ok(())

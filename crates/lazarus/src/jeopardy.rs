@@ -1470,7 +1470,7 @@ impl Cluster {
             let recs = rr.records.clone();
             let raw = raw.to_vec();
             let n = recs.len() as u64;
-            tokio::task::spawn_blocking(move || -> Result<(), String> {
+            lazarus_rpc::rt::blocking(move || -> Result<(), String> {
                 for w in &recs {
                     let end = at + w.data_len as usize;
                     let lba = lazarus_types::Lba(w.lba);
@@ -1511,7 +1511,7 @@ impl Cluster {
             offset = rr.next;
         }
         let store = self.blocks.clone();
-        tokio::task::spawn_blocking(move || store.flush())
+        lazarus_rpc::rt::blocking(move || store.flush())
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;

@@ -10,13 +10,12 @@ use lazarus_nbd::{
     Command, ExportCatalog, ExportInfo, Handshake, OptionHeader, OptionOutcome, Request,
     OPTION_DATA_MAX_BYTES, OPTION_HEADER_LEN, PAYLOAD_MAX_BYTES, REQUEST_HEADER_LEN,
 };
+use lazarus_rpc::net::{Listener, Stream, WriteHalf};
 use lazarus_store::{Store, Volume};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::tcp::OwnedWriteHalf;
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 
 /// Bytes of requests read from the socket at a time.
@@ -106,7 +105,8 @@ impl ExportCatalog for Catalog {
     }
 }
 
-pub async fn serve(listener: TcpListener, engine: Arc<Engine>) {
+pub async fn serve(listener: impl Into<Listener>, engine: Arc<Engine>) {
+    let listener = listener.into();
     let limit = Arc::new(Semaphore::new(CONNECTIONS_MAX));
     loop {
         let permit = limit
@@ -137,8 +137,7 @@ pub async fn serve(listener: TcpListener, engine: Arc<Engine>) {
 /// starting up (its metadata may be behind the cluster's) before it is closed.
 const STARTUP_WAIT: Duration = Duration::from_secs(30);
 
-async fn handle(mut sock: TcpStream, engine: Arc<Engine>) -> anyhow::Result<()> {
-    sock.set_nodelay(true)?;
+async fn handle(mut sock: Stream, engine: Arc<Engine>) -> anyhow::Result<()> {
     // A node that has not finished its start-up check would act on an old view (itself
     // primary at an old epoch, say): the client waits for the greeting instead, and
     // never sees an I/O error for it — unless the node holds a volume at the recovery
@@ -183,7 +182,7 @@ async fn handle(mut sock: TcpStream, engine: Arc<Engine>) -> anyhow::Result<()> 
 }
 
 async fn handshake(
-    sock: &mut TcpStream,
+    sock: &mut Stream,
     catalog: &Catalog,
 ) -> anyhow::Result<Option<(ExportInfo, bool)>> {
     sock.write_all(&server_greeting()).await?;
@@ -238,7 +237,7 @@ async fn handshake(
     anyhow::bail!("too many options in one handshake")
 }
 
-async fn writer_task(wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>) {
+async fn writer_task(wr: WriteHalf, mut rx: mpsc::Receiver<Vec<u8>>) {
     let mut w = BufWriter::with_capacity(256 << 10, wr);
     while let Some(buf) = rx.recv().await {
         if w.write_all(&buf).await.is_err() {
@@ -364,7 +363,7 @@ struct ConnAcks {
 }
 
 async fn transmission(
-    sock: TcpStream,
+    sock: Stream,
     engine: Arc<Engine>,
     ex: Arc<Export>,
     structured: bool,

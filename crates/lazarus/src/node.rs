@@ -56,13 +56,13 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let opts = StoreOptions {
         journal_bytes: cfg.journal_bytes,
     };
-    let store = tokio::task::spawn_blocking(move || Store::open(&dir, opts)).await??;
+    let store = lazarus_rpc::rt::blocking(move || Store::open(&dir, opts)).await??;
     let store = Arc::new(store);
     tracing::info!(node = %cfg.id, elapsed_ms = t0.elapsed().as_millis() as u64, recovery = ?store.recovery, "store opened");
     let engine = Arc::new(Engine::new(store.clone()));
     crate::dashboard::start_sampler(engine.clone());
 
-    let nbd = TcpListener::bind(cfg.nbd_listen)
+    let nbd = lazarus_rpc::net::Listener::bind(&cfg.nbd_listen.to_string())
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen for NBD on {}: {e}", cfg.nbd_listen))?;
     let adm = TcpListener::bind(cfg.admin_listen).await.map_err(|e| {
@@ -145,7 +145,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     tracing::info!(node = %cfg.id, "shutting down: flushing and checkpointing");
     store.seal();
     let s = store.clone();
-    match tokio::task::spawn_blocking(move || s.checkpoint()).await? {
+    match lazarus_rpc::rt::blocking(move || s.checkpoint()).await? {
         Ok(()) => {
             // Without the marker (a full disk) the next start treats this stop as a
             // crash: its copies resync, which is safe, only slower.
@@ -178,7 +178,7 @@ async fn checkpointer(store: Arc<Store>, interval: Duration, data_dir: PathBuf) 
             continue;
         }
         let s = store.clone();
-        match tokio::task::spawn_blocking(move || s.checkpoint()).await {
+        match lazarus_rpc::rt::blocking(move || s.checkpoint()).await {
             Ok(Ok(())) => last = Instant::now(),
             Ok(Err(e)) => tracing::error!(error = %e, "checkpoint failed"),
             Err(e) => tracing::error!(error = %e, "checkpoint task panicked"),

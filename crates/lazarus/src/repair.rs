@@ -489,7 +489,7 @@ impl Engine {
         let first = p * FANOUT_U64;
         let _g = self.lock_blocks(first, first + FANOUT_U64 - 1).await;
         let store = self.store.clone();
-        let r = tokio::task::block_in_place(|| store.repair_slots(vol, p, ids, &supplied));
+        let r = lazarus_rpc::rt::block_in_place(|| store.repair_slots(vol, p, ids, &supplied));
         match r {
             Ok(Ok(_)) => true,
             Ok(Err(id)) => {
@@ -528,7 +528,7 @@ impl Engine {
             let Some(data) = got.get(&id) else { continue };
             let store = self.store.clone();
             let data = data.clone();
-            match tokio::task::spawn_blocking(move || store.restore_block(id, &data)).await {
+            match lazarus_rpc::rt::blocking(move || store.restore_block(id, &data)).await {
                 Ok(Ok(true)) => {
                     self.repair
                         .record(volume, None, &format!("block {} from n{n}", id.to_hex()));
@@ -658,7 +658,7 @@ impl Engine {
             };
             let v = vol.clone();
             let state = self.repair.clone();
-            let (slice, ck) = tokio::task::spawn_blocking(move || {
+            let (slice, ck) = lazarus_rpc::rt::blocking(move || {
                 let tick = || {
                     state
                         .0
@@ -708,7 +708,7 @@ impl Engine {
         }
         self.repair.scrub_phase("blocks", "");
         let store = self.store.clone();
-        let bad = tokio::task::spawn_blocking(move || store.verify_blocks(10_000))
+        let bad = lazarus_rpc::rt::blocking(move || store.verify_blocks(10_000))
             .await
             .ok()
             .and_then(|r| r.ok())

@@ -378,7 +378,7 @@ impl Cluster {
             .map(|c| BlockId(c.try_into().expect("16 bytes")))
             .collect();
         let store = self.blocks.clone();
-        tokio::task::spawn_blocking(move || {
+        lazarus_rpc::rt::blocking(move || {
             let mut present = Vec::with_capacity(ids.len());
             let mut data = Vec::new();
             let mut buf = vec![0u8; BLOCK_SIZE];
@@ -593,7 +593,7 @@ impl Cluster {
             return Err(format!("did not converge in {PASSES_MAX} passes"));
         }
         let store = self.blocks.clone();
-        tokio::task::spawn_blocking(move || store.flush())
+        lazarus_rpc::rt::blocking(move || store.flush())
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
@@ -687,7 +687,7 @@ impl Cluster {
                 self.resync.clone(),
                 name.clone(),
             );
-            let installed = tokio::task::spawn_blocking(move || {
+            let installed = lazarus_rpc::rt::blocking(move || {
                 resync.install_if_untouched(&name2, p, seen, || -> Result<bool, String> {
                     for (a, n) in runs {
                         let lba = Lba(p * FANOUT_U64 + a as u64);

@@ -404,7 +404,7 @@ impl Cluster {
         // that reached this node after its check above may have let the primary serve
         // on for that long.
         let store = self.blocks.clone();
-        let flushed = tokio::task::spawn_blocking(move || store.flush()).await;
+        let flushed = lazarus_rpc::rt::blocking(move || store.flush()).await;
         tokio::time::sleep(CONTACT_WINDOW).await;
         if !silent_enough(Instant::now()) {
             tracing::warn!(volume = %v.name, "survivor claim granted, but another node was heard from since: not serving; the cluster sorts it out");
