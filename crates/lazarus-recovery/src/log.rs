@@ -32,11 +32,10 @@
 //! log's `generation` and start again when it changed. A damaged log is never
 //! compacted (its damage is evidence a restore must see).
 
+use lazarus_rpc::fs::{self as fsx, File};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::io;
 use std::path::{Path, PathBuf};
 
 pub const MAGIC: u32 = u32::from_le_bytes(*b"LZRL");
@@ -164,7 +163,8 @@ pub struct ChangeLog {
     entries: Vec<Entry>,
     /// Random, new at every open and compaction: offsets are valid within one.
     generation: u64,
-    /// The size after the last compaction (or at open, or a failed attempt).
+    /// The size after the last compaction (at open: the bytes a compaction would
+    /// keep; after a failed attempt: the size then).
     compacted_bytes: u64,
     /// Compactions since open (offsets from before the first stay valid without a
     /// generation: readers of an older version send none).
@@ -241,7 +241,7 @@ fn next_magic(file: &File, from: u64, file_len: u64) -> io::Result<Option<u64>> 
 /// classifies it into valid records, damaged middle ranges and a torn tail. Returns the
 /// scan, the end of the last valid record, and the index of valid records.
 fn scan(file: &File) -> io::Result<(LogScan, u64, Vec<Entry>)> {
-    let len = file.metadata()?.len();
+    let len = file.len()?;
     let mut s = LogScan::default();
     let mut entries = Vec::new();
     let mut off = 0u64;
@@ -373,7 +373,7 @@ pub struct CompactDraft {
 impl Drop for CompactDraft {
     fn drop(&mut self) {
         if !self.installed {
-            let _ = std::fs::remove_file(&self.path);
+            let _ = fsx::remove_file(&self.path);
         }
     }
 }
@@ -382,16 +382,21 @@ impl ChangeLog {
     pub fn open(path: &Path) -> io::Result<ChangeLog> {
         // A compaction that a crash interrupted before its rename.
         let leftover = compact_path(path);
-        if leftover.exists() {
+        if fsx::exists(&leftover) {
             tracing::warn!(file = %leftover.display(), "recovery log: unfinished compaction removed");
-            std::fs::remove_file(&leftover)?;
+            fsx::remove_file(&leftover)?;
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
+        let existed = fsx::exists(path);
+        let file = fsx::open_rw(path, true, false)?;
+        if !existed {
+            // A new log's name must be durable before any record in it is
+            // acknowledged: syncing the file's data does not sync its directory entry
+            // (found by the simulator: a crash lost a fresh log whole).
+            file.sync_all()?;
+            if let Some(dir) = path.parent() {
+                fsx::sync_dir(dir)?;
+            }
+        }
         let (scan, valid_end, entries) = scan(&file)?;
         if scan.torn_bytes > 0 {
             tracing::warn!(log = %path.display(), bytes = scan.torn_bytes, "recovery log: torn tail cut");
@@ -401,6 +406,14 @@ impl ChangeLog {
         if !scan.damaged.is_empty() {
             tracing::error!(log = %path.display(), ranges = ?scan.damaged, "recovery log: damaged records in the middle (kept, skipped, reported)");
         }
+        // What a compaction would keep: the next one waits until the log is twice
+        // that (not twice its size at open, which may be mostly superseded records).
+        let dropped = superseded(&entries);
+        let live: u64 = entries
+            .iter()
+            .filter(|e| !dropped.contains(&e.offset))
+            .map(|e| e.len)
+            .sum();
         Ok(ChangeLog {
             file,
             path: path.to_path_buf(),
@@ -410,7 +423,7 @@ impl ChangeLog {
             scan,
             entries,
             generation: fastrand::u64(1..),
-            compacted_bytes: valid_end,
+            compacted_bytes: live,
             compactions: 0,
             retired: false,
             failed: None,
@@ -459,12 +472,7 @@ impl ChangeLog {
             .take_while(|e| e.offset + e.len <= self.synced)
             .collect();
         let tmp = compact_path(&self.path);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
+        let file = fsx::open_rw(&tmp, true, true)?;
         let draft = CompactDraft {
             generation: self.generation,
             covered: entries.len(),
@@ -507,7 +515,7 @@ impl ChangeLog {
         let more = copy_records(&self.file, &new, &newer, &Default::default(), &mut d.end)?;
         d.entries.extend(more);
         new.sync_all()?;
-        std::fs::rename(&d.path, &self.path)?;
+        fsx::rename(&d.path, &self.path)?;
         // From here the new file is the log, whatever happens next.
         d.installed = true;
         let report = Compaction {
@@ -516,7 +524,16 @@ impl ChangeLog {
             bytes_before: self.end,
             bytes_after: d.end,
         };
-        self.file = new;
+        // Reopened by its name: the handle written through named the draft (a file
+        // system that resolves handles by path would lose it with the rename).
+        drop(new);
+        self.file = match fsx::open_rw(&self.path, false, false) {
+            Ok(f) => f,
+            Err(e) => {
+                self.latch_failure(&format!("reopening the compacted log: {e}"));
+                return Err(e);
+            }
+        };
         self.entries = std::mem::take(&mut d.entries);
         self.end = d.end;
         self.synced = d.end;
@@ -529,7 +546,7 @@ impl ChangeLog {
         // back the old log, which holds every record too; but a failed directory sync
         // may have lost more, so nothing more is acknowledged from this log.
         let dir_synced = match self.path.parent() {
-            Some(dir) => File::open(dir).and_then(|f| f.sync_all()),
+            Some(dir) => fsx::sync_dir(dir),
             None => Ok(()),
         };
         if let Err(e) = dir_synced {
@@ -750,7 +767,7 @@ pub struct Coord {
 
 pub fn load_coord(dir: &Path) -> Result<Coord, String> {
     let path = dir.join("coord.json");
-    let text = match std::fs::read(&path) {
+    let text = match fsx::read(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Coord::default()),
         Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
@@ -773,19 +790,22 @@ pub fn save_coord(dir: &Path, coord: &Coord) -> io::Result<()> {
     let body = serde_json::to_vec_pretty(coord).map_err(io::Error::other)?;
     let tmp = dir.join("coord.json.tmp");
     {
-        let mut f = File::create(&tmp)?;
-        f.write_all(blake3::hash(&body).to_hex().as_bytes())?;
-        f.write_all(b"\n")?;
-        f.write_all(&body)?;
+        let mut all = blake3::hash(&body).to_hex().as_bytes().to_vec();
+        all.push(b'\n');
+        all.extend_from_slice(&body);
+        let f = fsx::open_rw(&tmp, true, true)?;
+        f.write_all_at(&all, 0)?;
         f.sync_all()?;
     }
-    std::fs::rename(&tmp, dir.join("coord.json"))?;
-    File::open(dir)?.sync_all()
+    fsx::rename(&tmp, &dir.join("coord.json"))?;
+    fsx::sync_dir(dir)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::OpenOptions;
+    use std::os::unix::fs::FileExt;
 
     fn write_rec(log: &mut ChangeLog, lba: u64, fill: u8) -> u64 {
         let data = vec![fill; 4096];

@@ -238,7 +238,7 @@ pub struct RecoveryServer {
 #[cfg(test)]
 static FAIL_NEXT_SYNC: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-fn sync_data(file: &std::fs::File) -> std::io::Result<()> {
+fn sync_data(file: &lazarus_rpc::fs::File) -> std::io::Result<()> {
     #[cfg(test)]
     if FAIL_NEXT_SYNC.swap(false, std::sync::atomic::Ordering::SeqCst) {
         return Err(std::io::Error::from_raw_os_error(libc::EIO));
@@ -281,7 +281,7 @@ fn log_path(dir: &Path, volume: &str, uid: u64) -> PathBuf {
 
 impl RecoveryServer {
     pub fn open(dir: &Path) -> anyhow::Result<Arc<RecoveryServer>> {
-        std::fs::create_dir_all(dir.join("logs"))
+        lazarus_rpc::fs::create_dir_all(&dir.join("logs"))
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
         let coord = recovery_log::load_coord(dir).map_err(anyhow::Error::msg)?;
         let rs = RecoveryServer {
@@ -305,11 +305,11 @@ impl RecoveryServer {
         // (any hold it had ran out HOLD_LEASE after a renewal sent before the restart).
         // Compactions a crash interrupted, of logs deleted since (those of open logs
         // are removed when the log opens).
-        if let Ok(dir) = std::fs::read_dir(dir.join("logs")) {
-            for e in dir.flatten() {
-                if e.path().extension().is_some_and(|x| x == "compact") {
-                    tracing::warn!(file = %e.path().display(), "unfinished log compaction removed");
-                    let _ = std::fs::remove_file(e.path());
+        if let Ok(paths) = lazarus_rpc::fs::list_dir(&dir.join("logs")) {
+            for p in paths {
+                if p.extension().is_some_and(|x| x == "compact") {
+                    tracing::warn!(file = %p.display(), "unfinished log compaction removed");
+                    let _ = lazarus_rpc::fs::remove_file(&p);
                 }
             }
         }
@@ -484,7 +484,7 @@ impl RecoveryServer {
             // A fresh log: anything left from an earlier jeopardy is gone.
             self.drop_log(&req.volume);
             let p = log_path(&self.dir, &req.volume, req.uid);
-            let _ = std::fs::remove_file(&p);
+            let _ = lazarus_rpc::fs::remove_file(&p);
         }
         coord.volumes.insert(req.volume.clone(), next.clone());
         self.save(coord).await?;
@@ -777,9 +777,10 @@ impl RecoveryServer {
         // still lose the compare-and-set.
         let dropped = self.drop_log(&req.volume);
         let p = log_path(&self.dir, &req.volume, req.uid);
-        let bytes = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
-        if dropped || p.exists() {
-            std::fs::remove_file(&p).map_err(|e| format!("cannot delete {}: {e}", p.display()))?;
+        let bytes = lazarus_rpc::fs::file_len(&p).unwrap_or(0);
+        if dropped || lazarus_rpc::fs::exists(&p) {
+            lazarus_rpc::fs::remove_file(&p)
+                .map_err(|e| format!("cannot delete {}: {e}", p.display()))?;
         }
         tracing::info!(volume = %req.volume, fcid = req.fcid, bytes, "jeopardy cleared: configuration copy and changed blocks deleted");
         Ok(())
@@ -893,7 +894,7 @@ pub async fn run(dir: &Path, listen: SocketAddr) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     let addr = listener.local_addr()?;
-    std::fs::write(dir.join("endpoint"), addr.to_string())?;
+    lazarus_rpc::fs::write(&dir.join("endpoint"), addr.to_string().as_bytes())?;
     tracing::info!(%addr, data = %dir.display(), "recovery server listening");
     println!("recovery server listening on {addr}");
     let h = rs.clone();

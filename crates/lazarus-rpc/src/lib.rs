@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 
+pub mod fs;
 pub mod net;
 pub mod rt;
 use net::WriteHalf;
