@@ -15,6 +15,8 @@ use std::time::Duration;
 pub fn simulation<'a>(seed: u64, limit: Duration) -> turmoil::Sim<'a> {
     turmoil::Builder::new()
         .rng_seed(seed)
+        // A fixed wall clock too (turmoil starts it at the real time otherwise).
+        .epoch(std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000))
         .simulation_duration(limit)
         .min_message_latency(Duration::from_millis(1))
         .max_message_latency(Duration::from_millis(20))
