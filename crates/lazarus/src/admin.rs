@@ -1188,8 +1188,9 @@ async fn do_io(
     };
     match s.engine.route_name(name).await.map_err(io_error)? {
         crate::engine::Route::Local => s.engine.execute_local(&req, payload).await,
-        crate::engine::Route::Forward(_) => s.engine.forward(&req, payload).await.map(|r| r.0),
+        crate::engine::Route::Forward(_) => s.engine.forward(&req, payload).await,
     }
+    .map(|done| done.data)
     .map_err(io_error)
 }
 

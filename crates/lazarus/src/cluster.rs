@@ -173,6 +173,10 @@ pub struct Cluster {
     /// node that crashed is never counted as having copies it may have lost.
     ready: AtomicBool,
     incarnation: u64,
+    /// Bumped before this process replaces any part of a copy from elsewhere (a
+    /// resync, a restore from the recovery server): writes it applied before may be
+    /// gone from it, so it no longer vouches for them (nbd_server.rs, `Acks`).
+    pub(crate) copies_replaced: std::sync::atomic::AtomicU64,
     pub(crate) resync: crate::resync::ResyncState,
     /// The node's engine, for requests forwarded by other nodes.
     pub(crate) engine: OnceLock<Weak<crate::engine::Engine>>,
@@ -359,6 +363,7 @@ impl Cluster {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(1, |d| d.as_nanos() as u64)
                 ^ (std::process::id() as u64) << 32,
+            copies_replaced: Default::default(),
             resync: Default::default(),
             engine: OnceLock::new(),
             recovery: crate::jeopardy::Recovery::new(cfg),
@@ -440,7 +445,10 @@ impl Cluster {
                 let (json, raw) = rpc::unpack(&body)?;
                 let u: Update = de(json)?;
                 self.apply_update(u, raw).await?;
-                Ok(Vec::new())
+                // Which process holds the update now (nbd_server.rs, `Acks`).
+                let mut who = self.incarnation.to_be_bytes().to_vec();
+                who.extend_from_slice(&self.copies_replaced.load(Ordering::Acquire).to_be_bytes());
+                Ok(who)
             }
             KIND_CLIENT_WRITE => {
                 let cmd: MetaCommand = de(&body)?;
@@ -810,12 +818,28 @@ impl Cluster {
     /// replica (the volume just fell to its last failure domain) enters jeopardy and
     /// goes to the recovery server before this returns: an acknowledged write is always
     /// on two failure domains.
+    /// Sends an update to every copy that takes updates; returns the replica
+    /// processes that applied it (node and incarnation, as they answered).
     pub async fn replicate(
         &self,
         volume: &str,
         u: Update,
         raw: &[u8],
         on_rs: bool,
+    ) -> Result<Vec<crate::forward::Executor>, String> {
+        let mut holders = Vec::new();
+        self.replicate_into(volume, u, raw, on_rs, &mut holders)
+            .await?;
+        Ok(holders)
+    }
+
+    async fn replicate_into(
+        &self,
+        volume: &str,
+        u: Update,
+        raw: &[u8],
+        on_rs: bool,
+        holders: &mut Vec<crate::forward::Executor>,
     ) -> Result<(), String> {
         let Some(v) = self.effective(volume) else {
             return Ok(());
@@ -933,7 +957,21 @@ impl Cluster {
         let failures = results.iter().filter(|r| r.1.is_err()).count();
         for (node, r) in results {
             match r {
-                Ok(_) => acked_live += (v.state_of(node) == Some(ReplicaState::Live)) as usize,
+                Ok(body) => {
+                    acked_live += (v.state_of(node) == Some(ReplicaState::Live)) as usize;
+                    if body.len() >= 8 {
+                        let at = |i: usize| {
+                            body.get(i..i + 8)
+                                .and_then(|b| b.try_into().ok())
+                                .map_or(0, u64::from_be_bytes)
+                        };
+                        holders.push(crate::forward::Executor {
+                            node,
+                            incarnation: at(0),
+                            copy_gen: at(8),
+                        });
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(volume, replica = node, error = %e, "replica failed an update; marking it dead");
                     // Out at the recovery server first: it must never claim the volume

@@ -3,6 +3,7 @@
 //! requests in flight together each land whole (as if applied in some order).
 
 use crate::cluster::Role;
+use crate::forward::Holders;
 use lazarus_nbd::consts::{EINVAL, EIO, ENOSPC};
 use lazarus_store::{ReadError, Store, StoreError, Volume, WriteError};
 use lazarus_types::{Lba, BLOCK_SIZE, BLOCK_SIZE_U64};
@@ -234,7 +235,7 @@ impl Engine {
         u: crate::cluster::Update,
         raw: &[u8],
         on_rs: bool,
-    ) -> Result<(), IoError> {
+    ) -> Result<Holders, IoError> {
         let c = self
             .cluster
             .get()
@@ -243,7 +244,8 @@ impl Engine {
             Role::Primary { epoch } => Some(epoch),
             _ => None,
         };
-        c.replicate(&vol.meta.name, u, raw, on_rs)
+        let holders = c
+            .replicate(&vol.meta.name, u, raw, on_rs)
             .await
             .map_err(|m| IoError::new(EIO, format!("replication failed: {m}")))?;
         // As for reads: the lease must still hold once every copy has the update. A
@@ -260,7 +262,7 @@ impl Engine {
                 ));
             }
         }
-        Ok(())
+        Ok(holders)
     }
 
     /// In jeopardy: makes the update durable on the recovery server before it is
@@ -333,15 +335,18 @@ impl Engine {
         Ok(())
     }
 
+    /// Writes `data` at `offset`; returns the processes that hold the write (this one
+    /// and the replicas that applied it: nbd_server.rs, `Acks`).
     pub async fn write(
         &self,
         vol: &Volume,
         offset: u64,
         data: &[u8],
         fua: bool,
-    ) -> Result<(), IoError> {
+    ) -> Result<Holders, IoError> {
         let len = data.len() as u64;
         let replicated = self.replicated(vol)?;
+        let mut holders = vec![self.executor()];
         if len > 0 {
             let first = offset / BLOCK_SIZE_U64;
             let last = (offset + len - 1) / BLOCK_SIZE_U64;
@@ -358,7 +363,7 @@ impl Engine {
                 if replicated {
                     // Still under the stripe locks: replicas see updates to a block
                     // in the order the primary applied them.
-                    self.replicate(vol, write(first), data, on_rs).await?;
+                    holders.extend(self.replicate(vol, write(first), data, on_rs).await?);
                 }
             } else {
                 // Read-modify-write of the partial blocks at either end only.
@@ -377,7 +382,7 @@ impl Engine {
                 let on_rs = replicated && self.log_first(vol, &write(first), &buf).await?;
                 self.blocking(|| self.store.write_blocks(vol, Lba(first), &buf))?;
                 if replicated {
-                    self.replicate(vol, write(first), &buf, on_rs).await?;
+                    holders.extend(self.replicate(vol, write(first), &buf, on_rs).await?);
                 }
             }
             self.after_write();
@@ -385,7 +390,7 @@ impl Engine {
         if fua {
             self.flush(vol).await?;
         }
-        Ok(())
+        Ok(holders)
     }
 
     /// WRITE_ZEROES (`trim == false`) and TRIM. Whole blocks are unmapped (or, with
@@ -400,8 +405,11 @@ impl Engine {
         trim: bool,
         provision: bool,
         fua: bool,
-    ) -> Result<(), IoError> {
+    ) -> Result<Holders, IoError> {
         let replicated = self.replicated(vol)?;
+        // Held by every process that holds each of its parts.
+        let mut holders = vec![self.executor()];
+        let keep = |h: Holders, holders: &mut Holders| holders.retain(|x| h.contains(x));
         if len > 0 {
             let end = offset + len;
             let first_full = offset.div_ceil(BLOCK_SIZE_U64);
@@ -409,18 +417,22 @@ impl Engine {
             if !trim {
                 let head_end = (first_full * BLOCK_SIZE_U64).min(end);
                 if head_end > offset {
-                    self.write(vol, offset, &vec![0u8; (head_end - offset) as usize], false)
+                    let h = self
+                        .write(vol, offset, &vec![0u8; (head_end - offset) as usize], false)
                         .await?;
+                    keep(h, &mut holders);
                 }
                 let tail_start = (end_full * BLOCK_SIZE_U64).max(head_end);
                 if end > tail_start {
-                    self.write(
-                        vol,
-                        tail_start,
-                        &vec![0u8; (end - tail_start) as usize],
-                        false,
-                    )
-                    .await?;
+                    let h = self
+                        .write(
+                            vol,
+                            tail_start,
+                            &vec![0u8; (end - tail_start) as usize],
+                            false,
+                        )
+                        .await?;
+                    keep(h, &mut holders);
                 }
             }
             if end_full > first_full {
@@ -442,7 +454,9 @@ impl Engine {
                     )
                 })?;
                 if replicated {
-                    self.replicate(vol, u, &[], on_rs).await?;
+                    let mut h = self.replicate(vol, u, &[], on_rs).await?;
+                    h.push(self.executor());
+                    keep(h, &mut holders);
                 }
                 self.after_write();
             }
@@ -450,7 +464,7 @@ impl Engine {
         if fua {
             self.flush(vol).await?;
         }
-        Ok(())
+        Ok(holders)
     }
 
     /// FLUSH: durable on this node and, for a cluster volume, on every copy that takes
@@ -462,7 +476,7 @@ impl Engine {
                 self.replicate(vol, crate::cluster::Update::Flush, &[], false)
             );
             local?;
-            return remote;
+            return remote.map(|_| ());
         }
         self.flush_local().await
     }

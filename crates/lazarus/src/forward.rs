@@ -46,7 +46,16 @@ pub struct ForwardReq {
 pub struct Executor {
     pub node: u64,
     pub incarnation: u64,
+    /// How many times the process had replaced part of a copy from elsewhere (a
+    /// resync, a restore): after one, it may no longer hold what it applied before.
+    #[serde(default)]
+    pub copy_gen: u64,
 }
+
+/// The processes that hold an acknowledged write in memory or on disk: its primary
+/// and every replica that applied it. A FLUSH executed by any of them (still the same
+/// process) makes it durable.
+pub type Holders = Vec<Executor>;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct ForwardReply {
@@ -55,6 +64,10 @@ struct ForwardReply {
     /// The receiver is not the primary either (its metadata says so): route again.
     #[serde(default)]
     not_primary: bool,
+    /// The processes that hold a write it acknowledged (its executor and the replicas
+    /// that applied it); empty from a node of an older version: then the executor.
+    #[serde(default)]
+    holders: Holders,
     /// Who executed it. A node of an older version sends none: every such reply
     /// names the same unknown process, so during a rolling upgrade a primary of the
     /// old version that restarts is not told apart (no worse than that version).
@@ -62,13 +75,21 @@ struct ForwardReply {
     executor: Executor,
 }
 
+/// A request executed: its reply data, who executed it, and who holds what it wrote.
+pub struct Done {
+    pub data: Vec<u8>,
+    pub by: Executor,
+    pub holders: Holders,
+}
+
 impl Engine {
     /// Executes a request on this node, which must be the volume's primary.
-    pub async fn execute_local(
-        &self,
-        req: &ForwardReq,
-        payload: &[u8],
-    ) -> Result<Vec<u8>, IoError> {
+    pub async fn execute_local(&self, req: &ForwardReq, payload: &[u8]) -> Result<Done, IoError> {
+        let done = |data: Vec<u8>, holders: Holders| Done {
+            data,
+            by: self.executor(),
+            holders,
+        };
         let vol = self.store.volume(&req.volume).ok_or_else(|| {
             IoError::new(
                 EINVAL,
@@ -93,24 +114,24 @@ impl Engine {
             Op::Read => {
                 let mut out = vec![0u8; req.length as usize];
                 self.read_repairing(&vol, req.offset, &mut out).await?;
-                Ok(out)
+                Ok(done(out, Vec::new()))
             }
             Op::Write => {
                 if payload.len() as u64 != req.length {
                     return Err(IoError::new(EINVAL, "write payload length mismatch"));
                 }
-                self.write(&vol, req.offset, payload, req.fua).await?;
-                Ok(Vec::new())
+                let h = self.write(&vol, req.offset, payload, req.fua).await?;
+                Ok(done(Vec::new(), h))
             }
-            Op::Flush => self.flush(&vol).await.map(|_| Vec::new()),
+            Op::Flush => self.flush(&vol).await.map(|_| done(Vec::new(), Vec::new())),
             Op::Trim => self
                 .zero(&vol, req.offset, req.length, true, false, req.fua)
                 .await
-                .map(|_| Vec::new()),
+                .map(|h| done(Vec::new(), h)),
             Op::Zero => self
                 .zero(&vol, req.offset, req.length, false, req.no_hole, req.fua)
                 .await
-                .map(|_| Vec::new()),
+                .map(|h| done(Vec::new(), h)),
         }
     }
 
@@ -121,6 +142,7 @@ impl Engine {
             .map(|c| Executor {
                 node: c.id,
                 incarnation: c.incarnation(),
+                copy_gen: c.copies_replaced.load(std::sync::atomic::Ordering::Acquire),
             })
             .unwrap_or_default()
     }
@@ -128,11 +150,7 @@ impl Engine {
     /// Sends a request to the volume's primary, routing again (and retrying) while
     /// the primary changes, up to `FORWARD_DEADLINE`; returns the reply and which
     /// process executed it.
-    pub async fn forward(
-        &self,
-        req: &ForwardReq,
-        payload: &[u8],
-    ) -> Result<(Vec<u8>, Executor), IoError> {
+    pub async fn forward(&self, req: &ForwardReq, payload: &[u8]) -> Result<Done, IoError> {
         let c = self
             .cluster
             .get()
@@ -144,10 +162,7 @@ impl Engine {
         let mut last = String::new();
         while t0.elapsed() < FORWARD_DEADLINE {
             let addr = match self.route_name(&req.volume).await? {
-                Route::Local => {
-                    let data = self.execute_local(req, payload).await?;
-                    return Ok((data, self.executor()));
-                }
+                Route::Local => return self.execute_local(req, payload).await,
                 Route::Forward(addr) => addr,
             };
             match c
@@ -161,7 +176,16 @@ impl Engine {
                     let r: ForwardReply = serde_json::from_slice(json)
                         .map_err(|e| IoError::new(EIO, format!("bad forward reply: {e}")))?;
                     if r.errno == 0 {
-                        return Ok((data.to_vec(), r.executor));
+                        let holders = if r.holders.is_empty() {
+                            vec![r.executor]
+                        } else {
+                            r.holders
+                        };
+                        return Ok(Done {
+                            data: data.to_vec(),
+                            by: r.executor,
+                            holders,
+                        });
                     }
                     if !r.not_primary {
                         return Err(IoError::new(r.errno, r.message));
@@ -203,6 +227,7 @@ impl Cluster {
                         errno: EIO,
                         message: format!("n{} is not the primary of {:?}", self.id, req.volume),
                         not_primary: true,
+                        holders: Vec::new(),
                         executor,
                     },
                     &[],
@@ -210,20 +235,22 @@ impl Cluster {
             }
         }
         match engine.execute_local(&req, raw).await {
-            Ok(data) => reply(
+            Ok(done) => reply(
                 ForwardReply {
                     errno: 0,
                     message: String::new(),
                     not_primary: false,
+                    holders: done.holders,
                     executor,
                 },
-                &data,
+                &done.data,
             ),
             Err(e) => reply(
                 ForwardReply {
                     errno: e.errno,
                     message: e.message,
                     not_primary: false,
+                    holders: Vec::new(),
                     executor,
                 },
                 &[],

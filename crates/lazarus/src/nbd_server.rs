@@ -3,7 +3,7 @@
 //! replies; each request runs in its own task, so replies may leave out of order.
 
 use crate::engine::{Engine, IoError, Route};
-use crate::forward::{Executor, ForwardReq, Op};
+use crate::forward::{Executor, ForwardReq, Holders, Op};
 use lazarus_nbd::consts::*;
 use lazarus_nbd::{
     parse_client_flags, server_greeting, simple_reply, structured_error, structured_read_header,
@@ -281,8 +281,9 @@ pub struct Acks(parking_lot::Mutex<AckState>);
 struct AckState {
     /// Logical time: a tick at every acknowledged write and every FLUSH start.
     clock: u64,
-    /// Per executor, the times of its earliest and latest writes not yet covered.
-    pending: HashMap<Executor, (u64, u64)>,
+    /// Per set of processes holding them (sorted), the times of the earliest and the
+    /// latest writes not yet covered.
+    pending: HashMap<Holders, (u64, u64)>,
     /// Connections opened at a generation before this one may have lost writes.
     lost_gen: u64,
     gen: u64,
@@ -294,12 +295,16 @@ impl Acks {
         self.0.lock().gen
     }
 
-    fn acked(&self, e: Executor) {
+    /// A write was acknowledged; `holders` have it (its primary and the replicas that
+    /// applied it).
+    fn acked(&self, mut holders: Holders) {
+        holders.sort_by_key(|e| (e.node, e.incarnation));
+        holders.dedup();
         let mut s = self.0.lock();
         s.clock += 1;
         let now = s.clock;
         s.pending
-            .entry(e)
+            .entry(holders)
             .and_modify(|p| p.1 = now)
             .or_insert((now, now));
     }
@@ -312,7 +317,9 @@ impl Acks {
     }
 
     /// A FLUSH that started at `t` on a connection opened at generation `opened`
-    /// succeeded on `by`: whether it vouches for every write it covers.
+    /// succeeded on `by` (which made what it holds durable, on itself and on every
+    /// copy that takes its updates): whether it vouches for every write it covers,
+    /// which it does when `by` holds each of them.
     fn flush_done(&self, opened: u64, t: u64, by: Executor) -> Result<(), IoError> {
         let mut s = self.0.lock();
         if opened < s.lost_gen {
@@ -322,35 +329,48 @@ impl Acks {
                  (the primary restarted or changed); reconnect",
             ));
         }
-        let lost: Vec<Executor> = s
+        let lost: Vec<Holders> = s
             .pending
             .iter()
-            .filter(|(x, (first, _))| **x != by && *first <= t)
-            .map(|(x, _)| *x)
+            .filter(|(h, (first, _))| !h.contains(&by) && *first <= t)
+            .map(|(h, _)| h.clone())
             .collect();
-        if let Some(x) = lost.first().copied() {
-            for x in &lost {
-                s.pending.remove(x);
+        if let Some(h) = lost.first().cloned() {
+            for h in &lost {
+                s.pending.remove(h);
             }
             s.gen += 1;
             s.lost_gen = s.gen;
+            let who: Vec<String> = h
+                .iter()
+                .map(|e| format!("n{} (process {:x})", e.node, e.incarnation))
+                .collect();
             return Err(IoError::new(
                 lazarus_nbd::consts::EIO,
                 format!(
-                    "writes acknowledged by n{} (process {:x}) before this flush may be lost: \
-                     the flush ran on n{} (process {:x}); the primary restarted or changed in between",
-                    x.node, x.incarnation, by.node, by.incarnation
+                    "writes acknowledged before this flush, held by {}, may be lost: \
+                     the flush ran on n{} (process {:x}), which never had them \
+                     (the primary restarted, or changed to a copy that missed them)",
+                    who.join(", "),
+                    by.node,
+                    by.incarnation
                 ),
             ));
         }
-        if let Some(p) = s.pending.get_mut(&by) {
-            if p.1 <= t {
-                s.pending.remove(&by);
-            } else {
-                // Some of its writes came after the FLUSH started (which, not known
-                // exactly: conservatively, all from then on).
-                p.0 = t + 1;
+        let mut done = Vec::new();
+        for (h, p) in s.pending.iter_mut() {
+            if h.contains(&by) {
+                if p.1 <= t {
+                    done.push(h.clone());
+                } else {
+                    // Some came after the FLUSH started (which, not known exactly:
+                    // conservatively, all from then on).
+                    p.0 = t + 1;
+                }
             }
+        }
+        for h in done {
+            s.pending.remove(&h);
         }
         Ok(())
     }
@@ -619,7 +639,8 @@ async fn execute_inner(
             match engine.flush(vol).await {
                 Ok(()) => unflushed
                     .acks
-                    .flush_done(unflushed.opened, t, engine.executor()),
+                    .flush_done(unflushed.opened, t, engine.executor())
+                    .map(|()| Vec::new()),
                 Err(e) => Err(e),
             }
         }
@@ -643,9 +664,9 @@ async fn execute_inner(
         Command::Disconnect | Command::Unknown(_) => unreachable!("handled before execute"),
     };
     match r {
-        Ok(()) => {
+        Ok(holders) => {
             if modifies(&req) {
-                unflushed.acks.acked(engine.executor());
+                unflushed.acks.acked(holders);
             }
             out.extend_from_slice(&simple_reply(req.cookie, 0))
         }
@@ -691,13 +712,13 @@ async fn forwarded(
         no_hole: req.no_hole(),
     };
     let t = (op == Op::Flush).then(|| unflushed.acks.flush_start());
-    let r = engine.forward(&f, payload).await.and_then(|(data, by)| {
+    let r = engine.forward(&f, payload).await.and_then(|done| {
         if let Some(t) = t {
-            unflushed.acks.flush_done(unflushed.opened, t, by)?;
+            unflushed.acks.flush_done(unflushed.opened, t, done.by)?;
         } else if modifies(&req) {
-            unflushed.acks.acked(by);
+            unflushed.acks.acked(done.holders);
         }
-        Ok(data)
+        Ok(done.data)
     });
     match r {
         Ok(data) if op == Op::Read => {
@@ -726,19 +747,50 @@ mod tests {
     use super::*;
 
     fn ex(node: u64, incarnation: u64) -> Executor {
-        Executor { node, incarnation }
+        Executor {
+            node,
+            incarnation,
+            copy_gen: 0,
+        }
     }
 
-    /// A FLUSH covers the writes of every connection to the export (multi-conn), fails
-    /// on every connection that was open when writes were found lost, and a FLUSH that
-    /// failed for another reason forgets nothing.
+    /// A FLUSH covers the writes of every connection to the export (multi-conn), vouches
+    /// for those its executor holds (the primary, or a replica that applied them and
+    /// was promoted), fails on every connection that was open when writes were found
+    /// lost, and a FLUSH that failed for another reason forgets nothing.
     #[test]
     fn a_flush_vouches_only_for_its_own_executor() {
         let (p1, p2) = (ex(1, 10), ex(1, 11));
+        // A failover to a replica that applied the writes: it vouches for them; one
+        // that restarted since (another process) or never had them does not.
+        let (r2, r2_restarted, r3) = (ex(2, 20), ex(2, 21), ex(3, 30));
+        let a = Acks::default();
+        let c = a.open();
+        a.acked(vec![p1, r2, r3]);
+        a.acked(vec![r2, p1]);
+        let t = a.flush_start();
+        assert!(a.flush_done(c, t, r2).is_ok());
+        assert!(a.0.lock().pending.is_empty());
+        a.acked(vec![p1, r2]);
+        let t = a.flush_start();
+        assert!(a.flush_done(c, t, r2_restarted).is_err());
+        let a = Acks::default();
+        let c = a.open();
+        a.acked(vec![p1, r2]);
+        let t = a.flush_start();
+        assert!(a.flush_done(c, t, r3).is_err());
+        // A holder whose copy was resynced since (from a primary that may have lost
+        // the writes) holds them no more.
+        let a = Acks::default();
+        let c = a.open();
+        a.acked(vec![p1, r2]);
+        let t = a.flush_start();
+        let r2_resynced = Executor { copy_gen: 1, ..r2 };
+        assert!(a.flush_done(c, t, r2_resynced).is_err());
         // The same process: fine, and nothing pending after.
         let a = Acks::default();
         let c = a.open();
-        a.acked(p1);
+        a.acked(vec![p1]);
         let t = a.flush_start();
         assert!(a.flush_done(c, t, p1).is_ok());
         assert!(a.0.lock().pending.is_empty());
@@ -746,7 +798,7 @@ mod tests {
         // process; a FLUSH that failed in between (the primary down) changes nothing.
         let a = Acks::default();
         let (ca, cb) = (a.open(), a.open());
-        a.acked(p1);
+        a.acked(vec![p1]);
         let _failed = a.flush_start();
         let t1 = a.flush_start();
         let t2 = a.flush_start();
@@ -760,23 +812,23 @@ mod tests {
         );
         // A new connection starts clean.
         let cn = a.open();
-        a.acked(p2);
+        a.acked(vec![p2]);
         let t4 = a.flush_start();
         assert!(a.flush_done(cn, t4, p2).is_ok());
         // A write acknowledged after the FLUSH started is not covered by it.
         let a = Acks::default();
         let c = a.open();
         let t = a.flush_start();
-        a.acked(p1);
+        a.acked(vec![p1]);
         assert!(a.flush_done(c, t, p1).is_ok());
         let t = a.flush_start();
         assert!(a.flush_done(c, t, p2).is_err());
         // Writes after a FLUSH started only by the same process: covered later.
         let a = Acks::default();
         let c = a.open();
-        a.acked(p1);
+        a.acked(vec![p1]);
         let t = a.flush_start();
-        a.acked(p1);
+        a.acked(vec![p1]);
         assert!(a.flush_done(c, t, p1).is_ok());
         let t = a.flush_start();
         assert!(a.flush_done(c, t, p1).is_ok());

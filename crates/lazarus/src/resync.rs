@@ -494,6 +494,8 @@ impl Cluster {
         let top = local.level_lens().len() - 1;
         // Reachable, and not cut off by a fault, before changing any state.
         src.tree(top, 0).await?;
+        self.copies_replaced
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let _tracking = self.resync.track(&v.name);
         if v.state_of(self.id) == Some(ReplicaState::Dead) {
             // In jeopardy, the writes this copy missed are on the recovery server:

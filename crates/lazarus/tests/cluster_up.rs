@@ -1143,3 +1143,50 @@ fn a_flush_never_vouches_for_writes_a_restarted_primary_lost() {
         assert_eq!(read_64k(&up.uri(n, "vol0")).unwrap(), a, "through n{n}");
     }
 }
+
+/// The other side of the rule above: after a failover to a replica that applied the
+/// client's unflushed writes (and has run on since), a FLUSH through a forwarding node
+/// succeeds, and the writes are there. The primary is killed between the write and the
+/// FLUSH; the FLUSH is sent once another copy is primary.
+#[test]
+fn a_flush_after_a_failover_to_a_copy_that_holds_the_writes_succeeds() {
+    let (_tmp, data) = setup();
+    let up = Up::start(&data, "64MiB");
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    let m = up.volume_meta(1, "vol0").unwrap();
+    let p = m["primary"].as_u64().unwrap() as u16;
+    let via = if p == 1 { 2 } else { 1 };
+    let mut c = Command::new(PY)
+        .args([&py("flush_later.py"), &up.uri(via, "vol0")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(c.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "written");
+    up.cli_ok(&["fault", "kill", "--node", &format!("n{p}")]);
+    let m = up.wait_meta(via, "vol0", Duration::from_secs(15), "failover", |m| {
+        m["primary"].as_u64().is_some_and(|x| x != p as u64)
+    });
+    writeln!(c.stdin.as_mut().unwrap()).unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let flush = line.trim().to_string();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let read = line.trim().to_string();
+    let _ = c.wait();
+    assert_eq!(flush, "FLUSH ACK", "new primary n{}", m["primary"]);
+    assert_eq!(read, "READ 0x22 True");
+    up.cli_ok(&["fault", "revive", "--node", &format!("n{p}")]);
+    up.wait_all_live(via, "vol0", Duration::from_secs(60));
+    for n in 1..=3 {
+        assert_eq!(
+            read_64k(&up.uri(n, "vol0")).unwrap(),
+            vec![0x22u8; 64 << 10],
+            "through n{n}"
+        );
+    }
+}
