@@ -1063,6 +1063,36 @@ fn nodes_restart_after_the_binary_is_replaced() {
     qemu_io_ok(&up.uri(2, "vol0"), &["read -P 0x31 0 64k"]);
 }
 
+/// `flush_later.py` through `via`, once it says its second write is acknowledged
+/// (unflushed): the client, and its output.
+fn flush_later(up: &Up, via: u16) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
+    let mut c = Command::new(PY)
+        .args([&py("flush_later.py"), &up.uri(via, "vol0")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(c.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "written");
+    (c, out)
+}
+
+/// Sends the FLUSH; returns what the client printed for it and for the read after it.
+fn flush_now(
+    mut c: std::process::Child,
+    mut out: BufReader<std::process::ChildStdout>,
+) -> (String, String) {
+    writeln!(c.stdin.as_mut().unwrap()).unwrap();
+    let mut flush = String::new();
+    out.read_line(&mut flush).unwrap();
+    let mut read = String::new();
+    out.read_line(&mut read).unwrap();
+    let _ = c.wait();
+    (flush.trim().to_string(), read.trim().to_string())
+}
+
 /// A primary that crashes between a client's write and its FLUSH loses the write (it
 /// was acknowledged, not yet durable). A client connected through another node does
 /// not see the crash: the forwarding node retries the FLUSH until the primary is back
@@ -1080,20 +1110,11 @@ fn a_flush_never_vouches_for_writes_a_restarted_primary_lost() {
     let p = m["primary"].as_u64().unwrap() as u16;
     let via = if p == 1 { 2 } else { 1 };
     up.cli_ok(&["fault", "kill", "--node", "rs"]);
-    let mut c = Command::new(PY)
-        .args([&py("flush_later.py"), &up.uri(via, "vol0")])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(c.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "written");
+    let (c, out) = flush_later(&up, via);
     up.cli_ok(&["fault", "kill", "--node", &format!("n{p}")]);
     // The FLUSH goes out while the primary is down; the forwarding node keeps
     // retrying it while the primary comes back.
-    writeln!(c.stdin.as_mut().unwrap()).unwrap();
+    let client = std::thread::spawn(move || flush_now(c, out));
     std::thread::sleep(Duration::from_millis(300));
     let registered = |up: &Up| {
         up.node_log(p)
@@ -1115,13 +1136,7 @@ fn a_flush_never_vouches_for_writes_a_restarted_primary_lost() {
     }
     std::thread::sleep(Duration::from_millis(200));
     up.cli_ok(&["fault", "revive", "--node", "rs"]);
-    line.clear();
-    out.read_line(&mut line).unwrap();
-    let flush = line.trim().to_string();
-    line.clear();
-    out.read_line(&mut line).unwrap();
-    let read = line.trim().to_string();
-    let _ = c.wait();
+    let (flush, read) = client.join().unwrap();
     let m = up.volume_meta(via, "vol0").unwrap();
     eprintln!(
         "flush: {flush}; read: {read}; primary now n{}",
@@ -1156,28 +1171,12 @@ fn a_flush_after_a_failover_to_a_copy_that_holds_the_writes_succeeds() {
     let m = up.volume_meta(1, "vol0").unwrap();
     let p = m["primary"].as_u64().unwrap() as u16;
     let via = if p == 1 { 2 } else { 1 };
-    let mut c = Command::new(PY)
-        .args([&py("flush_later.py"), &up.uri(via, "vol0")])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(c.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "written");
+    let (c, out) = flush_later(&up, via);
     up.cli_ok(&["fault", "kill", "--node", &format!("n{p}")]);
     let m = up.wait_meta(via, "vol0", Duration::from_secs(15), "failover", |m| {
         m["primary"].as_u64().is_some_and(|x| x != p as u64)
     });
-    writeln!(c.stdin.as_mut().unwrap()).unwrap();
-    line.clear();
-    out.read_line(&mut line).unwrap();
-    let flush = line.trim().to_string();
-    line.clear();
-    out.read_line(&mut line).unwrap();
-    let read = line.trim().to_string();
-    let _ = c.wait();
+    let (flush, read) = flush_now(c, out);
     assert_eq!(flush, "FLUSH ACK", "new primary n{}", m["primary"]);
     assert_eq!(read, "READ 0x22 True");
     up.cli_ok(&["fault", "revive", "--node", &format!("n{p}")]);
