@@ -56,7 +56,7 @@ fuzz_target!(|data: &[u8]| {
                     };
                     let _ = l.append(kind, lba, count, 1, 1 + i as u64, &data);
                 }
-                let end = l.sync_handle().and_then(|f| f.metadata()).map(|m| m.len()).unwrap_or(0);
+                let end = l.sync_handle().and_then(|f| f.len()).unwrap_or(0);
                 l.mark_synced(end);
             }
             let mut bytes = std::fs::read(&path).unwrap();
