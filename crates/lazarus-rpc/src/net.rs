@@ -112,50 +112,6 @@ impl Stream {
     }
 }
 
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            #[cfg(feature = "sim")]
-            Stream::Sim(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            #[cfg(feature = "sim")]
-            Stream::Sim(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
-            #[cfg(feature = "sim")]
-            Stream::Sim(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            #[cfg(feature = "sim")]
-            Stream::Sim(s) => Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
-
 pub enum ReadHalf {
     Tcp(tokio::net::tcp::OwnedReadHalf),
     #[cfg(feature = "sim")]
@@ -168,66 +124,82 @@ pub enum WriteHalf {
     Sim(turmoil::net::tcp::OwnedWriteHalf),
 }
 
-impl AsyncRead for ReadHalf {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ReadHalf::Tcp(r) => Pin::new(r).poll_read(cx, buf),
-            #[cfg(feature = "sim")]
-            ReadHalf::Sim(r) => Pin::new(r).poll_read(cx, buf),
+/// `AsyncRead` for an enum of a real and a simulated reader: each call goes to the one
+/// it holds.
+macro_rules! async_read {
+    ($t:ident) => {
+        impl AsyncRead for $t {
+            fn poll_read(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &mut ReadBuf<'_>,
+            ) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $t::Tcp(r) => Pin::new(r).poll_read(cx, buf),
+                    #[cfg(feature = "sim")]
+                    $t::Sim(r) => Pin::new(r).poll_read(cx, buf),
+                }
+            }
         }
-    }
+    };
 }
 
-impl AsyncWrite for WriteHalf {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            WriteHalf::Tcp(w) => Pin::new(w).poll_write(cx, buf),
-            #[cfg(feature = "sim")]
-            WriteHalf::Sim(w) => Pin::new(w).poll_write(cx, buf),
-        }
-    }
+/// `AsyncWrite` likewise.
+macro_rules! async_write {
+    ($t:ident) => {
+        impl AsyncWrite for $t {
+            fn poll_write(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                match self.get_mut() {
+                    $t::Tcp(w) => Pin::new(w).poll_write(cx, buf),
+                    #[cfg(feature = "sim")]
+                    $t::Sim(w) => Pin::new(w).poll_write(cx, buf),
+                }
+            }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            WriteHalf::Tcp(w) => Pin::new(w).poll_flush(cx),
-            #[cfg(feature = "sim")]
-            WriteHalf::Sim(w) => Pin::new(w).poll_flush(cx),
-        }
-    }
+            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $t::Tcp(w) => Pin::new(w).poll_flush(cx),
+                    #[cfg(feature = "sim")]
+                    $t::Sim(w) => Pin::new(w).poll_flush(cx),
+                }
+            }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            WriteHalf::Tcp(w) => Pin::new(w).poll_shutdown(cx),
-            #[cfg(feature = "sim")]
-            WriteHalf::Sim(w) => Pin::new(w).poll_shutdown(cx),
-        }
-    }
+            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    $t::Tcp(w) => Pin::new(w).poll_shutdown(cx),
+                    #[cfg(feature = "sim")]
+                    $t::Sim(w) => Pin::new(w).poll_shutdown(cx),
+                }
+            }
 
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            WriteHalf::Tcp(w) => Pin::new(w).poll_write_vectored(cx, bufs),
-            #[cfg(feature = "sim")]
-            WriteHalf::Sim(w) => Pin::new(w).poll_write_vectored(cx, bufs),
-        }
-    }
+            fn poll_write_vectored(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                bufs: &[io::IoSlice<'_>],
+            ) -> Poll<io::Result<usize>> {
+                match self.get_mut() {
+                    $t::Tcp(w) => Pin::new(w).poll_write_vectored(cx, bufs),
+                    #[cfg(feature = "sim")]
+                    $t::Sim(w) => Pin::new(w).poll_write_vectored(cx, bufs),
+                }
+            }
 
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            WriteHalf::Tcp(w) => w.is_write_vectored(),
-            #[cfg(feature = "sim")]
-            WriteHalf::Sim(w) => w.is_write_vectored(),
+            fn is_write_vectored(&self) -> bool {
+                match self {
+                    $t::Tcp(w) => w.is_write_vectored(),
+                    #[cfg(feature = "sim")]
+                    $t::Sim(w) => w.is_write_vectored(),
+                }
+            }
         }
-    }
+    };
 }
+
+async_read!(Stream);
+async_write!(Stream);
+async_read!(ReadHalf);
+async_write!(WriteHalf);
