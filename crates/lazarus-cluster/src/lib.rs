@@ -8,3 +8,4 @@ pub use meta::{
     ClusterMeta, MetaCommand, MetaResponse, NodeId, NodeInfo, ReplicaState, VolumeInfo,
 };
 pub mod raft_store;
+pub mod runtime;

@@ -30,6 +30,7 @@ openraft::declare_raft_types!(
     pub TypeConfig:
         D = MetaCommand,
         R = MetaResponse,
+        AsyncRuntime = crate::runtime::Runtime,
 );
 
 pub type NodeId = u64;
@@ -55,6 +56,34 @@ pub struct Applied {
     pub meta: ClusterMeta,
 }
 
+/// redb's storage on a `lazarus_io` file: the simulator's disk on a simulated host
+/// (its unsynced writes lost in a crash, like a real disk's). Outside a simulation
+/// redb keeps its own file backend.
+#[derive(Debug)]
+struct SeamBackend(lazarus_io::fs::File);
+
+impl redb::StorageBackend for SeamBackend {
+    fn len(&self) -> std::io::Result<u64> {
+        self.0.len()
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.0.read_exact_at(out, offset)
+    }
+
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.0.set_len(len)
+    }
+
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.0.sync_data()
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.0.write_all_at(data, offset)
+    }
+}
+
 #[derive(Clone)]
 pub struct Store {
     db: Arc<Database>,
@@ -67,8 +96,19 @@ pub struct Store {
 
 impl Store {
     pub fn open(path: &Path) -> Result<Store, String> {
-        let db =
-            Database::create(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let db = if lazarus_io::net::in_simulation() {
+            let file = lazarus_io::fs::open_rw(path, true, false)
+                .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+            Database::builder().create_with_backend(SeamBackend(file))
+        } else {
+            Database::create(path)
+        }
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        // A database just created must keep its name through a crash too.
+        if let Some(dir) = path.parent() {
+            let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+            lazarus_io::fs::sync_dir(dir).map_err(|e| format!("cannot sync {}: {e}", dir.display()))?;
+        }
         let txn = db.begin_write().map_err(|e| e.to_string())?;
         {
             txn.open_table(LOGS).map_err(|e| e.to_string())?;

@@ -14,9 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 
-pub mod fs;
-pub mod net;
-pub mod rt;
+/// The I/O seams, re-exported for the callers that knew them here.
+pub use lazarus_io::{fs, net, rt};
 use net::WriteHalf;
 use tokio::sync::{mpsc, oneshot, Mutex};
 

@@ -8,6 +8,9 @@
 //! `lazarus_rpc::net` seam. The node itself follows as its seams land (the plan in
 //! docs/simulator.md).
 
+pub mod cluster;
+pub mod nbd;
+
 use std::time::Duration;
 
 /// A simulation of `seed`: message latency between 1 and 20 ms, hosts stepped in a
@@ -21,6 +24,9 @@ pub fn simulation<'a>(seed: u64, limit: Duration) -> turmoil::Sim<'a> {
         .min_message_latency(Duration::from_millis(1))
         .max_message_latency(Duration::from_millis(20))
         .enable_random_order()
+        // Room for every connection attempt a held link releases at once (turmoil
+        // panics at a full accept queue where a real stack would drop the SYN).
+        .tcp_capacity(1 << 16)
         .build()
 }
 

@@ -1,11 +1,11 @@
 //! Positional file I/O with the few Linux calls the store needs (fallocate, hole
 //! punching, fdatasync). Every on-disk structure goes through `DiskFile`, so device
-//! faults can be injected here later without touching the formats.
+//! faults are injected here without touching the formats. The file itself is
+//! `lazarus_io::fs::File`: the operating system's, or the simulator's disk on a
+//! simulated host.
 
-use std::fs::{File, OpenOptions};
+use lazarus_io::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 /// A failed device (`lazarus fault device fail`): while set, every read, write, sync
@@ -38,12 +38,7 @@ pub struct DiskFile {
 
 impl DiskFile {
     pub fn open(path: &Path, create: bool) -> io::Result<DiskFile> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(create)
-            .truncate(false)
-            .open(path)?;
+        let file = lazarus_io::fs::open_rw(path, create, false)?;
         powerloss::on_open(path);
         Ok(DiskFile {
             file,
@@ -57,7 +52,7 @@ impl DiskFile {
     }
 
     pub fn size_bytes(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
+        self.file.len()
     }
 
     /// Reads exactly `buf.len()` bytes; bytes past the end of the file read as zero
@@ -117,75 +112,28 @@ impl DiskFile {
     /// ENOSPC. Extends the file if needed.
     pub fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
         device_check()?;
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                0,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if r == 0 {
-            powerloss::on_extend(&self.path, offset + len);
-            return Ok(());
-        }
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
-            powerloss::on_extend(&self.path, offset + len);
-            // A file system without fallocate: fall back to extending the file; space
-            // is then only checked when written.
-            if self.size_bytes()? < offset + len {
-                self.file.set_len(offset + len)?;
-            }
-            return Ok(());
-        }
-        Err(err)
+        self.file.allocate(offset, len)?;
+        powerloss::on_extend(&self.path, offset + len);
+        Ok(())
     }
 
     /// Returns `[offset, offset+len)` to the file system; reads there give zeroes.
     pub fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
         device_check()?;
-        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                mode,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if r == 0 {
-            powerloss::on_write(&self.path, offset, &vec![0u8; len as usize]);
-            return Ok(());
-        }
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
-            return self.write_at(&vec![0u8; len as usize], offset);
-        }
-        Err(err)
+        self.file.punch_hole(offset, len)?;
+        powerloss::on_write(&self.path, offset, &vec![0u8; len as usize]);
+        Ok(())
     }
 }
 
 /// fsyncs a directory so that file creations, renames and removals in it are durable.
 pub fn sync_dir(path: &Path) -> io::Result<()> {
-    File::open(path)?.sync_all()
+    lazarus_io::fs::sync_dir(path)
 }
 
 /// Writes `data` to `path` atomically: temp file, fsync, rename, fsync directory.
 pub fn write_file_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = path.with_extension("tmp");
-    {
-        let f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)?;
-        f.write_all_at(data, 0)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    sync_dir(dir)
+    lazarus_io::fs::write_atomic(path, data)
 }
 
 /// Free space kept on a node's file system for what must not fail for lack of space:
@@ -201,16 +149,8 @@ pub fn headroom_bytes(total: u64) -> u64 {
 /// ENOSPC when growing a file under `path` by `bytes` would leave less than the
 /// headroom free on its file system.
 pub fn check_headroom(path: &Path, bytes: u64) -> io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
     let dir = path.parent().unwrap_or(path);
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let frsize = st.f_frsize as u64;
-    let avail = st.f_bavail as u64 * frsize;
-    let total = st.f_blocks as u64 * frsize;
+    let (avail, total) = lazarus_io::fs::space(dir)?;
     if avail < bytes.saturating_add(headroom_bytes(total)) {
         return Err(io::Error::from_raw_os_error(libc::ENOSPC));
     }

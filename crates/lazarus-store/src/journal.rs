@@ -137,12 +137,12 @@ impl Journal {
     /// Opens (or creates and preallocates) the journal and reads the current
     /// generation's records.
     pub fn open(path: &Path, capacity: u64) -> Result<(Journal, Replay), StoreError> {
-        if !path.exists() {
+        if !lazarus_io::fs::exists(path) {
             // Created complete under a temporary name and renamed into place, so a
             // crash during creation never leaves a journal without a valid header.
             let capacity = capacity.max(CAPACITY_MIN_BYTES);
             let tmp = path.with_extension("new");
-            let _ = std::fs::remove_file(&tmp);
+            let _ = lazarus_io::fs::remove_file(&tmp);
             let f = DiskFile::open(&tmp, true).map_err(|e| StoreError::io(&tmp, e))?;
             f.allocate(0, capacity)
                 .map_err(|e| StoreError::io(&tmp, e))?;
@@ -154,7 +154,7 @@ impl Journal {
                 .map_err(|e| StoreError::io(&tmp, e))?;
             f.sync_data().map_err(|e| StoreError::io(&tmp, e))?;
             drop(f);
-            std::fs::rename(&tmp, path).map_err(|e| StoreError::io(path, e))?;
+            lazarus_io::fs::rename(&tmp, path).map_err(|e| StoreError::io(path, e))?;
             crate::disk::sync_dir(path.parent().unwrap_or(Path::new(".")))
                 .map_err(|e| StoreError::io(path, e))?;
         }

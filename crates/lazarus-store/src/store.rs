@@ -172,7 +172,7 @@ impl Store {
     /// finished checkpoint's page images, verifies every volume, replays the journal,
     /// recounts references and checkpoints.
     pub fn open(dir: &Path, opts: StoreOptions) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(dir.join("volumes")).map_err(|e| StoreError::io(dir, e))?;
+        lazarus_io::fs::create_dir_all(&dir.join("volumes")).map_err(|e| StoreError::io(dir, e))?;
         let mut report = RecoveryReport {
             replayed_records: 0,
             applied_images: 0,
@@ -183,11 +183,7 @@ impl Store {
         };
         let mut volumes: HashMap<String, Arc<Volume>> = HashMap::new();
         let vdir = dir.join("volumes");
-        let mut entries: Vec<_> = std::fs::read_dir(&vdir)
-            .map_err(|e| StoreError::io(&vdir, e))?
-            .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .collect();
+        let mut entries: Vec<_> = lazarus_io::fs::list_dir(&vdir).map_err(|e| StoreError::io(&vdir, e))?;
         entries.sort();
         for path in entries {
             let name = path
@@ -197,10 +193,10 @@ impl Store {
                 .to_string();
             if name.starts_with(".deleted-") {
                 // A deletion interrupted by a crash: it was already durable (renamed).
-                let _ = std::fs::remove_dir_all(&path);
+                let _ = lazarus_io::fs::remove_dir_all(&path);
                 continue;
             }
-            if !path.is_dir() {
+            if !lazarus_io::fs::is_dir(&path) {
                 continue;
             }
             match Volume::open(&path) {
@@ -385,7 +381,7 @@ impl Store {
             return Err(StoreError::Invalid(format!("volume uid {uid} is in use")));
         }
         let dir = self.dir.join("volumes").join(name);
-        if dir.exists() {
+        if lazarus_io::fs::exists(&dir) {
             // Left over from a failed volume: refuse rather than overwrite its data.
             return Err(StoreError::Invalid(format!(
                 "{} exists but is not a loadable volume",
@@ -400,7 +396,7 @@ impl Store {
         let v = match Volume::create(&dir, meta) {
             Ok(v) => Arc::new(v),
             Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
+                let _ = lazarus_io::fs::remove_dir_all(&dir);
                 return Err(e);
             }
         };
@@ -421,7 +417,7 @@ impl Store {
             .ok_or_else(|| StoreError::NoSuchVolume(name.to_string()))?;
         let vdir = self.dir.join("volumes");
         let grave = vdir.join(format!(".deleted-{}", v.meta.uid));
-        std::fs::rename(&v.dir, &grave).map_err(|e| StoreError::io(&v.dir, e))?;
+        lazarus_io::fs::rename(&v.dir, &grave).map_err(|e| StoreError::io(&v.dir, e))?;
         disk::sync_dir(&vdir).map_err(|e| StoreError::io(&vdir, e))?;
         // The rename is durable: nothing durable references these blocks any more
         // (journal records of this volume are skipped at replay).
@@ -429,7 +425,7 @@ impl Store {
             self.blocks.release(id, 0);
         }
         self.blocks.release_durable(1);
-        let _ = std::fs::remove_dir_all(&grave);
+        let _ = lazarus_io::fs::remove_dir_all(&grave);
         self.update_volume_stats();
         tracing::info!(volume = name, "volume deleted");
         Ok(())
@@ -1055,9 +1051,7 @@ fn replay_records(
 }
 
 fn new_uid(name: &str) -> u64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
+    let now = std::time::Duration::from_nanos(lazarus_io::rt::wall_clock_nanos());
     let mut h = blake3::Hasher::new();
     h.update(name.as_bytes());
     h.update(&now.as_nanos().to_le_bytes());

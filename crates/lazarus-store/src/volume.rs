@@ -175,16 +175,16 @@ fn apply_grow(
         .map_err(|e| StoreError::io(&sp, e))?;
     slice.sync_data().map_err(|e| StoreError::io(&sp, e))?;
     let pending = dir.join(GROW_PENDING);
-    std::fs::remove_file(&pending).map_err(|e| StoreError::io(&pending, e))?;
+    lazarus_io::fs::remove_file(&pending).map_err(|e| StoreError::io(&pending, e))?;
     disk::sync_dir(dir).map_err(|e| StoreError::io(dir, e))
 }
 
 /// At open, before the slice header is read: finishes a committed grow, forgets one
 /// that never committed.
 fn finish_grow(dir: &Path, slice: &DiskFile, cksum: &DiskFile) -> Result<(), StoreError> {
-    let _ = std::fs::remove_file(dir.join(GROW_TMP));
+    let _ = lazarus_io::fs::remove_file(&dir.join(GROW_TMP));
     let pending = dir.join(GROW_PENDING);
-    let b = match std::fs::read(&pending) {
+    let b = match lazarus_io::fs::read(&pending) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(StoreError::io(&pending, e)),
@@ -407,7 +407,7 @@ impl Volume {
 
     /// Creates the files of a new, empty volume under `dir` (which must not exist).
     pub fn create(dir: &Path, meta: VolumeMeta) -> Result<Volume, StoreError> {
-        std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
+        lazarus_io::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
         let sp = dir.join("slice.dat");
         let cp = dir.join("checksum.dat");
         let slice = DiskFile::open(&sp, true).map_err(|e| StoreError::io(&sp, e))?;
@@ -607,7 +607,7 @@ impl Volume {
 
     fn read_damage_file(&self) -> Result<BTreeMap<u64, SlotBits>, StoreError> {
         let p = self.damage_path();
-        let text = match std::fs::read(&p) {
+        let text = match lazarus_io::fs::read(&p) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
             Err(e) => return Err(StoreError::io(&p, e)),
@@ -949,7 +949,7 @@ impl Volume {
         let pending = self.dir.join(GROW_PENDING);
         if stop == GrowStep::BeforeCommit {
             // What a crash while writing the intent leaves: its temporary file.
-            std::fs::write(self.dir.join(GROW_TMP), intent.encode())
+            lazarus_io::fs::write(&self.dir.join(GROW_TMP), &intent.encode())
                 .map_err(|e| StoreError::io(&pending, e))?;
             return Ok(());
         }

@@ -220,9 +220,7 @@ impl Cluster {
 
 /// Milliseconds since the Unix epoch (for failure histories).
 pub(crate) fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| d.as_millis() as u64)
+    lazarus_io::rt::unix_ms().max(1)
 }
 
 /// What this node is for a volume.
@@ -359,10 +357,14 @@ impl Cluster {
             leases: Default::default(),
             lease_requests: Default::default(),
             ready: AtomicBool::new(false),
-            incarnation: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-                ^ (std::process::id() as u64) << 32,
+            // Unique per start of this node: the clock, and the process id apart from
+            // the simulator's hosts (which share one process and must replay).
+            incarnation: lazarus_io::rt::wall_clock_nanos()
+                ^ if lazarus_io::net::in_simulation() {
+                    0
+                } else {
+                    (std::process::id() as u64) << 32
+                },
             copies_replaced: Default::default(),
             resync: Default::default(),
             engine: OnceLock::new(),
@@ -586,9 +588,7 @@ impl Cluster {
                 let at_ms = if local.contains(&v.name) {
                     0
                 } else {
-                    std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(1, |d| d.as_millis() as u64)
+                    lazarus_io::rt::unix_ms().max(1)
                 };
                 let cmd = MetaCommand::SetReplicaState {
                     volume: v.name.clone(),
@@ -982,9 +982,7 @@ impl Cluster {
                         node,
                         state: ReplicaState::Dead,
                         epoch: v.epoch,
-                        at_ms: std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map_or(1, |d| d.as_millis() as u64),
+                        at_ms: lazarus_io::rt::unix_ms().max(1),
                     };
                     // Without a majority the mark never commits: a volume with a
                     // recovery server goes on through it as its last failure domain.
@@ -1407,18 +1405,19 @@ impl Cluster {
     /// (or the service manager) restarts it, and it rejoins from its durable state.
     pub fn watch_raft(self: &Arc<Self>) {
         let mut rx = self.raft.metrics();
+        let me = format!("n{}", self.id);
         tokio::spawn(async move {
             loop {
                 let stopped = rx.borrow().running_state.clone().err();
                 if let Some(fatal) = stopped {
                     tracing::error!(error = %fatal, "the cluster metadata (Raft) stopped: this node exits to be restarted");
-                    exit_now(70);
+                    exit_now(70, &me);
                 }
                 if rx.changed().await.is_err() {
                     tracing::error!(
                         "the cluster metadata (Raft) is gone: this node exits to be restarted"
                     );
-                    exit_now(70);
+                    exit_now(70, &me);
                 }
             }
         });
@@ -1460,7 +1459,8 @@ impl Cluster {
 /// Ends the process at once (`_exit`): nothing is left to flush (log lines are written
 /// unbuffered, the store syncs what it acknowledges), and no exit handler, buffered
 /// stream or other thread can hold the exit up. A node seen in a chaos run logged that
-/// it exits and then ran on for minutes without working metadata.
-pub fn exit_now(code: i32) -> ! {
-    unsafe { libc::_exit(code) }
+/// it exits and then ran on for minutes without working metadata. Under the simulator,
+/// the host `who` is crashed and restarted instead.
+pub fn exit_now(code: i32, who: &str) -> ! {
+    lazarus_io::rt::exit(code, who)
 }

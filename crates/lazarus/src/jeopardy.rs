@@ -179,9 +179,7 @@ impl Recovery {
 }
 
 fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    lazarus_io::rt::unix_ms()
 }
 
 /// Why a volume could not be put in jeopardy; the write path acts on the kind.

@@ -1,26 +1,7 @@
 //! `lazarus`: the one binary. `up` and `node` run servers; every other command is a
 //! client of a node's admin API.
 
-mod admin;
-mod client;
-mod cluster;
-mod config;
-mod dashboard;
-mod engine;
-mod fault;
-mod forward;
-mod jeopardy;
-mod lease;
-mod nbd_server;
-mod node;
-mod reconcile;
-mod repair;
-mod resync;
-mod rpc_bench;
-mod status;
-mod survivor;
-mod transfer;
-mod up;
+use lazarus::{client, config, fault, node, rpc_bench, status, transfer, up};
 
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};

@@ -42,15 +42,16 @@ pub fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<DirLock> {
     Ok(DirLock { _file: file })
 }
 
-pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
-    let _lock = lock_data_dir(&cfg.data_dir)?;
-    // Present only after a clean shutdown (final checkpoint done): nothing was lost.
-    let clean_marker = cfg.data_dir.join(CLEAN_MARKER);
-    let clean = clean_marker.exists();
-    if clean {
-        std::fs::remove_file(&clean_marker)?;
-        lazarus_store::disk::sync_dir(&cfg.data_dir)?;
-    }
+/// A running node's parts: its block store, the engine serving I/O, and (with
+/// `rpc_listen` configured) its cluster member.
+pub struct Node {
+    pub store: Arc<Store>,
+    pub engine: Arc<Engine>,
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
+}
+
+/// Opens the node's block store (replaying its journal) and the engine over it.
+pub async fn open(cfg: &NodeConfig) -> anyhow::Result<(Arc<Store>, Arc<Engine>)> {
     let t0 = Instant::now();
     let dir = cfg.data_dir.clone();
     let opts = StoreOptions {
@@ -60,29 +61,20 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let store = Arc::new(store);
     tracing::info!(node = %cfg.id, elapsed_ms = t0.elapsed().as_millis() as u64, recovery = ?store.recovery, "store opened");
     let engine = Arc::new(Engine::new(store.clone()));
-    crate::dashboard::start_sampler(engine.clone());
+    Ok((store, engine))
+}
 
-    let nbd = lazarus_rpc::net::Listener::bind(&cfg.nbd_listen.to_string())
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen for NBD on {}: {e}", cfg.nbd_listen))?;
-    let adm = TcpListener::bind(cfg.admin_listen).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot listen for the admin API on {}: {e}",
-            cfg.admin_listen
-        )
-    })?;
-    let ep = Endpoints {
-        id: cfg.id.clone(),
-        pid: std::process::id(),
-        nbd: nbd.local_addr()?,
-        admin: adm.local_addr()?,
-    };
-    lazarus_store::disk::write_file_atomic(
-        &cfg.data_dir.join("endpoints.json"),
-        &serde_json::to_vec_pretty(&ep)?,
-    )?;
-    tracing::info!(node = %cfg.id, nbd = %ep.nbd, admin = %ep.admin, "node serving");
-
+/// Starts the node's cluster member (when configured) and its background work: the
+/// whole node but for its listeners and the process's own concerns (data-directory
+/// lock, endpoints file, signals), which `run` adds and the simulator does not need.
+/// `clean`: the last stop was a clean shutdown (nothing unsynced was lost).
+pub async fn start(
+    cfg: &NodeConfig,
+    store: Arc<Store>,
+    engine: Arc<Engine>,
+    ep: &Endpoints,
+    clean: bool,
+) -> anyhow::Result<Node> {
     let cluster = match cfg.rpc_listen {
         Some(_) => {
             // Copies present before reconcile creates missing ones: a copy the
@@ -94,7 +86,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
                 .collect();
             // A store with no volume has nothing to lose: as good as a clean stop.
             let clean = clean || local.is_empty();
-            let c = crate::cluster::Cluster::start(&cfg, store.clone()).await?;
+            let c = crate::cluster::Cluster::start(cfg, store.clone()).await?;
             let _ = c.engine.set(Arc::downgrade(&engine));
             let _ = engine.cluster.set(c.clone());
             c.reconcile();
@@ -122,12 +114,59 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         }
         None => None,
     };
+    tokio::spawn(checkpointer(
+        store.clone(),
+        Duration::from_secs(cfg.checkpoint_interval_secs.max(1)),
+        cfg.data_dir.clone(),
+        cfg.id.clone(),
+    ));
+    Ok(Node {
+        store,
+        engine,
+        cluster,
+    })
+}
+
+pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
+    let _lock = lock_data_dir(&cfg.data_dir)?;
+    // Present only after a clean shutdown (final checkpoint done): nothing was lost.
+    let clean_marker = cfg.data_dir.join(CLEAN_MARKER);
+    let clean = clean_marker.exists();
+    if clean {
+        std::fs::remove_file(&clean_marker)?;
+        lazarus_store::disk::sync_dir(&cfg.data_dir)?;
+    }
+    let (store, engine) = open(&cfg).await?;
+    crate::dashboard::start_sampler(engine.clone());
+
+    let nbd = lazarus_rpc::net::Listener::bind(&cfg.nbd_listen.to_string())
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen for NBD on {}: {e}", cfg.nbd_listen))?;
+    let adm = TcpListener::bind(cfg.admin_listen).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen for the admin API on {}: {e}",
+            cfg.admin_listen
+        )
+    })?;
+    let ep = Endpoints {
+        id: cfg.id.clone(),
+        pid: std::process::id(),
+        nbd: nbd.local_addr()?,
+        admin: adm.local_addr()?,
+    };
+    lazarus_store::disk::write_file_atomic(
+        &cfg.data_dir.join("endpoints.json"),
+        &serde_json::to_vec_pretty(&ep)?,
+    )?;
+    tracing::info!(node = %cfg.id, nbd = %ep.nbd, admin = %ep.admin, "node serving");
+
+    let node = start(&cfg, store.clone(), engine.clone(), &ep, clean).await?;
     let guard = admin::MutationGuard::new(cfg.admin_listen, cfg.admin_token.clone());
     let app = admin::router(admin::AppState {
         guard,
         node_id: cfg.id.clone(),
         engine: engine.clone(),
-        cluster,
+        cluster: node.cluster,
     });
     tokio::spawn(async move {
         if let Err(e) = axum::serve(adm, app).await {
@@ -135,11 +174,6 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         }
     });
     tokio::spawn(nbd_server::serve(nbd, engine.clone()));
-    tokio::spawn(checkpointer(
-        store.clone(),
-        Duration::from_secs(cfg.checkpoint_interval_secs.max(1)),
-        cfg.data_dir.clone(),
-    ));
 
     shutdown_signal().await;
     tracing::info!(node = %cfg.id, "shutting down: flushing and checkpointing");
@@ -164,12 +198,12 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn checkpointer(store: Arc<Store>, interval: Duration, data_dir: PathBuf) {
+async fn checkpointer(store: Arc<Store>, interval: Duration, data_dir: PathBuf, node: String) {
     let mut last = Instant::now();
     loop {
         tokio::time::sleep(CHECKPOINT_POLL).await;
         if store.has_failed() {
-            restart_when_usable(&data_dir);
+            restart_when_usable(&data_dir, &node);
             continue;
         }
         let due = store.wants_checkpoint()
@@ -192,7 +226,7 @@ async fn checkpointer(store: Arc<Store>, interval: Duration, data_dir: PathBuf) 
 /// the node exits for its supervisor to restart it; the restart replays the journal to
 /// a consistent state and the copies resync. While the disk stays full, the node stays
 /// up and serves reads.
-fn restart_when_usable(data_dir: &Path) {
+fn restart_when_usable(data_dir: &Path, node: &str) {
     if lazarus_store::disk::device_failed() {
         return;
     }
@@ -202,7 +236,7 @@ fn restart_when_usable(data_dir: &Path) {
     tracing::error!(
         "the block store stopped taking writes after an I/O error and the device is usable again: this node exits to be restarted and recover from its journal"
     );
-    crate::cluster::exit_now(75);
+    crate::cluster::exit_now(75, node);
 }
 
 pub async fn shutdown_signal() {

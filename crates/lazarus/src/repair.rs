@@ -106,9 +106,7 @@ impl RepairState {
         let mut p = self.0.scrub.lock().clone();
         if p.running {
             p.pages_done = self.0.scrub_done.load(std::sync::atomic::Ordering::Relaxed);
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
+            let now = lazarus_io::rt::unix_ms();
             p.elapsed_ms = now.saturating_sub(p.started_unix_ms);
         }
         p
@@ -147,9 +145,7 @@ impl RepairState {
             page,
             first_lba: page.map(|p| p * FANOUT_U64),
             source: source.to_string(),
-            unix_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
+            unix_ms: lazarus_io::rt::unix_ms(),
         });
     }
 
@@ -639,9 +635,7 @@ impl Engine {
                 requested: pace.is_none(),
                 phase: "pages".into(),
                 pages_total: total,
-                started_unix_ms: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis() as u64),
+                started_unix_ms: lazarus_io::rt::unix_ms(),
                 runs: p.runs + 1,
                 ..Default::default()
             };

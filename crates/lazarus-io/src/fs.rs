@@ -5,6 +5,7 @@
 
 use std::io;
 use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 #[cfg(feature = "sim")]
@@ -41,6 +42,16 @@ pub fn open_rw(path: &Path, create: bool, truncate: bool) -> io::Result<File> {
             .truncate(truncate)
             .open(path)?,
     ))
+}
+
+impl std::fmt::Debug for File {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            File::Std(_) => "File(os)",
+            #[cfg(feature = "sim")]
+            File::Sim(_) => "File(simulated)",
+        })
+    }
 }
 
 macro_rules! each {
@@ -80,6 +91,60 @@ impl File {
 
     pub fn sync_all(&self) -> io::Result<()> {
         each!(self, f => f.sync_all())
+    }
+
+    /// Reads up to `buf.len()` bytes at `offset`; 0 at the end of the file.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        each!(self, f => f.read_at(buf, offset))
+    }
+
+    /// Reserves `[offset, offset + len)` so that writes there cannot fail with ENOSPC,
+    /// extending the file if needed (fallocate). Where the file system has no
+    /// fallocate, and on the simulated disk, the file is extended instead and space
+    /// is only checked when written.
+    #[allow(irrefutable_let_patterns)] // one variant without the `sim` feature
+    pub fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
+        if let File::Std(f) = self {
+            let r = unsafe {
+                libc::fallocate(f.as_raw_fd(), 0, offset as libc::off_t, len as libc::off_t)
+            };
+            if r == 0 {
+                return Ok(());
+            }
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                return Err(err);
+            }
+        }
+        if self.len()? < offset + len {
+            self.set_len(offset + len)?;
+        }
+        Ok(())
+    }
+
+    /// Returns `[offset, offset + len)` to the file system (reads there give zeroes;
+    /// the file's length stays). Where hole punching is not supported, and on the
+    /// simulated disk, the range is overwritten with zeroes.
+    #[allow(irrefutable_let_patterns)]
+    pub fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        if let File::Std(f) = self {
+            let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            let r = unsafe {
+                libc::fallocate(f.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t)
+            };
+            if r == 0 {
+                return Ok(());
+            }
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                return Err(err);
+            }
+        }
+        let end = (offset + len).min(self.len()?);
+        if end > offset {
+            self.write_all_at(&vec![0u8; (end - offset) as usize], offset)?;
+        }
+        Ok(())
     }
 
     pub fn try_clone(&self) -> io::Result<File> {
@@ -171,4 +236,53 @@ pub fn list_dir(dir: &Path) -> io::Result<Vec<PathBuf>> {
         .filter_map(|e| e.ok())
         .map(|e| e.path())
         .collect())
+}
+
+/// Removes a directory and everything in it.
+pub fn remove_dir_all(path: &Path) -> io::Result<()> {
+    #[cfg(feature = "sim")]
+    if in_simulation() {
+        return simfs::remove_dir_all(path);
+    }
+    std::fs::remove_dir_all(path)
+}
+
+/// Writes `data` to `path` atomically: a temporary file, synced, renamed over `path`,
+/// and the directory synced.
+pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = path.with_extension("tmp");
+    {
+        let f = open_rw(&tmp, true, true)?;
+        f.write_all_at(data, 0)?;
+        f.sync_all()?;
+    }
+    rename(&tmp, path)?;
+    sync_dir(dir)
+}
+
+/// Bytes free (for an unprivileged writer) and in total on the file system holding
+/// `dir`; the simulated disk reports no limit (its capacity, when a scenario sets
+/// one, shows as ENOSPC on the write itself).
+pub fn space(dir: &Path) -> io::Result<(u64, u64)> {
+    #[cfg(feature = "sim")]
+    if in_simulation() {
+        return Ok((u64::MAX / 4, u64::MAX / 4));
+    }
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let frsize = st.f_frsize as u64;
+    Ok((st.f_bavail as u64 * frsize, st.f_blocks as u64 * frsize))
+}
+
+pub fn is_dir(path: &Path) -> bool {
+    #[cfg(feature = "sim")]
+    if in_simulation() {
+        return simfs::metadata(path).map(|m| m.is_dir()).unwrap_or(false);
+    }
+    path.is_dir()
 }

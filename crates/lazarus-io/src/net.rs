@@ -45,11 +45,17 @@ impl From<turmoil::net::TcpListener> for Listener {
 }
 
 impl Listener {
-    /// Binds `addr` (a simulated one inside a simulation).
+    /// Binds `addr` (a simulated one inside a simulation, where a host has a single
+    /// address: a listener on the host's own address binds all of them, as turmoil
+    /// wants).
     pub async fn bind(addr: &str) -> io::Result<Listener> {
         #[cfg(feature = "sim")]
         if in_simulation() {
-            return Ok(Listener::Sim(turmoil::net::TcpListener::bind(addr).await?));
+            let any = match addr.parse::<std::net::SocketAddr>() {
+                Ok(a) if !a.ip().is_loopback() => format!("0.0.0.0:{}", a.port()),
+                _ => addr.to_string(),
+            };
+            return Ok(Listener::Sim(turmoil::net::TcpListener::bind(any).await?));
         }
         Ok(Listener::Tcp(tokio::net::TcpListener::bind(addr).await?))
     }

@@ -1,0 +1,666 @@
+//! A whole Lazarus cluster under the simulator: three storage nodes (the real node
+//! code: `lazarus::node::{open, start}` and the NBD server) and the recovery server on
+//! simulated hosts, each node with its own simulated disk, and an NBD client host that
+//! writes, flushes and reads with the checker of `scripts/chaos.py`. One seed drives
+//! everything: the network's latencies and the hosts' order (turmoil), the workload,
+//! and the faults (node crashes at any instant, two at once, with the primary among
+//! them; partitions between nodes; the recovery server crashed). A crash loses every
+//! write, creation, rename and deletion its disk had not synced.
+//!
+//! The rule checked on every read, as in the chaos campaign: a block reads as the
+//! last version acknowledged before a successful FLUSH, or a version written after
+//! it; never older, never zeroes that were not written, never another block's or a
+//! damaged version. After the faults, a heal phase: every host up, every link open;
+//! then every copy must turn live with equal Merkle roots, and every node must serve
+//! every block, checked by the same rule.
+
+use crate::nbd::{Client, Reply};
+use lazarus::config::{Endpoints, NodeConfig};
+use lazarus_cluster::meta::ReplicaState;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const NODES: [&str; 3] = ["n1", "n2", "n3"];
+const RPC_PORT: u16 = 7000;
+const NBD_PORT: u16 = 10809;
+const RS_PORT: u16 = 7000;
+const VOLUME: &str = "vol0";
+const BLOCK: usize = 4096;
+
+/// What one seed's run does.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Options {
+    pub seed: u64,
+    /// Volume size in blocks; the client writes the first `blocks_written` of them.
+    pub volume_blocks: u64,
+    pub blocks_written: u64,
+    /// Simulated time of client load with faults, after the volume is ready.
+    pub load: Duration,
+    /// Fault events during the load.
+    pub faults: usize,
+    /// How long the heal phase may take before the run counts as failed.
+    pub heal_limit: Duration,
+}
+
+impl Options {
+    pub fn new(seed: u64) -> Options {
+        Options {
+            seed,
+            volume_blocks: 256,
+            blocks_written: 48,
+            load: Duration::from_secs(20),
+            faults: 3,
+            heal_limit: Duration::from_secs(90),
+        }
+    }
+}
+
+/// What a run did and saw.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Report {
+    pub writes_acked: u64,
+    pub flushes_acked: u64,
+    pub reads_checked: u64,
+    /// Requests refused (EIO and the like) or lost with their connection during faults.
+    pub errors_during_faults: u64,
+    /// Fault events, in order, with their simulated times: the run's replayable trace.
+    pub events: Vec<String>,
+    /// Simulated time the heal phase took.
+    pub heal_ms: u64,
+}
+
+/// The state the client host and the fault scheduler share (one simulation runs on
+/// one thread).
+#[derive(Default)]
+struct Shared {
+    ready: bool,
+    healing: bool,
+    done: bool,
+    violation: Option<String>,
+    report: Report,
+    /// Per node, its last published view (`publish_views`).
+    views: BTreeMap<String, View>,
+}
+
+/// What a node shows of itself, published by a task on its host.
+#[derive(Debug, Clone, Default)]
+struct View {
+    serving_ready: bool,
+    volume: Option<lazarus_cluster::meta::VolumeInfo>,
+    root: Option<String>,
+}
+
+thread_local! {
+    static SHARED: RefCell<Option<Rc<RefCell<Shared>>>> = const { RefCell::new(None) };
+}
+
+fn shared() -> Rc<RefCell<Shared>> {
+    SHARED.with(|s| s.borrow().clone().expect("a cluster simulation is running"))
+}
+
+fn addr(host: &str, port: u16) -> String {
+    format!("{}:{port}", turmoil::lookup(host))
+}
+
+fn node_config(id: &str) -> NodeConfig {
+    let peers: Vec<serde_json::Value> = NODES
+        .iter()
+        .filter(|p| **p != id)
+        .map(|p| serde_json::json!({"id": p, "rpc": addr(p, RPC_PORT)}))
+        .collect();
+    serde_json::from_value(serde_json::json!({
+        "id": id,
+        "data_dir": format!("/{id}"),
+        "nbd_listen": addr(id, NBD_PORT),
+        "admin_listen": "127.0.0.1:9",
+        "rpc_listen": addr(id, RPC_PORT),
+        "peers": peers,
+        "recovery_server": addr("rs", RS_PORT),
+        "journal_bytes": 8u64 << 20,
+        "checkpoint_interval_secs": 3,
+    }))
+    .expect("a valid node configuration")
+}
+
+/// One storage node's host: the store opened from its simulated disk, the member
+/// started, the NBD server serving. n1 creates the volume once every node has
+/// registered.
+async fn run_node(id: &'static str, volume_bytes: u64) -> turmoil::Result {
+    let cfg = node_config(id);
+    let (store, engine) = lazarus::node::open(&cfg).await.map_err(err)?;
+    let nbd = lazarus_io::net::Listener::bind(&format!("0.0.0.0:{NBD_PORT}")).await?;
+    let ep = Endpoints {
+        id: id.to_string(),
+        pid: 0,
+        nbd: cfg.nbd_listen,
+        admin: cfg.admin_listen,
+    };
+    let node = lazarus::node::start(&cfg, store.clone(), engine.clone(), &ep, false)
+        .await
+        .map_err(err)?;
+    let cluster = node.cluster.clone().expect("a cluster member");
+    if id == "n1" {
+        let c = cluster.clone();
+        tokio::spawn(async move {
+            loop {
+                let meta = c.store.meta();
+                if meta.volumes.contains_key(VOLUME) {
+                    return;
+                }
+                if meta.nodes.len() == NODES.len() {
+                    let cmd = lazarus_cluster::MetaCommand::CreateVolume {
+                        name: VOLUME.into(),
+                        size_bytes: volume_bytes,
+                        replicas: meta.nodes.keys().copied().collect(),
+                        primary: Some(c.id),
+                    };
+                    let _ = c.propose(cmd).await;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+    }
+    // The view the fault scheduler reads between steps: plain data only.
+    tokio::spawn(async move {
+        loop {
+            let view = View {
+                serving_ready: cluster.is_ready(),
+                volume: cluster.store.meta().volumes.get(VOLUME).cloned(),
+                root: store.volume(VOLUME).map(|v| v.root().to_hex()),
+            };
+            shared().borrow_mut().views.insert(id.to_string(), view);
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    });
+    lazarus::nbd_server::serve(nbd, engine).await;
+    Ok(())
+}
+
+fn err(e: anyhow::Error) -> Box<dyn std::error::Error> {
+    e.to_string().into()
+}
+
+async fn run_rs() -> turmoil::Result {
+    let rs = lazarus_recovery::server::RecoveryServer::open(Path::new("/rs"))?;
+    let l = lazarus_io::net::Listener::bind(&format!("0.0.0.0:{RS_PORT}")).await?;
+    lazarus_rpc::serve(
+        l,
+        Arc::new(move |kind, body| {
+            let h = rs.clone();
+            Box::pin(async move { h.handle(kind, body).await })
+        }),
+    )
+    .await;
+    Ok(())
+}
+
+/// A block's content at `version`: its address and version in the first 16 bytes, a
+/// pattern of both after, so a misplaced or damaged block never passes for ours.
+pub fn block(lba: u64, version: u64) -> Vec<u8> {
+    let mut b = vec![0u8; BLOCK];
+    for (i, x) in b.iter_mut().enumerate() {
+        *x = (lba as usize * 7 + version as usize * 13 + i) as u8;
+    }
+    b[..8].copy_from_slice(&lba.to_le_bytes());
+    b[8..16].copy_from_slice(&version.to_le_bytes());
+    b
+}
+
+/// The client's books: what it sent, and what FLUSH made durable.
+#[derive(Default)]
+struct Books {
+    /// Versions sent per block (a write whose reply was lost may or may not be there).
+    sent: BTreeMap<u64, BTreeSet<u64>>,
+    /// Acknowledged since the last successful FLUSH.
+    unflushed: Vec<(u64, u64)>,
+    /// Per block, the last version acknowledged before a successful FLUSH.
+    floor: BTreeMap<u64, u64>,
+}
+
+impl Books {
+    /// Checks a read of `lba` sent while `floor` was its floor.
+    fn check(&self, lba: u64, floor: u64, data: &[u8]) -> Result<(), String> {
+        if data.iter().all(|b| *b == 0) {
+            if floor == 0 {
+                return Ok(());
+            }
+            return Err(format!(
+                "block {lba}: zeroes, but version {floor} was flushed"
+            ));
+        }
+        let l = u64::from_le_bytes(data[..8].try_into().unwrap());
+        let v = u64::from_le_bytes(data[8..16].try_into().unwrap());
+        if l != lba || data != block(lba, v).as_slice() {
+            return Err(format!("block {lba}: damaged or misplaced data (claims block {l} version {v})"));
+        }
+        if !self.sent.get(&lba).is_some_and(|s| s.contains(&v)) {
+            return Err(format!("block {lba}: version {v} was never written"));
+        }
+        if v < floor {
+            return Err(format!(
+                "block {lba}: version {v}, older than version {floor} acknowledged before a successful flush"
+            ));
+        }
+        Ok(())
+    }
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longer than a jeopardy suspension (30 s) and a failover.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(45);
+
+async fn connect_any(rng: &mut fastrand::Rng) -> Option<Client> {
+    let node = NODES[rng.usize(..NODES.len())];
+    match tokio::time::timeout(CONNECT_TIMEOUT, Client::connect(&addr(node, NBD_PORT), VOLUME)).await {
+        Ok(Ok(c)) => Some(c),
+        _ => None,
+    }
+}
+
+/// The NBD client host: waits for the volume, then writes, flushes and reads until
+/// the heal phase starts; then reads every block through every node.
+async fn run_client(opts: Options) -> turmoil::Result {
+    let sh = shared();
+    let mut rng = fastrand::Rng::with_seed(opts.seed ^ 0x5eed_c11e);
+    // The volume is ready once a node serves it.
+    let first = loop {
+        if let Some(c) = connect_any(&mut rng).await {
+            break c;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    sh.borrow_mut().ready = true;
+    let mut books = Books::default();
+    let mut version = 0u64;
+    let mut conn = Some(first);
+    let mut errors = 0u64;
+    while !sh.borrow().healing {
+        let c = match conn.as_mut() {
+            Some(c) => c,
+            None => {
+                conn = connect_any(&mut rng).await;
+                if conn.is_none() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                continue;
+            }
+        };
+        let lba = rng.u64(..opts.blocks_written);
+        let roll = rng.u32(..10);
+        let outcome = if roll < 6 {
+            version += 1;
+            books.sent.entry(lba).or_default().insert(version);
+            let data = block(lba, version);
+            let r = tokio::time::timeout(REQUEST_TIMEOUT, c.write(lba * BLOCK as u64, &data)).await;
+            if let Ok(Ok(Reply::Ok(_))) = r {
+                books.unflushed.push((lba, version));
+                sh.borrow_mut().report.writes_acked += 1;
+            }
+            r
+        } else if roll < 8 {
+            let r = tokio::time::timeout(REQUEST_TIMEOUT, c.flush()).await;
+            if let Ok(Ok(Reply::Ok(_))) = r {
+                for (l, v) in std::mem::take(&mut books.unflushed) {
+                    let f = books.floor.entry(l).or_default();
+                    *f = (*f).max(v);
+                }
+                sh.borrow_mut().report.flushes_acked += 1;
+            }
+            r
+        } else {
+            let floor = books.floor.get(&lba).copied().unwrap_or(0);
+            let r = tokio::time::timeout(REQUEST_TIMEOUT, c.read(lba * BLOCK as u64, BLOCK as u32)).await;
+            if let Ok(Ok(Reply::Ok(data))) = &r {
+                if let Err(e) = books.check(lba, floor, data) {
+                    sh.borrow_mut().violation = Some(format!("during load: {e}"));
+                    return Ok(());
+                }
+                sh.borrow_mut().report.reads_checked += 1;
+            }
+            r
+        };
+        match outcome {
+            Ok(Ok(Reply::Ok(_))) => {}
+            Ok(Ok(Reply::Err(_))) => errors += 1,
+            _ => {
+                errors += 1;
+                conn = None;
+            }
+        }
+    }
+    drop(conn);
+    sh.borrow_mut().report.errors_during_faults = errors;
+    // Heal: wait for the scheduler to see the cluster whole, then read everything
+    // through every node; every read must succeed now.
+    while !sh.borrow().done {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for node in NODES {
+        let mut c = match tokio::time::timeout(
+            CONNECT_TIMEOUT * 4,
+            Client::connect(&addr(node, NBD_PORT), VOLUME),
+        )
+        .await
+        {
+            Ok(Ok(c)) => c,
+            other => {
+                let why = match other {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "timed out".into(),
+                };
+                sh.borrow_mut().violation = Some(format!("after heal: {node} does not serve {VOLUME}: {why}"));
+                return Ok(());
+            }
+        };
+        for lba in 0..opts.blocks_written + 2 {
+            let floor = books.floor.get(&lba).copied().unwrap_or(0);
+            let r = tokio::time::timeout(REQUEST_TIMEOUT, c.read(lba * BLOCK as u64, BLOCK as u32)).await;
+            let e = match r {
+                Ok(Ok(Reply::Ok(data))) => books.check(lba, floor, &data).err(),
+                other => Some(format!("block {lba}: read failed: {other:?}")),
+            };
+            if let Some(e) = e {
+                sh.borrow_mut().violation = Some(format!("after heal, through {node}: {e}"));
+                return Ok(());
+            }
+            sh.borrow_mut().report.reads_checked += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Whether the views show the cluster whole: every node up and ready, each seeing
+/// every copy live under one primary and epoch, and every copy's root equal.
+fn whole(views: &BTreeMap<String, View>) -> bool {
+    if views.len() != NODES.len() {
+        return false;
+    }
+    let mut seen = None;
+    for v in views.values() {
+        let Some(vol) = &v.volume else { return false };
+        if !v.serving_ready || vol.states.values().any(|s| *s != ReplicaState::Live) {
+            return false;
+        }
+        let key = (vol.primary, vol.epoch, v.root.clone());
+        match &seen {
+            None => seen = Some(key),
+            Some(k) if *k != key => return false,
+            _ => {}
+        }
+    }
+    seen.is_some_and(|k| k.2.is_some())
+}
+
+enum Fault {
+    /// Hosts crashed (their unsynced disk writes lost), restarted at the time given.
+    Down(Vec<String>, Duration),
+    /// Messages between two hosts held, released at the time given.
+    Hold(String, String, Duration),
+}
+
+/// Runs one seed. Err: the rule was broken, or the cluster did not heal (with the
+/// trace of events so far).
+pub fn run(opts: Options) -> Result<Report, String> {
+    let sh = Rc::new(RefCell::new(Shared::default()));
+    SHARED.with(|s| *s.borrow_mut() = Some(sh.clone()));
+    let _ = lazarus_io::rt::take_exit_requests();
+    // The thread's generator, which the node's own random choices use (openraft's
+    // election timeouts, the recovery log's generations).
+    fastrand::seed(opts.seed);
+    let total = opts.load + opts.heal_limit + Duration::from_secs(120);
+    let mut sim = crate::simulation(opts.seed, total);
+    sim.host("rs", run_rs);
+    let volume_bytes = opts.volume_blocks * BLOCK as u64;
+    for id in NODES {
+        sim.host(id, move || run_node(id, volume_bytes));
+    }
+    let o = opts.clone();
+    sim.client("client", run_client(o));
+    let mut rng = fastrand::Rng::with_seed(opts.seed);
+    let mut active: Vec<Fault> = Vec::new();
+    let mut load_start = None;
+    let mut heal_start = None;
+    let mut fault_times: Vec<Duration> = Vec::new();
+    let log = |sh: &Rc<RefCell<Shared>>, at: Duration, what: String| {
+        sh.borrow_mut()
+            .report
+            .events
+            .push(format!("{:>6} ms {what}", at.as_millis()));
+    };
+    let result = loop {
+        let finished = match sim.step() {
+            Ok(f) => f,
+            Err(e) => break Err(format!("simulation failed: {e}")),
+        };
+        if let Some(v) = sh.borrow().violation.clone() {
+            break Err(v);
+        }
+        if finished {
+            break Ok(());
+        }
+        let now = sim.elapsed();
+        // A node that asked to exit (its metadata stopped) is restarted, as its
+        // supervisor would.
+        for (host, code) in lazarus_io::rt::take_exit_requests() {
+            log(&sh, now, format!("{host} exits ({code}) and is restarted"));
+            sim.crash(host.as_str());
+            sh.borrow_mut().views.remove(&host);
+            sim.bounce(host.as_str());
+        }
+        if load_start.is_none() {
+            if sh.borrow().ready {
+                load_start = Some(now);
+                log(&sh, now, "volume ready, load starts".into());
+                let mut t: Vec<Duration> = (0..opts.faults)
+                    .map(|_| now + opts.load.mul_f64(rng.f64() * 0.8))
+                    .collect();
+                t.sort();
+                fault_times = t;
+            } else if now > Duration::from_secs(60) {
+                break Err("the volume never became ready".into());
+            }
+            continue;
+        }
+        // Faults end at their time.
+        let mut i = 0;
+        while i < active.len() {
+            let end = match &active[i] {
+                Fault::Down(_, t) | Fault::Hold(_, _, t) => *t,
+            };
+            if now >= end || heal_start.is_some() {
+                match active.remove(i) {
+                    Fault::Down(hosts, _) => {
+                        for h in hosts {
+                            log(&sh, now, format!("{h} restarts"));
+                            sim.bounce(h.as_str());
+                        }
+                    }
+                    Fault::Hold(a, b, _) => {
+                        log(&sh, now, format!("{a} <-> {b} released"));
+                        sim.release(a.as_str(), b.as_str());
+                    }
+                }
+            } else {
+                i += 1;
+            }
+        }
+        if heal_start.is_none() {
+            if now >= load_start.unwrap() + opts.load {
+                heal_start = Some(now);
+                sh.borrow_mut().healing = true;
+                log(&sh, now, "heal: every fault ends, writes stop".into());
+                continue;
+            }
+            if fault_times.first().is_some_and(|t| now >= *t) {
+                fault_times.remove(0);
+                let f = pick_fault(&mut rng, &sh, now, &active);
+                if let Some(f) = f {
+                    match &f {
+                        Fault::Down(hosts, until) => {
+                            for h in hosts {
+                                sim.crash(h.as_str());
+                                sh.borrow_mut().views.remove(h);
+                            }
+                            log(&sh, now, format!("crash {} until {} ms", hosts.join("+"), until.as_millis()));
+                        }
+                        Fault::Hold(a, b, until) => {
+                            sim.hold(a.as_str(), b.as_str());
+                            log(&sh, now, format!("hold {a} <-> {b} until {} ms", until.as_millis()));
+                        }
+                    }
+                    active.push(f);
+                }
+            }
+            continue;
+        }
+        let hs = heal_start.unwrap();
+        if !sh.borrow().done && active.is_empty() && whole(&sh.borrow().views) {
+            sh.borrow_mut().done = true;
+            sh.borrow_mut().report.heal_ms = (now - hs).as_millis() as u64;
+            log(&sh, now, "cluster whole: every copy live, roots equal".into());
+        }
+        if !sh.borrow().done && now > hs + opts.heal_limit {
+            let views: Vec<String> = sh
+                .borrow()
+                .views
+                .iter()
+                .map(|(n, v)| format!("{n}: ready={} vol={:?}", v.serving_ready, v.volume.as_ref().map(|v| (v.primary, v.epoch, &v.states))))
+                .collect();
+            break Err(format!("the cluster did not heal within {:?}: {views:?}", opts.heal_limit));
+        }
+    };
+    // Stopped on their hosts, so that what they drop (open files, connections) goes
+    // back to the simulation that owns it.
+    for h in NODES.iter().chain(["rs"].iter()) {
+        if sim.is_host_running(*h) {
+            sim.crash(*h);
+        }
+    }
+    drop(sim);
+    SHARED.with(|s| *s.borrow_mut() = None);
+    let report = sh.borrow().report.clone();
+    match result {
+        Ok(()) => Ok(report),
+        Err(e) => Err(format!("seed {}: {e}\nevents:\n{}", opts.seed, report.events.join("\n"))),
+    }
+}
+
+/// A fault to start now: one or two nodes crashed (the primary among them half the
+/// time), a link between two nodes held, or the recovery server crashed. Never more
+/// than two nodes down at once; nothing already faulty is picked again.
+fn pick_fault(
+    rng: &mut fastrand::Rng,
+    sh: &Rc<RefCell<Shared>>,
+    now: Duration,
+    active: &[Fault],
+) -> Option<Fault> {
+    let down: BTreeSet<String> = active
+        .iter()
+        .flat_map(|f| match f {
+            Fault::Down(h, _) => h.clone(),
+            Fault::Hold(..) => vec![],
+        })
+        .collect();
+    let up: Vec<&str> = NODES.iter().copied().filter(|n| !down.contains(*n)).collect();
+    let until = now + Duration::from_millis(500 + rng.u64(..8000));
+    let primary = sh
+        .borrow()
+        .views
+        .values()
+        .filter_map(|v| v.volume.as_ref().map(|v| (v.epoch, v.primary)))
+        .max()
+        .map(|(_, p)| format!("n{p}"));
+    match rng.u32(..10) {
+        0..=4 => {
+            let room = 2usize.saturating_sub(NODES.len() - up.len());
+            if room == 0 || up.is_empty() {
+                return None;
+            }
+            let mut pick: Vec<String> = Vec::new();
+            if let Some(p) = primary.filter(|p| up.contains(&p.as_str()) && rng.bool()) {
+                pick.push(p);
+            }
+            let want = if room >= 2 && rng.u32(..3) == 0 { 2 } else { 1 };
+            while pick.len() < want.min(up.len()) {
+                let n = up[rng.usize(..up.len())].to_string();
+                if !pick.contains(&n) {
+                    pick.push(n);
+                }
+            }
+            Some(Fault::Down(pick, until))
+        }
+        5..=7 => {
+            let a = NODES[rng.usize(..3)];
+            let b = NODES[rng.usize(..3)];
+            if a == b || active.iter().any(|f| matches!(f, Fault::Hold(..))) {
+                return None;
+            }
+            Some(Fault::Hold(a.into(), b.into(), until))
+        }
+        _ => {
+            if down.contains("rs") {
+                return None;
+            }
+            Some(Fault::Down(vec!["rs".into()], until))
+        }
+    }
+}
+
+/// Runs one seed in a process of its own (the `lazarus-sim` binary at `exe`), as
+/// every seed must be run to replay exactly: tokio numbers its tasks from a counter
+/// shared by the whole process, and the order in which a crashed host's tasks are
+/// dropped (and so its connections closed) follows those numbers, so a seed run after
+/// other simulations in one process is not the same run as that seed alone.
+pub fn run_in_process(exe: &Path, opts: &Options) -> Result<Report, String> {
+    let out = std::process::Command::new(exe)
+        .arg("run")
+        .arg(serde_json::to_string(opts).expect("options serialize"))
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    match serde_json::from_str::<Result<Report, String>>(line) {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "seed {}: the simulation process failed ({}): {}{}",
+            opts.seed,
+            out.status,
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        )),
+    }
+}
+
+/// Runs seeds `first..first + count` on `jobs` processes at a time; returns each
+/// seed's result in seed order.
+pub fn sweep(
+    exe: &Path,
+    base: &Options,
+    first: u64,
+    count: u64,
+    jobs: usize,
+) -> Vec<(u64, Result<Report, String>)> {
+    let next = std::sync::atomic::AtomicU64::new(first);
+    let results = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..jobs.max(1) {
+            s.spawn(|| loop {
+                let seed = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if seed >= first + count {
+                    return;
+                }
+                let mut o = base.clone();
+                o.seed = seed;
+                let r = run_in_process(exe, &o);
+                results.lock().unwrap().push((seed, r));
+            });
+        }
+    });
+    let mut r = results.into_inner().unwrap();
+    r.sort_by_key(|(s, _)| *s);
+    r
+}
