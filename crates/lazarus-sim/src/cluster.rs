@@ -35,7 +35,8 @@ const BLOCK: usize = 4096;
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Options {
     pub seed: u64,
-    /// Volume size in blocks; the client writes the first `blocks_written` of them.
+    /// Volume size in blocks; the client writes `blocks_written` of them, spread over
+    /// the volume (`lba_of`) so that they fall in several slice pages.
     pub volume_blocks: u64,
     pub blocks_written: u64,
     /// Simulated time of client load with faults, after the volume is ready.
@@ -44,17 +45,21 @@ pub struct Options {
     pub faults: usize,
     /// How long the heal phase may take before the run counts as failed.
     pub heal_limit: Duration,
+    /// Disk faults among the faults: bit rot (slice, checksum, block) and EIO.
+    #[serde(default)]
+    pub disk_faults: bool,
 }
 
 impl Options {
     pub fn new(seed: u64) -> Options {
         Options {
             seed,
-            volume_blocks: 256,
+            volume_blocks: 1024,
             blocks_written: 48,
             load: Duration::from_secs(20),
             faults: 3,
             heal_limit: Duration::from_secs(90),
+            disk_faults: false,
         }
     }
 }
@@ -82,8 +87,22 @@ struct Shared {
     done: bool,
     violation: Option<String>,
     report: Report,
-    /// Per node, its last published view (`publish_views`).
+    /// Per node, its last published view.
     views: BTreeMap<String, View>,
+    /// Disk faults waiting for their node's host to apply them.
+    disk_faults: Vec<(String, DiskFault)>,
+}
+
+/// A fault of a node's disk, applied on its host (where its simulated disk is).
+#[derive(Debug, Clone)]
+enum DiskFault {
+    /// Bytes of the slice page, checksum page or stored block holding `lba` flipped
+    /// on disk (bit rot), and the node's cached copy dropped.
+    Corrupt { lba: u64, target: &'static str },
+    /// Reads of the slice page holding `lba` fail with EIO (a failing sector).
+    Eio { lba: u64 },
+    /// Injected read errors end (the heal phase).
+    ClearEio,
 }
 
 /// What a node shows of itself, published by a task on its host.
@@ -92,6 +111,9 @@ struct View {
     serving_ready: bool,
     volume: Option<lazarus_cluster::meta::VolumeInfo>,
     root: Option<String>,
+    /// In the heal phase: the version of each written block in this node's own copy
+    /// (0: zeroes; u64::MAX: unreadable or not ours), to show where copies differ.
+    versions: BTreeMap<u64, u64>,
 }
 
 thread_local! {
@@ -129,7 +151,7 @@ fn node_config(id: &str) -> NodeConfig {
 /// One storage node's host: the store opened from its simulated disk, the member
 /// started, the NBD server serving. n1 creates the volume once every node has
 /// registered.
-async fn run_node(id: &'static str, volume_bytes: u64) -> turmoil::Result {
+async fn run_node(id: &'static str, volume_bytes: u64, written: Arc<Vec<u64>>) -> turmoil::Result {
     let cfg = node_config(id);
     let (store, engine) = lazarus::node::open(&cfg).await.map_err(err)?;
     let nbd = lazarus_io::net::Listener::bind(&format!("0.0.0.0:{NBD_PORT}")).await?;
@@ -167,10 +189,27 @@ async fn run_node(id: &'static str, volume_bytes: u64) -> turmoil::Result {
     // The view the fault scheduler reads between steps: plain data only.
     tokio::spawn(async move {
         loop {
+            let mine: Vec<DiskFault> = {
+                let sh = shared();
+                let mut sh = sh.borrow_mut();
+                let (mine, rest) = std::mem::take(&mut sh.disk_faults)
+                    .into_iter()
+                    .partition(|(h, _)| h == id);
+                sh.disk_faults = rest;
+                mine.into_iter().map(|(_, f)| f).collect()
+            };
+            for f in mine {
+                apply_disk_fault(id, &store, f);
+            }
             let view = View {
                 serving_ready: cluster.is_ready(),
                 volume: cluster.store.meta().volumes.get(VOLUME).cloned(),
                 root: store.volume(VOLUME).map(|v| v.root().to_hex()),
+                versions: if shared().borrow().healing {
+                    local_versions(&store, &written)
+                } else {
+                    BTreeMap::new()
+                },
             };
             shared().borrow_mut().views.insert(id.to_string(), view);
             tokio::time::sleep(Duration::from_millis(250)).await;
@@ -178,6 +217,46 @@ async fn run_node(id: &'static str, volume_bytes: u64) -> turmoil::Result {
     });
     lazarus::nbd_server::serve(nbd, engine).await;
     Ok(())
+}
+
+fn local_versions(store: &lazarus_store::Store, written: &[u64]) -> BTreeMap<u64, u64> {
+    let Some(v) = store.volume(VOLUME) else { return BTreeMap::new() };
+    let mut buf = vec![0u8; BLOCK];
+    written
+        .iter()
+        .map(|&lba| {
+            let ver = match store.read_blocks(&v, lazarus_types::Lba(lba), &mut buf) {
+                Ok(()) if buf.iter().all(|b| *b == 0) => 0,
+                Ok(()) => u64::from_le_bytes(buf[8..16].try_into().unwrap()),
+                Err(_) => u64::MAX,
+            };
+            (lba, ver)
+        })
+        .collect()
+}
+
+fn apply_disk_fault(id: &str, store: &Arc<lazarus_store::Store>, f: DiskFault) {
+    let Some(v) = store.volume(VOLUME) else { return };
+    let r = match &f {
+        DiskFault::Corrupt { lba, target } => {
+            lazarus::admin::corrupt_on_disk(store, &v, VOLUME, *lba, target)
+                .map(|_| ())
+                .map_err(|e| e.1)
+        }
+        DiskFault::Eio { lba } => store
+            .checkpoint()
+            .and_then(|_| v.inject_page_read_error(lba / lazarus_types::FANOUT_U64))
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        DiskFault::ClearEio => {
+            v.clear_read_errors();
+            Ok(())
+        }
+    };
+    // A block not stored on this copy (never written here) cannot rot: nothing to do.
+    if let Err(e) = r {
+        tracing::info!(node = id, fault = ?f, error = %e, "disk fault not applied");
+    }
 }
 
 fn err(e: anyhow::Error) -> Box<dyn std::error::Error> {
@@ -196,6 +275,11 @@ async fn run_rs() -> turmoil::Result {
     )
     .await;
     Ok(())
+}
+
+/// The address of the client's `i`th block: spread over the volume.
+fn lba_of(i: u64, volume_blocks: u64) -> u64 {
+    (i * 21) % volume_blocks
 }
 
 /// A block's content at `version`: its address and version in the first 16 bytes, a
@@ -253,10 +337,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longer than a jeopardy suspension (30 s) and a failover.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(45);
 
-async fn connect_any(rng: &mut fastrand::Rng) -> Option<Client> {
+async fn connect_any(rng: &mut fastrand::Rng) -> Option<(Client, &'static str)> {
     let node = NODES[rng.usize(..NODES.len())];
     match tokio::time::timeout(CONNECT_TIMEOUT, Client::connect(&addr(node, NBD_PORT), VOLUME)).await {
-        Ok(Ok(c)) => Some(c),
+        Ok(Ok(c)) => {
+            tracing::debug!(target: "client", node, "connected");
+            Some((c, node))
+        }
         _ => None,
     }
 }
@@ -279,8 +366,8 @@ async fn run_client(opts: Options) -> turmoil::Result {
     let mut conn = Some(first);
     let mut errors = 0u64;
     while !sh.borrow().healing {
-        let c = match conn.as_mut() {
-            Some(c) => c,
+        let (c, node) = match conn.as_mut() {
+            Some((c, n)) => (c, *n),
             None => {
                 conn = connect_any(&mut rng).await;
                 if conn.is_none() {
@@ -289,7 +376,7 @@ async fn run_client(opts: Options) -> turmoil::Result {
                 continue;
             }
         };
-        let lba = rng.u64(..opts.blocks_written);
+        let lba = lba_of(rng.u64(..opts.blocks_written), opts.volume_blocks);
         let roll = rng.u32(..10);
         let outcome = if roll < 6 {
             version += 1;
@@ -323,12 +410,18 @@ async fn run_client(opts: Options) -> turmoil::Result {
             }
             r
         };
+        tracing::debug!(target: "client", node, lba, version, roll, outcome = ?outcome.as_ref().map(|r| r.as_ref().map(|r| match r { Reply::Ok(d) if d.len() >= 16 => format!("ok v{}", u64::from_le_bytes(d[8..16].try_into().unwrap())), Reply::Ok(_) => "ok".to_string(), Reply::Err(e) => format!("err {e}") })), "op");
         match outcome {
             Ok(Ok(Reply::Ok(_))) => {}
-            Ok(Ok(Reply::Err(_))) => errors += 1,
+            Ok(Ok(Reply::Err(_))) if !(6..8).contains(&roll) => errors += 1,
             _ => {
+                // A connection lost, or a FLUSH refused: a FLUSH vouches only for the
+                // writes acknowledged on its own connection (the writes acknowledged
+                // on this one may have died with a server that held them unflushed,
+                // and no later FLUSH elsewhere can vouch for them), as in chaos.py.
                 errors += 1;
                 conn = None;
+                books.unflushed.clear();
             }
         }
     }
@@ -356,7 +449,11 @@ async fn run_client(opts: Options) -> turmoil::Result {
                 return Ok(());
             }
         };
-        for lba in 0..opts.blocks_written + 2 {
+        let unwritten = [1, opts.volume_blocks - 1];
+        for lba in (0..opts.blocks_written)
+            .map(|i| lba_of(i, opts.volume_blocks))
+            .chain(unwritten)
+        {
             let floor = books.floor.get(&lba).copied().unwrap_or(0);
             let r = tokio::time::timeout(REQUEST_TIMEOUT, c.read(lba * BLOCK as u64, BLOCK as u32)).await;
             let e = match r {
@@ -400,6 +497,8 @@ enum Fault {
     Down(Vec<String>, Duration),
     /// Messages between two hosts held, released at the time given.
     Hold(String, String, Duration),
+    /// A node's disk damaged (lasts until the heal phase for EIO, for ever for rot).
+    Disk(String, DiskFault),
 }
 
 /// Runs one seed. Err: the rule was broken, or the cluster did not heal (with the
@@ -412,11 +511,21 @@ pub fn run(opts: Options) -> Result<Report, String> {
     // election timeouts, the recovery log's generations).
     fastrand::seed(opts.seed);
     let total = opts.load + opts.heal_limit + Duration::from_secs(120);
-    let mut sim = crate::simulation(opts.seed, total);
+    let mut b = crate::builder(opts.seed, total);
+    // A crash keeps any part of each unsynced write, sector by sector from its start:
+    // torn writes, and a crash in the middle of a checkpoint's in-place writes.
+    b.fs().block_size(512);
+    let mut sim = b.build();
     sim.host("rs", run_rs);
     let volume_bytes = opts.volume_blocks * BLOCK as u64;
+    let written: Arc<Vec<u64>> = Arc::new(
+        (0..opts.blocks_written)
+            .map(|i| lba_of(i, opts.volume_blocks))
+            .collect(),
+    );
     for id in NODES {
-        sim.host(id, move || run_node(id, volume_bytes));
+        let w = written.clone();
+        sim.host(id, move || run_node(id, volume_bytes, w.clone()));
     }
     let o = opts.clone();
     sim.client("client", run_client(o));
@@ -425,6 +534,9 @@ pub fn run(opts: Options) -> Result<Report, String> {
     let mut load_start = None;
     let mut heal_start = None;
     let mut fault_times: Vec<Duration> = Vec::new();
+    // Slice pages whose blocks a disk fault touched already: one copy's disk per page
+    // and run, so that two copies of every page stay whole.
+    let mut disk_pages: BTreeSet<u64> = BTreeSet::new();
     let log = |sh: &Rc<RefCell<Shared>>, at: Duration, what: String| {
         sh.borrow_mut()
             .report
@@ -470,6 +582,7 @@ pub fn run(opts: Options) -> Result<Report, String> {
         while i < active.len() {
             let end = match &active[i] {
                 Fault::Down(_, t) | Fault::Hold(_, _, t) => *t,
+                Fault::Disk(..) => Duration::ZERO,
             };
             if now >= end || heal_start.is_some() {
                 match active.remove(i) {
@@ -483,6 +596,7 @@ pub fn run(opts: Options) -> Result<Report, String> {
                         log(&sh, now, format!("{a} <-> {b} released"));
                         sim.release(a.as_str(), b.as_str());
                     }
+                    Fault::Disk(..) => {}
                 }
             } else {
                 i += 1;
@@ -492,12 +606,15 @@ pub fn run(opts: Options) -> Result<Report, String> {
             if now >= load_start.unwrap() + opts.load {
                 heal_start = Some(now);
                 sh.borrow_mut().healing = true;
+                for n in NODES {
+                    sh.borrow_mut().disk_faults.push((n.to_string(), DiskFault::ClearEio));
+                }
                 log(&sh, now, "heal: every fault ends, writes stop".into());
                 continue;
             }
             if fault_times.first().is_some_and(|t| now >= *t) {
                 fault_times.remove(0);
-                let f = pick_fault(&mut rng, &sh, now, &active);
+                let f = pick_fault(&mut rng, &sh, now, &active, &mut disk_pages, &opts);
                 if let Some(f) = f {
                     match &f {
                         Fault::Down(hosts, until) => {
@@ -510,6 +627,10 @@ pub fn run(opts: Options) -> Result<Report, String> {
                         Fault::Hold(a, b, until) => {
                             sim.hold(a.as_str(), b.as_str());
                             log(&sh, now, format!("hold {a} <-> {b} until {} ms", until.as_millis()));
+                        }
+                        Fault::Disk(h, d) => {
+                            sh.borrow_mut().disk_faults.push((h.clone(), d.clone()));
+                            log(&sh, now, format!("disk of {h}: {d:?}"));
                         }
                     }
                     active.push(f);
@@ -528,9 +649,19 @@ pub fn run(opts: Options) -> Result<Report, String> {
                 .borrow()
                 .views
                 .iter()
-                .map(|(n, v)| format!("{n}: ready={} vol={:?}", v.serving_ready, v.volume.as_ref().map(|v| (v.primary, v.epoch, &v.states))))
+                .map(|(n, v)| format!("{n}: ready={} vol={:?} root={:?}", v.serving_ready, v.volume.as_ref().map(|v| (v.primary, v.epoch, &v.states)), v.root.as_ref().map(|r| &r[..12])))
                 .collect();
-            break Err(format!("the cluster did not heal within {:?}: {views:?}", opts.heal_limit));
+            let b = sh.borrow();
+            let mut differ = Vec::new();
+            if let Some(first) = b.views.values().next() {
+                for (lba, ver) in &first.versions {
+                    let all: Vec<u64> = b.views.values().map(|v| v.versions.get(lba).copied().unwrap_or(u64::MAX - 1)).collect();
+                    if all.iter().any(|x| x != ver) {
+                        differ.push(format!("block {lba}: {all:?}"));
+                    }
+                }
+            }
+            break Err(format!("the cluster did not heal within {:?}: {views:?}; copies differ at: {differ:?}", opts.heal_limit));
         }
     };
     // Stopped on their hosts, so that what they drop (open files, connections) goes
@@ -557,12 +688,14 @@ fn pick_fault(
     sh: &Rc<RefCell<Shared>>,
     now: Duration,
     active: &[Fault],
+    disk_pages: &mut BTreeSet<u64>,
+    opts: &Options,
 ) -> Option<Fault> {
     let down: BTreeSet<String> = active
         .iter()
         .flat_map(|f| match f {
             Fault::Down(h, _) => h.clone(),
-            Fault::Hold(..) => vec![],
+            Fault::Hold(..) | Fault::Disk(..) => vec![],
         })
         .collect();
     let up: Vec<&str> = NODES.iter().copied().filter(|n| !down.contains(*n)).collect();
@@ -574,7 +707,22 @@ fn pick_fault(
         .filter_map(|v| v.volume.as_ref().map(|v| (v.epoch, v.primary)))
         .max()
         .map(|(_, p)| format!("n{p}"));
-    match rng.u32(..10) {
+    match rng.u32(..if opts.disk_faults { 13 } else { 10 }) {
+        10..=12 => {
+            // One copy's disk at a time per block, so that two copies stay whole.
+            let node = NODES[rng.usize(..NODES.len())];
+            let lba = lba_of(rng.u64(..opts.blocks_written), opts.volume_blocks);
+            if !disk_pages.insert(lba / lazarus_types::FANOUT_U64) {
+                return None;
+            }
+            let fault = match rng.u32(..4) {
+                0 => DiskFault::Corrupt { lba, target: "slice" },
+                1 => DiskFault::Corrupt { lba, target: "checksum" },
+                2 => DiskFault::Corrupt { lba, target: "block" },
+                _ => DiskFault::Eio { lba },
+            };
+            Some(Fault::Disk(node.to_string(), fault))
+        }
         0..=4 => {
             let room = 2usize.saturating_sub(NODES.len() - up.len());
             if room == 0 || up.is_empty() {

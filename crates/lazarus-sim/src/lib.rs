@@ -16,8 +16,14 @@ use std::time::Duration;
 /// A simulation of `seed`: message latency between 1 and 20 ms, hosts stepped in a
 /// seeded random order, at most `limit` of simulated time.
 pub fn simulation<'a>(seed: u64, limit: Duration) -> turmoil::Sim<'a> {
-    turmoil::Builder::new()
-        .rng_seed(seed)
+    builder(seed, limit).build()
+}
+
+/// The builder behind `simulation`, for scenarios that set more (the disk's torn
+/// writes, say).
+pub fn builder(seed: u64, limit: Duration) -> turmoil::Builder {
+    let mut b = turmoil::Builder::new();
+    b.rng_seed(seed)
         // A fixed wall clock too (turmoil starts it at the real time otherwise).
         .epoch(std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000))
         .simulation_duration(limit)
@@ -26,8 +32,8 @@ pub fn simulation<'a>(seed: u64, limit: Duration) -> turmoil::Sim<'a> {
         .enable_random_order()
         // Room for every connection attempt a held link releases at once (turmoil
         // panics at a full accept queue where a real stack would drop the SYN).
-        .tcp_capacity(1 << 16)
-        .build()
+        .tcp_capacity(1 << 16);
+    b
 }
 
 /// Simulated time since the simulation started (for traces that must replay exactly).

@@ -2,8 +2,12 @@
 //! process so that every seed replays exactly.
 //!
 //! ```text
-//! lazarus-sim seed SEED                 one seed; its events, and the log with LAZARUS_SIM_LOG=debug
-//! lazarus-sim sweep FIRST COUNT [JOBS]  seeds FIRST.. on JOBS processes (default 2); exit 1 on a failure
+//! lazarus-sim seed SEED [FAULTS [LOAD_SECS]] one seed; its events, and the log with LAZARUS_SIM_LOG=debug
+//! lazarus-sim sweep FIRST COUNT [JOBS [FAULTS [LOAD_SECS]]]
+//!                                       seeds FIRST.. on JOBS processes (default 2), FAULTS
+//!                                       fault events (default 3) in LOAD_SECS of load
+//!                                       (default 20) each; exit 1 on a failure
+//! LAZARUS_SIM_DISK_FAULTS=1             disk faults (bit rot, EIO) among the faults
 //! lazarus-sim run OPTIONS_JSON          (internal) one seed, its report as one JSON line
 //! ```
 
@@ -63,7 +67,11 @@ fn main() {
         Some("seed") => {
             init_log();
             let seed = num(1, 1);
-            match cluster::run(Options::new(seed)) {
+            let mut o = Options::new(seed);
+            o.disk_faults = std::env::var("LAZARUS_SIM_DISK_FAULTS").is_ok_and(|v| v == "1");
+            o.faults = num(2, o.faults as u64) as usize;
+            o.load = std::time::Duration::from_secs(num(3, o.load.as_secs()));
+            match cluster::run(o) {
                 Ok(r) => {
                     println!("{}\n{}", r.events.join("\n"), summary(seed, &r));
                 }
@@ -77,7 +85,11 @@ fn main() {
             let (first, count, jobs) = (num(1, 1), num(2, 100), num(3, 2) as usize);
             let exe = std::env::current_exe().expect("own path");
             let t = Instant::now();
-            let results = cluster::sweep(&exe, &Options::new(0), first, count, jobs);
+            let mut base = Options::new(0);
+            base.disk_faults = std::env::var("LAZARUS_SIM_DISK_FAULTS").is_ok_and(|v| v == "1");
+            base.faults = num(4, base.faults as u64) as usize;
+            base.load = std::time::Duration::from_secs(num(5, base.load.as_secs()));
+            let results = cluster::sweep(&exe, &base, first, count, jobs);
             let mut failed = Vec::new();
             for (seed, r) in &results {
                 match r {

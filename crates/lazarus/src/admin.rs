@@ -86,7 +86,7 @@ pub struct AppState {
     pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -843,49 +843,56 @@ async fn fault_corrupt(
         ));
     }
     let store = s.engine.store.clone();
-    let r = lazarus_rpc::rt::blocking(move || -> Result<serde_json::Value, ApiError> {
-        store.checkpoint()?;
-        let page = req.lba / lazarus_types::FANOUT_U64;
-        let (path, offset) = match req.target.as_str() {
-            "slice" => v.locate_page(Lba(req.lba)),
-            "checksum" => v.locate_checksum_page(Lba(req.lba)),
-            _ => (
-                store.blocks_path(),
-                store.block_offset(&v, Lba(req.lba)).ok_or_else(|| {
-                    ApiError(
-                        StatusCode::BAD_REQUEST,
-                        format!("lba {} maps no stored block", req.lba),
-                    )
-                })?,
-            ),
-        };
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-        use std::os::unix::fs::FileExt;
-        let mut b = vec![0u8; 4096];
-        f.read_exact_at(&mut b, offset)
-            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-        for x in b.iter_mut().step_by(97) {
-            *x ^= 0x5a;
-        }
-        f.write_all_at(&b, offset)
-            .and_then(|_| f.sync_data())
-            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-        // Drop what the node holds of it: the next access sees the device's bytes.
-        let damaged = match req.target.as_str() {
-            "slice" => v.reload_page(page)?,
-            "checksum" => v.scrub_checksum_page(0, page / lazarus_types::FANOUT_U64)?,
-            _ => true, // blocks are read from disk on every access
-        };
-        tracing::warn!(volume = %req.volume, target = %req.target, page, damaged, "fault injected: corrupted on disk");
-        Ok(json!({ "volume": req.volume, "target": req.target, "page": page, "file": path, "offset": offset, "damaged": damaged }))
-    })
+    let r = lazarus_rpc::rt::blocking(move || corrupt_on_disk(&store, &v, &req.volume, req.lba, &req.target))
     .await
     .map_err(join_err)??;
     Ok(Json(r))
+}
+
+/// Damages on disk the 4 KiB of `target` (slice, checksum or block) that holds `lba`
+/// of volume `v` (the journal is checkpointed first, so the disk holds the current
+/// page), then drops the node's cached copy: the node sees what a device error would
+/// leave. The `lazarus fault corrupt` command, and the simulator's bit rot.
+pub fn corrupt_on_disk(
+    store: &lazarus_store::Store,
+    v: &Arc<Volume>,
+    volume: &str,
+    lba: u64,
+    target: &str,
+) -> Result<serde_json::Value, ApiError> {
+    store.checkpoint()?;
+    let page = lba / lazarus_types::FANOUT_U64;
+    let (path, offset) = match target {
+        "slice" => v.locate_page(Lba(lba)),
+        "checksum" => v.locate_checksum_page(Lba(lba)),
+        _ => (
+            store.blocks_path(),
+            store.block_offset(v, Lba(lba)).ok_or_else(|| {
+                ApiError(
+                    StatusCode::BAD_REQUEST,
+                    format!("lba {lba} maps no stored block"),
+                )
+            })?,
+        ),
+    };
+    let internal = |e: std::io::Error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    let f = lazarus_io::fs::open_rw(&path, false, false).map_err(internal)?;
+    let mut b = vec![0u8; 4096];
+    f.read_exact_at(&mut b, offset).map_err(internal)?;
+    for x in b.iter_mut().step_by(97) {
+        *x ^= 0x5a;
+    }
+    f.write_all_at(&b, offset)
+        .and_then(|_| f.sync_data())
+        .map_err(internal)?;
+    // Drop what the node holds of it: the next access sees the device's bytes.
+    let damaged = match target {
+        "slice" => v.reload_page(page)?,
+        "checksum" => v.scrub_checksum_page(0, page / lazarus_types::FANOUT_U64)?,
+        _ => true, // blocks are read from disk on every access
+    };
+    tracing::warn!(volume, target, page, damaged, "fault injected: corrupted on disk");
+    Ok(json!({ "volume": volume, "target": target, "page": page, "file": path, "offset": offset, "damaged": damaged }))
 }
 
 /// Repairs every known-damaged page of the volume now (this node must be its primary).
