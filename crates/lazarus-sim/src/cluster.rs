@@ -27,6 +27,7 @@ use std::time::Duration;
 pub const NODES: [&str; 3] = ["n1", "n2", "n3"];
 const RPC_PORT: u16 = 7000;
 const NBD_PORT: u16 = 10809;
+/// Where `crate::serve_rs` listens.
 const RS_PORT: u16 = 7000;
 const VOLUME: &str = "vol0";
 const BLOCK: usize = 4096;
@@ -36,7 +37,7 @@ const BLOCK: usize = 4096;
 pub struct Options {
     pub seed: u64,
     /// Volume size in blocks; the client writes `blocks_written` of them, spread over
-    /// the volume (`lba_of`) so that they fall in several slice pages.
+    /// the volume (`written_lbas`).
     pub volume_blocks: u64,
     pub blocks_written: u64,
     /// Simulated time of client load with faults, after the volume is ready.
@@ -263,23 +264,12 @@ fn err(e: anyhow::Error) -> Box<dyn std::error::Error> {
     e.to_string().into()
 }
 
-async fn run_rs() -> turmoil::Result {
-    let rs = lazarus_recovery::server::RecoveryServer::open(Path::new("/rs"))?;
-    let l = lazarus_io::net::Listener::bind(&format!("0.0.0.0:{RS_PORT}")).await?;
-    lazarus_rpc::serve(
-        l,
-        Arc::new(move |kind, body| {
-            let h = rs.clone();
-            Box::pin(async move { h.handle(kind, body).await })
-        }),
-    )
-    .await;
-    Ok(())
-}
-
-/// The address of the client's `i`th block: spread over the volume.
-fn lba_of(i: u64, volume_blocks: u64) -> u64 {
-    (i * 21) % volume_blocks
+/// The addresses of the blocks the client writes: spread over the volume, so that
+/// they fall in several slice pages.
+fn written_lbas(opts: &Options) -> Vec<u64> {
+    (0..opts.blocks_written)
+        .map(|i| (i * 21) % opts.volume_blocks)
+        .collect()
 }
 
 /// A block's content at `version`: its address and version in the first 16 bytes, a
@@ -352,6 +342,7 @@ async fn connect_any(rng: &mut fastrand::Rng) -> Option<(Client, &'static str)> 
 /// the heal phase starts; then reads every block through every node.
 async fn run_client(opts: Options) -> turmoil::Result {
     let sh = shared();
+    let written = written_lbas(&opts);
     let mut rng = fastrand::Rng::with_seed(opts.seed ^ 0x5eed_c11e);
     // The volume is ready once a node serves it.
     let first = loop {
@@ -376,7 +367,7 @@ async fn run_client(opts: Options) -> turmoil::Result {
                 continue;
             }
         };
-        let lba = lba_of(rng.u64(..opts.blocks_written), opts.volume_blocks);
+        let lba = written[rng.u64(..written.len() as u64) as usize];
         let roll = rng.u32(..10);
         let outcome = if roll < 6 {
             version += 1;
@@ -450,10 +441,7 @@ async fn run_client(opts: Options) -> turmoil::Result {
             }
         };
         let unwritten = [1, opts.volume_blocks - 1];
-        for lba in (0..opts.blocks_written)
-            .map(|i| lba_of(i, opts.volume_blocks))
-            .chain(unwritten)
-        {
+        for &lba in written.iter().chain(&unwritten) {
             let floor = books.floor.get(&lba).copied().unwrap_or(0);
             let r = tokio::time::timeout(REQUEST_TIMEOUT, c.read(lba * BLOCK as u64, BLOCK as u32)).await;
             let e = match r {
@@ -497,7 +485,12 @@ enum Fault {
     Down(Vec<String>, Duration),
     /// Messages between two hosts held, released at the time given.
     Hold(String, String, Duration),
-    /// A node's disk damaged (lasts until the heal phase for EIO, for ever for rot).
+}
+
+/// What the scheduler starts: a fault that lasts until its time, or a node's disk
+/// damaged at once (EIO lasts until the heal phase, rot for ever).
+enum Pick {
+    Lasting(Fault),
     Disk(String, DiskFault),
 }
 
@@ -516,13 +509,9 @@ pub fn run(opts: Options) -> Result<Report, String> {
     // torn writes, and a crash in the middle of a checkpoint's in-place writes.
     b.fs().block_size(512);
     let mut sim = b.build();
-    sim.host("rs", run_rs);
+    sim.host("rs", || crate::serve_rs(None));
     let volume_bytes = opts.volume_blocks * BLOCK as u64;
-    let written: Arc<Vec<u64>> = Arc::new(
-        (0..opts.blocks_written)
-            .map(|i| lba_of(i, opts.volume_blocks))
-            .collect(),
-    );
+    let written: Arc<Vec<u64>> = Arc::new(written_lbas(&opts));
     for id in NODES {
         let w = written.clone();
         sim.host(id, move || run_node(id, volume_bytes, w.clone()));
@@ -582,7 +571,6 @@ pub fn run(opts: Options) -> Result<Report, String> {
         while i < active.len() {
             let end = match &active[i] {
                 Fault::Down(_, t) | Fault::Hold(_, _, t) => *t,
-                Fault::Disk(..) => Duration::ZERO,
             };
             if now >= end || heal_start.is_some() {
                 match active.remove(i) {
@@ -596,7 +584,6 @@ pub fn run(opts: Options) -> Result<Report, String> {
                         log(&sh, now, format!("{a} <-> {b} released"));
                         sim.release(a.as_str(), b.as_str());
                     }
-                    Fault::Disk(..) => {}
                 }
             } else {
                 i += 1;
@@ -615,25 +602,28 @@ pub fn run(opts: Options) -> Result<Report, String> {
             if fault_times.first().is_some_and(|t| now >= *t) {
                 fault_times.remove(0);
                 let f = pick_fault(&mut rng, &sh, now, &active, &mut disk_pages, &opts);
-                if let Some(f) = f {
-                    match &f {
-                        Fault::Down(hosts, until) => {
-                            for h in hosts {
-                                sim.crash(h.as_str());
-                                sh.borrow_mut().views.remove(h);
+                match f {
+                    Some(Pick::Lasting(f)) => {
+                        match &f {
+                            Fault::Down(hosts, until) => {
+                                for h in hosts {
+                                    sim.crash(h.as_str());
+                                    sh.borrow_mut().views.remove(h);
+                                }
+                                log(&sh, now, format!("crash {} until {} ms", hosts.join("+"), until.as_millis()));
                             }
-                            log(&sh, now, format!("crash {} until {} ms", hosts.join("+"), until.as_millis()));
+                            Fault::Hold(a, b, until) => {
+                                sim.hold(a.as_str(), b.as_str());
+                                log(&sh, now, format!("hold {a} <-> {b} until {} ms", until.as_millis()));
+                            }
                         }
-                        Fault::Hold(a, b, until) => {
-                            sim.hold(a.as_str(), b.as_str());
-                            log(&sh, now, format!("hold {a} <-> {b} until {} ms", until.as_millis()));
-                        }
-                        Fault::Disk(h, d) => {
-                            sh.borrow_mut().disk_faults.push((h.clone(), d.clone()));
-                            log(&sh, now, format!("disk of {h}: {d:?}"));
-                        }
+                        active.push(f);
                     }
-                    active.push(f);
+                    Some(Pick::Disk(h, d)) => {
+                        log(&sh, now, format!("disk of {h}: {d:?}"));
+                        sh.borrow_mut().disk_faults.push((h, d));
+                    }
+                    None => {}
                 }
             }
             continue;
@@ -690,12 +680,12 @@ fn pick_fault(
     active: &[Fault],
     disk_pages: &mut BTreeSet<u64>,
     opts: &Options,
-) -> Option<Fault> {
+) -> Option<Pick> {
     let down: BTreeSet<String> = active
         .iter()
         .flat_map(|f| match f {
             Fault::Down(h, _) => h.clone(),
-            Fault::Hold(..) | Fault::Disk(..) => vec![],
+            Fault::Hold(..) => vec![],
         })
         .collect();
     let up: Vec<&str> = NODES.iter().copied().filter(|n| !down.contains(*n)).collect();
@@ -711,7 +701,8 @@ fn pick_fault(
         10..=12 => {
             // One copy's disk at a time per block, so that two copies stay whole.
             let node = NODES[rng.usize(..NODES.len())];
-            let lba = lba_of(rng.u64(..opts.blocks_written), opts.volume_blocks);
+            let written = written_lbas(opts);
+            let lba = written[rng.u64(..written.len() as u64) as usize];
             if !disk_pages.insert(lba / lazarus_types::FANOUT_U64) {
                 return None;
             }
@@ -721,7 +712,7 @@ fn pick_fault(
                 2 => DiskFault::Corrupt { lba, target: "block" },
                 _ => DiskFault::Eio { lba },
             };
-            Some(Fault::Disk(node.to_string(), fault))
+            Some(Pick::Disk(node.to_string(), fault))
         }
         0..=4 => {
             let room = 2usize.saturating_sub(NODES.len() - up.len());
@@ -739,7 +730,7 @@ fn pick_fault(
                     pick.push(n);
                 }
             }
-            Some(Fault::Down(pick, until))
+            Some(Pick::Lasting(Fault::Down(pick, until)))
         }
         5..=7 => {
             let a = NODES[rng.usize(..3)];
@@ -747,13 +738,13 @@ fn pick_fault(
             if a == b || active.iter().any(|f| matches!(f, Fault::Hold(..))) {
                 return None;
             }
-            Some(Fault::Hold(a.into(), b.into(), until))
+            Some(Pick::Lasting(Fault::Hold(a.into(), b.into(), until)))
         }
         _ => {
             if down.contains("rs") {
                 return None;
             }
-            Some(Fault::Down(vec!["rs".into()], until))
+            Some(Pick::Lasting(Fault::Down(vec!["rs".into()], until)))
         }
     }
 }

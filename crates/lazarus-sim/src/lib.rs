@@ -3,10 +3,10 @@
 //! (turmoil). Every run of a seed is the same run, so a failing seed is a regression
 //! test.
 //!
-//! Built so far: the RPC layer (`lazarus-rpc`: framing, the client's connection
-//! handling, deadlines, typed refusals) between simulated hosts, through the
-//! `lazarus_rpc::net` seam. The node itself follows as its seams land (the plan in
-//! docs/simulator.md).
+//! Built: the RPC layer between simulated hosts (`tests/rpc.rs`), the recovery server
+//! on a simulated disk (`tests/recovery.rs`), and the whole cluster, three real storage
+//! nodes, the recovery server and an NBD client, under seeded faults (`cluster`,
+//! `tests/cluster.rs`, the `lazarus-sim` binary). docs/simulator.md.
 
 pub mod cluster;
 pub mod nbd;
@@ -39,4 +39,24 @@ pub fn builder(seed: u64, limit: Duration) -> turmoil::Builder {
 /// Simulated time since the simulation started (for traces that must replay exactly).
 pub fn now() -> Duration {
     turmoil::sim_elapsed().unwrap_or_default()
+}
+
+/// The real recovery server on the simulated host it is called on (its data in `/rs`),
+/// serving RPCs on port 7000; `compact_at` lowers its compaction threshold.
+pub async fn serve_rs(compact_at: Option<u64>) -> turmoil::Result {
+    let rs = lazarus_recovery::server::RecoveryServer::open(std::path::Path::new("/rs"))?;
+    if let Some(b) = compact_at {
+        rs.compact_min_bytes
+            .store(b, std::sync::atomic::Ordering::Relaxed);
+    }
+    let l = lazarus_io::net::Listener::bind("0.0.0.0:7000").await?;
+    lazarus_rpc::serve(
+        l,
+        std::sync::Arc::new(move |kind, body| {
+            let h = rs.clone();
+            Box::pin(async move { h.handle(kind, body).await })
+        }),
+    )
+    .await;
+    Ok(())
 }

@@ -8,11 +8,10 @@
 
 use lazarus_recovery::log::RecordKind;
 use lazarus_recovery::server::{
-    AppendReq, ClaimReply, ClaimReq, ReadReply, ReadReq, RecoveryServer, VolumeState,
+    AppendReq, ClaimReply, ClaimReq, ReadReply, ReadReq, VolumeState,
 };
-use lazarus_rpc::{self as rpc, net::Listener, Refusal, RpcClient};
+use lazarus_rpc::{self as rpc, Refusal, RpcClient};
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -77,26 +76,6 @@ async fn restore(c: &RpcClient) -> Result<BTreeMap<u64, u64>, String> {
     }
 }
 
-/// The recovery server on the simulated host "rs" (its data in `/rs`), serving RPCs on
-/// port 7000; `compact_at` lowers its compaction threshold.
-async fn serve_rs(compact_at: Option<u64>) -> turmoil::Result {
-    let rs = RecoveryServer::open(Path::new("/rs"))?;
-    if let Some(b) = compact_at {
-        rs.compact_min_bytes
-            .store(b, std::sync::atomic::Ordering::Relaxed);
-    }
-    let l = Listener::bind("0.0.0.0:7000").await?;
-    rpc::serve(
-        l,
-        Arc::new(move |kind, body| {
-            let h = rs.clone();
-            Box::pin(async move { h.handle(kind, body).await })
-        }),
-    )
-    .await;
-    Ok(())
-}
-
 #[derive(Default)]
 struct Books {
     /// Highest version acknowledged (stored) per block.
@@ -126,7 +105,7 @@ fn check(books: &Books, got: &BTreeMap<u64, u64>) -> Result<(), String> {
 fn run(seed: u64) -> Vec<String> {
     let trace = Arc::new(Mutex::new(Vec::<String>::new()));
     let mut sim = lazarus_sim::simulation(seed, Duration::from_secs(600));
-    sim.host("rs", || serve_rs(Some(64 << 10)));
+    sim.host("rs", || lazarus_sim::serve_rs(Some(64 << 10)));
     let t = trace.clone();
     sim.client("holder", async move {
         let log = |s: String| t.lock().unwrap().push(format!("{:?} {s}", lazarus_sim::now()));
@@ -261,7 +240,7 @@ fn run_claims(seed: u64) -> Vec<String> {
     let grants = Arc::new(Mutex::new(Vec::<(u64, u64)>::new()));
     let trace = Arc::new(Mutex::new(Vec::<String>::new()));
     let mut sim = lazarus_sim::simulation(seed, Duration::from_secs(600));
-    sim.host("rs", || serve_rs(None));
+    sim.host("rs", || lazarus_sim::serve_rs(None));
     for holder in [1u64, 2] {
         let grants = grants.clone();
         let t = trace.clone();

@@ -1051,10 +1051,10 @@ fn replay_records(
 }
 
 fn new_uid(name: &str) -> u64 {
-    let now = std::time::Duration::from_nanos(lazarus_io::rt::wall_clock_nanos());
+    let now = lazarus_io::rt::wall_clock_nanos() as u128;
     let mut h = blake3::Hasher::new();
     h.update(name.as_bytes());
-    h.update(&now.as_nanos().to_le_bytes());
+    h.update(&now.to_le_bytes());
     h.update(&std::process::id().to_le_bytes());
     let out = h.finalize();
     let uid = u64::from_le_bytes(out.as_bytes()[..8].try_into().expect("8 bytes"));
