@@ -203,6 +203,12 @@ pub enum MetaCommand {
         volume: String,
         on: bool,
         fcid: u64,
+        /// The primary proposing it held the volume at the recovery server beyond the
+        /// metadata (it claimed `fcid` there first): while it did, it acknowledged
+        /// writes on its own copy and the recovery log only, so every other copy may
+        /// lack some and turns dead (and stale) here, as an adoption's would.
+        #[serde(default)]
+        alone: bool,
     },
     /// An administrator's protection request (`volume protect` / `unprotect`).
     SetProtected {
@@ -483,7 +489,12 @@ impl ClusterMeta {
                 v.stale.insert(*node);
                 Ok(MetaResponse::Volume(v.clone()))
             }
-            MetaCommand::SetRecovery { volume, on, fcid } => {
+            MetaCommand::SetRecovery {
+                volume,
+                on,
+                fcid,
+                alone,
+            } => {
                 let v = self.volume_mut(volume)?;
                 if *fcid < v.failure_count_id {
                     return Err(format!(
@@ -491,6 +502,17 @@ impl ClusterMeta {
                         v.failure_count_id
                     )
                     .into());
+                }
+                // Only when the metadata learns the claim here: an adoption of the same
+                // claim (AdoptRecovery) marked the copies already, and they may have
+                // resynced since.
+                if *alone && *on && *fcid > v.failure_count_id {
+                    for n in v.replicas.clone() {
+                        if n != v.primary {
+                            v.states.insert(n, ReplicaState::Dead);
+                            v.stale.insert(n);
+                        }
+                    }
                 }
                 v.recovery_flag = *on;
                 v.failure_count_id = *fcid;
@@ -710,6 +732,45 @@ mod tests {
         ));
         assert!(matches!(promote(&mut m, 2, 1), MetaResponse::Rejected(_)));
         assert!(matches!(promote(&mut m, 3, 1), MetaResponse::Volume(_)));
+    }
+
+    /// Found by the simulator (`LAZARUS_SIM_DISK_FAULTS=1 lazarus-sim seed 7 6 20`): a
+    /// primary that held the volume at the recovery server beyond the metadata wrote to
+    /// its copy and the log alone; when its jeopardy entry commits late, the copies it
+    /// left out must not stay live (they would count as failure domains, the log would
+    /// be deleted, and they would be promotable without those writes).
+    #[test]
+    fn a_late_jeopardy_entry_of_a_holder_marks_the_other_copies_dead() {
+        let set = |m: &mut ClusterMeta, fcid, alone| {
+            m.apply(&MetaCommand::SetRecovery {
+                volume: "vol0".into(),
+                on: true,
+                fcid,
+                alone,
+            })
+        };
+        let mut m = meta3();
+        let v = create(&mut m);
+        let MetaResponse::Volume(nv) = set(&mut m, v.failure_count_id + 1, true) else {
+            panic!()
+        };
+        assert_eq!(nv.live(), vec![v.primary], "{nv:?}");
+        assert!(v.replicas.iter().filter(|n| **n != v.primary).all(|n| nv.stale.contains(n)));
+        // Once known (adopted, say) the same ID marks nothing again.
+        for n in v.replicas.iter().filter(|n| **n != v.primary) {
+            m.volumes.get_mut("vol0").unwrap().states.insert(*n, ReplicaState::Live);
+        }
+        let MetaResponse::Volume(nv) = set(&mut m, v.failure_count_id + 1, true) else {
+            panic!()
+        };
+        assert_eq!(nv.live().len(), 3);
+        // A proposer that held nothing leaves the live copies live.
+        let mut m = meta3();
+        let v = create(&mut m);
+        let MetaResponse::Volume(nv) = set(&mut m, v.failure_count_id + 1, false) else {
+            panic!()
+        };
+        assert_eq!(nv.live().len(), 3);
     }
 
     /// Section 0 of the correctness issue: a stale, dead copy is never made primary by

@@ -55,3 +55,15 @@ fn two_hundred_seeds_of_faults_break_no_rule() {
     );
     assert!(failed.is_empty(), "{} of {n} seeds failed:\n{}", failed.len(), failed.join("\n\n"));
 }
+
+/// Seeds that found bugs, kept as regression tests (RELIABILITY.md, "The whole
+/// cluster under the simulator").
+#[test]
+fn seeds_that_found_bugs_pass() {
+    // A copy left live without the writes its primary acknowledged while it held the
+    // volume at the recovery server beyond the metadata (SetRecovery `alone`).
+    let mut o = Options::new(7);
+    o.faults = 6;
+    o.disk_faults = true;
+    run_in_process(exe(), &o).unwrap_or_else(|e| panic!("{e}"));
+}

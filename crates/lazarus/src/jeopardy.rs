@@ -680,10 +680,13 @@ impl Cluster {
             format!("entered jeopardy, failure count ID {}", c.fcid),
         );
         tracing::warn!(volume, fcid = c.fcid, base = ?c.base, "volume in jeopardy: every write goes to the recovery server first");
+        // This node held the volume at the recovery server from the claim on, its
+        // writes going to its copy and the log alone (`effective`).
         let cmd = MetaCommand::SetRecovery {
             volume: volume.to_string(),
             on: true,
             fcid: c.fcid,
+            alone: true,
         };
         match tokio::time::timeout(PROPOSE_ON_WRITE_PATH, self.propose(cmd)).await {
             Ok(Ok(MetaResponse::Volume(_))) => {}
@@ -1200,6 +1203,7 @@ impl Cluster {
                 volume: v.name.clone(),
                 on: true,
                 fcid: reply.coord.fcid,
+                alone: v.primary == self.id,
             };
             self.propose_bounded(cmd).await?;
             tracing::warn!(volume = %v.name, fcid = reply.coord.fcid, %why, "volume in jeopardy: its primary writes through the recovery server");
@@ -1224,6 +1228,7 @@ impl Cluster {
                 volume: v.name.clone(),
                 on: false,
                 fcid: v.failure_count_id,
+                alone: false,
             };
             self.propose_bounded(cmd).await?;
             tracing::info!(volume = %v.name, domains = ?domains, "volume out of jeopardy: {} failure domains", domains.len());
