@@ -67,6 +67,12 @@ fn seeds_that_found_bugs_pass() {
     o.disk_faults = true;
     run_in_process(exe(), &o).unwrap_or_else(|e| panic!("{e}"));
 
+    // A replica's corrupted slice page was never repaired: the copy stayed live with a
+    // page it could not read.
+    let mut o = Options::new(175);
+    o.disk_faults = true;
+    run_in_process(exe(), &o).unwrap_or_else(|e| panic!("{e}"));
+
     // Zeroes read for a flushed block: a copy lacking a damaged page's unknown slots
     // passed for current on it (resync turned it live, repair took its page). The
     // page is unrecoverable here, so the cluster may not heal (RELIABILITY.md, open

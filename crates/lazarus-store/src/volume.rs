@@ -362,9 +362,11 @@ pub(crate) struct VolState {
     pub dirty_ck: BTreeSet<(usize, u64)>,
     /// Damaged pages: which slots' mappings are unknown.
     pub damaged: BTreeMap<u64, SlotBits>,
-    /// Damaged pages written to since their damage was found: their recorded
-    /// checksum no longer describes a page any other copy could hold.
-    pub rewritten: BTreeSet<u64>,
+    /// Damaged pages written to since their damage was found, each with its level-1
+    /// checksum from before the first such write: the page as it was when found
+    /// damaged, which a copy that took no update since may still hold (its unknown
+    /// slots are unchanged since then). Not kept across a restart.
+    pub rewritten: BTreeMap<u64, Checksum>,
     pub damage_dirty: bool,
     pub header_seq: u64,
 }
@@ -383,7 +385,7 @@ impl VolState {
                 .collect(),
             dirty_ck: BTreeSet::new(),
             damaged: BTreeMap::new(),
-            rewritten: BTreeSet::new(),
+            rewritten: BTreeMap::new(),
             damage_dirty: false,
             header_seq,
         }
@@ -760,19 +762,19 @@ impl Volume {
             let lb = Lba(l);
             let p = lb.page().0;
             let s = lb.slot();
+            let recorded = st.levels[0][p as usize];
             if let Some(bits) = st.damaged.get_mut(&p) {
-                if bit(bits, s) {
+                let whole = bit(bits, s) && {
                     clear_bit(bits, s);
                     st.damage_dirty = true;
-                    if bits.iter().all(|w| *w == 0) {
-                        st.damaged.remove(&p);
-                        st.rewritten.remove(&p);
-                        tracing::info!(volume = %self.meta.name, page = p, "damaged page whole again");
-                    } else {
-                        st.rewritten.insert(p);
-                    }
+                    bits.iter().all(|w| *w == 0)
+                };
+                if whole {
+                    st.damaged.remove(&p);
+                    st.rewritten.remove(&p);
+                    tracing::info!(volume = %self.meta.name, page = p, "damaged page whole again");
                 } else {
-                    st.rewritten.insert(p);
+                    st.rewritten.entry(p).or_insert(recorded);
                 }
             }
             let prev = match st.pages.get_mut(&p) {
@@ -1071,10 +1073,23 @@ impl Volume {
     /// (after that, no other copy can be proven current by it).
     pub fn recorded_checksum(&self, p: u64) -> Option<Checksum> {
         let st = self.state.lock();
-        if !st.damaged.contains_key(&p) || st.rewritten.contains(&p) {
+        if !st.damaged.contains_key(&p) || st.rewritten.contains_key(&p) {
             return None;
         }
         st.levels[0].get(p as usize).copied()
+    }
+
+    /// What damaged page `p` hashed to when it was found damaged, written to since
+    /// (`None`: not damaged, or not written to since, when `recorded_checksum` serves,
+    /// or the process restarted since). A copy whose page hashes to it took no update
+    /// of the page since, so its unknown slots are current: nothing was written to
+    /// them since, or they would be known.
+    pub fn checksum_before_rewrites(&self, p: u64) -> Option<Checksum> {
+        let st = self.state.lock();
+        if !st.damaged.contains_key(&p) {
+            return None;
+        }
+        st.rewritten.get(&p).copied()
     }
 
     /// The known ids of page `p` (unknown slots read as zero).

@@ -293,6 +293,26 @@ impl Engine {
                 }
             }
         }
+        // 2b. The page was written to since its damage was found: a dead replica whose
+        //     page still hashes to the page as it was then took no update of it since,
+        //     and its unknown slots are current (nothing was written to them). The
+        //     slots written since stay as they are here (`repair_slots` fills unknown
+        //     slots only).
+        if let Some(before) = vol.checksum_before_rewrites(p) {
+            for n in others.iter().copied() {
+                if v.state_of(n) == Some(ReplicaState::Live) {
+                    continue;
+                }
+                let src = self.repair_source(&c, n, &name, v.epoch);
+                let Ok(ids) = src.page(p).await else { continue };
+                if page_checksum(&ids) != before {
+                    continue;
+                }
+                if self.install(&c, vol, p, &ids, n, &others).await {
+                    return self.done(&name, p, format!("dead n{n}, as the page was before its writes since the damage"));
+                }
+            }
+        }
         // 3. A dead replica's stale page plus the recovery server's logged writes to
         //    the page's LBAs, accepted only if the result hashes to the recorded
         //    checksum.
@@ -752,6 +772,36 @@ impl Engine {
 
     /// Background: repairs known-damaged pages of the volumes this node is primary of
     /// (nobody has to read them first), and scrubs everything every `SCRUB_INTERVAL`.
+    /// This node's live copy of `volume` (not its primary's) has damaged pages: it is
+    /// marked dead (stale: it lacks what the pages held) so that it resyncs, and does
+    /// not count as a failure domain meanwhile.
+    async fn resync_damaged_replica(&self, volume: &str) {
+        let Some(c) = self.cluster.get().cloned() else {
+            return;
+        };
+        let Some(v) = c.store.meta().volumes.get(volume).cloned() else {
+            return;
+        };
+        if v.primary == c.id || v.state_of(c.id) != Some(ReplicaState::Live) {
+            return;
+        }
+        let cmd = lazarus_cluster::MetaCommand::SetReplicaState {
+            volume: volume.to_string(),
+            node: c.id,
+            state: ReplicaState::Dead,
+            epoch: v.epoch,
+            at_ms: lazarus_io::rt::unix_ms().max(1),
+        };
+        match c.propose(cmd).await {
+            Ok(lazarus_cluster::MetaResponse::Volume(_)) => {
+                tracing::warn!(volume, "this copy has damaged slice pages: marked dead until it resyncs them from the primary");
+            }
+            other => {
+                tracing::warn!(volume, result = ?other.map_err(|e| e.to_string()), "could not mark this damaged copy dead");
+            }
+        }
+    }
+
     pub fn background_repair(self: &Arc<Self>) {
         let e = self.clone();
         tokio::spawn(async move {
@@ -765,6 +815,12 @@ impl Engine {
                 }
                 for vol in e.store.volumes() {
                     if e.primary_epoch(&vol.meta.name).is_none() {
+                        // A live replica with damaged pages is no whole copy: it turns
+                        // dead and resyncs, which copies its damaged pages from the
+                        // primary.
+                        if !vol.damaged_pages().is_empty() {
+                            e.resync_damaged_replica(&vol.meta.name).await;
+                        }
                         continue;
                     }
                     for (p, _) in vol.damaged_pages() {

@@ -564,7 +564,15 @@ impl Cluster {
                 p.state = "walking".into();
                 p.pass = pass;
             });
-            let pages = self.diff(&local, &src, top).await?;
+            let mut pages = self.diff(&local, &src, top).await?;
+            // A page damaged here is copied whatever its checksum says: a damaged page
+            // that took no write since keeps the checksum it had, equal to the
+            // primary's, and the diff alone would leave it damaged.
+            for (p, _) in local.damaged_pages() {
+                if !pages.contains(&p) {
+                    pages.push(p);
+                }
+            }
             self.resync.update(&v.name, |p| {
                 p.pages_differing = pages.len() as u64;
                 p.state = "copying".into();
