@@ -1,7 +1,8 @@
-//! The files the recovery server keeps: the operating system's, or, with the `sim`
-//! feature and on a simulated host, turmoil's simulated file system, whose unsynced
-//! writes, creations, renames and deletions a host crash loses (docs/simulator.md).
-//! Chosen at run time like `net`.
+//! Files: the operating system's, or, with the `sim` feature and on a simulated host,
+//! turmoil's simulated file system, whose unsynced writes, creations, renames and
+//! deletions a host crash loses (docs/simulator.md). Chosen at run time like `net`.
+//! The block store, the Raft database (on a simulated host) and the recovery server
+//! keep their files through here.
 
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -98,25 +99,31 @@ impl File {
         each!(self, f => f.read_at(buf, offset))
     }
 
+    /// fallocate(2) with `mode` on an operating-system file: `Ok(true)` done,
+    /// `Ok(false)` where there is no such thing (no fallocate on this file system, or
+    /// the simulated disk).
+    #[allow(irrefutable_let_patterns)] // one variant without the `sim` feature
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<bool> {
+        let File::Std(f) = self else { return Ok(false) };
+        let r = unsafe {
+            libc::fallocate(f.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t)
+        };
+        if r == 0 {
+            return Ok(true);
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
+            return Ok(false);
+        }
+        Err(err)
+    }
+
     /// Reserves `[offset, offset + len)` so that writes there cannot fail with ENOSPC,
     /// extending the file if needed (fallocate). Where the file system has no
     /// fallocate, and on the simulated disk, the file is extended instead and space
     /// is only checked when written.
-    #[allow(irrefutable_let_patterns)] // one variant without the `sim` feature
     pub fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
-        if let File::Std(f) = self {
-            let r = unsafe {
-                libc::fallocate(f.as_raw_fd(), 0, offset as libc::off_t, len as libc::off_t)
-            };
-            if r == 0 {
-                return Ok(());
-            }
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
-                return Err(err);
-            }
-        }
-        if self.len()? < offset + len {
+        if !self.fallocate(0, offset, len)? && self.len()? < offset + len {
             self.set_len(offset + len)?;
         }
         Ok(())
@@ -125,20 +132,10 @@ impl File {
     /// Returns `[offset, offset + len)` to the file system (reads there give zeroes;
     /// the file's length stays). Where hole punching is not supported, and on the
     /// simulated disk, the range is overwritten with zeroes.
-    #[allow(irrefutable_let_patterns)]
     pub fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        if let File::Std(f) = self {
-            let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-            let r = unsafe {
-                libc::fallocate(f.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t)
-            };
-            if r == 0 {
-                return Ok(());
-            }
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::EOPNOTSUPP) {
-                return Err(err);
-            }
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        if self.fallocate(mode, offset, len)? {
+            return Ok(());
         }
         let end = (offset + len).min(self.len()?);
         if end > offset {
