@@ -57,7 +57,11 @@ fn setup() -> (tempfile::TempDir, std::path::PathBuf) {
     require("nbdcopy");
     require("qemu-io");
     require("nbdsh");
-    let tmp = tempfile::tempdir().unwrap();
+    // LAZARUS_KEEP=1 keeps the data directory, node logs included, after the test.
+    let tmp = tempfile::Builder::new()
+        .keep(std::env::var("LAZARUS_KEEP").is_ok())
+        .tempdir()
+        .unwrap();
     let data = tmp.path().join("cluster");
     (tmp, data)
 }
