@@ -755,10 +755,18 @@ mod tests {
             panic!()
         };
         assert_eq!(nv.live(), vec![v.primary], "{nv:?}");
-        assert!(v.replicas.iter().filter(|n| **n != v.primary).all(|n| nv.stale.contains(n)));
+        assert!(v
+            .replicas
+            .iter()
+            .filter(|n| **n != v.primary)
+            .all(|n| nv.stale.contains(n)));
         // Once known (adopted, say) the same ID marks nothing again.
         for n in v.replicas.iter().filter(|n| **n != v.primary) {
-            m.volumes.get_mut("vol0").unwrap().states.insert(*n, ReplicaState::Live);
+            m.volumes
+                .get_mut("vol0")
+                .unwrap()
+                .states
+                .insert(*n, ReplicaState::Live);
         }
         let MetaResponse::Volume(nv) = set(&mut m, v.failure_count_id + 1, true) else {
             panic!()

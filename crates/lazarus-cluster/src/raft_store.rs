@@ -106,8 +106,13 @@ impl Store {
         .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         // A database just created must keep its name through a crash too.
         if let Some(dir) = path.parent() {
-            let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
-            lazarus_io::fs::sync_dir(dir).map_err(|e| format!("cannot sync {}: {e}", dir.display()))?;
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            lazarus_io::fs::sync_dir(dir)
+                .map_err(|e| format!("cannot sync {}: {e}", dir.display()))?;
         }
         let txn = db.begin_write().map_err(|e| e.to_string())?;
         {

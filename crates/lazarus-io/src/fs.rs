@@ -106,7 +106,12 @@ impl File {
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<bool> {
         let File::Std(f) = self else { return Ok(false) };
         let r = unsafe {
-            libc::fallocate(f.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t)
+            libc::fallocate(
+                f.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
         };
         if r == 0 {
             return Ok(true);

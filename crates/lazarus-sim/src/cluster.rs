@@ -221,7 +221,9 @@ async fn run_node(id: &'static str, volume_bytes: u64, written: Arc<Vec<u64>>) -
 }
 
 fn local_versions(store: &lazarus_store::Store, written: &[u64]) -> BTreeMap<u64, u64> {
-    let Some(v) = store.volume(VOLUME) else { return BTreeMap::new() };
+    let Some(v) = store.volume(VOLUME) else {
+        return BTreeMap::new();
+    };
     let mut buf = vec![0u8; BLOCK];
     written
         .iter()
@@ -237,7 +239,9 @@ fn local_versions(store: &lazarus_store::Store, written: &[u64]) -> BTreeMap<u64
 }
 
 fn apply_disk_fault(id: &str, store: &Arc<lazarus_store::Store>, f: DiskFault) {
-    let Some(v) = store.volume(VOLUME) else { return };
+    let Some(v) = store.volume(VOLUME) else {
+        return;
+    };
     let r = match &f {
         DiskFault::Corrupt { lba, target } => {
             lazarus::admin::corrupt_on_disk(store, &v, VOLUME, *lba, target)
@@ -309,7 +313,9 @@ impl Books {
         let l = u64::from_le_bytes(data[..8].try_into().unwrap());
         let v = u64::from_le_bytes(data[8..16].try_into().unwrap());
         if l != lba || data != block(lba, v).as_slice() {
-            return Err(format!("block {lba}: damaged or misplaced data (claims block {l} version {v})"));
+            return Err(format!(
+                "block {lba}: damaged or misplaced data (claims block {l} version {v})"
+            ));
         }
         if !self.sent.get(&lba).is_some_and(|s| s.contains(&v)) {
             return Err(format!("block {lba}: version {v} was never written"));
@@ -329,7 +335,12 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(45);
 
 async fn connect_any(rng: &mut fastrand::Rng) -> Option<(Client, &'static str)> {
     let node = NODES[rng.usize(..NODES.len())];
-    match tokio::time::timeout(CONNECT_TIMEOUT, Client::connect(&addr(node, NBD_PORT), VOLUME)).await {
+    match tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        Client::connect(&addr(node, NBD_PORT), VOLUME),
+    )
+    .await
+    {
         Ok(Ok(c)) => {
             tracing::debug!(target: "client", node, "connected");
             Some((c, node))
@@ -391,7 +402,8 @@ async fn run_client(opts: Options) -> turmoil::Result {
             r
         } else {
             let floor = books.floor.get(&lba).copied().unwrap_or(0);
-            let r = tokio::time::timeout(REQUEST_TIMEOUT, c.read(lba * BLOCK as u64, BLOCK as u32)).await;
+            let r = tokio::time::timeout(REQUEST_TIMEOUT, c.read(lba * BLOCK as u64, BLOCK as u32))
+                .await;
             if let Ok(Ok(Reply::Ok(data))) = &r {
                 if let Err(e) = books.check(lba, floor, data) {
                     sh.borrow_mut().violation = Some(format!("during load: {e}"));
@@ -436,14 +448,16 @@ async fn run_client(opts: Options) -> turmoil::Result {
                     Ok(Err(e)) => e.to_string(),
                     _ => "timed out".into(),
                 };
-                sh.borrow_mut().violation = Some(format!("after heal: {node} does not serve {VOLUME}: {why}"));
+                sh.borrow_mut().violation =
+                    Some(format!("after heal: {node} does not serve {VOLUME}: {why}"));
                 return Ok(());
             }
         };
         let unwritten = [1, opts.volume_blocks - 1];
         for &lba in written.iter().chain(&unwritten) {
             let floor = books.floor.get(&lba).copied().unwrap_or(0);
-            let r = tokio::time::timeout(REQUEST_TIMEOUT, c.read(lba * BLOCK as u64, BLOCK as u32)).await;
+            let r = tokio::time::timeout(REQUEST_TIMEOUT, c.read(lba * BLOCK as u64, BLOCK as u32))
+                .await;
             let e = match r {
                 Ok(Ok(Reply::Ok(data))) => books.check(lba, floor, &data).err(),
                 other => Some(format!("block {lba}: read failed: {other:?}")),
@@ -594,7 +608,9 @@ pub fn run(opts: Options) -> Result<Report, String> {
                 heal_start = Some(now);
                 sh.borrow_mut().healing = true;
                 for n in NODES {
-                    sh.borrow_mut().disk_faults.push((n.to_string(), DiskFault::ClearEio));
+                    sh.borrow_mut()
+                        .disk_faults
+                        .push((n.to_string(), DiskFault::ClearEio));
                 }
                 log(&sh, now, "heal: every fault ends, writes stop".into());
                 continue;
@@ -610,11 +626,23 @@ pub fn run(opts: Options) -> Result<Report, String> {
                                     sim.crash(h.as_str());
                                     sh.borrow_mut().views.remove(h);
                                 }
-                                log(&sh, now, format!("crash {} until {} ms", hosts.join("+"), until.as_millis()));
+                                log(
+                                    &sh,
+                                    now,
+                                    format!(
+                                        "crash {} until {} ms",
+                                        hosts.join("+"),
+                                        until.as_millis()
+                                    ),
+                                );
                             }
                             Fault::Hold(a, b, until) => {
                                 sim.hold(a.as_str(), b.as_str());
-                                log(&sh, now, format!("hold {a} <-> {b} until {} ms", until.as_millis()));
+                                log(
+                                    &sh,
+                                    now,
+                                    format!("hold {a} <-> {b} until {} ms", until.as_millis()),
+                                );
                             }
                         }
                         active.push(f);
@@ -632,26 +660,44 @@ pub fn run(opts: Options) -> Result<Report, String> {
         if !sh.borrow().done && active.is_empty() && whole(&sh.borrow().views) {
             sh.borrow_mut().done = true;
             sh.borrow_mut().report.heal_ms = (now - hs).as_millis() as u64;
-            log(&sh, now, "cluster whole: every copy live, roots equal".into());
+            log(
+                &sh,
+                now,
+                "cluster whole: every copy live, roots equal".into(),
+            );
         }
         if !sh.borrow().done && now > hs + opts.heal_limit {
             let views: Vec<String> = sh
                 .borrow()
                 .views
                 .iter()
-                .map(|(n, v)| format!("{n}: ready={} vol={:?} root={:?}", v.serving_ready, v.volume.as_ref().map(|v| (v.primary, v.epoch, &v.states)), v.root.as_ref().map(|r| &r[..12])))
+                .map(|(n, v)| {
+                    format!(
+                        "{n}: ready={} vol={:?} root={:?}",
+                        v.serving_ready,
+                        v.volume.as_ref().map(|v| (v.primary, v.epoch, &v.states)),
+                        v.root.as_ref().map(|r| &r[..12])
+                    )
+                })
                 .collect();
             let b = sh.borrow();
             let mut differ = Vec::new();
             if let Some(first) = b.views.values().next() {
                 for (lba, ver) in &first.versions {
-                    let all: Vec<u64> = b.views.values().map(|v| v.versions.get(lba).copied().unwrap_or(u64::MAX - 1)).collect();
+                    let all: Vec<u64> = b
+                        .views
+                        .values()
+                        .map(|v| v.versions.get(lba).copied().unwrap_or(u64::MAX - 1))
+                        .collect();
                     if all.iter().any(|x| x != ver) {
                         differ.push(format!("block {lba}: {all:?}"));
                     }
                 }
             }
-            break Err(format!("the cluster did not heal within {:?}: {views:?}; copies differ at: {differ:?}", opts.heal_limit));
+            break Err(format!(
+                "the cluster did not heal within {:?}: {views:?}; copies differ at: {differ:?}",
+                opts.heal_limit
+            ));
         }
     };
     // Stopped on their hosts, so that what they drop (open files, connections) goes
@@ -666,7 +712,11 @@ pub fn run(opts: Options) -> Result<Report, String> {
     let report = sh.borrow().report.clone();
     match result {
         Ok(()) => Ok(report),
-        Err(e) => Err(format!("seed {}: {e}\nevents:\n{}", opts.seed, report.events.join("\n"))),
+        Err(e) => Err(format!(
+            "seed {}: {e}\nevents:\n{}",
+            opts.seed,
+            report.events.join("\n")
+        )),
     }
 }
 
@@ -688,7 +738,11 @@ fn pick_fault(
             Fault::Hold(..) => vec![],
         })
         .collect();
-    let up: Vec<&str> = NODES.iter().copied().filter(|n| !down.contains(*n)).collect();
+    let up: Vec<&str> = NODES
+        .iter()
+        .copied()
+        .filter(|n| !down.contains(*n))
+        .collect();
     let until = now + Duration::from_millis(500 + rng.u64(..8000));
     let primary = sh
         .borrow()
@@ -707,9 +761,18 @@ fn pick_fault(
                 return None;
             }
             let fault = match rng.u32(..4) {
-                0 => DiskFault::Corrupt { lba, target: "slice" },
-                1 => DiskFault::Corrupt { lba, target: "checksum" },
-                2 => DiskFault::Corrupt { lba, target: "block" },
+                0 => DiskFault::Corrupt {
+                    lba,
+                    target: "slice",
+                },
+                1 => DiskFault::Corrupt {
+                    lba,
+                    target: "checksum",
+                },
+                2 => DiskFault::Corrupt {
+                    lba,
+                    target: "block",
+                },
                 _ => DiskFault::Eio { lba },
             };
             Some(Pick::Disk(node.to_string(), fault))

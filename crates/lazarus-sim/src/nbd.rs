@@ -119,7 +119,8 @@ impl Client {
     }
 
     pub async fn write(&mut self, offset: u64, data: &[u8]) -> io::Result<Reply> {
-        self.request(CMD_WRITE, offset, data.len() as u32, data).await
+        self.request(CMD_WRITE, offset, data.len() as u32, data)
+            .await
     }
 
     pub async fn flush(&mut self) -> io::Result<Reply> {

@@ -18,7 +18,10 @@ fn a_cluster_without_faults_serves_and_heals() {
     o.faults = 0;
     o.load = Duration::from_secs(5);
     let r = run_in_process(exe(), &o).unwrap_or_else(|e| panic!("{e}"));
-    assert!(r.writes_acked > 0 && r.flushes_acked > 0 && r.reads_checked > 48, "{r:?}");
+    assert!(
+        r.writes_acked > 0 && r.flushes_acked > 0 && r.reads_checked > 48,
+        "{r:?}"
+    );
     assert_eq!(r.errors_during_faults, 0, "{r:?}");
 }
 
@@ -53,7 +56,12 @@ fn two_hundred_seeds_of_faults_break_no_rule() {
         t.elapsed(),
         failed.len()
     );
-    assert!(failed.is_empty(), "{} of {n} seeds failed:\n{}", failed.len(), failed.join("\n\n"));
+    assert!(
+        failed.is_empty(),
+        "{} of {n} seeds failed:\n{}",
+        failed.len(),
+        failed.join("\n\n")
+    );
 }
 
 /// Seeds that found bugs, kept as regression tests (RELIABILITY.md, "The whole

@@ -7,9 +7,7 @@
 //! sent, never an older one and never damaged. Each seed replays exactly.
 
 use lazarus_recovery::log::RecordKind;
-use lazarus_recovery::server::{
-    AppendReq, ClaimReply, ClaimReq, ReadReply, ReadReq, VolumeState,
-};
+use lazarus_recovery::server::{AppendReq, ClaimReply, ClaimReq, ReadReply, ReadReq, VolumeState};
 use lazarus_rpc::{self as rpc, Refusal, RpcClient};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

@@ -183,7 +183,8 @@ impl Store {
         };
         let mut volumes: HashMap<String, Arc<Volume>> = HashMap::new();
         let vdir = dir.join("volumes");
-        let mut entries: Vec<_> = lazarus_io::fs::list_dir(&vdir).map_err(|e| StoreError::io(&vdir, e))?;
+        let mut entries: Vec<_> =
+            lazarus_io::fs::list_dir(&vdir).map_err(|e| StoreError::io(&vdir, e))?;
         entries.sort();
         for path in entries {
             let name = path

@@ -843,7 +843,9 @@ async fn fault_corrupt(
         ));
     }
     let store = s.engine.store.clone();
-    let r = lazarus_rpc::rt::blocking(move || corrupt_on_disk(&store, &v, &req.volume, req.lba, &req.target))
+    let r = lazarus_rpc::rt::blocking(move || {
+        corrupt_on_disk(&store, &v, &req.volume, req.lba, &req.target)
+    })
     .await
     .map_err(join_err)??;
     Ok(Json(r))
@@ -891,8 +893,16 @@ pub fn corrupt_on_disk(
         "checksum" => v.scrub_checksum_page(0, page / lazarus_types::FANOUT_U64)?,
         _ => true, // blocks are read from disk on every access
     };
-    tracing::warn!(volume, target, page, damaged, "fault injected: corrupted on disk");
-    Ok(json!({ "volume": volume, "target": target, "page": page, "file": path, "offset": offset, "damaged": damaged }))
+    tracing::warn!(
+        volume,
+        target,
+        page,
+        damaged,
+        "fault injected: corrupted on disk"
+    );
+    Ok(
+        json!({ "volume": volume, "target": target, "page": page, "file": path, "offset": offset, "damaged": damaged }),
+    )
 }
 
 /// Repairs every known-damaged page of the volume now (this node must be its primary).

@@ -309,7 +309,11 @@ impl Engine {
                     continue;
                 }
                 if self.install(&c, vol, p, &ids, n, &others).await {
-                    return self.done(&name, p, format!("dead n{n}, as the page was before its writes since the damage"));
+                    return self.done(
+                        &name,
+                        p,
+                        format!("dead n{n}, as the page was before its writes since the damage"),
+                    );
                 }
             }
         }

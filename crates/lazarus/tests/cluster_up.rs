@@ -59,7 +59,7 @@ fn setup() -> (tempfile::TempDir, std::path::PathBuf) {
     require("nbdsh");
     // LAZARUS_KEEP=1 keeps the data directory, node logs included, after the test.
     let tmp = tempfile::Builder::new()
-        .keep(std::env::var("LAZARUS_KEEP").is_ok())
+        .disable_cleanup(std::env::var("LAZARUS_KEEP").is_ok())
         .tempdir()
         .unwrap();
     let data = tmp.path().join("cluster");
