@@ -242,6 +242,9 @@ pub enum Role {
 /// `PRIMARY_SILENCE_MAX`, which the leader counts from when it received the request,
 /// so a primary that stopped asking has stopped serving before it is replaced.
 pub(crate) const LEASE: Duration = Duration::from_millis(400);
+/// How long a primary waits for its lease (at start-up, while the leader changes, or
+/// when a renewal came late) before answering a request with an error.
+pub(crate) const LEASE_WAIT: Duration = Duration::from_secs(3);
 
 /// Deadline for one replicated update to a replica.
 const REPLICATE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -634,6 +637,29 @@ impl Cluster {
             && (self.reconciled(volume, epoch) || self.held_beyond_metadata(volume))
     }
 
+    /// Waits up to `wait` for `lease_valid(volume, epoch)`, while the metadata still
+    /// names this node the volume's primary at `epoch`. A lease renewal delayed by a
+    /// busy machine (a stalled runtime, a slow fsync) lapses for a moment: a request
+    /// then waits for the next renewal instead of failing. Validity at the same epoch
+    /// is enough: the leader grants it only while the metadata names this node primary
+    /// at that epoch, epochs only grow, and no successor serves before this node's
+    /// last grant has run out (lease.rs).
+    pub async fn await_lease(&self, volume: &str, epoch: u64, wait: Duration) -> bool {
+        let deadline = Instant::now() + wait;
+        loop {
+            if self.lease_valid(volume, epoch) {
+                return true;
+            }
+            let still_mine = self
+                .effective(volume)
+                .is_some_and(|v| v.primary == self.id && v.epoch == epoch);
+            if !still_mine || Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     pub(crate) fn raft_lease_valid(&self, volume: &str, epoch: u64) -> bool {
         matches!(self.leases.lock().get(volume), Some((e, until)) if *e == epoch && Instant::now() < *until)
     }
@@ -852,11 +878,23 @@ impl Cluster {
         }
         // Only under a lease: a primary paused past its lease may have been replaced,
         // and its updates must not reach a replica that has not yet learned that.
-        if !self.lease_valid(volume, v.epoch) {
-            return Err(format!(
-                "this node's lease on {volume:?} has lapsed (it may have been replaced as primary)"
-            ));
-        }
+        let v = if self.lease_valid(volume, v.epoch) {
+            v
+        } else {
+            // A late renewal: the copies' states may have changed while it waited.
+            let epoch = v.epoch;
+            match self.await_lease(volume, epoch, LEASE_WAIT).await {
+                true => match self.effective(volume) {
+                    Some(v) if v.primary == self.id && v.epoch == epoch => v,
+                    _ => return Err(format!("the primary of {volume:?} changed")),
+                },
+                false => {
+                    return Err(format!(
+                        "this node's lease on {volume:?} has lapsed (it may have been replaced as primary)"
+                    ))
+                }
+            }
+        };
         // A copy that went dead by reporting its crash has every flushed write until
         // one is acknowledged without it: record that first (it is then never promoted
         // in place of a current copy).

@@ -82,9 +82,7 @@ pub enum Route {
     Forward(String),
 }
 
-/// How long a primary waits for its lease (at start-up, or while the leader changes)
-/// before answering a request with an error.
-const LEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+use crate::cluster::LEASE_WAIT;
 
 pub struct Engine {
     pub store: Arc<Store>,
@@ -184,6 +182,22 @@ impl Engine {
         }
     }
 
+    /// `replicated`, but a primary whose lease lapsed for a moment (a late renewal)
+    /// waits up to `LEASE_WAIT` for it rather than failing the request.
+    pub(crate) async fn serving(&self, vol: &Volume) -> Result<bool, IoError> {
+        match self.replicated(vol) {
+            Err(e) => match (self.cluster.get(), self.primary_epoch(&vol.meta.name)) {
+                (Some(c), Some(epoch))
+                    if c.await_lease(&vol.meta.name, epoch, LEASE_WAIT).await =>
+                {
+                    self.replicated(vol)
+                }
+                _ => Err(e),
+            },
+            r => r,
+        }
+    }
+
     /// The epoch under which this node is the volume's primary, if it is.
     pub fn primary_epoch(&self, volume: &str) -> Option<u64> {
         match self.cluster.get()?.role(volume) {
@@ -252,7 +266,7 @@ impl Engine {
         // primary paused in the middle of it may have been replaced meanwhile, and its
         // successor need not have this write: the client gets an error, not an ack.
         if let Some(e) = epoch {
-            if !c.lease_valid(&vol.meta.name, e) {
+            if !c.await_lease(&vol.meta.name, e, LEASE_WAIT).await {
                 return Err(IoError::new(
                     EIO,
                     format!(
@@ -345,7 +359,7 @@ impl Engine {
         fua: bool,
     ) -> Result<Holders, IoError> {
         let len = data.len() as u64;
-        let replicated = self.replicated(vol)?;
+        let replicated = self.serving(vol).await?;
         let mut holders = vec![self.executor()];
         if len > 0 {
             let first = offset / BLOCK_SIZE_U64;
@@ -406,7 +420,7 @@ impl Engine {
         provision: bool,
         fua: bool,
     ) -> Result<Holders, IoError> {
-        let replicated = self.replicated(vol)?;
+        let replicated = self.serving(vol).await?;
         // Held by every process that holds each of its parts.
         let mut holders = vec![self.executor()];
         let keep = |h: Holders, holders: &mut Holders| holders.retain(|x| h.contains(x));
@@ -470,7 +484,7 @@ impl Engine {
     /// FLUSH: durable on this node and, for a cluster volume, on every copy that takes
     /// updates.
     pub async fn flush(&self, vol: &Volume) -> Result<(), IoError> {
-        if self.replicated(vol)? {
+        if self.serving(vol).await? {
             let (local, remote) = tokio::join!(
                 self.flush_local(),
                 self.replicate(vol, crate::cluster::Update::Flush, &[], false)

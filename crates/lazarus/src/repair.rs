@@ -178,6 +178,11 @@ impl Engine {
         out: &mut [u8],
     ) -> Result<(), crate::engine::IoError> {
         let mut r = self.read_into(vol, offset, out);
+        // This primary's lease lapsed for a moment, before or during the read: read
+        // again once it holds one at the same epoch.
+        if r.is_err() && !self.serves_locally(vol) && self.serving(vol).await.is_ok() {
+            r = self.read_into(vol, offset, out);
+        }
         for _ in 0..4 {
             let fixed = match &r {
                 Err(crate::engine::IoError {
