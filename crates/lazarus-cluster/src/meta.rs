@@ -420,6 +420,21 @@ impl ClusterMeta {
                         "the primary's state changes only by promoting another replica".into(),
                     );
                 }
+                // A copy turns live only at the end of a resync that ran while it stayed
+                // resyncing, so that every update the primary acknowledged meanwhile
+                // reached it. A copy marked dead in between (it missed updates from
+                // then on: a jeopardy holder's `SetRecovery { alone }`, a failed
+                // update) must resync again.
+                let now = v.state_of(*node);
+                if *state == ReplicaState::Live
+                    && *node != v.primary
+                    && !matches!(now, Some(ReplicaState::Resyncing | ReplicaState::Live))
+                {
+                    return Err(format!(
+                        "node {node}'s copy of {volume:?} is {now:?}: it turns live only at the end of a resync that it stayed resyncing through"
+                    )
+                    .into());
+                }
                 let was = v.states.insert(*node, *state);
                 match state {
                     // Failed an update that is not acknowledged yet: it lacks it.
@@ -783,6 +798,48 @@ mod tests {
 
     /// Section 0 of the correctness issue: a stale, dead copy is never made primary by
     /// adoption; only the current primary, or a copy that restored from the log.
+    /// Simulator seed 2678: a copy marked dead while its resync ran (a jeopardy holder's
+    /// late entry) missed the updates from then on; the resync's end must not turn it
+    /// live. It turns live only from resyncing.
+    #[test]
+    fn a_copy_turns_live_only_from_resyncing() {
+        let mut m = meta3();
+        let v = create(&mut m);
+        let state = |m: &mut ClusterMeta, state| {
+            m.apply(&MetaCommand::SetReplicaState {
+                volume: v.name.clone(),
+                node: 3,
+                state,
+                epoch: 1,
+                at_ms: 0,
+            })
+        };
+        assert!(matches!(
+            state(&mut m, ReplicaState::Resyncing),
+            MetaResponse::Volume(_)
+        ));
+        assert!(matches!(
+            state(&mut m, ReplicaState::Dead),
+            MetaResponse::Volume(_)
+        ));
+        let r = state(&mut m, ReplicaState::Live);
+        assert!(matches!(r, MetaResponse::Rejected(_)), "{r:?}");
+        assert_eq!(m.volumes["vol0"].state_of(3), Some(ReplicaState::Dead));
+        assert!(matches!(
+            state(&mut m, ReplicaState::Resyncing),
+            MetaResponse::Volume(_)
+        ));
+        let MetaResponse::Volume(nv) = state(&mut m, ReplicaState::Live) else {
+            panic!()
+        };
+        assert_eq!(nv.live().len(), 3);
+        // Already live: a repeated proposal changes nothing and is not refused.
+        assert!(matches!(
+            state(&mut m, ReplicaState::Live),
+            MetaResponse::Volume(_)
+        ));
+    }
+
     #[test]
     fn adoption_never_makes_a_dead_or_stale_copy_primary() {
         let mut m = meta3();

@@ -81,6 +81,10 @@ fn seeds_that_found_bugs_pass() {
     o.disk_faults = true;
     run_in_process(exe(), &o).unwrap_or_else(|e| panic!("{e}"));
 
+    // A copy marked dead while its resync ran (a jeopardy holder's late entry) was
+    // turned live by that resync's end, without the writes acknowledged meanwhile.
+    run_in_process(exe(), &Options::new(2678)).unwrap_or_else(|e| panic!("{e}"));
+
     // Zeroes read for a flushed block: a copy lacking a damaged page's unknown slots
     // passed for current on it (resync turned it live, repair took its page). The
     // page is unrecoverable here, so the cluster may not heal (RELIABILITY.md, open

@@ -186,6 +186,9 @@ pub struct Cluster {
     /// copies with its own (`reconcile.rs`); it serves only at that epoch.
     pub(crate) reconciled: parking_lot::Mutex<HashMap<String, u64>>,
     pub(crate) reconciling: parking_lot::Mutex<std::collections::HashSet<String>>,
+    /// Bumped whenever a volume must be reconciled again (`reconcile_again`): a
+    /// comparison that started before does not count.
+    pub(crate) reconcile_gen: std::sync::atomic::AtomicU64,
     /// When (send time) each peer last answered this node's ping (`survivor.rs`).
     pub(crate) contact: parking_lot::Mutex<HashMap<NodeId, Instant>>,
     /// When each peer's ping last arrived here.
@@ -374,6 +377,7 @@ impl Cluster {
             recovery: crate::jeopardy::Recovery::new(cfg),
             reconciled: Default::default(),
             reconciling: Default::default(),
+            reconcile_gen: Default::default(),
             contact: Default::default(),
             heard: Default::default(),
             rs_contact: Default::default(),

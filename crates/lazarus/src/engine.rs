@@ -258,10 +258,17 @@ impl Engine {
             Role::Primary { epoch } => Some(epoch),
             _ => None,
         };
-        let holders = c
-            .replicate(&vol.meta.name, u, raw, on_rs)
-            .await
-            .map_err(|m| IoError::new(EIO, format!("replication failed: {m}")))?;
+        let data = !matches!(u, crate::cluster::Update::Flush);
+        let holders = match c.replicate(&vol.meta.name, u, raw, on_rs).await {
+            Ok(h) => h,
+            Err(m) => {
+                // Applied here, perhaps not on every replica: compare them again.
+                if data {
+                    c.reconcile_again(&vol.meta.name);
+                }
+                return Err(IoError::new(EIO, format!("replication failed: {m}")));
+            }
+        };
         // As for reads: the lease must still hold once every copy has the update. A
         // primary paused in the middle of it may have been replaced meanwhile, and its
         // successor need not have this write: the client gets an error, not an ack.

@@ -38,9 +38,14 @@ enum Cmd {
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=9))]
         nodes: u16,
         /// What a primary in jeopardy does while the recovery server does not answer:
-        /// suspend (writes wait up to 30 s, then fail) or accept (go on with one copy).
+        /// suspend (writes wait, then fail: --jeopardy-suspend-secs) or accept (go on
+        /// with one copy).
         #[arg(long, default_value = "suspend", value_parser = ["suspend", "accept"])]
         jeopardy_policy: String,
+        /// Under `suspend`: how long a write waits for the recovery server before it
+        /// fails with EIO.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        jeopardy_suspend_secs: u64,
         /// Run without a recovery server: no jeopardy protection; failover is fenced by
         /// Raft alone.
         #[arg(long)]
@@ -614,8 +619,10 @@ fn main() {
             volume_size,
             nodes,
             jeopardy_policy,
+            jeopardy_suspend_secs,
             no_recovery_server,
         } => runtime().block_on(up::run(up::UpArgs {
+            jeopardy_suspend_secs,
             recovery_server: !no_recovery_server,
             data,
             port_base,

@@ -17,6 +17,7 @@ use lazarus_cluster::raft_store::NodeId;
 use lazarus_cluster::{MetaCommand, MetaResponse, ReplicaState, VolumeInfo};
 use lazarus_rpc::KIND_ROOT;
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -145,19 +146,40 @@ impl Cluster {
             }
             let c = self.clone();
             let name = v.name.clone();
+            let gen = self.reconcile_gen.load(Ordering::Acquire);
             tokio::spawn(async move {
                 let r = c.reconcile_volume(&name).await;
                 c.reconciling.lock().remove(&name);
                 match r {
-                    Ok(Some(epoch)) => {
+                    // Unless a write diverged meanwhile: the next round compares again.
+                    Ok(Some(epoch)) if c.reconcile_gen.load(Ordering::Acquire) == gen => {
                         c.reconciled.lock().insert(name, epoch);
                     }
+                    Ok(Some(_)) => {}
                     Ok(None) => {}
                     Err(e) => {
                         tracing::warn!(volume = %name, error = %e, "live copies not reconciled yet; not serving")
                     }
                 }
             });
+        }
+    }
+
+    /// A write applied to this primary's copy did not reach every replica that takes
+    /// updates, and they were not marked dead either (its lease lapsed before it sent
+    /// the write, a metadata change could not be committed, ...): its client got an
+    /// error, but the live copies may now differ. This primary serves the volume again
+    /// only after it compared them anew, as after a promotion: each copy that differs
+    /// is committed dead and resyncs. (Simulator seed 1890: without it a failed write
+    /// stayed on the primary alone while every copy was live, and the copies' roots
+    /// never agreed again.)
+    pub fn reconcile_again(&self, volume: &str) {
+        self.reconcile_gen.fetch_add(1, Ordering::AcqRel);
+        if self.reconciled.lock().remove(volume).is_some() {
+            tracing::warn!(
+                volume,
+                "a write reached this primary's copy but not every replica: comparing the live copies again before serving"
+            );
         }
     }
 

@@ -50,6 +50,7 @@ pub struct UpArgs {
     pub nodes: usize,
     pub log_level: Option<String>,
     pub jeopardy_policy: crate::config::JeopardyPolicy,
+    pub jeopardy_suspend_secs: u64,
     /// Start a recovery server beside the nodes (clusters only).
     pub recovery_server: bool,
 }
@@ -113,7 +114,7 @@ fn node_config(args: &UpArgs, i: usize) -> anyhow::Result<NodeConfig> {
         recovery_server: (clustered && args.recovery_server)
             .then(|| format!("127.0.0.1:{}", recovery_port(args.port_base))),
         jeopardy_policy: args.jeopardy_policy,
-        jeopardy_suspend_secs: 30,
+        jeopardy_suspend_secs: args.jeopardy_suspend_secs,
         failures_max: 3,
         failure_window_minutes: 10,
     })
