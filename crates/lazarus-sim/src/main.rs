@@ -36,8 +36,13 @@ fn init_log() {
 
 fn summary(seed: u64, r: &Report) -> String {
     format!(
-        "seed {seed}: ok: {} writes, {} flushes acknowledged, {} reads checked, {} errors during faults, healed in {} ms",
-        r.writes_acked, r.flushes_acked, r.reads_checked, r.errors_during_faults, r.heal_ms
+        "seed {seed}: ok: {} writes, {} flushes acknowledged, {} reads checked, {} errors during faults, healed in {} ms{}",
+        r.writes_acked, r.flushes_acked, r.reads_checked, r.errors_during_faults, r.heal_ms,
+        if r.unrecoverable_reads > 0 {
+            format!(", {} reads of listed unrecoverable blocks answered EIO", r.unrecoverable_reads)
+        } else {
+            String::new()
+        }
     )
 }
 

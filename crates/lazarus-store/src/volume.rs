@@ -367,6 +367,11 @@ pub(crate) struct VolState {
     /// damaged, which a copy that took no update since may still hold (its unknown
     /// slots are unchanged since then). Not kept across a restart.
     pub rewritten: BTreeMap<u64, Checksum>,
+    /// Damaged pages whose damage this copy took from its primary in a resync
+    /// (`adopt_damage`): the primary's copy of them is damaged the same way, so this
+    /// copy is as current as the primary's. Not kept across a restart (a restarted
+    /// replica resyncs anyway).
+    pub mirrored: BTreeSet<u64>,
     pub damage_dirty: bool,
     pub header_seq: u64,
 }
@@ -386,6 +391,7 @@ impl VolState {
             dirty_ck: BTreeSet::new(),
             damaged: BTreeMap::new(),
             rewritten: BTreeMap::new(),
+            mirrored: BTreeSet::new(),
             damage_dirty: false,
             header_seq,
         }
@@ -772,6 +778,7 @@ impl Volume {
                 if whole {
                     st.damaged.remove(&p);
                     st.rewritten.remove(&p);
+                    st.mirrored.remove(&p);
                     tracing::info!(volume = %self.meta.name, page = p, "damaged page whole again");
                 } else {
                     st.rewritten.entry(p).or_insert(recorded);
@@ -815,6 +822,11 @@ impl Volume {
             st.levels[0][p as usize] = c;
             groups.insert(p / FANOUT_U64);
         }
+        Volume::propagate(st, groups);
+    }
+
+    /// Recomputes the checksums above the level-1 groups `groups`, up to the root.
+    fn propagate(st: &mut VolState, mut groups: BTreeSet<u64>) {
         let top = st.levels.len() - 1;
         for k in 0..top {
             let mut next = BTreeSet::new();
@@ -1092,6 +1104,140 @@ impl Volume {
         st.rewritten.get(&p).copied()
     }
 
+    /// Resync from a primary whose slice page `p` is damaged (its unrecoverable slots
+    /// answer EIO there): this copy takes the same state, so that the copies' roots
+    /// agree and the same slots answer EIO here. The caller has installed the
+    /// primary's known slots and unmapped `unknown` ones; this marks those unknown and
+    /// records the primary's level-1 checksum of the page (`checksum`: what a current
+    /// copy of it hashes to, or the checksum bound to its unknown slots once written to)
+    /// and, if the page was written to since its damage, what it hashed to before
+    /// (`before`). The damage list is on disk when this returns: after a crash the
+    /// unmapped slots are never taken for zeroes.
+    pub fn adopt_damage(
+        &self,
+        p: u64,
+        unknown: SlotBits,
+        checksum: Checksum,
+        before: Option<Checksum>,
+    ) -> Result<(), StoreError> {
+        if p >= self.page_count() {
+            return Err(StoreError::Invalid(format!("page {p} is past the end")));
+        }
+        if unknown.iter().all(|w| *w == 0) {
+            return Err(StoreError::Invalid(format!(
+                "page {p}: no unknown slots to adopt"
+            )));
+        }
+        let mut st = self.state.lock();
+        let st = &mut *st;
+        Volume::refresh_tree(st);
+        if let Some(pg) = st.pages.get(&p) {
+            if (0..FANOUT).any(|i| bit(&unknown, i) && !pg[i].is_zero()) {
+                return Err(StoreError::Invalid(format!(
+                    "page {p}: slots to mark unknown are still mapped"
+                )));
+            }
+        }
+        st.damaged.insert(p, unknown);
+        st.damage_dirty = true;
+        self.persist_damage(st)?;
+        match before {
+            Some(b) => st.rewritten.insert(p, b),
+            None => st.rewritten.remove(&p),
+        };
+        st.mirrored.insert(p);
+        st.levels[0][p as usize] = checksum;
+        st.dirty.insert(p);
+        Volume::propagate(st, BTreeSet::from([p / FANOUT_U64]));
+        Ok(())
+    }
+
+    /// Damaged page `p` as a resync hands it on (`adopt_damage`): its known ids
+    /// (unknown slots zero), which slots are unknown, its level-1 checksum, and what it
+    /// hashed to before it was written to since its damage. `None`: not damaged.
+    pub fn damage_state(
+        &self,
+        p: u64,
+    ) -> Option<(Vec<BlockId>, SlotBits, Checksum, Option<Checksum>)> {
+        let mut st = self.state.lock();
+        Volume::refresh_tree(&mut st);
+        let bits = *st.damaged.get(&p)?;
+        let ids = st.pages.get(&p).map_or(vec![BlockId::ZERO; FANOUT], |pg| {
+            (0..FANOUT)
+                .map(|i| if bit(&bits, i) { BlockId::ZERO } else { pg[i] })
+                .collect()
+        });
+        Some((
+            ids,
+            bits,
+            st.levels[0][p as usize],
+            st.rewritten.get(&p).copied(),
+        ))
+    }
+
+    /// Reads damaged slice page `p` from this copy's disk again: a read error that has
+    /// passed (a failing sector that answered on a retry) or damage found through a
+    /// stale cache may leave the page on disk whole. Only a page written to nowhere
+    /// since its damage (its recorded checksum still says what it holds) can be taken
+    /// back so, and only if its image hashes to that checksum. Returns whether the page
+    /// is whole again.
+    pub fn reread_damaged_page(&self, p: u64) -> bool {
+        let recorded = {
+            let mut st = self.state.lock();
+            Volume::refresh_tree(&mut st);
+            if !st.damaged.contains_key(&p)
+                || st.rewritten.contains_key(&p)
+                || st.mirrored.contains(&p)
+            {
+                return false;
+            }
+            st.levels[0][p as usize]
+        };
+        let mut b = vec![0u8; BLOCK_SIZE];
+        if self.slice.read_at(&mut b, slice_page_offset(p)).is_err()
+            || Checksum::of_page(&b) != recorded
+        {
+            return false;
+        }
+        let mut st = self.state.lock();
+        // Unchanged meanwhile (no write reached the page since it was read).
+        if st.rewritten.contains_key(&p) || !st.damaged.contains_key(&p) {
+            return false;
+        }
+        st.damaged.remove(&p);
+        st.damage_dirty = true;
+        if recorded == Checksum::ZERO {
+            st.pages.remove(&p);
+        } else {
+            st.pages.insert(p, decode_page(&b));
+        }
+        tracing::info!(volume = %self.meta.name, page = p, "damaged slice page read whole from this copy's disk again");
+        true
+    }
+
+    /// Damaged pages whose damage this copy took from its primary (`adopt_damage`).
+    pub fn mirrored_pages(&self) -> Vec<u64> {
+        self.state.lock().mirrored.iter().copied().collect()
+    }
+
+    /// Damaged pages whose damage is this copy's own, not taken from the primary
+    /// (`adopt_damage`).
+    pub fn own_damaged_pages(&self) -> Vec<u64> {
+        let st = self.state.lock();
+        st.damaged
+            .keys()
+            .filter(|p| !st.mirrored.contains(p))
+            .copied()
+            .collect()
+    }
+
+    /// The level-1 checksum this copy records for slice page `p`.
+    pub fn page_checksum(&self, p: u64) -> Option<Checksum> {
+        let mut st = self.state.lock();
+        Volume::refresh_tree(&mut st);
+        st.levels[0].get(p as usize).copied()
+    }
+
     /// The known ids of page `p` (unknown slots read as zero).
     pub fn page_ids_partial(&self, p: u64) -> Vec<BlockId> {
         let st = self.state.lock();
@@ -1128,6 +1274,7 @@ impl Volume {
         st.pages.remove(&p);
         st.damaged.insert(p, [u64::MAX; FANOUT / 64]);
         st.rewritten.remove(&p);
+        st.mirrored.remove(&p);
         st.damage_dirty = true;
         Ok(true)
     }

@@ -1202,10 +1202,11 @@ async fn do_io(
             crate::forward::Op::Write | crate::forward::Op::Zero | crate::forward::Op::Trim
         ),
         no_hole: false,
+        fence: None,
     };
     match s.engine.route_name(name).await.map_err(io_error)? {
         crate::engine::Route::Local => s.engine.execute_local(&req, payload).await,
-        crate::engine::Route::Forward(_) => s.engine.forward(&req, payload).await,
+        crate::engine::Route::Forward(_) => s.engine.forward(&req, payload, None).await,
     }
     .map(|done| done.data)
     .map_err(io_error)

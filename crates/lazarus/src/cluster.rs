@@ -189,6 +189,8 @@ pub struct Cluster {
     /// Bumped whenever a volume must be reconciled again (`reconcile_again`): a
     /// comparison that started before does not count.
     pub(crate) reconcile_gen: std::sync::atomic::AtomicU64,
+    /// Per volume this node is primary of: client sessions opened (`forward::FenceToken`).
+    pub(crate) fences: parking_lot::Mutex<HashMap<String, u64>>,
     /// When (send time) each peer last answered this node's ping (`survivor.rs`).
     pub(crate) contact: parking_lot::Mutex<HashMap<NodeId, Instant>>,
     /// When each peer's ping last arrived here.
@@ -378,6 +380,7 @@ impl Cluster {
             reconciled: Default::default(),
             reconciling: Default::default(),
             reconcile_gen: Default::default(),
+            fences: Default::default(),
             contact: Default::default(),
             heard: Default::default(),
             rs_contact: Default::default(),

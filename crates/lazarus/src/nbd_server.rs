@@ -380,6 +380,8 @@ impl Acks {
 struct ConnAcks {
     acks: Arc<Acks>,
     opened: u64,
+    /// This connection's session at the primary (`forward::FenceToken`).
+    session: crate::forward::Session,
 }
 
 async fn transmission(
@@ -397,6 +399,7 @@ async fn transmission(
     let unflushed = Arc::new(ConnAcks {
         opened: acks.open(),
         acks,
+        session: Default::default(),
     });
     let size = ex.size;
     // A connection opened to the primary is bound to its epoch: if the node stops
@@ -478,6 +481,8 @@ async fn transmission(
         }
     }
     .await;
+    // Requests of this connection still being forwarded are not sent again.
+    unflushed.session.close();
     drop(tx);
     let _ = writer.await;
     result
@@ -608,6 +613,11 @@ async fn execute_inner(
         out.extend_from_slice(&error_reply(structured, req.cookie, &e));
         return;
     }
+    if modifies_data(&req) {
+        if let Some(c) = engine.cluster.get() {
+            unflushed.session.open_locally(c, &vol.meta.name);
+        }
+    }
     let r = match req.command {
         Command::Read => {
             let hdr = if structured { 28 } else { 16 };
@@ -677,6 +687,14 @@ async fn execute_inner(
     }
 }
 
+/// A request that changes the volume's data.
+fn modifies_data(req: &Request) -> bool {
+    matches!(
+        req.command,
+        Command::Write | Command::Trim | Command::WriteZeroes
+    )
+}
+
 /// A write the client may later FLUSH: FUA ones are durable when acknowledged.
 fn modifies(req: &Request) -> bool {
     matches!(
@@ -710,16 +728,20 @@ async fn forwarded(
         length: req.length as u64,
         fua: req.fua(),
         no_hole: req.no_hole(),
+        fence: None,
     };
     let t = (op == Op::Flush).then(|| unflushed.acks.flush_start());
-    let r = engine.forward(&f, payload).await.and_then(|done| {
-        if let Some(t) = t {
-            unflushed.acks.flush_done(unflushed.opened, t, done.by)?;
-        } else if modifies(&req) {
-            unflushed.acks.acked(done.holders);
-        }
-        Ok(done.data)
-    });
+    let r = engine
+        .forward(&f, payload, Some(&unflushed.session))
+        .await
+        .and_then(|done| {
+            if let Some(t) = t {
+                unflushed.acks.flush_done(unflushed.opened, t, done.by)?;
+            } else if modifies(&req) {
+                unflushed.acks.acked(done.holders);
+            }
+            Ok(done.data)
+        });
     match r {
         Ok(data) if op == Op::Read => {
             if data.len() as u64 != f.length {

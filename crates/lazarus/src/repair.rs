@@ -240,6 +240,10 @@ impl Engine {
             return Outcome::AlreadyWhole;
         }
         let name = vol.meta.name.clone();
+        // 0. This copy's own disk, read again: a read error may have passed.
+        if lazarus_rpc::rt::block_in_place(|| vol.reread_damaged_page(p)) {
+            return self.done(&name, p, "this node's disk, read again".into());
+        }
         let meta = c.store.meta();
         let Some(v) = meta.volumes.get(&name).cloned() else {
             return Outcome::Unrecoverable;
@@ -408,6 +412,7 @@ impl Engine {
                 level: 0,
                 index: 0,
                 repair: true,
+                damaged_ok: false,
             },
             state: self.repair.0.bytes.clone(),
         }
@@ -811,6 +816,32 @@ impl Engine {
         }
     }
 
+    /// Whether the primary has repaired a page whose damage this live replica took
+    /// from it in a resync (`Volume::adopt_damage`): this copy then resyncs the page.
+    async fn mirrored_pages_whole_at_primary(&self, vol: &Volume) -> bool {
+        let mirrored = vol.mirrored_pages();
+        let Some(c) = self.cluster.get().cloned() else {
+            return false;
+        };
+        if mirrored.is_empty() {
+            return false;
+        }
+        let Some(v) = c.store.meta().volumes.get(&vol.meta.name).cloned() else {
+            return false;
+        };
+        if v.primary == c.id || v.state_of(c.id) != Some(ReplicaState::Live) {
+            return false;
+        }
+        let src = self.repair_source(&c, v.primary, &vol.meta.name, v.epoch);
+        for p in mirrored {
+            if let Ok((_, None)) = src.page_state(p).await {
+                tracing::info!(volume = %vol.meta.name, page = p, primary = v.primary, "the primary repaired a page this copy took as damaged from it");
+                return true;
+            }
+        }
+        false
+    }
+
     pub fn background_repair(self: &Arc<Self>) {
         let e = self.clone();
         tokio::spawn(async move {
@@ -826,8 +857,11 @@ impl Engine {
                     if e.primary_epoch(&vol.meta.name).is_none() {
                         // A live replica with damaged pages is no whole copy: it turns
                         // dead and resyncs, which copies its damaged pages from the
-                        // primary.
-                        if !vol.damaged_pages().is_empty() {
+                        // primary (pages damaged at the primary too, whose damage it
+                        // took from there, are as current as the primary's).
+                        if !vol.own_damaged_pages().is_empty()
+                            || e.mirrored_pages_whole_at_primary(&vol).await
+                        {
                             e.resync_damaged_replica(&vol.meta.name).await;
                         }
                         continue;

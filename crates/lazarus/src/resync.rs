@@ -19,6 +19,7 @@ use crate::cluster::Cluster;
 use lazarus_cluster::raft_store::NodeId;
 use lazarus_cluster::{MetaCommand, MetaResponse, ReplicaState, VolumeInfo};
 use lazarus_rpc::{self as rpc, RpcClient, KIND_BLOCKS, KIND_PAGE, KIND_RESYNC_BEGIN, KIND_TREE};
+use lazarus_store::volume::SlotBits;
 use lazarus_store::Volume;
 use lazarus_types::{BlockId, Checksum, Lba, BLOCK_SIZE, FANOUT, FANOUT_U64, ID_LEN};
 use serde::{Deserialize, Serialize};
@@ -57,6 +58,10 @@ pub struct SyncReq {
     /// (`fault drop` cuts updates, not these reads).
     #[serde(default)]
     pub repair: bool,
+    /// PAGE: a page damaged at the source is answered too, with its damage
+    /// (`Source::page_state`), instead of an error.
+    #[serde(default)]
+    pub damaged_ok: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -201,10 +206,21 @@ impl Source {
         index: u64,
         raw: &[u8],
     ) -> Result<Vec<u8>, String> {
+        self.call_as(&self.req, kind, level, index, raw).await
+    }
+
+    async fn call_as(
+        &self,
+        base: &SyncReq,
+        kind: u8,
+        level: usize,
+        index: u64,
+        raw: &[u8],
+    ) -> Result<Vec<u8>, String> {
         let req = SyncReq {
             level,
             index,
-            ..self.req.clone()
+            ..base.clone()
         };
         let json = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
         let body = rpc::pack(&json, raw);
@@ -245,6 +261,20 @@ impl Source {
             .chunks_exact(ID_LEN)
             .map(|c| BlockId(c.try_into().expect("16 bytes")))
             .collect())
+    }
+
+    /// Slice page `p`'s ids and, if it is damaged at the source, its damage (unknown
+    /// slots read as zero ids).
+    pub(crate) async fn page_state(
+        &self,
+        p: u64,
+    ) -> Result<(Vec<BlockId>, Option<PageDamage>), String> {
+        let req = SyncReq {
+            damaged_ok: true,
+            ..self.req.clone()
+        };
+        let raw = self.call_as(&req, KIND_PAGE, 0, p, &[]).await?;
+        decode_page_state(&raw)
     }
 
     /// Fetches blocks by id; those the source no longer has are left out. Every block
@@ -299,10 +329,56 @@ pub(crate) fn serve_tree_or_page(
             .map(|g| g.iter().flat_map(|c| c.0).collect())
             .ok_or_else(|| format!("no checksum page {}/{}", req.level, req.index));
     }
-    local
-        .page_ids(req.index)
-        .map(|ids| ids.iter().flat_map(|id| id.0).collect())
-        .ok_or_else(|| format!("slice page {} is damaged here or out of range", req.index))
+    if let Some(ids) = local.page_ids(req.index) {
+        return Ok(ids.iter().flat_map(|id| id.0).collect());
+    }
+    match local.damage_state(req.index) {
+        Some((ids, unknown, checksum, before)) if req.damaged_ok => {
+            let mut out: Vec<u8> = ids.iter().flat_map(|id| id.0).collect();
+            out.extend(unknown.iter().flat_map(|w| w.to_be_bytes()));
+            out.extend(checksum.0);
+            out.push(before.is_some() as u8);
+            out.extend(before.unwrap_or(Checksum::ZERO).0);
+            Ok(out)
+        }
+        _ => Err(format!(
+            "slice page {} is damaged here or out of range",
+            req.index
+        )),
+    }
+}
+
+/// A damaged page's state as the source answers it (`serve_tree_or_page`): which slots
+/// are unknown, its level-1 checksum, and what it hashed to before it was written to
+/// since its damage.
+pub(crate) type PageDamage = (SlotBits, Checksum, Option<Checksum>);
+
+fn decode_page_state(raw: &[u8]) -> Result<(Vec<BlockId>, Option<PageDamage>), String> {
+    let ids_len = FANOUT * ID_LEN;
+    let damage_len = FANOUT / 8 + ID_LEN + 1 + ID_LEN;
+    if raw.len() != ids_len && raw.len() != ids_len + damage_len {
+        return Err(format!("bad slice page of {} bytes", raw.len()));
+    }
+    let ids = raw[..ids_len]
+        .chunks_exact(ID_LEN)
+        .map(|c| BlockId(c.try_into().expect("16 bytes")))
+        .collect();
+    if raw.len() == ids_len {
+        return Ok((ids, None));
+    }
+    let d = &raw[ids_len..];
+    let mut unknown: SlotBits = [0; FANOUT / 64];
+    for (i, w) in unknown.iter_mut().enumerate() {
+        *w = u64::from_be_bytes(d[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+    }
+    let at = FANOUT / 8;
+    let checksum = Checksum(d[at..at + ID_LEN].try_into().expect("16 bytes"));
+    let before =
+        (d[at + ID_LEN] == 1).then(|| Checksum(d[at + ID_LEN + 1..].try_into().expect("16 bytes")));
+    if unknown.iter().all(|w| *w == 0) {
+        return Err("a damaged page with no unknown slot".into());
+    }
+    Ok((ids, Some((unknown, checksum, before))))
 }
 
 impl Cluster {
@@ -488,6 +564,7 @@ impl Cluster {
                 level: 0,
                 index: 0,
                 repair: false,
+                damaged_ok: false,
             },
             state: self.resync.clone(),
         };
@@ -661,7 +738,16 @@ impl Cluster {
         let name = local.meta.name.clone();
         for _ in 0..PAGE_ATTEMPTS_MAX {
             let seen = self.resync.seq(&name, p);
-            let theirs = src.page(p).await?;
+            let (theirs, damage) = src.page_state(p).await?;
+            // Damaged at the primary too (unrecoverable there): already mirrored here?
+            if let Some((unknown, checksum, _)) = &damage {
+                let same = local
+                    .damage_state(p)
+                    .is_some_and(|(ids, u, c, _)| ids == theirs && u == *unknown && c == *checksum);
+                if same {
+                    return Ok(true);
+                }
+            }
             let mine = local.page_ids(p);
             let differs = |s: usize| mine.as_ref().is_none_or(|m| m[s] != theirs[s]);
             let mut runs: Vec<(usize, usize)> = Vec::new();
@@ -674,7 +760,7 @@ impl Cluster {
                     _ => runs.push((s, 1)),
                 }
             }
-            if runs.is_empty() {
+            if runs.is_empty() && damage.is_none() {
                 return Ok(true);
             }
             let mut need: Vec<BlockId> = Vec::new();
@@ -706,6 +792,14 @@ impl Cluster {
                             Ok(Some(_)) => return Ok(false),
                             Err(e) => return Err(e.to_string()),
                         }
+                    }
+                    // The primary cannot serve some slots of this page (damaged and
+                    // unrecoverable there): they are unknown here too, and the copies
+                    // agree on the page's checksum.
+                    if let Some((unknown, checksum, before)) = damage {
+                        vol.adopt_damage(p, unknown, checksum, before)
+                            .map_err(|e| e.to_string())?;
+                        tracing::warn!(volume = %vol.meta.name, page = p, "slice page damaged at the primary: its unrecoverable slots are unknown on this copy too");
                     }
                     Ok(true)
                 })
