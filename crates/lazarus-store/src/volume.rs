@@ -688,18 +688,21 @@ impl Volume {
         if !st.damage_dirty {
             return Ok(());
         }
+        self.write_damage_file(&st.damaged)?;
+        st.damage_dirty = false;
+        Ok(())
+    }
+
+    fn write_damage_file(&self, damaged: &BTreeMap<u64, SlotBits>) -> Result<(), StoreError> {
         let df = DamageFile {
-            pages: st
-                .damaged
+            pages: damaged
                 .iter()
                 .map(|(p, b)| (*p, b.iter().map(|w| format!("{w:016x}")).collect()))
                 .collect(),
         };
         let json = serde_json::to_vec_pretty(&df).expect("damage list serializes");
         disk::write_file_atomic(&self.damage_path(), &json)
-            .map_err(|e| StoreError::io(self.damage_path(), e))?;
-        st.damage_dirty = false;
-        Ok(())
+            .map_err(|e| StoreError::io(self.damage_path(), e))
     }
 
     /// The ids of `count` blocks from `lba`; an unknown slot is an error.
@@ -1213,6 +1216,30 @@ impl Volume {
         }
         tracing::info!(volume = %self.meta.name, page = p, "damaged slice page read whole from this copy's disk again");
         true
+    }
+
+    /// Page `p`, damaged here as it is at the primary (a resync found it so, after a
+    /// restart forgot that its damage came from there): it is mirrored damage, not
+    /// this copy's own. False if the page is not damaged here.
+    pub fn mark_mirrored(&self, p: u64) -> bool {
+        let mut st = self.state.lock();
+        if !st.damaged.contains_key(&p) {
+            return false;
+        }
+        st.mirrored.insert(p);
+        true
+    }
+
+    /// Before a resync unmaps the slots of page `p` that its primary cannot serve:
+    /// the damage list on disk names them unknown already, so a crash before
+    /// `adopt_damage` never leaves them readable as zeroes. The in-memory list is not
+    /// changed (the unmapping would clear the bits).
+    pub fn persist_damage_ahead(&self, p: u64, unknown: SlotBits) -> Result<(), StoreError> {
+        let st = self.state.lock();
+        let mut damaged = st.damaged.clone();
+        drop(st);
+        damaged.insert(p, unknown);
+        self.write_damage_file(&damaged)
     }
 
     /// Damaged pages whose damage this copy took from its primary (`adopt_damage`).

@@ -186,9 +186,12 @@ pub struct Cluster {
     /// copies with its own (`reconcile.rs`); it serves only at that epoch.
     pub(crate) reconciled: parking_lot::Mutex<HashMap<String, u64>>,
     pub(crate) reconciling: parking_lot::Mutex<std::collections::HashSet<String>>,
-    /// Bumped whenever a volume must be reconciled again (`reconcile_again`): a
+    /// Per volume, bumped whenever it must be reconciled again (`reconcile_again`): a
     /// comparison that started before does not count.
-    pub(crate) reconcile_gen: std::sync::atomic::AtomicU64,
+    pub(crate) reconcile_gen: parking_lot::Mutex<HashMap<String, u64>>,
+    /// Replicated writes between their lease check and their answer (`UpdateGuard`):
+    /// a comparison of the copies' roots waits for them to finish.
+    pub(crate) updates_in_flight: std::sync::atomic::AtomicUsize,
     /// Per volume this node is primary of: client sessions opened (`forward::FenceToken`).
     pub(crate) fences: parking_lot::Mutex<HashMap<String, u64>>,
     /// When (send time) each peer last answered this node's ping (`survivor.rs`).
@@ -380,6 +383,7 @@ impl Cluster {
             reconciled: Default::default(),
             reconciling: Default::default(),
             reconcile_gen: Default::default(),
+            updates_in_flight: Default::default(),
             fences: Default::default(),
             contact: Default::default(),
             heard: Default::default(),

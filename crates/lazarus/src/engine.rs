@@ -24,7 +24,14 @@ pub struct IoError {
     pub damaged_page: Option<u64>,
     /// The stored block that failed verification, if that is why.
     pub damaged_block: Option<lazarus_types::BlockId>,
+    /// A forwarded write refused, under its block locks, for its client session's
+    /// fence token (forward.rs, `FenceToken`): nothing was written.
+    pub fenced: bool,
 }
+
+/// Whether a write may still run once it holds its block locks (forward.rs,
+/// `FenceToken`).
+pub type Admit<'a> = Option<&'a (dyn Fn() -> bool + Send + Sync)>;
 
 impl IoError {
     pub fn new(errno: u32, message: impl Into<String>) -> IoError {
@@ -33,6 +40,17 @@ impl IoError {
             message: message.into(),
             damaged_page: None,
             damaged_block: None,
+            fenced: false,
+        }
+    }
+
+    fn fenced() -> IoError {
+        IoError {
+            fenced: true,
+            ..IoError::new(
+                EIO,
+                "a newer client session fenced this connection's writes",
+            )
         }
     }
 }
@@ -93,6 +111,15 @@ pub struct Engine {
     pub(crate) repair: crate::repair::RepairState,
     /// Per export: the processes whose acknowledged writes no FLUSH covered yet.
     acks: parking_lot::Mutex<std::collections::HashMap<String, Arc<crate::nbd_server::Acks>>>,
+}
+
+/// A replicated write between its lease check and its answer.
+struct UpdateGuard(Arc<crate::cluster::Cluster>);
+
+impl Drop for UpdateGuard {
+    fn drop(&mut self) {
+        self.0.updates_in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Engine {
@@ -196,6 +223,13 @@ impl Engine {
             },
             r => r,
         }
+    }
+
+    /// Counts a replicated write in flight until dropped (`Cluster::updates_in_flight`).
+    fn update_guard(&self) -> Option<UpdateGuard> {
+        let c = self.cluster.get()?.clone();
+        c.updates_in_flight.fetch_add(1, Ordering::AcqRel);
+        Some(UpdateGuard(c))
     }
 
     /// The epoch under which this node is the volume's primary, if it is.
@@ -365,13 +399,30 @@ impl Engine {
         data: &[u8],
         fua: bool,
     ) -> Result<Holders, IoError> {
+        self.write_admitted(vol, offset, data, fua, None).await
+    }
+
+    /// `write`, refused (`IoError::fenced`) if `admit` says no once the block locks
+    /// are held.
+    pub async fn write_admitted(
+        &self,
+        vol: &Volume,
+        offset: u64,
+        data: &[u8],
+        fua: bool,
+        admit: Admit<'_>,
+    ) -> Result<Holders, IoError> {
         let len = data.len() as u64;
         let replicated = self.serving(vol).await?;
+        let _in_flight = replicated.then(|| self.update_guard());
         let mut holders = vec![self.executor()];
         if len > 0 {
             let first = offset / BLOCK_SIZE_U64;
             let last = (offset + len - 1) / BLOCK_SIZE_U64;
             let _g = self.lock_blocks(first, last).await;
+            if admit.is_some_and(|a| !a()) {
+                return Err(IoError::fenced());
+            }
             let head = (offset % BLOCK_SIZE_U64) as usize;
             let write = |u| crate::cluster::Update::Write {
                 volume: vol.meta.name.clone(),
@@ -427,7 +478,25 @@ impl Engine {
         provision: bool,
         fua: bool,
     ) -> Result<Holders, IoError> {
+        self.zero_admitted(vol, offset, len, trim, provision, fua, None)
+            .await
+    }
+
+    /// `zero`, refused (`IoError::fenced`) if `admit` says no once the block locks
+    /// are held.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn zero_admitted(
+        &self,
+        vol: &Volume,
+        offset: u64,
+        len: u64,
+        trim: bool,
+        provision: bool,
+        fua: bool,
+        admit: Admit<'_>,
+    ) -> Result<Holders, IoError> {
         let replicated = self.serving(vol).await?;
+        let _in_flight = replicated.then(|| self.update_guard());
         // Held by every process that holds each of its parts.
         let mut holders = vec![self.executor()];
         let keep = |h: Holders, holders: &mut Holders| holders.retain(|x| h.contains(x));
@@ -439,18 +508,25 @@ impl Engine {
                 let head_end = (first_full * BLOCK_SIZE_U64).min(end);
                 if head_end > offset {
                     let h = self
-                        .write(vol, offset, &vec![0u8; (head_end - offset) as usize], false)
+                        .write_admitted(
+                            vol,
+                            offset,
+                            &vec![0u8; (head_end - offset) as usize],
+                            false,
+                            admit,
+                        )
                         .await?;
                     keep(h, &mut holders);
                 }
                 let tail_start = (end_full * BLOCK_SIZE_U64).max(head_end);
                 if end > tail_start {
                     let h = self
-                        .write(
+                        .write_admitted(
                             vol,
                             tail_start,
                             &vec![0u8; (end - tail_start) as usize],
                             false,
+                            admit,
                         )
                         .await?;
                     keep(h, &mut holders);
@@ -458,6 +534,9 @@ impl Engine {
             }
             if end_full > first_full {
                 let _g = self.lock_blocks(first_full, end_full - 1).await;
+                if admit.is_some_and(|a| !a()) {
+                    return Err(IoError::fenced());
+                }
                 let u = crate::cluster::Update::Zero {
                     volume: vol.meta.name.clone(),
                     epoch: 0,

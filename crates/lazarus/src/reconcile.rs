@@ -146,13 +146,13 @@ impl Cluster {
             }
             let c = self.clone();
             let name = v.name.clone();
-            let gen = self.reconcile_gen.load(Ordering::Acquire);
+            let gen = self.reconcile_gen(&v.name);
             tokio::spawn(async move {
                 let r = c.reconcile_volume(&name).await;
                 c.reconciling.lock().remove(&name);
                 match r {
                     // Unless a write diverged meanwhile: the next round compares again.
-                    Ok(Some(epoch)) if c.reconcile_gen.load(Ordering::Acquire) == gen => {
+                    Ok(Some(epoch)) if c.reconcile_gen(&name) == gen => {
                         c.reconciled.lock().insert(name, epoch);
                     }
                     Ok(Some(_)) => {}
@@ -174,13 +174,21 @@ impl Cluster {
     /// stayed on the primary alone while every copy was live, and the copies' roots
     /// never agreed again.)
     pub fn reconcile_again(&self, volume: &str) {
-        self.reconcile_gen.fetch_add(1, Ordering::AcqRel);
+        *self
+            .reconcile_gen
+            .lock()
+            .entry(volume.to_string())
+            .or_default() += 1;
         if self.reconciled.lock().remove(volume).is_some() {
             tracing::warn!(
                 volume,
                 "a write reached this primary's copy but not every replica: comparing the live copies again before serving"
             );
         }
+    }
+
+    fn reconcile_gen(&self, volume: &str) -> u64 {
+        self.reconcile_gen.lock().get(volume).copied().unwrap_or(0)
     }
 
     /// Compares every live replica's root with this primary's; commits each that
@@ -197,6 +205,15 @@ impl Cluster {
             let Some(local) = self.blocks.volume(name).filter(|l| l.meta.uid == v.uid) else {
                 return Err("no local copy".into());
             };
+            // Writes of this primary's still on their way to the replicas (at the
+            // same epoch, after `reconcile_again`) finish first: their answer says
+            // whether each replica applied them, and until then the roots differ
+            // without any copy having missed anything. New ones wait for this
+            // comparison (the lease needs it).
+            let quiet = Instant::now() + Duration::from_secs(5);
+            while self.updates_in_flight.load(Ordering::Acquire) > 0 && Instant::now() < quiet {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             let own = {
                 // As a replica this node may still be applying an update of the
                 // previous primary's: let it finish first.

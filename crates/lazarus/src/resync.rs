@@ -744,7 +744,8 @@ impl Cluster {
                 let same = local
                     .damage_state(p)
                     .is_some_and(|(ids, u, c, _)| ids == theirs && u == *unknown && c == *checksum);
-                if same {
+                // (A restart forgot that this damage came from the primary.)
+                if same && local.mark_mirrored(p) {
                     return Ok(true);
                 }
             }
@@ -785,6 +786,10 @@ impl Cluster {
             );
             let installed = lazarus_rpc::rt::blocking(move || {
                 resync.install_if_untouched(&name2, p, seen, || -> Result<bool, String> {
+                    if let Some((unknown, _, _)) = &damage {
+                        vol.persist_damage_ahead(p, *unknown)
+                            .map_err(|e| e.to_string())?;
+                    }
                     for (a, n) in runs {
                         let lba = Lba(p * FANOUT_U64 + a as u64);
                         match store.write_ids(&vol, lba, &theirs[a..a + n], &supplied) {
