@@ -76,6 +76,9 @@ pub struct VolumeInfo {
     /// The Raft log index of the last change to this volume.
     #[serde(default)]
     pub changed_at: u64,
+    /// Per copy, the Raft log index at which it last turned resyncing.
+    #[serde(default)]
+    pub resyncing_at: BTreeMap<NodeId, u64>,
 }
 
 impl VolumeInfo {
@@ -176,6 +179,12 @@ pub enum MetaCommand {
         /// history when `state` is dead. 0: not a failure (a restart, say).
         #[serde(default)]
         at_ms: u64,
+        /// For `Live` at the end of a resync: the Raft log index at which the copy
+        /// turned resyncing for it (`VolumeInfo::resyncing_at`). Refused if the copy
+        /// turned resyncing again since (a later resync is running, and this one may
+        /// have missed updates sent while the copy was dead in between).
+        #[serde(default)]
+        since: Option<u64>,
     },
     /// Records that writes are about to be acknowledged without `node`'s copy (the
     /// primary commits it before the first such write).
@@ -288,13 +297,22 @@ impl ClusterMeta {
         if let MetaResponse::Volume(v) = &r {
             if let Some(m) = self.volumes.get_mut(&v.name) {
                 m.changed_at = index;
-                if let MetaCommand::SetReplicaState {
-                    node,
-                    state: ReplicaState::Live,
-                    ..
-                } = cmd
-                {
-                    m.live_at.insert(*node, index);
+                match cmd {
+                    MetaCommand::SetReplicaState {
+                        node,
+                        state: ReplicaState::Live,
+                        ..
+                    } => {
+                        m.live_at.insert(*node, index);
+                    }
+                    MetaCommand::SetReplicaState {
+                        node,
+                        state: ReplicaState::Resyncing,
+                        ..
+                    } => {
+                        m.resyncing_at.insert(*node, index);
+                    }
+                    _ => {}
                 }
                 return MetaResponse::Volume(m.clone());
             }
@@ -379,6 +397,7 @@ impl ClusterMeta {
                     stale_tracked: true,
                     live_at: BTreeMap::new(),
                     changed_at: 0,
+                    resyncing_at: BTreeMap::new(),
                 };
                 self.volumes.insert(name.clone(), v.clone());
                 Ok(MetaResponse::Volume(v))
@@ -410,6 +429,7 @@ impl ClusterMeta {
                 state,
                 epoch,
                 at_ms,
+                since,
             } => {
                 let v = self.volume_at_epoch(volume, *epoch)?;
                 if !v.replicas.contains(node) {
@@ -426,6 +446,15 @@ impl ClusterMeta {
                 // then on: a jeopardy holder's `SetRecovery { alone }`, a failed
                 // update) must resync again.
                 let now = v.state_of(*node);
+                if let Some(since) = since.filter(|_| *state == ReplicaState::Live) {
+                    let at = v.resyncing_at.get(node).copied();
+                    if now != Some(ReplicaState::Resyncing) || at != Some(since) {
+                        return Err(format!(
+                            "node {node}'s copy of {volume:?} is {now:?} (resyncing since index {at:?}), not resyncing since index {since}: another resync turns it live"
+                        )
+                        .into());
+                    }
+                }
                 if *state == ReplicaState::Live
                     && *node != v.primary
                     && !matches!(now, Some(ReplicaState::Resyncing | ReplicaState::Live))
@@ -703,6 +732,7 @@ mod tests {
                 state: ReplicaState::Dead,
                 epoch: 1,
                 at_ms,
+                since: None,
             })
         };
         let promote = |m: &mut ClusterMeta, node, epoch| {
@@ -812,6 +842,7 @@ mod tests {
                 state,
                 epoch: 1,
                 at_ms: 0,
+                since: None,
             })
         };
         assert!(matches!(
@@ -838,6 +869,31 @@ mod tests {
             state(&mut m, ReplicaState::Live),
             MetaResponse::Volume(_)
         ));
+
+        // A resync's `Live` names when its copy turned resyncing: one proposed by an
+        // earlier resync (delayed, retried) is refused once a later one started.
+        let at = |m: &mut ClusterMeta, state, since, index| {
+            m.apply_at(
+                &MetaCommand::SetReplicaState {
+                    volume: v.name.clone(),
+                    node: 3,
+                    state,
+                    epoch: 1,
+                    at_ms: 0,
+                    since,
+                },
+                index,
+            )
+        };
+        at(&mut m, ReplicaState::Resyncing, None, 10);
+        at(&mut m, ReplicaState::Dead, None, 11);
+        at(&mut m, ReplicaState::Resyncing, None, 12);
+        let r = at(&mut m, ReplicaState::Live, Some(10), 13);
+        assert!(matches!(r, MetaResponse::Rejected(_)), "{r:?}");
+        let MetaResponse::Volume(nv) = at(&mut m, ReplicaState::Live, Some(12), 14) else {
+            panic!()
+        };
+        assert_eq!(nv.state_of(3), Some(ReplicaState::Live));
     }
 
     #[test]
@@ -851,6 +907,7 @@ mod tests {
             state: ReplicaState::Dead,
             epoch: 1,
             at_ms: 0,
+            since: None,
         });
         let r = m.apply(&MetaCommand::Promote {
             volume: v.name.clone(),
@@ -978,6 +1035,7 @@ mod tests {
             state: ReplicaState::Dead,
             epoch: 1,
             at_ms: 0,
+            since: None,
         });
         assert!(matches!(r, MetaResponse::Volume(_)));
         assert_eq!(m.volumes["vol0"].update_targets(), vec![2]);
@@ -1011,6 +1069,7 @@ mod tests {
             state: ReplicaState::Resyncing,
             epoch: 1,
             at_ms: 0,
+            since: None,
         });
         assert!(matches!(r, MetaResponse::Rejected(_)));
         let r = m.apply(&MetaCommand::SetReplicaState {
@@ -1019,6 +1078,7 @@ mod tests {
             state: ReplicaState::Dead,
             epoch: 2,
             at_ms: 0,
+            since: None,
         });
         assert!(
             matches!(r, MetaResponse::Rejected(_)),
@@ -1030,6 +1090,7 @@ mod tests {
             state: ReplicaState::Resyncing,
             epoch: 2,
             at_ms: 0,
+            since: None,
         });
         assert!(matches!(r, MetaResponse::Volume(_)));
         assert_eq!(m.volumes["vol0"].update_targets(), vec![3]);

@@ -610,6 +610,7 @@ impl Cluster {
                     state: ReplicaState::Dead,
                     epoch: v.epoch,
                     at_ms,
+                    since: None,
                 };
                 match self.propose(cmd).await {
                     Ok(MetaResponse::Volume(_)) => {
@@ -1032,6 +1033,7 @@ impl Cluster {
                         state: ReplicaState::Dead,
                         epoch: v.epoch,
                         at_ms: lazarus_io::rt::unix_ms().max(1),
+                        since: None,
                     };
                     // Without a majority the mark never commits: a volume with a
                     // recovery server goes on through it as its last failure domain.

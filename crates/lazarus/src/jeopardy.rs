@@ -1624,6 +1624,7 @@ mod tests {
             stale_tracked: true,
             live_at: Default::default(),
             changed_at: 0,
+            resyncing_at: Default::default(),
         }
     }
 

@@ -236,6 +236,7 @@ impl Cluster {
                             state: ReplicaState::Dead,
                             epoch: v.epoch,
                             at_ms: crate::cluster::unix_ms(),
+                            since: None,
                         };
                         match self.propose(cmd).await {
                             Ok(MetaResponse::Volume(nv)) => {

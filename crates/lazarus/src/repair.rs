@@ -805,6 +805,7 @@ impl Engine {
             state: ReplicaState::Dead,
             epoch: v.epoch,
             at_ms: lazarus_io::rt::unix_ms().max(1),
+            since: None,
         };
         match c.propose(cmd).await {
             Ok(lazarus_cluster::MetaResponse::Volume(_)) => {

@@ -603,6 +603,7 @@ impl Cluster {
                 state: ReplicaState::Resyncing,
                 epoch: v.epoch,
                 at_ms: 0,
+                since: None,
             };
             match self.propose(cmd).await.map_err(|e| e.to_string())? {
                 MetaResponse::Volume(_) => {
@@ -624,6 +625,15 @@ impl Cluster {
                 other => return Err(format!("cannot start resyncing: {other:?}")),
             }
         }
+        // The resync turns the copy live only if it stayed resyncing since now (no
+        // other resync took over: meta.rs, `since`).
+        let since = self
+            .store
+            .meta()
+            .volumes
+            .get(&v.name)
+            .filter(|x| x.state_of(self.id) == Some(ReplicaState::Resyncing))
+            .and_then(|x| x.resyncing_at.get(&self.id).copied());
         src.call(KIND_RESYNC_BEGIN, 0, 0, &[]).await?;
         let t0 = Instant::now();
         let mut converged = false;
@@ -690,6 +700,7 @@ impl Cluster {
             state: ReplicaState::Live,
             epoch: v.epoch,
             at_ms: 0,
+            since,
         };
         match self.propose(cmd).await.map_err(|e| e.to_string())? {
             MetaResponse::Volume(nv) => self.record_in(&nv).await,

@@ -239,6 +239,7 @@ impl Cluster {
             state: ReplicaState::Dead,
             epoch: v.epoch,
             at_ms: crate::cluster::unix_ms(),
+            since: None,
         };
         match tokio::time::timeout(Duration::from_secs(2), self.propose(cmd)).await {
             Ok(Ok(lazarus_cluster::MetaResponse::Volume(nv))) => {
@@ -478,6 +479,7 @@ mod tests {
             stale_tracked: true,
             live_at: Default::default(),
             changed_at: 0,
+            resyncing_at: Default::default(),
         };
         let now = Instant::now() + Duration::from_secs(10);
         let long_ago = Some(now - SURVIVOR_SILENCE);
