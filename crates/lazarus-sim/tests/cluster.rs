@@ -34,15 +34,14 @@ fn seeds_replay_exactly() {
     }
 }
 
-/// The fixed set of seeds of the test command (`scripts/sim.sh` runs thousands).
-#[test]
-fn two_hundred_seeds_of_faults_break_no_rule() {
+/// Runs `LAZARUS_SIM_SEEDS` seeds (200 unless set) of `o`'s kind; every one must pass.
+fn seeds_must_pass(o: &Options) {
     let n: u64 = std::env::var("LAZARUS_SIM_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(200);
     let t = std::time::Instant::now();
-    let results = sweep(exe(), &Options::new(0), 1, n, 2);
+    let results = sweep(exe(), o, 1, n, 2);
     let failed: Vec<String> = results
         .iter()
         .filter_map(|(_, r)| r.as_ref().err().cloned())
@@ -64,28 +63,20 @@ fn two_hundred_seeds_of_faults_break_no_rule() {
     );
 }
 
+/// The fixed set of seeds of the test command (`scripts/sim.sh` runs thousands).
+#[test]
+fn two_hundred_seeds_of_faults_break_no_rule() {
+    seeds_must_pass(&Options::new(0));
+}
+
 /// The same with disk faults too: bit rot of slice pages, checksum pages and blocks,
 /// and read errors (`LAZARUS_SIM_DISK_FAULTS=1 lazarus-sim sweep` runs more). A page no
 /// copy can prove current may answer EIO after the heal, if the primary lists it.
 #[test]
 fn two_hundred_seeds_with_disk_faults_break_no_rule() {
-    let n: u64 = std::env::var("LAZARUS_SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(200);
     let mut o = Options::new(0);
     o.disk_faults = true;
-    let results = sweep(exe(), &o, 1, n, 2);
-    let failed: Vec<String> = results
-        .iter()
-        .filter_map(|(_, r)| r.as_ref().err().cloned())
-        .collect();
-    assert!(
-        failed.is_empty(),
-        "{} of {n} seeds failed:\n{}",
-        failed.len(),
-        failed.join("\n\n")
-    );
+    seeds_must_pass(&o);
 }
 
 /// Seeds that found bugs, kept as regression tests (RELIABILITY.md, "The whole

@@ -44,7 +44,7 @@ impl IoError {
         }
     }
 
-    fn fenced() -> IoError {
+    pub(crate) fn fenced() -> IoError {
         IoError {
             fenced: true,
             ..IoError::new(

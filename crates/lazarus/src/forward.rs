@@ -145,6 +145,28 @@ struct ForwardReply {
     fenced: bool,
 }
 
+impl ForwardReply {
+    fn ok(executor: Executor, holders: Holders) -> ForwardReply {
+        ForwardReply {
+            errno: 0,
+            message: String::new(),
+            not_primary: false,
+            holders,
+            executor,
+            fenced: false,
+        }
+    }
+
+    fn failed(executor: Executor, e: IoError) -> ForwardReply {
+        ForwardReply {
+            errno: e.errno,
+            message: e.message,
+            fenced: e.fenced,
+            ..ForwardReply::ok(executor, Vec::new())
+        }
+    }
+}
+
 /// A request executed: its reply data, who executed it, and who holds what it wrote.
 pub struct Done {
     pub data: Vec<u8>,
@@ -423,54 +445,29 @@ impl Cluster {
         match engine.route_name(&req.volume).await {
             Ok(Route::Local) => {}
             Ok(Route::Forward(_)) | Err(_) => {
-                return reply(
-                    ForwardReply {
-                        errno: EIO,
-                        message: format!("n{} is not the primary of {:?}", self.id, req.volume),
-                        not_primary: true,
-                        holders: Vec::new(),
+                let r = ForwardReply {
+                    not_primary: true,
+                    ..ForwardReply::failed(
                         executor,
-                        fenced: false,
-                    },
-                    &[],
-                )
+                        IoError::new(
+                            EIO,
+                            format!("n{} is not the primary of {:?}", self.id, req.volume),
+                        ),
+                    )
+                };
+                return reply(r, &[]);
             }
         }
         if req.op == Op::Fence {
             let t = self.fence_token(&req.volume, req.length == 1);
             let data = serde_json::to_vec(&t).map_err(|e| e.to_string())?;
-            return reply(
-                ForwardReply {
-                    errno: 0,
-                    message: String::new(),
-                    not_primary: false,
-                    holders: Vec::new(),
-                    executor,
-                    fenced: false,
-                },
-                &data,
-            );
-        }
-        if let Some(t) = req.fence.filter(|_| req.op.modifies()) {
-            if !self.fence_admits(&req.volume, &t) {
-                tracing::info!(volume = %req.volume, op = ?req.op, offset = req.offset, token = ?t, "forwarded write refused: its client connection's session was fenced by a newer one");
-                return reply(
-                    ForwardReply {
-                        errno: EIO,
-                        message: format!(
-                            "a newer client session of {:?} fenced this connection's writes",
-                            req.volume
-                        ),
-                        not_primary: false,
-                        holders: Vec::new(),
-                        executor,
-                        fenced: true,
-                    },
-                    &[],
-                );
-            }
+            return reply(ForwardReply::ok(executor, Vec::new()), &data);
         }
         let token = req.fence.filter(|_| req.op.modifies());
+        if let Some(t) = token.filter(|t| !self.fence_admits(&req.volume, t)) {
+            tracing::info!(volume = %req.volume, op = ?req.op, offset = req.offset, token = ?t, "forwarded write refused: its client connection's session was fenced by a newer one");
+            return reply(ForwardReply::failed(executor, IoError::fenced()), &[]);
+        }
         let volume = req.volume.clone();
         let check = token.map(|t| move || self.fence_admits(&volume, &t));
         let r = match &check {
@@ -478,42 +475,13 @@ impl Cluster {
             None => engine.execute_local(&req, raw).await,
         };
         match r {
-            Err(e) if e.fenced => {
-                tracing::info!(volume = %req.volume, op = ?req.op, offset = req.offset, "forwarded write refused under its block locks: its client connection's session was fenced by a newer one");
-                reply(
-                    ForwardReply {
-                        errno: e.errno,
-                        message: e.message,
-                        not_primary: false,
-                        holders: Vec::new(),
-                        executor,
-                        fenced: true,
-                    },
-                    &[],
-                )
+            Ok(done) => reply(ForwardReply::ok(executor, done.holders), &done.data),
+            Err(e) => {
+                if e.fenced {
+                    tracing::info!(volume = %req.volume, op = ?req.op, offset = req.offset, "forwarded write refused under its block locks: its client connection's session was fenced by a newer one");
+                }
+                reply(ForwardReply::failed(executor, e), &[])
             }
-            Ok(done) => reply(
-                ForwardReply {
-                    errno: 0,
-                    message: String::new(),
-                    not_primary: false,
-                    holders: done.holders,
-                    executor,
-                    fenced: false,
-                },
-                &done.data,
-            ),
-            Err(e) => reply(
-                ForwardReply {
-                    errno: e.errno,
-                    message: e.message,
-                    not_primary: false,
-                    holders: Vec::new(),
-                    executor,
-                    fenced: false,
-                },
-                &[],
-            ),
         }
     }
 }
