@@ -39,10 +39,6 @@ pub fn block_in_place<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
 }
 
-/// Why a simulated node's task stopped: it asked the process to exit (`exit`).
-#[derive(Debug)]
-pub struct SimulatedExit;
-
 thread_local! {
     /// Per thread: a simulation runs on one thread, and tests run simulations on
     /// several threads at once.
@@ -52,12 +48,15 @@ thread_local! {
 /// Ends the process at once (`_exit`): nothing is left to flush, and no exit handler,
 /// buffered stream or other thread can hold the exit up. On a simulated host the
 /// simulation cannot end: the request is recorded for the simulator, which crashes and
-/// restarts the host `who` (`take_exit_requests`), and the calling task unwinds
-/// without running anything more.
-pub fn exit(code: i32, who: &str) -> ! {
+/// restarts the host `who` (`take_exit_requests`), and the calling task waits for that
+/// without running anything more. (Not a panic: a panicking task shuts the host's
+/// runtime down from inside a poll, and a task dropped then that wakes another one
+/// panics again in tokio's scheduler, which aborts the process.)
+pub async fn exit(code: i32, who: &str) -> ! {
     if in_simulation() {
         EXITS.with(|e| e.borrow_mut().push((who.to_string(), code)));
-        std::panic::resume_unwind(Box::new(SimulatedExit));
+        let never: std::convert::Infallible = std::future::pending().await;
+        match never {}
     }
     unsafe { libc::_exit(code) }
 }

@@ -749,6 +749,12 @@ pub struct VolumeCoord {
     /// primary already).
     #[serde(default)]
     pub takeover: bool,
+    /// The holder's copy is the volume: a take-over's holder restored it from the log
+    /// (its renewals say so), a survivor's was from the grant on. A take-over is
+    /// adopted only then: before, the holder's copy may be stale (its restore failed,
+    /// or it crashed in the middle of it).
+    #[serde(default)]
+    pub serving: bool,
     /// Copies the primary acknowledged writes without (recorded before the first such
     /// write): they may never claim the volume as its surviving replica.
     #[serde(default)]

@@ -131,6 +131,10 @@ pub struct RenewReq {
     pub volume: String,
     pub fcid: u64,
     pub holder: u64,
+    /// The holder serves under its hold (restored, or made durable): recorded in the
+    /// coordination record (`VolumeCoord::serving`).
+    #[serde(default)]
+    pub serving: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -475,6 +479,10 @@ impl RecoveryServer {
                 cur.base.clone()
             },
             takeover: req.takeover && (cur.jeopardy || req.survivor_of.is_some()),
+            // A survivor's copy is current as it stands (it was live, and nothing
+            // was written since without it): adoptable from the grant. A take-over
+            // is adoptable once it restored from the log (its renewals say so).
+            serving: req.survivor_of.is_some(),
             // Kept across jeopardy and its end: a copy out stays out until it is live
             // again (`MEMBER` in).
             out: cur.out.clone(),
@@ -786,6 +794,23 @@ impl RecoveryServer {
         Ok(())
     }
 
+    /// Records that the holder serves (a renewal said so), durably.
+    async fn set_serving(&self, req: &RenewReq) -> Result<(), Remote> {
+        let _w = self.coord_write.lock().await;
+        let mut coord = self.coord.lock().clone();
+        match coord.volumes.get_mut(&req.volume) {
+            Some(c) if c.fcid == req.fcid && c.holder == Some(req.holder) => c.serving = true,
+            _ => {
+                return Err(Remote::new(
+                    Refusal::Fenced,
+                    "fenced: the volume moved on during the renewal",
+                ))
+            }
+        }
+        tracing::info!(volume = %req.volume, fcid = req.fcid, holder = req.holder, "holder serves");
+        Ok(self.save(coord).await?)
+    }
+
     async fn set_config(&self, req: ConfigReq) -> Result<(), Remote> {
         let _w = self.coord_write.lock().await;
         let mut coord = self.coord.lock().clone();
@@ -828,8 +853,13 @@ impl RecoveryServer {
             }
             KIND_RS_RENEW => {
                 let req: RenewReq = de(&body)?;
-                self.check_holder(&req.volume, req.fcid, req.holder)?;
-                self.renewed.lock().insert(req.volume, Instant::now());
+                let c = self.check_holder(&req.volume, req.fcid, req.holder)?;
+                self.renewed
+                    .lock()
+                    .insert(req.volume.clone(), Instant::now());
+                if req.serving && !c.serving {
+                    self.set_serving(&req).await?;
+                }
                 Ok(Vec::new())
             }
             KIND_RS_STATE => {

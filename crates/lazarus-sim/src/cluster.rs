@@ -49,6 +49,10 @@ pub struct Options {
     /// Disk faults among the faults: bit rot (slice, checksum, block) and EIO.
     #[serde(default)]
     pub disk_faults: bool,
+    /// Failed devices among the faults: every I/O of one node's block store fails
+    /// with EIO until the fault ends (`lazarus fault device fail`).
+    #[serde(default)]
+    pub device_faults: bool,
 }
 
 impl Options {
@@ -61,6 +65,7 @@ impl Options {
             faults: 3,
             heal_limit: Duration::from_secs(90),
             disk_faults: false,
+            device_faults: false,
         }
     }
 }
@@ -113,6 +118,9 @@ enum DiskFault {
 #[derive(Debug, Clone, Default)]
 struct View {
     serving_ready: bool,
+    /// The node's block store latched an I/O error (a failed device): it restarts
+    /// once the device is usable, so it is not whole yet.
+    store_failed: bool,
     volume: Option<lazarus_cluster::meta::VolumeInfo>,
     root: Option<String>,
     /// In the heal phase: the version of each written block in this node's own copy
@@ -134,6 +142,11 @@ fn addr(host: &str, port: u16) -> String {
     format!("{}:{port}", turmoil::lookup(host))
 }
 
+/// A node's data directory on its simulated disk.
+fn node_dir(id: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("/{id}"))
+}
+
 fn node_config(id: &str) -> NodeConfig {
     let peers: Vec<serde_json::Value> = NODES
         .iter()
@@ -142,7 +155,7 @@ fn node_config(id: &str) -> NodeConfig {
         .collect();
     serde_json::from_value(serde_json::json!({
         "id": id,
-        "data_dir": format!("/{id}"),
+        "data_dir": node_dir(id),
         "nbd_listen": addr(id, NBD_PORT),
         "admin_listen": "127.0.0.1:9",
         "rpc_listen": addr(id, RPC_PORT),
@@ -159,7 +172,18 @@ fn node_config(id: &str) -> NodeConfig {
 /// registered.
 async fn run_node(id: &'static str, volume_bytes: u64, written: Arc<Vec<u64>>) -> turmoil::Result {
     let cfg = node_config(id);
-    let (store, engine) = lazarus::node::open(&cfg).await.map_err(err)?;
+    // A failed device fails the store's opening too: the node's supervisor starts it
+    // again until it opens.
+    let (store, engine) = loop {
+        match lazarus::node::open(&cfg).await {
+            Ok(o) => break o,
+            Err(e) if lazarus_store::disk::device_failed(&cfg.data_dir) => {
+                tracing::warn!(node = id, error = %e, "store not opened (device failed); trying again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(err(e)),
+        }
+    };
     let nbd = lazarus_io::net::Listener::bind(&format!("0.0.0.0:{NBD_PORT}")).await?;
     let ep = Endpoints {
         id: id.to_string(),
@@ -209,6 +233,7 @@ async fn run_node(id: &'static str, volume_bytes: u64, written: Arc<Vec<u64>>) -
             }
             let view = View {
                 serving_ready: cluster.is_ready(),
+                store_failed: store.has_failed(),
                 volume: cluster.store.meta().volumes.get(VOLUME).cloned(),
                 root: store.volume(VOLUME).map(|v| v.root().to_hex()),
                 unrecoverable: store
@@ -510,7 +535,10 @@ fn whole(views: &BTreeMap<String, View>) -> bool {
     let mut seen = None;
     for v in views.values() {
         let Some(vol) = &v.volume else { return false };
-        if !v.serving_ready || vol.states.values().any(|s| *s != ReplicaState::Live) {
+        if !v.serving_ready
+            || v.store_failed
+            || vol.states.values().any(|s| *s != ReplicaState::Live)
+        {
             return false;
         }
         let key = (vol.primary, vol.epoch, v.root.clone());
@@ -528,6 +556,9 @@ enum Fault {
     Down(Vec<String>, Duration),
     /// Messages between two hosts held, released at the time given.
     Hold(String, String, Duration),
+    /// A node's device failed (every I/O of its block store fails with EIO), healed
+    /// at the time given.
+    Device(String, Duration),
 }
 
 /// What the scheduler starts: a fault that lasts until its time, or a node's disk
@@ -613,7 +644,7 @@ pub fn run(opts: Options) -> Result<Report, String> {
         let mut i = 0;
         while i < active.len() {
             let end = match &active[i] {
-                Fault::Down(_, t) | Fault::Hold(_, _, t) => *t,
+                Fault::Down(_, t) | Fault::Hold(_, _, t) | Fault::Device(_, t) => *t,
             };
             if now >= end || heal_start.is_some() {
                 match active.remove(i) {
@@ -626,6 +657,10 @@ pub fn run(opts: Options) -> Result<Report, String> {
                     Fault::Hold(a, b, _) => {
                         log(&sh, now, format!("{a} <-> {b} released"));
                         sim.release(a.as_str(), b.as_str());
+                    }
+                    Fault::Device(h, _) => {
+                        log(&sh, now, format!("device of {h} healed"));
+                        lazarus_store::disk::set_device_failed(&node_dir(&h), false);
                     }
                 }
             } else {
@@ -671,6 +706,14 @@ pub fn run(opts: Options) -> Result<Report, String> {
                                     &sh,
                                     now,
                                     format!("hold {a} <-> {b} until {} ms", until.as_millis()),
+                                );
+                            }
+                            Fault::Device(h, until) => {
+                                lazarus_store::disk::set_device_failed(&node_dir(h), true);
+                                log(
+                                    &sh,
+                                    now,
+                                    format!("device of {h} fails until {} ms", until.as_millis()),
                                 );
                             }
                         }
@@ -737,6 +780,9 @@ pub fn run(opts: Options) -> Result<Report, String> {
         }
     }
     drop(sim);
+    for n in NODES {
+        lazarus_store::disk::set_device_failed(&node_dir(n), false);
+    }
     SHARED.with(|s| *s.borrow_mut() = None);
     let report = sh.borrow().report.clone();
     match result {
@@ -764,7 +810,15 @@ fn pick_fault(
         .iter()
         .flat_map(|f| match f {
             Fault::Down(h, _) => h.clone(),
-            Fault::Hold(..) => vec![],
+            Fault::Hold(..) | Fault::Device(..) => vec![],
+        })
+        .collect();
+    // Nodes whose device is failed: they count as failed too (at most two at once).
+    let failed: BTreeSet<String> = active
+        .iter()
+        .filter_map(|f| match f {
+            Fault::Device(h, _) => Some(h.clone()),
+            _ => None,
         })
         .collect();
     let up: Vec<&str> = NODES
@@ -780,7 +834,27 @@ fn pick_fault(
         .filter_map(|v| v.volume.as_ref().map(|v| (v.epoch, v.primary)))
         .max()
         .map(|(_, p)| format!("n{p}"));
-    match rng.u32(..if opts.disk_faults { 13 } else { 10 }) {
+    // Device failures are drawn only when asked for, after the other kinds, so a
+    // seed's draws without them stay what they were.
+    let base = if opts.disk_faults { 13 } else { 10 };
+    let draw = rng.u32(..base + if opts.device_faults { 2 } else { 0 });
+    if draw >= base {
+        let room = 2usize.saturating_sub(NODES.len() - up.len() + failed.len());
+        let healthy: Vec<&str> = up
+            .iter()
+            .copied()
+            .filter(|n| !failed.contains(*n))
+            .collect();
+        if room == 0 || healthy.is_empty() {
+            return None;
+        }
+        let node = match primary.filter(|p| healthy.contains(&p.as_str()) && rng.bool()) {
+            Some(p) => p,
+            None => healthy[rng.usize(..healthy.len())].to_string(),
+        };
+        return Some(Pick::Lasting(Fault::Device(node, until)));
+    }
+    match draw {
         10..=12 => {
             // One copy's disk at a time per block, so that two copies stay whole.
             let node = NODES[rng.usize(..NODES.len())];
@@ -807,7 +881,7 @@ fn pick_fault(
             Some(Pick::Disk(node.to_string(), fault))
         }
         0..=4 => {
-            let room = 2usize.saturating_sub(NODES.len() - up.len());
+            let room = 2usize.saturating_sub(NODES.len() - up.len() + failed.len());
             if room == 0 || up.is_empty() {
                 return None;
             }

@@ -8,6 +8,7 @@
 //!                                       fault events (default 3) in LOAD_SECS of load
 //!                                       (default 20) each; exit 1 on a failure
 //! LAZARUS_SIM_DISK_FAULTS=1             disk faults (bit rot, EIO) among the faults
+//! LAZARUS_SIM_DEVICE_FAULTS=1           failed devices (one node's store, every I/O EIO)
 //! lazarus-sim run OPTIONS_JSON          (internal) one seed, its report as one JSON line
 //! ```
 
@@ -74,6 +75,7 @@ fn main() {
             let seed = num(1, 1);
             let mut o = Options::new(seed);
             o.disk_faults = std::env::var("LAZARUS_SIM_DISK_FAULTS").is_ok_and(|v| v == "1");
+            o.device_faults = std::env::var("LAZARUS_SIM_DEVICE_FAULTS").is_ok_and(|v| v == "1");
             o.faults = num(2, o.faults as u64) as usize;
             o.load = std::time::Duration::from_secs(num(3, o.load.as_secs()));
             match cluster::run(o) {
@@ -92,6 +94,7 @@ fn main() {
             let t = Instant::now();
             let mut base = Options::new(0);
             base.disk_faults = std::env::var("LAZARUS_SIM_DISK_FAULTS").is_ok_and(|v| v == "1");
+            base.device_faults = std::env::var("LAZARUS_SIM_DEVICE_FAULTS").is_ok_and(|v| v == "1");
             base.faults = num(4, base.faults as u64) as usize;
             base.load = std::time::Duration::from_secs(num(5, base.load.as_secs()));
             let results = cluster::sweep(&exe, &base, first, count, jobs);

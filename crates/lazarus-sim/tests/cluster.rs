@@ -79,6 +79,19 @@ fn two_hundred_seeds_with_disk_faults_break_no_rule() {
     seeds_must_pass(&o);
 }
 
+/// Six faults a seed, failed devices among them (one node's block store answering
+/// EIO to everything until the fault ends, the node restarting itself once it is
+/// usable again), with disk faults too (`LAZARUS_SIM_DEVICE_FAULTS=1
+/// LAZARUS_SIM_DISK_FAULTS=1 lazarus-sim sweep 1 1000 2 6` runs more).
+#[test]
+fn two_hundred_seeds_with_failed_devices_break_no_rule() {
+    let mut o = Options::new(0);
+    o.faults = 6;
+    o.disk_faults = true;
+    o.device_faults = true;
+    seeds_must_pass(&o);
+}
+
 /// Seeds that found bugs, kept as regression tests (RELIABILITY.md, "The whole
 /// cluster under the simulator").
 #[test]
@@ -104,7 +117,10 @@ fn seeds_that_found_bugs_pass() {
     // repaired the page, and the replica's copy of it differed for ever (6 faults).
     // A primary's unrecoverable page kept the other copies resyncing for ever (115).
     // A write forwarded before the forwarder crashed landed over a flushed one (222).
-    for (seed, faults) in [(8, 6), (115, 3), (222, 6)] {
+    // A survivor's copy, holding writes the metadata did not know of when it crashed
+    // with the recovery server down, resynced from the old primary; the cluster then
+    // adopted it and read zeroes for a flushed block (2421; claims.rs).
+    for (seed, faults) in [(8, 6), (115, 3), (222, 6), (2421, 3)] {
         let mut o = Options::new(seed);
         o.faults = faults;
         o.disk_faults = true;
@@ -119,6 +135,19 @@ fn seeds_that_found_bugs_pass() {
     o.faults = 6;
     o.disk_faults = true;
     run_in_process(exe(), &o).unwrap_or_else(|e| panic!("seed 14: {e}"));
+
+    // With failed devices (6 faults, disk faults too): a take-over whose restore
+    // failed (its device had failed) was adopted with its stale copy: a read older
+    // than a flush (158). A block lost on its last copy kept every other copy
+    // resyncing for ever (909). A survivor's claim granted but not served was never
+    // adopted once adoption waited for take-overs to serve (77).
+    for seed in [158, 909, 77] {
+        let mut o = Options::new(seed);
+        o.faults = 6;
+        o.disk_faults = true;
+        o.device_faults = true;
+        run_in_process(exe(), &o).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    }
 }
 
 /// A scripted run (forward.rs, `FenceToken`): a write forwarded by a replica is held up

@@ -8,20 +8,35 @@ use lazarus_io::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
-/// A failed device (`lazarus fault device fail`): while set, every read, write, sync
-/// and allocation of this process's store files fails with EIO.
-static DEVICE_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Failed devices (`lazarus fault device fail`): the directories whose files' every
+/// read, write, sync and allocation fails with EIO while they are listed. By directory,
+/// so that the simulator's nodes, sharing one process, fail one at a time; `ANY_FAILED`
+/// keeps the check one atomic load while no device is failed.
+static ANY_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static FAILED_DIRS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
 
-pub fn set_device_failed(failed: bool) {
-    DEVICE_FAILED.store(failed, std::sync::atomic::Ordering::SeqCst);
+/// Fails (or heals) the device under `dir`.
+pub fn set_device_failed(dir: &Path, failed: bool) {
+    let mut dirs = FAILED_DIRS.lock().unwrap_or_else(|e| e.into_inner());
+    dirs.retain(|d| d != dir);
+    if failed {
+        dirs.push(dir.to_path_buf());
+    }
+    ANY_FAILED.store(!dirs.is_empty(), std::sync::atomic::Ordering::SeqCst);
 }
 
-pub fn device_failed() -> bool {
-    DEVICE_FAILED.load(std::sync::atomic::Ordering::Relaxed)
+/// Whether the device holding `path` (a file or a directory) is failed.
+pub fn device_failed(path: &Path) -> bool {
+    ANY_FAILED.load(std::sync::atomic::Ordering::Acquire)
+        && FAILED_DIRS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|d| path.starts_with(d))
 }
 
-fn device_check() -> io::Result<()> {
-    if device_failed() {
+fn device_check(path: &Path) -> io::Result<()> {
+    if device_failed(path) {
         return Err(io::Error::from_raw_os_error(libc::EIO));
     }
     Ok(())
@@ -58,7 +73,7 @@ impl DiskFile {
     /// Reads exactly `buf.len()` bytes; bytes past the end of the file read as zero
     /// (a sparse or not-yet-extended region is all zeroes by definition).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        device_check()?;
+        device_check(&self.path)?;
         {
             let faults = self.read_errors.lock().expect("fault list");
             let end = offset + buf.len() as u64;
@@ -95,14 +110,14 @@ impl DiskFile {
     }
 
     pub fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        device_check()?;
+        device_check(&self.path)?;
         self.file.write_all_at(buf, offset)?;
         powerloss::on_write(&self.path, offset, buf);
         Ok(())
     }
 
     pub fn sync_data(&self) -> io::Result<()> {
-        device_check()?;
+        device_check(&self.path)?;
         self.file.sync_data()?;
         powerloss::on_sync(&self.path);
         Ok(())
@@ -111,7 +126,7 @@ impl DiskFile {
     /// Reserves space so that later writes to `[offset, offset+len)` cannot fail with
     /// ENOSPC. Extends the file if needed.
     pub fn allocate(&self, offset: u64, len: u64) -> io::Result<()> {
-        device_check()?;
+        device_check(&self.path)?;
         self.file.allocate(offset, len)?;
         powerloss::on_extend(&self.path, offset + len);
         Ok(())
@@ -119,7 +134,7 @@ impl DiskFile {
 
     /// Returns `[offset, offset+len)` to the file system; reads there give zeroes.
     pub fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
-        device_check()?;
+        device_check(&self.path)?;
         self.file.punch_hole(offset, len)?;
         powerloss::on_write(&self.path, offset, &vec![0u8; len as usize]);
         Ok(())

@@ -331,6 +331,16 @@ impl Store {
         self.blocks.pending_free_pressure().0
     }
 
+    /// Whether this store's device is failed (`lazarus fault device fail`).
+    pub fn device_failed(&self) -> bool {
+        crate::disk::device_failed(&self.dir)
+    }
+
+    /// Fails (or heals) this store's device: every I/O of its files fails with EIO.
+    pub fn set_device_failed(&self, failed: bool) {
+        crate::disk::set_device_failed(&self.dir, failed)
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

@@ -1218,6 +1218,43 @@ impl Volume {
         true
     }
 
+    /// A stored block that fails its checksum here and that no other copy holds (every
+    /// node of the volume answered that it has no intact block by that id): the slots
+    /// in `[lba, lba + count)` that map `id` become unknown, as a damaged page's are.
+    /// Their reads answer EIO, listed as unrecoverable; a resync hands the damage on
+    /// (`damage_state`), so the copies' roots agree and resyncs converge; a write maps
+    /// them again. The page counts as written to since its damage (its checksum is
+    /// bound to its unknown slots; what it hashed to before proves a copy that took no
+    /// update since, whose block a repair may still find). Returns the LBAs marked.
+    pub fn mark_lost(&self, lba: Lba, count: u64, id: BlockId) -> Result<Vec<u64>, StoreError> {
+        let mut st = self.state.lock();
+        let st = &mut *st;
+        Volume::refresh_tree(st);
+        let mut marked = Vec::new();
+        for l in lba.0..lba.0.saturating_add(count).min(self.block_count()) {
+            let p = l / FANOUT_U64;
+            let s = (l % FANOUT_U64) as usize;
+            if st.pages.get(&p).is_none_or(|pg| pg[s] != id)
+                || st.damaged.get(&p).is_some_and(|b| bit(b, s))
+            {
+                continue;
+            }
+            let recorded = st.levels[0][p as usize];
+            let bits = st.damaged.entry(p).or_insert([0; FANOUT / 64]);
+            bits[s / 64] |= 1 << (s % 64);
+            st.rewritten.entry(p).or_insert(recorded);
+            st.mirrored.remove(&p);
+            st.stale.insert(p);
+            marked.push(l);
+        }
+        if !marked.is_empty() {
+            st.damage_dirty = true;
+            self.persist_damage(st)?;
+            Volume::refresh_tree(st);
+        }
+        Ok(marked)
+    }
+
     /// Page `p`, damaged here as it is at the primary (a resync found it so, after a
     /// restart forgot that its damage came from there): it is mirrored damage, not
     /// this copy's own. False if the page is not damaged here.

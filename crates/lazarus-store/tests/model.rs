@@ -199,3 +199,57 @@ fn corrupt_block_is_an_error_not_data() {
     assert!(s.read_blocks(&v, Lba(5), &mut buf).is_err());
     s.read_blocks(&v, Lba(6), &mut buf).unwrap();
 }
+
+/// A block no copy holds any more (`Volume::mark_lost`): its slots answer an error,
+/// are listed unrecoverable, survive a checkpoint and a reopen, and a write maps them
+/// again; the page's other slots read as before.
+#[test]
+fn a_lost_block_is_listed_unrecoverable_until_written_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = || StoreOptions {
+        journal_bytes: 8 << 20,
+    };
+    let s = Store::open(dir.path(), opts()).unwrap();
+    let v = s.create_volume("v", 1 << 20).unwrap();
+    let lost = block(7);
+    // Lba 5 and 9 hold the same content (one stored block); lba 6 another.
+    s.write_blocks(&v, Lba(5), &lost).unwrap();
+    s.write_blocks(&v, Lba(6), &block(8)).unwrap();
+    s.write_blocks(&v, Lba(9), &lost).unwrap();
+    s.flush().unwrap();
+    let id = v.id_at(Lba(5)).unwrap();
+    let root = v.root();
+    // Only the slots of the range given that map the id.
+    assert_eq!(v.mark_lost(Lba(4), 3, id).unwrap(), vec![5]);
+    assert_eq!(v.mark_lost(Lba(4), 3, id).unwrap(), Vec::<u64>::new());
+    assert_ne!(
+        v.root(),
+        root,
+        "the page's checksum is bound to its unknown slot"
+    );
+    let mut buf = vec![0u8; BLOCK_SIZE];
+    assert!(s.read_blocks(&v, Lba(5), &mut buf).is_err());
+    s.read_blocks(&v, Lba(9), &mut buf).unwrap();
+    assert_eq!(buf, lost);
+    assert_eq!(v.damaged_ranges(), vec![(5, 1)]);
+    s.checkpoint().unwrap();
+    let damaged_root = v.root();
+    drop(v);
+    drop(s);
+    let s = Store::open(dir.path(), opts()).unwrap();
+    let v = s.volume("v").unwrap();
+    assert_eq!(
+        v.damaged_ranges(),
+        vec![(5, 1)],
+        "the damage survives a reopen"
+    );
+    assert_eq!(v.root(), damaged_root);
+    assert!(s.read_blocks(&v, Lba(5), &mut buf).is_err());
+    s.read_blocks(&v, Lba(6), &mut buf).unwrap();
+    assert_eq!(buf, block(8));
+    // A write maps the slot again: the page is whole.
+    s.write_blocks(&v, Lba(5), &block(9)).unwrap();
+    assert!(v.damaged_ranges().is_empty());
+    s.read_blocks(&v, Lba(5), &mut buf).unwrap();
+    assert_eq!(buf, block(9));
+}

@@ -598,7 +598,7 @@ async fn list_faults(State(s): State<AppState>) -> Result<Json<serde_json::Value
         "stall_to": c.stalls.lock().iter().map(|n| format!("n{n}")).collect::<Vec<_>>(),
         "isolated": c.network.isolated.load(std::sync::atomic::Ordering::Relaxed),
         "cut_from_recovery_server": c.recovery.as_ref().is_some_and(|r| r.cut.load(std::sync::atomic::Ordering::Relaxed)),
-        "device_failed": lazarus_store::disk::device_failed(),
+        "device_failed": s.engine.store.device_failed(),
     })))
 }
 
@@ -613,7 +613,7 @@ async fn fault_device(
     body: Result<Json<DeviceReq>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Json(r) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
-    lazarus_store::disk::set_device_failed(r.failed);
+    s.engine.store.set_device_failed(r.failed);
     tracing::warn!(node = %s.node_id, failed = r.failed, "fault injected: device {}", if r.failed { "failed" } else { "healed" });
     lazarus_observe::events::record(
         "fault",
@@ -796,7 +796,7 @@ async fn fault_heal(
             if let Some(r) = &c.recovery {
                 r.cut.store(false, std::sync::atomic::Ordering::SeqCst);
             }
-            lazarus_store::disk::set_device_failed(false);
+            s.engine.store.set_device_failed(false);
             // Healing everything also ends injected device errors on this node.
             for v in s.engine.store.volumes() {
                 v.clear_read_errors();

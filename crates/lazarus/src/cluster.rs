@@ -439,7 +439,7 @@ impl Cluster {
                     Err("this node is starting up".into())
                 } else if !self.device_usable() {
                     Ok(b"device-failed".to_vec())
-                } else if self.holds_beyond_metadata_any() {
+                } else if self.claimed_beyond_metadata_any() {
                     // It answers, but a primary must not count it as a live replica
                     // it is in contact with: it serves a volume on its own.
                     Ok(crate::survivor::PING_HELD.to_vec())
@@ -575,6 +575,13 @@ impl Cluster {
         let meta = self.store.meta();
         for v in meta.volumes.values() {
             if !v.replicas.contains(&self.id) || clean && local.contains(&v.name) {
+                continue;
+            }
+            // Its copy holds writes acknowledged under a claim the metadata does not
+            // know of yet (claims.rs): neither handed on nor marked dead, so it never
+            // resyncs from an older copy; the leader adopts the claim.
+            if self.claimed_beyond_metadata(&v.name) {
+                tracing::warn!(volume = %v.name, "this node held the volume at the recovery server beyond the metadata before it restarted: its copy waits for the cluster to adopt that claim");
                 continue;
             }
             if v.primary == self.id {
@@ -722,7 +729,7 @@ impl Cluster {
             return Err("this node is starting up and takes no updates yet".into());
         }
         if let Update::Write { volume, .. } | Update::Zero { volume, .. } = &u {
-            if self.held_beyond_metadata(volume) {
+            if self.claimed_beyond_metadata(volume) {
                 return Err(format!(
                     "fenced: this node holds {volume:?} at the recovery server; it takes no updates from another primary"
                 ));
@@ -1462,13 +1469,13 @@ impl Cluster {
                 let stopped = rx.borrow().running_state.clone().err();
                 if let Some(fatal) = stopped {
                     tracing::error!(error = %fatal, "the cluster metadata (Raft) stopped: this node exits to be restarted");
-                    exit_now(70, &me);
+                    exit_now(70, &me).await;
                 }
                 if rx.changed().await.is_err() {
                     tracing::error!(
                         "the cluster metadata (Raft) is gone: this node exits to be restarted"
                     );
-                    exit_now(70, &me);
+                    exit_now(70, &me).await;
                 }
             }
         });
@@ -1501,7 +1508,7 @@ impl Cluster {
             "drops": self.drops.lock().iter().map(|n| format!("n{n}")).collect::<Vec<_>>(),
             "resync": self.resync.progress(),
             "isolated": self.network.isolated.load(Ordering::Relaxed),
-            "device_failed": lazarus_store::disk::device_failed(),
+            "device_failed": self.blocks.device_failed(),
             "jeopardy": self.jeopardy_status(),
         })
     }
@@ -1512,6 +1519,6 @@ impl Cluster {
 /// stream or other thread can hold the exit up. A node seen in a chaos run logged that
 /// it exits and then ran on for minutes without working metadata. Under the simulator,
 /// the host `who` is crashed and restarted instead.
-pub fn exit_now(code: i32, who: &str) -> ! {
-    lazarus_io::rt::exit(code, who)
+pub async fn exit_now(code: i32, who: &str) -> ! {
+    lazarus_io::rt::exit(code, who).await
 }

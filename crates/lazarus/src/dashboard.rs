@@ -123,7 +123,7 @@ pub fn local_stats(engine: &Engine) -> Value {
         "scrub": engine.repair.scrub_progress(),
         "io_totals": totals,
         "history": HISTORY.lock().iter().collect::<Vec<_>>(),
-        "device_failed": lazarus_store::disk::device_failed(),
+        "device_failed": engine.store.device_failed(),
     });
     if let Some(c) = engine.cluster.get() {
         let m = c.raft.metrics().borrow().clone();

@@ -108,6 +108,8 @@ pub struct Recovery {
     ahead: parking_lot::Mutex<HashMap<String, Instant>>,
     pub restores: parking_lot::Mutex<BTreeMap<String, RestoreProgress>>,
     unflushed: parking_lot::Mutex<HashMap<String, Unflushed>>,
+    /// Claims granted to this node, on its disk (claims.rs).
+    pub(crate) claims: crate::claims::HeldClaims,
 }
 
 impl Recovery {
@@ -128,6 +130,7 @@ impl Recovery {
             claiming: Default::default(),
             ahead: Default::default(),
             restores: Default::default(),
+            claims: crate::claims::HeldClaims::load(&cfg.data_dir),
             unflushed: Default::default(),
         }))
     }
@@ -149,13 +152,18 @@ impl Recovery {
 
     /// The recovery server's state for `volume`, asked now (and cached).
     pub async fn fresh_state(&self, volume: &str) -> Option<VolumeState> {
+        self.states_now().await?.get(volume).cloned()
+    }
+
+    /// Every volume's state at the recovery server, asked now (and cached); `None`
+    /// when it does not answer.
+    pub async fn states_now(&self) -> Option<HashMap<String, VolumeState>> {
         let s = self
             .call::<HashMap<String, VolumeState>>(KIND_RS_STATE, b"{}")
             .await
             .ok()?;
-        let v = s.get(volume).cloned();
-        *self.polled.lock() = (Some(Instant::now()), s);
-        v
+        *self.polled.lock() = (Some(Instant::now()), s.clone());
+        Some(s)
     }
 
     pub fn state(&self, volume: &str) -> Option<VolumeState> {
@@ -235,6 +243,11 @@ pub enum Adoption {
     Adopt { restored: bool },
     /// The holder is no current copy: fence the recovery server back to the metadata.
     Refence,
+    /// A base copy took over but does not serve yet (it restores from the log, or its
+    /// restore failed): not adopted until it does; meanwhile no primary of the
+    /// metadata's serves (the recovery server is ahead), and if the holder stays silent
+    /// a base copy takes over again.
+    Wait,
 }
 
 /// Decides adoption. Only a holder that is already the metadata's primary (it claimed
@@ -242,12 +255,19 @@ pub enum Adoption {
 /// adopted; a promotion fenced at the recovery server but never committed through Raft
 /// (`jeopardy` off, or a live replica fenced in jeopardy) is not: its holder may be
 /// dead or stale in the metadata, and making it primary would lose acknowledged writes.
+/// A take-over is adopted only once its holder serves (it restored from the log): a
+/// holder whose restore failed, or that crashed in the middle of it, has a stale copy
+/// (simulator seed 158 with device and disk faults read a block older than a flush).
 pub fn adoption(v: &VolumeInfo, c: &lazarus_recovery::log::VolumeCoord) -> Adoption {
     let holder = c.holder.unwrap_or(v.primary);
     if c.jeopardy && holder == v.primary {
         Adoption::Adopt { restored: false }
     } else if c.jeopardy && c.takeover && c.base.contains(&holder) {
-        Adoption::Adopt { restored: true }
+        if c.serving {
+            Adoption::Adopt { restored: true }
+        } else {
+            Adoption::Wait
+        }
     } else {
         Adoption::Refence
     }
@@ -453,6 +473,7 @@ impl Cluster {
         if !reply.granted && !ours {
             return Err(reply.reason);
         }
+        self.persist_claim(&v.name, v.uid, c.fcid, epoch).await?;
         r.holds.lock().insert(
             v.name.clone(),
             Hold {
@@ -663,6 +684,7 @@ impl Cluster {
                 reply.reason
             )));
         }
+        self.persist_claim(volume, v.uid, c.fcid, c.epoch).await?;
         r.holds.lock().insert(
             volume.to_string(),
             Hold {
@@ -786,6 +808,7 @@ impl Cluster {
                         volume: name.clone(),
                         fcid,
                         holder: c.id,
+                        serving: !restoring,
                     })
                     .unwrap_or_default();
                     match r.client.call(KIND_RS_RENEW, &body, HOLD_LEASE).await {
@@ -926,7 +949,7 @@ impl Cluster {
     /// Whether this node's device takes writes: no injected device failure, and the
     /// block store has not latched a failed journal write or flush.
     pub(crate) fn device_usable(&self) -> bool {
-        !lazarus_store::disk::device_failed() && !self.blocks.has_failed()
+        !self.blocks.device_failed() && !self.blocks.has_failed()
     }
 
     /// Whether `node`'s device is healthy (its ping says so).
@@ -999,6 +1022,7 @@ impl Cluster {
             let mut lease_lost: HashMap<String, Instant> = HashMap::new();
             loop {
                 tokio::time::sleep(WATCH_INTERVAL).await;
+                c.settle_claims().await;
                 if !r.reachable() {
                     continue;
                 }
@@ -1141,6 +1165,10 @@ impl Cluster {
                     Adoption::Refence => {
                         self.refence(v, s).await?;
                     }
+                    Adoption::Wait => {
+                        tracing::info!(volume = %v.name, holder, fcid = s.coord.fcid, "the recovery server's holder took over but does not serve yet: not adopted");
+                        return Ok(());
+                    }
                 }
                 r.ahead.lock().remove(&v.name);
             }
@@ -1189,6 +1217,8 @@ impl Cluster {
                 return Err(format!("claim refused: {}", reply.reason));
             }
             if v.primary == self.id {
+                self.persist_claim(&v.name, v.uid, reply.coord.fcid, v.epoch)
+                    .await?;
                 r.holds.lock().insert(
                     v.name.clone(),
                     Hold {
@@ -1255,8 +1285,13 @@ impl Cluster {
             return;
         };
         let c = &rs.coord;
+        // A node whose device failed restores nothing. Its own claim it takes over
+        // again only if it never served under it (its restore failed, or it crashed in
+        // the middle of it) and the metadata did not make it primary meanwhile.
+        let own_retry = c.holder == Some(self.id) && !c.serving && v.primary != self.id;
         if !c.jeopardy
-            || c.holder == Some(self.id)
+            || !self.device_usable()
+            || c.holder == Some(self.id) && !own_retry
             || !c.base.contains(&self.id)
             || rs
                 .holder_silent_ms
@@ -1275,7 +1310,7 @@ impl Cluster {
             return;
         }
         let meta = self.store.meta();
-        if let Some(h) = c.holder {
+        if let Some(h) = c.holder.filter(|h| *h != self.id) {
             if self.answers(&meta, h).await {
                 return;
             }
@@ -1371,6 +1406,13 @@ impl Cluster {
             }
         };
         let fcid = reply.coord.fcid;
+        if let Err(e) = self
+            .persist_claim(&req.volume, req.uid, fcid, req.epoch)
+            .await
+        {
+            tracing::error!(volume = %req.volume, error = %e, "{what} claim granted but not recorded on this node's disk; not serving");
+            return None;
+        }
         r.holds.lock().insert(
             req.volume.clone(),
             Hold {
@@ -1642,6 +1684,7 @@ mod tests {
             config: None,
             base,
             takeover,
+            serving: true,
             out: Default::default(),
             member_index: Default::default(),
         };
@@ -1668,5 +1711,10 @@ mod tests {
             adoption(&v, &coord(2, true, true, vec![2, 3])),
             Adoption::Adopt { restored: true }
         );
+        // The same take-over before its holder serves (restoring, or its restore
+        // failed): neither adopted nor fenced back.
+        let mut restoring = coord(2, true, true, vec![2, 3]);
+        restoring.serving = false;
+        assert_eq!(adoption(&v, &restoring), Adoption::Wait);
     }
 }

@@ -2,6 +2,7 @@
 //! and the simulator (`crates/lazarus-sim`) runs the same node on simulated hosts.
 
 pub mod admin;
+pub mod claims;
 pub mod client;
 pub mod cluster;
 pub mod config;

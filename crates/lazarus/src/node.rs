@@ -203,7 +203,7 @@ async fn checkpointer(store: Arc<Store>, interval: Duration, data_dir: PathBuf, 
     loop {
         tokio::time::sleep(CHECKPOINT_POLL).await;
         if store.has_failed() {
-            restart_when_usable(&data_dir, &node);
+            restart_when_usable(&data_dir, &node).await;
             continue;
         }
         let due = store.wants_checkpoint()
@@ -226,8 +226,8 @@ async fn checkpointer(store: Arc<Store>, interval: Duration, data_dir: PathBuf, 
 /// the node exits for its supervisor to restart it; the restart replays the journal to
 /// a consistent state and the copies resync. While the disk stays full, the node stays
 /// up and serves reads.
-fn restart_when_usable(data_dir: &Path, node: &str) {
-    if lazarus_store::disk::device_failed() {
+async fn restart_when_usable(data_dir: &Path, node: &str) {
+    if lazarus_store::disk::device_failed(data_dir) {
         return;
     }
     if lazarus_store::disk::check_headroom(&data_dir.join("journal.log"), 1 << 20).is_err() {
@@ -236,7 +236,7 @@ fn restart_when_usable(data_dir: &Path, node: &str) {
     tracing::error!(
         "the block store stopped taking writes after an I/O error and the device is usable again: this node exits to be restarted and recover from its journal"
     );
-    crate::cluster::exit_now(75, node);
+    crate::cluster::exit_now(75, node).await;
 }
 
 pub async fn shutdown_signal() {

@@ -65,7 +65,7 @@ impl Cluster {
         if !self.is_ready() {
             return Err("this node is starting up".into());
         }
-        if self.held_beyond_metadata(&req.volume) {
+        if self.claimed_beyond_metadata(&req.volume) {
             return Err("fenced: this node holds the volume at the recovery server".into());
         }
         let t0 = Instant::now();

@@ -159,6 +159,16 @@ impl RepairState {
     }
 }
 
+/// Outcome of repairing one stored block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockRepair {
+    Repaired,
+    /// Every other node hosting the volume answered: none holds it intact.
+    Lost,
+    /// Not repaired, and some node could not be asked.
+    Unknown,
+}
+
 /// Outcome of repairing one page.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub enum Outcome {
@@ -192,7 +202,14 @@ impl Engine {
                 Err(crate::engine::IoError {
                     damaged_block: Some(id),
                     ..
-                }) => self.repair_block(&vol.meta.name, *id).await,
+                }) => match self.repair_block_or_lost(&vol.meta.name, *id).await {
+                    BlockRepair::Repaired => true,
+                    BlockRepair::Lost => {
+                        self.declare_lost(vol, offset, out.len() as u64, *id);
+                        false
+                    }
+                    BlockRepair::Unknown => false,
+                },
                 _ => break,
             };
             if !fixed {
@@ -201,6 +218,45 @@ impl Engine {
             r = self.read_into(vol, offset, out);
         }
         r
+    }
+
+    /// On the volume's primary: the slots of this read that map a block no copy holds
+    /// intact become unknown (`Volume::mark_lost`): listed unrecoverable, handed on by
+    /// resyncs, which otherwise would wait for that block for ever (simulator seed 909
+    /// with device and disk faults: one lost block kept every other copy resyncing).
+    fn declare_lost(&self, vol: &Volume, offset: u64, len: u64, id: BlockId) {
+        let Some(c) = self.cluster.get() else {
+            return;
+        };
+        if c.store
+            .meta()
+            .volumes
+            .get(&vol.meta.name)
+            .map(|v| v.primary)
+            != Some(c.id)
+        {
+            return;
+        }
+        let bs = lazarus_types::BLOCK_SIZE as u64;
+        let first = offset / bs;
+        let count = (offset + len).div_ceil(bs) - first;
+        match vol.mark_lost(lazarus_types::Lba(first), count, id) {
+            Ok(lbas) if !lbas.is_empty() => {
+                tracing::error!(volume = %vol.meta.name, ?lbas, id = %id.to_hex(), "a stored block failed its checksum and no copy holds it: its blocks are unrecoverable (EIO, listed) until written again");
+                self.repair.record(
+                    &vol.meta.name,
+                    None,
+                    &format!(
+                        "block {} lost on every copy: LBAs {lbas:?} unrecoverable",
+                        id.to_hex()
+                    ),
+                );
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(volume = %vol.meta.name, error = %e, "a lost block not recorded as damage")
+            }
+        }
     }
 
     /// For a read that hit damaged page `p`: repairs it if this node is the volume's
@@ -536,9 +592,25 @@ impl Engine {
     /// Restores a stored block that failed verification, fetched by id from any other
     /// node (live or dead copy) and accepted only if it hashes to the id.
     pub async fn repair_block(&self, volume: &str, id: BlockId) -> bool {
+        self.repair_block_or_lost(volume, id).await == BlockRepair::Repaired
+    }
+
+    /// `repair_block`, telling a block no other node holds (every node hosting the
+    /// volume answered) from one some node could not be asked for.
+    pub async fn repair_block_or_lost(&self, volume: &str, id: BlockId) -> BlockRepair {
         let Some(c) = self.cluster.get().cloned() else {
-            return false;
+            return BlockRepair::Unknown;
         };
+        let hosts: HashSet<NodeId> = c
+            .store
+            .meta()
+            .volumes
+            .get(volume)
+            .map(|v| v.replicas.iter().copied().collect())
+            .unwrap_or_default();
+        let mut unasked = hosts
+            .len()
+            .saturating_sub(usize::from(hosts.contains(&c.id)));
         let meta = c.store.meta();
         let mut nodes: Vec<NodeId> = meta
             .volumes
@@ -555,6 +627,9 @@ impl Engine {
             let Ok(got) = src.blocks(&[id]).await else {
                 continue;
             };
+            if hosts.contains(&n) {
+                unasked -= 1;
+            }
             let Some(data) = got.get(&id) else { continue };
             let store = self.store.clone();
             let data = data.clone();
@@ -563,14 +638,19 @@ impl Engine {
                     self.repair
                         .record(volume, None, &format!("block {} from n{n}", id.to_hex()));
                     tracing::info!(volume, id = %id.to_hex(), source = n, "corrupt block repaired");
-                    return true;
+                    return BlockRepair::Repaired;
                 }
-                Ok(Ok(false)) => return true, // no longer stored here: the read retries
+                // No longer stored here: the read retries.
+                Ok(Ok(false)) => return BlockRepair::Repaired,
                 _ => continue,
             }
         }
-        tracing::error!(volume, id = %id.to_hex(), "corrupt block found on no other node");
-        false
+        tracing::error!(volume, id = %id.to_hex(), every_host_answered = unasked == 0, "corrupt block found on no other node");
+        if unasked == 0 {
+            BlockRepair::Lost
+        } else {
+            BlockRepair::Unknown
+        }
     }
 
     /// Repairs every damaged page of `vol` now; returns (page, outcome) pairs.

@@ -489,7 +489,8 @@ impl Cluster {
                     // Not while this node holds the volume at the recovery server, nor
                     // while the recovery server knows a newer holder than the
                     // metadata (the leader adopts it first).
-                    let holds = c.effective(&v.name).is_some_and(|e| e.primary == c.id);
+                    let holds = c.effective(&v.name).is_some_and(|e| e.primary == c.id)
+                        || c.claimed_beyond_metadata(&v.name);
                     if holds || c.rs_overrides(v) {
                         continue;
                     }
@@ -745,9 +746,53 @@ impl Cluster {
 
     /// Copies slice page `p` from the primary. `Ok(false)` when updates kept touching
     /// it (the next pass looks again).
+    /// Reads, through the primary, one block of page `p` per id the primary did not
+    /// supply twice running: a block damaged in the primary's store (it fails its
+    /// checksum) is missing there until a read repairs it from another copy, and a
+    /// resync asking for it by id alone would never converge (simulator seed 909
+    /// with device and disk faults).
+    async fn repair_at_primary(
+        &self,
+        volume: &str,
+        p: u64,
+        runs: &[(usize, usize)],
+        theirs: &[BlockId],
+        need: &[BlockId],
+        supplied: &HashMap<BlockId, Vec<u8>>,
+    ) {
+        let Some(engine) = self.engine.get().and_then(|e| e.upgrade()) else {
+            return;
+        };
+        let missing: HashSet<BlockId> = need
+            .iter()
+            .filter(|id| !supplied.contains_key(id))
+            .copied()
+            .collect();
+        let mut asked = HashSet::new();
+        for (a, n) in runs {
+            for (s, id) in theirs.iter().enumerate().skip(*a).take(*n) {
+                if !missing.contains(id) || !asked.insert(*id) {
+                    continue;
+                }
+                let lba = p * FANOUT_U64 + s as u64;
+                let req = crate::forward::ForwardReq {
+                    volume: volume.to_string(),
+                    op: crate::forward::Op::Read,
+                    offset: lba * BLOCK_SIZE as u64,
+                    length: BLOCK_SIZE as u64,
+                    fua: false,
+                    no_hole: false,
+                    fence: None,
+                };
+                let r = engine.forward(&req, &[], None).await;
+                tracing::info!(volume, lba, result = ?r.as_ref().map(|_| ()).map_err(|e| &e.message), "a block the primary could not supply for a resync read through it (repairs it there)");
+            }
+        }
+    }
+
     async fn copy_page(&self, local: &Arc<Volume>, src: &Source, p: u64) -> Result<bool, String> {
         let name = local.meta.name.clone();
-        for _ in 0..PAGE_ATTEMPTS_MAX {
+        for attempt in 0..PAGE_ATTEMPTS_MAX {
             let seen = self.resync.seq(&name, p);
             let (theirs, damage) = src.page_state(p).await?;
             // Damaged at the primary too (unrecoverable there): already mirrored here?
@@ -787,6 +832,12 @@ impl Cluster {
             let supplied = src.blocks(&need).await?;
             if supplied.len() < need.len() {
                 // Overwritten on the primary since the page was read: read it again.
+                // Or damaged there (a block that fails its checksum): a read at the
+                // primary repairs it from another copy, or lists it unrecoverable.
+                if attempt > 0 {
+                    self.repair_at_primary(&name, p, &runs, &theirs, &need, &supplied)
+                        .await;
+                }
                 continue;
             }
             let (store, vol, resync, name2) = (

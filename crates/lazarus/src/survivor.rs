@@ -351,7 +351,7 @@ impl Cluster {
         let Some(r) = self.recovery.as_ref() else {
             return;
         };
-        if !self.is_ready() || r.hold(&v.name).is_some() {
+        if !self.is_ready() || r.hold(&v.name).is_some() || !self.device_usable() {
             return;
         }
         if rs.is_some_and(|s| s.coord.jeopardy || s.coord.out.contains(&self.id)) {
