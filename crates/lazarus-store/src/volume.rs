@@ -1223,9 +1223,9 @@ impl Volume {
     /// in `[lba, lba + count)` that map `id` become unknown, as a damaged page's are.
     /// Their reads answer EIO, listed as unrecoverable; a resync hands the damage on
     /// (`damage_state`), so the copies' roots agree and resyncs converge; a write maps
-    /// them again. The page counts as written to since its damage (its checksum is
-    /// bound to its unknown slots; what it hashed to before proves a copy that took no
-    /// update since, whose block a repair may still find). Returns the LBAs marked.
+    /// them again. The page's checksum is bound to its unknown slots from now on
+    /// (`damaged_page_checksum`), so no copy passes for current on it: every node was
+    /// asked for the block already. Returns the LBAs marked.
     pub fn mark_lost(&self, lba: Lba, count: u64, id: BlockId) -> Result<Vec<u64>, StoreError> {
         let mut st = self.state.lock();
         let st = &mut *st;
@@ -1239,10 +1239,8 @@ impl Volume {
             {
                 continue;
             }
-            let recorded = st.levels[0][p as usize];
             let bits = st.damaged.entry(p).or_insert([0; FANOUT / 64]);
             bits[s / 64] |= 1 << (s % 64);
-            st.rewritten.entry(p).or_insert(recorded);
             st.mirrored.remove(&p);
             st.stale.insert(p);
             marked.push(l);

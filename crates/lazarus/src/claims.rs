@@ -44,7 +44,7 @@ pub struct HeldClaims {
 
 impl HeldClaims {
     /// Loads `claims.json` from `data_dir` (none yet: no claims). A file that cannot be
-    /// read or parsed is reported and left in place for an operator.
+    /// read or parsed is reported and moved aside (`claims.json.unreadable`).
     pub fn load(data_dir: &std::path::Path) -> HeldClaims {
         let path = data_dir.join("claims.json");
         let map = if lazarus_io::fs::exists(&path) {
@@ -54,7 +54,11 @@ impl HeldClaims {
             {
                 Ok(m) => m,
                 Err(e) => {
-                    tracing::error!(path = %path.display(), error = %e, "the file of claims held at the recovery server is unreadable: this node cannot tell whether it holds writes the metadata does not know of");
+                    // Kept aside for an operator; this node goes on as if it held
+                    // none (its copies resync as after any crash).
+                    let aside = data_dir.join("claims.json.unreadable");
+                    let _ = lazarus_io::fs::rename(&path, &aside);
+                    tracing::error!(path = %path.display(), kept = %aside.display(), error = %e, "the file of claims held at the recovery server is unreadable: this node cannot tell whether it holds writes the metadata does not know of");
                     BTreeMap::new()
                 }
             }
@@ -76,21 +80,31 @@ impl HeldClaims {
         self.map.lock().clone()
     }
 
-    /// Records `claim` for `volume` (or forgets the volume's claim) durably: when this
-    /// returns `Ok`, a crash keeps it.
-    pub async fn set(&self, volume: &str, claim: Option<HeldClaim>) -> Result<(), String> {
+    /// Records `claim` for `volume` durably: when this returns `Ok`, a crash keeps it.
+    pub async fn set(&self, volume: &str, claim: HeldClaim) -> Result<(), String> {
+        self.change(|m| {
+            m.insert(volume.to_string(), claim);
+            true
+        })
+        .await
+    }
+
+    /// Forgets the volume's claim if it is still `claim` (a newer one granted since
+    /// stays).
+    pub async fn forget(&self, volume: &str, claim: HeldClaim) -> Result<(), String> {
+        self.change(|m| m.get(volume) == Some(&claim) && m.remove(volume).is_some())
+            .await
+    }
+
+    async fn change(
+        &self,
+        f: impl FnOnce(&mut BTreeMap<String, HeldClaim>) -> bool,
+    ) -> Result<(), String> {
         let _file = self.file.lock().await;
         let data = {
             let mut m = self.map.lock();
-            match claim {
-                Some(c) => {
-                    m.insert(volume.to_string(), c);
-                }
-                None => {
-                    if m.remove(volume).is_none() {
-                        return Ok(());
-                    }
-                }
+            if !f(&mut m) {
+                return Ok(());
             }
             serde_json::to_vec_pretty(&*m).map_err(|e| e.to_string())?
         };
@@ -115,9 +129,7 @@ impl Cluster {
         let Some(r) = self.recovery.as_ref() else {
             return Ok(());
         };
-        r.claims
-            .set(volume, Some(HeldClaim { uid, fcid, epoch }))
-            .await
+        r.claims.set(volume, HeldClaim { uid, fcid, epoch }).await
     }
 
     /// Whether this node holds, or held before it restarted, a claim on `volume` at the
@@ -222,7 +234,7 @@ impl Cluster {
                     }
                 }
             }
-            if let Err(e) = r.claims.set(&name, None).await {
+            if let Err(e) = r.claims.forget(&name, c).await {
                 tracing::warn!(volume = %name, error = %e, "claim not forgotten");
             }
         }

@@ -654,6 +654,18 @@ impl Cluster {
         (self.raft_lease_valid(volume, epoch) && self.contact_valid(volume)
             || self.hold_valid(volume, epoch))
             && (self.reconciled(volume, epoch) || self.held_beyond_metadata(volume))
+            && !self.restoring(volume)
+    }
+
+    /// Whether this node holds `volume` at the recovery server and is still restoring
+    /// its copy from the log: it serves nothing of it then, whatever lease the
+    /// metadata's view gives it (it may be the metadata's primary, taking its volume
+    /// back over from a holder that died).
+    pub fn restoring(&self, volume: &str) -> bool {
+        self.recovery
+            .as_ref()
+            .and_then(|r| r.hold(volume))
+            .is_some_and(|h| h.restoring)
     }
 
     /// Waits up to `wait` for `lease_valid(volume, epoch)`, while the metadata still

@@ -260,14 +260,13 @@ pub enum Adoption {
 /// (simulator seed 158 with device and disk faults read a block older than a flush).
 pub fn adoption(v: &VolumeInfo, c: &lazarus_recovery::log::VolumeCoord) -> Adoption {
     let holder = c.holder.unwrap_or(v.primary);
-    if c.jeopardy && holder == v.primary {
+    if c.jeopardy && c.takeover && c.base.contains(&holder) && !c.serving {
+        // Restoring (even the metadata's own primary, taking its volume back over).
+        Adoption::Wait
+    } else if c.jeopardy && holder == v.primary {
         Adoption::Adopt { restored: false }
     } else if c.jeopardy && c.takeover && c.base.contains(&holder) {
-        if c.serving {
-            Adoption::Adopt { restored: true }
-        } else {
-            Adoption::Wait
-        }
+        Adoption::Adopt { restored: true }
     } else {
         Adoption::Refence
     }
@@ -814,6 +813,12 @@ impl Cluster {
                     match r.client.call(KIND_RS_RENEW, &body, HOLD_LEASE).await {
                         Ok(_) => {
                             let mut holds = r.holds.lock();
+                            // A restoring hold dropped meanwhile (its restore failed, a
+                            // survivor that saw another node) stays dropped; only the
+                            // metadata's primary in jeopardy gets its hold back here.
+                            if restoring && !holds.contains_key(&name) {
+                                continue;
+                            }
                             let h = holds.entry(name.clone()).or_insert(Hold {
                                 fcid,
                                 epoch,
@@ -1287,8 +1292,8 @@ impl Cluster {
         let c = &rs.coord;
         // A node whose device failed restores nothing. Its own claim it takes over
         // again only if it never served under it (its restore failed, or it crashed in
-        // the middle of it) and the metadata did not make it primary meanwhile.
-        let own_retry = c.holder == Some(self.id) && !c.serving && v.primary != self.id;
+        // the middle of it); it serves nothing while it restores (`lease_valid`).
+        let own_retry = c.holder == Some(self.id) && !c.serving;
         if !c.jeopardy
             || !self.device_usable()
             || c.holder == Some(self.id) && !own_retry
@@ -1310,8 +1315,9 @@ impl Cluster {
             return;
         }
         let meta = self.store.meta();
+        // A holder that answers but whose device failed restores nothing either.
         if let Some(h) = c.holder.filter(|h| *h != self.id) {
-            if self.answers(&meta, h).await {
+            if self.answers(&meta, h).await && self.device_ok(&meta, h).await {
                 return;
             }
         }
@@ -1712,9 +1718,13 @@ mod tests {
             Adoption::Adopt { restored: true }
         );
         // The same take-over before its holder serves (restoring, or its restore
-        // failed): neither adopted nor fenced back.
+        // failed): neither adopted nor fenced back; the metadata's own primary taking
+        // the volume back over neither.
         let mut restoring = coord(2, true, true, vec![2, 3]);
         restoring.serving = false;
         assert_eq!(adoption(&v, &restoring), Adoption::Wait);
+        let mut own = coord(3, true, true, vec![2, 3]);
+        own.serving = false;
+        assert_eq!(adoption(&v, &own), Adoption::Wait);
     }
 }

@@ -205,8 +205,7 @@ impl Engine {
                 }) => match self.repair_block_or_lost(&vol.meta.name, *id).await {
                     BlockRepair::Repaired => true,
                     BlockRepair::Lost => {
-                        self.declare_lost(vol, offset, out.len() as u64, *id);
-                        false
+                        self.declare_lost(vol, offset, out.len() as u64, *id).await
                     }
                     BlockRepair::Unknown => false,
                 },
@@ -224,23 +223,55 @@ impl Engine {
     /// intact become unknown (`Volume::mark_lost`): listed unrecoverable, handed on by
     /// resyncs, which otherwise would wait for that block for ever (simulator seed 909
     /// with device and disk faults: one lost block kept every other copy resyncing).
-    fn declare_lost(&self, vol: &Volume, offset: u64, len: u64, id: BlockId) {
-        let Some(c) = self.cluster.get() else {
-            return;
+    /// Returns true if the block was found in the recovery server's log after all (the
+    /// read tries again).
+    async fn declare_lost(&self, vol: &Volume, offset: u64, len: u64, id: BlockId) -> bool {
+        let Some(c) = self.cluster.get().cloned() else {
+            return false;
         };
-        if c.store
-            .meta()
-            .volumes
-            .get(&vol.meta.name)
-            .map(|v| v.primary)
-            != Some(c.id)
-        {
-            return;
+        let Some(v) = c.store.meta().volumes.get(&vol.meta.name).cloned() else {
+            return false;
+        };
+        if v.primary != c.id {
+            return false;
         }
         let bs = lazarus_types::BLOCK_SIZE as u64;
         let first = offset / bs;
-        let count = (offset + len).div_ceil(bs) - first;
-        match vol.mark_lost(lazarus_types::Lba(first), count, id) {
+        let end = (offset + len).div_ceil(bs);
+        // In jeopardy the recovery server's log may hold it (a write the other copies
+        // never got): a logged write of these LBAs whose data hashes to the id.
+        match c.logged_changes(&v.name, v.uid, first, end).await {
+            Some(changes) => {
+                for (kind, lba, count, data) in &changes {
+                    if *kind != lazarus_recovery::log::RecordKind::Write {
+                        continue;
+                    }
+                    for k in 0..*count as usize {
+                        let b = &data[k * BLOCK_SIZE..(k + 1) * BLOCK_SIZE];
+                        if BlockId::of(b) != id {
+                            continue;
+                        }
+                        let store = self.store.clone();
+                        let b = b.to_vec();
+                        if let Ok(Ok(_)) =
+                            lazarus_rpc::rt::blocking(move || store.restore_block(id, &b)).await
+                        {
+                            tracing::info!(volume = %v.name, lba = lba + k as u64, id = %id.to_hex(), "corrupt block repaired from the recovery server's log");
+                            self.repair.record(
+                                &v.name,
+                                None,
+                                &format!("block {} from the recovery log", id.to_hex()),
+                            );
+                            return true;
+                        }
+                    }
+                }
+            }
+            // In jeopardy and the log cannot be read now: not lost for sure.
+            None if v.recovery_flag => return false,
+            None => {}
+        }
+        match vol.mark_lost(lazarus_types::Lba(first), end - first, id) {
             Ok(lbas) if !lbas.is_empty() => {
                 tracing::error!(volume = %vol.meta.name, ?lbas, id = %id.to_hex(), "a stored block failed its checksum and no copy holds it: its blocks are unrecoverable (EIO, listed) until written again");
                 self.repair.record(
@@ -251,12 +282,20 @@ impl Engine {
                         id.to_hex()
                     ),
                 );
+                // The page's new checksum on disk now, with the damage list: a crash
+                // before the next checkpoint would otherwise pair the list with the
+                // whole page's checksum.
+                let store = self.store.clone();
+                if let Ok(Err(e)) = lazarus_rpc::rt::blocking(move || store.checkpoint()).await {
+                    tracing::warn!(volume = %vol.meta.name, error = %e, "checkpoint after a lost block failed");
+                }
             }
             Ok(_) => {}
             Err(e) => {
                 tracing::error!(volume = %vol.meta.name, error = %e, "a lost block not recorded as damage")
             }
         }
+        false
     }
 
     /// For a read that hit damaged page `p`: repairs it if this node is the volume's
@@ -611,6 +650,7 @@ impl Engine {
         let mut unasked = hosts
             .len()
             .saturating_sub(usize::from(hosts.contains(&c.id)));
+        let mut restore_failed = false;
         let meta = c.store.meta();
         let mut nodes: Vec<NodeId> = meta
             .volumes
@@ -642,11 +682,15 @@ impl Engine {
                 }
                 // No longer stored here: the read retries.
                 Ok(Ok(false)) => return BlockRepair::Repaired,
-                _ => continue,
+                // Found, but not written here: not lost.
+                _ => {
+                    restore_failed = true;
+                    continue;
+                }
             }
         }
         tracing::error!(volume, id = %id.to_hex(), every_host_answered = unasked == 0, "corrupt block found on no other node");
-        if unasked == 0 {
+        if unasked == 0 && !restore_failed {
             BlockRepair::Lost
         } else {
             BlockRepair::Unknown

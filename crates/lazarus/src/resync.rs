@@ -775,19 +775,37 @@ impl Cluster {
                     continue;
                 }
                 let lba = p * FANOUT_U64 + s as u64;
-                let req = crate::forward::ForwardReq {
-                    volume: volume.to_string(),
-                    op: crate::forward::Op::Read,
-                    offset: lba * BLOCK_SIZE as u64,
-                    length: BLOCK_SIZE as u64,
-                    fua: false,
-                    no_hole: false,
-                    fence: None,
-                };
-                let r = engine.forward(&req, &[], None).await;
-                tracing::info!(volume, lba, result = ?r.as_ref().map(|_| ()).map_err(|e| &e.message), "a block the primary could not supply for a resync read through it (repairs it there)");
+                self.read_through_primary(
+                    &engine,
+                    volume,
+                    lba,
+                    "a block the primary could not supply for a resync",
+                )
+                .await;
             }
         }
+    }
+
+    /// Reads block `lba` of `volume` through its primary, whose read repairs what it
+    /// finds damaged there (or lists it unrecoverable); the data is not used.
+    async fn read_through_primary(
+        &self,
+        engine: &crate::engine::Engine,
+        volume: &str,
+        lba: u64,
+        why: &str,
+    ) {
+        let req = crate::forward::ForwardReq {
+            volume: volume.to_string(),
+            op: crate::forward::Op::Read,
+            offset: lba * BLOCK_SIZE as u64,
+            length: BLOCK_SIZE as u64,
+            fua: false,
+            no_hole: false,
+            fence: None,
+        };
+        let r = engine.forward(&req, &[], None).await;
+        tracing::info!(volume, lba, result = ?r.as_ref().map(|_| ()).map_err(|e| &e.message), "{why}: read through the primary (which repairs it there)");
     }
 
     async fn copy_page(&self, local: &Arc<Volume>, src: &Source, p: u64) -> Result<bool, String> {
@@ -803,6 +821,26 @@ impl Cluster {
                 // (A restart forgot that this damage came from the primary.)
                 if same && local.mark_mirrored(p) {
                     return Ok(true);
+                }
+                // Found damaged there just now, perhaps, and not repaired yet: a read
+                // through the primary repairs it first (from any copy that proves
+                // current); only damage that outlives it is taken on here (simulator
+                // seed 2105 with device and disk faults: a copy took damage the
+                // primary repaired a moment later, was promoted, and read zeroes for a
+                // flushed block after a restart).
+                if attempt == 0 {
+                    let engine = self.engine.get().and_then(|e| e.upgrade());
+                    let slot = (0..FANOUT).find(|s| unknown[s / 64] & (1 << (s % 64)) != 0);
+                    if let (Some(engine), Some(s)) = (engine, slot) {
+                        self.read_through_primary(
+                            &engine,
+                            &name,
+                            p * FANOUT_U64 + s as u64,
+                            "a page damaged at the primary",
+                        )
+                        .await;
+                        continue;
+                    }
                 }
             }
             let mine = local.page_ids(p);
