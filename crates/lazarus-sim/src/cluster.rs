@@ -53,6 +53,10 @@ pub struct Options {
     /// with EIO until the fault ends (`lazarus fault device fail`).
     #[serde(default)]
     pub device_faults: bool,
+    /// Full disks among the faults: one node's disk filled to its capacity (a
+    /// ballast file, synced) until the fault ends.
+    #[serde(default)]
+    pub full_disk: bool,
 }
 
 impl Options {
@@ -66,6 +70,7 @@ impl Options {
             heal_limit: Duration::from_secs(90),
             disk_faults: false,
             device_faults: false,
+            full_disk: false,
         }
     }
 }
@@ -112,6 +117,33 @@ enum DiskFault {
     Eio { lba: u64 },
     /// Injected read errors end (the heal phase).
     ClearEio,
+    /// The disk filled up: a ballast file takes every byte left.
+    Fill,
+    /// The ballast file removed.
+    Unfill,
+}
+
+/// Each host's disk capacity when full disks are drawn: ample for a run (a node
+/// uses some 20 MiB), so that only a ballast fills it.
+const DISK_CAPACITY: u64 = 256 << 20;
+
+/// Fills the host's disk (`DiskFault::Fill`): a ballast file in `dir`, written in
+/// 1 MiB pieces until the disk refuses, and synced, so a crash keeps it.
+fn fill_disk(dir: &std::path::Path) -> Result<u64, String> {
+    let path = dir.join("ballast");
+    let f = lazarus_io::fs::open_rw(&path, true, false).map_err(|e| e.to_string())?;
+    let mut at = f.len().map_err(|e| e.to_string())?;
+    let piece = vec![0xBBu8; 1 << 20];
+    let small = vec![0xBBu8; 4096];
+    while at < DISK_CAPACITY && f.write_all_at(&piece, at).is_ok() {
+        at += piece.len() as u64;
+    }
+    // The last few KiB, 4 KiB at a time.
+    while at < DISK_CAPACITY && f.write_all_at(&small, at).is_ok() {
+        at += small.len() as u64;
+    }
+    f.sync_all().map_err(|e| e.to_string())?;
+    Ok(at)
 }
 
 /// What a node shows of itself, published by a task on its host.
@@ -273,6 +305,20 @@ fn local_versions(store: &lazarus_store::Store, written: &[u64]) -> BTreeMap<u64
 }
 
 fn apply_disk_fault(id: &str, store: &Arc<lazarus_store::Store>, f: DiskFault) {
+    match f {
+        DiskFault::Fill => {
+            match fill_disk(store.dir()) {
+                Ok(bytes) => tracing::info!(node = id, bytes, "disk filled"),
+                Err(e) => tracing::info!(node = id, error = %e, "disk not filled"),
+            }
+            return;
+        }
+        DiskFault::Unfill => {
+            let _ = lazarus_io::fs::remove_file(&store.dir().join("ballast"));
+            return;
+        }
+        _ => {}
+    }
     let Some(v) = store.volume(VOLUME) else {
         return;
     };
@@ -291,6 +337,7 @@ fn apply_disk_fault(id: &str, store: &Arc<lazarus_store::Store>, f: DiskFault) {
             v.clear_read_errors();
             Ok(())
         }
+        DiskFault::Fill | DiskFault::Unfill => Ok(()),
     };
     // A block not stored on this copy (never written here) cannot rot: nothing to do.
     if let Err(e) = r {
@@ -559,6 +606,8 @@ enum Fault {
     /// A node's device failed (every I/O of its block store fails with EIO), healed
     /// at the time given.
     Device(String, Duration),
+    /// A node's disk full (a ballast file), emptied at the time given.
+    Full(String, Duration),
 }
 
 /// What the scheduler starts: a fault that lasts until its time, or a node's disk
@@ -582,6 +631,9 @@ pub fn run(opts: Options) -> Result<Report, String> {
     // A crash keeps any part of each unsynced write, sector by sector from its start:
     // torn writes, and a crash in the middle of a checkpoint's in-place writes.
     b.fs().block_size(512);
+    if opts.full_disk {
+        b.fs().capacity(DISK_CAPACITY);
+    }
     let mut sim = b.build();
     sim.host("rs", || crate::serve_rs(None));
     let volume_bytes = opts.volume_blocks * BLOCK as u64;
@@ -644,7 +696,10 @@ pub fn run(opts: Options) -> Result<Report, String> {
         let mut i = 0;
         while i < active.len() {
             let end = match &active[i] {
-                Fault::Down(_, t) | Fault::Hold(_, _, t) | Fault::Device(_, t) => *t,
+                Fault::Down(_, t)
+                | Fault::Hold(_, _, t)
+                | Fault::Device(_, t)
+                | Fault::Full(_, t) => *t,
             };
             if now >= end || heal_start.is_some() {
                 match active.remove(i) {
@@ -661,6 +716,10 @@ pub fn run(opts: Options) -> Result<Report, String> {
                     Fault::Device(h, _) => {
                         log(&sh, now, format!("device of {h} healed"));
                         lazarus_store::disk::set_device_failed(&node_dir(&h), false);
+                    }
+                    Fault::Full(h, _) => {
+                        log(&sh, now, format!("disk of {h} emptied"));
+                        sh.borrow_mut().disk_faults.push((h, DiskFault::Unfill));
                     }
                 }
             } else {
@@ -714,6 +773,16 @@ pub fn run(opts: Options) -> Result<Report, String> {
                                     &sh,
                                     now,
                                     format!("device of {h} fails until {} ms", until.as_millis()),
+                                );
+                            }
+                            Fault::Full(h, until) => {
+                                sh.borrow_mut()
+                                    .disk_faults
+                                    .push((h.clone(), DiskFault::Fill));
+                                log(
+                                    &sh,
+                                    now,
+                                    format!("disk of {h} full until {} ms", until.as_millis()),
                                 );
                             }
                         }
@@ -810,14 +879,14 @@ fn pick_fault(
         .iter()
         .flat_map(|f| match f {
             Fault::Down(h, _) => h.clone(),
-            Fault::Hold(..) | Fault::Device(..) => vec![],
+            Fault::Hold(..) | Fault::Device(..) | Fault::Full(..) => vec![],
         })
         .collect();
     // Nodes whose device is failed: they count as failed too (at most two at once).
     let failed: BTreeSet<String> = active
         .iter()
         .filter_map(|f| match f {
-            Fault::Device(h, _) => Some(h.clone()),
+            Fault::Device(h, _) | Fault::Full(h, _) => Some(h.clone()),
             _ => None,
         })
         .collect();
@@ -837,7 +906,8 @@ fn pick_fault(
     // Device failures are drawn only when asked for, after the other kinds, so a
     // seed's draws without them stay what they were.
     let base = if opts.disk_faults { 13 } else { 10 };
-    let draw = rng.u32(..base + if opts.device_faults { 2 } else { 0 });
+    let devices = base + if opts.device_faults { 2 } else { 0 };
+    let draw = rng.u32(..devices + if opts.full_disk { 2 } else { 0 });
     if draw >= base {
         let room = 2usize.saturating_sub(NODES.len() - up.len() + failed.len());
         let healthy: Vec<&str> = up
@@ -852,7 +922,11 @@ fn pick_fault(
             Some(p) => p,
             None => healthy[rng.usize(..healthy.len())].to_string(),
         };
-        return Some(Pick::Lasting(Fault::Device(node, until)));
+        return Some(Pick::Lasting(if draw >= devices {
+            Fault::Full(node, until)
+        } else {
+            Fault::Device(node, until)
+        }));
     }
     match draw {
         10..=12 => {

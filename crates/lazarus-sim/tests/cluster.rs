@@ -81,14 +81,17 @@ fn two_hundred_seeds_with_disk_faults_break_no_rule() {
 
 /// Six faults a seed, failed devices among them (one node's block store answering
 /// EIO to everything until the fault ends, the node restarting itself once it is
-/// usable again), with disk faults too (`LAZARUS_SIM_DEVICE_FAULTS=1
-/// LAZARUS_SIM_DISK_FAULTS=1 lazarus-sim sweep 1 1000 2 6` runs more).
+/// usable again) and full disks (one node's disk filled by a ballast file until the
+/// fault ends), with disk faults too (`LAZARUS_SIM_FULL_DISK=1
+/// LAZARUS_SIM_DEVICE_FAULTS=1 LAZARUS_SIM_DISK_FAULTS=1 lazarus-sim sweep 1 1000 2 6`
+/// runs more).
 #[test]
-fn two_hundred_seeds_with_failed_devices_break_no_rule() {
+fn two_hundred_seeds_with_failed_devices_and_full_disks_break_no_rule() {
     let mut o = Options::new(0);
     o.faults = 6;
     o.disk_faults = true;
     o.device_faults = true;
+    o.full_disk = true;
     seeds_must_pass(&o);
 }
 

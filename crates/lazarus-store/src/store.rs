@@ -1034,7 +1034,7 @@ fn replay_records(
                 }
                 if let Some(v) = vol(m.uid) {
                     if m.lba.0 + m.entries.len() as u64 <= v.block_count() {
-                        v.set_ids(m.lba, &mut m.entries.iter().map(|e| e.0));
+                        v.replay_ids(m.lba, &mut m.entries.iter().map(|e| e.0));
                     }
                 }
             }
@@ -1050,7 +1050,7 @@ fn replay_records(
                 }
                 if let Some(v) = vol(uid) {
                     if lba.0 + count <= v.block_count() {
-                        v.set_ids(lba, &mut std::iter::repeat_n(id, count as usize));
+                        v.replay_ids(lba, &mut std::iter::repeat_n(id, count as usize));
                     }
                 }
             }

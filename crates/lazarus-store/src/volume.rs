@@ -763,6 +763,25 @@ impl Volume {
         lba: Lba,
         ids: &mut dyn Iterator<Item = BlockId>,
     ) -> (Vec<BlockId>, usize) {
+        self.map_ids(lba, ids, false)
+    }
+
+    /// `set_ids` for the journal's replay: an unknown slot (the damage list on disk
+    /// names it) mapped to no block stays unknown. That mapping is a resync unmapping
+    /// the slots it takes on as damaged (`persist_damage_ahead`, then `adopt_damage`);
+    /// replayed after a crash it would otherwise make them known zeroes, and a copy
+    /// would read zeroes where a flushed write was. (A client's trim of an unknown slot
+    /// replays as unknown too: EIO, listed, rather than zeroes.)
+    pub(crate) fn replay_ids(&self, lba: Lba, ids: &mut dyn Iterator<Item = BlockId>) {
+        self.map_ids(lba, ids, true);
+    }
+
+    fn map_ids(
+        &self,
+        lba: Lba,
+        ids: &mut dyn Iterator<Item = BlockId>,
+        replay: bool,
+    ) -> (Vec<BlockId>, usize) {
         let mut st = self.state.lock();
         let st = &mut *st;
         let mut old = Vec::new();
@@ -772,7 +791,9 @@ impl Volume {
             let p = lb.page().0;
             let s = lb.slot();
             let recorded = st.levels[0][p as usize];
-            if let Some(bits) = st.damaged.get_mut(&p) {
+            let stays_unknown =
+                replay && id.is_zero() && st.damaged.get(&p).is_some_and(|b| bit(b, s));
+            if let Some(bits) = st.damaged.get_mut(&p).filter(|_| !stays_unknown) {
                 let whole = bit(bits, s) && {
                     clear_bit(bits, s);
                     st.damage_dirty = true;

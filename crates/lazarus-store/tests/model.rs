@@ -253,3 +253,47 @@ fn a_lost_block_is_listed_unrecoverable_until_written_again() {
     s.read_blocks(&v, Lba(5), &mut buf).unwrap();
     assert_eq!(buf, block(9));
 }
+
+/// A resync takes a damaged page on from its primary: it names the unknown slots on
+/// disk (`persist_damage_ahead`), unmaps them (a journaled mapping to no block), then
+/// marks them unknown (`adopt_damage`). A crash before the next checkpoint replays
+/// that unmapping: the slots must stay unknown (an error on read), never zeroes.
+#[test]
+fn a_crash_after_taking_damage_on_never_reads_zeroes() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = || StoreOptions {
+        journal_bytes: 8 << 20,
+    };
+    let s = Store::open(dir.path(), opts()).unwrap();
+    let v = s.create_volume("v", 1 << 20).unwrap();
+    s.write_blocks(&v, Lba(5), &block(1)).unwrap();
+    s.write_blocks(&v, Lba(6), &block(2)).unwrap();
+    s.flush().unwrap();
+    s.checkpoint().unwrap();
+    let mut unknown = [0u64; lazarus_types::FANOUT / 64];
+    unknown[0] |= 1 << 5;
+    v.persist_damage_ahead(0, unknown).unwrap();
+    let zero = lazarus_types::BlockId::ZERO;
+    assert_eq!(
+        s.write_ids(&v, Lba(5), &[zero], &HashMap::new()).unwrap(),
+        None
+    );
+    let checksum = v.page_checksum(0).unwrap();
+    v.adopt_damage(0, unknown, checksum, None).unwrap();
+    s.flush().unwrap();
+    let mut buf = vec![0u8; BLOCK_SIZE];
+    assert!(s.read_blocks(&v, Lba(5), &mut buf).is_err());
+    // Crash: no checkpoint since the unmapping.
+    drop(v);
+    drop(s);
+    let s = Store::open(dir.path(), opts()).unwrap();
+    let v = s.volume("v").unwrap();
+    assert!(
+        s.read_blocks(&v, Lba(5), &mut buf).is_err(),
+        "an unknown slot read as {:?}",
+        &buf[..16]
+    );
+    assert_eq!(v.damaged_ranges(), vec![(5, 1)]);
+    s.read_blocks(&v, Lba(6), &mut buf).unwrap();
+    assert_eq!(buf, block(2));
+}
