@@ -200,16 +200,24 @@ fn corrupt_block_is_an_error_not_data() {
     s.read_blocks(&v, Lba(6), &mut buf).unwrap();
 }
 
+/// A store with an 8 MiB journal in `dir`, opened (or reopened after a crash).
+fn small_store(dir: &std::path::Path) -> Store {
+    Store::open(
+        dir,
+        StoreOptions {
+            journal_bytes: 8 << 20,
+        },
+    )
+    .unwrap()
+}
+
 /// A block no copy holds any more (`Volume::mark_lost`): its slots answer an error,
 /// are listed unrecoverable, survive a checkpoint and a reopen, and a write maps them
 /// again; the page's other slots read as before.
 #[test]
 fn a_lost_block_is_listed_unrecoverable_until_written_again() {
     let dir = tempfile::tempdir().unwrap();
-    let opts = || StoreOptions {
-        journal_bytes: 8 << 20,
-    };
-    let s = Store::open(dir.path(), opts()).unwrap();
+    let s = small_store(dir.path());
     let v = s.create_volume("v", 1 << 20).unwrap();
     let lost = block(7);
     // Lba 5 and 9 hold the same content (one stored block); lba 6 another.
@@ -236,7 +244,7 @@ fn a_lost_block_is_listed_unrecoverable_until_written_again() {
     let damaged_root = v.root();
     drop(v);
     drop(s);
-    let s = Store::open(dir.path(), opts()).unwrap();
+    let s = small_store(dir.path());
     let v = s.volume("v").unwrap();
     assert_eq!(
         v.damaged_ranges(),
@@ -261,10 +269,7 @@ fn a_lost_block_is_listed_unrecoverable_until_written_again() {
 #[test]
 fn a_crash_after_taking_damage_on_never_reads_zeroes() {
     let dir = tempfile::tempdir().unwrap();
-    let opts = || StoreOptions {
-        journal_bytes: 8 << 20,
-    };
-    let s = Store::open(dir.path(), opts()).unwrap();
+    let s = small_store(dir.path());
     let v = s.create_volume("v", 1 << 20).unwrap();
     s.write_blocks(&v, Lba(5), &block(1)).unwrap();
     s.write_blocks(&v, Lba(6), &block(2)).unwrap();
@@ -286,7 +291,7 @@ fn a_crash_after_taking_damage_on_never_reads_zeroes() {
     // Crash: no checkpoint since the unmapping.
     drop(v);
     drop(s);
-    let s = Store::open(dir.path(), opts()).unwrap();
+    let s = small_store(dir.path());
     let v = s.volume("v").unwrap();
     assert!(
         s.read_blocks(&v, Lba(5), &mut buf).is_err(),
