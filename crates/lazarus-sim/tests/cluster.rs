@@ -63,10 +63,31 @@ fn seeds_must_pass(o: &Options) {
     );
 }
 
+/// Which faults a run draws from besides crashes, holds and recovery-server crashes.
+#[derive(Clone, Copy)]
+enum Mix {
+    Plain,
+    /// Bit rot and read errors.
+    Disk,
+    /// Those and failed devices.
+    Device,
+    /// Those and full disks.
+    Full,
+}
+
+fn options(seed: u64, faults: usize, mix: Mix) -> Options {
+    let mut o = Options::new(seed);
+    o.faults = faults;
+    o.disk_faults = !matches!(mix, Mix::Plain);
+    o.device_faults = matches!(mix, Mix::Device | Mix::Full);
+    o.full_disk = matches!(mix, Mix::Full);
+    o
+}
+
 /// The fixed set of seeds of the test command (`scripts/sim.sh` runs thousands).
 #[test]
 fn two_hundred_seeds_of_faults_break_no_rule() {
-    seeds_must_pass(&Options::new(0));
+    seeds_must_pass(&options(0, 3, Mix::Plain));
 }
 
 /// The same with disk faults too: bit rot of slice pages, checksum pages and blocks,
@@ -74,9 +95,7 @@ fn two_hundred_seeds_of_faults_break_no_rule() {
 /// copy can prove current may answer EIO after the heal, if the primary lists it.
 #[test]
 fn two_hundred_seeds_with_disk_faults_break_no_rule() {
-    let mut o = Options::new(0);
-    o.disk_faults = true;
-    seeds_must_pass(&o);
+    seeds_must_pass(&options(0, 3, Mix::Disk));
 }
 
 /// Six faults a seed, failed devices among them (one node's block store answering
@@ -87,71 +106,54 @@ fn two_hundred_seeds_with_disk_faults_break_no_rule() {
 /// runs more).
 #[test]
 fn two_hundred_seeds_with_failed_devices_and_full_disks_break_no_rule() {
-    let mut o = Options::new(0);
-    o.faults = 6;
-    o.disk_faults = true;
-    o.device_faults = true;
-    o.full_disk = true;
-    seeds_must_pass(&o);
+    seeds_must_pass(&options(0, 6, Mix::Full));
 }
 
 /// Seeds that found bugs, kept as regression tests (RELIABILITY.md, "The whole
 /// cluster under the simulator").
 #[test]
 fn seeds_that_found_bugs_pass() {
-    // A copy left live without the writes its primary acknowledged while it held the
-    // volume at the recovery server beyond the metadata (SetRecovery `alone`).
-    let mut o = Options::new(7);
-    o.faults = 6;
-    o.disk_faults = true;
-    run_in_process(exe(), &o).unwrap_or_else(|e| panic!("{e}"));
-
-    // A replica's corrupted slice page was never repaired: the copy stayed live with a
-    // page it could not read.
-    let mut o = Options::new(175);
-    o.disk_faults = true;
-    run_in_process(exe(), &o).unwrap_or_else(|e| panic!("{e}"));
-
-    // A copy marked dead while its resync ran (a jeopardy holder's late entry) was
-    // turned live by that resync's end, without the writes acknowledged meanwhile.
-    run_in_process(exe(), &Options::new(2678)).unwrap_or_else(|e| panic!("{e}"));
-
-    // A replica took a page's damage from its primary in a resync; the primary then
-    // repaired the page, and the replica's copy of it differed for ever (6 faults).
-    // A primary's unrecoverable page kept the other copies resyncing for ever (115).
-    // A write forwarded before the forwarder crashed landed over a flushed one (222).
-    // A survivor's copy, holding writes the metadata did not know of when it crashed
-    // with the recovery server down, resynced from the old primary; the cluster then
-    // adopted it and read zeroes for a flushed block (2421; claims.rs).
-    for (seed, faults) in [(8, 6), (115, 3), (222, 6), (2421, 3)] {
-        let mut o = Options::new(seed);
-        o.faults = faults;
-        o.disk_faults = true;
-        run_in_process(exe(), &o).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
-    }
-
-    // Zeroes read for a flushed block: a copy lacking a damaged page's unknown slots
-    // passed for current on it (resync turned it live, repair took its page). The
-    // page is unrecoverable here: its blocks answer EIO, listed, and the other copies
-    // take its damage from the primary (`Volume::adopt_damage`), so the cluster heals.
-    let mut o = Options::new(14);
-    o.faults = 6;
-    o.disk_faults = true;
-    run_in_process(exe(), &o).unwrap_or_else(|e| panic!("seed 14: {e}"));
-
-    // With failed devices (6 faults, disk faults too): a take-over whose restore
-    // failed (its device had failed) was adopted with its stale copy: a read older
-    // than a flush (158). A block lost on its last copy kept every other copy
-    // resyncing for ever (909). A survivor's claim granted but not served was never
-    // adopted once adoption waited for take-overs to serve (77).
-    // A resync took damage its primary repaired a moment later; promoted, the copy
-    // read zeroes for a flushed block after a restart (2105).
-    for seed in [158, 909, 77, 2105] {
-        let mut o = Options::new(seed);
-        o.faults = 6;
-        o.disk_faults = true;
-        o.device_faults = true;
-        run_in_process(exe(), &o).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+    let cases = [
+        // A copy left live without the writes its primary acknowledged while it held
+        // the volume at the recovery server beyond the metadata (SetRecovery `alone`).
+        (7, 6, Mix::Disk),
+        // A replica's corrupted slice page was never repaired: the copy stayed live
+        // with a page it could not read.
+        (175, 3, Mix::Disk),
+        // A copy marked dead while its resync ran (a jeopardy holder's late entry) was
+        // turned live by that resync's end, without the writes acknowledged meanwhile.
+        (2678, 3, Mix::Plain),
+        // A replica took a page's damage from its primary in a resync; the primary
+        // then repaired the page, and the replica's copy of it differed for ever.
+        (8, 6, Mix::Disk),
+        // A primary's unrecoverable page kept the other copies resyncing for ever.
+        (115, 3, Mix::Disk),
+        // A write forwarded before the forwarder crashed landed over a flushed one.
+        (222, 6, Mix::Disk),
+        // A survivor's copy, holding writes the metadata did not know of when it
+        // crashed with the recovery server down, resynced from the old primary; the
+        // cluster then adopted it and read zeroes for a flushed block (claims.rs).
+        (2421, 3, Mix::Disk),
+        // Zeroes read for a flushed block: a copy lacking a damaged page's unknown
+        // slots passed for current on it (resync turned it live, repair took its
+        // page). The page is unrecoverable here: its blocks answer EIO, listed, and the
+        // other copies take its damage from the primary (`Volume::adopt_damage`).
+        (14, 6, Mix::Disk),
+        // A take-over whose restore failed (its device had failed) was adopted with
+        // its stale copy: a read older than a flush.
+        (158, 6, Mix::Device),
+        // A block lost on its last copy kept every other copy resyncing for ever.
+        (909, 6, Mix::Device),
+        // A survivor's claim granted but not served was never adopted once adoption
+        // waited for take-overs to serve.
+        (77, 6, Mix::Device),
+        // A resync took damage its primary repaired a moment later; promoted, the copy
+        // read zeroes for a flushed block after a restart.
+        (2105, 6, Mix::Device),
+    ];
+    for (seed, faults, mix) in cases {
+        run_in_process(exe(), &options(seed, faults, mix))
+            .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
     }
 }
 
