@@ -8,6 +8,8 @@
 
 use std::io;
 use std::pin::Pin;
+#[cfg(feature = "sim")]
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -70,7 +72,8 @@ impl Listener {
             #[cfg(feature = "sim")]
             Listener::Sim(l) => {
                 let (s, a) = l.accept().await?;
-                Ok((Stream::Sim(s), a))
+                let cut = cuts::register(&s);
+                Ok((Stream::Sim(s, cut), a))
             }
         }
     }
@@ -88,14 +91,16 @@ impl Listener {
 pub enum Stream {
     Tcp(tokio::net::TcpStream),
     #[cfg(feature = "sim")]
-    Sim(turmoil::net::TcpStream),
+    Sim(turmoil::net::TcpStream, Arc<cuts::Slot>),
 }
 
 /// Connects to `addr` (a simulated host inside a simulation), Nagle off.
 pub async fn connect(addr: &str) -> io::Result<Stream> {
     #[cfg(feature = "sim")]
     if in_simulation() {
-        return Ok(Stream::Sim(turmoil::net::TcpStream::connect(addr).await?));
+        let s = turmoil::net::TcpStream::connect(addr).await?;
+        let cut = cuts::register(&s);
+        return Ok(Stream::Sim(s, cut));
     }
     let s = tokio::net::TcpStream::connect(addr).await?;
     let _ = s.set_nodelay(true);
@@ -110,9 +115,9 @@ impl Stream {
                 (ReadHalf::Tcp(r), WriteHalf::Tcp(w))
             }
             #[cfg(feature = "sim")]
-            Stream::Sim(s) => {
+            Stream::Sim(s, cut) => {
                 let (r, w) = s.into_split();
-                (ReadHalf::Sim(r), WriteHalf::Sim(w))
+                (ReadHalf::Sim(r, cut.clone()), WriteHalf::Sim(w, cut))
             }
         }
     }
@@ -121,13 +126,13 @@ impl Stream {
 pub enum ReadHalf {
     Tcp(tokio::net::tcp::OwnedReadHalf),
     #[cfg(feature = "sim")]
-    Sim(turmoil::net::tcp::OwnedReadHalf),
+    Sim(turmoil::net::tcp::OwnedReadHalf, Arc<cuts::Slot>),
 }
 
 pub enum WriteHalf {
     Tcp(tokio::net::tcp::OwnedWriteHalf),
     #[cfg(feature = "sim")]
-    Sim(turmoil::net::tcp::OwnedWriteHalf),
+    Sim(turmoil::net::tcp::OwnedWriteHalf, Arc<cuts::Slot>),
 }
 
 /// `AsyncRead` for an enum of a real and a simulated reader: each call goes to the one
@@ -143,7 +148,12 @@ macro_rules! async_read {
                 match self.get_mut() {
                     $t::Tcp(r) => Pin::new(r).poll_read(cx, buf),
                     #[cfg(feature = "sim")]
-                    $t::Sim(r) => Pin::new(r).poll_read(cx, buf),
+                    $t::Sim(r, cut) => {
+                        if cut.is_cut(cx) {
+                            return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+                        }
+                        Pin::new(r).poll_read(cx, buf)
+                    }
                 }
             }
         }
@@ -162,7 +172,12 @@ macro_rules! async_write {
                 match self.get_mut() {
                     $t::Tcp(w) => Pin::new(w).poll_write(cx, buf),
                     #[cfg(feature = "sim")]
-                    $t::Sim(w) => Pin::new(w).poll_write(cx, buf),
+                    $t::Sim(w, cut) => {
+                        if cut.is_cut(cx) {
+                            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+                        }
+                        Pin::new(w).poll_write(cx, buf)
+                    }
                 }
             }
 
@@ -170,7 +185,7 @@ macro_rules! async_write {
                 match self.get_mut() {
                     $t::Tcp(w) => Pin::new(w).poll_flush(cx),
                     #[cfg(feature = "sim")]
-                    $t::Sim(w) => Pin::new(w).poll_flush(cx),
+                    $t::Sim(w, _) => Pin::new(w).poll_flush(cx),
                 }
             }
 
@@ -178,7 +193,7 @@ macro_rules! async_write {
                 match self.get_mut() {
                     $t::Tcp(w) => Pin::new(w).poll_shutdown(cx),
                     #[cfg(feature = "sim")]
-                    $t::Sim(w) => Pin::new(w).poll_shutdown(cx),
+                    $t::Sim(w, _) => Pin::new(w).poll_shutdown(cx),
                 }
             }
 
@@ -190,7 +205,12 @@ macro_rules! async_write {
                 match self.get_mut() {
                     $t::Tcp(w) => Pin::new(w).poll_write_vectored(cx, bufs),
                     #[cfg(feature = "sim")]
-                    $t::Sim(w) => Pin::new(w).poll_write_vectored(cx, bufs),
+                    $t::Sim(w, cut) => {
+                        if cut.is_cut(cx) {
+                            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+                        }
+                        Pin::new(w).poll_write_vectored(cx, bufs)
+                    }
                 }
             }
 
@@ -198,7 +218,7 @@ macro_rules! async_write {
                 match self {
                     $t::Tcp(w) => w.is_write_vectored(),
                     #[cfg(feature = "sim")]
-                    $t::Sim(w) => w.is_write_vectored(),
+                    $t::Sim(w, _) => w.is_write_vectored(),
                 }
             }
         }
@@ -209,3 +229,99 @@ async_read!(Stream);
 async_write!(Stream);
 async_read!(ReadHalf);
 async_write!(WriteHalf);
+
+/// Connections cut without a crash, in a simulation (`cut`): as a real network drops a
+/// TCP connection (a reset, a NAT or firewall forgetting it, a peer's socket closed)
+/// while both processes run on. turmoil's own faults either hold messages (a partition)
+/// or crash a host; neither shows a live process its connection failing.
+#[cfg(feature = "sim")]
+pub mod cuts {
+    use std::collections::HashMap;
+    use std::net::IpAddr;
+    use std::sync::{Arc, Mutex, Weak};
+    use std::task::{Context, Waker};
+
+    /// One connection's ends and the cut generation of each when it opened.
+    pub struct Slot {
+        ends: [(IpAddr, u64); 2],
+        wakers: Mutex<Vec<Waker>>,
+    }
+
+    /// Per address: how many times its connections were cut.
+    static GENERATIONS: Mutex<Option<HashMap<IpAddr, u64>>> = Mutex::new(None);
+    /// Every open connection, to wake the ones a cut ends.
+    static OPEN: Mutex<Vec<Weak<Slot>>> = Mutex::new(Vec::new());
+
+    fn generation(ip: IpAddr) -> u64 {
+        GENERATIONS
+            .lock()
+            .unwrap()
+            .as_ref()
+            .and_then(|g| g.get(&ip).copied())
+            .unwrap_or(0)
+    }
+
+    pub(crate) fn register(s: &turmoil::net::TcpStream) -> Arc<Slot> {
+        let ip = |a: std::io::Result<std::net::SocketAddr>| {
+            a.map(|a| a.ip())
+                .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+        };
+        let (local, peer) = (ip(s.local_addr()), ip(s.peer_addr()));
+        let slot = Arc::new(Slot {
+            ends: [(local, generation(local)), (peer, generation(peer))],
+            wakers: Mutex::new(Vec::new()),
+        });
+        let mut open = OPEN.lock().unwrap();
+        open.retain(|w| w.strong_count() > 0);
+        open.push(Arc::downgrade(&slot));
+        slot
+    }
+
+    impl Slot {
+        /// Whether a cut ended this connection; if not, `cx` is woken by the next cut.
+        pub(crate) fn is_cut(&self, cx: &Context<'_>) -> bool {
+            if self.ends.iter().any(|(ip, g)| generation(*ip) > *g) {
+                return true;
+            }
+            // The read and the write half share the slot: keep a waker for each task.
+            let mut wakers = self.wakers.lock().unwrap();
+            if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                if wakers.len() >= 4 {
+                    wakers.remove(0);
+                }
+                wakers.push(cx.waker().clone());
+            }
+            false
+        }
+    }
+
+    /// Cuts every open connection of the host at `ip` (both ends see it fail: reads
+    /// answer a reset, writes a broken pipe); connections opened afterwards work.
+    pub fn cut(ip: IpAddr) {
+        *GENERATIONS
+            .lock()
+            .unwrap()
+            .get_or_insert_with(HashMap::new)
+            .entry(ip)
+            .or_default() += 1;
+        let open: Vec<Arc<Slot>> = OPEN
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for slot in open {
+            if slot.ends.iter().any(|(a, _)| *a == ip) {
+                for w in std::mem::take(&mut *slot.wakers.lock().unwrap()) {
+                    w.wake();
+                }
+            }
+        }
+    }
+
+    /// Forgets every cut (a new simulation in the same process).
+    pub fn reset() {
+        *GENERATIONS.lock().unwrap() = None;
+        OPEN.lock().unwrap().clear();
+    }
+}

@@ -271,7 +271,7 @@ fn acts_before_caught_up_finds_nothing_in_this_abstraction() {
     assert!(r.violations.is_empty());
 }
 
-// The surviving-replica protocol (crates/lazarus/src/survivor.rs): each flag takes one
+// The surviving-replica protocol (crates/lazarus-node/src/survivor.rs): each flag takes one
 // of its rules away.
 
 #[test]

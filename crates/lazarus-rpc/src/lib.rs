@@ -4,7 +4,10 @@
 //! Frame: u32 length of the rest, u64 call id, u8 kind (requests) or status (replies:
 //! 0 ok, else a `Refusal` code with its message as the body), then a JSON body.
 //! Callers decide on the typed `RpcError`, never on an error's text. JSON keeps the Raft messages readable in a packet
-//! capture; the block data path will add a raw payload after the body.
+//! capture; block data travels as a raw payload after the JSON (`pack`, `unpack`).
+//! The kinds are declared in `kind`, the node's request and answer bodies in `msg`.
+
+pub mod msg;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -1,5 +1,5 @@
 //! A whole Lazarus cluster under the simulator: three storage nodes (the real node
-//! code: `lazarus::node::{open, start}` and the NBD server) and the recovery server on
+//! code: `lazarus_server::node::{open, start}` and the NBD server) and the recovery server on
 //! simulated hosts, each node with its own simulated disk, and an NBD client host that
 //! writes, flushes and reads with the checker of `scripts/chaos.py`. One seed drives
 //! everything: the network's latencies and the hosts' order (turmoil), the workload,
@@ -15,8 +15,8 @@
 //! every block, checked by the same rule.
 
 use crate::nbd::{Client, Reply};
-use lazarus::config::{Endpoints, NodeConfig};
 use lazarus_cluster::meta::ReplicaState;
+use lazarus_node::config::{Endpoints, NodeConfig};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -57,6 +57,11 @@ pub struct Options {
     /// ballast file, synced) until the fault ends.
     #[serde(default)]
     pub full_disk: bool,
+    /// Connections cut without a crash among the faults: every open connection of one
+    /// host (a node, the recovery server or the client) fails at once, both ends see
+    /// it, and the processes run on (`lazarus_io::net::cuts`).
+    #[serde(default)]
+    pub conn_cuts: bool,
 }
 
 impl Options {
@@ -71,6 +76,7 @@ impl Options {
             disk_faults: false,
             device_faults: false,
             full_disk: false,
+            conn_cuts: false,
         }
     }
 }
@@ -207,7 +213,7 @@ async fn run_node(id: &'static str, volume_bytes: u64, written: Arc<Vec<u64>>) -
     // A failed device fails the store's opening too: the node's supervisor starts it
     // again until it opens.
     let (store, engine) = loop {
-        match lazarus::node::open(&cfg).await {
+        match lazarus_server::node::open(&cfg).await {
             Ok(o) => break o,
             Err(e) if lazarus_store::disk::device_failed(&cfg.data_dir) => {
                 tracing::warn!(node = id, error = %e, "store not opened (device failed); trying again");
@@ -223,7 +229,7 @@ async fn run_node(id: &'static str, volume_bytes: u64, written: Arc<Vec<u64>>) -
         nbd: cfg.nbd_listen,
         admin: cfg.admin_listen,
     };
-    let node = lazarus::node::start(&cfg, store.clone(), engine.clone(), &ep, false)
+    let node = lazarus_server::node::start(&cfg, store.clone(), engine.clone(), &ep, false)
         .await
         .map_err(err)?;
     let cluster = node.cluster.clone().expect("a cluster member");
@@ -282,7 +288,7 @@ async fn run_node(id: &'static str, volume_bytes: u64, written: Arc<Vec<u64>>) -
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     });
-    lazarus::nbd_server::serve(nbd, engine).await;
+    lazarus_server::nbd_server::serve(nbd, engine).await;
     Ok(())
 }
 
@@ -324,7 +330,7 @@ fn apply_disk_fault(id: &str, store: &Arc<lazarus_store::Store>, f: DiskFault) {
     };
     let r = match &f {
         DiskFault::Corrupt { lba, target } => {
-            lazarus::admin::corrupt_on_disk(store, &v, VOLUME, *lba, target)
+            lazarus_server::admin::corrupt_on_disk(store, &v, VOLUME, *lba, target)
                 .map(|_| ())
                 .map_err(|e| e.1)
         }
@@ -615,6 +621,8 @@ enum Fault {
 enum Pick {
     Lasting(Fault),
     Disk(String, DiskFault),
+    /// Every open connection of a host cut at once.
+    Cut(String),
 }
 
 /// Runs one seed. Err: the rule was broken, or the cluster did not heal (with the
@@ -623,6 +631,7 @@ pub fn run(opts: Options) -> Result<Report, String> {
     let sh = Rc::new(RefCell::new(Shared::default()));
     SHARED.with(|s| *s.borrow_mut() = Some(sh.clone()));
     let _ = lazarus_io::rt::take_exit_requests();
+    lazarus_io::net::cuts::reset();
     // The thread's generator, which the node's own random choices use (openraft's
     // election timeouts, the recovery log's generations).
     fastrand::seed(opts.seed);
@@ -792,6 +801,10 @@ pub fn run(opts: Options) -> Result<Report, String> {
                         log(&sh, now, format!("disk of {h}: {d:?}"));
                         sh.borrow_mut().disk_faults.push((h, d));
                     }
+                    Some(Pick::Cut(h)) => {
+                        log(&sh, now, format!("every connection of {h} cut"));
+                        lazarus_io::net::cuts::cut(sim.lookup(h.as_str()));
+                    }
                     None => {}
                 }
             }
@@ -907,7 +920,16 @@ fn pick_fault(
     // seed's draws without them stay what they were.
     let base = if opts.disk_faults { 13 } else { 10 };
     let devices = base + if opts.device_faults { 2 } else { 0 };
-    let draw = rng.u32(..devices + if opts.full_disk { 2 } else { 0 });
+    let full = devices + if opts.full_disk { 2 } else { 0 };
+    let draw = rng.u32(..full + if opts.conn_cuts { 3 } else { 0 });
+    if draw >= full {
+        let hosts = ["n1", "n2", "n3", "rs", "client"];
+        let host = match primary.filter(|_| rng.bool()) {
+            Some(p) => p,
+            None => hosts[rng.usize(..hosts.len())].to_string(),
+        };
+        return Some(Pick::Cut(host));
+    }
     if draw >= base {
         let room = 2usize.saturating_sub(NODES.len() - up.len() + failed.len());
         let healthy: Vec<&str> = up

@@ -10,6 +10,7 @@
 //! LAZARUS_SIM_DISK_FAULTS=1             disk faults (bit rot, EIO) among the faults
 //! LAZARUS_SIM_DEVICE_FAULTS=1           failed devices (one node's store, every I/O EIO)
 //! LAZARUS_SIM_FULL_DISK=1               full disks (one node's disk filled by a ballast file)
+//! LAZARUS_SIM_CUTS=1                    connections cut without a crash (all of one host's)
 //! lazarus-sim run OPTIONS_JSON          (internal) one seed, its report as one JSON line
 //! ```
 
@@ -78,6 +79,7 @@ fn main() {
             o.disk_faults = std::env::var("LAZARUS_SIM_DISK_FAULTS").is_ok_and(|v| v == "1");
             o.device_faults = std::env::var("LAZARUS_SIM_DEVICE_FAULTS").is_ok_and(|v| v == "1");
             o.full_disk = std::env::var("LAZARUS_SIM_FULL_DISK").is_ok_and(|v| v == "1");
+            o.conn_cuts = std::env::var("LAZARUS_SIM_CUTS").is_ok_and(|v| v == "1");
             o.faults = num(2, o.faults as u64) as usize;
             o.load = std::time::Duration::from_secs(num(3, o.load.as_secs()));
             match cluster::run(o) {
@@ -98,6 +100,7 @@ fn main() {
             base.disk_faults = std::env::var("LAZARUS_SIM_DISK_FAULTS").is_ok_and(|v| v == "1");
             base.device_faults = std::env::var("LAZARUS_SIM_DEVICE_FAULTS").is_ok_and(|v| v == "1");
             base.full_disk = std::env::var("LAZARUS_SIM_FULL_DISK").is_ok_and(|v| v == "1");
+            base.conn_cuts = std::env::var("LAZARUS_SIM_CUTS").is_ok_and(|v| v == "1");
             base.faults = num(4, base.faults as u64) as usize;
             base.load = std::time::Duration::from_secs(num(5, base.load.as_secs()));
             let results = cluster::sweep(&exe, &base, first, count, jobs);

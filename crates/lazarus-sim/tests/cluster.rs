@@ -73,14 +73,17 @@ enum Mix {
     Device,
     /// Those and full disks.
     Full,
+    /// Those and connections cut without a crash.
+    Cut,
 }
 
 fn options(seed: u64, faults: usize, mix: Mix) -> Options {
     let mut o = Options::new(seed);
     o.faults = faults;
     o.disk_faults = !matches!(mix, Mix::Plain);
-    o.device_faults = matches!(mix, Mix::Device | Mix::Full);
-    o.full_disk = matches!(mix, Mix::Full);
+    o.device_faults = matches!(mix, Mix::Device | Mix::Full | Mix::Cut);
+    o.full_disk = matches!(mix, Mix::Full | Mix::Cut);
+    o.conn_cuts = matches!(mix, Mix::Cut);
     o
 }
 
@@ -107,6 +110,15 @@ fn two_hundred_seeds_with_disk_faults_break_no_rule() {
 #[test]
 fn two_hundred_seeds_with_failed_devices_and_full_disks_break_no_rule() {
     seeds_must_pass(&options(0, 6, Mix::Full));
+}
+
+/// Six faults a seed with every kind above and connections cut without a crash: all
+/// open connections of one host (a node, the recovery server or the client) fail at
+/// once while the processes run on, as a real network's reset does
+/// (`LAZARUS_SIM_CUTS=1` with the variables above runs more).
+#[test]
+fn two_hundred_seeds_with_connections_cut_break_no_rule() {
+    seeds_must_pass(&options(0, 6, Mix::Cut));
 }
 
 /// Seeds that found bugs, kept as regression tests (RELIABILITY.md, "The whole

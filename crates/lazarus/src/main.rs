@@ -1,7 +1,15 @@
 //! `lazarus`: the one binary. `up` and `node` run servers; every other command is a
 //! client of a node's admin API.
 
-use lazarus::{client, config, fault, node, rpc_bench, status, transfer, up};
+mod client;
+mod fault;
+mod rpc_bench;
+mod status;
+mod transfer;
+mod up;
+
+use lazarus_node::config;
+use lazarus_server::node;
 
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};

@@ -10,8 +10,8 @@
 //! `nX/KILLED` (present while node X is held down by `fault kill`).
 
 use crate::client::{self, Api};
-use crate::config::{Endpoints, NodeConfig, PeerConfig};
 use anyhow::Context;
+use lazarus_node::config::{Endpoints, NodeConfig, PeerConfig};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -49,7 +49,7 @@ pub struct UpArgs {
     pub volume_size: u64,
     pub nodes: usize,
     pub log_level: Option<String>,
-    pub jeopardy_policy: crate::config::JeopardyPolicy,
+    pub jeopardy_policy: lazarus_node::config::JeopardyPolicy,
     pub jeopardy_suspend_secs: u64,
     /// Start a recovery server beside the nodes (clusters only).
     pub recovery_server: bool,
@@ -141,7 +141,7 @@ async fn start_recovery_server(args: &UpArgs) -> anyhow::Result<(Child, Endpoint
         .stdout(logf.try_clone()?)
         .stderr(logf)
         .env(
-            crate::node::SUPERVISOR_PID_ENV,
+            lazarus_server::node::SUPERVISOR_PID_ENV,
             std::process::id().to_string(),
         )
         .kill_on_drop(true);
@@ -206,7 +206,7 @@ async fn start_node(args: &UpArgs, i: usize) -> anyhow::Result<(Child, Endpoints
         .stdout(logf.try_clone()?)
         .stderr(logf)
         .env(
-            crate::node::SUPERVISOR_PID_ENV,
+            lazarus_server::node::SUPERVISOR_PID_ENV,
             std::process::id().to_string(),
         )
         .kill_on_drop(true);
@@ -396,7 +396,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create {}", args.data.display()))?;
     let data = std::fs::canonicalize(&args.data)?;
     let args = UpArgs { data, ..args };
-    let _lock = crate::node::lock_data_dir(&args.data).map_err(|_| {
+    let _lock = lazarus_server::node::lock_data_dir(&args.data).map_err(|_| {
         anyhow::anyhow!(
             "a `lazarus up` is already running on {}",
             args.data.display()
@@ -505,7 +505,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     println!("Press Ctrl-C to stop.");
 
     let result = tokio::select! {
-        _ = crate::node::shutdown_signal() => Ok(()),
+        _ = lazarus_server::node::shutdown_signal() => Ok(()),
         r = supervise(&args, &mut slots) => r,
     };
     say!("stopping...");

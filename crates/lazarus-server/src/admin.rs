@@ -1,12 +1,12 @@
 //! Admin HTTP API (`/api/v1/...`): JSON in and out, errors as `{"error": "..."}` with
 //! a fitting status code. Blocking store calls run on the blocking pool.
 
-use crate::engine::Engine;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use lazarus_node::engine::Engine;
 use lazarus_store::{StoreError, Volume};
 use lazarus_types::{Lba, BLOCK_SIZE_U64};
 use serde::{Deserialize, Serialize};
@@ -83,7 +83,7 @@ pub struct AppState {
     pub guard: MutationGuard,
     pub node_id: String,
     pub engine: Arc<Engine>,
-    pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    pub cluster: Option<Arc<lazarus_node::cluster::Cluster>>,
 }
 
 pub struct ApiError(pub StatusCode, pub String);
@@ -340,7 +340,7 @@ async fn create_volume(
 /// copies go to the next nodes by id. Returns once the local copy exists.
 async fn create_in_cluster(
     s: &AppState,
-    c: &Arc<crate::cluster::Cluster>,
+    c: &Arc<lazarus_node::cluster::Cluster>,
     name: String,
     size: u64,
     rf: Option<usize>,
@@ -562,7 +562,7 @@ pub struct FaultTarget {
     pub to: Option<String>,
 }
 
-fn cluster_of(s: &AppState) -> Result<Arc<crate::cluster::Cluster>, ApiError> {
+fn cluster_of(s: &AppState) -> Result<Arc<lazarus_node::cluster::Cluster>, ApiError> {
     s.cluster.clone().ok_or_else(|| {
         ApiError(
             StatusCode::BAD_REQUEST,
@@ -571,9 +571,10 @@ fn cluster_of(s: &AppState) -> Result<Arc<crate::cluster::Cluster>, ApiError> {
     })
 }
 
-fn node_arg(c: &crate::cluster::Cluster, to: Option<&str>) -> Result<Option<u64>, ApiError> {
+fn node_arg(c: &lazarus_node::cluster::Cluster, to: Option<&str>) -> Result<Option<u64>, ApiError> {
     let Some(name) = to else { return Ok(None) };
-    let id = crate::cluster::raft_id(name).map_err(|m| ApiError(StatusCode::BAD_REQUEST, m))?;
+    let id =
+        lazarus_node::cluster::raft_id(name).map_err(|m| ApiError(StatusCode::BAD_REQUEST, m))?;
     if !c.store.meta().nodes.contains_key(&id) {
         return Err(ApiError(
             StatusCode::NOT_FOUND,
@@ -596,7 +597,7 @@ async fn list_faults(State(s): State<AppState>) -> Result<Json<serde_json::Value
         "node": s.node_id,
         "drop_to": drops,
         "stall_to": c.stalls.lock().iter().map(|n| format!("n{n}")).collect::<Vec<_>>(),
-        "isolated": c.network.isolated.load(std::sync::atomic::Ordering::Relaxed),
+        "isolated": c.is_isolated(),
         "cut_from_recovery_server": c.recovery.as_ref().is_some_and(|r| r.cut.load(std::sync::atomic::Ordering::Relaxed)),
         "device_failed": s.engine.store.device_failed(),
     })))
@@ -654,14 +655,14 @@ async fn fault_isolate(
         } else {
             "link to the recovery server healed"
         };
-        (&rec.cut, what)
+        (rec.cut.as_ref(), what)
     } else {
         let what = if r.isolated {
             "isolated from the other nodes"
         } else {
             "isolation healed"
         };
-        (&c.network.isolated, what)
+        (c.isolation_switch(), what)
     };
     flag.store(r.isolated, std::sync::atomic::Ordering::SeqCst);
     tracing::warn!(node = %s.node_id, "fault injected: {what}");
@@ -743,7 +744,7 @@ async fn jeopardy(State(s): State<AppState>) -> Result<Json<serde_json::Value>, 
 fn link_target(
     s: &AppState,
     body: Result<Json<FaultTarget>, axum::extract::rejection::JsonRejection>,
-) -> Result<(Arc<crate::cluster::Cluster>, u64), ApiError> {
+) -> Result<(Arc<lazarus_node::cluster::Cluster>, u64), ApiError> {
     let Json(t) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     let c = cluster_of(s)?;
     let id = node_arg(&c, t.to.as_deref())?
@@ -790,8 +791,7 @@ async fn fault_heal(
         None => {
             c.drops.lock().clear();
             c.stalls.lock().clear();
-            c.network
-                .isolated
+            c.isolation_switch()
                 .store(false, std::sync::atomic::Ordering::SeqCst);
             if let Some(r) = &c.recovery {
                 r.cut.store(false, std::sync::atomic::Ordering::SeqCst);
@@ -940,9 +940,9 @@ async fn repair_volume(
         .iter()
         .map(|(p, o)| {
             let source = match o {
-                crate::repair::Outcome::AlreadyWhole => "whole".to_string(),
-                crate::repair::Outcome::Repaired(src) => src.clone(),
-                crate::repair::Outcome::Unrecoverable => "unrecoverable".to_string(),
+                lazarus_node::repair::Outcome::AlreadyWhole => "whole".to_string(),
+                lazarus_node::repair::Outcome::Repaired(src) => src.clone(),
+                lazarus_node::repair::Outcome::Unrecoverable => "unrecoverable".to_string(),
             };
             json!({ "page": p, "first_lba": p * lazarus_types::FANOUT_U64, "source": source })
         })
@@ -1146,7 +1146,7 @@ struct RangeQuery {
     length: Option<u64>,
 }
 
-fn io_error(e: crate::engine::IoError) -> ApiError {
+fn io_error(e: lazarus_node::engine::IoError) -> ApiError {
     let code = match e.errno {
         lazarus_nbd::consts::EINVAL => StatusCode::BAD_REQUEST,
         lazarus_nbd::consts::ENOSPC => StatusCode::INSUFFICIENT_STORAGE,
@@ -1159,7 +1159,7 @@ fn io_error(e: crate::engine::IoError) -> ApiError {
 async fn do_io(
     s: &AppState,
     name: &str,
-    op: crate::forward::Op,
+    op: lazarus_node::forward::Op,
     offset: u64,
     length: u64,
     payload: &[u8],
@@ -1183,7 +1183,11 @@ async fn do_io(
             format!("range {offset}+{length} is past the end of {name:?} ({size} bytes)"),
         ));
     }
-    if length > DATA_MAX_BYTES && matches!(op, crate::forward::Op::Read | crate::forward::Op::Write)
+    if length > DATA_MAX_BYTES
+        && matches!(
+            op,
+            lazarus_node::forward::Op::Read | lazarus_node::forward::Op::Write
+        )
     {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
@@ -1192,21 +1196,23 @@ async fn do_io(
     }
     // The API has no connection to tie a later flush to the process that acknowledged
     // a write (see nbd_server.rs, `Unflushed`): its writes are durable when answered.
-    let req = crate::forward::ForwardReq {
+    let req = lazarus_node::forward::ForwardReq {
         volume: name.to_string(),
         op,
         offset,
         length,
         fua: matches!(
             op,
-            crate::forward::Op::Write | crate::forward::Op::Zero | crate::forward::Op::Trim
+            lazarus_node::forward::Op::Write
+                | lazarus_node::forward::Op::Zero
+                | lazarus_node::forward::Op::Trim
         ),
         no_hole: false,
         fence: None,
     };
     match s.engine.route_name(name).await.map_err(io_error)? {
-        crate::engine::Route::Local => s.engine.execute_local(&req, payload).await,
-        crate::engine::Route::Forward(_) => s.engine.forward(&req, payload, None).await,
+        lazarus_node::engine::Route::Local => s.engine.execute_local(&req, payload).await,
+        lazarus_node::engine::Route::Forward(_) => s.engine.forward(&req, payload, None).await,
     }
     .map(|done| done.data)
     .map_err(io_error)
@@ -1235,7 +1241,15 @@ async fn read_data(
     let length = q
         .length
         .ok_or_else(|| ApiError(StatusCode::BAD_REQUEST, "length is required".into()))?;
-    let data = do_io(&s, &name, crate::forward::Op::Read, q.offset, length, &[]).await?;
+    let data = do_io(
+        &s,
+        &name,
+        lazarus_node::forward::Op::Read,
+        q.offset,
+        length,
+        &[],
+    )
+    .await?;
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
         data,
@@ -1253,7 +1267,7 @@ async fn write_data(
     do_io(
         &s,
         &name,
-        crate::forward::Op::Write,
+        lazarus_node::forward::Op::Write,
         q.offset,
         body.len() as u64,
         &body,
@@ -1271,7 +1285,15 @@ async fn zero_data(
     let length = q
         .length
         .ok_or_else(|| ApiError(StatusCode::BAD_REQUEST, "length is required".into()))?;
-    do_io(&s, &name, crate::forward::Op::Zero, q.offset, length, &[]).await?;
+    do_io(
+        &s,
+        &name,
+        lazarus_node::forward::Op::Zero,
+        q.offset,
+        length,
+        &[],
+    )
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -1279,14 +1301,14 @@ async fn flush_data(
     State(s): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    do_io(&s, &name, crate::forward::Op::Flush, 0, 0, &[]).await?;
+    do_io(&s, &name, lazarus_node::forward::Op::Flush, 0, 0, &[]).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// Samples the node's state into the gauges (damaged pages, unrecoverable LBAs, leases,
 /// jeopardy), then encodes every metric.
 /// The exposition text, after sampling the node's current state.
-fn render_metrics(engine: &crate::engine::Engine) -> String {
+fn render_metrics(engine: &lazarus_node::engine::Engine) -> String {
     use lazarus_observe::metrics::{vol, METRICS};
     let m = &*METRICS;
     for v in engine.store.volumes() {

@@ -19,6 +19,7 @@
 
 use crate::cluster::{Cluster, Update};
 use crate::config::{JeopardyPolicy, NodeConfig};
+use crate::decide::{adoption, jeopardy_step, Adoption, JeopardyStep};
 use lazarus_cluster::raft_store::NodeId;
 use lazarus_cluster::{MetaCommand, MetaResponse, ReplicaState, VolumeInfo};
 use lazarus_recovery::log::RecordKind;
@@ -233,49 +234,6 @@ impl From<JeopardyError> for String {
     fn from(e: JeopardyError) -> String {
         e.to_string()
     }
-}
-
-/// What the leader does with a recovery-server state newer than its metadata.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Adoption {
-    /// The holder becomes (stays) primary; `restored`: it took over by replaying the
-    /// log onto a copy that was current when the log began.
-    Adopt { restored: bool },
-    /// The holder is no current copy: fence the recovery server back to the metadata.
-    Refence,
-    /// A base copy took over but does not serve yet (it restores from the log, or its
-    /// restore failed): not adopted until it does; meanwhile no primary of the
-    /// metadata's serves (the recovery server is ahead), and if the holder stays silent
-    /// a base copy takes over again.
-    Wait,
-}
-
-/// Decides adoption. Only a holder that is already the metadata's primary (it claimed
-/// without a majority), or a base copy that took over and replays the log, is ever
-/// adopted; a promotion fenced at the recovery server but never committed through Raft
-/// (`jeopardy` off, or a live replica fenced in jeopardy) is not: its holder may be
-/// dead or stale in the metadata, and making it primary would lose acknowledged writes.
-/// A take-over is adopted only once its holder serves (it restored from the log): a
-/// holder whose restore failed, or that crashed in the middle of it, has a stale copy
-/// (simulator seed 158 with device and disk faults read a block older than a flush).
-pub fn adoption(v: &VolumeInfo, c: &lazarus_recovery::log::VolumeCoord) -> Adoption {
-    let holder = c.holder.unwrap_or(v.primary);
-    if c.jeopardy && c.takeover && c.base.contains(&holder) && !c.serving {
-        // Restoring (even the metadata's own primary, taking its volume back over).
-        Adoption::Wait
-    } else if c.jeopardy && holder == v.primary {
-        Adoption::Adopt { restored: false }
-    } else if c.jeopardy && c.takeover && c.base.contains(&holder) {
-        Adoption::Adopt { restored: true }
-    } else {
-        Adoption::Refence
-    }
-}
-
-/// Whether writes to `v` must be on the recovery server before they are written
-/// locally: its flag is on, or it is down to one live copy (of two or more).
-pub fn writes_through(v: &VolumeInfo) -> bool {
-    v.recovery_flag || (v.replicas.len() >= 2 && v.live().len() <= 1)
 }
 
 /// What `note_replicated` decided.
@@ -972,7 +930,7 @@ impl Cluster {
         let Some(addr) = self.rpc_addr(node) else {
             return false;
         };
-        matches!(self.network.client(&addr).call(lazarus_rpc::KIND_PING, &self.ping_body(), crate::cluster::PING_TIMEOUT).await, Ok(b) if b != b"device-failed")
+        matches!(self.network.client(&addr).call(lazarus_rpc::KIND_PING, &self.ping_body(), crate::cluster::PING_TIMEOUT).await, Ok(b) if b != lazarus_rpc::msg::PING_DEVICE_FAILED)
     }
 
     fn flaky(&self, meta: &lazarus_cluster::ClusterMeta, node: NodeId) -> bool {
@@ -1187,23 +1145,13 @@ impl Cluster {
             .into_iter()
             .filter(|n| self.flaky(&meta, *n))
             .collect();
+        let step = jeopardy_step(v, &domains, &flaky);
         // 2. Enter — unless the primary itself is gone: nothing writes then, and the
         // failover comes first (watch_primaries); the new primary's domains decide.
-        if !v.recovery_flag
-            && (domains.len() <= 1 || v.protected)
-            && v.primary != self.id
-            && !self.answers(&meta, v.primary).await
-        {
-            return Ok(());
-        }
-        if !v.recovery_flag && (domains.len() <= 1 || v.protected) {
-            let why = if v.protected {
-                "an administrator protected it".to_string()
-            } else if !flaky.is_empty() {
-                format!("failure history: {flaky:?} cannot be counted on")
-            } else {
-                format!("{} failure domain(s) left: {domains:?}", domains.len())
-            };
+        if let JeopardyStep::Enter(why) = step {
+            if v.primary != self.id && !self.answers(&meta, v.primary).await {
+                return Ok(());
+            }
             let sent = Instant::now();
             let req = ClaimReq {
                 takeover: false,
@@ -1255,7 +1203,7 @@ impl Cluster {
         // 3. Exit: the recovery server stops being the coordination point first (no
         // take-over can start against a primary that, once the flag is off, serves
         // on its Raft lease without a hold), then the flag goes off.
-        if v.recovery_flag && domains.len() >= 2 && !v.protected {
+        if step == JeopardyStep::Exit {
             if let Some(s) = rs.filter(|s| s.coord.jeopardy && s.coord.fcid == v.failure_count_id) {
                 self.clear_at_rs(v, s).await?;
             }
@@ -1645,86 +1593,5 @@ impl Cluster {
             })),
             "volumes": vols,
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use lazarus_recovery::log::VolumeCoord;
-
-    fn volume(primary: NodeId) -> VolumeInfo {
-        VolumeInfo {
-            name: "vol0".into(),
-            uid: 1,
-            size_bytes: 1 << 30,
-            replicas: vec![1, 2, 3],
-            primary,
-            epoch: 2,
-            states: [1, 2, 3]
-                .into_iter()
-                .map(|n| (n, ReplicaState::Live))
-                .collect(),
-            recovery_flag: false,
-            failure_count_id: 3,
-            protected: false,
-            stale: Default::default(),
-            stale_tracked: true,
-            live_at: Default::default(),
-            changed_at: 0,
-            resyncing_at: Default::default(),
-        }
-    }
-
-    /// Only the metadata's own primary (claimed without a majority) or a base copy that
-    /// took over from the log is adopted; any other holder is fenced back.
-    #[test]
-    fn adoption_rules() {
-        let v = volume(3);
-        let coord = |holder, jeopardy, takeover, base: Vec<NodeId>| VolumeCoord {
-            uid: 1,
-            fcid: 4,
-            holder: Some(holder),
-            epoch: 3,
-            jeopardy,
-            config: None,
-            base,
-            takeover,
-            serving: true,
-            out: Default::default(),
-            member_index: Default::default(),
-        };
-        // A fenced promotion that never committed (section 0's stray claim).
-        assert_eq!(
-            adoption(&v, &coord(1, false, false, vec![])),
-            Adoption::Refence
-        );
-        // A live replica fenced in jeopardy but never promoted: not restored from the log.
-        assert_eq!(
-            adoption(&v, &coord(2, true, false, vec![1, 2, 3])),
-            Adoption::Refence
-        );
-        // A take-over by a copy that was not current when the log began.
-        assert_eq!(
-            adoption(&v, &coord(1, true, true, vec![2, 3])),
-            Adoption::Refence
-        );
-        assert_eq!(
-            adoption(&v, &coord(3, true, false, vec![3])),
-            Adoption::Adopt { restored: false }
-        );
-        assert_eq!(
-            adoption(&v, &coord(2, true, true, vec![2, 3])),
-            Adoption::Adopt { restored: true }
-        );
-        // The same take-over before its holder serves (restoring, or its restore
-        // failed): neither adopted nor fenced back; the metadata's own primary taking
-        // the volume back over neither.
-        let mut restoring = coord(2, true, true, vec![2, 3]);
-        restoring.serving = false;
-        assert_eq!(adoption(&v, &restoring), Adoption::Wait);
-        let mut own = coord(3, true, true, vec![2, 3]);
-        own.serving = false;
-        assert_eq!(adoption(&v, &own), Adoption::Wait);
     }
 }

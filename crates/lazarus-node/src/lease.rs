@@ -13,25 +13,66 @@
 //! same way, counting from before its quorum check.
 
 use crate::cluster::{Cluster, PING_TIMEOUT};
-use lazarus_cluster::raft_store::NodeId;
+pub use lazarus_rpc::msg::{LeaseReply, LeaseRequest};
 use lazarus_rpc::KIND_LEASE;
-use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
 const LEASE_RENEW_INTERVAL: Duration = Duration::from_millis(100);
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct LeaseRequest {
-    pub node: NodeId,
-    /// (volume, epoch) pairs the asker is primary of in its metadata.
-    pub volumes: Vec<(String, u64)>,
+/// The leases of one node: those it holds as a primary, and, on the Raft leader, the
+/// requests it has seen and the volumes whose primary it is replacing.
+#[derive(Default)]
+pub struct Leases {
+    /// Per volume this node is primary of: (epoch, until when) it may serve it, granted
+    /// by the Raft leader after confirming its leadership with a quorum.
+    held: parking_lot::Mutex<HashMap<String, (u64, Instant)>>,
+    /// On the leader: per volume, (epoch, when) its primary last asked for a lease.
+    pub(crate) requests: parking_lot::Mutex<HashMap<String, (u64, Instant)>>,
+    /// On the leader: volumes whose primary it is replacing (from the silence it saw
+    /// to the `Promote` commit): it grants their old primary no lease meanwhile.
+    pub(crate) promoting: parking_lot::Mutex<HashSet<String>>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct LeaseReply {
-    pub granted: Vec<(String, u64)>,
+impl Leases {
+    /// Records leases on `(volume, epoch)` pairs, valid until `until`.
+    pub fn grant(&self, volumes: &[(String, u64)], until: Instant) {
+        let mut held = self.held.lock();
+        for (volume, epoch) in volumes {
+            // This node leads and is promoting another copy of the volume (its own
+            // device failed): a renewal answered just before must not put back the
+            // lease the promotion dropped.
+            if self.promoting.lock().contains(volume) {
+                continue;
+            }
+            held.insert(volume.clone(), (*epoch, until));
+        }
+    }
+
+    /// Whether a lease on `volume` at `epoch` runs at `now`.
+    pub fn valid(&self, volume: &str, epoch: u64, now: Instant) -> bool {
+        matches!(self.held.lock().get(volume), Some((e, until)) if *e == epoch && now < *until)
+    }
+
+    /// Drops the lease on `volume` (the leader replaces this node as its primary).
+    pub fn revoke(&self, volume: &str) {
+        self.held.lock().remove(volume);
+    }
+
+    /// The volumes with a lease running at `now`, sorted.
+    pub fn held(&self, now: Instant) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .held
+            .lock()
+            .iter()
+            .filter(|(_, (_, until))| now < *until)
+            .map(|(name, _)| name.clone())
+            .collect();
+        v.sort();
+        v
+    }
 }
 
 impl Cluster {
@@ -46,7 +87,7 @@ impl Cluster {
         let meta = self.store.meta();
         let now = Instant::now();
         let mut granted = Vec::new();
-        let mut seen = self.lease_requests.lock();
+        let mut seen = self.leases.requests.lock();
         for (name, epoch) in req.volumes {
             // Not while the recovery server knows a newer holder than the metadata
             // does: that state is adopted first.
@@ -55,7 +96,7 @@ impl Cluster {
                 .volumes
                 .get(&name)
                 .is_some_and(|v| v.primary == req.node && v.epoch == epoch && !rs_ahead(v))
-                && !self.promoting.lock().contains(&name)
+                && !self.leases.promoting.lock().contains(&name)
             {
                 seen.insert(name.clone(), (epoch, now));
                 granted.push((name, epoch));

@@ -5,8 +5,8 @@
 use crate::cluster::Cluster;
 use crate::engine::{Engine, IoError, Route};
 use lazarus_nbd::consts::{EINVAL, EIO};
+pub use lazarus_rpc::msg::{Executor, FenceToken, ForwardReply, ForwardReq, Holders, Op};
 use lazarus_rpc::{self as rpc, KIND_FORWARD};
-use serde::{Deserialize, Serialize};
 use std::sync::Weak;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -14,51 +14,6 @@ use tokio::time::Instant;
 /// How long a forwarded request keeps trying (the primary failing over meanwhile).
 const FORWARD_DEADLINE: Duration = Duration::from_secs(10);
 const FORWARD_RPC_TIMEOUT: Duration = Duration::from_secs(30);
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Op {
-    Read,
-    Write,
-    Flush,
-    Trim,
-    Zero,
-    /// A client connection's fence token from the primary (`Session`): `length` 1
-    /// opens a session (every token handed out before stops admitting writes), 0
-    /// reads the current one.
-    Fence,
-}
-
-impl Op {
-    fn modifies(self) -> bool {
-        matches!(self, Op::Write | Op::Trim | Op::Zero)
-    }
-}
-
-/// Where a client connection stands at the volume's primary: the primary process
-/// that issued it and the volume's fence count then.
-///
-/// A write forwarded by a node that then lost its client (the node crashed, or the
-/// client's connection closed) may reach the primary late: held up in a partitioned
-/// network, or re-sent by the forwarder. Meanwhile the client may have reconnected,
-/// written the same block again and flushed; applying the old write then would make
-/// an acknowledged, flushed write older than what a read returns. So every client
-/// connection opens a session at the primary before its first request is executed
-/// there, which raises the volume's fence count, and a forwarded write carries the
-/// token its connection got: the primary refuses a write whose token is older than
-/// the count (or was issued by another process, before a failover or a restart). A
-/// refused forwarder whose client connection is still open takes the current token
-/// and sends again (its client is still waiting: any order is allowed); one whose
-/// client is gone gives up. (Found by the simulator, seed 222 with disk faults.)
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-pub struct FenceToken {
-    pub incarnation: u64,
-    pub fence: u64,
-    /// The volume's epoch at the primary when it was issued: a primary that lost the
-    /// role and got it back did not see the sessions opened meanwhile.
-    #[serde(default)]
-    pub epoch: u64,
-}
 
 /// A client connection as the forwarding node knows it (`FenceToken`).
 #[derive(Debug, Default)]
@@ -88,82 +43,25 @@ impl Session {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ForwardReq {
-    pub volume: String,
-    pub op: Op,
-    pub offset: u64,
-    pub length: u64,
-    #[serde(default)]
-    pub fua: bool,
-    #[serde(default)]
-    pub no_hole: bool,
-    /// For writes: the client connection's token (`FenceToken`); none from a node of
-    /// an older version, or for the admin API's writes.
-    #[serde(default)]
-    pub fence: Option<FenceToken>,
-}
-
-/// The process that executed a request: a node and its incarnation (random per
-/// process start). A FLUSH makes durable what the process executing it holds, so it
-/// vouches only for writes acknowledged by that same process: a primary that crashed
-/// and came back (at the same epoch) has lost the writes it had acknowledged but not
-/// yet made durable, and a forwarding node must not let a later FLUSH hide that.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-pub struct Executor {
-    pub node: u64,
-    pub incarnation: u64,
-    /// How many times the process had replaced part of a copy from elsewhere (a
-    /// resync, a restore): after one, it may no longer hold what it applied before.
-    #[serde(default)]
-    pub copy_gen: u64,
-}
-
-/// The processes that hold an acknowledged write in memory or on disk: its primary
-/// and every replica that applied it. A FLUSH executed by any of them (still the same
-/// process) makes it durable.
-pub type Holders = Vec<Executor>;
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct ForwardReply {
-    errno: u32,
-    message: String,
-    /// The receiver is not the primary either (its metadata says so): route again.
-    #[serde(default)]
-    not_primary: bool,
-    /// The processes that hold a write it acknowledged (its executor and the replicas
-    /// that applied it); empty from a node of an older version: then the executor.
-    #[serde(default)]
-    holders: Holders,
-    /// Who executed it. A node of an older version sends none: every such reply
-    /// names the same unknown process, so during a rolling upgrade a primary of the
-    /// old version that restarts is not told apart (no worse than that version).
-    #[serde(default)]
-    executor: Executor,
-    /// A write refused for its fence token (`FenceToken`): not executed.
-    #[serde(default)]
-    fenced: bool,
-}
-
-impl ForwardReply {
-    fn ok(executor: Executor, holders: Holders) -> ForwardReply {
-        ForwardReply {
-            errno: 0,
-            message: String::new(),
-            not_primary: false,
-            holders,
-            executor,
-            fenced: false,
-        }
+/// A forwarded request's success, as the primary answers it.
+fn reply_ok(executor: Executor, holders: Holders) -> ForwardReply {
+    ForwardReply {
+        errno: 0,
+        message: String::new(),
+        not_primary: false,
+        holders,
+        executor,
+        fenced: false,
     }
+}
 
-    fn failed(executor: Executor, e: IoError) -> ForwardReply {
-        ForwardReply {
-            errno: e.errno,
-            message: e.message,
-            fenced: e.fenced,
-            ..ForwardReply::ok(executor, Vec::new())
-        }
+/// A forwarded request's failure, as the primary answers it.
+fn reply_failed(executor: Executor, e: IoError) -> ForwardReply {
+    ForwardReply {
+        errno: e.errno,
+        message: e.message,
+        fenced: e.fenced,
+        ..reply_ok(executor, Vec::new())
     }
 }
 
@@ -447,7 +345,7 @@ impl Cluster {
             Ok(Route::Forward(_)) | Err(_) => {
                 let r = ForwardReply {
                     not_primary: true,
-                    ..ForwardReply::failed(
+                    ..reply_failed(
                         executor,
                         IoError::new(
                             EIO,
@@ -461,12 +359,12 @@ impl Cluster {
         if req.op == Op::Fence {
             let t = self.fence_token(&req.volume, req.length == 1);
             let data = serde_json::to_vec(&t).map_err(|e| e.to_string())?;
-            return reply(ForwardReply::ok(executor, Vec::new()), &data);
+            return reply(reply_ok(executor, Vec::new()), &data);
         }
         let token = req.fence.filter(|_| req.op.modifies());
         if let Some(t) = token.filter(|t| !self.fence_admits(&req.volume, t)) {
             tracing::info!(volume = %req.volume, op = ?req.op, offset = req.offset, token = ?t, "forwarded write refused: its client connection's session was fenced by a newer one");
-            return reply(ForwardReply::failed(executor, IoError::fenced()), &[]);
+            return reply(reply_failed(executor, IoError::fenced()), &[]);
         }
         let volume = req.volume.clone();
         let check = token.map(|t| move || self.fence_admits(&volume, &t));
@@ -475,12 +373,12 @@ impl Cluster {
             None => engine.execute_local(&req, raw).await,
         };
         match r {
-            Ok(done) => reply(ForwardReply::ok(executor, done.holders), &done.data),
+            Ok(done) => reply(reply_ok(executor, done.holders), &done.data),
             Err(e) => {
                 if e.fenced {
                     tracing::info!(volume = %req.volume, op = ?req.op, offset = req.offset, "forwarded write refused under its block locks: its client connection's session was fenced by a newer one");
                 }
-                reply(ForwardReply::failed(executor, e), &[])
+                reply(reply_failed(executor, e), &[])
             }
         }
     }

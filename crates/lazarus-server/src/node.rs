@@ -1,8 +1,8 @@
 //! `lazarus node`: one process serving its store over NBD and the admin API.
 
-use crate::config::{Endpoints, NodeConfig};
-use crate::engine::Engine;
 use crate::{admin, nbd_server};
+use lazarus_node::config::{Endpoints, NodeConfig};
+use lazarus_node::engine::Engine;
 use lazarus_store::{Store, StoreOptions};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -47,7 +47,7 @@ pub fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<DirLock> {
 pub struct Node {
     pub store: Arc<Store>,
     pub engine: Arc<Engine>,
-    pub cluster: Option<Arc<crate::cluster::Cluster>>,
+    pub cluster: Option<Arc<lazarus_node::cluster::Cluster>>,
 }
 
 /// Opens the node's block store (replaying its journal) and the engine over it.
@@ -86,8 +86,8 @@ pub async fn start(
                 .collect();
             // A store with no volume has nothing to lose: as good as a clean stop.
             let clean = clean || local.is_empty();
-            let c = crate::cluster::Cluster::start(cfg, store.clone()).await?;
-            let _ = c.engine.set(Arc::downgrade(&engine));
+            let c = lazarus_node::cluster::Cluster::start(cfg, store.clone()).await?;
+            c.attach_engine(&engine);
             let _ = engine.cluster.set(c.clone());
             c.reconcile();
             c.watch_raft();
@@ -137,7 +137,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         lazarus_store::disk::sync_dir(&cfg.data_dir)?;
     }
     let (store, engine) = open(&cfg).await?;
-    crate::dashboard::start_sampler(engine.clone());
+    lazarus_node::stats::start_sampler(engine.clone());
 
     let nbd = lazarus_rpc::net::Listener::bind(&cfg.nbd_listen.to_string())
         .await
@@ -236,7 +236,7 @@ async fn restart_when_usable(data_dir: &Path, node: &str) {
     tracing::error!(
         "the block store stopped taking writes after an I/O error and the device is usable again: this node exits to be restarted and recover from its journal"
     );
-    crate::cluster::exit_now(75, node).await;
+    lazarus_node::cluster::exit_now(75, node).await;
 }
 
 pub async fn shutdown_signal() {

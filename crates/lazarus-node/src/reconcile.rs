@@ -13,49 +13,32 @@
 //! a node restarts as primary: its replicas may hold writes its own crash lost.
 
 use crate::cluster::Cluster;
+use crate::decide::{verdict, Verdict};
 use lazarus_cluster::raft_store::NodeId;
 use lazarus_cluster::{MetaCommand, MetaResponse, ReplicaState, VolumeInfo};
+pub use lazarus_rpc::msg::RootReq;
 use lazarus_rpc::KIND_ROOT;
-use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// How long a replica that does not answer is retried before it is marked dead.
-const UNREACHABLE_PATIENCE: Duration = Duration::from_secs(2);
 /// How long a replica waits for its metadata to reach the asked epoch.
 const EPOCH_CATCH_UP: Duration = Duration::from_millis(1000);
 const ROOT_TIMEOUT: Duration = Duration::from_millis(1500);
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RootReq {
-    pub volume: String,
-    pub uid: u64,
-    /// The asking primary's epoch: answered only once this node applied it.
-    pub epoch: u64,
-}
-
-/// What the primary does about one live replica, given what asking it gave.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// Same root: the copies are equal.
-    Equal,
-    /// Not asked successfully yet: ask again.
-    Retry,
-    /// Commit it dead (it resyncs from the primary).
-    MarkDead(&'static str),
-}
-
-/// The decision for one replica: `answer` is its root (or why not), `own` the primary's
-/// root, `waited` how long this replica has failed to answer.
-pub fn verdict(own: &[u8; 16], answer: &Result<[u8; 16], String>, waited: Duration) -> Verdict {
-    match answer {
-        Ok(r) if r == own => Verdict::Equal,
-        Ok(_) => Verdict::MarkDead("its checksum root differs from the new primary's"),
-        Err(_) if waited < UNREACHABLE_PATIENCE => Verdict::Retry,
-        Err(_) => Verdict::MarkDead("it did not answer the new primary's root check"),
-    }
+/// Per volume this node is primary of: whether its live copies were compared with its
+/// own at the current epoch (it serves only then).
+#[derive(Default)]
+pub struct Reconciliation {
+    /// The epoch at which the comparison was done.
+    done: parking_lot::Mutex<HashMap<String, u64>>,
+    /// Comparisons under way.
+    running: parking_lot::Mutex<HashSet<String>>,
+    /// Bumped whenever a volume must be compared again (`reconcile_again`): a
+    /// comparison that started before does not count.
+    gen: parking_lot::Mutex<HashMap<String, u64>>,
 }
 
 impl Cluster {
@@ -130,7 +113,7 @@ impl Cluster {
 
     /// Whether this node compared the live copies of `volume` at `epoch` with its own.
     pub fn reconciled(&self, volume: &str, epoch: u64) -> bool {
-        self.reconciled.lock().get(volume) == Some(&epoch)
+        self.reconciliation.done.lock().get(volume) == Some(&epoch)
     }
 
     /// Starts reconciling every volume this node is primary of and has not reconciled
@@ -141,7 +124,7 @@ impl Cluster {
             if v.primary != self.id || self.reconciled(&v.name, v.epoch) {
                 continue;
             }
-            if !self.reconciling.lock().insert(v.name.clone()) {
+            if !self.reconciliation.running.lock().insert(v.name.clone()) {
                 continue;
             }
             let c = self.clone();
@@ -149,11 +132,11 @@ impl Cluster {
             let gen = self.reconcile_gen(&v.name);
             tokio::spawn(async move {
                 let r = c.reconcile_volume(&name).await;
-                c.reconciling.lock().remove(&name);
+                c.reconciliation.running.lock().remove(&name);
                 match r {
                     // Unless a write diverged meanwhile: the next round compares again.
                     Ok(Some(epoch)) if c.reconcile_gen(&name) == gen => {
-                        c.reconciled.lock().insert(name, epoch);
+                        c.reconciliation.done.lock().insert(name, epoch);
                     }
                     Ok(Some(_)) => {}
                     Ok(None) => {}
@@ -175,11 +158,12 @@ impl Cluster {
     /// never agreed again.)
     pub fn reconcile_again(&self, volume: &str) {
         *self
-            .reconcile_gen
+            .reconciliation
+            .gen
             .lock()
             .entry(volume.to_string())
             .or_default() += 1;
-        if self.reconciled.lock().remove(volume).is_some() {
+        if self.reconciliation.done.lock().remove(volume).is_some() {
             tracing::warn!(
                 volume,
                 "a write reached this primary's copy but not every replica: comparing the live copies again before serving"
@@ -188,7 +172,12 @@ impl Cluster {
     }
 
     fn reconcile_gen(&self, volume: &str) -> u64 {
-        self.reconcile_gen.lock().get(volume).copied().unwrap_or(0)
+        self.reconciliation
+            .gen
+            .lock()
+            .get(volume)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Compares every live replica's root with this primary's; commits each that
@@ -270,24 +259,5 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn verdicts() {
-        let a = [1u8; 16];
-        let b = [2u8; 16];
-        let short = Duration::from_millis(10);
-        assert_eq!(verdict(&a, &Ok(a), short), Verdict::Equal);
-        assert!(matches!(verdict(&a, &Ok(b), short), Verdict::MarkDead(_)));
-        assert_eq!(verdict(&a, &Err("down".into()), short), Verdict::Retry);
-        assert!(matches!(
-            verdict(&a, &Err("down".into()), UNREACHABLE_PATIENCE),
-            Verdict::MarkDead(_)
-        ));
     }
 }

@@ -18,11 +18,12 @@
 use crate::cluster::Cluster;
 use lazarus_cluster::raft_store::NodeId;
 use lazarus_cluster::{MetaCommand, MetaResponse, ReplicaState, VolumeInfo};
+pub use lazarus_rpc::msg::SyncReq;
 use lazarus_rpc::{self as rpc, RpcClient, KIND_BLOCKS, KIND_PAGE, KIND_RESYNC_BEGIN, KIND_TREE};
 use lazarus_store::volume::SlotBits;
 use lazarus_store::Volume;
 use lazarus_types::{BlockId, Checksum, Lba, BLOCK_SIZE, FANOUT, FANOUT_U64, ID_LEN};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,27 +43,6 @@ const PAGE_ATTEMPTS_MAX: u32 = 5;
 const BLOCKS_PER_FETCH: usize = 256;
 /// A zero covering more pages than this marks the whole volume touched.
 const TOUCH_PAGES_MAX: u64 = 4096;
-
-/// One resync request, replica to primary.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SyncReq {
-    pub from: NodeId,
-    pub volume: String,
-    pub epoch: u64,
-    /// Tree level (0 = level 1, the page checksums) for TREE; page index for PAGE.
-    #[serde(default)]
-    pub level: usize,
-    #[serde(default)]
-    pub index: u64,
-    /// A primary repairing a damaged page reads from any copy, dead ones included
-    /// (`fault drop` cuts updates, not these reads).
-    #[serde(default)]
-    pub repair: bool,
-    /// PAGE: a page damaged at the source is answered too, with its damage
-    /// (`Source::page_state`), instead of an error.
-    #[serde(default)]
-    pub damaged_ok: bool,
-}
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Progress {

@@ -25,56 +25,39 @@
 
 use crate::cluster::{Cluster, PING_TIMEOUT};
 use crate::config::JeopardyPolicy;
+use crate::decide::{contact_ok, may_claim_survivor};
 use lazarus_cluster::raft_store::NodeId;
 use lazarus_cluster::{ReplicaState, VolumeInfo};
 use lazarus_recovery::server::{
     ClaimReq, HeartbeatReq, MemberReq, VolumeState, CONTACT_WINDOW, KIND_RS_HEARTBEAT,
-    KIND_RS_MEMBER, SURVIVOR_SILENCE,
+    KIND_RS_MEMBER,
 };
 use lazarus_rpc::KIND_PING;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
 const CONTACT_INTERVAL: Duration = Duration::from_millis(100);
-/// A ping's answer from a node that serves a volume on its own (held at the recovery
-/// server beyond the metadata): not a contact a primary may count.
-pub const PING_HELD: &[u8] = b"held";
+use lazarus_rpc::msg::PING_HELD;
 
 /// A volume's (failure count ID, holder, copies out) as a heartbeat reply gives them.
 pub type RsCoord = (u64, Option<NodeId>, Vec<NodeId>);
 
-/// Whether a primary may serve on its contacts: every live replica heard from within
-/// `CONTACT_WINDOW`, or the recovery server. `last` gives a contact's send time.
-pub fn contact_ok(
-    live_replicas: &[NodeId],
-    last: impl Fn(NodeId) -> Option<Instant>,
-    rs_last: Option<Instant>,
-    now: Instant,
-) -> bool {
-    let fresh =
-        |t: Option<Instant>| t.is_some_and(|t| now.saturating_duration_since(t) < CONTACT_WINDOW);
-    live_replicas.iter().all(|n| fresh(last(*n))) || fresh(rs_last)
-}
-
-/// Whether replica `me` may claim `v` as its survivor, on its own knowledge: a live,
-/// non-primary copy outside jeopardy that has heard from none of the other hosting
-/// nodes for `SURVIVOR_SILENCE`.
-pub fn may_claim_survivor(
-    v: &VolumeInfo,
-    me: NodeId,
-    heard: impl Fn(NodeId) -> Option<Instant>,
-    now: Instant,
-) -> bool {
-    v.replicas.len() >= 2
-        && v.replicas.contains(&me)
-        && v.primary != me
-        && !v.recovery_flag
-        && v.state_of(me) == Some(ReplicaState::Live)
-        && v.replicas
-            .iter()
-            .filter(|n| **n != me)
-            .all(|n| heard(*n).is_none_or(|t| now.saturating_duration_since(t) >= SURVIVOR_SILENCE))
+/// Whom this node heard from, and when: what the survivor protocol decides on.
+#[derive(Default)]
+pub struct Contacts {
+    /// When (send time) each peer last answered this node's ping.
+    peers: parking_lot::Mutex<HashMap<NodeId, Instant>>,
+    /// When each peer's ping last arrived here.
+    heard: parking_lot::Mutex<HashMap<NodeId, Instant>>,
+    /// When (send time) the recovery server last acknowledged this node's heartbeat.
+    rs: parking_lot::Mutex<Option<Instant>>,
+    /// Per volume, the recovery server's (failure count ID, holder, copies out) as its
+    /// last heartbeat reply gave them.
+    rs_coord: parking_lot::Mutex<HashMap<String, RsCoord>>,
+    /// When the contact loop first ran.
+    since: parking_lot::Mutex<Option<Instant>>,
 }
 
 impl Cluster {
@@ -90,7 +73,7 @@ impl Cluster {
         if let Ok(b) = <[u8; 8]>::try_from(body) {
             let from = u64::from_be_bytes(b);
             if self.store.meta().nodes.contains_key(&from) {
-                self.heard.lock().insert(from, Instant::now());
+                self.contacts.heard.lock().insert(from, Instant::now());
             }
         }
     }
@@ -108,6 +91,7 @@ impl Cluster {
         // The recovery server says another node claimed the volume after this node's
         // view of it: stop serving it, whatever the replicas answer.
         if self
+            .contacts
             .rs_coord
             .lock()
             .get(volume)
@@ -116,11 +100,11 @@ impl Cluster {
             return false;
         }
         let live: Vec<NodeId> = v.live().into_iter().filter(|n| *n != self.id).collect();
-        let contact = self.contact.lock();
+        let contact = self.contacts.peers.lock();
         contact_ok(
             &live,
             |n| contact.get(&n).copied(),
-            *self.rs_contact.lock(),
+            *self.contacts.rs.lock(),
             Instant::now(),
         )
     }
@@ -131,7 +115,8 @@ impl Cluster {
     pub fn gives_up_lease(&self, volume: &str) -> bool {
         self.recovery.is_some()
             && self
-                .contact_since
+                .contacts
+                .since
                 .lock()
                 .is_some_and(|t| t.elapsed() > CONTACT_WINDOW * 2)
             && !self.contact_valid(volume)
@@ -154,7 +139,7 @@ impl Cluster {
                     continue;
                 }
                 let sent = Instant::now();
-                c.contact_since.lock().get_or_insert(sent);
+                c.contacts.since.lock().get_or_insert(sent);
                 let rs = r.client.call(KIND_RS_HEARTBEAT, &body, PING_TIMEOUT);
                 let meta = c.store.meta();
                 let mut targets: Vec<NodeId> = meta
@@ -186,12 +171,12 @@ impl Cluster {
                                 c.record_in(v).await;
                             }
                         }
-                        *c.rs_coord.lock() = coord;
+                        *c.contacts.rs_coord.lock() = coord;
                     }
-                    *c.rs_contact.lock() = Some(sent);
+                    *c.contacts.rs.lock() = Some(sent);
                 }
                 {
-                    let mut contact = c.contact.lock();
+                    let mut contact = c.contacts.peers.lock();
                     for (n, res) in &pings {
                         if res.as_ref().is_ok_and(|b| b != PING_HELD) {
                             contact.insert(*n, sent);
@@ -207,7 +192,8 @@ impl Cluster {
                 // recovery server or the replica, rather than risk a survivor serving
                 // without its writes).
                 let rs_fresh = c
-                    .rs_contact
+                    .contacts
+                    .rs
                     .lock()
                     .is_some_and(|t| t.elapsed() < CONTACT_WINDOW);
                 if r.policy == JeopardyPolicy::Accept && !rs_fresh && c.is_ready() {
@@ -360,7 +346,7 @@ impl Cluster {
         let now = Instant::now();
         // Never heard from a node since this process started: count from the start.
         let silent_enough = |now: Instant| {
-            let heard = self.heard.lock();
+            let heard = self.contacts.heard.lock();
             may_claim_survivor(
                 v,
                 self.id,
@@ -432,77 +418,5 @@ impl Cluster {
                 r.holds.lock().remove(&v.name);
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn contact_rules() {
-        let now = Instant::now() + Duration::from_secs(10);
-        let fresh = Some(now - Duration::from_millis(100));
-        let stale = Some(now - CONTACT_WINDOW);
-        assert!(contact_ok(&[2, 3], |_| fresh, None, now));
-        assert!(!contact_ok(
-            &[2, 3],
-            |n| if n == 2 { fresh } else { stale },
-            None,
-            now
-        ));
-        assert!(contact_ok(&[2, 3], |_| None, fresh, now));
-        assert!(!contact_ok(&[2, 3], |_| None, stale, now));
-        assert!(
-            contact_ok(&[], |_| None, None, now),
-            "no live replica to lose"
-        );
-    }
-
-    #[test]
-    fn survivor_rules() {
-        let mut v = VolumeInfo {
-            name: "vol0".into(),
-            uid: 1,
-            size_bytes: 1 << 30,
-            replicas: vec![1, 2, 3],
-            primary: 1,
-            epoch: 1,
-            states: [1, 2, 3]
-                .into_iter()
-                .map(|n| (n, ReplicaState::Live))
-                .collect(),
-            recovery_flag: false,
-            failure_count_id: 0,
-            protected: false,
-            stale: Default::default(),
-            stale_tracked: true,
-            live_at: Default::default(),
-            changed_at: 0,
-            resyncing_at: Default::default(),
-        };
-        let now = Instant::now() + Duration::from_secs(10);
-        let long_ago = Some(now - SURVIVOR_SILENCE);
-        let recent = Some(now - Duration::from_millis(200));
-        assert!(may_claim_survivor(&v, 3, |_| long_ago, now));
-        assert!(may_claim_survivor(&v, 3, |_| None, now));
-        assert!(!may_claim_survivor(
-            &v,
-            3,
-            |n| if n == 2 { recent } else { long_ago },
-            now
-        ));
-        assert!(
-            !may_claim_survivor(&v, 1, |_| None, now),
-            "the primary claims otherwise"
-        );
-        v.states.insert(3, ReplicaState::Dead);
-        assert!(!may_claim_survivor(&v, 3, |_| None, now), "a dead copy");
-        v.states.insert(3, ReplicaState::Live);
-        v.recovery_flag = true;
-        assert!(
-            !may_claim_survivor(&v, 3, |_| None, now),
-            "jeopardy: base copies take over"
-        );
     }
 }

@@ -3,9 +3,11 @@
 //! any node, read the applied metadata, report Raft status).
 
 use crate::config::NodeConfig;
+use crate::decide::unmarked_dead;
 use lazarus_cluster::raft_store::{NodeId, Raft, Store, TypeConfig};
 use lazarus_cluster::ReplicaState;
 use lazarus_cluster::{MetaCommand, MetaResponse, NodeInfo};
+pub use lazarus_rpc::msg::Update;
 use lazarus_rpc::{
     self as rpc, RpcClient, KIND_APPEND, KIND_BLOCKS, KIND_CLIENT_WRITE, KIND_FLUSH, KIND_FORWARD,
     KIND_LEASE, KIND_PAGE, KIND_PING, KIND_REPLICATE, KIND_RESYNC_BEGIN, KIND_ROOT, KIND_SNAPSHOT,
@@ -164,11 +166,8 @@ pub struct Cluster {
     /// Nodes this one holds replication updates to (`lazarus fault stall`): never sent
     /// while the fault lasts.
     pub stalls: parking_lot::Mutex<BTreeSet<NodeId>>,
-    /// Per volume this node is primary of: (epoch, until when) it may serve it, granted
-    /// by the Raft leader after confirming its leadership with a quorum.
-    leases: parking_lot::Mutex<HashMap<String, (u64, Instant)>>,
-    /// On the leader: per volume, (epoch, when) its primary last asked for a lease.
-    pub(crate) lease_requests: parking_lot::Mutex<HashMap<String, (u64, Instant)>>,
+    /// The leases this node holds as a primary, and (on the leader) those it grants.
+    pub(crate) leases: crate::lease::Leases,
     /// Set once the start-up self-check is done: updates are refused before, so a
     /// node that crashed is never counted as having copies it may have lost.
     ready: AtomicBool,
@@ -182,38 +181,22 @@ pub struct Cluster {
     pub(crate) engine: OnceLock<Weak<crate::engine::Engine>>,
     /// The recovery server (jeopardy protection, coordination point), if configured.
     pub recovery: Option<Arc<crate::jeopardy::Recovery>>,
-    /// Per volume this node is primary of: the epoch at which it compared the live
-    /// copies with its own (`reconcile.rs`); it serves only at that epoch.
-    pub(crate) reconciled: parking_lot::Mutex<HashMap<String, u64>>,
-    pub(crate) reconciling: parking_lot::Mutex<std::collections::HashSet<String>>,
-    /// Per volume, bumped whenever it must be reconciled again (`reconcile_again`): a
-    /// comparison that started before does not count.
-    pub(crate) reconcile_gen: parking_lot::Mutex<HashMap<String, u64>>,
+    /// Where the comparison of the live copies with this primary's stands, per volume
+    /// (`reconcile.rs`).
+    pub(crate) reconciliation: crate::reconcile::Reconciliation,
     /// Replicated writes between their lease check and their answer (`UpdateGuard`):
     /// a comparison of the copies' roots waits for them to finish.
     pub(crate) updates_in_flight: std::sync::atomic::AtomicUsize,
     /// Per volume this node is primary of: client sessions opened (`forward::FenceToken`).
     pub(crate) fences: parking_lot::Mutex<HashMap<String, u64>>,
-    /// When (send time) each peer last answered this node's ping (`survivor.rs`).
-    pub(crate) contact: parking_lot::Mutex<HashMap<NodeId, Instant>>,
-    /// When each peer's ping last arrived here.
-    pub(crate) heard: parking_lot::Mutex<HashMap<NodeId, Instant>>,
-    /// When (send time) the recovery server last acknowledged this node's heartbeat.
-    pub(crate) rs_contact: parking_lot::Mutex<Option<Instant>>,
-    /// Per volume, the recovery server's (failure count ID, holder) as its last
-    /// heartbeat reply gave them.
-    pub(crate) rs_coord: parking_lot::Mutex<HashMap<String, crate::survivor::RsCoord>>,
-    /// When the contact loop first ran (survivor.rs).
-    pub(crate) contact_since: parking_lot::Mutex<Option<Instant>>,
+    /// The survivor protocol's record of whom this node heard from (`survivor.rs`).
+    pub(crate) contacts: crate::survivor::Contacts,
     /// When this process started.
     pub(crate) started: Instant,
     /// Per volume: replicated updates hold it shared from their epoch check to their
     /// apply; a root check holds it exclusively, so it never reads a root that an
     /// update admitted under the previous epoch has yet to change.
     pub(crate) apply_guards: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
-    /// On the leader: volumes whose primary it is replacing (from the silence it saw
-    /// to the `Promote` commit): it grants their old primary no lease meanwhile.
-    pub(crate) promoting: parking_lot::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Cluster {
@@ -258,20 +241,6 @@ pub(crate) const LEASE_WAIT: Duration = Duration::from_secs(3);
 const REPLICATE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the leader checks that every volume's primary answers.
 const FAILOVER_CHECK_INTERVAL: Duration = Duration::from_millis(200);
-/// Dead copies of a volume not yet marked stale (see `VolumeInfo::stale`); in
-/// jeopardy none count (no dead copy is promoted then, and leaving jeopardy marks them).
-fn unmarked_dead(v: &lazarus_cluster::VolumeInfo) -> Vec<NodeId> {
-    if v.recovery_flag || !v.stale_tracked {
-        return Vec::new();
-    }
-    v.replicas
-        .iter()
-        .copied()
-        .filter(|n| {
-            *n != v.primary && v.state_of(*n) == Some(ReplicaState::Dead) && !v.stale.contains(n)
-        })
-        .collect()
-}
 
 /// How long an update to a copy that still sees itself dead waits for this node's
 /// metadata to catch up with the primary's (see `apply_update`).
@@ -281,25 +250,6 @@ pub(crate) const PING_TIMEOUT: Duration = Duration::from_millis(300);
 pub(crate) const PRIMARY_SILENCE_MAX: Duration = Duration::from_millis(600);
 /// How often a node checks the metadata for copies it must create or delete.
 const RECONCILE_INTERVAL: Duration = Duration::from_millis(200);
-
-/// A replicated update, as sent from a primary to a replica.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub enum Update {
-    /// Whole blocks at `lba`; the data travels as the raw payload.
-    Write {
-        volume: String,
-        epoch: u64,
-        lba: u64,
-    },
-    Zero {
-        volume: String,
-        epoch: u64,
-        lba: u64,
-        count: u64,
-        provision: bool,
-    },
-    Flush,
-}
 
 impl Cluster {
     /// Starts Raft on this node. The member with the smallest id initializes the
@@ -366,7 +316,6 @@ impl Cluster {
             drops: Default::default(),
             stalls: Default::default(),
             leases: Default::default(),
-            lease_requests: Default::default(),
             ready: AtomicBool::new(false),
             // Unique per start of this node: the clock, and the process id apart from
             // the simulator's hosts (which share one process and must replay).
@@ -380,19 +329,12 @@ impl Cluster {
             resync: Default::default(),
             engine: OnceLock::new(),
             recovery: crate::jeopardy::Recovery::new(cfg),
-            reconciled: Default::default(),
-            reconciling: Default::default(),
-            reconcile_gen: Default::default(),
+            reconciliation: Default::default(),
             updates_in_flight: Default::default(),
             fences: Default::default(),
-            contact: Default::default(),
-            heard: Default::default(),
-            rs_contact: Default::default(),
-            rs_coord: Default::default(),
-            contact_since: Default::default(),
+            contacts: Default::default(),
             started: Instant::now(),
             apply_guards: Default::default(),
-            promoting: Default::default(),
         });
         let listener = lazarus_rpc::net::Listener::bind(&rpc_listen.to_string())
             .await
@@ -438,19 +380,19 @@ impl Cluster {
                 if !self.is_ready() {
                     Err("this node is starting up".into())
                 } else if !self.device_usable() {
-                    Ok(b"device-failed".to_vec())
+                    Ok(lazarus_rpc::msg::PING_DEVICE_FAILED.to_vec())
                 } else if self.claimed_beyond_metadata_any() {
                     // It answers, but a primary must not count it as a live replica
                     // it is in contact with: it serves a volume on its own.
-                    Ok(crate::survivor::PING_HELD.to_vec())
+                    Ok(lazarus_rpc::msg::PING_HELD.to_vec())
                 } else {
-                    Ok(Vec::new())
+                    Ok(lazarus_rpc::msg::PING_OK.to_vec())
                 }
             }
             KIND_ROOT => self.serve_root(de(&body)?).await,
             KIND_LEASE => ser(&self.serve_lease(de(&body)?).await),
             KIND_STATS => match self.engine.get().and_then(|w| w.upgrade()) {
-                Some(e) => ser(&crate::dashboard::local_stats(&e)),
+                Some(e) => ser(&crate::stats::local_stats(&e)),
                 None => Err("starting".into()),
             },
             KIND_RESYNC_BEGIN | KIND_TREE | KIND_PAGE | KIND_BLOCKS => {
@@ -634,16 +576,7 @@ impl Cluster {
     /// Records leases on `(volume, epoch)` pairs, valid until `asked + LEASE` where
     /// `asked` is when this node sent the request that the grant answers.
     pub(crate) fn grant(&self, volumes: &[(String, u64)], asked: Instant) {
-        let mut leases = self.leases.lock();
-        for (volume, epoch) in volumes {
-            // This node leads and is promoting another copy of the volume (its own
-            // device failed): a renewal answered just before must not put back the
-            // lease the promotion dropped.
-            if self.promoting.lock().contains(volume) {
-                continue;
-            }
-            leases.insert(volume.clone(), (*epoch, asked + LEASE));
-        }
+        self.leases.grant(volumes, asked + LEASE);
     }
 
     /// Whether this node may serve `volume` as its primary at `epoch` right now: a
@@ -692,7 +625,7 @@ impl Cluster {
     }
 
     pub(crate) fn raft_lease_valid(&self, volume: &str, epoch: u64) -> bool {
-        matches!(self.leases.lock().get(volume), Some((e, until)) if *e == epoch && Instant::now() < *until)
+        self.leases.valid(volume, epoch, Instant::now())
     }
 
     /// Where node `id` takes RPCs: this node's configuration first, then the address
@@ -715,16 +648,7 @@ impl Cluster {
 
     /// Volumes this node may serve as primary right now.
     pub fn held_leases(&self) -> Vec<String> {
-        let now = Instant::now();
-        let mut v: Vec<String> = self
-            .leases
-            .lock()
-            .iter()
-            .filter(|(_, (_, until))| now < *until)
-            .map(|(name, _)| name.clone())
-            .collect();
-        v.sort();
-        v
+        self.leases.held(Instant::now())
     }
 
     pub fn is_ready(&self) -> bool {
@@ -1125,7 +1049,7 @@ impl Cluster {
             let last_copy = failures > 0
                 && self
                     .effective(volume)
-                    .is_some_and(|e| crate::jeopardy::writes_through(&e));
+                    .is_some_and(|e| crate::decide::writes_through(&e));
             if no_majority || last_copy {
                 self.enter_jeopardy_patiently(volume, v.live(), &Update::Flush, &[])
                     .await?;
@@ -1174,7 +1098,7 @@ impl Cluster {
         self.effective(volume).is_some_and(|v| {
             v.primary == self.id
                 && (!v.update_targets().is_empty()
-                    || crate::jeopardy::writes_through(&v)
+                    || crate::decide::writes_through(&v)
                     || !unmarked_dead(&v).is_empty())
         })
     }
@@ -1194,6 +1118,18 @@ impl Cluster {
     /// Whether `lazarus fault isolate` cut this node off.
     pub fn is_isolated(&self) -> bool {
         self.network.isolated.load(Ordering::Relaxed)
+    }
+
+    /// The isolation fault's switch (`lazarus fault isolate`): while set, this node
+    /// neither sends nor answers node-to-node RPC.
+    pub fn isolation_switch(&self) -> &AtomicBool {
+        &self.network.isolated
+    }
+
+    /// Gives the cluster its node's engine (once, at start-up: the two hold each other,
+    /// the cluster weakly).
+    pub fn attach_engine(&self, engine: &Arc<crate::engine::Engine>) {
+        let _ = self.engine.set(Arc::downgrade(engine));
     }
 
     /// Another node's own summary for the dashboard.
@@ -1270,7 +1206,7 @@ impl Cluster {
             loop {
                 tokio::time::sleep(FAILOVER_CHECK_INTERVAL).await;
                 if c.raft.metrics().borrow().current_leader != Some(c.id) {
-                    c.lease_requests.lock().clear();
+                    c.leases.requests.lock().clear();
                     continue;
                 }
                 let meta = c.store.meta();
@@ -1284,7 +1220,7 @@ impl Cluster {
                         continue;
                     }
                     let silent = {
-                        let mut seen = c.lease_requests.lock();
+                        let mut seen = c.leases.requests.lock();
                         let e = seen
                             .entry(v.name.clone())
                             .or_insert((v.epoch, Instant::now()));
@@ -1345,11 +1281,11 @@ impl Cluster {
                     // No lease for the old primary from here to the commit: had it
                     // asked again just after its silence was seen, a lease granted now
                     // would outlast the promotion.
-                    c.promoting.lock().insert(v.name.clone());
+                    c.leases.promoting.lock().insert(v.name.clone());
                     if own_failed {
                         // This node is the old primary: it stops serving the volume
                         // now, before the new primary can take a write it would miss.
-                        c.leases.lock().remove(&v.name);
+                        c.leases.revoke(&v.name);
                     } else if device_failed {
                         // The old primary answers (its device failed, its store may
                         // still read): the last lease granted to it, before `promoting`
@@ -1361,7 +1297,7 @@ impl Cluster {
                     let fcid = match c.fence_promotion(v, n).await {
                         Ok(f) => f,
                         Err(e) => {
-                            c.promoting.lock().remove(&v.name);
+                            c.leases.promoting.lock().remove(&v.name);
                             tracing::warn!(volume = %v.name, candidate = n, error = %e, "promotion not fenced; waiting rather than risk two primaries");
                             continue;
                         }
@@ -1373,7 +1309,7 @@ impl Cluster {
                         fcid,
                     };
                     let result = c.propose(cmd).await;
-                    c.promoting.lock().remove(&v.name);
+                    c.leases.promoting.lock().remove(&v.name);
                     match result {
                         Ok(MetaResponse::Volume(nv)) => {
                             tracing::warn!(volume = %v.name, old = v.primary, new = n, epoch = nv.epoch, silent_ms = silent.as_millis() as u64, "primary failed over");

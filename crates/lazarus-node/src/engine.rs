@@ -108,9 +108,9 @@ pub struct Engine {
     pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
     stripes: Vec<Mutex<()>>,
     background_flush: Arc<AtomicBool>,
-    pub(crate) repair: crate::repair::RepairState,
+    pub repair: crate::repair::RepairState,
     /// Per export: the processes whose acknowledged writes no FLUSH covered yet.
-    acks: parking_lot::Mutex<std::collections::HashMap<String, Arc<crate::nbd_server::Acks>>>,
+    acks: parking_lot::Mutex<std::collections::HashMap<String, Arc<crate::acks::Acks>>>,
 }
 
 /// A replicated write between its lease check and its answer.
@@ -134,8 +134,8 @@ impl Engine {
         }
     }
 
-    /// The export's record of unflushed acknowledgements (`nbd_server::Acks`).
-    pub(crate) fn acks_for(&self, volume: &str) -> Arc<crate::nbd_server::Acks> {
+    /// The export's record of unflushed acknowledgements (`acks::Acks`).
+    pub fn acks_for(&self, volume: &str) -> Arc<crate::acks::Acks> {
         self.acks
             .lock()
             .entry(volume.to_string())
@@ -335,7 +335,7 @@ impl Engine {
         let Some(v) = c.effective(&vol.meta.name) else {
             return Ok(false);
         };
-        if !crate::jeopardy::writes_through(&v) || c.recovery.is_none() {
+        if !crate::decide::writes_through(&v) || c.recovery.is_none() {
             return Ok(false);
         }
         let err = |m: String| IoError::new(EIO, format!("jeopardy: {m}"));
