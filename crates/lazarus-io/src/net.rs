@@ -149,7 +149,7 @@ macro_rules! async_read {
                     $t::Tcp(r) => Pin::new(r).poll_read(cx, buf),
                     #[cfg(feature = "sim")]
                     $t::Sim(r, cut) => {
-                        if cut.is_cut(cx) {
+                        if cut.is_cut(cuts::Half::Read, cx) {
                             return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
                         }
                         Pin::new(r).poll_read(cx, buf)
@@ -173,7 +173,7 @@ macro_rules! async_write {
                     $t::Tcp(w) => Pin::new(w).poll_write(cx, buf),
                     #[cfg(feature = "sim")]
                     $t::Sim(w, cut) => {
-                        if cut.is_cut(cx) {
+                        if cut.is_cut(cuts::Half::Write, cx) {
                             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
                         }
                         Pin::new(w).poll_write(cx, buf)
@@ -206,7 +206,7 @@ macro_rules! async_write {
                     $t::Tcp(w) => Pin::new(w).poll_write_vectored(cx, bufs),
                     #[cfg(feature = "sim")]
                     $t::Sim(w, cut) => {
-                        if cut.is_cut(cx) {
+                        if cut.is_cut(cuts::Half::Write, cx) {
                             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
                         }
                         Pin::new(w).poll_write_vectored(cx, bufs)
@@ -241,10 +241,18 @@ pub mod cuts {
     use std::sync::{Arc, Mutex, Weak};
     use std::task::{Context, Waker};
 
-    /// One connection's ends and the cut generation of each when it opened.
+    /// One connection's ends and the cut generation of each when it opened, and the
+    /// tasks waiting on it: its reader's and its writer's.
     pub struct Slot {
         ends: [(IpAddr, u64); 2],
-        wakers: Mutex<Vec<Waker>>,
+        wakers: Mutex<[Option<Waker>; 2]>,
+    }
+
+    /// Which half of a connection a task polls.
+    #[derive(Clone, Copy)]
+    pub(crate) enum Half {
+        Read = 0,
+        Write = 1,
     }
 
     /// Per address: how many times its connections were cut.
@@ -269,7 +277,7 @@ pub mod cuts {
         let (local, peer) = (ip(s.local_addr()), ip(s.peer_addr()));
         let slot = Arc::new(Slot {
             ends: [(local, generation(local)), (peer, generation(peer))],
-            wakers: Mutex::new(Vec::new()),
+            wakers: Mutex::new([None, None]),
         });
         let mut open = OPEN.lock().unwrap();
         open.retain(|w| w.strong_count() > 0);
@@ -279,24 +287,19 @@ pub mod cuts {
 
     impl Slot {
         /// Whether a cut ended this connection; if not, `cx` is woken by the next cut.
-        pub(crate) fn is_cut(&self, cx: &Context<'_>) -> bool {
+        pub(crate) fn is_cut(&self, half: Half, cx: &Context<'_>) -> bool {
             if self.ends.iter().any(|(ip, g)| generation(*ip) > *g) {
                 return true;
             }
-            // The read and the write half share the slot: keep a waker for each task.
-            let mut wakers = self.wakers.lock().unwrap();
-            if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
-                if wakers.len() >= 4 {
-                    wakers.remove(0);
-                }
-                wakers.push(cx.waker().clone());
-            }
+            self.wakers.lock().unwrap()[half as usize] = Some(cx.waker().clone());
             false
         }
     }
 
     /// Cuts every open connection of the host at `ip` (both ends see it fail: reads
-    /// answer a reset, writes a broken pipe); connections opened afterwards work.
+    /// answer a reset, writes a broken pipe); connections opened afterwards work. A
+    /// connection whose connecting end has not run since the handshake is cut at its
+    /// accepting end only: the other end then reads the close, as after a reset.
     pub fn cut(ip: IpAddr) {
         *GENERATIONS
             .lock()
@@ -312,7 +315,10 @@ pub mod cuts {
             .collect();
         for slot in open {
             if slot.ends.iter().any(|(a, _)| *a == ip) {
-                for w in std::mem::take(&mut *slot.wakers.lock().unwrap()) {
+                for w in std::mem::take(&mut *slot.wakers.lock().unwrap())
+                    .into_iter()
+                    .flatten()
+                {
                     w.wake();
                 }
             }

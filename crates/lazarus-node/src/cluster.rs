@@ -189,6 +189,9 @@ pub struct Cluster {
     pub(crate) updates_in_flight: std::sync::atomic::AtomicUsize,
     /// Per volume this node is primary of: client sessions opened (`forward::FenceToken`).
     pub(crate) fences: parking_lot::Mutex<HashMap<String, u64>>,
+    /// Per volume whose copy the metadata loop could not create here: whether for
+    /// lack of space, and the error (cleared once created).
+    pub(crate) copy_errors: parking_lot::Mutex<HashMap<String, (bool, String)>>,
     /// The survivor protocol's record of whom this node heard from (`survivor.rs`).
     pub(crate) contacts: crate::survivor::Contacts,
     /// When this process started.
@@ -333,6 +336,7 @@ impl Cluster {
             updates_in_flight: Default::default(),
             fences: Default::default(),
             contacts: Default::default(),
+            copy_errors: Default::default(),
             started: Instant::now(),
             apply_guards: Default::default(),
         });
@@ -649,6 +653,12 @@ impl Cluster {
     /// Volumes this node may serve as primary right now.
     pub fn held_leases(&self) -> Vec<String> {
         self.leases.held(Instant::now())
+    }
+
+    /// Why this node's copy of `volume` could not be created from the metadata, if it
+    /// could not: (for lack of space, the error).
+    pub fn local_copy_error(&self, volume: &str) -> Option<(bool, String)> {
+        self.copy_errors.lock().get(volume).cloned()
     }
 
     pub fn is_ready(&self) -> bool {
@@ -1391,10 +1401,15 @@ impl Cluster {
                         .await
                         {
                             Ok(Ok(_)) => {
+                                c.copy_errors.lock().remove(&v.name);
                                 tracing::info!(volume = %v.name, uid, "local copy created from cluster metadata")
                             }
                             Ok(Err(e)) => {
-                                tracing::error!(volume = %v.name, error = %e, "cannot create local copy")
+                                tracing::error!(volume = %v.name, error = %e, "cannot create local copy");
+                                let no_space = matches!(e, lazarus_store::StoreError::NoSpace);
+                                c.copy_errors
+                                    .lock()
+                                    .insert(v.name.clone(), (no_space, e.to_string()));
                             }
                             Err(e) => tracing::error!(error = %e, "reconcile task failed"),
                         }

@@ -50,6 +50,12 @@ pub struct NodeConfig {
     pub failures_max: usize,
     #[serde(default = "default_failure_window")]
     pub failure_window_minutes: u64,
+    /// Whether the admin API takes fault injection (`lazarus fault ...`: dropped links,
+    /// corrupted pages, injected EIO, failed devices, isolation). Off unless asked for:
+    /// `lazarus up` turns it on for its local cluster; a node run from a configuration
+    /// file refuses fault requests unless the file says `faults = true`.
+    #[serde(default)]
+    pub faults: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

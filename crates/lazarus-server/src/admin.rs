@@ -55,11 +55,12 @@ impl MutationGuard {
     }
 }
 
-/// Equality whose time does not depend on where the inputs differ.
+/// Equality whose time does not depend on where the inputs differ (only on `b`'s
+/// length, the secret's, which is not secret). Lengths that differ in any bit differ.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = (a.len() ^ b.len()) as u8 | ((a.len() ^ b.len()) >> 8) as u8;
+    let mut diff = a.len() ^ b.len();
     for (i, y) in b.iter().enumerate() {
-        diff |= a.get(i).copied().unwrap_or(0) ^ y;
+        diff |= usize::from(a.get(i).copied().unwrap_or(0) ^ y);
     }
     diff == 0
 }
@@ -74,6 +75,13 @@ async fn guard_mutations(
         if let Err(e) = s.guard.check(req.headers()) {
             return e.into_response();
         }
+        if !s.faults && req.uri().path().starts_with("/api/v1/faults/") {
+            return ApiError(
+                StatusCode::FORBIDDEN,
+                "fault injection is off on this node (`faults = true` in its configuration turns it on; `lazarus up` does)".into(),
+            )
+            .into_response();
+        }
     }
     next.run(req).await
 }
@@ -81,6 +89,8 @@ async fn guard_mutations(
 #[derive(Clone)]
 pub struct AppState {
     pub guard: MutationGuard,
+    /// Whether fault injection is on (`NodeConfig::faults`).
+    pub faults: bool,
     pub node_id: String,
     pub engine: Arc<Engine>,
     pub cluster: Option<Arc<lazarus_node::cluster::Cluster>>,
@@ -376,16 +386,33 @@ async fn create_in_cluster(
         lazarus_cluster::MetaResponse::Exists(m) => return Err(ApiError(StatusCode::CONFLICT, m)),
         other => return Err(ApiError(StatusCode::BAD_REQUEST, format!("{other:?}"))),
     }
-    for _ in 0..100 {
+    // The metadata loop creates this node's copy; should it fail (a full disk, say),
+    // the client is told why, and the copy is created once it can be.
+    let mut why = None;
+    for i in 0..100 {
         if let Some(v) = s.engine.store.volume(&name) {
             return Ok((StatusCode::CREATED, Json(volume_view(&v))));
         }
+        if i % 10 == 9 {
+            why = c.local_copy_error(&name);
+        }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    Err(ApiError(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        format!("volume {name:?} committed but its local copy did not appear"),
-    ))
+    let why = why.or_else(|| c.local_copy_error(&name));
+    Err(match why {
+        Some((no_space, msg)) => ApiError(
+            if no_space {
+                StatusCode::INSUFFICIENT_STORAGE
+            } else {
+                StatusCode::INTERNAL_SERVER_ERROR
+            },
+            format!("volume {name:?} is in the cluster metadata, but this node could not create its copy yet: {msg}"),
+        ),
+        None => ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("volume {name:?} committed but its local copy did not appear"),
+        ),
+    })
 }
 
 fn find(s: &AppState, name: &str) -> Result<Arc<Volume>, ApiError> {
@@ -1337,4 +1364,28 @@ fn render_metrics(engine: &lazarus_node::engine::Engine) -> String {
         m.jeopardy_volumes.set(jeopardy);
     }
     lazarus_observe::metrics::encode()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    /// Equal only when equal: whatever the lengths (a longer input that starts with
+    /// the secret, lengths 256 or 65,536 apart, an empty one).
+    #[test]
+    fn token_comparison_for_every_length() {
+        let t = b"s3cret-token";
+        assert!(constant_time_eq(t, t));
+        assert!(!constant_time_eq(b"s3cret-tokeN", t));
+        assert!(!constant_time_eq(b"s3cret-token-and-more", t));
+        assert!(!constant_time_eq(b"s3cret", t));
+        assert!(!constant_time_eq(b"", t));
+        for extra in [256usize, 65_536, 1 << 20] {
+            let mut long = t.to_vec();
+            long.resize(t.len() + extra, 0);
+            assert!(!constant_time_eq(&long, t), "{extra} zero bytes more");
+            assert!(!constant_time_eq(t, &long), "{extra} zero bytes fewer");
+        }
+        assert!(constant_time_eq(b"", b""));
+    }
 }

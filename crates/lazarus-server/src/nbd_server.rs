@@ -16,7 +16,7 @@ use lazarus_store::{Store, Volume};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 /// Bytes of requests read from the socket at a time.
 const READ_BUFFER_BYTES: usize = 256 << 10;
@@ -27,6 +27,11 @@ const REPLY_BATCH_MAX_BYTES: usize = 1 << 20;
 const INLINE_LENGTH_MAX_BYTES: u32 = 64 << 10;
 /// Requests one connection may have in flight; the reader stops reading beyond this.
 const INFLIGHT_PER_CONNECTION_MAX: usize = 128;
+/// Bytes of request payloads and replies one connection may hold in memory at once: a
+/// client that pipelines large requests and reads no reply waits for its own replies
+/// to drain (as TCP makes it), and the node's memory stays bounded. Twice the largest
+/// request, so that one large request never waits for itself.
+const CONNECTION_BYTES_MAX: u32 = 2 * PAYLOAD_MAX_BYTES;
 /// Connections served at once; further ones wait in the accept queue.
 const CONNECTIONS_MAX: usize = 1024;
 /// Option data up to this size is read and discarded when over the option limit, so
@@ -237,14 +242,18 @@ async fn handshake(
     anyhow::bail!("too many options in one handshake")
 }
 
-async fn writer_task(wr: WriteHalf, mut rx: mpsc::Receiver<Vec<u8>>) {
+/// Replies on their way to the writer, with the connection's memory budget they hold
+/// (`CONNECTION_BYTES_MAX`), given back once they are written.
+type Replies = (Vec<u8>, Option<OwnedSemaphorePermit>);
+
+async fn writer_task(wr: WriteHalf, mut rx: mpsc::Receiver<Replies>) {
     let mut w = BufWriter::with_capacity(256 << 10, wr);
-    while let Some(buf) = rx.recv().await {
+    while let Some((buf, _budget)) = rx.recv().await {
         if w.write_all(&buf).await.is_err() {
             return;
         }
         // Batch replies that are already queued; flush when the queue runs dry.
-        while let Ok(more) = rx.try_recv() {
+        while let Ok((more, _budget)) = rx.try_recv() {
             if w.write_all(&more).await.is_err() {
                 return;
             }
@@ -279,7 +288,8 @@ async fn transmission(
 ) -> anyhow::Result<()> {
     let (rd, wr) = sock.into_split();
     let mut rd = BufReader::with_capacity(READ_BUFFER_BYTES, rd);
-    let (tx, rx) = mpsc::channel::<Vec<u8>>(INFLIGHT_PER_CONNECTION_MAX * 2);
+    let (tx, rx) = mpsc::channel::<Replies>(INFLIGHT_PER_CONNECTION_MAX * 2);
+    let budget = Arc::new(Semaphore::new(CONNECTION_BYTES_MAX as usize));
     let writer = tokio::spawn(writer_task(wr, rx));
     let inflight = Arc::new(Semaphore::new(INFLIGHT_PER_CONNECTION_MAX));
     let acks = engine.acks_for(&ex.name);
@@ -296,12 +306,20 @@ async fn transmission(
         .primary_epoch(&ex.name)
         .filter(|_| ex.local.is_some());
     let mut batch: Vec<u8> = Vec::new();
+    // The budget the batched replies hold.
+    let mut batch_budget: Option<OwnedSemaphorePermit> = None;
     let result: anyhow::Result<()> = async {
         loop {
             // Hand the batched replies to the writer once no further request is
             // already buffered: one wake-up per burst, not per request.
             if rd.buffer().is_empty() && !batch.is_empty() {
-                tx.send(std::mem::take(&mut batch)).await?;
+                tx.send((std::mem::take(&mut batch), batch_budget.take()))
+                    .await?;
+            }
+            // The writer stopped (the client is gone): the requests still buffered are
+            // not executed.
+            if tx.is_closed() {
+                anyhow::bail!("the client stopped taking replies");
             }
             let mut hb = [0u8; REQUEST_HEADER_LEN];
             match rd.read_exact(&mut hb).await {
@@ -321,6 +339,20 @@ async fn transmission(
                     PAYLOAD_MAX_BYTES
                 );
             }
+            // Its share of the connection's memory, before its payload is read: the
+            // replies batched so far go out first if the budget is spent (they hold
+            // part of it).
+            let cost = request_bytes(&req);
+            let held = match budget.clone().try_acquire_many_owned(cost) {
+                Ok(p) => p,
+                Err(_) => {
+                    if !batch.is_empty() {
+                        tx.send((std::mem::take(&mut batch), batch_budget.take()))
+                            .await?;
+                    }
+                    budget.clone().acquire_many_owned(cost).await?
+                }
+            };
             let mut payload = Vec::new();
             if req.payload_len() > 0 {
                 payload = vec![0u8; req.payload_len() as usize];
@@ -328,7 +360,8 @@ async fn transmission(
             }
             if req.command == Command::Disconnect {
                 if !batch.is_empty() {
-                    tx.send(std::mem::take(&mut batch)).await?;
+                    tx.send((std::mem::take(&mut batch), batch_budget.take()))
+                        .await?;
                 }
                 // Let in-flight requests finish and their replies go out.
                 let _all = inflight
@@ -346,8 +379,13 @@ async fn transmission(
                     &engine, &ex, bound, &unflushed, req, &payload, size, structured, &mut batch,
                 )
                 .await;
+                match &mut batch_budget {
+                    Some(b) => b.merge(held),
+                    None => batch_budget = Some(held),
+                }
                 if batch.len() >= REPLY_BATCH_MAX_BYTES {
-                    tx.send(std::mem::take(&mut batch)).await?;
+                    tx.send((std::mem::take(&mut batch), batch_budget.take()))
+                        .await?;
                 }
                 continue;
             }
@@ -362,7 +400,7 @@ async fn transmission(
                     &engine, &ex, bound, &unflushed, req, &payload, size, structured, &mut reply,
                 )
                 .await;
-                let _ = tx.send(reply).await;
+                let _ = tx.send((reply, Some(held))).await;
                 drop(permit);
             });
         }
@@ -373,6 +411,18 @@ async fn transmission(
     drop(tx);
     let _ = writer.await;
     result
+}
+
+/// The bytes a request holds while it is served: its payload (a write's data) or its
+/// reply's (a read's data), at least 1, at most `CONNECTION_BYTES_MAX`.
+fn request_bytes(req: &Request) -> u32 {
+    let data = match req.command {
+        // Longer than any read is allowed to be: refused (EINVAL) with no data.
+        Command::Read if req.length > PAYLOAD_MAX_BYTES => 1,
+        Command::Read => req.length,
+        _ => req.payload_len(),
+    };
+    data.clamp(1, CONNECTION_BYTES_MAX)
 }
 
 /// Reads and plain writes run in the connection's reader task: they are short and

@@ -164,6 +164,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let guard = admin::MutationGuard::new(cfg.admin_listen, cfg.admin_token.clone());
     let app = admin::router(admin::AppState {
         guard,
+        faults: cfg.faults,
         node_id: cfg.id.clone(),
         engine: engine.clone(),
         cluster: node.cluster,

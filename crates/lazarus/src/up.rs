@@ -111,6 +111,8 @@ fn node_config(args: &UpArgs, i: usize) -> anyhow::Result<NodeConfig> {
             Vec::new()
         },
         admin_token: None,
+        // A local cluster to try things on: `lazarus fault` works against it.
+        faults: true,
         recovery_server: (clustered && args.recovery_server)
             .then(|| format!("127.0.0.1:{}", recovery_port(args.port_base))),
         jeopardy_policy: args.jeopardy_policy,

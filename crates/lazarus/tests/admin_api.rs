@@ -377,3 +377,52 @@ fn import_export_round_trip_of_a_sparse_image() {
     let allocated = std::fs::metadata(&back).unwrap().blocks() * 512;
     assert!(allocated < 8 << 20, "export allocated {allocated} bytes");
 }
+
+/// A node run from a configuration file takes no fault injection unless the file asks
+/// for it: every fault endpoint answers 403 with a clear error and changes nothing.
+/// With `faults = true` the same request is taken.
+#[test]
+fn fault_injection_is_off_unless_configured() {
+    require("curl");
+    let tmp = tempfile::tempdir().unwrap();
+    let off = Node::start_with(
+        &tmp.path().join("off"),
+        "t1",
+        "faults = false\n",
+        NodeOpts::default(),
+    );
+    let on = Node::start(&tmp.path().join("on"), NodeOpts::default());
+    for node in [&off, &on] {
+        node.create_volume("v1", "1MiB");
+    }
+    let base = off.api_url();
+    for (path, body) in [
+        ("eio", r#"{"volume":"v1","lba":0}"#),
+        ("device", r#"{"failed":true}"#),
+        ("corrupt", r#"{"volume":"v1","lba":0}"#),
+        ("heal", "{}"),
+    ] {
+        let (code, resp) = http("POST", &format!("{base}/api/v1/faults/{path}"), Some(body));
+        assert_eq!(code, 403, "{path}: {resp}");
+        assert!(
+            error_of(&resp).contains("fault injection is off"),
+            "{path}: {resp}"
+        );
+    }
+    // Nothing was injected: the volume reads.
+    let (code, resp) = http(
+        "GET",
+        &format!("{base}/api/v1/volumes/v1/data?offset=0&length=4096"),
+        None,
+    );
+    assert_eq!(code, 200, "{resp}");
+    // Turned on, the same kind of request reaches its handler (which, on a node
+    // without a cluster, has nothing to fault but a device).
+    let (code, resp) = http(
+        "POST",
+        &format!("{}/api/v1/faults/device", on.api_url()),
+        Some(r#"{"failed":false}"#),
+    );
+    assert_ne!(code, 403, "{resp}");
+    assert!(!resp.contains("fault injection is off"), "{resp}");
+}

@@ -297,3 +297,55 @@ print("ok")
     let out = run("env", &["PATH=/usr/bin:/bin", "nbdsh", "-c", &script]);
     assert!(out.contains("ok"), "{out}");
 }
+
+/// The node's resident memory in bytes (Linux).
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// A client that pipelines 40 reads of 32 MiB and reads no reply pins only its
+/// connection's budget of memory (64 MiB), not the 1.25 GiB of every reply; the node
+/// serves others meanwhile and after the client leaves.
+#[test]
+fn a_client_that_reads_no_reply_cannot_pin_the_nodes_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let node = Node::start(&tmp.path().join("n"), NodeOpts::default());
+    node.create_volume("vol0", "64MiB");
+    let before = rss_bytes(node.pid());
+    let mut s = open(&node, "vol0");
+    // Written without waiting for replies (the headers fit in the node's read
+    // buffer): the node executes no more once its budget is spent.
+    let mut reqs = Vec::new();
+    for i in 0..40u64 {
+        let mut b = REQ_MAGIC.to_be_bytes().to_vec();
+        b.extend_from_slice(&0u16.to_be_bytes());
+        b.extend_from_slice(&0u16.to_be_bytes());
+        b.extend_from_slice(&i.to_be_bytes());
+        b.extend_from_slice(&((i % 2) * (32 << 20)).to_be_bytes());
+        b.extend_from_slice(&(32u32 << 20).to_be_bytes());
+        reqs.extend_from_slice(&b);
+    }
+    s.write_all(&reqs).unwrap();
+    let mut peak = 0;
+    for _ in 0..30 {
+        std::thread::sleep(Duration::from_millis(200));
+        peak = peak.max(rss_bytes(node.pid()));
+    }
+    assert!(
+        peak < before + (256 << 20),
+        "the node grew from {} MiB to {} MiB for one client reading no reply",
+        before >> 20,
+        peak >> 20
+    );
+    assert_serving(&node);
+    drop(s);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_serving(&node);
+    assert!(rss_bytes(node.pid()) < before + (256 << 20));
+}

@@ -964,8 +964,20 @@ fn full_disk_fails_writes_and_nothing_else() {
             "read through n{n} on a full disk: {t}"
         );
     }
-    // The metadata still commits, and every node is ready under one leader.
-    up.cli_ok(&["volume", "create", "probe", "--size", "1MiB"]);
+    // The metadata still commits, and every node is ready under one leader. The new
+    // volume's copy needs a little space: created at once, or (when the copies'
+    // resyncs took the last of it) refused for lack of space, said so, and created
+    // once space returns.
+    let o = up.cli(&["volume", "create", "probe", "--size", "1MiB"]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        o.status.success() || (err.contains("is in the cluster metadata") && err.contains("space")),
+        "creating a volume on a full disk: {err}"
+    );
+    assert!(
+        up.volume_meta(1, "probe").is_some(),
+        "the new volume is not in the metadata"
+    );
     let t0 = Instant::now();
     loop {
         let views: Vec<Value> = (1..=3)
@@ -1006,6 +1018,15 @@ fn full_disk_fails_writes_and_nothing_else() {
         std::thread::sleep(Duration::from_secs(1));
     }
     qemu_io_ok(&up.uri(1, "vol0"), &["flush"]);
+    // The new volume's copies exist everywhere by now.
+    let t0 = Instant::now();
+    while !(1..=3).all(|n| up.get(n, "/api/v1/volumes/probe").is_some()) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the new volume's copies were not created once space returned"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     up.wait_all_live(1, "vol0", Duration::from_secs(90));
     let r = up.root(1, "vol0");
     let t0 = Instant::now();

@@ -65,10 +65,16 @@ impl Node {
     pub fn start_with(dir: &Path, id: &str, extra: &str, opts: NodeOpts) -> Node {
         std::fs::create_dir_all(dir).unwrap();
         let config = dir.join("node.toml");
+        // Tests inject faults: on, unless `extra` says otherwise.
+        let faults = if extra.contains("faults =") {
+            ""
+        } else {
+            "faults = true\n"
+        };
         std::fs::write(
             &config,
             format!(
-                "id = \"{id}\"\ndata_dir = \"{}\"\nnbd_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\njournal_bytes = {}\ncheckpoint_interval_secs = {}\n{extra}",
+                "id = \"{id}\"\ndata_dir = \"{}\"\nnbd_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\njournal_bytes = {}\ncheckpoint_interval_secs = {}\n{faults}{extra}",
                 dir.display(),
                 opts.journal_bytes,
                 opts.checkpoint_interval_secs
