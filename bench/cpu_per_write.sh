@@ -3,13 +3,15 @@
 # seconds against vol0 of a fresh three-node `lazarus up` cluster (RF3) and against a
 # fresh RF1 volume, and prints each process's CPU time (user+system, from /proc) per
 # completed write.  Usage: bench/cpu_per_write.sh [RUNTIME]
+# UP_ARGS adds arguments to `lazarus up`: UP_ARGS=--insecure-cluster measures the
+# cluster without its mutual TLS, to see what TLS costs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNTIME=${1:-8}
 cargo build --release --quiet
 BIN="$PWD/target/release/lazarus"
 WORK=$(mktemp -d /var/tmp/lazarus-cpu.XXXXXX)
-"$BIN" up --data "$WORK/c" --port-base 31900 --volume-size 1GiB > "$WORK/up.log" 2>&1 &
+"$BIN" up --data "$WORK/c" --port-base 31900 --volume-size 1GiB ${UP_ARGS:-} > "$WORK/up.log" 2>&1 &
 UP=$!
 trap 'kill -INT $UP 2>/dev/null; wait $UP 2>/dev/null; rm -rf "$WORK"' EXIT
 for i in $(seq 300); do grep -q "Press Ctrl-C" "$WORK/up.log" && break; sleep 0.2; done

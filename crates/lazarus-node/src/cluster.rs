@@ -66,6 +66,8 @@ pub struct Network {
     /// `lazarus fault isolate`: every call to another node fails, and every call
     /// from one is refused (the recovery server is not cut).
     pub(crate) isolated: Arc<AtomicBool>,
+    /// The cluster credentials every connection to a member is made with.
+    pub(crate) tls: Option<Arc<rpc::Credentials>>,
 }
 
 impl Network {
@@ -74,7 +76,12 @@ impl Network {
             .lock()
             .expect("clients lock")
             .entry(addr.to_string())
-            .or_insert_with(|| Arc::new(RpcClient::with_block(addr, self.isolated.clone())))
+            .or_insert_with(|| {
+                Arc::new(
+                    RpcClient::with_block(addr, self.isolated.clone())
+                        .with_credentials(self.tls.clone()),
+                )
+            })
             .clone()
     }
 }
@@ -284,6 +291,18 @@ impl Cluster {
                 anyhow::bail!("node id {} appears twice in the configuration", p.id);
             }
         }
+        let tls = match &cfg.cluster_tls {
+            Some(dir) => Some(rpc::Credentials::load(dir).map_err(|e| {
+                anyhow::anyhow!("cluster credentials (cluster_tls = {}): {e}", dir.display())
+            })?),
+            None => {
+                tracing::warn!(
+                    node = cfg.id,
+                    "no cluster_tls in the configuration: cluster traffic is neither authenticated nor encrypted (SECURITY.md)"
+                );
+                None
+            }
+        };
         let store = Store::open(&cfg.data_dir.join("raft.redb")).map_err(anyhow::Error::msg)?;
         let config = openraft::Config {
             cluster_name: "lazarus".into(),
@@ -300,6 +319,7 @@ impl Cluster {
                     .map(|(id, n)| (*id, n.addr.clone()))
                     .collect(),
             ),
+            tls: tls.clone(),
             ..Default::default()
         };
         let raft = Raft::new(
@@ -331,7 +351,7 @@ impl Cluster {
             copies_replaced: Default::default(),
             resync: Default::default(),
             engine: OnceLock::new(),
-            recovery: crate::jeopardy::Recovery::new(cfg),
+            recovery: crate::jeopardy::Recovery::new(cfg, tls.clone()),
             reconciliation: Default::default(),
             updates_in_flight: Default::default(),
             fences: Default::default(),
@@ -346,6 +366,7 @@ impl Cluster {
         let c = cluster.clone();
         tokio::spawn(rpc::serve(
             listener,
+            tls,
             Arc::new(move |kind, body| {
                 let c = c.clone();
                 Box::pin(async move { c.handle(kind, body).await.map_err(rpc::Remote::from) })

@@ -56,6 +56,13 @@ pub struct NodeConfig {
     /// file refuses fault requests unless the file says `faults = true`.
     #[serde(default)]
     pub faults: bool,
+    /// The node's cluster credential directory (`ca.crt`, `node.crt`, `node.key`, as
+    /// `lazarus certs` makes them): every RPC connection, to and from other nodes and to
+    /// the recovery server, is then mutual TLS, and peers without a certificate of this
+    /// cluster get no service. Without it cluster traffic is unauthenticated (a warning
+    /// at start; SECURITY.md). A relative path is relative to the configuration file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_tls: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,6 +110,9 @@ impl NodeConfig {
         if cfg.data_dir.is_relative() {
             let base = path.parent().unwrap_or(Path::new("."));
             cfg.data_dir = base.join(&cfg.data_dir);
+        }
+        if let Some(dir) = cfg.cluster_tls.as_mut().filter(|d| d.is_relative()) {
+            *dir = path.parent().unwrap_or(Path::new(".")).join(&*dir);
         }
         if cfg.id.is_empty()
             || !cfg

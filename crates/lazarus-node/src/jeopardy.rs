@@ -114,11 +114,14 @@ pub struct Recovery {
 }
 
 impl Recovery {
-    pub fn new(cfg: &NodeConfig) -> Option<Arc<Recovery>> {
+    pub fn new(
+        cfg: &NodeConfig,
+        tls: Option<Arc<lazarus_rpc::Credentials>>,
+    ) -> Option<Arc<Recovery>> {
         let addr = cfg.recovery_server.clone()?;
         let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
         Some(Arc::new(Recovery {
-            client: RpcClient::with_block(&addr, cut.clone()),
+            client: RpcClient::with_block(&addr, cut.clone()).with_credentials(tls),
             cut,
             addr,
             policy: cfg.jeopardy_policy,

@@ -917,8 +917,18 @@ impl RecoveryServer {
     }
 }
 
-/// Runs the recovery server until killed.
-pub async fn run(dir: &Path, listen: SocketAddr) -> anyhow::Result<()> {
+/// Runs the recovery server until killed; with a credential directory (`tls`), only
+/// members of the cluster (mutual TLS) get any answer.
+pub async fn run(dir: &Path, listen: SocketAddr, tls: Option<&Path>) -> anyhow::Result<()> {
+    let tls = match tls {
+        Some(d) => Some(rpc::Credentials::load(d).map_err(|e| {
+            anyhow::anyhow!("cluster credentials (--cluster-tls {}): {e}", d.display())
+        })?),
+        None => {
+            tracing::warn!("no --cluster-tls: the recovery server answers anyone who reaches its port (SECURITY.md)");
+            None
+        }
+    };
     let rs = RecoveryServer::open(dir)?;
     let listener = lazarus_rpc::net::Listener::bind(&listen.to_string())
         .await
@@ -930,6 +940,7 @@ pub async fn run(dir: &Path, listen: SocketAddr) -> anyhow::Result<()> {
     let h = rs.clone();
     rpc::serve(
         listener,
+        tls,
         Arc::new(move |kind, body| {
             let h = h.clone();
             Box::pin(async move { h.handle(kind, body).await })

@@ -8,6 +8,7 @@
 //! The kinds are declared in `kind`, the node's request and answer bodies in `msg`.
 
 pub mod msg;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -19,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 
 /// The I/O seams, re-exported for the callers that knew them here.
 pub use lazarus_io::{fs, net, rt};
-use net::WriteHalf;
+pub use tls::Credentials;
 use tokio::sync::{mpsc, oneshot, Mutex};
 
 /// Largest frame accepted from a peer (Raft snapshots of the metadata are far smaller).
@@ -28,6 +29,12 @@ pub const FRAME_MAX_BYTES: u32 = 64 << 20;
 const IO_BUFFER_BYTES: usize = 256 << 10;
 /// Time allowed to establish a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Calls one connection may have in flight at a server; the next frame is read once one
+/// of them has answered.
+pub const CALLS_IN_FLIGHT_MAX: usize = 1024;
+/// Bytes of requests and replies one connection may hold at a server (a frame larger
+/// than this alone still runs, on its own).
+pub const CONNECTION_BYTES_MAX: usize = 2 * FRAME_MAX_BYTES as usize;
 
 /// Every request kind of the RPC framing, declared once: the node's (Raft, replication,
 /// resync, forwarding, leases, dashboard, reconciliation) and the recovery server's.
@@ -227,8 +234,16 @@ fn frame(id: u64, kind: u8, body: &[u8]) -> Vec<u8> {
 }
 
 /// Serves RPCs: each request runs in its own task; replies go back on the same
-/// connection in completion order, coalesced by one writer task.
-pub async fn serve(listener: impl Into<net::Listener>, handler: Handler) {
+/// connection in completion order, coalesced by one writer task. With credentials,
+/// every connection must first pass a mutual-TLS handshake (`tls`): a peer without a
+/// certificate of this cluster gets no frame read. A connection has at most
+/// `CALLS_IN_FLIGHT_MAX` calls and `CONNECTION_BYTES_MAX` bytes of requests and replies
+/// in the server at a time; beyond that, its next frame waits.
+pub async fn serve(
+    listener: impl Into<net::Listener>,
+    tls: Option<Arc<Credentials>>,
+    handler: Handler,
+) {
     let listener = listener.into();
     loop {
         let Ok((sock, peer)) = listener.accept().await else {
@@ -236,12 +251,24 @@ pub async fn serve(listener: impl Into<net::Listener>, handler: Handler) {
             continue;
         };
         let handler = handler.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let (rd, wr) = sock.into_split();
+            let (rd, wr) = match tls::accept(sock, tls.as_ref()).await {
+                Ok(halves) => halves,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "RPC connection refused: no valid cluster credential");
+                    return;
+                }
+            };
             let mut rd = BufReader::with_capacity(IO_BUFFER_BYTES, rd);
-            let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
+            let (tx, rx) = mpsc::unbounded_channel::<Queued>();
             tokio::spawn(writer(wr, rx));
+            let calls = Arc::new(tokio::sync::Semaphore::new(CALLS_IN_FLIGHT_MAX));
+            let bytes = Arc::new(tokio::sync::Semaphore::new(CONNECTION_BYTES_MAX));
             loop {
+                let Ok(call) = calls.clone().acquire_owned().await else {
+                    return;
+                };
                 let (id, kind, body) = match read_frame(&mut rd).await {
                     Ok(f) => f,
                     Err(e) => {
@@ -249,42 +276,67 @@ pub async fn serve(listener: impl Into<net::Listener>, handler: Handler) {
                         return;
                     }
                 };
+                let cost = body.len().clamp(1, CONNECTION_BYTES_MAX) as u32;
+                let Ok(held) = bytes.clone().acquire_many_owned(cost).await else {
+                    return;
+                };
                 let handler = handler.clone();
                 let tx = tx.clone();
+                let bytes = bytes.clone();
                 tokio::spawn(async move {
                     let (status, out) = match handler(kind, body).await {
                         Ok(b) => (0u8, b),
                         Err(r) => (r.code as u8, r.message.into_bytes()),
                     };
-                    let _ = tx.send(frame(id, status, &out));
+                    drop(held);
+                    let cost = out.len().clamp(1, CONNECTION_BYTES_MAX) as u32;
+                    // The reply waits for room too, then holds it until it is written.
+                    let Ok(held) = bytes.acquire_many_owned(cost).await else {
+                        return;
+                    };
+                    let _ = tx.send((frame(id, status, &out), Some((held, call))));
                 });
             }
         });
     }
 }
 
+/// A frame queued for a connection's writer, with what it holds of the connection's
+/// budget (a server's reply), released once written.
+type Queued = (
+    Vec<u8>,
+    Option<(
+        tokio::sync::OwnedSemaphorePermit,
+        tokio::sync::OwnedSemaphorePermit,
+    )>,
+);
+
 /// Writes queued frames, many per system call when they pile up.
-async fn writer(wr: WriteHalf, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
+async fn writer(wr: tls::BoxWrite, mut rx: mpsc::UnboundedReceiver<Queued>) {
     let mut w = BufWriter::with_capacity(IO_BUFFER_BYTES, wr);
-    while let Some(f) = rx.recv().await {
+    let mut written = Vec::new();
+    while let Some((f, held)) = rx.recv().await {
         if w.write_all(&f).await.is_err() {
             return;
         }
-        while let Ok(more) = rx.try_recv() {
+        written.push(held);
+        while let Ok((more, held)) = rx.try_recv() {
             if w.write_all(&more).await.is_err() {
                 return;
             }
+            written.push(held);
         }
         if w.flush().await.is_err() {
             return;
         }
+        written.clear();
     }
 }
 
 type Pending = Arc<std::sync::Mutex<HashMap<u64, oneshot::Sender<Reply>>>>;
 
 struct Conn {
-    tx: mpsc::UnboundedSender<Vec<u8>>,
+    tx: mpsc::UnboundedSender<Queued>,
     pending: Pending,
     alive: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -298,6 +350,8 @@ pub struct RpcClient {
     next_id: AtomicU64,
     /// While set, every call fails at once (`lazarus fault isolate`).
     blocked: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// The cluster credentials every connection is made with (mutual TLS), if any.
+    tls: Option<Arc<Credentials>>,
 }
 
 impl RpcClient {
@@ -308,7 +362,13 @@ impl RpcClient {
             conn: Mutex::new(None),
             next_id: AtomicU64::new(1),
             blocked: None,
+            tls: None,
         }
+    }
+
+    /// The same client, connecting with `tls` (mutual TLS) when given.
+    pub fn with_credentials(self, tls: Option<Arc<Credentials>>) -> RpcClient {
+        RpcClient { tls, ..self }
     }
 
     /// A client whose calls fail while `blocked` is set.
@@ -341,7 +401,13 @@ impl RpcClient {
                 addr: self.addr.clone(),
                 reason: e.to_string(),
             })?;
-        let (rd, wr) = sock.into_split();
+        let (rd, wr) =
+            tls::connect(sock, self.tls.as_ref())
+                .await
+                .map_err(|e| RpcError::Connect {
+                    addr: self.addr.clone(),
+                    reason: format!("TLS handshake failed: {e}"),
+                })?;
         let mut rd = BufReader::with_capacity(IO_BUFFER_BYTES, rd);
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(writer(wr, rx));
@@ -399,7 +465,7 @@ impl RpcClient {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = oneshot::channel();
             conn.pending.lock().expect("pending lock").insert(id, tx);
-            if conn.tx.send(frame(id, kind, body)).is_err() {
+            if conn.tx.send((frame(id, kind, body), None)).is_err() {
                 conn.alive.store(false, Ordering::Release);
                 conn.pending.lock().expect("pending lock").remove(&id);
                 return Err(RpcError::Lost {

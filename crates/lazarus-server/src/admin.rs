@@ -13,8 +13,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::sync::Arc;
 
-/// Who may call mutating endpoints: anyone when the API listens on loopback; else only
-/// requests carrying the configured token (compared in constant time).
+/// Who may call mutating endpoints and read volume data: anyone when the API listens on
+/// loopback without a token; else only requests carrying the configured token
+/// (compared in constant time).
 #[derive(Clone)]
 pub struct MutationGuard {
     open: bool,
@@ -36,7 +37,7 @@ impl MutationGuard {
         let Some(token) = &self.token else {
             return Err(ApiError(
                 StatusCode::FORBIDDEN,
-                "this admin API listens beyond loopback and has no admin_token configured: mutating requests are refused".into(),
+                "this admin API listens beyond loopback and has no admin_token configured: mutating requests and data reads are refused".into(),
             ));
         };
         let given = headers
@@ -71,7 +72,10 @@ async fn guard_mutations(
     next: axum::middleware::Next,
 ) -> Response {
     let m = req.method();
-    if m != axum::http::Method::GET && m != axum::http::Method::HEAD {
+    let path = req.uri().path();
+    // Reading a volume's bytes needs the same credential as changing anything.
+    let data_read = path.starts_with("/api/v1/volumes/") && path.ends_with("/data");
+    if data_read || (m != axum::http::Method::GET && m != axum::http::Method::HEAD) {
         if let Err(e) = s.guard.check(req.headers()) {
             return e.into_response();
         }

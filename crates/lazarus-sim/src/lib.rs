@@ -52,6 +52,7 @@ pub async fn serve_rs(compact_at: Option<u64>) -> turmoil::Result {
     let l = lazarus_io::net::Listener::bind("0.0.0.0:7000").await?;
     lazarus_rpc::serve(
         l,
+        None,
         std::sync::Arc::new(move |kind, body| {
             let h = rs.clone();
             Box::pin(async move { h.handle(kind, body).await })

@@ -32,7 +32,7 @@ fn server(
                     }
                 })
             });
-            rpc::serve(l, h).await;
+            rpc::serve(l, None, h).await;
             Ok(())
         })
     }

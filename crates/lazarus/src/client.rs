@@ -106,9 +106,7 @@ impl Api {
 
     /// GET raw bytes (an error answer is returned as its JSON message).
     pub fn get_bytes(&self, path: &str) -> anyhow::Result<Vec<u8>> {
-        let mut resp = self
-            .agent
-            .get(&format!("{}{path}", self.base))
+        let mut resp = authorized(self.agent.get(&format!("{}{path}", self.base)))
             .call()
             .map_err(|e| anyhow::anyhow!("cannot reach the admin API at {}: {e}", self.base))?;
         let code = resp.status().as_u16();
@@ -152,7 +150,7 @@ fn authorized<B>(req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
     }
 }
 
-/// The admin token for mutating requests, from `$LAZARUS_TOKEN`.
+/// The admin token for mutating requests and data reads, from `$LAZARUS_TOKEN`.
 fn token() -> Option<String> {
     std::env::var("LAZARUS_TOKEN")
         .ok()

@@ -58,6 +58,23 @@ enum Cmd {
         /// Raft alone.
         #[arg(long)]
         no_recovery_server: bool,
+        /// Cluster traffic without mutual TLS: unauthenticated and unencrypted. For
+        /// measuring what TLS costs (bench/cpu_per_write.sh) and nothing else.
+        #[arg(long, hide = true)]
+        insecure_cluster: bool,
+    },
+    /// Make cluster credentials for mutual TLS between nodes and the recovery server: a
+    /// certificate authority in OUT (ca.crt, ca.key; made once, reused after) and a
+    /// directory OUT/NAME per member (ca.crt, node.crt, node.key) to copy to its machine
+    /// and name in its configuration (`cluster_tls = "DIR"`, or the recovery server's
+    /// `--cluster-tls DIR`). Members that already have one are left alone.
+    Certs {
+        /// Where the CA and the members' directories go.
+        #[arg(long, value_name = "OUT")]
+        out: PathBuf,
+        /// The members: node ids and a name for the recovery server, e.g. n1 n2 n3 rs.
+        #[arg(required = true, value_name = "NAME")]
+        members: Vec<String>,
     },
     /// Scrub every node's disk now: slice pages, checksum pages, blocks; repairs what
     /// it finds.
@@ -114,6 +131,10 @@ enum Cmd {
         data: PathBuf,
         #[arg(long)]
         listen: std::net::SocketAddr,
+        /// The recovery server's cluster credential directory (`lazarus certs`): only
+        /// members of the cluster get an answer (mutual TLS).
+        #[arg(long, value_name = "DIR")]
+        cluster_tls: Option<PathBuf>,
     },
     /// Create, list and delete volumes.
     Volume {
@@ -586,6 +607,18 @@ fn client_command(cmd: Cmd) -> anyhow::Result<()> {
                 recovery_server,
             } => fault::isolate(&data, &node, recovery_server)?,
         },
+        Cmd::Certs { out, members } => {
+            let made = lazarus_rpc::tls::generate(&out, &members).map_err(anyhow::Error::msg)?;
+            for m in &members {
+                let dir = out.join(m);
+                let what = if made.contains(&dir) { "made" } else { "kept" };
+                println!("{what} {}", dir.display());
+            }
+            println!(
+                "the CA's key is {}: keep it off the members' machines",
+                out.join(lazarus_rpc::tls::CA_KEY).display()
+            );
+        }
         Cmd::Up { .. } | Cmd::Node { .. } | Cmd::BenchRpc { .. } | Cmd::RecoveryServer { .. } => {
             unreachable!("server commands are not client commands")
         }
@@ -629,8 +662,10 @@ fn main() {
             jeopardy_policy,
             jeopardy_suspend_secs,
             no_recovery_server,
+            insecure_cluster,
         } => runtime().block_on(up::run(up::UpArgs {
             jeopardy_suspend_secs,
+            cluster_tls: !insecure_cluster,
             recovery_server: !no_recovery_server,
             data,
             port_base,
@@ -649,10 +684,14 @@ fn main() {
         Cmd::Node { config } => {
             config::NodeConfig::load(&config).and_then(|cfg| runtime().block_on(node::run(cfg)))
         }
-        Cmd::RecoveryServer { data, listen } => {
+        Cmd::RecoveryServer {
+            data,
+            listen,
+            cluster_tls,
+        } => {
             runtime().block_on(async move {
                 tokio::select! {
-                    r = lazarus_recovery::server::run(&data, listen) => r,
+                    r = lazarus_recovery::server::run(&data, listen, cluster_tls.as_deref()) => r,
                     // Every record is durable before it is acknowledged: stopping is safe.
                     _ = node::supervisor_gone() => Ok(()),
                 }

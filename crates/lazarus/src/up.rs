@@ -53,6 +53,8 @@ pub struct UpArgs {
     pub jeopardy_suspend_secs: u64,
     /// Start a recovery server beside the nodes (clusters only).
     pub recovery_server: bool,
+    /// Mutual TLS between the members (off only to measure its cost).
+    pub cluster_tls: bool,
 }
 
 /// Port layout of node `i` (0-based).
@@ -119,7 +121,13 @@ fn node_config(args: &UpArgs, i: usize) -> anyhow::Result<NodeConfig> {
         jeopardy_suspend_secs: args.jeopardy_suspend_secs,
         failures_max: 3,
         failure_window_minutes: 10,
+        cluster_tls: (clustered && args.cluster_tls).then(|| certs_dir(args).join(&id)),
     })
+}
+
+/// Where `up` keeps its cluster's credentials (made at the first start).
+fn certs_dir(args: &UpArgs) -> PathBuf {
+    args.data.join("certs")
 }
 
 /// Starts the recovery server (slot `args.nodes`) and waits until it listens.
@@ -149,6 +157,10 @@ async fn start_recovery_server(args: &UpArgs) -> anyhow::Result<(Child, Endpoint
         .kill_on_drop(true);
     if let Some(l) = &args.log_level {
         cmd.arg("--log-level").arg(l);
+    }
+    if args.cluster_tls {
+        cmd.arg("--cluster-tls")
+            .arg(certs_dir(args).join(RECOVERY_ID));
     }
     let mut child = cmd.spawn().context("cannot start the recovery server")?;
     let pid = child.id().unwrap_or(0);
@@ -405,6 +417,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         )
     })?;
     let with_rs = args.nodes > 1 && args.recovery_server;
+    if args.nodes > 1 && args.cluster_tls {
+        // Mutual TLS between the members: a CA and a credential per member, once.
+        let members: Vec<String> = (1..=args.nodes)
+            .map(|i| format!("n{i}"))
+            .chain(with_rs.then(|| RECOVERY_ID.to_string()))
+            .collect();
+        lazarus_rpc::tls::generate(&certs_dir(&args), &members)
+            .map_err(|e| anyhow::anyhow!("cluster credentials: {e}"))?;
+    }
     let mut slots: Vec<Slot> = (0..args.nodes + with_rs as usize)
         .map(|i| {
             let id = if i == args.nodes {

@@ -1062,7 +1062,8 @@ fn rpc_packed(json: &str, raw: &[u8]) -> Vec<u8> {
 }
 
 /// Malformed and out-of-range traffic on every node's RPC port and on the recovery
-/// server's: bad lengths, truncated frames, frames announcing 64 MiB and carrying
+/// server's, from a stranger (refused at the TLS handshake) and from a member of the
+/// cluster: bad lengths, truncated frames, frames announcing 64 MiB and carrying
 /// nothing, every request kind with garbage, empty and extreme bodies (LBAs and
 /// lengths at u64::MAX, a forwarded read of 1 TiB, names with paths). Every process
 /// stays up (same pids), every copy stays live with equal roots, and the data reads back.
@@ -1096,46 +1097,78 @@ fn rpc_ports_survive_malformed_and_out_of_range_requests() {
         .collect();
     let mut sent = 0;
     for &port in &ports {
-        // Framing errors, each on a connection of its own.
+        // A stranger's garbage (no TLS): refused at the handshake.
         for bad in [
             vec![0, 0, 0, 0],
-            vec![0, 0, 0, 5, 1, 2, 3, 4, 5],
             vec![0xff, 0xff, 0xff, 0xff],
-            (64u32 << 20).to_be_bytes().to_vec(),
-            vec![0, 0, 1],
+            vec![0x16, 3, 1, 0, 5],
         ] {
             if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
                 let _ = s.write_all(&bad);
             }
         }
-        // Every kind with every body, pipelined on one connection; replies are not
-        // awaited (a closed connection is an answer too), then read with a timeout.
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        for &k in &kinds {
-            let mut bodies: Vec<Vec<u8>> = vec![
-                Vec::new(),
-                (0..rng.usize(1..300)).map(|_| rng.u8(..)).collect(),
-            ];
-            for e in &extreme {
-                bodies.push(e.as_bytes().to_vec());
-                bodies.push(rpc_packed(e, &[0x11; 4096]));
-            }
-            for b in bodies {
-                if s.write_all(&rpc_frame(k, &b)).is_err() {
-                    s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-                    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                }
-                sent += 1;
-            }
-        }
-        let mut sink = [0u8; 65536];
-        while let Ok(n) = std::io::Read::read(&mut s, &mut sink) {
-            if n == 0 {
-                break;
-            }
-        }
     }
+    // The rest as a member of the cluster (n2's credentials, TLS): what a buggy or
+    // compromised member can send.
+    let creds = lazarus_rpc::Credentials::load(&up.data.join("certs").join("n2")).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let member = |port: u16| {
+        let creds = creds.clone();
+        async move {
+            let s = lazarus_rpc::net::connect(&format!("127.0.0.1:{port}"))
+                .await
+                .unwrap();
+            lazarus_rpc::tls::connect(s, Some(&creds)).await.unwrap()
+        }
+    };
+    rt.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        for &port in &ports {
+            // Framing errors, each on a connection of its own.
+            for bad in [
+                vec![0, 0, 0, 0],
+                vec![0, 0, 0, 5, 1, 2, 3, 4, 5],
+                vec![0xff, 0xff, 0xff, 0xff],
+                (64u32 << 20).to_be_bytes().to_vec(),
+                vec![0, 0, 1],
+            ] {
+                let (_r, mut w) = member(port).await;
+                let _ = w.write_all(&bad).await;
+                let _ = w.flush().await;
+            }
+            // Every kind with every body, pipelined on one connection; replies are not
+            // awaited (a closed connection is an answer too), then read with a timeout.
+            let (mut r, mut w) = member(port).await;
+            for &k in &kinds {
+                let mut bodies: Vec<Vec<u8>> = vec![
+                    Vec::new(),
+                    (0..rng.usize(1..300)).map(|_| rng.u8(..)).collect(),
+                ];
+                for e in &extreme {
+                    bodies.push(e.as_bytes().to_vec());
+                    bodies.push(rpc_packed(e, &[0x11; 4096]));
+                }
+                for b in bodies {
+                    if w.write_all(&rpc_frame(k, &b)).await.is_err() {
+                        (r, w) = member(port).await;
+                    }
+                    sent += 1;
+                }
+            }
+            let _ = w.flush().await;
+            let mut sink = vec![0u8; 65536];
+            while let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_secs(5), r.read(&mut sink)).await
+            {
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+    });
     eprintln!("sent {sent} frames");
     std::thread::sleep(Duration::from_secs(2));
     for n in 1..=3u16 {

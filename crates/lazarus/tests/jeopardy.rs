@@ -763,23 +763,23 @@ fn leader(up: &Up) -> u16 {
     }
 }
 
-/// One request to the recovery server over its RPC framing, as any process on the
-/// network can send it: (status, body).
+/// One request to the recovery server over its RPC framing, as a member of the cluster
+/// sends it (with n2's credentials: a stray claim comes from a member, such as a leader
+/// cut off from the others): (status, body).
 fn rs_call(up: &Up, kind: u8, body: &Value) -> (u8, Vec<u8>) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", up.base + 30)).unwrap();
+    let creds = lazarus_rpc::Credentials::load(&up.data.join("certs").join("n2")).unwrap();
+    let client = lazarus_rpc::RpcClient::new(&format!("127.0.0.1:{}", up.base + 30))
+        .with_credentials(Some(creds));
     let b = serde_json::to_vec(body).unwrap();
-    let mut f = Vec::new();
-    f.extend_from_slice(&((9 + b.len()) as u32).to_be_bytes());
-    f.extend_from_slice(&7u64.to_be_bytes());
-    f.push(kind);
-    f.extend_from_slice(&b);
-    s.write_all(&f).unwrap();
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len).unwrap();
-    let mut rest = vec![0u8; u32::from_be_bytes(len) as usize];
-    s.read_exact(&mut rest).unwrap();
-    (rest[8], rest[9..].to_vec())
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    match rt.block_on(client.call(kind, &b, Duration::from_secs(10))) {
+        Ok(reply) => (0, reply),
+        Err(lazarus_rpc::RpcError::Remote { code, message }) => (code as u8, message.into_bytes()),
+        Err(e) => panic!("the recovery server did not answer a member: {e}"),
+    }
 }
 
 /// Correctness issue, section 0: the recovery server's compare-and-set never makes a

@@ -116,15 +116,25 @@ fn three_nodes_in_three_network_namespaces() {
     let subnet = fastrand::u8(100..200);
     let mut n = Namespaces::create(subnet);
     let addr = |i: usize| format!("10.{subnet}.0.{i}");
+    // The cluster's credentials, as the README's multi-host example makes them.
+    let certs = tmp.path().join("certs");
+    let o = Command::new(BIN)
+        .args(["certs", "--out"])
+        .arg(&certs)
+        .args(["n1", "n2", "n3"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     for i in 1..=3 {
         let dir = tmp.path().join(format!("n{i}"));
         std::fs::create_dir_all(&dir).unwrap();
         let mut cfg = format!(
-            "id = \"n{i}\"\ndata_dir = \"{}\"\nnbd_listen = \"{}:10809\"\nadmin_listen = \"{}:10819\"\nrpc_listen = \"{}:10829\"\njournal_bytes = 16777216\nadmin_token = \"{TOKEN}\"\n",
+            "id = \"n{i}\"\ndata_dir = \"{}\"\nnbd_listen = \"{}:10809\"\nadmin_listen = \"{}:10819\"\nrpc_listen = \"{}:10829\"\njournal_bytes = 16777216\nadmin_token = \"{TOKEN}\"\ncluster_tls = \"{}\"\n",
             dir.display(),
             addr(i),
             addr(i),
-            addr(i)
+            addr(i),
+            certs.join(format!("n{i}")).display()
         );
         for j in (1..=3).filter(|j| *j != i) {
             cfg.push_str(&format!(
@@ -226,6 +236,22 @@ fn three_nodes_in_three_network_namespaces() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let got = std::fs::read(&out).unwrap();
     assert!(got[..data.len()] == data[..], "read through n3 differs");
+    // Reading volume data through the admin API needs the token as changes do.
+    let url = format!("{}/api/v1/volumes/wide/data?offset=0&length=4096", api(2));
+    for auth in [None, Some("Authorization: Bearer wrong-token")] {
+        let mut args = vec!["-s", "-o", "/dev/null", "-w", "%{http_code}", &url];
+        if let Some(h) = auth {
+            args.extend(["-H", h]);
+        }
+        let o = n.exec(1, "curl", &args);
+        assert_eq!(String::from_utf8_lossy(&o.stdout), "401", "{auth:?}");
+    }
+    let good = format!("Authorization: Bearer {TOKEN}");
+    let o = n.exec(1, "curl", &["-sf", "-H", &good, &url]);
+    assert!(
+        o.status.success() && o.stdout[..] == data[..4096],
+        "a data read with the token failed"
+    );
     // Every node holds an identical copy.
     let roots: Vec<String> = (1..=3)
         .map(|i| {
