@@ -1110,7 +1110,7 @@ fn rpc_ports_survive_malformed_and_out_of_range_requests() {
     }
     // The rest as a member of the cluster (n2's credentials, TLS): what a buggy or
     // compromised member can send.
-    let creds = lazarus_rpc::Credentials::load(&up.data.join("certs").join("n2")).unwrap();
+    let creds = up.member_credentials();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -767,7 +767,7 @@ fn leader(up: &Up) -> u16 {
 /// sends it (with n2's credentials: a stray claim comes from a member, such as a leader
 /// cut off from the others): (status, body).
 fn rs_call(up: &Up, kind: u8, body: &Value) -> (u8, Vec<u8>) {
-    let creds = lazarus_rpc::Credentials::load(&up.data.join("certs").join("n2")).unwrap();
+    let creds = up.member_credentials();
     let client = lazarus_rpc::RpcClient::new(&format!("127.0.0.1:{}", up.base + 30))
         .with_credentials(Some(creds));
     let b = serde_json::to_vec(body).unwrap();

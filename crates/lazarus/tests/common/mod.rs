@@ -514,6 +514,12 @@ impl Up {
     }
 
     /// PID of the recovery server.
+    /// A member's cluster credentials (n2's, made by `lazarus up`): what a test acting
+    /// as a member of the cluster connects with.
+    pub fn member_credentials(&self) -> std::sync::Arc<lazarus_rpc::Credentials> {
+        lazarus_rpc::Credentials::load(&self.data.join("certs").join("n2")).unwrap()
+    }
+
     pub fn rs_pid(&self) -> u32 {
         let t = std::fs::read(self.data.join("rs").join("endpoints.json")).unwrap();
         let v: Value = serde_json::from_slice(&t).unwrap();
