@@ -11,7 +11,7 @@ RUNTIME=${1:-8}
 cargo build --release --quiet
 BIN="$PWD/target/release/lazarus"
 WORK=$(mktemp -d /var/tmp/lazarus-cpu.XXXXXX)
-"$BIN" up --data "$WORK/c" --port-base 31900 --volume-size 1GiB ${UP_ARGS:-} > "$WORK/up.log" 2>&1 &
+"$BIN" up --data "$WORK/c" --port-base 31900 --volume-size 1GiB --nbd-tls off ${UP_ARGS:-} > "$WORK/up.log" 2>&1 &
 UP=$!
 trap 'kill -INT $UP 2>/dev/null; wait $UP 2>/dev/null; rm -rf "$WORK"' EXIT
 for i in $(seq 300); do grep -q "Press Ctrl-C" "$WORK/up.log" && break; sleep 0.2; done

@@ -23,13 +23,13 @@ command -v fio >/dev/null || { echo "fio is required" >&2; exit 2; }
 cargo build --release --quiet
 BIN="$PWD/target/release/lazarus"
 WORK="$(mktemp -d /var/tmp/lazarus-jeopardy.XXXXXX)"
-"$BIN" up --data "$WORK/c" --port-base 23100 --volume-size 1GiB > "$WORK/up.log" 2>&1 &
+"$BIN" up --data "$WORK/c" --port-base 23100 --volume-size 1GiB --nbd-tls off > "$WORK/up.log" 2>&1 &
 UP=$!
 trap 'kill -INT $UP 2>/dev/null; wait $UP 2>/dev/null || true; rm -rf "$WORK"' EXIT
 for i in $(seq 600); do grep -q "Press Ctrl-C" "$WORK/up.log" && break; sleep 0.2; done
 U=nbd://127.0.0.1:23100/vol0
 L() { "$BIN" "$@" --data "$WORK/c"; }
-api() { curl -s "http://127.0.0.1:$((23110 + $1 - 1))$2"; }
+api() { curl -s -H "Authorization: Bearer $(cat "$WORK/c/admin.token")" "http://127.0.0.1:$((23110 + $1 - 1))$2"; }
 jeopardy() { api 1 /api/v1/jeopardy | python3 -c "import json,sys; print(json.load(sys.stdin)['volumes']['vol0']['jeopardy'])"; }
 fio_iops() { # name runtime
   fio --name="$1" --ioengine=nbd --uri="$U" --rw=randwrite --bs=4k --iodepth=32 \

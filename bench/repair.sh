@@ -15,7 +15,7 @@ cargo build --release --quiet
 BIN="$PWD/target/release/lazarus"
 WORK="${DIR:-$(mktemp -d /var/tmp/lazarus-repair.XXXXXX)}"
 mkdir -p "$WORK"
-"$BIN" up --data "$WORK/c" --port-base 32900 --volume-size 64GiB > "$WORK/up.log" 2>&1 &
+"$BIN" up --data "$WORK/c" --port-base 32900 --volume-size 64GiB --nbd-tls off > "$WORK/up.log" 2>&1 &
 UP=$!
 trap 'kill -INT $UP 2>/dev/null; wait $UP 2>/dev/null || true' EXIT
 for i in $(seq 600); do grep -q "Press Ctrl-C" "$WORK/up.log" && break; sleep 0.2; done
@@ -46,7 +46,7 @@ for p in $PAGES; do L fault corrupt --node n1 --volume vol0 --lba $((p * 256)) >
 t0=$(date +%s.%N)
 L repair --volume vol0
 t1=$(date +%s.%N)
-curl -s http://127.0.0.1:32910/api/v1/repairs | python3 -c "
+curl -s -H "Authorization: Bearer $(cat "$WORK/c/admin.token")" http://127.0.0.1:32910/api/v1/repairs | python3 -c "
 import json, sys
 r = json.load(sys.stdin)
 b = r['bytes']['vol0']

@@ -57,7 +57,7 @@ for i in $(seq 100); do
 done
 curl -sf -X POST -H 'content-type: application/json' -d '{"name":"vol0","size":"1GiB"}' http://127.0.0.1:30813/api/v1/volumes >/dev/null
 # The cluster: three node processes on this machine (NBD 30900-30902).
-"$BIN" up --data "$WORK/cluster" --port-base 30900 --volume-size 1GiB > "$WORK/up.log" 2>&1 &
+"$BIN" up --data "$WORK/cluster" --port-base 30900 --volume-size 1GiB --nbd-tls off > "$WORK/up.log" 2>&1 &
 PIDS+=($!)
 for i in $(seq 300); do grep -q "Press Ctrl-C" "$WORK/up.log" && break; sleep 0.2; done
 grep -q "Press Ctrl-C" "$WORK/up.log" || { echo "lazarus up did not start:" >&2; cat "$WORK/up.log" >&2; exit 1; }

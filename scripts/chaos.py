@@ -85,6 +85,7 @@ def wait_cmd(h, cookie, deadline):
 
 def connect(uri, within):
     h = nbd.NBD()
+    h.set_uri_allow_local_file(True)  # the URI names the TLS credentials' directory
     h.aio_connect_uri(uri)
     deadline = time.monotonic() + within
     while h.aio_is_connecting():
@@ -249,11 +250,18 @@ class Cluster:
         return r
 
     def uri(self, n):
-        return f"nbd://127.0.0.1:{self.base + n - 1}/{VOLUME}"
+        # NBD over TLS, as `lazarus up` requires by default, with the client
+        # credentials it made: every client byte of the campaign goes through TLS.
+        certs = os.path.join(self.data, "nbd-tls", "client")
+        return f"nbds://127.0.0.1:{self.base + n - 1}/{VOLUME}?tls-certificates={certs}"
 
     def get(self, n, path):
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.base + 10 + n - 1}{path}", timeout=5) as r:
+            with open(os.path.join(self.data, "admin.token")) as f:
+                token = f.readline().strip()
+            req = urllib.request.Request(f"http://127.0.0.1:{self.base + 10 + n - 1}{path}",
+                                         headers={"Authorization": f"Bearer {token}"})
+            with urllib.request.urlopen(req, timeout=5) as r:
                 return json.load(r)
         except Exception:
             return None

@@ -11,7 +11,7 @@ command -v chromium >/dev/null || { echo "chromium is required" >&2; exit 2; }
 cargo build --release --quiet
 BIN="$PWD/target/release/lazarus"
 WORK="$(mktemp -d /var/tmp/lazarus-shot.XXXXXX)"
-"$BIN" up --data "$WORK/c" --port-base 23300 --volume-size 1GiB > "$WORK/up.log" 2>&1 &
+"$BIN" up --data "$WORK/c" --port-base 23300 --volume-size 1GiB --nbd-tls off > "$WORK/up.log" 2>&1 &
 UP=$!
 trap 'kill -INT $UP 2>/dev/null; wait $UP 2>/dev/null || true; rm -rf "$WORK"' EXIT
 for i in $(seq 600); do grep -q "Press Ctrl-C" "$WORK/up.log" && break; sleep 0.2; done
@@ -28,6 +28,6 @@ chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
   --disable-background-networking --disable-component-update --disable-sync \
   --disable-dev-shm-usage --hide-scrollbars --user-data-dir="$WORK/chromium" \
   --virtual-time-budget=3000 --window-size=1400,1250 --screenshot="$OUT" \
-  http://127.0.0.1:23310/ 2>/dev/null
+  "http://127.0.0.1:23310/#token=$(cat "$WORK/c/admin.token")" 2>/dev/null
 wait $FIO || true
 echo "wrote $OUT"

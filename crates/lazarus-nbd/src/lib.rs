@@ -41,6 +41,7 @@ pub mod consts {
     pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
     pub const REP_ERR_POLICY: u32 = (1 << 31) + 2;
     pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
+    pub const REP_ERR_TLS_REQD: u32 = (1 << 31) + 5;
     pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
     pub const REP_ERR_TOO_BIG: u32 = (1 << 31) + 9;
 
@@ -228,6 +229,23 @@ pub enum OptionOutcome {
     },
     /// Close without replying (the protocol's answer to a bad NBD_OPT_EXPORT_NAME).
     Close { reason: String },
+    /// Send `reply` (unencrypted), then run the TLS handshake as server on the same
+    /// connection and, once it has succeeded, call [`Handshake::tls_started`] and read
+    /// the next option inside TLS.
+    StartTls { reply: Vec<u8> },
+}
+
+/// What a server offers of NBD over TLS (`NBD_OPT_STARTTLS`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TlsPolicy {
+    /// No TLS: STARTTLS is refused.
+    #[default]
+    Off,
+    /// TLS for clients that ask for it; others are served in the clear.
+    On,
+    /// TLS or nothing: before STARTTLS every option but NBD_OPT_ABORT is refused with
+    /// NBD_REP_ERR_TLS_REQD (NBD_OPT_EXPORT_NAME, which cannot be refused, closes).
+    Require,
 }
 
 /// The handshake after the greeting and the client flags: feed it each option.
@@ -235,6 +253,9 @@ pub enum OptionOutcome {
 pub struct Handshake {
     pub no_zeroes: bool,
     pub structured: bool,
+    pub tls: TlsPolicy,
+    /// Whether STARTTLS has succeeded on this connection.
+    pub encrypted: bool,
 }
 
 /// Block sizes advertised: minimum 1 (any byte alignment is accepted and served by
@@ -244,10 +265,24 @@ pub const BLOCK_SIZE_PREFERRED: u32 = 4096;
 
 impl Handshake {
     pub fn new(no_zeroes: bool) -> Handshake {
+        Handshake::with_tls(no_zeroes, TlsPolicy::Off)
+    }
+
+    pub fn with_tls(no_zeroes: bool, tls: TlsPolicy) -> Handshake {
         Handshake {
             no_zeroes,
             structured: false,
+            tls,
+            encrypted: false,
         }
+    }
+
+    /// The TLS handshake after a `StartTls` outcome succeeded: what was negotiated in
+    /// the clear is forgotten (the protocol requires it; a man in the middle could
+    /// have chosen it), and the options that follow are read inside TLS.
+    pub fn tls_started(&mut self) {
+        self.structured = false;
+        self.encrypted = true;
     }
 
     /// Handles one option with its data (at most `OPTION_DATA_MAX_BYTES`).
@@ -257,6 +292,22 @@ impl Handshake {
         data: &[u8],
         catalog: &dyn ExportCatalog,
     ) -> OptionOutcome {
+        if self.tls == TlsPolicy::Require
+            && !self.encrypted
+            && option != OPT_STARTTLS
+            && option != OPT_ABORT
+        {
+            if option == OPT_EXPORT_NAME {
+                return OptionOutcome::Close {
+                    reason: "NBD_OPT_EXPORT_NAME without TLS on a server that requires TLS".into(),
+                };
+            }
+            return cont(option_error(
+                option,
+                REP_ERR_TLS_REQD,
+                "this server requires TLS: send NBD_OPT_STARTTLS first",
+            ));
+        }
         match option {
             OPT_EXPORT_NAME => self.export_name(data, catalog),
             OPT_ABORT => OptionOutcome::Abort {
@@ -293,11 +344,7 @@ impl Handshake {
                 self.structured = true;
                 cont(option_reply(option, REP_ACK, &[]))
             }
-            OPT_STARTTLS => cont(option_error(
-                option,
-                REP_ERR_POLICY,
-                "TLS is not offered by this server",
-            )),
+            OPT_STARTTLS => self.starttls(data),
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT | OPT_EXTENDED_HEADERS => {
                 cont(option_error(option, REP_ERR_UNSUP, "option not supported"))
             }
@@ -306,6 +353,34 @@ impl Handshake {
                 REP_ERR_UNSUP,
                 &format!("unknown option {option}"),
             )),
+        }
+    }
+
+    fn starttls(&mut self, data: &[u8]) -> OptionOutcome {
+        let option = OPT_STARTTLS;
+        if self.tls == TlsPolicy::Off {
+            return cont(option_error(
+                option,
+                REP_ERR_POLICY,
+                "TLS is not offered by this server",
+            ));
+        }
+        if !data.is_empty() {
+            return cont(option_error(
+                option,
+                REP_ERR_INVALID,
+                "NBD_OPT_STARTTLS takes no data",
+            ));
+        }
+        if self.encrypted {
+            return cont(option_error(
+                option,
+                REP_ERR_INVALID,
+                "TLS is already on for this connection",
+            ));
+        }
+        OptionOutcome::StartTls {
+            reply: option_reply(option, REP_ACK, &[]),
         }
     }
 
@@ -791,6 +866,86 @@ mod tests {
             panic!()
         };
         assert_eq!(replies(&reply)[0].1, REP_ERR_INVALID);
+    }
+
+    fn first_reply_type(o: OptionOutcome) -> u32 {
+        match o {
+            OptionOutcome::Continue { reply } => replies(&reply)[0].1,
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn tls_required_refuses_every_option_but_starttls_and_abort_in_the_clear() {
+        let mut hs = Handshake::with_tls(false, TlsPolicy::Require);
+        for opt in [OPT_LIST, OPT_STRUCTURED_REPLY, OPT_SET_META_CONTEXT, 999] {
+            assert_eq!(
+                first_reply_type(hs.handle(opt, &[], &cat())),
+                REP_ERR_TLS_REQD
+            );
+        }
+        for opt in [OPT_INFO, OPT_GO] {
+            let d = info_data("vol0", &[]);
+            assert_eq!(
+                first_reply_type(hs.handle(opt, &d, &cat())),
+                REP_ERR_TLS_REQD
+            );
+        }
+        assert!(!hs.structured);
+        assert!(matches!(
+            hs.handle(OPT_EXPORT_NAME, b"vol0", &cat()),
+            OptionOutcome::Close { .. }
+        ));
+        assert_eq!(
+            first_reply_type(hs.handle(OPT_STARTTLS, &[1], &cat())),
+            REP_ERR_INVALID
+        );
+        let OptionOutcome::StartTls { reply } = hs.handle(OPT_STARTTLS, &[], &cat()) else {
+            panic!()
+        };
+        assert_eq!(replies(&reply)[0].1, REP_ACK);
+        hs.tls_started();
+        // Inside TLS: served, and a second STARTTLS is refused.
+        assert_eq!(
+            first_reply_type(hs.handle(OPT_STARTTLS, &[], &cat())),
+            REP_ERR_INVALID
+        );
+        let d = info_data("vol0", &[]);
+        assert!(matches!(
+            hs.handle(OPT_GO, &d, &cat()),
+            OptionOutcome::Transmission { .. }
+        ));
+        let mut hs = Handshake::with_tls(false, TlsPolicy::Require);
+        assert!(matches!(
+            hs.handle(OPT_ABORT, &[], &cat()),
+            OptionOutcome::Abort { .. }
+        ));
+    }
+
+    #[test]
+    fn tls_offered_serves_the_clear_and_forgets_its_options_after_starttls() {
+        let mut hs = Handshake::with_tls(false, TlsPolicy::On);
+        assert_eq!(
+            first_reply_type(hs.handle(OPT_STRUCTURED_REPLY, &[], &cat())),
+            REP_ACK
+        );
+        assert!(hs.structured);
+        assert!(matches!(
+            hs.handle(OPT_STARTTLS, &[], &cat()),
+            OptionOutcome::StartTls { .. }
+        ));
+        hs.tls_started();
+        assert!(!hs.structured, "options from before TLS are forgotten");
+        // Off: STARTTLS is refused and the clear goes on.
+        let mut hs = Handshake::new(false);
+        assert_eq!(
+            first_reply_type(hs.handle(OPT_STARTTLS, &[], &cat())),
+            REP_ERR_POLICY
+        );
+        assert!(matches!(
+            hs.handle(OPT_EXPORT_NAME, b"vol0", &cat()),
+            OptionOutcome::Transmission { .. }
+        ));
     }
 
     #[test]

@@ -33,6 +33,10 @@ pub struct NodeConfig {
     /// node refuses every mutating request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_token: Option<String>,
+    /// The admin token in a file instead (its first line; the file must be readable
+    /// by its owner only). `lazarus up` makes one in its data directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token_file: Option<PathBuf>,
     /// The recovery server's address (`lazarus recovery-server --listen`). Without one,
     /// volumes cannot be protected in jeopardy and failover is fenced by Raft alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -63,6 +67,39 @@ pub struct NodeConfig {
     /// at start; SECURITY.md). A relative path is relative to the configuration file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_tls: Option<PathBuf>,
+    /// NBD over TLS (`NBD_OPT_STARTTLS`): `off` (the default), `on` (offered; clients
+    /// that do not ask for it are served in the clear) or `require` (a client without
+    /// TLS gets no export, no list, no data). `on` and `require` need
+    /// `nbd_tls_certificates`, `nbd_tls_psk` or both.
+    #[serde(default)]
+    pub nbd_tls: NbdTlsMode,
+    /// X.509 for NBD: a directory in qemu's layout, `ca-cert.pem`, `server-cert.pem`,
+    /// `server-key.pem` (`lazarus nbd-certs` makes one, with a client directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_tls_certificates: Option<PathBuf>,
+    /// Whether an X.509 client must present a certificate signed by `ca-cert.pem`
+    /// (default yes, as qemu-nbd's `verify-peer`); without it any client that can
+    /// finish a TLS handshake is served.
+    #[serde(default = "default_true")]
+    pub nbd_tls_verify_peer: bool,
+    /// TLS-PSK for NBD: a file of `username:hexkey` lines (the `keys.psk` of qemu's
+    /// `tls-creds-psk` and nbdkit's `--tls-psk`). A client must prove it holds one of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_tls_psk: Option<PathBuf>,
+}
+
+/// What a node offers of NBD over TLS.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NbdTlsMode {
+    #[default]
+    Off,
+    On,
+    Require,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,8 +148,32 @@ impl NodeConfig {
             let base = path.parent().unwrap_or(Path::new("."));
             cfg.data_dir = base.join(&cfg.data_dir);
         }
-        if let Some(dir) = cfg.cluster_tls.as_mut().filter(|d| d.is_relative()) {
-            *dir = path.parent().unwrap_or(Path::new(".")).join(&*dir);
+        let base = path.parent().unwrap_or(Path::new("."));
+        if cfg.admin_token.is_some() && cfg.admin_token_file.is_some() {
+            anyhow::bail!(
+                "invalid config {}: give admin_token or admin_token_file, not both",
+                path.display()
+            );
+        }
+        for p in [
+            &mut cfg.admin_token_file,
+            &mut cfg.cluster_tls,
+            &mut cfg.nbd_tls_certificates,
+            &mut cfg.nbd_tls_psk,
+        ] {
+            if let Some(p) = p.as_mut().filter(|p| p.is_relative()) {
+                *p = base.join(&*p);
+            }
+        }
+        if cfg.nbd_tls != NbdTlsMode::Off
+            && cfg.nbd_tls_certificates.is_none()
+            && cfg.nbd_tls_psk.is_none()
+        {
+            anyhow::bail!(
+                "invalid config {}: nbd_tls = \"{}\" needs nbd_tls_certificates (a directory with ca-cert.pem, server-cert.pem, server-key.pem) or nbd_tls_psk (a file of username:hexkey lines)",
+                path.display(),
+                format!("{:?}", cfg.nbd_tls).to_lowercase()
+            );
         }
         if cfg.id.is_empty()
             || !cfg

@@ -110,10 +110,14 @@ impl Credentials {
 /// The cluster CA's parameters: the same every time, so a CA key read back from disk
 /// signs new members' certificates that chain to the CA certificate made with it.
 fn ca_params() -> rcgen::CertificateParams {
+    ca_params_named("Lazarus cluster CA")
+}
+
+/// A certificate authority's parameters with this common name (the NBD CA's too).
+pub fn ca_params_named(name: &str) -> rcgen::CertificateParams {
     let mut p = rcgen::CertificateParams::default();
     p.distinguished_name = rcgen::DistinguishedName::new();
-    p.distinguished_name
-        .push(rcgen::DnType::CommonName, "Lazarus cluster CA");
+    p.distinguished_name.push(rcgen::DnType::CommonName, name);
     p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
     p.key_usages = vec![
         rcgen::KeyUsagePurpose::KeyCertSign,
@@ -125,7 +129,7 @@ fn ca_params() -> rcgen::CertificateParams {
 
 /// Writes `contents` to `path`, readable by its owner only when `private`; never over
 /// an existing file.
-fn write_new(path: &Path, contents: &str, private: bool) -> Result<(), String> {
+pub fn write_new(path: &Path, contents: impl AsRef<[u8]>, private: bool) -> Result<(), String> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
@@ -134,7 +138,7 @@ fn write_new(path: &Path, contents: &str, private: bool) -> Result<(), String> {
         .mode(if private { 0o600 } else { 0o644 })
         .open(path)
         .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-    f.write_all(contents.as_bytes())
+    f.write_all(contents.as_ref())
         .and_then(|_| f.sync_all())
         .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
@@ -176,8 +180,8 @@ pub fn generate(out: &Path, members: &[String]) -> Result<Vec<PathBuf>, String> 
         }
         let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
         let cert = ca_params().self_signed(&key).map_err(|e| e.to_string())?;
-        write_new(&ca_key_path, &key.serialize_pem(), true)?;
-        write_new(&ca_cert, &cert.pem(), false)?;
+        write_new(&ca_key_path, key.serialize_pem(), true)?;
+        write_new(&ca_cert, cert.pem(), false)?;
         key
     };
     let ca_pem = std::fs::read_to_string(&ca_cert)
@@ -206,8 +210,8 @@ pub fn generate(out: &Path, members: &[String]) -> Result<Vec<PathBuf>, String> 
         p.use_authority_key_identifier_extension = true;
         let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
         let cert = p.signed_by(&key, &issuer).map_err(|e| e.to_string())?;
-        write_new(&dir.join(MEMBER_KEY), &key.serialize_pem(), true)?;
-        write_new(&dir.join(MEMBER_CERT), &cert.pem(), false)?;
+        write_new(&dir.join(MEMBER_KEY), key.serialize_pem(), true)?;
+        write_new(&dir.join(MEMBER_CERT), cert.pem(), false)?;
         write_new(&dir.join(CA_CERT), &ca_pem, false)?;
         made.push(dir);
     }

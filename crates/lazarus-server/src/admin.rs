@@ -13,13 +13,26 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::sync::Arc;
 
-/// Who may call mutating endpoints and read volume data: anyone when the API listens on
-/// loopback without a token; else only requests carrying the configured token
-/// (compared in constant time).
+/// Who may use the admin API.
+///
+/// - With a token (`admin_token` / `admin_token_file`; `lazarus up` makes one), every
+///   request but the dashboard's empty page and the liveness probe
+///   (`GET /api/v1/health`) must carry it (`Authorization: Bearer TOKEN`, compared in
+///   constant time): reads as well as changes, so that a local user without the token
+///   file learns and changes nothing.
+/// - Without one, on loopback: anyone on the machine (a node run by hand to try things).
+/// - Without one, beyond loopback: reads other than volume data only; changes and data
+///   reads are refused.
 #[derive(Clone)]
 pub struct MutationGuard {
     open: bool,
     token: Option<Arc<String>>,
+}
+
+/// Requests anyone may make even when a token is set: they carry no data.
+fn needs_no_token(method: &axum::http::Method, path: &str) -> bool {
+    (method == axum::http::Method::GET || method == axum::http::Method::HEAD)
+        && (path == "/" || path == "/api/v1/health")
 }
 
 impl MutationGuard {
@@ -30,16 +43,27 @@ impl MutationGuard {
         }
     }
 
-    fn check(&self, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
-        if self.open && self.token.is_none() {
-            return Ok(());
-        }
+    fn check(
+        &self,
+        method: &axum::http::Method,
+        path: &str,
+        headers: &axum::http::HeaderMap,
+    ) -> Result<(), ApiError> {
+        let read = method == axum::http::Method::GET || method == axum::http::Method::HEAD;
+        // Reading a volume's bytes needs the same credential as changing anything.
+        let data_read = path.starts_with("/api/v1/volumes/") && path.ends_with("/data");
         let Some(token) = &self.token else {
+            if self.open || (read && !data_read) {
+                return Ok(());
+            }
             return Err(ApiError(
                 StatusCode::FORBIDDEN,
                 "this admin API listens beyond loopback and has no admin_token configured: mutating requests and data reads are refused".into(),
             ));
         };
+        if needs_no_token(method, path) {
+            return Ok(());
+        }
         let given = headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -50,10 +74,57 @@ impl MutationGuard {
         } else {
             Err(ApiError(
                 StatusCode::UNAUTHORIZED,
-                "missing or wrong token (Authorization: Bearer TOKEN; the CLI sends $LAZARUS_TOKEN)".into(),
+                "missing or wrong token (Authorization: Bearer TOKEN; the CLI sends $LAZARUS_TOKEN, or the admin.token of the --data directory of `lazarus up`)".into(),
             ))
         }
     }
+}
+
+/// The token file `lazarus up` keeps in its data directory.
+pub const TOKEN_FILE: &str = "admin.token";
+
+/// Reads an admin token file (its first line). A file others may read is refused: the
+/// token would be theirs too.
+pub fn read_token_file(path: &std::path::Path) -> Result<String, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| format!("cannot read the admin token file {}: {e}", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(format!(
+            "the admin token file {} may be read by other users (mode {:o}): chmod 600 it",
+            path.display(),
+            meta.permissions().mode() & 0o777
+        ));
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the admin token file {}: {e}", path.display()))?;
+    let token = text.lines().next().unwrap_or("").trim().to_string();
+    if token.is_empty() {
+        return Err(format!("the admin token file {} is empty", path.display()));
+    }
+    Ok(token)
+}
+
+/// The token in `path`, made first (256 random bits in hex, mode 0600) when the file
+/// does not exist.
+pub fn ensure_token_file(path: &std::path::Path) -> Result<String, String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if !path.exists() {
+        let mut key = [0u8; 32];
+        openssl::rand::rand_bytes(&mut key).map_err(|e| e.to_string())?;
+        let token: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        f.write_all(format!("{token}\n").as_bytes())
+            .and_then(|_| f.sync_all())
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    read_token_file(path)
 }
 
 /// Equality whose time does not depend on where the inputs differ (only on `b`'s
@@ -71,21 +142,18 @@ async fn guard_mutations(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let m = req.method();
-    let path = req.uri().path();
-    // Reading a volume's bytes needs the same credential as changing anything.
-    let data_read = path.starts_with("/api/v1/volumes/") && path.ends_with("/data");
-    if data_read || (m != axum::http::Method::GET && m != axum::http::Method::HEAD) {
-        if let Err(e) = s.guard.check(req.headers()) {
-            return e.into_response();
-        }
-        if !s.faults && req.uri().path().starts_with("/api/v1/faults/") {
-            return ApiError(
-                StatusCode::FORBIDDEN,
-                "fault injection is off on this node (`faults = true` in its configuration turns it on; `lazarus up` does)".into(),
-            )
-            .into_response();
-        }
+    if let Err(e) = s.guard.check(req.method(), req.uri().path(), req.headers()) {
+        return e.into_response();
+    }
+    if !s.faults
+        && req.method() != axum::http::Method::GET
+        && req.uri().path().starts_with("/api/v1/faults/")
+    {
+        return ApiError(
+            StatusCode::FORBIDDEN,
+            "fault injection is off on this node (`faults = true` in its configuration turns it on; `lazarus up` does)".into(),
+        )
+        .into_response();
     }
     next.run(req).await
 }

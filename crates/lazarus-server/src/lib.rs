@@ -8,4 +8,5 @@
 pub mod admin;
 pub mod dashboard;
 pub mod nbd_server;
+pub mod nbd_tls;
 pub mod node;

@@ -2,7 +2,9 @@
 //! `lazarus-nbd`, and requests to the engine. One task reads requests, one writes
 //! replies; each request runs in its own task, so replies may leave out of order.
 
+use crate::nbd_tls::NbdTls;
 use lazarus_nbd::consts::*;
+use lazarus_nbd::TlsPolicy;
 use lazarus_nbd::{
     parse_client_flags, server_greeting, simple_reply, structured_error, structured_read_header,
     Command, ExportCatalog, ExportInfo, Handshake, OptionHeader, OptionOutcome, Request,
@@ -11,11 +13,11 @@ use lazarus_nbd::{
 use lazarus_node::acks::Acks;
 use lazarus_node::engine::{Engine, IoError, Route};
 use lazarus_node::forward::{ForwardReq, Op};
-use lazarus_rpc::net::{Listener, Stream, WriteHalf};
+use lazarus_rpc::net::{Listener, Stream};
 use lazarus_store::{Store, Volume};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 /// Bytes of requests read from the socket at a time.
@@ -110,7 +112,8 @@ impl ExportCatalog for Catalog {
     }
 }
 
-pub async fn serve(listener: impl Into<Listener>, engine: Arc<Engine>) {
+/// Serves NBD on `listener`; `tls` is what the node offers of NBD over TLS (none: off).
+pub async fn serve(listener: impl Into<Listener>, engine: Arc<Engine>, tls: Option<Arc<NbdTls>>) {
     let listener = listener.into();
     let limit = Arc::new(Semaphore::new(CONNECTIONS_MAX));
     loop {
@@ -128,9 +131,10 @@ pub async fn serve(listener: impl Into<Listener>, engine: Arc<Engine>) {
             }
         };
         let engine = engine.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            match handle(sock, engine).await {
+            match handle(sock, engine, tls).await {
                 Ok(()) => tracing::debug!(%peer, "connection closed"),
                 Err(e) => tracing::info!(%peer, error = %e, "connection ended"),
             }
@@ -142,7 +146,11 @@ pub async fn serve(listener: impl Into<Listener>, engine: Arc<Engine>) {
 /// starting up (its metadata may be behind the cluster's) before it is closed.
 const STARTUP_WAIT: Duration = Duration::from_secs(30);
 
-async fn handle(mut sock: Stream, engine: Arc<Engine>) -> anyhow::Result<()> {
+async fn handle(
+    mut sock: Stream,
+    engine: Arc<Engine>,
+    tls: Option<Arc<NbdTls>>,
+) -> anyhow::Result<()> {
     // A node that has not finished its start-up check would act on an old view (itself
     // primary at an old epoch, say): the client waits for the greeting instead, and
     // never sees an I/O error for it — unless the node holds a volume at the recovery
@@ -161,10 +169,29 @@ async fn handle(mut sock: Stream, engine: Arc<Engine>) -> anyhow::Result<()> {
         store: engine.store.clone(),
         cluster: engine.cluster.get().cloned(),
     };
-    let negotiated = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut sock, &catalog))
-        .await
-        .map_err(|_| anyhow::anyhow!("handshake timed out"))??;
-    let Some((export, structured)) = negotiated else {
+    let policy = tls.as_ref().map_or(TlsPolicy::Off, |t| t.policy);
+    let negotiated = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        let mut hs = greet(&mut sock, policy).await?;
+        match options(&mut sock, &mut hs, &catalog).await? {
+            Negotiated::Close => Ok(None),
+            Negotiated::Export(e, structured) => Ok(Some((Conn::Plain(sock), e, structured))),
+            Negotiated::StartTls => {
+                let tls = tls.as_ref().expect("STARTTLS is accepted only with TLS on");
+                let mut sock = tls.accept(sock).await?;
+                hs.tls_started();
+                match options(&mut sock, &mut hs, &catalog).await? {
+                    Negotiated::Export(e, structured) => {
+                        Ok(Some((Conn::Tls(Box::new(sock)), e, structured)))
+                    }
+                    Negotiated::Close => Ok(None),
+                    Negotiated::StartTls => anyhow::bail!("a second STARTTLS was accepted"),
+                }
+            }
+        }
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("handshake timed out"))??;
+    let Some((conn, export, structured)) = negotiated else {
         return Ok(());
     };
     let uid = engine
@@ -183,18 +210,49 @@ async fn handle(mut sock: Stream, engine: Arc<Engine>) -> anyhow::Result<()> {
         size: export.size_bytes,
         local,
     });
-    transmission(sock, engine, ex, structured).await
+    match conn {
+        Conn::Plain(sock) => {
+            let (rd, wr) = sock.into_split();
+            transmission(rd, wr, engine, ex, structured).await
+        }
+        Conn::Tls(sock) => {
+            let (rd, wr) = tokio::io::split(sock);
+            transmission(rd, wr, engine, ex, structured).await
+        }
+    }
 }
 
-async fn handshake(
-    sock: &mut Stream,
-    catalog: &Catalog,
-) -> anyhow::Result<Option<(ExportInfo, bool)>> {
+/// A connection entering transmission: in the clear, or inside TLS.
+enum Conn {
+    Plain(Stream),
+    Tls(Box<tokio_openssl::SslStream<Stream>>),
+}
+
+/// How option haggling ended.
+enum Negotiated {
+    /// The client aborted, or the server closed (after a bad NBD_OPT_EXPORT_NAME).
+    Close,
+    /// Transmission on this export, with or without structured replies.
+    Export(ExportInfo, bool),
+    /// The client asked for TLS and was told yes: the TLS handshake comes next.
+    StartTls,
+}
+
+/// The greeting and the client's flags.
+async fn greet(sock: &mut Stream, tls: TlsPolicy) -> anyhow::Result<Handshake> {
     sock.write_all(&server_greeting()).await?;
     let mut cf = [0u8; 4];
     sock.read_exact(&mut cf).await?;
     let no_zeroes = parse_client_flags(cf)?;
-    let mut hs = Handshake::new(no_zeroes);
+    Ok(Handshake::with_tls(no_zeroes, tls))
+}
+
+/// Option haggling, until an export is chosen, the client leaves, or TLS starts.
+async fn options<S: AsyncRead + AsyncWrite + Unpin>(
+    sock: &mut S,
+    hs: &mut Handshake,
+    catalog: &Catalog,
+) -> anyhow::Result<Negotiated> {
     for _ in 0..OPTIONS_PER_HANDSHAKE_MAX {
         let mut hb = [0u8; OPTION_HEADER_LEN];
         sock.read_exact(&mut hb).await?;
@@ -223,11 +281,17 @@ async fn handshake(
             OptionOutcome::Continue { reply } => sock.write_all(&reply).await?,
             OptionOutcome::Abort { reply } => {
                 let _ = sock.write_all(&reply).await;
-                return Ok(None);
+                let _ = sock.flush().await;
+                return Ok(Negotiated::Close);
             }
             OptionOutcome::Close { reason } => {
                 tracing::info!(%reason, "closing during handshake");
-                return Ok(None);
+                return Ok(Negotiated::Close);
+            }
+            OptionOutcome::StartTls { reply } => {
+                sock.write_all(&reply).await?;
+                sock.flush().await?;
+                return Ok(Negotiated::StartTls);
             }
             OptionOutcome::Transmission {
                 reply,
@@ -235,7 +299,8 @@ async fn handshake(
                 structured,
             } => {
                 sock.write_all(&reply).await?;
-                return Ok(Some((export, structured)));
+                sock.flush().await?;
+                return Ok(Negotiated::Export(export, structured));
             }
         }
     }
@@ -246,7 +311,7 @@ async fn handshake(
 /// (`CONNECTION_BYTES_MAX`), given back once they are written.
 type Replies = (Vec<u8>, Option<OwnedSemaphorePermit>);
 
-async fn writer_task(wr: WriteHalf, mut rx: mpsc::Receiver<Replies>) {
+async fn writer_task<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::Receiver<Replies>) {
     let mut w = BufWriter::with_capacity(256 << 10, wr);
     while let Some((buf, _budget)) = rx.recv().await {
         if w.write_all(&buf).await.is_err() {
@@ -280,13 +345,17 @@ struct ConnAcks {
     session: lazarus_node::forward::Session,
 }
 
-async fn transmission(
-    sock: Stream,
+async fn transmission<R, W>(
+    rd: R,
+    wr: W,
     engine: Arc<Engine>,
     ex: Arc<Export>,
     structured: bool,
-) -> anyhow::Result<()> {
-    let (rd, wr) = sock.into_split();
+) -> anyhow::Result<()>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let mut rd = BufReader::with_capacity(READ_BUFFER_BYTES, rd);
     let (tx, rx) = mpsc::channel::<Replies>(INFLIGHT_PER_CONNECTION_MAX * 2);
     let budget = Arc::new(Semaphore::new(CONNECTION_BYTES_MAX as usize));

@@ -129,6 +129,16 @@ pub async fn start(
 
 pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     let _lock = lock_data_dir(&cfg.data_dir)?;
+    let nbd_tls = crate::nbd_tls::NbdTls::from_config(&cfg)
+        .map_err(|e| anyhow::anyhow!("NBD over TLS: {e}"))?;
+    let admin_token = match &cfg.admin_token_file {
+        Some(p) => Some(admin::read_token_file(p).map_err(anyhow::Error::msg)?),
+        None => cfg.admin_token.clone(),
+    };
+    match &nbd_tls {
+        Some(t) => tracing::info!(policy = ?t.policy, "NBD over TLS is on"),
+        None => tracing::info!("NBD over TLS is off: NBD clients are served in the clear"),
+    }
     // Present only after a clean shutdown (final checkpoint done): nothing was lost.
     let clean_marker = cfg.data_dir.join(CLEAN_MARKER);
     let clean = clean_marker.exists();
@@ -161,7 +171,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
     tracing::info!(node = %cfg.id, nbd = %ep.nbd, admin = %ep.admin, "node serving");
 
     let node = start(&cfg, store.clone(), engine.clone(), &ep, clean).await?;
-    let guard = admin::MutationGuard::new(cfg.admin_listen, cfg.admin_token.clone());
+    let guard = admin::MutationGuard::new(cfg.admin_listen, admin_token);
     let app = admin::router(admin::AppState {
         guard,
         faults: cfg.faults,
@@ -174,7 +184,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
             tracing::error!(error = %e, "admin API stopped");
         }
     });
-    tokio::spawn(nbd_server::serve(nbd, engine.clone()));
+    tokio::spawn(nbd_server::serve(nbd, engine.clone(), nbd_tls));
 
     shutdown_signal().await;
     tracing::info!(node = %cfg.id, "shutting down: flushing and checkpointing");

@@ -288,7 +288,7 @@ async fn run_node(id: &'static str, volume_bytes: u64, written: Arc<Vec<u64>>) -
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     });
-    lazarus_server::nbd_server::serve(nbd, engine).await;
+    lazarus_server::nbd_server::serve(nbd, engine, None).await;
     Ok(())
 }
 

@@ -31,8 +31,10 @@ impl Api {
         &self.base
     }
 
-    /// Finds the API of a cluster started by `lazarus up --data DIR`.
+    /// Finds the API of a cluster started by `lazarus up --data DIR` (and its admin
+    /// token, `DIR/admin.token`, unless $LAZARUS_TOKEN gives one).
     pub fn discover(api: Option<&str>, data: &Path) -> anyhow::Result<Api> {
+        use_token_of(data);
         if let Some(a) = api {
             return Ok(Api::new(a));
         }
@@ -82,7 +84,7 @@ impl Api {
     }
 
     pub fn get(&self, path: &str) -> anyhow::Result<(u16, Value)> {
-        let r = self.agent.get(&format!("{}{path}", self.base)).call();
+        let r = authorized(self.agent.get(&format!("{}{path}", self.base))).call();
         self.handle(path, r)
     }
 
@@ -150,11 +152,26 @@ fn authorized<B>(req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
     }
 }
 
-/// The admin token for mutating requests and data reads, from `$LAZARUS_TOKEN`.
+/// The token file consulted when `$LAZARUS_TOKEN` is not set (`use_token_of`).
+static TOKEN_FILE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// Requests carry the token of the cluster `lazarus up --data DATA` started, unless
+/// `$LAZARUS_TOKEN` names one.
+pub fn use_token_of(data: &Path) {
+    let _ = TOKEN_FILE.set(data.join(lazarus_server::admin::TOKEN_FILE));
+}
+
+/// The admin token: `$LAZARUS_TOKEN`, else the first line of the token file of
+/// `use_token_of`, when this user may read it.
 fn token() -> Option<String> {
-    std::env::var("LAZARUS_TOKEN")
+    if let Some(t) = std::env::var("LAZARUS_TOKEN")
         .ok()
         .filter(|t| !t.is_empty())
+    {
+        return Some(t);
+    }
+    let text = std::fs::read_to_string(TOKEN_FILE.get()?).ok()?;
+    Some(text.lines().next()?.trim().to_string()).filter(|t| !t.is_empty())
 }
 
 /// Turns a non-2xx answer into an error carrying the API's message.

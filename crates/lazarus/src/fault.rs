@@ -18,6 +18,7 @@ pub struct ClusterFiles {
 
 impl ClusterFiles {
     pub fn load(data: &Path) -> anyhow::Result<ClusterFiles> {
+        crate::client::use_token_of(data);
         let p = data.join("cluster.json");
         let text = std::fs::read_to_string(&p).with_context(|| {
             format!(

@@ -62,6 +62,12 @@ enum Cmd {
         /// measuring what TLS costs (bench/cpu_per_write.sh) and nothing else.
         #[arg(long, hide = true)]
         insecure_cluster: bool,
+        /// NBD over TLS on every node: require (the default: clients without TLS are
+        /// refused), on (offered: nbds:// clients get TLS, nbd:// clients the clear) or
+        /// off. The credentials (X.509 for qemu/libnbd clients, and a PSK) are made in
+        /// DATA/nbd-tls at the first start; only the user running `up` can read them.
+        #[arg(long, default_value = "require", value_parser = ["off", "on", "require"])]
+        nbd_tls: String,
     },
     /// Make cluster credentials for mutual TLS between nodes and the recovery server: a
     /// certificate authority in OUT (ca.crt, ca.key; made once, reused after) and a
@@ -75,6 +81,23 @@ enum Cmd {
         /// The members: node ids and a name for the recovery server, e.g. n1 n2 n3 rs.
         #[arg(required = true, value_name = "NAME")]
         members: Vec<String>,
+    },
+    /// Make credentials for NBD over TLS, in the layouts qemu, nbdkit and libnbd use:
+    /// OUT/server (ca-cert.pem, server-cert.pem, server-key.pem: a node's
+    /// `nbd_tls_certificates`), OUT/client (ca-cert.pem, client-cert.pem,
+    /// client-key.pem: clients' `tls-certificates=DIR` / qemu `tls-creds-x509`) and
+    /// OUT/keys.psk (USER:hexkey: a node's `nbd_tls_psk`, clients' `tls-psk-file`).
+    /// What is already there is kept.
+    NbdCerts {
+        #[arg(long, value_name = "OUT")]
+        out: PathBuf,
+        /// Names the nodes' certificate is valid for, besides localhost, 127.0.0.1 and
+        /// ::1 (the host names or addresses clients dial).
+        #[arg(long = "host", value_name = "NAME")]
+        hosts: Vec<String>,
+        /// The PSK's username.
+        #[arg(long, default_value = "lazarus")]
+        psk_user: String,
     },
     /// Scrub every node's disk now: slice pages, checksum pages, blocks; repairs what
     /// it finds.
@@ -619,6 +642,25 @@ fn client_command(cmd: Cmd) -> anyhow::Result<()> {
                 out.join(lazarus_rpc::tls::CA_KEY).display()
             );
         }
+        Cmd::NbdCerts {
+            out,
+            hosts,
+            psk_user,
+        } => {
+            let g = lazarus_server::nbd_tls::generate(&out, &hosts, &psk_user)
+                .map_err(anyhow::Error::msg)?;
+            println!("node side (nbd_tls_certificates): {}", g.server.display());
+            println!("client side (tls-certificates):    {}", g.client.display());
+            println!(
+                "PSK (nbd_tls_psk; clients: tls-psk-file, username {}): {}",
+                g.psk_user,
+                g.psk.display()
+            );
+            println!(
+                "the CA's key is {}: keep it away from nodes and clients",
+                out.join("ca-key.pem").display()
+            );
+        }
         Cmd::Up { .. } | Cmd::Node { .. } | Cmd::BenchRpc { .. } | Cmd::RecoveryServer { .. } => {
             unreachable!("server commands are not client commands")
         }
@@ -663,9 +705,15 @@ fn main() {
             jeopardy_suspend_secs,
             no_recovery_server,
             insecure_cluster,
+            nbd_tls,
         } => runtime().block_on(up::run(up::UpArgs {
             jeopardy_suspend_secs,
             cluster_tls: !insecure_cluster,
+            nbd_tls: match nbd_tls.as_str() {
+                "off" => config::NbdTlsMode::Off,
+                "require" => config::NbdTlsMode::Require,
+                _ => config::NbdTlsMode::On,
+            },
             recovery_server: !no_recovery_server,
             data,
             port_base,

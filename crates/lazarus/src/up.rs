@@ -11,7 +11,7 @@
 
 use crate::client::{self, Api};
 use anyhow::Context;
-use lazarus_node::config::{Endpoints, NodeConfig, PeerConfig};
+use lazarus_node::config::{Endpoints, NbdTlsMode, NodeConfig, PeerConfig};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -40,6 +40,8 @@ const CRASH_RESTARTS_MAX: usize = 5;
 const CRASH_WINDOW: Duration = Duration::from_secs(60);
 const SUPERVISE_INTERVAL: Duration = Duration::from_millis(200);
 pub const DEFAULT_VOLUME: &str = "vol0";
+/// The username of the PSK `up` makes for NBD over TLS.
+pub const NBD_PSK_USER: &str = "lazarus";
 /// Marker file: the node is held down by `lazarus fault kill`.
 pub const KILLED_MARKER: &str = "KILLED";
 
@@ -55,6 +57,13 @@ pub struct UpArgs {
     pub recovery_server: bool,
     /// Mutual TLS between the members (off only to measure its cost).
     pub cluster_tls: bool,
+    /// NBD over TLS on every node (credentials in `nbd_tls_dir`).
+    pub nbd_tls: lazarus_node::config::NbdTlsMode,
+}
+
+/// Where `up` keeps its NBD TLS credentials (made at the first start).
+pub fn nbd_tls_dir(data: &Path) -> PathBuf {
+    data.join("nbd-tls")
 }
 
 /// Port layout of node `i` (0-based).
@@ -113,6 +122,7 @@ fn node_config(args: &UpArgs, i: usize) -> anyhow::Result<NodeConfig> {
             Vec::new()
         },
         admin_token: None,
+        admin_token_file: Some(args.data.join(lazarus_server::admin::TOKEN_FILE)),
         // A local cluster to try things on: `lazarus fault` works against it.
         faults: true,
         recovery_server: (clustered && args.recovery_server)
@@ -122,6 +132,12 @@ fn node_config(args: &UpArgs, i: usize) -> anyhow::Result<NodeConfig> {
         failures_max: 3,
         failure_window_minutes: 10,
         cluster_tls: (clustered && args.cluster_tls).then(|| certs_dir(args).join(&id)),
+        nbd_tls: args.nbd_tls,
+        nbd_tls_certificates: (args.nbd_tls != NbdTlsMode::Off)
+            .then(|| nbd_tls_dir(&args.data).join("server")),
+        nbd_tls_verify_peer: true,
+        nbd_tls_psk: (args.nbd_tls != NbdTlsMode::Off)
+            .then(|| nbd_tls_dir(&args.data).join(lazarus_server::nbd_tls::PSK_FILE)),
     })
 }
 
@@ -408,6 +424,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&args.data)
         .with_context(|| format!("cannot create {}", args.data.display()))?;
+    // The cluster's files (volumes' bytes, keys, the admin token) are its user's alone.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&args.data, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot make {} private", args.data.display()))?;
+    }
     let data = std::fs::canonicalize(&args.data)?;
     let args = UpArgs { data, ..args };
     let _lock = lazarus_server::node::lock_data_dir(&args.data).map_err(|_| {
@@ -425,6 +447,16 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             .collect();
         lazarus_rpc::tls::generate(&certs_dir(&args), &members)
             .map_err(|e| anyhow::anyhow!("cluster credentials: {e}"))?;
+    }
+    // The admin token: every request to the nodes' admin APIs carries it (the CLI
+    // reads it from here); other local users cannot read the file.
+    let token_file = args.data.join(lazarus_server::admin::TOKEN_FILE);
+    lazarus_server::admin::ensure_token_file(&token_file)
+        .map_err(|e| anyhow::anyhow!("admin token: {e}"))?;
+    crate::client::use_token_of(&args.data);
+    if args.nbd_tls != NbdTlsMode::Off {
+        lazarus_server::nbd_tls::generate(&nbd_tls_dir(&args.data), &[], NBD_PSK_USER)
+            .map_err(|e| anyhow::anyhow!("NBD TLS credentials: {e}"))?;
     }
     let mut slots: Vec<Slot> = (0..args.nodes + with_rs as usize)
         .map(|i| {
@@ -498,10 +530,26 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         args.data.display()
     );
     println!("{msg}");
+    let tls_dir = nbd_tls_dir(&args.data);
+    let x509 = format!("?tls-certificates={}", tls_dir.join("client").display());
     for i in 0..args.nodes {
+        let port = ports(args.port_base, i).0;
+        if args.nbd_tls == NbdTlsMode::Require {
+            println!("nbds://127.0.0.1:{port}/{DEFAULT_VOLUME}{x509}");
+        } else {
+            println!("nbd://127.0.0.1:{port}/{DEFAULT_VOLUME}");
+        }
+    }
+    if args.nbd_tls != NbdTlsMode::Off {
+        let port = ports(args.port_base, 0).0;
         println!(
-            "nbd://127.0.0.1:{}/{DEFAULT_VOLUME}",
-            ports(args.port_base, i).0
+            "NBD over TLS {}: X.509 nbds://127.0.0.1:{port}/{DEFAULT_VOLUME}{x509}   PSK nbds://{NBD_PSK_USER}@127.0.0.1:{port}/{DEFAULT_VOLUME}?tls-psk-file={}",
+            if args.nbd_tls == NbdTlsMode::Require {
+                "required"
+            } else {
+                "offered"
+            },
+            tls_dir.join(lazarus_server::nbd_tls::PSK_FILE).display(),
         );
     }
     for (i, s) in slots.iter().enumerate() {
@@ -521,8 +569,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         );
     }
     println!(
-        "Dashboard: http://127.0.0.1:{}/   (any node's admin address serves it)",
-        ports(args.port_base, 0).1
+        "Dashboard: http://127.0.0.1:{}/#token={}   (any node's admin address serves it; the token is in {})",
+        ports(args.port_base, 0).1,
+        lazarus_server::admin::read_token_file(&token_file).unwrap_or_default(),
+        token_file.display()
     );
     println!("Status: lazarus status --data {}", args.data.display());
     println!("Press Ctrl-C to stop.");

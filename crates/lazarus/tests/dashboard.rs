@@ -97,7 +97,8 @@ fn dashboard_shows_the_cluster_and_a_killed_node_in_red() {
     let up = Up::start(&tmp.path().join("c"), "64MiB");
     up.wait_all_live(1, "vol0", Duration::from_secs(30));
     let profile = tmp.path().join("chromium");
-    let url = format!("{}/", up.admin(1));
+    // The link `lazarus up` prints: the admin token rides in the fragment.
+    let url = format!("{}/#token={}", up.admin(1), up.token());
     let shots = Path::new(env!("CARGO_TARGET_TMPDIR"));
 
     // Some client I/O for the charts and counters.

@@ -888,6 +888,8 @@ fn isolated_leader_never_promotes_itself() {
             "POST",
             "-H",
             "content-type: application/json",
+            "-H",
+            &up.auth_header(),
         ])
         .args(["-d", r#"{"name":"iso","size":"64MiB"}"#])
         .arg(format!("{}/api/v1/volumes", up.admin(p)))

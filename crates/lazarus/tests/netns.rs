@@ -258,7 +258,12 @@ fn three_nodes_in_three_network_namespaces() {
             let o = n.exec(
                 i,
                 "curl",
-                &["-sf", &format!("{}/api/v1/volumes/wide", api(i))],
+                &[
+                    "-sf",
+                    "-H",
+                    &good,
+                    &format!("{}/api/v1/volumes/wide", api(i)),
+                ],
             );
             let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
             v["root"].as_str().unwrap().to_string()
@@ -268,7 +273,12 @@ fn three_nodes_in_three_network_namespaces() {
     let o = n.exec(
         1,
         "curl",
-        &["-s", &format!("{}/api/v1/volumes/nope", api(1))],
+        &[
+            "-s",
+            "-H",
+            &good,
+            &format!("{}/api/v1/volumes/nope", api(1)),
+        ],
     );
     assert!(String::from_utf8_lossy(&o.stdout).contains("does not exist"));
 }

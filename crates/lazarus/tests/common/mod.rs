@@ -372,6 +372,13 @@ impl Up {
                 volume_size,
             ])
             .args(extra)
+            // NBD in the clear for the clients of most tests (`up` requires TLS by
+            // default; nbd_tls.rs tests that).
+            .args(if extra.contains(&"--nbd-tls") {
+                &[][..]
+            } else {
+                &["--nbd-tls", "on"][..]
+            })
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -395,11 +402,8 @@ impl Up {
             );
         }
         // The URIs come first, n1's first.
-        assert!(
-            printed.find(&format!("nbd://127.0.0.1:{base}/vol0"))
-                < printed.find(&format!("nbd://127.0.0.1:{}/vol0", base + 1)),
-            "{printed}"
-        );
+        let at = |port: u16| printed.find(&format!("://127.0.0.1:{port}/vol0"));
+        assert!(at(base).is_some() && at(base) < at(base + 1), "{printed}");
         // Keep draining stdout so the supervisor never blocks on a full pipe.
         std::thread::spawn(move || {
             let _ = std::io::copy(&mut out, &mut std::io::sink());
@@ -452,10 +456,24 @@ impl Up {
     /// `GET` on node n's admin API; `None` when it does not answer.
     pub fn get(&self, n: u16, path: &str) -> Option<Value> {
         let o = Command::new("curl")
-            .args(["-sf", "-m", "5", &format!("{}{path}", self.admin(n))])
+            .args(["-sf", "-m", "5", "-H", &self.auth_header()])
+            .arg(format!("{}{path}", self.admin(n)))
             .output()
             .ok()?;
         serde_json::from_slice(&o.stdout).ok()
+    }
+
+    /// The admin token `lazarus up` made (every admin request but health needs it).
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.data.join("admin.token"))
+            .expect("lazarus up keeps its admin token in DATA/admin.token")
+            .trim()
+            .to_string()
+    }
+
+    /// The header carrying it, for curl's -H.
+    pub fn auth_header(&self) -> String {
+        format!("Authorization: Bearer {}", self.token())
     }
 
     /// The volume's entry in node n's applied metadata.
