@@ -29,7 +29,9 @@ trap 'kill -INT $UP 2>/dev/null; wait $UP 2>/dev/null || true; rm -rf "$WORK"' E
 for i in $(seq 600); do grep -q "Press Ctrl-C" "$WORK/up.log" && break; sleep 0.2; done
 U=nbd://127.0.0.1:23100/vol0
 L() { "$BIN" "$@" --data "$WORK/c"; }
-api() { curl -s -H "Authorization: Bearer $(cat "$WORK/c/admin.token")" "http://127.0.0.1:$((23110 + $1 - 1))$2"; }
+# The admin token as a curl header file (not in argv, where `ps` shows it).
+(umask 077; printf 'Authorization: Bearer %s\n' "$(cat "$WORK/c/admin.token")" > "$WORK/auth.header")
+api() { curl -s -H @"$WORK/auth.header" "http://127.0.0.1:$((23110 + $1 - 1))$2"; }
 jeopardy() { api 1 /api/v1/jeopardy | python3 -c "import json,sys; print(json.load(sys.stdin)['volumes']['vol0']['jeopardy'])"; }
 fio_iops() { # name runtime
   fio --name="$1" --ioengine=nbd --uri="$U" --rw=randwrite --bs=4k --iodepth=32 \

@@ -46,7 +46,9 @@ for p in $PAGES; do L fault corrupt --node n1 --volume vol0 --lba $((p * 256)) >
 t0=$(date +%s.%N)
 L repair --volume vol0
 t1=$(date +%s.%N)
-curl -s -H "Authorization: Bearer $(cat "$WORK/c/admin.token")" http://127.0.0.1:32910/api/v1/repairs | python3 -c "
+# The admin token as a curl header file (not in argv, where `ps` shows it).
+(umask 077; printf 'Authorization: Bearer %s\n' "$(cat "$WORK/c/admin.token")" > "$WORK/auth.header")
+curl -s -H @"$WORK/auth.header" http://127.0.0.1:32910/api/v1/repairs | python3 -c "
 import json, sys
 r = json.load(sys.stdin)
 b = r['bytes']['vol0']

@@ -5,6 +5,8 @@
 # (vol0) and one at replication factor 1 (solo), both through n1. Writes BENCHMARKS.md.
 #
 # Usage: bench/run.sh [--reps N] [--runtime SECONDS] [--dir DIR] [--out FILE]
+# UP_ARGS adds arguments to `lazarus up` (UP_ARGS=--insecure-cluster: cluster traffic
+# without mutual TLS, to measure what TLS costs).
 # Workloads: 4 KiB randread and randwrite at iodepth 32, 1 MiB sequential read and
 # write at iodepth 8; each server gets the same prefilled 1 GiB working set.
 set -euo pipefail
@@ -57,7 +59,7 @@ for i in $(seq 100); do
 done
 curl -sf -X POST -H 'content-type: application/json' -d '{"name":"vol0","size":"1GiB"}' http://127.0.0.1:30813/api/v1/volumes >/dev/null
 # The cluster: three node processes on this machine (NBD 30900-30902).
-"$BIN" up --data "$WORK/cluster" --port-base 30900 --volume-size 1GiB --nbd-tls off > "$WORK/up.log" 2>&1 &
+"$BIN" up --data "$WORK/cluster" --port-base 30900 --volume-size 1GiB --nbd-tls off ${UP_ARGS:-} > "$WORK/up.log" 2>&1 &
 PIDS+=($!)
 for i in $(seq 300); do grep -q "Press Ctrl-C" "$WORK/up.log" && break; sleep 0.2; done
 grep -q "Press Ctrl-C" "$WORK/up.log" || { echo "lazarus up did not start:" >&2; cat "$WORK/up.log" >&2; exit 1; }

@@ -216,7 +216,7 @@ async fn handle(
             transmission(rd, wr, engine, ex, structured).await
         }
         Conn::Tls(sock) => {
-            let (rd, wr) = tokio::io::split(sock);
+            let (rd, wr) = crate::nbd_tls::split(*sock);
             transmission(rd, wr, engine, ex, structured).await
         }
     }

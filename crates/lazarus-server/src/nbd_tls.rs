@@ -51,6 +51,18 @@ impl std::fmt::Debug for NbdTls {
 
 /// Reads a PSK file: `username:hexkey` per line, blank lines and `#` comments skipped.
 pub fn read_psk_file(path: &Path) -> Result<HashMap<Vec<u8>, Vec<u8>>, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|e| format!("cannot read the PSK file {}: {e}", path.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "the PSK file {} may be read by other users (mode {:o}): chmod 600 it",
+            path.display(),
+            mode & 0o777
+        ));
+    }
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read the PSK file {}: {e}", path.display()))?;
     let mut keys = HashMap::new();
@@ -119,10 +131,10 @@ impl NbdTls {
         let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls_server()).map_err(ssl)?;
         b.set_min_proto_version(Some(SslVersion::TLS1_2))
             .map_err(ssl)?;
-        // TLS 1.2 PSK suites as well as the certificate ones (TLS 1.3 takes a PSK with
-        // any of its suites).
+        // TLS 1.2: forward-secret suites only, for certificates and for PSK (OpenSSL
+        // names the PSK key exchanges kECDHEPSK and kDHEPSK; plain PSK is left out).
         b.set_cipher_list(
-            "ECDHE+AESGCM:ECDHE+CHACHA20:ECDHE-PSK+AES:ECDHE-PSK+CHACHA20:DHE-PSK+AESGCM:PSK+AESGCM",
+            "ECDHE+AESGCM:ECDHE+CHACHA20:kECDHEPSK+CHACHA20:kDHEPSK+AESGCM:kDHEPSK+CHACHA20",
         )
         .map_err(ssl)?;
         // TLS 1.3 with a SHA-256 suite first, chosen by the server: OpenSSL takes an
@@ -135,11 +147,15 @@ impl NbdTls {
         // OpenSSL treats a PSK handshake as a resumption, which needs a session context
         // whenever client certificates are verified.
         b.set_session_id_context(b"lazarus-nbd").map_err(ssl)?;
-        // No session tickets: nothing to resume by, no ticket key to keep.
+        // No resumption at all (no tickets, stateless or stateful, and no session
+        // cache): every connection proves its certificate or key again, and the node
+        // keeps nothing per past connection.
         b.set_options(
             openssl::ssl::SslOptions::NO_TICKET
                 | openssl::ssl::SslOptions::CIPHER_SERVER_PREFERENCE,
         );
+        b.set_num_tickets(0).map_err(ssl)?;
+        b.set_session_cache_mode(openssl::ssl::SslSessionCacheMode::OFF);
         if let Some(dir) = certificates {
             load_certificates(&mut b, dir, verify_peer)?;
         }
@@ -179,6 +195,107 @@ impl NbdTls {
             })?
             .map_err(|e| std::io::Error::other(format!("TLS handshake failed: {e}")))?;
         Ok(s)
+    }
+}
+
+/// A TLS stream's two halves, each driven by its own task (requests are read by one,
+/// replies written by another). `tokio::io::split` alone can stall: OpenSSL may write
+/// while reading (the answer to a TLS 1.3 key update) and read while writing, so one
+/// task can wait on the readiness of the direction the other task waits on, and the
+/// socket keeps one waker per direction — the other task's would be lost. Here the
+/// stream is always polled with a waker that wakes both halves' tasks; each retries,
+/// and a spurious wake-up costs one poll.
+pub fn split<S>(stream: S) -> (TlsRead<S>, TlsWrite<S>) {
+    let shared = Arc::new(Shared {
+        stream: parking_lot::Mutex::new(stream),
+        wakers: Arc::new(BothWakers::default()),
+    });
+    (TlsRead(shared.clone()), TlsWrite(shared))
+}
+
+struct Shared<S> {
+    stream: parking_lot::Mutex<S>,
+    wakers: Arc<BothWakers>,
+}
+
+#[derive(Default)]
+struct BothWakers {
+    read: parking_lot::Mutex<Option<std::task::Waker>>,
+    write: parking_lot::Mutex<Option<std::task::Waker>>,
+}
+
+impl std::task::Wake for BothWakers {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref()
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        for slot in [&self.read, &self.write] {
+            if let Some(w) = slot.lock().take() {
+                w.wake();
+            }
+        }
+    }
+}
+
+impl<S> Shared<S> {
+    /// Polls the stream for one half: that half's task is remembered, and the stream
+    /// sees a waker that wakes both.
+    fn poll<T>(
+        &self,
+        cx: &std::task::Context<'_>,
+        reader: bool,
+        f: impl FnOnce(std::pin::Pin<&mut S>, &mut std::task::Context<'_>) -> T,
+    ) -> T
+    where
+        S: Unpin,
+    {
+        let slot = if reader {
+            &self.wakers.read
+        } else {
+            &self.wakers.write
+        };
+        *slot.lock() = Some(cx.waker().clone());
+        let waker = std::task::Waker::from(self.wakers.clone());
+        let mut both = std::task::Context::from_waker(&waker);
+        let mut s = self.stream.lock();
+        f(std::pin::Pin::new(&mut *s), &mut both)
+    }
+}
+
+/// The reading half of `split`.
+pub struct TlsRead<S>(Arc<Shared<S>>);
+/// The writing half of `split`.
+pub struct TlsWrite<S>(Arc<Shared<S>>);
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for TlsRead<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.0.poll(cx, true, |s, cx| s.poll_read(cx, buf))
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for TlsWrite<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.0.poll(cx, false, |s, cx| s.poll_write(cx, buf))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.0.poll(cx, false, |s, cx| s.poll_flush(cx))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.0.poll(cx, false, |s, cx| s.poll_shutdown(cx))
     }
 }
 
@@ -373,6 +490,13 @@ mod tests {
         assert_eq!(std::fs::read(g.server.join(SERVER_CERT)).unwrap(), cert);
 
         let bad = d.path().join("bad.psk");
+        std::fs::write(&bad, "alice:00ff\n").unwrap();
+        let e = read_psk_file(&bad).unwrap_err();
+        assert!(e.contains("chmod 600"), "{e}");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&bad, std::fs::Permissions::from_mode(0o600)).unwrap();
+        }
         for (text, why) in [
             ("", "no key"),
             ("alice\n", "username:hexkey"),

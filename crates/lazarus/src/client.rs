@@ -32,12 +32,14 @@ impl Api {
     }
 
     /// Finds the API of a cluster started by `lazarus up --data DIR` (and its admin
-    /// token, `DIR/admin.token`, unless $LAZARUS_TOKEN gives one).
+    /// token, `DIR/admin.token`, unless $LAZARUS_TOKEN gives one). An address given
+    /// with `--api` gets $LAZARUS_TOKEN only: a local cluster's token never goes to
+    /// another address.
     pub fn discover(api: Option<&str>, data: &Path) -> anyhow::Result<Api> {
-        use_token_of(data);
         if let Some(a) = api {
             return Ok(Api::new(a));
         }
+        use_token_of(data);
         let p = data.join("cluster.json");
         let text = std::fs::read_to_string(&p).with_context(|| {
             format!("no running cluster found under {} (start one with `lazarus up`, or pass --api URL)", data.display())

@@ -217,6 +217,11 @@ fn a_node_with_broken_nbd_tls_settings_says_why_and_does_not_start() {
     run(BIN, &["nbd-certs", "--out", creds.to_str().unwrap()]);
     std::fs::write(creds.join("server").join("server-key.pem"), "not a key").unwrap();
     std::fs::write(tmp.path().join("bad.psk"), "lazarus:xyz\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let private = std::fs::Permissions::from_mode(0o600);
+        std::fs::set_permissions(tmp.path().join("bad.psk"), private).unwrap();
+    }
     for (extra, expect) in [
         ("nbd_tls = \"require\"\n", "needs nbd_tls_certificates"),
         ("nbd_tls = \"sometimes\"\n", "unknown variant `sometimes`"),

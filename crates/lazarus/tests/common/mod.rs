@@ -438,7 +438,13 @@ impl Up {
         let d = self.data.to_str().unwrap().to_string();
         full.push("--data");
         full.push(&d);
-        Command::new(BIN).args(&full).output().unwrap()
+        let mut cmd = Command::new(BIN);
+        // An address named with --api gets no token from --data (it could be another
+        // cluster's): pass it as a user would.
+        if args.contains(&"--api") {
+            cmd.env("LAZARUS_TOKEN", self.token());
+        }
+        cmd.args(&full).output().unwrap()
     }
 
     /// Runs a CLI command that must succeed; returns its stdout.
