@@ -243,13 +243,23 @@ fn plain(sock: crate::net::Stream) -> (BoxRead, BoxWrite) {
     (Box::new(r), Box::new(w))
 }
 
+/// Bytes read from the socket at a time under TLS. rustls asks its transport for 4 KiB
+/// at a time; without a buffer below it every 4 KiB of a burst of updates would be its
+/// own system call.
+const TLS_READ_BUFFER_BYTES: usize = 256 << 10;
+
+/// The socket with a read buffer under the TLS layer (writes pass through).
+fn buffered(sock: crate::net::Stream) -> tokio::io::BufReader<crate::net::Stream> {
+    tokio::io::BufReader::with_capacity(TLS_READ_BUFFER_BYTES, sock)
+}
+
 /// The server side's handshake on an accepted connection (none without credentials).
 pub(crate) async fn accept(
     sock: crate::net::Stream,
     tls: Option<&Arc<Credentials>>,
 ) -> std::io::Result<(BoxRead, BoxWrite)> {
     match tls {
-        Some(tls) => handshake(tls.acceptor.accept(sock)).await,
+        Some(tls) => handshake(tls.acceptor.accept(buffered(sock))).await,
         None => Ok(plain(sock)),
     }
 }
@@ -262,7 +272,7 @@ pub async fn connect(
     tls: Option<&Arc<Credentials>>,
 ) -> std::io::Result<(BoxRead, BoxWrite)> {
     match tls {
-        Some(tls) => handshake(tls.connector.connect(tls.name.clone(), sock)).await,
+        Some(tls) => handshake(tls.connector.connect(tls.name.clone(), buffered(sock))).await,
         None => Ok(plain(sock)),
     }
 }

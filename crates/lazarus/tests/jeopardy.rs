@@ -797,7 +797,9 @@ fn stray_claim_for_a_stale_copy_is_not_adopted() {
     // n3 misses a write: dead and stale.
     up.cli_ok(&["fault", "drop", "--from", "n1", "--to", "n3"]);
     qemu_io_ok(&up.uri(1, "vol0"), &["write -P 0x51 0 64k", "flush"]);
-    let m = up.volume_meta(1, "vol0").unwrap();
+    // Committed before the write was acknowledged: in the leader's applied metadata
+    // now (a follower, n1 among them, may apply it a moment later).
+    let m = up.volume_meta(leader(&up), "vol0").unwrap();
     assert_eq!(m["states"]["3"], "dead", "{m}");
     let fcid = m["failure_count_id"].as_u64().unwrap();
     let claim = |holder: u64| {

@@ -252,24 +252,36 @@ fn three_nodes_in_three_network_namespaces() {
         o.status.success() && o.stdout[..] == data[..4096],
         "a data read with the token failed"
     );
-    // Every node holds an identical copy.
-    let roots: Vec<String> = (1..=3)
-        .map(|i| {
-            let o = n.exec(
-                i,
-                "curl",
-                &[
-                    "-sf",
-                    "-H",
-                    &good,
-                    &format!("{}/api/v1/volumes/wide", api(i)),
-                ],
-            );
-            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-            v["root"].as_str().unwrap().to_string()
-        })
-        .collect();
-    assert!(roots.iter().all(|r| *r == roots[0]), "{roots:?}");
+    // Every node holds an identical copy: at once where its copy was live for every
+    // write, after its resync where it joined late (a copy created a moment after the
+    // first write catches up by Merkle diff).
+    let t0 = Instant::now();
+    loop {
+        let roots: Vec<String> = (1..=3)
+            .map(|i| {
+                let o = n.exec(
+                    i,
+                    "curl",
+                    &[
+                        "-sf",
+                        "-H",
+                        &good,
+                        &format!("{}/api/v1/volumes/wide", api(i)),
+                    ],
+                );
+                let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+                v["root"].as_str().unwrap_or_default().to_string()
+            })
+            .collect();
+        if roots.iter().all(|r| *r == roots[0] && !r.is_empty()) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "copies differ after 60 s: {roots:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let o = n.exec(
         1,
         "curl",
