@@ -26,7 +26,12 @@ fuzz_target!(|data: &[u8]| {
     if data.len() >= OPTION_HEADER_LEN {
         let _ = OptionHeader::parse(data[..OPTION_HEADER_LEN].try_into().unwrap());
     }
-    let mut hs = Handshake::new(data[0] & 1 == 1);
+    let tls = match (data[0] >> 1) & 3 {
+        0 => TlsPolicy::Off,
+        1 => TlsPolicy::On,
+        _ => TlsPolicy::Require,
+    };
+    let mut hs = Handshake::with_tls(data[0] & 1 == 1, tls);
     let mut rest = &data[1..];
     while rest.len() >= 3 {
         let opt = rest[0] as u32 % 13;
@@ -34,6 +39,11 @@ fuzz_target!(|data: &[u8]| {
         let body = &rest[2..2 + len];
         rest = &rest[2 + len..];
         match hs.handle(opt, body, &Cat) {
+            OptionOutcome::StartTls { reply } => {
+                assert!(tls != TlsPolicy::Off && !hs.encrypted);
+                assert_eq!(reply.len(), 20);
+                hs.tls_started();
+            }
             OptionOutcome::Continue { reply } | OptionOutcome::Abort { reply } => {
                 let mut r = &reply[..];
                 while !r.is_empty() {
@@ -44,6 +54,8 @@ fuzz_target!(|data: &[u8]| {
             }
             OptionOutcome::Transmission { export, .. } => {
                 assert_eq!(export.name, "vol0");
+                // Never an export in the clear where TLS is required.
+                assert!(tls != TlsPolicy::Require || hs.encrypted);
                 return;
             }
             OptionOutcome::Close { .. } => return,
