@@ -108,21 +108,9 @@ pub fn read_token_file(path: &std::path::Path) -> Result<String, String> {
 /// The token in `path`, made first (256 random bits in hex, mode 0600) when the file
 /// does not exist.
 pub fn ensure_token_file(path: &std::path::Path) -> Result<String, String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     if !path.exists() {
-        let mut key = [0u8; 32];
-        openssl::rand::rand_bytes(&mut key).map_err(|e| e.to_string())?;
-        let token: String = key.iter().map(|b| format!("{b:02x}")).collect();
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-        f.write_all(format!("{token}\n").as_bytes())
-            .and_then(|_| f.sync_all())
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        let token = crate::nbd_tls::random_hex(32)?;
+        lazarus_rpc::tls::write_new(path, format!("{token}\n"), true)?;
     }
     read_token_file(path)
 }

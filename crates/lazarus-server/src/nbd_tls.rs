@@ -91,6 +91,13 @@ pub fn read_psk_file(path: &Path) -> Result<HashMap<Vec<u8>, Vec<u8>>, String> {
     Ok(keys)
 }
 
+/// `bytes` random bytes from the system's CSPRNG, in hex (keys and tokens).
+pub fn random_hex(bytes: usize) -> Result<String, String> {
+    let mut key = vec![0u8; bytes];
+    openssl::rand::rand_bytes(&mut key).map_err(|e| e.to_string())?;
+    Ok(key.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;
@@ -394,9 +401,7 @@ pub fn generate(out: &Path, hosts: &[String], psk_user: &str) -> Result<Generate
         std::fs::create_dir_all(d).map_err(|e| format!("cannot create {}: {e}", d.display()))?;
     }
     if !made.psk.exists() {
-        let mut key = [0u8; 32];
-        openssl::rand::rand_bytes(&mut key).map_err(|e| e.to_string())?;
-        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        let hex = random_hex(32)?;
         write_new(&made.psk, format!("{psk_user}:{hex}\n").as_bytes(), true)?;
     }
     if made.server.join(SERVER_CERT).exists() && made.client.join(CLIENT_CERT).exists() {
