@@ -3,13 +3,20 @@
 # seconds against vol0 of a fresh three-node `lazarus up` cluster (RF3) and against a
 # fresh RF1 volume, and prints each process's CPU time (user+system, from /proc) per
 # completed write.  Usage: bench/cpu_per_write.sh [RUNTIME]
+# LAZARUS_BIN=path measures that binary instead of this tree's release build.
 # UP_ARGS adds arguments to `lazarus up`: UP_ARGS=--insecure-cluster measures the
 # cluster without its mutual TLS, to see what TLS costs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNTIME=${1:-8}
-cargo build --release --quiet
-BIN="$PWD/target/release/lazarus"
+# LAZARUS_BIN: measure that binary (for instance one built from another commit) instead
+# of building this tree's.
+if [ -n "${LAZARUS_BIN:-}" ]; then
+  BIN="$LAZARUS_BIN"
+else
+  cargo build --release --quiet
+  BIN="$PWD/target/release/lazarus"
+fi
 WORK=$(mktemp -d /var/tmp/lazarus-cpu.XXXXXX)
 "$BIN" up --data "$WORK/c" --port-base 31900 --volume-size 1GiB --nbd-tls off ${UP_ARGS:-} > "$WORK/up.log" 2>&1 &
 UP=$!

@@ -25,7 +25,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -71,7 +71,7 @@ pub struct Network {
 }
 
 impl Network {
-    pub(crate) fn client(&self, addr: &str) -> Arc<RpcClient> {
+    pub fn client(&self, addr: &str) -> Arc<RpcClient> {
         self.clients
             .lock()
             .expect("clients lock")
@@ -164,7 +164,7 @@ pub struct Cluster {
     pub id: NodeId,
     pub raft: Raft,
     pub store: Store,
-    pub(crate) network: Network,
+    pub network: Network,
     /// The node's block store, which replicated updates are applied to.
     pub(crate) blocks: Arc<BlockStore>,
     /// Nodes this one sends no replication traffic to (`lazarus fault drop`); resync
@@ -182,10 +182,14 @@ pub struct Cluster {
     /// Bumped before this process replaces any part of a copy from elsewhere (a
     /// resync, a restore from the recovery server): writes it applied before may be
     /// gone from it, so it no longer vouches for them (nbd_server.rs, `Acks`).
-    pub(crate) copies_replaced: std::sync::atomic::AtomicU64,
-    pub(crate) resync: crate::resync::ResyncState,
-    /// The node's engine, for requests forwarded by other nodes.
-    pub(crate) engine: OnceLock<Weak<crate::engine::Engine>>,
+    pub copies_replaced: std::sync::atomic::AtomicU64,
+    pub resync: crate::resync::ResyncState,
+    /// The node's block locks, shared with its engine (`stripes.rs`).
+    pub(crate) stripes: Arc<crate::stripes::Stripes>,
+    /// What the node's front end answers (the engine, which sits above the cluster):
+    /// requests forwarded by other nodes and the node's own summary. Installed once at
+    /// start-up (`serve_front`); until then such requests are told the node is starting.
+    front: OnceLock<rpc::Handler>,
     /// The recovery server (jeopardy protection, coordination point), if configured.
     pub recovery: Option<Arc<crate::jeopardy::Recovery>>,
     /// Where the comparison of the live copies with this primary's stands, per volume
@@ -193,7 +197,7 @@ pub struct Cluster {
     pub(crate) reconciliation: crate::reconcile::Reconciliation,
     /// Replicated writes between their lease check and their answer (`UpdateGuard`):
     /// a comparison of the copies' roots waits for them to finish.
-    pub(crate) updates_in_flight: std::sync::atomic::AtomicUsize,
+    pub updates_in_flight: std::sync::atomic::AtomicUsize,
     /// Per volume this node is primary of: client sessions opened (`forward::FenceToken`).
     pub(crate) fences: parking_lot::Mutex<HashMap<String, u64>>,
     /// Per volume whose copy the metadata loop could not create here: whether for
@@ -245,7 +249,7 @@ pub enum Role {
 pub(crate) const LEASE: Duration = Duration::from_millis(400);
 /// How long a primary waits for its lease (at start-up, while the leader changes, or
 /// when a renewal came late) before answering a request with an error.
-pub(crate) const LEASE_WAIT: Duration = Duration::from_secs(3);
+pub const LEASE_WAIT: Duration = Duration::from_secs(3);
 
 /// Deadline for one replicated update to a replica.
 const REPLICATE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -265,7 +269,11 @@ impl Cluster {
     /// Starts Raft on this node. The member with the smallest id initializes the
     /// cluster the first time (membership = every configured node); the others wait
     /// to be contacted.
-    pub async fn start(cfg: &NodeConfig, blocks: Arc<BlockStore>) -> anyhow::Result<Arc<Cluster>> {
+    pub async fn start(
+        cfg: &NodeConfig,
+        blocks: Arc<BlockStore>,
+        stripes: Arc<crate::stripes::Stripes>,
+    ) -> anyhow::Result<Arc<Cluster>> {
         let id = raft_id(&cfg.id).map_err(anyhow::Error::msg)?;
         let rpc_listen = cfg
             .rpc_listen
@@ -350,7 +358,8 @@ impl Cluster {
                 },
             copies_replaced: Default::default(),
             resync: Default::default(),
-            engine: OnceLock::new(),
+            stripes,
+            front: OnceLock::new(),
             recovery: crate::jeopardy::Recovery::new(cfg, tls.clone()),
             reconciliation: Default::default(),
             updates_in_flight: Default::default(),
@@ -364,13 +373,17 @@ impl Cluster {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen for RPC on {rpc_listen}: {e}"))?;
         let c = cluster.clone();
-        tokio::spawn(rpc::serve(
+        let weak = Arc::downgrade(&cluster);
+        tokio::spawn(rpc::serve_inline(
             listener,
             tls,
             Arc::new(move |kind, body| {
                 let c = c.clone();
                 Box::pin(async move { c.handle(kind, body).await.map_err(rpc::Remote::from) })
             }),
+            Some(Arc::new(move |kind, body: &[u8]| {
+                weak.upgrade().and_then(|c| c.apply_inline(kind, body))
+            })),
         ));
         if !cluster.raft.is_initialized().await? && members.keys().next() == Some(&id) {
             match cluster.raft.initialize(members.clone()).await {
@@ -416,22 +429,15 @@ impl Cluster {
             }
             KIND_ROOT => self.serve_root(de(&body)?).await,
             KIND_LEASE => ser(&self.serve_lease(de(&body)?).await),
-            KIND_STATS => match self.engine.get().and_then(|w| w.upgrade()) {
-                Some(e) => ser(&crate::stats::local_stats(&e)),
-                None => Err("starting".into()),
-            },
+            KIND_STATS | KIND_FORWARD => self.ask_front(kind, body).await,
             KIND_RESYNC_BEGIN | KIND_TREE | KIND_PAGE | KIND_BLOCKS => {
                 self.serve_resync(kind, &body).await
             }
-            KIND_FORWARD => self.serve_forward(&body).await,
             KIND_REPLICATE | KIND_FLUSH => {
                 let (json, raw) = rpc::unpack(&body)?;
                 let u: Update = de(json)?;
                 self.apply_update(u, raw).await?;
-                // Which process holds the update now (nbd_server.rs, `Acks`).
-                let mut who = self.incarnation.to_be_bytes().to_vec();
-                who.extend_from_slice(&self.copies_replaced.load(Ordering::Acquire).to_be_bytes());
-                Ok(who)
+                Ok(self.holder())
             }
             KIND_CLIENT_WRITE => {
                 let cmd: MetaCommand = de(&body)?;
@@ -655,7 +661,7 @@ impl Cluster {
 
     /// Where node `id` takes RPCs: this node's configuration first, then the address
     /// it registered in the metadata, then the Raft membership's.
-    pub(crate) fn rpc_addr(&self, id: NodeId) -> Option<String> {
+    pub fn rpc_addr(&self, id: NodeId) -> Option<String> {
         if let Some(a) = self.network.configured.get(&id) {
             return Some(a.clone());
         }
@@ -777,10 +783,25 @@ impl Cluster {
             lazarus_rpc::rt::block_in_place(|| b.resize_volume(&name, size))
                 .map_err(|e| format!("cannot grow the local copy of {volume:?}: {e}"))?;
         }
-        let b = self.blocks.clone();
-        let raw = raw.to_vec();
-        let resync = self.resync.clone();
-        let apply = move || match u {
+        let apply = || self.apply_to(&local, &u, raw);
+        // Like the primary's engine: inline, unless the store may block (a checkpoint
+        // holding writes off, or its backpressure flush).
+        if self.blocks.write_may_block() {
+            lazarus_rpc::rt::block_in_place(apply)
+        } else {
+            apply()
+        }
+    }
+
+    /// Applies a write or zero update to this node's copy `local` (checked against its
+    /// size), noting the blocks for a resync under way.
+    fn apply_to(
+        &self,
+        local: &Arc<lazarus_store::Volume>,
+        u: &Update,
+        raw: &[u8],
+    ) -> Result<(), String> {
+        match *u {
             Update::Write { lba, .. } => {
                 if raw.is_empty() || !raw.len().is_multiple_of(lazarus_types::BLOCK_SIZE) {
                     return Err("write payload is not whole blocks".to_string());
@@ -792,9 +813,12 @@ impl Cluster {
                 {
                     return Err("write past the end of the volume".to_string());
                 }
-                resync.touch(&local.meta.name, lba, n);
-                b.write_blocks(&local, lazarus_types::Lba(lba), &raw)
-                    .map_err(|e| e.to_string())
+                self.resync.touch(&local.meta.name, lba, n);
+                self.blocks
+                    .write_blocks(local, lazarus_types::Lba(lba), raw)
+                    .map_err(|e| e.to_string())?;
+                self.blocks.flush_in_background();
+                Ok(())
             }
             Update::Zero {
                 lba,
@@ -808,19 +832,66 @@ impl Cluster {
                 {
                     return Err("zero past the end of the volume".to_string());
                 }
-                resync.touch(&local.meta.name, lba, count);
-                b.write_zeroes(&local, lazarus_types::Lba(lba), count, provision)
-                    .map_err(|e| e.to_string())
+                self.resync.touch(&local.meta.name, lba, count);
+                self.blocks
+                    .write_zeroes(local, lazarus_types::Lba(lba), count, provision)
+                    .map_err(|e| e.to_string())?;
+                self.blocks.flush_in_background();
+                Ok(())
             }
-            Update::Flush => unreachable!("handled above"),
-        };
-        // Like the primary's engine: inline, unless the store may block (a checkpoint
-        // holding writes off, or its backpressure flush).
-        if self.blocks.is_checkpointing() || self.blocks.wants_flush() {
-            lazarus_rpc::rt::block_in_place(apply)
-        } else {
-            apply()
+            Update::Flush => Err("a flush is not applied to a copy".to_string()),
         }
+    }
+
+    /// A replicated write applied at once, in the RPC reader (`rpc::InlineHandler`),
+    /// when nothing about it needs a wait: this node ready, its view current for the
+    /// sender's epoch, its copy live or resyncing and present at the volume's size, no
+    /// resync or restore holding updates off, the store not about to block. Anything
+    /// else (`None`) goes the way of every request, `apply_update` in a task, which
+    /// waits where it must and refuses with its reasons.
+    fn apply_inline(&self, kind: u8, body: &[u8]) -> Option<rpc::HandlerReply> {
+        if kind != KIND_REPLICATE
+            || self.network.isolated.load(Ordering::Relaxed)
+            || !self.is_ready()
+        {
+            return None;
+        }
+        let (json, raw) = rpc::unpack(body).ok()?;
+        let u: Update = serde_json::from_slice(json).ok()?;
+        let Update::Write { volume, epoch, .. } = &u else {
+            return None;
+        };
+        if self.claimed_beyond_metadata(volume) || self.blocks.write_may_block() {
+            return None;
+        }
+        let guard = self.apply_guards.lock().get(volume.as_str()).cloned()?;
+        let _admitted = guard.try_read().ok()?;
+        let meta = self.store.meta();
+        let v = meta.volumes.get(volume.as_str())?;
+        if *epoch < v.epoch
+            || !matches!(
+                v.state_of(self.id),
+                Some(ReplicaState::Live | ReplicaState::Resyncing)
+            )
+        {
+            return None;
+        }
+        let local = self
+            .blocks
+            .volume(volume)
+            .filter(|l| l.meta.uid == v.uid && l.size_bytes() >= v.size_bytes)?;
+        Some(match self.apply_to(&local, &u, raw) {
+            Ok(()) => Ok(self.holder()),
+            Err(e) => Err(e.into()),
+        })
+    }
+
+    /// Which process holds an update it applied (nbd_server.rs, `Acks`): its
+    /// incarnation and how many times it has replaced part of a copy.
+    fn holder(&self) -> Vec<u8> {
+        let mut who = self.incarnation.to_be_bytes().to_vec();
+        who.extend_from_slice(&self.copies_replaced.load(Ordering::Acquire).to_be_bytes());
+        who
     }
 
     /// Sends an update to every replica that takes updates and waits for all. A
@@ -838,7 +909,7 @@ impl Cluster {
         u: Update,
         raw: &[u8],
         on_rs: bool,
-    ) -> Result<Vec<crate::forward::Executor>, String> {
+    ) -> Result<Vec<lazarus_rpc::msg::Executor>, String> {
         let mut holders = Vec::new();
         self.replicate_into(volume, u, raw, on_rs, &mut holders)
             .await?;
@@ -851,7 +922,7 @@ impl Cluster {
         u: Update,
         raw: &[u8],
         on_rs: bool,
-        holders: &mut Vec<crate::forward::Executor>,
+        holders: &mut Vec<lazarus_rpc::msg::Executor>,
     ) -> Result<(), String> {
         let Some(v) = self.effective(volume) else {
             return Ok(());
@@ -989,7 +1060,7 @@ impl Cluster {
                                 .and_then(|b| b.try_into().ok())
                                 .map_or(0, u64::from_be_bytes)
                         };
-                        holders.push(crate::forward::Executor {
+                        holders.push(lazarus_rpc::msg::Executor {
                             node,
                             incarnation: at(0),
                             copy_gen: at(8),
@@ -1157,10 +1228,19 @@ impl Cluster {
         &self.network.isolated
     }
 
-    /// Gives the cluster its node's engine (once, at start-up: the two hold each other,
-    /// the cluster weakly).
-    pub fn attach_engine(&self, engine: &Arc<crate::engine::Engine>) {
-        let _ = self.engine.set(Arc::downgrade(engine));
+    /// Installs what answers the node's front-end requests (`KIND_FORWARD`,
+    /// `KIND_STATS`): once, at start-up, by the node's assembly.
+    pub fn serve_front(&self, handler: rpc::Handler) {
+        let _ = self.front.set(handler);
+    }
+
+    /// A front-end request, from another node or from this one's own cluster work
+    /// (a resync asking the primary to read a page through, which may be this node).
+    pub(crate) async fn ask_front(&self, kind: u8, body: Vec<u8>) -> Result<Vec<u8>, String> {
+        match self.front.get() {
+            Some(h) => h(kind, body).await.map_err(|r| r.message),
+            None => Err("this node is not serving yet".into()),
+        }
     }
 
     /// Another node's own summary for the dashboard.

@@ -809,9 +809,6 @@ impl Cluster {
         let Some(r) = self.recovery.as_ref() else {
             return Ok(());
         };
-        let Some(engine) = self.engine.get().and_then(|e| e.upgrade()) else {
-            return Ok(());
-        };
         loop {
             let batch: Vec<u64> = match r.lag.lock().get(volume) {
                 Some(s) if !s.is_empty() => s.iter().take(256).copied().collect(),
@@ -827,7 +824,7 @@ impl Cluster {
                 return Ok(());
             };
             for lba in batch {
-                let _g = engine.lock_blocks(lba, lba).await;
+                let _g = self.stripes.lock(lba, lba).await;
                 let mut buf = vec![0u8; BLOCK_SIZE];
                 self.blocks
                     .read_blocks(&local, lazarus_types::Lba(lba), &mut buf)
@@ -855,7 +852,7 @@ impl Cluster {
 
     /// The recovery server's logged changes touching LBAs `[first, end)`, in order:
     /// (kind, lba, count, data). `None` when it holds no usable log for the volume.
-    pub(crate) async fn logged_changes(
+    pub async fn logged_changes(
         &self,
         volume: &str,
         uid: u64,

@@ -19,7 +19,9 @@ use crate::cluster::Cluster;
 use lazarus_cluster::raft_store::NodeId;
 use lazarus_cluster::{MetaCommand, MetaResponse, ReplicaState, VolumeInfo};
 pub use lazarus_rpc::msg::SyncReq;
-use lazarus_rpc::{self as rpc, RpcClient, KIND_BLOCKS, KIND_PAGE, KIND_RESYNC_BEGIN, KIND_TREE};
+use lazarus_rpc::{
+    self as rpc, RpcClient, KIND_BLOCKS, KIND_FORWARD, KIND_PAGE, KIND_RESYNC_BEGIN, KIND_TREE,
+};
 use lazarus_store::volume::SlotBits;
 use lazarus_store::Volume;
 use lazarus_types::{BlockId, Checksum, Lba, BLOCK_SIZE, FANOUT, FANOUT_U64, ID_LEN};
@@ -34,6 +36,8 @@ const RESYNC_POLL: Duration = Duration::from_millis(300);
 /// Wait after a failed attempt before the next.
 const RESYNC_BACKOFF: Duration = Duration::from_secs(1);
 const RESYNC_RPC_TIMEOUT: Duration = Duration::from_secs(10);
+/// A read asked of the primary so that it repairs a block there (`read_through_primary`).
+const READ_THROUGH_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the primary waits to see the replica's `resyncing` state applied.
 /// Shorter than the RPC deadline, so a replica gets the reason, not a timeout.
 const BEGIN_WAIT: Duration = Duration::from_secs(5);
@@ -172,14 +176,14 @@ impl Drop for Tracking {
 }
 
 /// The primary as a resync source.
-pub(crate) struct Source {
-    pub(crate) client: Arc<RpcClient>,
-    pub(crate) req: SyncReq,
-    pub(crate) state: ResyncState,
+pub struct Source {
+    pub client: Arc<RpcClient>,
+    pub req: SyncReq,
+    pub state: ResyncState,
 }
 
 impl Source {
-    pub(crate) async fn call(
+    pub async fn call(
         &self,
         kind: u8,
         level: usize,
@@ -221,7 +225,7 @@ impl Source {
         Ok(reply)
     }
 
-    pub(crate) async fn tree(&self, level: usize, group: u64) -> Result<Vec<Checksum>, String> {
+    pub async fn tree(&self, level: usize, group: u64) -> Result<Vec<Checksum>, String> {
         let raw = self.call(KIND_TREE, level, group, &[]).await?;
         if raw.is_empty() || raw.len() % ID_LEN != 0 || raw.len() > FANOUT * ID_LEN {
             return Err(format!("bad checksum group of {} bytes", raw.len()));
@@ -232,7 +236,7 @@ impl Source {
             .collect())
     }
 
-    pub(crate) async fn page(&self, p: u64) -> Result<Vec<BlockId>, String> {
+    pub async fn page(&self, p: u64) -> Result<Vec<BlockId>, String> {
         let raw = self.call(KIND_PAGE, 0, p, &[]).await?;
         if raw.len() != FANOUT * ID_LEN {
             return Err(format!("bad slice page of {} bytes", raw.len()));
@@ -245,10 +249,7 @@ impl Source {
 
     /// Slice page `p`'s ids and, if it is damaged at the source, its damage (unknown
     /// slots read as zero ids).
-    pub(crate) async fn page_state(
-        &self,
-        p: u64,
-    ) -> Result<(Vec<BlockId>, Option<PageDamage>), String> {
+    pub async fn page_state(&self, p: u64) -> Result<(Vec<BlockId>, Option<PageDamage>), String> {
         let req = SyncReq {
             damaged_ok: true,
             ..self.req.clone()
@@ -259,10 +260,7 @@ impl Source {
 
     /// Fetches blocks by id; those the source no longer has are left out. Every block
     /// returned was verified against its id.
-    pub(crate) async fn blocks(
-        &self,
-        ids: &[BlockId],
-    ) -> Result<HashMap<BlockId, Vec<u8>>, String> {
+    pub async fn blocks(&self, ids: &[BlockId]) -> Result<HashMap<BlockId, Vec<u8>>, String> {
         let mut out = HashMap::new();
         for chunk in ids.chunks(BLOCKS_PER_FETCH) {
             let raw: Vec<u8> = chunk.iter().flat_map(|id| id.0).collect();
@@ -740,9 +738,6 @@ impl Cluster {
         need: &[BlockId],
         supplied: &HashMap<BlockId, Vec<u8>>,
     ) {
-        let Some(engine) = self.engine.get().and_then(|e| e.upgrade()) else {
-            return;
-        };
         let missing: HashSet<BlockId> = need
             .iter()
             .filter(|id| !supplied.contains_key(id))
@@ -756,7 +751,6 @@ impl Cluster {
                 }
                 let lba = p * FANOUT_U64 + s as u64;
                 self.read_through_primary(
-                    &engine,
                     volume,
                     lba,
                     "a block the primary could not supply for a resync",
@@ -768,24 +762,46 @@ impl Cluster {
 
     /// Reads block `lba` of `volume` through its primary, whose read repairs what it
     /// finds damaged there (or lists it unrecoverable); the data is not used.
-    async fn read_through_primary(
-        &self,
-        engine: &crate::engine::Engine,
-        volume: &str,
-        lba: u64,
-        why: &str,
-    ) {
-        let req = crate::forward::ForwardReq {
+    async fn read_through_primary(&self, volume: &str, lba: u64, why: &str) {
+        let req = lazarus_rpc::msg::ForwardReq {
             volume: volume.to_string(),
-            op: crate::forward::Op::Read,
+            op: lazarus_rpc::msg::Op::Read,
             offset: lba * BLOCK_SIZE as u64,
             length: BLOCK_SIZE as u64,
             fua: false,
             no_hole: false,
             fence: None,
         };
-        let r = engine.forward(&req, &[], None).await;
-        tracing::info!(volume, lba, result = ?r.as_ref().map(|_| ()).map_err(|e| &e.message), "{why}: read through the primary (which repairs it there)");
+        let r = async {
+            let json = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
+            let body = rpc::pack(&json, &[]);
+            let primary = self
+                .effective(volume)
+                .map(|v| v.primary)
+                .ok_or("no such volume")?;
+            let reply = if primary == self.id {
+                self.ask_front(KIND_FORWARD, body).await?
+            } else {
+                let addr = self
+                    .rpc_addr(primary)
+                    .ok_or("the primary's address is unknown")?;
+                self.network
+                    .client(&addr)
+                    .call(KIND_FORWARD, &body, READ_THROUGH_TIMEOUT)
+                    .await
+                    .map_err(String::from)?
+            };
+            let (json, _) = rpc::unpack(&reply)?;
+            let r: lazarus_rpc::msg::ForwardReply =
+                serde_json::from_slice(json).map_err(|e| format!("bad forward reply: {e}"))?;
+            if r.errno == 0 {
+                Ok(())
+            } else {
+                Err(r.message)
+            }
+        }
+        .await;
+        tracing::info!(volume, lba, result = ?r, "{why}: read through the primary (which repairs it there)");
     }
 
     async fn copy_page(&self, local: &Arc<Volume>, src: &Source, p: u64) -> Result<bool, String> {
@@ -809,11 +825,9 @@ impl Cluster {
                 // primary repaired a moment later, was promoted, and read zeroes for a
                 // flushed block after a restart).
                 if attempt == 0 {
-                    let engine = self.engine.get().and_then(|e| e.upgrade());
                     let slot = (0..FANOUT).find(|s| unknown[s / 64] & (1 << (s % 64)) != 0);
-                    if let (Some(engine), Some(s)) = (engine, slot) {
+                    if let Some(s) = slot {
                         self.read_through_primary(
-                            &engine,
                             &name,
                             p * FANOUT_U64 + s as u64,
                             "a page damaged at the primary",
@@ -898,5 +912,31 @@ impl Cluster {
             }
         }
         Ok(false)
+    }
+}
+
+impl Cluster {
+    /// Serves a repair read from a primary: checksum groups, pages and blocks of this
+    /// node's copy, whatever its state (dead copies serve repairs).
+    pub(crate) async fn serve_repair_read(
+        &self,
+        kind: u8,
+        req: &SyncReq,
+        raw: &[u8],
+    ) -> Result<Vec<u8>, String> {
+        if kind == KIND_BLOCKS {
+            return self.serve_blocks(raw).await;
+        }
+        let meta = self.store.meta();
+        let uid = meta.volumes.get(&req.volume).map(|v| v.uid);
+        let local = self
+            .blocks
+            .volume(&req.volume)
+            .filter(|l| uid.is_none_or(|u| u == l.meta.uid))
+            .ok_or_else(|| format!("no copy of {:?} here", req.volume))?;
+        match kind {
+            KIND_TREE | KIND_PAGE => serve_tree_or_page(&local, kind, req),
+            other => Err(format!("unknown repair request {other}")),
+        }
     }
 }

@@ -199,6 +199,11 @@ pub type Reply = Result<Vec<u8>, RpcError>;
 pub type HandlerReply = Result<Vec<u8>, Remote>;
 pub type Handler =
     Arc<dyn Fn(u8, Vec<u8>) -> Pin<Box<dyn Future<Output = HandlerReply> + Send>> + Send + Sync>;
+/// A request answered at once in the connection's reader, without a task of its own:
+/// `None` when it needs to wait for something (then `Handler` runs it in a task). For
+/// short requests that arrive many at a time (a replica's updates): the task, its
+/// wake-up and its budget are most of what such a request costs.
+pub type InlineHandler = Arc<dyn Fn(u8, &[u8]) -> Option<HandlerReply> + Send + Sync>;
 
 /// Reads one frame: (call id, kind or status, body). A length outside 9..=FRAME_MAX_BYTES
 /// is an error; the body grows as its bytes arrive, so a peer that announces a large
@@ -224,6 +229,14 @@ pub async fn read_frame(
     Ok((id, kind, body))
 }
 
+/// A reply's frame: status 0 and the answer, or the refusal's code and message.
+fn reply_frame(id: u64, r: HandlerReply) -> Vec<u8> {
+    match r {
+        Ok(b) => frame(id, 0, &b),
+        Err(r) => frame(id, r.code as u8, r.message.as_bytes()),
+    }
+}
+
 fn frame(id: u64, kind: u8, body: &[u8]) -> Vec<u8> {
     let mut f = Vec::with_capacity(13 + body.len());
     f.extend_from_slice(&((9 + body.len()) as u32).to_be_bytes());
@@ -244,6 +257,17 @@ pub async fn serve(
     tls: Option<Arc<Credentials>>,
     handler: Handler,
 ) {
+    serve_inline(listener, tls, handler, None).await
+}
+
+/// `serve`, with requests that `inline` answers at once answered in the reader, in the
+/// order they arrived, without a task each.
+pub async fn serve_inline(
+    listener: impl Into<net::Listener>,
+    tls: Option<Arc<Credentials>>,
+    handler: Handler,
+    inline: Option<InlineHandler>,
+) {
     let listener = listener.into();
     loop {
         let Ok((sock, peer)) = listener.accept().await else {
@@ -251,6 +275,7 @@ pub async fn serve(
             continue;
         };
         let handler = handler.clone();
+        let inline = inline.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
             let (rd, wr) = match tls::accept(sock, tls.as_ref()).await {
@@ -280,21 +305,30 @@ pub async fn serve(
                 let Ok(held) = bytes.clone().acquire_many_owned(cost).await else {
                     return;
                 };
+                if let Some(r) = inline.as_ref().and_then(|f| f(kind, &body)) {
+                    drop(held);
+                    let out = reply_frame(id, r);
+                    let cost = out.len().clamp(1, CONNECTION_BYTES_MAX) as u32;
+                    let Ok(held) = bytes.clone().acquire_many_owned(cost).await else {
+                        return;
+                    };
+                    if tx.send((out, Some((held, call)))).is_err() {
+                        return;
+                    }
+                    continue;
+                }
                 let handler = handler.clone();
                 let tx = tx.clone();
                 let bytes = bytes.clone();
                 tokio::spawn(async move {
-                    let (status, out) = match handler(kind, body).await {
-                        Ok(b) => (0u8, b),
-                        Err(r) => (r.code as u8, r.message.into_bytes()),
-                    };
+                    let out = reply_frame(id, handler(kind, body).await);
                     drop(held);
                     let cost = out.len().clamp(1, CONNECTION_BYTES_MAX) as u32;
                     // The reply waits for room too, then holds it until it is written.
                     let Ok(held) = bytes.acquire_many_owned(cost).await else {
                         return;
                     };
-                    let _ = tx.send((frame(id, status, &out), Some((held, call))));
+                    let _ = tx.send((out, Some((held, call))));
                 });
             }
         });

@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use lazarus_node::engine::Engine;
+use lazarus_engine::engine::Engine;
 use lazarus_store::{StoreError, Volume};
 use lazarus_types::{Lba, BLOCK_SIZE_U64};
 use serde::{Deserialize, Serialize};
@@ -1027,9 +1027,9 @@ async fn repair_volume(
         .iter()
         .map(|(p, o)| {
             let source = match o {
-                lazarus_node::repair::Outcome::AlreadyWhole => "whole".to_string(),
-                lazarus_node::repair::Outcome::Repaired(src) => src.clone(),
-                lazarus_node::repair::Outcome::Unrecoverable => "unrecoverable".to_string(),
+                lazarus_engine::repair::Outcome::AlreadyWhole => "whole".to_string(),
+                lazarus_engine::repair::Outcome::Repaired(src) => src.clone(),
+                lazarus_engine::repair::Outcome::Unrecoverable => "unrecoverable".to_string(),
             };
             json!({ "page": p, "first_lba": p * lazarus_types::FANOUT_U64, "source": source })
         })
@@ -1233,7 +1233,7 @@ struct RangeQuery {
     length: Option<u64>,
 }
 
-fn io_error(e: lazarus_node::engine::IoError) -> ApiError {
+fn io_error(e: lazarus_engine::engine::IoError) -> ApiError {
     let code = match e.errno {
         lazarus_nbd::consts::EINVAL => StatusCode::BAD_REQUEST,
         lazarus_nbd::consts::ENOSPC => StatusCode::INSUFFICIENT_STORAGE,
@@ -1246,7 +1246,7 @@ fn io_error(e: lazarus_node::engine::IoError) -> ApiError {
 async fn do_io(
     s: &AppState,
     name: &str,
-    op: lazarus_node::forward::Op,
+    op: lazarus_engine::forward::Op,
     offset: u64,
     length: u64,
     payload: &[u8],
@@ -1273,7 +1273,7 @@ async fn do_io(
     if length > DATA_MAX_BYTES
         && matches!(
             op,
-            lazarus_node::forward::Op::Read | lazarus_node::forward::Op::Write
+            lazarus_engine::forward::Op::Read | lazarus_engine::forward::Op::Write
         )
     {
         return Err(ApiError(
@@ -1283,23 +1283,23 @@ async fn do_io(
     }
     // The API has no connection to tie a later flush to the process that acknowledged
     // a write (see nbd_server.rs, `Unflushed`): its writes are durable when answered.
-    let req = lazarus_node::forward::ForwardReq {
+    let req = lazarus_engine::forward::ForwardReq {
         volume: name.to_string(),
         op,
         offset,
         length,
         fua: matches!(
             op,
-            lazarus_node::forward::Op::Write
-                | lazarus_node::forward::Op::Zero
-                | lazarus_node::forward::Op::Trim
+            lazarus_engine::forward::Op::Write
+                | lazarus_engine::forward::Op::Zero
+                | lazarus_engine::forward::Op::Trim
         ),
         no_hole: false,
         fence: None,
     };
     match s.engine.route_name(name).await.map_err(io_error)? {
-        lazarus_node::engine::Route::Local => s.engine.execute_local(&req, payload).await,
-        lazarus_node::engine::Route::Forward(_) => s.engine.forward(&req, payload, None).await,
+        lazarus_engine::engine::Route::Local => s.engine.execute_local(&req, payload).await,
+        lazarus_engine::engine::Route::Forward(_) => s.engine.forward(&req, payload, None).await,
     }
     .map(|done| done.data)
     .map_err(io_error)
@@ -1331,7 +1331,7 @@ async fn read_data(
     let data = do_io(
         &s,
         &name,
-        lazarus_node::forward::Op::Read,
+        lazarus_engine::forward::Op::Read,
         q.offset,
         length,
         &[],
@@ -1354,7 +1354,7 @@ async fn write_data(
     do_io(
         &s,
         &name,
-        lazarus_node::forward::Op::Write,
+        lazarus_engine::forward::Op::Write,
         q.offset,
         body.len() as u64,
         &body,
@@ -1375,7 +1375,7 @@ async fn zero_data(
     do_io(
         &s,
         &name,
-        lazarus_node::forward::Op::Zero,
+        lazarus_engine::forward::Op::Zero,
         q.offset,
         length,
         &[],
@@ -1388,14 +1388,14 @@ async fn flush_data(
     State(s): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    do_io(&s, &name, lazarus_node::forward::Op::Flush, 0, 0, &[]).await?;
+    do_io(&s, &name, lazarus_engine::forward::Op::Flush, 0, 0, &[]).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// Samples the node's state into the gauges (damaged pages, unrecoverable LBAs, leases,
 /// jeopardy), then encodes every metric.
 /// The exposition text, after sampling the node's current state.
-fn render_metrics(engine: &lazarus_node::engine::Engine) -> String {
+fn render_metrics(engine: &lazarus_engine::engine::Engine) -> String {
     use lazarus_observe::metrics::{vol, METRICS};
     let m = &*METRICS;
     for v in engine.store.volumes() {

@@ -3,13 +3,13 @@
 //!
 //! `/api/v1/dashboard` is the cluster as the serving node sees it: its metadata (nodes,
 //! volumes, each copy's state, primaries, jeopardy) and every node's own summary
-//! (`lazarus_node::stats`) — request totals, resync and repair progress, faults, recent
+//! (`lazarus_engine::stats`) — request totals, resync and repair progress, faults, recent
 //! events — fetched from the peers by RPC (`KIND_STATS`) with a short deadline. A peer
 //! that does not answer is shown down; the page works out rates (IOPS, bandwidth, mean
 //! latency) from the difference between two polls.
 
-use lazarus_node::engine::Engine;
-use lazarus_node::stats::{local_stats, now_ms};
+use lazarus_engine::engine::Engine;
+use lazarus_engine::stats::{local_stats, now_ms};
 use serde_json::{json, Value};
 use std::time::Duration;
 

@@ -3,6 +3,9 @@
 //! replies; each request runs in its own task, so replies may leave out of order.
 
 use crate::nbd_tls::NbdTls;
+use lazarus_engine::acks::Acks;
+use lazarus_engine::engine::{Engine, IoError, Route};
+use lazarus_engine::forward::{ForwardReq, Op};
 use lazarus_nbd::consts::*;
 use lazarus_nbd::TlsPolicy;
 use lazarus_nbd::{
@@ -10,9 +13,6 @@ use lazarus_nbd::{
     Command, ExportCatalog, ExportInfo, Handshake, OptionHeader, OptionOutcome, Request,
     OPTION_DATA_MAX_BYTES, OPTION_HEADER_LEN, PAYLOAD_MAX_BYTES, REQUEST_HEADER_LEN,
 };
-use lazarus_node::acks::Acks;
-use lazarus_node::engine::{Engine, IoError, Route};
-use lazarus_node::forward::{ForwardReq, Op};
 use lazarus_rpc::net::{Listener, Stream};
 use lazarus_store::{Store, Volume};
 use std::sync::Arc;
@@ -342,7 +342,7 @@ struct ConnAcks {
     acks: Arc<Acks>,
     opened: u64,
     /// This connection's session at the primary (`forward::FenceToken`).
-    session: lazarus_node::forward::Session,
+    session: lazarus_engine::forward::Session,
 }
 
 async fn transmission<R, W>(

@@ -1,8 +1,8 @@
 //! `lazarus node`: one process serving its store over NBD and the admin API.
 
 use crate::{admin, nbd_server};
+use lazarus_engine::engine::Engine;
 use lazarus_node::config::{Endpoints, NodeConfig};
-use lazarus_node::engine::Engine;
 use lazarus_store::{Store, StoreOptions};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -64,6 +64,27 @@ pub async fn open(cfg: &NodeConfig) -> anyhow::Result<(Arc<Store>, Arc<Engine>)>
     Ok((store, engine))
 }
 
+/// What the engine answers of the node-to-node RPC: requests forwarded by other nodes
+/// and this node's summary. The cluster holds it, the engine weakly: the engine holds
+/// the cluster.
+fn front(engine: &Arc<Engine>) -> lazarus_rpc::Handler {
+    let engine = Arc::downgrade(engine);
+    Arc::new(move |kind, body| {
+        let engine = engine.upgrade();
+        Box::pin(async move {
+            let engine = engine.ok_or("this node is stopping")?;
+            match kind {
+                lazarus_rpc::KIND_FORWARD => engine.serve_forward(&body).await.map_err(Into::into),
+                lazarus_rpc::KIND_STATS => {
+                    serde_json::to_vec(&lazarus_engine::stats::local_stats(&engine))
+                        .map_err(|e| e.to_string().into())
+                }
+                _ => Err("not a front-end request".into()),
+            }
+        })
+    })
+}
+
 /// Starts the node's cluster member (when configured) and its background work: the
 /// whole node but for its listeners and the process's own concerns (data-directory
 /// lock, endpoints file, signals), which `run` adds and the simulator does not need.
@@ -86,9 +107,10 @@ pub async fn start(
                 .collect();
             // A store with no volume has nothing to lose: as good as a clean stop.
             let clean = clean || local.is_empty();
-            let c = lazarus_node::cluster::Cluster::start(cfg, store.clone()).await?;
-            c.attach_engine(&engine);
+            let c =
+                lazarus_node::cluster::Cluster::start(cfg, store.clone(), engine.stripes()).await?;
             let _ = engine.cluster.set(c.clone());
+            c.serve_front(front(&engine));
             c.reconcile();
             c.watch_raft();
             c.contact_loop();
@@ -147,7 +169,7 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         lazarus_store::disk::sync_dir(&cfg.data_dir)?;
     }
     let (store, engine) = open(&cfg).await?;
-    lazarus_node::stats::start_sampler(engine.clone());
+    lazarus_engine::stats::start_sampler(engine.clone());
 
     let nbd = lazarus_rpc::net::Listener::bind(&cfg.nbd_listen.to_string())
         .await

@@ -75,6 +75,8 @@ pub struct Store {
     max_levels: AtomicU64,
     volume_count: AtomicU64,
     checkpointing: AtomicBool,
+    /// A durability point started by `flush_in_background` is running.
+    background_flush: AtomicBool,
     /// Set when the journal could not be written: nothing more is acknowledged.
     failed: AtomicBool,
     /// Set at shutdown: no new write is admitted, so the final checkpoint holds every
@@ -283,6 +285,7 @@ impl Store {
             max_levels: AtomicU64::new(1),
             volume_count: AtomicU64::new(0),
             checkpointing: AtomicBool::new(false),
+            background_flush: AtomicBool::new(false),
             failed: AtomicBool::new(false),
             sealed: AtomicBool::new(false),
             recovery: report,
@@ -329,6 +332,28 @@ impl Store {
     /// make a durability point (in the background) to reuse their space.
     pub fn wants_flush(&self) -> bool {
         self.blocks.pending_free_pressure().0
+    }
+
+    /// Starts a durability point in the background when overwritten blocks pile up
+    /// (`wants_flush`) and none is running, so that writers reach the hard limit (where
+    /// they make it themselves, `write_may_block`) only when the disk cannot keep up.
+    pub fn flush_in_background(self: &Arc<Self>) {
+        if self.wants_flush() && !self.background_flush.swap(true, Ordering::AcqRel) {
+            let store = self.clone();
+            lazarus_io::rt::detach_blocking(move || {
+                if let Err(e) = store.flush() {
+                    tracing::error!(error = %e, "background flush failed");
+                }
+                store.background_flush.store(false, Ordering::Release);
+            });
+        }
+    }
+
+    /// Whether a write may block now: a checkpoint holds writes off, or the pending
+    /// frees are past the hard limit and the writer makes the durability point itself.
+    /// (Past the soft limit only, a background flush is under way and writes go on.)
+    pub fn write_may_block(&self) -> bool {
+        self.is_checkpointing() || self.blocks.pending_free_pressure().1
     }
 
     /// Whether this store's device is failed (`lazarus fault device fail`).

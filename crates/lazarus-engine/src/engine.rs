@@ -2,18 +2,13 @@
 //! writes that do not cover whole 4 KiB blocks, serialized per block so overlapping
 //! requests in flight together each land whole (as if applied in some order).
 
-use crate::cluster::Role;
 use crate::forward::Holders;
 use lazarus_nbd::consts::{EINVAL, EIO, ENOSPC};
+use lazarus_node::cluster::Role;
 use lazarus_store::{ReadError, Store, StoreError, Volume, WriteError};
 use lazarus_types::{Lba, BLOCK_SIZE, BLOCK_SIZE_U64};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use tokio::sync::{Mutex, MutexGuard};
-
-/// Lock stripes: a write locks the stripes of the blocks it touches, in ascending
-/// order (no deadlock). 4096 stripes keep false sharing rare at any queue depth.
-const LOCK_STRIPES: usize = 4096;
 
 #[derive(Debug)]
 pub struct IoError {
@@ -100,21 +95,20 @@ pub enum Route {
     Forward(String),
 }
 
-use crate::cluster::LEASE_WAIT;
+use lazarus_node::cluster::LEASE_WAIT;
 
 pub struct Engine {
     pub store: Arc<Store>,
     /// Set once the node has joined its cluster; absent for a node running alone.
-    pub cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
-    stripes: Vec<Mutex<()>>,
-    background_flush: Arc<AtomicBool>,
+    pub cluster: std::sync::OnceLock<Arc<lazarus_node::cluster::Cluster>>,
+    stripes: Arc<lazarus_node::stripes::Stripes>,
     pub repair: crate::repair::RepairState,
     /// Per export: the processes whose acknowledged writes no FLUSH covered yet.
     acks: parking_lot::Mutex<std::collections::HashMap<String, Arc<crate::acks::Acks>>>,
 }
 
 /// A replicated write between its lease check and its answer.
-struct UpdateGuard(Arc<crate::cluster::Cluster>);
+struct UpdateGuard(Arc<lazarus_node::cluster::Cluster>);
 
 impl Drop for UpdateGuard {
     fn drop(&mut self) {
@@ -127,9 +121,8 @@ impl Engine {
         Engine {
             store,
             cluster: std::sync::OnceLock::new(),
-            stripes: (0..LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
+            stripes: Default::default(),
             repair: Default::default(),
-            background_flush: Arc::new(AtomicBool::new(false)),
             acks: Default::default(),
         }
     }
@@ -146,7 +139,7 @@ impl Engine {
     /// Runs a store call that may block (a checkpoint holding writes off, or the
     /// store's own backpressure flush) without stalling a runtime worker.
     fn blocking<T>(&self, f: impl FnOnce() -> T) -> T {
-        if self.store.is_checkpointing() || self.store.wants_flush() {
+        if self.store.write_may_block() {
             lazarus_rpc::rt::block_in_place(f)
         } else {
             f()
@@ -156,33 +149,20 @@ impl Engine {
     /// Overwrites leave replaced blocks pending until a durability point; start one in
     /// the background (at most one at a time) when enough have piled up.
     fn after_write(&self) {
-        if self.store.wants_flush() && !self.background_flush.swap(true, Ordering::AcqRel) {
-            let store = self.store.clone();
-            let flag = self.background_flush.clone();
-            lazarus_rpc::rt::detach_blocking(move || {
-                if let Err(e) = store.flush() {
-                    tracing::error!(error = %e, "background flush failed");
-                }
-                flag.store(false, Ordering::Release);
-            });
-        }
+        self.store.flush_in_background();
     }
 
-    pub(crate) async fn lock_blocks(&self, first: u64, last: u64) -> Vec<MutexGuard<'_, ()>> {
-        let mut idx: Vec<usize> = if last - first + 1 >= LOCK_STRIPES as u64 {
-            (0..LOCK_STRIPES).collect()
-        } else {
-            (first..=last)
-                .map(|b| (b % LOCK_STRIPES as u64) as usize)
-                .collect()
-        };
-        idx.sort_unstable();
-        idx.dedup();
-        let mut guards = Vec::with_capacity(idx.len());
-        for i in idx {
-            guards.push(self.stripes[i].lock().await);
-        }
-        guards
+    pub(crate) async fn lock_blocks(
+        &self,
+        first: u64,
+        last: u64,
+    ) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
+        self.stripes.lock(first, last).await
+    }
+
+    /// The node's block locks, which its cluster member takes too.
+    pub fn stripes(&self) -> Arc<lazarus_node::stripes::Stripes> {
+        self.stripes.clone()
     }
 
     /// Whether updates to `vol` must be replicated; an error when this node may not
@@ -280,7 +260,7 @@ impl Engine {
     async fn replicate(
         &self,
         vol: &Volume,
-        u: crate::cluster::Update,
+        u: lazarus_node::cluster::Update,
         raw: &[u8],
         on_rs: bool,
     ) -> Result<Holders, IoError> {
@@ -292,7 +272,7 @@ impl Engine {
             Role::Primary { epoch } => Some(epoch),
             _ => None,
         };
-        let data = !matches!(u, crate::cluster::Update::Flush);
+        let data = !matches!(u, lazarus_node::cluster::Update::Flush);
         let holders = match c.replicate(&vol.meta.name, u, raw, on_rs).await {
             Ok(h) => h,
             Err(m) => {
@@ -325,7 +305,7 @@ impl Engine {
     async fn log_first(
         &self,
         vol: &Volume,
-        u: &crate::cluster::Update,
+        u: &lazarus_node::cluster::Update,
         raw: &[u8],
     ) -> Result<bool, IoError> {
         let c = self
@@ -335,11 +315,11 @@ impl Engine {
         let Some(v) = c.effective(&vol.meta.name) else {
             return Ok(false);
         };
-        if !crate::decide::writes_through(&v) || c.recovery.is_none() {
+        if !lazarus_node::decide::writes_through(&v) || c.recovery.is_none() {
             return Ok(false);
         }
         let err = |m: String| IoError::new(EIO, format!("jeopardy: {m}"));
-        let jerr = |e: crate::jeopardy::JeopardyError| err(e.to_string());
+        let jerr = |e: lazarus_node::jeopardy::JeopardyError| err(e.to_string());
         let v = if v.recovery_flag {
             c.ensure_drained(&v).await.map_err(jerr)?;
             v
@@ -424,7 +404,7 @@ impl Engine {
                 return Err(IoError::fenced());
             }
             let head = (offset % BLOCK_SIZE_U64) as usize;
-            let write = |u| crate::cluster::Update::Write {
+            let write = |u| lazarus_node::cluster::Update::Write {
                 volume: vol.meta.name.clone(),
                 epoch: 0,
                 lba: u,
@@ -537,7 +517,7 @@ impl Engine {
                 if admit.is_some_and(|a| !a()) {
                     return Err(IoError::fenced());
                 }
-                let u = crate::cluster::Update::Zero {
+                let u = lazarus_node::cluster::Update::Zero {
                     volume: vol.meta.name.clone(),
                     epoch: 0,
                     lba: first_full,
@@ -573,7 +553,7 @@ impl Engine {
         if self.serving(vol).await? {
             let (local, remote) = tokio::join!(
                 self.flush_local(),
-                self.replicate(vol, crate::cluster::Update::Flush, &[], false)
+                self.replicate(vol, lazarus_node::cluster::Update::Flush, &[], false)
             );
             local?;
             return remote.map(|_| ());

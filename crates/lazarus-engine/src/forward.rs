@@ -2,12 +2,11 @@
 //! to the primary over the node-to-node RPC and answered from there: every node's NBD
 //! endpoint serves every volume.
 
-use crate::cluster::Cluster;
 use crate::engine::{Engine, IoError, Route};
 use lazarus_nbd::consts::{EINVAL, EIO};
+use lazarus_node::cluster::Cluster;
 pub use lazarus_rpc::msg::{Executor, FenceToken, ForwardReply, ForwardReq, Holders, Op};
 use lazarus_rpc::{self as rpc, KIND_FORWARD};
-use std::sync::Weak;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -302,35 +301,12 @@ impl Engine {
     }
 }
 
-impl Cluster {
-    /// On the primary: the volume's fence token (`open`: a new client session, which
-    /// stops every token handed out before from admitting writes).
-    pub fn fence_token(&self, volume: &str, open: bool) -> FenceToken {
-        let mut f = self.fences.lock();
-        let n = f.entry(volume.to_string()).or_default();
-        if open {
-            *n += 1;
-        }
-        FenceToken {
-            incarnation: self.incarnation(),
-            fence: *n,
-            epoch: self.effective(volume).map_or(0, |v| v.epoch),
-        }
-    }
-
-    /// Whether a forwarded write with this token may run here now.
-    fn fence_admits(&self, volume: &str, t: &FenceToken) -> bool {
-        t.incarnation == self.incarnation()
-            && t.fence >= self.fences.lock().get(volume).copied().unwrap_or(0)
-            && self.effective(volume).is_some_and(|v| v.epoch == t.epoch)
-    }
-
-    pub(crate) async fn serve_forward(&self, body: &[u8]) -> Result<Vec<u8>, String> {
-        let engine = self
-            .engine
-            .get()
-            .and_then(Weak::upgrade)
-            .ok_or("this node is not serving yet")?;
+impl Engine {
+    /// Answers a request forwarded by another node (`KIND_FORWARD`), when this node is
+    /// the volume's primary; otherwise says it is not, and the sender routes again.
+    pub async fn serve_forward(&self, body: &[u8]) -> Result<Vec<u8>, String> {
+        let engine = self;
+        let c = self.cluster.get().ok_or("this node is not serving yet")?;
         let (json, raw) = rpc::unpack(body)?;
         let req: ForwardReq =
             serde_json::from_slice(json).map_err(|e| format!("bad request: {e}"))?;
@@ -349,7 +325,7 @@ impl Cluster {
                         executor,
                         IoError::new(
                             EIO,
-                            format!("n{} is not the primary of {:?}", self.id, req.volume),
+                            format!("n{} is not the primary of {:?}", c.id, req.volume),
                         ),
                     )
                 };
@@ -357,17 +333,17 @@ impl Cluster {
             }
         }
         if req.op == Op::Fence {
-            let t = self.fence_token(&req.volume, req.length == 1);
+            let t = c.fence_token(&req.volume, req.length == 1);
             let data = serde_json::to_vec(&t).map_err(|e| e.to_string())?;
             return reply(reply_ok(executor, Vec::new()), &data);
         }
         let token = req.fence.filter(|_| req.op.modifies());
-        if let Some(t) = token.filter(|t| !self.fence_admits(&req.volume, t)) {
+        if let Some(t) = token.filter(|t| !c.fence_admits(&req.volume, t)) {
             tracing::info!(volume = %req.volume, op = ?req.op, offset = req.offset, token = ?t, "forwarded write refused: its client connection's session was fenced by a newer one");
             return reply(reply_failed(executor, IoError::fenced()), &[]);
         }
         let volume = req.volume.clone();
-        let check = token.map(|t| move || self.fence_admits(&volume, &t));
+        let check = token.map(|t| move || c.fence_admits(&volume, &t));
         let r = match &check {
             Some(f) => engine.execute_admitted(&req, raw, Some(f)).await,
             None => engine.execute_local(&req, raw).await,

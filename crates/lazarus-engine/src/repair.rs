@@ -18,12 +18,11 @@
 //! then from any other node, each verified against its id. Filling the page's unknown
 //! slots happens under the page's write locks, so a client write meanwhile wins.
 
-use crate::cluster::Cluster;
 use crate::engine::Engine;
-use crate::resync::{ResyncState, Source, SyncReq};
 use lazarus_cluster::raft_store::NodeId;
 use lazarus_cluster::ReplicaState;
-use lazarus_rpc::{KIND_BLOCKS, KIND_PAGE, KIND_TREE};
+use lazarus_node::cluster::Cluster;
+use lazarus_node::resync::{ResyncState, Source, SyncReq};
 use lazarus_store::Volume;
 use lazarus_types::{BlockId, Checksum, BLOCK_SIZE, FANOUT_U64};
 use serde::Serialize;
@@ -709,32 +708,6 @@ impl Engine {
 
 fn page_checksum(ids: &[BlockId]) -> Checksum {
     Checksum::of_page(&lazarus_store::volume::encode_page(ids))
-}
-
-impl Cluster {
-    /// Serves a repair read from a primary: checksum groups, pages and blocks of this
-    /// node's copy, whatever its state (dead copies serve repairs).
-    pub(crate) async fn serve_repair_read(
-        &self,
-        kind: u8,
-        req: &SyncReq,
-        raw: &[u8],
-    ) -> Result<Vec<u8>, String> {
-        if kind == KIND_BLOCKS {
-            return self.serve_blocks(raw).await;
-        }
-        let meta = self.store.meta();
-        let uid = meta.volumes.get(&req.volume).map(|v| v.uid);
-        let local = self
-            .blocks
-            .volume(&req.volume)
-            .filter(|l| uid.is_none_or(|u| u == l.meta.uid))
-            .ok_or_else(|| format!("no copy of {:?} here", req.volume))?;
-        match kind {
-            KIND_TREE | KIND_PAGE => crate::resync::serve_tree_or_page(&local, kind, req),
-            other => Err(format!("unknown repair request {other}")),
-        }
-    }
 }
 
 /// How often the background repairer looks for known-damaged pages to repair.
