@@ -1207,12 +1207,12 @@ impl Cluster {
 
     /// What this node is for `volume` in its applied metadata.
     pub fn role(&self, volume: &str) -> Role {
-        match self.effective(volume) {
+        match self.effective_primary(volume) {
             None => Role::Local,
-            Some(v) if v.primary == self.id => Role::Primary { epoch: v.epoch },
-            Some(v) => Role::Replica {
-                primary: v.primary,
-                addr: self.rpc_addr(v.primary).unwrap_or_default(),
+            Some((primary, epoch)) if primary == self.id => Role::Primary { epoch },
+            Some((primary, _)) => Role::Replica {
+                primary,
+                addr: self.rpc_addr(primary).unwrap_or_default(),
             },
         }
     }

@@ -362,23 +362,41 @@ impl Cluster {
     pub fn effective(&self, volume: &str) -> Option<VolumeInfo> {
         let meta = self.store.meta();
         let mut v = meta.volumes.get(volume)?.clone();
-        if let Some(h) = self.recovery.as_ref().and_then(|r| r.hold(volume)) {
-            if h.fcid > v.failure_count_id {
-                v.primary = self.id;
-                v.epoch = h.epoch;
-                v.recovery_flag = true;
-                v.failure_count_id = h.fcid;
-                for n in v.replicas.clone() {
-                    let s = if n == self.id {
-                        ReplicaState::Live
-                    } else {
-                        ReplicaState::Dead
-                    };
-                    v.states.insert(n, s);
-                }
+        if let Some(h) = self.hold_over(&v) {
+            v.primary = self.id;
+            v.epoch = h.epoch;
+            v.recovery_flag = true;
+            v.failure_count_id = h.fcid;
+            for n in v.replicas.clone() {
+                let s = if n == self.id {
+                    ReplicaState::Live
+                } else {
+                    ReplicaState::Dead
+                };
+                v.states.insert(n, s);
             }
         }
         Some(v)
+    }
+
+    /// This node's hold of `v` at the recovery server, when it is newer than the
+    /// metadata's view (`effective` then names this node primary at the hold's epoch).
+    fn hold_over(&self, v: &VolumeInfo) -> Option<Hold> {
+        self.recovery
+            .as_ref()
+            .and_then(|r| r.hold(&v.name))
+            .filter(|h| h.fcid > v.failure_count_id)
+    }
+
+    /// `effective(volume)`'s primary and epoch, without copying the volume's record
+    /// (the write path asks this on every request).
+    pub fn effective_primary(&self, volume: &str) -> Option<(NodeId, u64)> {
+        let meta = self.store.meta();
+        let v = meta.volumes.get(volume)?;
+        Some(match self.hold_over(v) {
+            Some(h) => (self.id, h.epoch),
+            None => (v.primary, v.epoch),
+        })
     }
 
     /// Whether the recovery server (as last polled) knows a newer holder of the volume
