@@ -846,7 +846,8 @@ impl Cluster {
     /// A replicated write applied at once, in the RPC reader (`rpc::InlineHandler`),
     /// when nothing about it needs a wait: this node ready, its view current for the
     /// sender's epoch, its copy live or resyncing and present at the volume's size, no
-    /// resync or restore holding updates off, the store not about to block. Anything
+    /// comparison of the copies' roots holding updates off (the apply guard), the store
+    /// not near a durability point of its own. Anything
     /// else (`None`) goes the way of every request, `apply_update` in a task, which
     /// waits where it must and refuses with its reasons.
     fn apply_inline(&self, kind: u8, body: &[u8]) -> Option<rpc::HandlerReply> {

@@ -38,6 +38,8 @@ const RESYNC_BACKOFF: Duration = Duration::from_secs(1);
 const RESYNC_RPC_TIMEOUT: Duration = Duration::from_secs(10);
 /// A read asked of the primary so that it repairs a block there (`read_through_primary`).
 const READ_THROUGH_TIMEOUT: Duration = Duration::from_secs(10);
+const READ_THROUGH_ATTEMPTS: u32 = 5;
+const READ_THROUGH_BACKOFF: Duration = Duration::from_millis(200);
 /// How long the primary waits to see the replica's `resyncing` state applied.
 /// Shorter than the RPC deadline, so a replica gets the reason, not a timeout.
 const BEGIN_WAIT: Duration = Duration::from_secs(5);
@@ -772,7 +774,7 @@ impl Cluster {
             no_hole: false,
             fence: None,
         };
-        let r = async {
+        let once = || async {
             let json = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
             let body = rpc::pack(&json, &[]);
             let primary = self
@@ -799,8 +801,16 @@ impl Cluster {
             } else {
                 Err(r.message)
             }
+        };
+        // A primary failing over meanwhile: asked again, as a forwarded read would be.
+        let mut r = once().await;
+        for _ in 1..READ_THROUGH_ATTEMPTS {
+            if r.is_ok() {
+                break;
+            }
+            tokio::time::sleep(READ_THROUGH_BACKOFF).await;
+            r = once().await;
         }
-        .await;
         tracing::info!(volume, lba, result = ?r, "{why}: read through the primary (which repairs it there)");
     }
 

@@ -428,6 +428,15 @@ impl BlockStore {
         (ix.pending_free.len() > soft, ix.pending_free.len() > hard)
     }
 
+    /// Whether the pending frees are within half a soft limit of the hard one: writes
+    /// under way (each frees at most a block per block it writes) may take them past
+    /// it, and the write that does makes the durability point itself.
+    pub fn pending_free_near_hard(&self) -> bool {
+        let ix = self.inner.lock();
+        let (soft, hard) = limits(ix.map.len());
+        ix.pending_free.len() + soft / 2 > hard
+    }
+
     /// Reads and verifies the block `id`. `Ok(false)`: the store has no such block or
     /// its content does not hash to `id` (corruption); `buf` then holds nothing useful.
     pub fn read(&self, id: BlockId, buf: &mut [u8]) -> Result<bool, StoreError> {

@@ -339,21 +339,28 @@ impl Store {
     /// they make it themselves, `write_may_block`) only when the disk cannot keep up.
     pub fn flush_in_background(self: &Arc<Self>) {
         if self.wants_flush() && !self.background_flush.swap(true, Ordering::AcqRel) {
-            let store = self.clone();
+            /// Clears the running mark however the flush ends (a panic included).
+            struct Done(Arc<Store>);
+            impl Drop for Done {
+                fn drop(&mut self) {
+                    self.0.background_flush.store(false, Ordering::Release);
+                }
+            }
+            let done = Done(self.clone());
             lazarus_io::rt::detach_blocking(move || {
-                if let Err(e) = store.flush() {
+                if let Err(e) = done.0.flush() {
                     tracing::error!(error = %e, "background flush failed");
                 }
-                store.background_flush.store(false, Ordering::Release);
             });
         }
     }
 
     /// Whether a write may block now: a checkpoint holds writes off, or the pending
-    /// frees are past the hard limit and the writer makes the durability point itself.
-    /// (Past the soft limit only, a background flush is under way and writes go on.)
+    /// frees are near enough the hard limit that this write or one under way may take
+    /// them past it and make the durability point itself. (Between the soft limit and
+    /// there, a background flush is under way and writes go on.)
     pub fn write_may_block(&self) -> bool {
-        self.is_checkpointing() || self.blocks.pending_free_pressure().1
+        self.is_checkpointing() || self.blocks.pending_free_near_hard()
     }
 
     /// Whether this store's device is failed (`lazarus fault device fail`).
