@@ -239,7 +239,7 @@ impl Engine {
         let Some(c) = self.cluster.get() else {
             return Ok(Route::Local);
         };
-        let deadline = tokio::time::Instant::now() + LEASE_WAIT;
+        let deadline = tokio::time::Instant::now() + c.lease_wait(volume, LEASE_WAIT);
         loop {
             match c.role(volume) {
                 Role::Local => return Ok(Route::Local),
@@ -250,7 +250,11 @@ impl Engine {
             if tokio::time::Instant::now() >= deadline {
                 return Err(IoError::new(
                     EIO,
-                    format!("this node is the primary of {volume:?} but holds no lease from the cluster leader (no quorum?)"),
+                    if c.hold_only(volume) {
+                        format!("this node is the primary of {volume:?} in jeopardy but holds it at no recovery server (unreachable?)")
+                    } else {
+                        format!("this node is the primary of {volume:?} but holds no lease from the cluster leader (no quorum?)")
+                    },
                 ));
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;

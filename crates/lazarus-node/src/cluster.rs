@@ -611,12 +611,15 @@ impl Cluster {
     }
 
     /// Whether this node may serve `volume` as its primary at `epoch` right now: a
-    /// lease from the Raft leader, or a hold from the recovery server.
+    /// lease from the Raft leader, or a hold from the recovery server. In jeopardy
+    /// under policy `suspend` only the hold counts (`hold_only`).
     /// At an epoch the metadata gave it, only once its live copies are reconciled
     /// with it (`reconcile.rs`).
     pub fn lease_valid(&self, volume: &str, epoch: u64) -> bool {
-        (self.raft_lease_valid(volume, epoch) && self.contact_valid(volume)
-            || self.hold_valid(volume, epoch))
+        let raft = !self.hold_only(volume)
+            && self.raft_lease_valid(volume, epoch)
+            && self.contact_valid(volume);
+        (raft || self.hold_valid(volume, epoch))
             && (self.reconciled(volume, epoch) || self.held_beyond_metadata(volume))
             && !self.restoring(volume)
     }
@@ -640,7 +643,7 @@ impl Cluster {
     /// at that epoch, epochs only grow, and no successor serves before this node's
     /// last grant has run out (lease.rs).
     pub async fn await_lease(&self, volume: &str, epoch: u64, wait: Duration) -> bool {
-        let deadline = Instant::now() + wait;
+        let deadline = Instant::now() + self.lease_wait(volume, wait);
         loop {
             if self.lease_valid(volume, epoch) {
                 return true;
@@ -652,6 +655,16 @@ impl Cluster {
                 return false;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// How long a request waits for the lease on `volume`: `wait`, or in jeopardy under
+    /// `suspend` (`hold_only`) as long as a write waits for the recovery server
+    /// (`jeopardy_suspend_secs`): the hold lapses with it.
+    pub fn lease_wait(&self, volume: &str, wait: Duration) -> Duration {
+        match self.recovery.as_ref() {
+            Some(r) if self.hold_only(volume) => wait.max(r.suspend),
+            _ => wait,
         }
     }
 

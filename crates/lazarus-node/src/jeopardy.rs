@@ -504,6 +504,28 @@ impl Cluster {
         })
     }
 
+    /// Whether only the recovery server's hold lets this node serve `volume`, not a
+    /// Raft lease: in jeopardy (as this node's metadata view says) under policy
+    /// `suspend`. The recovery server is then the volume's coordination point: a copy
+    /// may take the volume over there once its holder is silent, and a Raft lease
+    /// does not see that; the holder's renewals do (a renewal the recovery server
+    /// answers `fenced` ends the hold). The leader grants no Raft lease for such a
+    /// volume either (`serve_lease`), so a node whose view lags behind the flag
+    /// stops serving on its last one within `LEASE`. Under `accept` the primary goes
+    /// on without the recovery server by choice, and so on a Raft lease
+    /// (docs/model.md, `jeopardy_serves_on_raft_lease`).
+    pub fn hold_only(&self, volume: &str) -> bool {
+        self.recovery
+            .as_ref()
+            .is_some_and(|r| r.policy == JeopardyPolicy::Suspend)
+            && self
+                .store
+                .meta()
+                .volumes
+                .get(volume)
+                .is_some_and(|v| v.recovery_flag)
+    }
+
     /// Whether the recovery server's hold lets this node serve `volume` at `epoch`.
     pub fn hold_valid(&self, volume: &str, epoch: u64) -> bool {
         self.recovery.as_ref().is_some_and(|r| {

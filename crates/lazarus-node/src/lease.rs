@@ -99,6 +99,14 @@ impl Cluster {
                 && !self.leases.promoting.lock().contains(&name)
             {
                 seen.insert(name.clone(), (epoch, now));
+                // In jeopardy under `suspend` a primary serves on its hold at the
+                // recovery server alone (`hold_only`), the Raft lease only telling it
+                // that it still has a majority. One whose view has not caught up with
+                // the jeopardy flag would serve on the lease: none for it (its
+                // request still counts as a sign of life).
+                if self.hold_only(&name) && !req.jeopardy.contains(&name) {
+                    continue;
+                }
                 granted.push((name, epoch));
             }
         }
@@ -130,9 +138,15 @@ impl Cluster {
                     continue;
                 };
                 let asked = Instant::now();
+                let jeopardy = mine
+                    .iter()
+                    .filter(|(name, _)| c.hold_only(name))
+                    .map(|(name, _)| name.clone())
+                    .collect();
                 let req = LeaseRequest {
                     node: c.id,
                     volumes: mine,
+                    jeopardy,
                 };
                 let reply = if leader == c.id {
                     c.serve_lease(req).await

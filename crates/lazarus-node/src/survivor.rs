@@ -333,10 +333,19 @@ impl Cluster {
     /// On a live replica whose primary and fellow replicas have all gone silent:
     /// claims the volume at the recovery server as its survivor and serves it in
     /// jeopardy.
+    ///
+    /// Not under policy `accept`: there a primary that cannot reach the recovery
+    /// server marks a silent replica dead and acknowledges writes without recording
+    /// it out first (`record_out`), so the recovery server cannot tell a replica that
+    /// missed acknowledged writes from one that did not, and a stale copy would serve
+    /// (docs/model.md, `survivor_without_out`). The volume waits for another node.
     pub(crate) async fn maybe_survive(&self, v: &VolumeInfo, rs: Option<&VolumeState>) {
         let Some(r) = self.recovery.as_ref() else {
             return;
         };
+        if r.policy == JeopardyPolicy::Accept {
+            return;
+        }
         if !self.is_ready() || r.hold(&v.name).is_some() || !self.device_usable() {
             return;
         }

@@ -129,6 +129,11 @@ pub struct LeaseRequest {
     pub node: u64,
     /// (volume, epoch) pairs the asker is primary of in its metadata.
     pub volumes: Vec<(String, u64)>,
+    /// Those of them the asker's metadata shows in jeopardy (it serves them on its
+    /// recovery-server hold alone, under policy `suspend`): the leader grants no lease
+    /// on a volume it sees in jeopardy to an asker whose view lags behind that.
+    #[serde(default)]
+    pub jeopardy: Vec<String>,
 }
 
 /// `KIND_LEASE`'s answer: the (volume, epoch) pairs granted.

@@ -358,8 +358,10 @@ fn jeopardy_by_protect_and_drop_write_through_and_rejoin() {
     }
     assert!(up.cli_ok(&["status"]).contains("JEOPARDY"));
 
-    // Order: recovery server first. Stopped, it holds the write; the primary's copy
-    // does not have it meanwhile.
+    // Order: recovery server first. Stopped, it holds the write back; and the primary,
+    // whose hold there lapses, answers no read meanwhile (in jeopardy it serves on
+    // that hold alone): the read waits, and once the recovery server goes on it sees
+    // the old data or the new, never an error.
     let rs = up.rs_pid() as i32;
     unsafe { libc::kill(rs, libc::SIGSTOP) };
     let mut pending = Command::new("qemu-io")
@@ -370,17 +372,48 @@ fn jeopardy_by_protect_and_drop_write_through_and_rejoin() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     let still_pending = pending.try_wait().unwrap().is_none();
-    let (old_data, text) = qemu_io(&uri1, &["read -P 0 128k 64k"]);
+    let mut reader = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read -v 128k 64k", &uri1])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let read_waited = reader.try_wait().unwrap().is_none();
     unsafe { libc::kill(rs, libc::SIGCONT) };
     assert!(
         still_pending,
         "a write in jeopardy was acknowledged while the recovery server was stopped"
     );
     assert!(
-        old_data,
-        "the primary wrote locally before the recovery server had the write: {text}"
+        read_waited,
+        "a read was answered in jeopardy while the recovery server was stopped"
     );
     assert!(pending.wait().unwrap().success());
+    let out = reader.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let bytes: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.get(..9)
+                .is_some_and(|h| h.ends_with(':') && h[..8].bytes().all(|b| b.is_ascii_hexdigit()))
+        })
+        .flat_map(|l| {
+            l.split(':')
+                .nth(1)
+                .unwrap_or("")
+                .split_whitespace()
+                .take(16)
+        })
+        .collect();
+    assert!(
+        out.status.success() && bytes.len() == 64 << 10,
+        "the read once the recovery server went on: {text:.400}"
+    );
+    assert!(
+        bytes.iter().all(|b| *b == "00") || bytes.iter().all(|b| *b == "33"),
+        "the read saw neither the old data nor the new: {text:.400}"
+    );
     qemu_io_ok(&uri1, &["read -P 0x33 128k 64k"]);
     assert!(log_records(&up).iter().any(|r| r.0 == 32 && r.2 == 0x33));
 
@@ -569,6 +602,62 @@ fn recovery_server_killed_mid_stream_policy_suspend() {
     let r = up.root(1, "vol0");
     assert_eq!(up.root(2, "vol0"), r);
     assert_eq!(up.root(3, "vol0"), r);
+}
+
+/// In jeopardy under `suspend` the recovery server is the volume's coordination point
+/// (a base copy may take the volume over there once its holder falls silent), so its
+/// primary serves on its hold there alone, not on a Raft lease: with the recovery
+/// server down, a read through the primary waits instead of being answered (the
+/// primary cannot know that nobody took over); it is answered, with the right data,
+/// once the recovery server is back. Under `accept` reads go on (`hold_only`).
+#[test]
+fn jeopardy_under_suspend_serves_on_the_hold_alone() {
+    let (tmp, data) = setup();
+    let up = Up::start(&data, "64MiB");
+    up.cli_ok(&["volume", "protect", "vol0"]);
+    wait_for("jeopardy after protect", Duration::from_secs(10), || {
+        jstate(&up, 1, "vol0")["jeopardy"] == true
+    });
+    qemu_io_ok(&up.uri(1, "vol0"), &["write -P 0x5a 128k 64k", "flush"]);
+    up.cli_ok(&["fault", "kill", "--node", "rs"]);
+    // Past any hold renewed before the kill (HOLD_LEASE, 0.5 s).
+    std::thread::sleep(Duration::from_secs(1));
+    let uri = up.uri(1, "vol0");
+    let started = Instant::now();
+    let reader = std::thread::spawn(move || {
+        let r = qemu_io(&uri, &["read -P 0x5a 128k 64k"]);
+        (r, started.elapsed())
+    });
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        !reader.is_finished(),
+        "a read was answered in jeopardy (policy suspend) with the recovery server down: {:?}",
+        reader.join().unwrap()
+    );
+    up.cli_ok(&["fault", "revive", "--node", "rs"]);
+    let ((ok, text), took) = reader.join().unwrap();
+    assert!(ok, "the read once the recovery server was back: {text}");
+    assert!(took >= Duration::from_secs(4), "{took:?}");
+    // Policy `accept`, the same order: the primary goes on without the recovery server.
+    let data = tmp.path().join("accept");
+    drop(up);
+    let up = Up::start_with(&data, "64MiB", &["--jeopardy-policy", "accept"]);
+    up.cli_ok(&["volume", "protect", "vol0"]);
+    wait_for(
+        "jeopardy after protect (accept)",
+        Duration::from_secs(10),
+        || jstate(&up, 1, "vol0")["jeopardy"] == true,
+    );
+    qemu_io_ok(&up.uri(1, "vol0"), &["write -P 0x5b 128k 64k", "flush"]);
+    up.cli_ok(&["fault", "kill", "--node", "rs"]);
+    std::thread::sleep(Duration::from_secs(1));
+    let t = Instant::now();
+    qemu_io_ok(&up.uri(1, "vol0"), &["read -P 0x5b 128k 64k"]);
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "{:?} under accept",
+        t.elapsed()
+    );
 }
 
 /// The same under policy `accept`: writes go on with the recovery server down, shown
@@ -1345,6 +1434,73 @@ fn cut_off_replica_never_serves_and_a_stale_one_never_survives() {
     // Both copies that had the last writes were killed: what they had not flushed may
     // be gone (NBD's contract); every write acknowledged before an acknowledged flush
     // (jwriter flushes after writes 0, 4, 8, ...) must be there.
+    let flushed = acked.iter().copied().filter(|i| i % 4 == 0).max().unwrap();
+    let durable: Vec<usize> = acked.iter().copied().filter(|i| *i <= flushed).collect();
+    for n in 1..=3 {
+        let image = read_region(&up.uri(n, "vol0"), 2 << 20, tmp.path()).unwrap();
+        w.check(
+            &image,
+            &durable,
+            &tried,
+            &format!("through n{n} at the end"),
+        );
+    }
+}
+
+/// Under `accept` the survivor claim is off. There the primary, with the recovery
+/// server down, marks a silent replica dead and acknowledges writes without
+/// recording it out there first; once the recovery server is back, nothing there
+/// tells that replica from one that missed nothing (docs/model.md,
+/// `survivor_without_out`). Here: n3 cut off from the nodes (not from the recovery
+/// server, which is down), n1 marks it dead and goes on; the recovery server
+/// returns, n1 and n2 die: n3 must not serve its stale copy.
+#[test]
+fn policy_accept_stale_replica_never_survives() {
+    let (tmp, data) = setup();
+    let up = Up::start_with(&data, "64MiB", &["--jeopardy-policy", "accept"]);
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    let mut w = Writer::start_opt(&up.uri(1, "vol0"), 12, 0, 32, 1_000_000, tmp.path(), true);
+    w.wait_acked(10, Duration::from_secs(30), "writes before the faults");
+    up.cli_ok(&["fault", "kill", "--node", "rs"]);
+    up.cli_ok(&["fault", "isolate", "--node", "n3"]);
+    up.wait_meta(1, "vol0", Duration::from_secs(30), "n3 dead", |m| {
+        m["states"]["3"] == "dead"
+    });
+    let a0 = w.acked();
+    w.wait_acked(
+        a0 + 10,
+        Duration::from_secs(30),
+        "writes without n3 (accept)",
+    );
+    up.cli_ok(&["fault", "revive", "--node", "rs"]);
+    let a1 = w.acked();
+    w.wait_acked(
+        a1 + 5,
+        Duration::from_secs(30),
+        "writes with the recovery server back",
+    );
+    let (acked, tried) = w.finish_retrying();
+    for n in [1u16, 2] {
+        std::fs::write(up.data.join(format!("n{n}")).join("KILLED"), b"").ok();
+        unsafe { libc::kill(up.node_pid(n) as i32, libc::SIGKILL) };
+    }
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(8) {
+        let j = jstate(&up, 3, "vol0");
+        assert_ne!(
+            j["recovery_server"]["holder"], 3,
+            "the stale replica claimed under accept: {j}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        !up.node_log(3).contains("serves the volume as its survivor"),
+        "n3 served as a survivor"
+    );
+    up.cli_ok(&["fault", "heal"]);
+    up.cli_ok(&["fault", "revive", "--node", "n1"]);
+    up.cli_ok(&["fault", "revive", "--node", "n2"]);
+    up.wait_all_live(1, "vol0", Duration::from_secs(90));
     let flushed = acked.iter().copied().filter(|i| i % 4 == 0).max().unwrap();
     let durable: Vec<usize> = acked.iter().copied().filter(|i| *i <= flushed).collect();
     for n in 1..=3 {
