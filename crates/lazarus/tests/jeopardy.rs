@@ -1221,6 +1221,52 @@ fn last_copy_with_the_recovery_server_down_policy_suspend() {
     assert_eq!(jstate(&up, 1, "vol0")["jeopardy"], true);
 }
 
+/// Section 6 in the issue's own order: the recovery server killed first, then both
+/// replicas (SIGKILL, so the primary loses its majority too), then a write through
+/// the primary. Under either policy it is not acknowledged: the primary cannot tell
+/// the recovery server's death from its own isolation while a majority promotes
+/// another copy (docs/jeopardy.md, policy). Once the recovery server is back the
+/// primary claims the volume there as its last failure domain and writes go on, each
+/// in the recovery server's log, the data flushed before the faults intact.
+#[test]
+fn recovery_server_then_both_replicas_killed_under_each_policy() {
+    let (tmp, _) = setup();
+    for policy in ["suspend", "accept"] {
+        let data = tmp.path().join(policy);
+        let up = Up::start_with(&data, "64MiB", &["--jeopardy-policy", policy]);
+        up.wait_all_live(1, "vol0", Duration::from_secs(30));
+        let uri = up.uri(1, "vol0");
+        qemu_io_ok(&uri, &["write -P 0x71 0 64k", "flush"]);
+        up.cli_ok(&["fault", "kill", "--node", "rs"]);
+        up.cli_ok(&["fault", "kill", "--node", "n2"]);
+        up.cli_ok(&["fault", "kill", "--node", "n3"]);
+        let (ok, text) = qemu_io(&uri, &["write -P 0x72 64k 64k", "flush"]);
+        assert!(
+            !ok,
+            "a write acknowledged with neither a majority nor the recovery server ({policy}): {text}"
+        );
+        up.cli_ok(&["fault", "revive", "--node", "rs"]);
+        let t0 = Instant::now();
+        wait_for(
+            "a write acknowledged once the recovery server is back",
+            Duration::from_secs(40),
+            || qemu_io(&uri, &["write -P 0x73 128k 64k", "flush"]).0,
+        );
+        eprintln!(
+            "{policy}: writes went on {:?} after the recovery server came back",
+            t0.elapsed()
+        );
+        assert!(
+            log_records(&up).iter().any(|r| r.0 == 32 && r.2 == 0x73),
+            "the write under the last failure domain is not in the recovery server's log ({policy}): {:?}",
+            log_records(&up)
+        );
+        qemu_io_ok(&uri, &["read -P 0x71 0 64k", "read -P 0x73 128k 64k"]);
+        let j = jstate(&up, 1, "vol0");
+        assert_eq!(j["jeopardy"], true, "{policy}: {j}");
+    }
+}
+
 /// Correctness issue, section 5: a rejoining copy replays only the latest version of
 /// each block from the recovery server's log — a block overwritten 20 times while the
 /// copy was away arrives once — and ends identical.
