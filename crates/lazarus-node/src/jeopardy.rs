@@ -787,7 +787,12 @@ impl Cluster {
                             v.epoch,
                             false,
                         ));
-                        if v.failure_count_id > e.0 {
+                        // The metadata's record wins once it is as new as the hold: a
+                        // claim may have stored the recovery server's epoch (moved on
+                        // by a promotion fenced there and fenced back), or the
+                        // adoption raised the metadata's; the node serves at the
+                        // metadata's, and in jeopardy under `suspend` on the hold alone.
+                        if v.failure_count_id > e.0 || v.failure_count_id == e.0 && !e.2 {
                             *e = (v.failure_count_id, v.epoch, false);
                         }
                     }
@@ -826,8 +831,18 @@ impl Cluster {
                                 until: sent,
                                 restoring,
                             });
-                            if h.fcid == fcid {
+                            // The recovery server confirmed this node as holder at
+                            // `fcid`: an older hold it kept is replaced.
+                            if h.fcid < fcid {
+                                *h = Hold {
+                                    fcid,
+                                    epoch,
+                                    until: sent + HOLD_LEASE,
+                                    restoring,
+                                };
+                            } else if h.fcid == fcid {
                                 h.until = sent + HOLD_LEASE;
+                                h.epoch = epoch;
                             }
                         }
                         Err(e) if e.is_fenced() => {

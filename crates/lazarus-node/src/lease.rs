@@ -102,9 +102,12 @@ impl Cluster {
                 // In jeopardy under `suspend` a primary serves on its hold at the
                 // recovery server alone (`hold_only`), the Raft lease only telling it
                 // that it still has a majority. One whose view has not caught up with
-                // the jeopardy flag would serve on the lease: none for it (its
-                // request still counts as a sign of life).
-                if self.hold_only(&name) && !req.jeopardy.contains(&name) {
+                // the jeopardy flag would serve on the lease (whatever the
+                // policies): none for it (its request still counts as a sign of
+                // life).
+                if meta.volumes.get(&name).is_some_and(|v| v.recovery_flag)
+                    && !req.jeopardy.contains(&name)
+                {
                     continue;
                 }
                 granted.push((name, epoch));
@@ -138,10 +141,11 @@ impl Cluster {
                     continue;
                 };
                 let asked = Instant::now();
-                let jeopardy = mine
-                    .iter()
-                    .filter(|(name, _)| c.hold_only(name))
-                    .map(|(name, _)| name.clone())
+                let jeopardy = meta
+                    .volumes
+                    .values()
+                    .filter(|v| v.primary == c.id && v.recovery_flag)
+                    .map(|v| v.name.clone())
                     .collect();
                 let req = LeaseRequest {
                     node: c.id,
