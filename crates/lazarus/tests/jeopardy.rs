@@ -1455,41 +1455,49 @@ fn cut_off_replica_never_serves_and_a_stale_one_never_survives() {
     let m = up.volume_meta(1, "vol0").unwrap();
     assert_eq!(m["states"]["3"], "dead", "{m}");
     // n1 and n2 die; n3, stale and still cut off from them, must not serve.
+    stale_n3_never_survives(&up, Duration::from_secs(6), "the stale replica claimed");
+    heal_and_check_flushed(&up, &w, &acked, &tried, tmp.path());
+}
+
+/// Kills n1 and n2 (SIGKILL) and checks for `watch` that n3, stale, never claims the
+/// volume at the recovery server nor serves as its survivor.
+fn stale_n3_never_survives(up: &Up, watch: Duration, what: &str) {
     for n in [1u16, 2] {
         std::fs::write(up.data.join(format!("n{n}")).join("KILLED"), b"").ok();
         unsafe { libc::kill(up.node_pid(n) as i32, libc::SIGKILL) };
     }
     let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(6) {
-        let j = jstate(&up, 3, "vol0");
-        assert_ne!(
-            j["recovery_server"]["holder"], 3,
-            "the stale replica claimed: {j}"
-        );
+    while t0.elapsed() < watch {
+        let j = jstate(up, 3, "vol0");
+        assert_ne!(j["recovery_server"]["holder"], 3, "{what}: {j}");
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(
         !up.node_log(3).contains("serves the volume as its survivor"),
         "n3 served as a survivor"
     );
-    // Everyone back: n1 has every acknowledged write; n3 resyncs.
+}
+
+/// Everyone back (n1 has every acknowledged write; n3 resyncs): both copies that had
+/// the last writes were killed, so what they had not flushed may be gone (NBD's
+/// contract); every write acknowledged before an acknowledged flush (jwriter flushes
+/// after writes 0, 4, 8, ...) must be there, through every node.
+fn heal_and_check_flushed(
+    up: &Up,
+    w: &Writer,
+    acked: &[usize],
+    tried: &[usize],
+    tmp: &std::path::Path,
+) {
     up.cli_ok(&["fault", "heal"]);
     up.cli_ok(&["fault", "revive", "--node", "n1"]);
     up.cli_ok(&["fault", "revive", "--node", "n2"]);
     up.wait_all_live(1, "vol0", Duration::from_secs(90));
-    // Both copies that had the last writes were killed: what they had not flushed may
-    // be gone (NBD's contract); every write acknowledged before an acknowledged flush
-    // (jwriter flushes after writes 0, 4, 8, ...) must be there.
     let flushed = acked.iter().copied().filter(|i| i % 4 == 0).max().unwrap();
     let durable: Vec<usize> = acked.iter().copied().filter(|i| *i <= flushed).collect();
     for n in 1..=3 {
-        let image = read_region(&up.uri(n, "vol0"), 2 << 20, tmp.path()).unwrap();
-        w.check(
-            &image,
-            &durable,
-            &tried,
-            &format!("through n{n} at the end"),
-        );
+        let image = read_region(&up.uri(n, "vol0"), 2 << 20, tmp).unwrap();
+        w.check(&image, &durable, tried, &format!("through n{n} at the end"));
     }
 }
 
@@ -1526,38 +1534,12 @@ fn policy_accept_stale_replica_never_survives() {
         "writes with the recovery server back",
     );
     let (acked, tried) = w.finish_retrying();
-    for n in [1u16, 2] {
-        std::fs::write(up.data.join(format!("n{n}")).join("KILLED"), b"").ok();
-        unsafe { libc::kill(up.node_pid(n) as i32, libc::SIGKILL) };
-    }
-    let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(8) {
-        let j = jstate(&up, 3, "vol0");
-        assert_ne!(
-            j["recovery_server"]["holder"], 3,
-            "the stale replica claimed under accept: {j}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    assert!(
-        !up.node_log(3).contains("serves the volume as its survivor"),
-        "n3 served as a survivor"
+    stale_n3_never_survives(
+        &up,
+        Duration::from_secs(8),
+        "the stale replica claimed under accept",
     );
-    up.cli_ok(&["fault", "heal"]);
-    up.cli_ok(&["fault", "revive", "--node", "n1"]);
-    up.cli_ok(&["fault", "revive", "--node", "n2"]);
-    up.wait_all_live(1, "vol0", Duration::from_secs(90));
-    let flushed = acked.iter().copied().filter(|i| i % 4 == 0).max().unwrap();
-    let durable: Vec<usize> = acked.iter().copied().filter(|i| *i <= flushed).collect();
-    for n in 1..=3 {
-        let image = read_region(&up.uri(n, "vol0"), 2 << 20, tmp.path()).unwrap();
-        w.check(
-            &image,
-            &durable,
-            &tried,
-            &format!("through n{n} at the end"),
-        );
-    }
+    heal_and_check_flushed(&up, &w, &acked, &tried, tmp.path());
 }
 
 /// The price of survivor claims, per policy: with the recovery server down, a replica
