@@ -1141,6 +1141,225 @@ fn jeopardy_isolated_primary_dies_and_the_log_is_replayed() {
     w.check(&image, &acked, &tried, &format!("through n{other}"));
 }
 
+/// Correctness issue, section 3, with `volume unprotect`: the protected volume's primary
+/// is isolated and acknowledges writes through the recovery server alone; an
+/// administrator then unprotects the volume through another node (`unprotect_at_once`:
+/// right after the isolation, before the primary has claimed the volume alone). Leaving jeopardy must
+/// not drop the log those writes are in before every copy that may serve next has them:
+/// whether the primary dies before the heal (`die_before_heal`) or after it, its
+/// successor serves every acknowledged write.
+fn isolated_primary_then_unprotect(tag: u64, unprotect_at_once: bool, die_before_heal: bool) {
+    let (tmp, data) = setup();
+    let up = Up::start(&data, "64MiB");
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    up.cli_ok(&["volume", "protect", "vol0"]);
+    wait_for("jeopardy after protect", Duration::from_secs(10), || {
+        jstate(&up, 1, "vol0")["jeopardy"] == true
+    });
+    let mut w = Writer::start_opt(&up.uri(1, "vol0"), tag, 0, 32, 1_000_000, tmp.path(), true);
+    w.wait_acked(10, Duration::from_secs(30), "writes before the isolation");
+    up.cli_ok(&["fault", "isolate", "--node", "n1"]);
+    let a0 = w.acked();
+    if !unprotect_at_once {
+        w.wait_acked(
+            a0 + 8,
+            Duration::from_secs(60),
+            "writes acknowledged while isolated",
+        );
+    }
+    let n2 = up.admin(2);
+    up.cli_ok(&["volume", "unprotect", "vol0", "--api", &n2]);
+    up.wait_meta(2, "vol0", Duration::from_secs(10), "unprotected", |m| {
+        m["protected"] == false
+    });
+    // Let whatever leaving jeopardy does run while the primary is still cut off.
+    let a1 = w.acked();
+    std::thread::sleep(Duration::from_secs(4));
+    eprintln!(
+        "acknowledged while isolated: {} before unprotect, {} after",
+        a1 - a0,
+        w.acked() - a1
+    );
+    if die_before_heal {
+        up.cli_ok(&["fault", "kill", "--node", "n1"]);
+        up.cli_ok(&["fault", "heal"]);
+    } else {
+        up.cli_ok(&["fault", "heal"]);
+        up.wait_all_live(2, "vol0", Duration::from_secs(90));
+        // The writer stops so that the copies can be compared.
+        w.finish_retrying();
+        let r = up.root(1, "vol0");
+        wait_for(
+            "copies identical after the heal",
+            Duration::from_secs(30),
+            || up.root(2, "vol0") == r && up.root(3, "vol0") == r,
+        );
+        up.cli_ok(&["fault", "kill", "--node", "n1"]);
+    }
+    let (acked, tried) = w.finish_retrying();
+    let m = up.wait_meta(2, "vol0", Duration::from_secs(60), "a new primary", |m| {
+        m["primary"].as_u64().is_some_and(|p| p != 1)
+    });
+    let p = m["primary"].as_u64().unwrap() as u16;
+    let t0 = Instant::now();
+    let image = loop {
+        if let Some(i) = read_region(&up.uri(p, "vol0"), 2 << 20, tmp.path()) {
+            break i;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no read through the new primary n{p}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    w.check(
+        &image,
+        &acked,
+        &tried,
+        &format!("through the new primary n{p} after n1 died"),
+    );
+}
+
+#[test]
+fn jeopardy_isolated_primary_unprotected_dies_before_the_heal() {
+    isolated_primary_then_unprotect(11, false, true);
+}
+
+#[test]
+fn jeopardy_primary_isolated_and_unprotected_at_once_dies() {
+    isolated_primary_then_unprotect(13, true, true);
+}
+
+#[test]
+fn jeopardy_isolated_primary_unprotected_healed_then_dies() {
+    isolated_primary_then_unprotect(12, false, false);
+}
+
+/// Correctness issue, section 3, jeopardy by failure history: n2 stays live but has failed
+/// too often to count as a failure domain, and n3's device fails, so the volume is down to
+/// one domain with a live replica. The primary is then isolated and acknowledges writes
+/// that n2 never sees; when it dies, n2 must not simply be promoted: it serves only after
+/// replaying the recovery server's log, with every acknowledged write.
+#[test]
+fn jeopardy_by_failure_history_isolated_primary_dies() {
+    let (tmp, data) = setup();
+    let up = Up::start(&data, "64MiB");
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    let mut w = Writer::start_opt(&up.uri(1, "vol0"), 14, 0, 32, 1_000_000, tmp.path(), true);
+    w.wait_acked(5, Duration::from_secs(30), "first writes");
+    // Four failures of n2 within the window (three are allowed).
+    for round in 0..4 {
+        up.cli_ok(&["fault", "drop", "--from", "n1", "--to", "n2"]);
+        up.wait_meta(1, "vol0", Duration::from_secs(20), "n2 dead", |m| {
+            m["states"]["2"] == "dead"
+        });
+        up.cli_ok(&["fault", "heal", "--from", "n1", "--to", "n2"]);
+        if round < 3 {
+            up.wait_all_live(1, "vol0", Duration::from_secs(60));
+        }
+    }
+    up.wait_all_live(1, "vol0", Duration::from_secs(60));
+    assert_eq!(
+        jstate(&up, 1, "vol0")["jeopardy"],
+        false,
+        "n1 and n3 are two failure domains"
+    );
+    up.cli_ok(&["fault", "device", "--node", "n3", "fail"]);
+    wait_for(
+        "jeopardy by failure history",
+        Duration::from_secs(20),
+        || jstate(&up, 1, "vol0")["jeopardy"] == true,
+    );
+    up.wait_meta(1, "vol0", Duration::from_secs(20), "n2 live", |m| {
+        m["states"]["2"] == "live"
+    });
+    let a0 = w.acked();
+    w.wait_acked(a0 + 5, Duration::from_secs(30), "writes in jeopardy");
+    up.cli_ok(&["fault", "isolate", "--node", "n1"]);
+    let a1 = w.acked();
+    w.wait_acked(
+        a1 + 8,
+        Duration::from_secs(60),
+        "writes acknowledged while isolated",
+    );
+    up.cli_ok(&["fault", "kill", "--node", "n1"]);
+    let (acked, tried) = w.finish_retrying();
+    eprintln!(
+        "acknowledged: {} in all, {} while isolated",
+        acked.len(),
+        w.acked() - a1
+    );
+    let m = up.wait_meta(2, "vol0", Duration::from_secs(60), "a new primary", |m| {
+        m["primary"].as_u64().is_some_and(|p| p != 1)
+    });
+    let p = m["primary"].as_u64().unwrap() as u16;
+    assert_eq!(p, 2, "only n2 has a working device: {m}");
+    let t0 = Instant::now();
+    let image = loop {
+        if let Some(i) = read_region(&up.uri(p, "vol0"), 2 << 20, tmp.path()) {
+            break i;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no read through the new primary n{p}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    w.check(&image, &acked, &tried, "through n2 after n1 died");
+}
+
+/// Correctness issue, section 5: the last failure domain dies while the recovery server
+/// restarts. The recovery server comes back without any memory of when the holder last
+/// renewed; it must still let a base copy take over once the holder stays silent, and
+/// that copy serves every acknowledged write.
+#[test]
+fn last_failure_domain_dies_while_the_recovery_server_restarts() {
+    let (tmp, data) = setup();
+    let up = Up::start(&data, "64MiB");
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    let mut w = Writer::start_opt(&up.uri(1, "vol0"), 15, 0, 32, 1_000_000, tmp.path(), true);
+    w.wait_acked(5, Duration::from_secs(30), "first writes");
+    up.cli_ok(&["fault", "drop", "--from", "n1", "--to", "n2"]);
+    up.cli_ok(&["fault", "drop", "--from", "n1", "--to", "n3"]);
+    wait_for(
+        "jeopardy with n1 the last copy",
+        Duration::from_secs(20),
+        || jstate(&up, 1, "vol0")["jeopardy"] == true,
+    );
+    let a0 = w.acked();
+    w.wait_acked(a0 + 10, Duration::from_secs(30), "writes in jeopardy");
+    up.cli_ok(&["fault", "kill", "--node", "rs"]);
+    up.cli_ok(&["fault", "kill", "--node", "n1"]);
+    let (acked, tried) = w.finish_retrying();
+    up.cli_ok(&["fault", "heal"]);
+    let t0 = Instant::now();
+    up.cli_ok(&["fault", "revive", "--node", "rs"]);
+    let m = up.wait_meta(2, "vol0", Duration::from_secs(60), "a new primary", |m| {
+        m["primary"].as_u64().is_some_and(|p| p != 1)
+    });
+    let p = m["primary"].as_u64().unwrap() as u16;
+    let image = loop {
+        if let Some(i) = read_region(&up.uri(p, "vol0"), 2 << 20, tmp.path()) {
+            break i;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no read through the new primary n{p}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    eprintln!(
+        "n{p} served {:.2} s after the recovery server's restart",
+        t0.elapsed().as_secs_f64()
+    );
+    w.check(
+        &image,
+        &acked,
+        &tried,
+        &format!("through n{p} after the take-over"),
+    );
+}
+
 /// Correctness issue, section 6: the volume falls to its last copy (both replicas cut
 /// off by `fault drop`, so the metadata still has its majority) while the recovery
 /// server is already down. Policy `accept`: the write is acknowledged at once, counted
