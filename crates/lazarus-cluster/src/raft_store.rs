@@ -92,6 +92,9 @@ pub struct Store {
     /// The metadata as last durably applied, shared without copying on every read
     /// (the I/O path looks at it for every request).
     current: Arc<Mutex<Arc<ClusterMeta>>>,
+    /// Injected fault (`lazarus fault metadata`): every write fails, as on a device
+    /// that refuses writes. Raft then stops and the node exits (`watch_raft`).
+    writes_failed: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Store {
@@ -124,6 +127,7 @@ impl Store {
             db: Arc::new(db),
             state: Arc::new(Mutex::new(Applied::default())),
             current: Arc::default(),
+            writes_failed: Arc::default(),
         };
         if let Some(a) = s
             .get_json::<Applied>("applied")
@@ -144,9 +148,29 @@ impl Store {
         }
     }
 
+    /// Fails (or heals) every later write of this store: the fault `lazarus fault
+    /// metadata` injects.
+    pub fn set_writes_failed(&self, failed: bool) {
+        self.writes_failed
+            .store(failed, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn writes_failed(&self) -> bool {
+        self.writes_failed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn begin_write(&self) -> Result<redb::WriteTransaction, SErr> {
+        if self.writes_failed() {
+            return Err(werr(
+                "the metadata store's device refuses writes (injected: lazarus fault metadata)",
+            ));
+        }
+        self.db.begin_write().map_err(werr)
+    }
+
     fn put_json<T: Serialize>(&self, key: &str, value: &T) -> Result<(), SErr> {
         let bytes = serde_json::to_vec(value).map_err(werr)?;
-        let txn = self.db.begin_write().map_err(werr)?;
+        let txn = self.begin_write()?;
         {
             let mut t = txn.open_table(META).map_err(werr)?;
             t.insert(key, bytes.as_slice()).map_err(werr)?;
@@ -228,7 +252,7 @@ impl RaftLogStorage<TypeConfig> for Store {
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
-        let txn = self.db.begin_write().map_err(werr)?;
+        let txn = self.begin_write()?;
         {
             let mut t = txn.open_table(LOGS).map_err(werr)?;
             for e in entries {
@@ -244,7 +268,7 @@ impl RaftLogStorage<TypeConfig> for Store {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
-        let txn = self.db.begin_write().map_err(werr)?;
+        let txn = self.begin_write()?;
         {
             let mut t = txn.open_table(LOGS).map_err(werr)?;
             t.retain(|k, _| k < log_id.index).map_err(werr)?;
@@ -254,7 +278,7 @@ impl RaftLogStorage<TypeConfig> for Store {
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), SErr> {
         self.put_json("last_purged", &Some(log_id))?;
-        let txn = self.db.begin_write().map_err(werr)?;
+        let txn = self.begin_write()?;
         {
             let mut t = txn.open_table(LOGS).map_err(werr)?;
             t.retain(|k, _| k > log_id.index).map_err(werr)?;

@@ -245,6 +245,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/faults/corrupt", axum::routing::post(fault_corrupt))
         .route("/api/v1/faults/eio", axum::routing::post(fault_eio))
         .route("/api/v1/faults/device", axum::routing::post(fault_device))
+        .route(
+            "/api/v1/faults/metadata",
+            axum::routing::post(fault_metadata),
+        )
         .route("/api/v1/faults/isolate", axum::routing::post(fault_isolate))
         .route(
             "/api/v1/volumes/{name}/protect",
@@ -687,6 +691,7 @@ async fn list_faults(State(s): State<AppState>) -> Result<Json<serde_json::Value
         "isolated": c.is_isolated(),
         "cut_from_recovery_server": c.recovery.as_ref().is_some_and(|r| r.cut.load(std::sync::atomic::Ordering::Relaxed)),
         "device_failed": s.engine.store.device_failed(),
+        "metadata_writes_failed": c.store.writes_failed(),
     })))
 }
 
@@ -712,6 +717,26 @@ async fn fault_device(
             if r.failed { "failed" } else { "healed" }
         ),
     );
+    list_faults(State(s)).await
+}
+
+/// Fails (or heals) every write of this node's cluster-metadata store (its Raft log
+/// and state machine), as a device refusing writes would. Raft stops at the next write,
+/// and the node exits for `lazarus up` (or the service manager) to restart it.
+async fn fault_metadata(
+    State(s): State<AppState>,
+    body: Result<Json<DeviceReq>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(r) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let c = cluster_of(&s)?;
+    c.store.set_writes_failed(r.failed);
+    let what = if r.failed {
+        "metadata store refuses writes"
+    } else {
+        "metadata store healed"
+    };
+    tracing::warn!(node = %s.node_id, failed = r.failed, "fault injected: {what}");
+    lazarus_observe::events::record("fault", "", format!("{}: {what}", s.node_id));
     list_faults(State(s)).await
 }
 
@@ -884,6 +909,7 @@ async fn fault_heal(
                 r.cut.store(false, std::sync::atomic::Ordering::SeqCst);
             }
             s.engine.store.set_device_failed(false);
+            c.store.set_writes_failed(false);
             // Healing everything also ends injected device errors on this node.
             for v in s.engine.store.volumes() {
                 v.clear_read_errors();
@@ -1194,6 +1220,10 @@ async fn openapi() -> Json<serde_json::Value> {
     p.insert(
         "/api/v1/faults/device".into(),
         json!({ "post": op("{failed: bool}: fail (or heal) this node's device: every block-store I/O errors") }),
+    );
+    p.insert(
+        "/api/v1/faults/metadata".into(),
+        json!({ "post": op("{failed: bool}: fail (or heal) every write of this node's cluster-metadata store; Raft stops and the node exits to be restarted") }),
     );
     p.insert(
         "/api/v1/faults/isolate".into(),

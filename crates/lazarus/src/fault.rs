@@ -270,6 +270,21 @@ pub fn device(data: &Path, node: &str, fail: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub fn metadata(data: &Path, node: &str, fail: bool) -> anyhow::Result<()> {
+    let files = ClusterFiles::load(data)?;
+    client::ok(
+        files
+            .api(node)?
+            .post("/api/v1/faults/metadata", &json!({ "failed": fail }))?,
+    )?;
+    if fail {
+        println!("{node}: every write of its cluster-metadata store now fails: at its next metadata write Raft stops and the node exits to be restarted");
+    } else {
+        println!("{node}: metadata store healed");
+    }
+    Ok(())
+}
+
 pub fn isolate(data: &Path, node: &str, recovery_server: bool) -> anyhow::Result<()> {
     let files = ClusterFiles::load(data)?;
     client::ok(files.api(node)?.post(

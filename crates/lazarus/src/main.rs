@@ -287,6 +287,15 @@ enum FaultOp {
         #[arg(value_parser = ["fail", "heal"])]
         action: String,
     },
+    /// Make every write of a node's cluster-metadata store (its Raft log and state) fail,
+    /// as a device refusing writes would: the node must stop being a member (it exits,
+    /// and `lazarus up` restarts it) rather than run on without working metadata.
+    Metadata {
+        #[arg(long)]
+        node: String,
+        #[arg(value_parser = ["fail", "heal"])]
+        action: String,
+    },
     /// Cut all traffic between a node and the other nodes, cluster metadata included
     /// (not to the recovery server, nor to its clients); with --recovery-server, cut only
     /// its link to the recovery server. `heal` ends it.
@@ -625,6 +634,7 @@ fn client_command(cmd: Cmd) -> anyhow::Result<()> {
             } => fault::corrupt(&data, &node, &volume, lba, &target)?,
             FaultOp::Eio { node, volume, lba } => fault::eio(&data, &node, &volume, lba)?,
             FaultOp::Device { node, action } => fault::device(&data, &node, action == "fail")?,
+            FaultOp::Metadata { node, action } => fault::metadata(&data, &node, action == "fail")?,
             FaultOp::Isolate {
                 node,
                 recovery_server,

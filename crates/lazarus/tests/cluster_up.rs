@@ -1382,3 +1382,80 @@ fn a_flush_after_a_failover_to_a_copy_that_holds_the_writes_succeeds() {
         );
     }
 }
+
+/// Correctness issue, section 9: a node whose cluster-metadata store cannot write
+/// (`fault metadata`: every write of its Raft log and state fails) does not run on as a
+/// member that looks healthy: at its next metadata write Raft stops, the node says why
+/// and exits, `lazarus up` restarts it, and it rejoins. A follower first, then the
+/// leader; nothing written is lost and the cluster ends with every copy live.
+#[test]
+fn metadata_store_write_failure_makes_the_node_exit_and_rejoin() {
+    let (_tmp, data) = setup();
+    let up = Up::start(&data, "64MiB");
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    qemu_io_ok(&up.uri(1, "vol0"), &["write -P 0x51 0 64k"]);
+    let l = leader(&up);
+    let follower = (1..=3).find(|n| *n != l).unwrap();
+    for (round, n) in [follower, l].into_iter().enumerate() {
+        let pid = up.node_pid(n);
+        let node = format!("n{n}");
+        let failed_at = Instant::now();
+        up.cli_ok(&["fault", "metadata", "--node", &node, "fail"]);
+        // A metadata change: every member writes it to its Raft log. Retried while
+        // the failing node is the leader and leaves.
+        let probe = format!("probe{round}");
+        let t0 = Instant::now();
+        loop {
+            let o = up.cli(&["volume", "create", &probe, "--size", "1MiB"]);
+            if o.status.success() || up.volume_meta(1, &probe).is_some() {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "no metadata change committed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let t0 = Instant::now();
+        // endpoints.json is gone while the node is down.
+        let pid_now = || {
+            std::fs::read(data.join(&node).join("endpoints.json"))
+                .ok()
+                .and_then(|t| serde_json::from_slice::<Value>(&t).ok())
+                .and_then(|v| v["pid"].as_u64())
+        };
+        while pid_now().is_none_or(|p| p == pid as u64)
+            || up
+                .get(n, "/api/v1/cluster")
+                .is_none_or(|v| v["ready"] != true)
+        {
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "{node} did not exit and come back (pid {pid})"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let log = up.node_log(n);
+        assert!(
+            log.contains("the cluster metadata (Raft) stopped: this node exits"),
+            "{node} did not say why it left"
+        );
+        assert!(
+            up.volume_meta(n, &probe).is_some(),
+            "{node} rejoined without the change it failed to write"
+        );
+        eprintln!(
+            "{node} exited and was back {:.1} s after the fault",
+            failed_at.elapsed().as_secs_f64()
+        );
+    }
+    up.wait_all_live(1, "vol0", Duration::from_secs(60));
+    qemu_io_ok(&up.uri(1, "vol0"), &["write -P 0x52 64k 64k"]);
+    for n in 1..=3 {
+        qemu_io_ok(
+            &up.uri(n, "vol0"),
+            &["read -P 0x51 0 64k", "read -P 0x52 64k 64k"],
+        );
+    }
+}
