@@ -34,6 +34,10 @@ pub struct NodeInfo {
     /// metadata knows it has caught up with everything committed before it started.
     #[serde(default)]
     pub incarnation: u64,
+    /// The jeopardy policy this node was started with (none: registered before nodes
+    /// said; counts as `suspend`).
+    #[serde(default)]
+    pub jeopardy_policy: Option<lazarus_types::JeopardyPolicy>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,6 +144,27 @@ pub struct ClusterMeta {
     /// history, which can keep it from counting as a failure domain.
     #[serde(default)]
     pub failures: BTreeMap<NodeId, Vec<u64>>,
+}
+
+impl ClusterMeta {
+    /// The jeopardy policy in force: `accept` only while every registered node was
+    /// started with it, else `suspend`. Every node decides on this one value, so a
+    /// node started with another policy than the rest can never act on a rule the
+    /// others do not follow (one serving on a Raft lease while another takes the
+    /// volume over at the recovery server, say).
+    pub fn jeopardy_policy(&self) -> lazarus_types::JeopardyPolicy {
+        use lazarus_types::JeopardyPolicy::*;
+        if !self.nodes.is_empty()
+            && self
+                .nodes
+                .values()
+                .all(|n| n.jeopardy_policy == Some(Accept))
+        {
+            Accept
+        } else {
+            Suspend
+        }
+    }
 }
 
 /// Failure history entries kept per node.
@@ -659,6 +684,7 @@ mod tests {
                 nbd: String::new(),
                 admin: String::new(),
                 incarnation: 0,
+                jeopardy_policy: None,
             };
             assert_eq!(
                 m.apply(&MetaCommand::SetNode { id, info }),
@@ -666,6 +692,22 @@ mod tests {
             );
         }
         m
+    }
+
+    #[test]
+    fn accept_holds_only_while_every_node_says_accept() {
+        use lazarus_types::JeopardyPolicy::*;
+        let mut m = meta3();
+        assert_eq!(m.jeopardy_policy(), Suspend, "registered before nodes said");
+        for n in m.nodes.values_mut() {
+            n.jeopardy_policy = Some(Accept);
+        }
+        assert_eq!(m.jeopardy_policy(), Accept);
+        m.nodes.get_mut(&2).unwrap().jeopardy_policy = Some(Suspend);
+        assert_eq!(m.jeopardy_policy(), Suspend);
+        m.nodes.get_mut(&2).unwrap().jeopardy_policy = None;
+        assert_eq!(m.jeopardy_policy(), Suspend);
+        assert_eq!(ClusterMeta::default().jeopardy_policy(), Suspend);
     }
 
     fn create(m: &mut ClusterMeta) -> VolumeInfo {

@@ -539,6 +539,18 @@ impl Cluster {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             tracing::info!(node = c.id, clean, "registered in the cluster metadata");
+            if let Some(r) = &c.recovery {
+                let meta = c.store.meta();
+                let in_force = meta.jeopardy_policy();
+                if in_force != r.configured_policy {
+                    let others: Vec<String> = meta
+                        .nodes
+                        .values()
+                        .map(|n| format!("{} {:?}", n.name, n.jeopardy_policy.unwrap_or_default()))
+                        .collect();
+                    tracing::warn!(configured = ?r.configured_policy, in_force = ?in_force, nodes = ?others, "this node's jeopardy policy is not the cluster's: every node follows {in_force:?} (accept holds only while every node was started with it)");
+                }
+            }
             c.self_check(clean, &local).await;
             c.ready.store(true, Ordering::Release);
         });

@@ -102,13 +102,7 @@ fn default_true() -> bool {
     true
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum JeopardyPolicy {
-    #[default]
-    Suspend,
-    Accept,
-}
+pub use lazarus_types::JeopardyPolicy;
 
 fn default_suspend_secs() -> u64 {
     30

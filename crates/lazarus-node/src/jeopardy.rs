@@ -89,7 +89,9 @@ pub struct RestoreProgress {
 pub struct Recovery {
     pub addr: String,
     pub(crate) client: RpcClient,
-    pub policy: JeopardyPolicy,
+    /// The policy this node was started with; the one in force is the cluster's
+    /// (`Cluster::policy`).
+    pub configured_policy: JeopardyPolicy,
     pub(crate) suspend: Duration,
     failures_max: usize,
     failure_window: Duration,
@@ -124,7 +126,7 @@ impl Recovery {
             client: RpcClient::with_block(&addr, cut.clone()).with_credentials(tls),
             cut,
             addr,
-            policy: cfg.jeopardy_policy,
+            configured_policy: cfg.jeopardy_policy,
             suspend: Duration::from_secs(cfg.jeopardy_suspend_secs),
             failures_max: cfg.failures_max,
             failure_window: Duration::from_secs(cfg.failure_window_minutes * 60),
@@ -515,15 +517,16 @@ impl Cluster {
     /// on without the recovery server by choice, and so on a Raft lease
     /// (docs/model.md, `jeopardy_serves_on_raft_lease`).
     pub fn hold_only(&self, volume: &str) -> bool {
-        self.recovery
-            .as_ref()
-            .is_some_and(|r| r.policy == JeopardyPolicy::Suspend)
-            && self
-                .store
-                .meta()
-                .volumes
-                .get(volume)
-                .is_some_and(|v| v.recovery_flag)
+        let meta = self.store.meta();
+        self.recovery.is_some()
+            && meta.jeopardy_policy() == JeopardyPolicy::Suspend
+            && meta.volumes.get(volume).is_some_and(|v| v.recovery_flag)
+    }
+
+    /// The jeopardy policy in force: the cluster's, the same on every node
+    /// (`ClusterMeta::jeopardy_policy`: `accept` only while every node registered it).
+    pub fn policy(&self) -> JeopardyPolicy {
+        self.store.meta().jeopardy_policy()
     }
 
     /// Whether the recovery server's hold lets this node serve `volume` at `epoch`.
@@ -601,7 +604,7 @@ impl Cluster {
                             "the recovery server refused the write: {e}"
                         )));
                     }
-                    Err(e) => match r.policy {
+                    Err(e) => match self.policy() {
                         JeopardyPolicy::Accept => {
                             r.lag
                                 .lock()
@@ -739,7 +742,7 @@ impl Cluster {
             match self.enter_jeopardy(volume, base.clone()).await {
                 Ok(v) => return Ok(Some(v)),
                 Err(JeopardyError::Refused(e)) => return Err(e),
-                Err(e) if r.policy == JeopardyPolicy::Accept => {
+                Err(e) if self.policy() == JeopardyPolicy::Accept => {
                     let (lba, n) = match u {
                         Update::Write { lba, .. } => (*lba, (raw.len() / BLOCK_SIZE) as u64),
                         Update::Zero { lba, count, .. } => (*lba, *count),
@@ -1644,7 +1647,8 @@ impl Cluster {
             "recovery_server": r.map(|r| serde_json::json!({
                 "address": r.addr,
                 "reachable": r.reachable(),
-                "policy": r.policy,
+                "policy": self.policy(),
+                "configured_policy": r.configured_policy,
             })),
             "volumes": vols,
         })

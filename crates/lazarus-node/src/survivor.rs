@@ -196,7 +196,7 @@ impl Cluster {
                     .rs
                     .lock()
                     .is_some_and(|t| t.elapsed() < CONTACT_WINDOW);
-                if r.policy == JeopardyPolicy::Accept && !rs_fresh && c.is_ready() {
+                if c.policy() == JeopardyPolicy::Accept && !rs_fresh && c.is_ready() {
                     for (n, since) in &failing {
                         if since.elapsed() < CONTACT_WINDOW {
                             continue;
@@ -291,7 +291,7 @@ impl Cluster {
                         "the recovery server refused to record n{node} out: {e}"
                     ))
                 }
-                Err(e) if e.is_unreachable() && r.policy == JeopardyPolicy::Accept => {
+                Err(e) if e.is_unreachable() && self.policy() == JeopardyPolicy::Accept => {
                     tracing::error!(volume = %v.name, node, error = %e, "copy not recorded out at the recovery server (policy accept): it could claim the volume as its survivor");
                     return Ok(());
                 }
@@ -343,7 +343,7 @@ impl Cluster {
         let Some(r) = self.recovery.as_ref() else {
             return;
         };
-        if r.policy == JeopardyPolicy::Accept {
+        if self.policy() == JeopardyPolicy::Accept {
             return;
         }
         if !self.is_ready() || r.hold(&v.name).is_some() || !self.device_usable() {

@@ -128,6 +128,7 @@ pub async fn start(
                     nbd: ep.nbd.to_string(),
                     admin: ep.admin.to_string(),
                     incarnation: 0,
+                    jeopardy_policy: Some(cfg.jeopardy_policy),
                 },
                 clean,
                 local,

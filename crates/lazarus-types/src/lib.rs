@@ -250,3 +250,18 @@ mod tests {
         assert!(check_volume_name("").is_err());
     }
 }
+
+/// What a volume's primary does in jeopardy when the recovery server does not answer
+/// (DESIGN.md, "Last failure domain"). One policy holds for the whole cluster: each node
+/// registers its own, and `accept` is in force only while every registered node says
+/// `accept` (`ClusterMeta::jeopardy_policy`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JeopardyPolicy {
+    /// Writes wait (then fail) until the recovery server answers; in jeopardy the
+    /// primary serves on its recovery-server hold alone.
+    #[default]
+    Suspend,
+    /// Writes are acknowledged on the last copy alone, counted as lag.
+    Accept,
+}

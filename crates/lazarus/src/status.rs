@@ -203,6 +203,14 @@ pub fn print_cluster(c: &Value) {
             }),
             rs["policy"].as_str().unwrap_or("?")
         );
+        if rs["configured_policy"].is_string() && rs["configured_policy"] != rs["policy"] {
+            println!(
+                "  {}: this node was started with policy {}; the cluster follows {} (accept holds only while every node says accept)",
+                paint("POLICY MISMATCH"),
+                rs["configured_policy"].as_str().unwrap_or("?"),
+                rs["policy"].as_str().unwrap_or("?")
+            );
+        }
     }
 }
 
