@@ -1360,6 +1360,167 @@ fn last_failure_domain_dies_while_the_recovery_server_restarts() {
     );
 }
 
+/// One jeopardy policy for the whole cluster: a node started with `suspend` in a cluster
+/// started with `accept` puts every node under `suspend` (a primary serving on a Raft
+/// lease under `accept` next to a copy taking the volume over under `suspend` could be
+/// two servers); once it is restarted with `accept`, `accept` is back.
+#[test]
+fn a_node_with_another_policy_puts_the_cluster_under_suspend() {
+    let (_tmp, data) = setup();
+    let up = Up::start_with(&data, "64MiB", &["--jeopardy-policy", "accept"]);
+    let policy = |n: u16| -> Value {
+        up.get(n, "/api/v1/cluster")
+            .map(|v| v["jeopardy"]["recovery_server"]["policy"].clone())
+            .unwrap_or(Value::Null)
+    };
+    wait_for("policy accept", Duration::from_secs(10), || {
+        (1..=3).all(|n| policy(n) == "accept")
+    });
+    // n3 is held down (`fault kill`) and started by hand with policy suspend; `fault
+    // revive` later starts it again as `lazarus up` configures it (accept).
+    up.cli_ok(&["fault", "kill", "--node", "n3"]);
+    let cfg = std::fs::read_to_string(data.join("n3").join("node.toml")).unwrap();
+    assert!(cfg.contains("jeopardy_policy = \"accept\""), "{cfg}");
+    let cfg = cfg.replace(
+        "jeopardy_policy = \"accept\"",
+        "jeopardy_policy = \"suspend\"",
+    );
+    let cfg_path = data.join("n3-suspend.toml");
+    std::fs::write(&cfg_path, cfg).unwrap();
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(data.join("n3").join("node.log"))
+        .unwrap();
+    struct KillOnDrop(Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let n3 = KillOnDrop(
+        Command::new(BIN)
+            .arg("node")
+            .arg("--config")
+            .arg(&cfg_path)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("every node under suspend", Duration::from_secs(30), || {
+        (1..=3).all(|n| policy(n) == "suspend")
+    });
+    let status = up.cli_ok(&["status", "--api", &up.admin(1)]);
+    assert!(status.contains("POLICY MISMATCH"), "{status}");
+    // Suspend's rule holds at n1 although n1 was started with accept: in jeopardy with
+    // the recovery server down, a read waits for it.
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    up.cli_ok(&["volume", "protect", "vol0"]);
+    wait_for("jeopardy after protect", Duration::from_secs(10), || {
+        jstate(&up, 1, "vol0")["jeopardy"] == true
+    });
+    qemu_io_ok(&up.uri(1, "vol0"), &["write -P 0x5c 128k 64k", "flush"]);
+    up.cli_ok(&["fault", "kill", "--node", "rs"]);
+    std::thread::sleep(Duration::from_secs(1));
+    let uri = up.uri(1, "vol0");
+    let reader = std::thread::spawn(move || qemu_io(&uri, &["read -P 0x5c 128k 64k"]));
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        !reader.is_finished(),
+        "a read was answered in jeopardy with the recovery server down although n3 says suspend: {:?}",
+        reader.join().unwrap()
+    );
+    up.cli_ok(&["fault", "revive", "--node", "rs"]);
+    let (ok, text) = reader.join().unwrap();
+    assert!(ok, "the read once the recovery server was back: {text}");
+    drop(n3);
+    up.cli_ok(&["fault", "revive", "--node", "n3"]);
+    wait_for(
+        "every node under accept again",
+        Duration::from_secs(30),
+        || (1..=3).all(|n| policy(n) == "accept"),
+    );
+}
+
+/// Correctness issue, section 0, in the issue's own order with real processes: a writer
+/// flushing as it goes; the primary n1 and the replica n2 killed together and revived
+/// (n3 survives and serves, both resync to live); then n1 isolated from the nodes but
+/// not from the recovery server while the writer goes on through n3 for longer than
+/// any lease and hold. n1, dead and stale, must never become primary again, and after
+/// the heal every copy reads every acknowledged write.
+#[test]
+fn stale_isolated_copy_after_a_double_failure_is_never_made_primary() {
+    let (tmp, data) = setup();
+    let up = Up::start(&data, "64MiB");
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    let mut w = Writer::start_opt(&up.uri(3, "vol0"), 16, 0, 32, 1_000_000, tmp.path(), true);
+    w.wait_acked(10, Duration::from_secs(30), "first writes");
+    up.cli_ok(&["fault", "kill", "--node", "n1"]);
+    up.cli_ok(&["fault", "kill", "--node", "n2"]);
+    // n3 survives: it holds the volume at the recovery server (the metadata, without
+    // a majority, learns it once the others are back).
+    wait_for("n3 the survivor", Duration::from_secs(30), || {
+        jstate(&up, 3, "vol0")["held_at_recovery_server"] == true
+    });
+    let a0 = w.acked();
+    w.wait_acked(
+        a0 + 5,
+        Duration::from_secs(30),
+        "writes through the survivor n3",
+    );
+    up.cli_ok(&["fault", "revive", "--node", "n1"]);
+    up.cli_ok(&["fault", "revive", "--node", "n2"]);
+    let m = up.wait_meta(3, "vol0", Duration::from_secs(90), "n1 and n2 back", |m| {
+        m["primary"] == 3 && (1..=3).all(|n| m["states"][n.to_string()] == "live")
+    });
+    let epoch = m["epoch"].as_u64().unwrap();
+    up.cli_ok(&["fault", "isolate", "--node", "n1"]);
+    up.wait_meta(3, "vol0", Duration::from_secs(20), "n1 dead", |m| {
+        m["states"]["1"] == "dead"
+    });
+    // Well past every lease and hold n1 could have had.
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(8) {
+        for n in [2, 3] {
+            if let Some(m) = up.volume_meta(n, "vol0") {
+                assert_eq!(
+                    m["primary"], 3,
+                    "the primary changed while n1 was cut off: {m}"
+                );
+                assert_ne!(m["states"]["1"], "live", "n1 live while cut off: {m}");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let a1 = w.acked();
+    w.wait_acked(
+        a1 + 10,
+        Duration::from_secs(30),
+        "writes after the isolation",
+    );
+    up.cli_ok(&["fault", "heal"]);
+    let m = up.wait_all_live(3, "vol0", Duration::from_secs(90));
+    assert_eq!(m["primary"], 3, "{m}");
+    assert_eq!(m["epoch"].as_u64().unwrap(), epoch, "{m}");
+    let (acked, tried) = w.finish_retrying();
+    let r = up.root(3, "vol0");
+    wait_for(
+        "copies identical after the heal",
+        Duration::from_secs(30),
+        || up.root(1, "vol0") == r && up.root(2, "vol0") == r,
+    );
+    for n in 1..=3 {
+        let image = read_region(&up.uri(n, "vol0"), 2 << 20, tmp.path()).unwrap();
+        w.check(
+            &image,
+            &acked,
+            &tried,
+            &format!("after the heal, through n{n}"),
+        );
+    }
+}
+
 /// Correctness issue, section 6: the volume falls to its last copy (both replicas cut
 /// off by `fault drop`, so the metadata still has its majority) while the recovery
 /// server is already down. Policy `accept`: the write is acknowledged at once, counted
