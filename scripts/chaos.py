@@ -360,7 +360,7 @@ class Faults:
     """Injects and heals faults through the CLI and signals."""
 
     KINDS = ["kill1", "kill2", "sigstop", "drop", "stall", "isolate", "corrupt", "eio", "device", "rs_kill",
-             "rs_sigstop", "full_disk", "protect", "kill_all", "rs_cut"]
+             "rs_sigstop", "full_disk", "protect", "kill_all", "rs_cut", "meta_fail"]
 
     def __init__(self, cl, rng, blocks):
         self.cl = cl
@@ -438,6 +438,15 @@ class Faults:
             n = rng.choice(nodes)
             cl.cli("fault", "device", "--node", n, "fail", check=False)
             return f"device fail {n}"
+        if kind == "meta_fail":
+            # Every write of the node's Raft store fails: at its next metadata write it
+            # exits and `lazarus up` restarts it (or `fault heal` ends the fault first).
+            n = rng.choice(nodes + [prim])
+            cl.cli("fault", "metadata", "--node", n, "fail", check=False)
+            # A metadata change for every member to write (steady state writes none).
+            cl.cli("volume", "create", "chaosmeta", "--size", "1MiB", check=False)
+            cl.cli("volume", "delete", "chaosmeta", check=False)
+            return f"metadata store fails on {n}"
         if kind == "rs_kill":
             if "rs" not in self.killed and not self.kill("rs"):
                 return "kill -9 rs (refused)"

@@ -341,6 +341,9 @@ fn error_reply(structured: bool, cookie: u64, e: &IoError) -> Vec<u8> {
 struct ConnAcks {
     acks: Arc<Acks>,
     opened: u64,
+    /// A write, write-zeroes or trim came on this connection: from then on it stays
+    /// bound to the primary epoch it was opened at (`bound`).
+    wrote: std::sync::atomic::AtomicBool,
     /// This connection's session at the primary (`forward::FenceToken`).
     session: lazarus_engine::forward::Session,
 }
@@ -364,6 +367,7 @@ where
     let acks = engine.acks_for(&ex.name);
     let unflushed = Arc::new(ConnAcks {
         opened: acks.open(),
+        wrote: Default::default(),
         acks,
         session: Default::default(),
     });
@@ -580,6 +584,19 @@ async fn execute_inner(
         out.extend_from_slice(&error_reply(structured, req.cookie, &e));
         return;
     }
+    // A connection bound to the primary's epoch that has written nothing holds
+    // nothing a deposed primary could lose: its reads and flushes go where a new
+    // connection's would (served here under a valid lease, or forwarded to the
+    // primary) instead of failing when the primary changes. Its first write binds it.
+    let bound = match req.command {
+        Command::Write | Command::WriteZeroes | Command::Trim => {
+            unflushed
+                .wrote
+                .store(true, std::sync::atomic::Ordering::Release);
+            bound
+        }
+        _ => bound.filter(|_| unflushed.wrote.load(std::sync::atomic::Ordering::Acquire)),
+    };
     let local = ex.local.as_deref().filter(|v| engine.serves_locally(v));
     let vol = match local {
         Some(v) => v,

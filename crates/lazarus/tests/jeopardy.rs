@@ -1521,6 +1521,59 @@ fn stale_isolated_copy_after_a_double_failure_is_never_made_primary() {
     }
 }
 
+/// Correctness issue, section 8, its schedule forced: a writer flushing as it goes; the
+/// primary and a replica killed together, then both revived at once, and reads through
+/// the old primary's NBD port from the moment it is back. A returning node holds or
+/// refuses connections until it knows the cluster: a read may wait or find no server,
+/// never answer EIO. Every copy turns live again, and the old primary serves every
+/// acknowledged write.
+#[test]
+fn double_kill_and_revive_reads_through_the_old_primary_at_once() {
+    let (tmp, data) = setup();
+    let up = Up::start(&data, "64MiB");
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    let mut w = Writer::start_opt(&up.uri(3, "vol0"), 17, 0, 32, 1_000_000, tmp.path(), true);
+    w.wait_acked(10, Duration::from_secs(30), "first writes");
+    up.cli_ok(&["fault", "kill", "--node", "n1"]);
+    up.cli_ok(&["fault", "kill", "--node", "n2"]);
+    wait_for("n3 the survivor", Duration::from_secs(30), || {
+        jstate(&up, 3, "vol0")["held_at_recovery_server"] == true
+    });
+    let a0 = w.acked();
+    w.wait_acked(
+        a0 + 5,
+        Duration::from_secs(30),
+        "writes through the survivor",
+    );
+    up.cli_ok(&["fault", "revive", "--node", "n1"]);
+    up.cli_ok(&["fault", "revive", "--node", "n2"]);
+    let t0 = Instant::now();
+    let mut served = 0;
+    while t0.elapsed() < Duration::from_secs(15) {
+        let (ok, text) = qemu_io(&up.uri(1, "vol0"), &["read 0 2M"]);
+        assert!(
+            !text.contains("Input/output error"),
+            "a read through the returning n1 answered EIO after {:?}: {text}",
+            t0.elapsed()
+        );
+        served += ok as usize;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(served > 0, "n1 never served in 15 s after its return");
+    let m = up.wait_meta(3, "vol0", Duration::from_secs(60), "every copy live", |m| {
+        (1..=3).all(|n| m["states"][n.to_string()] == "live")
+    });
+    eprintln!(
+        "{served} reads served through n1; primary n{}",
+        m["primary"]
+    );
+    let (acked, tried) = w.finish_retrying();
+    for n in 1..=3 {
+        let image = read_region(&up.uri(n, "vol0"), 2 << 20, tmp.path()).unwrap();
+        w.check(&image, &acked, &tried, &format!("through n{n}"));
+    }
+}
+
 /// Correctness issue, section 6: the volume falls to its last copy (both replicas cut
 /// off by `fault drop`, so the metadata still has its majority) while the recovery
 /// server is already down. Policy `accept`: the write is acknowledged at once, counted
