@@ -339,11 +339,16 @@ impl Cluster {
     /// it out first (`record_out`), so the recovery server cannot tell a replica that
     /// missed acknowledged writes from one that did not, and a stale copy would serve
     /// (docs/model.md, `survivor_without_out`). The volume waits for another node.
+    /// Nor on a node started with `accept`, whatever the cluster's policy: a node cut
+    /// off while the others were restarted with `accept` still sees `suspend` in its
+    /// view, so the view alone cannot vouch that no primary goes on without recording
+    /// it out. A survivor claim needs both the cluster and the node under `suspend`.
     pub(crate) async fn maybe_survive(&self, v: &VolumeInfo, rs: Option<&VolumeState>) {
         let Some(r) = self.recovery.as_ref() else {
             return;
         };
-        if self.policy() == JeopardyPolicy::Accept {
+        if self.policy() == JeopardyPolicy::Accept || r.configured_policy == JeopardyPolicy::Accept
+        {
             return;
         }
         if !self.is_ready() || r.hold(&v.name).is_some() || !self.device_usable() {
