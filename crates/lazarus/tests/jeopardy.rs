@@ -287,6 +287,29 @@ fn read_region(uri: &str, len: usize, tmp: &std::path::Path) -> Option<Vec<u8>> 
     Some(b[..len].to_vec())
 }
 
+/// The volume's new primary, once n2's view names one other than n1.
+fn new_primary(up: &Up, within: Duration) -> u16 {
+    let m = up.wait_meta(2, "vol0", within, "a new primary", |m| {
+        m["primary"].as_u64().is_some_and(|p| p != 1)
+    });
+    m["primary"].as_u64().unwrap() as u16
+}
+
+/// The first 2 MiB of vol0 through node n, retried until it answers (at most `within`).
+fn read_through(up: &Up, n: u16, within: Duration, tmp: &std::path::Path) -> Vec<u8> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(i) = read_region(&up.uri(n, "vol0"), 2 << 20, tmp) {
+            return i;
+        }
+        assert!(
+            t0.elapsed() < within,
+            "no read through n{n} within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn assert_same(got: &[u8], want: &[u8], what: &str) {
     if got != want {
         let first = got.iter().zip(want).position(|(a, b)| a != b).unwrap();
@@ -1066,20 +1089,8 @@ fn jeopardy_isolated_primary_writes_survive_heal_and_its_death() {
     }
     // The primary dies: its successor serves every acknowledged write.
     up.cli_ok(&["fault", "kill", "--node", "n1"]);
-    up.wait_meta(2, "vol0", Duration::from_secs(20), "failover", |m| {
-        m["primary"].as_u64().is_some_and(|p| p != 1)
-    });
-    let t0 = Instant::now();
-    let image = loop {
-        if let Some(i) = read_region(&up.uri(2, "vol0"), 2 << 20, tmp.path()) {
-            break i;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "no read after failover"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let p = new_primary(&up, Duration::from_secs(20));
+    let image = read_through(&up, p, Duration::from_secs(20), tmp.path());
     w.check(&image, &acked, &tried, "after the primary died");
 }
 
@@ -1108,21 +1119,8 @@ fn jeopardy_isolated_primary_dies_and_the_log_is_replayed() {
     up.cli_ok(&["fault", "kill", "--node", "n1"]);
     let (acked, tried) = w.finish_retrying();
     up.cli_ok(&["fault", "heal"]);
-    let m = up.wait_meta(2, "vol0", Duration::from_secs(60), "a new primary", |m| {
-        m["primary"].as_u64().is_some_and(|p| p != 1)
-    });
-    let p = m["primary"].as_u64().unwrap() as u16;
-    let t0 = Instant::now();
-    let image = loop {
-        if let Some(i) = read_region(&up.uri(p, "vol0"), 2 << 20, tmp.path()) {
-            break i;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "no read after the take-over"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let p = new_primary(&up, Duration::from_secs(60));
+    let image = read_through(&up, p, Duration::from_secs(30), tmp.path());
     w.check(
         &image,
         &acked,
@@ -1197,21 +1195,8 @@ fn isolated_primary_then_unprotect(tag: u64, unprotect_at_once: bool, die_before
         up.cli_ok(&["fault", "kill", "--node", "n1"]);
     }
     let (acked, tried) = w.finish_retrying();
-    let m = up.wait_meta(2, "vol0", Duration::from_secs(60), "a new primary", |m| {
-        m["primary"].as_u64().is_some_and(|p| p != 1)
-    });
-    let p = m["primary"].as_u64().unwrap() as u16;
-    let t0 = Instant::now();
-    let image = loop {
-        if let Some(i) = read_region(&up.uri(p, "vol0"), 2 << 20, tmp.path()) {
-            break i;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "no read through the new primary n{p}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let p = new_primary(&up, Duration::from_secs(60));
+    let image = read_through(&up, p, Duration::from_secs(30), tmp.path());
     w.check(
         &image,
         &acked,
@@ -1289,22 +1274,9 @@ fn jeopardy_by_failure_history_isolated_primary_dies() {
         acked.len(),
         w.acked() - a1
     );
-    let m = up.wait_meta(2, "vol0", Duration::from_secs(60), "a new primary", |m| {
-        m["primary"].as_u64().is_some_and(|p| p != 1)
-    });
-    let p = m["primary"].as_u64().unwrap() as u16;
-    assert_eq!(p, 2, "only n2 has a working device: {m}");
-    let t0 = Instant::now();
-    let image = loop {
-        if let Some(i) = read_region(&up.uri(p, "vol0"), 2 << 20, tmp.path()) {
-            break i;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "no read through the new primary n{p}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let p = new_primary(&up, Duration::from_secs(60));
+    assert_eq!(p, 2, "only n2 has a working device");
+    let image = read_through(&up, p, Duration::from_secs(30), tmp.path());
     w.check(&image, &acked, &tried, "through n2 after n1 died");
 }
 
@@ -1334,20 +1306,8 @@ fn last_failure_domain_dies_while_the_recovery_server_restarts() {
     up.cli_ok(&["fault", "heal"]);
     let t0 = Instant::now();
     up.cli_ok(&["fault", "revive", "--node", "rs"]);
-    let m = up.wait_meta(2, "vol0", Duration::from_secs(60), "a new primary", |m| {
-        m["primary"].as_u64().is_some_and(|p| p != 1)
-    });
-    let p = m["primary"].as_u64().unwrap() as u16;
-    let image = loop {
-        if let Some(i) = read_region(&up.uri(p, "vol0"), 2 << 20, tmp.path()) {
-            break i;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "no read through the new primary n{p}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let p = new_primary(&up, Duration::from_secs(60));
+    let image = read_through(&up, p, Duration::from_secs(60), tmp.path());
     eprintln!(
         "n{p} served {:.2} s after the recovery server's restart",
         t0.elapsed().as_secs_f64()
