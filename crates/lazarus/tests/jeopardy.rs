@@ -232,6 +232,22 @@ impl Writer {
         (self.numbers("acked "), self.numbers("try "))
     }
 
+    /// `check` on the first 2 MiB of vol0 read through each of the three nodes.
+    fn check_every_node(
+        &self,
+        up: &Up,
+        acked: &[usize],
+        tried: &[usize],
+        tmp: &std::path::Path,
+        what: &str,
+    ) {
+        for n in 1..=3 {
+            let image = read_region(&up.uri(n, "vol0"), 2 << 20, tmp)
+                .unwrap_or_else(|| panic!("no read through n{n} ({what})"));
+            self.check(&image, acked, tried, &format!("{what}, through n{n}"));
+        }
+    }
+
     /// Checks every slot of this writer's region in `image`: it holds the last
     /// acknowledged write to it, or a later write that was tried (its fate unknown to
     /// the client), never older or foreign data.
@@ -1078,15 +1094,7 @@ fn jeopardy_isolated_primary_writes_survive_heal_and_its_death() {
         Duration::from_secs(30),
         || up.root(2, "vol0") == r && up.root(3, "vol0") == r,
     );
-    for n in 1..=3 {
-        let image = read_region(&up.uri(n, "vol0"), 2 << 20, tmp.path()).unwrap();
-        w.check(
-            &image,
-            &acked,
-            &tried,
-            &format!("after the heal, through n{n}"),
-        );
-    }
+    w.check_every_node(&up, &acked, &tried, tmp.path(), "after the heal");
     // The primary dies: its successor serves every acknowledged write.
     up.cli_ok(&["fault", "kill", "--node", "n1"]);
     let p = new_primary(&up, Duration::from_secs(20));
@@ -1470,15 +1478,7 @@ fn stale_isolated_copy_after_a_double_failure_is_never_made_primary() {
         Duration::from_secs(30),
         || up.root(1, "vol0") == r && up.root(2, "vol0") == r,
     );
-    for n in 1..=3 {
-        let image = read_region(&up.uri(n, "vol0"), 2 << 20, tmp.path()).unwrap();
-        w.check(
-            &image,
-            &acked,
-            &tried,
-            &format!("after the heal, through n{n}"),
-        );
-    }
+    w.check_every_node(&up, &acked, &tried, tmp.path(), "after the heal");
 }
 
 /// Correctness issue, section 8, its schedule forced: a writer flushing as it goes; the
@@ -1528,10 +1528,7 @@ fn double_kill_and_revive_reads_through_the_old_primary_at_once() {
         m["primary"]
     );
     let (acked, tried) = w.finish_retrying();
-    for n in 1..=3 {
-        let image = read_region(&up.uri(n, "vol0"), 2 << 20, tmp.path()).unwrap();
-        w.check(&image, &acked, &tried, &format!("through n{n}"));
-    }
+    w.check_every_node(&up, &acked, &tried, tmp.path(), "after the heal");
 }
 
 /// Correctness issue, section 6: the volume falls to its last copy (both replicas cut
@@ -1814,10 +1811,7 @@ fn primary_and_replica_die_the_surviving_replica_serves() {
     wait_for("copies identical", Duration::from_secs(30), || {
         up.root(1, "vol0") == r && up.root(2, "vol0") == r
     });
-    for n in 1..=3 {
-        let image = read_region(&up.uri(n, "vol0"), 2 << 20, tmp.path()).unwrap();
-        w.check(&image, &acked, &tried, &format!("through n{n} at the end"));
-    }
+    w.check_every_node(&up, &acked, &tried, tmp.path(), "at the end");
 }
 
 /// Section 4, the other side: a replica cut off from the other nodes (not from the
@@ -1980,15 +1974,7 @@ fn replica_lost_while_the_recovery_server_is_down_follows_the_policy() {
     let (acked, tried) = w.finish_retrying();
     up.cli_ok(&["fault", "revive", "--node", "n3"]);
     up.wait_all_live(1, "vol0", Duration::from_secs(60));
-    for n in 1..=3 {
-        let image = read_region(&up.uri(n, "vol0"), 2 << 20, tmp.path()).unwrap();
-        w.check(
-            &image,
-            &acked,
-            &tried,
-            &format!("through n{n} under suspend"),
-        );
-    }
+    w.check_every_node(&up, &acked, &tried, tmp.path(), "under suspend");
 }
 
 /// Correctness issue, section 5: a FLUSH that costs the volume its last live replica
