@@ -519,8 +519,8 @@ impl Cluster {
     pub fn hold_only(&self, volume: &str) -> bool {
         let meta = self.store.meta();
         self.recovery.is_some()
-            && meta.jeopardy_policy() == JeopardyPolicy::Suspend
             && meta.volumes.get(volume).is_some_and(|v| v.recovery_flag)
+            && meta.jeopardy_policy() == JeopardyPolicy::Suspend
     }
 
     /// The jeopardy policy in force: the cluster's, the same on every node

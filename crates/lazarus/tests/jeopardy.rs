@@ -1411,23 +1411,19 @@ fn a_node_with_another_policy_puts_the_cluster_under_suspend() {
     );
 }
 
-/// Correctness issue, section 0, in the issue's own order with real processes: a writer
-/// flushing as it goes; the primary n1 and the replica n2 killed together and revived
-/// (n3 survives and serves, both resync to live); then n1 isolated from the nodes but
-/// not from the recovery server while the writer goes on through n3 for longer than
-/// any lease and hold. n1, dead and stale, must never become primary again, and after
-/// the heal every copy reads every acknowledged write.
-#[test]
-fn stale_isolated_copy_after_a_double_failure_is_never_made_primary() {
+/// Three nodes and a writer (tag `tag`) through n3, flushing as it goes; the primary n1
+/// and the replica n2 killed together; n3 survives (it holds the volume at the recovery
+/// server; the metadata, without a majority, learns it once the others are back) and
+/// acknowledges writes; then n1 and n2 are revived at once. Returns right after the
+/// revive.
+fn double_kill_survived_and_revived(tag: u64) -> (tempfile::TempDir, Up, Writer) {
     let (tmp, data) = setup();
     let up = Up::start(&data, "64MiB");
     up.wait_all_live(1, "vol0", Duration::from_secs(30));
-    let mut w = Writer::start_opt(&up.uri(3, "vol0"), 16, 0, 32, 1_000_000, tmp.path(), true);
+    let w = Writer::start_opt(&up.uri(3, "vol0"), tag, 0, 32, 1_000_000, tmp.path(), true);
     w.wait_acked(10, Duration::from_secs(30), "first writes");
     up.cli_ok(&["fault", "kill", "--node", "n1"]);
     up.cli_ok(&["fault", "kill", "--node", "n2"]);
-    // n3 survives: it holds the volume at the recovery server (the metadata, without
-    // a majority, learns it once the others are back).
     wait_for("n3 the survivor", Duration::from_secs(30), || {
         jstate(&up, 3, "vol0")["held_at_recovery_server"] == true
     });
@@ -1439,6 +1435,18 @@ fn stale_isolated_copy_after_a_double_failure_is_never_made_primary() {
     );
     up.cli_ok(&["fault", "revive", "--node", "n1"]);
     up.cli_ok(&["fault", "revive", "--node", "n2"]);
+    (tmp, up, w)
+}
+
+/// Correctness issue, section 0, in the issue's own order with real processes: a writer
+/// flushing as it goes; the primary n1 and the replica n2 killed together and revived
+/// (n3 survives and serves, both resync to live); then n1 isolated from the nodes but
+/// not from the recovery server while the writer goes on through n3 for longer than
+/// any lease and hold. n1, dead and stale, must never become primary again, and after
+/// the heal every copy reads every acknowledged write.
+#[test]
+fn stale_isolated_copy_after_a_double_failure_is_never_made_primary() {
+    let (tmp, up, mut w) = double_kill_survived_and_revived(16);
     let m = up.wait_meta(3, "vol0", Duration::from_secs(90), "n1 and n2 back", |m| {
         m["primary"] == 3 && (1..=3).all(|n| m["states"][n.to_string()] == "live")
     });
@@ -1489,24 +1497,7 @@ fn stale_isolated_copy_after_a_double_failure_is_never_made_primary() {
 /// acknowledged write.
 #[test]
 fn double_kill_and_revive_reads_through_the_old_primary_at_once() {
-    let (tmp, data) = setup();
-    let up = Up::start(&data, "64MiB");
-    up.wait_all_live(1, "vol0", Duration::from_secs(30));
-    let mut w = Writer::start_opt(&up.uri(3, "vol0"), 17, 0, 32, 1_000_000, tmp.path(), true);
-    w.wait_acked(10, Duration::from_secs(30), "first writes");
-    up.cli_ok(&["fault", "kill", "--node", "n1"]);
-    up.cli_ok(&["fault", "kill", "--node", "n2"]);
-    wait_for("n3 the survivor", Duration::from_secs(30), || {
-        jstate(&up, 3, "vol0")["held_at_recovery_server"] == true
-    });
-    let a0 = w.acked();
-    w.wait_acked(
-        a0 + 5,
-        Duration::from_secs(30),
-        "writes through the survivor",
-    );
-    up.cli_ok(&["fault", "revive", "--node", "n1"]);
-    up.cli_ok(&["fault", "revive", "--node", "n2"]);
+    let (tmp, up, mut w) = double_kill_survived_and_revived(17);
     let t0 = Instant::now();
     let mut served = 0;
     while t0.elapsed() < Duration::from_secs(15) {
