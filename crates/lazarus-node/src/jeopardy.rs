@@ -106,7 +106,7 @@ pub struct Recovery {
     /// re-logged from the local copy once it answers again.
     lag: parking_lot::Mutex<HashMap<String, std::collections::BTreeSet<u64>>>,
     /// Serializes claims (rare), so concurrent writes falling into jeopardy claim once.
-    claiming: tokio::sync::Mutex<()>,
+    pub(crate) claiming: tokio::sync::Mutex<()>,
     /// Per volume: since when the recovery server has been ahead of the metadata.
     ahead: parking_lot::Mutex<HashMap<String, Instant>>,
     pub restores: parking_lot::Mutex<BTreeMap<String, RestoreProgress>>,

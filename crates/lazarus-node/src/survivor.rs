@@ -273,23 +273,46 @@ impl Cluster {
         if v.replicas.len() < 2 || self.held_beyond_metadata(&v.name) {
             return Ok(());
         }
-        let body = serde_json::to_vec(&MemberReq {
-            volume: v.name.clone(),
-            uid: v.uid,
-            fcid: v.failure_count_id,
-            node,
-            out: true,
-            index,
-        })
-        .map_err(|e| e.to_string())?;
+        let mut fcid = v.failure_count_id;
         let deadline = Instant::now() + r.suspend;
         loop {
+            let body = serde_json::to_vec(&MemberReq {
+                volume: v.name.clone(),
+                uid: v.uid,
+                fcid,
+                node,
+                out: true,
+                index,
+            })
+            .map_err(|e| e.to_string())?;
             match r.client.call(KIND_RS_MEMBER, &body, PING_TIMEOUT * 3).await {
                 Ok(_) => return Ok(()),
                 Err(e) if e.is_fenced() => {
-                    return Err(format!(
-                        "the recovery server refused to record n{node} out: {e}"
-                    ))
+                    // This node's own claim (the jeopardy loop entering jeopardy for
+                    // the volume) may have moved the failure count ID on since the
+                    // caller's view: once that claim is in place, its hold supersedes
+                    // the record (in jeopardy no copy survives without the log, and
+                    // this write goes to the log), or the record goes again at the
+                    // newer ID while this node is still the primary. Anyone else's
+                    // claim fences the write.
+                    drop(r.claiming.lock().await);
+                    if self.held_beyond_metadata(&v.name) {
+                        return Ok(());
+                    }
+                    match self.effective(&v.name) {
+                        Some(nv)
+                            if nv.uid == v.uid
+                                && nv.primary == self.id
+                                && nv.failure_count_id > fcid =>
+                        {
+                            fcid = nv.failure_count_id;
+                        }
+                        _ => {
+                            return Err(format!(
+                                "the recovery server refused to record n{node} out: {e}"
+                            ))
+                        }
+                    }
                 }
                 Err(e) if e.is_unreachable() && self.policy() == JeopardyPolicy::Accept => {
                     tracing::error!(volume = %v.name, node, error = %e, "copy not recorded out at the recovery server (policy accept): it could claim the volume as its survivor");

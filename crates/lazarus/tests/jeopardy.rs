@@ -103,9 +103,45 @@ struct Writer {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
     stop: std::path::PathBuf,
+    dir: std::path::PathBuf,
     tag: u64,
     base: usize,
     slots: usize,
+}
+
+/// The warnings and errors of the cluster's node and recovery-server logs (openraft's
+/// own left out), the last `per_log` of each: what a failing writer's message needs.
+fn cluster_warnings(dir: &std::path::Path, per_log: usize) -> String {
+    let Some(data) = [Some(dir), dir.parent()]
+        .into_iter()
+        .flatten()
+        .map(|d| d.join("cluster"))
+        .find(|d| d.is_dir())
+    else {
+        return String::new();
+    };
+    let mut out = String::new();
+    for log in [
+        "n1/node.log",
+        "n2/node.log",
+        "n3/node.log",
+        "rs/recovery.log",
+    ] {
+        let text = std::fs::read_to_string(data.join(log)).unwrap_or_default();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                (l.contains(" WARN ") || l.contains(" ERROR ") || l.contains("refused"))
+                    && !l.contains("openraft")
+            })
+            .collect();
+        out += &format!("--- {log}\n");
+        for l in &lines[lines.len().saturating_sub(per_log)..] {
+            out += &l.chars().take(400).collect::<String>();
+            out += "\n";
+        }
+    }
+    out
 }
 
 /// A test that fails midway must not leave its writer reconnecting forever.
@@ -169,6 +205,7 @@ impl Writer {
             child,
             lines,
             stop,
+            dir: dir.to_path_buf(),
             tag,
             base,
             slots,
@@ -198,9 +235,10 @@ impl Writer {
         while self.acked() < n {
             assert!(
                 t0.elapsed() < within,
-                "{what}: {} of {n} writes acknowledged within {within:?} (error: {:?})",
+                "{what}: {} of {n} writes acknowledged within {within:?} (error: {:?})\n{}",
                 self.acked(),
-                self.error()
+                self.error(),
+                cluster_warnings(&self.dir, 25)
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -211,7 +249,12 @@ impl Writer {
         std::fs::write(&self.stop, b"").unwrap();
         let _ = self.child.wait();
         std::thread::sleep(Duration::from_millis(100));
-        assert_eq!(self.error(), None, "writer failed");
+        assert_eq!(
+            self.error(),
+            None,
+            "writer failed\n{}",
+            cluster_warnings(&self.dir, 25)
+        );
         self.acked()
     }
 
