@@ -1187,8 +1187,17 @@ impl Cluster {
         if on_rs {
             return Ok(());
         }
-        let in_jeopardy = self.effective(volume).is_some_and(|e| e.recovery_flag);
-        let noted = if acked_live == 0 || no_majority {
+        let now = self.effective(volume);
+        let in_jeopardy = now.as_ref().is_some_and(|e| e.recovery_flag);
+        // The volume went into jeopardy while this update was under way (a claim moved
+        // the failure count ID on; `record_out_at` lets a record fenced by it through):
+        // a copy recorded out may be a base of the new log, so the update goes to the
+        // log before it is acknowledged, not only to the copies that applied it.
+        let entered_meanwhile = in_jeopardy
+            && now
+                .as_ref()
+                .is_some_and(|e| e.failure_count_id > v.failure_count_id);
+        let noted = if acked_live == 0 || no_majority || entered_meanwhile {
             crate::jeopardy::Noted::LogIt
         } else {
             rec.note_replicated(volume, in_jeopardy, &u, raw)
