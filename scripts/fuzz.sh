@@ -10,7 +10,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked --quiet
 fi
 mkdir -p fuzz/corpus
-for t in nbd_request nbd_handshake disk_decoders journal_replay rpc_frames node_bodies rs_requests rs_files; do
+for t in nbd_request nbd_handshake disk_decoders journal_replay rpc_frames node_bodies rs_requests rs_files admin_bodies; do
   echo "== fuzz $t for ${secs}s"
   mkdir -p "fuzz/corpus/$t"
   # fuzz/corpus (not in git) gathers what a run finds; fuzz/seeds (in git) holds

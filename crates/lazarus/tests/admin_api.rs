@@ -120,6 +120,35 @@ fn contract_bad_requests_and_openapi() {
             "no such endpoint",
         ),
         (
+            "DELETE",
+            format!("{base}/api/v1/volumes/v1/resize"),
+            None,
+            405,
+            "does not take DELETE",
+        ),
+        (
+            // The framework's own refusals (a name that is not UTF-8) are JSON too.
+            "GET",
+            format!("{base}/api/v1/volumes/%FF"),
+            None,
+            400,
+            "UTF-8",
+        ),
+        (
+            "GET",
+            format!("{base}/api/v1/events?after=x"),
+            None,
+            400,
+            "after",
+        ),
+        (
+            "PUT",
+            format!("{base}/api/v1/volumes"),
+            Some("{}"),
+            405,
+            "does not take PUT",
+        ),
+        (
             "POST",
             format!("{base}/api/v1/faults/drop"),
             Some(r#"{"to":"n2"}"#),
