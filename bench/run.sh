@@ -7,8 +7,9 @@
 # Usage: bench/run.sh [--reps N] [--runtime SECONDS] [--dir DIR] [--out FILE]
 # UP_ARGS adds arguments to `lazarus up` (UP_ARGS=--insecure-cluster: cluster traffic
 # without mutual TLS, to measure what TLS costs).
-# Workloads: 4 KiB randread and randwrite at iodepth 32, 1 MiB sequential read and
-# write at iodepth 8; each server gets the same prefilled 1 GiB working set.
+# Workloads: 4 KiB randread and randwrite at iodepth 32, 4 KiB randwrite at iodepth 1
+# (latency: p50 and p99), 1 MiB sequential read and write at iodepth 8; each server
+# gets the same prefilled 1 GiB working set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPS=3
@@ -87,6 +88,7 @@ s = j[side]
 pct = s["clat_ns"].get("percentile", {})
 print(json.dumps({"server": sys.argv[2], "workload": sys.argv[3], "rep": int(sys.argv[4]),
                   "iops": s["iops"], "bw_bytes": s["bw_bytes"],
+                  "p50_us": pct.get("50.000000", 0) / 1000.0,
                   "p99_us": pct.get("99.000000", 0) / 1000.0}))
 PY
 }
@@ -97,6 +99,7 @@ for rep in $(seq "$REPS"); do
     set -- $srv
     run_fio "$1" "$2" randread-4k randread 4k 32 "$rep"
     run_fio "$1" "$2" randwrite-4k randwrite 4k 32 "$rep"
+    run_fio "$1" "$2" randwrite-4k-qd1 randwrite 4k 1 "$rep"
     run_fio "$1" "$2" seqread-1m read 1m 8 "$rep"
     run_fio "$1" "$2" seqwrite-1m write 1m 8 "$rep"
   done

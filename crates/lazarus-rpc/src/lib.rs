@@ -369,6 +369,17 @@ async fn writer(wr: tls::BoxWrite, mut rx: mpsc::UnboundedReceiver<Queued>) {
 
 type Pending = Arc<std::sync::Mutex<HashMap<u64, oneshot::Sender<Reply>>>>;
 
+/// Removes a call's entry from its connection's pending calls when dropped.
+struct Forget<'a>(&'a Pending, u64);
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.0.lock() {
+            p.remove(&self.1);
+        }
+    }
+}
+
 struct Conn {
     tx: mpsc::UnboundedSender<Queued>,
     pending: Pending,
@@ -499,6 +510,9 @@ impl RpcClient {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = oneshot::channel();
             conn.pending.lock().expect("pending lock").insert(id, tx);
+            // A call given up (its deadline passed) leaves no entry behind for a
+            // reply that may never come.
+            let _forget = Forget(&conn.pending, id);
             if conn.tx.send((frame(id, kind, body), None)).is_err() {
                 conn.alive.store(false, Ordering::Release);
                 conn.pending.lock().expect("pending lock").remove(&id);
@@ -537,4 +551,44 @@ pub fn unpack(body: &[u8]) -> Result<(&[u8], &[u8]), String> {
     ) as usize;
     let json = body.get(4..4 + n).ok_or("body shorter than its header")?;
     Ok((json, &body[4 + n..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A call whose deadline passes leaves nothing in its connection's pending calls,
+    /// and the connection goes on serving the calls that are answered.
+    #[tokio::test]
+    async fn calls_given_up_leave_no_pending_entry() {
+        let listener = net::Listener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let handler: Handler = Arc::new(|kind, body| {
+            Box::pin(async move {
+                if kind == KIND_PING {
+                    return Ok(body);
+                }
+                // Never answers anything else.
+                std::future::pending::<()>().await;
+                Ok(Vec::new())
+            })
+        });
+        tokio::spawn(serve(listener, None, handler));
+        let client = RpcClient::new(&addr);
+        for _ in 0..20 {
+            let r = client
+                .call(KIND_STATS, b"", Duration::from_millis(20))
+                .await;
+            assert!(matches!(r, Err(RpcError::Timeout { .. })), "{r:?}");
+        }
+        let pending = |c: &RpcClient| {
+            let conn = c.current.lock().clone().expect("a connection");
+            let n = conn.pending.lock().unwrap().len();
+            n
+        };
+        assert_eq!(pending(&client), 0, "calls given up are forgotten");
+        let r = client.call(KIND_PING, b"hi", Duration::from_secs(5)).await;
+        assert_eq!(r.unwrap(), b"hi".to_vec());
+        assert_eq!(pending(&client), 0);
+    }
 }
