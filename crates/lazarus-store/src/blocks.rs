@@ -190,12 +190,15 @@ impl BlockStore {
     /// Reads the content stored in `slot` and checks it hashes to `id` (replay of
     /// records that were not covered by a commit).
     pub fn slot_holds(&self, slot: u64, id: BlockId) -> bool {
-        let mut buf = vec![0u8; BLOCK_SIZE];
-        if self.data.read_at(&mut buf, slot * BLOCK_SIZE_U64).is_err() {
+        // A slot number from a damaged record may lie past any file.
+        let Some(at) = slot.checked_mul(BLOCK_SIZE_U64) else {
+            return false;
+        };
+        if at >= self.data.size_bytes().unwrap_or(0) {
             return false;
         }
-        (slot * BLOCK_SIZE_U64) < self.data.size_bytes().unwrap_or(0)
-            && BlockId::hash_of(&buf) == id
+        let mut buf = vec![0u8; BLOCK_SIZE];
+        self.data.read_at(&mut buf, at).is_ok() && BlockId::hash_of(&buf) == id
     }
 
     /// Takes a reference on `id`, storing `data` if the store does not have it.

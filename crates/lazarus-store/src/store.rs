@@ -1065,7 +1065,7 @@ fn replay_records(
                     }
                 }
                 if let Some(v) = vol(m.uid) {
-                    if m.lba.0 + m.entries.len() as u64 <= v.block_count() {
+                    if fits(m.lba.0, m.entries.len() as u64, v.block_count()) {
                         v.replay_ids(m.lba, &mut m.entries.iter().map(|e| e.0));
                     }
                 }
@@ -1081,7 +1081,7 @@ fn replay_records(
                     blocks.assign(slot, id);
                 }
                 if let Some(v) = vol(uid) {
-                    if lba.0 + count <= v.block_count() {
+                    if fits(lba.0, count, v.block_count()) {
                         v.replay_ids(lba, &mut std::iter::repeat_n(id, count as usize));
                     }
                 }
@@ -1091,6 +1091,12 @@ fn replay_records(
         offset += (journal::RECORD_HEADER_LEN + r.payload.len()) as u64;
     }
     (records.len(), None)
+}
+
+/// Whether `count` blocks from `lba` lie inside a volume of `blocks` blocks (numbers
+/// from a damaged record may overflow).
+fn fits(lba: u64, count: u64, blocks: u64) -> bool {
+    lba.checked_add(count).is_some_and(|end| end <= blocks)
 }
 
 fn new_uid(name: &str) -> u64 {
