@@ -38,6 +38,7 @@ pub mod consts {
     pub const REP_ACK: u32 = 1;
     pub const REP_SERVER: u32 = 2;
     pub const REP_INFO: u32 = 3;
+    pub const REP_META_CONTEXT: u32 = 4;
     pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
     pub const REP_ERR_POLICY: u32 = (1 << 31) + 2;
     pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
@@ -67,16 +68,25 @@ pub mod consts {
     pub const CMD_FLUSH: u16 = 3;
     pub const CMD_TRIM: u16 = 4;
     pub const CMD_WRITE_ZEROES: u16 = 6;
+    pub const CMD_BLOCK_STATUS: u16 = 7;
 
     // Command flags.
     pub const CMD_FLAG_FUA: u16 = 1 << 0;
     pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+    pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
 
     // Structured reply.
     pub const REPLY_FLAG_DONE: u16 = 1 << 0;
     pub const REPLY_TYPE_NONE: u16 = 0;
     pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+    pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
     pub const REPLY_TYPE_ERROR: u16 = (1 << 15) + 1;
+
+    // The `base:allocation` meta context: its one context id here, and its flags.
+    pub const META_BASE_ALLOCATION: &str = "base:allocation";
+    pub const BASE_ALLOCATION_ID: u32 = 1;
+    pub const STATE_HOLE: u32 = 1 << 0;
+    pub const STATE_ZERO: u32 = 1 << 1;
 
     // Errors.
     pub const EPERM: u32 = 1;
@@ -256,6 +266,8 @@ pub struct Handshake {
     pub tls: TlsPolicy,
     /// Whether STARTTLS has succeeded on this connection.
     pub encrypted: bool,
+    /// The export for which NBD_OPT_SET_META_CONTEXT selected `base:allocation`.
+    pub allocation_for: Option<String>,
 }
 
 /// Block sizes advertised: minimum 1 (any byte alignment is accepted and served by
@@ -274,6 +286,7 @@ impl Handshake {
             structured: false,
             tls,
             encrypted: false,
+            allocation_for: None,
         }
     }
 
@@ -282,7 +295,15 @@ impl Handshake {
     /// have chosen it), and the options that follow are read inside TLS.
     pub fn tls_started(&mut self) {
         self.structured = false;
+        self.allocation_for = None;
         self.encrypted = true;
+    }
+
+    /// Whether transmission on `export` (the name it resolved to) answers
+    /// NBD_CMD_BLOCK_STATUS for `base:allocation`: selected for that export, with
+    /// structured replies.
+    pub fn allocation_selected(&self, export: &str) -> bool {
+        self.structured && self.allocation_for.as_deref() == Some(export)
     }
 
     /// Handles one option with its data (at most `OPTION_DATA_MAX_BYTES`).
@@ -345,7 +366,10 @@ impl Handshake {
                 cont(option_reply(option, REP_ACK, &[]))
             }
             OPT_STARTTLS => self.starttls(data),
-            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT | OPT_EXTENDED_HEADERS => {
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                self.meta_context(option, data, catalog)
+            }
+            OPT_EXTENDED_HEADERS => {
                 cont(option_error(option, REP_ERR_UNSUP, "option not supported"))
             }
             _ => cont(option_error(
@@ -354,6 +378,62 @@ impl Handshake {
                 &format!("unknown option {option}"),
             )),
         }
+    }
+
+    /// NBD_OPT_LIST_META_CONTEXT and NBD_OPT_SET_META_CONTEXT: the one context served
+    /// is `base:allocation` (a LIST with no query, or the query `base:`, names it too).
+    fn meta_context(
+        &mut self,
+        option: u32,
+        data: &[u8],
+        catalog: &dyn ExportCatalog,
+    ) -> OptionOutcome {
+        let set = option == OPT_SET_META_CONTEXT;
+        if set {
+            // Whatever happens next, an earlier selection no longer holds.
+            self.allocation_for = None;
+        }
+        if !self.structured {
+            return cont(option_error(
+                option,
+                REP_ERR_INVALID,
+                "meta contexts need structured replies: send NBD_OPT_STRUCTURED_REPLY first",
+            ));
+        }
+        let Some((name, queries)) = parse_meta_request(data) else {
+            return cont(option_error(
+                option,
+                REP_ERR_INVALID,
+                "malformed NBD_OPT_*_META_CONTEXT data",
+            ));
+        };
+        let Some(export) = self.resolve(&name, catalog) else {
+            return cont(option_error(
+                option,
+                REP_ERR_UNKNOWN,
+                &format!("unknown export {name:?}"),
+            ));
+        };
+        let chosen = if queries.is_empty() {
+            !set
+        } else {
+            queries
+                .iter()
+                .any(|q| q == META_BASE_ALLOCATION || (!set && q == "base:"))
+        };
+        let mut reply = Vec::new();
+        if chosen {
+            // A LIST's replies carry context id 0; a SET's the id requests will name.
+            let id = if set { BASE_ALLOCATION_ID } else { 0 };
+            let mut d = id.to_be_bytes().to_vec();
+            d.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
+            reply.extend(option_reply(option, REP_META_CONTEXT, &d));
+        }
+        reply.extend(option_reply(option, REP_ACK, &[]));
+        if set && chosen {
+            self.allocation_for = Some(export.name);
+        }
+        cont(reply)
     }
 
     fn starttls(&mut self, data: &[u8]) -> OptionOutcome {
@@ -483,8 +563,8 @@ fn cont(reply: Vec<u8>) -> OptionOutcome {
     OptionOutcome::Continue { reply }
 }
 
-/// Parses NBD_OPT_INFO / NBD_OPT_GO data: u32 name length, name, u16 count, u16s.
-pub fn parse_info_request(data: &[u8]) -> Option<(String, Vec<u16>)> {
+/// An option's leading export name (u32 length, UTF-8 text) and what follows it.
+fn parse_export_name(data: &[u8]) -> Option<(String, &[u8])> {
     let name_len = u32::from_be_bytes(data.get(0..4)?.try_into().ok()?) as usize;
     if name_len > EXPORT_NAME_MAX_BYTES {
         return None;
@@ -492,7 +572,12 @@ pub fn parse_info_request(data: &[u8]) -> Option<(String, Vec<u16>)> {
     let name = std::str::from_utf8(data.get(4..4 + name_len)?)
         .ok()?
         .to_string();
-    let rest = &data[4 + name_len..];
+    Some((name, &data[4 + name_len..]))
+}
+
+/// Parses NBD_OPT_INFO / NBD_OPT_GO data: u32 name length, name, u16 count, u16s.
+pub fn parse_info_request(data: &[u8]) -> Option<(String, Vec<u16>)> {
+    let (name, rest) = parse_export_name(data)?;
     let count = u16::from_be_bytes(rest.get(0..2)?.try_into().ok()?) as usize;
     let list = rest.get(2..)?;
     if list.len() != count * 2 {
@@ -505,6 +590,22 @@ pub fn parse_info_request(data: &[u8]) -> Option<(String, Vec<u16>)> {
     Some((name, reqs))
 }
 
+/// Parses NBD_OPT_LIST/SET_META_CONTEXT data: u32 name length, name, u32 query count,
+/// then each query as u32 length and text.
+pub fn parse_meta_request(data: &[u8]) -> Option<(String, Vec<String>)> {
+    let (name, mut rest) = parse_export_name(data)?;
+    let count = u32::from_be_bytes(rest.get(0..4)?.try_into().ok()?) as usize;
+    rest = &rest[4..];
+    let mut queries = Vec::new();
+    for _ in 0..count {
+        let len = u32::from_be_bytes(rest.get(0..4)?.try_into().ok()?) as usize;
+        let q = std::str::from_utf8(rest.get(4..4usize.checked_add(len)?)?).ok()?;
+        queries.push(q.to_string());
+        rest = &rest[4 + len..];
+    }
+    rest.is_empty().then_some((name, queries))
+}
+
 /// A transmission command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
@@ -514,6 +615,7 @@ pub enum Command {
     Flush,
     Trim,
     WriteZeroes,
+    BlockStatus,
     /// A command this server does not implement; answered with EINVAL.
     Unknown(u16),
 }
@@ -549,6 +651,7 @@ impl Request {
             CMD_FLUSH => Command::Flush,
             CMD_TRIM => Command::Trim,
             CMD_WRITE_ZEROES => Command::WriteZeroes,
+            CMD_BLOCK_STATUS => Command::BlockStatus,
             other => Command::Unknown(other),
         };
         Ok(Request {
@@ -585,6 +688,7 @@ impl Request {
             Command::Read | Command::Write => CMD_FLAG_FUA,
             Command::WriteZeroes => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
             Command::Trim | Command::Flush => CMD_FLAG_FUA,
+            Command::BlockStatus => CMD_FLAG_REQ_ONE,
             Command::Disconnect => 0,
             Command::Unknown(_) => return Err(EINVAL),
         };
@@ -596,6 +700,11 @@ impl Request {
         match self.command {
             Command::Read => {
                 if self.length > PAYLOAD_MAX_BYTES || !in_range {
+                    return Err(EINVAL);
+                }
+            }
+            Command::BlockStatus => {
+                if self.length == 0 || !in_range {
                     return Err(EINVAL);
                 }
             }
@@ -689,6 +798,26 @@ pub fn structured_error(cookie: u64, error: u32, message: &str) -> Vec<u8> {
     v
 }
 
+/// A final NBD_REPLY_TYPE_BLOCK_STATUS chunk for context `id`: each extent as its
+/// length in bytes and its flags (`STATE_HOLE`, `STATE_ZERO`), in order from the
+/// request's offset.
+pub fn block_status_reply(cookie: u64, id: u32, extents: &[(u32, u32)]) -> Vec<u8> {
+    let len = 4 + 8 * extents.len();
+    let mut v = Vec::with_capacity(20 + len);
+    v.extend_from_slice(&chunk_header(
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_BLOCK_STATUS,
+        cookie,
+        len as u32,
+    ));
+    v.extend_from_slice(&id.to_be_bytes());
+    for (length, flags) in extents {
+        v.extend_from_slice(&length.to_be_bytes());
+        v.extend_from_slice(&flags.to_be_bytes());
+    }
+    v
+}
+
 /// A final NBD_REPLY_TYPE_NONE chunk (success without data).
 pub fn structured_done(cookie: u64) -> [u8; 20] {
     chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0)
@@ -746,6 +875,124 @@ mod tests {
             b = &b[20 + len..];
         }
         out
+    }
+
+    fn meta_data(name: &str, queries: &[&str]) -> Vec<u8> {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+        for q in queries {
+            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            d.extend_from_slice(q.as_bytes());
+        }
+        d
+    }
+
+    fn continued(o: OptionOutcome) -> Vec<(u32, u32, Vec<u8>)> {
+        match o {
+            OptionOutcome::Continue { reply } => replies(&reply),
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn base_allocation_meta_context() {
+        let mut hs = Handshake::new(true);
+        let set = meta_data("vol0", &[META_BASE_ALLOCATION]);
+        // Only with structured replies.
+        let r = continued(hs.handle(OPT_SET_META_CONTEXT, &set, &cat()));
+        assert_eq!(r[0].1, REP_ERR_INVALID);
+        hs.handle(OPT_STRUCTURED_REPLY, &[], &cat());
+        // LIST with no query, or "base:", names it with id 0; other queries nothing.
+        for q in [&[][..], &["base:"][..]] {
+            let r = continued(hs.handle(OPT_LIST_META_CONTEXT, &meta_data("vol0", q), &cat()));
+            let mut want = 0u32.to_be_bytes().to_vec();
+            want.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
+            assert_eq!(
+                r,
+                vec![
+                    (OPT_LIST_META_CONTEXT, REP_META_CONTEXT, want),
+                    (OPT_LIST_META_CONTEXT, REP_ACK, vec![])
+                ]
+            );
+        }
+        let r = continued(hs.handle(
+            OPT_LIST_META_CONTEXT,
+            &meta_data("vol0", &["qemu:dirty-bitmap:x"]),
+            &cat(),
+        ));
+        assert_eq!(r, vec![(OPT_LIST_META_CONTEXT, REP_ACK, vec![])]);
+        assert!(!hs.allocation_selected("vol0"), "LIST selects nothing");
+        // SET selects it, for that export, under id 1.
+        let r = continued(hs.handle(OPT_SET_META_CONTEXT, &set, &cat()));
+        let mut want = BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+        want.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
+        assert_eq!(r[0], (OPT_SET_META_CONTEXT, REP_META_CONTEXT, want));
+        assert!(hs.allocation_selected("vol0"));
+        assert!(
+            !hs.allocation_selected("other"),
+            "only for the export named"
+        );
+        // A SET that selects nothing, unknown exports, malformed data: nothing selected.
+        hs.handle(OPT_SET_META_CONTEXT, &meta_data("vol0", &[]), &cat());
+        assert!(!hs.allocation_selected("vol0"));
+        hs.handle(OPT_SET_META_CONTEXT, &set, &cat());
+        let r = continued(hs.handle(
+            OPT_SET_META_CONTEXT,
+            &meta_data("nope", &[META_BASE_ALLOCATION]),
+            &cat(),
+        ));
+        assert_eq!(r[0].1, REP_ERR_UNKNOWN);
+        assert!(!hs.allocation_selected("vol0"));
+        let mut bad = set.clone();
+        bad.push(0);
+        for d in [&bad[..], &set[..set.len() - 1], &[0, 0, 0, 4, b'v'][..]] {
+            let r = continued(hs.handle(OPT_SET_META_CONTEXT, d, &cat()));
+            assert_eq!(r[0].1, REP_ERR_INVALID, "{d:?}");
+        }
+        let mut huge = meta_data("vol0", &[]);
+        huge[8..12].copy_from_slice(&1u32.to_be_bytes());
+        huge.extend_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(parse_meta_request(&huge), None);
+        // TLS starting forgets it.
+        hs.handle(OPT_SET_META_CONTEXT, &set, &cat());
+        hs.tls_started();
+        assert!(!hs.allocation_selected("vol0"));
+    }
+
+    #[test]
+    fn block_status_requests_and_replies() {
+        let req = |flags, offset, length| {
+            Request::parse(&encode_request(flags, CMD_BLOCK_STATUS, 9, offset, length)).unwrap()
+        };
+        assert_eq!(req(0, 0, 4096).command, Command::BlockStatus);
+        assert_eq!(req(0, 0, 4096).payload_len(), 0);
+        assert_eq!(
+            req(CMD_FLAG_REQ_ONE, 1, 4096).validate(1 << 20, true),
+            Ok(())
+        );
+        assert_eq!(req(0, 0, 0).validate(1 << 20, false), Err(EINVAL));
+        assert_eq!(req(0, 1 << 20, 1).validate(1 << 20, false), Err(EINVAL));
+        assert_eq!(
+            req(CMD_FLAG_FUA, 0, 1).validate(1 << 20, false),
+            Err(EINVAL)
+        );
+        let r = block_status_reply(
+            9,
+            BASE_ALLOCATION_ID,
+            &[(4096, STATE_HOLE | STATE_ZERO), (512, 0)],
+        );
+        assert_eq!(r.len(), 20 + 4 + 16);
+        assert_eq!(&r[0..4], &STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(u16::from_be_bytes([r[4], r[5]]), REPLY_FLAG_DONE);
+        assert_eq!(u16::from_be_bytes([r[6], r[7]]), REPLY_TYPE_BLOCK_STATUS);
+        assert_eq!(u32::from_be_bytes(r[16..20].try_into().unwrap()), 20);
+        assert_eq!(
+            u32::from_be_bytes(r[20..24].try_into().unwrap()),
+            BASE_ALLOCATION_ID
+        );
+        assert_eq!(u32::from_be_bytes(r[24..28].try_into().unwrap()), 4096);
+        assert_eq!(u32::from_be_bytes(r[28..32].try_into().unwrap()), 3);
     }
 
     #[test]
@@ -968,12 +1215,7 @@ mod tests {
         };
         assert_eq!(replies(&reply)[0].1, REP_ERR_INVALID);
         assert!(!hs.structured);
-        for opt in [
-            OPT_SET_META_CONTEXT,
-            OPT_LIST_META_CONTEXT,
-            OPT_EXTENDED_HEADERS,
-            999,
-        ] {
+        for opt in [OPT_EXTENDED_HEADERS, 999] {
             let OptionOutcome::Continue { reply } = hs.handle(opt, &[], &cat()) else {
                 panic!()
             };

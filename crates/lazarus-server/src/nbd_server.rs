@@ -55,6 +55,8 @@ pub struct Export {
     name: String,
     size: u64,
     local: Option<Arc<Volume>>,
+    /// Whether the client selected `base:allocation` (NBD_CMD_BLOCK_STATUS).
+    allocation: bool,
 }
 
 fn export_of(v: &Volume) -> ExportInfo {
@@ -174,14 +176,18 @@ async fn handle(
         let mut hs = greet(&mut sock, policy).await?;
         match options(&mut sock, &mut hs, &catalog).await? {
             Negotiated::Close => Ok(None),
-            Negotiated::Export(e, structured) => Ok(Some((Conn::Plain(sock), e, structured))),
+            Negotiated::Export(e, structured) => {
+                let allocation = hs.allocation_selected(&e.name);
+                Ok(Some((Conn::Plain(sock), e, structured, allocation)))
+            }
             Negotiated::StartTls => {
                 let tls = tls.as_ref().expect("STARTTLS is accepted only with TLS on");
                 let mut sock = tls.accept(sock).await?;
                 hs.tls_started();
                 match options(&mut sock, &mut hs, &catalog).await? {
                     Negotiated::Export(e, structured) => {
-                        Ok(Some((Conn::Tls(Box::new(sock)), e, structured)))
+                        let allocation = hs.allocation_selected(&e.name);
+                        Ok(Some((Conn::Tls(Box::new(sock)), e, structured, allocation)))
                     }
                     Negotiated::Close => Ok(None),
                     Negotiated::StartTls => anyhow::bail!("a second STARTTLS was accepted"),
@@ -191,7 +197,7 @@ async fn handle(
     })
     .await
     .map_err(|_| anyhow::anyhow!("handshake timed out"))??;
-    let Some((conn, export, structured)) = negotiated else {
+    let Some((conn, export, structured, allocation)) = negotiated else {
         return Ok(());
     };
     let uid = engine
@@ -209,6 +215,7 @@ async fn handle(
         name: export.name.clone(),
         size: export.size_bytes,
         local,
+        allocation,
     });
     match conn {
         Conn::Plain(sock) => {
@@ -446,7 +453,8 @@ where
             // would hold up every request behind it on this connection.
             if runs_inline(&req)
                 && ex.local.as_ref().is_some_and(|v| engine.serves_locally(v))
-                && (req.command == Command::Read || !engine.replicates(&ex.name))
+                && (matches!(req.command, Command::Read | Command::BlockStatus)
+                    || !engine.replicates(&ex.name))
             {
                 execute(
                     &engine, &ex, bound, &unflushed, req, &payload, size, structured, &mut batch,
@@ -506,7 +514,7 @@ fn runs_inline(req: &Request) -> bool {
     let short = req.length <= INLINE_LENGTH_MAX_BYTES;
     matches!(
         req.command,
-        Command::Read | Command::Write | Command::Unknown(_)
+        Command::Read | Command::Write | Command::BlockStatus | Command::Unknown(_)
     ) && short
         && !req.fua()
 }
@@ -538,7 +546,7 @@ async fn execute(
         Command::Flush => Op::Flush,
         Command::Trim => Op::Trim,
         Command::WriteZeroes => Op::WriteZeroes,
-        Command::Disconnect | Command::Unknown(_) => return,
+        Command::BlockStatus | Command::Disconnect | Command::Unknown(_) => return,
     };
     let ok = reply_ok(&out[start..]);
     let bytes = match op {
@@ -582,6 +590,10 @@ async fn execute_inner(
         );
         tracing::debug!(cookie = req.cookie, error = %e.message, "rejecting request");
         out.extend_from_slice(&error_reply(structured, req.cookie, &e));
+        return;
+    }
+    if req.command == Command::BlockStatus {
+        block_status(engine, ex, req, structured, out);
         return;
     }
     // A connection bound to the primary's epoch that has written nothing holds
@@ -694,7 +706,9 @@ async fn execute_inner(
                 )
                 .await
         }
-        Command::Disconnect | Command::Unknown(_) => unreachable!("handled before execute"),
+        Command::BlockStatus | Command::Disconnect | Command::Unknown(_) => {
+            unreachable!("handled before execute")
+        }
     };
     match r {
         Ok(holders) => {
@@ -708,6 +722,70 @@ async fn execute_inner(
             out.extend_from_slice(&error_reply(structured, req.cookie, &e));
         }
     }
+}
+
+/// Most extents in one NBD_CMD_BLOCK_STATUS reply (the client asks again for the rest).
+const EXTENTS_MAX: usize = 4096;
+
+/// NBD_CMD_BLOCK_STATUS for `base:allocation`: holes (nothing stored, reads as zeroes)
+/// and data, from the primary's copy. A node that is not serving the volume itself
+/// reports the whole range as data: always true enough (a client then reads it), where
+/// a copy that may lag the primary could report a hole over an acknowledged write.
+fn block_status(engine: &Engine, ex: &Export, req: Request, structured: bool, out: &mut Vec<u8>) {
+    if !ex.allocation {
+        let e = IoError::new(
+            EINVAL,
+            "NBD_CMD_BLOCK_STATUS needs the base:allocation meta context (NBD_OPT_SET_META_CONTEXT)",
+        );
+        out.extend_from_slice(&error_reply(structured, req.cookie, &e));
+        return;
+    }
+    let everything = vec![(req.length, 0)];
+    let extents = match ex.local.as_deref().filter(|v| engine.serves_locally(v)) {
+        Some(v) => {
+            let e =
+                allocation_extents(v, req.offset, req.length, req.flags & CMD_FLAG_REQ_ONE != 0);
+            // As for reads: still the primary once the map is read.
+            if e.is_empty() || !engine.serves_locally(v) {
+                everything
+            } else {
+                e
+            }
+        }
+        None => everything,
+    };
+    out.extend(lazarus_nbd::block_status_reply(
+        req.cookie,
+        BASE_ALLOCATION_ID,
+        &extents,
+    ));
+}
+
+/// The byte extents (length, flags) of `length` bytes from `offset`, from the volume's
+/// map of stored blocks: at most `EXTENTS_MAX` (one with `one`), from `offset` on.
+fn allocation_extents(v: &Volume, offset: u64, length: u32, one: bool) -> Vec<(u32, u32)> {
+    let bs = lazarus_types::BLOCK_SIZE_U64;
+    let end = offset + length as u64;
+    let first = offset / bs;
+    let runs = v.allocation(
+        first,
+        (end - 1) / bs - first + 1,
+        if one { 1 } else { EXTENTS_MAX },
+    );
+    let mut out = Vec::with_capacity(runs.len());
+    let (mut pos, mut block) = (offset, first);
+    for (n, what) in runs {
+        block += n;
+        let stop = (block * bs).min(end);
+        let flags = match what {
+            lazarus_store::Allocation::Data => 0,
+            lazarus_store::Allocation::Hole => STATE_HOLE | STATE_ZERO,
+            lazarus_store::Allocation::Zero => STATE_ZERO,
+        };
+        out.push(((stop - pos) as u32, flags));
+        pos = stop;
+    }
+    out
 }
 
 /// A request that changes the volume's data.
@@ -742,7 +820,9 @@ async fn forwarded(
         Command::Flush => Op::Flush,
         Command::Trim => Op::Trim,
         Command::WriteZeroes => Op::Zero,
-        Command::Disconnect | Command::Unknown(_) => unreachable!("handled before execute"),
+        Command::BlockStatus | Command::Disconnect | Command::Unknown(_) => {
+            unreachable!("handled before execute")
+        }
     };
     let f = ForwardReq {
         volume: volume.to_string(),

@@ -11,4 +11,4 @@ pub mod volume;
 
 pub use error::{ReadError, StoreError, WriteError};
 pub use store::{Locations, RecoveryReport, Store, StoreOptions};
-pub use volume::{Volume, VolumeMeta};
+pub use volume::{Allocation, Volume, VolumeMeta};

@@ -416,6 +416,21 @@ pub struct Volume {
     pub(crate) state: Mutex<VolState>,
 }
 
+/// What a block holds, for a map of a volume (`Volume::allocation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allocation {
+    /// Stored data (or lost to damage: reads fail).
+    Data,
+    /// Nothing stored: reads as zeroes.
+    Hole,
+    /// A stored zero block (WRITE_ZEROES with NO_HOLE): reads as zeroes.
+    Zero,
+}
+
+/// The id of a provisioned zero block (`BlockId::hash_of` of 4 KiB of zeroes).
+static PROVISIONED_ZERO: std::sync::LazyLock<BlockId> =
+    std::sync::LazyLock::new(|| BlockId::hash_of(&[0u8; lazarus_types::BLOCK_SIZE]));
+
 fn bit(bits: &SlotBits, i: usize) -> bool {
     bits[i / 64] & (1 << (i % 64)) != 0
 }
@@ -1490,6 +1505,59 @@ impl Volume {
                     Some((a, n)) if *a + *n == l => *n += 1,
                     _ => out.push((l, 1)),
                 }
+            }
+        }
+        out
+    }
+
+    /// What `count` blocks from `first` hold: runs of (blocks, `Allocation`), in order,
+    /// at most `runs_max` runs (fewer blocks than asked when the range has more). A
+    /// block lost to a damaged page counts as data (it reads as an error). NBD's
+    /// `base:allocation`.
+    pub fn allocation(&self, first: u64, count: u64, runs_max: usize) -> Vec<(u64, Allocation)> {
+        let zero = *PROVISIONED_ZERO;
+        let st = self.state.lock();
+        let end = first.saturating_add(count).min(self.block_count());
+        let mut out: Vec<(u64, Allocation)> = Vec::new();
+        let push = |out: &mut Vec<(u64, Allocation)>, n: u64, what: Allocation| {
+            let full = out.len() == runs_max;
+            match out.last_mut() {
+                Some((m, was)) if *was == what => *m += n,
+                _ if full => return false,
+                _ => out.push((n, what)),
+            }
+            true
+        };
+        let mut l = first;
+        'pages: while l < end {
+            let p = l / FANOUT_U64;
+            let pg = st.pages.get(&p);
+            let bits = st.damaged.get(&p);
+            let page_end = ((p + 1) * FANOUT_U64).min(end);
+            if pg.is_none() && bits.is_none() {
+                // A page never written: all of it unmapped.
+                if !push(&mut out, page_end - l, Allocation::Hole) {
+                    break;
+                }
+                l = page_end;
+                continue;
+            }
+            while l < page_end {
+                let s = (l % FANOUT_U64) as usize;
+                let what = if bits.is_some_and(|b| bit(b, s)) {
+                    Allocation::Data
+                } else {
+                    match pg.map(|pg| pg[s]) {
+                        None => Allocation::Hole,
+                        Some(id) if id.is_zero() => Allocation::Hole,
+                        Some(id) if id == zero => Allocation::Zero,
+                        Some(_) => Allocation::Data,
+                    }
+                };
+                if !push(&mut out, 1, what) {
+                    break 'pages;
+                }
+                l += 1;
             }
         }
         out

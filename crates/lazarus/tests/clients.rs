@@ -230,3 +230,108 @@ fn fio_randwrite_verify_several_jobs() {
         );
     }
 }
+
+/// `base:allocation`: nbdinfo --map, qemu-img map and nbdcopy see exactly the blocks
+/// that hold data (written, partly zeroed again, unaligned) and holes elsewhere; the
+/// sparse copy is byte for byte the volume.
+#[test]
+fn allocation_map_through_nbdinfo_qemu_img_and_a_sparse_copy() {
+    require("nbdinfo");
+    require("nbdcopy");
+    require("qemu-io");
+    require("qemu-img");
+    let tmp = tempfile::tempdir().unwrap();
+    let node = Node::start(&tmp.path().join("n"), NodeOpts::default());
+    node.create_volume("sparse", "64MiB");
+    let uri = node.uri("sparse");
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            "write -P 0xab 1M 64k",
+            "-c",
+            "write -z 1040k 16k",
+            "-c",
+            "write -P 0xcd 20000 3000",
+            "-c",
+            "write -P 0x11 40M 4k",
+        ],
+    );
+    // What nbdinfo reports (offset, length, type: 0 data, 2 stored zeroes, 3 hole):
+    // the blocks 20000..23000 touches, 64k from 1M of which 16k were zeroed (stored
+    // zero blocks: WRITE_ZEROES without permission to punch), 4k at 40M.
+    let size = 64u64 << 20;
+    let (m, k) = (1u64 << 20, 1u64 << 10);
+    let marked: Vec<(u64, u64, u64)> = vec![
+        (16384, 8192, 0),
+        (m, 16 * k, 0),
+        (m + 16 * k, 16 * k, 2),
+        (m + 32 * k, 32 * k, 0),
+        (40 * m, 4096, 0),
+    ];
+    let mut want: Vec<(u64, u64, u64)> = Vec::new();
+    let mut pos = 0;
+    for (o, l, t) in &marked {
+        if *o > pos {
+            want.push((pos, o - pos, 3));
+        }
+        want.push((*o, *l, *t));
+        pos = o + l;
+    }
+    want.push((pos, size - pos, 3));
+
+    let map = run("nbdinfo", &["--map", "--json", &uri]);
+    let v: serde_json::Value = serde_json::from_str(&map).unwrap_or_else(|e| panic!("{e}: {map}"));
+    let got: Vec<(u64, u64, u64)> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["offset"].as_u64().unwrap(),
+                e["length"].as_u64().unwrap(),
+                e["type"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got, want, "nbdinfo --map: {map}");
+
+    // qemu: holes are neither data nor allocated; stored zeroes are data that reads as
+    // zero.
+    let qmap = run("qemu-img", &["map", "-f", "raw", "--output=json", &uri]);
+    let q: serde_json::Value = serde_json::from_str(&qmap).unwrap();
+    let qgot: Vec<(u64, u64, u64)> = q
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let t = match (e["data"] == true, e["zero"] == true) {
+                (true, false) => 0,
+                (true, true) => 2,
+                (false, true) => 3,
+                (false, false) => 99,
+            };
+            (
+                e["start"].as_u64().unwrap(),
+                e["length"].as_u64().unwrap(),
+                t,
+            )
+        })
+        .collect();
+    assert_eq!(qgot, want, "qemu-img map: {qmap}");
+
+    // A copy that skips the holes is still the whole volume.
+    let out = tmp.path().join("out.img");
+    run("nbdcopy", &[&uri, out.to_str().unwrap()]);
+    let bytes = std::fs::read(&out).unwrap();
+    assert_eq!(bytes.len() as u64, size);
+    let mut expect = vec![0u8; size as usize];
+    expect[1 << 20..(1 << 20) + (64 << 10)].fill(0xab);
+    expect[(1040 << 10)..(1056 << 10)].fill(0);
+    expect[20000..23000].fill(0xcd);
+    expect[40 << 20..(40 << 20) + 4096].fill(0x11);
+    assert!(bytes == expect, "the sparse copy differs from the volume");
+}
