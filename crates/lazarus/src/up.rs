@@ -35,9 +35,20 @@ const NODE_STOP_TIMEOUT: Duration = Duration::from_secs(60);
 const CLUSTER_FORM_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long `up` waits for every copy to be live before it reports ready anyway.
 const COPIES_LIVE_TIMEOUT: Duration = Duration::from_secs(60);
-/// A node that crashes more often than this within `CRASH_WINDOW` is left down.
+/// A node that crashes (or fails to start) more often than this within `crash_window()`
+/// is left down until the window has passed over its crashes, then started again: at
+/// most this many restarts a window, however long the cause lasts (a full disk, say),
+/// and no operator needed once it is gone.
 const CRASH_RESTARTS_MAX: usize = 5;
-const CRASH_WINDOW: Duration = Duration::from_secs(60);
+const CRASH_WINDOW_DEFAULT: Duration = Duration::from_secs(60);
+
+/// `CRASH_WINDOW_DEFAULT`, or `LAZARUS_CRASH_WINDOW_SECS` (tests shorten it).
+fn crash_window() -> Duration {
+    std::env::var("LAZARUS_CRASH_WINDOW_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(CRASH_WINDOW_DEFAULT, Duration::from_secs)
+}
 const SUPERVISE_INTERVAL: Duration = Duration::from_millis(200);
 pub const DEFAULT_VOLUME: &str = "vol0";
 /// The username of the PSK `up` makes for NBD over TLS.
@@ -85,7 +96,33 @@ struct Slot {
     log: PathBuf,
     ep: Option<Endpoints>,
     crashes: Vec<Instant>,
+    /// Held down for crashing too often (said once per hold).
     gave_up: bool,
+}
+
+impl Slot {
+    /// Records a crash or a failed start; says so when it puts the node on hold.
+    fn crashed(&mut self) {
+        let window = crash_window();
+        self.crashes.retain(|t| t.elapsed() < window);
+        self.crashes.push(Instant::now());
+        if self.crashes.len() > CRASH_RESTARTS_MAX && !self.gave_up {
+            say!(
+                "node {} crashed or failed to start {} times within {window:?}; it is started again once that long has passed without a failure (`lazarus fault revive --node {}` starts it at once)",
+                self.id,
+                self.crashes.len(),
+                self.id
+            );
+            self.gave_up = true;
+        }
+    }
+
+    /// Whether the node waits out its crashes before the next start.
+    fn crash_hold(&mut self) -> bool {
+        let window = crash_window();
+        self.crashes.retain(|t| t.elapsed() < window);
+        self.crashes.len() > CRASH_RESTARTS_MAX
+    }
 }
 
 fn log_tail(path: &Path) -> String {
@@ -614,37 +651,29 @@ async fn supervise(args: &UpArgs, slots: &mut [Slot]) -> anyhow::Result<()> {
                     s.log.display(),
                     log_tail(&s.log)
                 );
-                s.crashes.retain(|t| t.elapsed() < CRASH_WINDOW);
-                s.crashes.push(Instant::now());
-                if s.crashes.len() > CRASH_RESTARTS_MAX {
-                    say!(
-                        "node {} crashed {} times within {CRASH_WINDOW:?}; leaving it down (`lazarus fault revive --node {}` starts it again)",
-                        s.id,
-                        s.crashes.len(),
-                        s.id
-                    );
-                    s.gave_up = true;
-                }
+                s.crashed();
                 continue;
             }
-            if held || s.gave_up && !revive_requested(args, &s.id) {
+            if held {
+                continue;
+            }
+            if revive_requested(args, &s.id) {
+                s.crashes.clear();
+            } else if s.crash_hold() {
                 continue;
             }
             let _ = std::fs::remove_file(args.data.join(&s.id).join("REVIVE"));
-            s.gave_up = false;
             say!("starting node {}", s.id);
             match start_node(args, i).await {
                 Ok((child, ep)) => {
                     say!("node {} is up (pid {})", slots[i].id, ep.pid);
+                    slots[i].gave_up = false;
                     slots[i].child = Some(child);
                     slots[i].ep = Some(ep);
                 }
                 Err(e) => {
                     say!("node {} did not start: {e:#}", slots[i].id);
-                    slots[i].crashes.push(Instant::now());
-                    if slots[i].crashes.len() > CRASH_RESTARTS_MAX {
-                        slots[i].gave_up = true;
-                    }
+                    slots[i].crashed();
                 }
             }
             changed = true;

@@ -509,6 +509,45 @@ fn up_resumes_the_same_cluster() {
     qemu_io_ok(&up.uri(3, "vol0"), &["read -P 0x7e 1M 1M"]);
 }
 
+/// A node that keeps failing to start (here: a directory where its endpoints file goes,
+/// as a full disk would fail it) is held down for the crash window, not given up on:
+/// once the cause is gone it is started again without an operator, and its copy turns
+/// live with the data written meanwhile.
+#[test]
+fn a_node_that_cannot_start_comes_back_once_it_can() {
+    let (_tmp, data) = setup();
+    let up = Up::start_env(&data, "64MiB", &[("LAZARUS_CRASH_WINDOW_SECS", "4")]);
+    let ep = data.join("n2").join("endpoints.json");
+    let pid = up.node_pid(2);
+    std::fs::remove_file(&ep).unwrap();
+    std::fs::create_dir(&ep).unwrap();
+    std::fs::write(ep.join("in-the-way"), b"x").unwrap();
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    qemu_io_ok(&up.uri(1, "vol0"), &["write -P 0x5a 2M 1M", "flush"]);
+    // Six failed starts within the window, then a hold: the node is still down.
+    let log = data.with_extension("up.log");
+    let t0 = Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("node n2 did not start")
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "n2 was not restarted"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        up.get(2, "/api/v1/health").is_none(),
+        "n2 started with its endpoints file in the way"
+    );
+    std::fs::remove_dir_all(&ep).unwrap();
+    let m = up.wait_all_live(1, "vol0", Duration::from_secs(40));
+    assert!(up.node_pid(2) != pid, "{m}");
+    qemu_io_ok(&up.uri(2, "vol0"), &["read -P 0x5a 2M 1M"]);
+}
+
 /// `lazarus up` itself killed with -9: its nodes and recovery server notice their
 /// supervisor is gone and stop cleanly (instead of holding the ports and data
 /// directories), so `lazarus up` on the same data and ports starts again, with every
