@@ -407,12 +407,9 @@ impl Handshake {
                 "malformed NBD_OPT_*_META_CONTEXT data",
             ));
         };
-        let Some(export) = self.resolve(&name, catalog) else {
-            return cont(option_error(
-                option,
-                REP_ERR_UNKNOWN,
-                &format!("unknown export {name:?}"),
-            ));
+        let export = match self.resolve_for(option, &name, catalog) {
+            Ok(e) => e,
+            Err(refusal) => return refusal,
         };
         let chosen = if queries.is_empty() {
             !set
@@ -464,6 +461,22 @@ impl Handshake {
         }
     }
 
+    /// `resolve`, or the NBD_REP_ERR_UNKNOWN reply to `option` that names the export.
+    fn resolve_for(
+        &self,
+        option: u32,
+        name: &str,
+        catalog: &dyn ExportCatalog,
+    ) -> Result<ExportInfo, OptionOutcome> {
+        self.resolve(name, catalog).ok_or_else(|| {
+            cont(option_error(
+                option,
+                REP_ERR_UNKNOWN,
+                &format!("unknown export {name:?}"),
+            ))
+        })
+    }
+
     fn resolve(&self, name: &str, catalog: &dyn ExportCatalog) -> Option<ExportInfo> {
         if name.is_empty() {
             return catalog.default_export().and_then(|n| catalog.lookup(&n));
@@ -510,12 +523,9 @@ impl Handshake {
                 "malformed NBD_OPT_INFO/GO data",
             ));
         };
-        let Some(export) = self.resolve(&name, catalog) else {
-            return cont(option_error(
-                option,
-                REP_ERR_UNKNOWN,
-                &format!("unknown export {name:?}"),
-            ));
+        let export = match self.resolve_for(option, &name, catalog) {
+            Ok(e) => e,
+            Err(refusal) => return refusal,
         };
         let mut reply = Vec::new();
         let mut info = Vec::with_capacity(12);

@@ -369,11 +369,15 @@ async fn writer(wr: tls::BoxWrite, mut rx: mpsc::UnboundedReceiver<Queued>) {
 
 type Pending = Arc<std::sync::Mutex<HashMap<u64, oneshot::Sender<Reply>>>>;
 
-/// Removes a call's entry from its connection's pending calls when dropped.
-struct Forget<'a>(&'a Pending, u64);
+/// Removes a call's entry from its connection's pending calls when dropped before the
+/// call ended (its deadline passed); once answered, the reader has removed it already.
+struct Forget<'a>(&'a Pending, u64, bool);
 
 impl Drop for Forget<'_> {
     fn drop(&mut self) {
+        if self.2 {
+            return;
+        }
         if let Ok(mut p) = self.0.lock() {
             p.remove(&self.1);
         }
@@ -512,7 +516,7 @@ impl RpcClient {
             conn.pending.lock().expect("pending lock").insert(id, tx);
             // A call given up (its deadline passed) leaves no entry behind for a
             // reply that may never come.
-            let _forget = Forget(&conn.pending, id);
+            let mut forget = Forget(&conn.pending, id, false);
             if conn.tx.send((frame(id, kind, body), None)).is_err() {
                 conn.alive.store(false, Ordering::Release);
                 conn.pending.lock().expect("pending lock").remove(&id);
@@ -520,7 +524,9 @@ impl RpcClient {
                     addr: self.addr.clone(),
                 });
             }
-            rx.await.map_err(|_| RpcError::Lost {
+            let reply = rx.await;
+            forget.2 = true;
+            reply.map_err(|_| RpcError::Lost {
                 addr: self.addr.clone(),
             })?
         };
