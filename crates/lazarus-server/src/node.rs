@@ -187,12 +187,6 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         nbd: nbd.local_addr()?,
         admin: adm.local_addr()?,
     };
-    lazarus_store::disk::write_file_atomic(
-        &cfg.data_dir.join("endpoints.json"),
-        &serde_json::to_vec_pretty(&ep)?,
-    )?;
-    tracing::info!(node = %cfg.id, nbd = %ep.nbd, admin = %ep.admin, "node serving");
-
     let node = start(&cfg, store.clone(), engine.clone(), &ep, clean).await?;
     let guard = admin::MutationGuard::new(cfg.admin_listen, admin_token);
     let app = admin::router(admin::AppState {
@@ -208,6 +202,14 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         }
     });
     tokio::spawn(nbd_server::serve(nbd, engine.clone(), nbd_tls));
+    // Written last: whoever waits for this file (`lazarus up`, the tests) knows the
+    // node got every listener it needs (a taken RPC port fails the start above, and
+    // the waiter sees the exit instead of a node that never answers).
+    lazarus_store::disk::write_file_atomic(
+        &cfg.data_dir.join("endpoints.json"),
+        &serde_json::to_vec_pretty(&ep)?,
+    )?;
+    tracing::info!(node = %cfg.id, nbd = %ep.nbd, admin = %ep.admin, "node serving");
 
     shutdown_signal().await;
     tracing::info!(node = %cfg.id, "shutting down: flushing and checkpointing");

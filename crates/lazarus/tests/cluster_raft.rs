@@ -10,11 +10,16 @@ use std::time::{Duration, Instant};
 
 struct Trio {
     nodes: Vec<Node>,
+    /// The claimed port slot (held while the trio lives): its RPC ports are below the
+    /// ephemeral range, so no other test's port-0 listener or outgoing connection
+    /// takes one between the claim and the node's bind.
+    _ports: std::fs::File,
 }
 
 impl Trio {
     fn start(root: &std::path::Path) -> Trio {
-        let rpc: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let (base, ports) = claim_ports();
+        let rpc: Vec<u16> = (0..3).map(|i| base + i).collect();
         let nodes = (0..3)
             .map(|i| {
                 let mut extra = format!("rpc_listen = \"127.0.0.1:{}\"\n", rpc[i]);
@@ -32,7 +37,10 @@ impl Trio {
                 )
             })
             .collect();
-        Trio { nodes }
+        Trio {
+            nodes,
+            _ports: ports,
+        }
     }
 
     /// Waits until every running node has finished its start-up check (it takes
