@@ -65,6 +65,9 @@ pub struct Unflushed {
     bytes: usize,
     /// Drained into the recovery server: writes from now on go there themselves.
     drained: bool,
+    /// Every drained write is on the recovery server. Until then a new write must not
+    /// be logged: a record after it for the same block would be restored over it.
+    logged: bool,
 }
 
 /// A lease on a volume granted by the recovery server.
@@ -267,6 +270,7 @@ impl Recovery {
                 return Noted::LogIt;
             }
             j.drained = false;
+            j.logged = false;
         }
         j.next_seq += 1;
         j.bytes += raw.len() + 64;
@@ -293,27 +297,38 @@ impl Recovery {
         }
     }
 
-    /// Takes every unflushed write, once: from now on writes are logged themselves.
+    /// The unflushed writes to put on the recovery server, once (`None` once they are
+    /// there): from now on writes are logged themselves. They stay here until
+    /// `drain_logged`, so a drain cut short (an error, or its caller gone) is made
+    /// again, whole and in order, by the next.
     fn drain(&self, volume: &str) -> Option<Vec<(u64, Update, Vec<u8>)>> {
         let mut m = self.unflushed.lock();
         let j = m.entry(volume.to_string()).or_default();
-        if j.drained {
+        if j.drained && j.logged {
             return None;
         }
         j.drained = true;
-        j.bytes = 0;
-        Some(j.entries.drain(..).collect())
+        j.logged = false;
+        Some(j.entries.iter().cloned().collect())
     }
 
-    /// Puts back writes a drain could not log, in front (they are older than any kept
-    /// since), for the next drain.
-    fn undrain(&self, volume: &str, rest: Vec<(u64, Update, Vec<u8>)>) {
-        let mut m = self.unflushed.lock();
-        let j = m.entry(volume.to_string()).or_default();
-        j.drained = false;
-        for e in rest.into_iter().rev() {
-            j.bytes += e.2.len() + 64;
-            j.entries.push_front(e);
+    /// What `drain` took, up to `seq`, is on the recovery server.
+    fn drain_logged(&self, volume: &str, seq: u64) {
+        if let Some(j) = self.unflushed.lock().get_mut(volume) {
+            while j.entries.front().is_some_and(|e| e.0 <= seq) {
+                let (_, _, raw) = j.entries.pop_front().expect("front");
+                j.bytes -= raw.len() + 64;
+            }
+            j.logged = j.drained;
+        }
+    }
+
+    /// A drain failed: its writes are kept, as are those noted from now on, for the
+    /// next drain.
+    fn undrain(&self, volume: &str) {
+        if let Some(j) = self.unflushed.lock().get_mut(volume) {
+            j.drained = false;
+            j.logged = false;
         }
     }
 }
@@ -328,16 +343,16 @@ impl Cluster {
             return Ok(());
         };
         let n = pending.len();
-        let mut pending = std::collections::VecDeque::from(pending);
-        while let Some((seq, u, raw)) = pending.pop_front() {
-            if let Err(e) = self.log_update(v, &u, &raw).await {
-                // Not all on the recovery server: this one and the rest go back, for
-                // the next write to try again.
-                pending.push_front((seq, u, raw));
-                r.undrain(&v.name, pending.into());
+        let last = pending.last().map_or(0, |e| e.0);
+        for (_, u, raw) in &pending {
+            if let Err(e) = self.log_update(v, u, raw).await {
+                // Not all on the recovery server: the next write tries again, from the
+                // first (a record logged twice in the same order restores the same).
+                r.undrain(&v.name);
                 return Err(e);
             }
         }
+        r.drain_logged(&v.name, last);
         if n > 0 {
             tracing::info!(volume = %v.name, writes = n, "jeopardy: writes not yet flushed on the replicas put on the recovery server");
         }
@@ -350,7 +365,14 @@ impl Cluster {
         let Some(r) = self.recovery.as_ref() else {
             return Ok(());
         };
-        if r.unflushed.lock().get(&v.name).is_some_and(|j| j.drained) {
+        // Drained and logged: done. Drained only: a drain is under way (under the
+        // claiming lock), and this write waits for it: logged before the drain's older
+        // records, it would be restored under them.
+        if r.unflushed
+            .lock()
+            .get(&v.name)
+            .is_some_and(|j| j.drained && j.logged)
+        {
             return Ok(());
         }
         let _g = r.claiming.lock().await;

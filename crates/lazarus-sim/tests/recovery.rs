@@ -174,10 +174,29 @@ fn run(seed: u64) -> Vec<String> {
                 tokio::time::sleep(Duration::from_millis(rng.u64(1..200))).await;
             }
         }
-        let got = restore(&c).await?;
+        // The crashes go on meanwhile (up to ten of them): a final read cut by one is
+        // made again once the server is back.
+        let mut tries = 0;
+        let got = loop {
+            match restore(&c).await {
+                Ok(got) => break got,
+                Err(e) if tries < 20 => log(format!("final restore: {e}")),
+                Err(e) => return Err(e.into()),
+            }
+            tries += 1;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        };
         check(&books, &got)?;
         // Compacted: the log holds about a record a block, not every append.
-        let b = c.call(rpc::KIND_RS_STATE, b"", CALL).await?;
+        let b = loop {
+            match c.call(rpc::KIND_RS_STATE, b"", CALL).await {
+                Ok(b) => break b,
+                Err(e) if tries < 20 && e.is_unreachable() => log(format!("state: {e}")),
+                Err(e) => return Err(e.into()),
+            }
+            tries += 1;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        };
         let st: std::collections::HashMap<String, VolumeState> = serde_json::from_slice(&b)?;
         let bytes = st["vol0"].log_bytes;
         assert!(
