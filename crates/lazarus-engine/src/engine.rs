@@ -325,13 +325,12 @@ impl Engine {
         let err = |m: String| IoError::new(EIO, format!("jeopardy: {m}"));
         let jerr = |e: lazarus_node::jeopardy::JeopardyError| err(e.to_string());
         let v = if v.recovery_flag {
-            c.ensure_drained(&v).await.map_err(jerr)?;
+            Box::pin(c.ensure_drained(&v)).await.map_err(jerr)?;
             v
         } else {
             // Under the policy: `accept` goes on without an unreachable recovery
             // server (the write is counted as lag), `suspend` waits for it.
-            match c
-                .enter_jeopardy_patiently(&vol.meta.name, v.live(), u, raw)
+            match Box::pin(c.enter_jeopardy_patiently(&vol.meta.name, v.live(), u, raw))
                 .await
                 .map_err(err)?
             {
@@ -339,7 +338,7 @@ impl Engine {
                 None => return Ok(false),
             }
         };
-        let stored = c.log_update(&v, u, raw).await.map_err(jerr)?;
+        let stored = Box::pin(c.log_update(&v, u, raw)).await.map_err(jerr)?;
         if stored {
             lazarus_observe::metrics::METRICS
                 .recovery_appends
@@ -444,7 +443,7 @@ impl Engine {
             self.after_write();
         }
         if fua {
-            self.flush(vol).await?;
+            Box::pin(self.flush(vol)).await?;
         }
         Ok(holders)
     }
@@ -546,7 +545,7 @@ impl Engine {
             }
         }
         if fua {
-            self.flush(vol).await?;
+            Box::pin(self.flush(vol)).await?;
         }
         Ok(holders)
     }

@@ -655,6 +655,13 @@ impl Cluster {
     /// at that epoch, epochs only grow, and no successor serves before this node's
     /// last grant has run out (lease.rs).
     pub async fn await_lease(&self, volume: &str, epoch: u64, wait: Duration) -> bool {
+        // The common case answered without the waiting loop's state in the caller's
+        // future (the write path awaits this on every write).
+        self.lease_valid(volume, epoch)
+            || Box::pin(self.await_lease_slow(volume, epoch, wait)).await
+    }
+
+    async fn await_lease_slow(&self, volume: &str, epoch: u64, wait: Duration) -> bool {
         let deadline = Instant::now() + self.lease_wait(volume, wait);
         loop {
             if self.lease_valid(volume, epoch) {
@@ -966,7 +973,7 @@ impl Cluster {
         } else {
             // A late renewal: the copies' states may have changed while it waited.
             let epoch = v.epoch;
-            match self.await_lease(volume, epoch, LEASE_WAIT).await {
+            match Box::pin(self.await_lease(volume, epoch, LEASE_WAIT)).await {
                 true => match self.effective(volume) {
                     Some(v) if v.primary == self.id && v.epoch == epoch => v,
                     _ => return Err(format!("the primary of {volume:?} changed")),
@@ -991,7 +998,9 @@ impl Cluster {
                 node,
                 epoch: v.epoch,
             };
-            match tokio::time::timeout(self.write_path_propose_wait(), self.propose(cmd)).await {
+            match tokio::time::timeout(self.write_path_propose_wait(), Box::pin(self.propose(cmd)))
+                .await
+            {
                 Ok(Ok(MetaResponse::Volume(_))) => {
                     tracing::info!(
                         volume,
@@ -1097,7 +1106,7 @@ impl Cluster {
                     tracing::warn!(volume, replica = node, error = %e, "replica failed an update; marking it dead");
                     // Out at the recovery server first: it must never claim the volume
                     // as its survivor once a write is acknowledged without it.
-                    self.record_out(&v, node).await?;
+                    Box::pin(self.record_out(&v, node)).await?;
                     let cmd = MetaCommand::SetReplicaState {
                         volume: volume.to_string(),
                         node,
@@ -1108,13 +1117,16 @@ impl Cluster {
                     };
                     // Without a majority the mark never commits: a volume with a
                     // recovery server goes on through it as its last failure domain.
-                    match tokio::time::timeout(self.write_path_propose_wait(), self.propose(cmd))
-                        .await
+                    match tokio::time::timeout(
+                        self.write_path_propose_wait(),
+                        Box::pin(self.propose(cmd)),
+                    )
+                    .await
                     {
                         Ok(Ok(MetaResponse::Volume(nv))) => {
                             // Out again at the dead mark's own index, before the write
                             // is acknowledged: no earlier "in" of this copy undoes it.
-                            self.record_out_at(&v, node, nv.changed_at).await?;
+                            Box::pin(self.record_out_at(&v, node, nv.changed_at)).await?;
                             tracing::info!(volume, replica = node, "replica marked dead");
                             lazarus_observe::events::record(
                                 "state",
@@ -1165,7 +1177,7 @@ impl Cluster {
         // promotions are fenced at the old ID from then on, so no replica lacking it is
         // promoted without the log, and the cluster marks them dead when it adopts.
         if no_majority && v.recovery_flag && !self.held_beyond_metadata(volume) {
-            self.claim_last_domain(&v).await?;
+            Box::pin(self.claim_last_domain(&v)).await?;
         }
         if let Some(mark) = flush_mark {
             if failures == 0 {
@@ -1179,7 +1191,7 @@ impl Cluster {
                     .effective(volume)
                     .is_some_and(|e| crate::decide::writes_through(&e));
             if no_majority || last_copy {
-                self.enter_jeopardy_patiently(volume, v.live(), &Update::Flush, &[])
+                Box::pin(self.enter_jeopardy_patiently(volume, v.live(), &Update::Flush, &[]))
                     .await?;
             }
             return Ok(());
@@ -1208,11 +1220,9 @@ impl Cluster {
                 Box::pin(self.replicate(volume, Update::Flush, &[], false)).await?;
             }
             crate::jeopardy::Noted::LogIt => {
-                let jv = self
-                    .enter_jeopardy_patiently(volume, v.live(), &u, raw)
-                    .await?;
+                let jv = Box::pin(self.enter_jeopardy_patiently(volume, v.live(), &u, raw)).await?;
                 if let Some(jv) = jv {
-                    self.log_update(&jv, &u, raw).await?;
+                    Box::pin(self.log_update(&jv, &u, raw)).await?;
                 }
             }
         }

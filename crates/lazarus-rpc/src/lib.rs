@@ -354,11 +354,22 @@ async fn writer(wr: tls::BoxWrite, mut rx: mpsc::UnboundedReceiver<Queued>) {
             return;
         }
         written.push(held);
-        while let Ok((more, held)) = rx.try_recv() {
-            if w.write_all(&more).await.is_err() {
-                return;
+        // Frames already queued go in the same system call, and so do those of the
+        // tasks ready to send one: a yield lets them run first (a primary's updates
+        // come from a task per client request).
+        let mut yielded = false;
+        loop {
+            while let Ok((more, held)) = rx.try_recv() {
+                if w.write_all(&more).await.is_err() {
+                    return;
+                }
+                written.push(held);
             }
-            written.push(held);
+            if yielded {
+                break;
+            }
+            yielded = true;
+            tokio::task::yield_now().await;
         }
         if w.flush().await.is_err() {
             return;

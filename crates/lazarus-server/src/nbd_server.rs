@@ -318,17 +318,34 @@ async fn options<S: AsyncRead + AsyncWrite + Unpin>(
 /// (`CONNECTION_BYTES_MAX`), given back once they are written.
 type Replies = (Vec<u8>, Option<OwnedSemaphorePermit>);
 
-async fn writer_task<W: AsyncWrite + Unpin>(wr: W, mut rx: mpsc::Receiver<Replies>) {
+/// `in_tasks`: the connection's requests running in tasks of their own (their permits
+/// taken), whose replies are worth waiting one yield for.
+async fn writer_task<W: AsyncWrite + Unpin>(
+    wr: W,
+    mut rx: mpsc::Receiver<Replies>,
+    in_tasks: Arc<Semaphore>,
+) {
     let mut w = BufWriter::with_capacity(256 << 10, wr);
     while let Some((buf, _budget)) = rx.recv().await {
         if w.write_all(&buf).await.is_err() {
             return;
         }
-        // Batch replies that are already queued; flush when the queue runs dry.
-        while let Ok((more, _budget)) = rx.try_recv() {
-            if w.write_all(&more).await.is_err() {
-                return;
+        // Batch replies that are already queued, and those of the requests that are
+        // ready to finish: one yield lets them run before the system call (replicated
+        // writes complete in their own tasks, a burst of them at a time). Replies of
+        // requests run in the reader come batched already.
+        let mut yielded = in_tasks.available_permits() == INFLIGHT_PER_CONNECTION_MAX;
+        loop {
+            while let Ok((more, _budget)) = rx.try_recv() {
+                if w.write_all(&more).await.is_err() {
+                    return;
+                }
             }
+            if yielded {
+                break;
+            }
+            yielded = true;
+            tokio::task::yield_now().await;
         }
         if w.flush().await.is_err() {
             return;
@@ -369,8 +386,8 @@ where
     let mut rd = BufReader::with_capacity(READ_BUFFER_BYTES, rd);
     let (tx, rx) = mpsc::channel::<Replies>(INFLIGHT_PER_CONNECTION_MAX * 2);
     let budget = Arc::new(Semaphore::new(CONNECTION_BYTES_MAX as usize));
-    let writer = tokio::spawn(writer_task(wr, rx));
     let inflight = Arc::new(Semaphore::new(INFLIGHT_PER_CONNECTION_MAX));
+    let writer = tokio::spawn(writer_task(wr, rx, inflight.clone()));
     let acks = engine.acks_for(&ex.name);
     let unflushed = Arc::new(ConnAcks {
         opened: acks.open(),
@@ -475,7 +492,7 @@ where
             let ex = ex.clone();
             let tx = tx.clone();
             let unflushed = unflushed.clone();
-            tokio::spawn(async move {
+            let fut = async move {
                 let mut reply = Vec::new();
                 execute(
                     &engine, &ex, bound, &unflushed, req, &payload, size, structured, &mut reply,
@@ -483,7 +500,8 @@ where
                 .await;
                 let _ = tx.send((reply, Some(held))).await;
                 drop(permit);
-            });
+            };
+            tokio::spawn(fut);
         }
     }
     .await;
@@ -614,7 +632,12 @@ async fn execute_inner(
         Some(v) => v,
         None => match engine.route_name(&ex.name).await {
             Ok(Route::Forward(_)) if bound.is_none() => {
-                forwarded(engine, &ex.name, unflushed, req, payload, structured, out).await;
+                // Boxed, as are the other rare branches: a task's future is as large
+                // as its largest branch, and every replicated write spawns one.
+                Box::pin(forwarded(
+                    engine, &ex.name, unflushed, req, payload, structured, out,
+                ))
+                .await;
                 return;
             }
             Ok(Route::Local) if ex.local.is_some() => ex.local.as_deref().expect("checked"),
@@ -681,7 +704,7 @@ async fn execute_inner(
         Command::Write => engine.write(vol, req.offset, payload, req.fua()).await,
         Command::Flush => {
             let t = unflushed.acks.flush_start();
-            match engine.flush(vol).await {
+            match Box::pin(engine.flush(vol)).await {
                 Ok(()) => unflushed
                     .acks
                     .flush_done(unflushed.opened, t, engine.executor())
@@ -690,21 +713,18 @@ async fn execute_inner(
             }
         }
         Command::Trim => {
-            engine
-                .zero(vol, req.offset, req.length as u64, true, false, req.fua())
-                .await
+            Box::pin(engine.zero(vol, req.offset, req.length as u64, true, false, req.fua())).await
         }
         Command::WriteZeroes => {
-            engine
-                .zero(
-                    vol,
-                    req.offset,
-                    req.length as u64,
-                    false,
-                    req.no_hole(),
-                    req.fua(),
-                )
-                .await
+            Box::pin(engine.zero(
+                vol,
+                req.offset,
+                req.length as u64,
+                false,
+                req.no_hole(),
+                req.fua(),
+            ))
+            .await
         }
         Command::BlockStatus | Command::Disconnect | Command::Unknown(_) => {
             unreachable!("handled before execute")
