@@ -210,6 +210,12 @@ pub enum MetaCommand {
         /// have missed updates sent while the copy was dead in between).
         #[serde(default)]
         since: Option<u64>,
+        /// For `Live` at the end of a resync: the primary it copied from and that
+        /// process's incarnation. Refused if the node registered another incarnation
+        /// since: a primary that restarted meanwhile may have lost what the resync
+        /// compared (writes a crash took, a restore from the recovery log).
+        #[serde(default)]
+        source: Option<(NodeId, u64)>,
     },
     /// Records that writes are about to be acknowledged without `node`'s copy (the
     /// primary commits it before the first such write).
@@ -455,7 +461,17 @@ impl ClusterMeta {
                 epoch,
                 at_ms,
                 since,
+                source,
             } => {
+                if let Some((p, inc)) = source.filter(|_| *state == ReplicaState::Live) {
+                    let now = self.nodes.get(&p).map(|n| n.incarnation);
+                    if now != Some(inc) {
+                        return Err(format!(
+                            "n{p} restarted (incarnation {now:?}, not {inc}) during the resync that would turn node {node}'s copy of {volume:?} live: it resyncs again"
+                        )
+                        .into());
+                    }
+                }
                 let v = self.volume_at_epoch(volume, *epoch)?;
                 if !v.replicas.contains(node) {
                     return Err(format!("node {node} holds no copy of {volume:?}").into());
@@ -775,6 +791,7 @@ mod tests {
                 epoch: 1,
                 at_ms,
                 since: None,
+                source: None,
             })
         };
         let promote = |m: &mut ClusterMeta, node, epoch| {
@@ -885,6 +902,7 @@ mod tests {
                 epoch: 1,
                 at_ms: 0,
                 since: None,
+                source: None,
             })
         };
         assert!(matches!(
@@ -923,6 +941,7 @@ mod tests {
                     epoch: 1,
                     at_ms: 0,
                     since,
+                    source: None,
                 },
                 index,
             )
@@ -934,6 +953,47 @@ mod tests {
         assert!(matches!(r, MetaResponse::Rejected(_)), "{r:?}");
         let MetaResponse::Volume(nv) = at(&mut m, ReplicaState::Live, Some(12), 14) else {
             panic!()
+        };
+        assert_eq!(nv.state_of(3), Some(ReplicaState::Live));
+    }
+
+    /// Simulator seed 980 (connections cut, failed devices): a resync compared its copy
+    /// with the primary's old process, which then restarted without the writes a
+    /// failed device had kept it from syncing; the copy turned live holding blocks the
+    /// primary no longer had, and the live copies differed for ever. A resync's `Live`
+    /// names the primary's process it copied from, and is refused once that node has
+    /// registered another.
+    #[test]
+    fn a_resync_from_a_primary_that_restarted_does_not_turn_live() {
+        let mut m = meta3();
+        let v = create(&mut m);
+        let register = |m: &mut ClusterMeta, incarnation| {
+            let mut info = m.nodes[&1].clone();
+            info.incarnation = incarnation;
+            m.apply(&MetaCommand::SetNode { id: 1, info })
+        };
+        let set = |m: &mut ClusterMeta, state, source| {
+            m.apply(&MetaCommand::SetReplicaState {
+                volume: v.name.clone(),
+                node: 3,
+                state,
+                epoch: 1,
+                at_ms: 0,
+                since: None,
+                source,
+            })
+        };
+        register(&mut m, 7);
+        assert!(matches!(
+            set(&mut m, ReplicaState::Resyncing, None),
+            MetaResponse::Volume(_)
+        ));
+        register(&mut m, 8);
+        let r = set(&mut m, ReplicaState::Live, Some((1, 7)));
+        assert!(matches!(r, MetaResponse::Rejected(_)), "{r:?}");
+        assert_eq!(m.volumes["vol0"].state_of(3), Some(ReplicaState::Resyncing));
+        let MetaResponse::Volume(nv) = set(&mut m, ReplicaState::Live, Some((1, 8))) else {
+            panic!("a resync from the current process turns the copy live")
         };
         assert_eq!(nv.state_of(3), Some(ReplicaState::Live));
     }
@@ -950,6 +1010,7 @@ mod tests {
             epoch: 1,
             at_ms: 0,
             since: None,
+            source: None,
         });
         let r = m.apply(&MetaCommand::Promote {
             volume: v.name.clone(),
@@ -1078,6 +1139,7 @@ mod tests {
             epoch: 1,
             at_ms: 0,
             since: None,
+            source: None,
         });
         assert!(matches!(r, MetaResponse::Volume(_)));
         assert_eq!(m.volumes["vol0"].update_targets(), vec![2]);
@@ -1112,6 +1174,7 @@ mod tests {
             epoch: 1,
             at_ms: 0,
             since: None,
+            source: None,
         });
         assert!(matches!(r, MetaResponse::Rejected(_)));
         let r = m.apply(&MetaCommand::SetReplicaState {
@@ -1121,6 +1184,7 @@ mod tests {
             epoch: 2,
             at_ms: 0,
             since: None,
+            source: None,
         });
         assert!(
             matches!(r, MetaResponse::Rejected(_)),
@@ -1133,6 +1197,7 @@ mod tests {
             epoch: 2,
             at_ms: 0,
             since: None,
+            source: None,
         });
         assert!(matches!(r, MetaResponse::Volume(_)));
         assert_eq!(m.volumes["vol0"].update_targets(), vec![3]);

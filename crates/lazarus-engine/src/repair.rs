@@ -903,6 +903,7 @@ impl Engine {
             epoch: v.epoch,
             at_ms: lazarus_io::rt::unix_ms().max(1),
             since: None,
+            source: None,
         };
         match c.propose(cmd).await {
             Ok(lazarus_cluster::MetaResponse::Volume(_)) => {

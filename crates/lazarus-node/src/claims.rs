@@ -220,6 +220,7 @@ impl Cluster {
                         epoch: v.epoch,
                         at_ms: 0,
                         since: None,
+                        source: None,
                     };
                     match tokio::time::timeout(std::time::Duration::from_secs(2), self.propose(cmd))
                         .await

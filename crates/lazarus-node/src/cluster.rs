@@ -603,6 +603,7 @@ impl Cluster {
                     epoch: v.epoch,
                     at_ms,
                     since: None,
+                    source: None,
                 };
                 match self.propose(cmd).await {
                     Ok(MetaResponse::Volume(_)) => {
@@ -1114,6 +1115,7 @@ impl Cluster {
                         epoch: v.epoch,
                         at_ms: lazarus_io::rt::unix_ms().max(1),
                         since: None,
+                        source: None,
                     };
                     // Without a majority the mark never commits: a volume with a
                     // recovery server goes on through it as its last failure domain.

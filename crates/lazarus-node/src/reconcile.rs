@@ -226,6 +226,7 @@ impl Cluster {
                             epoch: v.epoch,
                             at_ms: crate::cluster::unix_ms(),
                             since: None,
+                            source: None,
                         };
                         match self.propose(cmd).await {
                             Ok(MetaResponse::Volume(nv)) => {

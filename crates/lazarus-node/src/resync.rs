@@ -585,6 +585,7 @@ impl Cluster {
                 epoch: v.epoch,
                 at_ms: 0,
                 since: None,
+                source: None,
             };
             match self.propose(cmd).await.map_err(|e| e.to_string())? {
                 MetaResponse::Volume(_) => {
@@ -615,18 +616,30 @@ impl Cluster {
             .get(&v.name)
             .filter(|x| x.state_of(self.id) == Some(ReplicaState::Resyncing))
             .and_then(|x| x.resyncing_at.get(&self.id).copied());
+        // The primary's process: one that restarts meanwhile may have replaced part
+        // of its copy (a restore from the recovery log, writes a crash lost) without
+        // an update reaching this copy, so what was compared before no longer holds.
+        let incarnation =
+            |m: &lazarus_cluster::ClusterMeta| m.nodes.get(&v.primary).map(|n| n.incarnation);
+        let source = incarnation(&self.store.meta());
         src.call(KIND_RESYNC_BEGIN, 0, 0, &[]).await?;
         let t0 = Instant::now();
         let mut converged = false;
         let mut previous_clean = false;
-        for pass in 1..=PASSES_MAX {
-            let still = self.store.meta().volumes.get(&v.name).is_some_and(|now| {
+        let same_source = |c: &Self| {
+            let m = c.store.meta();
+            let ok = m.volumes.get(&v.name).is_some_and(|now| {
                 now.epoch == v.epoch
                     && now.primary == v.primary
-                    && now.state_of(self.id) == Some(ReplicaState::Resyncing)
+                    && now.state_of(c.id) == Some(ReplicaState::Resyncing)
             });
-            if !still {
-                return Err("the volume's primary or this copy's state changed".into());
+            ok && incarnation(&m) == source
+        };
+        for pass in 1..=PASSES_MAX {
+            if !same_source(self) {
+                return Err(
+                    "the volume's primary, its process or this copy's state changed".into(),
+                );
             }
             self.resync.update(&v.name, |p| {
                 p.state = "walking".into();
@@ -675,6 +688,9 @@ impl Cluster {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
+        if !same_source(self) {
+            return Err("the volume's primary, its process or this copy's state changed".into());
+        }
         let cmd = MetaCommand::SetReplicaState {
             volume: v.name.clone(),
             node: self.id,
@@ -682,6 +698,7 @@ impl Cluster {
             epoch: v.epoch,
             at_ms: 0,
             since,
+            source: source.map(|inc| (v.primary, inc)),
         };
         match self.propose(cmd).await.map_err(|e| e.to_string())? {
             MetaResponse::Volume(nv) => self.record_in(&nv).await,

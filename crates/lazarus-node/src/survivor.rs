@@ -226,6 +226,7 @@ impl Cluster {
             epoch: v.epoch,
             at_ms: crate::cluster::unix_ms(),
             since: None,
+            source: None,
         };
         match tokio::time::timeout(Duration::from_secs(2), self.propose(cmd)).await {
             Ok(Ok(lazarus_cluster::MetaResponse::Volume(nv))) => {

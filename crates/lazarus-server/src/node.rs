@@ -187,6 +187,14 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         nbd: nbd.local_addr()?,
         admin: adm.local_addr()?,
     };
+    // Written before the cluster starts: on a full disk the start may take the last
+    // free bytes (the Raft store), and a node that cannot say where it listens is
+    // restarted over and over. A start that fails after it (a taken RPC port) exits,
+    // and `lazarus up` restarts the node.
+    lazarus_store::disk::write_file_atomic(
+        &cfg.data_dir.join("endpoints.json"),
+        &serde_json::to_vec_pretty(&ep)?,
+    )?;
     let node = start(&cfg, store.clone(), engine.clone(), &ep, clean).await?;
     let guard = admin::MutationGuard::new(cfg.admin_listen, admin_token);
     let app = admin::router(admin::AppState {
@@ -202,13 +210,6 @@ pub async fn run(cfg: NodeConfig) -> anyhow::Result<()> {
         }
     });
     tokio::spawn(nbd_server::serve(nbd, engine.clone(), nbd_tls));
-    // Written last: whoever waits for this file (`lazarus up`, the tests) knows the
-    // node got every listener it needs (a taken RPC port fails the start above, and
-    // the waiter sees the exit instead of a node that never answers).
-    lazarus_store::disk::write_file_atomic(
-        &cfg.data_dir.join("endpoints.json"),
-        &serde_json::to_vec_pretty(&ep)?,
-    )?;
     tracing::info!(node = %cfg.id, nbd = %ep.nbd, admin = %ep.admin, "node serving");
 
     shutdown_signal().await;

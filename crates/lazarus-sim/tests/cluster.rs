@@ -166,6 +166,10 @@ fn seeds_that_found_bugs_pass() {
         // replicas' unflushed writes on the recovery server was logged before them:
         // the take-over restored an older write of the same block over it.
         (171, 6, Mix::Full),
+        // A resync compared its copy with the primary's process just before it
+        // restarted without writes its failed device had kept it from syncing: the
+        // copy turned live with blocks the primary no longer held (`source`, meta.rs).
+        (980, 6, Mix::Cut),
     ];
     for (seed, faults, mix) in cases {
         run_in_process(exe(), &options(seed, faults, mix))
