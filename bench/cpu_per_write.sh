@@ -22,7 +22,7 @@ WORK=$(mktemp -d /var/tmp/lazarus-cpu.XXXXXX)
 UP=$!
 trap 'kill -INT $UP 2>/dev/null; wait $UP 2>/dev/null; rm -rf "$WORK"' EXIT
 for i in $(seq 300); do grep -q "Press Ctrl-C" "$WORK/up.log" && break; sleep 0.2; done
-"$BIN" volume create solo --size 1GiB --replicas 1 --data "$WORK/c" >/dev/null
+"$BIN" volume create solo --size 1GiB --replicas 1 --primary n1 --data "$WORK/c" >/dev/null
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 pids() { for n in n1 n2 n3; do python3 -c "import json;print(json.load(open('$WORK/c/$n/endpoints.json'))['pid'])"; done; }
 HZ=$(getconf CLK_TCK)

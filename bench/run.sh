@@ -64,7 +64,7 @@ curl -sf -X POST -H 'content-type: application/json' -d '{"name":"vol0","size":"
 PIDS+=($!)
 for i in $(seq 300); do grep -q "Press Ctrl-C" "$WORK/up.log" && break; sleep 0.2; done
 grep -q "Press Ctrl-C" "$WORK/up.log" || { echo "lazarus up did not start:" >&2; cat "$WORK/up.log" >&2; exit 1; }
-"$BIN" volume create solo --size 1GiB --replicas 1 --data "$WORK/cluster" >/dev/null
+"$BIN" volume create solo --size 1GiB --replicas 1 --primary n1 --data "$WORK/cluster" >/dev/null
 # Same random content as the raw files, so reads hit real stored data everywhere.
 nbdcopy "$WORK/seed.img" nbd://127.0.0.1:30803/vol0
 nbdcopy "$WORK/seed.img" nbd://127.0.0.1:30900/vol0

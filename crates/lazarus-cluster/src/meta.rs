@@ -83,9 +83,23 @@ pub struct VolumeInfo {
     /// Per copy, the Raft log index at which it last turned resyncing.
     #[serde(default)]
     pub resyncing_at: BTreeMap<NodeId, u64>,
+    /// Copies the volume is meant to have (0: metadata from before it was kept, where
+    /// it is the number of replicas). While a copy is rebuilt elsewhere (`AddCopy`)
+    /// `replicas` holds one more until the copy it replaces is dropped.
+    #[serde(default)]
+    pub replication: usize,
 }
 
 impl VolumeInfo {
+    /// The number of copies the volume is meant to have.
+    pub fn replication_factor(&self) -> usize {
+        if self.replication == 0 {
+            self.replicas.len()
+        } else {
+            self.replication
+        }
+    }
+
     /// Whether dead copy `n` may be promoted: no replica is live, the volume is not in
     /// jeopardy, and `n` went dead only by reporting its own crash with nothing
     /// acknowledged without it since (so it has every flushed write).
@@ -144,6 +158,11 @@ pub struct ClusterMeta {
     /// history, which can keep it from counting as a failure domain.
     #[serde(default)]
     pub failures: BTreeMap<NodeId, Vec<u64>>,
+    /// Nodes marked out (silent for longer than the cluster's out-time, or taken out
+    /// by an administrator): no new copy is placed on them, their copies are rebuilt on
+    /// other nodes and then dropped, and they do not resync the copies they still hold.
+    #[serde(default)]
+    pub out: BTreeSet<NodeId>,
 }
 
 impl ClusterMeta {
@@ -272,6 +291,27 @@ pub enum MetaCommand {
         /// on the recovery server's word alone.
         #[serde(default)]
         restored: bool,
+    },
+    /// Marks a node out (or back in): see `ClusterMeta::out`.
+    SetOut {
+        node: NodeId,
+        out: bool,
+    },
+    /// Places a new copy of `volume` on `node` (re-replication): it starts dead and
+    /// stale (it holds nothing: never promoted, never counted), and turns live at the
+    /// end of a Merkle resync from the primary like any dead copy.
+    AddCopy {
+        volume: String,
+        node: NodeId,
+        epoch: u64,
+    },
+    /// Removes `node`'s copy of `volume` from the placement; that node then deletes it.
+    /// Only a dead copy that is not the primary, and only while the volume keeps as
+    /// many live copies as its replication factor.
+    DropCopy {
+        volume: String,
+        node: NodeId,
+        epoch: u64,
     },
     /// Records a failure count ID the leader moved the recovery server to (fencing a
     /// stray claim back to the current primary); changes nothing else.
@@ -429,6 +469,7 @@ impl ClusterMeta {
                     live_at: BTreeMap::new(),
                     changed_at: 0,
                     resyncing_at: BTreeMap::new(),
+                    replication: replicas.len(),
                 };
                 self.volumes.insert(name.clone(), v.clone());
                 Ok(MetaResponse::Volume(v))
@@ -471,6 +512,12 @@ impl ClusterMeta {
                         )
                         .into());
                     }
+                }
+                if *state == ReplicaState::Resyncing && self.out.contains(node) {
+                    return Err(format!(
+                        "node {node} is out: its copy of {volume:?} is rebuilt elsewhere, not resynced"
+                    )
+                    .into());
                 }
                 let v = self.volume_at_epoch(volume, *epoch)?;
                 if !v.replicas.contains(node) {
@@ -665,6 +712,81 @@ impl ClusterMeta {
                     }
                     v.states.insert(n, s);
                 }
+                Ok(MetaResponse::Volume(v.clone()))
+            }
+            MetaCommand::SetOut { node, out } => {
+                if !self.nodes.contains_key(node) {
+                    return Err(format!("node {node} is not a cluster member").into());
+                }
+                if *out {
+                    self.out.insert(*node);
+                } else {
+                    self.out.remove(node);
+                }
+                Ok(MetaResponse::Ok)
+            }
+            MetaCommand::AddCopy {
+                volume,
+                node,
+                epoch,
+            } => {
+                if !self.nodes.contains_key(node) {
+                    return Err(format!("node {node} is not a cluster member").into());
+                }
+                if self.out.contains(node) {
+                    return Err(format!("node {node} is out: no copy is placed on it").into());
+                }
+                let v = self.volume_at_epoch(volume, *epoch)?;
+                if v.replicas.contains(node) {
+                    return Err(format!("node {node} already holds a copy of {volume:?}").into());
+                }
+                if v.replicas.len() > v.replication_factor() {
+                    return Err(format!(
+                        "{volume:?} already has a copy being rebuilt ({} placed for {} copies)",
+                        v.replicas.len(),
+                        v.replication_factor()
+                    )
+                    .into());
+                }
+                v.replication = v.replication_factor();
+                v.replicas.push(*node);
+                v.states.insert(*node, ReplicaState::Dead);
+                v.stale.insert(*node);
+                Ok(MetaResponse::Volume(v.clone()))
+            }
+            MetaCommand::DropCopy {
+                volume,
+                node,
+                epoch,
+            } => {
+                let v = self.volume_at_epoch(volume, *epoch)?;
+                if !v.replicas.contains(node) {
+                    return Err(format!("node {node} holds no copy of {volume:?}").into());
+                }
+                if *node == v.primary {
+                    return Err(format!("node {node} is the primary of {volume:?}").into());
+                }
+                if v.state_of(*node) != Some(ReplicaState::Dead) {
+                    return Err(format!(
+                        "node {node}'s copy of {volume:?} is {:?}: only a dead copy is dropped",
+                        v.state_of(*node)
+                    )
+                    .into());
+                }
+                let live = v.live().len();
+                if live < v.replication_factor() {
+                    return Err(format!(
+                        "{volume:?} has {live} live copies of {}: no copy is dropped before its replacement is live",
+                        v.replication_factor()
+                    )
+                    .into());
+                }
+                v.replication = v.replication_factor();
+                v.replicas.retain(|n| n != node);
+                v.states.remove(node);
+                v.stale.remove(node);
+                v.live_at.remove(node);
+                v.resyncing_at.remove(node);
                 Ok(MetaResponse::Volume(v.clone()))
             }
             MetaCommand::Refence {
@@ -1210,5 +1332,114 @@ mod tests {
         let text = serde_json::to_string(&m).unwrap();
         let back: ClusterMeta = serde_json::from_str(&text).unwrap();
         assert_eq!(back, m);
+    }
+
+    #[test]
+    fn a_copy_is_rebuilt_elsewhere_before_the_out_node_loses_it() {
+        let mut m = meta3();
+        let info = m.nodes[&1].clone();
+        assert_eq!(
+            m.apply(&MetaCommand::SetNode { id: 4, info }),
+            MetaResponse::Ok
+        );
+        create(&mut m);
+        let set = |m: &mut ClusterMeta, node, state, since| {
+            m.apply(&MetaCommand::SetReplicaState {
+                volume: "vol0".into(),
+                node,
+                state,
+                epoch: 1,
+                at_ms: 0,
+                since,
+                source: None,
+            })
+        };
+        let add = |m: &mut ClusterMeta, node| {
+            m.apply(&MetaCommand::AddCopy {
+                volume: "vol0".into(),
+                node,
+                epoch: 1,
+            })
+        };
+        let drop = |m: &mut ClusterMeta, node| {
+            m.apply(&MetaCommand::DropCopy {
+                volume: "vol0".into(),
+                node,
+                epoch: 1,
+            })
+        };
+        // n3 dies and is marked out.
+        assert!(matches!(
+            set(&mut m, 3, ReplicaState::Dead, None),
+            MetaResponse::Volume(_)
+        ));
+        assert_eq!(
+            m.apply(&MetaCommand::SetOut { node: 3, out: true }),
+            MetaResponse::Ok
+        );
+        assert!(
+            matches!(
+                set(&mut m, 3, ReplicaState::Resyncing, None),
+                MetaResponse::Rejected(_)
+            ),
+            "an out node's copy does not resync"
+        );
+        assert!(
+            matches!(add(&mut m, 3), MetaResponse::Rejected(_)),
+            "no copy on an out node"
+        );
+        assert!(
+            matches!(add(&mut m, 2), MetaResponse::Rejected(_)),
+            "one copy per node"
+        );
+        assert!(
+            matches!(drop(&mut m, 3), MetaResponse::Rejected(_)),
+            "not dropped while the volume has fewer live copies than its factor"
+        );
+        let MetaResponse::Volume(v) = add(&mut m, 4) else {
+            panic!("AddCopy refused")
+        };
+        assert_eq!(v.replicas, vec![1, 2, 3, 4]);
+        assert_eq!(v.replication_factor(), 3);
+        assert_eq!(v.state_of(4), Some(ReplicaState::Dead));
+        assert!(
+            v.stale.contains(&4) && !v.promotable_dead(4),
+            "an empty copy is never promoted"
+        );
+        assert!(matches!(add(&mut m, 4), MetaResponse::Rejected(_)));
+        // The new copy resyncs; n3's copy stays until it is live.
+        assert!(matches!(
+            set(&mut m, 4, ReplicaState::Resyncing, None),
+            MetaResponse::Volume(_)
+        ));
+        assert!(matches!(drop(&mut m, 3), MetaResponse::Rejected(_)));
+        let since = m.volumes["vol0"].resyncing_at.get(&4).copied();
+        assert!(matches!(
+            set(&mut m, 4, ReplicaState::Live, since),
+            MetaResponse::Volume(_)
+        ));
+        assert!(
+            matches!(drop(&mut m, 1), MetaResponse::Rejected(_)),
+            "never the primary"
+        );
+        assert!(
+            matches!(drop(&mut m, 2), MetaResponse::Rejected(_)),
+            "never a live copy"
+        );
+        let MetaResponse::Volume(v) = drop(&mut m, 3) else {
+            panic!("DropCopy refused")
+        };
+        assert_eq!(v.replicas, vec![1, 2, 4]);
+        assert_eq!(v.live(), vec![1, 2, 4]);
+        assert!(v.state_of(3).is_none() && !v.stale.contains(&3));
+        // Back in: it may hold copies again.
+        assert_eq!(
+            m.apply(&MetaCommand::SetOut {
+                node: 3,
+                out: false
+            }),
+            MetaResponse::Ok
+        );
+        assert!(m.out.is_empty());
     }
 }

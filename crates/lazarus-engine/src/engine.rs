@@ -398,7 +398,7 @@ impl Engine {
         let len = data.len() as u64;
         let replicated = self.serving(vol).await?;
         let _in_flight = replicated.then(|| self.update_guard());
-        let mut holders = vec![self.executor()];
+        let mut holders = vec![self.executor(&vol.meta.name)];
         if len > 0 {
             let first = offset / BLOCK_SIZE_U64;
             let last = (offset + len - 1) / BLOCK_SIZE_U64;
@@ -481,7 +481,7 @@ impl Engine {
         let replicated = self.serving(vol).await?;
         let _in_flight = replicated.then(|| self.update_guard());
         // Held by every process that holds each of its parts.
-        let mut holders = vec![self.executor()];
+        let mut holders = vec![self.executor(&vol.meta.name)];
         let keep = |h: Holders, holders: &mut Holders| holders.retain(|x| h.contains(x));
         if len > 0 {
             let end = offset + len;
@@ -538,7 +538,7 @@ impl Engine {
                 })?;
                 if replicated {
                     let mut h = self.replicate(vol, u, &[], on_rs).await?;
-                    h.push(self.executor());
+                    h.push(self.executor(&vol.meta.name));
                     keep(h, &mut holders);
                 }
                 self.after_write();

@@ -87,7 +87,7 @@ impl Engine {
     ) -> Result<Done, IoError> {
         let done = |data: Vec<u8>, holders: Holders| Done {
             data,
-            by: self.executor(),
+            by: self.executor(&req.volume),
             holders,
         };
         let vol = self.store.volume(&req.volume).ok_or_else(|| {
@@ -149,14 +149,14 @@ impl Engine {
         }
     }
 
-    /// This process, as the executor of the requests it runs.
-    pub fn executor(&self) -> Executor {
+    /// This process, as the executor of the requests it runs on `volume`.
+    pub fn executor(&self, volume: &str) -> Executor {
         self.cluster
             .get()
             .map(|c| Executor {
                 node: c.id,
                 incarnation: c.incarnation(),
-                copy_gen: c.copies_replaced.load(std::sync::atomic::Ordering::Acquire),
+                copy_gen: c.copy_gen(volume),
             })
             .unwrap_or_default()
     }
@@ -310,7 +310,7 @@ impl Engine {
         let (json, raw) = rpc::unpack(body)?;
         let req: ForwardReq =
             serde_json::from_slice(json).map_err(|e| format!("bad request: {e}"))?;
-        let executor = engine.executor();
+        let executor = engine.executor(&req.volume);
         let reply = |r: ForwardReply, data: &[u8]| -> Result<Vec<u8>, String> {
             let json = serde_json::to_vec(&r).map_err(|e| e.to_string())?;
             Ok(rpc::pack(&json, data))

@@ -179,10 +179,11 @@ pub struct Cluster {
     /// node that crashed is never counted as having copies it may have lost.
     ready: AtomicBool,
     incarnation: u64,
-    /// Bumped before this process replaces any part of a copy from elsewhere (a
-    /// resync, a restore from the recovery server): writes it applied before may be
-    /// gone from it, so it no longer vouches for them (nbd_server.rs, `Acks`).
-    pub copies_replaced: std::sync::atomic::AtomicU64,
+    /// Per volume, bumped before this process replaces any part of its copy from
+    /// elsewhere (a resync, a restore from the recovery server): writes it applied
+    /// before may be gone from it, so it no longer vouches for them (nbd_server.rs,
+    /// `Acks`). Per volume: a resync of one copy says nothing about the others.
+    copies_replaced: parking_lot::Mutex<HashMap<String, u64>>,
     pub resync: crate::resync::ResyncState,
     /// The node's block locks, shared with its engine (`stripes.rs`).
     pub(crate) stripes: Arc<crate::stripes::Stripes>,
@@ -211,6 +212,10 @@ pub struct Cluster {
     /// apply; a root check holds it exclusively, so it never reads a root that an
     /// update admitted under the previous epoch has yet to change.
     pub(crate) apply_guards: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::RwLock<()>>>>,
+    /// When each peer last answered this node's pings (`watch_peers`).
+    pub(crate) seen: crate::membership::PeerSeen,
+    /// How long a node may answer no one before the leader marks it out.
+    pub(crate) out_after: Duration,
 }
 
 impl Cluster {
@@ -368,6 +373,8 @@ impl Cluster {
             copy_errors: Default::default(),
             started: Instant::now(),
             apply_guards: Default::default(),
+            seen: Default::default(),
+            out_after: Duration::from_secs(cfg.out_after_secs.max(1)),
         });
         let listener = lazarus_rpc::net::Listener::bind(&rpc_listen.to_string())
             .await
@@ -436,8 +443,13 @@ impl Cluster {
             KIND_REPLICATE | KIND_FLUSH => {
                 let (json, raw) = rpc::unpack(&body)?;
                 let u: Update = de(json)?;
+                // A flush is node-wide; its holder is not compared with writes'.
+                let volume = match &u {
+                    Update::Write { volume, .. } | Update::Zero { volume, .. } => volume.clone(),
+                    Update::Flush => String::new(),
+                };
                 self.apply_update(u, raw).await?;
-                Ok(self.holder())
+                Ok(self.holder(&volume))
             }
             KIND_CLIENT_WRITE => {
                 let cmd: MetaCommand = de(&body)?;
@@ -915,17 +927,36 @@ impl Cluster {
             .volume(volume)
             .filter(|l| l.meta.uid == v.uid && l.size_bytes() >= v.size_bytes)?;
         Some(match self.apply_to(&local, &u, raw) {
-            Ok(()) => Ok(self.holder()),
+            Ok(()) => Ok(self.holder(volume)),
             Err(e) => Err(e.into()),
         })
     }
 
     /// Which process holds an update it applied (nbd_server.rs, `Acks`): its
-    /// incarnation and how many times it has replaced part of a copy.
-    fn holder(&self) -> Vec<u8> {
+    /// incarnation and how many times it has replaced part of its copy of `volume`.
+    fn holder(&self, volume: &str) -> Vec<u8> {
         let mut who = self.incarnation.to_be_bytes().to_vec();
-        who.extend_from_slice(&self.copies_replaced.load(Ordering::Acquire).to_be_bytes());
+        who.extend_from_slice(&self.copy_gen(volume).to_be_bytes());
         who
+    }
+
+    /// How many times this process has replaced part of its copy of `volume`.
+    pub fn copy_gen(&self, volume: &str) -> u64 {
+        self.copies_replaced
+            .lock()
+            .get(volume)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Called before this process replaces part of its copy of `volume` from
+    /// elsewhere: it no longer vouches for the writes it applied to it before.
+    pub(crate) fn replacing_copy(&self, volume: &str) {
+        *self
+            .copies_replaced
+            .lock()
+            .entry(volume.to_string())
+            .or_default() += 1;
     }
 
     /// Sends an update to every replica that takes updates and waits for all. A
@@ -1337,6 +1368,7 @@ impl Cluster {
                 let meta = c.store.meta();
                 for &n in meta.nodes.keys().filter(|&&n| n != c.id) {
                     let ok = c.answers(&meta, n).await;
+                    c.seen.record(n, ok);
                     match answering.insert(n, ok) {
                         Some(was) if was != ok => lazarus_observe::events::record(
                             "node",
@@ -1517,12 +1549,26 @@ impl Cluster {
             loop {
                 let meta = c.store.meta();
                 for local in c.blocks.volumes() {
-                    if !meta.deleted.contains(&local.meta.uid) {
+                    // A copy the placement dropped (rebuilt elsewhere while this node
+                    // was out): stale, never served; judged only on caught-up metadata.
+                    let dropped = c.is_ready()
+                        && meta.volumes.get(&local.meta.name).is_some_and(|v| {
+                            v.uid == local.meta.uid && !v.replicas.contains(&c.id)
+                        });
+                    if !meta.deleted.contains(&local.meta.uid) && !dropped {
                         continue;
                     }
                     let b = c.blocks.clone();
                     let name = local.meta.name.clone();
                     match lazarus_rpc::rt::blocking(move || b.delete_volume(&name)).await {
+                        Ok(Ok(())) if dropped => {
+                            tracing::info!(volume = %local.meta.name, uid = local.meta.uid, "local copy removed: the placement dropped it (rebuilt on another node)");
+                            lazarus_observe::events::record(
+                                "membership",
+                                &local.meta.name,
+                                format!("n{}: its dropped copy removed", c.id),
+                            );
+                        }
                         Ok(Ok(())) => {
                             tracing::info!(volume = %local.meta.name, uid = local.meta.uid, "local copy of a deleted volume removed")
                         }

@@ -54,6 +54,10 @@ pub struct NodeConfig {
     pub failures_max: usize,
     #[serde(default = "default_failure_window")]
     pub failure_window_minutes: u64,
+    /// A node that answers no one for this long is marked out and its copies are
+    /// rebuilt on other nodes (the leader's setting counts; default 600 s).
+    #[serde(default = "default_out_after")]
+    pub out_after_secs: u64,
     /// Whether the admin API takes fault injection (`lazarus fault ...`: dropped links,
     /// corrupted pages, injected EIO, failed devices, isolation). Off unless asked for:
     /// `lazarus up` turns it on for its local cluster; a node run from a configuration
@@ -110,6 +114,10 @@ fn default_suspend_secs() -> u64 {
 
 fn default_failures_max() -> usize {
     3
+}
+
+fn default_out_after() -> u64 {
+    600
 }
 
 fn default_failure_window() -> u64 {

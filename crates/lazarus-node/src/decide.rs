@@ -9,6 +9,7 @@
 //!   when a surviving replica may claim the volume;
 //! - `verdict`: what a new primary does about a live replica whose root it asked for;
 //! - `unmarked_dead`: the dead copies a failover must mark stale first.
+//! - `placement_step`, `may_mark_in`: re-replication of the copies on nodes marked out.
 
 use lazarus_cluster::raft_store::NodeId;
 use lazarus_cluster::{ReplicaState, VolumeInfo};
@@ -169,6 +170,129 @@ pub fn unmarked_dead(v: &VolumeInfo) -> Vec<NodeId> {
         .collect()
 }
 
+/// Where a new volume goes: `[primary, other copies...]`. Nodes marked out get
+/// nothing, nodes that answer (`answering`) come first; the primary is `asked` if
+/// given, else the node that is primary of the fewest volumes (`me`, the node taking
+/// the request, among equals, then the lowest id); the other copies go to the nodes
+/// holding the fewest copies.
+pub fn place_volume(
+    meta: &lazarus_cluster::ClusterMeta,
+    rf: usize,
+    asked: Option<NodeId>,
+    me: NodeId,
+    answering: impl Fn(NodeId) -> bool,
+) -> Result<Vec<NodeId>, String> {
+    let eligible: Vec<NodeId> = meta
+        .nodes
+        .keys()
+        .copied()
+        .filter(|n| !meta.out.contains(n))
+        .collect();
+    if rf == 0 || rf > eligible.len() {
+        return Err(format!(
+            "replication factor {rf} needs {rf} nodes that are not out; the cluster has {}",
+            eligible.len()
+        ));
+    }
+    let (mut primaries, mut copies) = (
+        std::collections::HashMap::<NodeId, usize>::new(),
+        std::collections::HashMap::<NodeId, usize>::new(),
+    );
+    for v in meta.volumes.values() {
+        *primaries.entry(v.primary).or_default() += 1;
+        for n in &v.replicas {
+            *copies.entry(*n).or_default() += 1;
+        }
+    }
+    let count =
+        |m: &std::collections::HashMap<NodeId, usize>, n: NodeId| m.get(&n).copied().unwrap_or(0);
+    let primary = match asked {
+        Some(p) if eligible.contains(&p) => p,
+        Some(p) => return Err(format!("n{p} is not a cluster member that is in")),
+        None => *eligible
+            .iter()
+            .min_by_key(|n| (!answering(**n), count(&primaries, **n), **n != me, **n))
+            .expect("rf >= 1 eligible nodes"),
+    };
+    let mut others: Vec<NodeId> = eligible.into_iter().filter(|n| *n != primary).collect();
+    others.sort_by_key(|n| (!answering(*n), count(&copies, *n), *n));
+    let mut placed = vec![primary];
+    placed.extend(others.into_iter().take(rf - 1));
+    Ok(placed)
+}
+
+/// What the leader does next about one volume's placement (`membership.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlacementStep {
+    /// Place a new copy on this node (`AddCopy`): it resyncs from the primary.
+    Add(NodeId),
+    /// This out node's copy still takes updates: commit it dead first.
+    Retire(NodeId),
+    /// Drop this out node's dead copy (`DropCopy`): its replacement is live.
+    Drop(NodeId),
+    Stay,
+}
+
+/// Re-replication, one step at a time: while a copy sits on a node marked out, a new
+/// copy is placed on the first of `candidates` (nodes that answer with a usable
+/// device, not out, best first) that holds none; once the volume has as many live
+/// copies on nodes that are not out as its replication factor, the out copy is retired
+/// and dropped. Never before: until then it may be the copy that a repair or a
+/// promotion needs. A volume whose primary is out waits for its failover.
+pub fn placement_step(
+    v: &VolumeInfo,
+    out: &std::collections::BTreeSet<NodeId>,
+    candidates: &[NodeId],
+) -> PlacementStep {
+    let Some(&gone) = v
+        .replicas
+        .iter()
+        .find(|n| out.contains(n) && **n != v.primary)
+    else {
+        return PlacementStep::Stay;
+    };
+    if out.contains(&v.primary) {
+        return PlacementStep::Stay;
+    }
+    let rf = v.replication_factor();
+    let kept: Vec<NodeId> = v
+        .replicas
+        .iter()
+        .copied()
+        .filter(|n| !out.contains(n))
+        .collect();
+    if kept.len() < rf {
+        return candidates
+            .iter()
+            .find(|n| !v.replicas.contains(n))
+            .map_or(PlacementStep::Stay, |n| PlacementStep::Add(*n));
+    }
+    let live_kept = kept
+        .iter()
+        .filter(|n| v.state_of(**n) == Some(ReplicaState::Live))
+        .count();
+    if live_kept < rf {
+        return PlacementStep::Stay;
+    }
+    if v.state_of(gone) == Some(ReplicaState::Dead) {
+        PlacementStep::Drop(gone)
+    } else {
+        PlacementStep::Retire(gone)
+    }
+}
+
+/// Whether an out node that answers again may be marked back in: none of its copies
+/// has a replacement placed (it then resyncs them as any returning node would). A
+/// node whose copies are being rebuilt elsewhere stays out until they are dropped.
+pub fn may_mark_in(meta: &lazarus_cluster::ClusterMeta, node: NodeId) -> bool {
+    meta.volumes
+        .values()
+        .filter(|v| v.replicas.contains(&node))
+        .all(|v| {
+            v.replicas.iter().filter(|n| !meta.out.contains(n)).count() < v.replication_factor()
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,6 +317,7 @@ mod tests {
             live_at: Default::default(),
             changed_at: 0,
             resyncing_at: Default::default(),
+            replication: 3,
         }
     }
 
@@ -361,5 +486,120 @@ mod tests {
             verdict(&a, &Err("down".into()), UNREACHABLE_PATIENCE),
             Verdict::MarkDead(_)
         ));
+    }
+
+    #[test]
+    fn an_out_copy_is_replaced_then_dropped_never_before() {
+        use PlacementStep::*;
+        let out: std::collections::BTreeSet<NodeId> = [3].into();
+        let mut v = volume(1);
+        v.states.insert(3, ReplicaState::Dead);
+        assert_eq!(
+            placement_step(&v, &Default::default(), &[4]),
+            Stay,
+            "nothing out"
+        );
+        assert_eq!(placement_step(&v, &out, &[]), Stay, "nowhere to go");
+        assert_eq!(
+            placement_step(&v, &out, &[2, 4, 5]),
+            Add(4),
+            "first candidate without a copy"
+        );
+        v.replicas.push(4);
+        v.states.insert(4, ReplicaState::Dead);
+        assert_eq!(placement_step(&v, &out, &[4, 5]), Stay, "rebuild under way");
+        v.states.insert(4, ReplicaState::Resyncing);
+        assert_eq!(placement_step(&v, &out, &[5]), Stay, "not live yet");
+        v.states.insert(4, ReplicaState::Live);
+        assert_eq!(placement_step(&v, &out, &[5]), Drop(3));
+        v.states.insert(3, ReplicaState::Live);
+        assert_eq!(
+            placement_step(&v, &out, &[5]),
+            Retire(3),
+            "a copy taking updates goes dead first"
+        );
+        // The rebuilt copy's node went out too: another one is placed.
+        let out2: std::collections::BTreeSet<NodeId> = [3, 4].into();
+        v.states.insert(3, ReplicaState::Dead);
+        assert_eq!(placement_step(&v, &out2, &[5]), Add(5));
+        // An out primary waits for its failover.
+        let v1 = volume(3);
+        assert_eq!(placement_step(&v1, &out, &[4]), Stay);
+    }
+
+    #[test]
+    fn an_out_node_returns_only_while_nothing_replaces_its_copies() {
+        let mut m = lazarus_cluster::ClusterMeta::default();
+        let mut v = volume(1);
+        m.out.insert(3);
+        m.volumes.insert("vol0".into(), v.clone());
+        assert!(
+            may_mark_in(&m, 3),
+            "no replacement placed: it resyncs its copy"
+        );
+        v.replicas.push(4);
+        m.volumes.insert("vol0".into(), v.clone());
+        assert!(!may_mark_in(&m, 3), "a replacement is being rebuilt");
+        v.replicas.retain(|n| *n != 3);
+        m.volumes.insert("vol0".into(), v);
+        assert!(may_mark_in(&m, 3), "its copy was dropped");
+    }
+
+    #[test]
+    fn new_volumes_spread_their_primaries_and_copies() {
+        let mut m = lazarus_cluster::ClusterMeta::default();
+        for id in 1..=5 {
+            m.nodes.insert(
+                id,
+                lazarus_cluster::NodeInfo {
+                    name: format!("n{id}"),
+                    rpc: String::new(),
+                    nbd: String::new(),
+                    admin: String::new(),
+                    incarnation: 0,
+                    jeopardy_policy: None,
+                },
+            );
+        }
+        let all = |_| true;
+        assert_eq!(place_volume(&m, 3, None, 1, all).unwrap(), vec![1, 2, 3]);
+        assert_eq!(
+            place_volume(&m, 3, None, 4, all).unwrap(),
+            vec![4, 1, 2],
+            "the asking node among equals"
+        );
+        assert_eq!(
+            place_volume(&m, 6, None, 1, all).unwrap_err(),
+            "replication factor 6 needs 6 nodes that are not out; the cluster has 5"
+        );
+        // Five volumes created through n1: one primary each, copies spread.
+        for i in 0..5 {
+            let r = place_volume(&m, 3, None, 1, all).unwrap();
+            let mut v = volume(r[0]);
+            v.name = format!("v{i}");
+            v.replicas = r;
+            m.volumes.insert(v.name.clone(), v);
+        }
+        let mut primaries: Vec<NodeId> = m.volumes.values().map(|v| v.primary).collect();
+        primaries.sort_unstable();
+        assert_eq!(primaries, vec![1, 2, 3, 4, 5]);
+        for n in 1..=5 {
+            let held = m
+                .volumes
+                .values()
+                .filter(|v| v.replicas.contains(&n))
+                .count();
+            assert_eq!(held, 3, "n{n} holds {held} copies");
+        }
+        // Out and silent nodes come last or not at all; an asked primary is kept.
+        m.out.insert(5);
+        let r = place_volume(&m, 3, None, 1, |n| n != 2).unwrap();
+        assert!(!r.contains(&5) && !r.contains(&2), "{r:?}");
+        assert_eq!(place_volume(&m, 1, Some(3), 1, all).unwrap(), vec![3]);
+        assert!(place_volume(&m, 1, Some(5), 1, all).is_err(), "an out node");
+        assert!(
+            place_volume(&m, 1, Some(9), 1, all).is_err(),
+            "not a member"
+        );
     }
 }

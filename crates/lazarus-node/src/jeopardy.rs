@@ -1492,8 +1492,7 @@ impl Cluster {
         local: &Arc<lazarus_store::Volume>,
     ) -> Result<(u64, u64), String> {
         let r = self.recovery.as_ref().ok_or("no recovery server")?;
-        self.copies_replaced
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.replacing_copy(volume);
         let t0 = Instant::now();
         let set = |f: &dyn Fn(&mut RestoreProgress)| {
             let mut m = r.restores.lock();

@@ -2,7 +2,8 @@
 //! answers (`cluster`), replication state and primary leases (`lease`), client sessions'
 //! fence tokens (`fence`), reconciliation of live copies after a promotion
 //! (`reconcile`), resync of a stale copy (`resync`), the last failure domain
-//! (`jeopardy`, `survivor`, `claims`), and the node's block locks (`stripes`). The
+//! (`jeopardy`, `survivor`, `claims`), nodes marked out and their copies rebuilt
+//! elsewhere (`membership`), and the node's block locks (`stripes`). The
 //! decisions they take are pure functions in `decide`.
 //!
 //! Below it: the block store (`lazarus-store`), the metadata (`lazarus-cluster`), the
@@ -18,6 +19,7 @@ pub mod decide;
 pub mod fence;
 pub mod jeopardy;
 pub mod lease;
+pub mod membership;
 pub mod reconcile;
 pub mod resync;
 pub mod stripes;

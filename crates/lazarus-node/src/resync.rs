@@ -465,6 +465,10 @@ impl Cluster {
                     continue;
                 }
                 let meta = c.store.meta();
+                // An out node's copies are rebuilt elsewhere, not resynced here.
+                if meta.out.contains(&c.id) {
+                    continue;
+                }
                 for v in meta.volumes.values() {
                     // Not while this node holds the volume at the recovery server, nor
                     // while the recovery server knows a newer holder than the
@@ -552,8 +556,7 @@ impl Cluster {
         let top = local.level_lens().len() - 1;
         // Reachable, and not cut off by a fault, before changing any state.
         src.tree(top, 0).await?;
-        self.copies_replaced
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.replacing_copy(&v.name);
         let _tracking = self.resync.track(&v.name);
         if v.state_of(self.id) == Some(ReplicaState::Dead) {
             // In jeopardy, the writes this copy missed are on the recovery server:

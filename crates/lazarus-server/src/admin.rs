@@ -431,6 +431,10 @@ pub struct CreateVolume {
     /// Copies to keep (cluster mode; default 3, at most the number of nodes).
     #[serde(default)]
     pub replication_factor: Option<usize>,
+    /// The node to make its primary ("n2"; cluster mode). Default: the node that is
+    /// primary of the fewest volumes, this one among equals.
+    #[serde(default)]
+    pub primary: Option<String>,
 }
 
 async fn create_volume(
@@ -440,7 +444,8 @@ async fn create_volume(
     let req = request_body(body)?;
     let size = req.size.bytes()?;
     if let Some(c) = s.cluster.clone() {
-        return create_in_cluster(&s, &c, req.name, size, req.replication_factor).await;
+        return create_in_cluster(&s, &c, req.name, size, req.replication_factor, req.primary)
+            .await;
     }
     let store = s.engine.store.clone();
     let v = lazarus_rpc::rt::blocking(move || store.create_volume(&req.name, size))
@@ -449,37 +454,34 @@ async fn create_volume(
     Ok((StatusCode::CREATED, Json(volume_view(&v))))
 }
 
-/// Creates a volume through the cluster metadata: this node is its primary, the other
-/// copies go to the next nodes by id. Returns once the local copy exists.
+/// Creates a volume through the cluster metadata, placed by `lazarus_node::decide::
+/// place_volume` (primaries spread over the nodes, copies on the nodes holding the
+/// fewest). Returns once the copy on this node exists (if it holds one), else once the
+/// primary's does.
 async fn create_in_cluster(
     s: &AppState,
     c: &Arc<lazarus_node::cluster::Cluster>,
     name: String,
     size: u64,
     rf: Option<usize>,
+    primary: Option<String>,
 ) -> Result<(StatusCode, Json<VolumeView>), ApiError> {
     lazarus_types::check_volume_name(&name).map_err(|m| ApiError(StatusCode::BAD_REQUEST, m))?;
+    let bad = |m: String| ApiError(StatusCode::BAD_REQUEST, m);
+    let primary = primary
+        .map(|p| lazarus_node::cluster::raft_id(&p).map_err(|e| bad(format!("primary: {e}"))))
+        .transpose()?;
     let meta = c.store.meta();
-    let mut others: Vec<u64> = meta.nodes.keys().copied().filter(|n| *n != c.id).collect();
-    others.sort_unstable();
     let rf = rf.unwrap_or(lazarus_cluster::meta::REPLICATION_FACTOR_DEFAULT);
-    if rf == 0 || rf > 1 + others.len() {
-        return Err(ApiError(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "replication factor {rf} needs {rf} registered nodes; the cluster has {}",
-                1 + others.len()
-            ),
-        ));
-    }
-    let mut replicas = vec![c.id];
-    replicas.extend(others.into_iter().take(rf - 1));
+    let replicas = lazarus_node::decide::place_volume(&meta, rf, primary, c.id, |n| c.seems_up(n))
+        .map_err(bad)?;
     let cmd = lazarus_cluster::MetaCommand::CreateVolume {
         name: name.clone(),
         size_bytes: size,
-        replicas,
-        primary: Some(c.id),
+        replicas: replicas.clone(),
+        primary: Some(replicas[0]),
     };
+    let placed_here = replicas.contains(&c.id);
     match c
         .propose(cmd)
         .await
@@ -488,6 +490,9 @@ async fn create_in_cluster(
         lazarus_cluster::MetaResponse::Volume(_) => {}
         lazarus_cluster::MetaResponse::Exists(m) => return Err(ApiError(StatusCode::CONFLICT, m)),
         other => return Err(ApiError(StatusCode::BAD_REQUEST, format!("{other:?}"))),
+    }
+    if !placed_here {
+        return created_elsewhere(c, &name, replicas[0]).await;
     }
     // The metadata loop creates this node's copy; should it fail (a full disk, say),
     // the client is told why, and the copy is created once it can be.
@@ -516,6 +521,44 @@ async fn create_in_cluster(
             format!("volume {name:?} committed but its local copy did not appear"),
         ),
     })
+}
+
+/// A volume this node holds no copy of: answered once its primary reports its copy
+/// (its metadata loop creates it within a moment of the commit).
+async fn created_elsewhere(
+    c: &Arc<lazarus_node::cluster::Cluster>,
+    name: &str,
+    primary: u64,
+) -> Result<(StatusCode, Json<VolumeView>), ApiError> {
+    let uid = c.store.meta().volumes.get(name).map_or(0, |v| v.uid);
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < std::time::Duration::from_secs(10) {
+        if let Ok(stats) = c
+            .peer_stats(primary, std::time::Duration::from_millis(500))
+            .await
+        {
+            if let Some(v) = stats["volumes"].get(name) {
+                return Ok((
+                    StatusCode::CREATED,
+                    Json(VolumeView {
+                        name: name.to_string(),
+                        size_bytes: v["size_bytes"].as_u64().unwrap_or(0),
+                        uid: format!("{:016x}", uid),
+                        mapped_blocks: v["mapped_blocks"].as_u64().unwrap_or(0),
+                        mapped_pages: v["mapped_pages"].as_u64().unwrap_or(0),
+                        root: v["root"].as_str().unwrap_or_default().to_string(),
+                        unrecoverable: Vec::new(),
+                        unrecoverable_lbas: v["unrecoverable_lbas"].as_u64().unwrap_or(0),
+                    }),
+                ));
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Err(ApiError(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("volume {name:?} is in the cluster metadata, but its primary n{primary} has not reported its copy yet"),
+    ))
 }
 
 fn find(s: &AppState, name: &str) -> Result<Arc<Volume>, ApiError> {

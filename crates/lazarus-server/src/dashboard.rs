@@ -33,6 +33,7 @@ pub async fn overview(engine: &Engine, node_name: &str) -> Value {
     let peers = meta.nodes.iter().map(|(&id, info)| {
         let c = c.clone();
         let me = &me;
+        let out = meta.out.contains(&id);
         async move {
             let stats = if id == c.id {
                 Ok(me.clone())
@@ -49,6 +50,7 @@ pub async fn overview(engine: &Engine, node_name: &str) -> Value {
                 "nbd": info.nbd,
                 "admin": info.admin,
                 "up": up,
+                "out": out,
                 "error": error,
                 "stats": stats,
             })

@@ -707,7 +707,7 @@ async fn execute_inner(
             match Box::pin(engine.flush(vol)).await {
                 Ok(()) => unflushed
                     .acks
-                    .flush_done(unflushed.opened, t, engine.executor())
+                    .flush_done(unflushed.opened, t, engine.executor(&vol.meta.name))
                     .map(|()| Vec::new()),
                 Err(e) => Err(e),
             }

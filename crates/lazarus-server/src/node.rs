@@ -116,6 +116,7 @@ pub async fn start(
             c.contact_loop();
             c.watch_primaries();
             c.watch_peers();
+            c.watch_membership();
             c.lease_loop();
             c.hold_loop();
             c.jeopardy_loop();

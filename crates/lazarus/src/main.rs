@@ -54,6 +54,10 @@ enum Cmd {
         /// fails with EIO.
         #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
         jeopardy_suspend_secs: u64,
+        /// A node that answers no one for this many seconds is marked out and its
+        /// copies are rebuilt on other nodes (when the cluster has nodes to spare).
+        #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=604800))]
+        out_after: u64,
         /// Run without a recovery server: no jeopardy protection; failover is fenced by
         /// Raft alone.
         #[arg(long)]
@@ -194,6 +198,10 @@ enum VolumeOp {
         /// Copies to keep in a cluster (default 3; 1 keeps a single copy).
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..=5))]
         replicas: Option<u16>,
+        /// The node to make its primary (e.g. n2). Default: the node that is primary
+        /// of the fewest volumes.
+        #[arg(long)]
+        primary: Option<String>,
     },
     List {
         #[arg(long)]
@@ -397,11 +405,15 @@ fn client_command(cmd: Cmd) -> anyhow::Result<()> {
                     name,
                     size,
                     replicas,
+                    primary,
                 } => {
                     lazarus_types::check_volume_name(&name).map_err(anyhow::Error::msg)?;
                     let mut body = json!({ "name": name, "size": size });
                     if let Some(r) = replicas {
                         body["replication_factor"] = json!(r);
+                    }
+                    if let Some(p) = primary {
+                        body["primary"] = json!(p);
                     }
                     let v = client::ok(api.post("/api/v1/volumes", &body)?)?;
                     println!(
@@ -713,11 +725,13 @@ fn main() {
             nodes,
             jeopardy_policy,
             jeopardy_suspend_secs,
+            out_after,
             no_recovery_server,
             insecure_cluster,
             nbd_tls,
         } => runtime().block_on(up::run(up::UpArgs {
             jeopardy_suspend_secs,
+            out_after_secs: out_after,
             cluster_tls: !insecure_cluster,
             nbd_tls: match nbd_tls.as_str() {
                 "off" => config::NbdTlsMode::Off,

@@ -73,7 +73,7 @@ fn paint(word: &str) -> String {
     let code = match word {
         "live" | "up" | "leader" => "32",
         "resyncing" | "catching-up" => "33",
-        "dead" | "DOWN" | "JEOPARDY" => "31;1",
+        "dead" | "DOWN" | "JEOPARDY" | "OUT" => "31;1",
         _ => return word.to_string(),
     };
     format!("\x1b[{code}m{word}\x1b[0m")
@@ -129,6 +129,15 @@ pub fn print_cluster(c: &Value) {
             .filter_map(|d| d.as_str().map(|d| format!("drop->{d}")))
             .chain((n["isolated"] == true).then(|| "isolated".to_string()))
             .chain((n["device_failed"] == true).then(|| "device-failed".to_string()))
+            .chain(
+                c["metadata"]["out"]
+                    .as_array()
+                    .is_some_and(|o| {
+                        o.iter()
+                            .any(|x| x.as_u64().is_some_and(|x| id.parse() == Ok(x)))
+                    })
+                    .then(|| "OUT (its copies are rebuilt elsewhere)".to_string()),
+            )
             .collect();
         let pad =
             |w: &str, n: usize| format!("{}{}", paint(w), " ".repeat(n.saturating_sub(w.len())));
@@ -155,6 +164,11 @@ pub fn print_cluster(c: &Value) {
             vol["epoch"],
             states.join(" ")
         );
+        let placed = vol["replicas"].as_array().map_or(0, |r| r.len());
+        let rf = vol["replication"].as_u64().unwrap_or(0) as usize;
+        if rf > 0 && placed > rf {
+            println!("    re-replicating: {placed} copies placed for {rf}; the copy on an out node is dropped once its replacement is live");
+        }
         let j = &c["jeopardy"]["volumes"][name.as_str()];
         // The recovery server may know a newer holder than this metadata (claimed
         // without a majority: a surviving replica, a take-over): say who serves.

@@ -64,6 +64,8 @@ pub struct UpArgs {
     pub log_level: Option<String>,
     pub jeopardy_policy: lazarus_node::config::JeopardyPolicy,
     pub jeopardy_suspend_secs: u64,
+    /// A node silent this long is marked out; its copies are rebuilt elsewhere.
+    pub out_after_secs: u64,
     /// Start a recovery server beside the nodes (clusters only).
     pub recovery_server: bool,
     /// Mutual TLS between the members (off only to measure its cost).
@@ -168,6 +170,7 @@ fn node_config(args: &UpArgs, i: usize) -> anyhow::Result<NodeConfig> {
         jeopardy_suspend_secs: args.jeopardy_suspend_secs,
         failures_max: 3,
         failure_window_minutes: 10,
+        out_after_secs: args.out_after_secs,
         cluster_tls: (clustered && args.cluster_tls).then(|| certs_dir(args).join(&id)),
         nbd_tls: args.nbd_tls,
         nbd_tls_certificates: (args.nbd_tls != NbdTlsMode::Off)
@@ -379,8 +382,8 @@ fn wait_cluster_formed(api: &Api, nodes: usize) -> anyhow::Result<()> {
     }
 }
 
-/// Waits until the cluster serves: every node has finished its start-up check and
-/// holds its copy of the default volume, every copy of every volume is live (copies
+/// Waits until the cluster serves: every node has finished its start-up check, every
+/// node the default volume is placed on holds its copy, every copy of every volume is live (copies
 /// that missed updates while stopped resync first), and each volume's primary holds
 /// its lease.
 fn wait_copies_live(apis: &[Api]) -> anyhow::Result<()> {
@@ -389,12 +392,6 @@ fn wait_copies_live(apis: &[Api]) -> anyhow::Result<()> {
         let mut pending = Vec::new();
         let mut views = Vec::new();
         for (i, api) in apis.iter().enumerate() {
-            if !matches!(
-                api.get(&format!("/api/v1/volumes/{DEFAULT_VOLUME}")),
-                Ok((200, _))
-            ) {
-                pending.push(format!("{DEFAULT_VOLUME} not yet on n{}", i + 1));
-            }
             match api.get("/api/v1/cluster") {
                 Ok((200, v)) if v["ready"] == true => views.push(v),
                 _ => pending.push(format!("n{} not ready", i + 1)),
@@ -405,6 +402,20 @@ fn wait_copies_live(apis: &[Api]) -> anyhow::Result<()> {
                 for (n, st) in vol["states"].as_object().into_iter().flatten() {
                     if st != "live" {
                         pending.push(format!("{name} on n{n} is {}", st.as_str().unwrap_or("?")));
+                    }
+                }
+                // Each node the default volume is placed on holds its copy.
+                let placed = vol["replicas"].as_array().into_iter().flatten();
+                for n in placed.filter_map(|n| n.as_u64()) {
+                    if name != DEFAULT_VOLUME {
+                        break;
+                    }
+                    let api = apis.get((n as usize).wrapping_sub(1));
+                    let here = api.is_some_and(|a| {
+                        matches!(a.get(&format!("/api/v1/volumes/{name}")), Ok((200, _)))
+                    });
+                    if !here {
+                        pending.push(format!("{DEFAULT_VOLUME} not yet on n{n}"));
                     }
                 }
                 let primary = vol["primary"].as_u64().unwrap_or(0);

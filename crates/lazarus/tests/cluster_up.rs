@@ -343,6 +343,8 @@ fn a_late_lease_renewal_delays_a_write_it_does_not_fail_it() {
             &vol,
             "--size",
             "16MiB",
+            "--primary",
+            &format!("n{p}"),
             "--api",
             &up.admin(p),
         ]);
@@ -606,6 +608,8 @@ fn replication_factor_one_and_delete_everywhere() {
         "32MiB",
         "--replicas",
         "1",
+        "--primary",
+        "n1",
     ]);
     let m = up.wait_meta(1, "solo", Duration::from_secs(5), "solo created", |_| true);
     assert_eq!(m["replicas"].as_array().unwrap().len(), 1, "{m}");

@@ -1064,7 +1064,10 @@ fn isolated_leader_never_promotes_itself() {
             "-H",
             &up.auth_header(),
         ])
-        .args(["-d", r#"{"name":"iso","size":"64MiB"}"#])
+        .args([
+            "-d",
+            &format!(r#"{{"name":"iso","size":"64MiB","primary":"n{p}"}}"#),
+        ])
         .arg(format!("{}/api/v1/volumes", up.admin(p)))
         .output()
         .unwrap();

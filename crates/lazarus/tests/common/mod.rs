@@ -309,7 +309,8 @@ pub fn claim_ports() -> (u16, std::fs::File) {
 }
 
 fn ports_free(base: u16) -> bool {
-    (0..3).all(|i| {
+    // Up to nine nodes: BASE+i, BASE+10+i, BASE+20+i.
+    (0..9).all(|i| {
         [base + i, base + 10 + i, base + 20 + i, base + 30]
             .iter()
             .all(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())

@@ -1,0 +1,252 @@
+//! Nodes marked out and their copies rebuilt elsewhere (re-replication).
+//!
+//! A node that answers no one for the cluster's out-time (`out_after_secs`, default
+//! 10 minutes) is marked out by the leader (`MetaCommand::SetOut`). From then on no
+//! copy is placed on it and it resyncs none of the copies it still holds; each of them
+//! is rebuilt on another node: the leader places a new copy (`AddCopy`, dead and stale:
+//! it holds nothing), which turns live at the end of an ordinary Merkle resync from the
+//! primary (so only mapped data moves, one page at a time), and only then drops the out
+//! node's copy (`DropCopy`). Until the replacement is live the old copy stays in the
+//! placement, where a repair or a promotion that needs it still finds it. A node whose
+//! copies are all gone from the placement and that answers again is marked back in;
+//! when it starts, or as soon as its metadata shows the drop, it deletes the copies it
+//! still holds (`Cluster::reconcile`): a stale copy is removed, never served.
+//!
+//! The decisions are pure functions (`decide::placement_step`, `decide::may_mark_in`);
+//! this loop gathers what they need and proposes what they say, one step per volume
+//! and round, on the leader only.
+
+use crate::cluster::Cluster;
+use crate::decide::{may_mark_in, placement_step, PlacementStep};
+use lazarus_cluster::raft_store::NodeId;
+use lazarus_cluster::{MetaCommand, MetaResponse, ReplicaState};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How often the leader looks at the placement.
+const MEMBERSHIP_INTERVAL: Duration = Duration::from_secs(1);
+/// How long an out node must answer before it is marked back in.
+const ANSWERING_BEFORE_IN: Duration = Duration::from_secs(3);
+/// A peer whose pings went unanswered this long does not seem up.
+const RECENT: Duration = Duration::from_secs(3);
+
+/// When each peer last answered, and since when it answers without a miss.
+#[derive(Default)]
+pub struct PeerSeen {
+    inner: parking_lot::Mutex<HashMap<NodeId, Seen>>,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Seen {
+    last_ok: Option<Instant>,
+    ok_since: Option<Instant>,
+    /// The first miss since it last answered.
+    missing_since: Option<Instant>,
+}
+
+impl PeerSeen {
+    pub fn record(&self, node: NodeId, ok: bool) {
+        let now = Instant::now();
+        let mut m = self.inner.lock();
+        let s = m.entry(node).or_default();
+        if ok {
+            s.last_ok = Some(now);
+            s.ok_since.get_or_insert(now);
+            s.missing_since = None;
+        } else {
+            s.ok_since = None;
+            s.missing_since.get_or_insert(now);
+        }
+    }
+
+    fn get(&self, node: NodeId) -> Seen {
+        self.inner.lock().get(&node).copied().unwrap_or_default()
+    }
+
+    /// How long `node` has answered without a miss (zero if it does not answer).
+    fn answering_for(&self, node: NodeId) -> Duration {
+        self.get(node)
+            .ok_since
+            .map_or(Duration::ZERO, |t| t.elapsed())
+    }
+}
+
+impl Cluster {
+    /// Whether `node` seems up: anything but a node whose pings have all gone
+    /// unanswered for a few seconds (this node, one not pinged yet, one that answers,
+    /// one that just missed a ping).
+    pub fn seems_up(&self, node: NodeId) -> bool {
+        node == self.id
+            || self
+                .seen
+                .get(node)
+                .missing_since
+                .is_none_or(|t| t.elapsed() < RECENT)
+    }
+
+    /// On the Raft leader, once a second: marks silent nodes out and answering ones
+    /// back in, and moves each copy off an out node one step (see the module's text).
+    pub fn watch_membership(self: &Arc<Self>) {
+        let c = self.clone();
+        tokio::spawn(async move {
+            let mut leading_since: Option<Instant> = None;
+            loop {
+                tokio::time::sleep(MEMBERSHIP_INTERVAL).await;
+                let leader = c.raft.metrics().borrow().current_leader == Some(c.id);
+                if !leader || c.is_isolated() || !c.is_ready() {
+                    leading_since = None;
+                    continue;
+                }
+                // Silence counts from when this node began to watch as leader: a new
+                // leader does not know how long a node was silent before.
+                let since = *leading_since.get_or_insert_with(Instant::now);
+                c.membership_round(since).await;
+            }
+        });
+    }
+
+    async fn membership_round(&self, leading_since: Instant) {
+        let meta = self.store.meta();
+        let mut confirmed = false;
+        for &n in meta.nodes.keys() {
+            if n == self.id || meta.out.contains(&n) {
+                continue;
+            }
+            let last = self
+                .seen
+                .get(n)
+                .last_ok
+                .map_or(leading_since, |t| t.max(leading_since));
+            let silent = last.elapsed();
+            if silent < self.out_after {
+                continue;
+            }
+            // Only a leader that a quorum follows decides (as for promotions).
+            if !confirmed {
+                if !self.confirm_leadership().await {
+                    return;
+                }
+                confirmed = true;
+            }
+            let why = format!(
+                "n{n} marked out: it answered no one for {} s; its copies are rebuilt on other nodes",
+                silent.as_secs()
+            );
+            if self
+                .propose_membership(MetaCommand::SetOut { node: n, out: true }, "", &why)
+                .await
+            {
+                tracing::warn!(node = n, silent_s = silent.as_secs(), "node marked out");
+            }
+        }
+        for &n in &meta.out {
+            let back = n == self.id || self.seen.answering_for(n) >= ANSWERING_BEFORE_IN;
+            if back && may_mark_in(&meta, n) {
+                let why = format!("n{n} answers again and holds no copy being replaced: back in");
+                self.propose_membership(
+                    MetaCommand::SetOut {
+                        node: n,
+                        out: false,
+                    },
+                    "",
+                    &why,
+                )
+                .await;
+            }
+        }
+        let meta = self.store.meta();
+        if meta.out.is_empty() {
+            return;
+        }
+        let candidates = self.placement_candidates(&meta).await;
+        for v in meta.volumes.values() {
+            // A holder the recovery server knows beyond the metadata is adopted first.
+            if self.rs_overrides(v) {
+                continue;
+            }
+            let (cmd, why) = match placement_step(v, &meta.out, &candidates) {
+                PlacementStep::Stay => continue,
+                PlacementStep::Add(n) => (
+                    MetaCommand::AddCopy {
+                        volume: v.name.clone(),
+                        node: n,
+                        epoch: v.epoch,
+                    },
+                    format!(
+                        "new copy on n{n} (replacing the copy on out node(s) {:?}); it resyncs from n{}",
+                        v.replicas.iter().filter(|r| meta.out.contains(r)).collect::<Vec<_>>(),
+                        v.primary
+                    ),
+                ),
+                PlacementStep::Retire(n) => (
+                    MetaCommand::SetReplicaState {
+                        volume: v.name.clone(),
+                        node: n,
+                        state: ReplicaState::Dead,
+                        epoch: v.epoch,
+                        at_ms: crate::cluster::unix_ms(),
+                        since: None,
+                        source: None,
+                    },
+                    format!("n{n}'s copy retired (the node is out; its replacement is live)"),
+                ),
+                PlacementStep::Drop(n) => (
+                    MetaCommand::DropCopy {
+                        volume: v.name.clone(),
+                        node: n,
+                        epoch: v.epoch,
+                    },
+                    format!(
+                        "n{n}'s copy dropped: {} live copies on nodes that are not out",
+                        v.replication_factor()
+                    ),
+                ),
+            };
+            self.propose_membership(cmd, &v.name, &why).await;
+        }
+    }
+
+    /// Nodes a new copy may go to, best first: not out, answering, with a usable
+    /// device; those holding the fewest copies first (then by id).
+    async fn placement_candidates(&self, meta: &lazarus_cluster::ClusterMeta) -> Vec<NodeId> {
+        let mut held: HashMap<NodeId, usize> = HashMap::new();
+        for v in meta.volumes.values() {
+            for n in &v.replicas {
+                *held.entry(*n).or_default() += 1;
+            }
+        }
+        let mut out = Vec::new();
+        for &n in meta.nodes.keys() {
+            if meta.out.contains(&n) {
+                continue;
+            }
+            if self.seems_up(n) && self.device_ok(meta, n).await {
+                out.push(n);
+            }
+        }
+        out.sort_by_key(|n| (held.get(n).copied().unwrap_or(0), *n));
+        out
+    }
+
+    /// Proposes one membership change; logs and records it on the event timeline when
+    /// committed. Whether it was.
+    async fn propose_membership(&self, cmd: MetaCommand, volume: &str, why: &str) -> bool {
+        match self.propose(cmd).await {
+            Ok(MetaResponse::Ok | MetaResponse::Volume(_)) => {
+                tracing::info!(volume, "{why}");
+                lazarus_observe::events::record("membership", volume, why.to_string());
+                true
+            }
+            Ok(other) => {
+                tracing::info!(volume, response = ?other, "membership change refused: {why}");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(volume, error = %e, "membership change not committed: {why}");
+                false
+            }
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! Guards the Membership issue's re-replication end to end: `lazarus up --nodes 5`,
+//! volumes placed across the nodes, a node killed for good (SIGKILL, held down) while a
+//! client writes, its copies rebuilt on other nodes after a shortened out-time, every
+//! volume back to three live copies with identical data, and the node's stale copies
+//! removed when it returns.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const PY: &str = "/usr/bin/python3";
+
+fn py(script: &str) -> String {
+    format!("{}/tests/py/{script}", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn setup() -> (tempfile::TempDir, std::path::PathBuf) {
+    require("nbdcopy");
+    require("qemu-io");
+    let tmp = tempfile::Builder::new()
+        .disable_cleanup(std::env::var("LAZARUS_KEEP").is_ok())
+        .tempdir()
+        .unwrap();
+    let data = tmp.path().join("cluster");
+    (tmp, data)
+}
+
+fn replicas(m: &Value) -> Vec<u64> {
+    m["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_u64().unwrap())
+        .collect()
+}
+
+/// Three copies, none on `gone`, every one live.
+fn whole_without(m: &Value, gone: u64) -> bool {
+    let r = replicas(m);
+    r.len() == 3
+        && !r.contains(&gone)
+        && m["states"]
+            .as_object()
+            .is_some_and(|s| s.len() == 3 && s.values().all(|v| v == "live"))
+}
+
+fn qemu_io_ok(uri: &str, cmds: &[&str]) {
+    let mut args = vec!["-f", "raw"];
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    args.push(uri);
+    let o = run_out("qemu-io", &args);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        o.status.success() && !text.contains("error") && !text.contains("failed"),
+        "qemu-io {cmds:?} on {uri}: {text}"
+    );
+}
+
+/// Five nodes; vol0 on n1-n3 (primary n1) and v2 placed by the spread (primary n2, its
+/// other copies on the two nodes holding none). n2, which holds a copy of both and is
+/// v2's primary, is killed for good while a client writes vol0: v2 fails over, and
+/// after the out-time both volumes get a new third copy on other nodes, resynced from
+/// their primaries, while the writer goes on without an error. Every acknowledged
+/// flush reads back through every node, the copies' roots agree, and when n2 comes
+/// back its stale copies are removed and it is marked back in, and used again.
+#[test]
+fn a_node_down_for_good_has_its_copies_rebuilt_elsewhere() {
+    let (_tmp, data) = setup();
+    let up = Up::start_with(&data, "256MiB", &["--nodes", "5", "--out-after", "4"]);
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    up.cli_ok(&["volume", "create", "v2", "--size", "32MiB"]);
+    let m = up.wait_all_live(1, "v2", Duration::from_secs(30));
+    assert_eq!(m["primary"], 2, "primaries spread: {m}");
+    assert_eq!(
+        replicas(&m),
+        vec![2, 4, 5],
+        "copies on the nodes holding fewest: {m}"
+    );
+    let img = data.with_extension("v2.img");
+    let written = random_file(&img, 32 << 20, seed());
+    run(
+        "nbdcopy",
+        &[img.to_str().unwrap(), &up.uri(3, "v2")], // through a node without a copy
+    );
+
+    let mut w = Command::new(PY)
+        .args([&py("writer.py"), &up.uri(1, "vol0"), "4000", "0.01"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(w.stdout.take().unwrap()).lines();
+    let mut last_acked = 0u64;
+    let mut killed_at = None;
+    let mut rebuilt_at = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let Some(i) = line.strip_prefix("acked ") else {
+            panic!("the writer failed: {line}");
+        };
+        last_acked = i.parse().unwrap();
+        if last_acked == 40 {
+            up.cli_ok(&["fault", "kill", "--node", "n2"]);
+            killed_at = Some(Instant::now());
+        }
+        // The writer keeps writing while the copies are rebuilt.
+        if killed_at.is_some() && rebuilt_at.is_none() && last_acked.is_multiple_of(20) {
+            let done = ["vol0", "v2"]
+                .iter()
+                .all(|v| up.volume_meta(1, v).is_some_and(|m| whole_without(&m, 2)));
+            if done {
+                rebuilt_at = Some(Instant::now());
+            }
+        }
+        if rebuilt_at.is_some_and(|t| t.elapsed() > Duration::from_secs(1)) {
+            break;
+        }
+        assert!(
+            killed_at.is_none_or(|t| t.elapsed() < Duration::from_secs(90)),
+            "copies not rebuilt within 90 s of the kill: vol0 {:?}, v2 {:?}",
+            up.volume_meta(1, "vol0"),
+            up.volume_meta(1, "v2")
+        );
+    }
+    let _ = w.kill();
+    let _ = w.wait();
+    let took = rebuilt_at.expect("the writer ended before the rebuild") - killed_at.unwrap();
+    eprintln!("both volumes whole again {took:?} after the kill (out-time 4 s)");
+    let status = up.cli_ok(&["status"]);
+    assert!(status.contains("OUT"), "n2 shown out: {status}");
+
+    for vol in ["vol0", "v2"] {
+        let m = up.volume_meta(1, vol).unwrap();
+        assert!(whole_without(&m, 2), "{vol}: {m}");
+        // Identical copies: the primary's root on every copy.
+        let roots: Vec<String> = replicas(&m)
+            .iter()
+            .map(|n| up.root(*n as u16, vol))
+            .collect();
+        assert!(roots.iter().all(|r| *r == roots[0]), "{vol}: {roots:?}");
+    }
+    // v2 failed over from n2, its data intact through every node that answers.
+    assert_ne!(up.volume_meta(1, "v2").unwrap()["primary"], 2);
+    for n in [1u16, 3, 4, 5] {
+        let out = data.with_extension(format!("v2-n{n}.out"));
+        run("nbdcopy", &[&up.uri(n, "v2"), out.to_str().unwrap()]);
+        assert!(
+            std::fs::read(&out).unwrap() == written,
+            "v2 read through n{n} differs"
+        );
+        let o = run_out(
+            PY,
+            &[
+                &py("verify.py"),
+                &up.uri(n, "vol0"),
+                &last_acked.to_string(),
+            ],
+        );
+        assert!(
+            o.status.success(),
+            "vol0 through n{n}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    // n2 returns: its stale copies go, it is marked back in and holds copies again.
+    up.cli_ok(&["fault", "revive", "--node", "n2"]);
+    let t0 = Instant::now();
+    loop {
+        let gone = ["vol0", "v2"]
+            .iter()
+            .all(|v| up.get(2, &format!("/api/v1/volumes/{v}")).is_none());
+        let back_in = up.get(1, "/api/v1/cluster").is_some_and(|c| {
+            c["metadata"]["out"]
+                .as_array()
+                .is_some_and(|o| o.is_empty())
+        });
+        if gone && back_in && up.get(2, "/api/v1/status").is_some() {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "n2's stale copies not removed or n2 not back in; n2 log:\n{}",
+            up.node_log(2)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Stale copies are never served: n2 forwards to each volume's primary.
+    let o = run_out(
+        PY,
+        &[
+            &py("verify.py"),
+            &up.uri(2, "vol0"),
+            &last_acked.to_string(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    up.cli_ok(&["volume", "create", "v3", "--size", "16MiB"]);
+    let m = up.wait_all_live(1, "v3", Duration::from_secs(30));
+    assert!(
+        replicas(&m).contains(&2),
+        "the returned node, holding nothing, is used again: {m}"
+    );
+    qemu_io_ok(
+        &up.uri(2, "v3"),
+        &["write -P 0x5a 0 1M", "flush", "read -P 0x5a 0 1M"],
+    );
+}
