@@ -736,14 +736,15 @@ impl ClusterMeta {
                 if self.out.contains(node) {
                     return Err(format!("node {node} is out: no copy is placed on it").into());
                 }
+                let out = self.out.clone();
                 let v = self.volume_at_epoch(volume, *epoch)?;
                 if v.replicas.contains(node) {
                     return Err(format!("node {node} already holds a copy of {volume:?}").into());
                 }
-                if v.replicas.len() > v.replication_factor() {
+                let kept = v.replicas.iter().filter(|n| !out.contains(n)).count();
+                if kept >= v.replication_factor() {
                     return Err(format!(
-                        "{volume:?} already has a copy being rebuilt ({} placed for {} copies)",
-                        v.replicas.len(),
+                        "{volume:?} has {kept} copies on nodes that are not out, for {} copies: no more is placed",
                         v.replication_factor()
                     )
                     .into());
@@ -1407,6 +1408,12 @@ mod tests {
             "an empty copy is never promoted"
         );
         assert!(matches!(add(&mut m, 4), MetaResponse::Rejected(_)));
+        let info = m.nodes[&1].clone();
+        m.apply(&MetaCommand::SetNode { id: 5, info });
+        assert!(
+            matches!(add(&mut m, 5), MetaResponse::Rejected(_)),
+            "one replacement per out copy"
+        );
         // The new copy resyncs; n3's copy stays until it is live.
         assert!(matches!(
             set(&mut m, 4, ReplicaState::Resyncing, None),
