@@ -307,7 +307,7 @@ pub enum MetaCommand {
     },
     /// Removes `node`'s copy of `volume` from the placement; that node then deletes it.
     /// Only a dead copy that is not the primary, and only while the volume keeps as
-    /// many live copies as its replication factor.
+    /// many live copies on nodes that are not out as its replication factor.
     DropCopy {
         volume: String,
         node: NodeId,
@@ -760,6 +760,7 @@ impl ClusterMeta {
                 node,
                 epoch,
             } => {
+                let out = self.out.clone();
                 let v = self.volume_at_epoch(volume, *epoch)?;
                 if !v.replicas.contains(node) {
                     return Err(format!("node {node} holds no copy of {volume:?}").into());
@@ -774,7 +775,7 @@ impl ClusterMeta {
                     )
                     .into());
                 }
-                let live = v.live().len();
+                let live = v.live().iter().filter(|n| !out.contains(n)).count();
                 if live < v.replication_factor() {
                     return Err(format!(
                         "{volume:?} has {live} live copies of {}: no copy is dropped before its replacement is live",
@@ -1433,6 +1434,15 @@ mod tests {
             matches!(drop(&mut m, 2), MetaResponse::Rejected(_)),
             "never a live copy"
         );
+        m.apply(&MetaCommand::SetOut { node: 2, out: true });
+        assert!(
+            matches!(drop(&mut m, 3), MetaResponse::Rejected(_)),
+            "live copies on out nodes do not count"
+        );
+        m.apply(&MetaCommand::SetOut {
+            node: 2,
+            out: false,
+        });
         let MetaResponse::Volume(v) = drop(&mut m, 3) else {
             panic!("DropCopy refused")
         };

@@ -216,6 +216,8 @@ pub struct Cluster {
     pub(crate) seen: crate::membership::PeerSeen,
     /// How long a node may answer no one before the leader marks it out.
     pub(crate) out_after: Duration,
+    /// Bytes per second a resync may fetch (none: no limit).
+    pub(crate) resync_rate: Option<u64>,
 }
 
 impl Cluster {
@@ -375,6 +377,7 @@ impl Cluster {
             apply_guards: Default::default(),
             seen: Default::default(),
             out_after: Duration::from_secs(cfg.out_after_secs.max(1)),
+            resync_rate: (cfg.resync_max_mib_s > 0).then(|| cfg.resync_max_mib_s << 20),
         });
         let listener = lazarus_rpc::net::Listener::bind(&rpc_listen.to_string())
             .await
@@ -1430,7 +1433,15 @@ impl Cluster {
                         continue;
                     }
                     let mut candidate = None;
-                    for n in v.replicas.iter().copied().filter(|n| *n != v.primary) {
+                    // Copies on nodes marked out last: they are on their way off.
+                    let mut order: Vec<NodeId> = v
+                        .replicas
+                        .iter()
+                        .copied()
+                        .filter(|n| *n != v.primary)
+                        .collect();
+                    order.sort_by_key(|n| meta.out.contains(n));
+                    for n in order {
                         if v.state_of(n) == Some(ReplicaState::Live)
                             && c.answers(&meta, n).await
                             && c.device_ok(&meta, n).await
@@ -1551,9 +1562,14 @@ impl Cluster {
                 for local in c.blocks.volumes() {
                     // A copy the placement dropped (rebuilt elsewhere while this node
                     // was out): stale, never served; judged only on caught-up metadata.
+                    // Nor while this node holds it at the recovery server beyond the
+                    // metadata: that copy is the base of the recovery log.
                     let dropped = c.is_ready()
+                        && !c.claimed_beyond_metadata(&local.meta.name)
                         && meta.volumes.get(&local.meta.name).is_some_and(|v| {
-                            v.uid == local.meta.uid && !v.replicas.contains(&c.id)
+                            v.uid == local.meta.uid
+                                && !v.replicas.contains(&c.id)
+                                && !c.rs_overrides(v)
                         });
                     if !meta.deleted.contains(&local.meta.uid) && !dropped {
                         continue;

@@ -58,6 +58,10 @@ pub struct NodeConfig {
     /// rebuilt on other nodes (the leader's setting counts; default 600 s).
     #[serde(default = "default_out_after")]
     pub out_after_secs: u64,
+    /// Most MiB per second a resync of one copy fetches (block data and slice pages),
+    /// so a rebuilt or returning copy leaves clients their latency; 0: no limit.
+    #[serde(default = "default_resync_rate")]
+    pub resync_max_mib_s: u64,
     /// Whether the admin API takes fault injection (`lazarus fault ...`: dropped links,
     /// corrupted pages, injected EIO, failed devices, isolation). Off unless asked for:
     /// `lazarus up` turns it on for its local cluster; a node run from a configuration
@@ -114,6 +118,10 @@ fn default_suspend_secs() -> u64 {
 
 fn default_failures_max() -> usize {
     3
+}
+
+fn default_resync_rate() -> u64 {
+    64
 }
 
 fn default_out_after() -> u64 {

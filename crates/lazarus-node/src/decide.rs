@@ -284,10 +284,13 @@ pub fn placement_step(
 /// Whether an out node that answers again may be marked back in: none of its copies
 /// has a replacement placed (it then resyncs them as any returning node would). A
 /// node whose copies are being rebuilt elsewhere stays out until they are dropped.
+/// Volumes it is primary of do not count.
 pub fn may_mark_in(meta: &lazarus_cluster::ClusterMeta, node: NodeId) -> bool {
+    // A volume it became primary of (promoted while out) keeps it: the copy being
+    // rebuilt meanwhile only adds one.
     meta.volumes
         .values()
-        .filter(|v| v.replicas.contains(&node))
+        .filter(|v| v.replicas.contains(&node) && v.primary != node)
         .all(|v| {
             v.replicas.iter().filter(|n| !meta.out.contains(n)).count() < v.replication_factor()
         })
@@ -541,8 +544,13 @@ mod tests {
         m.volumes.insert("vol0".into(), v.clone());
         assert!(!may_mark_in(&m, 3), "a replacement is being rebuilt");
         v.replicas.retain(|n| *n != 3);
-        m.volumes.insert("vol0".into(), v);
+        m.volumes.insert("vol0".into(), v.clone());
         assert!(may_mark_in(&m, 3), "its copy was dropped");
+        // Promoted while out (its copy was the live one left): it comes back in.
+        v.replicas.push(3);
+        v.primary = 3;
+        m.volumes.insert("vol0".into(), v);
+        assert!(may_mark_in(&m, 3), "primary of the volume");
     }
 
     #[test]

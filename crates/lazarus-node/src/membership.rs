@@ -73,6 +73,17 @@ impl PeerSeen {
     }
 }
 
+/// How many copies each node holds.
+fn copies_held(meta: &lazarus_cluster::ClusterMeta) -> HashMap<NodeId, usize> {
+    let mut held: HashMap<NodeId, usize> = HashMap::new();
+    for v in meta.volumes.values() {
+        for n in &v.replicas {
+            *held.entry(*n).or_default() += 1;
+        }
+    }
+    held
+}
+
 impl Cluster {
     /// Whether `node` seems up: anything but a node whose pings have all gone
     /// unanswered for a few seconds (this node, one not pinged yet, one that answers,
@@ -160,13 +171,33 @@ impl Cluster {
         if meta.out.is_empty() {
             return;
         }
-        let candidates = self.placement_candidates(&meta).await;
+        // The recovery server's view, asked now: a volume it knows at another failure
+        // count ID (claimed there without a majority: a survivor, a take-over) is left
+        // alone until the metadata has adopted or fenced that; and while it does not
+        // answer, no copy that may count there is retired.
+        let rs = match &self.recovery {
+            Some(r) => r.states_now().await,
+            None => Some(HashMap::new()),
+        };
+        let mut held = copies_held(&meta);
+        let mut candidates = self.placement_candidates(&meta, &held).await;
         for v in meta.volumes.values() {
-            // A holder the recovery server knows beyond the metadata is adopted first.
-            if self.rs_overrides(v) {
+            let rs_moved = rs.as_ref().is_some_and(|m| {
+                m.get(&v.name)
+                    .is_some_and(|s| s.coord.uid == v.uid && s.coord.fcid != v.failure_count_id)
+            });
+            if rs_moved || self.rs_overrides(v) || self.claimed_beyond_metadata(&v.name) {
                 continue;
             }
-            let (cmd, why) = match placement_step(v, &meta.out, &candidates) {
+            let step = placement_step(v, &meta.out, &candidates);
+            if rs.is_none() && matches!(step, PlacementStep::Retire(_) | PlacementStep::Drop(_)) {
+                continue;
+            }
+            if let PlacementStep::Retire(n) = step {
+                self.retire(v, n).await;
+                continue;
+            }
+            let (cmd, why) = match step {
                 PlacementStep::Stay => continue,
                 PlacementStep::Add(n) => (
                     MetaCommand::AddCopy {
@@ -180,18 +211,7 @@ impl Cluster {
                         v.primary
                     ),
                 ),
-                PlacementStep::Retire(n) => (
-                    MetaCommand::SetReplicaState {
-                        volume: v.name.clone(),
-                        node: n,
-                        state: ReplicaState::Dead,
-                        epoch: v.epoch,
-                        at_ms: crate::cluster::unix_ms(),
-                        since: None,
-                        source: None,
-                    },
-                    format!("n{n}'s copy retired (the node is out; its replacement is live)"),
-                ),
+                PlacementStep::Retire(_) => unreachable!("retired above"),
                 PlacementStep::Drop(n) => (
                     MetaCommand::DropCopy {
                         volume: v.name.clone(),
@@ -204,19 +224,54 @@ impl Cluster {
                     ),
                 ),
             };
-            self.propose_membership(cmd, &v.name, &why).await;
+            if self.propose_membership(cmd, &v.name, &why).await {
+                if let PlacementStep::Add(n) = step {
+                    // The next volume's copy goes to the next least-loaded node.
+                    *held.entry(n).or_default() += 1;
+                    candidates.sort_by_key(|n| (held.get(n).copied().unwrap_or(0), *n));
+                }
+            }
+        }
+    }
+
+    /// Commits an out node's copy that still takes updates dead, as a primary does
+    /// with a replica it stops waiting for: recorded out at the recovery server first
+    /// (so it never claims the volume as its survivor with writes it then lacks), then
+    /// the metadata, then the record again at the change's log index.
+    async fn retire(&self, v: &lazarus_cluster::VolumeInfo, n: NodeId) {
+        if let Err(e) = self.record_out(v, n).await {
+            tracing::info!(volume = %v.name, node = n, error = %e, "out copy not retired yet");
+            return;
+        }
+        let cmd = MetaCommand::SetReplicaState {
+            volume: v.name.clone(),
+            node: n,
+            state: ReplicaState::Dead,
+            epoch: v.epoch,
+            at_ms: crate::cluster::unix_ms(),
+            since: None,
+            source: None,
+        };
+        match self.propose(cmd).await {
+            Ok(MetaResponse::Volume(nv)) => {
+                let _ = self.record_out_at(v, n, nv.changed_at).await;
+                let why = format!("n{n}'s copy retired (the node is out; its replacement is live)");
+                tracing::info!(volume = %v.name, "{why}");
+                lazarus_observe::events::record("membership", &v.name, why);
+            }
+            other => {
+                tracing::info!(volume = %v.name, node = n, result = ?other.map_err(|e| e.to_string()), "out copy not retired")
+            }
         }
     }
 
     /// Nodes a new copy may go to, best first: not out, answering, with a usable
     /// device; those holding the fewest copies first (then by id).
-    async fn placement_candidates(&self, meta: &lazarus_cluster::ClusterMeta) -> Vec<NodeId> {
-        let mut held: HashMap<NodeId, usize> = HashMap::new();
-        for v in meta.volumes.values() {
-            for n in &v.replicas {
-                *held.entry(*n).or_default() += 1;
-            }
-        }
+    async fn placement_candidates(
+        &self,
+        meta: &lazarus_cluster::ClusterMeta,
+        held: &HashMap<NodeId, usize>,
+    ) -> Vec<NodeId> {
         let mut out = Vec::new();
         for &n in meta.nodes.keys() {
             if meta.out.contains(&n) {

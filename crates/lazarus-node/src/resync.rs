@@ -675,6 +675,7 @@ impl Cluster {
             let mut clean = true;
             for p in pages {
                 clean &= self.copy_page(&local, &src, p).await?;
+                self.pace_resync(&v.name, t0).await;
                 lazarus_observe::metrics::METRICS
                     .resync_pages
                     .get_or_create(&lazarus_observe::metrics::vol(&v.name))
@@ -713,6 +714,22 @@ impl Cluster {
             p.elapsed_ms = t0.elapsed().as_millis() as u64;
         });
         Ok(())
+    }
+
+    /// Keeps a resync's block copying under the node's rate (`resync_max_mib_s`), so a
+    /// rebuilt copy does not take the cores and links clients need: sleeps until the
+    /// bytes fetched since `t0` are within the rate.
+    async fn pace_resync(&self, volume: &str, t0: Instant) {
+        let Some(rate) = self.resync_rate else {
+            return;
+        };
+        let fetched = self
+            .resync
+            .progress()
+            .get(volume)
+            .map_or(0, |p| p.block_bytes + p.page_bytes);
+        let due = t0 + Duration::from_secs_f64(fetched as f64 / rate as f64);
+        tokio::time::sleep_until(due).await;
     }
 
     /// Slice pages whose checksum differs from the primary's, found by descending from

@@ -58,6 +58,10 @@ enum Cmd {
         /// copies are rebuilt on other nodes (when the cluster has nodes to spare).
         #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=604800))]
         out_after: u64,
+        /// Most MiB per second one copy's resync fetches, so that a rebuild leaves
+        /// clients their latency (0: no limit).
+        #[arg(long, default_value_t = 64)]
+        resync_rate: u64,
         /// Run without a recovery server: no jeopardy protection; failover is fenced by
         /// Raft alone.
         #[arg(long)]
@@ -726,12 +730,14 @@ fn main() {
             jeopardy_policy,
             jeopardy_suspend_secs,
             out_after,
+            resync_rate,
             no_recovery_server,
             insecure_cluster,
             nbd_tls,
         } => runtime().block_on(up::run(up::UpArgs {
             jeopardy_suspend_secs,
             out_after_secs: out_after,
+            resync_max_mib_s: resync_rate,
             cluster_tls: !insecure_cluster,
             nbd_tls: match nbd_tls.as_str() {
                 "off" => config::NbdTlsMode::Off,

@@ -66,6 +66,8 @@ pub struct UpArgs {
     pub jeopardy_suspend_secs: u64,
     /// A node silent this long is marked out; its copies are rebuilt elsewhere.
     pub out_after_secs: u64,
+    /// Most MiB/s a resync fetches (0: no limit).
+    pub resync_max_mib_s: u64,
     /// Start a recovery server beside the nodes (clusters only).
     pub recovery_server: bool,
     /// Mutual TLS between the members (off only to measure its cost).
@@ -171,6 +173,7 @@ fn node_config(args: &UpArgs, i: usize) -> anyhow::Result<NodeConfig> {
         failures_max: 3,
         failure_window_minutes: 10,
         out_after_secs: args.out_after_secs,
+        resync_max_mib_s: args.resync_max_mib_s,
         cluster_tls: (clustered && args.cluster_tls).then(|| certs_dir(args).join(&id)),
         nbd_tls: args.nbd_tls,
         nbd_tls_certificates: (args.nbd_tls != NbdTlsMode::Off)
