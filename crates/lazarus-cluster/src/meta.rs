@@ -163,6 +163,10 @@ pub struct ClusterMeta {
     /// other nodes and then dropped, and they do not resync the copies they still hold.
     #[serde(default)]
     pub out: BTreeSet<NodeId>,
+    /// Out nodes an administrator removed (`lazarus node remove`): never marked back in
+    /// on their own.
+    #[serde(default)]
+    pub removed: BTreeSet<NodeId>,
 }
 
 impl ClusterMeta {
@@ -296,6 +300,9 @@ pub enum MetaCommand {
     SetOut {
         node: NodeId,
         out: bool,
+        /// An administrator's removal (`ClusterMeta::removed`); `out: false` cancels it.
+        #[serde(default)]
+        removed: bool,
     },
     /// Places a new copy of `volume` on `node` (re-replication): it starts dead and
     /// stale (it holds nothing: never promoted, never counted), and turns live at the
@@ -714,14 +721,18 @@ impl ClusterMeta {
                 }
                 Ok(MetaResponse::Volume(v.clone()))
             }
-            MetaCommand::SetOut { node, out } => {
+            MetaCommand::SetOut { node, out, removed } => {
                 if !self.nodes.contains_key(node) {
                     return Err(format!("node {node} is not a cluster member").into());
                 }
                 if *out {
                     self.out.insert(*node);
+                    if *removed {
+                        self.removed.insert(*node);
+                    }
                 } else {
                     self.out.remove(node);
+                    self.removed.remove(node);
                 }
                 Ok(MetaResponse::Ok)
             }
@@ -1376,7 +1387,11 @@ mod tests {
             MetaResponse::Volume(_)
         ));
         assert_eq!(
-            m.apply(&MetaCommand::SetOut { node: 3, out: true }),
+            m.apply(&MetaCommand::SetOut {
+                node: 3,
+                out: true,
+                removed: false
+            }),
             MetaResponse::Ok
         );
         assert!(
@@ -1434,7 +1449,11 @@ mod tests {
             matches!(drop(&mut m, 2), MetaResponse::Rejected(_)),
             "never a live copy"
         );
-        m.apply(&MetaCommand::SetOut { node: 2, out: true });
+        m.apply(&MetaCommand::SetOut {
+            node: 2,
+            out: true,
+            removed: false,
+        });
         assert!(
             matches!(drop(&mut m, 3), MetaResponse::Rejected(_)),
             "live copies on out nodes do not count"
@@ -1442,6 +1461,7 @@ mod tests {
         m.apply(&MetaCommand::SetOut {
             node: 2,
             out: false,
+            removed: false,
         });
         let MetaResponse::Volume(v) = drop(&mut m, 3) else {
             panic!("DropCopy refused")
@@ -1453,10 +1473,23 @@ mod tests {
         assert_eq!(
             m.apply(&MetaCommand::SetOut {
                 node: 3,
-                out: false
+                out: false,
+                removed: false,
             }),
             MetaResponse::Ok
         );
         assert!(m.out.is_empty());
+        // An administrator's removal sticks until it is cancelled.
+        let set = |m: &mut ClusterMeta, out, removed| {
+            m.apply(&MetaCommand::SetOut {
+                node: 3,
+                out,
+                removed,
+            })
+        };
+        assert_eq!(set(&mut m, true, true), MetaResponse::Ok);
+        assert!(m.out.contains(&3) && m.removed.contains(&3));
+        assert_eq!(set(&mut m, false, false), MetaResponse::Ok);
+        assert!(m.out.is_empty() && m.removed.is_empty());
     }
 }

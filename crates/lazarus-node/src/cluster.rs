@@ -377,7 +377,7 @@ impl Cluster {
             apply_guards: Default::default(),
             seen: Default::default(),
             out_after: Duration::from_secs(cfg.out_after_secs.max(1)),
-            resync_rate: (cfg.resync_max_mib_s > 0).then(|| cfg.resync_max_mib_s << 20),
+            resync_rate: (cfg.resync_max_mib_s > 0).then_some(cfg.resync_max_mib_s << 20),
         });
         let listener = lazarus_rpc::net::Listener::bind(&rpc_listen.to_string())
             .await

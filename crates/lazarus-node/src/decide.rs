@@ -230,6 +230,9 @@ pub enum PlacementStep {
     Retire(NodeId),
     /// Drop this out node's dead copy (`DropCopy`): its replacement is live.
     Drop(NodeId),
+    /// The primary is on an out node (taken out by an administrator) and the volume
+    /// has its full count of live copies elsewhere: hand the primary role to this one.
+    Handover(NodeId),
     Stay,
 }
 
@@ -238,22 +241,17 @@ pub enum PlacementStep {
 /// device, not out, best first) that holds none; once the volume has as many live
 /// copies on nodes that are not out as its replication factor, the out copy is retired
 /// and dropped. Never before: until then it may be the copy that a repair or a
-/// promotion needs. A volume whose primary is out waits for its failover.
+/// promotion needs. A primary on an out node keeps the role until the copies elsewhere
+/// are complete, then hands it to a live one of them (its own copy is then dropped
+/// like any other).
 pub fn placement_step(
     v: &VolumeInfo,
     out: &std::collections::BTreeSet<NodeId>,
     candidates: &[NodeId],
 ) -> PlacementStep {
-    let Some(&gone) = v
-        .replicas
-        .iter()
-        .find(|n| out.contains(n) && **n != v.primary)
-    else {
+    let Some(&gone) = v.replicas.iter().find(|n| out.contains(n)) else {
         return PlacementStep::Stay;
     };
-    if out.contains(&v.primary) {
-        return PlacementStep::Stay;
-    }
     let rf = v.replication_factor();
     let kept: Vec<NodeId> = v
         .replicas
@@ -273,6 +271,13 @@ pub fn placement_step(
         .count();
     if live_kept < rf {
         return PlacementStep::Stay;
+    }
+    if out.contains(&v.primary) {
+        let next = kept
+            .iter()
+            .copied()
+            .find(|n| v.state_of(*n) == Some(ReplicaState::Live) && candidates.contains(n));
+        return next.map_or(PlacementStep::Stay, PlacementStep::Handover);
     }
     if v.state_of(gone) == Some(ReplicaState::Dead) {
         PlacementStep::Drop(gone)
@@ -525,9 +530,26 @@ mod tests {
         let out2: std::collections::BTreeSet<NodeId> = [3, 4].into();
         v.states.insert(3, ReplicaState::Dead);
         assert_eq!(placement_step(&v, &out2, &[5]), Add(5));
-        // An out primary waits for its failover.
-        let v1 = volume(3);
-        assert_eq!(placement_step(&v1, &out, &[4]), Stay);
+        // An out primary (taken out while it answers): the copy elsewhere first, then
+        // the role to a live copy that answers, then its own copy goes.
+        let mut v1 = volume(3);
+        assert_eq!(placement_step(&v1, &out, &[4]), Add(4));
+        v1.replicas.push(4);
+        v1.states.insert(4, ReplicaState::Resyncing);
+        assert_eq!(
+            placement_step(&v1, &out, &[1, 2, 4]),
+            Stay,
+            "not before it is live"
+        );
+        v1.states.insert(4, ReplicaState::Live);
+        assert_eq!(
+            placement_step(&v1, &out, &[2, 4]),
+            Handover(2),
+            "a candidate that answers"
+        );
+        v1.primary = 2;
+        v1.states.insert(3, ReplicaState::Dead);
+        assert_eq!(placement_step(&v1, &out, &[1, 4]), Drop(3));
     }
 
     #[test]

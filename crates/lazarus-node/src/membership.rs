@@ -146,13 +146,21 @@ impl Cluster {
                 silent.as_secs()
             );
             if self
-                .propose_membership(MetaCommand::SetOut { node: n, out: true }, "", &why)
+                .propose_membership(
+                    MetaCommand::SetOut {
+                        node: n,
+                        out: true,
+                        removed: false,
+                    },
+                    "",
+                    &why,
+                )
                 .await
             {
                 tracing::warn!(node = n, silent_s = silent.as_secs(), "node marked out");
             }
         }
-        for &n in &meta.out {
+        for &n in meta.out.difference(&meta.removed) {
             let back = n == self.id || self.seen.answering_for(n) >= ANSWERING_BEFORE_IN;
             if back && may_mark_in(&meta, n) {
                 let why = format!("n{n} answers again and holds no copy being replaced: back in");
@@ -160,6 +168,7 @@ impl Cluster {
                     MetaCommand::SetOut {
                         node: n,
                         out: false,
+                        removed: false,
                     },
                     "",
                     &why,
@@ -197,6 +206,10 @@ impl Cluster {
                 self.retire(v, n).await;
                 continue;
             }
+            if let PlacementStep::Handover(n) = step {
+                self.hand_over(v, n).await;
+                continue;
+            }
             let (cmd, why) = match step {
                 PlacementStep::Stay => continue,
                 PlacementStep::Add(n) => (
@@ -211,7 +224,9 @@ impl Cluster {
                         v.primary
                     ),
                 ),
-                PlacementStep::Retire(_) => unreachable!("retired above"),
+                PlacementStep::Retire(_) | PlacementStep::Handover(_) => {
+                    unreachable!("done above")
+                }
                 PlacementStep::Drop(n) => (
                     MetaCommand::DropCopy {
                         volume: v.name.clone(),
@@ -232,6 +247,40 @@ impl Cluster {
                 }
             }
         }
+    }
+
+    /// Moves the primary role off an out node that still holds it, as a failover does
+    /// (`watch_primaries`): no lease for it from here on, its last one runs out, the
+    /// promotion is fenced at the recovery server, then committed. Its clients'
+    /// requests in flight fail and they reconnect; clients of the other nodes are
+    /// routed to the new primary.
+    async fn hand_over(&self, v: &lazarus_cluster::VolumeInfo, n: NodeId) {
+        if !self.confirm_leadership().await {
+            return;
+        }
+        self.leases.promoting.lock().insert(v.name.clone());
+        if v.primary == self.id {
+            self.leases.revoke(&v.name);
+        } else {
+            tokio::time::sleep(crate::cluster::LEASE).await;
+        }
+        let fcid = match self.fence_promotion(v, n).await {
+            Ok(f) => f,
+            Err(e) => {
+                self.leases.promoting.lock().remove(&v.name);
+                tracing::warn!(volume = %v.name, candidate = n, error = %e, "hand-over not fenced; trying again later");
+                return;
+            }
+        };
+        let cmd = MetaCommand::Promote {
+            volume: v.name.clone(),
+            node: n,
+            epoch: v.epoch,
+            fcid,
+        };
+        let why = format!("primary role handed from out node n{} to n{n}", v.primary);
+        self.propose_membership(cmd, &v.name, &why).await;
+        self.leases.promoting.lock().remove(&v.name);
     }
 
     /// Commits an out node's copy that still takes updates dead, as a primary does

@@ -254,6 +254,10 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/volumes/{name}/protect",
             axum::routing::post(protect_volume),
         )
+        .route(
+            "/api/v1/nodes/{name}/remove",
+            axum::routing::post(remove_node),
+        )
         .route("/api/v1/events", get(events))
         .route("/api/v1/jeopardy", get(jeopardy))
         .route(
@@ -868,6 +872,77 @@ async fn fault_isolate(
 #[serde(deny_unknown_fields)]
 struct ProtectReq {
     protected: bool,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveNodeReq {
+    #[serde(default)]
+    pub cancel: bool,
+}
+
+/// `lazarus node remove`: marks the node out for good (or back in with `cancel`); the
+/// leader then moves its copies and primary roles (`lazarus_node::membership`).
+async fn remove_node(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    body: Result<Json<RemoveNodeReq>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(r) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let c = cluster_of(&s)?;
+    let node = lazarus_node::cluster::raft_id(&name)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("node: {e}")))?;
+    let meta = c.store.meta();
+    if !meta.nodes.contains_key(&node) {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("{name} is not a cluster member"),
+        ));
+    }
+    let mut note = String::new();
+    if !r.cancel {
+        // Where its copies can go: the nodes that are neither out nor this one.
+        let others = meta
+            .nodes
+            .keys()
+            .filter(|n| **n != node && !meta.out.contains(n))
+            .count();
+        let short: Vec<&str> = meta
+            .volumes
+            .values()
+            .filter(|v| v.replicas.contains(&node) && v.replication_factor() > others)
+            .map(|v| v.name.as_str())
+            .collect();
+        if !short.is_empty() {
+            note = format!(
+                "; {} cannot be moved yet: each needs more nodes than the {others} that are not out (they move once a node is added or back in)",
+                short.join(", ")
+            );
+        }
+    }
+    let cmd = lazarus_cluster::MetaCommand::SetOut {
+        node,
+        out: !r.cancel,
+        removed: !r.cancel,
+    };
+    match c
+        .propose(cmd)
+        .await
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
+    {
+        lazarus_cluster::MetaResponse::Ok => {
+            let message = if r.cancel {
+                format!("{name} is back in: it resyncs the copies it still holds")
+            } else {
+                format!("{name} is out: its copies are being rebuilt on other nodes, then dropped (lazarus status){note}")
+            };
+            lazarus_observe::events::record("membership", "", message.clone());
+            Ok(Json(
+                serde_json::json!({ "node": name, "out": !r.cancel, "message": message }),
+            ))
+        }
+        other => Err(ApiError(StatusCode::BAD_REQUEST, format!("{other:?}"))),
+    }
 }
 
 async fn protect_volume(

@@ -150,10 +150,14 @@ enum Cmd {
         #[arg(long, global = true, default_value = "./lazarus-data")]
         data: PathBuf,
     },
-    /// Run one node from its configuration file.
+    /// Run one node from its configuration file (`--config`), or change a node's
+    /// membership (`node remove nX`).
+    #[command(args_conflicts_with_subcommands = true)]
     Node {
         #[arg(long)]
-        config: PathBuf,
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        op: Option<NodeOp>,
     },
     /// Run the recovery server: configuration copies and changed-block logs of volumes
     /// in jeopardy, and the coordination point when the metadata has no majority.
@@ -191,6 +195,20 @@ struct Target {
     /// Admin API URL (overrides --data), e.g. http://127.0.0.1:10819
     #[arg(long, global = true)]
     api: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum NodeOp {
+    /// Take a node out for good: each of its copies is rebuilt on another node first,
+    /// the primary role of its volumes is handed to a live copy elsewhere, then its
+    /// copies are dropped (watch with `lazarus status`). `--cancel` takes it back in.
+    Remove {
+        node: String,
+        #[arg(long)]
+        cancel: bool,
+        #[command(flatten)]
+        target: Target,
+    },
 }
 
 #[derive(Subcommand)]
@@ -687,6 +705,22 @@ fn client_command(cmd: Cmd) -> anyhow::Result<()> {
                 out.join("ca-key.pem").display()
             );
         }
+        Cmd::Node {
+            op:
+                Some(NodeOp::Remove {
+                    node,
+                    cancel,
+                    target,
+                }),
+            ..
+        } => {
+            let api = client::Api::discover(target.api.as_deref(), &target.data)?;
+            let v = client::ok(api.post(
+                &format!("/api/v1/nodes/{node}/remove"),
+                &json!({ "cancel": cancel }),
+            )?)?;
+            println!("{}", v["message"].as_str().unwrap_or("done"));
+        }
         Cmd::Up { .. } | Cmd::Node { .. } | Cmd::BenchRpc { .. } | Cmd::RecoveryServer { .. } => {
             unreachable!("server commands are not client commands")
         }
@@ -759,9 +793,16 @@ fn main() {
         Cmd::BenchRpc { seconds, inflight } => {
             runtime().block_on(rpc_bench::run(seconds, inflight))
         }
-        Cmd::Node { config } => {
-            config::NodeConfig::load(&config).and_then(|cfg| runtime().block_on(node::run(cfg)))
-        }
+        Cmd::Node {
+            config: Some(config),
+            op: None,
+        } => config::NodeConfig::load(&config).and_then(|cfg| runtime().block_on(node::run(cfg))),
+        Cmd::Node {
+            config: None,
+            op: None,
+        } => Err(anyhow::anyhow!(
+            "`lazarus node` needs --config FILE (run a node) or a subcommand (`node remove nX`)"
+        )),
         Cmd::RecoveryServer {
             data,
             listen,

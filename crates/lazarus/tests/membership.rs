@@ -216,3 +216,107 @@ fn a_node_down_for_good_has_its_copies_rebuilt_elsewhere() {
         &["write -P 0x5a 0 1M", "flush", "read -P 0x5a 0 1M"],
     );
 }
+
+/// `lazarus node remove` under load: four nodes, vol0 on n1-n3 with n1 its primary, a
+/// libnbd writer flushing chunk after chunk through n2. n1 is removed: vol0 gets a
+/// copy on n4, the primary role moves to a live copy elsewhere, n1's copy is dropped
+/// and deleted, and n1 stays out although it answers. The writer sees no error and
+/// every flushed chunk reads back through every node.
+#[test]
+fn a_removed_primary_hands_over_and_its_copies_move_under_load() {
+    let (_tmp, data) = setup();
+    let up = Up::start_with(&data, "256MiB", &["--nodes", "4"]);
+    let m = up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    assert_eq!(m["primary"], 1);
+    let mut w = Command::new(PY)
+        .args([&py("writer.py"), &up.uri(2, "vol0"), "4000", "0.01"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(w.stdout.take().unwrap()).lines();
+    let mut last_acked = 0u64;
+    let mut removed_at = None;
+    let mut moved_at = None;
+    let moved = |m: &Value| whole_without(m, 1) && m["primary"] != 1;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let Some(i) = line.strip_prefix("acked ") else {
+            panic!("the writer failed: {line}");
+        };
+        last_acked = i.parse().unwrap();
+        if last_acked == 40 {
+            let said = up.cli_ok(&["node", "remove", "n1"]);
+            assert!(said.contains("n1 is out"), "{said}");
+            removed_at = Some(Instant::now());
+        }
+        if removed_at.is_some()
+            && moved_at.is_none()
+            && last_acked.is_multiple_of(20)
+            && up.volume_meta(2, "vol0").is_some_and(|m| moved(&m))
+        {
+            moved_at = Some(Instant::now());
+        }
+        if moved_at.is_some_and(|t| t.elapsed() > Duration::from_secs(1)) {
+            break;
+        }
+        assert!(
+            removed_at.is_none_or(|t| t.elapsed() < Duration::from_secs(90)),
+            "vol0 not moved off n1 within 90 s: {:?}",
+            up.volume_meta(2, "vol0")
+        );
+    }
+    let _ = w.kill();
+    let _ = w.wait();
+    let took = moved_at.expect("the writer ended before the move") - removed_at.unwrap();
+    eprintln!("vol0 moved off n1 (copy rebuilt, primary handed over) {took:?} after the removal");
+    let m = up.volume_meta(2, "vol0").unwrap();
+    let roots: Vec<String> = replicas(&m)
+        .iter()
+        .map(|n| up.root(*n as u16, "vol0"))
+        .collect();
+    assert!(roots.iter().all(|r| *r == roots[0]), "{roots:?}");
+    for n in 1..=4u16 {
+        let o = run_out(
+            PY,
+            &[
+                &py("verify.py"),
+                &up.uri(n, "vol0"),
+                &last_acked.to_string(),
+            ],
+        );
+        assert!(
+            o.status.success(),
+            "vol0 through n{n}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    // n1 answers, yet stays out (removed), its copy deleted.
+    let t0 = Instant::now();
+    while up.get(1, "/api/v1/volumes/vol0").is_some() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "n1's copy not deleted"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    let c = up.get(2, "/api/v1/cluster").unwrap();
+    assert_eq!(
+        c["metadata"]["out"],
+        serde_json::json!([1]),
+        "{}",
+        c["metadata"]
+    );
+    assert!(up.cli_ok(&["status"]).contains("OUT"));
+    // Taken back in: it holds nothing, and new volumes may use it again.
+    up.cli_ok(&["node", "remove", "n1", "--cancel"]);
+    let c = up.get(2, "/api/v1/cluster").unwrap();
+    assert_eq!(
+        c["metadata"]["out"],
+        serde_json::json!([]),
+        "{}",
+        c["metadata"]
+    );
+}
