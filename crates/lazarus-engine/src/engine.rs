@@ -22,6 +22,11 @@ pub struct IoError {
     /// A forwarded write refused, under its block locks, for its client session's
     /// fence token (forward.rs, `FenceToken`): nothing was written.
     pub fenced: bool,
+    /// This node may not serve the request as primary (its lease lapsed, before or
+    /// during it; another node is primary): a forwarding node routes it again, to the
+    /// primary there is then, rather than failing its client (nothing was
+    /// acknowledged, and a write applied here is applied again there).
+    pub not_serving: bool,
 }
 
 /// Whether a write may still run once it holds its block locks (forward.rs,
@@ -36,6 +41,14 @@ impl IoError {
             damaged_page: None,
             damaged_block: None,
             fenced: false,
+            not_serving: false,
+        }
+    }
+
+    pub(crate) fn not_serving(message: String) -> IoError {
+        IoError {
+            not_serving: true,
+            ..IoError::new(EIO, message)
         }
     }
 
@@ -175,17 +188,14 @@ impl Engine {
         match c.role(&vol.meta.name) {
             Role::Local => Ok(false),
             Role::Primary { epoch } if c.lease_valid(&vol.meta.name, epoch) => Ok(true),
-            Role::Primary { .. } => Err(IoError::new(
-                EIO,
-                format!(
-                    "this node's lease on {:?} has lapsed (it may have been replaced as primary)",
-                    vol.meta.name
-                ),
-            )),
-            Role::Replica { primary, .. } => Err(IoError::new(
-                EIO,
-                format!("node n{primary} is the primary of {:?}", vol.meta.name),
-            )),
+            Role::Primary { .. } => Err(IoError::not_serving(format!(
+                "this node's lease on {:?} has lapsed (it may have been replaced as primary)",
+                vol.meta.name
+            ))),
+            Role::Replica { primary, .. } => Err(IoError::not_serving(format!(
+                "node n{primary} is the primary of {:?}",
+                vol.meta.name
+            ))),
         }
     }
 
@@ -292,13 +302,10 @@ impl Engine {
         // successor need not have this write: the client gets an error, not an ack.
         if let Some(e) = epoch {
             if !c.await_lease(&vol.meta.name, e, LEASE_WAIT).await {
-                return Err(IoError::new(
-                    EIO,
-                    format!(
-                        "this node's lease on {:?} lapsed during the write (it may have been replaced as primary)",
-                        vol.meta.name
-                    ),
-                ));
+                return Err(IoError::not_serving(format!(
+                    "this node's lease on {:?} lapsed during the write (it may have been replaced as primary)",
+                    vol.meta.name
+                )));
             }
         }
         Ok(holders)

@@ -354,7 +354,13 @@ impl Engine {
                 if e.fenced {
                     tracing::info!(volume = %req.volume, op = ?req.op, offset = req.offset, "forwarded write refused under its block locks: its client connection's session was fenced by a newer one");
                 }
-                reply(reply_failed(executor, e), &[])
+                // No longer serving as primary (a hand-over, a failover): the sender
+                // routes the request again.
+                let r = ForwardReply {
+                    not_primary: e.not_serving,
+                    ..reply_failed(executor, e)
+                };
+                reply(r, &[])
             }
         }
     }

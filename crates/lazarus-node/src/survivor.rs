@@ -60,6 +60,10 @@ pub struct Contacts {
     since: parking_lot::Mutex<Option<Instant>>,
 }
 
+/// How long a copy's record at the recovery server, refused at a failure count ID this
+/// node's own claim may just have moved, waits for that claim to show here.
+const CLAIM_SETTLE: Duration = Duration::from_secs(2);
+
 impl Cluster {
     /// A ping's body: the sender's id, so the receiver knows whom it heard from.
     pub(crate) fn ping_body(&self) -> [u8; 8] {
@@ -296,19 +300,36 @@ impl Cluster {
                     // this write goes to the log), or the record goes again at the
                     // newer ID while this node is still the primary. Anyone else's
                     // claim fences the write.
+                    // The claim may have just been granted there while its hold or
+                    // its metadata change is still on its way here (a write that
+                    // finds both replicas gone while the jeopardy loop claims: five
+                    // nodes, two killed at once): wait for it a moment before
+                    // calling the write fenced.
                     drop(r.claiming.lock().await);
-                    if self.held_beyond_metadata(&v.name) {
-                        return Ok(());
-                    }
-                    match self.effective(&v.name) {
-                        Some(nv)
-                            if nv.uid == v.uid
-                                && nv.primary == self.id
-                                && nv.failure_count_id > fcid =>
-                        {
-                            fcid = nv.failure_count_id;
+                    let settle = Instant::now() + CLAIM_SETTLE;
+                    let newer = loop {
+                        if self.held_beyond_metadata(&v.name) {
+                            return Ok(());
                         }
-                        _ => {
+                        match self.effective(&v.name) {
+                            Some(nv)
+                                if nv.uid == v.uid
+                                    && nv.primary == self.id
+                                    && nv.failure_count_id > fcid =>
+                            {
+                                break Some(nv.failure_count_id);
+                            }
+                            Some(nv) if nv.uid == v.uid && nv.primary == self.id => {}
+                            _ => break None,
+                        }
+                        if Instant::now() >= settle {
+                            break None;
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    };
+                    match newer {
+                        Some(f) => fcid = f,
+                        None => {
                             return Err(format!(
                                 "the recovery server refused to record n{node} out: {e}"
                             ))

@@ -320,3 +320,79 @@ fn a_removed_primary_hands_over_and_its_copies_move_under_load() {
         c["metadata"]
     );
 }
+
+/// A volume down to its last failure domain regains its others by re-replication: five
+/// nodes, vol0 on n1-n3; n2 and n3 killed for good, so n1 (with a Raft majority of n1,
+/// n4, n5) writes through the recovery server first (jeopardy). After the out-time,
+/// n4 and n5 get copies (restored from the recovery log, then resynced), the volume
+/// has three live copies again and leaves jeopardy; every write reads back through
+/// the new copies' nodes, and the killed nodes, revived, hold nothing.
+#[test]
+fn a_volume_in_jeopardy_leaves_it_once_its_copies_are_rebuilt() {
+    let (_tmp, data) = setup();
+    let up = Up::start_with(&data, "64MiB", &["--nodes", "5", "--out-after", "4"]);
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    qemu_io_ok(&up.uri(1, "vol0"), &["write -P 0x31 0 4M", "flush"]);
+    up.cli_ok(&["fault", "kill", "--node", "n2"]);
+    up.cli_ok(&["fault", "kill", "--node", "n3"]);
+    qemu_io_ok(&up.uri(1, "vol0"), &["write -P 0x32 4M 4M", "flush"]);
+    let jeopardy = |up: &Up| {
+        up.get(1, "/api/v1/jeopardy")
+            .is_some_and(|j| j["volumes"]["vol0"]["jeopardy"] == true)
+    };
+    let t0 = Instant::now();
+    while !jeopardy(&up) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "vol0 not in jeopardy with one copy left"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Written in jeopardy while the copies are rebuilt.
+    qemu_io_ok(&up.uri(4, "vol0"), &["write -P 0x33 8M 4M", "flush"]);
+    let m = up.wait_meta(1, "vol0", Duration::from_secs(60), "copies rebuilt", |m| {
+        let r = replicas(m);
+        r.len() == 3
+            && r.contains(&4)
+            && r.contains(&5)
+            && m["states"]
+                .as_object()
+                .is_some_and(|s| s.values().all(|v| v == "live"))
+    });
+    let t0 = Instant::now();
+    while jeopardy(&up) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "still in jeopardy: {m}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for n in [1u16, 4, 5] {
+        qemu_io_ok(
+            &up.uri(n, "vol0"),
+            &[
+                "read -P 0x31 0 4M",
+                "read -P 0x32 4M 4M",
+                "read -P 0x33 8M 4M",
+            ],
+        );
+    }
+    let roots: Vec<String> = [1u16, 4, 5].iter().map(|n| up.root(*n, "vol0")).collect();
+    assert!(roots.iter().all(|r| *r == roots[0]), "{roots:?}");
+    up.cli_ok(&["fault", "revive", "--node", "n2"]);
+    up.cli_ok(&["fault", "revive", "--node", "n3"]);
+    let t0 = Instant::now();
+    while [2u16, 3]
+        .iter()
+        .any(|n| up.get(*n, "/api/v1/volumes/vol0").is_some())
+        || up.get(2, "/api/v1/status").is_none()
+        || up.get(3, "/api/v1/status").is_none()
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the revived nodes' copies were not removed"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    qemu_io_ok(&up.uri(2, "vol0"), &["read -P 0x33 8M 4M"]);
+}
