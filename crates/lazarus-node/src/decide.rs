@@ -170,6 +170,19 @@ pub fn unmarked_dead(v: &VolumeInfo) -> Vec<NodeId> {
         .collect()
 }
 
+/// How many copies each node holds.
+pub fn copies_held(
+    meta: &lazarus_cluster::ClusterMeta,
+) -> std::collections::HashMap<NodeId, usize> {
+    let mut held = std::collections::HashMap::new();
+    for v in meta.volumes.values() {
+        for n in &v.replicas {
+            *held.entry(*n).or_default() += 1;
+        }
+    }
+    held
+}
+
 /// Where a new volume goes: `[primary, other copies...]`. Nodes marked out get
 /// nothing, nodes that answer (`answering`) come first; the primary is `asked` if
 /// given, else the node that is primary of the fewest volumes (`me`, the node taking
@@ -194,15 +207,10 @@ pub fn place_volume(
             eligible.len()
         ));
     }
-    let (mut primaries, mut copies) = (
-        std::collections::HashMap::<NodeId, usize>::new(),
-        std::collections::HashMap::<NodeId, usize>::new(),
-    );
+    let copies = copies_held(meta);
+    let mut primaries = std::collections::HashMap::<NodeId, usize>::new();
     for v in meta.volumes.values() {
         *primaries.entry(v.primary).or_default() += 1;
-        for n in &v.replicas {
-            *copies.entry(*n).or_default() += 1;
-        }
     }
     let count =
         |m: &std::collections::HashMap<NodeId, usize>, n: NodeId| m.get(&n).copied().unwrap_or(0);

@@ -17,9 +17,9 @@
 //! and round, on the leader only.
 
 use crate::cluster::Cluster;
-use crate::decide::{may_mark_in, placement_step, PlacementStep};
+use crate::decide::{copies_held, may_mark_in, placement_step, PlacementStep};
 use lazarus_cluster::raft_store::NodeId;
-use lazarus_cluster::{MetaCommand, MetaResponse, ReplicaState};
+use lazarus_cluster::{MetaCommand, MetaResponse};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +29,8 @@ use tokio::time::Instant;
 const MEMBERSHIP_INTERVAL: Duration = Duration::from_secs(1);
 /// How long an out node must answer before it is marked back in.
 const ANSWERING_BEFORE_IN: Duration = Duration::from_secs(3);
+/// How long the leader waits for a retire to commit.
+const PROPOSE_WAIT: Duration = Duration::from_secs(15);
 /// A peer whose pings went unanswered this long does not seem up.
 const RECENT: Duration = Duration::from_secs(3);
 
@@ -71,17 +73,6 @@ impl PeerSeen {
             .ok_since
             .map_or(Duration::ZERO, |t| t.elapsed())
     }
-}
-
-/// How many copies each node holds.
-fn copies_held(meta: &lazarus_cluster::ClusterMeta) -> HashMap<NodeId, usize> {
-    let mut held: HashMap<NodeId, usize> = HashMap::new();
-    for v in meta.volumes.values() {
-        for n in &v.replicas {
-            *held.entry(*n).or_default() += 1;
-        }
-    }
-    held
 }
 
 impl Cluster {
@@ -288,28 +279,14 @@ impl Cluster {
     /// (so it never claims the volume as its survivor with writes it then lacks), then
     /// the metadata, then the record again at the change's log index.
     async fn retire(&self, v: &lazarus_cluster::VolumeInfo, n: NodeId) {
-        if let Err(e) = self.record_out(v, n).await {
-            tracing::info!(volume = %v.name, node = n, error = %e, "out copy not retired yet");
-            return;
-        }
-        let cmd = MetaCommand::SetReplicaState {
-            volume: v.name.clone(),
-            node: n,
-            state: ReplicaState::Dead,
-            epoch: v.epoch,
-            at_ms: crate::cluster::unix_ms(),
-            since: None,
-            source: None,
-        };
-        match self.propose(cmd).await {
-            Ok(MetaResponse::Volume(nv)) => {
-                let _ = self.record_out_at(v, n, nv.changed_at).await;
+        match self.commit_dead_recorded(v, n, PROPOSE_WAIT).await {
+            Ok(_) => {
                 let why = format!("n{n}'s copy retired (the node is out; its replacement is live)");
                 tracing::info!(volume = %v.name, "{why}");
                 lazarus_observe::events::record("membership", &v.name, why);
             }
-            other => {
-                tracing::info!(volume = %v.name, node = n, result = ?other.map_err(|e| e.to_string()), "out copy not retired")
+            Err(e) => {
+                tracing::info!(volume = %v.name, node = n, error = %e, "out copy not retired yet")
             }
         }
     }

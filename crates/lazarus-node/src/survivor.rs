@@ -216,13 +216,17 @@ impl Cluster {
         });
     }
 
-    /// Commits a live replica that stopped answering dead (recorded out first, under
-    /// the policy), as a failed update would.
-    async fn mark_unreachable_dead(&self, v: &VolumeInfo, node: NodeId) {
-        if let Err(e) = self.record_out(v, node).await {
-            tracing::warn!(volume = %v.name, node, error = %e, "unreachable replica not marked dead");
-            return;
-        }
+    /// Commits `node`'s copy of `v` dead as a primary does before it acknowledges a
+    /// write without it: recorded out at the recovery server first (so it never claims
+    /// the volume as its survivor), then the metadata (within `wait`), then the record
+    /// again at the change's log index. The volume as committed, or why not.
+    pub(crate) async fn commit_dead_recorded(
+        &self,
+        v: &VolumeInfo,
+        node: NodeId,
+        wait: Duration,
+    ) -> Result<VolumeInfo, String> {
+        self.record_out(v, node).await?;
         let cmd = lazarus_cluster::MetaCommand::SetReplicaState {
             volume: v.name.clone(),
             node,
@@ -232,9 +236,25 @@ impl Cluster {
             since: None,
             source: None,
         };
-        match tokio::time::timeout(Duration::from_secs(2), self.propose(cmd)).await {
+        match tokio::time::timeout(wait, self.propose(cmd)).await {
             Ok(Ok(lazarus_cluster::MetaResponse::Volume(nv))) => {
                 let _ = self.record_out_at(v, node, nv.changed_at).await;
+                Ok(nv)
+            }
+            Ok(Ok(other)) => Err(format!("{other:?}")),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("not committed within {wait:?}")),
+        }
+    }
+
+    /// Commits a live replica that stopped answering dead (recorded out first, under
+    /// the policy), as a failed update would.
+    async fn mark_unreachable_dead(&self, v: &VolumeInfo, node: NodeId) {
+        match self
+            .commit_dead_recorded(v, node, Duration::from_secs(2))
+            .await
+        {
+            Ok(_) => {
                 tracing::warn!(volume = %v.name, replica = node, "replica stopped answering with the recovery server out of reach: marked dead (policy accept)");
                 lazarus_observe::events::record(
                     "state",
@@ -244,8 +264,8 @@ impl Cluster {
                     ),
                 );
             }
-            other => {
-                tracing::info!(volume = %v.name, replica = node, result = ?other.map(|r| r.map_err(|e| e.to_string())), "unreachable replica not marked dead")
+            Err(e) => {
+                tracing::info!(volume = %v.name, replica = node, error = %e, "unreachable replica not marked dead")
             }
         }
     }

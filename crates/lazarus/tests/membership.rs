@@ -47,6 +47,20 @@ fn whole_without(m: &Value, gone: u64) -> bool {
             .is_some_and(|s| s.len() == 3 && s.values().all(|v| v == "live"))
 }
 
+/// Every chunk writer.py flushed, up to `last`, reads back through node `n`.
+fn verify_chunks(up: &Up, n: u16, last: u64) {
+    let o = run_out(
+        PY,
+        &[&py("verify.py"), &up.uri(n, "vol0"), &last.to_string()],
+    );
+    assert!(
+        o.status.success(),
+        "vol0 through n{n}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 fn qemu_io_ok(uri: &str, cmds: &[&str]) {
     let mut args = vec!["-f", "raw"];
     for c in cmds {
@@ -157,20 +171,7 @@ fn a_node_down_for_good_has_its_copies_rebuilt_elsewhere() {
             std::fs::read(&out).unwrap() == written,
             "v2 read through n{n} differs"
         );
-        let o = run_out(
-            PY,
-            &[
-                &py("verify.py"),
-                &up.uri(n, "vol0"),
-                &last_acked.to_string(),
-            ],
-        );
-        assert!(
-            o.status.success(),
-            "vol0 through n{n}: {}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
+        verify_chunks(&up, n, last_acked);
     }
 
     // n2 returns: its stale copies go, it is marked back in and holds copies again.
@@ -196,15 +197,7 @@ fn a_node_down_for_good_has_its_copies_rebuilt_elsewhere() {
         std::thread::sleep(Duration::from_millis(200));
     }
     // Stale copies are never served: n2 forwards to each volume's primary.
-    let o = run_out(
-        PY,
-        &[
-            &py("verify.py"),
-            &up.uri(2, "vol0"),
-            &last_acked.to_string(),
-        ],
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    verify_chunks(&up, 2, last_acked);
     up.cli_ok(&["volume", "create", "v3", "--size", "16MiB"]);
     let m = up.wait_all_live(1, "v3", Duration::from_secs(30));
     assert!(
@@ -277,20 +270,7 @@ fn a_removed_primary_hands_over_and_its_copies_move_under_load() {
         .collect();
     assert!(roots.iter().all(|r| *r == roots[0]), "{roots:?}");
     for n in 1..=4u16 {
-        let o = run_out(
-            PY,
-            &[
-                &py("verify.py"),
-                &up.uri(n, "vol0"),
-                &last_acked.to_string(),
-            ],
-        );
-        assert!(
-            o.status.success(),
-            "vol0 through n{n}: {}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
+        verify_chunks(&up, n, last_acked);
     }
     // n1 answers, yet stays out (removed), its copy deleted.
     let t0 = Instant::now();
