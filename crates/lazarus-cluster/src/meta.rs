@@ -167,6 +167,21 @@ pub struct ClusterMeta {
     /// on their own.
     #[serde(default)]
     pub removed: BTreeSet<NodeId>,
+    /// Nodes an administrator added (`lazarus node add`) that have not registered yet:
+    /// the leader makes each a Raft learner at its address; the node's own
+    /// registration (`SetNode`) ends the entry.
+    #[serde(default)]
+    pub joining: BTreeMap<NodeId, Joining>,
+    /// `lazarus node replace`: a removed node and the node its copies are rebuilt on.
+    #[serde(default)]
+    pub replacing: BTreeMap<NodeId, NodeId>,
+}
+
+/// A node being added: its name and RPC address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Joining {
+    pub name: String,
+    pub rpc: String,
 }
 
 impl ClusterMeta {
@@ -304,6 +319,26 @@ pub enum MetaCommand {
         #[serde(default)]
         removed: bool,
     },
+    /// An administrator adds a node (`lazarus node add`): the leader makes it a Raft
+    /// learner at `rpc` (`ClusterMeta::joining`) and, once it has caught up, a voter if
+    /// the cluster wants one more.
+    AddNode {
+        id: NodeId,
+        name: String,
+        rpc: String,
+    },
+    /// An administrator replaces `node` with `with` (`lazarus node replace`): `node` is
+    /// removed as by `SetOut { removed }`, and its copies are rebuilt on `with` (a
+    /// member, or a node being added).
+    ReplaceNode {
+        node: NodeId,
+        with: NodeId,
+    },
+    /// Forgets a removed node that holds no copy and has left the Raft group: its id
+    /// may be added again.
+    ForgetNode {
+        id: NodeId,
+    },
     /// Places a new copy of `volume` on `node` (re-replication): it starts dead and
     /// stale (it holds nothing: never promoted, never counted), and turns live at the
     /// end of a Merkle resync from the primary like any dead copy.
@@ -427,6 +462,67 @@ impl ClusterMeta {
         match cmd {
             MetaCommand::SetNode { id, info } => {
                 self.nodes.insert(*id, info.clone());
+                self.joining.remove(id);
+                Ok(MetaResponse::Ok)
+            }
+            MetaCommand::AddNode { id, name, rpc } => {
+                if *id == 0 {
+                    return Err("node id 0 is not a Raft id".into());
+                }
+                if let Some(n) = self.nodes.get(id) {
+                    return Err(if self.removed.contains(id) {
+                        format!(
+                            "node {} ({id}) was removed but is not forgotten yet: it still holds copies or is still in the Raft group",
+                            n.name
+                        )
+                    } else {
+                        format!("node {} ({id}) is already a member", n.name)
+                    }
+                    .into());
+                }
+                self.joining.insert(
+                    *id,
+                    Joining {
+                        name: name.clone(),
+                        rpc: rpc.clone(),
+                    },
+                );
+                Ok(MetaResponse::Ok)
+            }
+            MetaCommand::ReplaceNode { node, with } => {
+                if !self.nodes.contains_key(node) {
+                    return Err(format!("node {node} is not a cluster member").into());
+                }
+                if node == with {
+                    return Err("a node does not replace itself".into());
+                }
+                if !self.nodes.contains_key(with) && !self.joining.contains_key(with) {
+                    return Err(format!(
+                        "node {with} is neither a member nor being added (add it first)"
+                    )
+                    .into());
+                }
+                if self.out.contains(with) {
+                    return Err(format!("node {with} is out: it takes no copies").into());
+                }
+                self.out.insert(*node);
+                self.removed.insert(*node);
+                self.replacing.insert(*node, *with);
+                Ok(MetaResponse::Ok)
+            }
+            MetaCommand::ForgetNode { id } => {
+                if !self.removed.contains(id) {
+                    return Err(format!("node {id} was not removed: it is not forgotten").into());
+                }
+                if let Some(v) = self.volumes.values().find(|v| v.replicas.contains(id)) {
+                    return Err(format!("node {id} still holds a copy of {:?}", v.name).into());
+                }
+                self.nodes.remove(id);
+                self.out.remove(id);
+                self.removed.remove(id);
+                self.failures.remove(id);
+                self.joining.remove(id);
+                self.replacing.retain(|a, b| a != id && b != id);
                 Ok(MetaResponse::Ok)
             }
             MetaCommand::CreateVolume {
@@ -733,6 +829,7 @@ impl ClusterMeta {
                 } else {
                     self.out.remove(node);
                     self.removed.remove(node);
+                    self.replacing.remove(node);
                 }
                 Ok(MetaResponse::Ok)
             }
@@ -1491,5 +1588,79 @@ mod tests {
         assert!(m.out.contains(&3) && m.removed.contains(&3));
         assert_eq!(set(&mut m, false, false), MetaResponse::Ok);
         assert!(m.out.is_empty() && m.removed.is_empty());
+    }
+
+    #[test]
+    fn nodes_join_are_replaced_and_forgotten() {
+        let mut m = meta3();
+        create(&mut m);
+        let add = |m: &mut ClusterMeta, id| {
+            m.apply(&MetaCommand::AddNode {
+                id,
+                name: format!("n{id}"),
+                rpc: format!("127.0.0.1:{}", 9000 + id),
+            })
+        };
+        assert!(
+            matches!(add(&mut m, 2), MetaResponse::Rejected(_)),
+            "a member is not added again"
+        );
+        assert_eq!(add(&mut m, 4), MetaResponse::Ok);
+        assert_eq!(m.joining[&4].rpc, "127.0.0.1:9004");
+        // Its own registration ends the join.
+        let mut info = m.nodes[&1].clone();
+        info.name = "n4".into();
+        m.apply(&MetaCommand::SetNode { id: 4, info });
+        assert!(m.joining.is_empty() && m.nodes.contains_key(&4));
+        // Replacing: with a node being added, or a member; never itself or an out node.
+        let replace =
+            |m: &mut ClusterMeta, node, with| m.apply(&MetaCommand::ReplaceNode { node, with });
+        assert!(matches!(replace(&mut m, 2, 2), MetaResponse::Rejected(_)));
+        assert!(
+            matches!(replace(&mut m, 2, 6), MetaResponse::Rejected(_)),
+            "n6 is neither a member nor joining"
+        );
+        assert_eq!(add(&mut m, 5), MetaResponse::Ok);
+        assert_eq!(replace(&mut m, 2, 5), MetaResponse::Ok);
+        assert!(m.out.contains(&2) && m.removed.contains(&2));
+        assert_eq!(m.replacing.get(&2), Some(&5));
+        assert!(
+            matches!(replace(&mut m, 3, 2), MetaResponse::Rejected(_)),
+            "an out node takes no copies"
+        );
+        // Forgotten only once it holds nothing.
+        assert!(
+            matches!(
+                m.apply(&MetaCommand::ForgetNode { id: 2 }),
+                MetaResponse::Rejected(_)
+            ),
+            "n2 still holds a copy"
+        );
+        assert!(
+            matches!(
+                m.apply(&MetaCommand::ForgetNode { id: 3 }),
+                MetaResponse::Rejected(_)
+            ),
+            "n3 was not removed"
+        );
+        m.volumes
+            .get_mut("vol0")
+            .unwrap()
+            .replicas
+            .retain(|n| *n != 2);
+        assert!(matches!(
+            add(&mut m, 2),
+            MetaResponse::Rejected(r) if r.contains("not forgotten")
+        ));
+        assert_eq!(
+            m.apply(&MetaCommand::ForgetNode { id: 2 }),
+            MetaResponse::Ok
+        );
+        assert!(!m.nodes.contains_key(&2) && m.out.is_empty() && m.replacing.is_empty());
+        assert_eq!(
+            add(&mut m, 2),
+            MetaResponse::Ok,
+            "a forgotten id may join again"
+        );
     }
 }

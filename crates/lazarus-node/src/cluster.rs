@@ -395,7 +395,15 @@ impl Cluster {
                 weak.upgrade().and_then(|c| c.apply_inline(kind, body))
             })),
         ));
-        if !cluster.raft.is_initialized().await? && members.keys().next() == Some(&id) {
+        if cfg.join {
+            if !cluster.raft.is_initialized().await? {
+                tracing::info!(
+                    node = id,
+                    "waiting to be added to the cluster (`lazarus node add {}` on a member)",
+                    cfg.id
+                );
+            }
+        } else if !cluster.raft.is_initialized().await? && members.keys().next() == Some(&id) {
             match cluster.raft.initialize(members.clone()).await {
                 Ok(()) => {
                     tracing::info!(node = id, members = ?members.keys().collect::<Vec<_>>(), "cluster initialized")
@@ -456,6 +464,23 @@ impl Cluster {
             }
             KIND_CLIENT_WRITE => {
                 let cmd: MetaCommand = de(&body)?;
+                // A node registers itself only once the group has it: a removed node
+                // started again does not come back as a member on its own word.
+                if let MetaCommand::SetNode { id, .. } = &cmd {
+                    let known = self
+                        .raft
+                        .metrics()
+                        .borrow()
+                        .membership_config
+                        .membership()
+                        .get_node(id)
+                        .is_some();
+                    if !known {
+                        return ser(&Err::<MetaResponse, String>(format!(
+                            "node {id} is not in the cluster's Raft group (removed, or not added yet: `lazarus node add`)"
+                        )));
+                    }
+                }
                 let r = self
                     .raft
                     .client_write(cmd)
@@ -1672,6 +1697,9 @@ impl Cluster {
             "term": m.current_term,
             "last_applied": m.last_applied.map(|l| l.index),
             "members": m.membership_config.membership().voter_ids().collect::<Vec<_>>(),
+            "learners": m.membership_config.membership().learner_ids().collect::<Vec<_>>(),
+            // A membership change under way (joint consensus: old and new voters).
+            "joint": m.membership_config.membership().get_joint_config().len() > 1,
             "metadata": &*self.store.meta(),
             "ready": self.is_ready(),
             // Until its start-up check is done this node's view of the metadata may be

@@ -28,6 +28,10 @@ pub struct NodeConfig {
     /// The other members of the cluster.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<PeerConfig>,
+    /// A node that joins a running cluster (`lazarus node add`): it never starts a
+    /// cluster of its own, and waits until the cluster's leader adds it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub join: bool,
     /// Token required (as `Authorization: Bearer TOKEN`) by the admin API's mutating
     /// endpoints when `admin_listen` is not a loopback address. Without one, such a
     /// node refuses every mutating request.

@@ -294,6 +294,64 @@ pub fn placement_step(
     }
 }
 
+/// The candidates for a new copy of `v` when a node it is on is being replaced
+/// (`lazarus node replace`): the replacing node first. None while that node cannot take
+/// it yet (it is still joining, or does not answer): the copy waits for it rather than
+/// going elsewhere. Without a replacement, `candidates` as they are.
+pub fn replacement_candidates(
+    meta: &lazarus_cluster::ClusterMeta,
+    v: &VolumeInfo,
+    candidates: &[NodeId],
+) -> Option<Vec<NodeId>> {
+    let with = v
+        .replicas
+        .iter()
+        .filter_map(|n| meta.replacing.get(n))
+        .find(|w| !v.replicas.contains(w) && !meta.out.contains(w));
+    match with {
+        None => Some(candidates.to_vec()),
+        Some(w) if candidates.contains(w) => {
+            let mut c = vec![*w];
+            c.extend(candidates.iter().copied().filter(|n| n != w));
+            Some(c)
+        }
+        Some(_) => None,
+    }
+}
+
+/// The Raft voters the cluster wants: three, or five once five members can vote, so
+/// that voters stay an odd number whose majority survives one failure (two with
+/// five). A member may vote if it is registered and not out; one that does not vote
+/// yet must also answer (`up`) and have caught up with the leader's log
+/// (`caught_up`). Current voters are kept first, the leader first of all, then the
+/// lowest ids. None: leave the voters as they are (fewer than three may vote, or the
+/// choice is the current set).
+pub fn desired_voters(
+    meta: &lazarus_cluster::ClusterMeta,
+    voters: &std::collections::BTreeSet<NodeId>,
+    learners: &std::collections::BTreeSet<NodeId>,
+    leader: NodeId,
+    up: impl Fn(NodeId) -> bool,
+    caught_up: impl Fn(NodeId) -> bool,
+) -> Option<std::collections::BTreeSet<NodeId>> {
+    let member = |n: &NodeId| meta.nodes.contains_key(n) && !meta.out.contains(n);
+    let mut eligible: Vec<NodeId> = voters.iter().copied().filter(member).collect();
+    eligible.sort_by_key(|n| (*n != leader, *n));
+    eligible.extend(
+        learners
+            .iter()
+            .copied()
+            .filter(|n| !voters.contains(n) && member(n) && up(*n) && caught_up(*n)),
+    );
+    let want = match eligible.len() {
+        0..=2 => return None,
+        3 | 4 => 3,
+        _ => 5,
+    };
+    let chosen: std::collections::BTreeSet<NodeId> = eligible.into_iter().take(want).collect();
+    (chosen != *voters).then_some(chosen)
+}
+
 /// Whether an out node that answers again may be marked back in: none of its copies
 /// has a replacement placed (it then resyncs them as any returning node would). A
 /// node whose copies are being rebuilt elsewhere stays out until they are dropped.
@@ -312,6 +370,17 @@ pub fn may_mark_in(meta: &lazarus_cluster::ClusterMeta, node: NodeId) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn node_info(id: NodeId) -> lazarus_cluster::NodeInfo {
+        lazarus_cluster::NodeInfo {
+            name: format!("n{id}"),
+            rpc: String::new(),
+            nbd: String::new(),
+            admin: String::new(),
+            incarnation: 0,
+            jeopardy_policy: None,
+        }
+    }
 
     fn volume(primary: NodeId) -> VolumeInfo {
         VolumeInfo {
@@ -587,17 +656,7 @@ mod tests {
     fn new_volumes_spread_their_primaries_and_copies() {
         let mut m = lazarus_cluster::ClusterMeta::default();
         for id in 1..=5 {
-            m.nodes.insert(
-                id,
-                lazarus_cluster::NodeInfo {
-                    name: format!("n{id}"),
-                    rpc: String::new(),
-                    nbd: String::new(),
-                    admin: String::new(),
-                    incarnation: 0,
-                    jeopardy_policy: None,
-                },
-            );
+            m.nodes.insert(id, node_info(id));
         }
         let all = |_| true;
         assert_eq!(place_volume(&m, 3, None, 1, all).unwrap(), vec![1, 2, 3]);
@@ -638,6 +697,96 @@ mod tests {
         assert!(
             place_volume(&m, 1, Some(9), 1, all).is_err(),
             "not a member"
+        );
+    }
+
+    #[test]
+    fn voters_stay_three_or_five_and_never_an_out_node() {
+        let mut m = lazarus_cluster::ClusterMeta::default();
+        for n in 1..=6 {
+            m.nodes.insert(n, node_info(n));
+        }
+        let set = |v: &[NodeId]| v.iter().copied().collect::<std::collections::BTreeSet<_>>();
+        let yes = |_| true;
+        // Four voters (`up --nodes 4`): one steps down, never the leader.
+        assert_eq!(
+            desired_voters(&m, &set(&[1, 2, 3, 4]), &set(&[]), 1, yes, yes),
+            Some(set(&[1, 2, 3]))
+        );
+        assert_eq!(
+            desired_voters(&m, &set(&[1, 2, 3, 4]), &set(&[]), 4, yes, yes),
+            Some(set(&[1, 2, 4]))
+        );
+        // A learner that has caught up and answers joins a three to make five only
+        // with a second one.
+        assert_eq!(
+            desired_voters(&m, &set(&[1, 2, 3]), &set(&[4]), 1, yes, yes),
+            None
+        );
+        assert_eq!(
+            desired_voters(&m, &set(&[1, 2, 3]), &set(&[4, 5]), 1, yes, yes),
+            Some(set(&[1, 2, 3, 4, 5]))
+        );
+        assert_eq!(
+            desired_voters(&m, &set(&[1, 2, 3]), &set(&[4, 5]), 1, yes, |n| n != 5),
+            None,
+            "not before it has caught up"
+        );
+        assert_eq!(
+            desired_voters(&m, &set(&[1, 2, 3]), &set(&[4, 5]), 1, |n| n != 4, yes),
+            None,
+            "not while it does not answer"
+        );
+        // An out voter is replaced by a learner; a silent voter that is not out stays.
+        m.out.insert(3);
+        assert_eq!(
+            desired_voters(&m, &set(&[1, 2, 3]), &set(&[4]), 2, yes, yes),
+            Some(set(&[1, 2, 4]))
+        );
+        assert_eq!(
+            desired_voters(&m, &set(&[1, 2, 3]), &set(&[]), 2, yes, yes),
+            None,
+            "never fewer than three"
+        );
+        m.out.clear();
+        assert_eq!(
+            desired_voters(&m, &set(&[1, 2, 3]), &set(&[4]), 1, |n| n != 2, yes),
+            None
+        );
+        // Five, one removed: three remain voters.
+        m.out.insert(5);
+        assert_eq!(
+            desired_voters(&m, &set(&[1, 2, 3, 4, 5]), &set(&[]), 1, yes, yes),
+            Some(set(&[1, 2, 3]))
+        );
+        // An unregistered learner (still joining) never votes.
+        m.out.clear();
+        assert_eq!(
+            desired_voters(&m, &set(&[1, 2, 3]), &set(&[4, 7]), 1, yes, yes),
+            None
+        );
+    }
+
+    #[test]
+    fn a_replaced_node_s_copies_go_to_its_replacement_only() {
+        let mut m = lazarus_cluster::ClusterMeta::default();
+        for n in 1..=5 {
+            m.nodes.insert(n, node_info(n));
+        }
+        let v = volume(1);
+        m.out.insert(3);
+        m.removed.insert(3);
+        assert_eq!(
+            replacement_candidates(&m, &v, &[4, 5]),
+            Some(vec![4, 5]),
+            "a removal without a replacement takes the best candidate"
+        );
+        m.replacing.insert(3, 5);
+        assert_eq!(replacement_candidates(&m, &v, &[4, 5]), Some(vec![5, 4]));
+        assert_eq!(
+            replacement_candidates(&m, &v, &[4]),
+            None,
+            "the copy waits for its replacement node"
         );
     }
 }

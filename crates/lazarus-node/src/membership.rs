@@ -17,7 +17,9 @@
 //! and round, on the leader only.
 
 use crate::cluster::Cluster;
-use crate::decide::{copies_held, may_mark_in, placement_step, PlacementStep};
+use crate::decide::{
+    copies_held, desired_voters, may_mark_in, placement_step, replacement_candidates, PlacementStep,
+};
 use lazarus_cluster::raft_store::NodeId;
 use lazarus_cluster::{MetaCommand, MetaResponse};
 use std::collections::HashMap;
@@ -33,6 +35,11 @@ const ANSWERING_BEFORE_IN: Duration = Duration::from_secs(3);
 const PROPOSE_WAIT: Duration = Duration::from_secs(15);
 /// A peer whose pings went unanswered this long does not seem up.
 const RECENT: Duration = Duration::from_secs(3);
+/// How long the leader waits for a Raft membership change to commit.
+const GROUP_CHANGE_WAIT: Duration = Duration::from_secs(15);
+/// A learner this many log entries or fewer behind the leader has caught up: it may
+/// become a voter.
+const CAUGHT_UP_ENTRIES: u64 = 64;
 
 /// When each peer last answered, and since when it answers without a miss.
 #[derive(Default)]
@@ -110,6 +117,7 @@ impl Cluster {
     }
 
     async fn membership_round(&self, leading_since: Instant) {
+        self.group_round().await;
         let meta = self.store.meta();
         let mut confirmed = false;
         for &n in meta.nodes.keys() {
@@ -189,7 +197,11 @@ impl Cluster {
             if rs_moved || self.rs_overrides(v) || self.claimed_beyond_metadata(&v.name) {
                 continue;
             }
-            let step = placement_step(v, &meta.out, &candidates);
+            // A copy on a node being replaced waits for its replacement node.
+            let Some(ordered) = replacement_candidates(&meta, v, &candidates) else {
+                continue;
+            };
+            let step = placement_step(v, &meta.out, &ordered);
             if rs.is_none() && matches!(step, PlacementStep::Retire(_) | PlacementStep::Drop(_)) {
                 continue;
             }
@@ -237,6 +249,104 @@ impl Cluster {
                     candidates.sort_by_key(|n| (held.get(n).copied().unwrap_or(0), *n));
                 }
             }
+        }
+    }
+
+    /// The Raft group follows the metadata's members, one change a round: a node being
+    /// added (`ClusterMeta::joining`) becomes a learner; the voters are kept at three
+    /// or five (`decide::desired_voters`: a caught-up learner is promoted, an out voter
+    /// steps down to learner); a removed node that holds no copy leaves the group, and
+    /// then the metadata forgets it.
+    async fn group_round(&self) {
+        let meta = self.store.meta();
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership().clone();
+        if membership.get_joint_config().len() > 1 {
+            return; // a change is still under way
+        }
+        let voters: std::collections::BTreeSet<NodeId> = membership.voter_ids().collect();
+        let learners: std::collections::BTreeSet<NodeId> = membership.learner_ids().collect();
+        let in_group = |n: &NodeId| voters.contains(n) || learners.contains(n);
+        for (id, j) in &meta.joining {
+            if in_group(id) {
+                continue;
+            }
+            let node = openraft::BasicNode {
+                addr: j.rpc.clone(),
+            };
+            let r =
+                tokio::time::timeout(GROUP_CHANGE_WAIT, self.raft.add_learner(*id, node, false))
+                    .await;
+            self.group_changed(
+                r.map_err(|_| "timed out".to_string())
+                    .and_then(|r| r.map(|_| ()).map_err(|e| e.to_string())),
+                format!("{} joins the Raft group as a learner at {}", j.name, j.rpc),
+            );
+            return;
+        }
+        let last = m.last_log_index.unwrap_or(0);
+        let matched = m.replication.clone().unwrap_or_default();
+        let caught_up = |n: NodeId| {
+            matched
+                .get(&n)
+                .and_then(|l| l.as_ref())
+                .is_some_and(|l| l.index + CAUGHT_UP_ENTRIES >= last)
+        };
+        if let Some(want) = desired_voters(
+            &meta,
+            &voters,
+            &learners,
+            self.id,
+            |n| self.seems_up(n) && self.seen.answering_for(n) > Duration::ZERO,
+            caught_up,
+        ) {
+            let why = format!(
+                "Raft voters {:?} -> {:?} (three or five voters, none out)",
+                voters, want
+            );
+            let r =
+                tokio::time::timeout(GROUP_CHANGE_WAIT, self.raft.change_membership(want, true))
+                    .await;
+            self.group_changed(
+                r.map_err(|_| "timed out".to_string())
+                    .and_then(|r| r.map(|_| ()).map_err(|e| e.to_string())),
+                why,
+            );
+            return;
+        }
+        let held = copies_held(&meta);
+        for &n in &meta.removed {
+            if voters.contains(&n) || held.get(&n).copied().unwrap_or(0) > 0 {
+                continue;
+            }
+            if in_group(&n) {
+                let change = openraft::ChangeMembers::RemoveNodes([n].into());
+                let r = tokio::time::timeout(
+                    GROUP_CHANGE_WAIT,
+                    self.raft.change_membership(change, false),
+                )
+                .await;
+                self.group_changed(
+                    r.map_err(|_| "timed out".to_string())
+                        .and_then(|r| r.map(|_| ()).map_err(|e| e.to_string())),
+                    format!("removed node n{n} holds no copy: it leaves the Raft group"),
+                );
+            } else {
+                let why = format!("removed node n{n} has left the Raft group: forgotten");
+                self.propose_membership(MetaCommand::ForgetNode { id: n }, "", &why)
+                    .await;
+            }
+            return;
+        }
+    }
+
+    fn group_changed(&self, r: Result<(), String>, why: String) {
+        match r {
+            Ok(()) => {
+                tracing::info!("{why}");
+                lazarus_observe::events::record("membership", "", why);
+            }
+            Err(e) => tracing::warn!(error = %e, "Raft membership change not committed: {why}"),
         }
     }
 

@@ -254,9 +254,14 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/volumes/{name}/protect",
             axum::routing::post(protect_volume),
         )
+        .route("/api/v1/nodes", axum::routing::post(add_node))
         .route(
             "/api/v1/nodes/{name}/remove",
             axum::routing::post(remove_node),
+        )
+        .route(
+            "/api/v1/nodes/{name}/replace",
+            axum::routing::post(replace_node),
         )
         .route("/api/v1/events", get(events))
         .route("/api/v1/jeopardy", get(jeopardy))
@@ -881,6 +886,156 @@ pub struct RemoveNodeReq {
     pub cancel: bool,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddNodeReq {
+    /// The new node's id ("n4").
+    pub name: String,
+    /// Its RPC address, where the cluster's members reach it.
+    pub rpc: String,
+}
+
+/// The new node's Raft id and a checked RPC address.
+fn new_node(name: &str, rpc: &str) -> Result<lazarus_cluster::raft_store::NodeId, ApiError> {
+    let id = lazarus_node::cluster::raft_id(name)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("name: {e}")))?;
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("name {name:?} must be letters, digits, '-' or '_'"),
+        ));
+    }
+    let host_port = rpc
+        .rsplit_once(':')
+        .filter(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+    if host_port.is_none() {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("rpc {rpc:?} must be HOST:PORT (the new node's rpc_listen)"),
+        ));
+    }
+    Ok(id)
+}
+
+/// The Raft id of member `name`, and the metadata it is a member of (404 if not).
+fn member_named(
+    c: &lazarus_node::cluster::Cluster,
+    name: &str,
+) -> Result<
+    (
+        lazarus_cluster::raft_store::NodeId,
+        std::sync::Arc<lazarus_cluster::ClusterMeta>,
+    ),
+    ApiError,
+> {
+    let node = lazarus_node::cluster::raft_id(name)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("node: {e}")))?;
+    let meta = c.store.meta();
+    if !meta.nodes.contains_key(&node) {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("{name} is not a cluster member"),
+        ));
+    }
+    Ok((node, meta))
+}
+
+/// Proposes a node change; `Ok` as `message`, a refusal as 409.
+async fn propose_node_change(
+    c: &lazarus_node::cluster::Cluster,
+    cmd: lazarus_cluster::MetaCommand,
+    message: String,
+) -> Result<String, ApiError> {
+    match c
+        .propose(cmd)
+        .await
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
+    {
+        lazarus_cluster::MetaResponse::Ok => {
+            lazarus_observe::events::record("membership", "", message.clone());
+            Ok(message)
+        }
+        lazarus_cluster::MetaResponse::Rejected(m) => Err(ApiError(StatusCode::CONFLICT, m)),
+        other => Err(ApiError(StatusCode::BAD_REQUEST, format!("{other:?}"))),
+    }
+}
+
+/// `lazarus node add`: records the node as joining; the leader makes it a Raft learner
+/// and, once it has registered and caught up, a voter if the cluster wants one
+/// (`lazarus_node::membership`). New volumes and re-replicated copies use it from its
+/// registration on.
+async fn add_node(
+    State(s): State<AppState>,
+    body: Result<Json<AddNodeReq>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let r = request_body(body)?;
+    let c = cluster_of(&s)?;
+    let id = new_node(&r.name, &r.rpc)?;
+    let cmd = lazarus_cluster::MetaCommand::AddNode {
+        id,
+        name: r.name.clone(),
+        rpc: r.rpc.clone(),
+    };
+    let message = format!(
+        "{} is being added at {}: it joins the Raft group once it answers there (a node started with `join = true`)",
+        r.name, r.rpc
+    );
+    let message = propose_node_change(&c, cmd, message).await?;
+    Ok(Json(
+        serde_json::json!({ "node": r.name, "id": id, "message": message }),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplaceNodeReq {
+    /// The node taking over the copies ("n6").
+    pub with: String,
+    /// Its RPC address, if it is not a member yet: it is added first.
+    #[serde(default)]
+    pub rpc: Option<String>,
+}
+
+/// `lazarus node replace nX --with nY`: removes nX, and its copies are rebuilt on nY
+/// (added first if `rpc` is given and it is not a member yet).
+async fn replace_node(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    body: Result<Json<ReplaceNodeReq>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let r = request_body(body)?;
+    let c = cluster_of(&s)?;
+    let (node, meta) = member_named(&c, &name)?;
+    let with = match &r.rpc {
+        Some(rpc) => new_node(&r.with, rpc)?,
+        None => lazarus_node::cluster::raft_id(&r.with)
+            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("with: {e}")))?,
+    };
+    if let Some(rpc) = &r.rpc {
+        if !meta.nodes.contains_key(&with) && !meta.joining.contains_key(&with) {
+            let cmd = lazarus_cluster::MetaCommand::AddNode {
+                id: with,
+                name: r.with.clone(),
+                rpc: rpc.clone(),
+            };
+            propose_node_change(&c, cmd, format!("{} is being added at {rpc}", r.with)).await?;
+        }
+    }
+    let cmd = lazarus_cluster::MetaCommand::ReplaceNode { node, with };
+    let message = format!(
+        "{name} is out: its copies are being rebuilt on {} (once it answers), then dropped (lazarus status)",
+        r.with
+    );
+    let message = propose_node_change(&c, cmd, message).await?;
+    Ok(Json(
+        serde_json::json!({ "node": name, "with": r.with, "message": message }),
+    ))
+}
+
 /// `lazarus node remove`: marks the node out for good (or back in with `cancel`); the
 /// leader then moves its copies and primary roles (`lazarus_node::membership`).
 async fn remove_node(
@@ -890,15 +1045,7 @@ async fn remove_node(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Json(r) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     let c = cluster_of(&s)?;
-    let node = lazarus_node::cluster::raft_id(&name)
-        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("node: {e}")))?;
-    let meta = c.store.meta();
-    if !meta.nodes.contains_key(&node) {
-        return Err(ApiError(
-            StatusCode::NOT_FOUND,
-            format!("{name} is not a cluster member"),
-        ));
-    }
+    let (node, meta) = member_named(&c, &name)?;
     let mut note = String::new();
     if !r.cancel {
         // Where its copies can go: the nodes that are neither out nor this one.
@@ -1389,6 +1536,18 @@ async fn openapi() -> Json<serde_json::Value> {
     p.insert(
         "/api/v1/volumes/{name}/protect".into(),
         json!({ "post": op("{protected: bool}: an administrator's jeopardy protection request") }),
+    );
+    p.insert(
+        "/api/v1/nodes".into(),
+        json!({ "post": op("{name, rpc}: add a node (lazarus node add): the leader makes it a Raft learner at rpc, a voter once caught up if the cluster wants one (three or five voters); 409 if it is a member") }),
+    );
+    p.insert(
+        "/api/v1/nodes/{name}/remove".into(),
+        json!({ "post": op("{cancel?: bool}: remove a node (lazarus node remove): its copies are rebuilt elsewhere, its primary roles handed over, then it leaves the Raft group and is forgotten; cancel takes it back in before that") }),
+    );
+    p.insert(
+        "/api/v1/nodes/{name}/replace".into(),
+        json!({ "post": op("{with, rpc?}: replace a node (lazarus node replace): removed as by remove, its copies rebuilt on `with` (added first at rpc if given)") }),
     );
     p.insert(
         "/api/v1/jeopardy".into(),

@@ -50,6 +50,8 @@ impl Api {
             .as_array()
             .into_iter()
             .flatten()
+            // A removed node's view of the cluster stops when it leaves it.
+            .filter(|n| n["removed"] != true)
             .filter_map(|n| n["admin"].as_str())
             .collect();
         anyhow::ensure!(!admins.is_empty(), "{} lists no nodes", p.display());

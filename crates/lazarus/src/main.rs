@@ -3,6 +3,7 @@
 
 mod client;
 mod fault;
+mod members;
 mod rpc_bench;
 mod status;
 mod transfer;
@@ -199,6 +200,31 @@ struct Target {
 
 #[derive(Subcommand)]
 enum NodeOp {
+    /// Add a node to the cluster: it joins the Raft group as a learner, catches up,
+    /// and votes if the cluster wants another voter (three or five); new volumes and
+    /// rebuilt copies use it at once. With `lazarus up` the supervisor starts it (the
+    /// next free name unless NAME is given); otherwise start it first with
+    /// `join = true` in its configuration and give its --rpc address and --api.
+    Add {
+        name: Option<String>,
+        /// The new node's RPC address (its `rpc_listen`), as the members reach it.
+        #[arg(long)]
+        rpc: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Replace a node: it is removed as by `node remove`, and its copies are rebuilt on
+    /// the node given with --with (added first when it is not a member: with
+    /// `lazarus up` by the supervisor, otherwise at --rpc).
+    Replace {
+        node: String,
+        #[arg(long)]
+        with: String,
+        #[arg(long)]
+        rpc: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Take a node out for good: each of its copies is rebuilt on another node first,
     /// the primary role of its volumes is handed to a live copy elsewhere, then its
     /// copies are dropped (watch with `lazarus status`). `--cancel` takes it back in.
@@ -713,14 +739,21 @@ fn client_command(cmd: Cmd) -> anyhow::Result<()> {
                     target,
                 }),
             ..
-        } => {
-            let api = client::Api::discover(target.api.as_deref(), &target.data)?;
-            let v = client::ok(api.post(
-                &format!("/api/v1/nodes/{node}/remove"),
-                &json!({ "cancel": cancel }),
-            )?)?;
-            println!("{}", v["message"].as_str().unwrap_or("done"));
-        }
+        } => members::remove(&node, cancel, target.api.as_deref(), &target.data)?,
+        Cmd::Node {
+            op: Some(NodeOp::Add { name, rpc, target }),
+            ..
+        } => members::add(name, rpc, target.api.as_deref(), &target.data)?,
+        Cmd::Node {
+            op:
+                Some(NodeOp::Replace {
+                    node,
+                    with,
+                    rpc,
+                    target,
+                }),
+            ..
+        } => members::replace(&node, &with, rpc, target.api.as_deref(), &target.data)?,
         Cmd::Up { .. } | Cmd::Node { .. } | Cmd::BenchRpc { .. } | Cmd::RecoveryServer { .. } => {
             unreachable!("server commands are not client commands")
         }
@@ -801,7 +834,7 @@ fn main() {
             config: None,
             op: None,
         } => Err(anyhow::anyhow!(
-            "`lazarus node` needs --config FILE (run a node) or a subcommand (`node remove nX`)"
+            "`lazarus node` needs --config FILE (run a node) or a subcommand (`node add`, `node remove nX`, `node replace nX --with nY`)"
         )),
         Cmd::RecoveryServer {
             data,

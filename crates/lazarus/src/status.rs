@@ -119,6 +119,11 @@ pub fn print_cluster(c: &Value) {
             "leader".to_string()
         } else if n["ready"] == false {
             "catching-up".to_string()
+        } else if c["learners"].as_array().is_some_and(|l| {
+            l.iter()
+                .any(|x| x.as_u64().map(|x| x.to_string()).as_deref() == Some(id.as_str()))
+        }) {
+            "learner".to_string()
         } else {
             "follower".to_string()
         };

@@ -55,6 +55,30 @@ pub const DEFAULT_VOLUME: &str = "vol0";
 pub const NBD_PSK_USER: &str = "lazarus";
 /// Marker file: the node is held down by `lazarus fault kill`.
 pub const KILLED_MARKER: &str = "KILLED";
+/// Marker file: the node was added to the running cluster (`lazarus node add`); `up`
+/// starts it (it joins, rather than starting a cluster of its own), now and at every
+/// later start.
+pub const ADDED_MARKER: &str = "ADDED";
+/// Marker file: the node was removed (`lazarus node remove`); the supervisor stops it
+/// for good once the cluster has forgotten it.
+pub const REMOVED_MARKER: &str = "REMOVED";
+/// The most nodes `up` runs (its port layout has room for nine).
+pub const NODES_MAX: usize = 9;
+
+/// Node index (0-based) of an `up` node id ("n3" -> 2).
+fn node_index(id: &str) -> Option<usize> {
+    let i: usize = id.strip_prefix('n')?.parse().ok()?;
+    (1..=NODES_MAX).contains(&i).then(|| i - 1)
+}
+
+/// How many nodes `up` runs: those it was asked for, and any added since.
+fn node_count(args: &UpArgs) -> usize {
+    (1..=NODES_MAX)
+        .filter(|i| args.data.join(format!("n{i}")).join(ADDED_MARKER).exists())
+        .max()
+        .unwrap_or(0)
+        .max(args.nodes)
+}
 
 pub struct UpArgs {
     pub data: PathBuf,
@@ -105,6 +129,21 @@ struct Slot {
 }
 
 impl Slot {
+    fn new(args: &UpArgs, id: String) -> Slot {
+        Slot {
+            log: args.data.join(&id).join(if id == RECOVERY_ID {
+                "recovery.log"
+            } else {
+                "node.log"
+            }),
+            id,
+            child: None,
+            ep: None,
+            crashes: Vec::new(),
+            gave_up: false,
+        }
+    }
+
     /// Records a crash or a failed start; says so when it puts the node on hold.
     fn crashed(&mut self) {
         let window = crash_window();
@@ -135,10 +174,11 @@ fn log_tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
-fn node_config(args: &UpArgs, i: usize) -> anyhow::Result<NodeConfig> {
+/// Node `i`'s configuration in a cluster of `nodes`.
+fn node_config(args: &UpArgs, i: usize, nodes: usize) -> anyhow::Result<NodeConfig> {
     let id = format!("n{}", i + 1);
     let (nbd, admin, rpc) = ports(args.port_base, i);
-    let clustered = args.nodes > 1;
+    let clustered = nodes > 1;
     Ok(NodeConfig {
         id: id.clone(),
         data_dir: args.data.join(&id),
@@ -152,7 +192,7 @@ fn node_config(args: &UpArgs, i: usize) -> anyhow::Result<NodeConfig> {
             None
         },
         peers: if clustered {
-            (0..args.nodes)
+            (0..nodes)
                 .filter(|j| *j != i)
                 .map(|j| PeerConfig {
                     id: format!("n{}", j + 1),
@@ -162,6 +202,7 @@ fn node_config(args: &UpArgs, i: usize) -> anyhow::Result<NodeConfig> {
         } else {
             Vec::new()
         },
+        join: args.data.join(&id).join(ADDED_MARKER).exists(),
         admin_token: None,
         admin_token_file: Some(args.data.join(lazarus_server::admin::TOKEN_FILE)),
         // A local cluster to try things on: `lazarus fault` works against it.
@@ -252,13 +293,13 @@ async fn start_recovery_server(args: &UpArgs) -> anyhow::Result<(Child, Endpoint
     }
 }
 
-/// Starts node `i` (or, for `i == nodes`, the recovery server) and waits until it has
-/// bound its listeners.
-async fn start_node(args: &UpArgs, i: usize) -> anyhow::Result<(Child, Endpoints)> {
-    if i == args.nodes {
+/// Starts node `id` of a cluster of `nodes` (or the recovery server) and waits until it
+/// has bound its listeners.
+async fn start_node(args: &UpArgs, id: &str, nodes: usize) -> anyhow::Result<(Child, Endpoints)> {
+    let Some(i) = node_index(id) else {
         return start_recovery_server(args).await;
-    }
-    let cfg = node_config(args, i)?;
+    };
+    let cfg = node_config(args, i, nodes)?;
     let dir = cfg.data_dir.clone();
     let id = cfg.id.clone();
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -337,9 +378,8 @@ async fn stop_all(slots: &mut [Slot]) {
 
 fn write_cluster_json(args: &UpArgs, slots: &[Slot]) -> anyhow::Result<()> {
     let cluster = json!({
-        "nodes": slots.iter().enumerate().map(|(i, s)| {
-            let (nbd, admin, rpc) = ports(args.port_base, i);
-            if s.id == RECOVERY_ID {
+        "nodes": slots.iter().map(|s| {
+            let Some(i) = node_index(&s.id) else {
                 return json!({
                     "id": s.id,
                     "role": "recovery-server",
@@ -348,7 +388,8 @@ fn write_cluster_json(args: &UpArgs, slots: &[Slot]) -> anyhow::Result<()> {
                     "up": s.child.is_some(),
                     "held_down": args.data.join(&s.id).join(KILLED_MARKER).exists(),
                 });
-            }
+            };
+            let (nbd, admin, rpc) = ports(args.port_base, i);
             json!({
                 "id": s.id,
                 "nbd": format!("127.0.0.1:{nbd}"),
@@ -357,8 +398,10 @@ fn write_cluster_json(args: &UpArgs, slots: &[Slot]) -> anyhow::Result<()> {
                 "pid": s.ep.as_ref().filter(|_| s.child.is_some()).map(|e| e.pid),
                 "up": s.child.is_some(),
                 "held_down": args.data.join(&s.id).join(KILLED_MARKER).exists(),
+                "removed": is_removed(args, &s.id),
             })
         }).collect::<Vec<_>>(),
+        "port_base": args.port_base,
         "supervisor_pid": std::process::id(),
     });
     lazarus_store::disk::write_file_atomic(
@@ -389,15 +432,15 @@ fn wait_cluster_formed(api: &Api, nodes: usize) -> anyhow::Result<()> {
 /// node the default volume is placed on holds its copy, every copy of every volume is live (copies
 /// that missed updates while stopped resync first), and each volume's primary holds
 /// its lease.
-fn wait_copies_live(apis: &[Api]) -> anyhow::Result<()> {
+fn wait_copies_live(apis: &[(usize, Api)]) -> anyhow::Result<()> {
     let t0 = Instant::now();
     loop {
         let mut pending = Vec::new();
         let mut views = Vec::new();
-        for (i, api) in apis.iter().enumerate() {
+        for (n, api) in apis {
             match api.get("/api/v1/cluster") {
                 Ok((200, v)) if v["ready"] == true => views.push(v),
-                _ => pending.push(format!("n{} not ready", i + 1)),
+                _ => pending.push(format!("n{n} not ready")),
             }
         }
         if let Some(v) = views.first() {
@@ -413,7 +456,7 @@ fn wait_copies_live(apis: &[Api]) -> anyhow::Result<()> {
                     if name != DEFAULT_VOLUME {
                         break;
                     }
-                    let api = apis.get((n as usize).wrapping_sub(1));
+                    let api = apis.iter().find(|(i, _)| *i as u64 == n).map(|(_, a)| a);
                     let here = api.is_some_and(|a| {
                         matches!(a.get(&format!("/api/v1/volumes/{name}")), Ok((200, _)))
                     });
@@ -483,6 +526,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     let data = std::fs::canonicalize(&args.data)?;
     let args = UpArgs { data, ..args };
+    let args = UpArgs {
+        nodes: node_count(&args),
+        ..args
+    };
     let _lock = lazarus_server::node::lock_data_dir(&args.data).map_err(|_| {
         anyhow::anyhow!(
             "a `lazarus up` is already running on {}",
@@ -518,28 +565,20 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             };
             // A fresh `up` starts every node: a hold from an earlier run is over.
             let _ = std::fs::remove_file(args.data.join(&id).join(KILLED_MARKER));
-            Slot {
-                log: args.data.join(&id).join(if i == args.nodes {
-                    "recovery.log"
-                } else {
-                    "node.log"
-                }),
-                id,
-                child: None,
-                ep: None,
-                crashes: Vec::new(),
-                gave_up: false,
-            }
+            Slot::new(&args, id)
         })
         .collect();
     // The recovery server first (the nodes ask it at once), then every node before
-    // waiting on any: a Raft member alone cannot elect.
+    // waiting on any: a Raft member alone cannot elect. A removed node is not started.
     for i in (0..slots.len())
         .rev()
         .take(with_rs as usize)
         .chain(0..args.nodes)
     {
-        match start_node(&args, i).await {
+        if is_removed(&args, &slots[i].id) {
+            continue;
+        }
+        match start_node(&args, &slots[i].id, args.nodes).await {
             Ok((child, ep)) => {
                 slots[i].child = Some(child);
                 slots[i].ep = Some(ep);
@@ -550,10 +589,20 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             }
         }
     }
-    let admin0 = format!("http://127.0.0.1:{}", ports(args.port_base, 0).1);
+    let serving: Vec<usize> = (0..args.nodes)
+        .filter(|i| !is_removed(&args, &format!("n{}", i + 1)))
+        .collect();
+    let Some(&first) = serving.first() else {
+        stop_all(&mut slots).await;
+        anyhow::bail!(
+            "every node under {} was removed (lazarus node remove)",
+            args.data.display()
+        );
+    };
+    let admin0 = format!("http://127.0.0.1:{}", ports(args.port_base, first).1);
     let ready = async {
         if args.nodes > 1 {
-            let (api, n) = (Api::new(&admin0), args.nodes);
+            let (api, n) = (Api::new(&admin0), serving.len());
             tokio::task::spawn_blocking(move || wait_cluster_formed(&api, n)).await??;
         }
         ensure_default_volume(&args, Api::new(&admin0)).await
@@ -567,8 +616,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     };
     write_cluster_json(&args, &slots)?;
     if args.nodes > 1 {
-        let apis: Vec<Api> = (0..args.nodes)
-            .map(|i| Api::new(&format!("http://127.0.0.1:{}", ports(args.port_base, i).1)))
+        let apis: Vec<(usize, Api)> = serving
+            .iter()
+            .map(|&i| {
+                let admin = format!("http://127.0.0.1:{}", ports(args.port_base, i).1);
+                (i + 1, Api::new(&admin))
+            })
             .collect();
         let healthy = tokio::task::spawn_blocking(move || wait_copies_live(&apis)).await?;
         if let Err(e) = healthy {
@@ -577,13 +630,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     println!(
         "Lazarus is up: {} node(s), data in {}",
-        args.nodes,
+        serving.len(),
         args.data.display()
     );
     println!("{msg}");
     let tls_dir = nbd_tls_dir(&args.data);
     let x509 = format!("?tls-certificates={}", tls_dir.join("client").display());
-    for i in 0..args.nodes {
+    for &i in &serving {
         let port = ports(args.port_base, i).0;
         if args.nbd_tls == NbdTlsMode::Require {
             println!("nbds://127.0.0.1:{port}/{DEFAULT_VOLUME}{x509}");
@@ -603,15 +656,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             tls_dir.join(lazarus_server::nbd_tls::PSK_FILE).display(),
         );
     }
-    for (i, s) in slots.iter().enumerate() {
-        if s.id == RECOVERY_ID {
+    for s in slots.iter().filter(|s| !is_removed(&args, &s.id)) {
+        let Some(i) = node_index(&s.id) else {
             println!(
                 "recovery server: 127.0.0.1:{}   log: {}",
                 recovery_port(args.port_base),
                 s.log.display()
             );
             continue;
-        }
+        };
         println!(
             "node {} admin: http://127.0.0.1:{}/api/v1/status   log: {}",
             s.id,
@@ -621,7 +674,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     println!(
         "Dashboard: http://127.0.0.1:{}/#token={}   (any node's admin address serves it; the token is in {})",
-        ports(args.port_base, 0).1,
+        ports(args.port_base, first).1,
         lazarus_server::admin::read_token_file(&token_file).unwrap_or_default(),
         token_file.display()
     );
@@ -639,15 +692,42 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 }
 
 /// Keeps the nodes running: restarts a node that exited on its own, leaves a node
-/// held down by `fault kill` alone and starts it again once the hold is lifted.
-#[allow(clippy::needless_range_loop)] // slot i is node i: start_node needs the index
-async fn supervise(args: &UpArgs, slots: &mut [Slot]) -> anyhow::Result<()> {
+/// held down by `fault kill` alone and starts it again once the hold is lifted, starts
+/// nodes added since (`lazarus node add`), and stops a removed node for good once the
+/// cluster has forgotten it.
+#[allow(clippy::needless_range_loop)] // slots[i] is borrowed again after start_node
+async fn supervise(args: &UpArgs, slots: &mut Vec<Slot>) -> anyhow::Result<()> {
     let mut pending_json = false;
+    let mut last_removal_check = Instant::now();
     loop {
         tokio::time::sleep(SUPERVISE_INTERVAL).await;
         let mut changed = false;
+        // Nodes added since: a slot each, with the cluster's credentials.
+        let nodes = node_count(args);
+        for i in 0..nodes {
+            let id = format!("n{}", i + 1);
+            if slots.iter().any(|s| s.id == id) {
+                continue;
+            }
+            if args.cluster_tls {
+                if let Err(e) =
+                    lazarus_rpc::tls::generate(&certs_dir(args), std::slice::from_ref(&id))
+                {
+                    say!("node {id}: cluster credentials: {e}");
+                    continue;
+                }
+            }
+            say!("node {id} was added");
+            slots.push(Slot::new(args, id));
+            changed = true;
+        }
+        if last_removal_check.elapsed() >= REMOVAL_CHECK_INTERVAL {
+            last_removal_check = Instant::now();
+            changed |= stop_forgotten(args, slots).await;
+        }
         for i in 0..slots.len() {
-            let held = args.data.join(&slots[i].id).join(KILLED_MARKER).exists();
+            let held = args.data.join(&slots[i].id).join(KILLED_MARKER).exists()
+                || is_removed(args, &slots[i].id);
             let s = &mut slots[i];
             if let Some(child) = s.child.as_mut() {
                 let Ok(Some(status)) = child.try_wait() else {
@@ -656,7 +736,7 @@ async fn supervise(args: &UpArgs, slots: &mut [Slot]) -> anyhow::Result<()> {
                 s.child = None;
                 changed = true;
                 if held {
-                    say!("node {} is down (fault kill)", s.id);
+                    say!("node {} is down (fault kill, or removed)", s.id);
                     continue;
                 }
                 say!(
@@ -678,7 +758,8 @@ async fn supervise(args: &UpArgs, slots: &mut [Slot]) -> anyhow::Result<()> {
             }
             let _ = std::fs::remove_file(args.data.join(&s.id).join("REVIVE"));
             say!("starting node {}", s.id);
-            match start_node(args, i).await {
+            let id = s.id.clone();
+            match start_node(args, &id, nodes).await {
                 Ok((child, ep)) => {
                     say!("node {} is up (pid {})", slots[i].id, ep.pid);
                     slots[i].gave_up = false;
@@ -706,6 +787,70 @@ async fn supervise(args: &UpArgs, slots: &mut [Slot]) -> anyhow::Result<()> {
             };
         }
     }
+}
+
+/// How often the supervisor asks whether a removed node is forgotten.
+const REMOVAL_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Stops each running removed node that the cluster (asked through a node that is not
+/// removed) no longer lists: it has left the Raft group and holds nothing. Whether any
+/// was stopped.
+async fn stop_forgotten(args: &UpArgs, slots: &mut [Slot]) -> bool {
+    let removed: Vec<usize> = (0..slots.len())
+        .filter(|&i| slots[i].child.is_some() && is_removed(args, &slots[i].id))
+        .collect();
+    if removed.is_empty() {
+        return false;
+    }
+    let asked: Vec<String> = slots
+        .iter()
+        .filter(|s| s.child.is_some() && !is_removed(args, &s.id))
+        .filter_map(|s| node_index(&s.id))
+        .map(|i| format!("http://127.0.0.1:{}", ports(args.port_base, i).1))
+        .collect();
+    let members = tokio::task::spawn_blocking(move || {
+        asked.iter().find_map(|a| {
+            match Api::with_timeout(a, Duration::from_secs(2)).get("/api/v1/cluster") {
+                Ok((200, v)) if v["leader"].is_u64() => Some(
+                    v["metadata"]["nodes"]
+                        .as_object()
+                        .map(|m| {
+                            m.values()
+                                .filter_map(|n| n["name"].as_str().map(String::from))
+                                .collect::<Vec<_>>()
+                        })
+                        .unwrap_or_default(),
+                ),
+                _ => None,
+            }
+        })
+    })
+    .await
+    .ok()
+    .flatten();
+    let Some(members) = members else {
+        return false;
+    };
+    let mut stopped = false;
+    for i in removed {
+        if members.contains(&slots[i].id) {
+            continue;
+        }
+        if let Some(pid) = slots[i].child.as_ref().and_then(|c| c.id()) {
+            say!(
+                "node {} was removed and the cluster has forgotten it: stopping it",
+                slots[i].id
+            );
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            stopped = true;
+        }
+    }
+    stopped
+}
+
+/// Whether node `id` was removed (`lazarus node remove`, not cancelled).
+fn is_removed(args: &UpArgs, id: &str) -> bool {
+    args.data.join(id).join(REMOVED_MARKER).exists()
 }
 
 fn revive_requested(args: &UpArgs, id: &str) -> bool {

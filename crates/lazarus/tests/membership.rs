@@ -2,7 +2,8 @@
 //! volumes placed across the nodes, a node killed for good (SIGKILL, held down) while a
 //! client writes, its copies rebuilt on other nodes after a shortened out-time, every
 //! volume back to three live copies with identical data, and the node's stale copies
-//! removed when it returns.
+//! removed when it returns; nodes added, replaced and removed under load
+//! (`lazarus node add | replace | remove`) with the Raft group at three or five voters.
 
 mod common;
 use common::*;
@@ -35,6 +36,41 @@ fn replicas(m: &Value) -> Vec<u64> {
         .iter()
         .map(|n| n.as_u64().unwrap())
         .collect()
+}
+
+/// writer.py flushing 64 KiB chunks to vol0, one after another; stopped when dropped.
+struct Writer {
+    child: std::process::Child,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl Writer {
+    fn start(uri: &str, chunks: u32) -> Writer {
+        let mut child = Command::new(PY)
+            .args([&py("writer.py"), uri, &chunks.to_string(), "0.01"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Writer { child, lines }
+    }
+
+    /// The next chunk acknowledged after its flush; none once every chunk is.
+    fn acked(&mut self) -> Option<u64> {
+        let line = self.lines.next()?.unwrap();
+        match line.strip_prefix("acked ") {
+            Some(i) => Some(i.parse().unwrap()),
+            None => panic!("the writer failed: {line}"),
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// Three copies, none on `gone`, every one live.
@@ -106,22 +142,12 @@ fn a_node_down_for_good_has_its_copies_rebuilt_elsewhere() {
         &[img.to_str().unwrap(), &up.uri(3, "v2")], // through a node without a copy
     );
 
-    let mut w = Command::new(PY)
-        .args([&py("writer.py"), &up.uri(1, "vol0"), "4000", "0.01"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(w.stdout.take().unwrap()).lines();
+    let mut w = Writer::start(&up.uri(1, "vol0"), 4000);
     let mut last_acked = 0u64;
     let mut killed_at = None;
     let mut rebuilt_at = None;
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        let Some(i) = line.strip_prefix("acked ") else {
-            panic!("the writer failed: {line}");
-        };
-        last_acked = i.parse().unwrap();
+    while let Some(i) = w.acked() {
+        last_acked = i;
         if last_acked == 40 {
             up.cli_ok(&["fault", "kill", "--node", "n2"]);
             killed_at = Some(Instant::now());
@@ -145,8 +171,7 @@ fn a_node_down_for_good_has_its_copies_rebuilt_elsewhere() {
             up.volume_meta(1, "v2")
         );
     }
-    let _ = w.kill();
-    let _ = w.wait();
+    drop(w);
     let took = rebuilt_at.expect("the writer ended before the rebuild") - killed_at.unwrap();
     eprintln!("both volumes whole again {took:?} after the kill (out-time 4 s)");
     let status = up.cli_ok(&["status"]);
@@ -213,31 +238,22 @@ fn a_node_down_for_good_has_its_copies_rebuilt_elsewhere() {
 /// `lazarus node remove` under load: four nodes, vol0 on n1-n3 with n1 its primary, a
 /// libnbd writer flushing chunk after chunk through n2. n1 is removed: vol0 gets a
 /// copy on n4, the primary role moves to a live copy elsewhere, n1's copy is dropped
-/// and deleted, and n1 stays out although it answers. The writer sees no error and
-/// every flushed chunk reads back through every node.
+/// and deleted; n1 then leaves the Raft group, the metadata forgets it and the
+/// supervisor stops it. The writer sees no error and every flushed chunk reads back
+/// through every node. A removal that cannot proceed is cancelled.
 #[test]
 fn a_removed_primary_hands_over_and_its_copies_move_under_load() {
     let (_tmp, data) = setup();
     let up = Up::start_with(&data, "256MiB", &["--nodes", "4"]);
     let m = up.wait_all_live(1, "vol0", Duration::from_secs(30));
     assert_eq!(m["primary"], 1);
-    let mut w = Command::new(PY)
-        .args([&py("writer.py"), &up.uri(2, "vol0"), "4000", "0.01"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(w.stdout.take().unwrap()).lines();
+    let mut w = Writer::start(&up.uri(2, "vol0"), 4000);
     let mut last_acked = 0u64;
     let mut removed_at = None;
     let mut moved_at = None;
     let moved = |m: &Value| whole_without(m, 1) && m["primary"] != 1;
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        let Some(i) = line.strip_prefix("acked ") else {
-            panic!("the writer failed: {line}");
-        };
-        last_acked = i.parse().unwrap();
+    while let Some(i) = w.acked() {
+        last_acked = i;
         if last_acked == 40 {
             let said = up.cli_ok(&["node", "remove", "n1"]);
             assert!(said.contains("n1 is out"), "{said}");
@@ -259,8 +275,7 @@ fn a_removed_primary_hands_over_and_its_copies_move_under_load() {
             up.volume_meta(2, "vol0")
         );
     }
-    let _ = w.kill();
-    let _ = w.wait();
+    drop(w);
     let took = moved_at.expect("the writer ended before the move") - removed_at.unwrap();
     eprintln!("vol0 moved off n1 (copy rebuilt, primary handed over) {took:?} after the removal");
     let m = up.volume_meta(2, "vol0").unwrap();
@@ -272,32 +287,40 @@ fn a_removed_primary_hands_over_and_its_copies_move_under_load() {
     for n in 1..=4u16 {
         verify_chunks(&up, n, last_acked);
     }
-    // n1 answers, yet stays out (removed), its copy deleted.
+    // n1 leaves: its copy deleted, out of the Raft group, forgotten by the metadata,
+    // and stopped by the supervisor; three voters remain.
     let t0 = Instant::now();
-    while up.get(1, "/api/v1/volumes/vol0").is_some() {
+    loop {
+        let c = up.get(2, "/api/v1/cluster").unwrap();
+        let forgotten = c["metadata"]["nodes"].get("1").is_none()
+            && c["metadata"]["out"] == serde_json::json!([])
+            && c["joint"] == false
+            && !c["members"].as_array().unwrap().contains(&1.into())
+            && !c["learners"].as_array().unwrap().contains(&1.into());
+        if forgotten && up.get(1, "/api/v1/status").is_none() {
+            assert_eq!(c["members"], serde_json::json!([2, 3, 4]), "{c}");
+            break;
+        }
         assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "n1's copy not deleted"
+            t0.elapsed() < Duration::from_secs(60),
+            "n1 not gone from the cluster: {c}"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    std::thread::sleep(Duration::from_secs(5));
+    let status = up.cli_ok(&["status"]);
+    assert!(!status.contains("\n  n1 "), "{status}");
+    // A removal that cannot proceed (vol0 needs the three nodes left) is cancelled:
+    // nothing moved, n4 back in.
+    let said = up.cli_ok(&["node", "remove", "n4"]);
+    assert!(said.contains("cannot be moved yet"), "{said}");
+    std::thread::sleep(Duration::from_secs(2));
+    up.cli_ok(&["node", "remove", "n4", "--cancel"]);
     let c = up.get(2, "/api/v1/cluster").unwrap();
-    assert_eq!(
-        c["metadata"]["out"],
-        serde_json::json!([1]),
-        "{}",
-        c["metadata"]
-    );
-    assert!(up.cli_ok(&["status"]).contains("OUT"));
-    // Taken back in: it holds nothing, and new volumes may use it again.
-    up.cli_ok(&["node", "remove", "n1", "--cancel"]);
-    let c = up.get(2, "/api/v1/cluster").unwrap();
-    assert_eq!(
-        c["metadata"]["out"],
-        serde_json::json!([]),
-        "{}",
-        c["metadata"]
+    assert_eq!(c["metadata"]["out"], serde_json::json!([]), "{c}");
+    assert!(whole_without(&up.volume_meta(2, "vol0").unwrap(), 1));
+    qemu_io_ok(
+        &up.uri(4, "vol0"),
+        &["write -P 0x3c 0 64k", "flush", "read -P 0x3c 0 64k"],
     );
 }
 
@@ -375,4 +398,185 @@ fn a_volume_in_jeopardy_leaves_it_once_its_copies_are_rebuilt() {
         std::thread::sleep(Duration::from_millis(200));
     }
     qemu_io_ok(&up.uri(2, "vol0"), &["read -P 0x33 8M 4M"]);
+}
+
+/// The Raft group as a node sees it: leader, voters, learners, whether a change is
+/// under way (joint consensus).
+type Group = (Option<u64>, Vec<u64>, Vec<u64>, bool);
+
+fn group(up: &Up, n: u16) -> Option<Group> {
+    let c = up.get(n, "/api/v1/cluster")?;
+    let ids = |v: &Value| -> Vec<u64> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x.as_u64())
+            .collect()
+    };
+    Some((
+        c["leader"].as_u64(),
+        ids(&c["members"]),
+        ids(&c["learners"]),
+        c["joint"] == true,
+    ))
+}
+
+/// Nodes added and replaced under load: three nodes, a libnbd writer flushing chunk
+/// after chunk to vol0 through n3. `node add` twice: n4 joins as a learner, n5 makes
+/// five voters; a new volume is placed on the new nodes. Then `node replace n2 --with
+/// n6` (n6 added by the supervisor): vol0's copy and v2's primary role move off n2, its
+/// copies are rebuilt on n6, n2 leaves the group, is forgotten and stopped. Throughout,
+/// the group has a leader and (outside a change) three or five voters; the writer sees
+/// no error; every flushed chunk and v2's data read back through every node left.
+#[test]
+fn nodes_added_and_replaced_under_load_keep_a_raft_majority() {
+    let (_tmp, data) = setup();
+    let up = Up::start_with(&data, "256MiB", &[]);
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    // Bad requests get a clear error and change nothing.
+    let refused = |args: &[&str], says: &str| {
+        let o = up.cli(args);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(!o.status.success() && err.contains(says), "{args:?}: {err}");
+    };
+    refused(&["node", "add", "n2"], "already holds node n2's data");
+    refused(&["node", "add", "n12"], "named n1 to n9");
+    let api = up.admin(1);
+    refused(
+        &["node", "add", "x", "--rpc", "127.0.0.1:1", "--api", &api],
+        "must end in a positive number",
+    );
+    refused(
+        &["node", "add", "n7", "--rpc", "nowhere", "--api", &api],
+        "must be HOST:PORT",
+    );
+    refused(
+        &["node", "add", "n3", "--rpc", "127.0.0.1:1", "--api", &api],
+        "already a member",
+    );
+    refused(
+        &["node", "replace", "n2", "--with", "n2"],
+        "does not replace itself",
+    );
+    let c = up.get(1, "/api/v1/cluster").unwrap();
+    assert!(
+        c["metadata"]["joining"] == serde_json::json!({})
+            && c["metadata"]["out"] == serde_json::json!([]),
+        "{c}"
+    );
+    let mut w = Writer::start(&up.uri(3, "vol0"), 6000);
+    let mut last_acked = 0u64;
+    let mut replaced_at = None;
+    let mut done_at = None;
+    let mut samples = 0;
+    let written = std::cell::RefCell::new(Vec::new());
+    let moved = || {
+        let c = up.get(1, "/api/v1/cluster")?;
+        let vols = &c["metadata"]["volumes"];
+        let whole = |v: &str, want: &[u64]| {
+            let mut r = replicas(&vols[v]);
+            r.sort();
+            r == want
+                && vols[v]["states"]
+                    .as_object()
+                    .is_some_and(|s| s.values().all(|x| x == "live"))
+        };
+        let gone = c["metadata"]["nodes"].get("2").is_none()
+            && !c["members"].as_array()?.contains(&2.into())
+            && !c["learners"].as_array()?.contains(&2.into());
+        Some(whole("vol0", &[1, 3, 6]) && whole("v2", &[4, 5, 6]) && gone)
+    };
+    while let Some(i) = w.acked() {
+        last_acked = i;
+        if last_acked == 30 {
+            let said = up.cli_ok(&["node", "add"]);
+            assert!(
+                said.contains("n4 joined the cluster as a learner"),
+                "{said}"
+            );
+            let said = up.cli_ok(&["node", "add"]);
+            assert!(said.contains("n5 joined the cluster"), "{said}");
+            let t0 = Instant::now();
+            while group(&up, 1).is_none_or(|g| g.1 != [1, 2, 3, 4, 5] || g.3) {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(30),
+                    "five voters not reached: {:?}",
+                    group(&up, 1)
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            // New volumes use the new nodes: the primary goes to a node that is
+            // primary of none (n2), the copies to the nodes holding none.
+            up.cli_ok(&["volume", "create", "v2", "--size", "16MiB"]);
+            let m = up.wait_all_live(1, "v2", Duration::from_secs(30));
+            assert_eq!(replicas(&m), vec![2, 4, 5], "{m}");
+            let img = data.with_extension("v2.img");
+            *written.borrow_mut() = random_file(&img, 16 << 20, seed());
+            run("nbdcopy", &[img.to_str().unwrap(), &up.uri(4, "v2")]);
+        }
+        if last_acked == 80 {
+            let said = up.cli_ok(&["node", "replace", "n2", "--with", "n6"]);
+            assert!(said.contains("n6 joined the cluster"), "{said}");
+            replaced_at = Some(Instant::now());
+        }
+        if last_acked.is_multiple_of(10) && last_acked > 30 {
+            // The group keeps a leader and an odd number of voters between changes.
+            if let Some((leader, voters, _, joint)) = group(&up, 1) {
+                assert!(leader.is_some(), "no leader at chunk {last_acked}");
+                assert!(
+                    joint || voters.len() == 3 || voters.len() == 5,
+                    "voters {voters:?} at chunk {last_acked}"
+                );
+                samples += 1;
+            }
+            if replaced_at.is_some() && done_at.is_none() && moved() == Some(true) {
+                done_at = Some(Instant::now());
+            }
+        }
+        if done_at.is_some_and(|t| t.elapsed() > Duration::from_secs(1)) {
+            break;
+        }
+        assert!(
+            replaced_at.is_none_or(|t| t.elapsed() < Duration::from_secs(90)),
+            "n2 not replaced within 90 s: {:?}",
+            up.get(1, "/api/v1/cluster").map(|c| c["metadata"].clone())
+        );
+    }
+    drop(w);
+    let took = done_at.expect("the writer ended before the replacement") - replaced_at.unwrap();
+    eprintln!("n2 replaced by n6 (copies rebuilt, primary handed over, n2 forgotten) in {took:?}; {samples} group samples");
+    assert!(samples > 10, "{samples} samples");
+    // Five voters again: n6 took n2's vote once it caught up.
+    let t0 = Instant::now();
+    while group(&up, 1).is_none_or(|g| g.1 != [1, 3, 4, 5, 6] || g.3) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "voters: {:?}",
+            group(&up, 1)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // n2 stopped by the supervisor once forgotten.
+    let t0 = Instant::now();
+    while up.get(2, "/api/v1/status").is_some() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "n2 still runs");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for vol in ["vol0", "v2"] {
+        let m = up.volume_meta(1, vol).unwrap();
+        let roots: Vec<String> = replicas(&m)
+            .iter()
+            .map(|n| up.root(*n as u16, vol))
+            .collect();
+        assert!(roots.iter().all(|r| *r == roots[0]), "{vol}: {roots:?}");
+    }
+    for n in [1u16, 3, 4, 5, 6] {
+        verify_chunks(&up, n, last_acked);
+        let out = data.with_extension(format!("v2-n{n}.out"));
+        run("nbdcopy", &[&up.uri(n, "v2"), out.to_str().unwrap()]);
+        assert!(
+            std::fs::read(&out).unwrap() == *written.borrow(),
+            "v2 read through n{n} differs"
+        );
+    }
 }

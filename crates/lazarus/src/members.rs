@@ -1,0 +1,219 @@
+//! `lazarus node add | remove | replace`: membership changes through the admin API.
+//! Against a cluster of `lazarus up` (found through its data directory) the command
+//! also does the supervisor's part: it picks the new node's name and address from
+//! `up`'s layout and leaves the marker files the supervisor acts on (`up.rs`: a node
+//! with `ADDED` is started to join, one with `REMOVED` is stopped once forgotten).
+
+use crate::client::{self, Api};
+use crate::up::{ports, ADDED_MARKER, NODES_MAX, REMOVED_MARKER};
+use anyhow::Context;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// How long `node add` waits for a node of `up` to register.
+const JOIN_WAIT: Duration = Duration::from_secs(90);
+
+/// A running `lazarus up` cluster: its data directory and port layout.
+struct UpCluster {
+    data: PathBuf,
+    port_base: u16,
+    nodes: Vec<String>,
+}
+
+impl UpCluster {
+    /// The `up` cluster under `data`, unless an admin URL was given.
+    fn find(api: Option<&str>, data: &Path) -> anyhow::Result<Option<UpCluster>> {
+        if api.is_some() {
+            return Ok(None);
+        }
+        let p = data.join("cluster.json");
+        let Ok(text) = std::fs::read_to_string(&p) else {
+            return Ok(None);
+        };
+        let v: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not valid JSON", p.display()))?;
+        let port_base = v["port_base"]
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .with_context(|| {
+                format!(
+                    "{} has no port_base: restart `lazarus up` with this version to add nodes",
+                    p.display()
+                )
+            })?;
+        let listed: Vec<&Value> = v["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|n| n["role"].is_null())
+            .collect();
+        if listed.iter().all(|n| n["rpc"].is_null()) {
+            anyhow::bail!(
+                "this `lazarus up` runs a single node without cluster metadata: start it with --nodes 3 to add nodes"
+            );
+        }
+        let nodes = listed
+            .iter()
+            .filter_map(|n| n["id"].as_str().map(String::from))
+            .collect();
+        Ok(Some(UpCluster {
+            data: data.to_path_buf(),
+            port_base,
+            nodes,
+        }))
+    }
+
+    /// Prepares node `name` (or the next free one) to be started by the supervisor:
+    /// its directory with the `ADDED` marker. Its name and RPC address.
+    fn prepare(&self, name: Option<&str>) -> anyhow::Result<(String, String)> {
+        let free = |i: usize| !self.data.join(format!("n{i}")).exists();
+        let i = match name {
+            Some(n) => {
+                let i: usize = n
+                    .strip_prefix('n')
+                    .and_then(|d| d.parse().ok())
+                    .filter(|i| (1..=NODES_MAX).contains(i))
+                    .with_context(|| {
+                        format!("a node of `lazarus up` is named n1 to n{NODES_MAX} (got {n:?})")
+                    })?;
+                let dir = self.data.join(n);
+                if !free(i) && !dir.join(ADDED_MARKER).exists() {
+                    anyhow::bail!(
+                        "{} already holds node {n}'s data (a member, or a removed node: its id cannot be reused while its old data is there)",
+                        dir.display()
+                    );
+                }
+                i
+            }
+            None => (1..=NODES_MAX).find(|&i| free(i)).with_context(|| {
+                format!("`lazarus up` runs at most {NODES_MAX} nodes and every name is taken")
+            })?,
+        };
+        let name = format!("n{i}");
+        let dir = self.data.join(&name);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::write(dir.join(ADDED_MARKER), b"")
+            .with_context(|| format!("cannot write {}", dir.join(ADDED_MARKER).display()))?;
+        let rpc = format!("127.0.0.1:{}", ports(self.port_base, i - 1).2);
+        Ok((name, rpc))
+    }
+
+    fn mark_removed(&self, node: &str, removed: bool) -> anyhow::Result<()> {
+        let marker = self.data.join(node).join(REMOVED_MARKER);
+        if removed {
+            std::fs::write(&marker, b"")
+                .with_context(|| format!("cannot write {}", marker.display()))
+        } else {
+            match std::fs::remove_file(&marker) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(e).with_context(|| format!("cannot remove {}", marker.display()))
+                }
+                _ => Ok(()),
+            }
+        }
+    }
+}
+
+/// Waits until `name` is registered in the metadata; what it is in the Raft group.
+fn wait_joined(api: &Api, name: &str) -> anyhow::Result<String> {
+    let t0 = Instant::now();
+    loop {
+        if let Ok((200, v)) = api.get("/api/v1/cluster") {
+            let id = v["metadata"]["nodes"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .find(|(_, n)| n["name"] == name)
+                .and_then(|(id, _)| id.parse::<u64>().ok());
+            if let Some(id) = id {
+                let voter = v["members"]
+                    .as_array()
+                    .is_some_and(|m| m.iter().any(|x| x.as_u64() == Some(id)));
+                return Ok(if voter { "a voter" } else { "a learner" }.to_string());
+            }
+        }
+        if t0.elapsed() > JOIN_WAIT {
+            anyhow::bail!(
+                "{name} has not registered within {JOIN_WAIT:?}: is it running, with `join = true`, and can the members reach its RPC address? (see its log)"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn add(
+    name: Option<String>,
+    rpc: Option<String>,
+    api_url: Option<&str>,
+    data: &Path,
+) -> anyhow::Result<()> {
+    let up = UpCluster::find(api_url, data)?;
+    let api = Api::discover(api_url, data)?;
+    let (name, rpc) = match &up {
+        Some(up) => {
+            if rpc.is_some() {
+                anyhow::bail!("--rpc is chosen by `lazarus up` for its nodes; give it with --api only");
+            }
+            up.prepare(name.as_deref())?
+        }
+        None => match (name, rpc) {
+            (Some(n), Some(r)) => (n, r),
+            _ => anyhow::bail!(
+                "`lazarus node add NAME --rpc HOST:PORT --api URL`: start the node first with `join = true` in its configuration (a `lazarus up` cluster needs neither)"
+            ),
+        },
+    };
+    let v = client::ok(api.post("/api/v1/nodes", &json!({ "name": name, "rpc": rpc }))?)?;
+    println!("{}", v["message"].as_str().unwrap_or("added"));
+    if up.is_some() {
+        let what = wait_joined(&api, &name)?;
+        println!("{name} joined the cluster as {what}; new volumes and rebuilt copies use it");
+    }
+    Ok(())
+}
+
+pub fn remove(node: &str, cancel: bool, api_url: Option<&str>, data: &Path) -> anyhow::Result<()> {
+    let up = UpCluster::find(api_url, data)?;
+    let api = Api::discover(api_url, data)?;
+    let v = client::ok(api.post(
+        &format!("/api/v1/nodes/{node}/remove"),
+        &json!({ "cancel": cancel }),
+    )?)?;
+    if let Some(up) = up.filter(|u| u.nodes.iter().any(|n| n == node)) {
+        up.mark_removed(node, !cancel)?;
+    }
+    println!("{}", v["message"].as_str().unwrap_or("done"));
+    Ok(())
+}
+
+pub fn replace(
+    node: &str,
+    with: &str,
+    rpc: Option<String>,
+    api_url: Option<&str>,
+    data: &Path,
+) -> anyhow::Result<()> {
+    let up = UpCluster::find(api_url, data)?;
+    let api = Api::discover(api_url, data)?;
+    let rpc = match &up {
+        Some(up) if !up.nodes.iter().any(|n| n == with) => Some(up.prepare(Some(with))?.1),
+        Some(_) => None,
+        None => rpc,
+    };
+    let mut body = json!({ "with": with });
+    if let Some(r) = &rpc {
+        body["rpc"] = json!(r);
+    }
+    let v = client::ok(api.post(&format!("/api/v1/nodes/{node}/replace"), &body)?)?;
+    if let Some(up) = up.as_ref().filter(|u| u.nodes.iter().any(|n| n == node)) {
+        up.mark_removed(node, true)?;
+    }
+    println!("{}", v["message"].as_str().unwrap_or("done"));
+    if up.is_some() && rpc.is_some() {
+        let what = wait_joined(&api, with)?;
+        println!("{with} joined the cluster as {what}");
+    }
+    Ok(())
+}
