@@ -175,6 +175,19 @@ pub struct ClusterMeta {
     /// `lazarus node replace`: a removed node and the node its copies are rebuilt on.
     #[serde(default)]
     pub replacing: BTreeMap<NodeId, NodeId>,
+    /// `lazarus rebalance` asked for, not finished: the leader moves copies one at a
+    /// time until the nodes hold similar shares.
+    #[serde(default)]
+    pub rebalancing: bool,
+    /// Per volume, the node whose copy moves off it (`MoveCopy`): it is rebuilt on
+    /// another node, then retired and dropped as an out node's copy would be.
+    #[serde(default)]
+    pub moving: BTreeMap<String, NodeId>,
+    /// Ids of nodes removed and forgotten (or whose join was cancelled): never used
+    /// again. The recovery server's records of a volume name nodes by id; a new node
+    /// under an old id would inherit what they say of the old one.
+    #[serde(default)]
+    pub forgotten: BTreeSet<NodeId>,
 }
 
 /// A node being added: its name and RPC address.
@@ -334,6 +347,20 @@ pub enum MetaCommand {
         node: NodeId,
         with: NodeId,
     },
+    /// `lazarus rebalance` (or its cancellation: the move under way finishes).
+    SetRebalance {
+        on: bool,
+    },
+    /// Moves `from`'s copy of `volume` to `to` (rebalancing): a new copy on `to`, dead
+    /// and stale like `AddCopy`'s, and `from` recorded as leaving (`ClusterMeta::
+    /// moving`). Only a copy that is not the primary's, of a volume whose copies are
+    /// all live, one move per volume at a time.
+    MoveCopy {
+        volume: String,
+        from: NodeId,
+        to: NodeId,
+        epoch: u64,
+    },
     /// Forgets a removed node that holds no copy and has left the Raft group: its id
     /// may be added again.
     ForgetNode {
@@ -461,6 +488,12 @@ impl ClusterMeta {
     fn try_apply(&mut self, cmd: &MetaCommand) -> Result<MetaResponse, MetaError> {
         match cmd {
             MetaCommand::SetNode { id, info } => {
+                if self.forgotten.contains(id) {
+                    return Err(format!(
+                        "node {id} was removed from the cluster: its id is not used again"
+                    )
+                    .into());
+                }
                 self.nodes.insert(*id, info.clone());
                 self.joining.remove(id);
                 Ok(MetaResponse::Ok)
@@ -468,6 +501,26 @@ impl ClusterMeta {
             MetaCommand::AddNode { id, name, rpc } => {
                 if *id == 0 {
                     return Err("node id 0 is not a Raft id".into());
+                }
+                if self.forgotten.contains(id) {
+                    return Err(format!(
+                        "node id {id} belonged to a node removed from the cluster: ids are never used again (pick another name)"
+                    )
+                    .into());
+                }
+                if let Some(j) = self
+                    .joining
+                    .get(id)
+                    .filter(|j| j.name != *name || j.rpc != *rpc)
+                {
+                    return Err(format!(
+                        "node id {id} is already being added as {} at {} (cancel that with `lazarus node remove {}` first)",
+                        j.name, j.rpc, j.name
+                    )
+                    .into());
+                }
+                if let Some(n) = self.nodes.values().find(|n| n.rpc == *rpc) {
+                    return Err(format!("{rpc} is the RPC address of member {}", n.name).into());
                 }
                 if let Some(n) = self.nodes.get(id) {
                     return Err(if self.removed.contains(id) {
@@ -510,7 +563,58 @@ impl ClusterMeta {
                 self.replacing.insert(*node, *with);
                 Ok(MetaResponse::Ok)
             }
+            MetaCommand::SetRebalance { on } => {
+                self.rebalancing = *on;
+                Ok(MetaResponse::Ok)
+            }
+            MetaCommand::MoveCopy {
+                volume,
+                from,
+                to,
+                epoch,
+            } => {
+                if !self.nodes.contains_key(to) || self.out.contains(to) {
+                    return Err(format!("node {to} is not a member that is in").into());
+                }
+                if self.moving.contains_key(volume) {
+                    return Err(format!("a copy of {volume:?} is already moving").into());
+                }
+                let out = self.out.clone();
+                let v = self.volume_at_epoch(volume, *epoch)?;
+                if !v.replicas.contains(from) || *from == v.primary {
+                    return Err(format!(
+                        "node {from} holds no copy of {volume:?} that may move (the primary's does not)"
+                    )
+                    .into());
+                }
+                if v.replicas.contains(to) {
+                    return Err(format!("node {to} already holds a copy of {volume:?}").into());
+                }
+                let rf = v.replication_factor();
+                if v.replicas.len() != rf
+                    || v.live().len() != rf
+                    || v.replicas.iter().any(|n| out.contains(n))
+                {
+                    return Err(format!(
+                        "{volume:?} does not have its {rf} copies all live on nodes that are in: it is not moved now"
+                    )
+                    .into());
+                }
+                v.replication = rf;
+                v.replicas.push(*to);
+                v.states.insert(*to, ReplicaState::Dead);
+                v.stale.insert(*to);
+                let v = v.clone();
+                self.moving.insert(volume.clone(), *from);
+                Ok(MetaResponse::Volume(v))
+            }
             MetaCommand::ForgetNode { id } => {
+                // A join cancelled before the node registered.
+                if !self.nodes.contains_key(id) && self.joining.remove(id).is_some() {
+                    self.forgotten.insert(*id);
+                    self.replacing.retain(|_, b| b != id);
+                    return Ok(MetaResponse::Ok);
+                }
                 if !self.removed.contains(id) {
                     return Err(format!("node {id} was not removed: it is not forgotten").into());
                 }
@@ -523,6 +627,7 @@ impl ClusterMeta {
                 self.failures.remove(id);
                 self.joining.remove(id);
                 self.replacing.retain(|a, b| a != id && b != id);
+                self.forgotten.insert(*id);
                 Ok(MetaResponse::Ok)
             }
             MetaCommand::CreateVolume {
@@ -582,6 +687,7 @@ impl ClusterMeta {
                     MetaError::NotFound(format!("volume {name:?} does not exist"))
                 })?;
                 self.deleted.insert(v.uid);
+                self.moving.remove(name);
                 Ok(MetaResponse::Ok)
             }
             MetaCommand::ResizeVolume { name, size_bytes } => {
@@ -616,9 +722,11 @@ impl ClusterMeta {
                         .into());
                     }
                 }
-                if *state == ReplicaState::Resyncing && self.out.contains(node) {
+                if *state == ReplicaState::Resyncing
+                    && (self.out.contains(node) || self.moving.get(volume) == Some(node))
+                {
                     return Err(format!(
-                        "node {node} is out: its copy of {volume:?} is rebuilt elsewhere, not resynced"
+                        "node {node} is out or its copy moves: its copy of {volume:?} is rebuilt elsewhere, not resynced"
                     )
                     .into());
                 }
@@ -844,7 +952,8 @@ impl ClusterMeta {
                 if self.out.contains(node) {
                     return Err(format!("node {node} is out: no copy is placed on it").into());
                 }
-                let out = self.out.clone();
+                let mut out = self.out.clone();
+                out.extend(self.moving.get(volume));
                 let v = self.volume_at_epoch(volume, *epoch)?;
                 if v.replicas.contains(node) {
                     return Err(format!("node {node} already holds a copy of {volume:?}").into());
@@ -897,7 +1006,11 @@ impl ClusterMeta {
                 v.stale.remove(node);
                 v.live_at.remove(node);
                 v.resyncing_at.remove(node);
-                Ok(MetaResponse::Volume(v.clone()))
+                let v = v.clone();
+                if self.moving.get(volume) == Some(node) {
+                    self.moving.remove(volume);
+                }
+                Ok(MetaResponse::Volume(v))
             }
             MetaCommand::Refence {
                 volume,
@@ -1657,10 +1770,43 @@ mod tests {
             MetaResponse::Ok
         );
         assert!(!m.nodes.contains_key(&2) && m.out.is_empty() && m.replacing.is_empty());
-        assert_eq!(
-            add(&mut m, 2),
-            MetaResponse::Ok,
-            "a forgotten id may join again"
+        assert!(
+            matches!(add(&mut m, 2), MetaResponse::Rejected(r) if r.contains("never used again")),
+            "a forgotten id is not used again"
         );
+        let info = m.nodes[&1].clone();
+        assert!(matches!(
+            m.apply(&MetaCommand::SetNode { id: 2, info }),
+            MetaResponse::Rejected(_)
+        ));
+        // A join is cancelled before the node registers; its id is retired too.
+        assert_eq!(add(&mut m, 6), MetaResponse::Ok);
+        assert!(
+            matches!(
+                m.apply(&MetaCommand::AddNode {
+                    id: 6,
+                    name: "n6".into(),
+                    rpc: "127.0.0.1:1".into()
+                }),
+                MetaResponse::Rejected(_)
+            ),
+            "already being added elsewhere"
+        );
+        assert!(
+            matches!(
+                m.apply(&MetaCommand::AddNode {
+                    id: 7,
+                    name: "n7".into(),
+                    rpc: m.nodes[&1].rpc.clone()
+                }),
+                MetaResponse::Rejected(_)
+            ),
+            "a member's address"
+        );
+        assert_eq!(
+            m.apply(&MetaCommand::ForgetNode { id: 6 }),
+            MetaResponse::Ok
+        );
+        assert!(!m.joining.contains_key(&6) && m.forgotten.contains(&6));
     }
 }

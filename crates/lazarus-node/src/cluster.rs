@@ -218,6 +218,9 @@ pub struct Cluster {
     pub(crate) out_after: Duration,
     /// Bytes per second a resync may fetch (none: no limit).
     pub(crate) resync_rate: Option<u64>,
+    /// Per volume, since when (on this leader) a copy waits for the node replacing its
+    /// node (`lazarus node replace`) to answer.
+    pub(crate) replacement_waits: parking_lot::Mutex<HashMap<String, Instant>>,
 }
 
 impl Cluster {
@@ -378,6 +381,7 @@ impl Cluster {
             seen: Default::default(),
             out_after: Duration::from_secs(cfg.out_after_secs.max(1)),
             resync_rate: (cfg.resync_max_mib_s > 0).then_some(cfg.resync_max_mib_s << 20),
+            replacement_waits: Default::default(),
         });
         let listener = lazarus_rpc::net::Listener::bind(&rpc_listen.to_string())
             .await

@@ -321,11 +321,11 @@ pub fn replacement_candidates(
 
 /// The Raft voters the cluster wants: three, or five once five members can vote, so
 /// that voters stay an odd number whose majority survives one failure (two with
-/// five). A member may vote if it is registered and not out; one that does not vote
-/// yet must also answer (`up`) and have caught up with the leader's log
-/// (`caught_up`). Current voters are kept first, the leader first of all, then the
-/// lowest ids. None: leave the voters as they are (fewer than three may vote, or the
-/// choice is the current set).
+/// five). A current voter may stay unless it is out; a learner may become one once it
+/// is registered, not out, answers (`up`) and has caught up with the leader's log
+/// (`caught_up`). Current voters are kept first (the leader, then those that answer,
+/// then by id), then learners by id. None: leave the voters as they are (fewer than
+/// three may vote, or the choice is the current set).
 pub fn desired_voters(
     meta: &lazarus_cluster::ClusterMeta,
     voters: &std::collections::BTreeSet<NodeId>,
@@ -334,15 +334,19 @@ pub fn desired_voters(
     up: impl Fn(NodeId) -> bool,
     caught_up: impl Fn(NodeId) -> bool,
 ) -> Option<std::collections::BTreeSet<NodeId>> {
-    let member = |n: &NodeId| meta.nodes.contains_key(n) && !meta.out.contains(n);
-    let mut eligible: Vec<NodeId> = voters.iter().copied().filter(member).collect();
-    eligible.sort_by_key(|n| (*n != leader, *n));
-    eligible.extend(
-        learners
-            .iter()
-            .copied()
-            .filter(|n| !voters.contains(n) && member(n) && up(*n) && caught_up(*n)),
-    );
+    let mut eligible: Vec<NodeId> = voters
+        .iter()
+        .copied()
+        .filter(|n| !meta.out.contains(n) && !meta.forgotten.contains(n))
+        .collect();
+    eligible.sort_by_key(|n| (*n != leader, !up(*n), *n));
+    eligible.extend(learners.iter().copied().filter(|n| {
+        !voters.contains(n)
+            && meta.nodes.contains_key(n)
+            && !meta.out.contains(n)
+            && up(*n)
+            && caught_up(*n)
+    }));
     let want = match eligible.len() {
         0..=2 => return None,
         3 | 4 => 3,
@@ -350,6 +354,77 @@ pub fn desired_voters(
     };
     let chosen: std::collections::BTreeSet<NodeId> = eligible.into_iter().take(want).collect();
     (chosen != *voters).then_some(chosen)
+}
+
+/// The nodes whose copy of `v` is on its way out: the out nodes, and the node a
+/// rebalance moves its copy off (`ClusterMeta::moving`).
+pub fn leaving(
+    meta: &lazarus_cluster::ClusterMeta,
+    v: &VolumeInfo,
+) -> std::collections::BTreeSet<NodeId> {
+    let mut gone = meta.out.clone();
+    gone.extend(meta.moving.get(&v.name));
+    gone
+}
+
+/// What a rebalance does next (`lazarus rebalance`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RebalanceStep {
+    /// Move `from`'s copy of `volume` to `to` (`MoveCopy`).
+    Move {
+        volume: String,
+        from: NodeId,
+        to: NodeId,
+    },
+    /// A copy is being moved or rebuilt: the next move waits for it.
+    Wait,
+    /// The nodes' shares differ by at most one copy, or no move can narrow them.
+    Done,
+}
+
+/// One move at a time, from the node holding the most copies to the one holding the
+/// fewest (among `candidates`: nodes that are in, answer and have a usable device),
+/// while their counts differ by two or more. Only a copy that is not its volume's
+/// primary moves, of a volume whose copies are all live: a hand-over would fail the
+/// requests in flight of clients connected to the primary. Volumes in name order, so
+/// the plan is the same on any leader.
+pub fn rebalance_step(meta: &lazarus_cluster::ClusterMeta, candidates: &[NodeId]) -> RebalanceStep {
+    let busy = !meta.moving.is_empty()
+        || meta
+            .volumes
+            .values()
+            .any(|v| v.replicas.iter().any(|n| meta.out.contains(n)));
+    if busy {
+        return RebalanceStep::Wait;
+    }
+    let held = copies_held(meta);
+    let count = |n: &NodeId| held.get(n).copied().unwrap_or(0);
+    let mut most: Vec<NodeId> = candidates.to_vec();
+    most.sort_by_key(|n| (std::cmp::Reverse(count(n)), *n));
+    let mut fewest = most.clone();
+    fewest.sort_by_key(|n| (count(n), *n));
+    for from in &most {
+        for to in &fewest {
+            if count(from) < count(to) + 2 {
+                break;
+            }
+            let v = meta.volumes.values().find(|v| {
+                v.primary != *from
+                    && v.replicas.contains(from)
+                    && !v.replicas.contains(to)
+                    && v.replicas.len() == v.replication_factor()
+                    && v.live().len() == v.replicas.len()
+            });
+            if let Some(v) = v {
+                return RebalanceStep::Move {
+                    volume: v.name.clone(),
+                    from: *from,
+                    to: *to,
+                };
+            }
+        }
+    }
+    RebalanceStep::Done
 }
 
 /// Whether an out node that answers again may be marked back in: none of its copies
@@ -753,6 +828,18 @@ mod tests {
             desired_voters(&m, &set(&[1, 2, 3]), &set(&[4]), 1, |n| n != 2, yes),
             None
         );
+        // Four voters, one silent: the silent one steps down, not one that answers.
+        assert_eq!(
+            desired_voters(&m, &set(&[1, 2, 3, 4]), &set(&[]), 3, |n| n != 2, yes),
+            Some(set(&[1, 3, 4]))
+        );
+        // Voters that have not registered yet (a cluster starting) stay voters.
+        let mut fresh = lazarus_cluster::ClusterMeta::default();
+        fresh.nodes.insert(1, node_info(1));
+        assert_eq!(
+            desired_voters(&fresh, &set(&[1, 2, 3, 4, 5]), &set(&[]), 1, yes, yes),
+            None
+        );
         // Five, one removed: three remain voters.
         m.out.insert(5);
         assert_eq!(
@@ -788,5 +875,62 @@ mod tests {
             None,
             "the copy waits for its replacement node"
         );
+    }
+
+    #[test]
+    fn a_rebalance_moves_one_copy_at_a_time_never_a_primary_s() {
+        let mut m = lazarus_cluster::ClusterMeta::default();
+        for n in 1..=5 {
+            m.nodes.insert(n, node_info(n));
+        }
+        // Three volumes on n1-n3, one primary each; n4 and n5 hold nothing.
+        for (name, primary) in [("a", 1), ("b", 2), ("c", 3)] {
+            let mut v = volume(primary);
+            v.name = name.into();
+            m.volumes.insert(name.into(), v);
+        }
+        let all = [1, 2, 3, 4, 5];
+        let mut moves = Vec::new();
+        loop {
+            match rebalance_step(&m, &all) {
+                RebalanceStep::Move { volume, from, to } => {
+                    let v = m.volumes.get_mut(&volume).unwrap();
+                    assert_ne!(v.primary, from, "a primary's copy never moves");
+                    assert!(!v.replicas.contains(&to));
+                    // As MoveCopy, the rebuild, the retire and DropCopy leave it.
+                    v.replicas.retain(|n| *n != from);
+                    v.replicas.push(to);
+                    v.states.remove(&from);
+                    v.states.insert(to, ReplicaState::Live);
+                    moves.push((volume, from, to));
+                }
+                RebalanceStep::Wait => panic!("nothing is moving"),
+                RebalanceStep::Done => break,
+            }
+            assert!(moves.len() < 10, "{moves:?}");
+        }
+        let held = copies_held(&m);
+        let (lo, hi) = (
+            all.iter()
+                .map(|n| held.get(n).copied().unwrap_or(0))
+                .min()
+                .unwrap(),
+            all.iter()
+                .map(|n| held.get(n).copied().unwrap_or(0))
+                .max()
+                .unwrap(),
+        );
+        assert!(hi - lo <= 1, "{held:?} after {moves:?}");
+        assert_eq!(moves.len(), 3, "{moves:?}");
+        // While a copy moves, or one sits on an out node, the next waits.
+        m.moving.insert("a".into(), 2);
+        assert_eq!(rebalance_step(&m, &all), RebalanceStep::Wait);
+        m.moving.clear();
+        let on = m.volumes["a"].replicas[1];
+        m.out.insert(on);
+        assert_eq!(rebalance_step(&m, &all), RebalanceStep::Wait);
+        m.out.clear();
+        // A node that does not answer is neither a source nor a target.
+        assert_eq!(rebalance_step(&m, &[1, 2, 3]), RebalanceStep::Done);
     }
 }

@@ -18,7 +18,8 @@
 
 use crate::cluster::Cluster;
 use crate::decide::{
-    copies_held, desired_voters, may_mark_in, placement_step, replacement_candidates, PlacementStep,
+    copies_held, desired_voters, leaving, may_mark_in, placement_step, rebalance_step,
+    replacement_candidates, PlacementStep, RebalanceStep,
 };
 use lazarus_cluster::raft_store::NodeId;
 use lazarus_cluster::{MetaCommand, MetaResponse};
@@ -176,7 +177,11 @@ impl Cluster {
             }
         }
         let meta = self.store.meta();
-        if meta.out.is_empty() {
+        if meta.rebalancing {
+            self.rebalance_round(&meta).await;
+        }
+        let meta = self.store.meta();
+        if meta.out.is_empty() && meta.moving.is_empty() {
             return;
         }
         // The recovery server's view, asked now: a volume it knows at another failure
@@ -197,11 +202,27 @@ impl Cluster {
             if rs_moved || self.rs_overrides(v) || self.claimed_beyond_metadata(&v.name) {
                 continue;
             }
-            // A copy on a node being replaced waits for its replacement node.
-            let Some(ordered) = replacement_candidates(&meta, v, &candidates) else {
-                continue;
+            // A copy on a node being replaced waits for its replacement node, for as
+            // long as a silent node gets before it is marked out; then it goes to the
+            // best node that answers.
+            let ordered = match replacement_candidates(&meta, v, &candidates) {
+                Some(c) => {
+                    self.replacement_waits.lock().remove(&v.name);
+                    c
+                }
+                None => {
+                    let since = *self
+                        .replacement_waits
+                        .lock()
+                        .entry(v.name.clone())
+                        .or_insert_with(Instant::now);
+                    if since.elapsed() < self.out_after {
+                        continue;
+                    }
+                    candidates.clone()
+                }
             };
-            let step = placement_step(v, &meta.out, &ordered);
+            let step = placement_step(v, &leaving(&meta, v), &ordered);
             if rs.is_none() && matches!(step, PlacementStep::Retire(_) | PlacementStep::Drop(_)) {
                 continue;
             }
@@ -237,7 +258,7 @@ impl Cluster {
                         epoch: v.epoch,
                     },
                     format!(
-                        "n{n}'s copy dropped: {} live copies on nodes that are not out",
+                        "n{n}'s copy dropped: {} live copies elsewhere",
                         v.replication_factor()
                     ),
                 ),
@@ -261,26 +282,39 @@ impl Cluster {
         let meta = self.store.meta();
         let m = self.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership().clone();
-        if membership.get_joint_config().len() > 1 {
-            return; // a change is still under way
+        let joint = membership.get_joint_config();
+        if joint.len() > 1 {
+            // A change left half done (its leader changed, or the wait for it ran
+            // out): finish it, towards its new voters.
+            let target = joint.last().cloned().unwrap_or_default();
+            let why = format!("Raft membership change to voters {target:?} finished");
+            self.change_group(target.into(), true, why).await;
+            return;
         }
         let voters: std::collections::BTreeSet<NodeId> = membership.voter_ids().collect();
         let learners: std::collections::BTreeSet<NodeId> = membership.learner_ids().collect();
         let in_group = |n: &NodeId| voters.contains(n) || learners.contains(n);
-        for (id, j) in &meta.joining {
-            if in_group(id) {
-                continue;
-            }
-            let node = openraft::BasicNode {
-                addr: j.rpc.clone(),
-            };
-            let r =
-                tokio::time::timeout(GROUP_CHANGE_WAIT, self.raft.add_learner(*id, node, false))
-                    .await;
+        // Nodes being added, and members that should be in the group and are not (a
+        // removal cancelled after the node left the group): learners.
+        let missing = meta
+            .joining
+            .iter()
+            .map(|(id, j)| (*id, j.name.clone(), j.rpc.clone()))
+            .chain(
+                meta.nodes
+                    .iter()
+                    .filter(|(id, _)| !meta.out.contains(id))
+                    .map(|(id, n)| (*id, n.name.clone(), n.rpc.clone())),
+            )
+            .find(|(id, _, _)| !in_group(id) && !meta.forgotten.contains(id));
+        if let Some((id, name, rpc)) = missing {
+            let node = openraft::BasicNode { addr: rpc.clone() };
+            let r = tokio::time::timeout(GROUP_CHANGE_WAIT, self.raft.add_learner(id, node, false))
+                .await;
             self.group_changed(
                 r.map_err(|_| "timed out".to_string())
                     .and_then(|r| r.map(|_| ()).map_err(|e| e.to_string())),
-                format!("{} joins the Raft group as a learner at {}", j.name, j.rpc),
+                format!("{name} joins the Raft group as a learner at {rpc}"),
             );
             return;
         }
@@ -297,47 +331,55 @@ impl Cluster {
             &voters,
             &learners,
             self.id,
-            |n| self.seems_up(n) && self.seen.answering_for(n) > Duration::ZERO,
+            |n| n == self.id || self.seems_up(n) && self.seen.answering_for(n) > Duration::ZERO,
             caught_up,
         ) {
             let why = format!(
                 "Raft voters {:?} -> {:?} (three or five voters, none out)",
                 voters, want
             );
-            let r =
-                tokio::time::timeout(GROUP_CHANGE_WAIT, self.raft.change_membership(want, true))
-                    .await;
-            self.group_changed(
-                r.map_err(|_| "timed out".to_string())
-                    .and_then(|r| r.map(|_| ()).map_err(|e| e.to_string())),
-                why,
-            );
+            self.change_group(want.into(), true, why).await;
             return;
         }
+        // A forgotten node still in the group (it left the metadata first), and a
+        // removed node that holds no copy: out of the group, then forgotten.
         let held = copies_held(&meta);
-        for &n in &meta.removed {
-            if voters.contains(&n) || held.get(&n).copied().unwrap_or(0) > 0 {
-                continue;
-            }
-            if in_group(&n) {
-                let change = openraft::ChangeMembers::RemoveNodes([n].into());
-                let r = tokio::time::timeout(
-                    GROUP_CHANGE_WAIT,
-                    self.raft.change_membership(change, false),
-                )
+        let gone = learners
+            .iter()
+            .copied()
+            .find(|n| meta.forgotten.contains(n));
+        let emptied = meta
+            .removed
+            .iter()
+            .copied()
+            .find(|n| !voters.contains(n) && held.get(n).copied().unwrap_or(0) == 0);
+        if let Some(n) = gone.or(emptied.filter(|n| in_group(n))) {
+            let why = format!("removed node n{n} holds no copy: it leaves the Raft group");
+            let change = openraft::ChangeMembers::RemoveNodes([n].into());
+            self.change_group(change, false, why).await;
+        } else if let Some(n) = emptied {
+            let why = format!("removed node n{n} has left the Raft group: forgotten");
+            self.propose_membership(MetaCommand::ForgetNode { id: n }, "", &why)
                 .await;
-                self.group_changed(
-                    r.map_err(|_| "timed out".to_string())
-                        .and_then(|r| r.map(|_| ()).map_err(|e| e.to_string())),
-                    format!("removed node n{n} holds no copy: it leaves the Raft group"),
-                );
-            } else {
-                let why = format!("removed node n{n} has left the Raft group: forgotten");
-                self.propose_membership(MetaCommand::ForgetNode { id: n }, "", &why)
-                    .await;
-            }
-            return;
         }
+    }
+
+    async fn change_group(
+        &self,
+        change: openraft::ChangeMembers<NodeId, openraft::BasicNode>,
+        retain: bool,
+        why: String,
+    ) {
+        let r = tokio::time::timeout(
+            GROUP_CHANGE_WAIT,
+            self.raft.change_membership(change, retain),
+        )
+        .await;
+        self.group_changed(
+            r.map_err(|_| "timed out".to_string())
+                .and_then(|r| r.map(|_| ()).map_err(|e| e.to_string())),
+            why,
+        );
     }
 
     fn group_changed(&self, r: Result<(), String>, why: String) {
@@ -347,6 +389,47 @@ impl Cluster {
                 lazarus_observe::events::record("membership", "", why);
             }
             Err(e) => tracing::warn!(error = %e, "Raft membership change not committed: {why}"),
+        }
+    }
+
+    /// `lazarus rebalance`: one copy moved at a time (`decide::rebalance_step`); the
+    /// move itself runs as re-replication does (the new copy resyncs, then the old one
+    /// is retired and dropped). Once nothing is left to move, the rebalance ends.
+    async fn rebalance_round(&self, meta: &lazarus_cluster::ClusterMeta) {
+        let held = copies_held(meta);
+        let candidates = self.placement_candidates(meta, &held).await;
+        match rebalance_step(meta, &candidates) {
+            RebalanceStep::Wait => {}
+            RebalanceStep::Move { volume, from, to } => {
+                let Some(v) = meta.volumes.get(&volume) else {
+                    return;
+                };
+                let why = format!(
+                    "rebalance: {volume}'s copy moves from n{from} ({} copies) to n{to} ({}); it resyncs from n{}",
+                    held.get(&from).copied().unwrap_or(0),
+                    held.get(&to).copied().unwrap_or(0),
+                    v.primary
+                );
+                let cmd = MetaCommand::MoveCopy {
+                    volume: volume.clone(),
+                    from,
+                    to,
+                    epoch: v.epoch,
+                };
+                self.propose_membership(cmd, &volume, &why).await;
+            }
+            RebalanceStep::Done => {
+                let mut shares: Vec<String> = meta
+                    .nodes
+                    .keys()
+                    .filter(|n| !meta.out.contains(n))
+                    .map(|n| format!("n{n}: {}", held.get(n).copied().unwrap_or(0)))
+                    .collect();
+                shares.sort();
+                let why = format!("rebalanced: copies per node {}", shares.join(", "));
+                self.propose_membership(MetaCommand::SetRebalance { on: false }, "", &why)
+                    .await;
+            }
         }
     }
 
@@ -391,7 +474,7 @@ impl Cluster {
     async fn retire(&self, v: &lazarus_cluster::VolumeInfo, n: NodeId) {
         match self.commit_dead_recorded(v, n, PROPOSE_WAIT).await {
             Ok(_) => {
-                let why = format!("n{n}'s copy retired (the node is out; its replacement is live)");
+                let why = format!("n{n}'s copy retired (it is leaving; its replacement is live)");
                 tracing::info!(volume = %v.name, "{why}");
                 lazarus_observe::events::record("membership", &v.name, why);
             }

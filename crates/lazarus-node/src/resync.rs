@@ -475,7 +475,8 @@ impl Cluster {
                     // metadata (the leader adopts it first).
                     let holds = c.effective(&v.name).is_some_and(|e| e.primary == c.id)
                         || c.claimed_beyond_metadata(&v.name);
-                    if holds || c.rs_overrides(v) {
+                    // A copy moving off this node is dropped, not resynced.
+                    if holds || c.rs_overrides(v) || meta.moving.get(&v.name) == Some(&c.id) {
                         continue;
                     }
                     if v.primary == c.id

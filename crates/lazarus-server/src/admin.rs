@@ -255,6 +255,7 @@ pub fn router(state: AppState) -> Router {
             axum::routing::post(protect_volume),
         )
         .route("/api/v1/nodes", axum::routing::post(add_node))
+        .route("/api/v1/rebalance", axum::routing::post(rebalance))
         .route(
             "/api/v1/nodes/{name}/remove",
             axum::routing::post(remove_node),
@@ -886,6 +887,42 @@ pub struct RemoveNodeReq {
     pub cancel: bool,
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RebalanceReq {
+    #[serde(default)]
+    pub cancel: bool,
+}
+
+/// `lazarus rebalance`: the leader moves copies one at a time until the nodes hold
+/// similar shares (`lazarus_node::membership`); `cancel` stops it after the move under
+/// way.
+async fn rebalance(
+    State(s): State<AppState>,
+    body: Result<Json<RebalanceReq>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let r = request_body(body)?;
+    let c = cluster_of(&s)?;
+    let held = lazarus_node::decide::copies_held(&c.store.meta());
+    let message = if r.cancel {
+        "rebalance cancelled: the copy moving now finishes its move".to_string()
+    } else {
+        format!(
+            "rebalancing: copies move one at a time, from the nodes holding most to those holding fewest (now {}); watch with lazarus status",
+            {
+                let mut h: Vec<String> = held.iter().map(|(n, k)| format!("n{n}: {k}")).collect();
+                h.sort();
+                h.join(", ")
+            }
+        )
+    };
+    let cmd = lazarus_cluster::MetaCommand::SetRebalance { on: !r.cancel };
+    let message = propose_node_change(&c, cmd, message).await?;
+    Ok(Json(
+        serde_json::json!({ "rebalancing": !r.cancel, "message": message }),
+    ))
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AddNodeReq {
@@ -899,6 +936,12 @@ pub struct AddNodeReq {
 fn new_node(name: &str, rpc: &str) -> Result<lazarus_cluster::raft_store::NodeId, ApiError> {
     let id = lazarus_node::cluster::raft_id(name)
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("name: {e}")))?;
+    if name.len() > 64 || rpc.len() > 255 {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "name is at most 64 characters, rpc at most 255".into(),
+        ));
+    }
     if name.is_empty()
         || !name
             .chars()
@@ -1045,6 +1088,20 @@ async fn remove_node(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Json(r) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     let c = cluster_of(&s)?;
+    // A node being added that has not registered yet: its join is cancelled.
+    if let Ok(id) = lazarus_node::cluster::raft_id(&name) {
+        let meta = c.store.meta();
+        if !r.cancel && !meta.nodes.contains_key(&id) && meta.joining.contains_key(&id) {
+            let cmd = lazarus_cluster::MetaCommand::ForgetNode { id };
+            let message = format!(
+                "{name}'s join is cancelled: it leaves the Raft group (its id is not used again)"
+            );
+            let message = propose_node_change(&c, cmd, message).await?;
+            return Ok(Json(
+                serde_json::json!({ "node": name, "out": true, "message": message }),
+            ));
+        }
+    }
     let (node, meta) = member_named(&c, &name)?;
     let mut note = String::new();
     if !r.cancel {
@@ -1540,6 +1597,10 @@ async fn openapi() -> Json<serde_json::Value> {
     p.insert(
         "/api/v1/nodes".into(),
         json!({ "post": op("{name, rpc}: add a node (lazarus node add): the leader makes it a Raft learner at rpc, a voter once caught up if the cluster wants one (three or five voters); 409 if it is a member") }),
+    );
+    p.insert(
+        "/api/v1/rebalance".into(),
+        json!({ "post": op("{cancel?: bool}: move copies, one at a time, from the nodes holding most to those holding fewest until shares differ by at most one (never a primary's copy); cancel stops after the move under way") }),
     );
     p.insert(
         "/api/v1/nodes/{name}/remove".into(),

@@ -108,6 +108,20 @@ enum Cmd {
         #[arg(long, default_value = "lazarus")]
         psk_user: String,
     },
+    /// Move copies, one at a time, from the nodes holding the most to those holding the
+    /// fewest, until the shares differ by at most one (after `node add`, say). Each
+    /// move rebuilds the copy on its new node before the old one is dropped; a
+    /// primary's copy does not move.
+    Rebalance {
+        /// Stop after the move under way.
+        #[arg(long)]
+        cancel: bool,
+        /// Wait until the rebalance is done, showing each move.
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Scrub every node's disk now: slice pages, checksum pages, blocks; repairs what
     /// it finds.
     Scrub {
@@ -529,6 +543,11 @@ fn client_command(cmd: Cmd) -> anyhow::Result<()> {
                 );
             }
         }
+        Cmd::Rebalance {
+            cancel,
+            wait,
+            target,
+        } => members::rebalance(cancel, wait, target.api.as_deref(), &target.data)?,
         Cmd::Scrub { volume, target } => {
             let api = client::Api::discover(target.api.as_deref(), &target.data)?;
             let (code, c) = api.get("/api/v1/cluster")?;

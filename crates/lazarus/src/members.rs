@@ -5,7 +5,7 @@
 //! with `ADDED` is started to join, one with `REMOVED` is stopped once forgotten).
 
 use crate::client::{self, Api};
-use crate::up::{ports, ADDED_MARKER, NODES_MAX, REMOVED_MARKER};
+use crate::up::{ports, ADDED_MARKER, FORGOTTEN_MARKER, NODES_MAX, REMOVED_MARKER};
 use anyhow::Context;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -64,40 +64,56 @@ impl UpCluster {
         }))
     }
 
-    /// Prepares node `name` (or the next free one) to be started by the supervisor:
-    /// its directory with the `ADDED` marker. Its name and RPC address.
-    fn prepare(&self, name: Option<&str>) -> anyhow::Result<(String, String)> {
-        let free = |i: usize| !self.data.join(format!("n{i}")).exists();
+    /// The name and RPC address of node `name`, or of the next free one, for `up` to
+    /// run: a name whose directory does not exist yet (ids are never used again), with
+    /// no gap after the nodes there are; or one already added whose start is pending.
+    fn choose(&self, name: Option<&str>) -> anyhow::Result<(String, String)> {
+        let dir = |i: usize| self.data.join(format!("n{i}"));
+        let next = (1..=NODES_MAX)
+            .find(|&i| !dir(i).exists())
+            .with_context(|| {
+                format!("`lazarus up` runs at most {NODES_MAX} nodes and every name is taken (ids are never used again)")
+            });
         let i = match name {
+            None => next?,
             Some(n) => {
                 let i: usize = n
                     .strip_prefix('n')
                     .and_then(|d| d.parse().ok())
-                    .filter(|i| (1..=NODES_MAX).contains(i))
+                    .filter(|i| (1..=NODES_MAX).contains(i) && format!("n{i}") == n)
                     .with_context(|| {
                         format!("a node of `lazarus up` is named n1 to n{NODES_MAX} (got {n:?})")
                     })?;
-                let dir = self.data.join(n);
-                if !free(i) && !dir.join(ADDED_MARKER).exists() {
+                let d = dir(i);
+                let pending = d.join(ADDED_MARKER).exists()
+                    && !d.join(REMOVED_MARKER).exists()
+                    && !d.join(FORGOTTEN_MARKER).exists();
+                if d.exists() && !pending {
                     anyhow::bail!(
-                        "{} already holds node {n}'s data (a member, or a removed node: its id cannot be reused while its old data is there)",
-                        dir.display()
+                        "{} already holds node {n}'s data: it is a member, or was removed (ids are never used again)",
+                        d.display()
+                    );
+                }
+                if !d.exists() && next.as_ref().is_ok_and(|&f| i > f) {
+                    anyhow::bail!(
+                        "the next node of this `lazarus up` is n{} (names leave no gap)",
+                        next.unwrap_or(0)
                     );
                 }
                 i
             }
-            None => (1..=NODES_MAX).find(|&i| free(i)).with_context(|| {
-                format!("`lazarus up` runs at most {NODES_MAX} nodes and every name is taken")
-            })?,
         };
-        let name = format!("n{i}");
-        let dir = self.data.join(&name);
+        let rpc = format!("127.0.0.1:{}", ports(self.port_base, i - 1).2);
+        Ok((format!("n{i}"), rpc))
+    }
+
+    /// Has the supervisor start `name` (once the cluster has it as a node being added).
+    fn mark_added(&self, name: &str) -> anyhow::Result<()> {
+        let dir = self.data.join(name);
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
         std::fs::write(dir.join(ADDED_MARKER), b"")
-            .with_context(|| format!("cannot write {}", dir.join(ADDED_MARKER).display()))?;
-        let rpc = format!("127.0.0.1:{}", ports(self.port_base, i - 1).2);
-        Ok((name, rpc))
+            .with_context(|| format!("cannot write {}", dir.join(ADDED_MARKER).display()))
     }
 
     fn mark_removed(&self, node: &str, removed: bool) -> anyhow::Result<()> {
@@ -156,7 +172,7 @@ pub fn add(
             if rpc.is_some() {
                 anyhow::bail!("--rpc is chosen by `lazarus up` for its nodes; give it with --api only");
             }
-            up.prepare(name.as_deref())?
+            up.choose(name.as_deref())?
         }
         None => match (name, rpc) {
             (Some(n), Some(r)) => (n, r),
@@ -166,7 +182,12 @@ pub fn add(
         },
     };
     let v = client::ok(api.post("/api/v1/nodes", &json!({ "name": name, "rpc": rpc }))?)?;
-    println!("{}", v["message"].as_str().unwrap_or("added"));
+    if let Some(up) = &up {
+        up.mark_added(&name)?;
+        println!("{name} is being added; `lazarus up` starts it at {rpc}");
+    } else {
+        println!("{}", v["message"].as_str().unwrap_or("added"));
+    }
     if up.is_some() {
         let what = wait_joined(&api, &name)?;
         println!("{name} joined the cluster as {what}; new volumes and rebuilt copies use it");
@@ -198,7 +219,7 @@ pub fn replace(
     let up = UpCluster::find(api_url, data)?;
     let api = Api::discover(api_url, data)?;
     let rpc = match &up {
-        Some(up) if !up.nodes.iter().any(|n| n == with) => Some(up.prepare(Some(with))?.1),
+        Some(up) if !up.nodes.iter().any(|n| n == with) => Some(up.choose(Some(with))?.1),
         Some(_) => None,
         None => rpc,
     };
@@ -207,6 +228,9 @@ pub fn replace(
         body["rpc"] = json!(r);
     }
     let v = client::ok(api.post(&format!("/api/v1/nodes/{node}/replace"), &body)?)?;
+    if let Some(up) = up.as_ref().filter(|_| rpc.is_some()) {
+        up.mark_added(with)?;
+    }
     if let Some(up) = up.as_ref().filter(|u| u.nodes.iter().any(|n| n == node)) {
         up.mark_removed(node, true)?;
     }
@@ -216,4 +240,65 @@ pub fn replace(
         println!("{with} joined the cluster as {what}");
     }
     Ok(())
+}
+
+/// How long `rebalance --wait` waits at most.
+const REBALANCE_WAIT: Duration = Duration::from_secs(24 * 3600);
+
+pub fn rebalance(
+    cancel: bool,
+    wait: bool,
+    api_url: Option<&str>,
+    data: &Path,
+) -> anyhow::Result<()> {
+    let api = Api::discover(api_url, data)?;
+    let v = client::ok(api.post("/api/v1/rebalance", &json!({ "cancel": cancel }))?)?;
+    println!("{}", v["message"].as_str().unwrap_or("done"));
+    if !wait || cancel {
+        return Ok(());
+    }
+    let t0 = Instant::now();
+    let mut seen = std::collections::BTreeSet::new();
+    loop {
+        if let Ok((200, c)) = api.get("/api/v1/cluster") {
+            let m = &c["metadata"];
+            for (vol, from) in m["moving"].as_object().into_iter().flatten() {
+                if seen.insert((vol.clone(), from.to_string())) {
+                    let to = m["volumes"][vol.as_str()]["replicas"]
+                        .as_array()
+                        .and_then(|r| r.last())
+                        .map_or("?".to_string(), |n| n.to_string());
+                    println!("moving {vol}'s copy from n{from} to n{to}");
+                }
+            }
+            let moving = m["moving"].as_object().is_some_and(|x| !x.is_empty());
+            if m["rebalancing"] != true && !moving {
+                let mut held = std::collections::BTreeMap::<u64, usize>::new();
+                for (id, _) in m["nodes"].as_object().into_iter().flatten() {
+                    held.insert(id.parse().unwrap_or(0), 0);
+                }
+                for v in m["volumes"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(_, v)| v)
+                {
+                    for n in v["replicas"].as_array().into_iter().flatten() {
+                        *held.entry(n.as_u64().unwrap_or(0)).or_default() += 1;
+                    }
+                }
+                let shares: Vec<String> = held.iter().map(|(n, k)| format!("n{n}: {k}")).collect();
+                println!(
+                    "rebalanced after {} moves: copies per node {}",
+                    seen.len(),
+                    shares.join(", ")
+                );
+                return Ok(());
+            }
+        }
+        if t0.elapsed() > REBALANCE_WAIT {
+            anyhow::bail!("the rebalance has not finished within {REBALANCE_WAIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

@@ -156,6 +156,9 @@ pub fn print_cluster(c: &Value) {
             faults.join(" ")
         );
     }
+    if c["metadata"]["rebalancing"] == true {
+        println!("  rebalancing: copies move one at a time (`lazarus rebalance --cancel` stops after the move under way)");
+    }
     for (name, vol) in c["metadata"]["volumes"].as_object().into_iter().flatten() {
         let states: Vec<String> = vol["states"]
             .as_object()
@@ -171,7 +174,10 @@ pub fn print_cluster(c: &Value) {
         );
         let placed = vol["replicas"].as_array().map_or(0, |r| r.len());
         let rf = vol["replication"].as_u64().unwrap_or(0) as usize;
-        if rf > 0 && placed > rf {
+        let moving = &c["metadata"]["moving"][name.as_str()];
+        if let Some(from) = moving.as_u64() {
+            println!("    moving (rebalance): the copy on n{from} is dropped once its replacement is live");
+        } else if rf > 0 && placed > rf {
             println!("    re-replicating: {placed} copies placed for {rf}; the copy on an out node is dropped once its replacement is live");
         }
         let j = &c["jeopardy"]["volumes"][name.as_str()];

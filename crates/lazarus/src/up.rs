@@ -62,6 +62,8 @@ pub const ADDED_MARKER: &str = "ADDED";
 /// Marker file: the node was removed (`lazarus node remove`); the supervisor stops it
 /// for good once the cluster has forgotten it.
 pub const REMOVED_MARKER: &str = "REMOVED";
+/// Marker file: the cluster has forgotten the removed node; it is never started again.
+pub const FORGOTTEN_MARKER: &str = "FORGOTTEN";
 /// The most nodes `up` runs (its port layout has room for nine).
 pub const NODES_MAX: usize = 9;
 
@@ -575,7 +577,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .take(with_rs as usize)
         .chain(0..args.nodes)
     {
-        if is_removed(&args, &slots[i].id) {
+        if is_gone(&args, &slots[i].id) {
             continue;
         }
         match start_node(&args, &slots[i].id, args.nodes).await {
@@ -589,9 +591,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             }
         }
     }
+    // The nodes clients and the CLI use: not removed. A removed node the cluster has
+    // not forgotten yet runs on (it may still hold copies being moved).
     let serving: Vec<usize> = (0..args.nodes)
         .filter(|i| !is_removed(&args, &format!("n{}", i + 1)))
         .collect();
+    let members = (0..args.nodes)
+        .filter(|i| !is_gone(&args, &format!("n{}", i + 1)))
+        .count();
     let Some(&first) = serving.first() else {
         stop_all(&mut slots).await;
         anyhow::bail!(
@@ -602,7 +609,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let admin0 = format!("http://127.0.0.1:{}", ports(args.port_base, first).1);
     let ready = async {
         if args.nodes > 1 {
-            let (api, n) = (Api::new(&admin0), serving.len());
+            let (api, n) = (Api::new(&admin0), members);
             tokio::task::spawn_blocking(move || wait_cluster_formed(&api, n)).await??;
         }
         ensure_default_volume(&args, Api::new(&admin0)).await
@@ -704,9 +711,10 @@ async fn supervise(args: &UpArgs, slots: &mut Vec<Slot>) -> anyhow::Result<()> {
         let mut changed = false;
         // Nodes added since: a slot each, with the cluster's credentials.
         let nodes = node_count(args);
-        for i in 0..nodes {
+        for i in args.nodes..nodes {
             let id = format!("n{}", i + 1);
-            if slots.iter().any(|s| s.id == id) {
+            if slots.iter().any(|s| s.id == id) || !args.data.join(&id).join(ADDED_MARKER).exists()
+            {
                 continue;
             }
             if args.cluster_tls {
@@ -727,7 +735,7 @@ async fn supervise(args: &UpArgs, slots: &mut Vec<Slot>) -> anyhow::Result<()> {
         }
         for i in 0..slots.len() {
             let held = args.data.join(&slots[i].id).join(KILLED_MARKER).exists()
-                || is_removed(args, &slots[i].id);
+                || is_gone(args, &slots[i].id);
             let s = &mut slots[i];
             if let Some(child) = s.child.as_mut() {
                 let Ok(Some(status)) = child.try_wait() else {
@@ -736,7 +744,10 @@ async fn supervise(args: &UpArgs, slots: &mut Vec<Slot>) -> anyhow::Result<()> {
                 s.child = None;
                 changed = true;
                 if held {
-                    say!("node {} is down (fault kill, or removed)", s.id);
+                    say!(
+                        "node {} is down (fault kill, or removed and forgotten)",
+                        s.id
+                    );
                     continue;
                 }
                 say!(
@@ -808,19 +819,25 @@ async fn stop_forgotten(args: &UpArgs, slots: &mut [Slot]) -> bool {
         .filter_map(|s| node_index(&s.id))
         .map(|i| format!("http://127.0.0.1:{}", ports(args.port_base, i).1))
         .collect();
+    // The leader's own view, once it is current: a node still catching up (a new
+    // learner) may not list members that exist.
     let members = tokio::task::spawn_blocking(move || {
         asked.iter().find_map(|a| {
             match Api::with_timeout(a, Duration::from_secs(2)).get("/api/v1/cluster") {
-                Ok((200, v)) if v["leader"].is_u64() => Some(
-                    v["metadata"]["nodes"]
-                        .as_object()
-                        .map(|m| {
-                            m.values()
-                                .filter_map(|n| n["name"].as_str().map(String::from))
-                                .collect::<Vec<_>>()
-                        })
-                        .unwrap_or_default(),
-                ),
+                Ok((200, v))
+                    if v["leader"].is_u64() && v["leader"] == v["id"] && v["ready"] == true =>
+                {
+                    Some(
+                        v["metadata"]["nodes"]
+                            .as_object()
+                            .map(|m| {
+                                m.values()
+                                    .filter_map(|n| n["name"].as_str().map(String::from))
+                                    .collect::<Vec<_>>()
+                            })
+                            .unwrap_or_default(),
+                    )
+                }
                 _ => None,
             }
         })
@@ -834,6 +851,11 @@ async fn stop_forgotten(args: &UpArgs, slots: &mut [Slot]) -> bool {
     let mut stopped = false;
     for i in removed {
         if members.contains(&slots[i].id) {
+            continue;
+        }
+        let marker = args.data.join(&slots[i].id).join(FORGOTTEN_MARKER);
+        if let Err(e) = std::fs::write(&marker, b"") {
+            say!("cannot write {}: {e}", marker.display());
             continue;
         }
         if let Some(pid) = slots[i].child.as_ref().and_then(|c| c.id()) {
@@ -850,7 +872,12 @@ async fn stop_forgotten(args: &UpArgs, slots: &mut [Slot]) -> bool {
 
 /// Whether node `id` was removed (`lazarus node remove`, not cancelled).
 fn is_removed(args: &UpArgs, id: &str) -> bool {
-    args.data.join(id).join(REMOVED_MARKER).exists()
+    args.data.join(id).join(REMOVED_MARKER).exists() || is_gone(args, id)
+}
+
+/// Whether node `id` was removed and the cluster has forgotten it: never started again.
+fn is_gone(args: &UpArgs, id: &str) -> bool {
+    args.data.join(id).join(FORGOTTEN_MARKER).exists()
 }
 
 fn revive_requested(args: &UpArgs, id: &str) -> bool {

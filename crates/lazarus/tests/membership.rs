@@ -580,3 +580,121 @@ fn nodes_added_and_replaced_under_load_keep_a_raft_majority() {
         );
     }
 }
+
+/// How many copies each node holds, from node `n`'s metadata.
+fn copies_per_node(up: &Up, n: u16) -> std::collections::BTreeMap<u64, usize> {
+    let c = up.get(n, "/api/v1/cluster").unwrap();
+    let mut held: std::collections::BTreeMap<u64, usize> = c["metadata"]["nodes"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| (k.parse().unwrap(), 0))
+        .collect();
+    for v in c["metadata"]["volumes"].as_object().unwrap().values() {
+        for r in replicas(v) {
+            *held.entry(r).or_default() += 1;
+        }
+    }
+    held
+}
+
+/// `lazarus rebalance` after nodes are added: three nodes hold three volumes (one
+/// primary each), two nodes join holding nothing, and the rebalance moves copies one
+/// at a time, never a primary's, until the nodes' shares differ by at most one, while
+/// a libnbd writer flushes chunk after chunk to vol0 through n2 without an error.
+/// Every volume ends with three live copies whose roots agree, and its data reads back
+/// through every node.
+#[test]
+fn a_rebalance_spreads_copies_onto_added_nodes_under_load() {
+    let (_tmp, data) = setup();
+    let up = Up::start_with(&data, "256MiB", &[]);
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    let mut written = Vec::new();
+    for (i, vol) in ["v2", "v3"].iter().enumerate() {
+        up.cli_ok(&["volume", "create", vol, "--size", "16MiB"]);
+        up.wait_all_live(1, vol, Duration::from_secs(30));
+        let img = data.with_extension(format!("{vol}.img"));
+        written.push(random_file(&img, 16 << 20, seed() + i as u64));
+        run("nbdcopy", &[img.to_str().unwrap(), &up.uri(1, vol)]);
+    }
+    let primaries = |up: &Up| -> Vec<u64> {
+        ["vol0", "v2", "v3"]
+            .iter()
+            .map(|v| up.volume_meta(1, v).unwrap()["primary"].as_u64().unwrap())
+            .collect()
+    };
+    let before = primaries(&up);
+    assert_eq!(before, vec![1, 2, 3], "primaries spread");
+    up.cli_ok(&["node", "add"]);
+    up.cli_ok(&["node", "add"]);
+    assert_eq!(
+        copies_per_node(&up, 1)
+            .values()
+            .copied()
+            .collect::<Vec<_>>(),
+        vec![3, 3, 3, 0, 0]
+    );
+    let mut w = Writer::start(&up.uri(2, "vol0"), 6000);
+    let mut last_acked = 0u64;
+    let mut started = None;
+    let mut done_at = None;
+    while let Some(i) = w.acked() {
+        last_acked = i;
+        if last_acked == 30 {
+            let said = up.cli_ok(&["rebalance"]);
+            assert!(said.contains("rebalancing"), "{said}");
+            started = Some(Instant::now());
+        }
+        if started.is_some() && done_at.is_none() && last_acked.is_multiple_of(10) {
+            let c = up.get(1, "/api/v1/cluster").unwrap();
+            let m = &c["metadata"];
+            if m["rebalancing"] == false && m["moving"] == serde_json::json!({}) {
+                done_at = Some(Instant::now());
+            }
+        }
+        if done_at.is_some_and(|t| t.elapsed() > Duration::from_secs(1)) {
+            break;
+        }
+        assert!(
+            started.is_none_or(|t| t.elapsed() < Duration::from_secs(120)),
+            "rebalance not done within 120 s: {:?}",
+            up.get(1, "/api/v1/cluster").map(|c| c["metadata"].clone())
+        );
+    }
+    drop(w);
+    let took = done_at.expect("the writer ended before the rebalance") - started.unwrap();
+    let held = copies_per_node(&up, 1);
+    eprintln!("rebalanced in {took:?}: {held:?}");
+    let (lo, hi) = (
+        held.values().min().copied().unwrap(),
+        held.values().max().copied().unwrap(),
+    );
+    assert!(hi - lo <= 1 && held[&4] >= 1 && held[&5] >= 1, "{held:?}");
+    assert_eq!(primaries(&up), before, "no primary moved");
+    for vol in ["vol0", "v2", "v3"] {
+        let m = up.volume_meta(1, vol).unwrap();
+        assert_eq!(replicas(&m).len(), 3, "{m}");
+        let roots: Vec<String> = replicas(&m)
+            .iter()
+            .map(|n| up.root(*n as u16, vol))
+            .collect();
+        assert!(roots.iter().all(|r| *r == roots[0]), "{vol}: {roots:?}");
+    }
+    for n in 1..=5u16 {
+        verify_chunks(&up, n, last_acked);
+        for (vol, bytes) in ["v2", "v3"].iter().zip(&written) {
+            let out = data.with_extension(format!("{vol}-n{n}.out"));
+            run("nbdcopy", &[&up.uri(n, vol), out.to_str().unwrap()]);
+            assert!(
+                std::fs::read(&out).unwrap() == *bytes,
+                "{vol} read through n{n} differs"
+            );
+        }
+    }
+    // A node that held nothing before now serves a copy it holds.
+    let on4 = ["vol0", "v2", "v3"]
+        .iter()
+        .find(|v| replicas(&up.volume_meta(1, v).unwrap()).contains(&4))
+        .unwrap();
+    assert!(up.get(4, &format!("/api/v1/volumes/{on4}")).is_some());
+}
