@@ -361,6 +361,14 @@ pub enum MetaCommand {
         to: NodeId,
         epoch: u64,
     },
+    /// Records `node`'s copy of `volume` as leaving (`ClusterMeta::moving`) when the
+    /// volume holds more copies than its factor (an out node came back before its
+    /// replacement was dropped): it is then retired and dropped, never resynced.
+    LeaveCopy {
+        volume: String,
+        node: NodeId,
+        epoch: u64,
+    },
     /// Forgets a removed node that holds no copy and has left the Raft group: its id
     /// may be added again.
     ForgetNode {
@@ -606,6 +614,32 @@ impl ClusterMeta {
                 v.stale.insert(*to);
                 let v = v.clone();
                 self.moving.insert(volume.clone(), *from);
+                Ok(MetaResponse::Volume(v))
+            }
+            MetaCommand::LeaveCopy {
+                volume,
+                node,
+                epoch,
+            } => {
+                if self.moving.contains_key(volume) {
+                    return Err(format!("a copy of {volume:?} is already leaving").into());
+                }
+                let v = self.volume_at_epoch(volume, *epoch)?;
+                if !v.replicas.contains(node) || *node == v.primary {
+                    return Err(format!(
+                        "node {node} holds no copy of {volume:?} that may leave (the primary's does not)"
+                    )
+                    .into());
+                }
+                if v.replicas.len() <= v.replication_factor() {
+                    return Err(format!(
+                        "{volume:?} holds no more copies than its factor {}",
+                        v.replication_factor()
+                    )
+                    .into());
+                }
+                let v = v.clone();
+                self.moving.insert(volume.clone(), *node);
                 Ok(MetaResponse::Volume(v))
             }
             MetaCommand::ForgetNode { id } => {

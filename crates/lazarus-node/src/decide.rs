@@ -238,6 +238,9 @@ pub enum PlacementStep {
     Retire(NodeId),
     /// Drop this out node's dead copy (`DropCopy`): its replacement is live.
     Drop(NodeId),
+    /// The volume holds more copies than its factor and none is leaving: this one
+    /// leaves (`LeaveCopy`), then goes as an out copy would.
+    Leave(NodeId),
     /// The primary is on an out node (taken out by an administrator) and the volume
     /// has its full count of live copies elsewhere: hand the primary role to this one.
     Handover(NodeId),
@@ -257,10 +260,10 @@ pub fn placement_step(
     out: &std::collections::BTreeSet<NodeId>,
     candidates: &[NodeId],
 ) -> PlacementStep {
-    let Some(&gone) = v.replicas.iter().find(|n| out.contains(n)) else {
-        return PlacementStep::Stay;
-    };
     let rf = v.replication_factor();
+    let Some(&gone) = v.replicas.iter().find(|n| out.contains(n)) else {
+        return surplus_step(v, rf);
+    };
     let kept: Vec<NodeId> = v
         .replicas
         .iter()
@@ -425,6 +428,23 @@ pub fn rebalance_step(meta: &lazarus_cluster::ClusterMeta, candidates: &[NodeId]
         }
     }
     RebalanceStep::Done
+}
+
+/// A volume with more copies than its factor and none leaving: an out node came back
+/// (marked in) before its replacement was dropped, or the other way round. One copy
+/// goes, never the primary's, once the factor's count of copies is live: a copy that is
+/// not live first (a rebuild or a resync cancelled), else the last placed. It is
+/// recorded as leaving first, so that it does not resync while it is retired.
+fn surplus_step(v: &VolumeInfo, rf: usize) -> PlacementStep {
+    if v.replicas.len() <= rf || v.live().len() < rf {
+        return PlacementStep::Stay;
+    }
+    let mut others = v.replicas.iter().rev().copied().filter(|n| *n != v.primary);
+    let not_live = others
+        .clone()
+        .find(|n| v.state_of(*n) != Some(ReplicaState::Live));
+    let pick = not_live.or_else(|| others.next().filter(|_| v.live().len() > rf));
+    pick.map_or(PlacementStep::Stay, PlacementStep::Leave)
 }
 
 /// Whether an out node that answers again may be marked back in: none of its copies
@@ -932,5 +952,36 @@ mod tests {
         m.out.clear();
         // A node that does not answer is neither a source nor a target.
         assert_eq!(rebalance_step(&m, &[1, 2, 3]), RebalanceStep::Done);
+    }
+
+    #[test]
+    fn a_surplus_copy_goes_once_the_factor_is_live() {
+        let none = std::collections::BTreeSet::new();
+        let mut v = volume(1);
+        v.replicas.push(4);
+        v.states.insert(4, ReplicaState::Resyncing);
+        // The out node came back first: the rebuild still under way is cancelled.
+        assert_eq!(placement_step(&v, &none, &[]), PlacementStep::Leave(4));
+        // Leaving, it goes as an out copy would: retired, then dropped.
+        let leaving4: std::collections::BTreeSet<NodeId> = [4].into();
+        assert_eq!(placement_step(&v, &leaving4, &[]), PlacementStep::Retire(4));
+        v.states.insert(4, ReplicaState::Dead);
+        assert_eq!(placement_step(&v, &leaving4, &[]), PlacementStep::Drop(4));
+        // All four live: the last placed goes.
+        v.states.insert(4, ReplicaState::Live);
+        assert_eq!(placement_step(&v, &none, &[]), PlacementStep::Leave(4));
+        // A copy that is not live goes first, whichever it is; never the primary.
+        v.states.insert(2, ReplicaState::Resyncing);
+        assert_eq!(placement_step(&v, &none, &[]), PlacementStep::Leave(2));
+        v.primary = 4;
+        v.states.insert(2, ReplicaState::Live);
+        assert_eq!(placement_step(&v, &none, &[]), PlacementStep::Leave(3));
+        // Not while fewer than the factor are live.
+        v.states.insert(1, ReplicaState::Dead);
+        v.states.insert(2, ReplicaState::Dead);
+        assert_eq!(placement_step(&v, &none, &[]), PlacementStep::Stay);
+        // Exactly the factor: nothing to do.
+        let w = volume(1);
+        assert_eq!(placement_step(&w, &none, &[]), PlacementStep::Stay);
     }
 }

@@ -181,7 +181,11 @@ impl Cluster {
             self.rebalance_round(&meta).await;
         }
         let meta = self.store.meta();
-        if meta.out.is_empty() && meta.moving.is_empty() {
+        let surplus = meta
+            .volumes
+            .values()
+            .any(|v| v.replicas.len() > v.replication_factor());
+        if meta.out.is_empty() && meta.moving.is_empty() && !surplus {
             return;
         }
         // The recovery server's view, asked now: a volume it knows at another failure
@@ -251,6 +255,18 @@ impl Cluster {
                 PlacementStep::Retire(_) | PlacementStep::Handover(_) => {
                     unreachable!("done above")
                 }
+                PlacementStep::Leave(n) => (
+                    MetaCommand::LeaveCopy {
+                        volume: v.name.clone(),
+                        node: n,
+                        epoch: v.epoch,
+                    },
+                    format!(
+                        "n{n}'s copy leaves: {} copies placed for {} (an out node came back before its replacement was dropped)",
+                        v.replicas.len(),
+                        v.replication_factor()
+                    ),
+                ),
                 PlacementStep::Drop(n) => (
                     MetaCommand::DropCopy {
                         volume: v.name.clone(),

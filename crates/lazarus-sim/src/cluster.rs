@@ -24,7 +24,20 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub const NODES: [&str; 3] = ["n1", "n2", "n3"];
+/// The storage nodes a run may have (`Options::nodes` of them, from the first).
+const ALL_NODES: [&str; 5] = ["n1", "n2", "n3", "n4", "n5"];
+/// The copies of the volume (placed on the first nodes).
+const COPIES: usize = 3;
+
+thread_local! {
+    /// The running simulation's node count and out-time (one run per thread).
+    static SHAPE: std::cell::Cell<(usize, u64)> = const { std::cell::Cell::new((3, 600)) };
+}
+
+/// The storage nodes of the running simulation.
+pub fn nodes() -> &'static [&'static str] {
+    &ALL_NODES[..SHAPE.with(|s| s.get().0)]
+}
 const RPC_PORT: u16 = 7000;
 const NBD_PORT: u16 = 10809;
 /// Where `crate::serve_rs` listens.
@@ -62,6 +75,21 @@ pub struct Options {
     /// it, and the processes run on (`lazarus_io::net::cuts`).
     #[serde(default)]
     pub conn_cuts: bool,
+    /// Storage nodes (3 to 5); the volume's three copies start on the first three.
+    #[serde(default = "three")]
+    pub nodes: usize,
+    /// The cluster's out-time: a node down longer is marked out and its copies are
+    /// rebuilt on the other nodes (with more than three nodes).
+    #[serde(default = "out_after_default")]
+    pub out_after_secs: u64,
+}
+
+fn three() -> usize {
+    3
+}
+
+fn out_after_default() -> u64 {
+    600
 }
 
 impl Options {
@@ -77,6 +105,8 @@ impl Options {
             device_faults: false,
             full_disk: false,
             conn_cuts: false,
+            nodes: 3,
+            out_after_secs: 600,
         }
     }
 }
@@ -96,6 +126,10 @@ pub struct Report {
     pub events: Vec<String>,
     /// Simulated time the heal phase took.
     pub heal_ms: u64,
+    /// The nodes holding the volume's copies at the end (rebuilt elsewhere when a node
+    /// stayed down past the out-time).
+    #[serde(default)]
+    pub replicas: Vec<u64>,
 }
 
 /// The state the client host and the fault scheduler share (one simulation runs on
@@ -186,7 +220,7 @@ fn node_dir(id: &str) -> std::path::PathBuf {
 }
 
 fn node_config(id: &str) -> NodeConfig {
-    let peers: Vec<serde_json::Value> = NODES
+    let peers: Vec<serde_json::Value> = nodes()
         .iter()
         .filter(|p| **p != id)
         .map(|p| serde_json::json!({"id": p, "rpc": addr(p, RPC_PORT)}))
@@ -201,6 +235,7 @@ fn node_config(id: &str) -> NodeConfig {
         "recovery_server": addr("rs", RS_PORT),
         "journal_bytes": 8u64 << 20,
         "checkpoint_interval_secs": 3,
+        "out_after_secs": SHAPE.with(|s| s.get().1),
     }))
     .expect("a valid node configuration")
 }
@@ -241,11 +276,11 @@ async fn run_node(id: &'static str, volume_bytes: u64, written: Arc<Vec<u64>>) -
                 if meta.volumes.contains_key(VOLUME) {
                     return;
                 }
-                if meta.nodes.len() == NODES.len() {
+                if meta.nodes.len() == nodes().len() {
                     let cmd = lazarus_cluster::MetaCommand::CreateVolume {
                         name: VOLUME.into(),
                         size_bytes: volume_bytes,
-                        replicas: meta.nodes.keys().copied().collect(),
+                        replicas: meta.nodes.keys().copied().take(COPIES).collect(),
                         primary: Some(c.id),
                     };
                     let _ = c.propose(cmd).await;
@@ -421,7 +456,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(45);
 
 async fn connect_any(rng: &mut fastrand::Rng) -> Option<(Client, &'static str)> {
-    let node = NODES[rng.usize(..NODES.len())];
+    let node = nodes()[rng.usize(..nodes().len())];
     match tokio::time::timeout(
         CONNECT_TIMEOUT,
         Client::connect(&addr(node, NBD_PORT), VOLUME),
@@ -522,7 +557,7 @@ async fn run_client(opts: Options) -> turmoil::Result {
     while !sh.borrow().done {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    for node in NODES {
+    for &node in nodes() {
         let mut c = match tokio::time::timeout(
             CONNECT_TIMEOUT * 4,
             Client::connect(&addr(node, NBD_PORT), VOLUME),
@@ -580,19 +615,32 @@ fn listed_unrecoverable(lba: u64) -> bool {
 }
 
 /// Whether the views show the cluster whole: every node up and ready, each seeing
-/// every copy live under one primary and epoch, and every copy's root equal.
+/// every copy live under one primary and epoch (and the volume's copies, no more), the
+/// roots of the nodes holding a copy equal, and no other node holding one (a copy
+/// rebuilt elsewhere is deleted from the node it left).
 fn whole(views: &BTreeMap<String, View>) -> bool {
-    if views.len() != NODES.len() {
+    if views.len() != nodes().len() {
         return false;
     }
     let mut seen = None;
-    for v in views.values() {
+    for (id, v) in views {
         let Some(vol) = &v.volume else { return false };
         if !v.serving_ready
             || v.store_failed
             || vol.states.values().any(|s| *s != ReplicaState::Live)
+            || vol.replicas.len() != vol.replication_factor()
         {
             return false;
+        }
+        let holds = vol
+            .replicas
+            .iter()
+            .any(|n| ALL_NODES.get(*n as usize - 1) == Some(&id.as_str()));
+        if !holds {
+            if v.root.is_some() {
+                return false;
+            }
+            continue;
         }
         let key = (vol.primary, vol.epoch, v.root.clone());
         match &seen {
@@ -630,6 +678,12 @@ enum Pick {
 pub fn run(opts: Options) -> Result<Report, String> {
     let sh = Rc::new(RefCell::new(Shared::default()));
     SHARED.with(|s| *s.borrow_mut() = Some(sh.clone()));
+    SHAPE.with(|s| {
+        s.set((
+            opts.nodes.clamp(COPIES, ALL_NODES.len()),
+            opts.out_after_secs,
+        ))
+    });
     let _ = lazarus_io::rt::take_exit_requests();
     lazarus_io::net::cuts::reset();
     // The thread's generator, which the node's own random choices use (openraft's
@@ -647,7 +701,7 @@ pub fn run(opts: Options) -> Result<Report, String> {
     sim.host("rs", || crate::serve_rs(None));
     let volume_bytes = opts.volume_blocks * BLOCK as u64;
     let written: Arc<Vec<u64>> = Arc::new(written_lbas(&opts));
-    for id in NODES {
+    for &id in nodes() {
         let w = written.clone();
         sim.host(id, move || run_node(id, volume_bytes, w.clone()));
     }
@@ -739,7 +793,7 @@ pub fn run(opts: Options) -> Result<Report, String> {
             if now >= load_start.unwrap() + opts.load {
                 heal_start = Some(now);
                 sh.borrow_mut().healing = true;
-                for n in NODES {
+                for &n in nodes() {
                     sh.borrow_mut()
                         .disk_faults
                         .push((n.to_string(), DiskFault::ClearEio));
@@ -814,6 +868,14 @@ pub fn run(opts: Options) -> Result<Report, String> {
         if !sh.borrow().done && active.is_empty() && whole(&sh.borrow().views) {
             sh.borrow_mut().done = true;
             sh.borrow_mut().report.heal_ms = (now - hs).as_millis() as u64;
+            let mut replicas: Vec<u64> = sh
+                .borrow()
+                .views
+                .values()
+                .find_map(|v| v.volume.as_ref().map(|m| m.replicas.clone()))
+                .unwrap_or_default();
+            replicas.sort_unstable();
+            sh.borrow_mut().report.replicas = replicas;
             log(
                 &sh,
                 now,
@@ -856,13 +918,13 @@ pub fn run(opts: Options) -> Result<Report, String> {
     };
     // Stopped on their hosts, so that what they drop (open files, connections) goes
     // back to the simulation that owns it.
-    for h in NODES.iter().chain(["rs"].iter()) {
+    for h in nodes().iter().chain(["rs"].iter()) {
         if sim.is_host_running(*h) {
             sim.crash(*h);
         }
     }
     drop(sim);
-    for n in NODES {
+    for &n in nodes() {
         lazarus_store::disk::set_device_failed(&node_dir(n), false);
     }
     SHARED.with(|s| *s.borrow_mut() = None);
@@ -903,7 +965,7 @@ fn pick_fault(
             _ => None,
         })
         .collect();
-    let up: Vec<&str> = NODES
+    let up: Vec<&str> = nodes()
         .iter()
         .copied()
         .filter(|n| !down.contains(*n))
@@ -923,7 +985,7 @@ fn pick_fault(
     let full = devices + if opts.full_disk { 2 } else { 0 };
     let draw = rng.u32(..full + if opts.conn_cuts { 3 } else { 0 });
     if draw >= full {
-        let hosts = ["n1", "n2", "n3", "rs", "client"];
+        let hosts: Vec<&str> = nodes().iter().copied().chain(["rs", "client"]).collect();
         let host = match primary.filter(|_| rng.bool()) {
             Some(p) => p,
             None => hosts[rng.usize(..hosts.len())].to_string(),
@@ -931,7 +993,7 @@ fn pick_fault(
         return Some(Pick::Cut(host));
     }
     if draw >= base {
-        let room = 2usize.saturating_sub(NODES.len() - up.len() + failed.len());
+        let room = 2usize.saturating_sub(nodes().len() - up.len() + failed.len());
         let healthy: Vec<&str> = up
             .iter()
             .copied()
@@ -953,7 +1015,7 @@ fn pick_fault(
     match draw {
         10..=12 => {
             // One copy's disk at a time per block, so that two copies stay whole.
-            let node = NODES[rng.usize(..NODES.len())];
+            let node = nodes()[rng.usize(..nodes().len())];
             let written = written_lbas(opts);
             let lba = written[rng.u64(..written.len() as u64) as usize];
             if !disk_pages.insert(lba / lazarus_types::FANOUT_U64) {
@@ -977,7 +1039,7 @@ fn pick_fault(
             Some(Pick::Disk(node.to_string(), fault))
         }
         0..=4 => {
-            let room = 2usize.saturating_sub(NODES.len() - up.len() + failed.len());
+            let room = 2usize.saturating_sub(nodes().len() - up.len() + failed.len());
             if room == 0 || up.is_empty() {
                 return None;
             }
@@ -995,8 +1057,8 @@ fn pick_fault(
             Some(Pick::Lasting(Fault::Down(pick, until)))
         }
         5..=7 => {
-            let a = NODES[rng.usize(..3)];
-            let b = NODES[rng.usize(..3)];
+            let a = nodes()[rng.usize(..nodes().len())];
+            let b = nodes()[rng.usize(..nodes().len())];
             if a == b || active.iter().any(|f| matches!(f, Fault::Hold(..))) {
                 return None;
             }
@@ -1102,7 +1164,7 @@ pub fn stale_forwarded_write(seed: u64) -> Result<String, String> {
     let mut sim = crate::builder(seed, Duration::from_secs(120)).build();
     sim.host("rs", || crate::serve_rs(None));
     let written = Arc::new(vec![5u64]);
-    for id in NODES {
+    for &id in nodes() {
         let w = written.clone();
         sim.host(id, move || run_node(id, 1024 * BLOCK as u64, w.clone()));
     }
@@ -1131,8 +1193,8 @@ pub fn stale_forwarded_write(seed: u64) -> Result<String, String> {
             sc.borrow_mut().crashed = true;
         }
         if sc.borrow().release && !sc.borrow().released {
-            for n in NODES {
-                for m in NODES {
+            for &n in nodes() {
+                for &m in nodes() {
                     if n != m {
                         sim.release(n, m);
                     }
@@ -1158,8 +1220,8 @@ async fn stale_forwarded_write_client() -> Result<String, String> {
                 .map(|m| m.primary)
         });
         if let Some(p) = p {
-            let primary = NODES[(p - 1) as usize];
-            let fwd = NODES[(p % 3) as usize];
+            let primary = ALL_NODES[(p - 1) as usize];
+            let fwd = ALL_NODES[(p % 3) as usize];
             break (primary, fwd);
         }
     };

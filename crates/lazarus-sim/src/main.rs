@@ -11,6 +11,9 @@
 //! LAZARUS_SIM_DEVICE_FAULTS=1           failed devices (one node's store, every I/O EIO)
 //! LAZARUS_SIM_FULL_DISK=1               full disks (one node's disk filled by a ballast file)
 //! LAZARUS_SIM_CUTS=1                    connections cut without a crash (all of one host's)
+//! LAZARUS_SIM_NODES=5                   five storage nodes (3 to 5), the volume on the first three
+//! LAZARUS_SIM_OUT_AFTER=6               out-time in seconds: a node down longer is marked out
+//!                                       and its copies are rebuilt on the other nodes
 //! lazarus-sim run OPTIONS_JSON          (internal) one seed, its report as one JSON line
 //! ```
 
@@ -80,6 +83,7 @@ fn main() {
             o.device_faults = std::env::var("LAZARUS_SIM_DEVICE_FAULTS").is_ok_and(|v| v == "1");
             o.full_disk = std::env::var("LAZARUS_SIM_FULL_DISK").is_ok_and(|v| v == "1");
             o.conn_cuts = std::env::var("LAZARUS_SIM_CUTS").is_ok_and(|v| v == "1");
+            shape_from_env(&mut o);
             o.faults = num(2, o.faults as u64) as usize;
             o.load = std::time::Duration::from_secs(num(3, o.load.as_secs()));
             match cluster::run(o) {
@@ -101,6 +105,7 @@ fn main() {
             base.device_faults = std::env::var("LAZARUS_SIM_DEVICE_FAULTS").is_ok_and(|v| v == "1");
             base.full_disk = std::env::var("LAZARUS_SIM_FULL_DISK").is_ok_and(|v| v == "1");
             base.conn_cuts = std::env::var("LAZARUS_SIM_CUTS").is_ok_and(|v| v == "1");
+            shape_from_env(&mut base);
             base.faults = num(4, base.faults as u64) as usize;
             base.load = std::time::Duration::from_secs(num(5, base.load.as_secs()));
             let results = cluster::sweep(&exe, &base, first, count, jobs);
@@ -127,5 +132,21 @@ fn main() {
             eprintln!("usage: lazarus-sim seed SEED | sweep FIRST COUNT [JOBS] | run OPTIONS_JSON");
             std::process::exit(2)
         }
+    }
+}
+
+/// `LAZARUS_SIM_NODES` and `LAZARUS_SIM_OUT_AFTER`.
+fn shape_from_env(o: &mut Options) {
+    if let Some(n) = std::env::var("LAZARUS_SIM_NODES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        o.nodes = n;
+    }
+    if let Some(s) = std::env::var("LAZARUS_SIM_OUT_AFTER")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        o.out_after_secs = s;
     }
 }

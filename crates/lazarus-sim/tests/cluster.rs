@@ -36,10 +36,14 @@ fn seeds_replay_exactly() {
 
 /// Runs `LAZARUS_SIM_SEEDS` seeds (200 unless set) of `o`'s kind; every one must pass.
 fn seeds_must_pass(o: &Options) {
+    seeds_must_pass_n(o, 200);
+}
+
+fn seeds_must_pass_n(o: &Options, default: u64) -> Vec<lazarus_sim::cluster::Report> {
     let n: u64 = std::env::var("LAZARUS_SIM_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(200);
+        .unwrap_or(default);
     let t = std::time::Instant::now();
     let results = sweep(exe(), o, 1, n, 2);
     let failed: Vec<String> = results
@@ -61,6 +65,34 @@ fn seeds_must_pass(o: &Options) {
         failed.len(),
         failed.join("\n\n")
     );
+    results.into_iter().filter_map(|(_, r)| r.ok()).collect()
+}
+
+/// Five nodes, the volume's copies on the first three, an out-time of 4 s: a node
+/// down longer (crashed, or cut off from the leader) is marked out and its copy
+/// rebuilt on n4 or n5 while the faults go on, with disk faults and connections cut
+/// too; a node that comes back before its replacement is dropped makes a copy too
+/// many, and one leaves. Every seed must keep the rule and heal to three live copies
+/// with equal roots and no copy left elsewhere; some must end with a copy rebuilt
+/// elsewhere (`LAZARUS_SIM_NODES=5 LAZARUS_SIM_OUT_AFTER=4 lazarus-sim sweep` runs
+/// more).
+#[test]
+fn five_nodes_with_copies_rebuilt_elsewhere_break_no_rule() {
+    let mut o = options(0, 6, Mix::Cut);
+    o.nodes = 5;
+    o.out_after_secs = 4;
+    let reports = seeds_must_pass_n(&o, 100);
+    let moved = reports.iter().filter(|r| r.replicas != [1, 2, 3]).count();
+    eprintln!(
+        "{moved} of {} seeds ended with a copy rebuilt on n4 or n5",
+        reports.len()
+    );
+    assert!(
+        reports.iter().all(|r| r.replicas.len() == 3),
+        "{:?}",
+        reports.iter().map(|r| &r.replicas).collect::<Vec<_>>()
+    );
+    assert!(moved * 10 >= reports.len(), "{moved} of {}", reports.len());
 }
 
 /// Which faults a run draws from besides crashes, holds and recovery-server crashes.
