@@ -903,16 +903,20 @@ async fn rebalance(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let r = request_body(body)?;
     let c = cluster_of(&s)?;
-    let held = lazarus_node::decide::copies_held(&c.store.meta());
+    let meta = c.store.meta();
+    let held = lazarus_node::decide::copies_held(&meta);
     let message = if r.cancel {
         "rebalance cancelled: the copy moving now finishes its move".to_string()
     } else {
         format!(
             "rebalancing: copies move one at a time, from the nodes holding most to those holding fewest (now {}); watch with lazarus status",
             {
-                let mut h: Vec<String> = held.iter().map(|(n, k)| format!("n{n}: {k}")).collect();
-                h.sort();
-                h.join(", ")
+meta.nodes
+                    .keys()
+                    .filter(|n| !meta.out.contains(n))
+                    .map(|n| format!("n{n}: {}", held.get(n).copied().unwrap_or(0)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             }
         )
     };
