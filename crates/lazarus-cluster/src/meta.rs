@@ -369,6 +369,12 @@ pub enum MetaCommand {
         node: NodeId,
         epoch: u64,
     },
+    /// Ends `volume`'s move (or leave) before its copy was dropped: the copy stays, a
+    /// copy like any other (the leader cancels a move that cannot finish; a copy too
+    /// many then leaves through `LeaveCopy`).
+    CancelMove {
+        volume: String,
+    },
     /// Forgets a removed node that holds no copy and has left the Raft group: its id
     /// may be added again.
     ForgetNode {
@@ -615,6 +621,12 @@ impl ClusterMeta {
                 let v = v.clone();
                 self.moving.insert(volume.clone(), *from);
                 Ok(MetaResponse::Volume(v))
+            }
+            MetaCommand::CancelMove { volume } => {
+                if self.moving.remove(volume).is_none() {
+                    return Err(format!("no copy of {volume:?} is moving").into());
+                }
+                Ok(MetaResponse::Ok)
             }
             MetaCommand::LeaveCopy {
                 volume,

@@ -1462,14 +1462,16 @@ impl Cluster {
                         continue;
                     }
                     let mut candidate = None;
-                    // Copies on nodes marked out last: they are on their way off.
+                    // Copies on nodes marked out, or moving off theirs, last: they are
+                    // on their way off.
+                    let gone = crate::decide::leaving(&meta, v);
                     let mut order: Vec<NodeId> = v
                         .replicas
                         .iter()
                         .copied()
                         .filter(|n| *n != v.primary)
                         .collect();
-                    order.sort_by_key(|n| meta.out.contains(n));
+                    order.sort_by_key(|n| gone.contains(n));
                     for n in order {
                         if v.state_of(n) == Some(ReplicaState::Live)
                             && c.answers(&meta, n).await

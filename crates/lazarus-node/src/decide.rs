@@ -370,6 +370,36 @@ pub fn leaving(
     gone
 }
 
+/// Whether `volume`'s move (`ClusterMeta::moving`) should be cancelled rather than
+/// finished: its copy became the primary (a hand-over would fail clients' requests in
+/// flight), another copy sits on an out node (re-replication takes over, with the
+/// moving copy as a copy like any other), or the moving copy stopped being live before
+/// the copies staying were complete (it missed updates: it must resync, and may not
+/// while it leaves). `cancelled`: the administrator cancelled the rebalance, and the
+/// move is not yet at its retire.
+pub fn move_to_cancel(
+    meta: &lazarus_cluster::ClusterMeta,
+    v: &VolumeInfo,
+    cancelled: bool,
+) -> bool {
+    let Some(&from) = meta.moving.get(&v.name) else {
+        return false;
+    };
+    let staying_live = v
+        .replicas
+        .iter()
+        .filter(|n| **n != from && !meta.out.contains(n))
+        .filter(|n| v.state_of(**n) == Some(ReplicaState::Live))
+        .count();
+    let complete = staying_live >= v.replication_factor();
+    from == v.primary
+        || v.replicas
+            .iter()
+            .any(|n| *n != from && meta.out.contains(n))
+        || v.state_of(from) != Some(ReplicaState::Live) && !complete
+        || cancelled && !complete
+}
+
 /// What a rebalance does next (`lazarus rebalance`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RebalanceStep {
@@ -983,5 +1013,34 @@ mod tests {
         // Exactly the factor: nothing to do.
         let w = volume(1);
         assert_eq!(placement_step(&w, &none, &[]), PlacementStep::Stay);
+    }
+
+    #[test]
+    fn a_move_that_cannot_finish_is_cancelled() {
+        let mut m = lazarus_cluster::ClusterMeta::default();
+        let mut v = volume(1);
+        v.replicas.push(4);
+        v.states.insert(4, ReplicaState::Resyncing);
+        m.moving.insert("vol0".into(), 2);
+        assert!(!move_to_cancel(&m, &v, false), "a move under way");
+        assert!(move_to_cancel(&m, &v, true), "cancelled before its retire");
+        // The new copy's node went out: re-replication takes over.
+        m.out.insert(4);
+        assert!(move_to_cancel(&m, &v, false));
+        m.out.clear();
+        // The moving copy missed updates before the staying copies were complete.
+        v.states.insert(2, ReplicaState::Dead);
+        assert!(move_to_cancel(&m, &v, false));
+        // ... but once they are, its being dead is its retire.
+        v.states.insert(4, ReplicaState::Live);
+        assert!(!move_to_cancel(&m, &v, false));
+        assert!(
+            !move_to_cancel(&m, &v, true),
+            "past its retire: it finishes"
+        );
+        // Promoted: never handed over for a rebalance.
+        v.states.insert(2, ReplicaState::Live);
+        v.primary = 2;
+        assert!(move_to_cancel(&m, &v, false));
     }
 }

@@ -18,8 +18,8 @@
 
 use crate::cluster::Cluster;
 use crate::decide::{
-    copies_held, desired_voters, leaving, may_mark_in, placement_step, rebalance_step,
-    replacement_candidates, PlacementStep, RebalanceStep,
+    copies_held, desired_voters, leaving, may_mark_in, move_to_cancel, placement_step,
+    rebalance_step, replacement_candidates, PlacementStep, RebalanceStep,
 };
 use lazarus_cluster::raft_store::NodeId;
 use lazarus_cluster::{MetaCommand, MetaResponse};
@@ -206,6 +206,17 @@ impl Cluster {
             if rs_moved || self.rs_overrides(v) || self.claimed_beyond_metadata(&v.name) {
                 continue;
             }
+            if move_to_cancel(&meta, v, !meta.rebalancing) {
+                let why = format!(
+                    "the move of n{}'s copy is cancelled (it cannot finish now); the copy stays",
+                    meta.moving.get(&v.name).copied().unwrap_or(0)
+                );
+                let cmd = MetaCommand::CancelMove {
+                    volume: v.name.clone(),
+                };
+                self.propose_membership(cmd, &v.name, &why).await;
+                continue;
+            }
             // A copy on a node being replaced waits for its replacement node, for as
             // long as a silent node gets before it is marked out; then it goes to the
             // best node that answers.
@@ -231,7 +242,15 @@ impl Cluster {
                 continue;
             }
             if let PlacementStep::Retire(n) = step {
-                self.retire(v, n).await;
+                // Decided on metadata read before the recovery server and the pings
+                // answered: retire only if the current metadata still says so.
+                let now = self.store.meta();
+                let still = now.volumes.get(&v.name).is_some_and(|w| {
+                    w.epoch == v.epoch && placement_step(w, &leaving(&now, w), &ordered) == step
+                });
+                if still {
+                    self.retire(v, n).await;
+                }
                 continue;
             }
             if let PlacementStep::Handover(n) = step {

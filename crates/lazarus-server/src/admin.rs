@@ -906,7 +906,7 @@ async fn rebalance(
     let meta = c.store.meta();
     let held = lazarus_node::decide::copies_held(&meta);
     let message = if r.cancel {
-        "rebalance cancelled: the copy moving now finishes its move".to_string()
+        "rebalance cancelled: a move not yet at its retire is cancelled (its new copy then leaves again)".to_string()
     } else {
         format!(
             "rebalancing: copies move one at a time, from the nodes holding most to those holding fewest (now {}); watch with lazarus status",

@@ -202,7 +202,10 @@ pub fn remove(node: &str, cancel: bool, api_url: Option<&str>, data: &Path) -> a
         &format!("/api/v1/nodes/{node}/remove"),
         &json!({ "cancel": cancel }),
     )?)?;
-    if let Some(up) = up.filter(|u| u.nodes.iter().any(|n| n == node)) {
+    // A node of `up` (one being added, too: its join is cancelled).
+    if let Some(up) = up.filter(|u| {
+        u.nodes.iter().any(|n| n == node) || u.data.join(node).join(ADDED_MARKER).exists()
+    }) {
         up.mark_removed(node, !cancel)?;
     }
     println!("{}", v["message"].as_str().unwrap_or("done"));
