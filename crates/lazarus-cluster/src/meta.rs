@@ -198,6 +198,14 @@ pub struct Joining {
 }
 
 impl ClusterMeta {
+    /// The nodes whose copy of `volume` is on its way out: the out nodes, and the node
+    /// a move or a leave takes its copy off (`moving`).
+    pub fn leaving(&self, volume: &str) -> BTreeSet<NodeId> {
+        let mut gone = self.out.clone();
+        gone.extend(self.moving.get(volume));
+        gone
+    }
+
     /// The jeopardy policy in force: `accept` only while every registered node was
     /// started with it, else `suspend`. Every node decides on this one value, so a
     /// node started with another policy than the rest can never act on a rule the
@@ -998,8 +1006,7 @@ impl ClusterMeta {
                 if self.out.contains(node) {
                     return Err(format!("node {node} is out: no copy is placed on it").into());
                 }
-                let mut out = self.out.clone();
-                out.extend(self.moving.get(volume));
+                let out = self.leaving(volume);
                 let v = self.volume_at_epoch(volume, *epoch)?;
                 if v.replicas.contains(node) {
                     return Err(format!("node {node} already holds a copy of {volume:?}").into());

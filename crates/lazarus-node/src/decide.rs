@@ -365,9 +365,7 @@ pub fn leaving(
     meta: &lazarus_cluster::ClusterMeta,
     v: &VolumeInfo,
 ) -> std::collections::BTreeSet<NodeId> {
-    let mut gone = meta.out.clone();
-    gone.extend(meta.moving.get(&v.name));
-    gone
+    meta.leaving(&v.name)
 }
 
 /// Whether `volume`'s move (`ClusterMeta::moving`) should be cancelled rather than

@@ -347,8 +347,7 @@ impl Cluster {
             let r = tokio::time::timeout(GROUP_CHANGE_WAIT, self.raft.add_learner(id, node, false))
                 .await;
             self.group_changed(
-                r.map_err(|_| "timed out".to_string())
-                    .and_then(|r| r.map(|_| ()).map_err(|e| e.to_string())),
+                r,
                 format!("{name} joins the Raft group as a learner at {rpc}"),
             );
             return;
@@ -410,20 +409,25 @@ impl Cluster {
             self.raft.change_membership(change, retain),
         )
         .await;
-        self.group_changed(
-            r.map_err(|_| "timed out".to_string())
-                .and_then(|r| r.map(|_| ()).map_err(|e| e.to_string())),
-            why,
-        );
+        self.group_changed(r, why);
     }
 
-    fn group_changed(&self, r: Result<(), String>, why: String) {
+    /// Logs a Raft membership change that ran under `GROUP_CHANGE_WAIT`, and records
+    /// it on the event timeline once committed.
+    fn group_changed<T, E: std::fmt::Display>(
+        &self,
+        r: Result<Result<T, E>, tokio::time::error::Elapsed>,
+        why: String,
+    ) {
         match r {
-            Ok(()) => {
+            Err(_) => tracing::warn!("Raft membership change not committed in time: {why}"),
+            Ok(Ok(_)) => {
                 tracing::info!("{why}");
                 lazarus_observe::events::record("membership", "", why);
             }
-            Err(e) => tracing::warn!(error = %e, "Raft membership change not committed: {why}"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "Raft membership change not committed: {why}")
+            }
         }
     }
 

@@ -132,6 +132,15 @@ impl UpCluster {
     }
 }
 
+/// The `up` cluster under `data` (unless an admin URL was given) and the admin API to
+/// ask.
+fn connect(api_url: Option<&str>, data: &Path) -> anyhow::Result<(Option<UpCluster>, Api)> {
+    Ok((
+        UpCluster::find(api_url, data)?,
+        Api::discover(api_url, data)?,
+    ))
+}
+
 /// Waits until `name` is registered in the metadata; what it is in the Raft group.
 fn wait_joined(api: &Api, name: &str) -> anyhow::Result<String> {
     let t0 = Instant::now();
@@ -165,8 +174,7 @@ pub fn add(
     api_url: Option<&str>,
     data: &Path,
 ) -> anyhow::Result<()> {
-    let up = UpCluster::find(api_url, data)?;
-    let api = Api::discover(api_url, data)?;
+    let (up, api) = connect(api_url, data)?;
     let (name, rpc) = match &up {
         Some(up) => {
             if rpc.is_some() {
@@ -196,8 +204,7 @@ pub fn add(
 }
 
 pub fn remove(node: &str, cancel: bool, api_url: Option<&str>, data: &Path) -> anyhow::Result<()> {
-    let up = UpCluster::find(api_url, data)?;
-    let api = Api::discover(api_url, data)?;
+    let (up, api) = connect(api_url, data)?;
     let v = client::ok(api.post(
         &format!("/api/v1/nodes/{node}/remove"),
         &json!({ "cancel": cancel }),
@@ -219,8 +226,7 @@ pub fn replace(
     api_url: Option<&str>,
     data: &Path,
 ) -> anyhow::Result<()> {
-    let up = UpCluster::find(api_url, data)?;
-    let api = Api::discover(api_url, data)?;
+    let (up, api) = connect(api_url, data)?;
     let rpc = match &up {
         Some(up) if !up.nodes.iter().any(|n| n == with) => Some(up.choose(Some(with))?.1),
         Some(_) => None,
