@@ -88,6 +88,13 @@ pub struct VolumeInfo {
     /// `replicas` holds one more until the copy it replaces is dropped.
     #[serde(default)]
     pub replication: usize,
+    /// The epoch whose primary handed the role over on purpose (`HandOver`: a
+    /// rebalance, a node taken out while it still serves), alive and serving until
+    /// then. Connections that wrote through it may follow the role to its successor
+    /// at the next epoch instead of failing (the NBD front end). None after a
+    /// failover.
+    #[serde(default)]
+    pub handed_over: Option<u64>,
 }
 
 impl VolumeInfo {
@@ -183,6 +190,11 @@ pub struct ClusterMeta {
     /// another node, then retired and dropped as an out node's copy would be.
     #[serde(default)]
     pub moving: BTreeMap<String, NodeId>,
+    /// Per volume, the node an administrator asked to be its primary (`lazarus volume
+    /// primary`, `WantPrimary`): the leader hands the role over once that node's copy
+    /// is live and current, then clears the request.
+    #[serde(default)]
+    pub primary_wanted: BTreeMap<String, NodeId>,
     /// Ids of nodes removed and forgotten (or whose join was cancelled): never used
     /// again. The recovery server's records of a volume name nodes by id; a new node
     /// under an old id would inherit what they say of the old one.
@@ -297,6 +309,22 @@ pub enum MetaCommand {
         #[serde(default)]
         fcid: Option<u64>,
     },
+    /// Asks for `node` to become `volume`'s primary (`lazarus volume primary`); None
+    /// withdraws the request. `node` must hold a copy and be in.
+    WantPrimary {
+        volume: String,
+        node: Option<NodeId>,
+    },
+    /// `Promote`, decided while the primary still serves and renews its lease (a
+    /// rebalance, a node taken out by an administrator): the same change, recorded in
+    /// `VolumeInfo::handed_over`. `node` must be live and not stale.
+    HandOver {
+        volume: String,
+        node: NodeId,
+        epoch: u64,
+        #[serde(default)]
+        fcid: Option<u64>,
+    },
     /// Turns jeopardy protection on or off at failure count ID `fcid`.
     SetRecovery {
         volume: String,
@@ -361,8 +389,9 @@ pub enum MetaCommand {
     },
     /// Moves `from`'s copy of `volume` to `to` (rebalancing): a new copy on `to`, dead
     /// and stale like `AddCopy`'s, and `from` recorded as leaving (`ClusterMeta::
-    /// moving`). Only a copy that is not the primary's, of a volume whose copies are
-    /// all live, one move per volume at a time.
+    /// moving`). Only a copy of a volume whose copies are all live, one move per
+    /// volume at a time. The primary's copy may move: its role is handed to a staying
+    /// copy before it leaves (`HandOver`).
     MoveCopy {
         volume: String,
         from: NodeId,
@@ -585,6 +614,31 @@ impl ClusterMeta {
                 self.replacing.insert(*node, *with);
                 Ok(MetaResponse::Ok)
             }
+            MetaCommand::WantPrimary { volume, node } => {
+                let Some(n) = node else {
+                    self.primary_wanted.remove(volume);
+                    return Ok(MetaResponse::Ok);
+                };
+                if self.out.contains(n) {
+                    return Err(format!("n{n} is out: it does not become a primary").into());
+                }
+                let v = self.volumes.get(volume).ok_or_else(|| {
+                    MetaError::NotFound(format!("volume {volume:?} does not exist"))
+                })?;
+                if !v.replicas.contains(n) {
+                    return Err(format!(
+                        "n{n} holds no copy of {volume:?} (its copies: {:?})",
+                        v.replicas
+                    )
+                    .into());
+                }
+                if v.primary == *n {
+                    self.primary_wanted.remove(volume);
+                } else {
+                    self.primary_wanted.insert(volume.clone(), *n);
+                }
+                Ok(MetaResponse::Ok)
+            }
             MetaCommand::SetRebalance { on } => {
                 self.rebalancing = *on;
                 Ok(MetaResponse::Ok)
@@ -603,11 +657,8 @@ impl ClusterMeta {
                 }
                 let out = self.out.clone();
                 let v = self.volume_at_epoch(volume, *epoch)?;
-                if !v.replicas.contains(from) || *from == v.primary {
-                    return Err(format!(
-                        "node {from} holds no copy of {volume:?} that may move (the primary's does not)"
-                    )
-                    .into());
+                if !v.replicas.contains(from) {
+                    return Err(format!("node {from} holds no copy of {volume:?}").into());
                 }
                 if v.replicas.contains(to) {
                     return Err(format!("node {to} already holds a copy of {volume:?}").into());
@@ -732,6 +783,7 @@ impl ClusterMeta {
                     changed_at: 0,
                     resyncing_at: BTreeMap::new(),
                     replication: replicas.len(),
+                    handed_over: None,
                 };
                 self.volumes.insert(name.clone(), v.clone());
                 Ok(MetaResponse::Volume(v))
@@ -742,6 +794,7 @@ impl ClusterMeta {
                 })?;
                 self.deleted.insert(v.uid);
                 self.moving.remove(name);
+                self.primary_wanted.remove(name);
                 Ok(MetaResponse::Ok)
             }
             MetaCommand::ResizeVolume { name, size_bytes } => {
@@ -843,8 +896,23 @@ impl ClusterMeta {
                 node,
                 epoch,
                 fcid,
+            }
+            | MetaCommand::HandOver {
+                volume,
+                node,
+                epoch,
+                fcid,
             } => {
+                let graceful = matches!(cmd, MetaCommand::HandOver { .. });
                 let v = self.volume_at_epoch(volume, *epoch)?;
+                if graceful
+                    && (v.state_of(*node) != Some(ReplicaState::Live) || v.stale.contains(node))
+                {
+                    return Err(format!(
+                        "n{node} is not a live, current copy of {volume:?}: the primary role is not handed to it"
+                    )
+                    .into());
+                }
                 if let Some(f) = fcid {
                     if *f < v.failure_count_id {
                         return Err(format!(
@@ -868,6 +936,7 @@ impl ClusterMeta {
                 v.states.insert(*node, ReplicaState::Live);
                 v.stale.remove(node);
                 v.primary = *node;
+                v.handed_over = graceful.then_some(v.epoch);
                 v.epoch += 1;
                 if let Some(f) = fcid {
                     v.failure_count_id = *f;
@@ -1490,6 +1559,57 @@ mod tests {
             restored: true,
         });
         assert!(matches!(r, MetaResponse::Volume(ref x) if x.primary == 2 && x.epoch == 3));
+    }
+
+    /// A hand-over goes only to a live, current copy, bumps the epoch as a promotion
+    /// does (the old primary's copy dead and stale: it resyncs) and records the epoch
+    /// handed over; a failover after it clears the record.
+    #[test]
+    fn a_hand_over_goes_to_a_live_current_copy_and_is_recorded() {
+        let mut m = meta3();
+        create(&mut m);
+        let hand = |m: &mut ClusterMeta, node: u64, epoch: u64| {
+            m.apply(&MetaCommand::HandOver {
+                volume: "vol0".into(),
+                node,
+                epoch,
+                fcid: None,
+            })
+        };
+        m.volumes.get_mut("vol0").unwrap().stale.insert(2);
+        assert!(matches!(hand(&mut m, 2, 1), MetaResponse::Rejected(_)));
+        m.volumes.get_mut("vol0").unwrap().stale.clear();
+        m.volumes
+            .get_mut("vol0")
+            .unwrap()
+            .states
+            .insert(2, ReplicaState::Resyncing);
+        assert!(matches!(hand(&mut m, 2, 1), MetaResponse::Rejected(_)));
+        assert!(matches!(hand(&mut m, 3, 1), MetaResponse::Volume(_)));
+        let v = &m.volumes["vol0"];
+        assert_eq!((v.primary, v.epoch, v.handed_over), (3, 2, Some(1)));
+        assert_eq!(v.state_of(1), Some(ReplicaState::Dead));
+        assert!(v.stale.contains(&1));
+        let r = m.apply(&MetaCommand::Promote {
+            volume: "vol0".into(),
+            node: 2,
+            epoch: 2,
+            fcid: None,
+        });
+        assert!(matches!(r, MetaResponse::Rejected(_)), "n2 is resyncing");
+        m.volumes
+            .get_mut("vol0")
+            .unwrap()
+            .states
+            .insert(2, ReplicaState::Live);
+        let r = m.apply(&MetaCommand::Promote {
+            volume: "vol0".into(),
+            node: 2,
+            epoch: 2,
+            fcid: None,
+        });
+        assert!(matches!(r, MetaResponse::Volume(_)));
+        assert_eq!(m.volumes["vol0"].handed_over, None);
     }
 
     #[test]

@@ -294,6 +294,17 @@ impl Engine {
                 if data {
                     c.reconcile_again(&vol.meta.name);
                 }
+                // Refused because the role moved on (the replicas learnt of a hand-over
+                // first): not this node's to answer, the request goes to the new
+                // primary (`IoError::not_serving`).
+                if let Some(e) = epoch {
+                    if !c.await_lease(&vol.meta.name, e, LEASE_WAIT).await {
+                        return Err(IoError::not_serving(format!(
+                            "replication failed ({m}) and this node's lease on {:?} lapsed (it may have been replaced as primary)",
+                            vol.meta.name
+                        )));
+                    }
+                }
                 return Err(IoError::new(EIO, format!("replication failed: {m}")));
             }
         };

@@ -1327,6 +1327,24 @@ impl Cluster {
         }
     }
 
+    /// Whether the primary role of `volume`, held at `epoch`, was handed on purpose
+    /// (`MetaCommand::HandOver`) to the node that holds it now, at the next epoch: a
+    /// connection bound to `epoch` may then follow it there (the NBD front end).
+    pub fn handed_over_from(&self, volume: &str, epoch: u64) -> bool {
+        let handed = self
+            .store
+            .meta()
+            .volumes
+            .get(volume)
+            .and_then(|v| v.handed_over.map(|h| (h, v.primary, v.epoch)));
+        match (handed, self.effective_primary(volume)) {
+            (Some((h, primary, now)), Some(effective)) => {
+                h == epoch && now == epoch + 1 && effective == (primary, now)
+            }
+            _ => false,
+        }
+    }
+
     /// Whether `lazarus fault isolate` cut this node off.
     pub fn is_isolated(&self) -> bool {
         self.network.isolated.load(Ordering::Relaxed)

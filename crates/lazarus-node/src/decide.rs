@@ -15,6 +15,7 @@ use lazarus_cluster::raft_store::NodeId;
 use lazarus_cluster::{ReplicaState, VolumeInfo};
 use lazarus_recovery::log::VolumeCoord;
 use lazarus_recovery::server::{CONTACT_WINDOW, SURVIVOR_SILENCE};
+use std::collections::HashMap;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -369,12 +370,13 @@ pub fn leaving(
 }
 
 /// Whether `volume`'s move (`ClusterMeta::moving`) should be cancelled rather than
-/// finished: its copy became the primary (a hand-over would fail clients' requests in
-/// flight), another copy sits on an out node (re-replication takes over, with the
+/// finished: another copy sits on an out node (re-replication takes over, with the
 /// moving copy as a copy like any other), or the moving copy stopped being live before
 /// the copies staying were complete (it missed updates: it must resync, and may not
 /// while it leaves). `cancelled`: the administrator cancelled the rebalance, and the
-/// move is not yet at its retire.
+/// move is not yet at its retire. A moving copy that is the primary's (moved so, or
+/// promoted since) goes on: the role is handed to a staying copy once they are
+/// complete (`placement_step`).
 pub fn move_to_cancel(
     meta: &lazarus_cluster::ClusterMeta,
     v: &VolumeInfo,
@@ -390,10 +392,9 @@ pub fn move_to_cancel(
         .filter(|n| v.state_of(**n) == Some(ReplicaState::Live))
         .count();
     let complete = staying_live >= v.replication_factor();
-    from == v.primary
-        || v.replicas
-            .iter()
-            .any(|n| *n != from && meta.out.contains(n))
+    v.replicas
+        .iter()
+        .any(|n| *n != from && meta.out.contains(n))
         || v.state_of(from) != Some(ReplicaState::Live) && !complete
         || cancelled && !complete
 }
@@ -407,18 +408,34 @@ pub enum RebalanceStep {
         from: NodeId,
         to: NodeId,
     },
+    /// Hand `volume`'s primary role from `from` to its live copy on `to`
+    /// (`MetaCommand::HandOver`): primaries spread like copies.
+    HandOver {
+        volume: String,
+        from: NodeId,
+        to: NodeId,
+    },
     /// A copy is being moved or rebuilt: the next move waits for it.
     Wait,
     /// The nodes' shares differ by at most one copy, or no move can narrow them.
     Done,
 }
 
-/// One move at a time, from the node holding the most copies to the one holding the
-/// fewest (among `candidates`: nodes that are in, answer and have a usable device),
-/// while their counts differ by two or more. Only a copy that is not its volume's
-/// primary moves, of a volume whose copies are all live: a hand-over would fail the
-/// requests in flight of clients connected to the primary. Volumes in name order, so
-/// the plan is the same on any leader.
+/// One step at a time, first for copies, then for primaries (among `candidates`:
+/// nodes that are in, answer and have a usable device).
+///
+/// Copies: a copy moves from the node holding the most to the one holding the fewest
+/// while their counts differ by two or more, of a volume whose copies are all live; a
+/// copy that is not its volume's primary first (the primary's copy moves too when no
+/// other does: its role is handed to a staying copy before it leaves).
+///
+/// Primaries: once no copy moves, the primary role of a volume whose copies are all
+/// live is handed from the node that is primary of the most volumes to a live,
+/// current copy on the node that is primary of the fewest, while those counts differ
+/// by two or more. No data moves; the old primary's copy resyncs (by checksums).
+///
+/// Each step narrows the spread it acts on and leaves the other as it is, so a
+/// rebalance ends. Volumes in name order, so the plan is the same on any leader.
 pub fn rebalance_step(meta: &lazarus_cluster::ClusterMeta, candidates: &[NodeId]) -> RebalanceStep {
     let busy = !meta.moving.is_empty()
         || meta
@@ -428,34 +445,89 @@ pub fn rebalance_step(meta: &lazarus_cluster::ClusterMeta, candidates: &[NodeId]
     if busy {
         return RebalanceStep::Wait;
     }
-    let held = copies_held(meta);
-    let count = |n: &NodeId| held.get(n).copied().unwrap_or(0);
+    let settled = |v: &VolumeInfo| {
+        v.replicas.len() == v.replication_factor() && v.live().len() == v.replicas.len()
+    };
+    let pairs = spread_pairs(&copies_held(meta), candidates);
+    for primary_s in [false, true] {
+        for &(from, to) in &pairs {
+            let v = meta.volumes.values().find(|v| {
+                v.replicas.contains(&from)
+                    && !v.replicas.contains(&to)
+                    && settled(v)
+                    && (v.primary == from) == primary_s
+            });
+            if let Some(v) = v {
+                return RebalanceStep::Move {
+                    volume: v.name.clone(),
+                    from,
+                    to,
+                };
+            }
+        }
+    }
+    let primaries = primaries_held(meta);
+    for (from, to) in spread_pairs(&primaries, candidates) {
+        let v = meta.volumes.values().find(|v| {
+            v.primary == from && settled(v) && v.replicas.contains(&to) && !v.stale.contains(&to)
+        });
+        if let Some(v) = v {
+            return RebalanceStep::HandOver {
+                volume: v.name.clone(),
+                from,
+                to,
+            };
+        }
+    }
+    RebalanceStep::Done
+}
+
+/// The (from, to) pairs of `candidates` whose `counts` differ by two or more: the
+/// highest count first, each with the lowest first (then by id).
+fn spread_pairs(counts: &HashMap<NodeId, usize>, candidates: &[NodeId]) -> Vec<(NodeId, NodeId)> {
+    let count = |n: &NodeId| counts.get(n).copied().unwrap_or(0);
     let mut most: Vec<NodeId> = candidates.to_vec();
     most.sort_by_key(|n| (std::cmp::Reverse(count(n)), *n));
     let mut fewest = most.clone();
     fewest.sort_by_key(|n| (count(n), *n));
+    let mut pairs = Vec::new();
     for from in &most {
         for to in &fewest {
             if count(from) < count(to) + 2 {
                 break;
             }
-            let v = meta.volumes.values().find(|v| {
-                v.primary != *from
-                    && v.replicas.contains(from)
-                    && !v.replicas.contains(to)
-                    && v.replicas.len() == v.replication_factor()
-                    && v.live().len() == v.replicas.len()
-            });
-            if let Some(v) = v {
-                return RebalanceStep::Move {
-                    volume: v.name.clone(),
-                    from: *from,
-                    to: *to,
-                };
-            }
+            pairs.push((*from, *to));
         }
     }
-    RebalanceStep::Done
+    pairs
+}
+
+/// The number of volumes each node is the primary of.
+pub fn primaries_held(meta: &lazarus_cluster::ClusterMeta) -> HashMap<NodeId, usize> {
+    let mut held = HashMap::new();
+    for v in meta.volumes.values() {
+        *held.entry(v.primary).or_default() += 1;
+    }
+    held
+}
+
+/// The copy a leaving primary hands its role to (`PlacementStep::Handover`): a live,
+/// current copy that is not leaving, on one of `candidates`, on the node that is
+/// primary of the fewest volumes (then in `candidates`' order).
+pub fn handover_target(
+    meta: &lazarus_cluster::ClusterMeta,
+    v: &VolumeInfo,
+    candidates: &[NodeId],
+) -> Option<NodeId> {
+    let leaving = meta.leaving(&v.name);
+    let primaries = primaries_held(meta);
+    candidates
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| v.replicas.contains(n) && !leaving.contains(n) && !v.stale.contains(n))
+        .filter(|(_, n)| v.state_of(**n) == Some(ReplicaState::Live))
+        .min_by_key(|(i, n)| (primaries.get(n).copied().unwrap_or(0), *i))
+        .map(|(_, n)| *n)
 }
 
 /// A volume with more copies than its factor and none leaving: an out node came back
@@ -526,6 +598,7 @@ mod tests {
             changed_at: 0,
             resyncing_at: Default::default(),
             replication: 3,
+            handed_over: None,
         }
     }
 
@@ -926,7 +999,7 @@ mod tests {
     }
 
     #[test]
-    fn a_rebalance_moves_one_copy_at_a_time_never_a_primary_s() {
+    fn a_rebalance_moves_one_copy_at_a_time_a_primary_s_last() {
         let mut m = lazarus_cluster::ClusterMeta::default();
         for n in 1..=5 {
             m.nodes.insert(n, node_info(n));
@@ -943,7 +1016,7 @@ mod tests {
             match rebalance_step(&m, &all) {
                 RebalanceStep::Move { volume, from, to } => {
                     let v = m.volumes.get_mut(&volume).unwrap();
-                    assert_ne!(v.primary, from, "a primary's copy never moves");
+                    assert_ne!(v.primary, from, "another copy could move");
                     assert!(!v.replicas.contains(&to));
                     // As MoveCopy, the rebuild, the retire and DropCopy leave it.
                     v.replicas.retain(|n| *n != from);
@@ -952,6 +1025,7 @@ mod tests {
                     v.states.insert(to, ReplicaState::Live);
                     moves.push((volume, from, to));
                 }
+                RebalanceStep::HandOver { .. } => panic!("one primary per node already"),
                 RebalanceStep::Wait => panic!("nothing is moving"),
                 RebalanceStep::Done => break,
             }
@@ -1036,9 +1110,90 @@ mod tests {
             !move_to_cancel(&m, &v, true),
             "past its retire: it finishes"
         );
-        // Promoted: never handed over for a rebalance.
+        // The moving copy is the primary's (moved so, or promoted since): the move goes
+        // on, and once the staying copies are complete the role goes to one of them.
         v.states.insert(2, ReplicaState::Live);
         v.primary = 2;
-        assert!(move_to_cancel(&m, &v, false));
+        assert!(!move_to_cancel(&m, &v, false));
+        let leaving2: std::collections::BTreeSet<NodeId> = [2].into();
+        assert_eq!(
+            placement_step(&v, &leaving2, &[4, 3, 1]),
+            PlacementStep::Handover(1)
+        );
+        m.volumes.insert("vol0".into(), v.clone());
+        // To the staying copy on the node that is primary of the fewest volumes.
+        let mut other = volume(4);
+        other.name = "other".into();
+        m.volumes.insert("other".into(), other);
+        assert_eq!(handover_target(&m, &v, &[4, 3, 1]), Some(3));
+        // Never to a stale copy, nor to the leaving one.
+        m.volumes.get_mut("vol0").unwrap().stale.insert(3);
+        let v = m.volumes["vol0"].clone();
+        assert_eq!(handover_target(&m, &v, &[4, 3, 1, 2]), Some(1));
+    }
+
+    /// Primaries spread too: once copies are even, the role of a volume whose copies
+    /// are all live goes from the node that is primary of the most to a live copy on
+    /// the node that is primary of the fewest; a node whose only copies are primaries'
+    /// still gives one up (its role handed over first).
+    #[test]
+    fn a_rebalance_spreads_primaries_and_moves_a_primary_s_copy_when_it_must() {
+        let mut m = lazarus_cluster::ClusterMeta::default();
+        for n in 1..=3 {
+            m.nodes.insert(n, node_info(n));
+        }
+        for name in ["a", "b", "c"] {
+            let mut v = volume(1);
+            v.name = name.into();
+            m.volumes.insert(name.into(), v);
+        }
+        let all = [1, 2, 3];
+        let mut steps = Vec::new();
+        loop {
+            match rebalance_step(&m, &all) {
+                RebalanceStep::HandOver { volume, from, to } => {
+                    let v = m.volumes.get_mut(&volume).unwrap();
+                    assert_eq!(v.primary, from);
+                    assert_eq!(v.state_of(to), Some(ReplicaState::Live));
+                    v.primary = to;
+                    steps.push((volume, from, to));
+                }
+                RebalanceStep::Move { .. } => panic!("copies are even"),
+                RebalanceStep::Wait => panic!("nothing is moving"),
+                RebalanceStep::Done => break,
+            }
+            assert!(steps.len() < 5, "{steps:?}");
+        }
+        let p = primaries_held(&m);
+        assert_eq!((p[&1], p[&2], p[&3]), (1, 1, 1), "{steps:?}");
+        // A stale copy is never given the role.
+        for v in m.volumes.values_mut() {
+            v.primary = 1;
+            v.stale.insert(2);
+            v.stale.insert(3);
+        }
+        assert_eq!(rebalance_step(&m, &all), RebalanceStep::Done);
+        // n4 joins; n1-n3 each hold one volume's copy, all of them primaries (one copy
+        // per volume): the primary's copy moves, as no other can.
+        let mut m = lazarus_cluster::ClusterMeta::default();
+        for n in 1..=4 {
+            m.nodes.insert(n, node_info(n));
+        }
+        for (name, n) in [("a", 1), ("b", 1), ("c", 2), ("d", 3)] {
+            let mut v = volume(n);
+            v.name = name.into();
+            v.replicas = vec![n];
+            v.states = [(n, ReplicaState::Live)].into();
+            v.replication = 1;
+            m.volumes.insert(name.into(), v);
+        }
+        assert_eq!(
+            rebalance_step(&m, &[1, 2, 3, 4]),
+            RebalanceStep::Move {
+                volume: "a".into(),
+                from: 1,
+                to: 4
+            }
+        );
     }
 }

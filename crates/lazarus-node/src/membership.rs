@@ -18,8 +18,9 @@
 
 use crate::cluster::Cluster;
 use crate::decide::{
-    copies_held, desired_voters, leaving, may_mark_in, move_to_cancel, placement_step,
-    rebalance_step, replacement_candidates, PlacementStep, RebalanceStep,
+    copies_held, desired_voters, handover_target, leaving, may_mark_in, move_to_cancel,
+    placement_step, primaries_held, rebalance_step, replacement_candidates, PlacementStep,
+    RebalanceStep,
 };
 use lazarus_cluster::raft_store::NodeId;
 use lazarus_cluster::{MetaCommand, MetaResponse};
@@ -177,6 +178,10 @@ impl Cluster {
             }
         }
         let meta = self.store.meta();
+        if !meta.primary_wanted.is_empty() {
+            self.wanted_primary_round(&meta).await;
+        }
+        let meta = self.store.meta();
         if meta.rebalancing {
             self.rebalance_round(&meta).await;
         }
@@ -254,7 +259,8 @@ impl Cluster {
                 continue;
             }
             if let PlacementStep::Handover(n) = step {
-                self.hand_over(v, n).await;
+                let n = handover_target(&meta, v, &ordered).unwrap_or(n);
+                self.hand_over(v, n, "its node is leaving").await;
                 continue;
             }
             let (cmd, why) = match step {
@@ -457,12 +463,31 @@ impl Cluster {
                 };
                 self.propose_membership(cmd, &volume, &why).await;
             }
+            RebalanceStep::HandOver { volume, from, to } => {
+                let Some(v) = meta.volumes.get(&volume) else {
+                    return;
+                };
+                let p = primaries_held(meta);
+                let why = format!(
+                    "rebalance: n{from} is the primary of {} volumes, n{to} of {}",
+                    p.get(&from).copied().unwrap_or(0),
+                    p.get(&to).copied().unwrap_or(0)
+                );
+                self.hand_over(v, to, &why).await;
+            }
             RebalanceStep::Done => {
+                let p = primaries_held(meta);
                 let mut shares: Vec<String> = meta
                     .nodes
                     .keys()
                     .filter(|n| !meta.out.contains(n))
-                    .map(|n| format!("n{n}: {}", held.get(n).copied().unwrap_or(0)))
+                    .map(|n| {
+                        format!(
+                            "n{n}: {} ({} primary)",
+                            held.get(n).copied().unwrap_or(0),
+                            p.get(n).copied().unwrap_or(0)
+                        )
+                    })
                     .collect();
                 shares.sort();
                 let why = format!("rebalanced: copies per node {}", shares.join(", "));
@@ -472,12 +497,47 @@ impl Cluster {
         }
     }
 
-    /// Moves the primary role off an out node that still holds it, as a failover does
-    /// (`watch_primaries`): no lease for it from here on, its last one runs out, the
-    /// promotion is fenced at the recovery server, then committed. Its clients'
-    /// requests in flight fail and they reconnect; clients of the other nodes are
-    /// routed to the new primary.
-    async fn hand_over(&self, v: &lazarus_cluster::VolumeInfo, n: NodeId) {
+    /// `lazarus volume primary`: each requested primary role is handed over once the
+    /// node's copy is live and current and the node answers; a request that cannot be
+    /// met any more (the volume or the copy gone, the node out) is withdrawn, and one
+    /// met is cleared.
+    async fn wanted_primary_round(&self, meta: &lazarus_cluster::ClusterMeta) {
+        for (volume, &n) in &meta.primary_wanted {
+            let v = meta.volumes.get(volume);
+            let gone = match v {
+                None => Some("the volume is gone".to_string()),
+                Some(v) if v.primary == n => Some(format!("n{n} is its primary")),
+                Some(v) if !v.replicas.contains(&n) => Some(format!("n{n} holds no copy")),
+                Some(_) if meta.out.contains(&n) => Some(format!("n{n} is out")),
+                Some(_) => None,
+            };
+            if let Some(why) = gone {
+                let cmd = MetaCommand::WantPrimary {
+                    volume: volume.clone(),
+                    node: None,
+                };
+                let why = format!("request for n{n} as primary of {volume} cleared: {why}");
+                self.propose_membership(cmd, volume, &why).await;
+                continue;
+            }
+            let Some(v) = v else { continue };
+            let ready = v.state_of(n) == Some(lazarus_cluster::ReplicaState::Live)
+                && !v.stale.contains(&n)
+                && !meta.moving.contains_key(volume)
+                && self.seems_up(n);
+            if ready {
+                self.hand_over(v, n, "requested by an administrator").await;
+            }
+        }
+    }
+
+    /// Hands the primary role of `v` to live copy `n` (a node leaving, a rebalance), as
+    /// a failover does (`watch_primaries`): no lease for the old primary from here on,
+    /// its last one runs out, the change is fenced at the recovery server, then
+    /// committed as a `HandOver`. Requests in flight at the old primary wait for the
+    /// change and go on at the new one, and connections to it follow the role there
+    /// (the NBD front end); clients of the other nodes are routed to the new primary.
+    async fn hand_over(&self, v: &lazarus_cluster::VolumeInfo, n: NodeId, why: &str) {
         if !self.confirm_leadership().await {
             return;
         }
@@ -495,13 +555,13 @@ impl Cluster {
                 return;
             }
         };
-        let cmd = MetaCommand::Promote {
+        let cmd = MetaCommand::HandOver {
             volume: v.name.clone(),
             node: n,
             epoch: v.epoch,
             fcid,
         };
-        let why = format!("primary role handed from out node n{} to n{n}", v.primary);
+        let why = format!("primary role handed from n{} to n{n}: {why}", v.primary);
         self.propose_membership(cmd, &v.name, &why).await;
         self.leases.promoting.lock().remove(&v.name);
     }

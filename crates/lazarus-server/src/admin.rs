@@ -254,6 +254,10 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/volumes/{name}/protect",
             axum::routing::post(protect_volume),
         )
+        .route(
+            "/api/v1/volumes/{name}/primary",
+            axum::routing::post(want_primary),
+        )
         .route("/api/v1/nodes", axum::routing::post(add_node))
         .route("/api/v1/rebalance", axum::routing::post(rebalance))
         .route(
@@ -889,14 +893,77 @@ pub struct RemoveNodeReq {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+pub struct WantPrimaryReq {
+    /// The node to be the primary ("n2"); none with `cancel`.
+    #[serde(default)]
+    pub node: Option<String>,
+    #[serde(default)]
+    pub cancel: bool,
+}
+
+/// `lazarus volume primary VOLUME nX`: the leader hands the volume's primary role to
+/// nX once its copy is live and current (`lazarus_node::membership`); clients connected
+/// to the old primary follow the role. `cancel` withdraws a request not yet met.
+async fn want_primary(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    body: Result<Json<WantPrimaryReq>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let r = request_body(body)?;
+    let c = cluster_of(&s)?;
+    let Some(v) = c.store.meta().volumes.get(&name).cloned() else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("volume {name:?} does not exist"),
+        ));
+    };
+    let (node, message) = match (&r.node, r.cancel) {
+        (_, true) => (
+            None,
+            format!("the request for a new primary of {name} is withdrawn"),
+        ),
+        (Some(n), false) => {
+            let (id, _) = member_named(&c, n)?;
+            let message = if id == v.primary {
+                format!("{n} is already the primary of {name}")
+            } else {
+                format!(
+                    "the primary role of {name} goes from n{} to {n} once its copy is live; clients of n{} follow it",
+                    v.primary, v.primary
+                )
+            };
+            (Some(id), message)
+        }
+        (None, false) => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "give the node to be the primary (\"node\": \"n2\"), or \"cancel\": true".into(),
+            ))
+        }
+    };
+    let cmd = lazarus_cluster::MetaCommand::WantPrimary {
+        volume: name.clone(),
+        node,
+    };
+    let message = propose_node_change(&c, cmd, message).await?;
+    Ok(Json(serde_json::json!({
+        "volume": name,
+        "primary": v.primary,
+        "wanted": node,
+        "message": message,
+    })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub struct RebalanceReq {
     #[serde(default)]
     pub cancel: bool,
 }
 
 /// `lazarus rebalance`: the leader moves copies one at a time until the nodes hold
-/// similar shares (`lazarus_node::membership`); `cancel` stops it after the move under
-/// way.
+/// similar shares, then primary roles (`lazarus_node::membership`); `cancel` stops it
+/// after the move under way.
 async fn rebalance(
     State(s): State<AppState>,
     body: Result<Json<RebalanceReq>, axum::extract::rejection::JsonRejection>,
@@ -909,7 +976,7 @@ async fn rebalance(
         "rebalance cancelled: a move not yet at its retire is cancelled (its new copy then leaves again)".to_string()
     } else {
         format!(
-            "rebalancing: copies move one at a time, from the nodes holding most to those holding fewest (now {}); watch with lazarus status",
+            "rebalancing: copies move one at a time, from the nodes holding most to those holding fewest (now {}), then primary roles; watch with lazarus status",
             {
 meta.nodes
                     .keys()
@@ -1604,7 +1671,11 @@ async fn openapi() -> Json<serde_json::Value> {
     );
     p.insert(
         "/api/v1/rebalance".into(),
-        json!({ "post": op("{cancel?: bool}: move copies, one at a time, from the nodes holding most to those holding fewest until shares differ by at most one (never a primary's copy); cancel stops after the move under way") }),
+        json!({ "post": op("{cancel?: bool}: move copies, one at a time, from the nodes holding most to those holding fewest until shares differ by at most one, then hand primary roles over until those differ by at most one (a primary's copy moves last, its role handed to a staying copy first); cancel stops after the move under way") }),
+    );
+    p.insert(
+        "/api/v1/volumes/{name}/primary".into(),
+        json!({ "post": op("{node: \"nX\"} or {cancel: true}: hand the volume's primary role to nX's copy once it is live and current (lazarus volume primary); connections to the old primary follow the role; 409 if nX holds no copy or is out") }),
     );
     p.insert(
         "/api/v1/nodes/{name}/remove".into(),

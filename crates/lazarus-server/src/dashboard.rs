@@ -34,6 +34,8 @@ pub async fn overview(engine: &Engine, node_name: &str) -> Value {
         let c = c.clone();
         let me = &me;
         let out = meta.out.contains(&id);
+        let removed = meta.removed.contains(&id);
+        let replacing = meta.replacing.get(&id).copied();
         async move {
             let stats = if id == c.id {
                 Ok(me.clone())
@@ -51,6 +53,8 @@ pub async fn overview(engine: &Engine, node_name: &str) -> Value {
                 "admin": info.admin,
                 "up": up,
                 "out": out,
+                "removed": removed,
+                "replaced_by": replacing,
                 "error": error,
                 "stats": stats,
             })
@@ -66,12 +70,20 @@ pub async fn overview(engine: &Engine, node_name: &str) -> Value {
         })
         .collect();
     let m = c.raft.metrics().borrow().clone();
+    let group = m.membership_config.membership();
     json!({
         "node": node_name,
         "node_id": c.id,
         "at_ms": now_ms(),
         "leader": m.current_leader,
         "term": m.current_term,
+        // The Raft group, and the copies on their way (DESIGN.md, membership).
+        "voters": group.voter_ids().collect::<Vec<_>>(),
+        "learners": group.learner_ids().collect::<Vec<_>>(),
+        "joint": group.get_joint_config().len() > 1,
+        "joining": meta.joining.iter().map(|(id, j)| json!({"id": id, "name": j.name})).collect::<Vec<_>>(),
+        "rebalancing": meta.rebalancing,
+        "moving": &meta.moving,
         "volumes": volumes,
         "jeopardy": c.jeopardy_status(),
         "nodes": nodes,

@@ -631,7 +631,7 @@ async fn execute_inner(
     let vol = match local {
         Some(v) => v,
         None => match engine.route_name(&ex.name).await {
-            Ok(Route::Forward(_)) if bound.is_none() => {
+            Ok(Route::Forward(_)) if follows(engine, &ex.name, bound) => {
                 // Boxed, as are the other rare branches: a task's future is as large
                 // as its largest branch, and every replicated write spawns one.
                 Box::pin(forwarded(
@@ -737,11 +737,42 @@ async fn execute_inner(
             }
             out.extend_from_slice(&simple_reply(req.cookie, 0))
         }
+        Err(e) if e.not_serving && Box::pin(moved_on(engine, &ex.name, bound)).await => {
+            // The primary role moved on while the request ran here: it runs again where
+            // the role is now (requests are idempotent; the client had no answer yet).
+            tracing::info!(volume = %vol.meta.name, command = ?req.command, offset = req.offset, "request sent on to the new primary: {}", e.message);
+            Box::pin(forwarded(
+                engine, &ex.name, unflushed, req, payload, structured, out,
+            ))
+            .await;
+        }
         Err(e) => {
             tracing::warn!(volume = %vol.meta.name, command = ?req.command, offset = req.offset, length = req.length, error = %e.message, "request failed");
             out.extend_from_slice(&error_reply(structured, req.cookie, &e));
         }
     }
+}
+
+/// Whether a request on a connection bound to primary epoch `bound` (None: not bound)
+/// may go to the volume's primary elsewhere: always when not bound; when bound, only if
+/// the role was handed over on purpose at that epoch (`Cluster::handed_over_from`),
+/// whose successor applied every write this node acknowledged (a FLUSH there vouches
+/// for them, `Acks`). After a failover it may not: a deposed primary's connection
+/// fails, and its client reconnects.
+fn follows(engine: &Engine, volume: &str, bound: Option<u64>) -> bool {
+    match (bound, engine.cluster.get()) {
+        (None, _) => true,
+        (Some(epoch), Some(c)) => c.handed_over_from(volume, epoch),
+        (Some(_), None) => false,
+    }
+}
+
+/// A request that ran here failed because this node stopped serving the volume as
+/// its primary (its lease lapsed: a hand-over or a failover under way). Waits for the
+/// metadata to name the new primary; whether the request may go there (`follows`).
+async fn moved_on(engine: &Engine, volume: &str, bound: Option<u64>) -> bool {
+    matches!(engine.route_name(volume).await, Ok(Route::Forward(_)))
+        && follows(engine, volume, bound)
 }
 
 /// Most extents in one NBD_CMD_BLOCK_STATUS reply (the client asks again for the rest).

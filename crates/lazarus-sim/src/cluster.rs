@@ -75,6 +75,11 @@ pub struct Options {
     /// it, and the processes run on (`lazarus_io::net::cuts`).
     #[serde(default)]
     pub conn_cuts: bool,
+    /// Primary hand-overs among the faults: an administrator asks for another copy's
+    /// node to be the primary (`lazarus volume primary`, `MetaCommand::WantPrimary`),
+    /// and the leader hands the role over while the client writes through the old one.
+    #[serde(default)]
+    pub handovers: bool,
     /// Storage nodes (3 to 5); the volume's three copies start on the first three.
     #[serde(default = "three")]
     pub nodes: usize,
@@ -105,6 +110,7 @@ impl Options {
             device_faults: false,
             full_disk: false,
             conn_cuts: false,
+            handovers: false,
             nodes: 3,
             out_after_secs: 600,
         }
@@ -145,6 +151,9 @@ struct Shared {
     views: BTreeMap<String, View>,
     /// Disk faults waiting for their node's host to apply them.
     disk_faults: Vec<(String, DiskFault)>,
+    /// Nodes an administrator asked to be the volume's primary, waiting for any node's
+    /// host to propose it.
+    primary_requests: Vec<u64>,
 }
 
 /// A fault of a node's disk, applied on its host (where its simulated disk is).
@@ -303,6 +312,18 @@ async fn run_node(id: &'static str, volume_bytes: u64, written: Arc<Vec<u64>>) -
             };
             for f in mine {
                 apply_disk_fault(id, &store, f);
+            }
+            let wanted = shared().borrow_mut().primary_requests.pop();
+            if let Some(n) = wanted {
+                let c = cluster.clone();
+                tokio::spawn(async move {
+                    let cmd = lazarus_cluster::MetaCommand::WantPrimary {
+                        volume: VOLUME.into(),
+                        node: Some(n),
+                    };
+                    let r = c.propose(cmd).await;
+                    tracing::info!(node = n, result = ?r, "primary asked for");
+                });
             }
             let view = View {
                 serving_ready: cluster.is_ready(),
@@ -671,6 +692,8 @@ enum Pick {
     Disk(String, DiskFault),
     /// Every open connection of a host cut at once.
     Cut(String),
+    /// The volume's primary role asked for this node (`lazarus volume primary`).
+    Primary(u64),
 }
 
 /// Runs one seed. Err: the rule was broken, or the cluster did not heal (with the
@@ -715,6 +738,9 @@ pub fn run(opts: Options) -> Result<Report, String> {
     // Slice pages whose blocks a disk fault touched already: one copy's disk per page
     // and run, so that two copies of every page stay whole.
     let mut disk_pages: BTreeSet<u64> = BTreeSet::new();
+    // The volume's primary and epoch as the freshest view names them, logged at each
+    // change.
+    let mut primary_seen: Option<(u64, u64)> = None;
     let log = |sh: &Rc<RefCell<Shared>>, at: Duration, what: String| {
         sh.borrow_mut()
             .report
@@ -733,6 +759,17 @@ pub fn run(opts: Options) -> Result<Report, String> {
             break Ok(());
         }
         let now = sim.elapsed();
+        let freshest = sh
+            .borrow()
+            .views
+            .values()
+            .filter_map(|v| v.volume.as_ref().map(|v| (v.epoch, v.primary)))
+            .max();
+        if freshest.is_some_and(|f| primary_seen.is_none_or(|p| f.0 > p.0)) {
+            primary_seen = freshest;
+            let (epoch, p) = freshest.expect("checked");
+            log(&sh, now, format!("primary n{p} at epoch {epoch}"));
+        }
         // A node that asked to exit (its metadata stopped) is restarted, as its
         // supervisor would.
         for (host, code) in lazarus_io::rt::take_exit_requests() {
@@ -859,6 +896,10 @@ pub fn run(opts: Options) -> Result<Report, String> {
                         log(&sh, now, format!("every connection of {h} cut"));
                         lazarus_io::net::cuts::cut(sim.lookup(h.as_str()));
                     }
+                    Some(Pick::Primary(n)) => {
+                        log(&sh, now, format!("n{n} asked to be the primary"));
+                        sh.borrow_mut().primary_requests.push(n);
+                    }
                     None => {}
                 }
             }
@@ -983,7 +1024,27 @@ fn pick_fault(
     let base = if opts.disk_faults { 13 } else { 10 };
     let devices = base + if opts.device_faults { 2 } else { 0 };
     let full = devices + if opts.full_disk { 2 } else { 0 };
-    let draw = rng.u32(..full + if opts.conn_cuts { 3 } else { 0 });
+    let cuts = full + if opts.conn_cuts { 3 } else { 0 };
+    let draw = rng.u32(..cuts + if opts.handovers { 3 } else { 0 });
+    if draw >= cuts {
+        // Another copy's node, as the freshest view names them.
+        let v = sh
+            .borrow()
+            .views
+            .values()
+            .filter_map(|v| v.volume.clone())
+            .max_by_key(|v| v.epoch)?;
+        let others: Vec<u64> = v
+            .replicas
+            .iter()
+            .copied()
+            .filter(|n| *n != v.primary)
+            .collect();
+        if others.is_empty() {
+            return None;
+        }
+        return Some(Pick::Primary(others[rng.usize(..others.len())]));
+    }
     if draw >= full {
         let hosts: Vec<&str> = nodes().iter().copied().chain(["rs", "client"]).collect();
         let host = match primary.filter(|_| rng.bool()) {

@@ -83,6 +83,7 @@ fn main() {
             o.device_faults = std::env::var("LAZARUS_SIM_DEVICE_FAULTS").is_ok_and(|v| v == "1");
             o.full_disk = std::env::var("LAZARUS_SIM_FULL_DISK").is_ok_and(|v| v == "1");
             o.conn_cuts = std::env::var("LAZARUS_SIM_CUTS").is_ok_and(|v| v == "1");
+            o.handovers = std::env::var("LAZARUS_SIM_HANDOVERS").is_ok_and(|v| v == "1");
             shape_from_env(&mut o);
             o.faults = num(2, o.faults as u64) as usize;
             o.load = std::time::Duration::from_secs(num(3, o.load.as_secs()));
@@ -105,6 +106,7 @@ fn main() {
             base.device_faults = std::env::var("LAZARUS_SIM_DEVICE_FAULTS").is_ok_and(|v| v == "1");
             base.full_disk = std::env::var("LAZARUS_SIM_FULL_DISK").is_ok_and(|v| v == "1");
             base.conn_cuts = std::env::var("LAZARUS_SIM_CUTS").is_ok_and(|v| v == "1");
+            base.handovers = std::env::var("LAZARUS_SIM_HANDOVERS").is_ok_and(|v| v == "1");
             shape_from_env(&mut base);
             base.faults = num(4, base.faults as u64) as usize;
             base.load = std::time::Duration::from_secs(num(5, base.load.as_secs()));

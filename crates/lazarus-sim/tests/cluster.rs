@@ -95,6 +95,39 @@ fn five_nodes_with_copies_rebuilt_elsewhere_break_no_rule() {
     assert!(moved * 10 >= reports.len(), "{moved} of {}", reports.len());
 }
 
+/// Primary roles handed over on request (`lazarus volume primary`) among every other
+/// fault kind, on three nodes: the client writes and reads through whichever node it
+/// is connected to while the role moves, the old primary's connections follow it,
+/// and no acknowledged write is lost or read stale. Some seeds must see a requested
+/// node become the primary (`LAZARUS_SIM_HANDOVERS=1 lazarus-sim sweep` runs more).
+#[test]
+fn primaries_handed_over_among_faults_break_no_rule() {
+    let mut o = options(0, 6, Mix::Cut);
+    o.handovers = true;
+    let reports = seeds_must_pass_n(&o, 100);
+    let met = reports
+        .iter()
+        .filter(|r| {
+            r.events.iter().enumerate().any(|(i, e)| {
+                let Some(n) = e
+                    .split(" n")
+                    .nth(1)
+                    .and_then(|t| t.strip_suffix(" asked to be the primary"))
+                else {
+                    return false;
+                };
+                let became = format!("primary n{n} at epoch");
+                r.events[i..].iter().any(|l| l.contains(&became))
+            })
+        })
+        .count();
+    eprintln!(
+        "{met} of {} seeds handed the role to a requested node",
+        reports.len()
+    );
+    assert!(met * 4 >= reports.len(), "{met} of {}", reports.len());
+}
+
 /// Which faults a run draws from besides crashes, holds and recovery-server crashes.
 #[derive(Clone, Copy)]
 enum Mix {

@@ -279,6 +279,21 @@ enum VolumeOp {
         #[arg(long, value_parser = parse_size_arg)]
         size: u64,
     },
+    /// Hand the volume's primary role to another node holding a copy (e.g. before
+    /// maintenance on the primary's node), once that copy is live and current. Clients
+    /// connected to the old primary follow the role; no request fails.
+    Primary {
+        name: String,
+        /// The node to be the primary (nX).
+        #[arg(required_unless_present = "cancel")]
+        node: Option<String>,
+        /// Return at once instead of waiting until the role has moved.
+        #[arg(long)]
+        no_wait: bool,
+        /// Withdraw a request not yet met.
+        #[arg(long, conflicts_with = "node")]
+        cancel: bool,
+    },
     /// Turn jeopardy protection on: every write goes to the recovery server first.
     Protect {
         name: String,
@@ -511,6 +526,12 @@ fn client_command(cmd: Cmd) -> anyhow::Result<()> {
                     )?)?;
                     println!("volume {name} is now {} bytes", v["size_bytes"]);
                 }
+                VolumeOp::Primary {
+                    name,
+                    node,
+                    no_wait,
+                    cancel,
+                } => members::want_primary(&api, &name, node.as_deref(), cancel, !no_wait)?,
                 VolumeOp::Protect { name } => protect(&api, &name, true)?,
                 VolumeOp::Unprotect { name } => protect(&api, &name, false)?,
             }

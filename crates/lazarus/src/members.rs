@@ -251,6 +251,50 @@ pub fn replace(
     Ok(())
 }
 
+/// How long `volume primary` waits for the role to move.
+const PRIMARY_WAIT: Duration = Duration::from_secs(120);
+
+/// `lazarus volume primary VOLUME nX [--cancel]`: asks the leader to hand the primary
+/// role over, and (`wait`) waits until the metadata names nX.
+pub fn want_primary(
+    api: &Api,
+    volume: &str,
+    node: Option<&str>,
+    cancel: bool,
+    wait: bool,
+) -> anyhow::Result<()> {
+    let v = client::ok(api.post(
+        &format!("/api/v1/volumes/{volume}/primary"),
+        &json!({ "node": node, "cancel": cancel }),
+    )?)?;
+    println!("{}", v["message"].as_str().unwrap_or("done"));
+    let Some(want) = v["wanted"].as_u64() else {
+        return Ok(());
+    };
+    if !wait {
+        return Ok(());
+    }
+    let t0 = Instant::now();
+    loop {
+        if let Ok((200, c)) = api.get("/api/v1/cluster") {
+            let meta = &c["metadata"]["volumes"][volume];
+            if meta["primary"].as_u64() == Some(want) {
+                println!(
+                    "n{want} is the primary of {volume} (epoch {})",
+                    meta["epoch"]
+                );
+                return Ok(());
+            }
+        }
+        if t0.elapsed() > PRIMARY_WAIT {
+            anyhow::bail!(
+                "n{want} is not the primary of {volume} after {PRIMARY_WAIT:?} (its copy not live yet? see lazarus status); the request stands (--cancel withdraws it)"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// How long `rebalance --wait` waits at most.
 const REBALANCE_WAIT: Duration = Duration::from_secs(24 * 3600);
 

@@ -73,6 +73,45 @@ impl Drop for Writer {
     }
 }
 
+/// A `Writer` in a thread of its own, until `finish`.
+struct BgWriter {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Option<u64>>,
+}
+
+impl BgWriter {
+    fn start(uri: &str, chunks: u32) -> BgWriter {
+        let mut w = Writer::start(uri, chunks);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut last = None;
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                match w.acked() {
+                    Some(i) => last = Some(i),
+                    None => break,
+                }
+            }
+            last
+        });
+        BgWriter { stop, thread }
+    }
+
+    /// Still writing: no error, chunks left.
+    fn running(&self) -> bool {
+        !self.thread.is_finished()
+    }
+
+    /// Stops it; the last chunk acknowledged (a writer's error fails the test).
+    fn finish(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .join()
+            .expect("the writer failed")
+            .expect("the writer had nothing acknowledged")
+    }
+}
+
 /// Three copies, none on `gone`, every one live.
 fn whole_without(m: &Value, gone: u64) -> bool {
     let r = replicas(m);
@@ -83,15 +122,17 @@ fn whole_without(m: &Value, gone: u64) -> bool {
             .is_some_and(|s| s.len() == 3 && s.values().all(|v| v == "live"))
 }
 
-/// Every chunk writer.py flushed, up to `last`, reads back through node `n`.
+/// Every chunk writer.py flushed to vol0, up to `last`, reads back through node `n`.
 fn verify_chunks(up: &Up, n: u16, last: u64) {
-    let o = run_out(
-        PY,
-        &[&py("verify.py"), &up.uri(n, "vol0"), &last.to_string()],
-    );
+    verify_chunks_of(up, n, "vol0", last)
+}
+
+/// Every chunk writer.py flushed to `vol`, up to `last`, reads back through node `n`.
+fn verify_chunks_of(up: &Up, n: u16, vol: &str, last: u64) {
+    let o = run_out(PY, &[&py("verify.py"), &up.uri(n, vol), &last.to_string()]);
     assert!(
         o.status.success(),
-        "vol0 through n{n}: {}{}",
+        "{vol} through n{n}: {}{}",
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
@@ -235,23 +276,44 @@ fn a_node_down_for_good_has_its_copies_rebuilt_elsewhere() {
     );
 }
 
-/// `lazarus node remove` under load: four nodes, vol0 on n1-n3 with n1 its primary, a
-/// libnbd writer flushing chunk after chunk through n2. n1 is removed: vol0 gets a
-/// copy on n4, the primary role moves to a live copy elsewhere, n1's copy is dropped
-/// and deleted; n1 then leaves the Raft group, the metadata forgets it and the
-/// supervisor stops it. The writer sees no error and every flushed chunk reads back
-/// through every node. A removal that cannot proceed is cancelled.
+/// `lazarus node remove` under load: four nodes, vol0 and w1 on n1-n3 with n1 their
+/// primary, libnbd writers flushing chunk after chunk to vol0 through n2 and to w1
+/// through n1 itself. n1 is removed: each volume gets a copy on n4, the primary role
+/// moves to a live copy elsewhere, n1's copy is dropped and deleted; n1 then leaves the
+/// Raft group, the metadata forgets it and the supervisor stops it. Neither writer
+/// sees an error while the copies and roles move (the one connected to n1 follows
+/// the role it handed over), and every flushed chunk reads back through every node. A
+/// removal that cannot proceed is cancelled.
 #[test]
 fn a_removed_primary_hands_over_and_its_copies_move_under_load() {
     let (_tmp, data) = setup();
     let up = Up::start_with(&data, "256MiB", &["--nodes", "4"]);
     let m = up.wait_all_live(1, "vol0", Duration::from_secs(30));
     assert_eq!(m["primary"], 1);
+    up.cli_ok(&[
+        "volume",
+        "create",
+        "w1",
+        "--size",
+        "256MiB",
+        "--replicas",
+        "3",
+        "--primary",
+        "n1",
+    ]);
+    let m = up.wait_all_live(1, "w1", Duration::from_secs(30));
+    assert_eq!(m["primary"], 1);
     let mut w = Writer::start(&up.uri(2, "vol0"), 4000);
+    let on_n1 = BgWriter::start(&up.uri(1, "w1"), 4000);
     let mut last_acked = 0u64;
     let mut removed_at = None;
     let mut moved_at = None;
-    let moved = |m: &Value| whole_without(m, 1) && m["primary"] != 1;
+    let moved = |up: &Up| {
+        ["vol0", "w1"].iter().all(|v| {
+            up.volume_meta(2, v)
+                .is_some_and(|m| whole_without(&m, 1) && m["primary"] != 1)
+        })
+    };
     while let Some(i) = w.acked() {
         last_acked = i;
         if last_acked == 40 {
@@ -259,10 +321,7 @@ fn a_removed_primary_hands_over_and_its_copies_move_under_load() {
             assert!(said.contains("n1 is out"), "{said}");
             removed_at = Some(Instant::now());
         }
-        if removed_at.is_some()
-            && moved_at.is_none()
-            && last_acked.is_multiple_of(20)
-            && up.volume_meta(2, "vol0").is_some_and(|m| moved(&m))
+        if removed_at.is_some() && moved_at.is_none() && last_acked.is_multiple_of(20) && moved(&up)
         {
             moved_at = Some(Instant::now());
         }
@@ -271,13 +330,19 @@ fn a_removed_primary_hands_over_and_its_copies_move_under_load() {
         }
         assert!(
             removed_at.is_none_or(|t| t.elapsed() < Duration::from_secs(90)),
-            "vol0 not moved off n1 within 90 s: {:?}",
-            up.volume_meta(2, "vol0")
+            "vol0 and w1 not moved off n1 within 90 s: {:?} {:?}",
+            up.volume_meta(2, "vol0"),
+            up.volume_meta(2, "w1")
         );
+        assert!(on_n1.running(), "the writer through n1 stopped");
     }
     drop(w);
+    let last_w1 = on_n1.finish();
     let took = moved_at.expect("the writer ended before the move") - removed_at.unwrap();
-    eprintln!("vol0 moved off n1 (copy rebuilt, primary handed over) {took:?} after the removal");
+    eprintln!("vol0 and w1 moved off n1 (copies rebuilt, primaries handed over) {took:?} after the removal; {last_w1} chunks through n1");
+    for n in 1..=4u16 {
+        verify_chunks_of(&up, n, "w1", last_w1);
+    }
     let m = up.volume_meta(2, "vol0").unwrap();
     let roots: Vec<String> = replicas(&m)
         .iter()
@@ -598,33 +663,64 @@ fn copies_per_node(up: &Up, n: u16) -> std::collections::BTreeMap<u64, usize> {
     held
 }
 
-/// `lazarus rebalance` after nodes are added: three nodes hold three volumes (one
-/// primary each), two nodes join holding nothing, and the rebalance moves copies one
-/// at a time, never a primary's, until the nodes' shares differ by at most one, while
-/// a libnbd writer flushes chunk after chunk to vol0 through n2 without an error.
-/// Every volume ends with three live copies whose roots agree, and its data reads back
+/// Primary roles and copies moved under load. Three volumes whose primary is n1 sit on
+/// n1-n3, and three libnbd writers, one per volume, connected to n1, flush chunk after
+/// chunk. `lazarus volume primary v2 n2` hands v2's role to n2. Two nodes join holding
+/// nothing, and `lazarus rebalance` moves copies one at a time (a primary's copy last,
+/// its role handed to a staying copy first) until the nodes' shares differ by at most
+/// one, then hands primary roles over until those differ by at most one. No writer
+/// sees an error: their requests and connections follow each role handed over. Every
+/// volume ends with three live copies whose roots agree, and its data reads back
 /// through every node.
 #[test]
-fn a_rebalance_spreads_copies_onto_added_nodes_under_load() {
+fn a_rebalance_spreads_copies_and_primaries_onto_added_nodes_under_load() {
     let (_tmp, data) = setup();
     let up = Up::start_with(&data, "256MiB", &[]);
     up.wait_all_live(1, "vol0", Duration::from_secs(30));
-    let mut written = Vec::new();
-    for (i, vol) in ["v2", "v3"].iter().enumerate() {
-        up.cli_ok(&["volume", "create", vol, "--size", "16MiB"]);
+    let vols = ["vol0", "v2", "v3"];
+    for vol in &vols[1..] {
+        up.cli_ok(&[
+            "volume",
+            "create",
+            vol,
+            "--size",
+            "256MiB",
+            "--primary",
+            "n1",
+        ]);
         up.wait_all_live(1, vol, Duration::from_secs(30));
-        let img = data.with_extension(format!("{vol}.img"));
-        written.push(random_file(&img, 16 << 20, seed() + i as u64));
-        run("nbdcopy", &[img.to_str().unwrap(), &up.uri(1, vol)]);
     }
     let primaries = |up: &Up| -> Vec<u64> {
-        ["vol0", "v2", "v3"]
-            .iter()
+        vols.iter()
             .map(|v| up.volume_meta(1, v).unwrap()["primary"].as_u64().unwrap())
             .collect()
     };
-    let before = primaries(&up);
-    assert_eq!(before, vec![1, 2, 3], "primaries spread");
+    assert_eq!(primaries(&up), vec![1, 1, 1]);
+    let writers: Vec<BgWriter> = vols
+        .iter()
+        .map(|vol| BgWriter::start(&up.uri(1, vol), 4000))
+        .collect();
+    // An administrator hands v2's role to n2 (the writer on n1 follows it); requests
+    // that cannot be met are refused with a clear error.
+    let t0 = Instant::now();
+    let said = up.cli_ok(&["volume", "primary", "v2", "n2"]);
+    assert!(said.contains("n2 is the primary of v2"), "{said}");
+    eprintln!(
+        "v2's primary role handed from n1 to n2 in {:?} under its writer",
+        t0.elapsed()
+    );
+    for (args, why) in [
+        (["volume", "primary", "v2", "n9"], "not a cluster member"),
+        (["volume", "primary", "nosuch", "n2"], "does not exist"),
+    ] {
+        let o = up.cli(&args);
+        let text = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && text.contains(why),
+            "{args:?}: {text}"
+        );
+    }
+    assert_eq!(primaries(&up), vec![1, 2, 1]);
     up.cli_ok(&["node", "add"]);
     up.cli_ok(&["node", "add"]);
     assert_eq!(
@@ -634,44 +730,53 @@ fn a_rebalance_spreads_copies_onto_added_nodes_under_load() {
             .collect::<Vec<_>>(),
         vec![3, 3, 3, 0, 0]
     );
-    let mut w = Writer::start(&up.uri(2, "vol0"), 6000);
-    let mut last_acked = 0u64;
-    let mut started = None;
-    let mut done_at = None;
-    while let Some(i) = w.acked() {
-        last_acked = i;
-        if last_acked == 30 {
-            let said = up.cli_ok(&["rebalance"]);
-            assert!(said.contains("rebalancing"), "{said}");
-            started = Some(Instant::now());
-        }
-        if started.is_some() && done_at.is_none() && last_acked.is_multiple_of(10) {
-            let c = up.get(1, "/api/v1/cluster").unwrap();
-            let m = &c["metadata"];
-            if m["rebalancing"] == false && m["moving"] == serde_json::json!({}) {
-                done_at = Some(Instant::now());
-            }
-        }
-        if done_at.is_some_and(|t| t.elapsed() > Duration::from_secs(1)) {
+    let said = up.cli_ok(&["rebalance"]);
+    assert!(said.contains("rebalancing"), "{said}");
+    let started = Instant::now();
+    loop {
+        let c = up.get(1, "/api/v1/cluster").unwrap();
+        let m = &c["metadata"];
+        if m["rebalancing"] == false && m["moving"] == serde_json::json!({}) {
             break;
         }
         assert!(
-            started.is_none_or(|t| t.elapsed() < Duration::from_secs(120)),
-            "rebalance not done within 120 s: {:?}",
-            up.get(1, "/api/v1/cluster").map(|c| c["metadata"].clone())
+            started.elapsed() < Duration::from_secs(150),
+            "rebalance not done within 150 s: {m}"
         );
+        assert!(
+            writers.iter().all(|w| w.running()),
+            "a writer stopped (failed, or wrote every chunk) before the rebalance ended"
+        );
+        std::thread::sleep(Duration::from_millis(200));
     }
-    drop(w);
-    let took = done_at.expect("the writer ended before the rebalance") - started.unwrap();
+    let took = started.elapsed();
+    std::thread::sleep(Duration::from_secs(1));
+    let last: Vec<u64> = writers.into_iter().map(BgWriter::finish).collect();
+    // The dashboard's view: the five members in the Raft group, no move left.
+    let d = up.get(3, "/api/v1/dashboard").unwrap();
+    let members = d["voters"].as_array().unwrap().len() + d["learners"].as_array().unwrap().len();
+    assert_eq!(members, 5, "{}", d["voters"]);
+    assert_eq!(
+        (&d["rebalancing"], &d["moving"]),
+        (&false.into(), &serde_json::json!({}))
+    );
     let held = copies_per_node(&up, 1);
-    eprintln!("rebalanced in {took:?}: {held:?}");
+    let after = primaries(&up);
+    eprintln!("rebalanced in {took:?}: copies {held:?}, primaries {after:?}, chunks {last:?}");
     let (lo, hi) = (
         held.values().min().copied().unwrap(),
         held.values().max().copied().unwrap(),
     );
     assert!(hi - lo <= 1 && held[&4] >= 1 && held[&5] >= 1, "{held:?}");
-    assert_eq!(primaries(&up), before, "no primary moved");
-    for vol in ["vol0", "v2", "v3"] {
+    let mut per_node = std::collections::BTreeMap::<u64, usize>::new();
+    for p in &after {
+        *per_node.entry(*p).or_default() += 1;
+    }
+    assert!(
+        per_node.values().all(|n| *n == 1),
+        "primaries not spread: {after:?}"
+    );
+    for vol in vols {
         let m = up.volume_meta(1, vol).unwrap();
         assert_eq!(replicas(&m).len(), 3, "{m}");
         let roots: Vec<String> = replicas(&m)
@@ -681,18 +786,11 @@ fn a_rebalance_spreads_copies_onto_added_nodes_under_load() {
         assert!(roots.iter().all(|r| *r == roots[0]), "{vol}: {roots:?}");
     }
     for n in 1..=5u16 {
-        verify_chunks(&up, n, last_acked);
-        for (vol, bytes) in ["v2", "v3"].iter().zip(&written) {
-            let out = data.with_extension(format!("{vol}-n{n}.out"));
-            run("nbdcopy", &[&up.uri(n, vol), out.to_str().unwrap()]);
-            assert!(
-                std::fs::read(&out).unwrap() == *bytes,
-                "{vol} read through n{n} differs"
-            );
+        for (vol, last) in vols.iter().zip(&last) {
+            verify_chunks_of(&up, n, vol, *last);
         }
     }
-    // A node that held nothing before now serves a copy it holds.
-    let on4 = ["vol0", "v2", "v3"]
+    let on4 = vols
         .iter()
         .find(|v| replicas(&up.volume_meta(1, v).unwrap()).contains(&4))
         .unwrap();
