@@ -163,12 +163,15 @@ impl Engine {
 
     /// Sends a request to the volume's primary, routing again (and retrying) while
     /// the primary changes, up to `FORWARD_DEADLINE`; returns the reply and which
-    /// process executed it.
+    /// process executed it. With `epoch`, only a primary at that epoch may run it (a
+    /// connection that followed a role handed over: after a further change it fails,
+    /// and its client reconnects).
     pub async fn forward(
         &self,
         req: &ForwardReq,
         payload: &[u8],
         session: Option<&Session>,
+        epoch: Option<u64>,
     ) -> Result<Done, IoError> {
         let c = self
             .cluster
@@ -178,7 +181,19 @@ impl Engine {
         let t0 = Instant::now();
         let mut last = String::new();
         while t0.elapsed() < FORWARD_DEADLINE {
-            let addr = match self.route_name(&req.volume).await? {
+            let route = self.route_name(&req.volume).await?;
+            if let Some(e) = epoch {
+                if c.effective_primary(&req.volume).map(|p| p.1) != Some(e) {
+                    return Err(IoError::new(
+                        EIO,
+                        format!(
+                            "the primary of {:?} changed again since this connection's primary handed it over; reconnect",
+                            req.volume
+                        ),
+                    ));
+                }
+            }
+            let addr = match route {
                 Route::Local => {
                     if let Some(s) = session.filter(|_| req.op.modifies()) {
                         // This node became the primary: the session opens here.

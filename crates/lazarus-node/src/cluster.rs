@@ -1459,6 +1459,10 @@ impl Cluster {
                     if v.primary == c.id && !own_failed {
                         continue;
                     }
+                    // Its role is being handed over: the hand-over decides.
+                    if c.leases.handing_over.lock().contains(&v.name) {
+                        continue;
+                    }
                     let silent = {
                         let mut seen = c.leases.requests.lock();
                         let e = seen
@@ -1531,7 +1535,7 @@ impl Cluster {
                     // No lease for the old primary from here to the commit: had it
                     // asked again just after its silence was seen, a lease granted now
                     // would outlast the promotion.
-                    c.leases.promoting.lock().insert(v.name.clone());
+                    c.leases.begin_promotion(&v.name);
                     if own_failed {
                         // This node is the old primary: it stops serving the volume
                         // now, before the new primary can take a write it would miss.
@@ -1547,7 +1551,7 @@ impl Cluster {
                     let fcid = match c.fence_promotion(v, n).await {
                         Ok(f) => f,
                         Err(e) => {
-                            c.leases.promoting.lock().remove(&v.name);
+                            c.leases.end_promotion(&v.name);
                             tracing::warn!(volume = %v.name, candidate = n, error = %e, "promotion not fenced; waiting rather than risk two primaries");
                             continue;
                         }
@@ -1559,7 +1563,7 @@ impl Cluster {
                         fcid,
                     };
                     let result = c.propose(cmd).await;
-                    c.leases.promoting.lock().remove(&v.name);
+                    c.leases.end_promotion(&v.name);
                     match result {
                         Ok(MetaResponse::Volume(nv)) => {
                             tracing::warn!(volume = %v.name, old = v.primary, new = n, epoch = nv.epoch, silent_ms = silent.as_millis() as u64, "primary failed over");

@@ -376,7 +376,8 @@ pub fn leaving(
 /// while it leaves). `cancelled`: the administrator cancelled the rebalance, and the
 /// move is not yet at its retire. A moving copy that is the primary's (moved so, or
 /// promoted since) goes on: the role is handed to a staying copy once they are
-/// complete (`placement_step`).
+/// complete (`placement_step`), unless the volume is in jeopardy (its primary holds it
+/// at the recovery server, which refuses the hand-over's fence).
 pub fn move_to_cancel(
     meta: &lazarus_cluster::ClusterMeta,
     v: &VolumeInfo,
@@ -395,6 +396,7 @@ pub fn move_to_cancel(
     v.replicas
         .iter()
         .any(|n| *n != from && meta.out.contains(n))
+        || from == v.primary && v.recovery_flag
         || v.state_of(from) != Some(ReplicaState::Live) && !complete
         || cancelled && !complete
 }
@@ -445,8 +447,12 @@ pub fn rebalance_step(meta: &lazarus_cluster::ClusterMeta, candidates: &[NodeId]
     if busy {
         return RebalanceStep::Wait;
     }
+    // In jeopardy the primary holds the volume at the recovery server, which refuses
+    // a hand-over's fence while it renews its hold: such a volume is left as it is.
     let settled = |v: &VolumeInfo| {
-        v.replicas.len() == v.replication_factor() && v.live().len() == v.replicas.len()
+        v.replicas.len() == v.replication_factor()
+            && v.live().len() == v.replicas.len()
+            && !v.recovery_flag
     };
     let pairs = spread_pairs(&copies_held(meta), candidates);
     for primary_s in [false, true] {
@@ -512,8 +518,9 @@ pub fn primaries_held(meta: &lazarus_cluster::ClusterMeta) -> HashMap<NodeId, us
 }
 
 /// The copy a leaving primary hands its role to (`PlacementStep::Handover`): a live,
-/// current copy that is not leaving, on one of `candidates`, on the node that is
-/// primary of the fewest volumes (then in `candidates`' order).
+/// current copy that is not leaving, on one of `candidates`; one that was not just
+/// rebuilt first, then on the node that is primary of the fewest volumes, then in
+/// `candidates`' order.
 pub fn handover_target(
     meta: &lazarus_cluster::ClusterMeta,
     v: &VolumeInfo,
@@ -521,12 +528,24 @@ pub fn handover_target(
 ) -> Option<NodeId> {
     let leaving = meta.leaving(&v.name);
     let primaries = primaries_held(meta);
+    // The copy placed last while the volume holds one more than its factor is the one
+    // just rebuilt: it may lack writes acknowledged before it took updates and not yet
+    // flushed, so a FLUSH there would answer EIO (`Acks`). Another goes first.
+    let added = (v.replicas.len() > v.replication_factor())
+        .then(|| v.replicas.last().copied())
+        .flatten();
     candidates
         .iter()
         .enumerate()
         .filter(|(_, n)| v.replicas.contains(n) && !leaving.contains(n) && !v.stale.contains(n))
         .filter(|(_, n)| v.state_of(**n) == Some(ReplicaState::Live))
-        .min_by_key(|(i, n)| (primaries.get(n).copied().unwrap_or(0), *i))
+        .min_by_key(|(i, n)| {
+            (
+                Some(**n) == added,
+                primaries.get(n).copied().unwrap_or(0),
+                *i,
+            )
+        })
         .map(|(_, n)| *n)
 }
 
@@ -1115,17 +1134,25 @@ mod tests {
         v.states.insert(2, ReplicaState::Live);
         v.primary = 2;
         assert!(!move_to_cancel(&m, &v, false));
+        // ... but not in jeopardy: the recovery server would refuse the hand-over.
+        let mut held = v.clone();
+        held.recovery_flag = true;
+        assert!(move_to_cancel(&m, &held, false));
         let leaving2: std::collections::BTreeSet<NodeId> = [2].into();
         assert_eq!(
             placement_step(&v, &leaving2, &[4, 3, 1]),
             PlacementStep::Handover(1)
         );
         m.volumes.insert("vol0".into(), v.clone());
-        // To the staying copy on the node that is primary of the fewest volumes.
+        // To the staying copy on the node that is primary of the fewest volumes, the
+        // copy just rebuilt (placed last, one copy too many) last of all.
         let mut other = volume(4);
         other.name = "other".into();
         m.volumes.insert("other".into(), other);
         assert_eq!(handover_target(&m, &v, &[4, 3, 1]), Some(3));
+        let mut grown = v.clone();
+        grown.replicas = vec![1, 2, 4, 3];
+        assert_eq!(handover_target(&m, &grown, &[4, 3, 1]), Some(1));
         // Never to a stale copy, nor to the leaving one.
         m.volumes.get_mut("vol0").unwrap().stale.insert(3);
         let v = m.volumes["vol0"].clone();
@@ -1166,6 +1193,14 @@ mod tests {
         }
         let p = primaries_held(&m);
         assert_eq!((p[&1], p[&2], p[&3]), (1, 1, 1), "{steps:?}");
+        // A volume in jeopardy is left as it is (its primary holds it at the recovery
+        // server, which refuses a hand-over's fence).
+        let mut j = m.clone();
+        for v in j.volumes.values_mut() {
+            v.primary = 1;
+            v.recovery_flag = true;
+        }
+        assert_eq!(rebalance_step(&j, &all), RebalanceStep::Done);
         // A stale copy is never given the role.
         for v in m.volumes.values_mut() {
             v.primary = 1;

@@ -32,11 +32,38 @@ pub struct Leases {
     /// On the leader: per volume, (epoch, when) its primary last asked for a lease.
     pub(crate) requests: parking_lot::Mutex<HashMap<String, (u64, Instant)>>,
     /// On the leader: volumes whose primary it is replacing (from the silence it saw
-    /// to the `Promote` commit): it grants their old primary no lease meanwhile.
-    pub(crate) promoting: parking_lot::Mutex<HashSet<String>>,
+    /// to the `Promote` commit), with how many tasks are doing so (a failover and a
+    /// hand-over may overlap; the set stays until the last one ends): it grants their
+    /// old primary no lease meanwhile.
+    promoting: parking_lot::Mutex<HashMap<String, usize>>,
+    /// On the leader: volumes whose primary role it is handing over on purpose
+    /// (`membership.rs`, `hand_over`). Their primary is up: its requests still count as
+    /// signs of life, and no failover of them starts meanwhile.
+    pub(crate) handing_over: parking_lot::Mutex<HashSet<String>>,
 }
 
 impl Leases {
+    /// A promotion of `volume` begins: no lease for its old primary until it ends.
+    pub(crate) fn begin_promotion(&self, volume: &str) {
+        *self.promoting.lock().entry(volume.to_string()).or_default() += 1;
+    }
+
+    /// A promotion begun with `begin_promotion` ended (committed or not).
+    pub(crate) fn end_promotion(&self, volume: &str) {
+        let mut p = self.promoting.lock();
+        if let Some(n) = p.get_mut(volume) {
+            *n -= 1;
+            if *n == 0 {
+                p.remove(volume);
+            }
+        }
+    }
+
+    /// Whether a promotion of `volume` is under way on this leader.
+    pub(crate) fn is_promoting(&self, volume: &str) -> bool {
+        self.promoting.lock().contains_key(volume)
+    }
+
     /// Records leases on `(volume, epoch)` pairs, valid until `until`.
     pub fn grant(&self, volumes: &[(String, u64)], until: Instant) {
         let mut held = self.held.lock();
@@ -44,7 +71,7 @@ impl Leases {
             // This node leads and is promoting another copy of the volume (its own
             // device failed): a renewal answered just before must not put back the
             // lease the promotion dropped.
-            if self.promoting.lock().contains(volume) {
+            if self.is_promoting(volume) {
                 continue;
             }
             held.insert(volume.clone(), (*epoch, until));
@@ -96,8 +123,15 @@ impl Cluster {
                 .volumes
                 .get(&name)
                 .is_some_and(|v| v.primary == req.node && v.epoch == epoch && !rs_ahead(v))
-                && !self.leases.promoting.lock().contains(&name)
             {
+                if self.leases.is_promoting(&name) {
+                    // A hand-over: the primary is up (a sign of life), but gets no
+                    // lease until the change is committed or given up.
+                    if self.leases.handing_over.lock().contains(&name) {
+                        seen.insert(name.clone(), (epoch, now));
+                    }
+                    continue;
+                }
                 seen.insert(name.clone(), (epoch, now));
                 // In jeopardy under `suspend` a primary serves on its hold at the
                 // recovery server alone (`hold_only`), the Raft lease only telling it

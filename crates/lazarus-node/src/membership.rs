@@ -509,6 +509,9 @@ impl Cluster {
                 Some(v) if v.primary == n => Some(format!("n{n} is its primary")),
                 Some(v) if !v.replicas.contains(&n) => Some(format!("n{n} holds no copy")),
                 Some(_) if meta.out.contains(&n) => Some(format!("n{n} is out")),
+                Some(v) if v.recovery_flag => Some(
+                    "the volume is in jeopardy (its primary holds it at the recovery server; only a failover moves the role)".to_string(),
+                ),
                 Some(_) => None,
             };
             if let Some(why) = gone {
@@ -541,7 +544,14 @@ impl Cluster {
         if !self.confirm_leadership().await {
             return;
         }
-        self.leases.promoting.lock().insert(v.name.clone());
+        if !self.leases.handing_over.lock().insert(v.name.clone()) {
+            return;
+        }
+        self.leases.begin_promotion(&v.name);
+        let end = || {
+            self.leases.end_promotion(&v.name);
+            self.leases.handing_over.lock().remove(&v.name);
+        };
         if v.primary == self.id {
             self.leases.revoke(&v.name);
         } else {
@@ -550,7 +560,7 @@ impl Cluster {
         let fcid = match self.fence_promotion(v, n).await {
             Ok(f) => f,
             Err(e) => {
-                self.leases.promoting.lock().remove(&v.name);
+                end();
                 tracing::warn!(volume = %v.name, candidate = n, error = %e, "hand-over not fenced; trying again later");
                 return;
             }
@@ -563,7 +573,7 @@ impl Cluster {
         };
         let why = format!("primary role handed from n{} to n{n}: {why}", v.primary);
         self.propose_membership(cmd, &v.name, &why).await;
-        self.leases.promoting.lock().remove(&v.name);
+        end();
     }
 
     /// Commits an out node's copy that still takes updates dead, as a primary does

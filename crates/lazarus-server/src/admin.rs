@@ -924,6 +924,12 @@ async fn want_primary(
         ),
         (Some(n), false) => {
             let (id, _) = member_named(&c, n)?;
+            if v.recovery_flag && id != v.primary {
+                return Err(ApiError(
+                    StatusCode::CONFLICT,
+                    format!("{name} is in jeopardy: its primary holds it at the recovery server, and only a failover moves the role (lazarus volume unprotect, or its copies live again, first)"),
+                ));
+            }
             let message = if id == v.primary {
                 format!("{n} is already the primary of {name}")
             } else {
@@ -1781,7 +1787,9 @@ async fn do_io(
     };
     match s.engine.route_name(name).await.map_err(io_error)? {
         lazarus_engine::engine::Route::Local => s.engine.execute_local(&req, payload).await,
-        lazarus_engine::engine::Route::Forward(_) => s.engine.forward(&req, payload, None).await,
+        lazarus_engine::engine::Route::Forward(_) => {
+            s.engine.forward(&req, payload, None, None).await
+        }
     }
     .map(|done| done.data)
     .map_err(io_error)

@@ -635,7 +635,14 @@ async fn execute_inner(
                 // Boxed, as are the other rare branches: a task's future is as large
                 // as its largest branch, and every replicated write spawns one.
                 Box::pin(forwarded(
-                    engine, &ex.name, unflushed, req, payload, structured, out,
+                    engine,
+                    &ex.name,
+                    unflushed,
+                    req,
+                    payload,
+                    structured,
+                    out,
+                    bound.map(|e| e + 1),
                 ))
                 .await;
                 return;
@@ -742,7 +749,14 @@ async fn execute_inner(
             // the role is now (requests are idempotent; the client had no answer yet).
             tracing::info!(volume = %vol.meta.name, command = ?req.command, offset = req.offset, "request sent on to the new primary: {}", e.message);
             Box::pin(forwarded(
-                engine, &ex.name, unflushed, req, payload, structured, out,
+                engine,
+                &ex.name,
+                unflushed,
+                req,
+                payload,
+                structured,
+                out,
+                bound.map(|e| e + 1),
             ))
             .await;
         }
@@ -855,7 +869,9 @@ fn modifies(req: &Request) -> bool {
     ) && !req.fua()
 }
 
-/// Executes a request at the volume's primary (this node is not it).
+/// Executes a request at the volume's primary (this node is not it); with `epoch`,
+/// only at a primary of that epoch (`Engine::forward`).
+#[allow(clippy::too_many_arguments)]
 async fn forwarded(
     engine: &Engine,
     volume: &str,
@@ -864,6 +880,7 @@ async fn forwarded(
     payload: &[u8],
     structured: bool,
     out: &mut Vec<u8>,
+    epoch: Option<u64>,
 ) {
     let op = match req.command {
         Command::Read => Op::Read,
@@ -886,7 +903,7 @@ async fn forwarded(
     };
     let t = (op == Op::Flush).then(|| unflushed.acks.flush_start());
     let r = engine
-        .forward(&f, payload, Some(&unflushed.session))
+        .forward(&f, payload, Some(&unflushed.session), epoch)
         .await
         .and_then(|done| {
             if let Some(t) = t {

@@ -340,17 +340,27 @@ fn a_removed_primary_hands_over_and_its_copies_move_under_load() {
     let last_w1 = on_n1.finish();
     let took = moved_at.expect("the writer ended before the move") - removed_at.unwrap();
     eprintln!("vol0 and w1 moved off n1 (copies rebuilt, primaries handed over) {took:?} after the removal; {last_w1} chunks through n1");
-    for n in 1..=4u16 {
-        verify_chunks_of(&up, n, "w1", last_w1);
+    // Through n1 while it still runs (it is stopped once forgotten, any moment now).
+    for (vol, last) in [("vol0", last_acked), ("w1", last_w1)] {
+        let o = run_out(PY, &[&py("verify.py"), &up.uri(1, vol), &last.to_string()]);
+        let gone = || up.get(1, "/api/v1/status").is_none();
+        assert!(
+            o.status.success() || gone(),
+            "{vol} through n1: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
-    let m = up.volume_meta(2, "vol0").unwrap();
-    let roots: Vec<String> = replicas(&m)
-        .iter()
-        .map(|n| up.root(*n as u16, "vol0"))
-        .collect();
-    assert!(roots.iter().all(|r| *r == roots[0]), "{roots:?}");
-    for n in 1..=4u16 {
-        verify_chunks(&up, n, last_acked);
+    for (vol, last) in [("vol0", last_acked), ("w1", last_w1)] {
+        let m = up.volume_meta(2, vol).unwrap();
+        let roots: Vec<String> = replicas(&m)
+            .iter()
+            .map(|n| up.root(*n as u16, vol))
+            .collect();
+        assert!(roots.iter().all(|r| *r == roots[0]), "{vol}: {roots:?}");
+        for n in 2..=4u16 {
+            verify_chunks_of(&up, n, vol, last);
+        }
     }
     // n1 leaves: its copy deleted, out of the Raft group, forgotten by the metadata,
     // and stopped by the supervisor; three voters remain.
