@@ -821,9 +821,20 @@ fn main() {
                     },
                 );
             }
+            // The message up to clap's usage text, on one line (a missing argument's
+            // names come on the lines after the first).
             let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("error: invalid arguments");
-            eprintln!("{first} (see `lazarus --help`)");
+            let message: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.is_empty() && !l.starts_with("Usage:"))
+                .collect();
+            let message = if message.is_empty() {
+                "error: invalid arguments".to_string()
+            } else {
+                message.join(" ")
+            };
+            eprintln!("{message} (see `lazarus --help`)");
             std::process::exit(2);
         }
     };
