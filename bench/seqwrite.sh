@@ -4,8 +4,9 @@
 # fresh RF1 volume on n1, each prefilled over 1 GiB so the writes overwrite stored blocks.
 # Prints throughput, p50/p99 latency and each node's CPU time per MiB written.
 # Usage: bench/seqwrite.sh [RUNTIME]
-# PERF=1 records n1 (the primary) with `perf record -g` during the RF3 run and prints
-# the top of `perf report` (needs perf). LAZARUS_BIN=path measures that binary.
+# PERF=1 records n1 (the primary; PERF_NODE=2 records n2) with `perf record -g` during the RF3 run and prints
+# the top of `perf report` (needs perf; PERF_OUT=file keeps the recording).
+# LAZARUS_BIN=path measures that binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNTIME=${1:-10}
@@ -31,7 +32,7 @@ for vol in vol0 solo; do
   P=($(pids))
   B=(); for p in "${P[@]}"; do B+=($(ticks "$p")); done
   if [ "${PERF:-0}" = 1 ] && [ "$vol" = vol0 ]; then
-    perf record -g -o "$WORK/perf.data" -p "${P[0]}" -- sleep "$RUNTIME" >/dev/null 2>&1 &
+    perf record -g -o "$WORK/perf.data" -p "${P[$(( ${PERF_NODE:-1} - 1 ))]}" -- sleep "$RUNTIME" >/dev/null 2>&1 &
     PERFPID=$!
   fi
   fio --name=w --ioengine=nbd --uri="nbd://127.0.0.1:32900/$vol" --rw=write --bs=1M --iodepth=8 \
@@ -56,6 +57,7 @@ EOF
   echo "$LINE"
   if [ -n "${PERFPID:-}" ]; then
     wait "$PERFPID" || true
+    [ -n "${PERF_OUT:-}" ] && cp "$WORK/perf.data" "$PERF_OUT"
     perf report -i "$WORK/perf.data" --no-children --percent-limit 1.5 --stdio 2>/dev/null \
       | grep -E "^ +[0-9]" | head -40
     PERFPID=""
