@@ -38,6 +38,11 @@ pub struct NodeInfo {
     /// said; counts as `suspend`).
     #[serde(default)]
     pub jeopardy_policy: Option<lazarus_types::JeopardyPolicy>,
+    /// This node's process stores a replicated write under the block ids its primary
+    /// sends with it (`KIND_REPLICATE_IDS`); false for a node of an older version,
+    /// which is sent the blocks alone.
+    #[serde(default)]
+    pub takes_ids: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1168,6 +1173,7 @@ mod tests {
                 admin: String::new(),
                 incarnation: 0,
                 jeopardy_policy: None,
+                takes_ids: false,
             };
             assert_eq!(
                 m.apply(&MetaCommand::SetNode { id, info }),

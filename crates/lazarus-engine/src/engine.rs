@@ -276,6 +276,7 @@ impl Engine {
         vol: &Volume,
         u: lazarus_node::cluster::Update,
         raw: &[u8],
+        ids: Option<&[lazarus_types::BlockId]>,
         on_rs: bool,
     ) -> Result<Holders, IoError> {
         let c = self
@@ -287,7 +288,7 @@ impl Engine {
             _ => None,
         };
         let data = !matches!(u, lazarus_node::cluster::Update::Flush);
-        let holders = match c.replicate(&vol.meta.name, u, raw, on_rs).await {
+        let holders = match c.replicate(&vol.meta.name, u, raw, ids, on_rs).await {
             Ok(h) => h,
             Err(m) => {
                 // Applied here, perhaps not on every replica: compare them again.
@@ -432,11 +433,19 @@ impl Engine {
             };
             if head == 0 && len.is_multiple_of(BLOCK_SIZE_U64) {
                 let on_rs = replicated && self.log_first(vol, &write(first), data).await?;
-                self.blocking(|| self.store.write_blocks(vol, Lba(first), data))?;
+                // Hashed once: the replicas that take them store under these ids.
+                let ids = lazarus_store::store::block_ids(data);
+                self.blocking(|| {
+                    self.store
+                        .write_blocks_with_ids(vol, Lba(first), data, &ids)
+                })?;
                 if replicated {
                     // Still under the stripe locks: replicas see updates to a block
                     // in the order the primary applied them.
-                    holders.extend(self.replicate(vol, write(first), data, on_rs).await?);
+                    holders.extend(
+                        self.replicate(vol, write(first), data, Some(&ids), on_rs)
+                            .await?,
+                    );
                 }
             } else {
                 // Read-modify-write of the partial blocks at either end only.
@@ -453,9 +462,16 @@ impl Engine {
                 }
                 buf[head..head + len as usize].copy_from_slice(data);
                 let on_rs = replicated && self.log_first(vol, &write(first), &buf).await?;
-                self.blocking(|| self.store.write_blocks(vol, Lba(first), &buf))?;
+                let ids = lazarus_store::store::block_ids(&buf);
+                self.blocking(|| {
+                    self.store
+                        .write_blocks_with_ids(vol, Lba(first), &buf, &ids)
+                })?;
                 if replicated {
-                    holders.extend(self.replicate(vol, write(first), &buf, on_rs).await?);
+                    holders.extend(
+                        self.replicate(vol, write(first), &buf, Some(&ids), on_rs)
+                            .await?,
+                    );
                 }
             }
             self.after_write();
@@ -555,7 +571,7 @@ impl Engine {
                     )
                 })?;
                 if replicated {
-                    let mut h = self.replicate(vol, u, &[], on_rs).await?;
+                    let mut h = self.replicate(vol, u, &[], None, on_rs).await?;
                     h.push(self.executor(&vol.meta.name));
                     keep(h, &mut holders);
                 }
@@ -574,7 +590,7 @@ impl Engine {
         if self.serving(vol).await? {
             let (local, remote) = tokio::join!(
                 self.flush_local(),
-                self.replicate(vol, lazarus_node::cluster::Update::Flush, &[], false)
+                self.replicate(vol, lazarus_node::cluster::Update::Flush, &[], None, false)
             );
             local?;
             return remote.map(|_| ());

@@ -10,8 +10,8 @@ use lazarus_cluster::{MetaCommand, MetaResponse, NodeInfo};
 pub use lazarus_rpc::msg::Update;
 use lazarus_rpc::{
     self as rpc, RpcClient, KIND_APPEND, KIND_BLOCKS, KIND_CLIENT_WRITE, KIND_FLUSH, KIND_FORWARD,
-    KIND_LEASE, KIND_PAGE, KIND_PING, KIND_REPLICATE, KIND_RESYNC_BEGIN, KIND_ROOT, KIND_SNAPSHOT,
-    KIND_STATS, KIND_TREE, KIND_VOTE,
+    KIND_LEASE, KIND_PAGE, KIND_PING, KIND_REPLICATE, KIND_REPLICATE_IDS, KIND_RESYNC_BEGIN,
+    KIND_ROOT, KIND_SNAPSHOT, KIND_STATS, KIND_TREE, KIND_VOTE,
 };
 use lazarus_store::Store as BlockStore;
 use openraft::error::{InstallSnapshotError, RPCError, RaftError, RemoteError, Unreachable};
@@ -455,15 +455,22 @@ impl Cluster {
             KIND_RESYNC_BEGIN | KIND_TREE | KIND_PAGE | KIND_BLOCKS => {
                 self.serve_resync(kind, &body).await
             }
-            KIND_REPLICATE | KIND_FLUSH => {
+            KIND_REPLICATE | KIND_REPLICATE_IDS | KIND_FLUSH => {
                 let (json, raw) = rpc::unpack(&body)?;
                 let u: Update = de(json)?;
+                let (raw, ids) = match kind {
+                    KIND_REPLICATE_IDS => {
+                        let (data, ids) = split_ids(raw)?;
+                        (data, Some(ids))
+                    }
+                    _ => (raw, None),
+                };
                 // A flush is node-wide; its holder is not compared with writes'.
                 let volume = match &u {
                     Update::Write { volume, .. } | Update::Zero { volume, .. } => volume.clone(),
                     Update::Flush => String::new(),
                 };
-                self.apply_update(u, raw).await?;
+                self.apply_update(u, raw, ids.as_deref()).await?;
                 Ok(self.holder(&volume))
             }
             KIND_CLIENT_WRITE => {
@@ -772,7 +779,12 @@ impl Cluster {
     /// Applies an update from a primary. Refused when this node's committed view says
     /// the sender is not entitled to it: an older epoch (a deposed primary), or this
     /// copy is dead (it gets nothing until it resyncs).
-    async fn apply_update(&self, u: Update, raw: &[u8]) -> Result<(), String> {
+    async fn apply_update(
+        &self,
+        u: Update,
+        raw: &[u8],
+        ids: Option<&[lazarus_types::BlockId]>,
+    ) -> Result<(), String> {
         // Before its start-up check a node may hold copies that lost unflushed writes
         // in a crash: it takes no update, and acknowledges no flush.
         if !self.is_ready() {
@@ -860,7 +872,7 @@ impl Cluster {
             lazarus_rpc::rt::block_in_place(|| b.resize_volume(&name, size))
                 .map_err(|e| format!("cannot grow the local copy of {volume:?}: {e}"))?;
         }
-        let apply = || self.apply_to(&local, &u, raw);
+        let apply = || self.apply_to(&local, &u, raw, ids);
         // Like the primary's engine: inline, unless the store may block (a checkpoint
         // holding writes off, or its backpressure flush).
         if self.blocks.write_may_block() {
@@ -877,6 +889,7 @@ impl Cluster {
         local: &Arc<lazarus_store::Volume>,
         u: &Update,
         raw: &[u8],
+        ids: Option<&[lazarus_types::BlockId]>,
     ) -> Result<(), String> {
         match *u {
             Update::Write { lba, .. } => {
@@ -891,9 +904,19 @@ impl Cluster {
                     return Err("write past the end of the volume".to_string());
                 }
                 self.resync.touch(&local.meta.name, lba, n);
-                self.blocks
-                    .write_blocks(local, lazarus_types::Lba(lba), raw)
-                    .map_err(|e| e.to_string())?;
+                match ids {
+                    // The ids the primary computed: stored under them without hashing
+                    // (every read verifies a block against its id).
+                    Some(ids) if ids.len() as u64 == n => {
+                        self.blocks
+                            .write_blocks_with_ids(local, lazarus_types::Lba(lba), raw, ids)
+                    }
+                    Some(_) => return Err("a write's ids do not match its blocks".to_string()),
+                    None => self
+                        .blocks
+                        .write_blocks(local, lazarus_types::Lba(lba), raw),
+                }
+                .map_err(|e| e.to_string())?;
                 self.blocks.flush_in_background();
                 Ok(())
             }
@@ -928,7 +951,7 @@ impl Cluster {
     /// else (`None`) goes the way of every request, `apply_update` in a task, which
     /// waits where it must and refuses with its reasons.
     fn apply_inline(&self, kind: u8, body: &[u8]) -> Option<rpc::HandlerReply> {
-        if kind != KIND_REPLICATE
+        if !matches!(kind, KIND_REPLICATE | KIND_REPLICATE_IDS)
             || self.network.isolated.load(Ordering::Relaxed)
             || !self.is_ready()
         {
@@ -938,6 +961,12 @@ impl Cluster {
         let u: Update = serde_json::from_slice(json).ok()?;
         let Update::Write { volume, epoch, .. } = &u else {
             return None;
+        };
+        let (raw, ids) = if kind == KIND_REPLICATE_IDS {
+            let (data, ids) = split_ids(raw).ok()?;
+            (data, Some(ids))
+        } else {
+            (raw, None)
         };
         if self.claimed_beyond_metadata(volume) || self.blocks.write_may_block() {
             return None;
@@ -958,7 +987,7 @@ impl Cluster {
             .blocks
             .volume(volume)
             .filter(|l| l.meta.uid == v.uid && l.size_bytes() >= v.size_bytes)?;
-        Some(match self.apply_to(&local, &u, raw) {
+        Some(match self.apply_to(&local, &u, raw, ids.as_deref()) {
             Ok(()) => Ok(self.holder(volume)),
             Err(e) => Err(e.into()),
         })
@@ -1000,15 +1029,18 @@ impl Cluster {
     /// on two failure domains.
     /// Sends an update to every copy that takes updates; returns the replica
     /// processes that applied it (node and incarnation, as they answered).
+    /// `ids`: a write's block ids as this node computed them, for the replicas that
+    /// take them (`KIND_REPLICATE_IDS`).
     pub async fn replicate(
         &self,
         volume: &str,
         u: Update,
         raw: &[u8],
+        ids: Option<&[lazarus_types::BlockId]>,
         on_rs: bool,
     ) -> Result<Vec<lazarus_rpc::msg::Executor>, String> {
         let mut holders = Vec::new();
-        self.replicate_into(volume, u, raw, on_rs, &mut holders)
+        self.replicate_into(volume, u, raw, ids, on_rs, &mut holders)
             .await?;
         Ok(holders)
     }
@@ -1018,6 +1050,7 @@ impl Cluster {
         volume: &str,
         u: Update,
         raw: &[u8],
+        ids: Option<&[lazarus_types::BlockId]>,
         on_rs: bool,
         holders: &mut Vec<lazarus_rpc::msg::Executor>,
     ) -> Result<(), String> {
@@ -1103,11 +1136,26 @@ impl Cluster {
             Update::Flush => Update::Flush,
         };
         let json = serde_json::to_vec(&u).map_err(|e| e.to_string())?;
-        let body = rpc::pack(&json, raw);
         let kind = if matches!(u, Update::Flush) {
             KIND_FLUSH
         } else {
             KIND_REPLICATE
+        };
+        // The write's ids go to the replicas that take them (registered so); the others
+        // hash the blocks themselves.
+        let meta = self.store.meta();
+        let takes_ids = |n: NodeId| meta.nodes.get(&n).is_some_and(|i| i.takes_ids);
+        let targets = v.update_targets();
+        let ids = ids.filter(|i| {
+            matches!(u, Update::Write { .. })
+                && i.len() * lazarus_types::BLOCK_SIZE == raw.len()
+                && targets.iter().any(|n| takes_ids(*n))
+        });
+        let body_ids = ids.map(|i| rpc::pack(&json, &join_ids(raw, i)));
+        let body = if body_ids.is_some() && targets.iter().all(|n| takes_ids(*n)) {
+            Vec::new()
+        } else {
+            rpc::pack(&json, raw)
         };
         let flush_mark = match (&u, &self.recovery) {
             (Update::Flush, Some(r)) => Some(r.flush_mark(volume)),
@@ -1115,10 +1163,13 @@ impl Cluster {
         };
         let drops = self.drops.lock().clone();
         // Sent to every target at once, awaited together (no task per call).
-        let calls = v.update_targets().into_iter().map(|n| {
+        let calls = targets.into_iter().map(|n| {
             let dropped = drops.contains(&n);
             let client = self.network.client(&self.rpc_addr(n).unwrap_or_default());
-            let body = &body;
+            let (kind, body) = match &body_ids {
+                Some(b) if takes_ids(n) => (KIND_REPLICATE_IDS, b),
+                _ => (kind, &body),
+            };
             let stalls = &self.stalls;
             async move {
                 while stalls.lock().contains(&n) {
@@ -1282,7 +1333,7 @@ impl Cluster {
         match noted {
             crate::jeopardy::Noted::Kept => {}
             crate::jeopardy::Noted::FlushDue => {
-                Box::pin(self.replicate(volume, Update::Flush, &[], false)).await?;
+                Box::pin(self.replicate(volume, Update::Flush, &[], None, false)).await?;
             }
             crate::jeopardy::Noted::LogIt => {
                 let jv = Box::pin(self.enter_jeopardy_patiently(volume, v.live(), &u, raw)).await?;
@@ -1750,4 +1801,54 @@ impl Cluster {
 /// the host `who` is crashed and restarted instead.
 pub async fn exit_now(code: i32, who: &str) -> ! {
     lazarus_io::rt::exit(code, who).await
+}
+
+/// Splits a `KIND_REPLICATE_IDS` payload: `n` whole blocks, then their `n` ids.
+fn split_ids(raw: &[u8]) -> Result<(&[u8], Vec<lazarus_types::BlockId>), String> {
+    let per = lazarus_types::BLOCK_SIZE + lazarus_types::ID_LEN;
+    if raw.is_empty() || !raw.len().is_multiple_of(per) {
+        return Err(format!(
+            "a write with ids of {} bytes is not whole blocks, each with its id",
+            raw.len()
+        ));
+    }
+    let n = raw.len() / per;
+    let (data, ids) = raw.split_at(n * lazarus_types::BLOCK_SIZE);
+    let ids = ids
+        .chunks_exact(lazarus_types::ID_LEN)
+        .map(|c| lazarus_types::BlockId(c.try_into().expect("ID_LEN bytes")))
+        .collect();
+    Ok((data, ids))
+}
+
+/// A `KIND_REPLICATE_IDS` payload: the blocks, then their ids.
+fn join_ids(data: &[u8], ids: &[lazarus_types::BlockId]) -> Vec<u8> {
+    let mut raw = Vec::with_capacity(data.len() + ids.len() * lazarus_types::ID_LEN);
+    raw.extend_from_slice(data);
+    for id in ids {
+        raw.extend_from_slice(&id.0);
+    }
+    raw
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A write's blocks and ids travel together and come apart as they went; a payload
+    /// that is not whole blocks each with its id is refused.
+    #[test]
+    fn ids_travel_with_their_blocks() {
+        let mut data = vec![0u8; 3 * lazarus_types::BLOCK_SIZE];
+        data[5000] = 7;
+        data[9000] = 9;
+        let ids = lazarus_store::store::block_ids(&data);
+        assert!(ids[0].is_zero() && !ids[1].is_zero() && !ids[2].is_zero());
+        let raw = join_ids(&data, &ids);
+        let (d, i) = split_ids(&raw).unwrap();
+        assert_eq!((d, i.as_slice()), (data.as_slice(), ids.as_slice()));
+        assert!(split_ids(&raw[1..]).is_err());
+        assert!(split_ids(&data).is_err(), "blocks without ids");
+        assert!(split_ids(&[]).is_err());
+    }
 }

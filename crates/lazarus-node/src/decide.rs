@@ -593,6 +593,7 @@ mod tests {
             admin: String::new(),
             incarnation: 0,
             jeopardy_policy: None,
+            takes_ids: false,
         }
     }
 

@@ -61,6 +61,11 @@ pub mod kind {
     pub const KIND_STATS: u8 = 14;
     /// A new primary asks a live replica for its checksum root (`reconcile.rs`).
     pub const KIND_ROOT: u8 = 15;
+    /// `KIND_REPLICATE` of a write whose payload carries, after the blocks, the id the
+    /// primary computed for each (`msg::split_ids`): the replica stores them under
+    /// those ids without hashing them again. Sent only to nodes that registered
+    /// `NodeInfo::takes_ids`.
+    pub const KIND_REPLICATE_IDS: u8 = 16;
 
     /// The recovery server: a claim (compare-and-set on the failure count ID and
     /// holder), a log append, a hold renewal, a volume's state, a log read, a clear, a

@@ -130,6 +130,10 @@ pub async fn start(
                     admin: ep.admin.to_string(),
                     incarnation: 0,
                     jeopardy_policy: Some(cfg.jeopardy_policy),
+                    // LAZARUS_TAKES_IDS_OFF=n2,n3: these nodes register as an older
+                    // version would, taking the blocks alone (tests, benchmarks).
+                    takes_ids: !std::env::var("LAZARUS_TAKES_IDS_OFF")
+                        .is_ok_and(|v| v.split(',').any(|n| n.trim() == cfg.id)),
                 },
                 clean,
                 local,

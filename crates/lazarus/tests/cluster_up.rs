@@ -241,6 +241,42 @@ fn read_64k(uri: &str) -> Option<Vec<u8>> {
     r
 }
 
+/// A replica stores a replicated write under the block ids its primary computed
+/// (`KIND_REPLICATE_IDS`) when it registered that it takes them; one that did not (as
+/// a node of an older version: `LAZARUS_TAKES_IDS_OFF=n2`) is sent the blocks alone and
+/// hashes them itself. Whole-block and partial writes, then every copy holds the same
+/// data and checksum root, and reads back the same through each node.
+#[test]
+fn replicas_with_and_without_the_primary_s_block_ids_agree() {
+    let (tmp, data) = setup();
+    let up = Up::start_env(&data, "64MiB", &[("LAZARUS_TAKES_IDS_OFF", "n2")]);
+    up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    let c = up.get(1, "/api/v1/cluster").unwrap();
+    let takes = |n: &str| c["metadata"]["nodes"][n]["takes_ids"].as_bool();
+    assert_eq!(
+        (takes("1"), takes("2"), takes("3")),
+        (Some(true), Some(false), Some(true))
+    );
+    let img = tmp.path().join("in.img");
+    let mut bytes = random_file(&img, 8 << 20, seed());
+    run("nbdcopy", &[img.to_str().unwrap(), &up.uri(1, "vol0")]);
+    // Partial blocks at both ends, and a block of zeroes (a hole) in between.
+    qemu_io_ok(
+        &up.uri(1, "vol0"),
+        &["write -P 0x3c 1000 10000", "write -z 16384 4096", "flush"],
+    );
+    bytes[1000..11000].fill(0x3c);
+    bytes[16384..20480].fill(0);
+    for n in 1..=3 {
+        let out = tmp.path().join(format!("out{n}.img"));
+        run("nbdcopy", &[&up.uri(n, "vol0"), out.to_str().unwrap()]);
+        let got = std::fs::read(&out).unwrap();
+        assert!(got[..bytes.len()] == bytes[..], "read through n{n} differs");
+    }
+    let roots: Vec<String> = (1..=3).map(|n| up.root(n, "vol0")).collect();
+    assert!(roots.iter().all(|r| *r == roots[0]), "{roots:?}");
+}
+
 /// A primary paused with SIGSTOP while a client writes through it is replaced; after
 /// SIGCONT none of its pending writes is acknowledged and it serves nothing stale.
 #[test]
