@@ -157,7 +157,7 @@ pub fn print_cluster(c: &Value) {
         );
     }
     if c["metadata"]["rebalancing"] == true {
-        println!("  rebalancing: copies move one at a time (`lazarus rebalance --cancel` stops after the move under way)");
+        println!("  rebalancing: copies, then primary roles, move one at a time (`lazarus rebalance --cancel` stops after the move under way)");
     }
     for (name, vol) in c["metadata"]["volumes"].as_object().into_iter().flatten() {
         let states: Vec<String> = vol["states"]
@@ -174,6 +174,9 @@ pub fn print_cluster(c: &Value) {
         );
         let placed = vol["replicas"].as_array().map_or(0, |r| r.len());
         let rf = vol["replication"].as_u64().unwrap_or(0) as usize;
+        if let Some(n) = c["metadata"]["primary_wanted"][name.as_str()].as_u64() {
+            println!("    primary role asked for n{n} (`lazarus volume primary`): handed over once its copy is live");
+        }
         let moving = &c["metadata"]["moving"][name.as_str()];
         if let Some(from) = moving.as_u64() {
             println!("    moving (rebalance): the copy on n{from} is dropped once its replacement is live");
