@@ -121,11 +121,11 @@ pub struct Engine {
 }
 
 /// A replicated write between its lease check and its answer.
-struct UpdateGuard(Arc<lazarus_node::cluster::Cluster>);
+struct UpdateGuard(Arc<std::sync::atomic::AtomicUsize>);
 
 impl Drop for UpdateGuard {
     fn drop(&mut self) {
-        self.0.updates_in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -215,11 +215,12 @@ impl Engine {
         }
     }
 
-    /// Counts a replicated write in flight until dropped (`Cluster::updates_in_flight`).
-    fn update_guard(&self) -> Option<UpdateGuard> {
-        let c = self.cluster.get()?.clone();
-        c.updates_in_flight.fetch_add(1, Ordering::AcqRel);
-        Some(UpdateGuard(c))
+    /// Counts a replicated write to `vol` in flight until dropped
+    /// (`Cluster::updates_in_flight`).
+    fn update_guard(&self, vol: &Volume) -> Option<UpdateGuard> {
+        let n = self.cluster.get()?.updates_in_flight(&vol.meta.name);
+        n.fetch_add(1, Ordering::AcqRel);
+        Some(UpdateGuard(n))
     }
 
     /// The epoch under which this node is the volume's primary, if it is.
@@ -298,8 +299,10 @@ impl Engine {
                 // Refused because the role moved on (the replicas learnt of a hand-over
                 // first): not this node's to answer, the request goes to the new
                 // primary (`IoError::not_serving`).
+                // The role, not the whole lease: the failure may have started a
+                // comparison of the copies, which waits for this update to end.
                 if let Some(e) = epoch {
-                    if !c.await_lease(&vol.meta.name, e, LEASE_WAIT).await {
+                    if !c.await_role(&vol.meta.name, e, LEASE_WAIT).await {
                         return Err(IoError::not_serving(format!(
                             "replication failed ({m}) and this node's lease on {:?} lapsed (it may have been replaced as primary)",
                             vol.meta.name
@@ -312,8 +315,10 @@ impl Engine {
         // As for reads: the lease must still hold once every copy has the update. A
         // primary paused in the middle of it may have been replaced meanwhile, and its
         // successor need not have this write: the client gets an error, not an ack.
+        // The role is what counts (a comparison of the copies that another write's
+        // failure started waits for this one to end).
         if let Some(e) = epoch {
-            if !c.await_lease(&vol.meta.name, e, LEASE_WAIT).await {
+            if !c.await_role(&vol.meta.name, e, LEASE_WAIT).await {
                 return Err(IoError::not_serving(format!(
                     "this node's lease on {:?} lapsed during the write (it may have been replaced as primary)",
                     vol.meta.name
@@ -416,7 +421,7 @@ impl Engine {
     ) -> Result<Holders, IoError> {
         let len = data.len() as u64;
         let replicated = self.serving(vol).await?;
-        let _in_flight = replicated.then(|| self.update_guard());
+        let _in_flight = replicated.then(|| self.update_guard(vol));
         let mut holders = vec![self.executor(&vol.meta.name)];
         if len > 0 {
             let first = offset / BLOCK_SIZE_U64;
@@ -513,7 +518,7 @@ impl Engine {
         admit: Admit<'_>,
     ) -> Result<Holders, IoError> {
         let replicated = self.serving(vol).await?;
-        let _in_flight = replicated.then(|| self.update_guard());
+        let _in_flight = replicated.then(|| self.update_guard(vol));
         // Held by every process that holds each of its parts.
         let mut holders = vec![self.executor(&vol.meta.name)];
         let keep = |h: Holders, holders: &mut Holders| holders.retain(|x| h.contains(x));

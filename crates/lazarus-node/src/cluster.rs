@@ -196,9 +196,10 @@ pub struct Cluster {
     /// Where the comparison of the live copies with this primary's stands, per volume
     /// (`reconcile.rs`).
     pub(crate) reconciliation: crate::reconcile::Reconciliation,
-    /// Replicated writes between their lease check and their answer (`UpdateGuard`):
-    /// a comparison of the copies' roots waits for them to finish.
-    pub updates_in_flight: std::sync::atomic::AtomicUsize,
+    /// Per volume, replicated writes between their lease check and their answer
+    /// (`updates_in_flight`): a comparison of the copies' roots waits for those of its
+    /// volume to finish (another volume's busy writers never hold it up).
+    in_flight: parking_lot::Mutex<HashMap<String, Arc<std::sync::atomic::AtomicUsize>>>,
     /// Per volume this node is primary of: client sessions opened (`forward::FenceToken`).
     pub(crate) fences: parking_lot::Mutex<HashMap<String, u64>>,
     /// Per volume whose copy the metadata loop could not create here: whether for
@@ -372,7 +373,7 @@ impl Cluster {
             front: OnceLock::new(),
             recovery: crate::jeopardy::Recovery::new(cfg, tls.clone()),
             reconciliation: Default::default(),
-            updates_in_flight: Default::default(),
+            in_flight: Default::default(),
             fences: Default::default(),
             contacts: Default::default(),
             copy_errors: Default::default(),
@@ -680,12 +681,20 @@ impl Cluster {
     /// At an epoch the metadata gave it, only once its live copies are reconciled
     /// with it (`reconcile.rs`).
     pub fn lease_valid(&self, volume: &str, epoch: u64) -> bool {
+        self.role_valid(volume, epoch)
+            && (self.reconciled(volume, epoch) || self.held_beyond_metadata(volume))
+    }
+
+    /// `lease_valid` without the reconciliation: this node still holds the role at
+    /// `epoch` (no successor can serve meanwhile). What an update admitted under the
+    /// whole lease needs to go on: a comparison of the copies started after it was
+    /// admitted (`reconcile_again`, another write's failure) waits for it to finish
+    /// (`updates_in_flight`), so it must not wait for that comparison in turn.
+    pub fn role_valid(&self, volume: &str, epoch: u64) -> bool {
         let raft = !self.hold_only(volume)
             && self.raft_lease_valid(volume, epoch)
             && self.contact_valid(volume);
-        (raft || self.hold_valid(volume, epoch))
-            && (self.reconciled(volume, epoch) || self.held_beyond_metadata(volume))
-            && !self.restoring(volume)
+        (raft || self.hold_valid(volume, epoch)) && !self.restoring(volume)
     }
 
     /// Whether this node holds `volume` at the recovery server and is still restoring
@@ -710,13 +719,25 @@ impl Cluster {
         // The common case answered without the waiting loop's state in the caller's
         // future (the write path awaits this on every write).
         self.lease_valid(volume, epoch)
-            || Box::pin(self.await_lease_slow(volume, epoch, wait)).await
+            || Box::pin(self.await_lease_slow(volume, epoch, wait, Self::lease_valid)).await
     }
 
-    async fn await_lease_slow(&self, volume: &str, epoch: u64, wait: Duration) -> bool {
+    /// `await_lease` for `role_valid`: what an update already admitted waits for.
+    pub async fn await_role(&self, volume: &str, epoch: u64, wait: Duration) -> bool {
+        self.role_valid(volume, epoch)
+            || Box::pin(self.await_lease_slow(volume, epoch, wait, Self::role_valid)).await
+    }
+
+    async fn await_lease_slow(
+        &self,
+        volume: &str,
+        epoch: u64,
+        wait: Duration,
+        valid: fn(&Self, &str, u64) -> bool,
+    ) -> bool {
         let deadline = Instant::now() + self.lease_wait(volume, wait);
         loop {
-            if self.lease_valid(volume, epoch) {
+            if valid(self, volume, epoch) {
                 return true;
             }
             let still_mine = self
@@ -1045,6 +1066,42 @@ impl Cluster {
         Ok(holders)
     }
 
+    /// The count of `volume`'s replicated writes in flight on this node (the engine
+    /// holds it up from a write's lease check to its answer).
+    pub fn updates_in_flight(&self, volume: &str) -> Arc<std::sync::atomic::AtomicUsize> {
+        let mut m = self.in_flight.lock();
+        match m.get(volume) {
+            Some(c) => c.clone(),
+            None => m.entry(volume.to_string()).or_default().clone(),
+        }
+    }
+
+    /// Whether the committed metadata, at `epoch` still, has `node`'s copy of `volume`
+    /// dead and stale or no longer places it there (dropped only once dead): writes
+    /// acknowledged without it from now on need no further record.
+    /// A refusal comes from the leader's state: this node's is given a moment to
+    /// catch up with it.
+    async fn copy_left_behind(&self, volume: &str, node: NodeId, epoch: u64) -> bool {
+        let t0 = Instant::now();
+        loop {
+            let (done, same_epoch) =
+                self.store
+                    .meta()
+                    .volumes
+                    .get(volume)
+                    .map_or((false, false), |v| {
+                        let gone = !v.replicas.contains(&node)
+                            || (v.state_of(node) == Some(ReplicaState::Dead)
+                                && v.stale.contains(&node));
+                        (v.epoch == epoch && gone, v.epoch == epoch)
+                    });
+            if done || !same_epoch || t0.elapsed() >= DEAD_CATCH_UP {
+                return done;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     async fn replicate_into(
         &self,
         volume: &str,
@@ -1065,12 +1122,14 @@ impl Cluster {
         }
         // Only under a lease: a primary paused past its lease may have been replaced,
         // and its updates must not reach a replica that has not yet learned that.
-        let v = if self.lease_valid(volume, v.epoch) {
+        // The role, not the whole lease: this update was admitted under the lease
+        // (`Engine::serving`), and a comparison of the copies begun since waits for it.
+        let v = if self.role_valid(volume, v.epoch) {
             v
         } else {
             // A late renewal: the copies' states may have changed while it waited.
             let epoch = v.epoch;
-            match Box::pin(self.await_lease(volume, epoch, LEASE_WAIT)).await {
+            match Box::pin(self.await_role(volume, epoch, LEASE_WAIT)).await {
                 true => match self.effective(volume) {
                     Some(v) if v.primary == self.id && v.epoch == epoch => v,
                     _ => return Err(format!("the primary of {volume:?} changed")),
@@ -1106,6 +1165,13 @@ impl Cluster {
                     );
                 }
                 Ok(Err(_)) | Err(_) if self.recovery.is_some() => stale_unrecorded = true,
+                Ok(Ok(other)) => {
+                    if !self.copy_left_behind(volume, node, v.epoch).await {
+                        return Err(format!(
+                            "could not record that n{node}'s copy misses writes from now on: {other:?}"
+                        ));
+                    }
+                }
                 other => {
                     return Err(format!(
                         "could not record that n{node}'s copy misses writes from now on: {other:?}"
@@ -1263,8 +1329,20 @@ impl Cluster {
                             // refuses; no other copy takes updates anyway.
                             tracing::debug!(volume, replica = node, response = ?other, "dead mark refused while held at the recovery server");
                         }
+                        // Refused because the copy is dead and stale already, or
+                        // gone from the placement (a move retired and dropped it
+                        // while this update was on its way): nothing to record.
                         Ok(Ok(other)) => {
-                            return Err(format!("could not mark replica {node} dead: {other:?}"))
+                            if !self.copy_left_behind(volume, node, v.epoch).await {
+                                return Err(format!(
+                                    "could not mark replica {node} dead: {other:?}"
+                                ));
+                            }
+                            tracing::info!(
+                                volume,
+                                replica = node,
+                                "replica that failed an update was already dead or dropped"
+                            );
                         }
                         Ok(Err(e)) if self.recovery.is_some() => {
                             tracing::warn!(volume, replica = node, error = %e, "dead mark not committed");

@@ -200,7 +200,8 @@ impl Cluster {
             // without any copy having missed anything. New ones wait for this
             // comparison (the lease needs it).
             let quiet = Instant::now() + Duration::from_secs(5);
-            while self.updates_in_flight.load(Ordering::Acquire) > 0 && Instant::now() < quiet {
+            let in_flight = self.updates_in_flight(name);
+            while in_flight.load(Ordering::Acquire) > 0 && Instant::now() < quiet {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             let own = {

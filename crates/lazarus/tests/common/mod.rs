@@ -576,8 +576,42 @@ impl Up {
     }
 }
 
+impl Up {
+    /// A failed test's clue: the last warnings and errors of each node's log (openraft's
+    /// connection chatter left out) on stderr, which CI keeps for a failed run.
+    pub fn dump_warnings(&self) {
+        let Ok(dirs) = std::fs::read_dir(&self.data) else {
+            return;
+        };
+        let mut nodes: Vec<PathBuf> = dirs.flatten().map(|d| d.path().join("node.log")).collect();
+        nodes.sort();
+        for log in nodes {
+            let Ok(text) = std::fs::read_to_string(&log) else {
+                continue;
+            };
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| {
+                    (l.contains(" WARN ") || l.contains(" ERROR ")) && !l.contains("openraft::")
+                })
+                .collect();
+            eprintln!(
+                "--- {} (last warnings of {}) ---",
+                log.display(),
+                lines.len()
+            );
+            for l in &lines[lines.len().saturating_sub(40)..] {
+                eprintln!("{}", l.chars().take(400).collect::<String>());
+            }
+        }
+    }
+}
+
 impl Drop for Up {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_warnings();
+        }
         if let Some(mut c) = self.child.take() {
             unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
             let t0 = Instant::now();
