@@ -37,7 +37,8 @@ impl Session {
         }
     }
 
-    fn is_closed(&self) -> bool {
+    /// Whether its client connection closed (its reader saw the end or an error).
+    pub fn is_closed(&self) -> bool {
         self.closed.load(std::sync::atomic::Ordering::Acquire)
     }
 }

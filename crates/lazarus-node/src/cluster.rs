@@ -1217,12 +1217,15 @@ impl Cluster {
                 && i.len() * lazarus_types::BLOCK_SIZE == raw.len()
                 && targets.iter().any(|n| takes_ids(*n))
         });
-        let body_ids = ids.map(|i| pack_with_ids(&json, raw, i));
-        let body = if body_ids.is_some() && targets.iter().all(|n| takes_ids(*n)) {
-            Vec::new()
-        } else {
-            rpc::pack(&json, raw)
-        };
+        // Each body is built once and shared by the replicas' frames.
+        let body_ids = ids.map(|i| Arc::new(pack_with_ids(&json, raw, i)));
+        let body = Arc::new(
+            if body_ids.is_some() && targets.iter().all(|n| takes_ids(*n)) {
+                Vec::new()
+            } else {
+                rpc::pack(&json, raw)
+            },
+        );
         let flush_mark = match (&u, &self.recovery) {
             (Update::Flush, Some(r)) => Some(r.flush_mark(volume)),
             _ => None,
@@ -1252,7 +1255,7 @@ impl Cluster {
                 (
                     n,
                     client
-                        .call(kind, body, REPLICATE_TIMEOUT)
+                        .call_shared(kind, body, REPLICATE_TIMEOUT)
                         .await
                         .map_err(String::from),
                 )

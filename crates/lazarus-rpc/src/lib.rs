@@ -16,7 +16,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 
 /// The I/O seams, re-exported for the callers that knew them here.
 pub use lazarus_io::{fs, net, rt};
@@ -244,11 +244,28 @@ fn reply_frame(id: u64, r: HandlerReply) -> Vec<u8> {
 
 fn frame(id: u64, kind: u8, body: &[u8]) -> Vec<u8> {
     let mut f = Vec::with_capacity(13 + body.len());
-    f.extend_from_slice(&((9 + body.len()) as u32).to_be_bytes());
-    f.extend_from_slice(&id.to_be_bytes());
-    f.push(kind);
+    put_head(&mut f, id, kind, body.len());
     f.extend_from_slice(body);
     f
+}
+
+/// A frame's 13 bytes before a body of `len` bytes sent apart from them.
+fn frame_head(id: u64, kind: u8, len: usize) -> Vec<u8> {
+    let mut f = Vec::with_capacity(13);
+    put_head(&mut f, id, kind, len);
+    f
+}
+
+fn put_head(f: &mut Vec<u8>, id: u64, kind: u8, len: usize) {
+    f.extend_from_slice(&((9 + len) as u32).to_be_bytes());
+    f.extend_from_slice(&id.to_be_bytes());
+    f.push(kind);
+}
+
+/// A call's body: copied into its frame, or queued as it is.
+enum Body<'a> {
+    Copied(&'a [u8]),
+    Shared(&'a Arc<Vec<u8>>),
 }
 
 /// Serves RPCs: each request runs in its own task; replies go back on the same
@@ -317,7 +334,7 @@ pub async fn serve_inline(
                     let Ok(held) = bytes.clone().acquire_many_owned(cost).await else {
                         return;
                     };
-                    if tx.send((out, Some((held, call)))).is_err() {
+                    if tx.send(Queued::reply(out, (held, call))).is_err() {
                         return;
                     }
                     continue;
@@ -333,42 +350,69 @@ pub async fn serve_inline(
                     let Ok(held) = bytes.acquire_many_owned(cost).await else {
                         return;
                     };
-                    let _ = tx.send((out, Some((held, call))));
+                    let _ = tx.send(Queued::reply(out, (held, call)));
                 });
             }
         });
     }
 }
 
-/// A frame queued for a connection's writer, with what it holds of the connection's
-/// budget (a server's reply), released once written.
-type Queued = (
-    Vec<u8>,
-    Option<(
+/// A frame queued for a connection's writer: its bytes, then a body shared with the
+/// frames of other connections (a primary's update goes to every replica without a
+/// copy per replica), with what it holds of the connection's budget (a server's
+/// reply), released once written.
+struct Queued {
+    head: Vec<u8>,
+    shared: Option<Arc<Vec<u8>>>,
+    held: Option<(
         tokio::sync::OwnedSemaphorePermit,
         tokio::sync::OwnedSemaphorePermit,
     )>,
-);
+}
+
+impl Queued {
+    fn reply(
+        out: Vec<u8>,
+        held: (
+            tokio::sync::OwnedSemaphorePermit,
+            tokio::sync::OwnedSemaphorePermit,
+        ),
+    ) -> Queued {
+        Queued {
+            head: out,
+            shared: None,
+            held: Some(held),
+        }
+    }
+
+    async fn write_to<W: AsyncWrite + Unpin>(&self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(&self.head).await?;
+        match &self.shared {
+            Some(b) => w.write_all(b).await,
+            None => Ok(()),
+        }
+    }
+}
 
 /// Writes queued frames, many per system call when they pile up.
 async fn writer(wr: tls::BoxWrite, mut rx: mpsc::UnboundedReceiver<Queued>) {
     let mut w = BufWriter::with_capacity(IO_BUFFER_BYTES, wr);
     let mut written = Vec::new();
-    while let Some((f, held)) = rx.recv().await {
-        if w.write_all(&f).await.is_err() {
+    while let Some(f) = rx.recv().await {
+        if f.write_to(&mut w).await.is_err() {
             return;
         }
-        written.push(held);
+        written.push(f.held);
         // Frames already queued go in the same system call, and so do those of the
         // tasks ready to send one: a yield lets them run first (a primary's updates
         // come from a task per client request).
         let mut yielded = false;
         loop {
-            while let Ok((more, held)) = rx.try_recv() {
-                if w.write_all(&more).await.is_err() {
+            while let Ok(more) = rx.try_recv() {
+                if more.write_to(&mut w).await.is_err() {
                     return;
                 }
-                written.push(held);
+                written.push(more.held);
             }
             if yielded {
                 break;
@@ -516,6 +560,16 @@ impl RpcClient {
 
     /// One call with a deadline. Errors are transport errors or the handler's error.
     pub async fn call(&self, kind: u8, body: &[u8], deadline: Duration) -> Reply {
+        self.call_queued(kind, Body::Copied(body), deadline).await
+    }
+
+    /// `call` with a body shared with other calls (the same update to every replica):
+    /// queued as it is, not copied into the frame.
+    pub async fn call_shared(&self, kind: u8, body: &Arc<Vec<u8>>, deadline: Duration) -> Reply {
+        self.call_queued(kind, Body::Shared(body), deadline).await
+    }
+
+    async fn call_queued(&self, kind: u8, body: Body<'_>, deadline: Duration) -> Reply {
         if self
             .blocked
             .as_ref()
@@ -533,7 +587,19 @@ impl RpcClient {
             // A call given up (its deadline passed) leaves no entry behind for a
             // reply that may never come.
             let mut forget = Forget(&conn.pending, id, false);
-            if conn.tx.send((frame(id, kind, body), None)).is_err() {
+            let queued = match body {
+                Body::Copied(b) => Queued {
+                    head: frame(id, kind, b),
+                    shared: None,
+                    held: None,
+                },
+                Body::Shared(b) => Queued {
+                    head: frame_head(id, kind, b.len()),
+                    shared: Some(b.clone()),
+                    held: None,
+                },
+            };
+            if conn.tx.send(queued).is_err() {
                 conn.alive.store(false, Ordering::Release);
                 conn.pending.lock().expect("pending lock").remove(&id);
                 return Err(RpcError::Lost {
@@ -581,6 +647,60 @@ mod tests {
 
     /// A call whose deadline passes leaves nothing in its connection's pending calls,
     /// and the connection goes on serving the calls that are answered.
+    /// A body shared by several calls (one update to every replica) arrives whole and
+    /// unchanged at each peer, framed like a copied one, between and among other calls
+    /// on the same connections.
+    #[tokio::test]
+    async fn shared_bodies_arrive_as_copied_ones() {
+        let handler: Handler = Arc::new(|kind, body| {
+            Box::pin(async move {
+                let mut out = vec![kind];
+                out.extend_from_slice(&body);
+                Ok(out)
+            })
+        });
+        let mut clients = Vec::new();
+        for _ in 0..2 {
+            let listener = net::Listener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap().to_string();
+            tokio::spawn(serve(listener, None, handler.clone()));
+            clients.push(RpcClient::new(&addr));
+        }
+        let expect = |kind: u8, b: &[u8]| {
+            let mut out = vec![kind];
+            out.extend_from_slice(b);
+            out
+        };
+        // Empty, small, and larger than the writer's buffer.
+        for len in [0usize, 13, 4096, IO_BUFFER_BYTES + 12345] {
+            let body: Arc<Vec<u8>> = Arc::new((0..len).map(|i| (i * 7 + len) as u8).collect());
+            let small = vec![9u8; 100];
+            let calls = clients.iter().flat_map(|c| {
+                [
+                    futures::future::Either::Left(c.call_shared(
+                        KIND_STATS,
+                        &body,
+                        Duration::from_secs(10),
+                    )),
+                    futures::future::Either::Right(c.call(
+                        KIND_PING,
+                        &small,
+                        Duration::from_secs(10),
+                    )),
+                ]
+            });
+            let replies = futures::future::join_all(calls).await;
+            for (i, r) in replies.into_iter().enumerate() {
+                let want = if i % 2 == 0 {
+                    expect(KIND_STATS, &body)
+                } else {
+                    expect(KIND_PING, &small)
+                };
+                assert_eq!(r.unwrap(), want, "body of {len} bytes, call {i}");
+            }
+        }
+    }
+
     #[tokio::test]
     async fn calls_given_up_leave_no_pending_entry() {
         let listener = net::Listener::bind("127.0.0.1:0").await.unwrap();

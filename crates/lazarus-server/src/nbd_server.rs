@@ -683,6 +683,11 @@ async fn execute_inner(
             unflushed.session.open_locally(c, &vol.meta.name);
         }
     }
+    // A change runs only while its connection is open, checked under its block locks:
+    // one read before the client's connection was cut and held up here (waiting for the
+    // lease, say) must not land after what the client wrote since through another
+    // connection (simulator seed 536). One that got its locks first lands first.
+    let open = || !unflushed.session.is_closed();
     let r = match req.command {
         Command::Read => {
             let hdr = if structured { 28 } else { 16 };
@@ -708,7 +713,11 @@ async fn execute_inner(
                 }
             }
         }
-        Command::Write => engine.write(vol, req.offset, payload, req.fua()).await,
+        Command::Write => {
+            engine
+                .write_admitted(vol, req.offset, payload, req.fua(), Some(&open))
+                .await
+        }
         Command::Flush => {
             let t = unflushed.acks.flush_start();
             match Box::pin(engine.flush(vol)).await {
@@ -720,16 +729,26 @@ async fn execute_inner(
             }
         }
         Command::Trim => {
-            Box::pin(engine.zero(vol, req.offset, req.length as u64, true, false, req.fua())).await
+            Box::pin(engine.zero_admitted(
+                vol,
+                req.offset,
+                req.length as u64,
+                true,
+                false,
+                req.fua(),
+                Some(&open),
+            ))
+            .await
         }
         Command::WriteZeroes => {
-            Box::pin(engine.zero(
+            Box::pin(engine.zero_admitted(
                 vol,
                 req.offset,
                 req.length as u64,
                 false,
                 req.no_hole(),
                 req.fua(),
+                Some(&open),
             ))
             .await
         }

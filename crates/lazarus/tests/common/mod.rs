@@ -577,32 +577,37 @@ impl Up {
 }
 
 impl Up {
-    /// A failed test's clue: the last warnings and errors of each node's log (openraft's
-    /// connection chatter left out) on stderr, which CI keeps for a failed run.
+    /// A failed test's clue, on stderr (which CI keeps for a failed run): each node's
+    /// last warnings and its last lines of any level, openraft's chatter left out.
     pub fn dump_warnings(&self) {
         let Ok(dirs) = std::fs::read_dir(&self.data) else {
             return;
         };
         let mut nodes: Vec<PathBuf> = dirs.flatten().map(|d| d.path().join("node.log")).collect();
         nodes.sort();
+        let show = |l: &str| eprintln!("{}", l.chars().take(300).collect::<String>());
         for log in nodes {
             let Ok(text) = std::fs::read_to_string(&log) else {
                 continue;
             };
-            let lines: Vec<&str> = text
-                .lines()
-                .filter(|l| {
-                    (l.contains(" WARN ") || l.contains(" ERROR ")) && !l.contains("openraft::")
-                })
+            let lines: Vec<&str> = text.lines().filter(|l| !l.contains("openraft::")).collect();
+            let warnings: Vec<&str> = lines
+                .iter()
+                .copied()
+                .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
                 .collect();
             eprintln!(
-                "--- {} (last warnings of {}) ---",
+                "--- {}: last warnings (of {}) ---",
                 log.display(),
-                lines.len()
+                warnings.len()
             );
-            for l in &lines[lines.len().saturating_sub(40)..] {
-                eprintln!("{}", l.chars().take(400).collect::<String>());
-            }
+            warnings[warnings.len().saturating_sub(20)..]
+                .iter()
+                .for_each(|l| show(l));
+            eprintln!("--- {}: last lines ---", log.display());
+            lines[lines.len().saturating_sub(40)..]
+                .iter()
+                .for_each(|l| show(l));
         }
     }
 }
