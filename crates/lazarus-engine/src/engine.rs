@@ -215,6 +215,34 @@ impl Engine {
         }
     }
 
+    /// The epoch a replicated change was admitted at (`serving`): it runs only at that
+    /// one (`still_primary`).
+    fn admitted_epoch(&self, vol: &Volume, replicated: bool) -> Option<u64> {
+        replicated
+            .then(|| self.primary_epoch(&vol.meta.name))
+            .flatten()
+    }
+
+    /// Under a change's block locks, before this copy is touched: this node still holds
+    /// the role at the epoch the change was admitted at. A change that waited for its
+    /// blocks behind another while the role was handed over must not land on this copy
+    /// (a replica now, which the new primary may already have compared with its own):
+    /// it goes to the new primary instead (`IoError::not_serving`).
+    async fn still_primary(&self, vol: &Volume, admitted: Option<u64>) -> Result<(), IoError> {
+        let (Some(c), Some(e)) = (self.cluster.get(), admitted) else {
+            return Ok(());
+        };
+        if self.primary_epoch(&vol.meta.name) == Some(e)
+            && c.await_role(&vol.meta.name, e, LEASE_WAIT).await
+        {
+            return Ok(());
+        }
+        Err(IoError::not_serving(format!(
+            "the primary role of {:?} moved on from epoch {e} while this change waited for its blocks",
+            vol.meta.name
+        )))
+    }
+
     /// Counts a replicated write to `vol` in flight until dropped
     /// (`Cluster::updates_in_flight`).
     fn update_guard(&self, vol: &Volume) -> Option<UpdateGuard> {
@@ -421,6 +449,7 @@ impl Engine {
     ) -> Result<Holders, IoError> {
         let len = data.len() as u64;
         let replicated = self.serving(vol).await?;
+        let admitted = self.admitted_epoch(vol, replicated);
         let _in_flight = replicated.then(|| self.update_guard(vol));
         let mut holders = vec![self.executor(&vol.meta.name)];
         if len > 0 {
@@ -430,6 +459,7 @@ impl Engine {
             if admit.is_some_and(|a| !a()) {
                 return Err(IoError::fenced());
             }
+            self.still_primary(vol, admitted).await?;
             let head = (offset % BLOCK_SIZE_U64) as usize;
             let write = |u| lazarus_node::cluster::Update::Write {
                 volume: vol.meta.name.clone(),
@@ -518,6 +548,7 @@ impl Engine {
         admit: Admit<'_>,
     ) -> Result<Holders, IoError> {
         let replicated = self.serving(vol).await?;
+        let admitted = self.admitted_epoch(vol, replicated);
         let _in_flight = replicated.then(|| self.update_guard(vol));
         // Held by every process that holds each of its parts.
         let mut holders = vec![self.executor(&vol.meta.name)];
@@ -559,6 +590,7 @@ impl Engine {
                 if admit.is_some_and(|a| !a()) {
                     return Err(IoError::fenced());
                 }
+                self.still_primary(vol, admitted).await?;
                 let u = lazarus_node::cluster::Update::Zero {
                     volume: vol.meta.name.clone(),
                     epoch: 0,

@@ -1266,13 +1266,14 @@ impl Cluster {
         lazarus_observe::metrics::METRICS
             .replication_rtt
             .observe(t0.elapsed().as_secs_f64());
-        let mut acked_live = 0;
+        // The replicas that applied the update.
+        let mut acked = Vec::new();
         let mut no_majority = stale_unrecorded;
         let failures = results.iter().filter(|r| r.1.is_err()).count();
         for (node, r) in results {
             match r {
                 Ok(body) => {
-                    acked_live += (v.state_of(node) == Some(ReplicaState::Live)) as usize;
+                    acked.push(node);
                     if body.len() >= 8 {
                         let at = |i: usize| {
                             body.get(i..i + 8)
@@ -1341,6 +1342,9 @@ impl Cluster {
                                     "could not mark replica {node} dead: {other:?}"
                                 ));
                             }
+                            // Out again at the index this node has now applied (past
+                            // the mark or the drop), as after a mark of its own.
+                            Box::pin(self.record_out(&v, node)).await?;
                             tracing::info!(
                                 volume,
                                 replica = node,
@@ -1406,6 +1410,17 @@ impl Cluster {
             && now
                 .as_ref()
                 .is_some_and(|e| e.failure_count_id > v.failure_count_id);
+        // A copy live when the update started, or live now (a copy that took updates
+        // while it resynced may have turned live as the one it replaces was dropped).
+        let acked_live = acked
+            .iter()
+            .filter(|n| {
+                v.state_of(**n) == Some(ReplicaState::Live)
+                    || now
+                        .as_ref()
+                        .is_some_and(|e| e.state_of(**n) == Some(ReplicaState::Live))
+            })
+            .count();
         let noted = if acked_live == 0 || no_majority || entered_meanwhile {
             crate::jeopardy::Noted::LogIt
         } else {

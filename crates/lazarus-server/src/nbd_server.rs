@@ -59,6 +59,20 @@ pub struct Export {
     allocation: bool,
 }
 
+impl Export {
+    /// This node's copy of the volume now: the one the connection opened, or the copy
+    /// that replaced it under the same uid (placement dropped it and later put a new
+    /// one here, simulator seed 5172). Never the deleted copy's leftover handle, whose
+    /// blocks are gone, nor a volume re-created under the name (another uid).
+    fn copy(&self, engine: &Engine) -> Option<Arc<Volume>> {
+        let opened = self.local.as_ref()?;
+        engine
+            .store
+            .volume(&self.name)
+            .filter(|v| Arc::ptr_eq(v, opened) || v.meta.uid == opened.meta.uid)
+    }
+}
+
 fn export_of(v: &Volume) -> ExportInfo {
     ExportInfo {
         name: v.meta.name.clone(),
@@ -469,7 +483,7 @@ where
             // Inline only what completes locally: a write that waits for replicas
             // would hold up every request behind it on this connection.
             if runs_inline(&req)
-                && ex.local.as_ref().is_some_and(|v| engine.serves_locally(v))
+                && ex.copy(&engine).is_some_and(|v| engine.serves_locally(&v))
                 && (matches!(req.command, Command::Read | Command::BlockStatus)
                     || !engine.replicates(&ex.name))
             {
@@ -627,7 +641,8 @@ async fn execute_inner(
         }
         _ => bound.filter(|_| unflushed.wrote.load(std::sync::atomic::Ordering::Acquire)),
     };
-    let local = ex.local.as_deref().filter(|v| engine.serves_locally(v));
+    let copy = ex.copy(engine);
+    let local = copy.as_deref().filter(|v| engine.serves_locally(v));
     let vol = match local {
         Some(v) => v,
         None => match engine.route_name(&ex.name).await {
@@ -647,7 +662,7 @@ async fn execute_inner(
                 .await;
                 return;
             }
-            Ok(Route::Local) if ex.local.is_some() => ex.local.as_deref().expect("checked"),
+            Ok(Route::Local) if copy.is_some() => copy.as_deref().expect("checked"),
             Ok(_) => {
                 let e = IoError::new(
                     lazarus_nbd::consts::EIO,
@@ -825,7 +840,8 @@ fn block_status(engine: &Engine, ex: &Export, req: Request, structured: bool, ou
         return;
     }
     let everything = vec![(req.length, 0)];
-    let extents = match ex.local.as_deref().filter(|v| engine.serves_locally(v)) {
+    let copy = ex.copy(engine);
+    let extents = match copy.as_deref().filter(|v| engine.serves_locally(v)) {
         Some(v) => {
             let e =
                 allocation_extents(v, req.offset, req.length, req.flags & CMD_FLAG_REQ_ONE != 0);

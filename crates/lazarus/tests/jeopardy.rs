@@ -1405,6 +1405,13 @@ fn a_node_with_another_policy_puts_the_cluster_under_suspend() {
         .append(true)
         .open(data.join("n3").join("node.log"))
         .unwrap();
+    // `fault kill` returns once the signal is sent: the old n3 holds its data
+    // directory's lock until it has exited.
+    wait_for("n3's old process gone", Duration::from_secs(15), || {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(data.join("n3").join("LOCK")).unwrap();
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+    });
     struct KillOnDrop(Child);
     impl Drop for KillOnDrop {
         fn drop(&mut self) {
