@@ -583,7 +583,11 @@ impl Up {
         let Ok(dirs) = std::fs::read_dir(&self.data) else {
             return;
         };
-        let mut nodes: Vec<PathBuf> = dirs.flatten().map(|d| d.path().join("node.log")).collect();
+        let mut nodes: Vec<PathBuf> = dirs
+            .flatten()
+            .flat_map(|d| [d.path().join("node.log"), d.path().join("recovery.log")])
+            .filter(|p| p.exists())
+            .collect();
         nodes.sort();
         let show = |l: &str| eprintln!("{}", l.chars().take(300).collect::<String>());
         for log in nodes {
