@@ -209,6 +209,16 @@ impl BlockStore {
         Ok((slot != NO_SLOT).then_some(slot))
     }
 
+    /// `put` at recovery, before references are counted: stores the block if absent
+    /// and takes no reference (the recount does).
+    pub fn put_unreferenced(&self, id: BlockId, data: &[u8]) -> Result<(), StoreError> {
+        self.put(id, data)?;
+        if let Some(e) = self.inner.lock().map.get_mut(&id) {
+            e.refs = e.refs.saturating_sub(1);
+        }
+        Ok(())
+    }
+
     /// `put` for the blocks of one request: one index lock, and new blocks that land in
     /// consecutive slots go to disk in one write. Returns, per block, the slot it was
     /// newly written to or `NO_SLOT` (already stored, or the zero id, which is skipped).

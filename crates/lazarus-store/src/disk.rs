@@ -148,7 +148,18 @@ pub fn sync_dir(path: &Path) -> io::Result<()> {
 
 /// Writes `data` to `path` atomically: temp file, fsync, rename, fsync directory.
 pub fn write_file_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    if !powerloss::powered_fs_op() {
+        return Ok(()); // the power is off (simulated): it never happened
+    }
     lazarus_io::fs::write_atomic(path, data)
+}
+
+/// Removes a file; `sync_dir` makes the removal durable.
+pub fn remove_file(path: &Path) -> io::Result<()> {
+    if !powerloss::powered_fs_op() {
+        return Ok(());
+    }
+    lazarus_io::fs::remove_file(path)
 }
 
 /// Free space kept on a node's file system for what must not fail for lack of space:
@@ -228,6 +239,12 @@ pub mod powerloss {
         }
     }
     const SECTOR: usize = 512;
+
+    /// Whether a whole-file operation (an atomic replace, a removal) happens: not once
+    /// the simulated power is off. Such operations are durable when they return.
+    pub(crate) fn powered_fs_op() -> bool {
+        powered()
+    }
 
     pub fn enable() {
         *STATE.lock().expect("powerloss lock") = Some(HashMap::new());

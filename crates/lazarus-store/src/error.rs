@@ -21,6 +21,8 @@ pub enum StoreError {
     VolumeExists(String),
     #[error("volume {0:?} does not exist")]
     NoSuchVolume(String),
+    #[error("snapshot {0:?} does not exist")]
+    NoSuchSnapshot(String),
     #[error("invalid argument: {0}")]
     Invalid(String),
     #[error("no space left on device")]

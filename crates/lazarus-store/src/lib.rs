@@ -6,9 +6,11 @@ pub mod blocks;
 pub mod disk;
 pub mod error;
 pub mod journal;
+pub mod snapshot;
 pub mod store;
 pub mod volume;
 
 pub use error::{ReadError, StoreError, WriteError};
+pub use snapshot::Snapshot;
 pub use store::{Locations, RecoveryReport, Store, StoreOptions};
 pub use volume::{Allocation, Volume, VolumeMeta};

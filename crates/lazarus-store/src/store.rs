@@ -14,8 +14,11 @@ use crate::error::{ReadError, StoreError, WriteError};
 use crate::journal::{
     self, Journal, Record, KIND_COMMIT, KIND_IMAGES_DONE, KIND_MAP, KIND_PAGE_IMAGE,
 };
-use crate::volume::{FileKind, PageImage, Volume, VolumeMeta};
-use lazarus_types::{BlockId, Lba, BLOCK_SIZE, BLOCK_SIZE_U64, FANOUT_U64, ID_LEN};
+use crate::snapshot::Snapshot;
+use crate::volume::{Allocation, FileKind, Page, PageImage, Volume, VolumeMeta};
+use lazarus_types::{
+    BlockId, Checksum, Lba, BLOCK_SIZE, BLOCK_SIZE_U64, FANOUT, FANOUT_U64, ID_LEN,
+};
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -204,6 +207,9 @@ impl Store {
             }
             match Volume::open(&path) {
                 Ok(v) => {
+                    if let Err(e) = v.load_snapshots() {
+                        tracing::error!(volume = %name, error = %e, "snapshots cannot be listed; none is served");
+                    }
                     volumes.insert(v.meta.name.clone(), Arc::new(v));
                 }
                 Err(e) => {
@@ -260,9 +266,13 @@ impl Store {
             jr.truncate_to(lsn, offset);
         }
         for v in volumes.values() {
+            v.preserve_replayed(&blocks);
+        }
+        for v in volumes.values() {
             for id in v.all_ids() {
                 blocks.add_ref(id);
             }
+            v.count_snapshot_refs(&blocks);
         }
         report.missing_blocks = blocks.finish_recovery();
         if report.missing_blocks > 0 {
@@ -464,14 +474,200 @@ impl Store {
         disk::sync_dir(&vdir).map_err(|e| StoreError::io(&vdir, e))?;
         // The rename is durable: nothing durable references these blocks any more
         // (journal records of this volume are skipped at replay).
+        // A block may be shared with another volume whose unmapping of it is
+        // journaled but not durable yet: the slots are reused only once everything
+        // journaled so far is (else a crash would bring back that mapping over a
+        // reused slot).
+        let lsn = self.journal.lock().next_lsn().saturating_sub(1);
         for id in v.all_ids() {
-            self.blocks.release(id, 0);
+            self.blocks.release(id, lsn);
         }
-        self.blocks.release_durable(1);
+        for c in v.take_held() {
+            self.release_page_block(c, lsn);
+        }
+        self.flush()?;
+        let durable = self.journal.lock().durable_lsn();
+        self.blocks.release_durable(durable);
         let _ = lazarus_io::fs::remove_dir_all(&grave);
         self.update_volume_stats();
         tracing::info!(volume = name, "volume deleted");
         Ok(())
+    }
+
+    /// Takes snapshot `name` of volume `volume`: everything written to the volume before
+    /// the call, frozen. Writers are held off for a checkpoint and the write of the
+    /// snapshot's file (16 bytes per mapped slice page); no data is copied.
+    pub fn create_snapshot(&self, volume: &str, name: &str) -> Result<Arc<Snapshot>, StoreError> {
+        crate::snapshot::check_snapshot_name(name).map_err(StoreError::Invalid)?;
+        let v = self
+            .volume(volume)
+            .ok_or_else(|| StoreError::NoSuchVolume(volume.to_string()))?;
+        if v.snapshot(name).is_some() {
+            return Err(StoreError::Invalid(format!(
+                "volume {volume:?} already has a snapshot {name:?}"
+            )));
+        }
+        self.checkpointing.store(true, Ordering::Release);
+        let r = (|| {
+            let _cp = self.cp_lock.write();
+            self.checkpoint_held()?;
+            v.take_snapshot(name)
+        })();
+        self.checkpointing.store(false, Ordering::Release);
+        if let Ok(s) = &r {
+            tracing::info!(
+                volume,
+                snapshot = name,
+                mapped_pages = s.mapped_pages(),
+                "snapshot taken"
+            );
+        }
+        r
+    }
+
+    /// Deletes a snapshot; what only it referenced is freed.
+    pub fn delete_snapshot(&self, volume: &str, name: &str) -> Result<(), StoreError> {
+        let v = self
+            .volume(volume)
+            .ok_or_else(|| StoreError::NoSuchVolume(volume.to_string()))?;
+        let released = v.drop_snapshot(name)?;
+        // The file's removal is durable: no snapshot names these page blocks. A block
+        // one of them names may have been unmapped by the volume in a journal record
+        // not yet durable: the slots are reused only once everything journaled so far
+        // is (else a crash would bring back that mapping over a reused slot).
+        let lsn = self.journal.lock().next_lsn().saturating_sub(1);
+        for c in released {
+            self.release_page_block(c, lsn);
+        }
+        self.flush()?;
+        let durable = self.journal.lock().durable_lsn();
+        self.blocks.release_durable(durable);
+        tracing::info!(volume, snapshot = name, "snapshot deleted");
+        Ok(())
+    }
+
+    /// Drops a held page block's reference on itself and on each block it names.
+    fn release_page_block(&self, c: Checksum, lsn: u64) {
+        let id = BlockId(c.0);
+        let mut b = vec![0u8; BLOCK_SIZE];
+        match self.blocks.read(id, &mut b) {
+            Ok(true) => {
+                for child in crate::volume::decode_page(&b)
+                    .iter()
+                    .filter(|i| !i.is_zero())
+                {
+                    self.blocks.release(*child, lsn);
+                }
+            }
+            _ => {
+                tracing::warn!(page_block = %id.to_hex(), "a released snapshot page does not verify: the blocks it names are freed at the next start");
+            }
+        }
+        self.blocks.release(id, lsn);
+    }
+
+    /// Snapshot `snap`'s page `p`: the 256 ids it maps, from the volume's page when
+    /// that still holds it, else from its page block. `None`: neither verifies (lost).
+    pub fn snapshot_page(&self, vol: &Volume, snap: &Snapshot, p: u64) -> Option<Page> {
+        let c = *snap.l1.get(p as usize)?;
+        if c == Checksum::ZERO {
+            return Some(Box::new([BlockId::ZERO; FANOUT]));
+        }
+        if let Some(pg) = vol.shared_page(p, c) {
+            return Some(pg);
+        }
+        let mut b = vec![0u8; BLOCK_SIZE];
+        match self.blocks.read(BlockId(c.0), &mut b) {
+            Ok(true) => Some(crate::volume::decode_page(&b)),
+            _ => None,
+        }
+    }
+
+    /// Reads whole blocks of snapshot `snap` of `vol`, every block verified against
+    /// its id; a page that cannot be proven is an error, never data.
+    pub fn read_snapshot(
+        &self,
+        vol: &Volume,
+        snap: &Snapshot,
+        lba: Lba,
+        buf: &mut [u8],
+    ) -> Result<(), ReadError> {
+        assert_eq!(buf.len() % BLOCK_SIZE, 0);
+        let n = buf.len() / BLOCK_SIZE;
+        assert!(
+            lba.0 + n as u64 <= snap.block_count(),
+            "read past the end of a snapshot reached the store"
+        );
+        let mut ids = Vec::with_capacity(n);
+        let mut l = lba.0;
+        while ids.len() < n {
+            let p = l / FANOUT_U64;
+            let page = self.snapshot_page(vol, snap, p).ok_or_else(|| {
+                tracing::error!(volume = %vol.meta.name, snapshot = %snap.name, page = p, "snapshot page cannot be read or does not verify");
+                ReadError::Unrecoverable(Lba(l))
+            })?;
+            let s = (l % FANOUT_U64) as usize;
+            let take = (FANOUT - s).min(n - ids.len());
+            ids.extend_from_slice(&page[s..s + take]);
+            l += take as u64;
+        }
+        let ok = self.blocks.read_many(&ids, buf)?;
+        if let Some(i) = ok.iter().position(|ok| !ok) {
+            let lba = Lba(lba.0 + i as u64);
+            tracing::error!(volume = %vol.meta.name, snapshot = %snap.name, lba = lba.0, id = %ids[i].to_hex(), "snapshot block failed verification");
+            return Err(ReadError::CorruptBlock {
+                lba,
+                id: ids[i].to_hex(),
+                block: ids[i],
+            });
+        }
+        Ok(())
+    }
+
+    /// `Volume::allocation` for a snapshot: runs of (blocks, what) from `first`.
+    pub fn snapshot_allocation(
+        &self,
+        vol: &Volume,
+        snap: &Snapshot,
+        first: u64,
+        count: u64,
+        runs_max: usize,
+    ) -> Vec<(u64, Allocation)> {
+        let end = first.saturating_add(count).min(snap.block_count());
+        let mut runs = crate::volume::Runs::new(runs_max);
+        let mut l = first;
+        while l < end {
+            let p = l / FANOUT_U64;
+            let page_end = ((p + 1) * FANOUT_U64).min(end);
+            let page = self.snapshot_page(vol, snap, p);
+            while l < page_end {
+                let what = match &page {
+                    None => Allocation::Data,
+                    Some(pg) => crate::volume::allocation_of(pg[(l % FANOUT_U64) as usize]),
+                };
+                if !runs.push(1, what) {
+                    return runs.done();
+                }
+                l += 1;
+            }
+        }
+        runs.done()
+    }
+
+    /// (mapped blocks, mapped pages) of a snapshot: reads each of its pages.
+    pub fn snapshot_usage(&self, vol: &Volume, snap: &Snapshot) -> (u64, u64) {
+        let mut blocks = 0;
+        let mut pages = 0;
+        for p in 0..snap.page_count() {
+            if snap.l1[p as usize] == Checksum::ZERO {
+                continue;
+            }
+            pages += 1;
+            if let Some(pg) = self.snapshot_page(vol, snap, p) {
+                blocks += pg.iter().filter(|i| !i.is_zero()).count() as u64;
+            }
+        }
+        (blocks, pages)
     }
 
     /// Whether a journal write or a flush failed: the store refuses writes from then on
@@ -590,6 +786,7 @@ impl Store {
         self.apply(
             vol,
             lba,
+            n,
             encode_map(vol.meta.uid, lba, ids, &slots),
             KIND_MAP,
             &mut ids.iter().copied(),
@@ -641,6 +838,7 @@ impl Store {
         self.apply(
             vol,
             lba,
+            n,
             encode_map(vol.meta.uid, lba, ids, &slots),
             KIND_MAP,
             &mut ids.iter().copied(),
@@ -730,10 +928,15 @@ impl Store {
         &self,
         vol: &Volume,
         lba: Lba,
+        count: u64,
         payload: Vec<u8>,
         kind: u8,
         ids: &mut dyn Iterator<Item = BlockId>,
     ) -> Result<(), WriteError> {
+        // Before anything is journaled: a snapshot's page this change is the first to
+        // touch since the checkpoint is kept (a full disk fails the write here, with
+        // nothing changed).
+        vol.preserve(lba.page().0, Lba(lba.0 + count - 1).page().0, &self.blocks)?;
         let lsn = match self.journal.lock().append(kind, &payload) {
             Ok(l) => l,
             Err(e) => {
@@ -790,6 +993,7 @@ impl Store {
             self.apply(
                 vol,
                 l,
+                n,
                 encode_fill(vol.meta.uid, l, n, zid, slot),
                 KIND_FILL,
                 &mut std::iter::repeat_n(zid, n as usize),
@@ -920,6 +1124,10 @@ impl Store {
         let target = self.journal.lock().next_lsn();
         self.flush_locked(target)?;
         self.blocks.release_durable(u64::MAX);
+        // Page blocks a snapshot keeps are put when their page first changes, after
+        // that change's journal record: make them durable before the images that
+        // index them and overwrite the pages they preserve.
+        self.blocks.sync_data()?;
         let vols = self.volumes();
         let mut images: Vec<(u64, PageImage)> = Vec::new();
         for v in &vols {

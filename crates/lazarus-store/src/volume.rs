@@ -11,6 +11,7 @@
 
 use crate::disk::{self, DiskFile};
 use crate::error::StoreError;
+use crate::snapshot::{SnapLayer, Snapshot, SNAP_EXT};
 use lazarus_types::{
     page_count_for, BlockId, Checksum, Lba, PageIndex, BLOCK_SIZE, BLOCK_SIZE_U64, FANOUT,
     FANOUT_U64, ID_LEN,
@@ -299,6 +300,18 @@ pub fn decode_page(b: &[u8]) -> Page {
     p
 }
 
+/// The root of the tree whose level 1 is `l1` (`propagate` from nothing).
+pub fn tree_root(l1: &[Checksum]) -> Checksum {
+    let mut level = l1.to_vec();
+    while level.len() > 1 {
+        level = level
+            .chunks(FANOUT)
+            .map(|g| Checksum::of_page(&encode_cksums(g)))
+            .collect();
+    }
+    level.first().copied().unwrap_or(Checksum::ZERO)
+}
+
 fn encode_cksums(entries: &[Checksum]) -> Vec<u8> {
     let mut b = vec![0u8; BLOCK_SIZE];
     for (i, c) in entries.iter().enumerate() {
@@ -414,6 +427,10 @@ pub struct Volume {
     pub(crate) slice: DiskFile,
     pub(crate) cksum: DiskFile,
     pub(crate) state: Mutex<VolState>,
+    /// The volume's snapshots (`snapshot.rs`); lock order: `state`, then `snaps`.
+    pub(crate) snaps: Mutex<SnapLayer>,
+    /// Whether `snaps` names any page: writes look at the layer only then.
+    pub(crate) has_snaps: std::sync::atomic::AtomicBool,
 }
 
 /// What a block holds, for a map of a volume (`Volume::allocation`).
@@ -430,6 +447,47 @@ pub enum Allocation {
 /// The id of a provisioned zero block (`BlockId::hash_of` of 4 KiB of zeroes).
 static PROVISIONED_ZERO: std::sync::LazyLock<BlockId> =
     std::sync::LazyLock::new(|| BlockId::hash_of(&[0u8; lazarus_types::BLOCK_SIZE]));
+
+/// What a block mapped to `id` holds.
+pub(crate) fn allocation_of(id: BlockId) -> Allocation {
+    if id.is_zero() {
+        Allocation::Hole
+    } else if id == *PROVISIONED_ZERO {
+        Allocation::Zero
+    } else {
+        Allocation::Data
+    }
+}
+
+/// Runs of (blocks, what), at most `max` of them.
+pub(crate) struct Runs {
+    out: Vec<(u64, Allocation)>,
+    max: usize,
+}
+
+impl Runs {
+    pub(crate) fn new(max: usize) -> Runs {
+        Runs {
+            out: Vec::new(),
+            max,
+        }
+    }
+
+    /// Adds `n` blocks of `what`; false when that would take a run past the limit.
+    pub(crate) fn push(&mut self, n: u64, what: Allocation) -> bool {
+        let full = self.out.len() == self.max;
+        match self.out.last_mut() {
+            Some((m, was)) if *was == what => *m += n,
+            _ if full => return false,
+            _ => self.out.push((n, what)),
+        }
+        true
+    }
+
+    pub(crate) fn done(self) -> Vec<(u64, Allocation)> {
+        self.out
+    }
+}
 
 fn bit(bits: &SlotBits, i: usize) -> bool {
     bits[i / 64] & (1 << (i % 64)) != 0
@@ -492,6 +550,8 @@ impl Volume {
             slice,
             cksum,
             state: Mutex::new(VolState::empty(&lens, 1)),
+            snaps: Mutex::new(SnapLayer::default()),
+            has_snaps: false.into(),
         })
     }
 
@@ -522,6 +582,8 @@ impl Volume {
             slice,
             cksum,
             state: Mutex::new(VolState::empty(&lens, 0)),
+            snaps: Mutex::new(SnapLayer::default()),
+            has_snaps: false.into(),
         })
     }
 
@@ -1057,6 +1119,272 @@ impl Volume {
         Ok(())
     }
 
+    fn snapshots_dir(&self) -> PathBuf {
+        self.dir.join("snapshots")
+    }
+
+    /// Reads the volume's snapshot files (at open). A file that does not verify is
+    /// reported (`failed_snapshots`) and not served; a temp file left by a creation
+    /// that never reached its commit (the rename) is removed.
+    pub(crate) fn load_snapshots(&self) -> Result<(), StoreError> {
+        let dir = self.snapshots_dir();
+        if !lazarus_io::fs::exists(&dir) {
+            return Ok(());
+        }
+        let mut layer = SnapLayer::default();
+        let mut paths = lazarus_io::fs::list_dir(&dir).map_err(|e| StoreError::io(&dir, e))?;
+        paths.sort();
+        for path in paths {
+            let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+            if ext == "tmp" {
+                let _ = lazarus_io::fs::remove_file(&path);
+                continue;
+            }
+            if ext != SNAP_EXT {
+                continue;
+            }
+            let stem = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or_default()
+                .to_string();
+            let parsed = lazarus_io::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| Snapshot::decode(&b, path.clone()))
+                .and_then(|s| {
+                    if s.volume_uid != self.meta.uid {
+                        Err(format!(
+                            "it belongs to volume uid {}, not {}",
+                            s.volume_uid, self.meta.uid
+                        ))
+                    } else if s.name != stem {
+                        Err(format!("it names itself {:?}", s.name))
+                    } else {
+                        Ok(s)
+                    }
+                });
+            match parsed {
+                Ok(s) => {
+                    layer.count(&s);
+                    layer.list.insert(s.name.clone(), std::sync::Arc::new(s));
+                }
+                Err(e) => {
+                    tracing::error!(volume = %self.meta.name, snapshot = %stem, file = %path.display(), error = %e, "snapshot file does not verify; the snapshot is not served");
+                    layer.failed.push((stem, e));
+                }
+            }
+        }
+        self.has_snaps.store(
+            !layer.pages.is_empty(),
+            std::sync::atomic::Ordering::Release,
+        );
+        *self.snaps.lock() = layer;
+        Ok(())
+    }
+
+    /// The volume's snapshots, oldest first.
+    pub fn snapshots(&self) -> Vec<std::sync::Arc<Snapshot>> {
+        let mut v: Vec<_> = self.snaps.lock().list.values().cloned().collect();
+        v.sort_by_key(|s| s.seq);
+        v
+    }
+
+    pub fn snapshot(&self, name: &str) -> Option<std::sync::Arc<Snapshot>> {
+        self.snaps.lock().list.get(name).cloned()
+    }
+
+    /// Snapshot files that did not verify at open: (name, why).
+    pub fn failed_snapshots(&self) -> Vec<(String, String)> {
+        self.snaps.lock().failed.clone()
+    }
+
+    /// Records snapshot `name` of the volume as it is now. The caller holds the store's
+    /// checkpoint lock and has just checkpointed: no page is dirty, the tree is current
+    /// and on disk. The file's rename is the commit point.
+    pub(crate) fn take_snapshot(&self, name: &str) -> Result<std::sync::Arc<Snapshot>, StoreError> {
+        let st = self.state.lock();
+        if !st.damaged.is_empty() {
+            return Err(StoreError::Invalid(format!(
+                "volume {:?} has {} damaged slice page(s): repair it first (`lazarus volume repair`), a snapshot is taken of a whole volume only",
+                self.meta.name,
+                st.damaged.len()
+            )));
+        }
+        debug_assert!(st.dirty.is_empty() && st.stale.is_empty());
+        let l1 = st.levels[0].clone();
+        let root = st.levels.last().expect("at least one level")[0];
+        drop(st);
+        let mut layer = self.snaps.lock();
+        if layer.list.contains_key(name) {
+            return Err(StoreError::Invalid(format!(
+                "volume {:?} already has a snapshot {name:?}",
+                self.meta.name
+            )));
+        }
+        let dir = self.snapshots_dir();
+        if !lazarus_io::fs::exists(&dir) {
+            lazarus_io::fs::create_dir_all(&dir).map_err(|e| StoreError::io(&dir, e))?;
+            disk::sync_dir(&self.dir).map_err(|e| StoreError::io(&self.dir, e))?;
+        }
+        let s = Snapshot {
+            name: name.to_string(),
+            volume_uid: self.meta.uid,
+            size_bytes: self.size_bytes(),
+            created_unix: (lazarus_io::rt::wall_clock_nanos() / 1_000_000_000) as u64,
+            seq: layer.next_seq(),
+            l1,
+            root,
+            path: dir.join(format!("{name}.{SNAP_EXT}")),
+        };
+        disk::write_file_atomic(&s.path, &s.encode()).map_err(|e| StoreError::io(&s.path, e))?;
+        layer.count(&s);
+        let s = std::sync::Arc::new(s);
+        layer.list.insert(name.to_string(), s.clone());
+        self.has_snaps.store(
+            !layer.pages.is_empty(),
+            std::sync::atomic::Ordering::Release,
+        );
+        Ok(s)
+    }
+
+    /// Removes snapshot `name`'s file (the commit point) and its entries; returns the
+    /// page blocks no snapshot names any more, whose references the caller releases.
+    pub(crate) fn drop_snapshot(&self, name: &str) -> Result<Vec<Checksum>, StoreError> {
+        let mut layer = self.snaps.lock();
+        let s = layer
+            .list
+            .get(name)
+            .cloned()
+            .ok_or_else(|| StoreError::NoSuchSnapshot(format!("{}@{name}", self.meta.name)))?;
+        disk::remove_file(&s.path).map_err(|e| StoreError::io(&s.path, e))?;
+        let dir = self.snapshots_dir();
+        disk::sync_dir(&dir).map_err(|e| StoreError::io(&dir, e))?;
+        layer.list.remove(name);
+        let released = layer.uncount(&s);
+        self.has_snaps.store(
+            !layer.pages.is_empty(),
+            std::sync::atomic::Ordering::Release,
+        );
+        Ok(released)
+    }
+
+    /// Every page block the snapshots hold (the volume is being deleted).
+    pub(crate) fn take_held(&self) -> Vec<Checksum> {
+        let mut layer = self.snaps.lock();
+        layer.pages.clear();
+        self.has_snaps
+            .store(false, std::sync::atomic::Ordering::Release);
+        layer.held.drain().collect()
+    }
+
+    /// Before pages `first..=last` change: each that is clean (its content is what the
+    /// disk holds, and so what any snapshot taken since the last checkpoint or before
+    /// saw) and whose content a snapshot names is stored as a page block, with a
+    /// reference on each block it names, unless the snapshots hold it already. Under the
+    /// volume's lock, so two writers to one page store it once.
+    pub(crate) fn preserve(
+        &self,
+        first: u64,
+        last: u64,
+        blocks: &crate::blocks::BlockStore,
+    ) -> Result<(), StoreError> {
+        if !self.has_snaps.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(());
+        }
+        let st = self.state.lock();
+        let mut layer = self.snaps.lock();
+        for p in first..=last {
+            if st.dirty.contains(&p) || st.damaged.contains_key(&p) {
+                continue;
+            }
+            let Some(pg) = st.pages.get(&p) else {
+                continue; // all zeroes: nothing to keep
+            };
+            let bytes = encode_page(&pg[..]);
+            let c = Checksum::of_page(&bytes);
+            if !layer.pages.contains_key(&c) || layer.held.contains(&c) {
+                continue;
+            }
+            blocks.put(BlockId(c.0), &bytes)?;
+            for id in pg.iter().filter(|id| !id.is_zero()) {
+                blocks.add_ref(*id);
+            }
+            layer.held.insert(c);
+        }
+        Ok(())
+    }
+
+    /// At open, after the journal's replay: a page the replay changed still has its
+    /// checkpointed content on disk; if a snapshot names that content and the store
+    /// does not hold it, store it now (the crash came before the checkpoint that would
+    /// have overwritten it, and the page block put before the crash was not indexed).
+    /// References are counted afterwards (`count_snapshot_refs`).
+    pub(crate) fn preserve_replayed(&self, blocks: &crate::blocks::BlockStore) {
+        if !self.has_snaps.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        let dirty: Vec<u64> = self.state.lock().dirty.iter().copied().collect();
+        let layer = self.snaps.lock();
+        for p in dirty {
+            let mut b = vec![0u8; BLOCK_SIZE];
+            if self.slice.read_at(&mut b, slice_page_offset(p)).is_err() {
+                continue;
+            }
+            let c = Checksum::of_page(&b);
+            if c == Checksum::ZERO || !layer.pages.contains_key(&c) {
+                continue;
+            }
+            if blocks.locate(BlockId(c.0)).is_none() {
+                if let Err(e) = blocks.put_unreferenced(BlockId(c.0), &b) {
+                    tracing::error!(volume = %self.meta.name, page = p, error = %e, "cannot keep a snapshot's page; reads of it will fail");
+                }
+            }
+        }
+    }
+
+    /// At open: a reference on each page block a snapshot names that the store holds,
+    /// and on each block such a page names.
+    pub(crate) fn count_snapshot_refs(&self, blocks: &crate::blocks::BlockStore) {
+        let mut layer = self.snaps.lock();
+        let contents: Vec<Checksum> = layer.pages.keys().copied().collect();
+        for c in contents {
+            let id = BlockId(c.0);
+            if blocks.locate(id).is_none() {
+                continue; // shared with the volume's page, or lost
+            }
+            let mut b = vec![0u8; BLOCK_SIZE];
+            match blocks.read(id, &mut b) {
+                Ok(true) => {}
+                _ => {
+                    tracing::error!(volume = %self.meta.name, page_block = %id.to_hex(), "a snapshot's page block does not verify; reads of it will fail");
+                    continue;
+                }
+            }
+            blocks.add_ref(id);
+            for child in decode_page(&b).iter().filter(|i| !i.is_zero()) {
+                blocks.add_ref(*child);
+            }
+            layer.held.insert(c);
+        }
+    }
+
+    /// Page `p` of the volume if its content is `c`: a snapshot's page shared with the
+    /// volume (clean since the last checkpoint, recorded with that checksum, and
+    /// verified here).
+    pub(crate) fn shared_page(&self, p: u64, c: Checksum) -> Option<Page> {
+        let pg = {
+            let st = self.state.lock();
+            if st.dirty.contains(&p) || st.stale.contains(&p) || st.damaged.contains_key(&p) {
+                return None;
+            }
+            if st.levels[0].get(p as usize) != Some(&c) {
+                return None;
+            }
+            st.pages.get(&p)?.clone()
+        };
+        (Checksum::of_page(&encode_page(&pg[..])) == c).then_some(pg)
+    }
+
     /// Every mapped id, for reference counting at recovery and for deletion.
     pub fn all_ids(&self) -> Vec<BlockId> {
         let st = self.state.lock();
@@ -1515,28 +1843,18 @@ impl Volume {
     /// block lost to a damaged page counts as data (it reads as an error). NBD's
     /// `base:allocation`.
     pub fn allocation(&self, first: u64, count: u64, runs_max: usize) -> Vec<(u64, Allocation)> {
-        let zero = *PROVISIONED_ZERO;
         let st = self.state.lock();
         let end = first.saturating_add(count).min(self.block_count());
-        let mut out: Vec<(u64, Allocation)> = Vec::new();
-        let push = |out: &mut Vec<(u64, Allocation)>, n: u64, what: Allocation| {
-            let full = out.len() == runs_max;
-            match out.last_mut() {
-                Some((m, was)) if *was == what => *m += n,
-                _ if full => return false,
-                _ => out.push((n, what)),
-            }
-            true
-        };
+        let mut runs = Runs::new(runs_max);
         let mut l = first;
-        'pages: while l < end {
+        while l < end {
             let p = l / FANOUT_U64;
             let pg = st.pages.get(&p);
             let bits = st.damaged.get(&p);
             let page_end = ((p + 1) * FANOUT_U64).min(end);
             if pg.is_none() && bits.is_none() {
                 // A page never written: all of it unmapped.
-                if !push(&mut out, page_end - l, Allocation::Hole) {
+                if !runs.push(page_end - l, Allocation::Hole) {
                     break;
                 }
                 l = page_end;
@@ -1547,20 +1865,15 @@ impl Volume {
                 let what = if bits.is_some_and(|b| bit(b, s)) {
                     Allocation::Data
                 } else {
-                    match pg.map(|pg| pg[s]) {
-                        None => Allocation::Hole,
-                        Some(id) if id.is_zero() => Allocation::Hole,
-                        Some(id) if id == zero => Allocation::Zero,
-                        Some(_) => Allocation::Data,
-                    }
+                    pg.map_or(Allocation::Hole, |pg| allocation_of(pg[s]))
                 };
-                if !push(&mut out, 1, what) {
-                    break 'pages;
+                if !runs.push(1, what) {
+                    return runs.done();
                 }
                 l += 1;
             }
         }
-        out
+        runs.done()
     }
 
     /// (mapped blocks, mapped pages) for status.

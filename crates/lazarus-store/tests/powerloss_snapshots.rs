@@ -1,0 +1,176 @@
+//! Guards snapshot creation and deletion against power loss (the simulator of
+//! `disk::powerloss`; see powerloss.rs): the power goes off at a random I/O operation,
+//! perhaps inside a snapshot's checkpoint or its file's commit. After every crash a
+//! snapshot whose creation returned with the power on exists and reads exactly what
+//! the volume held when it was taken; one whose creation or deletion the power cut
+//! either exists, and then reads exactly that, or does not; no other snapshot appears;
+//! no page looks corrupt and no block is missing.
+
+use lazarus_store::disk::powerloss;
+use lazarus_store::{Store, StoreOptions};
+use lazarus_types::{Lba, BLOCK_SIZE};
+use std::collections::{BTreeMap, HashMap};
+
+fn block(seed: u64) -> Vec<u8> {
+    if seed == 0 {
+        return vec![0u8; BLOCK_SIZE];
+    }
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut b = vec![0u8; BLOCK_SIZE];
+    rng.fill(&mut b[..256]);
+    b[256..].fill((seed % 251) as u8);
+    b
+}
+
+#[derive(Clone, Debug)]
+enum Known {
+    /// Exists, with these values.
+    Sure(HashMap<u64, u64>),
+    /// The power cut its creation or its deletion: exists with these values, or not.
+    Maybe(HashMap<u64, u64>),
+}
+
+#[test]
+fn snapshots_survive_power_loss_at_random_instants() {
+    let seed = std::env::var("LAZARUS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    println!("LAZARUS_SEED={seed}");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let opts = StoreOptions {
+        journal_bytes: 8 << 20,
+    };
+    const BLOCKS: u64 = 1536; // 6 MiB, 6 slice pages
+    powerloss::enable();
+    {
+        let s = Store::open(dir.path(), opts.clone()).unwrap();
+        s.create_volume("v", BLOCKS * 4096).unwrap();
+        s.checkpoint().unwrap();
+    }
+    let mut durable: HashMap<u64, u64> = HashMap::new();
+    let mut since: HashMap<u64, Vec<u64>> = HashMap::new();
+    let mut snaps: BTreeMap<String, Known> = BTreeMap::new();
+    let mut next = 0;
+    let mut cut_snapshot_ops = 0;
+    for round in 0..40 {
+        let ctx = format!("round {round} (seed {seed})");
+        let s = Store::open(dir.path(), opts.clone())
+            .unwrap_or_else(|e| panic!("{ctx}: store does not open after power loss: {e}"));
+        assert!(
+            s.recovery.damaged_pages.is_empty(),
+            "{ctx}: power loss looked like corruption: {:?}",
+            s.recovery
+        );
+        assert_eq!(s.recovery.missing_blocks, 0, "{ctx}: {:?}", s.recovery);
+        let v = s.volume("v").unwrap();
+        assert!(v.failed_snapshots().is_empty(), "{ctx}");
+        let present: Vec<String> = v.snapshots().iter().map(|x| x.name.clone()).collect();
+        for name in &present {
+            assert!(
+                snaps.contains_key(name),
+                "{ctx}: unexpected snapshot {name}"
+            );
+        }
+        let mut buf = vec![0u8; BLOCK_SIZE];
+        for (name, k) in std::mem::take(&mut snaps) {
+            let want = match k {
+                Known::Sure(w) => {
+                    assert!(present.contains(&name), "{ctx}: snapshot {name} lost");
+                    w
+                }
+                Known::Maybe(w) if present.contains(&name) => w,
+                Known::Maybe(_) => continue,
+            };
+            let sn = v.snapshot(&name).unwrap();
+            for lba in 0..BLOCKS {
+                s.read_snapshot(&v, &sn, Lba(lba), &mut buf)
+                    .unwrap_or_else(|e| panic!("{ctx}: {name} lba {lba}: {e}"));
+                let w = want.get(&lba).copied().unwrap_or(0);
+                assert!(
+                    buf == block(w),
+                    "{ctx}: snapshot {name} LBA {lba} is not {w}"
+                );
+            }
+            snaps.insert(name, Known::Sure(want));
+        }
+        for lba in 0..BLOCKS {
+            s.read_blocks(&v, Lba(lba), &mut buf)
+                .unwrap_or_else(|e| panic!("{ctx} lba {lba}: {e}"));
+            let d = durable.get(&lba).copied().unwrap_or(0);
+            let now = if buf == block(d) {
+                d
+            } else {
+                let cands = since.get(&lba).cloned().unwrap_or_default();
+                *cands.iter().find(|c| buf == block(**c)).unwrap_or_else(|| {
+                    panic!(
+                        "{ctx}: LBA {lba} lost its flushed value {d} and holds none of {cands:?}"
+                    )
+                })
+            };
+            durable.insert(lba, now);
+        }
+        since.clear();
+        powerloss::power_off_after(rng.u64(1..500));
+        for _ in 0..rng.usize(1..100) {
+            let lba = rng.u64(0..BLOCKS);
+            let n = rng.u64(1..=32).min(BLOCKS - lba);
+            let op = rng.u8(0..14);
+            match op {
+                0..=7 => {
+                    let vals: Vec<u64> = (0..n).map(|_| rng.u64(1..400)).collect();
+                    let data: Vec<u8> = vals.iter().flat_map(|x| block(*x)).collect();
+                    for (i, x) in vals.iter().enumerate() {
+                        since.entry(lba + i as u64).or_default().push(*x);
+                    }
+                    s.write_blocks(&v, Lba(lba), &data).unwrap();
+                }
+                8 => {
+                    for i in 0..n {
+                        since.entry(lba + i).or_default().push(0);
+                    }
+                    s.write_zeroes(&v, Lba(lba), n, rng.bool()).unwrap();
+                }
+                9 | 10 => s.flush().unwrap(),
+                11 if powerloss::is_on() && snaps.len() < 4 => {
+                    next += 1;
+                    let name = format!("s{next}");
+                    let mut at: HashMap<u64, u64> = durable.clone();
+                    for (l, vals) in &since {
+                        at.insert(*l, *vals.last().unwrap());
+                    }
+                    s.create_snapshot("v", &name).unwrap();
+                    if powerloss::is_on() {
+                        snaps.insert(name, Known::Sure(at));
+                    } else {
+                        cut_snapshot_ops += 1;
+                        snaps.insert(name, Known::Maybe(at));
+                    }
+                }
+                12 if powerloss::is_on() && !snaps.is_empty() => {
+                    let name = snaps.keys().nth(rng.usize(0..snaps.len())).unwrap().clone();
+                    s.delete_snapshot("v", &name).unwrap();
+                    let k = snaps.remove(&name).unwrap();
+                    if !powerloss::is_on() {
+                        cut_snapshot_ops += 1;
+                        let (Known::Sure(w) | Known::Maybe(w)) = k;
+                        snaps.insert(name, Known::Maybe(w));
+                    }
+                }
+                _ => s.checkpoint().unwrap(),
+            }
+            // A flush, a checkpoint or a snapshot's creation that completed with the
+            // power on: everything written before it survives.
+            if op >= 9 && op != 12 && powerloss::is_on() {
+                for (l, vals) in since.drain() {
+                    durable.insert(l, *vals.last().unwrap());
+                }
+            }
+        }
+        drop(s);
+        powerloss::crash(&mut |n| rng.u64(0..n.max(1)));
+    }
+    powerloss::disable();
+    println!("snapshot operations the power cut: {cut_snapshot_ops}");
+}

@@ -1,0 +1,334 @@
+//! Guards snapshots in the store: a snapshot reads what the volume held when it was
+//! taken, whatever the volume does after; it survives crashes (drop without a flush)
+//! at any point; deleting it frees what only it referenced; the reference counts a
+//! running store keeps agree with the ones a restart recounts.
+
+use lazarus_store::{Allocation, Store, StoreOptions};
+use lazarus_types::{Lba, BLOCK_SIZE};
+use std::collections::{BTreeMap, HashMap};
+
+fn block(seed: u64) -> Vec<u8> {
+    if seed == 0 {
+        return vec![0u8; BLOCK_SIZE];
+    }
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut b = vec![0u8; BLOCK_SIZE];
+    rng.fill(&mut b[..128]);
+    b[128..].fill((seed % 251) as u8);
+    b
+}
+
+fn opts() -> StoreOptions {
+    StoreOptions {
+        journal_bytes: 8 << 20,
+    }
+}
+
+/// Reads every block of snapshot `name` (or the volume) and compares with `want`.
+fn check(s: &Store, name: Option<&str>, blocks: u64, want: &HashMap<u64, u64>, ctx: &str) {
+    let v = s.volume("v").unwrap();
+    let snap = name.map(|n| {
+        v.snapshot(n)
+            .unwrap_or_else(|| panic!("{ctx}: snapshot {n} missing"))
+    });
+    let mut buf = vec![0u8; 16 * BLOCK_SIZE];
+    let mut lba = 0;
+    while lba < blocks {
+        let n = 16.min(blocks - lba);
+        let b = &mut buf[..(n as usize) * BLOCK_SIZE];
+        match &snap {
+            Some(sn) => s.read_snapshot(&v, sn, Lba(lba), b),
+            None => s.read_blocks(&v, Lba(lba), b),
+        }
+        .unwrap_or_else(|e| panic!("{ctx}: {name:?} lba {lba}: {e}"));
+        for i in 0..n {
+            let l = lba + i;
+            let got = &b[(i as usize) * BLOCK_SIZE..(i as usize + 1) * BLOCK_SIZE];
+            let w = want.get(&l).copied().unwrap_or(0);
+            assert!(
+                got == block(w).as_slice(),
+                "{ctx}: {name:?} LBA {l} does not hold value {w}"
+            );
+        }
+        lba += n;
+    }
+}
+
+#[test]
+fn a_snapshot_keeps_what_the_volume_held_and_frees_it_when_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    const BLOCKS: u64 = 4096; // 16 pages
+    let mut now: HashMap<u64, u64> = HashMap::new();
+    {
+        let s = Store::open(dir.path(), opts()).unwrap();
+        let v = s.create_volume("v", BLOCKS * 4096).unwrap();
+        // Pages 0..3 written, page 5 partly, the rest holes.
+        for lba in 0..1024 {
+            s.write_blocks(&v, Lba(lba), &block(lba + 1)).unwrap();
+            now.insert(lba, lba + 1);
+        }
+        s.write_blocks(&v, Lba(5 * 256 + 7), &block(9999)).unwrap();
+        now.insert(5 * 256 + 7, 9999);
+        let before = s.block_stats().blocks;
+        let snap = s.create_snapshot("v", "monday").unwrap();
+        assert_eq!(snap.mapped_pages(), 5);
+        assert!(
+            s.create_snapshot("v", "monday").is_err(),
+            "names are unique"
+        );
+        assert!(s.create_snapshot("v", "a/b").is_err(), "names are checked");
+        assert!(s.create_snapshot("nope", "x").is_err());
+        // Taking it stored nothing.
+        assert_eq!(s.block_stats().blocks, before);
+        let at_snap = now.clone();
+        // Overwrite half of page 0, trim page 1, write into a hole page.
+        for lba in 0..128 {
+            s.write_blocks(&v, Lba(lba), &block(50_000 + lba)).unwrap();
+            now.insert(lba, 50_000 + lba);
+        }
+        s.write_zeroes(&v, Lba(256), 256, false).unwrap();
+        for lba in 256..512 {
+            now.remove(&lba);
+        }
+        s.write_blocks(&v, Lba(10 * 256), &block(77)).unwrap();
+        now.insert(10 * 256, 77);
+        check(&s, Some("monday"), BLOCKS, &at_snap, "live");
+        check(&s, None, BLOCKS, &now, "live");
+        // The snapshot's map: page 1 still data there, a hole in the volume.
+        let sn = v.snapshot("monday").unwrap();
+        let m = s.snapshot_allocation(&v, &sn, 256, 256, 16);
+        assert_eq!(m, vec![(256, Allocation::Data)]);
+        let m = s.snapshot_allocation(&v, &sn, 10 * 256, 256, 16);
+        assert_eq!(m, vec![(256, Allocation::Hole)]);
+        assert_eq!(v.allocation(256, 256, 16), vec![(256, Allocation::Hole)]);
+        // Crash: no flush, no checkpoint.
+    }
+    {
+        let s = Store::open(dir.path(), opts()).unwrap();
+        assert_eq!(s.recovery.missing_blocks, 0);
+        assert!(s.recovery.damaged_pages.is_empty());
+        let v = s.volume("v").unwrap();
+        assert_eq!(v.snapshots().len(), 1);
+        // Unflushed writes may be gone from the volume, never from the snapshot.
+        let mut at_snap: HashMap<u64, u64> = (0..1024).map(|l| (l, l + 1)).collect();
+        at_snap.insert(5 * 256 + 7, 9999);
+        check(&s, Some("monday"), BLOCKS, &at_snap, "after crash");
+        s.write_blocks(&v, Lba(3), &block(123)).unwrap();
+        s.flush().unwrap();
+        let with_snap = s.block_stats().blocks;
+        s.delete_snapshot("v", "monday").unwrap();
+        assert!(s.delete_snapshot("v", "monday").is_err());
+        assert!(v.snapshots().is_empty());
+        s.flush().unwrap();
+        let without = s.block_stats().blocks;
+        assert!(
+            without < with_snap,
+            "deleting the snapshot freed nothing ({with_snap} -> {without})"
+        );
+        // What is left is exactly what the volume maps.
+        let mapped: std::collections::HashSet<_> = v.all_ids().into_iter().collect();
+        assert_eq!(without, mapped.len() as u64);
+    }
+    let s = Store::open(dir.path(), opts()).unwrap();
+    assert!(s.volume("v").unwrap().snapshots().is_empty());
+}
+
+/// Random writes, trims, snapshots, deletions, flushes and checkpoints, with a crash
+/// (drop without flush) after each round: every snapshot reads exactly what the
+/// volume held when it was taken, and the block count a running store keeps equals
+/// the one a restart recounts.
+#[test]
+fn snapshots_survive_random_operations_and_crashes() {
+    let seed = std::env::var("LAZARUS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5a95_u64);
+    println!("LAZARUS_SEED={seed}");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let dir = tempfile::tempdir().unwrap();
+    const BLOCKS: u64 = 2048; // 8 pages
+    {
+        let s = Store::open(dir.path(), opts()).unwrap();
+        s.create_volume("v", BLOCKS * 4096).unwrap();
+    }
+    // The volume's values as last flushed / as last written; each snapshot's.
+    let mut durable: HashMap<u64, u64> = HashMap::new();
+    let mut latest: HashMap<u64, u64> = HashMap::new();
+    let mut snaps: BTreeMap<String, HashMap<u64, u64>> = BTreeMap::new();
+    let mut next = 0;
+    for round in 0..10 {
+        let s = Store::open(dir.path(), opts()).unwrap();
+        let ctx = format!("round {round} (seed {seed})");
+        assert_eq!(s.recovery.missing_blocks, 0, "{ctx}");
+        assert!(s.recovery.damaged_pages.is_empty(), "{ctx}");
+        let v = s.volume("v").unwrap();
+        let mut names: Vec<String> = v.snapshots().iter().map(|x| x.name.clone()).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            snaps.keys().cloned().collect::<Vec<_>>(),
+            "{ctx}: snapshots"
+        );
+        for (n, want) in &snaps {
+            check(&s, Some(n), BLOCKS, want, &ctx);
+        }
+        // The volume: flushed values hold unless rewritten since (then either).
+        let mut buf = vec![0u8; BLOCK_SIZE];
+        for lba in 0..BLOCKS {
+            s.read_blocks(&v, Lba(lba), &mut buf).unwrap();
+            let d = durable.get(&lba).copied().unwrap_or(0);
+            let l = latest.get(&lba).copied().unwrap_or(0);
+            let now = if buf == block(d) {
+                d
+            } else {
+                assert!(buf == block(l), "{ctx}: LBA {lba} lost");
+                l
+            };
+            durable.insert(lba, now);
+            latest.insert(lba, now);
+        }
+        for op in 0..300 {
+            let lba = rng.u64(0..BLOCKS);
+            let n = rng.u64(1..=24).min(BLOCKS - lba);
+            match rng.u8(0..20) {
+                0..=10 => {
+                    let vals: Vec<u64> = (0..n).map(|_| rng.u64(1..300)).collect();
+                    let data: Vec<u8> = vals.iter().flat_map(|x| block(*x)).collect();
+                    s.write_blocks(&v, Lba(lba), &data).unwrap();
+                    for (i, x) in vals.iter().enumerate() {
+                        latest.insert(lba + i as u64, *x);
+                    }
+                }
+                11 => {
+                    s.write_zeroes(&v, Lba(lba), n, false).unwrap();
+                    for i in 0..n {
+                        latest.insert(lba + i, 0);
+                    }
+                }
+                12 | 13 => {
+                    s.flush().unwrap();
+                    durable = latest.clone();
+                }
+                14 => {
+                    s.checkpoint().unwrap();
+                    durable = latest.clone();
+                }
+                15 | 16 if snaps.len() < 4 => {
+                    next += 1;
+                    let name = format!("s{next}");
+                    s.create_snapshot("v", &name).unwrap();
+                    // Taking a snapshot checkpoints: everything before is durable.
+                    durable = latest.clone();
+                    snaps.insert(name, latest.clone());
+                }
+                17 if !snaps.is_empty() => {
+                    let k = rng.usize(0..snaps.len());
+                    let name = snaps.keys().nth(k).unwrap().clone();
+                    s.delete_snapshot("v", &name).unwrap();
+                    snaps.remove(&name);
+                }
+                _ => {
+                    if op % 50 == 0 {
+                        for (n, want) in &snaps {
+                            check(&s, Some(n), BLOCKS, want, &format!("{ctx} op {op}"));
+                        }
+                        check(&s, None, BLOCKS, &latest, &format!("{ctx} op {op}"));
+                    }
+                }
+            }
+        }
+        // The counts kept while running agree with a recount.
+        if round % 3 == 2 {
+            s.checkpoint().unwrap();
+            durable = latest.clone();
+            let running = s.block_stats().blocks;
+            drop(s);
+            let s = Store::open(dir.path(), opts()).unwrap();
+            assert_eq!(
+                s.block_stats().blocks,
+                running,
+                "{ctx}: a restart counts another number of blocks than the running store"
+            );
+        }
+        // Crash: drop without flushing.
+    }
+    // Deleting every snapshot leaves exactly what the volume maps.
+    let s = Store::open(dir.path(), opts()).unwrap();
+    for n in snaps.keys() {
+        s.delete_snapshot("v", n).unwrap();
+    }
+    s.checkpoint().unwrap();
+    let v = s.volume("v").unwrap();
+    let mapped: std::collections::HashSet<_> = v.all_ids().into_iter().collect();
+    assert_eq!(s.block_stats().blocks, mapped.len() as u64);
+}
+
+/// A snapshot file damaged on disk is reported and not served; the volume and other
+/// snapshots are unaffected. A snapshot page block damaged on disk reads as an error,
+/// never as other data.
+#[test]
+fn damaged_snapshot_files_and_pages_are_errors_not_data() {
+    let dir = tempfile::tempdir().unwrap();
+    const BLOCKS: u64 = 1024;
+    {
+        let s = Store::open(dir.path(), opts()).unwrap();
+        let v = s.create_volume("v", BLOCKS * 4096).unwrap();
+        for lba in 0..BLOCKS {
+            s.write_blocks(&v, Lba(lba), &block(lba + 1)).unwrap();
+        }
+        s.create_snapshot("v", "a").unwrap();
+        s.create_snapshot("v", "b").unwrap();
+        // Page 0 changes: its old content becomes a page block.
+        s.write_blocks(&v, Lba(0), &block(5000)).unwrap();
+        s.checkpoint().unwrap();
+    }
+    let snapdir = dir.path().join("volumes/v/snapshots");
+    // Flip a byte of snapshot b's file.
+    let bp = snapdir.join("b.snap");
+    let mut bytes = std::fs::read(&bp).unwrap();
+    let k = bytes.len() / 2;
+    bytes[k] ^= 0xff;
+    std::fs::write(&bp, &bytes).unwrap();
+    // A leftover of a creation that never committed.
+    std::fs::write(snapdir.join("c.tmp"), b"partial").unwrap();
+    {
+        let s = Store::open(dir.path(), opts()).unwrap();
+        let v = s.volume("v").unwrap();
+        let names: Vec<String> = v.snapshots().iter().map(|x| x.name.clone()).collect();
+        assert_eq!(names, vec!["a".to_string()]);
+        assert_eq!(v.failed_snapshots().len(), 1);
+        assert!(!snapdir.join("c.tmp").exists());
+        let want: HashMap<u64, u64> = (0..BLOCKS).map(|l| (l, l + 1)).collect();
+        check(&s, Some("a"), BLOCKS, &want, "after damage");
+        // Corrupt the page block holding snapshot a's page 0.
+        let sn = v.snapshot("a").unwrap();
+        let id = lazarus_types::BlockId(sn.l1[0].0);
+        let loc = s.blocks_path();
+        let off = {
+            // The page block is stored: find it through a read of a fresh store.
+            let mut found = None;
+            let data = std::fs::read(&loc).unwrap();
+            for (i, chunk) in data.chunks(BLOCK_SIZE).enumerate() {
+                if lazarus_types::BlockId::hash_of(chunk) == id {
+                    found = Some(i * BLOCK_SIZE);
+                }
+            }
+            found.expect("page block stored")
+        };
+        drop(s);
+        let f = std::fs::OpenOptions::new().write(true).open(&loc).unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&[0xAB; 16], off as u64 + 100).unwrap();
+    }
+    let s = Store::open(dir.path(), opts()).unwrap();
+    let v = s.volume("v").unwrap();
+    let sn = v.snapshot("a").unwrap();
+    let mut buf = vec![0u8; BLOCK_SIZE];
+    assert!(
+        s.read_snapshot(&v, &sn, Lba(3), &mut buf).is_err(),
+        "a damaged snapshot page must fail its reads"
+    );
+    // Its other pages (shared with the volume) still read.
+    s.read_snapshot(&v, &sn, Lba(300), &mut buf).unwrap();
+    assert!(buf == block(301));
+}
