@@ -100,6 +100,11 @@ pub struct VolumeInfo {
     /// failover.
     #[serde(default)]
     pub handed_over: Option<u64>,
+    /// The volume's snapshots: name -> id. A node serves `VOLUME@NAME` only from a
+    /// copy whose snapshot file carries this id (one that missed a deletion and a
+    /// re-creation under the name is never served).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub snapshots: BTreeMap<String, u64>,
 }
 
 impl VolumeInfo {
@@ -262,6 +267,13 @@ pub enum MetaCommand {
     },
     DeleteVolume {
         name: String,
+    },
+    /// Records snapshot `name` of `volume` with its id (`Some`), once its copies took
+    /// it, or forgets it (`None`) before they delete it.
+    SetSnapshot {
+        volume: String,
+        name: String,
+        id: Option<u64>,
     },
     /// Grows a volume (never shrinks it: that would discard data). Each node grows its
     /// copy when it applies this.
@@ -447,6 +459,8 @@ pub enum MetaCommand {
     },
 }
 
+// A response lives for one proposal; boxing the volume would only cost an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MetaResponse {
     Ok,
@@ -789,6 +803,7 @@ impl ClusterMeta {
                     resyncing_at: BTreeMap::new(),
                     replication: replicas.len(),
                     handed_over: None,
+                    snapshots: BTreeMap::new(),
                 };
                 self.volumes.insert(name.clone(), v.clone());
                 Ok(MetaResponse::Volume(v))
@@ -800,6 +815,25 @@ impl ClusterMeta {
                 self.deleted.insert(v.uid);
                 self.moving.remove(name);
                 self.primary_wanted.remove(name);
+                Ok(MetaResponse::Ok)
+            }
+            MetaCommand::SetSnapshot { volume, name, id } => {
+                let v = self.volume_mut(volume)?;
+                match id {
+                    Some(id) => match v.snapshots.get(name) {
+                        Some(had) if had != id => {
+                            return Err(MetaError::Exists(format!(
+                                "volume {volume:?} already has a snapshot {name:?}"
+                            )))
+                        }
+                        _ => {
+                            v.snapshots.insert(name.clone(), *id);
+                        }
+                    },
+                    None => {
+                        v.snapshots.remove(name);
+                    }
+                }
                 Ok(MetaResponse::Ok)
             }
             MetaCommand::ResizeVolume { name, size_bytes } => {
@@ -1650,6 +1684,46 @@ mod tests {
             MetaResponse::NotFound(_)
         ));
         assert_eq!(m.volumes[&v.name].size_bytes, v.size_bytes * 2);
+    }
+
+    #[test]
+    fn snapshots_are_recorded_by_name_and_id() {
+        let mut m = meta3();
+        let v = create(&mut m);
+        let set = |m: &mut ClusterMeta, name: &str, id: Option<u64>| {
+            m.apply(&MetaCommand::SetSnapshot {
+                volume: v.name.clone(),
+                name: name.into(),
+                id,
+            })
+        };
+        let changed = m.volumes[&v.name].changed_at;
+        assert_eq!(set(&mut m, "monday", Some(7)), MetaResponse::Ok);
+        // The same again (a retried proposal) is fine; another id under the name not.
+        assert_eq!(set(&mut m, "monday", Some(7)), MetaResponse::Ok);
+        assert!(matches!(
+            set(&mut m, "monday", Some(8)),
+            MetaResponse::Exists(_)
+        ));
+        assert_eq!(m.volumes[&v.name].snapshots["monday"], 7);
+        // Recording a snapshot is no change of the volume's copies or roles.
+        assert_eq!(m.volumes[&v.name].changed_at, changed);
+        assert_eq!(set(&mut m, "monday", None), MetaResponse::Ok);
+        assert!(m.volumes[&v.name].snapshots.is_empty());
+        assert_eq!(set(&mut m, "monday", Some(8)), MetaResponse::Ok);
+        assert!(matches!(
+            m.apply(&MetaCommand::SetSnapshot {
+                volume: "nope".into(),
+                name: "x".into(),
+                id: Some(1)
+            }),
+            MetaResponse::NotFound(_)
+        ));
+        // Metadata written before snapshots existed still reads.
+        let mut j = serde_json::to_value(&m.volumes[&v.name]).unwrap();
+        j.as_object_mut().unwrap().remove("snapshots");
+        let back: VolumeInfo = serde_json::from_value(j).unwrap();
+        assert!(back.snapshots.is_empty());
     }
 
     #[test]

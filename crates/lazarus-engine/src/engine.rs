@@ -228,7 +228,11 @@ impl Engine {
     /// blocks behind another while the role was handed over must not land on this copy
     /// (a replica now, which the new primary may already have compared with its own):
     /// it goes to the new primary instead (`IoError::not_serving`).
-    async fn still_primary(&self, vol: &Volume, admitted: Option<u64>) -> Result<(), IoError> {
+    pub(crate) async fn still_primary(
+        &self,
+        vol: &Volume,
+        admitted: Option<u64>,
+    ) -> Result<(), IoError> {
         let (Some(c), Some(e)) = (self.cluster.get(), admitted) else {
             return Ok(());
         };

@@ -15,4 +15,5 @@ pub mod acks;
 pub mod engine;
 pub mod forward;
 pub mod repair;
+pub mod snapshots;
 pub mod stats;

@@ -619,6 +619,7 @@ mod tests {
             resyncing_at: Default::default(),
             replication: 3,
             handed_over: None,
+            snapshots: Default::default(),
         }
     }
 

@@ -66,6 +66,8 @@ pub mod kind {
     /// those ids without hashing them again. Sent only to nodes that registered
     /// `NodeInfo::takes_ids`.
     pub const KIND_REPLICATE_IDS: u8 = 16;
+    /// A primary has a copy take or delete a snapshot (`lazarus-engine`, snapshots.rs).
+    pub const KIND_VOLUME_SNAPSHOT: u8 = 17;
 
     /// The recovery server: a claim (compare-and-set on the failure count ID and
     /// holder), a log append, a hold renewal, a volume's state, a log read, a clear, a

@@ -200,6 +200,8 @@ pub struct VolumeView {
     pub root: String,
     pub unrecoverable: Vec<DamagedRange>,
     pub unrecoverable_lbas: u64,
+    /// This copy's snapshots, oldest first.
+    pub snapshots: Vec<String>,
 }
 
 pub fn volume_view(v: &Volume) -> VolumeView {
@@ -217,6 +219,7 @@ pub fn volume_view(v: &Volume) -> VolumeView {
             .into_iter()
             .map(|(first_lba, count)| DamagedRange { first_lba, count })
             .collect(),
+        snapshots: v.snapshots().iter().map(|s| s.name.clone()).collect(),
     }
 }
 
@@ -234,6 +237,14 @@ pub fn router(state: AppState) -> Router {
             get(get_volume).delete(delete_volume),
         )
         .route("/api/v1/volumes/{name}/locate", get(locate))
+        .route(
+            "/api/v1/volumes/{name}/snapshots",
+            get(list_snapshots).post(create_snapshot),
+        )
+        .route(
+            "/api/v1/volumes/{name}/snapshots/{snap}",
+            axum::routing::delete(delete_snapshot),
+        )
         .route(
             "/api/v1/volumes/{name}/resize",
             axum::routing::post(resize_volume),
@@ -563,6 +574,7 @@ async fn created_elsewhere(
                         root: v["root"].as_str().unwrap_or_default().to_string(),
                         unrecoverable: Vec::new(),
                         unrecoverable_lbas: v["unrecoverable_lbas"].as_u64().unwrap_or(0),
+                        snapshots: Vec::new(),
                     }),
                 ));
             }
@@ -707,6 +719,7 @@ async fn resize_volume(
             root: String::new(),
             unrecoverable: Vec::new(),
             unrecoverable_lbas: 0,
+            snapshots: Vec::new(),
         };
         if let Some(m) = c.store.meta().volumes.get(&name) {
             v.uid = format!("{:016x}", m.uid);
@@ -1512,6 +1525,107 @@ async fn repair_volume(
     })))
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotReq {
+    pub name: String,
+}
+
+/// A snapshot as the API shows it.
+fn snapshot_view(
+    store: &lazarus_store::Store,
+    v: &Volume,
+    sn: &lazarus_store::Snapshot,
+) -> serde_json::Value {
+    let (mapped_blocks, mapped_pages) = store.snapshot_usage(v, sn);
+    json!({
+        "name": sn.name,
+        "export": format!("{}@{}", v.meta.name, sn.name),
+        "seq": sn.seq,
+        "created_unix": sn.created_unix,
+        "size_bytes": sn.size_bytes,
+        "mapped_blocks": mapped_blocks,
+        "mapped_pages": mapped_pages,
+        "root": sn.root.to_hex(),
+    })
+}
+
+/// This node's copy's snapshots (the CLI asks the primary).
+async fn list_snapshots(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let v = find(&s, &name)?;
+    let store = s.engine.store.clone();
+    let engine = s.engine.clone();
+    let out = lazarus_rpc::rt::blocking(move || {
+        // Only those the cluster knows by their name: a copy may still hold one whose
+        // deletion it missed.
+        let snaps: Vec<serde_json::Value> = v
+            .snapshots()
+            .iter()
+            .filter(|sn| engine.snapshot_current(&v.meta.name, sn))
+            .map(|sn| snapshot_view(&store, &v, sn))
+            .collect();
+        let failed: Vec<serde_json::Value> = v
+            .failed_snapshots()
+            .into_iter()
+            .map(|(n, e)| json!({ "name": n, "error": e }))
+            .collect();
+        json!({ "volume": v.meta.name, "snapshots": snaps, "unreadable": failed })
+    })
+    .await
+    .map_err(join_err)?;
+    Ok(Json(out))
+}
+
+fn snapshot_error(e: lazarus_engine::engine::IoError) -> ApiError {
+    if e.message.contains("not the primary") {
+        return ApiError(StatusCode::CONFLICT, e.message);
+    }
+    if e.message.starts_with("no snapshot") {
+        return ApiError(StatusCode::NOT_FOUND, e.message);
+    }
+    io_error(e)
+}
+
+/// Takes a snapshot on every live copy (on the volume's primary).
+async fn create_snapshot(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    body: Result<Json<SnapshotReq>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let req = request_body(body)?;
+    let v = find(&s, &name)?;
+    let (sn, outcome) = s
+        .engine
+        .create_snapshot(&name, &req.name)
+        .await
+        .map_err(snapshot_error)?;
+    let store = s.engine.store.clone();
+    let view = lazarus_rpc::rt::blocking(move || snapshot_view(&store, &v, &sn))
+        .await
+        .map_err(join_err)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "snapshot": view, "copies": outcome })),
+    ))
+}
+
+/// Deletes a snapshot on every copy that answers (on the volume's primary).
+async fn delete_snapshot(
+    State(s): State<AppState>,
+    Path((name, snap)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    find(&s, &name)?;
+    let outcome = s
+        .engine
+        .delete_snapshot(&name, &snap)
+        .await
+        .map_err(snapshot_error)?;
+    Ok(Json(json!({ "copies": outcome })))
+}
+
 async fn repairs(State(s): State<AppState>) -> Json<serde_json::Value> {
     Json(s.engine.repair.report())
 }
@@ -1628,6 +1742,11 @@ async fn openapi() -> Json<serde_json::Value> {
     p.insert("/api/v1/volumes/{name}/resize".into(), json!({ "parameters": vol, "post": op("Grow the volume: {size: bytes or \"20GiB\"}; shrinking is refused (400); new NBD connections see the new size") }));
     p.insert("/api/v1/volumes/{name}/locate".into(), json!({ "parameters": vol, "get": op("Where an LBA's slice entry, checksum page and block are on disk (?lba=)") }));
     p.insert("/api/v1/volumes/{name}/repair".into(), json!({ "parameters": vol, "post": op("Repair the volume's damaged pages now, or one (?page=); primary only") }));
+    p.insert("/api/v1/volumes/{name}/snapshots".into(), json!({ "parameters": vol,
+        "get": op("This node's copy's snapshots: name, export (VOLUME@NAME), creation time, size, mapped blocks, root"),
+        "post": op("Take snapshot {name} on every live copy (primary only: 409 elsewhere); answers with the copies that took it") }));
+    p.insert("/api/v1/volumes/{name}/snapshots/{snap}".into(), json!({ "parameters": [vol[0], { "name": "snap", "in": "path", "required": true, "schema": { "type": "string" } }],
+        "delete": op("Delete the snapshot on every copy that answers (primary only); what only it referenced is freed") }));
     p.insert("/api/v1/repairs".into(), json!({ "get": op("Repairs: counters per volume, recent events with their sources, bytes moved") }));
     p.insert(
         "/api/v1/scrub".into(),

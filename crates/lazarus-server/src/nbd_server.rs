@@ -14,7 +14,7 @@ use lazarus_nbd::{
     OPTION_DATA_MAX_BYTES, OPTION_HEADER_LEN, PAYLOAD_MAX_BYTES, REQUEST_HEADER_LEN,
 };
 use lazarus_rpc::net::{Listener, Stream};
-use lazarus_store::{Store, Volume};
+use lazarus_store::{Snapshot, Store, Volume};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
@@ -57,6 +57,8 @@ pub struct Export {
     local: Option<Arc<Volume>>,
     /// Whether the client selected `base:allocation` (NBD_CMD_BLOCK_STATUS).
     allocation: bool,
+    /// A snapshot export (`VOLUME@NAME`): read-only, served from this node's copy.
+    snap: Option<Arc<Snapshot>>,
 }
 
 impl Export {
@@ -70,6 +72,21 @@ impl Export {
             .store
             .volume(&self.name)
             .filter(|v| Arc::ptr_eq(v, opened) || v.meta.uid == opened.meta.uid)
+    }
+}
+
+/// `VOLUME@NAME` split in two (volume and snapshot names never hold '@').
+fn snapshot_name(export: &str) -> Option<(&str, &str)> {
+    export.split_once('@')
+}
+
+fn snapshot_export(v: &Volume, s: &Snapshot) -> ExportInfo {
+    ExportInfo {
+        name: format!("{}@{}", v.meta.name, s.name),
+        size_bytes: s.size_bytes,
+        description: format!("Lazarus snapshot {} of volume {}", s.name, v.meta.name),
+        read_only: true,
+        multi_conn: true,
     }
 }
 
@@ -113,15 +130,63 @@ impl Catalog {
     }
 }
 
+impl Catalog {
+    /// This node's copy of `volume` (in a cluster, the one the metadata names) and its
+    /// snapshot `snap`.
+    fn snapshot(&self, volume: &str, snap: &str) -> Option<(Arc<Volume>, Arc<Snapshot>)> {
+        let v = self.local_copy(volume)?;
+        let s = v.snapshot(snap)?;
+        self.current(volume, &s).then_some((v, s))
+    }
+
+    /// The snapshot the cluster metadata knows by this name (`Engine::snapshot_current`).
+    fn current(&self, volume: &str, s: &Snapshot) -> bool {
+        lazarus_engine::snapshots::snapshot_current(self.cluster.as_ref(), volume, s)
+    }
+
+    fn local_copy(&self, volume: &str) -> Option<Arc<Volume>> {
+        let uid = self
+            .cluster
+            .as_ref()
+            .map(|c| c.store.meta().volumes.get(volume).map(|v| v.uid));
+        self.store
+            .volume(volume)
+            .filter(|v| uid.is_none_or(|u| u == Some(v.meta.uid)))
+    }
+
+    /// The snapshots of this node's copies, as exports.
+    fn snapshots(&self) -> Vec<ExportInfo> {
+        self.store
+            .volumes()
+            .iter()
+            .filter_map(|v| self.local_copy(&v.meta.name))
+            .flat_map(|v| {
+                v.snapshots()
+                    .iter()
+                    .filter(|s| self.current(&v.meta.name, s))
+                    .map(|s| snapshot_export(&v, s))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+}
+
 impl ExportCatalog for Catalog {
     fn lookup(&self, name: &str) -> Option<ExportInfo> {
+        if let Some((volume, snap)) = snapshot_name(name) {
+            return self
+                .snapshot(volume, snap)
+                .map(|(v, s)| snapshot_export(&v, &s));
+        }
         match &self.cluster {
             None => self.store.volume(name).map(|v| export_of(&v)),
             Some(_) => self.all().into_iter().find(|e| e.name == name),
         }
     }
     fn list(&self) -> Vec<ExportInfo> {
-        self.all()
+        let mut all = self.all();
+        all.extend(self.snapshots());
+        all
     }
     fn default_export(&self) -> Option<String> {
         self.all().first().map(|e| e.name.clone())
@@ -214,23 +279,33 @@ async fn handle(
     let Some((conn, export, structured, allocation)) = negotiated else {
         return Ok(());
     };
-    let uid = engine
-        .cluster
-        .get()
-        .and_then(|c| c.store.meta().volumes.get(&export.name).map(|v| v.uid));
-    let local = engine
-        .store
-        .volume(&export.name)
-        .filter(|v| uid.is_none_or(|u| u == v.meta.uid));
-    if local.is_none() && engine.cluster.get().is_none() {
-        anyhow::bail!("export {} vanished", export.name);
-    }
-    let ex = Arc::new(Export {
-        name: export.name.clone(),
-        size: export.size_bytes,
-        local,
-        allocation,
-    });
+    let ex = match snapshot_name(&export.name) {
+        Some((volume, snap)) => {
+            let Some((v, s)) = catalog.snapshot(volume, snap) else {
+                anyhow::bail!("snapshot {} vanished", export.name);
+            };
+            Arc::new(Export {
+                name: volume.to_string(),
+                size: export.size_bytes,
+                local: Some(v),
+                allocation,
+                snap: Some(s),
+            })
+        }
+        None => {
+            let local = catalog.local_copy(&export.name);
+            if local.is_none() && engine.cluster.get().is_none() {
+                anyhow::bail!("export {} vanished", export.name);
+            }
+            Arc::new(Export {
+                name: export.name.clone(),
+                size: export.size_bytes,
+                local,
+                allocation,
+                snap: None,
+            })
+        }
+    };
     match conn {
         Conn::Plain(sock) => {
             let (rd, wr) = sock.into_split();
@@ -612,7 +687,7 @@ async fn execute_inner(
     structured: bool,
     out: &mut Vec<u8>,
 ) {
-    if let Err(errno) = req.validate(size, false) {
+    if let Err(errno) = req.validate(size, ex.snap.is_some()) {
         let e = IoError::new(
             errno,
             format!(
@@ -622,6 +697,10 @@ async fn execute_inner(
         );
         tracing::debug!(cookie = req.cookie, error = %e.message, "rejecting request");
         out.extend_from_slice(&error_reply(structured, req.cookie, &e));
+        return;
+    }
+    if let Some(snap) = &ex.snap {
+        snapshot_request(engine, ex, snap, req, structured, out);
         return;
     }
     if req.command == Command::BlockStatus {
@@ -823,6 +902,96 @@ async fn moved_on(engine: &Engine, volume: &str, bound: Option<u64>) -> bool {
         && follows(engine, volume, bound)
 }
 
+/// A request on a snapshot export: reads and block status from this node's copy of
+/// the snapshot (it never changes, so any copy that holds it serves it); a flush has
+/// nothing to do; writes were refused by `validate` (EPERM).
+fn snapshot_request(
+    engine: &Engine,
+    ex: &Export,
+    snap: &Arc<Snapshot>,
+    req: Request,
+    structured: bool,
+    out: &mut Vec<u8>,
+) {
+    // The copy and the snapshot are still the ones the connection opened.
+    let vol = ex.copy(engine).filter(|v| {
+        v.snapshot(&snap.name)
+            .is_some_and(|s| Arc::ptr_eq(&s, snap) && engine.snapshot_current(&ex.name, &s))
+    });
+    let Some(vol) = vol else {
+        let e = IoError::new(
+            EIO,
+            format!(
+                "snapshot {}@{} is no longer held by this node (deleted, or its copy moved)",
+                ex.name, snap.name
+            ),
+        );
+        out.extend_from_slice(&error_reply(structured, req.cookie, &e));
+        return;
+    };
+    let bs = lazarus_types::BLOCK_SIZE_U64;
+    match req.command {
+        Command::Read => {
+            let first = req.offset / bs;
+            let end = (req.offset + req.length as u64).div_ceil(bs);
+            let mut buf = vec![0u8; ((end - first) * bs) as usize];
+            let r = if buf.is_empty() {
+                Ok(())
+            } else {
+                engine
+                    .store
+                    .read_snapshot(&vol, snap, lazarus_types::Lba(first), &mut buf)
+            };
+            match r {
+                Ok(()) => {
+                    let skip = (req.offset - first * bs) as usize;
+                    let data = &buf[skip..skip + req.length as usize];
+                    if structured {
+                        out.extend_from_slice(&structured_read_header(
+                            req.cookie, req.offset, req.length,
+                        ));
+                    } else {
+                        out.extend_from_slice(&simple_reply(req.cookie, 0));
+                    }
+                    out.extend_from_slice(data);
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %ex.name, snapshot = %snap.name, offset = req.offset, error = %e, "snapshot read failed");
+                    out.extend_from_slice(&error_reply(structured, req.cookie, &IoError::from(e)));
+                }
+            }
+        }
+        Command::Flush => out.extend_from_slice(&simple_reply(req.cookie, 0)),
+        Command::BlockStatus if ex.allocation => {
+            let first = req.offset / bs;
+            let end = req.offset + req.length as u64;
+            let runs = engine.store.snapshot_allocation(
+                &vol,
+                snap,
+                first,
+                (end - 1) / bs - first + 1,
+                if req.flags & CMD_FLAG_REQ_ONE != 0 {
+                    1
+                } else {
+                    EXTENTS_MAX
+                },
+            );
+            out.extend(lazarus_nbd::block_status_reply(
+                req.cookie,
+                BASE_ALLOCATION_ID,
+                &extents_of(runs, req.offset, end),
+            ));
+        }
+        _ => {
+            let e = IoError::new(
+                EINVAL,
+                format!("{:?} is not served on a snapshot", req.command),
+            );
+            out.extend_from_slice(&error_reply(structured, req.cookie, &e));
+        }
+    }
+}
+
 /// Most extents in one NBD_CMD_BLOCK_STATUS reply (the client asks again for the rest).
 const EXTENTS_MAX: usize = 4096;
 
@@ -872,6 +1041,18 @@ fn allocation_extents(v: &Volume, offset: u64, length: u32, one: bool) -> Vec<(u
         (end - 1) / bs - first + 1,
         if one { 1 } else { EXTENTS_MAX },
     );
+    extents_of(runs, offset, end)
+}
+
+/// Byte extents (length, flags) from `offset` to at most `end` of allocation runs
+/// that start at the block holding `offset`.
+fn extents_of(
+    runs: Vec<(u64, lazarus_store::Allocation)>,
+    offset: u64,
+    end: u64,
+) -> Vec<(u32, u32)> {
+    let bs = lazarus_types::BLOCK_SIZE_U64;
+    let first = offset / bs;
     let mut out = Vec::with_capacity(runs.len());
     let (mut pos, mut block) = (offset, first);
     for (n, what) in runs {

@@ -75,6 +75,9 @@ fn front(engine: &Arc<Engine>) -> lazarus_rpc::Handler {
             let engine = engine.ok_or("this node is stopping")?;
             match kind {
                 lazarus_rpc::KIND_FORWARD => engine.serve_forward(&body).await.map_err(Into::into),
+                lazarus_rpc::KIND_VOLUME_SNAPSHOT => {
+                    engine.serve_snapshot_op(&body).await.map_err(Into::into)
+                }
                 lazarus_rpc::KIND_STATS => {
                     serde_json::to_vec(&lazarus_engine::stats::local_stats(&engine))
                         .map_err(|e| e.to_string().into())

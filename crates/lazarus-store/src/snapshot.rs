@@ -19,7 +19,7 @@
 //!
 //! File format (little-endian): magic `LZSNAP01`, u32 version (1), u64 volume uid, u64
 //! size in bytes, u64 creation time (Unix seconds), u64 sequence (per volume, in order
-//! of creation), u16 name length, name, u64 entry count `n`, `n` × (u64 page, 16-byte
+//! of creation), u64 id, u16 name length, name, u64 entry count `n`, `n` × (u64 page, 16-byte
 //! checksum) for the pages that are not all-zero, the 16-byte root of the tree, CRC32C
 //! of everything before it.
 
@@ -42,6 +42,9 @@ pub struct Snapshot {
     pub size_bytes: u64,
     pub created_unix: u64,
     pub seq: u64,
+    /// Chosen by whoever took it (a cluster's primary, the same on every copy): tells
+    /// this snapshot from another one taken later under the same name.
+    pub id: u64,
     /// Level 1 of the snapshot's tree: the checksum (= page block id) of each slice
     /// page, `Checksum::ZERO` for a page that reads as zeroes.
     pub l1: Vec<Checksum>,
@@ -78,6 +81,7 @@ impl Snapshot {
         b.extend_from_slice(&self.size_bytes.to_le_bytes());
         b.extend_from_slice(&self.created_unix.to_le_bytes());
         b.extend_from_slice(&self.seq.to_le_bytes());
+        b.extend_from_slice(&self.id.to_le_bytes());
         b.extend_from_slice(&(self.name.len() as u16).to_le_bytes());
         b.extend_from_slice(self.name.as_bytes());
         b.extend_from_slice(&(mapped.len() as u64).to_le_bytes());
@@ -114,6 +118,7 @@ impl Snapshot {
         lazarus_types::check_volume_size(size_bytes)?;
         let created_unix = r.u64()?;
         let seq = r.u64()?;
+        let id = r.u64()?;
         let name_len = u16::from_le_bytes(r.take(2)?.try_into().expect("2")) as usize;
         let name = String::from_utf8(r.take(name_len)?.to_vec()).map_err(|_| "bad name")?;
         check_snapshot_name(&name)?;
@@ -144,6 +149,7 @@ impl Snapshot {
             size_bytes,
             created_unix,
             seq,
+            id,
             l1,
             root,
             path,

@@ -497,7 +497,14 @@ impl Store {
     /// Takes snapshot `name` of volume `volume`: everything written to the volume before
     /// the call, frozen. Writers are held off for a checkpoint and the write of the
     /// snapshot's file (16 bytes per mapped slice page); no data is copied.
-    pub fn create_snapshot(&self, volume: &str, name: &str) -> Result<Arc<Snapshot>, StoreError> {
+    /// `id` tells it from another snapshot taken later under the same name
+    /// (`new_snapshot_id`).
+    pub fn create_snapshot(
+        &self,
+        volume: &str,
+        name: &str,
+        id: u64,
+    ) -> Result<Arc<Snapshot>, StoreError> {
         crate::snapshot::check_snapshot_name(name).map_err(StoreError::Invalid)?;
         let v = self
             .volume(volume)
@@ -511,7 +518,7 @@ impl Store {
         let r = (|| {
             let _cp = self.cp_lock.write();
             self.checkpoint_held()?;
-            v.take_snapshot(name)
+            v.take_snapshot(name, id)
         })();
         self.checkpointing.store(false, Ordering::Release);
         if let Ok(s) = &r {
@@ -1319,6 +1326,11 @@ fn replay_records(
 /// from a damaged record may overflow).
 fn fits(lba: u64, count: u64, blocks: u64) -> bool {
     lba.checked_add(count).is_some_and(|end| end <= blocks)
+}
+
+/// A fresh snapshot id (never 0).
+pub fn new_snapshot_id(name: &str) -> u64 {
+    new_uid(name)
 }
 
 fn new_uid(name: &str) -> u64 {

@@ -1201,7 +1201,11 @@ impl Volume {
     /// Records snapshot `name` of the volume as it is now. The caller holds the store's
     /// checkpoint lock and has just checkpointed: no page is dirty, the tree is current
     /// and on disk. The file's rename is the commit point.
-    pub(crate) fn take_snapshot(&self, name: &str) -> Result<std::sync::Arc<Snapshot>, StoreError> {
+    pub(crate) fn take_snapshot(
+        &self,
+        name: &str,
+        id: u64,
+    ) -> Result<std::sync::Arc<Snapshot>, StoreError> {
         let st = self.state.lock();
         if !st.damaged.is_empty() {
             return Err(StoreError::Invalid(format!(
@@ -1232,6 +1236,7 @@ impl Volume {
             size_bytes: self.size_bytes(),
             created_unix: (lazarus_io::rt::wall_clock_nanos() / 1_000_000_000) as u64,
             seq: layer.next_seq(),
+            id,
             l1,
             root,
             path: dir.join(format!("{name}.{SNAP_EXT}")),

@@ -140,7 +140,7 @@ fn snapshots_survive_power_loss_at_random_instants() {
                     for (l, vals) in &since {
                         at.insert(*l, *vals.last().unwrap());
                     }
-                    s.create_snapshot("v", &name).unwrap();
+                    s.create_snapshot("v", &name, 7).unwrap();
                     if powerloss::is_on() {
                         snaps.insert(name, Known::Sure(at));
                     } else {

@@ -70,14 +70,17 @@ fn a_snapshot_keeps_what_the_volume_held_and_frees_it_when_deleted() {
         s.write_blocks(&v, Lba(5 * 256 + 7), &block(9999)).unwrap();
         now.insert(5 * 256 + 7, 9999);
         let before = s.block_stats().blocks;
-        let snap = s.create_snapshot("v", "monday").unwrap();
+        let snap = s.create_snapshot("v", "monday", 7).unwrap();
         assert_eq!(snap.mapped_pages(), 5);
         assert!(
-            s.create_snapshot("v", "monday").is_err(),
+            s.create_snapshot("v", "monday", 7).is_err(),
             "names are unique"
         );
-        assert!(s.create_snapshot("v", "a/b").is_err(), "names are checked");
-        assert!(s.create_snapshot("nope", "x").is_err());
+        assert!(
+            s.create_snapshot("v", "a/b", 7).is_err(),
+            "names are checked"
+        );
+        assert!(s.create_snapshot("nope", "x", 7).is_err());
         // Taking it stored nothing.
         assert_eq!(s.block_stats().blocks, before);
         let at_snap = now.clone();
@@ -216,7 +219,7 @@ fn snapshots_survive_random_operations_and_crashes() {
                 15 | 16 if snaps.len() < 4 => {
                     next += 1;
                     let name = format!("s{next}");
-                    s.create_snapshot("v", &name).unwrap();
+                    s.create_snapshot("v", &name, 7).unwrap();
                     // Taking a snapshot checkpoints: everything before is durable.
                     durable = latest.clone();
                     snaps.insert(name, latest.clone());
@@ -276,8 +279,8 @@ fn damaged_snapshot_files_and_pages_are_errors_not_data() {
         for lba in 0..BLOCKS {
             s.write_blocks(&v, Lba(lba), &block(lba + 1)).unwrap();
         }
-        s.create_snapshot("v", "a").unwrap();
-        s.create_snapshot("v", "b").unwrap();
+        s.create_snapshot("v", "a", 7).unwrap();
+        s.create_snapshot("v", "b", 7).unwrap();
         // Page 0 changes: its old content becomes a page block.
         s.write_blocks(&v, Lba(0), &block(5000)).unwrap();
         s.checkpoint().unwrap();

@@ -5,6 +5,7 @@ use serde_json::Value;
 use std::path::Path;
 use std::time::Duration;
 
+#[derive(Clone)]
 pub struct Api {
     base: String,
     agent: ureq::Agent,

@@ -193,6 +193,14 @@ enum Cmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Snapshots of a volume: frozen, read-only views of it, served over NBD as
+    /// VOLUME@NAME by every node holding a copy.
+    Snapshot {
+        #[command(subcommand)]
+        op: SnapshotOp,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Show the node's volumes, block store and recovery state.
     Status {
         #[arg(long)]
@@ -249,6 +257,21 @@ enum NodeOp {
         #[command(flatten)]
         target: Target,
     },
+}
+
+#[derive(Subcommand)]
+enum SnapshotOp {
+    /// Take snapshot NAME of VOLUME on every live copy: it holds every write
+    /// acknowledged before the command. Instantaneous: no data is copied.
+    Create { volume: String, name: String },
+    /// List a volume's snapshots (every volume's without one).
+    List {
+        volume: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete snapshot NAME of VOLUME on every copy; what only it referenced is freed.
+    Delete { volume: String, name: String },
 }
 
 #[derive(Subcommand)]
@@ -458,19 +481,154 @@ fn human(bytes: u64) -> String {
 
 fn print_volumes(vols: &Value) {
     println!(
-        "{:<16} {:>10} {:>14} {:>14}  ROOT",
-        "VOLUME", "SIZE", "MAPPED", "UNRECOVERABLE"
+        "{:<16} {:>10} {:>14} {:>14}  {:<12}  SNAPSHOTS",
+        "VOLUME", "SIZE", "MAPPED", "UNRECOVERABLE", "ROOT"
     );
     for v in vols.as_array().into_iter().flatten() {
+        let snaps: Vec<&str> = v["snapshots"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str())
+            .collect();
         println!(
-            "{:<16} {:>10} {:>14} {:>14}  {}",
+            "{:<16} {:>10} {:>14} {:>14}  {:<12}  {}",
             v["name"].as_str().unwrap_or("?"),
             human(v["size_bytes"].as_u64().unwrap_or(0)),
             human(v["mapped_blocks"].as_u64().unwrap_or(0) * 4096),
             v["unrecoverable_lbas"].as_u64().unwrap_or(0),
             &v["root"].as_str().unwrap_or("")[..12.min(v["root"].as_str().unwrap_or("").len())],
+            snaps.join(" "),
         );
     }
+}
+
+/// `VOLUME@NAME` or `VOLUME NAME`: the volume and the snapshot's name.
+fn snapshot_target(volume: &str, name: &str) -> anyhow::Result<()> {
+    lazarus_types::check_volume_name(volume).map_err(anyhow::Error::msg)?;
+    lazarus_store::snapshot::check_snapshot_name(name).map_err(anyhow::Error::msg)
+}
+
+fn snapshot_command(api: client::Api, op: SnapshotOp) -> anyhow::Result<()> {
+    match op {
+        SnapshotOp::Create { volume, name } => {
+            snapshot_target(&volume, &name)?;
+            let api = client::primary_api(api, &volume)?;
+            let v = client::ok(api.post(
+                &format!("/api/v1/volumes/{volume}/snapshots"),
+                &json!({ "name": name }),
+            )?)?;
+            let c = &v["copies"];
+            let done: Vec<&str> = c["done"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|n| n.as_str())
+                .collect();
+            println!(
+                "snapshot {volume}@{name} taken in {:.1} ms on {} ({} mapped)",
+                c["elapsed_us"].as_u64().unwrap_or(0) as f64 / 1000.0,
+                done.join(", "),
+                human(v["snapshot"]["mapped_blocks"].as_u64().unwrap_or(0) * 4096)
+            );
+            for f in c["failed"].as_array().into_iter().flatten() {
+                eprintln!(
+                    "warning: {} did not take it: {}",
+                    f[0].as_str().unwrap_or("?"),
+                    f[1].as_str().unwrap_or("?")
+                );
+            }
+        }
+        SnapshotOp::Delete { volume, name } => {
+            snapshot_target(&volume, &name)?;
+            let api = client::primary_api(api, &volume)?;
+            let v = client::ok(api.delete(&format!("/api/v1/volumes/{volume}/snapshots/{name}"))?)?;
+            let done: Vec<&str> = v["copies"]["done"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|n| n.as_str())
+                .collect();
+            println!("deleted snapshot {volume}@{name} on {}", done.join(", "));
+            for f in v["copies"]["failed"].as_array().into_iter().flatten() {
+                eprintln!(
+                    "warning: {} did not delete it: {}",
+                    f[0].as_str().unwrap_or("?"),
+                    f[1].as_str().unwrap_or("?")
+                );
+            }
+        }
+        SnapshotOp::List { volume, json } => {
+            let volumes: Vec<String> = match volume {
+                Some(v) => vec![v],
+                None => client::ok(api.get("/api/v1/volumes")?)?
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|v| v["name"].as_str().map(String::from))
+                    .collect(),
+            };
+            let mut all = Vec::new();
+            for vol in volumes {
+                let a = client::primary_api(api.clone(), &vol)?;
+                all.push(client::ok(
+                    a.get(&format!("/api/v1/volumes/{vol}/snapshots"))?,
+                )?);
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+                return Ok(());
+            }
+            println!(
+                "{:<28} {:>10} {:>12} {:<20}  ROOT",
+                "SNAPSHOT", "SIZE", "MAPPED", "CREATED (UTC)"
+            );
+            for v in &all {
+                for s in v["snapshots"].as_array().into_iter().flatten() {
+                    let root = s["root"].as_str().unwrap_or("");
+                    println!(
+                        "{:<28} {:>10} {:>12} {:<20}  {}",
+                        s["export"].as_str().unwrap_or("?"),
+                        human(s["size_bytes"].as_u64().unwrap_or(0)),
+                        human(s["mapped_blocks"].as_u64().unwrap_or(0) * 4096),
+                        utc(s["created_unix"].as_u64().unwrap_or(0)),
+                        &root[..12.min(root.len())]
+                    );
+                }
+                for f in v["unreadable"].as_array().into_iter().flatten() {
+                    eprintln!(
+                        "warning: snapshot {}@{} cannot be read: {}",
+                        v["volume"].as_str().unwrap_or("?"),
+                        f["name"].as_str().unwrap_or("?"),
+                        f["error"].as_str().unwrap_or("?")
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Unix seconds as `YYYY-MM-DD HH:MM:SS` (UTC).
+fn utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 fn client_command(cmd: Cmd) -> anyhow::Result<()> {
@@ -535,6 +693,10 @@ fn client_command(cmd: Cmd) -> anyhow::Result<()> {
                 VolumeOp::Protect { name } => protect(&api, &name, true)?,
                 VolumeOp::Unprotect { name } => protect(&api, &name, false)?,
             }
+        }
+        Cmd::Snapshot { op, target } => {
+            let api = client::Api::discover(target.api.as_deref(), &target.data)?;
+            snapshot_command(api, op)?;
         }
         Cmd::Status { json, target } => {
             let api = client::Api::discover(target.api.as_deref(), &target.data)?;
