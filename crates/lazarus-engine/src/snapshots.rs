@@ -15,7 +15,7 @@ use std::time::Duration;
 
 /// How long the primary waits for a replica to take or delete its snapshot (a
 /// checkpoint and a small file).
-const SNAPSHOT_RPC_TIMEOUT: Duration = Duration::from_secs(30);
+const SNAPSHOT_RPC_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A snapshot operation the primary sends to a copy.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -27,6 +27,11 @@ pub struct SnapshotOp {
     pub name: String,
     /// The snapshot's id (`Snapshot::id`), the same on every copy.
     pub id: u64,
+    /// The root of the primary's snapshot (hex; empty for a deletion): a copy whose
+    /// own snapshot comes out with another root (it took it late, after writes the
+    /// primary's did not include, or missed one) deletes it and refuses.
+    #[serde(default)]
+    pub root: String,
     /// Create (else delete).
     pub create: bool,
 }
@@ -40,6 +45,19 @@ pub struct SnapshotOutcome {
     pub done: Vec<String>,
     /// Nodes where it failed, with why.
     pub failed: Vec<(String, String)>,
+    pub elapsed_us: u64,
+}
+
+/// Blocks a revert rewrites per write (4 MiB).
+const REVERT_CHUNK_BLOCKS: u64 = 1024;
+
+/// What a revert did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RevertOutcome {
+    pub volume: String,
+    pub snapshot: String,
+    pub rewritten_bytes: u64,
+    pub runs: u64,
     pub elapsed_us: u64,
 }
 
@@ -76,6 +94,83 @@ impl Engine {
     /// its name (always, for a node running alone): only such a snapshot is served.
     pub fn snapshot_current(&self, volume: &str, snap: &Snapshot) -> bool {
         snapshot_current(self.cluster.get(), volume, snap)
+    }
+
+    /// Makes `volume` read as its snapshot `name` again: every block where the two
+    /// differ is rewritten through the ordinary (replicated, journaled) write path,
+    /// then flushed. Killed midway, the volume holds a mix; running it again finishes
+    /// it. Writers should be stopped first: a write that lands meanwhile may survive.
+    /// This node must be the primary (or run alone).
+    pub async fn revert_to_snapshot(
+        &self,
+        volume: &str,
+        name: &str,
+    ) -> Result<RevertOutcome, IoError> {
+        let t0 = tokio::time::Instant::now();
+        let vol = self
+            .store
+            .volume(volume)
+            .ok_or_else(|| IoError::new(EINVAL, format!("no volume {volume:?} here")))?;
+        if self.cluster.get().is_some() && self.primary_epoch(volume).is_none() {
+            return Err(IoError::new(
+                EINVAL,
+                format!("this node is not the primary of {volume:?}; ask the primary"),
+            ));
+        }
+        let snap = vol
+            .snapshot(name)
+            .filter(|s| self.snapshot_current(volume, s))
+            .ok_or_else(|| IoError::new(EINVAL, format!("no snapshot {volume}@{name}")))?;
+        let (store, v, s) = (self.store.clone(), vol.clone(), snap.clone());
+        let runs = lazarus_rpc::rt::blocking(move || store.revert_runs(&v, &s))
+            .await
+            .map_err(|e| IoError::new(EIO, e.to_string()))??;
+        let bs = lazarus_types::BLOCK_SIZE_U64;
+        let mut bytes = 0u64;
+        for (first, count) in &runs {
+            let mut lba = *first;
+            let end = first + count;
+            while lba < end {
+                let n = REVERT_CHUNK_BLOCKS.min(end - lba);
+                let mut buf = vec![0u8; (n * bs) as usize];
+                // Past the snapshot's size the volume grew later: zeroes.
+                let inside = snap.block_count().saturating_sub(lba).min(n);
+                if inside > 0 {
+                    let (store, v, s) = (self.store.clone(), vol.clone(), snap.clone());
+                    let mut part = vec![0u8; (inside * bs) as usize];
+                    let part = lazarus_rpc::rt::blocking(move || {
+                        store
+                            .read_snapshot(&v, &s, lazarus_types::Lba(lba), &mut part)
+                            .map(|()| part)
+                    })
+                    .await
+                    .map_err(|e| IoError::new(EIO, e.to_string()))??;
+                    buf[..part.len()].copy_from_slice(&part);
+                }
+                if lazarus_types::is_zero(&buf) {
+                    self.zero(&vol, lba * bs, n * bs, true, false, false)
+                        .await?;
+                } else {
+                    self.write(&vol, lba * bs, &buf, false).await?;
+                }
+                bytes += n * bs;
+                lba += n;
+            }
+        }
+        self.flush(&vol).await?;
+        tracing::info!(
+            volume,
+            snapshot = name,
+            bytes,
+            "volume reverted to its snapshot"
+        );
+        Ok(RevertOutcome {
+            volume: volume.to_string(),
+            snapshot: name.to_string(),
+            rewritten_bytes: bytes,
+            runs: runs.len() as u64,
+            elapsed_us: t0.elapsed().as_micros() as u64,
+        })
     }
 
     /// This node as outcomes name it.
@@ -162,6 +257,7 @@ impl Engine {
             epoch,
             name: name.to_string(),
             id,
+            root: s.root.to_hex(),
             create: true,
         };
         let (done, failed) = self.snapshot_on(&c, &live, &op).await;
@@ -290,6 +386,7 @@ impl Engine {
             epoch,
             name: name.to_string(),
             id,
+            root: String::new(),
             create: false,
         };
         let (d, failed) = self.snapshot_on(&c, &others, &op).await;
@@ -371,6 +468,7 @@ impl Engine {
         }
         let store = self.store.clone();
         let (vol, name, create, id) = (local.meta.name.clone(), op.name.clone(), op.create, op.id);
+        let root = op.root.clone();
         let r = lazarus_rpc::rt::blocking(move || {
             if create {
                 // A leftover under the name that the metadata no longer names (this
@@ -382,8 +480,22 @@ impl Engine {
                 {
                     let _ = store.delete_snapshot(&vol, &name);
                 }
-                store.create_snapshot(&vol, &name, id).map(|_| ())
+                let s = store.create_snapshot(&vol, &name, id)?;
+                if s.root.to_hex() != root {
+                    // Not what the primary froze: never to be served.
+                    let _ = store.delete_snapshot(&vol, &name);
+                    return Err(StoreError::Invalid(format!(
+                        "this copy's snapshot has root {} where the primary's has {root}: its copy differs (it took the snapshot late, or missed a write); not kept",
+                        s.root.to_hex()
+                    )));
+                }
+                Ok(())
             } else {
+                // Only the snapshot named (id 0: whichever is there).
+                let here = store.volume(&vol).and_then(|v| v.snapshot(&name));
+                if here.is_some_and(|s| id != 0 && s.id != id) {
+                    return Ok(());
+                }
                 match store.delete_snapshot(&vol, &name) {
                     Err(StoreError::NoSuchSnapshot(_)) => Ok(()),
                     r => r,

@@ -246,6 +246,18 @@ pub fn router(state: AppState) -> Router {
             axum::routing::delete(delete_snapshot),
         )
         .route(
+            "/api/v1/volumes/{name}/revert",
+            axum::routing::post(revert_volume),
+        )
+        .route(
+            "/api/v1/volumes/{name}/snapshots/{snap}/diff",
+            get(snapshot_diff),
+        )
+        .route(
+            "/api/v1/volumes/{name}/snapshots/{snap}/data",
+            get(snapshot_data),
+        )
+        .route(
             "/api/v1/volumes/{name}/resize",
             axum::routing::post(resize_volume),
         )
@@ -1612,6 +1624,141 @@ async fn create_snapshot(
     ))
 }
 
+/// This node's copy of `name` and its snapshot `snap`, if the cluster knows it by
+/// that name.
+fn find_snapshot(
+    s: &AppState,
+    name: &str,
+    snap: &str,
+) -> Result<(Arc<Volume>, Arc<lazarus_store::Snapshot>), ApiError> {
+    let v = find(s, name)?;
+    v.snapshot(snap)
+        .filter(|sn| s.engine.snapshot_current(name, sn))
+        .map(|sn| (v, sn))
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no snapshot {name}@{snap} on this node"),
+            )
+        })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DiffQuery {
+    #[serde(default)]
+    since: Option<String>,
+}
+
+/// The block runs `[first_lba, count]` where snapshot `snap` differs from snapshot
+/// `since` (every mapped run of `snap` without it), found through their checksum
+/// trees: only slice pages whose checksums differ are read.
+async fn snapshot_diff(
+    State(s): State<AppState>,
+    Path((name, snap)): Path<(String, String)>,
+    q: Result<Query<DiffQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let (v, b) = find_snapshot(&s, &name, &snap)?;
+    let a = match &q.since {
+        Some(a) => Some(find_snapshot(&s, &name, a)?.1),
+        None => None,
+    };
+    if a.as_ref().is_some_and(|a| a.seq > b.seq) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "snapshot {} was taken after {snap}: export the newer one --since the older",
+                q.since.clone().unwrap_or_default()
+            ),
+        ));
+    }
+    let store = s.engine.store.clone();
+    let t0 = std::time::Instant::now();
+    let (a2, b2) = (a.clone(), b.clone());
+    let runs = lazarus_rpc::rt::blocking(move || store.snapshot_diff(&v, a2.as_deref(), &b2))
+        .await
+        .map_err(join_err)?
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(json!({
+        "volume": name,
+        "snapshot": snap,
+        "since": q.since,
+        "size_bytes": b.size_bytes,
+        "root": b.root.to_hex(),
+        "since_root": a.map(|a| a.root.to_hex()),
+        "block_size": BLOCK_SIZE_U64,
+        "extents": runs,
+        "elapsed_us": t0.elapsed().as_micros() as u64,
+    })))
+}
+
+/// Bytes of a snapshot (whole blocks are read and verified).
+async fn snapshot_data(
+    State(s): State<AppState>,
+    Path((name, snap)): Path<(String, String)>,
+    q: Result<Query<RangeQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let length = q
+        .length
+        .ok_or_else(|| ApiError(StatusCode::BAD_REQUEST, "length is required".into()))?;
+    let (v, sn) = find_snapshot(&s, &name, &snap)?;
+    if length > DATA_MAX_BYTES {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("at most {DATA_MAX_BYTES} bytes per request"),
+        ));
+    }
+    if q.offset
+        .checked_add(length)
+        .is_none_or(|end| end > sn.size_bytes)
+    {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "range past the end of the snapshot ({} bytes)",
+                sn.size_bytes
+            ),
+        ));
+    }
+    let store = s.engine.store.clone();
+    let data = lazarus_rpc::rt::blocking(move || {
+        let first = q.offset / BLOCK_SIZE_U64;
+        let end = (q.offset + length).div_ceil(BLOCK_SIZE_U64);
+        let mut buf = vec![0u8; ((end - first) * BLOCK_SIZE_U64) as usize];
+        if !buf.is_empty() {
+            store.read_snapshot(&v, &sn, lazarus_types::Lba(first), &mut buf)?;
+        }
+        let skip = (q.offset - first * BLOCK_SIZE_U64) as usize;
+        Ok::<_, lazarus_store::ReadError>(buf[skip..skip + length as usize].to_vec())
+    })
+    .await
+    .map_err(join_err)?
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+        data,
+    )
+        .into_response())
+}
+
+/// Makes the volume read as one of its snapshots again (on the volume's primary).
+async fn revert_volume(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    body: Result<Json<SnapshotReq>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let req = request_body(body)?;
+    find(&s, &name)?;
+    let outcome = s
+        .engine
+        .revert_to_snapshot(&name, &req.name)
+        .await
+        .map_err(snapshot_error)?;
+    Ok(Json(json!(outcome)))
+}
+
 /// Deletes a snapshot on every copy that answers (on the volume's primary).
 async fn delete_snapshot(
     State(s): State<AppState>,
@@ -1745,6 +1892,12 @@ async fn openapi() -> Json<serde_json::Value> {
     p.insert("/api/v1/volumes/{name}/snapshots".into(), json!({ "parameters": vol,
         "get": op("This node's copy's snapshots: name, export (VOLUME@NAME), creation time, size, mapped blocks, root"),
         "post": op("Take snapshot {name} on every live copy (primary only: 409 elsewhere); answers with the copies that took it") }));
+    p.insert("/api/v1/volumes/{name}/revert".into(), json!({ "parameters": vol,
+        "post": op("Make the volume read as its snapshot {name} again: the blocks that differ are rewritten through the replicated write path, then flushed (primary only)") }));
+    p.insert("/api/v1/volumes/{name}/snapshots/{snap}/diff".into(), json!({ "parameters": [vol[0], { "name": "snap", "in": "path", "required": true, "schema": { "type": "string" } }],
+        "get": op("Block runs [first_lba, count] where the snapshot differs from ?since=EARLIER (every mapped run without it), found through the checksum trees") }));
+    p.insert("/api/v1/volumes/{name}/snapshots/{snap}/data".into(), json!({ "parameters": [vol[0], { "name": "snap", "in": "path", "required": true, "schema": { "type": "string" } }],
+        "get": op("Bytes of the snapshot (?offset=&length=, at most 32 MiB)") }));
     p.insert("/api/v1/volumes/{name}/snapshots/{snap}".into(), json!({ "parameters": [vol[0], { "name": "snap", "in": "path", "required": true, "schema": { "type": "string" } }],
         "delete": op("Delete the snapshot on every copy that answers (primary only); what only it referenced is freed") }));
     p.insert("/api/v1/repairs".into(), json!({ "get": op("Repairs: counters per volume, recent events with their sources, bytes moved") }));

@@ -212,11 +212,33 @@ impl BlockStore {
     /// `put` at recovery, before references are counted: stores the block if absent
     /// and takes no reference (the recount does).
     pub fn put_unreferenced(&self, id: BlockId, data: &[u8]) -> Result<(), StoreError> {
+        if !self.holds_intact(id) {
+            self.forget_stale(id);
+        }
         self.put(id, data)?;
         if let Some(e) = self.inner.lock().map.get_mut(&id) {
             e.refs = e.refs.saturating_sub(1);
         }
         Ok(())
+    }
+
+    /// Whether `id` is stored and its slot's content verifies.
+    pub fn holds_intact(&self, id: BlockId) -> bool {
+        let mut b = vec![0u8; BLOCK_SIZE];
+        matches!(self.read(id, &mut b), Ok(true))
+    }
+
+    /// At recovery, before references are counted: drops the index entry of `id`, whose
+    /// slot does not hold it (its slot is freed by `finish_recovery` unless another
+    /// entry claims it), so that a later `put` stores the content again.
+    pub fn forget_stale(&self, id: BlockId) {
+        let mut ix = self.inner.lock();
+        if let Some(e) = ix.map.remove(&id) {
+            if ix.slots.get(e.slot as usize) == Some(&id) {
+                ix.slots[e.slot as usize] = BlockId::ZERO;
+                ix.dirty_idx_pages.insert(e.slot / FANOUT as u64);
+            }
+        }
     }
 
     /// `put` for the blocks of one request: one index lock, and new blocks that land in

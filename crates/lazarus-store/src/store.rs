@@ -207,9 +207,11 @@ impl Store {
             }
             match Volume::open(&path) {
                 Ok(v) => {
-                    if let Err(e) = v.load_snapshots() {
-                        tracing::error!(volume = %name, error = %e, "snapshots cannot be listed; none is served");
-                    }
+                    // Snapshots that cannot be read (an I/O error, not a damaged
+                    // file) stop the open: their pages would go uncounted and freed.
+                    v.load_snapshots().inspect_err(|e| {
+                        tracing::error!(volume = %name, error = %e, "the volume's snapshots cannot be read; the store does not open");
+                    })?;
                     volumes.insert(v.meta.name.clone(), Arc::new(v));
                 }
                 Err(e) => {
@@ -483,7 +485,7 @@ impl Store {
             self.blocks.release(id, lsn);
         }
         for c in v.take_held() {
-            self.release_page_block(c, lsn);
+            self.release_page_block(c);
         }
         self.flush()?;
         let durable = self.journal.lock().durable_lsn();
@@ -542,9 +544,8 @@ impl Store {
         // one of them names may have been unmapped by the volume in a journal record
         // not yet durable: the slots are reused only once everything journaled so far
         // is (else a crash would bring back that mapping over a reused slot).
-        let lsn = self.journal.lock().next_lsn().saturating_sub(1);
         for c in released {
-            self.release_page_block(c, lsn);
+            self.release_page_block(c);
         }
         self.flush()?;
         let durable = self.journal.lock().durable_lsn();
@@ -553,24 +554,32 @@ impl Store {
         Ok(())
     }
 
-    /// Drops a held page block's reference on itself and on each block it names.
-    fn release_page_block(&self, c: Checksum, lsn: u64) {
+    /// Drops a held page block's reference on itself and on each block it names. Each
+    /// freed slot is reused only once every journal record written before its release
+    /// is durable: the tag is taken under the journal's lock, so a write that unmapped
+    /// one of these blocks (and found it still referenced here) is journaled at or
+    /// before the tag, and its unmapping is durable before the slot is overwritten.
+    fn release_page_block(&self, c: Checksum) {
         let id = BlockId(c.0);
         let mut b = vec![0u8; BLOCK_SIZE];
-        match self.blocks.read(id, &mut b) {
-            Ok(true) => {
-                for child in crate::volume::decode_page(&b)
-                    .iter()
-                    .filter(|i| !i.is_zero())
-                {
-                    self.blocks.release(*child, lsn);
-                }
-            }
+        let children = match self.blocks.read(id, &mut b) {
+            Ok(true) => Some(crate::volume::decode_page(&b)),
             _ => {
                 tracing::warn!(page_block = %id.to_hex(), "a released snapshot page does not verify: the blocks it names are freed at the next start");
+                None
             }
+        };
+        let j = self.journal.lock();
+        let lsn = j.next_lsn().saturating_sub(1);
+        for child in children
+            .iter()
+            .flat_map(|p| p.iter())
+            .filter(|i| !i.is_zero())
+        {
+            self.blocks.release(*child, lsn);
         }
         self.blocks.release(id, lsn);
+        drop(j);
     }
 
     /// Snapshot `snap`'s page `p`: the 256 ids it maps, from the volume's page when
@@ -659,6 +668,81 @@ impl Store {
             }
         }
         runs.done()
+    }
+
+    /// The blocks of snapshot `b` that differ from snapshot `a` (both of `vol`), as runs
+    /// (first LBA, count): only pages whose checksums differ are read, and only slots
+    /// whose ids differ count. Without `a`, every mapped block of `b`. A page of either
+    /// that cannot be proven is an error (`ReadError::Unrecoverable`).
+    pub fn snapshot_diff(
+        &self,
+        vol: &Volume,
+        a: Option<&Snapshot>,
+        b: &Snapshot,
+    ) -> Result<Vec<(u64, u64)>, ReadError> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let mut push = |lba: u64| match runs.last_mut() {
+            Some((first, n)) if *first + *n == lba => *n += 1,
+            _ => runs.push((lba, 1)),
+        };
+        let blocks = b.block_count();
+        for p in 0..b.page_count() {
+            let cb = b.l1[p as usize];
+            let ca = a.and_then(|a| a.l1.get(p as usize).copied());
+            if ca == Some(cb) || (a.is_some() && ca.is_none() && cb == Checksum::ZERO) {
+                continue;
+            }
+            if a.is_none() && cb == Checksum::ZERO {
+                continue;
+            }
+            let lost = || ReadError::Unrecoverable(Lba(p * FANOUT_U64));
+            let pb = self.snapshot_page(vol, b, p).ok_or_else(lost)?;
+            let pa = match (a, ca) {
+                (Some(a), Some(_)) => self.snapshot_page(vol, a, p).ok_or_else(lost)?,
+                _ => Box::new([BlockId::ZERO; FANOUT]),
+            };
+            for s in 0..FANOUT {
+                let lba = p * FANOUT_U64 + s as u64;
+                if lba < blocks && pa[s] != pb[s] {
+                    push(lba);
+                }
+            }
+        }
+        Ok(runs)
+    }
+
+    /// The blocks where volume `vol` now differs from its snapshot `snap`, as runs
+    /// (first LBA, count): what a revert rewrites. A damaged page of the volume counts
+    /// whole (rewriting it heals it); blocks past the snapshot's size count where they
+    /// are mapped (they read as zeroes in the snapshot).
+    pub fn revert_runs(&self, vol: &Volume, snap: &Snapshot) -> Result<Vec<(u64, u64)>, ReadError> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let mut push = |lba: u64| match runs.last_mut() {
+            Some((first, n)) if *first + *n == lba => *n += 1,
+            _ => runs.push((lba, 1)),
+        };
+        let blocks = vol.block_count();
+        let zero: Page = Box::new([BlockId::ZERO; FANOUT]);
+        for p in 0..vol.page_count() {
+            let now = vol.page_ids(p);
+            let then = if p < snap.page_count() {
+                self.snapshot_page(vol, snap, p)
+                    .ok_or(ReadError::Unrecoverable(Lba(p * FANOUT_U64)))?
+            } else {
+                zero.clone()
+            };
+            for s in 0..FANOUT {
+                let lba = p * FANOUT_U64 + s as u64;
+                let differs = match &now {
+                    Some(ids) => ids[s] != then[s],
+                    None => true,
+                };
+                if lba < blocks && differs {
+                    push(lba);
+                }
+            }
+        }
+        Ok(runs)
     }
 
     /// (mapped blocks, mapped pages) of a snapshot: reads each of its pages.
@@ -787,13 +871,20 @@ impl Store {
         let first_page = lba.page().0;
         let last_page = Lba(lba.0 + n - 1).page().0;
         let record_bytes = (journal::RECORD_HEADER_LEN + 20 + ids.len() * 24) as u64;
-        let _adm = self.admit(record_bytes, last_page - first_page + 1, n)?;
+        let _adm = self.admit(
+            record_bytes,
+            last_page - first_page + 1,
+            n + vol.snapshot_puts(first_page, last_page),
+        )?;
         vol.ensure_allocated(first_page, last_page)?;
+        // Before any reference is taken or anything journaled: a snapshot's page this
+        // change is the first to touch since the checkpoint is kept (a full disk fails
+        // the write here, with nothing changed).
+        vol.preserve(first_page, last_page, &self.blocks)?;
         let slots = self.blocks.put_many(ids, data)?;
         self.apply(
             vol,
             lba,
-            n,
             encode_map(vol.meta.uid, lba, ids, &slots),
             KIND_MAP,
             &mut ids.iter().copied(),
@@ -839,13 +930,17 @@ impl Store {
         let first_page = lba.page().0;
         let last_page = Lba(lba.0 + n - 1).page().0;
         let record_bytes = (journal::RECORD_HEADER_LEN + 20 + ids.len() * 24) as u64;
-        let _adm = self.admit(record_bytes, last_page - first_page + 1, n)?;
+        let _adm = self.admit(
+            record_bytes,
+            last_page - first_page + 1,
+            n + vol.snapshot_puts(first_page, last_page),
+        )?;
         vol.ensure_allocated(first_page, last_page)?;
+        vol.preserve(first_page, last_page, &self.blocks)?;
         let slots = self.blocks.put_many(ids, &data)?;
         self.apply(
             vol,
             lba,
-            n,
             encode_map(vol.meta.uid, lba, ids, &slots),
             KIND_MAP,
             &mut ids.iter().copied(),
@@ -935,15 +1030,10 @@ impl Store {
         &self,
         vol: &Volume,
         lba: Lba,
-        count: u64,
         payload: Vec<u8>,
         kind: u8,
         ids: &mut dyn Iterator<Item = BlockId>,
     ) -> Result<(), WriteError> {
-        // Before anything is journaled: a snapshot's page this change is the first to
-        // touch since the checkpoint is kept (a full disk fails the write here, with
-        // nothing changed).
-        vol.preserve(lba.page().0, Lba(lba.0 + count - 1).page().0, &self.blocks)?;
         let lsn = match self.journal.lock().append(kind, &payload) {
             Ok(l) => l,
             Err(e) => {
@@ -990,7 +1080,13 @@ impl Store {
             let l = Lba(lba.0 + done);
             let n = FILL_CHUNK_BLOCKS.min(count - done);
             let pages = Lba(l.0 + n - 1).page().0 - l.page().0 + 1;
-            let _adm = self.admit((journal::RECORD_HEADER_LEN + 48) as u64, pages, 1)?;
+            let last = Lba(l.0 + n - 1).page().0;
+            let _adm = self.admit(
+                (journal::RECORD_HEADER_LEN + 48) as u64,
+                pages,
+                1 + vol.snapshot_puts(l.page().0, last),
+            )?;
+            vol.preserve(l.page().0, last, &self.blocks)?;
             let mut slot = NO_SLOT;
             if provision {
                 vol.ensure_allocated(l.page().0, Lba(l.0 + n - 1).page().0)?;
@@ -1000,7 +1096,6 @@ impl Store {
             self.apply(
                 vol,
                 l,
-                n,
                 encode_fill(vol.meta.uid, l, n, zid, slot),
                 KIND_FILL,
                 &mut std::iter::repeat_n(zid, n as usize),

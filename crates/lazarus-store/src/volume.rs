@@ -380,6 +380,10 @@ pub(crate) struct VolState {
     /// damaged, which a copy that took no update since may still hold (its unknown
     /// slots are unchanged since then). Not kept across a restart.
     pub rewritten: BTreeMap<u64, Checksum>,
+    /// Pages `preserve` has looked at since the last checkpoint (while the volume has
+    /// snapshots): each is looked at once per checkpoint interval, before its first
+    /// change, whatever made it dirty (a scrub rewrites a page unchanged).
+    pub snap_checked: HashSet<u64>,
     /// Damaged pages whose damage this copy took from its primary in a resync
     /// (`adopt_damage`): the primary's copy of them is damaged the same way, so this
     /// copy is as current as the primary's. Not kept across a restart (a restarted
@@ -404,6 +408,7 @@ impl VolState {
             dirty_ck: BTreeSet::new(),
             damaged: BTreeMap::new(),
             rewritten: BTreeMap::new(),
+            snap_checked: HashSet::new(),
             mirrored: BTreeSet::new(),
             damage_dirty: false,
             header_seq,
@@ -957,6 +962,7 @@ impl Volume {
         self.persist_damage(&mut st)?;
         Volume::refresh_tree(&mut st);
         let mut images = Vec::new();
+        st.snap_checked.clear();
         let dirty = std::mem::take(&mut st.dirty);
         if dirty.is_empty() && st.dirty_ck.is_empty() {
             return Ok(images);
@@ -1148,21 +1154,21 @@ impl Volume {
                 .and_then(|s| s.to_str())
                 .unwrap_or_default()
                 .to_string();
-            let parsed = lazarus_io::fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| Snapshot::decode(&b, path.clone()))
-                .and_then(|s| {
-                    if s.volume_uid != self.meta.uid {
-                        Err(format!(
-                            "it belongs to volume uid {}, not {}",
-                            s.volume_uid, self.meta.uid
-                        ))
-                    } else if s.name != stem {
-                        Err(format!("it names itself {:?}", s.name))
-                    } else {
-                        Ok(s)
-                    }
-                });
+            // A file that cannot be read is an error of the whole open, not a lost
+            // snapshot: its page blocks would otherwise go uncounted and be freed.
+            let bytes = lazarus_io::fs::read(&path).map_err(|e| StoreError::io(&path, e))?;
+            let parsed = Snapshot::decode(&bytes, path.clone()).and_then(|s| {
+                if s.volume_uid != self.meta.uid {
+                    Err(format!(
+                        "it belongs to volume uid {}, not {}",
+                        s.volume_uid, self.meta.uid
+                    ))
+                } else if s.name != stem {
+                    Err(format!("it names itself {:?}", s.name))
+                } else {
+                    Ok(s)
+                }
+            });
             match parsed {
                 Ok(s) => {
                     layer.count(&s);
@@ -1282,11 +1288,23 @@ impl Volume {
         layer.held.drain().collect()
     }
 
-    /// Before pages `first..=last` change: each that is clean (its content is what the
-    /// disk holds, and so what any snapshot taken since the last checkpoint or before
-    /// saw) and whose content a snapshot names is stored as a page block, with a
-    /// reference on each block it names, unless the snapshots hold it already. Under the
-    /// volume's lock, so two writers to one page store it once.
+    /// Journal room, in new-block units (256 per index page), for the page blocks
+    /// `preserve` may store for pages `first..=last`: each may dirty its own page of
+    /// blocks.idx at the next checkpoint.
+    pub(crate) fn snapshot_puts(&self, first: u64, last: u64) -> u64 {
+        if self.has_snaps.load(std::sync::atomic::Ordering::Acquire) {
+            (last - first + 1) * FANOUT_U64
+        } else {
+            0
+        }
+    }
+
+    /// Before pages `first..=last` change: each not looked at since the last
+    /// checkpoint is hashed as it is now (its content since that checkpoint, which is
+    /// what any snapshot taken since saw); if a snapshot names that content and the
+    /// volume's snapshots do not hold it yet, it is stored as a page block, with a
+    /// reference on each block it names. Under the volume's lock, so two writers to one
+    /// page store it once.
     pub(crate) fn preserve(
         &self,
         first: u64,
@@ -1296,21 +1314,28 @@ impl Volume {
         if !self.has_snaps.load(std::sync::atomic::Ordering::Acquire) {
             return Ok(());
         }
-        let st = self.state.lock();
+        let mut st = self.state.lock();
+        let st = &mut *st;
         let mut layer = self.snaps.lock();
         for p in first..=last {
-            if st.dirty.contains(&p) || st.damaged.contains_key(&p) {
+            if st.snap_checked.contains(&p) {
                 continue;
             }
+            // Whatever the page holds now (changed since the checkpoint or not,
+            // damaged or not): if it is content a snapshot names, it is kept. Content
+            // addressing makes keeping a page that needed no keeping harmless.
             let Some(pg) = st.pages.get(&p) else {
+                st.snap_checked.insert(p);
                 continue; // all zeroes: nothing to keep
             };
             let bytes = encode_page(&pg[..]);
             let c = Checksum::of_page(&bytes);
             if !layer.pages.contains_key(&c) || layer.held.contains(&c) {
+                st.snap_checked.insert(p);
                 continue;
             }
             blocks.put(BlockId(c.0), &bytes)?;
+            st.snap_checked.insert(p);
             for id in pg.iter().filter(|id| !id.is_zero()) {
                 blocks.add_ref(*id);
             }
@@ -1339,7 +1364,10 @@ impl Volume {
             if c == Checksum::ZERO || !layer.pages.contains_key(&c) {
                 continue;
             }
-            if blocks.locate(BlockId(c.0)).is_none() {
+            // Verified, not just indexed: an index entry may be stale (a page block's
+            // slot is not journaled, so a slot freed and reused before the crash may
+            // still be indexed under its old content).
+            if !blocks.holds_intact(BlockId(c.0)) {
                 if let Err(e) = blocks.put_unreferenced(BlockId(c.0), &b) {
                     tracing::error!(volume = %self.meta.name, page = p, error = %e, "cannot keep a snapshot's page; reads of it will fail");
                 }
@@ -1361,7 +1389,11 @@ impl Volume {
             match blocks.read(id, &mut b) {
                 Ok(true) => {}
                 _ => {
-                    tracing::error!(volume = %self.meta.name, page_block = %id.to_hex(), "a snapshot's page block does not verify; reads of it will fail");
+                    // A stale index entry (see `preserve_replayed`), or damage: either
+                    // way this content is not stored, and a later `put` must store it
+                    // again rather than count on the entry.
+                    blocks.forget_stale(id);
+                    tracing::warn!(volume = %self.meta.name, page_block = %id.to_hex(), "a snapshot's page block is not intact on disk; the page is read from the volume while the volume still holds it");
                     continue;
                 }
             }

@@ -326,16 +326,46 @@ enum VolumeOp {
     Unprotect {
         name: String,
     },
-    /// Copy a raw image file into a volume (holes and zeroes stay unmapped).
+    /// Make a volume read as one of its snapshots again: the blocks that differ are
+    /// rewritten (replicated, then flushed). Stop the volume's writers first.
+    Revert {
+        name: String,
+        snapshot: String,
+    },
+    /// Create volume NEW holding what snapshot VOLUME@NAME holds: its mapped blocks are
+    /// written into NEW, which stores no block twice (blocks are shared by content).
+    Clone {
+        /// The snapshot, as VOLUME@NAME.
+        snapshot: String,
+        new: String,
+        /// Copies of NEW to keep in a cluster (default 3).
+        #[arg(long)]
+        replicas: Option<u64>,
+    },
+    /// Copy a raw image file into a volume (holes and zeroes stay unmapped), or with
+    /// --diff apply an incremental export (`volume export V@B F --since A`) to a volume
+    /// that holds snapshot A's content.
     Import {
         file: PathBuf,
         #[arg(long)]
         volume: String,
+        /// FILE is an incremental export (docs/format.md, "Incremental export").
+        #[arg(long)]
+        diff: bool,
+        /// Apply the diff even if the volume's checksum root is not A's (it may then
+        /// not end up identical to B).
+        #[arg(long, requires = "diff")]
+        force: bool,
     },
-    /// Copy a volume into a raw image file (unmapped ranges stay holes).
+    /// Copy a volume, or a snapshot (VOLUME@NAME), into a raw image file (unmapped
+    /// ranges stay holes); with --since A, write only what snapshot VOLUME@NAME changed
+    /// since snapshot A, as an incremental export for `volume import --diff`.
     Export {
         name: String,
         file: PathBuf,
+        /// An earlier snapshot of the same volume.
+        #[arg(long)]
+        since: Option<String>,
     },
 }
 
@@ -665,12 +695,62 @@ fn client_command(cmd: Cmd) -> anyhow::Result<()> {
                         print_volumes(&v);
                     }
                 }
-                VolumeOp::Import { file, volume } => {
-                    transfer::import(&client::primary_api(api, &volume)?, &file, &volume)?
+                VolumeOp::Import {
+                    file,
+                    volume,
+                    diff: false,
+                    ..
+                } => transfer::import(&client::primary_api(api, &volume)?, &file, &volume)?,
+                VolumeOp::Import {
+                    file,
+                    volume,
+                    diff: true,
+                    force,
+                } => transfer::import_diff(
+                    &client::primary_api(api, &volume)?,
+                    &file,
+                    &volume,
+                    force,
+                )?,
+                VolumeOp::Revert { name, snapshot } => {
+                    snapshot_target(&name, &snapshot)?;
+                    let api = client::primary_api(api, &name)?;
+                    let v = client::ok(api.post(
+                        &format!("/api/v1/volumes/{name}/revert"),
+                        &json!({ "name": snapshot }),
+                    )?)?;
+                    println!(
+                        "volume {name} reverted to {name}@{snapshot}: {} rewritten in {:.1} s (flushed)",
+                        human(v["rewritten_bytes"].as_u64().unwrap_or(0)),
+                        v["elapsed_us"].as_u64().unwrap_or(0) as f64 / 1e6
+                    );
                 }
-                VolumeOp::Export { name, file } => {
-                    transfer::export(&client::primary_api(api, &name)?, &name, &file)?
+                VolumeOp::Clone {
+                    snapshot,
+                    new,
+                    replicas,
+                } => {
+                    let Some((volume, snap)) = snapshot.split_once('@') else {
+                        anyhow::bail!("name the snapshot as VOLUME@NAME, not {snapshot:?}");
+                    };
+                    snapshot_target(volume, snap)?;
+                    lazarus_types::check_volume_name(&new).map_err(anyhow::Error::msg)?;
+                    let src = client::primary_api(api.clone(), volume)?;
+                    transfer::clone(&api, &src, volume, snap, &new, replicas)?;
                 }
+                VolumeOp::Export { name, file, since } => match name.split_once('@') {
+                    Some((volume, snap)) => transfer::export_snapshot(
+                        &client::primary_api(api, volume)?,
+                        volume,
+                        snap,
+                        since.as_deref(),
+                        &file,
+                    )?,
+                    None if since.is_some() => anyhow::bail!(
+                        "--since exports what a snapshot changed since another: name the newer one as {name}@SNAPSHOT"
+                    ),
+                    None => transfer::export(&client::primary_api(api, &name)?, &name, &file)?,
+                },
                 VolumeOp::Delete { name } => {
                     client::ok(api.delete(&format!("/api/v1/volumes/{name}"))?)?;
                     println!("deleted volume {name}");
