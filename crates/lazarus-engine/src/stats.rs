@@ -96,6 +96,7 @@ pub fn local_stats(engine: &Engine) -> Value {
                 "damaged_pages": v.damaged_pages().len(),
                 "unrecoverable_lbas": v.damaged_ranges().iter().map(|r| r.1).sum::<u64>(),
                 "root": v.root().to_hex(),
+                "snapshots": v.snapshots().iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
                 "ops": ops,
             }),
         );

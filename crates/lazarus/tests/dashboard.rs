@@ -115,6 +115,7 @@ fn dashboard_shows_the_cluster_and_a_killed_node_in_red() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    up.cli_ok(&["snapshot", "create", "vol0", "monday"]);
 
     let page = dom(&profile, &url);
     assert!(
@@ -136,6 +137,12 @@ fn dashboard_shows_the_cluster_and_a_killed_node_in_red() {
         tag(&page, "copy-vol0-n1").contains("primary"),
         "n1 is vol0's primary"
     );
+    let snaps = page
+        .split("id=\"snaps-vol0\">")
+        .nth(1)
+        .and_then(|r| r.split('<').next())
+        .unwrap_or_default();
+    assert_eq!(snaps, "monday", "the volume's snapshots on the page");
     // The page's own totals: the 4 MiB write above went through n1.
     let t = tag(&page, "io-totals");
     let writes: u64 = attr(t, "data-writes").parse().unwrap();

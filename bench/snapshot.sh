@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Snapshots benchmark (Snapshots issue), one three-node `lazarus up` cluster:
+#  1. vol0 (SIZE GiB, three copies) fully mapped: provisioned zeroes everywhere
+#     (`qemu-io write -z`, 1 GiB per request) and 1 GiB of random data at its start;
+#  2. snapshot a, taken three times over (a0 checkpoints the fill, a1 and a2 do not):
+#     the time the primary reports for all three copies, and the snapshot file's size;
+#  3. 1% of the volume rewritten with random data (fio, 1 MiB writes at random
+#     offsets, no offset twice), then snapshot b;
+#  4. `volume export vol0@b --since a2`: the time and the diff file's size; then the
+#     time to apply it to another volume.
+# Usage: bench/snapshot.sh [SIZE_GIB]   (64 by default; LAZARUS_BIN to use another build)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+GIB=${1:-64}
+command -v fio >/dev/null || { echo "fio is required" >&2; exit 2; }
+command -v nbdcopy >/dev/null || { echo "nbdcopy (libnbd-bin) is required" >&2; exit 2; }
+if [ -z "${LAZARUS_BIN:-}" ]; then cargo build --release --quiet; fi
+BIN="${LAZARUS_BIN:-$PWD/target/release/lazarus}"
+WORK="$(mktemp -d /var/tmp/lazarus-snapshot.XXXXXX)"
+PORT=23300
+"$BIN" up --data "$WORK/c" --port-base $PORT --volume-size "${GIB}GiB" --nbd-tls off \
+  > "$WORK/up.log" 2>&1 &
+UP=$!
+trap 'kill -INT $UP 2>/dev/null; wait $UP 2>/dev/null || true; rm -rf "$WORK"' EXIT
+for i in $(seq 600); do grep -q "Press Ctrl-C" "$WORK/up.log" && break; sleep 0.2; done
+U=nbd://127.0.0.1:$PORT/vol0
+L() { "$BIN" "$@" --data "$WORK/c"; }
+echo "== filling vol0 (${GIB} GiB mapped)"
+cmds=()
+for i in $(seq 0 $((GIB - 1))); do cmds+=(-c "write -z ${i}G 1G"); done
+qemu-io -f raw "${cmds[@]}" -c flush "$U" > /dev/null
+head -c $((1 << 30)) /dev/urandom > "$WORK/rand.img"
+nbdcopy "$WORK/rand.img" "$U"
+rm -f "$WORK/rand.img"
+L volume list
+echo "== snapshots of the full volume"
+for s in a0 a1 a2; do L snapshot create vol0 $s; done
+ls -l "$WORK/c/n1/volumes/vol0/snapshots/a2.snap" | awk '{print "snapshot file: " $5 " bytes"}'
+echo "== rewriting 1% of vol0"
+CHANGE_MIB=$((GIB * 1024 / 100))
+fio --name=change --ioengine=nbd --uri="$U" --rw=randwrite --bs=1M --iodepth=8 \
+  --size="${GIB}g" --io_size="${CHANGE_MIB}m" --refill_buffers --randrepeat=0 \
+  --output-format=terse > /dev/null
+qemu-io -f raw -c flush "$U" > /dev/null
+L snapshot create vol0 b
+echo "== incremental export of ${CHANGE_MIB} MiB changed"
+L volume export vol0@b "$WORK/b.diff" --since a2
+ls -l "$WORK/b.diff" | awk '{print "diff file: " $5 " bytes"}'
+echo "== applying it to another volume (--force: that volume does not hold a2)"
+L volume create copy --size "${GIB}GiB"
+L volume import "$WORK/b.diff" --volume copy --diff --force
