@@ -16,4 +16,5 @@ pub mod engine;
 pub mod forward;
 pub mod repair;
 pub mod snapshots;
+pub mod snapsync;
 pub mod stats;

@@ -78,13 +78,15 @@ pub fn snapshot_current(
 ) -> bool {
     match cluster {
         None => true,
+        // A node still starting may hold metadata from before a deletion.
         Some(c) => {
-            c.store
-                .meta()
-                .volumes
-                .get(volume)
-                .and_then(|v| v.snapshots.get(&snap.name))
-                == Some(&snap.id)
+            c.is_ready()
+                && c.store
+                    .meta()
+                    .volumes
+                    .get(volume)
+                    .and_then(|v| v.snapshots.get(&snap.name))
+                    == Some(&snap.id)
         }
     }
 }

@@ -452,9 +452,10 @@ impl Cluster {
             }
             KIND_ROOT => self.serve_root(de(&body)?).await,
             KIND_LEASE => ser(&self.serve_lease(de(&body)?).await),
-            KIND_STATS | KIND_FORWARD | lazarus_rpc::KIND_VOLUME_SNAPSHOT => {
-                self.ask_front(kind, body).await
-            }
+            KIND_STATS
+            | KIND_FORWARD
+            | lazarus_rpc::KIND_VOLUME_SNAPSHOT
+            | lazarus_rpc::KIND_SNAPSHOT_FETCH => self.ask_front(kind, body).await,
             KIND_RESYNC_BEGIN | KIND_TREE | KIND_PAGE | KIND_BLOCKS => {
                 self.serve_resync(kind, &body).await
             }

@@ -267,33 +267,65 @@ impl Source {
         for chunk in ids.chunks(BLOCKS_PER_FETCH) {
             let raw: Vec<u8> = chunk.iter().flat_map(|id| id.0).collect();
             let reply = self.call(KIND_BLOCKS, 0, 0, &raw).await?;
-            let (json, data) = rpc::unpack(&reply)?;
-            let present: Vec<bool> =
-                serde_json::from_slice(json).map_err(|e| format!("bad block reply: {e}"))?;
-            if present.len() != chunk.len()
-                || data.len() != present.iter().filter(|p| **p).count() * BLOCK_SIZE
-            {
-                return Err("block reply does not match its request".into());
-            }
-            let mut blocks = data.chunks_exact(BLOCK_SIZE);
-            for (id, here) in chunk.iter().zip(present) {
-                if !here {
-                    continue;
+            for (id, b) in chunk.iter().zip(decode_blocks_reply(chunk, &reply)?) {
+                if let Some(b) = b {
+                    out.insert(*id, b);
                 }
-                let b = blocks.next().expect("length checked");
-                if BlockId::hash_of(b) != *id {
-                    return Err(format!(
-                        "block {} from the primary does not match its id",
-                        id.to_hex()
-                    ));
-                }
-                out.insert(*id, b.to_vec());
             }
             self.state
                 .update(&self.req.volume, |p| p.blocks_fetched += out.len() as u64);
         }
         Ok(out)
     }
+}
+
+/// Reads blocks by id (`raw`: at most `BLOCKS_PER_FETCH` ids) for another node: a
+/// JSON list of which are here intact, then the data of those that are (the reply to
+/// `KIND_BLOCKS`, and to a snapshot's blocks).
+pub fn read_blocks_by_id(store: &lazarus_store::Store, raw: &[u8]) -> Result<Vec<u8>, String> {
+    if !raw.len().is_multiple_of(ID_LEN) || raw.len() / ID_LEN > BLOCKS_PER_FETCH {
+        return Err("bad block list".into());
+    }
+    let mut present = Vec::with_capacity(raw.len() / ID_LEN);
+    let mut data = Vec::new();
+    let mut buf = vec![0u8; BLOCK_SIZE];
+    for c in raw.chunks_exact(ID_LEN) {
+        let id = BlockId(c.try_into().expect("16 bytes"));
+        let ok = store.read_block(id, &mut buf).map_err(|e| e.to_string())?;
+        present.push(ok);
+        if ok {
+            data.extend_from_slice(&buf);
+        }
+    }
+    let json = serde_json::to_vec(&present).map_err(|e| e.to_string())?;
+    Ok(rpc::pack(&json, &data))
+}
+
+/// Decodes `read_blocks_by_id`'s reply to a request for `ids`: per id its data, each
+/// verified against its id, or `None` where the other node does not have it.
+pub fn decode_blocks_reply(ids: &[BlockId], reply: &[u8]) -> Result<Vec<Option<Vec<u8>>>, String> {
+    let (json, data) = rpc::unpack(reply)?;
+    let present: Vec<bool> =
+        serde_json::from_slice(json).map_err(|e| format!("bad block reply: {e}"))?;
+    if present.len() != ids.len()
+        || data.len() != present.iter().filter(|p| **p).count() * BLOCK_SIZE
+    {
+        return Err("block reply does not match its request".into());
+    }
+    let mut blocks = data.chunks_exact(BLOCK_SIZE);
+    let mut out = Vec::with_capacity(ids.len());
+    for (id, here) in ids.iter().zip(present) {
+        if !here {
+            out.push(None);
+            continue;
+        }
+        let b = blocks.next().expect("length checked");
+        if BlockId::hash_of(b) != *id {
+            return Err(format!("block {} sent does not match its id", id.to_hex()));
+        }
+        out.push(Some(b.to_vec()));
+    }
+    Ok(out)
 }
 
 /// A checksum group (TREE) or a slice page's ids (PAGE) of `local`, as raw bytes: what
@@ -423,33 +455,13 @@ impl Cluster {
         }
     }
 
-    /// Reads blocks by id for another node: per id whether it is here intact, and the
-    /// data of those that are.
+    /// Reads blocks by id for another node (`read_blocks_by_id`).
     pub(crate) async fn serve_blocks(&self, raw: &[u8]) -> Result<Vec<u8>, String> {
-        if !raw.len().is_multiple_of(ID_LEN) || raw.len() / ID_LEN > BLOCKS_PER_FETCH {
-            return Err("bad block list".into());
-        }
-        let ids: Vec<BlockId> = raw
-            .chunks_exact(ID_LEN)
-            .map(|c| BlockId(c.try_into().expect("16 bytes")))
-            .collect();
         let store = self.blocks.clone();
-        lazarus_rpc::rt::blocking(move || {
-            let mut present = Vec::with_capacity(ids.len());
-            let mut data = Vec::new();
-            let mut buf = vec![0u8; BLOCK_SIZE];
-            for id in ids {
-                let ok = store.read_block(id, &mut buf).map_err(|e| e.to_string())?;
-                present.push(ok);
-                if ok {
-                    data.extend_from_slice(&buf);
-                }
-            }
-            let json = serde_json::to_vec(&present).map_err(|e| e.to_string())?;
-            Ok(rpc::pack(&json, &data))
-        })
-        .await
-        .map_err(|e| e.to_string())?
+        let raw = raw.to_vec();
+        lazarus_rpc::rt::blocking(move || read_blocks_by_id(&store, &raw))
+            .await
+            .map_err(|e| e.to_string())?
     }
 
     /// Looks for copies of this node's that are dead or resyncing and resyncs them,

@@ -68,6 +68,9 @@ pub mod kind {
     pub const KIND_REPLICATE_IDS: u8 = 16;
     /// A primary has a copy take or delete a snapshot (`lazarus-engine`, snapshots.rs).
     pub const KIND_VOLUME_SNAPSHOT: u8 = 17;
+    /// A copy that missed a snapshot fetches it from one that has it (`lazarus-engine`,
+    /// snapsync.rs).
+    pub const KIND_SNAPSHOT_FETCH: u8 = 18;
 
     /// The recovery server: a claim (compare-and-set on the failure count ID and
     /// holder), a log append, a hold renewal, a volume's state, a log read, a clear, a

@@ -78,6 +78,9 @@ fn front(engine: &Arc<Engine>) -> lazarus_rpc::Handler {
                 lazarus_rpc::KIND_VOLUME_SNAPSHOT => {
                     engine.serve_snapshot_op(&body).await.map_err(Into::into)
                 }
+                lazarus_rpc::KIND_SNAPSHOT_FETCH => {
+                    engine.serve_snapshot_fetch(&body).await.map_err(Into::into)
+                }
                 lazarus_rpc::KIND_STATS => {
                     serde_json::to_vec(&lazarus_engine::stats::local_stats(&engine))
                         .map_err(|e| e.to_string().into())
@@ -124,6 +127,7 @@ pub async fn start(
             c.hold_loop();
             c.jeopardy_loop();
             engine.background_repair();
+            engine.snapshot_sync_loop();
             c.resync_loop();
             c.start_up(
                 lazarus_cluster::NodeInfo {

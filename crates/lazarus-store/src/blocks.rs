@@ -365,6 +365,19 @@ impl BlockStore {
         Ok(ok)
     }
 
+    /// Takes a reference on `id` if the store holds it (a block whose last reference
+    /// went is kept until its slot is freed, and comes back); `false` if it does not.
+    pub fn try_retain(&self, id: BlockId) -> bool {
+        let mut ix = self.inner.lock();
+        match ix.map.get_mut(&id) {
+            Some(e) => {
+                e.refs = e.refs.checked_add(1).expect("reference count overflow");
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Takes `n` more references on a block already held by the caller.
     pub fn retain(&self, id: BlockId, n: u64) {
         if n == 0 {

@@ -20,7 +20,7 @@ use lazarus_types::{
     BlockId, Checksum, Lba, BLOCK_SIZE, BLOCK_SIZE_U64, FANOUT, FANOUT_U64, ID_LEN,
 };
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -552,6 +552,141 @@ impl Store {
         self.blocks.release_durable(durable);
         tracing::info!(volume, snapshot = name, "snapshot deleted");
         Ok(())
+    }
+
+    /// Snapshot pages (of a snapshot with level 1 `l1`, held by another copy) that this
+    /// copy of `volume` cannot read: what `install_snapshot` needs staged.
+    pub fn snapshot_pages_unavailable(
+        &self,
+        volume: &str,
+        l1: &[Checksum],
+        staged: &HashSet<Checksum>,
+    ) -> Result<Vec<u64>, StoreError> {
+        let v = self
+            .volume(volume)
+            .ok_or_else(|| StoreError::NoSuchVolume(volume.to_string()))?;
+        Ok(v.pages_unavailable(l1, staged))
+    }
+
+    /// A page block's content if the store holds it intact (any volume's).
+    pub fn page_block(&self, c: Checksum) -> Option<Vec<u8>> {
+        let mut b = vec![0u8; BLOCK_SIZE];
+        matches!(self.blocks.read(BlockId(c.0), &mut b), Ok(true)).then_some(b)
+    }
+
+    /// Stores slice page content `page` (checksum `c`) for a snapshot being installed
+    /// (`install_snapshot`), with the blocks it names: each is stored here already or
+    /// given in `data` (verified against its id). Holds a reference on the page block
+    /// and one on each block it names, which `install_snapshot` takes over or
+    /// `unstage_snapshot_pages` drops. Nothing is written to any volume, so a crash
+    /// leaves only unreferenced blocks, freed at the next start.
+    pub fn stage_snapshot_page(
+        &self,
+        c: Checksum,
+        page: &[u8],
+        data: &HashMap<BlockId, Vec<u8>>,
+    ) -> Result<(), StoreError> {
+        if c == Checksum::ZERO || page.len() != BLOCK_SIZE || Checksum::of_page(page) != c {
+            return Err(StoreError::Invalid(
+                "a snapshot page does not match its checksum".into(),
+            ));
+        }
+        let children = crate::volume::decode_page(page);
+        let mut taken: Vec<BlockId> = Vec::new();
+        let r = (|| {
+            for id in children.iter().filter(|i| !i.is_zero()) {
+                if self.blocks.try_retain(*id) {
+                    taken.push(*id);
+                    continue;
+                }
+                let b = data.get(id).ok_or_else(|| {
+                    StoreError::Invalid(format!(
+                        "block {} of a snapshot page is neither here nor given",
+                        id.to_hex()
+                    ))
+                })?;
+                if BlockId::hash_of(b) != *id {
+                    return Err(StoreError::Invalid(format!(
+                        "block {} does not hash to its id",
+                        id.to_hex()
+                    )));
+                }
+                self.blocks.put(*id, b)?;
+                taken.push(*id);
+            }
+            let pid = BlockId(c.0);
+            if !self.blocks.try_retain(pid) {
+                self.blocks.put(pid, page)?;
+            }
+            Ok(())
+        })();
+        if r.is_err() {
+            let j = self.journal.lock();
+            let lsn = j.next_lsn().saturating_sub(1);
+            for id in taken {
+                self.blocks.release(id, lsn);
+            }
+            drop(j);
+        }
+        r
+    }
+
+    /// Drops the references of staged snapshot pages (an installation given up).
+    pub fn unstage_snapshot_pages(&self, staged: &[Checksum]) {
+        for c in staged {
+            self.release_page_block(*c);
+        }
+    }
+
+    /// Installs snapshot `from` of `volume` as another copy holds it (its name, id,
+    /// size, creation time and level 1, which must hash up to its root): this copy
+    /// missed its creation. Every page
+    /// this copy cannot read otherwise must be staged (`stage_snapshot_page`): the
+    /// volume's own pages are shared as at a creation. Writers are held off for a
+    /// checkpoint (which makes the staged blocks durable and indexed) and the file's
+    /// write. `Ok(Err(pages))`: these pages became unavailable since (the volume
+    /// changed them); nothing was installed and the staged references are still the
+    /// caller's.
+    pub fn install_snapshot(
+        &self,
+        volume: &str,
+        from: &Snapshot,
+        staged: &[Checksum],
+    ) -> Result<Result<Arc<Snapshot>, Vec<u64>>, StoreError> {
+        let name = from.name.as_str();
+        crate::snapshot::check_snapshot_name(name).map_err(StoreError::Invalid)?;
+        lazarus_types::check_volume_size(from.size_bytes).map_err(StoreError::Invalid)?;
+        let pages = crate::volume::level_lens(lazarus_types::page_count_for(from.size_bytes))[0];
+        if from.l1.len() as u64 != pages {
+            return Err(StoreError::Invalid(format!(
+                "{} page checksums for a snapshot of {pages} pages",
+                from.l1.len()
+            )));
+        }
+        let v = self
+            .volume(volume)
+            .ok_or_else(|| StoreError::NoSuchVolume(volume.to_string()))?;
+        self.checkpointing.store(true, Ordering::Release);
+        let r = (|| {
+            let _cp = self.cp_lock.write();
+            self.checkpoint_held()?;
+            v.adopt_snapshot(from, staged)
+        })();
+        self.checkpointing.store(false, Ordering::Release);
+        match r? {
+            Err(missing) => Ok(Err(missing)),
+            Ok((s, release)) => {
+                self.unstage_snapshot_pages(&release);
+                tracing::info!(
+                    volume,
+                    snapshot = name,
+                    mapped_pages = s.mapped_pages(),
+                    staged_pages = staged.len() - release.len(),
+                    "snapshot installed from another copy"
+                );
+                Ok(Ok(s))
+            }
+        }
     }
 
     /// Drops a held page block's reference on itself and on each block it names. Each

@@ -1231,31 +1231,119 @@ impl Volume {
                 self.meta.name
             )));
         }
-        let dir = self.snapshots_dir();
-        if !lazarus_io::fs::exists(&dir) {
-            lazarus_io::fs::create_dir_all(&dir).map_err(|e| StoreError::io(&dir, e))?;
-            disk::sync_dir(&self.dir).map_err(|e| StoreError::io(&self.dir, e))?;
-        }
         let s = Snapshot {
             name: name.to_string(),
             volume_uid: self.meta.uid,
             size_bytes: self.size_bytes(),
             created_unix: (lazarus_io::rt::wall_clock_nanos() / 1_000_000_000) as u64,
-            seq: layer.next_seq(),
+            seq: 0,
             id,
             l1,
             root,
-            path: dir.join(format!("{name}.{SNAP_EXT}")),
+            path: PathBuf::new(),
         };
+        self.commit_snapshot(&mut layer, s)
+    }
+
+    /// Writes snapshot `s`'s file as this volume's next (the rename is the commit
+    /// point) and counts its entries.
+    fn commit_snapshot(
+        &self,
+        layer: &mut SnapLayer,
+        mut s: Snapshot,
+    ) -> Result<std::sync::Arc<Snapshot>, StoreError> {
+        let dir = self.snapshots_dir();
+        if !lazarus_io::fs::exists(&dir) {
+            lazarus_io::fs::create_dir_all(&dir).map_err(|e| StoreError::io(&dir, e))?;
+            disk::sync_dir(&self.dir).map_err(|e| StoreError::io(&self.dir, e))?;
+        }
+        s.volume_uid = self.meta.uid;
+        s.seq = layer.next_seq();
+        s.path = dir.join(format!("{}.{SNAP_EXT}", s.name));
         disk::write_file_atomic(&s.path, &s.encode()).map_err(|e| StoreError::io(&s.path, e))?;
         layer.count(&s);
         let s = std::sync::Arc::new(s);
-        layer.list.insert(name.to_string(), s.clone());
+        layer.list.insert(s.name.clone(), s.clone());
         self.has_snaps.store(
             !layer.pages.is_empty(),
             std::sync::atomic::Ordering::Release,
         );
         Ok(s)
+    }
+
+    /// The pages of a snapshot with level 1 `l1` that this copy could not read were it
+    /// installed now: neither the volume's current page (clean, recorded with that
+    /// checksum) nor a page block this volume's snapshots hold or `staged` names.
+    pub(crate) fn pages_unavailable(
+        &self,
+        l1: &[Checksum],
+        staged: &HashSet<Checksum>,
+    ) -> Vec<u64> {
+        let st = self.state.lock();
+        let layer = self.snaps.lock();
+        l1.iter()
+            .enumerate()
+            .filter(|(p, c)| {
+                let p = *p as u64;
+                if **c == Checksum::ZERO || layer.held.contains(*c) || staged.contains(*c) {
+                    return false;
+                }
+                if st.damaged.contains_key(&p) {
+                    return true;
+                }
+                if st.dirty.contains(&p) || st.stale.contains(&p) {
+                    // Changed since the checkpoint: what it holds now is what the
+                    // checkpoint before an installation will record.
+                    return st
+                        .pages
+                        .get(&p)
+                        .is_none_or(|pg| Checksum::of_page(&encode_page(&pg[..])) != **c);
+                }
+                st.levels[0].get(p as usize) != Some(*c)
+            })
+            .map(|(p, _)| p as u64)
+            .collect()
+    }
+
+    /// Installs a snapshot another copy of the volume holds (this copy missed its
+    /// creation). The caller holds the store's checkpoint lock and has just
+    /// checkpointed, and has stored (`staged`) every page this copy cannot read
+    /// otherwise, each holding its references. `Ok(Err(pages))`: pages still
+    /// unavailable (the volume changed them since they were looked at); nothing was
+    /// written. Else the snapshot and the staged page blocks whose references are the
+    /// caller's to release (held already, or staged twice).
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn adopt_snapshot(
+        &self,
+        from: &Snapshot,
+        staged: &[Checksum],
+    ) -> Result<Result<(std::sync::Arc<Snapshot>, Vec<Checksum>), Vec<u64>>, StoreError> {
+        if tree_root(&from.l1) != from.root {
+            return Err(StoreError::Invalid(
+                "the snapshot's pages do not hash up to its root".into(),
+            ));
+        }
+        let staged_set: HashSet<Checksum> = staged.iter().copied().collect();
+        let missing = self.pages_unavailable(&from.l1, &staged_set);
+        if !missing.is_empty() {
+            return Ok(Err(missing));
+        }
+        let mut layer = self.snaps.lock();
+        if let Some(s) = layer.list.get(&from.name) {
+            return Err(StoreError::Invalid(format!(
+                "volume {:?} already has a snapshot {:?} (id {:x})",
+                self.meta.name, from.name, s.id
+            )));
+        }
+        let s = self.commit_snapshot(&mut layer, from.clone())?;
+        let mut release = Vec::new();
+        for c in staged {
+            if layer.pages.contains_key(c) && layer.held.insert(*c) {
+                continue;
+            }
+            release.push(*c);
+        }
+        Ok(Ok((s, release)))
     }
 
     /// Removes snapshot `name`'s file (the commit point) and its entries; returns the

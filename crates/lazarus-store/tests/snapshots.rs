@@ -412,3 +412,167 @@ fn a_page_dirty_from_a_scrub_is_still_kept_for_its_snapshot() {
     s.read_snapshot(&v, &sn, Lba(0), &mut buf).unwrap();
     assert!(buf == page0);
 }
+
+/// What the cluster does for a copy that missed a snapshot: the pages it cannot read
+/// are staged from the copy that has it (with the blocks they name that it lacks),
+/// then the snapshot is installed. Returns the pages staged.
+fn transfer(src: &Store, dst: &Store, name: &str) -> usize {
+    use lazarus_types::{BlockId, Checksum};
+    let sv = src.volume("v").unwrap();
+    let snap = sv.snapshot(name).unwrap();
+    let mut staged: Vec<Checksum> = Vec::new();
+    for _ in 0..3 {
+        let set: std::collections::HashSet<Checksum> = staged.iter().copied().collect();
+        for p in dst.snapshot_pages_unavailable("v", &snap.l1, &set).unwrap() {
+            let c = snap.l1[p as usize];
+            if staged.contains(&c) {
+                continue;
+            }
+            let page = dst.page_block(c).unwrap_or_else(|| {
+                lazarus_store::volume::encode_page(&src.snapshot_page(&sv, &snap, p).unwrap()[..])
+            });
+            let mut data: HashMap<BlockId, Vec<u8>> = HashMap::new();
+            for id in lazarus_store::volume::decode_page(&page).iter() {
+                if !dst.has_block(*id) {
+                    let mut b = vec![0u8; BLOCK_SIZE];
+                    assert!(src.read_block(*id, &mut b).unwrap());
+                    data.insert(*id, b);
+                }
+            }
+            dst.stage_snapshot_page(c, &page, &data).unwrap();
+            staged.push(c);
+        }
+        match dst.install_snapshot("v", &snap, &staged).unwrap() {
+            Ok(s) => {
+                assert_eq!(s.root, snap.root);
+                return staged.len();
+            }
+            Err(missing) => println!("{} pages changed meanwhile", missing.len()),
+        }
+    }
+    panic!("the snapshot was not installed in three attempts");
+}
+
+#[test]
+fn a_copy_that_missed_a_snapshot_installs_it_from_another() {
+    const BLOCKS: u64 = 2048; // 8 pages
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Store::open(da.path(), opts()).unwrap();
+    let mut old: HashMap<u64, u64> = HashMap::new();
+    let mut now: HashMap<u64, u64> = HashMap::new();
+    let va = a.create_volume("v", BLOCKS * 4096).unwrap();
+    for lba in 0..1024 {
+        a.write_blocks(&va, Lba(lba), &block(lba + 1)).unwrap();
+        old.insert(lba, lba + 1);
+    }
+    a.create_snapshot("v", "mon", 42).unwrap();
+    now.clone_from(&old);
+    // After the snapshot: page 1 partly rewritten, page 2 trimmed, page 6 written.
+    for lba in 300..340 {
+        a.write_blocks(&va, Lba(lba), &block(5000 + lba)).unwrap();
+        now.insert(lba, 5000 + lba);
+    }
+    a.write_zeroes(&va, Lba(512), 256, true).unwrap();
+    for lba in 512..768 {
+        now.remove(&lba);
+    }
+    a.write_blocks(&va, Lba(6 * 256 + 3), &block(777)).unwrap();
+    now.insert(6 * 256 + 3, 777);
+    check(&a, Some("mon"), BLOCKS, &old, "source");
+
+    // The copy that missed it holds the volume as it is now (resynced).
+    let b = Store::open(db.path(), opts()).unwrap();
+    let vb = b.create_volume("v", BLOCKS * 4096).unwrap();
+    for lba in 0..BLOCKS {
+        let x = now.get(&lba).copied().unwrap_or(0);
+        if x != 0 {
+            b.write_blocks(&vb, Lba(lba), &block(x)).unwrap();
+        }
+    }
+    b.flush().unwrap();
+    let staged = transfer(&a, &b, "mon");
+    // Pages 0 and 3 are the volume's own; 1 and 2 had to come over.
+    assert_eq!(staged, 2, "only the pages the copy cannot read are moved");
+    check(&b, Some("mon"), BLOCKS, &old, "installed");
+    check(&b, None, BLOCKS, &now, "volume after install");
+    // The volume changes a page the snapshot shares with it: kept.
+    b.write_blocks(&vb, Lba(5), &block(31337)).unwrap();
+    now.insert(5, 31337);
+    check(
+        &b,
+        Some("mon"),
+        BLOCKS,
+        &old,
+        "after a write to a shared page",
+    );
+    b.flush().unwrap();
+    let blocks = b.block_stats().blocks;
+    drop((vb, b));
+    let b = Store::open(db.path(), opts()).unwrap();
+    assert_eq!(b.recovery.missing_blocks, 0);
+    assert_eq!(
+        b.block_stats().blocks,
+        blocks,
+        "a restart recounts the same"
+    );
+    check(&b, Some("mon"), BLOCKS, &old, "installed, after a restart");
+    check(&b, None, BLOCKS, &now, "volume after a restart");
+
+    // Staged and never installed (a crash in between): nothing is left behind.
+    // Page 4 of "tue" names blocks the copy has never seen.
+    for lba in 1024..1280 {
+        a.write_blocks(&va, Lba(lba), &block(20000 + lba)).unwrap();
+    }
+    a.create_snapshot("v", "tue", 43).unwrap();
+    let vb = b.volume("v").unwrap();
+    for lba in 0..256 {
+        b.write_blocks(&vb, Lba(lba), &block(9000 + lba)).unwrap();
+    }
+    b.flush().unwrap();
+    b.checkpoint().unwrap();
+    let before = b.block_stats().blocks;
+    let snap = a.volume("v").unwrap().snapshot("tue").unwrap();
+    let c = snap.l1[4];
+    let page = lazarus_store::volume::encode_page(&a.snapshot_page(&va, &snap, 4).unwrap()[..]);
+    let mut data = HashMap::new();
+    for id in lazarus_store::volume::decode_page(&page).iter() {
+        let mut buf = vec![0u8; BLOCK_SIZE];
+        if !b.has_block(*id) && a.read_block(*id, &mut buf).unwrap() {
+            data.insert(*id, buf);
+        }
+    }
+    assert_eq!(data.len(), 256);
+    // A page that does not hash to its checksum, or a block not given, is refused.
+    assert!(b.stage_snapshot_page(snap.l1[1], &page, &data).is_err());
+    assert!(b.stage_snapshot_page(c, &page, &HashMap::new()).is_err());
+    assert_eq!(
+        b.block_stats().blocks,
+        before,
+        "a refused page leaves nothing"
+    );
+    b.stage_snapshot_page(c, &page, &data).unwrap();
+    assert!(b.block_stats().blocks > before);
+    b.checkpoint().unwrap(); // the staged blocks even reach the index
+    drop((vb, b));
+    let b = Store::open(db.path(), opts()).unwrap();
+    assert_eq!(
+        b.block_stats().blocks,
+        before,
+        "staged blocks are freed at start"
+    );
+    assert!(b.volume("v").unwrap().snapshot("tue").is_none());
+    let vb = b.volume("v").unwrap();
+    // Given up (unstaged) at run time: the same.
+    b.stage_snapshot_page(c, &page, &data).unwrap();
+    b.unstage_snapshot_pages(&[c]);
+    b.flush().unwrap();
+    b.checkpoint().unwrap();
+    assert_eq!(b.block_stats().blocks, before, "unstaged blocks are freed");
+    // Deleting the installed snapshot frees what only it held.
+    b.delete_snapshot("v", "mon").unwrap();
+    b.checkpoint().unwrap();
+    let mut ids: Vec<_> = vb.all_ids();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(b.block_stats().blocks, ids.len() as u64);
+}

@@ -1,0 +1,403 @@
+//! Snapshots follow their volume's copies. A copy that was down, dead or not yet
+//! built when a snapshot was taken has no such snapshot; once it is live again (or
+//! rebuilt on another node), it installs the snapshot from a copy that has it: the
+//! snapshot's page checksums (its file), then only the pages it cannot read from its
+//! own volume or page blocks, then only the blocks those pages name that it does not
+//! store, each verified against its checksum or id (`Store::install_snapshot`). A
+//! snapshot thus survives the loss of any node its volume survives, not just of the
+//! nodes live when it was taken.
+//!
+//! The same loop removes what a copy kept of a snapshot the cluster no longer names
+//! (it missed the deletion): once the snapshot is older than a grace period, so a
+//! snapshot being taken (on the copies before the metadata records it) is left alone.
+
+use crate::engine::Engine;
+use lazarus_cluster::ReplicaState;
+use lazarus_node::cluster::Cluster;
+use lazarus_store::volume::{decode_page, encode_page};
+use lazarus_store::Snapshot;
+use lazarus_types::{BlockId, Checksum, BLOCK_SIZE};
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How often a node compares its copies' snapshots with the metadata's.
+const POLL: Duration = Duration::from_secs(2);
+/// Wait after a failed installation before the next attempt.
+const BACKOFF: Duration = Duration::from_secs(5);
+const RPC_TIMEOUT: Duration = Duration::from_secs(20);
+/// A snapshot the metadata does not name is removed only once this old: a snapshot
+/// being taken exists on the copies before the metadata records it.
+const ZOMBIE_GRACE_SECS: u64 = 120;
+/// `ZOMBIE_GRACE_SECS`, or `LAZARUS_SNAPSHOT_GRACE_SECS` (tests).
+fn zombie_grace_secs() -> u64 {
+    std::env::var("LAZARUS_SNAPSHOT_GRACE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(ZOMBIE_GRACE_SECS)
+}
+
+/// Pages per request (256 KiB of page data).
+const PAGES_PER_FETCH: usize = 64;
+/// Blocks per request (1 MiB of data).
+const BLOCKS_PER_FETCH: usize = 256;
+/// Attempts at an installation whose pages the volume keeps changing.
+const INSTALL_ATTEMPTS: usize = 4;
+
+/// A request for (part of) a snapshot another copy holds (`KIND_SNAPSHOT_FETCH`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotFetch {
+    pub volume: String,
+    pub name: String,
+    /// The id the metadata records: a copy whose snapshot has another refuses.
+    pub id: u64,
+    pub what: FetchWhat,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum FetchWhat {
+    /// The snapshot's file (`Snapshot::encode`): its page checksums, root and CRC.
+    File,
+    /// Slice pages of the snapshot, 4 KiB each, in the order asked.
+    Pages(Vec<u64>),
+    /// Blocks by id (the ids follow the request's JSON): a JSON list of which are
+    /// present, then their data.
+    Blocks,
+}
+
+impl SnapshotFetch {
+    fn with(&self, what: FetchWhat) -> SnapshotFetch {
+        SnapshotFetch {
+            what,
+            ..self.clone()
+        }
+    }
+}
+
+fn label(n: u64) -> String {
+    format!("n{n}")
+}
+
+impl Engine {
+    /// Starts the loop that installs missed snapshots and removes deleted ones.
+    pub fn snapshot_sync_loop(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut backoff: HashMap<(String, String), Instant> = HashMap::new();
+            let mut last_error: HashMap<(String, String), String> = HashMap::new();
+            loop {
+                tokio::time::sleep(POLL).await;
+                let Some(e) = weak.upgrade() else { return };
+                let Some(c) = e.cluster.get().cloned() else {
+                    continue;
+                };
+                if !c.is_ready() || e.store.has_failed() {
+                    continue;
+                }
+                e.sync_snapshots(&c, &mut backoff, &mut last_error).await;
+            }
+        });
+    }
+
+    async fn sync_snapshots(
+        &self,
+        c: &Arc<Cluster>,
+        backoff: &mut HashMap<(String, String), Instant>,
+        last_error: &mut HashMap<(String, String), String>,
+    ) {
+        let meta = c.store.meta();
+        let now_unix = (lazarus_io::rt::wall_clock_nanos() / 1_000_000_000) as u64;
+        let grace = zombie_grace_secs();
+        for v in meta.volumes.values() {
+            let Some(local) = self.store.volume(&v.name).filter(|l| l.meta.uid == v.uid) else {
+                continue;
+            };
+            if v.state_of(c.id) != Some(ReplicaState::Live) {
+                continue;
+            }
+            for s in local.snapshots() {
+                if v.snapshots.get(&s.name) == Some(&s.id)
+                    || now_unix.saturating_sub(s.created_unix) < grace
+                {
+                    continue;
+                }
+                let (store, vol, name) = (self.store.clone(), v.name.clone(), s.name.clone());
+                let r = lazarus_rpc::rt::blocking(move || store.delete_snapshot(&vol, &name)).await;
+                match r {
+                    Ok(Ok(())) => {
+                        tracing::info!(volume = %v.name, snapshot = %s.name, id = s.id, "removed a snapshot the cluster no longer names (this copy missed its deletion)")
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(volume = %v.name, snapshot = %s.name, error = %e, "cannot remove a snapshot the cluster no longer names")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "snapshot removal did not run"),
+                }
+            }
+            for (name, id) in &v.snapshots {
+                if local.snapshot(name).is_some()
+                    || local.failed_snapshots().iter().any(|(n, _)| n == name)
+                {
+                    continue;
+                }
+                let key = (v.name.clone(), name.clone());
+                if backoff.get(&key).is_some_and(|t| Instant::now() < *t) {
+                    continue;
+                }
+                let sources: Vec<u64> = std::iter::once(v.primary)
+                    .chain(v.replicas.iter().copied())
+                    .filter(|n| *n != c.id)
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+                let mut errors = Vec::new();
+                let mut done = false;
+                for n in sources {
+                    match self.install_from(c, n, &v.name, name, *id).await {
+                        Ok(s) => {
+                            tracing::info!(volume = %v.name, snapshot = %name, source = %label(n), mapped_pages = s.mapped_pages(), "snapshot installed from another copy (this copy missed it)");
+                            done = true;
+                            break;
+                        }
+                        Err(e) => errors.push(format!("{}: {e}", label(n))),
+                    }
+                }
+                if done {
+                    backoff.remove(&key);
+                    last_error.remove(&key);
+                } else {
+                    let e = errors.join("; ");
+                    if last_error.get(&key) != Some(&e) {
+                        tracing::warn!(volume = %v.name, snapshot = %name, error = %e, "this copy misses a snapshot and cannot install it yet; will retry");
+                        last_error.insert(key.clone(), e);
+                    }
+                    backoff.insert(key, Instant::now() + BACKOFF);
+                }
+            }
+        }
+    }
+
+    async fn fetch(
+        &self,
+        c: &Arc<Cluster>,
+        node: u64,
+        req: &SnapshotFetch,
+        raw: &[u8],
+    ) -> Result<Vec<u8>, String> {
+        let addr = c.rpc_addr(node).ok_or("no address known")?;
+        let json = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+        let body = lazarus_rpc::pack(&json, raw);
+        let reply = c
+            .network
+            .client(&addr)
+            .call(lazarus_rpc::KIND_SNAPSHOT_FETCH, &body, RPC_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string())?;
+        let m = &*lazarus_observe::metrics::METRICS;
+        m.resync_bytes
+            .get_or_create(&lazarus_observe::metrics::vol(&req.volume))
+            .inc_by((body.len() + reply.len()) as u64);
+        Ok(reply)
+    }
+
+    /// Installs snapshot `name` (`id`) of `volume` from the copy on `node`.
+    async fn install_from(
+        &self,
+        c: &Arc<Cluster>,
+        node: u64,
+        volume: &str,
+        name: &str,
+        id: u64,
+    ) -> Result<Arc<Snapshot>, String> {
+        let req = SnapshotFetch {
+            volume: volume.to_string(),
+            name: name.to_string(),
+            id,
+            what: FetchWhat::File,
+        };
+        let file = self.fetch(c, node, &req, &[]).await?;
+        let snap = Snapshot::decode(&file, Default::default())
+            .map_err(|e| format!("its snapshot file does not verify: {e}"))?;
+        if snap.id != id || snap.name != name {
+            return Err("it sent another snapshot than the one asked for".into());
+        }
+        let mut staged: Vec<Checksum> = Vec::new();
+        let r = self
+            .stage_and_install(c, node, &snap, &req, &mut staged)
+            .await;
+        if r.is_err() && !staged.is_empty() {
+            let store = self.store.clone();
+            let _ = lazarus_rpc::rt::blocking(move || store.unstage_snapshot_pages(&staged)).await;
+        }
+        r
+    }
+
+    async fn stage_and_install(
+        &self,
+        c: &Arc<Cluster>,
+        node: u64,
+        snap: &Snapshot,
+        req: &SnapshotFetch,
+        staged: &mut Vec<Checksum>,
+    ) -> Result<Arc<Snapshot>, String> {
+        let volume = req.volume.clone();
+        for _ in 0..INSTALL_ATTEMPTS {
+            let set: HashSet<Checksum> = staged.iter().copied().collect();
+            let mut need: Vec<(u64, Checksum)> = Vec::new();
+            let mut seen = set.clone();
+            for p in self
+                .store
+                .snapshot_pages_unavailable(&volume, &snap.l1, &set)
+                .map_err(|e| e.to_string())?
+            {
+                let c = snap.l1[p as usize];
+                if seen.insert(c) {
+                    need.push((p, c));
+                }
+            }
+            for chunk in need.chunks(PAGES_PER_FETCH) {
+                // A page block this store holds already (another volume's snapshot,
+                // or an earlier attempt's) is read here, not fetched.
+                let mut pages: Vec<Option<Vec<u8>>> = chunk
+                    .iter()
+                    .map(|(_, c)| self.store.page_block(*c))
+                    .collect();
+                let ask: Vec<u64> = chunk
+                    .iter()
+                    .zip(&pages)
+                    .filter(|(_, have)| have.is_none())
+                    .map(|((p, _), _)| *p)
+                    .collect();
+                if !ask.is_empty() {
+                    let raw = self
+                        .fetch(c, node, &req.with(FetchWhat::Pages(ask.clone())), &[])
+                        .await?;
+                    if raw.len() != ask.len() * BLOCK_SIZE {
+                        return Err("page reply does not match its request".into());
+                    }
+                    let mut got = raw.chunks_exact(BLOCK_SIZE);
+                    for slot in pages.iter_mut().filter(|s| s.is_none()) {
+                        *slot = Some(got.next().expect("length checked").to_vec());
+                    }
+                }
+                // The blocks these pages name that this store lacks.
+                let mut want: Vec<BlockId> = Vec::new();
+                let mut wanted: HashSet<BlockId> = HashSet::new();
+                for ((p, ck), page) in chunk.iter().zip(&pages) {
+                    let page = page.as_ref().expect("filled");
+                    if Checksum::of_page(page) != *ck {
+                        return Err(format!("page {p} of the snapshot does not verify"));
+                    }
+                    for id in decode_page(page).iter() {
+                        if !self.store.has_block(*id) && wanted.insert(*id) {
+                            want.push(*id);
+                        }
+                    }
+                }
+                let data = self.fetch_blocks(c, node, req, &want).await?;
+                let store = self.store.clone();
+                let chunk = chunk.to_vec();
+                let staged_now = lazarus_rpc::rt::blocking(move || {
+                    let mut done = Vec::new();
+                    for ((_, ck), page) in chunk.iter().zip(pages) {
+                        match store.stage_snapshot_page(*ck, &page.expect("filled"), &data) {
+                            Ok(()) => done.push(*ck),
+                            Err(e) => return (done, Err(e.to_string())),
+                        }
+                    }
+                    (done, Ok(()))
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+                staged.extend(staged_now.0);
+                staged_now.1?;
+            }
+            let store = self.store.clone();
+            let (vol, s) = (volume.clone(), snap.clone());
+            let st = staged.clone();
+            let r = lazarus_rpc::rt::blocking(move || store.install_snapshot(&vol, &s, &st))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            match r {
+                Ok(s) => return Ok(s),
+                Err(missing) => {
+                    tracing::debug!(volume = %volume, snapshot = %snap.name, pages = missing.len(), "pages changed during a snapshot's installation; fetching them");
+                }
+            }
+        }
+        Err("the volume kept changing the pages the snapshot needs".into())
+    }
+
+    async fn fetch_blocks(
+        &self,
+        c: &Arc<Cluster>,
+        node: u64,
+        req: &SnapshotFetch,
+        ids: &[BlockId],
+    ) -> Result<HashMap<BlockId, Vec<u8>>, String> {
+        let mut out = HashMap::new();
+        for chunk in ids.chunks(BLOCKS_PER_FETCH) {
+            let raw: Vec<u8> = chunk.iter().flat_map(|id| id.0).collect();
+            let reply = self
+                .fetch(c, node, &req.with(FetchWhat::Blocks), &raw)
+                .await?;
+            let got = lazarus_node::resync::decode_blocks_reply(chunk, &reply)?;
+            for (id, b) in chunk.iter().zip(got) {
+                let b =
+                    b.ok_or_else(|| format!("it lacks block {} of its snapshot", id.to_hex()))?;
+                out.insert(*id, b);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Serves a snapshot this node holds to a copy that misses it
+    /// (`KIND_SNAPSHOT_FETCH`): only the snapshot the metadata names under that id.
+    pub async fn serve_snapshot_fetch(&self, body: &[u8]) -> Result<Vec<u8>, String> {
+        let (json, raw) = lazarus_rpc::unpack(body)?;
+        let req: SnapshotFetch =
+            serde_json::from_slice(json).map_err(|e| format!("bad snapshot fetch: {e}"))?;
+        let c = self.cluster.get().ok_or("this node runs alone")?.clone();
+        let v = c
+            .store
+            .meta()
+            .volumes
+            .get(&req.volume)
+            .cloned()
+            .ok_or_else(|| format!("volume {:?} unknown here", req.volume))?;
+        let local = self
+            .store
+            .volume(&req.volume)
+            .filter(|l| l.meta.uid == v.uid)
+            .ok_or_else(|| format!("no copy of {:?} here", req.volume))?;
+        let snap = local
+            .snapshot(&req.name)
+            .filter(|s| s.id == req.id)
+            .ok_or_else(|| format!("no snapshot {}@{} with that id here", req.volume, req.name))?;
+        let store = self.store.clone();
+        let raw = raw.to_vec();
+        lazarus_rpc::rt::blocking(move || match req.what {
+            FetchWhat::File => Ok(snap.encode()),
+            FetchWhat::Pages(pages) => {
+                if pages.len() > PAGES_PER_FETCH {
+                    return Err("too many pages asked".to_string());
+                }
+                let mut out = Vec::with_capacity(pages.len() * BLOCK_SIZE);
+                for p in pages {
+                    let pg = store
+                        .snapshot_page(&local, &snap, p)
+                        .ok_or_else(|| format!("page {p} of the snapshot cannot be read here"))?;
+                    out.extend_from_slice(&encode_page(&pg[..]));
+                }
+                Ok(out)
+            }
+            FetchWhat::Blocks => lazarus_node::resync::read_blocks_by_id(&store, &raw),
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+}
