@@ -182,6 +182,12 @@ fn a_node_down_for_good_has_its_copies_rebuilt_elsewhere() {
         "nbdcopy",
         &[img.to_str().unwrap(), &up.uri(3, "v2")], // through a node without a copy
     );
+    // A snapshot of v2 as written, then v2 moves on: the snapshot must follow v2's
+    // copies to wherever they are rebuilt.
+    up.cli_ok(&["snapshot", "create", "v2", "before"]);
+    qemu_io_ok(&up.uri(3, "v2"), &["write -P 0x77 0 4M", "flush"]);
+    let mut written_now = written.clone();
+    written_now[..4 << 20].fill(0x77);
 
     let mut w = Writer::start(&up.uri(1, "vol0"), 4000);
     let mut last_acked = 0u64;
@@ -234,11 +240,38 @@ fn a_node_down_for_good_has_its_copies_rebuilt_elsewhere() {
         let out = data.with_extension(format!("v2-n{n}.out"));
         run("nbdcopy", &[&up.uri(n, "v2"), out.to_str().unwrap()]);
         assert!(
-            std::fs::read(&out).unwrap() == written,
+            std::fs::read(&out).unwrap() == written_now,
             "v2 read through n{n} differs"
         );
         verify_chunks(&up, n, last_acked);
     }
+    // The new copy of v2 holds its snapshot (installed from a surviving copy) and
+    // serves it from its own store.
+    let m = up.volume_meta(1, "v2").unwrap();
+    let new = *replicas(&m)
+        .iter()
+        .find(|n| ![2, 4, 5].contains(*n))
+        .expect("a new copy of v2");
+    let t0 = Instant::now();
+    while !up
+        .get(new as u16, "/api/v1/volumes/v2/snapshots")
+        .is_some_and(|v| v["snapshots"].to_string().contains("\"before\""))
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "v2's new copy on n{new} did not get its snapshot"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = data.with_extension("v2-before.out");
+    run(
+        "nbdcopy",
+        &[&up.uri(new as u16, "v2@before"), out.to_str().unwrap()],
+    );
+    assert!(
+        std::fs::read(&out).unwrap() == written,
+        "v2@before through its new copy n{new} differs from what was written"
+    );
 
     // n2 returns: its stale copies go, it is marked back in and holds copies again.
     up.cli_ok(&["fault", "revive", "--node", "n2"]);
