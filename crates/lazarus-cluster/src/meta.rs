@@ -105,6 +105,9 @@ pub struct VolumeInfo {
     /// re-creation under the name is never served).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub snapshots: BTreeMap<String, u64>,
+    /// Snapshot name -> its size in bytes, where recorded.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub snapshot_sizes: BTreeMap<String, u64>,
 }
 
 impl VolumeInfo {
@@ -274,6 +277,10 @@ pub enum MetaCommand {
         volume: String,
         name: String,
         id: Option<u64>,
+        /// The snapshot's size (0: not recorded), so that nodes without a copy can
+        /// serve it.
+        #[serde(default)]
+        size_bytes: u64,
     },
     /// Grows a volume (never shrinks it: that would discard data). Each node grows its
     /// copy when it applies this.
@@ -804,6 +811,7 @@ impl ClusterMeta {
                     replication: replicas.len(),
                     handed_over: None,
                     snapshots: BTreeMap::new(),
+                    snapshot_sizes: BTreeMap::new(),
                 };
                 self.volumes.insert(name.clone(), v.clone());
                 Ok(MetaResponse::Volume(v))
@@ -817,7 +825,12 @@ impl ClusterMeta {
                 self.primary_wanted.remove(name);
                 Ok(MetaResponse::Ok)
             }
-            MetaCommand::SetSnapshot { volume, name, id } => {
+            MetaCommand::SetSnapshot {
+                volume,
+                name,
+                id,
+                size_bytes,
+            } => {
                 let v = self.volume_mut(volume)?;
                 match id {
                     Some(id) => match v.snapshots.get(name) {
@@ -828,10 +841,14 @@ impl ClusterMeta {
                         }
                         _ => {
                             v.snapshots.insert(name.clone(), *id);
+                            if *size_bytes > 0 {
+                                v.snapshot_sizes.insert(name.clone(), *size_bytes);
+                            }
                         }
                     },
                     None => {
                         v.snapshots.remove(name);
+                        v.snapshot_sizes.remove(name);
                     }
                 }
                 Ok(MetaResponse::Ok)
@@ -1695,6 +1712,7 @@ mod tests {
                 volume: v.name.clone(),
                 name: name.into(),
                 id,
+                size_bytes: 4096,
             })
         };
         let changed = m.volumes[&v.name].changed_at;
@@ -1706,16 +1724,19 @@ mod tests {
             MetaResponse::Exists(_)
         ));
         assert_eq!(m.volumes[&v.name].snapshots["monday"], 7);
+        assert_eq!(m.volumes[&v.name].snapshot_sizes["monday"], 4096);
         // Recording a snapshot is no change of the volume's copies or roles.
         assert_eq!(m.volumes[&v.name].changed_at, changed);
         assert_eq!(set(&mut m, "monday", None), MetaResponse::Ok);
         assert!(m.volumes[&v.name].snapshots.is_empty());
+        assert!(m.volumes[&v.name].snapshot_sizes.is_empty());
         assert_eq!(set(&mut m, "monday", Some(8)), MetaResponse::Ok);
         assert!(matches!(
             m.apply(&MetaCommand::SetSnapshot {
                 volume: "nope".into(),
                 name: "x".into(),
-                id: Some(1)
+                id: Some(1),
+                size_bytes: 0,
             }),
             MetaResponse::NotFound(_)
         ));

@@ -269,6 +269,7 @@ impl Engine {
             volume: volume.to_string(),
             name: name.to_string(),
             id: Some(id),
+            size_bytes: s.size_bytes,
         };
         match c.propose(cmd).await {
             Ok(lazarus_cluster::MetaResponse::Ok) => {}
@@ -338,6 +339,7 @@ impl Engine {
                     volume: volume.to_string(),
                     name: name.to_string(),
                     id: None,
+                    size_bytes: 0,
                 };
                 match c.propose(cmd).await {
                     Ok(lazarus_cluster::MetaResponse::Ok) => {}

@@ -11,11 +11,12 @@
 //! (it missed the deletion): once the snapshot is older than a grace period, so a
 //! snapshot being taken (on the copies before the metadata records it) is left alone.
 
-use crate::engine::Engine;
+use crate::engine::{Engine, IoError};
 use lazarus_cluster::ReplicaState;
+use lazarus_nbd::consts::EIO;
 use lazarus_node::cluster::Cluster;
 use lazarus_store::volume::{decode_page, encode_page};
-use lazarus_store::Snapshot;
+use lazarus_store::{Allocation, Snapshot};
 use lazarus_types::{BlockId, Checksum, BLOCK_SIZE};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -67,6 +68,34 @@ pub enum FetchWhat {
     /// Blocks by id (the ids follow the request's JSON): a JSON list of which are
     /// present, then their data.
     Blocks,
+    /// Bytes `offset..offset + length` of the snapshot: a node without a copy serving
+    /// it over NBD.
+    Read { offset: u64, length: u32 },
+    /// The snapshot's allocation from block `first`, over `count` blocks, in at most
+    /// `max` runs: a JSON list of (blocks, 0 data | 1 hole | 2 zero).
+    Allocation { first: u64, count: u64, max: usize },
+}
+
+/// The largest `FetchWhat::Read` (the NBD front end's largest request).
+const READ_MAX: u32 = lazarus_nbd::PAYLOAD_MAX_BYTES;
+/// The most runs a `FetchWhat::Allocation` reply holds.
+const RUNS_MAX: usize = 4096;
+
+fn allocation_code(a: Allocation) -> u8 {
+    match a {
+        Allocation::Data => 0,
+        Allocation::Hole => 1,
+        Allocation::Zero => 2,
+    }
+}
+
+fn allocation_of_code(c: u8) -> Result<Allocation, String> {
+    match c {
+        0 => Ok(Allocation::Data),
+        1 => Ok(Allocation::Hole),
+        2 => Ok(Allocation::Zero),
+        other => Err(format!("bad allocation code {other}")),
+    }
 }
 
 impl SnapshotFetch {
@@ -196,10 +225,15 @@ impl Engine {
             .call(lazarus_rpc::KIND_SNAPSHOT_FETCH, &body, RPC_TIMEOUT)
             .await
             .map_err(|e| e.to_string())?;
-        let m = &*lazarus_observe::metrics::METRICS;
-        m.resync_bytes
-            .get_or_create(&lazarus_observe::metrics::vol(&req.volume))
-            .inc_by((body.len() + reply.len()) as u64);
+        if matches!(
+            req.what,
+            FetchWhat::File | FetchWhat::Pages(_) | FetchWhat::Blocks
+        ) {
+            let m = &*lazarus_observe::metrics::METRICS;
+            m.resync_bytes
+                .get_or_create(&lazarus_observe::metrics::vol(&req.volume))
+                .inc_by((body.len() + reply.len()) as u64);
+        }
         Ok(reply)
     }
 
@@ -355,6 +389,96 @@ impl Engine {
         Ok(out)
     }
 
+    /// Asks a copy holding snapshot `name` (`id`) of `volume` for `what`: how a node
+    /// without a copy serves the snapshot. Live copies are asked first.
+    async fn ask_snapshot_holder(
+        &self,
+        volume: &str,
+        name: &str,
+        id: u64,
+        what: FetchWhat,
+    ) -> Result<Vec<u8>, IoError> {
+        let c = self
+            .cluster
+            .get()
+            .cloned()
+            .ok_or_else(|| IoError::new(EIO, "this node runs alone"))?;
+        let v = c
+            .store
+            .meta()
+            .volumes
+            .get(volume)
+            .cloned()
+            .ok_or_else(|| IoError::new(EIO, format!("no volume {volume:?}")))?;
+        let mut nodes = v.live();
+        nodes.extend(
+            v.replicas
+                .iter()
+                .filter(|n| !nodes.contains(n))
+                .copied()
+                .collect::<Vec<_>>(),
+        );
+        nodes.retain(|n| *n != c.id);
+        let req = SnapshotFetch {
+            volume: volume.to_string(),
+            name: name.to_string(),
+            id,
+            what,
+        };
+        let mut errors = Vec::new();
+        for n in nodes {
+            match self.fetch(&c, n, &req, &[]).await {
+                Ok(r) => return Ok(r),
+                Err(e) => errors.push(format!("{}: {e}", label(n))),
+            }
+        }
+        Err(IoError::new(
+            EIO,
+            format!(
+                "no copy of {volume}@{name} answered ({})",
+                errors.join("; ")
+            ),
+        ))
+    }
+
+    /// Bytes `offset..offset + length` of a snapshot this node holds no copy of.
+    pub async fn remote_snapshot_read(
+        &self,
+        volume: &str,
+        name: &str,
+        id: u64,
+        offset: u64,
+        length: u32,
+    ) -> Result<Vec<u8>, IoError> {
+        let r = self
+            .ask_snapshot_holder(volume, name, id, FetchWhat::Read { offset, length })
+            .await?;
+        if r.len() != length as usize {
+            return Err(IoError::new(EIO, "a snapshot read came back short"));
+        }
+        Ok(r)
+    }
+
+    /// `Store::snapshot_allocation` of a snapshot this node holds no copy of.
+    pub async fn remote_snapshot_allocation(
+        &self,
+        volume: &str,
+        name: &str,
+        id: u64,
+        first: u64,
+        count: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, Allocation)>, IoError> {
+        let what = FetchWhat::Allocation { first, count, max };
+        let r = self.ask_snapshot_holder(volume, name, id, what).await?;
+        let runs: Vec<(u64, u8)> = serde_json::from_slice(&r)
+            .map_err(|e| IoError::new(EIO, format!("bad allocation reply: {e}")))?;
+        runs.into_iter()
+            .map(|(n, a)| allocation_of_code(a).map(|a| (n, a)))
+            .collect::<Result<_, _>>()
+            .map_err(|e| IoError::new(EIO, e))
+    }
+
     /// Serves a snapshot this node holds to a copy that misses it
     /// (`KIND_SNAPSHOT_FETCH`): only the snapshot the metadata names under that id.
     pub async fn serve_snapshot_fetch(&self, body: &[u8]) -> Result<Vec<u8>, String> {
@@ -396,6 +520,37 @@ impl Engine {
                 Ok(out)
             }
             FetchWhat::Blocks => lazarus_node::resync::read_blocks_by_id(&store, &raw),
+            FetchWhat::Read { offset, length } => {
+                let end = offset.checked_add(length as u64).ok_or("bad range")?;
+                if length > READ_MAX || end > snap.size_bytes {
+                    return Err(format!(
+                        "read of {length} bytes at {offset} outside the snapshot's {} bytes",
+                        snap.size_bytes
+                    ));
+                }
+                let bs = lazarus_types::BLOCK_SIZE_U64;
+                let first = offset / bs;
+                let mut buf = vec![0u8; ((end.div_ceil(bs) - first) * bs) as usize];
+                if !buf.is_empty() {
+                    store
+                        .read_snapshot(&local, &snap, lazarus_types::Lba(first), &mut buf)
+                        .map_err(|e| e.to_string())?;
+                }
+                let skip = (offset - first * bs) as usize;
+                Ok(buf[skip..skip + length as usize].to_vec())
+            }
+            FetchWhat::Allocation { first, count, max } => {
+                let blocks = snap.block_count();
+                if first >= blocks || count == 0 || count > blocks - first {
+                    return Err(format!("blocks {first}+{count} outside the snapshot"));
+                }
+                let runs: Vec<(u64, u8)> = store
+                    .snapshot_allocation(&local, &snap, first, count, max.clamp(1, RUNS_MAX))
+                    .into_iter()
+                    .map(|(n, a)| (n, allocation_code(a)))
+                    .collect();
+                serde_json::to_vec(&runs).map_err(|e| e.to_string())
+            }
         })
         .await
         .map_err(|e| e.to_string())?

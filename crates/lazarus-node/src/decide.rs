@@ -620,6 +620,7 @@ mod tests {
             replication: 3,
             handed_over: None,
             snapshots: Default::default(),
+            snapshot_sizes: Default::default(),
         }
     }
 

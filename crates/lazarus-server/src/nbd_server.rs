@@ -59,6 +59,9 @@ pub struct Export {
     allocation: bool,
     /// A snapshot export (`VOLUME@NAME`): read-only, served from this node's copy.
     snap: Option<Arc<Snapshot>>,
+    /// A snapshot export of a volume this node holds no copy of: (snapshot name, id),
+    /// served by asking a copy that holds it.
+    remote: Option<(String, u64)>,
 }
 
 impl Export {
@@ -85,6 +88,16 @@ fn snapshot_export(v: &Volume, s: &Snapshot) -> ExportInfo {
         name: format!("{}@{}", v.meta.name, s.name),
         size_bytes: s.size_bytes,
         description: format!("Lazarus snapshot {} of volume {}", s.name, v.meta.name),
+        read_only: true,
+        multi_conn: true,
+    }
+}
+
+fn remote_snapshot_export(volume: &str, snap: &str, size_bytes: u64) -> ExportInfo {
+    ExportInfo {
+        name: format!("{volume}@{snap}"),
+        size_bytes,
+        description: format!("Lazarus snapshot {snap} of volume {volume} (served through a copy)"),
         read_only: true,
         multi_conn: true,
     }
@@ -144,6 +157,18 @@ impl Catalog {
         lazarus_engine::snapshots::snapshot_current(self.cluster.as_ref(), volume, s)
     }
 
+    /// A snapshot of a volume this node holds no copy of, as the metadata records it:
+    /// (id, size).
+    fn remote_snapshot(&self, volume: &str, snap: &str) -> Option<(u64, u64)> {
+        let c = self.cluster.as_ref()?;
+        if !c.is_ready() || self.local_copy(volume).is_some() {
+            return None;
+        }
+        let meta = c.store.meta();
+        let v = meta.volumes.get(volume)?;
+        Some((*v.snapshots.get(snap)?, *v.snapshot_sizes.get(snap)?))
+    }
+
     fn local_copy(&self, volume: &str) -> Option<Arc<Volume>> {
         let uid = self
             .cluster
@@ -154,9 +179,11 @@ impl Catalog {
             .filter(|v| uid.is_none_or(|u| u == Some(v.meta.uid)))
     }
 
-    /// The snapshots of this node's copies, as exports.
+    /// The snapshots of this node's copies, and those of the volumes it holds no copy
+    /// of that it can serve through a copy, as exports.
     fn snapshots(&self) -> Vec<ExportInfo> {
-        self.store
+        let mut out: Vec<ExportInfo> = self
+            .store
             .volumes()
             .iter()
             .filter_map(|v| self.local_copy(&v.meta.name))
@@ -167,16 +194,29 @@ impl Catalog {
                     .map(|s| snapshot_export(&v, s))
                     .collect::<Vec<_>>()
             })
-            .collect()
+            .collect();
+        if let Some(c) = &self.cluster {
+            for v in c.store.meta().volumes.values() {
+                for name in v.snapshots.keys() {
+                    if let Some((_, size)) = self.remote_snapshot(&v.name, name) {
+                        out.push(remote_snapshot_export(&v.name, name, size));
+                    }
+                }
+            }
+        }
+        out
     }
 }
 
 impl ExportCatalog for Catalog {
     fn lookup(&self, name: &str) -> Option<ExportInfo> {
         if let Some((volume, snap)) = snapshot_name(name) {
-            return self
-                .snapshot(volume, snap)
-                .map(|(v, s)| snapshot_export(&v, &s));
+            return match self.snapshot(volume, snap) {
+                Some((v, s)) => Some(snapshot_export(&v, &s)),
+                None => self
+                    .remote_snapshot(volume, snap)
+                    .map(|(_, size)| remote_snapshot_export(volume, snap, size)),
+            };
         }
         match &self.cluster {
             None => self.store.volume(name).map(|v| export_of(&v)),
@@ -280,18 +320,29 @@ async fn handle(
         return Ok(());
     };
     let ex = match snapshot_name(&export.name) {
-        Some((volume, snap)) => {
-            let Some((v, s)) = catalog.snapshot(volume, snap) else {
-                anyhow::bail!("snapshot {} vanished", export.name);
-            };
-            Arc::new(Export {
+        Some((volume, snap)) => match catalog.snapshot(volume, snap) {
+            Some((v, s)) => Arc::new(Export {
                 name: volume.to_string(),
                 size: export.size_bytes,
                 local: Some(v),
                 allocation,
                 snap: Some(s),
-            })
-        }
+                remote: None,
+            }),
+            None => {
+                let Some((id, _)) = catalog.remote_snapshot(volume, snap) else {
+                    anyhow::bail!("snapshot {} vanished", export.name);
+                };
+                Arc::new(Export {
+                    name: volume.to_string(),
+                    size: export.size_bytes,
+                    local: None,
+                    allocation,
+                    snap: None,
+                    remote: Some((snap.to_string(), id)),
+                })
+            }
+        },
         None => {
             let local = catalog.local_copy(&export.name);
             if local.is_none() && engine.cluster.get().is_none() {
@@ -303,6 +354,7 @@ async fn handle(
                 local,
                 allocation,
                 snap: None,
+                remote: None,
             })
         }
     };
@@ -687,7 +739,7 @@ async fn execute_inner(
     structured: bool,
     out: &mut Vec<u8>,
 ) {
-    if let Err(errno) = req.validate(size, ex.snap.is_some()) {
+    if let Err(errno) = req.validate(size, ex.snap.is_some() || ex.remote.is_some()) {
         let e = IoError::new(
             errno,
             format!(
@@ -701,6 +753,10 @@ async fn execute_inner(
     }
     if let Some(snap) = &ex.snap {
         snapshot_request(engine, ex, snap, req, structured, out);
+        return;
+    }
+    if let Some((snap, id)) = &ex.remote {
+        remote_snapshot_request(engine, ex, snap, *id, req, structured, out).await;
         return;
     }
     if req.command == Command::BlockStatus {
@@ -989,6 +1045,73 @@ fn snapshot_request(
             );
             out.extend_from_slice(&error_reply(structured, req.cookie, &e));
         }
+    }
+}
+
+/// A request on a snapshot export of a volume this node holds no copy of: reads and
+/// block status asked of a copy that holds the snapshot (`Engine::remote_snapshot_read`).
+async fn remote_snapshot_request(
+    engine: &Engine,
+    ex: &Export,
+    snap: &str,
+    id: u64,
+    req: Request,
+    structured: bool,
+    out: &mut Vec<u8>,
+) {
+    let bs = lazarus_types::BLOCK_SIZE_U64;
+    let r = match req.command {
+        Command::Read => engine
+            .remote_snapshot_read(&ex.name, snap, id, req.offset, req.length)
+            .await
+            .map(|data| {
+                if structured {
+                    out.extend_from_slice(&structured_read_header(
+                        req.cookie, req.offset, req.length,
+                    ));
+                } else {
+                    out.extend_from_slice(&simple_reply(req.cookie, 0));
+                }
+                out.extend_from_slice(&data);
+            }),
+        Command::Flush => {
+            out.extend_from_slice(&simple_reply(req.cookie, 0));
+            Ok(())
+        }
+        Command::BlockStatus if ex.allocation => {
+            let first = req.offset / bs;
+            let end = req.offset + req.length as u64;
+            let max = if req.flags & CMD_FLAG_REQ_ONE != 0 {
+                1
+            } else {
+                EXTENTS_MAX
+            };
+            engine
+                .remote_snapshot_allocation(
+                    &ex.name,
+                    snap,
+                    id,
+                    first,
+                    (end - 1) / bs - first + 1,
+                    max,
+                )
+                .await
+                .map(|runs| {
+                    out.extend(lazarus_nbd::block_status_reply(
+                        req.cookie,
+                        BASE_ALLOCATION_ID,
+                        &extents_of(runs, req.offset, end),
+                    ))
+                })
+        }
+        _ => Err(IoError::new(
+            EINVAL,
+            format!("{:?} is not served on a snapshot", req.command),
+        )),
+    };
+    if let Err(e) = r {
+        tracing::warn!(volume = %ex.name, snapshot = snap, offset = req.offset, error = %e.message, "snapshot request through a copy failed");
+        out.extend_from_slice(&error_reply(structured, req.cookie, &e));
     }
 }
 

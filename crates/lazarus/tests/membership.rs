@@ -272,6 +272,33 @@ fn a_node_down_for_good_has_its_copies_rebuilt_elsewhere() {
         std::fs::read(&out).unwrap() == written,
         "v2@before through its new copy n{new} differs from what was written"
     );
+    // A node holding no copy of v2 serves its snapshot too, through a copy: reads,
+    // the allocation map, and a refused write.
+    let without = [1u16, 3]
+        .into_iter()
+        .find(|n| !replicas(&m).contains(&(*n as u64)))
+        .expect("a node without a copy of v2");
+    let uri = up.uri(without, "v2@before");
+    let list = run("nbdinfo", &["--list", &up.uri(without, "")]);
+    assert!(list.contains("v2@before"), "{list}");
+    let out = data.with_extension("v2-before-remote.out");
+    run("nbdcopy", &[&uri, out.to_str().unwrap()]);
+    assert!(
+        std::fs::read(&out).unwrap() == written,
+        "v2@before through n{without}, which holds no copy, differs"
+    );
+    let map = run("qemu-img", &["map", "-f", "raw", "--output=json", &uri]);
+    assert!(map.contains("\"data\": true"), "{map}");
+    let o = run_out("qemu-io", &["-f", "raw", "-c", "write -P 1 0 4k", &uri]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        !o.status.success() || text.contains("failed") || text.contains("read-only"),
+        "a write to v2@before through n{without} was not refused: {text}"
+    );
 
     // n2 returns: its stale copies go, it is marked back in and holds copies again.
     up.cli_ok(&["fault", "revive", "--node", "n2"]);
