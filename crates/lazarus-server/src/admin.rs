@@ -202,6 +202,10 @@ pub struct VolumeView {
     pub unrecoverable_lbas: u64,
     /// This copy's snapshots, oldest first.
     pub snapshots: Vec<String>,
+    /// With snapshots: the bytes of the blocks only the volume references (none of
+    /// its snapshots, nothing else); `Store::snapshot_space`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exclusive_bytes: Option<u64>,
 }
 
 pub fn volume_view(v: &Volume) -> VolumeView {
@@ -220,7 +224,24 @@ pub fn volume_view(v: &Volume) -> VolumeView {
             .map(|(first_lba, count)| DamagedRange { first_lba, count })
             .collect(),
         snapshots: v.snapshots().iter().map(|s| s.name.clone()).collect(),
+        exclusive_bytes: None,
     }
+}
+
+/// `volume_view` with the space only the volume holds (reads the pages where its
+/// snapshots differ from it).
+async fn volume_view_with_space(
+    store: &Arc<lazarus_store::Store>,
+    v: Arc<Volume>,
+) -> Result<VolumeView, ApiError> {
+    let store = store.clone();
+    lazarus_rpc::rt::blocking(move || {
+        let mut view = volume_view(&v);
+        view.exclusive_bytes = store.snapshot_space(&v).volume_exclusive;
+        view
+    })
+    .await
+    .map_err(join_err)
 }
 
 pub fn router(state: AppState) -> Router {
@@ -418,15 +439,12 @@ async fn cluster_status(State(s): State<AppState>) -> Result<Json<serde_json::Va
     }
 }
 
-async fn list_volumes(State(s): State<AppState>) -> Json<Vec<VolumeView>> {
-    Json(
-        s.engine
-            .store
-            .volumes()
-            .iter()
-            .map(|v| volume_view(v))
-            .collect(),
-    )
+async fn list_volumes(State(s): State<AppState>) -> Result<Json<Vec<VolumeView>>, ApiError> {
+    let mut out = Vec::new();
+    for v in s.engine.store.volumes() {
+        out.push(volume_view_with_space(&s.engine.store, v).await?);
+    }
+    Ok(Json(out))
 }
 
 #[derive(Deserialize)]
@@ -587,6 +605,7 @@ async fn created_elsewhere(
                         unrecoverable: Vec::new(),
                         unrecoverable_lbas: v["unrecoverable_lbas"].as_u64().unwrap_or(0),
                         snapshots: Vec::new(),
+                        exclusive_bytes: None,
                     }),
                 ));
             }
@@ -613,7 +632,7 @@ async fn get_volume(
     Path(name): Path<String>,
 ) -> Result<Json<VolumeView>, ApiError> {
     let v = find(&s, &name)?;
-    Ok(Json(volume_view(&v)))
+    Ok(Json(volume_view_with_space(&s.engine.store, v).await?))
 }
 
 async fn delete_volume(
@@ -732,6 +751,7 @@ async fn resize_volume(
             unrecoverable: Vec::new(),
             unrecoverable_lbas: 0,
             snapshots: Vec::new(),
+            exclusive_bytes: None,
         };
         if let Some(m) = c.store.meta().volumes.get(&name) {
             v.uid = format!("{:016x}", m.uid);
@@ -1548,6 +1568,7 @@ fn snapshot_view(
     store: &lazarus_store::Store,
     v: &Volume,
     sn: &lazarus_store::Snapshot,
+    space: &lazarus_store::store::SnapshotSpace,
 ) -> serde_json::Value {
     let (mapped_blocks, mapped_pages) = store.snapshot_usage(v, sn);
     json!({
@@ -1558,6 +1579,8 @@ fn snapshot_view(
         "size_bytes": sn.size_bytes,
         "mapped_blocks": mapped_blocks,
         "mapped_pages": mapped_pages,
+        // What deleting it would free: the blocks and page blocks only it references.
+        "exclusive_bytes": space.exclusive.get(&sn.name).copied().unwrap_or(0),
         "root": sn.root.to_hex(),
     })
 }
@@ -1573,11 +1596,12 @@ async fn list_snapshots(
     let out = lazarus_rpc::rt::blocking(move || {
         // Only those the cluster knows by their name: a copy may still hold one whose
         // deletion it missed.
+        let space = store.snapshot_space(&v);
         let snaps: Vec<serde_json::Value> = v
             .snapshots()
             .iter()
             .filter(|sn| engine.snapshot_current(&v.meta.name, sn))
-            .map(|sn| snapshot_view(&store, &v, sn))
+            .map(|sn| snapshot_view(&store, &v, sn, &space))
             .collect();
         let failed: Vec<serde_json::Value> = v
             .failed_snapshots()
@@ -1615,9 +1639,11 @@ async fn create_snapshot(
         .await
         .map_err(snapshot_error)?;
     let store = s.engine.store.clone();
-    let view = lazarus_rpc::rt::blocking(move || snapshot_view(&store, &v, &sn))
-        .await
-        .map_err(join_err)?;
+    let view = lazarus_rpc::rt::blocking(move || {
+        snapshot_view(&store, &v, &sn, &store.snapshot_space(&v))
+    })
+    .await
+    .map_err(join_err)?;
     Ok((
         StatusCode::CREATED,
         Json(json!({ "snapshot": view, "copies": outcome })),

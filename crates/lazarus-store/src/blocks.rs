@@ -365,6 +365,11 @@ impl BlockStore {
         Ok(ok)
     }
 
+    /// How many references `id` has (`None`: not stored).
+    pub fn refs(&self, id: BlockId) -> Option<u32> {
+        self.inner.lock().map.get(&id).map(|e| e.refs)
+    }
+
     /// Takes a reference on `id` if the store holds it (a block whose last reference
     /// went is kept until its slot is freed, and comes back); `false` if it does not.
     pub fn try_retain(&self, id: BlockId) -> bool {

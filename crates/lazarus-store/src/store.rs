@@ -20,7 +20,7 @@ use lazarus_types::{
     BlockId, Checksum, Lba, BLOCK_SIZE, BLOCK_SIZE_U64, FANOUT, FANOUT_U64, ID_LEN,
 };
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -687,6 +687,93 @@ impl Store {
                 Ok(Ok(s))
             }
         }
+    }
+
+    /// The space a volume's snapshots hold on their own: per snapshot, the bytes its
+    /// deletion would free (the blocks and page blocks nothing else references); and
+    /// the bytes of the blocks the volume maps that no snapshot and nothing else
+    /// references (`None` without snapshots: then it is the volume's mapped bytes
+    /// less what it shares with other volumes, which this does not count). Reads only
+    /// the pages where a snapshot differs from the volume; a block referenced outside
+    /// them (elsewhere in the volume, by another volume) is nobody's alone.
+    pub fn snapshot_space(&self, vol: &Volume) -> SnapshotSpace {
+        let snaps = vol.snapshots();
+        if snaps.is_empty() {
+            return SnapshotSpace::default();
+        }
+        #[derive(Clone, Copy, PartialEq)]
+        enum Holder {
+            One(usize),
+            Many,
+        }
+        fn add(h: &mut Option<Holder>, who: usize) {
+            *h = match *h {
+                None => Some(Holder::One(who)),
+                Some(Holder::One(w)) if w == who => Some(Holder::One(w)),
+                _ => Some(Holder::Many),
+            };
+        }
+        let volume = snaps.len();
+        let (l1, vol_pages) = vol.differing_pages();
+        // Page contents the snapshots name where they differ from the volume.
+        let mut namers: HashMap<Checksum, Option<Holder>> = HashMap::new();
+        for (i, s) in snaps.iter().enumerate() {
+            for (p, c) in s.l1.iter().enumerate() {
+                if *c != Checksum::ZERO && l1.get(p) != Some(c) {
+                    add(namers.entry(*c).or_default(), i);
+                }
+            }
+        }
+        // Per block: references found, and who they belong to.
+        let mut found: HashMap<BlockId, (u32, Option<Holder>)> = HashMap::new();
+        let mut out = SnapshotSpace {
+            exclusive: snaps.iter().map(|s| (s.name.clone(), 0)).collect(),
+            volume_exclusive: Some(0),
+        };
+        let mut b = vec![0u8; BLOCK_SIZE];
+        for (c, who) in &namers {
+            let id = BlockId(c.0);
+            if !matches!(self.blocks.read(id, &mut b), Ok(true)) {
+                continue; // lost, or shared with a page of the volume elsewhere
+            }
+            let Some(who) = who else { continue };
+            if let (Holder::One(i), Some(1)) = (who, self.blocks.refs(id)) {
+                *out.exclusive.get_mut(&snaps[*i].name).expect("listed") += BLOCK_SIZE as u64;
+            }
+            for child in crate::volume::decode_page(&b)
+                .iter()
+                .filter(|i| !i.is_zero())
+            {
+                let e = found.entry(*child).or_default();
+                e.0 += 1;
+                match who {
+                    Holder::One(i) => add(&mut e.1, *i),
+                    Holder::Many => e.1 = Some(Holder::Many),
+                }
+            }
+        }
+        for ids in vol_pages.values() {
+            for id in ids.iter().filter(|i| !i.is_zero()) {
+                let e = found.entry(*id).or_default();
+                e.0 += 1;
+                add(&mut e.1, volume);
+            }
+        }
+        for (id, (n, who)) in found {
+            if self.blocks.refs(id) != Some(n) {
+                continue; // referenced elsewhere too
+            }
+            match who {
+                Some(Holder::One(i)) if i == volume => {
+                    *out.volume_exclusive.as_mut().expect("set") += BLOCK_SIZE as u64
+                }
+                Some(Holder::One(i)) => {
+                    *out.exclusive.get_mut(&snaps[i].name).expect("listed") += BLOCK_SIZE as u64
+                }
+                _ => {}
+            }
+        }
+        out
     }
 
     /// Drops a held page block's reference on itself and on each block it names. Each
@@ -1556,6 +1643,15 @@ fn replay_records(
 /// from a damaged record may overflow).
 fn fits(lba: u64, count: u64, blocks: u64) -> bool {
     lba.checked_add(count).is_some_and(|end| end <= blocks)
+}
+
+/// `Store::snapshot_space`.
+#[derive(Debug, Default, Clone)]
+pub struct SnapshotSpace {
+    /// Snapshot name -> the bytes its deletion would free.
+    pub exclusive: BTreeMap<String, u64>,
+    /// The bytes the volume alone references (`None`: it has no snapshot).
+    pub volume_exclusive: Option<u64>,
 }
 
 /// A fresh snapshot id (never 0).

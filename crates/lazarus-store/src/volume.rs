@@ -1510,6 +1510,38 @@ impl Volume {
         (Checksum::of_page(&encode_page(&pg[..])) == c).then_some(pg)
     }
 
+    /// Level 1 of the volume's tree as its pages are now (a page changed since the
+    /// checkpoint hashed as it is), and the pages where one of its snapshots differs
+    /// from it, with the ids the volume maps there: what space accounting reads.
+    pub(crate) fn differing_pages(&self) -> (Vec<Checksum>, BTreeMap<u64, Vec<BlockId>>) {
+        let st = self.state.lock();
+        let mut l1 = st.levels[0].clone();
+        for p in st.dirty.iter().chain(st.stale.iter()) {
+            if let Some(c) = l1.get_mut(*p as usize) {
+                *c = match st.pages.get(p) {
+                    Some(pg) => Checksum::of_page(&encode_page(&pg[..])),
+                    None => Checksum::ZERO,
+                };
+            }
+        }
+        let layer = self.snaps.lock();
+        let mut pages = BTreeMap::new();
+        for s in layer.list.values() {
+            for (p, c) in s.l1.iter().enumerate() {
+                let p = p as u64;
+                if l1.get(p as usize) == Some(c) || pages.contains_key(&p) {
+                    continue;
+                }
+                let ids = match st.pages.get(&p) {
+                    Some(pg) if !st.damaged.contains_key(&p) => pg.to_vec(),
+                    _ => Vec::new(),
+                };
+                pages.insert(p, ids);
+            }
+        }
+        (l1, pages)
+    }
+
     /// Every mapped id, for reference counting at recovery and for deletion.
     pub fn all_ids(&self) -> Vec<BlockId> {
         let st = self.state.lock();

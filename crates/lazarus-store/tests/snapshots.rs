@@ -576,3 +576,45 @@ fn a_copy_that_missed_a_snapshot_installs_it_from_another() {
     ids.dedup();
     assert_eq!(b.block_stats().blocks, ids.len() as u64);
 }
+
+/// The bytes only a snapshot holds are what its deletion frees; the volume's own are
+/// those no snapshot names; blocks two snapshots share are neither's alone.
+#[test]
+fn the_space_only_a_snapshot_holds_is_what_its_deletion_frees() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path(), opts()).unwrap();
+    let v = s.create_volume("v", 2048 * 4096).unwrap();
+    let write = |first: u64, n: u64, base: u64| {
+        let data: Vec<u8> = (0..n).flat_map(|i| block(base + first + i)).collect();
+        s.write_blocks(&v, Lba(first), &data).unwrap();
+    };
+    write(0, 1024, 1); // pages 0-3
+    s.create_snapshot("v", "a", 1).unwrap();
+    write(256, 256, 10_000); // page 1 rewritten
+    s.create_snapshot("v", "b", 2).unwrap();
+    write(256, 256, 20_000); // page 1 again
+    write(512, 128, 30_000); // half of page 2
+    s.flush().unwrap();
+    let space = s.snapshot_space(&v);
+    let page = 4096u64;
+    // a: page 1 as first written (256 blocks) and the page block keeping it.
+    assert_eq!(space.exclusive["a"], 257 * page, "{space:?}");
+    // b: page 1's first rewrite and its page block; page 2 it shares with a.
+    assert_eq!(space.exclusive["b"], 257 * page, "{space:?}");
+    // The volume: page 1's second rewrite and the new half of page 2.
+    assert_eq!(space.volume_exclusive, Some(384 * page), "{space:?}");
+    s.checkpoint().unwrap();
+    let before = s.block_stats().blocks;
+    s.delete_snapshot("v", "a").unwrap();
+    s.checkpoint().unwrap();
+    assert_eq!(
+        before - s.block_stats().blocks,
+        space.exclusive["a"] / page,
+        "deleting a frees what only it held"
+    );
+    // b now holds page 2's old half alone too (a no longer shares it), with its page block.
+    let space = s.snapshot_space(&v);
+    assert_eq!(space.exclusive["b"], (257 + 128 + 1) * page, "{space:?}");
+    s.delete_snapshot("v", "b").unwrap();
+    assert!(s.snapshot_space(&v).volume_exclusive.is_none());
+}

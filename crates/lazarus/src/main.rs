@@ -511,8 +511,8 @@ fn human(bytes: u64) -> String {
 
 fn print_volumes(vols: &Value) {
     println!(
-        "{:<16} {:>10} {:>14} {:>14}  {:<12}  SNAPSHOTS",
-        "VOLUME", "SIZE", "MAPPED", "UNRECOVERABLE", "ROOT"
+        "{:<16} {:>10} {:>14} {:>14} {:>14}  {:<12}  SNAPSHOTS",
+        "VOLUME", "SIZE", "MAPPED", "ONLY IT HOLDS", "UNRECOVERABLE", "ROOT"
     );
     for v in vols.as_array().into_iter().flatten() {
         let snaps: Vec<&str> = v["snapshots"]
@@ -522,10 +522,12 @@ fn print_volumes(vols: &Value) {
             .filter_map(|s| s.as_str())
             .collect();
         println!(
-            "{:<16} {:>10} {:>14} {:>14}  {:<12}  {}",
+            "{:<16} {:>10} {:>14} {:>14} {:>14}  {:<12}  {}",
             v["name"].as_str().unwrap_or("?"),
             human(v["size_bytes"].as_u64().unwrap_or(0)),
             human(v["mapped_blocks"].as_u64().unwrap_or(0) * 4096),
+            // Without snapshots: not counted ("-").
+            v["exclusive_bytes"].as_u64().map_or("-".to_string(), human),
             v["unrecoverable_lbas"].as_u64().unwrap_or(0),
             &v["root"].as_str().unwrap_or("")[..12.min(v["root"].as_str().unwrap_or("").len())],
             snaps.join(" "),
@@ -610,17 +612,18 @@ fn snapshot_command(api: client::Api, op: SnapshotOp) -> anyhow::Result<()> {
                 return Ok(());
             }
             println!(
-                "{:<28} {:>10} {:>12} {:<20}  ROOT",
-                "SNAPSHOT", "SIZE", "MAPPED", "CREATED (UTC)"
+                "{:<28} {:>10} {:>12} {:>14} {:<20}  ROOT",
+                "SNAPSHOT", "SIZE", "MAPPED", "ONLY IT HOLDS", "CREATED (UTC)"
             );
             for v in &all {
                 for s in v["snapshots"].as_array().into_iter().flatten() {
                     let root = s["root"].as_str().unwrap_or("");
                     println!(
-                        "{:<28} {:>10} {:>12} {:<20}  {}",
+                        "{:<28} {:>10} {:>12} {:>14} {:<20}  {}",
                         s["export"].as_str().unwrap_or("?"),
                         human(s["size_bytes"].as_u64().unwrap_or(0)),
                         human(s["mapped_blocks"].as_u64().unwrap_or(0) * 4096),
+                        human(s["exclusive_bytes"].as_u64().unwrap_or(0)),
                         utc(s["created_unix"].as_u64().unwrap_or(0)),
                         &root[..12.min(root.len())]
                     );

@@ -185,6 +185,19 @@ fn snapshots_on_three_nodes_read_old_data_and_survive_a_node_kill() {
     );
     let list = up.cli_ok(&["snapshot", "list", "vol0"]);
     assert!(list.contains("vol0@monday"), "{list}");
+    // What only monday holds: the 4 MiB of random data overwritten (1024 blocks), the
+    // one 0x11 block the trim left to it, and the five slice pages it keeps.
+    for n in 1..=3 {
+        let snaps = up.get(n, "/api/v1/volumes/vol0/snapshots").unwrap();
+        assert_eq!(
+            snaps["snapshots"][0]["exclusive_bytes"].as_u64(),
+            Some(1030 * 4096),
+            "n{n}: {snaps}"
+        );
+        let vol = up.get(n, "/api/v1/volumes/vol0").unwrap();
+        // The volume alone: its 4 MiB of 0x22 (one block) and 1 MiB of 0x33 (another).
+        assert_eq!(vol["exclusive_bytes"].as_u64(), Some(2 * 4096), "n{n}: {vol}");
+    }
     let vols = up.cli_ok(&["volume", "list"]);
     assert!(vols.contains("monday"), "{vols}");
 
