@@ -118,6 +118,9 @@ pub struct Engine {
     pub repair: crate::repair::RepairState,
     /// Per export: the processes whose acknowledged writes no FLUSH covered yet.
     acks: parking_lot::Mutex<std::collections::HashMap<String, Arc<crate::acks::Acks>>>,
+    /// Per volume, the node that last served one of its snapshots to this node (which
+    /// holds no copy): asked first next time.
+    pub(crate) snapshot_holders: parking_lot::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 /// A replicated write between its lease check and its answer.
@@ -137,6 +140,7 @@ impl Engine {
             stripes: Default::default(),
             repair: Default::default(),
             acks: Default::default(),
+            snapshot_holders: Default::default(),
         }
     }
 

@@ -496,11 +496,7 @@ impl Engine {
                 Ok(())
             } else {
                 // Only the snapshot named (id 0: whichever is there).
-                let here = store.volume(&vol).and_then(|v| v.snapshot(&name));
-                if here.is_some_and(|s| id != 0 && s.id != id) {
-                    return Ok(());
-                }
-                match store.delete_snapshot(&vol, &name) {
+                match store.delete_snapshot_if(&vol, &name, |s| id == 0 || s.id == id) {
                     Err(StoreError::NoSuchSnapshot(_)) => Ok(()),
                     r => r,
                 }

@@ -29,6 +29,8 @@ const POLL: Duration = Duration::from_secs(2);
 /// Wait after a failed installation before the next attempt.
 const BACKOFF: Duration = Duration::from_secs(5);
 const RPC_TIMEOUT: Duration = Duration::from_secs(20);
+/// A client's read through another node waits this long for each node asked.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// A snapshot the metadata does not name is removed only once this old: a snapshot
 /// being taken exists on the copies before the metadata records it.
 const ZOMBIE_GRACE_SECS: u64 = 120;
@@ -75,6 +77,10 @@ pub enum FetchWhat {
     /// `max` runs: a JSON list of (blocks, 0 data | 1 hole | 2 zero).
     Allocation { first: u64, count: u64, max: usize },
 }
+
+/// How a copy answers for a snapshot it does not hold under the id asked, or that its
+/// metadata does not name.
+const NOT_HERE: &str = "no such snapshot named here";
 
 /// The largest `FetchWhat::Read` (the NBD front end's largest request).
 const READ_MAX: u32 = lazarus_nbd::PAYLOAD_MAX_BYTES;
@@ -151,11 +157,16 @@ impl Engine {
             for s in local.snapshots() {
                 if v.snapshots.get(&s.name) == Some(&s.id)
                     || now_unix.saturating_sub(s.created_unix) < grace
+                    || !self.confirm_zombie(c, &v.name, &s).await
                 {
                     continue;
                 }
-                let (store, vol, name) = (self.store.clone(), v.name.clone(), s.name.clone());
-                let r = lazarus_rpc::rt::blocking(move || store.delete_snapshot(&vol, &name)).await;
+                let (store, vol, name, id) =
+                    (self.store.clone(), v.name.clone(), s.name.clone(), s.id);
+                let r = lazarus_rpc::rt::blocking(move || {
+                    store.delete_snapshot_if(&vol, &name, |s| s.id == id)
+                })
+                .await;
                 match r {
                     Ok(Ok(())) => {
                         tracing::info!(volume = %v.name, snapshot = %s.name, id = s.id, "removed a snapshot the cluster no longer names (this copy missed its deletion)")
@@ -209,6 +220,36 @@ impl Engine {
         }
     }
 
+    /// Whether this copy's snapshot `s` of `volume` is a leftover the cluster no
+    /// longer names: this node's metadata as it is now does not name it under its id,
+    /// and no other copy that answers holds it under that id with its metadata naming
+    /// it (this node's metadata may lag, after a partition), while at least one
+    /// answers.
+    async fn confirm_zombie(&self, c: &Arc<Cluster>, volume: &str, s: &Snapshot) -> bool {
+        let meta = c.store.meta();
+        let Some(v) = meta.volumes.get(volume) else {
+            return false;
+        };
+        if v.snapshots.get(&s.name) == Some(&s.id) {
+            return false;
+        }
+        let req = SnapshotFetch {
+            volume: volume.to_string(),
+            name: s.name.clone(),
+            id: s.id,
+            what: FetchWhat::File,
+        };
+        let mut answered = false;
+        for n in v.replicas.iter().copied().filter(|n| *n != c.id) {
+            match self.fetch(c, n, &req, &[]).await {
+                Ok(_) => return false,
+                Err(e) if e.contains(NOT_HERE) => answered = true,
+                Err(_) => {}
+            }
+        }
+        answered
+    }
+
     async fn fetch(
         &self,
         c: &Arc<Cluster>,
@@ -219,10 +260,14 @@ impl Engine {
         let addr = c.rpc_addr(node).ok_or("no address known")?;
         let json = serde_json::to_vec(req).map_err(|e| e.to_string())?;
         let body = lazarus_rpc::pack(&json, raw);
+        let timeout = match req.what {
+            FetchWhat::Read { .. } | FetchWhat::Allocation { .. } => READ_TIMEOUT,
+            _ => RPC_TIMEOUT,
+        };
         let reply = c
             .network
             .client(&addr)
-            .call(lazarus_rpc::KIND_SNAPSHOT_FETCH, &body, RPC_TIMEOUT)
+            .call(lazarus_rpc::KIND_SNAPSHOT_FETCH, &body, timeout)
             .await
             .map_err(|e| e.to_string())?;
         if matches!(
@@ -410,14 +455,21 @@ impl Engine {
             .get(volume)
             .cloned()
             .ok_or_else(|| IoError::new(EIO, format!("no volume {volume:?}")))?;
-        let mut nodes = v.live();
-        nodes.extend(
-            v.replicas
-                .iter()
-                .filter(|n| !nodes.contains(n))
-                .copied()
-                .collect::<Vec<_>>(),
-        );
+        // The metadata must still name it: a connection opened before a deletion
+        // reads nothing after it.
+        if v.snapshots.get(name) != Some(&id) {
+            return Err(IoError::new(
+                EIO,
+                format!("snapshot {volume}@{name} was deleted"),
+            ));
+        }
+        let preferred = self.snapshot_holders.lock().get(volume).copied();
+        let mut nodes: Vec<u64> = preferred.into_iter().collect();
+        for n in v.live().into_iter().chain(v.replicas.iter().copied()) {
+            if !nodes.contains(&n) {
+                nodes.push(n);
+            }
+        }
         nodes.retain(|n| *n != c.id);
         let req = SnapshotFetch {
             volume: volume.to_string(),
@@ -428,7 +480,10 @@ impl Engine {
         let mut errors = Vec::new();
         for n in nodes {
             match self.fetch(&c, n, &req, &[]).await {
-                Ok(r) => return Ok(r),
+                Ok(r) => {
+                    self.snapshot_holders.lock().insert(volume.to_string(), n);
+                    return Ok(r);
+                }
                 Err(e) => errors.push(format!("{}: {e}", label(n))),
             }
         }
@@ -479,6 +534,39 @@ impl Engine {
             .map_err(|e| IoError::new(EIO, e))
     }
 
+    /// Repairs from other nodes, by id, what snapshot `snap` of `vol` reads for blocks
+    /// `first..first + count` and this node does not hold intact: page blocks, then
+    /// the blocks they name (a snapshot's pages and blocks are blocks like any other,
+    /// and the copies that took it hold the same ones). Whether anything was repaired.
+    pub async fn repair_snapshot_range(
+        &self,
+        vol: &Arc<lazarus_store::Volume>,
+        snap: &Arc<Snapshot>,
+        first: u64,
+        count: u64,
+    ) -> bool {
+        let mut any = false;
+        // Twice: a repaired page block shows which of its blocks are damaged too.
+        for _ in 0..2 {
+            let (store, v, s) = (self.store.clone(), vol.clone(), snap.clone());
+            let bad =
+                lazarus_rpc::rt::blocking(move || store.snapshot_damage(&v, &s, first, count))
+                    .await
+                    .unwrap_or_default();
+            let mut fixed = false;
+            for id in bad {
+                if self.repair_block(&vol.meta.name, id).await {
+                    fixed = true;
+                }
+            }
+            any |= fixed;
+            if !fixed {
+                break;
+            }
+        }
+        any
+    }
+
     /// Serves a snapshot this node holds to a copy that misses it
     /// (`KIND_SNAPSHOT_FETCH`): only the snapshot the metadata names under that id.
     pub async fn serve_snapshot_fetch(&self, body: &[u8]) -> Result<Vec<u8>, String> {
@@ -498,10 +586,14 @@ impl Engine {
             .volume(&req.volume)
             .filter(|l| l.meta.uid == v.uid)
             .ok_or_else(|| format!("no copy of {:?} here", req.volume))?;
+        // Only the snapshot the metadata names under that id (never a leftover this
+        // copy keeps of a deleted one).
         let snap = local
             .snapshot(&req.name)
-            .filter(|s| s.id == req.id)
-            .ok_or_else(|| format!("no snapshot {}@{} with that id here", req.volume, req.name))?;
+            .filter(|s| {
+                s.id == req.id && crate::snapshots::snapshot_current(Some(&c), &req.volume, s)
+            })
+            .ok_or_else(|| format!("{NOT_HERE}: {}@{}", req.volume, req.name))?;
         let store = self.store.clone();
         let raw = raw.to_vec();
         lazarus_rpc::rt::blocking(move || match req.what {
@@ -541,7 +633,9 @@ impl Engine {
             }
             FetchWhat::Allocation { first, count, max } => {
                 let blocks = snap.block_count();
-                if first >= blocks || count == 0 || count > blocks - first {
+                // What one NBD_CMD_BLOCK_STATUS can ask (a u32 length).
+                let most = (u32::MAX as u64).div_ceil(lazarus_types::BLOCK_SIZE_U64);
+                if first >= blocks || count == 0 || count > blocks - first || count > most {
                     return Err(format!("blocks {first}+{count} outside the snapshot"));
                 }
                 let runs: Vec<(u64, u8)> = store

@@ -752,7 +752,7 @@ async fn execute_inner(
         return;
     }
     if let Some(snap) = &ex.snap {
-        snapshot_request(engine, ex, snap, req, structured, out);
+        snapshot_request(engine, ex, snap, req, structured, out).await;
         return;
     }
     if let Some((snap, id)) = &ex.remote {
@@ -961,7 +961,7 @@ async fn moved_on(engine: &Engine, volume: &str, bound: Option<u64>) -> bool {
 /// A request on a snapshot export: reads and block status from this node's copy of
 /// the snapshot (it never changes, so any copy that holds it serves it); a flush has
 /// nothing to do; writes were refused by `validate` (EPERM).
-fn snapshot_request(
+async fn snapshot_request(
     engine: &Engine,
     ex: &Export,
     snap: &Arc<Snapshot>,
@@ -991,13 +991,25 @@ fn snapshot_request(
             let first = req.offset / bs;
             let end = (req.offset + req.length as u64).div_ceil(bs);
             let mut buf = vec![0u8; ((end - first) * bs) as usize];
-            let r = if buf.is_empty() {
-                Ok(())
-            } else {
-                engine
-                    .store
-                    .read_snapshot(&vol, snap, lazarus_types::Lba(first), &mut buf)
+            let read = |buf: &mut [u8]| {
+                if buf.is_empty() {
+                    Ok(())
+                } else {
+                    engine
+                        .store
+                        .read_snapshot(&vol, snap, lazarus_types::Lba(first), buf)
+                }
             };
+            let mut r = read(&mut buf);
+            // A page or block that fails verification here is repaired from another
+            // node (by id), then read again.
+            if r.is_err()
+                && engine
+                    .repair_snapshot_range(&vol, snap, first, end - first)
+                    .await
+            {
+                r = read(&mut buf);
+            }
             match r {
                 Ok(()) => {
                     let skip = (req.offset - first * bs) as usize;

@@ -536,16 +536,37 @@ impl Store {
 
     /// Deletes a snapshot; what only it referenced is freed.
     pub fn delete_snapshot(&self, volume: &str, name: &str) -> Result<(), StoreError> {
+        self.delete_snapshot_if(volume, name, |_| true)
+    }
+
+    /// `delete_snapshot` if the snapshot under that name passes `which` (its id, say:
+    /// a snapshot re-created under the name meanwhile is left alone).
+    pub fn delete_snapshot_if(
+        &self,
+        volume: &str,
+        name: &str,
+        which: impl Fn(&Snapshot) -> bool,
+    ) -> Result<(), StoreError> {
         let v = self
             .volume(volume)
             .ok_or_else(|| StoreError::NoSuchVolume(volume.to_string()))?;
-        let released = v.drop_snapshot(name)?;
-        // The file's removal is durable: no snapshot names these page blocks. A block
-        // one of them names may have been unmapped by the volume in a journal record
-        // not yet durable: the slots are reused only once everything journaled so far
-        // is (else a crash would bring back that mapping over a reused slot).
-        for c in released {
-            self.release_page_block(c);
+        {
+            // Not while a snapshot is being installed (`install_snapshot` holds this
+            // for writing): its check of what the volume's snapshots hold and its
+            // commit must see the same page blocks.
+            let _cp = self.cp_lock.read();
+            if !v.snapshot(name).is_some_and(|s| which(&s)) {
+                return Err(StoreError::NoSuchSnapshot(format!("{volume}@{name}")));
+            }
+            let released = v.drop_snapshot(name)?;
+            // The file's removal is durable: no snapshot names these page blocks. A
+            // block one of them names may have been unmapped by the volume in a
+            // journal record not yet durable: the slots are reused only once
+            // everything journaled so far is (else a crash would bring back that
+            // mapping over a reused slot).
+            for c in released {
+                self.release_page_block(c);
+            }
         }
         self.flush()?;
         let durable = self.journal.lock().durable_lsn();
@@ -617,6 +638,11 @@ impl Store {
             let pid = BlockId(c.0);
             if !self.blocks.try_retain(pid) {
                 self.blocks.put(pid, page)?;
+            } else if !self.blocks.holds_intact(pid) {
+                // Stored, but damaged: the verified page heals it.
+                taken.push(pid);
+                self.blocks.rewrite(pid, page)?;
+                taken.pop();
             }
             Ok(())
         })();
@@ -695,7 +721,8 @@ impl Store {
     /// references (`None` without snapshots: then it is the volume's mapped bytes
     /// less what it shares with other volumes, which this does not count). Reads only
     /// the pages where a snapshot differs from the volume; a block referenced outside
-    /// them (elsewhere in the volume, by another volume) is nobody's alone.
+    /// them (elsewhere in the volume, by another volume) is nobody's alone. Not
+    /// counted (empty) when more than `SPACE_PAGES_MAX` pages differ.
     pub fn snapshot_space(&self, vol: &Volume) -> SnapshotSpace {
         let snaps = vol.snapshots();
         if snaps.is_empty() {
@@ -706,21 +733,28 @@ impl Store {
             One(usize),
             Many,
         }
-        fn add(h: &mut Option<Holder>, who: usize) {
-            *h = match *h {
-                None => Some(Holder::One(who)),
-                Some(Holder::One(w)) if w == who => Some(Holder::One(w)),
+        fn add(h: &mut Option<Holder>, who: Holder) {
+            *h = match (*h, who) {
+                (None, w) => Some(w),
+                (Some(Holder::One(a)), Holder::One(b)) if a == b => Some(Holder::One(a)),
                 _ => Some(Holder::Many),
             };
         }
+        let Some((l1, vol_pages)) = vol.differing_pages(SPACE_PAGES_MAX) else {
+            return SnapshotSpace::default();
+        };
         let volume = snaps.len();
-        let (l1, vol_pages) = vol.differing_pages();
-        // Page contents the snapshots name where they differ from the volume.
+        // Who names each page content (anywhere), and which contents a snapshot keeps
+        // as page blocks (where it differs from the volume).
         let mut namers: HashMap<Checksum, Option<Holder>> = HashMap::new();
+        let mut kept: HashSet<Checksum> = HashSet::new();
         for (i, s) in snaps.iter().enumerate() {
             for (p, c) in s.l1.iter().enumerate() {
-                if *c != Checksum::ZERO && l1.get(p) != Some(c) {
-                    add(namers.entry(*c).or_default(), i);
+                if *c != Checksum::ZERO {
+                    add(namers.entry(*c).or_default(), Holder::One(i));
+                    if l1.get(p) != Some(c) {
+                        kept.insert(*c);
+                    }
                 }
             }
         }
@@ -731,14 +765,14 @@ impl Store {
             volume_exclusive: Some(0),
         };
         let mut b = vec![0u8; BLOCK_SIZE];
-        for (c, who) in &namers {
+        for c in &kept {
             let id = BlockId(c.0);
             if !matches!(self.blocks.read(id, &mut b), Ok(true)) {
-                continue; // lost, or shared with a page of the volume elsewhere
+                continue; // lost
             }
-            let Some(who) = who else { continue };
+            let who = namers[c].expect("named");
             if let (Holder::One(i), Some(1)) = (who, self.blocks.refs(id)) {
-                *out.exclusive.get_mut(&snaps[*i].name).expect("listed") += BLOCK_SIZE as u64;
+                *out.exclusive.get_mut(&snaps[i].name).expect("listed") += BLOCK_SIZE as u64;
             }
             for child in crate::volume::decode_page(&b)
                 .iter()
@@ -746,17 +780,20 @@ impl Store {
             {
                 let e = found.entry(*child).or_default();
                 e.0 += 1;
-                match who {
-                    Holder::One(i) => add(&mut e.1, *i),
-                    Holder::Many => e.1 = Some(Holder::Many),
-                }
+                add(&mut e.1, who);
             }
         }
-        for ids in vol_pages.values() {
+        for (ids, shared) in vol_pages.values() {
+            // A page a snapshot shares with the volume: its blocks are both's.
+            let who = if *shared {
+                Holder::Many
+            } else {
+                Holder::One(volume)
+            };
             for id in ids.iter().filter(|i| !i.is_zero()) {
                 let e = found.entry(*id).or_default();
                 e.0 += 1;
-                add(&mut e.1, volume);
+                add(&mut e.1, who);
             }
         }
         for (id, (n, who)) in found {
@@ -1228,6 +1265,71 @@ impl Store {
             .and_then(|i| self.blocks.locate(i))
     }
 
+    /// Where in blocks.dat snapshot `snap` keeps the page holding `lba` (`None`: the
+    /// page is all zeroes or read from the volume's slice file) and the block it maps
+    /// at `lba` (`None`: a hole): fault injection.
+    pub fn snapshot_locate(
+        &self,
+        vol: &Volume,
+        snap: &Snapshot,
+        lba: Lba,
+    ) -> (Option<u64>, Option<u64>) {
+        let p = lba.0 / FANOUT as u64;
+        let page_block = snap
+            .l1
+            .get(p as usize)
+            .filter(|c| **c != Checksum::ZERO)
+            .and_then(|c| self.blocks.locate(BlockId(c.0)));
+        let block = self
+            .snapshot_page(vol, snap, p)
+            .map(|pg| pg[(lba.0 % FANOUT as u64) as usize])
+            .filter(|id| !id.is_zero())
+            .and_then(|id| self.blocks.locate(id));
+        (page_block, block)
+    }
+
+    /// The block ids (page blocks first) snapshot `snap` reads for blocks
+    /// `first..first + count` that this store does not hold intact: what a read of them
+    /// fails on, for repair from another node. A page that cannot be read at all
+    /// hides its blocks until it is repaired.
+    pub fn snapshot_damage(
+        &self,
+        vol: &Volume,
+        snap: &Snapshot,
+        first: u64,
+        count: u64,
+    ) -> Vec<BlockId> {
+        let mut out = Vec::new();
+        if count == 0 {
+            return out;
+        }
+        let last = first + count - 1;
+        let mut b = vec![0u8; BLOCK_SIZE];
+        for p in first / FANOUT as u64..=last / FANOUT as u64 {
+            let Some(c) = snap.l1.get(p as usize).copied() else {
+                break;
+            };
+            if c == Checksum::ZERO {
+                continue;
+            }
+            let Some(pg) = self.snapshot_page(vol, snap, p) else {
+                out.push(BlockId(c.0));
+                continue;
+            };
+            let lo = first.max(p * FANOUT as u64) - p * FANOUT as u64;
+            let hi = last.min(p * FANOUT as u64 + FANOUT as u64 - 1) - p * FANOUT as u64;
+            for id in pg[lo as usize..=hi as usize]
+                .iter()
+                .filter(|i| !i.is_zero())
+            {
+                if !matches!(self.blocks.read(*id, &mut b), Ok(true)) && !out.contains(id) {
+                    out.push(*id);
+                }
+            }
+        }
+        out
+    }
+
     pub fn blocks_path(&self) -> PathBuf {
         self.dir.join("blocks.dat")
     }
@@ -1644,6 +1746,10 @@ fn replay_records(
 fn fits(lba: u64, count: u64, blocks: u64) -> bool {
     lba.checked_add(count).is_some_and(|end| end <= blocks)
 }
+
+/// Most pages `Store::snapshot_space` reads (8 GiB of data where snapshots and their
+/// volume differ): beyond, it does not count (an answer of the admin API, not a scan).
+pub const SPACE_PAGES_MAX: usize = 8192;
 
 /// `Store::snapshot_space`.
 #[derive(Debug, Default, Clone)]

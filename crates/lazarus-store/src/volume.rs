@@ -1512,8 +1512,14 @@ impl Volume {
 
     /// Level 1 of the volume's tree as its pages are now (a page changed since the
     /// checkpoint hashed as it is), and the pages where one of its snapshots differs
-    /// from it, with the ids the volume maps there: what space accounting reads.
-    pub(crate) fn differing_pages(&self) -> (Vec<Checksum>, BTreeMap<u64, Vec<BlockId>>) {
+    /// from it (or ends before it) with the ids the volume maps there and whether a
+    /// snapshot shares the page with it: what space accounting reads. `None`: more
+    /// than `max_pages` such pages.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn differing_pages(
+        &self,
+        max_pages: usize,
+    ) -> Option<(Vec<Checksum>, BTreeMap<u64, (Vec<BlockId>, bool)>)> {
         let st = self.state.lock();
         let mut l1 = st.levels[0].clone();
         for p in st.dirty.iter().chain(st.stale.iter()) {
@@ -1525,21 +1531,32 @@ impl Volume {
             }
         }
         let layer = self.snaps.lock();
-        let mut pages = BTreeMap::new();
+        let mut differ: BTreeSet<u64> = BTreeSet::new();
         for s in layer.list.values() {
-            for (p, c) in s.l1.iter().enumerate() {
-                let p = p as u64;
-                if l1.get(p as usize) == Some(c) || pages.contains_key(&p) {
-                    continue;
+            for (p, c) in l1.iter().enumerate() {
+                if s.l1.get(p) != Some(c) {
+                    differ.insert(p as u64);
+                    if differ.len() > max_pages {
+                        return None;
+                    }
                 }
+            }
+        }
+        let pages = differ
+            .into_iter()
+            .map(|p| {
                 let ids = match st.pages.get(&p) {
                     Some(pg) if !st.damaged.contains_key(&p) => pg.to_vec(),
                     _ => Vec::new(),
                 };
-                pages.insert(p, ids);
-            }
-        }
-        (l1, pages)
+                let shared = layer
+                    .list
+                    .values()
+                    .any(|s| s.l1.get(p as usize) == l1.get(p as usize));
+                (p, (ids, shared))
+            })
+            .collect();
+        Some((l1, pages))
     }
 
     /// Every mapped id, for reference counting at recovery and for deletion.

@@ -589,11 +589,15 @@ fn the_space_only_a_snapshot_holds_is_what_its_deletion_frees() {
         s.write_blocks(&v, Lba(first), &data).unwrap();
     };
     write(0, 1024, 1); // pages 0-3
+                       // Pages 4 and 5 provisioned with zeroes: two pages of one content.
+    s.write_zeroes(&v, Lba(1024), 512, true).unwrap();
     s.create_snapshot("v", "a", 1).unwrap();
     write(256, 256, 10_000); // page 1 rewritten
     s.create_snapshot("v", "b", 2).unwrap();
     write(256, 256, 20_000); // page 1 again
     write(512, 128, 30_000); // half of page 2
+                             // Page 4 rewritten: both snapshots keep its content, which page 5 still has.
+    write(1024, 256, 40_000);
     s.flush().unwrap();
     let space = s.snapshot_space(&v);
     let page = 4096u64;
@@ -601,8 +605,8 @@ fn the_space_only_a_snapshot_holds_is_what_its_deletion_frees() {
     assert_eq!(space.exclusive["a"], 257 * page, "{space:?}");
     // b: page 1's first rewrite and its page block; page 2 it shares with a.
     assert_eq!(space.exclusive["b"], 257 * page, "{space:?}");
-    // The volume: page 1's second rewrite and the new half of page 2.
-    assert_eq!(space.volume_exclusive, Some(384 * page), "{space:?}");
+    // The volume: page 1's second rewrite, the new half of page 2, page 4's data.
+    assert_eq!(space.volume_exclusive, Some(640 * page), "{space:?}");
     s.checkpoint().unwrap();
     let before = s.block_stats().blocks;
     s.delete_snapshot("v", "a").unwrap();
@@ -612,9 +616,21 @@ fn the_space_only_a_snapshot_holds_is_what_its_deletion_frees() {
         space.exclusive["a"] / page,
         "deleting a frees what only it held"
     );
-    // b now holds page 2's old half alone too (a no longer shares it), with its page block.
+    // b now holds page 2's old half alone too (a no longer shares it), with its page
+    // block, and the zero pages' page block (their blocks page 5 still maps).
     let space = s.snapshot_space(&v);
-    assert_eq!(space.exclusive["b"], (257 + 128 + 1) * page, "{space:?}");
+    assert_eq!(
+        space.exclusive["b"],
+        (257 + 128 + 1 + 1) * page,
+        "{space:?}"
+    );
+    let before = s.block_stats().blocks;
     s.delete_snapshot("v", "b").unwrap();
+    s.checkpoint().unwrap();
+    assert_eq!(
+        before - s.block_stats().blocks,
+        space.exclusive["b"] / page,
+        "deleting b frees what only it held"
+    );
     assert!(s.snapshot_space(&v).volume_exclusive.is_none());
 }

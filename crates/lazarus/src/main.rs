@@ -398,7 +398,8 @@ enum FaultOp {
         #[arg(long)]
         to: String,
     },
-    /// Damage on disk the page holding an LBA on one node and drop its cached copy.
+    /// Damage on disk the page holding an LBA on one node and drop its cached copy
+    /// (`--volume V@S`: snapshot S's page block or block, `--target page|block`).
     Corrupt {
         #[arg(long)]
         node: String,
@@ -406,7 +407,7 @@ enum FaultOp {
         volume: String,
         #[arg(long)]
         lba: u64,
-        #[arg(long, default_value = "slice", value_parser = ["slice", "checksum", "block"])]
+        #[arg(long, default_value = "slice", value_parser = ["slice", "checksum", "block", "page"])]
         target: String,
     },
     /// Make reads of the on-disk slice page holding an LBA fail with EIO on one node.
@@ -623,7 +624,7 @@ fn snapshot_command(api: client::Api, op: SnapshotOp) -> anyhow::Result<()> {
                         s["export"].as_str().unwrap_or("?"),
                         human(s["size_bytes"].as_u64().unwrap_or(0)),
                         human(s["mapped_blocks"].as_u64().unwrap_or(0) * 4096),
-                        human(s["exclusive_bytes"].as_u64().unwrap_or(0)),
+                        s["exclusive_bytes"].as_u64().map_or("-".to_string(), human),
                         utc(s["created_unix"].as_u64().unwrap_or(0)),
                         &root[..12.min(root.len())]
                     );

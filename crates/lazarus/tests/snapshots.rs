@@ -196,7 +196,11 @@ fn snapshots_on_three_nodes_read_old_data_and_survive_a_node_kill() {
         );
         let vol = up.get(n, "/api/v1/volumes/vol0").unwrap();
         // The volume alone: its 4 MiB of 0x22 (one block) and 1 MiB of 0x33 (another).
-        assert_eq!(vol["exclusive_bytes"].as_u64(), Some(2 * 4096), "n{n}: {vol}");
+        assert_eq!(
+            vol["exclusive_bytes"].as_u64(),
+            Some(2 * 4096),
+            "n{n}: {vol}"
+        );
     }
     let vols = up.cli_ok(&["volume", "list"]);
     assert!(vols.contains("monday"), "{vols}");
@@ -624,4 +628,59 @@ fn a_copy_that_missed_a_snapshot_installs_it_and_outlives_the_others() {
     assert!(!snapshots_of(&up, down).contains(&"s1".to_string()));
     let (ok, _) = qemu_io(&up.uri(down, "vol0@s1"), &["read 0 4k"], true);
     assert!(!ok, "n{down} serves a deleted snapshot");
+}
+
+/// A snapshot's pages and blocks are repaired like any others: a page block and a
+/// block only the snapshot holds, corrupted on disk on one node, are restored from
+/// another node when a read of the snapshot trips on them (the read answers the right
+/// data), and by `lazarus scrub` when nothing reads them.
+#[test]
+fn a_snapshots_damaged_pages_and_blocks_are_repaired_from_another_node() {
+    let (tmp, data) = setup();
+    let up = Up::start(&data, "64MiB");
+    let img = tmp.path().join("in.img");
+    let bytes = random_file(&img, 4 << 20, seed());
+    run("nbdcopy", &[img.to_str().unwrap(), &up.uri(1, "vol0")]);
+    up.cli_ok(&["snapshot", "create", "vol0", "s"]);
+    // Overwritten: the snapshot alone holds the old blocks and keeps pages 0-3 as page
+    // blocks.
+    qemu_io_ok(&up.uri(1, "vol0"), &["write -P 0x2a 0 4M", "flush"]);
+    let corrupt = |node: &str, lba: &str, target: &str| {
+        let out = up.cli_ok(&[
+            "fault", "corrupt", "--node", node, "--volume", "vol0@s", "--lba", lba, "--target",
+            target,
+        ]);
+        assert!(out.contains("corrupted on disk"), "{out}");
+    };
+    // Bad requests are refused: a page the snapshot shares, a hole, past the end.
+    for (lba, target) in [("5000", "page"), ("5000", "block"), ("99999999", "block")] {
+        let o = up.cli(&[
+            "fault", "corrupt", "--node", "n2", "--volume", "vol0@s", "--lba", lba, "--target",
+            target,
+        ]);
+        assert!(
+            !o.status.success(),
+            "corrupting {target} at {lba} was accepted"
+        );
+    }
+    corrupt("n2", "5", "block");
+    corrupt("n2", "300", "page");
+    corrupt("n2", "700", "block");
+    // Read through n2: what the snapshot held, repaired from another node on the way.
+    let got = copy_out(&up.uri(2, "vol0@s"), tmp.path(), bytes.len());
+    assert!(got == bytes, "vol0@s through n2 after damage differs");
+    let log = up.node_log(2);
+    assert!(
+        log.contains("corrupt block repaired"),
+        "n2 repaired nothing"
+    );
+
+    // Nothing reads it on n3: the scrub finds and restores it.
+    corrupt("n3", "900", "block");
+    let out = up.cli_ok(&["scrub"]);
+    assert!(out.contains("node n3: blocks bad 1 (restored 1)"), "{out}");
+    let out = up.cli_ok(&["scrub"]);
+    assert!(!out.contains("blocks bad 1"), "{out}");
+    let got = copy_out(&up.uri(3, "vol0@s"), tmp.path(), bytes.len());
+    assert!(got == bytes, "vol0@s through n3 after the scrub differs");
 }
