@@ -1452,6 +1452,20 @@ async fn fault_corrupt(
     Ok(Json(r))
 }
 
+/// Flips bytes of the 4 KiB at `offset` of `path` on disk, synced: fault injection.
+fn damage_4k(path: &std::path::Path, offset: u64) -> Result<(), ApiError> {
+    let internal = |e: std::io::Error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    let f = lazarus_io::fs::open_rw(path, false, false).map_err(internal)?;
+    let mut b = vec![0u8; 4096];
+    f.read_exact_at(&mut b, offset).map_err(internal)?;
+    for x in b.iter_mut().step_by(97) {
+        *x ^= 0x5a;
+    }
+    f.write_all_at(&b, offset)
+        .and_then(|_| f.sync_data())
+        .map_err(internal)
+}
+
 /// `lazarus fault corrupt --volume V@S`: damages on disk, on this node, the page block
 /// keeping snapshot S's page that holds `lba` (`page`) or the block S maps at `lba`
 /// (`block`).
@@ -1493,16 +1507,7 @@ async fn corrupt_snapshot(
             )
         })?;
         let path = store.blocks_path();
-        let internal = |e: std::io::Error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
-        let f = lazarus_io::fs::open_rw(&path, false, false).map_err(internal)?;
-        let mut b = vec![0u8; 4096];
-        f.read_exact_at(&mut b, offset).map_err(internal)?;
-        for x in b.iter_mut().step_by(97) {
-            *x ^= 0x5a;
-        }
-        f.write_all_at(&b, offset)
-            .and_then(|_| f.sync_data())
-            .map_err(internal)?;
+        damage_4k(&path, offset)?;
         tracing::warn!(volume, snapshot = snap, target, lba, "fault injected: a snapshot's {target} corrupted on disk");
         Ok(json!({ "volume": format!("{volume}@{snap}"), "target": target, "page": lba / lazarus_types::FANOUT_U64, "file": path, "offset": offset, "damaged": true }))
     })
@@ -1536,16 +1541,7 @@ pub fn corrupt_on_disk(
             })?,
         ),
     };
-    let internal = |e: std::io::Error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
-    let f = lazarus_io::fs::open_rw(&path, false, false).map_err(internal)?;
-    let mut b = vec![0u8; 4096];
-    f.read_exact_at(&mut b, offset).map_err(internal)?;
-    for x in b.iter_mut().step_by(97) {
-        *x ^= 0x5a;
-    }
-    f.write_all_at(&b, offset)
-        .and_then(|_| f.sync_data())
-        .map_err(internal)?;
+    damage_4k(&path, offset)?;
     // Drop what the node holds of it: the next access sees the device's bytes.
     let damaged = match target {
         "slice" => v.reload_page(page)?,
