@@ -684,3 +684,107 @@ fn a_snapshots_damaged_pages_and_blocks_are_repaired_from_another_node() {
     let got = copy_out(&up.uri(3, "vol0@s"), tmp.path(), bytes.len());
     assert!(got == bytes, "vol0@s through n3 after the scrub differs");
 }
+
+/// A revert, and a snapshot's deletion, cut by SIGKILL at a random instant: of the
+/// primary during a revert (the new primary's revert, run again, finishes it), of a
+/// replica during another (it resyncs), and of the primary during a deletion (run
+/// again, it completes). After each, every node's copy reads exactly as the snapshot,
+/// and the snapshots left serve what they held.
+#[test]
+fn reverts_and_deletions_killed_midway_finish_when_run_again() {
+    let (tmp, data) = setup();
+    let up = Up::start(&data, "128MiB");
+    let mut rng = fastrand::Rng::with_seed(seed());
+    let img = tmp.path().join("in.img");
+    random_file(&img, 64 << 20, seed());
+    run("nbdcopy", &[img.to_str().unwrap(), &up.uri(1, "vol0")]);
+    up.cli_ok(&["snapshot", "create", "vol0", "s"]);
+    up.cli_ok(&["snapshot", "create", "vol0", "keep"]);
+    let other = tmp.path().join("other.img");
+    random_file(&other, 64 << 20, seed() ^ 0x5555);
+    let spawn_cli = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_lazarus"))
+            .args(args)
+            .arg("--data")
+            .arg(&data)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let primary = |n: u16| {
+        up.volume_meta(n, "vol0").unwrap()["primary"]
+            .as_u64()
+            .unwrap() as u16
+    };
+    for round in 0..2 {
+        // The volume moves away from s: 64 MiB to rewrite (sixteen 4 MiB chunks).
+        let p = primary(if round == 0 { 1 } else { 2 });
+        run("nbdcopy", &[other.to_str().unwrap(), &up.uri(p, "vol0")]);
+        assert!(!identical(&up.uri(p, "vol0"), &up.uri(p, "vol0@s")));
+        let victim = if round == 0 {
+            p
+        } else {
+            (1..=3).find(|n| *n != p).unwrap()
+        };
+        let cli = spawn_cli(&["volume", "revert", "vol0", "s"]);
+        std::thread::sleep(Duration::from_millis(rng.u64(10..300)));
+        up.cli_ok(&["fault", "kill", "--node", &format!("n{victim}")]);
+        let o = cli.wait_with_output().unwrap();
+        eprintln!(
+            "round {round}: revert with n{victim} killed: {} {}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout).trim()
+        );
+        let alive = (1..=3).find(|n| *n != victim).unwrap();
+        up.wait_meta(
+            alive,
+            "vol0",
+            Duration::from_secs(20),
+            "a live primary",
+            |m| m["primary"].as_u64().is_some_and(|x| x != victim as u64),
+        );
+        up.cli_ok(&["volume", "revert", "vol0", "s"]);
+        up.cli_ok(&["fault", "revive", "--node", &format!("n{victim}")]);
+        up.wait_all_live(alive, "vol0", Duration::from_secs(30));
+        for n in 1..=3 {
+            assert!(
+                identical(&up.uri(n, "vol0"), &up.uri(n, "vol0@s")),
+                "round {round}: vol0 through n{n} is not s after a revert killed midway (n{victim} killed)"
+            );
+            assert!(identical(&up.uri(n, "vol0@keep"), img.to_str().unwrap()));
+        }
+    }
+    // A deletion cut by the primary's death: run again, it completes everywhere.
+    let p = primary(1);
+    let cli = spawn_cli(&["snapshot", "delete", "vol0", "s"]);
+    std::thread::sleep(Duration::from_millis(rng.u64(0..30)));
+    up.cli_ok(&["fault", "kill", "--node", &format!("n{p}")]);
+    let _ = cli.wait_with_output().unwrap();
+    let alive = (1..=3).find(|n| *n != p).unwrap();
+    up.wait_meta(
+        alive,
+        "vol0",
+        Duration::from_secs(20),
+        "a live primary",
+        |m| m["primary"].as_u64().is_some_and(|x| x != p as u64),
+    );
+    let o = up.cli(&["snapshot", "delete", "vol0", "s"]);
+    let text = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(
+        o.status.success() || text.contains("no snapshot"),
+        "the second deletion: {text}"
+    );
+    up.cli_ok(&["fault", "revive", "--node", &format!("n{p}")]);
+    up.wait_all_live(alive, "vol0", Duration::from_secs(30));
+    for n in 1..=3 {
+        let (ok, _) = qemu_io(&up.uri(n, "vol0@s"), &["read 0 4k"], true);
+        assert!(!ok, "n{n} serves a deleted snapshot");
+        assert!(
+            identical(&up.uri(n, "vol0@keep"), img.to_str().unwrap()),
+            "n{n}: the snapshot kept differs after a deletion cut by a kill"
+        );
+        let st = up.get(n, "/api/v1/status").unwrap();
+        assert_eq!(st["blocks"]["missing"].as_u64(), Some(0), "n{n}: {st}");
+    }
+}
