@@ -7,7 +7,11 @@
 #  3. 1% of the volume rewritten with random data (fio, 1 MiB writes at random
 #     offsets, no offset twice), then snapshot b;
 #  4. `volume export vol0@b --since a2`: the time and the diff file's size; then the
-#     time to apply it to another volume.
+#     time to apply it to another volume;
+#  5. what copy-on-write costs writes: fio 4 KiB random writes (QD32, 15 s) right
+#     after a new snapshot (the first write to each slice page stores its old content
+#     as a page block), then again (those pages kept already), then with every
+#     snapshot deleted.
 # Usage: bench/snapshot.sh [SIZE_GIB]   (64 by default; LAZARUS_BIN to use another build)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,3 +53,14 @@ ls -l "$WORK/b.diff" | awk '{print "diff file: " $5 " bytes"}'
 echo "== applying it to another volume (--force: that volume does not hold a2)"
 L volume create copy --size "${GIB}GiB"
 L volume import "$WORK/b.diff" --volume copy --diff --force
+echo "== what a snapshot costs writes (fio randwrite 4 KiB QD32, 15 s each)"
+iops() {
+  fio --name=cow --ioengine=nbd --uri="$U" --rw=randwrite --bs=4k --iodepth=32 \
+    --size="${GIB}g" --time_based --runtime=15 --refill_buffers --randrepeat=0 \
+    --output-format=json | python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]["write"]; print("%.0f IOPS, p99 %.2f ms" % (j["iops"], j["clat_ns"]["percentile"]["99.000000"]/1e6))'
+}
+L snapshot create vol0 c > /dev/null
+echo "just after snapshot c (copy-on-write of each page's first change): $(iops)"
+echo "again (pages kept already): $(iops)"
+for s in a0 a1 a2 b c; do L snapshot delete vol0 $s > /dev/null; done
+echo "no snapshot: $(iops)"
