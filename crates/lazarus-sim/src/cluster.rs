@@ -80,6 +80,11 @@ pub struct Options {
     /// and the leader hands the role over while the client writes through the old one.
     #[serde(default)]
     pub handovers: bool,
+    /// Snapshots taken and deleted among the faults (on the primary, as `lazarus
+    /// snapshot create|delete` does); healed means every copy holds every snapshot
+    /// the metadata names, with the same root (copies that missed one install it).
+    #[serde(default)]
+    pub snapshots: bool,
     /// Storage nodes (3 to 5); the volume's three copies start on the first three.
     #[serde(default = "three")]
     pub nodes: usize,
@@ -111,6 +116,7 @@ impl Options {
             full_disk: false,
             conn_cuts: false,
             handovers: false,
+            snapshots: false,
             nodes: 3,
             out_after_secs: 600,
         }
@@ -154,6 +160,10 @@ struct Shared {
     /// Nodes an administrator asked to be the volume's primary, waiting for any node's
     /// host to propose it.
     primary_requests: Vec<u64>,
+    /// Snapshot operations (create, else delete) waiting for the primary's host.
+    snapshot_requests: Vec<bool>,
+    /// Snapshots created so far (names are never reused).
+    snapshots_made: u64,
 }
 
 /// A fault of a node's disk, applied on its host (where its simulated disk is).
@@ -209,6 +219,8 @@ struct View {
     versions: BTreeMap<u64, u64>,
     /// The LBA ranges (first, count) this copy lists as unrecoverable.
     unrecoverable: Vec<(u64, u64)>,
+    /// This node's copy's snapshots: name -> (id, root).
+    snapshots: BTreeMap<String, (u64, String)>,
 }
 
 thread_local! {
@@ -299,7 +311,9 @@ async fn run_node(id: &'static str, volume_bytes: u64, written: Arc<Vec<u64>>) -
         });
     }
     // The view the fault scheduler reads between steps: plain data only.
+    let engine2 = engine.clone();
     tokio::spawn(async move {
+        let engine = engine2;
         loop {
             let mine: Vec<DiskFault> = {
                 let sh = shared();
@@ -325,7 +339,60 @@ async fn run_node(id: &'static str, volume_bytes: u64, written: Arc<Vec<u64>>) -
                     tracing::info!(node = n, result = ?r, "primary asked for");
                 });
             }
+            let is_primary = cluster
+                .store
+                .meta()
+                .volumes
+                .get(VOLUME)
+                .is_some_and(|v| v.primary == cluster.id);
+            let op = if is_primary {
+                shared().borrow_mut().snapshot_requests.pop()
+            } else {
+                None
+            };
+            if let Some(create) = op {
+                let (e, c) = (engine.clone(), cluster.clone());
+                let name = if create {
+                    let sh = shared();
+                    let mut sh = sh.borrow_mut();
+                    sh.snapshots_made += 1;
+                    Some(format!("s{}", sh.snapshots_made))
+                } else {
+                    c.store
+                        .meta()
+                        .volumes
+                        .get(VOLUME)
+                        .and_then(|v| v.snapshots.keys().next().cloned())
+                };
+                if let Some(name) = name {
+                    tokio::spawn(async move {
+                        let r = if create {
+                            e.create_snapshot(VOLUME, &name).await.map(|(_, o)| o)
+                        } else {
+                            e.delete_snapshot(VOLUME, &name).await
+                        };
+                        let what = if create { "created" } else { "deleted" };
+                        let line = match r {
+                            Ok(o) => format!("snapshot {name} {what} on {:?}", o.done),
+                            Err(err) => format!("snapshot {name} not {what}: {}", err.message),
+                        };
+                        tracing::info!("{line}");
+                    });
+                }
+            }
             let view = View {
+                snapshots: store
+                    .volume(VOLUME)
+                    .filter(|v| {
+                        cluster.store.meta().volumes.get(VOLUME).map(|m| m.uid) == Some(v.meta.uid)
+                    })
+                    .map(|v| {
+                        v.snapshots()
+                            .iter()
+                            .map(|s| (s.name.clone(), (s.id, s.root.to_hex())))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
                 serving_ready: cluster.is_ready(),
                 store_failed: store.has_failed(),
                 volume: cluster.store.meta().volumes.get(VOLUME).cloned(),
@@ -644,6 +711,7 @@ fn whole(views: &BTreeMap<String, View>) -> bool {
         return false;
     }
     let mut seen = None;
+    let mut snap_roots: BTreeMap<String, String> = BTreeMap::new();
     for (id, v) in views {
         let Some(vol) = &v.volume else { return false };
         if !v.serving_ready
@@ -668,6 +736,19 @@ fn whole(views: &BTreeMap<String, View>) -> bool {
             None => seen = Some(key),
             Some(k) if *k != key => return false,
             _ => {}
+        }
+        // Every snapshot the metadata names, on every copy, with one root.
+        for (name, id) in &vol.snapshots {
+            match v.snapshots.get(name) {
+                Some((i, root)) if i == id => match snap_roots.get(name) {
+                    None => {
+                        snap_roots.insert(name.clone(), root.clone());
+                    }
+                    Some(r) if r != root => return false,
+                    _ => {}
+                },
+                _ => return false,
+            }
         }
     }
     seen.is_some_and(|k| k.2.is_some())
@@ -694,6 +775,8 @@ enum Pick {
     Cut(String),
     /// The volume's primary role asked for this node (`lazarus volume primary`).
     Primary(u64),
+    /// A snapshot taken (else one deleted) by the primary.
+    Snapshot(bool),
 }
 
 /// Runs one seed. Err: the rule was broken, or the cluster did not heal (with the
@@ -900,6 +983,11 @@ pub fn run(opts: Options) -> Result<Report, String> {
                         log(&sh, now, format!("n{n} asked to be the primary"));
                         sh.borrow_mut().primary_requests.push(n);
                     }
+                    Some(Pick::Snapshot(create)) => {
+                        let what = if create { "taken" } else { "deleted" };
+                        log(&sh, now, format!("a snapshot {what} by the primary"));
+                        sh.borrow_mut().snapshot_requests.push(create);
+                    }
                     None => {}
                 }
             }
@@ -1025,7 +1113,12 @@ fn pick_fault(
     let devices = base + if opts.device_faults { 2 } else { 0 };
     let full = devices + if opts.full_disk { 2 } else { 0 };
     let cuts = full + if opts.conn_cuts { 3 } else { 0 };
-    let draw = rng.u32(..cuts + if opts.handovers { 3 } else { 0 });
+    let handovers = cuts + if opts.handovers { 3 } else { 0 };
+    let draw = rng.u32(..handovers + if opts.snapshots { 4 } else { 0 });
+    if draw >= handovers {
+        // Creations three times as often as deletions.
+        return Some(Pick::Snapshot(draw < handovers + 3));
+    }
     if draw >= cuts {
         // Another copy's node, as the freshest view names them.
         let v = sh

@@ -11,6 +11,7 @@
 //! LAZARUS_SIM_DEVICE_FAULTS=1           failed devices (one node's store, every I/O EIO)
 //! LAZARUS_SIM_FULL_DISK=1               full disks (one node's disk filled by a ballast file)
 //! LAZARUS_SIM_CUTS=1                    connections cut without a crash (all of one host's)
+//! LAZARUS_SIM_SNAPSHOTS=1               snapshots taken and deleted by the primary among the faults
 //! LAZARUS_SIM_NODES=5                   five storage nodes (3 to 5), the volume on the first three
 //! LAZARUS_SIM_OUT_AFTER=6               out-time in seconds: a node down longer is marked out
 //!                                       and its copies are rebuilt on the other nodes
@@ -84,6 +85,7 @@ fn main() {
             o.full_disk = std::env::var("LAZARUS_SIM_FULL_DISK").is_ok_and(|v| v == "1");
             o.conn_cuts = std::env::var("LAZARUS_SIM_CUTS").is_ok_and(|v| v == "1");
             o.handovers = std::env::var("LAZARUS_SIM_HANDOVERS").is_ok_and(|v| v == "1");
+            o.snapshots = std::env::var("LAZARUS_SIM_SNAPSHOTS").is_ok_and(|v| v == "1");
             shape_from_env(&mut o);
             o.faults = num(2, o.faults as u64) as usize;
             o.load = std::time::Duration::from_secs(num(3, o.load.as_secs()));
@@ -107,6 +109,7 @@ fn main() {
             base.full_disk = std::env::var("LAZARUS_SIM_FULL_DISK").is_ok_and(|v| v == "1");
             base.conn_cuts = std::env::var("LAZARUS_SIM_CUTS").is_ok_and(|v| v == "1");
             base.handovers = std::env::var("LAZARUS_SIM_HANDOVERS").is_ok_and(|v| v == "1");
+            base.snapshots = std::env::var("LAZARUS_SIM_SNAPSHOTS").is_ok_and(|v| v == "1");
             shape_from_env(&mut base);
             base.faults = num(4, base.faults as u64) as usize;
             base.load = std::time::Duration::from_secs(num(5, base.load.as_secs()));
