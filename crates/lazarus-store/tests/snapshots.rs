@@ -634,3 +634,41 @@ fn the_space_only_a_snapshot_holds_is_what_its_deletion_frees() {
     );
     assert!(s.snapshot_space(&v).volume_exclusive.is_none());
 }
+
+/// A volume grown after a snapshot: the snapshot keeps its size and data, the new
+/// space is the volume's alone, and both survive a restart.
+#[test]
+fn a_volume_grown_after_a_snapshot_keeps_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut old: HashMap<u64, u64> = HashMap::new();
+    {
+        let s = Store::open(dir.path(), opts()).unwrap();
+        let v = s.create_volume("v", 512 * 4096).unwrap();
+        for lba in 0..512 {
+            s.write_blocks(&v, Lba(lba), &block(lba + 1)).unwrap();
+            old.insert(lba, lba + 1);
+        }
+        s.create_snapshot("v", "small", 3).unwrap();
+        let v = s.resize_volume("v", 2048 * 4096).unwrap();
+        for lba in 256..1024 {
+            s.write_blocks(&v, Lba(lba), &block(7000 + lba)).unwrap();
+        }
+        let snap = v.snapshot("small").unwrap();
+        assert_eq!(snap.size_bytes, 512 * 4096);
+        check(&s, Some("small"), 512, &old, "after the grow");
+        let space = s.snapshot_space(&v);
+        // The snapshot alone: page 1 as it was (256 blocks, and its page block).
+        assert_eq!(space.exclusive["small"], 257 * 4096, "{space:?}");
+        // The volume alone: page 1 rewritten and pages 2-3 in the new space.
+        assert_eq!(space.volume_exclusive, Some(768 * 4096), "{space:?}");
+        s.flush().unwrap();
+    }
+    let s = Store::open(dir.path(), opts()).unwrap();
+    check(&s, Some("small"), 512, &old, "after a restart");
+    let v = s.volume("v").unwrap();
+    let snap = v.snapshot("small").unwrap();
+    // What a revert would rewrite: page 1, and the grown space where it is mapped.
+    let runs = s.revert_runs(&v, &snap).unwrap();
+    let total: u64 = runs.iter().map(|r| r.1).sum();
+    assert_eq!(total, 768, "{runs:?}");
+}
