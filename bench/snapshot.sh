@@ -57,7 +57,8 @@ echo "== what a snapshot costs writes (fio randwrite 4 KiB QD32, 15 s each)"
 iops() {
   fio --name=cow --ioengine=nbd --uri="$U" --rw=randwrite --bs=4k --iodepth=32 \
     --size="${GIB}g" --time_based --runtime=15 --refill_buffers --randrepeat=0 \
-    --output-format=json | python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]["write"]; print("%.0f IOPS, p99 %.2f ms" % (j["iops"], j["clat_ns"]["percentile"]["99.000000"]/1e6))'
+    --output-format=json > "$WORK/fio.json" 2>&1 || { cat "$WORK/fio.json" >&2; return 1; }
+  python3 -c 'import json,sys; s=open(sys.argv[1]).read(); j=json.loads(s[s.index("{"):])["jobs"][0]["write"]; print("%.0f IOPS, p99 %.2f ms" % (j["iops"], j["clat_ns"]["percentile"]["99.000000"]/1e6))' "$WORK/fio.json"
 }
 L snapshot create vol0 c > /dev/null
 echo "just after snapshot c (copy-on-write of each page's first change): $(iops)"

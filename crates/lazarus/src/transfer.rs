@@ -14,7 +14,18 @@ use std::time::Instant;
 const CHUNK: u64 = 4 << 20;
 
 fn volume_size(api: &Api, volume: &str) -> anyhow::Result<u64> {
-    let v = client::ok(api.get(&format!("/api/v1/volumes/{volume}"))?).with_context(|| {
+    // A volume created a moment ago may not be on the node asked yet (its copy is made
+    // when the node applies the metadata change): a 404 is asked again for a while.
+    let path = format!("/api/v1/volumes/{volume}");
+    let mut r = api.get(&path)?;
+    for _ in 0..50 {
+        if r.0 != 404 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        r = api.get(&path)?;
+    }
+    let v = client::ok(r).with_context(|| {
         format!("volume {volume:?} (create it first: lazarus volume create {volume} --size SIZE)")
     })?;
     v["size_bytes"]
