@@ -692,7 +692,35 @@ fn client_command(cmd: Cmd) -> anyhow::Result<()> {
                     );
                 }
                 VolumeOp::List { json } => {
-                    let v = client::ok(api.get("/api/v1/volumes")?)?;
+                    let mut v = client::ok(api.get("/api/v1/volumes")?)?;
+                    // The node asked lists its own copies; a volume it holds none of
+                    // is asked of its primary.
+                    let (code, c) = api.get("/api/v1/cluster")?;
+                    if code == 200 {
+                        let have: Vec<String> = v
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|x| x["name"].as_str().map(String::from))
+                            .collect();
+                        let names: Vec<String> = c["metadata"]["volumes"]
+                            .as_object()
+                            .into_iter()
+                            .flatten()
+                            .map(|(n, _)| n.clone())
+                            .filter(|n| !have.contains(n))
+                            .collect();
+                        for name in names {
+                            let Ok(p) = client::primary_api(api.clone(), &name) else {
+                                continue;
+                            };
+                            if let Ok((200, one)) = p.get(&format!("/api/v1/volumes/{name}")) {
+                                if let Some(a) = v.as_array_mut() {
+                                    a.push(one);
+                                }
+                            }
+                        }
+                    }
                     if json {
                         println!("{}", serde_json::to_string_pretty(&v)?);
                     } else {

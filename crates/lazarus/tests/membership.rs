@@ -176,6 +176,9 @@ fn a_node_down_for_good_has_its_copies_rebuilt_elsewhere() {
         vec![2, 4, 5],
         "copies on the nodes holding fewest: {m}"
     );
+    // Listed whichever node the CLI asks (n1 holds no copy of v2).
+    let list = up.cli_ok(&["volume", "list"]);
+    assert!(list.contains("v2 ") && list.contains("vol0 "), "{list}");
     let img = data.with_extension("v2.img");
     let written = random_file(&img, 32 << 20, seed());
     run(
