@@ -121,6 +121,8 @@ pub struct Engine {
     /// Per volume, the node that last served one of its snapshots to this node (which
     /// holds no copy): asked first next time.
     pub(crate) snapshot_holders: parking_lot::Mutex<std::collections::HashMap<String, u64>>,
+    /// `VOLUME@NAME` -> why this copy cannot install that snapshot yet (`snapsync`).
+    pub(crate) snapshot_sync_errors: parking_lot::Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 /// A replicated write between its lease check and its answer.
@@ -141,6 +143,7 @@ impl Engine {
             repair: Default::default(),
             acks: Default::default(),
             snapshot_holders: Default::default(),
+            snapshot_sync_errors: Default::default(),
         }
     }
 

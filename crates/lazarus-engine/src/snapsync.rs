@@ -123,7 +123,6 @@ impl Engine {
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut backoff: HashMap<(String, String), Instant> = HashMap::new();
-            let mut last_error: HashMap<(String, String), String> = HashMap::new();
             loop {
                 tokio::time::sleep(POLL).await;
                 let Some(e) = weak.upgrade() else { return };
@@ -133,7 +132,7 @@ impl Engine {
                 if !c.is_ready() || e.store.has_failed() {
                     continue;
                 }
-                e.sync_snapshots(&c, &mut backoff, &mut last_error).await;
+                e.sync_snapshots(&c, &mut backoff).await;
             }
         });
     }
@@ -142,9 +141,20 @@ impl Engine {
         &self,
         c: &Arc<Cluster>,
         backoff: &mut HashMap<(String, String), Instant>,
-        last_error: &mut HashMap<(String, String), String>,
     ) {
         let meta = c.store.meta();
+        // Errors only of snapshots still named and still missing here.
+        self.snapshot_sync_errors.lock().retain(|k, _| {
+            k.split_once('@').is_some_and(|(vol, name)| {
+                meta.volumes
+                    .get(vol)
+                    .is_some_and(|v| v.snapshots.contains_key(name))
+                    && self
+                        .store
+                        .volume(vol)
+                        .is_none_or(|l| l.snapshot(name).is_none())
+            })
+        });
         let now_unix = (lazarus_io::rt::wall_clock_nanos() / 1_000_000_000) as u64;
         let grace = zombie_grace_secs();
         for v in meta.volumes.values() {
@@ -205,19 +215,28 @@ impl Engine {
                         Err(e) => errors.push(format!("{}: {e}", label(n))),
                     }
                 }
+                let label = format!("{}@{name}", v.name);
                 if done {
                     backoff.remove(&key);
-                    last_error.remove(&key);
+                    self.snapshot_sync_errors.lock().remove(&label);
                 } else {
                     let e = errors.join("; ");
-                    if last_error.get(&key) != Some(&e) {
+                    let mut errs = self.snapshot_sync_errors.lock();
+                    if errs.get(&label) != Some(&e) {
                         tracing::warn!(volume = %v.name, snapshot = %name, error = %e, "this copy misses a snapshot and cannot install it yet; will retry");
-                        last_error.insert(key.clone(), e);
+                        errs.insert(label, e);
                     }
                     backoff.insert(key, Instant::now() + BACKOFF);
                 }
             }
         }
+    }
+
+    /// Snapshots this node's copies miss and cannot install yet: `VOLUME@NAME` -> why
+    /// (every copy asked; "lacks block": the copies that have it lost a block of it,
+    /// which it then reads as an error, and no copy can be given it whole).
+    pub fn snapshot_sync_errors(&self) -> std::collections::BTreeMap<String, String> {
+        self.snapshot_sync_errors.lock().clone()
     }
 
     /// Whether this copy's snapshot `s` of `volume` is a leftover the cluster no

@@ -426,6 +426,8 @@ async fn status(State(s): State<AppState>) -> Json<serde_json::Value> {
         "journal_used_bytes": store.journal_used_bytes(),
         "recovery": store.recovery,
         "repair": s.engine.repair.report(),
+        // Snapshots this node's copies miss and cannot install yet, with why.
+        "snapshot_sync": s.engine.snapshot_sync_errors(),
     }))
 }
 

@@ -221,6 +221,8 @@ struct View {
     unrecoverable: Vec<(u64, u64)>,
     /// This node's copy's snapshots: name -> (id, root).
     snapshots: BTreeMap<String, (u64, String)>,
+    /// Snapshots it misses and cannot install yet: `VOLUME@NAME` -> why.
+    snapshot_errors: BTreeMap<String, String>,
 }
 
 thread_local! {
@@ -381,6 +383,7 @@ async fn run_node(id: &'static str, volume_bytes: u64, written: Arc<Vec<u64>>) -
                 }
             }
             let view = View {
+                snapshot_errors: engine.snapshot_sync_errors(),
                 snapshots: store
                     .volume(VOLUME)
                     .filter(|v| {
@@ -747,6 +750,14 @@ fn whole(views: &BTreeMap<String, View>) -> bool {
                     Some(r) if r != root => return false,
                     _ => {}
                 },
+                // A snapshot whose copies lost a block of it (bit rot on the only
+                // copies that held that block) cannot be installed whole: this copy
+                // lacks it, and says why; the copies that have it read that block as
+                // an error, never as other data.
+                None if v
+                    .snapshot_errors
+                    .get(&format!("{VOLUME}@{name}"))
+                    .is_some_and(|e| e.contains("lacks block")) => {}
                 _ => return false,
             }
         }
@@ -1018,10 +1029,13 @@ pub fn run(opts: Options) -> Result<Report, String> {
                 .iter()
                 .map(|(n, v)| {
                     format!(
-                        "{n}: ready={} vol={:?} root={:?}",
+                        "{n}: ready={} vol={:?} root={:?} snapshots named {:?}, held {:?}, missing {:?}",
                         v.serving_ready,
                         v.volume.as_ref().map(|v| (v.primary, v.epoch, &v.states)),
-                        v.root.as_ref().map(|r| &r[..12])
+                        v.root.as_ref().map(|r| &r[..12]),
+                        v.volume.as_ref().map(|v| &v.snapshots),
+                        v.snapshots.iter().map(|(n, (id, r))| (n, *id, &r[..12])).collect::<Vec<_>>(),
+                        v.snapshot_errors
                     )
                 })
                 .collect();

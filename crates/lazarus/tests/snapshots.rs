@@ -582,6 +582,8 @@ fn a_copy_that_missed_a_snapshot_installs_it_and_outlives_the_others() {
     up.cli_ok(&["fault", "revive", "--node", "n3"]);
     up.wait_all_live(1, "vol0", Duration::from_secs(30));
     wait_snapshot(&up, 3, "s1", Duration::from_secs(30));
+    let st = up.get(3, "/api/v1/status").unwrap();
+    assert_eq!(st["snapshot_sync"], serde_json::json!({}), "{st}");
     // The two nodes that took it die: n3 alone serves it, and right.
     up.cli_ok(&["fault", "kill", "--node", "n1"]);
     up.cli_ok(&["fault", "kill", "--node", "n2"]);
