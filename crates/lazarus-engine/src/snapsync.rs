@@ -639,16 +639,9 @@ impl Engine {
                         snap.size_bytes
                     ));
                 }
-                let bs = lazarus_types::BLOCK_SIZE_U64;
-                let first = offset / bs;
-                let mut buf = vec![0u8; ((end.div_ceil(bs) - first) * bs) as usize];
-                if !buf.is_empty() {
-                    store
-                        .read_snapshot(&local, &snap, lazarus_types::Lba(first), &mut buf)
-                        .map_err(|e| e.to_string())?;
-                }
-                let skip = (offset - first * bs) as usize;
-                Ok(buf[skip..skip + length as usize].to_vec())
+                store
+                    .read_snapshot_range(&local, &snap, offset, length as u64)
+                    .map_err(|e| e.to_string())
             }
             FetchWhat::Allocation { first, count, max } => {
                 let blocks = snap.block_count();

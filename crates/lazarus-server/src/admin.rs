@@ -1811,24 +1811,21 @@ async fn snapshot_data(
         ));
     }
     let store = s.engine.store.clone();
-    let data = lazarus_rpc::rt::blocking(move || {
-        let first = q.offset / BLOCK_SIZE_U64;
-        let end = (q.offset + length).div_ceil(BLOCK_SIZE_U64);
-        let mut buf = vec![0u8; ((end - first) * BLOCK_SIZE_U64) as usize];
-        if !buf.is_empty() {
-            store.read_snapshot(&v, &sn, lazarus_types::Lba(first), &mut buf)?;
-        }
-        let skip = (q.offset - first * BLOCK_SIZE_U64) as usize;
-        Ok::<_, lazarus_store::ReadError>(buf[skip..skip + length as usize].to_vec())
-    })
-    .await
-    .map_err(join_err)?
-    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    Ok((
+    let data =
+        lazarus_rpc::rt::blocking(move || store.read_snapshot_range(&v, &sn, q.offset, length))
+            .await
+            .map_err(join_err)?
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(octet_stream(data))
+}
+
+/// Raw bytes as a response (the data endpoints).
+fn octet_stream(data: Vec<u8>) -> axum::response::Response {
+    (
         [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
         data,
     )
-        .into_response())
+        .into_response()
 }
 
 /// Makes the volume read as one of its snapshots again (on the volume's primary).
@@ -2187,11 +2184,7 @@ async fn read_data(
         &[],
     )
     .await?;
-    Ok((
-        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
-        data,
-    )
-        .into_response())
+    Ok(octet_stream(data))
 }
 
 async fn write_data(

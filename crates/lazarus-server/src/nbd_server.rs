@@ -990,17 +990,12 @@ async fn snapshot_request(
         Command::Read => {
             let first = req.offset / bs;
             let end = (req.offset + req.length as u64).div_ceil(bs);
-            let mut buf = vec![0u8; ((end - first) * bs) as usize];
-            let read = |buf: &mut [u8]| {
-                if buf.is_empty() {
-                    Ok(())
-                } else {
-                    engine
-                        .store
-                        .read_snapshot(&vol, snap, lazarus_types::Lba(first), buf)
-                }
+            let read = || {
+                engine
+                    .store
+                    .read_snapshot_range(&vol, snap, req.offset, req.length as u64)
             };
-            let mut r = read(&mut buf);
+            let mut r = read();
             // A page or block that fails verification here is repaired from another
             // node (by id), then read again.
             if r.is_err()
@@ -1008,12 +1003,10 @@ async fn snapshot_request(
                     .repair_snapshot_range(&vol, snap, first, end - first)
                     .await
             {
-                r = read(&mut buf);
+                r = read();
             }
             match r {
-                Ok(()) => {
-                    let skip = (req.offset - first * bs) as usize;
-                    let data = &buf[skip..skip + req.length as usize];
+                Ok(data) => {
                     if structured {
                         out.extend_from_slice(&structured_read_header(
                             req.cookie, req.offset, req.length,
@@ -1021,7 +1014,7 @@ async fn snapshot_request(
                     } else {
                         out.extend_from_slice(&simple_reply(req.cookie, 0));
                     }
-                    out.extend_from_slice(data);
+                    out.extend_from_slice(&data);
                 }
                 Err(e) => {
                     tracing::warn!(volume = %ex.name, snapshot = %snap.name, offset = req.offset, error = %e, "snapshot read failed");

@@ -860,6 +860,27 @@ impl Store {
 
     /// Reads whole blocks of snapshot `snap` of `vol`, every block verified against
     /// its id; a page that cannot be proven is an error, never data.
+    /// Bytes `offset..offset + length` of snapshot `snap` (any alignment; the caller
+    /// keeps the range within the snapshot), every block verified (`read_snapshot`).
+    pub fn read_snapshot_range(
+        &self,
+        vol: &Volume,
+        snap: &Snapshot,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<u8>, ReadError> {
+        let first = offset / BLOCK_SIZE_U64;
+        let end = (offset + length).div_ceil(BLOCK_SIZE_U64);
+        let mut buf = vec![0u8; ((end - first) * BLOCK_SIZE_U64) as usize];
+        if !buf.is_empty() {
+            self.read_snapshot(vol, snap, Lba(first), &mut buf)?;
+        }
+        let skip = (offset - first * BLOCK_SIZE_U64) as usize;
+        buf.truncate(skip + length as usize);
+        buf.drain(..skip);
+        Ok(buf)
+    }
+
     pub fn read_snapshot(
         &self,
         vol: &Volume,
