@@ -15,7 +15,7 @@ use tokio::time::Instant;
 const CLEAN_MARKER: &str = "CLEAN";
 
 /// How often the background worker looks at the journal fill level.
-const CHECKPOINT_POLL: Duration = Duration::from_millis(500);
+const CHECKPOINT_POLL: Duration = Duration::from_millis(50);
 
 /// Holds an exclusive lock on the data directory for the life of the process, so two
 /// nodes can never write the same device.

@@ -11,9 +11,7 @@
 use crate::blocks::{BlockStats, BlockStore, NO_SLOT};
 use crate::disk::{self, DiskFile};
 use crate::error::{ReadError, StoreError, WriteError};
-use crate::journal::{
-    self, Journal, Record, KIND_COMMIT, KIND_IMAGES_DONE, KIND_MAP, KIND_PAGE_IMAGE,
-};
+use crate::journal::{self, Journal, Record, KIND_COMMIT, KIND_MAP, KIND_PAGE_IMAGE};
 use crate::snapshot::Snapshot;
 use crate::volume::{Allocation, FileKind, Page, PageImage, Volume, VolumeMeta};
 use lazarus_types::{
@@ -32,8 +30,14 @@ pub const KIND_FILL: u8 = 5;
 pub const FILL_CHUNK_BLOCKS: u64 = 64 * FANOUT_U64;
 /// Journal bytes one page image takes (record header + kind, uid, offset + page).
 const IMAGE_RECORD_BYTES: u64 = (journal::RECORD_HEADER_LEN + 17 + BLOCK_SIZE) as u64;
-/// Journal bytes kept free for commit records.
-const JOURNAL_SLACK_BYTES: u64 = 64 << 10;
+/// Slice pages whose checksums a checkpoint computes at a time before it holds writers
+/// off (each batch holds its volume's state lock for about a millisecond).
+const REFRESH_CHUNK_PAGES: usize = 256;
+/// Image records a checkpoint encodes and writes to the journal at a time (1 MiB).
+const IMAGE_WRITE_RECORDS: usize = 256;
+/// Journal bytes kept free for commit records and for the room a record skips at the
+/// end of the ring (less than the largest record: a 32 MiB write's map record).
+const JOURNAL_SLACK_BYTES: u64 = 512 << 10;
 /// How many times a read retries a block whose content did not verify, in case the
 /// LBA was rewritten (and the slot reused) between the lookup and the read.
 const READ_RETRY_MAX: usize = 3;
@@ -68,15 +72,25 @@ pub struct Store {
     journal: Mutex<Journal>,
     journal_file: Arc<DiskFile>,
     sync_lock: Mutex<()>,
-    /// Writers hold it shared; a checkpoint holds it exclusively.
+    /// Writers hold it shared; a checkpoint holds it exclusively while it takes its
+    /// page images (and for its whole length when the caller needs the files to hold
+    /// the whole state: a snapshot, a resize).
     cp_lock: RwLock<()>,
+    /// One checkpoint at a time, from taking its images to committing its journal
+    /// generation. Taken before `cp_lock`.
+    checkpoint_lock: Mutex<()>,
+    /// A checkpoint is under way (writes go on while it writes its images in place).
+    checkpoint_running: AtomicBool,
     volumes: RwLock<HashMap<String, Arc<Volume>>>,
     reserved_bytes: AtomicU64,
-    dirty_pages: AtomicU64,
+    /// Dirty slice pages of every volume (shared with them: `Volume::count_dirty`).
+    dirty_pages: Arc<AtomicU64>,
     /// Largest number of tree levels of any volume, and the number of volumes: kept
     /// here so admission does not lock every volume on every write.
     max_levels: AtomicU64,
     volume_count: AtomicU64,
+    /// Checksum pages of every volume's tree (levels 1 up), bounding a checkpoint's.
+    checksum_pages: AtomicU64,
     checkpointing: AtomicBool,
     /// A durability point started by `flush_in_background` is running.
     background_flush: AtomicBool,
@@ -86,6 +100,17 @@ pub struct Store {
     /// write the node ever applied.
     sealed: AtomicBool,
     pub recovery: RecoveryReport,
+}
+
+/// A checkpoint whose images are journaled (`checkpoint_begin`), to be written in
+/// place (`checkpoint_finish`).
+struct Begun {
+    images: Vec<(u64, PageImage)>,
+    vols: Vec<Arc<Volume>>,
+    /// The journal LSN past its images-done record.
+    durable_at: u64,
+    /// The journal room reserved for its image records.
+    reserved: journal::Reserved,
 }
 
 struct Admission<'a> {
@@ -163,15 +188,6 @@ fn decode_fill(p: &[u8]) -> Option<(u64, Lba, u64, BlockId, u64)> {
     ))
 }
 
-fn encode_image(img: &PageImage, uid: u64) -> Vec<u8> {
-    let mut b = Vec::with_capacity(17 + BLOCK_SIZE);
-    b.push(img.kind as u8);
-    b.extend_from_slice(&uid.to_le_bytes());
-    b.extend_from_slice(&img.offset.to_le_bytes());
-    b.extend_from_slice(&img.data);
-    b
-}
-
 impl Store {
     /// Opens the store under `dir`, creating it if empty, and recovers: applies a
     /// finished checkpoint's page images, verifies every volume, replays the journal,
@@ -225,14 +241,14 @@ impl Store {
 
         let jpath = dir.join("journal.log");
         let (mut jr, replay) = Journal::open(&jpath, opts.journal_bytes)?;
-        let mut records = replay.records;
-        let images_done = records.iter().any(|r| r.kind == KIND_IMAGES_DONE);
+        let records = replay.records;
         let blocks_dir = dir.to_path_buf();
-        if images_done {
-            // A checkpoint got as far as journaling all its images: finish it.
+        if jr.has_uncommitted_generation() {
+            // A checkpoint got as far as journaling all its images: finish it (the
+            // records journaled after them replay below, on top).
             let idx_path = blocks_dir.join("blocks.idx");
             let idx = DiskFile::open(&idx_path, true).map_err(|e| StoreError::io(&idx_path, e))?;
-            for r in records.iter().filter(|r| r.kind == KIND_PAGE_IMAGE) {
+            for r in &replay.images {
                 apply_image_record(r, &by_uid, &idx)?;
                 report.applied_images += 1;
             }
@@ -240,8 +256,7 @@ impl Store {
             for v in by_uid.values() {
                 v.sync()?;
             }
-            jr.reset()?;
-            records.clear();
+            jr.adopt()?;
         }
         let blocks = BlockStore::open(&blocks_dir)?;
         for v in volumes.values() {
@@ -260,12 +275,12 @@ impl Store {
         }
         volumes.retain(|name, _| !report.failed_volumes.contains(name));
 
-        let (replayed, cut) = replay_records(&records, &by_uid, &volumes, &blocks);
+        let replayed = replay_records(&records, &by_uid, &volumes, &blocks);
         report.replayed_records = replayed;
-        if let Some((lsn, offset)) = cut {
+        if let Some(cut) = records.get(replayed) {
             report.discarded_tail_records = records.len() - replayed;
-            tracing::warn!(lsn, discarded = report.discarded_tail_records, "journal tail after the last commit named blocks that never reached disk; cut there");
-            jr.truncate_to(lsn, offset);
+            tracing::warn!(lsn = cut.lsn, discarded = report.discarded_tail_records, "journal tail after the last commit named blocks that never reached disk; cut there");
+            jr.truncate_to(cut);
         }
         for v in volumes.values() {
             v.preserve_replayed(&blocks);
@@ -291,10 +306,13 @@ impl Store {
             journal_file,
             sync_lock: Mutex::new(()),
             cp_lock: RwLock::new(()),
+            checkpoint_lock: Mutex::new(()),
+            checkpoint_running: AtomicBool::new(false),
             volumes: RwLock::new(volumes),
             reserved_bytes: AtomicU64::new(0),
-            dirty_pages: AtomicU64::new(0),
+            dirty_pages: Arc::new(AtomicU64::new(0)),
             max_levels: AtomicU64::new(1),
+            checksum_pages: AtomicU64::new(0),
             volume_count: AtomicU64::new(0),
             checkpointing: AtomicBool::new(false),
             background_flush: AtomicBool::new(false),
@@ -303,6 +321,9 @@ impl Store {
             recovery: report,
         };
         store.update_volume_stats();
+        for v in store.volumes.read().values() {
+            let _ = v.dirty_counter.set(store.dirty_pages.clone());
+        }
         for v in store.volumes.read().values() {
             let st = v.state.lock();
             let dirty: Vec<u64> = st.dirty.iter().copied().collect();
@@ -327,6 +348,19 @@ impl Store {
         self.max_levels.store(levels as u64, Ordering::Release);
         self.volume_count
             .store(vols.len() as u64, Ordering::Release);
+        let checksum_pages: usize = vols
+            .values()
+            .map(|v| {
+                v.state
+                    .lock()
+                    .levels
+                    .iter()
+                    .map(|l| l.len().div_ceil(FANOUT))
+                    .sum::<usize>()
+            })
+            .sum();
+        self.checksum_pages
+            .store(checksum_pages as u64, Ordering::Release);
     }
 
     /// Refuses every write from now on (shutdown). Writes already admitted complete,
@@ -372,7 +406,20 @@ impl Store {
     /// them past it and make the durability point itself. (Between the soft limit and
     /// there, a background flush is under way and writes go on.)
     pub fn write_may_block(&self) -> bool {
-        self.is_checkpointing() || self.blocks.pending_free_near_hard()
+        self.is_checkpointing()
+            || self.blocks.pending_free_near_hard()
+            || (self.checkpoint_running.load(Ordering::Acquire) && self.journal_nearly_full())
+    }
+
+    /// Past three quarters of what admission allows: a write may have to wait for the
+    /// checkpoint under way to free the journal's room.
+    fn journal_nearly_full(&self) -> bool {
+        let (used, cap) = {
+            let j = self.journal.lock();
+            (j.used_bytes(), j.capacity())
+        };
+        used + self.reserved_bytes.load(Ordering::Acquire) + self.image_bytes_bound()
+            > (cap - journal::RECORDS_START - JOURNAL_SLACK_BYTES) / 4 * 3
     }
 
     /// Whether this store's device is failed (`lazarus fault device fail`).
@@ -449,7 +496,10 @@ impl Store {
             size_bytes,
         };
         let v = match Volume::create(&dir, meta) {
-            Ok(v) => Arc::new(v),
+            Ok(v) => {
+                let _ = v.dirty_counter.set(self.dirty_pages.clone());
+                Arc::new(v)
+            }
             Err(e) => {
                 let _ = lazarus_io::fs::remove_dir_all(&dir);
                 return Err(e);
@@ -518,6 +568,7 @@ impl Store {
         }
         self.checkpointing.store(true, Ordering::Release);
         let r = (|| {
+            let _one = self.checkpoint_lock.lock();
             let _cp = self.cp_lock.write();
             self.checkpoint_held()?;
             v.take_snapshot(name, id)
@@ -694,6 +745,7 @@ impl Store {
             .ok_or_else(|| StoreError::NoSuchVolume(volume.to_string()))?;
         self.checkpointing.store(true, Ordering::Release);
         let r = (|| {
+            let _one = self.checkpoint_lock.lock();
             let _cp = self.cp_lock.write();
             self.checkpoint_held()?;
             v.adopt_snapshot(from, staged)
@@ -1056,19 +1108,18 @@ impl Store {
         Ok(())
     }
 
-    /// Journal bytes that the page images of the next checkpoint may take.
+    /// Journal bytes that the page images of the next checkpoint may take: each dirty
+    /// slice page, the checksum pages above them (one per level each at most, and no
+    /// more than the volumes have), the changed `blocks.idx` pages and one checksum
+    /// header per volume.
     fn image_bytes_bound(&self) -> u64 {
-        let levels = self
-            .volumes
-            .read()
-            .values()
-            .map(|v| v.state.lock().levels.len())
-            .max()
-            .unwrap_or(1) as u64;
-        let nvol = self.volumes.read().len() as u64;
-        let pages = self.dirty_pages.load(Ordering::Acquire) * (levels + 1)
+        let dirty = self.dirty_pages.load(Ordering::Acquire);
+        let checksum_pages = (dirty * self.max_levels.load(Ordering::Acquire))
+            .min(self.checksum_pages.load(Ordering::Acquire));
+        let pages = dirty
+            + checksum_pages
             + self.blocks.dirty_idx_page_count() as u64
-            + nvol;
+            + self.volume_count.load(Ordering::Acquire);
         pages * IMAGE_RECORD_BYTES
     }
 
@@ -1108,17 +1159,24 @@ impl Store {
                 bytes < limit / 2,
                 "a single request must fit the journal: {bytes} of {limit}"
             );
-            self.checkpoint()?;
+            if self.checkpoint_running.load(Ordering::Acquire) {
+                // The room is freed when the checkpoint under way commits.
+                drop(self.checkpoint_lock.lock());
+            } else {
+                self.checkpoint()?;
+            }
         }
     }
 
-    /// Whether the journal is past half full (the node checkpoints in the background).
+    /// Whether the journal is past a quarter full, counting the images the next
+    /// checkpoint may write (the node checkpoints in the background): the rest is room
+    /// for the writes that go on while a checkpoint writes its images in place.
     pub fn wants_checkpoint(&self) -> bool {
         let (used, cap) = {
             let j = self.journal.lock();
             (j.used_bytes(), j.capacity())
         };
-        used + self.image_bytes_bound() > cap / 2
+        used + self.image_bytes_bound() > cap / 4
     }
 
     /// Writes whole blocks at `lba`. `data.len()` is a multiple of 4 KiB; the caller
@@ -1505,11 +1563,11 @@ impl Store {
         if self.journal.lock().durable_lsn() >= target {
             return Ok(());
         }
-        let (bytes, offset, end) = self.journal.lock().take_for_sync();
+        let (runs, end) = self.journal.lock().take_for_sync();
         let r = self
             .blocks
             .sync_data()
-            .and_then(|_| journal::write_synced(&self.journal_file, &bytes, offset));
+            .and_then(|_| journal::write_synced(&self.journal_file, &runs));
         if let Err(e) = r {
             // The journal now may have a hole: acknowledging anything more would be a lie.
             self.failed.store(true, Ordering::Release);
@@ -1522,17 +1580,50 @@ impl Store {
     }
 
     /// Writes every changed page in place through the journal and starts a new
-    /// journal generation.
+    /// journal generation. Writers are held off only while the page images are taken;
+    /// they go on (into the next generation) while the images are written in place.
     pub fn checkpoint(&self) -> Result<(), StoreError> {
-        self.checkpointing.store(true, Ordering::Release);
-        let r = self.checkpoint_inner();
-        self.checkpointing.store(false, Ordering::Release);
-        r
+        self.checkpoint_with(|| {})
     }
 
-    fn checkpoint_inner(&self) -> Result<(), StoreError> {
-        let _cp = self.cp_lock.write();
-        self.checkpoint_held()
+    /// `checkpoint`, calling `between` once the page images are journaled and writers
+    /// let go again, before the images are written in place: what writers do in that
+    /// window (for the power-loss tests).
+    #[doc(hidden)]
+    pub fn checkpoint_with(&self, between: impl FnOnce()) -> Result<(), StoreError> {
+        let _one = self.checkpoint_lock.lock();
+        // The checksums of the pages changed since the last checkpoint, computed a few
+        // at a time while writers go on: taking the images then hashes only the pages
+        // changed meanwhile.
+        for v in self.volumes() {
+            let mut rounds = 0;
+            while v.refresh_some(REFRESH_CHUNK_PAGES) > REFRESH_CHUNK_PAGES && rounds < 1024 {
+                rounds += 1;
+            }
+        }
+        self.checkpointing.store(true, Ordering::Release);
+        let t0 = std::time::Instant::now();
+        let begun = {
+            let _cp = self.cp_lock.write();
+            let sync = self.sync_lock.lock();
+            self.checkpoint_begin().map(|b| b.map(|b| (b, sync)))
+        };
+        let held_ms = t0.elapsed().as_secs_f64() * 1e3;
+        self.checkpointing.store(false, Ordering::Release);
+        match begun? {
+            Some((cp, sync)) => {
+                let images = cp.images.len();
+                let r = self.checkpoint_finish(cp, sync, between);
+                tracing::debug!(
+                    images,
+                    writers_held_ms = held_ms,
+                    total_ms = t0.elapsed().as_secs_f64() * 1e3,
+                    "checkpoint"
+                );
+                r
+            }
+            None => Ok(()),
+        }
     }
 
     /// Grows a volume to `size_bytes` (shrinking is refused: it would discard data).
@@ -1554,6 +1645,7 @@ impl Store {
         }
         self.checkpointing.store(true, Ordering::Release);
         let r = (|| {
+            let _one = self.checkpoint_lock.lock();
             let _cp = self.cp_lock.write();
             self.checkpoint_held()?;
             v.grow(size_bytes)
@@ -1564,17 +1656,23 @@ impl Store {
         Ok(v)
     }
 
-    /// A checkpoint; the caller holds `cp_lock` for writing.
+    /// A whole checkpoint; the caller holds `checkpoint_lock` and `cp_lock` for
+    /// writing, so the files hold the whole state when this returns.
     fn checkpoint_held(&self) -> Result<(), StoreError> {
-        let _s = self.sync_lock.lock();
+        let sync = self.sync_lock.lock();
+        match self.checkpoint_begin()? {
+            Some(cp) => self.checkpoint_finish(cp, sync, || {}),
+            None => Ok(()),
+        }
+    }
+
+    /// A checkpoint's first part, with writers held off (`cp_lock` for writing) and
+    /// the sync lock held: takes the image of every changed page (checksums
+    /// recomputed up to the root) and of every changed `blocks.idx` page, reserves
+    /// their records at the journal's head, appends an images-done record after them
+    /// and begins the journal's next generation, where writes go from now on.
+    fn checkpoint_begin(&self) -> Result<Option<Begun>, StoreError> {
         self.check_failed()?;
-        let target = self.journal.lock().next_lsn();
-        self.flush_locked(target)?;
-        self.blocks.release_durable(u64::MAX);
-        // Page blocks a snapshot keeps are put when their page first changes, after
-        // that change's journal record: make them durable before the images that
-        // index them and overwrite the pages they preserve.
-        self.blocks.sync_data()?;
         let vols = self.volumes();
         let mut images: Vec<(u64, PageImage)> = Vec::new();
         for v in &vols {
@@ -1592,38 +1690,110 @@ impl Store {
                 },
             ));
         }
-        if images.is_empty() && self.journal.lock().used_bytes() == 0 {
-            return Ok(());
+        assert!(
+            images.iter().all(|(_, i)| i.data.len() == BLOCK_SIZE),
+            "a page image is one page"
+        );
+        let mut j = self.journal.lock();
+        if images.is_empty() && j.used_bytes() == 0 && !j.wants_new_generation() {
+            return Ok(None);
         }
-        {
-            let mut j = self.journal.lock();
-            for (uid, img) in &images {
-                j.append(KIND_PAGE_IMAGE, &encode_image(img, *uid))?;
-            }
-            j.append(KIND_IMAGES_DONE, &[])?;
-            let (bytes, offset, end) = j.take_for_sync();
-            drop(j);
-            journal::write_synced(&self.journal_file, &bytes, offset)?;
-            self.journal.lock().mark_durable(end);
-        }
-        let by_uid: HashMap<u64, &Arc<Volume>> = vols.iter().map(|v| (v.meta.uid, v)).collect();
-        for (uid, img) in &images {
-            let file = match img.kind {
-                FileKind::BlockIndex => self.blocks.idx_file(),
-                k => by_uid[uid].file(k),
-            };
-            write_image(file, img)?;
-        }
-        self.blocks
-            .idx_file()
-            .sync_data()
-            .map_err(|e| StoreError::io(self.blocks.idx_file().path(), e))?;
-        for v in &vols {
-            v.sync()?;
-        }
-        self.journal.lock().reset()?;
+        let reserved = j.reserve_records(images.len(), IMAGE_RECORD_BYTES as usize);
+        let durable_at = j.begin_generation();
+        drop(j);
         self.dirty_pages.store(0, Ordering::Release);
-        Ok(())
+        self.checkpoint_running.store(true, Ordering::Release);
+        Ok(Some(Begun {
+            images,
+            vols,
+            durable_at,
+            reserved,
+        }))
+    }
+
+    /// A checkpoint's second part, writers going on: writes the image records into the
+    /// room reserved for them and makes the journal durable up to the images-done
+    /// record (and the block data every record before it names), holding the sync lock
+    /// until then (no durability point may pass records not yet written); then writes
+    /// the images in place, syncs the files, and commits the new generation (its header
+    /// in both slots), which frees the room of the records before it. A failure here
+    /// stops the store taking writes: the next start finishes the checkpoint from the
+    /// journal, or replays it without the checkpoint if its images did not get there.
+    fn checkpoint_finish(
+        &self,
+        cp: Begun,
+        sync: parking_lot::MutexGuard<'_, ()>,
+        between: impl FnOnce(),
+    ) -> Result<(), StoreError> {
+        let r = (|| {
+            let rec_len = cp.reserved.len;
+            let mut buf = Vec::with_capacity(IMAGE_WRITE_RECORDS * rec_len);
+            let mut next = cp.images.iter();
+            for run in &cp.reserved.runs {
+                let mut done = 0;
+                while done < run.count {
+                    let n = (run.count - done).min(IMAGE_WRITE_RECORDS);
+                    buf.clear();
+                    for (i, (uid, img)) in next.by_ref().take(n).enumerate() {
+                        let kind = [img.kind as u8];
+                        let parts: [&[u8]; 4] = [
+                            &kind,
+                            &uid.to_le_bytes(),
+                            &img.offset.to_le_bytes(),
+                            &img.data,
+                        ];
+                        journal::encode_record_into(
+                            &mut buf,
+                            cp.reserved.generation,
+                            run.first_lsn + (done + i) as u64,
+                            KIND_PAGE_IMAGE,
+                            &parts,
+                        );
+                    }
+                    assert_eq!(
+                        buf.len(),
+                        n * rec_len,
+                        "image records of the reserved length"
+                    );
+                    let offset = run.offset + (done * rec_len) as u64;
+                    self.journal_file
+                        .write_at(&buf, offset)
+                        .map_err(|e| StoreError::io(self.journal_file.path(), e))?;
+                    done += n;
+                }
+            }
+            self.flush_locked(cp.durable_at)?;
+            drop(sync);
+            between();
+            let by_uid: HashMap<u64, &Arc<Volume>> =
+                cp.vols.iter().map(|v| (v.meta.uid, v)).collect();
+            for (uid, img) in &cp.images {
+                let file = match img.kind {
+                    FileKind::BlockIndex => self.blocks.idx_file(),
+                    k => by_uid[uid].file(k),
+                };
+                write_image(file, img)?;
+            }
+            self.blocks
+                .idx_file()
+                .sync_data()
+                .map_err(|e| StoreError::io(self.blocks.idx_file().path(), e))?;
+            for v in &cp.vols {
+                v.sync()?;
+            }
+            let header = self.journal.lock().next_header();
+            if let Some(h) = header {
+                journal::write_header(&self.journal_file, &h)?;
+                self.journal.lock().committed();
+            }
+            Ok(())
+        })();
+        self.checkpoint_running.store(false, Ordering::Release);
+        if let Err(e) = &r {
+            self.failed.store(true, Ordering::Release);
+            tracing::error!(error = %e, "checkpoint failed; refusing further writes");
+        }
+        r
     }
 
     /// File locations of an LBA's slice page, checksum page and block (for `inspect`
@@ -1700,15 +1870,14 @@ fn apply_image_record(
 
 /// Applies map and fill records. Records after the last commit are applied only while
 /// every block they newly store verifies on disk; the first that does not ends the
-/// replay (returned as `(lsn, file offset)` to cut the journal at).
+/// replay. Returns how many records were applied (the journal is cut at the next).
 fn replay_records(
     records: &[Record],
     by_uid: &HashMap<u64, Arc<Volume>>,
     loaded: &HashMap<String, Arc<Volume>>,
     blocks: &BlockStore,
-) -> (usize, Option<(u64, u64)>) {
+) -> usize {
     let last_commit = records.iter().rposition(|r| r.kind == KIND_COMMIT);
-    let mut offset = journal::RECORDS_START;
     for (i, r) in records.iter().enumerate() {
         let committed = last_commit.is_some_and(|c| i < c);
         let vol = |uid: u64| {
@@ -1719,14 +1888,14 @@ fn replay_records(
         match r.kind {
             KIND_MAP => {
                 let Some(m) = decode_map(&r.payload) else {
-                    return (i, Some((r.lsn, offset)));
+                    return i;
                 };
                 if !committed
                     && m.entries
                         .iter()
                         .any(|(id, s)| *s != NO_SLOT && !blocks.slot_holds(*s, *id))
                 {
-                    return (i, Some((r.lsn, offset)));
+                    return i;
                 }
                 for (id, s) in &m.entries {
                     if *s != NO_SLOT {
@@ -1741,10 +1910,10 @@ fn replay_records(
             }
             KIND_FILL => {
                 let Some((uid, lba, count, id, slot)) = decode_fill(&r.payload) else {
-                    return (i, Some((r.lsn, offset)));
+                    return i;
                 };
                 if !committed && slot != NO_SLOT && !blocks.slot_holds(slot, id) {
-                    return (i, Some((r.lsn, offset)));
+                    return i;
                 }
                 if slot != NO_SLOT {
                     blocks.assign(slot, id);
@@ -1757,9 +1926,8 @@ fn replay_records(
             }
             _ => {}
         }
-        offset += (journal::RECORD_HEADER_LEN + r.payload.len()) as u64;
     }
-    (records.len(), None)
+    records.len()
 }
 
 /// Whether `count` blocks from `lba` lie inside a volume of `blocks` blocks (numbers

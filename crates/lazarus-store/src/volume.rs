@@ -436,6 +436,9 @@ pub struct Volume {
     pub(crate) snaps: Mutex<SnapLayer>,
     /// Whether `snaps` names any page: writes look at the layer only then.
     pub(crate) has_snaps: std::sync::atomic::AtomicBool,
+    /// The store's count of dirty slice pages (its journal room for a checkpoint's
+    /// images), for pages made dirty outside its write path (repair, scrub).
+    pub(crate) dirty_counter: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// What a block holds, for a map of a volume (`Volume::allocation`).
@@ -557,6 +560,7 @@ impl Volume {
             state: Mutex::new(VolState::empty(&lens, 1)),
             snaps: Mutex::new(SnapLayer::default()),
             has_snaps: false.into(),
+            dirty_counter: std::sync::OnceLock::new(),
         })
     }
 
@@ -589,6 +593,7 @@ impl Volume {
             state: Mutex::new(VolState::empty(&lens, 0)),
             snaps: Mutex::new(SnapLayer::default()),
             has_snaps: false.into(),
+            dirty_counter: std::sync::OnceLock::new(),
         })
     }
 
@@ -931,6 +936,22 @@ impl Volume {
         Volume::propagate(st, groups);
     }
 
+    /// `refresh_tree` for at most `max` of the pages writes made stale (the lowest),
+    /// so that a checkpoint, which refreshes the rest with writers held off, finds
+    /// few. Returns how many stay stale.
+    pub(crate) fn refresh_some(&self, max: usize) -> usize {
+        let mut st = self.state.lock();
+        if st.stale.len() <= max {
+            Volume::refresh_tree(&mut st);
+            return 0;
+        }
+        let cut = st.stale.iter().nth(max).copied().expect("more than max");
+        let rest = st.stale.split_off(&cut);
+        Volume::refresh_tree(&mut st);
+        st.stale = rest;
+        st.stale.len()
+    }
+
     /// Recomputes the checksums above the level-1 groups `groups`, up to the root.
     fn propagate(st: &mut VolState, mut groups: BTreeSet<u64>) {
         let top = st.levels.len() - 1;
@@ -953,6 +974,13 @@ impl Volume {
         let mut st = self.state.lock();
         Volume::refresh_tree(&mut st);
         st.levels.last().expect("at least one level")[0]
+    }
+
+    /// One more dirty slice page, made so outside the store's write path.
+    fn count_dirty(&self) {
+        if let Some(c) = self.dirty_counter.get() {
+            c.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
     }
 
     /// Produces the page images of everything changed since the last checkpoint and
@@ -1688,7 +1716,9 @@ impl Volume {
         };
         st.mirrored.insert(p);
         st.levels[0][p as usize] = checksum;
-        st.dirty.insert(p);
+        if st.dirty.insert(p) {
+            self.count_dirty();
+        }
         Volume::propagate(st, BTreeSet::from([p / FANOUT_U64]));
         Ok(())
     }
@@ -1908,7 +1938,9 @@ impl Volume {
             tracing::error!(volume = %self.meta.name, page = p, "slice page damaged on disk and in memory");
             return Ok(true);
         }
-        st.dirty.insert(p);
+        if st.dirty.insert(p) {
+            self.count_dirty();
+        }
         if st.pages.contains_key(&p) {
             st.allocated.insert(p);
         }

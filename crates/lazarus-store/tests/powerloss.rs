@@ -35,7 +35,6 @@ fn power_loss_at_random_instants() {
     let opts = StoreOptions {
         journal_bytes: 8 << 20,
     };
-    const BLOCKS: u64 = 2048; // 8 MiB, 8 slice pages
     powerloss::enable();
     {
         let s = Store::open(dir.path(), opts.clone()).unwrap();
@@ -84,42 +83,48 @@ fn power_loss_at_random_instants() {
         // Run operations; the power goes off after a random number of I/Os.
         powerloss::power_off_after(rng.u64(1..400));
         for _ in 0..rng.usize(1..120) {
-            let lba = rng.u64(0..BLOCKS);
-            let n = rng.u64(1..=32).min(BLOCKS - lba);
-            let op = rng.u8(0..12);
-            let r = match op {
-                0..=7 => {
-                    let vals: Vec<u64> = (0..n).map(|_| rng.u64(1..400)).collect();
-                    let data: Vec<u8> = vals.iter().flat_map(|x| block(*x)).collect();
-                    for (i, x) in vals.iter().enumerate() {
-                        since.entry(lba + i as u64).or_default().push(*x);
+            let op = rng.u8(0..13);
+            if op == 12 {
+                // A checkpoint with writes and flushes while it writes its images in
+                // place (they go to the journal's next generation). Its completion
+                // makes durable what was written before it began, not those.
+                let marks: HashMap<u64, usize> =
+                    since.iter().map(|(l, vals)| (*l, vals.len())).collect();
+                let mut failed = None;
+                let mut inner_settled = false;
+                let r = s.checkpoint_with(|| {
+                    for _ in 0..rng.usize(1..12) {
+                        let op = rng.u8(0..11);
+                        match step(&s, &v, &mut rng, op, &mut since, &mut durable) {
+                            Ok(settled) => inner_settled |= settled,
+                            Err(e) => {
+                                failed = Some(e);
+                                return;
+                            }
+                        }
                     }
-                    s.write_blocks(&v, Lba(lba), &data)
-                        .map_err(|e| e.to_string())
+                });
+                r.unwrap_or_else(|e| panic!("round {round}: checkpoint failed: {e}"));
+                if let Some(e) = failed {
+                    panic!("round {round}: operation failed: {e}");
                 }
-                8 => {
-                    for i in 0..n {
-                        since.entry(lba + i).or_default().push(0);
-                    }
-                    s.write_zeroes(&v, Lba(lba), n, rng.bool())
-                        .map_err(|e| e.to_string())
-                }
-                9 | 10 => s.flush().map_err(|e| e.to_string()),
-                _ => s.checkpoint().map_err(|e| e.to_string()),
-            };
-            r.unwrap_or_else(|e| panic!("round {round}: operation failed: {e}"));
-            if op >= 9 && powerloss::is_on() {
-                // The flush (or checkpoint) completed with the power on: everything
-                // written before it must survive the crash.
-                for (l, vals) in since.drain() {
-                    let last = *vals.last().expect("non-empty");
-                    if last == 0 {
-                        durable.remove(&l);
-                    } else {
-                        durable.insert(l, last);
+                if powerloss::is_on() && !inner_settled {
+                    for (l, n) in marks {
+                        let vals = since.get_mut(&l).expect("only flushes drain it");
+                        match vals[n - 1] {
+                            0 => durable.remove(&l),
+                            x => durable.insert(l, x),
+                        };
+                        vals.drain(..n);
+                        if vals.is_empty() {
+                            since.remove(&l);
+                        }
                     }
                 }
+                continue;
             }
+            step(&s, &v, &mut rng, op, &mut since, &mut durable)
+                .unwrap_or_else(|e| panic!("round {round}: operation failed: {e}"));
         }
         drop(s);
         total_lost += powerloss::crash(&mut |n| rng.u64(0..n.max(1)));
@@ -130,4 +135,59 @@ fn power_loss_at_random_instants() {
         total_lost > 0,
         "the simulator never lost a write: the test proves nothing"
     );
+}
+
+const BLOCKS: u64 = 2048; // 8 MiB, 8 slice pages
+
+/// One random operation: a write (op 0-7), write-zeroes (8), a flush (9, 10) or a
+/// checkpoint (11); what it leaves durable is recorded (`settle`, whose answer it
+/// returns).
+fn step(
+    s: &Store,
+    v: &lazarus_store::volume::Volume,
+    rng: &mut fastrand::Rng,
+    op: u8,
+    since: &mut HashMap<u64, Vec<u64>>,
+    durable: &mut HashMap<u64, u64>,
+) -> Result<bool, String> {
+    let lba = rng.u64(0..BLOCKS);
+    let n = rng.u64(1..=32).min(BLOCKS - lba);
+    match op {
+        0..=7 => {
+            let vals: Vec<u64> = (0..n).map(|_| rng.u64(1..400)).collect();
+            let data: Vec<u8> = vals.iter().flat_map(|x| block(*x)).collect();
+            for (i, x) in vals.iter().enumerate() {
+                since.entry(lba + i as u64).or_default().push(*x);
+            }
+            s.write_blocks(v, Lba(lba), &data)
+                .map_err(|e| e.to_string())?
+        }
+        8 => {
+            for i in 0..n {
+                since.entry(lba + i).or_default().push(0);
+            }
+            s.write_zeroes(v, Lba(lba), n, rng.bool())
+                .map_err(|e| e.to_string())?
+        }
+        9 | 10 => s.flush().map_err(|e| e.to_string())?,
+        _ => s.checkpoint().map_err(|e| e.to_string())?,
+    }
+    Ok(settle(op, since, durable))
+}
+
+/// After a flush or checkpoint (op 9 or more) completed with the power on, everything
+/// written before it must survive the crash.
+fn settle(op: u8, since: &mut HashMap<u64, Vec<u64>>, durable: &mut HashMap<u64, u64>) -> bool {
+    let settled = op >= 9 && powerloss::is_on();
+    if settled {
+        for (l, vals) in since.drain() {
+            let last = *vals.last().expect("non-empty");
+            if last == 0 {
+                durable.remove(&l);
+            } else {
+                durable.insert(l, last);
+            }
+        }
+    }
+    settled
 }
