@@ -580,8 +580,13 @@ impl BlockStore {
             .collect()
     }
 
-    pub fn dirty_idx_page_count(&self) -> usize {
-        self.inner.lock().dirty_idx_pages.len()
+    /// `blocks.idx` pages the next checkpoint may have to write: those changed, and
+    /// one per pending free (its release changes the page of its slot), at most as
+    /// many as the index has.
+    pub fn idx_pages_bound(&self) -> usize {
+        let ix = self.inner.lock();
+        let pages = ix.slots.len().div_ceil(FANOUT);
+        (ix.dirty_idx_pages.len() + ix.pending_free.len()).min(pages)
     }
 
     pub fn idx_file(&self) -> &DiskFile {

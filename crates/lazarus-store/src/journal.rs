@@ -276,6 +276,13 @@ impl Journal {
         if h.start < RECORDS_START || h.start > h.capacity {
             return Err(corrupted(format!("start {} out of range", h.start)));
         }
+        if decode_header(&a).map(|x| (x.generation, x.start))
+            != decode_header(&b).map(|x| (x.generation, x.start))
+        {
+            // One slot is torn, damaged or behind (a crash between the two writes):
+            // both get the winner again, so that either can be lost later.
+            write_header(&file, &encode_header(h))?;
+        }
         // Re-reserve the whole journal: an extension lost in a crash would otherwise
         // let an append meet ENOSPC. (A no-op when the space is already reserved.)
         file.allocate(0, h.capacity)
@@ -337,6 +344,32 @@ impl Journal {
             j.used = j.used_before_next + j.distance(start, head);
         }
         Ok((j, Replay { images, records }))
+    }
+
+    /// Writes zeroes over the ring outside the records in use, and syncs: at open,
+    /// after a crash, so that records of the current generation written beyond where
+    /// replay stopped are gone before new ones take their LSNs.
+    pub fn zero_free(&mut self) -> Result<(), StoreError> {
+        assert!(self.pending.is_empty(), "zeroing with buffered records");
+        let from = self.live_start;
+        let free: Vec<(u64, u64)> = if self.used == 0 || self.head > from {
+            vec![(self.head, self.capacity), (RECORDS_START, from)]
+        } else {
+            vec![(self.head, from)]
+        };
+        let zeroes = vec![0u8; WRITE_BUFFER_MAX_BYTES];
+        for (mut at, end) in free {
+            while at < end {
+                let n = (end - at).min(zeroes.len() as u64) as usize;
+                self.file
+                    .write_at(&zeroes[..n], at)
+                    .map_err(|e| StoreError::io(self.file.path(), e))?;
+                at += n as u64;
+            }
+        }
+        self.file
+            .sync_data()
+            .map_err(|e| StoreError::io(self.file.path(), e))
     }
 
     /// Ring bytes from `from` to `to` (file offsets), going round once at most.
@@ -690,12 +723,17 @@ mod tests {
                 (KIND_COMMIT, vec![])
             ]
         );
-        // Either header slot damaged: the other holds the same header.
+        // Either header slot damaged: the other holds the same header, and the open
+        // writes it back into both.
         let f = DiskFile::open(&p, false).unwrap();
         f.write_at(&[0xff; 16], 0).unwrap();
         let (_, r2) = Journal::open(&p, CAPACITY_MIN_BYTES).unwrap();
         assert_eq!(r2.records, r.records);
+        f.write_at(&[0xff; 16], HEADER_SLOT_BYTES).unwrap();
+        let (_, r3) = Journal::open(&p, CAPACITY_MIN_BYTES).unwrap();
+        assert_eq!(r3.records, r.records, "slot 0 was written back at the last open");
         // Both destroyed: a clear error, not a panic.
+        f.write_at(&[0xff; 16], 0).unwrap();
         f.write_at(&[0xff; 16], HEADER_SLOT_BYTES).unwrap();
         assert!(matches!(
             Journal::open(&p, CAPACITY_MIN_BYTES),

@@ -275,12 +275,33 @@ impl Store {
         }
         volumes.retain(|name, _| !report.failed_volumes.contains(name));
 
-        let replayed = replay_records(&records, &by_uid, &volumes, &blocks);
+        // Page images with no images-done record after them are a checkpoint cut
+        // short: never applied, and cut off with what follows.
+        let replayable = records
+            .iter()
+            .position(|r| r.kind == KIND_PAGE_IMAGE)
+            .unwrap_or(records.len());
+        let replayed = replay_records(&records[..replayable], &by_uid, &volumes, &blocks);
         report.replayed_records = replayed;
         if let Some(cut) = records.get(replayed) {
             report.discarded_tail_records = records.len() - replayed;
-            tracing::warn!(lsn = cut.lsn, discarded = report.discarded_tail_records, "journal tail after the last commit named blocks that never reached disk; cut there");
+            if replayed < replayable {
+                tracing::warn!(lsn = cut.lsn, discarded = report.discarded_tail_records, "journal tail after the last commit named blocks that never reached disk; cut there");
+            } else {
+                tracing::warn!(
+                    lsn = cut.lsn,
+                    discarded = report.discarded_tail_records,
+                    "journal ends in the images of a checkpoint cut short; cut there"
+                );
+            }
             jr.truncate_to(cut);
+        }
+        // After a crash, records of this generation may lie beyond where replay
+        // stopped (written after a torn one, or a checkpoint's images): zeroed before
+        // anything is appended, so that a later replay never takes them for new ones.
+        let clean = replay.images.is_empty() && records.iter().all(|r| r.kind == KIND_COMMIT);
+        if !clean {
+            jr.zero_free()?;
         }
         for v in volumes.values() {
             v.preserve_replayed(&blocks);
@@ -1110,15 +1131,15 @@ impl Store {
 
     /// Journal bytes that the page images of the next checkpoint may take: each dirty
     /// slice page, the checksum pages above them (one per level each at most, and no
-    /// more than the volumes have), the changed `blocks.idx` pages and one checksum
-    /// header per volume.
+    /// more than the volumes have), the `blocks.idx` pages changed or to be changed by
+    /// the frees pending and one checksum header per volume.
     fn image_bytes_bound(&self) -> u64 {
         let dirty = self.dirty_pages.load(Ordering::Acquire);
         let checksum_pages = (dirty * self.max_levels.load(Ordering::Acquire))
             .min(self.checksum_pages.load(Ordering::Acquire));
         let pages = dirty
             + checksum_pages
-            + self.blocks.dirty_idx_page_count() as u64
+            + self.blocks.idx_pages_bound() as u64
             + self.volume_count.load(Ordering::Acquire);
         pages * IMAGE_RECORD_BYTES
     }
@@ -1588,7 +1609,8 @@ impl Store {
 
     /// `checkpoint`, calling `between` once the page images are journaled and writers
     /// let go again, before the images are written in place: what writers do in that
-    /// window (for the power-loss tests).
+    /// window (for the power-loss tests; it runs under the checkpoint lock, so it must
+    /// not fill the journal: a write would wait for this checkpoint).
     #[doc(hidden)]
     pub fn checkpoint_with(&self, between: impl FnOnce()) -> Result<(), StoreError> {
         let _one = self.checkpoint_lock.lock();
@@ -1701,7 +1723,17 @@ impl Store {
         let reserved = j.reserve_records(images.len(), IMAGE_RECORD_BYTES as usize);
         let durable_at = j.begin_generation();
         drop(j);
-        self.dirty_pages.store(0, Ordering::Release);
+        // Pages made dirty outside the write path (repair, scrub: no `cp_lock`) after
+        // their volume's images were taken stay counted.
+        let taken = images
+            .iter()
+            .filter(|(_, i)| i.kind != FileKind::BlockIndex)
+            .count() as u64;
+        let _ = self
+            .dirty_pages
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| {
+                Some(d.saturating_sub(taken))
+            });
         self.checkpoint_running.store(true, Ordering::Release);
         Ok(Some(Begun {
             images,
@@ -1768,11 +1800,13 @@ impl Store {
             let by_uid: HashMap<u64, &Arc<Volume>> =
                 cp.vols.iter().map(|v| (v.meta.uid, v)).collect();
             for (uid, img) in &cp.images {
-                let file = match img.kind {
-                    FileKind::BlockIndex => self.blocks.idx_file(),
-                    k => by_uid[uid].file(k),
-                };
-                write_image(file, img)?;
+                match img.kind {
+                    FileKind::BlockIndex => write_image(self.blocks.idx_file(), img)?,
+                    FileKind::Slice if lazarus_types::is_zero(&img.data) => {
+                        by_uid[uid].write_zero_slice_image(img.offset)?
+                    }
+                    k => write_image(by_uid[uid].file(k), img)?,
+                }
             }
             self.blocks
                 .idx_file()

@@ -821,25 +821,41 @@ impl Volume {
     /// Reserves disk space for the in-place write of every slice page in
     /// `[first, last]` that will be mapped, so checkpoints never hit ENOSPC.
     pub(crate) fn ensure_allocated(&self, first: u64, last: u64) -> Result<(), StoreError> {
-        let missing: Vec<u64> = {
-            let st = self.state.lock();
-            (first..=last)
-                .filter(|p| !st.allocated.contains(p))
-                .collect()
-        };
-        if !missing.is_empty() {
-            crate::disk::check_headroom(self.slice.path(), missing.len() as u64 * BLOCK_SIZE_U64)
-                .map_err(|e| StoreError::io(self.slice.path(), e))?;
+        // Under the state lock throughout: a checkpoint giving back the room of a page
+        // it imaged as empty (`write_zero_slice_image`) must see the page reserved
+        // again or not at all.
+        let mut st = self.state.lock();
+        let missing: Vec<u64> = (first..=last)
+            .filter(|p| !st.allocated.contains(p))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
         }
+        crate::disk::check_headroom(self.slice.path(), missing.len() as u64 * BLOCK_SIZE_U64)
+            .map_err(|e| StoreError::io(self.slice.path(), e))?;
         for p in &missing {
             self.slice
                 .allocate(slice_page_offset(*p), BLOCK_SIZE_U64)
                 .map_err(|e| StoreError::io(self.slice.path(), e))?;
         }
-        if !missing.is_empty() {
-            self.state.lock().allocated.extend(missing);
-        }
+        st.allocated.extend(missing);
         Ok(())
+    }
+
+    /// Writes a checkpoint's image of the slice page at `offset` when it is all
+    /// zeroes: its room is given back (a hole), unless a write mapped the page again
+    /// after the image was taken and reserved it anew (`ensure_allocated`), which the
+    /// hole would undo: then zeroes are written.
+    pub(crate) fn write_zero_slice_image(&self, offset: u64) -> Result<(), StoreError> {
+        let p = offset / BLOCK_SIZE_U64 - 1;
+        let st = self.state.lock();
+        let r = if st.allocated.contains(&p) {
+            self.slice.write_at(&[0u8; BLOCK_SIZE], offset)
+        } else {
+            self.slice.punch_hole(offset, BLOCK_SIZE_U64)
+        };
+        drop(st);
+        r.map_err(|e| StoreError::io(self.slice.path(), e))
     }
 
     /// Sets the mapping of consecutive LBAs, returning the ids they had (`ZERO` for
@@ -1967,6 +1983,9 @@ impl Volume {
             return Ok(false);
         }
         st.dirty_ck.insert((k, j));
+        // Counted as a dirty page: the store's bound on a checkpoint's images then
+        // makes room for it.
+        self.count_dirty();
         tracing::warn!(volume = %self.meta.name, level = k + 1, page = j, "checksum page damaged on disk; rebuilt from the level below at the next checkpoint");
         Ok(true)
     }
