@@ -144,25 +144,32 @@ pub fn decode_record(b: &[u8], generation: u64, expected_lsn: u64) -> Option<(Re
 
 /// The records of `generation` from index `start` of the record area `data` (file
 /// offset `RECORDS_START + index`), following them once round the ring's end; and
-/// the index just past the last.
+/// the index just past the last. A record is taken at the ring's start only where the
+/// writer put it: when it did not fit between the last one and the end. And none is
+/// taken past the generation's start: a generation never laps the ring.
 fn read_generation(data: &[u8], generation: u64, start: usize) -> (Vec<Record>, usize) {
     let mut out = Vec::new();
     let mut pos = start.min(data.len());
     let mut wrapped = false;
     loop {
         let lsn = out.len() as u64 + 1;
-        match decode_record(&data[pos..], generation, lsn) {
+        let room = if wrapped {
+            start - pos
+        } else {
+            data.len() - pos
+        };
+        match decode_record(&data[pos..pos + room], generation, lsn) {
             Some((mut r, len)) => {
                 r.offset = RECORDS_START + pos as u64;
                 out.push(r);
                 pos += len;
             }
-            None if !wrapped && pos != 0 => match decode_record(data, generation, lsn) {
-                Some(_) => {
+            None if !wrapped && pos != 0 => match decode_record(&data[..start], generation, lsn) {
+                Some((_, len)) if pos + len > data.len() => {
                     wrapped = true;
                     pos = 0;
                 }
-                None => break,
+                _ => break,
             },
             None => break,
         }
@@ -731,7 +738,10 @@ mod tests {
         assert_eq!(r2.records, r.records);
         f.write_at(&[0xff; 16], HEADER_SLOT_BYTES).unwrap();
         let (_, r3) = Journal::open(&p, CAPACITY_MIN_BYTES).unwrap();
-        assert_eq!(r3.records, r.records, "slot 0 was written back at the last open");
+        assert_eq!(
+            r3.records, r.records,
+            "slot 0 was written back at the last open"
+        );
         // Both destroyed: a clear error, not a panic.
         f.write_at(&[0xff; 16], 0).unwrap();
         f.write_at(&[0xff; 16], HEADER_SLOT_BYTES).unwrap();
@@ -819,6 +829,56 @@ mod tests {
         let (j, r) = Journal::open(&p, CAPACITY_MIN_BYTES).unwrap();
         assert_eq!(payloads(&r.records), expect);
         assert!(j.used_bytes() < CAPACITY_MIN_BYTES - RECORDS_START);
+    }
+
+    #[test]
+    fn replay_goes_to_the_ring_start_only_where_the_writer_did() {
+        // A record of the generation's next LSN at the ring's start is not taken when
+        // the record would have fitted where the last one ended (a stale or forged
+        // one), nor one that would run into the generation's own start.
+        let gen = 5;
+        let mut data = vec![0u8; 64 << 10];
+        let start = 20 << 10;
+        let a = encode_record(gen, 1, KIND_MAP, &[1; 100]);
+        data[start..start + a.len()].copy_from_slice(&a);
+        let b = encode_record(gen, 2, KIND_MAP, &[2; 100]);
+        data[..b.len()].copy_from_slice(&b);
+        let (records, end) = read_generation(&data, gen, start);
+        assert_eq!(records.len(), 1);
+        assert_eq!(end, start + a.len());
+        // Where the next record could not fit before the end, it is taken.
+        let start = data.len() - a.len() - 50;
+        data[start..start + a.len()].copy_from_slice(&a);
+        let (records, end) = read_generation(&data, gen, start);
+        assert_eq!(records.len(), 2);
+        assert_eq!(end, b.len());
+        // Never past the generation's own start: here its first record went to the
+        // ring's start, and forged ones go on over where it began.
+        let start = data.len() - 100;
+        data.fill(0);
+        let first = encode_record(gen, 1, KIND_MAP, &[3; 1000]);
+        data[..first.len()].copy_from_slice(&first);
+        let (mut pos, mut lsn, mut before_start) = (first.len(), 2, 1);
+        loop {
+            let r = encode_record(gen, lsn, KIND_MAP, &[4; 36]);
+            if pos + r.len() > data.len() {
+                break;
+            }
+            data[pos..pos + r.len()].copy_from_slice(&r);
+            pos += r.len();
+            lsn += 1;
+            if pos <= start {
+                before_start += 1;
+            }
+        }
+        assert!(pos > start, "forged records must cross the start");
+        let (records, end) = read_generation(&data, gen, start);
+        assert_eq!(
+            records.len(),
+            before_start,
+            "no record over the start is taken"
+        );
+        assert!(end <= start);
     }
 
     #[test]
