@@ -8,7 +8,10 @@
 #     offsets, no offset twice), then snapshot b;
 #  4. `volume export vol0@b --since a2`: the time and the diff file's size; then the
 #     time to apply it to another volume;
-#  5. what copy-on-write costs writes: fio 4 KiB random writes (QD32, 15 s) right
+#  5. `volume clone vol0@a2 clone0` (the whole volume, on all three copies) and
+#     `volume revert vol0 a2` (undoing the 1%): each maps the snapshot's block ids
+#     where the volume differs, no data copied;
+#  6. what copy-on-write costs writes: fio 4 KiB random writes (QD32, 15 s) right
 #     after a new snapshot (the first write to each slice page stores its old content
 #     as a page block), then again (those pages kept already), then with every
 #     snapshot deleted.
@@ -53,6 +56,11 @@ ls -l "$WORK/b.diff" | awk '{print "diff file: " $5 " bytes"}'
 echo "== applying it to another volume (--force: that volume does not hold a2)"
 L volume create copy --size "${GIB}GiB"
 L volume import "$WORK/b.diff" --volume copy --diff --force
+echo "== clone of the whole snapshot a2 (${GIB} GiB mapped), three copies"
+L volume clone vol0@a2 clone0
+echo "== revert of vol0 to a2 (undoing the ${CHANGE_MIB} MiB changed)"
+L volume revert vol0 a2
+L volume delete clone0 > /dev/null
 echo "== what a snapshot costs writes (fio randwrite 4 KiB QD32, 15 s each)"
 iops() {
   fio --name=cow --ioengine=nbd --uri="$U" --rw=randwrite --bs=4k --iodepth=32 \

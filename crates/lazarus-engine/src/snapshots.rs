@@ -48,16 +48,46 @@ pub struct SnapshotOutcome {
     pub elapsed_us: u64,
 }
 
-/// Blocks a revert rewrites per write (4 MiB).
-const REVERT_CHUNK_BLOCKS: u64 = 1024;
+/// How long the primary waits for a replica to reset its copy to a snapshot (it maps
+/// the snapshot's ids, no data: seconds even for a large volume).
+const RESET_RPC_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a replica waits for its copy of a volume just created (a clone) to appear.
+const RESET_COPY_WAIT: Duration = Duration::from_secs(10);
 
-/// What a revert did.
-#[derive(Debug, Clone, Serialize)]
-pub struct RevertOutcome {
+/// A reset (revert or clone) the primary sends to a copy (`KIND_VOLUME_RESET`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResetOp {
+    /// The volume to reset.
     pub volume: String,
+    /// The primary's epoch of it: a copy that knows a newer one refuses.
+    pub epoch: u64,
+    /// The volume whose snapshot it is (the same one for a revert).
+    pub source: String,
     pub snapshot: String,
-    pub rewritten_bytes: u64,
-    pub runs: u64,
+    /// The snapshot's id (`Snapshot::id`).
+    pub id: u64,
+    /// The root the primary's copy came to (hex): a copy that comes to another one
+    /// says so, and the copies are compared again.
+    pub root: String,
+}
+
+/// What a revert or clone did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResetSummary {
+    pub volume: String,
+    pub source: String,
+    pub snapshot: String,
+    /// Bytes of the volume that now map the snapshot's blocks (none copied).
+    pub changed_bytes: u64,
+    pub changed_pages: u64,
+    /// The volume's checksum root afterwards.
+    pub root: String,
+    /// Nodes whose copy was reset.
+    pub done: Vec<String>,
+    /// Copies that were not, with why: they are compared with the primary's again
+    /// and brought up to date from it (resync).
+    pub failed: Vec<(String, String)>,
     pub elapsed_us: u64,
 }
 
@@ -91,6 +121,45 @@ pub fn snapshot_current(
     }
 }
 
+/// Sends request `op` of `kind` to each of `nodes` at once; (done, failed with why),
+/// nodes named as outcomes name them ("n2").
+async fn call_copies(
+    c: &Arc<lazarus_node::cluster::Cluster>,
+    nodes: &[u64],
+    kind: u8,
+    op: &impl Serialize,
+    timeout: Duration,
+) -> (Vec<String>, Vec<(String, String)>) {
+    let body = serde_json::to_vec(op).expect("serializable");
+    let calls = nodes.iter().map(|n| {
+        let (c, body) = (c.clone(), body.clone());
+        let n = *n;
+        async move {
+            let name = format!("n{n}");
+            let r = match c.rpc_addr(n) {
+                None => Err("no address known".to_string()),
+                Some(addr) => c
+                    .network
+                    .client(&addr)
+                    .call(kind, &body, timeout)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+            };
+            (name, r)
+        }
+    });
+    let mut done = Vec::new();
+    let mut failed = Vec::new();
+    for (name, r) in futures::future::join_all(calls).await {
+        match r {
+            Ok(()) => done.push(name),
+            Err(e) => failed.push((name, e)),
+        }
+    }
+    (done, failed)
+}
+
 impl Engine {
     /// Whether this node's snapshot `snap` of `volume` is the one the cluster knows by
     /// its name (always, for a node running alone): only such a snapshot is served.
@@ -98,81 +167,204 @@ impl Engine {
         snapshot_current(self.cluster.get(), volume, snap)
     }
 
-    /// Makes `volume` read as its snapshot `name` again: every block where the two
-    /// differ is rewritten through the ordinary (replicated, journaled) write path,
-    /// then flushed. Killed midway, the volume holds a mix; running it again finishes
-    /// it. Writers should be stopped first: a write that lands meanwhile may survive.
-    /// This node must be the primary (or run alone).
-    pub async fn revert_to_snapshot(
+    /// Makes volume `volume` read as snapshot `name` of volume `source` (itself for a
+    /// revert; another for a clone, whose copies are on the same nodes), on every
+    /// live copy, atomically on each (`Store::reset_to_snapshot`: an intent file, then
+    /// the snapshot's block ids mapped where the volume differs; no data moves). Writes
+    /// are held off meanwhile (every block lock of the node), so each copy resets at
+    /// the same point. This node must be the volume's primary (or run alone).
+    pub async fn reset_to_snapshot(
         &self,
         volume: &str,
+        source: &str,
         name: &str,
-    ) -> Result<RevertOutcome, IoError> {
+    ) -> Result<ResetSummary, IoError> {
         let t0 = tokio::time::Instant::now();
         let vol = self
             .store
             .volume(volume)
             .ok_or_else(|| IoError::new(EINVAL, format!("no volume {volume:?} here")))?;
-        if self.cluster.get().is_some() && self.primary_epoch(volume).is_none() {
-            return Err(IoError::new(
-                EINVAL,
-                format!("this node is not the primary of {volume:?}; ask the primary"),
-            ));
-        }
-        let snap = vol
+        let src = self
+            .store
+            .volume(source)
+            .ok_or_else(|| IoError::new(EINVAL, format!("no volume {source:?} here")))?;
+        let snap = src
             .snapshot(name)
-            .filter(|s| self.snapshot_current(volume, s))
-            .ok_or_else(|| IoError::new(EINVAL, format!("no snapshot {volume}@{name}")))?;
-        let (store, v, s) = (self.store.clone(), vol.clone(), snap.clone());
-        let runs = lazarus_rpc::rt::blocking(move || store.revert_runs(&v, &s))
-            .await
-            .map_err(|e| IoError::new(EIO, e.to_string()))??;
-        let bs = lazarus_types::BLOCK_SIZE_U64;
-        let mut bytes = 0u64;
-        for (first, count) in &runs {
-            let mut lba = *first;
-            let end = first + count;
-            while lba < end {
-                let n = REVERT_CHUNK_BLOCKS.min(end - lba);
-                let mut buf = vec![0u8; (n * bs) as usize];
-                // Past the snapshot's size the volume grew later: zeroes.
-                let inside = snap.block_count().saturating_sub(lba).min(n);
-                if inside > 0 {
-                    let (store, v, s) = (self.store.clone(), vol.clone(), snap.clone());
-                    let mut part = vec![0u8; (inside * bs) as usize];
-                    let part = lazarus_rpc::rt::blocking(move || {
-                        store
-                            .read_snapshot(&v, &s, lazarus_types::Lba(lba), &mut part)
-                            .map(|()| part)
-                    })
-                    .await
-                    .map_err(|e| IoError::new(EIO, e.to_string()))??;
-                    buf[..part.len()].copy_from_slice(&part);
+            .filter(|s| self.snapshot_current(source, s))
+            .ok_or_else(|| IoError::new(EINVAL, format!("no snapshot {source}@{name} here")))?;
+        let cluster = self.cluster.get().cloned();
+        let epoch = match &cluster {
+            None => None,
+            Some(c) => {
+                let epoch = self.primary_epoch(volume).ok_or_else(|| {
+                    IoError::new(
+                        EINVAL,
+                        format!("this node is not the primary of {volume:?}; ask the primary"),
+                    )
+                })?;
+                if c.effective(volume)
+                    .is_some_and(|v| lazarus_node::decide::writes_through(&v))
+                    && c.recovery.is_some()
+                {
+                    return Err(IoError::new(
+                        EINVAL,
+                        format!("volume {volume:?} is down to its last failure domain (its writes go through the recovery server first): revert or clone it once its copies are back"),
+                    ));
                 }
-                if lazarus_types::is_zero(&buf) {
-                    self.zero(&vol, lba * bs, n * bs, true, false, false)
-                        .await?;
-                } else {
-                    self.write(&vol, lba * bs, &buf, false).await?;
-                }
-                bytes += n * bs;
-                lba += n;
+                Some(epoch)
             }
+        };
+        self.serving(&vol).await?;
+        // No write is in flight or admitted until these are dropped: every copy
+        // resets at the same point, and no write is acknowledged between a copy's
+        // commit and the end of its reset.
+        let _all = self.lock_blocks(0, 1 << 20).await;
+        if epoch.is_some() {
+            self.still_primary(&vol, epoch).await?;
         }
-        self.flush(&vol).await?;
+        let (store, d, sv, n, id) = (
+            self.store.clone(),
+            volume.to_string(),
+            source.to_string(),
+            name.to_string(),
+            snap.id,
+        );
+        let out = lazarus_rpc::rt::block_in_place(move || store.reset_to_snapshot(&d, &sv, &n, id))
+            .map_err(store_error)?;
+        let mut done = vec![self.node_label()];
+        let mut failed = Vec::new();
+        if let (Some(c), Some(epoch)) = (&cluster, epoch) {
+            let live: Vec<u64> = c
+                .effective(volume)
+                .map(|v| v.live())
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|n| *n != c.id)
+                .collect();
+            let op = ResetOp {
+                volume: volume.to_string(),
+                epoch,
+                source: source.to_string(),
+                snapshot: name.to_string(),
+                id: snap.id,
+                root: out.root.clone(),
+            };
+            let (d, f) = call_copies(
+                c,
+                &live,
+                lazarus_rpc::KIND_VOLUME_RESET,
+                &op,
+                RESET_RPC_TIMEOUT,
+            )
+            .await;
+            done.extend(d);
+            if !f.is_empty() {
+                for (n, e) in &f {
+                    tracing::warn!(volume, node = %n, error = %e, "a live copy was not reset; the copies are compared again");
+                }
+                c.reconcile_again(volume);
+            }
+            failed = f;
+        }
+        drop(_all);
         tracing::info!(
             volume,
+            source,
             snapshot = name,
-            bytes,
-            "volume reverted to its snapshot"
+            changed_blocks = out.changed_blocks,
+            "volume reset to a snapshot on its copies"
         );
-        Ok(RevertOutcome {
+        Ok(ResetSummary {
             volume: volume.to_string(),
+            source: source.to_string(),
             snapshot: name.to_string(),
-            rewritten_bytes: bytes,
-            runs: runs.len() as u64,
+            changed_bytes: out.changed_blocks * lazarus_types::BLOCK_SIZE_U64,
+            changed_pages: out.changed_pages,
+            root: out.root,
+            done,
+            failed,
             elapsed_us: t0.elapsed().as_micros() as u64,
         })
+    }
+
+    /// The cluster and this node's view of `volume` for a request its primary sent
+    /// at `epoch`: refused if this node knows a newer epoch.
+    fn copy_request(
+        &self,
+        volume: &str,
+        epoch: u64,
+        what: &str,
+    ) -> Result<
+        (
+            Arc<lazarus_node::cluster::Cluster>,
+            lazarus_cluster::VolumeInfo,
+        ),
+        String,
+    > {
+        let c = self.cluster.get().ok_or("this node runs alone")?.clone();
+        let v = c
+            .effective(volume)
+            .ok_or_else(|| format!("volume {volume:?} unknown here"))?;
+        if epoch < v.epoch {
+            return Err(format!(
+                "{what} of {volume:?} from epoch {epoch} refused: this node is at epoch {}",
+                v.epoch
+            ));
+        }
+        Ok((c, v))
+    }
+
+    /// A copy's part of a reset its primary sent (`KIND_VOLUME_RESET`). The primary
+    /// holds the volume's writes meanwhile: none reaches this copy.
+    pub async fn serve_reset_op(&self, body: &[u8]) -> Result<Vec<u8>, String> {
+        let op: ResetOp =
+            serde_json::from_slice(body).map_err(|e| format!("bad reset request: {e}"))?;
+        let (c, v) = self.copy_request(&op.volume, op.epoch, "reset")?;
+        if v.state_of(c.id) != Some(lazarus_cluster::ReplicaState::Live) {
+            return Err(format!("this copy of {:?} is not live", op.volume));
+        }
+        // A clone's copy is created by this node's metadata loop, perhaps a moment
+        // after the primary's.
+        let t0 = tokio::time::Instant::now();
+        while self
+            .store
+            .volume(&op.volume)
+            .is_none_or(|l| l.meta.uid != v.uid)
+        {
+            if t0.elapsed() > RESET_COPY_WAIT {
+                return Err(format!("no copy of {:?} here", op.volume));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let current = self
+            .store
+            .volume(&op.source)
+            .and_then(|s| s.snapshot(&op.snapshot))
+            .is_some_and(|s| s.id == op.id);
+        if !current {
+            return Err(format!(
+                "this node has no copy of snapshot {}@{} (id {})",
+                op.source, op.snapshot, op.id
+            ));
+        }
+        let store = self.store.clone();
+        let (d, sv, n, id) = (
+            op.volume.clone(),
+            op.source.clone(),
+            op.snapshot.clone(),
+            op.id,
+        );
+        let out = lazarus_rpc::rt::blocking(move || store.reset_to_snapshot(&d, &sv, &n, id))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        if out.root != op.root {
+            return Err(format!(
+                "this copy came to root {} where the primary's came to {}: it differed before",
+                out.root, op.root
+            ));
+        }
+        Ok(Vec::new())
     }
 
     /// This node as outcomes name it.
@@ -411,54 +603,21 @@ impl Engine {
         nodes: &[u64],
         op: &SnapshotOp,
     ) -> (Vec<String>, Vec<(String, String)>) {
-        let body = serde_json::to_vec(op).expect("serializable");
-        let calls = nodes.iter().map(|n| {
-            let (c, body) = (c.clone(), body.clone());
-            let n = *n;
-            async move {
-                let name = format!("n{n}");
-                let r = match c.rpc_addr(n) {
-                    None => Err("no address known".to_string()),
-                    Some(addr) => c
-                        .network
-                        .client(&addr)
-                        .call(
-                            lazarus_rpc::KIND_VOLUME_SNAPSHOT,
-                            &body,
-                            SNAPSHOT_RPC_TIMEOUT,
-                        )
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| e.to_string()),
-                };
-                (name, r)
-            }
-        });
-        let mut done = Vec::new();
-        let mut failed = Vec::new();
-        for (name, r) in futures::future::join_all(calls).await {
-            match r {
-                Ok(()) => done.push(name),
-                Err(e) => failed.push((name, e)),
-            }
-        }
-        (done, failed)
+        call_copies(
+            c,
+            nodes,
+            lazarus_rpc::KIND_VOLUME_SNAPSHOT,
+            op,
+            SNAPSHOT_RPC_TIMEOUT,
+        )
+        .await
     }
 
     /// A copy's part of a snapshot operation its primary sent (`KIND_VOLUME_SNAPSHOT`).
     pub async fn serve_snapshot_op(&self, body: &[u8]) -> Result<Vec<u8>, String> {
         let op: SnapshotOp =
             serde_json::from_slice(body).map_err(|e| format!("bad snapshot request: {e}"))?;
-        let c = self.cluster.get().ok_or("this node runs alone")?.clone();
-        let v = c
-            .effective(&op.volume)
-            .ok_or_else(|| format!("volume {:?} unknown here", op.volume))?;
-        if op.epoch < v.epoch {
-            return Err(format!(
-                "snapshot of {:?} from epoch {} refused: this node is at epoch {}",
-                op.volume, op.epoch, v.epoch
-            ));
-        }
+        let (c, v) = self.copy_request(&op.volume, op.epoch, "snapshot")?;
         let local = self
             .store
             .volume(&op.volume)

@@ -455,7 +455,8 @@ impl Cluster {
             KIND_STATS
             | KIND_FORWARD
             | lazarus_rpc::KIND_VOLUME_SNAPSHOT
-            | lazarus_rpc::KIND_SNAPSHOT_FETCH => self.ask_front(kind, body).await,
+            | lazarus_rpc::KIND_SNAPSHOT_FETCH
+            | lazarus_rpc::KIND_VOLUME_RESET => self.ask_front(kind, body).await,
             KIND_RESYNC_BEGIN | KIND_TREE | KIND_PAGE | KIND_BLOCKS => {
                 self.serve_resync(kind, &body).await
             }

@@ -71,6 +71,9 @@ pub mod kind {
     /// A copy that missed a snapshot fetches it from one that has it (`lazarus-engine`,
     /// snapsync.rs).
     pub const KIND_SNAPSHOT_FETCH: u8 = 18;
+    /// A primary has a copy reset a volume to a snapshot: a revert or a clone
+    /// (`lazarus-engine`, snapshots.rs).
+    pub const KIND_VOLUME_RESET: u8 = 19;
 
     /// The recovery server: a claim (compare-and-set on the failure count ID and
     /// holder), a log append, a hold renewal, a volume's state, a log read, a clear, a

@@ -271,6 +271,10 @@ pub fn router(state: AppState) -> Router {
             axum::routing::post(revert_volume),
         )
         .route(
+            "/api/v1/volumes/{name}/snapshots/{snap}/clone",
+            axum::routing::post(clone_snapshot),
+        )
+        .route(
             "/api/v1/volumes/{name}/snapshots/{snap}/diff",
             get(snapshot_diff),
         )
@@ -1838,10 +1842,107 @@ async fn revert_volume(
     find(&s, &name)?;
     let outcome = s
         .engine
-        .revert_to_snapshot(&name, &req.name)
+        .reset_to_snapshot(&name, &name, &req.name)
         .await
         .map_err(snapshot_error)?;
     Ok(Json(json!(outcome)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloneReq {
+    /// The new volume's name.
+    pub name: String,
+}
+
+/// Creates a volume reading as a snapshot (on the snapshot's volume's primary). In a
+/// cluster its copies go on the nodes of the volume's live copies, this node its
+/// primary: each maps the snapshot's blocks from its own copy, no data moves
+/// (`Engine::reset_to_snapshot`). Run again after an interruption, it finishes a clone
+/// whose volume was created but is still empty.
+async fn clone_snapshot(
+    State(s): State<AppState>,
+    Path((name, snap)): Path<(String, String)>,
+    body: Result<Json<CloneReq>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let req = request_body(body)?;
+    let new = req.name;
+    let bad = |m: String| ApiError(StatusCode::BAD_REQUEST, m);
+    lazarus_types::check_volume_name(&new).map_err(bad)?;
+    let (_, sn) = find_snapshot(&s, &name, &snap)?;
+    let size = sn.size_bytes;
+    let conflict = |m: String| ApiError(StatusCode::CONFLICT, m);
+    match s.engine.store.volume(&new) {
+        Some(existing) => {
+            // Only an interrupted clone of this snapshot (empty, or done already).
+            let root = existing.root();
+            if existing.size_bytes() != size
+                || (root != lazarus_types::Checksum::ZERO && root != sn.root)
+            {
+                return Err(conflict(format!("volume {new:?} already exists")));
+            }
+        }
+        None => match s.cluster.clone() {
+            None => {
+                let (store, n) = (s.engine.store.clone(), new.clone());
+                lazarus_rpc::rt::blocking(move || store.create_volume(&n, size))
+                    .await
+                    .map_err(join_err)??;
+            }
+            Some(c) => {
+                if s.engine.primary_epoch(&name).is_none() {
+                    return Err(conflict(format!(
+                        "this node is not the primary of {name:?}; ask the primary"
+                    )));
+                }
+                let v = c.effective(&name).ok_or_else(|| {
+                    ApiError(
+                        StatusCode::NOT_FOUND,
+                        format!("volume {name:?} does not exist"),
+                    )
+                })?;
+                let mut replicas = vec![c.id];
+                replicas.extend(v.live().into_iter().filter(|n| *n != c.id));
+                let cmd = lazarus_cluster::MetaCommand::CreateVolume {
+                    name: new.clone(),
+                    size_bytes: size,
+                    replicas,
+                    primary: Some(c.id),
+                };
+                match c
+                    .propose(cmd)
+                    .await
+                    .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
+                {
+                    lazarus_cluster::MetaResponse::Volume(_) => {}
+                    lazarus_cluster::MetaResponse::Exists(m) => return Err(conflict(m)),
+                    other => return Err(bad(format!("{other:?}"))),
+                }
+            }
+        },
+    }
+    // The new volume's copy here, and this node's lease on it, come a moment after
+    // the metadata names it.
+    let t0 = std::time::Instant::now();
+    loop {
+        let why: String = match s.engine.store.volume(&new) {
+            None => format!("volume {new:?} committed but its copy here did not appear"),
+            Some(_) => match s.engine.reset_to_snapshot(&new, &name, &snap).await {
+                Ok(out) => return Ok((StatusCode::CREATED, Json(json!(out)))),
+                Err(e) if e.message.contains("not the primary") || e.message.contains("lease") => {
+                    e.message
+                }
+                Err(e) => return Err(snapshot_error(e)),
+            },
+        };
+        if t0.elapsed() > std::time::Duration::from_secs(15) {
+            return Err(ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{why} (run the clone again to finish it)"),
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 /// Deletes a snapshot on every copy that answers (on the volume's primary).
@@ -1977,8 +2078,15 @@ async fn openapi() -> Json<serde_json::Value> {
     p.insert("/api/v1/volumes/{name}/snapshots".into(), json!({ "parameters": vol,
         "get": op("This node's copy's snapshots: name, export (VOLUME@NAME), creation time, size, mapped blocks, root"),
         "post": op("Take snapshot {name} on every live copy (primary only: 409 elsewhere); answers with the copies that took it") }));
+    p.insert("/api/v1/volumes/{name}/snapshots/{snap}/clone".into(), json!({ "parameters": [
+        { "name": "name", "in": "path", "required": true, "schema": { "type": "string" } },
+        { "name": "snap", "in": "path", "required": true, "schema": { "type": "string" } }],
+        "post": { "summary": "Create a volume reading as the snapshot: on the volume's nodes, mapping its blocks, no data copied (on the volume's primary)",
+            "requestBody": { "content": { "application/json": { "schema": { "type": "object", "required": ["name"],
+                "properties": { "name": { "type": "string" } } } } } },
+            "responses": { "201": { "description": "the clone, as each copy reset it" } } } }));
     p.insert("/api/v1/volumes/{name}/revert".into(), json!({ "parameters": vol,
-        "post": op("Make the volume read as its snapshot {name} again: the blocks that differ are rewritten through the replicated write path, then flushed (primary only)") }));
+        "post": op("Make the volume read as its snapshot {name} again, atomically on each live copy: where they differ the snapshot's block ids are mapped, no data copied; writes are held off meanwhile (primary only)") }));
     p.insert("/api/v1/volumes/{name}/snapshots/{snap}/diff".into(), json!({ "parameters": [vol[0], { "name": "snap", "in": "path", "required": true, "schema": { "type": "string" } }],
         "get": op("Block runs [first_lba, count] where the snapshot differs from ?since=EARLIER (every mapped run without it), found through the checksum trees") }));
     p.insert("/api/v1/volumes/{name}/snapshots/{snap}/data".into(), json!({ "parameters": [vol[0], { "name": "snap", "in": "path", "required": true, "schema": { "type": "string" } }],

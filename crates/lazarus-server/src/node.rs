@@ -78,6 +78,9 @@ fn front(engine: &Arc<Engine>) -> lazarus_rpc::Handler {
                 lazarus_rpc::KIND_VOLUME_SNAPSHOT => {
                     engine.serve_snapshot_op(&body).await.map_err(Into::into)
                 }
+                lazarus_rpc::KIND_VOLUME_RESET => {
+                    engine.serve_reset_op(&body).await.map_err(Into::into)
+                }
                 lazarus_rpc::KIND_SNAPSHOT_FETCH => {
                     engine.serve_snapshot_fetch(&body).await.map_err(Into::into)
                 }

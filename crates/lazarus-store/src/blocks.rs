@@ -383,6 +383,33 @@ impl BlockStore {
         }
     }
 
+    /// Takes a reference on every non-zero id of `ids` if the store holds them all
+    /// (atomically: under one lock, so none is freed in between); otherwise takes
+    /// none and returns the first it lacks. A block is mapped this way without being
+    /// read: whoever reads it later verifies it against its id.
+    pub fn try_retain_all(&self, ids: &[BlockId]) -> Option<BlockId> {
+        let mut ix = self.inner.lock();
+        if let Some(missing) = ids
+            .iter()
+            .find(|id| !id.is_zero() && !ix.map.contains_key(id))
+        {
+            return Some(*missing);
+        }
+        for id in ids.iter().filter(|id| !id.is_zero()) {
+            let e = ix.map.get_mut(id).expect("checked above");
+            e.refs = e.refs.checked_add(1).expect("reference count overflow");
+        }
+        None
+    }
+
+    /// The first non-zero id of `ids` the store does not hold.
+    pub fn first_missing(&self, ids: &[BlockId]) -> Option<BlockId> {
+        let ix = self.inner.lock();
+        ids.iter()
+            .find(|id| !id.is_zero() && !ix.map.contains_key(id))
+            .copied()
+    }
+
     /// Takes `n` more references on a block already held by the caller.
     pub fn retain(&self, id: BlockId, n: u64) {
         if n == 0 {

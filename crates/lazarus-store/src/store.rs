@@ -23,6 +23,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+mod reset;
+pub use reset::ResetOutcome;
+
 /// Journal record kind for a range set to one id (trim, write-zeroes).
 pub const KIND_FILL: u8 = 5;
 /// Largest range one fill record covers (64 slice pages), bounding the page images a
@@ -81,6 +84,9 @@ pub struct Store {
     checkpoint_lock: Mutex<()>,
     /// A checkpoint is under way (writes go on while it writes its images in place).
     checkpoint_running: AtomicBool,
+    /// One revert or clone at a time (`reset_to_snapshot`), and no volume or snapshot
+    /// deleted under one. Taken before `checkpoint_lock`.
+    reset_lock: Mutex<()>,
     volumes: RwLock<HashMap<String, Arc<Volume>>>,
     reserved_bytes: AtomicU64,
     /// Dirty slice pages of every volume (shared with them: `Volume::count_dirty`).
@@ -329,6 +335,7 @@ impl Store {
             cp_lock: RwLock::new(()),
             checkpoint_lock: Mutex::new(()),
             checkpoint_running: AtomicBool::new(false),
+            reset_lock: Mutex::new(()),
             volumes: RwLock::new(volumes),
             reserved_bytes: AtomicU64::new(0),
             dirty_pages: Arc::new(AtomicU64::new(0)),
@@ -356,6 +363,7 @@ impl Store {
             }
         }
         store.checkpoint()?;
+        store.finish_resets()?;
         Ok(store)
     }
 
@@ -535,6 +543,7 @@ impl Store {
     }
 
     pub fn delete_volume(&self, name: &str) -> Result<(), StoreError> {
+        let _reset = self.reset_lock.lock();
         let _cp = self.cp_lock.write();
         let v = self
             .volumes
@@ -619,6 +628,7 @@ impl Store {
         name: &str,
         which: impl Fn(&Snapshot) -> bool,
     ) -> Result<(), StoreError> {
+        let _reset = self.reset_lock.lock();
         let v = self
             .volume(volume)
             .ok_or_else(|| StoreError::NoSuchVolume(volume.to_string()))?;
@@ -1286,16 +1296,7 @@ impl Store {
                 }
             }
         }
-        let first_page = lba.page().0;
-        let last_page = Lba(lba.0 + n - 1).page().0;
-        let record_bytes = (journal::RECORD_HEADER_LEN + 20 + ids.len() * 24) as u64;
-        let _adm = self.admit(
-            record_bytes,
-            last_page - first_page + 1,
-            n + vol.snapshot_puts(first_page, last_page),
-        )?;
-        vol.ensure_allocated(first_page, last_page)?;
-        vol.preserve(first_page, last_page, &self.blocks)?;
+        let _adm = self.admit_mapping(vol, lba, ids.len(), n)?;
         let slots = self.blocks.put_many(ids, &data)?;
         self.apply(
             vol,
@@ -1305,6 +1306,34 @@ impl Store {
             &mut ids.iter().copied(),
         )?;
         Ok(None)
+    }
+
+    /// Before `count` LBAs from `lba` are mapped, `new_blocks` of them perhaps to
+    /// blocks stored anew: journal room admitted, the slice pages' room reserved, and
+    /// the snapshots' view of the pages kept (`Volume::preserve`; a full disk fails
+    /// here, with nothing changed).
+    fn admit_mapping(
+        &self,
+        vol: &Volume,
+        lba: Lba,
+        count: usize,
+        new_blocks: u64,
+    ) -> Result<Admission<'_>, StoreError> {
+        assert!(
+            lba.0 + count as u64 <= vol.block_count(),
+            "mapping past the end reached the store"
+        );
+        let first_page = lba.page().0;
+        let last_page = Lba(lba.0 + count as u64 - 1).page().0;
+        let record_bytes = (journal::RECORD_HEADER_LEN + 20 + count * 24) as u64;
+        let adm = self.admit(
+            record_bytes,
+            last_page - first_page + 1,
+            new_blocks + vol.snapshot_puts(first_page, last_page),
+        )?;
+        vol.ensure_allocated(first_page, last_page)?;
+        vol.preserve(first_page, last_page, &self.blocks)?;
+        Ok(adm)
     }
 
     /// Fills the still-unknown slots of damaged page `p` from `ids` (a copy of the

@@ -1537,6 +1537,16 @@ impl Volume {
         }
     }
 
+    /// Whether page `p` is clean (not changed since the checkpoint, not damaged) and
+    /// recorded with checksum `c`: then it holds content `c`, unread.
+    pub(crate) fn page_is(&self, p: u64, c: Checksum) -> bool {
+        let st = self.state.lock();
+        !st.dirty.contains(&p)
+            && !st.stale.contains(&p)
+            && !st.damaged.contains_key(&p)
+            && st.levels[0].get(p as usize) == Some(&c)
+    }
+
     /// Page `p` of the volume if its content is `c`: a snapshot's page shared with the
     /// volume (clean since the last checkpoint, recorded with that checksum, and
     /// verified here).

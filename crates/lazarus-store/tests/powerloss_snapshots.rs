@@ -4,7 +4,9 @@
 //! snapshot whose creation returned with the power on exists and reads exactly what
 //! the volume held when it was taken; one whose creation or deletion the power cut
 //! either exists, and then reads exactly that, or does not; no other snapshot appears;
-//! no page looks corrupt and no block is missing.
+//! no page looks corrupt and no block is missing. A revert (`reset_to_snapshot`) that
+//! returned with the power on left the volume reading as the snapshot; one the power
+//! cut left it reading either wholly as before or wholly as the snapshot.
 
 use lazarus_store::disk::powerloss;
 use lazarus_store::{Store, StoreOptions};
@@ -105,6 +107,10 @@ fn snapshots_survive_power_loss_at_random_instants() {
     let mut next = 0;
     let mut cut_snapshot_ops = 0;
     let mut installs = 0;
+    let mut resets = 0;
+    // A revert the power cut: the snapshot's values, which the volume holds whole
+    // if the revert committed.
+    let mut reset_cut: Option<HashMap<u64, u64>> = None;
     for round in 0..40 {
         let ctx = format!("round {round} (seed {seed})");
         let s = Store::open(dir.path(), opts.clone())
@@ -146,6 +152,18 @@ fn snapshots_survive_power_loss_at_random_instants() {
             }
             snaps.insert(name, Known::Sure(want));
         }
+        if let Some(w) = reset_cut.take() {
+            let whole = (0..BLOCKS).all(|lba| {
+                s.read_blocks(&v, Lba(lba), &mut buf).is_ok()
+                    && buf == block(w.get(&lba).copied().unwrap_or(0))
+            });
+            if whole {
+                // It committed: the volume is the snapshot, and nothing else.
+                durable = w;
+                since.clear();
+            }
+            // Else it did not: the volume is as before it, checked below.
+        }
         for lba in 0..BLOCKS {
             s.read_blocks(&v, Lba(lba), &mut buf)
                 .unwrap_or_else(|e| panic!("{ctx} lba {lba}: {e}"));
@@ -167,7 +185,7 @@ fn snapshots_survive_power_loss_at_random_instants() {
         for _ in 0..rng.usize(1..100) {
             let lba = rng.u64(0..BLOCKS);
             let n = rng.u64(1..=32).min(BLOCKS - lba);
-            let op = rng.u8(0..14);
+            let op = rng.u8(0..15);
             match op {
                 0..=7 => {
                     let vals: Vec<u64> = (0..n).map(|_| rng.u64(1..400)).collect();
@@ -230,11 +248,37 @@ fn snapshots_survive_power_loss_at_random_instants() {
                         snaps.insert(name, Known::Maybe(at));
                     }
                 }
+                14 if powerloss::is_on() => {
+                    let sure: Vec<(String, HashMap<u64, u64>)> = snaps
+                        .iter()
+                        .filter_map(|(n, k)| match k {
+                            Known::Sure(w) => Some((n.clone(), w.clone())),
+                            Known::Maybe(_) => None,
+                        })
+                        .collect();
+                    if sure.is_empty() {
+                        continue;
+                    }
+                    let (name, w) = sure[rng.usize(0..sure.len())].clone();
+                    if rng.u8(0..3) == 0 {
+                        // The power cut inside the revert, at one of its few I/Os.
+                        powerloss::power_off_after(rng.u64(0..10));
+                    }
+                    s.reset_to_snapshot("v", "v", &name, 0).unwrap();
+                    resets += 1;
+                    if powerloss::is_on() {
+                        durable = w;
+                        since.clear();
+                    } else {
+                        cut_snapshot_ops += 1;
+                        reset_cut = Some(w);
+                    }
+                }
                 _ => s.checkpoint().unwrap(),
             }
             // A flush, a checkpoint or a snapshot's creation that completed with the
             // power on: everything written before it survives.
-            if op >= 9 && op != 12 && powerloss::is_on() {
+            if op >= 9 && op != 12 && op != 14 && powerloss::is_on() {
                 // (An installation checkpoints too.)
                 for (l, vals) in since.drain() {
                     durable.insert(l, *vals.last().unwrap());
@@ -245,5 +289,5 @@ fn snapshots_survive_power_loss_at_random_instants() {
         powerloss::crash(&mut |n| rng.u64(0..n.max(1)));
     }
     powerloss::disable();
-    println!("snapshot operations the power cut: {cut_snapshot_ops}; installations: {installs}");
+    println!("snapshot operations the power cut: {cut_snapshot_ops}; installations: {installs}; reverts: {resets}");
 }

@@ -230,6 +230,14 @@ fn snapshots_survive_random_operations_and_crashes() {
                     s.delete_snapshot("v", &name).unwrap();
                     snaps.remove(&name);
                 }
+                18 if !snaps.is_empty() && rng.u8(0..3) == 0 => {
+                    // A revert: durable when it returns.
+                    let k = rng.usize(0..snaps.len());
+                    let name = snaps.keys().nth(k).unwrap().clone();
+                    s.reset_to_snapshot("v", "v", &name, 0).unwrap();
+                    latest = snaps[&name].clone();
+                    durable = latest.clone();
+                }
                 _ => {
                     if op % 50 == 0 {
                         for (n, want) in &snaps {
@@ -263,6 +271,99 @@ fn snapshots_survive_random_operations_and_crashes() {
     s.checkpoint().unwrap();
     let v = s.volume("v").unwrap();
     let mapped: std::collections::HashSet<_> = v.all_ids().into_iter().collect();
+    assert_eq!(s.block_stats().blocks, mapped.len() as u64);
+}
+
+/// Reads every block of volume `name` and compares with `want`.
+fn check_volume(s: &Store, name: &str, blocks: u64, want: &HashMap<u64, u64>, ctx: &str) {
+    let v = s.volume(name).unwrap();
+    let mut buf = vec![0u8; BLOCK_SIZE];
+    for lba in 0..blocks {
+        s.read_blocks(&v, Lba(lba), &mut buf)
+            .unwrap_or_else(|e| panic!("{ctx}: {name} lba {lba}: {e}"));
+        let w = want.get(&lba).copied().unwrap_or(0);
+        assert!(
+            buf == block(w),
+            "{ctx}: {name} LBA {lba} does not hold value {w}"
+        );
+    }
+}
+
+/// A clone (a new volume reset to another's snapshot) and a revert (a volume reset to
+/// its own snapshot) map the snapshot's blocks without storing any again; the clone
+/// and the volume then change independently; the clone keeps its blocks when the
+/// snapshot and its volume are deleted; a restart counts what the running store did.
+#[test]
+fn clones_and_reverts_share_the_snapshot_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    const BLOCKS: u64 = 2048 + 100; // 9 pages, the last partial
+    let s = Store::open(dir.path(), opts()).unwrap();
+    let v = s.create_volume("v", BLOCKS * 4096).unwrap();
+    let mut at_s1: HashMap<u64, u64> = HashMap::new();
+    for lba in (0..BLOCKS).step_by(3) {
+        s.write_blocks(&v, Lba(lba), &block(lba + 1)).unwrap();
+        at_s1.insert(lba, lba + 1);
+    }
+    s.create_snapshot("v", "s1", 7).unwrap();
+    let mut now = at_s1.clone();
+    for lba in (0..BLOCKS).step_by(5) {
+        s.write_blocks(&v, Lba(lba), &block(10_000 + lba)).unwrap();
+        now.insert(lba, 10_000 + lba);
+    }
+    s.write_zeroes(&v, Lba(300), 700, false).unwrap();
+    for lba in 300..1000 {
+        now.remove(&lba);
+    }
+    s.flush().unwrap();
+    let stored = s.block_stats().blocks;
+    // The clone.
+    s.create_volume("c", BLOCKS * 4096).unwrap();
+    let r = s.reset_to_snapshot("c", "v", "s1", 0).unwrap();
+    assert_eq!(r.changed_blocks, at_s1.len() as u64);
+    assert_eq!(r.root, v.snapshot("s1").unwrap().root.to_hex());
+    assert_eq!(
+        s.block_stats().blocks,
+        stored,
+        "a clone stores no block again"
+    );
+    check_volume(&s, "c", BLOCKS, &at_s1, "clone");
+    check_volume(&s, "v", BLOCKS, &now, "volume after the clone");
+    // Independent from here.
+    let c = s.volume("c").unwrap();
+    let mut clone_now = at_s1.clone();
+    for lba in (1..BLOCKS).step_by(7) {
+        s.write_blocks(&c, Lba(lba), &block(20_000 + lba)).unwrap();
+        clone_now.insert(lba, 20_000 + lba);
+    }
+    check_volume(&s, "v", BLOCKS, &now, "volume after writes to the clone");
+    // A reset of a volume already equal changes nothing.
+    let r = s.reset_to_snapshot("v", "v", "s1", 0).unwrap();
+    assert!(r.changed_blocks > 0);
+    check_volume(&s, "v", BLOCKS, &at_s1, "reverted");
+    let again = s.reset_to_snapshot("v", "v", "s1", 0).unwrap();
+    assert_eq!(again.changed_blocks, 0);
+    // A volume smaller than the snapshot is refused.
+    s.create_volume("small", 4096 * 10).unwrap();
+    assert!(s.reset_to_snapshot("small", "v", "s1", 0).is_err());
+    s.delete_volume("small").unwrap();
+    s.checkpoint().unwrap();
+    let running = s.block_stats().blocks;
+    drop((s, v, c));
+    let s = Store::open(dir.path(), opts()).unwrap();
+    assert_eq!(
+        s.block_stats().blocks,
+        running,
+        "a restart counts the same blocks"
+    );
+    check_volume(&s, "v", BLOCKS, &at_s1, "reverted, after a restart");
+    check_volume(&s, "c", BLOCKS, &clone_now, "clone, after a restart");
+    // The clone outlives the snapshot and its volume.
+    s.delete_snapshot("v", "s1").unwrap();
+    s.delete_volume("v").unwrap();
+    check_volume(&s, "c", BLOCKS, &clone_now, "clone, its origin deleted");
+    s.checkpoint().unwrap();
+    let c = s.volume("c").unwrap();
+    let mapped: std::collections::HashSet<_> = c.all_ids().into_iter().collect();
     assert_eq!(s.block_stats().blocks, mapped.len() as u64);
 }
 

@@ -332,15 +332,13 @@ enum VolumeOp {
         name: String,
         snapshot: String,
     },
-    /// Create volume NEW holding what snapshot VOLUME@NAME holds: its mapped blocks are
-    /// written into NEW, which stores no block twice (blocks are shared by content).
+    /// Create volume NEW reading as snapshot VOLUME@NAME: its copies go on the nodes of
+    /// VOLUME's live copies, and each maps the snapshot's blocks from its own copy (no
+    /// data is copied; blocks are shared by content).
     Clone {
         /// The snapshot, as VOLUME@NAME.
         snapshot: String,
         new: String,
-        /// Copies of NEW to keep in a cluster (default 3).
-        #[arg(long)]
-        replicas: Option<u64>,
     },
     /// Copy a raw image file into a volume (holes and zeroes stay unmapped), or with
     /// --diff apply an incremental export (`volume export V@B F --since A`) to a volume
@@ -537,6 +535,35 @@ fn print_volumes(vols: &Value) {
 }
 
 /// `VOLUME@NAME` or `VOLUME NAME`: the volume and the snapshot's name.
+/// "n1, n2" (and the copies that failed, with why) of a revert's or clone's answer.
+fn copies_done(v: &serde_json::Value) -> String {
+    let names = |k: &str| -> Vec<String> {
+        v[k].as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|x| match x {
+                        serde_json::Value::Array(p) => format!(
+                            "{} ({})",
+                            p.first().and_then(|s| s.as_str()).unwrap_or("?"),
+                            p.get(1).and_then(|s| s.as_str()).unwrap_or("?")
+                        ),
+                        other => other.as_str().unwrap_or("?").to_string(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut s = names("done").join(", ");
+    let failed = names("failed");
+    if !failed.is_empty() {
+        s.push_str(&format!(
+            "; not on {} (brought up to date by resync)",
+            failed.join(", ")
+        ));
+    }
+    s
+}
+
 fn snapshot_target(volume: &str, name: &str) -> anyhow::Result<()> {
     lazarus_types::check_volume_name(volume).map_err(anyhow::Error::msg)?;
     lazarus_store::snapshot::check_snapshot_name(name).map_err(anyhow::Error::msg)
@@ -752,23 +779,29 @@ fn client_command(cmd: Cmd) -> anyhow::Result<()> {
                         &json!({ "name": snapshot }),
                     )?)?;
                     println!(
-                        "volume {name} reverted to {name}@{snapshot}: {} rewritten in {:.1} s (flushed)",
-                        human(v["rewritten_bytes"].as_u64().unwrap_or(0)),
+                        "volume {name} reverted to {name}@{snapshot}: {} remapped, on {}, in {:.2} s",
+                        human(v["changed_bytes"].as_u64().unwrap_or(0)),
+                        copies_done(&v),
                         v["elapsed_us"].as_u64().unwrap_or(0) as f64 / 1e6
                     );
                 }
-                VolumeOp::Clone {
-                    snapshot,
-                    new,
-                    replicas,
-                } => {
+                VolumeOp::Clone { snapshot, new } => {
                     let Some((volume, snap)) = snapshot.split_once('@') else {
                         anyhow::bail!("name the snapshot as VOLUME@NAME, not {snapshot:?}");
                     };
                     snapshot_target(volume, snap)?;
                     lazarus_types::check_volume_name(&new).map_err(anyhow::Error::msg)?;
                     let src = client::primary_api(api.clone(), volume)?;
-                    transfer::clone(&api, &src, volume, snap, &new, replicas)?;
+                    let v = client::ok(src.post(
+                        &format!("/api/v1/volumes/{volume}/snapshots/{snap}/clone"),
+                        &json!({ "name": new }),
+                    )?)?;
+                    println!(
+                        "cloned {volume}@{snap} into new volume {new}: {} mapped, on {}, in {:.2} s",
+                        human(v["changed_bytes"].as_u64().unwrap_or(0)),
+                        copies_done(&v),
+                        v["elapsed_us"].as_u64().unwrap_or(0) as f64 / 1e6
+                    );
                 }
                 VolumeOp::Export { name, file, since } => match name.split_once('@') {
                     Some((volume, snap)) => transfer::export_snapshot(

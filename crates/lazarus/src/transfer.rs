@@ -267,49 +267,6 @@ pub fn export_snapshot(
     Ok(())
 }
 
-/// `lazarus volume clone VOLUME@SNAP NEW`: creates NEW with the snapshot's size and
-/// writes the snapshot's mapped blocks into it (through NEW's primary), then flushes.
-pub fn clone(
-    api: &Api,
-    src: &Api,
-    volume: &str,
-    snap: &str,
-    new: &str,
-    replicas: Option<u64>,
-) -> anyhow::Result<()> {
-    let d = client::ok(src.get(&format!("/api/v1/volumes/{volume}/snapshots/{snap}/diff"))?)?;
-    let size = d["size_bytes"].as_u64().context("no size in the answer")?;
-    let mut body = json!({ "name": new, "size": size });
-    if let Some(r) = replicas {
-        body["replication_factor"] = json!(r);
-    }
-    client::ok(api.post("/api/v1/volumes", &body)?)?;
-    let dst = client::primary_api(api.clone(), new)?;
-    let t0 = Instant::now();
-    let done = copy_chunks(
-        &byte_extents(&d),
-        |off, n| {
-            src.get_bytes(&format!(
-                "/api/v1/volumes/{volume}/snapshots/{snap}/data?offset={off}&length={n}"
-            ))
-        },
-        |off, data| {
-            if data.iter().any(|b| *b != 0) {
-                client::ok(
-                    dst.put_bytes(&format!("/api/v1/volumes/{new}/data?offset={off}"), data)?,
-                )?;
-            }
-            Ok(())
-        },
-    )?;
-    client::ok(dst.post(&format!("/api/v1/volumes/{new}/flush"), &json!({}))?)?;
-    println!(
-        "cloned {volume}@{snap} into new volume {new} ({size} bytes, {done} mapped) in {:.1} s (flushed)",
-        t0.elapsed().as_secs_f64()
-    );
-    Ok(())
-}
-
 /// `lazarus volume import FILE --volume V --diff`: checks the whole file (its CRC)
 /// before changing anything, checks that the volume holds what the diff starts from
 /// (its checksum root is the `since` snapshot's, unless `force`), then applies it and
