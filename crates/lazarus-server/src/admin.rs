@@ -1874,10 +1874,11 @@ async fn clone_snapshot(
     let conflict = |m: String| ApiError(StatusCode::CONFLICT, m);
     match s.engine.store.volume(&new) {
         Some(existing) => {
-            // Only an interrupted clone of this snapshot (empty, or done already).
-            let root = existing.root();
-            if existing.size_bytes() != size
-                || (root != lazarus_types::Checksum::ZERO && root != sn.root)
+            // Only a clone interrupted before its volume was filled: one of the
+            // snapshot's size that holds nothing yet.
+            if new == name
+                || existing.size_bytes() != size
+                || existing.root() != lazarus_types::Checksum::ZERO
             {
                 return Err(conflict(format!("volume {new:?} already exists")));
             }
