@@ -50,7 +50,7 @@ pub struct SnapshotOutcome {
 
 /// How long the primary waits for a replica to reset its copy to a snapshot (it maps
 /// the snapshot's ids, no data: seconds even for a large volume).
-const RESET_RPC_TIMEOUT: Duration = Duration::from_secs(600);
+const RESET_RPC_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a replica waits for its copy of a volume just created (a clone) to appear.
 const RESET_COPY_WAIT: Duration = Duration::from_secs(10);
 
@@ -195,32 +195,29 @@ impl Engine {
         let cluster = self.cluster.get().cloned();
         let epoch = match &cluster {
             None => None,
-            Some(c) => {
-                let epoch = self.primary_epoch(volume).ok_or_else(|| {
-                    IoError::new(
-                        EINVAL,
-                        format!("this node is not the primary of {volume:?}; ask the primary"),
-                    )
-                })?;
-                if c.effective(volume)
-                    .is_some_and(|v| lazarus_node::decide::writes_through(&v))
-                    && c.recovery.is_some()
-                {
-                    return Err(IoError::new(
-                        EINVAL,
-                        format!("volume {volume:?} is down to its last failure domain (its writes go through the recovery server first): revert or clone it once its copies are back"),
-                    ));
-                }
-                Some(epoch)
-            }
+            Some(_) => Some(self.primary_epoch(volume).ok_or_else(|| {
+                IoError::new(
+                    EINVAL,
+                    format!("this node is not the primary of {volume:?}; ask the primary"),
+                )
+            })?),
         };
         self.serving(&vol).await?;
         // No write is in flight or admitted until these are dropped: every copy
         // resets at the same point, and no write is acknowledged between a copy's
         // commit and the end of its reset.
-        let _all = self.lock_blocks(0, 1 << 20).await;
-        if epoch.is_some() {
-            self.still_primary(&vol, epoch).await?;
+        let all = self.lock_blocks(0, 1 << 20).await;
+        self.still_primary(&vol, epoch).await?;
+        if let Some(c) = &cluster {
+            if c.effective(volume)
+                .is_some_and(|v| lazarus_node::decide::writes_through(&v))
+                && c.recovery.is_some()
+            {
+                return Err(IoError::new(
+                    EINVAL,
+                    format!("volume {volume:?} is down to its last failure domain (its writes go through the recovery server first, whose log would not hold this): revert or clone it once its copies are back"),
+                ));
+            }
         }
         let (store, d, sv, n, id) = (
             self.store.clone(),
@@ -234,8 +231,15 @@ impl Engine {
         let mut done = vec![self.node_label()];
         let mut failed = Vec::new();
         if let (Some(c), Some(epoch)) = (&cluster, epoch) {
-            let live: Vec<u64> = c
-                .effective(volume)
+            // Not sent by a primary replaced meanwhile (its lease lapsed during the
+            // reset): the copies it would reach may already be compared with another.
+            if let Err(e) = self.still_primary(&vol, Some(epoch)).await {
+                c.reconcile_again(volume);
+                return Err(e);
+            }
+            let v = c.effective(volume);
+            let live: Vec<u64> = v
+                .as_ref()
                 .map(|v| v.live())
                 .unwrap_or_default()
                 .into_iter()
@@ -258,15 +262,67 @@ impl Engine {
             )
             .await;
             done.extend(d);
-            if !f.is_empty() {
-                for (n, e) in &f {
-                    tracing::warn!(volume, node = %n, error = %e, "a live copy was not reset; the copies are compared again");
-                }
-                c.reconcile_again(volume);
-            }
             failed = f;
+            // A copy catching up (resync) takes writes but not this: it starts over,
+            // or it could turn live holding pages from before the reset.
+            let catching_up: Vec<u64> = c
+                .effective(volume)
+                .map(|v| {
+                    v.replicas
+                        .iter()
+                        .copied()
+                        .filter(|n| {
+                            v.state_of(*n) == Some(lazarus_cluster::ReplicaState::Resyncing)
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            for n in catching_up {
+                let cmd = lazarus_cluster::MetaCommand::SetReplicaState {
+                    volume: volume.to_string(),
+                    node: n,
+                    state: lazarus_cluster::ReplicaState::Dead,
+                    epoch,
+                    at_ms: 0,
+                    since: None,
+                    source: None,
+                };
+                match c.propose(cmd).await {
+                    Ok(lazarus_cluster::MetaResponse::Volume(_)) => {
+                        tracing::info!(
+                            volume,
+                            node = n,
+                            "a resyncing copy starts over after a reset"
+                        );
+                    }
+                    other => {
+                        failed.push((
+                            format!("n{n}"),
+                            format!("resyncing, and could not be made to start over: {other:?}"),
+                        ));
+                    }
+                }
+            }
+            if !failed.is_empty() {
+                for (n, e) in &failed {
+                    tracing::warn!(volume, node = %n, error = %e, "a copy was not reset; the copies are compared again");
+                }
+                // Served again (and this answered) only once the copies that differ
+                // are committed dead, as after a write some replica missed.
+                c.reconcile_again(volume);
+                drop(all);
+                let t0 = tokio::time::Instant::now();
+                while let Err(e) = self.serving(&vol).await {
+                    if t0.elapsed() > Duration::from_secs(30) {
+                        return Err(IoError::new(
+                            EIO,
+                            format!("reset on {done:?} but not on {failed:?}, and the copies could not be compared again yet ({}); those that differ resync", e.message),
+                        ));
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
         }
-        drop(_all);
         tracing::info!(
             volume,
             source,

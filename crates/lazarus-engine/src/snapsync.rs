@@ -42,6 +42,19 @@ fn zombie_grace_secs() -> u64 {
         .unwrap_or(ZOMBIE_GRACE_SECS)
 }
 
+/// The snapshot file is fetched in parts of this many bytes (16 MiB: 24 bytes per
+/// mapped slice page, so one part for a volume of up to 700 GiB mapped), whatever
+/// its size: a frame holds at most 64 MiB.
+const FILE_PART_BYTES: u32 = 16 << 20;
+/// `FILE_PART_BYTES`, or `LAZARUS_SNAPSHOT_FILE_PART_BYTES` (tests: many parts).
+fn file_part_bytes() -> u32 {
+    std::env::var("LAZARUS_SNAPSHOT_FILE_PART_BYTES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .filter(|n| (1..=FILE_PART_BYTES).contains(n))
+        .unwrap_or(FILE_PART_BYTES)
+}
+
 /// Pages per request (256 KiB of page data).
 const PAGES_PER_FETCH: usize = 64;
 /// Blocks per request (1 MiB of data).
@@ -64,7 +77,11 @@ pub struct SnapshotFetch {
 #[serde(deny_unknown_fields)]
 pub enum FetchWhat {
     /// The snapshot's file (`Snapshot::encode`): its page checksums, root and CRC.
+    /// (Nodes of this version ask for `FilePart`s; a node of an older one answers
+    /// only this, and only for files that fit a frame.)
     File,
+    /// Bytes `offset..offset + length` of the snapshot's file (fewer at its end).
+    FilePart { offset: u64, length: u32 },
     /// Slice pages of the snapshot, 4 KiB each, in the order asked.
     Pages(Vec<u64>),
     /// Blocks by id (the ids follow the request's JSON): a JSON list of which are
@@ -256,7 +273,10 @@ impl Engine {
             volume: volume.to_string(),
             name: s.name.clone(),
             id: s.id,
-            what: FetchWhat::File,
+            what: FetchWhat::FilePart {
+                offset: 0,
+                length: 0,
+            },
         };
         let mut answered = false;
         for n in v.replicas.iter().copied().filter(|n| *n != c.id) {
@@ -291,7 +311,7 @@ impl Engine {
             .map_err(|e| e.to_string())?;
         if matches!(
             req.what,
-            FetchWhat::File | FetchWhat::Pages(_) | FetchWhat::Blocks
+            FetchWhat::File | FetchWhat::FilePart { .. } | FetchWhat::Pages(_) | FetchWhat::Blocks
         ) {
             let m = &*lazarus_observe::metrics::METRICS;
             m.resync_bytes
@@ -299,6 +319,36 @@ impl Engine {
                 .inc_by((body.len() + reply.len()) as u64);
         }
         Ok(reply)
+    }
+
+    /// The snapshot file `req` names, from `node`, part by part (a node of an older
+    /// version, which knows no parts, is asked for it whole).
+    async fn fetch_file(
+        &self,
+        c: &Arc<Cluster>,
+        node: u64,
+        req: &SnapshotFetch,
+    ) -> Result<Vec<u8>, String> {
+        let part = file_part_bytes();
+        let mut file = Vec::new();
+        loop {
+            let what = FetchWhat::FilePart {
+                offset: file.len() as u64,
+                length: part,
+            };
+            let got = match self.fetch(c, node, &req.with(what), &[]).await {
+                Ok(b) => b,
+                Err(e) if file.is_empty() && e.contains("unknown variant") => {
+                    return self.fetch(c, node, &req.with(FetchWhat::File), &[]).await
+                }
+                Err(e) => return Err(e),
+            };
+            let last = got.len() < part as usize;
+            file.extend_from_slice(&got);
+            if last {
+                return Ok(file);
+            }
+        }
     }
 
     /// Installs snapshot `name` (`id`) of `volume` from the copy on `node`.
@@ -316,7 +366,7 @@ impl Engine {
             id,
             what: FetchWhat::File,
         };
-        let file = self.fetch(c, node, &req, &[]).await?;
+        let file = self.fetch_file(c, node, &req).await?;
         let snap = Snapshot::decode(&file, Default::default())
             .map_err(|e| format!("its snapshot file does not verify: {e}"))?;
         if snap.id != id || snap.name != name {
@@ -617,6 +667,17 @@ impl Engine {
         let raw = raw.to_vec();
         lazarus_rpc::rt::blocking(move || match req.what {
             FetchWhat::File => Ok(snap.encode()),
+            FetchWhat::FilePart { offset, length } => {
+                if length > FILE_PART_BYTES {
+                    return Err(format!(
+                        "a part of at most {FILE_PART_BYTES} bytes, not {length}"
+                    ));
+                }
+                let file = snap.encode();
+                let start = (offset as usize).min(file.len());
+                let end = start.saturating_add(length as usize).min(file.len());
+                Ok(file[start..end].to_vec())
+            }
             FetchWhat::Pages(pages) => {
                 if pages.len() > PAGES_PER_FETCH {
                     return Err("too many pages asked".to_string());

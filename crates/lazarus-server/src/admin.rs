@@ -1858,8 +1858,8 @@ pub struct CloneReq {
 /// Creates a volume reading as a snapshot (on the snapshot's volume's primary). In a
 /// cluster its copies go on the nodes of the volume's live copies, this node its
 /// primary: each maps the snapshot's blocks from its own copy, no data moves
-/// (`Engine::reset_to_snapshot`). Run again after an interruption, it finishes a clone
-/// whose volume was created but is still empty.
+/// (`Engine::reset_to_snapshot`). A name in use is refused: a clone interrupted before
+/// it filled its new volume leaves it empty, to be deleted before trying again.
 async fn clone_snapshot(
     State(s): State<AppState>,
     Path((name, snap)): Path<(String, String)>,
@@ -1872,55 +1872,50 @@ async fn clone_snapshot(
     let (_, sn) = find_snapshot(&s, &name, &snap)?;
     let size = sn.size_bytes;
     let conflict = |m: String| ApiError(StatusCode::CONFLICT, m);
-    match s.engine.store.volume(&new) {
-        Some(existing) => {
-            // Only a clone interrupted before its volume was filled: one of the
-            // snapshot's size that holds nothing yet.
-            if new == name
-                || existing.size_bytes() != size
-                || existing.root() != lazarus_types::Checksum::ZERO
+    if s.engine.store.volume(&new).is_some()
+        || s.cluster
+            .as_ref()
+            .is_some_and(|c| c.store.meta().volumes.contains_key(&new))
+    {
+        return Err(conflict(format!("volume {new:?} already exists")));
+    }
+    match s.cluster.clone() {
+        None => {
+            let (store, n) = (s.engine.store.clone(), new.clone());
+            lazarus_rpc::rt::blocking(move || store.create_volume(&n, size))
+                .await
+                .map_err(join_err)??;
+        }
+        Some(c) => {
+            if s.engine.primary_epoch(&name).is_none() {
+                return Err(conflict(format!(
+                    "this node is not the primary of {name:?}; ask the primary"
+                )));
+            }
+            let v = c.effective(&name).ok_or_else(|| {
+                ApiError(
+                    StatusCode::NOT_FOUND,
+                    format!("volume {name:?} does not exist"),
+                )
+            })?;
+            let mut replicas = vec![c.id];
+            replicas.extend(v.live().into_iter().filter(|n| *n != c.id));
+            let cmd = lazarus_cluster::MetaCommand::CreateVolume {
+                name: new.clone(),
+                size_bytes: size,
+                replicas,
+                primary: Some(c.id),
+            };
+            match c
+                .propose(cmd)
+                .await
+                .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
             {
-                return Err(conflict(format!("volume {new:?} already exists")));
+                lazarus_cluster::MetaResponse::Volume(_) => {}
+                lazarus_cluster::MetaResponse::Exists(m) => return Err(conflict(m)),
+                other => return Err(bad(format!("{other:?}"))),
             }
         }
-        None => match s.cluster.clone() {
-            None => {
-                let (store, n) = (s.engine.store.clone(), new.clone());
-                lazarus_rpc::rt::blocking(move || store.create_volume(&n, size))
-                    .await
-                    .map_err(join_err)??;
-            }
-            Some(c) => {
-                if s.engine.primary_epoch(&name).is_none() {
-                    return Err(conflict(format!(
-                        "this node is not the primary of {name:?}; ask the primary"
-                    )));
-                }
-                let v = c.effective(&name).ok_or_else(|| {
-                    ApiError(
-                        StatusCode::NOT_FOUND,
-                        format!("volume {name:?} does not exist"),
-                    )
-                })?;
-                let mut replicas = vec![c.id];
-                replicas.extend(v.live().into_iter().filter(|n| *n != c.id));
-                let cmd = lazarus_cluster::MetaCommand::CreateVolume {
-                    name: new.clone(),
-                    size_bytes: size,
-                    replicas,
-                    primary: Some(c.id),
-                };
-                match c
-                    .propose(cmd)
-                    .await
-                    .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
-                {
-                    lazarus_cluster::MetaResponse::Volume(_) => {}
-                    lazarus_cluster::MetaResponse::Exists(m) => return Err(conflict(m)),
-                    other => return Err(bad(format!("{other:?}"))),
-                }
-            }
-        },
     }
     // The new volume's copy here, and this node's lease on it, come a moment after
     // the metadata names it.
@@ -1939,7 +1934,7 @@ async fn clone_snapshot(
         if t0.elapsed() > std::time::Duration::from_secs(15) {
             return Err(ApiError(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("{why} (run the clone again to finish it)"),
+                format!("{why} (volume {new:?} was created empty: delete it and clone again)"),
             ));
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;

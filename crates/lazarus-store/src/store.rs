@@ -84,9 +84,12 @@ pub struct Store {
     checkpoint_lock: Mutex<()>,
     /// A checkpoint is under way (writes go on while it writes its images in place).
     checkpoint_running: AtomicBool,
-    /// One revert or clone at a time (`reset_to_snapshot`), and no volume or snapshot
-    /// deleted under one. Taken before `checkpoint_lock`.
-    reset_lock: Mutex<()>,
+    /// Held for writing by a revert or clone (`reset_to_snapshot`: one at a time) and
+    /// by deletions of volumes and snapshots (none under a reset); for reading by the
+    /// mappings resync and repair copy (`write_ids`, `repair_slots`), so that none
+    /// lands in a volume being reset (a replica's reset its primary gave up waiting
+    /// for goes on). Taken before `checkpoint_lock`.
+    reset_lock: RwLock<()>,
     volumes: RwLock<HashMap<String, Arc<Volume>>>,
     reserved_bytes: AtomicU64,
     /// Dirty slice pages of every volume (shared with them: `Volume::count_dirty`).
@@ -326,7 +329,7 @@ impl Store {
             );
         }
         let journal_file = jr.file_arc();
-        let store = Store {
+        let mut store = Store {
             dir: dir.to_path_buf(),
             blocks,
             journal: Mutex::new(jr),
@@ -335,7 +338,7 @@ impl Store {
             cp_lock: RwLock::new(()),
             checkpoint_lock: Mutex::new(()),
             checkpoint_running: AtomicBool::new(false),
-            reset_lock: Mutex::new(()),
+            reset_lock: RwLock::new(()),
             volumes: RwLock::new(volumes),
             reserved_bytes: AtomicU64::new(0),
             dirty_pages: Arc::new(AtomicU64::new(0)),
@@ -363,7 +366,12 @@ impl Store {
             }
         }
         store.checkpoint()?;
-        store.finish_resets()?;
+        for name in store.finish_resets() {
+            // Not served (its copy is half reset); its blocks stay counted. The next
+            // open tries again.
+            store.volumes.write().remove(&name);
+            store.recovery.failed_volumes.push(name);
+        }
         Ok(store)
     }
 
@@ -543,7 +551,10 @@ impl Store {
     }
 
     pub fn delete_volume(&self, name: &str) -> Result<(), StoreError> {
-        let _reset = self.reset_lock.lock();
+        let _reset = self.reset_lock.write();
+        // After a failure a reset's intent may be left to finish at the next open: its
+        // source must still be there then.
+        self.check_failed()?;
         let _cp = self.cp_lock.write();
         let v = self
             .volumes
@@ -628,7 +639,8 @@ impl Store {
         name: &str,
         which: impl Fn(&Snapshot) -> bool,
     ) -> Result<(), StoreError> {
-        let _reset = self.reset_lock.lock();
+        let _reset = self.reset_lock.write();
+        self.check_failed()?;
         let v = self
             .volume(volume)
             .ok_or_else(|| StoreError::NoSuchVolume(volume.to_string()))?;
@@ -1275,6 +1287,7 @@ impl Store {
         if n == 0 {
             return Ok(None);
         }
+        let _no_reset = self.reset_lock.read();
         assert!(
             lba.0 + n <= vol.block_count(),
             "mapping past the end reached the store"

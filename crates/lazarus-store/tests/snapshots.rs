@@ -367,6 +367,38 @@ fn clones_and_reverts_share_the_snapshot_blocks() {
     assert_eq!(s.block_stats().blocks, mapped.len() as u64);
 }
 
+/// A reset's intent that cannot be finished at open (here: damaged on disk) leaves
+/// that volume unserved, with a clear report, and opens the rest of the store.
+#[test]
+fn a_reset_that_cannot_be_finished_stops_only_its_volume() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = Store::open(dir.path(), opts()).unwrap();
+        for name in ["v", "w"] {
+            let v = s.create_volume(name, 256 * 4096).unwrap();
+            s.write_blocks(&v, Lba(3), &block(5)).unwrap();
+        }
+        s.create_snapshot("v", "s1", 7).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("volumes/v/reset.pending"),
+        b"LZRESET1 garbage",
+    )
+    .unwrap();
+    let s = Store::open(dir.path(), opts()).unwrap();
+    assert_eq!(s.recovery.failed_volumes, vec!["v".to_string()]);
+    assert!(s.volume("v").is_none());
+    let mut want = HashMap::new();
+    want.insert(3, 5);
+    check_volume(&s, "w", 256, &want, "the other volume");
+    drop(s);
+    // Once the intent is gone (here: removed by hand), the volume is back.
+    std::fs::remove_file(dir.path().join("volumes/v/reset.pending")).unwrap();
+    let s = Store::open(dir.path(), opts()).unwrap();
+    assert!(s.recovery.failed_volumes.is_empty());
+    check_volume(&s, "v", 256, &want, "the volume");
+}
+
 /// A snapshot file damaged on disk is reported and not served; the volume and other
 /// snapshots are unaffected. A snapshot page block damaged on disk reads as an error,
 /// never as other data.

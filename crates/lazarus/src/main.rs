@@ -534,7 +534,6 @@ fn print_volumes(vols: &Value) {
     }
 }
 
-/// `VOLUME@NAME` or `VOLUME NAME`: the volume and the snapshot's name.
 /// "n1, n2" (and the copies that failed, with why) of a revert's or clone's answer.
 fn copies_done(v: &serde_json::Value) -> String {
     let names = |k: &str| -> Vec<String> {
@@ -564,6 +563,7 @@ fn copies_done(v: &serde_json::Value) -> String {
     s
 }
 
+/// `VOLUME@NAME` or `VOLUME NAME`: the volume and the snapshot's name.
 fn snapshot_target(volume: &str, name: &str) -> anyhow::Result<()> {
     lazarus_types::check_volume_name(volume).map_err(anyhow::Error::msg)?;
     lazarus_store::snapshot::check_snapshot_name(name).map_err(anyhow::Error::msg)

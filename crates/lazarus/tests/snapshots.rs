@@ -579,7 +579,15 @@ fn clone_and_revert_through_real_clients() {
 #[test]
 fn a_copy_that_missed_a_snapshot_installs_it_and_outlives_the_others() {
     let (tmp, data) = setup();
-    let up = Up::start_env(&data, "128MiB", &[("LAZARUS_SNAPSHOT_GRACE_SECS", "3")]);
+    // The snapshot file comes in parts of 100 bytes (16 MiB by default).
+    let up = Up::start_env(
+        &data,
+        "128MiB",
+        &[
+            ("LAZARUS_SNAPSHOT_GRACE_SECS", "3"),
+            ("LAZARUS_SNAPSHOT_FILE_PART_BYTES", "100"),
+        ],
+    );
     let img = tmp.path().join("in.img");
     let bytes = random_file(&img, 6 << 20, seed());
     run("nbdcopy", &[img.to_str().unwrap(), &up.uri(1, "vol0")]);

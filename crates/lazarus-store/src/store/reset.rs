@@ -13,8 +13,9 @@
 //!    content kept as page blocks where one of D's snapshots names it (`preserve`) —
 //!    a full disk fails here, with nothing changed;
 //! 2. commit: the intent names V (name and uid), S (name, id, root);
-//! 3. apply: D's differing slots are mapped to S's ids, the journal is made durable,
-//!    the intent removed.
+//! 3. apply: D's differing slots are mapped to S's ids, a checkpoint makes that
+//!    durable (with the damage list, for a damaged page mapped whole), the intent is
+//!    removed.
 //!
 //! A crash before the rename leaves D as it was; after it, `Store::open` finishes the
 //! apply (after the journal's replay: what the apply made durable replays, the rest is
@@ -152,7 +153,7 @@ impl Store {
         name: &str,
         id: u64,
     ) -> Result<ResetOutcome, StoreError> {
-        let _one = self.reset_lock.lock();
+        let _one = self.reset_lock.write();
         self.check_failed()?;
         let d = self
             .volume(dst)
@@ -308,7 +309,10 @@ impl Store {
         if let Some((first, acc)) = pending.take() {
             map(first, &acc)?;
         }
-        self.flush()?;
+        // A checkpoint, not just a flush: a damaged page mapped whole is whole again
+        // only once the damage list without it is on disk (it is written by
+        // checkpoints), or a crash would bring its unknown slots back.
+        self.checkpoint()?;
         let path = d.dir.join(RESET_PENDING);
         disk::remove_file(&path).map_err(|e| StoreError::io(&path, e))?;
         disk::sync_dir(&d.dir).map_err(|e| StoreError::io(&d.dir, e))?;
@@ -343,39 +347,50 @@ impl Store {
     }
 
     /// At open, once the journal has replayed: finishes the resets a crash
-    /// interrupted after their commit.
-    pub(super) fn finish_resets(&self) -> Result<(), StoreError> {
+    /// interrupted after their commit. Returns the volumes where that failed (a
+    /// damaged intent, its snapshot gone or damaged, a full disk...): they are not
+    /// served, and the next open tries again.
+    pub(super) fn finish_resets(&self) -> Vec<String> {
+        let mut failed = Vec::new();
         for d in self.volumes() {
-            let _ = disk::remove_file(&d.dir.join(RESET_TMP));
-            let path = d.dir.join(RESET_PENDING);
-            let b = match lazarus_io::fs::read(&path) {
-                Ok(b) => b,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(StoreError::io(&path, e)),
-            };
-            let corrupted = |detail: String| StoreError::Corrupted {
-                what: "reset intent (an interrupted revert or clone)",
-                path: path.clone(),
-                detail,
-            };
-            let i = ResetIntent::decode(&b).map_err(corrupted)?;
-            let s = self
-                .volume(&i.source)
-                .filter(|s| s.meta.uid == i.source_uid)
-                .ok_or_else(|| corrupted(format!("its source volume {:?} is gone", i.source)))?;
-            let snap = s
-                .snapshot(&i.snapshot)
-                .filter(|x| x.id == i.id && x.root == i.root)
-                .ok_or_else(|| {
-                    corrupted(format!(
-                        "its snapshot {}@{} is gone or unreadable",
-                        i.source, i.snapshot
-                    ))
-                })?;
-            tracing::warn!(volume = %d.meta.name, source = %i.source, snapshot = %i.snapshot, "finishing a revert or clone interrupted by a crash");
-            let _one = self.reset_lock.lock();
-            self.reset_apply(&d, &s, &snap)?;
+            if let Err(e) = self.finish_reset(&d) {
+                tracing::error!(volume = %d.meta.name, error = %e, "an interrupted revert or clone cannot be finished: the volume is not served until it is (the next start tries again)");
+                failed.push(d.meta.name.clone());
+            }
         }
+        failed
+    }
+
+    fn finish_reset(&self, d: &Volume) -> Result<(), StoreError> {
+        let _ = disk::remove_file(&d.dir.join(RESET_TMP));
+        let path = d.dir.join(RESET_PENDING);
+        let b = match lazarus_io::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(StoreError::io(&path, e)),
+        };
+        let corrupted = |detail: String| StoreError::Corrupted {
+            what: "reset intent (an interrupted revert or clone)",
+            path: path.clone(),
+            detail,
+        };
+        let i = ResetIntent::decode(&b).map_err(corrupted)?;
+        let s = self
+            .volume(&i.source)
+            .filter(|s| s.meta.uid == i.source_uid)
+            .ok_or_else(|| corrupted(format!("its source volume {:?} is not here", i.source)))?;
+        let snap = s
+            .snapshot(&i.snapshot)
+            .filter(|x| x.id == i.id && x.root == i.root)
+            .ok_or_else(|| {
+                corrupted(format!(
+                    "its snapshot {}@{} is not here or does not verify",
+                    i.source, i.snapshot
+                ))
+            })?;
+        tracing::warn!(volume = %d.meta.name, source = %i.source, snapshot = %i.snapshot, "finishing a revert or clone interrupted by a crash");
+        let _one = self.reset_lock.write();
+        self.reset_apply(d, &s, &snap)?;
         Ok(())
     }
 }
