@@ -1577,8 +1577,11 @@ impl Store {
         assert_eq!(buf.len() % BLOCK_SIZE, 0);
         let n = buf.len() / BLOCK_SIZE;
         let mut ids = Vec::with_capacity(n);
-        vol.read_ids(lba, &mut ids, n)
-            .map_err(ReadError::Unrecoverable)?;
+        {
+            let _whole = vol.reset_gate.read();
+            vol.read_ids(lba, &mut ids, n)
+                .map_err(ReadError::Unrecoverable)?;
+        }
         let ok = self.blocks.read_many(&ids, buf)?;
         for (i, chunk) in buf.chunks_exact_mut(BLOCK_SIZE).enumerate() {
             if ok[i] {

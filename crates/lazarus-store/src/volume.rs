@@ -439,6 +439,10 @@ pub struct Volume {
     /// The store's count of dirty slice pages (its journal room for a checkpoint's
     /// images), for pages made dirty outside its write path (repair, scrub).
     pub(crate) dirty_counter: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    /// Held for writing while a revert or clone maps the snapshot's ids into this
+    /// volume, for reading while a read looks up its ids: a read sees the volume
+    /// wholly before or wholly after a reset, never partly reset.
+    pub(crate) reset_gate: parking_lot::RwLock<()>,
 }
 
 /// What a block holds, for a map of a volume (`Volume::allocation`).
@@ -561,6 +565,7 @@ impl Volume {
             snaps: Mutex::new(SnapLayer::default()),
             has_snaps: false.into(),
             dirty_counter: std::sync::OnceLock::new(),
+            reset_gate: parking_lot::RwLock::new(()),
         })
     }
 
@@ -594,6 +599,7 @@ impl Volume {
             snaps: Mutex::new(SnapLayer::default()),
             has_snaps: false.into(),
             dirty_counter: std::sync::OnceLock::new(),
+            reset_gate: parking_lot::RwLock::new(()),
         })
     }
 

@@ -367,6 +367,58 @@ fn clones_and_reverts_share_the_snapshot_blocks() {
     assert_eq!(s.block_stats().blocks, mapped.len() as u64);
 }
 
+/// Reads going on during reverts see the volume wholly as one snapshot or the other,
+/// never partly reverted.
+#[test]
+fn a_read_during_a_revert_sees_it_whole_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    const BLOCKS: u64 = 64 * 256; // 64 pages
+    let s = std::sync::Arc::new(Store::open(dir.path(), opts()).unwrap());
+    let v = s.create_volume("v", BLOCKS * 4096).unwrap();
+    let image = |base: u64| -> Vec<u8> { (0..BLOCKS).flat_map(|l| block(base + l)).collect() };
+    let (one, two) = (image(1), image(100_000));
+    s.write_blocks(&v, Lba(0), &one).unwrap();
+    s.create_snapshot("v", "one", 1).unwrap();
+    s.write_blocks(&v, Lba(0), &two).unwrap();
+    s.create_snapshot("v", "two", 2).unwrap();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (s, v, done) = (s.clone(), v.clone(), done.clone());
+        let (one, two) = (
+            lazarus_store::store::block_ids(&one),
+            lazarus_store::store::block_ids(&two),
+        );
+        std::thread::spawn(move || {
+            // Windows of 8 pages at random places: each read spans several of the
+            // revert's journal records.
+            const WINDOW: usize = 8 * 256;
+            let mut rng = fastrand::Rng::with_seed(7);
+            let mut buf = vec![0u8; WINDOW * BLOCK_SIZE];
+            let mut reads = 0;
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                let at = rng.usize(0..(BLOCKS as usize - WINDOW));
+                s.read_blocks(&v, Lba(at as u64), &mut buf).unwrap();
+                let got = lazarus_store::store::block_ids(&buf);
+                assert!(
+                    got[..] == one[at..at + WINDOW] || got[..] == two[at..at + WINDOW],
+                    "a read at {at} saw the volume partly reverted"
+                );
+                reads += 1;
+            }
+            reads
+        })
+    };
+    for i in 0..40 {
+        let name = if i % 2 == 0 { "one" } else { "two" };
+        let r = s.reset_to_snapshot("v", "v", name, 0).unwrap();
+        assert_eq!(r.changed_blocks, BLOCKS);
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let reads = reader.join().unwrap();
+    assert!(reads > 20, "the reader ran {reads} times only");
+}
+
 /// A reset's intent that cannot be finished at open (here: damaged on disk) leaves
 /// that volume unserved, with a clear report, and opens the rest of the store.
 #[test]

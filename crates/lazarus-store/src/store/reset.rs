@@ -283,6 +283,8 @@ impl Store {
                 Err(WriteError::Store(e)) => Err(e),
             }
         };
+        // Readers wait while the mappings change (`Volume::reset_gate`).
+        let whole = d.reset_gate.write();
         for p in 0..d.page_count() {
             let runs = self.reset_runs(d, s, snap, p)?;
             if !runs.is_empty() {
@@ -309,6 +311,7 @@ impl Store {
         if let Some((first, acc)) = pending.take() {
             map(first, &acc)?;
         }
+        drop(whole);
         // A checkpoint, not just a flush: a damaged page mapped whole is whole again
         // only once the damage list without it is on disk (it is written by
         // checkpoints), or a crash would bring its unknown slots back.
