@@ -123,6 +123,11 @@ pub struct Engine {
     pub(crate) snapshot_holders: parking_lot::Mutex<std::collections::HashMap<String, u64>>,
     /// `VOLUME@NAME` -> why this copy cannot install that snapshot yet (`snapsync`).
     pub(crate) snapshot_sync_errors: parking_lot::Mutex<std::collections::BTreeMap<String, String>>,
+    /// Volumes a revert or clone is resetting (`snapshots::ResetRunning`): their
+    /// writes wait, under their own block locks, until it ends.
+    pub(crate) resetting: parking_lot::Mutex<std::collections::HashSet<String>>,
+    /// `resetting` is not empty (so that writes skip its lock otherwise).
+    pub(crate) resets_running: std::sync::atomic::AtomicUsize,
 }
 
 /// A replicated write between its lease check and its answer.
@@ -144,6 +149,8 @@ impl Engine {
             acks: Default::default(),
             snapshot_holders: Default::default(),
             snapshot_sync_errors: Default::default(),
+            resetting: Default::default(),
+            resets_running: Default::default(),
         }
     }
 
@@ -178,6 +185,32 @@ impl Engine {
         last: u64,
     ) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
         self.stripes.lock(first, last).await
+    }
+
+    /// A write's block locks, taken while no revert or clone is resetting its volume
+    /// (the write then lands after it, on every copy). A write never waits for a
+    /// reset while holding block locks: the reset takes every block lock once, to let
+    /// the writes already in flight end (`snapshots::ResetRunning`).
+    pub(crate) async fn lock_write_blocks(
+        &self,
+        vol: &Volume,
+        first: u64,
+        last: u64,
+    ) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
+        let resetting = || {
+            self.resets_running.load(Ordering::Acquire) > 0
+                && self.resetting.lock().contains(&vol.meta.name)
+        };
+        loop {
+            while resetting() {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            let g = self.lock_blocks(first, last).await;
+            if !resetting() {
+                return g;
+            }
+            drop(g);
+        }
     }
 
     /// The node's block locks, which its cluster member takes too.
@@ -466,7 +499,7 @@ impl Engine {
         if len > 0 {
             let first = offset / BLOCK_SIZE_U64;
             let last = (offset + len - 1) / BLOCK_SIZE_U64;
-            let _g = self.lock_blocks(first, last).await;
+            let _g = self.lock_write_blocks(vol, first, last).await;
             if admit.is_some_and(|a| !a()) {
                 return Err(IoError::fenced());
             }
@@ -597,7 +630,7 @@ impl Engine {
                 }
             }
             if end_full > first_full {
-                let _g = self.lock_blocks(first_full, end_full - 1).await;
+                let _g = self.lock_write_blocks(vol, first_full, end_full - 1).await;
                 if admit.is_some_and(|a| !a()) {
                     return Err(IoError::fenced());
                 }

@@ -121,6 +121,40 @@ pub fn snapshot_current(
     }
 }
 
+/// A reset of a volume under way on this node (its writes wait: `wait_for_reset`),
+/// until dropped.
+struct ResetRunning<'a> {
+    engine: &'a Engine,
+    volume: String,
+}
+
+impl<'a> ResetRunning<'a> {
+    fn start(engine: &'a Engine, volume: &str) -> Result<ResetRunning<'a>, IoError> {
+        if !engine.resetting.lock().insert(volume.to_string()) {
+            return Err(IoError::new(
+                EINVAL,
+                format!("a revert or clone of {volume:?} is under way"),
+            ));
+        }
+        engine
+            .resets_running
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Ok(ResetRunning {
+            engine,
+            volume: volume.to_string(),
+        })
+    }
+}
+
+impl Drop for ResetRunning<'_> {
+    fn drop(&mut self) {
+        self.engine.resetting.lock().remove(&self.volume);
+        self.engine
+            .resets_running
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// Sends request `op` of `kind` to each of `nodes` at once; (done, failed with why),
 /// nodes named as outcomes name them ("n2").
 async fn call_copies(
@@ -170,9 +204,9 @@ impl Engine {
     /// Makes volume `volume` read as snapshot `name` of volume `source` (itself for a
     /// revert; another for a clone, whose copies are on the same nodes), on every
     /// live copy, atomically on each (`Store::reset_to_snapshot`: an intent file, then
-    /// the snapshot's block ids mapped where the volume differs; no data moves). Writes
-    /// are held off meanwhile (every block lock of the node), so each copy resets at
-    /// the same point. This node must be the volume's primary (or run alone).
+    /// the snapshot's block ids mapped where the volume differs; no data moves). The
+    /// volume's writes wait meanwhile (`ResetRunning`), so each copy resets at the
+    /// same point. This node must be the volume's primary (or run alone).
     pub async fn reset_to_snapshot(
         &self,
         volume: &str,
@@ -203,10 +237,13 @@ impl Engine {
             })?),
         };
         self.serving(&vol).await?;
-        // No write is in flight or admitted until these are dropped: every copy
-        // resets at the same point, and no write is acknowledged between a copy's
-        // commit and the end of its reset.
-        let all = self.lock_blocks(0, 1 << 20).await;
+        // Writes to the volume wait (under their own block locks) until the reset
+        // ends, on every copy: every copy resets at the same point, and no write is
+        // acknowledged between a copy's commit and the end of its reset. The writes
+        // in flight when it starts end first (every block lock taken once). Other
+        // volumes' writes go on.
+        let running = ResetRunning::start(self, volume)?;
+        drop(self.lock_blocks(0, 1 << 20).await);
         self.still_primary(&vol, epoch).await?;
         if let Some(c) = &cluster {
             if c.effective(volume)
@@ -310,7 +347,7 @@ impl Engine {
                 // Served again (and this answered) only once the copies that differ
                 // are committed dead, as after a write some replica missed.
                 c.reconcile_again(volume);
-                drop(all);
+                drop(running);
                 let t0 = tokio::time::Instant::now();
                 while let Err(e) = self.serving(&vol).await {
                     if t0.elapsed() > Duration::from_secs(30) {

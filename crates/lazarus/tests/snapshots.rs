@@ -566,6 +566,26 @@ fn clone_and_revert_through_real_clients() {
     // Reverting again changes nothing.
     let out = up.cli_ok(&["volume", "revert", "vol0", "s"]);
     assert!(out.contains("0 B remapped"), "{out}");
+    // Writes going on during a revert land before or after it, the same on every
+    // copy: the copies agree afterwards.
+    let uri = up.uri(1, "vol0");
+    let writer = std::thread::spawn(move || {
+        let cmds: Vec<String> = (0..32)
+            .map(|i| format!("write -P {} {}M 1M", 0x70 + i % 8, i))
+            .collect();
+        let refs: Vec<&str> = cmds.iter().map(|c| c.as_str()).collect();
+        qemu_io_ok(&uri, &refs);
+    });
+    std::thread::sleep(Duration::from_millis(30));
+    let out = up.cli_ok(&["volume", "revert", "vol0", "s"]);
+    writer.join().unwrap();
+    qemu_io_ok(&up.uri(1, "vol0"), &["flush"]);
+    eprintln!("revert with writes going on: {out}");
+    let roots: Vec<String> = (1..=3).map(|n| up.root(n, "vol0")).collect();
+    assert!(
+        roots.iter().all(|r| *r == roots[0]),
+        "copies differ after a revert among writes: {roots:?}"
+    );
     assert!(!up
         .cli(&["volume", "revert", "vol0", "nosuch"])
         .status
