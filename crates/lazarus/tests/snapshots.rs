@@ -861,32 +861,23 @@ fn reverts_and_deletions_killed_midway_finish_when_run_again() {
 fn a_node_alone_clones_and_reverts() {
     let (tmp, _) = setup();
     let mut node = Node::start(&tmp.path().join("n"), NodeOpts::default());
-    let ok = |o: std::process::Output| {
-        assert!(
-            o.status.success(),
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).to_string()
-    };
     node.create_volume("vol0", "32MiB");
     let img = tmp.path().join("in.img");
     random_file(&img, 32 << 20, seed());
     run("nbdcopy", &[img.to_str().unwrap(), &node.uri("vol0")]);
-    ok(node.cli(&["snapshot", "create", "vol0", "s"]));
+    node.cli_ok(&["snapshot", "create", "vol0", "s"]);
     qemu_io_ok(
         &node.uri("vol0"),
         &["write -P 0x5a 1M 3M", "discard 20M 4M", "flush"],
     );
     assert!(!identical(&node.uri("vol0"), img.to_str().unwrap()));
-    let out = ok(node.cli(&["volume", "clone", "vol0@s", "c"]));
+    let out = node.cli_ok(&["volume", "clone", "vol0@s", "c"]);
     assert!(
         out.contains("cloned vol0@s into new volume c: 32.0 MiB"),
         "{out}"
     );
     assert!(identical(&node.uri("c"), img.to_str().unwrap()));
-    let out = ok(node.cli(&["volume", "revert", "vol0", "s"]));
+    let out = node.cli_ok(&["volume", "revert", "vol0", "s"]);
     assert!(out.contains("7.0 MiB remapped"), "{out}");
     node.kill9();
     node.spawn();

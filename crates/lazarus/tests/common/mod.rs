@@ -197,6 +197,18 @@ impl Node {
         Command::new(BIN).args(&a).output().unwrap()
     }
 
+    /// Runs a client command that must succeed; returns its stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let o = self.cli(args);
+        assert!(
+            o.status.success(),
+            "lazarus {args:?} failed: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
     pub fn create_volume(&self, name: &str, size: &str) {
         let o = self.cli(&["volume", "create", name, "--size", size]);
         assert!(
