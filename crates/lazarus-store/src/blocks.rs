@@ -402,6 +402,18 @@ impl BlockStore {
         None
     }
 
+    /// Takes a reference on each non-zero id of `ids` the store holds, under one lock;
+    /// an id it does not hold (lost) is skipped, as a slice page naming it is counted
+    /// at recovery.
+    pub fn retain_stored(&self, ids: &[BlockId]) {
+        let mut ix = self.inner.lock();
+        for id in ids.iter().filter(|id| !id.is_zero()) {
+            if let Some(e) = ix.map.get_mut(id) {
+                e.refs = e.refs.checked_add(1).expect("reference count overflow");
+            }
+        }
+    }
+
     /// The first non-zero id of `ids` the store does not hold.
     pub fn first_missing(&self, ids: &[BlockId]) -> Option<BlockId> {
         let ix = self.inner.lock();

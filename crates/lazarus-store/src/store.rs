@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+mod clone_base;
 mod reset;
 pub use reset::ResetOutcome;
 
@@ -71,7 +72,7 @@ pub struct RecoveryReport {
 #[derive(Debug)]
 pub struct Store {
     dir: PathBuf,
-    blocks: BlockStore,
+    blocks: Arc<BlockStore>,
     journal: Mutex<Journal>,
     journal_file: Arc<DiskFile>,
     sync_lock: Mutex<()>,
@@ -267,9 +268,19 @@ impl Store {
             }
             jr.adopt()?;
         }
-        let blocks = BlockStore::open(&blocks_dir)?;
-        for v in volumes.values() {
-            match v.load() {
+        let blocks = Arc::new(BlockStore::open(&blocks_dir)?);
+        // Clones after the volumes whose snapshots they share pages with.
+        let order = clone_base::load_order(&volumes);
+        for (v, base) in &order {
+            let page = |p: u64| {
+                let (src, snap) = base.as_ref().expect("only called with a base");
+                snapshot_page_of(&blocks, src, snap, p)
+            };
+            let source = base.as_ref().map(|(_, snap)| crate::volume::BaseSource {
+                l1: &snap.l1,
+                page: &page,
+            });
+            match v.load_with_base(source.as_ref()) {
                 Ok(damaged) => {
                     for p in damaged {
                         tracing::error!(volume = %v.meta.name, page = p, "slice page failed verification; its LBAs are unrecoverable until repaired");
@@ -312,9 +323,20 @@ impl Store {
         if !clean {
             jr.zero_free()?;
         }
-        for v in volumes.values() {
-            v.preserve_replayed(&blocks);
+        for (v, base) in &order {
+            if !volumes.contains_key(&v.meta.name) {
+                continue;
+            }
+            let page = |p: u64| {
+                let (src, snap) = base.as_ref().expect("only called with a base");
+                snapshot_page_of(&blocks, src, snap, p)
+            };
+            v.preserve_replayed(
+                &blocks,
+                base.as_ref().map(|_| &page as &dyn Fn(u64) -> Option<Page>),
+            );
         }
+        drop(order);
         for v in volumes.values() {
             for id in v.all_ids() {
                 blocks.add_ref(id);
@@ -354,6 +376,7 @@ impl Store {
         store.update_volume_stats();
         for v in store.volumes.read().values() {
             let _ = v.dirty_counter.set(store.dirty_pages.clone());
+            let _ = v.blocks.set(store.blocks.clone());
         }
         for v in store.volumes.read().values() {
             let st = v.state.lock();
@@ -535,6 +558,7 @@ impl Store {
         let v = match Volume::create(&dir, meta) {
             Ok(v) => {
                 let _ = v.dirty_counter.set(self.dirty_pages.clone());
+                let _ = v.blocks.set(self.blocks.clone());
                 Arc::new(v)
             }
             Err(e) => {
@@ -555,6 +579,13 @@ impl Store {
         // After a failure a reset's intent may be left to finish at the next open: its
         // source must still be there then.
         self.check_failed()?;
+        let uid = self
+            .volume(name)
+            .ok_or_else(|| StoreError::NoSuchVolume(name.to_string()))?
+            .meta
+            .uid;
+        // Clones sharing pages with its snapshots make them their own first.
+        self.flatten_clones_of(uid, None)?;
         let _cp = self.cp_lock.write();
         let v = self
             .volumes
@@ -644,6 +675,10 @@ impl Store {
         let v = self
             .volume(volume)
             .ok_or_else(|| StoreError::NoSuchVolume(volume.to_string()))?;
+        if let Some(s) = v.snapshot(name).filter(|s| which(s)) {
+            // Clones sharing pages with it make them their own first.
+            self.flatten_clones_of(v.meta.uid, Some(s.id))?;
+        }
         {
             // Not while a snapshot is being installed (`install_snapshot` holds this
             // for writing): its check of what the volume's snapshots hold and its
@@ -939,18 +974,7 @@ impl Store {
     /// Snapshot `snap`'s page `p`: the 256 ids it maps, from the volume's page when
     /// that still holds it, else from its page block. `None`: neither verifies (lost).
     pub fn snapshot_page(&self, vol: &Volume, snap: &Snapshot, p: u64) -> Option<Page> {
-        let c = *snap.l1.get(p as usize)?;
-        if c == Checksum::ZERO {
-            return Some(Box::new([BlockId::ZERO; FANOUT]));
-        }
-        if let Some(pg) = vol.shared_page(p, c) {
-            return Some(pg);
-        }
-        let mut b = vec![0u8; BLOCK_SIZE];
-        match self.blocks.read(BlockId(c.0), &mut b) {
-            Ok(true) => Some(crate::volume::decode_page(&b)),
-            _ => None,
-        }
+        snapshot_page_of(&self.blocks, vol, snap, p)
     }
 
     /// Reads whole blocks of snapshot `snap` of `vol`, every block verified against
@@ -2050,4 +2074,20 @@ const _: () = assert!(ID_LEN == 16);
 /// `BlockId::ZERO`).
 pub fn block_ids(data: &[u8]) -> Vec<BlockId> {
     data.chunks_exact(BLOCK_SIZE).map(BlockId::of).collect()
+}
+
+/// `Store::snapshot_page`, with the store's blocks given (while it opens).
+fn snapshot_page_of(blocks: &BlockStore, vol: &Volume, snap: &Snapshot, p: u64) -> Option<Page> {
+    let c = *snap.l1.get(p as usize)?;
+    if c == Checksum::ZERO {
+        return Some(Box::new([BlockId::ZERO; FANOUT]));
+    }
+    if let Some(pg) = vol.shared_page(p, c) {
+        return Some(pg);
+    }
+    let mut b = vec![0u8; BLOCK_SIZE];
+    match blocks.read(BlockId(c.0), &mut b) {
+        Ok(true) => Some(crate::volume::decode_page(&b)),
+        _ => None,
+    }
 }

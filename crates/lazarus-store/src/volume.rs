@@ -389,6 +389,11 @@ pub(crate) struct VolState {
     /// copy is as current as the primary's. Not kept across a restart (a restarted
     /// replica resyncs anyway).
     pub mirrored: BTreeSet<u64>,
+    /// Pages of a clone that still hold its base snapshot's page (`BaseLink`): not on
+    /// disk here (a hole in the slice file, recorded with the base's checksum) and
+    /// holding no reference of this volume's; the base snapshot holds the blocks. A
+    /// page leaves the set (`unbase`, taking its references) before it changes.
+    pub based: HashSet<u64>,
     pub damage_dirty: bool,
     pub header_seq: u64,
 }
@@ -410,6 +415,7 @@ impl VolState {
             rewritten: BTreeMap::new(),
             snap_checked: HashSet::new(),
             mirrored: BTreeSet::new(),
+            based: HashSet::new(),
             damage_dirty: false,
             header_seq,
         }
@@ -443,6 +449,28 @@ pub struct Volume {
     /// volume, for reading while a read looks up its ids: a read sees the volume
     /// wholly before or wholly after a reset, never partly reset.
     pub(crate) reset_gate: parking_lot::RwLock<()>,
+    /// The snapshot this volume was cloned from, while some of its pages are still
+    /// that snapshot's (`VolState::based`; the file `base` in its directory).
+    pub(crate) base: Mutex<Option<BaseLink>>,
+    /// The store's blocks, for the references a page of a clone takes when it stops
+    /// being its base's (`unbase`); unset while the store opens (references are
+    /// recounted then).
+    pub(crate) blocks: std::sync::OnceLock<std::sync::Arc<crate::blocks::BlockStore>>,
+}
+
+/// Where a clone's unwritten pages come from: snapshot `snapshot_id` of the volume
+/// with uid `source_uid` (docs/format.md, "Clones share their snapshot's pages").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BaseLink {
+    pub source_uid: u64,
+    pub snapshot_id: u64,
+}
+
+/// A clone's base while its volume loads: the snapshot's level 1 and a reader of its
+/// pages (each verified against its checksum by the reader).
+pub(crate) struct BaseSource<'a> {
+    pub l1: &'a [Checksum],
+    pub page: &'a dyn Fn(u64) -> Option<Page>,
 }
 
 /// What a block holds, for a map of a volume (`Volume::allocation`).
@@ -566,6 +594,8 @@ impl Volume {
             has_snaps: false.into(),
             dirty_counter: std::sync::OnceLock::new(),
             reset_gate: parking_lot::RwLock::new(()),
+            base: Mutex::new(None),
+            blocks: std::sync::OnceLock::new(),
         })
     }
 
@@ -600,6 +630,8 @@ impl Volume {
             has_snaps: false.into(),
             dirty_counter: std::sync::OnceLock::new(),
             reset_gate: parking_lot::RwLock::new(()),
+            base: Mutex::new(None),
+            blocks: std::sync::OnceLock::new(),
         })
     }
 
@@ -607,6 +639,12 @@ impl Volume {
     /// root. Pages that cannot be proven become damaged (their slots unknown).
     /// Returns the damaged page indexes found.
     pub fn load(&self) -> Result<Vec<u64>, StoreError> {
+        self.load_with_base(None)
+    }
+
+    /// `load` of a clone: a page that is a hole on disk and recorded with its base
+    /// snapshot's checksum is the base's page, read from `base` (and verified by it).
+    pub(crate) fn load_with_base(&self, base: Option<&BaseSource>) -> Result<Vec<u64>, StoreError> {
         let cp = self.cksum.path().to_path_buf();
         let sp = self.slice.path().to_path_buf();
         let page_count = self.page_count();
@@ -653,13 +691,30 @@ impl Volume {
             }
             p0 += n;
         }
-        for k in 0..top {
-            let up: Vec<Checksum> = actual[k]
-                .chunks(FANOUT)
-                .map(|g| Checksum::of_page(&encode_cksums(g)))
+        let tower = |mut l: Vec<Vec<Checksum>>| {
+            for k in 0..top {
+                let up: Vec<Checksum> = l[k]
+                    .chunks(FANOUT)
+                    .map(|g| Checksum::of_page(&encode_cksums(g)))
+                    .collect();
+                l.push(up);
+            }
+            l
+        };
+        // For a clone, the tree its pages would have if every hole were its base's
+        // page: what a damaged checksum page is rebuilt from when that proves it.
+        let actual_based = base.map(|b| {
+            let l1 = actual[0]
+                .iter()
+                .enumerate()
+                .map(|(p, c)| match b.l1.get(p) {
+                    Some(bc) if *c == Checksum::ZERO => *bc,
+                    _ => *c,
+                })
                 .collect();
-            actual.push(up);
-        }
+            tower(vec![l1])
+        });
+        let actual = tower(actual);
 
         // Stored checksum pages, verified from the root down. `trusted[k][i]` is the
         // recorded checksum at level k, or None where nothing proves it.
@@ -683,11 +738,15 @@ impl Volume {
                     for (i, c) in decode_cksums(&b, hi - lo).into_iter().enumerate() {
                         trusted[k][lo + i] = Some(c);
                     }
-                } else if Checksum::of_page(&encode_cksums(&actual[k][lo..hi])) == expected {
+                } else if let Some(below) = [Some(&actual), actual_based.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .find(|a| Checksum::of_page(&encode_cksums(&a[k][lo..hi])) == expected)
+                {
                     // The checksum page is damaged but everything below it still hashes
                     // up to what the level above recorded: rebuild it from below.
                     for i in lo..hi {
-                        trusted[k][i] = Some(actual[k][i]);
+                        trusted[k][i] = Some(below[k][i]);
                     }
                     rebuilt.insert((k, j));
                     tracing::warn!(volume = %self.meta.name, level = k + 1, page = j, "checksum page damaged; rebuilt from the pages below it");
@@ -697,8 +756,23 @@ impl Volume {
 
         let mut damaged = self.read_damage_file()?;
         let mut found = Vec::new();
+        let mut based = HashSet::new();
         for p in 0..page_count {
             let trusted_here = trusted[0][p as usize];
+            if let Some(b) = base
+                .filter(|_| actual[0][p as usize] == Checksum::ZERO && !damaged.contains_key(&p))
+            {
+                let bc = b.l1.get(p as usize).copied().unwrap_or(Checksum::ZERO);
+                if bc != Checksum::ZERO && trusted_here == Some(bc) {
+                    // The base's page, never written here: read it from there.
+                    if let Some(pg) = (b.page)(p) {
+                        pages.insert(p, pg);
+                        based.insert(p);
+                        continue;
+                    }
+                    tracing::error!(volume = %self.meta.name, page = p, "a clone's page cannot be read from the snapshot it shares it with");
+                }
+            }
             let ok = trusted_here == Some(actual[0][p as usize])
                 // A damaged page written since: its checksum is bound to its unknown
                 // slots (`damaged_page_checksum`), and its known ones stay known.
@@ -724,8 +798,13 @@ impl Volume {
             })
             .collect();
         let mut st = self.state.lock();
-        st.allocated = pages.keys().copied().collect();
+        st.allocated = pages
+            .keys()
+            .filter(|p| !based.contains(p))
+            .copied()
+            .collect();
         st.pages = pages;
+        st.based = based;
         st.levels = levels;
         st.dirty_ck = rebuilt;
         st.damage_dirty = !found.is_empty();
@@ -900,6 +979,7 @@ impl Volume {
             let p = lb.page().0;
             let s = lb.slot();
             let recorded = st.levels[0][p as usize];
+            self.unbase(st, p);
             let stays_unknown =
                 replay && id.is_zero() && st.damaged.get(&p).is_some_and(|b| bit(b, s));
             if let Some(bits) = st.damaged.get_mut(&p).filter(|_| !stays_unknown) {
@@ -1487,7 +1567,13 @@ impl Volume {
     /// does not hold it, store it now (the crash came before the checkpoint that would
     /// have overwritten it, and the page block put before the crash was not indexed).
     /// References are counted afterwards (`count_snapshot_refs`).
-    pub(crate) fn preserve_replayed(&self, blocks: &crate::blocks::BlockStore) {
+    /// A clone's page that was its base's (a hole on disk) had the base's page
+    /// (`base`) as its checkpointed content.
+    pub(crate) fn preserve_replayed(
+        &self,
+        blocks: &crate::blocks::BlockStore,
+        base: Option<&dyn Fn(u64) -> Option<Page>>,
+    ) {
         if !self.has_snaps.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }
@@ -1497,6 +1583,12 @@ impl Volume {
             let mut b = vec![0u8; BLOCK_SIZE];
             if self.slice.read_at(&mut b, slice_page_offset(p)).is_err() {
                 continue;
+            }
+            if let Some(pg) = base
+                .filter(|_| lazarus_types::is_zero(&b))
+                .and_then(|f| f(p))
+            {
+                b = encode_page(&pg[..]);
             }
             let c = Checksum::of_page(&b);
             if c == Checksum::ZERO || !layer.pages.contains_key(&c) {
@@ -1606,7 +1698,10 @@ impl Volume {
             .into_iter()
             .map(|p| {
                 let ids = match st.pages.get(&p) {
-                    Some(pg) if !st.damaged.contains_key(&p) => pg.to_vec(),
+                    // A clone's page still its base's holds no reference of its own.
+                    Some(pg) if !st.damaged.contains_key(&p) && !st.based.contains(&p) => {
+                        pg.to_vec()
+                    }
                     _ => Vec::new(),
                 };
                 let shared = layer
@@ -1620,12 +1715,90 @@ impl Volume {
     }
 
     /// Every mapped id, for reference counting at recovery and for deletion.
+    /// (A clone's pages still its base's hold none: `VolState::based`.)
     pub fn all_ids(&self) -> Vec<BlockId> {
         let st = self.state.lock();
         st.pages
-            .values()
-            .flat_map(|p| p.iter().copied().filter(|id| !id.is_zero()))
+            .iter()
+            .filter(|(p, _)| !st.based.contains(p))
+            .flat_map(|(_, pg)| pg.iter().copied().filter(|id| !id.is_zero()))
             .collect()
+    }
+
+    /// Page `p` stops being its base's (it is about to change, or be written here):
+    /// this volume takes a reference on each block it names, as its own page holds.
+    /// At open the references are recounted afterwards, so none is taken then.
+    fn unbase(&self, st: &mut VolState, p: u64) {
+        if !st.based.remove(&p) {
+            return;
+        }
+        if let (Some(blocks), Some(pg)) = (self.blocks.get(), st.pages.get(&p)) {
+            blocks.retain_stored(&pg[..]);
+        }
+    }
+
+    /// The base this clone's pages come from, if any of them still does.
+    pub fn base_link(&self) -> Option<BaseLink> {
+        *self.base.lock()
+    }
+
+    /// How many pages are still the base snapshot's.
+    pub fn based_pages(&self) -> u64 {
+        self.state.lock().based.len() as u64
+    }
+
+    /// Up to `max` of the pages still the base's, lowest first.
+    pub(crate) fn some_based_pages(&self, max: usize) -> Vec<u64> {
+        let st = self.state.lock();
+        let mut v: Vec<u64> = st.based.iter().copied().collect();
+        v.sort_unstable();
+        v.truncate(max);
+        v
+    }
+
+    /// Pages `pages` (room reserved by the caller) become this volume's own: each
+    /// takes its references and is written here at the next checkpoint.
+    pub(crate) fn materialize(&self, pages: &[u64]) {
+        let mut st = self.state.lock();
+        let st = &mut *st;
+        for p in pages {
+            if !st.based.contains(p) {
+                continue;
+            }
+            self.unbase(st, *p);
+            if st.dirty.insert(*p) {
+                self.count_dirty();
+            }
+        }
+    }
+
+    /// Whether every page this volume holds is its base's (or none is): nothing
+    /// written, damaged or changed since the last checkpoint, and no snapshot. A
+    /// clone's base can be laid only on such a volume.
+    pub(crate) fn holds_only_base(&self) -> bool {
+        let st = self.state.lock();
+        st.pages.keys().all(|p| st.based.contains(p))
+            && st.damaged.is_empty()
+            && st.dirty.is_empty()
+            && st.stale.is_empty()
+            && self.snaps.lock().list.is_empty()
+    }
+
+    /// Lays base pages: each `(p, page, checksum)` becomes page `p`, shared with the
+    /// base (no reference, not written here), recorded with its checksum; the
+    /// checksum pages above them are written at the next checkpoint. The caller
+    /// checked `holds_only_base` and has verified each page.
+    pub(crate) fn lay_base(&self, pages: Vec<(u64, Page, Checksum)>) {
+        let mut st = self.state.lock();
+        let st = &mut *st;
+        let mut groups = BTreeSet::new();
+        for (p, pg, c) in pages {
+            st.pages.insert(p, pg);
+            st.based.insert(p);
+            st.levels[0][p as usize] = c;
+            groups.insert(p / FANOUT_U64);
+        }
+        Volume::propagate(st, groups);
     }
 
     /// Lengths of the checksum tree's levels (level 1 first; the last is the root).
@@ -1732,6 +1905,7 @@ impl Volume {
         let mut st = self.state.lock();
         let st = &mut *st;
         Volume::refresh_tree(st);
+        self.unbase(st, p);
         if let Some(pg) = st.pages.get(&p) {
             if (0..FANOUT).any(|i| bit(&unknown, i) && !pg[i].is_zero()) {
                 return Err(StoreError::Invalid(format!(
@@ -1827,6 +2001,19 @@ impl Volume {
     /// (`damaged_page_checksum`), so no copy passes for current on it: every node was
     /// asked for the block already. Returns the LBAs marked.
     pub fn mark_lost(&self, lba: Lba, count: u64, id: BlockId) -> Result<Vec<u64>, StoreError> {
+        let end = lba.0.saturating_add(count).min(self.block_count());
+        if end > lba.0 {
+            // A page of a clone still its base's is written here from now on.
+            let based: Vec<u64> = {
+                let st = self.state.lock();
+                (lba.page().0..=Lba(end - 1).page().0)
+                    .filter(|p| st.based.contains(p))
+                    .collect()
+            };
+            for p in based {
+                self.ensure_allocated(p, p)?;
+            }
+        }
         let mut st = self.state.lock();
         let st = &mut *st;
         Volume::refresh_tree(st);
@@ -1838,6 +2025,12 @@ impl Volume {
                 || st.damaged.get(&p).is_some_and(|b| bit(b, s))
             {
                 continue;
+            }
+            if st.based.contains(&p) {
+                self.unbase(st, p);
+                if st.dirty.insert(p) {
+                    self.count_dirty();
+                }
             }
             let bits = st.damaged.entry(p).or_insert([0; FANOUT / 64]);
             bits[s / 64] |= 1 << (s % 64);
@@ -1922,6 +2115,10 @@ impl Volume {
         let read = self.slice.read_at(&mut b, slice_page_offset(p));
         let mut st = self.state.lock();
         Volume::refresh_tree(&mut st);
+        if st.based.contains(&p) {
+            // Not on this volume's disk: its base snapshot's page, verified when read.
+            return Ok(false);
+        }
         let recorded = st.levels[0][p as usize];
         let good = read.is_ok() && Checksum::of_page(&b) == recorded;
         if good {
@@ -1951,7 +2148,7 @@ impl Volume {
         let read = self.slice.read_at(&mut b, slice_page_offset(p));
         let mut st = self.state.lock();
         Volume::refresh_tree(&mut st);
-        if st.dirty.contains(&p) || st.damaged.contains_key(&p) {
+        if st.dirty.contains(&p) || st.damaged.contains_key(&p) || st.based.contains(&p) {
             return Ok(false);
         }
         let recorded = st.levels[0][p as usize];

@@ -36,20 +36,29 @@ const RESET_CHUNK_BLOCKS: usize = 1024;
 
 /// What `reset.pending` names: the snapshot the volume is being made to read as.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct ResetIntent {
-    source: String,
-    source_uid: u64,
-    snapshot: String,
-    id: u64,
-    root: Checksum,
+pub(super) struct ResetIntent {
+    pub(super) source: String,
+    pub(super) source_uid: u64,
+    pub(super) snapshot: String,
+    pub(super) id: u64,
+    pub(super) root: Checksum,
 }
 
 impl ResetIntent {
     /// magic, u16 + source volume name, u64 its uid, u16 + snapshot name, u64 id,
     /// 16-byte root, CRC32C of everything before it.
     fn encode(&self) -> Vec<u8> {
+        self.encode_as(RESET_MAGIC)
+    }
+
+    fn decode(b: &[u8]) -> Result<ResetIntent, String> {
+        Self::decode_as(b, RESET_MAGIC)
+    }
+
+    /// The same fields under another magic (a clone's `base` file).
+    pub(super) fn encode_as(&self, magic: &[u8; 8]) -> Vec<u8> {
         let mut b = Vec::with_capacity(64 + self.source.len() + self.snapshot.len());
-        b.extend_from_slice(RESET_MAGIC);
+        b.extend_from_slice(magic);
         b.extend_from_slice(&(self.source.len() as u16).to_le_bytes());
         b.extend_from_slice(self.source.as_bytes());
         b.extend_from_slice(&self.source_uid.to_le_bytes());
@@ -62,9 +71,9 @@ impl ResetIntent {
         b
     }
 
-    fn decode(b: &[u8]) -> Result<ResetIntent, String> {
-        if b.len() < 8 + 4 || &b[..8] != RESET_MAGIC {
-            return Err("not an reset intent".into());
+    pub(super) fn decode_as(b: &[u8], magic: &[u8; 8]) -> Result<ResetIntent, String> {
+        if b.len() < 8 + 4 || &b[..8] != magic {
+            return Err("wrong magic".into());
         }
         let (body, crc) = b.split_at(b.len() - 4);
         if crc32c::crc32c(body) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
@@ -134,6 +143,13 @@ fn differing_runs(
     runs
 }
 
+/// The last step of a reset: its intent removed, durably.
+pub(super) fn remove_intent(d: &Volume) -> Result<(), StoreError> {
+    let path = d.dir.join(RESET_PENDING);
+    disk::remove_file(&path).map_err(|e| StoreError::io(&path, e))?;
+    disk::sync_dir(&d.dir).map_err(|e| StoreError::io(&d.dir, e))
+}
+
 /// Whether page `p` of `d` is known, without reading it, to hold snapshot `snap`'s
 /// page: clean and recorded with the snapshot's checksum (or zeroes on both sides).
 fn same_page(d: &Volume, snap: &Snapshot, p: u64) -> bool {
@@ -173,7 +189,12 @@ impl Store {
             )));
         }
         let t0 = std::time::Instant::now();
-        self.reset_prepare(&d, &s, &snap)?;
+        let share = self.can_share(&d, &s, &snap);
+        if share {
+            self.share_prepare(&d, &s, &snap)?;
+        } else {
+            self.reset_prepare(&d, &s, &snap)?;
+        }
         let intent = ResetIntent {
             source: src.to_string(),
             source_uid: s.meta.uid,
@@ -183,7 +204,12 @@ impl Store {
         };
         let path = d.dir.join(RESET_PENDING);
         disk::write_file_atomic(&path, &intent.encode()).map_err(|e| StoreError::io(&path, e))?;
-        let out = self.reset_apply(&d, &s, &snap).inspect_err(|e| {
+        let applied = if share {
+            self.share_apply(&d, &s, &snap, &intent)
+        } else {
+            self.reset_apply(&d, &s, &snap)
+        };
+        let out = applied.inspect_err(|e| {
             // Committed but not applied: nothing more may be acknowledged (the next
             // open finishes the apply over it).
             self.failed.store(true, Ordering::Release);
@@ -195,6 +221,7 @@ impl Store {
             snapshot = name,
             changed_blocks = out.changed_blocks,
             changed_pages = out.changed_pages,
+            shared = share,
             elapsed_ms = t0.elapsed().as_millis() as u64,
             "volume now reads as the snapshot"
         );
@@ -202,7 +229,12 @@ impl Store {
     }
 
     /// Page `p` of `snap` (zeroes past its end), or why it cannot be had.
-    fn reset_target(&self, s: &Volume, snap: &Snapshot, p: u64) -> Result<Page, StoreError> {
+    pub(super) fn reset_target(
+        &self,
+        s: &Volume,
+        snap: &Snapshot,
+        p: u64,
+    ) -> Result<Page, StoreError> {
         if p >= snap.page_count() {
             return Ok(Box::new([BlockId::ZERO; FANOUT]));
         }
@@ -316,9 +348,7 @@ impl Store {
         // only once the damage list without it is on disk (it is written by
         // checkpoints), or a crash would bring its unknown slots back.
         self.checkpoint()?;
-        let path = d.dir.join(RESET_PENDING);
-        disk::remove_file(&path).map_err(|e| StoreError::io(&path, e))?;
-        disk::sync_dir(&d.dir).map_err(|e| StoreError::io(&d.dir, e))?;
+        remove_intent(d)?;
         out.root = d.root().to_hex();
         Ok(out)
     }
@@ -393,7 +423,11 @@ impl Store {
             })?;
         tracing::warn!(volume = %d.meta.name, source = %i.source, snapshot = %i.snapshot, "finishing a revert or clone interrupted by a crash");
         let _one = self.reset_lock.write();
-        self.reset_apply(d, &s, &snap)?;
+        if self.can_share(d, &s, &snap) {
+            self.share_apply(d, &s, &snap, &i)?;
+        } else {
+            self.reset_apply(d, &s, &snap)?;
+        }
         Ok(())
     }
 }

@@ -1,0 +1,296 @@
+//! Guards clones that share their snapshot's pages (docs/format.md, "Clones share
+//! their snapshot's pages"): a clone reads its snapshot until it writes, then its own
+//! writes; the snapshot's volume changes independently; deleting the snapshot or its
+//! volume leaves the clone whole (it makes the pages its own first); clones of clones
+//! work the same; all of it survives crashes (drop without a flush) at any point, and
+//! the reference counts a running store keeps agree with a restart's.
+
+use lazarus_store::{Store, StoreOptions};
+use lazarus_types::{Lba, BLOCK_SIZE};
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+fn block(seed: u64) -> Vec<u8> {
+    if seed == 0 {
+        return vec![0u8; BLOCK_SIZE];
+    }
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut b = vec![0u8; BLOCK_SIZE];
+    rng.fill(&mut b[..128]);
+    b[128..].fill((seed % 251) as u8);
+    b
+}
+
+fn opts() -> StoreOptions {
+    StoreOptions {
+        journal_bytes: 8 << 20,
+    }
+}
+
+const BLOCKS: u64 = 1024 + 40; // 5 slice pages, the last partial
+
+/// What the test knows of one volume.
+#[derive(Clone, Default)]
+struct Model {
+    /// Values as of the last durability point.
+    durable: HashMap<u64, u64>,
+    /// Values written since, in order: after a crash an LBA holds its durable value
+    /// or one of these.
+    since: HashMap<u64, Vec<u64>>,
+    snaps: BTreeMap<String, HashMap<u64, u64>>,
+}
+
+impl Model {
+    fn latest(&self) -> HashMap<u64, u64> {
+        let mut m = self.durable.clone();
+        for (l, v) in &self.since {
+            m.insert(*l, *v.last().unwrap());
+        }
+        m
+    }
+
+    fn settle(&mut self) {
+        self.durable = self.latest();
+        self.since.clear();
+    }
+}
+
+fn read(s: &Store, name: &str, snap: Option<&str>, lba: u64) -> Vec<u8> {
+    let v = s.volume(name).unwrap();
+    let mut buf = vec![0u8; BLOCK_SIZE];
+    match snap {
+        Some(n) => s.read_snapshot(&v, &v.snapshot(n).unwrap(), Lba(lba), &mut buf),
+        None => s.read_blocks(&v, Lba(lba), &mut buf),
+    }
+    .unwrap_or_else(|e| panic!("{name}@{snap:?} lba {lba}: {e}"));
+    buf
+}
+
+#[test]
+fn clones_survive_random_operations_and_crashes() {
+    let seed = std::env::var("LAZARUS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0xc10e_u64);
+    println!("LAZARUS_SEED={seed}");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = Store::open(dir.path(), opts()).unwrap();
+        s.create_volume("v", BLOCKS * 4096).unwrap();
+    }
+    let mut vols: BTreeMap<String, Model> = BTreeMap::new();
+    vols.insert("v".into(), Model::default());
+    let mut next = 0;
+    let (mut clones, mut flattened, mut shared_seen) = (0, 0, 0u64);
+    for round in 0..12 {
+        let s = Store::open(dir.path(), opts()).unwrap();
+        let ctx = format!("round {round} (seed {seed})");
+        assert_eq!(s.recovery.missing_blocks, 0, "{ctx}");
+        assert!(
+            s.recovery.damaged_pages.is_empty(),
+            "{ctx}: {:?}",
+            s.recovery
+        );
+        assert!(
+            s.recovery.failed_volumes.is_empty(),
+            "{ctx}: {:?}",
+            s.recovery
+        );
+        let mut names: Vec<String> = s.volumes().iter().map(|v| v.meta.name.clone()).collect();
+        names.sort();
+        assert_eq!(names, vols.keys().cloned().collect::<Vec<_>>(), "{ctx}");
+        for (name, m) in vols.iter_mut() {
+            for (sn, want) in &m.snaps {
+                for lba in 0..BLOCKS {
+                    let w = want.get(&lba).copied().unwrap_or(0);
+                    assert!(
+                        read(&s, name, Some(sn), lba) == block(w),
+                        "{ctx}: {name}@{sn} LBA {lba} is not {w}"
+                    );
+                }
+            }
+            for lba in 0..BLOCKS {
+                let got = read(&s, name, None, lba);
+                let d = m.durable.get(&lba).copied().unwrap_or(0);
+                let now = if got == block(d) {
+                    d
+                } else {
+                    let cands = m.since.get(&lba).cloned().unwrap_or_default();
+                    *cands.iter().find(|c| got == block(**c)).unwrap_or_else(|| {
+                        panic!("{ctx}: {name} LBA {lba} lost {d} and holds none of {cands:?}")
+                    })
+                };
+                m.durable.insert(lba, now);
+            }
+            m.since.clear();
+        }
+        for _ in 0..150 {
+            let names: Vec<String> = vols.keys().cloned().collect();
+            let name = names[rng.usize(0..names.len())].clone();
+            let lba = rng.u64(0..BLOCKS);
+            let n = rng.u64(1..=40).min(BLOCKS - lba);
+            match rng.u8(0..24) {
+                0..=9 => {
+                    let vals: Vec<u64> = (0..n).map(|_| rng.u64(1..300)).collect();
+                    let data: Vec<u8> = vals.iter().flat_map(|x| block(*x)).collect();
+                    s.write_blocks(&s.volume(&name).unwrap(), Lba(lba), &data)
+                        .unwrap();
+                    let m = vols.get_mut(&name).unwrap();
+                    for (i, x) in vals.iter().enumerate() {
+                        m.since.entry(lba + i as u64).or_default().push(*x);
+                    }
+                }
+                10 => {
+                    s.write_zeroes(&s.volume(&name).unwrap(), Lba(lba), n, rng.bool())
+                        .unwrap();
+                    let m = vols.get_mut(&name).unwrap();
+                    for i in 0..n {
+                        m.since.entry(lba + i).or_default().push(0);
+                    }
+                }
+                11 | 12 => {
+                    if rng.bool() {
+                        s.flush().unwrap();
+                    } else {
+                        s.checkpoint().unwrap();
+                    }
+                    vols.values_mut().for_each(Model::settle);
+                }
+                13 | 14 if vols[&name].snaps.len() < 3 => {
+                    next += 1;
+                    let sn = format!("s{next}");
+                    s.create_snapshot(&name, &sn, next).unwrap();
+                    vols.values_mut().for_each(Model::settle);
+                    let m = vols.get_mut(&name).unwrap();
+                    let at = m.durable.clone();
+                    m.snaps.insert(sn, at);
+                }
+                15 if !vols[&name].snaps.is_empty() => {
+                    // Deleting a snapshot makes its clones' shared pages their own.
+                    let m = vols.get_mut(&name).unwrap();
+                    let sn = m
+                        .snaps
+                        .keys()
+                        .nth(rng.usize(0..m.snaps.len()))
+                        .unwrap()
+                        .clone();
+                    m.snaps.remove(&sn);
+                    let before: u64 = s.volumes().iter().map(|v| v.based_pages()).sum();
+                    s.delete_snapshot(&name, &sn).unwrap();
+                    let after: u64 = s.volumes().iter().map(|v| v.based_pages()).sum();
+                    if after < before {
+                        flattened += 1;
+                    }
+                    vols.values_mut().for_each(Model::settle);
+                }
+                16..=18 if !vols[&name].snaps.is_empty() && vols.len() < 6 => {
+                    let m = &vols[&name];
+                    let sn = m
+                        .snaps
+                        .keys()
+                        .nth(rng.usize(0..m.snaps.len()))
+                        .unwrap()
+                        .clone();
+                    let at = m.snaps[&sn].clone();
+                    next += 1;
+                    let c = format!("c{next}");
+                    s.create_volume(&c, BLOCKS * 4096).unwrap();
+                    let r = s.reset_to_snapshot(&c, &name, &sn, 0).unwrap();
+                    let cv = s.volume(&c).unwrap();
+                    let src = s.volume(&name).unwrap();
+                    assert_eq!(r.root, src.snapshot(&sn).unwrap().root.to_hex(), "{ctx}");
+                    let written = at.iter().filter(|(_, v)| **v != 0).map(|(l, _)| l / 256);
+                    let written: HashSet<u64> = written.collect();
+                    let mapped = src.snapshot(&sn).unwrap().mapped_pages();
+                    // (A page of provisioned zeroes is mapped, to the zero block.)
+                    assert!(mapped >= written.len() as u64, "{ctx}");
+                    assert_eq!(
+                        cv.based_pages(),
+                        mapped,
+                        "{ctx}: a clone shares every page of its snapshot"
+                    );
+                    shared_seen += cv.based_pages();
+                    clones += 1;
+                    vols.values_mut().for_each(Model::settle);
+                    vols.insert(
+                        c,
+                        Model {
+                            durable: at,
+                            ..Default::default()
+                        },
+                    );
+                }
+                19 if !vols[&name].snaps.is_empty() && rng.bool() => {
+                    let m = vols.get_mut(&name).unwrap();
+                    let sn = m
+                        .snaps
+                        .keys()
+                        .nth(rng.usize(0..m.snaps.len()))
+                        .unwrap()
+                        .clone();
+                    s.reset_to_snapshot(&name, &name, &sn, 0).unwrap();
+                    let at = m.snaps[&sn].clone();
+                    vols.values_mut().for_each(Model::settle);
+                    vols.get_mut(&name).unwrap().durable = at;
+                }
+                20 if vols.len() > 2 && rng.bool() => {
+                    // Deleting a volume: clones of its snapshots keep their pages.
+                    s.delete_volume(&name).unwrap();
+                    vols.remove(&name);
+                    vols.values_mut().for_each(Model::settle);
+                    if vols.is_empty() {
+                        s.create_volume("v", BLOCKS * 4096).unwrap();
+                        vols.insert("v".into(), Model::default());
+                    }
+                }
+                21 => {
+                    // A scrub of the slice file: shared pages are not on this disk.
+                    let v = s.volume(&name).unwrap();
+                    for p in 0..v.page_count() {
+                        assert!(!v.scrub_slice_page(p).unwrap(), "{ctx}: {name} page {p}");
+                    }
+                }
+                _ => {
+                    let m = &vols[&name];
+                    let latest = m.latest();
+                    for lba in 0..BLOCKS {
+                        let w = latest.get(&lba).copied().unwrap_or(0);
+                        assert!(
+                            read(&s, &name, None, lba) == block(w),
+                            "{ctx}: {name} LBA {lba} is not {w} while running"
+                        );
+                    }
+                }
+            }
+        }
+        if round % 3 == 2 {
+            s.checkpoint().unwrap();
+            vols.values_mut().for_each(Model::settle);
+            let running = s.block_stats().blocks;
+            drop(s);
+            let s = Store::open(dir.path(), opts()).unwrap();
+            assert_eq!(
+                s.block_stats().blocks,
+                running,
+                "{ctx}: a restart counts another number of blocks than the running store"
+            );
+        }
+        // Crash: drop without flushing.
+    }
+    println!("clones: {clones}, pages shared at cloning: {shared_seen}, deletions that flattened: {flattened}");
+    assert!(clones > 3 && flattened > 0, "the run exercised clones");
+    // Deleting every snapshot leaves exactly what the volumes map.
+    let s = Store::open(dir.path(), opts()).unwrap();
+    for (name, m) in &vols {
+        for sn in m.snaps.keys() {
+            s.delete_snapshot(name, sn).unwrap();
+        }
+    }
+    s.checkpoint().unwrap();
+    let mut mapped = HashSet::new();
+    for v in s.volumes() {
+        assert_eq!(v.based_pages(), 0, "no snapshot left to share pages with");
+        mapped.extend(v.all_ids());
+    }
+    assert_eq!(s.block_stats().blocks, mapped.len() as u64);
+}
