@@ -701,7 +701,13 @@ impl Engine {
             nodes,
             lazarus_rpc::KIND_VOLUME_SNAPSHOT,
             op,
-            SNAPSHOT_RPC_TIMEOUT,
+            // A deletion first makes the pages clones share with the snapshot their
+            // own (a mapping per block, as a revert's): as long as a reset may take.
+            if op.create {
+                SNAPSHOT_RPC_TIMEOUT
+            } else {
+                RESET_RPC_TIMEOUT
+            },
         )
         .await
     }

@@ -206,6 +206,17 @@ pub struct VolumeView {
     /// its snapshots, nothing else); `Store::snapshot_space`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exclusive_bytes: Option<u64>,
+    /// A clone: the snapshot (`VOLUME@NAME`) it still shares slice pages with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone_of: Option<String>,
+    /// A clone: the mapped blocks of the pages it still shares with that snapshot
+    /// (not written since the clone).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub shared_blocks: u64,
+}
+
+fn is_zero_u64(n: &u64) -> bool {
+    *n == 0
 }
 
 pub fn volume_view(v: &Volume) -> VolumeView {
@@ -225,6 +236,8 @@ pub fn volume_view(v: &Volume) -> VolumeView {
             .collect(),
         snapshots: v.snapshots().iter().map(|s| s.name.clone()).collect(),
         exclusive_bytes: None,
+        clone_of: None,
+        shared_blocks: v.shared_usage().1,
     }
 }
 
@@ -238,6 +251,7 @@ async fn volume_view_with_space(
     lazarus_rpc::rt::blocking(move || {
         let mut view = volume_view(&v);
         view.exclusive_bytes = store.snapshot_space(&v).volume_exclusive;
+        view.clone_of = store.clone_base_of(&v);
         view
     })
     .await
@@ -612,6 +626,8 @@ async fn created_elsewhere(
                         unrecoverable_lbas: v["unrecoverable_lbas"].as_u64().unwrap_or(0),
                         snapshots: Vec::new(),
                         exclusive_bytes: None,
+                        clone_of: None,
+                        shared_blocks: 0,
                     }),
                 ));
             }
@@ -758,6 +774,8 @@ async fn resize_volume(
             unrecoverable_lbas: 0,
             snapshots: Vec::new(),
             exclusive_bytes: None,
+            clone_of: None,
+            shared_blocks: 0,
         };
         if let Some(m) = c.store.meta().volumes.get(&name) {
             v.uid = format!("{:016x}", m.uid);

@@ -1742,6 +1742,18 @@ impl Volume {
         *self.base.lock()
     }
 
+    /// Pages still the base snapshot's, and the blocks mapped in them.
+    pub fn shared_usage(&self) -> (u64, u64) {
+        let st = self.state.lock();
+        let blocks = st
+            .based
+            .iter()
+            .filter_map(|p| st.pages.get(p))
+            .map(|pg| pg.iter().filter(|id| !id.is_zero()).count() as u64)
+            .sum();
+        (st.based.len() as u64, blocks)
+    }
+
     /// How many pages are still the base snapshot's.
     pub fn based_pages(&self) -> u64 {
         self.state.lock().based.len() as u64

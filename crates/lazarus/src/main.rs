@@ -520,8 +520,15 @@ fn print_volumes(vols: &Value) {
             .flatten()
             .filter_map(|s| s.as_str())
             .collect();
+        let shares = match v["clone_of"].as_str() {
+            Some(base) => format!(
+                " (clone of {base}, {} still shared)",
+                human(v["shared_blocks"].as_u64().unwrap_or(0) * 4096)
+            ),
+            None => String::new(),
+        };
         println!(
-            "{:<16} {:>10} {:>14} {:>14} {:>14}  {:<12}  {}",
+            "{:<16} {:>10} {:>14} {:>14} {:>14}  {:<12}  {}{}",
             v["name"].as_str().unwrap_or("?"),
             human(v["size_bytes"].as_u64().unwrap_or(0)),
             human(v["mapped_blocks"].as_u64().unwrap_or(0) * 4096),
@@ -530,6 +537,7 @@ fn print_volumes(vols: &Value) {
             v["unrecoverable_lbas"].as_u64().unwrap_or(0),
             &v["root"].as_str().unwrap_or("")[..12.min(v["root"].as_str().unwrap_or("").len())],
             snaps.join(" "),
+            shares,
         );
     }
 }

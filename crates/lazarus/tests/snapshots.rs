@@ -592,6 +592,81 @@ fn clone_and_revert_through_real_clients() {
         .success());
 }
 
+/// A clone shares its snapshot's slice pages on every node (cloning costs the
+/// snapshot's checksums, not a mapping per block): `volume list` says so. It serves
+/// the snapshot where it has not written, across a kill -9 of a copy, which resyncs
+/// the clone's writes it missed; deleting the snapshot and then its volume, on the
+/// cluster, leaves the clone byte-identical on every node, and after a restart too.
+#[test]
+fn a_clone_shares_its_snapshot_and_outlives_it_on_every_node() {
+    let (tmp, data) = setup();
+    let up = Up::start(&data, "64MiB");
+    let img = tmp.path().join("in.img");
+    random_file(&img, 12 << 20, seed());
+    run("nbdcopy", &[img.to_str().unwrap(), &up.uri(1, "vol0")]);
+    up.cli_ok(&["snapshot", "create", "vol0", "s"]);
+    qemu_io_ok(&up.uri(1, "vol0"), &["write -P 0x21 0 2M", "flush"]);
+    let out = up.cli_ok(&["volume", "clone", "vol0@s", "c1"]);
+    assert!(out.contains("cloned vol0@s into new volume c1"), "{out}");
+    for n in 1..=3 {
+        let v = up.get(n, "/api/v1/volumes/c1").unwrap();
+        assert_eq!(v["clone_of"], "vol0@s", "n{n}: {v}");
+        // 12 MiB of random data: every block mapped, all of it shared.
+        assert_eq!(v["shared_blocks"], 3072, "n{n}: {v}");
+    }
+    let list = up.cli_ok(&["volume", "list"]);
+    assert!(
+        list.contains("clone of vol0@s, 12.0 MiB still shared"),
+        "{list}"
+    );
+    // A copy killed -9 misses writes to the clone; it resyncs them on its return.
+    up.cli_ok(&["fault", "kill", "--node", "n3"]);
+    qemu_io_ok(
+        &up.uri(1, "c1"),
+        &["write -P 0x31 1M 1M", "write -P 0x32 20M 1M", "flush"],
+    );
+    up.cli_ok(&["fault", "revive", "--node", "n3"]);
+    up.wait_all_live(1, "c1", Duration::from_secs(60));
+    let roots: Vec<String> = (1..=3).map(|n| up.root(n, "c1")).collect();
+    assert!(roots.iter().all(|r| *r == roots[0]), "{roots:?}");
+    let (ok, text) = qemu_io(
+        &up.uri(3, "c1"),
+        &[
+            "read -P 0x31 1M 1M",
+            "read -P 0x32 20M 1M",
+            "read -P 0 24M 1M",
+        ],
+        true,
+    );
+    assert!(ok, "{text}");
+    let want = tmp.path().join("c1.img");
+    run("nbdcopy", &[&up.uri(2, "c1"), want.to_str().unwrap()]);
+    // The snapshot, then its volume, deleted on the cluster: the clone is whole.
+    up.cli_ok(&["snapshot", "delete", "vol0", "s"]);
+    for n in 1..=3 {
+        let v = up.get(n, "/api/v1/volumes/c1").unwrap();
+        assert!(v.get("clone_of").is_none(), "n{n}: {v}");
+        assert!(
+            identical(want.to_str().unwrap(), &up.uri(n, "c1")),
+            "c1 through n{n} after its snapshot's deletion"
+        );
+    }
+    up.cli_ok(&["volume", "delete", "vol0"]);
+    qemu_io_ok(&up.uri(2, "c1"), &["write -P 0x41 30M 1M", "flush"]);
+    run("nbdcopy", &[&up.uri(2, "c1"), want.to_str().unwrap()]);
+    up.cli_ok(&["fault", "kill", "--node", "n1"]);
+    up.cli_ok(&["fault", "revive", "--node", "n1"]);
+    up.wait_all_live(2, "c1", Duration::from_secs(60));
+    for n in 1..=3 {
+        assert!(
+            identical(want.to_str().unwrap(), &up.uri(n, "c1")),
+            "c1 through n{n} after its origin's deletion and a restart"
+        );
+    }
+    let roots: Vec<String> = (1..=3).map(|n| up.root(n, "c1")).collect();
+    assert!(roots.iter().all(|r| *r == roots[0]), "{roots:?}");
+}
+
 /// A snapshot taken while a copy is down reaches that copy when it returns (its pages
 /// and blocks fetched from a copy that has it, only those it cannot read itself), so
 /// it survives the loss of both nodes that took it; a deletion the copy missed is

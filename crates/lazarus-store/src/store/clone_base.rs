@@ -113,6 +113,20 @@ fn read_base(v: &Volume) -> Option<ResetIntent> {
 }
 
 impl Store {
+    /// `VOLUME@SNAPSHOT` a clone still shares pages with, if any.
+    pub fn clone_base_of(&self, v: &Volume) -> Option<String> {
+        let b = v.base_link()?;
+        let src = self
+            .volumes()
+            .into_iter()
+            .find(|s| s.meta.uid == b.source_uid)?;
+        let snap = src
+            .snapshots()
+            .into_iter()
+            .find(|s| s.id == b.snapshot_id)?;
+        Some(format!("{}@{}", src.meta.name, snap.name))
+    }
+
     /// Whether resetting `d` to `snap` of `s` can share the snapshot's pages: `d` is
     /// another volume holding nothing of its own (a new clone, or one whose share a
     /// crash interrupted), with no other base.
