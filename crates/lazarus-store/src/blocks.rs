@@ -165,11 +165,38 @@ impl BlockStore {
     /// After recovery: frees every slot that no slice page references. Returns the
     /// number of referenced ids that have no stored block.
     pub fn finish_recovery(&self) -> usize {
+        self.finish_recovery_with(false)
+    }
+
+    /// `finish_recovery`; with `keep_unreferenced`, a stored block nothing counted is
+    /// kept, with a reference pinned until the next start: some volume could not be
+    /// loaded, and its references went uncounted (its blocks must outlive this run).
+    /// Only a block whose slot still holds it (read and verified) is kept: an index
+    /// entry may be stale (a slot freed and reused before a crash), and one kept would
+    /// let a later write of that content map a slot holding something else.
+    pub fn finish_recovery_with(&self, keep_unreferenced: bool) -> usize {
         let mut ix = self.inner.lock();
         let ix = &mut *ix;
         ix.free.clear();
+        let mut buf = vec![0u8; BLOCK_SIZE];
         for slot in (0..ix.slots.len()).rev() {
             let id = ix.slots[slot];
+            if keep_unreferenced && !id.is_zero() {
+                if let Some(e) = ix
+                    .map
+                    .get_mut(&id)
+                    .filter(|e| e.slot == slot as u64 && e.refs == 0)
+                {
+                    let intact = self
+                        .data
+                        .read_at(&mut buf, slot as u64 * BLOCK_SIZE_U64)
+                        .is_ok()
+                        && BlockId::hash_of(&buf) == id;
+                    if intact {
+                        e.refs = 1;
+                    }
+                }
+            }
             let keep = !id.is_zero()
                 && matches!(ix.map.get(&id), Some(e) if e.slot == slot as u64 && e.refs > 0);
             if !keep {

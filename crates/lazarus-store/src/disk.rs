@@ -154,6 +154,15 @@ pub fn write_file_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     lazarus_io::fs::write_atomic(path, data)
 }
 
+/// Renames a file or directory; `sync_dir` makes it durable. `Ok(false)`: the power
+/// is off (simulated), and it never happened.
+pub fn rename(from: &Path, to: &Path) -> io::Result<bool> {
+    if !powerloss::powered_fs_op() {
+        return Ok(false);
+    }
+    lazarus_io::fs::rename(from, to).map(|()| true)
+}
+
 /// Removes a file; `sync_dir` makes the removal durable.
 pub fn remove_file(path: &Path) -> io::Result<()> {
     if !powerloss::powered_fs_op() {
@@ -325,7 +334,10 @@ pub mod powerloss {
         let mut guard = STATE.lock().expect("powerloss lock");
         let Some(m) = guard.as_mut() else { return 0 };
         let mut lost = 0;
-        for (path, t) in m.iter_mut() {
+        // In path order: a seed replays the same crash.
+        let mut files: Vec<_> = m.iter_mut().collect();
+        files.sort_by(|a, b| a.0.cmp(b.0));
+        for (path, t) in files {
             let mut img = t.durable.clone();
             for op in std::mem::take(&mut t.pending) {
                 match rng(4) {

@@ -223,8 +223,9 @@ impl Store {
                 .and_then(|n| n.to_str())
                 .unwrap_or_default()
                 .to_string();
-            if name.starts_with(".deleted-") {
-                // A deletion interrupted by a crash: it was already durable (renamed).
+            if name.starts_with(".deleted-") || name.starts_with(".creating-") {
+                // A deletion interrupted by a crash: it was already durable (renamed);
+                // or a creation that never reached its rename: nothing refers to it.
                 let _ = lazarus_io::fs::remove_dir_all(&path);
                 continue;
             }
@@ -270,8 +271,20 @@ impl Store {
         }
         let blocks = Arc::new(BlockStore::open(&blocks_dir)?);
         // Clones after the volumes whose snapshots they share pages with.
-        let order = clone_base::load_order(&volumes);
-        for (v, base) in &order {
+        let mut order = clone_base::load_order(&volumes)?;
+        // Volumes whose files opened but whose pages could not be loaded: they hold
+        // blocks (a torn creation, whose header never verified, holds none).
+        let mut unloaded: Vec<String> = Vec::new();
+        for (v, base) in &mut order {
+            if base
+                .as_ref()
+                .is_some_and(|(src, _)| report.failed_volumes.contains(&src.meta.name))
+            {
+                // Its source is not served: its blocks go uncounted.
+                tracing::error!(volume = %v.meta.name, "the volume this clone shares pages with did not load: those pages cannot be proven");
+                *base = None;
+                *v.base.lock() = None;
+            }
             let page = |p: u64| {
                 let (src, snap) = base.as_ref().expect("only called with a base");
                 snapshot_page_of(&blocks, src, snap, p)
@@ -290,6 +303,7 @@ impl Store {
                 Err(e) => {
                     tracing::error!(volume = %v.meta.name, error = %e, "volume cannot be loaded; it will not be served");
                     report.failed_volumes.push(v.meta.name.clone());
+                    unloaded.push(v.meta.name.clone());
                 }
             }
         }
@@ -343,7 +357,13 @@ impl Store {
             }
             v.count_snapshot_refs(&blocks);
         }
-        report.missing_blocks = blocks.finish_recovery();
+        // A volume that did not load holds references nobody counted: nothing is
+        // freed this run (every block kept, pinned), lest its data be reused.
+        let keep = !unloaded.is_empty();
+        if keep {
+            tracing::error!(volumes = ?unloaded, "volumes not loaded: no block is freed until a start that loads them all");
+        }
+        report.missing_blocks = blocks.finish_recovery_with(keep);
         if report.missing_blocks > 0 {
             tracing::error!(
                 count = report.missing_blocks,
@@ -555,18 +575,34 @@ impl Store {
             uid,
             size_bytes,
         };
-        let v = match Volume::create(&dir, meta) {
+        // Made whole under a temporary name, then renamed into place (the commit
+        // point): a crash midway leaves no half-made volume, only a directory the
+        // next open removes.
+        let vdir = self.dir.join("volumes");
+        let tmp = vdir.join(format!(".creating-{uid}"));
+        let _ = lazarus_io::fs::remove_dir_all(&tmp);
+        let made = Volume::create(&tmp, meta).and_then(|v| {
+            drop(v);
+            let renamed = disk::rename(&tmp, &dir).map_err(|e| StoreError::io(&dir, e))?;
+            disk::sync_dir(&vdir).map_err(|e| StoreError::io(&vdir, e))?;
+            // (Not renamed only with the power off, simulated: it is gone at restart.)
+            let v = Volume::open(if renamed { &dir } else { &tmp })?;
+            // As `Volume::create` wrote its checksum header.
+            v.state.lock().header_seq = 1;
+            Ok(v)
+        });
+        let v = match made {
             Ok(v) => {
                 let _ = v.dirty_counter.set(self.dirty_pages.clone());
                 let _ = v.blocks.set(self.blocks.clone());
                 Arc::new(v)
             }
             Err(e) => {
+                let _ = lazarus_io::fs::remove_dir_all(&tmp);
                 let _ = lazarus_io::fs::remove_dir_all(&dir);
                 return Err(e);
             }
         };
-        disk::sync_dir(&self.dir.join("volumes")).map_err(|e| StoreError::io(&self.dir, e))?;
         vols.insert(name.to_string(), v.clone());
         drop(vols);
         self.update_volume_stats();

@@ -757,17 +757,37 @@ impl Volume {
         let mut damaged = self.read_damage_file()?;
         let mut found = Vec::new();
         let mut based = HashSet::new();
+        // Pages of a clone that were its base's at the last checkpoint and were
+        // changed since (slots marked unknown): written here at the next checkpoint.
+        let mut own_now: BTreeSet<u64> = BTreeSet::new();
+        let mut healed = false;
         for p in 0..page_count {
             let trusted_here = trusted[0][p as usize];
-            if let Some(b) = base
-                .filter(|_| actual[0][p as usize] == Checksum::ZERO && !damaged.contains_key(&p))
-            {
+            if let Some(b) = base.filter(|_| actual[0][p as usize] == Checksum::ZERO) {
                 let bc = b.l1.get(p as usize).copied().unwrap_or(Checksum::ZERO);
                 if bc != Checksum::ZERO && trusted_here == Some(bc) {
                     // The base's page, never written here: read it from there.
                     if let Some(pg) = (b.page)(p) {
                         pages.insert(p, pg);
-                        based.insert(p);
+                        match damaged.get(&p) {
+                            None => {
+                                based.insert(p);
+                            }
+                            Some(bits) if bits.iter().all(|w| *w == u64::MAX) => {
+                                // Unknown whole because its base could not be read
+                                // at an earlier start: it can now.
+                                damaged.remove(&p);
+                                healed = true;
+                                based.insert(p);
+                                tracing::info!(volume = %self.meta.name, page = p, "a clone's page is read from its snapshot again");
+                            }
+                            Some(_) => {
+                                // Slots marked unknown after the checkpoint that
+                                // recorded it as the base's: the page is this
+                                // volume's now, those slots unknown.
+                                own_now.insert(p);
+                            }
+                        }
                         continue;
                     }
                     tracing::error!(volume = %self.meta.name, page = p, "a clone's page cannot be read from the snapshot it shares it with");
@@ -807,7 +827,9 @@ impl Volume {
         st.based = based;
         st.levels = levels;
         st.dirty_ck = rebuilt;
-        st.damage_dirty = !found.is_empty();
+        st.dirty = own_now.clone();
+        st.stale = own_now;
+        st.damage_dirty = !found.is_empty() || healed;
         st.damaged = damaged;
         st.header_seq = header.seq;
         Ok(found)
@@ -1529,6 +1551,19 @@ impl Volume {
         last: u64,
         blocks: &crate::blocks::BlockStore,
     ) -> Result<(), StoreError> {
+        // A clone's page shared with its base is written here once it changes: its
+        // room first (a trim reserves none otherwise).
+        let based: Vec<u64> = {
+            let st = self.state.lock();
+            if st.based.is_empty() {
+                Vec::new()
+            } else {
+                (first..=last).filter(|p| st.based.contains(p)).collect()
+            }
+        };
+        for p in based {
+            self.ensure_allocated(p, p)?;
+        }
         if !self.has_snaps.load(std::sync::atomic::Ordering::Acquire) {
             return Ok(());
         }
@@ -1577,9 +1612,16 @@ impl Volume {
         if !self.has_snaps.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }
-        let dirty: Vec<u64> = self.state.lock().dirty.iter().copied().collect();
+        // With what the checkpoint recorded there (not refreshed since the replay).
+        let dirty: Vec<(u64, Checksum)> = {
+            let st = self.state.lock();
+            st.dirty
+                .iter()
+                .map(|p| (*p, st.levels[0][*p as usize]))
+                .collect()
+        };
         let layer = self.snaps.lock();
-        for p in dirty {
+        for (p, recorded) in dirty {
             let mut b = vec![0u8; BLOCK_SIZE];
             if self.slice.read_at(&mut b, slice_page_offset(p)).is_err() {
                 continue;
@@ -1588,7 +1630,11 @@ impl Volume {
                 .filter(|_| lazarus_types::is_zero(&b))
                 .and_then(|f| f(p))
             {
-                b = encode_page(&pg[..]);
+                // Only where the checkpoint recorded the base's page.
+                let bytes = encode_page(&pg[..]);
+                if Checksum::of_page(&bytes) == recorded {
+                    b = bytes;
+                }
             }
             let c = Checksum::of_page(&b);
             if c == Checksum::ZERO || !layer.pages.contains_key(&c) {
@@ -1660,6 +1706,36 @@ impl Volume {
             st.pages.get(&p)?.clone()
         };
         (Checksum::of_page(&encode_page(&pg[..])) == c).then_some(pg)
+    }
+
+    /// `shared_page` for many pages at once (one lock): each `(p, c)` gives page `p`
+    /// if it is clean, recorded with `c` and hashes to it, else `None`.
+    pub(crate) fn shared_pages(&self, wanted: &[(u64, Checksum)]) -> Vec<Option<Page>> {
+        let pages: Vec<Option<Page>> = {
+            let st = self.state.lock();
+            wanted
+                .iter()
+                .map(|(p, c)| {
+                    let clean = !st.dirty.contains(p)
+                        && !st.stale.contains(p)
+                        && !st.damaged.contains_key(p)
+                        && st.levels[0].get(*p as usize) == Some(c);
+                    clean.then(|| st.pages.get(p).cloned()).flatten()
+                })
+                .collect()
+        };
+        let mut buf = vec![0u8; BLOCK_SIZE];
+        pages
+            .into_iter()
+            .zip(wanted)
+            .map(|(pg, (_, c))| {
+                let pg = pg?;
+                for (i, id) in pg.iter().enumerate() {
+                    buf[i * ID_LEN..(i + 1) * ID_LEN].copy_from_slice(&id.0);
+                }
+                (Checksum::of_page(&buf) == *c).then_some(pg)
+            })
+            .collect()
     }
 
     /// Level 1 of the volume's tree as its pages are now (a page changed since the
@@ -1914,10 +1990,13 @@ impl Volume {
                 "page {p}: no unknown slots to adopt"
             )));
         }
+        if self.state.lock().based.contains(&p) {
+            // Written here from now on: its room first.
+            self.ensure_allocated(p, p)?;
+        }
         let mut st = self.state.lock();
         let st = &mut *st;
         Volume::refresh_tree(st);
-        self.unbase(st, p);
         if let Some(pg) = st.pages.get(&p) {
             if (0..FANOUT).any(|i| bit(&unknown, i) && !pg[i].is_zero()) {
                 return Err(StoreError::Invalid(format!(
@@ -1925,6 +2004,7 @@ impl Volume {
                 )));
             }
         }
+        self.unbase(st, p);
         st.damaged.insert(p, unknown);
         st.damage_dirty = true;
         self.persist_damage(st)?;

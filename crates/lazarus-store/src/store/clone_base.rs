@@ -33,15 +33,18 @@ type BaseOf = Option<(Arc<Volume>, Arc<Snapshot>)>;
 /// The volumes in the order to load them: each clone after the volume whose snapshot
 /// it shares pages with, with that volume and snapshot (`None`: not a clone, or its
 /// base is not here, which leaves its shared pages unprovable: damaged). Sets each
-/// clone's `Volume::base`.
-pub(super) fn load_order(volumes: &HashMap<String, Arc<Volume>>) -> Vec<(Arc<Volume>, BaseOf)> {
+/// clone's `Volume::base`. A base file that cannot be read (an I/O error, not a
+/// damaged file) stops the open, as a snapshot file's does.
+pub(super) fn load_order(
+    volumes: &HashMap<String, Arc<Volume>>,
+) -> Result<Vec<(Arc<Volume>, BaseOf)>, StoreError> {
     let by_uid: HashMap<u64, &Arc<Volume>> = volumes.values().map(|v| (v.meta.uid, v)).collect();
     let mut todo: Vec<(Arc<Volume>, BaseOf)> = Vec::new();
     let mut names: Vec<&String> = volumes.keys().collect();
     names.sort();
     for name in names {
         let v = &volumes[name];
-        let base = read_base(v).and_then(|i| {
+        let base = read_base(v)?.and_then(|i| {
             let src = by_uid.get(&i.source_uid).filter(|s| s.meta.uid != v.meta.uid);
             let snap = src.and_then(|s| {
                 s.snapshots()
@@ -91,25 +94,26 @@ pub(super) fn load_order(volumes: &HashMap<String, Arc<Volume>>) -> Vec<(Arc<Vol
         }
         todo = rest;
     }
-    order
+    Ok(order)
 }
 
-/// A volume's `base` file, if it has a readable one.
-fn read_base(v: &Volume) -> Option<ResetIntent> {
+/// A volume's `base` file, if it has one that verifies (one that does not is
+/// reported: the pages it would explain are unprovable).
+fn read_base(v: &Volume) -> Result<Option<ResetIntent>, StoreError> {
     let path = v.dir.join(BASE_FILE);
     let b = match lazarus_io::fs::read(&path) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => {
-            tracing::error!(volume = %v.meta.name, file = %path.display(), error = %e, "a clone's base file cannot be read");
-            return None;
+            tracing::error!(volume = %v.meta.name, file = %path.display(), error = %e, "a clone's base file cannot be read; the store does not open");
+            return Err(StoreError::io(&path, e));
         }
     };
-    ResetIntent::decode_as(&b, BASE_MAGIC)
+    Ok(ResetIntent::decode_as(&b, BASE_MAGIC)
         .inspect_err(|e| {
-            tracing::error!(volume = %v.meta.name, file = %path.display(), error = %e, "a clone's base file does not verify");
+            tracing::error!(volume = %v.meta.name, file = %path.display(), error = %e, "a clone's base file does not verify: the pages it shares are unprovable");
         })
-        .ok()
+        .ok())
 }
 
 impl Store {
@@ -141,7 +145,9 @@ impl Store {
             })
     }
 
-    /// A share's step 1: every page of the snapshot reads and verifies here.
+    /// A share's step 1: every page of the snapshot can be had here. A page the
+    /// source volume still holds (clean, recorded with the snapshot's checksum) is
+    /// in its memory, verified when laid; a page block is read and verified now.
     pub(super) fn share_prepare(
         &self,
         d: &Volume,
@@ -150,7 +156,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         for p in 0..snap.page_count().min(d.page_count()) {
             let c = snap.l1[p as usize];
-            if c != Checksum::ZERO && !d.page_is(p, c) {
+            if c != Checksum::ZERO && !d.page_is(p, c) && !s.page_is(p, c) {
                 self.reset_target(s, snap, p)?;
             }
         }
@@ -181,13 +187,19 @@ impl Store {
         let mut p0 = 0;
         while p0 < n {
             let end = (p0 + LAY_PAGES).min(n);
-            let mut lay = Vec::new();
-            for p in p0..end {
-                let c = snap.l1[p as usize];
-                if c == Checksum::ZERO || d.page_is(p, c) {
-                    continue;
-                }
-                let pg = self.reset_target(s, snap, p)?;
+            let wanted: Vec<(u64, Checksum)> = (p0..end)
+                .map(|p| (p, snap.l1[p as usize]))
+                .filter(|(p, c)| *c != Checksum::ZERO && !d.page_is(*p, *c))
+                .collect();
+            // From the source volume's memory where it still holds them (one lock),
+            // else from page blocks.
+            let held = s.shared_pages(&wanted);
+            let mut lay = Vec::with_capacity(wanted.len());
+            for ((p, c), pg) in wanted.into_iter().zip(held) {
+                let pg = match pg {
+                    Some(pg) => pg,
+                    None => self.reset_target(s, snap, p)?,
+                };
                 out.changed_pages += 1;
                 out.changed_blocks += pg.iter().filter(|id| !id.is_zero()).count() as u64;
                 lay.push((p, pg, c));
@@ -202,6 +214,9 @@ impl Store {
             p0 = end;
         }
         drop(whole);
+        // Ends in a checkpoint whatever was laid, as a revert does (an empty
+        // snapshot lays nothing).
+        self.checkpoint()?;
         remove_intent(d)?;
         out.root = d.root().to_hex();
         Ok(out)
