@@ -578,12 +578,21 @@ impl Store {
         // Made whole under a temporary name, then renamed into place (the commit
         // point): a crash midway leaves no half-made volume, only a directory the
         // next open removes.
+        // (The simulator's file system renames no directory with its files: there
+        // the volume is made in place.)
         let vdir = self.dir.join("volumes");
-        let tmp = vdir.join(format!(".creating-{uid}"));
-        let _ = lazarus_io::fs::remove_dir_all(&tmp);
+        let tmp = if lazarus_io::net::in_simulation() {
+            dir.clone()
+        } else {
+            vdir.join(format!(".creating-{uid}"))
+        };
+        if tmp != dir {
+            let _ = lazarus_io::fs::remove_dir_all(&tmp);
+        }
         let made = Volume::create(&tmp, meta).and_then(|v| {
             drop(v);
-            let renamed = disk::rename(&tmp, &dir).map_err(|e| StoreError::io(&dir, e))?;
+            let renamed =
+                tmp == dir || disk::rename(&tmp, &dir).map_err(|e| StoreError::io(&dir, e))?;
             disk::sync_dir(&vdir).map_err(|e| StoreError::io(&vdir, e))?;
             // (Not renamed only with the power off, simulated: it is gone at restart.)
             let v = Volume::open(if renamed { &dir } else { &tmp })?;

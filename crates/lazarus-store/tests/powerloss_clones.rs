@@ -75,7 +75,11 @@ fn clones_survive_power_loss_at_random_instants() {
             s.recovery
         );
         // (A volume whose creation the power cut is there whole, or not at all.)
-        assert!(s.recovery.failed_volumes.is_empty(), "{ctx}: {:?}", s.recovery);
+        assert!(
+            s.recovery.failed_volumes.is_empty(),
+            "{ctx}: {:?}",
+            s.recovery
+        );
         let v = s.volume("v").unwrap();
         let present: Vec<String> = v.snapshots().iter().map(|x| x.name.clone()).collect();
         let mut buf = vec![0u8; BLOCK_SIZE];
