@@ -1684,7 +1684,11 @@ impl Volume {
     /// Whether page `p` is clean (not changed since the checkpoint, not damaged) and
     /// recorded with checksum `c`: then it holds content `c`, unread.
     pub(crate) fn page_is(&self, p: u64, c: Checksum) -> bool {
-        let st = self.state.lock();
+        Volume::clean_as(&self.state.lock(), p, c)
+    }
+
+    /// `page_is`, under the caller's lock.
+    fn clean_as(st: &VolState, p: u64, c: Checksum) -> bool {
         !st.dirty.contains(&p)
             && !st.stale.contains(&p)
             && !st.damaged.contains_key(&p)
@@ -1695,17 +1699,7 @@ impl Volume {
     /// volume (clean since the last checkpoint, recorded with that checksum, and
     /// verified here).
     pub(crate) fn shared_page(&self, p: u64, c: Checksum) -> Option<Page> {
-        let pg = {
-            let st = self.state.lock();
-            if st.dirty.contains(&p) || st.stale.contains(&p) || st.damaged.contains_key(&p) {
-                return None;
-            }
-            if st.levels[0].get(p as usize) != Some(&c) {
-                return None;
-            }
-            st.pages.get(&p)?.clone()
-        };
-        (Checksum::of_page(&encode_page(&pg[..])) == c).then_some(pg)
+        self.shared_pages(&[(p, c)]).pop().flatten()
     }
 
     /// `shared_page` for many pages at once (one lock): each `(p, c)` gives page `p`
@@ -1716,11 +1710,9 @@ impl Volume {
             wanted
                 .iter()
                 .map(|(p, c)| {
-                    let clean = !st.dirty.contains(p)
-                        && !st.stale.contains(p)
-                        && !st.damaged.contains_key(p)
-                        && st.levels[0].get(*p as usize) == Some(c);
-                    clean.then(|| st.pages.get(p).cloned()).flatten()
+                    Volume::clean_as(&st, *p, *c)
+                        .then(|| st.pages.get(p).cloned())
+                        .flatten()
                 })
                 .collect()
         };

@@ -54,6 +54,11 @@ impl Model {
     }
 }
 
+/// One of `snaps`' names, at random.
+fn pick(rng: &mut fastrand::Rng, snaps: &BTreeMap<String, HashMap<u64, u64>>) -> String {
+    snaps.keys().nth(rng.usize(0..snaps.len())).unwrap().clone()
+}
+
 fn read(s: &Store, name: &str, snap: Option<&str>, lba: u64) -> Vec<u8> {
     let v = s.volume(name).unwrap();
     let mut buf = vec![0u8; BLOCK_SIZE];
@@ -168,12 +173,7 @@ fn clones_survive_random_operations_and_crashes() {
                 15 if !vols[&name].snaps.is_empty() => {
                     // Deleting a snapshot makes its clones' shared pages their own.
                     let m = vols.get_mut(&name).unwrap();
-                    let sn = m
-                        .snaps
-                        .keys()
-                        .nth(rng.usize(0..m.snaps.len()))
-                        .unwrap()
-                        .clone();
+                    let sn = pick(&mut rng, &m.snaps);
                     m.snaps.remove(&sn);
                     let before: u64 = s.volumes().iter().map(|v| v.based_pages()).sum();
                     s.delete_snapshot(&name, &sn).unwrap();
@@ -185,12 +185,7 @@ fn clones_survive_random_operations_and_crashes() {
                 }
                 16..=18 if !vols[&name].snaps.is_empty() && vols.len() < 6 => {
                     let m = &vols[&name];
-                    let sn = m
-                        .snaps
-                        .keys()
-                        .nth(rng.usize(0..m.snaps.len()))
-                        .unwrap()
-                        .clone();
+                    let sn = pick(&mut rng, &m.snaps);
                     let at = m.snaps[&sn].clone();
                     next += 1;
                     let c = format!("c{next}");
@@ -222,12 +217,7 @@ fn clones_survive_random_operations_and_crashes() {
                 }
                 19 if !vols[&name].snaps.is_empty() && rng.bool() => {
                     let m = vols.get_mut(&name).unwrap();
-                    let sn = m
-                        .snaps
-                        .keys()
-                        .nth(rng.usize(0..m.snaps.len()))
-                        .unwrap()
-                        .clone();
+                    let sn = pick(&mut rng, &m.snaps);
                     s.reset_to_snapshot(&name, &name, &sn, 0).unwrap();
                     let at = m.snaps[&sn].clone();
                     vols.values_mut().for_each(Model::settle);
