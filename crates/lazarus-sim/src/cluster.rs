@@ -164,6 +164,8 @@ struct Shared {
     snapshot_requests: Vec<bool>,
     /// Snapshots created so far (names are never reused).
     snapshots_made: u64,
+    /// Snapshots whose creation started and that no view names yet.
+    snapshots_unseen: BTreeSet<String>,
 }
 
 /// A fault of a node's disk, applied on its host (where its simulated disk is).
@@ -358,7 +360,9 @@ async fn run_node(id: &'static str, volume_bytes: u64, written: Arc<Vec<u64>>) -
                     let sh = shared();
                     let mut sh = sh.borrow_mut();
                     sh.snapshots_made += 1;
-                    Some(format!("s{}", sh.snapshots_made))
+                    let name = format!("s{}", sh.snapshots_made);
+                    sh.snapshots_unseen.insert(name.clone());
+                    Some(name)
                 } else {
                     c.store
                         .meta()
@@ -376,7 +380,10 @@ async fn run_node(id: &'static str, volume_bytes: u64, written: Arc<Vec<u64>>) -
                         let what = if create { "created" } else { "deleted" };
                         let line = match r {
                             Ok(o) => format!("snapshot {name} {what} on {:?}", o.done),
-                            Err(err) => format!("snapshot {name} not {what}: {}", err.message),
+                            Err(err) => {
+                                shared().borrow_mut().snapshots_unseen.remove(&name);
+                                format!("snapshot {name} not {what}: {}", err.message)
+                            }
                         };
                         tracing::info!("{line}");
                     });
@@ -1085,6 +1092,33 @@ pub fn run(opts: Options) -> Result<Report, String> {
 /// A fault to start now: one or two nodes crashed (the primary among them half the
 /// time), a link between two nodes held, or the recovery server crashed. Never more
 /// than two nodes down at once; nothing already faulty is picked again.
+/// Whether a disk fault on `node` leaves a whole copy of everything it holds: no
+/// snapshot has `node` as its only holder (one taken while a single copy was live,
+/// before the others install it), and none is being taken or too new for the views
+/// to show who holds it. A snapshot's pages held by one node are its last copy, and
+/// no store can repair a last copy's lost page (DESIGN: reported unrecoverable).
+fn last_copies_safe(sh: &Rc<RefCell<Shared>>, node: &str) -> bool {
+    let mut sh = sh.borrow_mut();
+    let sh = &mut *sh;
+    let mut holders: BTreeMap<&String, BTreeSet<&String>> = BTreeMap::new();
+    for v in sh.views.values() {
+        for name in v.volume.iter().flat_map(|m| m.snapshots.keys()) {
+            holders.entry(name).or_default();
+        }
+    }
+    for (n, v) in &sh.views {
+        for name in v.snapshots.keys() {
+            holders.entry(name).or_default().insert(n);
+        }
+    }
+    sh.snapshots_unseen
+        .retain(|name| !holders.contains_key(name));
+    sh.snapshots_unseen.is_empty()
+        && holders
+            .values()
+            .all(|h| h.len() > 1 || (h.len() == 1 && !h.contains(&node.to_string())))
+}
+
 fn pick_fault(
     rng: &mut fastrand::Rng,
     sh: &Rc<RefCell<Shared>>,
@@ -1186,7 +1220,7 @@ fn pick_fault(
             let node = nodes()[rng.usize(..nodes().len())];
             let written = written_lbas(opts);
             let lba = written[rng.u64(..written.len() as u64) as usize];
-            if !disk_pages.insert(lba / lazarus_types::FANOUT_U64) {
+            if !last_copies_safe(sh, node) || !disk_pages.insert(lba / lazarus_types::FANOUT_U64) {
                 return None;
             }
             let fault = match rng.u32(..4) {
