@@ -997,12 +997,12 @@ async fn snapshot_request(
             };
             let mut r = read();
             // A page or block that fails verification here is repaired from another
-            // node (by id), then read again.
-            if r.is_err()
-                && engine
+            // node (by id), then read again: also when this repair found nothing left
+            // to do, since a concurrent read of the same page may have repaired it.
+            if r.is_err() {
+                engine
                     .repair_snapshot_range(&vol, snap, first, end - first)
-                    .await
-            {
+                    .await;
                 r = read();
             }
             match r {
