@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Last-failure-domain benchmark (Last failure domain issue), one run, one cluster:
 #  1. RF3 4 KiB random writes (fio, ioengine=nbd, QD32) in normal mode, then the same with
-#     vol0 protected (jeopardy: every write made durable on the recovery server first);
+#     vol0 protected (jeopardy: every write made durable on the recovery server first),
+#     twice: the first run starts with the drain of the writes not yet flushed on the
+#     replicas (logged by n1), the second is jeopardy mode alone;
 #  2. n2 and n3 killed (n1 alone, no Raft majority, holds vol0 at the recovery server),
 #     SECONDS of 4 KiB random writes in jeopardy, then both revived: the time until
 #     every copy is live again and the jeopardy flag cleared, and the bytes each
@@ -42,7 +44,9 @@ echo "== RF3 randwrite-4k QD32, ${RUNTIME}s each, same cluster"
 echo "normal mode:   $(fio_iops normal "$RUNTIME")"
 L volume protect vol0 >/dev/null
 for i in $(seq 100); do [ "$(jeopardy)" = True ] && break; sleep 0.1; done
-echo "jeopardy mode: $(fio_iops jeopardy "$RUNTIME")  (every write on the recovery server first)"
+echo "jeopardy mode, first ${RUNTIME}s: $(fio_iops jeopardy "$RUNTIME")  (every write on the recovery server first; the first write after the entry waits for the drain)"
+grep -ho "writes not yet flushed on the replicas put on the recovery server.*" "$WORK/c/n1/node.log" | sed 's/^/  drain at the entry: /' || true
+echo "jeopardy mode, next ${RUNTIME}s: $(fio_iops jeopardy2 "$RUNTIME")"
 L volume unprotect vol0 >/dev/null
 for i in $(seq 100); do [ "$(jeopardy)" = False ] && break; sleep 0.1; done
 

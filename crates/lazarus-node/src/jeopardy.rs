@@ -341,6 +341,40 @@ impl Recovery {
     }
 }
 
+/// Records a drain keeps in flight to the recovery server at once.
+const DRAIN_IN_FLIGHT: usize = 64;
+
+/// The blocks `[first, end)` an update writes (`None`: a flush, which writes none).
+fn blocks_of(u: &Update, raw: &[u8]) -> Option<(u64, u64)> {
+    match u {
+        Update::Write { lba, .. } => Some((*lba, lba + (raw.len() / BLOCK_SIZE) as u64)),
+        Update::Zero { lba, count, .. } => Some((*lba, lba.saturating_add(*count))),
+        Update::Flush => None,
+    }
+}
+
+/// `pending` cut into consecutive waves of at most `DRAIN_IN_FLIGHT` records, no two
+/// of a wave writing the same block.
+fn drain_waves(pending: &[(u64, Update, Vec<u8>)]) -> Vec<std::ops::Range<usize>> {
+    let mut waves = Vec::new();
+    let mut start = 0;
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for (i, (_, u, raw)) in pending.iter().enumerate() {
+        let r = blocks_of(u, raw);
+        let clash = r.is_some_and(|(a, b)| ranges.iter().any(|&(x, y)| a < y && x < b));
+        if clash || i - start == DRAIN_IN_FLIGHT {
+            waves.push(start..i);
+            start = i;
+            ranges.clear();
+        }
+        ranges.extend(r);
+    }
+    if start < pending.len() {
+        waves.push(start..pending.len());
+    }
+    waves
+}
+
 impl Cluster {
     /// In jeopardy, on the primary: puts the writes its replicas may not have made
     /// durable yet on the recovery server, before any later write (callers hold the
@@ -352,17 +386,27 @@ impl Cluster {
         };
         let n = pending.len();
         let last = pending.last().map_or(0, |e| e.0);
-        for (_, u, raw) in &pending {
-            if let Err(e) = self.log_update(v, u, raw).await {
+        let t0 = Instant::now();
+        // Many records in flight at once (their syncs shared by the server's group
+        // commit), in waves of records that share no block: the order within a wave
+        // cannot change what a restore reads, and a record overlapping one of its
+        // wave waits for the next, so writes of the same block land in their order.
+        for wave in drain_waves(&pending) {
+            let wave = &pending[wave];
+            let results = futures::future::join_all(
+                wave.iter().map(|(_, u, raw)| self.log_update(v, u, raw)),
+            )
+            .await;
+            if let Some(e) = results.into_iter().find_map(Result::err) {
                 // Not all on the recovery server: the next write tries again, from the
-                // first (a record logged twice in the same order restores the same).
+                // first (records logged twice in the same order restore the same).
                 r.undrain(&v.name);
                 return Err(e);
             }
         }
         r.drain_logged(&v.name, last);
         if n > 0 {
-            tracing::info!(volume = %v.name, writes = n, "jeopardy: writes not yet flushed on the replicas put on the recovery server");
+            tracing::info!(volume = %v.name, writes = n, elapsed_ms = t0.elapsed().as_millis() as u64, "jeopardy: writes not yet flushed on the replicas put on the recovery server");
         }
         Ok(())
     }
@@ -1510,6 +1554,11 @@ impl Cluster {
         let (mut records, mut bytes) = (0u64, 0u64);
         let mut generation = 0u64;
         let mut restarts = 0;
+        // The next part of the log is fetched while this one is applied (in order:
+        // one apply at a time).
+        type Apply =
+            std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, String>> + Send>>;
+        let mut applying: Option<Apply> = None;
         loop {
             let body = serde_json::to_vec(&ReadReq {
                 volume: volume.to_string(),
@@ -1521,7 +1570,17 @@ impl Cluster {
                 generation,
             })
             .map_err(|e| e.to_string())?;
-            let reply = match r.client.call(KIND_RS_READ, &body, RS_TIMEOUT * 2).await {
+            let call = r.client.call(KIND_RS_READ, &body, RS_TIMEOUT * 2);
+            let reply = match applying.take() {
+                Some(a) => {
+                    let (applied, reply) = futures::future::join(a, call).await;
+                    records += applied?;
+                    set(&|p| p.records = records);
+                    reply
+                }
+                None => call.await,
+            };
+            let reply = match reply {
                 Ok(b) => b,
                 // The log was compacted under this restore: replaying the compacted
                 // log from its start over what was applied gives the same result.
@@ -1548,44 +1607,43 @@ impl Cluster {
             if !rr.damaged.is_empty() {
                 return Err(format!("the recovery log is damaged at {:?}", rr.damaged));
             }
-            let mut at = 0usize;
             let b = self.blocks.clone();
             let local = local.clone();
-            let recs = rr.records.clone();
+            let recs = rr.records;
             let raw = raw.to_vec();
             let n = recs.len() as u64;
-            lazarus_rpc::rt::blocking(move || -> Result<(), String> {
-                for w in &recs {
-                    let end = at + w.data_len as usize;
-                    let lba = lazarus_types::Lba(w.lba);
-                    if w.lba + w.count as u64 > local.block_count() {
-                        return Err(format!(
-                            "log record past the end of the volume (lba {})",
-                            w.lba
-                        ));
+            applying = Some(Box::pin(async move {
+                lazarus_rpc::rt::blocking(move || -> Result<(), String> {
+                    let mut at = 0usize;
+                    for w in &recs {
+                        let end = at + w.data_len as usize;
+                        let lba = lazarus_types::Lba(w.lba);
+                        if w.lba + w.count as u64 > local.block_count() {
+                            return Err(format!(
+                                "log record past the end of the volume (lba {})",
+                                w.lba
+                            ));
+                        }
+                        match w.kind {
+                            RecordKind::Write => b
+                                .write_blocks(&local, lba, &raw[at..end])
+                                .map_err(|e| e.to_string())?,
+                            RecordKind::Zero => b
+                                .write_zeroes(&local, lba, w.count as u64, false)
+                                .map_err(|e| e.to_string())?,
+                            RecordKind::ZeroProvision => b
+                                .write_zeroes(&local, lba, w.count as u64, true)
+                                .map_err(|e| e.to_string())?,
+                        }
+                        at = end;
                     }
-                    match w.kind {
-                        RecordKind::Write => b
-                            .write_blocks(&local, lba, &raw[at..end])
-                            .map_err(|e| e.to_string())?,
-                        RecordKind::Zero => b
-                            .write_zeroes(&local, lba, w.count as u64, false)
-                            .map_err(|e| e.to_string())?,
-                        RecordKind::ZeroProvision => b
-                            .write_zeroes(&local, lba, w.count as u64, true)
-                            .map_err(|e| e.to_string())?,
-                    }
-                    at = end;
-                }
-                Ok(())
-            })
-            .await
-            .map_err(|e| e.to_string())??;
-            records += n;
-            set(&|p| {
-                p.records = records;
-                p.bytes = bytes;
-            });
+                    Ok(())
+                })
+                .await
+                .map_err(|e| e.to_string())??;
+                Ok(n)
+            }));
+            set(&|p| p.bytes = bytes);
             lazarus_observe::metrics::METRICS
                 .recovery_restore_bytes
                 .inc_by(reply.len() as u64);
@@ -1593,6 +1651,10 @@ impl Cluster {
                 break;
             }
             offset = rr.next;
+        }
+        if let Some(a) = applying.take() {
+            records += a.await?;
+            set(&|p| p.records = records);
         }
         let store = self.blocks.clone();
         lazarus_rpc::rt::blocking(move || store.flush())
@@ -1697,6 +1759,57 @@ mod tests {
             volume: "v".into(),
             epoch: 1,
             lba,
+        }
+    }
+
+    /// A drain's waves keep the records' order, hold at most `DRAIN_IN_FLIGHT` each,
+    /// and never put two records writing the same block in one wave (their order on
+    /// the recovery server would then be left to chance).
+    #[test]
+    fn drain_waves_never_hold_two_writes_of_one_block() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        for round in 0..200 {
+            let n = rng.usize(0..300);
+            let span = if round % 2 == 0 { 64 } else { 100_000 };
+            let pending: Vec<(u64, Update, Vec<u8>)> = (0..n)
+                .map(|i| {
+                    let lba = rng.u64(0..span);
+                    let u = match rng.u32(0..10) {
+                        0 => Update::Flush,
+                        1 => Update::Zero {
+                            volume: "v".into(),
+                            epoch: 1,
+                            lba,
+                            count: rng.u64(1..40),
+                            provision: false,
+                        },
+                        _ => write(lba),
+                    };
+                    let raw = vec![0u8; BLOCK_SIZE * rng.usize(1..4)];
+                    (i as u64, u, raw)
+                })
+                .collect();
+            let waves = drain_waves(&pending);
+            let mut next = 0;
+            for w in &waves {
+                assert_eq!(w.start, next, "waves in order, none skipped");
+                assert!(!w.is_empty() && w.len() <= DRAIN_IN_FLIGHT);
+                next = w.end;
+                let wave = &pending[w.clone()];
+                for (i, a) in wave.iter().enumerate() {
+                    for b in &wave[i + 1..] {
+                        if let (Some((a0, a1)), Some((b0, b1))) =
+                            (blocks_of(&a.1, &a.2), blocks_of(&b.1, &b.2))
+                        {
+                            assert!(a1 <= b0 || b1 <= a0, "records {} and {} overlap", a.0, b.0);
+                        }
+                    }
+                }
+            }
+            assert_eq!(next, n);
+            if round % 2 == 1 && n > 200 {
+                assert!(waves.len() < n / 2, "sparse writes go many at a time");
+            }
         }
     }
 
