@@ -437,7 +437,14 @@ impl Cluster {
                 let t0 = Instant::now();
                 loop {
                     let v = primary_at(&self.store.meta())?;
-                    if v.state_of(req.from) == Some(ReplicaState::Resyncing) {
+                    // Resyncing as this node acts on the volume too: while it holds the
+                    // volume at the recovery server beyond its metadata (no majority),
+                    // it sends updates to no other copy, whatever its metadata says,
+                    // and a copy resynced from it would miss them (simulator seed 3254).
+                    let updated = self
+                        .effective(&req.volume)
+                        .is_some_and(|e| e.state_of(req.from) == Some(ReplicaState::Resyncing));
+                    if v.state_of(req.from) == Some(ReplicaState::Resyncing) && updated {
                         return Ok(Vec::new());
                     }
                     if t0.elapsed() > BEGIN_WAIT {
