@@ -157,15 +157,19 @@ enum Mix {
     Full,
     /// Those and connections cut without a crash.
     Cut,
+    /// Those, primaries handed over on request, and snapshots taken and deleted.
+    All,
 }
 
 fn options(seed: u64, faults: usize, mix: Mix) -> Options {
     let mut o = Options::new(seed);
     o.faults = faults;
     o.disk_faults = !matches!(mix, Mix::Plain);
-    o.device_faults = matches!(mix, Mix::Device | Mix::Full | Mix::Cut);
-    o.full_disk = matches!(mix, Mix::Full | Mix::Cut);
-    o.conn_cuts = matches!(mix, Mix::Cut);
+    o.device_faults = matches!(mix, Mix::Device | Mix::Full | Mix::Cut | Mix::All);
+    o.full_disk = matches!(mix, Mix::Full | Mix::Cut | Mix::All);
+    o.conn_cuts = matches!(mix, Mix::Cut | Mix::All);
+    o.handovers = matches!(mix, Mix::All);
+    o.snapshots = matches!(mix, Mix::All);
     o
 }
 
@@ -252,6 +256,11 @@ fn seeds_that_found_bugs_pass() {
         // restarted without writes its failed device had kept it from syncing: the
         // copy turned live with blocks the primary no longer held (`source`, meta.rs).
         (980, 6, Mix::Cut),
+        // A primary holding the volume at the recovery server beyond its metadata
+        // (no majority) answered a copy's resync start from its metadata alone; it
+        // sent that copy no updates, and the copy turned live without them
+        // (`KIND_RESYNC_BEGIN`, resync.rs).
+        (3254, 6, Mix::All),
     ];
     for (seed, faults, mix) in cases {
         run_in_process(exe(), &options(seed, faults, mix))
