@@ -196,11 +196,22 @@ impl Engine {
             }
             let addr = match route {
                 Route::Local => {
-                    if let Some(s) = session.filter(|_| req.op.modifies()) {
-                        // This node became the primary: the session opens here.
-                        s.open_locally(&c, &req.volume);
+                    let Some(s) = session.filter(|_| req.op.modifies()) else {
+                        return self.execute_local(req, payload).await;
+                    };
+                    // This node became the primary: the session opens here, and the
+                    // change runs only while its client's connection is open, checked
+                    // under its block locks, as for a connection served here from the
+                    // start. A write that waited here on a primary that died (its
+                    // call hung until the connection broke) must not land after what
+                    // the client wrote since through another connection (simulator
+                    // seed 3602: it did, 600 ms later, over a flushed newer write).
+                    if s.is_closed() {
+                        return Err(IoError::new(EIO, "the client's connection closed"));
                     }
-                    return self.execute_local(req, payload).await;
+                    s.open_locally(&c, &req.volume);
+                    let open = || !s.is_closed();
+                    return self.execute_admitted(req, payload, Some(&open)).await;
                 }
                 Route::Forward(addr) => addr,
             };

@@ -261,6 +261,12 @@ fn seeds_that_found_bugs_pass() {
         // sent that copy no updates, and the copy turned live without them
         // (`KIND_RESYNC_BEGIN`, resync.rs).
         (3254, 6, Mix::All),
+        // A write its connection's node forwarded to a primary that then died waited
+        // in the call until the connection broke; the node had become the primary
+        // meanwhile and ran it without checking that its client's connection was
+        // still open: it landed over a newer write flushed through another node
+        // (`Engine::forward`, `Route::Local`).
+        (3602, 6, Mix::All),
     ];
     for (seed, faults, mix) in cases {
         run_in_process(exe(), &options(seed, faults, mix))
