@@ -5,7 +5,9 @@
 //! Between checkpoints the journal's map records carry the slot of each newly stored
 //! block. Reference counts are not stored: they are recounted from the slice files at
 //! start-up, which makes them impossible to get out of step with the mappings after a
-//! crash (see docs/format.md, "Space reclamation").
+//! crash (see docs/format.md, "Space reclamation"). In memory: the slot array (the
+//! image of blocks.idx), a count per slot, and the id lookup of `id_table`, about 30
+//! bytes per stored block.
 //!
 //! Crash rule: a block is only ever written into a slot that no durable state
 //! references. A slot freed by an unmapping is reused only after the journal record of
@@ -13,9 +15,10 @@
 
 use crate::disk::DiskFile;
 use crate::error::StoreError;
+use crate::id_table::{IdTable, MAX_SLOTS};
 use lazarus_types::{BlockId, BLOCK_SIZE, BLOCK_SIZE_U64, FANOUT, ID_LEN};
 use parking_lot::Mutex;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::path::Path;
 
 /// Slots added to blocks.dat at a time (1 MiB), so growth costs one fallocate per
@@ -58,22 +61,58 @@ fn limits(stored_blocks: usize) -> (usize, usize) {
     (soft, soft * PENDING_FREE_HARD_FACTOR)
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Entry {
-    slot: u64,
-    refs: u32,
-}
-
 #[derive(Debug, Default)]
 struct Index {
-    map: HashMap<BlockId, Entry, IdBuildHasher>,
-    /// slot -> id; `BlockId::ZERO` marks a free slot.
+    /// slot -> id; `BlockId::ZERO` marks a free slot (the in-memory image of
+    /// blocks.idx).
     slots: Vec<BlockId>,
+    /// slot -> references to the block in it (meaningful for the slot `table` names
+    /// for its id; 0 for any other).
+    refs: Vec<u32>,
+    /// id -> slot, 4 bytes an entry (`IdTable`).
+    table: IdTable,
     free: Vec<u64>,
     pending_free: Vec<(BlockId, u64)>,
     dirty_idx_pages: BTreeSet<u64>,
     /// Ids referenced by a slice page but absent from the store (found at start-up).
     missing: HashSet<BlockId, IdBuildHasher>,
+}
+
+impl Index {
+    fn slot_of(&self, id: &BlockId) -> Option<u64> {
+        self.table.get(id, &self.slots)
+    }
+
+    fn holds(&self, id: &BlockId) -> bool {
+        self.table.contains(id, &self.slots)
+    }
+
+    /// The references of `id`, if stored.
+    fn refs_mut(&mut self, id: &BlockId) -> Option<&mut u32> {
+        let slot = self.slot_of(id)?;
+        Some(&mut self.refs[slot as usize])
+    }
+
+    /// Drops `id` from the table and frees nothing: its slot keeps the id until the
+    /// caller clears it (`clear_slot`). Returns the slot.
+    fn unlink(&mut self, id: &BlockId) -> Option<u64> {
+        self.table.remove(id, &self.slots)
+    }
+
+    fn clear_slot(&mut self, slot: u64) {
+        self.slots[slot as usize] = BlockId::ZERO;
+        self.refs[slot as usize] = 0;
+        self.dirty_idx_pages.insert(slot / FANOUT as u64);
+    }
+
+    /// Memory the index takes, in bytes (allocated capacity).
+    fn bytes(&self) -> usize {
+        self.slots.capacity() * std::mem::size_of::<BlockId>()
+            + self.refs.capacity() * 4
+            + self.table.bytes()
+            + self.free.capacity() * 8
+            + self.pending_free.capacity() * std::mem::size_of::<(BlockId, u64)>()
+    }
 }
 
 #[derive(Debug)]
@@ -90,6 +129,8 @@ pub struct BlockStats {
     pub free_slots: u64,
     pub pending_free: u64,
     pub missing: u64,
+    /// Memory the block index takes (ids, counts, the lookup table, free lists).
+    pub index_bytes: u64,
 }
 
 impl BlockStore {
@@ -101,25 +142,37 @@ impl BlockStore {
         let data = DiskFile::open(&dp, true).map_err(|e| StoreError::io(&dp, e))?;
         let idx = DiskFile::open(&ip, true).map_err(|e| StoreError::io(&ip, e))?;
         let slot_count = data.size_bytes().map_err(|e| StoreError::io(&dp, e))? / BLOCK_SIZE_U64;
-        let mut raw = vec![0u8; (slot_count as usize) * ID_LEN];
-        idx.read_at(&mut raw, 0)
-            .map_err(|e| StoreError::io(&ip, e))?;
+        if slot_count > MAX_SLOTS {
+            return Err(StoreError::Corrupted {
+                what: "block file",
+                path: dp,
+                detail: format!("{slot_count} slots, more than a store can index ({MAX_SLOTS})"),
+            });
+        }
         let mut ix = Index {
             slots: vec![BlockId::ZERO; slot_count as usize],
+            refs: vec![0; slot_count as usize],
             ..Default::default()
         };
-        for (slot, chunk) in raw.chunks_exact(ID_LEN).enumerate() {
-            let id = BlockId(chunk.try_into().expect("16 bytes"));
-            if id.is_zero() {
-                continue;
+        // Read in 1 MiB pieces: the whole index at once would double the memory peak.
+        let mut raw = vec![0u8; 65536 * ID_LEN];
+        let mut slot = 0usize;
+        while slot < slot_count as usize {
+            let n = (slot_count as usize - slot).min(65536);
+            idx.read_at(&mut raw[..n * ID_LEN], (slot * ID_LEN) as u64)
+                .map_err(|e| StoreError::io(&ip, e))?;
+            for chunk in raw[..n * ID_LEN].chunks_exact(ID_LEN) {
+                let id = BlockId(chunk.try_into().expect("16 bytes"));
+                if !id.is_zero() {
+                    ix.slots[slot] = id;
+                    // A duplicate id (same content in two slots) keeps the first slot;
+                    // the other is freed by finish_recovery.
+                    if !ix.holds(&id) {
+                        ix.table.insert(slot as u64, &ix.slots);
+                    }
+                }
+                slot += 1;
             }
-            ix.slots[slot] = id;
-            // A duplicate id (same content in two slots) keeps the first slot; the
-            // other is freed by finish_recovery.
-            ix.map.entry(id).or_insert(Entry {
-                slot: slot as u64,
-                refs: 0,
-            });
         }
         Ok(BlockStore {
             data,
@@ -130,7 +183,8 @@ impl BlockStore {
 
     /// Replays a journal slot assignment: `id` was stored in `slot`.
     pub fn assign(&self, slot: u64, id: BlockId) {
-        let mut ix = self.inner.lock();
+        let mut guard = self.inner.lock();
+        let ix = &mut *guard;
         if slot as usize >= ix.slots.len() {
             // The journal names a slot past the end of blocks.dat: the grow did not
             // survive the crash, so neither did the block. Verification in replay
@@ -139,23 +193,23 @@ impl BlockStore {
             return;
         }
         let old = ix.slots[slot as usize];
-        if !old.is_zero() && old != id {
-            if let Some(e) = ix.map.get(&old) {
-                if e.slot == slot {
-                    ix.map.remove(&old);
-                }
-            }
+        if !old.is_zero() && old != id && ix.slot_of(&old) == Some(slot) {
+            ix.unlink(&old);
         }
         ix.slots[slot as usize] = id;
-        ix.map.insert(id, Entry { slot, refs: 0 });
+        ix.refs[slot as usize] = 0;
+        // Another slot holding the same id loses its entry (finish_recovery frees it).
+        if let Some(other) = ix.table.insert(slot, &ix.slots) {
+            ix.refs[other as usize] = 0;
+        }
         ix.dirty_idx_pages.insert(slot / FANOUT as u64);
     }
 
     /// Counts one reference found in a slice page during recovery.
     pub fn add_ref(&self, id: BlockId) {
         let mut ix = self.inner.lock();
-        match ix.map.get_mut(&id) {
-            Some(e) => e.refs += 1,
+        match ix.refs_mut(&id) {
+            Some(r) => *r += 1,
             None => {
                 ix.missing.insert(id);
             }
@@ -181,36 +235,29 @@ impl BlockStore {
         let mut buf = vec![0u8; BLOCK_SIZE];
         for slot in (0..ix.slots.len()).rev() {
             let id = ix.slots[slot];
-            if keep_unreferenced && !id.is_zero() {
-                if let Some(e) = ix
-                    .map
-                    .get_mut(&id)
-                    .filter(|e| e.slot == slot as u64 && e.refs == 0)
-                {
-                    let intact = self
-                        .data
-                        .read_at(&mut buf, slot as u64 * BLOCK_SIZE_U64)
-                        .is_ok()
-                        && BlockId::hash_of(&buf) == id;
-                    if intact {
-                        e.refs = 1;
-                    }
+            if id.is_zero() {
+                ix.free.push(slot as u64);
+                continue;
+            }
+            let entry = ix.slot_of(&id) == Some(slot as u64);
+            if keep_unreferenced && entry && ix.refs[slot] == 0 {
+                let intact = self
+                    .data
+                    .read_at(&mut buf, slot as u64 * BLOCK_SIZE_U64)
+                    .is_ok()
+                    && BlockId::hash_of(&buf) == id;
+                if intact {
+                    ix.refs[slot] = 1;
                 }
             }
-            let keep = !id.is_zero()
-                && matches!(ix.map.get(&id), Some(e) if e.slot == slot as u64 && e.refs > 0);
-            if !keep {
-                if !id.is_zero() {
-                    if matches!(ix.map.get(&id), Some(e) if e.slot == slot as u64) {
-                        ix.map.remove(&id);
-                    }
-                    ix.slots[slot] = BlockId::ZERO;
-                    ix.dirty_idx_pages.insert(slot as u64 / FANOUT as u64);
+            if !(entry && ix.refs[slot] > 0) {
+                if entry {
+                    ix.unlink(&id);
                 }
+                ix.clear_slot(slot as u64);
                 ix.free.push(slot as u64);
             }
         }
-        ix.map.retain(|_, e| e.refs > 0);
         ix.missing.len()
     }
 
@@ -243,8 +290,8 @@ impl BlockStore {
             self.forget_stale(id);
         }
         self.put(id, data)?;
-        if let Some(e) = self.inner.lock().map.get_mut(&id) {
-            e.refs = e.refs.saturating_sub(1);
+        if let Some(r) = self.inner.lock().refs_mut(&id) {
+            *r = r.saturating_sub(1);
         }
         Ok(())
     }
@@ -260,11 +307,8 @@ impl BlockStore {
     /// entry claims it), so that a later `put` stores the content again.
     pub fn forget_stale(&self, id: BlockId) {
         let mut ix = self.inner.lock();
-        if let Some(e) = ix.map.remove(&id) {
-            if ix.slots.get(e.slot as usize) == Some(&id) {
-                ix.slots[e.slot as usize] = BlockId::ZERO;
-                ix.dirty_idx_pages.insert(e.slot / FANOUT as u64);
-            }
+        if let Some(slot) = ix.unlink(&id) {
+            ix.clear_slot(slot);
         }
     }
 
@@ -274,7 +318,8 @@ impl BlockStore {
     pub fn put_many(&self, ids: &[BlockId], data: &[u8]) -> Result<Vec<u64>, StoreError> {
         debug_assert_eq!(data.len(), ids.len() * BLOCK_SIZE);
         let mut out = vec![NO_SLOT; ids.len()];
-        let mut ix = self.inner.lock();
+        let mut guard = self.inner.lock();
+        let ix = &mut *guard;
         let mut fresh: Vec<(u64, usize)> = Vec::new();
         let mut deduped: Vec<BlockId> = Vec::new();
         let mut failed = None;
@@ -282,14 +327,14 @@ impl BlockStore {
             if id.is_zero() {
                 continue;
             }
-            if let Some(e) = ix.map.get_mut(id) {
-                e.refs += 1;
+            if let Some(r) = ix.refs_mut(id) {
+                *r += 1;
                 deduped.push(*id);
                 continue;
             }
             let slot = match ix.free.pop() {
                 Some(s) => s,
-                None => match self.grow(&mut ix) {
+                None => match self.grow(ix) {
                     Ok(s) => s,
                     Err(e) => {
                         failed = Some(e);
@@ -297,8 +342,9 @@ impl BlockStore {
                     }
                 },
             };
-            ix.map.insert(*id, Entry { slot, refs: 1 });
             ix.slots[slot as usize] = *id;
+            ix.refs[slot as usize] = 1;
+            ix.table.insert(slot, &ix.slots);
             fresh.push((slot, i));
             out[i] = slot;
         }
@@ -328,13 +374,14 @@ impl BlockStore {
         if let Some(e) = failed {
             // Nothing of this request was journaled: undo it all.
             for (slot, i) in fresh {
-                ix.map.remove(&ids[i]);
+                ix.unlink(&ids[i]);
                 ix.slots[slot as usize] = BlockId::ZERO;
+                ix.refs[slot as usize] = 0;
                 ix.free.push(slot);
             }
             for id in deduped {
-                if let Some(en) = ix.map.get_mut(&id) {
-                    en.refs -= 1;
+                if let Some(r) = ix.refs_mut(&id) {
+                    *r -= 1;
                 }
             }
             return Err(e);
@@ -354,13 +401,7 @@ impl BlockStore {
         let slots: Vec<Option<u64>> = {
             let ix = self.inner.lock();
             ids.iter()
-                .map(|id| {
-                    if id.is_zero() {
-                        None
-                    } else {
-                        ix.map.get(id).map(|e| e.slot)
-                    }
-                })
+                .map(|id| if id.is_zero() { None } else { ix.slot_of(id) })
                 .collect()
         };
         let mut ok = vec![false; ids.len()];
@@ -394,16 +435,16 @@ impl BlockStore {
 
     /// How many references `id` has (`None`: not stored).
     pub fn refs(&self, id: BlockId) -> Option<u32> {
-        self.inner.lock().map.get(&id).map(|e| e.refs)
+        self.inner.lock().refs_mut(&id).map(|r| *r)
     }
 
     /// Takes a reference on `id` if the store holds it (a block whose last reference
     /// went is kept until its slot is freed, and comes back); `false` if it does not.
     pub fn try_retain(&self, id: BlockId) -> bool {
         let mut ix = self.inner.lock();
-        match ix.map.get_mut(&id) {
-            Some(e) => {
-                e.refs = e.refs.checked_add(1).expect("reference count overflow");
+        match ix.refs_mut(&id) {
+            Some(r) => {
+                *r = r.checked_add(1).expect("reference count overflow");
                 true
             }
             None => false,
@@ -416,15 +457,12 @@ impl BlockStore {
     /// read: whoever reads it later verifies it against its id.
     pub fn try_retain_all(&self, ids: &[BlockId]) -> Option<BlockId> {
         let mut ix = self.inner.lock();
-        if let Some(missing) = ids
-            .iter()
-            .find(|id| !id.is_zero() && !ix.map.contains_key(id))
-        {
+        if let Some(missing) = ids.iter().find(|id| !id.is_zero() && !ix.holds(id)) {
             return Some(*missing);
         }
         for id in ids.iter().filter(|id| !id.is_zero()) {
-            let e = ix.map.get_mut(id).expect("checked above");
-            e.refs = e.refs.checked_add(1).expect("reference count overflow");
+            let r = ix.refs_mut(id).expect("checked above");
+            *r = r.checked_add(1).expect("reference count overflow");
         }
         None
     }
@@ -435,8 +473,8 @@ impl BlockStore {
     pub fn retain_stored(&self, ids: &[BlockId]) {
         let mut ix = self.inner.lock();
         for id in ids.iter().filter(|id| !id.is_zero()) {
-            if let Some(e) = ix.map.get_mut(id) {
-                e.refs = e.refs.checked_add(1).expect("reference count overflow");
+            if let Some(r) = ix.refs_mut(id) {
+                *r = r.checked_add(1).expect("reference count overflow");
             }
         }
     }
@@ -445,7 +483,7 @@ impl BlockStore {
     pub fn first_missing(&self, ids: &[BlockId]) -> Option<BlockId> {
         let ix = self.inner.lock();
         ids.iter()
-            .find(|id| !id.is_zero() && !ix.map.contains_key(id))
+            .find(|id| !id.is_zero() && !ix.holds(id))
             .copied()
     }
 
@@ -455,25 +493,31 @@ impl BlockStore {
             return;
         }
         let mut ix = self.inner.lock();
-        let e = ix
-            .map
-            .get_mut(&id)
+        let r = ix
+            .refs_mut(&id)
             .expect("retain of a block the caller holds");
-        e.refs = e
-            .refs
-            .checked_add(n as u32)
-            .expect("reference count overflow");
+        *r = r.checked_add(n as u32).expect("reference count overflow");
     }
 
     fn grow(&self, ix: &mut Index) -> Result<u64, StoreError> {
         let start = ix.slots.len() as u64;
         let mut added = GROW_SLOTS;
+        if start + added > MAX_SLOTS {
+            // As many blocks as the index can name (16 TiB): the store is full.
+            return Err(StoreError::NoSpace);
+        }
         // Near a full disk, a whole 1 MiB may not fit when one slot still does.
         if self.reserve(start, added).is_err() {
             added = 1;
             self.reserve(start, added)?;
         }
-        ix.slots.resize((start + added) as usize, BlockId::ZERO);
+        // Grow by an eighth at a time beyond the step: `Vec`'s doubling would leave up
+        // to half of these two arrays unused.
+        let want = (start + added) as usize;
+        reserve_step(&mut ix.slots, want);
+        reserve_step(&mut ix.refs, want);
+        ix.slots.resize(want, BlockId::ZERO);
+        ix.refs.resize(want, 0);
         ix.free.extend((start + 1..start + added).rev());
         Ok(start)
     }
@@ -499,10 +543,10 @@ impl BlockStore {
             return;
         }
         let mut ix = self.inner.lock();
-        if let Some(e) = ix.map.get_mut(&id) {
-            assert!(e.refs > 0, "reference count underflow for {id:?}");
-            e.refs -= 1;
-            if e.refs == 0 {
+        if let Some(r) = ix.refs_mut(&id) {
+            assert!(*r > 0, "reference count underflow for {id:?}");
+            *r -= 1;
+            if *r == 0 {
                 ix.pending_free.push((id, lsn));
             }
         }
@@ -520,12 +564,11 @@ impl BlockStore {
                 ix.pending_free.push((id, lsn));
                 continue;
             }
-            if let Some(e) = ix.map.get(&id).copied() {
-                if e.refs == 0 {
-                    ix.map.remove(&id);
-                    ix.slots[e.slot as usize] = BlockId::ZERO;
-                    freed.push(e.slot);
-                    ix.dirty_idx_pages.insert(e.slot / FANOUT as u64);
+            if let Some(slot) = ix.slot_of(&id) {
+                if ix.refs[slot as usize] == 0 {
+                    ix.unlink(&id);
+                    ix.clear_slot(slot);
+                    freed.push(slot);
                 }
             }
         }
@@ -537,13 +580,13 @@ impl BlockStore {
 
     /// (soft, hard) pending-free limits for the current store size.
     pub fn pending_free_limits(&self) -> (usize, usize) {
-        limits(self.inner.lock().map.len())
+        limits(self.inner.lock().table.len())
     }
 
     /// Whether the pending frees are over the (soft, hard) limits.
     pub fn pending_free_pressure(&self) -> (bool, bool) {
         let ix = self.inner.lock();
-        let (soft, hard) = limits(ix.map.len());
+        let (soft, hard) = limits(ix.table.len());
         (ix.pending_free.len() > soft, ix.pending_free.len() > hard)
     }
 
@@ -552,15 +595,15 @@ impl BlockStore {
     /// it, and the write that does makes the durability point itself.
     pub fn pending_free_near_hard(&self) -> bool {
         let ix = self.inner.lock();
-        let (soft, hard) = limits(ix.map.len());
+        let (soft, hard) = limits(ix.table.len());
         ix.pending_free.len() + soft / 2 > hard
     }
 
     /// Reads and verifies the block `id`. `Ok(false)`: the store has no such block or
     /// its content does not hash to `id` (corruption); `buf` then holds nothing useful.
     pub fn read(&self, id: BlockId, buf: &mut [u8]) -> Result<bool, StoreError> {
-        let slot = match self.inner.lock().map.get(&id) {
-            Some(e) => e.slot,
+        let slot = match self.inner.lock().slot_of(&id) {
+            Some(s) => s,
             None => return Ok(false),
         };
         self.data
@@ -573,53 +616,53 @@ impl BlockStore {
     /// index lock so the slot cannot change hands meanwhile.
     pub fn rewrite(&self, id: BlockId, data: &[u8]) -> Result<bool, StoreError> {
         let ix = self.inner.lock();
-        let Some(e) = ix.map.get(&id) else {
+        let Some(slot) = ix.slot_of(&id) else {
             return Ok(false);
         };
         self.data
-            .write_at(data, e.slot * BLOCK_SIZE_U64)
+            .write_at(data, slot * BLOCK_SIZE_U64)
             .map_err(|e| StoreError::io(self.data.path(), e))?;
-        tracing::info!(id = %id.to_hex(), slot = e.slot, "corrupt block restored from another copy");
+        tracing::info!(id = %id.to_hex(), slot, "corrupt block restored from another copy");
         Ok(true)
     }
 
     /// Reads every stored block and returns up to `max` ids whose content no longer
     /// hashes to them (or cannot be read).
     pub fn verify_all(&self, max: usize) -> Result<Vec<BlockId>, StoreError> {
-        let entries: Vec<(BlockId, u64)> = {
-            let ix = self.inner.lock();
-            ix.map.iter().map(|(id, e)| (*id, e.slot)).collect()
-        };
         let mut bad = Vec::new();
         let mut buf = vec![0u8; BLOCK_SIZE];
-        for (id, slot) in entries {
+        let mut slot = 0u64;
+        loop {
+            // A slot at a time, the lock taken for each: writes go on meanwhile.
+            let id = {
+                let ix = self.inner.lock();
+                if slot as usize >= ix.slots.len() {
+                    break;
+                }
+                let id = ix.slots[slot as usize];
+                if id.is_zero() || ix.slot_of(&id) != Some(slot) {
+                    slot += 1;
+                    continue;
+                }
+                id
+            };
             let ok = self.data.read_at(&mut buf, slot * BLOCK_SIZE_U64).is_ok()
                 && BlockId::hash_of(&buf) == id;
             // The slot may have been freed and reused meanwhile: check it still holds id.
-            if !ok
-                && self
-                    .inner
-                    .lock()
-                    .map
-                    .get(&id)
-                    .is_some_and(|e| e.slot == slot)
-            {
+            if !ok && self.inner.lock().slot_of(&id) == Some(slot) {
                 bad.push(id);
                 if bad.len() >= max {
                     break;
                 }
             }
+            slot += 1;
         }
         Ok(bad)
     }
 
     /// Where `id` is stored (file offset in blocks.dat), for tools and fault injection.
     pub fn locate(&self, id: BlockId) -> Option<u64> {
-        self.inner
-            .lock()
-            .map
-            .get(&id)
-            .map(|e| e.slot * BLOCK_SIZE_U64)
+        self.inner.lock().slot_of(&id).map(|s| s * BLOCK_SIZE_U64)
     }
 
     pub fn sync_data(&self) -> Result<(), StoreError> {
@@ -662,12 +705,22 @@ impl BlockStore {
     pub fn stats(&self) -> BlockStats {
         let ix = self.inner.lock();
         BlockStats {
-            blocks: ix.map.len() as u64,
+            blocks: ix.table.len() as u64,
             slots: ix.slots.len() as u64,
             free_slots: ix.free.len() as u64,
             pending_free: ix.pending_free.len() as u64,
             missing: ix.missing.len() as u64,
+            index_bytes: ix.bytes() as u64,
         }
+    }
+}
+
+/// Makes room in `v` for `want` elements, growing by at least an eighth: less slack
+/// than `Vec`'s doubling for the arrays that take a few bytes per stored block.
+fn reserve_step<T>(v: &mut Vec<T>, want: usize) {
+    if v.capacity() < want {
+        let more = (want - v.len()).max(v.len() / 8);
+        v.reserve_exact(more);
     }
 }
 

@@ -5,6 +5,7 @@
 pub mod blocks;
 pub mod disk;
 pub mod error;
+mod id_table;
 pub mod journal;
 pub mod snapshot;
 pub mod store;
