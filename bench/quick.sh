@@ -2,13 +2,19 @@
 # Quick Lazarus-only fio run (no baselines): the four bench/run.sh workloads on a
 # freshly prefilled 1 GiB volume, RT seconds each (default 6). For A/B checks while
 # tuning; comparisons with qemu-nbd/nbdkit come only from bench/run.sh.
+# LAZARUS_BIN=<binary> runs that build instead of building this checkout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --quiet
+if [ -n "${LAZARUS_BIN:-}" ]; then
+  BIN="$LAZARUS_BIN"
+else
+  cargo build --release --quiet
+  BIN="$PWD/target/release/lazarus"
+fi
 W=$(mktemp -d /var/tmp/lazarus-quick.XXXXXX)
 mkdir -p "$W/lz"
 printf 'id = "q"\ndata_dir = "%s/lz"\nnbd_listen = "127.0.0.1:30903"\nadmin_listen = "127.0.0.1:30913"\n' "$W" > "$W/lz/node.toml"
-target/release/lazarus node --config "$W/lz/node.toml" 2> "$W/node.log" &
+"$BIN" node --config "$W/lz/node.toml" 2> "$W/node.log" &
 P=$!
 trap 'kill $P 2>/dev/null; wait $P 2>/dev/null; rm -rf "$W"' EXIT
 for _ in $(seq 100); do curl -sf http://127.0.0.1:30913/api/v1/health >/dev/null && break; sleep 0.1; done
