@@ -220,30 +220,23 @@ impl Engine {
                     .collect::<std::collections::BTreeSet<_>>()
                     .into_iter()
                     .collect();
-                let mut errors = Vec::new();
-                let mut done = false;
-                for n in sources {
-                    match self.install_from(c, n, &v.name, name, *id).await {
-                        Ok(s) => {
-                            tracing::info!(volume = %v.name, snapshot = %name, source = %label(n), mapped_pages = s.mapped_pages(), "snapshot installed from another copy (this copy missed it)");
-                            done = true;
-                            break;
+                let r = self.install_from(c, &sources, &v.name, name, *id).await;
+                let which = format!("{}@{name}", v.name);
+                match r {
+                    Ok((s, used)) => {
+                        let from: Vec<String> = used.iter().map(|n| label(*n)).collect();
+                        tracing::info!(volume = %v.name, snapshot = %name, sources = ?from, mapped_pages = s.mapped_pages(), "snapshot installed from other copies (this copy missed it)");
+                        backoff.remove(&key);
+                        self.snapshot_sync_errors.lock().remove(&which);
+                    }
+                    Err(e) => {
+                        let mut errs = self.snapshot_sync_errors.lock();
+                        if errs.get(&which) != Some(&e) {
+                            tracing::warn!(volume = %v.name, snapshot = %name, error = %e, "this copy misses a snapshot and cannot install it yet; will retry");
+                            errs.insert(which, e);
                         }
-                        Err(e) => errors.push(format!("{}: {e}", label(n))),
+                        backoff.insert(key, Instant::now() + BACKOFF);
                     }
-                }
-                let label = format!("{}@{name}", v.name);
-                if done {
-                    backoff.remove(&key);
-                    self.snapshot_sync_errors.lock().remove(&label);
-                } else {
-                    let e = errors.join("; ");
-                    let mut errs = self.snapshot_sync_errors.lock();
-                    if errs.get(&label) != Some(&e) {
-                        tracing::warn!(volume = %v.name, snapshot = %name, error = %e, "this copy misses a snapshot and cannot install it yet; will retry");
-                        errs.insert(label, e);
-                    }
-                    backoff.insert(key, Instant::now() + BACKOFF);
                 }
             }
         }
@@ -351,45 +344,141 @@ impl Engine {
         }
     }
 
-    /// Installs snapshot `name` (`id`) of `volume` from the copy on `node`.
+    /// Installs snapshot `name` (`id`) of `volume` from the copies on `sources`: its
+    /// file from the first that sends it, and each page and block from the first that
+    /// has it whole. Two copies may each have lost a different page of it (a device
+    /// error on each); together they still hold all of it (simulator seed 6491).
+    /// Returns the snapshot and the copies it took anything from.
     async fn install_from(
         &self,
         c: &Arc<Cluster>,
-        node: u64,
+        sources: &[u64],
         volume: &str,
         name: &str,
         id: u64,
-    ) -> Result<Arc<Snapshot>, String> {
+    ) -> Result<(Arc<Snapshot>, Vec<u64>), String> {
         let req = SnapshotFetch {
             volume: volume.to_string(),
             name: name.to_string(),
             id,
             what: FetchWhat::File,
         };
-        let file = self.fetch_file(c, node, &req).await?;
-        let snap = Snapshot::decode(&file, Default::default())
-            .map_err(|e| format!("its snapshot file does not verify: {e}"))?;
-        if snap.id != id || snap.name != name {
-            return Err("it sent another snapshot than the one asked for".into());
+        let mut errors = Vec::new();
+        let mut snap = None;
+        for &n in sources {
+            let r = self.fetch_file(c, n, &req).await.and_then(|file| {
+                let s = Snapshot::decode(&file, Default::default())
+                    .map_err(|e| format!("its snapshot file does not verify: {e}"))?;
+                if s.id != id || s.name != name {
+                    return Err("it sent another snapshot than the one asked for".to_string());
+                }
+                Ok(s)
+            });
+            match r {
+                Ok(s) => {
+                    snap = Some((s, n));
+                    break;
+                }
+                Err(e) => errors.push(format!("{}: {e}", label(n))),
+            }
         }
+        let Some((snap, from)) = snap else {
+            return Err(errors.join("; "));
+        };
         let mut staged: Vec<Checksum> = Vec::new();
+        let mut used = vec![from];
         let r = self
-            .stage_and_install(c, node, &snap, &req, &mut staged)
+            .stage_and_install(c, sources, &snap, &req, &mut staged, &mut used)
             .await;
         if r.is_err() && !staged.is_empty() {
             let store = self.store.clone();
             let _ = lazarus_rpc::rt::blocking(move || store.unstage_snapshot_pages(&staged)).await;
         }
-        r
+        r.map(|s| (s, used))
+    }
+
+    /// Pages `ask` of the snapshot from the first source that sends them all, else
+    /// each from the first that sends it (and verifies against `want`).
+    async fn fetch_pages(
+        &self,
+        c: &Arc<Cluster>,
+        sources: &[u64],
+        req: &SnapshotFetch,
+        ask: &[(u64, Checksum)],
+        used: &mut Vec<u64>,
+    ) -> Result<Vec<Vec<u8>>, String> {
+        let verified = |raw: Vec<u8>, ask: &[(u64, Checksum)]| -> Result<Vec<Vec<u8>>, String> {
+            if raw.len() != ask.len() * BLOCK_SIZE {
+                return Err("page reply does not match its request".into());
+            }
+            raw.chunks_exact(BLOCK_SIZE)
+                .zip(ask)
+                .map(|(pg, (p, ck))| {
+                    if Checksum::of_page(pg) == *ck {
+                        Ok(pg.to_vec())
+                    } else {
+                        Err(format!("page {p} of the snapshot does not verify"))
+                    }
+                })
+                .collect()
+        };
+        let pages =
+            |ask: &[(u64, Checksum)]| FetchWhat::Pages(ask.iter().map(|(p, _)| *p).collect());
+        let mut errors = Vec::new();
+        // Copies that answered but lacked a page (not ones that did not answer).
+        let mut partial = Vec::new();
+        for &n in sources {
+            let r = self.fetch(c, n, &req.with(pages(ask)), &[]).await;
+            let fetched = r.is_ok();
+            match r.and_then(|raw| verified(raw, ask)) {
+                Ok(v) => {
+                    if !used.contains(&n) {
+                        used.push(n);
+                    }
+                    return Ok(v);
+                }
+                Err(e) => {
+                    if fetched || e.contains("cannot be read here") {
+                        partial.push(n);
+                    }
+                    errors.push(format!("{}: {e}", label(n)));
+                }
+            }
+        }
+        if ask.len() == 1 || partial.len() < 2 {
+            return Err(errors.join("; "));
+        }
+        // No copy sent them all: page by page, from the copies that have some.
+        let mut out = Vec::with_capacity(ask.len());
+        for one in ask.chunks(1) {
+            let mut got = None;
+            let mut errors = Vec::new();
+            for &n in &partial {
+                let r = self.fetch(c, n, &req.with(pages(one)), &[]).await;
+                match r.and_then(|raw| verified(raw, one)) {
+                    Ok(mut v) => {
+                        if !used.contains(&n) {
+                            used.push(n);
+                        }
+                        got = v.pop();
+                        break;
+                    }
+                    Err(e) => errors.push(format!("{}: {e}", label(n))),
+                }
+            }
+            out.push(got.ok_or_else(|| errors.join("; "))?);
+        }
+        Ok(out)
     }
 
     async fn stage_and_install(
         &self,
         c: &Arc<Cluster>,
-        node: u64,
+        sources: &[u64],
         snap: &Snapshot,
         req: &SnapshotFetch,
         staged: &mut Vec<Checksum>,
+        used: &mut Vec<u64>,
     ) -> Result<Arc<Snapshot>, String> {
         let volume = req.volume.clone();
         for _ in 0..INSTALL_ATTEMPTS {
@@ -413,22 +502,19 @@ impl Engine {
                     .iter()
                     .map(|(_, c)| self.store.page_block(*c))
                     .collect();
-                let ask: Vec<u64> = chunk
+                let ask: Vec<(u64, Checksum)> = chunk
                     .iter()
                     .zip(&pages)
                     .filter(|(_, have)| have.is_none())
-                    .map(|((p, _), _)| *p)
+                    .map(|(pc, _)| *pc)
                     .collect();
                 if !ask.is_empty() {
-                    let raw = self
-                        .fetch(c, node, &req.with(FetchWhat::Pages(ask.clone())), &[])
-                        .await?;
-                    if raw.len() != ask.len() * BLOCK_SIZE {
-                        return Err("page reply does not match its request".into());
-                    }
-                    let mut got = raw.chunks_exact(BLOCK_SIZE);
+                    let mut got = self
+                        .fetch_pages(c, sources, req, &ask, used)
+                        .await?
+                        .into_iter();
                     for slot in pages.iter_mut().filter(|s| s.is_none()) {
-                        *slot = Some(got.next().expect("length checked").to_vec());
+                        *slot = Some(got.next().expect("one page per page asked"));
                     }
                 }
                 // The blocks these pages name that this store lacks.
@@ -445,7 +531,7 @@ impl Engine {
                         }
                     }
                 }
-                let data = self.fetch_blocks(c, node, req, &want).await?;
+                let data = self.fetch_blocks(c, sources, req, &want, used).await?;
                 let store = self.store.clone();
                 let chunk = chunk.to_vec();
                 let staged_now = lazarus_rpc::rt::blocking(move || {
@@ -480,25 +566,56 @@ impl Engine {
         Err("the volume kept changing the pages the snapshot needs".into())
     }
 
+    /// Blocks `ids` of the snapshot, each from the first source that has it whole (a
+    /// reply's block is checked against its id by `decode_blocks_reply`).
     async fn fetch_blocks(
         &self,
         c: &Arc<Cluster>,
-        node: u64,
+        sources: &[u64],
         req: &SnapshotFetch,
         ids: &[BlockId],
+        used: &mut Vec<u64>,
     ) -> Result<HashMap<BlockId, Vec<u8>>, String> {
         let mut out = HashMap::new();
-        for chunk in ids.chunks(BLOCKS_PER_FETCH) {
-            let raw: Vec<u8> = chunk.iter().flat_map(|id| id.0).collect();
-            let reply = self
-                .fetch(c, node, &req.with(FetchWhat::Blocks), &raw)
-                .await?;
-            let got = lazarus_node::resync::decode_blocks_reply(chunk, &reply)?;
-            for (id, b) in chunk.iter().zip(got) {
-                let b =
-                    b.ok_or_else(|| format!("it lacks block {} of its snapshot", id.to_hex()))?;
-                out.insert(*id, b);
+        let mut errors = Vec::new();
+        for &n in sources {
+            let left: Vec<BlockId> = ids
+                .iter()
+                .filter(|id| !out.contains_key(*id))
+                .copied()
+                .collect();
+            if left.is_empty() {
+                break;
             }
+            for chunk in left.chunks(BLOCKS_PER_FETCH) {
+                let raw: Vec<u8> = chunk.iter().flat_map(|id| id.0).collect();
+                let got = match self
+                    .fetch(c, n, &req.with(FetchWhat::Blocks), &raw)
+                    .await
+                    .and_then(|reply| lazarus_node::resync::decode_blocks_reply(chunk, &reply))
+                {
+                    Ok(g) => g,
+                    Err(e) => {
+                        errors.push(format!("{}: {e}", label(n)));
+                        break;
+                    }
+                };
+                for (id, b) in chunk.iter().zip(got) {
+                    if let Some(b) = b {
+                        out.insert(*id, b);
+                        if !used.contains(&n) {
+                            used.push(n);
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(id) = ids.iter().find(|id| !out.contains_key(*id)) {
+            errors.push(format!(
+                "no copy asked has it whole: every one lacks block {} of its snapshot",
+                id.to_hex()
+            ));
+            return Err(errors.join("; "));
         }
         Ok(out)
     }

@@ -873,6 +873,11 @@ impl Cluster {
 
     async fn copy_page(&self, local: &Arc<Volume>, src: &Source, p: u64) -> Result<bool, String> {
         let name = local.meta.name.clone();
+        // Blocks this store holds whose content no longer verifies (bit rot): fetched
+        // like missing ones, and written over the bad copy (`Store::write_ids`). An
+        // index that still locates them must not stop the page from ever installing
+        // (simulator seed 6468: a copy resynced for ever).
+        let mut rotten: HashSet<BlockId> = HashSet::new();
         for attempt in 0..PAGE_ATTEMPTS_MAX {
             let seen = self.resync.seq(&name, p);
             let (theirs, damage) = src.page_state(p).await?;
@@ -923,7 +928,10 @@ impl Cluster {
             let mut seen_ids = HashSet::new();
             for (a, n) in &runs {
                 for id in &theirs[*a..*a + *n] {
-                    if !id.is_zero() && !self.blocks.has_block(*id) && seen_ids.insert(*id) {
+                    if !id.is_zero()
+                        && (!self.blocks.has_block(*id) || rotten.contains(id))
+                        && seen_ids.insert(*id)
+                    {
                         need.push(*id);
                     }
                 }
@@ -945,6 +953,8 @@ impl Cluster {
                 self.resync.clone(),
                 name.clone(),
             );
+            let bad = std::sync::Arc::new(parking_lot::Mutex::new(None));
+            let bad2 = bad.clone();
             let installed = lazarus_rpc::rt::blocking(move || {
                 resync.install_if_untouched(&name2, p, seen, || -> Result<bool, String> {
                     if let Some((unknown, _, _)) = &damage {
@@ -955,7 +965,10 @@ impl Cluster {
                         let lba = Lba(p * FANOUT_U64 + a as u64);
                         match store.write_ids(&vol, lba, &theirs[a..a + n], &supplied) {
                             Ok(None) => {}
-                            Ok(Some(_)) => return Ok(false),
+                            Ok(Some(id)) => {
+                                *bad2.lock() = Some(id);
+                                return Ok(false);
+                            }
                             Err(e) => return Err(e.to_string()),
                         }
                     }
@@ -972,6 +985,9 @@ impl Cluster {
             })
             .await
             .map_err(|e| e.to_string())?;
+            if let Some(id) = bad.lock().take() {
+                rotten.insert(id);
+            }
             match installed {
                 Some(Ok(true)) => return Ok(true),
                 Some(Err(e)) => return Err(e),

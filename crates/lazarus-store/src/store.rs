@@ -1380,6 +1380,19 @@ impl Store {
         }
         let _adm = self.admit_mapping(vol, lba, ids.len(), n)?;
         let slots = self.blocks.put_many(ids, &data)?;
+        // A supplied block this store already had (so not written again) may be one
+        // whose stored copy no longer verifies: the caller fetched it for that reason.
+        // Its slot gets the verified content.
+        for (i, id) in ids.iter().enumerate() {
+            if slots[i] == crate::blocks::NO_SLOT
+                && !id.is_zero()
+                && supplied.contains_key(id)
+                && !self.blocks.holds_intact(*id)
+            {
+                self.blocks
+                    .rewrite(*id, &data[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE])?;
+            }
+        }
         self.apply(
             vol,
             lba,
