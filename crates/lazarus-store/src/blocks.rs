@@ -196,6 +196,12 @@ impl BlockStore {
         if !old.is_zero() && old != id && ix.slot_of(&old) == Some(slot) {
             ix.unlink(&old);
         }
+        if id.is_zero() {
+            // Never written by a store (zeroes are not stored); a damaged record's:
+            // the slot holds nothing known.
+            ix.clear_slot(slot);
+            return;
+        }
         ix.slots[slot as usize] = id;
         ix.refs[slot as usize] = 0;
         // Another slot holding the same id loses its entry (finish_recovery frees it).
@@ -558,10 +564,22 @@ impl BlockStore {
         let mut ix = self.inner.lock();
         let ix = &mut *ix;
         let pending = std::mem::take(&mut ix.pending_free);
+        // A block whose last reference went, then came back (a write of the same
+        // content) and went again has two entries: only once the later unmapping is
+        // durable may its slot be reused. Freed at the earlier one, a crash before the
+        // later one is durable would bring back a mapping to a reused slot.
+        let later: HashSet<BlockId, IdBuildHasher> = pending
+            .iter()
+            .filter(|(_, lsn)| *lsn >= durable_lsn)
+            .map(|(id, _)| *id)
+            .collect();
         let mut freed = Vec::new();
         for (id, lsn) in pending {
             if lsn >= durable_lsn {
                 ix.pending_free.push((id, lsn));
+                continue;
+            }
+            if later.contains(&id) {
                 continue;
             }
             if let Some(slot) = ix.slot_of(&id) {
@@ -778,6 +796,32 @@ mod tests {
         let c = block(3);
         // Free list pops the most recently freed slot first.
         assert_eq!(bs.put(BlockId::of(&c), &c).unwrap(), Some(sa));
+    }
+
+    /// A block released, taken again (a write of the same content) and released again
+    /// is freed only once the second release is durable: the first one's durability
+    /// says nothing about the mapping that took it back.
+    #[test]
+    fn a_block_taken_back_is_freed_only_when_its_last_release_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let bs = BlockStore::open(dir.path()).unwrap();
+        let a = block(1);
+        let ida = BlockId::of(&a);
+        let sa = bs.put(ida, &a).unwrap().unwrap();
+        bs.release(ida, 5);
+        assert_eq!(bs.put(ida, &a).unwrap(), None, "taken back, deduplicated");
+        bs.release(ida, 10);
+        bs.release_durable(8);
+        assert_eq!(
+            bs.locate(ida),
+            Some(sa * BLOCK_SIZE_U64),
+            "freed at the earlier release"
+        );
+        let b = block(2);
+        assert_ne!(bs.put(BlockId::of(&b), &b).unwrap(), Some(sa));
+        bs.release_durable(11);
+        assert_eq!(bs.locate(ida), None);
+        assert_eq!(bs.stats().pending_free, 0);
     }
 
     #[test]
