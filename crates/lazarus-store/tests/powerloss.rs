@@ -83,7 +83,58 @@ fn power_loss_at_random_instants() {
         // Run operations; the power goes off after a random number of I/Os.
         powerloss::power_off_after(rng.u64(1..400));
         for _ in 0..rng.usize(1..120) {
-            let op = rng.u8(0..13);
+            let op = rng.u8(0..14);
+            if op == 13 {
+                // A flush with writes while it syncs (they come after what it takes):
+                // its completion makes durable what was written before it began. A
+                // write of content the store holds takes a block back whose slot a
+                // release before the flush left waiting; an overwrite here releases
+                // it again, after the flush's end.
+                let marks: HashMap<u64, usize> =
+                    since.iter().map(|(l, vals)| (*l, vals.len())).collect();
+                let mut failed = None;
+                let r = s.flush_with(|| {
+                    for _ in 0..rng.usize(1..6) {
+                        if s.write_may_block() {
+                            break;
+                        }
+                        // Writes and write-zeroes only: a flush here would wait for
+                        // the sync lock this flush holds. Mostly over a block written
+                        // since the last flush: one that may have taken a block back.
+                        let op = rng.u8(0..9);
+                        let recent: Vec<u64> = since.keys().copied().collect();
+                        let r = if !recent.is_empty() && rng.u8(0..4) > 0 {
+                            let lba = recent[rng.usize(..recent.len())];
+                            let n = rng.u64(1..=4).min(BLOCKS - lba);
+                            step_at(&s, &v, &mut rng, op, lba, n, &mut since, &mut durable)
+                        } else {
+                            step(&s, &v, &mut rng, op, &mut since, &mut durable)
+                        };
+                        if let Err(e) = r {
+                            failed = Some(e);
+                            return;
+                        }
+                    }
+                });
+                r.unwrap_or_else(|e| panic!("round {round}: flush failed: {e}"));
+                if let Some(e) = failed {
+                    panic!("round {round}: operation failed: {e}");
+                }
+                if powerloss::is_on() {
+                    for (l, n) in marks {
+                        let vals = since.get_mut(&l).expect("only flushes drain it");
+                        match vals[n - 1] {
+                            0 => durable.remove(&l),
+                            x => durable.insert(l, x),
+                        };
+                        vals.drain(..n);
+                        if vals.is_empty() {
+                            since.remove(&l);
+                        }
+                    }
+                }
+                continue;
+            }
             if op == 12 {
                 // A checkpoint with writes and flushes while it writes its images in
                 // place (they go to the journal's next generation). Its completion
@@ -152,6 +203,21 @@ fn step(
 ) -> Result<bool, String> {
     let lba = rng.u64(0..BLOCKS);
     let n = rng.u64(1..=32).min(BLOCKS - lba);
+    step_at(s, v, rng, op, lba, n, since, durable)
+}
+
+/// `step` on `n` blocks from `lba`.
+#[allow(clippy::too_many_arguments)]
+fn step_at(
+    s: &Store,
+    v: &lazarus_store::volume::Volume,
+    rng: &mut fastrand::Rng,
+    op: u8,
+    lba: u64,
+    n: u64,
+    since: &mut HashMap<u64, Vec<u64>>,
+    durable: &mut HashMap<u64, u64>,
+) -> Result<bool, String> {
     match op {
         0..=7 => {
             let vals: Vec<u64> = (0..n).map(|_| rng.u64(1..400)).collect();
