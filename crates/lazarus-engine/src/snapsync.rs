@@ -567,7 +567,11 @@ impl Engine {
     }
 
     /// Blocks `ids` of the snapshot, each from the first source that has it whole (a
-    /// reply's block is checked against its id by `decode_blocks_reply`).
+    /// reply's block is checked against its id by `decode_blocks_reply`). A copy
+    /// whose reply for a batch failed (a device error on one block fails the batch) is
+    /// asked again block by block for what no copy sent. "Lacks block" is said only
+    /// of a block every copy answered it does not have (the simulator's heal check
+    /// counts on it).
     async fn fetch_blocks(
         &self,
         c: &Arc<Cluster>,
@@ -578,6 +582,7 @@ impl Engine {
     ) -> Result<HashMap<BlockId, Vec<u8>>, String> {
         let mut out = HashMap::new();
         let mut errors = Vec::new();
+        let mut failed: Vec<u64> = Vec::new();
         for &n in sources {
             let left: Vec<BlockId> = ids
                 .iter()
@@ -588,36 +593,78 @@ impl Engine {
                 break;
             }
             for chunk in left.chunks(BLOCKS_PER_FETCH) {
-                let raw: Vec<u8> = chunk.iter().flat_map(|id| id.0).collect();
-                let got = match self
-                    .fetch(c, n, &req.with(FetchWhat::Blocks), &raw)
-                    .await
-                    .and_then(|reply| lazarus_node::resync::decode_blocks_reply(chunk, &reply))
-                {
-                    Ok(g) => g,
+                match self.fetch_block_chunk(c, n, req, chunk).await {
+                    Ok(got) => {
+                        if !got.is_empty() && !used.contains(&n) {
+                            used.push(n);
+                        }
+                        out.extend(got);
+                    }
                     Err(e) => {
                         errors.push(format!("{}: {e}", label(n)));
+                        failed.push(n);
                         break;
                     }
-                };
-                for (id, b) in chunk.iter().zip(got) {
-                    if let Some(b) = b {
-                        out.insert(*id, b);
-                        if !used.contains(&n) {
+                }
+            }
+        }
+        for n in failed {
+            let left: Vec<BlockId> = ids
+                .iter()
+                .filter(|id| !out.contains_key(*id))
+                .copied()
+                .collect();
+            let mut errs = 0;
+            for one in left.chunks(1) {
+                match self.fetch_block_chunk(c, n, req, one).await {
+                    Ok(got) => {
+                        if !got.is_empty() && !used.contains(&n) {
                             used.push(n);
+                        }
+                        out.extend(got);
+                    }
+                    // That block unreadable there, or the copy not answering (each
+                    // costs a timeout): a few, then this copy is done.
+                    Err(e) => {
+                        errors.push(format!("{}: {e}", label(n)));
+                        errs += 1;
+                        if errs >= 3 {
+                            break;
                         }
                     }
                 }
             }
         }
         if let Some(id) = ids.iter().find(|id| !out.contains_key(*id)) {
-            errors.push(format!(
-                "no copy asked has it whole: every one lacks block {} of its snapshot",
-                id.to_hex()
-            ));
+            if errors.is_empty() {
+                errors.push(format!(
+                    "every copy asked lacks block {} of its snapshot",
+                    id.to_hex()
+                ));
+            } else {
+                errors.push(format!("block {} of its snapshot not fetched", id.to_hex()));
+            }
             return Err(errors.join("; "));
         }
         Ok(out)
+    }
+
+    /// The blocks of `chunk` copy `n` sends (those it has whole).
+    async fn fetch_block_chunk(
+        &self,
+        c: &Arc<Cluster>,
+        n: u64,
+        req: &SnapshotFetch,
+        chunk: &[BlockId],
+    ) -> Result<Vec<(BlockId, Vec<u8>)>, String> {
+        let raw: Vec<u8> = chunk.iter().flat_map(|id| id.0).collect();
+        let reply = self.fetch(c, n, &req.with(FetchWhat::Blocks), &raw).await?;
+        let got = lazarus_node::resync::decode_blocks_reply(chunk, &reply)?;
+        Ok(chunk
+            .iter()
+            .zip(got)
+            .filter_map(|(id, b)| b.map(|b| (*id, b)))
+            .collect())
     }
 
     /// Asks a copy holding snapshot `name` (`id`) of `volume` for `what`: how a node

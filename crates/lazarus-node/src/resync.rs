@@ -955,6 +955,13 @@ impl Cluster {
             );
             let bad = std::sync::Arc::new(parking_lot::Mutex::new(None));
             let bad2 = bad.clone();
+            // The blocks of the runs taken from this store, to check all of them once
+            // one fails: a damaged stretch of slots holds several.
+            let held: Vec<BlockId> = runs
+                .iter()
+                .flat_map(|(a, n)| theirs[*a..*a + *n].iter().copied())
+                .filter(|id| !id.is_zero() && !supplied.contains_key(id))
+                .collect();
             let installed = lazarus_rpc::rt::blocking(move || {
                 resync.install_if_untouched(&name2, p, seen, || -> Result<bool, String> {
                     if let Some((unknown, _, _)) = &damage {
@@ -985,8 +992,19 @@ impl Cluster {
             })
             .await
             .map_err(|e| e.to_string())?;
-            if let Some(id) = bad.lock().take() {
+            let first_bad = bad.lock().take();
+            if let Some(id) = first_bad {
                 rotten.insert(id);
+                let store = self.blocks.clone();
+                let more = lazarus_rpc::rt::blocking(move || {
+                    let mut buf = vec![0u8; lazarus_types::BLOCK_SIZE];
+                    held.into_iter()
+                        .filter(|id| !matches!(store.read_block(*id, &mut buf), Ok(true)))
+                        .collect::<Vec<_>>()
+                })
+                .await
+                .unwrap_or_default();
+                rotten.extend(more);
             }
             match installed {
                 Some(Ok(true)) => return Ok(true),

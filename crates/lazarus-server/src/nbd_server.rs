@@ -17,7 +17,9 @@ use lazarus_rpc::net::{Listener, Stream};
 use lazarus_store::{Snapshot, Store, Volume};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{
+    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter,
+};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 /// Bytes of requests read from the socket at a time.
@@ -588,7 +590,7 @@ where
                         tx.send((std::mem::take(&mut batch), batch_budget.take()))
                             .await?;
                     }
-                    budget.clone().acquire_many_owned(cost).await?
+                    wait_watching(&mut rd, budget.clone().acquire_many_owned(cost)).await?
                 }
             };
             let mut payload = Vec::new();
@@ -628,7 +630,10 @@ where
                 }
                 continue;
             }
-            let permit = inflight.clone().acquire_owned().await?;
+            let permit = match inflight.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => wait_watching(&mut rd, inflight.clone().acquire_owned()).await?,
+            };
             let engine = engine.clone();
             let ex = ex.clone();
             let tx = tx.clone();
@@ -651,6 +656,32 @@ where
     drop(tx);
     let _ = writer.await;
     result
+}
+
+/// Waits for `acquire` (room for one more request) while watching the connection:
+/// if it ends meanwhile (end of stream or an error, with nothing buffered), returns
+/// an error at once, so that the connection's session closes now rather than when
+/// room comes. The requests held up in flight (a write forwarded to a primary that
+/// died, say) then no longer run after what the client does next through another
+/// connection. Data that arrives meanwhile is left buffered for the next request.
+async fn wait_watching<R, T>(
+    rd: &mut BufReader<R>,
+    acquire: impl std::future::Future<Output = Result<T, tokio::sync::AcquireError>>,
+) -> anyhow::Result<T>
+where
+    R: AsyncRead + Unpin,
+{
+    tokio::pin!(acquire);
+    loop {
+        tokio::select! {
+            got = &mut acquire => return Ok(got?),
+            more = rd.fill_buf(), if rd.buffer().is_empty() => match more {
+                Ok([]) => anyhow::bail!("client closed the connection with requests in flight"),
+                Ok(_) => {}
+                Err(e) => return Err(e.into()),
+            },
+        }
+    }
 }
 
 /// The bytes a request holds while it is served: its payload (a write's data) or its
@@ -1276,5 +1307,45 @@ async fn forwarded(
             tracing::warn!(volume, command = ?req.command, offset = req.offset, length = req.length, error = %e.message, "forwarded request failed");
             out.extend_from_slice(&error_reply(structured, req.cookie, &e));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection that ends while its reader waits for room for one more request is
+    /// noticed at once (its session then closes), not when room comes.
+    #[tokio::test]
+    async fn an_end_of_connection_is_seen_while_requests_wait_for_room() {
+        let (client, server) = tokio::io::duplex(64);
+        let mut rd = BufReader::new(server);
+        let room = Arc::new(Semaphore::new(0));
+        drop(client);
+        let r = tokio::time::timeout(
+            Duration::from_secs(5),
+            wait_watching(&mut rd, room.clone().acquire_owned()),
+        )
+        .await;
+        assert!(
+            matches!(r, Ok(Err(_))),
+            "the end was not seen while waiting"
+        );
+
+        // Data that arrives meanwhile stays buffered, and the wait goes on until room
+        // comes.
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut rd = BufReader::new(server);
+        let room = Arc::new(Semaphore::new(0));
+        client.write_all(b"next").await.unwrap();
+        let later = room.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            later.add_permits(1);
+        });
+        let _room = wait_watching(&mut rd, room.clone().acquire_owned())
+            .await
+            .expect("room came");
+        assert_eq!(rd.buffer(), b"next");
     }
 }
