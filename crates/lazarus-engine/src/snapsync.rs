@@ -583,6 +583,15 @@ impl Engine {
         let mut out = HashMap::new();
         let mut errors = Vec::new();
         let mut failed: Vec<u64> = Vec::new();
+        let took = |out: &mut HashMap<BlockId, Vec<u8>>,
+                    used: &mut Vec<u64>,
+                    n: u64,
+                    got: Vec<(BlockId, Vec<u8>)>| {
+            if !got.is_empty() && !used.contains(&n) {
+                used.push(n);
+            }
+            out.extend(got);
+        };
         for &n in sources {
             let left: Vec<BlockId> = ids
                 .iter()
@@ -594,12 +603,7 @@ impl Engine {
             }
             for chunk in left.chunks(BLOCKS_PER_FETCH) {
                 match self.fetch_block_chunk(c, n, req, chunk).await {
-                    Ok(got) => {
-                        if !got.is_empty() && !used.contains(&n) {
-                            used.push(n);
-                        }
-                        out.extend(got);
-                    }
+                    Ok(got) => took(&mut out, used, n, got),
                     Err(e) => {
                         errors.push(format!("{}: {e}", label(n)));
                         failed.push(n);
@@ -617,12 +621,7 @@ impl Engine {
             let mut errs = 0;
             for one in left.chunks(1) {
                 match self.fetch_block_chunk(c, n, req, one).await {
-                    Ok(got) => {
-                        if !got.is_empty() && !used.contains(&n) {
-                            used.push(n);
-                        }
-                        out.extend(got);
-                    }
+                    Ok(got) => took(&mut out, used, n, got),
                     // That block unreadable there, or the copy not answering (each
                     // costs a timeout): a few, then this copy is done.
                     Err(e) => {

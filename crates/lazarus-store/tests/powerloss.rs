@@ -121,17 +121,7 @@ fn power_loss_at_random_instants() {
                     panic!("round {round}: operation failed: {e}");
                 }
                 if powerloss::is_on() {
-                    for (l, n) in marks {
-                        let vals = since.get_mut(&l).expect("only flushes drain it");
-                        match vals[n - 1] {
-                            0 => durable.remove(&l),
-                            x => durable.insert(l, x),
-                        };
-                        vals.drain(..n);
-                        if vals.is_empty() {
-                            since.remove(&l);
-                        }
-                    }
+                    settle_marks(marks, &mut since, &mut durable);
                 }
                 continue;
             }
@@ -160,17 +150,7 @@ fn power_loss_at_random_instants() {
                     panic!("round {round}: operation failed: {e}");
                 }
                 if powerloss::is_on() && !inner_settled {
-                    for (l, n) in marks {
-                        let vals = since.get_mut(&l).expect("only flushes drain it");
-                        match vals[n - 1] {
-                            0 => durable.remove(&l),
-                            x => durable.insert(l, x),
-                        };
-                        vals.drain(..n);
-                        if vals.is_empty() {
-                            since.remove(&l);
-                        }
-                    }
+                    settle_marks(marks, &mut since, &mut durable);
                 }
                 continue;
             }
@@ -239,6 +219,26 @@ fn step_at(
         _ => s.checkpoint().map_err(|e| e.to_string())?,
     }
     Ok(settle(op, since, durable))
+}
+
+/// A durability point that covered what was written before it began (`marks`: how
+/// many values each LBA had then), not what came while it ran.
+fn settle_marks(
+    marks: HashMap<u64, usize>,
+    since: &mut HashMap<u64, Vec<u64>>,
+    durable: &mut HashMap<u64, u64>,
+) {
+    for (l, n) in marks {
+        let vals = since.get_mut(&l).expect("only flushes drain it");
+        match vals[n - 1] {
+            0 => durable.remove(&l),
+            x => durable.insert(l, x),
+        };
+        vals.drain(..n);
+        if vals.is_empty() {
+            since.remove(&l);
+        }
+    }
 }
 
 /// After a flush or checkpoint (op 9 or more) completed with the power on, everything
