@@ -604,6 +604,8 @@ impl Engine {
             for chunk in left.chunks(BLOCKS_PER_FETCH) {
                 match self.fetch_block_chunk(c, n, req, chunk).await {
                     Ok(got) => took(&mut out, used, n, got),
+                    // A copy that holds no such snapshot is no copy of its blocks.
+                    Err(e) if e.contains(NOT_HERE) => break,
                     Err(e) => {
                         errors.push(format!("{}: {e}", label(n)));
                         failed.push(n);
