@@ -60,6 +60,12 @@ const UNFLUSHED_MAX_BYTES: usize = 128 << 20;
 /// base copy (durable as of that flush) plus the log is the whole volume.
 #[derive(Default)]
 pub struct Unflushed {
+    /// The primary epoch the entries were written at. Entries of an earlier epoch are
+    /// stale once this node is primary again: another primary may have written their
+    /// blocks since (simulator seed 14193: a jeopardy drain put a block's old version
+    /// on the recovery server, and a restore from it brought it back over a newer,
+    /// flushed one).
+    epoch: u64,
     next_seq: u64,
     entries: std::collections::VecDeque<(u64, Update, Vec<u8>)>,
     bytes: usize,
@@ -68,6 +74,19 @@ pub struct Unflushed {
     /// Every drained write is on the recovery server. Until then a new write must not
     /// be logged: a record after it for the same block would be restored over it.
     logged: bool,
+}
+
+impl Unflushed {
+    /// Drops the entries of a primary epoch other than `epoch` (an earlier tenure of
+    /// this node as the primary): what they wrote may have been overwritten since by
+    /// another primary, and made durable there.
+    fn forget_other_epochs(&mut self, epoch: u64) {
+        if self.epoch != epoch {
+            self.entries.clear();
+            self.bytes = 0;
+            self.epoch = epoch;
+        }
+    }
 }
 
 /// A lease on a volume granted by the recovery server.
@@ -256,9 +275,11 @@ pub enum Noted {
 
 impl Recovery {
     /// On the primary, after a write reached its live replicas.
+    /// `epoch`: the primary epoch the write ran at.
     pub fn note_replicated(
         &self,
         volume: &str,
+        epoch: u64,
         in_jeopardy: bool,
         u: &Update,
         raw: &[u8],
@@ -272,6 +293,7 @@ impl Recovery {
             j.drained = false;
             j.logged = false;
         }
+        j.forget_other_epochs(epoch);
         j.next_seq += 1;
         j.bytes += raw.len() + 64;
         j.entries.push_back((j.next_seq, u.clone(), raw.to_vec()));
@@ -301,9 +323,10 @@ impl Recovery {
     /// there): from now on writes are logged themselves. They stay here until
     /// `drain_logged`, so a drain cut short (an error, or its caller gone) is made
     /// again, whole and in order, by the next.
-    fn drain(&self, volume: &str) -> Option<Vec<(u64, Update, Vec<u8>)>> {
+    fn drain(&self, volume: &str, epoch: u64) -> Option<Vec<(u64, Update, Vec<u8>)>> {
         let mut m = self.unflushed.lock();
         let j = m.entry(volume.to_string()).or_default();
+        j.forget_other_epochs(epoch);
         if j.drained && j.logged {
             return None;
         }
@@ -381,7 +404,7 @@ impl Cluster {
     /// claiming lock).
     async fn drain_unflushed(&self, v: &VolumeInfo) -> Result<(), JeopardyError> {
         let r = self.recovery.as_ref().ok_or("no recovery server")?;
-        let Some(pending) = r.drain(&v.name) else {
+        let Some(pending) = r.drain(&v.name, v.epoch) else {
             return Ok(());
         };
         let n = pending.len();
@@ -1830,47 +1853,69 @@ mod tests {
     fn a_drain_is_done_only_once_every_drained_write_is_logged() {
         let r = recovery();
         assert!(matches!(
-            r.note_replicated("v", false, &write(882), &[1; 4096]),
+            r.note_replicated("v", 1, false, &write(882), &[1; 4096]),
             Noted::Kept
         ));
         assert!(matches!(
-            r.note_replicated("v", false, &write(7), &[2; 4096]),
+            r.note_replicated("v", 1, false, &write(7), &[2; 4096]),
             Noted::Kept
         ));
         assert!(!r.drain_done("v"));
-        let d = r.drain("v").expect("writes to drain");
+        let d = r.drain("v", 1).expect("writes to drain");
         assert_eq!(lbas(&d), vec![882, 7]);
         // Under way: a write of the volume in jeopardy is logged by the claiming path
         // (which waits for the drain), and `ensure_drained` does not pass it.
         assert!(!r.drain_done("v"), "a drain under way is not done");
         assert!(matches!(
-            r.note_replicated("v", true, &write(882), &[3; 4096]),
+            r.note_replicated("v", 1, true, &write(882), &[3; 4096]),
             Noted::LogIt
         ));
         // Cut short before `drain_logged`: the next drain takes the same writes again.
-        let again = r.drain("v").expect("the same writes again");
+        let again = r.drain("v", 1).expect("the same writes again");
         assert_eq!(lbas(&again), vec![882, 7]);
         assert_eq!(again[0].2, vec![1; 4096]);
         r.drain_logged("v", again.last().unwrap().0);
         assert!(r.drain_done("v"));
-        assert!(r.drain("v").is_none(), "drained once");
+        assert!(r.drain("v", 1).is_none(), "drained once");
         assert!(matches!(
-            r.note_replicated("v", true, &write(9), &[4; 4096]),
+            r.note_replicated("v", 1, true, &write(9), &[4; 4096]),
             Noted::LogIt
         ));
+    }
+
+    /// Writes noted in an earlier tenure of this node as the primary are not drained
+    /// in a later one: another primary may have written their blocks since, and a
+    /// restore from the recovery server would bring the old versions back (simulator
+    /// seed 14193).
+    #[test]
+    fn a_drain_takes_only_writes_of_the_current_primary_epoch() {
+        let r = recovery();
+        r.note_replicated("v", 2, false, &write(378), &[1; 4096]);
+        r.note_replicated("v", 2, false, &write(5), &[2; 4096]);
+        // Primary again at epoch 4: what it noted at epoch 2 is gone.
+        assert!(r.drain("v", 4).is_none_or(|d| d.is_empty()));
+        r.undrain("v");
+        r.note_replicated("v", 4, false, &write(6), &[3; 4096]);
+        let d = r.drain("v", 4).expect("writes to drain");
+        assert_eq!(lbas(&d), vec![6]);
+        // A note at a new epoch drops the older epoch's writes as well.
+        r.undrain("v");
+        r.note_replicated("v", 5, false, &write(7), &[4; 4096]);
+        let d = r.drain("v", 5).expect("writes to drain");
+        assert_eq!(lbas(&d), vec![7]);
     }
 
     /// A drain that failed keeps its writes ahead of those noted after it.
     #[test]
     fn a_failed_drain_keeps_its_writes_first() {
         let r = recovery();
-        r.note_replicated("v", false, &write(1), &[1; 4096]);
-        let d = r.drain("v").expect("writes to drain");
+        r.note_replicated("v", 1, false, &write(1), &[1; 4096]);
+        let d = r.drain("v", 1).expect("writes to drain");
         assert_eq!(lbas(&d), vec![1]);
         r.undrain("v");
         assert!(!r.drain_done("v"));
-        r.note_replicated("v", false, &write(2), &[2; 4096]);
-        let d = r.drain("v").expect("writes to drain");
+        r.note_replicated("v", 1, false, &write(2), &[2; 4096]);
+        let d = r.drain("v", 1).expect("writes to drain");
         assert_eq!(lbas(&d), vec![1, 2]);
         // A flush that completed meanwhile covers the first: it is not logged again.
         r.flushed("v", d[0].0);

@@ -278,6 +278,11 @@ fn seeds_that_found_bugs_pass() {
         // (after the change for 6491): the heal check could not tell it from a cluster
         // that had not healed (`fetch_blocks`).
         (13368, 12, Mix::All),
+        // A node primary again after another (a hand-over, two crashes, a promotion)
+        // put the writes it had noted in its earlier tenure on the recovery server
+        // when the volume went into jeopardy; its takeover restored them over newer,
+        // flushed ones (`Unflushed::forget_other_epochs`).
+        (14193, 6, Mix::All),
     ];
     for (seed, faults, mix) in cases {
         run_in_process(exe(), &options(seed, faults, mix))
