@@ -19,6 +19,9 @@ const FORWARD_RPC_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Session {
     token: parking_lot::Mutex<Option<FenceToken>>,
     closed: std::sync::atomic::AtomicBool,
+    /// Closed because a change's outcome is unknown (`Engine::forward`): the client
+    /// connection must end.
+    cut: std::sync::atomic::AtomicBool,
 }
 
 impl Session {
@@ -26,6 +29,21 @@ impl Session {
     pub fn close(&self) {
         self.closed
             .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// A forwarded change failed with its outcome unknown, and no newer session has
+    /// fenced it at the primary: it may still land there, after anything this
+    /// connection would send next. The session closes (nothing of it is sent again)
+    /// and its client connection ends once the failure is answered; the client's next
+    /// writes come through a new connection, whose session fences the old one.
+    fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::Release);
+        self.close();
+    }
+
+    /// Whether the client connection must end (`cut`).
+    pub fn is_cut(&self) -> bool {
+        self.cut.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// A connection whose requests run on this node, the volume's primary: opens its
@@ -181,17 +199,35 @@ impl Engine {
             .clone();
         let t0 = Instant::now();
         let mut last = String::new();
+        // The token of an attempt whose outcome is unknown (its call timed out or its
+        // connection broke after it may have been sent): it may still run at the
+        // primary, until a newer session fences it there.
+        let mut unsettled: Option<Option<FenceToken>> = None;
+        let give_up = |e: IoError, unsettled: Option<Option<FenceToken>>| {
+            if let (Some(s), Some(old)) = (session.filter(|_| req.op.modifies()), unsettled) {
+                let now = *s.token.lock();
+                if now.is_none() || now == old {
+                    tracing::warn!(volume = %req.volume, op = ?req.op, offset = req.offset, "a forwarded change failed with its outcome unknown: its client connection ends");
+                    s.cut();
+                }
+            }
+            e
+        };
         while t0.elapsed() < FORWARD_DEADLINE {
-            let route = self.route_name(&req.volume).await?;
+            let route = match self.route_name(&req.volume).await {
+                Ok(r) => r,
+                Err(e) => return Err(give_up(e, unsettled)),
+            };
             if let Some(e) = epoch {
                 if c.effective_primary(&req.volume).map(|p| p.1) != Some(e) {
-                    return Err(IoError::new(
+                    let e = IoError::new(
                         EIO,
                         format!(
                             "the primary of {:?} changed again since this connection's primary handed it over; reconnect",
                             req.volume
                         ),
-                    ));
+                    );
+                    return Err(give_up(e, unsettled));
                 }
             }
             let addr = match route {
@@ -249,9 +285,18 @@ impl Engine {
                 .await
             {
                 Ok(reply) => {
-                    let (json, data) = rpc::unpack(&reply).map_err(|e| IoError::new(EIO, e))?;
-                    let r: ForwardReply = serde_json::from_slice(json)
-                        .map_err(|e| IoError::new(EIO, format!("bad forward reply: {e}")))?;
+                    let parsed = rpc::unpack(&reply).and_then(|(json, data)| {
+                        serde_json::from_slice::<ForwardReply>(json)
+                            .map(|r| (r, data))
+                            .map_err(|e| format!("bad forward reply: {e}"))
+                    });
+                    let (r, data) = match parsed {
+                        Ok(p) => p,
+                        Err(e) => {
+                            let unsettled = unsettled.or(Some(req.fence));
+                            return Err(give_up(IoError::new(EIO, e), unsettled));
+                        }
+                    };
                     if r.errno == 0 {
                         let holders = if r.holders.is_empty() {
                             vec![r.executor]
@@ -282,13 +327,35 @@ impl Engine {
                     }
                     last = r.message;
                 }
-                Err(e) => last = e.to_string(),
+                Err(e) => {
+                    if req.op.modifies()
+                        && matches!(
+                            e,
+                            rpc::RpcError::Timeout { .. } | rpc::RpcError::Lost { .. }
+                        )
+                    {
+                        // The next attempt opens a new session at the primary, which
+                        // fences this one's token: if this attempt arrives there
+                        // later, it is refused under its block locks.
+                        unsettled = unsettled.or(Some(req.fence));
+                        if let Some(s) = session {
+                            let mut t = s.token.lock();
+                            if *t == req.fence {
+                                *t = None;
+                            }
+                        }
+                    }
+                    last = e.to_string()
+                }
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Err(IoError::new(
-            EIO,
-            format!("could not reach the primary of {:?}: {last}", req.volume),
+        Err(give_up(
+            IoError::new(
+                EIO,
+                format!("could not reach the primary of {:?}: {last}", req.volume),
+            ),
+            unsettled,
         ))
     }
 }

@@ -463,10 +463,14 @@ type Replies = (Vec<u8>, Option<OwnedSemaphorePermit>);
 
 /// `in_tasks`: the connection's requests running in tasks of their own (their permits
 /// taken), whose replies are worth waiting one yield for.
+///
+/// The connection ends (its write side shut, the reader stopped) once the replies
+/// sent include a forwarded change whose outcome is unknown (`Session::is_cut`).
 async fn writer_task<W: AsyncWrite + Unpin>(
     wr: W,
     mut rx: mpsc::Receiver<Replies>,
     in_tasks: Arc<Semaphore>,
+    conn: Arc<ConnAcks>,
 ) {
     let mut w = BufWriter::with_capacity(256 << 10, wr);
     while let Some((buf, _budget)) = rx.recv().await {
@@ -491,6 +495,10 @@ async fn writer_task<W: AsyncWrite + Unpin>(
             tokio::task::yield_now().await;
         }
         if w.flush().await.is_err() {
+            return;
+        }
+        if conn.session.is_cut() {
+            let _ = w.shutdown().await;
             return;
         }
     }
@@ -530,7 +538,6 @@ where
     let (tx, rx) = mpsc::channel::<Replies>(INFLIGHT_PER_CONNECTION_MAX * 2);
     let budget = Arc::new(Semaphore::new(CONNECTION_BYTES_MAX as usize));
     let inflight = Arc::new(Semaphore::new(INFLIGHT_PER_CONNECTION_MAX));
-    let writer = tokio::spawn(writer_task(wr, rx, inflight.clone()));
     let acks = engine.acks_for(&ex.name);
     let unflushed = Arc::new(ConnAcks {
         opened: acks.open(),
@@ -538,6 +545,7 @@ where
         acks,
         session: Default::default(),
     });
+    let writer = tokio::spawn(writer_task(wr, rx, inflight.clone(), unflushed.clone()));
     let size = ex.size;
     // A connection opened to the primary is bound to its epoch: if the node stops
     // being the primary (failover, a pause), requests on it fail and the client
@@ -562,7 +570,14 @@ where
                 anyhow::bail!("the client stopped taking replies");
             }
             let mut hb = [0u8; REQUEST_HEADER_LEN];
-            match rd.read_exact(&mut hb).await {
+            // The writer stops also to end the connection (`Session::is_cut`): the
+            // reader stops then rather than when the client goes.
+            let read = tokio::select! {
+                biased;
+                r = rd.read_exact(&mut hb) => r,
+                _ = tx.closed() => anyhow::bail!("the connection ended: a forwarded change's outcome is unknown, or the client stopped taking replies"),
+            };
+            match read {
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                     anyhow::bail!("client closed the connection without NBD_CMD_DISC")

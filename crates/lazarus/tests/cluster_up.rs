@@ -356,6 +356,70 @@ fn deposed_primary_acknowledges_nothing_and_serves_nothing_stale() {
     assert!(roots.iter().all(|r| *r == roots[0]), "{roots:?}");
 }
 
+/// A write forwarded to a primary that stops answering (SIGSTOP) fails once its call
+/// times out, with its outcome unknown: it may still run at that node. The connection it
+/// came on then ends after the error, so the client's next writes come through a new
+/// connection, whose session fences the old write wherever it lands late; they are not
+/// acknowledged on the old connection. A new connection writes and reads as usual.
+#[test]
+fn a_forwarded_write_whose_outcome_is_unknown_ends_its_connection() {
+    let (_tmp, data) = setup();
+    let up = Up::start(&data, "64MiB");
+    let m = up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    let p = m["primary"].as_u64().unwrap() as u16;
+    let f = if p == 1 { 2 } else { 1 };
+    qemu_io_ok(&up.uri(f, "vol0"), &["write -P 0x11 0 128k", "flush"]);
+    let mut w = Command::new(PY)
+        .args([&py("unsettled_write.py"), &up.uri(f, "vol0")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(w.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "connected");
+    let pid = up.node_pid(p) as i32;
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    wait_stopped(pid);
+    let t0 = Instant::now();
+    writeln!(w.stdin.as_mut().unwrap()).unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let first = line.trim().to_string();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let second = line.trim().to_string();
+    let _ = w.wait();
+    eprintln!("after {:?}: {first:?}, then {second:?}", t0.elapsed());
+    for l in up
+        .node_log(f)
+        .lines()
+        .filter(|l| l.contains("forward") || l.contains("outcome"))
+    {
+        eprintln!("n{f}: {l}");
+    }
+    assert!(
+        first.starts_with("ERR"),
+        "the write to a paused primary was acknowledged: {first}"
+    );
+    assert!(
+        second.starts_with("ERR2"),
+        "a write after one whose outcome is unknown was taken on the same connection: {second}"
+    );
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let m = up.wait_meta(f, "vol0", Duration::from_secs(15), "failover", |m| {
+        m["primary"].as_u64().is_some_and(|q| q != p as u64)
+    });
+    assert_ne!(m["primary"].as_u64(), Some(p as u64));
+    qemu_io_ok(&up.uri(f, "vol0"), &["write -P 0x33 0 64k", "flush"]);
+    up.wait_all_live(f, "vol0", Duration::from_secs(60));
+    for n in 1..=3 {
+        let b = read_64k(&up.uri(n, "vol0")).unwrap();
+        assert!(b.iter().all(|x| *x == 0x33), "through n{n}: {:#x}", b[0]);
+    }
+}
+
 /// A primary whose lease renewal comes late (here: the Raft leader, which grants it,
 /// is paused for 450 ms, longer than a lease and shorter than an election or the
 /// silence after which a primary is replaced) while a write is on its way to the
