@@ -108,6 +108,13 @@ pub struct VolumeInfo {
     /// Snapshot name -> its size in bytes, where recorded.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub snapshot_sizes: BTreeMap<String, u64>,
+    /// The epoch at which the primary's tenure began: set when the primary changes
+    /// (a promotion, a hand-over, an adoption that names another node), kept when an
+    /// adoption moves the epoch on under the same primary. What a primary noted in an
+    /// earlier tenure may have been overwritten by another primary since (the jeopardy
+    /// drain's `Unflushed`, simulator seed 14193).
+    #[serde(default)]
+    pub primary_since: u64,
 }
 
 impl VolumeInfo {
@@ -812,6 +819,7 @@ impl ClusterMeta {
                     handed_over: None,
                     snapshots: BTreeMap::new(),
                     snapshot_sizes: BTreeMap::new(),
+                    primary_since: 1,
                 };
                 self.volumes.insert(name.clone(), v.clone());
                 Ok(MetaResponse::Volume(v))
@@ -994,6 +1002,7 @@ impl ClusterMeta {
                 v.primary = *node;
                 v.handed_over = graceful.then_some(v.epoch);
                 v.epoch += 1;
+                v.primary_since = v.epoch;
                 if let Some(f) = fcid {
                     v.failure_count_id = *f;
                 }
@@ -1086,6 +1095,9 @@ impl ClusterMeta {
                 v.failure_count_id = *fcid;
                 v.recovery_flag = *jeopardy;
                 v.epoch = (*epoch).max(v.epoch);
+                if v.primary != *primary {
+                    v.primary_since = v.epoch;
+                }
                 v.primary = *primary;
                 for n in v.replicas.clone() {
                     let s = if n == *primary
@@ -1605,6 +1617,8 @@ mod tests {
             restored: false,
         });
         assert!(matches!(r, MetaResponse::Volume(ref x) if x.primary == 3 && x.recovery_flag));
+        // n3's tenure began at its promotion to epoch 2, and goes on.
+        assert_eq!(m.volumes["vol0"].primary_since, 2);
         let r = m.apply(&MetaCommand::AdoptRecovery {
             volume: v.name.clone(),
             uid: v.uid,
@@ -1616,6 +1630,8 @@ mod tests {
             restored: true,
         });
         assert!(matches!(r, MetaResponse::Volume(ref x) if x.primary == 2 && x.epoch == 3));
+        // A new primary: a new tenure.
+        assert_eq!(m.volumes["vol0"].primary_since, 3);
     }
 
     /// A hand-over goes only to a live, current copy, bumps the epoch as a promotion

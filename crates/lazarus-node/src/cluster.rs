@@ -1428,7 +1428,7 @@ impl Cluster {
         let noted = if acked_live == 0 || no_majority || entered_meanwhile {
             crate::jeopardy::Noted::LogIt
         } else {
-            rec.note_replicated(volume, v.epoch, in_jeopardy, &u, raw)
+            rec.note_replicated(volume, self.tenure(volume), in_jeopardy, &u, raw)
         };
         match noted {
             crate::jeopardy::Noted::Kept => {}

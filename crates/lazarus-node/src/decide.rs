@@ -621,6 +621,7 @@ mod tests {
             handed_over: None,
             snapshots: Default::default(),
             snapshot_sizes: Default::default(),
+            primary_since: 2,
         }
     }
 
