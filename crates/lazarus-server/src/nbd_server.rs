@@ -459,21 +459,23 @@ async fn options<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// Replies on their way to the writer, with the connection's memory budget they hold
 /// (`CONNECTION_BYTES_MAX`), given back once they are written.
-type Replies = (Vec<u8>, Option<OwnedSemaphorePermit>);
+/// Reply bytes, the budget they hold, and whether the connection ends after them
+/// (`execute`).
+type Replies = (Vec<u8>, Option<OwnedSemaphorePermit>, bool);
 
 /// `in_tasks`: the connection's requests running in tasks of their own (their permits
 /// taken), whose replies are worth waiting one yield for.
 ///
-/// The connection ends (its write side shut, the reader stopped) once the replies
-/// sent include a forwarded change whose outcome is unknown (`Session::is_cut`).
+/// The connection ends (its write side shut, the reader stopped) once a reply that
+/// ends it is sent: a change that failed after a forwarded change's outcome turned
+/// unknown (`Session::is_cut`).
 async fn writer_task<W: AsyncWrite + Unpin>(
     wr: W,
     mut rx: mpsc::Receiver<Replies>,
     in_tasks: Arc<Semaphore>,
-    conn: Arc<ConnAcks>,
 ) {
     let mut w = BufWriter::with_capacity(256 << 10, wr);
-    while let Some((buf, _budget)) = rx.recv().await {
+    while let Some((buf, _budget, mut ends)) = rx.recv().await {
         if w.write_all(&buf).await.is_err() {
             return;
         }
@@ -482,10 +484,14 @@ async fn writer_task<W: AsyncWrite + Unpin>(
         // writes complete in their own tasks, a burst of them at a time). Replies of
         // requests run in the reader come batched already.
         let mut yielded = in_tasks.available_permits() == INFLIGHT_PER_CONNECTION_MAX;
-        loop {
-            while let Ok((more, _budget)) = rx.try_recv() {
+        while !ends {
+            while let Ok((more, _budget, last)) = rx.try_recv() {
                 if w.write_all(&more).await.is_err() {
                     return;
+                }
+                if last {
+                    ends = true;
+                    break;
                 }
             }
             if yielded {
@@ -497,7 +503,7 @@ async fn writer_task<W: AsyncWrite + Unpin>(
         if w.flush().await.is_err() {
             return;
         }
-        if conn.session.is_cut() {
+        if ends {
             let _ = w.shutdown().await;
             return;
         }
@@ -545,7 +551,7 @@ where
         acks,
         session: Default::default(),
     });
-    let writer = tokio::spawn(writer_task(wr, rx, inflight.clone(), unflushed.clone()));
+    let writer = tokio::spawn(writer_task(wr, rx, inflight.clone()));
     let size = ex.size;
     // A connection opened to the primary is bound to its epoch: if the node stops
     // being the primary (failover, a pause), requests on it fail and the client
@@ -554,6 +560,8 @@ where
         .primary_epoch(&ex.name)
         .filter(|_| ex.local.is_some());
     let mut batch: Vec<u8> = Vec::new();
+    // A reply in the batch ends the connection (`execute`).
+    let mut batch_ends = false;
     // The budget the batched replies hold.
     let mut batch_budget: Option<OwnedSemaphorePermit> = None;
     let result: anyhow::Result<()> = async {
@@ -561,7 +569,7 @@ where
             // Hand the batched replies to the writer once no further request is
             // already buffered: one wake-up per burst, not per request.
             if rd.buffer().is_empty() && !batch.is_empty() {
-                tx.send((std::mem::take(&mut batch), batch_budget.take()))
+                tx.send((std::mem::take(&mut batch), batch_budget.take(), std::mem::take(&mut batch_ends)))
                     .await?;
             }
             // The writer stopped (the client is gone): the requests still buffered are
@@ -602,7 +610,7 @@ where
                 Ok(p) => p,
                 Err(_) => {
                     if !batch.is_empty() {
-                        tx.send((std::mem::take(&mut batch), batch_budget.take()))
+                        tx.send((std::mem::take(&mut batch), batch_budget.take(), std::mem::take(&mut batch_ends)))
                             .await?;
                     }
                     wait_watching(&mut rd, budget.clone().acquire_many_owned(cost)).await?
@@ -615,7 +623,7 @@ where
             }
             if req.command == Command::Disconnect {
                 if !batch.is_empty() {
-                    tx.send((std::mem::take(&mut batch), batch_budget.take()))
+                    tx.send((std::mem::take(&mut batch), batch_budget.take(), std::mem::take(&mut batch_ends)))
                         .await?;
                 }
                 // Let in-flight requests finish and their replies go out.
@@ -631,7 +639,7 @@ where
                 && (matches!(req.command, Command::Read | Command::BlockStatus)
                     || !engine.replicates(&ex.name))
             {
-                execute(
+                batch_ends |= execute(
                     &engine, &ex, bound, &unflushed, req, &payload, size, structured, &mut batch,
                 )
                 .await;
@@ -640,7 +648,7 @@ where
                     None => batch_budget = Some(held),
                 }
                 if batch.len() >= REPLY_BATCH_MAX_BYTES {
-                    tx.send((std::mem::take(&mut batch), batch_budget.take()))
+                    tx.send((std::mem::take(&mut batch), batch_budget.take(), std::mem::take(&mut batch_ends)))
                         .await?;
                 }
                 continue;
@@ -655,11 +663,11 @@ where
             let unflushed = unflushed.clone();
             let fut = async move {
                 let mut reply = Vec::new();
-                execute(
+                let ends = execute(
                     &engine, &ex, bound, &unflushed, req, &payload, size, structured, &mut reply,
                 )
                 .await;
-                let _ = tx.send((reply, Some(held))).await;
+                let _ = tx.send((reply, Some(held), ends)).await;
                 drop(permit);
             };
             tokio::spawn(fut);
@@ -725,6 +733,8 @@ fn runs_inline(req: &Request) -> bool {
 }
 
 /// Executes one request, appends its reply to `out`, and records its metrics.
+/// Returns whether the connection ends once the reply is sent: a change that failed
+/// after the session was cut (`Session::is_cut`), the cut's own failure among them.
 #[allow(clippy::too_many_arguments)]
 async fn execute(
     engine: &Engine,
@@ -736,7 +746,7 @@ async fn execute(
     size: u64,
     structured: bool,
     out: &mut Vec<u8>,
-) {
+) -> bool {
     let t0 = tokio::time::Instant::now();
     let start = out.len();
     let (command, length) = (req.command, req.length as u64);
@@ -751,7 +761,7 @@ async fn execute(
         Command::Flush => Op::Flush,
         Command::Trim => Op::Trim,
         Command::WriteZeroes => Op::WriteZeroes,
-        Command::BlockStatus | Command::Disconnect | Command::Unknown(_) => return,
+        Command::BlockStatus | Command::Disconnect | Command::Unknown(_) => return false,
     };
     let ok = reply_ok(&out[start..]);
     let bytes = match op {
@@ -759,6 +769,7 @@ async fn execute(
         _ => 0,
     };
     lazarus_observe::metrics::record_request(&ex.name, op, bytes, t0.elapsed(), ok);
+    !ok && matches!(op, Op::Write | Op::Trim | Op::WriteZeroes) && unflushed.session.is_cut()
 }
 
 /// Whether the reply starting at `r` reports success (simple or structured).
