@@ -38,12 +38,29 @@ struct Tokens {
     unsettled_bare: bool,
 }
 
-/// Whether token `a` fences `b` wherever `b` could still run: issued later by the
-/// same primary process at the same epoch, or at a later epoch (a primary of `b`'s
-/// epoch no longer serves), or by another process at that epoch (`b`'s process is
-/// gone: one process serves an epoch).
+/// Whether token `a` fences `b` wherever `b` could still run. Within one primary
+/// process only the fence count orders tokens (it never goes back, and a token above
+/// `b`'s means the count passed it: `fence_admits` refuses `b` there); the epoch in
+/// a token can go back (a hold's epoch, then the metadata's). Across processes: a
+/// later epoch (a primary of `b`'s epoch no longer serves), or a later process at the
+/// same epoch (`b`'s, an earlier incarnation of the node, is gone).
 fn supersedes(a: &FenceToken, b: &FenceToken) -> bool {
-    a.epoch > b.epoch || a.epoch == b.epoch && (a.incarnation != b.incarnation || a.fence > b.fence)
+    if a.incarnation == b.incarnation {
+        a.fence > b.fence
+    } else {
+        (a.epoch, a.incarnation) > (b.epoch, b.incarnation)
+    }
+}
+
+/// Whether token `new` may replace `cur`: not an older answer from the same process
+/// (calls that ran side by side return in any order). A token of the same fence
+/// count with another epoch replaces it (the primary's epoch went back or on).
+fn replaces(new: &FenceToken, cur: &FenceToken) -> bool {
+    if new.incarnation == cur.incarnation {
+        new.fence >= cur.fence
+    } else {
+        (new.epoch, new.incarnation) > (cur.epoch, cur.incarnation)
+    }
 }
 
 impl Tokens {
@@ -101,12 +118,15 @@ impl Session {
     }
 
     /// Takes a token the primary issued, unless a newer one is held already (calls
-    /// that ran side by side return in any order).
-    fn take(&self, new: FenceToken) {
+    /// that ran side by side return in any order). Returns whether the current token
+    /// changed.
+    fn take(&self, new: FenceToken) -> bool {
         let mut t = self.tokens.lock();
-        if t.current.is_none_or(|c| supersedes(&new, &c)) {
+        let take = t.current != Some(new) && t.current.is_none_or(|c| replaces(&new, &c));
+        if take {
             t.current = Some(new);
         }
+        take
     }
 
     /// An attempt carrying `token` ended with its outcome unknown.
@@ -296,22 +316,35 @@ impl Engine {
             }
             let addr = match route {
                 Route::Local => {
-                    let Some(s) = session.filter(|_| req.op.modifies()) else {
-                        return self.execute_local(req, payload).await;
+                    let r = match session.filter(|_| req.op.modifies()) {
+                        None => self.execute_local(req, payload).await,
+                        Some(s) => {
+                            // This node became the primary: the session opens here,
+                            // and the change runs only while its client's connection is
+                            // open, checked under its block locks, as for a connection
+                            // served here from the start. A write that waited here on a
+                            // primary that died (its call hung until the connection
+                            // broke) must not land after what the client wrote since
+                            // through another connection (simulator seed 3602: it did,
+                            // 600 ms later, over a flushed newer write).
+                            if s.is_closed() {
+                                return Err(IoError::new(EIO, "the client's connection closed"));
+                            }
+                            s.open_locally(&c, &req.volume);
+                            let open = || !s.is_closed();
+                            self.execute_admitted(req, payload, Some(&open)).await
+                        }
                     };
-                    // This node became the primary: the session opens here, and the
-                    // change runs only while its client's connection is open, checked
-                    // under its block locks, as for a connection served here from the
-                    // start. A write that waited here on a primary that died (its
-                    // call hung until the connection broke) must not land after what
-                    // the client wrote since through another connection (simulator
-                    // seed 3602: it did, 600 ms later, over a flushed newer write).
-                    if s.is_closed() {
-                        return Err(IoError::new(EIO, "the client's connection closed"));
+                    match r {
+                        // The role moved on while it ran here (a lease lapsed): routed
+                        // again, as a primary elsewhere answering "not primary" is.
+                        Err(e) if e.not_serving => {
+                            last = e.message;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                        r => return r,
                     }
-                    s.open_locally(&c, &req.volume);
-                    let open = || !s.is_closed();
-                    return self.execute_admitted(req, payload, Some(&open)).await;
                 }
                 Route::Forward(addr) => addr,
             };
@@ -382,7 +415,12 @@ impl Engine {
                             return Err(IoError::new(EIO, r.message));
                         };
                         match self.fence_at(&c, &addr, &req.volume, false).await {
-                            Ok(t) => s.take(t),
+                            // Nothing new: not at once again.
+                            Ok(t) => {
+                                if !s.take(t) {
+                                    tokio::time::sleep(Duration::from_millis(50)).await;
+                                }
+                            }
                             Err(e) => last = e,
                         }
                         continue;
@@ -555,21 +593,34 @@ mod tests {
         s.take(t(4));
         assert_eq!(s.usable(), None);
         assert!(!s.settled());
-        // A newer session, or a later epoch, or another process at the epoch fences it.
+        // A newer session of the same process fences it; the same count at another
+        // epoch does not (the epoch in a token can go back), but is taken, so a
+        // connection follows the primary's epoch back and forth.
         s.take(t(5));
         assert!(s.settled());
         s.unsettle(Some(t(5)));
-        s.take(FenceToken { epoch: 4, ..t(1) });
-        assert!(s.settled());
-        s.unsettle(Some(FenceToken { epoch: 4, ..t(1) }));
-        s.take(FenceToken {
+        assert!(s.take(FenceToken { epoch: 4, ..t(5) }));
+        assert!(!s.settled());
+        assert!(s.take(t(5)));
+        assert!(!s.settled());
+        // Another process at a later epoch fences it; a late answer from an earlier
+        // process does not replace that one's token.
+        let later = FenceToken {
             incarnation: 8,
-            ..FenceToken { epoch: 4, ..t(1) }
-        });
+            fence: 1,
+            epoch: 4,
+        };
+        assert!(s.take(later));
         assert!(s.settled());
+        assert!(!s.take(FenceToken {
+            incarnation: 6,
+            fence: 9,
+            epoch: 4
+        }));
+        assert_eq!(s.usable(), Some(later));
         // An attempt without a token (a primary of an older version) is never fenced.
         s.unsettle(None);
-        s.take(t(9));
+        s.take(FenceToken { fence: 2, ..later });
         assert!(!s.settled());
     }
 }

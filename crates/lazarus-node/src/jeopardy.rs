@@ -277,6 +277,14 @@ pub enum Noted {
 }
 
 impl Recovery {
+    /// Forgets the writes noted for `volume` (`Cluster::claim_and_hold`).
+    fn forget_unflushed(&self, volume: &str) {
+        if let Some(j) = self.unflushed.lock().get_mut(volume) {
+            j.entries.clear();
+            j.bytes = 0;
+        }
+    }
+
     /// On the primary, after a write reached its live replicas.
     /// `tenure`: this node's tenure as the volume's primary (`Cluster::tenure`).
     pub fn note_replicated(
@@ -1522,6 +1530,10 @@ impl Cluster {
             }
         };
         let fcid = reply.coord.fcid;
+        // A new tenure as the volume's holder: its copy is restored from a base and
+        // the log. Writes this node noted as the primary before, in an earlier tenure,
+        // may have been overwritten by a later primary, and are never drained now.
+        r.forget_unflushed(&req.volume);
         if let Err(e) = self
             .persist_claim(&req.volume, req.uid, fcid, req.epoch)
             .await
