@@ -40,27 +40,23 @@ struct Tokens {
 
 /// Whether token `a` fences `b` wherever `b` could still run. Within one primary
 /// process only the fence count orders tokens (it never goes back, and a token above
-/// `b`'s means the count passed it: `fence_admits` refuses `b` there); the epoch in
-/// a token can go back (a hold's epoch, then the metadata's). Across processes: a
-/// later epoch (a primary of `b`'s epoch no longer serves), or a later process at the
-/// same epoch (`b`'s, an earlier incarnation of the node, is gone).
+/// `b`'s means the count passed it: `fence_admits` refuses `b` there); the epoch in a
+/// token can go back (a hold's epoch, then the metadata's). A token of another process
+/// was issued by a primary that holds the volume's lease now: `b`'s process no longer
+/// serves it (its lease lapsed, checked before a write applies anything and again
+/// under its block locks), as for every write of a deposed primary. Incarnations of
+/// different nodes come from unrelated clocks and order nothing.
 fn supersedes(a: &FenceToken, b: &FenceToken) -> bool {
-    if a.incarnation == b.incarnation {
-        a.fence > b.fence
-    } else {
-        (a.epoch, a.incarnation) > (b.epoch, b.incarnation)
-    }
+    a.incarnation != b.incarnation || a.fence > b.fence
 }
 
 /// Whether token `new` may replace `cur`: not an older answer from the same process
 /// (calls that ran side by side return in any order). A token of the same fence
-/// count with another epoch replaces it (the primary's epoch went back or on).
+/// count with another epoch replaces it (the primary's epoch went back or on), and so
+/// does one of another process: if that is a late answer from a former primary, the
+/// writes it carries are refused as fenced and the current primary's token is taken.
 fn replaces(new: &FenceToken, cur: &FenceToken) -> bool {
-    if new.incarnation == cur.incarnation {
-        new.fence >= cur.fence
-    } else {
-        (new.epoch, new.incarnation) > (cur.epoch, cur.incarnation)
-    }
+    new.incarnation != cur.incarnation || new.fence >= cur.fence
 }
 
 impl Tokens {
@@ -603,20 +599,24 @@ mod tests {
         assert!(!s.settled());
         assert!(s.take(t(5)));
         assert!(!s.settled());
-        // Another process at a later epoch fences it; a late answer from an earlier
-        // process does not replace that one's token.
+        // A token of another process (the primary now, holding the lease) fences it,
+        // whatever its epoch and incarnation say; and is taken.
+        let other = FenceToken {
+            incarnation: 6,
+            fence: 1,
+            epoch: 3,
+        };
+        assert!(s.take(other));
+        assert!(s.settled());
+        s.unsettle(Some(other));
+        assert!(!s.settled());
         let later = FenceToken {
             incarnation: 8,
             fence: 1,
-            epoch: 4,
+            epoch: 2,
         };
         assert!(s.take(later));
         assert!(s.settled());
-        assert!(!s.take(FenceToken {
-            incarnation: 6,
-            fence: 9,
-            epoch: 4
-        }));
         assert_eq!(s.usable(), Some(later));
         // An attempt without a token (a primary of an older version) is never fenced.
         s.unsettle(None);

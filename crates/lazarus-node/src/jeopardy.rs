@@ -277,11 +277,14 @@ pub enum Noted {
 }
 
 impl Recovery {
-    /// Forgets the writes noted for `volume` (`Cluster::claim_and_hold`).
-    fn forget_unflushed(&self, volume: &str) {
+    /// Forgets the writes noted for `volume` unless they are of tenure `keep`, this
+    /// node's as the primary now (`Cluster::claim_and_hold`).
+    fn forget_unflushed(&self, volume: &str, keep: Option<u64>) {
         if let Some(j) = self.unflushed.lock().get_mut(volume) {
-            j.entries.clear();
-            j.bytes = 0;
+            if keep != Some(j.tenure) {
+                j.entries.clear();
+                j.bytes = 0;
+            }
         }
     }
 
@@ -1530,10 +1533,11 @@ impl Cluster {
             }
         };
         let fcid = reply.coord.fcid;
-        // A new tenure as the volume's holder: its copy is restored from a base and
-        // the log. Writes this node noted as the primary before, in an earlier tenure,
-        // may have been overwritten by a later primary, and are never drained now.
-        r.forget_unflushed(&req.volume);
+        // Writes this node noted as the primary in an earlier tenure may have been
+        // overwritten by a later primary since: a take-over or survivor claim never
+        // drains them. Those of its tenure now (the metadata's primary claiming again,
+        // its own jeopardy claim never renewed) are still owed to the log.
+        r.forget_unflushed(&req.volume, self.tenure(&req.volume));
         if let Err(e) = self
             .persist_claim(&req.volume, req.uid, fcid, req.epoch)
             .await
@@ -1933,6 +1937,14 @@ mod tests {
         r.note_replicated("v", Some(5), false, &write(7), &[4; 4096]);
         let d = r.drain("v", Some(5)).expect("writes to drain");
         assert_eq!(lbas(&d), vec![7]);
+        // A claim by the primary of that tenure keeps them; one by a node the
+        // metadata no longer names, or names in another tenure, forgets them.
+        r.undrain("v");
+        r.forget_unflushed("v", Some(5));
+        assert_eq!(lbas(&r.drain("v", Some(5)).expect("kept")), vec![7]);
+        r.undrain("v");
+        r.forget_unflushed("v", None);
+        assert!(r.drain("v", None).is_none_or(|d| d.is_empty()));
     }
 
     /// A drain that failed keeps its writes ahead of those noted after it.
