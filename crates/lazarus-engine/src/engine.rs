@@ -128,6 +128,12 @@ pub struct Engine {
     pub(crate) resetting: parking_lot::Mutex<std::collections::HashSet<String>>,
     /// `resetting` is not empty (so that writes skip its lock otherwise).
     pub(crate) resets_running: std::sync::atomic::AtomicUsize,
+    /// Per volume, the newest token a change forwarded from this node carried whose
+    /// outcome is unknown (`forward::Session`): no connection of this node forwards a
+    /// change of the volume again with a token that does not supersede it, so a
+    /// client's other connections (NBD multi-conn) fence it before their next writes.
+    pub(crate) unsettled_forwards:
+        parking_lot::Mutex<std::collections::HashMap<String, lazarus_rpc::msg::FenceToken>>,
 }
 
 /// A replicated write between its lease check and its answer.
@@ -151,6 +157,7 @@ impl Engine {
             snapshot_sync_errors: Default::default(),
             resetting: Default::default(),
             resets_running: Default::default(),
+            unsettled_forwards: Default::default(),
         }
     }
 

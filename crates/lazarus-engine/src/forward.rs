@@ -107,10 +107,11 @@ impl Session {
 
     /// The token a forwarded change may carry now: `None` when a new session must be
     /// opened first (none yet, or the current one does not fence an attempt of
-    /// unknown outcome).
-    fn usable(&self) -> Option<FenceToken> {
+    /// unknown outcome, this connection's or `beyond`, another's of this node).
+    fn usable(&self, beyond: Option<FenceToken>) -> Option<FenceToken> {
         let t = self.tokens.lock();
-        t.current.filter(|_| t.settled())
+        t.current
+            .filter(|c| t.settled() && beyond.is_none_or(|u| supersedes(c, &u)))
     }
 
     /// Takes a token the primary issued, unless a newer one is held already (calls
@@ -121,6 +122,9 @@ impl Session {
         let take = t.current != Some(new) && t.current.is_none_or(|c| replaces(&new, &c));
         if take {
             t.current = Some(new);
+            // A process that issues tokens is not the one an attempt without a token
+            // went to (a primary of an older version): that one no longer serves.
+            t.unsettled_bare = false;
         }
         take
     }
@@ -349,7 +353,8 @@ impl Engine {
                 if s.is_closed() {
                     return Err(IoError::new(EIO, "the client's connection closed"));
                 }
-                let token = match s.usable() {
+                let beyond = self.unsettled_forwards.lock().get(&req.volume).copied();
+                let token = match s.usable(beyond) {
                     Some(t) => Some(t),
                     None => match self.fence_at(&c, &addr, &req.volume, true).await {
                         Ok(t) => {
@@ -387,6 +392,7 @@ impl Engine {
                         Err(e) => {
                             if let Some(s) = session.filter(|_| req.op.modifies()) {
                                 s.unsettle(req.fence);
+                                self.note_unsettled(&req.volume, req.fence);
                             }
                             return Err(give_up(IoError::new(EIO, e)));
                         }
@@ -436,6 +442,7 @@ impl Engine {
                         // under its block locks.
                         if let Some(s) = session.filter(|_| req.op.modifies()) {
                             s.unsettle(req.fence);
+                            self.note_unsettled(&req.volume, req.fence);
                         }
                     }
                     last = e.to_string()
@@ -451,6 +458,19 @@ impl Engine {
 }
 
 impl Engine {
+    /// A change of `volume` forwarded from this node with `token` ended with its
+    /// outcome unknown (`unsettled_forwards`).
+    fn note_unsettled(&self, volume: &str, token: Option<FenceToken>) {
+        let Some(new) = token else {
+            return;
+        };
+        let mut m = self.unsettled_forwards.lock();
+        let u = m.entry(volume.to_string()).or_insert(new);
+        if supersedes(&new, u) {
+            *u = new;
+        }
+    }
+
     /// Asks the primary at `addr` for a fence token (`open`: a new session).
     async fn fence_at(
         &self,
@@ -571,23 +591,23 @@ mod tests {
     fn an_attempt_of_unknown_outcome_is_settled_only_by_a_newer_session() {
         let s = Session::default();
         s.take(t(2));
-        assert_eq!(s.usable(), Some(t(2)));
+        assert_eq!(s.usable(None), Some(t(2)));
         assert!(s.settled());
         // An attempt with t2 is lost: t2 may no longer be sent.
         s.unsettle(Some(t(2)));
-        assert_eq!(s.usable(), None);
+        assert_eq!(s.usable(None), None);
         assert!(!s.settled());
         // Two new sessions opened side by side; their answers come in any order.
         s.take(t(4));
         s.take(t(3));
-        assert_eq!(s.usable(), Some(t(4)));
+        assert_eq!(s.usable(None), Some(t(4)));
         assert!(s.settled());
         // The attempt with t4 is lost too; the current token (fetched again without
         // opening a session) is still t4: not settled.
         s.unsettle(Some(t(4)));
         s.unsettle(Some(t(3)));
         s.take(t(4));
-        assert_eq!(s.usable(), None);
+        assert_eq!(s.usable(None), None);
         assert!(!s.settled());
         // A newer session of the same process fences it; the same count at another
         // epoch does not (the epoch in a token can go back), but is taken, so a
@@ -617,10 +637,19 @@ mod tests {
         };
         assert!(s.take(later));
         assert!(s.settled());
-        assert_eq!(s.usable(), Some(later));
-        // An attempt without a token (a primary of an older version) is never fenced.
+        assert_eq!(s.usable(None), Some(later));
+        // Another connection's attempt of unknown outcome (`beyond`): the token must
+        // supersede it as well.
+        assert_eq!(s.usable(Some(FenceToken { fence: 1, ..later })), None);
+        assert_eq!(
+            s.usable(Some(FenceToken { fence: 0, ..later })),
+            Some(later)
+        );
+        // An attempt without a token (a primary of an older version) is fenced only by
+        // a primary that issues tokens.
         s.unsettle(None);
-        s.take(FenceToken { fence: 2, ..later });
         assert!(!s.settled());
+        assert!(s.take(FenceToken { fence: 2, ..later }));
+        assert!(s.settled());
     }
 }

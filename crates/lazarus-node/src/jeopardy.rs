@@ -1463,7 +1463,10 @@ impl Cluster {
             config: serde_json::to_value(&*meta).ok(),
             base: c.base.clone(),
         };
-        let Some(fcid) = self.claim_and_hold(&req, sent, "take-over").await else {
+        let Some(fcid) = self
+            .claim_and_hold(&req, sent, "take-over", own_retry)
+            .await
+        else {
             return;
         };
         tracing::warn!(volume = %v.name, old = ?c.holder, fcid, epoch, "the last failure domain is gone: restoring this copy from the recovery server's log to serve the volume");
@@ -1513,12 +1516,14 @@ impl Cluster {
 
     /// Claims a volume at the recovery server for this node (a take-over or a
     /// survivor: `what`), and on a grant records its hold, not serving yet
-    /// (`restoring`). Returns the failure count ID granted.
+    /// (`restoring`). Returns the failure count ID granted. `own`: this node's own
+    /// claim, under which it never served, taken again.
     pub(crate) async fn claim_and_hold(
         &self,
         req: &ClaimReq,
         sent: Instant,
         what: &str,
+        own: bool,
     ) -> Option<u64> {
         let r = self.recovery.as_ref()?;
         let reply = match r.claim(req).await {
@@ -1533,11 +1538,12 @@ impl Cluster {
             }
         };
         let fcid = reply.coord.fcid;
-        // Writes this node noted as the primary in an earlier tenure may have been
-        // overwritten by a later primary since: a take-over or survivor claim never
-        // drains them. Those of its tenure now (the metadata's primary claiming again,
-        // its own jeopardy claim never renewed) are still owed to the log.
-        r.forget_unflushed(&req.volume, self.tenure(&req.volume));
+        // Writes this node noted as the primary before may have been overwritten by
+        // a later primary or holder since: a take-over or survivor claim never drains
+        // them. Only those of its tenure now, when it takes its own claim again (the
+        // metadata's primary whose jeopardy claim was never renewed), are still owed
+        // to the log: nobody held the volume in between.
+        r.forget_unflushed(&req.volume, self.tenure(&req.volume).filter(|_| own));
         if let Err(e) = self
             .persist_claim(&req.volume, req.uid, fcid, req.epoch)
             .await

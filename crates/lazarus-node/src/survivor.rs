@@ -462,7 +462,7 @@ impl Cluster {
             config: serde_json::to_value(&*meta).ok(),
             base: vec![self.id],
         };
-        let Some(fcid) = self.claim_and_hold(&req, sent, "survivor").await else {
+        let Some(fcid) = self.claim_and_hold(&req, sent, "survivor", false).await else {
             return;
         };
         // What this copy applied is the volume; make it durable before serving (the

@@ -582,8 +582,26 @@ where
             // reader stops then rather than when the client goes.
             let read = tokio::select! {
                 biased;
-                r = rd.read_exact(&mut hb) => r,
-                _ = tx.closed() => anyhow::bail!("the connection ended: a forwarded change's outcome is unknown, or the client stopped taking replies"),
+                r = rd.read_exact(&mut hb) => Some(r),
+                _ = tx.closed() => None,
+            };
+            let Some(read) = read else {
+                unflushed.session.close();
+                // The writer shut its side after the last reply. Closing with requests
+                // still unread would reset the connection, and the reset may discard
+                // that reply: what the client sends is read and dropped until it
+                // closes its side (for up to 2 s).
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    while let Ok(b) = rd.fill_buf().await {
+                        if b.is_empty() {
+                            break;
+                        }
+                        let n = b.len();
+                        rd.consume(n);
+                    }
+                })
+                .await;
+                anyhow::bail!("the connection ended: a forwarded change's outcome is unknown, or the client stopped taking replies");
             };
             match read {
                 Ok(_) => {}
