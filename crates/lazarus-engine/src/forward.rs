@@ -56,7 +56,7 @@ fn supersedes(a: &FenceToken, b: &FenceToken) -> bool {
 /// does one of another process: if that is a late answer from a former primary, the
 /// writes it carries are refused as fenced and the current primary's token is taken.
 fn replaces(new: &FenceToken, cur: &FenceToken) -> bool {
-    new.incarnation != cur.incarnation || new.fence >= cur.fence
+    supersedes(new, cur) || new.fence == cur.fence
 }
 
 impl Tokens {

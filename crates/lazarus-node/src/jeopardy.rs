@@ -85,10 +85,14 @@ impl Unflushed {
     /// and made durable there.
     fn forget_other_tenures(&mut self, tenure: Option<u64>) {
         if let Some(t) = tenure.filter(|t| *t != self.tenure) {
-            self.entries.clear();
-            self.bytes = 0;
+            self.clear();
             self.tenure = t;
         }
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
     }
 }
 
@@ -282,8 +286,7 @@ impl Recovery {
     fn forget_unflushed(&self, volume: &str, keep: Option<u64>) {
         if let Some(j) = self.unflushed.lock().get_mut(volume) {
             if keep != Some(j.tenure) {
-                j.entries.clear();
-                j.bytes = 0;
+                j.clear();
             }
         }
     }

@@ -369,16 +369,8 @@ fn a_forwarded_write_whose_outcome_is_unknown_ends_its_connection() {
     let p = m["primary"].as_u64().unwrap() as u16;
     let f = if p == 1 { 2 } else { 1 };
     qemu_io_ok(&up.uri(f, "vol0"), &["write -P 0x11 0 128k", "flush"]);
-    let mut w = Command::new(PY)
-        .args([&py("unsettled_write.py"), &up.uri(f, "vol0")])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(w.stdout.take().unwrap());
+    let (mut w, mut out) = py_client("unsettled_write.py", &up.uri(f, "vol0"), "connected");
     let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "connected");
     let pid = up.node_pid(p) as i32;
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     wait_stopped(pid);
@@ -1402,8 +1394,18 @@ fn nodes_restart_after_the_binary_is_replaced() {
 /// `flush_later.py` through `via`, once it says its second write is acknowledged
 /// (unflushed): the client, and its output.
 fn flush_later(up: &Up, via: u16) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
+    py_client("flush_later.py", &up.uri(via, "vol0"), "written")
+}
+
+/// A Python client `script` on `uri`, once its first line says `ready`: the client
+/// (its stdin piped), and its output.
+fn py_client(
+    script: &str,
+    uri: &str,
+    ready: &str,
+) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
     let mut c = Command::new(PY)
-        .args([&py("flush_later.py"), &up.uri(via, "vol0")])
+        .args([&py(script), uri])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -1411,7 +1413,7 @@ fn flush_later(up: &Up, via: u16) -> (std::process::Child, BufReader<std::proces
     let mut out = BufReader::new(c.stdout.take().unwrap());
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "written");
+    assert_eq!(line.trim(), ready);
     (c, out)
 }
 
