@@ -18,6 +18,11 @@ pub struct NodeConfig {
     /// Journal size in bytes (default 64 MiB, minimum 8 MiB).
     #[serde(default = "default_journal_bytes")]
     pub journal_bytes: u64,
+    /// Memory for clean slice pages, in bytes (default 64 MiB: the slice pages of
+    /// 16 GiB of mapped blocks); past it they are evicted and read back from disk
+    /// when needed. Pages changed since the last checkpoint are held whatever it says.
+    #[serde(default = "default_page_cache_bytes")]
+    pub page_cache_bytes: u64,
     /// Seconds between background checkpoints when anything changed.
     #[serde(default = "default_checkpoint_secs")]
     pub checkpoint_interval_secs: u64,
@@ -146,6 +151,10 @@ pub struct PeerConfig {
 
 fn default_journal_bytes() -> u64 {
     64 << 20
+}
+
+fn default_page_cache_bytes() -> u64 {
+    lazarus_store::store::DEFAULT_PAGE_CACHE_BYTES
 }
 
 fn default_checkpoint_secs() -> u64 {

@@ -441,6 +441,7 @@ async fn status(State(s): State<AppState>) -> Json<serde_json::Value> {
         "pid": std::process::id(),
         "volumes": vols,
         "blocks": store.block_stats(),
+        "page_cache": store.page_cache_stats(),
         "journal_used_bytes": store.journal_used_bytes(),
         "recovery": store.recovery,
         "repair": s.engine.repair.report(),

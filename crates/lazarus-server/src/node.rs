@@ -56,6 +56,7 @@ pub async fn open(cfg: &NodeConfig) -> anyhow::Result<(Arc<Store>, Arc<Engine>)>
     let dir = cfg.data_dir.clone();
     let opts = StoreOptions {
         journal_bytes: cfg.journal_bytes,
+        page_cache_bytes: cfg.page_cache_bytes,
     };
     let store = lazarus_rpc::rt::blocking(move || Store::open(&dir, opts)).await??;
     let store = Arc::new(store);

@@ -259,6 +259,12 @@ fn node_config(id: &str) -> NodeConfig {
         "peers": peers,
         "recovery_server": addr("rs", RS_PORT),
         "journal_bytes": 8u64 << 20,
+        // LAZARUS_SIM_PAGE_CACHE=N: a page cache of N slice pages, so that pages are
+        // evicted and read back from the simulated disk.
+        "page_cache_bytes": std::env::var("LAZARUS_SIM_PAGE_CACHE")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(lazarus_store::store::DEFAULT_PAGE_CACHE_BYTES, |n| n * 4096),
         "checkpoint_interval_secs": 3,
         "out_after_secs": SHAPE.with(|s| s.get().1),
     }))

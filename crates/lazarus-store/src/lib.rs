@@ -7,6 +7,7 @@ pub mod disk;
 pub mod error;
 mod id_table;
 pub mod journal;
+pub mod page_cache;
 pub mod snapshot;
 pub mod store;
 pub mod volume;

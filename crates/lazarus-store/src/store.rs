@@ -12,6 +12,7 @@ use crate::blocks::{BlockStats, BlockStore, NO_SLOT};
 use crate::disk::{self, DiskFile};
 use crate::error::{ReadError, StoreError, WriteError};
 use crate::journal::{self, Journal, Record, KIND_COMMIT, KIND_MAP, KIND_PAGE_IMAGE};
+use crate::page_cache::CacheBudget;
 use crate::snapshot::Snapshot;
 use crate::volume::{Allocation, FileKind, Page, PageImage, Volume, VolumeMeta};
 use lazarus_types::{
@@ -49,12 +50,21 @@ const READ_RETRY_MAX: usize = 3;
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
     pub journal_bytes: u64,
+    /// Memory for clean slice pages (4 KiB each, 1 MiB of a volume's blocks mapped
+    /// per page) past which they are evicted and read back when needed; pages changed
+    /// since the last checkpoint stay in memory whatever this says.
+    pub page_cache_bytes: u64,
 }
+
+/// The default `StoreOptions::page_cache_bytes`: 64 MiB, the slice pages of 16 GiB of
+/// mapped blocks.
+pub const DEFAULT_PAGE_CACHE_BYTES: u64 = 64 << 20;
 
 impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
             journal_bytes: 64 << 20,
+            page_cache_bytes: DEFAULT_PAGE_CACHE_BYTES,
         }
     }
 }
@@ -110,6 +120,8 @@ pub struct Store {
     /// write the node ever applied.
     sealed: AtomicBool,
     pub recovery: RecoveryReport,
+    /// The volumes' slice pages in memory, against `StoreOptions::page_cache_bytes`.
+    page_cache: Arc<CacheBudget>,
 }
 
 /// A checkpoint whose images are journaled (`checkpoint_begin`), to be written in
@@ -392,11 +404,13 @@ impl Store {
             failed: AtomicBool::new(false),
             sealed: AtomicBool::new(false),
             recovery: report,
+            page_cache: Arc::new(CacheBudget::new(opts.page_cache_bytes / BLOCK_SIZE_U64)),
         };
         store.update_volume_stats();
         for v in store.volumes.read().values() {
             let _ = v.dirty_counter.set(store.dirty_pages.clone());
             let _ = v.blocks.set(store.blocks.clone());
+            v.attach_cache(store.page_cache.clone());
         }
         for v in store.volumes.read().values() {
             let st = v.state.lock();
@@ -526,6 +540,11 @@ impl Store {
         v
     }
 
+    /// The volumes' slice pages in memory against the page cache's budget.
+    pub fn page_cache_stats(&self) -> crate::page_cache::CacheStats {
+        self.page_cache.stats()
+    }
+
     pub fn block_stats(&self) -> BlockStats {
         self.blocks.stats()
     }
@@ -604,6 +623,7 @@ impl Store {
             Ok(v) => {
                 let _ = v.dirty_counter.set(self.dirty_pages.clone());
                 let _ = v.blocks.set(self.blocks.clone());
+                v.attach_cache(self.page_cache.clone());
                 Arc::new(v)
             }
             Err(e) => {
@@ -1964,6 +1984,10 @@ impl Store {
             if let Some(h) = header {
                 journal::write_header(&self.journal_file, &h)?;
                 self.journal.lock().committed();
+            }
+            // The slice files hold every page imaged: those may leave memory now.
+            for v in &cp.vols {
+                v.images_written(usize::MAX);
             }
             Ok(())
         })();

@@ -11,6 +11,7 @@
 
 use crate::disk::{self, DiskFile};
 use crate::error::StoreError;
+use crate::page_cache::PageCache;
 use crate::snapshot::{SnapLayer, Snapshot, SNAP_EXT};
 use lazarus_types::{
     page_count_for, BlockId, Checksum, Lba, PageIndex, BLOCK_SIZE, BLOCK_SIZE_U64, FANOUT,
@@ -362,7 +363,11 @@ struct DamageFile {
 
 #[derive(Debug)]
 pub(crate) struct VolState {
-    pub pages: HashMap<u64, Page>,
+    /// Slice pages in memory (`page_cache`): all but the clean ones evicted.
+    pub pages: PageCache,
+    /// Slice pages imaged by the checkpoint under way, not yet written in place: the
+    /// slice file does not hold them yet, so they stay resident.
+    pub imaged: HashSet<u64>,
     /// Slice pages with disk space reserved (fallocate) for their in-place write.
     pub allocated: HashSet<u64>,
     /// Slice pages to write at the next checkpoint.
@@ -402,7 +407,8 @@ impl VolState {
     /// No pages in memory, an all-zero tree of the given level lengths.
     fn empty(lens: &[u64], header_seq: u64) -> VolState {
         VolState {
-            pages: HashMap::new(),
+            pages: PageCache::default(),
+            imaged: HashSet::new(),
             allocated: HashSet::new(),
             dirty: BTreeSet::new(),
             stale: BTreeSet::new(),
@@ -823,7 +829,11 @@ impl Volume {
             .filter(|p| !based.contains(p))
             .copied()
             .collect();
-        st.pages = pages;
+        let budget = st.pages.budget().cloned();
+        st.pages = PageCache::from_map(pages);
+        if let Some(b) = budget {
+            st.pages.attach(b);
+        }
         st.based = based;
         st.levels = levels;
         st.dirty_ck = rebuilt;
@@ -899,10 +909,140 @@ impl Volume {
             .map_err(|e| StoreError::io(self.damage_path(), e))
     }
 
+    /// Whether slice page `p` is in memory now (tests of the page cache).
+    #[doc(hidden)]
+    pub fn page_resident(&self, p: u64) -> bool {
+        let st = self.state.lock();
+        !st.pages.is_evicted(p) && st.pages.resident_keys().any(|q| *q == p)
+    }
+
+    /// Counts this volume's pages in memory against the store's page cache.
+    pub(crate) fn attach_cache(&self, budget: std::sync::Arc<crate::page_cache::CacheBudget>) {
+        self.state.lock().pages.attach(budget);
+    }
+
+    /// Reads evicted page `p` back from the slice file, verified against its recorded
+    /// level-1 checksum (nothing if it is not evicted). A page that cannot be read or
+    /// does not verify is damaged from now on: every slot unknown, as one found so at
+    /// start-up (repair takes it from the other copies).
+    fn ensure(&self, st: &mut VolState, p: u64) {
+        if !st.pages.is_evicted(p) {
+            return;
+        }
+        let recorded = st.levels[0][p as usize];
+        match self.read_clean_page(p, recorded) {
+            Ok(pg) => {
+                st.pages.insert(p, pg);
+                st.pages.loaded += 1;
+                if let Some(b) = st.pages.budget() {
+                    b.count_load();
+                }
+            }
+            Err(why) => {
+                tracing::error!(volume = %self.meta.name, page = p, error = %why, "slice page read back from disk is damaged; its LBAs are unrecoverable until repaired");
+                Volume::mark_damaged(st, p);
+            }
+        }
+    }
+
+    /// `ensure` for pages `first..=last`.
+    fn ensure_pages(&self, st: &mut VolState, first: u64, last: u64) {
+        if st.pages.any_evicted() {
+            for p in first..=last {
+                self.ensure(st, p);
+            }
+        }
+    }
+
+    /// Slice page `p` as the slice file holds it, verified against `recorded`.
+    fn read_clean_page(&self, p: u64, recorded: Checksum) -> Result<Page, String> {
+        let mut b = vec![0u8; BLOCK_SIZE];
+        self.slice
+            .read_at(&mut b, slice_page_offset(p))
+            .map_err(|e| format!("read error: {e}"))?;
+        let c = Checksum::of_page(&b);
+        if c != recorded || c == Checksum::ZERO {
+            return Err(format!(
+                "hashes to {}, recorded {}",
+                c.to_hex(),
+                recorded.to_hex()
+            ));
+        }
+        Ok(decode_page(&b))
+    }
+
+    /// Page `p` is damaged: every slot unknown, nothing of it in memory.
+    fn mark_damaged(st: &mut VolState, p: u64) {
+        st.pages.remove(&p);
+        st.damaged.insert(p, [u64::MAX; FANOUT / 64]);
+        st.rewritten.remove(&p);
+        st.mirrored.remove(&p);
+        st.damage_dirty = true;
+    }
+
+    /// Evicts clean pages while the store's pages in memory are past its budget,
+    /// looking at no more than `max_work` of them.
+    pub(crate) fn trim_pages(st: &mut VolState, max_work: usize) -> usize {
+        let VolState {
+            pages,
+            imaged,
+            dirty,
+            stale,
+            damaged,
+            based,
+            ..
+        } = st;
+        if !pages.budget().is_some_and(|b| b.over()) {
+            pages.loaded = 0;
+            return 0;
+        }
+        pages.trim(
+            |p| {
+                dirty.contains(&p)
+                    || stale.contains(&p)
+                    || imaged.contains(&p)
+                    || damaged.contains_key(&p)
+                    || based.contains(&p)
+            },
+            max_work,
+        )
+    }
+
+    /// After an operation that read pages back: evicts as many as it loaded (and a
+    /// few more) if the cache is past its budget.
+    fn settle(st: &mut VolState) {
+        if st.pages.loaded > 0 {
+            let n = st.pages.loaded;
+            Volume::trim_pages(st, 4 * n + 64);
+        }
+    }
+
+    /// A checkpoint wrote its images in place: the pages it imaged are on disk.
+    /// Then evicts what the budget asks (`max_work`: clock entries to look at).
+    pub(crate) fn images_written(&self, max_work: usize) {
+        let mut st = self.state.lock();
+        st.imaged.clear();
+        Volume::trim_pages(&mut st, max_work);
+    }
+
     /// The ids of `count` blocks from `lba`; an unknown slot is an error.
     pub fn read_ids(&self, lba: Lba, out: &mut Vec<BlockId>, count: usize) -> Result<(), Lba> {
         out.clear();
-        let st = self.state.lock();
+        let mut st = self.state.lock();
+        if count > 0 {
+            self.ensure_pages(
+                &mut st,
+                lba.page().0,
+                Lba(lba.0 + count as u64 - 1).page().0,
+            );
+        }
+        let st = &mut *st;
+        let r = Volume::ids_of(st, lba, out, count);
+        Volume::settle(st);
+        r
+    }
+
+    fn ids_of(st: &VolState, lba: Lba, out: &mut Vec<BlockId>, count: usize) -> Result<(), Lba> {
         for i in 0..count as u64 {
             let l = Lba(lba.0 + i);
             let p = l.page().0;
@@ -917,12 +1057,16 @@ impl Volume {
     }
 
     pub fn id_at(&self, lba: Lba) -> Option<BlockId> {
-        let st = self.state.lock();
+        let mut st = self.state.lock();
         let p = lba.page().0;
-        if st.damaged.get(&p).is_some_and(|b| bit(b, lba.slot())) {
-            return None;
-        }
-        Some(st.pages.get(&p).map_or(BlockId::ZERO, |pg| pg[lba.slot()]))
+        self.ensure(&mut st, p);
+        let r = if st.damaged.get(&p).is_some_and(|b| bit(b, lba.slot())) {
+            None
+        } else {
+            Some(st.pages.get(&p).map_or(BlockId::ZERO, |pg| pg[lba.slot()]))
+        };
+        Volume::settle(&mut st);
+        r
     }
 
     /// Reserves disk space for the in-place write of every slice page in
@@ -1000,6 +1144,7 @@ impl Volume {
             let lb = Lba(l);
             let p = lb.page().0;
             let s = lb.slot();
+            self.ensure(st, p);
             let recorded = st.levels[0][p as usize];
             self.unbase(st, p);
             let stays_unknown =
@@ -1119,6 +1264,7 @@ impl Volume {
         if dirty.is_empty() && st.dirty_ck.is_empty() {
             return Ok(images);
         }
+        st.imaged.extend(dirty.iter().copied());
         for p in dirty {
             let data = match st.pages.get(&p) {
                 Some(pg) if pg.iter().any(|id| !id.is_zero()) => encode_page(&pg[..]),
@@ -1574,6 +1720,7 @@ impl Volume {
             if st.snap_checked.contains(&p) {
                 continue;
             }
+            self.ensure(st, p);
             // Whatever the page holds now (changed since the checkpoint or not,
             // damaged or not): if it is content a snapshot names, it is kept. Content
             // addressing makes keeping a page that needed no keeping harmless.
@@ -1706,15 +1853,20 @@ impl Volume {
     /// if it is clean, recorded with `c` and hashes to it, else `None`.
     pub(crate) fn shared_pages(&self, wanted: &[(u64, Checksum)]) -> Vec<Option<Page>> {
         let pages: Vec<Option<Page>> = {
-            let st = self.state.lock();
-            wanted
+            let mut st = self.state.lock();
+            let st = &mut *st;
+            let got = wanted
                 .iter()
                 .map(|(p, c)| {
-                    Volume::clean_as(&st, *p, *c)
-                        .then(|| st.pages.get(p).cloned())
-                        .flatten()
+                    if !Volume::clean_as(st, *p, *c) {
+                        return None;
+                    }
+                    self.ensure(st, *p);
+                    st.pages.get(p).cloned()
                 })
-                .collect()
+                .collect();
+            Volume::settle(st);
+            got
         };
         let mut buf = vec![0u8; BLOCK_SIZE];
         pages
@@ -1740,7 +1892,8 @@ impl Volume {
         &self,
         max_pages: usize,
     ) -> Option<(Vec<Checksum>, BTreeMap<u64, (Vec<BlockId>, bool)>)> {
-        let st = self.state.lock();
+        let mut st = self.state.lock();
+        let st = &mut *st;
         let mut l1 = st.levels[0].clone();
         for p in st.dirty.iter().chain(st.stale.iter()) {
             if let Some(c) = l1.get_mut(*p as usize) {
@@ -1762,6 +1915,9 @@ impl Volume {
                 }
             }
         }
+        for p in &differ {
+            self.ensure(st, *p);
+        }
         let pages = differ
             .into_iter()
             .map(|p| {
@@ -1779,18 +1935,33 @@ impl Volume {
                 (p, (ids, shared))
             })
             .collect();
+        Volume::settle(st);
         Some((l1, pages))
     }
 
     /// Every mapped id, for reference counting at recovery and for deletion.
     /// (A clone's pages still its base's hold none: `VolState::based`.)
+    /// Evicted pages are read from disk for it, not kept; one that does not verify
+    /// is damaged from now on (its blocks stay referenced: a leak, never a loss).
     pub fn all_ids(&self) -> Vec<BlockId> {
-        let st = self.state.lock();
-        st.pages
-            .iter()
+        let mut st = self.state.lock();
+        let st = &mut *st;
+        let mut out: Vec<BlockId> = st
+            .pages
+            .resident()
             .filter(|(p, _)| !st.based.contains(p))
             .flat_map(|(_, pg)| pg.iter().copied().filter(|id| !id.is_zero()))
-            .collect()
+            .collect();
+        for p in st.pages.evicted_pages() {
+            match self.read_clean_page(p, st.levels[0][p as usize]) {
+                Ok(pg) => out.extend(pg.iter().copied().filter(|id| !id.is_zero())),
+                Err(why) => {
+                    tracing::error!(volume = %self.meta.name, page = p, error = %why, "slice page read back from disk is damaged; its LBAs are unrecoverable until repaired");
+                    Volume::mark_damaged(st, p);
+                }
+            }
+        }
+        out
     }
 
     /// Page `p` stops being its base's (it is about to change, or be written here):
@@ -1857,7 +2028,8 @@ impl Volume {
     /// clone's base can be laid only on such a volume.
     pub(crate) fn holds_only_base(&self) -> bool {
         let st = self.state.lock();
-        st.pages.keys().all(|p| st.based.contains(p))
+        st.pages.resident_keys().all(|p| st.based.contains(p))
+            && !st.pages.any_evicted()
             && st.damaged.is_empty()
             && st.dirty.is_empty()
             && st.stale.is_empty()
@@ -1907,14 +2079,18 @@ impl Volume {
         if p >= self.page_count() {
             return None;
         }
-        let st = self.state.lock();
-        if st.damaged.contains_key(&p) {
-            return None;
-        }
-        Some(match st.pages.get(&p) {
-            Some(pg) => pg.to_vec(),
-            None => vec![BlockId::ZERO; FANOUT],
-        })
+        let mut st = self.state.lock();
+        self.ensure(&mut st, p);
+        let r = if st.damaged.contains_key(&p) {
+            None
+        } else {
+            Some(match st.pages.get(&p) {
+                Some(pg) => pg.to_vec(),
+                None => vec![BlockId::ZERO; FANOUT],
+            })
+        };
+        Volume::settle(&mut st);
+        r
     }
 
     /// The damaged pages and, for each, which slots are unknown.
@@ -1989,6 +2165,7 @@ impl Volume {
         let mut st = self.state.lock();
         let st = &mut *st;
         Volume::refresh_tree(st);
+        self.ensure(st, p);
         if let Some(pg) = st.pages.get(&p) {
             if (0..FANOUT).any(|i| bit(&unknown, i) && !pg[i].is_zero()) {
                 return Err(StoreError::Invalid(format!(
@@ -2105,6 +2282,7 @@ impl Volume {
         for l in lba.0..lba.0.saturating_add(count).min(self.block_count()) {
             let p = l / FANOUT_U64;
             let s = (l % FANOUT_U64) as usize;
+            self.ensure(st, p);
             if st.pages.get(&p).is_none_or(|pg| pg[s] != id)
                 || st.damaged.get(&p).is_some_and(|b| bit(b, s))
             {
@@ -2179,11 +2357,14 @@ impl Volume {
 
     /// The known ids of page `p` (unknown slots read as zero).
     pub fn page_ids_partial(&self, p: u64) -> Vec<BlockId> {
-        let st = self.state.lock();
-        match st.pages.get(&p) {
+        let mut st = self.state.lock();
+        self.ensure(&mut st, p);
+        let r = match st.pages.get(&p) {
             Some(pg) => pg.to_vec(),
             None => vec![BlockId::ZERO; FANOUT],
-        }
+        };
+        Volume::settle(&mut st);
+        r
     }
 
     /// Drops the in-memory copy of slice page `p` and reads it again from disk, as a
@@ -2239,6 +2420,12 @@ impl Volume {
         if read.is_ok() && Checksum::of_page(&b) == recorded {
             return Ok(false);
         }
+        if st.pages.is_evicted(p) {
+            // Not in memory: the disk held the only copy here.
+            Volume::mark_damaged(&mut st, p);
+            tracing::error!(volume = %self.meta.name, page = p, "slice page damaged on disk (not held in memory)");
+            return Ok(true);
+        }
         let mem = match st.pages.get(&p) {
             Some(pg) => Checksum::of_page(&encode_page(&pg[..])),
             None => Checksum::ZERO,
@@ -2254,7 +2441,7 @@ impl Volume {
         if st.dirty.insert(p) {
             self.count_dirty();
         }
-        if st.pages.contains_key(&p) {
+        if st.pages.get(&p).is_some() {
             st.allocated.insert(p);
         }
         tracing::warn!(volume = %self.meta.name, page = p, "slice page damaged on disk; rewritten from the verified copy in memory at the next checkpoint");
@@ -2331,18 +2518,34 @@ impl Volume {
     /// not); everything else reads as zeroes. Unknown slots of damaged pages count as
     /// mapped (reading them answers EIO, never zeroes).
     pub fn mapped_extents(&self) -> Vec<(u64, u64)> {
-        let st = self.state.lock();
+        let mut st = self.state.lock();
+        let st = &mut *st;
         let mut pages: Vec<u64> = st
             .pages
-            .keys()
-            .copied()
+            .mapped_pages()
             .chain(st.damaged.keys().copied())
             .collect();
         pages.sort_unstable();
         pages.dedup();
         let mut out: Vec<(u64, u64)> = Vec::new();
         for p in pages {
-            let pg = st.pages.get(&p);
+            // An evicted page is read for this, not kept.
+            let read;
+            let pg = if st.pages.is_evicted(p) {
+                match self.read_clean_page(p, st.levels[0][p as usize]) {
+                    Ok(pg) => {
+                        read = pg;
+                        Some(&read)
+                    }
+                    Err(why) => {
+                        tracing::error!(volume = %self.meta.name, page = p, error = %why, "slice page read back from disk is damaged; its LBAs are unrecoverable until repaired");
+                        Volume::mark_damaged(st, p);
+                        None
+                    }
+                }
+            } else {
+                st.pages.get(&p)
+            };
             let bits = st.damaged.get(&p);
             for s in 0..FANOUT {
                 let mapped =
@@ -2365,12 +2568,26 @@ impl Volume {
     /// block lost to a damaged page counts as data (it reads as an error). NBD's
     /// `base:allocation`.
     pub fn allocation(&self, first: u64, count: u64, runs_max: usize) -> Vec<(u64, Allocation)> {
-        let st = self.state.lock();
+        let mut st = self.state.lock();
+        let st = &mut *st;
+        let runs = self.allocation_of_range(st, first, count, runs_max);
+        Volume::settle(st);
+        runs
+    }
+
+    fn allocation_of_range(
+        &self,
+        st: &mut VolState,
+        first: u64,
+        count: u64,
+        runs_max: usize,
+    ) -> Vec<(u64, Allocation)> {
         let end = first.saturating_add(count).min(self.block_count());
         let mut runs = Runs::new(runs_max);
         let mut l = first;
         while l < end {
             let p = l / FANOUT_U64;
+            self.ensure(st, p);
             let pg = st.pages.get(&p);
             let bits = st.damaged.get(&p);
             let page_end = ((p + 1) * FANOUT_U64).min(end);
@@ -2400,13 +2617,7 @@ impl Volume {
 
     /// (mapped blocks, mapped pages) for status.
     pub fn usage(&self) -> (u64, u64) {
-        let st = self.state.lock();
-        let blocks = st
-            .pages
-            .values()
-            .map(|p| p.iter().filter(|id| !id.is_zero()).count() as u64)
-            .sum();
-        (blocks, st.pages.len() as u64)
+        self.state.lock().pages.usage()
     }
 
     /// Where LBA `lba`'s slice entry lives on disk: (slice file, offset of its page).

@@ -23,6 +23,7 @@ fn block(seed: u64) -> Vec<u8> {
 fn opts() -> StoreOptions {
     StoreOptions {
         journal_bytes: 8 << 20,
+        ..Default::default()
     }
 }
 

@@ -31,6 +31,7 @@ fn random_ops_survive_crashes() {
     let dir = tempfile::tempdir().unwrap();
     let opts = StoreOptions {
         journal_bytes: 8 << 20,
+        ..Default::default()
     };
     let mut blocks = 4096u64; // 16 MiB volume, 16 slice pages; grown by 16 MiB now and then
     let mut durable: HashMap<u64, Option<u64>> = HashMap::new(); // lba -> seed (None = zero)
@@ -41,6 +42,16 @@ fn random_ops_survive_crashes() {
         s.create_volume("v", blocks * 4096).unwrap();
     }
     for round in 0..12 {
+        // Every other round with a page cache of three pages: most slice pages are
+        // evicted at each checkpoint and read back from disk when next needed.
+        let opts = StoreOptions {
+            page_cache_bytes: if round % 2 == 0 {
+                3 * 4096
+            } else {
+                opts.page_cache_bytes
+            },
+            ..opts.clone()
+        };
         let s = Store::open(dir.path(), opts.clone()).unwrap();
         assert!(
             s.recovery.damaged_pages.is_empty(),
@@ -153,6 +164,7 @@ fn overwrites_do_not_grow_the_store() {
         dir.path(),
         StoreOptions {
             journal_bytes: 8 << 20,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -206,6 +218,7 @@ fn small_store(dir: &std::path::Path) -> Store {
         dir,
         StoreOptions {
             journal_bytes: 8 << 20,
+            ..Default::default()
         },
     )
     .unwrap()

@@ -50,6 +50,8 @@ fn clones_survive_power_loss_at_random_instants() {
     let dir = tempfile::tempdir().unwrap();
     let opts = StoreOptions {
         journal_bytes: 8 << 20,
+        // A cache of two pages: most pages are read back from disk.
+        page_cache_bytes: 2 * 4096,
     };
     powerloss::enable();
     {

@@ -19,6 +19,8 @@ fn a_block_taken_back_keeps_its_slot_until_its_last_release_is_durable() {
     let dir = tempfile::tempdir().unwrap();
     let opts = StoreOptions {
         journal_bytes: 8 << 20,
+        // A cache of two pages: most pages are read back from disk.
+        page_cache_bytes: 2 * 4096,
     };
     powerloss::enable();
     let (x, y, z, w) = (block(1), block(2), block(3), block(4));

@@ -93,6 +93,8 @@ fn snapshots_survive_power_loss_at_random_instants() {
     let dir = tempfile::tempdir().unwrap();
     let opts = StoreOptions {
         journal_bytes: 8 << 20,
+        // A cache of two pages: most pages are read back from disk.
+        page_cache_bytes: 2 * 4096,
     };
     const BLOCKS: u64 = 1536; // 6 MiB, 6 slice pages
     powerloss::enable();

@@ -43,6 +43,10 @@ enum Cmd {
         /// Size of the default volume vol0 when it is created.
         #[arg(long, default_value = "1GiB", value_parser = parse_size_arg)]
         volume_size: u64,
+        /// Memory each node gives clean slice pages (4 KiB for each 1 MiB of a volume
+        /// mapped); past it they are read back from disk when needed.
+        #[arg(long, default_value = "64MiB", value_parser = parse_bytes_arg)]
+        page_cache: u64,
         /// Number of node processes (1 runs a single node without cluster metadata).
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=9))]
         nodes: u16,
@@ -458,6 +462,11 @@ fn parse_size_arg(s: &str) -> Result<u64, String> {
     let n = lazarus_types::parse_size(s)?;
     lazarus_types::check_volume_size(n)?;
     Ok(n)
+}
+
+/// A size in bytes with no other constraint (`64MiB`, `0`).
+fn parse_bytes_arg(s: &str) -> Result<u64, String> {
+    lazarus_types::parse_size(s)
 }
 
 fn init_logging(level: Option<&str>) {
@@ -1159,6 +1168,7 @@ fn main() {
             data,
             port_base,
             volume_size,
+            page_cache,
             nodes,
             jeopardy_policy,
             jeopardy_suspend_secs,
@@ -1181,6 +1191,7 @@ fn main() {
             data,
             port_base,
             volume_size,
+            page_cache_bytes: page_cache,
             nodes: nodes as usize,
             log_level: cli.log_level.clone(),
             jeopardy_policy: if jeopardy_policy == "accept" {

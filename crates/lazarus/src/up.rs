@@ -86,6 +86,8 @@ pub struct UpArgs {
     pub data: PathBuf,
     pub port_base: u16,
     pub volume_size: u64,
+    /// Each node's `page_cache_bytes`.
+    pub page_cache_bytes: u64,
     pub nodes: usize,
     pub log_level: Option<String>,
     pub jeopardy_policy: lazarus_node::config::JeopardyPolicy,
@@ -187,6 +189,7 @@ fn node_config(args: &UpArgs, i: usize, nodes: usize) -> anyhow::Result<NodeConf
         nbd_listen: format!("127.0.0.1:{nbd}").parse()?,
         admin_listen: format!("127.0.0.1:{admin}").parse()?,
         journal_bytes: 64 << 20,
+        page_cache_bytes: args.page_cache_bytes,
         checkpoint_interval_secs: 30,
         rpc_listen: if clustered {
             Some(format!("127.0.0.1:{rpc}").parse()?)
