@@ -1328,6 +1328,19 @@ impl Cluster {
             if v.primary != self.id && !self.answers(&meta, v.primary).await {
                 return Ok(());
             }
+            // The copies live now, not when this round read the metadata (the checks
+            // above wait for other nodes, meanwhile a replica may have been marked
+            // dead); a round whose volume changed otherwise is left to the next.
+            let fresh = self.store.meta().volumes.get(&v.name).cloned();
+            let Some(fresh) = fresh.filter(|f| {
+                f.uid == v.uid
+                    && f.primary == v.primary
+                    && f.epoch == v.epoch
+                    && f.failure_count_id == v.failure_count_id
+                    && !f.recovery_flag
+            }) else {
+                return Ok(());
+            };
             let sent = Instant::now();
             let req = ClaimReq {
                 takeover: false,
@@ -1339,7 +1352,7 @@ impl Cluster {
                 epoch: v.epoch,
                 jeopardy: true,
                 config: serde_json::to_value(&*meta).ok(),
-                base: v.live(),
+                base: fresh.live(),
             };
             let reply = r.claim(&req).await?;
             if !reply.granted {
