@@ -119,7 +119,8 @@ impl Drop for PageCache {
 }
 
 impl PageCache {
-    pub(crate) fn from_map(pages: HashMap<u64, Page>) -> PageCache {
+    /// Resident `pages`, and `evicted` ones (each with how many slots it maps).
+    pub(crate) fn from_map(pages: HashMap<u64, Page>, evicted: HashMap<u64, u16>) -> PageCache {
         let clock = pages.keys().copied().collect();
         PageCache {
             map: pages
@@ -134,7 +135,7 @@ impl PageCache {
                     )
                 })
                 .collect(),
-            evicted: HashMap::new(),
+            evicted,
             clock,
             budget: None,
             loaded: 0,

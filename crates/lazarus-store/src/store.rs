@@ -225,6 +225,7 @@ impl Store {
             failed_volumes: Vec::new(),
         };
         let mut volumes: HashMap<String, Arc<Volume>> = HashMap::new();
+        let page_cache = Arc::new(CacheBudget::new(opts.page_cache_bytes / BLOCK_SIZE_U64));
         let vdir = dir.join("volumes");
         let mut entries: Vec<_> =
             lazarus_io::fs::list_dir(&vdir).map_err(|e| StoreError::io(&vdir, e))?;
@@ -246,6 +247,8 @@ impl Store {
             }
             match Volume::open(&path) {
                 Ok(v) => {
+                    // Before its pages load: those past the cache's room stay on disk.
+                    v.attach_cache(page_cache.clone());
                     // Snapshots that cannot be read (an I/O error, not a damaged
                     // file) stop the open: their pages would go uncounted and freed.
                     v.load_snapshots().inspect_err(|e| {
@@ -404,7 +407,7 @@ impl Store {
             failed: AtomicBool::new(false),
             sealed: AtomicBool::new(false),
             recovery: report,
-            page_cache: Arc::new(CacheBudget::new(opts.page_cache_bytes / BLOCK_SIZE_U64)),
+            page_cache,
         };
         store.update_volume_stats();
         for v in store.volumes.read().values() {

@@ -675,8 +675,13 @@ impl Volume {
             detail: "neither header slot is valid for this volume".into(),
         })?;
 
-        // Slice pages, and their actual level-1 checksums.
+        let mut damaged = self.read_damage_file()?;
+        // Slice pages, and their actual level-1 checksums. Pages past the page cache's
+        // room stay on disk (`spilled`, with how many slots each maps), read back when
+        // needed; damaged ones stay in memory (their checksum is bound to their content).
+        let budget = self.state.lock().pages.budget().cloned();
         let mut pages: HashMap<u64, Page> = HashMap::new();
+        let mut spilled: HashMap<u64, u16> = HashMap::new();
         let mut actual: Vec<Vec<Checksum>> = vec![vec![Checksum::ZERO; page_count as usize]];
         const CHUNK_PAGES: u64 = 256;
         let mut buf = vec![0u8; (CHUNK_PAGES as usize) * BLOCK_SIZE];
@@ -692,7 +697,17 @@ impl Volume {
                 let c = Checksum::of_page(pb);
                 actual[0][(p0 + i) as usize] = c;
                 if c != Checksum::ZERO {
-                    pages.insert(p0 + i, decode_page(pb));
+                    let p = p0 + i;
+                    let room = budget
+                        .as_ref()
+                        .is_none_or(|b| b.resident() + (pages.len() as u64) < b.limit);
+                    let page = decode_page(pb);
+                    if room || damaged.contains_key(&p) {
+                        pages.insert(p, page);
+                    } else {
+                        let mapped = page.iter().filter(|id| !id.is_zero()).count();
+                        spilled.insert(p, mapped as u16);
+                    }
                 }
             }
             p0 += n;
@@ -760,7 +775,6 @@ impl Volume {
             }
         }
 
-        let mut damaged = self.read_damage_file()?;
         let mut found = Vec::new();
         let mut based = HashSet::new();
         // Pages of a clone that were its base's at the last checkpoint and were
@@ -811,6 +825,7 @@ impl Volume {
                 found.push(p);
                 damaged.insert(p, [u64::MAX; FANOUT / 64]);
                 pages.remove(&p);
+                spilled.remove(&p);
             }
         }
         let levels: Vec<Vec<Checksum>> = trusted
@@ -826,11 +841,11 @@ impl Volume {
         let mut st = self.state.lock();
         st.allocated = pages
             .keys()
+            .chain(spilled.keys())
             .filter(|p| !based.contains(p))
             .copied()
             .collect();
-        let budget = st.pages.budget().cloned();
-        st.pages = PageCache::from_map(pages);
+        st.pages = PageCache::from_map(pages, spilled);
         if let Some(b) = budget {
             st.pages.attach(b);
         }

@@ -91,6 +91,10 @@ fn evicted_pages_read_back_as_they_were() {
     assert_eq!(s.recovery.missing_blocks, 0);
     let v = s.volume("v").unwrap();
     assert_eq!(s.block_stats().blocks, 2 * PAGES);
+    // Pages past the cache's room stayed on disk as the store opened.
+    let st = s.page_cache_stats();
+    assert!(st.resident_pages <= 4, "{st:?}");
+    assert_eq!(v.usage(), (2 * PAGES, PAGES));
     for q in 0..PAGES {
         let want7 = block(q, 7, if q == p { 2 } else { 1 });
         assert!(read(&s, &v, q * FANOUT_U64).unwrap() == block(q, 0, 1));
