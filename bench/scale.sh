@@ -6,6 +6,7 @@
 #
 # Usage: bench/scale.sh [SIZE_GIB ...]   (default: 1 4 16; needs SIZE + 1 GiB of disk
 # for each size in turn under $DIR, default /var/tmp)
+# PAGE_CACHE=BYTES sets the node's page_cache_bytes (default: the node's, 64 MiB).
 # One line per size on stdout, and a JSON line per size in $DIR/scale.jsonl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,6 +59,7 @@ id = "scale"
 data_dir = "$W"
 nbd_listen = "127.0.0.1:30703"
 admin_listen = "127.0.0.1:30713"
+${PAGE_CACHE:+page_cache_bytes = $PAGE_CACHE}
 TOML
   start_node admin-only
   RSS_EMPTY=$(rss_mib "$NODE")
@@ -91,7 +93,9 @@ import json, sys
 gib, blocks = int(sys.argv[1]), int(sys.argv[2])
 empty, full, sc, rc, sx, rx = map(float, sys.argv[3:9])
 t0, t1 = float(sys.argv[9]), float(sys.argv[10])
+import os
 print(json.dumps({
+    "page_cache_bytes": os.environ.get("PAGE_CACHE", "default"),
     "gib": gib, "stored_blocks": blocks, "write_s": round(t1 - t0, 1),
     "rss_empty_mib": empty, "rss_full_mib": full,
     "bytes_per_block": round((full - empty) * 2**20 / max(blocks, 1), 1),

@@ -367,7 +367,9 @@ impl Store {
         }
         drop(order);
         for v in volumes.values() {
-            for id in v.all_ids() {
+            // A page out of memory that no longer reads back fails the start (it
+            // read at load, moments ago): counting without it could free its blocks.
+            for id in v.all_ids()? {
                 blocks.add_ref(id);
             }
             v.count_snapshot_refs(&blocks);
@@ -654,6 +656,12 @@ impl Store {
             .uid;
         // Clones sharing pages with its snapshots make them their own first.
         self.flatten_clones_of(uid, None)?;
+        // Its pages out of memory, read before writers are held off (checked again
+        // against the recorded checksums under the hold).
+        let pre = self
+            .volume(name)
+            .map(|v| v.read_evicted())
+            .unwrap_or_default();
         let _cp = self.cp_lock.write();
         let v = self
             .volumes
@@ -671,7 +679,13 @@ impl Store {
         // journaled so far is (else a crash would bring back that mapping over a
         // reused slot).
         let lsn = self.journal.lock().next_lsn().saturating_sub(1);
-        for id in v.all_ids() {
+        let (ids, unreadable) = v.ids_readable_with(&pre);
+        for (p, why) in unreadable {
+            // Its blocks keep the references it holds (a leak, never a block freed
+            // while something may still name it).
+            tracing::error!(volume = name, page = p, error = %why, "a page of the deleted volume could not be read: its blocks stay referenced");
+        }
+        for id in ids {
             self.blocks.release(id, lsn);
         }
         for c in v.take_held() {
@@ -1865,8 +1879,21 @@ impl Store {
         self.check_failed()?;
         let vols = self.volumes();
         let mut images: Vec<(u64, PageImage)> = Vec::new();
+        // The damage lists first (the one step of taking images that may fail): a
+        // failure here leaves every volume as it was, and the checkpoint is tried again.
         for v in &vols {
-            for img in v.take_images()? {
+            v.persist_damage_now()?;
+        }
+        for v in &vols {
+            // The volumes before this one gave their changed pages up to this
+            // checkpoint: a failure here leaves them written nowhere but the journal,
+            // whose next generation would drop them, so the store takes no more writes
+            // (the next start replays the journal).
+            let taken = v.take_images().inspect_err(|e| {
+                self.failed.store(true, Ordering::Release);
+                tracing::error!(volume = %v.meta.name, error = %e, "checkpoint could not take its page images; refusing further writes");
+            })?;
+            for img in taken {
                 images.push((v.meta.uid, img));
             }
         }

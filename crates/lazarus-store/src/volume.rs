@@ -428,6 +428,10 @@ impl VolState {
     }
 }
 
+/// Pages out of memory read from disk ahead of a scan (`Volume::read_evicted`): each
+/// with the checksum it was recorded with then, and what reading it gave.
+pub(crate) type EvictedRead = HashMap<u64, (Checksum, Result<Page, String>)>;
+
 /// What never changes about a volume (its size can grow: `Volume::size_bytes`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeIdent {
@@ -860,6 +864,11 @@ impl Volume {
         Ok(found)
     }
 
+    /// `persist_damage` under the volume's own lock.
+    pub(crate) fn persist_damage_now(&self) -> Result<(), StoreError> {
+        self.persist_damage(&mut self.state.lock())
+    }
+
     fn damage_path(&self) -> PathBuf {
         self.dir.join("damage.json")
     }
@@ -970,11 +979,17 @@ impl Volume {
     }
 
     /// Slice page `p` as the slice file holds it, verified against `recorded`.
+    /// A read error is tried again twice (a passing error must not make the page
+    /// damaged); a checksum mismatch is not.
     fn read_clean_page(&self, p: u64, recorded: Checksum) -> Result<Page, String> {
         let mut b = vec![0u8; BLOCK_SIZE];
-        self.slice
-            .read_at(&mut b, slice_page_offset(p))
-            .map_err(|e| format!("read error: {e}"))?;
+        let mut tries = 0;
+        while let Err(e) = self.slice.read_at(&mut b, slice_page_offset(p)) {
+            tries += 1;
+            if tries == 3 {
+                return Err(format!("read error: {e}"));
+            }
+        }
         let c = Checksum::of_page(&b);
         if c != recorded || c == Checksum::ZERO {
             return Err(format!(
@@ -1907,8 +1922,33 @@ impl Volume {
         &self,
         max_pages: usize,
     ) -> Option<(Vec<Checksum>, BTreeMap<u64, (Vec<BlockId>, bool)>)> {
-        let mut st = self.state.lock();
-        let st = &mut *st;
+        // Pages out of memory among those that differ are read without the lock, then
+        // the whole is computed again under it (reading only what changed meanwhile).
+        let mut pre = EvictedRead::new();
+        loop {
+            match self.differing_pages_with(max_pages, &pre, !pre.is_empty()) {
+                Ok(r) => return r,
+                Err(missing) => {
+                    for (p, c) in missing {
+                        pre.insert(p, (c, self.read_clean_page(p, c)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// `differing_pages` with pages out of memory read beforehand (`pre`); `Err`: the
+    /// pages out of memory it needs that `pre` does not hold (unless `last`: then they
+    /// are read here).
+    #[allow(clippy::type_complexity)]
+    fn differing_pages_with(
+        &self,
+        max_pages: usize,
+        pre: &EvictedRead,
+        last: bool,
+    ) -> Result<Option<(Vec<Checksum>, BTreeMap<u64, (Vec<BlockId>, bool)>)>, Vec<(u64, Checksum)>>
+    {
+        let st = self.state.lock();
         let mut l1 = st.levels[0].clone();
         for p in st.dirty.iter().chain(st.stale.iter()) {
             if let Some(c) = l1.get_mut(*p as usize) {
@@ -1925,23 +1965,38 @@ impl Volume {
                 if s.l1.get(p) != Some(c) {
                     differ.insert(p as u64);
                     if differ.len() > max_pages {
-                        return None;
+                        return Ok(None);
                     }
                 }
             }
         }
-        for p in &differ {
-            self.ensure(st, *p);
+        if !last {
+            let missing: Vec<(u64, Checksum)> = differ
+                .iter()
+                .filter(|p| st.pages.is_evicted(**p))
+                .map(|p| (*p, st.levels[0][*p as usize]))
+                .filter(|(p, c)| pre.get(p).is_none_or(|(was, _)| was != c))
+                .collect();
+            if !missing.is_empty() {
+                return Err(missing);
+            }
         }
         let pages = differ
             .into_iter()
             .map(|p| {
-                let ids = match st.pages.get(&p) {
-                    // A clone's page still its base's holds no reference of its own.
-                    Some(pg) if !st.damaged.contains_key(&p) && !st.based.contains(&p) => {
-                        pg.to_vec()
+                // A clone's page still its base's holds no reference of its own; a
+                // damaged one (or one that does not read back) none that is known.
+                let ids = if st.pages.is_evicted(p) {
+                    self.evicted_page(&st, p, pre)
+                        .map(|pg| pg.to_vec())
+                        .unwrap_or_default()
+                } else {
+                    match st.pages.get(&p) {
+                        Some(pg) if !st.damaged.contains_key(&p) && !st.based.contains(&p) => {
+                            pg.to_vec()
+                        }
+                        _ => Vec::new(),
                     }
-                    _ => Vec::new(),
                 };
                 let shared = layer
                     .list
@@ -1950,15 +2005,37 @@ impl Volume {
                 (p, (ids, shared))
             })
             .collect();
-        Volume::settle(st);
-        Some((l1, pages))
+        Ok(Some((l1, pages)))
     }
 
     /// Every mapped id, for reference counting at recovery and for deletion.
     /// (A clone's pages still its base's hold none: `VolState::based`.)
-    /// Evicted pages are read from disk for it, not kept; one that does not verify
-    /// is damaged from now on (its blocks stay referenced: a leak, never a loss).
-    pub fn all_ids(&self) -> Vec<BlockId> {
+    /// Pages out of memory are read from disk for it (outside the volume's lock), not
+    /// kept. `Err`: such a page could not be read or did not verify; its ids are
+    /// missing from the list (the caller must not free what it does not count).
+    pub fn all_ids(&self) -> Result<Vec<BlockId>, StoreError> {
+        let (out, failed) = self.ids_readable();
+        match failed.into_iter().next() {
+            None => Ok(out),
+            Some((p, why)) => Err(StoreError::Corrupted {
+                what: "slice page (read back from disk)",
+                path: self.slice.path().to_path_buf(),
+                detail: format!("page {p}: {why}"),
+            }),
+        }
+    }
+
+    /// Every mapped id of the pages that can be read, and the pages out of memory that
+    /// could not be (with why).
+    pub(crate) fn ids_readable(&self) -> (Vec<BlockId>, Vec<(u64, String)>) {
+        self.ids_readable_with(&self.read_evicted())
+    }
+
+    /// `ids_readable` with the pages out of memory read beforehand (`read_evicted`).
+    pub(crate) fn ids_readable_with(
+        &self,
+        pre: &EvictedRead,
+    ) -> (Vec<BlockId>, Vec<(u64, String)>) {
         let mut st = self.state.lock();
         let st = &mut *st;
         let mut out: Vec<BlockId> = st
@@ -1967,16 +2044,43 @@ impl Volume {
             .filter(|(p, _)| !st.based.contains(p))
             .flat_map(|(_, pg)| pg.iter().copied().filter(|id| !id.is_zero()))
             .collect();
+        let mut failed = Vec::new();
         for p in st.pages.evicted_pages() {
-            match self.read_clean_page(p, st.levels[0][p as usize]) {
+            match self.evicted_page(st, p, pre) {
                 Ok(pg) => out.extend(pg.iter().copied().filter(|id| !id.is_zero())),
-                Err(why) => {
-                    tracing::error!(volume = %self.meta.name, page = p, error = %why, "slice page read back from disk is damaged; its LBAs are unrecoverable until repaired");
-                    Volume::mark_damaged(st, p);
-                }
+                Err(why) => failed.push((p, why)),
             }
         }
-        out
+        (out, failed)
+    }
+
+    /// Every page out of memory now, read from disk without the volume's lock (a scan
+    /// of a large volume must not hold writers off): each with the checksum it was
+    /// recorded with when listed, and what reading it gave.
+    pub(crate) fn read_evicted(&self) -> EvictedRead {
+        let listed: Vec<(u64, Checksum)> = {
+            let st = self.state.lock();
+            st.pages
+                .evicted_pages()
+                .into_iter()
+                .map(|p| (p, st.levels[0][p as usize]))
+                .collect()
+        };
+        listed
+            .into_iter()
+            .map(|(p, c)| (p, (c, self.read_clean_page(p, c))))
+            .collect()
+    }
+
+    /// Evicted page `p`'s content, from `pre` (`read_evicted`) when the page is
+    /// recorded with the same checksum still (an evicted page's disk image changes
+    /// only after it came back and changed, which changes its checksum), else read now.
+    fn evicted_page(&self, st: &VolState, p: u64, pre: &EvictedRead) -> Result<Page, String> {
+        let recorded = st.levels[0][p as usize];
+        match pre.get(&p) {
+            Some((c, r)) if *c == recorded => r.clone(),
+            _ => self.read_clean_page(p, recorded),
+        }
     }
 
     /// Page `p` stops being its base's (it is about to change, or be written here):
@@ -2189,7 +2293,12 @@ impl Volume {
             }
         }
         self.unbase(st, p);
-        st.damaged.insert(p, unknown);
+        // Slots unknown here already (the page failed to read back meanwhile, say)
+        // stay unknown: the primary's bits add to them, never clear them.
+        let bits = st.damaged.entry(p).or_insert([0; FANOUT / 64]);
+        for (b, u) in bits.iter_mut().zip(unknown.iter()) {
+            *b |= *u;
+        }
         st.damage_dirty = true;
         self.persist_damage(st)?;
         match before {
@@ -2436,6 +2545,11 @@ impl Volume {
             return Ok(false);
         }
         if st.pages.is_evicted(p) {
+            // Read before the lock: a checkpoint may have written the page in place
+            // and evicted it since. Under the lock its disk image is settled.
+            if self.read_clean_page(p, recorded).is_ok() {
+                return Ok(false);
+            }
             // Not in memory: the disk held the only copy here.
             Volume::mark_damaged(&mut st, p);
             tracing::error!(volume = %self.meta.name, page = p, "slice page damaged on disk (not held in memory)");
@@ -2533,6 +2647,7 @@ impl Volume {
     /// not); everything else reads as zeroes. Unknown slots of damaged pages count as
     /// mapped (reading them answers EIO, never zeroes).
     pub fn mapped_extents(&self) -> Vec<(u64, u64)> {
+        let pre = self.read_evicted();
         let mut st = self.state.lock();
         let st = &mut *st;
         let mut pages: Vec<u64> = st
@@ -2547,7 +2662,7 @@ impl Volume {
             // An evicted page is read for this, not kept.
             let read;
             let pg = if st.pages.is_evicted(p) {
-                match self.read_clean_page(p, st.levels[0][p as usize]) {
+                match self.evicted_page(st, p, &pre) {
                     Ok(pg) => {
                         read = pg;
                         Some(&read)

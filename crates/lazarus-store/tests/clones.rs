@@ -281,7 +281,7 @@ fn clones_survive_random_operations_and_crashes() {
     let mut mapped = HashSet::new();
     for v in s.volumes() {
         assert_eq!(v.based_pages(), 0, "no snapshot left to share pages with");
-        mapped.extend(v.all_ids());
+        mapped.extend(v.all_ids().unwrap());
     }
     assert_eq!(s.block_stats().blocks, mapped.len() as u64);
 }

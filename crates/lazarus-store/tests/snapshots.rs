@@ -130,7 +130,7 @@ fn a_snapshot_keeps_what_the_volume_held_and_frees_it_when_deleted() {
             "deleting the snapshot freed nothing ({with_snap} -> {without})"
         );
         // What is left is exactly what the volume maps.
-        let mapped: std::collections::HashSet<_> = v.all_ids().into_iter().collect();
+        let mapped: std::collections::HashSet<_> = v.all_ids().unwrap().into_iter().collect();
         assert_eq!(without, mapped.len() as u64);
     }
     let s = Store::open(dir.path(), opts()).unwrap();
@@ -271,7 +271,7 @@ fn snapshots_survive_random_operations_and_crashes() {
     }
     s.checkpoint().unwrap();
     let v = s.volume("v").unwrap();
-    let mapped: std::collections::HashSet<_> = v.all_ids().into_iter().collect();
+    let mapped: std::collections::HashSet<_> = v.all_ids().unwrap().into_iter().collect();
     assert_eq!(s.block_stats().blocks, mapped.len() as u64);
 }
 
@@ -364,7 +364,7 @@ fn clones_and_reverts_share_the_snapshot_blocks() {
     check_volume(&s, "c", BLOCKS, &clone_now, "clone, its origin deleted");
     s.checkpoint().unwrap();
     let c = s.volume("c").unwrap();
-    let mapped: std::collections::HashSet<_> = c.all_ids().into_iter().collect();
+    let mapped: std::collections::HashSet<_> = c.all_ids().unwrap().into_iter().collect();
     assert_eq!(s.block_stats().blocks, mapped.len() as u64);
 }
 
@@ -757,7 +757,7 @@ fn a_copy_that_missed_a_snapshot_installs_it_from_another() {
     // Deleting the installed snapshot frees what only it held.
     b.delete_snapshot("v", "mon").unwrap();
     b.checkpoint().unwrap();
-    let mut ids: Vec<_> = vb.all_ids();
+    let mut ids: Vec<_> = vb.all_ids().unwrap();
     ids.sort();
     ids.dedup();
     assert_eq!(b.block_stats().blocks, ids.len() as u64);
