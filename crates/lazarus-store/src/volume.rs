@@ -428,9 +428,13 @@ impl VolState {
     }
 }
 
-/// Pages out of memory read from disk ahead of a scan (`Volume::read_evicted`): each
-/// with the checksum it was recorded with then, and what reading it gave.
-pub(crate) type EvictedRead = HashMap<u64, (Checksum, Result<Page, String>)>;
+/// Pages out of memory read from disk ahead of a scan (`Volume::read_evicted_among`):
+/// each with the checksum it was recorded with then and its content (pages that did
+/// not read back are left out: they are read again under the lock).
+pub(crate) type EvictedRead = HashMap<u64, (Checksum, Page)>;
+
+/// Pages out of memory a scan reads at a time (4 MiB).
+const SCAN_BATCH_PAGES: usize = 1024;
 
 /// What never changes about a volume (its size can grow: `Volume::size_bytes`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -466,6 +470,9 @@ pub struct Volume {
     /// being its base's (`unbase`); unset while the store opens (references are
     /// recounted then).
     pub(crate) blocks: std::sync::OnceLock<std::sync::Arc<crate::blocks::BlockStore>>,
+    /// A page out of memory failed to read back (`ensure`): the store's open refuses
+    /// to count references then.
+    read_back_failed: std::sync::atomic::AtomicBool,
 }
 
 /// Where a clone's unwritten pages come from: snapshot `snapshot_id` of the volume
@@ -606,6 +613,7 @@ impl Volume {
             reset_gate: parking_lot::RwLock::new(()),
             base: Mutex::new(None),
             blocks: std::sync::OnceLock::new(),
+            read_back_failed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -642,6 +650,7 @@ impl Volume {
             reset_gate: parking_lot::RwLock::new(()),
             base: Mutex::new(None),
             blocks: std::sync::OnceLock::new(),
+            read_back_failed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -964,9 +973,17 @@ impl Volume {
             }
             Err(why) => {
                 tracing::error!(volume = %self.meta.name, page = p, error = %why, "slice page read back from disk is damaged; its LBAs are unrecoverable until repaired");
+                self.read_back_failed
+                    .store(true, std::sync::atomic::Ordering::Release);
                 Volume::mark_damaged(st, p);
             }
         }
+    }
+
+    /// Whether a page out of memory failed to read back since the volume opened.
+    pub(crate) fn read_back_failed(&self) -> bool {
+        self.read_back_failed
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// `ensure` for pages `first..=last`.
@@ -1925,16 +1942,20 @@ impl Volume {
         // Pages out of memory among those that differ are read without the lock, then
         // the whole is computed again under it (reading only what changed meanwhile).
         let mut pre = EvictedRead::new();
-        loop {
-            match self.differing_pages_with(max_pages, &pre, !pre.is_empty()) {
+        for last in [false, true] {
+            match self.differing_pages_with(max_pages, &pre, last) {
                 Ok(r) => return r,
                 Err(missing) => {
+                    // (One that does not read back is read again under the lock.)
                     for (p, c) in missing {
-                        pre.insert(p, (c, self.read_clean_page(p, c)));
+                        if let Ok(pg) = self.read_clean_page(p, c) {
+                            pre.insert(p, (c, pg));
+                        }
                     }
                 }
             }
         }
+        unreachable!("the second pass reads what it misses itself")
     }
 
     /// `differing_pages` with pages out of memory read beforehand (`pre`); `Err`: the
@@ -2008,14 +2029,48 @@ impl Volume {
         Ok(Some((l1, pages)))
     }
 
-    /// Every mapped id, for reference counting at recovery and for deletion.
-    /// (A clone's pages still its base's hold none: `VolState::based`.)
-    /// Pages out of memory are read from disk for it (outside the volume's lock), not
-    /// kept. `Err`: such a page could not be read or did not verify; its ids are
-    /// missing from the list (the caller must not free what it does not count).
+    /// Every mapped id, for reference counting at recovery and for deletion, handed to
+    /// `f` one at a time. (A clone's pages still its base's hold none:
+    /// `VolState::based`.) Pages out of memory are read from disk for it, a batch at a
+    /// time outside the volume's lock, and not kept. Returns the pages out of memory
+    /// that could not be read back or did not verify: their ids were not visited.
+    pub fn visit_ids(&self, f: &mut dyn FnMut(BlockId)) -> Vec<(u64, String)> {
+        {
+            let st = self.state.lock();
+            for (p, pg) in st.pages.resident() {
+                if !st.based.contains(p) {
+                    pg.iter().filter(|id| !id.is_zero()).for_each(|id| f(*id));
+                }
+            }
+        }
+        let evicted = self.state.lock().pages.evicted_pages();
+        let mut failed = Vec::new();
+        for batch in evicted.chunks(SCAN_BATCH_PAGES) {
+            let pre = self.read_evicted_among(batch);
+            let st = self.state.lock();
+            for p in batch {
+                if !st.pages.is_evicted(*p) {
+                    // Back in memory since the list was made: it was clean then and is
+                    // what it was, or changed since by a write that accounted for it.
+                    if let Some(pg) = st.pages.get(p) {
+                        pg.iter().filter(|id| !id.is_zero()).for_each(|id| f(*id));
+                    }
+                    continue;
+                }
+                match self.evicted_page(&st, *p, &pre) {
+                    Ok(pg) => pg.iter().filter(|id| !id.is_zero()).for_each(|id| f(*id)),
+                    Err(why) => failed.push((*p, why)),
+                }
+            }
+        }
+        failed
+    }
+
+    /// Every mapped id at once (tests; `visit_ids` for large volumes). `Err`: a page out
+    /// of memory could not be read back.
     pub fn all_ids(&self) -> Result<Vec<BlockId>, StoreError> {
-        let (out, failed) = self.ids_readable();
-        match failed.into_iter().next() {
+        let mut out = Vec::new();
+        match self.visit_ids(&mut |id| out.push(id)).into_iter().next() {
             None => Ok(out),
             Some((p, why)) => Err(StoreError::Corrupted {
                 what: "slice page (read back from disk)",
@@ -2025,60 +2080,31 @@ impl Volume {
         }
     }
 
-    /// Every mapped id of the pages that can be read, and the pages out of memory that
-    /// could not be (with why).
-    pub(crate) fn ids_readable(&self) -> (Vec<BlockId>, Vec<(u64, String)>) {
-        self.ids_readable_with(&self.read_evicted())
-    }
-
-    /// `ids_readable` with the pages out of memory read beforehand (`read_evicted`).
-    pub(crate) fn ids_readable_with(
-        &self,
-        pre: &EvictedRead,
-    ) -> (Vec<BlockId>, Vec<(u64, String)>) {
-        let mut st = self.state.lock();
-        let st = &mut *st;
-        let mut out: Vec<BlockId> = st
-            .pages
-            .resident()
-            .filter(|(p, _)| !st.based.contains(p))
-            .flat_map(|(_, pg)| pg.iter().copied().filter(|id| !id.is_zero()))
-            .collect();
-        let mut failed = Vec::new();
-        for p in st.pages.evicted_pages() {
-            match self.evicted_page(st, p, pre) {
-                Ok(pg) => out.extend(pg.iter().copied().filter(|id| !id.is_zero())),
-                Err(why) => failed.push((p, why)),
-            }
-        }
-        (out, failed)
-    }
-
-    /// Every page out of memory now, read from disk without the volume's lock (a scan
-    /// of a large volume must not hold writers off): each with the checksum it was
-    /// recorded with when listed, and what reading it gave.
-    pub(crate) fn read_evicted(&self) -> EvictedRead {
+    /// Pages `ps` that are out of memory now, read from disk without the volume's lock
+    /// (a scan of a large volume must not hold writers off): each with the checksum it
+    /// was recorded with when listed, and its content if it read back and verified.
+    fn read_evicted_among(&self, ps: &[u64]) -> EvictedRead {
         let listed: Vec<(u64, Checksum)> = {
             let st = self.state.lock();
-            st.pages
-                .evicted_pages()
-                .into_iter()
-                .map(|p| (p, st.levels[0][p as usize]))
+            ps.iter()
+                .filter(|p| st.pages.is_evicted(**p))
+                .map(|p| (*p, st.levels[0][*p as usize]))
                 .collect()
         };
         listed
             .into_iter()
-            .map(|(p, c)| (p, (c, self.read_clean_page(p, c))))
+            .filter_map(|(p, c)| self.read_clean_page(p, c).ok().map(|pg| (p, (c, pg))))
             .collect()
     }
 
-    /// Evicted page `p`'s content, from `pre` (`read_evicted`) when the page is
-    /// recorded with the same checksum still (an evicted page's disk image changes
-    /// only after it came back and changed, which changes its checksum), else read now.
+    /// Evicted page `p`'s content: from `pre` when it read back there and the page is
+    /// recorded with the same checksum still (an evicted page's disk image changes only
+    /// once it came back and changed, and then a checkpoint wrote it: its content is
+    /// the one that hashes to the checksum recorded now), else read now, under the lock.
     fn evicted_page(&self, st: &VolState, p: u64, pre: &EvictedRead) -> Result<Page, String> {
         let recorded = st.levels[0][p as usize];
         match pre.get(&p) {
-            Some((c, r)) if *c == recorded => r.clone(),
+            Some((c, pg)) if *c == recorded => Ok(pg.clone()),
             _ => self.read_clean_page(p, recorded),
         }
     }
@@ -2299,17 +2325,25 @@ impl Volume {
         for (b, u) in bits.iter_mut().zip(unknown.iter()) {
             *b |= *u;
         }
+        let more = *bits != unknown;
         st.damage_dirty = true;
         self.persist_damage(st)?;
+        if st.dirty.insert(p) {
+            self.count_dirty();
+        }
+        if more {
+            // Not the primary's damage: this copy's own, its checksum bound to its
+            // own unknown slots (a later resync copies the page again).
+            st.stale.insert(p);
+            Volume::refresh_tree(st);
+            return Ok(());
+        }
         match before {
             Some(b) => st.rewritten.insert(p, b),
             None => st.rewritten.remove(&p),
         };
         st.mirrored.insert(p);
         st.levels[0][p as usize] = checksum;
-        if st.dirty.insert(p) {
-            self.count_dirty();
-        }
         Volume::propagate(st, BTreeSet::from([p / FANOUT_U64]));
         Ok(())
     }
@@ -2646,23 +2680,39 @@ impl Volume {
     /// Runs `(first_lba, count)` of mapped LBAs (a block is stored for them, zero or
     /// not); everything else reads as zeroes. Unknown slots of damaged pages count as
     /// mapped (reading them answers EIO, never zeroes).
+    /// Pages out of memory are read for it a batch at a time, outside the volume's
+    /// lock, and not kept: the map is each batch's as it was when that batch was read.
     pub fn mapped_extents(&self) -> Vec<(u64, u64)> {
-        let pre = self.read_evicted();
-        let mut st = self.state.lock();
-        let st = &mut *st;
-        let mut pages: Vec<u64> = st
-            .pages
-            .mapped_pages()
-            .chain(st.damaged.keys().copied())
-            .collect();
+        let mut pages: Vec<u64> = {
+            let st = self.state.lock();
+            st.pages
+                .mapped_pages()
+                .chain(st.damaged.keys().copied())
+                .collect()
+        };
         pages.sort_unstable();
         pages.dedup();
         let mut out: Vec<(u64, u64)> = Vec::new();
-        for p in pages {
+        for batch in pages.chunks(SCAN_BATCH_PAGES) {
+            let pre = self.read_evicted_among(batch);
+            let mut st = self.state.lock();
+            self.extents_of(&mut st, batch, &pre, &mut out);
+        }
+        out
+    }
+
+    fn extents_of(
+        &self,
+        st: &mut VolState,
+        batch: &[u64],
+        pre: &EvictedRead,
+        out: &mut Vec<(u64, u64)>,
+    ) {
+        for &p in batch {
             // An evicted page is read for this, not kept.
             let read;
             let pg = if st.pages.is_evicted(p) {
-                match self.evicted_page(st, p, &pre) {
+                match self.evicted_page(st, p, pre) {
                     Ok(pg) => {
                         read = pg;
                         Some(&read)
@@ -2690,7 +2740,6 @@ impl Volume {
                 }
             }
         }
-        out
     }
 
     /// What `count` blocks from `first` hold: runs of (blocks, `Allocation`), in order,
