@@ -77,7 +77,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = std::fs::remove_dir_all(&dir);
     // A failed device is the process's record of a folder: the last input's is healed.
     lazarus_store::disk::set_device_failed(&dir, false);
-    let store = Arc::new(Store::open(&dir, StoreOptions { journal_bytes: 8 << 20 }).unwrap());
+    let store = Arc::new(Store::open(&dir, StoreOptions { journal_bytes: 8 << 20, ..Default::default() }).unwrap());
     store.create_volume("v", 1 << 20).unwrap();
     let state = AppState {
         guard: MutationGuard::new("127.0.0.1:0".parse().unwrap(), None),

@@ -10,7 +10,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = std::fs::remove_dir_all(&dir);
     {
         // A fresh store with one volume, then replace the journal's records.
-        let s = match Store::open(&dir, StoreOptions { journal_bytes: 8 << 20 }) { Ok(s) => s, Err(_) => return };
+        let s = match Store::open(&dir, StoreOptions { journal_bytes: 8 << 20, ..Default::default() }) { Ok(s) => s, Err(_) => return };
         let _ = s.create_volume("v", 1 << 20);
     }
     let jpath = dir.join("journal.log");
@@ -29,6 +29,6 @@ fuzz_target!(|data: &[u8]| {
         lsn += 1;
     }
     std::fs::write(&jpath, &j).unwrap();
-    let _ = Store::open(&dir, StoreOptions { journal_bytes: 8 << 20 });
+    let _ = Store::open(&dir, StoreOptions { journal_bytes: 8 << 20, ..Default::default() });
     let _ = std::fs::remove_dir_all(&dir);
 });
