@@ -215,6 +215,10 @@ impl PageCache {
         Some(r.page)
     }
 
+    pub(crate) fn is_resident(&self, p: u64) -> bool {
+        self.map.contains_key(&p)
+    }
+
     pub(crate) fn is_evicted(&self, p: u64) -> bool {
         !self.evicted.is_empty() && self.evicted.contains_key(&p)
     }

@@ -945,8 +945,7 @@ impl Volume {
     /// Whether slice page `p` is in memory now (tests of the page cache).
     #[doc(hidden)]
     pub fn page_resident(&self, p: u64) -> bool {
-        let st = self.state.lock();
-        !st.pages.is_evicted(p) && st.pages.resident_keys().any(|q| *q == p)
+        self.state.lock().pages.is_resident(p)
     }
 
     /// Counts this volume's pages in memory against the store's page cache.
@@ -2553,11 +2552,7 @@ impl Volume {
             return Ok(false);
         }
         tracing::error!(volume = %self.meta.name, page = p, io_error = read.is_err(), "slice page damaged on disk");
-        st.pages.remove(&p);
-        st.damaged.insert(p, [u64::MAX; FANOUT / 64]);
-        st.rewritten.remove(&p);
-        st.mirrored.remove(&p);
-        st.damage_dirty = true;
+        Volume::mark_damaged(&mut st, p);
         Ok(true)
     }
 
@@ -2595,9 +2590,7 @@ impl Volume {
         };
         if mem != recorded {
             // Memory does not match the tree either: treat as damaged (repair decides).
-            st.pages.remove(&p);
-            st.damaged.insert(p, [u64::MAX; FANOUT / 64]);
-            st.damage_dirty = true;
+            Volume::mark_damaged(&mut st, p);
             tracing::error!(volume = %self.meta.name, page = p, "slice page damaged on disk and in memory");
             return Ok(true);
         }

@@ -31,20 +31,31 @@ fn read(s: &Store, v: &lazarus_store::Volume, lba: u64) -> Result<Vec<u8>, Strin
     Ok(buf)
 }
 
-#[test]
-fn evicted_pages_read_back_as_they_were() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(dir.path(), opts(4)).unwrap();
+/// A store with a cache of `cache_pages` and a volume of `PAGES` pages whose slots
+/// `slots` of every page hold `block(page, slot, 1)`.
+fn filled(
+    dir: &std::path::Path,
+    cache_pages: u64,
+    slots: &[u64],
+) -> (Store, std::sync::Arc<lazarus_store::Volume>) {
+    let s = Store::open(dir, opts(cache_pages)).unwrap();
     let v = s
         .create_volume("v", PAGES * FANOUT_U64 * BLOCK_SIZE as u64)
         .unwrap();
-    // Slots 0 and 7 of every page.
     for p in 0..PAGES {
-        for slot in [0, 7] {
+        for &slot in slots {
             s.write_blocks(&v, Lba(p * FANOUT_U64 + slot), &block(p, slot, 1))
                 .unwrap();
         }
     }
+    (s, v)
+}
+
+#[test]
+fn evicted_pages_read_back_as_they_were() {
+    let dir = tempfile::tempdir().unwrap();
+    // Slots 0 and 7 of every page.
+    let (s, v) = filled(dir.path(), 4, &[0, 7]);
     let usage_before = v.usage();
     s.flush().unwrap();
     s.checkpoint().unwrap();
@@ -113,14 +124,7 @@ fn evicted_pages_read_back_as_they_were() {
 #[test]
 fn an_evicted_page_damaged_on_disk_reads_as_an_error() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(dir.path(), opts(2)).unwrap();
-    let v = s
-        .create_volume("v", PAGES * FANOUT_U64 * BLOCK_SIZE as u64)
-        .unwrap();
-    for p in 0..PAGES {
-        s.write_blocks(&v, Lba(p * FANOUT_U64 + 1), &block(p, 1, 1))
-            .unwrap();
-    }
+    let (s, v) = filled(dir.path(), 2, &[1]);
     s.flush().unwrap();
     s.checkpoint().unwrap();
     let p = 9;
