@@ -108,9 +108,16 @@ pub fn snapshot_current(
 ) -> bool {
     match cluster {
         None => true,
-        // A node still starting may hold metadata from before a deletion.
+        // A node still starting may hold metadata from before a deletion; one that
+        // serves the volume on the recovery server's hold (it took the volume over
+        // from the log while the metadata has no majority) holds what the metadata
+        // named when its copies were last live: no snapshot of the volume was made or
+        // dropped since without this copy (none is taken while writes go through the
+        // recovery server, and a deletion the metadata did not commit is none).
         Some(c) => {
-            c.is_ready()
+            (c.is_ready()
+                || c.effective_primary(volume)
+                    .is_some_and(|(p, e)| p == c.id && c.hold_valid(volume, e)))
                 && c.store
                     .meta()
                     .volumes
@@ -529,6 +536,19 @@ impl Engine {
         // until these are dropped.
         let _all = self.lock_blocks(0, 1 << 20).await;
         self.still_primary(&vol, Some(epoch)).await?;
+        if c.recovery.is_some()
+            && c.effective(volume).is_some_and(|v| {
+                lazarus_node::decide::writes_through(&v) && v.live().len() < v.replicas.len()
+            })
+        {
+            // Down to its last failure domain, the volume survives this node's loss
+            // through the recovery log, which holds writes, not snapshots: a snapshot
+            // taken here alone would not outlive this node.
+            return Err(IoError::new(
+                EINVAL,
+                format!("volume {volume:?} is down to its last failure domain (its writes go through the recovery server first, whose log would not hold a snapshot): take it once its copies are back"),
+            ));
+        }
         let live: Vec<u64> = c
             .effective(volume)
             .map(|v| v.live())

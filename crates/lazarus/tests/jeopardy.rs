@@ -29,6 +29,10 @@ fn setup() -> (tempfile::TempDir, std::path::PathBuf) {
 
 fn qemu_io(uri: &str, cmds: &[&str]) -> (bool, String) {
     let mut args = vec!["-f", "raw"];
+    if uri.contains('@') {
+        // A snapshot: read-only.
+        args.push("-r");
+    }
     for c in cmds {
         args.push("-c");
         args.push(c);
@@ -552,6 +556,10 @@ fn jeopardy_by_protect_and_drop_write_through_and_rejoin() {
 fn survivor_then_last_failure_domain_dies_and_revived_replica_serves() {
     let (tmp, data) = setup();
     let up = Up::start(&data, "64MiB");
+    // A snapshot taken on every copy before the faults, of a region no writer touches.
+    qemu_io_ok(&up.uri(1, "vol0"), &["write -P 0x5a 8M 1M"]);
+    up.cli_ok(&["snapshot", "create", "vol0", "before"]);
+    qemu_io_ok(&up.uri(1, "vol0"), &["write -P 0xa5 8M 1M"]);
     let mut w1 = Writer::start(&up.uri(1, "vol0"), 1, 0, 64, 1_000_000, tmp.path());
     w1.wait_acked(20, Duration::from_secs(30), "writes before the faults");
     up.cli_ok(&["fault", "kill", "--node", "n2"]);
@@ -565,6 +573,18 @@ fn survivor_then_last_failure_domain_dies_and_revived_replica_serves() {
         "the survivor acknowledging writes without a majority",
     );
     assert_eq!(jstate(&up, 1, "vol0")["jeopardy"], true);
+    // A snapshot now would be on n1 alone, which the recovery log would not bring
+    // back: refused, with the reason.
+    let o = up.cli(&["snapshot", "create", "vol0", "during"]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        !o.status.success() && text.contains("last failure domain"),
+        "a snapshot in jeopardy: {text}"
+    );
     let n1_acked = w1.finish();
     assert!(!log_records(&up).is_empty());
 
@@ -591,6 +611,9 @@ fn survivor_then_last_failure_domain_dies_and_revived_replica_serves() {
         &want,
         "the volume served by n3 after the last failure domain died",
     );
+    // The snapshot taken before the faults serves from the copy that took over.
+    qemu_io_ok(&up.uri(3, "vol0@before"), &["read -P 0x5a 8M 1M"]);
+    qemu_io_ok(&up.uri(3, "vol0"), &["read -P 0xa5 8M 1M"]);
     let mut w2 = Writer::start(&up.uri(3, "vol0"), 2, 4 << 20, 16, 40, tmp.path());
     w2.wait_acked(40, Duration::from_secs(60), "writes through n3 in jeopardy");
     let n3_acked = w2.finish();
@@ -627,7 +650,13 @@ fn survivor_then_last_failure_domain_dies_and_revived_replica_serves() {
             &want,
             &format!("the volume read through n{n} at the end"),
         );
+        qemu_io_ok(&up.uri(n, "vol0@before"), &["read -P 0x5a 8M 1M"]);
     }
+    let list = up.cli_ok(&["snapshot", "list", "vol0"]);
+    assert!(
+        list.contains("before") && !list.contains("during"),
+        "{list}"
+    );
 }
 
 /// The recovery server killed (SIGKILL) in the middle of a stream of writes in
