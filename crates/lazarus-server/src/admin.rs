@@ -1799,7 +1799,9 @@ async fn snapshot_diff(
         "root": b.root.to_hex(),
         "since_root": a.map(|a| a.root.to_hex()),
         "block_size": BLOCK_SIZE_U64,
-        "extents": runs,
+        // Ranges B maps (read them), and ranges it leaves unmapped (zero records).
+        "extents": runs.iter().filter(|r| !r.2).map(|r| (r.0, r.1)).collect::<Vec<_>>(),
+        "holes": runs.iter().filter(|r| r.2).map(|r| (r.0, r.1)).collect::<Vec<_>>(),
         "elapsed_us": t0.elapsed().as_micros() as u64,
     })))
 }
@@ -2199,6 +2201,10 @@ struct RangeQuery {
     offset: u64,
     #[serde(default)]
     length: Option<u64>,
+    /// For `zero`: store the zeroes as blocks rather than leave the range unmapped
+    /// (NBD_CMD_FLAG_NO_HOLE).
+    #[serde(default)]
+    no_hole: bool,
 }
 
 fn io_error(e: lazarus_engine::engine::IoError) -> ApiError {
@@ -2218,6 +2224,7 @@ async fn do_io(
     offset: u64,
     length: u64,
     payload: &[u8],
+    no_hole: bool,
 ) -> Result<Vec<u8>, ApiError> {
     let size = match s.engine.store.volume(name) {
         Some(v) => v.size_bytes(),
@@ -2262,7 +2269,7 @@ async fn do_io(
                 | lazarus_engine::forward::Op::Zero
                 | lazarus_engine::forward::Op::Trim
         ),
-        no_hole: false,
+        no_hole,
         fence: None,
     };
     match s.engine.route_name(name).await.map_err(io_error)? {
@@ -2305,6 +2312,7 @@ async fn read_data(
         q.offset,
         length,
         &[],
+        false,
     )
     .await?;
     Ok(octet_stream(data))
@@ -2324,6 +2332,7 @@ async fn write_data(
         q.offset,
         body.len() as u64,
         &body,
+        false,
     )
     .await?;
     Ok(StatusCode::NO_CONTENT)
@@ -2345,6 +2354,7 @@ async fn zero_data(
         q.offset,
         length,
         &[],
+        q.no_hole,
     )
     .await?;
     Ok(StatusCode::NO_CONTENT)
@@ -2354,7 +2364,16 @@ async fn flush_data(
     State(s): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    do_io(&s, &name, lazarus_engine::forward::Op::Flush, 0, 0, &[]).await?;
+    do_io(
+        &s,
+        &name,
+        lazarus_engine::forward::Op::Flush,
+        0,
+        0,
+        &[],
+        false,
+    )
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

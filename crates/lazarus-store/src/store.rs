@@ -1159,19 +1159,20 @@ impl Store {
     }
 
     /// The blocks of snapshot `b` that differ from snapshot `a` (both of `vol`), as runs
-    /// (first LBA, count): only pages whose checksums differ are read, and only slots
-    /// whose ids differ count. Without `a`, every mapped block of `b`. A page of either
+    /// (first LBA, count, whether `b` leaves them unmapped): only pages whose checksums
+    /// differ are read, and only slots whose ids differ count. Without `a`, every
+    /// mapped block of `b`. A page of either
     /// that cannot be proven is an error (`ReadError::Unrecoverable`).
     pub fn snapshot_diff(
         &self,
         vol: &Volume,
         a: Option<&Snapshot>,
         b: &Snapshot,
-    ) -> Result<Vec<(u64, u64)>, ReadError> {
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        let mut push = |lba: u64| match runs.last_mut() {
-            Some((first, n)) if *first + *n == lba => *n += 1,
-            _ => runs.push((lba, 1)),
+    ) -> Result<Vec<(u64, u64, bool)>, ReadError> {
+        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+        let mut push = |lba: u64, hole: bool| match runs.last_mut() {
+            Some((first, n, h)) if *first + *n == lba && *h == hole => *n += 1,
+            _ => runs.push((lba, 1, hole)),
         };
         let blocks = b.block_count();
         for p in 0..b.page_count() {
@@ -1192,7 +1193,7 @@ impl Store {
             for s in 0..FANOUT {
                 let lba = p * FANOUT_U64 + s as u64;
                 if lba < blocks && pa[s] != pb[s] {
-                    push(lba);
+                    push(lba, pb[s].is_zero());
                 }
             }
         }

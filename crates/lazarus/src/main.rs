@@ -548,6 +548,21 @@ fn print_volumes(vols: &Value) {
             snaps.join(" "),
             shares,
         );
+        // A row per snapshot where its space is known (`volume list`).
+        for sn in v["snapshot_space"].as_array().into_iter().flatten() {
+            let root = sn["root"].as_str().unwrap_or("");
+            println!(
+                "{:<16} {:>10} {:>14} {:>14} {:>14}  {:<12}",
+                format!("  @{}", sn["name"].as_str().unwrap_or("?")),
+                human(sn["size_bytes"].as_u64().unwrap_or(0)),
+                human(sn["mapped_blocks"].as_u64().unwrap_or(0) * 4096),
+                sn["exclusive_bytes"]
+                    .as_u64()
+                    .map_or("-".to_string(), human),
+                "-",
+                &root[..12.min(root.len())],
+            );
+        }
     }
 }
 
@@ -763,6 +778,20 @@ fn client_command(cmd: Cmd) -> anyhow::Result<()> {
                                     a.push(one);
                                 }
                             }
+                        }
+                    }
+                    // Each snapshot's space, as its volume's primary counts it.
+                    for one in v.as_array_mut().into_iter().flatten() {
+                        let has = one["snapshots"].as_array().is_some_and(|a| !a.is_empty());
+                        let Some(name) = one["name"].as_str().map(String::from) else {
+                            continue;
+                        };
+                        if !has {
+                            continue;
+                        }
+                        let a = client::primary_api(api.clone(), &name).unwrap_or(api.clone());
+                        if let Ok((200, s)) = a.get(&format!("/api/v1/volumes/{name}/snapshots")) {
+                            one["snapshot_space"] = s["snapshots"].clone();
                         }
                     }
                     if json {

@@ -54,8 +54,12 @@ fn next_hole(f: &File, off: u64, len: u64) -> u64 {
 
 /// The byte ranges of an API answer's `extents` (`[first_lba, count]` in blocks).
 fn byte_extents(v: &serde_json::Value) -> Vec<(u64, u64)> {
-    v["extents"]
-        .as_array()
+    runs_in_bytes(&v["extents"])
+}
+
+/// `[[first block, count], ...]` as byte ranges.
+fn runs_in_bytes(runs: &serde_json::Value) -> Vec<(u64, u64)> {
+    runs.as_array()
         .into_iter()
         .flatten()
         .filter_map(|e| Some((e[0].as_u64()? * 4096, e[1].as_u64()? * 4096)))
@@ -245,14 +249,26 @@ pub fn export_snapshot(
             let f =
                 File::create(file).with_context(|| format!("cannot create {}", file.display()))?;
             let mut out = diff::Out::new(std::io::BufWriter::new(f), &h)?;
-            let done = copy_chunks(&extents, read, |off, data| {
+            // What B leaves unmapped where A had blocks: zero records, nothing read.
+            let mut holes = runs_in_bytes(&d["holes"]).into_iter().peekable();
+            let mut holes_before = |out: &mut diff::Out<_>, end: u64| -> std::io::Result<u64> {
+                let mut n = 0;
+                while let Some((off, len)) = holes.next_if(|h| h.0 < end) {
+                    out.zero(off, len, false)?;
+                    n += len;
+                }
+                Ok(n)
+            };
+            let mut done = copy_chunks(&extents, read, |off, data| {
+                holes_before(&mut out, off)?;
                 if data.iter().all(|b| *b == 0) {
-                    out.zero(off, data.len() as u64)?;
+                    out.zero(off, data.len() as u64, true)?;
                 } else {
                     out.data(off, data)?;
                 }
                 Ok(())
             })?;
+            done += holes_before(&mut out, u64::MAX)?;
             let records = out.records;
             let f = out.finish()?.into_inner().map_err(|e| e.into_error())?;
             f.sync_all()?;
@@ -286,7 +302,7 @@ pub fn import_diff(api: &Api, file: &Path, volume: &str, force: bool) -> anyhow:
     {
         changed += match rec {
             diff::Record::Data(_, d) => d.len() as u64,
-            diff::Record::Zero(_, n) => n,
+            diff::Record::Zero(_, n, _) => n,
         };
     }
     let h = r.header.clone();
@@ -319,9 +335,11 @@ pub fn import_diff(api: &Api, file: &Path, volume: &str, force: bool) -> anyhow:
                 )?;
                 done += d.len() as u64;
             }
-            diff::Record::Zero(off, n) => {
+            diff::Record::Zero(off, n, mapped) => {
                 client::ok(api.post(
-                    &format!("/api/v1/volumes/{volume}/zero?offset={off}&length={n}"),
+                    &format!(
+                        "/api/v1/volumes/{volume}/zero?offset={off}&length={n}&no_hole={mapped}"
+                    ),
                     &json!({}),
                 )?)?;
                 done += n;
@@ -338,6 +356,34 @@ pub fn import_diff(api: &Api, file: &Path, volume: &str, force: bool) -> anyhow:
         h.since,
         t0.elapsed().as_secs_f64()
     );
+    // The volume now holds the snapshot the diff leads to, if it held the one it
+    // starts from: their checksum roots agree (a volume of another size, or one
+    // written meanwhile, differs).
+    let v = client::ok(api.get(&format!("/api/v1/volumes/{volume}"))?)?;
+    let after = v["root"].as_str().unwrap_or("");
+    if after == to_hex(&h.root) {
+        println!(
+            "verified: {volume}'s checksum root is {}@{}'s ({})",
+            h.volume,
+            h.snapshot,
+            &after[..12.min(after.len())]
+        );
+    } else if !force && size == h.size_bytes {
+        anyhow::bail!(
+            "after applying, volume {volume:?} does not hold {}@{}: its checksum root is {}, the snapshot's {} (was it written meanwhile?)",
+            h.volume,
+            h.snapshot,
+            &after[..12.min(after.len())],
+            &to_hex(&h.root)[..12]
+        );
+    } else {
+        println!(
+            "{volume}'s checksum root is not {}@{}'s ({}, started from another state or size)",
+            h.volume,
+            h.snapshot,
+            &after[..12.min(after.len())]
+        );
+    }
     Ok(())
 }
 
@@ -350,6 +396,10 @@ pub mod diff {
     pub const END: u8 = 0;
     pub const DATA: u8 = 1;
     pub const ZERO: u8 = 2;
+    /// Zeroes stored as blocks (written zeroes, or zeroes provisioned with
+    /// NBD_CMD_FLAG_NO_HOLE), where `ZERO` is a range left unmapped: the two read
+    /// alike, but the volume's checksum tree tells them apart.
+    pub const ZERO_MAPPED: u8 = 3;
 
     /// What a diff file says of itself.
     #[derive(Debug, Clone, PartialEq, Eq)]
@@ -411,8 +461,9 @@ pub mod diff {
             Ok(())
         }
 
-        pub fn zero(&mut self, offset: u64, length: u64) -> std::io::Result<()> {
-            let mut h = vec![ZERO];
+        /// Zeroes: unmapped, or (`mapped`) stored as zero blocks.
+        pub fn zero(&mut self, offset: u64, length: u64, mapped: bool) -> std::io::Result<()> {
+            let mut h = vec![if mapped { ZERO_MAPPED } else { ZERO }];
             h.extend_from_slice(&offset.to_le_bytes());
             h.extend_from_slice(&length.to_le_bytes());
             self.records += 1;
@@ -435,7 +486,8 @@ pub mod diff {
     #[derive(Debug, PartialEq, Eq)]
     pub enum Record {
         Data(u64, Vec<u8>),
-        Zero(u64, u64),
+        /// Offset, length, and whether the zeroes are stored as blocks (`ZERO_MAPPED`).
+        Zero(u64, u64, bool),
     }
 
     /// A reader that checks the CRC as it goes; `next` returns None at the end
@@ -530,7 +582,7 @@ pub mod diff {
                     }
                     Ok(None)
                 }
-                DATA | ZERO => {
+                DATA | ZERO | ZERO_MAPPED => {
                     let off = self.u64()?;
                     let len = self.u64()?;
                     if off
@@ -543,8 +595,8 @@ pub mod diff {
                         )));
                     }
                     self.records += 1;
-                    if kind == ZERO {
-                        return Ok(Some(Record::Zero(off, len)));
+                    if kind != DATA {
+                        return Ok(Some(Record::Zero(off, len, kind == ZERO_MAPPED)));
                     }
                     if len > RECORD_MAX_BYTES {
                         return Err(bad(format!("a data record of {len} bytes")));
@@ -574,7 +626,8 @@ pub mod diff {
         fn sample() -> Vec<u8> {
             let mut o = Out::new(Vec::new(), &header()).unwrap();
             o.data(4096, &[7u8; 8192]).unwrap();
-            o.zero(65536, 4096).unwrap();
+            o.zero(65536, 4096, false).unwrap();
+            o.zero(1 << 19, 8192, true).unwrap();
             o.finish().unwrap()
         }
 
@@ -587,7 +640,14 @@ pub mod diff {
                 i.next_record().unwrap(),
                 Some(Record::Data(4096, vec![7u8; 8192]))
             );
-            assert_eq!(i.next_record().unwrap(), Some(Record::Zero(65536, 4096)));
+            assert_eq!(
+                i.next_record().unwrap(),
+                Some(Record::Zero(65536, 4096, false))
+            );
+            assert_eq!(
+                i.next_record().unwrap(),
+                Some(Record::Zero(1 << 19, 8192, true))
+            );
             assert_eq!(i.next_record().unwrap(), None);
         }
 

@@ -203,7 +203,15 @@ fn snapshots_on_three_nodes_read_old_data_and_survive_a_node_kill() {
         );
     }
     let vols = up.cli_ok(&["volume", "list"]);
-    assert!(vols.contains("monday"), "{vols}");
+    // A row for the snapshot, with what only it holds (1030 blocks: 4.0 MiB).
+    let row = vols
+        .lines()
+        .find(|l| l.trim_start().starts_with("@monday"))
+        .unwrap_or_else(|| panic!("no row for the snapshot in:\n{vols}"));
+    assert!(
+        row.contains("256.0 MiB") && row.contains("4.0 MiB"),
+        "{vols}"
+    );
 
     // The primary dies: the survivors serve the snapshot; the new primary takes one.
     up.cli_ok(&["fault", "kill", "--node", "n1"]);
@@ -449,22 +457,33 @@ fn incremental_exports_rebuild_a_volume_byte_identical() {
         "a refused diff changed the volume"
     );
 
-    up.cli_ok(&[
-        "volume",
-        "import",
-        d1.to_str().unwrap(),
-        "--volume",
-        "copy",
-        "--diff",
-    ]);
-    up.cli_ok(&[
-        "volume",
-        "import",
-        d2.to_str().unwrap(),
-        "--volume",
-        "copy",
-        "--diff",
-    ]);
+    for d in [&d1, &d2] {
+        // Each import checks that the volume's checksum root is then the snapshot's.
+        let out = up.cli_ok(&[
+            "volume",
+            "import",
+            d.to_str().unwrap(),
+            "--volume",
+            "copy",
+            "--diff",
+        ]);
+        assert!(
+            out.contains("verified: copy's checksum root is vol0@"),
+            "{out}"
+        );
+    }
+    assert_eq!(
+        up.root(1, "copy"),
+        up.cli_ok(&["snapshot", "list", "vol0", "--json"])
+            .parse::<serde_json::Value>()
+            .ok()
+            .and_then(|j| j[0]["snapshots"]
+                .as_array()
+                .and_then(|a| a.iter().find(|s| s["name"] == "c"))
+                .map(|s| s["root"].as_str().unwrap_or("").to_string()))
+            .unwrap_or_default(),
+        "the copy's root after the chain is snapshot c's"
+    );
     let o = run_out(
         "qemu-img",
         &[
