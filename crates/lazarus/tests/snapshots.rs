@@ -983,3 +983,82 @@ fn a_node_alone_clones_and_reverts() {
         .status
         .success());
 }
+
+/// A snapshot taken while writes are in flight (libnbd, 16 at a time, 4 KiB each over
+/// 256 blocks) holds every write acknowledged before the command started, and nothing
+/// that was not yet sent when it returned; every copy freezes the same point (one
+/// root), and every node serves the same bytes.
+#[test]
+fn a_snapshot_under_writes_holds_every_write_acknowledged_before_it() {
+    let (tmp, data) = setup();
+    let up = Up::start(&data, "64MiB");
+    let slots = 256usize;
+    let o = run_out(
+        "/usr/bin/python3",
+        &[
+            &format!("{}/tests/py/snapwriter.py", env!("CARGO_MANIFEST_DIR")),
+            &up.uri(1, "vol0"),
+            &slots.to_string(),
+            "16",
+            "1.5",
+            BIN,
+            "snapshot",
+            "create",
+            "vol0",
+            "busy",
+            "--data",
+            data.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["rc"], 0, "snapshot create: {}", r["out"]);
+    assert!(r["writes"].as_u64().unwrap() > 500, "{r}");
+    let seqs = |v: &Value| -> Vec<u64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect()
+    };
+    let acked_before = seqs(&r["acked_before"]);
+    assert!(acked_before.iter().filter(|s| **s > 0).count() > slots / 2);
+    let mut roots = Vec::new();
+    for n in 1..=3 {
+        wait_snapshot(&up, n, "busy", Duration::from_secs(20));
+        let snaps = up.get(n, "/api/v1/volumes/vol0/snapshots").unwrap();
+        roots.push(snaps["snapshots"][0]["root"].as_str().unwrap().to_string());
+        let image = copy_out(&up.uri(n, "vol0@busy"), tmp.path(), slots * 4096);
+        for slot in 0..slots {
+            let b = &image[slot * 4096..(slot + 1) * 4096];
+            let seq = u64::from_le_bytes(b[..8].try_into().unwrap());
+            let sent = seqs(&r["sent"][slot]);
+            if seq == 0 {
+                assert!(
+                    b.iter().all(|x| *x == 0) && acked_before[slot] == 0,
+                    "n{n}: slot {slot} of the snapshot is empty, but write {} was acknowledged before it",
+                    acked_before[slot]
+                );
+                continue;
+            }
+            assert_eq!(
+                u64::from_le_bytes(b[8..16].try_into().unwrap()),
+                slot as u64,
+                "n{n}: slot {slot} holds another slot's block"
+            );
+            assert!(
+                b[16..].iter().all(|x| *x == (seq % 251) as u8),
+                "n{n}: slot {slot}: write {seq} is torn"
+            );
+            assert!(
+                seq >= acked_before[slot] && sent.contains(&seq),
+                "n{n}: slot {slot} of the snapshot holds write {seq}; acknowledged before the snapshot: {}, sent to the slot before it returned: {sent:?}",
+                acked_before[slot]
+            );
+        }
+    }
+    assert!(
+        roots.iter().all(|r| *r == roots[0]),
+        "the copies froze different points: {roots:?}"
+    );
+}
