@@ -1062,3 +1062,74 @@ fn a_snapshot_under_writes_holds_every_write_acknowledged_before_it() {
         "the copies froze different points: {roots:?}"
     );
 }
+
+/// The primary SIGKILLed while a snapshot is being taken (or just before or after):
+/// once the old primary is back, the snapshot is either named by the cluster and read
+/// by every node as the volume was when it was taken (whatever the command said), or
+/// served by none, and then taking it again under the same name works. A command that
+/// reported success always left it named.
+#[test]
+fn a_primary_killed_while_a_snapshot_is_taken_leaves_it_whole_or_absent() {
+    let (_tmp, data) = setup();
+    let up = Up::start(&data, "128MiB");
+    let mut rng = fastrand::Rng::with_seed(seed());
+    let mut primary = 1u16;
+    let mut outcomes = Vec::new();
+    for round in 0..3u8 {
+        let pattern = 0x50 + round;
+        qemu_io_ok(
+            &up.uri(primary, "vol0"),
+            &[&format!("write -P {pattern} 0 2M"), "flush"],
+        );
+        let name = format!("k{round}");
+        let cli = std::process::Command::new(BIN)
+            .args(["snapshot", "create", "vol0", &name, "--data"])
+            .arg(&data)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(rng.u64(0..20)));
+        up.cli_ok(&["fault", "kill", "--node", &format!("n{primary}")]);
+        let o = cli.wait_with_output().unwrap();
+        let other = if primary == 1 { 2 } else { 1 };
+        let m = up.wait_meta(other, "vol0", Duration::from_secs(30), "failover", |m| {
+            m["primary"].as_u64().is_some_and(|p| p != primary as u64)
+        });
+        let old = primary;
+        primary = m["primary"].as_u64().unwrap() as u16;
+        up.cli_ok(&["fault", "revive", "--node", &format!("n{old}")]);
+        up.wait_all_live(primary, "vol0", Duration::from_secs(60));
+        let named = up
+            .volume_meta(primary, "vol0")
+            .is_some_and(|v| v["snapshots"].get(&name).is_some());
+        if o.status.success() {
+            assert!(
+                named,
+                "round {round}: the command reported {name} taken, but the cluster does not name it"
+            );
+        }
+        outcomes.push((o.status.success(), named));
+        if !named {
+            for n in 1..=3 {
+                let (ok, text) = qemu_io(
+                    &up.uri(n, &format!("vol0@{name}")),
+                    &["read 0 4k"],
+                    true,
+                );
+                assert!(!ok, "round {round}: n{n} serves {name}, which the cluster does not name: {text}");
+            }
+            up.cli_ok(&["snapshot", "create", "vol0", &name]);
+        }
+        for n in 1..=3 {
+            wait_snapshot(&up, n, &name, Duration::from_secs(30));
+            let (ok, text) = qemu_io(
+                &up.uri(n, &format!("vol0@{name}")),
+                &[&format!("read -P {pattern} 0 2M")],
+                true,
+            );
+            assert!(ok, "round {round}: {name} through n{n}: {text}");
+        }
+    }
+    eprintln!("(command succeeded, snapshot named) per round: {outcomes:?}");
+}
