@@ -1893,11 +1893,27 @@ async fn clone_snapshot(
     let (_, sn) = find_snapshot(&s, &name, &snap)?;
     let size = sn.size_bytes;
     let conflict = |m: String| ApiError(StatusCode::CONFLICT, m);
-    if s.engine.store.volume(&new).is_some()
-        || s.cluster
+    let named = |s: &AppState| {
+        s.cluster
             .as_ref()
             .is_some_and(|c| c.store.meta().volumes.contains_key(&new))
-    {
+    };
+    if named(&s) || (s.cluster.is_none() && s.engine.store.volume(&new).is_some()) {
+        return Err(conflict(format!("volume {new:?} already exists")));
+    }
+    // A copy here under the name that the metadata no longer names is a deleted
+    // volume's, which this node is removing (a deletion answered by another node
+    // returns once that node's copy is gone): the clone waits for it.
+    let t0 = std::time::Instant::now();
+    while s.engine.store.volume(&new).is_some() {
+        if t0.elapsed() > std::time::Duration::from_secs(10) {
+            return Err(conflict(format!(
+                "a deleted volume {new:?} still has its copy on this node: try again in a moment"
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    if named(&s) {
         return Err(conflict(format!("volume {new:?} already exists")));
     }
     match s.cluster.clone() {
@@ -1941,8 +1957,18 @@ async fn clone_snapshot(
     // The new volume's copy here, and this node's lease on it, come a moment after
     // the metadata names it.
     let t0 = std::time::Instant::now();
+    let uid = |s: &AppState| {
+        s.cluster
+            .as_ref()
+            .and_then(|c| c.store.meta().volumes.get(&new).map(|v| v.uid))
+    };
     loop {
-        let why: String = match s.engine.store.volume(&new) {
+        let here = s
+            .engine
+            .store
+            .volume(&new)
+            .filter(|l| s.cluster.is_none() || uid(&s) == Some(l.meta.uid));
+        let why: String = match here {
             None => format!("volume {new:?} committed but its copy here did not appear"),
             Some(_) => match s.engine.reset_to_snapshot(&new, &name, &snap).await {
                 Ok(out) => return Ok((StatusCode::CREATED, Json(json!(out)))),
