@@ -10,7 +10,8 @@ after round, injects one or several faults chosen from a seeded random generator
   `fault drop`, `stall`, `isolate`, `corrupt` (slice, checksum or block page),
   `eio`, `device fail`, the recovery server killed or stopped, a node cut from the
   recovery server, jeopardy protection with every copy live, kill -9 of every node,
-  a full disk (when the data directory can be put on a small tmpfs of its own).
+  a full disk (when the data directory can be put on a small tmpfs of its own),
+  and snapshots taken (and the oldest deleted) among the other faults.
 
 After each round every fault is healed; the round passes when every node's
 metadata shows every copy of vol0 live under one primary, every copy has the same
@@ -18,7 +19,10 @@ checksum root, and every tracked block read through every node's NBD port holds
 the last version acknowledged before a successful flush or a version written after
 it: never an older one, never zeroes where something was flushed, never anything
 that was not written. A read error after the heal fails the round unless the
-block is in the volume's listed unrecoverable ranges.
+block is in the volume's listed unrecoverable ranges. Every snapshot the cluster
+names is read through every node too: the same bytes everywhere, each block a
+version flushed before the snapshot command started or sent before it returned; a
+snapshot the command reported taken must be named (until deleted).
 
 Every block's content names the block and the version and is a hash stream of
 both, so a misplaced or torn block is caught, not just a stale one.
@@ -360,16 +364,22 @@ class Faults:
     """Injects and heals faults through the CLI and signals."""
 
     KINDS = ["kill1", "kill2", "sigstop", "drop", "stall", "isolate", "corrupt", "eio", "device", "rs_kill",
-             "rs_sigstop", "full_disk", "protect", "kill_all", "rs_cut", "meta_fail"]
+             "rs_sigstop", "full_disk", "protect", "kill_all", "rs_cut", "meta_fail", "snapshot"]
 
-    def __init__(self, cl, rng, blocks):
+    def __init__(self, cl, rng, blocks, tracker):
         self.cl = cl
         self.rng = rng
         self.blocks = blocks
+        self.tracker = tracker
         self.killed = []
         self.stopped = []  # (name, pid)
         self.ballast = None
         self.protected = False
+        self.snap_seq = 0
+        # Snapshots taken: name -> {"lo": flushed versions when the command started,
+        # "hi": versions sent when it returned, "taken": it reported success,
+        # "deleted": a deletion of it reported success}
+        self.snaps = {}
 
     def kill(self, n):
         """kill -9 through the CLI; False when it could not (on a full disk the CLI
@@ -475,6 +485,28 @@ class Faults:
                 victims.append("rs")
             done = [n for n in victims if n not in held and self.kill(n)]
             return f"kill -9 {' '.join(done)}" if done else "kill -9 (none left to kill)"
+        if kind == "snapshot":
+            # Taken while the clients write (and the other faults of the round run);
+            # at most three are kept: the oldest is deleted.
+            self.snap_seq += 1
+            name = f"c{self.snap_seq}"
+            with self.tracker.lock:
+                lo = dict(self.tracker.durable)
+            r = cl.cli("snapshot", "create", VOLUME, name, check=False)
+            with self.tracker.lock:
+                hi = dict(self.tracker.tried)
+            taken = r is not None and r.returncode == 0
+            self.snaps[name] = {"lo": lo, "hi": hi, "taken": taken, "deleted": False}
+            why = "" if taken or r is None else ": " + (r.stderr or r.stdout).strip()[:160]
+            out = f"snapshot {name} ({'taken' if taken else 'failed'}{why})"
+            kept = [n for n, v in self.snaps.items() if not v["deleted"]]
+            if len(kept) > 3:
+                old = kept[0]
+                d = cl.cli("snapshot", "delete", VOLUME, old, check=False)
+                if d is not None and d.returncode == 0:
+                    self.snaps[old]["deleted"] = True
+                out += f", delete {old}"
+            return out
         if kind == "full_disk":
             if not cl.tmpfs or self.ballast:
                 return "full disk (skipped)"
@@ -557,6 +589,75 @@ def verify(cl, tracker, run):
     return violations, errors, sorted(unrec or [])
 
 
+def named_snapshots(cl):
+    for n in (1, 2, 3):
+        m = cl.meta(n)
+        if m is not None:
+            return set(m.get("snapshots", {}).keys())
+    return None
+
+
+def verify_snapshots(cl, faults, run):
+    """Reads every tracked block of every snapshot the cluster names through every node;
+    returns (violations, read errors)."""
+    violations, errors = [], []
+    named = named_snapshots(cl)
+    if named is None:
+        return [], ["no node answers with the metadata"]
+    for name in sorted(named - set(faults.snaps)):
+        violations.append(f"the cluster names a snapshot nobody took: {name}")
+    for name, rec in list(faults.snaps.items()):
+        if name not in named:
+            if rec["taken"] and not rec["deleted"]:
+                violations.append(f"snapshot {name}, reported taken, is not named by the cluster")
+            # Never named, or deleted: gone for good.
+            del faults.snaps[name]
+            continue
+        exts = sorted({b - b % EXTENT for b in faults.tracker.blocks})
+        images = {}
+        buf = VERIFY_BUFFERS[0]
+        for n in (1, 2, 3):
+            uri = cl.uri(n).replace(f"/{VOLUME}?", f"/{VOLUME}@{name}?")
+            try:
+                # A copy that missed the snapshot installs it a moment after it is live.
+                h = connect(uri, 40)
+            except (nbd.Error, Timeout) as e:
+                errors.append(f"n{n}: snapshot {name}: cannot connect: {e}")
+                continue
+            img = {}
+            for ext in exts:
+                try:
+                    wait_cmd(h, h.aio_pread(buf, ext * BLOCK), time.monotonic() + 30)
+                except (nbd.Error, Timeout) as e:
+                    errors.append(f"n{n}: snapshot {name}: read of extent {ext} failed: {e}")
+                    continue
+                data = bytes(buf.to_bytearray())
+                for i in range(EXTENT):
+                    blk = ext + i
+                    if blk not in rec["lo"]:
+                        continue
+                    d = data[i * BLOCK:(i + 1) * BLOCK]
+                    img[blk] = d
+                    v = decode(run, blk, d)
+                    if v is None:
+                        violations.append(f"n{n}: snapshot {name}: block {blk} holds data never written to it")
+                    elif v < rec["lo"][blk]:
+                        violations.append(f"n{n}: snapshot {name}: block {blk} holds version {v}, older than "
+                                          f"version {rec['lo'][blk]} flushed before the snapshot")
+                    elif v > rec["hi"][blk]:
+                        violations.append(f"n{n}: snapshot {name}: block {blk} holds version {v}, sent after "
+                                          f"the snapshot returned (then at {rec['hi'][blk]})")
+            del h
+            images[n] = img
+        if len(images) > 1:
+            first = next(iter(images.values()))
+            for n, img in images.items():
+                diff = [b for b in img if first.get(b, img[b]) != img[b]]
+                if diff:
+                    violations.append(f"n{n}: snapshot {name} differs from another node's at blocks {diff[:5]}")
+    return violations, errors
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     here = os.path.dirname(os.path.abspath(__file__))
@@ -599,7 +700,7 @@ def main():
                for i in (0, 1)]
     for w in writers:
         w.start()
-    faults = Faults(cl, rng, blocks)
+    faults = Faults(cl, rng, blocks, tracker)
     totals = {"rounds": 0, "failed": 0, "violations": 0, "read_errors": 0, "faults": {}}
     t_start = time.monotonic()
     try:
@@ -639,6 +740,9 @@ def main():
             for w in writers:
                 w.pause()
             viol, errs, unrec = verify(cl, tracker, run)
+            sviol, serrs = verify_snapshots(cl, faults, run)
+            viol += sviol
+            errs += serrs
             if healed_in is None:
                 # Checked again after the reads: a slow heal is a failure, a stuck one more so.
                 why = cl.healed() or why

@@ -64,7 +64,10 @@ struct Inner {
     lock: tokio::sync::Mutex<()>,
     counters: parking_lot::Mutex<BTreeMap<String, RepairCounters>>,
     events: parking_lot::Mutex<VecDeque<RepairEvent>>,
-    failed_at: parking_lot::Mutex<HashMap<(String, u64), Instant>>,
+    /// Pages found unrecoverable: when, and the view of the volume's copies then
+    /// (`sources_view`). Retried after `RETRY_AFTER`, or at once when a copy changed
+    /// state (a dead one came back to resync, a new primary): a source may be there now.
+    failed_at: parking_lot::Mutex<HashMap<(String, u64), (Instant, u64)>>,
     bytes: ResyncState,
     scrub: parking_lot::Mutex<ScrubProgress>,
     /// Pages checked by the running scrub (read without the lock, page by page).
@@ -303,15 +306,7 @@ impl Engine {
         if self.cluster.get().is_none() {
             return false;
         }
-        let key = (vol.meta.name.clone(), p);
-        if self
-            .repair
-            .0
-            .failed_at
-            .lock()
-            .get(&key)
-            .is_some_and(|t| t.elapsed() < RETRY_AFTER)
-        {
+        if self.failed_recently(&vol.meta.name, p) {
             return false;
         }
         match tokio::time::timeout(REPAIR_DEADLINE, self.repair_page(vol, p)).await {
@@ -322,6 +317,26 @@ impl Engine {
                 false
             }
         }
+    }
+
+    /// Whether page `p` of `volume` was found unrecoverable less than `RETRY_AFTER`
+    /// ago, with the volume's copies as they are now.
+    fn failed_recently(&self, volume: &str, p: u64) -> bool {
+        let Some((at, view)) = self
+            .repair
+            .0
+            .failed_at
+            .lock()
+            .get(&(volume.to_string(), p))
+            .copied()
+        else {
+            return false;
+        };
+        let now = self
+            .cluster
+            .get()
+            .and_then(|c| c.store.meta().volumes.get(volume).map(sources_view));
+        at.elapsed() < RETRY_AFTER && now == Some(view)
     }
 
     /// Repairs damaged page `p` of `vol` (this node must be its primary).
@@ -480,7 +495,7 @@ impl Engine {
             .0
             .failed_at
             .lock()
-            .insert((name.clone(), p), Instant::now());
+            .insert((name.clone(), p), (Instant::now(), sources_view(&v)));
         self.repair.record(&name, Some(p), "unrecoverable");
         Outcome::Unrecoverable
     }
@@ -966,15 +981,7 @@ impl Engine {
                         continue;
                     }
                     for (p, _) in vol.damaged_pages() {
-                        let key = (vol.meta.name.clone(), p);
-                        let recent = e
-                            .repair
-                            .0
-                            .failed_at
-                            .lock()
-                            .get(&key)
-                            .is_some_and(|t| t.elapsed() < RETRY_AFTER);
-                        if !recent {
+                        if !e.failed_recently(&vol.meta.name, p) {
                             e.repair_page(&vol, p).await;
                         }
                     }
@@ -982,4 +989,23 @@ impl Engine {
             }
         });
     }
+}
+
+/// What decides which sources a repair can use: the volume's primary and epoch, each
+/// copy's state, and its jeopardy (the recovery server's log).
+fn sources_view(v: &lazarus_cluster::VolumeInfo) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (
+        v.uid,
+        v.primary,
+        v.epoch,
+        v.failure_count_id,
+        v.recovery_flag,
+    )
+        .hash(&mut h);
+    for n in &v.replicas {
+        (n, v.state_of(*n).map(|s| format!("{s:?}"))).hash(&mut h);
+    }
+    h.finish()
 }
