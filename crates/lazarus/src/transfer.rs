@@ -306,16 +306,29 @@ pub fn import_diff(api: &Api, file: &Path, volume: &str, force: bool) -> anyhow:
         };
     }
     let h = r.header.clone();
-    let size = volume_size(api, volume)?;
-    if size < h.size_bytes {
-        anyhow::bail!(
-            "volume {volume:?} is {size} bytes; the diff is of a {} byte volume (grow it first: lazarus volume resize)",
-            h.size_bytes
-        );
-    }
+    let mut size = volume_size(api, volume)?;
     let v = client::ok(api.get(&format!("/api/v1/volumes/{volume}"))?)?;
-    let root = v["root"].as_str().unwrap_or("");
-    if root != to_hex(&h.since_root) && !force {
+    let root = v["root"].as_str().unwrap_or("").to_string();
+    let holds_since = root == to_hex(&h.since_root);
+    if size < h.size_bytes {
+        if !holds_since {
+            anyhow::bail!(
+                "volume {volume:?} is {size} bytes; the diff is of a {} byte volume (grow it first: lazarus volume resize)",
+                h.size_bytes
+            );
+        }
+        // It holds A exactly, and the volume grew between A and B: so does this one.
+        client::ok(api.post(
+            &format!("/api/v1/volumes/{volume}/resize"),
+            &json!({ "size": h.size_bytes }),
+        )?)?;
+        println!(
+            "grew {volume} from {size} to {} bytes, as {}@{} is",
+            h.size_bytes, h.volume, h.snapshot
+        );
+        size = h.size_bytes;
+    }
+    if !holds_since && !force {
         anyhow::bail!(
             "volume {volume:?} does not hold snapshot {}@{} (its root is {}, the diff starts from {}): apply the diffs in order, or pass --force",
             h.volume,

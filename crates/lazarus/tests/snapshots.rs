@@ -1194,3 +1194,93 @@ fn a_primary_killed_while_a_snapshot_is_taken_leaves_it_whole_or_absent() {
     }
     eprintln!("(command succeeded, snapshot named) per round: {outcomes:?}");
 }
+
+/// Snapshots on both sides of a resize: the one taken before keeps its size and data
+/// through every node, the one after holds both; a diff between them grows a volume
+/// that holds the first and leaves it byte-identical with the second, its root checked;
+/// a revert to the smaller snapshot reads as it (zeroes past its end), a clone of it
+/// has its size.
+#[test]
+fn snapshots_and_diffs_across_a_resize() {
+    let (tmp, data) = setup();
+    let up = Up::start(&data, "64MiB");
+    up.cli_ok(&["volume", "create", "copy", "--size", "64MiB"]);
+    qemu_io_ok(&up.uri(1, "vol0"), &["write -P 0x61 0 1M", "flush"]);
+    up.cli_ok(&["snapshot", "create", "vol0", "a"]);
+    let full = tmp.path().join("a.img");
+    up.cli_ok(&["volume", "export", "vol0@a", full.to_str().unwrap()]);
+    up.cli_ok(&[
+        "volume",
+        "import",
+        full.to_str().unwrap(),
+        "--volume",
+        "copy",
+    ]);
+    up.cli_ok(&["volume", "resize", "vol0", "--size", "128MiB"]);
+    qemu_io_ok(
+        &up.uri(1, "vol0"),
+        &["write -P 0x62 100M 1M", "write -P 0x63 0 4k", "flush"],
+    );
+    up.cli_ok(&["snapshot", "create", "vol0", "b"]);
+    for n in 1..=3 {
+        wait_snapshot(&up, n, "b", Duration::from_secs(20));
+        let (ok, text) = qemu_io(&up.uri(n, "vol0@a"), &["read -P 0x61 0 1M"], true);
+        assert!(ok, "n{n}: vol0@a: {text}");
+        let (ok, _) = qemu_io(&up.uri(n, "vol0@a"), &["read 100M 4k"], true);
+        assert!(!ok, "n{n}: vol0@a reads past its 64 MiB");
+        let (ok, text) = qemu_io(
+            &up.uri(n, "vol0@b"),
+            &[
+                "read -P 0x63 0 4k",
+                "read -P 0x61 4k 1020k",
+                "read -P 0x62 100M 1M",
+            ],
+            true,
+        );
+        assert!(ok, "n{n}: vol0@b: {text}");
+    }
+    let d = tmp.path().join("a-b.diff");
+    up.cli_ok(&[
+        "volume",
+        "export",
+        "vol0@b",
+        d.to_str().unwrap(),
+        "--since",
+        "a",
+    ]);
+    let out = up.cli_ok(&[
+        "volume",
+        "import",
+        d.to_str().unwrap(),
+        "--volume",
+        "copy",
+        "--diff",
+    ]);
+    assert!(
+        out.contains("grew copy") && out.contains("verified: copy's checksum root is vol0@b"),
+        "{out}"
+    );
+    assert!(identical(&up.uri(2, "vol0@b"), &up.uri(3, "copy")));
+    // Back to the smaller snapshot: its data, zeroes past its end.
+    up.cli_ok(&["volume", "revert", "vol0", "a"]);
+    for n in 1..=3 {
+        let (ok, text) = qemu_io(
+            &up.uri(n, "vol0"),
+            &["read -P 0x61 0 1M", "read -P 0 100M 1M"],
+            false,
+        );
+        assert!(ok, "n{n}: vol0 after the revert to a: {text}");
+    }
+    up.cli_ok(&["volume", "clone", "vol0@a", "c"]);
+    let list = up.cli_ok(&["volume", "list", "--json"]);
+    let v: Value = serde_json::from_str(&list).unwrap();
+    let c = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == "c")
+        .unwrap_or_else(|| panic!("{list}"));
+    assert_eq!(c["size_bytes"], 64u64 << 20, "{c}");
+    let (ok, text) = qemu_io(&up.uri(3, "c"), &["read -P 0x61 0 1M"], false);
+    assert!(ok, "the clone of a: {text}");
+}
