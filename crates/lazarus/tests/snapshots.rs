@@ -171,6 +171,21 @@ fn snapshots_on_three_nodes_read_old_data_and_survive_a_node_kill() {
         vec![(0, 8 << 20), (64 << 20, 1 << 20)],
         "{map}"
     );
+    // libnbd's view of it (base:allocation): the same data, the rest holes.
+    require("nbdinfo");
+    let nmap = run("nbdinfo", &["--map", "--json", &up.uri(1, "vol0@monday")]);
+    let nmap: Value = serde_json::from_str(&nmap).unwrap();
+    let mut ndata: Vec<(u64, u64)> = Vec::new();
+    for e in nmap.as_array().unwrap() {
+        let (off, len) = (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+        if e["type"].as_u64().unwrap() & 1 == 0 {
+            match ndata.last_mut() {
+                Some(last) if last.0 + last.1 == off => last.1 += len,
+                _ => ndata.push((off, len)),
+            }
+        }
+    }
+    assert_eq!(ndata, data_extents, "nbdinfo --map: {nmap}");
     // A write that reaches the server is refused.
     let script = format!(
         "import nbd\nh = nbd.NBD()\nh.connect_uri({:?})\nassert h.is_read_only()\ntry:\n    h.pwrite(b'x' * 4096, 0)\n    print('WROTE')\nexcept nbd.Error as e:\n    print('refused', e.errnum)",
@@ -202,6 +217,8 @@ fn snapshots_on_three_nodes_read_old_data_and_survive_a_node_kill() {
             "n{n}: {vol}"
         );
     }
+    let status = up.cli_ok(&["status"]);
+    assert!(status.contains("monday"), "lazarus status: {status}");
     let vols = up.cli_ok(&["volume", "list"]);
     // A row for the snapshot, with what only it holds (1030 blocks: 4.0 MiB).
     let row = vols
