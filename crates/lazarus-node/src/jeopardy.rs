@@ -553,6 +553,7 @@ impl Cluster {
         };
         let sent = Instant::now();
         let req = ClaimReq {
+            base_index: None,
             takeover: false,
             survivor_of: None,
             volume: v.name.clone(),
@@ -785,6 +786,7 @@ impl Cluster {
         }
         let sent = Instant::now();
         let req = ClaimReq {
+            base_index: None,
             takeover: false,
             survivor_of: None,
             volume: v.name.clone(),
@@ -1236,6 +1238,7 @@ impl Cluster {
     async fn refence(&self, v: &VolumeInfo, s: &VolumeState) -> Result<(), String> {
         let r = self.recovery.as_ref().ok_or("no recovery server")?;
         let req = ClaimReq {
+            base_index: None,
             takeover: false,
             survivor_of: None,
             volume: v.name.clone(),
@@ -1330,7 +1333,16 @@ impl Cluster {
             }
             // The copies live now, not when this round read the metadata (the checks
             // above wait for other nodes, meanwhile a replica may have been marked
-            // dead); a round whose volume changed otherwise is left to the next.
+            // dead); a round whose volume changed otherwise is left to the next. The
+            // index applied before that read goes with the claim: a copy the primary
+            // records out after it (and so may acknowledge writes without before the
+            // claim is granted) is left out of the base by the recovery server.
+            let applied = self
+                .raft
+                .metrics()
+                .borrow()
+                .last_applied
+                .map_or(0, |l| l.index);
             let fresh = self.store.meta().volumes.get(&v.name).cloned();
             let Some(fresh) = fresh.filter(|f| {
                 f.uid == v.uid
@@ -1343,6 +1355,7 @@ impl Cluster {
             };
             let sent = Instant::now();
             let req = ClaimReq {
+                base_index: Some(applied),
                 takeover: false,
                 survivor_of: None,
                 volume: v.name.clone(),
@@ -1468,6 +1481,7 @@ impl Cluster {
         let epoch = c.epoch.max(v.epoch) + 1;
         let sent = Instant::now();
         let req = ClaimReq {
+            base_index: None,
             takeover: true,
             survivor_of: None,
             volume: v.name.clone(),
@@ -1748,6 +1762,7 @@ impl Cluster {
             return Ok(None);
         };
         let req = ClaimReq {
+            base_index: None,
             takeover: false,
             survivor_of: None,
             volume: v.name.clone(),

@@ -451,6 +451,7 @@ impl Cluster {
         let epoch = rs.map_or(v.epoch, |s| s.coord.epoch.max(v.epoch)) + 1;
         let sent = Instant::now();
         let req = ClaimReq {
+            base_index: None,
             takeover: true,
             survivor_of: Some(others.clone()),
             volume: v.name.clone(),

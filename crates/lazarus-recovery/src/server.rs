@@ -67,6 +67,12 @@ pub struct ClaimReq {
     /// Copies current at the start of the log (used when jeopardy starts here).
     #[serde(default)]
     pub base: Vec<u64>,
+    /// The Raft log index the claimant had applied when it read `base` (or earlier). A
+    /// copy recorded out at a later index is left out of the base: the volume's primary
+    /// may have acknowledged writes without it since, before this claim, and those
+    /// writes are not in the log that begins here.
+    #[serde(default)]
+    pub base_index: Option<u64>,
     /// A base copy taking over from a silent holder (it restores from the log first).
     #[serde(default)]
     pub takeover: bool,
@@ -474,7 +480,16 @@ impl RecoveryServer {
             jeopardy: cur.jeopardy || req.jeopardy,
             config: req.config.clone().or(cur.config.clone()),
             base: if entering {
-                req.base.clone()
+                let (base, late): (Vec<u64>, Vec<u64>) = req.base.iter().partition(|n| {
+                    !(cur.out.contains(n)
+                        && req.base_index.is_some_and(|i| {
+                            cur.member_index.get(n).is_some_and(|out_at| *out_at > i)
+                        }))
+                });
+                if !late.is_empty() {
+                    tracing::warn!(volume = %req.volume, named = ?req.base, left_out = ?late, base_index = ?req.base_index, "copies recorded out after the claimant's view are left out of the log's base");
+                }
+                base
             } else {
                 cur.base.clone()
             },
@@ -965,8 +980,45 @@ mod tests {
             jeopardy: true,
             config: None,
             base,
+            base_index: None,
             takeover: false,
             survivor_of: None,
+        }
+    }
+
+    /// A jeopardy claim whose base was read before a copy was recorded out (the
+    /// primary may have acknowledged writes without it since) leaves that copy out of
+    /// the base; one read after it, or a claim naming no index, keeps what it names.
+    #[tokio::test]
+    async fn a_copy_recorded_out_after_the_claimants_view_is_no_base() {
+        for (index, want) in [
+            (Some(5), vec![1, 2]),
+            (Some(12), vec![1, 2, 3]),
+            (None, vec![1, 2, 3]),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let rs = RecoveryServer::open(&dir.path().join("rs")).unwrap();
+            let out = MemberReq {
+                volume: "vol0".into(),
+                uid: 1,
+                fcid: 0,
+                node: 3,
+                out: true,
+                index: 10,
+            };
+            rs.handle(KIND_RS_MEMBER, serde_json::to_vec(&out).unwrap())
+                .await
+                .unwrap();
+            let mut c = claim_req(1, 0, vec![1, 2, 3]);
+            c.base_index = index;
+            let reply: ClaimReply = serde_json::from_slice(
+                &rs.handle(KIND_RS_CLAIM, serde_json::to_vec(&c).unwrap())
+                    .await
+                    .unwrap(),
+            )
+            .unwrap();
+            assert!(reply.granted, "{index:?}: {}", reply.reason);
+            assert_eq!(reply.coord.base, want, "base index {index:?}");
         }
     }
 

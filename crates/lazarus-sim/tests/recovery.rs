@@ -110,6 +110,7 @@ fn run(seed: u64) -> Vec<String> {
         let mut rng = fastrand::Rng::with_seed(seed);
         let c = RpcClient::new("rs:7000");
         let claim = serde_json::to_vec(&ClaimReq {
+            base_index: None,
             volume: "vol0".into(),
             uid: 1,
             expect_fcid: 0,
@@ -291,6 +292,7 @@ fn run_claims(seed: u64) -> Vec<String> {
                 );
                 seen = fcid;
                 let claim = serde_json::to_vec(&ClaimReq {
+                    base_index: None,
                     volume: "vol0".into(),
                     uid: 1,
                     expect_fcid: fcid,
