@@ -330,6 +330,38 @@ impl Store {
             .iter()
             .position(|r| r.kind == KIND_PAGE_IMAGE)
             .unwrap_or(records.len());
+        // A volume that did not load but has changes in the journal (written since the
+        // last checkpoint, before a crash): the checkpoint that ends this open would
+        // drop them, and the volume would come back without them once it loads again.
+        // The store does not open instead (the volume's directory moved away, it does).
+        for name in &unloaded {
+            let Some(uid) = by_uid
+                .values()
+                .find(|v| &v.meta.name == name)
+                .map(|v| v.meta.uid)
+            else {
+                continue;
+            };
+            let pending = records[..replayable]
+                .iter()
+                .filter(|r| match r.kind {
+                    KIND_MAP => decode_map(&r.payload).is_some_and(|m| m.uid == uid),
+                    KIND_FILL => decode_fill(&r.payload).is_some_and(|f| f.0 == uid),
+                    _ => false,
+                })
+                .count();
+            if pending > 0 {
+                let path = dir.join("volumes").join(name);
+                tracing::error!(volume = %name, records = pending, "a volume that cannot be loaded has changes in the journal: the store does not open (they would be lost); repair the volume's files, or move its directory away to open without it");
+                return Err(StoreError::Corrupted {
+                    what: "volume with changes in the journal",
+                    path,
+                    detail: format!(
+                        "it cannot be loaded and the journal holds {pending} change record(s) of it, which opening without it would drop; repair its files, or move its directory away to open the store without it"
+                    ),
+                });
+            }
+        }
         let replayed = replay_records(&records[..replayable], &by_uid, &volumes, &blocks);
         report.replayed_records = replayed;
         if let Some(cut) = records.get(replayed) {
