@@ -415,9 +415,9 @@ fn a_volume_that_does_not_load_with_changes_in_the_journal_stops_the_open() {
     let mut bad = whole.clone();
     bad[..8192].fill(0xee);
     std::fs::write(&path, &bad).unwrap();
-    let e = Store::open(dir.path(), opts())
-        .err()
-        .expect("opened without v's changes");
+    let Err(e) = Store::open(dir.path(), opts()) else {
+        panic!("opened without v's changes")
+    };
     assert!(e.to_string().contains("journal"), "{e}");
     // Its files read again: everything is there.
     std::fs::write(&path, &whole).unwrap();
