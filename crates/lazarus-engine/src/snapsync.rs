@@ -181,6 +181,13 @@ impl Engine {
             if v.state_of(c.id) != Some(ReplicaState::Live) {
                 continue;
             }
+            // The other copies, the primary first: where missing snapshot pages come from.
+            let sources: Vec<u64> = std::iter::once(v.primary)
+                .chain(v.replicas.iter().copied())
+                .filter(|n| *n != c.id)
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
             for s in local.snapshots() {
                 if v.snapshots.get(&s.name) == Some(&s.id)
                     || now_unix.saturating_sub(s.created_unix) < grace
@@ -204,6 +211,44 @@ impl Engine {
                     Err(e) => tracing::warn!(error = %e, "snapshot removal did not run"),
                 }
             }
+            // Pages of a snapshot held here that this copy can no longer read (lost
+            // to damage before it kept them): fetched from the copies that have them.
+            for s in local.snapshots() {
+                if v.snapshots.get(&s.name) != Some(&s.id) {
+                    continue;
+                }
+                let key = (v.name.clone(), format!("{}#pages", s.name));
+                if backoff.get(&key).is_some_and(|t| Instant::now() < *t) {
+                    continue;
+                }
+                let (store, vol, l1) = (self.store.clone(), v.name.clone(), s.l1.clone());
+                let lost = lazarus_rpc::rt::blocking(move || {
+                    store.snapshot_pages_unavailable(&vol, &l1, &HashSet::new())
+                })
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .unwrap_or_default();
+                if lost.is_empty() {
+                    continue;
+                }
+                match self
+                    .heal_snapshot_pages(c, &sources, &v.name, &s, &lost)
+                    .await
+                {
+                    Ok(n) => {
+                        tracing::info!(volume = %v.name, snapshot = %s.name, pages = n, "snapshot pages this copy had lost fetched from another copy");
+                        backoff.remove(&key);
+                    }
+                    Err(e) => {
+                        // Said once, until they are fetched (a page lost everywhere
+                        // stays so, its reads errors).
+                        if backoff.insert(key, Instant::now() + BACKOFF).is_none() {
+                            tracing::warn!(volume = %v.name, snapshot = %s.name, pages = lost.len(), error = %e, "snapshot pages this copy lost cannot be fetched yet; will retry");
+                        }
+                    }
+                }
+            }
             for (name, id) in &v.snapshots {
                 if local.snapshot(name).is_some()
                     || local.failed_snapshots().iter().any(|(n, _)| n == name)
@@ -214,12 +259,6 @@ impl Engine {
                 if backoff.get(&key).is_some_and(|t| Instant::now() < *t) {
                     continue;
                 }
-                let sources: Vec<u64> = std::iter::once(v.primary)
-                    .chain(v.replicas.iter().copied())
-                    .filter(|n| *n != c.id)
-                    .collect::<std::collections::BTreeSet<_>>()
-                    .into_iter()
-                    .collect();
                 let r = self.install_from(c, &sources, &v.name, name, *id).await;
                 let which = format!("{}@{name}", v.name);
                 match r {
@@ -496,58 +535,8 @@ impl Engine {
                 }
             }
             for chunk in need.chunks(PAGES_PER_FETCH) {
-                // A page block this store holds already (another volume's snapshot,
-                // or an earlier attempt's) is read here, not fetched.
-                let mut pages: Vec<Option<Vec<u8>>> = chunk
-                    .iter()
-                    .map(|(_, c)| self.store.page_block(*c))
-                    .collect();
-                let ask: Vec<(u64, Checksum)> = chunk
-                    .iter()
-                    .zip(&pages)
-                    .filter(|(_, have)| have.is_none())
-                    .map(|(pc, _)| *pc)
-                    .collect();
-                if !ask.is_empty() {
-                    let mut got = self
-                        .fetch_pages(c, sources, req, &ask, used)
-                        .await?
-                        .into_iter();
-                    for slot in pages.iter_mut().filter(|s| s.is_none()) {
-                        *slot = Some(got.next().expect("one page per page asked"));
-                    }
-                }
-                // The blocks these pages name that this store lacks.
-                let mut want: Vec<BlockId> = Vec::new();
-                let mut wanted: HashSet<BlockId> = HashSet::new();
-                for ((p, ck), page) in chunk.iter().zip(&pages) {
-                    let page = page.as_ref().expect("filled");
-                    if Checksum::of_page(page) != *ck {
-                        return Err(format!("page {p} of the snapshot does not verify"));
-                    }
-                    for id in decode_page(page).iter() {
-                        if !self.store.has_block(*id) && wanted.insert(*id) {
-                            want.push(*id);
-                        }
-                    }
-                }
-                let data = self.fetch_blocks(c, sources, req, &want, used).await?;
-                let store = self.store.clone();
-                let chunk = chunk.to_vec();
-                let staged_now = lazarus_rpc::rt::blocking(move || {
-                    let mut done = Vec::new();
-                    for ((_, ck), page) in chunk.iter().zip(pages) {
-                        match store.stage_snapshot_page(*ck, &page.expect("filled"), &data) {
-                            Ok(()) => done.push(*ck),
-                            Err(e) => return (done, Err(e.to_string())),
-                        }
-                    }
-                    (done, Ok(()))
-                })
-                .await
-                .map_err(|e| e.to_string())?;
-                staged.extend(staged_now.0);
-                staged_now.1?;
+                self.stage_pages(c, sources, req, chunk, staged, used)
+                    .await?;
             }
             let store = self.store.clone();
             let (vol, s) = (volume.clone(), snap.clone());
@@ -564,6 +553,121 @@ impl Engine {
             }
         }
         Err("the volume kept changing the pages the snapshot needs".into())
+    }
+
+    /// Stages pages `chunk` of the snapshot `req` names (`stage_snapshot_page`): each
+    /// read from a page block this store holds, else fetched from `sources`, with the
+    /// blocks they name that this store lacks. The staged checksums are added to
+    /// `staged` as they are (their references are the caller's).
+    async fn stage_pages(
+        &self,
+        c: &Arc<Cluster>,
+        sources: &[u64],
+        req: &SnapshotFetch,
+        chunk: &[(u64, Checksum)],
+        staged: &mut Vec<Checksum>,
+        used: &mut Vec<u64>,
+    ) -> Result<(), String> {
+        // A page block this store holds already (another volume's snapshot,
+        // or an earlier attempt's) is read here, not fetched.
+        let mut pages: Vec<Option<Vec<u8>>> = chunk
+            .iter()
+            .map(|(_, c)| self.store.page_block(*c))
+            .collect();
+        let ask: Vec<(u64, Checksum)> = chunk
+            .iter()
+            .zip(&pages)
+            .filter(|(_, have)| have.is_none())
+            .map(|(pc, _)| *pc)
+            .collect();
+        if !ask.is_empty() {
+            let mut got = self
+                .fetch_pages(c, sources, req, &ask, used)
+                .await?
+                .into_iter();
+            for slot in pages.iter_mut().filter(|s| s.is_none()) {
+                *slot = Some(got.next().expect("one page per page asked"));
+            }
+        }
+        // The blocks these pages name that this store lacks.
+        let mut want: Vec<BlockId> = Vec::new();
+        let mut wanted: HashSet<BlockId> = HashSet::new();
+        for ((p, ck), page) in chunk.iter().zip(&pages) {
+            let page = page.as_ref().expect("filled");
+            if Checksum::of_page(page) != *ck {
+                return Err(format!("page {p} of the snapshot does not verify"));
+            }
+            for id in decode_page(page).iter() {
+                if !self.store.has_block(*id) && wanted.insert(*id) {
+                    want.push(*id);
+                }
+            }
+        }
+        let data = self.fetch_blocks(c, sources, req, &want, used).await?;
+        let store = self.store.clone();
+        let chunk = chunk.to_vec();
+        let staged_now = lazarus_rpc::rt::blocking(move || {
+            let mut done = Vec::new();
+            for ((_, ck), page) in chunk.iter().zip(pages) {
+                match store.stage_snapshot_page(*ck, &page.expect("filled"), &data) {
+                    Ok(()) => done.push(*ck),
+                    Err(e) => return (done, Err(e.to_string())),
+                }
+            }
+            (done, Ok(()))
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        staged.extend(staged_now.0);
+        staged_now.1
+    }
+
+    /// Pages `lost` of snapshot `snap`, which this copy holds but can no longer read
+    /// (damaged before it kept them as page blocks: the volume's page changed since),
+    /// fetched from the copies that have them and taken into the snapshot. Whether
+    /// they all were.
+    async fn heal_snapshot_pages(
+        &self,
+        c: &Arc<Cluster>,
+        sources: &[u64],
+        volume: &str,
+        snap: &Snapshot,
+        lost: &[u64],
+    ) -> Result<usize, String> {
+        let req = SnapshotFetch {
+            volume: volume.to_string(),
+            name: snap.name.clone(),
+            id: snap.id,
+            what: FetchWhat::File,
+        };
+        let mut need: Vec<(u64, Checksum)> = Vec::new();
+        let mut seen = HashSet::new();
+        for p in lost {
+            if let Some(c) = snap.l1.get(*p as usize).filter(|c| seen.insert(**c)) {
+                need.push((*p, *c));
+            }
+        }
+        let (mut staged, mut used) = (Vec::new(), Vec::new());
+        let mut r = Ok(());
+        for chunk in need.chunks(PAGES_PER_FETCH) {
+            r = self
+                .stage_pages(c, sources, &req, chunk, &mut staged, &mut used)
+                .await;
+            if r.is_err() {
+                break;
+            }
+        }
+        let store = self.store.clone();
+        let (vol, id, all) = (volume.to_string(), snap.id, staged.clone());
+        let release = lazarus_rpc::rt::blocking(move || {
+            let release = store.hold_snapshot_pages(&vol, id, &all);
+            store.unstage_snapshot_pages(&release);
+            release
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        r?;
+        Ok(staged.len() - release.len())
     }
 
     /// Blocks `ids` of the snapshot, each from the first source that has it whole (a

@@ -294,6 +294,14 @@ fn seeds_that_found_bugs_pass() {
         run_in_process(exe(), &options(seed, faults, mix))
             .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
     }
+    // Five nodes, copies rebuilt elsewhere after 6 s: a copy's snapshot page was
+    // damaged before the copy kept it, and the only other copy holding it was rebuilt
+    // on another node and deleted, leaving the page on no node (a copy now fetches a
+    // snapshot page it lost from the others at once: `heal_snapshot_pages`).
+    let mut o = options(33358, 8, Mix::All);
+    o.nodes = 5;
+    o.out_after_secs = 6;
+    run_in_process(exe(), &o).unwrap_or_else(|e| panic!("seed 33358 (five nodes): {e}"));
 }
 
 /// A scripted run (forward.rs, `FenceToken`): a write forwarded by a replica is held up

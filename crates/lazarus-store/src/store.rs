@@ -907,6 +907,22 @@ impl Store {
         r
     }
 
+    /// Takes staged pages (`stage_snapshot_page`) into snapshot `id` of `volume`, which
+    /// this copy holds but could not read them of (damaged before it kept them as page
+    /// blocks): their references become the snapshot's, as `preserve` takes them (and a
+    /// start counts them again from the page blocks). Returns the staged pages whose
+    /// references stay the caller's to release: held already, named by no snapshot, or
+    /// the volume or snapshot gone.
+    pub fn hold_snapshot_pages(&self, volume: &str, id: u64, staged: &[Checksum]) -> Vec<Checksum> {
+        match self
+            .volume(volume)
+            .filter(|v| v.snapshots().iter().any(|s| s.id == id))
+        {
+            Some(v) => v.hold_pages(staged),
+            None => staged.to_vec(),
+        }
+    }
+
     /// Drops the references of staged snapshot pages (an installation given up).
     pub fn unstage_snapshot_pages(&self, staged: &[Checksum]) {
         for c in staged {

@@ -1649,6 +1649,20 @@ impl Volume {
             .collect()
     }
 
+    /// `Store::hold_snapshot_pages`: the staged pages a snapshot names and does not
+    /// hold yet become held; returns the others.
+    pub(crate) fn hold_pages(&self, staged: &[Checksum]) -> Vec<Checksum> {
+        let mut layer = self.snaps.lock();
+        let mut release = Vec::new();
+        for c in staged {
+            if layer.pages.contains_key(c) && layer.held.insert(*c) {
+                continue;
+            }
+            release.push(*c);
+        }
+        release
+    }
+
     /// Installs a snapshot another copy of the volume holds (this copy missed its
     /// creation). The caller holds the store's checkpoint lock and has just
     /// checkpointed, and has stored (`staged`) every page this copy cannot read
