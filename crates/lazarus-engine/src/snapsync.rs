@@ -221,9 +221,9 @@ impl Engine {
                 if backoff.get(&key).is_some_and(|t| Instant::now() < *t) {
                     continue;
                 }
-                let (store, vol, l1) = (self.store.clone(), v.name.clone(), s.l1.clone());
+                let (store, vol, snap) = (self.store.clone(), v.name.clone(), s.clone());
                 let lost = lazarus_rpc::rt::blocking(move || {
-                    store.snapshot_pages_unavailable(&vol, &l1, &HashSet::new())
+                    store.snapshot_pages_unavailable(&vol, &snap.l1, &HashSet::new())
                 })
                 .await
                 .ok()

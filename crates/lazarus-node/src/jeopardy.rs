@@ -1337,12 +1337,7 @@ impl Cluster {
             // index applied before that read goes with the claim: a copy the primary
             // records out after it (and so may acknowledge writes without before the
             // claim is granted) is left out of the base by the recovery server.
-            let applied = self
-                .raft
-                .metrics()
-                .borrow()
-                .last_applied
-                .map_or(0, |l| l.index);
+            let applied = self.applied_index();
             let fresh = self.store.meta().volumes.get(&v.name).cloned();
             let Some(fresh) = fresh.filter(|f| {
                 f.uid == v.uid

@@ -276,13 +276,17 @@ impl Cluster {
     /// fenced (the volume moved on: a survivor or a promotion claimed it): an error —
     /// this primary must not acknowledge the write.
     pub(crate) async fn record_out(&self, v: &VolumeInfo, node: NodeId) -> Result<(), String> {
-        let applied = self
-            .raft
+        self.record_out_at(v, node, self.applied_index().max(v.changed_at))
+            .await
+    }
+
+    /// The Raft log index this node has applied (0 before any).
+    pub(crate) fn applied_index(&self) -> u64 {
+        self.raft
             .metrics()
             .borrow()
             .last_applied
-            .map_or(0, |l| l.index);
-        self.record_out_at(v, node, applied.max(v.changed_at)).await
+            .map_or(0, |l| l.index)
     }
 
     /// `record_out` with the Raft log index it is ordered by.

@@ -502,6 +502,11 @@ impl std::io::Write for LogWriter {
     }
 }
 
+/// The first 12 hex digits of a checksum root, as listings show it.
+pub(crate) fn short_hex(hex: &str) -> &str {
+    &hex[..12.min(hex.len())]
+}
+
 fn human(bytes: u64) -> String {
     const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes as f64;
@@ -544,7 +549,7 @@ fn print_volumes(vols: &Value) {
             // Without snapshots: not counted ("-").
             v["exclusive_bytes"].as_u64().map_or("-".to_string(), human),
             v["unrecoverable_lbas"].as_u64().unwrap_or(0),
-            &v["root"].as_str().unwrap_or("")[..12.min(v["root"].as_str().unwrap_or("").len())],
+            short_hex(v["root"].as_str().unwrap_or("")),
             snaps.join(" "),
             shares,
         );
@@ -560,7 +565,7 @@ fn print_volumes(vols: &Value) {
                     .as_u64()
                     .map_or("-".to_string(), human),
                 "-",
-                &root[..12.min(root.len())],
+                short_hex(root),
             );
         }
     }
@@ -685,7 +690,7 @@ fn snapshot_command(api: client::Api, op: SnapshotOp) -> anyhow::Result<()> {
                         human(s["mapped_blocks"].as_u64().unwrap_or(0) * 4096),
                         s["exclusive_bytes"].as_u64().map_or("-".to_string(), human),
                         utc(s["created_unix"].as_u64().unwrap_or(0)),
-                        &root[..12.min(root.len())]
+                        short_hex(root)
                     );
                 }
                 for f in v["unreadable"].as_array().into_iter().flatten() {

@@ -333,7 +333,7 @@ pub fn import_diff(api: &Api, file: &Path, volume: &str, force: bool) -> anyhow:
             "volume {volume:?} does not hold snapshot {}@{} (its root is {}, the diff starts from {}): apply the diffs in order, or pass --force",
             h.volume,
             h.since,
-            &root[..12.min(root.len())],
+            crate::short_hex(&root),
             &to_hex(&h.since_root)[..12]
         );
     }
@@ -379,14 +379,14 @@ pub fn import_diff(api: &Api, file: &Path, volume: &str, force: bool) -> anyhow:
             "verified: {volume}'s checksum root is {}@{}'s ({})",
             h.volume,
             h.snapshot,
-            &after[..12.min(after.len())]
+            crate::short_hex(after)
         );
     } else if !force && size == h.size_bytes {
         anyhow::bail!(
             "after applying, volume {volume:?} does not hold {}@{}: its checksum root is {}, the snapshot's {} (was it written meanwhile?)",
             h.volume,
             h.snapshot,
-            &after[..12.min(after.len())],
+            crate::short_hex(after),
             &to_hex(&h.root)[..12]
         );
     } else {
@@ -394,7 +394,7 @@ pub fn import_diff(api: &Api, file: &Path, volume: &str, force: bool) -> anyhow:
             "{volume}'s checksum root is not {}@{}'s ({}, started from another state or size)",
             h.volume,
             h.snapshot,
-            &after[..12.min(after.len())]
+            crate::short_hex(after)
         );
     }
     Ok(())
