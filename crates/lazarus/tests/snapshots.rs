@@ -519,6 +519,70 @@ fn incremental_exports_rebuild_a_volume_byte_identical() {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
+
+    // Another cluster (a single node of its own, its own data and ports): the full
+    // export and the chain of diffs rebuild the same volume there.
+    let other = Up::start_with(&tmp.path().join("other"), "64MiB", &["--nodes", "1"]);
+    other.cli_ok(&["volume", "create", "restored", "--size", "64MiB"]);
+    other.cli_ok(&[
+        "volume",
+        "import",
+        full.to_str().unwrap(),
+        "--volume",
+        "restored",
+    ]);
+    // The second diff before the first: refused there too.
+    let o = other.cli(&[
+        "volume",
+        "import",
+        d2.to_str().unwrap(),
+        "--volume",
+        "restored",
+        "--diff",
+    ]);
+    assert!(!o.status.success(), "a diff applied out of order");
+    for d in [&d1, &d2] {
+        let out = other.cli_ok(&[
+            "volume",
+            "import",
+            d.to_str().unwrap(),
+            "--volume",
+            "restored",
+            "--diff",
+        ]);
+        assert!(
+            out.contains("verified: restored's checksum root is vol0@"),
+            "{out}"
+        );
+    }
+    assert!(
+        identical(&up.uri(1, "vol0@c"), &other.uri(1, "restored")),
+        "the other cluster's volume differs from vol0@c"
+    );
+    assert_eq!(other.root(1, "restored"), up.root(3, "copy"));
+    // A snapshot there, and a diff back from it, apply like any other.
+    other.cli_ok(&["snapshot", "create", "restored", "r1"]);
+    qemu_io_ok(&other.uri(1, "restored"), &["write -P 0x3d 3M 8k", "flush"]);
+    other.cli_ok(&["snapshot", "create", "restored", "r2"]);
+    let back = tmp.path().join("r1-r2.diff");
+    other.cli_ok(&[
+        "volume",
+        "export",
+        "restored@r2",
+        back.to_str().unwrap(),
+        "--since",
+        "r1",
+    ]);
+    up.cli_ok(&[
+        "volume",
+        "import",
+        back.to_str().unwrap(),
+        "--volume",
+        "copy",
+        "--diff",
+    ]);
+    assert!(identical(&other.uri(1, "restored@r2"), &up.uri(2, "copy")));
+    drop(other);
     // And the volume itself is not C any more (the test compares something).
     let o = run_out(
         "qemu-img",
