@@ -312,15 +312,15 @@ pub fn decode_blocks_reply(ids: &[BlockId], reply: &[u8]) -> Result<Vec<Option<V
     {
         return Err("block reply does not match its request".into());
     }
-    let mut blocks = data.chunks_exact(BLOCK_SIZE);
+    let mut blocks = data.chunks_exact(BLOCK_SIZE).zip(BlockId::hash_each(data));
     let mut out = Vec::with_capacity(ids.len());
     for (id, here) in ids.iter().zip(present) {
         if !here {
             out.push(None);
             continue;
         }
-        let b = blocks.next().expect("length checked");
-        if BlockId::hash_of(b) != *id {
+        let (b, got) = blocks.next().expect("length checked");
+        if got != *id {
             return Err(format!("block {} sent does not match its id", id.to_hex()));
         }
         out.push(Some(b.to_vec()));

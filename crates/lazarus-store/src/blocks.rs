@@ -431,8 +431,9 @@ impl BlockStore {
                     s0 * BLOCK_SIZE_U64,
                 )
                 .map_err(|e| StoreError::io(self.data.path(), e))?;
-            for j in i..end {
-                ok[j] = BlockId::hash_of(&buf[j * BLOCK_SIZE..(j + 1) * BLOCK_SIZE]) == ids[j];
+            let got = BlockId::hash_each(&buf[i * BLOCK_SIZE..end * BLOCK_SIZE]);
+            for (j, id) in (i..end).zip(got) {
+                ok[j] = id == ids[j];
             }
             i = end;
         }

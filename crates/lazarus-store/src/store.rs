@@ -2259,7 +2259,7 @@ const _: () = assert!(ID_LEN == 16);
 /// The id of each 4 KiB block of `data` (`BlockId::of`: all-zero blocks are
 /// `BlockId::ZERO`).
 pub fn block_ids(data: &[u8]) -> Vec<BlockId> {
-    data.chunks_exact(BLOCK_SIZE).map(BlockId::of).collect()
+    BlockId::of_each(data)
 }
 
 /// `Store::snapshot_page`, with the store's blocks given (while it opens).

@@ -705,9 +705,10 @@ impl Volume {
             self.slice
                 .read_at(b, slice_page_offset(p0))
                 .map_err(|e| StoreError::io(&sp, e))?;
+            let sums = Checksum::of_pages(b);
             for i in 0..n {
                 let pb = &b[(i as usize) * BLOCK_SIZE..(i as usize + 1) * BLOCK_SIZE];
-                let c = Checksum::of_page(pb);
+                let c = sums[i as usize];
                 actual[0][(p0 + i) as usize] = c;
                 if c != Checksum::ZERO {
                     let p = p0 + i;
@@ -1236,17 +1237,31 @@ impl Volume {
         }
         let stale = std::mem::take(&mut st.stale);
         let mut groups: BTreeSet<u64> = BTreeSet::new();
+        // Whole pages are hashed together (`Checksum::of_pages`), the rest one by one.
+        let mut whole: Vec<u64> = Vec::new();
+        let mut bytes: Vec<u8> = Vec::new();
         for p in stale {
             let c = match (st.pages.get(&p), st.damaged.get(&p)) {
                 (pg, Some(unknown)) => damaged_page_checksum(
                     pg.map_or(&[BlockId::ZERO; FANOUT][..], |pg| &pg[..]),
                     unknown,
                 ),
-                (Some(pg), None) => Checksum::of_page(&encode_page(&pg[..])),
+                (Some(pg), None) => {
+                    whole.push(p);
+                    bytes.reserve(BLOCK_SIZE);
+                    for id in pg.iter() {
+                        bytes.extend_from_slice(&id.0);
+                    }
+                    groups.insert(p / FANOUT_U64);
+                    continue;
+                }
                 (None, None) => Checksum::ZERO,
             };
             st.levels[0][p as usize] = c;
             groups.insert(p / FANOUT_U64);
+        }
+        for (p, c) in whole.into_iter().zip(Checksum::of_pages(&bytes)) {
+            st.levels[0][p as usize] = c;
         }
         Volume::propagate(st, groups);
     }
