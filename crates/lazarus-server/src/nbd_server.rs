@@ -36,6 +36,10 @@ const INFLIGHT_PER_CONNECTION_MAX: usize = 128;
 /// to drain (as TCP makes it), and the node's memory stays bounded. Twice the largest
 /// request, so that one large request never waits for itself.
 const CONNECTION_BYTES_MAX: u32 = 2 * PAYLOAD_MAX_BYTES;
+/// Payload buffers a connection keeps for its next writes (`Buffers`), and the
+/// largest one it keeps: 8 MiB per connection at most.
+const POOLED_BUFFERS_MAX: usize = 4;
+const POOLED_BUFFER_MAX_BYTES: usize = 2 << 20;
 /// Connections served at once; further ones wait in the accept queue.
 const CONNECTIONS_MAX: usize = 1024;
 /// Option data up to this size is read and discarded when over the option limit, so
@@ -473,12 +477,14 @@ async fn writer_task<W: AsyncWrite + Unpin>(
     wr: W,
     mut rx: mpsc::Receiver<Replies>,
     in_tasks: Arc<Semaphore>,
+    buffers: Arc<Buffers>,
 ) {
     let mut w = BufWriter::with_capacity(256 << 10, wr);
     while let Some((buf, _budget, mut ends)) = rx.recv().await {
         if w.write_all(&buf).await.is_err() {
             return;
         }
+        buffers.give(buf);
         // Batch replies that are already queued, and those of the requests that are
         // ready to finish: one yield lets them run before the system call (replicated
         // writes complete in their own tasks, a burst of them at a time). Replies of
@@ -489,6 +495,7 @@ async fn writer_task<W: AsyncWrite + Unpin>(
                 if w.write_all(&more).await.is_err() {
                     return;
                 }
+                buffers.give(more);
                 if last {
                     ends = true;
                     break;
@@ -529,6 +536,39 @@ struct ConnAcks {
     session: lazarus_engine::forward::Session,
 }
 
+/// Buffers kept for a connection's next requests: write payloads, and replies once
+/// written. A fresh buffer for a large request is memory the kernel maps and zeroes a
+/// page at a time, and then the allocator zeroes it again: on 1 MiB writes the page
+/// faults and the zeroing were about a tenth of a node's CPU. A buffer taken from here
+/// is zeroed only past what it held before (for writes of one size, never), then
+/// filled from the socket or the store.
+#[derive(Default)]
+struct Buffers(parking_lot::Mutex<Vec<Vec<u8>>>);
+
+impl Buffers {
+    /// A buffer of `len` bytes (their content is overwritten by the caller).
+    fn take(&self, len: usize) -> Vec<u8> {
+        match self.0.lock().pop() {
+            Some(mut v) if v.capacity() >= len => {
+                v.resize(len, 0);
+                v
+            }
+            _ => vec![0u8; len],
+        }
+    }
+
+    /// Keeps `v` for a later `take`, if there is room.
+    fn give(&self, v: Vec<u8>) {
+        if v.capacity() == 0 || v.capacity() > POOLED_BUFFER_MAX_BYTES {
+            return;
+        }
+        let mut pool = self.0.lock();
+        if pool.len() < POOLED_BUFFERS_MAX {
+            pool.push(v);
+        }
+    }
+}
+
 async fn transmission<R, W>(
     rd: R,
     wr: W,
@@ -551,7 +591,8 @@ where
         acks,
         session: Default::default(),
     });
-    let writer = tokio::spawn(writer_task(wr, rx, inflight.clone()));
+    let buffers = Arc::new(Buffers::default());
+    let writer = tokio::spawn(writer_task(wr, rx, inflight.clone(), buffers.clone()));
     let size = ex.size;
     // A connection opened to the primary is bound to its epoch: if the node stops
     // being the primary (failover, a pause), requests on it fail and the client
@@ -636,7 +677,7 @@ where
             };
             let mut payload = Vec::new();
             if req.payload_len() > 0 {
-                payload = vec![0u8; req.payload_len() as usize];
+                payload = buffers.take(req.payload_len() as usize);
                 rd.read_exact(&mut payload).await?;
             }
             if req.command == Command::Disconnect {
@@ -661,6 +702,7 @@ where
                     &engine, &ex, bound, &unflushed, req, &payload, size, structured, &mut batch,
                 )
                 .await;
+                buffers.give(payload);
                 match &mut batch_budget {
                     Some(b) => b.merge(held),
                     None => batch_budget = Some(held),
@@ -679,12 +721,14 @@ where
             let ex = ex.clone();
             let tx = tx.clone();
             let unflushed = unflushed.clone();
+            let buffers = buffers.clone();
             let fut = async move {
-                let mut reply = Vec::new();
+                let mut reply = buffers.take(0);
                 let ends = execute(
                     &engine, &ex, bound, &unflushed, req, &payload, size, structured, &mut reply,
                 )
                 .await;
+                buffers.give(payload);
                 let _ = tx.send((reply, Some(held), ends)).await;
                 drop(permit);
             };
