@@ -2,6 +2,9 @@
 # Quick Lazarus-only fio run (no baselines): the four bench/run.sh workloads on a
 # freshly prefilled 1 GiB volume, RT seconds each (default 6). For A/B checks while
 # tuning; comparisons with qemu-nbd/nbdkit come only from bench/run.sh.
+# WORKLOADS="rw bs qd;rw bs qd;..." runs those fio jobs in that order instead (for
+# instance "read 1m 8;randwrite 4k 32;read 1m 8": a sequential read before and after
+# random overwrites).
 # LAZARUS_BIN=<binary> runs that build instead of building this checkout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +25,8 @@ curl -sf -X POST -H 'content-type: application/json' -d '{"name":"vol0","size":"
 head -c 1G /dev/urandom > "$W/seed.img"
 nbdcopy "$W/seed.img" nbd://127.0.0.1:30903/vol0
 rm -f "$W/seed.img"
-for spec in "randwrite 4k 32" "write 1m 8" "randread 4k 32" "read 1m 8"; do
+IFS=';' read -r -a SPECS <<< "${WORKLOADS:-randwrite 4k 32;write 1m 8;randread 4k 32;read 1m 8}"
+for spec in "${SPECS[@]}"; do
   set -- $spec
   fio --name=q --ioengine=nbd --uri=nbd://127.0.0.1:30903/vol0 --rw="$1" --bs="$2" --iodepth="$3" \
       --size=1g --time_based --runtime="${RT:-6}" --ramp_time=1 --norandommap --randrepeat=0 2>/dev/null \
