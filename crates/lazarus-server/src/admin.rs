@@ -1701,7 +1701,7 @@ async fn list_snapshots(
 }
 
 fn snapshot_error(e: lazarus_engine::engine::IoError) -> ApiError {
-    if e.message.contains("not the primary") {
+    if e.message.contains("not the primary") || e.message.contains("already has a snapshot") {
         return ApiError(StatusCode::CONFLICT, e.message);
     }
     if e.message.starts_with("no snapshot") {

@@ -97,11 +97,14 @@ fn snapshots_on_three_nodes_read_old_data_and_survive_a_node_kill() {
 
     let out = up.cli_ok(&["snapshot", "create", "vol0", "monday"]);
     assert!(out.contains("on n1, n2, n3"), "{out}");
-    // A second one under the name is refused; a bad name too.
-    assert!(!up
-        .cli(&["snapshot", "create", "vol0", "monday"])
-        .status
-        .success());
+    // A second one under the name is refused (a conflict); a bad name too.
+    let o = up.cli(&["snapshot", "create", "vol0", "monday"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("(HTTP 409)"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert!(!up
         .cli(&["snapshot", "create", "vol0", "a@b"])
         .status
@@ -1103,6 +1106,14 @@ fn a_node_alone_clones_and_reverts() {
     random_file(&img, 32 << 20, seed());
     run("nbdcopy", &[img.to_str().unwrap(), &node.uri("vol0")]);
     node.cli_ok(&["snapshot", "create", "vol0", "s"]);
+    // A name taken: a conflict, and the snapshot it names is left as it was.
+    let o = node.cli(&["snapshot", "create", "vol0", "s"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("already has a snapshot \"s\" (HTTP 409)"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     qemu_io_ok(
         &node.uri("vol0"),
         &["write -P 0x5a 1M 3M", "discard 20M 4M", "flush"],
