@@ -4,7 +4,7 @@
 # tuning; comparisons with qemu-nbd/nbdkit come only from bench/run.sh.
 # WORKLOADS="rw bs qd;rw bs qd;..." runs those fio jobs in that order instead (for
 # instance "read 1m 8;randwrite 4k 32;read 1m 8": a sequential read before and after
-# random overwrites).
+# random overwrites). It ends with the block file's size and slot counts.
 # LAZARUS_BIN=<binary> runs that build instead of building this checkout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,3 +32,7 @@ for spec in "${SPECS[@]}"; do
       --size=1g --time_based --runtime="${RT:-6}" --ramp_time=1 --norandommap --randrepeat=0 2>/dev/null \
     | grep -E "^  (write|read):" | sed "s/^/$1 $2: /"
 done
+# What the block file holds afterwards: its size, and the store's slots (live blocks,
+# free slots, frees waiting for a durability point).
+echo "blocks.dat: $(stat -c %s "$W/lz/blocks.dat") bytes; $(curl -sf http://127.0.0.1:30913/api/v1/status \
+  | python3 -c 'import json,sys; b=json.load(sys.stdin)["blocks"]; print("slots %d, blocks %d, free %d, pending free %d" % (b["slots"], b["blocks"], b["free_slots"], b["pending_free"]))')"
