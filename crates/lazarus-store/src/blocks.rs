@@ -93,12 +93,12 @@ impl Index {
         self.table.contains(id, &self.slots)
     }
 
-    /// The references of `id`, if stored.
     /// `limits` for the blocks that stay (`table` still names those awaiting a free).
     fn limits(&self) -> (usize, usize) {
         limits(self.table.len().saturating_sub(self.pending_free.len()))
     }
 
+    /// The references of `id`, if stored.
     fn refs_mut(&mut self, id: &BlockId) -> Option<&mut u32> {
         let slot = self.slot_of(id)?;
         Some(&mut self.refs[slot as usize])

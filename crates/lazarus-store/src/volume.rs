@@ -1241,6 +1241,7 @@ impl Volume {
         let mut whole: Vec<u64> = Vec::new();
         let mut bytes: Vec<u8> = Vec::new();
         for p in stale {
+            groups.insert(p / FANOUT_U64);
             let c = match (st.pages.get(&p), st.damaged.get(&p)) {
                 (pg, Some(unknown)) => damaged_page_checksum(
                     pg.map_or(&[BlockId::ZERO; FANOUT][..], |pg| &pg[..]),
@@ -1248,17 +1249,12 @@ impl Volume {
                 ),
                 (Some(pg), None) => {
                     whole.push(p);
-                    bytes.reserve(BLOCK_SIZE);
-                    for id in pg.iter() {
-                        bytes.extend_from_slice(&id.0);
-                    }
-                    groups.insert(p / FANOUT_U64);
+                    pg.iter().for_each(|id| bytes.extend_from_slice(&id.0));
                     continue;
                 }
                 (None, None) => Checksum::ZERO,
             };
             st.levels[0][p as usize] = c;
-            groups.insert(p / FANOUT_U64);
         }
         for (p, c) in whole.into_iter().zip(Checksum::of_pages(&bytes)) {
             st.levels[0][p as usize] = c;

@@ -69,17 +69,10 @@ impl BlockId {
     /// several at a time as `hash_each`.
     pub fn of_each(data: &[u8]) -> Vec<BlockId> {
         assert_eq!(data.len() % BLOCK_SIZE, 0, "whole blocks only");
-        let blocks = data.len() / BLOCK_SIZE;
         if !data.chunks_exact(BLOCK_SIZE).any(is_zero) {
             return BlockId::hash_each(data);
         }
-        data.chunks_exact(BLOCK_SIZE).map(BlockId::of).fold(
-            Vec::with_capacity(blocks),
-            |mut v, id| {
-                v.push(id);
-                v
-            },
-        )
+        data.chunks_exact(BLOCK_SIZE).map(BlockId::of).collect()
     }
 
     /// The id of a BLAKE3 hash (its first 16 bytes; never the zero id).
