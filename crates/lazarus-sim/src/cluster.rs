@@ -85,6 +85,12 @@ pub struct Options {
     /// the metadata names, with the same root (copies that missed one install it).
     #[serde(default)]
     pub snapshots: bool,
+    /// Reverts among the faults (with `snapshots`): the primary makes the volume read
+    /// as one of its snapshots again (`lazarus volume revert`), and the client's books
+    /// follow: after a revert, a block may read only as the snapshot held it or as a
+    /// write sent since.
+    #[serde(default)]
+    pub reverts: bool,
     /// Storage nodes (3 to 5); the volume's three copies start on the first three.
     #[serde(default = "three")]
     pub nodes: usize,
@@ -117,6 +123,7 @@ impl Options {
             conn_cuts: false,
             handovers: false,
             snapshots: false,
+            reverts: false,
             nodes: 3,
             out_after_secs: 600,
         }
@@ -142,6 +149,9 @@ pub struct Report {
     /// stayed down past the out-time).
     #[serde(default)]
     pub replicas: Vec<u64>,
+    /// Reverts done (acknowledged by the primary).
+    #[serde(default)]
+    pub reverts_done: u64,
 }
 
 /// The state the client host and the fault scheduler share (one simulation runs on
@@ -166,6 +176,15 @@ struct Shared {
     snapshots_made: u64,
     /// Snapshots whose creation started and that no view names yet.
     snapshots_unseen: BTreeSet<String>,
+    /// Reverts waiting for the primary's host (and for a snapshot to revert to).
+    revert_requests: u32,
+    /// Reverts asked for so far (which snapshot the next one takes).
+    reverts_made: u64,
+    /// The client's books (the node hosts record snapshots and reverts in them).
+    books: Books,
+    /// Per snapshot whose creation was acknowledged, what each written block may read
+    /// as in it (`Books::snapshot_of`).
+    snapshot_books: BTreeMap<String, BTreeMap<u64, BTreeSet<u64>>>,
 }
 
 /// A fault of a node's disk, applied on its host (where its simulated disk is).
@@ -377,6 +396,13 @@ async fn run_node(id: &'static str, volume_bytes: u64, written: Arc<Vec<u64>>) -
                         .and_then(|v| v.snapshots.keys().next().cloned())
                 };
                 if let Some(name) = name {
+                    // The books when the snapshot starts, and when it is done: what
+                    // each block may read as in it (a revert checks against that).
+                    let start = {
+                        let sh = shared();
+                        let b = &sh.borrow().books;
+                        (b.possible.clone(), b.version)
+                    };
                     tokio::spawn(async move {
                         let r = if create {
                             e.create_snapshot(VOLUME, &name).await.map(|(_, o)| o)
@@ -385,11 +411,62 @@ async fn run_node(id: &'static str, volume_bytes: u64, written: Arc<Vec<u64>>) -
                         };
                         let what = if create { "created" } else { "deleted" };
                         let line = match r {
-                            Ok(o) => format!("snapshot {name} {what} on {:?}", o.done),
+                            Ok(o) => {
+                                if create {
+                                    let sh = shared();
+                                    let mut sh = sh.borrow_mut();
+                                    let held = sh.books.snapshot_of(&start);
+                                    sh.snapshot_books.insert(name.clone(), held);
+                                }
+                                format!("snapshot {name} {what} on {:?}", o.done)
+                            }
                             Err(err) => {
                                 shared().borrow_mut().snapshots_unseen.remove(&name);
                                 format!("snapshot {name} not {what}: {}", err.message)
                             }
+                        };
+                        tracing::info!("{line}");
+                    });
+                }
+            }
+            if is_primary && shared().borrow().revert_requests > 0 {
+                // A snapshot the metadata names whose books are known (its creation
+                // was acknowledged), a different one each time; the request waits
+                // for one.
+                let names: Vec<String> = cluster
+                    .store
+                    .meta()
+                    .volumes
+                    .get(VOLUME)
+                    .map(|v| v.snapshots.keys().cloned().collect())
+                    .unwrap_or_default();
+                let sh = shared();
+                let mut shm = sh.borrow_mut();
+                let known: Vec<String> = names
+                    .into_iter()
+                    .filter(|n| shm.snapshot_books.contains_key(n))
+                    .collect();
+                if !known.is_empty() {
+                    let name = known[shm.reverts_made as usize % known.len()].clone();
+                    shm.reverts_made += 1;
+                    shm.revert_requests -= 1;
+                    let snap = shm.snapshot_books[&name].clone();
+                    let start = shm.books.revert_starts(&snap);
+                    drop(shm);
+                    let e = engine.clone();
+                    tokio::spawn(async move {
+                        // Ends the revert in the books however the task ends: a crash
+                        // of this host drops it unfinished (done or not, unknown).
+                        let mut end = RevertEnd {
+                            snap,
+                            start,
+                            done: false,
+                        };
+                        let r = e.reset_to_snapshot(VOLUME, VOLUME, &name).await;
+                        end.done = r.is_ok();
+                        let line = match r {
+                            Ok(o) => format!("reverted to {name}: {o:?}"),
+                            Err(err) => format!("not reverted to {name}: {}", err.message),
                         };
                         tracing::info!("{line}");
                     });
@@ -429,6 +506,24 @@ async fn run_node(id: &'static str, volume_bytes: u64, written: Arc<Vec<u64>>) -
     });
     lazarus_server::nbd_server::serve(nbd, engine, None).await;
     Ok(())
+}
+
+/// Ends a revert in the client's books when its task ends (`Books::revert_ends`).
+struct RevertEnd {
+    snap: BTreeMap<u64, BTreeSet<u64>>,
+    start: u64,
+    done: bool,
+}
+
+impl Drop for RevertEnd {
+    fn drop(&mut self) {
+        let sh = SHARED.with(|s| s.borrow().clone());
+        if let Some(sh) = sh {
+            let mut sh = sh.borrow_mut();
+            sh.books.revert_ends(&self.snap, self.start, self.done);
+            sh.report.reverts_done += u64::from(self.done);
+        }
+    }
 }
 
 fn local_versions(store: &lazarus_store::Store, written: &[u64]) -> BTreeMap<u64, u64> {
@@ -517,23 +612,129 @@ pub fn block(lba: u64, version: u64) -> Vec<u8> {
 /// The client's books: what it sent, and what FLUSH made durable.
 #[derive(Default)]
 struct Books {
+    /// The last version handed out (versions start at 1; 0 stands for zeroes).
+    version: u64,
     /// Versions sent per block (a write whose reply was lost may or may not be there).
     sent: BTreeMap<u64, BTreeSet<u64>>,
+    /// Per block, the versions it may read as now (0: zeroes; a block not here may
+    /// read only as zeroes): each version sent, less those older than one
+    /// acknowledged before a successful FLUSH, and after a revert only what the
+    /// snapshot held and what was sent since.
+    possible: BTreeMap<u64, BTreeSet<u64>>,
     /// Acknowledged since the last successful FLUSH.
     unflushed: Vec<(u64, u64)>,
-    /// Per block, the last version acknowledged before a successful FLUSH.
-    floor: BTreeMap<u64, u64>,
+    /// Reverts running: what is acknowledged meanwhile may be undone, so no FLUSH
+    /// vouches for it.
+    reverting: u32,
+    /// Versions up to this one were sent before a revert ended: no FLUSH vouches for
+    /// them (the revert may have undone them).
+    vouched_after: u64,
+    /// Bumped when a revert starts and when it ends: a read across either is not
+    /// checked (it may see the volume before or after).
+    revert_gen: u64,
 }
 
 impl Books {
-    /// Checks a read of `lba` sent while `floor` was its floor.
-    fn check(&self, lba: u64, floor: u64, data: &[u8]) -> Result<(), String> {
+    /// A write of `version` to `lba` sent.
+    fn sent(&mut self, lba: u64, version: u64) {
+        self.sent.entry(lba).or_default().insert(version);
+        self.possible
+            .entry(lba)
+            .or_insert_with(|| BTreeSet::from([0]))
+            .insert(version);
+    }
+
+    /// A write acknowledged.
+    fn acked(&mut self, lba: u64, version: u64) {
+        if self.reverting == 0 && version > self.vouched_after {
+            self.unflushed.push((lba, version));
+        }
+    }
+
+    /// A FLUSH acknowledged: the writes acknowledged before it supersede older ones.
+    fn flushed(&mut self) {
+        for (l, v) in std::mem::take(&mut self.unflushed) {
+            if let Some(p) = self.possible.get_mut(&l) {
+                p.retain(|x| *x >= v);
+            }
+        }
+    }
+
+    fn possible(&self, lba: u64) -> BTreeSet<u64> {
+        self.possible
+            .get(&lba)
+            .cloned()
+            .unwrap_or_else(|| BTreeSet::from([0]))
+    }
+
+    /// What each block may read as in a snapshot taken between `start` (`possible`
+    /// and `version` then) and now: what it could read as at the start, or any
+    /// version sent since.
+    fn snapshot_of(
+        &self,
+        start: &(BTreeMap<u64, BTreeSet<u64>>, u64),
+    ) -> BTreeMap<u64, BTreeSet<u64>> {
+        self.sent
+            .iter()
+            .map(|(l, sent)| {
+                let mut p = start
+                    .0
+                    .get(l)
+                    .cloned()
+                    .unwrap_or_else(|| BTreeSet::from([0]));
+                p.extend(
+                    sent.range(start.1 + 1..)
+                        .take_while(|x| **x <= self.version),
+                );
+                (*l, p)
+            })
+            .collect()
+    }
+
+    /// A revert to a snapshot whose books are `snap` starts: until it ends, a block
+    /// may read as before or as in the snapshot.
+    fn revert_starts(&mut self, snap: &BTreeMap<u64, BTreeSet<u64>>) -> u64 {
+        self.reverting += 1;
+        self.revert_gen += 1;
+        self.unflushed.clear();
+        for (l, p) in snap {
+            self.possible
+                .entry(*l)
+                .or_insert_with(|| BTreeSet::from([0]))
+                .extend(p.iter().copied());
+        }
+        self.version
+    }
+
+    /// The revert that started when `start` was the last version sent ended: if it
+    /// was done, a block reads as the snapshot held it or as a write sent since it
+    /// started; if not (refused, or cut off), either way, as while it ran.
+    fn revert_ends(&mut self, snap: &BTreeMap<u64, BTreeSet<u64>>, start: u64, done: bool) {
+        self.reverting -= 1;
+        self.revert_gen += 1;
+        self.vouched_after = self.version;
+        if !done {
+            return;
+        }
+        for (l, p) in self.possible.iter_mut() {
+            let mut now = snap.get(l).cloned().unwrap_or_else(|| BTreeSet::from([0]));
+            if let Some(sent) = self.sent.get(l) {
+                now.extend(sent.range(start..));
+            }
+            *p = now;
+        }
+    }
+
+    /// Checks a read of `lba` against `possible`, what it could read as when the read
+    /// was sent.
+    fn check(&self, lba: u64, possible: &BTreeSet<u64>, data: &[u8]) -> Result<(), String> {
+        let floor = possible.first().copied().unwrap_or(0);
         if data.iter().all(|b| *b == 0) {
-            if floor == 0 {
+            if possible.contains(&0) {
                 return Ok(());
             }
             return Err(format!(
-                "block {lba}: zeroes, but version {floor} was flushed"
+                "block {lba}: zeroes, but it may read only as {possible:?} (version {floor} was flushed)"
             ));
         }
         let l = u64::from_le_bytes(data[..8].try_into().unwrap());
@@ -549,6 +750,11 @@ impl Books {
         if v < floor {
             return Err(format!(
                 "block {lba}: version {v}, older than version {floor} acknowledged before a successful flush"
+            ));
+        }
+        if !possible.contains(&v) {
+            return Err(format!(
+                "block {lba}: version {v}, but it may read only as {possible:?} (a revert undid version {v})"
             ));
         }
         Ok(())
@@ -589,7 +795,6 @@ async fn run_client(opts: Options) -> turmoil::Result {
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     sh.borrow_mut().ready = true;
-    let mut books = Books::default();
     let mut version = 0u64;
     let mut conn = Some(first);
     let mut errors = 0u64;
@@ -607,35 +812,46 @@ async fn run_client(opts: Options) -> turmoil::Result {
         let lba = written[rng.u64(..written.len() as u64) as usize];
         let roll = rng.u32(..10);
         let outcome = if roll < 6 {
-            version += 1;
-            books.sent.entry(lba).or_default().insert(version);
+            version = {
+                let mut sh = sh.borrow_mut();
+                sh.books.version += 1;
+                let v = sh.books.version;
+                sh.books.sent(lba, v);
+                v
+            };
             let data = block(lba, version);
             let r = tokio::time::timeout(REQUEST_TIMEOUT, c.write(lba * BLOCK as u64, &data)).await;
             if let Ok(Ok(Reply::Ok(_))) = r {
-                books.unflushed.push((lba, version));
-                sh.borrow_mut().report.writes_acked += 1;
+                let mut sh = sh.borrow_mut();
+                sh.books.acked(lba, version);
+                sh.report.writes_acked += 1;
             }
             r
         } else if roll < 8 {
             let r = tokio::time::timeout(REQUEST_TIMEOUT, c.flush()).await;
             if let Ok(Ok(Reply::Ok(_))) = r {
-                for (l, v) in std::mem::take(&mut books.unflushed) {
-                    let f = books.floor.entry(l).or_default();
-                    *f = (*f).max(v);
-                }
-                sh.borrow_mut().report.flushes_acked += 1;
+                let mut sh = sh.borrow_mut();
+                sh.books.flushed();
+                sh.report.flushes_acked += 1;
             }
             r
         } else {
-            let floor = books.floor.get(&lba).copied().unwrap_or(0);
+            let (possible, gen) = {
+                let sh = sh.borrow();
+                (sh.books.possible(lba), sh.books.revert_gen)
+            };
             let r = tokio::time::timeout(REQUEST_TIMEOUT, c.read(lba * BLOCK as u64, BLOCK as u32))
                 .await;
             if let Ok(Ok(Reply::Ok(data))) = &r {
-                if let Err(e) = books.check(lba, floor, data) {
-                    sh.borrow_mut().violation = Some(format!("during load: {e}"));
-                    return Ok(());
+                // A read across a revert's start or end may see either side.
+                if sh.borrow().books.revert_gen == gen {
+                    let checked = sh.borrow().books.check(lba, &possible, data);
+                    if let Err(e) = checked {
+                        sh.borrow_mut().violation = Some(format!("during load: {e}"));
+                        return Ok(());
+                    }
+                    sh.borrow_mut().report.reads_checked += 1;
                 }
-                sh.borrow_mut().report.reads_checked += 1;
             }
             r
         };
@@ -650,7 +866,7 @@ async fn run_client(opts: Options) -> turmoil::Result {
                 // and no later FLUSH elsewhere can vouch for them), as in chaos.py.
                 errors += 1;
                 conn = None;
-                books.unflushed.clear();
+                sh.borrow_mut().books.unflushed.clear();
             }
         }
     }
@@ -681,11 +897,11 @@ async fn run_client(opts: Options) -> turmoil::Result {
         };
         let unwritten = [1, opts.volume_blocks - 1];
         for &lba in written.iter().chain(&unwritten) {
-            let floor = books.floor.get(&lba).copied().unwrap_or(0);
+            let possible = sh.borrow().books.possible(lba);
             let r = tokio::time::timeout(REQUEST_TIMEOUT, c.read(lba * BLOCK as u64, BLOCK as u32))
                 .await;
             let e = match r {
-                Ok(Ok(Reply::Ok(data))) => books.check(lba, floor, &data).err(),
+                Ok(Ok(Reply::Ok(data))) => sh.borrow().books.check(lba, &possible, &data).err(),
                 Ok(Ok(Reply::Err(5))) if listed_unrecoverable(lba) => {
                     sh.borrow_mut().report.unrecoverable_reads += 1;
                     continue;
@@ -801,6 +1017,8 @@ enum Pick {
     Primary(u64),
     /// A snapshot taken (else one deleted) by the primary.
     Snapshot(bool),
+    /// The volume reverted by the primary to one of its snapshots.
+    Revert,
 }
 
 /// Runs one seed. Err: the rule was broken, or the cluster did not heal (with the
@@ -1012,6 +1230,10 @@ pub fn run(opts: Options) -> Result<Report, String> {
                         log(&sh, now, format!("a snapshot {what} by the primary"));
                         sh.borrow_mut().snapshot_requests.push(create);
                     }
+                    Some(Pick::Revert) => {
+                        log(&sh, now, "a revert by the primary".into());
+                        sh.borrow_mut().revert_requests += 1;
+                    }
                     None => {}
                 }
             }
@@ -1168,7 +1390,11 @@ fn pick_fault(
     let full = devices + if opts.full_disk { 2 } else { 0 };
     let cuts = full + if opts.conn_cuts { 3 } else { 0 };
     let handovers = cuts + if opts.handovers { 3 } else { 0 };
-    let draw = rng.u32(..handovers + if opts.snapshots { 4 } else { 0 });
+    let snapshots = handovers + if opts.snapshots { 4 } else { 0 };
+    let draw = rng.u32(..snapshots + if opts.snapshots && opts.reverts { 3 } else { 0 });
+    if draw >= snapshots {
+        return Some(Pick::Revert);
+    }
     if draw >= handovers {
         // Creations three times as often as deletions.
         return Some(Pick::Snapshot(draw < handovers + 3));
