@@ -281,34 +281,12 @@ impl Engine {
                 c.reconcile_again(volume);
                 return Err(e);
             }
-            let v = c.effective(volume);
-            let live: Vec<u64> = v
-                .as_ref()
-                .map(|v| v.live())
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|n| *n != c.id)
-                .collect();
-            let op = ResetOp {
-                volume: volume.to_string(),
-                epoch,
-                source: source.to_string(),
-                snapshot: name.to_string(),
-                id: snap.id,
-                root: out.root.clone(),
-            };
-            let (d, f) = call_copies(
-                c,
-                &live,
-                lazarus_rpc::KIND_VOLUME_RESET,
-                &op,
-                RESET_RPC_TIMEOUT,
-            )
-            .await;
-            done.extend(d);
-            failed = f;
             // A copy catching up (resync) takes writes but not this: it starts over,
-            // or it could turn live holding pages from before the reset.
+            // or it could turn live holding pages from before the reset. Before the
+            // live copies are listed: a copy that turns live meanwhile was either
+            // live by then (and is sent the reset) or is made to start over (its
+            // turning live, proposed for a copy still resyncing, fails, or this
+            // overrides it), never live without the reset.
             let catching_up: Vec<u64> = c
                 .effective(volume)
                 .map(|v| {
@@ -347,6 +325,32 @@ impl Engine {
                     }
                 }
             }
+            let v = c.effective(volume);
+            let live: Vec<u64> = v
+                .as_ref()
+                .map(|v| v.live())
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|n| *n != c.id)
+                .collect();
+            let op = ResetOp {
+                volume: volume.to_string(),
+                epoch,
+                source: source.to_string(),
+                snapshot: name.to_string(),
+                id: snap.id,
+                root: out.root.clone(),
+            };
+            let (d, f) = call_copies(
+                c,
+                &live,
+                lazarus_rpc::KIND_VOLUME_RESET,
+                &op,
+                RESET_RPC_TIMEOUT,
+            )
+            .await;
+            done.extend(d);
+            failed.extend(f);
             if !failed.is_empty() {
                 for (n, e) in &failed {
                     tracing::warn!(volume, node = %n, error = %e, "a copy was not reset; the copies are compared again");

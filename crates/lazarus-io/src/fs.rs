@@ -244,9 +244,30 @@ pub fn list_dir(dir: &Path) -> io::Result<Vec<PathBuf>> {
 pub fn remove_dir_all(path: &Path) -> io::Result<()> {
     #[cfg(feature = "sim")]
     if in_simulation() {
-        return simfs::remove_dir_all(path);
+        return sim_remove_dir_all(path);
     }
     std::fs::remove_dir_all(path)
+}
+
+/// The simulator's disk orders a directory's operations only by syncing that
+/// directory, and a removed directory can no longer be synced: the removals of the
+/// files in it would stay pending, and a file made again at one of their paths and
+/// synced would read back as the removal left it (empty). So each directory's
+/// entries are removed and the directory synced before it goes, as a real file system
+/// would keep them in order. (The removal of `path` itself is synced, or not, by the
+/// caller, as on a real disk.)
+#[cfg(feature = "sim")]
+fn sim_remove_dir_all(path: &Path) -> io::Result<()> {
+    for entry in simfs::read_dir(path)? {
+        let p = entry?.path();
+        if simfs::metadata(&p)?.is_dir() {
+            sim_remove_dir_all(&p)?;
+        } else {
+            simfs::remove_file(&p)?;
+        }
+    }
+    simfs::sync_dir(path)?;
+    simfs::remove_dir(path)
 }
 
 /// Writes `data` to `path` atomically: a temporary file, synced, renamed over `path`,

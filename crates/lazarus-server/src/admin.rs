@@ -1742,9 +1742,23 @@ fn find_snapshot(
     name: &str,
     snap: &str,
 ) -> Result<(Arc<Volume>, Arc<lazarus_store::Snapshot>), ApiError> {
-    let v = find(s, name)?;
+    snapshot_here(&s.engine, name, snap)
+}
+
+/// This node's copy of snapshot `name@snap`, if the cluster knows it by that name.
+fn snapshot_here(
+    engine: &Engine,
+    name: &str,
+    snap: &str,
+) -> Result<(Arc<Volume>, Arc<lazarus_store::Snapshot>), ApiError> {
+    let v = engine.store.volume(name).ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("volume {name:?} does not exist"),
+        )
+    })?;
     v.snapshot(snap)
-        .filter(|sn| s.engine.snapshot_current(name, sn))
+        .filter(|sn| engine.snapshot_current(name, sn))
         .map(|sn| (v, sn))
         .ok_or_else(|| {
             ApiError(
@@ -1876,36 +1890,45 @@ pub struct CloneReq {
     pub name: String,
 }
 
-/// Creates a volume reading as a snapshot (on the snapshot's volume's primary). In a
-/// cluster its copies go on the nodes of the volume's live copies, this node its
-/// primary: each maps the snapshot's blocks from its own copy, no data moves
-/// (`Engine::reset_to_snapshot`). A name in use is refused: a clone interrupted before
-/// it filled its new volume leaves it empty, to be deleted before trying again.
+/// Creates a volume reading as a snapshot (on the snapshot's volume's primary):
+/// `clone_volume`.
 async fn clone_snapshot(
     State(s): State<AppState>,
     Path((name, snap)): Path<(String, String)>,
     body: Result<Json<CloneReq>, axum::extract::rejection::JsonRejection>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let req = request_body(body)?;
-    let new = req.name;
+    let out = clone_volume(&s.engine, s.cluster.as_ref(), &name, &snap, &req.name).await?;
+    Ok((StatusCode::CREATED, Json(json!(out))))
+}
+
+/// `lazarus volume clone NAME@SNAP NEW`, on NAME's primary (the simulator calls it
+/// too). In a cluster NEW's copies go on the nodes of NAME's copies, this node its
+/// primary: each live one maps the snapshot's blocks from its own copy, no data moves
+/// (`Engine::reset_to_snapshot`). A name in use is refused: a clone interrupted before
+/// it filled its new volume leaves it empty, to be deleted before trying again.
+pub async fn clone_volume(
+    engine: &Arc<Engine>,
+    cluster: Option<&Arc<lazarus_node::cluster::Cluster>>,
+    name: &str,
+    snap: &str,
+    new: &str,
+) -> Result<lazarus_engine::snapshots::ResetSummary, ApiError> {
+    let new = new.to_string();
     let bad = |m: String| ApiError(StatusCode::BAD_REQUEST, m);
     lazarus_types::check_volume_name(&new).map_err(bad)?;
-    let (_, sn) = find_snapshot(&s, &name, &snap)?;
+    let (_, sn) = snapshot_here(engine, name, snap)?;
     let size = sn.size_bytes;
     let conflict = |m: String| ApiError(StatusCode::CONFLICT, m);
-    let named = |s: &AppState| {
-        s.cluster
-            .as_ref()
-            .is_some_and(|c| c.store.meta().volumes.contains_key(&new))
-    };
-    if named(&s) || (s.cluster.is_none() && s.engine.store.volume(&new).is_some()) {
+    let named = || cluster.is_some_and(|c| c.store.meta().volumes.contains_key(&new));
+    if named() || (cluster.is_none() && engine.store.volume(&new).is_some()) {
         return Err(conflict(format!("volume {new:?} already exists")));
     }
     // A copy here under the name that the metadata no longer names is a deleted
     // volume's, which this node is removing (a deletion answered by another node
     // returns once that node's copy is gone): the clone waits for it.
-    let t0 = std::time::Instant::now();
-    while s.engine.store.volume(&new).is_some() {
+    let t0 = tokio::time::Instant::now();
+    while engine.store.volume(&new).is_some() {
         if t0.elapsed() > std::time::Duration::from_secs(10) {
             return Err(conflict(format!(
                 "a deleted volume {new:?} still has its copy on this node: try again in a moment"
@@ -1913,30 +1936,33 @@ async fn clone_snapshot(
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    if named(&s) {
+    if named() {
         return Err(conflict(format!("volume {new:?} already exists")));
     }
-    match s.cluster.clone() {
+    match cluster {
         None => {
-            let (store, n) = (s.engine.store.clone(), new.clone());
+            let (store, n) = (engine.store.clone(), new.clone());
             lazarus_rpc::rt::blocking(move || store.create_volume(&n, size))
                 .await
                 .map_err(join_err)??;
         }
         Some(c) => {
-            if s.engine.primary_epoch(&name).is_none() {
+            if engine.primary_epoch(name).is_none() {
                 return Err(conflict(format!(
                     "this node is not the primary of {name:?}; ask the primary"
                 )));
             }
-            let v = c.effective(&name).ok_or_else(|| {
+            let v = c.effective(name).ok_or_else(|| {
                 ApiError(
                     StatusCode::NOT_FOUND,
                     format!("volume {name:?} does not exist"),
                 )
             })?;
+            // Every copy's node, not only the live ones: a clone made while a copy
+            // is down keeps the volume's number of copies (the copy on the down node
+            // fails to reset, is committed dead and resyncs once back).
             let mut replicas = vec![c.id];
-            replicas.extend(v.live().into_iter().filter(|n| *n != c.id));
+            replicas.extend(v.replicas.iter().copied().filter(|n| *n != c.id));
             let cmd = lazarus_cluster::MetaCommand::CreateVolume {
                 name: new.clone(),
                 size_bytes: size,
@@ -1956,22 +1982,17 @@ async fn clone_snapshot(
     }
     // The new volume's copy here, and this node's lease on it, come a moment after
     // the metadata names it.
-    let t0 = std::time::Instant::now();
-    let uid = |s: &AppState| {
-        s.cluster
-            .as_ref()
-            .and_then(|c| c.store.meta().volumes.get(&new).map(|v| v.uid))
-    };
+    let t0 = tokio::time::Instant::now();
+    let uid = || cluster.and_then(|c| c.store.meta().volumes.get(&new).map(|v| v.uid));
     loop {
-        let here = s
-            .engine
+        let here = engine
             .store
             .volume(&new)
-            .filter(|l| s.cluster.is_none() || uid(&s) == Some(l.meta.uid));
+            .filter(|l| cluster.is_none() || uid() == Some(l.meta.uid));
         let why: String = match here {
             None => format!("volume {new:?} committed but its copy here did not appear"),
-            Some(_) => match s.engine.reset_to_snapshot(&new, &name, &snap).await {
-                Ok(out) => return Ok((StatusCode::CREATED, Json(json!(out)))),
+            Some(_) => match engine.reset_to_snapshot(&new, name, snap).await {
+                Ok(out) => return Ok(out),
                 Err(e) if e.message.contains("not the primary") || e.message.contains("lease") => {
                     e.message
                 }

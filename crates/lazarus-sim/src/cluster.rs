@@ -91,6 +91,13 @@ pub struct Options {
     /// write sent since.
     #[serde(default)]
     pub reverts: bool,
+    /// Clones among the faults (with `snapshots`): the primary clones an acknowledged
+    /// snapshot into a new volume (`lazarus volume clone`, at most `MAX_CLONES` a
+    /// run); healed means each clone's copies live with one root too, and every block
+    /// of a clone whose creation was acknowledged reads as the snapshot held it,
+    /// through every node.
+    #[serde(default)]
+    pub clones: bool,
     /// Storage nodes (3 to 5); the volume's three copies start on the first three.
     #[serde(default = "three")]
     pub nodes: usize,
@@ -124,6 +131,7 @@ impl Options {
             handovers: false,
             snapshots: false,
             reverts: false,
+            clones: false,
             nodes: 3,
             out_after_secs: 600,
         }
@@ -152,6 +160,9 @@ pub struct Report {
     /// Reverts done (acknowledged by the primary).
     #[serde(default)]
     pub reverts_done: u64,
+    /// Clones made (acknowledged by the primary).
+    #[serde(default)]
+    pub clones_done: u64,
 }
 
 /// The state the client host and the fault scheduler share (one simulation runs on
@@ -184,8 +195,19 @@ struct Shared {
     books: Books,
     /// Per snapshot whose creation was acknowledged, what each written block may read
     /// as in it (`Books::snapshot_of`).
-    snapshot_books: BTreeMap<String, BTreeMap<u64, BTreeSet<u64>>>,
+    snapshot_books: BTreeMap<String, Held>,
+    /// Clones waiting for the primary's host (and for a snapshot to clone).
+    clone_requests: u32,
+    /// Clones asked for: name -> what each block may read as in it, and whether its
+    /// creation was acknowledged (None: not answered yet, or cut off by a crash).
+    clones: BTreeMap<String, (Held, Option<bool>)>,
 }
+
+/// Per written block, the versions it may read as (0: zeroes).
+type Held = BTreeMap<u64, BTreeSet<u64>>;
+
+/// Clones a run makes at most (each is a volume of three more copies to heal).
+const MAX_CLONES: usize = 2;
 
 /// A fault of a node's disk, applied on its host (where its simulated disk is).
 #[derive(Debug, Clone)]
@@ -244,6 +266,8 @@ struct View {
     snapshots: BTreeMap<String, (u64, String)>,
     /// Snapshots it misses and cannot install yet: `VOLUME@NAME` -> why.
     snapshot_errors: BTreeMap<String, String>,
+    /// Per clone asked for: the metadata's record of it, and this node's copy's root.
+    clones: BTreeMap<String, (Option<lazarus_cluster::meta::VolumeInfo>, Option<String>)>,
 }
 
 thread_local! {
@@ -433,19 +457,9 @@ async fn run_node(id: &'static str, volume_bytes: u64, written: Arc<Vec<u64>>) -
                 // A snapshot the metadata names whose books are known (its creation
                 // was acknowledged), a different one each time; the request waits
                 // for one.
-                let names: Vec<String> = cluster
-                    .store
-                    .meta()
-                    .volumes
-                    .get(VOLUME)
-                    .map(|v| v.snapshots.keys().cloned().collect())
-                    .unwrap_or_default();
+                let known = known_snapshots(&cluster);
                 let sh = shared();
                 let mut shm = sh.borrow_mut();
-                let known: Vec<String> = names
-                    .into_iter()
-                    .filter(|n| shm.snapshot_books.contains_key(n))
-                    .collect();
                 if !known.is_empty() {
                     let name = known[shm.reverts_made as usize % known.len()].clone();
                     shm.reverts_made += 1;
@@ -472,7 +486,56 @@ async fn run_node(id: &'static str, volume_bytes: u64, written: Arc<Vec<u64>>) -
                     });
                 }
             }
+            let clone_asked = is_primary && {
+                let sh = shared();
+                let sh = sh.borrow();
+                sh.clone_requests > 0 && sh.clones.len() < MAX_CLONES
+            };
+            if clone_asked {
+                let known = known_snapshots(&cluster);
+                let sh = shared();
+                let mut shm = sh.borrow_mut();
+                if let Some(snap) = known.last().cloned() {
+                    shm.clone_requests -= 1;
+                    let new = format!("c{}", shm.clones.len() + 1);
+                    let held = shm.snapshot_books[&snap].clone();
+                    shm.clones.insert(new.clone(), (held, None));
+                    drop(shm);
+                    let (e, c) = (engine.clone(), cluster.clone());
+                    tokio::spawn(async move {
+                        let r =
+                            lazarus_server::admin::clone_volume(&e, Some(&c), VOLUME, &snap, &new)
+                                .await;
+                        let line = match &r {
+                            Ok(o) => format!("{new} cloned from {VOLUME}@{snap}: {o:?}"),
+                            Err(err) => format!("{new} not cloned from {VOLUME}@{snap}: {}", err.1),
+                        };
+                        tracing::info!("{line}");
+                        let sh = shared();
+                        let mut sh = sh.borrow_mut();
+                        sh.report.clones_done += u64::from(r.is_ok());
+                        if let Some(c) = sh.clones.get_mut(&new) {
+                            c.1 = Some(r.is_ok());
+                        }
+                    });
+                }
+            }
+            let clone_names: Vec<String> = shared().borrow().clones.keys().cloned().collect();
+            let meta = cluster.store.meta();
+            let clones = clone_names
+                .into_iter()
+                .map(|n| {
+                    let m = meta.volumes.get(&n).cloned();
+                    let root = store
+                        .volume(&n)
+                        .filter(|v| m.as_ref().map(|m| m.uid) == Some(v.meta.uid))
+                        .map(|v| v.root().to_hex());
+                    (n, (m, root))
+                })
+                .collect();
+            drop(meta);
             let view = View {
+                clones,
                 snapshot_errors: engine.snapshot_sync_errors(),
                 snapshots: store
                     .volume(VOLUME)
@@ -508,9 +571,27 @@ async fn run_node(id: &'static str, volume_bytes: u64, written: Arc<Vec<u64>>) -
     Ok(())
 }
 
+/// The snapshots the metadata names whose books are known (their creation was
+/// acknowledged).
+fn known_snapshots(cluster: &lazarus_node::cluster::Cluster) -> Vec<String> {
+    let names: Vec<String> = cluster
+        .store
+        .meta()
+        .volumes
+        .get(VOLUME)
+        .map(|v| v.snapshots.keys().cloned().collect())
+        .unwrap_or_default();
+    let sh = shared();
+    let sh = sh.borrow();
+    names
+        .into_iter()
+        .filter(|n| sh.snapshot_books.contains_key(n))
+        .collect()
+}
+
 /// Ends a revert in the client's books when its task ends (`Books::revert_ends`).
 struct RevertEnd {
-    snap: BTreeMap<u64, BTreeSet<u64>>,
+    snap: Held,
     start: u64,
     done: bool,
 }
@@ -615,12 +696,12 @@ struct Books {
     /// The last version handed out (versions start at 1; 0 stands for zeroes).
     version: u64,
     /// Versions sent per block (a write whose reply was lost may or may not be there).
-    sent: BTreeMap<u64, BTreeSet<u64>>,
+    sent: Held,
     /// Per block, the versions it may read as now (0: zeroes; a block not here may
     /// read only as zeroes): each version sent, less those older than one
     /// acknowledged before a successful FLUSH, and after a revert only what the
     /// snapshot held and what was sent since.
-    possible: BTreeMap<u64, BTreeSet<u64>>,
+    possible: Held,
     /// Acknowledged since the last successful FLUSH.
     unflushed: Vec<(u64, u64)>,
     /// Reverts running: what is acknowledged meanwhile may be undone, so no FLUSH
@@ -670,10 +751,7 @@ impl Books {
     /// What each block may read as in a snapshot taken between `start` (`possible`
     /// and `version` then) and now: what it could read as at the start, or any
     /// version sent since.
-    fn snapshot_of(
-        &self,
-        start: &(BTreeMap<u64, BTreeSet<u64>>, u64),
-    ) -> BTreeMap<u64, BTreeSet<u64>> {
+    fn snapshot_of(&self, start: &(Held, u64)) -> Held {
         self.sent
             .iter()
             .map(|(l, sent)| {
@@ -693,7 +771,7 @@ impl Books {
 
     /// A revert to a snapshot whose books are `snap` starts: until it ends, a block
     /// may read as before or as in the snapshot.
-    fn revert_starts(&mut self, snap: &BTreeMap<u64, BTreeSet<u64>>) -> u64 {
+    fn revert_starts(&mut self, snap: &Held) -> u64 {
         self.reverting += 1;
         self.revert_gen += 1;
         self.unflushed.clear();
@@ -703,13 +781,19 @@ impl Books {
                 .or_insert_with(|| BTreeSet::from([0]))
                 .extend(p.iter().copied());
         }
+        // A block the snapshot does not name was never written before it: zeroes.
+        for (l, p) in self.possible.iter_mut() {
+            if !snap.contains_key(l) {
+                p.insert(0);
+            }
+        }
         self.version
     }
 
     /// The revert that started when `start` was the last version sent ended: if it
     /// was done, a block reads as the snapshot held it or as a write sent since it
     /// started; if not (refused, or cut off), either way, as while it ran.
-    fn revert_ends(&mut self, snap: &BTreeMap<u64, BTreeSet<u64>>, start: u64, done: bool) {
+    fn revert_ends(&mut self, snap: &Held, start: u64, done: bool) {
         self.reverting -= 1;
         self.revert_gen += 1;
         self.vouched_after = self.version;
@@ -895,6 +979,65 @@ async fn run_client(opts: Options) -> turmoil::Result {
                 return Ok(());
             }
         };
+        // Each clone that the metadata names: a block reads as the snapshot held it
+        // (a clone whose creation was not acknowledged may read as zeroes too: it was
+        // left empty).
+        let clones: Vec<(String, Held, bool)> = {
+            let sh = sh.borrow();
+            sh.clones
+                .iter()
+                .filter(|(n, _)| {
+                    sh.views
+                        .values()
+                        .any(|v| v.clones.get(*n).is_some_and(|c| c.0.is_some()))
+                })
+                .map(|(n, (held, done))| (n.clone(), held.clone(), *done == Some(true)))
+                .collect()
+        };
+        for (name, held, done) in clones {
+            let mut cc = match tokio::time::timeout(
+                CONNECT_TIMEOUT * 4,
+                Client::connect(&addr(node, NBD_PORT), &name),
+            )
+            .await
+            {
+                Ok(Ok(c)) => c,
+                other => {
+                    let why = match other {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "timed out".into(),
+                    };
+                    sh.borrow_mut().violation = Some(format!(
+                        "after heal: {node} does not serve clone {name}: {why}"
+                    ));
+                    return Ok(());
+                }
+            };
+            for &lba in &written {
+                let mut possible = held
+                    .get(&lba)
+                    .cloned()
+                    .unwrap_or_else(|| BTreeSet::from([0]));
+                if !done {
+                    possible.insert(0);
+                }
+                let r = tokio::time::timeout(
+                    REQUEST_TIMEOUT,
+                    cc.read(lba * BLOCK as u64, BLOCK as u32),
+                )
+                .await;
+                let e = match r {
+                    Ok(Ok(Reply::Ok(data))) => sh.borrow().books.check(lba, &possible, &data).err(),
+                    other => Some(format!("block {lba}: read failed: {other:?}")),
+                };
+                if let Some(e) = e {
+                    sh.borrow_mut().violation =
+                        Some(format!("after heal, clone {name} through {node}: {e}"));
+                    return Ok(());
+                }
+                sh.borrow_mut().report.reads_checked += 1;
+            }
+        }
         let unwritten = [1, opts.volume_blocks - 1];
         for &lba in written.iter().chain(&unwritten) {
             let possible = sh.borrow().books.possible(lba);
@@ -991,7 +1134,58 @@ fn whole(views: &BTreeMap<String, View>) -> bool {
             }
         }
     }
-    seen.is_some_and(|k| k.2.is_some())
+    seen.is_some_and(|k| k.2.is_some()) && clones_whole(views)
+}
+
+/// Whether every clone the metadata names has its copies live under one primary and
+/// epoch, with equal roots, and no copy on another node.
+fn clones_whole(views: &BTreeMap<String, View>) -> bool {
+    let names: BTreeSet<&String> = views.values().flat_map(|v| v.clones.keys()).collect();
+    for name in names {
+        let mut seen = None;
+        for (id, v) in views {
+            let Some((m, root)) = v.clones.get(name) else {
+                return false;
+            };
+            let Some(m) = m else {
+                // Not named here: named nowhere (a clone refused before its volume
+                // was created), with no copy left.
+                if root.is_some()
+                    || views
+                        .values()
+                        .any(|v| v.clones.get(name).is_some_and(|c| c.0.is_some()))
+                {
+                    return false;
+                }
+                continue;
+            };
+            if m.states.values().any(|s| *s != ReplicaState::Live)
+                || m.replicas.len() != m.replication_factor()
+            {
+                return false;
+            }
+            let holds = m
+                .replicas
+                .iter()
+                .any(|n| ALL_NODES.get(*n as usize - 1) == Some(&id.as_str()));
+            if !holds {
+                if root.is_some() {
+                    return false;
+                }
+                continue;
+            }
+            let key = (m.primary, m.epoch, root.clone());
+            match &seen {
+                None => seen = Some(key),
+                Some(k) if *k != key => return false,
+                _ => {}
+            }
+        }
+        if seen.as_ref().is_some_and(|k| k.2.is_none()) {
+            return false;
+        }
+    }
+    true
 }
 
 enum Fault {
@@ -1019,6 +1213,8 @@ enum Pick {
     Snapshot(bool),
     /// The volume reverted by the primary to one of its snapshots.
     Revert,
+    /// A snapshot cloned by the primary into a new volume.
+    Clone,
 }
 
 /// Runs one seed. Err: the rule was broken, or the cluster did not heal (with the
@@ -1234,6 +1430,10 @@ pub fn run(opts: Options) -> Result<Report, String> {
                         log(&sh, now, "a revert by the primary".into());
                         sh.borrow_mut().revert_requests += 1;
                     }
+                    Some(Pick::Clone) => {
+                        log(&sh, now, "a clone by the primary".into());
+                        sh.borrow_mut().clone_requests += 1;
+                    }
                     None => {}
                 }
             }
@@ -1264,13 +1464,21 @@ pub fn run(opts: Options) -> Result<Report, String> {
                 .iter()
                 .map(|(n, v)| {
                     format!(
-                        "{n}: ready={} vol={:?} root={:?} snapshots named {:?}, held {:?}, missing {:?}",
+                        "{n}: ready={} vol={:?} root={:?} snapshots named {:?}, held {:?}, missing {:?}, clones {:?}",
                         v.serving_ready,
                         v.volume.as_ref().map(|v| (v.primary, v.epoch, &v.states)),
                         v.root.as_ref().map(|r| &r[..12]),
                         v.volume.as_ref().map(|v| &v.snapshots),
                         v.snapshots.iter().map(|(n, (id, r))| (n, *id, &r[..12])).collect::<Vec<_>>(),
-                        v.snapshot_errors
+                        v.snapshot_errors,
+                        v.clones
+                            .iter()
+                            .map(|(c, (m, r))| (
+                                c,
+                                m.as_ref().map(|m| (m.primary, m.epoch, m.states.clone())),
+                                r.as_ref().map(|r| r[..12].to_string())
+                            ))
+                            .collect::<Vec<_>>()
                     )
                 })
                 .collect();
@@ -1391,7 +1599,11 @@ fn pick_fault(
     let cuts = full + if opts.conn_cuts { 3 } else { 0 };
     let handovers = cuts + if opts.handovers { 3 } else { 0 };
     let snapshots = handovers + if opts.snapshots { 4 } else { 0 };
-    let draw = rng.u32(..snapshots + if opts.snapshots && opts.reverts { 3 } else { 0 });
+    let reverts = snapshots + if opts.snapshots && opts.reverts { 3 } else { 0 };
+    let draw = rng.u32(..reverts + if opts.snapshots && opts.clones { 3 } else { 0 });
+    if draw >= reverts {
+        return Some(Pick::Clone);
+    }
     if draw >= snapshots {
         return Some(Pick::Revert);
     }

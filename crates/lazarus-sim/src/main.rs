@@ -13,6 +13,7 @@
 //! LAZARUS_SIM_CUTS=1                    connections cut without a crash (all of one host's)
 //! LAZARUS_SIM_SNAPSHOTS=1               snapshots taken and deleted by the primary among the faults
 //! LAZARUS_SIM_REVERTS=1                 with snapshots: the volume reverted to one by the primary
+//! LAZARUS_SIM_CLONES=1                  with snapshots: one cloned into a new volume by the primary
 //! LAZARUS_SIM_NODES=5                   five storage nodes (3 to 5), the volume on the first three
 //! LAZARUS_SIM_OUT_AFTER=6               out-time in seconds: a node down longer is marked out
 //!                                       and its copies are rebuilt on the other nodes
@@ -46,7 +47,7 @@ fn summary(seed: u64, r: &Report) -> String {
     format!(
         "seed {seed}: ok: {} writes, {} flushes acknowledged, {} reads checked, {} errors during faults, healed in {} ms{}{}",
         r.writes_acked, r.flushes_acked, r.reads_checked, r.errors_during_faults, r.heal_ms,
-        if r.reverts_done > 0 { format!(", {} reverts", r.reverts_done) } else { String::new() },
+        if r.reverts_done + r.clones_done > 0 { format!(", {} reverts, {} clones", r.reverts_done, r.clones_done) } else { String::new() },
         if r.unrecoverable_reads > 0 {
             format!(", {} reads of listed unrecoverable blocks answered EIO", r.unrecoverable_reads)
         } else {
@@ -89,6 +90,7 @@ fn main() {
             o.handovers = std::env::var("LAZARUS_SIM_HANDOVERS").is_ok_and(|v| v == "1");
             o.snapshots = std::env::var("LAZARUS_SIM_SNAPSHOTS").is_ok_and(|v| v == "1");
             o.reverts = std::env::var("LAZARUS_SIM_REVERTS").is_ok_and(|v| v == "1");
+            o.clones = std::env::var("LAZARUS_SIM_CLONES").is_ok_and(|v| v == "1");
             shape_from_env(&mut o);
             o.faults = num(2, o.faults as u64) as usize;
             o.load = std::time::Duration::from_secs(num(3, o.load.as_secs()));
@@ -114,6 +116,7 @@ fn main() {
             base.handovers = std::env::var("LAZARUS_SIM_HANDOVERS").is_ok_and(|v| v == "1");
             base.snapshots = std::env::var("LAZARUS_SIM_SNAPSHOTS").is_ok_and(|v| v == "1");
             base.reverts = std::env::var("LAZARUS_SIM_REVERTS").is_ok_and(|v| v == "1");
+            base.clones = std::env::var("LAZARUS_SIM_CLONES").is_ok_and(|v| v == "1");
             shape_from_env(&mut base);
             base.faults = num(4, base.faults as u64) as usize;
             base.load = std::time::Duration::from_secs(num(5, base.load.as_secs()));

@@ -131,16 +131,19 @@ fn primaries_handed_over_among_faults_break_no_rule() {
 /// Snapshots taken and deleted by the primary among every other fault kind (handovers
 /// too): a copy down, dead or cut off when one is taken installs it from another copy
 /// once live, and healed means every copy holds every snapshot the metadata names with
-/// one root. The primary also reverts the volume to one of them: once a revert is
+/// one root. The primary also reverts the volume to one of them (once a revert is
 /// acknowledged, each block reads as the snapshot held it or as a write sent since,
-/// on every copy and after any crash (`LAZARUS_SIM_SNAPSHOTS=1 LAZARUS_SIM_REVERTS=1
-/// lazarus-sim sweep` runs more).
+/// on every copy and after any crash) and clones one into a new volume (whose copies
+/// must heal too, every block reading as the snapshot held it through every node)
+/// (`LAZARUS_SIM_SNAPSHOTS=1 LAZARUS_SIM_REVERTS=1 LAZARUS_SIM_CLONES=1 lazarus-sim
+/// sweep` runs more).
 #[test]
-fn snapshots_and_reverts_among_faults_reach_every_copy_and_break_no_rule() {
+fn snapshots_reverts_and_clones_among_faults_reach_every_copy_and_break_no_rule() {
     let mut o = options(0, 6, Mix::Cut);
     o.handovers = true;
     o.snapshots = true;
     o.reverts = true;
+    o.clones = true;
     let reports = seeds_must_pass_n(&o, 100);
     let taken = reports
         .iter()

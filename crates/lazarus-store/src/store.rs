@@ -210,6 +210,33 @@ fn decode_fill(p: &[u8]) -> Option<(u64, Lba, u64, BlockId, u64)> {
     ))
 }
 
+/// A volume made in place (in the simulator) whose marker file `marker`
+/// (`.creating-UID`, naming it) is still there: its creation never finished, and
+/// nothing refers to it. Its directory goes first, durably, then the marker; a
+/// directory there that loads as another volume (a later creation of the name) stays.
+/// An I/O error stops the open: the directory would be taken for a volume that
+/// cannot load.
+fn remove_torn_creation(vdir: &Path, marker: &Path) -> Result<(), StoreError> {
+    let named = lazarus_io::fs::read(marker).map_err(|e| StoreError::io(marker, e))?;
+    let name = String::from_utf8_lossy(&named).to_string();
+    let uid = marker
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix(".creating-"))
+        .and_then(|u| u.parse::<u64>().ok());
+    if lazarus_types::check_volume_name(&name).is_ok() {
+        let dir = vdir.join(&name);
+        let other = Volume::open(&dir).is_ok_and(|v| Some(v.meta.uid) != uid);
+        if lazarus_io::fs::exists(&dir) && !other {
+            lazarus_io::fs::remove_dir_all(&dir).map_err(|e| StoreError::io(&dir, e))?;
+            tracing::warn!(volume = %name, "a volume whose creation was cut short removed");
+        }
+        disk::sync_dir(vdir).map_err(|e| StoreError::io(vdir, e))?;
+    }
+    disk::remove_file(marker).map_err(|e| StoreError::io(marker, e))?;
+    disk::sync_dir(vdir).map_err(|e| StoreError::io(vdir, e))
+}
+
 impl Store {
     /// Opens the store under `dir`, creating it if empty, and recovers: applies a
     /// finished checkpoint's page images, verifies every volume, replays the journal,
@@ -239,7 +266,11 @@ impl Store {
             if name.starts_with(".deleted-") || name.starts_with(".creating-") {
                 // A deletion interrupted by a crash: it was already durable (renamed);
                 // or a creation that never reached its rename: nothing refers to it.
-                let _ = lazarus_io::fs::remove_dir_all(&path);
+                if lazarus_io::fs::is_dir(&path) {
+                    let _ = lazarus_io::fs::remove_dir_all(&path);
+                } else {
+                    remove_torn_creation(&vdir, &path)?;
+                }
                 continue;
             }
             if !lazarus_io::fs::is_dir(&path) {
@@ -649,21 +680,30 @@ impl Store {
         // point): a crash midway leaves no half-made volume, only a directory the
         // next open removes.
         // (The simulator's file system renames no directory with its files: there
-        // the volume is made in place.)
+        // the volume is made in place, and a marker file `.creating-UID` naming it,
+        // made durable first and removed once the volume is, stands for the rename.)
         let vdir = self.dir.join("volumes");
         let tmp = if lazarus_io::net::in_simulation() {
             dir.clone()
         } else {
             vdir.join(format!(".creating-{uid}"))
         };
+        let marker = vdir.join(format!(".creating-{uid}"));
         if tmp != dir {
             let _ = lazarus_io::fs::remove_dir_all(&tmp);
+        } else {
+            disk::write_file_atomic(&marker, name.as_bytes())
+                .map_err(|e| StoreError::io(&marker, e))?;
         }
         let made = Volume::create(&tmp, meta).and_then(|v| {
             drop(v);
             let renamed =
                 tmp == dir || disk::rename(&tmp, &dir).map_err(|e| StoreError::io(&dir, e))?;
             disk::sync_dir(&vdir).map_err(|e| StoreError::io(&vdir, e))?;
+            if tmp == dir {
+                disk::remove_file(&marker).map_err(|e| StoreError::io(&marker, e))?;
+                disk::sync_dir(&vdir).map_err(|e| StoreError::io(&vdir, e))?;
+            }
             // (Not renamed only with the power off, simulated: it is gone at restart.)
             let v = Volume::open(if renamed { &dir } else { &tmp })?;
             // As `Volume::create` wrote its checksum header.
@@ -680,6 +720,10 @@ impl Store {
             Err(e) => {
                 let _ = lazarus_io::fs::remove_dir_all(&tmp);
                 let _ = lazarus_io::fs::remove_dir_all(&dir);
+                if tmp == dir && disk::sync_dir(&vdir).is_ok() && disk::remove_file(&marker).is_ok()
+                {
+                    let _ = disk::sync_dir(&vdir);
+                }
                 return Err(e);
             }
         };

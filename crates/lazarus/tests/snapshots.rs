@@ -728,8 +728,20 @@ fn a_clone_shares_its_snapshot_and_outlives_it_on_every_node() {
         &up.uri(1, "c1"),
         &["write -P 0x31 1M 1M", "write -P 0x32 20M 1M", "flush"],
     );
+    // A clone made while that copy is down has three copies too: the one on n3 is
+    // made when n3 returns, and resyncs.
+    let out = up.cli_ok(&["volume", "clone", "vol0@s", "c2"]);
+    assert!(out.contains("cloned vol0@s into new volume c2"), "{out}");
     up.cli_ok(&["fault", "revive", "--node", "n3"]);
     up.wait_all_live(1, "c1", Duration::from_secs(60));
+    let m = up.wait_all_live(1, "c2", Duration::from_secs(60));
+    assert_eq!(m["states"].as_object().map(|s| s.len()), Some(3), "{m}");
+    for n in 1..=3 {
+        assert!(
+            identical(&up.uri(2, "vol0@s"), &up.uri(n, "c2")),
+            "c2 through n{n}"
+        );
+    }
     let roots: Vec<String> = (1..=3).map(|n| up.root(n, "c1")).collect();
     assert!(roots.iter().all(|r| *r == roots[0]), "{roots:?}");
     let (ok, text) = qemu_io(
