@@ -325,6 +325,32 @@ impl Engine {
                     }
                 }
             }
+            // Copies that are not live (dead, or sent back just now) lack the reset:
+            // recorded stale, so that none is ever promoted in place of a reset copy.
+            let unmarked = c
+                .effective(volume)
+                .map(|v| lazarus_node::decide::unmarked_dead(&v))
+                .unwrap_or_default();
+            for n in unmarked.into_iter().filter(|n| *n != c.id) {
+                let cmd = lazarus_cluster::MetaCommand::MarkStale {
+                    volume: volume.to_string(),
+                    node: n,
+                    epoch,
+                };
+                if let Err(e) = c.propose(cmd).await {
+                    failed.push((
+                        format!("n{n}"),
+                        format!("not live, and could not be recorded as lacking the reset: {e}"),
+                    ));
+                }
+            }
+            // Still the primary after those proposals (each may wait): a primary
+            // replaced meanwhile must not send the reset to copies another primary
+            // may already serve from.
+            if let Err(e) = self.still_primary(&vol, Some(epoch)).await {
+                c.reconcile_again(volume);
+                return Err(e);
+            }
             let v = c.effective(volume);
             let live: Vec<u64> = v
                 .as_ref()

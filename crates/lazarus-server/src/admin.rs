@@ -1958,11 +1958,25 @@ pub async fn clone_volume(
                     format!("volume {name:?} does not exist"),
                 )
             })?;
-            // Every copy's node, not only the live ones: a clone made while a copy
-            // is down keeps the volume's number of copies (the copy on the down node
-            // fails to reset, is committed dead and resyncs once back).
+            // As many copies as the volume is to have, on its copies' nodes: the live
+            // ones first, then the others (a copy down now fails to reset, is
+            // committed dead and resyncs once back), never an out node's or one
+            // moving away (a move or rebuild under way holds one copy more).
+            let meta = c.store.meta();
+            let leaving = meta.moving.get(name).copied();
             let mut replicas = vec![c.id];
-            replicas.extend(v.replicas.iter().copied().filter(|n| *n != c.id));
+            let live = v.live();
+            let others = v
+                .replicas
+                .iter()
+                .copied()
+                .filter(|n| !live.contains(n) && !meta.out.contains(n) && Some(*n) != leaving);
+            for n in live.iter().copied().chain(others) {
+                if !replicas.contains(&n) {
+                    replicas.push(n);
+                }
+            }
+            replicas.truncate(v.replication_factor());
             let cmd = lazarus_cluster::MetaCommand::CreateVolume {
                 name: new.clone(),
                 size_bytes: size,
@@ -1999,7 +2013,9 @@ pub async fn clone_volume(
                 Err(e) => return Err(snapshot_error(e)),
             },
         };
-        if t0.elapsed() > std::time::Duration::from_secs(15) {
+        // Room for the new volume's first comparison of its copies to commit a
+        // copy on a down node dead.
+        if t0.elapsed() > std::time::Duration::from_secs(30) {
             return Err(ApiError(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("{why} (volume {new:?} was created empty: delete it and clone again)"),

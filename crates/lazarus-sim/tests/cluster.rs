@@ -149,7 +149,7 @@ fn snapshots_reverts_and_clones_among_faults_reach_every_copy_and_break_no_rule(
         .iter()
         .filter(|r| r.events.iter().any(|e| e.contains("a snapshot taken")))
         .count();
-    assert!(taken * 2 >= reports.len(), "{taken} of {}", reports.len());
+    assert!(taken * 4 >= reports.len(), "{taken} of {}", reports.len());
     let reverted = reports.iter().filter(|r| r.reverts_done > 0).count();
     assert!(
         reverted * 20 >= reports.len(),
@@ -172,17 +172,24 @@ enum Mix {
     Cut,
     /// Those, primaries handed over on request, and snapshots taken and deleted.
     All,
+    /// Those, reverts and clones.
+    Resets,
 }
 
 fn options(seed: u64, faults: usize, mix: Mix) -> Options {
     let mut o = Options::new(seed);
     o.faults = faults;
     o.disk_faults = !matches!(mix, Mix::Plain);
-    o.device_faults = matches!(mix, Mix::Device | Mix::Full | Mix::Cut | Mix::All);
-    o.full_disk = matches!(mix, Mix::Full | Mix::Cut | Mix::All);
-    o.conn_cuts = matches!(mix, Mix::Cut | Mix::All);
-    o.handovers = matches!(mix, Mix::All);
-    o.snapshots = matches!(mix, Mix::All);
+    o.device_faults = matches!(
+        mix,
+        Mix::Device | Mix::Full | Mix::Cut | Mix::All | Mix::Resets
+    );
+    o.full_disk = matches!(mix, Mix::Full | Mix::Cut | Mix::All | Mix::Resets);
+    o.conn_cuts = matches!(mix, Mix::Cut | Mix::All | Mix::Resets);
+    o.handovers = matches!(mix, Mix::All | Mix::Resets);
+    o.snapshots = matches!(mix, Mix::All | Mix::Resets);
+    o.reverts = matches!(mix, Mix::Resets);
+    o.clones = matches!(mix, Mix::Resets);
     o
 }
 
@@ -302,6 +309,17 @@ fn seeds_that_found_bugs_pass() {
         // log's start (the leader now names the copies live in the metadata as it is
         // when it claims).
         (27103, 6, Mix::All),
+        // A clone made with a copy down and that copy's device failed: the creation
+        // torn on it left (in the simulator, where volumes are made in place) a
+        // directory that never loaded, and the clone had two copies for good.
+        (41801, 8, Mix::Resets),
+        // The same torn creation: the simulated disk read the copy made again empty
+        // (`lazarus_io::fs::remove_dir_all`).
+        (41194, 8, Mix::Resets),
+        // A revert while a copy's resync ended: the copy turned live between the
+        // primary listing the live copies and sending the resyncing ones back, and
+        // kept the blocks the revert undid (`Engine::reset_to_snapshot`).
+        (42575, 8, Mix::Resets),
     ];
     for (seed, faults, mix) in cases {
         run_in_process(exe(), &options(seed, faults, mix))

@@ -214,8 +214,8 @@ fn decode_fill(p: &[u8]) -> Option<(u64, Lba, u64, BlockId, u64)> {
 /// (`.creating-UID`, naming it) is still there: its creation never finished, and
 /// nothing refers to it. Its directory goes first, durably, then the marker; a
 /// directory there that loads as another volume (a later creation of the name) stays.
-/// An I/O error stops the open: the directory would be taken for a volume that
-/// cannot load.
+/// An I/O error stops the open (reading the directory's headers, too: only a volume
+/// that is not there, is this creation, or never got a header that verifies goes).
 fn remove_torn_creation(vdir: &Path, marker: &Path) -> Result<(), StoreError> {
     let named = lazarus_io::fs::read(marker).map_err(|e| StoreError::io(marker, e))?;
     let name = String::from_utf8_lossy(&named).to_string();
@@ -226,7 +226,19 @@ fn remove_torn_creation(vdir: &Path, marker: &Path) -> Result<(), StoreError> {
         .and_then(|u| u.parse::<u64>().ok());
     if lazarus_types::check_volume_name(&name).is_ok() {
         let dir = vdir.join(&name);
-        let other = Volume::open(&dir).is_ok_and(|v| Some(v.meta.uid) != uid);
+        let other = match Volume::open(&dir) {
+            Ok(v) => Some(v.meta.uid) != uid,
+            Err(StoreError::Io { source, .. })
+                if lazarus_io::fs::exists(&dir) && source.kind() != std::io::ErrorKind::NotFound =>
+            {
+                return Err(StoreError::Corrupted {
+                    what: "volume being created (its headers cannot be read)",
+                    path: dir,
+                    detail: "a creation cut short left it, and whether it is that creation cannot be told; not opened".into(),
+                })
+            }
+            Err(_) => false,
+        };
         if lazarus_io::fs::exists(&dir) && !other {
             lazarus_io::fs::remove_dir_all(&dir).map_err(|e| StoreError::io(&dir, e))?;
             tracing::warn!(volume = %name, "a volume whose creation was cut short removed");
@@ -257,20 +269,29 @@ impl Store {
         let mut entries: Vec<_> =
             lazarus_io::fs::list_dir(&vdir).map_err(|e| StoreError::io(&vdir, e))?;
         entries.sort();
-        for path in entries {
-            let name = path
-                .file_name()
+        let entry_name = |path: &Path| {
+            path.file_name()
                 .and_then(|n| n.to_str())
                 .unwrap_or_default()
-                .to_string();
+                .to_string()
+        };
+        // First what interrupted deletions and creations left, before any volume
+        // loads (a marker may name a directory that sorts before it).
+        for path in &entries {
+            let name = entry_name(path);
             if name.starts_with(".deleted-") || name.starts_with(".creating-") {
                 // A deletion interrupted by a crash: it was already durable (renamed);
                 // or a creation that never reached its rename: nothing refers to it.
-                if lazarus_io::fs::is_dir(&path) {
-                    let _ = lazarus_io::fs::remove_dir_all(&path);
-                } else {
-                    remove_torn_creation(&vdir, &path)?;
+                if lazarus_io::fs::is_dir(path) {
+                    let _ = lazarus_io::fs::remove_dir_all(path);
+                } else if name.starts_with(".creating-") && lazarus_io::net::in_simulation() {
+                    remove_torn_creation(&vdir, path)?;
                 }
+            }
+        }
+        for path in entries {
+            let name = entry_name(&path);
+            if name.starts_with(".deleted-") || name.starts_with(".creating-") {
                 continue;
             }
             if !lazarus_io::fs::is_dir(&path) {
@@ -720,7 +741,11 @@ impl Store {
             Err(e) => {
                 let _ = lazarus_io::fs::remove_dir_all(&tmp);
                 let _ = lazarus_io::fs::remove_dir_all(&dir);
-                if tmp == dir && disk::sync_dir(&vdir).is_ok() && disk::remove_file(&marker).is_ok()
+                // The marker goes only once the directory it names is gone.
+                if tmp == dir
+                    && !lazarus_io::fs::exists(&dir)
+                    && disk::sync_dir(&vdir).is_ok()
+                    && disk::remove_file(&marker).is_ok()
                 {
                     let _ = disk::sync_dir(&vdir);
                 }
