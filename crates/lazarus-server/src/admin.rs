@@ -1905,8 +1905,9 @@ async fn clone_snapshot(
 /// `lazarus volume clone NAME@SNAP NEW`, on NAME's primary (the simulator calls it
 /// too). In a cluster NEW's copies go on the nodes of NAME's copies, this node its
 /// primary: each live one maps the snapshot's blocks from its own copy, no data moves
-/// (`Engine::reset_to_snapshot`). A name in use is refused: a clone interrupted before
-/// it filled its new volume leaves it empty, to be deleted before trying again.
+/// (`Engine::reset_to_snapshot`). A name in use is refused. A clone that fails after
+/// creating its volume removes it again; one cut off by a crash of this node leaves it,
+/// to be deleted before trying again.
 pub async fn clone_volume(
     engine: &Arc<Engine>,
     cluster: Option<&Arc<lazarus_node::cluster::Cluster>>,
@@ -1939,12 +1940,16 @@ pub async fn clone_volume(
     if named() {
         return Err(conflict(format!("volume {new:?} already exists")));
     }
-    match cluster {
+    // The uid of the volume this call created (it alone is removed if the clone
+    // fails).
+    let created: u64 = match cluster {
         None => {
             let (store, n) = (engine.store.clone(), new.clone());
             lazarus_rpc::rt::blocking(move || store.create_volume(&n, size))
                 .await
-                .map_err(join_err)??;
+                .map_err(join_err)??
+                .meta
+                .uid
         }
         Some(c) => {
             if engine.primary_epoch(name).is_none() {
@@ -1988,24 +1993,88 @@ pub async fn clone_volume(
                 .await
                 .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
             {
-                lazarus_cluster::MetaResponse::Volume(_) => {}
+                lazarus_cluster::MetaResponse::Volume(nv) => nv.uid,
                 lazarus_cluster::MetaResponse::Exists(m) => return Err(conflict(m)),
                 other => return Err(bad(format!("{other:?}"))),
             }
         }
+    };
+    let filled = fill_clone(engine, cluster, name, snap, &new).await;
+    if let Err(e) = &filled {
+        // Not left behind empty (or reset on some copies only): the same clone can
+        // be asked for again at once. A crash here still leaves it, to be deleted.
+        let removed = remove_failed_clone(engine, cluster, &new, created).await;
+        return Err(ApiError(
+            e.0,
+            match removed {
+                Ok(()) => format!("{} (volume {new:?} removed again)", e.1),
+                Err(why) => format!(
+                    "{} (volume {new:?} was created and could not be removed ({why}): delete it and clone again)",
+                    e.1
+                ),
+            },
+        ));
     }
+    filled
+}
+
+/// Removes the volume a failed clone created (uid `created`), unless the name is
+/// another volume's by now.
+async fn remove_failed_clone(
+    engine: &Arc<Engine>,
+    cluster: Option<&Arc<lazarus_node::cluster::Cluster>>,
+    new: &str,
+    created: u64,
+) -> Result<(), String> {
+    match cluster {
+        None => {
+            if engine.store.volume(new).map(|v| v.meta.uid) != Some(created) {
+                return Ok(());
+            }
+            let (store, n) = (engine.store.clone(), new.to_string());
+            lazarus_rpc::rt::blocking(move || store.delete_volume(&n))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())
+        }
+        Some(c) => {
+            if c.store.meta().volumes.get(new).map(|v| v.uid) != Some(created) {
+                return Ok(());
+            }
+            let cmd = lazarus_cluster::MetaCommand::DeleteVolume {
+                name: new.to_string(),
+            };
+            match c.propose(cmd).await.map_err(|e| e.to_string())? {
+                lazarus_cluster::MetaResponse::Ok | lazarus_cluster::MetaResponse::NotFound(_) => {
+                    Ok(())
+                }
+                other => Err(format!("{other:?}")),
+            }
+        }
+    }
+}
+
+/// Makes the new volume `new` read as `name@snap` (`clone_volume`), once its copy
+/// here and this node's lease on it are there.
+async fn fill_clone(
+    engine: &Arc<Engine>,
+    cluster: Option<&Arc<lazarus_node::cluster::Cluster>>,
+    name: &str,
+    snap: &str,
+    new: &str,
+) -> Result<lazarus_engine::snapshots::ResetSummary, ApiError> {
     // The new volume's copy here, and this node's lease on it, come a moment after
     // the metadata names it.
     let t0 = tokio::time::Instant::now();
-    let uid = || cluster.and_then(|c| c.store.meta().volumes.get(&new).map(|v| v.uid));
+    let uid = || cluster.and_then(|c| c.store.meta().volumes.get(new).map(|v| v.uid));
     loop {
         let here = engine
             .store
-            .volume(&new)
+            .volume(new)
             .filter(|l| cluster.is_none() || uid() == Some(l.meta.uid));
         let why: String = match here {
             None => format!("volume {new:?} committed but its copy here did not appear"),
-            Some(_) => match engine.reset_to_snapshot(&new, name, snap).await {
+            Some(_) => match engine.reset_to_snapshot(new, name, snap).await {
                 Ok(out) => return Ok(out),
                 Err(e) if e.message.contains("not the primary") || e.message.contains("lease") => {
                     e.message
@@ -2016,10 +2085,7 @@ pub async fn clone_volume(
         // Room for the new volume's first comparison of its copies to commit a
         // copy on a down node dead.
         if t0.elapsed() > std::time::Duration::from_secs(30) {
-            return Err(ApiError(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("{why} (volume {new:?} was created empty: delete it and clone again)"),
-            ));
+            return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, why));
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
