@@ -1352,6 +1352,15 @@ fn a_latched_store_recovers_once_its_device_is_healed() {
         data.display()
     );
     let out = run(PY, &["-c", &script]);
+    // The flush latches it, or, when n1 was deposed before the flush reached it (its
+    // lease lapses at once with its device), the next sync of its journal does: the
+    // background flush or the resync it starts as a replica.
+    let t0 = std::time::Instant::now();
+    while !up.node_log(1).contains("refusing further writes")
+        && t0.elapsed() < Duration::from_secs(10)
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert!(
         up.node_log(1).contains("refusing further writes"),
         "n1's store did not latch (the test no longer forces the case): {out}"
