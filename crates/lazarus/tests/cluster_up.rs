@@ -706,8 +706,10 @@ fn replication_factor_one_and_delete_everywhere() {
     let m = up.wait_meta(1, "solo", Duration::from_secs(5), "solo created", |_| true);
     assert_eq!(m["replicas"].as_array().unwrap().len(), 1, "{m}");
     qemu_io_ok(&up.uri(1, "solo"), &["write -P 0x21 0 1M", "flush"]);
-    // n2 and n3 hold no copy, yet serve it.
+    // n2 and n3 hold no copy, yet serve it (once their metadata names it: they may
+    // apply the creation a moment after n1).
     for n in [2, 3] {
+        up.wait_meta(n, "solo", Duration::from_secs(10), "solo known", |_| true);
         assert!(
             up.get(n, "/api/v1/volumes/solo").is_none(),
             "n{n} holds a copy"
