@@ -5,7 +5,7 @@
 pub mod meta;
 
 pub use meta::{
-    ClusterMeta, MetaCommand, MetaResponse, NodeId, NodeInfo, ReplicaState, VolumeInfo,
+    CloneFill, ClusterMeta, MetaCommand, MetaResponse, NodeId, NodeInfo, ReplicaState, VolumeInfo,
 };
 pub mod raft_store;
 pub mod runtime;

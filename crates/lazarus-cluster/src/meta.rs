@@ -115,6 +115,20 @@ pub struct VolumeInfo {
     /// drain's `Unflushed`, simulator seed 14193).
     #[serde(default)]
     pub primary_since: u64,
+    /// A clone being filled from its snapshot (`lazarus volume clone`): not served,
+    /// listed as cloning, until `CloneDone` either ends the fill or removes the volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloning: Option<CloneFill>,
+}
+
+/// Where a clone being filled comes from, and which node fills it (`VolumeInfo::cloning`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloneFill {
+    pub source: String,
+    pub snapshot: String,
+    /// The node whose process fills it: the clone is given up (removed) once that
+    /// process is gone (the node restarted, or is out).
+    pub by: NodeId,
 }
 
 impl VolumeInfo {
@@ -274,9 +288,20 @@ pub enum MetaCommand {
         size_bytes: u64,
         replicas: Vec<NodeId>,
         primary: Option<NodeId>,
+        /// A clone: created in state cloning (not served until `CloneDone`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        clone_of: Option<CloneFill>,
     },
     DeleteVolume {
         name: String,
+    },
+    /// Ends the fill of clone `name` (uid `uid`): `filled`, it is served from now on;
+    /// otherwise it is removed. Nothing is done to a volume that is not that clone
+    /// still being filled (answered `NotFound`).
+    CloneDone {
+        name: String,
+        uid: u64,
+        filled: bool,
     },
     /// Records snapshot `name` of `volume` with its id (`Some`), once its copies took
     /// it, or forgets it (`None`) before they delete it.
@@ -563,6 +588,15 @@ impl ClusterMeta {
         Ok(v)
     }
 
+    /// Forgets volume `name`: each node deletes its copy once it applies this.
+    fn remove_volume(&mut self, name: &str) {
+        if let Some(v) = self.volumes.remove(name) {
+            self.deleted.insert(v.uid);
+        }
+        self.moving.remove(name);
+        self.primary_wanted.remove(name);
+    }
+
     fn volume_mut(&mut self, name: &str) -> Result<&mut VolumeInfo, MetaError> {
         self.volumes
             .get_mut(name)
@@ -773,6 +807,7 @@ impl ClusterMeta {
                 size_bytes,
                 replicas,
                 primary,
+                clone_of,
             } => {
                 lazarus_types::check_volume_name(name)?;
                 lazarus_types::check_volume_size(*size_bytes)?;
@@ -820,19 +855,33 @@ impl ClusterMeta {
                     snapshots: BTreeMap::new(),
                     snapshot_sizes: BTreeMap::new(),
                     primary_since: 1,
+                    cloning: clone_of.clone(),
                 };
                 self.volumes.insert(name.clone(), v.clone());
                 Ok(MetaResponse::Volume(v))
             }
             MetaCommand::DeleteVolume { name } => {
-                let v = self.volumes.remove(name).ok_or_else(|| {
-                    MetaError::NotFound(format!("volume {name:?} does not exist"))
-                })?;
-                self.deleted.insert(v.uid);
-                self.moving.remove(name);
-                self.primary_wanted.remove(name);
+                if !self.volumes.contains_key(name) {
+                    return Err(MetaError::NotFound(format!(
+                        "volume {name:?} does not exist"
+                    )));
+                }
+                self.remove_volume(name);
                 Ok(MetaResponse::Ok)
             }
+            MetaCommand::CloneDone { name, uid, filled } => match self.volumes.get_mut(name) {
+                Some(v) if v.uid == *uid && v.cloning.is_some() => {
+                    if *filled {
+                        v.cloning = None;
+                    } else {
+                        self.remove_volume(name);
+                    }
+                    Ok(MetaResponse::Ok)
+                }
+                _ => Err(MetaError::NotFound(format!(
+                    "no clone {name:?} (uid {uid}) is being filled"
+                ))),
+            },
             MetaCommand::SetSnapshot {
                 volume,
                 name,
@@ -1268,11 +1317,66 @@ mod tests {
             size_bytes: 1 << 30,
             replicas: vec![1, 2, 3],
             primary: None,
+            clone_of: None,
         });
         let MetaResponse::Volume(v) = r else {
             panic!("{r:?}")
         };
         v
+    }
+
+    /// A clone is created being filled; `CloneDone` either ends the fill or removes
+    /// it, and only for that clone (its uid) while it is still being filled.
+    #[test]
+    fn clone_done_ends_or_removes_the_fill() {
+        let mut m = meta3();
+        let fill = CloneFill {
+            source: "vol0".into(),
+            snapshot: "s1".into(),
+            by: 2,
+        };
+        let clone = |m: &mut ClusterMeta, name: &str| {
+            let r = m.apply(&MetaCommand::CreateVolume {
+                name: name.into(),
+                size_bytes: 1 << 20,
+                replicas: vec![2, 1, 3],
+                primary: Some(2),
+                clone_of: Some(fill.clone()),
+            });
+            let MetaResponse::Volume(v) = r else {
+                panic!("{r:?}")
+            };
+            assert_eq!(v.cloning.as_ref(), Some(&fill));
+            v
+        };
+        let done = |name: &str, uid: u64, filled: bool| MetaCommand::CloneDone {
+            name: name.into(),
+            uid,
+            filled,
+        };
+        let a = clone(&mut m, "a");
+        let b = clone(&mut m, "b");
+        assert!(matches!(
+            m.apply(&done("a", b.uid, true)),
+            MetaResponse::NotFound(_)
+        ));
+        assert!(m.volumes["a"].cloning.is_some(), "another uid ends nothing");
+        assert_eq!(m.apply(&done("a", a.uid, true)), MetaResponse::Ok);
+        assert_eq!(m.volumes["a"].cloning, None);
+        assert!(
+            matches!(m.apply(&done("a", a.uid, false)), MetaResponse::NotFound(_)),
+            "a filled clone is never removed by a late give-up"
+        );
+        assert!(m.volumes.contains_key("a"));
+        assert_eq!(m.apply(&done("b", b.uid, false)), MetaResponse::Ok);
+        assert!(!m.volumes.contains_key("b"));
+        assert!(m.deleted.contains(&b.uid), "its copies are deleted");
+        let b2 = clone(&mut m, "b");
+        assert!(matches!(
+            m.apply(&done("b", b.uid, true)),
+            MetaResponse::NotFound(_)
+        ));
+        assert!(m.volumes["b"].cloning.is_some() && b2.uid != b.uid);
     }
 
     #[test]
@@ -1288,7 +1392,8 @@ mod tests {
                     name: name.into(),
                     size_bytes: size,
                     replicas,
-                    primary: None
+                    primary: None,
+                    clone_of: None,
                 }),
                 MetaResponse::Rejected(_) | MetaResponse::Exists(_)
             )
@@ -1299,7 +1404,8 @@ mod tests {
                     name: "vol0".into(),
                     size_bytes: 1 << 30,
                     replicas: vec![1, 2, 3],
-                    primary: None
+                    primary: None,
+                    clone_of: None,
                 }),
                 MetaResponse::Exists(_)
             ),

@@ -222,6 +222,8 @@ pub struct Cluster {
     /// Per volume, since when (on this leader) a copy waits for the node replacing its
     /// node (`lazarus node replace`) to answer.
     pub(crate) replacement_waits: parking_lot::Mutex<HashMap<String, Instant>>,
+    /// The clones this process is filling (`clones.rs`).
+    pub(crate) filling: crate::clones::Filling,
 }
 
 impl Cluster {
@@ -383,6 +385,7 @@ impl Cluster {
             out_after: Duration::from_secs(cfg.out_after_secs.max(1)),
             resync_rate: (cfg.resync_max_mib_s > 0).then_some(cfg.resync_max_mib_s << 20),
             replacement_waits: Default::default(),
+            filling: Default::default(),
         });
         let listener = lazarus_rpc::net::Listener::bind(&rpc_listen.to_string())
             .await

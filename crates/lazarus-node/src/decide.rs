@@ -622,6 +622,7 @@ mod tests {
             snapshots: Default::default(),
             snapshot_sizes: Default::default(),
             primary_since: 2,
+            cloning: None,
         }
     }
 

@@ -13,6 +13,7 @@
 //! (`lazarus`).
 
 pub mod claims;
+pub mod clones;
 pub mod cluster;
 pub mod config;
 pub mod decide;

@@ -213,6 +213,9 @@ pub struct VolumeView {
     /// (not written since the clone).
     #[serde(default, skip_serializing_if = "is_zero_u64")]
     pub shared_blocks: u64,
+    /// A clone still being made (not served yet): the snapshot it is made from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub being_made_from: Option<String>,
 }
 
 fn is_zero_u64(n: &u64) -> bool {
@@ -238,6 +241,7 @@ pub fn volume_view(v: &Volume) -> VolumeView {
         exclusive_bytes: None,
         clone_of: None,
         shared_blocks: v.shared_usage().1,
+        being_made_from: None,
     }
 }
 
@@ -463,7 +467,9 @@ async fn cluster_status(State(s): State<AppState>) -> Result<Json<serde_json::Va
 async fn list_volumes(State(s): State<AppState>) -> Result<Json<Vec<VolumeView>>, ApiError> {
     let mut out = Vec::new();
     for v in s.engine.store.volumes() {
-        out.push(volume_view_with_space(&s.engine.store, v).await?);
+        let mut view = volume_view_with_space(&s.engine.store, v).await?;
+        view.being_made_from = being_made_from(&s, &view.name);
+        out.push(view);
     }
     Ok(Json(out))
 }
@@ -556,6 +562,7 @@ async fn create_in_cluster(
         size_bytes: size,
         replicas: replicas.clone(),
         primary: Some(replicas[0]),
+        clone_of: None,
     };
     let placed_here = replicas.contains(&c.id);
     match c
@@ -629,6 +636,7 @@ async fn created_elsewhere(
                         exclusive_bytes: None,
                         clone_of: None,
                         shared_blocks: 0,
+                        being_made_from: None,
                     }),
                 ));
             }
@@ -639,6 +647,26 @@ async fn created_elsewhere(
         StatusCode::INTERNAL_SERVER_ERROR,
         format!("volume {name:?} is in the cluster metadata, but its primary n{primary} has not reported its copy yet"),
     ))
+}
+
+/// Refuses what a clone still being made cannot do yet (be read, written, grown,
+/// snapshotted or reverted): it is served once it is filled (`lazarus_node::clones`).
+fn not_being_made(s: &AppState, name: &str) -> Result<(), ApiError> {
+    match being_made_from(s, name) {
+        Some(from) => Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("volume {name:?} is a clone of {from} still being made; try again once it is"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// For a clone still being made: the snapshot (`VOLUME@NAME`) it is made from.
+fn being_made_from(s: &AppState, name: &str) -> Option<String> {
+    let c = s.cluster.as_ref()?;
+    let meta = c.store.meta();
+    let f = meta.volumes.get(name)?.cloning.as_ref()?;
+    Some(format!("{}@{}", f.source, f.snapshot))
 }
 
 fn find(s: &AppState, name: &str) -> Result<Arc<Volume>, ApiError> {
@@ -655,7 +683,9 @@ async fn get_volume(
     Path(name): Path<String>,
 ) -> Result<Json<VolumeView>, ApiError> {
     let v = find(&s, &name)?;
-    Ok(Json(volume_view_with_space(&s.engine.store, v).await?))
+    let mut view = volume_view_with_space(&s.engine.store, v).await?;
+    view.being_made_from = being_made_from(&s, &name);
+    Ok(Json(view))
 }
 
 async fn delete_volume(
@@ -711,6 +741,7 @@ async fn resize_volume(
     let req = request_body(body)?;
     let size = req.size.bytes()?;
     lazarus_types::check_volume_size(size).map_err(|m| ApiError(StatusCode::BAD_REQUEST, m))?;
+    not_being_made(&s, &name)?;
     if let Some(c) = s.cluster.clone() {
         let cmd = lazarus_cluster::MetaCommand::ResizeVolume {
             name: name.clone(),
@@ -777,6 +808,7 @@ async fn resize_volume(
             exclusive_bytes: None,
             clone_of: None,
             shared_blocks: 0,
+            being_made_from: None,
         };
         if let Some(m) = c.store.meta().volumes.get(&name) {
             v.uid = format!("{:016x}", m.uid);
@@ -1718,6 +1750,7 @@ async fn create_snapshot(
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let req = request_body(body)?;
     let v = find(&s, &name)?;
+    not_being_made(&s, &name)?;
     let (sn, outcome) = s
         .engine
         .create_snapshot(&name, &req.name)
@@ -1875,6 +1908,7 @@ async fn revert_volume(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let req = request_body(body)?;
     find(&s, &name)?;
+    not_being_made(&s, &name)?;
     let outcome = s
         .engine
         .reset_to_snapshot(&name, &name, &req.name)
@@ -1941,85 +1975,130 @@ pub async fn clone_volume(
         return Err(conflict(format!("volume {new:?} already exists")));
     }
     // The uid of the volume this call created (it alone is removed if the clone
-    // fails).
-    let created: u64 = match cluster {
-        None => {
-            let (store, n) = (engine.store.clone(), new.clone());
-            lazarus_rpc::rt::blocking(move || store.create_volume(&n, size))
-                .await
-                .map_err(join_err)??
-                .meta
-                .uid
-        }
-        Some(c) => {
-            if engine.primary_epoch(name).is_none() {
-                return Err(conflict(format!(
-                    "this node is not the primary of {name:?}; ask the primary"
-                )));
+    // fails), and, in a cluster, this process's claim on filling it: a clone still
+    // being filled when the claim goes (this process with it) is removed.
+    let mut claim = None;
+    let created: u64 =
+        match cluster {
+            None => {
+                let (store, n) = (engine.store.clone(), new.clone());
+                lazarus_rpc::rt::blocking(move || store.create_volume(&n, size))
+                    .await
+                    .map_err(join_err)??
+                    .meta
+                    .uid
             }
-            let v = c.effective(name).ok_or_else(|| {
-                ApiError(
-                    StatusCode::NOT_FOUND,
-                    format!("volume {name:?} does not exist"),
-                )
-            })?;
-            // As many copies as the volume is to have, on its copies' nodes: the live
-            // ones first, then the others (a copy down now fails to reset, is
-            // committed dead and resyncs once back), never an out node's or one
-            // moving away (a move or rebuild under way holds one copy more).
-            let meta = c.store.meta();
-            let leaving = meta.moving.get(name).copied();
-            let mut replicas = vec![c.id];
-            let live = v.live();
-            let others = v
-                .replicas
-                .iter()
-                .copied()
-                .filter(|n| !live.contains(n) && !meta.out.contains(n) && Some(*n) != leaving);
-            for n in live.iter().copied().chain(others) {
-                if !replicas.contains(&n) {
-                    replicas.push(n);
+            Some(c) => {
+                if engine.primary_epoch(name).is_none() {
+                    return Err(conflict(format!(
+                        "this node is not the primary of {name:?}; ask the primary"
+                    )));
+                }
+                let v = c.effective(name).ok_or_else(|| {
+                    ApiError(
+                        StatusCode::NOT_FOUND,
+                        format!("volume {name:?} does not exist"),
+                    )
+                })?;
+                if v.cloning.is_some() {
+                    return Err(conflict(format!(
+                        "volume {name:?} is a clone still being made; try again once it is"
+                    )));
+                }
+                // As many copies as the volume is to have, on its copies' nodes: the live
+                // ones first, then the others (a copy down now fails to reset, is
+                // committed dead and resyncs once back), never an out node's or one
+                // moving away (a move or rebuild under way holds one copy more).
+                let meta = c.store.meta();
+                let leaving = meta.moving.get(name).copied();
+                let mut replicas = vec![c.id];
+                let live = v.live();
+                let others =
+                    v.replicas.iter().copied().filter(|n| {
+                        !live.contains(n) && !meta.out.contains(n) && Some(*n) != leaving
+                    });
+                for n in live.iter().copied().chain(others) {
+                    if !replicas.contains(&n) {
+                        replicas.push(n);
+                    }
+                }
+                replicas.truncate(v.replication_factor());
+                claim = Some(c.filling_clone(&new).ok_or_else(|| {
+                    conflict(format!("a clone {new:?} is already being made here"))
+                })?);
+                let cmd = lazarus_cluster::MetaCommand::CreateVolume {
+                    name: new.clone(),
+                    size_bytes: size,
+                    replicas,
+                    primary: Some(c.id),
+                    clone_of: Some(lazarus_cluster::CloneFill {
+                        source: name.to_string(),
+                        snapshot: snap.to_string(),
+                        by: c.id,
+                    }),
+                };
+                match c
+                    .propose(cmd)
+                    .await
+                    .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
+                {
+                    lazarus_cluster::MetaResponse::Volume(nv) => nv.uid,
+                    lazarus_cluster::MetaResponse::Exists(m) => return Err(conflict(m)),
+                    other => return Err(bad(format!("{other:?}"))),
                 }
             }
-            replicas.truncate(v.replication_factor());
-            let cmd = lazarus_cluster::MetaCommand::CreateVolume {
-                name: new.clone(),
-                size_bytes: size,
-                replicas,
-                primary: Some(c.id),
-            };
-            match c
-                .propose(cmd)
+        };
+    let e: ApiError = match fill_clone(engine, cluster, name, snap, &new).await {
+        Ok(out) => match cluster {
+            None => return Ok(out),
+            // Served from now on.
+            Some(c) => match c
+                .propose(lazarus_cluster::MetaCommand::CloneDone {
+                    name: new.clone(),
+                    uid: created,
+                    filled: true,
+                })
                 .await
-                .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
             {
-                lazarus_cluster::MetaResponse::Volume(nv) => nv.uid,
-                lazarus_cluster::MetaResponse::Exists(m) => return Err(conflict(m)),
-                other => return Err(bad(format!("{other:?}"))),
-            }
-        }
-    };
-    let filled = fill_clone(engine, cluster, name, snap, &new).await;
-    if let Err(e) = &filled {
-        // Not left behind empty (or reset on some copies only): the same clone can
-        // be asked for again at once. A crash here still leaves it, to be deleted.
-        let removed = remove_failed_clone(engine, cluster, &new, created).await;
-        return Err(ApiError(
-            e.0,
-            match removed {
-                Ok(()) => format!("{} (volume {new:?} removed again)", e.1),
-                Err(why) => format!(
-                    "{} (volume {new:?} was created and could not be removed ({why}): delete it and clone again)",
-                    e.1
+                Ok(lazarus_cluster::MetaResponse::Ok) => return Ok(out),
+                Ok(other) => ApiError(
+                    StatusCode::CONFLICT,
+                    format!("volume {new:?} was filled but is no longer the clone being made: {other:?}"),
                 ),
+                Err(e) => {
+                    // Committed or not: if not, the clone is removed once this call
+                    // lets go of it.
+                    drop(claim);
+                    return Err(ApiError(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!(
+                            "volume {new:?} was filled but its end could not be confirmed ({e}): `volume list` shows it if it was made; if not, it is removed and can be asked for again"
+                        ),
+                    ));
+                }
             },
-        ));
-    }
-    filled
+        },
+        Err(e) => e,
+    };
+    // Not left behind empty (or reset on some copies only): the same clone can be
+    // asked for again at once.
+    let removed = remove_failed_clone(engine, cluster, &new, created).await;
+    drop(claim);
+    Err(ApiError(
+        e.0,
+        match removed {
+            Ok(()) => format!("{} (volume {new:?} removed again)", e.1),
+            Err(why) => format!(
+                "{} (volume {new:?} was created and could not be removed yet ({why}); it is removed once this node gets through)",
+                e.1
+            ),
+        },
+    ))
 }
 
 /// Removes the volume a failed clone created (uid `created`), unless the name is
-/// another volume's by now.
+/// another volume's by now (in a cluster: unless it is no longer that clone being
+/// filled).
 async fn remove_failed_clone(
     engine: &Arc<Engine>,
     cluster: Option<&Arc<lazarus_node::cluster::Cluster>>,
@@ -2038,11 +2117,10 @@ async fn remove_failed_clone(
                 .map_err(|e| e.to_string())
         }
         Some(c) => {
-            if c.store.meta().volumes.get(new).map(|v| v.uid) != Some(created) {
-                return Ok(());
-            }
-            let cmd = lazarus_cluster::MetaCommand::DeleteVolume {
+            let cmd = lazarus_cluster::MetaCommand::CloneDone {
                 name: new.to_string(),
+                uid: created,
+                filled: false,
             };
             match c.propose(cmd).await.map_err(|e| e.to_string())? {
                 lazarus_cluster::MetaResponse::Ok | lazarus_cluster::MetaResponse::NotFound(_) => {
@@ -2355,6 +2433,7 @@ async fn do_io(
     payload: &[u8],
     no_hole: bool,
 ) -> Result<Vec<u8>, ApiError> {
+    not_being_made(s, name)?;
     let size = match s.engine.store.volume(name) {
         Some(v) => v.size_bytes(),
         None => s
@@ -2417,6 +2496,7 @@ async fn volume_map(
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let v = find(&s, &name)?;
+    not_being_made(&s, &name)?;
     let ext = lazarus_rpc::rt::blocking(move || v.mapped_extents())
         .await
         .map_err(join_err)?;

@@ -132,6 +132,8 @@ impl Catalog {
             .meta()
             .volumes
             .values()
+            // A clone still being made is not served (`lazarus_node::clones`).
+            .filter(|v| v.cloning.is_none())
             .map(|v| ExportInfo {
                 name: v.name.clone(),
                 // A volume just grown: its new size once this node's copy has grown

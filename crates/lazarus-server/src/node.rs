@@ -127,6 +127,7 @@ pub async fn start(
             c.watch_primaries();
             c.watch_peers();
             c.watch_membership();
+            c.watch_clones();
             c.lease_loop();
             c.hold_loop();
             c.jeopardy_loop();

@@ -356,6 +356,7 @@ async fn run_node(id: &'static str, volume_bytes: u64, written: Arc<Vec<u64>>) -
                         size_bytes: volume_bytes,
                         replicas: meta.nodes.keys().copied().take(COPIES).collect(),
                         primary: Some(c.id),
+                        clone_of: None,
                     };
                     let _ = c.propose(cmd).await;
                 }
@@ -979,10 +980,10 @@ async fn run_client(opts: Options) -> turmoil::Result {
                 return Ok(());
             }
         };
-        // Each clone that the metadata names: a block reads as the snapshot held it
-        // (a clone whose creation was not acknowledged may read as zeroes too: it was
-        // left empty).
-        let clones: Vec<(String, Held, bool)> = {
+        // Each clone that the metadata names: a block reads as the snapshot held it,
+        // whether its creation was acknowledged or not (one cut off before it was
+        // filled is removed, never left empty).
+        let clones: Vec<(String, Held)> = {
             let sh = sh.borrow();
             sh.clones
                 .iter()
@@ -991,10 +992,10 @@ async fn run_client(opts: Options) -> turmoil::Result {
                         .values()
                         .any(|v| v.clones.get(*n).is_some_and(|c| c.0.is_some()))
                 })
-                .map(|(n, (held, done))| (n.clone(), held.clone(), *done == Some(true)))
+                .map(|(n, (held, _))| (n.clone(), held.clone()))
                 .collect()
         };
-        for (name, held, done) in clones {
+        for (name, held) in clones {
             let mut cc = match tokio::time::timeout(
                 CONNECT_TIMEOUT * 4,
                 Client::connect(&addr(node, NBD_PORT), &name),
@@ -1014,13 +1015,10 @@ async fn run_client(opts: Options) -> turmoil::Result {
                 }
             };
             for &lba in &written {
-                let mut possible = held
+                let possible = held
                     .get(&lba)
                     .cloned()
                     .unwrap_or_else(|| BTreeSet::from([0]));
-                if !done {
-                    possible.insert(0);
-                }
                 let r = tokio::time::timeout(
                     REQUEST_TIMEOUT,
                     cc.read(lba * BLOCK as u64, BLOCK as u32),
@@ -1159,7 +1157,9 @@ fn clones_whole(views: &BTreeMap<String, View>) -> bool {
                 }
                 continue;
             };
-            if m.states.values().any(|s| *s != ReplicaState::Live)
+            // Filled, or given up (removed) once its filler is gone.
+            if m.cloning.is_some()
+                || m.states.values().any(|s| *s != ReplicaState::Live)
                 || m.replicas.len() != m.replication_factor()
             {
                 return false;

@@ -535,6 +535,10 @@ fn print_volumes(vols: &Value) {
             .filter_map(|s| s.as_str())
             .collect();
         let shares = match v["clone_of"].as_str() {
+            _ if v["being_made_from"].is_string() => format!(
+                " (clone of {} being made: not served yet)",
+                v["being_made_from"].as_str().unwrap_or("?")
+            ),
             Some(base) => format!(
                 " (clone of {base}, {} still shared)",
                 human(v["shared_blocks"].as_u64().unwrap_or(0) * 4096)

@@ -1299,6 +1299,97 @@ fn a_primary_killed_while_a_snapshot_is_taken_leaves_it_whole_or_absent() {
     eprintln!("(command succeeded, snapshot named) per round: {outcomes:?}");
 }
 
+/// The primary killed (kill -9 at a random instant) while it makes a clone: a clone
+/// still being made is served by no node; once the node is back the clone is either
+/// whole (its snapshot's data through every node) or gone, and asking again makes it.
+/// A clone the command reported made is never gone.
+#[test]
+fn a_primary_killed_while_it_clones_leaves_the_clone_whole_or_gone() {
+    let (tmp, data) = setup();
+    let up = Up::start(&data, "256MiB");
+    let mut rng = fastrand::Rng::with_seed(seed());
+    let img = tmp.path().join("in.img");
+    random_file(&img, 24 << 20, seed());
+    run("nbdcopy", &[img.to_str().unwrap(), &up.uri(1, "vol0")]);
+    up.cli_ok(&["snapshot", "create", "vol0", "s"]);
+    qemu_io_ok(&up.uri(1, "vol0"), &["write -P 0x5a 0 8M", "flush"]);
+    let mut primary = 1u16;
+    let mut outcomes = Vec::new();
+    for round in 0..4u8 {
+        let name = format!("c{round}");
+        let cli = std::process::Command::new(BIN)
+            .args(["volume", "clone", "vol0@s", &name, "--data"])
+            .arg(&data)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(rng.u64(5..400)));
+        up.cli_ok(&["fault", "kill", "--node", &format!("n{primary}")]);
+        let o = cli.wait_with_output().unwrap();
+        let other = if primary == 1 { 2 } else { 1 };
+        // Named but still being made: no node serves it.
+        let mid = up
+            .volume_meta(other, &name)
+            .is_some_and(|m| !m["cloning"].is_null());
+        if mid {
+            for n in (1..=3).filter(|n| *n != primary) {
+                let (ok, text) = qemu_io(&up.uri(n, &name), &["read 0 4k"], true);
+                assert!(
+                    !ok,
+                    "round {round}: n{n} serves {name} while it is being made: {text}"
+                );
+            }
+        }
+        let m = up.wait_meta(other, "vol0", Duration::from_secs(30), "failover", |m| {
+            m["primary"].as_u64().is_some_and(|p| p != primary as u64)
+        });
+        let old = primary;
+        primary = m["primary"].as_u64().unwrap() as u16;
+        up.cli_ok(&["fault", "revive", "--node", &format!("n{old}")]);
+        up.wait_all_live(primary, "vol0", Duration::from_secs(60));
+        // Whole or gone: a clone being made is given up once its maker is back.
+        let t0 = std::time::Instant::now();
+        let made = loop {
+            match up.volume_meta(primary, &name) {
+                None => break false,
+                Some(m)
+                    if m["cloning"].is_null()
+                        && m["states"]
+                            .as_object()
+                            .is_some_and(|s| s.values().all(|v| v == "live")) =>
+                {
+                    break true
+                }
+                Some(m) => assert!(
+                    t0.elapsed() < Duration::from_secs(60),
+                    "round {round}: {name} neither whole nor gone: {m}"
+                ),
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        if o.status.success() {
+            assert!(
+                made,
+                "round {round}: the command reported {name} made, but it is gone: {}",
+                String::from_utf8_lossy(&o.stdout)
+            );
+        }
+        outcomes.push((o.status.success(), mid, made));
+        if !made {
+            up.cli_ok(&["volume", "clone", "vol0@s", &name]);
+            up.wait_all_live(primary, &name, Duration::from_secs(60));
+        }
+        for n in 1..=3 {
+            assert!(
+                identical(&up.uri(n, "vol0@s"), &up.uri(n, &name)),
+                "round {round}: {name} through n{n} is not its snapshot"
+            );
+        }
+    }
+    eprintln!("(command succeeded, seen mid-way, made) per round: {outcomes:?}");
+}
+
 /// Snapshots on both sides of a resize: the one taken before keeps its size and data
 /// through every node, the one after holds both; a diff between them grows a volume
 /// that holds the first and leaves it byte-identical with the second, its root checked;
