@@ -11,7 +11,8 @@ after round, injects one or several faults chosen from a seeded random generator
   `eio`, `device fail`, the recovery server killed or stopped, a node cut from the
   recovery server, jeopardy protection with every copy live, kill -9 of every node,
   a full disk (when the data directory can be put on a small tmpfs of its own),
-  and snapshots taken (and the oldest deleted) among the other faults.
+  and snapshots taken (and the oldest deleted), clones of them made (and the oldest
+  deleted) and the volume reverted to one, among the other faults.
 
 After each round every fault is healed; the round passes when every node's
 metadata shows every copy of vol0 live under one primary, every copy has the same
@@ -22,7 +23,14 @@ that was not written. A read error after the heal fails the round unless the
 block is in the volume's listed unrecoverable ranges. Every snapshot the cluster
 names is read through every node too: the same bytes everywhere, each block a
 version flushed before the snapshot command started or sent before it returned; a
-snapshot the command reported taken must be named (until deleted).
+snapshot the command reported taken must be named (until deleted). Every clone
+the cluster names is read the same way, against its snapshot's bounds, once it is
+whole (a clone still being made after the heal must be whole or gone within a
+minute); a clone the command reported made must be named (until deleted). A revert
+runs with the clients paused: the blocks' flushed floor drops to the snapshot's, the
+writes acknowledged before it are vouched for by no later flush, and, when it
+reports success, every tracked block read through the primary right after it must
+be a version the snapshot may hold.
 
 Every block's content names the block and the version and is a hash stream of
 both, so a misplaced or torn block is caught, not just a stale one.
@@ -111,6 +119,7 @@ class Tracker:
         self.tried = {b: 0 for b in blocks}  # highest version sent (acked or not)
         self.durable = {b: 0 for b in blocks}  # acked before a successful flush
         self.lock = threading.Lock()
+        self.run = None
 
     def check(self, blk, ver):
         """None when `ver` is a version the block may hold, else why not."""
@@ -364,7 +373,8 @@ class Faults:
     """Injects and heals faults through the CLI and signals."""
 
     KINDS = ["kill1", "kill2", "sigstop", "drop", "stall", "isolate", "corrupt", "eio", "device", "rs_kill",
-             "rs_sigstop", "full_disk", "protect", "kill_all", "rs_cut", "meta_fail", "snapshot"]
+             "rs_sigstop", "full_disk", "protect", "kill_all", "rs_cut", "meta_fail", "snapshot", "clone",
+             "revert"]
 
     def __init__(self, cl, rng, blocks, tracker):
         self.cl = cl
@@ -380,6 +390,17 @@ class Faults:
         # "hi": versions sent when it returned, "taken": it reported success,
         # "deleted": a deletion of it reported success}
         self.snaps = {}
+        self.clone_seq = 0
+        # Clones asked for: name -> {"snap", "lo", "hi" (the snapshot's bounds), "made":
+        # the command reported success, "deleted": a deletion of it reported success}
+        self.clones = {}
+        # The clients, paused for a revert.
+        self.writers = []
+        # Found while injecting (a revert's reads).
+        self.violations = []
+
+    def kept_snapshots(self):
+        return [n for n, v in self.snaps.items() if v["taken"] and not v["deleted"]]
 
     def kill(self, n):
         """kill -9 through the CLI; False when it could not (on a full disk the CLI
@@ -507,6 +528,56 @@ class Faults:
                     self.snaps[old]["deleted"] = True
                 out += f", delete {old}"
             return out
+        if kind == "clone":
+            # The clone is made among the round's faults; at most two are kept.
+            kept = self.kept_snapshots()
+            if not kept:
+                return "clone (skipped: no snapshot taken)"
+            snap = rng.choice(kept)
+            self.clone_seq += 1
+            name = f"cl{self.clone_seq}"
+            r = cl.cli("volume", "clone", f"{VOLUME}@{snap}", name, check=False)
+            made = r is not None and r.returncode == 0
+            rec = self.snaps[snap]
+            self.clones[name] = {"snap": snap, "lo": rec["lo"], "hi": rec["hi"], "made": made, "deleted": False}
+            why = "" if made or r is None else ": " + (r.stderr or r.stdout).strip()[:160]
+            out = f"clone {VOLUME}@{snap} into {name} ({'made' if made else 'failed'}{why})"
+            kept = [n for n, v in self.clones.items() if not v["deleted"]]
+            if len(kept) > 2:
+                old = kept[0]
+                d = cl.cli("volume", "delete", old, check=False)
+                if d is not None and d.returncode == 0:
+                    self.clones[old]["deleted"] = True
+                out += f", delete {old}"
+            return out
+        if kind == "revert":
+            kept = self.kept_snapshots()
+            if not kept:
+                return "revert (skipped: no snapshot taken)"
+            snap = rng.choice(kept)
+            rec = self.snaps[snap]
+            # The clients paused, nothing in flight: after the revert (or one cut off,
+            # which may have happened) a block holds the snapshot's version or a later
+            # one, and no flush vouches for a write acknowledged before it.
+            for w in self.writers:
+                w.pause()
+            for w in self.writers:
+                w.acked.clear()
+            with self.tracker.lock:
+                for b in self.tracker.durable:
+                    self.tracker.durable[b] = min(self.tracker.durable[b], rec["lo"][b])
+            r = cl.cli("volume", "revert", VOLUME, snap, check=False)
+            done = r is not None and r.returncode == 0
+            checked = 0
+            if done:
+                prim = int(cl.primary()[1:])
+                v, _ = read_frozen(cl, prim, VOLUME, rec, self.tracker.run, f"{VOLUME} just reverted to {snap}")
+                self.violations += v
+                checked = 1
+            for w in self.writers:
+                w.resume()
+            why = "" if done or r is None else ": " + (r.stderr or r.stdout).strip()[:160]
+            return f"revert {VOLUME} to {snap} ({'done, read back' if checked else 'failed'}{why})"
         if kind == "full_disk":
             if not cl.tmpfs or self.ballast:
                 return "full disk (skipped)"
@@ -597,6 +668,67 @@ def named_snapshots(cl):
     return None
 
 
+def read_frozen(cl, n, export, rec, run, label):
+    """Reads every tracked block of `export` (a snapshot, a clone, the volume just
+    reverted) through node n against the snapshot's bounds `rec` ("lo": versions
+    flushed before it was taken, "hi": versions sent when it returned); returns
+    (violations, image or None when the node could not be read)."""
+    violations = []
+    exts = sorted({b - b % EXTENT for b in rec["lo"]})
+    buf = VERIFY_BUFFERS[0]
+    uri = cl.uri(n).replace(f"/{VOLUME}?", f"/{export}?")
+    try:
+        # A copy that missed a snapshot installs it a moment after it is live.
+        h = connect(uri, 40)
+    except (nbd.Error, Timeout) as e:
+        return [], f"n{n}: {label}: cannot connect: {e}"
+    img = {}
+    for ext in exts:
+        try:
+            wait_cmd(h, h.aio_pread(buf, ext * BLOCK), time.monotonic() + 30)
+        except (nbd.Error, Timeout) as e:
+            del h
+            return violations, f"n{n}: {label}: read of extent {ext} failed: {e}"
+        data = bytes(buf.to_bytearray())
+        for i in range(EXTENT):
+            blk = ext + i
+            if blk not in rec["lo"]:
+                continue
+            d = data[i * BLOCK:(i + 1) * BLOCK]
+            img[blk] = d
+            v = decode(run, blk, d)
+            if v is None:
+                violations.append(f"n{n}: {label}: block {blk} holds data never written to it")
+            elif v < rec["lo"][blk]:
+                violations.append(f"n{n}: {label}: block {blk} holds version {v}, older than "
+                                  f"version {rec['lo'][blk]} flushed before the snapshot")
+            elif v > rec["hi"][blk]:
+                violations.append(f"n{n}: {label}: block {blk} holds version {v}, sent after "
+                                  f"the snapshot returned (then at {rec['hi'][blk]})")
+    del h
+    return violations, img
+
+
+def check_frozen(cl, export, rec, run, label):
+    """`read_frozen` through every node, and the same bytes everywhere; returns
+    (violations, read errors)."""
+    violations, errors, images = [], [], {}
+    for n in (1, 2, 3):
+        v, img = read_frozen(cl, n, export, rec, run, label)
+        violations += v
+        if isinstance(img, str):
+            errors.append(img)
+        else:
+            images[n] = img
+    if len(images) > 1:
+        first = next(iter(images.values()))
+        for n, img in images.items():
+            diff = [b for b in img if first.get(b, img[b]) != img[b]]
+            if diff:
+                violations.append(f"n{n}: {label} differs from another node's at blocks {diff[:5]}")
+    return violations, errors
+
+
 def verify_snapshots(cl, faults, run):
     """Reads every tracked block of every snapshot the cluster names through every node;
     returns (violations, read errors)."""
@@ -613,48 +745,48 @@ def verify_snapshots(cl, faults, run):
             # Never named, or deleted: gone for good.
             del faults.snaps[name]
             continue
-        exts = sorted({b - b % EXTENT for b in faults.tracker.blocks})
-        images = {}
-        buf = VERIFY_BUFFERS[0]
-        for n in (1, 2, 3):
-            uri = cl.uri(n).replace(f"/{VOLUME}?", f"/{VOLUME}@{name}?")
-            try:
-                # A copy that missed the snapshot installs it a moment after it is live.
-                h = connect(uri, 40)
-            except (nbd.Error, Timeout) as e:
-                errors.append(f"n{n}: snapshot {name}: cannot connect: {e}")
-                continue
-            img = {}
-            for ext in exts:
-                try:
-                    wait_cmd(h, h.aio_pread(buf, ext * BLOCK), time.monotonic() + 30)
-                except (nbd.Error, Timeout) as e:
-                    errors.append(f"n{n}: snapshot {name}: read of extent {ext} failed: {e}")
-                    continue
-                data = bytes(buf.to_bytearray())
-                for i in range(EXTENT):
-                    blk = ext + i
-                    if blk not in rec["lo"]:
-                        continue
-                    d = data[i * BLOCK:(i + 1) * BLOCK]
-                    img[blk] = d
-                    v = decode(run, blk, d)
-                    if v is None:
-                        violations.append(f"n{n}: snapshot {name}: block {blk} holds data never written to it")
-                    elif v < rec["lo"][blk]:
-                        violations.append(f"n{n}: snapshot {name}: block {blk} holds version {v}, older than "
-                                          f"version {rec['lo'][blk]} flushed before the snapshot")
-                    elif v > rec["hi"][blk]:
-                        violations.append(f"n{n}: snapshot {name}: block {blk} holds version {v}, sent after "
-                                          f"the snapshot returned (then at {rec['hi'][blk]})")
-            del h
-            images[n] = img
-        if len(images) > 1:
-            first = next(iter(images.values()))
-            for n, img in images.items():
-                diff = [b for b in img if first.get(b, img[b]) != img[b]]
-                if diff:
-                    violations.append(f"n{n}: snapshot {name} differs from another node's at blocks {diff[:5]}")
+        v, e = check_frozen(cl, f"{VOLUME}@{name}", rec, run, f"snapshot {name}")
+        violations += v
+        errors += e
+    return violations, errors
+
+
+def volumes_meta(cl):
+    for n in (1, 2, 3):
+        c = cl.get(n, "/api/v1/cluster")
+        if c:
+            return c.get("metadata", {}).get("volumes", {})
+    return None
+
+
+def verify_clones(cl, faults, run):
+    """Each clone the cluster names, once whole (every copy live, made), read through
+    every node against its snapshot's bounds; a clone reported made must be named, and
+    one still being made must be whole or gone within a minute. Returns (violations,
+    read errors)."""
+    violations, errors = [], []
+    for name, rec in list(faults.clones.items()):
+        t0 = time.monotonic()
+        while True:
+            vols = volumes_meta(cl)
+            if vols is None:
+                return violations, errors + ["no node answers with the metadata"]
+            m = vols.get(name)
+            if m is None:
+                if rec["made"] and not rec["deleted"]:
+                    violations.append(f"clone {name}, reported made, is not named by the cluster")
+                del faults.clones[name]
+                break
+            whole = m.get("cloning") is None and all(s == "live" for s in m.get("states", {}).values())
+            if whole:
+                v, e = check_frozen(cl, name, rec, run, f"clone {name} of {VOLUME}@{rec['snap']}")
+                violations += v
+                errors += e
+                break
+            if time.monotonic() - t0 > 60:
+                errors.append(f"clone {name} neither whole nor gone a minute after the heal: {m}")
+                break
+            time.sleep(0.5)
     return violations, errors
 
 
@@ -701,6 +833,8 @@ def main():
     for w in writers:
         w.start()
     faults = Faults(cl, rng, blocks, tracker)
+    faults.writers = writers
+    tracker.run = run
     totals = {"rounds": 0, "failed": 0, "violations": 0, "read_errors": 0, "faults": {}}
     t_start = time.monotonic()
     try:
@@ -743,6 +877,10 @@ def main():
             sviol, serrs = verify_snapshots(cl, faults, run)
             viol += sviol
             errs += serrs
+            cviol, cerrs = verify_clones(cl, faults, run)
+            viol += cviol + faults.violations
+            errs += cerrs
+            faults.violations = []
             if healed_in is None:
                 # Checked again after the reads: a slow heal is a failure, a stuck one more so.
                 why = cl.healed() or why

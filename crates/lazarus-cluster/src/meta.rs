@@ -915,6 +915,12 @@ impl ClusterMeta {
                 let v = self.volumes.get_mut(name).ok_or_else(|| {
                     MetaError::NotFound(format!("volume {name:?} does not exist"))
                 })?;
+                if v.cloning.is_some() {
+                    return Err(format!(
+                        "volume {name:?} is a clone still being made; resize it once it is"
+                    )
+                    .into());
+                }
                 if *size_bytes < v.size_bytes {
                     return Err(format!(
                         "volume {name:?} is {} bytes: shrinking it to {size_bytes} would discard data; only growing is supported",

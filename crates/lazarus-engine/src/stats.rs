@@ -125,6 +125,16 @@ pub fn local_stats(engine: &Engine) -> Value {
         out["leases"] = json!(c.held_leases());
         out["resync"] = json!(c.resync.progress());
         out["isolated"] = json!(c.is_isolated());
+        // The volumes this node's metadata names and it serves (all but clones still
+        // being made): a clone's maker waits for every node to serve it.
+        out["serves"] = json!(c
+            .store
+            .meta()
+            .volumes
+            .values()
+            .filter(|v| v.cloning.is_none())
+            .map(|v| v.name.clone())
+            .collect::<Vec<_>>());
         out["drops"] = json!(c
             .drops
             .lock()

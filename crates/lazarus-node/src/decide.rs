@@ -449,10 +449,12 @@ pub fn rebalance_step(meta: &lazarus_cluster::ClusterMeta, candidates: &[NodeId]
     }
     // In jeopardy the primary holds the volume at the recovery server, which refuses
     // a hand-over's fence while it renews its hold: such a volume is left as it is.
+    // A clone still being made is left alone too (its maker resets its copies).
     let settled = |v: &VolumeInfo| {
         v.replicas.len() == v.replication_factor()
             && v.live().len() == v.replicas.len()
             && !v.recovery_flag
+            && v.cloning.is_none()
     };
     let pairs = spread_pairs(&copies_held(meta), candidates);
     for primary_s in [false, true] {

@@ -1013,6 +1013,7 @@ async fn want_primary(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let r = request_body(body)?;
     let c = cluster_of(&s)?;
+    not_being_made(&s, &name)?;
     let Some(v) = c.store.meta().volumes.get(&name).cloned() else {
         return Err(ApiError(
             StatusCode::NOT_FOUND,
@@ -1939,9 +1940,10 @@ async fn clone_snapshot(
 /// `lazarus volume clone NAME@SNAP NEW`, on NAME's primary (the simulator calls it
 /// too). In a cluster NEW's copies go on the nodes of NAME's copies, this node its
 /// primary: each live one maps the snapshot's blocks from its own copy, no data moves
-/// (`Engine::reset_to_snapshot`). A name in use is refused. A clone that fails after
-/// creating its volume removes it again; one cut off by a crash of this node leaves it,
-/// to be deleted before trying again.
+/// (`Engine::reset_to_snapshot`). A name in use is refused. In a cluster NEW is
+/// created *being made* (served by no node) and committed made once every copy is
+/// reset; a clone that fails removes it again, and one cut off by a crash of this node
+/// is removed once the node is back (`lazarus_node::clones`).
 pub async fn clone_volume(
     engine: &Arc<Engine>,
     cluster: Option<&Arc<lazarus_node::cluster::Cluster>>,
@@ -2060,7 +2062,10 @@ pub async fn clone_volume(
                 })
                 .await
             {
-                Ok(lazarus_cluster::MetaResponse::Ok) => return Ok(out),
+                Ok(lazarus_cluster::MetaResponse::Ok) => {
+                    await_served(c, &new).await;
+                    return Ok(out);
+                }
                 Ok(other) => ApiError(
                     StatusCode::CONFLICT,
                     format!("volume {new:?} was filled but is no longer the clone being made: {other:?}"),
@@ -2094,6 +2099,41 @@ pub async fn clone_volume(
             ),
         },
     ))
+}
+
+/// Waits (at most a few seconds) until every node that answers serves the clone
+/// `new` just made: each applies its end a moment after the leader, and a client
+/// that connects to one before would be told there is no such export.
+async fn await_served(c: &Arc<lazarus_node::cluster::Cluster>, new: &str) {
+    let t0 = tokio::time::Instant::now();
+    let mut left: Vec<u64> = c.store.meta().nodes.keys().copied().collect();
+    while !left.is_empty() && t0.elapsed() < std::time::Duration::from_secs(5) {
+        let mut still = Vec::new();
+        for n in left {
+            let serves = if n == c.id {
+                c.store
+                    .meta()
+                    .volumes
+                    .get(new)
+                    .is_some_and(|v| v.cloning.is_none())
+            } else {
+                match c.peer_stats(n, std::time::Duration::from_millis(500)).await {
+                    Ok(s) => s["serves"]
+                        .as_array()
+                        .is_some_and(|a| a.iter().any(|x| x.as_str() == Some(new))),
+                    // Down or slow: it learns of the clone when it catches up.
+                    Err(_) => true,
+                }
+            };
+            if !serves {
+                still.push(n);
+            }
+        }
+        left = still;
+        if !left.is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
 }
 
 /// Removes the volume a failed clone created (uid `created`), unless the name is

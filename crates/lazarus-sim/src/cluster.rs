@@ -980,6 +980,25 @@ async fn run_client(opts: Options) -> turmoil::Result {
                 return Ok(());
             }
         };
+        // A clone whose making was acknowledged is named by every node (never given up).
+        let lost = {
+            let sh = sh.borrow();
+            sh.clones
+                .iter()
+                .filter(|(_, (_, done))| *done == Some(true))
+                .find(|(n, _)| {
+                    sh.views
+                        .values()
+                        .any(|v| v.clones.get(*n).is_none_or(|c| c.0.is_none()))
+                })
+                .map(|(n, _)| n.clone())
+        };
+        if let Some(name) = lost {
+            sh.borrow_mut().violation = Some(format!(
+                "after heal: clone {name}, acknowledged made, is not named by every node"
+            ));
+            return Ok(());
+        }
         // Each clone that the metadata names: a block reads as the snapshot held it,
         // whether its creation was acknowledged or not (one cut off before it was
         // filled is removed, never left empty).

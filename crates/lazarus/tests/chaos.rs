@@ -1,8 +1,8 @@
 //! The chaos campaign (`scripts/chaos.py`) in the test command: a short run of seeded
 //! fault rounds against a real `lazarus up` (kill -9 of one or two nodes, SIGSTOP,
 //! drop, stall, isolate, corrupt, EIO, a failed device, the recovery server killed or
-//! stopped, a full disk), each healed and then checked block by block through every
-//! node's NBD port. Longer soaks: `scripts/chaos.py --rounds 1000` (RELIABILITY.md).
+//! stopped, a full disk, snapshots, clones and reverts), each healed and then checked
+//! block by block through every node's NBD port. Longer soaks: `scripts/chaos.py --rounds 1000` (RELIABILITY.md).
 
 mod common;
 use common::*;
