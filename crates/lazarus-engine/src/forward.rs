@@ -487,6 +487,7 @@ impl Engine {
             fua: false,
             no_hole: false,
             fence: None,
+            uid: 0,
         };
         let json = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
         let reply = c
@@ -535,6 +536,29 @@ impl Engine {
                 };
                 return reply(r, &[]);
             }
+        }
+        // Never into a clone still being made (a node whose metadata lags may not know
+        // yet), nor into another volume under the name the client's connection opened.
+        let current = c
+            .store
+            .meta()
+            .volumes
+            .get(&req.volume)
+            .map(|v| (v.uid, v.cloning.is_some()));
+        let refused = match current {
+            Some((_, true)) => Some(format!(
+                "volume {:?} is a clone still being made",
+                req.volume
+            )),
+            Some((uid, _)) if req.uid != 0 && uid != req.uid => Some(format!(
+                "volume {:?} was deleted since this connection opened (the name is another volume's now); reconnect",
+                req.volume
+            )),
+            _ => None,
+        };
+        if let Some(why) = refused {
+            tracing::info!(volume = %req.volume, op = ?req.op, "forwarded request refused: {why}");
+            return reply(reply_failed(executor, IoError::new(EIO, why)), &[]);
         }
         if req.op == Op::Fence {
             let t = c.fence_token(&req.volume, req.length == 1);

@@ -830,6 +830,7 @@ impl Cluster {
             fua: false,
             no_hole: false,
             fence: None,
+            uid: 0,
         };
         let once = || async {
             let json = serde_json::to_vec(&req).map_err(|e| e.to_string())?;

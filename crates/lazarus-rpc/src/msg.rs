@@ -79,6 +79,10 @@ pub struct ForwardReq {
     /// an older version, or for the admin API's writes.
     #[serde(default)]
     pub fence: Option<FenceToken>,
+    /// The uid of the volume the client's connection opened (0: any, as from the
+    /// admin API or an older node): refused once the name is another volume's.
+    #[serde(default)]
+    pub uid: u64,
 }
 
 /// The process that executed a request: a node and its incarnation (random per

@@ -2519,6 +2519,7 @@ async fn do_io(
         ),
         no_hole,
         fence: None,
+        uid: 0,
     };
     match s.engine.route_name(name).await.map_err(io_error)? {
         lazarus_engine::engine::Route::Local => s.engine.execute_local(&req, payload).await,

@@ -68,6 +68,10 @@ pub struct Export {
     /// A snapshot export of a volume this node holds no copy of: (snapshot name, id),
     /// served by asking a copy that holds it.
     remote: Option<(String, u64)>,
+    /// The volume's uid in the metadata when the connection opened (0: alone, or a
+    /// snapshot): a request forwarded for it is refused once the name is another
+    /// volume's (deleted and made again, a clone among them).
+    uid: u64,
 }
 
 impl Export {
@@ -336,6 +340,7 @@ async fn handle(
                 allocation,
                 snap: Some(s),
                 remote: None,
+                uid: 0,
             }),
             None => {
                 let Some((id, _)) = catalog.remote_snapshot(volume, snap) else {
@@ -348,6 +353,7 @@ async fn handle(
                     allocation,
                     snap: None,
                     remote: Some((snap.to_string(), id)),
+                    uid: 0,
                 })
             }
         },
@@ -356,6 +362,13 @@ async fn handle(
             if local.is_none() && engine.cluster.get().is_none() {
                 anyhow::bail!("export {} vanished", export.name);
             }
+            let uid = catalog.cluster.as_ref().map_or(0, |c| {
+                c.store
+                    .meta()
+                    .volumes
+                    .get(&export.name)
+                    .map_or(0, |v| v.uid)
+            });
             Arc::new(Export {
                 name: export.name.clone(),
                 size: export.size_bytes,
@@ -363,6 +376,7 @@ async fn handle(
                 allocation,
                 snap: None,
                 remote: None,
+                uid,
             })
         }
     };
@@ -908,6 +922,7 @@ async fn execute_inner(
                 Box::pin(forwarded(
                     engine,
                     &ex.name,
+                    ex.uid,
                     unflushed,
                     req,
                     payload,
@@ -1041,6 +1056,7 @@ async fn execute_inner(
             Box::pin(forwarded(
                 engine,
                 &ex.name,
+                ex.uid,
                 unflushed,
                 req,
                 payload,
@@ -1340,6 +1356,7 @@ fn modifies(req: &Request) -> bool {
 async fn forwarded(
     engine: &Engine,
     volume: &str,
+    uid: u64,
     unflushed: &ConnAcks,
     req: Request,
     payload: &[u8],
@@ -1365,6 +1382,7 @@ async fn forwarded(
         fua: req.fua(),
         no_hole: req.no_hole(),
         fence: None,
+        uid,
     };
     let t = (op == Op::Flush).then(|| unflushed.acks.flush_start());
     let r = engine

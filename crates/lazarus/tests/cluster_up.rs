@@ -747,6 +747,66 @@ fn replication_factor_one_and_delete_everywhere() {
     }
 }
 
+/// A connection opened to a volume that is then deleted and made again under its name
+/// (through a node holding no copy, which forwards) never writes into the new volume:
+/// its requests carry the uid they opened, and the primary refuses them.
+#[test]
+fn a_connection_to_a_deleted_volume_never_writes_into_its_successor() {
+    let (_tmp, data) = setup();
+    let up = Up::start(&data, "64MiB");
+    let create = || {
+        up.cli_ok(&[
+            "volume",
+            "create",
+            "solo",
+            "--size",
+            "32MiB",
+            "--replicas",
+            "1",
+            "--primary",
+            "n1",
+        ])
+    };
+    create();
+    let old = up.wait_meta(2, "solo", Duration::from_secs(10), "solo known", |_| true);
+    let mut p = Command::new(PY)
+        .args([&py("late_write.py"), &up.uri(2, "solo")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(p.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "connected");
+    up.cli_ok(&["volume", "delete", "solo"]);
+    let t0 = Instant::now();
+    while up.get(1, "/api/v1/volumes/solo").is_some() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "solo survived its deletion"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    create();
+    up.wait_meta(
+        2,
+        "solo",
+        Duration::from_secs(10),
+        "the new solo known",
+        |m| m["uid"] != old["uid"],
+    );
+    writeln!(p.stdin.as_mut().unwrap()).unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let _ = p.wait();
+    assert!(
+        line.starts_with("ERR"),
+        "the old connection wrote into the new volume: {line}"
+    );
+    qemu_io_ok(&up.uri(1, "solo"), &["read -P 0 0 1M"]);
+}
+
 /// `nbdinfo --size` of a fresh connection.
 fn nbd_size(uri: &str) -> Option<u64> {
     let o = Command::new("nbdinfo")
