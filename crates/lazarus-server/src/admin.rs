@@ -421,7 +421,15 @@ async fn health(State(s): State<AppState>) -> Json<serde_json::Value> {
 
 async fn status(State(s): State<AppState>) -> Json<serde_json::Value> {
     let store = s.engine.store.clone();
-    let vols: Vec<VolumeView> = store.volumes().iter().map(|v| volume_view(v)).collect();
+    let vols: Vec<VolumeView> = store
+        .volumes()
+        .iter()
+        .map(|v| {
+            let mut view = volume_view(v);
+            view.being_made_from = being_made_from(&s, &view.name);
+            view
+        })
+        .collect();
     let mut vols = serde_json::to_value(&vols).unwrap_or_default();
     // Per volume, its jeopardy state as this node sees it.
     if let Some(c) = &s.cluster {

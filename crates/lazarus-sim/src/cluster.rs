@@ -1106,28 +1106,15 @@ fn whole(views: &BTreeMap<String, View>) -> bool {
     let mut snap_roots: BTreeMap<String, String> = BTreeMap::new();
     for (id, v) in views {
         let Some(vol) = &v.volume else { return false };
-        if !v.serving_ready
-            || v.store_failed
-            || vol.states.values().any(|s| *s != ReplicaState::Live)
-            || vol.replicas.len() != vol.replication_factor()
-        {
+        if !v.serving_ready || v.store_failed {
             return false;
         }
-        let holds = vol
-            .replicas
-            .iter()
-            .any(|n| ALL_NODES.get(*n as usize - 1) == Some(&id.as_str()));
-        if !holds {
-            if v.root.is_some() {
-                return false;
-            }
-            continue;
-        }
-        let key = (vol.primary, vol.epoch, v.root.clone());
-        match &seen {
-            None => seen = Some(key),
-            Some(k) if *k != key => return false,
-            _ => {}
+        let Some(key) = copy_key(id, vol, &v.root) else {
+            return false;
+        };
+        let Some(key) = key else { continue };
+        if !agrees(&mut seen, key) {
+            return false;
         }
         // Every snapshot the metadata names, on every copy, with one root.
         for (name, id) in &vol.snapshots {
@@ -1154,6 +1141,40 @@ fn whole(views: &BTreeMap<String, View>) -> bool {
     seen.is_some_and(|k| k.2.is_some()) && clones_whole(views)
 }
 
+/// What every node holding a copy of a volume must agree on: its primary, its epoch
+/// and the copy's checksum root.
+type CopyKey = (lazarus_cluster::NodeId, u64, Option<String>);
+
+/// Node `id`'s part in a volume being whole, as its metadata `m` and its copy's root
+/// say: `None` when the volume is not whole (a copy not live, one missing, a copy here
+/// where the metadata puts none); `Some(None)` when the node rightly holds no copy;
+/// else what it holds, for the holders to agree on (`agrees`).
+fn copy_key(
+    id: &str,
+    m: &lazarus_cluster::VolumeInfo,
+    root: &Option<String>,
+) -> Option<Option<CopyKey>> {
+    if m.states.values().any(|s| *s != ReplicaState::Live)
+        || m.replicas.len() != m.replication_factor()
+    {
+        return None;
+    }
+    let holds = m
+        .replicas
+        .iter()
+        .any(|n| ALL_NODES.get(*n as usize - 1) == Some(&id));
+    match (holds, root) {
+        (false, Some(_)) => None,
+        (false, None) => Some(None),
+        (true, _) => Some(Some((m.primary, m.epoch, root.clone()))),
+    }
+}
+
+/// Whether `key` is what the holders seen so far hold (the first sets it).
+fn agrees(seen: &mut Option<CopyKey>, key: CopyKey) -> bool {
+    seen.get_or_insert_with(|| key.clone()) == &key
+}
+
 /// Whether every clone the metadata names has its copies live under one primary and
 /// epoch, with equal roots, and no copy on another node.
 fn clones_whole(views: &BTreeMap<String, View>) -> bool {
@@ -1177,27 +1198,15 @@ fn clones_whole(views: &BTreeMap<String, View>) -> bool {
                 continue;
             };
             // Filled, or given up (removed) once its filler is gone.
-            if m.cloning.is_some()
-                || m.states.values().any(|s| *s != ReplicaState::Live)
-                || m.replicas.len() != m.replication_factor()
-            {
+            if m.cloning.is_some() {
                 return false;
             }
-            let holds = m
-                .replicas
-                .iter()
-                .any(|n| ALL_NODES.get(*n as usize - 1) == Some(&id.as_str()));
-            if !holds {
-                if root.is_some() {
-                    return false;
-                }
-                continue;
-            }
-            let key = (m.primary, m.epoch, root.clone());
-            match &seen {
-                None => seen = Some(key),
-                Some(k) if *k != key => return false,
-                _ => {}
+            let Some(key) = copy_key(id, m, root) else {
+                return false;
+            };
+            let Some(key) = key else { continue };
+            if !agrees(&mut seen, key) {
+                return false;
             }
         }
         if seen.as_ref().is_some_and(|k| k.2.is_none()) {
