@@ -386,6 +386,7 @@ class Faults:
         self.ballast = None
         self.protected = False
         self.snap_seq = 0
+        self.outcomes = []
         # Snapshots taken: name -> {"lo": flushed versions when the command started,
         # "hi": versions sent when it returned, "taken": it reported success,
         # "deleted": a deletion of it reported success}
@@ -394,6 +395,8 @@ class Faults:
         # Clones asked for: name -> {"snap", "lo", "hi" (the snapshot's bounds), "made":
         # the command reported success, "deleted": a deletion of it reported success}
         self.clones = {}
+        # Clone commands still running: name -> process.
+        self.making = {}
         # The clients, paused for a revert.
         self.writers = []
         # Found while injecting (a revert's reads).
@@ -536,13 +539,15 @@ class Faults:
             snap = rng.choice(kept)
             self.clone_seq += 1
             name = f"cl{self.clone_seq}"
-            r = cl.cli("volume", "clone", f"{VOLUME}@{snap}", name, check=False)
-            made = r is not None and r.returncode == 0
+            # In the background: the round's next faults (a kill of the primary among
+            # them) may cut it; its outcome is collected at the heal.
             rec = self.snaps[snap]
-            self.clones[name] = {"snap": snap, "lo": rec["lo"], "hi": rec["hi"], "made": made, "deleted": False}
-            why = "" if made or r is None else ": " + (r.stderr or r.stdout).strip()[:160]
-            out = f"clone {VOLUME}@{snap} into {name} ({'made' if made else 'failed'}{why})"
-            kept = [n for n, v in self.clones.items() if not v["deleted"]]
+            self.clones[name] = {"snap": snap, "lo": rec["lo"], "hi": rec["hi"], "made": False, "deleted": False}
+            self.making[name] = subprocess.Popen(
+                [cl.args.bin, "volume", "clone", f"{VOLUME}@{snap}", name, "--data", cl.data],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            out = f"clone {VOLUME}@{snap} into {name} (started)"
+            kept = [n for n, v in self.clones.items() if not v["deleted"] and n not in self.making]
             if len(kept) > 2:
                 old = kept[0]
                 d = cl.cli("volume", "delete", old, check=False)
@@ -615,6 +620,18 @@ class Faults:
             cl.cli("fault", "revive", "--node", n)
             time.sleep(self.rng.choice([0, 0.5, 2]))
         self.killed = []
+        self.outcomes = []
+        for name, p in self.making.items():
+            try:
+                out, err = p.communicate(timeout=150)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                out, err = p.communicate()
+            made = p.returncode == 0
+            self.clones[name]["made"] = made
+            why = "" if made else ": " + (err or out).strip()[:160]
+            self.outcomes.append(f"clone {name} {'made' if made else 'failed'}{why}")
+        self.making = {}
 
 
 VERIFY_BUFFERS = (nbd.Buffer(EXTENT * BLOCK), nbd.Buffer(BLOCK))
@@ -678,7 +695,8 @@ def read_frozen(cl, n, export, rec, run, label):
     buf = VERIFY_BUFFERS[0]
     uri = cl.uri(n).replace(f"/{VOLUME}?", f"/{export}?")
     try:
-        # A copy that missed a snapshot installs it a moment after it is live.
+        # A copy that missed a snapshot serves it through another until it has
+        # installed it.
         h = connect(uri, 40)
     except (nbd.Error, Timeout) as e:
         return [], f"n{n}: {label}: cannot connect: {e}"
@@ -852,6 +870,7 @@ def main():
                 time.sleep(rng.uniform(0.2, 3.0) * args.pace)
             time.sleep(rng.uniform(1.0, 5.0) * args.pace)
             faults.heal()
+            done += faults.outcomes
             healed_in = None
             t_heal = time.monotonic()
             why = "not checked"

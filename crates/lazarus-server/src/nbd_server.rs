@@ -65,8 +65,8 @@ pub struct Export {
     allocation: bool,
     /// A snapshot export (`VOLUME@NAME`): read-only, served from this node's copy.
     snap: Option<Arc<Snapshot>>,
-    /// A snapshot export of a volume this node holds no copy of: (snapshot name, id),
-    /// served by asking a copy that holds it.
+    /// A snapshot export this node's copy does not hold (no copy here, or one that has
+    /// not installed it yet): (snapshot name, id), served by asking a copy that holds it.
     remote: Option<(String, u64)>,
     /// The volume's uid in the metadata when the connection opened (0: alone, or a
     /// snapshot): a request forwarded for it is refused once the name is another
@@ -169,11 +169,13 @@ impl Catalog {
         lazarus_engine::snapshots::snapshot_current(self.cluster.as_ref(), volume, s)
     }
 
-    /// A snapshot of a volume this node holds no copy of, as the metadata records it:
-    /// (id, size).
+    /// A snapshot this node's copy does not hold (it holds no copy of the volume, or
+    /// its copy missed the snapshot and has not installed it yet, a moment after it
+    /// came back), as the metadata records it: (id, size). Served through a copy that
+    /// holds it.
     fn remote_snapshot(&self, volume: &str, snap: &str) -> Option<(u64, u64)> {
         let c = self.cluster.as_ref()?;
-        if !c.is_ready() || self.local_copy(volume).is_some() {
+        if !c.is_ready() || self.snapshot(volume, snap).is_some() {
             return None;
         }
         let meta = c.store.meta();
@@ -1190,8 +1192,8 @@ async fn snapshot_request(
     }
 }
 
-/// A request on a snapshot export of a volume this node holds no copy of: reads and
-/// block status asked of a copy that holds the snapshot (`Engine::remote_snapshot_read`).
+/// A request on a snapshot export this node's copy does not hold: reads and block
+/// status asked of a copy that holds the snapshot (`Engine::remote_snapshot_read`).
 async fn remote_snapshot_request(
     engine: &Engine,
     ex: &Export,

@@ -813,6 +813,15 @@ fn a_copy_that_missed_a_snapshot_installs_it_and_outlives_the_others() {
     );
     up.cli_ok(&["fault", "revive", "--node", "n3"]);
     up.wait_all_live(1, "vol0", Duration::from_secs(30));
+    // Served through n3 at once, installed or not yet (then through a copy that
+    // holds it).
+    let installed = snapshots_of(&up, 3).contains(&"s1".to_string());
+    let got = copy_out(&up.uri(3, "vol0@s1"), tmp.path(), bytes.len());
+    assert!(
+        got == bytes,
+        "s1 through n3 (installed there: {installed}) differs from what was written"
+    );
+    eprintln!("s1 read through n3 before it installed it: {}", !installed);
     wait_snapshot(&up, 3, "s1", Duration::from_secs(30));
     let st = up.get(3, "/api/v1/status").unwrap();
     assert_eq!(st["snapshot_sync"], serde_json::json!({}), "{st}");
