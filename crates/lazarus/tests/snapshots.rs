@@ -68,6 +68,31 @@ fn snapshots_of(up: &Up, n: u16) -> Vec<String> {
         .collect()
 }
 
+/// Waits (up to a minute) until clone `name`, as node `n`'s metadata has it, is whole
+/// (made, every copy live: true) or gone (false); a clone still being made is given
+/// up once its maker is back.
+fn whole_or_gone(up: &Up, n: u16, name: &str, what: &str) -> bool {
+    let t0 = std::time::Instant::now();
+    loop {
+        match up.volume_meta(n, name) {
+            None => return false,
+            Some(m)
+                if m["cloning"].is_null()
+                    && m["states"]
+                        .as_object()
+                        .is_some_and(|s| s.values().all(|v| v == "live")) =>
+            {
+                return true
+            }
+            Some(m) => assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "{what} is neither whole nor gone: {m}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Waits until node `n`'s copy of vol0 holds snapshot `name`.
 fn wait_snapshot(up: &Up, n: u16, name: &str, within: Duration) {
     let t0 = std::time::Instant::now();
@@ -1078,25 +1103,7 @@ fn reverts_and_deletions_killed_midway_finish_when_run_again() {
     );
     up.cli_ok(&["fault", "revive", "--node", &format!("n{p}")]);
     up.wait_all_live(alive, "vol0", Duration::from_secs(30));
-    let t0 = std::time::Instant::now();
-    let whole = loop {
-        match up.volume_meta(alive, "c1") {
-            None => break false,
-            Some(m)
-                if m["cloning"].is_null()
-                    && m["states"]
-                        .as_object()
-                        .is_some_and(|s| s.values().all(|v| v == "live")) =>
-            {
-                break true
-            }
-            Some(m) => assert!(
-                t0.elapsed() < Duration::from_secs(60),
-                "a clone cut by a kill is neither whole nor gone: {m}"
-            ),
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let whole = whole_or_gone(&up, alive, "c1", "a clone cut by a kill");
     eprintln!("the cut clone is {}", if whole { "whole" } else { "gone" });
     if whole {
         for n in 1..=3 {
@@ -1362,25 +1369,7 @@ fn a_primary_killed_while_it_clones_leaves_the_clone_whole_or_gone() {
         up.cli_ok(&["fault", "revive", "--node", &format!("n{old}")]);
         up.wait_all_live(primary, "vol0", Duration::from_secs(60));
         // Whole or gone: a clone being made is given up once its maker is back.
-        let t0 = std::time::Instant::now();
-        let made = loop {
-            match up.volume_meta(primary, &name) {
-                None => break false,
-                Some(m)
-                    if m["cloning"].is_null()
-                        && m["states"]
-                            .as_object()
-                            .is_some_and(|s| s.values().all(|v| v == "live")) =>
-                {
-                    break true
-                }
-                Some(m) => assert!(
-                    t0.elapsed() < Duration::from_secs(60),
-                    "round {round}: {name} neither whole nor gone: {m}"
-                ),
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        };
+        let made = whole_or_gone(&up, primary, &name, &format!("round {round}: {name}"));
         if o.status.success() {
             assert!(
                 made,
