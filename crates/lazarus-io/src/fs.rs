@@ -302,6 +302,27 @@ pub fn space(dir: &Path) -> io::Result<(u64, u64)> {
     Ok((st.f_bavail as u64 * frsize, st.f_blocks as u64 * frsize))
 }
 
+/// Free space kept on a node's file system for what must not fail for lack of space:
+/// the cluster metadata (Raft log and state machine), journal resets, coordination and
+/// status files. Growth driven by client data (new block slots, newly mapped slice
+/// pages, the recovery server's change logs) is refused with ENOSPC once less than this would be left: 5% of the file
+/// system, at least 1 MiB and at most 64 MiB. A full disk then fails writes, and the
+/// node's metadata goes on working.
+pub fn headroom_bytes(total: u64) -> u64 {
+    (total / 20).clamp(1 << 20, 64 << 20)
+}
+
+/// ENOSPC when growing a file under `path` by `bytes` would leave less than the
+/// headroom free on its file system.
+pub fn check_headroom(path: &Path, bytes: u64) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(path);
+    let (avail, total) = space(dir)?;
+    if avail < bytes.saturating_add(headroom_bytes(total)) {
+        return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+    }
+    Ok(())
+}
+
 pub fn is_dir(path: &Path) -> bool {
     #[cfg(feature = "sim")]
     if in_simulation() {

@@ -149,6 +149,10 @@ pub struct LogScan {
     pub damaged: Vec<(u64, u64)>,
 }
 
+/// How far past its end a change log may grow between two checks of the file
+/// system's free space.
+const ROOM_STEP: u64 = 1 << 20;
+
 /// One volume's changed-block log.
 pub struct ChangeLog {
     file: File,
@@ -156,6 +160,9 @@ pub struct ChangeLog {
     pub scan: LogScan,
     /// Bytes written (the next record's offset).
     end: u64,
+    /// Appends up to this offset leave the file system's headroom free (checked in
+    /// steps of `ROOM_STEP`, not at every record).
+    room_to: u64,
     /// Bytes known durable.
     synced: u64,
     next_seq: u64,
@@ -418,6 +425,7 @@ impl ChangeLog {
             file,
             path: path.to_path_buf(),
             end: valid_end,
+            room_to: valid_end,
             synced: valid_end,
             next_seq: scan.last_seq + 1,
             scan,
@@ -536,6 +544,7 @@ impl ChangeLog {
         };
         self.entries = std::mem::take(&mut d.entries);
         self.end = d.end;
+        self.room_to = d.end;
         self.synced = d.end;
         self.compacted_bytes = d.end;
         self.compactions += 1;
@@ -612,6 +621,13 @@ impl ChangeLog {
             data: data.to_vec(),
         };
         let bytes = r.encode();
+        // Client data: it may not take the space the nodes' metadata on the same file
+        // system needs to go on working (`check_headroom`); refused with ENOSPC.
+        let end = self.end + bytes.len() as u64;
+        if end > self.room_to {
+            fsx::check_headroom(&self.path, end - self.end + ROOM_STEP)?;
+            self.room_to = end + ROOM_STEP;
+        }
         if let Err(e) = self.file.write_all_at(&bytes, self.end) {
             // Whatever part landed is a torn tail: cut it so the next record starts
             // on a record boundary.
@@ -899,6 +915,55 @@ mod tests {
         log.sync_handle().unwrap().sync_data().unwrap();
         log.mark_synced(end);
         end
+    }
+
+    /// A change log on a file system filling up is refused with ENOSPC while the
+    /// headroom the nodes' metadata needs is still free (full-disk test in CI: the
+    /// recovery server's log took it, and a node whose Raft store then could not grow
+    /// exited), and every record it took reads back after a reopen.
+    #[test]
+    fn a_change_log_leaves_the_headroom_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(st.success(), "mounting a tmpfs needs root");
+        struct Unmount(PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount")
+                    .arg("-l")
+                    .arg(&self.0)
+                    .status();
+            }
+        }
+        let _u = Unmount(dir.path().to_path_buf());
+        let p = dir.path().join("v.log");
+        let mut log = ChangeLog::open(&p).unwrap();
+        let data = vec![0x5A; 64 << 10];
+        let mut taken = 0;
+        let err = loop {
+            match log.append(RecordKind::Write, taken * 16, 16, 1, 1, &data) {
+                Ok(_) => taken += 1,
+                Err(e) => break e,
+            }
+            assert!(taken < 1000, "24 MiB took more than 1000 records of 64 KiB");
+        };
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+        let (avail, total) = fsx::space(dir.path()).unwrap();
+        assert!(
+            avail >= fsx::headroom_bytes(total),
+            "{avail} bytes left, headroom {}",
+            fsx::headroom_bytes(total)
+        );
+        assert!(taken > 100, "only {taken} records taken");
+        log.sync_handle().unwrap().sync_data().unwrap();
+        drop(log);
+        let log = ChangeLog::open(&p).unwrap();
+        assert_eq!(log.scan.records, taken);
+        assert_eq!(log.scan.torn_bytes, 0);
     }
 
     #[test]

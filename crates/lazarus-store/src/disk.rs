@@ -171,26 +171,7 @@ pub fn remove_file(path: &Path) -> io::Result<()> {
     lazarus_io::fs::remove_file(path)
 }
 
-/// Free space kept on a node's file system for what must not fail for lack of space:
-/// the cluster metadata (Raft log and state machine), journal resets, coordination and
-/// status files. Growth driven by client data (new block slots, newly mapped slice
-/// pages) is refused with ENOSPC once less than this would be left: 5% of the file
-/// system, at least 1 MiB and at most 64 MiB. A full disk then fails writes, and the
-/// node's metadata goes on working.
-pub fn headroom_bytes(total: u64) -> u64 {
-    (total / 20).clamp(1 << 20, 64 << 20)
-}
-
-/// ENOSPC when growing a file under `path` by `bytes` would leave less than the
-/// headroom free on its file system.
-pub fn check_headroom(path: &Path, bytes: u64) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(path);
-    let (avail, total) = lazarus_io::fs::space(dir)?;
-    if avail < bytes.saturating_add(headroom_bytes(total)) {
-        return Err(io::Error::from_raw_os_error(libc::ENOSPC));
-    }
-    Ok(())
-}
+pub use lazarus_io::fs::{check_headroom, headroom_bytes};
 
 pub fn is_enospc(e: &io::Error) -> bool {
     matches!(

@@ -1158,7 +1158,9 @@ fn full_disk_fails_writes_and_nothing_else() {
         let t = String::from_utf8_lossy(&o.stdout).into_owned();
         assert!(
             o.status.success() && !t.contains("error") && !t.contains("failed"),
-            "read through n{n} on a full disk: {t}"
+            "read through n{n} on a full disk: {t}{}\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            String::from_utf8_lossy(&up.cli(&["status"]).stdout)
         );
     }
     // The metadata still commits, and every node is ready under one leader. The new

@@ -604,7 +604,28 @@ impl Up {
             .filter(|p| p.exists())
             .collect();
         nodes.sort();
-        let show = |l: &str| eprintln!("{}", l.chars().take(300).collect::<String>());
+        // Compact, so that every node's part fits in what CI keeps of a failed run:
+        // no date, runs of one message (timestamps aside) shown once with their count.
+        let show = |lines: &[&str], last: usize| {
+            let mut runs: Vec<(String, usize)> = Vec::new();
+            for l in lines {
+                let l = l.split_once('T').map_or(*l, |(_, t)| t);
+                let body = l.split_once(' ').map_or(l, |(_, b)| b);
+                match runs.last_mut() {
+                    Some((prev, n)) if prev.split_once(' ').map(|(_, b)| b) == Some(body) => {
+                        *n += 1
+                    }
+                    _ => runs.push((l.chars().take(200).collect(), 1)),
+                }
+            }
+            for (l, n) in &runs[runs.len().saturating_sub(last)..] {
+                if *n > 1 {
+                    eprintln!("{l} [x{n}]");
+                } else {
+                    eprintln!("{l}");
+                }
+            }
+        };
         for log in nodes {
             let Ok(text) = std::fs::read_to_string(&log) else {
                 continue;
@@ -620,13 +641,9 @@ impl Up {
                 log.display(),
                 warnings.len()
             );
-            warnings[warnings.len().saturating_sub(20)..]
-                .iter()
-                .for_each(|l| show(l));
+            show(&warnings, 12);
             eprintln!("--- {}: last lines ---", log.display());
-            lines[lines.len().saturating_sub(40)..]
-                .iter()
-                .for_each(|l| show(l));
+            show(&lines, 16);
         }
     }
 }
