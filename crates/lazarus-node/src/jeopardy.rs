@@ -1111,6 +1111,35 @@ impl Cluster {
         matches!(self.network.client(&addr).call(lazarus_rpc::KIND_PING, &self.ping_body(), crate::cluster::PING_TIMEOUT).await, Ok(b) if b != lazarus_rpc::msg::PING_DEVICE_FAILED)
     }
 
+    /// Whether `node` answers that its device failed (`device_ok` also counts a node
+    /// that does not answer).
+    async fn device_failed(&self, meta: &lazarus_cluster::ClusterMeta, node: NodeId) -> bool {
+        if node == self.id {
+            return !self.device_usable();
+        }
+        let Some(addr) = self
+            .rpc_addr(node)
+            .filter(|_| meta.nodes.contains_key(&node))
+        else {
+            return false;
+        };
+        matches!(self.network.client(&addr).call(lazarus_rpc::KIND_PING, &self.ping_body(), crate::cluster::PING_TIMEOUT).await, Ok(b) if b == lazarus_rpc::msg::PING_DEVICE_FAILED)
+    }
+
+    /// Whether `v`'s primary compared its live copies with its own at `v.epoch`: it
+    /// holds a lease on the volume only once it did (`Cluster::lease_valid`).
+    async fn primary_reconciled(&self, v: &VolumeInfo) -> bool {
+        if v.primary == self.id {
+            return self.reconciled(&v.name, v.epoch);
+        }
+        match self.peer_stats(v.primary, Duration::from_millis(500)).await {
+            Ok(s) => s["leases"]
+                .as_array()
+                .is_some_and(|l| l.iter().any(|x| x.as_str() == Some(v.name.as_str()))),
+            Err(_) => false,
+        }
+    }
+
     fn flaky(&self, meta: &lazarus_cluster::ClusterMeta, node: NodeId) -> bool {
         let Some(r) = self.recovery.as_ref() else {
             return false;
@@ -1331,6 +1360,14 @@ impl Cluster {
             if v.primary != self.id && !self.answers(&meta, v.primary).await {
                 return Ok(());
             }
+            // Not before the primary compared its live copies with its own at this
+            // epoch (reconcile.rs: each is made durable, or marked dead): until then a
+            // copy still live may lack what an earlier primary wrote, and the log's
+            // base must hold everything written before the log began. The primary
+            // serves nothing meanwhile, so nothing waits for the log.
+            if !self.primary_reconciled(v).await {
+                return Ok(());
+            }
             // The copies live now, not when this round read the metadata (the checks
             // above wait for other nodes, meanwhile a replica may have been marked
             // dead); a round whose volume changed otherwise is left to the next. The
@@ -1348,6 +1385,15 @@ impl Cluster {
             }) else {
                 return Ok(());
             };
+            // A copy whose device says it failed is no base, live or not yet marked
+            // dead: what it held unsynced may be gone. (One that does not answer may
+            // just be down, its copy whole: it stays a base.)
+            let mut base = Vec::new();
+            for n in fresh.live() {
+                if !self.device_failed(&meta, n).await {
+                    base.push(n);
+                }
+            }
             let sent = Instant::now();
             let req = ClaimReq {
                 base_index: Some(applied),
@@ -1360,7 +1406,7 @@ impl Cluster {
                 epoch: v.epoch,
                 jeopardy: true,
                 config: serde_json::to_value(&*meta).ok(),
-                base: fresh.live(),
+                base,
             };
             let reply = r.claim(&req).await?;
             if !reply.granted {

@@ -89,6 +89,19 @@ impl Cluster {
         // Updates admitted under the old epoch finish first.
         let guard = self.apply_guard(&req.volume);
         let _all = guard.write().await;
+        // And they are durable here before this copy counts as current: the new
+        // primary knows nothing of what its predecessor wrote that no flush covered,
+        // and a copy it keeps live may become a base of the recovery server's log,
+        // which holds only what comes after (simulator seed 50554: a replica whose
+        // device failed, still live at the failover, lost a write of the old primary
+        // that a flush through the new one then vouched for; it later restored from
+        // the log alone and served zeroes for it). A copy that cannot flush fails the
+        // comparison, and is marked dead.
+        let b = self.blocks.clone();
+        lazarus_rpc::rt::blocking(move || b.flush())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("this copy cannot be made durable: {e}"))?;
         Ok(local.root().0.to_vec())
     }
 
