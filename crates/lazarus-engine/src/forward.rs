@@ -202,6 +202,18 @@ impl Engine {
                 format!("volume {:?} does not exist here", req.volume),
             )
         })?;
+        // A copy left from a deleted volume of the same name (not removed yet), or one
+        // made before this node learnt of a newer volume, is not the volume's.
+        if let Some(c) = self.cluster.get() {
+            if let Some(uid) = c.store.meta().volumes.get(&req.volume).map(|v| v.uid) {
+                if uid != vol.meta.uid {
+                    return Err(IoError::not_serving(format!(
+                        "this node's copy of {:?} is not the volume's current one",
+                        req.volume
+                    )));
+                }
+            }
+        }
         let end = req.offset.checked_add(req.length);
         if end.is_none_or(|e| e > vol.size_bytes()) {
             return Err(IoError::new(EINVAL, "request past the end of the volume"));
@@ -537,28 +549,53 @@ impl Engine {
                 return reply(r, &[]);
             }
         }
-        // Never into a clone still being made (a node whose metadata lags may not know
-        // yet), nor into another volume under the name the client's connection opened.
+        // Never into a clone still being made, nor into another volume under the name
+        // the client's connection opened. Uids only grow: a request naming a newer uid
+        // than this node knows, or a volume this node still sees being made, comes from
+        // a node whose metadata is ahead of this one's, and is sent again (`not_primary`)
+        // once this node catches up; one naming an older uid comes from a connection to
+        // a volume since deleted, and is refused for good.
         let current = c
             .store
             .meta()
             .volumes
             .get(&req.volume)
             .map(|v| (v.uid, v.cloning.is_some()));
-        let refused = match current {
-            Some((_, true)) => Some(format!(
-                "volume {:?} is a clone still being made",
-                req.volume
-            )),
-            Some((uid, _)) if req.uid != 0 && uid != req.uid => Some(format!(
-                "volume {:?} was deleted since this connection opened (the name is another volume's now); reconnect",
-                req.volume
-            )),
-            _ => None,
+        let (refused, early) = match current {
+            Some((uid, _)) if req.uid != 0 && uid > req.uid => (
+                Some(format!(
+                    "volume {:?} was deleted since this connection opened (the name is another volume's now); reconnect",
+                    req.volume
+                )),
+                false,
+            ),
+            Some((uid, _)) if req.uid != 0 && uid < req.uid => (
+                Some(format!(
+                    "n{} does not know volume {:?} as the connection's node does yet",
+                    c.id, req.volume
+                )),
+                true,
+            ),
+            Some((_, true)) => (
+                Some(format!(
+                    "volume {:?} is a clone still being made",
+                    req.volume
+                )),
+                req.uid != 0,
+            ),
+            None if req.uid != 0 => (
+                Some(format!("n{} knows no volume {:?} yet", c.id, req.volume)),
+                true,
+            ),
+            _ => (None, false),
         };
         if let Some(why) = refused {
-            tracing::info!(volume = %req.volume, op = ?req.op, "forwarded request refused: {why}");
-            return reply(reply_failed(executor, IoError::new(EIO, why)), &[]);
+            tracing::info!(volume = %req.volume, op = ?req.op, early, "forwarded request refused: {why}");
+            let r = ForwardReply {
+                not_primary: early,
+                ..reply_failed(executor, IoError::new(EIO, why))
+            };
+            return reply(r, &[]);
         }
         if req.op == Op::Fence {
             let t = c.fence_token(&req.volume, req.length == 1);

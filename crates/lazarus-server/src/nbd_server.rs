@@ -364,13 +364,15 @@ async fn handle(
             if local.is_none() && engine.cluster.get().is_none() {
                 anyhow::bail!("export {} vanished", export.name);
             }
-            let uid = catalog.cluster.as_ref().map_or(0, |c| {
-                c.store
-                    .meta()
-                    .volumes
-                    .get(&export.name)
-                    .map_or(0, |v| v.uid)
-            });
+            // In a cluster the connection is bound to the volume the name is now; one
+            // deleted (or being made again) since the handshake is not served.
+            let uid = match catalog.cluster.as_ref() {
+                None => 0,
+                Some(c) => match c.store.meta().volumes.get(&export.name) {
+                    Some(v) if v.cloning.is_none() => v.uid,
+                    _ => anyhow::bail!("export {} vanished", export.name),
+                },
+            };
             Arc::new(Export {
                 name: export.name.clone(),
                 size: export.size_bytes,
