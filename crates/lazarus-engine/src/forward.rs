@@ -202,16 +202,32 @@ impl Engine {
                 format!("volume {:?} does not exist here", req.volume),
             )
         })?;
-        // A copy left from a deleted volume of the same name (not removed yet), or one
-        // made before this node learnt of a newer volume, is not the volume's.
+        // Only into the volume the request's connection opened (`req.uid`, 0: any),
+        // and only through a copy of the volume the name is now: a copy left from a
+        // deleted volume (not removed yet), or made before this node learnt of a newer
+        // one, takes nothing. Here too, not only where a request is forwarded to: this
+        // node may have become the primary of the name's next volume while a request
+        // of an older connection was being routed.
         if let Some(c) = self.cluster.get() {
-            if let Some(uid) = c.store.meta().volumes.get(&req.volume).map(|v| v.uid) {
-                if uid != vol.meta.uid {
-                    return Err(IoError::not_serving(format!(
-                        "this node's copy of {:?} is not the volume's current one",
+            let meta = c.store.meta();
+            let current = meta.volumes.get(&req.volume).map(|v| v.uid);
+            let gone = meta.deleted.contains(&vol.meta.uid)
+                || (req.uid != 0 && meta.deleted.contains(&req.uid))
+                || current.is_some_and(|u| req.uid != 0 && req.uid < u);
+            if gone {
+                return Err(IoError::new(
+                    EIO,
+                    format!(
+                        "volume {:?} was deleted since this connection opened; reconnect",
                         req.volume
-                    )));
-                }
+                    ),
+                ));
+            }
+            if current.is_some_and(|u| u != vol.meta.uid || (req.uid != 0 && req.uid != u)) {
+                return Err(IoError::not_serving(format!(
+                    "this node's copy of {:?} is not the volume's current one",
+                    req.volume
+                )));
             }
         }
         let end = req.offset.checked_add(req.length);

@@ -123,6 +123,9 @@ pub fn local_stats(engine: &Engine) -> Value {
         out["leader"] = json!(m.current_leader);
         out["term"] = json!(m.current_term);
         out["leases"] = json!(c.held_leases());
+        // Per volume this node is primary of, the epoch at which it compared its live
+        // copies with its own: the leader enters jeopardy only after that.
+        out["reconciled"] = json!(c.reconciled_epochs());
         out["resync"] = json!(c.resync.progress());
         out["isolated"] = json!(c.is_isolated());
         // The volumes this node's metadata names and it serves (all but clones still

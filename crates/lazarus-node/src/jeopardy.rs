@@ -1126,16 +1126,14 @@ impl Cluster {
         matches!(self.network.client(&addr).call(lazarus_rpc::KIND_PING, &self.ping_body(), crate::cluster::PING_TIMEOUT).await, Ok(b) if b == lazarus_rpc::msg::PING_DEVICE_FAILED)
     }
 
-    /// Whether `v`'s primary compared its live copies with its own at `v.epoch`: it
-    /// holds a lease on the volume only once it did (`Cluster::lease_valid`).
+    /// Whether `v`'s primary compared its live copies with its own at `v.epoch` (its
+    /// summary's `reconciled`; a Raft lease alone says nothing of it).
     async fn primary_reconciled(&self, v: &VolumeInfo) -> bool {
         if v.primary == self.id {
             return self.reconciled(&v.name, v.epoch);
         }
         match self.peer_stats(v.primary, Duration::from_millis(500)).await {
-            Ok(s) => s["leases"]
-                .as_array()
-                .is_some_and(|l| l.iter().any(|x| x.as_str() == Some(v.name.as_str()))),
+            Ok(s) => s["reconciled"][v.name.as_str()].as_u64() == Some(v.epoch),
             Err(_) => false,
         }
     }

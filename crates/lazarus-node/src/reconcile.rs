@@ -124,6 +124,17 @@ impl Cluster {
             .map_err(|_| format!("bad root of {} bytes", b.len()))
     }
 
+    /// Per volume, the epoch at which this node last compared its live copies with
+    /// its own (as their primary).
+    pub fn reconciled_epochs(&self) -> std::collections::BTreeMap<String, u64> {
+        self.reconciliation
+            .done
+            .lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    }
+
     /// Whether this node compared the live copies of `volume` at `epoch` with its own.
     pub fn reconciled(&self, volume: &str, epoch: u64) -> bool {
         self.reconciliation.done.lock().get(volume) == Some(&epoch)
@@ -196,7 +207,7 @@ impl Cluster {
     /// Compares every live replica's root with this primary's; commits each that
     /// differs (or does not answer) dead. `Ok(Some(epoch))` once done at `epoch`.
     async fn reconcile_volume(&self, name: &str) -> Result<Option<u64>, String> {
-        let t0 = Instant::now();
+        let mut first_ask: Option<Instant> = None;
         loop {
             let Some(v) = self.store.meta().volumes.get(name).cloned() else {
                 return Ok(None);
@@ -226,9 +237,13 @@ impl Cluster {
             };
             let live: Vec<NodeId> = v.live().into_iter().filter(|n| *n != self.id).collect();
             let mut pending = false;
+            // A replica's patience counts from the first root asked for, not from
+            // before the writes in flight drained: each replica flushes its store
+            // before it answers, which on a busy device may outlast one request.
+            let asked = *first_ask.get_or_insert_with(Instant::now);
             for n in live {
                 let answer = self.ask_root(&v, n).await;
-                match verdict(&own, &answer, t0.elapsed()) {
+                match verdict(&own, &answer, asked.elapsed()) {
                     Verdict::Equal => {}
                     Verdict::Retry => pending = true,
                     Verdict::MarkDead(why) => {
