@@ -262,6 +262,12 @@ impl Engine {
                     format!("volume {volume:?} is down to its last failure domain (its writes go through the recovery server first, whose log would not hold this): revert or clone it once its copies are back"),
                 ));
             }
+            // What was written before the reset durable on every live copy first: the
+            // primary's record of writes its replicas have not flushed is then empty,
+            // so no jeopardy drain can put a write the reset undid into the recovery
+            // log, from which a base copy would restore it over the reset (simulator
+            // seed 54872: a revert undone 60 ms after it was reported done).
+            self.flush(&vol).await?;
         }
         let (store, d, sv, n, id) = (
             self.store.clone(),
