@@ -671,7 +671,9 @@ fn not_being_made(s: &AppState, name: &str) -> Result<(), ApiError> {
 
 /// For a clone still being made: the snapshot (`VOLUME@NAME`) it is made from.
 fn being_made_from(s: &AppState, name: &str) -> Option<String> {
-    let c = s.cluster.as_ref()?;
+    let Some(c) = s.cluster.as_ref() else {
+        return s.engine.store.volume(name)?.unfilled_from();
+    };
     let meta = c.store.meta();
     let f = meta.volumes.get(name)?.cloning.as_ref()?;
     Some(format!("{}@{}", f.source, f.snapshot))
@@ -1988,76 +1990,77 @@ pub async fn clone_volume(
     // fails), and, in a cluster, this process's claim on filling it: a clone still
     // being filled when the claim goes (this process with it) is removed.
     let mut claim = None;
-    let created: u64 =
-        match cluster {
-            None => {
-                let (store, n) = (engine.store.clone(), new.clone());
-                lazarus_rpc::rt::blocking(move || store.create_volume(&n, size))
-                    .await
-                    .map_err(join_err)??
-                    .meta
-                    .uid
+    let created: u64 = match cluster {
+        None => {
+            let (store, n, from) = (engine.store.clone(), new.clone(), format!("{name}@{snap}"));
+            lazarus_rpc::rt::blocking(move || store.create_clone_volume(&n, size, &from))
+                .await
+                .map_err(join_err)??
+                .meta
+                .uid
+        }
+        Some(c) => {
+            if engine.primary_epoch(name).is_none() {
+                return Err(conflict(format!(
+                    "this node is not the primary of {name:?}; ask the primary"
+                )));
             }
-            Some(c) => {
-                if engine.primary_epoch(name).is_none() {
-                    return Err(conflict(format!(
-                        "this node is not the primary of {name:?}; ask the primary"
-                    )));
+            let v = c.effective(name).ok_or_else(|| {
+                ApiError(
+                    StatusCode::NOT_FOUND,
+                    format!("volume {name:?} does not exist"),
+                )
+            })?;
+            if v.cloning.is_some() {
+                return Err(conflict(format!(
+                    "volume {name:?} is a clone still being made; try again once it is"
+                )));
+            }
+            // As many copies as the volume is to have, on its copies' nodes: the live
+            // ones first, then the others (a copy down now fails to reset, is
+            // committed dead and resyncs once back), never an out node's or one
+            // moving away (a move or rebuild under way holds one copy more).
+            let meta = c.store.meta();
+            let leaving = meta.moving.get(name).copied();
+            let mut replicas = vec![c.id];
+            let live = v.live();
+            let others = v
+                .replicas
+                .iter()
+                .copied()
+                .filter(|n| !live.contains(n) && !meta.out.contains(n) && Some(*n) != leaving);
+            for n in live.iter().copied().chain(others) {
+                if !replicas.contains(&n) {
+                    replicas.push(n);
                 }
-                let v = c.effective(name).ok_or_else(|| {
-                    ApiError(
-                        StatusCode::NOT_FOUND,
-                        format!("volume {name:?} does not exist"),
-                    )
-                })?;
-                if v.cloning.is_some() {
-                    return Err(conflict(format!(
-                        "volume {name:?} is a clone still being made; try again once it is"
-                    )));
-                }
-                // As many copies as the volume is to have, on its copies' nodes: the live
-                // ones first, then the others (a copy down now fails to reset, is
-                // committed dead and resyncs once back), never an out node's or one
-                // moving away (a move or rebuild under way holds one copy more).
-                let meta = c.store.meta();
-                let leaving = meta.moving.get(name).copied();
-                let mut replicas = vec![c.id];
-                let live = v.live();
-                let others =
-                    v.replicas.iter().copied().filter(|n| {
-                        !live.contains(n) && !meta.out.contains(n) && Some(*n) != leaving
-                    });
-                for n in live.iter().copied().chain(others) {
-                    if !replicas.contains(&n) {
-                        replicas.push(n);
-                    }
-                }
-                replicas.truncate(v.replication_factor());
-                claim = Some(c.filling_clone(&new).ok_or_else(|| {
+            }
+            replicas.truncate(v.replication_factor());
+            claim =
+                Some(c.filling_clone(&new).ok_or_else(|| {
                     conflict(format!("a clone {new:?} is already being made here"))
                 })?);
-                let cmd = lazarus_cluster::MetaCommand::CreateVolume {
-                    name: new.clone(),
-                    size_bytes: size,
-                    replicas,
-                    primary: Some(c.id),
-                    clone_of: Some(lazarus_cluster::CloneFill {
-                        source: name.to_string(),
-                        snapshot: snap.to_string(),
-                        by: c.id,
-                    }),
-                };
-                match c
-                    .propose(cmd)
-                    .await
-                    .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
-                {
-                    lazarus_cluster::MetaResponse::Volume(nv) => nv.uid,
-                    lazarus_cluster::MetaResponse::Exists(m) => return Err(conflict(m)),
-                    other => return Err(bad(format!("{other:?}"))),
-                }
+            let cmd = lazarus_cluster::MetaCommand::CreateVolume {
+                name: new.clone(),
+                size_bytes: size,
+                replicas,
+                primary: Some(c.id),
+                clone_of: Some(lazarus_cluster::CloneFill {
+                    source: name.to_string(),
+                    snapshot: snap.to_string(),
+                    by: c.id,
+                }),
+            };
+            match c
+                .propose(cmd)
+                .await
+                .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
+            {
+                lazarus_cluster::MetaResponse::Volume(nv) => nv.uid,
+                lazarus_cluster::MetaResponse::Exists(m) => return Err(conflict(m)),
+                other => return Err(bad(format!("{other:?}"))),
             }
-        };
+        }
+    };
     let e: ApiError = match fill_clone(engine, cluster, name, snap, &new).await {
         Ok(out) => match cluster {
             None => return Ok(out),

@@ -130,7 +130,14 @@ impl Catalog {
     /// (hosted here or not); alone, its own.
     fn all(&self) -> Vec<ExportInfo> {
         let Some(c) = &self.cluster else {
-            return self.store.volumes().iter().map(|v| export_of(v)).collect();
+            // A clone still being filled is not served.
+            return self
+                .store
+                .volumes()
+                .iter()
+                .filter(|v| !v.is_unfilled())
+                .map(|v| export_of(v))
+                .collect();
         };
         c.store
             .meta()
@@ -361,7 +368,7 @@ async fn handle(
         },
         None => {
             let local = catalog.local_copy(&export.name);
-            if local.is_none() && engine.cluster.get().is_none() {
+            if engine.cluster.get().is_none() && local.as_ref().is_none_or(|v| v.is_unfilled()) {
                 anyhow::bail!("export {} vanished", export.name);
             }
             // In a cluster the connection is bound to the volume the name is now; one

@@ -532,6 +532,25 @@ impl Store {
             store.volumes.write().remove(&name);
             store.recovery.failed_volumes.push(name);
         }
+        // Clones a crash cut before their fill was committed: given up (the command
+        // that asked for one never returned), so the name is free to ask again.
+        for v in store.volumes() {
+            if !v.is_unfilled() {
+                continue;
+            }
+            let name = v.meta.name.clone();
+            drop(v);
+            match store.delete_volume(&name) {
+                Ok(()) => {
+                    tracing::warn!(volume = %name, "a clone cut short by a crash before it was filled is removed")
+                }
+                Err(e) => {
+                    tracing::error!(volume = %name, error = %e, "a clone cut short by a crash could not be removed: it is not served (the next start tries again)");
+                    store.volumes.write().remove(&name);
+                    store.recovery.failed_volumes.push(name);
+                }
+            }
+        }
         Ok(store)
     }
 
@@ -665,6 +684,20 @@ impl Store {
         self.create_volume_with_uid(name, size_bytes, new_uid(name))
     }
 
+    /// Creates the volume a clone made on a node alone fills (`reset_to_snapshot`):
+    /// marked unfilled (`Volume::is_unfilled`: not served) from its creation until its
+    /// reset ends. A crash before the reset's commit leaves it marked, and the next
+    /// open removes it: a clone cut short is gone, never there empty. (A cluster's
+    /// clones are made and given up through its metadata instead.)
+    pub fn create_clone_volume(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        from: &str,
+    ) -> Result<Arc<Volume>, StoreError> {
+        self.create_volume_as(name, size_bytes, new_uid(name), Some(from))
+    }
+
     /// Creates a volume with a given uid (a cluster volume's copies carry the uid the
     /// cluster metadata gave it, so a node can tell its copy of a deleted volume from a
     /// new volume of the same name). Uids must never be reused.
@@ -673,6 +706,16 @@ impl Store {
         name: &str,
         size_bytes: u64,
         uid: u64,
+    ) -> Result<Arc<Volume>, StoreError> {
+        self.create_volume_as(name, size_bytes, uid, None)
+    }
+
+    fn create_volume_as(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        uid: u64,
+        clone_of: Option<&str>,
     ) -> Result<Arc<Volume>, StoreError> {
         lazarus_types::check_volume_name(name).map_err(StoreError::Invalid)?;
         lazarus_types::check_volume_size(size_bytes).map_err(StoreError::Invalid)?;
@@ -718,6 +761,11 @@ impl Store {
         }
         let made = Volume::create(&tmp, meta).and_then(|v| {
             drop(v);
+            if let Some(from) = clone_of {
+                // Durable with the volume's files, before the rename that commits them.
+                let m = tmp.join(crate::volume::CLONE_PENDING);
+                disk::write_file_atomic(&m, from.as_bytes()).map_err(|e| StoreError::io(&m, e))?;
+            }
             let renamed =
                 tmp == dir || disk::rename(&tmp, &dir).map_err(|e| StoreError::io(&dir, e))?;
             disk::sync_dir(&vdir).map_err(|e| StoreError::io(&vdir, e))?;

@@ -473,7 +473,14 @@ pub struct Volume {
     /// A page out of memory failed to read back (`ensure`): the store's open refuses
     /// to count references then.
     read_back_failed: std::sync::atomic::AtomicBool,
+    /// A clone made on a node alone whose reset to its snapshot has not ended (the
+    /// file `clone.pending` in its directory): not served, and removed at the next
+    /// open unless its reset was committed (`Store::create_clone_volume`).
+    pub(crate) unfilled: std::sync::atomic::AtomicBool,
 }
+
+/// The file marking a clone not filled yet (`Volume::unfilled`).
+pub(crate) const CLONE_PENDING: &str = "clone.pending";
 
 /// Where a clone's unwritten pages come from: snapshot `snapshot_id` of the volume
 /// with uid `source_uid` (docs/format.md, "Clones share their snapshot's pages").
@@ -614,6 +621,7 @@ impl Volume {
             base: Mutex::new(None),
             blocks: std::sync::OnceLock::new(),
             read_back_failed: std::sync::atomic::AtomicBool::new(false),
+            unfilled: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -651,7 +659,25 @@ impl Volume {
             base: Mutex::new(None),
             blocks: std::sync::OnceLock::new(),
             read_back_failed: std::sync::atomic::AtomicBool::new(false),
+            unfilled: lazarus_io::fs::exists(&dir.join(CLONE_PENDING)).into(),
         })
+    }
+
+    /// Whether this is a clone made on a node alone that is still being filled (or
+    /// was cut by a crash before its fill was committed): it is not served.
+    pub fn is_unfilled(&self) -> bool {
+        self.unfilled.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// For a clone still being filled: the snapshot (`VOLUME@NAME`) it is made from.
+    pub fn unfilled_from(&self) -> Option<String> {
+        if !self.is_unfilled() {
+            return None;
+        }
+        let b = lazarus_io::fs::read(&self.dir.join(CLONE_PENDING)).unwrap_or_default();
+        Some(String::from_utf8_lossy(&b).into_owned())
+            .filter(|s| !s.is_empty())
+            .or_else(|| Some("a snapshot".into()))
     }
 
     /// Reads every slice and checksum page and verifies them top-down against the

@@ -329,6 +329,46 @@ fn a_slot_lost_in_a_shared_page_is_the_only_one_unknown_after_a_crash() {
     }
 }
 
+/// A clone made as a node alone makes one (`create_clone_volume`) is marked unfilled
+/// until its reset ends: a crash before the reset leaves it marked, and the next open
+/// removes it (gone, never there empty), its name free again; one whose reset ended
+/// is an ordinary volume at every later open.
+#[test]
+fn a_clone_made_alone_and_cut_before_its_fill_is_removed_at_the_next_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = Store::open(dir.path(), opts()).unwrap();
+        let v = s.create_volume("v", BLOCKS * 4096).unwrap();
+        let data: Vec<u8> = (0..BLOCKS).flat_map(|l| block(l + 1)).collect();
+        s.write_blocks(&v, Lba(0), &data).unwrap();
+        s.create_snapshot("v", "s", 1).unwrap();
+        let c = s.create_clone_volume("c", BLOCKS * 4096, "v@s").unwrap();
+        assert!(c.is_unfilled());
+        assert_eq!(c.unfilled_from().as_deref(), Some("v@s"));
+        // Crash: the reset never started.
+    }
+    {
+        let s = Store::open(dir.path(), opts()).unwrap();
+        assert!(s.volume("c").is_none(), "the unfilled clone is still there");
+        assert!(s.recovery.failed_volumes.is_empty(), "{:?}", s.recovery);
+        let c = s.create_clone_volume("c", BLOCKS * 4096, "v@s").unwrap();
+        s.reset_to_snapshot("c", "v", "s", 0).unwrap();
+        assert!(!c.is_unfilled() && c.unfilled_from().is_none());
+        // Crash right after the reset returned.
+    }
+    for round in 0..2 {
+        let s = Store::open(dir.path(), opts()).unwrap();
+        let c = s.volume("c").expect("the clone filled is kept");
+        assert!(!c.is_unfilled(), "round {round}");
+        for lba in [0, 300, BLOCKS - 1] {
+            assert!(
+                read(&s, "c", None, lba) == block(lba + 1),
+                "round {round}: lba {lba}"
+            );
+        }
+    }
+}
+
 /// A clone whose origin cannot be loaded at a start (both of the origin's checksum
 /// headers unreadable): the clone's shared pages are unknown, their reads errors,
 /// never data, and no block is freed meanwhile (the origin's references went

@@ -33,10 +33,15 @@ enum Known {
     Maybe(HashMap<u64, u64>),
 }
 
-/// A clone whose creation the power cut: wholly these values, or wholly empty.
+/// A clone whose creation the power cut: wholly these values, or wholly empty; or,
+/// made as a node alone makes one (`marked`: `create_clone_volume`), wholly these
+/// values or gone.
 struct CutClone {
     name: String,
     at: HashMap<u64, u64>,
+    marked: bool,
+    /// Made alone and cut before its reset began: gone.
+    gone: bool,
 }
 
 #[test]
@@ -66,7 +71,7 @@ fn clones_survive_power_loss_at_random_instants() {
     let mut snaps: BTreeMap<String, Known> = BTreeMap::new();
     let mut cut: Option<CutClone> = None;
     let mut next = 0;
-    let (mut clones, mut cut_ops, mut flattens) = (0, 0, 0);
+    let (mut clones, mut cut_ops, mut flattens, mut cut_alone) = (0, 0, 0, 0);
     for round in 0..40 {
         let ctx = format!("round {round} (seed {seed})");
         let s = Store::open(dir.path(), opts.clone())
@@ -112,7 +117,20 @@ fn clones_survive_power_loss_at_random_instants() {
             }
             snaps.insert(name, Known::Sure(want));
         }
+        for v in s.volumes() {
+            assert!(
+                !v.is_unfilled(),
+                "{ctx}: {} is still marked unfilled after the open",
+                v.meta.name
+            );
+        }
         if let Some(c) = cut.take() {
+            cut_alone += u64::from(c.marked);
+            assert!(
+                !c.gone || s.volume(&c.name).is_none(),
+                "{ctx}: clone {} made alone, cut before it was filled, is still there",
+                c.name
+            );
             if let Some(cv) = s.volume(&c.name) {
                 let mut whole = true;
                 let mut empty = true;
@@ -125,6 +143,11 @@ fn clones_survive_power_loss_at_random_instants() {
                 assert!(
                     whole || empty,
                     "{ctx}: clone {} is partly its snapshot",
+                    c.name
+                );
+                assert!(
+                    whole || !c.marked,
+                    "{ctx}: clone {} made alone was cut and is there empty",
                     c.name
                 );
                 vols.insert(
@@ -242,12 +265,20 @@ fn clones_survive_power_loss_at_random_instants() {
                     let (sn, at) = sure[rng.usize(0..sure.len())].clone();
                     next += 1;
                     let c = format!("c{next}");
-                    s.create_volume(&c, BLOCKS * 4096).unwrap();
+                    let marked = rng.bool();
+                    if marked {
+                        s.create_clone_volume(&c, BLOCKS * 4096, &format!("v@{sn}"))
+                            .unwrap();
+                    } else {
+                        s.create_volume(&c, BLOCKS * 4096).unwrap();
+                    }
                     if !powerloss::is_on() {
-                        // There empty, or not there.
+                        // There empty, or not there (marked: not there).
                         cut = Some(CutClone {
                             name: c,
                             at: HashMap::new(),
+                            marked,
+                            gone: marked,
                         });
                         continue;
                     }
@@ -261,7 +292,12 @@ fn clones_survive_power_loss_at_random_instants() {
                         vols.insert(c, Known::Sure(at));
                     } else {
                         cut_ops += 1;
-                        cut = Some(CutClone { name: c, at });
+                        cut = Some(CutClone {
+                            name: c,
+                            at,
+                            marked,
+                            gone: false,
+                        });
                     }
                 }
                 13 if powerloss::is_on() && name != "v" => {
@@ -292,5 +328,5 @@ fn clones_survive_power_loss_at_random_instants() {
         powerloss::crash(&mut |n| rng.u64(0..n.max(1)));
     }
     powerloss::disable();
-    println!("clones: {clones}; operations the power cut: {cut_ops}; snapshot deletions with clones sharing pages: {flattens}");
+    println!("clones: {clones}; operations the power cut: {cut_ops} (clones made alone: {cut_alone}); snapshot deletions with clones sharing pages: {flattens}");
 }

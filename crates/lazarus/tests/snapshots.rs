@@ -1168,6 +1168,45 @@ fn a_node_alone_clones_and_reverts() {
         .cli(&["volume", "clone", "vol0@s", "vol0"])
         .status
         .success());
+    // Clones cut by kill -9 at random instants: after the restart each is whole
+    // (reading as the snapshot) or gone, never there empty; gone, it is asked for
+    // again at once.
+    let mut rng = fastrand::Rng::with_seed(seed());
+    for round in 0..6 {
+        let name = format!("k{round}");
+        let mut a: Vec<String> = ["volume", "clone", "vol0@s", &name]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(["--api".to_string(), node.api_url()]);
+        let cli = std::process::Command::new(env!("CARGO_BIN_EXE_lazarus"))
+            .args(&a)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_micros(rng.u64(0..15_000)));
+        node.kill9();
+        let _ = cli.wait_with_output();
+        node.spawn();
+        let listed = node.cli_ok(&["volume", "list"]);
+        let there = listed
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(name.as_str()));
+        eprintln!(
+            "round {round}: the cut clone is {}",
+            if there { "there" } else { "gone" }
+        );
+        if there {
+            assert!(
+                identical(&node.uri(&name), img.to_str().unwrap()),
+                "round {round}: a clone cut by kill -9 is there but does not read as its snapshot"
+            );
+        } else {
+            node.cli_ok(&["volume", "clone", "vol0@s", &name]);
+            assert!(identical(&node.uri(&name), img.to_str().unwrap()));
+        }
+    }
 }
 
 /// A snapshot taken while writes are in flight (libnbd, 16 at a time, 4 KiB each over

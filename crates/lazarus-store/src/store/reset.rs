@@ -143,8 +143,15 @@ fn differing_runs(
     runs
 }
 
-/// The last step of a reset: its intent removed, durably.
+/// The last step of a reset: its intent removed, durably. A clone's unfilled mark
+/// goes first: a mark without the intent means a reset never committed.
 pub(super) fn remove_intent(d: &Volume) -> Result<(), StoreError> {
+    if d.is_unfilled() {
+        let m = d.dir.join(crate::volume::CLONE_PENDING);
+        disk::remove_file(&m).map_err(|e| StoreError::io(&m, e))?;
+        disk::sync_dir(&d.dir).map_err(|e| StoreError::io(&d.dir, e))?;
+        d.unfilled.store(false, Ordering::Release);
+    }
     let path = d.dir.join(RESET_PENDING);
     disk::remove_file(&path).map_err(|e| StoreError::io(&path, e))?;
     disk::sync_dir(&d.dir).map_err(|e| StoreError::io(&d.dir, e))
