@@ -76,6 +76,15 @@ impl PeerSeen {
         self.inner.lock().get(&node).copied().unwrap_or_default()
     }
 
+    /// How long `node` has answered none of this node's pings, counted from `since` at
+    /// the earliest (when this node began to watch: it does not know before).
+    pub(crate) fn silent_for(&self, node: NodeId, since: Instant) -> Duration {
+        self.get(node)
+            .last_ok
+            .map_or(since, |t| t.max(since))
+            .elapsed()
+    }
+
     /// How long `node` has answered without a miss (zero if it does not answer).
     fn answering_for(&self, node: NodeId) -> Duration {
         self.get(node)
@@ -126,12 +135,7 @@ impl Cluster {
             if n == self.id || meta.out.contains(&n) {
                 continue;
             }
-            let last = self
-                .seen
-                .get(n)
-                .last_ok
-                .map_or(leading_since, |t| t.max(leading_since));
-            let silent = last.elapsed();
+            let silent = self.seen.silent_for(n, leading_since);
             if silent < self.out_after {
                 continue;
             }

@@ -1360,8 +1360,9 @@ fn a_primary_killed_while_a_snapshot_is_taken_leaves_it_whole_or_absent() {
 
 /// The primary killed (kill -9 at a random instant) while it makes a clone: a clone
 /// still being made is served by no node; once the node is back the clone is either
-/// whole (its snapshot's data through every node) or gone, and asking again makes it.
-/// A clone the command reported made is never gone.
+/// whole (its snapshot's data through every node) or gone, and asking again makes it;
+/// in the last round it is resolved while the node is still down (the leader gives it
+/// up). A clone the command reported made is never gone.
 #[test]
 fn a_primary_killed_while_it_clones_leaves_the_clone_whole_or_gone() {
     let (tmp, data) = setup();
@@ -1405,9 +1406,30 @@ fn a_primary_killed_while_it_clones_leaves_the_clone_whole_or_gone() {
         });
         let old = primary;
         primary = m["primary"].as_u64().unwrap() as u16;
+        if round == 3 {
+            // The maker stays down: the leader gives up a clone still being made once
+            // the maker has not answered for `MAKER_SILENT` (15 s), so the name is not
+            // taken until the node is back.
+            let t0 = std::time::Instant::now();
+            while up
+                .volume_meta(primary, &name)
+                .is_some_and(|m| !m["cloning"].is_null())
+            {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(40),
+                    "round {round}: {name} is still being made 40 s after its maker went down"
+                );
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            eprintln!(
+                "round {round}: with its maker down, {name} resolved after {:?}",
+                t0.elapsed()
+            );
+        }
         up.cli_ok(&["fault", "revive", "--node", &format!("n{old}")]);
         up.wait_all_live(primary, "vol0", Duration::from_secs(60));
-        // Whole or gone: a clone being made is given up once its maker is back.
+        // Whole or gone: a clone being made is given up once its maker is back (or
+        // silent too long).
         let made = whole_or_gone(&up, primary, &name, &format!("round {round}: {name}"));
         if o.status.success() {
             assert!(
