@@ -384,15 +384,17 @@ impl Engine {
                 let beyond = self.unsettled_forwards.lock().get(&req.volume).copied();
                 let token = match s.usable(beyond) {
                     Some(t) => Some(t),
-                    None => match self.fence_at(&c, &addr, &req.volume, true).await {
+                    None => match self.fence_at(&c, &addr, &req.volume, true, req.uid).await {
                         Ok(t) => {
                             s.take(t);
                             Some(t)
                         }
                         // A primary of an older version knows no sessions: the write
                         // goes without a token, as it did before.
-                        Err(e) if e.contains("unknown variant") => None,
-                        Err(e) => {
+                        Err((e, _)) if e.contains("unknown variant") => None,
+                        // The connection's volume was deleted: no session to open.
+                        Err((e, true)) => return Err(IoError::new(EIO, e)),
+                        Err((e, false)) => {
                             last = e;
                             tokio::time::sleep(Duration::from_millis(50)).await;
                             continue;
@@ -444,14 +446,15 @@ impl Engine {
                         let Some(s) = session.filter(|s| !s.is_closed()) else {
                             return Err(IoError::new(EIO, r.message));
                         };
-                        match self.fence_at(&c, &addr, &req.volume, false).await {
+                        match self.fence_at(&c, &addr, &req.volume, false, req.uid).await {
                             // Nothing new: not at once again.
                             Ok(t) => {
                                 if !s.take(t) {
                                     tokio::time::sleep(Duration::from_millis(50)).await;
                                 }
                             }
-                            Err(e) => last = e,
+                            Err((e, true)) => return Err(IoError::new(EIO, e)),
+                            Err((e, false)) => last = e,
                         }
                         continue;
                     }
@@ -499,14 +502,18 @@ impl Engine {
         }
     }
 
-    /// Asks the primary at `addr` for a fence token (`open`: a new session).
+    /// Asks the primary at `addr` for a fence token (`open`: a new session) for a
+    /// connection to volume `uid` (0: whichever the name is): the primary refuses one
+    /// for a connection to a volume since deleted, so a stale connection never fences
+    /// the clients of the name's next volume. `Err((why, true))`: refused for good.
     async fn fence_at(
         &self,
         c: &Cluster,
         addr: &str,
         volume: &str,
         open: bool,
-    ) -> Result<FenceToken, String> {
+        uid: u64,
+    ) -> Result<FenceToken, (String, bool)> {
         let req = ForwardReq {
             volume: volume.to_string(),
             op: Op::Fence,
@@ -515,22 +522,23 @@ impl Engine {
             fua: false,
             no_hole: false,
             fence: None,
-            uid: 0,
+            uid,
         };
-        let json = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
+        let again = |e: String| (e, false);
+        let json = serde_json::to_vec(&req).map_err(|e| again(e.to_string()))?;
         let reply = c
             .network
             .client(addr)
             .call(KIND_FORWARD, &rpc::pack(&json, &[]), FORWARD_RPC_TIMEOUT)
             .await
-            .map_err(String::from)?;
-        let (json, data) = rpc::unpack(&reply)?;
+            .map_err(|e| again(String::from(e)))?;
+        let (json, data) = rpc::unpack(&reply).map_err(again)?;
         let r: ForwardReply =
-            serde_json::from_slice(json).map_err(|e| format!("bad forward reply: {e}"))?;
+            serde_json::from_slice(json).map_err(|e| again(format!("bad forward reply: {e}")))?;
         if r.errno != 0 {
-            return Err(r.message);
+            return Err((r.message, !r.not_primary));
         }
-        serde_json::from_slice(data).map_err(|e| format!("bad fence token: {e}"))
+        serde_json::from_slice(data).map_err(|e| again(format!("bad fence token: {e}")))
     }
 }
 
@@ -571,13 +579,23 @@ impl Engine {
         // a node whose metadata is ahead of this one's, and is sent again (`not_primary`)
         // once this node catches up; one naming an older uid comes from a connection to
         // a volume since deleted, and is refused for good.
-        let current = c
-            .store
-            .meta()
+        let meta = c.store.meta();
+        let current = meta
             .volumes
             .get(&req.volume)
             .map(|v| (v.uid, v.cloning.is_some()));
+        let deleted = req.uid != 0 && meta.deleted.contains(&req.uid);
+        drop(meta);
         let (refused, early) = match current {
+            // Known deleted here: for good, whatever this node knows of the name now
+            // (a sender whose metadata lags the deletion stops at once).
+            _ if deleted => (
+                Some(format!(
+                    "volume {:?} was deleted since this connection opened; reconnect",
+                    req.volume
+                )),
+                false,
+            ),
             Some((uid, _)) if req.uid != 0 && uid > req.uid => (
                 Some(format!(
                     "volume {:?} was deleted since this connection opened (the name is another volume's now); reconnect",
