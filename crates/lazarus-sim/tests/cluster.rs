@@ -320,6 +320,15 @@ fn seeds_that_found_bugs_pass() {
         // primary listing the live copies and sending the resyncing ones back, and
         // kept the blocks the revert undid (`Engine::reset_to_snapshot`).
         (42575, 8, Mix::Resets),
+        // A new primary put the volume in jeopardy before comparing its copies: a
+        // base copy whose device had lost a write a flush through the primary then
+        // vouched for took over from the log and read zeroes (a replica now flushes
+        // before it answers the root comparison; jeopardy waits for the comparison).
+        (50554, 8, Mix::Resets),
+        // Writes from before a revert, not yet flushed on the replicas, were put on
+        // the recovery server when the volume entered jeopardy just after it; a base
+        // copy's take-over restored them over the revert (a reset flushes first).
+        (54872, 8, Mix::Resets),
     ];
     for (seed, faults, mix) in cases {
         run_in_process(exe(), &options(seed, faults, mix))
