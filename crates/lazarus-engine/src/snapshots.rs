@@ -70,6 +70,11 @@ pub struct ResetOp {
     /// The root the primary's copy came to (hex): a copy that comes to another one
     /// says so, and the copies are compared again.
     pub root: String,
+    /// The uid of the volume to reset (0: whichever the name is): a copy of another
+    /// volume under the name refuses (a clone given up while its fill went on, its
+    /// name since taken by a new volume).
+    #[serde(default)]
+    pub uid: u64,
 }
 
 /// What a revert or clone did.
@@ -219,12 +224,24 @@ impl Engine {
         volume: &str,
         source: &str,
         name: &str,
+        uid: Option<u64>,
     ) -> Result<ResetSummary, IoError> {
         let t0 = tokio::time::Instant::now();
+        // `uid`: only that volume (a clone's fill: the name may have been given up
+        // and taken by another volume meanwhile).
+        let other = || {
+            IoError::new(
+                EINVAL,
+                format!("volume {volume:?} is no longer the one this reset is for"),
+            )
+        };
         let vol = self
             .store
             .volume(volume)
             .ok_or_else(|| IoError::new(EINVAL, format!("no volume {volume:?} here")))?;
+        if uid.is_some_and(|u| u != vol.meta.uid) {
+            return Err(other());
+        }
         let src = self
             .store
             .volume(source)
@@ -252,10 +269,19 @@ impl Engine {
         let running = ResetRunning::start(self, volume)?;
         drop(self.lock_blocks(0, 1 << 20).await);
         self.still_primary(&vol, epoch).await?;
+        let named = self.store.volume(volume).map(|l| l.meta.uid);
+        let meta_uid = cluster
+            .as_ref()
+            .map(|c| c.store.meta().volumes.get(volume).map(|v| v.uid));
+        if named != Some(vol.meta.uid) || meta_uid.is_some_and(|m| m != Some(vol.meta.uid)) {
+            return Err(other());
+        }
         if let Some(c) = &cluster {
-            if c.effective(volume)
-                .is_some_and(|v| lazarus_node::decide::writes_through(&v))
-                && c.recovery.is_some()
+            // (A clone being made, not in jeopardy mode, is filled outside it: it
+            // enters only once made, its base then the filled copies; decide.rs.)
+            if c.effective(volume).is_some_and(|v| {
+                lazarus_node::decide::writes_through(&v) && (v.recovery_flag || v.cloning.is_none())
+            }) && c.recovery.is_some()
             {
                 return Err(IoError::new(
                     EINVAL,
@@ -372,6 +398,7 @@ impl Engine {
                 snapshot: name.to_string(),
                 id: snap.id,
                 root: out.root.clone(),
+                uid: vol.meta.uid,
             };
             let (d, f) = call_copies(
                 c,
@@ -456,6 +483,12 @@ impl Engine {
         let op: ResetOp =
             serde_json::from_slice(body).map_err(|e| format!("bad reset request: {e}"))?;
         let (c, v) = self.copy_request(&op.volume, op.epoch, "reset")?;
+        if op.uid != 0 && op.uid != v.uid {
+            return Err(format!(
+                "volume {:?} here is not the one the reset is for (uid {} here, {} asked)",
+                op.volume, v.uid, op.uid
+            ));
+        }
         if v.state_of(c.id) != Some(lazarus_cluster::ReplicaState::Live) {
             return Err(format!("this copy of {:?} is not live", op.volume));
         }

@@ -37,9 +37,17 @@ pub enum JeopardyStep {
 /// that can be counted on, one domain each) or an administrator protected it; leave once it has two or more again and
 /// is not protected. `flaky` (live copies whose failure history makes them not count)
 /// only explains the entry.
+///
+/// A clone still being made does not enter: it is served by no node and written only
+/// by its fill, which resets its copies (durably) outside the log; entered before
+/// that, the log's base would be the empty copies, and a take-over from it would
+/// serve the clone empty. Once made, it enters like any volume, its base the filled
+/// copies.
 pub fn jeopardy_step(v: &VolumeInfo, domains: &[NodeId], flaky: &[NodeId]) -> JeopardyStep {
     let endangered = domains.len() <= 1 || v.protected;
-    if !v.recovery_flag && endangered {
+    if !v.recovery_flag && endangered && v.cloning.is_some() {
+        JeopardyStep::Stay
+    } else if !v.recovery_flag && endangered {
         let why = if v.protected {
             "an administrator protected it".to_string()
         } else if !flaky.is_empty() {
@@ -711,6 +719,21 @@ mod tests {
         v.protected = false;
         assert_eq!(jeopardy_step(&v, &two, &[]), JeopardyStep::Exit);
         assert_eq!(jeopardy_step(&v, &one, &[]), JeopardyStep::Stay);
+        // A clone being made: never enters; made, it does.
+        let mut c = volume(1);
+        c.cloning = Some(lazarus_cluster::CloneFill {
+            source: "v".into(),
+            snapshot: "s".into(),
+            by: 1,
+        });
+        assert_eq!(jeopardy_step(&c, &one, &[]), JeopardyStep::Stay);
+        c.protected = true;
+        assert_eq!(jeopardy_step(&c, &two, &[]), JeopardyStep::Stay);
+        c.cloning = None;
+        assert!(matches!(
+            jeopardy_step(&c, &two, &[]),
+            JeopardyStep::Enter(_)
+        ));
     }
 
     /// A failover marks stale only the dead copies not marked yet, and none in

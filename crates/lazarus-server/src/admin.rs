@@ -1922,7 +1922,7 @@ async fn revert_volume(
     not_being_made(&s, &name)?;
     let outcome = s
         .engine
-        .reset_to_snapshot(&name, &name, &req.name)
+        .reset_to_snapshot(&name, &name, &req.name, None)
         .await
         .map_err(snapshot_error)?;
     Ok(Json(json!(outcome)))
@@ -2061,7 +2061,7 @@ pub async fn clone_volume(
             }
         }
     };
-    let e: ApiError = match fill_clone(engine, cluster, name, snap, &new).await {
+    let e: ApiError = match fill_clone(engine, cluster, name, snap, &new, created).await {
         Ok(out) => match cluster {
             None => return Ok(out),
             // Served from now on.
@@ -2191,19 +2191,30 @@ async fn fill_clone(
     name: &str,
     snap: &str,
     new: &str,
+    created: u64,
 ) -> Result<lazarus_engine::snapshots::ResetSummary, ApiError> {
     // The new volume's copy here, and this node's lease on it, come a moment after
-    // the metadata names it.
+    // the metadata names it. Only the volume this clone created (`created`): given
+    // up meanwhile (its maker silent to the leader), its name may be another's.
     let t0 = tokio::time::Instant::now();
     let uid = || cluster.and_then(|c| c.store.meta().volumes.get(new).map(|v| v.uid));
     loop {
+        if cluster.is_some() && uid().is_some_and(|u| u != created) {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!("the clone {new:?} was given up while it was being made, and the name is another volume's now"),
+            ));
+        }
         let here = engine
             .store
             .volume(new)
-            .filter(|l| cluster.is_none() || uid() == Some(l.meta.uid));
+            .filter(|l| l.meta.uid == created && (cluster.is_none() || uid() == Some(created)));
         let why: String = match here {
             None => format!("volume {new:?} committed but its copy here did not appear"),
-            Some(_) => match engine.reset_to_snapshot(new, name, snap).await {
+            Some(_) => match engine
+                .reset_to_snapshot(new, name, snap, Some(created))
+                .await
+            {
                 Ok(out) => return Ok(out),
                 Err(e) if e.message.contains("not the primary") || e.message.contains("lease") => {
                     e.message

@@ -483,7 +483,7 @@ async fn run_node(id: &'static str, volume_bytes: u64, written: Arc<Vec<u64>>) -
                             start,
                             done: false,
                         };
-                        let r = e.reset_to_snapshot(VOLUME, VOLUME, &name).await;
+                        let r = e.reset_to_snapshot(VOLUME, VOLUME, &name, None).await;
                         end.done = r.is_ok();
                         let line = match r {
                             Ok(o) => format!("reverted to {name}: {o:?}"),

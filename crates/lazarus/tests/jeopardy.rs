@@ -874,6 +874,67 @@ fn failed_devices_put_the_volume_in_jeopardy() {
     assert_eq!(up.root(3, "vol0"), r);
 }
 
+/// A clone made while its source is down to its last failure domain (two replicas'
+/// devices failed): the new volume would be in jeopardy too, but a clone being made
+/// is filled outside it (its log's base would otherwise be its empty copies) and
+/// enters once made, its base the filled copy; its writes then go through the
+/// recovery server; once the devices heal every copy reads as the snapshot plus
+/// those writes. A revert of the source is still refused in jeopardy mode.
+#[test]
+fn a_clone_made_in_the_last_failure_domain_enters_jeopardy_once_made() {
+    let (tmp, data) = setup();
+    let up = Up::start(&data, "64MiB");
+    qemu_io_ok(&up.uri(1, "vol0"), &["write -P 0x51 0 1M", "flush"]);
+    up.cli_ok(&["snapshot", "create", "vol0", "s"]);
+    qemu_io_ok(&up.uri(1, "vol0"), &["write -P 0x52 0 64k", "flush"]);
+    up.cli_ok(&["fault", "device", "--node", "n2", "fail"]);
+    up.cli_ok(&["fault", "device", "--node", "n3", "fail"]);
+    wait_for(
+        "jeopardy after two device failures",
+        Duration::from_secs(10),
+        || jstate(&up, 1, "vol0")["jeopardy"] == true,
+    );
+    let o = up.cli(&["volume", "revert", "vol0", "s"]);
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("last failure domain"),
+        "a revert in jeopardy mode: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let out = up.cli_ok(&["volume", "clone", "vol0@s", "c"]);
+    eprintln!("clone: {out}");
+    wait_for(
+        "the clone in jeopardy once made",
+        Duration::from_secs(15),
+        || jstate(&up, 1, "c")["jeopardy"] == true,
+    );
+    qemu_io_ok(&up.uri(1, "c"), &["read -P 0x51 0 1M"]);
+    qemu_io_ok(&up.uri(1, "c"), &["write -P 0x53 1M 64k", "flush"]);
+    up.cli_ok(&["fault", "heal"]);
+    up.wait_all_live(1, "c", Duration::from_secs(60));
+    up.wait_all_live(1, "vol0", Duration::from_secs(60));
+    wait_for(
+        "jeopardy cleared after the devices healed",
+        Duration::from_secs(20),
+        || jstate(&up, 1, "c")["jeopardy"] == false && jstate(&up, 1, "vol0")["jeopardy"] == false,
+    );
+    for n in 1..=3 {
+        qemu_io_ok(
+            &up.uri(n, "c"),
+            &[
+                "read -P 0x51 0 1M",
+                "read -P 0x53 1M 64k",
+                "read -P 0 1088k 64k",
+            ],
+        );
+        qemu_io_ok(&up.uri(n, "vol0"), &["read -P 0x52 0 64k"]);
+    }
+    let r = up.root(1, "c");
+    assert_eq!(up.root(2, "c"), r);
+    assert_eq!(up.root(3, "c"), r);
+    drop(tmp);
+}
+
 /// No split brain: the primary is isolated from the other nodes (not from the
 /// recovery server) while one client writes through it and another through a node of
 /// the majority. Exactly one side goes on; afterwards every block holds its writer's
