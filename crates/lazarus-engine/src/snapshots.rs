@@ -269,13 +269,6 @@ impl Engine {
         let running = ResetRunning::start(self, volume)?;
         drop(self.lock_blocks(0, 1 << 20).await);
         self.still_primary(&vol, epoch).await?;
-        let named = self.store.volume(volume).map(|l| l.meta.uid);
-        let meta_uid = cluster
-            .as_ref()
-            .map(|c| c.store.meta().volumes.get(volume).map(|v| v.uid));
-        if named != Some(vol.meta.uid) || meta_uid.is_some_and(|m| m != Some(vol.meta.uid)) {
-            return Err(other());
-        }
         if let Some(c) = &cluster {
             // (A clone being made, not in jeopardy mode, is filled outside it: it
             // enters only once made, its base then the filled copies; decide.rs.)
@@ -292,8 +285,30 @@ impl Engine {
             // primary's record of writes its replicas have not flushed is then empty,
             // so no jeopardy drain can put a write the reset undid into the recovery
             // log, from which a base copy would restore it over the reset (simulator
-            // seed 54872: a revert undone 60 ms after it was reported done).
-            self.flush(&vol).await?;
+            // seed 54872: a revert undone 60 ms after it was reported done). Not a
+            // clone being made: nothing was written to it, and a flush that a
+            // replica failed would enter jeopardy mode with its empty copies as the
+            // log's base.
+            if c.effective(volume).is_none_or(|v| v.cloning.is_none()) {
+                self.flush(&vol).await?;
+            }
+            // In jeopardy mode since the check above (a write's or flush's entry):
+            // refused as above.
+            if c.effective(volume).is_some_and(|v| v.recovery_flag) {
+                return Err(IoError::new(
+                    EINVAL,
+                    format!("volume {volume:?} went down to its last failure domain: revert or clone it once its copies are back"),
+                ));
+            }
+        }
+        // Only the volume this reset is for, checked just before the store's reset
+        // (which goes by name): the waits above may have outlasted a clone's give-up.
+        let named = self.store.volume(volume).map(|l| l.meta.uid);
+        let meta_uid = cluster
+            .as_ref()
+            .map(|c| c.store.meta().volumes.get(volume).map(|v| v.uid));
+        if named != Some(vol.meta.uid) || meta_uid.is_some_and(|m| m != Some(vol.meta.uid)) {
+            return Err(other());
         }
         let (store, d, sv, n, id) = (
             self.store.clone(),

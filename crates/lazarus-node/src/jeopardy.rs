@@ -537,6 +537,15 @@ impl Cluster {
     /// the volume's last failure domain: compare-and-set of the failure count ID.
     pub(crate) async fn claim_last_domain(&self, v: &VolumeInfo) -> Result<u64, String> {
         let r = self.recovery.as_ref().ok_or("no recovery server")?;
+        // A clone being made is never held at the recovery server: its copies are
+        // filled outside the log, which could not be a base for them (decide.rs,
+        // `jeopardy_step`). Without a majority its fill stops, and it is given up.
+        if v.cloning.is_some() {
+            return Err(format!(
+                "volume {:?} is a clone still being made: not held at the recovery server",
+                v.name
+            ));
+        }
         let _g = r.claiming.lock().await;
         let held = r.hold(&v.name);
         // Claimed meanwhile (by a concurrent write): once is enough.
@@ -772,6 +781,13 @@ impl Cluster {
         )?;
         let _g = r.claiming.lock().await;
         let v = self.effective(volume).ok_or("volume unknown")?;
+        // Nor a clone still being made (see `claim_last_domain`): nothing writes to
+        // one; its fill does not flush it.
+        if v.cloning.is_some() {
+            return Err(JeopardyError::Refused(format!(
+                "volume {volume:?} is a clone still being made: it enters jeopardy mode only once made"
+            )));
+        }
         // A primary deposed meanwhile claims nothing (it would hold the volume next to
         // the new primary).
         if v.primary != self.id {
@@ -1220,6 +1236,7 @@ impl Cluster {
                             if since.elapsed() >= NO_MAJORITY_GRACE
                                 && c.is_ready()
                                 && !c.rs_overrides(v)
+                                && v.cloning.is_none()
                             {
                                 match c.claim_last_domain(v).await {
                                     Ok(_) => {
