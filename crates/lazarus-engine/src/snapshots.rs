@@ -270,16 +270,21 @@ impl Engine {
         drop(self.lock_blocks(0, 1 << 20).await);
         self.still_primary(&vol, epoch).await?;
         if let Some(c) = &cluster {
-            // (A clone being made, not in jeopardy mode, is filled outside it: it
-            // enters only once made, its base then the filled copies; decide.rs.)
-            if c.effective(volume).is_some_and(|v| {
-                lazarus_node::decide::writes_through(&v) && (v.recovery_flag || v.cloning.is_none())
-            }) && c.recovery.is_some()
-            {
-                return Err(IoError::new(
+            let last_domain = || {
+                IoError::new(
                     EINVAL,
                     format!("volume {volume:?} is down to its last failure domain (its writes go through the recovery server first, whose log would not hold this): revert or clone it once its copies are back"),
-                ));
+                )
+            };
+            // A clone being made, not in jeopardy mode, is filled outside it: it
+            // enters only once made, its base then the filled copies (decide.rs).
+            let v = c.effective(volume);
+            let being_made = v.as_ref().is_some_and(|v| v.cloning.is_some());
+            if v.is_some_and(|v| {
+                lazarus_node::decide::writes_through(&v) && (v.recovery_flag || !being_made)
+            }) && c.recovery.is_some()
+            {
+                return Err(last_domain());
             }
             // What was written before the reset durable on every live copy first: the
             // primary's record of writes its replicas have not flushed is then empty,
@@ -289,16 +294,12 @@ impl Engine {
             // clone being made: nothing was written to it, and a flush that a
             // replica failed would enter jeopardy mode with its empty copies as the
             // log's base.
-            if c.effective(volume).is_none_or(|v| v.cloning.is_none()) {
+            if !being_made {
                 self.flush(&vol).await?;
             }
-            // In jeopardy mode since the check above (a write's or flush's entry):
-            // refused as above.
+            // In jeopardy mode since the check above (a write's or flush's entry).
             if c.effective(volume).is_some_and(|v| v.recovery_flag) {
-                return Err(IoError::new(
-                    EINVAL,
-                    format!("volume {volume:?} went down to its last failure domain: revert or clone it once its copies are back"),
-                ));
+                return Err(last_domain());
             }
         }
         // Only the volume this reset is for, checked just before the store's reset

@@ -675,9 +675,12 @@ impl Volume {
             return None;
         }
         let b = lazarus_io::fs::read(&self.dir.join(CLONE_PENDING)).unwrap_or_default();
-        Some(String::from_utf8_lossy(&b).into_owned())
-            .filter(|s| !s.is_empty())
-            .or_else(|| Some("a snapshot".into()))
+        let from = String::from_utf8_lossy(&b).into_owned();
+        Some(if from.is_empty() {
+            "a snapshot".into()
+        } else {
+            from
+        })
     }
 
     /// Reads every slice and checksum page and verifies them top-down against the
