@@ -22,8 +22,14 @@ while [ $# -gt 0 ]; do
   esac
 done
 command -v fio >/dev/null || { echo "fio is required" >&2; exit 2; }
-cargo build --release --quiet
-BIN="$PWD/target/release/lazarus"
+# LAZARUS_BIN: measure that binary (for instance one built from another commit) instead
+# of building this tree's.
+if [ -n "${LAZARUS_BIN:-}" ]; then
+  BIN="$LAZARUS_BIN"
+else
+  cargo build --release --quiet
+  BIN="$PWD/target/release/lazarus"
+fi
 WORK="$(mktemp -d /var/tmp/lazarus-jeopardy.XXXXXX)"
 "$BIN" up --data "$WORK/c" --port-base 23100 --volume-size 1GiB --nbd-tls off > "$WORK/up.log" 2>&1 &
 UP=$!

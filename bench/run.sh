@@ -28,8 +28,14 @@ done
 for t in fio qemu-nbd nbdkit nbdcopy; do
   command -v "$t" >/dev/null || { echo "$t missing: run scripts/test.sh once (it installs the clients) or apt-get install fio qemu-utils nbdkit libnbd-bin" >&2; exit 1; }
 done
-cargo build --release --quiet
-BIN="$PWD/target/release/lazarus"
+# LAZARUS_BIN: measure that binary (for instance one built from another commit) instead
+# of building this tree's.
+if [ -n "${LAZARUS_BIN:-}" ]; then
+  BIN="$LAZARUS_BIN"
+else
+  cargo build --release --quiet
+  BIN="$PWD/target/release/lazarus"
+fi
 WORK="${DIR:-$(mktemp -d /var/tmp/lazarus-bench.XXXXXX)}"
 mkdir -p "$WORK"
 SIZE=$((1024 * 1024 * 1024))

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Quick Lazarus-only fio run against a three-node `lazarus up` cluster (no baselines):
+# vol0 (three copies) through n1, prefilled with 1 GiB of random data, then each
+# workload for RT seconds (default 5): IOPS, MiB/s and p99 completion latency.
+# For A/B checks while tuning; comparisons with qemu-nbd/nbdkit come only from
+# bench/run.sh.
+# WORKLOADS="rw bs qd;..." runs those fio jobs in that order instead of the default
+# "randread 4k 32;randwrite 4k 32;randwrite 4k 1;read 1m 8;write 1m 8".
+# LAZARUS_BIN=<binary> runs that build instead of building this checkout; UP_ARGS adds
+# arguments to `lazarus up`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -n "${LAZARUS_BIN:-}" ]; then
+  BIN="$LAZARUS_BIN"
+else
+  cargo build --release --quiet
+  BIN="$PWD/target/release/lazarus"
+fi
+RT=${RT:-5}
+PORT=${PORT_BASE:-33900}
+W=$(mktemp -d /var/tmp/lazarus-quick-cluster.XXXXXX)
+"$BIN" up --data "$W/c" --port-base "$PORT" --volume-size 1GiB --nbd-tls off ${UP_ARGS:-} > "$W/up.log" 2>&1 &
+UP=$!
+trap 'kill -INT $UP 2>/dev/null; wait $UP 2>/dev/null; rm -rf "$W"' EXIT
+for _ in $(seq 300); do grep -q "Press Ctrl-C" "$W/up.log" && break; sleep 0.2; done
+grep -q "Press Ctrl-C" "$W/up.log" || { echo "the cluster did not start; see $W/up.log" >&2; cat "$W/up.log" >&2; exit 1; }
+head -c 1G /dev/urandom > "$W/seed.img"
+nbdcopy "$W/seed.img" "nbd://127.0.0.1:$PORT/vol0"
+rm -f "$W/seed.img"
+IFS=';' read -r -a SPECS <<< "${WORKLOADS:-randread 4k 32;randwrite 4k 32;randwrite 4k 1;read 1m 8;write 1m 8}"
+for spec in "${SPECS[@]}"; do
+  set -- $spec
+  fio --name=j --ioengine=nbd --uri="nbd://127.0.0.1:$PORT/vol0" --rw="$1" --bs="$2" --iodepth="$3" \
+      --size=1g --time_based --runtime="$RT" --output-format=json 2>/dev/null | python3 -c "
+import json, sys
+t = sys.stdin.read(); d = json.loads(t[t.index('{'):]); j = d['jobs'][0]
+k = 'read' if j['read']['total_ios'] > 0 else 'write'
+x = j[k]
+print('%-10s %-3s qd%-3s %8.0f IOPS %6.0f MiB/s  p99 %6.0f us' % ('$1', '$2', '$3', x['iops'], x['bw'] / 1024, x['clat_ns']['percentile']['99.000000'] / 1000))"
+done
