@@ -71,11 +71,25 @@ pub struct Network {
 }
 
 impl Network {
+    /// The connection to `addr` that carries data: replication, resyncs, repairs,
+    /// forwarded requests.
     pub fn client(&self, addr: &str) -> Arc<RpcClient> {
+        self.client_on(addr, addr)
+    }
+
+    /// A connection of its own to `addr` for what decides who serves (Raft, pings,
+    /// leases, proposals): it never waits behind a flood of updates on the data
+    /// connection, nor behind a replica still applying them, so a busy member still
+    /// answers in time and is not taken for a dead one.
+    pub fn control(&self, addr: &str) -> Arc<RpcClient> {
+        self.client_on(&format!("{addr} control"), addr)
+    }
+
+    fn client_on(&self, key: &str, addr: &str) -> Arc<RpcClient> {
         self.clients
             .lock()
             .expect("clients lock")
-            .entry(addr.to_string())
+            .entry(key.to_string())
             .or_insert_with(|| {
                 Arc::new(
                     RpcClient::with_block(addr, self.isolated.clone())
@@ -126,7 +140,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             .unwrap_or_else(|| node.addr.clone());
         Peer {
             target,
-            client: self.client(&addr),
+            client: self.control(&addr),
         }
     }
 }
@@ -535,7 +549,7 @@ impl Cluster {
                             let body = serde_json::to_vec(&cmd)?;
                             match self
                                 .network
-                                .client(&addr)
+                                .control(&addr)
                                 .call(KIND_CLIENT_WRITE, &body, PROPOSE_RPC_TIMEOUT)
                                 .await
                             {
@@ -1534,7 +1548,7 @@ impl Cluster {
         let addr = self.rpc_addr(node).ok_or("no address known")?;
         let body = self
             .network
-            .client(&addr)
+            .control(&addr)
             .call(KIND_STATS, &[], timeout)
             .await
             .map_err(|e| e.to_string())?;
@@ -1552,7 +1566,7 @@ impl Cluster {
             return false;
         };
         self.network
-            .client(&addr)
+            .control(&addr)
             .call(KIND_PING, &self.ping_body(), PING_TIMEOUT)
             .await
             .is_ok()

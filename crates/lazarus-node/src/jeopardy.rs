@@ -1124,7 +1124,7 @@ impl Cluster {
         let Some(addr) = self.rpc_addr(node) else {
             return false;
         };
-        matches!(self.network.client(&addr).call(lazarus_rpc::KIND_PING, &self.ping_body(), crate::cluster::PING_TIMEOUT).await, Ok(b) if b != lazarus_rpc::msg::PING_DEVICE_FAILED)
+        matches!(self.network.control(&addr).call(lazarus_rpc::KIND_PING, &self.ping_body(), crate::cluster::PING_TIMEOUT).await, Ok(b) if b != lazarus_rpc::msg::PING_DEVICE_FAILED)
     }
 
     /// Whether `node` answers that its device failed (`device_ok` also counts a node
@@ -1139,7 +1139,7 @@ impl Cluster {
         else {
             return false;
         };
-        matches!(self.network.client(&addr).call(lazarus_rpc::KIND_PING, &self.ping_body(), crate::cluster::PING_TIMEOUT).await, Ok(b) if b == lazarus_rpc::msg::PING_DEVICE_FAILED)
+        matches!(self.network.control(&addr).call(lazarus_rpc::KIND_PING, &self.ping_body(), crate::cluster::PING_TIMEOUT).await, Ok(b) if b == lazarus_rpc::msg::PING_DEVICE_FAILED)
     }
 
     /// Whether `v`'s primary compared its live copies with its own at `v.epoch` (its

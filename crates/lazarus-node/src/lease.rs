@@ -195,7 +195,7 @@ impl Cluster {
                     let body = serde_json::to_vec(&req).unwrap_or_default();
                     match c
                         .network
-                        .client(&addr)
+                        .control(&addr)
                         .call(KIND_LEASE, &body, PING_TIMEOUT)
                         .await
                     {

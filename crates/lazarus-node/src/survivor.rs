@@ -158,7 +158,7 @@ impl Cluster {
                 let ping = c.ping_body();
                 let pings = targets.iter().map(|n| {
                     let addr = c.rpc_addr(*n).unwrap_or_default();
-                    let client = c.network.client(&addr);
+                    let client = c.network.control(&addr);
                     async move { (*n, client.call(KIND_PING, &ping, PING_TIMEOUT).await) }
                 });
                 let (rs, pings) = tokio::join!(rs, futures::future::join_all(pings));
