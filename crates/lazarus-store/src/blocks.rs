@@ -24,16 +24,30 @@ use std::path::Path;
 /// Slots added to blocks.dat at a time (1 MiB), so growth costs one fallocate per
 /// 256 new blocks.
 pub const GROW_SLOTS: u64 = 256;
+/// The largest piece blocks.dat is written in (`DiskFile::write_at_in_pieces`): slots
+/// are written in runs but reused one at a time, and a 4 KiB write into a page-cache
+/// folio, and its writeback at a durability point, cost with the folio's size. The
+/// price is on reads: a 4 KiB read from a small folio looks up more of the page cache
+/// (BENCHMARKS.md, "Small folios and sooner durability points").
+const WRITE_PIECE: u64 = 16 * 1024;
 /// Marks "no new slot" in `put_many` results and journal records.
 pub const NO_SLOT: u64 = u64::MAX;
 /// Pending frees past which the node makes a durability point in the background, so
-/// that overwriting without FLUSH cannot grow the store without bound: 32 MiB, or an
-/// eighth of the stored blocks when that is more (each durability point waits for the
-/// disk, so a larger store syncs less often per byte written).
+/// that overwriting without FLUSH cannot grow the store without bound: 32 MiB, or a
+/// thirty-second of the stored blocks when that is more (each durability point waits
+/// for the disk, so a larger store syncs less often per byte written). Every pending
+/// free is a slot the next new block cannot take, so the block file grows by about
+/// what is pending when the background flush ends: at an eighth, a 1 GiB volume
+/// overwritten sequentially grew its file by 230 MiB per copy, and the page cache with
+/// it (BENCHMARKS.md, "Small folios and sooner durability points").
 pub const PENDING_FREE_SOFT_MIN: usize = 8 * 1024;
-pub const PENDING_FREE_SOFT_FRACTION: usize = 8;
+pub const PENDING_FREE_SOFT_FRACTION: usize = 32;
 /// Pending frees past which a writer makes the durability point itself before going
-/// on (backpressure when the background flush cannot keep up): 4x the soft limit.
+/// on (backpressure when the background flush cannot keep up): 4x an eighth of the
+/// stored blocks (at least 4x the soft minimum). Kept apart from the soft limit: a
+/// lower soft limit starts background flushes sooner, and must not put writers into
+/// the backpressure path sooner too.
+pub const PENDING_FREE_HARD_FRACTION: usize = 8;
 pub const PENDING_FREE_HARD_FACTOR: usize = 4;
 
 /// Hashes a BlockId by its first 8 bytes: ids are already uniformly random (BLAKE3),
@@ -64,7 +78,9 @@ pub type IdBuildHasher = std::hash::BuildHasherDefault<IdHasher>;
 /// caps the file at about 1.5x the live blocks.
 fn limits(stored_blocks: usize) -> (usize, usize) {
     let soft = PENDING_FREE_SOFT_MIN.max(stored_blocks / PENDING_FREE_SOFT_FRACTION);
-    (soft, soft * PENDING_FREE_HARD_FACTOR)
+    let hard = PENDING_FREE_SOFT_MIN.max(stored_blocks / PENDING_FREE_HARD_FRACTION)
+        * PENDING_FREE_HARD_FACTOR;
+    (soft, hard)
 }
 
 #[derive(Debug, Default)]
@@ -381,7 +397,10 @@ impl BlockStore {
                 }
                 let (slot0, i0) = runs[k];
                 let bytes = &data[i0 * BLOCK_SIZE..(i0 + end - k) * BLOCK_SIZE];
-                if let Err(e) = self.data.write_at(bytes, slot0 * BLOCK_SIZE_U64) {
+                if let Err(e) =
+                    self.data
+                        .write_at_in_pieces(bytes, slot0 * BLOCK_SIZE_U64, WRITE_PIECE)
+                {
                     failed = Some(StoreError::io(self.data.path(), e));
                     break;
                 }
@@ -620,13 +639,13 @@ impl BlockStore {
         (ix.pending_free.len() > soft, ix.pending_free.len() > hard)
     }
 
-    /// Whether the pending frees are within half a soft limit of the hard one: writes
+    /// Whether the pending frees are within an eighth of the hard limit of it: writes
     /// under way (each frees at most a block per block it writes) may take them past
     /// it, and the write that does makes the durability point itself.
     pub fn pending_free_near_hard(&self) -> bool {
         let ix = self.inner.lock();
-        let (soft, hard) = ix.limits();
-        ix.pending_free.len() + soft / 2 > hard
+        let (_, hard) = ix.limits();
+        ix.pending_free.len() + hard / 8 > hard
     }
 
     /// Reads and verifies the block `id`. `Ok(false)`: the store has no such block or
