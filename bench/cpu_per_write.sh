@@ -9,22 +9,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNTIME=${1:-8}
-# LAZARUS_BIN: measure that binary (for instance one built from another commit) instead
-# of building this tree's.
-if [ -n "${LAZARUS_BIN:-}" ]; then
-  BIN="$LAZARUS_BIN"
-else
-  cargo build --release --quiet
-  BIN="$PWD/target/release/lazarus"
-fi
+. bench/lib.sh
+lazarus_bin
 WORK=$(mktemp -d /var/tmp/lazarus-cpu.XXXXXX)
-"$BIN" up --data "$WORK/c" --port-base 31900 --volume-size 1GiB --nbd-tls off ${UP_ARGS:-} > "$WORK/up.log" 2>&1 &
-UP=$!
-trap 'kill -INT $UP 2>/dev/null; wait $UP 2>/dev/null; rm -rf "$WORK"' EXIT
-for i in $(seq 300); do grep -q "Press Ctrl-C" "$WORK/up.log" && break; sleep 0.2; done
+start_cluster "$WORK" 31900
 "$BIN" volume create solo --size 1GiB --replicas 1 --primary n1 --data "$WORK/c" >/dev/null
 ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
-pids() { for n in n1 n2 n3; do python3 -c "import json;print(json.load(open('$WORK/c/$n/endpoints.json'))['pid'])"; done; }
+pids() { for n in n1 n2 n3; do node_pid "$WORK" "$n"; done; }
 HZ=$(getconf CLK_TCK)
 for vol in vol0 solo; do
   # The working set mapped first, so the measured writes overwrite stored blocks.

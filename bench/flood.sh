@@ -10,19 +10,11 @@
 # Usage: bench/flood.sh   (LAZARUS_BIN=<binary> measures that build instead)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-if [ -n "${LAZARUS_BIN:-}" ]; then
-  BIN="$LAZARUS_BIN"
-else
-  cargo build --release --quiet || exit 1
-  BIN="$PWD/target/release/lazarus"
-fi
+. bench/lib.sh
+lazarus_bin
 PORT=${PORT_BASE:-36900}
 W=$(mktemp -d /var/tmp/lazarus-flood.XXXXXX)
-"$BIN" up --data "$W/c" --port-base "$PORT" --volume-size 1GiB --nbd-tls off > "$W/up.log" 2>&1 &
-UP=$!
-trap 'kill -INT $UP 2>/dev/null; wait $UP 2>/dev/null; rm -rf "$W"' EXIT
-for _ in $(seq 300); do grep -q "Press Ctrl-C" "$W/up.log" && break; sleep 0.2; done
-grep -q "Press Ctrl-C" "$W/up.log" || { echo "the cluster did not start" >&2; cat "$W/up.log" >&2; exit 1; }
+start_cluster "$W" "$PORT"
 head -c 1G /dev/urandom > "$W/seed.img"
 cp --sparse=never "$W/seed.img" "$W/a.img"
 cp --sparse=never "$W/seed.img" "$W/b.img"

@@ -10,20 +10,12 @@
 # arguments to `lazarus up`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -n "${LAZARUS_BIN:-}" ]; then
-  BIN="$LAZARUS_BIN"
-else
-  cargo build --release --quiet
-  BIN="$PWD/target/release/lazarus"
-fi
+. bench/lib.sh
+lazarus_bin
 RT=${RT:-5}
 PORT=${PORT_BASE:-33900}
 W=$(mktemp -d /var/tmp/lazarus-quick-cluster.XXXXXX)
-"$BIN" up --data "$W/c" --port-base "$PORT" --volume-size 1GiB --nbd-tls off ${UP_ARGS:-} > "$W/up.log" 2>&1 &
-UP=$!
-trap 'kill -INT $UP 2>/dev/null; wait $UP 2>/dev/null; rm -rf "$W"' EXIT
-for _ in $(seq 300); do grep -q "Press Ctrl-C" "$W/up.log" && break; sleep 0.2; done
-grep -q "Press Ctrl-C" "$W/up.log" || { echo "the cluster did not start; see $W/up.log" >&2; cat "$W/up.log" >&2; exit 1; }
+start_cluster "$W" "$PORT"
 head -c 1G /dev/urandom > "$W/seed.img"
 nbdcopy "$W/seed.img" "nbd://127.0.0.1:$PORT/vol0"
 rm -f "$W/seed.img"

@@ -10,20 +10,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PASSES=${1:-3}
-if [ -n "${LAZARUS_BIN:-}" ]; then
-  BIN="$LAZARUS_BIN"
-else
-  cargo build --release --quiet
-  BIN="$PWD/target/release/lazarus"
-fi
+. bench/lib.sh
+lazarus_bin
 RT=${RT:-8}
 PORT=${PORT_BASE:-33900}
 WORK=$(mktemp -d /var/tmp/lazarus-seq-passes.XXXXXX)
-"$BIN" up --data "$WORK/c" --port-base "$PORT" --volume-size 1GiB --nbd-tls off > "$WORK/up.log" 2>&1 &
-UP=$!
-trap 'kill -INT $UP 2>/dev/null; wait $UP 2>/dev/null; rm -rf "$WORK"' EXIT
-for _ in $(seq 300); do grep -q "Press Ctrl-C" "$WORK/up.log" && break; sleep 0.2; done
-grep -q "Press Ctrl-C" "$WORK/up.log" || { echo "lazarus up did not start:" >&2; cat "$WORK/up.log" >&2; exit 1; }
+start_cluster "$WORK" "$PORT"
 cached() { awk '/^Cached:/{print int($2/1024)}' /proc/meminfo; }
 fio --name=fill --ioengine=nbd --uri="nbd://127.0.0.1:$PORT/vol0" --rw=write --bs=1M --iodepth=8 \
     --size=1g --output-format=terse >/dev/null

@@ -1,0 +1,34 @@
+# Shared by the bench scripts that run a three-node `lazarus up` cluster; sourced, not
+# run. After `cd` to the repository's root:
+#   lazarus_bin                      sets BIN: $LAZARUS_BIN if set, else this tree's
+#                                    release build (built now)
+#   start_cluster DIR PORT [ARGS...] starts `lazarus up` on DIR/c with 1 GiB volumes
+#                                    (NBD without TLS, $UP_ARGS and ARGS added), waits
+#                                    until it serves, and stops it and removes DIR at exit
+#   node_pid DIR NODE                the process id of node NODE (n1, n2, n3)
+
+lazarus_bin() {
+  if [ -n "${LAZARUS_BIN:-}" ]; then
+    BIN="$LAZARUS_BIN"
+  else
+    cargo build --release --quiet || exit 1
+    BIN="$PWD/target/release/lazarus"
+  fi
+}
+
+start_cluster() {
+  local dir=$1 port=$2
+  shift 2
+  # shellcheck disable=SC2086 # UP_ARGS is a list of arguments
+  "$BIN" up --data "$dir/c" --port-base "$port" --volume-size 1GiB --nbd-tls off ${UP_ARGS:-} "$@" \
+    > "$dir/up.log" 2>&1 &
+  UP=$!
+  # shellcheck disable=SC2064 # expanded now: the directory and pid of this cluster
+  trap "kill -INT $UP 2>/dev/null; wait $UP 2>/dev/null; rm -rf '$dir'" EXIT
+  for _ in $(seq 300); do grep -q "Press Ctrl-C" "$dir/up.log" && break; sleep 0.2; done
+  grep -q "Press Ctrl-C" "$dir/up.log" || { echo "lazarus up did not start:" >&2; cat "$dir/up.log" >&2; exit 1; }
+}
+
+node_pid() {
+  python3 -c "import json,sys;print(json.load(open(sys.argv[1]))['pid'])" "$1/c/$2/endpoints.json"
+}
