@@ -3,7 +3,7 @@
 # vol0 (three copies, 1 GiB) prefilled with 1 MiB writes, then the jobs of BEFORE run in
 # order (default none: "randwrite 4k 32 8" = rw bs iodepth seconds, `;` between jobs),
 # then JOB (default "randwrite 4k 32 10") with `perf record -g` of NODE (default n1)
-# for PERF_SECONDS (default 4) from 2 s into it. Prints the job's result and the top of
+# for PERF_SECONDS (default 4) from 2 s into it (PERF_CALL="--call-graph dwarf" for Rust callers). Prints the job's result and the top of
 # `perf report --no-children`; PERF_OUT=file keeps the recording.
 # Usage: bench/profile_cluster.sh   (LAZARUS_BIN, UP_ARGS, PORT_BASE as the other scripts)
 set -euo pipefail
@@ -34,7 +34,8 @@ OUT=${PERF_OUT:-$W/perf.data}
 job $JOB > "$W/fio.json" &
 FIO=$!
 sleep 2
-perf record -F 999 -g -p "$PID" -o "$OUT" -- sleep "$PERF_SECONDS" >/dev/null 2>&1
+# shellcheck disable=SC2086 # PERF_CALL is perf options
+perf record -F 999 ${PERF_CALL:--g} -p "$PID" -o "$OUT" -- sleep "$PERF_SECONDS" >/dev/null 2>&1
 wait $FIO
 python3 - "$W/fio.json" "$JOB" <<'PY'
 import json, sys

@@ -86,9 +86,13 @@ impl Network {
     }
 
     fn client_on(&self, key: &str, addr: &str) -> Arc<RpcClient> {
-        self.clients
-            .lock()
-            .expect("clients lock")
+        let mut clients = self.clients.lock().expect("clients lock");
+        // Looked up before the entry API, which would allocate the key on every call
+        // (the write path asks once per replica per write).
+        if let Some(c) = clients.get(key) {
+            return c.clone();
+        }
+        clients
             .entry(key.to_string())
             .or_insert_with(|| {
                 Arc::new(
@@ -1247,6 +1251,16 @@ impl Cluster {
                 rpc::pack(&json, raw)
             },
         );
+        // The write's data as the replicas' body holds it, kept (not copied) until a
+        // flush covers it (`Recovery::note_replicated`).
+        let kept = match &u {
+            Update::Write { .. } => body_ids.as_ref().map_or_else(
+                || data_in(&body, json.len(), raw.len()),
+                |b| data_in(b, json.len(), raw.len()),
+            ),
+            _ => None,
+        };
+        debug_assert!(kept.as_deref().is_none_or(|k| k == raw));
         let flush_mark = match (&u, &self.recovery) {
             (Update::Flush, Some(r)) => Some(r.flush_mark(volume)),
             _ => None,
@@ -1255,7 +1269,10 @@ impl Cluster {
         // Sent to every target at once, awaited together (no task per call).
         let calls = targets.into_iter().map(|n| {
             let dropped = drops.contains(&n);
-            let client = self.network.client(&self.rpc_addr(n).unwrap_or_default());
+            let client = match self.network.configured.get(&n) {
+                Some(a) => self.network.client(a),
+                None => self.network.client(&self.rpc_addr(n).unwrap_or_default()),
+            };
             let (kind, body) = match &body_ids {
                 Some(b) if takes_ids(n) => (KIND_REPLICATE_IDS, b),
                 _ => (kind, &body),
@@ -1445,7 +1462,8 @@ impl Cluster {
         let noted = if acked_live == 0 || no_majority || entered_meanwhile {
             crate::jeopardy::Noted::LogIt
         } else {
-            rec.note_replicated(volume, self.tenure(volume), in_jeopardy, &u, raw)
+            let kept = kept.unwrap_or_else(|| crate::jeopardy::Kept::copy(raw));
+            rec.note_replicated(volume, self.tenure(volume), in_jeopardy, &u, kept)
         };
         match noted {
             crate::jeopardy::Noted::Kept => {}
@@ -1940,6 +1958,13 @@ fn split_ids(raw: &[u8]) -> Result<(&[u8], Vec<lazarus_types::BlockId>), String>
 
 /// A `KIND_REPLICATE_IDS` body (`rpc::pack` of the header and a payload of the
 /// blocks, then their ids), built in one allocation: the blocks are copied once.
+/// The data of a body packed by `rpc::pack` or `pack_with_ids` from a header of
+/// `json_len` bytes and `len` bytes of data, shared with it (`None` for a body without
+/// them, such as the empty one no replica is sent).
+fn data_in(body: &Arc<Vec<u8>>, json_len: usize, len: usize) -> Option<crate::jeopardy::Kept> {
+    crate::jeopardy::Kept::within(body.clone(), 4 + json_len..4 + json_len + len)
+}
+
 fn pack_with_ids(json: &[u8], data: &[u8], ids: &[lazarus_types::BlockId]) -> Vec<u8> {
     let mut b = Vec::with_capacity(4 + json.len() + data.len() + ids.len() * lazarus_types::ID_LEN);
     b.extend_from_slice(&(json.len() as u32).to_be_bytes());
@@ -1965,6 +1990,12 @@ mod tests {
         let ids = lazarus_store::store::block_ids(&data);
         assert!(ids[0].is_zero() && !ids[1].is_zero() && !ids[2].is_zero());
         let body = pack_with_ids(b"{}", &data, &ids);
+        // What the primary keeps of it until a flush is the data, not a copy of it.
+        let shared = Arc::new(body.clone());
+        assert_eq!(data_in(&shared, 2, data.len()).as_deref(), Some(&data[..]));
+        let plain = Arc::new(rpc::pack(b"{\"a\":1}", &data));
+        assert_eq!(data_in(&plain, 7, data.len()).as_deref(), Some(&data[..]));
+        assert!(data_in(&Arc::new(Vec::new()), 2, data.len()).is_none());
         let (json, raw) = rpc::unpack(&body).unwrap();
         assert_eq!(json, b"{}");
         let (d, i) = split_ids(raw).unwrap();

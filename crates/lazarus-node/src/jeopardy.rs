@@ -69,13 +69,42 @@ pub struct Unflushed {
     /// primary, whose entries still have to be drained.
     tenure: u64,
     next_seq: u64,
-    entries: std::collections::VecDeque<(u64, Update, Vec<u8>)>,
+    entries: std::collections::VecDeque<(u64, Update, Kept)>,
     bytes: usize,
     /// Drained into the recovery server: writes from now on go there themselves.
     drained: bool,
     /// Every drained write is on the recovery server. Until then a new write must not
     /// be logged: a record after it for the same block would be restored over it.
     logged: bool,
+}
+
+/// A replicated write's data, kept until a flush covers it: a range of the body its
+/// replicas were sent, shared with it rather than copied (`Kept::copy` otherwise).
+#[derive(Clone, Debug)]
+pub struct Kept {
+    buf: Arc<Vec<u8>>,
+    at: std::ops::Range<usize>,
+}
+
+impl Kept {
+    pub fn copy(raw: &[u8]) -> Self {
+        Kept {
+            at: 0..raw.len(),
+            buf: Arc::new(raw.to_vec()),
+        }
+    }
+
+    /// `buf[at]`; `None` if `at` is not within `buf`.
+    pub fn within(buf: Arc<Vec<u8>>, at: std::ops::Range<usize>) -> Option<Self> {
+        (at.start <= at.end && at.end <= buf.len()).then_some(Kept { buf, at })
+    }
+}
+
+impl std::ops::Deref for Kept {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[self.at.clone()]
+    }
 }
 
 impl Unflushed {
@@ -299,10 +328,13 @@ impl Recovery {
         tenure: Option<u64>,
         in_jeopardy: bool,
         u: &Update,
-        raw: &[u8],
+        raw: Kept,
     ) -> Noted {
         let mut m = self.unflushed.lock();
-        let j = m.entry(volume.to_string()).or_default();
+        if !m.contains_key(volume) {
+            m.insert(volume.to_string(), Unflushed::default());
+        }
+        let j = m.get_mut(volume).expect("inserted");
         if j.drained {
             if in_jeopardy {
                 return Noted::LogIt;
@@ -313,7 +345,7 @@ impl Recovery {
         j.forget_other_tenures(tenure);
         j.next_seq += 1;
         j.bytes += raw.len() + 64;
-        j.entries.push_back((j.next_seq, u.clone(), raw.to_vec()));
+        j.entries.push_back((j.next_seq, u.clone(), raw));
         if j.bytes > UNFLUSHED_MAX_BYTES {
             Noted::FlushDue
         } else {
@@ -340,7 +372,7 @@ impl Recovery {
     /// there): from now on writes are logged themselves. They stay here until
     /// `drain_logged`, so a drain cut short (an error, or its caller gone) is made
     /// again, whole and in order, by the next.
-    fn drain(&self, volume: &str, tenure: Option<u64>) -> Option<Vec<(u64, Update, Vec<u8>)>> {
+    fn drain(&self, volume: &str, tenure: Option<u64>) -> Option<Vec<(u64, Update, Kept)>> {
         let mut m = self.unflushed.lock();
         let j = m.entry(volume.to_string()).or_default();
         j.forget_other_tenures(tenure);
@@ -395,7 +427,7 @@ fn blocks_of(u: &Update, raw: &[u8]) -> Option<(u64, u64)> {
 
 /// `pending` cut into consecutive waves of at most `DRAIN_IN_FLIGHT` records, no two
 /// of a wave writing the same block.
-fn drain_waves(pending: &[(u64, Update, Vec<u8>)]) -> Vec<std::ops::Range<usize>> {
+fn drain_waves(pending: &[(u64, Update, Kept)]) -> Vec<std::ops::Range<usize>> {
     let mut waves = Vec::new();
     let mut start = 0;
     let mut ranges: Vec<(u64, u64)> = Vec::new();
@@ -1914,7 +1946,7 @@ mod tests {
         for round in 0..200 {
             let n = rng.usize(0..300);
             let span = if round % 2 == 0 { 64 } else { 100_000 };
-            let pending: Vec<(u64, Update, Vec<u8>)> = (0..n)
+            let pending: Vec<(u64, Update, Kept)> = (0..n)
                 .map(|i| {
                     let lba = rng.u64(0..span);
                     let u = match rng.u32(0..10) {
@@ -1928,7 +1960,7 @@ mod tests {
                         },
                         _ => write(lba),
                     };
-                    let raw = vec![0u8; BLOCK_SIZE * rng.usize(1..4)];
+                    let raw = Kept::copy(&vec![0u8; BLOCK_SIZE * rng.usize(1..4)]);
                     (i as u64, u, raw)
                 })
                 .collect();
@@ -1956,7 +1988,7 @@ mod tests {
         }
     }
 
-    fn lbas(d: &[(u64, Update, Vec<u8>)]) -> Vec<u64> {
+    fn lbas(d: &[(u64, Update, Kept)]) -> Vec<u64> {
         d.iter()
             .map(|(_, u, _)| match u {
                 Update::Write { lba, .. } => *lba,
@@ -1973,11 +2005,11 @@ mod tests {
     fn a_drain_is_done_only_once_every_drained_write_is_logged() {
         let r = recovery();
         assert!(matches!(
-            r.note_replicated("v", Some(1), false, &write(882), &[1; 4096]),
+            r.note_replicated("v", Some(1), false, &write(882), Kept::copy(&[1; 4096])),
             Noted::Kept
         ));
         assert!(matches!(
-            r.note_replicated("v", Some(1), false, &write(7), &[2; 4096]),
+            r.note_replicated("v", Some(1), false, &write(7), Kept::copy(&[2; 4096])),
             Noted::Kept
         ));
         assert!(!r.drain_done("v"));
@@ -1987,18 +2019,18 @@ mod tests {
         // (which waits for the drain), and `ensure_drained` does not pass it.
         assert!(!r.drain_done("v"), "a drain under way is not done");
         assert!(matches!(
-            r.note_replicated("v", Some(1), true, &write(882), &[3; 4096]),
+            r.note_replicated("v", Some(1), true, &write(882), Kept::copy(&[3; 4096])),
             Noted::LogIt
         ));
         // Cut short before `drain_logged`: the next drain takes the same writes again.
         let again = r.drain("v", Some(1)).expect("the same writes again");
         assert_eq!(lbas(&again), vec![882, 7]);
-        assert_eq!(again[0].2, vec![1; 4096]);
+        assert_eq!(&*again[0].2, &[1; 4096][..]);
         r.drain_logged("v", again.last().unwrap().0);
         assert!(r.drain_done("v"));
         assert!(r.drain("v", Some(1)).is_none(), "drained once");
         assert!(matches!(
-            r.note_replicated("v", Some(1), true, &write(9), &[4; 4096]),
+            r.note_replicated("v", Some(1), true, &write(9), Kept::copy(&[4; 4096])),
             Noted::LogIt
         ));
     }
@@ -2010,9 +2042,9 @@ mod tests {
     #[test]
     fn a_drain_takes_only_writes_of_the_current_tenure() {
         let r = recovery();
-        r.note_replicated("v", Some(2), false, &write(378), &[1; 4096]);
+        r.note_replicated("v", Some(2), false, &write(378), Kept::copy(&[1; 4096]));
         // Noted while the metadata names another primary (a hold beyond it): kept.
-        r.note_replicated("v", None, false, &write(5), &[2; 4096]);
+        r.note_replicated("v", None, false, &write(5), Kept::copy(&[2; 4096]));
         let d = r.drain("v", None).expect("writes to drain");
         assert_eq!(lbas(&d), vec![378, 5]);
         r.undrain("v");
@@ -2022,12 +2054,12 @@ mod tests {
         // Primary again in a tenure that began at epoch 4: what it noted before is gone.
         assert!(r.drain("v", Some(4)).is_none_or(|d| d.is_empty()));
         r.undrain("v");
-        r.note_replicated("v", Some(4), false, &write(6), &[3; 4096]);
+        r.note_replicated("v", Some(4), false, &write(6), Kept::copy(&[3; 4096]));
         let d = r.drain("v", Some(4)).expect("writes to drain");
         assert_eq!(lbas(&d), vec![6]);
         // A note in a new tenure drops the older tenure's writes as well.
         r.undrain("v");
-        r.note_replicated("v", Some(5), false, &write(7), &[4; 4096]);
+        r.note_replicated("v", Some(5), false, &write(7), Kept::copy(&[4; 4096]));
         let d = r.drain("v", Some(5)).expect("writes to drain");
         assert_eq!(lbas(&d), vec![7]);
         // A claim by the primary of that tenure keeps them; one by a node the
@@ -2044,12 +2076,12 @@ mod tests {
     #[test]
     fn a_failed_drain_keeps_its_writes_first() {
         let r = recovery();
-        r.note_replicated("v", Some(1), false, &write(1), &[1; 4096]);
+        r.note_replicated("v", Some(1), false, &write(1), Kept::copy(&[1; 4096]));
         let d = r.drain("v", Some(1)).expect("writes to drain");
         assert_eq!(lbas(&d), vec![1]);
         r.undrain("v");
         assert!(!r.drain_done("v"));
-        r.note_replicated("v", Some(1), false, &write(2), &[2; 4096]);
+        r.note_replicated("v", Some(1), false, &write(2), Kept::copy(&[2; 4096]));
         let d = r.drain("v", Some(1)).expect("writes to drain");
         assert_eq!(lbas(&d), vec![1, 2]);
         // A flush that completed meanwhile covers the first: it is not logged again.

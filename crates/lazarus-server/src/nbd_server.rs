@@ -561,6 +561,8 @@ struct ConnAcks {
     wrote: std::sync::atomic::AtomicBool,
     /// This connection's session at the primary (`forward::FenceToken`).
     session: lazarus_engine::forward::Session,
+    /// The connection's pooled buffers (`Buffers`): a large read's reply is one.
+    buffers: Arc<Buffers>,
 }
 
 /// Buffers kept for a connection's next requests: write payloads, and replies once
@@ -575,12 +577,15 @@ struct Buffers(parking_lot::Mutex<Vec<Vec<u8>>>);
 impl Buffers {
     /// A buffer of `len` bytes (their content is overwritten by the caller).
     fn take(&self, len: usize) -> Vec<u8> {
-        match self.0.lock().pop() {
-            Some(mut v) if v.capacity() >= len => {
+        let mut pool = self.0.lock();
+        match pool.iter().position(|v| v.capacity() >= len) {
+            Some(i) => {
+                let mut v = pool.swap_remove(i);
+                drop(pool);
                 v.resize(len, 0);
                 v
             }
-            _ => vec![0u8; len],
+            None => vec![0u8; len],
         }
     }
 
@@ -612,13 +617,14 @@ where
     let budget = Arc::new(Semaphore::new(CONNECTION_BYTES_MAX as usize));
     let inflight = Arc::new(Semaphore::new(INFLIGHT_PER_CONNECTION_MAX));
     let acks = engine.acks_for(&ex.name);
+    let buffers = Arc::new(Buffers::default());
     let unflushed = Arc::new(ConnAcks {
         opened: acks.open(),
         wrote: Default::default(),
         acks,
         session: Default::default(),
+        buffers: buffers.clone(),
     });
-    let buffers = Arc::new(Buffers::default());
     let writer = tokio::spawn(writer_task(wr, rx, inflight.clone(), buffers.clone()));
     let size = ex.size;
     // A connection opened to the primary is bound to its epoch: if the node stops
@@ -750,7 +756,8 @@ where
             let unflushed = unflushed.clone();
             let buffers = buffers.clone();
             let fut = async move {
-                let mut reply = buffers.take(0);
+                // Empty: a read's reply is then a pooled buffer of its size (`execute`).
+                let mut reply = Vec::new();
                 let ends = execute(
                     &engine, &ex, bound, &unflushed, req, &payload, size, structured, &mut reply,
                 )
@@ -989,7 +996,13 @@ async fn execute_inner(
         Command::Read => {
             let hdr = if structured { 28 } else { 16 };
             let start = out.len();
-            out.resize(start + hdr + req.length as usize, 0);
+            if out.capacity() == 0 {
+                // A reply of its own (a large read, in its task): a pooled buffer, which
+                // the store then overwrites whole, is not zeroed first.
+                *out = unflushed.buffers.take(hdr + req.length as usize);
+            } else {
+                out.resize(start + hdr + req.length as usize, 0);
+            }
             let r = engine
                 .read_repairing(vol, req.offset, &mut out[start + hdr..])
                 .await;
