@@ -40,6 +40,8 @@ const CONNECTION_BYTES_MAX: u32 = 2 * PAYLOAD_MAX_BYTES;
 /// largest one it keeps: 8 MiB per connection at most.
 const POOLED_BUFFERS_MAX: usize = 4;
 const POOLED_BUFFER_MAX_BYTES: usize = 2 << 20;
+/// Smaller buffers are not kept (`Buffers::give`).
+const POOLED_BUFFER_MIN_BYTES: usize = 4 << 10;
 /// Connections served at once; further ones wait in the accept queue.
 const CONNECTIONS_MAX: usize = 1024;
 /// Option data up to this size is read and discarded when over the option limit, so
@@ -578,7 +580,14 @@ impl Buffers {
     /// A buffer of `len` bytes (their content is overwritten by the caller).
     fn take(&self, len: usize) -> Vec<u8> {
         let mut pool = self.0.lock();
-        match pool.iter().position(|v| v.capacity() >= len) {
+        // The smallest that is large enough: the large ones stay for large requests.
+        let fits = pool
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.capacity() >= len)
+            .min_by_key(|(_, v)| v.capacity())
+            .map(|(i, _)| i);
+        match fits {
             Some(i) => {
                 let mut v = pool.swap_remove(i);
                 drop(pool);
@@ -589,14 +598,20 @@ impl Buffers {
         }
     }
 
-    /// Keeps `v` for a later `take`, if there is room.
+    /// Keeps `v` for a later `take`: if there is room, or in place of a smaller one.
+    /// Small replies (a write's 16 bytes) are not kept: cheap to allocate, they would
+    /// take the places of the buffers worth keeping.
     fn give(&self, v: Vec<u8>) {
-        if v.capacity() == 0 || v.capacity() > POOLED_BUFFER_MAX_BYTES {
+        if v.capacity() < POOLED_BUFFER_MIN_BYTES || v.capacity() > POOLED_BUFFER_MAX_BYTES {
             return;
         }
         let mut pool = self.0.lock();
         if pool.len() < POOLED_BUFFERS_MAX {
             pool.push(v);
+        } else if let Some(small) = pool.iter_mut().min_by_key(|p| p.capacity()) {
+            if small.capacity() < v.capacity() {
+                *small = v;
+            }
         }
     }
 }
@@ -643,7 +658,7 @@ where
             // Hand the batched replies to the writer once no further request is
             // already buffered: one wake-up per burst, not per request.
             if rd.buffer().is_empty() && !batch.is_empty() {
-                tx.send((std::mem::take(&mut batch), batch_budget.take(), std::mem::take(&mut batch_ends)))
+                tx.send((std::mem::replace(&mut batch, buffers.take(0)), batch_budget.take(), std::mem::take(&mut batch_ends)))
                     .await?;
             }
             // The writer stopped (the client is gone): the requests still buffered are
@@ -702,7 +717,7 @@ where
                 Ok(p) => p,
                 Err(_) => {
                     if !batch.is_empty() {
-                        tx.send((std::mem::take(&mut batch), batch_budget.take(), std::mem::take(&mut batch_ends)))
+                        tx.send((std::mem::replace(&mut batch, buffers.take(0)), batch_budget.take(), std::mem::take(&mut batch_ends)))
                             .await?;
                     }
                     wait_watching(&mut rd, budget.clone().acquire_many_owned(cost)).await?
@@ -715,7 +730,7 @@ where
             }
             if req.command == Command::Disconnect {
                 if !batch.is_empty() {
-                    tx.send((std::mem::take(&mut batch), batch_budget.take(), std::mem::take(&mut batch_ends)))
+                    tx.send((std::mem::replace(&mut batch, buffers.take(0)), batch_budget.take(), std::mem::take(&mut batch_ends)))
                         .await?;
                 }
                 // Let in-flight requests finish and their replies go out.
@@ -741,7 +756,7 @@ where
                     None => batch_budget = Some(held),
                 }
                 if batch.len() >= REPLY_BATCH_MAX_BYTES {
-                    tx.send((std::mem::take(&mut batch), batch_budget.take(), std::mem::take(&mut batch_ends)))
+                    tx.send((std::mem::replace(&mut batch, buffers.take(0)), batch_budget.take(), std::mem::take(&mut batch_ends)))
                         .await?;
                 }
                 continue;
@@ -1445,6 +1460,44 @@ async fn forwarded(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The pool keeps the buffers worth keeping: not small replies, and a large buffer
+    /// in place of a smaller one once full; a request takes the smallest that fits.
+    #[test]
+    fn pooled_buffers_keep_the_large_ones() {
+        let b = Buffers::default();
+        for _ in 0..2 * POOLED_BUFFERS_MAX {
+            b.give(Vec::with_capacity(16));
+        }
+        assert!(b.0.lock().is_empty(), "small replies are not kept");
+        for _ in 0..POOLED_BUFFERS_MAX {
+            b.give(vec![1u8; 4096]);
+        }
+        b.give(vec![2u8; 1 << 20]);
+        assert_eq!(b.0.lock().len(), POOLED_BUFFERS_MAX);
+        assert!(
+            b.0.lock().iter().any(|v| v.capacity() >= 1 << 20),
+            "the large one replaced a small one"
+        );
+        let small = b.take(4096);
+        assert!(
+            small.capacity() < 1 << 20,
+            "a small request takes a small buffer"
+        );
+        let large = b.take(1 << 20);
+        assert_eq!(large.len(), 1 << 20);
+        assert!(large.capacity() >= 1 << 20);
+        assert!(
+            b.0.lock().iter().all(|v| v.capacity() < 1 << 20),
+            "taken from the pool"
+        );
+        b.give(vec![3u8; POOLED_BUFFER_MAX_BYTES + 1]);
+        assert!(b
+            .0
+            .lock()
+            .iter()
+            .all(|v| v.capacity() <= POOLED_BUFFER_MAX_BYTES));
+    }
 
     /// A connection that ends while its reader waits for room for one more request is
     /// noticed at once (its session then closes), not when room comes.
