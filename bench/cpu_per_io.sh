@@ -13,22 +13,12 @@ PORT=${PORT_BASE:-36900}
 W=$(mktemp -d /var/tmp/lazarus-cpu-io.XXXXXX)
 start_cluster "$W" "$PORT"
 URI="nbd://127.0.0.1:$PORT/vol0"
-fio --name=fill --ioengine=nbd --uri="$URI" --rw=write --bs=1M --iodepth=8 --size=1g \
-    --output-format=terse >/dev/null
-job() { # rw bs iodepth seconds
-  fio --name="$1" --ioengine=nbd --uri="$URI" --rw="$1" --bs="$2" --iodepth="$3" --size=1g \
-      --time_based --runtime="$4" --randrepeat=0 --norandommap --output-format=json
-}
-IFS=';' read -ra before <<< "${BEFORE:-}"
-for b in "${before[@]}"; do
-  # shellcheck disable=SC2086 # the job's four words
-  [ -n "${b// }" ] && job $b >/dev/null
-done
+fill_and_before "$URI"
 PID=$(node_pid "$W" n1)
 cpu() { awk '{print $14 + $15}' "/proc/$PID/stat"; }
 T0=$(cpu)
-# shellcheck disable=SC2086
-job $JOB > "$W/fio.json"
+# shellcheck disable=SC2086 # the job's four words
+fio_job "$URI" $JOB > "$W/fio.json"
 T1=$(cpu)
 python3 - "$W/fio.json" "$T0" "$T1" "$(getconf CLK_TCK)" "$JOB" <<'PY'
 import json, sys

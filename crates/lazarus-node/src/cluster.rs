@@ -1254,10 +1254,9 @@ impl Cluster {
         // The write's data as the replicas' body holds it, kept (not copied) until a
         // flush covers it (`Recovery::note_replicated`).
         let kept = match &u {
-            Update::Write { .. } => body_ids.as_ref().map_or_else(
-                || data_in(&body, json.len(), raw.len()),
-                |b| data_in(b, json.len(), raw.len()),
-            ),
+            Update::Write { .. } => {
+                data_in(body_ids.as_ref().unwrap_or(&body), json.len(), raw.len())
+            }
             _ => None,
         };
         debug_assert!(kept.as_deref().is_none_or(|k| k == raw));
@@ -1269,10 +1268,7 @@ impl Cluster {
         // Sent to every target at once, awaited together (no task per call).
         let calls = targets.into_iter().map(|n| {
             let dropped = drops.contains(&n);
-            let client = match self.network.configured.get(&n) {
-                Some(a) => self.network.client(a),
-                None => self.network.client(&self.rpc_addr(n).unwrap_or_default()),
-            };
+            let client = self.network.client(&self.rpc_addr(n).unwrap_or_default());
             let (kind, body) = match &body_ids {
                 Some(b) if takes_ids(n) => (KIND_REPLICATE_IDS, b),
                 _ => (kind, &body),
@@ -1958,13 +1954,6 @@ fn split_ids(raw: &[u8]) -> Result<(&[u8], Vec<lazarus_types::BlockId>), String>
 
 /// A `KIND_REPLICATE_IDS` body (`rpc::pack` of the header and a payload of the
 /// blocks, then their ids), built in one allocation: the blocks are copied once.
-/// The data of a body packed by `rpc::pack` or `pack_with_ids` from a header of
-/// `json_len` bytes and `len` bytes of data, shared with it (`None` for a body without
-/// them, such as the empty one no replica is sent).
-fn data_in(body: &Arc<Vec<u8>>, json_len: usize, len: usize) -> Option<crate::jeopardy::Kept> {
-    crate::jeopardy::Kept::within(body.clone(), 4 + json_len..4 + json_len + len)
-}
-
 fn pack_with_ids(json: &[u8], data: &[u8], ids: &[lazarus_types::BlockId]) -> Vec<u8> {
     let mut b = Vec::with_capacity(4 + json.len() + data.len() + ids.len() * lazarus_types::ID_LEN);
     b.extend_from_slice(&(json.len() as u32).to_be_bytes());
@@ -1974,6 +1963,13 @@ fn pack_with_ids(json: &[u8], data: &[u8], ids: &[lazarus_types::BlockId]) -> Ve
         b.extend_from_slice(&id.0);
     }
     b
+}
+
+/// The data of a body packed by `rpc::pack` or `pack_with_ids` from a header of
+/// `json_len` bytes and `len` bytes of data, shared with it (`None` for a body without
+/// them, such as the empty one no replica is sent).
+fn data_in(body: &Arc<Vec<u8>>, json_len: usize, len: usize) -> Option<crate::jeopardy::Kept> {
+    crate::jeopardy::Kept::within(body.clone(), 4 + json_len..4 + json_len + len)
 }
 
 #[cfg(test)]

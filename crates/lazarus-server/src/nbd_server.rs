@@ -616,6 +616,21 @@ impl Buffers {
     }
 }
 
+/// The replies batched so far, with the budget they hold and whether one ends the
+/// connection, for the writer; the batch goes on in a pooled buffer.
+fn hand_off(
+    batch: &mut Vec<u8>,
+    budget: &mut Option<OwnedSemaphorePermit>,
+    ends: &mut bool,
+    buffers: &Buffers,
+) -> Replies {
+    (
+        std::mem::replace(batch, buffers.take(0)),
+        budget.take(),
+        std::mem::take(ends),
+    )
+}
+
 async fn transmission<R, W>(
     rd: R,
     wr: W,
@@ -658,7 +673,7 @@ where
             // Hand the batched replies to the writer once no further request is
             // already buffered: one wake-up per burst, not per request.
             if rd.buffer().is_empty() && !batch.is_empty() {
-                tx.send((std::mem::replace(&mut batch, buffers.take(0)), batch_budget.take(), std::mem::take(&mut batch_ends)))
+                tx.send(hand_off(&mut batch, &mut batch_budget, &mut batch_ends, &buffers))
                     .await?;
             }
             // The writer stopped (the client is gone): the requests still buffered are
@@ -717,7 +732,7 @@ where
                 Ok(p) => p,
                 Err(_) => {
                     if !batch.is_empty() {
-                        tx.send((std::mem::replace(&mut batch, buffers.take(0)), batch_budget.take(), std::mem::take(&mut batch_ends)))
+                        tx.send(hand_off(&mut batch, &mut batch_budget, &mut batch_ends, &buffers))
                             .await?;
                     }
                     wait_watching(&mut rd, budget.clone().acquire_many_owned(cost)).await?
@@ -730,7 +745,7 @@ where
             }
             if req.command == Command::Disconnect {
                 if !batch.is_empty() {
-                    tx.send((std::mem::replace(&mut batch, buffers.take(0)), batch_budget.take(), std::mem::take(&mut batch_ends)))
+                    tx.send(hand_off(&mut batch, &mut batch_budget, &mut batch_ends, &buffers))
                         .await?;
                 }
                 // Let in-flight requests finish and their replies go out.
@@ -756,7 +771,7 @@ where
                     None => batch_budget = Some(held),
                 }
                 if batch.len() >= REPLY_BATCH_MAX_BYTES {
-                    tx.send((std::mem::replace(&mut batch, buffers.take(0)), batch_budget.take(), std::mem::take(&mut batch_ends)))
+                    tx.send(hand_off(&mut batch, &mut batch_budget, &mut batch_ends, &buffers))
                         .await?;
                 }
                 continue;
